@@ -1,0 +1,325 @@
+"""Registration of a reference image onto a science frame's pixel grid.
+
+Two steps (:func:`align_reference`):
+
+1. **WCS**: reference stars are predicted on the science grid through both WCSs;
+2. **stars**: they are matched to science stars (translation vote, then nearest neighbour with a
+   radius that allows for a small rotation) and the science->reference pixel map is fitted as an
+   affine transform with sigma clipping.
+
+The image is then resampled **once**: when the WCS pixel->pixel map is affine to better than
+``affine_tolerance_px`` (any small field with a linear WCS), the fitted affine map is applied with
+:func:`scipy.ndimage.affine_transform` (cubic spline). Otherwise (distorted / wide-field WCS)
+``reproject.reproject_interp`` does the WCS resampling and the star-fitted correction is applied as
+a second affine resampling. NaN pixels never enter a spline: they are zero-filled and carried by a
+separately resampled bad-pixel mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from broker.errors import AlignmentError
+from broker.psf import StarList
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Settings of the registration.
+
+    Attributes
+    ----------
+    match_radius_px : float
+        Largest WCS error searched by the translation vote (px, science grid). 8 px covers the
+        few-pixel pointing errors of plate-solved frames with margin.
+    max_rotation_deg : float
+        Largest WCS rotation error allowed for in the nearest-neighbour radius (deg).
+    final_radius_px : float
+        Matching radius after the first affine fit (px); ~ a FWHM, >> centroid errors (0.1 px).
+    min_matches : int
+        Matched stars needed for a full affine fit (count; 6 = twice the 3 points an affine needs);
+        with 2..min_matches-1 only a translation is fitted, with fewer the WCS alone is used.
+    require_stars : bool
+        When True, fewer than 2 matched stars raise :class:`AlignmentError` instead of trusting the
+        WCS alone.
+    max_stars : int
+        Brightest stars of each catalogue used for matching (count).
+    affine_tolerance_px : float
+        Largest deviation (px) of the WCS pixel map from an affine map for the one-resampling path.
+    min_overlap : float
+        Smallest fraction of the science frame the reference must cover (raise below).
+    clip_sigma : float
+        Outlier rejection in the affine fit (sigma of residuals).
+    """
+
+    match_radius_px: float = 8.0
+    max_rotation_deg: float = 1.5
+    final_radius_px: float = 1.5
+    min_matches: int = 6
+    require_stars: bool = False
+    max_stars: int = 200
+    affine_tolerance_px: float = 0.02
+    min_overlap: float = 0.2
+    clip_sigma: float = 3.0
+
+
+@dataclass
+class Alignment:
+    """Result of :func:`align_reference`.
+
+    Attributes
+    ----------
+    image : ndarray, shape (ny, nx), float32
+        Reference resampled onto the science grid (ADU, reference scale), NaN where invalid.
+    variance : ndarray, shape (ny, nx), float32
+        Its variance (ADU^2), NaN where invalid.
+    matrix, offset : ndarray, shapes (2, 2) and (2,)
+        Affine map science pixel (x, y) -> reference pixel: ``q = matrix @ p + offset``.
+    residual_px : float
+        RMS distance of matched stars after the fit (px); NaN when none matched.
+    residual_xy : tuple of float
+        Per-axis RMS residual (px).
+    n_matched : int
+        Stars used in the final fit.
+    sci_index, ref_index : ndarray of int
+        Indices of the matched stars in the science and reference catalogues.
+    overlap : float
+        Fraction of the science frame with valid reference pixels.
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    matrix: np.ndarray
+    offset: np.ndarray
+    residual_px: float
+    residual_xy: tuple[float, float]
+    n_matched: int
+    sci_index: np.ndarray
+    ref_index: np.ndarray
+    overlap: float
+
+    def to_science(self, xr: np.ndarray, yr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Reference-grid pixels -> science-grid pixels (inverse of the affine map)."""
+        inv = np.linalg.inv(self.matrix)
+        p = inv @ (np.vstack([xr, yr]) - self.offset[:, None])
+        return p[0], p[1]
+
+
+def pixel_map(src_wcs: WCS, dst_wcs: WCS, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of ``dst_wcs`` -> pixels of ``src_wcs`` through the sky (0-based)."""
+    world = dst_wcs.pixel_to_world_values(x, y)
+    return src_wcs.world_to_pixel_values(*world)
+
+
+def fit_affine(src: np.ndarray, dst: np.ndarray, clip_sigma: float = 3.0, iters: int = 3
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares affine ``dst = M @ src + t`` with iterative sigma clipping.
+
+    Parameters
+    ----------
+    src, dst : ndarray, shape (n, 2)
+        Matched (x, y) positions, n >= 3.
+
+    Returns
+    -------
+    M : (2, 2), t : (2,), keep : (n,) bool
+    """
+    keep = np.ones(len(src), bool)
+    for _ in range(iters):
+        a = np.column_stack([src[keep], np.ones(keep.sum())])
+        coef, *_ = np.linalg.lstsq(a, dst[keep], rcond=None)
+        pred = np.column_stack([src, np.ones(len(src))]) @ coef
+        r = np.hypot(*(pred - dst).T)
+        s = 1.4826 * np.median(r[keep]) + 1e-3
+        new = r < clip_sigma * s
+        if new.sum() < 3 or np.array_equal(new, keep):
+            break
+        keep = new
+    return coef[:2].T.copy(), coef[2].copy(), keep
+
+
+def _vote_translation(pred: np.ndarray, sci: np.ndarray, radius: float) -> np.ndarray | None:
+    """Most common offset sci - pred among all pairs closer than ``radius`` (px), or None."""
+    tree = cKDTree(pred)
+    pairs = tree.query_ball_point(sci, radius)
+    d = [sci[i] - pred[j] for i, js in enumerate(pairs) for j in js]
+    if not d:
+        return None
+    d = np.asarray(d)
+    nb = int(np.ceil(radius))
+    h, xe, ye = np.histogram2d(d[:, 0], d[:, 1], bins=2 * nb, range=[[-nb, nb], [-nb, nb]])
+    # smooth the vote a little so a rotation-smeared peak still wins
+    h = ndimage.uniform_filter(h, 3, mode="constant")
+    i, j = np.unravel_index(np.argmax(h), h.shape)
+    c = np.array([(xe[i] + xe[i + 1]) / 2, (ye[j] + ye[j + 1]) / 2])
+    near = np.hypot(*(d - c).T) < 2.0
+    return np.median(d[near], axis=0) if near.any() else c
+
+
+def match_stars(sci_xy: np.ndarray, ref_xy_pred: np.ndarray, shape: tuple[int, int],
+                config: AlignConfig = AlignConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Match reference stars (predicted on the science grid) to science stars.
+
+    Returns
+    -------
+    i_sci, i_ref : ndarray of int
+        Indices of matched pairs.
+    """
+    if len(sci_xy) < 2 or len(ref_xy_pred) < 2:
+        return np.zeros(0, int), np.zeros(0, int)
+    shift = _vote_translation(ref_xy_pred, sci_xy, config.match_radius_px)
+    if shift is None:
+        return np.zeros(0, int), np.zeros(0, int)
+    centre = np.array([shape[1] / 2, shape[0] / 2])
+    moved = ref_xy_pred + shift
+    tree = cKDTree(moved)
+    rot = np.deg2rad(config.max_rotation_deg) * np.hypot(*(sci_xy - centre).T)
+    d, j = tree.query(sci_xy, distance_upper_bound=config.match_radius_px)
+    ok = np.isfinite(d) & (d < 2.0 + rot)
+    i_sci, i_ref = np.flatnonzero(ok), j[ok]
+    if len(i_sci) >= 3:
+        # refine with an affine fit and re-match tightly
+        m, t, keep = fit_affine(ref_xy_pred[i_ref], sci_xy[i_sci])
+        moved = ref_xy_pred @ m.T + t
+        d, j = cKDTree(moved).query(sci_xy, distance_upper_bound=config.final_radius_px)
+        ok = np.isfinite(d)
+        i_sci, i_ref = np.flatnonzero(ok), j[ok]
+    # one science star per reference star
+    _, first = np.unique(i_ref, return_index=True)
+    return i_sci[first], i_ref[first]
+
+
+def _resample(image: np.ndarray, variance: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray,
+              shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Affine resampling (cubic image, linear variance) with NaNs carried by a mask."""
+    bad = ~np.isfinite(image) | ~np.isfinite(variance)
+    img = np.where(bad, 0.0, image).astype(np.float32)
+    var = np.where(bad, 0.0, variance).astype(np.float32)
+    # ndimage works in (row, col): swap axes of the (x, y) affine map
+    m = matrix_xy[::-1, ::-1]
+    o = offset_xy[::-1]
+    out = ndimage.affine_transform(img, m, o, output_shape=shape, output=np.float32, order=3,
+                                   mode="constant", cval=0.0)
+    vout = ndimage.affine_transform(var, m, o, output_shape=shape, output=np.float32, order=1,
+                                    mode="constant", cval=0.0)
+    bout = ndimage.affine_transform(bad.astype(np.float32), m, o, output_shape=shape,
+                                    output=np.float32, order=1, mode="constant", cval=1.0)
+    # a cubic spline reaches 2 px: grow the linear-interpolated mask by one pixel
+    badout = ndimage.binary_dilation(bout > 1e-3, iterations=1)
+    out[badout] = np.nan
+    vout[badout] = np.nan
+    return out, vout
+
+
+def align_reference(
+    ref_image: np.ndarray,
+    ref_variance: np.ndarray,
+    ref_header: fits.Header,
+    ref_stars: StarList,
+    sci_header: fits.Header,
+    sci_shape: tuple[int, int],
+    sci_stars: StarList,
+    config: AlignConfig = AlignConfig(),
+) -> Alignment:
+    """Resample a reference onto a science grid: WCS first, refined by matched stars.
+
+    Parameters
+    ----------
+    ref_image, ref_variance : ndarray, shape (my, mx)
+        Reference pixels (ADU) and variance (ADU^2), NaN where invalid.
+    ref_header, sci_header : fits.Header
+        Headers with celestial WCS.
+    ref_stars, sci_stars : StarList
+        Catalogues on their own grids (brightest first).
+    sci_shape : (ny, nx)
+
+    Raises
+    ------
+    AlignmentError
+        The reference covers less than ``min_overlap`` of the frame, the WCS cannot map one grid onto
+        the other, or (``require_stars``) no star matches.
+    """
+    from broker.frame import celestial_wcs  # late import: frame imports nothing from here
+
+    try:
+        w_ref, w_sci = celestial_wcs(ref_header), celestial_wcs(sci_header)
+    except Exception as exc:
+        raise AlignmentError(f"unusable WCS: {exc}") from exc
+    ny, nx = sci_shape
+    # WCS pixel map sampled on a grid and fitted with an affine transform
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 17), np.linspace(0, ny - 1, 17))
+    with np.errstate(all="ignore"):
+        qx, qy = pixel_map(w_ref, w_sci, gx.ravel(), gy.ravel())
+    if not (np.all(np.isfinite(qx)) and np.all(np.isfinite(qy))):
+        raise AlignmentError("the reference WCS cannot map the science grid")
+    src = np.column_stack([gx.ravel(), gy.ravel()])
+    dst = np.column_stack([qx, qy])
+    a = np.column_stack([src, np.ones(len(src))])
+    coef, *_ = np.linalg.lstsq(a, dst, rcond=None)
+    wcs_m, wcs_t = coef[:2].T.copy(), coef[2].copy()
+    nonlinear = float(np.max(np.hypot(*(a @ coef - dst).T)))
+    affine_ok = nonlinear < config.affine_tolerance_px
+
+    # predicted positions of reference stars on the science grid
+    rs, ss = ref_stars.subset(slice(0, config.max_stars)), sci_stars.subset(slice(0, config.max_stars))
+    if affine_ok:
+        inv = np.linalg.inv(wcs_m)
+        pred = (np.vstack([rs.x, rs.y]) - wcs_t[:, None]).T @ inv.T
+    else:
+        with np.errstate(all="ignore"):
+            px, py = pixel_map(w_sci, w_ref, rs.x, rs.y)
+        pred = np.column_stack([px, py])
+    inside = np.all(np.isfinite(pred), axis=1) & (pred[:, 0] > -5) & (pred[:, 0] < nx + 5) \
+        & (pred[:, 1] > -5) & (pred[:, 1] < ny + 5)
+    sci_xy = np.column_stack([ss.x, ss.y])
+    i_sci, i_ref_in = match_stars(sci_xy, pred[inside], sci_shape, config)
+    i_ref = np.flatnonzero(inside)[i_ref_in]
+    n = len(i_sci)
+    if n < 2 and config.require_stars:
+        raise AlignmentError(f"only {n} stars matched between reference and science")
+
+    # correction C: predicted science position -> true science position
+    c_m, c_t = np.eye(2), np.zeros(2)
+    keep = np.ones(n, bool)
+    if n >= config.min_matches:
+        c_m, c_t, keep = fit_affine(pred[i_ref], sci_xy[i_sci], config.clip_sigma)
+    elif n >= 2:
+        c_t = np.median(sci_xy[i_sci] - pred[i_ref], axis=0)
+    if n:
+        res = pred[i_ref] @ c_m.T + c_t - sci_xy[i_sci]
+        res = res[keep]
+        rx, ry = (float(np.sqrt(np.mean(res[:, k] ** 2))) for k in (0, 1))
+        resid = float(np.sqrt(rx * rx + ry * ry))
+    else:
+        rx = ry = resid = float("nan")
+    # science -> reference: q = W(C^-1(p)) with W the WCS map
+    c_inv = np.linalg.inv(c_m)
+    if affine_ok:
+        m = wcs_m @ c_inv
+        t = wcs_t - wcs_m @ c_inv @ c_t
+        image, variance = _resample(ref_image, ref_variance, m, t, sci_shape)
+    else:
+        from reproject import reproject_interp
+
+        bad = ~np.isfinite(ref_image)
+        img, _ = reproject_interp((np.where(bad, 0.0, ref_image), w_ref), w_sci, shape_out=sci_shape,
+                                  order="bicubic")
+        var, _ = reproject_interp((np.nan_to_num(ref_variance), w_ref), w_sci, shape_out=sci_shape,
+                                  order="bilinear")
+        bmask, _ = reproject_interp((bad.astype(float), w_ref), w_sci, shape_out=sci_shape,
+                                    order="bilinear")
+        img[~(bmask < 1e-3)] = np.nan
+        ident_t = -c_inv @ c_t
+        image, variance = _resample(img, var, c_inv, ident_t, sci_shape)
+        m, t = wcs_m @ c_inv, wcs_t - wcs_m @ c_inv @ c_t  # affine approximation, for bookkeeping
+    overlap = float(np.isfinite(image).mean())
+    if overlap < config.min_overlap:
+        raise AlignmentError(f"reference covers only {100 * overlap:.1f}% of the frame")
+    return Alignment(image, variance, m, t, resid, (rx, ry), int(keep.sum()) if n else 0,
+                     i_sci[keep] if n else i_sci, i_ref[keep] if n else i_ref, overlap)

@@ -1,0 +1,121 @@
+"""A candidate: one >= 5 sigma source on a difference image, with everything later stages add.
+
+Positions are 0-based pixel coordinates of the science frame (x = column, y = row). Fluxes are in
+ADU of the science frame (the reference is scaled to it); magnitudes exist only when the frame has
+a zero point (``MAGZP``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Side of the square cutouts (px); 63 like ZTF and braai.
+CUTOUT_SIZE = 63
+
+
+@dataclass
+class Detection:
+    """Measurements of one candidate made by subtract+detect.
+
+    Attributes
+    ----------
+    x, y : float
+        Centroid on the science frame (px, 0-based).
+    ra, dec : float
+        Sky position (deg, ICRS) from the science WCS.
+    flux, flux_err : float
+        PSF-fit flux on the difference image and its 1-sigma error (ADU, science scale);
+        negative for sources that faded.
+    snr : float
+        flux / flux_err (signed).
+    scorr : float
+        Peak of the corrected ZOGY score image S_corr (sigma, signed).
+    fwhm : float
+        FWHM of the difference-image footprint (px).
+    elongation : float
+        Major/minor axis ratio (>= 1).
+    dipole : float
+        Fraction of |flux| in the footprint of the opposite sign, in [0, 1]
+        (0 = clean point source, ~1 = dipole from misalignment or PSF mismatch).
+    n_bad : int
+        Masked/saturated/NaN pixels within the 5x5 px footprint.
+    ref_dist : float
+        Distance to the nearest source in the reference image (arcsec); +inf when none.
+    ref_flux : float
+        Flux of that reference source (ADU, science scale); 0 when none.
+    """
+
+    x: float
+    y: float
+    ra: float
+    dec: float
+    flux: float
+    flux_err: float
+    snr: float
+    scorr: float
+    fwhm: float
+    elongation: float
+    dipole: float
+    n_bad: int
+    ref_dist: float
+    ref_flux: float
+
+
+@dataclass(frozen=True)
+class ObjectSummary:
+    """An object as seen by one detection (for the alert's ``object`` record).
+
+    Attributes
+    ----------
+    object_id : str
+    ra, dec : float
+        Mean position of its detections (deg).
+    ndet : int
+        Detections up to and including this one.
+    first_mjd : float
+        First detection, MJD (days).
+    """
+
+    object_id: str
+    ra: float
+    dec: float
+    ndet: int
+    first_mjd: float
+
+
+@dataclass
+class Candidate:
+    """A detection with its cutouts and the scores later stages add.
+
+    Attributes
+    ----------
+    cand_id : str
+        ``<frame_id>/<index>``: unique and stable across re-processing.
+    detection : Detection
+    science, reference, difference : ndarray, shape (63, 63), float32
+        Cutouts centred on the candidate; NaN where outside the frame.
+    rb : float or None
+        Real/bogus score in [0, 1] (classify stage).
+    anomaly : float or None
+        Anomaly score in [0, 1] (score stage).
+    obj : ObjectSummary or None
+        Object this detection was associated with (score stage).
+    history : list of dict
+        Previous detections of that object (score stage).
+    """
+
+    cand_id: str
+    detection: Detection
+    science: np.ndarray
+    reference: np.ndarray
+    difference: np.ndarray
+    rb: float | None = None
+    anomaly: float | None = None
+    obj: ObjectSummary | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def triplet(self) -> np.ndarray:
+        """Cutouts stacked as (3, 63, 63) float32: science, reference, difference."""
+        return np.stack([self.science, self.reference, self.difference]).astype(np.float32)

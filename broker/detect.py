@@ -1,0 +1,205 @@
+"""Detection of significant peaks on a ZOGY S_corr image and their measurement on D.
+
+:func:`find_scorr_peaks` finds local extrema with ``|S_corr| >= threshold`` (positive = brightened,
+negative = faded); :func:`measure_candidates` turns each into a :class:`~broker.candidate.Detection`
+(PSF-fit flux on D, sub-pixel position, shape, dipole measure, bad pixels, nearest reference source).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from photutils.detection import find_peaks
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from broker.candidate import Detection
+from broker.psf import GAUSS_FWHM
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Settings of detection and measurement.
+
+    Attributes
+    ----------
+    threshold_sigma : float
+        Detection threshold on |S_corr| (sigma); 5 is the ZTF/ZOGY standard (a 256^2 noise frame then
+        has ~0.04 false positives).
+    box_fwhm : float
+        Local-extremum box side in units of the D PSF FWHM: one peak per point source.
+    footprint_half : int
+        Half-size of the bad-pixel footprint (px): 2 -> the 5x5 px of ``Detection.n_bad``.
+    max_bad_fraction : float
+        Candidates whose footprint has more bad pixels than this fraction are dropped (they measure
+        a mask edge, not the sky).
+    dipole_sigma : float
+        Only pixels of D beyond this many sigma enter the dipole measure (noise would give ~0.5).
+    max_candidates : int
+        At most this many candidates per frame (the most significant); a frame beyond it is garbage
+        and downstream stages must not be flooded.
+    """
+
+    threshold_sigma: float = 5.0
+    box_fwhm: float = 1.5
+    footprint_half: int = 2
+    max_bad_fraction: float = 0.5
+    dipole_sigma: float = 2.0
+    max_candidates: int = 500
+
+
+def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int, border: int = 0
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Local extrema of S_corr beyond +-``threshold``.
+
+    Returns
+    -------
+    x, y : ndarray of int
+        Peak pixels, ordered by decreasing |S_corr| then (y, x): a deterministic order.
+    value : ndarray of float
+        S_corr at the peak (signed).
+    """
+    xs, ys, vs = [], [], []
+    box = int(max(3, box_size) | 1)
+    for sign in (1.0, -1.0):
+        img = sign * scorr
+        if not np.nanmax(img) >= threshold:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tab = find_peaks(img, threshold, box_size=box, border_width=border or None)
+        if tab is None:
+            continue
+        xs.append(np.asarray(tab["x_peak"], int))
+        ys.append(np.asarray(tab["y_peak"], int))
+        vs.append(sign * np.asarray(tab["peak_value"], float))
+    if not xs:
+        return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
+    x, y, v = np.concatenate(xs), np.concatenate(ys), np.concatenate(vs)
+    order = np.lexsort((x, y, -np.abs(v)))
+    return x[order], y[order], v[order]
+
+
+def _subpixel(img: np.ndarray, x: int, y: int) -> tuple[float, float]:
+    """Peak position by a 3-point Gaussian (log-parabola) fit per axis, parabola if not positive."""
+    ny, nx = img.shape
+
+    def axis(a: float, b: float, c: float) -> float:
+        if a > 0 and b > 0 and c > 0:
+            la, lb, lc = np.log(a), np.log(b), np.log(c)
+            den = la - 2 * lb + lc
+        else:
+            la, lb, lc, den = a, b, c, a - 2 * b + c
+        return float(np.clip(0.5 * (la - lc) / den, -0.5, 0.5)) if den < 0 else 0.0
+
+    dx = axis(img[y, x - 1], img[y, x], img[y, x + 1]) if 0 < x < nx - 1 else 0.0
+    dy = axis(img[y - 1, x], img[y, x], img[y + 1, x]) if 0 < y < ny - 1 else 0.0
+    return x + dx, y + dy
+
+
+def _stamp(img: np.ndarray, x: int, y: int, h: int) -> np.ndarray:
+    """(2h+1)^2 stamp centred on (x, y), NaN outside the image."""
+    ny, nx = img.shape
+    out = np.full((2 * h + 1, 2 * h + 1), np.nan, np.float32)
+    y0, y1, x0, x1 = max(0, y - h), min(ny, y + h + 1), max(0, x - h), min(nx, x + h + 1)
+    out[y0 - (y - h):y1 - (y - h), x0 - (x - h):x1 - (x - h)] = img[y0:y1, x0:x1]
+    return out
+
+
+def _shape(st: np.ndarray) -> tuple[float, float]:
+    """FWHM (px) and elongation from the second moments of the positive part of a stamp."""
+    w = np.where(np.isfinite(st) & (st > 0), st, 0.0)
+    tot = w.sum()
+    if tot <= 0:
+        return float("nan"), float("nan")
+    h = st.shape[0] // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    mx, my = (w * xx).sum() / tot, (w * yy).sum() / tot
+    cxx = (w * (xx - mx) ** 2).sum() / tot
+    cyy = (w * (yy - my) ** 2).sum() / tot
+    cxy = (w * (xx - mx) * (yy - my)).sum() / tot
+    tr, det = cxx + cyy, cxx * cyy - cxy * cxy
+    disc = np.sqrt(max(tr * tr / 4 - det, 0.0))
+    l1, l2 = tr / 2 + disc, max(tr / 2 - disc, 1e-6)
+    return float(GAUSS_FWHM * np.sqrt(np.sqrt(l1 * l2))), float(np.sqrt(l1 / l2))
+
+
+def measure_candidates(
+    x: np.ndarray, y: np.ndarray, value: np.ndarray, *,
+    D: np.ndarray, scorr: np.ndarray, P_D: np.ndarray, F_D: float, noise_ratio: np.ndarray, bad: np.ndarray,
+    wcs, pixel_scale_arcsec: float, ref_xy: np.ndarray, ref_flux: np.ndarray,
+    fwhm_D: float, config: DetectConfig = DetectConfig(),
+) -> tuple[list[Detection], np.ndarray]:
+    """Measure each peak on the difference image.
+
+    Parameters
+    ----------
+    x, y, value : ndarray
+        Peaks from :func:`find_scorr_peaks` (px, px, sigma).
+    D : ndarray, shape (ny, nx)
+        ZOGY difference image (unit background noise); ``D / F_D`` is in science ADU.
+    scorr : ndarray, shape (ny, nx)
+        S_corr, for the sub-pixel position.
+    P_D : ndarray, shape (k, k)
+        PSF of D, centred, sum 1.
+    noise_ratio : ndarray, shape (ny, nx)
+        Variance of S (source + background noise) over its background-only value: inflates the flux
+        error where the source itself adds noise.
+    bad : ndarray of bool, shape (ny, nx)
+    wcs : astropy.wcs.WCS
+        Science WCS, for RA/Dec.
+    ref_xy, ref_flux : ndarray, shapes (m, 2), (m,)
+        Reference sources on the science grid (px) and their fluxes (science ADU).
+    fwhm_D : float
+        FWHM of P_D (px).
+
+    Returns
+    -------
+    detections : list of Detection
+    kept : ndarray of int
+        Indices of the peaks kept (those with an acceptable footprint).
+    """
+    ny, nx = D.shape
+    k = P_D.shape[0] // 2
+    fh = config.footprint_half
+    hm = int(np.clip(np.ceil(1.5 * fwhm_D), 3, k))  # stamp half-size for the PSF fit and moments
+    tree = cKDTree(ref_xy) if len(ref_xy) else None
+    out, kept = [], []
+    for i, (xi, yi, v) in enumerate(zip(x, y, value)):
+        fp = _stamp(bad.astype(np.float32), int(xi), int(yi), fh)
+        n_bad = int(np.nansum(fp) + np.isnan(fp).sum())
+        if n_bad > config.max_bad_fraction * fp.size:
+            continue
+        sign = 1.0 if v >= 0 else -1.0
+        # S is D matched-filtered by P_D: its peak is the maximum-likelihood position
+        xs, ys = _subpixel(sign * scorr, int(xi), int(yi))
+        # PSF fit of the flux on D with P_D moved to the sub-pixel position
+        st = _stamp(D, int(xi), int(yi), hm).astype(np.float64)
+        psf = ndimage.shift(P_D.astype(np.float64), (ys - yi, xs - xi), order=3, mode="constant")
+        psf = psf[k - hm:k + hm + 1, k - hm:k + hm + 1]
+        good = np.isfinite(st) & ~_stamp(bad.astype(np.float32), int(xi), int(yi), hm).astype(bool)
+        p2 = float((psf[good] ** 2).sum())
+        if p2 <= 0:
+            continue
+        amp = float((st[good] * psf[good]).sum() / p2)
+        flux = amp / F_D
+        err = float(np.sqrt(max(noise_ratio[int(yi), int(xi)], 1.0)) / np.sqrt(p2) / F_D)
+        fwhm, elong = _shape(sign * st)
+        sig = np.abs(st) > config.dipole_sigma
+        pos = float(np.nansum(np.where(sig & (sign * st > 0), np.abs(st), 0.0)))
+        neg = float(np.nansum(np.where(sig & (sign * st < 0), np.abs(st), 0.0)))
+        dipole = neg / (pos + neg) if pos + neg > 0 else 0.0
+        ra, dec = wcs.pixel_to_world_values(xs, ys)
+        if tree is not None:
+            d, j = tree.query([xs, ys])
+            rd, rf = float(d * pixel_scale_arcsec), float(ref_flux[j])
+        else:
+            rd, rf = float("inf"), 0.0
+        out.append(Detection(
+            x=float(xs), y=float(ys), ra=float(ra), dec=float(dec), flux=flux, flux_err=err,
+            snr=flux / err, scorr=float(v), fwhm=fwhm, elongation=elong, dipole=dipole,
+            n_bad=n_bad, ref_dist=rd, ref_flux=rf))
+        kept.append(i)
+    return out, np.asarray(kept, int)

@@ -1,0 +1,131 @@
+"""The one exception module of the package.
+
+Every error a stage can meet on bad input is a subclass of :class:`BrokerError` and carries a short
+machine-readable ``reason`` (used as a Prometheus label and in dead-letter records) next to the
+human-readable message. "Nothing found" is never an error: it is an empty result.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base class of every error raised by ``broker`` and ``streams`` on bad input or state."""
+
+    reason: str = "error"
+
+
+# --- frames -------------------------------------------------------------------------------------
+class InvalidFrame(BrokerError):
+    """A frame that cannot be processed: the message says what is wrong with it."""
+
+    reason = "invalid_frame"
+
+
+class CorruptFrame(InvalidFrame):
+    """The bytes are not a readable FITS image."""
+
+    reason = "corrupt"
+
+
+class MissingWCS(InvalidFrame):
+    """The header has no usable celestial WCS."""
+
+    reason = "no_wcs"
+
+
+class MissingMetadata(InvalidFrame):
+    """A required header card (exposure time, MJD, filter, ...) is absent or not a number."""
+
+    reason = "missing_metadata"
+
+
+class BadPixelFraction(InvalidFrame):
+    """Too many NaN / non-finite pixels."""
+
+    reason = "nan_fraction"
+
+
+class BadShape(InvalidFrame):
+    """Not a 2-D image, too small, too large, or of a non-numeric dtype."""
+
+    reason = "bad_shape"
+
+
+class FrameTooLarge(InvalidFrame):
+    """The encoded frame exceeds the configured hard limit."""
+
+    reason = "too_large"
+
+
+class ChecksumMismatch(InvalidFrame):
+    """A frame sent by reference whose bytes do not match the announced checksum."""
+
+    reason = "checksum"
+
+
+class FrameStoreError(BrokerError):
+    """A frame-store URI that cannot be read (missing object, unsupported scheme)."""
+
+    reason = "frame_store"
+
+
+class PoorQuality(InvalidFrame):
+    """A readable frame rejected by the quality cuts (e.g. no stars, seeing out of range)."""
+
+    reason = "poor_quality"
+
+
+# --- science steps ------------------------------------------------------------------------------
+class AlignmentError(BrokerError):
+    """The reference could not be registered onto the science frame."""
+
+    reason = "alignment"
+
+
+class PSFError(BrokerError):
+    """No PSF could be estimated (not even the fallback)."""
+
+    reason = "psf"
+
+
+class ReferenceUnavailable(BrokerError):
+    """A reference image that is missing, corrupt or incompatible with the frame."""
+
+    reason = "reference"
+
+
+class ModelError(BrokerError):
+    """Model weights that are missing, corrupt or of an unexpected version."""
+
+    reason = "model"
+
+
+class CutoutError(BrokerError):
+    """A cutout that cannot be normalised (wrong shape, JPEG-era stamp, all NaN)."""
+
+    reason = "cutout"
+
+
+# --- messages -----------------------------------------------------------------------------------
+class DecodeError(BrokerError):
+    """A Kafka message whose bytes or headers do not decode with the expected schema."""
+
+    reason = "decode"
+
+
+class SchemaError(BrokerError):
+    """A record that does not fit the schema it is written with."""
+
+    reason = "schema"
+
+
+class FilterExpressionError(BrokerError):
+    """A subscriber filter expression that is invalid or uses something not allowed."""
+
+    reason = "filter"
+
+
+class ConfigError(BrokerError):
+    """An invalid configuration file or value."""
+
+    reason = "config"

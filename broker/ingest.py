@@ -1,0 +1,146 @@
+"""Frame validation and quality measurement (the ingest stage's science).
+
+:func:`validate` raises a typed :class:`~broker.errors.InvalidFrame` naming what is wrong;
+:func:`measure_quality` returns sky, seeing and depth; :func:`ingest` does both and applies the
+configured quality cuts (frames are flagged, and rejected only when a cut says so).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.stats import sigma_clipped_stats
+from astropy.wcs.utils import proj_plane_pixel_scales
+from photutils.detection import DAOStarFinder
+from photutils.psf import fit_fwhm
+
+from broker.errors import BadPixelFraction, BadShape, PoorQuality
+from broker.frame import Frame
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Validation limits and quality cuts.
+
+    Attributes
+    ----------
+    min_side, max_side : int
+        Accepted image sides (px). 64 px is the smallest frame that holds a 63 px cutout;
+        16384 px bounds memory per frame (16k^2 float32 = 1 GiB).
+    max_nan_fraction : float
+        Largest fraction of non-finite pixels accepted (0.5: half a frame still yields alerts;
+        beyond that the reference alignment is unreliable).
+    fwhm_range : tuple of float
+        Accepted seeing (px). Below 0.8 px stars are undersampled and look like cosmic rays; above
+        15 px the frame is out of focus or trailed. Outside: flag ``seeing``, reject when
+        ``reject_on`` contains it.
+    min_stars : int
+        Fewer measured stars flag ``few_stars`` (the seeing is then unknown; 5 is the least for a
+        stable median).
+    max_saturated_fraction : float
+        More saturated pixels flag ``saturated`` (5%: bright-sky twilight frames).
+    detect_sigma : float
+        Threshold (sigma of the sky) of the star finder used for seeing (10: bright stars only).
+    max_stars : int
+        Brightest stars fitted for the FWHM (bounds the time on crowded frames).
+    reject_on : tuple of str
+        Flags that reject the frame (dead-letter ``poor_quality``) rather than only flag it.
+    """
+
+    min_side: int = 64
+    max_side: int = 16384
+    max_nan_fraction: float = 0.5
+    fwhm_range: tuple[float, float] = (0.8, 15.0)
+    min_stars: int = 5
+    max_saturated_fraction: float = 0.05
+    detect_sigma: float = 10.0
+    max_stars: int = 100
+    reject_on: tuple[str, ...] = ("seeing",)
+
+
+@dataclass(frozen=True)
+class FrameQuality:
+    """Measured quality of a frame (units in the Avro schema ``frame/v1``)."""
+
+    sky: float
+    sky_rms: float
+    fwhm: float
+    fwhm_arcsec: float
+    n_stars: int
+    limit_flux: float
+    limit_mag: float | None
+    nan_fraction: float
+    saturated_fraction: float
+    flags: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_record(self) -> dict:
+        return {**self.__dict__, "flags": list(self.flags)}
+
+
+def validate(frame: Frame, config: IngestConfig = IngestConfig()) -> None:
+    """Raise :class:`BadShape` / :class:`BadPixelFraction` / :class:`MissingWCS` for bad frames."""
+    ny, nx = frame.data.shape
+    if min(ny, nx) < config.min_side or max(ny, nx) > config.max_side:
+        raise BadShape(f"image is {nx}x{ny} px; sides must be within [{config.min_side}, {config.max_side}]")
+    frame.wcs  # raises MissingWCS
+    nan_fraction = 1.0 - np.count_nonzero(np.isfinite(frame.data)) / frame.data.size
+    if nan_fraction > config.max_nan_fraction:
+        raise BadPixelFraction(f"{nan_fraction:.1%} of the pixels are NaN/inf (limit {config.max_nan_fraction:.0%})")
+
+
+def measure_quality(frame: Frame, config: IngestConfig = IngestConfig()) -> FrameQuality:
+    """Sky level and RMS, seeing from bright unsaturated stars, and the 5-sigma depth."""
+    data = frame.data
+    finite = np.isfinite(data)
+    nan_fraction = 1.0 - np.count_nonzero(finite) / data.size
+    saturated = np.count_nonzero(data[finite] >= frame.meta.saturation) / data.size
+    # a strided subsample is enough for the sky and keeps this O(1 Mpx) on any frame size
+    step = max(1, int(np.sqrt(data.size / 1e6)))
+    _, sky, sky_rms = sigma_clipped_stats(data[::step, ::step], sigma=3.0, maxiters=5)
+    fwhm, n_stars = _seeing(data - sky, sky_rms, frame.meta.saturation - sky, config)
+    scale = float(np.mean(proj_plane_pixel_scales(frame.wcs))) * 3600.0
+    # 5-sigma PSF flux limit, background-limited: n_eff = 4 pi sigma^2 for a Gaussian PSF
+    sigma_psf = (fwhm if np.isfinite(fwhm) else 2.5) / 2.3548
+    limit_flux = 5.0 * sky_rms * np.sqrt(4 * np.pi * sigma_psf**2)
+    limit_mag = None if frame.meta.magzp is None else float(frame.meta.magzp - 2.5 * np.log10(limit_flux))
+    flags = []
+    if n_stars < config.min_stars:
+        flags.append("few_stars")
+    if np.isfinite(fwhm) and not config.fwhm_range[0] <= fwhm <= config.fwhm_range[1]:
+        flags.append("seeing")
+    if saturated > config.max_saturated_fraction:
+        flags.append("saturated")
+    return FrameQuality(float(sky), float(sky_rms), float(fwhm), float(fwhm * scale), int(n_stars),
+                        float(limit_flux), limit_mag, float(nan_fraction), float(saturated), tuple(flags))
+
+
+def _seeing(data: np.ndarray, rms: float, saturation: float, config: IngestConfig) -> tuple[float, int]:
+    """Median FWHM (px) of the brightest isolated unsaturated stars, and how many were fitted."""
+    finder = DAOStarFinder(threshold=config.detect_sigma * rms, fwhm=3.0, n_brightest=config.max_stars * 2,
+                           exclude_border=True)
+    stars = finder(np.nan_to_num(data, nan=0.0))
+    if stars is None:
+        return float("nan"), 0
+    stars = stars[np.asarray(stars["peak"]) < 0.7 * saturation]  # keep away from non-linearity
+    if len(stars) == 0:
+        return float("nan"), 0
+    stars.sort("flux", reverse=True)
+    stars = stars[: config.max_stars]
+    xy = np.column_stack([stars["x_centroid"], stars["y_centroid"]])
+    fwhm = np.asarray(fit_fwhm(data, xypos=xy, fit_shape=11, fwhm=3.0))
+    good = np.isfinite(fwhm) & (fwhm > 0.3) & (fwhm < 30)
+    if not good.any():
+        return float("nan"), 0
+    return float(np.median(fwhm[good])), int(good.sum())
+
+
+def ingest(frame: Frame, config: IngestConfig = IngestConfig()) -> FrameQuality:
+    """Validate and measure ``frame``; raise :class:`PoorQuality` when a rejecting flag is set."""
+    validate(frame, config)
+    quality = measure_quality(frame, config)
+    rejected = [f for f in quality.flags if f in config.reject_on]
+    if rejected:
+        raise PoorQuality(f"frame rejected by quality cuts {rejected}: fwhm={quality.fwhm:.2f} px, "
+                          f"stars={quality.n_stars}, sky={quality.sky:.1f} ADU")
+    return quality

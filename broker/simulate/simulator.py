@@ -1,0 +1,391 @@
+"""The simulated telescope: raw frames plus the truth of everything injected into them."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field as dc_field
+from typing import Iterator
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from broker.frame import Frame, meta_from_header
+from broker.simulate import population as pop
+from broker.simulate import render
+from broker.simulate.config import SimConfig
+
+KINDS = ("transient", "variable", "moving", "cosmic_ray", "hot_pixel", "hot_column", "satellite")
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One injected signal, as it is on one frame.
+
+    Attributes
+    ----------
+    kind : str
+        One of :data:`KINDS`.
+    x, y : float
+        0-based pixel position on this frame (trails and columns: their midpoint).
+    ra, dec : float
+        Sky position, deg (for detector artifacts: where the WCS puts that pixel).
+    flux : float
+        ADU in this frame. Transients and variables: the change relative to the static sky
+        (signed; a faded variable is negative). Artifacts: all ADU they deposit.
+    snr : float
+        Expected optimal S/N of ``flux`` on this frame (signed like ``flux``); see
+        :func:`broker.simulate.render.optimal_snr`.
+    on_galaxy : bool
+        Placed on a galaxy (offset from its nucleus).
+    source_id : str
+        Stable id, the same at every epoch for variables and moving objects.
+    x0, y0, x1, y1 : float or None
+        End points of trails, tracks and columns (px); None for compact sources.
+    """
+
+    kind: str
+    x: float
+    y: float
+    ra: float
+    dec: float
+    flux: float
+    snr: float
+    on_galaxy: bool
+    source_id: str
+    x0: float | None = None
+    y0: float | None = None
+    x1: float | None = None
+    y1: float | None = None
+
+
+@dataclass
+class Truth:
+    """Everything that went into one frame.
+
+    Attributes
+    ----------
+    frame_id, field, filter : str
+    epoch : int
+    fwhm : float
+        True seeing FWHM, px; ``beta``, ``psf_ellip``, ``psf_theta`` (rad) complete the Moffat PSF
+        (:func:`broker.simulate.render.moffat_stamps`).
+    injections : list of Injection
+    mjd : float
+        Exposure start, MJD.
+    sky : float
+        Mean sky level, ADU/px.
+    """
+
+    frame_id: str
+    field: str
+    filter: str
+    epoch: int
+    fwhm: float
+    injections: list[Injection] = dc_field(default_factory=list)
+    beta: float = 3.0
+    psf_ellip: float = 0.0
+    psf_theta: float = 0.0
+    mjd: float = 0.0
+    sky: float = 0.0
+
+    def of_kind(self, *kinds: str) -> list[Injection]:
+        """The injections of the given kinds."""
+        return [inj for inj in self.injections if inj.kind in kinds]
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable dict (plain floats, ints, strings, lists)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Truth:
+        d = dict(d)
+        d["injections"] = [Injection(**i) for i in d.get("injections", [])]
+        return cls(**d)
+
+
+class _Pending:
+    """Injections whose S/N waits for the complete noise-free frame."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[dict, np.ndarray, np.ndarray]] = []
+
+    def add(self, flat: np.ndarray, values: np.ndarray, **inj: object) -> None:
+        self.items.append((inj, flat, values))
+
+    def resolve(self, model: np.ndarray, gain: float, read_noise: float) -> list[Injection]:
+        flat_model = model.ravel()
+        out = []
+        for inj, flat, values in self.items:
+            snr = render.optimal_snr(values, flat_model[flat].astype(np.float64), gain, read_noise)
+            out.append(Injection(snr=float(snr), **inj))  # type: ignore[arg-type]
+        return out
+
+
+@dataclass
+class _Scene:
+    header: fits.Header
+    truth: Truth
+    static: np.ndarray     # sky + stars at mean flux + galaxies, ADU
+    changes: np.ndarray    # transients, variable-star changes, moving objects, ADU
+    artifacts: np.ndarray  # cosmic rays, hot pixels/columns, satellite trails, ADU
+
+    @property
+    def model(self) -> np.ndarray:
+        return self.static + self.changes + self.artifacts
+
+
+class SkySimulator:
+    """Seeded simulated telescope.
+
+    ``frame(field, filter, epoch)`` is a pure function of (seed, config, field, filter, epoch).
+
+    Parameters
+    ----------
+    config : SimConfig
+    seed : int
+    """
+
+    def __init__(self, config: SimConfig = SimConfig(), seed: int = 0) -> None:
+        self.config = config
+        self.seed = seed
+        self._fields: dict[str, tuple[pop.StaticSky, WCS]] = {}
+        self._detector = pop.detector(config, seed)
+        # nominal S/N -> flux table (mid-range seeing and sky), to place transients in snr range
+        c = config
+        psf = render.moffat_stamps([0.0], [0.0], c.stamp_size, np.mean(c.fwhm_range),
+                                   np.mean(c.beta_range))[0].ravel()
+        self._flux_grid = np.logspace(0, 8, 800)
+        signal = self._flux_grid[:, None] * psf[None]
+        self._snr_grid = render.optimal_snr(signal, signal + c.sky_level, c.gain, c.read_noise)
+
+    # --- public API ------------------------------------------------------------------------
+    def frame(self, field: str, filter: str, epoch: int) -> tuple[Frame, Truth]:
+        """Raw frame and truth for (field, filter, epoch); deterministic."""
+        scene = self._render(field, filter, epoch)
+        c = self.config
+        rng = pop.rng_for(self.seed, "noise", field, filter, epoch)
+        data = render.add_noise(scene.model, c.gain, c.read_noise, c.saturation, rng)
+        return Frame(meta=meta_from_header(scene.header), data=data, header=scene.header), scene.truth
+
+    def frames(self, n: int) -> Iterator[tuple[Frame, Truth]]:
+        """The first ``n`` frames, epoch-major: epoch 0 of every (field, filter), then epoch 1..."""
+        order = ((f, b, e) for e in itertools.count() for f in self.config.fields
+                 for b in self.config.filters)
+        for field, filt, epoch in itertools.islice(order, n):
+            yield self.frame(field, filt, epoch)
+
+    def static_model(self, field: str, filter: str, epoch: int) -> np.ndarray:
+        """Noise-free static scene on this frame's pixels (ADU, float32, shape (ny, nx)): sky,
+        stars at their mean (reference) flux and galaxies; no transients, variability, moving
+        objects or artifacts. ``frame - static_model`` is noise plus every injection."""
+        return self._render(field, filter, epoch).static
+
+    def model(self, field: str, filter: str, epoch: int) -> np.ndarray:
+        """Complete noise-free frame (ADU, float32, unclipped): the expectation of ``frame``."""
+        return self._render(field, filter, epoch).model
+
+    # --- rendering -------------------------------------------------------------------------
+    def _sky(self, field: str) -> tuple[pop.StaticSky, WCS]:
+        if field not in self._fields:
+            sky = pop.static_sky(self.config, self.seed, field)
+            self._fields[field] = (sky, pop.make_wcs(self.config, sky.ra, sky.dec))
+        return self._fields[field]
+
+    def _flux_for_snr(self, snr: np.ndarray | float) -> np.ndarray:
+        return np.interp(snr, self._snr_grid, self._flux_grid)
+
+    def _render(self, field: str, filter: str, epoch: int) -> _Scene:
+        c = self.config
+        ny, nx = c.shape
+        sky, nominal = self._sky(field)
+        rng = pop.rng_for(self.seed, "frame", field, filter, epoch)
+        fwhm, beta = rng.uniform(*c.fwhm_range), rng.uniform(*c.beta_range)
+        pe, pth = rng.uniform(0.0, c.psf_max_ellip), rng.uniform(0.0, np.pi)
+        jx, jy = rng.uniform(-c.jitter, c.jitter, 2)
+        wcs = pop.make_wcs(c, sky.ra, sky.dec, jx, jy, rng.uniform(-c.max_rotation, c.max_rotation))
+        mjd = c.mjd_start + epoch * c.cadence + rng.uniform(0.0, c.mjd_scatter)
+        level = c.sky_level * (1.0 + rng.uniform(-c.sky_variation, c.sky_variation))
+        phi = rng.uniform(0.0, 2 * np.pi)
+        yy, xx = np.ogrid[0:ny, 0:nx]
+        static = (level * (1.0 + c.sky_gradient * ((xx / nx - 0.5) * np.cos(phi)
+                                                   + (yy / ny - 0.5) * np.sin(phi)))).astype(np.float32)
+        ct = c.colour_term(filter)
+
+        def psf(x: np.ndarray, y: np.ndarray, size: int = c.stamp_size):
+            dx, dy, flat, inside = render.stamp_indices(x, y, size, c.shape)
+            return render.moffat_stamps(dx, dy, size, fwhm, beta, pe, pth), flat, inside
+
+        # stars at their mean flux; bright ones on bigger stamps for their wings
+        sx, sy = wcs.wcs_world2pix(sky.star_ra, sky.star_dec, 0)
+        sflux = 10 ** (-0.4 * (sky.star_mag + ct * sky.star_colour - c.magzp))
+        for bright in (False, True):
+            size = c.bright_stamp_size if bright else c.stamp_size
+            sel = ((sflux > c.bright_flux) == bright) & _near_frame(sx, sy, c.shape, size // 2)
+            stamps, flat, inside = psf(sx[sel], sy[sel], size)
+            render.add_stamps(static, stamps * sflux[sel, None, None], flat, inside)
+
+        # galaxies: Sersic stamps convolved with this frame's PSF
+        gx, gy = wcs.wcs_world2pix(sky.gal_ra, sky.gal_dec, 0)
+        gs = c.galaxy_stamp_size
+        sel = _near_frame(gx, gy, c.shape, gs // 2)
+        dx, dy, flat, inside = render.stamp_indices(gx[sel], gy[sel], gs, c.shape)
+        gal = render.sersic_stamps(dx, dy, gs, sky.gal_reff[sel] / c.pixel_scale, sky.gal_n[sel],
+                                   sky.gal_ellip[sel], sky.gal_theta[sel])
+        kernel = render.moffat_stamps([0.0], [0.0], c.stamp_size, fwhm, beta, pe, pth)[0]
+        gflux = 10 ** (-0.4 * (sky.gal_mag[sel] + ct * sky.gal_colour[sel] - c.magzp))
+        render.add_stamps(static, render.convolve_stamps(gal, kernel) * gflux[:, None, None],
+                          flat, inside)
+
+        changes = np.zeros(c.shape, np.float32)
+        artifacts = np.zeros(c.shape, np.float32)
+        pending = _Pending()
+
+        def point(kind: str, ra: float, dec: float, flux: float, sid: str, on_gal: bool = False):
+            x, y = wcs.wcs_world2pix([ra], [dec], 0)
+            stamps, flat, inside = psf(x, y)
+            values = stamps[0] * flux
+            render.add_stamps(changes, values[None], flat, inside)
+            pending.add(flat[0][inside[0]], values[inside[0]], kind=kind, x=float(x[0]),
+                        y=float(y[0]), ra=float(ra), dec=float(dec), flux=float(flux),
+                        on_galaxy=on_gal, source_id=sid)
+
+        for ra, dec, flux, sid, on_gal in self._transients(field, epoch, ct, nominal):
+            point("transient", ra, dec, flux, sid, on_gal)
+        for k, i in enumerate(sky.var_index):
+            dflux = sflux[i] * sky.var_amp[k] * np.sin(2 * np.pi * mjd / sky.var_period[k]
+                                                       + sky.var_phase[k])
+            if _near_frame(sx[i:i + 1], sy[i:i + 1], c.shape, -2)[0]:
+                point("variable", sky.star_ra[i], sky.star_dec[i], dflux, f"{field}-V{k:04d}")
+        for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal):
+            point("moving", ra, dec, flux, sid)
+
+        self._artifacts(artifacts, pending, rng, wcs, fwhm)
+
+        frame_id = f"{c.telescope}-{field}-{filter}-{epoch:04d}"
+        header = wcs.to_header()
+        for key, value, comment in (
+            ("TELESCOP", c.telescope, "simulated telescope"), ("FIELD", field, "field name"),
+            ("FILTER", filter, "filter"), ("MJD-OBS", mjd, "exposure start (MJD, UTC)"),
+            ("EXPTIME", c.exptime, "[s] exposure time"), ("GAIN", c.gain, "[e-/ADU]"),
+            ("RDNOISE", c.read_noise, "[e-] read noise"), ("SATURATE", c.saturation, "[ADU]"),
+            ("MAGZP", c.magzp, "[mag] source giving 1 ADU in the exposure"),
+            ("FRAMEID", frame_id, "unique frame id"), ("SEEING", fwhm, "[px] true FWHM"),
+            ("EPOCH", epoch, "simulation epoch"),
+        ):
+            header[key] = (value, comment)
+        model = static + changes + artifacts
+        truth = Truth(frame_id=frame_id, field=field, filter=filter, epoch=epoch, fwhm=float(fwhm),
+                      injections=pending.resolve(model, c.gain, c.read_noise), beta=float(beta),
+                      psf_ellip=float(pe), psf_theta=float(pth), mjd=float(mjd), sky=float(level))
+        return _Scene(header=header, truth=truth, static=static, changes=changes, artifacts=artifacts)
+
+    def _transients(self, field: str, epoch: int, ct: float, nominal: WCS
+                    ) -> Iterator[tuple[float, float, float, str, bool]]:
+        """(ra, dec, flux ADU, id, on_galaxy) of the transients visible at ``epoch``."""
+        c = self.config
+        if epoch < c.reference_epochs or c.n_transients <= 0:
+            return
+        sky, _ = self._sky(field)
+        ny, nx = c.shape
+        m = c.edge_margin
+        gx, gy = nominal.wcs_world2pix(sky.gal_ra, sky.gal_dec, 0)
+        inside = (gx > m) & (gx < nx - 1 - m) & (gy > m) & (gy < ny - 1 - m)
+        hosts = np.flatnonzero(inside & (sky.gal_mag < c.host_max_mag))
+        if len(hosts) == 0:  # small test frames may hold no bright galaxy: take any
+            hosts = np.flatnonzero(inside)
+        life = max(c.transient_lifetime, 1)
+        for birth in range(epoch - life + 1, epoch + 1):
+            rng = pop.rng_for(self.seed, "transient", field, str(birth))
+            for j in range(pop.transients_born(c, self.seed, field, birth)):
+                snr = pop.transient_light_curve(rng, life, c.transient_snr_range)[epoch - birth]
+                colour = rng.uniform(*c.colour_range)
+                on_gal = len(hosts) > 0 and rng.uniform() < c.transient_on_galaxy
+                if on_gal:
+                    h = rng.choice(hosts)
+                    r = sky.gal_reff[h] / c.pixel_scale * rng.uniform(0.2, 1.5)
+                    ang = rng.uniform(0, 2 * np.pi)
+                    x = np.clip(gx[h] + r * np.cos(ang), m, nx - 1 - m)
+                    y = np.clip(gy[h] + r * np.sin(ang), m, ny - 1 - m)
+                else:
+                    x, y = rng.uniform(m, nx - 1 - m), rng.uniform(m, ny - 1 - m)
+                ra, dec = nominal.wcs_pix2world([x], [y], 0)
+                flux = float(self._flux_for_snr(snr)) * 10 ** (-0.4 * ct * colour)
+                yield float(ra[0]), float(dec[0]), flux, f"{field}-T{birth:04d}-{j:02d}", bool(on_gal)
+
+    def _moving(self, field: str, mjd: float, ct: float, nominal: WCS
+                ) -> Iterator[tuple[float, float, float, str]]:
+        """(ra, dec, flux ADU, id) of the moving objects at ``mjd``: straight tracks that wrap
+        around the field, so each frame holds ``n_moving`` of them."""
+        c = self.config
+        ny, nx = c.shape
+        m = c.edge_margin
+        for k in range(c.n_moving):
+            rng = pop.rng_for(self.seed, "moving", field, k)
+            x0, y0 = rng.uniform(0, nx - 2 * m), rng.uniform(0, ny - 2 * m)
+            speed, ang = rng.uniform(*c.moving_speed_range) / c.pixel_scale, rng.uniform(0, 2 * np.pi)
+            snr, colour = rng.uniform(*c.transient_snr_range), rng.uniform(*c.colour_range)
+            t = mjd - c.mjd_start
+            x = m + (x0 + speed * t * np.cos(ang)) % (nx - 1 - 2 * m)
+            y = m + (y0 + speed * t * np.sin(ang)) % (ny - 1 - 2 * m)
+            ra, dec = nominal.wcs_pix2world([x], [y], 0)
+            flux = float(self._flux_for_snr(snr)) * 10 ** (-0.4 * ct * colour)
+            yield float(ra[0]), float(dec[0]), flux, f"{field}-M{k:04d}"
+
+    def _artifacts(self, image: np.ndarray, pending: _Pending, rng: np.random.Generator,
+                   wcs: WCS, fwhm: float) -> None:
+        """Cosmic rays, hot pixels and columns, satellite trail: not PSF-convolved, recorded."""
+        c = self.config
+        ny, nx = c.shape
+        flat_img = image.reshape(-1)
+
+        def record(kind: str, flat: np.ndarray, values: np.ndarray, x: float, y: float, sid: str,
+                   ends: tuple[float, float, float, float] | None = None) -> None:
+            np.add.at(flat_img, flat, values.astype(np.float32))
+            ra, dec = wcs.wcs_pix2world([x], [y], 0)
+            x0, y0, x1, y1 = ends if ends else (None,) * 4
+            pending.add(flat, values, kind=kind, x=float(x), y=float(y), ra=float(ra[0]),
+                        dec=float(dec[0]), flux=float(values.sum()), on_galaxy=False,
+                        source_id=sid, x0=x0, y0=y0, x1=x1, y1=y1)
+
+        det = self._detector
+        for k, (x, y, rate) in enumerate(zip(det.hot_x, det.hot_y, det.hot_rate)):
+            record("hot_pixel", np.array([y * nx + x]), np.array([rate * c.exptime]), x, y,
+                   f"{c.telescope}-H{k:04d}")
+        for k, (x, y0, rate) in enumerate(zip(det.col_x, det.col_y0, det.col_rate)):
+            rows = np.arange(y0, ny)
+            record("hot_column", rows * nx + x, np.full(len(rows), rate * c.exptime), x,
+                   (y0 + ny - 1) / 2, f"{c.telescope}-C{k:04d}", (float(x), float(y0), float(x), ny - 1.0))
+        neighbours = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j])
+        for k in range(rng.poisson(c.n_cosmic_rays)):
+            cx, cy = rng.uniform(0, nx - 1), rng.uniform(0, ny - 1)
+            ends = None
+            if rng.uniform() < c.cosmic_ray_track_fraction:
+                length, ang = rng.uniform(3, 15), rng.uniform(0, np.pi)
+                s = np.arange(-length / 2, length / 2 + 0.5, 0.5)
+                px, py = cx + s * np.cos(ang), cy + s * np.sin(ang)
+                ends = (float(px[0]), float(py[0]), float(px[-1]), float(py[-1]))
+            else:
+                extra = neighbours[rng.choice(8, rng.integers(0, 4), replace=False)]
+                px, py = cx + np.r_[0, extra[:, 0]], cy + np.r_[0, extra[:, 1]]
+            ix = np.clip(np.rint(px), 0, nx - 1).astype(int)
+            iy = np.clip(np.rint(py), 0, ny - 1).astype(int)
+            flat = np.unique(iy * nx + ix)
+            record("cosmic_ray", flat, rng.uniform(*c.cosmic_ray_adu_range, len(flat)), cx, cy,
+                   f"CR{k:04d}", ends)
+        if rng.uniform() < c.satellite_probability:
+            # enter through the left edge, leave through the right (or bottom to top)
+            a, b = rng.uniform(0, 1, 2)
+            if rng.uniform() < 0.5:
+                x0, y0, x1, y1 = 0.0, a * (ny - 1), nx - 1.0, b * (ny - 1)
+            else:
+                x0, y0, x1, y1 = a * (nx - 1), 0.0, b * (nx - 1), ny - 1.0
+            flat, values = render.line_profile(c.shape, x0, y0, x1, y1, fwhm / 2.3548,
+                                               rng.uniform(*c.satellite_adu_range))
+            record("satellite", flat, values, (x0 + x1) / 2, (y0 + y1) / 2, "SAT0000",
+                   (x0, y0, x1, y1))
+
+
+def _near_frame(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], pad: int) -> np.ndarray:
+    """Whether (x, y) lies within ``pad`` px of the frame (negative pad: that far inside)."""
+    return (x > -pad - 0.5) & (x < shape[1] - 0.5 + pad) & (y > -pad - 0.5) & (y < shape[0] - 0.5 + pad)

@@ -1,0 +1,176 @@
+"""The one-command demo: embedded broker, all stages, a simulated telescope and a subscriber."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from broker.simulate import SimConfig, SkySimulator, Truth
+from streams import serde, topics
+from streams.embedded import EmbeddedKafka
+from streams.framestore import FrameStore
+from streams.monitor import read_all, stage_backlog
+from streams.producer import FrameProducer
+from streams.settings import KafkaSettings
+from streams.stages import STAGES
+from streams.subscriber import alerts
+
+#: S/N bins of the recovery table (lower edges; the last bin is open).
+SNR_BINS = (5.0, 7.0, 10.0, 20.0)
+#: Match radius between an alert and an injected source (px).
+MATCH_PX = 1.5
+REAL_KINDS = ("transient", "variable", "moving")
+
+
+@dataclass
+class DemoResult:
+    """What went in (frames and their truth) and what came out (alerts, dead letters)."""
+
+    truths: dict[str, Truth] = field(default_factory=dict)
+    statuses: dict[str, str] = field(default_factory=dict)  # frame_id -> batch status
+    candidates: int = 0
+    alerts: list[dict] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # s, exposure end -> alert received
+    dead_letters: list[dict] = field(default_factory=list)
+
+    def recovery(self) -> list[tuple[str, int, int]]:
+        """(S/N bin, recovered, injected) for transients in frames that were subtracted."""
+        edges = (*SNR_BINS, np.inf)
+        by_frame: dict[str, list[dict]] = {}
+        for a in self.alerts:
+            by_frame.setdefault(a["provenance"]["frame_id"], []).append(a)
+        rows = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            injected = recovered = 0
+            for frame_id, status in self.statuses.items():
+                if status != "SUBTRACTED":
+                    continue
+                for inj in self.truths[frame_id].injections:
+                    if inj.kind == "transient" and lo <= abs(inj.snr) < hi:
+                        injected += 1
+                        recovered += any(matches(a, inj) for a in by_frame.get(frame_id, []))
+            rows.append((f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}", recovered, injected))
+        return rows
+
+    def false_alerts(self, rb_cut: float | None = None) -> int:
+        """Alerts that match no injected real source (transient, variable star, moving object)."""
+        n = 0
+        for a in self.alerts:
+            if rb_cut is not None and a["scores"]["rb"] < rb_cut:
+                continue
+            truth = self.truths.get(a["provenance"]["frame_id"])
+            if truth is None or not any(matches(a, i) for i in truth.injections if i.kind in REAL_KINDS):
+                n += 1
+        return n
+
+
+def matches(alert: dict, inj) -> bool:
+    """Whether ``alert`` lies within :data:`MATCH_PX` of the injection ``inj`` (same frame)."""
+    s = alert["source"]
+    return bool(np.hypot(s["x"] - inj.x, s["y"] - inj.y) <= MATCH_PX)
+
+
+def start_stages(bootstrap: str, app_id: str, workdir: Path, config: Path | None = None) -> list[subprocess.Popen]:
+    """One process per stage (``broker stage NAME``); logs in ``workdir/logs``."""
+    (workdir / "logs").mkdir(parents=True, exist_ok=True)
+    procs = []
+    for stage in STAGES:
+        cmd = [sys.executable, "-m", "streams.cli", "stage", stage, "--bootstrap", bootstrap, "--app-id", app_id,
+               "--state-dir", str(workdir / "state"), "--frame-store", str(workdir / "frames"),
+               "--metrics-port", "0"]
+        if config:
+            cmd += ["--config", str(config)]
+        with open(workdir / "logs" / f"{stage}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+    return procs
+
+
+def stop_stages(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
+    """SIGTERM every stage (they finish the message in hand), SIGKILL after ``timeout`` s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def wait_until_drained(settings: KafkaSettings, procs: list[subprocess.Popen], timeout: float,
+                       on_progress: Callable[[int], None] | None = None) -> None:
+    """Block until every stage has committed all of its input (raise if a stage died)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        dead = [p.args[3] for p in procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"stage process(es) {dead} exited early; see their logs")
+        backlog = sum(stage_backlog(settings, s, t) for s, t in STAGES.items())
+        if on_progress:
+            on_progress(backlog)
+        if backlog == 0:
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"the pipeline did not drain within {timeout} s")
+
+
+def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = Path("var/demo"),
+             sim: SimConfig = SimConfig(), seed: int = 1, timeout: float = 1800.0,
+             on_alert: Callable[[dict], None] | None = None,
+             on_progress: Callable[[int, int | None], None] | None = None) -> DemoResult:
+    """Run the whole chain on ``n_frames`` simulated frames and collect what came out.
+
+    ``on_alert(alert)`` and ``on_progress(frames_published, backlog_or_None)`` let a caller show
+    progress.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    result = DemoResult()
+    app_id = f"demo-{os.getpid()}-{int(time.time())}"
+    with ExitStack() as stack:
+        if bootstrap is None:
+            bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap
+        settings = KafkaSettings(bootstrap, app_id=app_id)
+        topics.create_topics(bootstrap, topics.pipeline_topics(tuple(STAGES), sim.filters))
+        procs = start_stages(bootstrap, app_id, workdir)
+        stack.callback(stop_stages, procs)
+        stop = threading.Event()
+        subscriber = threading.Thread(target=_subscribe, args=(settings, result, stop, on_alert), daemon=True)
+        subscriber.start()
+        producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 * 1024 * 1024, 1 << 30)
+        for i, (frame, truth) in enumerate(SkySimulator(sim, seed=seed).frames(n_frames), 1):
+            producer.publish_frame(frame, exposure_end=time.time())  # the simulated shutter closes now
+            result.truths[truth.frame_id] = truth
+            if on_progress:
+                on_progress(i, None)
+        producer.flush()
+        wait_until_drained(settings, procs, timeout, lambda b: on_progress and on_progress(n_frames, b))
+        time.sleep(2.0)  # let the subscriber read the last alerts
+        stop.set()
+        subscriber.join(10)
+        for msg in read_all(settings, [topics.CANDIDATES]):
+            batch = serde.decode("candidates", msg.value(), dict(msg.headers() or []))
+            result.statuses[batch["frame_id"]] = batch["status"]
+            result.candidates += len(batch["candidates"])
+        for msg in read_all(settings, [topics.dlq(s) for s in STAGES]):
+            result.dead_letters.append(serde.decode("dlq", msg.value(), dict(msg.headers() or [])))
+    return result
+
+
+def _subscribe(settings: KafkaSettings, result: DemoResult, stop: threading.Event, on_alert) -> None:
+    for alert, received in alerts(settings, topics.ALERTS, timeout=None, stop=stop.is_set):
+        if "_error" in alert:
+            continue
+        result.alerts.append(alert)
+        result.latencies.append(received - alert["timing"]["exposure_end"])
+        if on_alert:
+            on_alert(alert)

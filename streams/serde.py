@@ -1,0 +1,113 @@
+"""Message (de)serialisation: schemaless Avro inside the pipeline, framed Avro for subscribers.
+
+Internal topics carry schemaless Avro bodies with the schema name and version in the ``schema``
+header (e.g. ``candidates/1``), so a reader can pick the writer schema. Alert topics carry one Avro
+Object Container File per message with the header ``_format: avro`` (what ZTF publishes and
+hop-client reads).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict as dataclass_asdict
+from dataclasses import fields as dataclass_fields
+
+import fastavro
+import numpy as np
+
+import schemas
+from broker.candidate import CUTOUT_SIZE, Candidate, Detection, ObjectSummary
+from broker.errors import DecodeError, SchemaError
+
+SCHEMA_HEADER = "schema"
+
+
+def schema_tag(name: str, version: int | None = None) -> str:
+    return f"{name}/{schemas.CURRENT[name] if version is None else version}"
+
+
+def encode(name: str, record: dict) -> bytes:
+    """Schemaless Avro body of ``record`` with the current ``name`` schema."""
+    buf = io.BytesIO()
+    try:
+        fastavro.schemaless_writer(buf, schemas.load(name), record)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SchemaError(f"record does not fit schema {name}: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode(name: str, payload: bytes | None, headers: dict[str, bytes] | None = None) -> dict:
+    """Decode a schemaless Avro body written with the version named in its ``schema`` header.
+
+    Raises
+    ------
+    DecodeError
+        Empty payload, a header naming another record type or an unknown version, or bytes
+        that are not a valid record.
+    """
+    if not payload:
+        raise DecodeError(f"empty {name} message")
+    tag = (headers or {}).get(SCHEMA_HEADER)
+    version = None
+    if tag is not None:
+        tag_s = tag.decode(errors="replace") if isinstance(tag, bytes) else str(tag)
+        kind, _, ver = tag_s.partition("/")
+        if kind != name or not ver.isdigit() or int(ver) not in schemas.versions(name):
+            raise DecodeError(f"schema header {tag_s!r} is not a known {name} schema version")
+        version = int(ver)
+    writer = schemas.load(name, version)
+    reader = schemas.load(name)
+    buf = io.BytesIO(payload)
+    try:
+        record = fastavro.schemaless_reader(buf, writer, reader)
+    except Exception as exc:  # fastavro raises EOFError, ValueError, UnicodeDecodeError, ... on garbage
+        raise DecodeError(f"bytes are not a valid {name} record: {type(exc).__name__}: {exc}") from exc
+    if buf.tell() != len(payload):
+        raise DecodeError(f"{len(payload) - buf.tell()} trailing bytes after the {name} record")
+    return record
+
+
+def encode_ocf(name: str, record: dict, codec: str = "null") -> bytes:
+    """One Avro Object Container File holding ``record`` (the writer schema travels inside)."""
+    buf = io.BytesIO()
+    try:
+        fastavro.writer(buf, schemas.load(name), [record], codec=codec)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise SchemaError(f"record does not fit schema {name}: {exc}") from exc
+    return buf.getvalue()
+
+
+def decode_ocf(payload: bytes) -> list[dict]:
+    """All records of an Avro Object Container File (any writer schema)."""
+    try:
+        return list(fastavro.reader(io.BytesIO(payload)))
+    except Exception as exc:
+        raise DecodeError(f"not an Avro container file: {type(exc).__name__}: {exc}") from exc
+
+
+# --- candidate batches ----------------------------------------------------------------------------
+_DETECTION_FIELDS = tuple(f.name for f in dataclass_fields(Detection))
+
+
+def candidate_to_record(cand: Candidate) -> dict:
+    """``candidates/v1`` Candidate record of ``cand`` (cutouts as raw little-endian float32)."""
+    det = cand.detection
+    return {
+        "cand_id": cand.cand_id,
+        **{name: getattr(det, name) for name in _DETECTION_FIELDS},
+        "cutouts": cand.triplet().astype("<f4").tobytes(),
+        "rb": cand.rb, "anomaly": cand.anomaly, "history": cand.history,
+        "object": None if cand.obj is None else dataclass_asdict(cand.obj),
+    }
+
+
+def record_to_candidate(rec: dict) -> Candidate:
+    """Inverse of :func:`candidate_to_record`; raises :class:`DecodeError` on a bad cutout block."""
+    size = 3 * CUTOUT_SIZE * CUTOUT_SIZE * 4
+    if len(rec["cutouts"]) != size:
+        raise DecodeError(f"candidate {rec['cand_id']}: cutouts hold {len(rec['cutouts'])} bytes, expected {size}")
+    sci, ref, diff = np.frombuffer(rec["cutouts"], dtype="<f4").reshape(3, CUTOUT_SIZE, CUTOUT_SIZE).astype(np.float32)
+    det = Detection(**{name: rec[name] for name in _DETECTION_FIELDS})
+    obj = ObjectSummary(**rec["object"]) if rec.get("object") else None
+    return Candidate(rec["cand_id"], det, sci, ref, diff, rec.get("rb"), rec.get("anomaly"), obj,
+                     list(rec.get("history") or []))
