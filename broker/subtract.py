@@ -182,8 +182,8 @@ def zogy(
     f_d = F_r * F_n / np.sqrt(sigma_n ** 2 * F_r ** 2 + sigma_r ** 2 * F_n ** 2)
     pn = fft.rfft2(_embed(P_n, shape), workers=workers)
     pr = fft.rfft2(_embed(P_r, shape), workers=workers)
-    den2 = (sigma_n ** 2 * F_r ** 2) * (pn.real ** 2 + pn.imag ** 2) \
-        + (sigma_r ** 2 * F_n ** 2) * (pr.real ** 2 + pr.imag ** 2)
+    den2 = (sigma_n ** 2 * F_r ** 2) * (pr.real ** 2 + pr.imag ** 2) \
+        + (sigma_r ** 2 * F_n ** 2) * (pn.real ** 2 + pn.imag ** 2)
     den2 = np.maximum(den2, np.float32(1e-30 * (sigma_n * sigma_r) ** 2)).astype(np.float32)
     nh = fft.rfft2(N, workers=workers)
     rh = fft.rfft2(R, workers=workers)

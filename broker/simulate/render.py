@@ -108,7 +108,9 @@ def stamp_indices(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, int
 
 def add_stamps(image: np.ndarray, stamps: np.ndarray, flat: np.ndarray, inside: np.ndarray) -> None:
     """Add stamps (n, s, s) into ``image`` in place at the flat indices of :func:`stamp_indices`."""
-    if stamps.size:
+    if stamps.size * 16 < image.size:  # a few stamps: a full-frame bincount would dominate
+        np.add.at(image.reshape(-1), flat[inside], stamps[inside].astype(image.dtype))
+    elif stamps.size:
         image += np.bincount(flat[inside], weights=stamps[inside],
                              minlength=image.size).reshape(image.shape)
 
@@ -163,7 +165,7 @@ def line_profile(shape: tuple[int, int], x0: float, y0: float, x1: float, y1: fl
     profile across it; a Gaussian of the seeing is close enough for an artifact).
     """
     ny, nx = shape
-    yy, xx = np.mgrid[0:ny, 0:nx]
+    yy, xx = np.ogrid[0:ny, 0:nx]
     length = np.hypot(x1 - x0, y1 - y0)
     dist = np.abs((x1 - x0) * (y0 - yy) - (x0 - xx) * (y1 - y0)) / length
     near = np.flatnonzero(dist.ravel() < 5.0 * sigma)

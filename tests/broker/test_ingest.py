@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+
+from broker.errors import BadPixelFraction, BadShape, PoorQuality
+from broker.frame import Frame
+from broker.ingest import IngestConfig, ingest, measure_quality
+from tests.helpers import star_frame
+
+
+def test_quality_measures_sky_seeing_and_depth():
+    frame = star_frame(fwhm=3.0, sky=500.0)
+    q = measure_quality(frame)
+    assert q.sky == pytest.approx(500 + 0, rel=0.02)
+    assert q.sky_rms == pytest.approx(np.sqrt(500), rel=0.1)  # Poisson in ADU at gain 1 of the builder
+    assert q.fwhm == pytest.approx(3.0, rel=0.1)
+    assert q.n_stars >= 10 and q.flags == ()
+    assert q.limit_mag == pytest.approx(27.0 - 2.5 * np.log10(q.limit_flux))
+
+
+def test_all_nan_frame_is_rejected_with_the_fraction():
+    frame = star_frame()
+    frame = Frame(frame.meta, np.full_like(frame.data, np.nan), frame.header)
+    with pytest.raises(BadPixelFraction, match="100.0%"):
+        ingest(frame)
+
+
+def test_tiny_frame_and_bad_seeing():
+    frame = star_frame()
+    with pytest.raises(BadShape):
+        ingest(Frame(frame.meta, frame.data[:32, :32], frame.header))
+    with pytest.raises(PoorQuality, match="seeing"):
+        ingest(star_frame(fwhm=3.0), IngestConfig(fwhm_range=(0.8, 2.0)))
+
+
+def test_starless_frame_is_flagged_not_rejected():
+    q = ingest(star_frame(n_stars=0))
+    assert "few_stars" in q.flags and np.isnan(q.fwhm)

@@ -1,0 +1,222 @@
+"""Tests of broker.realbogus: normalisation (ours and real ZTF cutouts), stamps, shipped weights."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from broker.candidate import Candidate, Detection
+from broker.errors import CutoutError, ModelError
+from broker.realbogus import (
+    MODELS_DIR,
+    RealBogusClassifier,
+    RealBogusNet,
+    decode_stamp,
+    normalise_triplet,
+)
+
+ZTF_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ztf_alerts"
+WEIGHTS = MODELS_DIR / "realbogus-v1.pt"
+
+
+def _noise(shape=(63, 63), seed=0, sky=500.0):
+    rng = np.random.default_rng(seed)
+    return (sky + rng.normal(0, 20, shape)).astype(np.float32)
+
+
+# --- normalisation --------------------------------------------------------------------------------
+def test_normalise_shape_range_and_robust_scale():
+    sci, ref = _noise(seed=1), _noise(seed=2, sky=900.0)
+    diff = _noise(seed=3, sky=0.0)
+    diff[31, 31] = 1e7  # one absurd pixel must neither dominate the scale nor escape the clip
+    x, flags = normalise_triplet(sci, ref, diff)
+    assert x.shape == (3, 63, 63) and x.dtype == np.float32
+    assert np.all(np.isfinite(x)) and np.abs(x).max() <= 30.0
+    # median ~0 and robust sigma ~1 per channel regardless of sky level
+    for ch in x:
+        assert abs(np.median(ch)) < 0.1
+        assert 0.8 < 1.4826 * np.median(np.abs(ch - np.median(ch))) < 1.2
+    assert flags.n_nan == (0, 0, 0) and flags.n_pad == 0 and not flags.repaired
+
+
+def test_normalise_fills_and_counts_nans():
+    sci, ref, diff = _noise(seed=1), _noise(seed=2), _noise(seed=3, sky=0.0)
+    for a in (sci, ref, diff):
+        a[:, :10] = np.nan  # frame edge
+    diff[5, 40] = np.inf
+    x, flags = normalise_triplet(sci, ref, diff)
+    assert np.all(np.isfinite(x))
+    assert flags.n_nan == (630, 630, 631)
+    assert np.all(x[:, :, :10] == 0.0)
+
+
+def test_normalise_pads_short_cutout_keeping_candidate_centred():
+    # a 48x63 stamp cut at the top edge of a CCD: candidate at row 31 - 15 = 16 of the stamp
+    sci, ref, diff = _noise((48, 63), 1), _noise((48, 63), 2), _noise((48, 63), 3, sky=0.0)
+    diff[16, 31] = sci[16, 31] = 5000.0
+    x, flags = normalise_triplet(sci, ref, diff)
+    assert x.shape == (3, 63, 63)
+    assert flags.n_pad == 15 * 63 and flags.input_shape == (48, 63)
+    assert np.unravel_index(np.argmax(x[2]), (63, 63)) == (31, 31)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ((np.zeros((3, 63, 63)),) * 3, "2-D"),
+        ((np.full((63, 63), np.nan),) * 3, "NaN"),
+        ((np.zeros((64, 63)),) * 3, "over 63"),
+        ((np.zeros((10, 63)),) * 3, "under"),
+        ((np.zeros((63, 63)), np.zeros((63, 63)), np.zeros((62, 63))), "differ"),
+    ],
+)
+def test_normalise_rejects_unusable_input(arrays, match):
+    with pytest.raises(CutoutError, match=match):
+        normalise_triplet(*arrays)
+
+
+def test_cutout_error_has_reason():
+    with pytest.raises(CutoutError) as info:
+        normalise_triplet(np.zeros(5), np.zeros(5), np.zeros(5))
+    assert info.value.reason == "cutout"
+
+
+# --- stamps ---------------------------------------------------------------------------------------
+def test_decode_stamp_rejects_jpeg_and_garbage():
+    jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100)
+    with pytest.raises(CutoutError, match="JPEG"):
+        decode_stamp(jpeg)
+    with pytest.raises(CutoutError, match="JPEG"):
+        decode_stamp(gzip.compress(jpeg))
+    with pytest.raises(CutoutError, match="not FITS"):
+        decode_stamp(b"hello world")
+    with pytest.raises(CutoutError, match="empty"):
+        decode_stamp(b"")
+
+
+def _ztf_records(predicate, n=1):
+    """First n (record, index row) pairs of the real ZTF alerts whose index row matches."""
+    fastavro = pytest.importorskip("fastavro")
+    if not (ZTF_DIR / "index.csv").is_file():
+        pytest.skip(f"real ZTF alerts absent ({ZTF_DIR}); see shared/data/README.md")
+    rows = [r for r in csv.DictReader(open(ZTF_DIR / "index.csv")) if predicate(r)]
+    out = []
+    for r in rows:
+        path = ZTF_DIR.parent / r["file"]
+        try:
+            with open(path, "rb") as fh:
+                for i, rec in enumerate(fastavro.reader(fh)):
+                    if i == int(r["record_index"]):
+                        out.append((rec, r))
+                        break
+        except (OSError, ValueError):  # e.g. snappy-coded files without cramjam
+            continue
+        if len(out) >= n:
+            break
+    if len(out) < n:
+        pytest.skip("no readable ZTF record matches")
+    return out
+
+
+def _ztf_triplet(rec):
+    return [decode_stamp(rec[k]["stampData"])
+            for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
+
+
+@pytest.mark.shared_data
+def test_ztf_full_cutouts_normalise():
+    for rec, _ in _ztf_records(lambda r: r["cutoutScience_shape"] == "63x63"
+                               and r["cutoutScience_nnan"] == "0.0", n=5):
+        x, flags = normalise_triplet(*_ztf_triplet(rec))
+        assert x.shape == (3, 63, 63) and np.all(np.isfinite(x)) and not flags.repaired
+
+
+@pytest.mark.shared_data
+def test_ztf_edge_truncated_cutout_is_padded():
+    (rec, row), = _ztf_records(lambda r: r["cutoutScience_shape"] not in ("63x63", ""))
+    trip = _ztf_triplet(rec)
+    assert trip[0].shape != (63, 63)
+    x, flags = normalise_triplet(*trip)
+    assert x.shape == (3, 63, 63) and flags.n_pad > 0 and np.all(np.isfinite(x))
+    # the candidate (|difference| peak) stays near the centre after padding
+    peak = np.unravel_index(np.argmax(np.abs(x[2])), (63, 63))
+    assert abs(peak[0] - 31) <= 3 and abs(peak[1] - 31) <= 3
+
+
+@pytest.mark.shared_data
+def test_ztf_nan_cutout_is_filled_and_counted():
+    (rec, row), = _ztf_records(lambda r: r["cutoutScience_nnan"] not in ("0.0", "")
+                               and float(r["cutoutScience_nnan"]) < 1000)
+    x, flags = normalise_triplet(*_ztf_triplet(rec))
+    assert np.all(np.isfinite(x))
+    assert flags.n_nan[0] == int(float(row["cutoutScience_nnan"]))
+
+
+# --- classifier -----------------------------------------------------------------------------------
+def test_missing_and_corrupt_weights_raise_model_error(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        RealBogusClassifier.load(tmp_path / "nope.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a torch file")
+    (tmp_path / "bad.json").write_text('{"version": "bad"}')
+    with pytest.raises(ModelError, match="corrupt"):
+        RealBogusClassifier.load(tmp_path / "bad.pt")
+
+
+def test_save_load_roundtrip(tmp_path):
+    clf = RealBogusClassifier(RealBogusNet(), "test-v0", {"note": "untrained"})
+    clf.save(tmp_path / "test-v0")
+    back = RealBogusClassifier.load(tmp_path / "test-v0.pt")
+    x = np.random.default_rng(0).normal(size=(5, 3, 63, 63)).astype(np.float32)
+    assert back.version == "test-v0"
+    np.testing.assert_allclose(back.score(x), clf.score(x), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    if not WEIGHTS.is_file():
+        pytest.fail(f"shipped weights missing: {WEIGHTS}")
+    return RealBogusClassifier.load()
+
+
+def test_shipped_weights_load_and_score(shipped):
+    assert shipped.version == "realbogus-v1"
+    x = np.random.default_rng(0).normal(size=(7, 3, 63, 63)).astype(np.float32)
+    s = shipped.score(x)
+    assert s.shape == (7,) and np.all((s >= 0) & (s <= 1))
+    assert WEIGHTS.stat().st_size < 1.5e6
+
+
+def _sim_cutouts(kind: str):
+    """A simulated triplet around an injection of ``kind``: frame, static sky + noise, ideal diff."""
+    from broker.simulate import SimConfig, SkySimulator
+
+    sim = SkySimulator(SimConfig(shape=(400, 400), n_cosmic_rays=40), seed=3)
+    frame, truth = sim.frame("F001", "r", 3)
+    static = sim.static_model("F001", "r", 3)
+    ref = static + np.random.default_rng(0).normal(0, 10, static.shape)
+    inj = [i for i in truth.injections if i.kind == kind and 40 < i.x < 360 and 40 < i.y < 360
+           and (kind != "transient" or abs(i.snr) > 15)]
+    assert inj, f"no {kind} in the test frame"
+    i = max(inj, key=lambda i: abs(i.flux))
+    y, x = int(round(i.y)), int(round(i.x))
+    sl = (slice(y - 31, y + 32), slice(x - 31, x + 32))
+    return frame.data[sl], ref[sl], (frame.data - static)[sl]
+
+
+def test_known_real_and_cosmic_ray_on_the_right_sides(shipped):
+    pytest.importorskip("broker.simulate")
+    real = shipped.score_cutouts(*_sim_cutouts("transient"))
+    cr = shipped.score_cutouts(*_sim_cutouts("cosmic_ray"))
+    assert real > 0.5 > cr, (real, cr)
+
+
+def test_score_candidates_sets_rb_and_skips_bad_cutouts(shipped):
+    det = Detection(0, 0, 0, 0, 1, 1, 1, 1, 2, 1, 0, 0, np.inf, 0)
+    good = Candidate("f/0", det, _noise(seed=1), _noise(seed=2), _noise(seed=3, sky=0))
+    bad = Candidate("f/1", det, *(np.full((63, 63), np.nan, np.float32),) * 3)
+    s = shipped.score_candidates([good, bad])
+    assert 0 <= good.rb <= 1 and bad.rb is None and np.isnan(s[1])

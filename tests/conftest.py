@@ -1,0 +1,36 @@
+"""Shared fixtures: the embedded Kafka broker (for tests marked ``kafka``) and the real-data folder."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+#: Real public data beside the repository (see ../shared/data/README.md); absent on users' machines.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def kafka():
+    """An embedded tansu broker on a free 127.0.0.1 port for the whole session."""
+    from streams.embedded import EmbeddedKafka
+
+    with EmbeddedKafka() as broker:
+        yield broker
+
+
+@pytest.fixture
+def settings(kafka):
+    """Kafka settings with an app id of its own, so tests never share consumer groups."""
+    from streams.settings import KafkaSettings
+
+    return KafkaSettings(kafka.bootstrap, app_id=f"test-{uuid.uuid4().hex[:8]}")
+
+
+def shared_data(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (it sits beside the repository in CI)")
+    return path

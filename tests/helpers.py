@@ -1,0 +1,46 @@
+"""Small seeded builders shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from broker.candidate import CUTOUT_SIZE, Candidate, Detection
+from broker.frame import Frame, meta_from_header
+
+
+def header(shape=(256, 256), ra=150.0, dec=2.0, scale_arcsec=1.0, **cards) -> fits.Header:
+    """A TAN-WCS header with the cards a frame needs (overridable)."""
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval = [ra, dec]
+    w.wcs.crpix = [shape[1] / 2, shape[0] / 2]
+    w.wcs.cdelt = [-scale_arcsec / 3600, scale_arcsec / 3600]
+    h = w.to_header()
+    h.update({"TELESCOP": "TEST", "FIELD": "F1", "FILTER": "r", "MJD-OBS": 60000.5, "EXPTIME": 30.0,
+              "GAIN": 2.0, "RDNOISE": 5.0, "SATURATE": 60000.0, "MAGZP": 27.0, "FRAMEID": "TEST-F1-r-0001"})
+    h.update(cards)
+    return h
+
+
+def star_frame(shape=(256, 256), n_stars=40, fwhm=3.0, sky=500.0, seed=0, **cards) -> Frame:
+    """Gaussian stars on a flat sky with Poisson noise (ADU = e-/gain)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    img = np.full(shape, sky, dtype=float)
+    s = fwhm / 2.3548
+    for x, y, f in zip(rng.uniform(10, shape[1] - 10, n_stars), rng.uniform(10, shape[0] - 10, n_stars),
+                       10 ** rng.uniform(3.5, 5.0, n_stars)):
+        img += f / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+    data = rng.poisson(img).astype(np.float32)
+    h = header(shape, **cards)
+    return Frame(meta_from_header(h), data, h)
+
+
+def candidate(cand_id="TEST-F1-r-0001/0", ra=150.0, dec=2.0, flux=1000.0, snr=12.0, seed=0) -> Candidate:
+    rng = np.random.default_rng(seed)
+    det = Detection(x=10.5, y=20.25, ra=ra, dec=dec, flux=flux, flux_err=flux / snr, snr=snr, scorr=snr,
+                    fwhm=3.0, elongation=1.1, dipole=0.05, n_bad=0, ref_dist=float("inf"), ref_flux=0.0)
+    cut = lambda: rng.normal(size=(CUTOUT_SIZE, CUTOUT_SIZE)).astype(np.float32)  # noqa: E731
+    return Candidate(cand_id, det, cut(), cut(), cut())
