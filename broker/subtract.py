@@ -376,7 +376,9 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     fwhm = max(fwhm_n, fwhm_r)
     bad = ~np.isfinite(sci) | saturation_mask(sci, meta.saturation, fwhm, config)
     bad |= _grow(~np.isfinite(R) | ~np.isfinite(ali.variance), config.ref_bad_grow_fwhm * fwhm)
-    var_n = rms_map ** 2 + np.clip(N, 0, None) / max(meta.gain, 1e-6)
+    # source Poisson term only where N is significant: clipping plain noise at 0 would bias the
+    # blank-sky variance up by sigma/sqrt(2 pi) ADU^2 per pixel
+    var_n = rms_map ** 2 + np.where(N > 2.0 * rms_map, N, 0.0) / max(meta.gain, 1e-6)
     var_r = np.where(np.isfinite(ali.variance), ali.variance, 0.0).astype(np.float32)
     sigma_r = float(np.sqrt(np.median(var_r[~bad]))) if (~bad).any() else float(np.sqrt(np.nanmedian(reference.variance)))
     big = config.bad_variance_factor * float(np.median(var_n[~bad])) if (~bad).any() else 1e30
@@ -398,15 +400,19 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         sig_ast = tuple(float(np.clip(r / nm, config.astrometric_floor_px, config.astrometric_max_px))
                         for r in ali.residual_xy)
     else:
-        sig_ast = (config.astrometric_max_px, config.astrometric_max_px)
+        # no star to register (nor to leave a residual): the term would only add gradient noise
+        sig_ast = (config.astrometric_floor_px, config.astrometric_floor_px)
     t = lap("masks", t)
     z = zogy(Np, Rp, P_n, P_r, VNp, VRp, sigma_n, sigma_r, flux_ratio, 1.0, sig_ast)  # type: ignore[arg-type]
     sl = (slice(pad, pad + shape[0]), slice(pad, pad + shape[1]))
     D, S_corr, V_S = z.D[sl], z.S_corr[sl], z.V_S[sl]
     S_corr = np.where(bad, 0.0, S_corr).astype(np.float32)
     good = ~bad
-    med = float(np.median(S_corr[good])) if good.any() else 0.0
-    scorr_std = float(1.4826 * np.median(np.abs(S_corr[good] - med))) if good.any() else float("nan")
+    v0 = float(np.median(V_S[good])) if good.any() else 1.0
+    # blank sky: neither sources nor the masks' huge variance reach these pixels
+    sky = good & (V_S < 1.2 * v0)
+    med = float(np.median(S_corr[sky])) if sky.any() else 0.0
+    scorr_std = float(1.4826 * np.median(np.abs(S_corr[sky] - med))) if sky.any() else float("nan")
     if config.renormalise_scorr and scorr_std > 0:
         S_corr = S_corr / scorr_std
     t = lap("zogy", t)
@@ -419,7 +425,6 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     capped = float(len(xs) > cap)
     xs, ys, vs = xs[:cap], ys[:cap], vs[:cap]
     # blank-sky variance of S: median over good pixels; the ratio inflates errors on sources
-    v0 = float(np.median(V_S[good])) if good.any() else 1.0
     noise_ratio = V_S / v0
     ref_x, ref_y = ali.to_science(ref_stars.x, ref_stars.y)
     ref_xy = np.column_stack([ref_x, ref_y])

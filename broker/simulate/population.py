@@ -168,7 +168,7 @@ def detector(config: SimConfig, seed: int) -> Detector:
     )
 
 
-def transients_born(config: SimConfig, seed: int, field: str, birth: int) -> int:
+def transients_born(config: SimConfig, birth: int) -> int:
     """How many transients are born at epoch ``birth``; any ``transient_lifetime`` consecutive
     births add up to ``n_transients``, so every frame after the references shows that many."""
     life = max(config.transient_lifetime, 1)

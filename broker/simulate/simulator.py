@@ -297,7 +297,7 @@ class SkySimulator:
         life = max(c.transient_lifetime, 1)
         for birth in range(epoch - life + 1, epoch + 1):
             rng = pop.rng_for(self.seed, "transient", field, str(birth))
-            for j in range(pop.transients_born(c, self.seed, field, birth)):
+            for j in range(pop.transients_born(c, birth)):
                 snr = pop.transient_light_curve(rng, life, c.transient_snr_range)[epoch - birth]
                 colour = rng.uniform(*c.colour_range)
                 on_gal = len(hosts) > 0 and rng.uniform() < c.transient_on_galaxy
