@@ -7,11 +7,9 @@ negative = faded); :func:`measure_candidates` turns each into a :class:`~broker.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from photutils.detection import find_peaks
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -28,31 +26,43 @@ class DetectConfig:
     threshold_sigma : float
         Detection threshold on |S_corr| (sigma); 5 is the ZTF/ZOGY standard (a 256^2 noise frame then
         has ~0.04 false positives).
-    box_fwhm : float
-        Local-extremum box side in units of the D PSF FWHM: one peak per point source.
     footprint_half : int
         Half-size of the bad-pixel footprint (px): 2 -> the 5x5 px of ``Detection.n_bad``.
     max_bad_fraction : float
         Candidates whose footprint has more bad pixels than this fraction are dropped (they measure
         a mask edge, not the sky).
     dipole_sigma : float
-        Only pixels of D beyond this many sigma enter the dipole measure (noise would give ~0.5).
+        Only pixels of D beyond this many sigma enter the dipole measure (with 2 sigma, plain noise
+        around an S/N 10 source already gives ~0.2).
     max_candidates : int
         At most this many candidates per frame (the most significant); a frame beyond it is garbage
         and downstream stages must not be flooded.
     """
 
     threshold_sigma: float = 5.0
-    box_fwhm: float = 1.5
     footprint_half: int = 2
     max_bad_fraction: float = 0.5
-    dipole_sigma: float = 2.0
+    dipole_sigma: float = 3.0
     max_candidates: int = 500
 
 
-def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int, border: int = 0
+def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, border: int = 0
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Local extrema of S_corr beyond +-``threshold``.
+    """One peak per connected region of ``|S_corr| >= threshold`` (positive and negative).
+
+    A connected region rather than a local-maximum box: a cosmic-ray track or a galaxy residual
+    gives one candidate, not a string of them. Two sources closer than their footprints merge (the
+    brighter is kept).
+
+    Parameters
+    ----------
+    scorr : ndarray, shape (ny, nx)
+    threshold : float
+        Sigma.
+    box_size : int
+        Unused (kept for a local-maximum variant); regions are 8-connected.
+    border : int
+        Peaks closer than this to the frame edge (px) are dropped.
 
     Returns
     -------
@@ -62,22 +72,28 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int, border:
         S_corr at the peak (signed).
     """
     xs, ys, vs = [], [], []
-    box = int(max(3, box_size) | 1)
+    eight = np.ones((3, 3), bool)
     for sign in (1.0, -1.0):
-        img = sign * scorr
-        if not np.nanmax(img) >= threshold:
+        hits = (sign * scorr) >= threshold
+        if not hits.any():
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tab = find_peaks(img, threshold, box_size=box, border_width=border or None)
-        if tab is None:
-            continue
-        xs.append(np.asarray(tab["x_peak"], int))
-        ys.append(np.asarray(tab["y_peak"], int))
-        vs.append(sign * np.asarray(tab["peak_value"], float))
+        labels, n = ndimage.label(hits, structure=eight)
+        yx = np.zeros((n, 2), int)
+        # per-region arg-max on bounding boxes (ndimage.maximum_position sorts the whole frame)
+        for i, sl in enumerate(ndimage.find_objects(labels)):
+            sub = np.where(labels[sl] == i + 1, sign * scorr[sl], -np.inf)
+            iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
+            yx[i] = (sl[0].start + iy, sl[1].start + ix)
+        ys.append(yx[:, 0])
+        xs.append(yx[:, 1])
+        vs.append(scorr[yx[:, 0], yx[:, 1]].astype(float))
     if not xs:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
     x, y, v = np.concatenate(xs), np.concatenate(ys), np.concatenate(vs)
+    if border:
+        ny, nx = scorr.shape
+        ok = (x >= border) & (y >= border) & (x < nx - border) & (y < ny - border)
+        x, y, v = x[ok], y[ok], v[ok]
     order = np.lexsort((x, y, -np.abs(v)))
     return x[order], y[order], v[order]
 
@@ -167,8 +183,10 @@ def measure_candidates(
     hm = int(np.clip(np.ceil(1.5 * fwhm_D), 3, k))  # stamp half-size for the PSF fit and moments
     tree = cKDTree(ref_xy) if len(ref_xy) else None
     out, kept = [], []
+    badf = bad.astype(np.float32)
+    rows = []
     for i, (xi, yi, v) in enumerate(zip(x, y, value)):
-        fp = _stamp(bad.astype(np.float32), int(xi), int(yi), fh)
+        fp = _stamp(badf, int(xi), int(yi), fh)
         n_bad = int(np.nansum(fp) + np.isnan(fp).sum())
         if n_bad > config.max_bad_fraction * fp.size:
             continue
@@ -179,7 +197,7 @@ def measure_candidates(
         st = _stamp(D, int(xi), int(yi), hm).astype(np.float64)
         psf = ndimage.shift(P_D.astype(np.float64), (ys - yi, xs - xi), order=3, mode="constant")
         psf = psf[k - hm:k + hm + 1, k - hm:k + hm + 1]
-        good = np.isfinite(st) & ~_stamp(bad.astype(np.float32), int(xi), int(yi), hm).astype(bool)
+        good = np.isfinite(st) & ~(_stamp(badf, int(xi), int(yi), hm) != 0)
         p2 = float((psf[good] ** 2).sum())
         if p2 <= 0:
             continue
@@ -191,15 +209,21 @@ def measure_candidates(
         pos = float(np.nansum(np.where(sig & (sign * st > 0), np.abs(st), 0.0)))
         neg = float(np.nansum(np.where(sig & (sign * st < 0), np.abs(st), 0.0)))
         dipole = neg / (pos + neg) if pos + neg > 0 else 0.0
-        ra, dec = wcs.pixel_to_world_values(xs, ys)
-        if tree is not None:
-            d, j = tree.query([xs, ys])
-            rd, rf = float(d * pixel_scale_arcsec), float(ref_flux[j])
-        else:
-            rd, rf = float("inf"), 0.0
-        out.append(Detection(
-            x=float(xs), y=float(ys), ra=float(ra), dec=float(dec), flux=flux, flux_err=err,
-            snr=flux / err, scorr=float(v), fwhm=fwhm, elongation=elong, dipole=dipole,
-            n_bad=n_bad, ref_dist=rd, ref_flux=rf))
+        rows.append((float(xs), float(ys), flux, err, float(v), fwhm, elong, dipole, n_bad))
         kept.append(i)
+    if not rows:
+        return [], np.zeros(0, int)
+    px = np.array([r[0] for r in rows])
+    py = np.array([r[1] for r in rows])
+    ra, dec = wcs.pixel_to_world_values(px, py)  # vectorised: one WCS call per frame
+    if tree is not None:
+        dist, j = tree.query(np.column_stack([px, py]))
+        rdist, rflux = dist * pixel_scale_arcsec, ref_flux[j]
+    else:
+        rdist, rflux = np.full(len(rows), np.inf), np.zeros(len(rows))
+    for k, (xs, ys, flux, err, v, fwhm, elong, dipole, n_bad) in enumerate(rows):
+        out.append(Detection(
+            x=xs, y=ys, ra=float(ra[k]), dec=float(dec[k]), flux=flux, flux_err=err,
+            snr=flux / err, scorr=v, fwhm=fwhm, elongation=elong, dipole=dipole,
+            n_bad=n_bad, ref_dist=float(rdist[k]), ref_flux=float(rflux[k])))
     return out, np.asarray(kept, int)

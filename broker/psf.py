@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.stats import SigmaClip
 from photutils.background import Background2D, MADStdBackgroundRMS, MedianBackground
-from photutils.detection import DAOStarFinder, find_peaks
+from photutils.detection import DAOStarFinder
 from scipy import ndimage, optimize
 from scipy.spatial import cKDTree
 
@@ -46,12 +46,16 @@ class BackgroundConfig:
     min_finite_fraction : float
         Fraction of finite pixels below which the image is rejected (``BadPixelFraction``); 0.05
         means "almost nothing to measure a sky on".
+    subsample : int
+        Frames of 1024 px or more per side are measured on every ``subsample``-th pixel and row
+        (the map is then interpolated back): 2 cuts the cost 4x for a sky smooth over a mesh.
     """
 
     box_size: int = 64
     filter_size: int = 3
     sigma_clip: float = 3.0
     min_finite_fraction: float = 0.05
+    subsample: int = 2
 
 
 def estimate_background(
@@ -81,16 +85,25 @@ def estimate_background(
         bad |= mask
     if bad.mean() > 1.0 - config.min_finite_fraction:
         raise BadPixelFraction(f"only {100 * (1 - bad.mean()):.1f}% usable pixels for the background")
-    box = int(min(config.box_size, max(8, min(data.shape) // 2)))
+    # Large frames: measure on every other pixel of every other row. The sky is smooth on the mesh
+    # scale and the pixels are independent, so this costs nothing in accuracy and 4x less time.
+    step = config.subsample if min(data.shape) >= 1024 else 1
+    sub, subbad = data[::step, ::step], bad[::step, ::step]
+    box = int(min(max(8, config.box_size // step), max(8, min(sub.shape) // 2)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # photutils warns about meshes dropped for bad pixels
         bkg = Background2D(
-            data, box, mask=bad, filter_size=config.filter_size,
+            sub, box, mask=subbad, filter_size=config.filter_size,
             sigma_clip=SigmaClip(sigma=config.sigma_clip, maxiters=5),
             bkg_estimator=MedianBackground(), bkg_rms_estimator=MADStdBackgroundRMS(),
             exclude_percentile=50.0,
         )
-    return bkg.background.astype(np.float32), bkg.background_rms.astype(np.float32)
+    b, r = bkg.background.astype(np.float32), bkg.background_rms.astype(np.float32)
+    if step > 1:
+        zoom = (data.shape[0] / b.shape[0], data.shape[1] / b.shape[1])
+        b = ndimage.zoom(b, zoom, order=1, mode="nearest", grid_mode=True)[:data.shape[0], :data.shape[1]]
+        r = ndimage.zoom(r, zoom, order=1, mode="nearest", grid_mode=True)[:data.shape[0], :data.shape[1]]
+    return b.astype(np.float32), r.astype(np.float32)
 
 
 # --- stars ----------------------------------------------------------------------------------------
@@ -155,21 +168,35 @@ class StarList:
         return cls(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], float(fwhm))
 
 
-def _quick_fwhm(data: np.ndarray, rms: float, guess: float, n: int = 30) -> float:
-    """Median half-maximum-area FWHM of the brightest peaks (px): a detection-kernel guess only."""
-    finite = np.where(np.isfinite(data), data, 0.0)
-    try:
-        peaks = find_peaks(finite, 20.0 * rms, box_size=11, n_peaks=n, border_width=10)
-    except Exception:  # photutils raises on degenerate inputs; the guess is good enough then
-        peaks = None
-    if peaks is None or len(peaks) < 3:
-        return guess
-    out = []
-    for x, y, v in zip(peaks["x_peak"], peaks["y_peak"], peaks["peak_value"]):
-        st = finite[y - 7:y + 8, x - 7:x + 8]
-        area = np.count_nonzero(st > 0.5 * v)
-        out.append(2.0 * np.sqrt(area / np.pi))
-    return float(np.clip(np.median(out), 1.0, 20.0))
+def _profile_fwhm(row: np.ndarray, c: int) -> float:
+    """FWHM (px) of a 1-D profile peaking at index c, by linear interpolation of the half-max points."""
+    half = row[c] / 2.0
+    left = c
+    while left > 0 and row[left - 1] > half:
+        left -= 1
+    right = c
+    while right < len(row) - 1 and row[right + 1] > half:
+        right += 1
+    if left == 0 or right == len(row) - 1:
+        return float("nan")
+    xl = left - (row[left] - half) / (row[left] - row[left - 1])
+    xr = right + (row[right] - half) / (row[right] - row[right + 1])
+    return float(xr - xl)
+
+
+def _star_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-star FWHM (px): geometric mean of the row and column half-maximum widths (NaN if odd)."""
+    ny, nx = data.shape
+    out = np.full(len(x), np.nan)
+    for i, (xc, yc) in enumerate(zip(x, y)):
+        ix, iy = int(np.round(xc)), int(np.round(yc))
+        if ix < 11 or iy < 11 or ix > nx - 12 or iy > ny - 12:
+            continue
+        fx = _profile_fwhm(data[iy, ix - 11:ix + 12], 11)
+        fy = _profile_fwhm(data[iy - 11:iy + 12, ix], 11)
+        if np.isfinite(fx) and np.isfinite(fy) and 0.67 < fx / fy < 1.5:
+            out[i] = np.sqrt(fx * fy)
+    return out
 
 
 def find_stars(
@@ -192,20 +219,22 @@ def find_stars(
     saturation : float
         Saturation level of the *raw* image (ADU); ``background`` is what was subtracted.
     fwhm : float, optional
-        Detection kernel FWHM (px); estimated from the brightest peaks when omitted.
+        Known FWHM (px), used as the detection kernel; when omitted the kernel is
+        ``config.fwhm_guess_px`` and the FWHM is measured on the brightest stars found.
     """
     thr = config.threshold_sigma if threshold_sigma is None else threshold_sigma
     clean = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
-    if fwhm is None:
-        fwhm = _quick_fwhm(clean, rms, config.fwhm_guess_px)
-    finder = DAOStarFinder(threshold=thr * rms, fwhm=fwhm, exclude_border=True,
+    # The kernel only has to be within ~2x of the seeing to detect stars; its sharpness cut then
+    # rejects hot pixels and cosmic rays, which are sharper than any PSF.
+    kernel = fwhm if fwhm is not None else config.fwhm_guess_px
+    finder = DAOStarFinder(threshold=thr * rms, fwhm=kernel, exclude_border=True,
                            n_brightest=config.max_stars, scale_threshold=False,
-                           sharpness_range=(0.2, 1.2), roundness_range=(-0.8, 0.8))
+                           sharpness_range=(0.2, 1.0), roundness_range=(-0.7, 0.7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tab = finder(clean)
+    tab = finder(clean)
     if tab is None or len(tab) == 0:
-        return StarList(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), float(fwhm))
+        return StarList(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), float(kernel))
     x = np.asarray(tab["x_centroid"], float)
     y = np.asarray(tab["y_centroid"], float)
     peak = np.asarray(tab["peak"], float)
@@ -216,8 +245,18 @@ def find_stars(
             np.clip(np.round(y).astype(int), 0, data.shape[0] - 1),
             np.clip(np.round(x).astype(int), 0, data.shape[1] - 1)]
         ok &= (peak + bkg_at) < config.saturation_fraction * saturation
-    order = np.argsort(-flux[ok], kind="stable")
-    return StarList(x[ok][order], y[ok][order], flux[ok][order], peak[ok][order], float(fwhm))
+    order = np.flatnonzero(ok)[np.argsort(-flux[ok], kind="stable")]
+    x, y, flux, peak = x[order], y[order], flux[order], peak[order]
+    if fwhm is None:
+        # the seeing: median width of the 100 brightest; cosmic-ray remnants are much narrower
+        fw = _star_fwhms(clean, x[:100], y[:100])
+        fw = fw[np.isfinite(fw) & (fw > 1.0)]
+        if len(fw) >= 3:
+            med = np.median(fw)
+            fwhm = float(np.median(fw[fw > 0.6 * med]))
+        else:
+            fwhm = kernel
+    return StarList(x, y, flux, peak, float(fwhm))
 
 
 # --- PSF ------------------------------------------------------------------------------------------
@@ -317,7 +356,9 @@ def measure_fwhm(stamp: np.ndarray) -> float:
 def stack_psf(
     data: np.ndarray, x: np.ndarray, y: np.ndarray, half_size: int
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Median stack of star stamps re-centred with sub-pixel (cubic spline) shifts.
+    """Stack of star stamps re-centred with sub-pixel (cubic spline) shifts.
+
+    Stamps far from the median stamp (cosmic ray, neighbour) are dropped, the rest median-combined.
 
     Parameters
     ----------
@@ -358,7 +399,18 @@ def stack_psf(
         stamps.append(st / total)
     if not stamps:
         return None, flux, used
-    psf = np.median(np.asarray(stamps), axis=0)
+    stack = np.asarray(stamps)
+    psf = np.median(stack, axis=0)
+    if len(stack) >= 5:
+        # drop stamps unlike the median (a cosmic ray or a neighbour on the star) and re-stack.
+        # (An S/N^2-weighted mean was tried: the brightest "stars" include blends and compact
+        # galaxies, and it broadened the PSF; the median is robust to them.)
+        dev = np.abs(stack - psf).sum(axis=(1, 2))
+        ok = dev <= 3.0 * np.median(dev)
+        if ok.sum() >= 3:
+            psf = np.median(stack[ok], axis=0)
+            used[np.flatnonzero(used)[~ok]] = False
+            flux[~used] = np.nan
     psf /= psf.sum()
     return psf.astype(np.float32), flux, used
 
@@ -420,3 +472,43 @@ def resize_stamp(stamp: np.ndarray, half_size: int) -> np.ndarray:
     m = min(h0, half_size)
     out[half_size - m:half_size + m + 1, half_size - m:half_size + m + 1] = stamp[h0 - m:h0 + m + 1, h0 - m:h0 + m + 1]
     return out / out.sum()
+
+
+# --- cosmetics ------------------------------------------------------------------------------------
+def sharp_outliers(data: np.ndarray, rms: float, fwhm: float, nsigma: float = 8.0,
+                   margin: float = 2.0) -> np.ndarray:
+    """Pixels sharper than the PSF allows: cosmic rays and hot pixels.
+
+    A pixel is flagged when it exceeds its 3x3 median by ``nsigma`` noise sigma *and* by ``margin``
+    times what the PSF itself can give (peak - median3x3 is a fraction of median3x3 fixed by the
+    FWHM; the worst case, a star centred on a pixel corner, is used). Flagged pixels are grown by
+    one pixel. A simple stand-in for L.A.Cosmic (van Dokkum 2001), used only on reference inputs.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx)
+        Background-subtracted image (ADU).
+    rms : float
+        Sky noise (ADU).
+    fwhm : float
+        PSF FWHM (px).
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+    """
+    from scipy.special import erf
+
+    clean = np.where(np.isfinite(data), data, 0.0).astype(np.float32)
+    med = ndimage.median_filter(clean, size=3, mode="nearest")
+    # the PSF's own peak / 3x3-median - 1, in its worst case: a star centred on a pixel corner,
+    # where the 3x3 median around the brightest pixel falls furthest from it
+    s = max(fwhm, 1.0) / GAUSS_FWHM
+    edges = np.arange(-2.0, 4.0) - 0.5  # pixels -2..3 around a centre at +0.5 px
+    g1 = np.diff(erf((edges - 0.5) / (np.sqrt(2.0) * s)))
+    g = np.outer(g1, g1)
+    excess = float(g[2, 2] / np.median(g[1:4, 1:4]) - 1.0)
+    bad = ((clean - med) > nsigma * rms) & ((clean - med) > margin * excess * np.clip(med, 0, None))
+    if bad.any():
+        bad = ndimage.binary_dilation(bad, iterations=1)
+    return bad

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,7 +22,7 @@ from broker.errors import BrokerError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    half_size_for, select_psf_stars, stack_psf,
+    half_size_for, measure_fwhm, select_psf_stars, sharp_outliers, stack_psf,
 )
 
 
@@ -42,12 +42,22 @@ class ReferenceConfig:
         Dropped saturated regions are grown by this many pixels (bleed / non-linear wings).
     source_threshold_sigma : float
         Threshold of the stored reference source catalogue (sigma); 5 like the detection threshold.
+    source_max_stars : int
+        Cap on that catalogue (count): every 5 sigma source of a crowded 2k x 2k field.
+    clip_sigma, clip_fraction : float
+        With >= 3 frames, a pixel is dropped from the co-add when it deviates from the per-pixel
+        median by more than ``clip_sigma`` of its own noise (sigma) plus ``clip_fraction`` x |median|
+        (cosmic rays, hot pixels that move with the pointing). The |median| allowance (1.0 = 100 %)
+        keeps star cores, which legitimately differ by up to ~2x between seeing 1.4x apart.
     """
 
     n_frames: int = 3
     saturation_fraction: float = 0.9
     sat_grow_px: float = 3.0
     source_threshold_sigma: float = 5.0
+    source_max_stars: int = 20000
+    clip_sigma: float = 5.0
+    clip_fraction: float = 1.0
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     stars: StarConfig = field(default_factory=StarConfig)
     psf: PSFConfig = field(default_factory=PSFConfig)
@@ -165,10 +175,12 @@ def _prepare(frame: Frame, config: ReferenceConfig) -> tuple[np.ndarray, np.ndar
     bkg, rms = estimate_background(data, sat, config.background)
     img = data - bkg
     var = rms ** 2 + np.clip(np.nan_to_num(img), 0, None) / max(frame.meta.gain, 1e-6)
-    img[sat] = np.nan
-    var[~np.isfinite(img)] = np.nan
     sigma = float(np.median(rms))
-    stars = find_stars(np.nan_to_num(img), sigma, config.stars, frame.meta.saturation, bkg)
+    stars = find_stars(np.where(sat, 0.0, np.nan_to_num(img)), sigma, config.stars, frame.meta.saturation, bkg)
+    # cosmic rays and hot pixels: after resampling they smear over several pixels and, hot pixels
+    # moving by only the pointing jitter, survive the per-pixel clipping; drop them here
+    img[sat | sharp_outliers(img, sigma, stars.fwhm)] = np.nan
+    var[~np.isfinite(img)] = np.nan
     return img, var.astype(np.float32), sigma, stars
 
 
@@ -182,7 +194,8 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     1 / (sigma FWHM). This is the optimal *linear* weighting for point-source S/N without PSF
     homogenisation; the co-add PSF is then measured on the co-add itself (the weighted PSFs and
     registration blur are in it). Zackay & Ofek's proper co-addition would do better when the
-    seeing differs a lot between the inputs. Per pixel, missing (NaN) inputs get zero weight;
+    seeing differs a lot between the inputs. Per pixel, missing (NaN) inputs and (with >= 3
+    frames) outliers from the per-pixel median (cosmic rays) get zero weight;
     ``variance = sum(w_i^2 v_i) / (sum w_i)^2``.
 
     Raises
@@ -203,9 +216,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     shape = grid.shape
     g_img, g_var, g_sig, g_stars = _prepare(grid, config)
     h = half_size_for(g_stars.fwhm, config.psf)
-    num = np.zeros(shape, np.float64)
-    den = np.zeros(shape, np.float64)
-    vnum = np.zeros(shape, np.float64)
+    imgs, vars_, ws = [], [], []
     for f in frames:
         if f is grid:
             img, var, sig, stars, F = g_img, g_var, g_sig, g_stars, 1.0
@@ -225,25 +236,34 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
                 if both.any():
                     F = float(np.median(ff[both] / fg[both]))
                 if pf is not None and both.sum() >= config.psf.min_stars:
-                    from broker.psf import measure_fwhm
-
                     fwhm = measure_fwhm(pf)
             if not (np.isfinite(F) and F > 0):
                 F = 1.0
-            sig = sig  # noqa: PLW0127 (sky RMS measured on the frame's own grid)
-        w = F * F / (sig * sig * fwhm * fwhm)
-        ok = np.isfinite(img) & np.isfinite(var)
-        num[ok] += w * img[ok] / F
-        vnum[ok] += w * w * var[ok] / (F * F)
-        den[ok] += w
+        imgs.append((img / F).astype(np.float32))
+        vars_.append((var / (F * F)).astype(np.float32))
+        ws.append(F * F / (sig * sig * fwhm * fwhm))  # weight of the flux-scaled image
+    stack = np.asarray(imgs)
+    vstack = np.asarray(vars_)
+    ok = np.isfinite(stack) & np.isfinite(vstack)
+    if len(frames) >= 3:
+        # cosmic rays / moving hot pixels: reject values far from the per-pixel median. The margin
+        # grows with |median| because better seeing legitimately raises star cores (up to ~2x).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(np.where(ok, stack, np.nan), axis=0)
+        dev = np.abs(stack - med)
+        ok &= ~(dev > config.clip_sigma * np.sqrt(np.where(ok, vstack, 0.0)) + config.clip_fraction * np.abs(med))
+    w = np.asarray(ws, np.float64)[:, None, None] * ok
+    den = w.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        image = np.where(den > 0, num / den, np.nan).astype(np.float32)
-        variance = np.where(den > 0, vnum / den ** 2, np.nan).astype(np.float32)
+        image = np.where(den > 0, (w * np.where(ok, stack, 0.0)).sum(axis=0) / den, np.nan).astype(np.float32)
+        variance = np.where(den > 0, (w * w * np.where(ok, vstack, 0.0)).sum(axis=0) / den ** 2,
+                            np.nan).astype(np.float32)
     rms = float(np.sqrt(np.nanmedian(variance)))
     stars = find_stars(np.nan_to_num(image), rms, config.stars)
     psf = build_psf(image, stars, config.psf, half_size=h)
-    sources = find_stars(np.nan_to_num(image), rms, config.stars, fwhm=psf.fwhm,
-                         threshold_sigma=config.source_threshold_sigma)
+    sources = find_stars(np.nan_to_num(image), rms, replace(config.stars, max_stars=config.source_max_stars),
+                         fwhm=psf.fwhm, threshold_sigma=config.source_threshold_sigma)
     header = fits.Header()
     header.update(grid_header)
     key = grid.meta.reference_key

@@ -80,17 +80,18 @@ def matches(alert: dict, inj) -> bool:
     return bool(np.hypot(s["x"] - inj.x, s["y"] - inj.y) <= MATCH_PX)
 
 
-def start_stages(bootstrap: str, app_id: str, workdir: Path, config: Path | None = None) -> list[subprocess.Popen]:
-    """One process per stage (``broker stage NAME``); logs in ``workdir/logs``."""
+def start_stages(bootstrap: str, app_id: str, workdir: Path, config: Path | None = None,
+                 stages: tuple[str, ...] = tuple(STAGES)) -> list[subprocess.Popen]:
+    """One process per stage (``broker stage NAME``); logs appended to ``workdir/logs/<stage>.log``."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     procs = []
-    for stage in STAGES:
+    for stage in stages:
         cmd = [sys.executable, "-m", "streams.cli", "stage", stage, "--bootstrap", bootstrap, "--app-id", app_id,
                "--state-dir", str(workdir / "state"), "--frame-store", str(workdir / "frames"),
                "--metrics-port", "0"]
         if config:
             cmd += ["--config", str(config)]
-        with open(workdir / "logs" / f"{stage}.log", "w") as log:
+        with open(workdir / "logs" / f"{stage}.log", "a") as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
     return procs
 
@@ -112,7 +113,7 @@ def wait_until_drained(settings: KafkaSettings, procs: list[subprocess.Popen], t
     """Block until every stage has committed all of its input (raise if a stage died)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        dead = [p.args[3] for p in procs if p.poll() is not None]
+        dead = [p.args[4] for p in procs if p.poll() is not None]
         if dead:
             raise RuntimeError(f"stage process(es) {dead} exited early; see their logs")
         backlog = sum(stage_backlog(settings, s, t) for s, t in STAGES.items())

@@ -62,16 +62,11 @@ class FrameProducer:
             raise FrameTooLarge(f"frame {frame.meta.frame_id} encodes to {len(payload)} bytes, over {self.max_bytes}")
         m = frame.meta
         inline = len(payload) <= self.inline_limit
-        uri, digest = (None, sha256(payload)) if inline else self.store.put(payload)
-        rec = {"frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "filter": m.filter,
-               "mjd_start": m.mjd_start, "exptime": m.exptime, "ny": frame.shape[0], "nx": frame.shape[1],
-               "fits": payload if inline else None, "uri": uri, "sha256": digest, "size_bytes": len(payload),
-               "quality": None}
+        uri = None if inline else self.store.put(payload)[0]
         if exposure_end is None:
             exposure_end = float(Time(m.mjd_end, format="mjd", scale="utc").unix)
-        headers = {serde.SCHEMA_HEADER: serde.schema_tag("frame").encode(), EXPOSURE_END: repr(exposure_end).encode()}
-        self.producer.produce(topics.FRAMES, serde.encode("frame", rec), f"{m.telescope}/{m.field}".encode(),
-                              headers=headers)
+        self.producer.produce(topics.FRAMES, serde.encode("frame", frame_record(frame, payload, inline, uri)),
+                              f"{m.telescope}/{m.field}".encode(), headers=frame_headers(exposure_end))
         self.producer.poll(0)
         return Published(m.frame_id, len(payload), inline)
 
@@ -93,6 +88,20 @@ class FrameProducer:
     def flush(self, timeout: float = 30.0) -> None:
         if self.producer.flush(timeout) > 0:
             raise TimeoutError(f"{len(self.producer)} frames not delivered within {timeout} s")
+
+
+def frame_record(frame: Frame, payload: bytes, inline: bool = True, uri: str | None = None) -> dict:
+    """The ``frame/v1`` record of ``frame`` whose FITS bytes are ``payload``."""
+    m = frame.meta
+    return {"frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "filter": m.filter,
+            "mjd_start": m.mjd_start, "exptime": m.exptime, "ny": frame.shape[0], "nx": frame.shape[1],
+            "fits": payload if inline else None, "uri": uri, "sha256": sha256(payload),
+            "size_bytes": len(payload), "quality": None}
+
+
+def frame_headers(exposure_end: float) -> dict[str, bytes]:
+    """Headers of a frames-topic message: schema version and shutter-close time (Unix s)."""
+    return {serde.SCHEMA_HEADER: serde.schema_tag("frame").encode(), EXPOSURE_END: repr(exposure_end).encode()}
 
 
 def watch(directory: Path, publish: Callable[[Path], object], stop: Callable[[], bool],

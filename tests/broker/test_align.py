@@ -1,0 +1,124 @@
+"""Registration of the reference onto the science grid."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from broker.align import align_reference, fit_affine
+from broker.errors import AlignmentError
+from broker.psf import estimate_background, find_stars
+from tests.broker.conftest import make_frame, make_reference, make_sky
+
+SHAPE = (256, 256)
+
+
+def _stars(img):
+    bkg, rms = estimate_background(img)
+    return find_stars(img - bkg, float(np.median(rms)))
+
+
+def _align(ref, sci):
+    ref_stars = find_stars(np.nan_to_num(ref.image), float(np.sqrt(np.median(ref.variance))))
+    return align_reference(ref.image, ref.variance, ref.header, ref_stars, sci.header, sci.shape,
+                           _stars(sci.data))
+
+
+def _check_registered(ali, ref, sci, tol=0.1):
+    """Science stars and the aligned reference's stars coincide within ``tol`` px."""
+    s = _stars(sci.data)
+    r = find_stars(np.nan_to_num(ali.image), float(np.sqrt(np.nanmedian(ali.variance))))
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(np.column_stack([r.x, r.y])).query(np.column_stack([s.x[:30], s.y[:30]]))
+    assert np.median(d) < tol
+
+
+def test_fit_affine_exact():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (20, 2))
+    m = np.array([[0.99, -0.02], [0.02, 0.99]])
+    dst = src @ m.T + [3.0, -2.0]
+    dst[0] += 10.0  # an outlier
+    mm, t, keep = fit_affine(src, dst)
+    assert np.allclose(mm, m, atol=1e-6) and np.allclose(t, [3, -2], atol=1e-5)
+    assert not keep[0]
+
+
+def test_wcs_alignment_shift_and_rotation():
+    """The reference grid is shifted 3 px and rotated 1 deg; both WCSs are right."""
+    sky = make_sky(10, SHAPE, 60)
+    sci = make_frame(11, SHAPE, sky)
+    ref = make_reference(12, SHAPE, sky, dx=3.0, dy=-2.5, rot_deg=1.0)
+    ali = _align(ref, sci)
+    assert ali.n_matched >= 20
+    assert ali.residual_px < 0.1
+    assert 0.9 < ali.overlap < 1.0  # the rotated, shifted grid misses a strip
+    _check_registered(ali, ref, sci)
+
+
+def test_star_refinement_corrects_wrong_wcs():
+    """Same header WCS, but the reference pixels are off by (2.7, -1.9) px and 1 deg."""
+    sky = make_sky(20, SHAPE, 60)
+    sci = make_frame(21, SHAPE, sky)
+    ref = make_reference(22, SHAPE, sky, dx=2.7, dy=-1.9, rot_deg=1.0)
+    ref.header = sci.header.copy()  # the reference WCS now lies
+    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ref.key):
+        ref.header[k] = v
+    ali = _align(ref, sci)
+    assert ali.n_matched >= 20 and ali.residual_px < 0.1
+    _check_registered(ali, ref, sci)
+
+
+def test_no_overlap_raises():
+    sky = make_sky(30, SHAPE, 30)
+    sci = make_frame(31, SHAPE, sky)
+    ref = make_reference(32, SHAPE, sky, dx=400.0)  # reference grid 400 px away
+    with pytest.raises(AlignmentError):
+        _align(ref, sci)
+
+
+def test_require_stars_raises_on_empty_field():
+    from broker.align import AlignConfig
+
+    sci = make_frame(41, SHAPE, None)
+    ref = make_reference(42, SHAPE, None)
+    empty = _stars(sci.data)
+    with pytest.raises(AlignmentError):
+        align_reference(ref.image, ref.variance, ref.header, empty, sci.header, SHAPE, empty,
+                        AlignConfig(require_stars=True))
+    ali = align_reference(ref.image, ref.variance, ref.header, empty, sci.header, SHAPE, empty)
+    assert ali.n_matched == 0 and ali.overlap > 0.95  # the WCS alone is trusted
+
+
+def test_distorted_reference_goes_through_reproject():
+    """A SIP-distorted reference WCS (0.3 px non-linear): the reproject path, then a clean difference."""
+    from astropy.io import fits
+    from astropy.wcs import Sip
+
+    from broker.psf import gaussian_psf
+    from broker.reference import Reference
+    from broker.subtract import subtract_and_detect
+    from tests.broker.conftest import make_wcs, render
+
+    sky = make_sky(5, SHAPE, 60)
+    sci = make_frame(6, SHAPE, sky, extra=[(100.0, 100.0, 3000.0)], frame_id="sip")
+    w = make_wcs(SHAPE, 2.0, -1.0, 0.5)
+    a, b = np.zeros((3, 3)), np.zeros((3, 3))
+    a[2, 0], a[1, 1], b[0, 2] = 2e-5, 1e-5, -2e-5
+    w.sip = Sip(a, b, None, None, w.wcs.crpix)
+    w.wcs.ctype = ["RA---TAN-SIP", "DEC--TAN-SIP"]
+    x, y = w.all_world2pix(sky.ra, sky.dec, 0)
+    rng = np.random.default_rng(1)
+    model = render(SHAPE, x, y, sky.flux, 2.5)
+    var = 64 + model / 3
+    img = (model + rng.normal(0, 1, SHAPE) * np.sqrt(var)).astype(np.float32)
+    hdr = fits.Header(w.to_header(relax=True))
+    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ("T1", "F1", "r")):
+        hdr[k] = v
+    ref = Reference(("T1", "F1", "r"), img, var.astype(np.float32), hdr, gaussian_psf(2.5, 8), ("a",))
+    res = subtract_and_detect(sci, ref)
+    assert res.diagnostics["astrometric_residual_px"] < 0.1
+    assert len(res.candidates) == 1
+    d = res.candidates[0].detection
+    assert np.hypot(d.x - 100.0, d.y - 100.0) < 0.3

@@ -1,0 +1,68 @@
+"""Background, star catalogue and PSF estimation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from broker.errors import BadPixelFraction, PSFError
+from broker.psf import (
+    PSFConfig, StarList, build_psf, estimate_background, find_stars, gaussian_psf, measure_fwhm,
+)
+from tests.broker.conftest import make_frame, make_sky
+
+
+def test_background_recovers_level_and_rms(small_shape):
+    frame = make_frame(1, small_shape, make_sky(1, small_shape, 30), sky_level=300.0, read_noise=5.0)
+    bkg, rms = estimate_background(frame.data)
+    assert bkg.shape == rms.shape == small_shape
+    assert np.median(bkg) == pytest.approx(300.0, abs=2.0)
+    assert np.median(rms) == pytest.approx(np.sqrt(300.0 + 25.0), rel=0.04)
+
+
+def test_background_rejects_all_nan(small_shape):
+    with pytest.raises(BadPixelFraction):
+        estimate_background(np.full(small_shape, np.nan, np.float32))
+
+
+def test_psf_from_stars_matches_truth(small_shape):
+    frame = make_frame(2, small_shape, make_sky(2, small_shape, 60), fwhm=3.2)
+    bkg, rms = estimate_background(frame.data)
+    stars = find_stars(frame.data - bkg, float(np.median(rms)))
+    assert len(stars) > 20
+    assert stars.fwhm == pytest.approx(3.2, rel=0.15)
+    psf = build_psf(frame.data - bkg, stars)
+    assert not psf.fallback and psf.n_stars >= 5
+    assert psf.stamp.shape[0] % 2 == 1 and psf.stamp.sum() == pytest.approx(1.0, abs=1e-5)
+    assert psf.fwhm == pytest.approx(3.2, rel=0.05)
+    # centred: first moments within 0.05 px of the central pixel
+    h = psf.stamp.shape[0] // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    assert abs((psf.stamp * xx).sum()) < 0.05 and abs((psf.stamp * yy).sum()) < 0.05
+
+
+def test_psf_fallback_flagged_when_too_few_stars(small_shape):
+    frame = make_frame(3, small_shape, None)
+    data = frame.data - np.median(frame.data)
+    stars = StarList(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), 2.7)
+    psf = build_psf(data, stars)
+    assert psf.fallback and psf.n_stars == 0
+    assert psf.fwhm == pytest.approx(2.7)
+    assert measure_fwhm(psf.stamp) == pytest.approx(2.7, rel=0.05)
+    with pytest.raises(PSFError):
+        build_psf(data, stars, PSFConfig(allow_fallback=False))
+    with pytest.raises(PSFError):
+        build_psf(np.full(small_shape, np.nan), stars)
+
+
+def test_gaussian_psf_fwhm():
+    assert measure_fwhm(gaussian_psf(4.0, 12)) == pytest.approx(4.0, rel=0.03)
+
+
+def test_saturated_stars_are_not_psf_stars(small_shape):
+    sky = make_sky(4, small_shape, 40, fmin=5e3, fmax=3e5)
+    frame = make_frame(4, small_shape, sky, saturation=20000.0)
+    bkg, rms = estimate_background(frame.data)
+    stars = find_stars(frame.data - bkg, float(np.median(rms)), saturation=20000.0, background=bkg)
+    assert len(stars)
+    assert np.all(stars.peak + 200.0 < 0.8 * 20000.0 + 100.0)

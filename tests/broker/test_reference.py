@@ -1,0 +1,120 @@
+"""Reference co-addition, FITS round trip and the crash-safe store."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from broker.errors import ReferenceUnavailable
+from broker.reference import Reference, ReferenceConfig, ReferenceStore, build_reference
+from tests.broker.conftest import make_frame, make_sky
+
+SHAPE = (192, 192)
+
+
+def _frames(n=3, field="F1", start=0):
+    sky = make_sky(50, SHAPE, 40)
+    # pointing jitter and a little rotation; varying seeing
+    return [make_frame(60 + i, SHAPE, sky, fwhm=2.6 + 0.3 * (i % 3), dx=1.3 * i, dy=-0.7 * i,
+                       rot_deg=0.2 * i, frame_id=f"{field}-{i}", mjd=60000.0 + i, field=field)
+            for i in range(start, start + n)]
+
+
+def test_build_reference_coadds_and_is_deeper():
+    frames = _frames()
+    frames[1].data[100, 100] += 5e4  # a cosmic ray in one frame only
+    ref = build_reference(frames, ReferenceConfig())
+    assert ref.key == ("T1", "F1", "r")
+    assert ref.image.shape == SHAPE and ref.image.dtype == np.float32
+    assert ref.frame_ids == ("F1-0", "F1-1", "F1-2")
+    assert ref.psf.shape[0] % 2 == 1 and ref.psf.sum() == pytest.approx(1.0, abs=1e-4)
+    single = np.sqrt(np.median(frames[0].data))  # ~ per-frame sky noise (gain 1)
+    assert np.sqrt(np.nanmedian(ref.variance)) < 0.75 * single
+    # the co-add is background-subtracted and the cosmic ray is rejected
+    assert abs(np.nanmedian(ref.image)) < 2.0
+    assert abs(ref.image[100, 100]) < 10 * np.sqrt(ref.variance[100, 100]) + 0.5 * abs(np.nanmax(ref.image))
+    assert ref.sources is not None and len(ref.sources) > 20
+
+
+def test_build_reference_rejects_bad_input():
+    with pytest.raises(ReferenceUnavailable):
+        build_reference([], ReferenceConfig())
+    a = _frames(1, "A")
+    b = _frames(1, "B")
+    with pytest.raises(ReferenceUnavailable):
+        build_reference(a + b, ReferenceConfig())
+
+
+def test_save_load_round_trip(tmp_path):
+    ref = build_reference(_frames(), ReferenceConfig())
+    p = tmp_path / "ref.fits"
+    ref.save(p)
+    back = Reference.load(p)
+    assert back.key == ref.key and back.frame_ids == ref.frame_ids
+    np.testing.assert_array_equal(back.image, ref.image)
+    np.testing.assert_array_equal(back.variance, ref.variance)
+    np.testing.assert_array_equal(back.psf, ref.psf)
+    assert back.sources is not None and len(back.sources) == len(ref.sources)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ReferenceUnavailable):
+        Reference.load(tmp_path / "missing.fits")
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"SIMPLE  = T" + b"x" * 100)
+    with pytest.raises(ReferenceUnavailable):
+        Reference.load(bad)
+
+
+def test_store_builds_once_and_is_idempotent(tmp_path):
+    frames = _frames(4)
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    key = frames[0].meta.reference_key
+    assert store.get(key) is None
+    assert store.offer(frames[0]) is None
+    assert store.offer(frames[0]) is None  # re-delivered: not counted twice
+    assert store.offer(frames[1]) is None
+    assert store.pending(key) == ["F1-0", "F1-1"]
+    # the process dies here and restarts: a new store over the same directory
+    store2 = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    assert store2.offer(frames[1]) is None  # replayed after the crash
+    ref = store2.offer(frames[2])
+    assert ref is not None and ref.frame_ids == ("F1-0", "F1-1", "F1-2")
+    assert store2.path(key).exists() and store2.pending(key) == []
+    # later frames (or replays) get the same reference, nothing is rebuilt
+    again = store2.offer(frames[3])
+    assert again is not None and again.frame_ids == ref.frame_ids
+    fresh = ReferenceStore(tmp_path).get(key)
+    assert fresh is not None and fresh.frame_ids == ref.frame_ids
+    np.testing.assert_array_equal(fresh.image, ref.image)
+
+
+def test_store_survives_leftover_temporary_files(tmp_path):
+    frames = _frames(3)
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    store.offer(frames[0])
+    pend = store._dir(frames[0].meta.reference_key) / "pending"
+    (pend / ".F1-1.fits.123.tmp").write_bytes(b"half a frame")  # killed mid-write
+    assert store.offer(frames[1]) is None
+    assert store.offer(frames[2]) is not None
+
+
+def test_store_corrupt_reference_raises(tmp_path):
+    store = ReferenceStore(tmp_path)
+    key = ("T1", "F9", "r")
+    p = store.path(key)
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"garbage")
+    with pytest.raises(ReferenceUnavailable):
+        store.get(key)
+
+
+def test_unsafe_names_stay_inside_root(tmp_path):
+    frames = _frames(1, field="../../etc")
+    store = ReferenceStore(tmp_path / "root", ReferenceConfig(n_frames=3))
+    store.offer(frames[0])
+    created = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert created and all(str(p).startswith(str(tmp_path / "root")) for p in created)
