@@ -61,7 +61,7 @@ def build_alert(ctx: FrameContext, cand: Candidate, model_versions: dict[str, st
         ``{"exposure_end": float, "stages": [{"stage", "start", "end"}, ...]}`` (Unix s).
     """
     det, obj = cand.detection, cand.obj
-    if obj is None or cand.rb is None or cand.anomaly is None:
+    if obj is None or cand.anomaly is None:
         raise SchemaError(f"candidate {cand.cand_id} has not been classified and scored")
     mag = sig = None
     if ctx.magzp is not None and det.flux != 0:
@@ -88,7 +88,7 @@ def build_alert(ctx: FrameContext, cand: Candidate, model_versions: dict[str, st
         "cutoutScience": stamp(cand.science, f"{name}_sci.fits.gz"),
         "cutoutTemplate": stamp(cand.reference, f"{name}_ref.fits.gz"),
         "cutoutDifference": stamp(cand.difference, f"{name}_diff.fits.gz"),
-        "scores": {"rb": float(cand.rb), "rb_model": model_versions["rb"], "anomaly": float(cand.anomaly),
+        "scores": {"rb": cand.rb, "rb_model": model_versions["rb"], "anomaly": float(cand.anomaly),
                    "anomaly_model": model_versions["anomaly"]},
         "provenance": {"telescope": ctx.telescope, "field": ctx.field, "frame_id": ctx.frame_id,
                        "reference_frames": list(ctx.reference_frames), "pipeline_version": __version__},

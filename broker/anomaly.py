@@ -62,8 +62,8 @@ def features_from(
         Previous detections of the same object, each with at least ``mjd`` (days), ``flux``
         (ADU), ``flux_err`` (ADU), ``snr`` and ``filter``; any order; may be empty.
     mjd : float, optional
-        Time of this detection (MJD). When absent, the latest history time is used, i.e. the age
-        and the rate are those of the history itself.
+        Time of this detection (MJD); pass it (the training set does). When absent, the latest
+        history time stands in, i.e. the age and the rate are those of the history itself.
 
     Returns
     -------
@@ -78,12 +78,16 @@ def features_from(
     t_now = mjd if mjd is not None else (float(hist[-1]["mjd"]) if hist else 0.0)
     age = max(t_now - float(hist[0]["mjd"]), 0.0) if hist else 0.0
     rate = 0.0
-    if hist:
-        prev = hist[-1] if mjd is not None or len(hist) < 2 else hist[-2]
-        dt = max(t_now - float(prev["mjd"]), 1e-3)  # same-night pairs: ~1.4 min floor
+    # With mjd: this detection against the last one. Without: the last two of the history (the
+    # current time is unknown, so the rate is the history's own).
+    pair = ((flux, t_now), hist[-1]) if mjd is not None and hist else \
+        (((float(hist[-1].get("flux", 0.0)), t_now), hist[-2]) if len(hist) >= 2 else None)
+    if pair is not None:
+        (f_cur, t_cur), prev = pair
+        dt = max(t_cur - float(prev["mjd"]), 1e-3)  # same-night pairs: ~1.4 min floor
         f_prev = abs(float(prev.get("flux", 0.0)))
-        if f_prev > 0 and abs(flux) > 0:
-            rate = -2.5 * math.log10(abs(flux) / f_prev) / dt
+        if f_prev > 0 and abs(f_cur) > 0:
+            rate = -2.5 * math.log10(abs(f_cur) / f_prev) / dt
     n_filters = len({str(h.get("filter", "")) for h in hist})
     ref_dist = float(d.ref_dist) if np.isfinite(d.ref_dist) else _REF_DIST_CAP
     x = np.array(

@@ -23,7 +23,8 @@ console = Console()
 
 Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers host:port[,host:port].")]
 AppId = Annotated[str, typer.Option(help="Prefix of consumer groups and transactional ids.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option(help="Pipeline config (TOML); see broker/config.py.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="Pipeline config (TOML); see broker/config.py.",
+                                                    envvar="BROKER_CONFIG")]
 
 
 def _fail(exc: Exception) -> None:

@@ -81,7 +81,7 @@ def matches(alert: dict, inj) -> bool:
 
 
 def start_stages(bootstrap: str, app_id: str, workdir: Path, config: Path | None = None,
-                 stages: tuple[str, ...] = tuple(STAGES)) -> list[subprocess.Popen]:
+                 stages: tuple[str, ...] = tuple(STAGES), env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """One process per stage (``broker stage NAME``); logs appended to ``workdir/logs/<stage>.log``."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     procs = []
@@ -92,7 +92,8 @@ def start_stages(bootstrap: str, app_id: str, workdir: Path, config: Path | None
         if config:
             cmd += ["--config", str(config)]
         with open(workdir / "logs" / f"{stage}.log", "a") as log:
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env={**os.environ, **(env or {})}))
     return procs
 
 

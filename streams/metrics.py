@@ -20,6 +20,8 @@ class StageMetrics:
         self.messages_in = Counter("broker_messages_in", "Messages consumed", ["stage"], registry=r)
         self.messages_out = Counter("broker_messages_out", "Messages produced", ["stage", "topic"], registry=r)
         self.errors = Counter("broker_errors", "Messages dead-lettered, by reason", ["stage", "reason"], registry=r)
+        self.duplicates = Counter("broker_duplicates_dropped", "Inputs dropped as duplicates by lineage",
+                                  ["stage"], registry=r)
         self.aborts = Counter("broker_transactions_aborted", "Transactions aborted and retried", ["stage"], registry=r)
         self.duration = Histogram("broker_stage_duration_seconds", "Time to process one message",
                                   ["stage"], buckets=_DURATION_BUCKETS, registry=r)

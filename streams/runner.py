@@ -4,12 +4,14 @@ Each input message is processed in its own Kafka transaction that holds the outp
 dead-letter record) and the consumer offset, so a crash at any point either commits both or
 neither: no message is lost and none is processed twice as seen by ``read_committed`` readers.
 The ``transactional.id`` is stable per (stage, instance) so that a restarted instance fences its
-killed predecessor and aborts its open transaction at once.
+killed predecessor and aborts its open transaction at once. Inputs that an upstream stage
+emitted twice are dropped by their lineage header (:mod:`streams.lineage`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,10 +22,16 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from broker.errors import BrokerError
 from streams import serde, topics
+from streams.lineage import SRC_HEADER, Deduplicator, src_of
 from streams.metrics import StageMetrics
 from streams.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+#: Failpoints for crash tests: ``BROKER_CRASH_IN_TRANSACTION=<stage>:<n>[,<stage>:<n>...]`` makes
+#: the stage SIGKILL itself while its n-th message's transaction is open (outputs produced,
+#: nothing committed).
+FAILPOINT_ENV = "BROKER_CRASH_IN_TRANSACTION"
 
 #: Header prefix of the timing headers (Unix seconds as text).
 TIMING_PREFIX = "t."
@@ -96,6 +104,10 @@ class StageRunner:
         self.metrics = metrics or StageMetrics(stage)
         self.instance = instance
         self.stop_event = threading.Event()
+        self.dedup = Deduplicator(settings)
+        self._seen = 0
+        points = dict(p.partition(":")[::2] for p in os.environ.get(FAILPOINT_ENV, "").split(",") if p)
+        self._crash_at = int(points[stage]) if points.get(stage, "").isdigit() else None
 
     def install_signal_handlers(self) -> None:
         """Stop after the message in hand on SIGTERM or Ctrl-C."""
@@ -133,8 +145,15 @@ class StageRunner:
         msg = _in_message(raw)
         self.metrics.messages_in.labels(self.stage).inc()
         start = time.time()
+        src = msg.headers.get(SRC_HEADER)
         try:
-            outs = self.handler(msg)
+            if self.dedup.is_duplicate(msg.topic, msg.partition, msg.offset, src):
+                log.warning("%s: dropping %s[%d]@%d, a duplicate of upstream %s", self.stage, msg.topic,
+                            msg.partition, msg.offset, src)
+                self.metrics.duplicates.labels(self.stage).inc()
+                outs = []
+            else:
+                outs = self.handler(msg)
         except Exception as exc:  # bad input must never stop the stage: dead-letter it
             log.info("%s: dead-lettering %s[%d]@%d: %s", self.stage, msg.topic, msg.partition, msg.offset, exc)
             outs = [dead_letter(self.stage, msg, exc)]
@@ -144,11 +163,16 @@ class StageRunner:
         timing = {k: v for k, v in msg.headers.items() if k.startswith(TIMING_PREFIX)}
         timing[f"{TIMING_PREFIX}{self.stage}.start"] = repr(start).encode()
         timing[f"{TIMING_PREFIX}{self.stage}.end"] = repr(end).encode()
+        timing[SRC_HEADER] = src_of(msg.topic, msg.partition, msg.offset)
         offsets = [TopicPartition(msg.topic, msg.partition, msg.offset + 1)]
         try:
             producer.begin_transaction()
             for out in outs:
                 producer.produce(out.topic, out.value, out.key, headers={**timing, **out.headers})
+            self._seen += 1
+            if self._seen == self._crash_at:
+                producer.flush(10)  # the outputs reach the broker, uncommitted
+                os.kill(os.getpid(), signal.SIGKILL)
             producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
             producer.commit_transaction(60)
         except KafkaException as exc:
@@ -159,6 +183,7 @@ class StageRunner:
             self.metrics.aborts.labels(self.stage).inc()
             consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # process it again
             return
+        self.dedup.done(msg.topic, msg.partition, src)
         self._observe(msg, outs, start, end)
 
     def _observe(self, msg: InMessage, outs: list[OutMessage], start: float, end: float) -> None:

@@ -126,8 +126,7 @@ def classify_handler(config: PipelineConfig) -> Handler:
     model = RealBogusClassifier.load(config.rb_model)
 
     def score(batch: dict, cands: list) -> None:
-        for cand, rb in zip(cands, model.score_candidates(cands)):
-            cand.rb = float(rb)
+        model.score_candidates(cands)  # sets cand.rb; None where the cutouts cannot be normalised
         batch["model_versions"]["rb"] = model.version
 
     return _rescore(topics.CLASSIFIED, score)
@@ -139,7 +138,7 @@ def score_handler(config: PipelineConfig) -> Handler:
 
     def score(batch: dict, cands: list) -> None:
         history.associate(batch["frame_id"], batch["mjd_start"], batch["filter"], cands)
-        feats = np.stack([features_from(c, c.history) for c in cands])
+        feats = np.stack([features_from(c, c.history, batch["mjd_start"]) for c in cands])
         for cand, a in zip(cands, model.score(feats)):
             cand.anomaly = float(a)
         batch["model_versions"]["anomaly"] = model.version

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import time
+from collections import OrderedDict
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,7 +71,9 @@ def alerts(settings: KafkaSettings, topic: str, group: str | None = None, from_s
            stop: Callable[[], bool] = lambda: False) -> Iterator[tuple[dict, float]]:
     """Yield (alert, receipt time) from ``topic`` as they arrive.
 
-    Stops after ``max_alerts``, ``timeout`` s without a message, or when ``stop()`` is true. Messages that are not Avro
+    Stops after ``max_alerts``, ``timeout`` s without a message, or when ``stop()`` is true.
+    An alert whose ``alertId`` was seen among the last 100 000 is dropped: on a broker that can
+    repeat a crashed transaction (the embedded one, see :mod:`streams.lineage`) nobody sees it twice. Messages that are not Avro
     container files are skipped with a warning record ``{"_error": ...}`` so one bad message does
     not end a subscription.
     """
@@ -79,6 +82,7 @@ def alerts(settings: KafkaSettings, topic: str, group: str | None = None, from_s
     consumer = Consumer(conf)
     consumer.subscribe([topic])
     n, last = 0, time.monotonic()
+    seen: OrderedDict[int, None] = OrderedDict()
     try:
         while (max_alerts is None or n < max_alerts) and not stop():
             msg = consumer.poll(0.5)
@@ -95,6 +99,11 @@ def alerts(settings: KafkaSettings, topic: str, group: str | None = None, from_s
                 yield {"_error": str(exc), "_offset": msg.offset()}, time.time()
                 continue
             for rec in records:
+                if rec.get("alertId") in seen:
+                    continue
+                seen[rec.get("alertId")] = None
+                if len(seen) > 100_000:
+                    seen.popitem(last=False)
                 n += 1
                 yield rec, time.time()
     finally:

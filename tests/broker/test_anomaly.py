@@ -35,6 +35,10 @@ def test_features_finite_with_and_without_history():
     # brightening from 800 to 1000 ADU in 2 days: -0.121 mag/day
     assert names["rate"] == pytest.approx(np.arcsinh(-2.5 * np.log10(1000 / 800) / 2))
     assert names["n_filters"] == 2
+    # without the current time, age and rate are the history's own (500 -> 800 ADU in 2 days)
+    g = dict(zip(FEATURE_NAMES, features_from(_cand(flux=1000.0), hist)))
+    assert g["log_age"] == pytest.approx(np.log10(3))
+    assert g["rate"] == pytest.approx(np.arcsinh(-2.5 * np.log10(800 / 500) / 2))
     # NaN measurements do not leak into the features
     assert np.all(np.isfinite(features_from(_cand(snr=np.nan, fwhm=np.nan), hist)))
 

@@ -83,7 +83,17 @@ def test_shards_roundtrip_and_tiny_training(tmp_path):
     assert man["n_bogus"] <= man["n_real"]
     data = load_training_set(tmp_path)
     assert data["x"].shape == (man["n"], 3, 63, 63) and data["x"].dtype == np.float32
-    clf, report = train(data, TrainConfig(max_epochs=1, batch_size=32), progress=False)
+    clf, report = train(data, TrainConfig(max_epochs=1, batch_size=32), progress=True)
     assert report["epochs_run"] == 1 and 0 <= report["val"]["auc"] <= 1
     s = clf.score(data["x"][:4])
     assert s.shape == (4,) and np.all((s >= 0) & (s <= 1))
+
+
+def test_label_extended_artifacts_by_segment():
+    trail = SimpleNamespace(kind="satellite", x=500.0, y=500.0, source_id="S",
+                            x0=0.0, y0=0.0, x1=1000.0, y1=1000.0)
+    col = SimpleNamespace(kind="hot_column", x=20.0, y=600.0, source_id="H",
+                          x0=20.0, y0=200.0, x1=20.0, y1=1000.0)
+    lab = [k for _, k, _ in label_candidates([_cand(100.5, 100.0), _cand(20.3, 250.0)],
+                                              [trail, col])]
+    assert lab == ["satellite", "hot_column"]
