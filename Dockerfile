@@ -10,5 +10,5 @@ COPY models models
 # torch from the default index (which may bring CUDA libraries).
 ARG TORCH_INDEX_URL=""
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0; fi \
- && pip install --no-cache-dir -c constraints.txt .
+ && pip install --no-cache-dir -c constraints.txt -e .  # editable: models/ and schemas stay at /app
 ENTRYPOINT ["broker"]

@@ -167,6 +167,20 @@ def _embed(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.roll(out, (-h, -h), axis=(0, 1))
 
 
+def _score_kernels(P_n: np.ndarray, P_r: np.ndarray, sigma_n: float, sigma_r: float, F_r: float, F_n: float,
+                   half: int) -> tuple[np.ndarray, np.ndarray]:
+    """ZOGY's k_n and k_r (eqs. 28-29) on a centred (2 half + 1)^2 grid, in float64."""
+    small = (2 * half + 1, 2 * half + 1)
+    pn = fft.fft2(_embed(P_n, small).astype(np.float64))
+    pr = fft.fft2(_embed(P_r, small).astype(np.float64))
+    a_n, a_r = np.abs(pn) ** 2, np.abs(pr) ** 2
+    den2 = np.maximum(sigma_n ** 2 * F_r ** 2 * a_r + sigma_r ** 2 * F_n ** 2 * a_n, 1e-30 * (sigma_n * sigma_r) ** 2)
+    kn = np.real(fft.ifft2(F_n * F_r ** 2 * np.conj(pn) * a_r / den2))
+    kr = np.real(fft.ifft2(F_r * F_n ** 2 * np.conj(pr) * a_n / den2))
+    c = (half, half)
+    return np.roll(kn, c, axis=(0, 1)), np.roll(kr, c, axis=(0, 1))
+
+
 def zogy(
     N: np.ndarray, R: np.ndarray, P_n: np.ndarray, P_r: np.ndarray,
     V_N: np.ndarray, V_R: np.ndarray, sigma_n: float, sigma_r: float, F_r: float,
@@ -197,6 +211,10 @@ def zogy(
     """
     shape = N.shape
     f_d = F_r * F_n / np.sqrt(sigma_n ** 2 * F_r ** 2 + sigma_r ** 2 * F_n ** 2)
+    h = P_n.shape[0] // 2
+    # the matched-filter kernels k_n, k_r on a small grid (they are as compact as the PSFs): their
+    # squares then need one full-size FFT each, and k_n, k_r never go through a full-size inverse
+    kn_small, kr_small = _score_kernels(P_n, P_r, sigma_n, sigma_r, F_r, F_n, 3 * h)
     pn = fft.rfft2(_embed(P_n, shape), workers=workers)
     pr = fft.rfft2(_embed(P_r, shape), workers=workers)
     den2 = (sigma_n ** 2 * F_r ** 2) * (pr.real ** 2 + pr.imag ** 2) \
@@ -204,34 +222,33 @@ def zogy(
     den2 = np.maximum(den2, np.float32(1e-30 * (sigma_n * sigma_r) ** 2)).astype(np.float32)
     nh = fft.rfft2(N, workers=workers)
     rh = fft.rfft2(R, workers=workers)
-    den = np.sqrt(den2)
-    D = fft.irfft2((F_r * pr * nh - F_n * pn * rh) / den, s=shape, workers=workers)
-    kn_hat = (F_n * F_r ** 2) * np.conj(pn) * (pr.real ** 2 + pr.imag ** 2) / den2
-    kr_hat = (F_r * F_n ** 2) * np.conj(pr) * (pn.real ** 2 + pn.imag ** 2) / den2
-    S_N = fft.irfft2(kn_hat * nh, s=shape, workers=workers)
-    S_R = fft.irfft2(kr_hat * rh, s=shape, workers=workers)
-    del nh, rh
-    kn = fft.irfft2(kn_hat, s=shape, workers=workers)
-    kr = fft.irfft2(kr_hat, s=shape, workers=workers)
-    V_SN = fft.irfft2(fft.rfft2(V_N, workers=workers) * fft.rfft2(kn * kn, workers=workers),
-                      s=shape, workers=workers)
-    V_SR = fft.irfft2(fft.rfft2(V_R, workers=workers) * fft.rfft2(kr * kr, workers=workers),
-                      s=shape, workers=workers)
+    D = fft.irfft2((F_r * pr * nh - F_n * pn * rh) / np.sqrt(den2), s=shape, workers=workers)
+    a_n = (pn.real ** 2 + pn.imag ** 2).astype(np.float32)
+    a_r = (pr.real ** 2 + pr.imag ** 2).astype(np.float32)
+    S_N = fft.irfft2(((F_n * F_r ** 2) * a_r / den2) * np.conj(pn) * nh, s=shape, workers=workers)
+    del nh
+    S_R = fft.irfft2(((F_r * F_n ** 2) * a_n / den2) * np.conj(pr) * rh, s=shape, workers=workers)
+    del rh, pn, pr, a_n, a_r, den2
+    # V(S_N) + V(S_R) in one inverse FFT (eqs. 26-27)
+    kn2, kr2 = kn_small ** 2, kr_small ** 2
+    vh = fft.rfft2(V_N, workers=workers) * fft.rfft2(_embed(kn2, shape), workers=workers)
+    vh += fft.rfft2(V_R, workers=workers) * fft.rfft2(_embed(kr2, shape), workers=workers)
+    V = fft.irfft2(vh, s=shape, workers=workers)
+    del vh
     # FFT rounding can leave tiny negatives far from anything: bound by the blank-sky value
-    floor = 0.5 * (float(np.median(V_N)) * float((kn * kn).sum()) + float(np.median(V_R)) * float((kr * kr).sum()))
-    V_S = np.maximum(V_SN + V_SR, floor).astype(np.float32)
+    floor = 0.5 * (float(np.median(V_N[::8, ::8])) * float(kn2.sum()) + float(np.median(V_R[::8, ::8])) * float(kr2.sum()))
+    V_S = np.maximum(V, floor).astype(np.float32)
     S = (S_N - S_R).astype(np.float32)
     sx, sy = sigma_ast
-    V_ast = np.zeros_like(V_S)
+    V_tot = V_S.copy()
     if sx > 0 or sy > 0:
         for img in (S_N, S_R):
             gy, gx = np.gradient(img)
-            V_ast += (sx * sx) * gx * gx + (sy * sy) * gy * gy
+            V_tot += (sx * sx) * gx * gx + (sy * sy) * gy * gy
     if flux_error > 0:
-        V_ast += (flux_error * flux_error) * (S_N * S_N + S_R * S_R)
-    S_corr = (S / np.sqrt(V_S + V_ast)).astype(np.float32)
+        V_tot += (flux_error * flux_error) * (S_N * S_N + S_R * S_R)
+    S_corr = (S / np.sqrt(V_tot)).astype(np.float32)
     # P_D on a small grid (it is as compact as the PSFs)
-    h = P_n.shape[0] // 2
     small = (4 * h + 1, 4 * h + 1)
     pn_s = fft.fft2(_embed(P_n, small))
     pr_s = fft.fft2(_embed(P_r, small))

@@ -19,7 +19,7 @@ from broker.errors import BrokerError, InvalidFrame
 
 app = typer.Typer(help="A streaming transient alert broker: frames in, Avro alerts out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console()
+console = Console(soft_wrap=True)
 
 Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers host:port[,host:port].")]
 AppId = Annotated[str, typer.Option(help="Prefix of consumer groups and transactional ids.")]
@@ -206,6 +206,8 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
          bootstrap: Annotated[Optional[str], typer.Option(help="Use this Kafka instead of the embedded one.")] = None,
          workdir: Annotated[Path, typer.Option(help="State, frame store and logs.")] = Path("var/demo"),
          seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
+         interval: Annotated[float, typer.Option(help="Seconds between frames from the simulated telescope "
+                                                      "(0: all at once).")] = 8.0,
          rb_cut: Annotated[float, typer.Option(help="Real/bogus threshold for printing alerts and the summary.")] = 0.5) -> None:
     """Embedded broker + all stages + simulated telescope + subscriber, then a summary."""
     import shutil
@@ -217,10 +219,15 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
     sim = SimConfig(shape=(size, size))
     console.print(f"[bold]demo[/bold]: {frames} simulated {size}x{size} frames, fields {sim.fields}, "
                   f"filters {sim.filters}; the first {sim.reference_epochs} epochs of each field build its reference")
+    console.print(f"stage logs and /metrics addresses: {workdir / 'logs'}")
     t0 = time.time()
+    last: list = [None]
 
     def on_progress(published: int, backlog: int | None) -> None:
-        state = "publishing" if backlog is None else f"{backlog} message(s) in flight"
+        if (published, backlog) == last[0]:
+            return
+        last[0] = (published, backlog)
+        state = "telescope observing" if backlog is None else f"{backlog} message(s) in flight"
         console.print(f"[dim]{time.time() - t0:6.1f} s  frames sent {published}/{frames}, {state}[/dim]")
 
     def on_alert(alert: dict) -> None:
@@ -228,7 +235,8 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
             console.print(format_alert(alert))
 
     try:
-        result = run_demo(frames, bootstrap, workdir, sim, seed, on_alert=on_alert, on_progress=on_progress)
+        result = run_demo(frames, bootstrap, workdir, sim, seed, interval=interval, on_alert=on_alert,
+                          on_progress=on_progress)
     except (BrokerError, RuntimeError, TimeoutError) as exc:
         _fail(exc)
     print_summary(result, rb_cut, time.time() - t0)

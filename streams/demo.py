@@ -127,13 +127,14 @@ def wait_until_drained(settings: KafkaSettings, procs: list[subprocess.Popen], t
 
 
 def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = Path("var/demo"),
-             sim: SimConfig = SimConfig(), seed: int = 1, timeout: float = 1800.0,
+             sim: SimConfig = SimConfig(), seed: int = 1, interval: float = 0.0, timeout: float = 1800.0,
              on_alert: Callable[[dict], None] | None = None,
              on_progress: Callable[[int, int | None], None] | None = None) -> DemoResult:
     """Run the whole chain on ``n_frames`` simulated frames and collect what came out.
 
-    ``on_alert(alert)`` and ``on_progress(frames_published, backlog_or_None)`` let a caller show
-    progress.
+    Frames are sent ``interval`` s apart (a telescope's exposure + readout cadence; 0 sends them
+    all at once). ``on_alert(alert)`` and ``on_progress(frames_published, backlog_or_None)`` let a
+    caller show progress.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     result = DemoResult()
@@ -149,7 +150,10 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
         subscriber = threading.Thread(target=_subscribe, args=(settings, result, stop, on_alert), daemon=True)
         subscriber.start()
         producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 * 1024 * 1024, 1 << 30)
+        next_shutter = time.monotonic()
         for i, (frame, truth) in enumerate(SkySimulator(sim, seed=seed).frames(n_frames), 1):
+            time.sleep(max(0.0, next_shutter - time.monotonic()))
+            next_shutter += interval
             producer.publish_frame(frame, exposure_end=time.time())  # the simulated shutter closes now
             result.truths[truth.frame_id] = truth
             if on_progress:

@@ -35,7 +35,8 @@ class KafkaSettings:
     extra: dict[str, str] = field(default_factory=dict)
 
     def common(self) -> dict:
-        return {"bootstrap.servers": self.bootstrap, **self.extra}
+        # connections closed by an idle broker are normal; librdkafka would log each one
+        return {"bootstrap.servers": self.bootstrap, "log.connection.close": False, **self.extra}
 
     def producer(self, transactional_id: str | None = None) -> dict:
         conf = {

@@ -1,0 +1,367 @@
+"""Benchmark of image subtraction + 5 sigma detection (issue 3): our ZOGY against floors and peers.
+
+    python -m bench.subtraction [--size 2048] [--seed 42] [--peers sfft,stdpipe-zogy,...] [--no-big]
+                                [--no-real] [--peers-python /work/peers-venv/bin/python]
+
+Side by side in one run:
+
+* a synthetic pair (:mod:`bench.peers.synth`): per method wall time (cold = first call in the
+  process, warm = a second call on the same reference), robust RMS of the difference in units of
+  its own noise (all pixels / near bright stars), completeness per nominal-S/N bin, S/N at 50 %
+  completeness, false detections, and the theoretical ZOGY row Phi(S/N_eff - 5);
+* floors: naive difference (reference scaled, no PSF matching) and a Gaussian-matched difference;
+* peers from PyPI, each in the separate interpreter ``--peers-python`` (their pins differ from
+  ours): Hu et al. ``sfft`` (CPU/Numpy backend + SExtractor), ``stdpipe`` ZOGY (PSFEx PSFs) and
+  stdpipe's SFFT, ``properimage``, ``ois``. They get the background-subtracted science frame and the
+  reference already resampled onto its grid (our WCS+star registration), so their times exclude
+  background, alignment and detection; ours includes everything from raw frame to candidates;
+* the real DECam pair (SFFT's published difference as the comparison) and Rubin's ip_diffim pair;
+* the 4096^2 frame time.
+
+Results go to the ``subtraction`` section of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from bench.common import machine, write_section
+from bench.peers.evaluate import SNR_BINS, detections_from_significance, robust_std, score, significance
+from bench.peers.synth import PairConfig, make_pair
+from broker.align import align_reference
+from broker.detect import DetectConfig
+from broker.psf import GAUSS_FWHM, build_psf, estimate_background, find_stars
+from broker.reference import build_reference
+from broker.subtract import SubtractConfig, reference_sources, subtract_and_detect
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data" / "image_pairs"
+PEERS = ("sfft", "stdpipe-zogy", "stdpipe-sfft", "properimage", "ois")
+
+
+#: The production cap (500 candidates/frame) is below the benchmark's injection count.
+BENCH_CONFIG = SubtractConfig(max_candidates=100000, detect=DetectConfig(max_candidates=100000))
+
+
+def _ours(pair, ref, config=BENCH_CONFIG):
+    t0 = time.perf_counter()
+    res = subtract_and_detect(pair.science, ref, config, keep_images=True)
+    t_cold = time.perf_counter() - t0
+    warm = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        res = subtract_and_detect(pair.science, ref, config, keep_images=True)
+        warm.append(time.perf_counter() - t0)
+    return res, t_cold, float(np.median(warm))
+
+
+def _inputs(pair, ref, res):
+    """Shared inputs of floors and peers: N, aligned R, variances, mask, PSF of the science frame."""
+    sci = pair.science
+    bkg, rms = estimate_background(sci.data)
+    N = (sci.data - bkg).astype(np.float32)
+    sig = float(np.median(rms))
+    stars = find_stars(N, sig, saturation=sci.meta.saturation, background=bkg)
+    ali = align_reference(ref.image, ref.variance, ref.header, reference_sources(ref), sci.header, sci.shape, stars)
+    F = float(res.diagnostics["flux_ratio"])
+    bad = res.images["bad"] | ~np.isfinite(ali.image)
+    R = np.where(bad, 0.0, ali.image).astype(np.float32)
+    var_n = rms ** 2 + np.clip(N, 0, None) / sci.meta.gain
+    var_r = np.where(bad, np.nanmedian(ali.variance), ali.variance)
+    psf_n = build_psf(N, stars).stamp
+    return dict(N=N, R=R, F=F, bad=bad, var_in=(var_n + var_r / F ** 2).astype(np.float32), psf_n=psf_n,
+                var_n=var_n, var_r=var_r, sat=float(sci.meta.saturation - np.median(bkg)))
+
+
+def _floor(kind, inp, res):
+    N, R, F = inp["N"], inp["R"], inp["F"]
+    t0 = time.perf_counter()
+    if kind == "naive":
+        D = N - R / F
+    else:
+        fn, fr = res.diagnostics["fwhm_science_px"], res.diagnostics["fwhm_reference_px"]
+        s = np.sqrt(max(fn ** 2 - fr ** 2, 0.0)) / GAUSS_FWHM
+        if fn >= fr:
+            D = N - ndimage.gaussian_filter(R / F, s)
+        else:
+            D = ndimage.gaussian_filter(N, s) - R / F
+    S = significance(D, inp["psf_n"], inp["var_in"], inp["bad"])
+    x, y, v = detections_from_significance(S, inp["bad"])
+    return D, (x, y, v), time.perf_counter() - t0
+
+
+def _run_peer(name, inp, py, timeout):
+    tmp = tempfile.mkdtemp()
+    np.savez(f"{tmp}/in.npz", sci=inp["N"], ref=inp["R"], mask=inp["bad"], gain_sci=inp.get("gain_sci", 1.5),
+             gain_ref=inp.get("gain_ref", 1.5), sat_sci=inp["sat"], sat_ref=inp["sat"] * inp["F"], scale=inp["F"])
+    env = dict(os.environ, PATH=f"{Path(py).parent}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="2",
+               PYTHONPATH="")
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run([py, str(ROOT / "bench/peers/run_peer.py"), name, f"{tmp}/in.npz", f"{tmp}/out.npz", "2"],
+                           capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not finish within {timeout} s (two runs)"}
+    if not Path(f"{tmp}/out.npz").exists():
+        return {"error": f"exit {p.returncode}: " + (p.stderr or p.stdout).strip().splitlines()[-1][:300]
+                if (p.stderr or p.stdout).strip() else f"exit {p.returncode}"}
+    out = dict(np.load(f"{tmp}/out.npz"))
+    if "error" in out:
+        return {"error": str(out["error"])[:400]}
+    out["wall"] = time.perf_counter() - t0
+    return out
+
+
+def _peer_detections(out, inp):
+    D = out["D"]
+    if D.shape != inp["N"].shape:
+        raise ValueError(f"difference of shape {D.shape}")
+    # sign convention: new - reference
+    good = ~inp["bad"] & np.isfinite(D)
+    naive = inp["N"] - inp["R"] / inp["F"]
+    if np.corrcoef(D[good].ravel()[::7], naive[good].ravel()[::7])[0, 1] < 0:
+        D = -D
+        if "S_corr" in out:
+            out["S_corr"] = -out["S_corr"]
+    if "S_corr" in out and out["S_corr"].shape == D.shape:
+        S = np.where(np.isfinite(out["S_corr"]), out["S_corr"], 0.0)
+    else:
+        S = significance(D, inp["psf_n"], inp["var_in"], inp["bad"])
+    return D, detections_from_significance(S, inp["bad"])
+
+
+def synthetic(size, seed, peers, py, timeout):
+    f = (size / 2048) ** 2
+    base = PairConfig()
+    cfg = PairConfig(shape=(size, size), n_stars=int(base.n_stars * f), n_galaxies=int(base.n_galaxies * f),
+                     n_inject=int(base.n_inject * f))
+    pair = make_pair(seed, cfg)
+    t0 = time.perf_counter()
+    ref = build_reference([pair.reference])
+    t_ref = time.perf_counter() - t0
+    res, tc, tw = _ours(pair, ref)
+    inp = _inputs(pair, ref, res)
+    fwhm = res.diagnostics["fwhm_science_px"]
+    rows, errors = [], {}
+    dets = res.candidates
+    x = np.array([c.detection.x for c in dets]); y = np.array([c.detection.y for c in dets])
+    v = np.array([c.detection.scorr for c in dets])
+    psf_d = inp["psf_n"]
+    rows.append(("ours (ZOGY, broker.subtract)", tc, tw, score(pair, res.images["D"], x, y, v, inp["bad"],
+                                                              inp["var_in"], psf_d, fwhm)))
+    for kind in ("naive", "gaussian-matched"):
+        D, (x, y, v), t = _floor("naive" if kind == "naive" else "gauss", inp, res)
+        rows.append((f"{kind} difference (floor)", t, t, score(pair, D, x, y, v, inp["bad"], inp["var_in"], psf_d, fwhm)))
+    for name in peers:
+        out = _run_peer(name, inp, py, timeout)
+        if "error" in out:
+            errors[name] = out["error"]
+            print(f"[{name}] {out['error']}", flush=True)
+            continue
+        try:
+            D, (x, y, v) = _peer_detections(out, inp)
+            rows.append((name, float(out["t_cold"]), float(out["t_warm"]),
+                         score(pair, D, x, y, v, inp["bad"], inp["var_in"], psf_d, fwhm)))
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+        print(f"[{name}] done", flush=True)
+    return pair, res, rows, errors, t_ref
+
+
+def big_frame(seed):
+    cfg = PairConfig(shape=(4096, 4096), n_stars=16000, n_galaxies=1200, n_inject=2000)
+    pair = make_pair(seed, cfg)
+    ref = build_reference([pair.reference])
+    res, tc, tw = _ours(pair, ref)
+    return tc, tw, res
+
+
+# --- real pairs -----------------------------------------------------------------------------------
+def _frame_from(data, header, fid, mjd, **cards):
+    from astropy.io import fits
+
+    from broker.frame import Frame, meta_from_header
+
+    h = fits.Header(header)
+    for k in ("TELESCOP", "FIELD", "FILTER"):
+        h[k] = cards.get(k, "X")
+    h["MJD-OBS"], h["FRAMEID"] = mjd, fid
+    h.setdefault("EXPTIME", 1.0)
+    for k, v in cards.items():
+        h[k] = v
+    return Frame(meta_from_header(h), np.asarray(data, np.float32), h)
+
+
+def decam():
+    from astropy.io import fits
+
+    d = SHARED / "sfft_decam_i"
+    if not d.exists():
+        return None
+    sci_h = fits.open(d / "4check/Stack-DEC-OBS04.fits")[0]
+    ref_h = fits.open(d / "4check/Stack-DEC-OBS18.fits")[0]
+    sfft_diff = fits.getdata(d / "4check/FinalDifference.fits").astype(np.float32)
+    sci = _frame_from(sci_h.data, sci_h.header, "DEC04", 58334.4, TELESCOP="DECam", FIELD="N6", FILTER="i")
+    reff = _frame_from(ref_h.data, ref_h.header, "DEC18", 58300.0, TELESCOP="DECam", FIELD="N6", FILTER="i")
+    ref = build_reference([reff])
+    subtract_and_detect(sci, ref, keep_images=True)  # cold
+    t0 = time.perf_counter()
+    res = subtract_and_detect(sci, ref, keep_images=True)
+    t = time.perf_counter() - t0
+    bad = res.images["bad"]
+    bkg, rms = estimate_background(sci.data)
+    N = sci.data - bkg
+    stars = find_stars(N, float(np.median(rms)), saturation=sci.meta.saturation, background=bkg)
+    psf = build_psf(N, stars).stamp
+    var_in = rms ** 2 + np.clip(N, 0, None) / sci.meta.gain
+    out = {"t": t, "n_ours": len(res.candidates), "diag": res.diagnostics}
+    for name, D, S in (("ours", res.images["D"], res.images["S_corr"]), ("SFFT published", sfft_diff, None)):
+        Dz = np.where(bad, np.nan, D)
+        if S is None:
+            S = significance(np.nan_to_num(D), psf, var_in, bad)
+        x, y, v = detections_from_significance(S, bad)
+        near = np.zeros(D.shape, bool)
+        bright = stars.subset(slice(0, 30))
+        r = int(2 * stars.fwhm)
+        for xs, ys in zip(bright.x, bright.y):
+            near[max(0, int(ys) - r):int(ys) + r + 1, max(0, int(xs) - r):int(xs) + r + 1] = True
+        from bench.peers.evaluate import noise_shape
+        shape = noise_shape(var_in, psf)
+        ok = np.isfinite(Dz)
+        z = Dz / (robust_std(Dz[ok & (shape < 1.05)]) * shape)
+        out[name] = (robust_std(z[ok]), robust_std(z[ok & near]), float(np.std(np.clip(z[ok & near], -20, 20))),
+                     len(x), int((v > 0).sum()), int((v < 0).sum()))
+    return out
+
+
+def rubin():
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    d = SHARED / "lsst_ip_diffim"
+    if not d.exists():
+        return None
+
+    def load(name, fid, mjd):
+        h = fits.open(d / name)
+        img, mask, var = (np.asarray(h[i].data, np.float64) for i in (1, 2, 3))
+        img = np.where(mask.astype(np.int64) & 0b111 != 0, np.nan, img)  # BAD | SAT | INTRP (LSST bits 0-2)
+        w = WCS(naxis=2)
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]; w.wcs.crval = [10.0, 0.0]; w.wcs.crpix = [97, 97]
+        w.wcs.cd = np.eye(2) * 0.2 / 3600
+        gain = float(np.nanmedian(np.where(var > 0, np.clip(img - np.nanmedian(img), 1, None), np.nan) / var)) if False else 1.0
+        return _frame_from(img, w.to_header(), fid, mjd, TELESCOP="LSST", FIELD="ipd", FILTER="r", GAIN=gain), var
+
+    sci, var_s = load("scienceMI.fits", "sci", 60001.0)
+    reff, _ = load("templateMI.fits", "tmpl", 60000.0)
+    ref = build_reference([reff])
+    res = subtract_and_detect(sci, ref, keep_images=True)
+    t0 = time.perf_counter()
+    res = subtract_and_detect(sci, ref, keep_images=True)
+    t = time.perf_counter() - t0
+    S = res.images["S_corr"]
+    good = ~res.images["bad"]
+    return {"t": t, "n": len(res.candidates), "scorr_std": robust_std(S[good]), "diag": res.diagnostics,
+            "npos": sum(c.detection.scorr > 0 for c in res.candidates)}
+
+
+# --- report ---------------------------------------------------------------------------------------
+def _fmt(x, f="{:.2f}"):
+    return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f.format(x)
+
+
+def report(args, syn, big, dec, rub) -> str:
+    pair, res, rows, errors, t_ref = syn
+    lines = [f"Machine: {machine()}", "", f"Command: `python -m bench.subtraction {' '.join(sys.argv[1:])}`", ""]
+    cfg = PairConfig()
+    lines += [f"Synthetic {args.size}^2 pair (seed {args.seed}, `bench/peers/synth.py`): science Moffat FWHM "
+              f"{cfg.fwhm_sci} px (beta {cfg.beta_sci}), reference FWHM {cfg.fwhm_ref} px (beta {cfg.beta_ref}) and "
+              f"{cfg.depth:g}x deeper, sky {cfg.sky:g} ADU with a {100 * cfg.gradient:g} % gradient, gain {cfg.gain}, "
+              f"read noise {cfg.read_noise} e-, shift {cfg.shift} px, {cfg.n_stars} stars (brightest saturated), "
+              f"{cfg.n_galaxies} galaxies, {len(pair.inj_x)} injected point sources at nominal S/N "
+              f"{cfg.snr_range[0]:g}-{cfg.snr_range[1]:g} ({int(pair.inj_on_galaxy.sum())} on galaxies), no cosmic rays. "
+              f"PSFs are estimated from the images by every method. Our reference: `build_reference` on the "
+              f"deep frame ({t_ref:.1f} s, once per reference). Detections within {2.0} px of an injection "
+              f"recover it; detections > 4 px from every injection are false (positive or negative).", ""]
+    head = "| method | cold s | warm s | RMS/σ all | RMS/σ stars (robust) | std/σ stars | false det. (+/−) | S/N50 | " \
+        + " | ".join(f"C {SNR_BINS[i]}-{SNR_BINS[i + 1]}" for i in range(len(SNR_BINS) - 1)) + " |"
+    lines += [head, "|" + "---|" * (8 + len(SNR_BINS) - 1)]
+    theo = rows[0][3]
+    lines.append("| **theory (ZOGY, Φ(S/N_eff−5))** | | | 1.00 | 1.00 | 1.00 | 0 | " + _fmt(theo.snr50_theory) + " | "
+                 + " | ".join(_fmt(c) for c in theo.theory) + " |")
+    for name, tc, tw, s in rows:
+        lines.append(f"| {name} | {_fmt(tc, '{:.1f}')} | {_fmt(tw, '{:.1f}')} | {s.rms_all:.3f} | {s.rms_stars:.3f} | "
+                     f"{s.std_stars:.2f} | {s.n_false} ({s.n_false_pos}/{s.n_false_neg}) | {s.snr50:.2f} | "
+                     + " | ".join(_fmt(c) for c in s.completeness) + " |")
+    lines.append("")
+    lines.append("Injections per bin: " + ", ".join(str(n) for n in theo.n_per_bin) + f". Completeness "
+                 f"binomial error per bin ~ {np.sqrt(0.25 / max(1, theo.n_per_bin.min())):.2f} at 50 %, so "
+                 "'within 0.01 of theory' cannot be resolved by one frame; the S/N50 fit uses all injections.")
+    s = rows[0][3]
+    lines.append(f"Ours: max |C - theory| over bins {np.nanmax(np.abs(s.completeness - s.theory)):.3f}, mean "
+                 f"{np.nanmean(s.completeness - s.theory):+.3f}; S/N50 − theory = {s.snr50 - s.snr50_theory:+.2f}. "
+                 f"Diagnostics: " + ", ".join(f"{k}={v:.3g}" for k, v in res.diagnostics.items()
+                                              if k.startswith("t_") or k in ("scorr_std", "flux_ratio", "astrometric_residual_px", "fwhm_science_px", "fwhm_reference_px", "n_psf_stars")))
+    lines.append("")
+    if errors:
+        lines += ["Peers that did not run here (exact error):", ""]
+        lines += [f"- `{k}`: {v}" for k, v in errors.items()]
+        lines.append("")
+    if big is not None:
+        tc, tw, r = big
+        lines += [f"4096^2 frame (16000 stars, 1200 galaxies, 2000 injections): ours cold {tc:.1f} s, warm {tw:.1f} s "
+                  f"({len(r.candidates)} candidates).", ""]
+    if dec is not None:
+        lines += ["Real DECam i-band pair (`sfft_decam_i`, 256^2; science = Stack-DEC-OBS04, reference = "
+                  f"Stack-DEC-OBS18 as one-frame reference): ours {dec['t']:.2f} s warm. Same mask, same detector for "
+                  "SFFT's published `FinalDifference.fits` (matched filter with the science PSF):", "",
+                  "| difference | RMS/σ all | RMS/σ near 30 brightest stars (robust) | std/σ near stars | ≥5σ detections (+/−) |",
+                  "|---|---|---|---|---|"]
+        for k in ("ours", "SFFT published"):
+            a, b, c, n, p, m = dec[k]
+            lines.append(f"| {k} | {a:.3f} | {b:.3f} | {c:.2f} | {n} ({p}/{m}) |")
+        lines.append("")
+    if rub is not None:
+        lines += [f"Rubin ip_diffim pair (193^2, mask bits BAD/SAT/INTRP -> NaN): ours {rub['t']:.2f} s warm, "
+                  f"S_corr robust std {rub['scorr_std']:.3f}, {rub['n']} candidates ({rub['npos']} positive).", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--peers-python", default="/work/peers-venv/bin/python")
+    ap.add_argument("--peer-timeout", type=int, default=400)
+    ap.add_argument("--no-big", action="store_true")
+    ap.add_argument("--no-real", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    peers = [p for p in args.peers.split(",") if p]
+    if peers and not Path(args.peers_python).exists():
+        print(f"no peers interpreter at {args.peers_python}: peers skipped")
+        peers = []
+    syn = synthetic(args.size, args.seed, peers, args.peers_python, args.peer_timeout)
+    big = None if args.no_big else big_frame(args.seed)
+    dec = rub = None
+    if not args.no_real:
+        dec, rub = decam(), rubin()
+    text = report(args, syn, big, dec, rub)
+    print(text)
+    if not args.no_write:
+        write_section("subtraction", "## Image subtraction and detection (issue 3)\n\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
