@@ -17,6 +17,7 @@ separately resampled bad-pixel mask.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -197,24 +198,64 @@ def match_stars(sci_xy: np.ndarray, ref_xy_pred: np.ndarray, shape: tuple[int, i
 
 def _resample(image: np.ndarray, variance: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray,
               shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Affine resampling (cubic image, linear variance) with NaNs carried by a mask."""
+    """Affine resampling (cubic image, linear variance) with NaNs carried by a mask.
+
+    The image and the variance are resampled in two threads (``ndimage`` releases the GIL); the
+    invalid pixels, usually a few hundred cosmic-ray holes and saturated cores, are mapped one by
+    one (:func:`_map_bad`) rather than by resampling a frame-wide mask.
+    """
     bad = ~np.isfinite(image) | ~np.isfinite(variance)
     img = np.where(bad, 0.0, image).astype(np.float32)
     var = np.where(bad, 0.0, variance).astype(np.float32)
     # ndimage works in (row, col): swap axes of the (x, y) affine map
     m = matrix_xy[::-1, ::-1]
     o = offset_xy[::-1]
-    out = ndimage.affine_transform(img, m, o, output_shape=shape, output=np.float32, order=3,
-                                   mode="constant", cval=0.0)
-    vout = ndimage.affine_transform(var, m, o, output_shape=shape, output=np.float32, order=1,
-                                    mode="constant", cval=0.0)
-    bout = ndimage.affine_transform(bad.astype(np.float32), m, o, output_shape=shape,
-                                    output=np.float32, order=1, mode="constant", cval=1.0)
-    # a cubic spline reaches 2 px: grow the linear-interpolated mask by one pixel
-    badout = ndimage.binary_dilation(bout > 1e-3, iterations=1)
+
+    def warp(a: np.ndarray, order: int) -> np.ndarray:
+        return ndimage.affine_transform(a, m, o, output_shape=shape, output=np.float32, order=order,
+                                        mode="constant", cval=0.0)
+
+    with ThreadPoolExecutor(2) as ex:
+        f_img, f_var = ex.submit(warp, img, 3), ex.submit(warp, var, 1)
+        badout = _map_bad(bad, matrix_xy, offset_xy, shape)
+        out, vout = f_img.result(), f_var.result()
     out[badout] = np.nan
     vout[badout] = np.nan
     return out, vout
+
+
+def _map_bad(bad: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, shape: tuple[int, int]
+             ) -> np.ndarray:
+    """Science pixels whose cubic-spline resampling touches an invalid (or outside) reference pixel.
+
+    A cubic spline at reference position q uses the pixels floor(q)-1 .. floor(q)+2, i.e. within
+    2 px; the linear map being close to unit scale, every science pixel within 2.5 px of the mapped
+    position of an invalid pixel is flagged (the old frame-wide resampled mask, grown by one pixel,
+    reached the same 2-3 px).
+    """
+    ny, nx = shape
+    my, mx = bad.shape
+    out = np.zeros(shape, bool)
+    inv = np.linalg.inv(matrix_xy)
+    # outside the reference: science pixels mapping more than 1 px beyond its edges, row by row
+    px = np.arange(nx, dtype=np.float64)
+    for row in range(ny):
+        qx = matrix_xy[0, 0] * px + matrix_xy[0, 1] * row + offset_xy[0]
+        qy = matrix_xy[1, 0] * px + matrix_xy[1, 1] * row + offset_xy[1]
+        out[row] = (qx < -1.0) | (qx > mx) | (qy < -1.0) | (qy > my)
+    ys, xs = np.nonzero(bad)
+    if len(ys):
+        p = inv @ (np.vstack([xs, ys]).astype(np.float64) - offset_xy[:, None])
+        r = 2
+        cx, cy = np.round(p[0]).astype(int), np.round(p[1]).astype(int)
+        for dy in range(-r, r + 1):
+            y = cy + dy
+            oky = (y >= 0) & (y < ny)
+            for dx in range(-r, r + 1):
+                x = cx + dx
+                ok = oky & (x >= 0) & (x < nx)
+                out[y[ok], x[ok]] = True
+    return out
 
 
 def align_reference(

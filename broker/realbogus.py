@@ -33,7 +33,8 @@ from broker.errors import CutoutError, ModelError
 
 #: Folder with the shipped weights and model cards (``<repo>/models``).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-#: Version loaded when none is given.
+#: Version loaded when none is given (v2 only once it beats v1 on held-out simulated data and is
+#: not worse on the real ZTF triplets: see models/realbogus-v2.md).
 DEFAULT_VERSION = "realbogus-v1"
 
 
@@ -377,7 +378,8 @@ class RealBogusClassifier:
         norm_config: NormaliseConfig = NormaliseConfig(),
         config: ScoreConfig = ScoreConfig(),
     ) -> None:
-        self.net = net.eval()
+        # channels-last: oneDNN's fast convolution layout on CPUs (~1.3x at batch 256 here)
+        self.net = net.eval().to(memory_format=torch.channels_last)
         self.version = version
         self.metadata = dict(metadata or {})
         self.norm_config = norm_config
@@ -455,6 +457,7 @@ class RealBogusClassifier:
         with torch.inference_mode():
             for i in range(0, len(x), self.config.batch_size):
                 xb = torch.from_numpy(np.ascontiguousarray(x[i : i + self.config.batch_size]))
+                xb = xb.contiguous(memory_format=torch.channels_last)
                 out[i : i + len(xb)] = torch.sigmoid(self.net(xb)).numpy()
         return out
 

@@ -262,5 +262,59 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
     console.print(table)
 
 
+# --- real/bogus model (issue 4) -------------------------------------------------------------------
+@app.command("train-realbogus")
+def train_realbogus(
+        seed: Annotated[int, typer.Option(help="Seeds the training set, the held-out set (seed+1) and training.")] = 0,
+        target_n: Annotated[int, typer.Option(help="Balanced training triplets to generate.")] = 100_000,
+        test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 10_000,
+        version: Annotated[str, typer.Option(help="Model version written to models/.")] = "realbogus-v2",
+        out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default models/).")] = None,
+        workers: Annotated[int, typer.Option(help="Generator processes.")] = 1,
+        max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 25.0) -> None:
+    """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
+    from broker.realbogus import MODELS_DIR
+    from broker.training import TrainConfig, main_train
+
+    res = main_train(out_dir or MODELS_DIR, seed, version=version, target_n=target_n, test_n=test_n,
+                     workers=workers, train_config=TrainConfig(seed=seed, max_seconds=60 * max_minutes))
+    console.print(f"weights: {res['weights']}; report: reports/{version}/report.md; "
+                  f"{res['seconds_total']:.0f} s")
+
+
+@app.command("eval-realbogus")
+def eval_realbogus(
+        model: Annotated[Optional[str], typer.Option(help="Model version or .pt path (default: the default version).")] = None,
+        out_dir: Annotated[Path, typer.Option(help="Report folder (report.md, metrics.json, PNGs).")] = Path("reports/realbogus"),
+        sim_dir: Annotated[Optional[Path], typer.Option(help="Held-out simulated shards (default build/realbogus-test-1).")] = None,
+        ztf_dir: Annotated[Optional[Path], typer.Option(help="Real ZTF alerts (default ../shared/data/ztf_alerts).")] = None,
+        threshold: Annotated[float, typer.Option(help="Operating threshold reported.")] = 0.5,
+        max_sim: Annotated[Optional[int], typer.Option(help="Use only this many held-out triplets.")] = None,
+        compare: Annotated[Optional[str], typer.Option(help="Second model evaluated on the same data.")] = None) -> None:
+    """Evaluate a real/bogus model on held-out simulated and real ZTF triplets; write a Markdown + PNG report."""
+    from broker.training import main_eval
+
+    res = main_eval(model, out_dir, sim_dir, ztf_dir, threshold=threshold, max_sim=max_sim, compare=compare)
+    console.print(f"report: {out_dir / 'report.md'}")
+    summary = {k: {kk: v for kk, v in res[k].items() if not isinstance(v, (list, dict))}
+               for k in ("sim", "ztf") if res.get(k)}
+    console.print_json(data=summary)
+
+
+@app.command()
+def explain(path: Annotated[Path, typer.Argument(help="Avro alert file, or .npz (science/reference/difference, or a shard's x).")],
+            index: Annotated[int, typer.Option(help="Record / row in the file.")] = 0,
+            out: Annotated[Optional[Path], typer.Option(help="PNG (default: <stem>-<index>-explain.png next to the input).")] = None,
+            model: Annotated[Optional[str], typer.Option(help="Model version or .pt path.")] = None,
+            steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 64) -> None:
+    """Attribution map (integrated gradients) of the real/bogus score of one triplet, as a PNG."""
+    from broker.explain import main_explain
+
+    try:
+        console.print(f"wrote {main_explain(path, index, out, model, steps)}")
+    except BrokerError as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":
     app()

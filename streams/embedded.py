@@ -61,12 +61,12 @@ class EmbeddedKafka:
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": 1000})
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise BrokerError(f"tansu exited with {self._proc.returncode}; log: {self.log_path}")
-            try:
-                admin.list_topics(timeout=1.0)
+            try:  # the port first, so that the Kafka client does not log refused connections
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2.0)
                 return
             except Exception:  # not answering yet
                 time.sleep(0.1)

@@ -12,15 +12,18 @@ import pytest
 from broker.candidate import Candidate, Detection
 from broker.errors import CutoutError, ModelError
 from broker.realbogus import (
+    DEFAULT_VERSION,
     MODELS_DIR,
     RealBogusClassifier,
     RealBogusNet,
+    RealBogusNetV2,
     decode_stamp,
     normalise_triplet,
 )
 
 ZTF_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ztf_alerts"
-WEIGHTS = MODELS_DIR / "realbogus-v1.pt"
+#: Every shipped version must keep loading and scoring (v1 stays for comparison).
+SHIPPED = ("realbogus-v1", "realbogus-v2")
 
 
 def _noise(shape=(63, 63), seed=0, sky=500.0):
@@ -165,28 +168,34 @@ def test_missing_and_corrupt_weights_raise_model_error(tmp_path):
         RealBogusClassifier.load(tmp_path / "bad.pt")
 
 
-def test_save_load_roundtrip(tmp_path):
-    clf = RealBogusClassifier(RealBogusNet(), "test-v0", {"note": "untrained"})
+@pytest.mark.parametrize("net", [RealBogusNet, RealBogusNetV2])
+def test_save_load_roundtrip(tmp_path, net):
+    clf = RealBogusClassifier(net().eval(), "test-v0", {"note": "untrained"})
     clf.save(tmp_path / "test-v0")
     back = RealBogusClassifier.load(tmp_path / "test-v0.pt")
     x = np.random.default_rng(0).normal(size=(5, 3, 63, 63)).astype(np.float32)
-    assert back.version == "test-v0"
+    assert back.version == "test-v0" and type(back.net) is net
     np.testing.assert_allclose(back.score(x), clf.score(x), rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def shipped():
-    if not WEIGHTS.is_file():
-        pytest.fail(f"shipped weights missing: {WEIGHTS}")
-    return RealBogusClassifier.load()
+@pytest.fixture(scope="module", params=SHIPPED)
+def shipped(request):
+    weights = MODELS_DIR / f"{request.param}.pt"
+    if not weights.is_file():
+        pytest.fail(f"shipped weights missing: {weights}")
+    return RealBogusClassifier.load(request.param)
+
+
+def test_default_version_is_shipped():
+    assert DEFAULT_VERSION in SHIPPED and RealBogusClassifier.load().version == DEFAULT_VERSION
 
 
 def test_shipped_weights_load_and_score(shipped):
-    assert shipped.version == "realbogus-v1"
+    assert shipped.version in SHIPPED
     x = np.random.default_rng(0).normal(size=(7, 3, 63, 63)).astype(np.float32)
     s = shipped.score(x)
     assert s.shape == (7,) and np.all((s >= 0) & (s <= 1))
-    assert WEIGHTS.stat().st_size < 1.5e6
+    assert (MODELS_DIR / f"{shipped.version}.pt").stat().st_size < 1.5e6
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +237,7 @@ def test_score_candidates_sets_rb_and_skips_bad_cutouts(shipped):
 
 def test_pipeline_frame_mostly_right(shipped, pipeline_candidates):
     """On a fresh simulated frame (seed unseen in training) most reals pass and most artifacts
-    fail the 0.5 cut; the held-out numbers are in models/realbogus-v1.md."""
+    fail the 0.5 cut; the held-out numbers are in the model cards (models/realbogus-v*.md)."""
     real = [c for k in ("transient", "variable", "moving") for c, _ in pipeline_candidates.get(k, [])]
     bogus = [c for k in ("cosmic_ray", "hot_pixel", "hot_column")
              for c, _ in pipeline_candidates.get(k, [])]
