@@ -98,6 +98,57 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
     return x[order], y[order], v[order]
 
 
+def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,
+                nsigma: float = 8.0, margin: float = 2.0, search: int = 2) -> np.ndarray:
+    """Which peaks sit on a pixel sharper than the PSF allows: cosmic rays (and hot pixels).
+
+    The brightest pixel of ``image`` within ``search`` px of each peak is compared with the median
+    of its 3x3 neighbourhood, with the criterion of :func:`broker.psf.sharp_outliers` (excess over
+    that median > ``nsigma`` noise sigma *and* > ``margin`` x the most a PSF of this FWHM can give).
+    Only the peaks are examined, so it costs nothing next to a frame-wide filter; a transient, blurred
+    by the same PSF as the stars, never qualifies.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        Background-subtracted science frame (ADU), NaN where invalid.
+    rms : ndarray, shape (ny, nx)
+        Its sky noise (ADU).
+    x, y : ndarray of int
+        Peak pixels.
+    fwhm : float
+        Science PSF FWHM (px).
+
+    Returns
+    -------
+    ndarray of bool, shape (n,)
+    """
+    from scipy.special import erf
+
+    if len(x) == 0:
+        return np.zeros(0, bool)
+    ny, nx = image.shape
+    img = np.where(np.isfinite(image), image, 0.0)
+    s = max(fwhm, 1.0) / GAUSS_FWHM
+    edges = np.arange(-2.0, 4.0) - 0.5
+    g1 = np.diff(erf((edges - 0.5) / (np.sqrt(2.0) * s)))
+    g = np.outer(g1, g1)
+    excess = float(g[2, 2] / np.median(g[1:4, 1:4]) - 1.0)
+    out = np.zeros(len(x), bool)
+    for i, (xi, yi) in enumerate(zip(np.asarray(x, int), np.asarray(y, int))):
+        y0, y1 = max(1, yi - search), min(ny - 1, yi + search + 1)
+        x0, x1 = max(1, xi - search), min(nx - 1, xi + search + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        win = img[y0:y1, x0:x1]
+        py, px = np.unravel_index(int(np.argmax(win)), win.shape)
+        py, px = py + y0, px + x0
+        med = float(np.median(img[py - 1:py + 2, px - 1:px + 2]))
+        d = float(img[py, px]) - med
+        out[i] = d > nsigma * float(rms[py, px]) and d > margin * excess * max(med, 0.0)
+    return out
+
+
 def _subpixel(img: np.ndarray, x: int, y: int) -> tuple[float, float]:
     """Peak position by a 3-point Gaussian (log-parabola) fit per axis, parabola if not positive."""
     ny, nx = img.shape

@@ -322,7 +322,7 @@ def find_stars(
                            sharpness_range=(0.2, 1.0), roundness_range=(-0.7, 0.7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-    tab = finder(clean)
+        tab = finder(clean)
     if tab is None or len(tab) == 0:
         return StarList(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), float(kernel))
     x = np.asarray(tab["x_centroid"], float)

@@ -33,7 +33,7 @@ from scipy import fft, ndimage
 from broker.align import AlignConfig, Alignment, align_reference
 from broker.candidate import Candidate
 from broker.cutouts import triplet
-from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates
+from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, sharp_peaks
 from broker.errors import ReferenceUnavailable
 from broker.frame import Frame
 from broker.psf import (
@@ -81,6 +81,11 @@ class SubtractConfig:
         galaxy residuals it was holding down came from the simulator rendering cuspy Sersic cores
         point-sampled at each frame's sub-pixel phase (the same galaxy differs between frames);
         with pixel-integrated galaxies (``bench/peers/synth.py``) ZOGY leaves none.
+    cosmic_ray_sigma : float
+        Positive peaks whose brightest science pixel exceeds its 3x3 median by this many sigma and
+        by twice what the PSF allows are dropped as cosmic rays / hot pixels
+        (:func:`broker.detect.sharp_peaks`; 8 sigma like :func:`broker.psf.sharp_outliers`, the
+        stand-in for L.A.Cosmic used on reference inputs). 0 disables the veto.
     reference_noise_kernel : bool
         Model the reference noise as coloured by its resampling (see :func:`interpolation_kernel`)
         instead of white: the S/N gain is ~3 % (reference 4x deeper, 0.4 px shift).
@@ -103,6 +108,7 @@ class SubtractConfig:
     astrometric_floor_px: float = 0.03
     astrometric_max_px: float = 0.5
     flux_error: float = 0.0
+    cosmic_ray_sigma: float = 8.0
     reference_noise_kernel: bool = True
     min_flux_ratio_stars: int = 3
     renormalise_scorr: bool = False
@@ -129,7 +135,8 @@ class SubtractionResult:
         PSFs stacked from the same matched stars; 0: science PSF from its own stars and the
         reference PSF from its stored stamp),
         ``flux_ratio_fallback`` (0/1), ``n_psf_stars``, ``overlap``, ``bad_fraction``,
-        ``n_candidates``, ``t_<step>_s`` per step and ``t_total_s`` (s).
+        ``n_candidates``, ``n_cosmic_rays`` (peaks vetoed as sharper than the PSF), ``t_<step>_s`` per
+        step and ``t_total_s`` (s).
     images : dict of str -> ndarray, optional
         The full D (science ADU), S_corr and bad mask when ``keep_images`` was asked.
     """
@@ -577,6 +584,12 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     # detection
     fwhm_d = measure_fwhm(z.P_D)
     xs, ys, vs = find_scorr_peaks(S_corr, config.threshold_sigma)
+    n_cr = 0
+    if config.cosmic_ray_sigma > 0 and len(xs):
+        # positive peaks on a pixel sharper than the PSF: cosmic rays / hot pixels of the science frame
+        cr = (vs > 0) & sharp_peaks(N, rms_map, xs, ys, fwhm_n, config.cosmic_ray_sigma)
+        n_cr = int(cr.sum())
+        xs, ys, vs = xs[~cr], ys[~cr], vs[~cr]
     cap = min(config.max_candidates, config.detect.max_candidates)
     capped = float(len(xs) > cap)
     xs, ys, vs = xs[:cap], ys[:cap], vs[:cap]
@@ -617,6 +630,7 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         "overlap": float(ali.overlap),
         "bad_fraction": float(bad.mean()),
         "n_peaks": float(len(xs)),
+        "n_cosmic_rays": float(n_cr),
         "n_candidates": float(len(cands)),
         "candidates_capped": capped,
         **times,

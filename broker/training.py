@@ -624,8 +624,10 @@ class ShardWriter:
         buf = self.buf[int(item.label)]
         buf.append(item)
         if len(buf) > self.max_buffer:
-            common = Counter(it.kind for it in buf).most_common(1)[0][0]
-            idx = [i for i, it in enumerate(buf) if it.kind == common]
+            # drop from the most common kind; counted on a sample (O(1) per add)
+            sample = self.rng.choice(len(buf), min(len(buf), 256), replace=False)
+            common = Counter(buf[i].kind for i in sample).most_common(1)[0][0]
+            idx = [int(i) for i in sample if buf[i].kind == common]
             buf.pop(int(self.rng.choice(idx)))
         half = self.shard_size // 2
         if not self.balance and len(self.buf[0]) + len(self.buf[1]) >= self.shard_size:
@@ -1413,11 +1415,39 @@ def main_eval(
                 for i in typical]
         res["files"]["examples_ztf"] = plot_triplet_grid(
             xz[typical], caps, out / "examples_ztf.png", "ZTF: random examples").name
+    if res.get("sim_compare") or res.get("ztf_compare"):
+        res["promotion"] = promotion_check(res)
     if curves:
         res["files"]["roc"] = plot_roc(curves, out / "roc.png").name
     (out / "metrics.json").write_text(json.dumps(res, indent=2, sort_keys=True, default=float))
     write_eval_report(out / "report.md", res)
     return res
+
+
+#: Largest drop of an AUC against ZTF's scores still counted as "not worse" (a fraction of the
+#: AUC's standard error with ~10 negatives, which is ~0.05-0.1).
+ZTF_AUC_TOLERANCE = 0.01
+
+
+def promotion_check(res: dict) -> dict:
+    """Whether the evaluated model should replace the compared one as the default.
+
+    Rule (issue 4): better on the held-out simulated set (lower FNR = FPR and AUC not lower)
+    and not worse on the real ZTF triplets (AUC against drb > 0.5 and rb > 0.5 each at most
+    :data:`ZTF_AUC_TOLERANCE` lower).
+    """
+    out: dict = {"against": (res.get("sim_compare") or res.get("ztf_compare"))["model"]}
+    sim, simc = res.get("sim"), res.get("sim_compare")
+    if sim and simc:
+        out["sim_better"] = bool(sim["eer"] < simc["eer"] and
+                                 sim["at_threshold"]["auc"] >= simc["at_threshold"]["auc"])
+    z, zc = res.get("ztf"), res.get("ztf_compare")
+    if z and zc:
+        out["ztf_not_worse"] = bool(all(
+            not np.isfinite(zc[k]["auc"]) or z[k]["auc"] >= zc[k]["auc"] - ZTF_AUC_TOLERANCE
+            for k in ("drb", "rb")))
+    out["promote"] = bool(out.get("sim_better", False) and out.get("ztf_not_worse", False))
+    return out
 
 
 TARGETS = {
@@ -1498,6 +1528,13 @@ def write_eval_report(path: Path, res: dict) -> Path:
             L.append(f"| {ch} | {f(sim['domain']['real'][ch])} | {f(sim['domain']['bogus'][ch])} "
                      f"| {f(z['domain'][ch])} |")
         L.append("")
+    if res.get("promotion"):
+        p = res["promotion"]
+        L += ["## Against the previous model", "",
+              f"Compared with `{p['against']}` on the same data: better on the held-out "
+              f"simulated set: {p.get('sim_better')}; not worse on ZTF (AUC against drb and rb "
+              f"each within {ZTF_AUC_TOLERANCE}): {p.get('ztf_not_worse')}. "
+              f"**Promote to default: {p['promote']}.**", ""]
     if "roc" in res["files"]:
         L += ["## ROC", "", "![ROC](roc.png)", ""]
     path.write_text("\n".join(L))

@@ -7,6 +7,7 @@ deployment do, on small simulated frames.
 from __future__ import annotations
 
 import io
+import json
 import signal
 import time
 from collections import Counter
@@ -119,6 +120,19 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
     a = alerts[0]
     assert a["scores"]["rb_model"] and a["scores"]["anomaly_model"]
     assert [s["stage"] for s in a["timing"]["stages"]] == list(STAGES)
+
+    # a subscriber with a filter, writing cutout triplets
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    cut = sorted(x["source"]["snr"] for x in alerts)[len(alerts) // 2]
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--filter", f"snr >= {cut}",
+                                   "--json", "--png-dir", str(tmp_path / "png"), "--timeout", "8"])
+    assert res.exit_code == 0, res.output
+    shown = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert {x["candid"] for x in shown} == {x["candid"] for x in alerts if x["source"]["snr"] >= cut}
+    assert len(list((tmp_path / "png").glob("*.png"))) == len(shown)
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(settings, tmp_path):

@@ -1,0 +1,67 @@
+"""The telescope side: file validation, size routing, directory watching (against the embedded broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.errors import CorruptFrame, FrameTooLarge, InvalidFrame, MissingWCS
+from broker.frame import encode_fits
+from streams import serde, topics
+from streams.framestore import FrameStore
+from streams.monitor import read_all
+from streams.producer import FrameProducer, watch
+from tests.helpers import star_frame
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def producer(settings, tmp_path):
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topics.FRAMES)])
+    return FrameProducer(settings, FrameStore(str(tmp_path / "store")), inline_limit_bytes=200_000,
+                         max_frame_bytes=50_000_000)
+
+
+def test_files_are_validated_with_clear_errors(producer, settings, tmp_path):
+    (tmp_path / "empty.fits").write_bytes(b"")
+    with pytest.raises(CorruptFrame, match="empty.fits: empty payload"):
+        producer.publish_file(tmp_path / "empty.fits")
+    with pytest.raises(InvalidFrame, match="cannot read"):
+        producer.publish_file(tmp_path / "missing.fits")
+    frame = star_frame()
+    for key in ("CTYPE1", "CTYPE2"):
+        frame.header.remove(key)
+    (tmp_path / "nowcs.fits").write_bytes(encode_fits(frame, compress=False))
+    with pytest.raises(MissingWCS, match="nowcs.fits"):
+        producer.publish_file(tmp_path / "nowcs.fits")
+    tiny_limit = FrameProducer(settings, producer.store, inline_limit_bytes=10, max_frame_bytes=1000)
+    (tmp_path / "big.fits").write_bytes(encode_fits(star_frame()))
+    with pytest.raises(FrameTooLarge):
+        tiny_limit.publish_file(tmp_path / "big.fits")
+
+
+def test_large_frames_go_by_reference_small_ones_inline(producer, settings):
+    small = star_frame(shape=(64, 64), n_stars=3)
+    big = star_frame(shape=(512, 512), n_stars=50, seed=1, FRAMEID="TEST-F1-r-0002")
+    assert producer.publish_frame(small).inline
+    sent = producer.publish_frame(big)
+    assert not sent.inline and sent.size_bytes > 200_000
+    producer.flush()
+    recs = [serde.decode("frame", m.value(), dict(m.headers())) for m in read_all(settings, [topics.FRAMES])]
+    mine = {r["frame_id"]: r for r in recs}
+    assert mine["TEST-F1-r-0001"]["fits"] and mine["TEST-F1-r-0001"]["uri"] is None
+    assert mine["TEST-F1-r-0002"]["fits"] is None and mine["TEST-F1-r-0002"]["uri"].endswith(".fits")
+
+
+def test_watch_publishes_new_files_once_and_reports_bad_ones(producer, tmp_path):
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.fits").write_bytes(encode_fits(star_frame()))
+    (incoming / "bad.fits").write_bytes(b"not fits at all")
+    polls = iter(range(4))
+    results = dict(watch(incoming, producer.publish_file, lambda: next(polls, None) is None, poll_s=0.01))
+    assert results[incoming / "a.fits"].frame_id == "TEST-F1-r-0001"
+    assert isinstance(results[incoming / "bad.fits"], CorruptFrame)
+    producer.flush()
+    polls = iter(range(4))  # a restart: the ledger remembers what was sent
+    assert dict(watch(incoming, producer.publish_file, lambda: next(polls, None) is None, poll_s=0.01)) == {}
