@@ -29,7 +29,9 @@ def machine() -> str:
         torch_v = torch.__version__
     except ImportError:
         torch_v = "-"
-    return f"{cpu}, {os.cpu_count()} cores, {mem} RAM, Python {platform.python_version()}, torch {torch_v}"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, {mem} RAM, Python {platform.python_version()}, torch {torch_v}; "
+            f"load average at the start {load}")
 
 
 def git_rev() -> str:

@@ -192,11 +192,20 @@ def subscribe(bootstrap: Bootstrap,
             save_triplet_png(alert, png_dir / f"{alert['candid'].replace('/', '_')}.png")
 
 
+def _score(value: float | None) -> str:
+    return " -  " if value is None else f"{value:.2f}"
+
+
+def passes(alert: dict, rb_cut: float) -> bool:
+    """Whether the alert's real/bogus score is at or above ``rb_cut`` (a null score is not)."""
+    return alert["scores"]["rb"] is not None and alert["scores"]["rb"] >= rb_cut
+
+
 def format_alert(alert: dict) -> str:
     s, sc = alert["source"], alert["scores"]
     mag = f"{s['magpsf']:.2f}" if s["magpsf"] is not None else "  -  "
     return (f"{alert['objectId']} {alert['candid']:<28} {s['filter']} RA={s['ra']:9.5f} Dec={s['dec']:+9.5f} "
-            f"S/N={s['snr']:+7.1f} mag={mag} rb={sc['rb']:.2f} anomaly={sc['anomaly']:.2f} "
+            f"S/N={s['snr']:+7.1f} mag={mag} rb={_score(sc['rb'])} anomaly={sc['anomaly']:.2f} "
             f"ndet={alert['object']['ndet']}")
 
 
@@ -231,7 +240,7 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
         console.print(f"[dim]{time.time() - t0:6.1f} s  frames sent {published}/{frames}, {state}[/dim]")
 
     def on_alert(alert: dict) -> None:
-        if alert["scores"]["rb"] >= rb_cut:
+        if passes(alert, rb_cut):
             console.print(format_alert(alert))
 
     try:
@@ -250,7 +259,7 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
     table.add_row("frames sent", str(len(result.truths)))
     table.add_row("frames by status", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
     table.add_row("candidates", str(result.candidates))
-    table.add_row("alerts", f"{len(result.alerts)} ({sum(a['scores']['rb'] >= rb_cut for a in result.alerts)} with rb >= {rb_cut})")
+    table.add_row("alerts", f"{len(result.alerts)} ({sum(passes(a, rb_cut) for a in result.alerts)} with rb >= {rb_cut})")
     table.add_row("dead letters", str(len(result.dead_letters)))
     for bin_, rec, inj in result.recovery():
         table.add_row(f"transients S/N {bin_}", f"{rec}/{inj} recovered" + (f" ({rec / inj:.0%})" if inj else ""))

@@ -66,7 +66,7 @@ class DemoResult:
         """Alerts that match no injected real source (transient, variable star, moving object)."""
         n = 0
         for a in self.alerts:
-            if rb_cut is not None and a["scores"]["rb"] < rb_cut:
+            if rb_cut is not None and (a["scores"]["rb"] is None or a["scores"]["rb"] < rb_cut):
                 continue
             truth = self.truths.get(a["provenance"]["frame_id"])
             if truth is None or not any(matches(a, i) for i in truth.injections if i.kind in REAL_KINDS):

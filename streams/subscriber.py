@@ -14,8 +14,13 @@ from simpleeval import EvalWithCompoundTypes, InvalidExpression
 
 from broker.alert import read_stamp
 from broker.errors import DecodeError, FilterExpressionError
+import schemas
 from streams import serde
 from streams.settings import KafkaSettings
+
+
+#: Names a filter may use besides the ``source`` and ``scores`` fields of the alert schema.
+_EXTRA_NAMES = ("ndet", "first_mjd", "objectId", "candid", "alertId", "telescope", "field", "latency")
 
 
 def flatten(alert: dict) -> dict:
@@ -25,11 +30,17 @@ def flatten(alert: dict) -> dict:
     ``elongation``, ``ndet``, ``objectId``, ``candid``, ``telescope``, ``field``, ``latency`` ...
     """
     src, obj, scores = alert["source"], alert["object"], alert["scores"]
-    flat = {**src, **{k: v for k, v in scores.items()}, "ndet": obj["ndet"], "first_mjd": obj["first_mjd"],
+    return {**src, **scores, "ndet": obj["ndet"], "first_mjd": obj["first_mjd"],
             "objectId": alert["objectId"], "candid": alert["candid"], "alertId": alert["alertId"],
             "telescope": alert["provenance"]["telescope"], "field": alert["provenance"]["field"],
             "latency": alert["timing"]["alert_time"] - alert["timing"]["exposure_end"]}
-    return flat
+
+
+def filter_names() -> set[str]:
+    """Every name :func:`flatten` provides, from the current alert schema."""
+    fields = {f["name"]: f["type"] for f in schemas.load("alert")["fields"]}
+    return {f["name"] for f in fields["source"]["fields"]} | {f["name"] for f in fields["scores"]["fields"]} \
+        | set(_EXTRA_NAMES)
 
 
 class AlertFilter:
@@ -37,33 +48,44 @@ class AlertFilter:
 
     Evaluated with simpleeval: only literals, names, comparisons, boolean and arithmetic operators
     and ``abs/min/max``; attribute access, calls of anything else and comprehensions are refused.
+    Names are checked once, here; an alert on which the expression cannot be evaluated (e.g. a
+    null ``rb`` compared with a number) does not match.
     """
 
     def __init__(self, expression: str | None) -> None:
         self.expression = (expression or "").strip()
         if len(self.expression) > 1000:
             raise FilterExpressionError("filter expression longer than 1000 characters")
-        self._names = set()
-        if self.expression:
-            try:
-                tree = ast.parse(self.expression, mode="eval")
-            except SyntaxError as exc:
-                raise FilterExpressionError(f"invalid filter expression {self.expression!r}: {exc.msg}") from exc
-            self._names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         self._eval = EvalWithCompoundTypes(functions={"abs": abs, "min": min, "max": max})
+        if not self.expression:
+            return
+        try:
+            tree = ast.parse(self.expression, mode="eval")
+        except SyntaxError as exc:
+            raise FilterExpressionError(f"invalid filter expression {self.expression!r}: {exc.msg}") from exc
+        known = filter_names() | {"abs", "min", "max", "True", "False", "None"}
+        unknown = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} - known
+        if unknown:
+            raise FilterExpressionError(f"unknown name(s) {sorted(unknown)}; known: {sorted(known)}")
+        probe = {name: 1.0 for name in known}  # refuse what simpleeval refuses, before any alert arrives
+        self._eval.names = probe
+        try:
+            self._eval.eval(self.expression)
+        except InvalidExpression as exc:
+            raise FilterExpressionError(f"filter expression not allowed: {exc}") from exc
+        except Exception:
+            pass  # e.g. comparing the probe's numbers with strings: fine for real alerts
 
     def __call__(self, alert: dict) -> bool:
         if not self.expression:
             return True
-        names = flatten(alert)
-        unknown = self._names - set(names) - {"abs", "min", "max", "True", "False", "None"}
-        if unknown:
-            raise FilterExpressionError(f"unknown name(s) {sorted(unknown)}; known: {sorted(names)}")
-        self._eval.names = names
+        self._eval.names = flatten(alert)
         try:
             return bool(self._eval.eval(self.expression))
-        except (InvalidExpression, TypeError, ZeroDivisionError, ValueError) as exc:
+        except InvalidExpression as exc:
             raise FilterExpressionError(f"cannot evaluate {self.expression!r}: {exc}") from exc
+        except (TypeError, ZeroDivisionError, ValueError):
+            return False
 
 
 def alerts(settings: KafkaSettings, topic: str, group: str | None = None, from_start: bool = True,

@@ -21,6 +21,14 @@ def test_hostile_or_broken_filters_are_refused(expr):
         AlertFilter(expr)(alert)
 
 
+def test_filter_is_checked_before_any_alert_and_null_scores_do_not_match():
+    with pytest.raises(FilterExpressionError, match="unknown"):
+        AlertFilter("rbb > 0.5")
+    _, alert = _alert()
+    alert["scores"]["rb"] = None  # cutouts that could not be normalised
+    assert not AlertFilter("rb > 0.5")(alert)
+
+
 def test_triplet_png(tmp_path):
     _, alert = _alert()
     path = save_triplet_png(alert, tmp_path / "a.png")
