@@ -1005,6 +1005,10 @@ def train(
             hist.append({"epoch": ep + 1, "train_loss": tot / max(seen, 1), "val_loss": vloss,
                          "val_auc": evaluate(sv, yv)["auc"], "batches": b + 1,
                          "seconds": round(time.time() - t0, 1)})
+            if progress:
+                bar.console.print(f"epoch {ep + 1}: " + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in hist[-1].items() if k != "epoch"))
             if vloss < best_loss - 1e-4:
                 best_loss, bad = vloss, 0
                 best = {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -1,0 +1,42 @@
+"""The deployment files parse and agree with the code (they cannot be run here: no container engine)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+
+from streams.metrics import StageMetrics  # noqa: E402
+from streams.stages import STAGES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compose_runs_every_stage_with_metrics():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    for stage in STAGES:
+        assert services[stage]["command"][:2] == ["stage", stage]
+    targets = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    scraped = targets["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert sorted(t.split(":")[0] for t in scraped) == sorted(STAGES)
+
+
+def test_k8s_has_a_deployment_and_scaler_per_stage():
+    docs = [d for f in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for stage in STAGES:
+        assert ("Deployment", stage) in kinds and ("ScaledObject", stage) in kinds
+
+
+def test_dashboard_queries_name_real_metrics():
+    registry = StageMetrics("x").registry
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}
+    names = {m.name + suffix for m in registry.collect() for suffix in suffixes[m.type]}
+    dash = json.loads((ROOT / "deploy/grafana/dashboards/broker.json").read_text())
+    used = {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"broker_[a-z_]+", t["expr"])}
+    assert used and used <= names, used - names
