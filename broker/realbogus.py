@@ -6,7 +6,8 @@ Two pieces live here:
   possibly cut short at a CCD edge or holding NaNs) into the fixed ``(3, 63, 63)`` float32 input of
   the network. The same function is used for training, inference and for real ZTF stamps, so a
   model never sees data scaled differently from what it was trained on.
-- :class:`RealBogusClassifier` wraps the network (:class:`RealBogusNet`) with loading of versioned
+- :class:`RealBogusClassifier` wraps the network (:class:`RealBogusNet` for ``realbogus-v1``,
+  :class:`RealBogusNetV2` for ``realbogus-v2``; the sidecar names the class) with loading of versioned
   weights (``torch.save(state_dict)`` + a JSON sidecar; loaded with ``weights_only=True``, so no
   pickle is executed) and batched scoring.
 
@@ -395,7 +396,7 @@ class RealBogusClassifier:
         ----------
         path_or_version : str or Path, optional
             A version name found in ``models/`` (``"realbogus-v1"``), or a path to the ``.pt``
-            weights (the sidecar is the same path with ``.json``). Default: ``realbogus-v1``.
+            weights (the sidecar is the same path with ``.json``). Default: :data:`DEFAULT_VERSION`.
         config : ScoreConfig
 
         Raises

@@ -176,6 +176,9 @@ def _prepare(frame: Frame, config: ReferenceConfig) -> tuple[np.ndarray, np.ndar
     img = data - bkg
     var = rms ** 2 + np.clip(np.nan_to_num(img), 0, None) / max(frame.meta.gain, 1e-6)
     sigma = float(np.median(rms))
+    if not sigma > 0:
+        # a noise-free (model / simulated) template: a tiny floor keeps the weights finite
+        sigma = max(1e-6 * float(np.nanmax(np.abs(img))) if np.isfinite(img).any() else 1.0, 1e-12)
     stars = find_stars(np.where(sat, 0.0, np.nan_to_num(img)), sigma, config.stars, frame.meta.saturation, bkg)
     # cosmic rays and hot pixels: after resampling they smear over several pixels and, hot pixels
     # moving by only the pointing jitter, survive the per-pixel clipping; drop them here

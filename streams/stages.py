@@ -14,7 +14,7 @@ import numpy as np
 from broker.alert import FrameContext, build_alert
 from broker.anomaly import AnomalyModel, features_from
 from broker.config import PipelineConfig
-from broker.errors import FrameTooLarge, InvalidFrame
+from broker.errors import ChecksumMismatch, FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, sha256
 from broker.history import ObjectHistory
 from broker.ingest import ingest
@@ -45,7 +45,7 @@ def frame_payload(rec: dict, store: FrameStore, max_bytes: int) -> bytes:
         if len(rec["fits"]) > max_bytes:
             raise FrameTooLarge(f"inline frame of {len(rec['fits'])} bytes exceeds {max_bytes}")
         if sha256(rec["fits"]) != rec["sha256"]:
-            raise InvalidFrame(f"inline frame bytes do not match their SHA-256 {rec['sha256'][:12]}...")
+            raise ChecksumMismatch(f"inline frame bytes do not match their SHA-256 {rec['sha256'][:12]}...")
         return rec["fits"]
     if not rec["uri"]:
         raise InvalidFrame("frame record has neither inline FITS bytes nor a URI")

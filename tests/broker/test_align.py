@@ -122,3 +122,21 @@ def test_distorted_reference_goes_through_reproject():
     assert len(res.candidates) == 1
     d = res.candidates[0].detection
     assert np.hypot(d.x - 100.0, d.y - 100.0) < 0.3
+
+
+def test_map_bad_covers_every_pixel_the_spline_touches():
+    """The sparse bad-pixel mapping flags at least what resampling a frame-wide mask flags."""
+    from scipy import ndimage
+
+    from broker.align import _map_bad
+
+    rng = np.random.default_rng(3)
+    bad = rng.random(SHAPE) < 0.002
+    bad[100:110, 50:58] = True
+    m = np.array([[np.cos(0.01), -np.sin(0.01)], [np.sin(0.01), np.cos(0.01)]]) * 1.001
+    t = np.array([1.3, -0.7])
+    ours = _map_bad(bad, m, t, SHAPE)
+    spread = ndimage.affine_transform(bad.astype(np.float32), m[::-1, ::-1], t[::-1], output_shape=SHAPE,
+                                      order=1, mode="constant", cval=0.0) > 1e-3
+    assert ours[spread].all()
+    assert ours.mean() < 0.2  # and not the whole frame

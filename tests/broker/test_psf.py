@@ -66,3 +66,15 @@ def test_saturated_stars_are_not_psf_stars(small_shape):
     stars = find_stars(frame.data - bkg, float(np.median(rms)), saturation=20000.0, background=bkg)
     assert len(stars)
     assert np.all(stars.peak + 200.0 < 0.8 * 20000.0 + 100.0)
+
+
+def test_mesh_background_agrees_with_photutils():
+    from broker.psf import BackgroundConfig
+
+    shape = (512, 512)
+    frame = make_frame(7, shape, make_sky(7, shape, 200), sky_level=500.0, read_noise=5.0)
+    b1, r1 = estimate_background(frame.data, config=BackgroundConfig(method="photutils"))
+    b2, r2 = estimate_background(frame.data, config=BackgroundConfig(method="meshes"))
+    assert np.median(np.abs(b1 - b2)) < 0.1 * np.median(r1)
+    assert np.median(r2) == pytest.approx(np.sqrt(500.0 + 25.0), rel=0.03)
+    assert np.median(r2) == pytest.approx(np.median(r1), rel=0.04)

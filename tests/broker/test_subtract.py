@@ -209,3 +209,71 @@ def test_end_to_end_on_the_sky_simulator():
     assert len(found) >= 0.75 * len(bright)
     assert np.median([f[0] for f in found]) < 0.3
     assert np.median(np.abs([f[1] for f in found])) < 2.0
+
+
+def test_embed_places_the_centre_at_the_origin():
+    from broker.subtract import _embed
+
+    st = np.arange(49, dtype=np.float32).reshape(7, 7)
+    ref = np.roll(np.pad(st, ((0, 5), (0, 6))), (-3, -3), axis=(0, 1))
+    assert np.array_equal(_embed(st, (12, 13)), ref)
+
+
+def test_interpolation_kernel():
+    from broker.subtract import interpolation_kernel
+
+    k0 = interpolation_kernel(np.eye(2), np.zeros(2), SHAPE)
+    assert k0[4, 4] == pytest.approx(1.0, abs=1e-6) and np.abs(k0).sum() == pytest.approx(1.0, abs=1e-6)
+    k = interpolation_kernel(np.eye(2), np.array([0.5, 0.5]), SHAPE)
+    assert k.sum() == pytest.approx(1.0, abs=1e-4)
+    # a half-pixel cubic-spline shift smooths white noise: less than unit variance passes
+    assert 0.4 < (k.astype(float) ** 2).sum() < 0.8
+
+
+def test_zogy_coloured_reference_noise_stays_unit_variance():
+    """A resampled reference has correlated noise; with its kernel S_corr keeps unit variance."""
+    from scipy import ndimage
+
+    from broker.subtract import interpolation_kernel
+
+    rng = np.random.default_rng(5)
+    n = rng.normal(0, 10, SHAPE).astype(np.float32)
+    r = ndimage.shift(rng.normal(0, 20, SHAPE), (-0.5, -0.5), order=3, mode="wrap").astype(np.float32)
+    h = interpolation_kernel(np.eye(2), np.array([0.5, 0.5]), SHAPE)
+    # a sharp PSF (FWHM 1.2 px) sees the high frequencies the interpolation removed
+    args = (n, r, gaussian_psf(1.2, 9), gaussian_psf(1.2, 9), np.full(SHAPE, 100, np.float32),
+            np.full(SHAPE, 400, np.float32), 10.0, 20.0, 1.0)
+    white = zogy(*args).S_corr.std()
+    coloured = zogy(*args, ref_noise_kernel=h).S_corr.std()
+    assert coloured == pytest.approx(1.0, abs=0.03)
+    assert white < coloured - 0.03  # treating it as white over-counts the reference noise
+
+
+def test_cosmic_ray_is_vetoed_but_a_transient_is_kept():
+    sky = make_sky(30, SHAPE, 40)
+    sci = make_frame(31, SHAPE, sky, extra=[(60.3, 190.6, 2500.0)], frame_id="cr")
+    for (y, x) in ((120, 128), (121, 128), (200, 40)):  # a 2-pixel hit and a single pixel
+        sci.data[y, x] += 3000.0
+    ref = make_reference(32, SHAPE, sky)
+    res = subtract_and_detect(sci, ref)
+    xy = [(round(c.detection.x), round(c.detection.y)) for c in res.candidates]
+    assert any(abs(x - 60) <= 1 and abs(y - 191) <= 1 for x, y in xy)
+    assert not any(abs(x - 128) <= 2 and abs(y - 120) <= 3 for x, y in xy)
+    assert not any(abs(x - 40) <= 2 and abs(y - 200) <= 2 for x, y in xy)
+    assert res.diagnostics["n_cosmic_rays"] >= 2
+    kept = subtract_and_detect(sci, ref, SubtractConfig(cosmic_ray_sigma=0.0))
+    assert len(kept.candidates) >= len(res.candidates) + 2
+
+
+def test_correlated_noise_is_renormalised_not_flooding():
+    """A science frame whose noise is correlated (a resampled stack) must not flood the stream."""
+    from scipy import ndimage
+
+    sci = make_frame(40, SHAPE, None, frame_id="corr", read_noise=0.0, sky_level=400.0)
+    # smooth the noise: per-pixel RMS drops 2x, the matched-filter-scale noise much less
+    sky = np.median(sci.data)
+    sci.data[:] = (sky + 2.0 * ndimage.gaussian_filter(sci.data - sky, 1.0)).astype(np.float32)
+    ref = make_reference(41, SHAPE, None)
+    res = subtract_and_detect(sci, ref)
+    assert res.diagnostics["scorr_renormalised"] == 1.0
+    assert len(res.candidates) <= 2
