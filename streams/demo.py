@@ -62,6 +62,21 @@ class DemoResult:
             rows.append((f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}", recovered, injected))
         return rows
 
+    def missed(self, min_snr: float = 10.0) -> list[tuple[str, str, float, float]]:
+        """Transients with S/N >= ``min_snr`` in subtracted frames that got no alert:
+        (frame id, source id, S/N, distance to the nearest alert of that frame in px)."""
+        out = []
+        for frame_id, status in sorted(self.statuses.items()):
+            if status != "SUBTRACTED":
+                continue
+            mine = [a for a in self.alerts if a["provenance"]["frame_id"] == frame_id]
+            for inj in self.truths[frame_id].injections:
+                if inj.kind == "transient" and abs(inj.snr) >= min_snr and not any(matches(a, inj) for a in mine):
+                    d = min((float(np.hypot(a["source"]["x"] - inj.x, a["source"]["y"] - inj.y)) for a in mine),
+                            default=float("inf"))
+                    out.append((frame_id, inj.source_id, float(inj.snr), d))
+        return out
+
     def false_alerts(self, rb_cut: float | None = None) -> int:
         """Alerts that match no injected real source (transient, variable star, moving object)."""
         n = 0
