@@ -149,9 +149,12 @@ def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray
     return out
 
 
-def _subpixel(img: np.ndarray, x: int, y: int) -> tuple[float, float]:
-    """Peak position by a 3-point Gaussian (log-parabola) fit per axis, parabola if not positive."""
+def _subpixel(img: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float]:
+    """Peak position of ``sign * img`` by a 3-point Gaussian (log-parabola) fit per axis, parabola
+    if not positive. Only the 3 x 3 pixels around (x, y) are read (never scale the whole image)."""
     ny, nx = img.shape
+    y0, x0 = max(y - 1, 0), max(x - 1, 0)
+    win = sign * np.asarray(img[y0:y + 2, x0:x + 2], np.float64)
 
     def axis(a: float, b: float, c: float) -> float:
         if a > 0 and b > 0 and c > 0:
@@ -161,8 +164,9 @@ def _subpixel(img: np.ndarray, x: int, y: int) -> tuple[float, float]:
             la, lb, lc, den = a, b, c, a - 2 * b + c
         return float(np.clip(0.5 * (la - lc) / den, -0.5, 0.5)) if den < 0 else 0.0
 
-    dx = axis(img[y, x - 1], img[y, x], img[y, x + 1]) if 0 < x < nx - 1 else 0.0
-    dy = axis(img[y - 1, x], img[y, x], img[y + 1, x]) if 0 < y < ny - 1 else 0.0
+    cy, cx = y - y0, x - x0
+    dx = axis(win[cy, cx - 1], win[cy, cx], win[cy, cx + 1]) if 0 < x < nx - 1 else 0.0
+    dy = axis(win[cy - 1, cx], win[cy, cx], win[cy + 1, cx]) if 0 < y < ny - 1 else 0.0
     return x + dx, y + dy
 
 
@@ -191,6 +195,31 @@ def _shape(st: np.ndarray) -> tuple[float, float]:
     disc = np.sqrt(max(tr * tr / 4 - det, 0.0))
     l1, l2 = tr / 2 + disc, max(tr / 2 - disc, 1e-6)
     return float(GAUSS_FWHM * np.sqrt(np.sqrt(l1 * l2))), float(np.sqrt(l1 / l2))
+
+
+class _ShiftedPSF:
+    """P_D moved by sub-pixel offsets (cubic spline), cached on a 0.05 px grid, cropped to half-size hm.
+
+    A PSF-fit flux with the model 0.025 px off changes by < 0.1 %; the cache turns one spline
+    resampling per candidate into one per occupied grid cell (at most 21 x 21).
+    """
+
+    STEP = 0.05
+
+    def __init__(self, P_D: np.ndarray, hm: int) -> None:
+        self.P = P_D.astype(np.float64)
+        self.k = P_D.shape[0] // 2
+        self.hm = hm
+        self.cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def __call__(self, dy: float, dx: float) -> np.ndarray:
+        key = (int(round(dy / self.STEP)), int(round(dx / self.STEP)))
+        out = self.cache.get(key)
+        if out is None:
+            psf = ndimage.shift(self.P, (key[0] * self.STEP, key[1] * self.STEP), order=3, mode="constant")
+            k, hm = self.k, self.hm
+            out = self.cache[key] = psf[k - hm:k + hm + 1, k - hm:k + hm + 1]
+        return out
 
 
 def measure_candidates(
@@ -236,6 +265,7 @@ def measure_candidates(
     out, kept = [], []
     badf = bad.astype(np.float32)
     rows = []
+    shifted = _ShiftedPSF(P_D, hm)
     for i, (xi, yi, v) in enumerate(zip(x, y, value)):
         fp = _stamp(badf, int(xi), int(yi), fh)
         n_bad = int(np.nansum(fp) + np.isnan(fp).sum())
@@ -243,11 +273,10 @@ def measure_candidates(
             continue
         sign = 1.0 if v >= 0 else -1.0
         # S is D matched-filtered by P_D: its peak is the maximum-likelihood position
-        xs, ys = _subpixel(sign * scorr, int(xi), int(yi))
+        xs, ys = _subpixel(scorr, int(xi), int(yi), sign)
         # PSF fit of the flux on D with P_D moved to the sub-pixel position
         st = _stamp(D, int(xi), int(yi), hm).astype(np.float64)
-        psf = ndimage.shift(P_D.astype(np.float64), (ys - yi, xs - xi), order=3, mode="constant")
-        psf = psf[k - hm:k + hm + 1, k - hm:k + hm + 1]
+        psf = shifted(ys - yi, xs - xi)
         good = np.isfinite(st) & ~(_stamp(badf, int(xi), int(yi), hm) != 0)
         p2 = float((psf[good] ** 2).sum())
         if p2 <= 0:

@@ -165,6 +165,18 @@ class StageRunner:
         timing[f"{TIMING_PREFIX}{self.stage}.end"] = repr(end).encode()
         timing[SRC_HEADER] = src_of(msg.topic, msg.partition, msg.offset)
         offsets = [TopicPartition(msg.topic, msg.partition, msg.offset + 1)]
+        if not outs:
+            # nothing to make atomic: a crash before this commit just redoes a no-op. (tansu 0.6
+            # drops the offsets of a transaction that produced no record, so don't use one.)
+            consumer.commit(offsets=offsets, asynchronous=False)
+        elif not self._commit_in_transaction(consumer, producer, msg, outs, timing, offsets):
+            return
+        self.dedup.done(msg.topic, msg.partition, src)
+        self._observe(msg, outs, start, end)
+
+    def _commit_in_transaction(self, consumer: Consumer, producer: Producer, msg: InMessage,
+                               outs: list[OutMessage], timing: dict[str, bytes], offsets: list) -> bool:
+        """Produce ``outs`` and commit ``offsets`` atomically; False when aborted (to be redone)."""
         try:
             producer.begin_transaction()
             for out in outs:
@@ -175,6 +187,7 @@ class StageRunner:
                 os.kill(os.getpid(), signal.SIGKILL)
             producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
             producer.commit_transaction(60)
+            return True
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
             if not err.txn_requires_abort():
@@ -182,9 +195,7 @@ class StageRunner:
             producer.abort_transaction(30)
             self.metrics.aborts.labels(self.stage).inc()
             consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # process it again
-            return
-        self.dedup.done(msg.topic, msg.partition, src)
-        self._observe(msg, outs, start, end)
+            return False
 
     def _observe(self, msg: InMessage, outs: list[OutMessage], start: float, end: float) -> None:
         m = self.metrics

@@ -59,6 +59,7 @@ def _run(settings, workdir, send, kill=None, env=None):
         wait_until_drained(settings, procs, timeout=600)
     finally:
         stop_stages(procs)
+    assert [p.returncode for p in procs] == [0] * len(STAGES)  # SIGTERM: a clean stop
     alerts = []
     for msg in read_all(settings, [topics.ALERTS]):
         assert dict(msg.headers())["_format"] == b"avro"

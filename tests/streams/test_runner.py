@@ -61,3 +61,22 @@ def test_runner_stops_on_request(settings):
     runner = StageRunner("idle", src, lambda m: [], settings)
     threading.Timer(2.0, runner.stop_event.set).start()
     assert runner.run() == 0
+
+
+def test_messages_with_no_output_are_committed_too(settings):
+    """A stage that emits nothing for some inputs (an empty batch at the alert stage) still
+    commits them (tansu 0.6 drops the offsets of a transaction without records)."""
+    src, dst = f"in0-{settings.app_id}", f"out0-{settings.app_id}"
+    stage = f"sparse-{settings.app_id}"
+    _topics(settings, src, dst, topics.dlq(stage))
+    prod = Producer(settings.producer())
+    for value in [b"a", b"", b"", b"d", b"", b""]:
+        prod.produce(src, value or b"-")
+    prod.flush(10)
+    runner = StageRunner(stage, src, lambda m: [OutMessage(dst, m.value)] if m.value != b"-" else [], settings)
+    assert runner.run(max_messages=6) == 6
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(settings.consumer(stage))
+    assert consumer.committed([TopicPartition(src, 0)], timeout=10)[0].offset == 6
+    consumer.close()
