@@ -36,7 +36,7 @@ from broker.errors import CutoutError, ModelError
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 #: Version loaded when none is given (v2 only once it beats v1 on held-out simulated data and is
 #: not worse on the real ZTF triplets: see models/realbogus-v2.md).
-DEFAULT_VERSION = "realbogus-v1"
+DEFAULT_VERSION = "realbogus-v2"
 
 
 # --- normalisation ------------------------------------------------------------------------------
