@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bench.common import git_rev, machine, write_section
-from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, normalise_triplet
+from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig, normalise_triplet
 from broker.training import model_cost, synth_triplets
 
 BATCHES = (1, 64, 256)
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> str:
         f"Machine: {machine()}; git {git_rev()}. 1-min load average {load[0]:.1f} at the start, "
         f"{end_load[0]:.1f} at the end (above {os.cpu_count()}: other work shared the cores, "
         "and the figures are lower bounds).",
-        f"Inputs: {src}, already normalised; `RealBogusClassifier.score` (numpy in/out), "
+        f"Inputs: {src}, already normalised; `RealBogusClassifier.score` (numpy in/out; an "
+        f"input batch is run in forward passes of `ScoreConfig.batch_size` = "
+        f"{ScoreConfig().batch_size}), "
         f"{args.seconds:.0f} s per point. FLOPs counted by `torch.utils.flop_counter."
         f"FlopCounterMode` (2 per multiply-add). Peak: FP32 estimate per thread count "
         f"({how.split(' x ', 1)[1]} per core).",

@@ -360,7 +360,10 @@ class PSFConfig:
         Stars stacked (count); 50 gives a PSF noise well below that of any single star while
         keeping the cost at a few ms.
     min_stars : int
-        Below this many usable stars (count) the Gaussian fallback is used and flagged.
+        Below this many usable stars (count) the Gaussian fallback is used and flagged. 3: the
+        median of three stamps already rejects one bad stamp, and even that beats a Gaussian on a
+        real PSF (DECam 256^2 pair: 4 usable stars; robust RMS/sigma near stars 1.12 with them,
+        1.23 with the fallback).
     half_size_fwhm : float
         Stamp half-size in FWHM; 3 FWHM holds > 98 % of a Moffat(beta=2.5) flux.
     min_half_size, max_half_size : int
@@ -374,7 +377,7 @@ class PSFConfig:
     """
 
     max_stars: int = 50
-    min_stars: int = 5
+    min_stars: int = 3
     half_size_fwhm: float = 3.0
     min_half_size: int = 7
     max_half_size: int = 25

@@ -339,10 +339,12 @@ class ScoreConfig:
     Attributes
     ----------
     batch_size : int
-        Triplets per forward pass. Default 256: ~30 MB of activations in the first block.
+        Triplets per forward pass; longer inputs are scored in chunks of this size. Default 64:
+        the activations of 64 triplets stay in the CPU caches; 256 at once was ~1.6x slower
+        per triplet on the 2-core build machine (``python -m bench.realbogus``).
     """
 
-    batch_size: int = 256
+    batch_size: int = 64
 
 
 def _resolve(path_or_version: str | Path | None) -> tuple[Path, Path]:

@@ -42,6 +42,7 @@ class DemoResult:
     alerts: list[dict] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # s, exposure end -> alert received
     dead_letters: list[dict] = field(default_factory=list)
+    near_saturation: set[tuple[str, str]] = field(default_factory=set)  # (frame id, source id)
 
     def recovery(self) -> list[tuple[str, int, int]]:
         """(S/N bin, recovered, injected) for transients in frames that were subtracted."""
@@ -62,9 +63,10 @@ class DemoResult:
             rows.append((f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}", recovered, injected))
         return rows
 
-    def missed(self, min_snr: float = 10.0) -> list[tuple[str, str, float, float]]:
-        """Transients with S/N >= ``min_snr`` in subtracted frames that got no alert:
-        (frame id, source id, S/N, distance to the nearest alert of that frame in px)."""
+    def missed(self, min_snr: float = 10.0) -> list[tuple[str, str, float, float, bool]]:
+        """Transients with S/N >= ``min_snr`` in subtracted frames that got no alert: (frame id,
+        source id, S/N, distance to the nearest alert of that frame in px, saturated pixels within
+        5 px in the science frame)."""
         out = []
         for frame_id, status in sorted(self.statuses.items()):
             if status != "SUBTRACTED":
@@ -74,7 +76,8 @@ class DemoResult:
                 if inj.kind == "transient" and abs(inj.snr) >= min_snr and not any(matches(a, inj) for a in mine):
                     d = min((float(np.hypot(a["source"]["x"] - inj.x, a["source"]["y"] - inj.y)) for a in mine),
                             default=float("inf"))
-                    out.append((frame_id, inj.source_id, float(inj.snr), d))
+                    out.append((frame_id, inj.source_id, float(inj.snr), d,
+                                (frame_id, inj.source_id) in self.near_saturation))
         return out
 
     def false_alerts(self, rb_cut: float | None = None) -> int:
@@ -87,6 +90,18 @@ class DemoResult:
             if truth is None or not any(matches(a, i) for i in truth.injections if i.kind in REAL_KINDS):
                 n += 1
         return n
+
+
+def _near_saturation(frame, truth: Truth, radius: int = 5) -> set[tuple[str, str]]:
+    """Transients with a saturated science pixel within ``radius`` px (there the pipeline masks)."""
+    out = set()
+    ny, nx = frame.data.shape
+    for inj in truth.injections:
+        x, y = int(round(inj.x)), int(round(inj.y))
+        box = frame.data[max(0, y - radius): y + radius + 1, max(0, x - radius): x + radius + 1]
+        if inj.kind == "transient" and box.size and np.nanmax(box) >= frame.meta.saturation:
+            out.add((truth.frame_id, inj.source_id))
+    return out
 
 
 def matches(alert: dict, inj) -> bool:
@@ -171,6 +186,7 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
             next_shutter += interval
             producer.publish_frame(frame, exposure_end=time.time())  # the simulated shutter closes now
             result.truths[truth.frame_id] = truth
+            result.near_saturation |= _near_saturation(frame, truth)
             if on_progress:
                 on_progress(i, None)
         producer.flush()
