@@ -1589,7 +1589,9 @@ def write_eval_report(path: Path, res: dict) -> Path:
               "px / fraction of pixels above 3 / fraction exactly 0 (NaN-filled or padded) / "
               "99th percentile.", "",
               "| channel | ours, real | ours, bogus | ZTF |", "|---|---|---|---|"]
-        f = lambda d: " / ".join(_fmt(d[k], 3) for k in ("centre", "frac_gt3", "frac_zero", "p99"))  # noqa: E731
+        def f(d: dict) -> str:
+            return " / ".join(_fmt(d[k], 3) for k in ("centre", "frac_gt3", "frac_zero", "p99"))
+
         for ch in ("science", "reference", "difference"):
             L.append(f"| {ch} | {f(sim['domain']['real'][ch])} | {f(sim['domain']['bogus'][ch])} "
                      f"| {f(z['domain'][ch])} |")
