@@ -43,6 +43,9 @@ class PipelineConfig:
         Hard limit on one frame's FITS bytes (1 GiB) against hostile or broken producers.
     rb_model, anomaly_model : str or None
         Weights to load; None: the versions shipped in ``models/``.
+    torch_threads : int
+        Threads of the classify stage's torch (1: measured fastest when the other stages share the
+        cores; bench/realbogus.py shows 2 threads slower than 1 on a busy 2-core machine).
     """
 
     state_dir: Path = Path("var/state")
@@ -51,6 +54,7 @@ class PipelineConfig:
     max_frame_bytes: int = 1024 * 1024 * 1024
     rb_model: str | None = None
     anomaly_model: str | None = None
+    torch_threads: int = 1
     ingest: IngestConfig = field(default_factory=IngestConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     subtract: SubtractConfig = field(default_factory=SubtractConfig)

@@ -123,6 +123,9 @@ def _rescore(topic: str, score: Callable[[dict, list], None]) -> Handler:
 
 
 def classify_handler(config: PipelineConfig) -> Handler:
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
     model = RealBogusClassifier.load(config.rb_model)
 
     def score(batch: dict, cands: list) -> None:
