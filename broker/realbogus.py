@@ -238,6 +238,12 @@ def decode_stamp(data: bytes) -> np.ndarray:
 
 
 # --- network ------------------------------------------------------------------------------------
+def _head(n_in: int, dense: int, dropout: float) -> nn.Sequential:
+    """Classifier head shared by the networks: flatten -> dense -> ReLU -> 1 logit, with dropout."""
+    return nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(n_in, dense), nn.ReLU(inplace=True),
+                         nn.Dropout(dropout), nn.Linear(dense, 1))
+
+
 class RealBogusNet(nn.Module):
     """``realbogus-v1``'s braai-class CNN: three conv blocks (2 convs + max-pool each) + dense head.
 
@@ -264,14 +270,7 @@ class RealBogusNet(nn.Module):
 
         self.features = nn.Sequential(block(3, w), block(w, 2 * w), block(2 * w, 4 * w))
         # 63 -> 31 -> 15 -> 7
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(4 * w * 7 * 7, dense),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(dense, 1),
-        )
+        self.head = _head(4 * w * 7 * 7, dense, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.head(self.features(x)).squeeze(1)
@@ -304,14 +303,7 @@ class RealBogusNetV2(nn.Module):
             *conv(3, w, 2, 0), *conv(w, 2 * w, 2, 0), *conv(2 * w, 2 * w, 1, 1), nn.MaxPool2d(2),
             *conv(2 * w, 4 * w, 1, 1),
         )
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(dropout),
-            nn.Linear(4 * w * 7 * 7, dense),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(dense, 1),
-        )
+        self.head = _head(4 * w * 7 * 7, dense, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return self.head(self.features(x)).squeeze(1)
