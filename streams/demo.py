@@ -191,13 +191,17 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
                 on_progress(i, None)
         producer.flush()
         wait_until_drained(settings, procs, timeout, lambda b: on_progress and on_progress(n_frames, b))
-        time.sleep(2.0)  # let the subscriber read the last alerts
-        stop.set()
-        subscriber.join(10)
+        per_frame = {}
         for msg in read_all(settings, [topics.CANDIDATES]):
             batch = serde.decode("candidates", msg.value(), dict(msg.headers() or []))
             result.statuses[batch["frame_id"]] = batch["status"]
-            result.candidates += len(batch["candidates"])
+            per_frame[batch["frame_id"]] = len(batch["candidates"])  # a frame counts once
+        result.candidates = sum(per_frame.values())
+        deadline = time.monotonic() + 30.0  # one alert per candidate: let the subscriber catch up
+        while len(result.alerts) < result.candidates and time.monotonic() < deadline:
+            time.sleep(0.2)
+        stop.set()
+        subscriber.join(10)
         for msg in read_all(settings, [topics.dlq(s) for s in STAGES]):
             result.dead_letters.append(serde.decode("dlq", msg.value(), dict(msg.headers() or [])))
     return result
