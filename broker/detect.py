@@ -46,17 +46,13 @@ class DetectConfig:
     max_candidates: int = 500
 
 
-def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, border: int = 0,
-                     split_prominence: float | None = None, split_separation: int = 3,
+def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, border: int = 0
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One peak per connected region of ``|S_corr| >= threshold`` (positive and negative).
 
     A connected region rather than a local-maximum box: a cosmic-ray track or a galaxy residual
     gives one candidate, not a string of them. Two sources closer than their footprints merge (the
-    brighter is kept) unless ``split_prominence`` is given: then a region also yields each local
-    maximum (in a box of ``2 * split_separation + 1`` px) that rises at least ``split_prominence``
-    sigma above the lowest S_corr on the straight line to the region's main peak, so a transient
-    whose 5 sigma region touches a neighbour's is not lost.
+    brighter is kept).
 
     Parameters
     ----------
@@ -84,16 +80,10 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
         labels, n = ndimage.label(hits, structure=eight)
         yx = np.zeros((n, 2), int)
         # per-region arg-max on bounding boxes (ndimage.maximum_position sorts the whole frame)
-        extra = []
         for i, sl in enumerate(ndimage.find_objects(labels)):
             sub = np.where(labels[sl] == i + 1, sign * scorr[sl], -np.inf)
             iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
             yx[i] = (sl[0].start + iy, sl[1].start + ix)
-            if split_prominence is not None:
-                extra += [(sl[0].start + py, sl[1].start + px) for py, px in
-                          _secondary_peaks(sub, (iy, ix), split_prominence, split_separation)]
-        if extra:
-            yx = np.vstack([yx, np.array(extra, int)])
         ys.append(yx[:, 0])
         xs.append(yx[:, 1])
         vs.append(scorr[yx[:, 0], yx[:, 1]].astype(float))
@@ -106,28 +96,6 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
         x, y, v = x[ok], y[ok], v[ok]
     order = np.lexsort((x, y, -np.abs(v)))
     return x[order], y[order], v[order]
-
-
-def _secondary_peaks(sub: np.ndarray, main: tuple[int, int], prominence: float, separation: int
-                     ) -> list[tuple[int, int]]:
-    """Local maxima of one region's (signed) S_corr box other than ``main`` that stand out from it.
-
-    ``sub`` is -inf outside the region. A maximum counts when, on the straight line from it to the
-    main peak, S_corr dips at least ``prominence`` below it (a separate source, not a shoulder).
-    """
-    if sub.size < (2 * separation + 1) ** 2:  # too small to hold two PSF-separated peaks
-        return []
-    finite = np.isfinite(sub)
-    local = (sub == ndimage.maximum_filter(np.where(finite, sub, -np.inf), size=2 * separation + 1)) & finite
-    out = []
-    for py, px in zip(*np.nonzero(local)):
-        if (py, px) == main:
-            continue
-        n = int(max(abs(py - main[0]), abs(px - main[1]))) + 1
-        line = sub[np.linspace(py, main[0], n).round().astype(int), np.linspace(px, main[1], n).round().astype(int)]
-        if sub[py, px] - line.min() >= prominence:
-            out.append((int(py), int(px)))
-    return out
 
 
 def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,

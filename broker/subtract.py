@@ -81,12 +81,6 @@ class SubtractConfig:
         galaxy residuals it was holding down came from the simulator rendering cuspy Sersic cores
         point-sampled at each frame's sub-pixel phase (the same galaxy differs between frames);
         with pixel-integrated galaxies (``bench/peers/synth.py``) ZOGY leaves none.
-    split_prominence_sigma : float or None
-        A second local maximum of a connected >= 5 sigma region becomes a candidate of its own when
-        S_corr dips by this many sigma between it and the region's main peak (3: a 3 sigma dip is
-        not a noise wiggle on a single source's profile). None: one candidate per region. Without it,
-        transients whose region touched a neighbour's residual were lost (4 of 20 S/N >= 10 ones on
-        512^2 simulator frames).
     cosmic_ray_sigma : float
         Positive peaks whose brightest science pixel exceeds its 3x3 median by this many sigma and
         by twice what the PSF allows are dropped as cosmic rays / hot pixels
@@ -121,7 +115,6 @@ class SubtractConfig:
     astrometric_max_px: float = 0.5
     flux_error: float = 0.0
     cosmic_ray_sigma: float = 8.0
-    split_prominence_sigma: float | None = 3.0
     reference_noise_kernel: bool = True
     min_flux_ratio_stars: int = 3
     renormalise_scorr: bool = False
@@ -604,7 +597,7 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
 
     # detection
     fwhm_d = measure_fwhm(z.P_D)
-    xs, ys, vs = find_scorr_peaks(S_corr, config.threshold_sigma, split_prominence=config.split_prominence_sigma)
+    xs, ys, vs = find_scorr_peaks(S_corr, config.threshold_sigma)
     n_cr = 0
     if config.cosmic_ray_sigma > 0 and len(xs):
         # positive peaks on a pixel sharper than the PSF: cosmic rays / hot pixels of the science frame
