@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import fft, ndimage, optimize, stats
+from scipy import optimize, stats
 from scipy.spatial import cKDTree
 
 from broker.detect import find_scorr_peaks

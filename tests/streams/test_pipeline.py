@@ -15,7 +15,6 @@ from collections import Counter
 import fastavro
 import numpy as np
 import pytest
-from confluent_kafka import Producer
 
 from broker.frame import Frame, encode_fits
 from broker.simulate import SimConfig, SkySimulator
