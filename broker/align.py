@@ -236,22 +236,34 @@ def _map_bad(bad: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, shap
     ny, nx = shape
     my, mx = bad.shape
     out = np.zeros(shape, bool)
-    inv = np.linalg.inv(matrix_xy)
     # outside the reference: science pixels mapping more than 1 px beyond its edges, row by row
     px = np.arange(nx, dtype=np.float64)
     for row in range(ny):
         qx = matrix_xy[0, 0] * px + matrix_xy[0, 1] * row + offset_xy[0]
         qy = matrix_xy[1, 0] * px + matrix_xy[1, 1] * row + offset_xy[1]
         out[row] = (qx < -1.0) | (qx > mx) | (qy < -1.0) | (qy > my)
-    ys, xs = np.nonzero(bad)
+    return out | map_mask(bad, matrix_xy, offset_xy, shape)
+
+
+def map_mask(mask: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, shape: tuple[int, int],
+             radius: int = 2) -> np.ndarray:
+    """Science pixels within ``radius`` px of where the set pixels of a reference-grid ``mask``
+    land (``q = matrix @ p + offset`` maps science p to reference q).
+
+    Returns
+    -------
+    ndarray of bool, shape ``shape``
+    """
+    ny, nx = shape
+    out = np.zeros(shape, bool)
+    ys, xs = np.nonzero(mask)
     if len(ys):
-        p = inv @ (np.vstack([xs, ys]).astype(np.float64) - offset_xy[:, None])
-        r = 2
+        p = np.linalg.inv(matrix_xy) @ (np.vstack([xs, ys]).astype(np.float64) - offset_xy[:, None])
         cx, cy = np.round(p[0]).astype(int), np.round(p[1]).astype(int)
-        for dy in range(-r, r + 1):
+        for dy in range(-radius, radius + 1):
             y = cy + dy
             oky = (y >= 0) & (y < ny)
-            for dx in range(-r, r + 1):
+            for dx in range(-radius, radius + 1):
                 x = cx + dx
                 ok = oky & (x >= 0) & (x < nx)
                 out[y[ok], x[ok]] = True

@@ -14,7 +14,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from broker.candidate import Detection
-from broker.psf import GAUSS_FWHM
+from broker.psf import GAUSS_FWHM, psf_peak_excess
 
 
 @dataclass(frozen=True)
@@ -123,17 +123,11 @@ def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray
     -------
     ndarray of bool, shape (n,)
     """
-    from scipy.special import erf
-
     if len(x) == 0:
         return np.zeros(0, bool)
     ny, nx = image.shape
     img = np.where(np.isfinite(image), image, 0.0)
-    s = max(fwhm, 1.0) / GAUSS_FWHM
-    edges = np.arange(-2.0, 4.0) - 0.5
-    g1 = np.diff(erf((edges - 0.5) / (np.sqrt(2.0) * s)))
-    g = np.outer(g1, g1)
-    excess = float(g[2, 2] / np.median(g[1:4, 1:4]) - 1.0)
+    excess = psf_peak_excess(fwhm)
     out = np.zeros(len(x), bool)
     for i, (xi, yi) in enumerate(zip(np.asarray(x, int), np.asarray(y, int))):
         y0, y1 = max(1, yi - search), min(ny - 1, yi + search + 1)
@@ -222,6 +216,52 @@ class _ShiftedPSF:
         return out
 
 
+def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy: float,
+                     iterations: int = 10, max_step: float = 0.5) -> tuple[float, float] | None:
+    """Position of a PSF on ``stamp`` fitted with a plane beneath it (Gauss-Newton).
+
+    The S_corr peak is the maximum-likelihood position on flat noise; on the wing of a bright-star
+    or galaxy residual the slope drags it by a pixel or more. Fitting ``a P(x - dx, y - dy) + b0 +
+    bx x + by y`` removes that slope.
+
+    Parameters
+    ----------
+    stamp : ndarray, shape (2h+1, 2h+1)
+        D around the peak, of the source's sign (positive).
+    good : ndarray of bool, same shape
+        Pixels that enter the fit.
+    psf_at : callable
+        ``psf_at(dy, dx)`` -> the PSF centred ``(dy, dx)`` px from the stamp centre, same shape.
+    dx, dy : float
+        Starting offset from the stamp centre (px).
+
+    Returns
+    -------
+    (dx, dy) or None
+        Fitted offset (px), or None if the fit does not converge to a positive source within the
+        stamp.
+    """
+    h = stamp.shape[0] // 2
+    yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
+    e = _ShiftedPSF.STEP
+    cols = [np.ones(int(good.sum())), xx[good] / h, yy[good] / h]
+    for _ in range(iterations):
+        p = psf_at(dy, dx)
+        px = (psf_at(dy, dx + e) - psf_at(dy, dx - e)) / (2 * e)
+        py = (psf_at(dy + e, dx) - psf_at(dy - e, dx)) / (2 * e)
+        a = np.column_stack([p[good], px[good], py[good], *cols])
+        coef = np.linalg.lstsq(a, stamp[good], rcond=None)[0]
+        if coef[0] <= 0:
+            return None
+        step = np.clip(coef[1:3] / coef[0], -max_step, max_step)
+        dx, dy = dx + float(step[0]), dy + float(step[1])
+        if max(abs(dx), abs(dy)) > h / 2:
+            return None
+        if np.all(np.abs(step) < e / 2):
+            return dx, dy
+    return None
+
+
 def measure_candidates(
     x: np.ndarray, y: np.ndarray, value: np.ndarray, *,
     D: np.ndarray, scorr: np.ndarray, P_D: np.ndarray, F_D: float, noise_ratio: np.ndarray, bad: np.ndarray,
@@ -272,12 +312,16 @@ def measure_candidates(
         if n_bad > config.max_bad_fraction * fp.size:
             continue
         sign = 1.0 if v >= 0 else -1.0
-        # S is D matched-filtered by P_D: its peak is the maximum-likelihood position
+        # S is D matched-filtered by P_D: its peak is the maximum-likelihood position on flat
+        # noise; a PSF-plus-plane fit on D then takes out the slope of any residual beneath
         xs, ys = _subpixel(scorr, int(xi), int(yi), sign)
-        # PSF fit of the flux on D with P_D moved to the sub-pixel position
         st = _stamp(D, int(xi), int(yi), hm).astype(np.float64)
-        psf = shifted(ys - yi, xs - xi)
         good = np.isfinite(st) & ~(_stamp(badf, int(xi), int(yi), hm) != 0)
+        fit = psf_fit_position(sign * st, good, shifted, xs - xi, ys - yi)
+        if fit is not None:
+            xs, ys = xi + fit[0], yi + fit[1]
+        # PSF fit of the flux on D with P_D moved to the sub-pixel position
+        psf = shifted(ys - yi, xs - xi)
         p2 = float((psf[good] ** 2).sum())
         if p2 <= 0:
             continue

@@ -38,7 +38,7 @@ from broker.errors import ReferenceUnavailable
 from broker.frame import Frame
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    half_size_for, measure_fwhm, resize_stamp, select_psf_stars, stack_psf,
+    FILL_MAX_SPREAD, half_size_for, inpaint, measure_fwhm, resize_stamp, select_psf_stars, sharp_outliers, stack_psf,
 )
 
 #: FFT threads: the broker runs one frame per process, so use every core it may run on.
@@ -82,10 +82,12 @@ class SubtractConfig:
         point-sampled at each frame's sub-pixel phase (the same galaxy differs between frames);
         with pixel-integrated galaxies (``bench/peers/synth.py``) ZOGY leaves none.
     cosmic_ray_sigma : float
-        Positive peaks whose brightest science pixel exceeds its 3x3 median by this many sigma and
-        by twice what the PSF allows are dropped as cosmic rays / hot pixels
-        (:func:`broker.detect.sharp_peaks`; 8 sigma like :func:`broker.psf.sharp_outliers`, the
-        stand-in for L.A.Cosmic used on reference inputs). 0 disables the veto.
+        Science pixels that exceed their 3x3 median by this many sigma and by twice what the PSF
+        allows (cosmic rays, hot pixels; :func:`broker.psf.sharp_outliers`, a stand-in for
+        L.A.Cosmic, also used on reference inputs) are interpolated over before the subtraction,
+        and positive peaks still sitting on such a pixel are dropped
+        (:func:`broker.detect.sharp_peaks`). 8 sigma keeps the brightest pixel of any PSF-blurred
+        source. 0 disables both.
     reference_noise_kernel : bool
         Model the reference noise as coloured by its resampling (see :func:`interpolation_kernel`)
         instead of white (matters for undersampled PSFs; see :func:`zogy`).
@@ -492,6 +494,18 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     t = lap("background", t)
     sci_stars = find_stars(np.where(raw_sat, 0.0, N), sigma_n, config.stars, meta.saturation, bkg)
     ref_stars = reference_sources(reference, config)
+    # cosmic rays, hot pixels and the reference's detector defects (same detector pixels: the
+    # pointing repeats to < 1 px) interpolated over, as survey pipelines do: masking them would
+    # blind S_corr for 2 FWHM around each, and a transient beside or beneath keeps its other pixels
+    fix = np.zeros(shape, bool)
+    if config.cosmic_ray_sigma > 0:
+        fix |= sharp_outliers(N, rms_map, sci_stars.fwhm, config.cosmic_ray_sigma)
+    if reference.defects is not None and reference.defects.shape == shape:
+        fix |= reference.defects
+    N, fill_spread = inpaint(N, fix)
+    # a fill is trusted where the surface follows the image; elsewhere (a star's core) masked
+    unfilled = fix & ~(fill_spread <= FILL_MAX_SPREAD * rms_map)
+    fill_spread = np.nan_to_num(fill_spread)
     t = lap("stars", t)
 
     # alignment
@@ -545,8 +559,8 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     # masks: science invalid + saturated (grown) + reference invalid (grown)
     fwhm = max(fwhm_n, fwhm_r)
     bad = ~np.isfinite(sci) | saturation_mask(sci, meta.saturation, fwhm, config)
-    bad |= _grow(~np.isfinite(R) | ~np.isfinite(ali.variance), config.ref_bad_grow_fwhm * fwhm)
-    var_n = rms_map ** 2 + source_variance(N, rms_map, meta.gain)
+    bad |= _grow(~np.isfinite(R) | ~np.isfinite(ali.variance) | unfilled, config.ref_bad_grow_fwhm * fwhm)
+    var_n = rms_map ** 2 + source_variance(N, rms_map, meta.gain) + fill_spread ** 2
     var_r = np.where(np.isfinite(ali.variance), ali.variance, 0.0).astype(np.float32)
     # frame statistics on every 4th pixel of every 4th row: 260k samples of a 2k x 2k frame
     sub_good = ~bad[::4, ::4]
@@ -646,6 +660,8 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         "bad_fraction": float(bad.mean()),
         "n_peaks": float(len(xs)),
         "n_cosmic_rays": float(n_cr),
+        "n_interpolated_px": float(fix.sum()),
+        "n_unfilled_px": float(unfilled.sum()),
         "n_candidates": float(len(cands)),
         "candidates_capped": capped,
         **times,

@@ -124,7 +124,8 @@ def add_stamps(image: np.ndarray, stamps: np.ndarray, flat: np.ndarray, inside: 
                              minlength=image.size).reshape(image.shape)
 
 
-def optimal_snr(signal: np.ndarray, model: np.ndarray, gain: float, read_noise: float) -> np.ndarray:
+def optimal_snr(signal: np.ndarray, model: np.ndarray, gain: float, read_noise: float,
+                lost: np.ndarray | None = None) -> np.ndarray:
     """Optimal (PSF-weighted) S/N of signals given the expected frame.
 
     ``S/N^2 = sum_i s_i^2 / var_i`` in electrons, with ``var_i = gain * model_i + read_noise^2``
@@ -137,6 +138,8 @@ def optimal_snr(signal: np.ndarray, model: np.ndarray, gain: float, read_noise: 
         Signal of each of n sources in its m pixels, ADU (may be negative for a fading source).
     model : ndarray, shape (n, m)
         Expected (noise-free) frame in the same pixels, ADU.
+    lost : ndarray of bool, shape (n, m), optional
+        Pixels that carry no information (saturated, cosmic ray, detector defect): left out.
 
     Returns
     -------
@@ -144,7 +147,10 @@ def optimal_snr(signal: np.ndarray, model: np.ndarray, gain: float, read_noise: 
         S/N, carrying the sign of the summed signal.
     """
     var = gain * np.clip(model, 0.0, None) + read_noise ** 2
-    snr = np.sqrt(np.sum((gain * signal) ** 2 / var, axis=-1))
+    terms = (gain * signal) ** 2 / var
+    if lost is not None:
+        terms = np.where(lost, 0.0, terms)
+    snr = np.sqrt(np.sum(terms, axis=-1))
     return np.where(np.sum(signal, axis=-1) < 0, -snr, snr)
 
 

@@ -35,7 +35,9 @@ class Injection:
         (signed; a faded variable is negative). Artifacts: all ADU they deposit.
     snr : float
         Expected optimal S/N of ``flux`` on this frame (signed like ``flux``); see
-        :func:`broker.simulate.render.optimal_snr`.
+        :func:`broker.simulate.render.optimal_snr`. Pixels hit by a cosmic ray, a hot pixel or
+        column, or saturated carry no information about a source and are left out (every pipeline
+        masks or interpolates them), so a transient under a cosmic ray has the S/N that is left.
     on_galaxy : bool
         Placed on a galaxy (offset from its nucleus).
     source_id : str
@@ -113,11 +115,13 @@ class _Pending:
     def add(self, flat: np.ndarray, values: np.ndarray, **inj: object) -> None:
         self.items.append((inj, flat, values))
 
-    def resolve(self, model: np.ndarray, gain: float, read_noise: float) -> list[Injection]:
-        flat_model = model.ravel()
+    def resolve(self, model: np.ndarray, lost: np.ndarray, gain: float, read_noise: float
+                ) -> list[Injection]:
+        flat_model, flat_lost = model.ravel(), lost.ravel()
         out = []
         for inj, flat, values in self.items:
-            snr = render.optimal_snr(values, flat_model[flat].astype(np.float64), gain, read_noise)
+            snr = render.optimal_snr(values, flat_model[flat].astype(np.float64), gain, read_noise,
+                                     flat_lost[flat])
             out.append(Injection(snr=float(snr), **inj))  # type: ignore[arg-type]
         return out
 
@@ -260,7 +264,8 @@ class SkySimulator:
         for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal):
             point("moving", ra, dec, flux, sid)
 
-        self._artifacts(artifacts, pending, rng, wcs, fwhm)
+        lost = np.zeros(c.shape, bool)  # pixels without information: defects, cosmic rays
+        self._artifacts(artifacts, lost, pending, rng, wcs, fwhm)
 
         frame_id = f"{c.telescope}-{field}-{filter}-{epoch:04d}"
         header = wcs.to_header()
@@ -275,8 +280,9 @@ class SkySimulator:
         ):
             header[key] = (value, comment)
         model = static + changes + artifacts
+        lost |= model >= c.saturation
         truth = Truth(frame_id=frame_id, field=field, filter=filter, epoch=epoch, fwhm=float(fwhm),
-                      injections=pending.resolve(model, c.gain, c.read_noise), beta=float(beta),
+                      injections=pending.resolve(model, lost, c.gain, c.read_noise), beta=float(beta),
                       psf_ellip=float(pe), psf_theta=float(pth), mjd=float(mjd), sky=float(level))
         return _Scene(header=header, truth=truth, static=static, changes=changes, artifacts=artifacts)
 
@@ -294,21 +300,28 @@ class SkySimulator:
         hosts = np.flatnonzero(inside & (sky.gal_mag < c.host_max_mag))
         if len(hosts) == 0:  # small test frames may hold no bright galaxy: take any
             hosts = np.flatnonzero(inside)
+        # transients alive together have consecutive serial numbers, so taking hosts in the order
+        # of a per-field permutation gives each a galaxy of its own (no blended pairs in the truth)
+        hosts = pop.rng_for(self.seed, "hosts", field).permutation(hosts)
         life = max(c.transient_lifetime, 1)
-        for birth in range(epoch - life + 1, epoch + 1):
+        first = epoch - life + 1
+        serial = (sum(pop.transients_born(c, b) for b in range(0, first)) if first >= 0
+                  else -sum(pop.transients_born(c, b) for b in range(first, 0)))
+        for birth in range(first, epoch + 1):
             rng = pop.rng_for(self.seed, "transient", field, str(birth))
             for j in range(pop.transients_born(c, birth)):
                 snr = pop.transient_light_curve(rng, life, c.transient_snr_range)[epoch - birth]
                 colour = rng.uniform(*c.colour_range)
                 on_gal = len(hosts) > 0 and rng.uniform() < c.transient_on_galaxy
                 if on_gal:
-                    h = rng.choice(hosts)
+                    h = hosts[serial % len(hosts)]
                     r = sky.gal_reff[h] / c.pixel_scale * rng.uniform(0.2, 1.5)
                     ang = rng.uniform(0, 2 * np.pi)
                     x = np.clip(gx[h] + r * np.cos(ang), m, nx - 1 - m)
                     y = np.clip(gy[h] + r * np.sin(ang), m, ny - 1 - m)
                 else:
                     x, y = rng.uniform(m, nx - 1 - m), rng.uniform(m, ny - 1 - m)
+                serial += 1
                 ra, dec = nominal.wcs_pix2world([x], [y], 0)
                 flux = float(self._flux_for_snr(snr)) * 10 ** (-0.4 * ct * colour)
                 yield float(ra[0]), float(dec[0]), flux, f"{field}-T{birth:04d}-{j:02d}", bool(on_gal)
@@ -332,16 +345,19 @@ class SkySimulator:
             flux = float(self._flux_for_snr(snr)) * 10 ** (-0.4 * ct * colour)
             yield float(ra[0]), float(dec[0]), flux, f"{field}-M{k:04d}"
 
-    def _artifacts(self, image: np.ndarray, pending: _Pending, rng: np.random.Generator,
-                   wcs: WCS, fwhm: float) -> None:
-        """Cosmic rays, hot pixels and columns, satellite trail: not PSF-convolved, recorded."""
+    def _artifacts(self, image: np.ndarray, lost: np.ndarray, pending: _Pending,
+                   rng: np.random.Generator, wcs: WCS, fwhm: float) -> None:
+        """Cosmic rays, hot pixels and columns, satellite trail: not PSF-convolved, recorded.
+        The pixels of all but the (smooth) trail are marked in ``lost``."""
         c = self.config
         ny, nx = c.shape
-        flat_img = image.reshape(-1)
+        flat_img, flat_lost = image.reshape(-1), lost.reshape(-1)
 
         def record(kind: str, flat: np.ndarray, values: np.ndarray, x: float, y: float, sid: str,
                    ends: tuple[float, float, float, float] | None = None) -> None:
             np.add.at(flat_img, flat, values.astype(np.float32))
+            if kind != "satellite":
+                flat_lost[flat] = True
             ra, dec = wcs.wcs_pix2world([x], [y], 0)
             x0, y0, x1, y1 = ends if ends else (None,) * 4
             pending.add(flat, values, kind=kind, x=float(x), y=float(y), ra=float(ra[0]),
