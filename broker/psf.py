@@ -205,6 +205,11 @@ class StarConfig:
     ----------
     threshold_sigma : float
         Detection threshold (background RMS). 10 sigma keeps centroids good to ~0.1 px (FWHM/SNR).
+    peak_fraction : float
+        Candidate centres are the local maxima of the image above this fraction of the threshold
+        (per pixel); DAOStarFinder then applies the threshold to its fitted peak amplitude, which
+        a star's brightest pixel reaches to 0.6-1.0 (sub-pixel phase; FWHM >= 2 px): 0.5 loses
+        none, and the noise adds a few candidates per frame.
     max_stars : int
         Brightest stars kept (count); bounds the cost on crowded 2048^2 frames.
     saturation_fraction : float
@@ -215,6 +220,7 @@ class StarConfig:
     """
 
     threshold_sigma: float = 10.0
+    peak_fraction: float = 0.5
     max_stars: int = 400
     saturation_fraction: float = 0.8
     fwhm_guess_px: float = 3.0
@@ -289,6 +295,25 @@ def _star_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def local_peaks(data: np.ndarray, level: float, half: int = 2) -> np.ndarray:
+    """Pixels above ``level`` that are the maximum of their (2 half + 1)^2 box, shape (n, 2) (x, y).
+
+    Only the pixels above ``level`` are examined (a few % of a frame), where a frame-wide maximum
+    filter, as in ``photutils.detection.find_peaks``, costs 0.4 s per 2k x 2k frame. Ties (flat
+    saturated tops) keep the first pixel in row-major order.
+    """
+    ys, xs = np.nonzero(data > level)
+    if len(ys) == 0:
+        return np.zeros((0, 2), int)
+    iy, ix = _neighbours(data.shape, ys, xs, half)
+    box = data[iy, ix]
+    centre = box.shape[1] // 2
+    v = data[ys, xs]
+    before = np.arange(box.shape[1]) < centre  # box pixels preceding the centre in row-major order
+    top = ~np.any((box > v[:, None]) | ((box == v[:, None]) & before), axis=1)
+    return np.column_stack([xs[top], ys[top]])
+
+
 def find_stars(
     data: np.ndarray,
     rms: float,
@@ -317,8 +342,11 @@ def find_stars(
     # The kernel only has to be within ~2x of the seeing to detect stars; its sharpness cut then
     # rejects hot pixels and cosmic rays, which are sharper than any PSF.
     kernel = fwhm if fwhm is not None else config.fwhm_guess_px
+    xy = local_peaks(clean, config.peak_fraction * thr * rms, half=max(int(round(kernel)), 1))
+    if len(xy) == 0:
+        return StarList(np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0), float(kernel))
     finder = DAOStarFinder(threshold=thr * rms, fwhm=kernel, exclude_border=True,
-                           n_brightest=config.max_stars, scale_threshold=False,
+                           n_brightest=config.max_stars, scale_threshold=False, xycoords=xy,
                            sharpness_range=(0.2, 1.0), roundness_range=(-0.7, 0.7))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

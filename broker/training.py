@@ -122,6 +122,11 @@ class TrainingSetConfig:
         while its PSF model is kept: PSF-mismatch residuals (rings) on bright stars.
     psf_blur_px : tuple of float
         Blur sigma range, px.
+    p_uncleaned : float
+        Probability that a frame is subtracted without interpolating its cosmic rays and hot
+        pixels (``SubtractConfig(cosmic_ray_sigma=0)``): the cleaning removes nearly all of them
+        from simulated frames, but on real ones some always get through, and the classifier must
+        have seen them.
     hot_pixels_per_frame : float
         Mean (Poisson) extra science-only hot pixels per frame (the simulator's hot pixels are
         fixed on the detector and land in the reference too, so they rarely make candidates).
@@ -168,6 +173,7 @@ class TrainingSetConfig:
     misalign_px: tuple[float, float] = (0.3, 1.2)
     p_psf_error: float = 0.25
     psf_blur_px: tuple[float, float] = (0.6, 1.5)
+    p_uncleaned: float = 0.3
     hot_pixels_per_frame: float = 15.0
     bad_columns_per_frame: float = 1.5
     p_bleed: float = 0.8
@@ -426,7 +432,9 @@ def field_candidates(config: TrainingSetConfig, f: int,
         ref_e, residual_kind = _reference_variant(reference, config, rng)
         extra = add_science_artifacts(frame, truth.fwhm, truth.sky, config, rng)
         try:
-            result = sub_mod.subtract_and_detect(frame, ref_e, sub_mod.SubtractConfig())
+            cleaned = rng.uniform() >= config.p_uncleaned
+            sub_cfg = sub_mod.SubtractConfig() if cleaned else sub_mod.SubtractConfig(cosmic_ray_sigma=0.0)
+            result = sub_mod.subtract_and_detect(frame, ref_e, sub_cfg)
         except Exception as exc:  # a failed subtraction only costs that frame
             print(f"[training] {field_name} {filt} epoch {e}: subtraction failed: {exc!r}")
             continue

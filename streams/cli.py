@@ -263,8 +263,10 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
     table.add_row("dead letters", str(len(result.dead_letters)))
     for bin_, rec, inj in result.recovery():
         table.add_row(f"transients S/N {bin_}", f"{rec}/{inj} recovered" + (f" ({rec / inj:.0%})" if inj else ""))
+    rec, inj = result.masked(10.0)
+    table.add_row("  S/N >= 10 in saturated-star masks", f"{rec}/{inj} recovered (not in the rows above)")
     for frame_id, source_id, snr, dist, saturated in result.missed(10.0):
-        why = ", saturated pixels within 5 px" if saturated else ""
+        why = ", inside a saturated-star mask" if saturated else ""
         table.add_row("  missed (S/N >= 10)", f"{source_id} in {frame_id}: S/N {snr:.1f}, nearest alert {dist:.1f} px{why}")
     table.add_row("false alerts", f"{result.false_alerts()} (rb >= {rb_cut}: {result.false_alerts(rb_cut)})")
     if result.latencies:

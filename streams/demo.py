@@ -29,6 +29,10 @@ from streams.subscriber import alerts
 SNR_BINS = (5.0, 7.0, 10.0, 20.0)
 #: Match radius between an alert and an injected source (px).
 MATCH_PX = 1.5
+#: Transients this close (px) to a pixel saturated in their frame or in a frame of its reference
+#: lie inside the subtraction's saturated-star masks (science: 2 FWHM + 1.5 x the core radius;
+#: reference: the core grown by 3 px, then by 1 FWHM): counted apart from the recovery table.
+SATURATION_MASK_PX = 8.0
 REAL_KINDS = ("transient", "variable", "moving")
 
 
@@ -42,42 +46,71 @@ class DemoResult:
     alerts: list[dict] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # s, exposure end -> alert received
     dead_letters: list[dict] = field(default_factory=list)
-    near_saturation: set[tuple[str, str]] = field(default_factory=set)  # (frame id, source id)
+    saturated: dict[str, np.ndarray] = field(default_factory=dict)  # frame id -> (n, 2) RA/Dec, deg
+    wcs: dict[str, object] = field(default_factory=dict)  # frame id -> celestial WCS
 
-    def recovery(self) -> list[tuple[str, int, int]]:
-        """(S/N bin, recovered, injected) for transients in frames that were subtracted."""
-        edges = (*SNR_BINS, np.inf)
-        by_frame: dict[str, list[dict]] = {}
-        for a in self.alerts:
-            by_frame.setdefault(a["provenance"]["frame_id"], []).append(a)
-        rows = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
-            injected = recovered = 0
-            for frame_id, status in self.statuses.items():
-                if status != "SUBTRACTED":
-                    continue
+    def in_saturation_mask(self, frame_id: str, inj) -> bool:
+        """Whether ``inj`` lies within :data:`SATURATION_MASK_PX` of a pixel saturated in its
+        frame or in any frame of the same field that went into the reference."""
+        field_ = self.truths[frame_id].field
+        for fid, status in self.statuses.items():
+            if fid != frame_id and not (status in ("REFERENCE_BUILDING", "IN_REFERENCE")
+                                        and self.truths[fid].field == field_):
+                continue
+            sky = self.saturated.get(fid)
+            if sky is not None and len(sky):
+                x, y = self.wcs[frame_id].wcs_world2pix(sky[:, 0], sky[:, 1], 0)
+                if np.min(np.hypot(x - inj.x, y - inj.y)) <= SATURATION_MASK_PX:
+                    return True
+        return False
+
+    def _subtracted_transients(self, lo: float, hi: float):
+        """(frame id, injection) of transients with lo <= |S/N| < hi in subtracted frames."""
+        for frame_id, status in sorted(self.statuses.items()):
+            if status == "SUBTRACTED":
                 for inj in self.truths[frame_id].injections:
                     if inj.kind == "transient" and lo <= abs(inj.snr) < hi:
-                        injected += 1
-                        recovered += any(matches(a, inj) for a in by_frame.get(frame_id, []))
-            rows.append((f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}", recovered, injected))
+                        yield frame_id, inj
+
+    def _by_frame(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for a in self.alerts:
+            out.setdefault(a["provenance"]["frame_id"], []).append(a)
+        return out
+
+    def recovery(self) -> list[tuple[str, int, int]]:
+        """(S/N bin, recovered, injected) for transients in subtracted frames outside the
+        saturated-star masks (those are in :meth:`masked`)."""
+        edges = (*SNR_BINS, np.inf)
+        by_frame = self._by_frame()
+        rows = []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            found = [any(matches(a, inj) for a in by_frame.get(fid, []))
+                     for fid, inj in self._subtracted_transients(lo, hi)
+                     if not self.in_saturation_mask(fid, inj)]
+            rows.append((f"{lo:g}-{hi:g}" if np.isfinite(hi) else f">={lo:g}", sum(found), len(found)))
         return rows
+
+    def masked(self, min_snr: float = 10.0) -> tuple[int, int]:
+        """(recovered, injected) transients with S/N >= ``min_snr`` inside saturated-star masks."""
+        by_frame = self._by_frame()
+        found = [any(matches(a, inj) for a in by_frame.get(fid, []))
+                 for fid, inj in self._subtracted_transients(min_snr, np.inf)
+                 if self.in_saturation_mask(fid, inj)]
+        return sum(found), len(found)
 
     def missed(self, min_snr: float = 10.0) -> list[tuple[str, str, float, float, bool]]:
         """Transients with S/N >= ``min_snr`` in subtracted frames that got no alert: (frame id,
-        source id, S/N, distance to the nearest alert of that frame in px, saturated pixels within
-        5 px in the science frame)."""
+        source id, S/N, distance to the nearest alert of that frame in px, inside a saturated-star
+        mask)."""
+        by_frame = self._by_frame()
         out = []
-        for frame_id, status in sorted(self.statuses.items()):
-            if status != "SUBTRACTED":
-                continue
-            mine = [a for a in self.alerts if a["provenance"]["frame_id"] == frame_id]
-            for inj in self.truths[frame_id].injections:
-                if inj.kind == "transient" and abs(inj.snr) >= min_snr and not any(matches(a, inj) for a in mine):
-                    d = min((float(np.hypot(a["source"]["x"] - inj.x, a["source"]["y"] - inj.y)) for a in mine),
-                            default=float("inf"))
-                    out.append((frame_id, inj.source_id, float(inj.snr), d,
-                                (frame_id, inj.source_id) in self.near_saturation))
+        for frame_id, inj in self._subtracted_transients(min_snr, np.inf):
+            mine = by_frame.get(frame_id, [])
+            if not any(matches(a, inj) for a in mine):
+                d = min((float(np.hypot(a["source"]["x"] - inj.x, a["source"]["y"] - inj.y)) for a in mine),
+                        default=float("inf"))
+                out.append((frame_id, inj.source_id, float(inj.snr), d, self.in_saturation_mask(frame_id, inj)))
         return out
 
     def false_alerts(self, rb_cut: float | None = None) -> int:
@@ -92,16 +125,12 @@ class DemoResult:
         return n
 
 
-def _near_saturation(frame, truth: Truth, radius: int = 5) -> set[tuple[str, str]]:
-    """Transients with a saturated science pixel within ``radius`` px (there the pipeline masks)."""
-    out = set()
-    ny, nx = frame.data.shape
-    for inj in truth.injections:
-        x, y = int(round(inj.x)), int(round(inj.y))
-        box = frame.data[max(0, y - radius): y + radius + 1, max(0, x - radius): x + radius + 1]
-        if inj.kind == "transient" and box.size and np.nanmax(box) >= frame.meta.saturation:
-            out.add((truth.frame_id, inj.source_id))
-    return out
+def _saturated_sky(frame) -> np.ndarray:
+    """RA/Dec (deg), shape (n, 2), of the saturated pixels of ``frame``."""
+    with np.errstate(invalid="ignore"):
+        ys, xs = np.nonzero(frame.data >= frame.meta.saturation)
+    ra, dec = frame.wcs.wcs_pix2world(xs, ys, 0)
+    return np.column_stack([ra, dec])
 
 
 def matches(alert: dict, inj) -> bool:
@@ -186,7 +215,8 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
             next_shutter += interval
             producer.publish_frame(frame, exposure_end=time.time())  # the simulated shutter closes now
             result.truths[truth.frame_id] = truth
-            result.near_saturation |= _near_saturation(frame, truth)
+            result.saturated[truth.frame_id] = _saturated_sky(frame)
+            result.wcs[truth.frame_id] = frame.wcs
             if on_progress:
                 on_progress(i, None)
         producer.flush()

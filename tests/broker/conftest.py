@@ -34,12 +34,13 @@ def make_wcs(shape: tuple[int, int], dx: float = 0.0, dy: float = 0.0, rot_deg: 
     return w
 
 
-def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm: float) -> np.ndarray:
-    """Pixel-integrated circular Gaussians (ADU) on a zero image."""
+def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm) -> np.ndarray:
+    """Pixel-integrated circular Gaussians (ADU) on a zero image; ``fwhm`` (px) is a number or a
+    function of the position (x, y) (a PSF that varies across the field)."""
     img = np.zeros(shape, np.float64)
-    s = fwhm / 2.3548200450309493
-    h = int(np.ceil(5 * s)) + 1
     for xi, yi, fi in zip(x, y, flux):
+        s = (fwhm(xi, yi) if callable(fwhm) else fwhm) / 2.3548200450309493
+        h = int(np.ceil(5 * s)) + 1
         ix, iy = int(np.round(xi)), int(np.round(yi))
         xs = np.arange(ix - h, ix + h + 1)
         ys = np.arange(iy - h, iy + h + 1)
@@ -73,7 +74,7 @@ def make_sky(seed: int, shape: tuple[int, int], n_stars: int = 60, fmin: float =
 
 
 def make_frame(
-    seed: int, shape: tuple[int, int], sky: Sky | None, *, fwhm: float = 3.0, sky_level: float = 200.0,
+    seed: int, shape: tuple[int, int], sky: Sky | None, *, fwhm=3.0, sky_level: float = 200.0,
     gain: float = 1.0, read_noise: float = 5.0, scale: float = 1.0, saturation: float = np.inf,
     dx: float = 0.0, dy: float = 0.0, rot_deg: float = 0.0,
     true_dx: float | None = None, true_dy: float | None = None, true_rot: float | None = None,
@@ -83,7 +84,7 @@ def make_frame(
     """One synthetic frame.
 
     ``dx, dy, rot_deg`` set the header WCS; ``true_*`` (default: the same) set the WCS used to
-    render, so that ``true != header`` is a WCS error. ``extra`` = [(x, y, flux)] point sources
+    render, so that ``true != header`` is a WCS error. ``fwhm``: px, or a function of (x, y). ``extra`` = [(x, y, flux)] point sources
     added at science pixel positions. Noise: Gaussian, variance = model / gain + read_noise^2.
     """
     rng = np.random.default_rng(seed)

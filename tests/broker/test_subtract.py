@@ -280,3 +280,17 @@ def test_correlated_noise_is_renormalised_not_flooding():
     res = subtract_and_detect(sci, ref)
     assert res.diagnostics["scorr_renormalised"] == 1.0
     assert len(res.candidates) <= 2
+
+
+def test_psf_tiles_follow_a_psf_that_varies_across_the_field():
+    """Science seeing 2.6 px on the left, 3.2 px on the right (reference 2.2 px everywhere): one PSF
+    leaves rings on the bright stars of both sides, a PSF per 256 px tile does not."""
+    shape = (1024, 1024)
+    sky = make_sky(60, shape, n_stars=900, fmin=3e3, fmax=2e4)
+    sci = make_frame(61, shape, sky, fwhm=lambda x, y: 2.6 + 0.6 * x / shape[1], frame_id="vary")
+    ref = make_reference(62, shape, sky, fwhm=2.2)
+    one = subtract_and_detect(sci, ref, SubtractConfig(psf_tile_px=0))
+    tiled = subtract_and_detect(sci, ref, SubtractConfig(psf_tile_px=256))
+    assert tiled.diagnostics["n_psf_tiles"] == 16 and one.diagnostics["n_psf_tiles"] == 1
+    assert tiled.diagnostics["fwhm_science_tile_range_px"] > 0.3
+    assert len(tiled.candidates) <= 3 and len(one.candidates) >= 50, (len(tiled.candidates), len(one.candidates))

@@ -1,0 +1,40 @@
+"""The demo's scoring of alerts against the simulator's truth (no broker needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from broker.simulate import SimConfig, SkySimulator
+from streams.demo import DemoResult, _saturated_sky
+
+
+def _alert(frame_id: str, x: float, y: float) -> dict:
+    return {"provenance": {"frame_id": frame_id}, "source": {"x": x, "y": y}, "scores": {"rb": 0.9}}
+
+
+def test_recovery_counts_transients_outside_saturation_masks_and_lists_the_rest():
+    sim = SkySimulator(SimConfig(shape=(256, 256), fields=("F001",), n_stars=20, n_galaxies=5,
+                                 n_transients=3, n_variables=0, n_moving=0, n_cosmic_rays=0.0,
+                                 transient_snr_range=(12.0, 13.0)), seed=5)
+    res = DemoResult()
+    frames = list(sim.frames(4))
+    for (frame, truth), status in zip(frames, ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE", "SUBTRACTED"]):
+        res.truths[truth.frame_id], res.statuses[truth.frame_id] = truth, status
+        res.wcs[truth.frame_id] = frame.wcs
+        res.saturated[truth.frame_id] = _saturated_sky(frame)
+    science, truth = frames[3]
+    t = [i for i in truth.injections if i.kind == "transient"]
+    assert len(t) == 3
+    # a star saturated in one reference frame, 5 px from the first transient
+    ref_frame, ref_truth = frames[1]
+    x, y = ref_frame.wcs.wcs_world2pix([t[0].ra], [t[0].dec], 0)
+    ref_frame.data[int(round(y[0])), int(round(x[0])) + 5] = ref_frame.meta.saturation
+    res.saturated[ref_truth.frame_id] = _saturated_sky(ref_frame)
+    res.alerts = [_alert(truth.frame_id, t[1].x + 0.3, t[1].y)]
+
+    assert res.in_saturation_mask(truth.frame_id, t[0]) and not res.in_saturation_mask(truth.frame_id, t[1])
+    assert [row for row in res.recovery() if row[2]] == [("10-20", 1, 2)]
+    assert res.masked(10.0) == (0, 1)
+    missed = res.missed(10.0)
+    assert sorted((m[1], m[4]) for m in missed) == sorted([(t[0].source_id, True), (t[2].source_id, False)])
+    assert np.isfinite(missed[0][3])
