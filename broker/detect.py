@@ -37,6 +37,10 @@ class DetectConfig:
     max_candidates : int
         At most this many candidates per frame (the most significant); a frame beyond it is garbage
         and downstream stages must not be flooded.
+    subpixel_peak : bool
+        Threshold S_corr at its sub-pixel peak rather than at the best pixel
+        (:func:`find_scorr_peaks`): ~2 % more S/N for sources between pixel centres, and as many
+        more noise peaks as a threshold 2 % lower gives.
     """
 
     threshold_sigma: float = 5.0
@@ -44,15 +48,22 @@ class DetectConfig:
     max_bad_fraction: float = 0.5
     dipole_sigma: float = 3.0
     max_candidates: int = 500
+    subpixel_peak: bool = True
 
 
-def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, border: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, border: int = 0,
+                     refine: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One peak per connected region of ``|S_corr| >= threshold`` (positive and negative).
 
     A connected region rather than a local-maximum box: a cosmic-ray track or a galaxy residual
     gives one candidate, not a string of them. Two sources closer than their footprints merge (the
     brighter is kept).
+
+    With ``refine``, the statistic is S_corr at the sub-pixel peak (a Gaussian through the 3 x 3
+    pixels, :func:`peak_value`) rather than at the nearest pixel centre, where a source lies up to
+    half a pixel off and loses ~2 % of its S/N (PSF FWHM 3 px): the theoretical ZOGY completeness
+    is that of the statistic at the source. Regions are then found at 0.9 x the threshold and kept
+    when their refined peak reaches it.
 
     Parameters
     ----------
@@ -63,18 +74,20 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
         Unused (kept for a local-maximum variant); regions are 8-connected.
     border : int
         Peaks closer than this to the frame edge (px) are dropped.
+    refine : bool
 
     Returns
     -------
     x, y : ndarray of int
-        Peak pixels, ordered by decreasing |S_corr| then (y, x): a deterministic order.
+        Peak pixels, ordered by decreasing |value| then (y, x): a deterministic order.
     value : ndarray of float
-        S_corr at the peak (signed).
+        S_corr at the peak (signed; refined when ``refine``).
     """
     xs, ys, vs = [], [], []
     eight = np.ones((3, 3), bool)
+    search = 0.9 * threshold if refine else threshold
     for sign in (1.0, -1.0):
-        hits = (sign * scorr) >= threshold
+        hits = (sign * scorr) >= search
         if not hits.any():
             continue
         labels, n = ndimage.label(hits, structure=eight)
@@ -84,9 +97,13 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
             sub = np.where(labels[sl] == i + 1, sign * scorr[sl], -np.inf)
             iy, ix = np.unravel_index(int(np.argmax(sub)), sub.shape)
             yx[i] = (sl[0].start + iy, sl[1].start + ix)
-        ys.append(yx[:, 0])
-        xs.append(yx[:, 1])
-        vs.append(scorr[yx[:, 0], yx[:, 1]].astype(float))
+        v = scorr[yx[:, 0], yx[:, 1]].astype(float)
+        if refine:
+            v = sign * np.array([peak_value(scorr, x, y, sign) for y, x in yx])
+        keep = sign * v >= threshold
+        ys.append(yx[keep, 0])
+        xs.append(yx[keep, 1])
+        vs.append(v[keep])
     if not xs:
         return np.zeros(0, int), np.zeros(0, int), np.zeros(0)
     x, y, v = np.concatenate(xs), np.concatenate(ys), np.concatenate(vs)
@@ -96,6 +113,41 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
         x, y, v = x[ok], y[ok], v[ok]
     order = np.lexsort((x, y, -np.abs(v)))
     return x[order], y[order], v[order]
+
+
+def _axis_fit(a: float, b: float, c: float) -> tuple[float, float]:
+    """Offset (px, within +-0.5) and log-gain of a Gaussian (a log-parabola) through three samples
+    around a maximum b; a plain parabola when they are not all positive (gain then additive)."""
+    if a > 0 and b > 0 and c > 0:
+        la, lb, lc = np.log(a), np.log(b), np.log(c)
+    else:
+        la, lb, lc = a, b, c
+    den = la - 2 * lb + lc
+    if not den < 0:
+        return 0.0, 0.0
+    off = float(np.clip(0.5 * (la - lc) / den, -0.5, 0.5))
+    return off, float(0.5 * (lc - la) * off + 0.5 * den * off * off)
+
+
+def _window(img: np.ndarray, x: int, y: int, sign: float) -> np.ndarray | None:
+    """``sign * img`` in the 3 x 3 pixels around (x, y) (float64), or None at the frame edge."""
+    ny, nx = img.shape
+    if not (0 < x < nx - 1 and 0 < y < ny - 1):
+        return None
+    return sign * np.asarray(img[y - 1:y + 2, x - 1:x + 2], np.float64)
+
+
+def peak_value(img: np.ndarray, x: int, y: int, sign: float = 1.0) -> float:
+    """``sign * img`` at its sub-pixel maximum near pixel (x, y) (per-axis Gaussian fits), never
+    below the pixel value."""
+    w = _window(img, x, y, sign)
+    if w is None:
+        return float(sign * img[y, x])
+    b = w[1, 1]
+    gains = [_axis_fit(w[1, 0], b, w[1, 2])[1], _axis_fit(w[0, 1], b, w[2, 1])[1]]
+    if b > 0 and w[1, 0] > 0 and w[1, 2] > 0 and w[0, 1] > 0 and w[2, 1] > 0:
+        return float(b * np.exp(sum(gains)))
+    return float(b + sum(gains))
 
 
 def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,
@@ -146,22 +198,10 @@ def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray
 def _subpixel(img: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float]:
     """Peak position of ``sign * img`` by a 3-point Gaussian (log-parabola) fit per axis, parabola
     if not positive. Only the 3 x 3 pixels around (x, y) are read (never scale the whole image)."""
-    ny, nx = img.shape
-    y0, x0 = max(y - 1, 0), max(x - 1, 0)
-    win = sign * np.asarray(img[y0:y + 2, x0:x + 2], np.float64)
-
-    def axis(a: float, b: float, c: float) -> float:
-        if a > 0 and b > 0 and c > 0:
-            la, lb, lc = np.log(a), np.log(b), np.log(c)
-            den = la - 2 * lb + lc
-        else:
-            la, lb, lc, den = a, b, c, a - 2 * b + c
-        return float(np.clip(0.5 * (la - lc) / den, -0.5, 0.5)) if den < 0 else 0.0
-
-    cy, cx = y - y0, x - x0
-    dx = axis(win[cy, cx - 1], win[cy, cx], win[cy, cx + 1]) if 0 < x < nx - 1 else 0.0
-    dy = axis(win[cy - 1, cx], win[cy, cx], win[cy + 1, cx]) if 0 < y < ny - 1 else 0.0
-    return x + dx, y + dy
+    w = _window(img, x, y, sign)
+    if w is None:
+        return float(x), float(y)
+    return x + _axis_fit(w[1, 0], w[1, 1], w[1, 2])[0], y + _axis_fit(w[0, 1], w[1, 1], w[2, 1])[0]
 
 
 def _stamp(img: np.ndarray, x: int, y: int, h: int) -> np.ndarray:

@@ -266,6 +266,8 @@ class StarList:
 
 def _profile_fwhm(row: np.ndarray, c: int) -> float:
     """FWHM (px) of a 1-D profile peaking at index c, by linear interpolation of the half-max points."""
+    if not row[c] > 0:
+        return float("nan")
     half = row[c] / 2.0
     left = c
     while left > 0 and row[left - 1] > half:

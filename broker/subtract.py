@@ -710,7 +710,7 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     t = lap("zogy", t)
 
     # detection
-    xs, ys, vs = find_scorr_peaks(S_corr, config.threshold_sigma)
+    xs, ys, vs = find_scorr_peaks(S_corr, config.threshold_sigma, refine=config.detect.subpixel_peak)
     n_cr = 0
     if config.cosmic_ray_sigma > 0 and len(xs):
         # positive peaks on a pixel sharper than the PSF: cosmic rays / hot pixels of the science frame
