@@ -578,9 +578,10 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     t = lap("background", t)
     sci_stars = find_stars(np.where(raw_sat, 0.0, N), sigma_n, config.stars, meta.saturation, bkg)
     ref_stars = reference_sources(reference, config)
-    # cosmic rays, hot pixels and the reference's detector defects (same detector pixels: the
-    # pointing repeats to < 1 px) interpolated over, as survey pipelines do: masking them would
-    # blind S_corr for 2 FWHM around each, and a transient beside or beneath keeps its other pixels
+    # cosmic rays, hot pixels and the reference's detector defects (found on the reference grid,
+    # i.e. on the detector pixels of its first frame: the same pixels of every frame of the camera)
+    # interpolated over, as survey pipelines do: masking them would blind S_corr for 2 FWHM
+    # around each, and a transient beside or beneath one keeps its other pixels
     fix = np.zeros(shape, bool)
     if config.cosmic_ray_sigma > 0:
         fix |= sharp_outliers(N, rms_map, sci_stars.fwhm, config.cosmic_ray_sigma)

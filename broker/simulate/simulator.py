@@ -302,6 +302,7 @@ class SkySimulator:
             hosts = np.flatnonzero(inside)
         # transients alive together have consecutive serial numbers, so taking hosts in the order
         # of a per-field permutation gives each a galaxy of its own (no blended pairs in the truth)
+        # as long as the frame has at least n_transients hosts
         hosts = pop.rng_for(self.seed, "hosts", field).permutation(hosts)
         life = max(c.transient_lifetime, 1)
         first = epoch - life + 1

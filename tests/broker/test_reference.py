@@ -118,3 +118,26 @@ def test_unsafe_names_stay_inside_root(tmp_path):
     store.offer(frames[0])
     created = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert created and all(str(p).startswith(str(tmp_path / "root")) for p in created)
+
+
+def test_defects_shared_by_every_input_are_filled_and_flagged():
+    """A bad column at the same detector pixels in every input (jitter < 1 px) becomes a filled,
+    flagged defect of the reference, not a hole that would blind the subtraction around it."""
+    sky = make_sky(51, SHAPE, 40)
+    frames = [make_frame(70 + i, SHAPE, sky, dx=0.2 * i, dy=-0.3 * i, frame_id=f"c{i}", mjd=60000.0 + i)
+              for i in range(3)]
+    for f in frames:
+        f.data[:, 90] += 400.0  # hot column, ~25 sigma per pixel
+    ref = build_reference(frames, ReferenceConfig())
+    assert ref.defects is not None and ref.defects[:, 90].mean() > 0.9 and ref.defects.mean() < 0.02
+    assert np.isfinite(ref.image[:, 90]).mean() > 0.8  # filled, except where a star's core crosses
+    assert abs(np.nanmedian(ref.image[:, 90])) < 3 * np.sqrt(np.nanmedian(ref.variance))
+
+
+def test_a_core_saturated_in_any_input_is_invalid():
+    sky = make_sky(52, SHAPE, 40)
+    frames = [make_frame(80 + i, SHAPE, sky, fwhm=2.2 + 0.8 * i, saturation=6e3, frame_id=f"s{i}",
+                         mjd=60000.0 + i) for i in range(3)]
+    sat0 = frames[0].data >= 0.9 * 6e3
+    ref = build_reference(frames, ReferenceConfig())
+    assert sat0.any() and not np.isfinite(ref.image[sat0]).any()

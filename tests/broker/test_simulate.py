@@ -193,3 +193,32 @@ def test_frames_are_epoch_major(sim):
     keys = [(t.epoch, t.field, t.filter) for _, t in sim.frames(5)]
     assert keys == [(0, "F001", "r"), (0, "F001", "g"), (0, "F002", "r"), (0, "F002", "g"),
                     (1, "F001", "r")]
+
+
+def test_live_transients_never_share_a_host_galaxy():
+    sim = SkySimulator(SimConfig(shape=(512, 512), n_galaxies=20, n_transients=9, host_max_mag=30.0,
+                                 transient_on_galaxy=1.0, **QUIET), seed=2)
+    for epoch in range(3, 9):
+        xy = np.array([(t.x, t.y) for t in sim.frame("F001", "r", epoch)[1].of_kind("transient")])
+        d = np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1))
+        assert np.min(d[np.triu_indices(len(xy), 1)]) > 3.0, epoch
+
+
+def test_truth_snr_leaves_out_pixels_without_information():
+    from broker.simulate.render import optimal_snr
+
+    psf = moffat_stamps([0.0], [0.0], 15, 3.0, 3.0)[0].ravel()
+    signal, model = 1000.0 * psf[None], 1000.0 * psf[None] + 300.0
+    lost = np.zeros_like(signal, bool)
+    lost[0, np.argmax(psf)] = True  # a cosmic ray on the brightest pixel
+    full = optimal_snr(signal, model, 1.5, 5.0)[0]
+    left = optimal_snr(signal, model, 1.5, 5.0, lost)[0]
+    assert 0.8 * full < left < full
+    # in the simulator: saturated pixels carry nothing either
+    def snrs(saturation):
+        cfg = SimConfig(shape=(256, 256), n_stars=30, n_galaxies=0, n_transients=3, n_variables=0,
+                        n_moving=0, saturation=saturation, **QUIET)
+        return np.array([t.snr for t in SkySimulator(cfg, seed=4).frame("F001", "r", 3)[1].of_kind("transient")])
+
+    high, low = snrs(1e9), snrs(SimConfig().sky_level * 1.3)
+    assert np.all(low <= high) and np.any(low < 0.9 * high), (low, high)
