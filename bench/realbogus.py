@@ -2,8 +2,8 @@
 
 Writes the ``realbogus`` section of BENCHMARKS.md::
 
-    python -m bench.realbogus                # default model + realbogus-v1, 2 threads
-    python -m bench.realbogus --threads 2 --seconds 5 --models realbogus-v2 realbogus-v1
+    python -m bench.realbogus                # the default model, 1 and 2 threads
+    python -m bench.realbogus --threads 2 --seconds 5 --models realbogus-v3
 
 Inputs are normalised triplets (real ZTF ones when ``../shared/data`` is present, else
 simulated stamps), scored through ``RealBogusClassifier.score`` (numpy in, numpy out), i.e.
@@ -66,7 +66,7 @@ def rate(clf: RealBogusClassifier, x: np.ndarray, batch: int, seconds: float) ->
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", nargs="+", default=[DEFAULT_VERSION, "realbogus-v1"])
+    ap.add_argument("--models", nargs="+", default=[DEFAULT_VERSION])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch intra-op thread counts to measure")
     ap.add_argument("--seconds", type=float, default=4.0)

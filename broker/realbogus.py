@@ -6,8 +6,8 @@ Two pieces live here:
   possibly cut short at a CCD edge or holding NaNs) into the fixed ``(3, 63, 63)`` float32 input of
   the network. The same function is used for training, inference and for real ZTF stamps, so a
   model never sees data scaled differently from what it was trained on.
-- :class:`RealBogusClassifier` wraps the network (:class:`RealBogusNet` for ``realbogus-v1``,
-  :class:`RealBogusNetV2` for ``realbogus-v2``; the sidecar names the class) with loading of versioned
+- :class:`RealBogusClassifier` wraps the network (:class:`RealBogusNet`, braai's layout, or
+  :class:`RealBogusNetV2`, the shipped one; the sidecar names the class) with loading of versioned
   weights (``torch.save(state_dict)`` + a JSON sidecar; loaded with ``weights_only=True``, so no
   pickle is executed) and batched scoring.
 
@@ -34,9 +34,9 @@ from broker.errors import CutoutError, ModelError
 
 #: Folder with the shipped weights and model cards (``<repo>/models``).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-#: Version loaded when none is given (v2 only once it beats v1 on held-out simulated data and is
-#: not worse on the real ZTF triplets: see models/realbogus-v2.md).
-DEFAULT_VERSION = "realbogus-v2"
+#: Version loaded when none is given: trained on candidates of the current subtraction (cosmic
+#: rays interpolated, defects filled); see models/realbogus-v3.md and docs/realbogus-report/.
+DEFAULT_VERSION = "realbogus-v3"
 
 
 # --- normalisation ------------------------------------------------------------------------------
@@ -245,7 +245,8 @@ def _head(n_in: int, dense: int, dropout: float) -> nn.Sequential:
 
 
 class RealBogusNet(nn.Module):
-    """``realbogus-v1``'s braai-class CNN: three conv blocks (2 convs + max-pool each) + dense head.
+    """A braai-class CNN (the first shipped model, ``realbogus-v1``): three conv blocks (2 convs +
+    max-pool each) + dense head.
 
     Input ``(N, 3, 63, 63)`` -> logits ``(N,)``. With the defaults 1.19e5 parameters (0.48 MB as
     float32) and 19.4 MFLOP per triplet (2 FLOP per multiply-add); braai (Duev et al. 2019) has
@@ -277,7 +278,8 @@ class RealBogusNet(nn.Module):
 
 
 class RealBogusNetV2(nn.Module):
-    """``realbogus-v2``'s CNN: strided convolutions instead of full-resolution conv pairs.
+    """The shipped CNN (``realbogus-v2``, ``-v3``): strided convolutions instead of full-resolution
+    conv pairs.
 
     Layers (shapes for one triplet): conv 3x3 stride 2, 3 -> w (63 -> 31); conv 3x3 stride 2,
     w -> 2w (31 -> 15); conv 3x3, 2w -> 2w + max-pool (15 -> 7); conv 3x3, 2w -> 4w (7x7);
@@ -360,7 +362,7 @@ class RealBogusClassifier:
     Attributes
     ----------
     version : str
-        Model version, e.g. ``"realbogus-v1"`` (from the JSON sidecar).
+        Model version, e.g. ``"realbogus-v3"`` (from the JSON sidecar).
     metadata : dict
         The JSON sidecar (architecture, training data, metrics).
     """
@@ -389,7 +391,7 @@ class RealBogusClassifier:
         Parameters
         ----------
         path_or_version : str or Path, optional
-            A version name found in ``models/`` (``"realbogus-v1"``), or a path to the ``.pt``
+            A version name found in ``models/`` (``"realbogus-v3"``), or a path to the ``.pt``
             weights (the sidecar is the same path with ``.json``). Default: :data:`DEFAULT_VERSION`.
         config : ScoreConfig
 

@@ -281,15 +281,16 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
 def train_realbogus(
         seed: Annotated[int, typer.Option(help="Seeds the training set, the held-out set (seed+1) and training.")] = 0,
         target_n: Annotated[int, typer.Option(help="Balanced training triplets to generate.")] = 100_000,
-        test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 10_000,
-        version: Annotated[str, typer.Option(help="Model version written to models/.")] = "realbogus-v2",
+        test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 12_000,
+        version: Annotated[Optional[str], typer.Option(help="Model version written to models/ (default: the shipped default's).")] = None,
         out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default models/).")] = None,
         workers: Annotated[int, typer.Option(help="Generator processes.")] = 1,
-        max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 25.0) -> None:
+        max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0) -> None:
     """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
-    from broker.realbogus import MODELS_DIR
+    from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
     from broker.training import TrainConfig, main_train
 
+    version = version or DEFAULT_VERSION
     res = main_train(out_dir or MODELS_DIR, seed, version=version, target_n=target_n, test_n=test_n,
                      workers=workers, train_config=TrainConfig(seed=seed, max_seconds=60 * max_minutes))
     console.print(f"weights: {res['weights']}; report: reports/{version}/report.md; "

@@ -1,0 +1,364 @@
+"""Evaluation of a real/bogus model: plots, :func:`main_eval` and the Markdown report.
+
+PNG plots (:func:`plot_roc`, :func:`plot_histograms`, :func:`plot_triplet_grid`), the
+evaluation command :func:`main_eval` (held-out simulated set and real ZTF alerts, optionally
+against a second model), the promotion rule (:func:`promotion_check`,
+:data:`ZTF_AUC_TOLERANCE`, :data:`TARGETS`), the report writer :func:`write_eval_report` and
+the number formatter :func:`_fmt` shared with the model card.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from broker.realbogus import RealBogusClassifier
+from broker.training.data import load_training_set
+from broker.training.metrics import _auc_se, domain_stats, evaluate_simulated
+from broker.training.trainer import _scores
+from broker.training.ztf import compare_with_ztf, ztf_triplets
+
+
+# --- evaluation report ----------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
+    """ROC curves ``{name: (scores, labels)}`` on one plot (log FPR axis)."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=80)
+    for name, (s, y) in curves.items():
+        if 0 < np.sum(y) < len(y):
+            fpr, tpr, _ = roc_curve(y, s)
+            ax.plot(np.maximum(fpr, 1e-4), tpr, label=f"{name} (AUC {roc_auc_score(y, s):.4f})")
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_xlabel("false positive rate (bogus kept)")
+    ax.set_ylabel("true positive rate (reals kept)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_histograms(groups: dict[str, np.ndarray], path: Path, title: str,
+                    threshold: float | None = None) -> Path:
+    """Score histograms, one per group ``{name: scores}`` (log counts)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=80)
+    bins = np.linspace(0, 1, 41)
+    for name, s in groups.items():
+        if len(s):
+            ax.hist(s, bins=bins, histtype="step", lw=1.5, label=f"{name} (n={len(s)})")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls=":", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("real/bogus score")
+    ax.set_ylabel("candidates")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_triplet_grid(x: np.ndarray, captions: Sequence[str], path: Path, title: str,
+                      dpi: int = 45) -> Path:
+    """Rows of normalised triplets (science | reference | difference) with a caption each.
+
+    ``dpi`` 45 gives ~45 px per stamp: a 20-triplet grid stays under ~150 KB (noise does not
+    compress); use more for short grids that must be read closely.
+    """
+    plt = _plt()
+    n = len(x)
+    cols = 2  # two triplets per row
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, 3 * cols, figsize=(7.5, 1.35 * rows + 0.4), dpi=dpi,
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        for ch in range(3):
+            ax = axes[r, 3 * c + ch]
+            ax.imshow(x[i, ch], origin="lower", cmap="gray", vmin=-5, vmax=20)
+        axes[r, 3 * c].set_title(captions[i], fontsize=7, loc="left")
+    fig.suptitle(f"{title}  (science | reference | difference, normalised)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _examples(s: np.ndarray, y: np.ndarray, kinds: np.ndarray, threshold: float,
+              rng: np.random.Generator, per: int = 1) -> np.ndarray:
+    """Indices: ``per`` random examples of each kind, plus the worst misclassified ones."""
+    idx = []
+    for k in sorted(set(kinds.tolist())):
+        m = np.flatnonzero(kinds == k)
+        idx += rng.choice(m, min(per, len(m)), replace=False).tolist()
+    wrong = np.flatnonzero((s >= threshold) != (y == 1))
+    worst = wrong[np.argsort(-np.abs(s[wrong] - threshold))][:4]
+    return np.array(idx + [int(i) for i in worst if i not in idx], dtype=int)
+
+
+def main_eval(
+    model: str | Path | None = None,
+    out_dir: str | Path = "reports/realbogus",
+    sim_dir: str | Path | None = None,
+    ztf_dir: str | Path | None = None,
+    *,
+    threshold: float = 0.5,
+    max_sim: int | None = None,
+    compare: str | Path | None = None,
+    seed: int = 0,
+) -> dict:
+    """Evaluate a real/bogus model and write ``report.md``, ``metrics.json`` and PNG plots.
+
+    Parameters
+    ----------
+    model : str or path, optional
+        Version (``realbogus-v3``) or weights path; default the classifier's default version.
+    out_dir : path
+        Report folder (created).
+    sim_dir : path, optional
+        Held-out simulated set (shards + manifest of :func:`generate_training_set`, made with a
+        seed the model was not trained on). Default ``build/realbogus-test-1`` when present.
+    ztf_dir : path, optional
+        Real ZTF alerts; default ``../shared/data/ztf_alerts`` when present.
+    threshold : float
+        The operating threshold reported (FNR/FPR at it).
+    max_sim : int, optional
+        Use only the first ``max_sim`` held-out candidates (quick runs, tests).
+    compare : str or path, optional
+        A second model (e.g. the previous default) evaluated on the same data for the comparison.
+    seed : int
+        Picks the example triplets.
+
+    Returns
+    -------
+    dict
+        The metrics (also in ``metrics.json``).
+    """
+    root = Path(__file__).resolve().parent.parent.parent
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clf = RealBogusClassifier.load(model)
+    other = RealBogusClassifier.load(compare) if compare else None
+    rng = np.random.default_rng(seed)
+    if sim_dir is None:
+        cand = root / "build" / "realbogus-test-1"
+        sim_dir = cand if (cand / "manifest.json").is_file() else None
+    if ztf_dir is None:
+        cand = root.parent / "shared" / "data" / "ztf_alerts"
+        ztf_dir = cand if cand.is_dir() else None
+    res: dict = {"model": clf.version, "threshold": threshold, "files": {}}
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if sim_dir is not None:
+        d = load_training_set(sim_dir, np.float16)
+        n = len(d["y"]) if max_sim is None else min(max_sim, len(d["y"]))
+        x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
+        s = _scores(clf.net, x)
+        man = json.loads((Path(sim_dir) / "manifest.json").read_text())
+        res["sim"] = {"dir": str(sim_dir), "seed": man.get("seed"), "n": int(n),
+                      **evaluate_simulated(s, y, kinds, snr, threshold)}
+        curves[f"{clf.version}, simulated held-out"] = (s, y)
+        res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
+        if other is not None:
+            so = _scores(other.net, x)
+            res["sim_compare"] = {"model": other.version,
+                                  **evaluate_simulated(so, y, kinds, snr, threshold)}
+            curves[f"{other.version}, simulated held-out"] = (so, y)
+        groups = {"real": s[y == 1], "bogus": s[y == 0]}
+        res["files"]["hist_sim"] = plot_histograms(groups, out / "hist_sim.png",
+                                                   "held-out simulated candidates", threshold).name
+        ex = _examples(s, y, kinds, threshold, rng)
+        caps = [f"{kinds[i]} {'R' if y[i] else 'B'} s={s[i]:.2f} snr={snr[i]:.0f}" for i in ex]
+        res["files"]["examples_sim"] = plot_triplet_grid(
+            x[ex].astype(np.float32), caps, out / "examples_sim.png",
+            "simulated held-out: examples per kind, then worst errors").name
+    if ztf_dir is not None:
+        xz, meta, rejected = ztf_triplets(ztf_dir)
+        sz = clf.score(xz) if len(xz) else np.zeros(0)
+        reasons = Counter(r.split(": ", 1)[-1].split(" (")[0][:60] for r in rejected)
+        res["ztf"] = {"dir": str(ztf_dir), "n_rejected": len(rejected),
+                      "rejected_reasons": dict(reasons.most_common()),
+                      "n_repaired": int(np.sum((meta["n_nan"] > 0) | (meta["n_pad"] > 0))),
+                      "domain": domain_stats(xz) if len(xz) else {},
+                      **compare_with_ztf(sz, meta)}
+        if other is not None and len(xz):
+            res["ztf_compare"] = {"model": other.version, **compare_with_ztf(other.score(xz), meta)}
+        ok = np.isfinite(meta["drb"])
+        if ok.any():
+            curves[f"{clf.version} vs ZTF drb>0.5"] = (sz[ok], (meta["drb"][ok] > 0.5).astype(int))
+            gz = {"ZTF drb > 0.5": sz[ok & (meta["drb"] > 0.5)],
+                  "ZTF drb <= 0.5": sz[ok & (meta["drb"] <= 0.5)],
+                  "no drb (older packets)": sz[~ok]}
+        else:
+            gz = {"all": sz}
+        res["files"]["hist_ztf"] = plot_histograms(gz, out / "hist_ztf.png",
+                                                   "real ZTF alerts, by ZTF's drb", threshold).name
+        ref = np.where(ok, meta["drb"], meta["rb"])
+        gap = np.abs(sz - np.nan_to_num(ref, nan=0.5))
+        worst = np.argsort(-gap)[:10]
+        res["ztf"]["disagreements"] = [
+            {"objectId": str(meta["objectId"][i]), "candid": int(meta["candid"][i]),
+             "score": float(sz[i]), "drb": float(meta["drb"][i]), "rb": float(meta["rb"][i])}
+            for i in worst]
+        caps = [f"{meta['objectId'][i]} ours={sz[i]:.2f} drb={meta['drb'][i]:.2f} "
+                f"rb={meta['rb'][i]:.2f}" for i in worst]
+        res["files"]["disagree_ztf"] = plot_triplet_grid(
+            xz[worst], caps, out / "disagree_ztf.png",
+            "ZTF: largest |ours - drb (or rb)|", dpi=70).name
+        typical = rng.choice(len(xz), min(6, len(xz)), replace=False)
+        caps = [f"{meta['objectId'][i]} ours={sz[i]:.2f} drb={meta['drb'][i]:.2f}"
+                for i in typical]
+        res["files"]["examples_ztf"] = plot_triplet_grid(
+            xz[typical], caps, out / "examples_ztf.png", "ZTF: random examples").name
+    if res.get("sim_compare") or res.get("ztf_compare"):
+        res["promotion"] = promotion_check(res)
+    if curves:
+        res["files"]["roc"] = plot_roc(curves, out / "roc.png").name
+    (out / "metrics.json").write_text(json.dumps(res, indent=2, sort_keys=True, default=float))
+    write_eval_report(out / "report.md", res)
+    return res
+
+
+#: Largest drop of an AUC against ZTF's scores still counted as "not worse" (a fraction of the
+#: AUC's standard error with ~10 negatives, which is ~0.05-0.1).
+ZTF_AUC_TOLERANCE = 0.01
+
+
+def promotion_check(res: dict) -> dict:
+    """Whether the evaluated model should replace the compared one as the default.
+
+    Rule (issue 4): better on the held-out simulated set (lower FNR = FPR and AUC not lower)
+    and not worse on the real ZTF triplets (AUC against drb > 0.5 and rb > 0.5 each at most
+    :data:`ZTF_AUC_TOLERANCE` lower).
+    """
+    out: dict = {"against": (res.get("sim_compare") or res.get("ztf_compare"))["model"]}
+    sim, simc = res.get("sim"), res.get("sim_compare")
+    if sim and simc:
+        out["sim_better"] = bool(sim["eer"] < simc["eer"] and
+                                 sim["at_threshold"]["auc"] >= simc["at_threshold"]["auc"])
+    z, zc = res.get("ztf"), res.get("ztf_compare")
+    if z and zc:
+        out["ztf_not_worse"] = bool(all(
+            not np.isfinite(zc[k]["auc"]) or z[k]["auc"] >= zc[k]["auc"] - ZTF_AUC_TOLERANCE
+            for k in ("drb", "rb")))
+    out["promote"] = bool(out.get("sim_better", False) and out.get("ztf_not_worse", False))
+    return out
+
+
+TARGETS = {
+    "eer": ("FNR = FPR on the held-out simulated set", 0.01, "<="),
+    "ztf_auc_drb": ("AUC against ZTF drb > 0.5 on real ZTF triplets", 0.95, ">="),
+}
+
+
+def write_eval_report(path: Path, res: dict) -> Path:
+    """Markdown report of :func:`main_eval`'s results (every number from ``res``)."""
+    L = [f"# Real/bogus evaluation: `{res['model']}`", ""]
+    sim = res.get("sim")
+    if sim:
+        a, e = sim["at_threshold"], sim["at_eer"]
+        L += ["## Held-out simulated candidates", "",
+              f"{sim['n']} candidates ({a['n_real']} real, {a['n_bogus']} bogus) from "
+              f"`{sim['dir']}` (generator seed {sim['seed']}, never seen in training).", "",
+              "| metric | value | target |", "|---|---|---|",
+              f"| ROC AUC | {_fmt(a['auc'], 5)} | |",
+              f"| FNR at {res['threshold']} | {_fmt(a['fnr'], 4)} | |",
+              f"| FPR at {res['threshold']} | {_fmt(a['fpr'], 4)} | |",
+              f"| threshold where FNR = FPR | {_fmt(sim['eer_threshold'], 3)} | |",
+              f"| FNR = FPR there | {_fmt(sim['eer'], 4)} | <= {TARGETS['eer'][1]} "
+              f"({'met' if sim['eer'] <= TARGETS['eer'][1] else 'NOT met'}) |"]
+        if res.get("sim_compare"):
+            c = res["sim_compare"]
+            L += [f"| {c['model']}: AUC / FNR=FPR | {_fmt(c['at_threshold']['auc'], 5)} / "
+                  f"{_fmt(c['eer'], 4)} | |"]
+        L += ["", f"Per kind (misclassified fraction at {res['threshold']} and at the "
+              f"equal-error threshold {_fmt(sim['eer_threshold'], 3)}):", "",
+              "| kind | n | at threshold | at FNR=FPR |", "|---|---|---|---|"]
+        for k, d in sorted(a["per_kind"].items()):
+            L.append(f"| {k} | {d['n']} | {_fmt(d['misclassified'], 4)} | "
+                     f"{_fmt(e['per_kind'][k]['misclassified'], 4)} |")
+        if sim.get("fnr_by_snr"):
+            L += ["", "FNR of real candidates by measured S/N:", "", "| S/N | n | FNR |",
+                  "|---|---|---|"]
+            L += [f"| {b['snr_lo']}-{b['snr_hi']} | {b['n']} | {_fmt(b['fnr'], 4)} |"
+                  for b in sim["fnr_by_snr"] if b["n"]]
+        L += ["", "![score histograms](hist_sim.png)", "", "![examples](examples_sim.png)", ""]
+    z = res.get("ztf")
+    if z:
+        d = z["drb"]
+        L += ["## Real ZTF alerts", "",
+              f"{z['n']} unique ZTF triplets from `{z['dir']}` ({z['n_rejected']} records "
+              f"rejected: {json.dumps(z['rejected_reasons'])}; {z['n_repaired']} had NaNs "
+              "filled or were padded). ZTF's scores are a reference, not truth: the public "
+              "sample alerts are nearly all real.", "",
+              "| reference | n | n > 0.5 | AUC of our score | Spearman | agreement at 0.5 |",
+              "|---|---|---|---|---|---|"]
+        for name in ("drb", "rb"):
+            r = z[name]
+            L.append(f"| ZTF {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
+                     f"{_fmt(r['spearman'])} (p={r['spearman_p']:.1g}) | "
+                     f"{_fmt(r['agree_at_0.5'])} |")
+        if res.get("ztf_compare"):
+            c = res["ztf_compare"]
+            L.append(f"| {c['model']}: ZTF drb | {c['drb']['n']} | {c['drb']['n_real']} | "
+                     f"{_fmt(c['drb']['auc'])} | {_fmt(c['drb']['spearman'])} | "
+                     f"{_fmt(c['drb']['agree_at_0.5'])} |")
+        neg = d["n"] - d["n_real"]
+        L += ["", f"Target: AUC >= {TARGETS['ztf_auc_drb'][1]} against drb > 0.5: "
+              f"{'met' if d['auc'] >= TARGETS['ztf_auc_drb'][1] else 'NOT met'} "
+              f"({_fmt(d['auc'])}, with only {neg} triplets at drb <= 0.5, so the AUC's "
+              f"standard error is about {_fmt(_auc_se(d['auc'], d['n_real'], neg), 2)}).",
+              f"Fraction of the ZTF triplets we score >= {res['threshold']}: "
+              f"{_fmt(z['frac_above_0.5'])}.", "",
+              "![score histograms](hist_ztf.png)", "", "Largest disagreements:", "",
+              "![disagreements](disagree_ztf.png)", "", "![examples](examples_ztf.png)", ""]
+    if sim and z and z.get("domain"):
+        L += ["## Our stamps and ZTF's after normalisation", "",
+              "Per channel, in normalised units (median over triplets): mean of the central 5x5 "
+              "px / fraction of pixels above 3 / fraction exactly 0 (NaN-filled or padded) / "
+              "99th percentile.", "",
+              "| channel | ours, real | ours, bogus | ZTF |", "|---|---|---|---|"]
+        def f(d: dict) -> str:
+            return " / ".join(_fmt(d[k], 3) for k in ("centre", "frac_gt3", "frac_zero", "p99"))
+
+        for ch in ("science", "reference", "difference"):
+            L.append(f"| {ch} | {f(sim['domain']['real'][ch])} | {f(sim['domain']['bogus'][ch])} "
+                     f"| {f(z['domain'][ch])} |")
+        L.append("")
+    if res.get("promotion"):
+        p = res["promotion"]
+        L += ["## Against the previous model", "",
+              f"Compared with `{p['against']}` on the same data: better on the held-out "
+              f"simulated set: {p.get('sim_better')}; not worse on ZTF (AUC against drb and rb "
+              f"each within {ZTF_AUC_TOLERANCE}): {p.get('ztf_not_worse')}. "
+              f"**Promote to default: {p['promote']}.**", ""]
+    if "roc" in res["files"]:
+        L += ["## ROC", "", "![ROC](roc.png)", ""]
+    path.write_text("\n".join(L))
+    return path
+
+
+def _fmt(v: float, digits: int = 3) -> str:
+    return "n/a" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"

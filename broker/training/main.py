@@ -1,0 +1,264 @@
+"""End to end: :func:`main_train` (``broker train-realbogus``) and the cards it writes.
+
+:func:`main_train` generates (or reuses) the training and held-out sets, trains, evaluates and
+writes the weights; :func:`write_model_card` and :func:`write_anomaly_card` write the Markdown
+cards beside them, :func:`model_cost` counts parameters and FLOPs, :func:`_ensure_set` reuses a
+complete set with the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from broker.anomaly import AnomalyConfig, fit_anomaly
+from broker.candidate import CUTOUT_SIZE
+from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
+from broker.training.data import load_training_set
+from broker.training.evaluation import _fmt, main_eval
+from broker.training.generate import (
+    TrainingSetConfig,
+    _config_dict,
+    generate_training_set,
+)
+from broker.training.trainer import TrainConfig, train
+
+
+# --- model card + end to end ----------------------------------------------------------------------
+def write_model_card(path: str | Path, version: str, manifest: dict, report: dict,
+                     evaluation: dict, command: str, arch: dict) -> Path:
+    """Markdown model card: data, version, training, held-out and ZTF metrics, how to retrain.
+
+    Every number comes from ``manifest`` (:func:`generate_training_set`), ``report``
+    (:func:`train`) and ``evaluation`` (:func:`main_eval`).
+    """
+    cfg = report["config"]
+    L = [
+        f"# Real/bogus classifier `{version}`", "",
+        f"`broker.realbogus.{arch['name']}` (width {arch['width']}, dense {arch['dense']}; "
+        f"{arch.get('n_params', '?')} parameters, {arch.get('mflops', '?')} MFLOP per triplet) "
+        "on (science, reference, difference) 63x63 triplets scaled by "
+        "`broker.realbogus.normalise_triplet` (median / 1.4826 MAD per channel, asinh beyond 5 "
+        "sigma, NaN and padding set to 0). Output: P(real) in [0, 1]; the score is always kept "
+        "and any cut is configuration. Loaded by version "
+        f"(`RealBogusClassifier.load('{version}')`), which the classify stage writes into every "
+        "alert.", "",
+        "## Training data", "",
+        f"- source: **{manifest.get('source')}** (simulate -> reference -> ZOGY subtraction -> "
+        f"detection, labelled from the injection truth), generator seed {manifest.get('seed')}; "
+        f"{manifest.get('n')} candidates, {manifest.get('n_real')} real / "
+        f"{manifest.get('n_bogus')} bogus (balanced), {len(manifest.get('shards', []))} "
+        f".npz shards, generated in {manifest.get('seconds')} s",
+        f"- written, by kind: `{json.dumps(manifest.get('counts_by_kind'), sort_keys=True)}`",
+        f"- seen before balancing: "
+        f"`{json.dumps(manifest.get('counts_by_kind_before_balancing'), sort_keys=True)}`",
+        f"- generator config: `{json.dumps(manifest.get('config'), sort_keys=True)}`",
+        f"- pipeline code: {manifest.get('pipeline_commit', 'not recorded (made before it was)')}"
+        , "",
+        "## Training", "",
+        f"{report['n_train']} training / {report['n_val']} validation candidates (split by "
+        f"field); {report['epochs_run']} epochs ({report['stopped_by']}), {report['seconds']} s "
+        f"on {report['threads']} CPU thread(s) (2-core machine shared with other work); "
+        f"AdamW one-cycle lr {cfg['lr']}, batch "
+        f"{cfg['batch_size']}, flips + 90 degree rotations, edge truncation p={cfg['p_truncate']}"
+        f", NaN-like masks p={cfg['p_mask']}; loss weight per kind ~ share^-"
+        f"{cfg.get('kind_weight_power', 0)}; seed {cfg['seed']}. Validation split (held-out "
+        f"fields, same generator run and pipeline code as training): AUC "
+        f"{_fmt(report['val']['auc'], 5)}, FNR = FPR {_fmt(report['val'].get('eer'), 4)} at "
+        f"threshold {_fmt(report['val'].get('eer_threshold'), 3)}.", "",
+    ]
+    sim, z = evaluation.get("sim"), evaluation.get("ztf")
+    if sim:
+        a = sim["at_threshold"]
+        L += ["## Held-out simulated set", "",
+              f"{sim['n']} candidates from generator seed {sim['seed']} (other fields, never "
+              "seen in training):", "",
+              "| metric | value |", "|---|---|",
+              f"| ROC AUC | {_fmt(a['auc'], 5)} |",
+              f"| FNR / FPR at {evaluation['threshold']} | {_fmt(a['fnr'], 4)} / "
+              f"{_fmt(a['fpr'], 4)} |",
+              f"| FNR = FPR | {_fmt(sim['eer'], 4)} at threshold "
+              f"{_fmt(sim['eer_threshold'], 3)} |", ""]
+    if z:
+        L += ["## Real ZTF alerts (ZTF's scores as a reference, not truth)", "",
+              "| reference | n | n > 0.5 | AUC | Spearman |", "|---|---|---|---|---|"]
+        for name in ("drb", "rb"):
+            r = z[name]
+            L.append(f"| {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
+                     f"{_fmt(r['spearman'])} |")
+        L.append("")
+    L += ["Full report with per-kind errors, S/N dependence, plots and example triplets: "
+          "`broker eval-realbogus` (the shipped one is in `docs/realbogus-report/`).", "",
+          "## Reproduce", "", "```", command, "```", "",
+          "## Limits", "",
+          "- Trained on simulated frames only; the domain gap to a given telescope is unknown "
+          "until labelled real candidates from it are available. ZTF comparisons rest on a few "
+          "public sample alerts, almost all real.",
+          "- Bogus types the pipeline rarely emits (dipoles, PSF-mismatch residuals, trails) "
+          "are few in the data even after round-robin sampling; see the per-kind counts.",
+          "- Labels and the bogus mix depend on the subtraction and detection code: a set made "
+          "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
+          "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
+          "after such changes.", ""]
+    p = Path(path)
+    p.write_text("\n".join(L))
+    return p
+
+
+def model_cost(net: nn.Module) -> dict:
+    """Parameters and forward FLOPs per triplet (torch's FlopCounterMode: 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net.eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        net(torch.zeros(1, 3, CUTOUT_SIZE, CUTOUT_SIZE))
+    return {"n_params": int(sum(p.numel() for p in net.parameters())),
+            "mflops": round(fc.get_total_flops() / 1e6, 2)}
+
+
+def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
+    """Manifest of the set at ``path``, generating it unless a complete one with ``config`` is there."""
+    mp = path / "manifest.json"
+    if mp.is_file():
+        man = json.loads(mp.read_text())
+        if man.get("complete") and man.get("config") == _config_dict(config):
+            return man
+    return generate_training_set(path, config, progress)
+
+
+def main_train(
+    out_dir: str | Path = MODELS_DIR,
+    seed: int = 0,
+    *,
+    version: str = DEFAULT_VERSION,
+    target_n: int = 100_000,
+    test_n: int = 12_000,
+    data_dir: str | Path | None = None,
+    test_dir: str | Path | None = None,
+    report_dir: str | Path | None = None,
+    train_config: TrainConfig | None = None,
+    workers: int = 1,
+    ztf_dir: str | Path | None = None,
+    compare: str | None = DEFAULT_VERSION,
+    anomaly_version: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate the data, train the real/bogus CNN, evaluate it and write weights + model card.
+
+    Parameters
+    ----------
+    out_dir : path
+        Where ``<version>.pt``, ``.json`` and ``.md`` are written. Default ``models/``.
+    seed : int
+        Seeds the training set (generator seed ``seed``), the held-out set (``seed + 1``) and
+        training: same seed, same model (on the same torch build).
+    version : str
+    target_n : int
+        Balanced training candidates to generate (>= 100k for the shipped model).
+    test_n : int
+        Held-out candidates (other seed, other fields).
+    data_dir, test_dir : path, optional
+        Shard folders; default ``build/realbogus-train-<seed>`` and ``build/realbogus-test-<seed+1>``.
+        A complete set with the same config is reused, not regenerated.
+    report_dir : path, optional
+        Evaluation report folder; default ``reports/<version>``.
+    train_config : TrainConfig, optional
+    workers : int
+        Generator processes (2 on an idle 2-core machine).
+    ztf_dir : path, optional
+        Real ZTF alerts (default ``../shared/data/ztf_alerts`` when present).
+    compare : str, optional
+        Model evaluated beside the new one in the report (default: the shipped default, when
+        it is another version and its weights are in ``models/``).
+    anomaly_version : str, optional
+        Also fit and write the anomaly model under this version from the training set.
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    dict
+        ``manifest``, ``report`` (training), ``evaluation`` (:func:`main_eval`), paths, seconds.
+    """
+    t0 = time.time()
+    root = Path(__file__).resolve().parent.parent.parent
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(data_dir) if data_dir else root / "build" / f"realbogus-train-{seed}"
+    test = Path(test_dir) if test_dir else root / "build" / f"realbogus-test-{seed + 1}"
+    manifest = _ensure_set(data, TrainingSetConfig(target_n=target_n, seed=seed,
+                                                   workers=workers), progress)
+    _ensure_set(test, TrainingSetConfig(target_n=test_n, seed=seed + 1, workers=workers),
+                progress)
+    t_gen = time.time() - t0
+    ds = load_training_set(data, np.float16)
+    cfg = train_config or TrainConfig(seed=seed)
+    clf, report = train(ds, cfg, version, progress)
+    arch = {**clf.net.arch, **model_cost(clf.net)}
+    cmd = (f"broker train-realbogus --seed {seed} --target-n {target_n} --version {version}  "
+           f"# = broker.training.main_train(seed={seed}, target_n={target_n}, "
+           f"version='{version}')")
+    clf.metadata.update({"data": {k: manifest.get(k) for k in
+                                  ("source", "seed", "n", "n_real", "n_bogus", "counts_by_kind",
+                                   "config")},
+                         "cost": arch, "reproduce": cmd})
+    wpath = clf.save(out / version)
+    evaluation = main_eval(wpath, report_dir or root / "reports" / version, test, ztf_dir,
+                           compare=compare if compare and compare != version
+                           and (MODELS_DIR / f"{compare}.pt").exists() else None)
+    clf.metadata.update({"evaluation": {k: evaluation.get(k) for k in ("sim", "ztf")}})
+    for part in ("sim", "ztf"):  # keep the sidecar small: no per-example lists
+        if clf.metadata["evaluation"].get(part):
+            clf.metadata["evaluation"][part] = {
+                k: v for k, v in clf.metadata["evaluation"][part].items()
+                if k not in ("disagreements", "at_eer")}
+    clf.save(out / version)
+    write_model_card(out / f"{version}.md", version, manifest, report, evaluation, cmd, arch)
+    result = {"manifest": manifest, "report": report, "evaluation": evaluation,
+              "weights": str(wpath), "seconds_generate": round(t_gen, 1)}
+    feats, labels = ds.get("features"), ds["y"]
+    if anomaly_version and feats is not None and feats.ndim == 2 and (labels == 1).sum() >= 50:
+        amodel = fit_anomaly(feats[labels == 1], AnomalyConfig(seed=seed), anomaly_version,
+                             {"data": f"real-labelled pipeline candidates of {data.name}",
+                              "reproduce": cmd})
+        result["anomaly"] = str(amodel.save(out / anomaly_version))
+        write_anomaly_card(out / f"{anomaly_version}.md", amodel, feats, labels, cmd)
+    result["seconds_total"] = round(time.time() - t0, 1)
+    return result
+
+
+def write_anomaly_card(path: str | Path, model, feats: np.ndarray, labels: np.ndarray,
+                       command: str) -> Path:
+    """Markdown card of the anomaly model with score quantiles on its data and on bogus."""
+    from broker.anomaly import FEATURE_NAMES
+
+    s_real = model.score(feats[labels == 1])
+    s_bog = model.score(feats[labels == 0]) if (labels == 0).any() else np.zeros(0)
+    q = lambda s: ", ".join(f"{v:.2f}" for v in np.quantile(s, [0.1, 0.5, 0.9])) if len(s) else "n/a"  # noqa: E731
+    lines = [
+        f"# Anomaly model `{model.version}`", "",
+        f"Gaussian mixture ({len(model.weights)} full-covariance components) over the standardised "
+        f"features `{', '.join(FEATURE_NAMES)}` (`broker.anomaly.features_from`). Raw score = "
+        "negative log-likelihood; the score in [0, 1] is its empirical CDF over the training "
+        "detections (0.99 = rarer than 99% of ordinary detections). Stored without pickle "
+        "(`.npz` arrays + JSON).", "",
+        "## Data", "",
+        f"{int((labels == 1).sum())} real-labelled candidates (transients, variables, movers "
+        "matched to the injection truth) from the simulated pipeline, histories from the truth "
+        "association of earlier epochs.", "",
+        "## Behaviour", "",
+        f"- score quantiles (10/50/90%) on the training detections: {q(s_real)}",
+        f"- on bogus candidates of the same set (never fitted on): {q(s_bog)}", "",
+        "## Reproduce", "", "```", command, "```", "",
+        "## Limits", "",
+        "- 'Ordinary' means ordinary in the simulator; it knows nothing of real populations.",
+        "- Light-curve features are crude (count, age, last rate); no colours or periodicity.", "",
+    ]
+    p = Path(path)
+    p.write_text("\n".join(lines))
+    return p

@@ -1,0 +1,133 @@
+"""Metrics of real/bogus scores against labels, and statistics of normalised triplets.
+
+:func:`evaluate` (AUC, FNR / FPR at a threshold, per-kind errors), :func:`equal_error` (the
+threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N, for a held-out
+set), :func:`domain_stats` (per-channel statistics to compare our stamps with a survey's) and
+:func:`_auc_se` (standard error of an AUC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+# --- metrics --------------------------------------------------------------------------------------
+def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5,
+             kinds: Sequence[str] | None = None) -> dict:
+    """Binary metrics of scores against labels (1 = real).
+
+    Returns
+    -------
+    dict
+        ``auc``; ``fnr``/``fpr`` at ``threshold`` (fraction of reals scored below / bogus scored
+        at or above); ``accuracy``; ``n_real``, ``n_bogus``; and, with ``kinds``, the fraction
+        misclassified per kind (``per_kind``).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(int)
+    pred = s >= threshold
+    n1, n0 = int(y.sum()), int((1 - y).sum())
+    m = {
+        "auc": float(roc_auc_score(y, s)) if n1 and n0 else float("nan"),
+        "fnr": float(np.mean(~pred[y == 1])) if n1 else float("nan"),
+        "fpr": float(np.mean(pred[y == 0])) if n0 else float("nan"),
+        "accuracy": float(np.mean(pred == (y == 1))),
+        "threshold": threshold,
+        "n_real": n1,
+        "n_bogus": n0,
+    }
+    if kinds is not None:
+        k = np.asarray(kinds)
+        m["per_kind"] = {
+            str(kk): {"n": int(np.sum(k == kk)),
+                      "misclassified": float(np.mean(pred[k == kk] != (y[k == kk] == 1)))}
+            for kk in sorted(set(k.tolist()))
+        }
+    return m
+
+
+def equal_error(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Threshold where FNR = FPR on these scores, and that rate.
+
+    Returns
+    -------
+    threshold : float
+        In [0, 1]; the midpoint of the ROC segment where FPR - FNR changes sign.
+    rate : float
+        (FNR + FPR) / 2 at that threshold.
+    """
+    from sklearn.metrics import roc_curve
+
+    y = np.asarray(labels).astype(int)
+    fpr, tpr, thr = roc_curve(y, scores)
+    fnr = 1 - tpr
+    i = int(np.argmin(np.abs(fnr - fpr)))
+    t = float(np.clip(thr[i], 0.0, 1.0))
+    s = np.asarray(scores)
+    return t, float((np.mean(s[y == 1] < t) + np.mean(s[y == 0] >= t)) / 2)
+
+
+def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray,
+                       snr: np.ndarray | None = None, threshold: float = 0.5) -> dict:
+    """Held-out metrics: :func:`evaluate` at ``threshold`` and at the equal-error threshold.
+
+    Returns
+    -------
+    dict
+        ``at_threshold`` and ``at_eer`` (:func:`evaluate`, with ``per_kind``), ``eer_threshold``,
+        ``eer``, and ``fnr_by_snr`` (real candidates: FNR at ``threshold`` per S/N bin).
+    """
+    t_eer, eer = equal_error(scores, labels)
+    out = {"at_threshold": evaluate(scores, labels, threshold, kinds),
+           "eer_threshold": t_eer, "eer": eer,
+           "at_eer": evaluate(scores, labels, t_eer, kinds)}
+    if snr is not None:
+        bins = [0, 6, 8, 10, 15, 25, 50, np.inf]
+        real = np.asarray(labels) == 1
+        out["fnr_by_snr"] = [
+            {"snr_lo": lo, "snr_hi": hi, "n": int(m.sum()),
+             "fnr": float(np.mean(scores[m] < threshold)) if m.any() else float("nan")}
+            for lo, hi in zip(bins[:-1], bins[1:])
+            for m in [real & (snr >= lo) & (snr < hi)]
+        ]
+    return out
+
+
+def domain_stats(x: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per-channel statistics of normalised triplets, to compare our stamps with a survey's.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, 3, 63, 63)
+
+    Returns
+    -------
+    dict
+        Per channel: ``centre`` (median over triplets of the mean of the central 5x5 px),
+        ``frac_gt3`` (mean fraction of pixels above 3, i.e. covered by sources),
+        ``frac_zero`` (mean fraction exactly 0: NaN-filled or padded), ``p99`` (median 99th
+        percentile), all in normalised units (robust sigmas, asinh-compressed).
+    """
+    out = {}
+    for i, name in enumerate(("science", "reference", "difference")):
+        c = np.asarray(x[:, i], dtype=np.float32)
+        out[name] = {
+            "centre": float(np.median(c[:, 29:34, 29:34].mean(axis=(1, 2)))),
+            "frac_gt3": float(np.mean(c > 3)),
+            "frac_zero": float(np.mean(c == 0)),
+            "p99": float(np.median(np.percentile(c.reshape(len(c), -1), 99, axis=1))),
+        }
+    return out
+
+
+def _auc_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """Hanley & McNeil (1982) standard error of an AUC with these class sizes."""
+    if not (np.isfinite(auc) and n_pos and n_neg):
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    v = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc ** 2) + (n_neg - 1) * (q2 - auc ** 2))
+    return float(np.sqrt(max(v, 0.0) / (n_pos * n_neg)))
