@@ -283,21 +283,23 @@ def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy:
     """
     h = stamp.shape[0] // 2
     yy, xx = np.mgrid[-h:h + 1, -h:h + 1]
-    e = _ShiftedPSF.STEP
     cols = [np.ones(int(good.sum())), xx[good] / h, yy[good] / h]
+    b = stamp[good]
     for _ in range(iterations):
         p = psf_at(dy, dx)
-        px = (psf_at(dy, dx + e) - psf_at(dy, dx - e)) / (2 * e)
-        py = (psf_at(dy + e, dx) - psf_at(dy - e, dx)) / (2 * e)
-        a = np.column_stack([p[good], px[good], py[good], *cols])
-        coef = np.linalg.lstsq(a, stamp[good], rcond=None)[0]
+        gy, gx = np.gradient(p)  # moving the source by +dx changes the model by -dP/dx dx
+        a = np.column_stack([p[good], -gx[good], -gy[good], *cols])
+        try:
+            coef = np.linalg.solve(a.T @ a, a.T @ b)
+        except np.linalg.LinAlgError:
+            return None
         if coef[0] <= 0:
             return None
         step = np.clip(coef[1:3] / coef[0], -max_step, max_step)
         dx, dy = dx + float(step[0]), dy + float(step[1])
         if max(abs(dx), abs(dy)) > h / 2:
             return None
-        if np.all(np.abs(step) < e / 2):
+        if np.all(np.abs(step) < _ShiftedPSF.STEP):
             return dx, dy
     return None
 

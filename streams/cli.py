@@ -45,7 +45,8 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
     from streams.metrics import StageMetrics
     from streams.runner import StageRunner
     from streams.settings import KafkaSettings
-    from streams.stages import HANDLERS, STAGES
+    from streams import topics as topic_names
+    from streams.stages import HANDLERS, OUTPUTS, STAGES
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
     if name not in STAGES:
@@ -59,7 +60,8 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
     if metrics_port >= 0:
         port = metrics.serve(metrics_port, metrics_addr)
         print(f"{name}: metrics on http://{metrics_addr}:{port}/metrics", flush=True)
-    runner = StageRunner(name, STAGES[name], handler, KafkaSettings(bootstrap, app_id=app_id), metrics, instance)
+    runner = StageRunner(name, STAGES[name], handler, KafkaSettings(bootstrap, app_id=app_id), metrics, instance,
+                         outputs=(OUTPUTS[name], topic_names.dlq(name)))
     runner.install_signal_handlers()
     print(f"{name}: consuming {STAGES[name]} from {bootstrap}", flush=True)
     n = runner.run()

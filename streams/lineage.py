@@ -9,14 +9,18 @@ replayed message would otherwise reach the next stage twice.
 
 After a restart the high-water marks are rebuilt from the ``src`` headers of the last
 ``lookback`` already-processed messages of each input partition (Kafka holds them; tansu keeps no
-offset-commit metadata where they could live otherwise).
+offset-commit metadata where they could live otherwise). The same tansu behaviour can leave the
+outputs of an input on the stage's own output topic while its offset was never committed; the
+stage would then make them again. So the guard also reads the tail of its output topics and
+drops an input whose outputs are already there: the last stage's topic (alerts) has no
+downstream stage to drop the copy.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 
 from streams.settings import KafkaSettings
 
@@ -46,49 +50,79 @@ class Deduplicator:
         upstream partitions feeding one input partition, more than this pipeline's default of 1).
     """
 
-    def __init__(self, settings: KafkaSettings, lookback: int = 8) -> None:
+    def __init__(self, settings: KafkaSettings, lookback: int = 8, outputs: tuple[str, ...] = ()) -> None:
         self.settings = settings
         self.lookback = lookback
+        self.outputs = outputs
         self._marks: dict[tuple[str, int], dict[str, int]] = {}
+        self._made: dict[tuple[str, int], int] = {}  # input partition -> highest offset with outputs
 
     def is_duplicate(self, topic: str, partition: int, offset: int, src: bytes | None) -> bool:
         """Whether this input was already processed (by this or an earlier instance)."""
-        parsed = parse_src(src)
-        if parsed is None:
-            return False
         marks = self._marks.get((topic, partition))
         if marks is None:
             marks = self._marks[(topic, partition)] = self._recover(topic, partition, offset)
-        upstream, up_offset = parsed
-        return up_offset <= marks.get(upstream, -1)
+            self._made[(topic, partition)] = self._recover_made(topic, partition)
+        if offset <= self._made[(topic, partition)]:
+            return True
+        parsed = parse_src(src)
+        return parsed is not None and parsed[1] <= marks.get(parsed[0], -1)
 
-    def done(self, topic: str, partition: int, src: bytes | None) -> None:
+    def done(self, topic: str, partition: int, offset: int, src: bytes | None) -> None:
         """Record an input whose transaction has committed."""
+        key = (topic, partition)
+        self._made[key] = max(self._made.get(key, -1), offset)
         parsed = parse_src(src)
         if parsed is not None:
-            marks = self._marks.setdefault((topic, partition), {})
+            marks = self._marks.setdefault(key, {})
             marks[parsed[0]] = max(marks.get(parsed[0], -1), parsed[1])
+
+    def _consumer(self) -> Consumer:
+        return Consumer({**self.settings.consumer(None), "enable.partition.eof": True,
+                         "group.id": f"{self.settings.app_id}.lineage-{uuid.uuid4().hex[:8]}"})
+
+    def _srcs(self, consumer: Consumer, tp: TopicPartition, end: int | None = None):
+        """``src`` headers (parsed) of the messages of ``tp`` from its offset to ``end`` (or EOF)."""
+        consumer.assign([tp])
+        while True:
+            msg = consumer.poll(5.0)
+            if msg is None or msg.error() or (end is not None and msg.offset() >= end):
+                return
+            parsed = parse_src(dict(msg.headers() or []).get(SRC_HEADER))
+            if parsed is not None:
+                yield parsed
 
     def _recover(self, topic: str, partition: int, next_offset: int) -> dict[str, int]:
         """High-water marks from the ``src`` headers of messages before ``next_offset``."""
         marks: dict[str, int] = {}
         if next_offset <= 0:
             return marks
-        conf = {**self.settings.consumer(None), "group.id": f"{self.settings.app_id}.lineage-{uuid.uuid4().hex[:8]}",
-                "enable.partition.eof": True}
-        consumer = Consumer(conf)
+        consumer = self._consumer()
         try:
             # transaction markers take offsets too: read a window twice as wide as the lookback
-            consumer.assign([TopicPartition(topic, partition, max(0, next_offset - 2 * self.lookback))])
-            while True:
-                msg = consumer.poll(5.0)
-                if msg is None or (msg.error() and msg.error().code() == KafkaError._PARTITION_EOF):
-                    break
-                if msg.error() or msg.offset() >= next_offset:
-                    break
-                parsed = parse_src(dict(msg.headers() or []).get(SRC_HEADER))
-                if parsed is not None:
-                    marks[parsed[0]] = max(marks.get(parsed[0], -1), parsed[1])
+            start = TopicPartition(topic, partition, max(0, next_offset - 2 * self.lookback))
+            for upstream, up_offset in self._srcs(consumer, start, next_offset):
+                marks[upstream] = max(marks.get(upstream, -1), up_offset)
         finally:
             consumer.close()
         return marks
+
+    def _recover_made(self, topic: str, partition: int) -> int:
+        """Highest offset of input partition (topic, partition) whose outputs are on the tail of
+        an output topic (-1 when none): all outputs of an input commit together, and in order."""
+        made, me = -1, f"{topic}:{partition}"
+        if not self.outputs:
+            return made
+        consumer = self._consumer()
+        try:
+            for out in self.outputs:
+                meta = consumer.list_topics(out, timeout=10).topics.get(out)
+                for p in (meta.partitions if meta is not None and meta.error is None else {}):
+                    high = consumer.get_watermark_offsets(TopicPartition(out, p), timeout=10)[1]
+                    if high <= 0:
+                        continue
+                    tail = TopicPartition(out, p, max(0, high - 2 * self.lookback))
+                    made = max([made, *(o for up, o in self._srcs(consumer, tail) if up == me)])
+        finally:
+            consumer.close()
+        return made

@@ -96,7 +96,7 @@ class StageRunner:
     """
 
     def __init__(self, stage: str, input_topic: str, handler: Handler, settings: KafkaSettings,
-                 metrics: StageMetrics | None = None, instance: int = 0) -> None:
+                 metrics: StageMetrics | None = None, instance: int = 0, outputs: tuple[str, ...] = ()) -> None:
         self.stage = stage
         self.input_topic = input_topic
         self.handler = handler
@@ -104,7 +104,7 @@ class StageRunner:
         self.metrics = metrics or StageMetrics(stage)
         self.instance = instance
         self.stop_event = threading.Event()
-        self.dedup = Deduplicator(settings)
+        self.dedup = Deduplicator(settings, outputs=outputs)
         self._seen = 0
         points = dict(p.partition(":")[::2] for p in os.environ.get(FAILPOINT_ENV, "").split(",") if p)
         self._crash_at = int(points[stage]) if points.get(stage, "").isdigit() else None
@@ -171,7 +171,7 @@ class StageRunner:
             consumer.commit(offsets=offsets, asynchronous=False)
         elif not self._commit_in_transaction(consumer, producer, msg, outs, timing, offsets):
             return
-        self.dedup.done(msg.topic, msg.partition, src)
+        self.dedup.done(msg.topic, msg.partition, msg.offset, src)
         self._observe(msg, outs, start, end)
 
     def _commit_in_transaction(self, consumer: Consumer, producer: Producer, msg: InMessage,

@@ -33,6 +33,16 @@ STAGES: dict[str, str] = {
     "score": topics.CLASSIFIED,
     "alert": topics.SCORED,
 }
+#: Topic every output of a stage goes to (the alert stage also copies each alert to
+#: ``alerts.<filter>``); with the stage's dead-letter topic, what its restart guard reads back
+#: (:class:`streams.lineage.Deduplicator`).
+OUTPUTS: dict[str, str] = {
+    "ingest": topics.INGESTED,
+    "subtract": topics.CANDIDATES,
+    "classify": topics.CLASSIFIED,
+    "score": topics.SCORED,
+    "alert": topics.ALERTS,
+}
 
 
 def _headers(name: str) -> dict[str, bytes]:

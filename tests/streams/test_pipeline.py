@@ -136,9 +136,10 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(settings, tmp_path):
-    """SIGKILL classify from outside mid-run; subtract and score SIGKILL themselves inside an open
-    transaction (outputs produced, offsets not committed). Each is restarted; every frame must come
-    out exactly once."""
+    """SIGKILL classify from outside mid-run; subtract, score and alert SIGKILL themselves inside an
+    open transaction (outputs produced, offsets not committed). Each is restarted; every frame must
+    come out exactly once, and no alert twice on the topic itself (tansu commits the killed
+    transaction; the restarted alert stage must see its outputs and not make them again)."""
     frames = _frames(8, seed=5)
     index = {s: i for i, s in enumerate(STAGES)}
 
@@ -156,12 +157,12 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(settings, tmp_path):
         procs[index["classify"]].send_signal(signal.SIGKILL)
         procs[index["classify"]].wait()
         restart(procs, "classify")
-        for name in ("subtract", "score"):  # they crash at their failpoints
+        for name in ("subtract", "score", "alert"):  # they crash at their failpoints
             assert procs[index[name]].wait(timeout=300) == -signal.SIGKILL
             restart(procs, name)
         return procs
 
-    alerts, batches, dead = _run(settings, tmp_path, send, kill, env={FAILPOINT_ENV: "subtract:5,score:6"})
+    alerts, batches, dead = _run(settings, tmp_path, send, kill, env={FAILPOINT_ENV: "subtract:5,score:6,alert:4"})
 
     assert not any(dead.values())
     # every frame reached the candidates topic (on tansu a crashed transaction of subtract can show
