@@ -665,6 +665,54 @@ def sharp_outliers(data: np.ndarray, rms: float | np.ndarray, fwhm: float, nsigm
     return bad
 
 
+def bad_columns(data: np.ndarray, rms: float | np.ndarray, block: int = 128, nsigma: float = 6.0,
+                side: int = 4) -> np.ndarray:
+    """Column segments that stand out from their neighbours: hot and cold columns.
+
+    The median of each column over blocks of ``block`` rows is compared with the median of the
+    same block in the ``side`` columns on each side; a segment is flagged when the difference
+    exceeds ``nsigma`` times its noise (~1.2533 sigma / sqrt(block)). A hot column of 4 sigma per
+    pixel, below any per-pixel cut, stands ~35 sigma out over 128 rows, and a star moves a block
+    median by little. Only segments continued in the block above or below count (>= 256 rows). 6
+    sigma: ~1e-4 false segments per 2k x 2k frame if Gaussian. A stand-in for the bad-pixel map of
+    a calibrated camera.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx)
+        Background-subtracted image (ADU), NaN where invalid.
+    rms : float or ndarray
+        Sky noise (ADU).
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+    """
+    ny, nx = data.shape
+    nb = ny // block
+    out = np.zeros(data.shape, bool)
+    if nb == 0 or nx < 2 * side + 1:
+        return out
+    # NaN (rare: masked pixels) counted as sky; np.median is 4x faster than np.nanmedian here
+    med = np.median(np.nan_to_num(data[:nb * block]).reshape(nb, block, nx), axis=1)  # (nb, nx)
+    pad = np.pad(med, ((0, 0), (side, side)), mode="edge")
+    ref = np.median(np.stack([pad[:, k:k + nx] for k in range(2 * side + 1) if k != side]), axis=0)
+    # noise of a block median, and of the difference with the median of 2 side such medians
+    sigma = float(np.nanmedian(rms)) * 1.2533 / np.sqrt(block) * np.sqrt(1 + 1.5708 / (2 * side))
+    hit = np.abs(med - ref) > nsigma * sigma
+    # a defect column runs on: keep segments with a flagged block above or below (a steep
+    # satellite trail lifts a column's median over one block only, then moves on)
+    run = np.zeros_like(hit)
+    run[1:] |= hit[:-1]
+    run[:-1] |= hit[1:]
+    hit &= run
+    rows = np.repeat(hit, block, axis=0)
+    out[:nb * block] = rows
+    if nb * block < ny:  # the last partial block takes the flags of the block above
+        out[nb * block:] = hit[-1]
+    return out
+
+
 #: Fills (:func:`inpaint`) whose fit residual exceeds this many noise sigma are not trusted (the
 #: surface cannot follow the image there, e.g. a star's core on a bad column): callers mask them.
 FILL_MAX_SPREAD = 3.0

@@ -22,7 +22,7 @@ from broker.errors import BrokerError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    FILL_MAX_SPREAD, half_size_for, inpaint, measure_fwhm, select_psf_stars, sharp_outliers, stack_psf,
+    FILL_MAX_SPREAD, bad_columns, half_size_for, inpaint, measure_fwhm, select_psf_stars, sharp_outliers, stack_psf,
 )
 
 
@@ -202,7 +202,7 @@ def _prepare(frame: Frame, config: ReferenceConfig
     stars = find_stars(np.where(sat, 0.0, np.nan_to_num(img)), sigma, config.stars, frame.meta.saturation, bkg)
     # cosmic rays and hot pixels: after resampling they smear over several pixels and, hot pixels
     # moving by only the pointing jitter, survive the per-pixel clipping; drop them here
-    img[sat | sharp_outliers(img, sigma, stars.fwhm)] = np.nan
+    img[sat | sharp_outliers(img, sigma, stars.fwhm) | bad_columns(np.where(sat, np.nan, img), sigma)] = np.nan
     var[~np.isfinite(img)] = np.nan
     return img, var.astype(np.float32), sigma, stars, sat
 

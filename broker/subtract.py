@@ -38,7 +38,7 @@ from broker.errors import ReferenceUnavailable
 from broker.frame import Frame
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    FILL_MAX_SPREAD, half_size_for, inpaint, measure_fwhm, resize_stamp, select_psf_stars, sharp_outliers, stack_psf,
+    FILL_MAX_SPREAD, bad_columns, half_size_for, inpaint, measure_fwhm, resize_stamp, select_psf_stars, sharp_outliers, stack_psf,
 )
 
 #: FFT threads: the broker runs one frame per process, so use every core it may run on.
@@ -88,6 +88,10 @@ class SubtractConfig:
         and positive peaks still sitting on such a pixel are dropped
         (:func:`broker.detect.sharp_peaks`). 8 sigma keeps the brightest pixel of any PSF-blurred
         source. 0 disables both.
+    bad_column_sigma : float
+        Column segments whose 128-row median stands this many sigma from their neighbours' (hot,
+        cold and bleeding columns; :func:`broker.psf.bad_columns`) are interpolated like cosmic
+        rays. 0 disables.
     reference_noise_kernel : bool
         Model the reference noise as coloured by its resampling (see :func:`interpolation_kernel`)
         instead of white (matters for undersampled PSFs; see :func:`zogy`).
@@ -130,6 +134,7 @@ class SubtractConfig:
     astrometric_max_px: float = 0.5
     flux_error: float = 0.0
     cosmic_ray_sigma: float = 8.0
+    bad_column_sigma: float = 6.0
     reference_noise_kernel: bool = True
     min_flux_ratio_stars: int = 3
     renormalise_scorr: bool = False
@@ -585,6 +590,8 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     fix = np.zeros(shape, bool)
     if config.cosmic_ray_sigma > 0:
         fix |= sharp_outliers(N, rms_map, sci_stars.fwhm, config.cosmic_ray_sigma)
+    if config.bad_column_sigma > 0:
+        fix |= bad_columns(np.where(raw_sat, np.nan, N), rms_map, nsigma=config.bad_column_sigma)
     if reference.defects is not None and reference.defects.shape == shape:
         fix |= reference.defects
     N, fill_spread = inpaint(N, fix)
