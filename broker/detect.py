@@ -115,10 +115,13 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
     return x[order], y[order], v[order]
 
 
-def _axis_fit(a: float, b: float, c: float) -> tuple[float, float]:
-    """Offset (px, within +-0.5) and log-gain of a Gaussian (a log-parabola) through three samples
-    around a maximum b; a plain parabola when they are not all positive (gain then additive)."""
-    if a > 0 and b > 0 and c > 0:
+def _axis_fit(a: float, b: float, c: float, log: bool | None = None) -> tuple[float, float]:
+    """Offset (px, within +-0.5) and gain of a Gaussian (a parabola in log) through three samples
+    around a maximum b, or of a plain parabola (gain then additive) when they are not all
+    positive or ``log`` is False."""
+    if log is None:
+        log = a > 0 and b > 0 and c > 0
+    if log:
         la, lb, lc = np.log(a), np.log(b), np.log(c)
     else:
         la, lb, lc = a, b, c
@@ -144,10 +147,9 @@ def peak_value(img: np.ndarray, x: int, y: int, sign: float = 1.0) -> float:
     if w is None:
         return float(sign * img[y, x])
     b = w[1, 1]
-    gains = [_axis_fit(w[1, 0], b, w[1, 2])[1], _axis_fit(w[0, 1], b, w[2, 1])[1]]
-    if b > 0 and w[1, 0] > 0 and w[1, 2] > 0 and w[0, 1] > 0 and w[2, 1] > 0:
-        return float(b * np.exp(sum(gains)))
-    return float(b + sum(gains))
+    log = bool(b > 0 and w[1, 0] > 0 and w[1, 2] > 0 and w[0, 1] > 0 and w[2, 1] > 0)
+    gain = _axis_fit(w[1, 0], b, w[1, 2], log)[1] + _axis_fit(w[0, 1], b, w[2, 1], log)[1]
+    return float(b * np.exp(gain) if log else b + gain)
 
 
 def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm: float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from broker.cutouts import cutout
 from broker.detect import find_scorr_peaks
@@ -43,3 +44,13 @@ def test_cutout_is_nan_padded():
     assert np.isnan(c[:, :29]).all() and np.isfinite(c[:, 29]).any()
     assert np.isnan(c[33:, :]).all()
     assert np.isnan(cutout(img, 500.0, 500.0, 63)).all()
+
+
+def test_peak_value_recovers_a_gaussian_peak_between_pixels():
+    from broker.detect import peak_value
+
+    yy, xx = np.mgrid[0:11, 0:11]
+    for dx, dy in ((0.0, 0.0), (0.3, -0.2), (0.5, 0.5)):
+        g = 7.0 * np.exp(-((xx - 5 - dx) ** 2 + (yy - 5 - dy) ** 2) / (2 * 1.9 ** 2))
+        assert g[5, 5] <= peak_value(g, 5, 5) == pytest.approx(7.0, rel=1e-6)
+        assert peak_value(-g, 5, 5, sign=-1.0) == pytest.approx(7.0, rel=1e-6)
