@@ -141,3 +141,20 @@ def test_a_core_saturated_in_any_input_is_invalid():
     sat0 = frames[0].data >= 0.9 * 6e3
     ref = build_reference(frames, ReferenceConfig())
     assert sat0.any() and not np.isfinite(ref.image[sat0]).any()
+
+
+def test_defects_map_round_trips_and_a_bad_one_is_refused(tmp_path):
+    from astropy.io import fits
+
+    ref = build_reference(_frames(), ReferenceConfig())
+    ref.defects = np.zeros(SHAPE, bool)
+    ref.defects[:, 10] = True
+    p = tmp_path / "ref.fits"
+    ref.save(p)
+    back = Reference.load(p)
+    np.testing.assert_array_equal(back.defects, ref.defects)
+    with fits.open(p) as hdul:  # a DEFECTS extension of another shape: refused, not misapplied
+        hdul["DEFECTS"] = fits.CompImageHDU(np.zeros((5, 5), np.uint8), name="DEFECTS")
+        hdul.writeto(tmp_path / "bad.fits")
+    with pytest.raises(ReferenceUnavailable, match="inconsistent"):
+        Reference.load(tmp_path / "bad.fits")
