@@ -305,7 +305,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
 
 
 def _grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
-    """``mask`` dilated by a (2 px + 1)^2 square."""
+    """``mask`` dilated ``px`` times by the 4-connected cross (scipy's default structure)."""
     from scipy import ndimage
 
     return ndimage.binary_dilation(mask, iterations=px) if px > 0 and mask.any() else mask
@@ -318,8 +318,8 @@ def _fill_narrow_gaps(image: np.ndarray, variance: np.ndarray, saturated: np.nda
     >= ``min_valid`` of the 25 are valid (a column up to 3 px wide; 10 of 25), and its variance
     gains the fit's residual squared. Pixels where that residual exceeds :data:`FILL_MAX_SPREAD`
     sigma (a star's core on the column) and larger holes (saturated cores) stay NaN and are masked
-    by the subtraction. Returns the image, the variance and the
-    defects (the narrow holes, filled or not)."""
+    by the subtraction. Returns the image, the variance and the defects (the narrow holes,
+    filled or not)."""
     gap = ~(np.isfinite(image) & np.isfinite(variance)) & ~saturated
     if not gap.any():
         return image, variance, gap

@@ -502,6 +502,7 @@ class Tile:
     n_stars: int
     P_D: np.ndarray | None = None
     F_D: float = 1.0
+    fwhm_D: float = float("nan")
 
     @property
     def core(self) -> tuple[slice, slice]:
@@ -676,13 +677,13 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         sig_ast = (config.astrometric_floor_px, config.astrometric_floor_px)
     t = lap("masks", t)
     h_ref = interpolation_kernel(ali.matrix, ali.offset, shape) if config.reference_noise_kernel else None
-    tiles = [Tile(0, shape[0], 0, shape[1], P_n, P_r, n_psf)]
+    tiles, fwhm_tiles = [Tile(0, shape[0], 0, shape[1], P_n, P_r, n_psf)], [fwhm_n]
     if config.psf_tile_px > 0 and max(shape) >= 1.5 * config.psf_tile_px and psf_common:
         pool = select_psf_stars(matched, shape, h, replace(config.psf, max_stars=len(matched)))
         split = tile_psfs(N, R, matched.x[pool], matched.y[pool], h, tiles[0], config)
-        if max(_span([measure_fwhm(t.P_n) for t in split]),
-               _span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
-            tiles = split
+        fw_n = [measure_fwhm(t.P_n) for t in split]
+        if max(_span(fw_n), _span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
+            tiles, fwhm_tiles = split, fw_n
     D, S_corr, V_S, D_adu = (np.empty(shape, np.float32) for _ in range(4))
     for tile in tiles:
         # the tile and a margin of one pad (the padded frame holds them), to a fast FFT size
@@ -703,7 +704,7 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         core, inner = tile.core, (slice(pad, pad + tile.y1 - tile.y0), slice(pad, pad + tile.x1 - tile.x0))
         D[core], S_corr[core], V_S[core] = z.D[inner], z.S_corr[inner], z.V_S[inner]
         D_adu[core] = z.D[inner] / z.F_D
-        tile.P_D, tile.F_D = z.P_D, z.F_D
+        tile.P_D, tile.F_D, tile.fwhm_D = z.P_D, z.F_D, measure_fwhm(z.P_D)
     S_corr = np.where(bad, 0.0, S_corr).astype(np.float32)
     good = ~bad
     v0 = float(np.median(V_S[::4, ::4][good[::4, ::4]])) if good[::4, ::4].any() else 1.0
@@ -738,7 +739,7 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         found, kept = measure_candidates(
             xs[inside], ys[inside], vs[inside], D=D, scorr=S_corr, P_D=tile.P_D, F_D=tile.F_D,
             noise_ratio=noise_ratio, bad=bad, wcs=wcs, pixel_scale_arcsec=_pixel_scale_arcsec(wcs),
-            ref_xy=ref_xy, ref_flux=ref_stars.flux / flux_ratio, fwhm_D=measure_fwhm(tile.P_D),
+            ref_xy=ref_xy, ref_flux=ref_stars.flux / flux_ratio, fwhm_D=tile.fwhm_D,
             config=config.detect)
         for i, det in zip(inside[kept], found):
             dets[i] = det
@@ -760,9 +761,9 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
         "n_matched_stars": float(ali.n_matched),
         "fwhm_science_px": float(fwhm_n),
         "fwhm_reference_px": float(fwhm_r),
-        "fwhm_difference_px": float(np.median([measure_fwhm(tile.P_D) for tile in tiles])),
+        "fwhm_difference_px": float(np.median([tile.fwhm_D for tile in tiles])),
         "n_psf_tiles": float(len(tiles)),
-        "fwhm_science_tile_range_px": float(np.ptp([measure_fwhm(tile.P_n) for tile in tiles])),
+        "fwhm_science_tile_range_px": float(np.ptp(fwhm_tiles)),
         "flux_ratio": float(flux_ratio),
         "flux_ratio_fallback": fr_fallback,
         "psf_fallback": psf_fallback,

@@ -49,20 +49,20 @@ class DemoResult:
     saturated: dict[str, np.ndarray] = field(default_factory=dict)  # frame id -> (n, 2) RA/Dec, deg
     wcs: dict[str, object] = field(default_factory=dict)  # frame id -> celestial WCS
 
+    _mask_xy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
     def in_saturation_mask(self, frame_id: str, inj) -> bool:
         """Whether ``inj`` lies within :data:`SATURATION_MASK_PX` of a pixel saturated in its
         frame or in any frame of the same field that went into the reference."""
-        field_ = self.truths[frame_id].field
-        for fid, status in self.statuses.items():
-            if fid != frame_id and not (status in ("REFERENCE_BUILDING", "IN_REFERENCE")
-                                        and self.truths[fid].field == field_):
-                continue
-            sky = self.saturated.get(fid)
-            if sky is not None and len(sky):
-                x, y = self.wcs[frame_id].wcs_world2pix(sky[:, 0], sky[:, 1], 0)
-                if np.min(np.hypot(x - inj.x, y - inj.y)) <= SATURATION_MASK_PX:
-                    return True
-        return False
+        xy = self._mask_xy.get(frame_id)
+        if xy is None:  # once per frame, after the statuses are in
+            field_ = self.truths[frame_id].field
+            sky = [self.saturated[fid] for fid, status in self.statuses.items() if fid in self.saturated
+                   and (fid == frame_id or (status in ("REFERENCE_BUILDING", "IN_REFERENCE")
+                                            and self.truths[fid].field == field_))]
+            sky = np.concatenate(sky) if sky else np.zeros((0, 2))
+            xy = self._mask_xy[frame_id] = np.column_stack(self.wcs[frame_id].wcs_world2pix(sky[:, 0], sky[:, 1], 0))
+        return bool(len(xy)) and float(np.min(np.hypot(xy[:, 0] - inj.x, xy[:, 1] - inj.y))) <= SATURATION_MASK_PX
 
     def _subtracted_transients(self, lo: float, hi: float):
         """(frame id, injection) of transients with lo <= |S/N| < hi in subtracted frames."""
