@@ -24,6 +24,7 @@ from broker.history import ObjectHistory
 from broker.ingest import ingest
 from broker.realbogus import RealBogusClassifier
 from broker.reference import ReferenceConfig, build_reference
+from broker.runtime import retain_freed_memory
 from broker.simulate import SimConfig, SkySimulator
 from broker.subtract import subtract_and_detect
 from streams import serde
@@ -92,6 +93,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="science frames timed per stage")
     ap.add_argument("--interval", type=float, default=8.0, help="s between frames in the paced run")
     args = ap.parse_args()
+    retain_freed_memory()  # as the subtract stage does
     times, n_cand = stage_times(args.size, args.repeat)
     burst = end_to_end(args.size, args.frames, 0.0)
     paced = end_to_end(args.size, args.frames, args.interval)

@@ -41,6 +41,7 @@ from broker.align import align_reference
 from broker.detect import DetectConfig
 from broker.psf import GAUSS_FWHM, build_psf, estimate_background, find_stars
 from broker.reference import build_reference
+from broker.runtime import TOP_PAD_BYTES, retain_freed_memory
 from broker.subtract import SubtractConfig, reference_sources, subtract_and_detect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +50,11 @@ PEERS = ("sfft", "stdpipe-zogy", "properimage", "ois")
 #: Peers run once (no warm call): a second run would not fit in the time box on 2 cores.
 SLOW_PEERS = ("ois", "stdpipe-sfft")
 
+
+#: The allocator settings of :func:`broker.runtime.retain_freed_memory`, as glibc environment
+#: variables, for the peers' interpreters: every method runs with the same allocator.
+PEER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 31 - 1),
+               "MALLOC_TOP_PAD_": str(TOP_PAD_BYTES)}
 
 #: The production cap (500 candidates/frame) is below the benchmark's injection count.
 BENCH_CONFIG = SubtractConfig(max_candidates=100000, detect=DetectConfig(max_candidates=100000))
@@ -106,7 +112,7 @@ def _run_peer(name, inp, py, timeout):
     np.savez(f"{tmp}/in.npz", sci=inp["N"], ref=inp["R"], mask=inp["bad"], gain_sci=inp.get("gain_sci", 1.5),
              gain_ref=inp.get("gain_ref", 1.5), sat_sci=inp["sat"], sat_ref=inp["sat"] * inp["F"], scale=inp["F"])
     env = dict(os.environ, PATH=f"{Path(py).parent}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="2",
-               PYTHONPATH="", PEER_WARM="0" if name in SLOW_PEERS else "1")
+               PYTHONPATH="", PEER_WARM="0" if name in SLOW_PEERS else "1", **PEER_MALLOC)
     t0 = time.perf_counter()
     try:
         p = subprocess.run([py, str(ROOT / "bench/peers/run_peer.py"), name, f"{tmp}/in.npz", f"{tmp}/out.npz", "2"],
@@ -453,7 +459,11 @@ def main(argv=None) -> int:
     ap.add_argument("--no-big", action="store_true")
     ap.add_argument("--no-real", action="store_true")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's allocator as it is (the subtract stage retains freed memory)")
     args = ap.parse_args(argv)
+    if not args.system_malloc:
+        retain_freed_memory()
     peers = [p for p in args.peers.split(",") if p]
     if peers and not Path(args.peers_python).exists():
         print(f"no peers interpreter at {args.peers_python}: peers skipped")

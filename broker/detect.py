@@ -237,7 +237,8 @@ class _ShiftedPSF:
     """P_D moved by sub-pixel offsets (cubic spline), cached on a 0.05 px grid, cropped to half-size hm.
 
     A PSF-fit flux with the model 0.025 px off changes by < 0.1 %; the cache turns one spline
-    resampling per candidate into one per occupied grid cell (at most 21 x 21).
+    resampling per candidate into one per occupied grid cell (at most 21 x 21). Calling it gives
+    the PSF; :meth:`with_gradient` also its (d/dy, d/dx) gradients, cached alike.
     """
 
     STEP = 0.05
@@ -246,16 +247,20 @@ class _ShiftedPSF:
         self.P = P_D.astype(np.float64)
         self.k = P_D.shape[0] // 2
         self.hm = hm
-        self.cache: dict[tuple[int, int], np.ndarray] = {}
+        self.cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def __call__(self, dy: float, dx: float) -> np.ndarray:
+    def with_gradient(self, dy: float, dx: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         key = (int(round(dy / self.STEP)), int(round(dx / self.STEP)))
         out = self.cache.get(key)
         if out is None:
             psf = ndimage.shift(self.P, (key[0] * self.STEP, key[1] * self.STEP), order=3, mode="constant")
             k, hm = self.k, self.hm
-            out = self.cache[key] = psf[k - hm:k + hm + 1, k - hm:k + hm + 1]
+            p = psf[k - hm:k + hm + 1, k - hm:k + hm + 1]
+            out = self.cache[key] = (p, *np.gradient(p))
         return out
+
+    def __call__(self, dy: float, dx: float) -> np.ndarray:
+        return self.with_gradient(dy, dx)[0]
 
 
 def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy: float,
@@ -273,7 +278,8 @@ def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy:
     good : ndarray of bool, same shape
         Pixels that enter the fit.
     psf_at : callable
-        ``psf_at(dy, dx)`` -> the PSF centred ``(dy, dx)`` px from the stamp centre, same shape.
+        ``psf_at(dy, dx)`` -> the PSF centred ``(dy, dx)`` px from the stamp centre, same shape,
+        and its gradients along y and x (``np.gradient``).
     dx, dy : float
         Starting offset from the stamp centre (px).
 
@@ -288,8 +294,7 @@ def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy:
     cols = [np.ones(int(good.sum())), xx[good] / h, yy[good] / h]
     b = stamp[good]
     for _ in range(iterations):
-        p = psf_at(dy, dx)
-        gy, gx = np.gradient(p)  # moving the source by +dx changes the model by -dP/dx dx
+        p, gy, gx = psf_at(dy, dx)  # moving the source by +dx changes the model by -dP/dx dx
         a = np.column_stack([p[good], -gx[good], -gy[good], *cols])
         try:
             coef = np.linalg.solve(a.T @ a, a.T @ b)
@@ -361,7 +366,7 @@ def measure_candidates(
         xs, ys = _subpixel(scorr, int(xi), int(yi), sign)
         st = _stamp(D, int(xi), int(yi), hm).astype(np.float64)
         good = np.isfinite(st) & ~(_stamp(badf, int(xi), int(yi), hm) != 0)
-        fit = psf_fit_position(sign * st, good, shifted, xs - xi, ys - yi)
+        fit = psf_fit_position(sign * st, good, shifted.with_gradient, xs - xi, ys - yi)
         if fit is not None:
             xs, ys = xi + fit[0], yi + fit[1]
         # PSF fit of the flux on D with P_D moved to the sub-pixel position

@@ -282,7 +282,7 @@ def _profile_fwhm(row: np.ndarray, c: int) -> float:
     return float(xr - xl)
 
 
-def _star_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def star_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Per-star FWHM (px): geometric mean of the row and column half-maximum widths (NaN if odd)."""
     ny, nx = data.shape
     out = np.full(len(x), np.nan)
@@ -369,7 +369,7 @@ def find_stars(
     x, y, flux, peak = x[order], y[order], flux[order], peak[order]
     if fwhm is None:
         # the seeing: median width of the 100 brightest; cosmic-ray remnants are much narrower
-        fw = _star_fwhms(clean, x[:100], y[:100])
+        fw = star_fwhms(clean, x[:100], y[:100])
         fw = fw[np.isfinite(fw) & (fw > 1.0)]
         if len(fw) >= 3:
             med = np.median(fw)
@@ -693,8 +693,10 @@ def bad_columns(data: np.ndarray, rms: float | np.ndarray, block: int = 128, nsi
     out = np.zeros(data.shape, bool)
     if nb == 0 or nx < 2 * side + 1:
         return out
-    # NaN (rare: masked pixels) counted as sky; np.median is 4x faster than np.nanmedian here
-    med = np.median(np.nan_to_num(data[:nb * block]).reshape(nb, block, nx), axis=1)  # (nb, nx)
+    # NaN (rare: masked pixels) counted as sky; np.median is 4x faster than np.nanmedian here,
+    # and 1.5x faster again over the last, contiguous axis
+    blocks = np.nan_to_num(data[:nb * block]).reshape(nb, block, nx).transpose(0, 2, 1)
+    med = np.median(np.ascontiguousarray(blocks), axis=2)  # (nb, nx)
     pad = np.pad(med, ((0, 0), (side, side)), mode="edge")
     ref = np.median(np.stack([pad[:, k:k + nx] for k in range(2 * side + 1) if k != side]), axis=0)
     # noise of a block median, and of the difference with the median of 2 side such medians

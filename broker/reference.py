@@ -17,7 +17,7 @@ from urllib.parse import quote
 import numpy as np
 from astropy.io import fits
 
-from broker.align import AlignConfig, align_reference, map_mask
+from broker.align import AlignConfig, Resampleable, align_reference, map_mask
 from broker.errors import BrokerError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
@@ -106,6 +106,13 @@ class Reference:
     frame_ids: tuple[str, ...]
     sources: StarList | None = field(default=None, repr=False, compare=False)
     defects: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _resampleable: Resampleable | None = field(default=None, init=False, repr=False, compare=False)
+
+    def resampleable(self) -> Resampleable:
+        """The image and variance prepared for resampling (computed on first use, then kept)."""
+        if self._resampleable is None:
+            self._resampleable = Resampleable.from_arrays(self.image, self.variance)
+        return self._resampleable
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one multi-extension FITS file atomically (temporary file + ``os.replace``).

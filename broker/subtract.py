@@ -39,6 +39,7 @@ from broker.frame import Frame
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
     FILL_MAX_SPREAD, bad_columns, half_size_for, inpaint, measure_fwhm, resize_stamp, select_psf_stars, sharp_outliers, stack_psf,
+    star_fwhms,
 )
 
 #: FFT threads: the broker runs one frame per process, so use every core it may run on.
@@ -514,23 +515,50 @@ def _span(values: list[float]) -> float:
     return float(np.ptp(values) / np.median(values))
 
 
+def _tile_boxes(shape: tuple[int, int], tile_px: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of tiles of about ``tile_px`` covering the frame."""
+    edges_y = np.linspace(0, shape[0], max(1, round(shape[0] / tile_px)) + 1).astype(int)
+    edges_x = np.linspace(0, shape[1], max(1, round(shape[1] / tile_px)) + 1).astype(int)
+    return [(int(y0), int(y1), int(x0), int(x1)) for y0, y1 in zip(edges_y[:-1], edges_y[1:])
+            for x0, x1 in zip(edges_x[:-1], edges_x[1:])]
+
+
+def _tile_stars(x: np.ndarray, y: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Indices of the stars within a quarter tile of ``box``."""
+    y0, y1, x0, x1 = box
+    my, mx = (y1 - y0) // 4, (x1 - x0) // 4
+    return np.flatnonzero((x >= x0 - mx) & (x < x1 + mx) & (y >= y0 - my) & (y < y1 + my))
+
+
+def tile_fwhm_span(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray,
+                   boxes: list[tuple[int, int, int, int]]) -> float:
+    """Largest spread over tiles, (max - min) / median, of the tiles' median star FWHM in the
+    science or the reference image.
+
+    Half-maximum widths of single stars (:func:`broker.psf.star_fwhms`, ~10 us a star) decide
+    whether per-tile PSFs are needed at all; stacking them for every tile would cost ~0.15 s of a
+    2k x 2k frame whose PSF does not vary. NaN when a tile has fewer than 5 measured stars.
+    """
+    spans = []
+    for img in (N, R):
+        fw = star_fwhms(img, x, y)
+        per_tile = [np.nanmedian(fw[sel]) if np.isfinite(fw[sel]).sum() >= 5 else np.nan
+                    for sel in (_tile_stars(x, y, box) for box in boxes)]
+        spans.append(_span(per_tile))
+    return max(spans)
+
+
 def tile_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, whole: Tile,
               config: SubtractConfig) -> list[Tile]:
     """Tiles of about ``config.psf_tile_px`` with PSFs from the stars (x, y: isolated, brightest
     first) within a quarter tile of each; a tile with too few keeps the frame's PSFs."""
-    ny, nx = N.shape
-    edges_y = np.linspace(0, ny, max(1, round(ny / config.psf_tile_px)) + 1).astype(int)
-    edges_x = np.linspace(0, nx, max(1, round(nx / config.psf_tile_px)) + 1).astype(int)
     tiles = []
-    for y0, y1 in zip(edges_y[:-1], edges_y[1:]):
-        for x0, x1 in zip(edges_x[:-1], edges_x[1:]):
-            my, mx = (y1 - y0) // 4, (x1 - x0) // 4
-            sel = np.flatnonzero((x >= x0 - mx) & (x < x1 + mx) & (y >= y0 - my) & (y < y1 + my))
-            sel = sel[:config.psf.max_stars]
-            P_n, P_r, n, _ = common_psfs(N, R, x[sel], y[sel], h, config.psf.min_stars)
-            if P_n is None:
-                P_n, P_r, n = whole.P_n, whole.P_r, whole.n_stars
-            tiles.append(Tile(int(y0), int(y1), int(x0), int(x1), P_n, P_r, n))
+    for box in _tile_boxes(N.shape, config.psf_tile_px):
+        sel = _tile_stars(x, y, box)[:config.psf.max_stars]
+        P_n, P_r, n, _ = common_psfs(N, R, x[sel], y[sel], h, config.psf.min_stars)
+        if P_n is None:
+            P_n, P_r, n = whole.P_n, whole.P_r, whole.n_stars
+        tiles.append(Tile(*box, P_n, P_r, n))
     return tiles
 
 
@@ -603,7 +631,8 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
 
     # alignment
     ali: Alignment = align_reference(reference.image, reference.variance, reference.header, ref_stars,
-                                     frame.header, shape, sci_stars, config.align)
+                                     frame.header, shape, sci_stars, config.align,
+                                     prepared=reference.resampleable())
     R = ali.image
     t = lap("align", t)
 
@@ -680,10 +709,13 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     tiles, fwhm_tiles = [Tile(0, shape[0], 0, shape[1], P_n, P_r, n_psf)], [fwhm_n]
     if config.psf_tile_px > 0 and max(shape) >= 1.5 * config.psf_tile_px and psf_common:
         pool = select_psf_stars(matched, shape, h, replace(config.psf, max_stars=len(matched)))
-        split = tile_psfs(N, R, matched.x[pool], matched.y[pool], h, tiles[0], config)
-        fw_n = [measure_fwhm(t.P_n) for t in split]
-        if max(_span(fw_n), _span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
-            tiles, fwhm_tiles = split, fw_n
+        px_, py_ = matched.x[pool], matched.y[pool]
+        span = tile_fwhm_span(N, R, px_, py_, _tile_boxes(shape, config.psf_tile_px))
+        if not span <= config.psf_tile_min_change:  # NaN (a tile short of stars): measure them
+            split = tile_psfs(N, R, px_, py_, h, tiles[0], config)
+            fw_n = [measure_fwhm(t.P_n) for t in split]
+            if max(_span(fw_n), _span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
+                tiles, fwhm_tiles = split, fw_n
     D, S_corr, V_S, D_adu = (np.empty(shape, np.float32) for _ in range(4))
     for tile in tiles:
         # the tile and a margin of one pad (the padded frame holds them), to a fast FFT size

@@ -20,6 +20,7 @@ from broker.history import ObjectHistory
 from broker.ingest import ingest
 from broker.realbogus import RealBogusClassifier
 from broker.reference import ReferenceStore
+from broker.runtime import retain_freed_memory
 from broker.subtract import subtract_and_detect
 from streams import serde, topics
 from streams.framestore import FrameStore
@@ -92,6 +93,8 @@ def _batch(frame: Frame, status: str, reference_frames=(), diagnostics=None, can
 
 
 def subtract_handler(config: PipelineConfig) -> Handler:
+    if config.retain_freed_memory:
+        retain_freed_memory()
     store = FrameStore(config.frame_store)
     refs = ReferenceStore(config.state_dir / "refs", config.reference)
 
