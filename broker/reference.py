@@ -2,7 +2,8 @@
 
 A :class:`Reference` is **background-subtracted** (each input frame's ``Background2D`` map is removed
 before co-adding, so frames with different sky levels combine cleanly) and in the flux scale of its
-first frame (the grid frame). Pixels saturated in every input are NaN.
+first frame (the grid frame). Pixels saturated in any input are NaN. The co-add is Zackay & Ofek's
+proper co-add by default (:mod:`broker.coadd`).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import numpy as np
 from astropy.io import fits
 
 from broker.align import AlignConfig, Resampleable, align_reference, map_mask
+from broker.coadd import proper_coadd
 from broker.errors import BrokerError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    FILL_MAX_SPREAD, bad_columns, half_size_for, inpaint, measure_fwhm, select_psf_stars, sharp_outliers, stack_psf,
+    FILL_MAX_SPREAD, bad_columns, gaussian_psf, half_size_for, inpaint, measure_fwhm, select_psf_stars,
+    sharp_outliers, stack_psf,
 )
 
 
@@ -56,6 +59,13 @@ class ReferenceConfig:
         Clipped pixels are grown by this many pixels in their frame (px): the wings of a moving
         object or a cosmic ray's halo lie below the clip but would leave a negative ghost in every
         difference (1 px: the demo's false candidates went from 54 to 43).
+    coadd : str
+        ``"proper"``: Zackay & Ofek's proper co-addition (:mod:`broker.coadd`) of the weighted
+        co-add's inputs: point-source S/N^2 the sum of the inputs', whatever their seeing (on
+        a test field with seeing 1.8/2.8/4.5 px: +2.3 % S/N over the weighted mean; 2.6-3.2 px:
+        +0.2 %). ``"weighted"``: the weighted mean alone (see :func:`build_reference`). Proper
+        co-addition needs a PSF of every input; without one the weighted mean is used. The
+        method used is in the header (``COADD``).
     """
 
     n_frames: int = 3
@@ -66,6 +76,7 @@ class ReferenceConfig:
     clip_sigma: float = 5.0
     clip_fraction: float = 3.0
     clip_grow_px: int = 1
+    coadd: str = "proper"
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     stars: StarConfig = field(default_factory=StarConfig)
     psf: PSFConfig = field(default_factory=PSFConfig)
@@ -222,11 +233,11 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     matched-star fluxes F_i) and averaged with weights ``w_i = F_i^2 / (sigma_i^2 FWHM_i^2)``:
     inverse variance after scaling, times 1/FWHM^2 because the S/N of a point source scales as
     1 / (sigma FWHM). This is the optimal *linear* weighting for point-source S/N without PSF
-    homogenisation; the co-add PSF is then measured on the co-add itself (the weighted PSFs and
-    registration blur are in it). Zackay & Ofek's proper co-addition would do better when the
-    seeing differs a lot between the inputs. Per pixel, missing (NaN) inputs and (with >= 3
-    frames) outliers from the per-pixel median (cosmic rays) get zero weight;
-    ``variance = sum(w_i^2 v_i) / (sum w_i)^2``.
+    homogenisation; per pixel, missing (NaN) inputs and (with >= 3 frames) outliers from the
+    per-pixel median (cosmic rays) get zero weight; ``variance = sum(w_i^2 v_i) / (sum w_i)^2``.
+    With ``config.coadd == "proper"`` (the default) the same inputs are then co-added properly
+    (:func:`_proper`), which is optimal also when the seeing differs between them. Either way
+    the co-add PSF is measured on the co-add itself (registration blur included).
 
     Raises
     ------
@@ -246,11 +257,12 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     shape = grid.shape
     g_img, g_var, g_sig, g_stars, sat_any = _prepare(grid, config)
     h = half_size_for(g_stars.fwhm, config.psf)
-    imgs, vars_, ws = [], [], []
+    imgs, vars_, ws, psfs, sigmas = [], [], [], [], []
     for f in frames:
         if f is grid:
             img, var, sig, stars, F = g_img, g_var, g_sig, g_stars, 1.0
-            fwhm = build_psf(img, stars, config.psf, half_size=h).fwhm
+            g_psf = build_psf(img, stars, config.psf, half_size=h)
+            fwhm, pf = g_psf.fwhm, (None if g_psf.fallback else g_psf.stamp)
         else:
             img0, var0, sig, stars, sat = _prepare(f, config)
             ali = align_reference(img0, var0, f.header, stars, grid.header, shape, g_stars, config.align)
@@ -258,7 +270,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
             img, var = ali.image, ali.variance
             matched = g_stars.subset(ali.sci_index)
             idx = select_psf_stars(matched, shape, h, config.psf)
-            F = 1.0
+            F, pf = 1.0, None
             fwhm = stars.fwhm
             if len(idx):
                 _, fg, ug = stack_psf(g_img, matched.x[idx], matched.y[idx], h)
@@ -268,11 +280,15 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
                     F = float(np.median(ff[both] / fg[both]))
                 if pf is not None and both.sum() >= config.psf.min_stars:
                     fwhm = measure_fwhm(pf)
+                else:
+                    pf = None
             if not (np.isfinite(F) and F > 0):
                 F = 1.0
         imgs.append((img / F).astype(np.float32))
         vars_.append((var / (F * F)).astype(np.float32))
         ws.append(F * F / (sig * sig * fwhm * fwhm))  # weight of the flux-scaled image
+        psfs.append(pf)
+        sigmas.append(sig / F)
     stack = np.asarray(imgs)
     vstack = np.asarray(vars_)
     ok = np.isfinite(stack) & np.isfinite(vstack)
@@ -295,6 +311,9 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     # where any input was saturated the others alone give the core, with another PSF: invalid
     image[sat_any], variance[sat_any] = np.nan, np.nan
     image, variance, defects = _fill_narrow_gaps(image, variance, sat_any)
+    method = "proper" if config.coadd == "proper" and all(p is not None for p in psfs) else "weighted"
+    if method == "proper":
+        image, variance = _proper(stack, vstack, ok, image, psfs, sigmas)
     rms = float(np.sqrt(np.nanmedian(variance)))
     stars = find_stars(np.nan_to_num(image), rms, config.stars)
     psf = build_psf(image, stars, config.psf, half_size=h)
@@ -305,10 +324,40 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     key = grid.meta.reference_key
     header["TELESCOP"], header["FIELD"], header["FILTER"] = key
     header["NCOMBINE"] = len(frames)
+    header["COADD"] = (method, "proper (Zackay & Ofek 2017) or weighted mean")
     header["PSFFWHM"] = (psf.fwhm, "px, co-add PSF FWHM")
     header["PSFFALLB"] = (psf.fallback, "PSF is the Gaussian fallback")
     return Reference(key, image, variance, header, psf.stamp, tuple(f.meta.frame_id for f in frames), sources,
                      defects)
+
+
+def _proper(stack: np.ndarray, vstack: np.ndarray, ok: np.ndarray, weighted: np.ndarray,
+            psfs: list[np.ndarray], sigmas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Proper co-add of the flux-scaled inputs (n, ny, nx) whose good pixels are ``ok``.
+
+    The inputs' PSFs enter as Gaussians of their measured FWHM: with the stacked stamps
+    themselves (10-50 stars each) the co-add lost 6-8 % S/N against the weighted mean on a
+    test field, with the Gaussians it gains (true Gaussian PSFs gave the same as these). The
+    kernels only weight the inputs; the co-add's PSF is measured on it afterwards.
+    An input's lost pixels take the weighted co-add's value (its noise is lower and its PSF a
+    mixture, but a cosmic ray's hole is a few pixels); pixels no input has (NaN in ``weighted``)
+    are NaN, grown by 1.5 FWHM of the broadest PSF: the co-addition kernels spread the filler
+    over that radius (beyond it a Gaussian PSF keeps < 0.4 % of its flux).
+    """
+    from scipy import ndimage
+
+    missing = ~np.isfinite(weighted)
+    fill = np.where(missing, 0.0, weighted).astype(np.float32)
+    inputs = [np.where(ok[j], stack[j], fill) for j in range(len(stack))]
+    variances = [np.where(ok[j], vstack[j], np.float32(sigmas[j] ** 2)) for j in range(len(stack))]
+    h = psfs[0].shape[0] // 2
+    models = [gaussian_psf(measure_fwhm(p), h) for p in psfs]
+    image, variance, _ = proper_coadd(inputs, variances, models, sigmas)
+    if missing.any():
+        r = 1.5 * max(measure_fwhm(p) for p in psfs)
+        lost = ndimage.distance_transform_edt(~missing) <= r
+        image[lost], variance[lost] = np.nan, np.nan
+    return image, variance
 
 
 def _grow_mask(mask: np.ndarray, px: int) -> np.ndarray:

@@ -91,19 +91,24 @@ def _fit_snr50(snr: np.ndarray, p: np.ndarray) -> float:
     return float(res.x[0])
 
 
+def match(pair, det_x, det_y, det_v) -> tuple[np.ndarray, int, int, int]:
+    """Injections recovered (a positive detection within ``MATCH_RADIUS_PX``), and the false
+    detections (farther than ``FALSE_RADIUS_PX`` from every injection): all, positive, negative."""
+    inj = np.column_stack([pair.inj_x, pair.inj_y])
+    rec = np.zeros(len(inj), bool)
+    if not len(det_x):
+        return rec, 0, 0, 0
+    d, j = cKDTree(inj).query(np.column_stack([det_x, det_y]))
+    pos = np.asarray(det_v) > 0
+    rec[j[(d <= MATCH_RADIUS_PX) & pos]] = True
+    false = d > FALSE_RADIUS_PX
+    return rec, int(false.sum()), int((false & pos).sum()), int((false & ~pos).sum())
+
+
 def score(pair, D, det_x, det_y, det_v, bad, var_in, psf_d, fwhm) -> Score:
     """Completeness, false detections and residual RMS of one method."""
     inj = np.column_stack([pair.inj_x, pair.inj_y])
-    tree = cKDTree(inj)
-    rec = np.zeros(len(inj), bool)
-    n_false = n_fp = n_fn = 0
-    if len(det_x):
-        d, j = tree.query(np.column_stack([det_x, det_y]))
-        pos = det_v > 0
-        hit = (d <= MATCH_RADIUS_PX) & pos
-        rec[j[hit]] = True
-        false = d > FALSE_RADIUS_PX
-        n_false, n_fp, n_fn = int(false.sum()), int((false & pos).sum()), int((false & ~pos).sum())
+    rec, n_false, n_fp, n_fn = match(pair, det_x, det_y, det_v)
     edges = np.asarray(SNR_BINS, float)
     b = np.digitize(pair.inj_snr, edges) - 1
     theo_p = stats.norm.cdf(pair.inj_snr_eff - 5.0)

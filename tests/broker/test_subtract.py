@@ -294,3 +294,17 @@ def test_psf_tiles_follow_a_psf_that_varies_across_the_field():
     assert tiled.diagnostics["n_psf_tiles"] == 16 and one.diagnostics["n_psf_tiles"] == 1
     assert tiled.diagnostics["fwhm_science_tile_range_px"] > 0.3
     assert len(tiled.candidates) <= 3 and len(one.candidates) >= 50, (len(tiled.candidates), len(one.candidates))
+
+
+def test_sky_offset_between_the_images_is_taken_out():
+    """A residual background in the reference (its sky map biased by faint sources, say) shifts
+    S_corr on the whole frame; the blank-sky level of S_corr is measured and subtracted."""
+    shape = (512, 512)
+    sci = make_frame(70, shape, None, frame_id="off")
+    ref = make_reference(71, shape, None)
+    ref.image = ref.image + np.float32(0.5 * np.sqrt(np.nanmedian(ref.variance)))
+    kept = subtract_and_detect(sci, ref, SubtractConfig(sky_offset_box_px=0), keep_images=True)
+    fixed = subtract_and_detect(sci, ref, keep_images=True)
+    med = [float(np.median(r.images["S_corr"][~r.images["bad"]])) for r in (kept, fixed)]
+    assert med[0] < -0.3 and abs(med[1]) < 0.05, med
+    assert fixed.diagnostics["scorr_sky_offset"] == pytest.approx(med[0], abs=0.1)
