@@ -313,7 +313,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     image, variance, defects = _fill_narrow_gaps(image, variance, sat_any)
     method = "proper" if config.coadd == "proper" and all(p is not None for p in psfs) else "weighted"
     if method == "proper":
-        image, variance = _proper(stack, vstack, ok, image, psfs, sigmas)
+        image, variance = _proper(stack, vstack, ok, image, variance, psfs, sigmas, defects)
     rms = float(np.sqrt(np.nanmedian(variance)))
     stars = find_stars(np.nan_to_num(image), rms, config.stars)
     psf = build_psf(image, stars, config.psf, half_size=h)
@@ -332,29 +332,38 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
 
 
 def _proper(stack: np.ndarray, vstack: np.ndarray, ok: np.ndarray, weighted: np.ndarray,
-            psfs: list[np.ndarray], sigmas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+            weighted_var: np.ndarray, psfs: list[np.ndarray], sigmas: list[float],
+            defects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Proper co-add of the flux-scaled inputs (n, ny, nx) whose good pixels are ``ok``.
 
     The inputs' PSFs enter as Gaussians of their measured FWHM: with the stacked stamps
     themselves (10-50 stars each) the co-add lost 6-8 % S/N against the weighted mean on a
     test field, with the Gaussians it gains (true Gaussian PSFs gave the same as these). The
     kernels only weight the inputs; the co-add's PSF is measured on it afterwards.
-    An input's lost pixels take the weighted co-add's value (its noise is lower and its PSF a
-    mixture, but a cosmic ray's hole is a few pixels); pixels no input has (NaN in ``weighted``)
-    are NaN, grown by 1.5 FWHM of the broadest PSF: the co-addition kernels spread the filler
-    over that radius (beyond it a Gaussian PSF keeps < 0.4 % of its flux).
+    An input's lost pixels take the weighted co-add's value and variance (its noise is lower and
+    its PSF a mixture, but a cosmic ray's hole is a few pixels). Within 1.5 FWHM of a detector
+    defect filled from its neighbours (``defects``) the weighted co-add is kept as it is: the
+    kernels would spread the fill's error over that radius (on the demo's frames: 46 false
+    candidates along two hot columns and elsewhere, against 32 for the weighted mean; 33 with
+    this). Pixels no input has (NaN in ``weighted``) are NaN, grown by 1.5 FWHM of the broadest
+    PSF: the kernels spread the filler over that radius (beyond it a Gaussian keeps < 0.4 % of
+    its flux).
     """
     from scipy import ndimage
 
     missing = ~np.isfinite(weighted)
     fill = np.where(missing, 0.0, weighted).astype(np.float32)
     inputs = [np.where(ok[j], stack[j], fill) for j in range(len(stack))]
-    variances = [np.where(ok[j], vstack[j], np.float32(sigmas[j] ** 2)) for j in range(len(stack))]
-    h = psfs[0].shape[0] // 2
-    models = [gaussian_psf(measure_fwhm(p), h) for p in psfs]
+    fill_var = np.where(missing, 0.0, weighted_var).astype(np.float32)
+    variances = [np.where(ok[j], vstack[j], fill_var) for j in range(len(stack))]
+    fwhms = [measure_fwhm(p) for p in psfs]
+    models = [gaussian_psf(f, psfs[0].shape[0] // 2) for f in fwhms]
     image, variance, _ = proper_coadd(inputs, variances, models, sigmas)
+    r = 1.5 * max(fwhms)
+    if defects.any():
+        near = ndimage.distance_transform_edt(~defects) <= r
+        image[near], variance[near] = weighted[near], weighted_var[near]
     if missing.any():
-        r = 1.5 * max(measure_fwhm(p) for p in psfs)
         lost = ndimage.distance_transform_edt(~missing) <= r
         image[lost], variance[lost] = np.nan, np.nan
     return image, variance
