@@ -15,7 +15,7 @@ import numpy as np
 from scipy import optimize, stats
 from scipy.spatial import cKDTree
 
-from broker.detect import find_scorr_peaks
+from broker.detect import DetectConfig, find_scorr_peaks
 
 #: A detection within this distance (px) of an injection recovers it.
 MATCH_RADIUS_PX = 2.0
@@ -60,7 +60,7 @@ def significance(D: np.ndarray, psf: np.ndarray, var_in: np.ndarray, bad: np.nda
 def detections_from_significance(S: np.ndarray, bad: np.ndarray, threshold: float = 5.0):
     """(x, y, value) of >= threshold peaks (positive and negative), outside ``bad``."""
     S = np.where(bad | ~np.isfinite(S), 0.0, S)
-    x, y, v = find_scorr_peaks(S, threshold)
+    x, y, v = find_scorr_peaks(S, threshold, refine=DetectConfig().subpixel_peak)  # ours's statistic
     return x.astype(float), y.astype(float), v
 
 
