@@ -21,23 +21,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import fft
 
-
-def _embed(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A centred stamp placed with its centre at pixel (0, 0) of a ``shape`` array (wrapped)."""
-    out = np.zeros(shape, np.float64)
-    h = stamp.shape[0] // 2
-    out[:h + 1, :h + 1] = stamp[h:, h:]
-    out[:h + 1, -h:] = stamp[h:, :h]
-    out[-h:, :h + 1] = stamp[:h, h:]
-    out[-h:, -h:] = stamp[:h, :h]
-    return out
+from broker.psf import embed_centred
 
 
 def _kernels(psfs: list[np.ndarray], sigmas: np.ndarray, half: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Per-input co-addition kernels k_j (``R = sum_j k_j * M_j``, already divided by F_R) and the
     co-add PSF, on a centred (2 half + 1)^2 grid."""
     small = (2 * half + 1, 2 * half + 1)
-    ph = [fft.fft2(_embed(np.asarray(p, np.float64), small)) for p in psfs]
+    ph = [fft.fft2(embed_centred(p, small, np.float64)) for p in psfs]
     w = 1.0 / np.asarray(sigmas, np.float64) ** 2
     den = np.sqrt(sum(wj * np.abs(p) ** 2 for wj, p in zip(w, ph)))
     den = np.maximum(den, 1e-12 * den.max())
@@ -79,9 +70,10 @@ def proper_coadd(images: list[np.ndarray], variances: list[np.ndarray], psfs: li
     acc = np.zeros((shape[0], shape[1] // 2 + 1), np.complex128)
     vacc = np.zeros_like(acc)
     for img, var, k in zip(images, variances, kernels):
-        kh = fft.rfft2(_embed(k, shape), workers=workers)
+        kh = fft.rfft2(embed_centred(k, shape, np.float64), workers=workers)
         acc += fft.rfft2(img, s=shape, workers=workers) * kh
-        vacc += fft.rfft2(var, s=shape, workers=workers) * fft.rfft2(_embed(k * k, shape), workers=workers)
+        k2h = fft.rfft2(embed_centred(k * k, shape, np.float64), workers=workers)
+        vacc += fft.rfft2(var, s=shape, workers=workers) * k2h
     image = fft.irfft2(acc, s=shape, workers=workers)[:ny, :nx]
     variance = fft.irfft2(vacc, s=shape, workers=workers)[:ny, :nx]
     return image.astype(np.float32), np.maximum(variance, 0.0).astype(np.float32), psf.astype(np.float32)

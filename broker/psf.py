@@ -588,6 +588,20 @@ def build_psf(data: np.ndarray, stars: StarList, config: PSFConfig = PSFConfig()
     return PSFModel(stamp, measure_fwhm(stamp), int(used.sum()), False)
 
 
+def embed_centred(stamp: np.ndarray, shape: tuple[int, int], dtype=np.float32) -> np.ndarray:
+    """Place a centred stamp in an array of ``shape`` with its centre at pixel (0, 0) (wrapped), as
+    FFT convolution wants a kernel. The four quadrants are written straight to the corners (no
+    full-frame ``np.roll``)."""
+    out = np.zeros(shape, dtype)
+    h = stamp.shape[0] // 2
+    st = np.asarray(stamp, dtype)
+    out[:h + 1, :h + 1] = st[h:, h:]
+    out[:h + 1, -h:] = st[h:, :h]
+    out[-h:, :h + 1] = st[:h, h:]
+    out[-h:, -h:] = st[:h, :h]
+    return out
+
+
 def resize_stamp(stamp: np.ndarray, half_size: int) -> np.ndarray:
     """Crop or zero-pad a centred stamp to half-size ``half_size`` and renormalise."""
     h0 = stamp.shape[0] // 2

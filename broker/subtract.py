@@ -39,7 +39,7 @@ from broker.frame import Frame
 from broker.psf import (
     BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
     FILL_MAX_SPREAD, bad_columns, half_size_for, inpaint, measure_fwhm, resize_stamp, select_psf_stars, sharp_outliers, stack_psf,
-    star_fwhms,
+    star_fwhms, embed_centred,
 )
 
 #: FFT threads: the broker runs one frame per process, so use every core it may run on.
@@ -213,21 +213,6 @@ class ZogyResult:
     F_S: float
 
 
-def _embed(stamp: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Place a centred stamp in an array of ``shape`` with its centre at pixel (0, 0) (wrapped).
-
-    The four quadrants are written straight to the corners (no full-frame ``np.roll``).
-    """
-    out = np.zeros(shape, np.float32)
-    h = stamp.shape[0] // 2
-    st = np.asarray(stamp, np.float32)
-    out[:h + 1, :h + 1] = st[h:, h:]
-    out[:h + 1, -h:] = st[h:, :h]
-    out[-h:, :h + 1] = st[:h, h:]
-    out[-h:, -h:] = st[:h, :h]
-    return out
-
-
 def _score_kernels(P_n: np.ndarray, P_r: np.ndarray, sigma_n: float, sigma_r: float, F_r: float, F_n: float,
                    half: int, ref_noise_kernel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ZOGY's k_n and k_r (eqs. 28-29) on a centred (2 half + 1)^2 grid, in float64.
@@ -236,9 +221,9 @@ def _score_kernels(P_n: np.ndarray, P_r: np.ndarray, sigma_n: float, sigma_r: fl
     reference's *white* noise onto S_R, whose square gives V(S_R).
     """
     small = (2 * half + 1, 2 * half + 1)
-    pn = fft.fft2(_embed(P_n, small).astype(np.float64))
-    pr = fft.fft2(_embed(P_r, small).astype(np.float64))
-    hh = fft.fft2(_embed(ref_noise_kernel, small).astype(np.float64)) if ref_noise_kernel is not None else 1.0
+    pn = fft.fft2(embed_centred(P_n, small).astype(np.float64))
+    pr = fft.fft2(embed_centred(P_r, small).astype(np.float64))
+    hh = fft.fft2(embed_centred(ref_noise_kernel, small).astype(np.float64)) if ref_noise_kernel is not None else 1.0
     a_n, a_r, a_h = np.abs(pn) ** 2, np.abs(pr) ** 2, np.abs(hh) ** 2
     den2 = np.maximum(sigma_n ** 2 * F_r ** 2 * a_r + sigma_r ** 2 * F_n ** 2 * a_h * a_n,
                       1e-12 * (sigma_n ** 2 * F_r ** 2 + sigma_r ** 2 * F_n ** 2))
@@ -325,12 +310,12 @@ def zogy(
     # the matched-filter kernels k_n, k_r on a small grid (they are as compact as the PSFs): their
     # squares then need one full-size FFT each, and k_n, k_r never go through a full-size inverse
     kn_small, kr_small = _score_kernels(P_n, P_r, sigma_n, sigma_r, F_r, F_n, 3 * h, ref_noise_kernel)
-    pn = fft.rfft2(_embed(P_n, shape), workers=workers)
-    pr = fft.rfft2(_embed(P_r, shape), workers=workers)
+    pn = fft.rfft2(embed_centred(P_n, shape), workers=workers)
+    pr = fft.rfft2(embed_centred(P_r, shape), workers=workers)
     a_n = (pn.real ** 2 + pn.imag ** 2).astype(np.float32)
     a_r = (pr.real ** 2 + pr.imag ** 2).astype(np.float32)
     if ref_noise_kernel is not None:
-        hh = fft.rfft2(_embed(ref_noise_kernel, shape), workers=workers)
+        hh = fft.rfft2(embed_centred(ref_noise_kernel, shape), workers=workers)
         a_h = (hh.real ** 2 + hh.imag ** 2).astype(np.float32)
         del hh
     else:
@@ -346,8 +331,8 @@ def zogy(
     del rh, pn, pr, a_n, a_r, a_h, den2
     # V(S_N) + V(S_R) in one inverse FFT (eqs. 26-27)
     kn2, kr2 = kn_small ** 2, kr_small ** 2
-    vh = fft.rfft2(V_N, workers=workers) * fft.rfft2(_embed(kn2, shape), workers=workers)
-    vh += fft.rfft2(V_R, workers=workers) * fft.rfft2(_embed(kr2, shape), workers=workers)
+    vh = fft.rfft2(V_N, workers=workers) * fft.rfft2(embed_centred(kn2, shape), workers=workers)
+    vh += fft.rfft2(V_R, workers=workers) * fft.rfft2(embed_centred(kr2, shape), workers=workers)
     V = fft.irfft2(vh, s=shape, workers=workers)
     del vh
     # FFT rounding can leave tiny negatives far from anything: bound by the blank-sky value
@@ -365,8 +350,8 @@ def zogy(
     S_corr = (S / np.sqrt(V_tot)).astype(np.float32)
     # P_D on a small grid (it is as compact as the PSFs)
     small = (4 * h + 1, 4 * h + 1)
-    pn_s = fft.fft2(_embed(P_n, small))
-    pr_s = fft.fft2(_embed(P_r, small))
+    pn_s = fft.fft2(embed_centred(P_n, small))
+    pr_s = fft.fft2(embed_centred(P_r, small))
     den_s = np.sqrt(sigma_n ** 2 * F_r ** 2 * np.abs(pr_s) ** 2 + sigma_r ** 2 * F_n ** 2 * np.abs(pn_s) ** 2)
     pd = np.real(fft.ifft2(F_r * F_n * pr_s * pn_s / (f_d * np.maximum(den_s, 1e-30))))
     pd = np.roll(pd, (2 * h, 2 * h), axis=(0, 1))[h:3 * h + 1, h:3 * h + 1]

@@ -94,3 +94,11 @@ def test_bad_columns_finds_weak_defect_columns_but_not_trails():
     assert m[384:, 400].all() and m[:, 700].all()
     assert not m[:, 90:200].any()  # the trail is not a column
     assert m.sum() <= 1024 + 1024 - 256  # nothing else
+
+
+def test_embed_places_the_centre_at_the_origin():
+    from broker.psf import embed_centred
+
+    st = np.arange(49, dtype=np.float32).reshape(7, 7)
+    ref = np.roll(np.pad(st, ((0, 5), (0, 6))), (-3, -3), axis=(0, 1))
+    assert np.array_equal(embed_centred(st, (12, 13)), ref)

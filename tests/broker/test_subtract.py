@@ -211,14 +211,6 @@ def test_end_to_end_on_the_sky_simulator():
     assert np.median(np.abs([f[1] for f in found])) < 2.0
 
 
-def test_embed_places_the_centre_at_the_origin():
-    from broker.subtract import _embed
-
-    st = np.arange(49, dtype=np.float32).reshape(7, 7)
-    ref = np.roll(np.pad(st, ((0, 5), (0, 6))), (-3, -3), axis=(0, 1))
-    assert np.array_equal(_embed(st, (12, 13)), ref)
-
-
 def test_interpolation_kernel():
     from broker.subtract import interpolation_kernel
 
