@@ -82,6 +82,10 @@ class ReferenceConfig:
     psf: PSFConfig = field(default_factory=PSFConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
 
+    def __post_init__(self) -> None:
+        if self.coadd not in ("proper", "weighted"):
+            raise ValueError(f"coadd must be 'proper' or 'weighted', not {self.coadd!r}")
+
 
 @dataclass
 class Reference:

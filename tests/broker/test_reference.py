@@ -188,3 +188,13 @@ def test_defects_map_round_trips_and_a_bad_one_is_refused(tmp_path):
         hdul.writeto(tmp_path / "bad.fits")
     with pytest.raises(ReferenceUnavailable, match="inconsistent"):
         Reference.load(tmp_path / "bad.fits")
+
+
+def test_unknown_coadd_method_is_a_config_error(tmp_path):
+    from broker.config import load_config
+    from broker.errors import ConfigError
+
+    cfg = tmp_path / "pipeline.toml"
+    cfg.write_text('[reference]\ncoadd = "median"\n')
+    with pytest.raises(ConfigError, match="coadd must be 'proper' or 'weighted'"):
+        load_config(cfg)
