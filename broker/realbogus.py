@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from broker.candidate import CUTOUT_SIZE, Candidate
-from broker.errors import CutoutError, ModelError
+from broker.errors import ConfigError, CutoutError, ModelError
 
 #: Folder with the shipped weights and model cards (``<repo>/models``).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -336,9 +336,30 @@ class ScoreConfig:
         Triplets per forward pass; longer inputs are scored in chunks of this size. Default 64:
         the activations of 64 triplets stay in the CPU caches; 256 at once was ~1.6x slower
         per triplet on the 2-core build machine (``python -m bench.realbogus``).
+    views : int
+        Dihedral views of each triplet whose logits are averaged: 1 (as is), 2 (+ the 180 deg
+        rotation), 4 (the four 90 deg rotations) or 8 (+ their mirror images). The network was
+        trained on flips and rotations, so each view is an equally valid look at the stamp;
+        averaging them lowers the error rate at ``views`` times the cost (measured in
+        ``BENCHMARKS.md``).
     """
 
     batch_size: int = 64
+    views: int = 1
+
+    def __post_init__(self) -> None:
+        if self.views not in _VIEWS:
+            raise ConfigError(f"ScoreConfig.views must be one of {sorted(_VIEWS)}, got {self.views}")
+
+
+def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` (0-7) of (N, C, H, W) stamps: rotation by ``k % 4`` x 90 deg, mirrored if k >= 4."""
+    x = torch.flip(x, dims=(3,)) if k >= 4 else x
+    return torch.rot90(x, k % 4, dims=(2, 3))
+
+
+#: Views averaged for ``ScoreConfig.views``: as is; + 180 deg; all four 90 deg rotations; + mirrors.
+_VIEWS = {1: (0,), 2: (0, 2), 4: (0, 1, 2, 3), 8: tuple(range(8))}
 
 
 def _resolve(path_or_version: str | Path | None) -> tuple[Path, Path]:
@@ -454,8 +475,10 @@ class RealBogusClassifier:
         with torch.inference_mode():
             for i in range(0, len(x), self.config.batch_size):
                 xb = torch.from_numpy(np.ascontiguousarray(x[i : i + self.config.batch_size]))
-                xb = xb.contiguous(memory_format=torch.channels_last)
-                out[i : i + len(xb)] = torch.sigmoid(self.net(xb)).numpy()
+                views = _VIEWS[self.config.views]
+                logit = sum(self.net(_dihedral(xb, k).contiguous(memory_format=torch.channels_last))
+                            for k in views) / len(views)
+                out[i : i + len(xb)] = torch.sigmoid(logit).numpy()
         return out
 
     def score_cutouts(self, sci: np.ndarray, ref: np.ndarray, diff: np.ndarray) -> float:

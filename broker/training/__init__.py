@@ -72,6 +72,7 @@ from broker.training.generate import (
     generate_training_set,
     iter_pipeline_candidates,
     label_candidates,
+    relative_to_reference,
     write_training_set,
 )
 from broker.training.generate import (
@@ -148,6 +149,7 @@ __all__ = [
     "iter_synthetic_candidates",
     "kind_weights",
     "label_candidates",
+    "relative_to_reference",
     "load_training_set",
     "main_eval",
     "main_train",

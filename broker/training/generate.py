@@ -64,6 +64,13 @@ class TrainingSetConfig:
     match_radius : float
         Max distance (px) between a candidate and an injection to take its label. Default 1.5 px
         (~FWHM/2 for 3 px seeing): a centroid of a >= 5 sigma source is within ~0.5 px.
+    min_real_snr : float
+        A real injection labels a candidate only if the expected optimal S/N of its change
+        *relative to the reference* reaches this (sigma). Below it, a >= 5 sigma detection there is
+        made mostly by noise or by a residual of the star under it, and it is bogus like them.
+        Variable stars also vary in the reference epochs, so their change is taken against the
+        inverse-variance mean of those epochs (:func:`relative_to_reference`), not against the
+        static sky. Default 3: the source must give at least 3 of the 5 sigma.
     real_kinds : tuple of str
         Injection kinds labelled real; "moving" is real (a genuine astrophysical source).
     n_transients : int
@@ -101,7 +108,15 @@ class TrainingSetConfig:
         Probability that a frame's reference is shifted by ``misalign_px`` (sub-pixel), keeping
         its star catalogue, so that the alignment is wrong by that much: dipoles on every star.
     misalign_px : tuple of float
-        Shift length range, px.
+        Shift length range, px. Up to 2 px: real survey dipoles (e.g. the ZTF sample's
+        low-``drb`` alerts) have both lobes far above the noise, which sub-pixel shifts of a
+        faint star do not give.
+    reals_on_broken_references : bool
+        Write real candidates that sit on a reference source (``ref_dist`` < 2") in frames whose
+        reference was deliberately misaligned or blurred. Default False: there the star's dipole
+        or ring (up to ~0.6 r/sigma of its flux for a shift r) swamps most variables' changes,
+        so the label is ill-defined; on v4's first data set (with them) variables' FNR was 7 %.
+        Their bogus neighbours, and every candidate of the other frames, are written.
     p_psf_error : float
         Probability that a frame's reference is blurred by a Gaussian of ``psf_blur_px`` (sigma)
         while its PSF model is kept: PSF-mismatch residuals (rings) on bright stars.
@@ -141,6 +156,7 @@ class TrainingSetConfig:
     shape: tuple[int, int] = (1024, 1024)
     filters: tuple[str, ...] = ("g", "r", "i")
     match_radius: float = 1.5
+    min_real_snr: float = 3.0
     real_kinds: tuple[str, ...] = REAL_KINDS
     n_transients: int = 150
     n_cosmic_rays: float = 220.0
@@ -155,7 +171,8 @@ class TrainingSetConfig:
     bright_star_mag_range: tuple[float, float] = (9.0, 12.0)
     saturation_range: tuple[float, float] = (20000.0, 60000.0)
     p_misalign: float = 0.3
-    misalign_px: tuple[float, float] = (0.3, 1.2)
+    reals_on_broken_references: bool = False
+    misalign_px: tuple[float, float] = (0.3, 2.0)
     p_psf_error: float = 0.25
     psf_blur_px: tuple[float, float] = (0.6, 1.5)
     p_uncleaned: float = 0.3
@@ -215,6 +232,7 @@ def label_candidates(
     residual_kind: str = "residual",
     frame_shape: tuple[int, int] | None = None,
     edge_px: int = 20,
+    min_real_snr: float = 0.0,
 ) -> list[tuple[int, str, object | None]]:
     """Label candidates by the nearest injection within ``match_radius``.
 
@@ -234,6 +252,9 @@ def label_candidates(
     frame_shape : (ny, nx), optional
         With it, an unmatched candidate within ``edge_px`` of the frame edge is ``"edge"``.
     edge_px : int
+    min_real_snr : float
+        Real injections with ``|snr|`` below this (sigma) are ignored: too faint to have made the
+        detection (see :class:`TrainingSetConfig`).
 
     Returns
     -------
@@ -243,6 +264,8 @@ def label_candidates(
         injections win over artifacts within the radius (an artifact on a transient still
         leaves a real source there).
     """
+    injections = [i for i in injections if i.kind not in real_kinds
+                  or abs(getattr(i, "snr", np.inf)) >= min_real_snr]
     # Extended artifacts (tracks, columns, trails) are matched by distance to their segment,
     # since a detection can sit anywhere along them; compact ones by distance to (x, y).
     n = len(injections)
@@ -276,6 +299,45 @@ def label_candidates(
         else:
             kind = residual_kind if np.isfinite(d.ref_dist) and d.ref_dist < 2.0 else "noise"
             out.append((0, kind, None))
+    return out
+
+
+def relative_to_reference(injections: Sequence, reference_injections: Sequence) -> list:
+    """Variable-star injections of a science frame made relative to the reference.
+
+    The simulator gives a variable's ``flux`` and ``snr`` against the static sky, but the star
+    also varied in the reference epochs. The change the subtraction sees is ``flux`` minus the
+    inverse-variance mean of its reference-epoch fluxes (weights ``(snr / flux)^2``, as a
+    point-source co-add weighs them), with that mean's variance added to the noise.
+
+    Parameters
+    ----------
+    injections : list of Injection
+        Of the science frame.
+    reference_injections : list of Injection
+        Of all reference frames together.
+
+    Returns
+    -------
+    list of Injection
+        ``injections`` with each variable's ``flux`` (ADU) and ``snr`` replaced; others as given.
+    """
+    sums: dict[str, list[float]] = {}
+    for i in reference_injections:
+        if i.kind == "variable" and i.flux != 0 and i.snr != 0:
+            w = (i.snr / i.flux) ** 2
+            acc = sums.setdefault(i.source_id, [0.0, 0.0])
+            acc[0] += w * i.flux
+            acc[1] += w
+    out = []
+    for i in injections:
+        acc = sums.get(i.source_id) if i.kind == "variable" else None
+        if acc is None or acc[1] <= 0 or i.flux == 0 or i.snr == 0:
+            out.append(i)
+            continue
+        change = i.flux - acc[0] / acc[1]
+        sigma = float(np.hypot(i.flux / i.snr, 1.0 / np.sqrt(acc[1])))
+        out.append(dataclasses.replace(i, flux=float(change), snr=float(change / sigma)))
     return out
 
 
@@ -403,13 +465,15 @@ def field_candidates(config: TrainingSetConfig, f: int,
     filt = config.filters[f % len(config.filters)]
     sim = sim_mod.SkySimulator(sim_cfg, seed=config.seed * 100_003 + f)
     n_ref = int(sim_cfg.reference_epochs)
+    ref_frames = [sim.frame(field_name, filt, e) for e in range(n_ref)]
+    ref_injections = [i for _, t in ref_frames for i in t.injections]
     try:
-        reference = ref_mod.build_reference([sim.frame(field_name, filt, e)[0]
-                                             for e in range(n_ref)],
+        reference = ref_mod.build_reference([fr for fr, _ in ref_frames],
                                             ref_mod.ReferenceConfig(n_frames=n_ref))
     except Exception as exc:  # a field without a reference is skipped, not fatal
         print(f"[training] {field_name} {filt}: reference failed: {exc!r}")
         return []
+    del ref_frames  # the pixels are in the reference now; keep the truth only
     out: list[LabelledCandidate] = []
     histories: dict[object, list[dict]] = {}
     for e in range(n_ref, n_ref + config.epochs_per_field):
@@ -424,9 +488,10 @@ def field_candidates(config: TrainingSetConfig, f: int,
             print(f"[training] {field_name} {filt} epoch {e}: subtraction failed: {exc!r}")
             continue
         cands = list(result.candidates)
-        labels = label_candidates(cands, list(truth.injections) + extra, config.match_radius,
-                                  config.real_kinds, residual_kind, frame.data.shape,
-                                  config.edge_px)
+        injections = relative_to_reference(truth.injections, ref_injections) + extra
+        labels = label_candidates(cands, injections, config.match_radius, config.real_kinds,
+                                  residual_kind, frame.data.shape, config.edge_px,
+                                  config.min_real_snr)
         mjd = float(frame.meta.mjd_start)
         for c, (lab, kind, inj) in zip(cands, labels):
             if kind in ("residual", "dipole", "psf_mismatch") and np.nanmax(c.science) >= \
@@ -434,13 +499,17 @@ def field_candidates(config: TrainingSetConfig, f: int,
                 kind = "saturated_residual"
             sid = getattr(inj, "source_id", None) if inj is not None else None
             hist = histories.get(sid, []) if sid is not None else []
+            ill_defined = (lab == 1 and residual_kind != "residual"
+                           and not config.reals_on_broken_references
+                           and np.isfinite(c.detection.ref_dist) and c.detection.ref_dist < 2.0)
             try:
                 x, _ = normalise_triplet(c.science, c.reference, c.difference, norm)
             except CutoutError:
                 continue
-            out.append(LabelledCandidate(x.astype(np.float16), lab, kind,
-                                         features_from(c, hist, mjd), field_name,
-                                         float(c.detection.snr)))
+            if not ill_defined:
+                out.append(LabelledCandidate(x.astype(np.float16), lab, kind,
+                                             features_from(c, hist, mjd), field_name,
+                                             float(c.detection.snr)))
             if sid is not None and lab == 1:
                 histories.setdefault(sid, []).append(
                     {"mjd": mjd, "flux": float(c.detection.flux),

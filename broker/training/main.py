@@ -104,7 +104,12 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "- Labels and the bogus mix depend on the subtraction and detection code: a set made "
           "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
           "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
-          "after such changes.", ""]
+          "after such changes.",
+          "- Labels are what the subtraction should show: a variable's change is taken against "
+          "its reference epochs, changes under 3 sigma do not make a candidate real, and real "
+          "candidates on stars of deliberately misaligned or blurred references are left out "
+          "(`TrainingSetConfig.min_real_snr`, `reals_on_broken_references`). A star residual "
+          "that mimics a small real change of that star stays ambiguous.", ""]
     p = Path(path)
     p.write_text("\n".join(L))
     return p

@@ -110,12 +110,30 @@ def kind_weights(labels: np.ndarray, kinds: np.ndarray, power: float) -> np.ndar
     return w.astype(np.float32)
 
 
-def auto_threads(max_threads: int = 2) -> int:
-    """Intra-op threads for this machine now: up to ``max_threads`` cores not already busy."""
+def auto_threads(max_threads: int = 2, sample_s: float = 1.0) -> int:
+    """Intra-op threads for this machine now: up to ``max_threads`` cores not already busy.
+
+    Busy cores are measured over ``sample_s`` seconds from ``/proc/stat``, not from the 1-min
+    load average, which still counts the generator's workers for a minute after they exit
+    (it made the first ``realbogus-v4`` run train on one thread). Elsewhere: all cores.
+    """
     import os
+    import time
 
     cores = os.cpu_count() or 1
-    free = cores - os.getloadavg()[0]
+
+    def idle_total() -> tuple[float, float]:
+        with open("/proc/stat") as fh:
+            v = [float(t) for t in fh.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, all
+
+    try:
+        i0, t0 = idle_total()
+        time.sleep(sample_s)
+        i1, t1 = idle_total()
+    except (OSError, ValueError, IndexError):
+        return int(max(1, min(max_threads, cores)))
+    free = cores * (i1 - i0) / max(t1 - t0, 1e-9)
     return int(max(1, min(max_threads, cores, np.floor(free + 0.5))))
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from broker.candidate import Candidate, Detection
-from broker.errors import CutoutError, ModelError
+from broker.errors import ConfigError, CutoutError, ModelError
 from broker.realbogus import (
     DEFAULT_VERSION,
     MODELS_DIR,
@@ -176,6 +177,24 @@ def test_save_load_roundtrip(tmp_path, net):
     x = np.random.default_rng(0).normal(size=(5, 3, 63, 63)).astype(np.float32)
     assert back.version == "test-v0" and type(back.net) is net
     np.testing.assert_allclose(back.score(x), clf.score(x), rtol=1e-5)
+
+
+def test_dihedral_views_make_the_score_rotation_invariant():
+    from broker.realbogus import ScoreConfig
+
+    torch.manual_seed(0)
+    net = RealBogusNetV2().eval()
+    x = np.random.default_rng(1).normal(size=(6, 3, 63, 63)).astype(np.float32)
+    rot = np.ascontiguousarray(np.rot90(x, 1, axes=(2, 3)))
+    mirror = np.ascontiguousarray(x[..., ::-1])
+    plain = RealBogusClassifier(net, "t")
+    assert np.max(np.abs(plain.score(rot) - plain.score(x))) > 1e-4  # an untrained net is not
+    four = RealBogusClassifier(net, "t", config=ScoreConfig(views=4))
+    np.testing.assert_allclose(four.score(rot), four.score(x), atol=1e-5)
+    eight = RealBogusClassifier(net, "t", config=ScoreConfig(views=8))
+    np.testing.assert_allclose(eight.score(mirror), eight.score(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="views"):
+        ScoreConfig(views=3)
 
 
 @pytest.fixture(scope="module", params=SHIPPED)

@@ -45,6 +45,27 @@ def test_label_candidates_by_position():
                    (0, "noise")]
 
 
+def test_variable_change_is_taken_against_the_reference():
+    from broker.simulate import Injection
+    from broker.training import relative_to_reference
+
+    def var(flux, snr, sid="V1"):
+        return Injection(kind="variable", x=10.0, y=10.0 if sid != "V9" else 90.0, ra=0.0, dec=0.0, flux=flux, snr=snr,
+                         on_galaxy=False, source_id=sid)
+
+    # reference epochs at +100 ADU (S/N 10, i.e. sigma 10) and +40 ADU (sigma 20): weights 4:1
+    ref = [var(100.0, 10.0), var(40.0, 2.0), var(500.0, 50.0, sid="V2")]
+    now = relative_to_reference([var(98.0, 9.8), var(-50.0, -5.0, sid="V9")], ref)
+    mean = (4 * 100.0 + 40.0) / 5
+    assert now[0].flux == pytest.approx(98.0 - mean)
+    assert now[0].snr == pytest.approx((98.0 - mean) / np.hypot(10.0, np.sqrt(400.0 / 5)))
+    assert now[1] == var(-50.0, -5.0, sid="V9")  # not in the reference epochs: as given
+    # a change too faint to have made the detection does not label it real
+    cands = [_cand(10.2, 10.0, ref_dist=0.3)]
+    assert label_candidates(cands, now, min_real_snr=3.0)[0][:2] == (0, "residual")
+    assert label_candidates(cands, now, min_real_snr=0.0)[0][:2] == (1, "variable")
+
+
 def test_evaluate_metrics():
     s = np.array([0.9, 0.8, 0.3, 0.2, 0.6, 0.1])
     y = np.array([1, 1, 1, 0, 0, 0])
@@ -133,6 +154,23 @@ def tiny_field():
     cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=2, n_transients=40,
                             n_cosmic_rays=60.0, p_misalign=0.5, seed=3)
     return cfg, field_candidates(cfg, 0)
+
+
+def test_reals_on_a_deliberately_broken_reference_are_left_out():
+    from broker.anomaly import FEATURE_NAMES
+    from broker.training import field_candidates
+
+    col = FEATURE_NAMES.index("log_ref_dist")
+    on_source = []
+    for keep in (True, False):  # every frame's reference misaligned
+        cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
+                                n_variables=150, p_misalign=1.0, seed=3,
+                                reals_on_broken_references=keep)
+        items = field_candidates(cfg, 0)
+        on_source.append(sum(it.label == 1 and 10 ** it.features[col] - 0.1 < 2.0
+                             for it in items))
+        assert any(it.kind == "dipole" for it in items)
+    assert on_source[0] > 10 and on_source[1] == 0, on_source
 
 
 def test_generator_labels_on_tiny_seeded_run(tiny_field):
