@@ -43,6 +43,9 @@ class PipelineConfig:
         Hard limit on one frame's FITS bytes (1 GiB) against hostile or broken producers.
     rb_model, anomaly_model : str or None
         Weights to load; None: the versions shipped in ``models/``.
+    rb_views : int
+        Dihedral views averaged per triplet by the real/bogus model (``ScoreConfig.views``: 1, 2,
+        4 or 8); each costs one forward pass.
     torch_threads : int
         Threads of the classify stage's torch (1: measured fastest when the other stages share the
         cores; bench/realbogus.py shows 2 threads slower than 1 on a busy 2-core machine).
@@ -57,6 +60,7 @@ class PipelineConfig:
     max_frame_bytes: int = 1024 * 1024 * 1024
     rb_model: str | None = None
     anomaly_model: str | None = None
+    rb_views: int = 1
     torch_threads: int = 1
     retain_freed_memory: bool = True
     ingest: IngestConfig = field(default_factory=IngestConfig)

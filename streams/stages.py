@@ -18,7 +18,7 @@ from broker.errors import ChecksumMismatch, FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, sha256
 from broker.history import ObjectHistory
 from broker.ingest import ingest
-from broker.realbogus import RealBogusClassifier
+from broker.realbogus import RealBogusClassifier, ScoreConfig
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from broker.subtract import subtract_and_detect
@@ -139,7 +139,7 @@ def classify_handler(config: PipelineConfig) -> Handler:
     import torch
 
     torch.set_num_threads(config.torch_threads)
-    model = RealBogusClassifier.load(config.rb_model)
+    model = RealBogusClassifier.load(config.rb_model, ScoreConfig(views=config.rb_views))
 
     def score(batch: dict, cands: list) -> None:
         model.score_candidates(cands)  # sets cand.rb; None where the cutouts cannot be normalised

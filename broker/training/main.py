@@ -105,11 +105,10 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
           "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
           "after such changes.",
-          "- Labels are what the subtraction should show: a variable's change is taken against "
-          "its reference epochs, changes under 3 sigma do not make a candidate real, and real "
-          "candidates on stars of deliberately misaligned or blurred references are left out "
-          "(`TrainingSetConfig.min_real_snr`, `reals_on_broken_references`). A star residual "
-          "that mimics a small real change of that star stays ambiguous.", ""]
+          "- A candidate matched to a variable star is real whatever the size of its change, "
+          "also where a deliberately misaligned or blurred reference leaves a larger residual of "
+          "the star there; such labels are ambiguous (`TrainingSetConfig.min_real_snr` and "
+          "`reals_on_broken_references` change them; see BENCHMARKS.md).", ""]
     p = Path(path)
     p.write_text("\n".join(L))
     return p
