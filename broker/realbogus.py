@@ -355,7 +355,7 @@ class ScoreConfig:
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     """View ``k`` (0-7) of (N, C, H, W) stamps: rotation by ``k % 4`` x 90 deg, mirrored if k >= 4."""
     x = torch.flip(x, dims=(3,)) if k >= 4 else x
-    return torch.rot90(x, k % 4, dims=(2, 3))
+    return torch.rot90(x, k % 4, dims=(2, 3)) if k % 4 else x  # rot90 by 0 would copy
 
 
 #: Views averaged for ``ScoreConfig.views``: as is; + 180 deg; all four 90 deg rotations; + mirrors.
