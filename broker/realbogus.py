@@ -472,10 +472,10 @@ class RealBogusClassifier:
         if x.ndim != 4 or x.shape[1:] != (3, CUTOUT_SIZE, CUTOUT_SIZE):
             raise CutoutError(f"triplets must be (N, 3, 63, 63), got {x.shape}")
         out = np.empty(len(x), dtype=np.float32)
+        views = _VIEWS[self.config.views]
         with torch.inference_mode():
             for i in range(0, len(x), self.config.batch_size):
                 xb = torch.from_numpy(np.ascontiguousarray(x[i : i + self.config.batch_size]))
-                views = _VIEWS[self.config.views]
                 logit = sum(self.net(_dihedral(xb, k).contiguous(memory_format=torch.channels_last))
                             for k in views) / len(views)
                 out[i : i + len(xb)] = torch.sigmoid(logit).numpy()
