@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+#: The real data beside the checkout (``../shared/data``); absent on a user's machine.
+SHARED_DATA = BENCHMARKS.parent.parent / "shared" / "data"
 
 
 def machine() -> str:

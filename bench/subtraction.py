@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from bench.common import machine, write_section
+from bench.common import SHARED_DATA, machine, write_section
 from bench.peers.evaluate import SNR_BINS, detections_from_significance, robust_std, score, significance
 from bench.peers.synth import PairConfig, make_pair
 from broker.align import align_reference
@@ -45,7 +45,7 @@ from broker.runtime import TOP_PAD_BYTES, retain_freed_memory
 from broker.subtract import SubtractConfig, reference_sources, subtract_and_detect
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data" / "image_pairs"
+SHARED = SHARED_DATA / "image_pairs"
 PEERS = ("sfft", "stdpipe-zogy", "properimage", "ois")
 #: Peers run once (no warm call): a second run would not fit in the time box on 2 cores.
 SLOW_PEERS = ("ois", "stdpipe-sfft")

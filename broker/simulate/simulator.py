@@ -44,6 +44,9 @@ class Injection:
         Stable id, the same at every epoch for variables and moving objects.
     x0, y0, x1, y1 : float or None
         End points of trails, tracks and columns (px); None for compact sources.
+    static_flux : float
+        Variables: the star's constant flux in this frame (ADU), on which ``flux`` is the
+        change; 0 for other kinds. A broken reference leaves a residual scaling with it.
     """
 
     kind: str
@@ -59,6 +62,7 @@ class Injection:
     y0: float | None = None
     x1: float | None = None
     y1: float | None = None
+    static_flux: float = 0.0
 
 
 @dataclass
@@ -245,14 +249,15 @@ class SkySimulator:
         artifacts = np.zeros(c.shape, np.float32)
         pending = _Pending()
 
-        def point(kind: str, ra: float, dec: float, flux: float, sid: str, on_gal: bool = False):
+        def point(kind: str, ra: float, dec: float, flux: float, sid: str, on_gal: bool = False,
+                  static_flux: float = 0.0):
             x, y = wcs.wcs_world2pix([ra], [dec], 0)
             stamps, flat, inside = psf(x, y)
             values = stamps[0] * flux
             render.add_stamps(changes, values[None], flat, inside)
             pending.add(flat[0][inside[0]], values[inside[0]], kind=kind, x=float(x[0]),
                         y=float(y[0]), ra=float(ra), dec=float(dec), flux=float(flux),
-                        on_galaxy=on_gal, source_id=sid)
+                        on_galaxy=on_gal, source_id=sid, static_flux=float(static_flux))
 
         for ra, dec, flux, sid, on_gal in self._transients(field, epoch, ct, nominal):
             point("transient", ra, dec, flux, sid, on_gal)
@@ -260,7 +265,8 @@ class SkySimulator:
             dflux = sflux[i] * sky.var_amp[k] * np.sin(2 * np.pi * mjd / sky.var_period[k]
                                                        + sky.var_phase[k])
             if _near_frame(sx[i:i + 1], sy[i:i + 1], c.shape, -2)[0]:
-                point("variable", sky.star_ra[i], sky.star_dec[i], dflux, f"{field}-V{k:04d}")
+                point("variable", sky.star_ra[i], sky.star_dec[i], dflux, f"{field}-V{k:04d}",
+                      static_flux=sflux[i])
         for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal):
             point("moving", ra, dec, flux, sid)
 

@@ -72,7 +72,9 @@ from broker.training.generate import (
     generate_training_set,
     iter_pipeline_candidates,
     label_candidates,
+    opposite_lobe_snr,
     relative_to_reference,
+    residual_flux,
     write_training_set,
 )
 from broker.training.generate import (
@@ -149,7 +151,9 @@ __all__ = [
     "iter_synthetic_candidates",
     "kind_weights",
     "label_candidates",
+    "opposite_lobe_snr",
     "relative_to_reference",
+    "residual_flux",
     "load_training_set",
     "main_eval",
     "main_train",

@@ -111,16 +111,26 @@ class TrainingSetConfig:
         its star catalogue, so that the alignment is wrong by that much: dipoles on every star.
     misalign_px : tuple of float
         Shift length range, px. Real survey dipoles (e.g. the ZTF sample's low-``drb`` alerts)
-        have both lobes far above the noise; (0.3, 2.0) gives more of them (1097 vs 520 per
-        100k) but also more variables swamped by their star's dipole (see
-        ``reals_on_broken_references``).
-    reals_on_broken_references : bool
-        Write real candidates that sit on a reference source (``ref_dist`` < 2") in frames whose
-        reference was deliberately misaligned or blurred. There the star's dipole or ring (up to
-        ~0.6 r/sigma of its flux for a shift r) swamps many variables' changes, so the label is
-        ill-defined. Leaving them out (False) cut the held-out equal error rate 2.5 -> 1.9 %
-        but taught the model that a change on a star is bogus: ZTF drb AUC fell 0.90 -> 0.76.
-        Default True (as for the shipped model).
+        have both lobes far above the noise; (0.3, 2.0) gives more of them but also more
+        variables swamped by their star's dipole (``swamped_ratio``).
+    swamped_ratio : tuple of float
+        (lo, hi). On a deliberately misaligned reference every star leaves a dipole whose lobes
+        peak like a point source of :func:`residual_flux`; a variable's change below ``lo``
+        times it is swamped (the stamp shows a dipole: bogus ``"dipole"``), between ``lo`` and
+        ``hi`` ambiguous (left out, counted in the manifest as ``ambiguous_variable``), above
+        ``hi`` real. (0.5, 1.65) is the tried setting: e^0.5 ~ 1.65 is where the change's peak
+        outweighs the opposite lobe, so that the stamp shows one sign only. Blurred references
+        are left alone: their residual is a blob on the star (the ring is faint), which is what
+        a variable's change looks like. Default (0, 0): every variable real, as for the shipped
+        ``realbogus-v3``; no model trained with the rule has yet beaten it on the real ZTF
+        alerts (BENCHMARKS.md, "Real/bogus label experiments").
+    min_dipole_lobe_snr : float
+        An unmatched candidate on a star of a misaligned reference (kind ``"dipole"``) is
+        bogus only if its stamp shows the dipole: an opposite-sign lobe of at least this S/N
+        (:func:`opposite_lobe_snr`, sigma). Without one it is a lone blob beside a star, which
+        is what a faint change of the star looks like: left out as ``ambiguous_dipole``.
+        4 (tried) leaves out ~90 % of them. Default 0: every such candidate bogus, as for
+        ``realbogus-v3``.
     p_psf_error : float
         Probability that a frame's reference is blurred by a Gaussian of ``psf_blur_px`` (sigma)
         while its PSF model is kept: PSF-mismatch residuals (rings) on bright stars.
@@ -175,7 +185,8 @@ class TrainingSetConfig:
     bright_star_mag_range: tuple[float, float] = (9.0, 12.0)
     saturation_range: tuple[float, float] = (20000.0, 60000.0)
     p_misalign: float = 0.3
-    reals_on_broken_references: bool = True
+    swamped_ratio: tuple[float, float] = (0.0, 0.0)
+    min_dipole_lobe_snr: float = 0.0
     misalign_px: tuple[float, float] = (0.3, 1.2)
     p_psf_error: float = 0.25
     psf_blur_px: tuple[float, float] = (0.6, 1.5)
@@ -196,7 +207,7 @@ class LabelledCandidate:
     """One candidate with its label (1 real / 0 bogus), its type and its anomaly features."""
 
     triplet: np.ndarray          # (3, 63, 63) float16/float32, normalised
-    label: int
+    label: int                   # -1: ambiguous, counted but not written
     kind: str                    # injection kind, residual/dipole/psf_mismatch/edge/noise if none
     features: np.ndarray         # (F,) anomaly features
     group: str                   # field: the validation split is made by field
@@ -372,8 +383,10 @@ def field_sim_config(sim_mod, config: TrainingSetConfig, rng: np.random.Generato
 def _reference_variant(reference, config: TrainingSetConfig, rng: np.random.Generator):
     """The reference as used for one frame: as built, shifted (misaligned) or blurred.
 
-    Returns (reference, residual_kind). The star catalogue of the unmodified reference is kept
-    on the variant, so the alignment fits the catalogue and misses the shift of the pixels.
+    Returns (reference, residual_kind, amount): amount is the shift (px) of a misaligned
+    reference, the blur sigma (px) of a blurred one, else 0. The star catalogue of the unmodified
+    reference is kept on the variant, so the alignment fits the catalogue and misses the shift
+    of the pixels.
     """
     from scipy import ndimage
 
@@ -386,14 +399,42 @@ def _reference_variant(reference, config: TrainingSetConfig, rng: np.random.Gene
         img = ndimage.shift(np.nan_to_num(reference.image), (r * np.sin(th), r * np.cos(th)),
                             order=3, mode="nearest")
         img[~np.isfinite(reference.image)] = np.nan
-        return dataclasses.replace(reference, image=img.astype(np.float32), sources=sources), "dipole"
+        return (dataclasses.replace(reference, image=img.astype(np.float32), sources=sources),
+                "dipole", r)
     if u < config.p_misalign + config.p_psf_error:
         s = rng.uniform(*config.psf_blur_px)
         img = ndimage.gaussian_filter(np.nan_to_num(reference.image), s)
         img[~np.isfinite(reference.image)] = np.nan
         return (dataclasses.replace(reference, image=img.astype(np.float32), sources=sources),
-                "psf_mismatch")
-    return reference, "residual"
+                "psf_mismatch", s)
+    return reference, "residual", 0.0
+
+
+def residual_flux(residual_kind: str, amount: float, fwhm: float, static_flux: float) -> float:
+    """Flux (ADU) of a point source as high in the difference as a broken reference's residual.
+
+    For a Gaussian PSF of width sigma, a star of flux F on a reference shifted by r px leaves a
+    dipole whose lobes peak at ~F r e^(-1/2) / (2 pi sigma^3) (first order in r), i.e. the peak
+    of a point source of F * 0.61 r / sigma (capped at F); blurred by a Gaussian of s px, it
+    leaves a ring peaking like a point source of F s^2 / (sigma^2 + s^2).
+
+    Parameters
+    ----------
+    residual_kind : str
+        ``"dipole"``, ``"psf_mismatch"`` or ``"residual"`` (an unbroken reference: 0).
+    amount : float
+        Shift or blur sigma, px (:func:`_reference_variant`).
+    fwhm : float
+        Science-frame FWHM, px.
+    static_flux : float
+        The star's flux, ADU.
+    """
+    sigma = fwhm / 2.3548
+    if residual_kind == "dipole":
+        return abs(static_flux) * min(np.exp(-0.5) * amount / sigma, 1.0)
+    if residual_kind == "psf_mismatch":
+        return abs(static_flux) * amount**2 / (sigma**2 + amount**2)
+    return 0.0
 
 
 def add_science_artifacts(frame, fwhm: float, sky: float, config: TrainingSetConfig,
@@ -482,7 +523,7 @@ def field_candidates(config: TrainingSetConfig, f: int,
     histories: dict[object, list[dict]] = {}
     for e in range(n_ref, n_ref + config.epochs_per_field):
         frame, truth = sim.frame(field_name, filt, e)
-        ref_e, residual_kind = _reference_variant(reference, config, rng)
+        ref_e, residual_kind, amount = _reference_variant(reference, config, rng)
         extra = add_science_artifacts(frame, truth.fwhm, truth.sky, config, rng)
         try:
             cleaned = rng.uniform() >= config.p_uncleaned
@@ -498,28 +539,72 @@ def field_candidates(config: TrainingSetConfig, f: int,
                                   config.min_real_snr)
         mjd = float(frame.meta.mjd_start)
         for c, (lab, kind, inj) in zip(cands, labels):
+            if lab == 1 and inj.kind == "variable" and residual_kind == "dipole":
+                lab, kind = _swamped_label(config.swamped_ratio, abs(inj.flux), residual_flux(
+                    residual_kind, amount, truth.fwhm, inj.static_flux), residual_kind)
+            if (kind == "dipole" and lab == 0 and config.min_dipole_lobe_snr > 0
+                    and opposite_lobe_snr(c.difference) < config.min_dipole_lobe_snr):
+                lab, kind = -1, "ambiguous_dipole"
             if kind in ("residual", "dipole", "psf_mismatch") and np.nanmax(c.science) >= \
                     0.9 * frame.meta.saturation:
                 kind = "saturated_residual"
             sid = getattr(inj, "source_id", None) if inj is not None else None
             hist = histories.get(sid, []) if sid is not None else []
-            ill_defined = (lab == 1 and residual_kind != "residual"
-                           and not config.reals_on_broken_references
-                           and np.isfinite(c.detection.ref_dist) and c.detection.ref_dist < 2.0)
             try:
                 x, _ = normalise_triplet(c.science, c.reference, c.difference, norm)
             except CutoutError:
                 continue
-            if not ill_defined:
-                out.append(LabelledCandidate(x.astype(np.float16), lab, kind,
-                                             features_from(c, hist, mjd), field_name,
-                                             float(c.detection.snr)))
+            out.append(LabelledCandidate(x.astype(np.float16), lab, kind,
+                                         features_from(c, hist, mjd), field_name,
+                                         float(c.detection.snr)))
             if sid is not None and lab == 1:
                 histories.setdefault(sid, []).append(
                     {"mjd": mjd, "flux": float(c.detection.flux),
                      "flux_err": float(c.detection.flux_err),
                      "snr": float(c.detection.snr), "filter": filt})
     return out
+
+
+def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:
+    """S/N of the strongest lobe of the other sign than the centre, within ``radius`` px.
+
+    The stamp is smoothed by a Gaussian of 1 px (a matched filter for the narrowest PSFs);
+    the noise is the MAD of the smoothed stamp beyond 10 px from the centre.
+
+    Parameters
+    ----------
+    difference : ndarray, shape (H, W)
+        Difference cutout centred on the candidate (ADU); NaNs are ignored.
+    radius : float
+        px; covers the lobes of a shift of up to ~2 px at a FWHM of up to ~6 px.
+    """
+    from scipy import ndimage
+
+    d = np.nan_to_num(np.asarray(difference, np.float64))
+    sm = ndimage.gaussian_filter(d, 1.0)
+    yy, xx = np.indices(d.shape)
+    cy, cx = (d.shape[0] - 1) / 2, (d.shape[1] - 1) / 2
+    r = np.hypot(yy - cy, xx - cx)
+    outer = sm[(r > 10) & np.isfinite(difference)]
+    sigma = 1.4826 * np.median(np.abs(outer - np.median(outer))) if outer.size > 20 else 0.0
+    if not sigma > 0:
+        return 0.0
+    sign = np.sign(sm[r <= 1.5].sum()) or 1.0
+    return float(np.max(-sign * sm[r <= radius]) / sigma)
+
+
+def _swamped_label(ratio: tuple[float, float], change: float, residual: float,
+                   residual_kind: str) -> tuple[int, str]:
+    """(label, kind) of a variable whose |change| (ADU) sits on a star residual (ADU).
+
+    Label -1 (``"ambiguous_variable"``) is counted by the writer but not written.
+    """
+    lo, hi = ratio
+    if residual <= 0 or change >= hi * residual:
+        return 1, "variable"
+    if change < lo * residual:
+        return 0, residual_kind
+    return -1, "ambiguous_variable"
 
 
 def _field_job(args: tuple[TrainingSetConfig, int]) -> list[LabelledCandidate]:
@@ -580,6 +665,8 @@ class ShardWriter:
 
     def add(self, item: LabelledCandidate) -> None:
         self.seen[item.kind] += 1
+        if item.label < 0:  # ambiguous: counted, not written
+            return
         buf = self.buf[int(item.label)]
         buf.append(item)
         if len(buf) > self.max_buffer:  # drop a random member of the most common kind

@@ -105,10 +105,9 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
           "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
           "after such changes.",
-          "- A candidate matched to a variable star is real whatever the size of its change, "
-          "also where a deliberately misaligned or blurred reference leaves a larger residual of "
-          "the star there; such labels are ambiguous (`TrainingSetConfig.min_real_snr` and "
-          "`reals_on_broken_references` change them; see BENCHMARKS.md).", ""]
+          "- Labels of changes on stars of deliberately misaligned references are ambiguous: "
+          "`TrainingSetConfig.swamped_ratio` and `min_dipole_lobe_snr` relabel or leave out "
+          "the ambiguous ones (off for the shipped model; see BENCHMARKS.md).", ""]
     p = Path(path)
     p.write_text("\n".join(L))
     return p

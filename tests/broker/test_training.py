@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from collections import Counter
 from dataclasses import replace as dataclasses_replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -156,21 +157,55 @@ def tiny_field():
     return cfg, field_candidates(cfg, 0)
 
 
-def test_reals_on_a_deliberately_broken_reference_are_left_out():
-    from broker.anomaly import FEATURE_NAMES
+def test_residual_flux_scales_with_the_break_and_the_star():
+    from broker.training import residual_flux
+
+    sigma_fwhm = 2.3548  # sigma = 1 px
+    assert residual_flux("residual", 1.0, sigma_fwhm, 1e5) == 0.0
+    assert residual_flux("dipole", 0.5, sigma_fwhm, 1e5) == pytest.approx(1e5 * 0.5 * np.exp(-0.5))
+    assert residual_flux("dipole", 5.0, sigma_fwhm, 1e5) == 1e5  # capped at the star
+    assert residual_flux("psf_mismatch", 1.0, sigma_fwhm, 1e5) == pytest.approx(5e4)
+
+
+def test_opposite_lobe_tells_a_dipole_from_a_blob():
+    from broker.training import opposite_lobe_snr
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.indices((63, 63))
+
+    def psf(x0, f):
+        return f * np.exp(-((xx - x0) ** 2 + (yy - 31) ** 2) / (2 * 1.5**2))
+
+    for k in range(5):
+        noise = rng.normal(0, 1, (63, 63))
+        assert opposite_lobe_snr(psf(31, 10) + noise) < 4.0
+        assert opposite_lobe_snr(-psf(31, 10) + noise) < 4.0
+        assert opposite_lobe_snr(psf(31, 10) - psf(32.5, 10) + noise) > 6.0
+        assert opposite_lobe_snr(psf(32.5, 10) - psf(31, 10) + noise) > 6.0
+
+
+def test_variables_swamped_by_a_broken_reference_are_relabelled():
     from broker.training import field_candidates
 
-    col = FEATURE_NAMES.index("log_ref_dist")
-    on_source = []
-    for keep in (True, False):  # every frame's reference misaligned
+    by_ratio = {}
+    for ratio in ((0.0, 0.0), (0.5, 1.65)):  # every frame's reference misaligned
         cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
-                                n_variables=150, p_misalign=1.0, seed=3,
-                                reals_on_broken_references=keep)
-        items = field_candidates(cfg, 0)
-        on_source.append(sum(it.label == 1 and 10 ** it.features[col] - 0.1 < 2.0
-                             for it in items))
-        assert any(it.kind == "dipole" for it in items)
-    assert on_source[0] > 10 and on_source[1] == 0, on_source
+                                n_variables=150, p_misalign=1.0, seed=3, swamped_ratio=ratio,
+                                min_dipole_lobe_snr=0.0)
+        by_ratio[ratio] = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
+    old, new = by_ratio[(0.0, 0.0)], by_ratio[(0.5, 1.65)]
+    assert new[(-1, "ambiguous_variable")] > 0 and old[(-1, "ambiguous_variable")] == 0
+    moved = old[(1, "variable")] - new[(1, "variable")]
+    assert moved == new[(-1, "ambiguous_variable")] + new[(0, "dipole")] - old[(0, "dipole")] \
+        + new[(0, "saturated_residual")] - old[(0, "saturated_residual")]
+    assert new[(1, "variable")] > 0, new  # clear changes on stars stay real
+    assert new[(0, "dipole")] > old[(0, "dipole")], (old, new)
+    # a blurred reference's residual looks like a change of the star: variables stay real
+    cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
+                            n_variables=150, p_misalign=0.0, p_psf_error=1.0, seed=3,
+                            swamped_ratio=(0.5, 1.65))
+    blurred = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
+    assert blurred[(1, "variable")] > 10 and blurred[(-1, "ambiguous_variable")] == 0, blurred
 
 
 def test_generator_labels_on_tiny_seeded_run(tiny_field):

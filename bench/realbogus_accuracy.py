@@ -1,0 +1,86 @@
+"""Real/bogus accuracy side by side: models x dihedral views on held-out sets and real ZTF alerts.
+
+Writes the ``realbogus-accuracy`` section of BENCHMARKS.md::
+
+    python -m bench.realbogus_accuracy --models realbogus-v3 realbogus-v4 \\
+        --sets build/realbogus-test-1 build/realbogus-test-1-v4 --views 1 4
+
+For each model and number of views (``ScoreConfig.views``): the equal error rate (FNR = FPR) on
+each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), and the
+ROC AUC, with its Hanley-McNeil standard error, against ZTF's ``drb > 0.5`` and ``rb > 0.5`` on
+the real alerts of ``../shared/data/ztf_alerts`` (skipped when absent). Every model is scored
+on the same inputs in one run, so the columns compare directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import SHARED_DATA, git_rev, machine, write_section
+from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig
+from broker.training import load_training_set
+from broker.training.metrics import _auc_se, equal_error
+from broker.training.ztf import compare_with_ztf, ztf_triplets
+
+ZTF_DIR = SHARED_DATA / "ztf_alerts"
+
+
+def _set_label(path: Path) -> str:
+    man = json.loads((path / "manifest.json").read_text())
+    return f"`{path.name}` ({man['n']:,}, seed {man['seed']})"
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=[DEFAULT_VERSION])
+    ap.add_argument("--sets", nargs="+", type=Path, default=[Path("build/realbogus-test-1")])
+    ap.add_argument("--views", nargs="+", type=int, default=[1])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    sets = {p: load_training_set(p) for p in args.sets if (p / "manifest.json").is_file()}
+    ztf = ztf_triplets(ZTF_DIR) if ZTF_DIR.is_dir() else None
+    head = (["model", "views"] + [f"EER {_set_label(p)}" for p in sets]
+            + (["ZTF drb AUC", "ZTF rb AUC"] if ztf else []))
+    rows = []
+    for version in args.models:
+        for v in args.views:
+            clf = RealBogusClassifier.load(version, ScoreConfig(views=v))
+            row = [f"`{clf.version}`", str(v)]
+            for d in sets.values():
+                row.append(f"{100 * equal_error(clf.score(d['x']), d['y'])[1]:.2f} %")
+            if ztf:
+                res = compare_with_ztf(clf.score(ztf[0]), ztf[1])
+                for ref in ("drb", "rb"):
+                    r = res[ref]
+                    se = _auc_se(r["auc"], r["n_real"], r["n"] - r["n_real"])
+                    row.append(f"{r['auc']:.3f} ± {se:.3f}")
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+    body = "\n".join([
+        "## Real/bogus accuracy, side by side", "",
+        f"Machine: {machine()}; git {git_rev()}.",
+        "EER: the rate where FNR = FPR on a held-out simulated set (other seed and fields than "
+        "the training set). ZTF: ROC AUC of our score against ZTF's score > 0.5 on the real "
+        "alerts that carry it, ± the Hanley-McNeil standard error (drb: "
+        + (f"{int(np.isfinite(ztf[1]['drb']).sum())} alerts, "
+           f"{int((ztf[1]['drb'] <= 0.5).sum())} at <= 0.5" if ztf else "absent") + ").", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+        *("| " + " | ".join(r) + " |" for r in rows), "",
+        "Reproduce: `python -m bench.realbogus_accuracy "
+        + " ".join(["--models", *args.models, "--sets", *map(str, sets), "--views",
+                    *map(str, args.views)]) + "`",
+    ])
+    if not args.no_write:
+        write_section("realbogus-accuracy", body)
+    return body
+
+
+if __name__ == "__main__":
+    print(main())
