@@ -3,7 +3,8 @@
 :class:`TrainingSetConfig` (how fields and frames are drawn), :class:`LabelledCandidate` and
 :class:`ArtifactInjection`; :func:`label_candidates` (labels from the injection truth by
 position); per field, the simulator settings (:func:`field_sim_config`), the deliberately wrong
-references (:func:`_reference_variant`), the extra science-frame artifacts
+references (:func:`_reference_variant`) and what they do to labels (:func:`residual_flux`,
+:func:`opposite_lobe_snr`), the extra science-frame artifacts
 (:func:`add_science_artifacts`) and the pipeline run itself (:func:`field_candidates`), iterated
 over fields in one or several processes (:func:`iter_pipeline_candidates`); the balanced
 ``.npz`` shard writer (:class:`ShardWriter`), the JSON manifest and
@@ -410,31 +411,23 @@ def _reference_variant(reference, config: TrainingSetConfig, rng: np.random.Gene
     return reference, "residual", 0.0
 
 
-def residual_flux(residual_kind: str, amount: float, fwhm: float, static_flux: float) -> float:
-    """Flux (ADU) of a point source as high in the difference as a broken reference's residual.
+def residual_flux(shift: float, fwhm: float, static_flux: float) -> float:
+    """Flux (ADU) of a point source as high in the difference as a misaligned star's dipole.
 
     For a Gaussian PSF of width sigma, a star of flux F on a reference shifted by r px leaves a
     dipole whose lobes peak at ~F r e^(-1/2) / (2 pi sigma^3) (first order in r), i.e. the peak
-    of a point source of F * 0.61 r / sigma (capped at F); blurred by a Gaussian of s px, it
-    leaves a ring peaking like a point source of F s^2 / (sigma^2 + s^2).
+    of a point source of F * 0.61 r / sigma (capped at F).
 
     Parameters
     ----------
-    residual_kind : str
-        ``"dipole"``, ``"psf_mismatch"`` or ``"residual"`` (an unbroken reference: 0).
-    amount : float
-        Shift or blur sigma, px (:func:`_reference_variant`).
+    shift : float
+        Misalignment, px (:func:`_reference_variant`).
     fwhm : float
         Science-frame FWHM, px.
     static_flux : float
         The star's flux, ADU.
     """
-    sigma = fwhm / 2.3548
-    if residual_kind == "dipole":
-        return abs(static_flux) * min(np.exp(-0.5) * amount / sigma, 1.0)
-    if residual_kind == "psf_mismatch":
-        return abs(static_flux) * amount**2 / (sigma**2 + amount**2)
-    return 0.0
+    return abs(static_flux) * min(np.exp(-0.5) * shift / (fwhm / 2.3548), 1.0)
 
 
 def add_science_artifacts(frame, fwhm: float, sky: float, config: TrainingSetConfig,
@@ -541,7 +534,7 @@ def field_candidates(config: TrainingSetConfig, f: int,
         for c, (lab, kind, inj) in zip(cands, labels):
             if lab == 1 and inj.kind == "variable" and residual_kind == "dipole":
                 lab, kind = _swamped_label(config.swamped_ratio, abs(inj.flux), residual_flux(
-                    residual_kind, amount, truth.fwhm, inj.static_flux), residual_kind)
+                    amount, truth.fwhm, inj.static_flux), residual_kind)
             if (kind == "dipole" and lab == 0 and config.min_dipole_lobe_snr > 0
                     and opposite_lobe_snr(c.difference) < config.min_dipole_lobe_snr):
                 lab, kind = -1, "ambiguous_dipole"

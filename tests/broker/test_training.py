@@ -157,14 +157,13 @@ def tiny_field():
     return cfg, field_candidates(cfg, 0)
 
 
-def test_residual_flux_scales_with_the_break_and_the_star():
+def test_residual_flux_scales_with_the_shift_and_the_star():
     from broker.training import residual_flux
 
     sigma_fwhm = 2.3548  # sigma = 1 px
-    assert residual_flux("residual", 1.0, sigma_fwhm, 1e5) == 0.0
-    assert residual_flux("dipole", 0.5, sigma_fwhm, 1e5) == pytest.approx(1e5 * 0.5 * np.exp(-0.5))
-    assert residual_flux("dipole", 5.0, sigma_fwhm, 1e5) == 1e5  # capped at the star
-    assert residual_flux("psf_mismatch", 1.0, sigma_fwhm, 1e5) == pytest.approx(5e4)
+    assert residual_flux(0.5, sigma_fwhm, 1e5) == pytest.approx(1e5 * 0.5 * np.exp(-0.5))
+    assert residual_flux(5.0, sigma_fwhm, 1e5) == 1e5  # capped at the star
+    assert residual_flux(0.0, sigma_fwhm, 1e5) == 0.0
 
 
 def test_opposite_lobe_tells_a_dipole_from_a_blob():
