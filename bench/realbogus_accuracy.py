@@ -44,7 +44,11 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    sets = {p: load_training_set(p) for p in args.sets if (p / "manifest.json").is_file()}
+    missing = [str(p) for p in args.sets if not (p / "manifest.json").is_file()]
+    if missing:  # a set named but not there is an error, not a silently shorter table
+        ap.error(f"no held-out set (manifest.json) at: {', '.join(missing)}; "
+                 "`broker train-realbogus` writes them under build/")
+    sets = {p: load_training_set(p) for p in args.sets}
     ztf = ztf_triplets(ZTF_DIR) if ZTF_DIR.is_dir() else None
     head = (["model", "views"] + [f"EER {_set_label(p)}" for p in sets]
             + (["ZTF drb AUC", "ZTF rb AUC"] if ztf else []))

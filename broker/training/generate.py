@@ -534,7 +534,7 @@ def field_candidates(config: TrainingSetConfig, f: int,
         for c, (lab, kind, inj) in zip(cands, labels):
             if lab == 1 and inj.kind == "variable" and residual_kind == "dipole":
                 lab, kind = _swamped_label(config.swamped_ratio, abs(inj.flux), residual_flux(
-                    amount, truth.fwhm, inj.static_flux), residual_kind)
+                    amount, truth.fwhm, inj.static_flux))
             if (kind == "dipole" and lab == 0 and config.min_dipole_lobe_snr > 0
                     and opposite_lobe_snr(c.difference) < config.min_dipole_lobe_snr):
                 lab, kind = -1, "ambiguous_dipole"
@@ -586,9 +586,9 @@ def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:
     return float(np.max(-sign * sm[r <= radius]) / sigma)
 
 
-def _swamped_label(ratio: tuple[float, float], change: float, residual: float,
-                   residual_kind: str) -> tuple[int, str]:
-    """(label, kind) of a variable whose |change| (ADU) sits on a star residual (ADU).
+def _swamped_label(ratio: tuple[float, float], change: float, residual: float
+                   ) -> tuple[int, str]:
+    """(label, kind) of a variable whose |change| (ADU) sits on its star's dipole (ADU).
 
     Label -1 (``"ambiguous_variable"``) is counted by the writer but not written.
     """
@@ -596,7 +596,7 @@ def _swamped_label(ratio: tuple[float, float], change: float, residual: float,
     if residual <= 0 or change >= hi * residual:
         return 1, "variable"
     if change < lo * residual:
-        return 0, residual_kind
+        return 0, "dipole"
     return -1, "ambiguous_variable"
 
 
