@@ -75,6 +75,7 @@ from broker.training.generate import (
     opposite_lobe_snr,
     relative_to_reference,
     residual_flux,
+    trail_flux,
     write_training_set,
 )
 from broker.training.generate import (
@@ -154,6 +155,7 @@ __all__ = [
     "opposite_lobe_snr",
     "relative_to_reference",
     "residual_flux",
+    "trail_flux",
     "load_training_set",
     "main_eval",
     "main_train",

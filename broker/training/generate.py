@@ -108,12 +108,20 @@ class TrainingSetConfig:
     saturation_range : tuple of float
         Saturation level per field, ADU (uniform).
     p_misalign : float
-        Probability that a frame's reference is shifted by ``misalign_px`` (sub-pixel), keeping
-        its star catalogue, so that the alignment is wrong by that much: dipoles on every star.
+        Probability that a frame's reference pixels are displaced (``misalign_px``), keeping
+        its star catalogue, so that the alignment is wrong by that much: dipoles on stars.
     misalign_px : tuple of float
-        Shift length range, px. Real survey dipoles (e.g. the ZTF sample's low-``drb`` alerts)
-        have both lobes far above the noise; (0.3, 2.0) gives more of them but also more
-        variables swamped by their star's dipole (``swamped_ratio``).
+        Range of the largest shift of a misaligned reference, px. Real survey dipoles (e.g. the
+        ZTF sample's low-``drb`` alerts) have both lobes far above the noise: shifts of 1-2 px
+        on bright stars.
+    misalign_wavelength_px : tuple of float
+        Range of the wavelength (px) of a plane wave of displacement (amplitude from
+        ``misalign_px``, random direction and phase): each star is shifted by its local amount,
+        as in a field whose astrometric solution is off in parts (distortion, refraction).
+        (0, 0): one shift for the whole frame, which the pipeline cannot see as a dipole: its
+        reference PSF is measured on the same stars at their science positions, so a global
+        shift moves the PSF with them and ZOGY subtracts the stars cleanly. The shipped
+        ``realbogus-v3`` was made that way, so most of its "dipoles" are faint residuals.
     swamped_ratio : tuple of float
         (lo, hi). On a deliberately misaligned reference every star leaves a dipole whose lobes
         peak like a point source of :func:`residual_flux`; a variable's change below ``lo``
@@ -125,6 +133,12 @@ class TrainingSetConfig:
         a variable's change looks like. Default (0, 0): every variable real, as for the shipped
         ``realbogus-v3``; no model trained with the rule has yet beaten it on the real ZTF
         alerts (BENCHMARKS.md, "Real/bogus label experiments").
+    trail_share : tuple of float
+        (lo, hi). A real candidate crossed by a satellite trail is labelled by the trail's share
+        of the PSF-fit flux there (:func:`trail_flux`, against the source's |change|): below
+        ``lo`` real, from ``hi`` on bogus ``"satellite"`` (the stamp shows a trail), between
+        them left out as ``ambiguous_trail``. Default (1, 1): always real, as for
+        ``realbogus-v3``.
     min_dipole_lobe_snr : float
         An unmatched candidate on a star of a misaligned reference (kind ``"dipole"``) is
         bogus only if its stamp shows the dipole: an opposite-sign lobe of at least this S/N
@@ -187,8 +201,10 @@ class TrainingSetConfig:
     saturation_range: tuple[float, float] = (20000.0, 60000.0)
     p_misalign: float = 0.3
     swamped_ratio: tuple[float, float] = (0.0, 0.0)
+    trail_share: tuple[float, float] = (1.0, 1.0)
     min_dipole_lobe_snr: float = 0.0
     misalign_px: tuple[float, float] = (0.3, 1.2)
+    misalign_wavelength_px: tuple[float, float] = (0.0, 0.0)
     p_psf_error: float = 0.25
     psf_blur_px: tuple[float, float] = (0.6, 1.5)
     p_uncleaned: float = 0.3
@@ -228,6 +244,8 @@ class ArtifactInjection:
     x0, y0, x1, y1 : float or None
         Segment end points (px) for columns, bleeds and trails.
     source_id : str
+    flux : float
+        ADU deposited (trails only; 0 for the others).
     """
 
     kind: str
@@ -238,6 +256,7 @@ class ArtifactInjection:
     x1: float | None = None
     y1: float | None = None
     source_id: str = ""
+    flux: float = 0.0
 
 
 def label_candidates(
@@ -249,6 +268,7 @@ def label_candidates(
     frame_shape: tuple[int, int] | None = None,
     edge_px: int = 20,
     min_real_snr: float = 0.0,
+    residual_radius: float = 2.0,
 ) -> list[tuple[int, str, object | None]]:
     """Label candidates by the nearest injection within ``match_radius``.
 
@@ -271,6 +291,8 @@ def label_candidates(
     min_real_snr : float
         Real injections with ``|snr|`` below this (sigma) are ignored: too faint to have made the
         detection (see :class:`TrainingSetConfig`).
+    residual_radius : float
+        An unmatched candidate is on a reference source within this ``ref_dist`` (arcsec).
 
     Returns
     -------
@@ -313,7 +335,8 @@ def label_candidates(
                                              frame_shape[0] - 1 - d.y) < edge_px:
             out.append((0, "edge", None))
         else:
-            kind = residual_kind if np.isfinite(d.ref_dist) and d.ref_dist < 2.0 else "noise"
+            kind = residual_kind if np.isfinite(d.ref_dist) and d.ref_dist < residual_radius \
+                else "noise"
             out.append((0, kind, None))
     return out
 
@@ -382,33 +405,47 @@ def field_sim_config(sim_mod, config: TrainingSetConfig, rng: np.random.Generato
 
 
 def _reference_variant(reference, config: TrainingSetConfig, rng: np.random.Generator):
-    """The reference as used for one frame: as built, shifted (misaligned) or blurred.
+    """The reference as used for one frame: as built, misaligned or blurred.
 
-    Returns (reference, residual_kind, amount): amount is the shift (px) of a misaligned
-    reference, the blur sigma (px) of a blurred one, else 0. The star catalogue of the unmodified
-    reference is kept on the variant, so the alignment fits the catalogue and misses the shift
-    of the pixels.
+    Returns (reference, residual_kind, shift_at): ``shift_at(x, y)`` is the misalignment (px)
+    at a position of a misaligned reference, else None. The star catalogue of the unmodified
+    reference is kept on the variant, so the alignment fits the catalogue and misses the
+    displacement of the pixels (see ``misalign_wavelength_px`` for its form).
     """
     from scipy import ndimage
 
     from broker import subtract as sub_mod
 
     sources = sub_mod.reference_sources(reference)  # cached on the original
+    image = np.nan_to_num(reference.image)
     u = rng.uniform()
+    shift_at = None
     if u < config.p_misalign:
-        r, th = rng.uniform(*config.misalign_px), rng.uniform(0, 2 * np.pi)
-        img = ndimage.shift(np.nan_to_num(reference.image), (r * np.sin(th), r * np.cos(th)),
-                            order=3, mode="nearest")
-        img[~np.isfinite(reference.image)] = np.nan
-        return (dataclasses.replace(reference, image=img.astype(np.float32), sources=sources),
-                "dipole", r)
-    if u < config.p_misalign + config.p_psf_error:
-        s = rng.uniform(*config.psf_blur_px)
-        img = ndimage.gaussian_filter(np.nan_to_num(reference.image), s)
-        img[~np.isfinite(reference.image)] = np.nan
-        return (dataclasses.replace(reference, image=img.astype(np.float32), sources=sources),
-                "psf_mismatch", s)
-    return reference, "residual", 0.0
+        r, beta = rng.uniform(*config.misalign_px), rng.uniform(0, 2 * np.pi)
+        if config.misalign_wavelength_px[1] > 0:  # a plane wave of displacement along beta
+            lam, alpha, phi = rng.uniform(*config.misalign_wavelength_px), \
+                rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)
+
+            def amp(x, y):
+                return r * np.sin(2 * np.pi * (x * np.cos(alpha) + y * np.sin(alpha)) / lam + phi)
+        else:  # one shift for the whole frame
+
+            def amp(x, y):
+                return r + 0 * np.asarray(x, float)
+        yy, xx = np.indices(image.shape, dtype=np.float32)
+        a = amp(xx, yy)
+        img = ndimage.map_coordinates(image, [yy - a * np.sin(beta), xx - a * np.cos(beta)],
+                                      order=3, mode="nearest")
+        kind = "dipole"
+        shift_at = lambda x, y: float(abs(amp(x, y)))  # noqa: E731
+    elif u < config.p_misalign + config.p_psf_error:
+        img = ndimage.gaussian_filter(image, rng.uniform(*config.psf_blur_px))
+        kind = "psf_mismatch"
+    else:
+        return reference, "residual", None
+    img[~np.isfinite(reference.image)] = np.nan
+    return (dataclasses.replace(reference, image=img.astype(np.float32), sources=sources),
+            kind, shift_at)
 
 
 def residual_flux(shift: float, fwhm: float, static_flux: float) -> float:
@@ -428,6 +465,34 @@ def residual_flux(shift: float, fwhm: float, static_flux: float) -> float:
         The star's flux, ADU.
     """
     return abs(static_flux) * min(np.exp(-0.5) * shift / (fwhm / 2.3548), 1.0)
+
+
+def trail_flux(x: float, y: float, trails: Sequence, fwhm: float) -> float:
+    """PSF-fit flux (ADU) that satellite trails add to a point source at (x, y).
+
+    A trail of ``lam`` ADU per px of length with a Gaussian cross-section of the PSF's sigma, at
+    distance d, gives a Gaussian PSF fit ``2 sqrt(pi) sigma lam exp(-d^2 / 4 sigma^2)``.
+
+    Parameters
+    ----------
+    x, y : float
+        Position, px.
+    trails : list of Injection or ArtifactInjection
+        Of kind ``"satellite"``, with end points and ``flux`` (all ADU they deposit).
+    fwhm : float
+        PSF FWHM, px.
+    """
+    s = fwhm / 2.3548
+    total = 0.0
+    for t in trails:
+        a, b = np.array([t.x0, t.y0], float), np.array([t.x1, t.y1], float)
+        length = float(np.hypot(*(b - a)))
+        if not length > 0:
+            continue
+        u = np.clip(np.dot(np.array([x, y]) - a, b - a) / length ** 2, 0.0, 1.0)
+        d = float(np.hypot(*(a + u * (b - a) - (x, y))))
+        total += 2 * np.sqrt(np.pi) * s * (abs(t.flux) / length) * np.exp(-d * d / (4 * s * s))
+    return total
 
 
 def add_science_artifacts(frame, fwhm: float, sky: float, config: TrainingSetConfig,
@@ -481,7 +546,7 @@ def add_science_artifacts(frame, fwhm: float, sky: float, config: TrainingSetCon
                                          sig * rng.uniform(5, 60) * fwhm)
         img.reshape(-1)[flat] += vals.astype(img.dtype)
         out.append(ArtifactInjection("satellite", (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1,
-                                     f"ST{k:04d}"))
+                                     f"ST{k:04d}", float(vals.sum())))
     np.minimum(img, sat, out=img, where=np.isfinite(img))
     return out
 
@@ -516,7 +581,7 @@ def field_candidates(config: TrainingSetConfig, f: int,
     histories: dict[object, list[dict]] = {}
     for e in range(n_ref, n_ref + config.epochs_per_field):
         frame, truth = sim.frame(field_name, filt, e)
-        ref_e, residual_kind, amount = _reference_variant(reference, config, rng)
+        ref_e, residual_kind, shift_at = _reference_variant(reference, config, rng)
         extra = add_science_artifacts(frame, truth.fwhm, truth.sky, config, rng)
         try:
             cleaned = rng.uniform() >= config.p_uncleaned
@@ -527,14 +592,21 @@ def field_candidates(config: TrainingSetConfig, f: int,
             continue
         cands = list(result.candidates)
         injections = relative_to_reference(truth.injections, ref_injections) + extra
+        trails = [i for i in injections if i.kind == "satellite" and i.x0 is not None]
+        # a lobe of a star shifted by r px peaks up to ~r/2 + sigma from it (1"/px simulator)
+        residual_radius = 2.0 + (config.misalign_px[1] if shift_at is not None
+                                 and config.misalign_wavelength_px[1] > 0 else 0.0)
         labels = label_candidates(cands, injections, config.match_radius, config.real_kinds,
                                   residual_kind, frame.data.shape, config.edge_px,
-                                  config.min_real_snr)
+                                  config.min_real_snr, residual_radius)
         mjd = float(frame.meta.mjd_start)
         for c, (lab, kind, inj) in zip(cands, labels):
-            if lab == 1 and inj.kind == "variable" and residual_kind == "dipole":
+            if lab == 1 and inj.kind == "variable" and shift_at is not None:
                 lab, kind = _swamped_label(config.swamped_ratio, abs(inj.flux), residual_flux(
-                    amount, truth.fwhm, inj.static_flux))
+                    shift_at(inj.x, inj.y), truth.fwhm, inj.static_flux))
+            if lab == 1 and trails:
+                lab, kind = _trail_label(config.trail_share, kind, trail_flux(
+                    c.detection.x, c.detection.y, trails, truth.fwhm), abs(inj.flux))
             if (kind == "dipole" and lab == 0 and config.min_dipole_lobe_snr > 0
                     and opposite_lobe_snr(c.difference) < config.min_dipole_lobe_snr):
                 lab, kind = -1, "ambiguous_dipole"
@@ -598,6 +670,18 @@ def _swamped_label(ratio: tuple[float, float], change: float, residual: float
     if change < lo * residual:
         return 0, "dipole"
     return -1, "ambiguous_variable"
+
+
+def _trail_label(share: tuple[float, float], kind: str, trail: float, change: float
+                 ) -> tuple[int, str]:
+    """(label, kind) of a real candidate of |change| (ADU) with ``trail`` ADU of trails on it."""
+    lo, hi = share
+    f = trail / (trail + change) if trail + change > 0 else 0.0
+    if f < lo:
+        return 1, kind
+    if f >= hi:
+        return 0, "satellite"
+    return -1, "ambiguous_trail"
 
 
 def _field_job(args: tuple[TrainingSetConfig, int]) -> list[LabelledCandidate]:

@@ -8,6 +8,7 @@ complete set with the same config.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -145,6 +146,7 @@ def main_train(
     test_dir: str | Path | None = None,
     report_dir: str | Path | None = None,
     train_config: TrainConfig | None = None,
+    set_config: TrainingSetConfig | None = None,
     workers: int = 1,
     ztf_dir: str | Path | None = None,
     compare: str | None = DEFAULT_VERSION,
@@ -171,6 +173,9 @@ def main_train(
     report_dir : path, optional
         Evaluation report folder; default ``reports/<version>``.
     train_config : TrainConfig, optional
+    set_config : TrainingSetConfig, optional
+        Generator settings of both sets (their ``target_n``, ``seed`` and ``workers`` are
+        replaced by the arguments above). Default: :class:`TrainingSetConfig`'s defaults.
     workers : int
         Generator processes (2 on an idle 2-core machine).
     ztf_dir : path, optional
@@ -194,18 +199,24 @@ def main_train(
     out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else root / "build" / f"realbogus-train-{seed}"
     test = Path(test_dir) if test_dir else root / "build" / f"realbogus-test-{seed + 1}"
-    manifest = _ensure_set(data, TrainingSetConfig(target_n=target_n, seed=seed,
-                                                   workers=workers), progress)
-    _ensure_set(test, TrainingSetConfig(target_n=test_n, seed=seed + 1, workers=workers),
+    base = set_config or TrainingSetConfig()
+    manifest = _ensure_set(data, dataclasses.replace(base, target_n=target_n, seed=seed,
+                                                     workers=workers), progress)
+    _ensure_set(test, dataclasses.replace(base, target_n=test_n, seed=seed + 1, workers=workers),
                 progress)
     t_gen = time.time() - t0
     ds = load_training_set(data, np.float16)
     cfg = train_config or TrainConfig(seed=seed)
     clf, report = train(ds, cfg, version, progress)
     arch = {**clf.net.arch, **model_cost(clf.net)}
+    changed = {k: v for k, v in _config_dict(base).items()
+               if v != _config_dict(TrainingSetConfig())[k] and k not in ("target_n", "seed", "workers")}
     cmd = (f"broker train-realbogus --seed {seed} --target-n {target_n} --version {version}  "
            f"# = broker.training.main_train(seed={seed}, target_n={target_n}, "
            f"version='{version}')")
+    if changed:  # not the generator defaults: only the Python call reproduces it
+        cmd = (f"broker.training.main_train(seed={seed}, target_n={target_n}, version='{version}', "
+               f"set_config=TrainingSetConfig(**{changed}))")
     clf.metadata.update({"data": {k: manifest.get(k) for k in
                                   ("source", "seed", "n", "n_real", "n_bogus", "counts_by_kind",
                                    "config")},

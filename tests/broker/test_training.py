@@ -207,6 +207,43 @@ def test_variables_swamped_by_a_broken_reference_are_relabelled():
     assert blurred[(1, "variable")] > 10 and blurred[(-1, "ambiguous_variable")] == 0, blurred
 
 
+def test_trail_flux_is_what_a_psf_fit_sees_of_a_rendered_trail():
+    from broker.simulate import render
+    from broker.training import trail_flux
+
+    fwhm = 3.0
+    s = fwhm / 2.3548
+    flat, vals = render.line_profile((101, 101), 0.0, 30.0, 100.0, 70.0, s, 200.0)
+    img = np.zeros(101 * 101)
+    np.add.at(img, flat, vals)
+    img = img.reshape(101, 101)
+    trail = SimpleNamespace(x0=0.0, y0=30.0, x1=100.0, y1=70.0, flux=float(vals.sum()))
+    yy, xx = np.indices(img.shape)
+    for d in (0.0, 1.5, 3.0):  # perpendicular offsets from the trail's middle
+        x, y = 50.0 - d * 0.371, 50.0 + d * 0.928
+        psf = np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+        fit = float((psf * img).sum() / (psf * psf).sum() * psf.sum())  # flux of the fitted PSF
+        assert trail_flux(x, y, [trail], fwhm) == pytest.approx(fit, rel=0.03)
+    assert trail_flux(50.0, 0.0, [trail], fwhm) < 1e-6 * fit
+
+
+def test_transients_on_trails_are_labelled_by_the_trail_share():
+    from broker.training import field_candidates
+
+    by_share = {}
+    for share in ((1.0, 1.0), (0.33, 0.67)):
+        cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=3000,
+                                n_variables=0, trails_per_frame=6.0, p_misalign=0.0, seed=4,
+                                trail_share=share)
+        by_share[share] = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
+    old, new = by_share[(1.0, 1.0)], by_share[(0.33, 0.67)]
+    assert old[(-1, "ambiguous_trail")] == 0
+    moved = old[(1, "transient")] - new[(1, "transient")]
+    assert moved > 0, (old, new)  # some transients sit on a brighter trail
+    assert moved == new[(-1, "ambiguous_trail")] + new[(0, "satellite")] - old[(0, "satellite")]
+    assert new[(1, "transient")] > moved  # most are nowhere near one
+
+
 def test_generator_labels_on_tiny_seeded_run(tiny_field):
     cfg, items = tiny_field
     kinds = {it.kind for it in items}
