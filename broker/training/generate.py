@@ -133,6 +133,11 @@ class TrainingSetConfig:
         a variable's change looks like. Default (0, 0): every variable real, as for the shipped
         ``realbogus-v3``; no model trained with the rule has yet beaten it on the real ZTF
         alerts (BENCHMARKS.md, "Real/bogus label experiments").
+    variable_dipole_lobe : tuple of float
+        (snr, ratio). A variable on a misaligned reference whose stamp shows an opposite lobe
+        (:func:`lobe_snrs`) of at least ``snr`` sigma and ``ratio`` times its central lobe is
+        bogus ``"dipole"``: what a scanner sees is a dipole, whatever the change under it (the
+        image convention, where ``swamped_ratio`` is the flux one). Default (0, 0): off.
     trail_share : tuple of float
         (lo, hi). A real candidate crossed by a satellite trail is labelled by the trail's share
         of the PSF-fit flux there (:func:`trail_flux`, against the source's |change|): below
@@ -201,6 +206,7 @@ class TrainingSetConfig:
     saturation_range: tuple[float, float] = (20000.0, 60000.0)
     p_misalign: float = 0.3
     swamped_ratio: tuple[float, float] = (0.0, 0.0)
+    variable_dipole_lobe: tuple[float, float] = (0.0, 0.0)
     trail_share: tuple[float, float] = (1.0, 1.0)
     min_dipole_lobe_snr: float = 0.0
     misalign_px: tuple[float, float] = (0.3, 1.2)
@@ -604,6 +610,12 @@ def field_candidates(config: TrainingSetConfig, f: int,
             if lab == 1 and inj.kind == "variable" and shift_at is not None:
                 lab, kind = _swamped_label(config.swamped_ratio, abs(inj.flux), residual_flux(
                     shift_at(inj.x, inj.y), truth.fwhm, inj.static_flux))
+            if lab == 1 and inj.kind == "variable" and shift_at is not None \
+                    and config.variable_dipole_lobe[0] > 0:
+                central, opposite = lobe_snrs(c.difference)
+                if opposite >= max(config.variable_dipole_lobe[0],
+                                   config.variable_dipole_lobe[1] * central):
+                    lab, kind = 0, "dipole"
             if lab == 1 and trails:
                 lab, kind = _trail_label(config.trail_share, kind, trail_flux(
                     c.detection.x, c.detection.y, trails, truth.fwhm), abs(inj.flux))
@@ -630,8 +642,8 @@ def field_candidates(config: TrainingSetConfig, f: int,
     return out
 
 
-def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:
-    """S/N of the strongest lobe of the other sign than the centre, within ``radius`` px.
+def lobe_snrs(difference: np.ndarray, radius: float = 6.0) -> tuple[float, float]:
+    """S/N of the central lobe and of the strongest lobe of the other sign within ``radius`` px.
 
     The stamp is smoothed by a Gaussian of 1 px (a matched filter for the narrowest PSFs);
     the noise is the MAD of the smoothed stamp beyond 10 px from the centre.
@@ -642,6 +654,11 @@ def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:
         Difference cutout centred on the candidate (ADU); NaNs are ignored.
     radius : float
         px; covers the lobes of a shift of up to ~2 px at a FWHM of up to ~6 px.
+
+    Returns
+    -------
+    (central, opposite) : float
+        sigma, both >= 0 for a dipole; (0, 0) when the noise cannot be measured.
     """
     from scipy import ndimage
 
@@ -653,9 +670,15 @@ def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:
     outer = sm[(r > 10) & np.isfinite(difference)]
     sigma = 1.4826 * np.median(np.abs(outer - np.median(outer))) if outer.size > 20 else 0.0
     if not sigma > 0:
-        return 0.0
+        return 0.0, 0.0
     sign = np.sign(sm[r <= 1.5].sum()) or 1.0
-    return float(np.max(-sign * sm[r <= radius]) / sigma)
+    return (float(np.max(sign * sm[r <= 1.5]) / sigma),
+            float(np.max(-sign * sm[r <= radius]) / sigma))
+
+
+def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:
+    """S/N of the strongest lobe of the other sign than the centre (:func:`lobe_snrs`)."""
+    return lobe_snrs(difference, radius)[1]
 
 
 def _swamped_label(ratio: tuple[float, float], change: float, residual: float

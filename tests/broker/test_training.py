@@ -207,6 +207,39 @@ def test_variables_swamped_by_a_broken_reference_are_relabelled():
     assert blurred[(1, "variable")] > 10 and blurred[(-1, "ambiguous_variable")] == 0, blurred
 
 
+def test_a_displacement_wave_makes_dipoles_a_global_shift_does_not():
+    # the reference PSF is measured on the same stars at their science positions, so a global
+    # shift moves it with them and ZOGY subtracts cleanly; a varying displacement cannot be
+    from broker.training import field_candidates, lobe_snrs
+
+    two_lobed = {}
+    for wave in ((0.0, 0.0), (500.0, 1000.0)):
+        cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
+                                n_variables=0, p_misalign=1.0, misalign_px=(1.5, 2.0),
+                                misalign_wavelength_px=wave, seed=3)
+        dips = [it for it in field_candidates(cfg, 0) if it.kind == "dipole"]
+        # the stamps are normalised (robust sigma units), so lobes read directly as sigma
+        two_lobed[wave] = sum(lobe_snrs(it.triplet[2].astype(np.float32))[1] >= 4 for it in dips)
+    assert two_lobed[(500.0, 1000.0)] >= 20 and two_lobed[(0.0, 0.0)] <= 2, two_lobed
+
+
+def test_variables_showing_a_dipole_are_bogus_by_the_image_rule():
+    from broker.training import field_candidates
+
+    by_rule = {}
+    for rule in ((0.0, 0.0), (4.0, 0.25)):
+        cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
+                                n_variables=300, p_misalign=1.0, misalign_px=(1.0, 2.0),
+                                misalign_wavelength_px=(500.0, 1000.0), seed=3,
+                                variable_dipole_lobe=rule)
+        by_rule[rule] = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
+    old, new = by_rule[(0.0, 0.0)], by_rule[(4.0, 0.25)]
+    moved = old[(1, "variable")] - new[(1, "variable")]
+    assert moved > 0 and new[(1, "variable")] > 0, (old, new)
+    assert moved == new[(0, "dipole")] - old[(0, "dipole")] \
+        + new[(0, "saturated_residual")] - old[(0, "saturated_residual")]
+
+
 def test_trail_flux_is_what_a_psf_fit_sees_of_a_rendered_trail():
     from broker.simulate import render
     from broker.training import trail_flux
