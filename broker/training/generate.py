@@ -432,18 +432,18 @@ def _reference_variant(reference, config: TrainingSetConfig, rng: np.random.Gene
             lam, alpha, phi = rng.uniform(*config.misalign_wavelength_px), \
                 rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi)
 
-            def amp(x, y):
+            def shift_at(x, y):
                 return r * np.sin(2 * np.pi * (x * np.cos(alpha) + y * np.sin(alpha)) / lam + phi)
-        else:  # one shift for the whole frame
-
-            def amp(x, y):
-                return r + 0 * np.asarray(x, float)
-        yy, xx = np.indices(image.shape, dtype=np.float32)
-        a = amp(xx, yy)
-        img = ndimage.map_coordinates(image, [yy - a * np.sin(beta), xx - a * np.cos(beta)],
-                                      order=3, mode="nearest")
+            yy, xx = np.indices(image.shape, dtype=np.float32)
+            a = shift_at(xx, yy)
+            img = ndimage.map_coordinates(image, [yy - a * np.sin(beta), xx - a * np.cos(beta)],
+                                          order=3, mode="nearest")
+        else:  # one shift for the whole frame (absorbed by the PSF, see misalign_wavelength_px)
+            def shift_at(x, y):
+                return r
+            img = ndimage.shift(image, (r * np.sin(beta), r * np.cos(beta)), order=3,
+                                mode="nearest")
         kind = "dipole"
-        shift_at = lambda x, y: float(abs(amp(x, y)))  # noqa: E731
     elif u < config.p_misalign + config.p_psf_error:
         img = ndimage.gaussian_filter(image, rng.uniform(*config.psf_blur_px))
         kind = "psf_mismatch"
@@ -609,7 +609,7 @@ def field_candidates(config: TrainingSetConfig, f: int,
         for c, (lab, kind, inj) in zip(cands, labels):
             if lab == 1 and inj.kind == "variable" and shift_at is not None:
                 lab, kind = _swamped_label(config.swamped_ratio, abs(inj.flux), residual_flux(
-                    shift_at(inj.x, inj.y), truth.fwhm, inj.static_flux))
+                    abs(shift_at(inj.x, inj.y)), truth.fwhm, inj.static_flux))
             if lab == 1 and inj.kind == "variable" and shift_at is not None \
                     and config.variable_dipole_lobe[0] > 0:
                 central, opposite = lobe_snrs(c.difference)
