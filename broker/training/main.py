@@ -209,8 +209,9 @@ def main_train(
     cfg = train_config or TrainConfig(seed=seed)
     clf, report = train(ds, cfg, version, progress)
     arch = {**clf.net.arch, **model_cost(clf.net)}
+    default = _config_dict(TrainingSetConfig())
     changed = {k: v for k, v in _config_dict(base).items()
-               if v != _config_dict(TrainingSetConfig())[k] and k not in ("target_n", "seed", "workers")}
+               if v != default[k] and k not in ("target_n", "seed", "workers")}
     cmd = (f"broker train-realbogus --seed {seed} --target-n {target_n} --version {version}  "
            f"# = broker.training.main_train(seed={seed}, target_n={target_n}, "
            f"version='{version}')")
