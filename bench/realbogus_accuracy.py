@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bench.common import SHARED_DATA, git_rev, machine, write_section
+from broker.errors import DatasetError
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig
 from broker.training import load_training_set
 from broker.training.metrics import _auc_se, equal_error
@@ -44,11 +45,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    missing = [str(p) for p in args.sets if not (p / "manifest.json").is_file()]
-    if missing:  # a set named but not there is an error, not a silently shorter table
-        ap.error(f"no held-out set (manifest.json) at: {', '.join(missing)}; "
-                 "`broker train-realbogus` writes them under build/")
-    sets = {p: load_training_set(p) for p in args.sets}
+    try:  # a set named but not there (or unfinished) is an error, not a shorter table
+        sets = {p: load_training_set(p) for p in args.sets}
+    except DatasetError as exc:
+        ap.error(f"{exc}; `broker train-realbogus` writes the sets under build/")
     ztf = ztf_triplets(ZTF_DIR) if ZTF_DIR.is_dir() else None
     head = (["model", "views"] + [f"EER {_set_label(p)}" for p in sets]
             + (["ZTF drb AUC", "ZTF rb AUC"] if ztf else []))

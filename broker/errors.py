@@ -100,6 +100,12 @@ class ModelError(BrokerError):
     reason = "model"
 
 
+class DatasetError(BrokerError):
+    """A training or held-out set that is missing, unreadable or incomplete (generation stopped)."""
+
+    reason = "dataset"
+
+
 class CutoutError(BrokerError):
     """A cutout that cannot be normalised (wrong shape, JPEG-era stamp, all NaN)."""
 

@@ -311,7 +311,11 @@ def eval_realbogus(
     """Evaluate a real/bogus model on held-out simulated and real ZTF triplets; write a Markdown + PNG report."""
     from broker.training import main_eval
 
-    res = main_eval(model, out_dir, sim_dir, ztf_dir, threshold=threshold, max_sim=max_sim, compare=compare)
+    try:
+        res = main_eval(model, out_dir, sim_dir, ztf_dir, threshold=threshold, max_sim=max_sim,
+                        compare=compare)
+    except BrokerError as exc:
+        _fail(exc)
     console.print(f"report: {out_dir / 'report.md'}")
     summary = {k: {kk: v for kk, v in res[k].items() if not isinstance(v, (list, dict))}
                for k in ("sim", "ztf") if res.get(k)}

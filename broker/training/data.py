@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from broker.candidate import CUTOUT_SIZE
+from broker.errors import DatasetError
 from broker.realbogus import normalise_triplet
 from broker.training.generate import LabelledCandidate
 
@@ -24,9 +25,22 @@ def load_training_set(data_dir: str | Path, dtype=np.float32) -> dict[str, np.nd
     """All shards of a training set: x (N,3,63,63) as ``dtype``, y, kind, group, snr, features.
 
     ``dtype=np.float16`` halves the memory (100k triplets: 2.4 GB instead of 4.8 GB).
+
+    Raises
+    ------
+    DatasetError
+        No readable manifest, or one of a generation that did not finish: its shards are an
+        unbalanced prefix of the set, and a model trained on them silently sees less data.
     """
     d = Path(data_dir)
-    man = json.loads((d / "manifest.json").read_text())
+    try:
+        man = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"no readable manifest.json in {d}: {exc}") from exc
+    if not man.get("complete"):
+        raise DatasetError(f"the set in {d} is incomplete ({man.get('n', 0)} of "
+                           f"{man.get('config', {}).get('target_n', '?')} candidates written); "
+                           "regenerate it (same command)")
     parts: dict[str, list] = {}
     for name in man["shards"]:
         with np.load(d / name, allow_pickle=False) as a:

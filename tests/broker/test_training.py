@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from broker.candidate import Candidate, Detection
+from broker.errors import DatasetError
 from broker.training import (
     TrainConfig,
     TrainingSetConfig,
@@ -308,6 +309,12 @@ def test_generator_is_reproducible_and_writes_manifest(tiny_field, tmp_path):
     assert man["config"]["seed"] == 3 and man["counts_by_kind_before_balancing"]
     data = load_training_set(tmp_path)
     assert set(data) >= {"x", "y", "kind", "group", "snr", "features"}
+    # a generation that stopped half-way is refused, not trained on as if it were the set
+    (tmp_path / "manifest.json").write_text(json.dumps({**man, "complete": False}))
+    with pytest.raises(DatasetError, match="incomplete"):
+        load_training_set(tmp_path)
+    with pytest.raises(DatasetError, match="no readable manifest"):
+        load_training_set(tmp_path / "absent")
     # same seed -> same first candidates (labels and pixels)
     from broker.training import field_candidates
 
