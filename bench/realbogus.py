@@ -3,7 +3,7 @@
 Writes the ``realbogus`` section of BENCHMARKS.md::
 
     python -m bench.realbogus                # the default model, 1 and 2 threads
-    python -m bench.realbogus --threads 2 --seconds 5 --models realbogus-v3
+    python -m bench.realbogus --threads 2 --seconds 5 --models realbogus-v4 realbogus-v3
 
 Inputs are normalised triplets (real ZTF ones when ``../shared/data`` is present, else
 simulated stamps), scored through ``RealBogusClassifier.score`` (numpy in, numpy out), i.e.
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> str:
         f"| GFLOP/s @256 (share of peak) | target >= {TARGET_256:,.0f}/s @256 |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows, "",
-        "Reproduce: `python -m bench.realbogus`.",
+        "Reproduce: `python -m bench.realbogus --models " + " ".join(args.models) + "`.",
     ])
     print(body)
     if not args.no_write:

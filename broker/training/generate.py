@@ -71,7 +71,7 @@ class TrainingSetConfig:
         made mostly by noise or by a residual of the star under it, and it is bogus like them.
         Variable stars also vary in the reference epochs, so their change is taken against the
         inverse-variance mean of those epochs (:func:`relative_to_reference`), not against the
-        static sky. Default 0 (off; labels as for the shipped ``realbogus-v3``): 3 (the source
+        static sky. Default 0 (off; labels as for the shipped ``realbogus-v3`` and ``-v4``): 3 (the source
         gives at least 3 of the 5 sigma) relabels ~1 % of the variables, but no model trained
         with it has yet beaten v3 (see BENCHMARKS.md, "Label experiments").
     real_kinds : tuple of str
@@ -121,7 +121,7 @@ class TrainingSetConfig:
         (0, 0): one shift for the whole frame, which the pipeline cannot see as a dipole: its
         reference PSF is measured on the same stars at their science positions, so a global
         shift moves the PSF with them and ZOGY subtracts the stars cleanly. The shipped
-        ``realbogus-v3`` was made that way, so most of its "dipoles" are faint residuals.
+        ``realbogus-v3`` and ``-v4`` were made that way: most of their "dipoles" are faint residuals.
     swamped_ratio : tuple of float
         (lo, hi). On a deliberately misaligned reference every star leaves a dipole whose lobes
         peak like a point source of :func:`residual_flux`; a variable's change below ``lo``
@@ -131,7 +131,7 @@ class TrainingSetConfig:
         outweighs the opposite lobe, so that the stamp shows one sign only. Blurred references
         are left alone: their residual is a blob on the star (the ring is faint), which is what
         a variable's change looks like. Default (0, 0): every variable real, as for the shipped
-        ``realbogus-v3``; no model trained with the rule has yet beaten it on the real ZTF
+        ``realbogus-v3`` and ``-v4``; no model trained with the rule has yet beaten it on the real ZTF
         alerts (BENCHMARKS.md, "Real/bogus label experiments").
     variable_dipole_lobe : tuple of float
         (snr, ratio). A variable on a misaligned reference whose stamp shows an opposite lobe
@@ -143,14 +143,14 @@ class TrainingSetConfig:
         of the PSF-fit flux there (:func:`trail_flux`, against the source's |change|): below
         ``lo`` real, from ``hi`` on bogus ``"satellite"`` (the stamp shows a trail), between
         them left out as ``ambiguous_trail``. Default (1, 1): always real, as for
-        ``realbogus-v3``.
+        ``realbogus-v3`` and ``-v4``.
     min_dipole_lobe_snr : float
         An unmatched candidate on a star of a misaligned reference (kind ``"dipole"``) is
         bogus only if its stamp shows the dipole: an opposite-sign lobe of at least this S/N
         (:func:`opposite_lobe_snr`, sigma). Without one it is a lone blob beside a star, which
         is what a faint change of the star looks like: left out as ``ambiguous_dipole``.
         4 (tried) leaves out ~90 % of them. Default 0: every such candidate bogus, as for
-        ``realbogus-v3``.
+        ``realbogus-v3`` and ``-v4``.
     p_psf_error : float
         Probability that a frame's reference is blurred by a Gaussian of ``psf_blur_px`` (sigma)
         while its PSF model is kept: PSF-mismatch residuals (rings) on bright stars.

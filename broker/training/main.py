@@ -39,10 +39,16 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
     (:func:`train`) and ``evaluation`` (:func:`main_eval`).
     """
     cfg = report["config"]
+    one = arch.get("members", [arch])[0]
+    net = f"`broker.realbogus.{one['name']}` (width {one['width']}, dense {one['dense']}"
+    if "members" in arch:
+        k = len(arch["members"])
+        net = (f"`broker.realbogus.{arch['name']}`: the mean logit of {k} "
+               f"`{one['name']}` networks (width {one['width']}, dense {one['dense']}, seeds "
+               f"{cfg['seed']}-{cfg['seed'] + k - 1}")
     L = [
         f"# Real/bogus classifier `{version}`", "",
-        f"`broker.realbogus.{arch['name']}` (width {arch['width']}, dense {arch['dense']}; "
-        f"{arch.get('n_params', '?')} parameters, {arch.get('mflops', '?')} MFLOP per triplet) "
+        f"{net}; {arch.get('n_params', '?')} parameters, {arch.get('mflops', '?')} MFLOP per triplet) "
         "on (science, reference, difference) 63x63 triplets scaled by "
         "`broker.realbogus.normalise_triplet` (median / 1.4826 MAD per channel, asinh beyond 5 "
         "sigma, NaN and padding set to 0). Output: P(real) in [0, 1]; the score is always kept "
@@ -63,7 +69,7 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         , "",
         "## Training", "",
         f"{report['n_train']} training / {report['n_val']} validation candidates (split by "
-        f"field); {report['epochs_run']} epochs ({report['stopped_by']}), {report['seconds']} s "
+        f"field); {report['epochs_run']} epochs in all ({report['stopped_by']}), {report['seconds']} s "
         f"on {report['threads']} CPU thread(s) (2-core machine shared with other work); "
         f"AdamW one-cycle lr {cfg['lr']}, batch "
         f"{cfg['batch_size']}, flips + 90 degree rotations, edge truncation p={cfg['p_truncate']}"

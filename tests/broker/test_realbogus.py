@@ -23,8 +23,8 @@ from broker.realbogus import (
 )
 
 ZTF_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ztf_alerts"
-#: Every shipped version must keep loading and scoring (v1 stays for comparison).
-SHIPPED = ("realbogus-v3",)
+#: Every shipped version must keep loading and scoring (v3 stays for comparison).
+SHIPPED = ("realbogus-v3", "realbogus-v4")
 
 
 def _noise(shape=(63, 63), seed=0, sky=500.0):
@@ -214,7 +214,8 @@ def test_shipped_weights_load_and_score(shipped):
     x = np.random.default_rng(0).normal(size=(7, 3, 63, 63)).astype(np.float32)
     s = shipped.score(x)
     assert s.shape == (7,) and np.all((s >= 0) & (s <= 1))
-    assert (MODELS_DIR / f"{shipped.version}.pt").stat().st_size < 1.5e6
+    # small: braai's weights are 1.3 MB; one of our networks 0.94 MB, the v4 ensemble three
+    assert (MODELS_DIR / f"{shipped.version}.pt").stat().st_size < 3.0e6
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 
 from broker.candidate import Candidate, Detection
 from broker.errors import DatasetError
+from broker.realbogus import RealBogusClassifier
 from broker.training import (
     TrainConfig,
     TrainingSetConfig,
@@ -108,10 +109,22 @@ def test_shards_roundtrip_and_tiny_training(tmp_path):
     assert man["n_bogus"] <= man["n_real"]
     data = load_training_set(tmp_path)
     assert data["x"].shape == (man["n"], 3, 63, 63) and data["x"].dtype == np.float32
-    clf, report = train(data, TrainConfig(max_epochs=1, batch_size=32), progress=True)
+    clf, report = train(data, TrainConfig(max_epochs=1, batch_size=32, members=1), progress=True)
     assert report["epochs_run"] == 1 and 0 <= report["val"]["auc"] <= 1
     s = clf.score(data["x"][:4])
     assert s.shape == (4,) and np.all((s >= 0) & (s <= 1))
+    # an ensemble: members of other seeds, its logit their mean, saved and loaded as one model
+    ens, rep2 = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2), progress=False)
+    assert [m["seed"] for m in rep2["members"]] == [0, 1] and rep2["epochs_run"] == 2
+    first = ens.net.members[0]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
+                                                 clf.net.state_dict().values()))  # seed 0 = single
+    x = torch.from_numpy(data["x"][:8])
+    with torch.no_grad():
+        mean = torch.stack([m(x) for m in ens.net.members]).mean(0)
+        assert torch.allclose(ens.net(x), mean)
+    back = RealBogusClassifier.load(ens.save(tmp_path / "ens"))
+    assert np.allclose(back.score(data["x"][:8]), ens.score(data["x"][:8]), atol=1e-6)
 
 
 def test_label_extended_artifacts_by_segment():
@@ -337,7 +350,7 @@ def test_equal_error_threshold():
 
 def test_eval_command_end_to_end_on_small_subset(tmp_path):
     """main_eval on a few synthetic held-out triplets and (when present) five real ZTF alerts."""
-    from broker.realbogus import RealBogusClassifier, RealBogusNetV2
+    from broker.realbogus import RealBogusNetV2
     from broker.training import main_eval
 
     sim = tmp_path / "sim"
