@@ -72,7 +72,7 @@ class TrainConfig:
         (:class:`broker.realbogus.RealBogusEnsemble`); 1 = a single network. Default 3
         (``realbogus-v4``): single seeds of one recipe scored 1.55-1.64 % held-out FNR = FPR,
         their mean 1.36 %, the shipped shared-split ensemble 1.48 % (BENCHMARKS.md, session 7);
-        three fit the time budget (~485 s each) and the 2,000 triplets/s target (~4,400/s at
+        three fit the time budget (~485 s each) and the 2,000 triplets/s target (3,300-4,400/s at
         batch 256 on 2 threads).
     kind_weight_power : float
         Loss weight of a candidate ~ (share of its kind within its class) ** -power, normalised

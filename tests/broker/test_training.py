@@ -124,7 +124,7 @@ def test_shards_roundtrip_and_tiny_training(tmp_path):
         mean = torch.stack([m(x) for m in ens.net.members]).mean(0)
         assert torch.allclose(ens.net(x), mean)
     back = RealBogusClassifier.load(ens.save(tmp_path / "ens"))
-    assert np.allclose(back.score(data["x"][:8]), ens.score(data["x"][:8]), atol=1e-6)
+    assert np.allclose(back.score(data["x"][:8]), ens.score(data["x"][:8]), atol=2e-3)  # float16 file
 
 
 def test_label_extended_artifacts_by_segment():
