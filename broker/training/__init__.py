@@ -100,6 +100,7 @@ from broker.training.main import (
 from broker.training.main import (
     main_train,
     model_cost,
+    reproduce_command,
     write_anomaly_card,
     write_model_card,
 )
@@ -111,6 +112,7 @@ from broker.training.metrics import (
     equal_error,
     evaluate,
     evaluate_simulated,
+    paired_auc_difference,
 )
 from broker.training.trainer import (
     TrainConfig,
@@ -144,6 +146,7 @@ __all__ = [
     "domain_stats",
     "equal_error",
     "evaluate",
+    "paired_auc_difference",
     "evaluate_on_ztf",
     "evaluate_simulated",
     "field_candidates",
@@ -161,6 +164,7 @@ __all__ = [
     "load_training_set",
     "main_eval",
     "main_train",
+    "reproduce_command",
     "model_cost",
     "plot_histograms",
     "plot_roc",

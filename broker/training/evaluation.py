@@ -18,7 +18,7 @@ import numpy as np
 
 from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
-from broker.training.metrics import _auc_se, domain_stats, evaluate_simulated
+from broker.training.metrics import _auc_se, domain_stats, evaluate_simulated, paired_auc_difference
 from broker.training.trainer import _scores
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
@@ -204,7 +204,13 @@ def main_eval(
                       "domain": domain_stats(xz) if len(xz) else {},
                       **compare_with_ztf(sz, meta)}
         if other is not None and len(xz):
-            res["ztf_compare"] = {"model": other.version, **compare_with_ztf(other.score(xz), meta)}
+            so = other.score(xz)
+            res["ztf_compare"] = {"model": other.version, **compare_with_ztf(so, meta),
+                                  "delta_auc": {}}
+            for name in ("drb", "rb"):
+                okn = np.isfinite(meta[name])
+                res["ztf_compare"]["delta_auc"][name] = paired_auc_difference(
+                    meta[name][okn] > 0.5, sz[okn], so[okn])
         ok = np.isfinite(meta["drb"])
         if ok.any():
             curves[f"{clf.version} vs ZTF drb>0.5"] = (sz[ok], (meta["drb"][ok] > 0.5).astype(int))
@@ -354,6 +360,13 @@ def write_eval_report(path: Path, res: dict) -> Path:
               f"simulated set: {p.get('sim_better')}; not worse on ZTF (AUC against drb and rb "
               f"each within {ZTF_AUC_TOLERANCE}): {p.get('ztf_not_worse')}. "
               f"**Promote to default: {p['promote']}.**", ""]
+        da = (res.get("ztf_compare") or {}).get("delta_auc")
+        if da:
+            L += ["ZTF AUC of this model minus the other's, with a 95 % paired bootstrap "
+                  "interval (both scored on each resample of the alerts; "
+                  "`broker.training.metrics.paired_auc_difference`): " + "; ".join(
+                      f"{k} {da[k]['delta']:+.3f} [{da[k]['lo']:+.3f}, {da[k]['hi']:+.3f}]"
+                      for k in ("drb", "rb")) + ".", ""]
     if "roc" in res["files"]:
         L += ["## ROC", "", "![ROC](roc.png)", ""]
     path.write_text("\n".join(L))

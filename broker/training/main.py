@@ -46,6 +46,9 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         net = (f"`broker.realbogus.{arch['name']}`: the mean logit of {k} "
                f"`{one['name']}` networks (width {one['width']}, dense {one['dense']}, seeds "
                f"{cfg['seed']}-{cfg['seed'] + k - 1}")
+    own = "members" in arch and cfg.get("member_splits", False)
+    split = ", member 0; each member draws its own split" if own else ""
+    pooled = " (each member on its own held-out fields, pooled)" if own else ""
     L = [
         f"# Real/bogus classifier `{version}`", "",
         f"{net}; {arch.get('n_params', '?')} parameters, {arch.get('mflops', '?')} MFLOP per triplet) "
@@ -69,12 +72,12 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         , "",
         "## Training", "",
         f"{report['n_train']} training / {report['n_val']} validation candidates (split by "
-        f"field); {report['epochs_run']} epochs in all ({report['stopped_by']}), {report['seconds']} s "
+        f"field{split}); {report['epochs_run']} epochs in all ({report['stopped_by']}), {report['seconds']} s "
         f"on {report['threads']} CPU thread(s) (2-core machine shared with other work); "
         f"AdamW one-cycle lr {cfg['lr']}, batch "
         f"{cfg['batch_size']}, flips + 90 degree rotations, edge truncation p={cfg['p_truncate']}"
         f", NaN-like masks p={cfg['p_mask']}; loss weight per kind ~ share^-"
-        f"{cfg.get('kind_weight_power', 0)}; seed {cfg['seed']}. Validation split (held-out "
+        f"{cfg.get('kind_weight_power', 0)}; seed {cfg['seed']}. Validation split{pooled} (held-out "
         f"fields, same generator run and pipeline code as training): AUC "
         f"{_fmt(report['val']['auc'], 5)}, FNR = FPR {_fmt(report['val'].get('eer'), 4)} at "
         f"threshold {_fmt(report['val'].get('eer_threshold'), 3)}.", "",
@@ -139,6 +142,31 @@ def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
         if man.get("complete") and man.get("config") == _config_dict(config):
             return man
     return generate_training_set(path, config, progress)
+
+
+def reproduce_command(seed: int, target_n: int, version: str, set_config: TrainingSetConfig,
+                      train_config: TrainConfig) -> str:
+    """The one command that remakes a model: the CLI line when it runs these settings, else
+    the Python call with the settings that differ from the defaults.
+
+    The CLI sets the seed of both configs and ``max_seconds`` (``--max-minutes``); the thread
+    count is automatic, and the generator's ``target_n``, ``seed`` and ``workers`` are
+    arguments.
+    """
+    default = _config_dict(TrainingSetConfig())
+    changed = {k: v for k, v in _config_dict(set_config).items()
+               if v != default[k] and k not in ("target_n", "seed", "workers")}
+    plain = dataclasses.asdict(TrainConfig(seed=seed))
+    tchanged = {k: v for k, v in dataclasses.asdict(train_config).items()
+                if v != plain[k] and k not in ("max_seconds", "threads")}
+    if not changed and not tchanged:
+        return (f"broker train-realbogus --seed {seed} --target-n {target_n} --version {version}"
+                f"  # = broker.training.main_train(seed={seed}, target_n={target_n}, "
+                f"version='{version}')")
+    tcall = {"seed": train_config.seed, **tchanged}  # main_train's seed does not reach it
+    return (f"broker.training.main_train(seed={seed}, target_n={target_n}, version='{version}'"
+            + (f", set_config=TrainingSetConfig(**{changed})" if changed else "")
+            + (f", train_config=TrainConfig(**{tcall})" if tchanged else "") + ")")
 
 
 def main_train(
@@ -215,15 +243,7 @@ def main_train(
     cfg = train_config or TrainConfig(seed=seed)
     clf, report = train(ds, cfg, version, progress)
     arch = {**clf.net.arch, **model_cost(clf.net)}
-    default = _config_dict(TrainingSetConfig())
-    changed = {k: v for k, v in _config_dict(base).items()
-               if v != default[k] and k not in ("target_n", "seed", "workers")}
-    cmd = (f"broker train-realbogus --seed {seed} --target-n {target_n} --version {version}  "
-           f"# = broker.training.main_train(seed={seed}, target_n={target_n}, "
-           f"version='{version}')")
-    if changed:  # not the generator defaults: only the Python call reproduces it
-        cmd = (f"broker.training.main_train(seed={seed}, target_n={target_n}, version='{version}', "
-               f"set_config=TrainingSetConfig(**{changed}))")
+    cmd = reproduce_command(seed, target_n, version, base, cfg)
     clf.metadata.update({"data": {k: manifest.get(k) for k in
                                   ("source", "seed", "n", "n_real", "n_bogus", "counts_by_kind",
                                    "config")},

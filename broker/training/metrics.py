@@ -3,7 +3,8 @@
 :func:`evaluate` (AUC, FNR / FPR at a threshold, per-kind errors), :func:`equal_error` (the
 threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N, for a held-out
 set), :func:`domain_stats` (per-channel statistics to compare our stamps with a survey's) and
-:func:`_auc_se` (standard error of an AUC).
+:func:`_auc_se` (standard error of an AUC) and :func:`paired_auc_difference` (two models' AUC
+difference on the same items, with a bootstrap interval).
 """
 
 from __future__ import annotations
@@ -131,3 +132,53 @@ def _auc_se(auc: float, n_pos: int, n_neg: int) -> float:
     q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
     v = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc ** 2) + (n_neg - 1) * (q2 - auc ** 2))
     return float(np.sqrt(max(v, 0.0) / (n_pos * n_neg)))
+
+
+def paired_auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
+                          n_boot: int = 2000, seed: int = 0, level: float = 0.95
+                          ) -> dict[str, float]:
+    """AUC of ``scores_a`` minus AUC of ``scores_b`` on the same items, with a paired bootstrap
+    interval.
+
+    Both models are scored on each resample of the items, so what they share (the same hard
+    items) cancels: the interval is much narrower than one from the two AUCs' own standard
+    errors. Positives and negatives are resampled separately (stratified), so that every
+    resample has the observed class sizes.
+
+    Parameters
+    ----------
+    labels : ndarray, shape (N,)
+        1 / True = positive.
+    scores_a, scores_b : ndarray, shape (N,)
+    n_boot : int
+        Resamples; 2000 puts the ends of a 95 % interval within ~0.1 of a standard error.
+    seed : int
+    level : float
+        Central coverage of the interval.
+
+    Returns
+    -------
+    dict
+        ``delta`` (on the data as given), ``lo``, ``hi`` (percentile interval); NaN without both
+        classes.
+    """
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).astype(bool)
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    if not len(pos) or not len(neg):
+        return {"delta": float("nan"), "lo": float("nan"), "hi": float("nan")}
+    sa, sb = np.asarray(scores_a, float), np.asarray(scores_b, float)
+
+    def auc_diff(idx_pos: np.ndarray, idx_neg: np.ndarray) -> float:
+        idx = np.concatenate([idx_pos, idx_neg])
+        n1, n0 = len(idx_pos), len(idx_neg)
+        # Mann-Whitney: AUC = (sum of the positives' ranks - n1 (n1 + 1) / 2) / (n1 n0)
+        return float(sum(sign * (rankdata(s[idx])[:n1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0)
+                         for sign, s in ((1, sa), (-1, sb))))
+
+    rng = np.random.default_rng(seed)
+    boot = [auc_diff(rng.choice(pos, len(pos)), rng.choice(neg, len(neg)))
+            for _ in range(n_boot)]
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return {"delta": auc_diff(pos, neg), "lo": float(lo), "hi": float(hi)}

@@ -78,6 +78,23 @@ def test_evaluate_metrics():
     assert m["per_kind"]["cr"]["misclassified"] == pytest.approx(0.5)
 
 
+def test_paired_auc_difference():
+    from sklearn.metrics import roc_auc_score
+
+    from broker.training import paired_auc_difference
+
+    rng = np.random.default_rng(1)
+    y = rng.random(400) < 0.7
+    good = rng.random(400) + 0.8 * y
+    worse = good + rng.normal(0, 0.4, 400)  # the same model with noise added
+    d = paired_auc_difference(y, good, worse, n_boot=500)
+    assert d["delta"] == pytest.approx(roc_auc_score(y, good) - roc_auc_score(y, worse))
+    assert 0 < d["lo"] < d["delta"] < d["hi"]  # clearly better: the interval excludes 0
+    same = paired_auc_difference(y, good, good, n_boot=50)
+    assert same["delta"] == same["lo"] == same["hi"] == 0
+    assert np.isnan(paired_auc_difference(np.ones(5), good[:5], worse[:5])["delta"])
+
+
 def test_split_by_group_keeps_groups_whole():
     groups = np.repeat([f"F{i}" for i in range(10)], 7)
     tr, va = split_indices(groups, 0.2, seed=1)
@@ -114,8 +131,15 @@ def test_shards_roundtrip_and_tiny_training(tmp_path):
     s = clf.score(data["x"][:4])
     assert s.shape == (4,) and np.all((s >= 0) & (s <= 1))
     # an ensemble: members of other seeds, its logit their mean, saved and loaded as one model
-    ens, rep2 = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2), progress=False)
+    ens, rep2 = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2, member_splits=True),
+                      progress=False)
     assert [m["seed"] for m in rep2["members"]] == [0, 1] and rep2["epochs_run"] == 2
+    # each member held out its own fields; the validation metrics pool them
+    n_val = [m["n_val"] for m in rep2["members"]]
+    assert rep2["val"]["n_real"] + rep2["val"]["n_bogus"] == sum(n_val)
+    shared = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2), progress=False)[1]
+    assert [m["n_val"] for m in shared["members"]] == [n_val[0]] * 2
+    assert shared["val"]["n_real"] + shared["val"]["n_bogus"] == n_val[0]
     first = ens.net.members[0]
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
                                                  clf.net.state_dict().values()))  # seed 0 = single
@@ -365,7 +389,8 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
         ztf.mkdir()
         for f in sorted(src.rglob("*.avro"))[:5]:
             (ztf / f.name).symlink_to(f)
-    res = main_eval(weights, tmp_path / "report", sim, ztf, max_sim=100)
+    other = RealBogusClassifier(RealBogusNetV2(), "test-v1").save(tmp_path / "test-v1")
+    res = main_eval(weights, tmp_path / "report", sim, ztf, max_sim=100, compare=str(other))
     rep = (tmp_path / "report" / "report.md").read_text()
     assert res["sim"]["n"] == 100 and "FNR = FPR" in rep
     assert 0 <= res["sim"]["eer"] <= 1 and res["sim"]["at_threshold"]["per_kind"]
@@ -373,3 +398,19 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
         assert (tmp_path / "report" / name).stat().st_size > 1000
     if ztf is not None:
         assert res["ztf"]["n"] > 0 and "Spearman" in rep
+        assert set(res["ztf_compare"]["delta_auc"]) == {"drb", "rb"} and "paired bootstrap" in rep
+    assert "Promote to default" in rep
+
+
+def test_reproduce_command_names_every_setting_that_is_not_the_default():
+    from broker.training import TrainingSetConfig, reproduce_command
+
+    cli = reproduce_command(0, 1000, "v", TrainingSetConfig(seed=0), TrainConfig(max_seconds=60))
+    assert cli.startswith("broker train-realbogus --seed 0 --target-n 1000 --version v")
+    py = reproduce_command(3, 1000, "v", TrainingSetConfig(p_bleed=0.5),
+                           TrainConfig(seed=3, member_splits=True))
+    assert "set_config=TrainingSetConfig(**{'p_bleed': 0.5})" in py
+    assert "train_config=TrainConfig(**{'seed': 3, 'member_splits': True})" in py
+    # a training seed other than the generator's is only reproduced by naming it
+    assert "TrainConfig(**{'seed': 5})" in reproduce_command(3, 1000, "v", TrainingSetConfig(),
+                                                              TrainConfig(seed=5))
