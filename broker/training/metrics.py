@@ -151,7 +151,7 @@ def paired_auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np
         1 / True = positive.
     scores_a, scores_b : ndarray, shape (N,)
     n_boot : int
-        Resamples; 2000 puts the ends of a 95 % interval within ~0.1 of a standard error.
+        Resamples (2000: ~0.7 s for 759 items; the usual count for a 95 % percentile interval).
     seed : int
     level : float
         Central coverage of the interval.
