@@ -6,10 +6,11 @@ Writes the ``realbogus-accuracy`` section of BENCHMARKS.md::
         --sets build/realbogus-test-1 build/realbogus-test-1-v4 --views 1 4
 
 For each model and number of views (``ScoreConfig.views``): the equal error rate (FNR = FPR) on
-each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), and the
-ROC AUC, with its Hanley-McNeil standard error, against ZTF's ``drb > 0.5`` and ``rb > 0.5`` on
-the real alerts of ``../shared/data/ztf_alerts`` (skipped when absent). Every model is scored
-on the same inputs in one run, so the columns compare directly.
+each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), overall
+and for brightenings / fadings apart (:func:`broker.training.metrics.by_sign`), and the ROC
+AUC, with its Hanley-McNeil standard error, against ZTF's ``drb > 0.5`` and ``rb > 0.5`` on the
+real alerts of ``../shared/data/ztf_alerts`` (skipped when absent). Every model is scored on the
+same inputs in one run, so the columns compare directly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from bench.common import SHARED_DATA, git_rev, machine, write_section
 from broker.errors import DatasetError
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig
 from broker.training import load_training_set
-from broker.training.metrics import _auc_se, equal_error
+from broker.training.metrics import _auc_se, by_sign, equal_error
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
 ZTF_DIR = SHARED_DATA / "ztf_alerts"
@@ -58,7 +59,10 @@ def main(argv: list[str] | None = None) -> str:
             clf = RealBogusClassifier.load(version, ScoreConfig(views=v))
             row = [f"`{clf.version}`", str(v)]
             for d in sets.values():
-                row.append(f"{100 * equal_error(clf.score(d['x']), d['y'])[1]:.2f} %")
+                s = clf.score(d["x"])
+                b = by_sign(s, d["y"], d["snr"])
+                row.append(f"{100 * equal_error(s, d['y'])[1]:.2f} % ("
+                           f"{100 * b['brightening']['eer']:.2f} / {100 * b['fading']['eer']:.2f})")
             if ztf:
                 res = compare_with_ztf(clf.score(ztf[0]), ztf[1])
                 for ref in ("drb", "rb"):
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> str:
         "## Real/bogus accuracy, side by side", "",
         f"Machine: {machine()}; git {git_rev()}.",
         "EER: the rate where FNR = FPR on a held-out simulated set (other seed and fields than "
-        "the training set). ZTF: ROC AUC of our score against ZTF's score > 0.5 on the real "
+        "the training set), and in brackets that of brightenings / fadings (difference S/N > 0 "
+        "/ < 0) apart. ZTF: ROC AUC of our score against ZTF's score > 0.5 on the real "
         "alerts that carry it, ± the Hanley-McNeil standard error (drb: "
         + (f"{int(np.isfinite(ztf[1]['drb']).sum())} alerts, "
            f"{int((ztf[1]['drb'] <= 0.5).sum())} at <= 0.5" if ztf else "absent") + ").", "",

@@ -26,7 +26,7 @@ import torch
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import CutoutError
-from broker.realbogus import RealBogusClassifier, decode_stamp, normalise_triplet
+from broker.realbogus import RealBogusClassifier, alert_triplet, normalise_triplet
 
 #: Channel names, in input order.
 CHANNELS = ("science", "reference", "difference")
@@ -189,8 +189,7 @@ def load_triplet(path: str | Path, index: int = 0) -> tuple[np.ndarray, str]:
         if not 0 <= index < len(recs):
             raise CutoutError(f"{p.name} has {len(recs)} records, no index {index}")
         r = recs[index]
-        trip = np.stack([decode_stamp((r.get(k) or {}).get("stampData") or b"")
-                         for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")])
+        trip = np.stack(alert_triplet(r))
         cand = r.get("candidate") or {}
         return trip, f"{r.get('objectId', p.stem)} {cand.get('candid', '')}".strip()
     with np.load(p, allow_pickle=False) as a:

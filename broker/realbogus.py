@@ -34,9 +34,10 @@ from broker.errors import ConfigError, CutoutError, ModelError
 
 #: Folder with the shipped weights and model cards (``<repo>/models``).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-#: Version loaded when none is given: an ensemble of three networks trained on candidates of the
-#: current subtraction; see models/realbogus-v4.md and docs/realbogus-report/.
-DEFAULT_VERSION = "realbogus-v4"
+#: Version loaded when none is given: an ensemble of three networks, each trained on its own
+#: fields of candidates of the current subtraction; see models/realbogus-v5.md and
+#: docs/realbogus-report/.
+DEFAULT_VERSION = "realbogus-v5"
 
 
 # --- normalisation ------------------------------------------------------------------------------
@@ -235,6 +236,30 @@ def decode_stamp(data: bytes) -> np.ndarray:
     except (OSError, ValueError, TypeError) as exc:
         raise CutoutError(f"unreadable FITS stamp: {exc}") from exc
     raise CutoutError("FITS stamp has no image data")
+
+
+def alert_triplet(record: dict) -> list[np.ndarray]:
+    """(science, reference, difference) pixels of an alert packet (ZTF's or ours), with the
+    difference as science minus reference, the convention of our pipeline and training set.
+
+    ZTF makes a fading candidate on the negative subtraction (reference minus science), flags it
+    ``isdiffpos = 'f'`` (``'0'`` in old packets) and cuts its difference stamp from that image:
+    the source is positive there. Such a stamp is negated here; scored as it comes, a fading
+    looks like a brightening to a model trained on science minus reference (all 321 ZTF
+    fadings in ``../shared/data/ztf_alerts`` have a positive centre). Our packets' ``isdiffpos``
+    is a boolean and their difference is always science minus reference.
+
+    Raises
+    ------
+    CutoutError
+        A stamp :func:`decode_stamp` cannot use.
+    """
+    trip = [decode_stamp((record.get(k) or {}).get("stampData") or b"")
+            for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
+    flag = (record.get("candidate") or {}).get("isdiffpos")
+    if isinstance(flag, str) and flag.strip().lower() in ("f", "0"):
+        trip[2] = -trip[2]
+    return trip
 
 
 # --- network ------------------------------------------------------------------------------------

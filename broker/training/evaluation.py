@@ -201,6 +201,7 @@ def main_eval(
         res["ztf"] = {"dir": str(ztf_dir), "n_rejected": len(rejected),
                       "rejected_reasons": dict(reasons.most_common()),
                       "n_repaired": int(np.sum((meta["n_nan"] > 0) | (meta["n_pad"] > 0))),
+                      "n_fading": int(meta["fading"].sum()),
                       "domain": domain_stats(xz) if len(xz) else {},
                       **compare_with_ztf(sz, meta)}
         if other is not None and len(xz):
@@ -305,6 +306,18 @@ def write_eval_report(path: Path, res: dict) -> Path:
         for k, d in sorted(a["per_kind"].items()):
             L.append(f"| {k} | {d['n']} | {_fmt(d['misclassified'], 4)} | "
                      f"{_fmt(e['per_kind'][k]['misclassified'], 4)} |")
+        if sim.get("by_sign"):
+            L += ["", "By sign of the difference (a fading star and a badly subtracted one both "
+                  "leave a negative blob on a star):", "",
+                  "| candidates | n (real / bogus) | ROC AUC | FNR = FPR |", "|---|---|---|---|"]
+            for name, b in sim["by_sign"].items():
+                L.append(f"| {name} (S/N {'>' if name == 'brightening' else '<'} 0) | {b['n']} "
+                         f"({b['n_real']} / {b['n_bogus']}) | {_fmt(b['auc'], 5)} | "
+                         f"{_fmt(b['eer'], 4)} |")
+                c = (res.get("sim_compare") or {}).get("by_sign", {}).get(name)
+                if c:
+                    L.append(f"| {name}, {res['sim_compare']['model']} | | {_fmt(c['auc'], 5)} "
+                             f"| {_fmt(c['eer'], 4)} |")
         if sim.get("fnr_by_snr"):
             L += ["", "FNR of real candidates by measured S/N:", "", "| S/N | n | FNR |",
                   "|---|---|---|"]
@@ -317,8 +330,10 @@ def write_eval_report(path: Path, res: dict) -> Path:
         L += ["## Real ZTF alerts", "",
               f"{z['n']} unique ZTF triplets from `{z['dir']}` ({z['n_rejected']} records "
               f"rejected: {json.dumps(z['rejected_reasons'])}; {z['n_repaired']} had NaNs "
-              "filled or were padded). ZTF's scores are a reference, not truth: the public "
-              "sample alerts are nearly all real.", "",
+              f"filled or were padded; {z['n_fading']} are fadings, whose difference stamp ZTF "
+              "cuts from reference - science and which are turned to science - reference as in "
+              "our pipeline, `broker.realbogus.alert_triplet`). ZTF's scores are a reference, "
+              "not truth: the public sample alerts are nearly all real.", "",
               "| reference | n | n > 0.5 | AUC of our score | Spearman | agreement at 0.5 |",
               "|---|---|---|---|---|---|"]
         for name in ("drb", "rb"):

@@ -1,9 +1,9 @@
 """Metrics of real/bogus scores against labels, and statistics of normalised triplets.
 
 :func:`evaluate` (AUC, FNR / FPR at a threshold, per-kind errors), :func:`equal_error` (the
-threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N, for a held-out
-set), :func:`domain_stats` (per-channel statistics to compare our stamps with a survey's) and
-:func:`_auc_se` (standard error of an AUC) and :func:`paired_auc_difference` (two models' AUC
+threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N and
+:func:`by_sign`, for a held-out set), :func:`domain_stats` (per-channel statistics to compare
+our stamps with a survey's) and :func:`_auc_se` (standard error of an AUC) and :func:`paired_auc_difference` (two models' AUC
 difference on the same items, with a bootstrap interval).
 """
 
@@ -80,7 +80,8 @@ def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray
     -------
     dict
         ``at_threshold`` and ``at_eer`` (:func:`evaluate`, with ``per_kind``), ``eer_threshold``,
-        ``eer``, and ``fnr_by_snr`` (real candidates: FNR at ``threshold`` per S/N bin).
+        ``eer``; with ``snr``, ``fnr_by_snr`` (real candidates: FNR at ``threshold`` per S/N
+        bin) and ``by_sign`` (:func:`by_sign`).
     """
     t_eer, eer = equal_error(scores, labels)
     out = {"at_threshold": evaluate(scores, labels, threshold, kinds),
@@ -95,6 +96,33 @@ def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray
             for lo, hi in zip(bins[:-1], bins[1:])
             for m in [real & (snr >= lo) & (snr < hi)]
         ]
+        out["by_sign"] = by_sign(scores, labels, snr)
+    return out
+
+
+def by_sign(scores: np.ndarray, labels: np.ndarray, snr: np.ndarray) -> dict[str, dict]:
+    """AUC and equal error rate of brightenings (S/N > 0) and fadings (S/N < 0) apart.
+
+    A fading star and a badly subtracted one both leave a negative blob on a star, and the
+    generator labels them by the truth (real / bogus) whatever the stamp shows; the split says
+    how much of the overall error rate comes from that.
+
+    Returns
+    -------
+    dict
+        ``brightening`` and ``fading``: ``n``, ``n_real``, ``n_bogus``, ``auc``, ``eer``
+        (NaN where a side lacks one class).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    s, y, snr = np.asarray(scores), np.asarray(labels).astype(int), np.asarray(snr)
+    out = {}
+    for name, m in (("brightening", snr > 0), ("fading", snr < 0)):
+        n1, n0 = int(y[m].sum()), int((1 - y[m]).sum())
+        both = n1 > 0 and n0 > 0
+        out[name] = {"n": int(m.sum()), "n_real": n1, "n_bogus": n0,
+                     "auc": float(roc_auc_score(y[m], s[m])) if both else float("nan"),
+                     "eer": equal_error(s[m], y[m])[1] if both else float("nan")}
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import CutoutError
-from broker.realbogus import RealBogusClassifier, normalise_triplet
+from broker.realbogus import RealBogusClassifier, alert_triplet, normalise_triplet
 
 
 # --- real ZTF alerts ------------------------------------------------------------------------------
@@ -33,13 +33,13 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
     x : ndarray, shape (N, 3, 63, 63), float32
     meta : dict of ndarray, shape (N,)
         ``rb``, ``drb`` (NaN where the packet has none), ``candid``, ``objectId``, ``file``,
-        ``n_nan`` (non-finite input pixels, all channels) and ``n_pad`` (pixels padded per channel).
+        ``n_nan`` (non-finite input pixels, all channels), ``n_pad`` (pixels padded per channel)
+        and ``fading`` (``isdiffpos`` false: the difference stamp was negated to science minus
+        reference, :func:`broker.realbogus.alert_triplet`).
     rejected : list of str
         One reason per record that could not be used (JPEG stamps, unreadable files, ...).
     """
     import fastavro
-
-    from broker.realbogus import decode_stamp
 
     xs, rows, rejected, seen = [], [], [], set()
     for f in sorted(Path(folder).rglob("*.avro")):
@@ -57,15 +57,14 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
             if dedupe and cid is not None and cid in seen:
                 continue
             try:
-                trip = [decode_stamp((r.get(k) or {}).get("stampData") or b"")
-                        for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
-                x, flags = normalise_triplet(*trip)
+                x, flags = normalise_triplet(*alert_triplet(r))
             except CutoutError as exc:
                 rejected.append(f"{f.name}: {exc}")
                 continue
             seen.add(cid)
             xs.append(x)
             rows.append({"rb": cand.get("rb"), "drb": cand.get("drb"), "candid": cid or 0,
+                         "fading": str(cand.get("isdiffpos", "t")).lower() in ("f", "0"),
                          "objectId": str(r.get("objectId", "")), "file": f.name,
                          "n_nan": sum(flags.n_nan), "n_pad": flags.n_pad})
     x = np.stack(xs) if xs else np.zeros((0, 3, CUTOUT_SIZE, CUTOUT_SIZE), np.float32)
@@ -77,6 +76,7 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
         "file": np.array([r["file"] for r in rows], dtype=str),
         "n_nan": np.array([r["n_nan"] for r in rows], dtype=int),
         "n_pad": np.array([r["n_pad"] for r in rows], dtype=int),
+        "fading": np.array([r["fading"] for r in rows], dtype=bool),
     }
     return x, meta, rejected
 

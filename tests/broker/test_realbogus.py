@@ -18,13 +18,14 @@ from broker.realbogus import (
     RealBogusClassifier,
     RealBogusNet,
     RealBogusNetV2,
+    alert_triplet,
     decode_stamp,
     normalise_triplet,
 )
 
 ZTF_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ztf_alerts"
-#: Every shipped version must keep loading and scoring (v3 stays for comparison).
-SHIPPED = ("realbogus-v3", "realbogus-v4")
+#: Every shipped version must keep loading and scoring (v3 and v4 stay for comparison).
+SHIPPED = ("realbogus-v3", "realbogus-v4", "realbogus-v5")
 
 
 def _noise(shape=(63, 63), seed=0, sky=500.0):
@@ -137,6 +138,21 @@ def test_ztf_full_cutouts_normalise():
                                and r["cutoutScience_nnan"] == "0.0", n=5):
         x, flags = normalise_triplet(*_ztf_triplet(rec))
         assert x.shape == (3, 63, 63) and np.all(np.isfinite(x)) and not flags.repaired
+
+
+@pytest.mark.shared_data
+def test_ztf_fading_difference_is_turned_to_science_minus_reference():
+    """ZTF cuts a fading's difference stamp from reference - science (source positive)."""
+    full = lambda r: r["cutoutScience_shape"] == "63x63" and r["cutoutScience_nnan"] == "0.0"  # noqa: E731
+    for flag, sign in (("f", -1), ("t", 1)):
+        for rec, _ in _ztf_records(lambda r: full(r) and r["isdiffpos"] == flag, n=3):
+            as_sent = _ztf_triplet(rec)[2]
+            diff = alert_triplet(rec)[2]
+            assert np.array_equal(diff, sign * as_sent)
+            assert np.median(as_sent[29:34, 29:34]) > 0  # ZTF's stamp: the source positive
+    # our own packets carry isdiffpos as a boolean and are science - reference already
+    ours = {**rec, "candidate": {**rec["candidate"], "isdiffpos": False}}
+    assert np.array_equal(alert_triplet(ours)[2], _ztf_triplet(rec)[2])
 
 
 @pytest.mark.shared_data

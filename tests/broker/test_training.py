@@ -78,6 +78,19 @@ def test_evaluate_metrics():
     assert m["per_kind"]["cr"]["misclassified"] == pytest.approx(0.5)
 
 
+def test_by_sign_separates_brightenings_from_fadings():
+    from broker.training import by_sign
+
+    s = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.6, 0.4])
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 1])
+    snr = np.array([8.0, 9.0, 7.0, 6.0, -8.0, -9.0, -7.0, -6.0])
+    b = by_sign(s, y, snr)
+    assert b["brightening"] == {"n": 4, "n_real": 2, "n_bogus": 2, "auc": 1.0, "eer": 0.0}
+    # fadings: one real below one bogus, so 3 of 4 pairs in order and one error per class
+    assert b["fading"]["auc"] == pytest.approx(0.75) and b["fading"]["eer"] == pytest.approx(0.5)
+    assert np.isnan(by_sign(s[:2], y[:2], snr[:2])["brightening"]["auc"])  # one class only
+
+
 def test_paired_auc_difference():
     from sklearn.metrics import roc_auc_score
 
@@ -131,13 +144,13 @@ def test_shards_roundtrip_and_tiny_training(tmp_path):
     s = clf.score(data["x"][:4])
     assert s.shape == (4,) and np.all((s >= 0) & (s <= 1))
     # an ensemble: members of other seeds, its logit their mean, saved and loaded as one model
-    ens, rep2 = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2, member_splits=True),
-                      progress=False)
+    ens, rep2 = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2), progress=False)
     assert [m["seed"] for m in rep2["members"]] == [0, 1] and rep2["epochs_run"] == 2
     # each member held out its own fields; the validation metrics pool them
     n_val = [m["n_val"] for m in rep2["members"]]
     assert rep2["val"]["n_real"] + rep2["val"]["n_bogus"] == sum(n_val)
-    shared = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2), progress=False)[1]
+    shared = train(data, TrainConfig(max_epochs=1, batch_size=32, members=2, member_splits=False),
+                   progress=False)[1]
     assert [m["n_val"] for m in shared["members"]] == [n_val[0]] * 2
     assert shared["val"]["n_real"] + shared["val"]["n_bogus"] == n_val[0]
     first = ens.net.members[0]
@@ -408,9 +421,9 @@ def test_reproduce_command_names_every_setting_that_is_not_the_default():
     cli = reproduce_command(0, 1000, "v", TrainingSetConfig(seed=0), TrainConfig(max_seconds=60))
     assert cli.startswith("broker train-realbogus --seed 0 --target-n 1000 --version v")
     py = reproduce_command(3, 1000, "v", TrainingSetConfig(p_bleed=0.5),
-                           TrainConfig(seed=3, member_splits=True))
+                           TrainConfig(seed=3, member_splits=False))
     assert "set_config=TrainingSetConfig(**{'p_bleed': 0.5})" in py
-    assert "train_config=TrainConfig(**{'seed': 3, 'member_splits': True})" in py
+    assert "train_config=TrainConfig(**{'seed': 3, 'member_splits': False})" in py
     # a training seed other than the generator's is only reproduced by naming it
     assert "TrainConfig(**{'seed': 5})" in reproduce_command(3, 1000, "v", TrainingSetConfig(),
                                                               TrainConfig(seed=5))
