@@ -256,10 +256,15 @@ def alert_triplet(record: dict) -> list[np.ndarray]:
     """
     trip = [decode_stamp((record.get(k) or {}).get("stampData") or b"")
             for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
-    flag = (record.get("candidate") or {}).get("isdiffpos")
-    if isinstance(flag, str) and flag.strip().lower() in ("f", "0"):
+    if ztf_negative_subtraction(record):
         trip[2] = -trip[2]
     return trip
+
+
+def ztf_negative_subtraction(record: dict) -> bool:
+    """Whether an alert packet is a ZTF fading: ``isdiffpos`` the string ``'f'`` or ``'0'``."""
+    flag = (record.get("candidate") or {}).get("isdiffpos")
+    return isinstance(flag, str) and flag.strip().lower() in ("f", "0")
 
 
 # --- network ------------------------------------------------------------------------------------

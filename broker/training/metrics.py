@@ -3,8 +3,9 @@
 :func:`evaluate` (AUC, FNR / FPR at a threshold, per-kind errors), :func:`equal_error` (the
 threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N and
 :func:`by_sign`, for a held-out set), :func:`domain_stats` (per-channel statistics to compare
-our stamps with a survey's) and :func:`_auc_se` (standard error of an AUC) and :func:`paired_auc_difference` (two models' AUC
-difference on the same items, with a bootstrap interval).
+our stamps with a survey's), :func:`_auc_se` (standard error of an AUC) and
+:func:`paired_auc_difference` (two models' AUC difference on the same items, with a bootstrap
+interval).
 """
 
 from __future__ import annotations

@@ -13,7 +13,12 @@ import numpy as np
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import CutoutError
-from broker.realbogus import RealBogusClassifier, alert_triplet, normalise_triplet
+from broker.realbogus import (
+    RealBogusClassifier,
+    alert_triplet,
+    normalise_triplet,
+    ztf_negative_subtraction,
+)
 
 
 # --- real ZTF alerts ------------------------------------------------------------------------------
@@ -64,7 +69,7 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
             seen.add(cid)
             xs.append(x)
             rows.append({"rb": cand.get("rb"), "drb": cand.get("drb"), "candid": cid or 0,
-                         "fading": str(cand.get("isdiffpos", "t")).lower() in ("f", "0"),
+                         "fading": ztf_negative_subtraction(r),
                          "objectId": str(r.get("objectId", "")), "file": f.name,
                          "n_nan": sum(flags.n_nan), "n_pad": flags.n_pad})
     x = np.stack(xs) if xs else np.zeros((0, 3, CUTOUT_SIZE, CUTOUT_SIZE), np.float32)
