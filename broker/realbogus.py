@@ -35,9 +35,9 @@ from broker.errors import ConfigError, CutoutError, ModelError
 #: Folder with the shipped weights and model cards (``<repo>/models``).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 #: Version loaded when none is given: an ensemble of three networks, each trained on its own
-#: fields of candidates of the current subtraction; see models/realbogus-v5.md and
-#: docs/realbogus-report/.
-DEFAULT_VERSION = "realbogus-v5"
+#: fields of candidates of the current subtraction, with two-lobed dipoles from locally wrong
+#: alignments among the bogus; see models/realbogus-v6.md and docs/realbogus-report/.
+DEFAULT_VERSION = "realbogus-v6"
 
 
 # --- normalisation ------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class TrainingSetConfig:
         made mostly by noise or by a residual of the star under it, and it is bogus like them.
         Variable stars also vary in the reference epochs, so their change is taken against the
         inverse-variance mean of those epochs (:func:`relative_to_reference`), not against the
-        static sky. Default 0 (off; labels as for the shipped ``realbogus-v3`` and ``-v4``): 3 (the source
+        static sky. Default 0 (off, for every shipped model): 3 (the source
         gives at least 3 of the 5 sigma) relabels ~1 % of the variables, but no model trained
         with it has yet beaten v3 (see BENCHMARKS.md, "Label experiments").
     real_kinds : tuple of str
@@ -110,18 +110,21 @@ class TrainingSetConfig:
     p_misalign : float
         Probability that a frame's reference pixels are displaced (``misalign_px``), keeping
         its star catalogue, so that the alignment is wrong by that much: dipoles on stars.
+        Default 0.2 (``realbogus-v6``; 0.3 for v3-v5, whose shifts made few dipoles).
     misalign_px : tuple of float
         Range of the largest shift of a misaligned reference, px. Real survey dipoles (e.g. the
         ZTF sample's low-``drb`` alerts) have both lobes far above the noise: shifts of 1-2 px
-        on bright stars.
+        on bright stars. Default (1, 2) (``realbogus-v6``; (0.3, 1.2) for v3-v5).
     misalign_wavelength_px : tuple of float
         Range of the wavelength (px) of a plane wave of displacement (amplitude from
         ``misalign_px``, random direction and phase): each star is shifted by its local amount,
         as in a field whose astrometric solution is off in parts (distortion, refraction).
         (0, 0): one shift for the whole frame, which the pipeline cannot see as a dipole: its
         reference PSF is measured on the same stars at their science positions, so a global
-        shift moves the PSF with them and ZOGY subtracts the stars cleanly. The shipped
-        ``realbogus-v3`` and ``-v4`` were made that way: most of their "dipoles" are faint residuals.
+        shift moves the PSF with them and ZOGY subtracts the stars cleanly. Default (500, 1500)
+        (``realbogus-v6``). ``realbogus-v3`` to ``-v5`` were made with (0, 0): most of their
+        "dipoles" are faint residuals, and they pass two-lobed dipoles as real (8 % FNR = FPR
+        for v5 on a set that has them, BENCHMARKS.md session 10).
     swamped_ratio : tuple of float
         (lo, hi). On a deliberately misaligned reference every star leaves a dipole whose lobes
         peak like a point source of :func:`residual_flux`; a variable's change below ``lo``
@@ -130,27 +133,28 @@ class TrainingSetConfig:
         ``hi`` real. (0.5, 1.65) is the tried setting: e^0.5 ~ 1.65 is where the change's peak
         outweighs the opposite lobe, so that the stamp shows one sign only. Blurred references
         are left alone: their residual is a blob on the star (the ring is faint), which is what
-        a variable's change looks like. Default (0, 0): every variable real, as for the shipped
-        ``realbogus-v3`` and ``-v4``; no model trained with the rule has yet beaten it on the real ZTF
-        alerts (BENCHMARKS.md, "Real/bogus label experiments").
+        a variable's change looks like. Default (0, 0): off (variables on misaligned
+        references are labelled by their image instead, ``variable_dipole_lobe``).
     variable_dipole_lobe : tuple of float
         (snr, ratio). A variable on a misaligned reference whose stamp shows an opposite lobe
         (:func:`lobe_snrs`) of at least ``snr`` sigma and ``ratio`` times its central lobe is
         bogus ``"dipole"``: what a scanner sees is a dipole, whatever the change under it (the
-        image convention, where ``swamped_ratio`` is the flux one). Default (0, 0): off.
+        image convention, where ``swamped_ratio`` is the flux one). Default (4, 0.25)
+        (``realbogus-v6``; off, (0, 0), for v3-v5): the lobe of a 1-2 px shift on a star is
+        clearly seen from there on.
     trail_share : tuple of float
         (lo, hi). A real candidate crossed by a satellite trail is labelled by the trail's share
         of the PSF-fit flux there (:func:`trail_flux`, against the source's |change|): below
         ``lo`` real, from ``hi`` on bogus ``"satellite"`` (the stamp shows a trail), between
-        them left out as ``ambiguous_trail``. Default (1, 1): always real, as for
-        ``realbogus-v3`` and ``-v4``.
+        them left out as ``ambiguous_trail``. Default (0.33, 0.67) (``realbogus-v6``; (1, 1),
+        always real, for v3-v5).
     min_dipole_lobe_snr : float
         An unmatched candidate on a star of a misaligned reference (kind ``"dipole"``) is
         bogus only if its stamp shows the dipole: an opposite-sign lobe of at least this S/N
         (:func:`opposite_lobe_snr`, sigma). Without one it is a lone blob beside a star, which
         is what a faint change of the star looks like: left out as ``ambiguous_dipole``.
-        4 (tried) leaves out ~90 % of them. Default 0: every such candidate bogus, as for
-        ``realbogus-v3`` and ``-v4``.
+        Default 4 (``realbogus-v6``; 0, every such candidate bogus, for v3-v5). With
+        one-shift misalignment (v3-v5) it left out ~90 % of them: they were faint residuals.
     p_psf_error : float
         Probability that a frame's reference is blurred by a Gaussian of ``psf_blur_px`` (sigma)
         while its PSF model is kept: PSF-mismatch residuals (rings) on bright stars.
@@ -204,13 +208,13 @@ class TrainingSetConfig:
     sky_range: tuple[float, float] = (100.0, 3000.0)
     bright_star_mag_range: tuple[float, float] = (9.0, 12.0)
     saturation_range: tuple[float, float] = (20000.0, 60000.0)
-    p_misalign: float = 0.3
+    p_misalign: float = 0.2
     swamped_ratio: tuple[float, float] = (0.0, 0.0)
-    variable_dipole_lobe: tuple[float, float] = (0.0, 0.0)
-    trail_share: tuple[float, float] = (1.0, 1.0)
-    min_dipole_lobe_snr: float = 0.0
-    misalign_px: tuple[float, float] = (0.3, 1.2)
-    misalign_wavelength_px: tuple[float, float] = (0.0, 0.0)
+    variable_dipole_lobe: tuple[float, float] = (4.0, 0.25)
+    trail_share: tuple[float, float] = (0.33, 0.67)
+    min_dipole_lobe_snr: float = 4.0
+    misalign_px: tuple[float, float] = (1.0, 2.0)
+    misalign_wavelength_px: tuple[float, float] = (500.0, 1500.0)
     p_psf_error: float = 0.25
     psf_blur_px: tuple[float, float] = (0.6, 1.5)
     p_uncleaned: float = 0.3

@@ -38,7 +38,7 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
     Every number comes from ``manifest`` (:func:`generate_training_set`), ``report``
     (:func:`train`) and ``evaluation`` (:func:`main_eval`).
     """
-    cfg = report["config"]
+    cfg, gen = report["config"], manifest.get("config", {})
     one = arch.get("members", [arch])[0]
     net = f"`broker.realbogus.{one['name']}` (width {one['width']}, dense {one['dense']}"
     if "members" in arch:
@@ -109,15 +109,19 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "- Trained on simulated frames only; the domain gap to a given telescope is unknown "
           "until labelled real candidates from it are available. ZTF comparisons rest on a few "
           "public sample alerts, almost all real.",
-          "- Bogus types the pipeline rarely emits (dipoles, PSF-mismatch residuals, trails) "
-          "are few in the data even after round-robin sampling; see the per-kind counts.",
+          "- Rare kinds (PSF-mismatch and saturated-star residuals, trails) are learnt from few "
+          "examples; see the per-kind counts.",
+          "- Faint fadings on bright stars look like the subtraction residuals of constant stars "
+          "and carry most errors, in simulation and on ZTF's fadings (the report's by-sign table).",
           "- Labels and the bogus mix depend on the subtraction and detection code: a set made "
           "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
           "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
           "after such changes.",
-          "- Labels of changes on stars of deliberately misaligned references are ambiguous: "
-          "`TrainingSetConfig.swamped_ratio` and `min_dipole_lobe_snr` relabel or leave out "
-          "the ambiguous ones (off for the shipped model; see BENCHMARKS.md).", ""]
+          "- Labels of changes on stars of deliberately misaligned references are a convention: "
+          "this set's `TrainingSetConfig` has " + ", ".join(
+              f"`{k}={gen.get(k)}`" for k in ("swamped_ratio", "variable_dipole_lobe",
+                                              "min_dipole_lobe_snr", "misalign_wavelength_px"))
+          + " (see its docstring and BENCHMARKS.md).", ""]
     p = Path(path)
     p.write_text("\n".join(L))
     return p
