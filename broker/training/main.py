@@ -111,8 +111,9 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "public sample alerts, almost all real.",
           "- Rare kinds (PSF-mismatch and saturated-star residuals, trails) are learnt from few "
           "examples; see the per-kind counts.",
-          "- Faint fadings on bright stars look like the subtraction residuals of constant stars "
-          "and carry most errors, in simulation and on ZTF's fadings (the report's by-sign table).",
+          "- Changes of a few % of a bright star's flux look like the subtraction residuals of "
+          "constant stars and carry most errors, fadings most, in simulation and on ZTF (the "
+          "report's by-sign table; BENCHMARKS.md).",
           "- Labels and the bogus mix depend on the subtraction and detection code: a set made "
           "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
           "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
