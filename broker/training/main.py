@@ -140,11 +140,16 @@ def model_cost(net: nn.Module) -> dict:
 
 
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
-    """Manifest of the set at ``path``, generating it unless a complete one with ``config`` is there."""
+    """Manifest of the set at ``path``, generating it unless a complete one with ``config`` is there.
+
+    ``workers`` is not compared: fields are written in field order whatever the process count.
+    """
     mp = path / "manifest.json"
     if mp.is_file():
         man = json.loads(mp.read_text())
-        if man.get("complete") and man.get("config") == _config_dict(config):
+        want = {k: v for k, v in _config_dict(config).items() if k != "workers"}
+        have = {k: v for k, v in (man.get("config") or {}).items() if k != "workers"}
+        if man.get("complete") and have == want:
             return man
     return generate_training_set(path, config, progress)
 
