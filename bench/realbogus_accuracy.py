@@ -9,7 +9,9 @@ For each model and number of views (``ScoreConfig.views``): the equal error rate
 each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), overall
 and for brightenings / fadings apart (:func:`broker.training.metrics.by_sign`), and the ROC
 AUC, with its Hanley-McNeil standard error, against ZTF's ``drb > 0.5`` and ``rb > 0.5`` on the
-real alerts of ``../shared/data/ztf_alerts`` (skipped when absent). Every model is scored on the
+real alerts of ``../shared/data/ztf_alerts`` (skipped when absent); for an ensemble, also the
+range of those AUCs over its members scored alone (members differ only by their seed and
+fields, so the range is the seed noise of one recipe on ZTF). Every model is scored on the
 same inputs in one run, so the columns compare directly.
 """
 
@@ -24,7 +26,7 @@ import torch
 
 from bench.common import SHARED_DATA, git_rev, machine, write_section
 from broker.errors import DatasetError
-from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig
+from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, RealBogusEnsemble, ScoreConfig
 from broker.training import load_training_set
 from broker.training.metrics import _auc_se, by_sign, equal_error
 from broker.training.ztf import compare_with_ztf, ztf_triplets
@@ -35,6 +37,19 @@ ZTF_DIR = SHARED_DATA / "ztf_alerts"
 def _set_label(path: Path) -> str:
     man = json.loads((path / "manifest.json").read_text())
     return f"`{path.name}` ({man['n']:,}, seed {man['seed']})"
+
+
+def _member_range(clf: RealBogusClassifier, ztf: tuple) -> str:
+    """min-max of the ZTF drb and rb AUCs of an ensemble's members scored alone, else "-"."""
+    if not isinstance(clf.net, RealBogusEnsemble):
+        return "-"
+    aucs = {"drb": [], "rb": []}
+    for m in clf.net.members:
+        res = compare_with_ztf(RealBogusClassifier(m, clf.version, config=clf.config).score(ztf[0]),
+                               ztf[1])
+        for ref in aucs:
+            aucs[ref].append(res[ref]["auc"])
+    return " / ".join(f"{min(a):.3f}-{max(a):.3f}" for a in aucs.values())
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -52,7 +67,7 @@ def main(argv: list[str] | None = None) -> str:
         ap.error(f"{exc}; `broker train-realbogus` writes the sets under build/")
     ztf = ztf_triplets(ZTF_DIR) if ZTF_DIR.is_dir() else None
     head = (["model", "views"] + [f"EER {_set_label(p)}" for p in sets]
-            + (["ZTF drb AUC", "ZTF rb AUC"] if ztf else []))
+            + (["ZTF drb AUC", "ZTF rb AUC", "members' drb / rb AUC"] if ztf else []))
     rows = []
     for version in args.models:
         for v in args.views:
@@ -69,6 +84,7 @@ def main(argv: list[str] | None = None) -> str:
                     r = res[ref]
                     se = _auc_se(r["auc"], r["n_real"], r["n"] - r["n_real"])
                     row.append(f"{r['auc']:.3f} ± {se:.3f}")
+                row.append(_member_range(clf, ztf))
             rows.append(row)
             print(" | ".join(row), flush=True)
     body = "\n".join([

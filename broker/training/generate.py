@@ -138,8 +138,9 @@ class TrainingSetConfig:
     variable_dipole_lobe : tuple of float
         (snr, ratio). A variable on a misaligned reference whose stamp shows an opposite lobe
         (:func:`lobe_snrs`) of at least ``snr`` sigma and ``ratio`` times its central lobe is
-        bogus ``"dipole"``: what a scanner sees is a dipole, whatever the change under it (the
-        image convention, where ``swamped_ratio`` is the flux one). Default (4, 0.25)
+        a ``"dipole"`` (bogus, or ambiguous by ``min_dipole_lobe_ratio``): what a scanner sees
+        is a dipole, whatever the change under it (the image convention, where
+        ``swamped_ratio`` is the flux one). Default (4, 0.25)
         (``realbogus-v6``; off, (0, 0), for v3-v5): the lobe of a 1-2 px shift on a star is
         clearly seen from there on.
     trail_share : tuple of float
@@ -155,6 +156,16 @@ class TrainingSetConfig:
         is what a faint change of the star looks like: left out as ``ambiguous_dipole``.
         Default 4 (``realbogus-v6``; 0, every such candidate bogus, for v3-v5). With
         one-shift misalignment (v3-v5) it left out ~90 % of them: they were faint residuals.
+    min_dipole_lobe_ratio : float
+        Likewise, a ``"dipole"`` (a star's, or a variable's by ``variable_dipole_lobe``) is bogus
+        only if its opposite lobe is at least this fraction of its central lobe
+        (:func:`lobe_snrs`); below, the stamp is a blob with a weak opposite lobe, which a
+        variable star on a misaligned reference also leaves: left out as ``ambiguous_dipole``.
+        Default 0, off (v3-v6). Tried in session 11 with ``variable_dipole_lobe=(4, 0.1)``,
+        i.e. leaving out the band 0.1-0.4 where ``realbogus-v6`` misclassified 27-50 % of the
+        variables and 16-29 % of the dipoles (7 % and 0.5-4 % outside it): the held-out
+        figures of every model improve (v6: 2.56 -> 2.09 %), but a network trained so is no
+        better (BENCHMARKS.md, "Real/bogus: an ambiguous band of dipole lobe ratios").
     p_psf_error : float
         Probability that a frame's reference is blurred by a Gaussian of ``psf_blur_px`` (sigma)
         while its PSF model is kept: PSF-mismatch residuals (rings) on bright stars.
@@ -213,6 +224,7 @@ class TrainingSetConfig:
     variable_dipole_lobe: tuple[float, float] = (4.0, 0.25)
     trail_share: tuple[float, float] = (0.33, 0.67)
     min_dipole_lobe_snr: float = 4.0
+    min_dipole_lobe_ratio: float = 0.0
     misalign_px: tuple[float, float] = (1.0, 2.0)
     misalign_wavelength_px: tuple[float, float] = (500.0, 1500.0)
     p_psf_error: float = 0.25
@@ -623,8 +635,7 @@ def field_candidates(config: TrainingSetConfig, f: int,
             if lab == 1 and trails:
                 lab, kind = _trail_label(config.trail_share, kind, trail_flux(
                     c.detection.x, c.detection.y, trails, truth.fwhm), abs(inj.flux))
-            if (kind == "dipole" and lab == 0 and config.min_dipole_lobe_snr > 0
-                    and opposite_lobe_snr(c.difference) < config.min_dipole_lobe_snr):
+            if kind == "dipole" and lab == 0 and _dipole_unseen(c.difference, config):
                 lab, kind = -1, "ambiguous_dipole"
             if kind in ("residual", "dipole", "psf_mismatch") and np.nanmax(c.science) >= \
                     0.9 * frame.meta.saturation:
@@ -678,6 +689,15 @@ def lobe_snrs(difference: np.ndarray, radius: float = 6.0) -> tuple[float, float
     sign = np.sign(sm[r <= 1.5].sum()) or 1.0
     return (float(np.max(sign * sm[r <= 1.5]) / sigma),
             float(np.max(-sign * sm[r <= radius]) / sigma))
+
+
+def _dipole_unseen(difference: np.ndarray, config: TrainingSetConfig) -> bool:
+    """Whether a dipole's stamp lacks the opposite lobe that ``min_dipole_lobe_snr`` and
+    ``min_dipole_lobe_ratio`` ask for (then it is left out as ambiguous)."""
+    central, opposite = lobe_snrs(difference)
+    return bool((config.min_dipole_lobe_snr > 0 and opposite < config.min_dipole_lobe_snr)
+                or (config.min_dipole_lobe_ratio > 0
+                    and opposite < config.min_dipole_lobe_ratio * central))
 
 
 def opposite_lobe_snr(difference: np.ndarray, radius: float = 6.0) -> float:

@@ -121,7 +121,8 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "- Labels of changes on stars of deliberately misaligned references are a convention: "
           "this set's `TrainingSetConfig` has " + ", ".join(
               f"`{k}={gen.get(k)}`" for k in ("swamped_ratio", "variable_dipole_lobe",
-                                              "min_dipole_lobe_snr", "misalign_wavelength_px"))
+                                              "min_dipole_lobe_snr", "min_dipole_lobe_ratio",
+                                              "misalign_wavelength_px"))
           + " (see its docstring and BENCHMARKS.md).", ""]
     p = Path(path)
     p.write_text("\n".join(L))
@@ -139,16 +140,23 @@ def model_cost(net: nn.Module) -> dict:
             "mflops": round(fc.get_total_flops() / 1e6, 2)}
 
 
+#: Generator settings added after sets were written, with the value that the older code had.
+SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0}
+
+
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
     """Manifest of the set at ``path``, generating it unless a complete one with ``config`` is there.
 
     ``workers`` is not compared: fields are written in field order whatever the process count.
+    A setting that a set's manifest predates counts as :data:`SET_SETTINGS_ADDED`'s value, the
+    one that reproduces the code that wrote it.
     """
     mp = path / "manifest.json"
     if mp.is_file():
         man = json.loads(mp.read_text())
         want = {k: v for k, v in _config_dict(config).items() if k != "workers"}
-        have = {k: v for k, v in (man.get("config") or {}).items() if k != "workers"}
+        have = {**SET_SETTINGS_ADDED, **(man.get("config") or {})}
+        have.pop("workers", None)
         if man.get("complete") and have == want:
             return man
     return generate_training_set(path, config, progress)
