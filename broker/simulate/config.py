@@ -100,6 +100,14 @@ class SimConfig:
         Variable stars per field, chosen from the static catalogue.
     variable_mag_range : (float, float)
         Magnitude range the variables are chosen from (well detected, unsaturated).
+    variable_bright_cap : (float, float) or None
+        (mag, fraction): of the stars brighter than ``mag``, at most ``fraction`` vary; the rest
+        of the ``n_variables`` come from the fainter part of ``variable_mag_range`` (no fallback
+        to stars outside it). The brightest unsaturated stars are the ones a pipeline measures
+        the flux ratio F_r on, and in the real sky few of them vary: with half of them variable
+        (many variables packed into a field to make training data cheaply) F_r came out up to
+        3 % wrong, leaving every constant star a residual of that size (BENCHMARKS.md, issue 4,
+        session 11). None (default): variables are drawn uniformly from the range, as before.
     variable_amplitude_range : (float, float)
         Fractional semi-amplitude of the sinusoidal flux variation.
     variable_period_range : (float, float)
@@ -177,6 +185,7 @@ class SimConfig:
     host_max_mag: float = 19.0
     n_variables: int = 20
     variable_mag_range: tuple[float, float] = (15.0, 19.0)
+    variable_bright_cap: tuple[float, float] | None = None
     variable_amplitude_range: tuple[float, float] = (0.05, 0.5)
     variable_period_range: tuple[float, float] = (1.5, 10.0)
     n_moving: int = 3

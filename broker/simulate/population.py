@@ -93,6 +93,25 @@ class StaticSky:
     var_phase: np.ndarray
 
 
+def _variable_stars(rng: np.random.Generator, star_mag: np.ndarray, config: SimConfig) -> np.ndarray:
+    """Sorted indices of the variable stars: well-measured, unsaturated catalogue stars."""
+    lo, hi = config.variable_mag_range
+    pool = np.flatnonzero((star_mag >= lo) & (star_mag <= hi))
+    if config.variable_bright_cap is None:
+        if len(pool) < config.n_variables:
+            pool = np.arange(len(star_mag))
+        nv = min(config.n_variables, len(pool))
+        return np.sort(rng.choice(pool, nv, replace=False)) if nv else np.zeros(0, dtype=int)
+    mag, fraction = config.variable_bright_cap
+    bright, faint = pool[star_mag[pool] < mag], pool[star_mag[pool] >= mag]
+    # the uniform draw's share of bright ones, capped at `fraction` of all stars brighter than mag
+    nb = min(round(config.n_variables * len(bright) / max(len(pool), 1)),
+             int(fraction * np.sum(star_mag < mag)), len(bright))
+    nf = min(config.n_variables - nb, len(faint))
+    return np.sort(np.concatenate([rng.choice(bright, nb, replace=False),
+                                   rng.choice(faint, nf, replace=False)])).astype(int)
+
+
 def static_sky(config: SimConfig, seed: int, field: str) -> StaticSky:
     """Draw the stars, galaxies and variable stars of ``field``."""
     rng = rng_for(seed, "static", field)
@@ -117,13 +136,8 @@ def static_sky(config: SimConfig, seed: int, field: str) -> StaticSky:
     gal_n = rng.uniform(*config.galaxy_n_range, ng)
     gal_ellip = rng.uniform(0.0, config.galaxy_max_ellip, ng)
     gal_theta = rng.uniform(0.0, np.pi, ng)
-    # variables: well-measured, unsaturated stars already in the catalogue
-    pool = np.flatnonzero((star_mag >= config.variable_mag_range[0])
-                          & (star_mag <= config.variable_mag_range[1]))
-    if len(pool) < config.n_variables:
-        pool = np.arange(config.n_stars)
-    nv = min(config.n_variables, len(pool))
-    var_index = np.sort(rng.choice(pool, nv, replace=False)) if nv else np.zeros(0, dtype=int)
+    var_index = _variable_stars(rng, star_mag, config)
+    nv = len(var_index)
     return StaticSky(
         ra=ra0, dec=dec0, star_ra=star_ra, star_dec=star_dec, star_mag=star_mag,
         star_colour=star_colour, gal_ra=gal_ra, gal_dec=gal_dec, gal_mag=gal_mag,

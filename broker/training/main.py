@@ -141,7 +141,7 @@ def model_cost(net: nn.Module) -> dict:
 
 
 #: Generator settings added after sets were written, with the value that the older code had.
-SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0}
+SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None}
 
 
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:

@@ -222,3 +222,24 @@ def test_truth_snr_leaves_out_pixels_without_information():
 
     high, low = snrs(1e9), snrs(SimConfig().sky_level * 1.3)
     assert np.all(low <= high) and np.any(low < 0.9 * high), (low, high)
+
+
+def test_variable_bright_cap_keeps_most_bright_stars_constant():
+    from broker.simulate.population import static_sky
+
+    base = SimConfig(n_stars=3000, n_variables=500, variable_mag_range=(14.0, 20.0),
+                     star_mag_range=(10.0, 22.5))
+    free = static_sky(base, 3, "F0")
+    capped = static_sky(SimConfig(**{**base.__dict__, "variable_bright_cap": (17.5, 0.1)}), 3, "F0")
+    n_bright = np.sum(free.star_mag < 17.5)
+    share = {k: np.sum(s.star_mag[s.var_index] < 17.5) / n_bright for k, s in
+             (("free", free), ("capped", capped))}
+    assert share["free"] > 0.3  # the uniform draw: a third or more of the bright stars vary
+    assert 0.05 < share["capped"] <= 0.1
+    mags = capped.star_mag[capped.var_index]
+    assert np.all((mags >= 14.0) & (mags <= 20.0))
+    # the rest come from the fainter stars of the range, as many as there are (no fallback)
+    n_faint = np.sum((capped.star_mag >= 17.5) & (capped.star_mag <= 20.0))
+    nb = np.sum(mags < 17.5)
+    assert len(np.unique(capped.var_index)) == len(mags) == nb + min(500 - nb, n_faint)
+    assert np.array_equal(free.star_mag, capped.star_mag)  # same sky, other variables

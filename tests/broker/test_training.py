@@ -457,3 +457,24 @@ def test_reproduce_command_names_every_setting_that_is_not_the_default():
     # a training seed other than the generator's is only reproduced by naming it
     assert "TrainConfig(**{'seed': 5})" in reproduce_command(3, 1000, "v", TrainingSetConfig(),
                                                               TrainConfig(seed=5))
+
+
+def test_old_sets_are_reused_and_the_bright_cap_reaches_the_simulator(tmp_path, monkeypatch):
+    from broker import simulate as sim_mod
+    from broker.training import main as main_mod
+    from broker.training.generate import _config_dict, field_sim_config
+
+    def regenerate(*args, **kwargs):
+        raise AssertionError("a complete set was not reused")
+    monkeypatch.setattr(main_mod, "generate_training_set", regenerate)
+    # a complete set whose manifest predates the settings added since is the default config's
+    old = {k: v for k, v in _config_dict(TrainingSetConfig()).items()
+           if k not in ("min_dipole_lobe_ratio", "variable_bright_cap")}
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "config": old, "n": 7}))
+    assert main_mod._ensure_set(tmp_path, TrainingSetConfig(), progress=False)["n"] == 7
+    with pytest.raises(AssertionError, match="not reused"):
+        main_mod._ensure_set(tmp_path, TrainingSetConfig(min_dipole_lobe_ratio=0.4), progress=False)
+    cfg = TrainingSetConfig(variable_bright_cap=(17.5, 0.1))
+    sim = field_sim_config(sim_mod, cfg, np.random.default_rng(0))
+    assert sim.variable_bright_cap == (17.5, 0.1)
+    assert field_sim_config(sim_mod, TrainingSetConfig(), np.random.default_rng(0)).variable_bright_cap is None
