@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.wcs import WCS
 
+from broker.errors import ConfigError
 from broker.simulate.config import SimConfig
 
 
@@ -103,6 +104,9 @@ def _variable_stars(rng: np.random.Generator, star_mag: np.ndarray, config: SimC
         nv = min(config.n_variables, len(pool))
         return np.sort(rng.choice(pool, nv, replace=False)) if nv else np.zeros(0, dtype=int)
     mag, fraction = config.variable_bright_cap
+    if not (np.isfinite(mag) and 0.0 <= fraction <= 1.0):
+        raise ConfigError(f"variable_bright_cap must be (finite mag, fraction in [0, 1]), "
+                          f"got {config.variable_bright_cap!r}")
     bright, faint = pool[star_mag[pool] < mag], pool[star_mag[pool] >= mag]
     # the uniform draw's share of bright ones, capped at `fraction` of all stars brighter than mag
     nb = min(round(config.n_variables * len(bright) / max(len(pool), 1)),

@@ -10,6 +10,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 from photutils.centroids import centroid_2dg
 from photutils.detection import find_peaks
 
+from broker.errors import ConfigError
 from broker.frame import decode_fits, encode_fits
 from broker.simulate import SimConfig, SkySimulator, Truth, moffat_stamps
 
@@ -243,3 +244,6 @@ def test_variable_bright_cap_keeps_most_bright_stars_constant():
     nb = np.sum(mags < 17.5)
     assert len(np.unique(capped.var_index)) == len(mags) == nb + min(500 - nb, n_faint)
     assert np.array_equal(free.star_mag, capped.star_mag)  # same sky, other variables
+    for bad in ((17.5, -0.1), (17.5, 1.5), (float("nan"), 0.1)):
+        with pytest.raises(ConfigError, match="variable_bright_cap"):
+            static_sky(SimConfig(**{**base.__dict__, "variable_bright_cap": bad}), 3, "F0")
