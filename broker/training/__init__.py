@@ -108,6 +108,7 @@ from broker.training.metrics import (
     _auc_se as _auc_se,
 )
 from broker.training.metrics import (
+    by_reference_brightness,
     by_sign,
     domain_stats,
     equal_error,
@@ -143,6 +144,7 @@ __all__ = [
     "ZTF_AUC_TOLERANCE",
     "add_science_artifacts",
     "auto_threads",
+    "by_reference_brightness",
     "by_sign",
     "compare_with_ztf",
     "domain_stats",

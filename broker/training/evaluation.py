@@ -18,7 +18,13 @@ import numpy as np
 
 from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
-from broker.training.metrics import _auc_se, domain_stats, evaluate_simulated, paired_auc_difference
+from broker.training.metrics import (
+    _auc_se,
+    by_reference_brightness,
+    domain_stats,
+    evaluate_simulated,
+    paired_auc_difference,
+)
 from broker.training.trainer import _scores
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
@@ -181,6 +187,7 @@ def main_eval(
                       **evaluate_simulated(s, y, kinds, snr, threshold)}
         curves[f"{clf.version}, simulated held-out"] = (s, y)
         res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
+        res["sim"]["by_reference"] = by_reference_brightness(s, y, x, threshold)
         if other is not None:
             so = _scores(other.net, x)
             res["sim_compare"] = {"model": other.version,
@@ -204,6 +211,10 @@ def main_eval(
                       "n_fading": int(meta["fading"].sum()),
                       "domain": domain_stats(xz) if len(xz) else {},
                       **compare_with_ztf(sz, meta)}
+        okr = np.isfinite(meta["rb"])
+        if okr.any():  # against rb: drb has too few negatives to split (9 in the public sample)
+            res["ztf"]["by_reference"] = by_reference_brightness(
+                sz[okr], meta["rb"][okr] > 0.5, xz[okr], threshold)
         if other is not None and len(xz):
             so = other.score(xz)
             res["ztf_compare"] = {"model": other.version, **compare_with_ztf(so, meta),
@@ -368,6 +379,7 @@ def write_eval_report(path: Path, res: dict) -> Path:
             L.append(f"| {ch} | {f(sim['domain']['real'][ch])} | {f(sim['domain']['bogus'][ch])} "
                      f"| {f(z['domain'][ch])} |")
         L.append("")
+    L += _reference_table(res)
     if res.get("promotion"):
         p = res["promotion"]
         L += ["## Against the previous model", "",
@@ -386,6 +398,31 @@ def write_eval_report(path: Path, res: dict) -> Path:
         L += ["## ROC", "", "![ROC](roc.png)", ""]
     path.write_text("\n".join(L))
     return path
+
+
+def _reference_table(res: dict) -> list[str]:
+    """Report lines: :func:`by_reference_brightness` of the held-out set and of ZTF side by side."""
+    sim = (res.get("sim") or {}).get("by_reference")
+    z = (res.get("ztf") or {}).get("by_reference")
+    if not (sim or z):
+        return []
+    L = ["## By brightness of the reference source", "",
+         "Bins of the reference channel's central 5x5 px mean (normalised units; 20 is ~150 "
+         "robust sigmas a pixel). Per side: reals / bogus in the bin, the fraction of each "
+         f"scored >= {res['threshold']}, and the AUC within the bin. ZTF's side is labelled by "
+         "its rb > 0.5 (drb has too few negatives to split).", "",
+         "| reference centre | held-out n (real / bogus) | passed (real / bogus) | AUC "
+         "| ZTF n (rb > 0.5 / <= 0.5) | passed | AUC |", "|---|---|---|---|---|---|---|"]
+    for i, b in enumerate(sim or z):
+        cells = [f"< {b['hi']:g}" if b["lo"] == -np.inf else
+                 f">= {b['lo']:g}" if b["hi"] == np.inf else f"{b['lo']:g} to {b['hi']:g}"]
+        for side in (sim, z):
+            d = side[i] if side else None
+            cells += ([f"{d['n_real']} / {d['n_bogus']}",
+                       f"{_fmt(d['pass_real'], 2)} / {_fmt(d['pass_bogus'], 2)}", _fmt(d["auc"])]
+                      if d else ["-", "-", "-"])
+        L.append("| " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def _fmt(v: float, digits: int = 3) -> str:

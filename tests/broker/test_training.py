@@ -91,6 +91,23 @@ def test_by_sign_separates_brightenings_from_fadings():
     assert np.isnan(by_sign(s[:2], y[:2], snr[:2])["brightening"]["auc"])  # one class only
 
 
+def test_by_reference_brightness_bins_by_the_reference_source():
+    from broker.training import by_reference_brightness
+
+    x = np.zeros((6, 3, 63, 63), np.float32)
+    x[:, 1, 29:34, 29:34] = np.array([0.5, 1.0, 10.0, 10.0, 30.0, 30.0])[:, None, None]
+    x[4, 1, 31, 31] = 100.0  # one pixel of the 5x5 raises its mean from 30 to 32.8: same bin
+    s = np.array([0.9, 0.2, 0.8, 0.3, 0.4, 0.6])
+    y = np.array([1, 0, 1, 0, 1, 0])
+    b = by_reference_brightness(s, y, x, 0.5, edges=(2.0, 20.0))
+    assert [(d["lo"], d["hi"], d["n_real"], d["n_bogus"]) for d in b] == [
+        (-np.inf, 2.0, 1, 1), (2.0, 20.0, 1, 1), (20.0, np.inf, 1, 1)]
+    assert b[0]["pass_real"] == 1.0 and b[0]["pass_bogus"] == 0.0 and b[0]["auc"] == 1.0
+    assert b[2]["pass_real"] == 0.0 and b[2]["pass_bogus"] == 1.0 and b[2]["auc"] == 0.0
+    one = by_reference_brightness(s[:1], y[:1], x[:1], 0.5, edges=(2.0,))
+    assert np.isnan(one[0]["auc"]) and np.isnan(one[1]["pass_real"])  # one class; empty bin
+
+
 def test_paired_auc_difference():
     from sklearn.metrics import roc_auc_score
 
@@ -437,10 +454,14 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
     rep = (tmp_path / "report" / "report.md").read_text()
     assert res["sim"]["n"] == 100 and "FNR = FPR" in rep
     assert 0 <= res["sim"]["eer"] <= 1 and res["sim"]["at_threshold"]["per_kind"]
+    assert sum(d["n_real"] + d["n_bogus"] for d in res["sim"]["by_reference"]) == 100
+    assert "By brightness of the reference source" in rep
     for name in res["files"].values():
         assert (tmp_path / "report" / name).stat().st_size > 1000
     if ztf is not None:
         assert res["ztf"]["n"] > 0 and "Spearman" in rep
+        assert sum(d["n_real"] + d["n_bogus"] for d in res["ztf"]["by_reference"]) == \
+            res["ztf"]["rb"]["n"]
         assert set(res["ztf_compare"]["delta_auc"]) == {"drb", "rb"} and "paired bootstrap" in rep
     assert "Promote to default" in rep
 
