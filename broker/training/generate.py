@@ -100,10 +100,13 @@ class TrainingSetConfig:
         (uniform draw, every shipped model). (17.5, 0.1) covers the F_r stars (13.5-17 mag) and
         cuts the F_r error from 1.05 to 0.23 % rms; tried in session 12 with and without
         smaller amplitudes, neither promoted (BENCHMARKS.md, "few variables among the
-        flux-ratio stars").
+        flux-ratio stars"). (17.5, 0.4) puts more reals on bright reference sources, where
+        ZTF has 39 % of its real alerts and we 1-11 %, but F_r errors return (0.78 % rms);
+        tried in session 13, not promoted ("reals on bright reference sources").
     reference_epochs_range : tuple of int
         Frames co-added into each field's reference, drawn per field (inclusive). Survey
         references are deep co-adds (ZTF: 15-40 frames); 3-10 spans shallow to fairly deep.
+        (15, 40) costs +51 % generation time; tried in session 13, not promoted.
     transient_snr_range : tuple of float
         Optimal S/N range of injected transients (simulator knob). 4-100: from below the 5 sigma
         threshold (some are lost, as in real data) to bright.
