@@ -135,6 +135,11 @@ def by_sign(scores: np.ndarray, labels: np.ndarray, snr: np.ndarray) -> dict[str
 REFERENCE_BRIGHTNESS_EDGES = (2.0, 14.0, 20.0, 25.0)
 
 
+def _centre_mean(channel: np.ndarray) -> np.ndarray:
+    """Mean of the central 5x5 px of each stamp: (N, 63, 63) -> (N,) float32."""
+    return np.asarray(channel[:, 29:34, 29:34], dtype=np.float32).mean(axis=(1, 2))
+
+
 def by_reference_brightness(scores: np.ndarray, labels: np.ndarray, x: np.ndarray,
                             threshold: float = 0.5,
                             edges: Sequence[float] = REFERENCE_BRIGHTNESS_EDGES) -> list[dict]:
@@ -164,7 +169,7 @@ def by_reference_brightness(scores: np.ndarray, labels: np.ndarray, x: np.ndarra
     from sklearn.metrics import roc_auc_score
 
     s, y = np.asarray(scores), np.asarray(labels).astype(int)
-    ref = np.asarray(x[:, 1, 29:34, 29:34], dtype=np.float32).mean(axis=(1, 2))
+    ref = _centre_mean(x[:, 1])
     bounds = [-np.inf, *edges, np.inf]
     out = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -198,7 +203,7 @@ def domain_stats(x: np.ndarray) -> dict[str, dict[str, float]]:
     for i, name in enumerate(("science", "reference", "difference")):
         c = np.asarray(x[:, i], dtype=np.float32)
         out[name] = {
-            "centre": float(np.median(c[:, 29:34, 29:34].mean(axis=(1, 2)))),
+            "centre": float(np.median(_centre_mean(c))),
             "frac_gt3": float(np.mean(c > 3)),
             "frac_zero": float(np.mean(c == 0)),
             "p99": float(np.median(np.percentile(c.reshape(len(c), -1), 99, axis=1))),
