@@ -107,7 +107,7 @@ class SimConfig:
         the flux ratio F_r on, and in the real sky few of them vary: with half of them variable
         (many variables packed into a field to make training data cheaply) F_r came out up to
         3 % wrong, leaving every constant star a residual of that size (BENCHMARKS.md, issue 4,
-        session 11). None (default): variables are drawn uniformly from the range, as before.
+        session 12). None (default): variables are drawn uniformly from the range, as before.
     variable_amplitude_range : (float, float)
         Fractional semi-amplitude of the sinusoidal flux variation.
     variable_period_range : (float, float)
