@@ -183,7 +183,7 @@ def main_eval(
         x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
         s = _scores(clf.net, x)
         man = json.loads((Path(sim_dir) / "manifest.json").read_text())
-        res["sim"] = {"dir": str(sim_dir), "seed": man.get("seed"), "n": int(n),
+        res["sim"] = {"dir": _relative(sim_dir, root), "seed": man.get("seed"), "n": int(n),
                       **evaluate_simulated(s, y, kinds, snr, threshold)}
         curves[f"{clf.version}, simulated held-out"] = (s, y)
         res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
@@ -205,7 +205,7 @@ def main_eval(
         xz, meta, rejected = ztf_triplets(ztf_dir)
         sz = clf.score(xz) if len(xz) else np.zeros(0)
         reasons = Counter(r.split(": ", 1)[-1].split(" (")[0][:60] for r in rejected)
-        res["ztf"] = {"dir": str(ztf_dir), "n_rejected": len(rejected),
+        res["ztf"] = {"dir": _relative(ztf_dir, root), "n_rejected": len(rejected),
                       "rejected_reasons": dict(reasons.most_common()),
                       "n_repaired": int(np.sum((meta["n_nan"] > 0) | (meta["n_pad"] > 0))),
                       "n_fading": int(meta["fading"].sum()),
@@ -423,6 +423,14 @@ def _reference_table(res: dict) -> list[str]:
                       if d else ["-", "-", "-"])
         L.append("| " + " | ".join(cells) + " |")
     return L + [""]
+
+
+def _relative(path: str | Path, root: Path) -> str:
+    """``path`` relative to the repository root (``../shared/...`` for the shared data), so that
+    reports and model cards do not record the machine they were made on."""
+    import os
+
+    return os.path.relpath(Path(path).resolve(), root)
 
 
 def _fmt(v: float, digits: int = 3) -> str:

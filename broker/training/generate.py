@@ -37,6 +37,12 @@ ARTIFACT_KINDS = ("cosmic_ray", "hot_pixel", "hot_column", "satellite")
 # --- labelled candidates -------------------------------------------------------------------------
 #: Bogus kinds the generator adds itself to the science frame (on top of the simulator's).
 SCIENCE_ARTIFACT_KINDS = ("hot_pixel", "bad_column", "bleed", "satellite")
+# Satellite trail brightness b (uniform): b * sigma * FWHM ADU per px of length, a peak of ~0.94 b
+# sky sigma a pixel. Bright: well detected along their length (realbogus-v6's only kind). Faint:
+# at the detection limit, where a trail breaks into many S/N 5-10 candidates (measured: 1.5-4
+# gives ~3 such candidates a trail, 2.5-8 almost none; session 14).
+TRAIL_BRIGHTNESS = (5.0, 60.0)
+FAINT_TRAIL_BRIGHTNESS = (1.5, 4.0)
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,12 @@ class TrainingSetConfig:
         Probability that a saturated star of the science frame gets a bleed trail (up and down
         its column, 5-60 px each way, at 50-95% of saturation).
     trails_per_frame : float
-        Mean (Poisson) extra satellite trails per science frame.
+        Mean (Poisson) extra satellite trails per science frame (``TRAIL_BRIGHTNESS``).
+    faint_trails_per_frame : float
+        Mean (Poisson) extra faint trails per science frame (``FAINT_TRAIL_BRIGHTNESS``): each
+        breaks into S/N 5-10 candidates that look like points to a scanner who misses the
+        line. Default 0 (``realbogus-v6``, whose training set held 13 such candidates in
+        100k and which passes 23 of the 38 of one such trail in a held-out set, session 14).
     edge_px : int
         Unmatched candidates closer than this to the frame edge are of kind ``"edge"``
         (cutout cut by the frame edge). Default 20 px.
@@ -248,6 +259,7 @@ class TrainingSetConfig:
     bad_columns_per_frame: float = 1.5
     p_bleed: float = 0.8
     trails_per_frame: float = 0.6
+    faint_trails_per_frame: float = 0.0
     edge_px: int = 20
     balance: bool = True
     shard_size: int = 4096
@@ -576,12 +588,15 @@ def add_science_artifacts(frame, fwhm: float, sky: float, config: TrainingSetCon
         img[y0 : y0 + length, x] += sig * rng.uniform(3, 30)
         out.append(ArtifactInjection("bad_column", float(x), y0 + length / 2, float(x), float(y0),
                                      float(x), float(y0 + length - 1), f"BC{k:04d}"))
-    for k in range(rng.poisson(config.trails_per_frame)):
+    n_bright = rng.poisson(config.trails_per_frame)
+    # drawn after the others only when asked for, so sets without them keep their random stream
+    n_faint = rng.poisson(config.faint_trails_per_frame) if config.faint_trails_per_frame > 0 else 0
+    for k in range(n_bright + n_faint):
         x0, y0, x1, y1 = 0.0, rng.uniform(0, ny - 1), nx - 1.0, rng.uniform(0, ny - 1)
         if rng.uniform() < 0.5:
             x0, y0, x1, y1 = y0, x0, y1, x1
-        flat, vals = render.line_profile((ny, nx), x0, y0, x1, y1, fwhm / 2.3548,
-                                         sig * rng.uniform(5, 60) * fwhm)
+        b = rng.uniform(*(TRAIL_BRIGHTNESS if k < n_bright else FAINT_TRAIL_BRIGHTNESS))
+        flat, vals = render.line_profile((ny, nx), x0, y0, x1, y1, fwhm / 2.3548, sig * b * fwhm)
         img.reshape(-1)[flat] += vals.astype(img.dtype)
         out.append(ArtifactInjection("satellite", (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1,
                                      f"ST{k:04d}", float(vals.sum())))

@@ -355,6 +355,26 @@ def test_trail_flux_is_what_a_psf_fit_sees_of_a_rendered_trail():
     assert trail_flux(50.0, 0.0, [trail], fwhm) < 1e-6 * fit
 
 
+def test_faint_trails_are_drawn_at_the_detection_limit():
+    from broker.training.generate import (FAINT_TRAIL_BRIGHTNESS, TRAIL_BRIGHTNESS,
+                                          add_science_artifacts)
+
+    sky, fwhm = 400.0, 2.5
+    for per_frame, faint, want in ((3.0, 0.0, TRAIL_BRIGHTNESS), (0.0, 3.0, FAINT_TRAIL_BRIGHTNESS)):
+        cfg = TrainingSetConfig(hot_pixels_per_frame=0.0, bad_columns_per_frame=0.0,
+                                trails_per_frame=per_frame, faint_trails_per_frame=faint)
+        b = []
+        for seed in range(4):
+            frame = SimpleNamespace(data=np.zeros((300, 300), np.float32),
+                                    meta=SimpleNamespace(saturation=6e4))
+            for t in add_science_artifacts(frame, fwhm, sky, cfg, np.random.default_rng(seed)):
+                assert t.kind == "satellite"
+                # ADU per px of length in units of sky sigma * FWHM
+                b.append(t.flux / np.hypot(t.x1 - t.x0, t.y1 - t.y0) / (np.sqrt(sky) * fwhm))
+        assert len(b) >= 5
+        assert want[0] * 0.95 <= min(b) and max(b) <= want[1] * 1.05, (want, b)
+
+
 def test_transients_on_trails_are_labelled_by_the_trail_share():
     from broker.training import field_candidates
 
@@ -456,6 +476,9 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
     assert 0 <= res["sim"]["eer"] <= 1 and res["sim"]["at_threshold"]["per_kind"]
     assert sum(d["n_real"] + d["n_bogus"] for d in res["sim"]["by_reference"]) == 100
     assert "By brightness of the reference source" in rep
+    root = Path(__file__).resolve().parents[2]  # paths recorded relative to the repository
+    assert not Path(res["sim"]["dir"]).is_absolute()
+    assert (root / res["sim"]["dir"]).resolve() == sim.resolve()
     for name in res["files"].values():
         assert (tmp_path / "report" / name).stat().st_size > 1000
     if ztf is not None:
