@@ -10,6 +10,7 @@ the number formatter :func:`_fmt` shared with the model card.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -428,8 +429,6 @@ def _reference_table(res: dict) -> list[str]:
 def _relative(path: str | Path, root: Path) -> str:
     """``path`` relative to the repository root (``../shared/...`` for the shared data), so that
     reports and model cards do not record the machine they were made on."""
-    import os
-
     return os.path.relpath(Path(path).resolve(), root)
 
 

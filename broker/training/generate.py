@@ -208,10 +208,10 @@ class TrainingSetConfig:
     faint_trails_per_frame : float
         Mean (Poisson) extra faint trails per science frame (``FAINT_TRAIL_BRIGHTNESS``): each
         breaks into S/N 5-10 candidates that look like points to a scanner who misses the
-        line. Default 0 (``realbogus-v6``, whose training set held 15 satellite candidates
-        at S/N < 10 among 102k, and which passes 23 of the 38 of one such trail in a held-out
-        set at its equal-error threshold; with 1 a frame, 706 of 843, and 0-0.4 % pass: see
-        BENCHMARKS.md, session 14).
+        line. Default 0 (``realbogus-v6``: its training set held 15 satellite candidates at
+        S/N < 10 among 102k, and at its equal-error threshold it passes 27-67 % of such
+        candidates in held-out sets). With 1 a frame a held-out set holds 706 of them among
+        843 satellites, and the model trained so passes 0-0.4 % (BENCHMARKS.md, session 14).
     edge_px : int
         Unmatched candidates closer than this to the frame edge are of kind ``"edge"``
         (cutout cut by the frame edge). Default 20 px.
