@@ -25,7 +25,7 @@ import numpy as np
 
 from broker.anomaly import features_from
 from broker.candidate import Candidate
-from broker.errors import CutoutError
+from broker.errors import ConfigError, CutoutError
 from broker.realbogus import NormaliseConfig, normalise_triplet
 
 #: Injection kinds that make a candidate real.
@@ -267,6 +267,13 @@ class TrainingSetConfig:
     shard_size: int = 4096
     workers: int = 1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("hot_pixels_per_frame", "bad_columns_per_frame", "trails_per_frame",
+                     "faint_trails_per_frame"):
+            v = getattr(self, name)
+            if not (np.isfinite(v) and v >= 0):  # a Poisson mean; < 0 would fail in a worker
+                raise ConfigError(f"TrainingSetConfig.{name} must be a finite mean >= 0, got {v!r}")
 
 
 @dataclass

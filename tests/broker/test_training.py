@@ -375,6 +375,16 @@ def test_faint_trails_are_drawn_at_the_detection_limit():
         assert want[0] * 0.95 <= min(b) and max(b) <= want[1] * 1.05, (want, b)
 
 
+def test_training_set_config_rejects_negative_artifact_rates():
+    from broker.errors import ConfigError
+
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ConfigError, match="faint_trails_per_frame"):
+            TrainingSetConfig(faint_trails_per_frame=bad)
+    with pytest.raises(ConfigError, match="trails_per_frame"):
+        TrainingSetConfig(trails_per_frame=-0.5)
+
+
 def test_transients_on_trails_are_labelled_by_the_trail_share():
     from broker.training import field_candidates
 
