@@ -36,8 +36,9 @@ from broker.errors import ConfigError, CutoutError, ModelError
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 #: Version loaded when none is given: an ensemble of three networks, each trained on its own
 #: fields of candidates of the current subtraction, with two-lobed dipoles from locally wrong
-#: alignments among the bogus; see models/realbogus-v6.md and docs/realbogus-report/.
-DEFAULT_VERSION = "realbogus-v6"
+#: alignments and satellite trails at the detection limit among the bogus; see
+#: models/realbogus-v10.md and docs/realbogus-report/.
+DEFAULT_VERSION = "realbogus-v10"
 
 
 # --- normalisation ------------------------------------------------------------------------------

@@ -208,10 +208,10 @@ class TrainingSetConfig:
     faint_trails_per_frame : float
         Mean (Poisson) extra faint trails per science frame (``FAINT_TRAIL_BRIGHTNESS``): each
         breaks into S/N 5-10 candidates that look like points to a scanner who misses the
-        line. Default 0 (``realbogus-v6``: its training set held 15 satellite candidates at
-        S/N < 10 among 102k, and at its equal-error threshold it passes 27-67 % of such
-        candidates in held-out sets). With 1 a frame a held-out set holds 706 of them among
-        843 satellites, and the model trained so passes 0-0.4 % (BENCHMARKS.md, session 14).
+        line. Default 1 (``realbogus-v10``): a held-out set then holds 706 of them among 843
+        satellites, and the model trained so passes 0-0.7 %; 0 for v3-v6 (``realbogus-v6``'s
+        training set held 15 satellite candidates at S/N < 10 among 102k, and at its
+        equal-error threshold it passes 27-67 % of such candidates; BENCHMARKS.md, session 14).
     edge_px : int
         Unmatched candidates closer than this to the frame edge are of kind ``"edge"``
         (cutout cut by the frame edge). Default 20 px.
@@ -261,7 +261,7 @@ class TrainingSetConfig:
     bad_columns_per_frame: float = 1.5
     p_bleed: float = 0.8
     trails_per_frame: float = 0.6
-    faint_trails_per_frame: float = 0.0
+    faint_trails_per_frame: float = 1.0
     edge_px: int = 20
     balance: bool = True
     shard_size: int = 4096

@@ -141,7 +141,8 @@ def model_cost(net: nn.Module) -> dict:
 
 
 #: Generator settings added after sets were written, with the value that the older code had.
-SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None}
+SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None,
+                             "faint_trails_per_frame": 0.0}
 
 
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:

@@ -125,6 +125,27 @@ def test_paired_auc_difference():
     assert np.isnan(paired_auc_difference(np.ones(5), good[:5], worse[:5])["delta"])
 
 
+def test_promotion_reads_each_ztf_drop_against_its_own_interval():
+    from broker.training import promotion_check
+
+    def res(eer, drb, rb):
+        sim = {"eer": eer, "at_threshold": {"auc": 0.99}}
+        delta = {k: dict(zip(("delta", "lo", "hi"), v)) for k, v in (("drb", drb), ("rb", rb))}
+        return {"sim": sim, "sim_compare": {"model": "old", "eer": 0.02,
+                                            "at_threshold": {"auc": 0.99}},
+                "ztf_compare": {"model": "old", "delta_auc": delta}}
+
+    # a large drb drop on 9 negatives whose interval reaches 0 is noise; rb resolved and fine
+    assert promotion_check(res(0.015, (-0.06, -0.15, 0.01), (0.004, -0.003, 0.012)))["promote"]
+    # a small rb drop whose interval lies below 0 is not
+    p = promotion_check(res(0.015, (0.0, -0.05, 0.05), (-0.008, -0.014, -0.002)))
+    assert p["sim_better"] and not p["ztf_not_worse"] and not p["promote"]
+    # worse on the held-out set: never, whatever ZTF says
+    assert not promotion_check(res(0.025, (0.05, 0.0, 0.1), (0.02, 0.01, 0.03)))["promote"]
+    # a reference without both classes (NaN interval) does not decide
+    assert promotion_check(res(0.015, (np.nan,) * 3, (0.0, -0.01, 0.01)))["promote"]
+
+
 def test_split_by_group_keeps_groups_whole():
     groups = np.repeat([f"F{i}" for i in range(10)], 7)
     tr, va = split_indices(groups, 0.2, seed=1)
@@ -259,10 +280,11 @@ def test_variables_swamped_by_a_broken_reference_are_relabelled():
     from broker.training import field_candidates
 
     by_ratio = {}
-    for ratio in ((0.0, 0.0), (0.5, 1.65)):  # every frame's reference misaligned
+    # every frame's reference misaligned; no faint trails, which relabel some variables too
+    for ratio in ((0.0, 0.0), (0.5, 1.65)):
         cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
                                 n_variables=150, p_misalign=1.0, seed=3, swamped_ratio=ratio,
-                                min_dipole_lobe_snr=0.0)
+                                min_dipole_lobe_snr=0.0, faint_trails_per_frame=0.0)
         by_ratio[ratio] = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
     old, new = by_ratio[(0.0, 0.0)], by_ratio[(0.5, 1.65)]
     assert new[(-1, "ambiguous_variable")] > 0 and old[(-1, "ambiguous_variable")] == 0
@@ -303,7 +325,8 @@ def test_variables_showing_a_dipole_are_bogus_by_the_image_rule():
         cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=40,
                                 n_variables=300, p_misalign=1.0, misalign_px=(1.0, 2.0),
                                 misalign_wavelength_px=(500.0, 1000.0), seed=3,
-                                variable_dipole_lobe=rule, min_dipole_lobe_ratio=0.0)
+                                variable_dipole_lobe=rule, min_dipole_lobe_ratio=0.0,
+                                faint_trails_per_frame=0.0)  # trails relabel variables too
         by_rule[rule] = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
     old, new = by_rule[(0.0, 0.0)], by_rule[(4.0, 0.25)]
     moved = old[(1, "variable")] - new[(1, "variable")]
@@ -521,13 +544,15 @@ def test_old_sets_are_reused_and_the_bright_cap_reaches_the_simulator(tmp_path, 
     def regenerate(*args, **kwargs):
         raise AssertionError("a complete set was not reused")
     monkeypatch.setattr(main_mod, "generate_training_set", regenerate)
-    # a complete set whose manifest predates the settings added since is the default config's
-    old = {k: v for k, v in _config_dict(TrainingSetConfig()).items()
-           if k not in ("min_dipole_lobe_ratio", "variable_bright_cap")}
+    # a complete set whose manifest predates the settings added since is the config that has
+    # their old values (SET_SETTINGS_ADDED)
+    then = TrainingSetConfig(**main_mod.SET_SETTINGS_ADDED)
+    old = {k: v for k, v in _config_dict(then).items() if k not in main_mod.SET_SETTINGS_ADDED}
     (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "config": old, "n": 7}))
-    assert main_mod._ensure_set(tmp_path, TrainingSetConfig(), progress=False)["n"] == 7
-    with pytest.raises(AssertionError, match="not reused"):
-        main_mod._ensure_set(tmp_path, TrainingSetConfig(min_dipole_lobe_ratio=0.4), progress=False)
+    assert main_mod._ensure_set(tmp_path, then, progress=False)["n"] == 7
+    for changed in ({"min_dipole_lobe_ratio": 0.4}, {"faint_trails_per_frame": 2.0}):
+        with pytest.raises(AssertionError, match="not reused"):
+            main_mod._ensure_set(tmp_path, dataclasses_replace(then, **changed), progress=False)
     cfg = TrainingSetConfig(variable_bright_cap=(17.5, 0.1))
     sim = field_sim_config(sim_mod, cfg, np.random.default_rng(0))
     assert sim.variable_bright_cap == (17.5, 0.1)
