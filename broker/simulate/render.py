@@ -69,20 +69,25 @@ def sersic_stamps(dx: np.ndarray, dy: np.ndarray, size: int, r_eff: np.ndarray, 
     -------
     ndarray, shape (n_gal, size, size)
     """
-    col = lambda a: np.asarray(a, dtype=np.float64)[:, None, None]  # noqa: E731
+    # float32 and r^(1/n) as exp(log(r^2) / 2n): 2x faster than float64 powers, and the stamps
+    # differ by < 1e-6 of their peak (the largest single cost of a simulated frame, session 16)
+    col = lambda a: np.asarray(a, dtype=np.float32)[:, None, None]  # noqa: E731
     sub = (np.arange(oversample) + 0.5) / oversample - 0.5
-    g = (_grid(size)[:, None] + sub[None, :]).ravel()  # sub-pixel centres, row-major per pixel
+    g = (_grid(size)[:, None] + sub[None, :]).ravel().astype(np.float32)  # sub-pixel centres
+    bn_all = gammaincinv(2.0 * np.asarray(n, dtype=np.float64), 0.5)
     out = np.empty((len(np.atleast_1d(dx)), size, size))
     for i in range(0, len(out), 32):  # bounded memory: 32 x (size * oversample)^2 values at a time
         sl = slice(i, i + 32)
         u, v = g[None, None, :] - col(dx)[sl], g[None, :, None] - col(dy)[sl]
         c, s = np.cos(col(theta)[sl]), np.sin(col(theta)[sl])
-        a, b = col(r_eff)[sl], col(r_eff)[sl] * (1.0 - col(ellip)[sl])
-        r = np.sqrt(((u * c + v * s) / a) ** 2 + ((v * c - u * s) / b) ** 2)
-        bn = gammaincinv(2.0 * col(n)[sl], 0.5)
-        prof = np.exp(-bn * (r ** (1.0 / col(n)[sl]) - 1.0))
+        ia = 1.0 / col(r_eff)[sl]
+        ib = 1.0 / (col(r_eff)[sl] * (1.0 - col(ellip)[sl]))
+        r2 = ((u * c + v * s) * ia) ** 2 + ((v * c - u * s) * ib) ** 2
+        with np.errstate(divide="ignore"):  # r = 0: log gives -inf, r^(1/n) = 0 as it should
+            prof = np.exp(-col(bn_all)[sl] * (np.exp(np.log(r2) * (0.5 / col(n)[sl])) - 1.0))
         m = len(prof)
-        out[sl] = prof.reshape(m, size, oversample, size, oversample).mean(axis=(2, 4))
+        out[sl] = prof.reshape(m, size, oversample, size, oversample).mean(axis=(2, 4),
+                                                                           dtype=np.float64)
     return out / out.sum(axis=(1, 2), keepdims=True)
 
 
