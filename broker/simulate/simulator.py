@@ -249,26 +249,31 @@ class SkySimulator:
         artifacts = np.zeros(c.shape, np.float32)
         pending = _Pending()
 
-        def point(kind: str, ra: float, dec: float, flux: float, sid: str, on_gal: bool = False,
-                  static_flux: float = 0.0):
-            x, y = wcs.wcs_world2pix([ra], [dec], 0)
+        def points(rows: list[dict]) -> None:
+            """Add point-source changes, one PSF stamp each, in one batch; record them."""
+            if not rows:
+                return
+            x, y = wcs.wcs_world2pix([r["ra"] for r in rows], [r["dec"] for r in rows], 0)
             stamps, flat, inside = psf(x, y)
-            values = stamps[0] * flux
-            render.add_stamps(changes, values[None], flat, inside)
-            pending.add(flat[0][inside[0]], values[inside[0]], kind=kind, x=float(x[0]),
-                        y=float(y[0]), ra=float(ra), dec=float(dec), flux=float(flux),
-                        on_galaxy=on_gal, source_id=sid, static_flux=float(static_flux))
+            values = stamps * np.array([r["flux"] for r in rows])[:, None, None]
+            render.add_stamps(changes, values, flat, inside)
+            for k, r in enumerate(rows):
+                pending.add(flat[k][inside[k]], values[k][inside[k]], x=float(x[k]),
+                            y=float(y[k]), **r)
 
-        for ra, dec, flux, sid, on_gal in self._transients(field, epoch, ct, nominal):
-            point("transient", ra, dec, flux, sid, on_gal)
+        rows = [dict(kind="transient", ra=ra, dec=dec, flux=flux, on_galaxy=on_gal, source_id=sid,
+                     static_flux=0.0)
+                for ra, dec, flux, sid, on_gal in self._transients(field, epoch, ct, nominal)]
         for k, i in enumerate(sky.var_index):
             dflux = sflux[i] * sky.var_amp[k] * np.sin(2 * np.pi * mjd / sky.var_period[k]
                                                        + sky.var_phase[k])
             if _near_frame(sx[i:i + 1], sy[i:i + 1], c.shape, -2)[0]:
-                point("variable", sky.star_ra[i], sky.star_dec[i], dflux, f"{field}-V{k:04d}",
-                      static_flux=sflux[i])
-        for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal):
-            point("moving", ra, dec, flux, sid)
+                rows.append(dict(kind="variable", ra=float(sky.star_ra[i]),
+                                 dec=float(sky.star_dec[i]), flux=float(dflux), on_galaxy=False,
+                                 source_id=f"{field}-V{k:04d}", static_flux=float(sflux[i])))
+        rows += [dict(kind="moving", ra=ra, dec=dec, flux=flux, on_galaxy=False, source_id=sid,
+                      static_flux=0.0) for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal)]
+        points(rows)
 
         lost = np.zeros(c.shape, bool)  # pixels without information: defects, cosmic rays
         self._artifacts(artifacts, lost, pending, rng, wcs, fwhm)
