@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("trees", nargs="+", help="checkouts to compare (the first is the base)")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
+    for tree in args.trees:  # else the subprocess would silently import the installed broker
+        if not os.path.isfile(os.path.join(tree, "broker", "training", "generate.py")):
+            p.error(f"{tree}: not a checkout of this project (no broker/training/generate.py)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     times: dict[str, list[float]] = {t: [] for t in args.trees}
     print(machine())

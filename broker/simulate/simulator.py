@@ -249,18 +249,6 @@ class SkySimulator:
         artifacts = np.zeros(c.shape, np.float32)
         pending = _Pending()
 
-        def points(rows: list[dict]) -> None:
-            """Add point-source changes, one PSF stamp each, in one batch; record them."""
-            if not rows:
-                return
-            x, y = wcs.wcs_world2pix([r["ra"] for r in rows], [r["dec"] for r in rows], 0)
-            stamps, flat, inside = psf(x, y)
-            values = stamps * np.array([r["flux"] for r in rows])[:, None, None]
-            render.add_stamps(changes, values, flat, inside)
-            for k, r in enumerate(rows):
-                pending.add(flat[k][inside[k]], values[k][inside[k]], x=float(x[k]),
-                            y=float(y[k]), **r)
-
         rows = [dict(kind="transient", ra=ra, dec=dec, flux=flux, on_galaxy=on_gal, source_id=sid,
                      static_flux=0.0)
                 for ra, dec, flux, sid, on_gal in self._transients(field, epoch, ct, nominal)]
@@ -272,8 +260,16 @@ class SkySimulator:
                                  dec=float(sky.star_dec[i]), flux=float(dflux), on_galaxy=False,
                                  source_id=f"{field}-V{k:04d}", static_flux=float(sflux[i])))
         rows += [dict(kind="moving", ra=ra, dec=dec, flux=flux, on_galaxy=False, source_id=sid,
-                      static_flux=0.0) for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal)]
-        points(rows)
+                      static_flux=0.0)
+                 for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal)]
+        if rows:  # all point-source changes in one batch of PSF stamps, then recorded one by one
+            x, y = wcs.wcs_world2pix([r["ra"] for r in rows], [r["dec"] for r in rows], 0)
+            stamps, flat, inside = psf(x, y)
+            values = stamps * np.array([r["flux"] for r in rows])[:, None, None]
+            render.add_stamps(changes, values, flat, inside)
+            for k, r in enumerate(rows):
+                pending.add(flat[k][inside[k]], values[k][inside[k]], x=float(x[k]),
+                            y=float(y[k]), **r)
 
         lost = np.zeros(c.shape, bool)  # pixels without information: defects, cosmic rays
         self._artifacts(artifacts, lost, pending, rng, wcs, fwhm)
