@@ -45,7 +45,8 @@ def _member_range(clf: RealBogusClassifier, ztf: tuple) -> str:
         return "-"
     aucs = {"drb": [], "rb": []}
     for m in clf.net.members:
-        res = compare_with_ztf(RealBogusClassifier(m, clf.version, config=clf.config).score(ztf[0]),
+        res = compare_with_ztf(RealBogusClassifier(m, clf.version, norm_config=clf.norm_config,
+                                                config=clf.config).score(ztf[0]),
                                ztf[1])
         for ref in aucs:
             aucs[ref].append(res[ref]["auc"])

@@ -286,13 +286,15 @@ def train_realbogus(
         test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 12_000,
         version: Annotated[Optional[str], typer.Option(help="Model version written to models/ (default: the shipped default's).")] = None,
         out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default models/).")] = None,
-        workers: Annotated[int, typer.Option(help="Generator processes.")] = 1,
+        workers: Annotated[int, typer.Option(help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
         max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0) -> None:
     """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
     from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
     from broker.training import TrainConfig, main_train
+    from broker.training.generate import default_workers
 
     version = version or DEFAULT_VERSION
+    workers = workers or default_workers()
     res = main_train(out_dir or MODELS_DIR, seed, version=version, target_n=target_n, test_n=test_n,
                      workers=workers, train_config=TrainConfig(seed=seed, max_seconds=60 * max_minutes))
     console.print(f"weights: {res['weights']}; report: reports/{version}/report.md; "

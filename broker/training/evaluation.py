@@ -26,7 +26,6 @@ from broker.training.metrics import (
     evaluate_simulated,
     paired_auc_difference,
 )
-from broker.training.trainer import _scores
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
 
@@ -182,7 +181,7 @@ def main_eval(
         d = load_training_set(sim_dir, np.float16)
         n = len(d["y"]) if max_sim is None else min(max_sim, len(d["y"]))
         x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
-        s = _scores(clf.net, x)
+        s = clf.score(x)
         man = json.loads((Path(sim_dir) / "manifest.json").read_text())
         res["sim"] = {"dir": _relative(sim_dir, root), "seed": man.get("seed"), "n": int(n),
                       **evaluate_simulated(s, y, kinds, snr, threshold)}
@@ -190,7 +189,7 @@ def main_eval(
         res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
         res["sim"]["by_reference"] = by_reference_brightness(s, y, x, threshold)
         if other is not None:
-            so = _scores(other.net, x)
+            so = other.score(x)
             res["sim_compare"] = {"model": other.version,
                                   **evaluate_simulated(so, y, kinds, snr, threshold)}
             curves[f"{other.version}, simulated held-out"] = (so, y)

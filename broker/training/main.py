@@ -73,7 +73,8 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         "## Training", "",
         f"{report['n_train']} training / {report['n_val']} validation candidates (split by "
         f"field{split}); {report['epochs_run']} epochs in all ({report['stopped_by']}), {report['seconds']} s "
-        f"on {report['threads']} CPU thread(s) (2-core machine shared with other work); "
+        f"on {report['threads']} CPU thread(s) in {report.get('precision', 'fp32')} "
+        "(2-core machine shared with other work); "
         f"AdamW one-cycle lr {cfg['lr']}, batch "
         f"{cfg['batch_size']}, flips + 90 degree rotations, edge truncation p={cfg['p_truncate']}"
         f", NaN-like masks p={cfg['p_mask']}; loss weight per kind ~ share^-"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from broker.errors import ModelError
+from broker.errors import ConfigError, ModelError
 from broker.realbogus import RealBogusClassifier, RealBogusEnsemble, build_net
 from broker.training.data import _augment, split_indices
 from broker.training.metrics import equal_error, evaluate
@@ -87,6 +87,13 @@ class TrainConfig:
         bogus kinds that look most like reals (dipoles, PSF-mismatch and saturated-star
         residuals on a reference source, 0.1-0.5% of the set each) weigh ~10x a cosmic ray; with
         0 they caused most errors on the held-out set.
+    precision : str
+        Arithmetic of the training forward and backward passes: ``"fp32"``, ``"bf16"``
+        (``torch.autocast`` to bfloat16; weights, optimiser and loss stay float32) or ``"auto"``
+        (default): bf16 where the CPU has bfloat16 instructions (``avx512_bf16`` / ``amx_bf16``
+        in ``/proc/cpuinfo``), else fp32, where bf16 is emulated and slower. Measured on the
+        build machine (AMD EPYC, avx512_bf16, 2 threads, batch 256): 58 against 95 ms per step.
+        Validation and inference stay float32. The precision used is in the report.
     seed : int
     """
 
@@ -106,7 +113,13 @@ class TrainConfig:
     kind_weight_power: float = 0.5
     members: int = 3
     member_splits: bool = True
+    precision: str = "auto"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"TrainConfig.precision must be 'auto', 'fp32' or 'bf16', "
+                              f"got {self.precision!r}")
 
 
 def kind_weights(labels: np.ndarray, kinds: np.ndarray, power: float) -> np.ndarray:
@@ -126,6 +139,18 @@ def kind_weights(labels: np.ndarray, kinds: np.ndarray, power: float) -> np.ndar
             wc = (cnt[inv] / m.sum()) ** -power
             w[m] = wc / wc.mean()
     return w.astype(np.float32)
+
+
+def bf16_training(precision: str) -> bool:
+    """Whether :class:`TrainConfig` ``precision`` means bfloat16 autocast on this machine."""
+    if precision != "auto":
+        return precision == "bf16"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln for ln in fh if ln.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def auto_threads(max_threads: int = 2, sample_s: float = 1.0) -> int:
@@ -223,6 +248,7 @@ def train(
         "n_val": int(len(splits[0][1])),
         "epochs_run": sum(r["epochs_run"] for _, r in runs),
         "threads": threads,
+        "precision": runs[0][1]["precision"],
         "stopped_by": " / ".join(stops),
         "seconds": round(time.time() - t0, 1),
         "config": asdict(config),
@@ -258,6 +284,7 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
     kinds_all = data.get("kind")
     w_all = torch.from_numpy(kind_weights(y, kinds_all, config.kind_weight_power)
                              if kinds_all is not None else np.ones(len(y), np.float32))
+    bf16 = bf16_training(config.precision)
     best, best_loss, bad, hist, out_of_time = None, float("inf"), 0, [], False
     cols = (TextColumn("[bold]real/bogus[/] epoch {task.fields[epoch]}"), BarColumn(),
             TextColumn("{task.completed}/{task.total} batches  loss {task.fields[loss]:.4f}  "
@@ -274,11 +301,13 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
             for b in range(nb):
                 idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
                 rows = tr[np.sort(idx.numpy())]  # sorted: faster gather from the big array
-                xb = torch.from_numpy(x[rows].astype(np.float32))
-                xb = _augment(xb, gen, config.p_truncate, config.p_mask
-                              ).contiguous(memory_format=torch.channels_last)
+                # torch converts float16 ~4x faster than numpy's astype
+                xb = _augment(torch.from_numpy(x[rows]).float(), gen, config.p_truncate,
+                              config.p_mask)
                 opt.zero_grad()
-                loss = (loss_fn(net(xb), torch.from_numpy(y[rows])) * w_all[rows]).mean()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    logits = net(xb)
+                loss = (loss_fn(logits.float(), torch.from_numpy(y[rows])) * w_all[rows]).mean()
                 loss.backward()
                 opt.step()
                 sched.step()
@@ -307,6 +336,7 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
                 break
     net.load_state_dict(best)
     return net, {"history": hist, "epochs_run": len(hist), "seed": config.seed, "n_val": len(va),
+                 "precision": "bf16" if bf16 else "fp32",
                  "stopped_by": "time budget" if out_of_time else
                  ("early stopping" if bad >= config.patience else "max_epochs"),
                  "val_loss": best_loss, "seconds": round(time.time() - t0, 1)}

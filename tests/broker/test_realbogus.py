@@ -15,6 +15,7 @@ from broker.errors import ConfigError, CutoutError, ModelError
 from broker.realbogus import (
     DEFAULT_VERSION,
     MODELS_DIR,
+    NormaliseConfig,
     RealBogusClassifier,
     RealBogusNet,
     RealBogusNetV2,
@@ -40,12 +41,39 @@ def test_normalise_shape_range_and_robust_scale():
     diff[31, 31] = 1e7  # one absurd pixel must neither dominate the scale nor escape the clip
     x, flags = normalise_triplet(sci, ref, diff)
     assert x.shape == (3, 63, 63) and x.dtype == np.float32
-    assert np.all(np.isfinite(x)) and np.abs(x).max() <= 30.0
+    assert np.all(np.isfinite(x)) and np.abs(x).max() <= NormaliseConfig().clip
     # median ~0 and robust sigma ~1 per channel regardless of sky level
     for ch in x:
         assert abs(np.median(ch)) < 0.1
         assert 0.8 < 1.4826 * np.median(np.abs(ch - np.median(ch))) < 1.2
     assert flags.n_nan == (0, 0, 0) and flags.n_pad == 0 and not flags.repaired
+
+
+def test_normalise_keeps_the_brightness_of_bright_reference_stars():
+    # Stars of 5e3 and 5e4 robust sigma at the centre of the reference: what tells a change of a
+    # few % of a star from a subtraction residual. The old clip (30) made them equal.
+    sci, diff = _noise(seed=1), _noise(seed=3, sky=0.0)
+    peaks = []
+    for amp in (1e5, 1e6):
+        ref = _noise(seed=2)
+        ref[31, 31] += amp
+        x, flags = normalise_triplet(sci, ref, diff)
+        assert flags.n_clipped == 0
+        peaks.append(x[1, 31, 31])
+        old, _ = normalise_triplet(sci, ref, diff, NormaliseConfig(clip=30.0))
+        assert old[1, 31, 31] == 30.0  # both flattened
+        assert np.array_equal(np.clip(x, -30, 30), old)  # the clip is the last step
+    assert peaks[1] - peaks[0] > 10  # ~5 ln 10 apart: asinh is logarithmic there
+
+
+def test_a_model_clamps_its_input_to_its_own_clip():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 20, (8, 3, 63, 63)).astype(np.float32)  # many values beyond 30
+    net = RealBogusNetV2()
+    old = RealBogusClassifier(net, "t", norm_config=NormaliseConfig(clip=30.0))
+    new = RealBogusClassifier(net, "t")
+    assert np.array_equal(old.score(x), new.score(np.clip(x, -30, 30)))
+    assert not np.array_equal(old.score(x), new.score(x))
 
 
 def test_normalise_fills_and_counts_nans():

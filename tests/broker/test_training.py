@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from broker.candidate import Candidate, Detection
-from broker.errors import DatasetError
+from broker.errors import ConfigError, DatasetError
 from broker.realbogus import RealBogusClassifier
 from broker.training import (
     TrainConfig,
@@ -160,6 +160,27 @@ def test_augment_is_a_symmetry():
     for a, b in zip(x, y):
         assert torch.equal(torch.sort(a.flatten()).values, torch.sort(b.flatten()).values)
         assert b[:, 31, 31].tolist() == a[:, 31, 31].tolist()  # the centre stays the centre
+    assert y.is_contiguous(memory_format=torch.channels_last)  # the layout the nets train in
+
+
+def test_augment_views_are_the_flips_and_rotations_it_draws():
+    x = torch.randn(64, 3, 63, 63)
+    y = _augment(x, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)  # the same draws, in the same order
+    k, flip = torch.randint(0, 4, (64,), generator=gen), torch.rand(64, generator=gen) < 0.5
+    for i in range(64):
+        want = torch.rot90(x[i].flip(-1) if flip[i] else x[i], int(k[i]), dims=(-2, -1))
+        assert torch.equal(y[i], want)
+    assert len(set(zip(k.tolist(), flip.tolist()))) == 8  # every view drawn
+
+
+def test_augment_truncates_and_masks_before_rotating():
+    x = torch.ones(400, 3, 63, 63)
+    y = _augment(x, torch.Generator().manual_seed(2), p_truncate=0.5, p_mask=0.5)
+    assert torch.equal(x, torch.ones_like(x))  # the input is not modified
+    zeroed = (y == 0).flatten(1).float().mean(1)
+    assert 0.5 < (zeroed > 0).float().mean() < 0.95
+    assert torch.all((y == 0).sum(1) % 3 == 0)  # a pixel is zeroed in all channels or none
 
 
 def test_synth_is_reproducible():
@@ -204,6 +225,22 @@ def test_shards_roundtrip_and_tiny_training(tmp_path):
         assert torch.allclose(ens.net(x), mean)
     back = RealBogusClassifier.load(ens.save(tmp_path / "ens"))
     assert np.allclose(back.score(data["x"][:8]), ens.score(data["x"][:8]), atol=2e-3)  # float16 file
+
+
+def test_bf16_training_is_recorded_and_learns(tmp_path):
+    write_training_set(tmp_path, iter_synthetic_candidates(600, seed=3),
+                       TrainingSetConfig(shard_size=100, seed=3), "synthetic")
+    data = load_training_set(tmp_path)
+    fp32 = train(data, TrainConfig(max_epochs=3, batch_size=32, members=1, threads=1,
+                                   precision="fp32"), progress=False)[1]
+    bf16 = train(data, TrainConfig(max_epochs=3, batch_size=32, members=1, threads=1,
+                                   precision="bf16"), progress=False)[1]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    # autocast changes the arithmetic, not what is learnt: both separate the easy synthetic set
+    assert fp32["val"]["auc"] > 0.9 and bf16["val"]["auc"] > 0.9
+    assert fp32["history"][-1]["train_loss"] != bf16["history"][-1]["train_loss"]
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp16")
 
 
 def test_label_extended_artifacts_by_segment():
