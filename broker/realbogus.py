@@ -36,9 +36,10 @@ from broker.errors import ConfigError, CutoutError, ModelError
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 #: Version loaded when none is given: an ensemble of three networks, each trained on its own
 #: fields of candidates of the current subtraction, with two-lobed dipoles from locally wrong
-#: alignments and satellite trails at the detection limit among the bogus; see
-#: models/realbogus-v10.md and docs/realbogus-report/.
-DEFAULT_VERSION = "realbogus-v10"
+#: alignments and satellite trails at the detection limit among the bogus, on inputs that keep
+#: the brightness of bright reference sources (clip 60); see models/realbogus-v11.md and
+#: docs/realbogus-report/.
+DEFAULT_VERSION = "realbogus-v11"
 
 
 # --- normalisation ------------------------------------------------------------------------------

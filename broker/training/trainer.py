@@ -58,10 +58,11 @@ class TrainConfig:
         Wall-clock budget of the training loop (s) for all members together, each getting an
         equal share, checked after every batch. Default 1680 s (28 min, as the CLI's
         ``--max-minutes``): the issue's ~30 min on 2 CPU cores minus loading and evaluation. The
-        default 3 x 12 epochs of ~87k triplets took 1,329 s on 2 threads of the build machine
-        (``realbogus-v10``, channels-last; 1,463 s before it); when the budget stops a member
-        its one-cycle schedule is cut short (reported) and the weights then depend on the
-        machine's speed.
+        default 3 x 12 epochs of ~87k triplets took 1,022 s on 2 threads of the build machine
+        (``realbogus-v11``: bf16 and the one-gather augmentation; ``realbogus-v10``, fp32,
+        1,329 s); the whole ``broker train-realbogus`` with generation 30 min 16 s. When the
+        budget stops a member its one-cycle schedule is cut short (reported) and the weights
+        then depend on the machine's speed.
     p_truncate : float
         Probability that a training triplet has 1-24 rows at one side set to 0, as the
         normaliser pads a ZTF stamp cut at a CCD edge (domain augmentation).

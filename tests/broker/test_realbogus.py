@@ -25,8 +25,9 @@ from broker.realbogus import (
 )
 
 ZTF_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ztf_alerts"
-#: Every shipped version must keep loading and scoring (v3 to v6 stay for comparison).
-SHIPPED = ("realbogus-v3", "realbogus-v4", "realbogus-v5", "realbogus-v6", "realbogus-v10")
+#: Every shipped version must keep loading and scoring (v3 to v10 stay for comparison).
+SHIPPED = ("realbogus-v3", "realbogus-v4", "realbogus-v5", "realbogus-v6", "realbogus-v10",
+           "realbogus-v11")
 
 
 def _noise(shape=(63, 63), seed=0, sky=500.0):
