@@ -74,6 +74,11 @@ class NormaliseConfig:
     clip: float = 60.0
     min_sigma: float = 1e-6
 
+    def __post_init__(self) -> None:
+        vals = (self.min_side, self.soft_knee, self.clip, self.min_sigma)
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in vals):
+            raise ConfigError(f"NormaliseConfig values must be finite and > 0, got {self}")
+
 
 @dataclass(frozen=True)
 class NormFlags:
@@ -503,7 +508,10 @@ class RealBogusClassifier:
             if isinstance(exc, ModelError):
                 raise
             raise ModelError(f"corrupt or incompatible real/bogus weights {wpath}: {exc}") from exc
-        norm = NormaliseConfig(**meta.get("normalise", {}))
+        try:
+            norm = NormaliseConfig(**meta.get("normalise", {}))
+        except (TypeError, ConfigError) as exc:  # unknown key or a bad value in the sidecar
+            raise ModelError(f"bad 'normalise' settings in {jpath}: {exc}") from exc
         return cls(net, str(meta.get("version", wpath.stem)), meta, norm, config)
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,21 @@ def test_normalise_keeps_the_brightness_of_bright_reference_stars():
         assert old[1, 31, 31] == 30.0  # both flattened
         assert np.array_equal(np.clip(x, -30, 30), old)  # the clip is the last step
     assert peaks[1] - peaks[0] > 10  # ~5 ln 10 apart: asinh is logarithmic there
+
+
+def test_bad_normalise_settings_are_refused(tmp_path):
+    for bad in ({"clip": -1.0}, {"soft_knee": float("nan")}, {"clip": "60"}):
+        with pytest.raises(ConfigError, match="NormaliseConfig"):
+            NormaliseConfig(**bad)
+    clf = RealBogusClassifier(RealBogusNetV2(), "t")
+    path = clf.save(tmp_path / "m")
+    side = path.with_suffix(".json")
+    for bad in ({"clip": -1.0}, {"bogus_key": 1}):
+        meta = json.loads(side.read_text())
+        meta["normalise"] = bad
+        side.write_text(json.dumps(meta))
+        with pytest.raises(ModelError, match="normalise"):
+            RealBogusClassifier.load(path)
 
 
 def test_a_model_clamps_its_input_to_its_own_clip():
