@@ -286,7 +286,7 @@ def train_realbogus(
         test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 12_000,
         version: Annotated[Optional[str], typer.Option(help="Model version written to models/ (default: the shipped default's).")] = None,
         out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default models/).")] = None,
-        workers: Annotated[int, typer.Option(help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
+        workers: Annotated[int, typer.Option(min=0, help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
         max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0) -> None:
     """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
     from broker.realbogus import DEFAULT_VERSION, MODELS_DIR

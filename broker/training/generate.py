@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -784,8 +785,6 @@ def default_workers() -> int:
     """Generator processes for this machine: one per CPU core, at most one per GiB of free
     memory (:data:`WORKER_MEMORY`). The set does not depend on it (fields are written in
     field order)."""
-    import os
-
     cores = os.cpu_count() or 1
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

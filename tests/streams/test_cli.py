@@ -25,6 +25,7 @@ def test_produce_reports_each_bad_file_and_fails(tmp_path):
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "open('x')"], "unknown name(s) ['open']"),
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "rb.__class__"], "not allowed"),
     (["stage", "nonsense", "--bootstrap", "127.0.0.1:1"], "unknown stage"),
+    (["train-realbogus", "--workers", "-1"], "greater than or equal to 0"),
 ])
 def test_bad_arguments_are_explained(args, message):
     res = runner.invoke(app, args)
