@@ -6,8 +6,9 @@ Writes the ``realbogus-accuracy`` section of BENCHMARKS.md::
         --sets build/realbogus-test-1 build/realbogus-test-1-v4 --views 1 4
 
 For each model and number of views (``ScoreConfig.views``): the equal error rate (FNR = FPR) on
-each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), overall
-and for brightenings / fadings apart (:func:`broker.training.metrics.by_sign`), and the ROC
+each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), overall,
+for brightenings / fadings apart (:func:`broker.training.metrics.by_sign`) and on the frames
+whose reference was left as built (sets that record it), and the ROC
 AUC, with its Hanley-McNeil standard error, against ZTF's ``drb > 0.5`` and ``rb > 0.5`` on the
 real alerts of ``../shared/data/ztf_alerts`` (skipped when absent); for an ensemble, also the
 range of those AUCs over its members scored alone (members differ only by their seed and
@@ -77,8 +78,13 @@ def main(argv: list[str] | None = None) -> str:
             for d in sets.values():
                 s = clf.score(d["x"])
                 b = by_sign(s, d["y"], d["snr"])
+                clean = ""
+                if "reference" in d:  # sets made since session 18 record each frame's reference
+                    m = d["reference"] == "as_built"
+                    clean = f"; as built {100 * equal_error(s[m], d['y'][m])[1]:.2f}"
                 row.append(f"{100 * equal_error(s, d['y'])[1]:.2f} % ("
-                           f"{100 * b['brightening']['eer']:.2f} / {100 * b['fading']['eer']:.2f})")
+                           f"{100 * b['brightening']['eer']:.2f} / {100 * b['fading']['eer']:.2f}"
+                           f"{clean})")
             if ztf:
                 res = compare_with_ztf(clf.score(ztf[0]), ztf[1])
                 for ref in ("drb", "rb"):
@@ -93,7 +99,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Machine: {machine()}; git {git_rev()}.",
         "EER: the rate where FNR = FPR on a held-out simulated set (other seed and fields than "
         "the training set), and in brackets that of brightenings / fadings (difference S/N > 0 "
-        "/ < 0) apart. ZTF: ROC AUC of our score against ZTF's score > 0.5 on the real "
+        "/ < 0) apart and, for sets that record it, that of the frames whose reference the "
+        "generator left as built (neither misaligned nor blurred). ZTF: ROC AUC of our score against ZTF's score > 0.5 on the real "
         "alerts that carry it, ± the Hanley-McNeil standard error (drb: "
         + (f"{int(np.isfinite(ztf[1]['drb']).sum())} alerts, "
            f"{int((ztf[1]['drb'] <= 0.5).sum())} at <= 0.5" if ztf else "absent") + ").", "",

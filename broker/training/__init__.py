@@ -61,6 +61,7 @@ from broker.training.evaluation import (
 from broker.training.generate import (
     ARTIFACT_KINDS,
     REAL_KINDS,
+    REFERENCE_STATES,
     SCIENCE_ARTIFACT_KINDS,
     ArtifactInjection,
     LabelledCandidate,
@@ -108,8 +109,10 @@ from broker.training.metrics import (
     _auc_se as _auc_se,
 )
 from broker.training.metrics import (
+    by_lobe_ratio,
     by_reference_brightness,
     by_sign,
+    by_subset,
     domain_stats,
     equal_error,
     evaluate,
@@ -137,6 +140,7 @@ __all__ = [
     "LabelledCandidate",
     "PROMOTION_LEVEL",
     "REAL_KINDS",
+    "REFERENCE_STATES",
     "SCIENCE_ARTIFACT_KINDS",
     "ShardWriter",
     "TARGETS",
@@ -145,7 +149,9 @@ __all__ = [
     "add_science_artifacts",
     "auto_threads",
     "by_reference_brightness",
+    "by_lobe_ratio",
     "by_sign",
+    "by_subset",
     "compare_with_ztf",
     "domain_stats",
     "equal_error",

@@ -21,6 +21,8 @@ from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
 from broker.training.metrics import (
     _auc_se,
+    _centre_mean,
+    by_lobe_ratio,
     by_reference_brightness,
     domain_stats,
     evaluate_simulated,
@@ -183,15 +185,23 @@ def main_eval(
         x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
         s = clf.score(x)
         man = json.loads((Path(sim_dir) / "manifest.json").read_text())
+        ref = d["reference"][:n] if "reference" in d else None  # sets from before session 18 lack it
         res["sim"] = {"dir": _relative(sim_dir, root), "seed": man.get("seed"), "n": int(n),
-                      **evaluate_simulated(s, y, kinds, snr, threshold)}
+                      **evaluate_simulated(s, y, kinds, snr, threshold, ref)}
         curves[f"{clf.version}, simulated held-out"] = (s, y)
         res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
         res["sim"]["by_reference"] = by_reference_brightness(s, y, x, threshold)
+        if ref is not None and np.any(ref == "misaligned"):
+            mis = ref == "misaligned"
+            res["sim"]["misaligned_by_lobe_ratio"] = by_lobe_ratio(
+                s[mis], y[mis], x[mis], res["sim"]["eer_threshold"], clf.norm_config.soft_knee)
+            cfg = man.get("config") or {}
+            res["sim"]["dipole_rule"] = {k: cfg.get(k) for k in (
+                "variable_dipole_lobe", "dipole_lobe_kinds", "min_dipole_lobe_snr")}
         if other is not None:
             so = other.score(x)
             res["sim_compare"] = {"model": other.version,
-                                  **evaluate_simulated(so, y, kinds, snr, threshold)}
+                                  **evaluate_simulated(so, y, kinds, snr, threshold, ref)}
             curves[f"{other.version}, simulated held-out"] = (so, y)
         groups = {"real": s[y == 1], "bogus": s[y == 0]}
         res["files"]["hist_sim"] = plot_histograms(groups, out / "hist_sim.png",
@@ -211,6 +221,12 @@ def main_eval(
                       "n_fading": int(meta["fading"].sum()),
                       "domain": domain_stats(xz) if len(xz) else {},
                       **compare_with_ztf(sz, meta)}
+        neg = np.flatnonzero(meta["drb"] <= 0.5)  # NaN (no drb) compares False
+        centre = _centre_mean(xz[neg, 1]) if len(neg) else []
+        res["ztf"]["drb_negatives"] = [
+            {"objectId": str(meta["objectId"][i]), "drb": float(meta["drb"][i]),
+             "rb": float(meta["rb"][i]), "score": float(sz[i]), "reference_centre": float(c)}
+            for i, c in zip(neg, centre)]
         okr = np.isfinite(meta["rb"])
         if okr.any():  # against rb: drb has too few negatives to split (9 in the public sample)
             res["ztf"]["by_reference"] = by_reference_brightness(
@@ -325,16 +341,16 @@ def write_eval_report(path: Path, res: dict) -> Path:
                      f"{_fmt(e['per_kind'][k]['misclassified'], 4)} |")
         if sim.get("by_sign"):
             L += ["", "By sign of the difference (a fading star and a badly subtracted one both "
-                  "leave a negative blob on a star):", "",
-                  "| candidates | n (real / bogus) | ROC AUC | FNR = FPR |", "|---|---|---|---|"]
-            for name, b in sim["by_sign"].items():
-                L.append(f"| {name} (S/N {'>' if name == 'brightening' else '<'} 0) | {b['n']} "
-                         f"({b['n_real']} / {b['n_bogus']}) | {_fmt(b['auc'], 5)} | "
-                         f"{_fmt(b['eer'], 4)} |")
-                c = (res.get("sim_compare") or {}).get("by_sign", {}).get(name)
-                if c:
-                    L.append(f"| {name}, {res['sim_compare']['model']} | | {_fmt(c['auc'], 5)} "
-                             f"| {_fmt(c['eer'], 4)} |")
+                  "leave a negative blob on a star):", ""]
+            L += _subset_table(res, "by_sign", lambda k: f"{k} (S/N "
+                               f"{'>' if k == 'brightening' else '<'} 0)")
+        if sim.get("by_reference_state"):
+            L += ["", "By the state of the frame's reference: the generator gives some frames a "
+                  "deliberately misaligned reference (dipoles on its stars) or a blurred one "
+                  "(PSF-mismatch rings), and labels a variable's change on a misaligned one by "
+                  "what its stamp shows (`variable_dipole_lobe`). FNR / FPR are at the overall "
+                  f"equal-error threshold {_fmt(sim['eer_threshold'], 3)}.", ""]
+            L += _subset_table(res, "by_reference_state", str, with_rates=True)
         if sim.get("fnr_by_snr"):
             L += ["", "FNR of real candidates by measured S/N:", "", "| S/N | n | FNR |",
                   "|---|---|---|"]
@@ -372,6 +388,7 @@ def write_eval_report(path: Path, res: dict) -> Path:
               f"{_fmt(z['frac_above_0.5'])}.", "",
               "![score histograms](hist_ztf.png)", "", "Largest disagreements:", "",
               "![disagreements](disagree_ztf.png)", "", "![examples](examples_ztf.png)", ""]
+    L += _limits_section(res)
     if sim and z and z.get("domain"):
         L += ["## Our stamps and ZTF's after normalisation", "",
               "Per channel, in normalised units (median over triplets): mean of the central 5x5 "
@@ -405,6 +422,67 @@ def write_eval_report(path: Path, res: dict) -> Path:
         L += ["## ROC", "", "![ROC](roc.png)", ""]
     path.write_text("\n".join(L))
     return path
+
+
+def _limits_section(res: dict) -> list[str]:
+    """Report lines: where the held-out errors come from, and what ZTF's drb negatives are."""
+    sim, z = res.get("sim") or {}, res.get("ztf") or {}
+    states, lobes, neg = sim.get("by_reference_state"), sim.get("misaligned_by_lobe_ratio"), \
+        z.get("drb_negatives")
+    if not (states or neg):
+        return []
+    L = ["## What limits the targets", ""]
+    if states:
+        errs = {k: d["fnr"] * d["n_real"] + d["fpr"] * d["n_bogus"] for k, d in states.items()}
+        total, n = sum(errs.values()), sum(d["n"] for d in states.values())
+        L += [f"Held-out FNR = FPR: {_fmt(sim['eer'], 4)}; {round(total)} errors at its "
+              f"threshold {_fmt(sim['eer_threshold'], 3)}. By the state of the frame's "
+              "reference: " + "; ".join(
+                  f"{k}: {round(e)} errors ({e / max(total, 1):.0%}) from {states[k]['n'] / n:.0%} "
+                  f"of the candidates, FNR = FPR {_fmt(states[k]['eer'], 4)} within them"
+                  for k, e in sorted(errs.items(), key=lambda t: -t[1])) + ".", ""]
+    if lobes:
+        band = sum(b["err_real"] + b["err_bogus"] for b in lobes if 0.1 <= b["lo"] < 0.4)
+        tot = sum(b["err_real"] + b["err_bogus"] for b in lobes)
+        rule = sim.get("dipole_rule") or {}
+        (snr, ratio), kinds = rule.get("variable_dipole_lobe") or (4.0, 0.25), \
+            rule.get("dipole_lobe_kinds") or ["variable"]
+        L += ["On misaligned references, by the difference stamp's opposite / central lobe "
+              "ratio (`broker.training.metrics.by_lobe_ratio`): the set labels a change of a "
+              f"{' or '.join(kinds)} a dipole (bogus) once the opposite lobe reaches {ratio:g} "
+              f"of the central one and {snr:g} sigma, and a constant star's residual one once "
+              f"its opposite lobe reaches {rule.get('min_dipole_lobe_snr', 4.0):g} sigma, "
+              f"whatever the ratio. {band} of these {tot} errors lie between 0.1 and 0.4, "
+              "where the same stamp carries either label.", "",
+              "| lobe ratio | reals (errors) | bogus (errors) |", "|---|---|---|"]
+        L += [f"| {b['lo']:g} to {b['hi']:g} | {b['n_real']} ({b['err_real']}) | "
+              f"{b['n_bogus']} ({b['err_bogus']}) |" for b in lobes] + [""]
+    if neg:
+        rb_real = sum(d["rb"] > 0.5 for d in neg)
+        L += [f"ZTF drb: {len(neg)} alerts have drb <= 0.5, so one alert moves the AUC by up to "
+              f"{1 / len(neg):.2f}; ZTF's own rb scores {rb_real} of them > 0.5. Reference "
+              "centre in normalised units (20 is ~150 robust sigmas a pixel):", "",
+              "| objectId | drb | rb | ours | reference centre |", "|---|---|---|---|---|"]
+        L += [f"| {d['objectId']} | {_fmt(d['drb'], 2)} | {_fmt(d['rb'], 2)} | "
+              f"{_fmt(d['score'], 2)} | {_fmt(d['reference_centre'], 1)} |" for d in neg] + [""]
+    return L
+
+
+def _subset_table(res: dict, key: str, label, with_rates: bool = False) -> list[str]:
+    """Report lines: a :func:`~broker.training.metrics.by_subset` result of the held-out set,
+    each row followed by the compared model's."""
+    other = res.get("sim_compare") or {}
+    L = ["| candidates | n (real / bogus) | ROC AUC | FNR = FPR" +
+         (" | FNR / FPR" if with_rates else "") + " |",
+         "|---|---|---|---" + ("|---" if with_rates else "") + "|"]
+    for name, b in res["sim"][key].items():
+        rows = [(f"{label(name)}", f"{b['n']} ({b['n_real']} / {b['n_bogus']})", b)]
+        if other.get(key, {}).get(name):
+            rows.append((f"{label(name)}, {other['model']}", "", other[key][name]))
+        for cap, n, d in rows:
+            L.append(f"| {cap} | {n} | {_fmt(d['auc'], 5)} | {_fmt(d['eer'], 4)} |" +
+                     (f" {_fmt(d['fnr'], 4)} / {_fmt(d['fpr'], 4)} |" if with_rates else ""))
+    return L
 
 
 def _reference_table(res: dict) -> list[str]:

@@ -121,10 +121,12 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
           "after such changes.",
           "- Labels of changes on stars of deliberately misaligned references are a convention: "
           "this set's `TrainingSetConfig` has " + ", ".join(
-              f"`{k}={gen.get(k)}`" for k in ("swamped_ratio", "variable_dipole_lobe",
-                                              "min_dipole_lobe_snr", "min_dipole_lobe_ratio",
-                                              "misalign_wavelength_px"))
-          + " (see its docstring and BENCHMARKS.md).", ""]
+              f"`{k}={gen.get(k, SET_SETTINGS_ADDED.get(k))}`"
+              for k in ("swamped_ratio", "variable_dipole_lobe", "dipole_lobe_kinds",
+                        "min_dipole_lobe_snr", "min_dipole_lobe_ratio", "misalign_wavelength_px"))
+          + " (see its docstring and BENCHMARKS.md). Near that convention's boundary the same "
+          "stamp carries either label: the report's \"What limits the targets\" splits the "
+          "held-out errors by the state of the frame's reference and by the stamp's lobes.", ""]
     p = Path(path)
     p.write_text("\n".join(L))
     return p
@@ -143,7 +145,7 @@ def model_cost(net: nn.Module) -> dict:
 
 #: Generator settings added after sets were written, with the value that the older code had.
 SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None,
-                             "faint_trails_per_frame": 0.0}
+                             "faint_trails_per_frame": 0.0, "dipole_lobe_kinds": ["variable"]}
 
 
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:

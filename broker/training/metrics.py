@@ -2,8 +2,9 @@
 
 :func:`evaluate` (AUC, FNR / FPR at a threshold, per-kind errors), :func:`equal_error` (the
 threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N and
-:func:`by_sign`, for a held-out set), :func:`by_reference_brightness` (scores by the brightness
-of the reference source), :func:`domain_stats` (per-channel statistics to compare our stamps
+:func:`by_sign` and, per reference state, :func:`by_subset`, for a held-out set),
+:func:`by_lobe_ratio` (errors by a stamp's dipole lobes), :func:`by_reference_brightness`
+(scores by the brightness of the reference source), :func:`domain_stats` (per-channel statistics to compare our stamps
 with a survey's), :func:`_auc_se` (standard error of an AUC) and
 :func:`paired_auc_difference` (two models' AUC difference on the same items, with a bootstrap
 interval).
@@ -75,7 +76,8 @@ def equal_error(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray,
-                       snr: np.ndarray | None = None, threshold: float = 0.5) -> dict:
+                       snr: np.ndarray | None = None, threshold: float = 0.5,
+                       reference: np.ndarray | None = None) -> dict:
     """Held-out metrics: :func:`evaluate` at ``threshold`` and at the equal-error threshold.
 
     Returns
@@ -83,7 +85,10 @@ def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray
     dict
         ``at_threshold`` and ``at_eer`` (:func:`evaluate`, with ``per_kind``), ``eer_threshold``,
         ``eer``; with ``snr``, ``fnr_by_snr`` (real candidates: FNR at ``threshold`` per S/N
-        bin) and ``by_sign`` (:func:`by_sign`).
+        bin) and ``by_sign`` (:func:`by_sign`); with ``reference`` (each candidate's
+        reference state, :data:`broker.training.generate.REFERENCE_STATES`),
+        ``by_reference_state``: :func:`by_subset` per state, FNR / FPR at the overall
+        equal-error threshold.
     """
     t_eer, eer = equal_error(scores, labels)
     out = {"at_threshold": evaluate(scores, labels, threshold, kinds),
@@ -99,32 +104,97 @@ def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray
             for m in [real & (snr >= lo) & (snr < hi)]
         ]
         out["by_sign"] = by_sign(scores, labels, snr)
+    if reference is not None:
+        ref = np.asarray(reference)
+        out["by_reference_state"] = by_subset(
+            scores, labels, {str(r): ref == r for r in sorted(set(ref.tolist()))}, t_eer)
     return out
 
 
-def by_sign(scores: np.ndarray, labels: np.ndarray, snr: np.ndarray) -> dict[str, dict]:
-    """AUC and equal error rate of brightenings (S/N > 0) and fadings (S/N < 0) apart.
-
-    A fading star and a badly subtracted one both leave a negative blob on a star, and the
-    generator labels them by the truth (real / bogus) whatever the stamp shows; the split says
-    how much of the overall error rate comes from that.
+def by_subset(scores: np.ndarray, labels: np.ndarray, masks: dict[str, np.ndarray],
+              threshold: float | None = None) -> dict[str, dict]:
+    """AUC and equal error rate within each subset, and its FNR / FPR at a common threshold.
 
     Returns
     -------
     dict
-        ``brightening`` and ``fading``: ``n``, ``n_real``, ``n_bogus``, ``auc``, ``eer``
-        (NaN where a side lacks one class).
+        Per name of ``masks``: ``n``, ``n_real``, ``n_bogus``, ``auc``, ``eer`` (NaN where a
+        subset lacks one class) and, with ``threshold``, ``fnr`` / ``fpr`` at it.
     """
     from sklearn.metrics import roc_auc_score
 
-    s, y, snr = np.asarray(scores), np.asarray(labels).astype(int), np.asarray(snr)
+    s, y = np.asarray(scores), np.asarray(labels).astype(int)
     out = {}
-    for name, m in (("brightening", snr > 0), ("fading", snr < 0)):
+    for name, m in masks.items():
         n1, n0 = int(y[m].sum()), int((1 - y[m]).sum())
         both = n1 > 0 and n0 > 0
         out[name] = {"n": int(m.sum()), "n_real": n1, "n_bogus": n0,
                      "auc": float(roc_auc_score(y[m], s[m])) if both else float("nan"),
                      "eer": equal_error(s[m], y[m])[1] if both else float("nan")}
+        if threshold is not None:
+            out[name]["fnr"] = float(np.mean(s[m & (y == 1)] < threshold)) if n1 else float("nan")
+            out[name]["fpr"] = float(np.mean(s[m & (y == 0)] >= threshold)) if n0 else float("nan")
+    return out
+
+
+def by_sign(scores: np.ndarray, labels: np.ndarray, snr: np.ndarray) -> dict[str, dict]:
+    """:func:`by_subset` of brightenings (S/N > 0) and fadings (S/N < 0).
+
+    A fading star and a badly subtracted one both leave a negative blob on a star, and the
+    generator labels them by the truth (real / bogus) whatever the stamp shows; the split says
+    how much of the overall error rate comes from that.
+    """
+    snr = np.asarray(snr)
+    return by_subset(scores, labels, {"brightening": snr > 0, "fading": snr < 0})
+
+
+#: Bin edges of a stamp's opposite / central lobe ratio for :func:`by_lobe_ratio`: the generator
+#: calls a variable on a misaligned reference a dipole from 0.25 on (``variable_dipole_lobe``).
+LOBE_RATIO_EDGES = (0.1, 0.25, 0.4)
+
+
+def by_lobe_ratio(scores: np.ndarray, labels: np.ndarray, x: np.ndarray, threshold: float,
+                  soft_knee: float = 5.0, edges: Sequence[float] = LOBE_RATIO_EDGES) -> list[dict]:
+    """Errors at ``threshold`` by the opposite / central lobe ratio of the difference stamp.
+
+    On a misaligned reference the generator labels by the image: a star's residual with an
+    opposite lobe is a dipole (bogus), a variable's change is real unless its opposite lobe
+    reaches 0.25 of its central one (and 4 sigma). Near that boundary the same stamp carries
+    either label; this table says how many of the errors sit there.
+
+    Parameters
+    ----------
+    scores, labels : ndarray, shape (N,)
+    x : ndarray, shape (N, 3, 63, 63)
+        Normalised triplets; the difference channel is turned back into robust sigmas
+        (``k sinh(v / k)``, exact below the clip) for
+        :func:`broker.training.generate.lobe_snrs`, whose S/N is scale-free.
+    threshold : float
+    soft_knee : float
+        The normaliser's ``k`` (:class:`broker.realbogus.NormaliseConfig`).
+    edges : sequence of float
+        Inner bin edges of the ratio.
+
+    Returns
+    -------
+    list of dict
+        Per bin: ``lo``, ``hi``, ``n_real``, ``n_bogus``, ``err_real`` (reals scored below the
+        threshold), ``err_bogus`` (bogus at or above).
+    """
+    from broker.training.generate import lobe_snrs
+
+    s, y = np.asarray(scores), np.asarray(labels).astype(int)
+    z = soft_knee * np.sinh(np.asarray(x[:, 2], np.float64) / soft_knee)
+    lobes = np.array([lobe_snrs(d) for d in z]).reshape(-1, 2)
+    ratio = lobes[:, 1] / np.maximum(lobes[:, 0], 1e-12)
+    bounds = [0.0, *edges, np.inf]
+    out = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        m = (ratio >= lo) & (ratio < hi)
+        r, b = m & (y == 1), m & (y == 0)
+        out.append({"lo": float(lo), "hi": float(hi), "n_real": int(r.sum()),
+                    "n_bogus": int(b.sum()), "err_real": int(np.sum(s[r] < threshold)),
+                    "err_bogus": int(np.sum(s[b] >= threshold))})
     return out
 
 

@@ -16,6 +16,7 @@ from broker.candidate import Candidate, Detection
 from broker.errors import ConfigError, DatasetError
 from broker.realbogus import RealBogusClassifier
 from broker.training import (
+    REFERENCE_STATES,
     TrainConfig,
     TrainingSetConfig,
     _augment,
@@ -89,6 +90,47 @@ def test_by_sign_separates_brightenings_from_fadings():
     # fadings: one real below one bogus, so 3 of 4 pairs in order and one error per class
     assert b["fading"]["auc"] == pytest.approx(0.75) and b["fading"]["eer"] == pytest.approx(0.5)
     assert np.isnan(by_sign(s[:2], y[:2], snr[:2])["brightening"]["auc"])  # one class only
+
+
+def test_held_out_errors_split_by_reference_state_at_the_overall_threshold():
+    from broker.training import evaluate_simulated
+
+    s = np.array([0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.6, 0.4])
+    y = np.array([1, 1, 0, 0, 1, 0, 0, 1])
+    ref = np.array(["as_built"] * 4 + ["misaligned"] * 4)
+    res = evaluate_simulated(s, y, np.array(["k"] * 8), None, 0.5, ref)
+    st = res["by_reference_state"]
+    assert set(st) == {"as_built", "misaligned"}
+    assert st["as_built"]["eer"] == 0.0 and st["as_built"]["fnr"] == st["as_built"]["fpr"] == 0.0
+    # misaligned: the real at 0.4 and the bogus at 0.6 are on the wrong sides of the overall
+    # equal-error threshold (all 8 candidates), one error per class
+    t = res["eer_threshold"]
+    assert 0.4 < t <= 0.6
+    assert st["misaligned"]["fnr"] == pytest.approx(0.5) and st["misaligned"]["fpr"] == \
+        pytest.approx(0.5)
+    assert "by_reference_state" not in evaluate_simulated(s, y, np.array(["k"] * 8))
+
+
+def test_lobe_ratio_table_counts_errors_by_the_stamps_dipole():
+    from broker.realbogus import normalise_triplet
+    from broker.training import by_lobe_ratio
+
+    rng = np.random.default_rng(1)
+    yy, xx = np.indices((63, 63))
+
+    def psf(x0, f):
+        return f * np.exp(-((xx - x0) ** 2 + (yy - 31) ** 2) / (2 * 1.5**2))
+
+    blob, dipole = psf(31, 40), psf(31, 40) - psf(33, 40)  # ratios ~0 and ~1
+    stamps = [blob, blob, dipole, dipole]
+    x = np.stack([normalise_triplet(rng.normal(0, 1, (63, 63)), rng.normal(0, 1, (63, 63)),
+                                    d + rng.normal(0, 1, (63, 63)))[0] for d in stamps])
+    s, y = np.array([0.9, 0.2, 0.8, 0.1]), np.array([1, 1, 0, 0])
+    bins = by_lobe_ratio(s, y, x, threshold=0.5)
+    low, high = bins[0], bins[-1]
+    assert (low["lo"], high["hi"]) == (0.0, np.inf)
+    assert (low["n_real"], low["err_real"], low["n_bogus"]) == (2, 1, 0)
+    assert (high["n_bogus"], high["err_bogus"], high["n_real"]) == (2, 1, 0)
 
 
 def test_by_reference_brightness_bins_by_the_reference_source():
@@ -379,6 +421,21 @@ def test_variables_showing_a_dipole_are_bogus_by_the_image_rule():
     assert band[(1, "variable")] == new[(1, "variable")]
 
 
+def test_transients_showing_a_dipole_follow_the_image_rule_when_asked():
+    from broker.training import field_candidates
+
+    by_kinds = {}
+    for kinds in (("variable",), ("variable", "transient")):
+        cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=1, n_transients=400,
+                                transient_on_galaxy=1.0, n_variables=0, p_misalign=1.0, seed=3,
+                                dipole_lobe_kinds=kinds, faint_trails_per_frame=0.0)
+        by_kinds[kinds] = Counter((it.label, it.kind) for it in field_candidates(cfg, 0))
+    old, new = by_kinds[("variable",)], by_kinds[("variable", "transient")]
+    moved = old[(1, "transient")] - new[(1, "transient")]
+    assert moved > 0 and new[(1, "transient")] > moved, (old, new)
+    assert moved == sum(new[(0, k)] - old[(0, k)] for k in ("dipole", "saturated_residual"))
+
+
 def test_a_dipole_is_bogus_only_when_its_stamp_shows_both_lobes():
     from broker.training.generate import _dipole_unseen
 
@@ -443,6 +500,8 @@ def test_training_set_config_rejects_negative_artifact_rates():
             TrainingSetConfig(faint_trails_per_frame=bad)
     with pytest.raises(ConfigError, match="trails_per_frame"):
         TrainingSetConfig(trails_per_frame=-0.5)
+    with pytest.raises(ConfigError, match="dipole_lobe_kinds"):
+        TrainingSetConfig(dipole_lobe_kinds=("variable", "cosmic_ray"))
 
 
 def test_transients_on_trails_are_labelled_by_the_trail_share():
@@ -473,6 +532,9 @@ def test_generator_labels_on_tiny_seeded_run(tiny_field):
         # counted, not written
         want = -1 if it.kind.startswith("ambiguous_") else int(it.kind in cfg.real_kinds)
         assert it.label == want, it.kind
+        assert it.reference in REFERENCE_STATES.values()
+    # the stars of a misaligned reference leave dipoles, and only there
+    assert {it.reference for it in items if it.kind == "dipole"} <= {"misaligned"}
     c = 31
     # brightening transients: a positive difference at the centre; cosmic rays: science well
     # above the reference at the centre (no counterpart in the reference)
@@ -495,7 +557,9 @@ def test_generator_is_reproducible_and_writes_manifest(tiny_field, tmp_path):
     assert man["complete"] and man["n_real"] == man["n_bogus"] > 0
     assert man["config"]["seed"] == 3 and man["counts_by_kind_before_balancing"]
     data = load_training_set(tmp_path)
-    assert set(data) >= {"x", "y", "kind", "group", "snr", "features"}
+    assert set(data) >= {"x", "y", "kind", "group", "snr", "reference", "features"}
+    assert len(data["reference"]) == man["n"]
+    assert set(data["reference"].tolist()) <= set(REFERENCE_STATES.values())
     # a generation that stopped half-way is refused, not trained on as if it were the set
     (tmp_path / "manifest.json").write_text(json.dumps({**man, "complete": False}))
     with pytest.raises(DatasetError, match="incomplete"):
@@ -546,6 +610,9 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
     assert 0 <= res["sim"]["eer"] <= 1 and res["sim"]["at_threshold"]["per_kind"]
     assert sum(d["n_real"] + d["n_bogus"] for d in res["sim"]["by_reference"]) == 100
     assert "By brightness of the reference source" in rep
+    # synthetic stamps have no reference state; the split and the limits section still hold
+    assert res["sim"]["by_reference_state"]["unknown"]["n"] == 100
+    assert "What limits the targets" in rep
     root = Path(__file__).resolve().parents[2]  # paths recorded relative to the repository
     assert not Path(res["sim"]["dir"]).is_absolute()
     assert (root / res["sim"]["dir"]).resolve() == sim.resolve()
