@@ -25,6 +25,7 @@ from broker.training.metrics import (
     by_lobe_ratio,
     by_reference_brightness,
     domain_stats,
+    evaluate,
     evaluate_simulated,
     paired_auc_difference,
 )
@@ -191,6 +192,12 @@ def main_eval(
         curves[f"{clf.version}, simulated held-out"] = (s, y)
         res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
         res["sim"]["by_reference"] = by_reference_brightness(s, y, x, threshold)
+        if ref is not None:
+            t = res["sim"]["eer_threshold"]
+            res["sim"]["errors_by_state"] = {  # {state: {kind: (errors, n)}} at the EER threshold
+                str(r): {k: (round(d["misclassified"] * d["n"]), d["n"]) for k, d in evaluate(
+                    s[m], y[m], t, kinds[m])["per_kind"].items()}
+                for r in sorted(set(ref.tolist())) for m in [ref == r]}
         if ref is not None and np.any(ref == "misaligned"):
             mis = ref == "misaligned"
             res["sim"]["misaligned_by_lobe_ratio"] = by_lobe_ratio(
@@ -441,6 +448,12 @@ def _limits_section(res: dict) -> list[str]:
                   f"{k}: {round(e)} errors ({e / max(total, 1):.0%}) from {states[k]['n'] / n:.0%} "
                   f"of the candidates, FNR = FPR {_fmt(states[k]['eer'], 4)} within them"
                   for k, e in sorted(errs.items(), key=lambda t: -t[1])) + ".", ""]
+        by_kind = sim.get("errors_by_state") or {}
+        if by_kind:
+            L += ["Largest kinds of error per state (errors / candidates of the kind): " + "; ".join(
+                f"{st}: " + ", ".join(f"{k} {e} / {n}" for k, (e, n) in sorted(
+                    kk.items(), key=lambda t: -t[1][0])[:4] if e)
+                for st, kk in by_kind.items()) + ".", ""]
     if lobes:
         band = sum(b["err_real"] + b["err_bogus"] for b in lobes if 0.1 <= b["lo"] < 0.4)
         tot = sum(b["err_real"] + b["err_bogus"] for b in lobes)

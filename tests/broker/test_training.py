@@ -612,6 +612,8 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
     assert "By brightness of the reference source" in rep
     # synthetic stamps have no reference state; the split and the limits section still hold
     assert res["sim"]["by_reference_state"]["unknown"]["n"] == 100
+    errs = res["sim"]["errors_by_state"]["unknown"]
+    assert sum(n for _, n in errs.values()) == 100 and all(0 <= e <= n for e, n in errs.values())
     assert "What limits the targets" in rep
     root = Path(__file__).resolve().parents[2]  # paths recorded relative to the repository
     assert not Path(res["sim"]["dir"]).is_absolute()
