@@ -19,6 +19,7 @@ import numpy as np
 
 from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
+from broker.training.generate import label_settings_differ
 from broker.training.metrics import (
     _auc_se,
     _centre_mean,
@@ -208,7 +209,10 @@ def main_eval(
         if other is not None:
             so = other.score(x)
             res["sim_compare"] = {"model": other.version,
-                                  **evaluate_simulated(so, y, kinds, snr, threshold, ref)}
+                                  **evaluate_simulated(so, y, kinds, snr, threshold, ref),
+                                  "labels_differ": label_settings_differ(
+                                      man.get("config"),
+                                      (other.metadata.get("data") or {}).get("config"))}
             curves[f"{other.version}, simulated held-out"] = (so, y)
         groups = {"real": s[y == 1], "bogus": s[y == 0]}
         res["files"]["hist_sim"] = plot_histograms(groups, out / "hist_sim.png",
@@ -298,7 +302,10 @@ def promotion_check(res: dict) -> dict:
     drb's 9 only ~0.1. Until session 14 the rule allowed a fixed drop of 0.01 on both, a
     quarter of drb's standard error and an eighth of the drb spread between seeds of one
     recipe; it kept every successor of ``realbogus-v6`` out on drb, whatever the held-out and
-    rb figures (BENCHMARKS.md, "the promotion rule").
+    rb figures (BENCHMARKS.md, "the promotion rule"). A held-out set labelled with other
+    :data:`~broker.training.generate.LABEL_SETTINGS` than the other model's training data
+    proves nothing either way: then the held-out half fails, and both models must be read on
+    both sets (``bench.realbogus_accuracy``) by whoever promotes.
     """
     out: dict = {"against": (res.get("sim_compare") or res.get("ztf_compare"))["model"],
                  "level": PROMOTION_LEVEL}
@@ -306,6 +313,11 @@ def promotion_check(res: dict) -> dict:
     if sim and simc:
         out["sim_better"] = bool(sim["eer"] < simc["eer"] and
                                  sim["at_threshold"]["auc"] >= simc["at_threshold"]["auc"])
+        # on a set labelled otherwise than its training data the other model is read against
+        # a convention it never learnt, and either model wins on its own (session 18, v12a)
+        out["labels_differ"] = simc.get("labels_differ")
+        if out["labels_differ"]:
+            out["sim_better"] = False
     delta = (res.get("ztf_compare") or {}).get("delta_auc")
     if delta:
         out["ztf_not_worse"] = bool(all(not np.isfinite(d["hi"]) or d["hi"] >= 0
@@ -418,6 +430,11 @@ def write_eval_report(path: Path, res: dict) -> Path:
               f"paired {p['level']:.0%} interval of the AUC difference against drb and rb "
               f"each reaches 0): {p.get('ztf_not_worse')}. "
               f"**Promote to default: {p['promote']}.**", ""]
+        if p.get("labels_differ"):
+            L += [f"This held-out set is labelled otherwise than `{p['against']}`'s training "
+                  f"data ({', '.join(f'`{k}`' for k in p['labels_differ'])}), so its figures "
+                  "here do not compare the networks: read both models on both sets "
+                  "(`python -m bench.realbogus_accuracy --models ... --sets ...`).", ""]
         da = (res.get("ztf_compare") or {}).get("delta_auc")
         if da:
             L += ["ZTF AUC of this model minus the other's, with a 95 % paired bootstrap "

@@ -293,6 +293,28 @@ class TrainingSetConfig:
                               f"among real_kinds {list(self.real_kinds)}")
 
 
+#: Generator settings added after sets were written, with the value that the older code had
+#: (a manifest or model card without one was made with that value).
+SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None,
+                             "faint_trails_per_frame": 0.0, "dipole_lobe_kinds": ["variable"]}
+#: The settings that decide a candidate's label (not which candidates are drawn): two sets that
+#: differ in one of them label the same stamps differently, and a model's error rate on a set
+#: labelled otherwise than its training data is not comparable with another model's there.
+LABEL_SETTINGS = ("match_radius", "min_real_snr", "real_kinds", "swamped_ratio",
+                  "variable_dipole_lobe", "dipole_lobe_kinds", "trail_share",
+                  "min_dipole_lobe_snr", "min_dipole_lobe_ratio")
+
+
+def label_settings_differ(a: dict | None, b: dict | None) -> list[str] | None:
+    """The :data:`LABEL_SETTINGS` in which two generator configs (manifest or model-card
+    ``config`` dicts) differ; None when either is unknown."""
+    if not a or not b:
+        return None
+    # a JSON round trip makes tuples lists, as they are in a manifest
+    a, b = (json.loads(json.dumps({**SET_SETTINGS_ADDED, **c})) for c in (a, b))
+    return [k for k in LABEL_SETTINGS if a.get(k) != b.get(k)]
+
+
 @dataclass
 class LabelledCandidate:
     """One candidate with its label (1 real / 0 bogus), its type and its anomaly features."""

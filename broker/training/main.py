@@ -23,6 +23,7 @@ from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
 from broker.training.data import load_training_set
 from broker.training.evaluation import _fmt, main_eval
 from broker.training.generate import (
+    SET_SETTINGS_ADDED,
     TrainingSetConfig,
     _config_dict,
     generate_training_set,
@@ -142,10 +143,6 @@ def model_cost(net: nn.Module) -> dict:
     return {"n_params": int(sum(p.numel() for p in net.parameters())),
             "mflops": round(fc.get_total_flops() / 1e6, 2)}
 
-
-#: Generator settings added after sets were written, with the value that the older code had.
-SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None,
-                             "faint_trails_per_frame": 0.0, "dipole_lobe_kinds": ["variable"]}
 
 
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:

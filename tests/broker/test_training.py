@@ -186,6 +186,25 @@ def test_promotion_reads_each_ztf_drop_against_its_own_interval():
     assert not promotion_check(res(0.025, (0.05, 0.0, 0.1), (0.02, 0.01, 0.03)))["promote"]
     # a reference without both classes (NaN interval) does not decide
     assert promotion_check(res(0.015, (np.nan,) * 3, (0.0, -0.01, 0.01)))["promote"]
+    # a held-out set labelled otherwise than the old model's training data decides nothing
+    other = res(0.015, (0.0, -0.05, 0.05), (0.004, -0.003, 0.012))
+    other["sim_compare"]["labels_differ"] = ["dipole_lobe_kinds"]
+    p = promotion_check(other)
+    assert p["labels_differ"] == ["dipole_lobe_kinds"] and not p["promote"]
+
+
+def test_label_settings_differ_reads_old_cards_by_the_settings_they_predate():
+    from broker.training import TrainingSetConfig, label_settings_differ
+    from broker.training.generate import _config_dict
+
+    now = _config_dict(TrainingSetConfig())
+    old_card = {k: v for k, v in now.items() if k != "dipole_lobe_kinds"}
+    assert label_settings_differ(now, old_card) == []  # the added setting's old value is today's
+    assert label_settings_differ(now, None) is None and label_settings_differ({}, now) is None
+    moved = _config_dict(TrainingSetConfig(dipole_lobe_kinds=("variable", "transient"),
+                                           faint_trails_per_frame=3.0))  # not a label setting
+    assert label_settings_differ(moved, now) == ["dipole_lobe_kinds"]
+    assert label_settings_differ(now, {**now, "variable_dipole_lobe": (4, 0.25)}) == []
 
 
 def test_split_by_group_keeps_groups_whole():
