@@ -211,8 +211,7 @@ def main_eval(
             res["sim_compare"] = {"model": other.version,
                                   **evaluate_simulated(so, y, kinds, snr, threshold, ref),
                                   "labels_differ": label_settings_differ(
-                                      man.get("config"),
-                                      (other.metadata.get("data") or {}).get("config"))}
+                                      man.get("config"), _card_config(other))}
             curves[f"{other.version}, simulated held-out"] = (so, y)
         groups = {"real": s[y == 1], "bogus": s[y == 0]}
         res["files"]["hist_sim"] = plot_histograms(groups, out / "hist_sim.png",
@@ -457,20 +456,19 @@ def _limits_section(res: dict) -> list[str]:
         return []
     L = ["## What limits the targets", ""]
     if states:
-        errs = {k: d["fnr"] * d["n_real"] + d["fpr"] * d["n_bogus"] for k, d in states.items()}
+        by_kind = sim["errors_by_state"]
+        errs = {st: sum(e for e, _ in kk.values()) for st, kk in by_kind.items()}
         total, n = sum(errs.values()), sum(d["n"] for d in states.values())
-        L += [f"Held-out FNR = FPR: {_fmt(sim['eer'], 4)}; {round(total)} errors at its "
-              f"threshold {_fmt(sim['eer_threshold'], 3)}. By the state of the frame's "
-              "reference: " + "; ".join(
-                  f"{k}: {round(e)} errors ({e / max(total, 1):.0%}) from {states[k]['n'] / n:.0%} "
-                  f"of the candidates, FNR = FPR {_fmt(states[k]['eer'], 4)} within them"
-                  for k, e in sorted(errs.items(), key=lambda t: -t[1])) + ".", ""]
-        by_kind = sim.get("errors_by_state") or {}
-        if by_kind:
-            L += ["Largest kinds of error per state (errors / candidates of the kind): " + "; ".join(
-                f"{st}: " + ", ".join(f"{k} {e} / {n}" for k, (e, n) in sorted(
-                    kk.items(), key=lambda t: -t[1][0])[:4] if e)
-                for st, kk in by_kind.items()) + ".", ""]
+        L += [f"Held-out FNR = FPR: {_fmt(sim['eer'], 4)}; {total} errors at its threshold "
+              f"{_fmt(sim['eer_threshold'], 3)}. By the state of the frame's reference: " +
+              "; ".join(f"{k}: {e} errors ({e / max(total, 1):.0%}) from "
+                        f"{states[k]['n'] / n:.0%} of the candidates, FNR = FPR "
+                        f"{_fmt(states[k]['eer'], 4)} within them"
+                        for k, e in sorted(errs.items(), key=lambda t: -t[1])) + ".", "",
+              "Largest kinds of error per state (errors / candidates of the kind): " + "; ".join(
+                  f"{st}: " + ", ".join(f"{k} {e} / {c}" for k, (e, c) in sorted(
+                      kk.items(), key=lambda t: -t[1][0])[:4] if e)
+                  for st, kk in by_kind.items()) + ".", ""]
     if lobes:
         band = sum(b["err_real"] + b["err_bogus"] for b in lobes if 0.1 <= b["lo"] < 0.4)
         tot = sum(b["err_real"] + b["err_bogus"] for b in lobes)
@@ -538,6 +536,12 @@ def _reference_table(res: dict) -> list[str]:
                       if d else ["-", "-", "-"])
         L.append("| " + " | ".join(cells) + " |")
     return L + [""]
+
+
+def _card_config(clf: RealBogusClassifier) -> dict | None:
+    """The generator config of a model's training data, from its sidecar (None if absent)."""
+    data = clf.metadata.get("data")
+    return data.get("config") if isinstance(data, dict) else None
 
 
 def _relative(path: str | Path, root: Path) -> str:

@@ -307,8 +307,8 @@ LABEL_SETTINGS = ("match_radius", "min_real_snr", "real_kinds", "swamped_ratio",
 
 def label_settings_differ(a: dict | None, b: dict | None) -> list[str] | None:
     """The :data:`LABEL_SETTINGS` in which two generator configs (manifest or model-card
-    ``config`` dicts) differ; None when either is unknown."""
-    if not a or not b:
+    ``config`` dicts) differ; None when either is unknown (absent or not a dict)."""
+    if not (isinstance(a, dict) and isinstance(b, dict) and a and b):
         return None
     # a JSON round trip makes tuples lists, as they are in a manifest
     a, b = (json.loads(json.dumps({**SET_SETTINGS_ADDED, **c})) for c in (a, b))

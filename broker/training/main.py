@@ -144,7 +144,6 @@ def model_cost(net: nn.Module) -> dict:
             "mflops": round(fc.get_total_flops() / 1e6, 2)}
 
 
-
 def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
     """Manifest of the set at ``path``, generating it unless a complete one with ``config`` is there.
 

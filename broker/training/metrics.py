@@ -4,10 +4,10 @@
 threshold where FNR = FPR), :func:`evaluate_simulated` (both, plus FNR by S/N and
 :func:`by_sign` and, per reference state, :func:`by_subset`, for a held-out set),
 :func:`by_lobe_ratio` (errors by a stamp's dipole lobes), :func:`by_reference_brightness`
-(scores by the brightness of the reference source), :func:`domain_stats` (per-channel statistics to compare our stamps
-with a survey's), :func:`_auc_se` (standard error of an AUC) and
-:func:`paired_auc_difference` (two models' AUC difference on the same items, with a bootstrap
-interval).
+(scores by the brightness of the reference source), :func:`domain_stats` (per-channel
+statistics to compare our stamps with a survey's), :func:`_auc_se` (standard error of an AUC)
+and :func:`paired_auc_difference` (two models' AUC difference on the same items, with a
+bootstrap interval).
 """
 
 from __future__ import annotations

@@ -201,6 +201,7 @@ def test_label_settings_differ_reads_old_cards_by_the_settings_they_predate():
     old_card = {k: v for k, v in now.items() if k != "dipole_lobe_kinds"}
     assert label_settings_differ(now, old_card) == []  # the added setting's old value is today's
     assert label_settings_differ(now, None) is None and label_settings_differ({}, now) is None
+    assert label_settings_differ(now, ["not", "a", "config"]) is None  # a hostile card
     moved = _config_dict(TrainingSetConfig(dipole_lobe_kinds=("variable", "transient"),
                                            faint_trails_per_frame=3.0))  # not a label setting
     assert label_settings_differ(moved, now) == ["dipole_lobe_kinds"]
