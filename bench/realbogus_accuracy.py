@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> str:
                 s = clf.score(d["x"])
                 b = by_sign(s, d["y"], d["snr"])
                 clean = ""
-                if "reference" in d:  # sets made since session 18 record each frame's reference
+                # sets made since session 18 record each frame's reference
+                if len(d.get("reference", ())) == len(d["y"]):
                     m = d["reference"] == "as_built"
                     clean = f"; as built {100 * equal_error(s[m], d['y'][m])[1]:.2f}"
                 row.append(f"{100 * equal_error(s, d['y'])[1]:.2f} % ("

@@ -99,8 +99,7 @@ def explain_triplet(clf: RealBogusClassifier, triplet: np.ndarray,
     x = np.asarray(triplet, dtype=np.float32)
     if x.shape != (3, CUTOUT_SIZE, CUTOUT_SIZE):
         raise CutoutError(f"triplet must be (3, 63, 63), got {x.shape}")
-    clip = clf.norm_config.clip  # the model's own input, as in RealBogusClassifier.score
-    x = np.clip(x, -clip, clip)
+    x = clf.model_input(x)
     net = clf.net.eval()
     xt = torch.from_numpy(x)
     base = torch.zeros_like(xt)

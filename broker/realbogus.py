@@ -514,6 +514,12 @@ class RealBogusClassifier:
             raise ModelError(f"bad 'normalise' settings in {jpath}: {exc}") from exc
         return cls(net, str(meta.get("version", wpath.stem)), meta, norm, config)
 
+    def model_input(self, x: np.ndarray) -> np.ndarray:
+        """Normalised triplets (any clip) clamped to this model's own clip: the clip is
+        monotonic, so a triplet normalised with a larger one becomes exactly the input the
+        model was trained on."""
+        return np.clip(x, -self.norm_config.clip, self.norm_config.clip)
+
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:
         """Write ``<path>.pt`` (state_dict) and ``<path>.json`` (version + metadata).
 
@@ -548,8 +554,7 @@ class RealBogusClassifier:
         x = np.asarray(triplets, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (3, CUTOUT_SIZE, CUTOUT_SIZE):
             raise CutoutError(f"triplets must be (N, 3, 63, 63), got {x.shape}")
-        # the clip is monotonic: clamping a larger-clip input gives exactly this model's input
-        x = np.clip(x, -self.norm_config.clip, self.norm_config.clip)
+        x = self.model_input(x)
         out = np.empty(len(x), dtype=np.float32)
         views = _VIEWS[self.config.views]
         with torch.inference_mode():

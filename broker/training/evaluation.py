@@ -187,7 +187,8 @@ def main_eval(
         x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
         s = clf.score(x)
         man = json.loads((Path(sim_dir) / "manifest.json").read_text())
-        ref = d["reference"][:n] if "reference" in d else None  # sets from before session 18 lack it
+        # sets from before session 18 lack it; one mixing older shards has too few to use
+        ref = d["reference"][:n] if len(d.get("reference", ())) == len(d["y"]) else None
         res["sim"] = {"dir": _relative(sim_dir, root), "seed": man.get("seed"), "n": int(n),
                       **evaluate_simulated(s, y, kinds, snr, threshold, ref)}
         curves[f"{clf.version}, simulated held-out"] = (s, y)
