@@ -1,6 +1,6 @@
 """Training-set generator speed, side by side: the same field from two checkouts, alternating.
 
-Each run generates field 0 of the default :class:`~broker.training.generate.TrainingSetConfig`
+Each run generates field 0 of the default :class:`~broker.training.settings.TrainingSetConfig`
 (seed 0) in a fresh single-threaded process, and prints its time, candidates and a hash of the
 triplets and labels, so that a speed change can be read as a ratio and checked for sameness::
 
@@ -17,6 +17,8 @@ import sys
 
 from bench.common import machine
 
+# ``broker.training.generate`` has both names in every version of the code, so a base checkout
+# from before the generator's split into settings / labels / stress / shards runs it as well.
 _FIELD = """
 import hashlib, sys, time
 import numpy as np

@@ -2,7 +2,9 @@
 
     python -m bench.pipeline [--size 2048] [--frames 16] [--repeat 3]
 
-Writes the section ``pipeline`` of BENCHMARKS.md.
+The per-stage times call the stages' own handlers (:data:`streams.stages.STAGES`) in one process,
+message by message, so they time exactly what a stage does per message (decoding and encoding
+included) and nothing re-codes the chain. Writes the section ``pipeline`` of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -17,57 +19,66 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import git_rev, machine, write_section
-from broker.alert import FrameContext, build_alert
-from broker.anomaly import AnomalyModel, features_from
-from broker.frame import decode_fits, encode_fits
-from broker.history import ObjectHistory
-from broker.ingest import ingest
-from broker.realbogus import RealBogusClassifier
-from broker.reference import ReferenceConfig, build_reference
+from broker.config import load_config
+from broker.frame import Frame, encode_fits
 from broker.runtime import retain_freed_memory
 from broker.simulate import SimConfig, SkySimulator
-from broker.subtract import subtract_and_detect
-from streams import serde
+from streams import serde, topics
+from streams.producer import frame_headers, frame_record
+from streams.runner import InMessage, OutMessage
+from streams.stages import STAGES
+
+#: Row of the reference build: the subtract stage on the frame that completes a reference.
+REFERENCE_ROW = "reference build (3 frames, once per field)"
+
+
+def _message(out: OutMessage, offset: int) -> InMessage:
+    """A stage's output as the next stage receives it."""
+    return InMessage(out.topic, 0, offset, out.key, out.value, out.headers, 0)
+
+
+def _run_chain(handlers: dict, frame: Frame, offset: int) -> tuple[dict[str, float], dict]:
+    """Seconds per stage for one frame through every stage that gets an input, and the last
+    ``candidates`` batch (None when the chain stopped before subtract)."""
+    payload = encode_fits(frame)
+    value = serde.encode("frame", frame_record(frame, payload))
+    msg = InMessage(topics.FRAMES, 0, offset, b"bench", value, frame_headers(time.time()), 0)
+    times, batch = {}, None
+    for stage in STAGES:
+        t0 = time.perf_counter()
+        outs = handlers[stage.name](msg)
+        times[stage.name] = time.perf_counter() - t0
+        mine = [o for o in outs if o.topic == stage.output]
+        if not mine:
+            break
+        msg = _message(mine[0], offset)
+        if stage.output == topics.CANDIDATES:
+            batch = serde.decode("candidates", mine[0].value, mine[0].headers)
+    return times, batch
 
 
 def stage_times(size: int, repeat: int) -> tuple[dict[str, list[float]], int]:
     """Seconds per stage (one list entry per science frame) and the candidate count."""
     sim = SkySimulator(SimConfig(shape=(size, size), fields=("F001",)), seed=7)
-    pairs = list(sim.frames(3 + repeat))
-    t = time.perf_counter()
-    reference = build_reference([f for f, _ in pairs[:3]], ReferenceConfig())
-    ref_time = time.perf_counter() - t
-    rb, anomaly = RealBogusClassifier.load(), AnomalyModel.load()
-    history = ObjectHistory(":memory:")
-    times: dict[str, list[float]] = {k: [] for k in
-                                     ("ingest (decode+validate+quality)", "subtract+detect", "classify", "score", "alert")}
-    n_cand = 0
-    for frame, _ in pairs[3:]:
-        payload = encode_fits(frame)
-        t0 = time.perf_counter()
-        f = decode_fits(payload)
-        ingest(f)
-        t1 = time.perf_counter()
-        cands = subtract_and_detect(f, reference).candidates
-        t2 = time.perf_counter()
-        for c, s in zip(cands, rb.score_candidates(cands)):
-            c.rb = float(s)
-        t3 = time.perf_counter()
-        m = f.meta
-        history.associate(m.frame_id, m.mjd_start, m.filter, cands)
-        if cands:
-            for c, a in zip(cands, anomaly.score(np.stack([features_from(c, c.history) for c in cands]))):
-                c.anomaly = float(a)
-        t4 = time.perf_counter()
-        ctx = FrameContext(m.frame_id, m.telescope, m.field, m.filter, m.mjd_start, m.exptime, m.magzp, reference.frame_ids)
-        versions = {"rb": rb.version, "anomaly": anomaly.version}
-        for c in cands:
-            serde.encode_ocf("alert", build_alert(ctx, c, versions, {"exposure_end": 0.0, "stages": []}, 0.0))
-        t5 = time.perf_counter()
-        for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-            times[key].append(dt)
-        n_cand += len(cands)
-    times["reference build (3 frames, once per field)"] = [ref_time]
+    frames = [f for f, _ in sim.frames(3 + repeat)]
+    workdir = Path(tempfile.mkdtemp(prefix="bench-stages-"))
+    try:
+        config = load_config(state_dir=str(workdir / "state"), frame_store=str(workdir / "frames"))
+        handlers = {s.name: s.make_handler(config) for s in STAGES}
+        times: dict[str, list[float]] = {s.name: [] for s in STAGES}
+        times[REFERENCE_ROW] = []
+        n_cand = 0
+        for i, frame in enumerate(frames):
+            t, batch = _run_chain(handlers, frame, i)
+            status = batch["status"] if batch else None
+            if status == "SUBTRACTED":
+                for name, dt in t.items():
+                    times[name].append(dt)
+                n_cand += len(batch["candidates"])
+            elif status == "IN_REFERENCE":
+                times[REFERENCE_ROW].append(t["subtract"])
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     return times, n_cand
 
 
@@ -103,15 +114,16 @@ def main() -> None:
         f"Machine: {machine()}. Commit {git_rev()}. Command: `python -m bench.pipeline --size {args.size} "
         f"--frames {args.frames} --repeat {args.repeat}`.",
         "",
-        f"Time per stage for one {args.size}x{args.size} simulated frame (in-process, median of {args.repeat} "
-        f"science frames, {n_cand / args.repeat:.0f} candidates per frame on average):",
+        f"Time per stage for one {args.size}x{args.size} simulated frame (each stage's handler in one process, "
+        f"decoding and encoding included; median of {args.repeat} science frames, "
+        f"{n_cand / args.repeat:.0f} candidates per frame on average):",
         "",
         "| stage | median (s) | min (s) |",
         "|---|---|---|",
     ]
     for key, vals in times.items():
         lines.append(f"| {key} | {statistics.median(vals):.3f} | {min(vals):.3f} |")
-    total = sum(statistics.median(v) for k, v in times.items() if not k.startswith("reference"))
+    total = sum(statistics.median(v) for k, v in times.items() if k != REFERENCE_ROW)
     lines += [
         f"| **total per science frame** | **{total:.3f}** | |",
         "",

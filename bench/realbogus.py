@@ -3,7 +3,7 @@
 Writes the ``realbogus`` section of BENCHMARKS.md::
 
     python -m bench.realbogus                # the default model, 1 and 2 threads
-    python -m bench.realbogus --threads 2 --seconds 5 --models realbogus-v4 realbogus-v3
+    python -m bench.realbogus --threads 2 --seconds 5 --models realbogus-v11 realbogus-v10
 
 Inputs are normalised triplets (real ZTF ones when ``../shared/data`` is present, else
 simulated stamps), scored through ``RealBogusClassifier.score`` (numpy in, numpy out), i.e.
@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from bench.common import git_rev, machine, write_section
-from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig, normalise_triplet
-from broker.training import model_cost, synth_triplets
+from broker.normalise import normalise_triplet
+from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, ScoreConfig
+from broker.training.data import synth_triplets
+from broker.training.main import model_cost
 
 BATCHES = (1, 64, 256)
 #: Target of issue 4: triplets/s at batch 256 on the 2 cores.

@@ -2,8 +2,8 @@
 
 Writes the ``realbogus-accuracy`` section of BENCHMARKS.md::
 
-    python -m bench.realbogus_accuracy --models realbogus-v3 realbogus-v4 \\
-        --sets build/realbogus-test-1 build/realbogus-test-1-v4 --views 1 4
+    python -m bench.realbogus_accuracy --models realbogus-v11 realbogus-v10 \\
+        --sets build/realbogus-test-1 --views 1 8
 
 For each model and number of views (``ScoreConfig.views``): the equal error rate (FNR = FPR) on
 each held-out simulated set (``broker train-realbogus`` writes them under ``build/``), overall,
@@ -28,7 +28,7 @@ import torch
 from bench.common import SHARED_DATA, git_rev, machine, write_section
 from broker.errors import DatasetError
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, RealBogusEnsemble, ScoreConfig
-from broker.training import load_training_set
+from broker.training.data import load_training_set
 from broker.training.metrics import _auc_se, by_sign, equal_error
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> str:
                 s = clf.score(d["x"])
                 b = by_sign(s, d["y"], d["snr"])
                 clean = ""
-                # sets made since session 18 record each frame's reference
+                # sets made since the generator records each frame's reference have it
                 if len(d.get("reference", ())) == len(d["y"]):
                     m = d["reference"] == "as_built"
                     clean = f"; as built {100 * equal_error(s[m], d['y'][m])[1]:.2f}"
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> str:
         "EER: the rate where FNR = FPR on a held-out simulated set (other seed and fields than "
         "the training set), and in brackets that of brightenings / fadings (difference S/N > 0 "
         "/ < 0) apart and, for sets that record it, that of the frames whose reference the "
-        "generator left as built (neither misaligned nor blurred). ZTF: ROC AUC of our score against ZTF's score > 0.5 on the real "
+        "generator left as built (neither misaligned nor blurred). ZTF: ROC AUC of our score "
+        "against ZTF's score > 0.5 on the real "
         "alerts that carry it, ± the Hanley-McNeil standard error (drb: "
         + (f"{int(np.isfinite(ztf[1]['drb']).sum())} alerts, "
            f"{int((ztf[1]['drb'] <= 0.5).sum())} at <= 0.5" if ztf else "absent") + ").", "",

@@ -38,10 +38,12 @@ from bench.common import SHARED_DATA, machine, write_section
 from bench.peers.evaluate import SNR_BINS, detections_from_significance, robust_std, score, significance
 from bench.peers.synth import PairConfig, make_pair
 from broker.align import align_reference
+from broker.background import estimate_background
 from broker.detect import DetectConfig
-from broker.psf import GAUSS_FWHM, build_psf, estimate_background, find_stars
+from broker.psf import GAUSS_FWHM, build_psf
 from broker.reference import build_reference
 from broker.runtime import TOP_PAD_BYTES, retain_freed_memory
+from broker.stars import find_stars
 from broker.subtract import SubtractConfig, reference_sources, subtract_and_detect
 
 ROOT = Path(__file__).resolve().parents[1]

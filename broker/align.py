@@ -27,7 +27,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from broker.errors import AlignmentError
-from broker.psf import StarList
+from broker.stars import StarList
 
 
 @dataclass(frozen=True)
@@ -40,23 +40,27 @@ class AlignConfig:
         Largest WCS error searched by the translation vote (px, science grid). 8 px covers the
         few-pixel pointing errors of plate-solved frames with margin.
     max_rotation_deg : float
-        Largest WCS rotation error allowed for in the nearest-neighbour radius (deg).
+        Largest WCS rotation error allowed for in the nearest-neighbour radius (deg): 1.5 widens
+        the 2 px radius by 2.6 px per 100 px from the frame centre, up to ``match_radius_px``.
     final_radius_px : float
-        Matching radius after the first affine fit (px); ~ a FWHM, >> centroid errors (0.1 px).
+        Matching radius after the first affine fit (px); 1.5: ~ a FWHM, >> centroid errors (0.1 px).
     min_matches : int
         Matched stars needed for a full affine fit (count; 6 = twice the 3 points an affine needs);
         with 2..min_matches-1 only a translation is fitted, with fewer the WCS alone is used.
     require_stars : bool
-        When True, fewer than 2 matched stars raise :class:`AlignmentError` instead of trusting the
-        WCS alone.
+        True: fewer than 2 matched stars raise :class:`AlignmentError`; False (default): the WCS
+        alone is trusted (``n_matched`` says so).
     max_stars : int
-        Brightest stars of each catalogue used for matching (count).
+        Brightest stars of each catalogue used for matching (count); 200 is ample for the vote
+        and the fit, whose cost grows with it.
     affine_tolerance_px : float
-        Largest deviation (px) of the WCS pixel map from an affine map for the one-resampling path.
+        Largest deviation (px) of the WCS pixel map from an affine map for the one-resampling
+        path; 0.02, well below the centroid errors (0.1 px).
     min_overlap : float
-        Smallest fraction of the science frame the reference must cover (raise below).
+        Smallest fraction of the science frame the reference must cover (dimensionless; raise
+        below); 0.2: less leaves too few stars and pixels to subtract.
     clip_sigma : float
-        Outlier rejection in the affine fit (sigma of residuals).
+        Outlier rejection in the affine fit (sigma of the residuals); 3, the usual clip.
     """
 
     match_radius_px: float = 8.0
@@ -149,10 +153,10 @@ def _vote_translation(pred: np.ndarray, sci: np.ndarray, radius: float) -> np.nd
     """Most common offset sci - pred among all pairs closer than ``radius`` (px), or None."""
     tree = cKDTree(pred)
     pairs = tree.query_ball_point(sci, radius)
-    d = [sci[i] - pred[j] for i, js in enumerate(pairs) for j in js]
-    if not d:
+    offsets = [sci[i] - pred[j] for i, js in enumerate(pairs) for j in js]
+    if not offsets:
         return None
-    d = np.asarray(d)
+    d = np.asarray(offsets)
     nb = int(np.ceil(radius))
     h, xe, ye = np.histogram2d(d[:, 0], d[:, 1], bins=2 * nb, range=[[-nb, nb], [-nb, nb]])
     # smooth the vote a little so a rotation-smeared peak still wins
@@ -251,7 +255,7 @@ def _resample(src: Resampleable, matrix_xy: np.ndarray, offset_xy: np.ndarray,
     with ThreadPoolExecutor(RESAMPLE_THREADS) as ex:
         jobs = [ex.submit(warp, a, dst, order, r0, r1)
                 for a, dst, order in ((src.coefficients, out, 3), (src.variance, vout, 1))
-                for r0, r1 in zip(rows[:-1], rows[1:])]
+                for r0, r1 in zip(rows[:-1], rows[1:], strict=True)]
         badout = _map_bad(src.bad, matrix_xy, offset_xy, shape)
         for j in jobs:
             j.result()
@@ -266,8 +270,8 @@ def _map_bad(bad: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, shap
 
     A cubic spline at reference position q uses the pixels floor(q)-1 .. floor(q)+2, i.e. within
     2 px; the linear map being close to unit scale, every science pixel within 2.5 px of the mapped
-    position of an invalid pixel is flagged (the old frame-wide resampled mask, grown by one pixel,
-    reached the same 2-3 px).
+    position of an invalid pixel is flagged (what a frame-wide resampled mask grown by one pixel
+    reaches, at a fraction of the cost).
     """
     ny, nx = shape
     my, mx = bad.shape
@@ -304,6 +308,115 @@ def map_mask(mask: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, sha
                 ok = oky & (x >= 0) & (x < nx)
                 out[y[ok], x[ok]] = True
     return out
+
+
+@dataclass(frozen=True)
+class _AffineMap:
+    """An affine map ``q = matrix @ p + offset`` of pixel (x, y) positions."""
+
+    matrix: np.ndarray
+    offset: np.ndarray
+
+
+@dataclass(frozen=True)
+class _StarFit:
+    """The star-fitted correction C (predicted science position -> true science position).
+
+    Attributes
+    ----------
+    correction : _AffineMap
+    keep : ndarray of bool, shape (n,), the matched pairs kept by the fit.
+    residual_xy : (float, float), per-axis RMS residual (px), NaN when none matched.
+    residual : float, RMS distance (px).
+    """
+
+    correction: _AffineMap
+    keep: np.ndarray
+    residual_xy: tuple[float, float]
+    residual: float
+
+
+def _wcs_affine(w_ref: WCS, w_sci: WCS, sci_shape: tuple[int, int]) -> tuple[_AffineMap, float]:
+    """The WCS pixel map science -> reference sampled on a 17 x 17 grid and fitted with an affine
+    map, and the largest deviation of the WCS map from it (px).
+
+    Raises
+    ------
+    AlignmentError
+        The reference WCS cannot map the science grid.
+    """
+    ny, nx = sci_shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 17), np.linspace(0, ny - 1, 17))
+    with np.errstate(all="ignore"):
+        qx, qy = pixel_map(w_ref, w_sci, gx.ravel(), gy.ravel())
+    if not (np.all(np.isfinite(qx)) and np.all(np.isfinite(qy))):
+        raise AlignmentError("the reference WCS cannot map the science grid")
+    src = np.column_stack([gx.ravel(), gy.ravel()])
+    dst = np.column_stack([qx, qy])
+    a = np.column_stack([src, np.ones(len(src))])
+    coef, *_ = np.linalg.lstsq(a, dst, rcond=None)
+    nonlinear = float(np.max(np.hypot(*(a @ coef - dst).T)))
+    return _AffineMap(coef[:2].T.copy(), coef[2].copy()), nonlinear
+
+
+def _predict_on_science(stars: StarList, wcs_map: _AffineMap, affine_ok: bool, w_ref: WCS, w_sci: WCS
+                        ) -> np.ndarray:
+    """Reference star positions predicted on the science grid through the WCSs, shape (n, 2) (px)."""
+    if affine_ok:
+        inv = np.linalg.inv(wcs_map.matrix)
+        return (np.vstack([stars.x, stars.y]) - wcs_map.offset[:, None]).T @ inv.T
+    with np.errstate(all="ignore"):
+        px, py = pixel_map(w_sci, w_ref, stars.x, stars.y)
+    return np.column_stack([px, py])
+
+
+def _fit_correction(pred: np.ndarray, sci: np.ndarray, config: AlignConfig) -> _StarFit:
+    """Correction of the WCS prediction from n matched pairs (``pred``, ``sci``: (n, 2) px): an
+    affine fit from ``min_matches`` pairs, a translation from 2, none below."""
+    n = len(sci)
+    c_m, c_t = np.eye(2), np.zeros(2)
+    keep = np.ones(n, bool)
+    if n >= config.min_matches:
+        c_m, c_t, keep = fit_affine(pred, sci, config.clip_sigma)
+    elif n >= 2:
+        c_t = np.median(sci - pred, axis=0)
+    if n:
+        res = pred @ c_m.T + c_t - sci
+        res = res[keep]
+        rx, ry = (float(np.sqrt(np.mean(res[:, k] ** 2))) for k in (0, 1))
+        resid = float(np.sqrt(rx * rx + ry * ry))
+    else:
+        rx = ry = resid = float("nan")
+    return _StarFit(_AffineMap(c_m, c_t), keep, (rx, ry), resid)
+
+
+def _resample_onto_science(ref_image: np.ndarray, ref_variance: np.ndarray, w_ref: WCS, w_sci: WCS,
+                           sci_shape: tuple[int, int], wcs_map: _AffineMap, affine_ok: bool,
+                           correction: _AffineMap, prepared: Resampleable | None
+                           ) -> tuple[np.ndarray, np.ndarray, _AffineMap]:
+    """Reference image and variance on the science grid, and the science -> reference affine map
+    ``q = W(C^-1(p))`` (W the WCS map, C the star-fitted correction; an affine approximation of it
+    when the WCS map is not affine)."""
+    c_inv = np.linalg.inv(correction.matrix)
+    m = wcs_map.matrix @ c_inv
+    t = wcs_map.offset - wcs_map.matrix @ c_inv @ correction.offset
+    if affine_ok:
+        image, variance = _resample(prepared or Resampleable.from_arrays(ref_image, ref_variance),
+                                    m, t, sci_shape)
+        return image, variance, _AffineMap(m, t)
+    from reproject import reproject_interp
+
+    bad = ~np.isfinite(ref_image)
+    img, _ = reproject_interp((np.where(bad, 0.0, ref_image), w_ref), w_sci, shape_out=sci_shape,
+                              order="bicubic")
+    var, _ = reproject_interp((np.nan_to_num(ref_variance), w_ref), w_sci, shape_out=sci_shape,
+                              order="bilinear")
+    bmask, _ = reproject_interp((bad.astype(float), w_ref), w_sci, shape_out=sci_shape,
+                                order="bilinear")
+    img[~(bmask < 1e-3)] = np.nan
+    ident_t = -c_inv @ correction.offset
+    image, variance = _resample(Resampleable.from_arrays(img, var), c_inv, ident_t, sci_shape)
+    return image, variance, _AffineMap(m, t)
 
 
 def align_reference(
@@ -344,29 +457,10 @@ def align_reference(
     except Exception as exc:
         raise AlignmentError(f"unusable WCS: {exc}") from exc
     ny, nx = sci_shape
-    # WCS pixel map sampled on a grid and fitted with an affine transform
-    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 17), np.linspace(0, ny - 1, 17))
-    with np.errstate(all="ignore"):
-        qx, qy = pixel_map(w_ref, w_sci, gx.ravel(), gy.ravel())
-    if not (np.all(np.isfinite(qx)) and np.all(np.isfinite(qy))):
-        raise AlignmentError("the reference WCS cannot map the science grid")
-    src = np.column_stack([gx.ravel(), gy.ravel()])
-    dst = np.column_stack([qx, qy])
-    a = np.column_stack([src, np.ones(len(src))])
-    coef, *_ = np.linalg.lstsq(a, dst, rcond=None)
-    wcs_m, wcs_t = coef[:2].T.copy(), coef[2].copy()
-    nonlinear = float(np.max(np.hypot(*(a @ coef - dst).T)))
+    wcs_map, nonlinear = _wcs_affine(w_ref, w_sci, sci_shape)
     affine_ok = nonlinear < config.affine_tolerance_px
-
-    # predicted positions of reference stars on the science grid
     rs, ss = ref_stars.subset(slice(0, config.max_stars)), sci_stars.subset(slice(0, config.max_stars))
-    if affine_ok:
-        inv = np.linalg.inv(wcs_m)
-        pred = (np.vstack([rs.x, rs.y]) - wcs_t[:, None]).T @ inv.T
-    else:
-        with np.errstate(all="ignore"):
-            px, py = pixel_map(w_sci, w_ref, rs.x, rs.y)
-        pred = np.column_stack([px, py])
+    pred = _predict_on_science(rs, wcs_map, affine_ok, w_ref, w_sci)
     inside = np.all(np.isfinite(pred), axis=1) & (pred[:, 0] > -5) & (pred[:, 0] < nx + 5) \
         & (pred[:, 1] > -5) & (pred[:, 1] < ny + 5)
     sci_xy = np.column_stack([ss.x, ss.y])
@@ -375,44 +469,13 @@ def align_reference(
     n = len(i_sci)
     if n < 2 and config.require_stars:
         raise AlignmentError(f"only {n} stars matched between reference and science")
-
-    # correction C: predicted science position -> true science position
-    c_m, c_t = np.eye(2), np.zeros(2)
-    keep = np.ones(n, bool)
-    if n >= config.min_matches:
-        c_m, c_t, keep = fit_affine(pred[i_ref], sci_xy[i_sci], config.clip_sigma)
-    elif n >= 2:
-        c_t = np.median(sci_xy[i_sci] - pred[i_ref], axis=0)
-    if n:
-        res = pred[i_ref] @ c_m.T + c_t - sci_xy[i_sci]
-        res = res[keep]
-        rx, ry = (float(np.sqrt(np.mean(res[:, k] ** 2))) for k in (0, 1))
-        resid = float(np.sqrt(rx * rx + ry * ry))
-    else:
-        rx = ry = resid = float("nan")
-    # science -> reference: q = W(C^-1(p)) with W the WCS map
-    c_inv = np.linalg.inv(c_m)
-    if affine_ok:
-        m = wcs_m @ c_inv
-        t = wcs_t - wcs_m @ c_inv @ c_t
-        image, variance = _resample(prepared or Resampleable.from_arrays(ref_image, ref_variance),
-                                    m, t, sci_shape)
-    else:
-        from reproject import reproject_interp
-
-        bad = ~np.isfinite(ref_image)
-        img, _ = reproject_interp((np.where(bad, 0.0, ref_image), w_ref), w_sci, shape_out=sci_shape,
-                                  order="bicubic")
-        var, _ = reproject_interp((np.nan_to_num(ref_variance), w_ref), w_sci, shape_out=sci_shape,
-                                  order="bilinear")
-        bmask, _ = reproject_interp((bad.astype(float), w_ref), w_sci, shape_out=sci_shape,
-                                    order="bilinear")
-        img[~(bmask < 1e-3)] = np.nan
-        ident_t = -c_inv @ c_t
-        image, variance = _resample(Resampleable.from_arrays(img, var), c_inv, ident_t, sci_shape)
-        m, t = wcs_m @ c_inv, wcs_t - wcs_m @ c_inv @ c_t  # affine approximation, for bookkeeping
+    fit = _fit_correction(pred[i_ref], sci_xy[i_sci], config)
+    image, variance, sci_to_ref = _resample_onto_science(ref_image, ref_variance, w_ref, w_sci, sci_shape,
+                                                         wcs_map, affine_ok, fit.correction, prepared)
     overlap = float(np.isfinite(image).mean())
     if overlap < config.min_overlap:
         raise AlignmentError(f"reference covers only {100 * overlap:.1f}% of the frame")
-    return Alignment(image, variance, m, t, resid, (rx, ry), int(keep.sum()) if n else 0,
-                     i_sci[keep] if n else i_sci, i_ref[keep] if n else i_ref, overlap)
+    keep = fit.keep
+    return Alignment(image, variance, sci_to_ref.matrix, sci_to_ref.offset, fit.residual, fit.residual_xy,
+                     int(keep.sum()) if n else 0, i_sci[keep] if n else i_sci, i_ref[keep] if n else i_ref,
+                     overlap)

@@ -23,10 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
+from broker import MODELS_DIR
 from broker.candidate import Candidate
 from broker.errors import ModelError
 
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+__all__ = [
+    "DEFAULT_VERSION",
+    "FEATURE_NAMES",
+    "N_FEATURES",
+    "AnomalyConfig",
+    "AnomalyModel",
+    "features_from",
+    "fit_anomaly",
+]
+
+#: Version loaded when none is given (``broker/models/anomaly-v1.npz`` and its card).
 DEFAULT_VERSION = "anomaly-v1"
 
 #: Names of the columns of :func:`features_from`, in order.
@@ -119,13 +130,15 @@ class AnomalyConfig:
         Gaussians in the mixture. Default 6: enough for the modes of the training set
         (brightening/fading x new/known objects x host/no host) without fitting noise.
     covariance_type : str
-        Only ``"full"`` is supported by the numpy evaluator.
+        Only ``"full"`` (the default) is supported by the numpy evaluator.
     reg_covar : float
         Added to the covariance diagonals (standardised units). Default 1e-3: keeps discrete
         features (sign, n_filters) from collapsing a component to zero variance.
     n_cdf_knots : int
         Quantile knots of the empirical CDF stored with the model. Default 201 (0.5% steps).
     seed : int
+        Random state of the mixture fit (its initialisations). Default 0; ``main_train`` passes
+        its own seed.
     """
 
     n_components: int = 6
@@ -215,7 +228,7 @@ class AnomalyModel:
             return np.zeros(0)
         feats = np.stack([features_from(c, c.history, mjd) for c in candidates])
         s = self.score(feats)
-        for c, v in zip(candidates, s):
+        for c, v in zip(candidates, s, strict=True):
             c.anomaly = float(v)
         return s
 
@@ -232,7 +245,7 @@ class AnomalyModel:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> AnomalyModel:
-        """Load a model by version name in ``models/`` or by path (default ``anomaly-v1``).
+        """Load a model by version name in :data:`MODELS_DIR` or by path (default ``anomaly-v1``).
 
         Raises
         ------

@@ -30,10 +30,10 @@ def _kernels(psfs: list[np.ndarray], sigmas: np.ndarray, half: int) -> tuple[lis
     small = (2 * half + 1, 2 * half + 1)
     ph = [fft.fft2(embed_centred(p, small, np.float64)) for p in psfs]
     w = 1.0 / np.asarray(sigmas, np.float64) ** 2
-    den = np.sqrt(sum(wj * np.abs(p) ** 2 for wj, p in zip(w, ph)))
+    den = np.sqrt(sum(wj * np.abs(p) ** 2 for wj, p in zip(w, ph, strict=True)))
     den = np.maximum(den, 1e-12 * den.max())
     f_r = np.sqrt(w.sum())
-    kernels = [np.real(np.fft.fftshift(fft.ifft2(wj * np.conj(p) / den))) / f_r for wj, p in zip(w, ph)]
+    kernels = [np.real(np.fft.fftshift(fft.ifft2(wj * np.conj(p) / den))) / f_r for wj, p in zip(w, ph, strict=True)]
     psf = np.real(np.fft.fftshift(fft.ifft2(den / f_r)))
     return kernels, psf / psf.sum()
 
@@ -69,7 +69,7 @@ def proper_coadd(images: list[np.ndarray], variances: list[np.ndarray], psfs: li
     shape = (fft.next_fast_len(ny + 2 * half, real=True), fft.next_fast_len(nx + 2 * half, real=True))
     acc = np.zeros((shape[0], shape[1] // 2 + 1), np.complex128)
     vacc = np.zeros_like(acc)
-    for img, var, k in zip(images, variances, kernels):
+    for img, var, k in zip(images, variances, kernels, strict=True):
         kh = fft.rfft2(embed_centred(k, shape, np.float64), workers=workers)
         acc += fft.rfft2(img, s=shape, workers=workers) * kh
         k2h = fft.rfft2(embed_centred(k * k, shape, np.float64), workers=workers)

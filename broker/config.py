@@ -42,7 +42,8 @@ class PipelineConfig:
     max_frame_bytes : int
         Hard limit on one frame's FITS bytes (1 GiB) against hostile or broken producers.
     rb_model, anomaly_model : str or None
-        Weights to load; None: the versions shipped in ``models/``.
+        Weights to load (a version name in ``broker/models/`` or a path); None: the shipped
+        defaults (``realbogus.DEFAULT_VERSION``, ``anomaly.DEFAULT_VERSION``).
     rb_views : int
         Dihedral views averaged per triplet by the real/bogus model (``ScoreConfig.views``: 1, 2,
         4 or 8); each costs one forward pass.
@@ -52,6 +53,12 @@ class PipelineConfig:
     retain_freed_memory : bool
         The subtract stage keeps freed memory for the next frame (:mod:`broker.runtime`; True:
         4096^2 frames 7.7 s -> 4.5 s on the build machine, at the price of keeping the peak heap).
+    max_consecutive_unexpected : int
+        Unexpected errors (exceptions that are not a ``BrokerError``: bugs, not bad input) in a
+        row after which a stage exits non-zero for its supervisor to restart it (count; 0: never).
+        Default 5: one poison message is dead-lettered and the stage carries on; a bug that hits
+        every message stops the stage within 5 messages instead of draining the stream into the
+        dead-letter topic.
     """
 
     state_dir: Path = Path("var/state")
@@ -63,6 +70,7 @@ class PipelineConfig:
     rb_views: int = 1
     torch_threads: int = 1
     retain_freed_memory: bool = True
+    max_consecutive_unexpected: int = 5
     ingest: IngestConfig = field(default_factory=IngestConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     subtract: SubtractConfig = field(default_factory=SubtractConfig)

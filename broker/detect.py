@@ -7,14 +7,17 @@ negative = faded); :func:`measure_candidates` turns each into a :class:`~broker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from broker.candidate import Detection
-from broker.psf import GAUSS_FWHM, psf_peak_excess
+from broker.defects import psf_peak_excess
+from broker.psf import GAUSS_FWHM
 
 
 @dataclass(frozen=True)
@@ -29,22 +32,21 @@ class DetectConfig:
     footprint_half : int
         Half-size of the bad-pixel footprint (px): 2 -> the 5x5 px of ``Detection.n_bad``.
     max_bad_fraction : float
-        Candidates whose footprint has more bad pixels than this fraction are dropped (they measure
-        a mask edge, not the sky).
+        Candidates whose footprint has more bad pixels than this fraction (dimensionless; 0.5) are
+        dropped: they measure a mask edge, not the sky.
     dipole_sigma : float
-        Only pixels of D beyond this many sigma enter the dipole measure (with 2 sigma, plain noise
+        Only pixels of D beyond this many sigma enter the dipole measure; 3 (with 2, plain noise
         around an S/N 10 source already gives ~0.2).
     max_candidates : int
-        At most this many candidates per frame (the most significant); a frame beyond it is garbage
-        and downstream stages must not be flooded.
+        At most this many candidates per frame (count; the most significant); 500: a frame beyond
+        it is garbage and downstream stages must not be flooded.
     subpixel_peak : bool
         Threshold S_corr at its sub-pixel peak rather than at the best pixel
         (:func:`find_scorr_peaks`): ~2 % more S/N for sources between pixel centres, and as many
-        more noise peaks as a threshold 2 % lower gives. Off: on 6 bench pairs (12,000 sources
-        at S/N 3-10, ``python -m bench.subtraction``) the best-pixel statistic is within 0.006 of
-        the theoretical completeness in every S/N bin (S/N50 +0.03) with 0.8 false detections a
-        frame; the sub-pixel peak, the maximum of a noisy surface, is up to 0.04 above theory
-        (S/N50 -0.09) with 1.0 false detections a frame.
+        more noise peaks as a threshold 2 % lower gives. Off: on 6 bench pairs
+        (``python -m bench.subtraction``) the best-pixel statistic matches the theoretical
+        completeness within 0.006 with 0.8 false detections a frame; the sub-pixel peak, the
+        maximum of a noisy surface, exceeds it by up to 0.04 with 1.0.
     """
 
     threshold_sigma: float = 5.0
@@ -161,7 +163,7 @@ def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray
     """Which peaks sit on a pixel sharper than the PSF allows: cosmic rays (and hot pixels).
 
     The brightest pixel of ``image`` within ``search`` px of each peak is compared with the median
-    of its 3x3 neighbourhood, with the criterion of :func:`broker.psf.sharp_outliers` (excess over
+    of its 3x3 neighbourhood, with the criterion of :func:`broker.defects.sharp_outliers` (excess over
     that median > ``nsigma`` noise sigma *and* > ``margin`` x the most a PSF of this FWHM can give).
     Only the peaks are examined, so it costs nothing next to a frame-wide filter; a transient, blurred
     by the same PSF as the stars, never qualifies.
@@ -187,7 +189,7 @@ def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray
     img = np.where(np.isfinite(image), image, 0.0)
     excess = psf_peak_excess(fwhm)
     out = np.zeros(len(x), bool)
-    for i, (xi, yi) in enumerate(zip(np.asarray(x, int), np.asarray(y, int))):
+    for i, (xi, yi) in enumerate(zip(np.asarray(x, int), np.asarray(y, int), strict=True)):
         y0, y1 = max(1, yi - search), min(ny - 1, yi + search + 1)
         x0, x1 = max(1, xi - search), min(nx - 1, xi + search + 1)
         if y0 >= y1 or x0 >= x1:
@@ -267,7 +269,8 @@ class _ShiftedPSF:
         return self.with_gradient(dy, dx)[0]
 
 
-def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy: float,
+def psf_fit_position(stamp: np.ndarray, good: np.ndarray,
+                     psf_at: Callable[[float, float], tuple[np.ndarray, np.ndarray, np.ndarray]], dx: float, dy: float,
                      iterations: int = 10, max_step: float = 0.5) -> tuple[float, float] | None:
     """Position of a PSF on ``stamp`` fitted with a plane beneath it (Gauss-Newton).
 
@@ -318,7 +321,7 @@ def psf_fit_position(stamp: np.ndarray, good: np.ndarray, psf_at, dx: float, dy:
 def measure_candidates(
     x: np.ndarray, y: np.ndarray, value: np.ndarray, *,
     D: np.ndarray, scorr: np.ndarray, P_D: np.ndarray, F_D: float, noise_ratio: np.ndarray, bad: np.ndarray,
-    wcs, pixel_scale_arcsec: float, ref_xy: np.ndarray, ref_flux: np.ndarray,
+    wcs: WCS, pixel_scale_arcsec: float, ref_xy: np.ndarray, ref_flux: np.ndarray,
     fwhm_D: float, config: DetectConfig = DetectConfig(),
 ) -> tuple[list[Detection], np.ndarray]:
     """Measure each peak on the difference image.
@@ -350,57 +353,86 @@ def measure_candidates(
     kept : ndarray of int
         Indices of the peaks kept (those with an acceptable footprint).
     """
-    ny, nx = D.shape
     k = P_D.shape[0] // 2
-    fh = config.footprint_half
     hm = int(np.clip(np.ceil(1.5 * fwhm_D), 3, k))  # stamp half-size for the PSF fit and moments
-    tree = cKDTree(ref_xy) if len(ref_xy) else None
-    out, kept = [], []
     badf = bad.astype(np.float32)
-    rows = []
     shifted = _ShiftedPSF(P_D, hm)
-    for i, (xi, yi, v) in enumerate(zip(x, y, value)):
-        fp = _stamp(badf, int(xi), int(yi), fh)
-        n_bad = int(np.nansum(fp) + np.isnan(fp).sum())
-        if n_bad > config.max_bad_fraction * fp.size:
-            continue
-        sign = 1.0 if v >= 0 else -1.0
-        # S is D matched-filtered by P_D: its peak is the maximum-likelihood position on flat
-        # noise; a PSF-plus-plane fit on D then takes out the slope of any residual beneath
-        xs, ys = _subpixel(scorr, int(xi), int(yi), sign)
-        st = _stamp(D, int(xi), int(yi), hm).astype(np.float64)
-        good = np.isfinite(st) & ~(_stamp(badf, int(xi), int(yi), hm) != 0)
-        fit = psf_fit_position(sign * st, good, shifted.with_gradient, xs - xi, ys - yi)
-        if fit is not None:
-            xs, ys = xi + fit[0], yi + fit[1]
-        # PSF fit of the flux on D with P_D moved to the sub-pixel position
-        psf = shifted(ys - yi, xs - xi)
-        p2 = float((psf[good] ** 2).sum())
-        if p2 <= 0:
-            continue
-        amp = float((st[good] * psf[good]).sum() / p2)
-        flux = amp / F_D
-        err = float(np.sqrt(max(noise_ratio[int(yi), int(xi)], 1.0)) / np.sqrt(p2) / F_D)
-        fwhm, elong = _shape(sign * st)
-        sig = np.abs(st) > config.dipole_sigma
-        pos = float(np.nansum(np.where(sig & (sign * st > 0), np.abs(st), 0.0)))
-        neg = float(np.nansum(np.where(sig & (sign * st < 0), np.abs(st), 0.0)))
-        dipole = neg / (pos + neg) if pos + neg > 0 else 0.0
-        rows.append((float(xs), float(ys), flux, err, float(v), fwhm, elong, dipole, n_bad))
-        kept.append(i)
+    rows, kept = [], []
+    for i, (xi, yi, v) in enumerate(zip(x, y, value, strict=True)):
+        row = _measure_peak(xi, yi, v, D, scorr, badf, noise_ratio, F_D, shifted, config)
+        if row is not None:
+            rows.append(row)
+            kept.append(i)
     if not rows:
         return [], np.zeros(0, int)
-    px = np.array([r[0] for r in rows])
-    py = np.array([r[1] for r in rows])
+    return _detections(rows, wcs, pixel_scale_arcsec, ref_xy, ref_flux), np.asarray(kept, int)
+
+
+@dataclass(frozen=True)
+class _Measurement:
+    """One peak measured on D (see :class:`~broker.candidate.Detection` for the fields)."""
+
+    x: float
+    y: float
+    flux: float
+    flux_err: float
+    scorr: float
+    fwhm: float
+    elongation: float
+    dipole: float
+    n_bad: int
+
+
+def _dipole(st: np.ndarray, sign: float, nsigma: float) -> float:
+    """Fraction of the |D| beyond ``nsigma`` on a stamp that has the sign opposite to the source."""
+    sig = np.abs(st) > nsigma
+    pos = float(np.nansum(np.where(sig & (sign * st > 0), np.abs(st), 0.0)))
+    neg = float(np.nansum(np.where(sig & (sign * st < 0), np.abs(st), 0.0)))
+    return neg / (pos + neg) if pos + neg > 0 else 0.0
+
+
+def _measure_peak(xi: np.integer, yi: np.integer, v: float, D: np.ndarray, scorr: np.ndarray, badf: np.ndarray,
+                  noise_ratio: np.ndarray, F_D: float, shifted: _ShiftedPSF, config: DetectConfig
+                  ) -> _Measurement | None:
+    """Position, PSF-fit flux, shape and dipole of one peak (px, sigma) on D, or None when its
+    footprint is mostly bad or no PSF pixel is good."""
+    fp = _stamp(badf, int(xi), int(yi), config.footprint_half)
+    n_bad = int(np.nansum(fp) + np.isnan(fp).sum())
+    if n_bad > config.max_bad_fraction * fp.size:
+        return None
+    sign = 1.0 if v >= 0 else -1.0
+    # S is D matched-filtered by P_D: its peak is the maximum-likelihood position on flat
+    # noise; a PSF-plus-plane fit on D then takes out the slope of any residual beneath
+    xs, ys = _subpixel(scorr, int(xi), int(yi), sign)
+    st = _stamp(D, int(xi), int(yi), shifted.hm).astype(np.float64)
+    good = np.isfinite(st) & ~(_stamp(badf, int(xi), int(yi), shifted.hm) != 0)
+    fit = psf_fit_position(sign * st, good, shifted.with_gradient, xs - xi, ys - yi)
+    if fit is not None:
+        xs, ys = xi + fit[0], yi + fit[1]
+    # PSF fit of the flux on D with P_D moved to the sub-pixel position
+    psf = shifted(ys - yi, xs - xi)
+    p2 = float((psf[good] ** 2).sum())
+    if p2 <= 0:
+        return None
+    amp = float((st[good] * psf[good]).sum() / p2)
+    err = float(np.sqrt(max(noise_ratio[int(yi), int(xi)], 1.0)) / np.sqrt(p2) / F_D)
+    fwhm, elong = _shape(sign * st)
+    return _Measurement(float(xs), float(ys), amp / F_D, err, float(v), fwhm, elong,
+                        _dipole(st, sign, config.dipole_sigma), n_bad)
+
+
+def _detections(rows: list[_Measurement], wcs: WCS, pixel_scale_arcsec: float, ref_xy: np.ndarray,
+                ref_flux: np.ndarray) -> list[Detection]:
+    """Detections of the measured peaks, with RA/Dec and the nearest reference source."""
+    px = np.array([r.x for r in rows])
+    py = np.array([r.y for r in rows])
     ra, dec = wcs.pixel_to_world_values(px, py)  # vectorised: one WCS call per frame
-    if tree is not None:
-        dist, j = tree.query(np.column_stack([px, py]))
+    if len(ref_xy):
+        dist, j = cKDTree(ref_xy).query(np.column_stack([px, py]))
         rdist, rflux = dist * pixel_scale_arcsec, ref_flux[j]
     else:
         rdist, rflux = np.full(len(rows), np.inf), np.zeros(len(rows))
-    for k, (xs, ys, flux, err, v, fwhm, elong, dipole, n_bad) in enumerate(rows):
-        out.append(Detection(
-            x=xs, y=ys, ra=float(ra[k]), dec=float(dec[k]), flux=flux, flux_err=err,
-            snr=flux / err, scorr=v, fwhm=fwhm, elongation=elong, dipole=dipole,
-            n_bad=n_bad, ref_dist=float(rdist[k]), ref_flux=float(rflux[k])))
-    return out, np.asarray(kept, int)
+    return [Detection(x=r.x, y=r.y, ra=float(ra[k]), dec=float(dec[k]), flux=r.flux, flux_err=r.flux_err,
+                      snr=r.flux / r.flux_err, scorr=r.scorr, fwhm=r.fwhm, elongation=r.elongation,
+                      dipole=r.dipole, n_bad=r.n_bad, ref_dist=float(rdist[k]), ref_flux=float(rflux[k]))
+            for k, r in enumerate(rows)]

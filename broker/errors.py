@@ -135,3 +135,15 @@ class ConfigError(BrokerError):
     """An invalid configuration file or value."""
 
     reason = "config"
+
+
+# --- runtime ------------------------------------------------------------------------------------
+class StageFailure(BrokerError):
+    """A stage stops itself: too many unexpected (non-:class:`BrokerError`) errors in a row.
+
+    An unexpected error is a bug, not bad input; once it repeats, every message would go to the
+    dead-letter topic while the stage looked healthy, so the stage exits non-zero instead and its
+    supervisor restarts it (see ``docs/architecture.md``, "Errors and dead letters").
+    """
+
+    reason = "stage_failure"

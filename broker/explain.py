@@ -1,6 +1,6 @@
 """Why the real/bogus CNN scored a candidate as it did: integrated-gradients attribution maps.
 
-For a normalised triplet ``x`` (``(3, 63, 63)``, see :func:`broker.realbogus.normalise_triplet`)
+For a normalised triplet ``x`` (``(3, 63, 63)``, see :func:`broker.normalise.normalise_triplet`)
 and a baseline ``x0`` (all zeros: every channel at its median, i.e. empty sky, which is also what
 the normaliser puts in NaN and padded pixels), integrated gradients (Sundararajan et al. 2017)
 
@@ -26,7 +26,8 @@ import torch
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import CutoutError
-from broker.realbogus import RealBogusClassifier, alert_triplet, normalise_triplet
+from broker.normalise import alert_triplet, normalise_triplet
+from broker.realbogus import RealBogusClassifier
 
 #: Channel names, in input order.
 CHANNELS = ("science", "reference", "difference")
@@ -42,7 +43,7 @@ class ExplainConfig:
         Points on the straight path from the baseline to the input (midpoint rule). Default 64:
         the completeness error is then a few percent of ``f(x) - f(x0)`` for this network.
     batch_size : int
-        Path points per forward/backward pass.
+        Path points per forward/backward pass. Default 64: one pass for the default ``steps``.
     """
 
     steps: int = 64
@@ -78,7 +79,7 @@ class Explanation:
         """Fraction of the total absolute attribution in each channel."""
         a = np.abs(self.attribution).reshape(3, -1).sum(axis=1)
         tot = float(a.sum()) or 1.0
-        return {c: float(v / tot) for c, v in zip(CHANNELS, a)}
+        return {c: float(v / tot) for c, v in zip(CHANNELS, a, strict=True)}
 
 
 def explain_triplet(clf: RealBogusClassifier, triplet: np.ndarray,
@@ -89,7 +90,7 @@ def explain_triplet(clf: RealBogusClassifier, triplet: np.ndarray,
     ----------
     clf : RealBogusClassifier
     triplet : ndarray, shape (3, 63, 63)
-        Output of :func:`~broker.realbogus.normalise_triplet` (any clip; clamped to the model's).
+        Output of :func:`~broker.normalise.normalise_triplet` (any clip; clamped to the model's).
     config : ExplainConfig
 
     Returns

@@ -37,7 +37,7 @@ class HistoryConfig:
     Attributes
     ----------
     radius_arcsec : float
-        Association radius (arcsec); 1.5 as ZTF's object association and DESIGN.md.
+        Association radius (arcsec); 1.5 as ZTF's object association.
     max_history : int
         Most previous detections attached to a candidate (newest kept), bounding alert size
         (ZTF attaches 30 days of history; 100 detections is more than that for nightly cadence).

@@ -7,12 +7,14 @@ configured quality cuts (frames are flagged, and rejected only when a cut says s
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs.utils import proj_plane_pixel_scales
 from photutils.detection import DAOStarFinder
+from photutils.utils.exceptions import NoDetectionsWarning
 from photutils.psf import fit_fwhm
 
 from broker.errors import BadPixelFraction, BadShape, PoorQuality
@@ -127,7 +129,9 @@ def _seeing(data: np.ndarray, rms: float, saturation: float, config: IngestConfi
     """Median FWHM (px) of the brightest isolated unsaturated stars, and how many were fitted."""
     finder = DAOStarFinder(threshold=config.detect_sigma * rms, fwhm=3.0, n_brightest=config.max_stars * 2,
                            exclude_border=True)
-    stars = finder(np.nan_to_num(data, nan=0.0))
+    with warnings.catch_warnings():  # no star is a normal outcome (flagged few_stars), not a warning
+        warnings.simplefilter("ignore", NoDetectionsWarning)
+        stars = finder(np.nan_to_num(data, nan=0.0))
     if stars is None:
         return float("nan"), 0
     stars = stars[np.asarray(stars["peak"]) < 0.7 * saturation]  # keep away from non-linearity

@@ -8,6 +8,7 @@ proper co-add by default (:mod:`broker.coadd`).
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
@@ -19,14 +20,22 @@ import numpy as np
 from astropy.io import fits
 
 from broker.align import AlignConfig, Resampleable, align_reference, map_mask
+from broker.background import BackgroundConfig, estimate_background
 from broker.coadd import proper_coadd
+from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_outliers
 from broker.errors import BrokerError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
-    BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    FILL_MAX_SPREAD, bad_columns, gaussian_psf, half_size_for, inpaint, measure_fwhm, select_psf_stars,
-    sharp_outliers, stack_psf,
+    PSFConfig,
+    PSFModel,
+    build_psf,
+    gaussian_psf,
+    half_size_for,
+    measure_fwhm,
+    select_psf_stars,
+    stack_psf,
 )
+from broker.stars import StarConfig, StarList, find_stars
 
 
 @dataclass(frozen=True)
@@ -40,9 +49,11 @@ class ReferenceConfig:
         reject a cosmic ray and gives sqrt(3) more depth than one frame, while a new field gets
         alerts after only three visits.
     saturation_fraction : float
-        Input pixels above this fraction of SATURATE are dropped from the co-add (non-linearity).
+        Input pixels at or above this fraction of SATURATE are dropped from the co-add
+        (dimensionless); 0.9, as ``SubtractConfig.saturation_fraction`` (non-linearity).
     sat_grow_px : float
-        Dropped saturated regions are grown by this many pixels (bleed / non-linear wings).
+        Dropped saturated regions are grown by this many pixels (bleed / non-linear wings); 3,
+        about one FWHM at the expected seeing (``StarConfig.fwhm_guess_px``).
     source_threshold_sigma : float
         Threshold of the stored reference source catalogue (sigma); 5 like the detection threshold.
     source_max_stars : int
@@ -50,15 +61,15 @@ class ReferenceConfig:
     clip_sigma, clip_fraction : float
         With >= 3 frames, a pixel is dropped from the co-add when it deviates from the per-pixel
         median by more than ``clip_sigma`` of its own noise (sigma) plus ``clip_fraction`` x |median|
-        (cosmic rays, hot pixels that move with the pointing). The |median| allowance (3.0 = 300 %)
-        keeps source cores, whose peak scales as 1/FWHM^2: seeing 2x apart (1.6-3.2 px, the
-        simulator's and a typical site's range) changes it 4x. With 1.0, star cores of the sharpest
-        frame were clipped while broader galaxy cores were not, so the PSF measured on the co-add's
-        stars did not fit its galaxies: every bright galaxy core left -5 to -16 sigma in S_corr.
+        (cosmic rays, hot pixels that move with the pointing); 5 sigma. The |median| allowance
+        (3.0 = 300 %) keeps source cores, whose peak scales as 1/FWHM^2: seeing 2x apart (1.6-3.2
+        px, the simulator's and a typical site's range) changes it 4x (1.0 clipped the star cores
+        of the sharpest frame but not broader galaxy cores, leaving -5 to -16 sigma at bright
+        galaxy cores in S_corr).
     clip_grow_px : int
         Clipped pixels are grown by this many pixels in their frame (px): the wings of a moving
         object or a cosmic ray's halo lie below the clip but would leave a negative ghost in every
-        difference (1 px: the demo's false candidates went from 54 to 43).
+        difference (1 px: 43 false candidates on the demo instead of 54 with 0).
     coadd : str
         ``"proper"``: Zackay & Ofek's proper co-addition (:mod:`broker.coadd`) of the weighted
         co-add's inputs: point-source S/N^2 the sum of the inputs', whatever their seeing (on
@@ -106,7 +117,8 @@ class Reference:
     frame_ids : tuple of str
         Frames co-added into it.
     sources : StarList or None
-        Source catalogue on the reference grid (computed on first use when None).
+        Stored source catalogue on the reference grid (:func:`build_reference` makes one; a file
+        may lack it). When None, :meth:`catalogue` finds one on the image.
     defects : ndarray of bool, shape (ny, nx), or None
         Pixels invalid in every input and filled from their neighbours: detector defects that
         stay put while the pointing jitters by less than a pixel (a bad-pixel map for free; the
@@ -122,12 +134,27 @@ class Reference:
     sources: StarList | None = field(default=None, repr=False, compare=False)
     defects: np.ndarray | None = field(default=None, repr=False, compare=False)
     _resampleable: Resampleable | None = field(default=None, init=False, repr=False, compare=False)
+    _found_sources: dict[tuple[StarConfig, float], StarList] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def resampleable(self) -> Resampleable:
         """The image and variance prepared for resampling (computed on first use, then kept)."""
         if self._resampleable is None:
             self._resampleable = Resampleable.from_arrays(self.image, self.variance)
         return self._resampleable
+
+    def catalogue(self, stars: StarConfig, threshold_sigma: float) -> StarList:
+        """Source catalogue on the reference grid: the stored :attr:`sources`, else the sources found
+        on the image above ``threshold_sigma`` (sigma) with ``stars`` and the PSF's FWHM as kernel
+        (computed on first use for these settings, then kept; :attr:`sources` is left as it is)."""
+        if self.sources is not None:
+            return self.sources
+        key = (stars, threshold_sigma)
+        if key not in self._found_sources:
+            rms = float(np.sqrt(np.nanmedian(self.variance)))
+            self._found_sources[key] = find_stars(self.image, rms, stars, fwhm=measure_fwhm(self.psf),
+                                                  threshold_sigma=threshold_sigma)
+        return self._found_sources[key]
 
     def save(self, path: str | os.PathLike) -> None:
         """Write one multi-extension FITS file atomically (temporary file + ``os.replace``).
@@ -174,7 +201,8 @@ class Reference:
             Missing, unreadable or incomplete file.
         """
         try:
-            with fits.open(path, memmap=False) as hdul:
+            # from bytes: astropy leaves the file open when it fails on a truncated one
+            with fits.open(io.BytesIO(Path(path).read_bytes())) as hdul:
                 hdr = hdul[0].header.copy()
                 image = np.asarray(hdul[0].data, dtype=np.float32)
                 variance = np.asarray(hdul["VARIANCE"].data, dtype=np.float32)
@@ -229,6 +257,118 @@ def _prepare(frame: Frame, config: ReferenceConfig
     return img, var.astype(np.float32), sigma, stars, sat
 
 
+@dataclass(frozen=True)
+class _CoaddInput:
+    """One frame on the grid of the first, in its flux scale.
+
+    Attributes
+    ----------
+    image, variance : ndarray, shape (ny, nx), float32
+        Flux-scaled pixels (ADU) and variance (ADU^2), NaN where invalid.
+    weight : float
+        ``F^2 / (sigma^2 FWHM^2)`` of the flux-scaled image.
+    psf : ndarray or None
+        Its stacked PSF stamp (None: the Gaussian fallback, or too few stars).
+    sigma : float
+        Flux-scaled sky RMS (ADU).
+    """
+
+    image: np.ndarray
+    variance: np.ndarray
+    weight: float
+    psf: np.ndarray | None
+    sigma: float
+
+
+def _scaled_input(img: np.ndarray, var: np.ndarray, sig: float, F: float, fwhm: float,
+                  psf: np.ndarray | None) -> _CoaddInput:
+    """A frame divided by its flux ratio ``F`` to the grid frame, with its co-add weight."""
+    return _CoaddInput((img / F).astype(np.float32), (var / (F * F)).astype(np.float32),
+                       F * F / (sig * sig * fwhm * fwhm), psf, sig / F)
+
+
+def _grid_input(img: np.ndarray, var: np.ndarray, sig: float, stars: StarList, h: int,
+                config: ReferenceConfig) -> _CoaddInput:
+    """The grid frame itself (flux ratio 1), with its own PSF."""
+    g_psf = build_psf(img, stars, config.psf, half_size=h)
+    return _scaled_input(img, var, sig, 1.0, g_psf.fwhm, None if g_psf.fallback else g_psf.stamp)
+
+
+def _flux_ratio_and_psf(g_img: np.ndarray, img: np.ndarray, matched: StarList, h: int, fwhm: float,
+                        config: ReferenceConfig) -> tuple[float, np.ndarray | None, float]:
+    """Flux ratio F of a registered frame to the grid frame (median over matched stars), its PSF
+    stacked from them and that PSF's FWHM (px; ``fwhm`` when too few stars give one)."""
+    idx = select_psf_stars(matched, img.shape, h, config.psf)
+    F, pf = 1.0, None
+    if len(idx):
+        _, fg, ug = stack_psf(g_img, matched.x[idx], matched.y[idx], h)
+        pf, ff, uf = stack_psf(img, matched.x[idx], matched.y[idx], h)
+        both = ug & uf
+        if both.any():
+            F = float(np.median(ff[both] / fg[both]))
+        if pf is not None and both.sum() >= config.psf.min_stars:
+            fwhm = measure_fwhm(pf)
+        else:
+            pf = None
+    if not (np.isfinite(F) and F > 0):
+        F = 1.0
+    return F, pf, fwhm
+
+
+def _registered_input(frame: Frame, grid: Frame, g_img: np.ndarray, g_stars: StarList, h: int,
+                      config: ReferenceConfig) -> tuple[_CoaddInput, np.ndarray]:
+    """A frame registered onto the grid frame and flux-scaled to it, and where it was saturated
+    (on the grid, bool)."""
+    shape = grid.shape
+    img0, var0, sig, stars, sat = _prepare(frame, config)
+    ali = align_reference(img0, var0, frame.header, stars, grid.header, shape, g_stars, config.align)
+    sat_on_grid = map_mask(sat, ali.matrix, ali.offset, shape, radius=1)
+    F, pf, fwhm = _flux_ratio_and_psf(g_img, ali.image, g_stars.subset(ali.sci_index), h, stars.fwhm, config)
+    return _scaled_input(ali.image, ali.variance, sig, F, fwhm, pf), sat_on_grid
+
+
+def _good_pixels(stack: np.ndarray, vstack: np.ndarray, config: ReferenceConfig) -> np.ndarray:
+    """Pixels of the (n, ny, nx) stack that enter the co-add: finite, and with >= 3 frames not
+    far from the per-pixel median (cosmic rays, moving hot pixels), their wings with them."""
+    ok = np.isfinite(stack) & np.isfinite(vstack)
+    if len(stack) >= 3:
+        # the margin grows with |median| because better seeing legitimately raises star cores (up to ~2x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(np.where(ok, stack, np.nan), axis=0)
+        dev = np.abs(stack - med)
+        out = dev > config.clip_sigma * np.sqrt(np.where(ok, vstack, 0.0)) + config.clip_fraction * np.abs(med)
+        # an outlier's core is clipped, its fainter wings (a moving object's PSF) with it
+        ok &= ~np.stack([_grow_mask(o, config.clip_grow_px) for o in out])
+    return ok
+
+
+def _weighted_mean(stack: np.ndarray, vstack: np.ndarray, ok: np.ndarray, weights: list[float]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean of the good pixels of the (n, ny, nx) stack and its variance
+    ``sum(w_i^2 v_i) / (sum w_i)^2``, (ny, nx) float32, NaN where no input is good."""
+    w = np.asarray(weights, np.float64)[:, None, None] * ok
+    den = w.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        image = np.where(den > 0, (w * np.where(ok, stack, 0.0)).sum(axis=0) / den, np.nan).astype(np.float32)
+        variance = np.where(den > 0, (w * w * np.where(ok, vstack, 0.0)).sum(axis=0) / den ** 2,
+                            np.nan).astype(np.float32)
+    return image, variance
+
+
+def _reference_header(grid_header: fits.Header, key: tuple[str, str, str], n_frames: int, method: str,
+                      psf: PSFModel) -> fits.Header:
+    """The grid's WCS plus TELESCOP, FIELD, FILTER, NCOMBINE, COADD, PSFFWHM, PSFFALLB."""
+    header = fits.Header()
+    header.update(grid_header)
+    header["TELESCOP"], header["FIELD"], header["FILTER"] = key
+    header["NCOMBINE"] = n_frames
+    header["COADD"] = (method, "proper (Zackay & Ofek 2017) or weighted mean")
+    header["PSFFWHM"] = (psf.fwhm, "px, co-add PSF FWHM")
+    header["PSFFALLB"] = (psf.fallback, "PSF is the Gaussian fallback")
+    return header
+
+
 def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConfig()) -> Reference:
     """Co-add frames of one field into a reference.
 
@@ -258,79 +398,33 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     frames = sorted(frames, key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
     grid = frames[0]
     grid_header = celestial_wcs(grid.header).to_header()
-    shape = grid.shape
     g_img, g_var, g_sig, g_stars, sat_any = _prepare(grid, config)
     h = half_size_for(g_stars.fwhm, config.psf)
-    imgs, vars_, ws, psfs, sigmas = [], [], [], [], []
+    inputs = []
     for f in frames:
         if f is grid:
-            img, var, sig, stars, F = g_img, g_var, g_sig, g_stars, 1.0
-            g_psf = build_psf(img, stars, config.psf, half_size=h)
-            fwhm, pf = g_psf.fwhm, (None if g_psf.fallback else g_psf.stamp)
-        else:
-            img0, var0, sig, stars, sat = _prepare(f, config)
-            ali = align_reference(img0, var0, f.header, stars, grid.header, shape, g_stars, config.align)
-            sat_any |= map_mask(sat, ali.matrix, ali.offset, shape, radius=1)
-            img, var = ali.image, ali.variance
-            matched = g_stars.subset(ali.sci_index)
-            idx = select_psf_stars(matched, shape, h, config.psf)
-            F, pf = 1.0, None
-            fwhm = stars.fwhm
-            if len(idx):
-                _, fg, ug = stack_psf(g_img, matched.x[idx], matched.y[idx], h)
-                pf, ff, uf = stack_psf(img, matched.x[idx], matched.y[idx], h)
-                both = ug & uf
-                if both.any():
-                    F = float(np.median(ff[both] / fg[both]))
-                if pf is not None and both.sum() >= config.psf.min_stars:
-                    fwhm = measure_fwhm(pf)
-                else:
-                    pf = None
-            if not (np.isfinite(F) and F > 0):
-                F = 1.0
-        imgs.append((img / F).astype(np.float32))
-        vars_.append((var / (F * F)).astype(np.float32))
-        ws.append(F * F / (sig * sig * fwhm * fwhm))  # weight of the flux-scaled image
-        psfs.append(pf)
-        sigmas.append(sig / F)
-    stack = np.asarray(imgs)
-    vstack = np.asarray(vars_)
-    ok = np.isfinite(stack) & np.isfinite(vstack)
-    if len(frames) >= 3:
-        # cosmic rays / moving hot pixels: reject values far from the per-pixel median. The margin
-        # grows with |median| because better seeing legitimately raises star cores (up to ~2x).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(np.where(ok, stack, np.nan), axis=0)
-        dev = np.abs(stack - med)
-        out = dev > config.clip_sigma * np.sqrt(np.where(ok, vstack, 0.0)) + config.clip_fraction * np.abs(med)
-        # an outlier's core is clipped, its fainter wings (a moving object's PSF) with it
-        ok &= ~np.stack([_grow_mask(o, config.clip_grow_px) for o in out])
-    w = np.asarray(ws, np.float64)[:, None, None] * ok
-    den = w.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        image = np.where(den > 0, (w * np.where(ok, stack, 0.0)).sum(axis=0) / den, np.nan).astype(np.float32)
-        variance = np.where(den > 0, (w * w * np.where(ok, vstack, 0.0)).sum(axis=0) / den ** 2,
-                            np.nan).astype(np.float32)
+            inputs.append(_grid_input(g_img, g_var, g_sig, g_stars, h, config))
+            continue
+        inp, sat = _registered_input(f, grid, g_img, g_stars, h, config)
+        sat_any |= sat
+        inputs.append(inp)
+    stack = np.asarray([i.image for i in inputs])
+    vstack = np.asarray([i.variance for i in inputs])
+    ok = _good_pixels(stack, vstack, config)
+    image, variance = _weighted_mean(stack, vstack, ok, [i.weight for i in inputs])
     # where any input was saturated the others alone give the core, with another PSF: invalid
     image[sat_any], variance[sat_any] = np.nan, np.nan
     image, variance, defects = _fill_narrow_gaps(image, variance, sat_any)
-    method = "proper" if config.coadd == "proper" and all(p is not None for p in psfs) else "weighted"
+    psfs = [i.psf for i in inputs if i.psf is not None]
+    method = "proper" if config.coadd == "proper" and len(psfs) == len(inputs) else "weighted"
     if method == "proper":
-        image, variance = _proper(stack, vstack, ok, image, variance, psfs, sigmas, defects)
+        image, variance = _proper(stack, vstack, ok, image, variance, psfs, [i.sigma for i in inputs], defects)
     rms = float(np.sqrt(np.nanmedian(variance)))
-    stars = find_stars(np.nan_to_num(image), rms, config.stars)
-    psf = build_psf(image, stars, config.psf, half_size=h)
+    psf = build_psf(image, find_stars(np.nan_to_num(image), rms, config.stars), config.psf, half_size=h)
     sources = find_stars(np.nan_to_num(image), rms, replace(config.stars, max_stars=config.source_max_stars),
                          fwhm=psf.fwhm, threshold_sigma=config.source_threshold_sigma)
-    header = fits.Header()
-    header.update(grid_header)
     key = grid.meta.reference_key
-    header["TELESCOP"], header["FIELD"], header["FILTER"] = key
-    header["NCOMBINE"] = len(frames)
-    header["COADD"] = (method, "proper (Zackay & Ofek 2017) or weighted mean")
-    header["PSFFWHM"] = (psf.fwhm, "px, co-add PSF FWHM")
-    header["PSFFALLB"] = (psf.fallback, "PSF is the Gaussian fallback")
+    header = _reference_header(grid_header, key, len(frames), method, psf)
     return Reference(key, image, variance, header, psf.stamp, tuple(f.meta.frame_id for f in frames), sources,
                      defects)
 
@@ -383,7 +477,7 @@ def _grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
 def _fill_narrow_gaps(image: np.ndarray, variance: np.ndarray, saturated: np.ndarray, half: int = 2,
                       min_valid: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fill holes that every input had: detector defects that stay put while the pointing jitters
-    by less than a pixel. A pixel is filled from its 5 x 5 box (:func:`broker.psf.inpaint`) when
+    by less than a pixel. A pixel is filled from its 5 x 5 box (:func:`broker.defects.inpaint`) when
     >= ``min_valid`` of the 25 are valid (a column up to 3 px wide; 10 of 25), and its variance
     gains the fit's residual squared. Pixels where that residual exceeds :data:`FILL_MAX_SPREAD`
     sigma (a star's core on the column) and larger holes (saturated cores) stay NaN and are masked
@@ -491,7 +585,7 @@ class ReferenceStore:
                 try:
                     frames.append(decode_fits(p.read_bytes()))
                 except BrokerError:
-                    warnings.warn(f"dropping unreadable pending frame {p}")
+                    warnings.warn(f"dropping unreadable pending frame {p}", stacklevel=2)
                     p.unlink(missing_ok=True)
             if len(frames) < self.config.n_frames:
                 return None

@@ -1,19 +1,20 @@
-"""ZOGY image subtraction and the subtract+detect step.
+"""The subtract+detect step: a science frame minus its reference, and the candidates on the difference.
 
-The difference image follows Zackay, Ofek & Gal-Yam (2016, ApJ 830, 27; "ZOGY"), with flux zero
-points F_n = 1 (the science frame sets the flux scale) and F_r = the reference/science flux ratio
-measured on matched stars. Hats are 2-D Fourier transforms::
+:func:`subtract_and_detect` runs named steps, each returning a small frozen dataclass:
 
-    den^2  = sigma_n^2 F_r^2 |P_r^|^2 + sigma_r^2 F_n^2 |P_n^|^2
-    D^     = (F_r P_r^ N^ - F_n P_n^ R^) / den                                   (eq. 13)
-    F_D    = F_r F_n / sqrt(sigma_n^2 F_r^2 + sigma_r^2 F_n^2)                    (eq. 15)
-    P_D^   = F_r F_n P_r^ P_n^ / (F_D den)                                       (eq. 14)
-    S      = F_D D (x) P_D-flipped = k_n (x) N - k_r (x) R                       (eqs. 17, 28-29)
-    k_n^   = F_n F_r^2 conj(P_n^) |P_r^|^2 / den^2,  k_r^ = F_r F_n^2 conj(P_r^) |P_n^|^2 / den^2
-    V(S_N) = V_N (x) k_n^2,  V(S_R) = V_R (x) k_r^2       (source + background noise, eqs. 26-27)
-    V_ast  = sigma_x^2 (dS_N/dx)^2 + sigma_y^2 (dS_N/dy)^2 + the same for S_R     (eqs. 30-31)
-    S_corr = S / sqrt(V(S_N) + V(S_R) + V_ast)                                   (eq. 25)
-    flux   = S / F_S with F_S = F_D^2 sum(P_D^2)                                 (eqs. 41-42)
+1. **sky** (:func:`_science_sky` -> :class:`ScienceSky`): background map, sky-subtracted science;
+2. **stars** (:func:`_clean_science` -> :class:`PreparedScience`): the science star catalogue, and
+   cosmic rays and detector defects interpolated over (:mod:`broker.defects`);
+3. **align**: the reference resampled onto the science grid (:func:`broker.align.align_reference`);
+4. **psf** (:func:`_match_psfs` -> :class:`PSFMatch`): science and reference PSFs from the same
+   matched stars (:mod:`broker.psf_match`), and the reference / science flux ratio F_r;
+5. **masks** (:func:`_masks` -> :class:`Masks`, :func:`_zogy_inputs` -> :class:`ZogyInputs`): bad
+   pixels, variances, the zero-padded inputs of ZOGY and the registration noise;
+6. **zogy** (:func:`_zogy_images` -> :class:`ZogyImages`): ZOGY (:mod:`broker.zogy`) per PSF tile
+   (:func:`broker.psf_match.tile_psfs`), then the blank-sky offset and scale of S_corr taken out;
+7. **detect** (:func:`_find_peaks` -> :class:`Peaks`, :func:`_measure`): peaks of S_corr measured on D;
+8. **cutouts** (:func:`_cutouts`): science, reference and difference stamps of each candidate;
+9. **diagnostics** (:func:`_diagnostics`), with the time of each step (:class:`StepTimer`).
 
 Bad pixels (NaN in either image, saturated and their dilated surroundings, outside the reference)
 are set to 0 (= background, both images being background-subtracted) in *both* images before any
@@ -23,29 +24,40 @@ filter reaches them. The frames are zero-padded by two PSF stamps (marked bad) a
 
 from __future__ import annotations
 
-import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from astropy.wcs import WCS
 from scipy import fft, ndimage
 
 from broker.align import AlignConfig, Alignment, align_reference
-from broker.candidate import Candidate
+from broker.background import BackgroundConfig, estimate_background
+from broker.candidate import Candidate, Detection
 from broker.cutouts import triplet
+from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_outliers
 from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, sharp_peaks
 from broker.errors import BadPixelFraction, ReferenceUnavailable
 from broker.frame import Frame
-from broker.psf import (
-    BackgroundConfig, PSFConfig, StarConfig, StarList, build_psf, estimate_background, find_stars,
-    FILL_MAX_SPREAD, bad_columns, half_size_for, inpaint, measure_fwhm, resize_stamp, select_psf_stars, sharp_outliers, stack_psf,
-    star_fwhms, embed_centred,
-)
+from broker.masks import grow_square, saturated_mask
+from broker.psf import PSFConfig, build_psf, half_size_for, measure_fwhm, resize_stamp, select_psf_stars
+from broker.psf_match import Tile, common_psfs, relative_span, tile_boxes, tile_fwhm_span, tile_psfs
+from broker.reference import Reference
+from broker.stars import StarConfig, StarList, find_stars
+from broker.zogy import interpolation_kernel, zogy
 
-#: FFT threads: the broker runs one frame per process, so use every core it may run on.
-FFT_WORKERS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 #: Largest reference source catalogue (count): every 5 sigma source of a crowded 2k x 2k field.
 SOURCE_MAX_STARS = 20000
+
+#: Saturated science pixels hidden from the sky map and the star finder, before any PSF is
+#: measured: at or above this fraction of SATURATE (dimensionless; the default of
+#: ``SubtractConfig.saturation_fraction``, whatever the configuration says) ...
+RAW_SATURATION_FRACTION = 0.9
+#: ... grown by this fixed margin (px): one FWHM of a sharp (2 px) PSF, as no PSF is known yet.
+#: The mask of the subtraction itself is grown by the measured FWHM (:func:`saturation_mask`).
+RAW_SATURATION_GROW_PX = 2.0
 
 
 @dataclass(frozen=True)
@@ -55,85 +67,83 @@ class SubtractConfig:
     Attributes
     ----------
     threshold_sigma : float
-        Detection threshold on |S_corr| (sigma); 5 as in ZTF (also ``detect.threshold_sigma``,
-        which this value overrides).
+        Detection threshold on |S_corr| (sigma); 5 as in ZTF. Overrides ``detect.threshold_sigma``.
     saturation_fraction : float
-        Pixels above this fraction of SATURATE are masked (non-linearity starts ~10 % below full
-        well on most CCDs).
+        Pixels at or above this fraction of SATURATE are masked (dimensionless); 0.9: most CCDs
+        turn non-linear ~10 % below full well.
     sat_grow_fwhm : float
-        Saturated regions are dilated by this many PSF FWHM ...
+        Saturated regions are dilated by this many PSF FWHM (default 2) ...
     sat_grow_size : float
-        ... plus this many times their own equivalent radius (brighter stars -> bigger wings).
+        ... plus this many times their own equivalent radius sqrt(area / pi) (default 1.5):
+        brighter stars have bigger wings.
     ref_bad_grow_fwhm : float
-        Invalid reference pixels (saturated cores co-added as NaN, edges) are dilated by this many FWHM.
+        Invalid reference pixels (saturated cores co-added as NaN, edges) and untrusted fills are
+        dilated by this many FWHM (default 1).
     bad_variance_factor : float
-        Variance given to bad pixels, in units of the median science variance. 1e4 suppresses
-        S_corr within ~2 FWHM of a mask (where the matched filter still sees it) and nowhere else.
+        Variance given to bad pixels, in units of the median science variance (dimensionless).
+        1e4 suppresses S_corr within ~2 FWHM of a mask (where the matched filter still sees it)
+        and nowhere else.
     astrometric_floor_px : float
         Lower bound on the registration noise sigma_x, sigma_y of the astrometric term (px). The
-        registration error itself is the fit RMS / sqrt(n matched); star-matched registrations are
-        good to a few 0.01 px, and the floor keeps bright-star residuals below threshold.
+        registration error itself is the fit RMS / sqrt(n matched); 0.03: star-matched
+        registrations are good to a few 0.01 px, and the floor keeps bright-star residuals below
+        threshold.
     astrometric_max_px : float
-        Upper bound on sigma_x, sigma_y (px): a bad fit must not blind the whole frame.
+        Upper bound on sigma_x, sigma_y (px); 0.5: a bad fit must not blind the whole frame.
     flux_error : float
         Fractional flux-scaling / PSF-model error (dimensionless) entering S_corr's variance as
-        ``flux_error^2 (S_N^2 + S_R^2)`` (an extension of ZOGY, like its astrometric term). Off (0)
-        by default: it is not ZOGY, and at 0.02 it hid S/N 8-17 transients on bright galaxies. The
-        galaxy residuals it was holding down came from the simulator rendering cuspy Sersic cores
-        point-sampled at each frame's sub-pixel phase (the same galaxy differs between frames);
-        with pixel-integrated galaxies (``bench/peers/synth.py``) ZOGY leaves none.
+        ``flux_error^2 (S_N^2 + S_R^2)`` (an extension of ZOGY, like its astrometric term). 0
+        (off): it is not ZOGY, and 0.02 hid S/N 8-17 transients on bright galaxies.
     cosmic_ray_sigma : float
         Science pixels that exceed their 3x3 median by this many sigma and by twice what the PSF
-        allows (cosmic rays, hot pixels; :func:`broker.psf.sharp_outliers`, a stand-in for
-        L.A.Cosmic, also used on reference inputs) are interpolated over before the subtraction,
-        and positive peaks still sitting on such a pixel are dropped
-        (:func:`broker.detect.sharp_peaks`). 8 sigma keeps the brightest pixel of any PSF-blurred
-        source. 0 disables both.
+        allows (cosmic rays, hot pixels; :func:`broker.defects.sharp_outliers`, a stand-in for
+        L.A.Cosmic) are interpolated over before the subtraction, and positive peaks still
+        sitting on such a pixel are dropped (:func:`broker.detect.sharp_peaks`). 8 sigma keeps the
+        brightest pixel of any PSF-blurred source. 0 disables both.
     bad_column_sigma : float
         Column segments whose 128-row median stands this many sigma from their neighbours' (hot,
-        cold and bleeding columns; :func:`broker.psf.bad_columns`) are interpolated like cosmic
-        rays. 0 disables.
+        cold and bleeding columns; :func:`broker.defects.bad_columns`) are interpolated like cosmic
+        rays. 6: ~1e-4 false segments per 2k x 2k frame for Gaussian noise. 0 disables.
     reference_noise_kernel : bool
-        Model the reference noise as coloured by its resampling (see :func:`interpolation_kernel`)
-        instead of white (matters for undersampled PSFs; see :func:`zogy`).
+        Model the reference noise as coloured by its resampling
+        (:func:`broker.zogy.interpolation_kernel`) instead of white (True; matters for
+        undersampled PSFs, see :func:`broker.zogy.zogy`).
     min_flux_ratio_stars : int
-        Matched stars needed for the measured flux ratio F_r (count); below, F_r = 1 (flagged).
+        Matched stars needed for the measured flux ratio F_r (count); below, F_r = 1 (flagged). 3:
+        the fewest whose median rejects one outlier.
     renormalise_scorr : bool
-        Divide S_corr by its robust (MAD) standard deviation over good pixels. Off by default:
-        the ZOGY variance terms are expected to give unit variance already (checked by the tests and
-        reported in the diagnostics as ``scorr_std``).
+        Always divide S_corr by its robust (MAD) standard deviation over blank sky. Off: the ZOGY
+        variance terms give unit variance already (checked by the tests and reported in the
+        diagnostics as ``scorr_std``).
     renormalise_tolerance : float
-        When the measured blank-sky std of S_corr differs from 1 by more than this (dimensionless),
-        S_corr is divided by it anyway (flagged ``scorr_renormalised``). The noise model assumes
-        white pixel noise; inputs that are themselves resampled stacks (e.g. the DECam pair: 1.5)
-        have correlated noise that the per-pixel RMS under-counts, and the 5 sigma threshold would
-        then flood the stream. 0.1 leaves the normal case (1.00-1.03) untouched.
+        When the blank-sky std of S_corr differs from 1 by more than this (dimensionless), S_corr
+        is divided by it anyway (flagged ``scorr_renormalised``). The noise model assumes white
+        pixel noise; inputs that are themselves resampled stacks have correlated noise that the
+        per-pixel RMS under-counts (DECam pair: std 1.5), and the 5 sigma threshold would flood
+        the stream. 0.1 leaves the normal case (1.00-1.03) untouched.
     max_candidates : int
-        Cap on candidates per frame (count), the most significant kept.
+        Cap on candidates per frame (count), the most significant kept; 500 as ``detect``.
     psf_tile_px : int
-        Frames of 1.5x this side (px) or more are split into tiles of about this size, each
-        with its own science and reference PSFs (from the stars of the tile and a quarter tile
-        around it) and its own ZOGY solution, so that a PSF varying across the field is followed
-        (optics, tracking, focus). 1024 px on a 2k x 2k frame: 2 x 2 tiles of ~15-50 isolated
-        stars each at high latitude. 0: one PSF for the frame. On a test pair whose seeing goes
-        from 2.6 to 3.2 px across 1024 px, one PSF gave 182 false candidates, 256 px tiles 1.
+        Frames of 1.5x this side (px) or more are split into tiles of about this size, each with
+        its own science and reference PSFs (from the stars of the tile and a quarter tile around
+        it) and its own ZOGY solution, so that a PSF varying across the field (optics, tracking,
+        focus) is followed. 1024 px: 2 x 2 tiles of ~15-50 isolated stars each on a 2k x 2k
+        high-latitude frame (seeing 2.6 -> 3.2 px across 1024 px: 182 false candidates with one
+        PSF, 1 with 256 px tiles). 0: one PSF for the frame.
     psf_tile_min_change : float
         The tiles are used only when their science or reference FWHMs span more than this
-        fraction of the median (dimensionless): PSFs from a quarter of the stars are noisier, and
-        on the simulator's constant-PSF frames (span ~1 %) tiles doubled the demo's false
-        candidates (24 -> 45). 0.05: a 0.15 px change of a 3 px PSF, which already leaves
-        5-10 sigma rings on stars of 10^5 ADU.
+        fraction of the median (dimensionless): PSFs from a quarter of the stars are noisier.
+        0.05 (a 0.15 px change of a 3 px PSF, which leaves 5-10 sigma rings on stars of 10^5 ADU):
+        tiles doubled the false candidates on constant-PSF frames (span ~1 %).
     sky_offset_box_px : int
-        Mesh (px) of the blank-sky level of S_corr that is subtracted from S_corr and D: the
-        differential background that SFFT fits as a polynomial and HOTPANTS as a kernel term. The
-        science and reference sky maps are biased by the faint sources under them by different
-        amounts (other depth, other seeing, 64 px sky meshes); on the bench pairs that left S_corr
-        at -0.17 sigma on average (-0.04 to -0.33 between 256 px meshes): 3x the Gaussian rate
-        of pixels below -4.5 sigma, half of it above +4.5. 64 (the sky meshes' scale): false
-        detections per 2k x 2k bench frame 2.3 -> 1.0 over 6 pairs (256 px: half the offset
-        left). The level of a 64 px mesh is good to ~0.06 sigma after the 3 x 3 mesh filter,
-        which adds < 0.5 % to the variance of S_corr.
-        0 disables.
+        Mesh (px) of the blank-sky level of S_corr subtracted from S_corr and D: the differential
+        background (SFFT fits it as a polynomial, HOTPANTS as a kernel term) that faint sources
+        leave by biasing the science and reference sky maps differently. 64, the sky meshes'
+        scale: false detections per 2k x 2k bench frame 2.3 -> 1.0 over 6 pairs (256 px left half
+        the offset); the level is good to ~0.06 sigma, < 0.5 % more variance in S_corr. 0 disables.
+    background, stars, psf, align, detect
+        Settings of the steps (:mod:`broker.background`, :mod:`broker.stars`, :mod:`broker.psf`,
+        :mod:`broker.align`, :mod:`broker.detect`).
     """
 
     threshold_sigma: float = 5.0
@@ -178,7 +188,7 @@ class SubtractionResult:
         reference PSF from its stored stamp),
         ``flux_ratio_fallback`` (0/1), ``n_psf_stars``, ``overlap``, ``bad_fraction``,
         ``n_candidates``, ``n_cosmic_rays`` (peaks vetoed as sharper than the PSF), ``t_<step>_s`` per
-        step and ``t_total_s`` (s).
+        step and ``t_total_s`` (s); see :func:`_diagnostics` for all.
     images : dict of str -> ndarray, optional
         The full D (science ADU), S_corr and bad mask when ``keep_images`` was asked.
     """
@@ -188,266 +198,32 @@ class SubtractionResult:
     images: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-# --- ZOGY -----------------------------------------------------------------------------------------
-@dataclass
-class ZogyResult:
-    """ZOGY images, all (ny, nx) float32 on the input grid.
-
-    Attributes
-    ----------
-    D : difference image, unit background variance (``D / F_D`` in science ADU).
-    S : matched-filter score.
-    S_corr : S over its full noise (source, background, astrometric): N(0, 1) on blank sky.
-    V_S : variance of S from source + background noise only (no astrometric term).
-    P_D : (k, k) PSF of D, sum 1.
-    F_D, F_S : float
-        Flux zero point of D and of S (flux = S / F_S).
-    """
-
-    D: np.ndarray
-    S: np.ndarray
-    S_corr: np.ndarray
-    V_S: np.ndarray
-    P_D: np.ndarray
-    F_D: float
-    F_S: float
-
-
-def _score_kernels(P_n: np.ndarray, P_r: np.ndarray, sigma_n: float, sigma_r: float, F_r: float, F_n: float,
-                   half: int, ref_noise_kernel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ZOGY's k_n and k_r (eqs. 28-29) on a centred (2 half + 1)^2 grid, in float64.
-
-    With a reference noise kernel h, k_r is returned convolved with h: the kernel that maps the
-    reference's *white* noise onto S_R, whose square gives V(S_R).
-    """
-    small = (2 * half + 1, 2 * half + 1)
-    pn = fft.fft2(embed_centred(P_n, small).astype(np.float64))
-    pr = fft.fft2(embed_centred(P_r, small).astype(np.float64))
-    hh = fft.fft2(embed_centred(ref_noise_kernel, small).astype(np.float64)) if ref_noise_kernel is not None else 1.0
-    a_n, a_r, a_h = np.abs(pn) ** 2, np.abs(pr) ** 2, np.abs(hh) ** 2
-    den2 = np.maximum(sigma_n ** 2 * F_r ** 2 * a_r + sigma_r ** 2 * F_n ** 2 * a_h * a_n,
-                      1e-12 * (sigma_n ** 2 * F_r ** 2 + sigma_r ** 2 * F_n ** 2))
-    kn = np.real(fft.ifft2(F_n * F_r ** 2 * np.conj(pn) * a_r / den2))
-    kr = np.real(fft.ifft2(F_r * F_n ** 2 * np.conj(pr) * a_n / den2 * hh))
-    c = (half, half)
-    return np.roll(kn, c, axis=(0, 1)), np.roll(kr, c, axis=(0, 1))
-
-
-def interpolation_kernel(matrix: np.ndarray, offset: np.ndarray, shape: tuple[int, int], half: int = 4,
-                         order: int = 3) -> np.ndarray:
-    """Weights with which a spline resampling mixed the reference pixels at the frame centre.
-
-    The aligned reference is ``R(p) = sum_j R_ref(j) w(M p + t - j)``: its noise is the white
-    reference noise convolved with this (2 half + 1)^2 kernel (the fractional part of the shift
-    at the centre; a <= 1 deg rotation changes it little across the frame).
-
-    Parameters
-    ----------
-    matrix, offset : science (x, y) -> reference (x, y) affine map (:class:`~broker.align.Alignment`).
-    """
-    c = np.array([shape[1] / 2.0, shape[0] / 2.0])
-    q = matrix @ c + offset
-    frac = q - np.round(q)
-    delta = np.zeros((2 * half + 1, 2 * half + 1))
-    delta[half, half] = 1.0
-    # out(p) = delta(p + frac): ndimage.shift moves content by +shift, so shift by -frac (row, col)
-    k = ndimage.shift(delta, (-frac[1], -frac[0]), order=order, mode="constant")
-    return k.astype(np.float32)
-
-
-def _add_gradient_variance(out: np.ndarray, img: np.ndarray, sx: float, sy: float) -> None:
-    """``out += sx^2 (d img/dx)^2 + sy^2 (d img/dy)^2`` with central differences, in place (float32)."""
-    g = np.empty_like(out)
-    g[:, 1:-1] = img[:, 2:] - img[:, :-2]
-    g[:, 0] = g[:, -1] = 0.0
-    g *= g
-    out += np.float32(0.25 * sx * sx) * g
-    g[1:-1] = img[2:] - img[:-2]
-    g[0] = g[-1] = 0.0
-    g *= g
-    out += np.float32(0.25 * sy * sy) * g
-
-
-def zogy(
-    N: np.ndarray, R: np.ndarray, P_n: np.ndarray, P_r: np.ndarray,
-    V_N: np.ndarray, V_R: np.ndarray, sigma_n: float, sigma_r: float, F_r: float,
-    F_n: float = 1.0, sigma_ast: tuple[float, float] = (0.0, 0.0), flux_error: float = 0.0,
-    workers: int = FFT_WORKERS, ref_noise_kernel: np.ndarray | None = None,
-) -> ZogyResult:
-    """ZOGY D, P_D, S and S_corr (see the module docstring for the equations).
-
-    Parameters
-    ----------
-    N, R : ndarray, shape (ny, nx), float32
-        Background-subtracted science and aligned reference (ADU), finite everywhere (bad pixels
-        already replaced by 0); pad them yourself if wrap-around matters.
-    P_n, P_r : ndarray, shape (2h+1, 2h+1)
-        Centred PSFs, sum 1, same shape.
-    V_N, V_R : ndarray, shape (ny, nx)
-        Per-pixel variance of N and R (ADU^2), sources included.
-    sigma_n, sigma_r : float
-        Background noise of N and R (ADU).
-    F_r, F_n : float
-        Flux zero points (reference / science flux ratio, and 1).
-    sigma_ast : (float, float)
-        Registration noise in x and y (px).
-    flux_error : float
-        Fractional error of the flux scaling and PSF models (dimensionless). Not in ZOGY: it adds
-        ``flux_error^2 (S_N^2 + S_R^2)`` to the variance, the way the astrometric term does for
-        registration errors, because residuals of bright stars scale with their flux.
-    ref_noise_kernel : ndarray, shape (2m+1, 2m+1), optional
-        Kernel h that correlated the reference noise (the interpolation weights of its resampling):
-        R's noise spectrum is then ``sigma_r^2 |h^|^2`` instead of white. It enters ``den^2`` in
-        place of sigma_r^2 (the optimal filter for coloured noise) and the variance of S_R through
-        ``(k_r (x) h)^2``. A cubic-spline shift of (0.37, 0.23) px leaves 0.67x the per-pixel
-        variance, all of it taken from high frequencies: for well-sampled PSFs (FWHM >= 2.5 px)
-        the matched filter hardly sees the difference (< 0.5 % in S_corr), for undersampled ones
-        (FWHM 1.2 px, half-pixel shift) treating the noise as white deflates S_corr by ~7 %.
-    """
-    shape = N.shape
-    f_d = F_r * F_n / np.sqrt(sigma_n ** 2 * F_r ** 2 + sigma_r ** 2 * F_n ** 2)
-    h = P_n.shape[0] // 2
-    # the matched-filter kernels k_n, k_r on a small grid (they are as compact as the PSFs): their
-    # squares then need one full-size FFT each, and k_n, k_r never go through a full-size inverse
-    kn_small, kr_small = _score_kernels(P_n, P_r, sigma_n, sigma_r, F_r, F_n, 3 * h, ref_noise_kernel)
-    pn = fft.rfft2(embed_centred(P_n, shape), workers=workers)
-    pr = fft.rfft2(embed_centred(P_r, shape), workers=workers)
-    a_n = (pn.real ** 2 + pn.imag ** 2).astype(np.float32)
-    a_r = (pr.real ** 2 + pr.imag ** 2).astype(np.float32)
-    if ref_noise_kernel is not None:
-        hh = fft.rfft2(embed_centred(ref_noise_kernel, shape), workers=workers)
-        a_h = (hh.real ** 2 + hh.imag ** 2).astype(np.float32)
-        del hh
-    else:
-        a_h = np.float32(1.0)
-    den2 = (sigma_n ** 2 * F_r ** 2) * a_r + (sigma_r ** 2 * F_n ** 2) * a_h * a_n
-    den2 = np.maximum(den2, np.float32(1e-12 * (sigma_n ** 2 * F_r ** 2 + sigma_r ** 2 * F_n ** 2))).astype(np.float32)
-    nh = fft.rfft2(N, workers=workers)
-    rh = fft.rfft2(R, workers=workers)
-    D = fft.irfft2((F_r * pr * nh - F_n * pn * rh) / np.sqrt(den2), s=shape, workers=workers)
-    S_N = fft.irfft2(((F_n * F_r ** 2) * a_r / den2) * np.conj(pn) * nh, s=shape, workers=workers)
-    del nh
-    S_R = fft.irfft2(((F_r * F_n ** 2) * a_n / den2) * np.conj(pr) * rh, s=shape, workers=workers)
-    del rh, pn, pr, a_n, a_r, a_h, den2
-    # V(S_N) + V(S_R) in one inverse FFT (eqs. 26-27)
-    kn2, kr2 = kn_small ** 2, kr_small ** 2
-    vh = fft.rfft2(V_N, workers=workers) * fft.rfft2(embed_centred(kn2, shape), workers=workers)
-    vh += fft.rfft2(V_R, workers=workers) * fft.rfft2(embed_centred(kr2, shape), workers=workers)
-    V = fft.irfft2(vh, s=shape, workers=workers)
-    del vh
-    # FFT rounding can leave tiny negatives far from anything: bound by the blank-sky value
-    # (from sigma_n, sigma_r: a median over the padded arrays is the masks' huge variance on small frames)
-    floor = 0.5 * (sigma_n ** 2 * float(kn2.sum()) + sigma_r ** 2 * float(kr2.sum()))
-    V_S = np.maximum(V, floor).astype(np.float32)
-    S = (S_N - S_R).astype(np.float32)
-    sx, sy = sigma_ast
-    V_tot = V_S.copy()
-    if sx > 0 or sy > 0:
-        for img in (S_N, S_R):
-            _add_gradient_variance(V_tot, img, sx, sy)
-    if flux_error > 0:
-        V_tot += (flux_error * flux_error) * (S_N * S_N + S_R * S_R)
-    S_corr = (S / np.sqrt(V_tot)).astype(np.float32)
-    # P_D on a small grid (it is as compact as the PSFs)
-    small = (4 * h + 1, 4 * h + 1)
-    pn_s = fft.fft2(embed_centred(P_n, small))
-    pr_s = fft.fft2(embed_centred(P_r, small))
-    den_s = np.sqrt(sigma_n ** 2 * F_r ** 2 * np.abs(pr_s) ** 2 + sigma_r ** 2 * F_n ** 2 * np.abs(pn_s) ** 2)
-    pd = np.real(fft.ifft2(F_r * F_n * pr_s * pn_s / (f_d * np.maximum(den_s, 1e-30))))
-    pd = np.roll(pd, (2 * h, 2 * h), axis=(0, 1))[h:3 * h + 1, h:3 * h + 1]
-    pd = (pd / pd.sum()).astype(np.float32)
-    f_s = float(f_d ** 2 * (pd.astype(np.float64) ** 2).sum())
-    return ZogyResult(D.astype(np.float32), S, S_corr, V_S, pd, float(f_d), f_s)
-
-
-# --- masks ----------------------------------------------------------------------------------------
-def grow_regions(mask: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
-    """Dilate each connected region of ``mask`` by a disc (radius in px, scalar or per label 1..n).
-
-    Works on each region's bounding box, so the cost follows the masked area, not the frame size.
-    """
-    if not mask.any():
-        return mask
-    labels, n = ndimage.label(mask)
-    radii = np.broadcast_to(np.asarray(radius, float), (n + 1,)) if np.ndim(radius) == 0 else np.asarray(radius)
-    out = mask.copy()
-    ny, nx = mask.shape
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        r = float(radii[i])
-        if sl is None or r <= 0:
-            continue
-        g = int(np.ceil(r))
-        y0, y1 = max(sl[0].start - g, 0), min(sl[0].stop + g, ny)
-        x0, x1 = max(sl[1].start - g, 0), min(sl[1].stop + g, nx)
-        sub = labels[y0:y1, x0:x1] == i
-        out[y0:y1, x0:x1] |= ndimage.distance_transform_edt(~sub) <= r
-    return out
-
-
+# --- building blocks ------------------------------------------------------------------------------
 def saturation_mask(data: np.ndarray, saturation: float, fwhm: float,
                     config: SubtractConfig = SubtractConfig()) -> np.ndarray:
     """Saturated pixels grown by ``sat_grow_fwhm`` FWHM + ``sat_grow_size`` x their own radius.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx)
+        Raw science frame (ADU).
+    saturation : float
+        SATURATE (ADU).
+    fwhm : float
+        PSF FWHM (px).
 
     Returns
     -------
     ndarray of bool, shape (ny, nx)
     """
-    if not np.isfinite(saturation):
-        return np.zeros(data.shape, bool)
-    with np.errstate(invalid="ignore"):
-        sat = data >= config.saturation_fraction * saturation
-    if not sat.any():
-        return sat
-    labels, n = ndimage.label(sat)
-    area = np.bincount(labels.ravel(), minlength=n + 1).astype(float)
-    radius = config.sat_grow_fwhm * fwhm + config.sat_grow_size * np.sqrt(area / np.pi)
-    radius[0] = 0.0
-    return grow_regions(sat, radius)
+    return saturated_mask(data, saturation, config.saturation_fraction, config.sat_grow_fwhm * fwhm,
+                          config.sat_grow_size)
 
 
-def _grow(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Dilate by a (2r+1)-px square.
-
-    Sparse masks (the usual: a few hundred cosmic-ray holes and saturated cores) are dilated by
-    writing each offset of the square at the masked pixels' coordinates, which costs
-    n_masked x (2r+1)^2 instead of a frame-wide filter; dense ones use the separable max filter.
-    """
-    if radius <= 0 or not mask.any():
-        return mask
-    r = int(np.ceil(radius))
-    ys, xs = np.nonzero(mask)
-    if len(ys) * (2 * r + 1) ** 2 > mask.size // 4:
-        return ndimage.maximum_filter(mask.view(np.uint8), size=2 * r + 1).astype(bool)
-    out = mask.copy()
-    ny, nx = mask.shape
-    for dy in range(-r, r + 1):
-        yy = np.clip(ys + dy, 0, ny - 1)
-        for dx in range(-r, r + 1):
-            out[yy, np.clip(xs + dx, 0, nx - 1)] = True
-    return out
-
-
-def _pixel_scale_arcsec(wcs) -> float:
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    return float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)
-
-
-def reference_sources(reference, config: SubtractConfig = SubtractConfig()) -> StarList:
-    """Star catalogue of a reference on its own grid (computed once, cached on the object)."""
-    cached = getattr(reference, "sources", None)
-    if isinstance(cached, StarList):
-        return cached
-    img = reference.image
-    rms = float(np.sqrt(np.nanmedian(reference.variance)))
-    fwhm = measure_fwhm(reference.psf)
-    stars = find_stars(img, rms, replace(config.stars, max_stars=SOURCE_MAX_STARS), fwhm=fwhm,
-                       threshold_sigma=config.threshold_sigma)
-    try:
-        reference.sources = stars
-    except AttributeError:
-        pass
-    return stars
+def raw_saturation_mask(data: np.ndarray, saturation: float) -> np.ndarray:
+    """Saturated pixels before any PSF is known: :data:`RAW_SATURATION_FRACTION` of SATURATE,
+    grown by :data:`RAW_SATURATION_GROW_PX`; bool, shape of ``data``."""
+    return saturated_mask(data, saturation, RAW_SATURATION_FRACTION, RAW_SATURATION_GROW_PX, 0.0)
 
 
 def source_variance(N: np.ndarray, rms: np.ndarray, gain: float) -> np.ndarray:
@@ -456,60 +232,35 @@ def source_variance(N: np.ndarray, rms: np.ndarray, gain: float) -> np.ndarray:
     The mean (noise sigma/3) is both a less noisy estimate of the source flux than the pixel itself
     and a cleaner cut: thresholding the raw pixel at 2 sigma lets every positive noise excursion
     add variance (S_corr then drops ~1.5 % at a faint transient).
+
+    Parameters
+    ----------
+    N : ndarray, shape (ny, nx)
+        Background-subtracted science (ADU), NaN where invalid.
+    rms : ndarray, shape (ny, nx)
+        Sky noise (ADU).
+    gain : float
+        e-/ADU.
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float32
     """
     Ns = ndimage.uniform_filter(np.where(np.isfinite(N), N, 0.0).astype(np.float32), 3, mode="nearest")
     return np.where(Ns > (2.0 / 3.0) * rms, Ns, 0.0).astype(np.float32) / max(gain, 1e-6)
 
 
-# --- the step -------------------------------------------------------------------------------------
-def common_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, min_stars: int
-                ) -> tuple[np.ndarray | None, np.ndarray | None, int, np.ndarray]:
-    """Science and reference PSFs stacked from the same stars at the same (science) positions, so
-    that both share the centring errors, and the stars' reference / science flux ratios.
+def _pixel_scale_arcsec(wcs: WCS) -> float:
+    from astropy.wcs.utils import proj_plane_pixel_scales
 
-    Returns
-    -------
-    P_n, P_r : ndarray, shape (2h+1, 2h+1), or None
-        None when fewer than ``min_stars`` stars give clean stamps in both images.
-    n : int
-        Stars in both stacks.
-    ratio : ndarray
-        Reference / science flux of each star clean in both.
-    """
-    _, fs, us = stack_psf(N, x, y, h)
-    _, fr, ur = stack_psf(R, x, y, h)
-    both = us & ur
-    ratio = fr[both] / fs[both]
-    if both.sum() < max(min_stars, 1):
-        return None, None, int(both.sum()), ratio
-    ps, _, _ = stack_psf(N, x[both], y[both], h)
-    pr, _, _ = stack_psf(R, x[both], y[both], h)
-    return ps, pr, int(both.sum()), ratio
+    return float(np.mean(proj_plane_pixel_scales(wcs)) * 3600.0)
 
 
-@dataclass
-class Tile:
-    """A rectangle of the frame (rows y0:y1, columns x0:x1) with its PSFs and ZOGY PSF of D."""
-
-    y0: int
-    y1: int
-    x0: int
-    x1: int
-    P_n: np.ndarray
-    P_r: np.ndarray
-    n_stars: int
-    P_D: np.ndarray | None = None
-    F_D: float = 1.0
-    fwhm_D: float = float("nan")
-
-    @property
-    def core(self) -> tuple[slice, slice]:
-        return slice(self.y0, self.y1), slice(self.x0, self.x1)
-
-
-def _span(values: list[float]) -> float:
-    """(max - min) / median of ``values``."""
-    return float(np.ptp(values) / np.median(values))
+def reference_sources(reference: Reference, config: SubtractConfig = SubtractConfig()) -> StarList:
+    """Star catalogue of a reference on its own grid: the stored one, else found with ``config``'s
+    star settings (up to :data:`SOURCE_MAX_STARS`) at its detection threshold, once per reference
+    (:meth:`broker.reference.Reference.catalogue`)."""
+    return reference.catalogue(replace(config.stars, max_stars=SOURCE_MAX_STARS), config.threshold_sigma)
 
 
 def sky_offset(S_corr: np.ndarray, sky: np.ndarray, box_px: int) -> np.ndarray | None:
@@ -522,6 +273,10 @@ def sky_offset(S_corr: np.ndarray, sky: np.ndarray, box_px: int) -> np.ndarray |
         Blank-sky pixels (no source, no mask).
     box_px : int
         Mesh size (px); 0 disables.
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float32, or None
     """
     if box_px <= 0:
         return None
@@ -533,65 +288,536 @@ def sky_offset(S_corr: np.ndarray, sky: np.ndarray, box_px: int) -> np.ndarray |
     return level
 
 
-def _tile_boxes(shape: tuple[int, int], tile_px: int) -> list[tuple[int, int, int, int]]:
-    """(y0, y1, x0, x1) of tiles of about ``tile_px`` covering the frame."""
-    edges_y = np.linspace(0, shape[0], max(1, round(shape[0] / tile_px)) + 1).astype(int)
-    edges_x = np.linspace(0, shape[1], max(1, round(shape[1] / tile_px)) + 1).astype(int)
-    return [(int(y0), int(y1), int(x0), int(x1)) for y0, y1 in zip(edges_y[:-1], edges_y[1:])
-            for x0, x1 in zip(edges_x[:-1], edges_x[1:])]
+# --- the steps ------------------------------------------------------------------------------------
+class StepTimer:
+    """Wall-clock time of named steps: ``with timer.step("align"): ...`` records ``t_align_s`` (s)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.times[f"t_{name}_s"] = time.perf_counter() - t
+
+    def total(self) -> float:
+        """Seconds since the timer was made."""
+        return time.perf_counter() - self.start
 
 
-def _tile_stars(x: np.ndarray, y: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Indices of the stars within a quarter tile of ``box``."""
-    y0, y1, x0, x1 = box
-    my, mx = (y1 - y0) // 4, (x1 - x0) // 4
-    return np.flatnonzero((x >= x0 - mx) & (x < x1 + mx) & (y >= y0 - my) & (y < y1 + my))
+@dataclass(frozen=True)
+class ScienceSky:
+    """The science frame's sky (step 1); all arrays (ny, nx), float32 unless said.
 
-
-def tile_fwhm_span(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray,
-                   boxes: list[tuple[int, int, int, int]]) -> float:
-    """Largest spread over tiles, (max - min) / median, of the tiles' median star FWHM in the
-    science or the reference image.
-
-    Half-maximum widths of single stars (:func:`broker.psf.star_fwhms`, ~10 us a star) decide
-    whether per-tile PSFs are needed at all; stacking them for every tile would cost ~0.15 s of a
-    2k x 2k frame whose PSF does not vary. NaN when a tile has fewer than 5 measured stars.
+    Attributes
+    ----------
+    sci : raw frame (ADU), NaN where invalid.
+    raw_saturated : bool, saturated pixels before any PSF is known (:func:`raw_saturation_mask`).
+    background, rms : sky level and sky noise (ADU).
+    N : ``sci - background`` (ADU).
+    sigma_n : float, median sky noise (ADU).
     """
-    spans = []
-    for img in (N, R):
-        fw = star_fwhms(img, x, y)
-        per_tile = [np.nanmedian(fw[sel]) if np.isfinite(fw[sel]).sum() >= 5 else np.nan
-                    for sel in (_tile_stars(x, y, box) for box in boxes)]
-        spans.append(_span(per_tile))
-    return max(spans)
+
+    sci: np.ndarray
+    raw_saturated: np.ndarray
+    background: np.ndarray
+    rms: np.ndarray
+    N: np.ndarray
+    sigma_n: float
 
 
-def tile_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, whole: Tile,
-              config: SubtractConfig) -> list[Tile]:
-    """Tiles of about ``config.psf_tile_px`` with PSFs from the stars (x, y: isolated, brightest
-    first) within a quarter tile of each; a tile with too few keeps the frame's PSFs."""
-    tiles = []
-    for box in _tile_boxes(N.shape, config.psf_tile_px):
-        sel = _tile_stars(x, y, box)[:config.psf.max_stars]
-        P_n, P_r, n, _ = common_psfs(N, R, x[sel], y[sel], h, config.psf.min_stars)
-        if P_n is None:
-            P_n, P_r, n = whole.P_n, whole.P_r, whole.n_stars
-        tiles.append(Tile(*box, P_n, P_r, n))
-    return tiles
+@dataclass(frozen=True)
+class PreparedScience:
+    """The science frame ready for subtraction (step 2); arrays (ny, nx).
+
+    Attributes
+    ----------
+    sky : ScienceSky
+    stars : StarList, the science star catalogue.
+    N : background-subtracted science with defects interpolated over (ADU), float32.
+    fixed : bool, pixels interpolated over (cosmic rays, hot pixels, bad columns, reference defects).
+    unfilled : bool, fixed pixels whose fill is not trusted (masked later).
+    fill_spread : error of each fill (ADU), 0 elsewhere, float32.
+    """
+
+    sky: ScienceSky
+    stars: StarList
+    N: np.ndarray
+    fixed: np.ndarray
+    unfilled: np.ndarray
+    fill_spread: np.ndarray
 
 
-def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = SubtractConfig(),
+@dataclass(frozen=True)
+class PSFMatch:
+    """Science and reference PSFs and the flux ratio (step 4).
+
+    Attributes
+    ----------
+    P_n, P_r : ndarray, shape (2h+1, 2h+1), float32, sum 1.
+    half_size : int, h (px).
+    fwhm_n, fwhm_r : float, their FWHMs (px).
+    n_stars : int, stars stacked.
+    matched : StarList, the science stars matched to reference stars.
+    flux_ratio : float, reference / science flux ratio F_r.
+    flux_ratio_fallback : bool, F_r = 1 for want of stars.
+    fallback : bool, the science PSF is the Gaussian fallback.
+    common : bool, both PSFs stacked from the same matched stars.
+    """
+
+    P_n: np.ndarray
+    P_r: np.ndarray
+    half_size: int
+    fwhm_n: float
+    fwhm_r: float
+    n_stars: int
+    matched: StarList
+    flux_ratio: float
+    flux_ratio_fallback: bool
+    fallback: bool
+    common: bool
+
+
+@dataclass(frozen=True)
+class Masks:
+    """Bad pixels and variances (step 5); arrays (ny, nx).
+
+    Attributes
+    ----------
+    bad : bool, pixels masked in both images.
+    var_n, var_r : float32, science and reference variance (ADU^2, reference scale for var_r).
+    sigma_r : float, reference background noise (ADU).
+    bad_variance : float, science variance given to bad pixels (ADU^2).
+    """
+
+    bad: np.ndarray
+    var_n: np.ndarray
+    var_r: np.ndarray
+    sigma_r: float
+    bad_variance: float
+
+
+@dataclass(frozen=True)
+class ZogyInputs:
+    """The inputs of ZOGY zero-padded by ``pad`` px, (py, px) float32, bad pixels at 0 / huge variance.
+
+    Attributes
+    ----------
+    N, R : science and aligned reference (ADU).
+    V_N, V_R : their variances (ADU^2).
+    fill_n, fill_r : float, the variance of padding and bad pixels in V_N and V_R (ADU^2).
+    pad : int, padding (px) on the low side of each axis.
+    sigma_ast : (float, float), registration noise in x and y (px).
+    """
+
+    N: np.ndarray
+    R: np.ndarray
+    V_N: np.ndarray
+    V_R: np.ndarray
+    fill_n: float
+    fill_r: float
+    pad: int
+    sigma_ast: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class ZogyImages:
+    """ZOGY images on the science grid (step 6); arrays (ny, nx) float32.
+
+    Attributes
+    ----------
+    D : difference image, unit background variance.
+    D_adu : D in science ADU.
+    S_corr : S_corr (sigma), 0 at bad pixels, sky offset and scale taken out.
+    V_S : variance of S from source + background noise.
+    tiles : list of Tile, with their P_D.
+    fwhm_tiles : list of float, the science PSF FWHM of each tile (px).
+    v0 : float, blank-sky value of V_S.
+    offset : ndarray or None, the blank-sky level taken out of S_corr (sigma).
+    scorr_std : float, robust blank-sky std of S_corr before renormalisation.
+    renormalised : bool, S_corr was divided by ``scorr_std``.
+    """
+
+    D: np.ndarray
+    D_adu: np.ndarray
+    S_corr: np.ndarray
+    V_S: np.ndarray
+    tiles: list[Tile]
+    fwhm_tiles: list[float]
+    v0: float
+    offset: np.ndarray | None
+    scorr_std: float
+    renormalised: bool
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """Detected peaks of S_corr (step 7), most significant first.
+
+    Attributes
+    ----------
+    x, y : ndarray of int, peak pixels.
+    value : ndarray, S_corr there (sigma).
+    n_cosmic_rays : int, peaks vetoed as sharper than the PSF.
+    capped : bool, more peaks than the cap.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    value: np.ndarray
+    n_cosmic_rays: int
+    capped: bool
+
+
+def _check_reference(frame: Frame, reference: Reference) -> None:
+    """Raise :class:`ReferenceUnavailable` when ``reference`` is for another key or is malformed."""
+    if tuple(reference.key) != tuple(frame.meta.reference_key):
+        raise ReferenceUnavailable(f"reference {reference.key} does not match frame key {frame.meta.reference_key}")
+    if reference.image.ndim != 2 or reference.image.shape != reference.variance.shape:
+        raise ReferenceUnavailable("reference image and variance shapes differ")
+    if reference.psf.ndim != 2 or reference.psf.shape[0] % 2 == 0 or reference.psf.shape[0] != reference.psf.shape[1]:
+        raise ReferenceUnavailable(f"reference PSF has a bad shape {reference.psf.shape}")
+
+
+def _science_sky(frame: Frame, config: SubtractConfig) -> ScienceSky:
+    """Step 1: the sky map of the science frame (saturated pixels excluded) and its subtraction."""
+    sci = np.asarray(frame.data, dtype=np.float32)
+    raw_sat = raw_saturation_mask(sci, frame.meta.saturation)
+    bkg, rms = estimate_background(sci, raw_sat, config.background)
+    return ScienceSky(sci, raw_sat, bkg, rms, sci - bkg, float(np.median(rms[::4, ::4])))
+
+
+def _clean_science(sky: ScienceSky, saturation: float, defects: np.ndarray | None,
+                   config: SubtractConfig) -> PreparedScience:
+    """Step 2: science stars, then cosmic rays, hot pixels and the reference's detector defects
+    interpolated over.
+
+    The defects are found on the reference grid, i.e. on the detector pixels of its first frame:
+    the same pixels of every frame of the camera. Survey pipelines interpolate such pixels:
+    masking them would blind S_corr for 2 FWHM around each, and a transient beside or beneath one
+    keeps its other pixels.
+    """
+    stars = find_stars(np.where(sky.raw_saturated, 0.0, sky.N), sky.sigma_n, config.stars, saturation,
+                       sky.background)
+    fix = np.zeros(sky.N.shape, bool)
+    if config.cosmic_ray_sigma > 0:
+        fix |= sharp_outliers(sky.N, sky.rms, stars.fwhm, config.cosmic_ray_sigma)
+    if config.bad_column_sigma > 0:
+        fix |= bad_columns(np.where(sky.raw_saturated, np.nan, sky.N), sky.rms, nsigma=config.bad_column_sigma)
+    if defects is not None and defects.shape == sky.N.shape:
+        fix |= defects
+    N, fill_spread = inpaint(sky.N, fix)
+    # a fill is trusted where the surface follows the image; elsewhere (a star's core) masked
+    unfilled = fix & ~(fill_spread <= FILL_MAX_SPREAD * sky.rms)
+    return PreparedScience(sky, stars, N, fix, unfilled, np.nan_to_num(fill_spread))
+
+
+def _flux_ratio(ratio: np.ndarray, min_stars: int) -> tuple[float, bool]:
+    """Sigma-clipped median of the stars' reference / science flux ratios, and whether it fell
+    back on 1 (fewer than ``min_stars`` ratios, or not a positive number)."""
+    if len(ratio) < min_stars:
+        return 1.0, True
+    med = np.median(ratio)
+    mad = 1.4826 * np.median(np.abs(ratio - med)) + 1e-12
+    flux_ratio = float(np.median(ratio[np.abs(ratio - med) < 3 * mad]))
+    if not (np.isfinite(flux_ratio) and flux_ratio > 0):
+        return 1.0, True
+    return flux_ratio, False
+
+
+def _own_psfs(N: np.ndarray, stars: StarList, reference_psf: np.ndarray, matrix: np.ndarray, h: int,
+              config: PSFConfig) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """Science PSF from its own stars (or the Gaussian fallback), reference PSF from its stored stamp
+    resampled with the linear part of the registration (``matrix``): when too few common stars.
+
+    Returns
+    -------
+    P_n, P_r : ndarray, shape (2h+1, 2h+1), float32
+    n_stars : int
+    fallback : bool
+        The science PSF is the Gaussian fallback.
+    """
+    sci_psf = build_psf(N, stars, config, half_size=h)
+    lin = matrix[::-1, ::-1]
+    centre = np.array(reference_psf.shape) // 2
+    pr_ = ndimage.affine_transform(reference_psf.astype(np.float64), lin, offset=centre - lin @ centre, order=3)
+    P_r = resize_stamp(np.clip(pr_, 0, None).astype(np.float32), h)
+    return sci_psf.stamp, P_r, sci_psf.n_stars, bool(sci_psf.fallback)
+
+
+def _match_psfs(science: PreparedScience, R: np.ndarray, ali: Alignment, reference_psf: np.ndarray,
+                config: SubtractConfig) -> PSFMatch:
+    """Step 4: PSFs and flux ratio from the same (matched, isolated) stars at the same science
+    positions; the PSFs from each image's own stars when too few are common."""
+    N, shape = science.N, science.N.shape
+    h = half_size_for(max(science.stars.fwhm, measure_fwhm(reference_psf)), config.psf)
+    matched = science.stars.subset(ali.sci_index)
+    idx = select_psf_stars(matched, shape, h, config.psf)
+    P_n = P_r = None
+    n_psf = 0
+    flux_ratio, fr_fallback = 1.0, True
+    if len(idx) >= config.min_flux_ratio_stars:
+        P_n, P_r, n_psf, ratio = common_psfs(N, R, matched.x[idx], matched.y[idx], h, config.psf.min_stars)
+        flux_ratio, fr_fallback = _flux_ratio(ratio, config.min_flux_ratio_stars)
+    fallback, common = False, True
+    if P_n is None or P_r is None:
+        common = False
+        P_n, P_r, n_psf, fallback = _own_psfs(N, science.stars, reference_psf, ali.matrix, h, config.psf)
+    return PSFMatch(P_n, P_r, h, measure_fwhm(P_n), measure_fwhm(P_r), n_psf, matched, flux_ratio,
+                    fr_fallback, fallback, common)
+
+
+def _masks(science: PreparedScience, ali: Alignment, psfs: PSFMatch, saturation: float, gain: float,
+           reference_variance: np.ndarray, config: SubtractConfig) -> Masks:
+    """Step 5a: science invalid + saturated (grown) + reference invalid (grown), and the variances."""
+    sci, rms = science.sky.sci, science.sky.rms
+    fwhm = max(psfs.fwhm_n, psfs.fwhm_r)
+    bad = ~np.isfinite(sci) | saturation_mask(sci, saturation, fwhm, config)
+    bad |= grow_square(~np.isfinite(ali.image) | ~np.isfinite(ali.variance) | science.unfilled,
+                       config.ref_bad_grow_fwhm * fwhm)
+    var_n = rms ** 2 + source_variance(science.N, rms, gain) + science.fill_spread ** 2
+    var_r = np.where(np.isfinite(ali.variance), ali.variance, 0.0).astype(np.float32)
+    # frame statistics on every 4th pixel of every 4th row: 260k samples of a 2k x 2k frame
+    sub_good = ~bad[::4, ::4]
+    if sub_good.any():
+        sigma_r = float(np.sqrt(np.median(var_r[::4, ::4][sub_good])))
+        big = config.bad_variance_factor * float(np.median(var_n[::4, ::4][sub_good]))
+    else:
+        sigma_r, big = float(np.sqrt(np.nanmedian(reference_variance))), 1e30
+    # a noise-free (model) template would make k_r a deconvolution kernel with unbounded wings:
+    # no real reference is better than 1 % of the science noise
+    sigma_r = max(sigma_r, 0.01 * science.sky.sigma_n * psfs.flux_ratio)
+    var_r = np.maximum(var_r, np.float32(sigma_r ** 2))
+    return Masks(bad, var_n, var_r, sigma_r, big)
+
+
+def _astrometric_noise(ali: Alignment, config: SubtractConfig) -> tuple[float, float]:
+    """Registration noise sigma_x, sigma_y (px): the fit residual / sqrt(n matched), bounded."""
+    if ali.n_matched >= 2 and np.isfinite(ali.residual_px):
+        nm = np.sqrt(max(ali.n_matched, 1))
+        sx, sy = (float(np.clip(r / nm, config.astrometric_floor_px, config.astrometric_max_px))
+                  for r in ali.residual_xy)
+        return sx, sy
+    # no star to register (nor to leave a residual): the term would only add gradient noise
+    return config.astrometric_floor_px, config.astrometric_floor_px
+
+
+def _padded(img: np.ndarray, fill: float, pad: int, shape: tuple[int, int]) -> np.ndarray:
+    """``img`` at offset (pad, pad) of a float32 array of ``shape`` filled with ``fill``."""
+    out = np.full(shape, fill, np.float32)
+    out[pad:pad + img.shape[0], pad:pad + img.shape[1]] = img
+    return out
+
+
+def _zogy_inputs(science: PreparedScience, R: np.ndarray, masks: Masks, psfs: PSFMatch,
+                 sigma_ast: tuple[float, float]) -> ZogyInputs:
+    """Step 5b: bad pixels at 0 with a huge variance, padded by two stamps so the circular
+    convolutions do not wrap (to a fast FFT size)."""
+    shape, bad = science.N.shape, masks.bad
+    pad = 2 * psfs.half_size
+    full = (fft.next_fast_len(shape[0] + 2 * pad, real=True), fft.next_fast_len(shape[1] + 2 * pad, real=True))
+    big, big_r = masks.bad_variance, masks.bad_variance * psfs.flux_ratio ** 2
+    return ZogyInputs(_padded(np.where(bad, 0.0, science.N), 0.0, pad, full),
+                      _padded(np.where(bad, 0.0, R), 0.0, pad, full),
+                      _padded(np.where(bad, big, masks.var_n), big, pad, full),
+                      _padded(np.where(bad, big_r, masks.var_r), big_r, pad, full),
+                      big, big_r, pad, sigma_ast)
+
+
+def _psf_tiles(N: np.ndarray, R: np.ndarray, psfs: PSFMatch, config: SubtractConfig
+               ) -> tuple[list[Tile], list[float]]:
+    """The frame's PSF tiles and their science FWHMs (px): one tile unless the PSF varies by more
+    than ``psf_tile_min_change`` across tiles of ``psf_tile_px``."""
+    shape = N.shape
+    whole = Tile(0, shape[0], 0, shape[1], psfs.P_n, psfs.P_r, psfs.n_stars)
+    if not (config.psf_tile_px > 0 and max(shape) >= 1.5 * config.psf_tile_px and psfs.common):
+        return [whole], [psfs.fwhm_n]
+    matched, h = psfs.matched, psfs.half_size
+    pool = select_psf_stars(matched, shape, h, replace(config.psf, max_stars=len(matched)))
+    px_, py_ = matched.x[pool], matched.y[pool]
+    span = tile_fwhm_span(N, R, px_, py_, tile_boxes(shape, config.psf_tile_px))
+    if span <= config.psf_tile_min_change:  # NaN (a tile short of stars): measure them
+        return [whole], [psfs.fwhm_n]
+    split = tile_psfs(N, R, px_, py_, h, whole, config.psf_tile_px, config.psf.max_stars, config.psf.min_stars)
+    fw_n = [measure_fwhm(t.P_n) for t in split]
+    if max(relative_span(fw_n), relative_span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
+        return split, fw_n
+    return [whole], [psfs.fwhm_n]
+
+
+def _window(a: np.ndarray, tile: Tile, fy: int, fx: int, fill: float) -> np.ndarray:
+    """The (fy, fx) window of a padded array starting at the tile's corner, padded with ``fill``."""
+    w = a[tile.y0:tile.y0 + fy, tile.x0:tile.x0 + fx]
+    if w.shape == (fy, fx):
+        return w
+    out = np.full((fy, fx), fill, np.float32)
+    out[:w.shape[0], :w.shape[1]] = w
+    return out
+
+
+def _zogy_per_tile(inputs: ZogyInputs, tiles: list[Tile], shape: tuple[int, int], sigma_n: float,
+                   sigma_r: float, flux_ratio: float, h_ref: np.ndarray | None, config: SubtractConfig
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[Tile]]:
+    """ZOGY on each tile and a margin of one pad (the padded frame holds them), to a fast FFT size.
+
+    Returns
+    -------
+    D, D_adu, S_corr, V_S : ndarray, shape ``shape``, float32
+    tiles : list of Tile
+        With their P_D, F_D and fwhm_D.
+    """
+    pad = inputs.pad
+    D, S_corr, V_S, D_adu = (np.empty(shape, np.float32) for _ in range(4))
+    done = []
+    for tile in tiles:
+        fy = fft.next_fast_len(tile.y1 - tile.y0 + 2 * pad, real=True)
+        fx = fft.next_fast_len(tile.x1 - tile.x0 + 2 * pad, real=True)
+        z = zogy(_window(inputs.N, tile, fy, fx, 0.0), _window(inputs.R, tile, fy, fx, 0.0), tile.P_n, tile.P_r,
+                 _window(inputs.V_N, tile, fy, fx, inputs.fill_n), _window(inputs.V_R, tile, fy, fx, inputs.fill_r),
+                 sigma_n, sigma_r, flux_ratio, 1.0, inputs.sigma_ast, config.flux_error, ref_noise_kernel=h_ref)
+        core, inner = tile.core, (slice(pad, pad + tile.y1 - tile.y0), slice(pad, pad + tile.x1 - tile.x0))
+        D[core], S_corr[core], V_S[core] = z.D[inner], z.S_corr[inner], z.V_S[inner]
+        D_adu[core] = z.D[inner] / z.F_D
+        done.append(replace(tile, P_D=z.P_D, F_D=z.F_D, fwhm_D=measure_fwhm(z.P_D)))
+    return D, D_adu, S_corr, V_S, done
+
+
+def _remove_sky_offset(D: np.ndarray, D_adu: np.ndarray, S_corr: np.ndarray, V_S: np.ndarray, v0: float,
+                       sky: np.ndarray, tiles: list[Tile], box_px: int) -> np.ndarray | None:
+    """Subtract the blank-sky level of S_corr (:func:`sky_offset`) from S_corr, D and D_adu, in place.
+
+    Returns the level (sigma), or None when none was taken out.
+    """
+    offset = sky_offset(S_corr, sky, box_px)
+    if offset is not None:
+        # a constant c in D is F_D c in S, i.e. F_D c / sqrt(V) in S_corr: V_S stands in for V
+        S_corr -= offset * np.sqrt(v0 / V_S)
+        for tile in tiles:
+            D[tile.core] -= offset[tile.core] * (np.sqrt(v0) / tile.F_D)
+            D_adu[tile.core] = D[tile.core] / tile.F_D
+    return offset
+
+
+def _zogy_images(science: PreparedScience, R: np.ndarray, ali: Alignment, psfs: PSFMatch, masks: Masks,
+                 inputs: ZogyInputs, config: SubtractConfig) -> ZogyImages:
+    """Step 6: ZOGY per PSF tile, then S_corr's blank-sky offset and (when off) scale taken out."""
+    shape = science.N.shape
+    h_ref = interpolation_kernel(ali.matrix, ali.offset, shape) if config.reference_noise_kernel else None
+    tiles, fwhm_tiles = _psf_tiles(science.N, R, psfs, config)
+    D, D_adu, S_corr, V_S, tiles = _zogy_per_tile(inputs, tiles, shape, science.sky.sigma_n, masks.sigma_r,
+                                                  psfs.flux_ratio, h_ref, config)
+    good = ~masks.bad
+    v0 = float(np.median(V_S[::4, ::4][good[::4, ::4]])) if good[::4, ::4].any() else 1.0
+    # blank sky: neither sources nor the masks' huge variance reach these pixels
+    sky = good & (V_S < 1.2 * v0)
+    offset = _remove_sky_offset(D, D_adu, S_corr, V_S, v0, sky, tiles, config.sky_offset_box_px)
+    S_corr = np.where(masks.bad, 0.0, S_corr).astype(np.float32)
+    sky_s = S_corr[::2, ::2][sky[::2, ::2]]
+    med = float(np.median(sky_s)) if sky_s.size else 0.0
+    scorr_std = float(1.4826 * np.median(np.abs(sky_s - med))) if sky_s.size else float("nan")
+    renorm = bool(config.renormalise_scorr or abs(scorr_std - 1.0) > config.renormalise_tolerance)
+    if renorm and scorr_std > 0:
+        S_corr = S_corr / scorr_std
+    return ZogyImages(D, D_adu, S_corr, V_S, tiles, fwhm_tiles, v0, offset, scorr_std,
+                      bool(renorm and scorr_std > 0))
+
+
+def _find_peaks(images: ZogyImages, science: PreparedScience, fwhm_n: float, config: SubtractConfig) -> Peaks:
+    """Step 7a: peaks of |S_corr| above threshold, less cosmic rays, capped."""
+    xs, ys, vs = find_scorr_peaks(images.S_corr, config.threshold_sigma, refine=config.detect.subpixel_peak)
+    n_cr = 0
+    if config.cosmic_ray_sigma > 0 and len(xs):
+        # positive peaks on a pixel sharper than the PSF: cosmic rays / hot pixels of the science frame
+        cr = (vs > 0) & sharp_peaks(science.N, science.sky.rms, xs, ys, fwhm_n, config.cosmic_ray_sigma)
+        n_cr = int(cr.sum())
+        xs, ys, vs = xs[~cr], ys[~cr], vs[~cr]
+    cap = min(config.max_candidates, config.detect.max_candidates)
+    return Peaks(xs[:cap], ys[:cap], vs[:cap], n_cr, len(xs) > cap)
+
+
+def _measure(peaks: Peaks, images: ZogyImages, bad: np.ndarray, ali: Alignment, ref_stars: StarList,
+             flux_ratio: float, wcs: WCS, config: SubtractConfig) -> list[Detection]:
+    """Step 7b: the peaks measured on D with the P_D of their tile, in the order of the peaks."""
+    xs, ys, vs = peaks.x, peaks.y, peaks.value
+    # blank-sky variance of S: median over good pixels; the ratio inflates errors on sources
+    noise_ratio = images.V_S / images.v0
+    ref_x, ref_y = ali.to_science(ref_stars.x, ref_stars.y)
+    ref_xy = np.column_stack([ref_x, ref_y])
+    scale = _pixel_scale_arcsec(wcs)
+    dets: list[Detection | None] = [None] * len(xs)
+    for tile in images.tiles:
+        assert tile.P_D is not None, "ZOGY has run on every tile"
+        inside = np.flatnonzero((ys >= tile.y0) & (ys < tile.y1) & (xs >= tile.x0) & (xs < tile.x1))
+        found, kept = measure_candidates(
+            xs[inside], ys[inside], vs[inside], D=images.D, scorr=images.S_corr, P_D=tile.P_D, F_D=tile.F_D,
+            noise_ratio=noise_ratio, bad=bad, wcs=wcs, pixel_scale_arcsec=scale,
+            ref_xy=ref_xy, ref_flux=ref_stars.flux / flux_ratio, fwhm_D=tile.fwhm_D, config=config.detect)
+        for i, det in zip(inside[kept], found, strict=True):
+            dets[i] = det
+    return [d for d in dets if d is not None]  # most significant first
+
+
+def _cutouts(detections: list[Detection], science: PreparedScience, R: np.ndarray, images: ZogyImages,
+             bad: np.ndarray, flux_ratio: float, frame_id: str) -> list[Candidate]:
+    """Step 8: science and reference (background-subtracted, science ADU) and D (science ADU) stamps."""
+    sci_cut = np.where(np.isfinite(science.sky.sci), science.N, np.nan).astype(np.float32)
+    ref_cut = (R / flux_ratio).astype(np.float32)
+    diff_cut = np.where(bad, np.nan, images.D_adu).astype(np.float32)
+    cands = []
+    for i, det in enumerate(detections):
+        s, r, d = triplet(sci_cut, ref_cut, diff_cut, det.x, det.y)
+        cands.append(Candidate(f"{frame_id}/{i}", det, s, r, d))
+    return cands
+
+
+def _diagnostics(science: PreparedScience, ali: Alignment, psfs: PSFMatch, masks: Masks, inputs: ZogyInputs,
+                 images: ZogyImages, peaks: Peaks, n_candidates: int) -> dict[str, float]:
+    """Step 9: the per-frame diagnostics (see :class:`SubtractionResult`), timings aside."""
+    offset = images.offset
+    return {
+        "astrometric_residual_px": float(ali.residual_px),
+        "n_matched_stars": float(ali.n_matched),
+        "fwhm_science_px": float(psfs.fwhm_n),
+        "fwhm_reference_px": float(psfs.fwhm_r),
+        "fwhm_difference_px": float(np.median([tile.fwhm_D for tile in images.tiles])),
+        "n_psf_tiles": float(len(images.tiles)),
+        "fwhm_science_tile_range_px": float(np.ptp(images.fwhm_tiles)),
+        "flux_ratio": float(psfs.flux_ratio),
+        "flux_ratio_fallback": float(psfs.flux_ratio_fallback),
+        "psf_fallback": float(psfs.fallback),
+        "psf_common_stars": float(psfs.common),
+        "n_psf_stars": float(psfs.n_stars),
+        "sigma_ast_x_px": inputs.sigma_ast[0],
+        "sigma_ast_y_px": inputs.sigma_ast[1],
+        "scorr_std": images.scorr_std,
+        "scorr_sky_offset": float(np.median(offset[::16, ::16])) if offset is not None else 0.0,
+        "scorr_renormalised": float(images.renormalised),
+        "overlap": float(ali.overlap),
+        "bad_fraction": float(masks.bad.mean()),
+        "n_peaks": float(len(peaks.x)),
+        "n_cosmic_rays": float(peaks.n_cosmic_rays),
+        "n_interpolated_px": float(science.fixed.sum()),
+        "n_unfilled_px": float(science.unfilled.sum()),
+        "n_candidates": float(n_candidates),
+        "candidates_capped": float(peaks.capped),
+    }
+
+
+def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConfig = SubtractConfig(),
                         keep_images: bool = False) -> SubtractionResult:
     """Align the reference onto the frame, ZOGY-subtract, detect >= 5 sigma peaks, cut out.
 
     Parameters
     ----------
     frame : Frame
-        Science exposure (ADU, NaN where invalid).
+        Science exposure (ADU, NaN where invalid), shape (ny, nx).
     reference : broker.reference.Reference
         Background-subtracted co-add of the same (telescope, field, filter).
     keep_images : bool
-        Return D, S_corr and the bad mask in ``result.images`` (debugging, benchmarks).
+        Return D (science ADU), S_corr (sigma) and the bad mask, each (ny, nx), in ``result.images``
+        (debugging, benchmarks).
 
     Raises
     ------
@@ -602,245 +828,31 @@ def subtract_and_detect(frame: Frame, reference, config: SubtractConfig = Subtra
     PSFError, BadPixelFraction
         No PSF / no sky can be measured on the frame.
     """
-    t0 = time.perf_counter()
-    times: dict[str, float] = {}
-
-    def lap(name: str, t: float) -> float:
-        now = time.perf_counter()
-        times[f"t_{name}_s"] = now - t
-        return now
-
-    if tuple(reference.key) != tuple(frame.meta.reference_key):
-        raise ReferenceUnavailable(f"reference {reference.key} does not match frame key {frame.meta.reference_key}")
-    if reference.image.ndim != 2 or reference.image.shape != reference.variance.shape:
-        raise ReferenceUnavailable("reference image and variance shapes differ")
-    if reference.psf.ndim != 2 or reference.psf.shape[0] % 2 == 0 or reference.psf.shape[0] != reference.psf.shape[1]:
-        raise ReferenceUnavailable(f"reference PSF has a bad shape {reference.psf.shape}")
+    timer = StepTimer()
+    _check_reference(frame, reference)
     meta = frame.meta
-    sci = np.asarray(frame.data, dtype=np.float32)
-    shape = sci.shape
-    wcs = frame.wcs
-
-    # background + science stars
-    t = time.perf_counter()
-    raw_sat = saturation_mask(sci, meta.saturation, 2.0, SubtractConfig(sat_grow_fwhm=1.0, sat_grow_size=0.0))
-    bkg, rms_map = estimate_background(sci, raw_sat, config.background)
-    N = sci - bkg
-    sigma_n = float(np.median(rms_map[::4, ::4]))
-    t = lap("background", t)
-    sci_stars = find_stars(np.where(raw_sat, 0.0, N), sigma_n, config.stars, meta.saturation, bkg)
-    ref_stars = reference_sources(reference, config)
-    # cosmic rays, hot pixels and the reference's detector defects (found on the reference grid,
-    # i.e. on the detector pixels of its first frame: the same pixels of every frame of the camera)
-    # interpolated over, as survey pipelines do: masking them would blind S_corr for 2 FWHM
-    # around each, and a transient beside or beneath one keeps its other pixels
-    fix = np.zeros(shape, bool)
-    if config.cosmic_ray_sigma > 0:
-        fix |= sharp_outliers(N, rms_map, sci_stars.fwhm, config.cosmic_ray_sigma)
-    if config.bad_column_sigma > 0:
-        fix |= bad_columns(np.where(raw_sat, np.nan, N), rms_map, nsigma=config.bad_column_sigma)
-    if reference.defects is not None and reference.defects.shape == shape:
-        fix |= reference.defects
-    N, fill_spread = inpaint(N, fix)
-    # a fill is trusted where the surface follows the image; elsewhere (a star's core) masked
-    unfilled = fix & ~(fill_spread <= FILL_MAX_SPREAD * rms_map)
-    fill_spread = np.nan_to_num(fill_spread)
-    t = lap("stars", t)
-
-    # alignment
-    ali: Alignment = align_reference(reference.image, reference.variance, reference.header, ref_stars,
-                                     frame.header, shape, sci_stars, config.align,
-                                     prepared=reference.resampleable())
-    R = ali.image
-    t = lap("align", t)
-
-    # PSFs + flux ratio, from the same (matched, isolated) stars at the same science positions
-    fwhm_guess = max(sci_stars.fwhm, measure_fwhm(reference.psf))
-    h = half_size_for(fwhm_guess, config.psf)
-    matched = sci_stars.subset(ali.sci_index)
-    idx = select_psf_stars(matched, shape, h, config.psf)
-    P_n = P_r = None
-    n_psf = 0
-    flux_ratio, fr_fallback = 1.0, 1.0
-    if len(idx) >= config.min_flux_ratio_stars:
-        P_n, P_r, n_psf, ratio = common_psfs(N, R, matched.x[idx], matched.y[idx], h, config.psf.min_stars)
-        if len(ratio) >= config.min_flux_ratio_stars:
-            med = np.median(ratio)
-            mad = 1.4826 * np.median(np.abs(ratio - med)) + 1e-12
-            flux_ratio = float(np.median(ratio[np.abs(ratio - med) < 3 * mad]))
-            fr_fallback = 0.0
-            if not (np.isfinite(flux_ratio) and flux_ratio > 0):
-                flux_ratio, fr_fallback = 1.0, 1.0
-    psf_fallback, psf_common = 0.0, 1.0
-    if P_n is None:
-        # too few common stars: science PSF from its own stars (or the Gaussian fallback)
-        psf_common = 0.0
-        sci_psf = build_psf(N, sci_stars, config.psf, half_size=h)
-        psf_fallback = float(sci_psf.fallback)
-        P_n = sci_psf.stamp
-        # reference PSF from the stored stamp, resampled with the linear part of the registration
-        lin = ali.matrix
-        pr_ = ndimage.affine_transform(reference.psf.astype(np.float64), lin[::-1, ::-1],
-                                       offset=np.array(reference.psf.shape) // 2 - lin[::-1, ::-1] @ (np.array(reference.psf.shape) // 2),
-                                       order=3)
-        P_r = resize_stamp(np.clip(pr_, 0, None).astype(np.float32), h)
-        n_psf = sci_psf.n_stars
-    fwhm_n, fwhm_r = measure_fwhm(P_n), measure_fwhm(P_r)
-    t = lap("psf", t)
-
-    # masks: science invalid + saturated (grown) + reference invalid (grown)
-    fwhm = max(fwhm_n, fwhm_r)
-    bad = ~np.isfinite(sci) | saturation_mask(sci, meta.saturation, fwhm, config)
-    bad |= _grow(~np.isfinite(R) | ~np.isfinite(ali.variance) | unfilled, config.ref_bad_grow_fwhm * fwhm)
-    var_n = rms_map ** 2 + source_variance(N, rms_map, meta.gain) + fill_spread ** 2
-    var_r = np.where(np.isfinite(ali.variance), ali.variance, 0.0).astype(np.float32)
-    # frame statistics on every 4th pixel of every 4th row: 260k samples of a 2k x 2k frame
-    sub_good = ~bad[::4, ::4]
-    sigma_r = float(np.sqrt(np.median(var_r[::4, ::4][sub_good]))) if sub_good.any() else float(np.sqrt(np.nanmedian(reference.variance)))
-    big = config.bad_variance_factor * float(np.median(var_n[::4, ::4][sub_good])) if sub_good.any() else 1e30
-    # a noise-free (model) template would make k_r a deconvolution kernel with unbounded wings:
-    # no real reference is better than 1 % of the science noise
-    sigma_r = max(sigma_r, 0.01 * sigma_n * flux_ratio)
-    var_r = np.maximum(var_r, np.float32(sigma_r ** 2))
-    # pad by two stamps so the circular convolutions do not wrap
-    pad = 2 * h
-    py, px = fft.next_fast_len(shape[0] + 2 * pad, real=True), fft.next_fast_len(shape[1] + 2 * pad, real=True)
-
-    def padded(img: np.ndarray, fill: float) -> np.ndarray:
-        out = np.full((py, px), fill, np.float32)
-        out[pad:pad + shape[0], pad:pad + shape[1]] = img
-        return out
-
-    Np = padded(np.where(bad, 0.0, N), 0.0)
-    Rp = padded(np.where(bad, 0.0, R), 0.0)
-    VNp = padded(np.where(bad, big, var_n), big)
-    VRp = padded(np.where(bad, big * flux_ratio ** 2, var_r), big * flux_ratio ** 2)
-    if ali.n_matched >= 2 and np.isfinite(ali.residual_px):
-        nm = np.sqrt(max(ali.n_matched, 1))
-        sig_ast = tuple(float(np.clip(r / nm, config.astrometric_floor_px, config.astrometric_max_px))
-                        for r in ali.residual_xy)
-    else:
-        # no star to register (nor to leave a residual): the term would only add gradient noise
-        sig_ast = (config.astrometric_floor_px, config.astrometric_floor_px)
-    t = lap("masks", t)
-    h_ref = interpolation_kernel(ali.matrix, ali.offset, shape) if config.reference_noise_kernel else None
-    tiles, fwhm_tiles = [Tile(0, shape[0], 0, shape[1], P_n, P_r, n_psf)], [fwhm_n]
-    if config.psf_tile_px > 0 and max(shape) >= 1.5 * config.psf_tile_px and psf_common:
-        pool = select_psf_stars(matched, shape, h, replace(config.psf, max_stars=len(matched)))
-        px_, py_ = matched.x[pool], matched.y[pool]
-        span = tile_fwhm_span(N, R, px_, py_, _tile_boxes(shape, config.psf_tile_px))
-        if not span <= config.psf_tile_min_change:  # NaN (a tile short of stars): measure them
-            split = tile_psfs(N, R, px_, py_, h, tiles[0], config)
-            fw_n = [measure_fwhm(t.P_n) for t in split]
-            if max(_span(fw_n), _span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
-                tiles, fwhm_tiles = split, fw_n
-    D, S_corr, V_S, D_adu = (np.empty(shape, np.float32) for _ in range(4))
-    for tile in tiles:
-        # the tile and a margin of one pad (the padded frame holds them), to a fast FFT size
-        fy = fft.next_fast_len(tile.y1 - tile.y0 + 2 * pad, real=True)
-        fx = fft.next_fast_len(tile.x1 - tile.x0 + 2 * pad, real=True)
-
-        def window(a: np.ndarray, fill: float) -> np.ndarray:
-            w = a[tile.y0:tile.y0 + fy, tile.x0:tile.x0 + fx]
-            if w.shape == (fy, fx):
-                return w
-            out = np.full((fy, fx), fill, np.float32)
-            out[:w.shape[0], :w.shape[1]] = w
-            return out
-
-        z = zogy(window(Np, 0.0), window(Rp, 0.0), tile.P_n, tile.P_r, window(VNp, big),
-                 window(VRp, big * flux_ratio ** 2), sigma_n, sigma_r, flux_ratio, 1.0, sig_ast,  # type: ignore[arg-type]
-                 config.flux_error, ref_noise_kernel=h_ref)
-        core, inner = tile.core, (slice(pad, pad + tile.y1 - tile.y0), slice(pad, pad + tile.x1 - tile.x0))
-        D[core], S_corr[core], V_S[core] = z.D[inner], z.S_corr[inner], z.V_S[inner]
-        D_adu[core] = z.D[inner] / z.F_D
-        tile.P_D, tile.F_D, tile.fwhm_D = z.P_D, z.F_D, measure_fwhm(z.P_D)
-    good = ~bad
-    v0 = float(np.median(V_S[::4, ::4][good[::4, ::4]])) if good[::4, ::4].any() else 1.0
-    # blank sky: neither sources nor the masks' huge variance reach these pixels
-    sky = good & (V_S < 1.2 * v0)
-    offset = sky_offset(S_corr, sky, config.sky_offset_box_px)
-    if offset is not None:
-        # a constant c in D is F_D c in S, i.e. F_D c / sqrt(V) in S_corr: V_S stands in for V
-        S_corr -= offset * np.sqrt(v0 / V_S)
-        for tile in tiles:
-            D[tile.core] -= offset[tile.core] * (np.sqrt(v0) / tile.F_D)
-            D_adu[tile.core] = D[tile.core] / tile.F_D
-    S_corr = np.where(bad, 0.0, S_corr).astype(np.float32)
-    sky_s = S_corr[::2, ::2][sky[::2, ::2]]
-    med = float(np.median(sky_s)) if sky_s.size else 0.0
-    scorr_std = float(1.4826 * np.median(np.abs(sky_s - med))) if sky_s.size else float("nan")
-    renorm = bool(config.renormalise_scorr or abs(scorr_std - 1.0) > config.renormalise_tolerance)
-    if renorm and scorr_std > 0:
-        S_corr = S_corr / scorr_std
-    t = lap("zogy", t)
-
-    # detection
-    xs, ys, vs = find_scorr_peaks(S_corr, config.threshold_sigma, refine=config.detect.subpixel_peak)
-    n_cr = 0
-    if config.cosmic_ray_sigma > 0 and len(xs):
-        # positive peaks on a pixel sharper than the PSF: cosmic rays / hot pixels of the science frame
-        cr = (vs > 0) & sharp_peaks(N, rms_map, xs, ys, fwhm_n, config.cosmic_ray_sigma)
-        n_cr = int(cr.sum())
-        xs, ys, vs = xs[~cr], ys[~cr], vs[~cr]
-    cap = min(config.max_candidates, config.detect.max_candidates)
-    capped = float(len(xs) > cap)
-    xs, ys, vs = xs[:cap], ys[:cap], vs[:cap]
-    # blank-sky variance of S: median over good pixels; the ratio inflates errors on sources
-    noise_ratio = V_S / v0
-    ref_x, ref_y = ali.to_science(ref_stars.x, ref_stars.y)
-    ref_xy = np.column_stack([ref_x, ref_y])
-    dets: list = [None] * len(xs)
-    for tile in tiles:
-        inside = np.flatnonzero((ys >= tile.y0) & (ys < tile.y1) & (xs >= tile.x0) & (xs < tile.x1))
-        found, kept = measure_candidates(
-            xs[inside], ys[inside], vs[inside], D=D, scorr=S_corr, P_D=tile.P_D, F_D=tile.F_D,
-            noise_ratio=noise_ratio, bad=bad, wcs=wcs, pixel_scale_arcsec=_pixel_scale_arcsec(wcs),
-            ref_xy=ref_xy, ref_flux=ref_stars.flux / flux_ratio, fwhm_D=tile.fwhm_D,
-            config=config.detect)
-        for i, det in zip(inside[kept], found):
-            dets[i] = det
-    dets = [d for d in dets if d is not None]  # in the order of the peaks: most significant first
-    t = lap("detect", t)
-
-    # cutouts: science and reference background-subtracted in science ADU, D in science ADU
-    sci_cut = np.where(np.isfinite(sci), N, np.nan).astype(np.float32)
-    ref_cut = (R / flux_ratio).astype(np.float32)
-    diff_cut = np.where(bad, np.nan, D_adu).astype(np.float32)
-    cands = []
-    for i, det in enumerate(dets):
-        s, r, d = triplet(sci_cut, ref_cut, diff_cut, det.x, det.y)
-        cands.append(Candidate(f"{meta.frame_id}/{i}", det, s, r, d))
-    t = lap("cutouts", t)
-
-    diag = {
-        "astrometric_residual_px": float(ali.residual_px),
-        "n_matched_stars": float(ali.n_matched),
-        "fwhm_science_px": float(fwhm_n),
-        "fwhm_reference_px": float(fwhm_r),
-        "fwhm_difference_px": float(np.median([tile.fwhm_D for tile in tiles])),
-        "n_psf_tiles": float(len(tiles)),
-        "fwhm_science_tile_range_px": float(np.ptp(fwhm_tiles)),
-        "flux_ratio": float(flux_ratio),
-        "flux_ratio_fallback": fr_fallback,
-        "psf_fallback": psf_fallback,
-        "psf_common_stars": psf_common,
-        "n_psf_stars": float(n_psf),
-        "sigma_ast_x_px": sig_ast[0],
-        "sigma_ast_y_px": sig_ast[1],
-        "scorr_std": scorr_std,
-        "scorr_sky_offset": float(np.median(offset[::16, ::16])) if offset is not None else 0.0,
-        "scorr_renormalised": float(renorm and scorr_std > 0),
-        "overlap": float(ali.overlap),
-        "bad_fraction": float(bad.mean()),
-        "n_peaks": float(len(xs)),
-        "n_cosmic_rays": float(n_cr),
-        "n_interpolated_px": float(fix.sum()),
-        "n_unfilled_px": float(unfilled.sum()),
-        "n_candidates": float(len(cands)),
-        "candidates_capped": capped,
-        **times,
-        "t_total_s": time.perf_counter() - t0,
-    }
-    images = {"D": D_adu, "S_corr": S_corr, "bad": bad} if keep_images else {}
-    return SubtractionResult(cands, diag, images)
+    with timer.step("background"):
+        sky = _science_sky(frame, config)
+    with timer.step("stars"):
+        science = _clean_science(sky, meta.saturation, reference.defects, config)
+        ref_stars = reference_sources(reference, config)
+    with timer.step("align"):
+        ali = align_reference(reference.image, reference.variance, reference.header, ref_stars, frame.header,
+                              sky.sci.shape, science.stars, config.align, prepared=reference.resampleable())
+    with timer.step("psf"):
+        psfs = _match_psfs(science, ali.image, ali, reference.psf, config)
+    with timer.step("masks"):
+        masks = _masks(science, ali, psfs, meta.saturation, meta.gain, reference.variance, config)
+        inputs = _zogy_inputs(science, ali.image, masks, psfs, _astrometric_noise(ali, config))
+    with timer.step("zogy"):
+        images = _zogy_images(science, ali.image, ali, psfs, masks, inputs, config)
+    with timer.step("detect"):
+        peaks = _find_peaks(images, science, psfs.fwhm_n, config)
+        detections = _measure(peaks, images, masks.bad, ali, ref_stars, psfs.flux_ratio, frame.wcs, config)
+    with timer.step("cutouts"):
+        cands = _cutouts(detections, science, ali.image, images, masks.bad, psfs.flux_ratio, meta.frame_id)
+    diag = _diagnostics(science, ali, psfs, masks, inputs, images, peaks, len(cands))
+    diag.update(timer.times)
+    diag["t_total_s"] = timer.total()
+    kept = {"D": images.D_adu, "S_corr": images.S_corr, "bad": masks.bad} if keep_images else {}
+    return SubtractionResult(cands, diag, kept)

@@ -40,31 +40,34 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
           metrics_port: Annotated[int, typer.Option(help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
           metrics_addr: Annotated[str, typer.Option(help="Address /metrics listens on.")] = "127.0.0.1",
           instance: Annotated[int, typer.Option(help="Replica index (keys the transactional id).")] = 0) -> None:
-    """Run one stage until SIGTERM / Ctrl-C."""
+    """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors)."""
     from broker.config import load_config
+    from broker.errors import StageFailure
     from streams.metrics import StageMetrics
     from streams.runner import StageRunner
     from streams.settings import KafkaSettings
-    from streams import topics as topic_names
-    from streams.stages import HANDLERS, OUTPUTS, STAGES
+    from streams.stages import stage as stage_named
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
-    if name not in STAGES:
-        _fail(BrokerError(f"unknown stage {name!r}; one of {list(STAGES)}"))
     try:
+        spec = stage_named(name)
         cfg = load_config(config, state_dir=state_dir, frame_store=frame_store)
-        handler = HANDLERS[name](cfg)
+        handler = spec.make_handler(cfg)
     except BrokerError as exc:
         _fail(exc)
     metrics = StageMetrics(name)
     if metrics_port >= 0:
         port = metrics.serve(metrics_port, metrics_addr)
         print(f"{name}: metrics on http://{metrics_addr}:{port}/metrics", flush=True)
-    runner = StageRunner(name, STAGES[name], handler, KafkaSettings(bootstrap, app_id=app_id), metrics, instance,
-                         outputs=(OUTPUTS[name], topic_names.dlq(name)))
+    runner = StageRunner(name, spec.input, handler, KafkaSettings(bootstrap, app_id=app_id), metrics, instance,
+                         outputs=spec.writes, max_unexpected=cfg.max_consecutive_unexpected)
     runner.install_signal_handlers()
-    print(f"{name}: consuming {STAGES[name]} from {bootstrap}", flush=True)
-    n = runner.run()
+    print(f"{name}: consuming {spec.input} from {bootstrap}", flush=True)
+    try:
+        n = runner.run()
+    except StageFailure as exc:
+        console.print(f"[red]stopped:[/red] {exc}")
+        raise typer.Exit(3) from exc
     print(f"{name}: stopped after {n} messages", flush=True)
 
 
@@ -73,10 +76,10 @@ def topics(bootstrap: Bootstrap,
            filters: Annotated[str, typer.Option(help="Comma-separated bands for alerts.<filter>.")] = "g,r,i",
            partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 1) -> None:
     """Create the pipeline's topics (existing ones are left alone)."""
-    from streams.stages import STAGES
-    from streams.topics import create_topics, pipeline_topics
+    from streams.stages import pipeline_topics
+    from streams.topics import create_topics
 
-    created = create_topics(bootstrap, pipeline_topics(tuple(STAGES), tuple(filters.split(",")), partitions))
+    created = create_topics(bootstrap, pipeline_topics(tuple(filters.split(",")), partitions))
     console.print(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
 
 
@@ -85,15 +88,15 @@ def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 
              create: Annotated[bool, typer.Option(help="Create the pipeline topics.")] = True) -> None:
     """Run the embedded Kafka-compatible broker (tansu) on 127.0.0.1 until Ctrl-C."""
     from streams.embedded import EmbeddedKafka
-    from streams.stages import STAGES
-    from streams.topics import create_topics, pipeline_topics
+    from streams.stages import pipeline_topics
+    from streams.topics import create_topics
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with EmbeddedKafka(port or None) as kafka:
         if create:
-            create_topics(kafka.bootstrap, pipeline_topics(tuple(STAGES), ("g", "r", "i")))
+            create_topics(kafka.bootstrap, pipeline_topics(("g", "r", "i")))
         print(f"bootstrap: {kafka.bootstrap}", flush=True)
         stop.wait()
 
@@ -284,13 +287,15 @@ def train_realbogus(
         seed: Annotated[int, typer.Option(help="Seeds the training set, the held-out set (seed+1) and training.")] = 0,
         target_n: Annotated[int, typer.Option(help="Balanced training triplets to generate.")] = 100_000,
         test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 12_000,
-        version: Annotated[Optional[str], typer.Option(help="Model version written to models/ (default: the shipped default's).")] = None,
-        out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default models/).")] = None,
+        version: Annotated[Optional[str], typer.Option(help="Model version written to broker/models/ (default: the shipped default's).")] = None,
+        out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default broker/models/).")] = None,
         workers: Annotated[int, typer.Option(min=0, help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
         max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0) -> None:
     """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
-    from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
-    from broker.training import TrainConfig, main_train
+    from broker import MODELS_DIR
+    from broker.realbogus import DEFAULT_VERSION
+    from broker.training.main import main_train
+    from broker.training.trainer import TrainConfig
     from broker.training.generate import default_workers
 
     version = version or DEFAULT_VERSION
@@ -311,7 +316,7 @@ def eval_realbogus(
         max_sim: Annotated[Optional[int], typer.Option(help="Use only this many held-out triplets.")] = None,
         compare: Annotated[Optional[str], typer.Option(help="Second model evaluated on the same data.")] = None) -> None:
     """Evaluate a real/bogus model on held-out simulated and real ZTF triplets; write a Markdown + PNG report."""
-    from broker.training import main_eval
+    from broker.training.evaluation import main_eval
 
     try:
         res = main_eval(model, out_dir, sim_dir, ztf_dir, threshold=threshold, max_sim=max_sim,

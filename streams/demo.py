@@ -22,7 +22,7 @@ from streams.framestore import FrameStore
 from streams.monitor import read_all, stage_backlog
 from streams.producer import FrameProducer
 from streams.settings import KafkaSettings
-from streams.stages import STAGES
+from streams.stages import STAGE_NAMES, STAGES, pipeline_topics
 from streams.subscriber import alerts
 
 #: S/N bins of the recovery table (lower edges; the last bin is open).
@@ -140,7 +140,7 @@ def matches(alert: dict, inj) -> bool:
 
 
 def start_stages(bootstrap: str, app_id: str, workdir: Path, config: Path | None = None,
-                 stages: tuple[str, ...] = tuple(STAGES), env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+                 stages: tuple[str, ...] = STAGE_NAMES, env: dict[str, str] | None = None) -> list[subprocess.Popen]:
     """One process per stage (``broker stage NAME``); logs appended to ``workdir/logs/<stage>.log``."""
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     procs = []
@@ -176,7 +176,7 @@ def wait_until_drained(settings: KafkaSettings, procs: list[subprocess.Popen], t
         dead = [p.args[4] for p in procs if p.poll() is not None]
         if dead:
             raise RuntimeError(f"stage process(es) {dead} exited early; see their logs")
-        backlog = sum(stage_backlog(settings, s, t) for s, t in STAGES.items())
+        backlog = sum(stage_backlog(settings, s.name, s.input) for s in STAGES)
         if on_progress:
             on_progress(backlog)
         if backlog == 0:
@@ -202,7 +202,7 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
         if bootstrap is None:
             bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap
         settings = KafkaSettings(bootstrap, app_id=app_id)
-        topics.create_topics(bootstrap, topics.pipeline_topics(tuple(STAGES), sim.filters))
+        topics.create_topics(bootstrap, pipeline_topics(sim.filters))
         procs = start_stages(bootstrap, app_id, workdir)
         stack.callback(stop_stages, procs)
         stop = threading.Event()
@@ -232,7 +232,7 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
             time.sleep(0.2)
         stop.set()
         subscriber.join(10)
-        for msg in read_all(settings, [topics.dlq(s) for s in STAGES]):
+        for msg in read_all(settings, [s.dead_letters for s in STAGES]):
             result.dead_letters.append(serde.decode("dlq", msg.value(), dict(msg.headers() or [])))
     return result
 

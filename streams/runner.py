@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, StageFailure
 from streams import serde, topics
 from streams.lineage import SRC_HEADER, Deduplicator, src_of
 from streams.metrics import StageMetrics
@@ -67,9 +67,15 @@ def _in_message(msg: Message) -> InMessage:
                      msg.timestamp()[1])
 
 
+def error_reason(exc: BaseException) -> str:
+    """The dead-letter reason of ``exc``: its ``reason`` for a :class:`BrokerError` (expected,
+    bad input), ``unexpected:<Type>`` for anything else (a bug)."""
+    return exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
+
+
 def dead_letter(stage: str, msg: InMessage, exc: BaseException) -> OutMessage:
     """The dead-letter record of ``msg``: original bytes, error class, reason, message, offset."""
-    reason = exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
+    reason = error_reason(exc)
     record = {
         "stage": stage, "error_class": type(exc).__name__, "reason": reason, "message": str(exc)[:4000],
         "topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
@@ -88,15 +94,25 @@ class StageRunner:
         Stage name: the consumer group, the dead-letter topic ``dlq.<stage>`` and metrics label.
     input_topic : str
     handler : callable
-        ``InMessage -> list[OutMessage]``; raising a :class:`BrokerError` (or anything else)
-        dead-letters the message with the reason and the stage carries on.
+        ``InMessage -> list[OutMessage]``. A :class:`BrokerError` it raises (bad input) dead-letters
+        the message with the error's reason and the stage carries on. Any other exception (a bug)
+        is logged with its traceback, counted in ``broker_unexpected_errors``, dead-lettered as
+        ``unexpected:<Type>``, and after ``max_unexpected`` of them in a row :meth:`run` raises
+        :class:`~broker.errors.StageFailure` so that the process exits non-zero.
     settings : KafkaSettings
+    metrics : StageMetrics, optional
     instance : int
         Index of this process among the stage's replicas (keys its ``transactional.id``).
+    outputs : tuple of str
+        Topics the stage writes, read back by the restart guard (:class:`Deduplicator`).
+    max_unexpected : int
+        Unexpected errors in a row after which the stage stops (count; 0: never).
+        Default 5 (``PipelineConfig.max_consecutive_unexpected``).
     """
 
     def __init__(self, stage: str, input_topic: str, handler: Handler, settings: KafkaSettings,
-                 metrics: StageMetrics | None = None, instance: int = 0, outputs: tuple[str, ...] = ()) -> None:
+                 metrics: StageMetrics | None = None, instance: int = 0, outputs: tuple[str, ...] = (),
+                 max_unexpected: int = 5) -> None:
         self.stage = stage
         self.input_topic = input_topic
         self.handler = handler
@@ -105,6 +121,8 @@ class StageRunner:
         self.instance = instance
         self.stop_event = threading.Event()
         self.dedup = Deduplicator(settings, outputs=outputs)
+        self.max_unexpected = max_unexpected
+        self._unexpected_in_a_row = 0
         self._seen = 0
         points = dict(p.partition(":")[::2] for p in os.environ.get(FAILPOINT_ENV, "").split(",") if p)
         self._crash_at = int(points[stage]) if points.get(stage, "").isdigit() else None
@@ -115,7 +133,15 @@ class StageRunner:
             signal.signal(sig, lambda *_: self.stop_event.set())
 
     def run(self, max_messages: int | None = None, idle_timeout: float | None = None) -> int:
-        """Process messages until stopped (or ``max_messages`` / ``idle_timeout`` s idle); return the count."""
+        """Process messages until stopped (or ``max_messages`` / ``idle_timeout`` s idle); return the count.
+
+        Raises
+        ------
+        StageFailure
+            ``max_unexpected`` unexpected errors in a row (each message already dead-lettered).
+        KafkaException
+            A fatal Kafka error (e.g. fenced by a newer instance of the stage).
+        """
         consumer = Consumer(self.settings.consumer(self.stage))
         producer = Producer(self.settings.producer(f"{self.stage}.{self.instance}"))
         producer.init_transactions(30)
@@ -146,19 +172,7 @@ class StageRunner:
         self.metrics.messages_in.labels(self.stage).inc()
         start = time.time()
         src = msg.headers.get(SRC_HEADER)
-        try:
-            if self.dedup.is_duplicate(msg.topic, msg.partition, msg.offset, src):
-                log.warning("%s: dropping %s[%d]@%d, a duplicate of upstream %s", self.stage, msg.topic,
-                            msg.partition, msg.offset, src)
-                self.metrics.duplicates.labels(self.stage).inc()
-                outs = []
-            else:
-                outs = self.handler(msg)
-        except Exception as exc:  # bad input must never stop the stage: dead-letter it
-            log.info("%s: dead-lettering %s[%d]@%d: %s", self.stage, msg.topic, msg.partition, msg.offset, exc)
-            outs = [dead_letter(self.stage, msg, exc)]
-            reason = exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
-            self.metrics.errors.labels(self.stage, reason).inc()
+        outs, unexpected = self._handle(msg, src)
         end = time.time()
         timing = {k: v for k, v in msg.headers.items() if k.startswith(TIMING_PREFIX)}
         timing[f"{TIMING_PREFIX}{self.stage}.start"] = repr(start).encode()
@@ -173,6 +187,32 @@ class StageRunner:
             return
         self.dedup.done(msg.topic, msg.partition, msg.offset, src)
         self._observe(msg, outs, start, end)
+        self._unexpected_in_a_row = self._unexpected_in_a_row + 1 if unexpected else 0
+        if self.max_unexpected and self._unexpected_in_a_row >= self.max_unexpected:
+            raise StageFailure(f"{self.stage}: {self._unexpected_in_a_row} unexpected errors in a row "
+                               f"(the last at {msg.topic}[{msg.partition}]@{msg.offset}); stopping")
+
+    def _handle(self, msg: InMessage, src: bytes | None) -> tuple[list[OutMessage], bool]:
+        """The handler's outputs, or the dead-letter record of its error; and whether that error
+        was unexpected (not a :class:`BrokerError`)."""
+        try:
+            if self.dedup.is_duplicate(msg.topic, msg.partition, msg.offset, src):
+                log.warning("%s: dropping %s[%d]@%d, a duplicate of upstream %s", self.stage, msg.topic,
+                            msg.partition, msg.offset, src)
+                self.metrics.duplicates.labels(self.stage).inc()
+                return [], False
+            return self.handler(msg), False
+        except BrokerError as exc:  # bad input: dead-letter it with its reason and carry on
+            log.warning("%s: dead-lettering %s[%d]@%d (%s): %s", self.stage, msg.topic, msg.partition,
+                        msg.offset, exc.reason, exc)
+            self.metrics.errors.labels(self.stage, exc.reason).inc()
+            return [dead_letter(self.stage, msg, exc)], False
+        except Exception as exc:  # a bug: keep the message, make it visible, stop if it repeats
+            log.exception("%s: unexpected error on %s[%d]@%d; dead-lettering it", self.stage, msg.topic,
+                          msg.partition, msg.offset)
+            self.metrics.errors.labels(self.stage, error_reason(exc)).inc()
+            self.metrics.unexpected.labels(self.stage, type(exc).__name__).inc()
+            return [dead_letter(self.stage, msg, exc)], True
 
     def _commit_in_transaction(self, consumer: Consumer, producer: Producer, msg: InMessage,
                                outs: list[OutMessage], timing: dict[str, bytes], offsets: list) -> bool:

@@ -19,7 +19,8 @@ class KafkaSettings:
         Prefix of consumer-group and transactional ids, so two pipelines can share a cluster.
     session_timeout_ms : int
         Consumer session timeout (ms). 6000 is Kafka's minimum allowed by default
-        (``group.min.session.timeout.ms``) and keeps tansu's group joins near 3 s (DESIGN.md).
+        (``group.min.session.timeout.ms``) and keeps tansu's group joins near 3 s
+        (``docs/architecture.md``, "The embedded broker").
     transaction_timeout_ms : int
         Producer transaction timeout (ms); an open transaction of a killed process is aborted
         after this long at the latest (sooner: a restarted instance with the same

@@ -1,49 +1,71 @@
-"""The five stages as message handlers: decode -> call the ``broker`` science -> encode.
+"""The stage table: one declaration per stage, and the handlers it names.
 
-Each handler is built once (loading models, opening stores) and called per message by
-:class:`~streams.runner.StageRunner`; any exception it raises dead-letters the message.
+Each handler is built once per process (loading models, opening stores) and called per message by
+:class:`~streams.runner.StageRunner`: decode -> call the ``broker`` science -> encode. The runner,
+topic creation (:func:`pipeline_topics`), the demo, the CLI and the stage table of
+``docs/architecture.md`` (:func:`stage_table_markdown`) are all derived from :data:`STAGES`.
+Only the classify stage imports torch.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-
-import numpy as np
+from dataclasses import dataclass
 
 from broker.alert import FrameContext, build_alert
-from broker.anomaly import AnomalyModel, features_from
+from broker.anomaly import AnomalyModel
 from broker.config import PipelineConfig
-from broker.errors import ChecksumMismatch, FrameTooLarge, InvalidFrame
+from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, sha256
 from broker.history import ObjectHistory
 from broker.ingest import ingest
-from broker.realbogus import RealBogusClassifier, ScoreConfig
+from broker.pipeline import FrameResult, associate_and_score, process_frame
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
-from broker.subtract import subtract_and_detect
 from streams import serde, topics
 from streams.framestore import FrameStore
 from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage
 
-#: Pipeline order: (stage, input topic).
-STAGES: dict[str, str] = {
-    "ingest": topics.FRAMES,
-    "subtract": topics.INGESTED,
-    "classify": topics.CANDIDATES,
-    "score": topics.CLASSIFIED,
-    "alert": topics.SCORED,
-}
-#: Topic every output of a stage goes to (the alert stage also copies each alert to
-#: ``alerts.<filter>``); with the stage's dead-letter topic, what its restart guard reads back
-#: (:class:`streams.lineage.Deduplicator`).
-OUTPUTS: dict[str, str] = {
-    "ingest": topics.INGESTED,
-    "subtract": topics.CANDIDATES,
-    "classify": topics.CLASSIFIED,
-    "score": topics.SCORED,
-    "alert": topics.ALERTS,
-}
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    Attributes
+    ----------
+    name : str
+        Stage name: the consumer group ``<app-id>.<name>``, the dead-letter topic
+        ``dlq.<name>``, the metrics label and the ``broker stage NAME`` argument.
+    input : str
+        Topic it consumes.
+    output : str
+        Topic every output goes to.
+    make_handler : callable
+        ``PipelineConfig -> Handler``, called once per process.
+    summary : str
+        What the stage does, one line (CLI help and docs).
+    per_filter_copies : bool
+        Whether each output is also copied to ``<output>.<filter>`` (the alert stage).
+    """
+
+    name: str
+    input: str
+    output: str
+    make_handler: Callable[[PipelineConfig], Handler]
+    summary: str
+    per_filter_copies: bool = False
+
+    @property
+    def dead_letters(self) -> str:
+        """The stage's dead-letter topic."""
+        return topics.dlq(self.name)
+
+    @property
+    def writes(self) -> tuple[str, ...]:
+        """Topics the stage writes to and its restart guard reads back
+        (:class:`streams.lineage.Deduplicator`); per-filter copies are left out."""
+        return (self.output, self.dead_letters)
 
 
 def _headers(name: str) -> dict[str, bytes]:
@@ -69,6 +91,7 @@ def _frame_of(msg: InMessage, store: FrameStore, config: PipelineConfig) -> tupl
 
 
 def ingest_handler(config: PipelineConfig) -> Handler:
+    """Fetch and decode the frame, validate it, measure its quality (``frame`` -> ``frame``)."""
     store = FrameStore(config.frame_store)
 
     def handle(msg: InMessage) -> list[OutMessage]:
@@ -82,17 +105,19 @@ def ingest_handler(config: PipelineConfig) -> Handler:
     return handle
 
 
-def _batch(frame: Frame, status: str, reference_frames=(), diagnostics=None, candidates=()) -> dict:
+def _batch(frame: Frame, result: FrameResult) -> dict:
+    """The ``candidates`` record of a frame's result (scores unset)."""
     m = frame.meta
     return {
         "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "filter": m.filter,
-        "mjd_start": m.mjd_start, "exptime": m.exptime, "magzp": m.magzp, "status": status,
-        "reference_frames": list(reference_frames), "diagnostics": diagnostics or {}, "model_versions": {},
-        "candidates": [serde.candidate_to_record(c) for c in candidates],
+        "mjd_start": m.mjd_start, "exptime": m.exptime, "magzp": m.magzp, "status": result.status,
+        "reference_frames": list(result.reference_frames), "diagnostics": dict(result.diagnostics),
+        "model_versions": {}, "candidates": [serde.candidate_to_record(c) for c in result.candidates],
     }
 
 
 def subtract_handler(config: PipelineConfig) -> Handler:
+    """Reference policy, subtraction and detection (``frame`` -> ``candidates``)."""
     if config.retain_freed_memory:
         retain_freed_memory()
     store = FrameStore(config.frame_store)
@@ -100,20 +125,8 @@ def subtract_handler(config: PipelineConfig) -> Handler:
 
     def handle(msg: InMessage) -> list[OutMessage]:
         rec, frame = _frame_of(msg, store, config)
-        reference = refs.get(frame.meta.reference_key)
-        if reference is None:
-            if rec["quality"] and rec["quality"]["flags"]:
-                batch = _batch(frame, "NO_REFERENCE")  # only clean frames build a reference
-            else:
-                reference = refs.offer(frame)
-                batch = _batch(frame, "IN_REFERENCE" if reference else "REFERENCE_BUILDING",
-                               reference.frame_ids if reference else ())
-        elif frame.meta.frame_id in reference.frame_ids:
-            batch = _batch(frame, "IN_REFERENCE", reference.frame_ids)
-        else:
-            result = subtract_and_detect(frame, reference, config.subtract)
-            batch = _batch(frame, "SUBTRACTED", reference.frame_ids,
-                           {k: float(v) for k, v in result.diagnostics.items()}, result.candidates)
+        clean = not (rec["quality"] and rec["quality"]["flags"])
+        batch = _batch(frame, process_frame(frame, refs, config.subtract, clean))
         return [OutMessage(topics.CANDIDATES, serde.encode("candidates", batch), msg.key,
                            _headers("candidates"), candidates=len(batch["candidates"]))]
 
@@ -136,7 +149,14 @@ def _rescore(topic: str, score: Callable[[dict, list], None]) -> Handler:
 
 
 def classify_handler(config: PipelineConfig) -> Handler:
-    import torch
+    """Real/bogus scores (``candidates`` -> ``candidates``); the one stage that loads torch."""
+    try:
+        import torch
+
+        from broker.realbogus import RealBogusClassifier, ScoreConfig
+    except ImportError as exc:
+        raise ConfigError(f"the classify stage needs torch ({exc}): "
+                          "pip install 'transient-broker[classify]'") from exc
 
     torch.set_num_threads(config.torch_threads)
     model = RealBogusClassifier.load(config.rb_model, ScoreConfig(views=config.rb_views))
@@ -149,14 +169,12 @@ def classify_handler(config: PipelineConfig) -> Handler:
 
 
 def score_handler(config: PipelineConfig) -> Handler:
+    """Object association, history and anomaly scores (``candidates`` -> ``candidates``)."""
     history = ObjectHistory(config.state_dir / "history.sqlite", config.history)
     model = AnomalyModel.load(config.anomaly_model)
 
     def score(batch: dict, cands: list) -> None:
-        history.associate(batch["frame_id"], batch["mjd_start"], batch["filter"], cands)
-        feats = np.stack([features_from(c, c.history, batch["mjd_start"]) for c in cands])
-        for cand, a in zip(cands, model.score(feats)):
-            cand.anomaly = float(a)
+        associate_and_score(history, model, batch["frame_id"], batch["mjd_start"], batch["filter"], cands)
         batch["model_versions"]["anomaly"] = model.version
 
     return _rescore(topics.SCORED, score)
@@ -164,16 +182,19 @@ def score_handler(config: PipelineConfig) -> Handler:
 
 def _timing(headers: dict[str, bytes], start: float) -> dict:
     stages = []
-    for stage in STAGES:
-        s, e = headers.get(f"{TIMING_PREFIX}{stage}.start"), headers.get(f"{TIMING_PREFIX}{stage}.end")
+    for stage in STAGES[:-1]:
+        s = headers.get(f"{TIMING_PREFIX}{stage.name}.start")
+        e = headers.get(f"{TIMING_PREFIX}{stage.name}.end")
         if s and e:
-            stages.append({"stage": stage, "start": float(s), "end": float(e)})
-    stages.append({"stage": "alert", "start": start, "end": time.time()})
+            stages.append({"stage": stage.name, "start": float(s), "end": float(e)})
+    stages.append({"stage": STAGES[-1].name, "start": start, "end": time.time()})
     end = headers.get(EXPOSURE_END)
     return {"exposure_end": float(end) if end else float("nan"), "stages": stages}
 
 
 def alert_handler(config: PipelineConfig) -> Handler:
+    """One Avro alert per candidate (``candidates`` -> ``alert``, copied to ``alerts.<filter>``)."""
+
     def handle(msg: InMessage) -> list[OutMessage]:
         start = time.time()
         batch = serde.decode("candidates", msg.value, msg.headers)
@@ -193,10 +214,57 @@ def alert_handler(config: PipelineConfig) -> Handler:
     return handle
 
 
-HANDLERS: dict[str, Callable[[PipelineConfig], Handler]] = {
-    "ingest": ingest_handler,
-    "subtract": subtract_handler,
-    "classify": classify_handler,
-    "score": score_handler,
-    "alert": alert_handler,
-}
+#: The pipeline, in order: each stage consumes the previous stage's output.
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", topics.FRAMES, topics.INGESTED, ingest_handler,
+          "fetch and decode the frame, validate it, measure its quality"),
+    Stage("subtract", topics.INGESTED, topics.CANDIDATES, subtract_handler,
+          "reference policy, ZOGY subtraction, >= 5 sigma detection, cutouts"),
+    Stage("classify", topics.CANDIDATES, topics.CLASSIFIED, classify_handler,
+          "real/bogus CNN score of each candidate"),
+    Stage("score", topics.CLASSIFIED, topics.SCORED, score_handler,
+          "object association, history, anomaly score"),
+    Stage("alert", topics.SCORED, topics.ALERTS, alert_handler,
+          "one Avro alert per candidate", per_filter_copies=True),
+)
+#: Stage names, in pipeline order.
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    """The stage called ``name``.
+
+    Raises
+    ------
+    ConfigError
+        No such stage.
+    """
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ConfigError(f"unknown stage {name!r}; one of {list(STAGE_NAMES)}")
+
+
+def pipeline_topics(filters: tuple[str, ...], partitions: int = 1) -> list[topics.TopicSpec]:
+    """Every topic the pipeline reads or writes, for the given bands.
+
+    Parameters
+    ----------
+    filters : tuple of str
+        Bands of the per-filter alert topics (``alerts.<filter>``).
+    partitions : int
+        Partitions of each topic.
+    """
+    names = [STAGES[0].input] + [s.output for s in STAGES]
+    names += [f"{s.output}.{band}" for s in STAGES if s.per_filter_copies for band in filters]
+    names += [s.dead_letters for s in STAGES]
+    return [topics.TopicSpec(n, partitions) for n in names]
+
+
+def stage_table_markdown() -> str:
+    """The stage table of ``docs/architecture.md`` (a test checks that the document holds it)."""
+    rows = ["| stage | consumes | produces | dead letters | what it does |", "|---|---|---|---|---|"]
+    for s in STAGES:
+        out = f"`{s.output}`" + (f", `{s.output}.<filter>`" if s.per_filter_copies else "")
+        rows.append(f"| `{s.name}` | `{s.input}` | {out} | `{s.dead_letters}` | {s.summary} |")
+    return "\n".join(rows)

@@ -32,16 +32,11 @@ def alerts_for_filter(band: str) -> str:
 
 @dataclass(frozen=True)
 class TopicSpec:
+    """A topic to create: name, partitions and replication factor."""
+
     name: str
     partitions: int = 1
     replication: int = 1
-
-
-def pipeline_topics(stages: tuple[str, ...], filters: tuple[str, ...], partitions: int = 1) -> list[TopicSpec]:
-    """Every topic the pipeline writes or reads, for the given stages and bands."""
-    names = [FRAMES, INGESTED, CANDIDATES, CLASSIFIED, SCORED, ALERTS]
-    names += [alerts_for_filter(b) for b in filters] + [dlq(s) for s in stages]
-    return [TopicSpec(n, partitions) for n in names]
 
 
 def create_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 15.0) -> list[str]:

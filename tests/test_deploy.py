@@ -11,7 +11,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 from streams.metrics import StageMetrics  # noqa: E402
-from streams.stages import STAGES  # noqa: E402
+from streams.stages import STAGE_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,17 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_compose_runs_every_stage_with_metrics():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         assert services[stage]["command"][:2] == ["stage", stage]
     targets = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     scraped = targets["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert sorted(t.split(":")[0] for t in scraped) == sorted(STAGES)
+    assert sorted(t.split(":")[0] for t in scraped) == sorted(STAGE_NAMES)
 
 
 def test_k8s_has_a_deployment_and_scaler_per_stage():
     docs = [d for f in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
     kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    for stage in STAGES:
+    for stage in STAGE_NAMES:
         assert ("Deployment", stage) in kinds and ("ScaledObject", stage) in kinds
 
 

@@ -105,9 +105,9 @@ class SimConfig:
         of the ``n_variables`` come from the fainter part of ``variable_mag_range`` (no fallback
         to stars outside it). The brightest unsaturated stars are the ones a pipeline measures
         the flux ratio F_r on, and in the real sky few of them vary: with half of them variable
-        (many variables packed into a field to make training data cheaply) F_r came out up to
-        3 % wrong, leaving every constant star a residual of that size (BENCHMARKS.md, issue 4,
-        session 12). None (default): variables are drawn uniformly from the range, as before.
+        (many variables packed into a field to make training data cheaply) F_r is up to 3 %
+        wrong, leaving every constant star a residual of that size. None (default): variables
+        are drawn uniformly from the range.
     variable_amplitude_range : (float, float)
         Fractional semi-amplitude of the sinusoidal flux variation.
     variable_period_range : (float, float)

@@ -7,6 +7,7 @@ with one :func:`numpy.bincount`, which is much faster than looping or :func:`num
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.signal import fftconvolve
 from scipy.special import gammaincinv
 
@@ -20,7 +21,7 @@ def _grid(size: int) -> np.ndarray:
     return np.arange(size, dtype=np.float64) - size // 2
 
 
-def moffat_stamps(dx: np.ndarray, dy: np.ndarray, size: int, fwhm: float, beta: float,
+def moffat_stamps(dx: ArrayLike, dy: ArrayLike, size: int, fwhm: float, beta: float,
                   ellip: float = 0.0, theta: float = 0.0) -> np.ndarray:
     """Unit-sum elliptical Moffat stamps at sub-pixel offsets.
 
@@ -70,7 +71,7 @@ def sersic_stamps(dx: np.ndarray, dy: np.ndarray, size: int, r_eff: np.ndarray, 
     ndarray, shape (n_gal, size, size)
     """
     # float32 and r^(1/n) as exp(log(r^2) / 2n): 2x faster than float64 powers, and the stamps
-    # differ by < 1e-6 of their peak (the largest single cost of a simulated frame, session 16)
+    # differ by < 1e-6 of their peak (the largest single cost of a simulated frame)
     col = lambda a: np.asarray(a, dtype=np.float32)[:, None, None]  # noqa: E731
     sub = (np.arange(oversample) + 0.5) / oversample - 0.5
     g = (_grid(size)[:, None] + sub[None, :]).ravel().astype(np.float32)  # sub-pixel centres

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, field as dc_field
+from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
 from typing import Iterator
 
 import numpy as np
@@ -130,6 +131,46 @@ class _Pending:
         return out
 
 
+@dataclass(frozen=True)
+class _Conditions:
+    """Observing conditions of one frame.
+
+    Attributes
+    ----------
+    fwhm, beta, ellip, theta : float
+        Moffat PSF: FWHM (px), beta, ellipticity, position angle (rad).
+    wcs : WCS
+        The frame's WCS (jitter and rotation applied).
+    mjd : float
+        Exposure start (MJD).
+    sky_level : float
+        Mean sky (ADU/px).
+    gradient_angle : float
+        Direction of the sky gradient (rad).
+    colour_term : float
+        Colour coefficient of the filter.
+    """
+
+    fwhm: float
+    beta: float
+    ellip: float
+    theta: float
+    wcs: WCS
+    mjd: float
+    sky_level: float
+    gradient_angle: float
+    colour_term: float
+
+
+@dataclass(frozen=True)
+class _StarPixels:
+    """The static stars on a frame: positions (px, shape (n,)) and mean fluxes (ADU)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    flux: np.ndarray
+
+
 @dataclass
 class _Scene:
     header: fits.Header
@@ -161,8 +202,8 @@ class SkySimulator:
         self._detector = pop.detector(config, seed)
         # nominal S/N -> flux table (mid-range seeing and sky), to place transients in snr range
         c = config
-        psf = render.moffat_stamps([0.0], [0.0], c.stamp_size, np.mean(c.fwhm_range),
-                                   np.mean(c.beta_range))[0].ravel()
+        psf = render.moffat_stamps([0.0], [0.0], c.stamp_size, float(np.mean(c.fwhm_range)),
+                                   float(np.mean(c.beta_range)))[0].ravel()
         self._flux_grid = np.logspace(0, 8, 800)
         signal = self._flux_grid[:, None] * psf[None]
         self._snr_grid = render.optimal_snr(signal, signal + c.sky_level, c.gain, c.read_noise)
@@ -200,14 +241,32 @@ class SkySimulator:
             self._fields[field] = (sky, pop.make_wcs(self.config, sky.ra, sky.dec))
         return self._fields[field]
 
-    def _flux_for_snr(self, snr: np.ndarray | float) -> np.ndarray:
+    def _flux_for_snr(self, snr: np.ndarray | float) -> np.ndarray | float:
         return np.interp(snr, self._snr_grid, self._flux_grid)
 
     def _render(self, field: str, filter: str, epoch: int) -> _Scene:
         c = self.config
-        ny, nx = c.shape
         sky, nominal = self._sky(field)
         rng = pop.rng_for(self.seed, "frame", field, filter, epoch)
+        cond = self._conditions(sky, rng, filter, epoch)
+        static, stars = self._static_scene(sky, cond)
+        changes, pending = self._changes(field, epoch, sky, stars, nominal, cond)
+        artifacts = np.zeros(c.shape, np.float32)
+        lost = np.zeros(c.shape, bool)  # pixels without information: defects, cosmic rays
+        self._artifacts(artifacts, lost, pending, rng, cond.wcs, cond.fwhm)
+        frame_id = f"{c.telescope}-{field}-{filter}-{epoch:04d}"
+        header = self._header(cond, frame_id, field, filter, epoch)
+        model = static + changes + artifacts
+        lost |= model >= c.saturation
+        truth = Truth(frame_id=frame_id, field=field, filter=filter, epoch=epoch, fwhm=float(cond.fwhm),
+                      injections=pending.resolve(model, lost, c.gain, c.read_noise), beta=float(cond.beta),
+                      psf_ellip=float(cond.ellip), psf_theta=float(cond.theta), mjd=float(cond.mjd),
+                      sky=float(cond.sky_level))
+        return _Scene(header=header, truth=truth, static=static, changes=changes, artifacts=artifacts)
+
+    def _conditions(self, sky: pop.StaticSky, rng: np.random.Generator, filter: str, epoch: int) -> _Conditions:
+        """The frame's seeing, pointing, time and sky, drawn from its generator in a fixed order."""
+        c = self.config
         fwhm, beta = rng.uniform(*c.fwhm_range), rng.uniform(*c.beta_range)
         pe, pth = rng.uniform(0.0, c.psf_max_ellip), rng.uniform(0.0, np.pi)
         jx, jy = rng.uniform(-c.jitter, c.jitter, 2)
@@ -215,83 +274,101 @@ class SkySimulator:
         mjd = c.mjd_start + epoch * c.cadence + rng.uniform(0.0, c.mjd_scatter)
         level = c.sky_level * (1.0 + rng.uniform(-c.sky_variation, c.sky_variation))
         phi = rng.uniform(0.0, 2 * np.pi)
+        return _Conditions(fwhm, beta, pe, pth, wcs, mjd, level, phi, c.colour_term(filter))
+
+    def _psf_stamps(self, cond: _Conditions, x: np.ndarray, y: np.ndarray, size: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Moffat stamps of the frame's PSF at (x, y) (px), with their flat indices and in-frame flags
+        (:func:`broker.simulate.render.stamp_indices`)."""
+        dx, dy, flat, inside = render.stamp_indices(x, y, size, self.config.shape)
+        return render.moffat_stamps(dx, dy, size, cond.fwhm, cond.beta, cond.ellip, cond.theta), flat, inside
+
+    def _static_scene(self, sky: pop.StaticSky, cond: _Conditions) -> tuple[np.ndarray, _StarPixels]:
+        """Sky with its gradient, stars at their mean flux and PSF-convolved galaxies (ADU, float32),
+        and where the stars fall."""
+        c = self.config
+        ny, nx = c.shape
         yy, xx = np.ogrid[0:ny, 0:nx]
-        static = (level * (1.0 + c.sky_gradient * ((xx / nx - 0.5) * np.cos(phi)
-                                                   + (yy / ny - 0.5) * np.sin(phi)))).astype(np.float32)
-        ct = c.colour_term(filter)
-
-        def psf(x: np.ndarray, y: np.ndarray, size: int = c.stamp_size):
-            dx, dy, flat, inside = render.stamp_indices(x, y, size, c.shape)
-            return render.moffat_stamps(dx, dy, size, fwhm, beta, pe, pth), flat, inside
-
+        phi = cond.gradient_angle
+        static = (cond.sky_level * (1.0 + c.sky_gradient * ((xx / nx - 0.5) * np.cos(phi)
+                                                            + (yy / ny - 0.5) * np.sin(phi)))).astype(np.float32)
         # stars at their mean flux; bright ones on bigger stamps for their wings
-        sx, sy = wcs.wcs_world2pix(sky.star_ra, sky.star_dec, 0)
-        sflux = 10 ** (-0.4 * (sky.star_mag + ct * sky.star_colour - c.magzp))
+        sx, sy = cond.wcs.wcs_world2pix(sky.star_ra, sky.star_dec, 0)
+        sflux = 10 ** (-0.4 * (sky.star_mag + cond.colour_term * sky.star_colour - c.magzp))
         for bright in (False, True):
             size = c.bright_stamp_size if bright else c.stamp_size
             sel = ((sflux > c.bright_flux) == bright) & _near_frame(sx, sy, c.shape, size // 2)
-            stamps, flat, inside = psf(sx[sel], sy[sel], size)
+            stamps, flat, inside = self._psf_stamps(cond, sx[sel], sy[sel], size)
             render.add_stamps(static, stamps * sflux[sel, None, None], flat, inside)
+        self._add_galaxies(static, sky, cond)
+        return static, _StarPixels(sx, sy, sflux)
 
-        # galaxies: Sersic stamps convolved with this frame's PSF
-        gx, gy = wcs.wcs_world2pix(sky.gal_ra, sky.gal_dec, 0)
+    def _add_galaxies(self, image: np.ndarray, sky: pop.StaticSky, cond: _Conditions) -> None:
+        """Sersic stamps convolved with the frame's PSF, added to ``image`` (ADU)."""
+        c = self.config
+        gx, gy = cond.wcs.wcs_world2pix(sky.gal_ra, sky.gal_dec, 0)
         gs = c.galaxy_stamp_size
         sel = _near_frame(gx, gy, c.shape, gs // 2)
         dx, dy, flat, inside = render.stamp_indices(gx[sel], gy[sel], gs, c.shape)
         gal = render.sersic_stamps(dx, dy, gs, sky.gal_reff[sel] / c.pixel_scale, sky.gal_n[sel],
                                    sky.gal_ellip[sel], sky.gal_theta[sel])
-        kernel = render.moffat_stamps([0.0], [0.0], c.stamp_size, fwhm, beta, pe, pth)[0]
-        gflux = 10 ** (-0.4 * (sky.gal_mag[sel] + ct * sky.gal_colour[sel] - c.magzp))
-        render.add_stamps(static, render.convolve_stamps(gal, kernel) * gflux[:, None, None],
-                          flat, inside)
+        kernel = render.moffat_stamps([0.0], [0.0], c.stamp_size, cond.fwhm, cond.beta, cond.ellip, cond.theta)[0]
+        gflux = 10 ** (-0.4 * (sky.gal_mag[sel] + cond.colour_term * sky.gal_colour[sel] - c.magzp))
+        render.add_stamps(image, render.convolve_stamps(gal, kernel) * gflux[:, None, None], flat, inside)
 
+    def _changes(self, field: str, epoch: int, sky: pop.StaticSky, stars: _StarPixels, nominal: WCS,
+                 cond: _Conditions) -> tuple[np.ndarray, _Pending]:
+        """Transients, variable-star changes and moving objects (ADU, float32), all point sources
+        rendered in one batch of PSF stamps, and their pending injections."""
+        c = self.config
+        ct = cond.colour_term
         changes = np.zeros(c.shape, np.float32)
-        artifacts = np.zeros(c.shape, np.float32)
         pending = _Pending()
-
         rows = [dict(kind="transient", ra=ra, dec=dec, flux=flux, on_galaxy=on_gal, source_id=sid,
                      static_flux=0.0)
                 for ra, dec, flux, sid, on_gal in self._transients(field, epoch, ct, nominal)]
-        for k, i in enumerate(sky.var_index):
-            dflux = sflux[i] * sky.var_amp[k] * np.sin(2 * np.pi * mjd / sky.var_period[k]
-                                                       + sky.var_phase[k])
-            if _near_frame(sx[i:i + 1], sy[i:i + 1], c.shape, -2)[0]:
-                rows.append(dict(kind="variable", ra=float(sky.star_ra[i]),
-                                 dec=float(sky.star_dec[i]), flux=float(dflux), on_galaxy=False,
-                                 source_id=f"{field}-V{k:04d}", static_flux=float(sflux[i])))
+        rows += self._variables(field, sky, stars, cond.mjd)
         rows += [dict(kind="moving", ra=ra, dec=dec, flux=flux, on_galaxy=False, source_id=sid,
                       static_flux=0.0)
-                 for ra, dec, flux, sid in self._moving(field, mjd, ct, nominal)]
+                 for ra, dec, flux, sid in self._moving(field, cond.mjd, ct, nominal)]
         if rows:  # all point-source changes in one batch of PSF stamps, then recorded one by one
-            x, y = wcs.wcs_world2pix([r["ra"] for r in rows], [r["dec"] for r in rows], 0)
-            stamps, flat, inside = psf(x, y)
+            x, y = cond.wcs.wcs_world2pix([r["ra"] for r in rows], [r["dec"] for r in rows], 0)
+            stamps, flat, inside = self._psf_stamps(cond, x, y, c.stamp_size)
             values = stamps * np.array([r["flux"] for r in rows])[:, None, None]
             render.add_stamps(changes, values, flat, inside)
             for k, r in enumerate(rows):
                 pending.add(flat[k][inside[k]], values[k][inside[k]], x=float(x[k]),
                             y=float(y[k]), **r)
+        return changes, pending
 
-        lost = np.zeros(c.shape, bool)  # pixels without information: defects, cosmic rays
-        self._artifacts(artifacts, lost, pending, rng, wcs, fwhm)
+    def _variables(self, field: str, sky: pop.StaticSky, stars: _StarPixels, mjd: float) -> list[dict]:
+        """Injection rows of the variable stars inside the frame: their flux change at ``mjd`` (ADU)."""
+        rows = []
+        sflux = stars.flux
+        for k, i in enumerate(sky.var_index):
+            dflux = sflux[i] * sky.var_amp[k] * np.sin(2 * np.pi * mjd / sky.var_period[k]
+                                                       + sky.var_phase[k])
+            if _near_frame(stars.x[i:i + 1], stars.y[i:i + 1], self.config.shape, -2)[0]:
+                rows.append(dict(kind="variable", ra=float(sky.star_ra[i]),
+                                 dec=float(sky.star_dec[i]), flux=float(dflux), on_galaxy=False,
+                                 source_id=f"{field}-V{k:04d}", static_flux=float(sflux[i])))
+        return rows
 
-        frame_id = f"{c.telescope}-{field}-{filter}-{epoch:04d}"
-        header = wcs.to_header()
+    def _header(self, cond: _Conditions, frame_id: str, field: str, filter: str, epoch: int) -> fits.Header:
+        """The frame's FITS header: its WCS and the cards :func:`broker.frame.meta_from_header` reads."""
+        c = self.config
+        header = cond.wcs.to_header()
         for key, value, comment in (
             ("TELESCOP", c.telescope, "simulated telescope"), ("FIELD", field, "field name"),
-            ("FILTER", filter, "filter"), ("MJD-OBS", mjd, "exposure start (MJD, UTC)"),
+            ("FILTER", filter, "filter"), ("MJD-OBS", cond.mjd, "exposure start (MJD, UTC)"),
             ("EXPTIME", c.exptime, "[s] exposure time"), ("GAIN", c.gain, "[e-/ADU]"),
             ("RDNOISE", c.read_noise, "[e-] read noise"), ("SATURATE", c.saturation, "[ADU]"),
             ("MAGZP", c.magzp, "[mag] source giving 1 ADU in the exposure"),
-            ("FRAMEID", frame_id, "unique frame id"), ("SEEING", fwhm, "[px] true FWHM"),
+            ("FRAMEID", frame_id, "unique frame id"), ("SEEING", cond.fwhm, "[px] true FWHM"),
             ("EPOCH", epoch, "simulation epoch"),
         ):
             header[key] = (value, comment)
-        model = static + changes + artifacts
-        lost |= model >= c.saturation
-        truth = Truth(frame_id=frame_id, field=field, filter=filter, epoch=epoch, fwhm=float(fwhm),
-                      injections=pending.resolve(model, lost, c.gain, c.read_noise), beta=float(beta),
-                      psf_ellip=float(pe), psf_theta=float(pth), mjd=float(mjd), sky=float(level))
-        return _Scene(header=header, truth=truth, static=static, changes=changes, artifacts=artifacts)
+        return header
 
     def _transients(self, field: str, epoch: int, ct: float, nominal: WCS
                     ) -> Iterator[tuple[float, float, float, str, bool]]:
@@ -373,10 +450,10 @@ class SkySimulator:
                         source_id=sid, x0=x0, y0=y0, x1=x1, y1=y1)
 
         det = self._detector
-        for k, (x, y, rate) in enumerate(zip(det.hot_x, det.hot_y, det.hot_rate)):
+        for k, (x, y, rate) in enumerate(zip(det.hot_x, det.hot_y, det.hot_rate, strict=True)):
             record("hot_pixel", np.array([y * nx + x]), np.array([rate * c.exptime]), x, y,
                    f"{c.telescope}-H{k:04d}")
-        for k, (x, y0, rate) in enumerate(zip(det.col_x, det.col_y0, det.col_rate)):
+        for k, (x, y0, rate) in enumerate(zip(det.col_x, det.col_y0, det.col_rate, strict=True)):
             rows = np.arange(y0, ny)
             record("hot_column", rows * nx + x, np.full(len(rows), rate * c.exptime), x,
                    (y0 + ny - 1) / 2, f"{c.telescope}-C{k:04d}", (float(x), float(y0), float(x), ny - 1.0))

@@ -13,13 +13,13 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
-from broker.training.generate import label_settings_differ
 from broker.training.metrics import (
     _auc_se,
     _centre_mean,
@@ -30,6 +30,7 @@ from broker.training.metrics import (
     evaluate_simulated,
     paired_auc_difference,
 )
+from broker.training.settings import label_settings_differ
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
 
@@ -145,11 +146,12 @@ def main_eval(
     Parameters
     ----------
     model : str or path, optional
-        Version (``realbogus-v3``) or weights path; default the classifier's default version.
+        Version (``realbogus-v11``) or weights path; default the classifier's default version.
     out_dir : path
         Report folder (created).
     sim_dir : path, optional
-        Held-out simulated set (shards + manifest of :func:`generate_training_set`, made with a
+        Held-out simulated set (shards + manifest of
+        :func:`~broker.training.generate.generate_training_set`, made with a
         seed the model was not trained on). Default ``build/realbogus-test-1`` when present.
     ztf_dir : path, optional
         Real ZTF alerts; default ``../shared/data/ztf_alerts`` when present.
@@ -171,119 +173,170 @@ def main_eval(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clf = RealBogusClassifier.load(model)
-    other = RealBogusClassifier.load(compare) if compare else None
-    rng = np.random.default_rng(seed)
+    run = _Run(clf, RealBogusClassifier.load(compare) if compare else None, out, root,
+               threshold, np.random.default_rng(seed),
+               {"model": clf.version, "threshold": threshold, "files": {}}, {})
     if sim_dir is None:
         cand = root / "build" / "realbogus-test-1"
         sim_dir = cand if (cand / "manifest.json").is_file() else None
     if ztf_dir is None:
         cand = root.parent / "shared" / "data" / "ztf_alerts"
         ztf_dir = cand if cand.is_dir() else None
-    res: dict = {"model": clf.version, "threshold": threshold, "files": {}}
-    curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if sim_dir is not None:
-        d = load_training_set(sim_dir, np.float16)
-        n = len(d["y"]) if max_sim is None else min(max_sim, len(d["y"]))
-        x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
-        s = clf.score(x)
-        man = json.loads((Path(sim_dir) / "manifest.json").read_text())
-        # sets from before session 18 lack it; one mixing older shards has too few to use
-        ref = d["reference"][:n] if len(d.get("reference", ())) == len(d["y"]) else None
-        res["sim"] = {"dir": _relative(sim_dir, root), "seed": man.get("seed"), "n": int(n),
-                      **evaluate_simulated(s, y, kinds, snr, threshold, ref)}
-        curves[f"{clf.version}, simulated held-out"] = (s, y)
-        res["sim"]["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
-        res["sim"]["by_reference"] = by_reference_brightness(s, y, x, threshold)
-        if ref is not None:
-            t = res["sim"]["eer_threshold"]
-            res["sim"]["errors_by_state"] = {  # {state: {kind: (errors, n)}} at the EER threshold
-                str(r): {k: (round(d["misclassified"] * d["n"]), d["n"]) for k, d in evaluate(
-                    s[m], y[m], t, kinds[m])["per_kind"].items()}
-                for r in sorted(set(ref.tolist())) for m in [ref == r]}
-        if ref is not None and np.any(ref == "misaligned"):
-            mis = ref == "misaligned"
-            res["sim"]["misaligned_by_lobe_ratio"] = by_lobe_ratio(
-                s[mis], y[mis], x[mis], res["sim"]["eer_threshold"], clf.norm_config.soft_knee)
-            cfg = man.get("config") or {}
-            res["sim"]["dipole_rule"] = {k: cfg.get(k) for k in (
-                "variable_dipole_lobe", "dipole_lobe_kinds", "min_dipole_lobe_snr")}
-        if other is not None:
-            so = other.score(x)
-            res["sim_compare"] = {"model": other.version,
-                                  **evaluate_simulated(so, y, kinds, snr, threshold, ref),
-                                  "labels_differ": label_settings_differ(
-                                      man.get("config"), _card_config(other))}
-            curves[f"{other.version}, simulated held-out"] = (so, y)
-        groups = {"real": s[y == 1], "bogus": s[y == 0]}
-        res["files"]["hist_sim"] = plot_histograms(groups, out / "hist_sim.png",
-                                                   "held-out simulated candidates", threshold).name
-        ex = _examples(s, y, kinds, threshold, rng)
-        caps = [f"{kinds[i]} {'R' if y[i] else 'B'} s={s[i]:.2f} snr={snr[i]:.0f}" for i in ex]
-        res["files"]["examples_sim"] = plot_triplet_grid(
-            x[ex].astype(np.float32), caps, out / "examples_sim.png",
-            "simulated held-out: examples per kind, then worst errors").name
+        _eval_held_out(run, Path(sim_dir), max_sim)
     if ztf_dir is not None:
-        xz, meta, rejected = ztf_triplets(ztf_dir)
-        sz = clf.score(xz) if len(xz) else np.zeros(0)
-        reasons = Counter(r.split(": ", 1)[-1].split(" (")[0][:60] for r in rejected)
-        res["ztf"] = {"dir": _relative(ztf_dir, root), "n_rejected": len(rejected),
-                      "rejected_reasons": dict(reasons.most_common()),
-                      "n_repaired": int(np.sum((meta["n_nan"] > 0) | (meta["n_pad"] > 0))),
-                      "n_fading": int(meta["fading"].sum()),
-                      "domain": domain_stats(xz) if len(xz) else {},
-                      **compare_with_ztf(sz, meta)}
-        neg = np.flatnonzero(meta["drb"] <= 0.5)  # NaN (no drb) compares False
-        centre = _centre_mean(xz[neg, 1]) if len(neg) else []
-        res["ztf"]["drb_negatives"] = [
-            {"objectId": str(meta["objectId"][i]), "drb": float(meta["drb"][i]),
-             "rb": float(meta["rb"][i]), "score": float(sz[i]), "reference_centre": float(c)}
-            for i, c in zip(neg, centre)]
-        okr = np.isfinite(meta["rb"])
-        if okr.any():  # against rb: drb has too few negatives to split (9 in the public sample)
-            res["ztf"]["by_reference"] = by_reference_brightness(
-                sz[okr], meta["rb"][okr] > 0.5, xz[okr], threshold)
-        if other is not None and len(xz):
-            so = other.score(xz)
-            res["ztf_compare"] = {"model": other.version, **compare_with_ztf(so, meta),
-                                  "delta_auc": {}}
-            for name in ("drb", "rb"):
-                okn = np.isfinite(meta[name])
-                res["ztf_compare"]["delta_auc"][name] = paired_auc_difference(
-                    meta[name][okn] > 0.5, sz[okn], so[okn], level=PROMOTION_LEVEL)
-        ok = np.isfinite(meta["drb"])
-        if ok.any():
-            curves[f"{clf.version} vs ZTF drb>0.5"] = (sz[ok], (meta["drb"][ok] > 0.5).astype(int))
-            gz = {"ZTF drb > 0.5": sz[ok & (meta["drb"] > 0.5)],
-                  "ZTF drb <= 0.5": sz[ok & (meta["drb"] <= 0.5)],
-                  "no drb (older packets)": sz[~ok]}
-        else:
-            gz = {"all": sz}
-        res["files"]["hist_ztf"] = plot_histograms(gz, out / "hist_ztf.png",
-                                                   "real ZTF alerts, by ZTF's drb", threshold).name
-        ref = np.where(ok, meta["drb"], meta["rb"])
-        gap = np.abs(sz - np.nan_to_num(ref, nan=0.5))
-        worst = np.argsort(-gap)[:10]
-        res["ztf"]["disagreements"] = [
-            {"objectId": str(meta["objectId"][i]), "candid": int(meta["candid"][i]),
-             "score": float(sz[i]), "drb": float(meta["drb"][i]), "rb": float(meta["rb"][i])}
-            for i in worst]
-        caps = [f"{meta['objectId'][i]} ours={sz[i]:.2f} drb={meta['drb'][i]:.2f} "
-                f"rb={meta['rb'][i]:.2f}" for i in worst]
-        res["files"]["disagree_ztf"] = plot_triplet_grid(
-            xz[worst], caps, out / "disagree_ztf.png",
-            "ZTF: largest |ours - drb (or rb)|", dpi=70).name
-        typical = rng.choice(len(xz), min(6, len(xz)), replace=False)
-        caps = [f"{meta['objectId'][i]} ours={sz[i]:.2f} drb={meta['drb'][i]:.2f}"
-                for i in typical]
-        res["files"]["examples_ztf"] = plot_triplet_grid(
-            xz[typical], caps, out / "examples_ztf.png", "ZTF: random examples").name
+        _eval_ztf(run, Path(ztf_dir))
+    res = run.res
     if res.get("sim_compare") or res.get("ztf_compare"):
         res["promotion"] = promotion_check(res)
-    if curves:
-        res["files"]["roc"] = plot_roc(curves, out / "roc.png").name
+    if run.curves:
+        res["files"]["roc"] = plot_roc(run.curves, out / "roc.png").name
     (out / "metrics.json").write_text(json.dumps(res, indent=2, sort_keys=True, default=float))
     write_eval_report(out / "report.md", res)
     return res
+
+
+@dataclass
+class _Run:
+    """One :func:`main_eval`: the models, where the files go, and what it has collected."""
+
+    clf: RealBogusClassifier
+    other: RealBogusClassifier | None  # the compared model
+    out: Path  # report folder
+    root: Path  # repository root, that recorded paths are relative to
+    threshold: float
+    rng: np.random.Generator  # picks the example triplets
+    res: dict  # the metrics
+    curves: dict[str, tuple[np.ndarray, np.ndarray]]  # ROC curves: {name: (scores, labels)}
+
+
+def _eval_held_out(run: _Run, sim_dir: Path, max_sim: int | None) -> None:
+    """The held-out simulated set: metrics (``res["sim"]``), the compared model's
+    (``res["sim_compare"]``), ROC curves, score histograms and example triplets."""
+    d = load_training_set(sim_dir, np.float16)
+    n = len(d["y"]) if max_sim is None else min(max_sim, len(d["y"]))
+    x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
+    # sets made before reference states were recorded lack them; one mixing older shards has
+    # too few to use
+    ref = d["reference"][:n] if len(d.get("reference", ())) == len(d["y"]) else None
+    man = json.loads((sim_dir / "manifest.json").read_text())
+    clf, other, threshold = run.clf, run.other, run.threshold
+    s = clf.score(x)
+    sim = run.res["sim"] = {"dir": _relative(sim_dir, run.root), "seed": man.get("seed"),
+                            "n": int(n), **evaluate_simulated(s, y, kinds, snr, threshold, ref)}
+    run.curves[f"{clf.version}, simulated held-out"] = (s, y)
+    sim["domain"] = {"real": domain_stats(x[y == 1]), "bogus": domain_stats(x[y == 0])}
+    sim["by_reference"] = by_reference_brightness(s, y, x, threshold)
+    if ref is not None:
+        sim.update(_by_reference_state(s, y, x, kinds, ref, sim["eer_threshold"],
+                                       clf.norm_config.soft_knee, man.get("config") or {}))
+    if other is not None:
+        so = other.score(x)
+        run.res["sim_compare"] = {"model": other.version,
+                                  **evaluate_simulated(so, y, kinds, snr, threshold, ref),
+                                  "labels_differ": label_settings_differ(
+                                      man.get("config"), _card_config(other))}
+        run.curves[f"{other.version}, simulated held-out"] = (so, y)
+    groups = {"real": s[y == 1], "bogus": s[y == 0]}
+    run.res["files"]["hist_sim"] = plot_histograms(
+        groups, run.out / "hist_sim.png", "held-out simulated candidates", threshold).name
+    ex = _examples(s, y, kinds, threshold, run.rng)
+    caps = [f"{kinds[i]} {'R' if y[i] else 'B'} s={s[i]:.2f} snr={snr[i]:.0f}" for i in ex]
+    run.res["files"]["examples_sim"] = plot_triplet_grid(
+        x[ex].astype(np.float32), caps, run.out / "examples_sim.png",
+        "simulated held-out: examples per kind, then worst errors").name
+
+
+def _by_reference_state(s: np.ndarray, y: np.ndarray, x: np.ndarray, kinds: np.ndarray,
+                        ref: np.ndarray, threshold: float, soft_knee: float, config: dict) -> dict:
+    """Held-out errors by the state of the frame's reference at the equal-error ``threshold``:
+    ``errors_by_state`` ({state: {kind: (errors, n)}}) and, where some references were
+    misaligned, ``misaligned_by_lobe_ratio`` and the set's ``dipole_rule`` settings."""
+    out: dict = {"errors_by_state": {
+        str(r): {k: (round(d["misclassified"] * d["n"]), d["n"])
+                 for k, d in evaluate(s[m], y[m], threshold, kinds[m])["per_kind"].items()}
+        for r in sorted(set(ref.tolist())) for m in [ref == r]}}
+    if np.any(ref == "misaligned"):
+        mis = ref == "misaligned"
+        out["misaligned_by_lobe_ratio"] = by_lobe_ratio(s[mis], y[mis], x[mis], threshold,
+                                                        soft_knee)
+        out["dipole_rule"] = {k: config.get(k) for k in (
+            "variable_dipole_lobe", "dipole_lobe_kinds", "min_dipole_lobe_snr")}
+    return out
+
+
+def _eval_ztf(run: _Run, ztf_dir: Path) -> None:
+    """The real ZTF alerts: agreement with ZTF's scores (``res["ztf"]``), the compared model's
+    (``res["ztf_compare"]``, with paired AUC differences), the ROC curve against drb, score
+    histograms, the largest disagreements and random examples."""
+    xz, meta, rejected = ztf_triplets(ztf_dir)
+    sz = run.clf.score(xz) if len(xz) else np.zeros(0)
+    reasons = Counter(r.split(": ", 1)[-1].split(" (")[0][:60] for r in rejected)
+    z = run.res["ztf"] = {"dir": _relative(ztf_dir, run.root), "n_rejected": len(rejected),
+                          "rejected_reasons": dict(reasons.most_common()),
+                          "n_repaired": int(np.sum((meta["n_nan"] > 0) | (meta["n_pad"] > 0))),
+                          "n_fading": int(meta["fading"].sum()),
+                          "domain": domain_stats(xz) if len(xz) else {},
+                          **compare_with_ztf(sz, meta)}
+    neg = np.flatnonzero(meta["drb"] <= 0.5)  # NaN (no drb) compares False
+    centre = _centre_mean(xz[neg, 1]) if len(neg) else np.zeros(0, np.float32)
+    z["drb_negatives"] = [
+        {"objectId": str(meta["objectId"][i]), "drb": float(meta["drb"][i]),
+         "rb": float(meta["rb"][i]), "score": float(sz[i]), "reference_centre": float(c)}
+        for i, c in zip(neg, centre, strict=True)]
+    okr = np.isfinite(meta["rb"])
+    if okr.any():  # against rb: drb has too few negatives to split (9 in the public sample)
+        z["by_reference"] = by_reference_brightness(sz[okr], meta["rb"][okr] > 0.5, xz[okr],
+                                                    run.threshold)
+    if run.other is not None and len(xz):
+        run.res["ztf_compare"] = _ztf_compare(run.other, xz, sz, meta)
+    _ztf_plots(run, xz, sz, meta)
+
+
+def _ztf_compare(other: RealBogusClassifier, xz: np.ndarray, sz: np.ndarray,
+                 meta: dict[str, np.ndarray]) -> dict:
+    """The compared model against ZTF's scores, and the paired bootstrap interval
+    (:data:`PROMOTION_LEVEL`) of the AUC difference (ours ``sz`` minus its) per ZTF score."""
+    so = other.score(xz)
+    out = {"model": other.version, **compare_with_ztf(so, meta), "delta_auc": {}}
+    for name in ("drb", "rb"):
+        okn = np.isfinite(meta[name])
+        out["delta_auc"][name] = paired_auc_difference(meta[name][okn] > 0.5, sz[okn], so[okn],
+                                                       level=PROMOTION_LEVEL)
+    return out
+
+
+def _ztf_plots(run: _Run, xz: np.ndarray, sz: np.ndarray, meta: dict[str, np.ndarray]) -> None:
+    """ROC curve against drb > 0.5, score histograms by drb, the ten largest disagreements with
+    ZTF (also listed in ``res["ztf"]["disagreements"]``) and six random examples."""
+    files, threshold = run.res["files"], run.threshold
+    ok = np.isfinite(meta["drb"])
+    if ok.any():
+        run.curves[f"{run.clf.version} vs ZTF drb>0.5"] = (sz[ok],
+                                                           (meta["drb"][ok] > 0.5).astype(int))
+        gz = {"ZTF drb > 0.5": sz[ok & (meta["drb"] > 0.5)],
+              "ZTF drb <= 0.5": sz[ok & (meta["drb"] <= 0.5)],
+              "no drb (older packets)": sz[~ok]}
+    else:
+        gz = {"all": sz}
+    files["hist_ztf"] = plot_histograms(gz, run.out / "hist_ztf.png",
+                                        "real ZTF alerts, by ZTF's drb", threshold).name
+    ref = np.where(ok, meta["drb"], meta["rb"])
+    gap = np.abs(sz - np.nan_to_num(ref, nan=0.5))
+    worst = np.argsort(-gap)[:10]
+    run.res["ztf"]["disagreements"] = [
+        {"objectId": str(meta["objectId"][i]), "candid": int(meta["candid"][i]),
+         "score": float(sz[i]), "drb": float(meta["drb"][i]), "rb": float(meta["rb"][i])}
+        for i in worst]
+    caps = [f"{meta['objectId'][i]} ours={sz[i]:.2f} drb={meta['drb'][i]:.2f} "
+            f"rb={meta['rb'][i]:.2f}" for i in worst]
+    files["disagree_ztf"] = plot_triplet_grid(
+        xz[worst], caps, run.out / "disagree_ztf.png",
+        "ZTF: largest |ours - drb (or rb)|", dpi=70).name
+    typical = run.rng.choice(len(xz), min(6, len(xz)), replace=False)
+    caps = [f"{meta['objectId'][i]} ours={sz[i]:.2f} drb={meta['drb'][i]:.2f}" for i in typical]
+    files["examples_ztf"] = plot_triplet_grid(
+        xz[typical], caps, run.out / "examples_ztf.png", "ZTF: random examples").name
 
 
 #: Coverage of the paired bootstrap interval (:func:`paired_auc_difference`) that
@@ -299,11 +352,9 @@ def promotion_check(res: dict) -> dict:
     significantly worse on the real ZTF triplets: for each of drb > 0.5 and rb > 0.5, the
     paired bootstrap interval (:data:`PROMOTION_LEVEL`) of this model's AUC minus the other's
     reaches 0. The interval scales with each reference's negatives: rb's 169 resolve ~0.01,
-    drb's 9 only ~0.1. Until session 14 the rule allowed a fixed drop of 0.01 on both, a
-    quarter of drb's standard error and an eighth of the drb spread between seeds of one
-    recipe; it kept every successor of ``realbogus-v6`` out on drb, whatever the held-out and
-    rb figures (BENCHMARKS.md, "the promotion rule"). A held-out set labelled with other
-    :data:`~broker.training.generate.LABEL_SETTINGS` than the other model's training data
+    drb's 9 only ~0.1 (why not a fixed allowed drop: ``docs/notes/training-settings.md``,
+    "Promotion rule"). A held-out set labelled with other
+    :data:`~broker.training.settings.LABEL_SETTINGS` than the other model's training data
     proves nothing either way: then the held-out half fails, and both models must be read on
     both sets (``bench.realbogus_accuracy``) by whoever promotes.
     """
@@ -314,7 +365,7 @@ def promotion_check(res: dict) -> dict:
         out["sim_better"] = bool(sim["eer"] < simc["eer"] and
                                  sim["at_threshold"]["auc"] >= simc["at_threshold"]["auc"])
         # on a set labelled otherwise than its training data the other model is read against
-        # a convention it never learnt, and either model wins on its own (session 18, v12a)
+        # a convention it never learnt, and either model wins on its own
         out["labels_differ"] = simc.get("labels_differ")
         if out["labels_differ"]:
             out["sim_better"] = False
@@ -334,118 +385,157 @@ TARGETS = {
 
 def write_eval_report(path: Path, res: dict) -> Path:
     """Markdown report of :func:`main_eval`'s results (every number from ``res``)."""
-    L = [f"# Real/bogus evaluation: `{res['model']}`", ""]
+    lines = [f"# Real/bogus evaluation: `{res['model']}`", ""]
+    lines += _held_out_section(res)
+    lines += _ztf_section(res)
+    lines += _limits_section(res)
+    lines += _domain_section(res)
+    lines += _reference_table(res)
+    lines += _promotion_section(res)
+    if "roc" in res["files"]:
+        lines += ["## ROC", "", "![ROC](roc.png)", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _held_out_section(res: dict) -> list[str]:
+    """Report lines: the held-out simulated set's metrics, per kind, by sign, by reference state
+    and by S/N, with its plots."""
     sim = res.get("sim")
-    if sim:
-        a, e = sim["at_threshold"], sim["at_eer"]
-        L += ["## Held-out simulated candidates", "",
-              f"{sim['n']} candidates ({a['n_real']} real, {a['n_bogus']} bogus) from "
-              f"`{sim['dir']}` (generator seed {sim['seed']}, never seen in training).", "",
-              "| metric | value | target |", "|---|---|---|",
-              f"| ROC AUC | {_fmt(a['auc'], 5)} | |",
-              f"| FNR at {res['threshold']} | {_fmt(a['fnr'], 4)} | |",
-              f"| FPR at {res['threshold']} | {_fmt(a['fpr'], 4)} | |",
-              f"| threshold where FNR = FPR | {_fmt(sim['eer_threshold'], 3)} | |",
-              f"| FNR = FPR there | {_fmt(sim['eer'], 4)} | <= {TARGETS['eer'][1]} "
-              f"({'met' if sim['eer'] <= TARGETS['eer'][1] else 'NOT met'}) |"]
-        if res.get("sim_compare"):
-            c = res["sim_compare"]
-            L += [f"| {c['model']}: AUC / FNR=FPR | {_fmt(c['at_threshold']['auc'], 5)} / "
+    if not sim:
+        return []
+    a, e, t = sim["at_threshold"], sim["at_eer"], res["threshold"]
+    eer_target = TARGETS["eer"][1]
+    lines = ["## Held-out simulated candidates", "",
+             f"{sim['n']} candidates ({a['n_real']} real, {a['n_bogus']} bogus) from "
+             f"`{sim['dir']}` (generator seed {sim['seed']}, never seen in training).", "",
+             "| metric | value | target |", "|---|---|---|",
+             f"| ROC AUC | {_fmt(a['auc'], 5)} | |",
+             f"| FNR at {t} | {_fmt(a['fnr'], 4)} | |",
+             f"| FPR at {t} | {_fmt(a['fpr'], 4)} | |",
+             f"| threshold where FNR = FPR | {_fmt(sim['eer_threshold'], 3)} | |",
+             f"| FNR = FPR there | {_fmt(sim['eer'], 4)} | <= {eer_target} "
+             f"({'met' if sim['eer'] <= eer_target else 'NOT met'}) |"]
+    if res.get("sim_compare"):
+        c = res["sim_compare"]
+        lines += [f"| {c['model']}: AUC / FNR=FPR | {_fmt(c['at_threshold']['auc'], 5)} / "
                   f"{_fmt(c['eer'], 4)} | |"]
-        L += ["", f"Per kind (misclassified fraction at {res['threshold']} and at the "
+    lines += ["", f"Per kind (misclassified fraction at {t} and at the "
               f"equal-error threshold {_fmt(sim['eer_threshold'], 3)}):", "",
               "| kind | n | at threshold | at FNR=FPR |", "|---|---|---|---|"]
-        for k, d in sorted(a["per_kind"].items()):
-            L.append(f"| {k} | {d['n']} | {_fmt(d['misclassified'], 4)} | "
+    for k, d in sorted(a["per_kind"].items()):
+        lines.append(f"| {k} | {d['n']} | {_fmt(d['misclassified'], 4)} | "
                      f"{_fmt(e['per_kind'][k]['misclassified'], 4)} |")
-        if sim.get("by_sign"):
-            L += ["", "By sign of the difference (a fading star and a badly subtracted one both "
+    lines += _held_out_subsets(res)
+    return lines + ["", "![score histograms](hist_sim.png)", "",
+                    "![examples](examples_sim.png)", ""]
+
+
+def _held_out_subsets(res: dict) -> list[str]:
+    """Report lines: the held-out set by sign of the difference, by the state of the frame's
+    reference and (reals) by measured S/N."""
+    sim, lines = res["sim"], []
+    if sim.get("by_sign"):
+        lines += ["", "By sign of the difference (a fading star and a badly subtracted one both "
                   "leave a negative blob on a star):", ""]
-            L += _subset_table(res, "by_sign", lambda k: f"{k} (S/N "
+        lines += _subset_table(res, "by_sign", lambda k: f"{k} (S/N "
                                f"{'>' if k == 'brightening' else '<'} 0)")
-        if sim.get("by_reference_state"):
-            L += ["", "By the state of the frame's reference: the generator gives some frames a "
+    if sim.get("by_reference_state"):
+        lines += ["", "By the state of the frame's reference: the generator gives some frames a "
                   "deliberately misaligned reference (dipoles on its stars) or a blurred one "
                   "(PSF-mismatch rings), and labels a variable's change on a misaligned one by "
                   "what its stamp shows (`variable_dipole_lobe`). FNR / FPR are at the overall "
                   f"equal-error threshold {_fmt(sim['eer_threshold'], 3)}.", ""]
-            L += _subset_table(res, "by_reference_state", str, with_rates=True)
-        if sim.get("fnr_by_snr"):
-            L += ["", "FNR of real candidates by measured S/N:", "", "| S/N | n | FNR |",
+        lines += _subset_table(res, "by_reference_state", str, with_rates=True)
+    if sim.get("fnr_by_snr"):
+        lines += ["", "FNR of real candidates by measured S/N:", "", "| S/N | n | FNR |",
                   "|---|---|---|"]
-            L += [f"| {b['snr_lo']}-{b['snr_hi']} | {b['n']} | {_fmt(b['fnr'], 4)} |"
+        lines += [f"| {b['snr_lo']}-{b['snr_hi']} | {b['n']} | {_fmt(b['fnr'], 4)} |"
                   for b in sim["fnr_by_snr"] if b["n"]]
-        L += ["", "![score histograms](hist_sim.png)", "", "![examples](examples_sim.png)", ""]
+    return lines
+
+
+def _ztf_section(res: dict) -> list[str]:
+    """Report lines: agreement with ZTF's drb and rb on the real alerts, and the AUC target."""
     z = res.get("ztf")
-    if z:
-        d = z["drb"]
-        L += ["## Real ZTF alerts", "",
-              f"{z['n']} unique ZTF triplets from `{z['dir']}` ({z['n_rejected']} records "
-              f"rejected: {json.dumps(z['rejected_reasons'])}; {z['n_repaired']} had NaNs "
-              f"filled or were padded; {z['n_fading']} are fadings, whose difference stamp ZTF "
-              "cuts from reference - science and which are turned to science - reference as in "
-              "our pipeline, `broker.realbogus.alert_triplet`). ZTF's scores are a reference, "
-              "not truth: the public sample alerts are nearly all real.", "",
-              "| reference | n | n > 0.5 | AUC of our score | Spearman | agreement at 0.5 |",
-              "|---|---|---|---|---|---|"]
-        for name in ("drb", "rb"):
-            r = z[name]
-            L.append(f"| ZTF {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
+    if not z:
+        return []
+    d = z["drb"]
+    lines = ["## Real ZTF alerts", "",
+             f"{z['n']} unique ZTF triplets from `{z['dir']}` ({z['n_rejected']} records "
+             f"rejected: {json.dumps(z['rejected_reasons'])}; {z['n_repaired']} had NaNs "
+             f"filled or were padded; {z['n_fading']} are fadings, whose difference stamp ZTF "
+             "cuts from reference - science and which are turned to science - reference as in "
+             "our pipeline, `broker.normalise.alert_triplet`). ZTF's scores are a reference, "
+             "not truth: the public sample alerts are nearly all real.", "",
+             "| reference | n | n > 0.5 | AUC of our score | Spearman | agreement at 0.5 |",
+             "|---|---|---|---|---|---|"]
+    for name in ("drb", "rb"):
+        r = z[name]
+        lines.append(f"| ZTF {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
                      f"{_fmt(r['spearman'])} (p={r['spearman_p']:.1g}) | "
                      f"{_fmt(r['agree_at_0.5'])} |")
-        if res.get("ztf_compare"):
-            c = res["ztf_compare"]
-            L.append(f"| {c['model']}: ZTF drb | {c['drb']['n']} | {c['drb']['n_real']} | "
+    if res.get("ztf_compare"):
+        c = res["ztf_compare"]
+        lines.append(f"| {c['model']}: ZTF drb | {c['drb']['n']} | {c['drb']['n_real']} | "
                      f"{_fmt(c['drb']['auc'])} | {_fmt(c['drb']['spearman'])} | "
                      f"{_fmt(c['drb']['agree_at_0.5'])} |")
-        neg = d["n"] - d["n_real"]
-        L += ["", f"Target: AUC >= {TARGETS['ztf_auc_drb'][1]} against drb > 0.5: "
-              f"{'met' if d['auc'] >= TARGETS['ztf_auc_drb'][1] else 'NOT met'} "
-              f"({_fmt(d['auc'])}, with only {neg} triplets at drb <= 0.5, so the AUC's "
-              f"standard error is about {_fmt(_auc_se(d['auc'], d['n_real'], neg), 2)}).",
-              f"Fraction of the ZTF triplets we score >= {res['threshold']}: "
-              f"{_fmt(z['frac_above_0.5'])}.", "",
-              "![score histograms](hist_ztf.png)", "", "Largest disagreements:", "",
-              "![disagreements](disagree_ztf.png)", "", "![examples](examples_ztf.png)", ""]
-    L += _limits_section(res)
-    if sim and z and z.get("domain"):
-        L += ["## Our stamps and ZTF's after normalisation", "",
-              "Per channel, in normalised units (median over triplets): mean of the central 5x5 "
-              "px / fraction of pixels above 3 / fraction exactly 0 (NaN-filled or padded) / "
-              "99th percentile.", "",
-              "| channel | ours, real | ours, bogus | ZTF |", "|---|---|---|---|"]
-        def f(d: dict) -> str:
-            return " / ".join(_fmt(d[k], 3) for k in ("centre", "frac_gt3", "frac_zero", "p99"))
+    neg, target = d["n"] - d["n_real"], TARGETS["ztf_auc_drb"][1]
+    return lines + [
+        "", f"Target: AUC >= {target} against drb > 0.5: "
+        f"{'met' if d['auc'] >= target else 'NOT met'} "
+        f"({_fmt(d['auc'])}, with only {neg} triplets at drb <= 0.5, so the AUC's "
+        f"standard error is about {_fmt(_auc_se(d['auc'], d['n_real'], neg), 2)}).",
+        f"Fraction of the ZTF triplets we score >= {res['threshold']}: "
+        f"{_fmt(z['frac_above_0.5'])}.", "",
+        "![score histograms](hist_ztf.png)", "", "Largest disagreements:", "",
+        "![disagreements](disagree_ztf.png)", "", "![examples](examples_ztf.png)", ""]
 
-        for ch in ("science", "reference", "difference"):
-            L.append(f"| {ch} | {f(sim['domain']['real'][ch])} | {f(sim['domain']['bogus'][ch])} "
-                     f"| {f(z['domain'][ch])} |")
-        L.append("")
-    L += _reference_table(res)
-    if res.get("promotion"):
-        p = res["promotion"]
-        L += ["## Against the previous model", "",
-              f"Compared with `{p['against']}` on the same data: better on the held-out "
-              f"simulated set: {p.get('sim_better')}; not significantly worse on ZTF (the "
-              f"paired {p['level']:.0%} interval of the AUC difference against drb and rb "
-              f"each reaches 0): {p.get('ztf_not_worse')}. "
-              f"**Promote to default: {p['promote']}.**", ""]
-        if p.get("labels_differ"):
-            L += [f"This held-out set is labelled otherwise than `{p['against']}`'s training "
+
+def _domain_section(res: dict) -> list[str]:
+    """Report lines: our stamps (real, bogus) and ZTF's side by side after normalisation."""
+    sim, z = res.get("sim"), res.get("ztf")
+    if not (sim and z and z.get("domain")):
+        return []
+    lines = ["## Our stamps and ZTF's after normalisation", "",
+             "Per channel, in normalised units (median over triplets): mean of the central 5x5 "
+             "px / fraction of pixels above 3 / fraction exactly 0 (NaN-filled or padded) / "
+             "99th percentile.", "",
+             "| channel | ours, real | ours, bogus | ZTF |", "|---|---|---|---|"]
+
+    def f(d: dict) -> str:
+        return " / ".join(_fmt(d[k], 3) for k in ("centre", "frac_gt3", "frac_zero", "p99"))
+
+    for ch in ("science", "reference", "difference"):
+        lines.append(f"| {ch} | {f(sim['domain']['real'][ch])} | "
+                     f"{f(sim['domain']['bogus'][ch])} | {f(z['domain'][ch])} |")
+    return lines + [""]
+
+
+def _promotion_section(res: dict) -> list[str]:
+    """Report lines: :func:`promotion_check`'s verdict against the compared model."""
+    p = res.get("promotion")
+    if not p:
+        return []
+    lines = ["## Against the previous model", "",
+             f"Compared with `{p['against']}` on the same data: better on the held-out "
+             f"simulated set: {p.get('sim_better')}; not significantly worse on ZTF (the "
+             f"paired {p['level']:.0%} interval of the AUC difference against drb and rb "
+             f"each reaches 0): {p.get('ztf_not_worse')}. "
+             f"**Promote to default: {p['promote']}.**", ""]
+    if p.get("labels_differ"):
+        lines += [f"This held-out set is labelled otherwise than `{p['against']}`'s training "
                   f"data ({', '.join(f'`{k}`' for k in p['labels_differ'])}), so its figures "
                   "here do not compare the networks: read both models on both sets "
                   "(`python -m bench.realbogus_accuracy --models ... --sets ...`).", ""]
-        da = (res.get("ztf_compare") or {}).get("delta_auc")
-        if da:
-            L += ["ZTF AUC of this model minus the other's, with a 95 % paired bootstrap "
+    da = (res.get("ztf_compare") or {}).get("delta_auc")
+    if da:
+        lines += ["ZTF AUC of this model minus the other's, with a 95 % paired bootstrap "
                   "interval (both scored on each resample of the alerts; "
                   "`broker.training.metrics.paired_auc_difference`): " + "; ".join(
                       f"{k} {da[k]['delta']:+.3f} [{da[k]['lo']:+.3f}, {da[k]['hi']:+.3f}]"
                       for k in ("drb", "rb")) + ".", ""]
-    if "roc" in res["files"]:
-        L += ["## ROC", "", "![ROC](roc.png)", ""]
-    path.write_text("\n".join(L))
-    return path
+    return lines
 
 
 def _limits_section(res: dict) -> list[str]:
@@ -455,12 +545,12 @@ def _limits_section(res: dict) -> list[str]:
         z.get("drb_negatives")
     if not (states or neg):
         return []
-    L = ["## What limits the targets", ""]
+    lines = ["## What limits the targets", ""]
     if states:
         by_kind = sim["errors_by_state"]
         errs = {st: sum(e for e, _ in kk.values()) for st, kk in by_kind.items()}
         total, n = sum(errs.values()), sum(d["n"] for d in states.values())
-        L += [f"Held-out FNR = FPR: {_fmt(sim['eer'], 4)}; {total} errors at its threshold "
+        lines += [f"Held-out FNR = FPR: {_fmt(sim['eer'], 4)}; {total} errors at its threshold "
               f"{_fmt(sim['eer_threshold'], 3)}. By the state of the frame's reference: " +
               "; ".join(f"{k}: {e} errors ({e / max(total, 1):.0%}) from "
                         f"{states[k]['n'] / n:.0%} of the candidates, FNR = FPR "
@@ -476,7 +566,7 @@ def _limits_section(res: dict) -> list[str]:
         rule = sim.get("dipole_rule") or {}
         (snr, ratio), kinds = rule.get("variable_dipole_lobe") or (4.0, 0.25), \
             rule.get("dipole_lobe_kinds") or ["variable"]
-        L += ["On misaligned references, by the difference stamp's opposite / central lobe "
+        lines += ["On misaligned references, by the difference stamp's opposite / central lobe "
               "ratio (`broker.training.metrics.by_lobe_ratio`): the set labels a change of a "
               f"{' or '.join(kinds)} a dipole (bogus) once the opposite lobe reaches {ratio:g} "
               f"of the central one and {snr:g} sigma, and a constant star's residual one once "
@@ -484,24 +574,24 @@ def _limits_section(res: dict) -> list[str]:
               f"whatever the ratio. {band} of these {tot} errors lie between 0.1 and 0.4, "
               "where the same stamp carries either label.", "",
               "| lobe ratio | reals (errors) | bogus (errors) |", "|---|---|---|"]
-        L += [f"| {b['lo']:g} to {b['hi']:g} | {b['n_real']} ({b['err_real']}) | "
+        lines += [f"| {b['lo']:g} to {b['hi']:g} | {b['n_real']} ({b['err_real']}) | "
               f"{b['n_bogus']} ({b['err_bogus']}) |" for b in lobes] + [""]
     if neg:
         rb_real = sum(d["rb"] > 0.5 for d in neg)
-        L += [f"ZTF drb: {len(neg)} alerts have drb <= 0.5, so one alert moves the AUC by up to "
+        lines += [f"ZTF drb: {len(neg)} alerts have drb <= 0.5, so one alert moves the AUC by up to "
               f"{1 / len(neg):.2f}; ZTF's own rb scores {rb_real} of them > 0.5. Reference "
               "centre in normalised units (20 is ~150 robust sigmas a pixel):", "",
               "| objectId | drb | rb | ours | reference centre |", "|---|---|---|---|---|"]
-        L += [f"| {d['objectId']} | {_fmt(d['drb'], 2)} | {_fmt(d['rb'], 2)} | "
+        lines += [f"| {d['objectId']} | {_fmt(d['drb'], 2)} | {_fmt(d['rb'], 2)} | "
               f"{_fmt(d['score'], 2)} | {_fmt(d['reference_centre'], 1)} |" for d in neg] + [""]
-    return L
+    return lines
 
 
 def _subset_table(res: dict, key: str, label, with_rates: bool = False) -> list[str]:
     """Report lines: a :func:`~broker.training.metrics.by_subset` result of the held-out set,
     each row followed by the compared model's."""
     other = res.get("sim_compare") or {}
-    L = ["| candidates | n (real / bogus) | ROC AUC | FNR = FPR" +
+    lines = ["| candidates | n (real / bogus) | ROC AUC | FNR = FPR" +
          (" | FNR / FPR" if with_rates else "") + " |",
          "|---|---|---|---" + ("|---" if with_rates else "") + "|"]
     for name, b in res["sim"][key].items():
@@ -509,9 +599,9 @@ def _subset_table(res: dict, key: str, label, with_rates: bool = False) -> list[
         if other.get(key, {}).get(name):
             rows.append((f"{label(name)}, {other['model']}", "", other[key][name]))
         for cap, n, d in rows:
-            L.append(f"| {cap} | {n} | {_fmt(d['auc'], 5)} | {_fmt(d['eer'], 4)} |" +
+            lines.append(f"| {cap} | {n} | {_fmt(d['auc'], 5)} | {_fmt(d['eer'], 4)} |" +
                      (f" {_fmt(d['fnr'], 4)} / {_fmt(d['fpr'], 4)} |" if with_rates else ""))
-    return L
+    return lines
 
 
 def _reference_table(res: dict) -> list[str]:
@@ -520,7 +610,7 @@ def _reference_table(res: dict) -> list[str]:
     z = (res.get("ztf") or {}).get("by_reference")
     if not (sim or z):
         return []
-    L = ["## By brightness of the reference source", "",
+    lines = ["## By brightness of the reference source", "",
          "Bins of the reference channel's central 5x5 px mean (normalised units; 20 is ~150 "
          "robust sigmas a pixel). Per side: reals / bogus in the bin, the fraction of each "
          f"scored >= {res['threshold']}, and the AUC within the bin. ZTF's side is labelled by "
@@ -535,8 +625,8 @@ def _reference_table(res: dict) -> list[str]:
             cells += ([f"{d['n_real']} / {d['n_bogus']}",
                        f"{_fmt(d['pass_real'], 2)} / {_fmt(d['pass_bogus'], 2)}", _fmt(d["auc"])]
                       if d else ["-", "-", "-"])
-        L.append("| " + " | ".join(cells) + " |")
-    return L + [""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _card_config(clf: RealBogusClassifier) -> dict | None:

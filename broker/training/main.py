@@ -11,23 +11,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from broker import MODELS_DIR
 from broker.anomaly import AnomalyConfig, fit_anomaly
 from broker.candidate import CUTOUT_SIZE
-from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
+from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier
 from broker.training.data import load_training_set
 from broker.training.evaluation import _fmt, main_eval
-from broker.training.generate import (
-    SET_SETTINGS_ADDED,
-    TrainingSetConfig,
-    _config_dict,
-    generate_training_set,
-)
+from broker.training.generate import generate_training_set
+from broker.training.settings import SET_SETTINGS_ADDED, TrainingSetConfig, config_dict
 from broker.training.trainer import TrainConfig, train
 
 
@@ -39,7 +37,20 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
     Every number comes from ``manifest`` (:func:`generate_training_set`), ``report``
     (:func:`train`) and ``evaluation`` (:func:`main_eval`).
     """
-    cfg, gen = report["config"], manifest.get("config", {})
+    lines = _card_model(version, arch, report["config"]) + _card_data(manifest)
+    lines += _card_training(report, arch) + _card_evaluation(evaluation)
+    lines += ["Full report with per-kind errors, S/N dependence, plots and example triplets: "
+              "`broker eval-realbogus` (the shipped one is in `docs/realbogus-report/`).", "",
+              "## Reproduce", "", "```", command, "```", ""]
+    lines += _card_limits(manifest.get("config", {}))
+    p = Path(path)
+    p.write_text("\n".join(lines))
+    return p
+
+
+def _card_model(version: str, arch: dict, cfg: dict) -> list[str]:
+    """Card lines: title, the network (``arch``: a sidecar's architecture with its cost), its
+    input and output."""
     one = arch.get("members", [arch])[0]
     net = f"`broker.realbogus.{one['name']}` (width {one['width']}, dense {one['dense']}"
     if "members" in arch:
@@ -47,18 +58,20 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         net = (f"`broker.realbogus.{arch['name']}`: the mean logit of {k} "
                f"`{one['name']}` networks (width {one['width']}, dense {one['dense']}, seeds "
                f"{cfg['seed']}-{cfg['seed'] + k - 1}")
-    own = "members" in arch and cfg.get("member_splits", False)
-    split = ", member 0; each member draws its own split" if own else ""
-    pooled = " (each member on its own held-out fields, pooled)" if own else ""
-    L = [
+    return [
         f"# Real/bogus classifier `{version}`", "",
         f"{net}; {arch.get('n_params', '?')} parameters, {arch.get('mflops', '?')} MFLOP per triplet) "
         "on (science, reference, difference) 63x63 triplets scaled by "
-        "`broker.realbogus.normalise_triplet` (median / 1.4826 MAD per channel, asinh beyond 5 "
+        "`broker.normalise.normalise_triplet` (median / 1.4826 MAD per channel, asinh beyond 5 "
         "sigma, NaN and padding set to 0). Output: P(real) in [0, 1]; the score is always kept "
         "and any cut is configuration. Loaded by version "
         f"(`RealBogusClassifier.load('{version}')`), which the classify stage writes into every "
-        "alert.", "",
+        "alert.", ""]
+
+
+def _card_data(manifest: dict) -> list[str]:
+    """Card lines: the training set, from its manifest."""
+    return [
         "## Training data", "",
         f"- source: **{manifest.get('source')}** (simulate -> reference -> ZOGY subtraction -> "
         f"detection, labelled from the injection truth), generator seed {manifest.get('seed')}; "
@@ -69,8 +82,18 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         f"- seen before balancing: "
         f"`{json.dumps(manifest.get('counts_by_kind_before_balancing'), sort_keys=True)}`",
         f"- generator config: `{json.dumps(manifest.get('config'), sort_keys=True)}`",
-        f"- pipeline code: {manifest.get('pipeline_commit', 'not recorded (made before it was)')}"
-        , "",
+        f"- pipeline code: {manifest.get('pipeline_commit', 'not recorded (made before it was)')}",
+        ""]
+
+
+def _card_training(report: dict, arch: dict) -> list[str]:
+    """Card lines: how the network was trained and its validation figures, from the training
+    report."""
+    cfg = report["config"]
+    own = "members" in arch and cfg.get("member_splits", False)
+    split = ", member 0; each member draws its own split" if own else ""
+    pooled = " (each member on its own held-out fields, pooled)" if own else ""
+    return [
         "## Training", "",
         f"{report['n_train']} training / {report['n_val']} validation candidates (split by "
         f"field{split}); {report['epochs_run']} epochs in all ({report['stopped_by']}), {report['seconds']} s "
@@ -82,55 +105,61 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
         f"{cfg.get('kind_weight_power', 0)}; seed {cfg['seed']}. Validation split{pooled} (held-out "
         f"fields, same generator run and pipeline code as training): AUC "
         f"{_fmt(report['val']['auc'], 5)}, FNR = FPR {_fmt(report['val'].get('eer'), 4)} at "
-        f"threshold {_fmt(report['val'].get('eer_threshold'), 3)}.", "",
-    ]
+        f"threshold {_fmt(report['val'].get('eer_threshold'), 3)}.", ""]
+
+
+def _card_evaluation(evaluation: dict) -> list[str]:
+    """Card lines: the held-out simulated set's and the ZTF alerts' figures of :func:`main_eval`."""
     sim, z = evaluation.get("sim"), evaluation.get("ztf")
+    lines: list[str] = []
     if sim:
         a = sim["at_threshold"]
-        L += ["## Held-out simulated set", "",
-              f"{sim['n']} candidates from generator seed {sim['seed']} (other fields, never "
-              "seen in training):", "",
-              "| metric | value |", "|---|---|",
-              f"| ROC AUC | {_fmt(a['auc'], 5)} |",
-              f"| FNR / FPR at {evaluation['threshold']} | {_fmt(a['fnr'], 4)} / "
-              f"{_fmt(a['fpr'], 4)} |",
-              f"| FNR = FPR | {_fmt(sim['eer'], 4)} at threshold "
-              f"{_fmt(sim['eer_threshold'], 3)} |", ""]
+        lines += ["## Held-out simulated set", "",
+                  f"{sim['n']} candidates from generator seed {sim['seed']} (other fields, never "
+                  "seen in training):", "",
+                  "| metric | value |", "|---|---|",
+                  f"| ROC AUC | {_fmt(a['auc'], 5)} |",
+                  f"| FNR / FPR at {evaluation['threshold']} | {_fmt(a['fnr'], 4)} / "
+                  f"{_fmt(a['fpr'], 4)} |",
+                  f"| FNR = FPR | {_fmt(sim['eer'], 4)} at threshold "
+                  f"{_fmt(sim['eer_threshold'], 3)} |", ""]
     if z:
-        L += ["## Real ZTF alerts (ZTF's scores as a reference, not truth)", "",
-              "| reference | n | n > 0.5 | AUC | Spearman |", "|---|---|---|---|---|"]
+        lines += ["## Real ZTF alerts (ZTF's scores as a reference, not truth)", "",
+                  "| reference | n | n > 0.5 | AUC | Spearman |", "|---|---|---|---|---|"]
         for name in ("drb", "rb"):
             r = z[name]
-            L.append(f"| {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
-                     f"{_fmt(r['spearman'])} |")
-        L.append("")
-    L += ["Full report with per-kind errors, S/N dependence, plots and example triplets: "
-          "`broker eval-realbogus` (the shipped one is in `docs/realbogus-report/`).", "",
-          "## Reproduce", "", "```", command, "```", "",
-          "## Limits", "",
-          "- Trained on simulated frames only; the domain gap to a given telescope is unknown "
-          "until labelled real candidates from it are available. ZTF comparisons rest on a few "
-          "public sample alerts, almost all real.",
-          "- Rare kinds (PSF-mismatch and saturated-star residuals, trails) are learnt from few "
-          "examples; see the per-kind counts.",
-          "- Changes of a few % of a bright star's flux look like the subtraction residuals of "
-          "constant stars and carry most errors, fadings most, in simulation and on ZTF (the "
-          "report's by-sign table; BENCHMARKS.md).",
-          "- Labels and the bogus mix depend on the subtraction and detection code: a set made "
-          "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
-          "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
-          "after such changes.",
-          "- Labels of changes on stars of deliberately misaligned references are a convention: "
-          "this set's `TrainingSetConfig` has " + ", ".join(
-              f"`{k}={gen.get(k, SET_SETTINGS_ADDED.get(k))}`"
-              for k in ("swamped_ratio", "variable_dipole_lobe", "dipole_lobe_kinds",
-                        "min_dipole_lobe_snr", "min_dipole_lobe_ratio", "misalign_wavelength_px"))
-          + " (see its docstring and BENCHMARKS.md). Near that convention's boundary the same "
-          "stamp carries either label: the report's \"What limits the targets\" splits the "
-          "held-out errors by the state of the frame's reference and by the stamp's lobes.", ""]
-    p = Path(path)
-    p.write_text("\n".join(L))
-    return p
+            lines.append(f"| {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
+                         f"{_fmt(r['spearman'])} |")
+        lines.append("")
+    return lines
+
+
+def _card_limits(gen: dict) -> list[str]:
+    """Card lines: the model's limits, with the labelling conventions of its training set
+    (``gen``: the generator config of its manifest)."""
+    return [
+        "## Limits", "",
+        "- Trained on simulated frames only; the domain gap to a given telescope is unknown "
+        "until labelled real candidates from it are available. ZTF comparisons rest on a few "
+        "public sample alerts, almost all real.",
+        "- Rare kinds (PSF-mismatch and saturated-star residuals, trails) are learnt from few "
+        "examples; see the per-kind counts.",
+        "- Changes of a few % of a bright star's flux look like the subtraction residuals of "
+        "constant stars and carry most errors, fadings most, in simulation and on ZTF (the "
+        "report's by-sign table; BENCHMARKS.md).",
+        "- Labels and the bogus mix depend on the subtraction and detection code: a set made "
+        "before the detection learnt to reject sharp peaks itself is dominated by cosmic rays, "
+        "one made after it by noise peaks and residuals. Regenerate the sets (same command) "
+        "after such changes.",
+        "- Labels of changes on stars of deliberately misaligned references are a convention: "
+        "this set's `TrainingSetConfig` has " + ", ".join(
+            f"`{k}={gen.get(k, SET_SETTINGS_ADDED.get(k))}`"
+            for k in ("swamped_ratio", "variable_dipole_lobe", "dipole_lobe_kinds",
+                      "min_dipole_lobe_snr", "min_dipole_lobe_ratio", "misalign_wavelength_px"))
+        + " (see its docstring and docs/notes/training-settings.md). Near that convention's "
+        "boundary the same stamp carries either label: the report's \"What limits the targets\" "
+        "splits the held-out errors by the state of the frame's reference and by the stamp's "
+        "lobes.", ""]
 
 
 def model_cost(net: nn.Module) -> dict:
@@ -154,12 +183,20 @@ def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
     mp = path / "manifest.json"
     if mp.is_file():
         man = json.loads(mp.read_text())
-        want = {k: v for k, v in _config_dict(config).items() if k != "workers"}
+        want = {k: v for k, v in config_dict(config).items() if k != "workers"}
         have = {**SET_SETTINGS_ADDED, **(man.get("config") or {})}
         have.pop("workers", None)
         if man.get("complete") and have == want:
             return man
     return generate_training_set(path, config, progress)
+
+
+def _ensure_sets(base: TrainingSetConfig, workers: int, progress: bool,
+                 *sets: tuple[Path, int, int]) -> dict:
+    """:func:`_ensure_set` of each ``(folder, target_n, seed)`` with ``base``'s other settings;
+    returns the first set's manifest."""
+    return [_ensure_set(path, dataclasses.replace(base, target_n=n, seed=s, workers=workers),
+                        progress) for path, n, s in sets][0]
 
 
 def reproduce_command(seed: int, target_n: int, version: str, set_config: TrainingSetConfig,
@@ -171,8 +208,8 @@ def reproduce_command(seed: int, target_n: int, version: str, set_config: Traini
     count is automatic, and the generator's ``target_n``, ``seed`` and ``workers`` are
     arguments.
     """
-    default = _config_dict(TrainingSetConfig())
-    changed = {k: v for k, v in _config_dict(set_config).items()
+    default = config_dict(TrainingSetConfig())
+    changed = {k: v for k, v in config_dict(set_config).items()
                if v != default[k] and k not in ("target_n", "seed", "workers")}
     plain = dataclasses.asdict(TrainConfig(seed=seed))
     tchanged = {k: v for k, v in dataclasses.asdict(train_config).items()
@@ -210,7 +247,8 @@ def main_train(
     Parameters
     ----------
     out_dir : path
-        Where ``<version>.pt``, ``.json`` and ``.md`` are written. Default ``models/``.
+        Where ``<version>.pt``, ``.json`` and ``.md`` are written. Default :data:`MODELS_DIR`
+        (``broker/models/``, the shipped models).
     seed : int
         Seeds the training set (generator seed ``seed``), the held-out set (``seed + 1``) and
         training: same seed, same model (on the same torch build).
@@ -234,7 +272,7 @@ def main_train(
         Real ZTF alerts (default ``../shared/data/ztf_alerts`` when present).
     compare : str, optional
         Model evaluated beside the new one in the report (default: the shipped default, when
-        it is another version and its weights are in ``models/``).
+        it is another version and its weights are in :data:`MODELS_DIR`).
     anomaly_version : str, optional
         Also fit and write the anomaly model under this version from the training set.
     progress : bool
@@ -247,48 +285,78 @@ def main_train(
     """
     t0 = time.time()
     root = Path(__file__).resolve().parent.parent.parent
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data = Path(data_dir) if data_dir else root / "build" / f"realbogus-train-{seed}"
     test = Path(test_dir) if test_dir else root / "build" / f"realbogus-test-{seed + 1}"
     base = set_config or TrainingSetConfig()
-    manifest = _ensure_set(data, dataclasses.replace(base, target_n=target_n, seed=seed,
-                                                     workers=workers), progress)
-    _ensure_set(test, dataclasses.replace(base, target_n=test_n, seed=seed + 1, workers=workers),
-                progress)
+    manifest = _ensure_sets(base, workers, progress, (data, target_n, seed), (test, test_n, seed + 1))
     t_gen = time.time() - t0
     ds = load_training_set(data, np.float16)
     cfg = train_config or TrainConfig(seed=seed)
     clf, report = train(ds, cfg, version, progress)
-    arch = {**clf.net.arch, **model_cost(clf.net)}
     cmd = reproduce_command(seed, target_n, version, base, cfg)
+    shipped = compare and compare != version and (MODELS_DIR / f"{compare}.pt").exists()
+    result = _write_model(clf, report, Path(out_dir), version, manifest, cmd, lambda weights: main_eval(
+        weights, report_dir or root / "reports" / version, test, ztf_dir,
+        compare=compare if shipped else None))
+    result["seconds_generate"] = round(t_gen, 1)
+    if anomaly_version:
+        result.update(_fit_anomaly_model(ds, anomaly_version, Path(out_dir), seed, data.name, cmd))
+    result["seconds_total"] = round(time.time() - t0, 1)
+    return result
+
+
+def _write_model(clf: RealBogusClassifier, report: dict, out: Path, version: str, manifest: dict,
+                 command: str, evaluate: Callable[[Path], dict]) -> dict:
+    """Write the trained model (weights, sidecar, card) to ``out``, evaluated by ``evaluate``;
+    returns :func:`main_train`'s result so far (manifest, training report, evaluation, weights)."""
+    out.mkdir(parents=True, exist_ok=True)
+    arch = {**clf.net.arch, **model_cost(clf.net)}
+    wpath, evaluation = _save_evaluated(clf, out / version, manifest, arch, command, evaluate)
+    write_model_card(out / f"{version}.md", version, manifest, report, evaluation, command, arch)
+    return {"manifest": manifest, "report": report, "evaluation": evaluation,
+            "weights": str(wpath)}
+
+
+def _save_evaluated(clf: RealBogusClassifier, path: Path, manifest: dict, arch: dict,
+                    command: str, evaluate: Callable[[Path], dict]) -> tuple[Path, dict]:
+    """Save the trained model with its data, cost and reproduce command in the sidecar,
+    evaluate the saved weights (``evaluate``: :func:`main_eval` on them), then save again with
+    the evaluation in the sidecar. Returns the weights' path and the evaluation."""
     clf.metadata.update({"data": {k: manifest.get(k) for k in
                                   ("source", "seed", "n", "n_real", "n_bogus", "counts_by_kind",
                                    "config")},
-                         "cost": arch, "reproduce": cmd})
-    wpath = clf.save(out / version)
-    evaluation = main_eval(wpath, report_dir or root / "reports" / version, test, ztf_dir,
-                           compare=compare if compare and compare != version
-                           and (MODELS_DIR / f"{compare}.pt").exists() else None)
-    clf.metadata.update({"evaluation": {k: evaluation.get(k) for k in ("sim", "ztf")}})
+                         "cost": arch, "reproduce": command})
+    wpath = clf.save(path)
+    evaluation = evaluate(wpath)
+    clf.metadata.update({"evaluation": _sidecar_evaluation(evaluation)})
+    clf.save(path)
+    return wpath, evaluation
+
+
+def _sidecar_evaluation(evaluation: dict) -> dict:
+    """The held-out and ZTF results of :func:`main_eval` as the sidecar keeps them: without the
+    per-example lists (``disagreements``) and the figures at the equal-error threshold."""
+    out: dict = {}
     for part in ("sim", "ztf"):  # keep the sidecar small: no per-example lists
-        if clf.metadata["evaluation"].get(part):
-            clf.metadata["evaluation"][part] = {
-                k: v for k, v in clf.metadata["evaluation"][part].items()
-                if k not in ("disagreements", "at_eer")}
-    clf.save(out / version)
-    write_model_card(out / f"{version}.md", version, manifest, report, evaluation, cmd, arch)
-    result = {"manifest": manifest, "report": report, "evaluation": evaluation,
-              "weights": str(wpath), "seconds_generate": round(t_gen, 1)}
+        d = evaluation.get(part)
+        out[part] = {k: v for k, v in d.items() if k not in ("disagreements", "at_eer")} if d else d
+    return out
+
+
+def _fit_anomaly_model(ds: dict[str, np.ndarray], version: str, out: Path, seed: int,
+                       data_name: str, command: str) -> dict[str, str]:
+    """Fit the anomaly model on the real-labelled candidates' features of a training set and
+    write it with its card: ``{"anomaly": path of the .npz}``, or ``{}`` (nothing written) when
+    the set has no features or fewer than 50 reals."""
     feats, labels = ds.get("features"), ds["y"]
-    if anomaly_version and feats is not None and feats.ndim == 2 and (labels == 1).sum() >= 50:
-        amodel = fit_anomaly(feats[labels == 1], AnomalyConfig(seed=seed), anomaly_version,
-                             {"data": f"real-labelled pipeline candidates of {data.name}",
-                              "reproduce": cmd})
-        result["anomaly"] = str(amodel.save(out / anomaly_version))
-        write_anomaly_card(out / f"{anomaly_version}.md", amodel, feats, labels, cmd)
-    result["seconds_total"] = round(time.time() - t0, 1)
-    return result
+    if not (feats is not None and feats.ndim == 2 and (labels == 1).sum() >= 50):
+        return {}
+    amodel = fit_anomaly(feats[labels == 1], AnomalyConfig(seed=seed), version,
+                         {"data": f"real-labelled pipeline candidates of {data_name}",
+                          "reproduce": command})
+    path = str(amodel.save(out / version))
+    write_anomaly_card(out / f"{version}.md", amodel, feats, labels, command)
+    return {"anomaly": path}
 
 
 def write_anomaly_card(path: str | Path, model, feats: np.ndarray, labels: np.ndarray,

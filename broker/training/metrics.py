@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from broker.training.labels import lobe_snrs
+
 
 # --- metrics --------------------------------------------------------------------------------------
 def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5,
@@ -86,7 +88,7 @@ def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray
         ``at_threshold`` and ``at_eer`` (:func:`evaluate`, with ``per_kind``), ``eer_threshold``,
         ``eer``; with ``snr``, ``fnr_by_snr`` (real candidates: FNR at ``threshold`` per S/N
         bin) and ``by_sign`` (:func:`by_sign`); with ``reference`` (each candidate's
-        reference state, :data:`broker.training.generate.REFERENCE_STATES`),
+        reference state, :data:`broker.training.settings.REFERENCE_STATES`),
         ``by_reference_state``: :func:`by_subset` per state, FNR / FPR at the overall
         equal-error threshold.
     """
@@ -100,7 +102,7 @@ def evaluate_simulated(scores: np.ndarray, labels: np.ndarray, kinds: np.ndarray
         out["fnr_by_snr"] = [
             {"snr_lo": lo, "snr_hi": hi, "n": int(m.sum()),
              "fnr": float(np.mean(scores[m] < threshold)) if m.any() else float("nan")}
-            for lo, hi in zip(bins[:-1], bins[1:])
+            for lo, hi in zip(bins[:-1], bins[1:], strict=True)
             for m in [real & (snr >= lo) & (snr < hi)]
         ]
         out["by_sign"] = by_sign(scores, labels, snr)
@@ -168,10 +170,10 @@ def by_lobe_ratio(scores: np.ndarray, labels: np.ndarray, x: np.ndarray, thresho
     x : ndarray, shape (N, 3, 63, 63)
         Normalised triplets; the difference channel is turned back into robust sigmas
         (``k sinh(v / k)``, exact below the clip) for
-        :func:`broker.training.generate.lobe_snrs`, whose S/N is scale-free.
+        :func:`broker.training.labels.lobe_snrs`, whose S/N is scale-free.
     threshold : float
     soft_knee : float
-        The normaliser's ``k`` (:class:`broker.realbogus.NormaliseConfig`).
+        The normaliser's ``k`` (:class:`broker.normalise.NormaliseConfig`).
     edges : sequence of float
         Inner bin edges of the ratio.
 
@@ -181,15 +183,13 @@ def by_lobe_ratio(scores: np.ndarray, labels: np.ndarray, x: np.ndarray, thresho
         Per bin: ``lo``, ``hi``, ``n_real``, ``n_bogus``, ``err_real`` (reals scored below the
         threshold), ``err_bogus`` (bogus at or above).
     """
-    from broker.training.generate import lobe_snrs
-
     s, y = np.asarray(scores), np.asarray(labels).astype(int)
     z = soft_knee * np.sinh(np.asarray(x[:, 2], np.float64) / soft_knee)
     lobes = np.array([lobe_snrs(d) for d in z]).reshape(-1, 2)
     ratio = lobes[:, 1] / np.maximum(lobes[:, 0], 1e-12)
     bounds = [0.0, *edges, np.inf]
     out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         m = (ratio >= lo) & (ratio < hi)
         r, b = m & (y == 1), m & (y == 0)
         out.append({"lo": float(lo), "hi": float(hi), "n_real": int(r.sum()),
@@ -200,8 +200,8 @@ def by_lobe_ratio(scores: np.ndarray, labels: np.ndarray, x: np.ndarray, thresho
 
 #: Bin edges (normalised units) of the reference channel's central 5x5 px mean, for
 #: :func:`by_reference_brightness`. Below 2: hostless; 20 is ~150 robust sigmas per pixel
-#: (``5 asinh(z / 5)``), where session 13 found 39 % of ZTF's drb > 0.5 alerts and 1-11 % of
-#: our simulated variables.
+#: (``5 asinh(z / 5)``), where 39 % of ZTF's drb > 0.5 alerts sat and 1-11 % of our simulated
+#: variables (``docs/notes/realbogus-experiments.md``, reals on bright reference sources).
 REFERENCE_BRIGHTNESS_EDGES = (2.0, 14.0, 20.0, 25.0)
 
 
@@ -225,7 +225,7 @@ def by_reference_brightness(scores: np.ndarray, labels: np.ndarray, x: np.ndarra
     labels : ndarray, shape (N,)
         1 real, 0 bogus (for ZTF: its score > 0.5).
     x : ndarray, shape (N, 3, 63, 63)
-        Normalised triplets (:func:`broker.realbogus.normalise_triplet`).
+        Normalised triplets (:func:`broker.normalise.normalise_triplet`).
     threshold : float
     edges : sequence of float
         Inner bin edges of the reference channel's central 5x5 px mean, normalised units.
@@ -242,7 +242,7 @@ def by_reference_brightness(scores: np.ndarray, labels: np.ndarray, x: np.ndarra
     ref = _centre_mean(x[:, 1])
     bounds = [-np.inf, *edges, np.inf]
     out = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         m = (ref >= lo) & (ref < hi)
         r, b = m & (y == 1), m & (y == 0)
         out.append({"lo": float(lo), "hi": float(hi),

@@ -8,6 +8,7 @@ the evaluation).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -16,7 +17,8 @@ from torch import nn
 
 from broker.errors import ConfigError, ModelError
 from broker.realbogus import RealBogusClassifier, RealBogusEnsemble, build_net
-from broker.training.data import _augment, split_indices
+from broker.training.augmentation import augment
+from broker.training.data import split_indices
 from broker.training.metrics import equal_error, evaluate
 
 
@@ -25,63 +27,64 @@ from broker.training.metrics import equal_error, evaluate
 class TrainConfig:
     """Training of the real/bogus CNN (:mod:`broker.realbogus`).
 
+    The defaults are the recipe of both shipped models (``realbogus-v10`` and ``-v11``, whose
+    sidecars record the settings used; ``realbogus-v10`` ran before ``precision`` existed, in
+    fp32, with ``threads=2``). What other values did is in ``docs/notes/training-settings.md``.
+
     Attributes
     ----------
     arch : str
-        Network class name in :data:`broker.realbogus.ARCHITECTURES`.
+        Network class name in :data:`broker.realbogus.ARCHITECTURES`. Default
+        ``"RealBogusNetV2"``.
     max_epochs : int
         Upper bound on passes over the training split; the learning rate follows a one-cycle
-        schedule over this many epochs. 12: ~13 min on one core for 100k triplets.
+        schedule over this many epochs. Default 12: ~13 min on one core for 100k triplets.
     patience : int
         Stop after this many epochs without a lower validation loss; keep the best weights.
-        12 (= ``max_epochs``): the one-cycle schedule does its best in its last, low-rate epochs;
-        with 2, a noisy validation loss stopped the first ``realbogus-v3`` run at epoch 6 of 8,
-        at a high rate (held-out FNR = FPR 1.9 %).
+        Default 12 (= ``max_epochs``): the one-cycle schedule does its best in its last,
+        low-rate epochs, and a short patience stops a run on a noisy validation loss at a high
+        rate.
     batch_size : int
-        Triplets per step. 256: ~25% more triplets/s than 128 on 2 CPU cores.
+        Triplets per step. Default 256: ~25% more triplets/s than 128 on 2 CPU cores.
     lr : float
         Peak AdamW learning rate of the one-cycle schedule. Default 3e-3: batch-normalised net.
     weight_decay : float
-        Decoupled weight decay (AdamW).
+        Decoupled weight decay (AdamW). Default 1e-4.
     val_fraction : float
         Fraction held out for validation (early stopping). Split by ``group`` (field) when there
         are at least 5 groups, so that the same source at several epochs is not on both sides.
+        Default 0.15.
     width, dense : int
-        Network size (see the network classes).
+        Network size (see the network classes). Default 16 and 64.
     threads : int
-        torch intra-op threads; 0 = automatic: 2 (the build machine's cores) when the 1-min load
-        average leaves a core free, else 1. On an oversubscribed 2-core machine two threads
-        spin against the other work: measured 155 vs 419 triplets/s (forward + backward, batch
-        256, load average 8). The count used is in the report (results can differ in the last
-        bits between thread counts).
+        torch intra-op threads; 0 = automatic (:func:`auto_threads`): up to 2 (the build
+        machine's cores), as many as are idle. Default 0. On an oversubscribed 2-core machine
+        two threads spin against the other work: measured 155 vs 419 triplets/s (forward +
+        backward, batch 256, load average 8). The count used is in the report (results can
+        differ in the last bits between thread counts).
     max_seconds : float
         Wall-clock budget of the training loop (s) for all members together, each getting an
         equal share, checked after every batch. Default 1680 s (28 min, as the CLI's
-        ``--max-minutes``): the issue's ~30 min on 2 CPU cores minus loading and evaluation. The
-        default 3 x 12 epochs of ~87k triplets took 1,022 s on 2 threads of the build machine
-        (``realbogus-v11``: bf16 and the one-gather augmentation; ``realbogus-v10``, fp32,
-        1,329 s); the whole ``broker train-realbogus`` with generation 30 min 16 s. When the
-        budget stops a member its one-cycle schedule is cut short (reported) and the weights
-        then depend on the machine's speed.
+        ``--max-minutes``): the issue's ~30 min on 2 CPU cores minus loading and evaluation;
+        ``realbogus-v11``'s 3 x 12 epochs took 1,022 s within it. When the budget stops a
+        member its one-cycle schedule is cut short (reported) and the weights then depend on
+        the machine's speed.
     p_truncate : float
         Probability that a training triplet has 1-24 rows at one side set to 0, as the
-        normaliser pads a ZTF stamp cut at a CCD edge (domain augmentation).
+        normaliser pads a ZTF stamp cut at a CCD edge (domain augmentation). Default 0.1.
     p_mask : float
         Probability of a random 2-12 px rectangle set to 0 in all channels, as the normaliser
-        fills NaN pixels (domain augmentation).
+        fills NaN pixels (domain augmentation). Default 0.05.
     members : int
         Networks trained from seeds ``seed .. seed + members - 1`` and averaged
-        (:class:`broker.realbogus.RealBogusEnsemble`); 1 = a single network. Default 3
-        (``realbogus-v4``): single seeds of one recipe scored 1.50-1.64 % held-out FNR = FPR,
-        their mean 1.33-1.38 % (BENCHMARKS.md, sessions 7-8); three fit the time budget (~485 s
-        each) and the 2,000 triplets/s target (3,300-4,400/s at batch 256 on 2 threads).
+        (:class:`broker.realbogus.RealBogusEnsemble`); 1 = a single network. Default 3: the mean
+        of three seeds has a lower held-out FNR = FPR than any single one, and three fit the
+        time budget and the 2,000 triplets/s target.
     member_splits : bool
         Each member draws its own train / validation split (by field, from its own seed), so
         that each trains on partly different fields (bagging by field); False: all share the
-        split of ``seed``. Default True (``realbogus-v5``): against ``realbogus-v4`` (False) the
-        held-out FNR = FPR fell from 1.57 % / 1.48 % to 1.33 % / 1.38 % on two sets and the AUC
-        against ZTF's ``rb`` rose by 0.013 (paired 95 % interval +0.005 to +0.019; BENCHMARKS.md,
-        session 9).
+        split of ``seed``. Default True: lower held-out FNR = FPR and a higher AUC against
+        ZTF's ``rb`` than a shared split.
     kind_weight_power : float
         Loss weight of a candidate ~ (share of its kind within its class) ** -power, normalised
         to mean 1 per class: 0 = plain, 1 = every kind counts equally. Default 0.5: the rare
@@ -96,6 +99,8 @@ class TrainConfig:
         build machine (AMD EPYC, avx512_bf16, 2 threads, batch 256): 58 against 95 ms per step.
         Validation and inference stay float32. The precision used is in the report.
     seed : int
+        Seeds member 0's initialisation, shuffling, augmentation and split (member ``i`` uses
+        ``seed + i``). Default 0.
     """
 
     arch: str = "RealBogusNetV2"
@@ -159,7 +164,7 @@ def auto_threads(max_threads: int = 2, sample_s: float = 1.0) -> int:
 
     Busy cores are measured over ``sample_s`` seconds from ``/proc/stat``, not from the 1-min
     load average, which still counts the generator's workers for a minute after they exit
-    (it made the first ``realbogus-v4`` run train on one thread). Elsewhere: all cores.
+    (and once made a training run use one thread). Elsewhere: all cores.
     """
     import os
     import time
@@ -234,7 +239,7 @@ def train(
     net = runs[0][0] if config.members == 1 else RealBogusEnsemble([n for n, _ in runs])
     if config.member_splits:
         va = np.concatenate([v for _, v in splits])
-        sv = np.concatenate([_scores(n, data["x"][v]) for (n, _), (_, v) in zip(runs, splits)])
+        sv = np.concatenate([_scores(n, data["x"][v]) for (n, _), (_, v) in zip(runs, splits, strict=True)])
     else:
         va = splits[0][1]
         sv = _scores(net, data["x"][va])
@@ -261,6 +266,47 @@ def train(
     return clf, report
 
 
+@dataclass
+class _Step:
+    """One network's optimisation step: the network, its optimiser and schedule, the loss with
+    its per-row weights, and the arithmetic (``bf16``: autocast to bfloat16)."""
+
+    net: nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: nn.Module
+    weights: torch.Tensor
+    bf16: bool
+
+
+def _step_for(data: dict[str, np.ndarray], tr: np.ndarray, n_batches: int,
+              config: TrainConfig) -> _Step:
+    """A fresh network (initialised from torch's global seed) with AdamW on a one-cycle schedule
+    over ``config.max_epochs * n_batches`` steps, and the loss weighted for the class balance of
+    rows ``tr`` and by kind (:func:`kind_weights`)."""
+    y = data["y"].astype(np.float32)
+    yt = torch.from_numpy(y[tr])
+    # channels-last: oneDNN's fast convolution layout on CPUs, as in inference (measured
+    # ~1.18x forward + backward at batch 256 on the build machine)
+    net = build_net({"name": config.arch, "width": config.width, "dense": config.dense}
+                    ).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr,
+                                                total_steps=config.max_epochs * n_batches)
+    pos_weight = torch.tensor(float((1 - yt).sum() / max(yt.sum(), 1)))
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
+    kinds_all = data.get("kind")
+    w_all = torch.from_numpy(kind_weights(y, kinds_all, config.kind_weight_power)
+                             if kinds_all is not None else np.ones(len(y), np.float32))
+    return _Step(net, opt, sched, loss_fn, w_all, bf16_training(config.precision))
+
+
+#: Columns of the training progress bar.
+_BAR = ("[bold]real/bogus[/] epoch {task.fields[epoch]}",
+        "{task.completed}/{task.total} batches  loss {task.fields[loss]:.4f}  "
+        "val {task.fields[val]:.4f}")
+
+
 def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
                   config: TrainConfig, progress: bool) -> tuple[nn.Module, dict]:
     """One network trained on rows ``tr``, early-stopped on rows ``va``: (best net, report)."""
@@ -270,59 +316,27 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     x, y = data["x"], data["y"].astype(np.float32)  # x may stay float16: batches are cast
-    yt = torch.from_numpy(y[tr])
     xv, yv = x[va], y[va]
-    # channels-last: oneDNN's fast convolution layout on CPUs, as in inference (measured
-    # ~1.18x forward + backward at batch 256 on the build machine)
-    net = build_net({"name": config.arch, "width": config.width, "dense": config.dense}
-                    ).to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     nb = (len(tr) + config.batch_size - 1) // config.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr,
-                                                total_steps=config.max_epochs * nb)
-    pos_weight = torch.tensor(float((1 - yt).sum() / max(yt.sum(), 1)))
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
-    kinds_all = data.get("kind")
-    w_all = torch.from_numpy(kind_weights(y, kinds_all, config.kind_weight_power)
-                             if kinds_all is not None else np.ones(len(y), np.float32))
-    bf16 = bf16_training(config.precision)
-    best, best_loss, bad, hist, out_of_time = None, float("inf"), 0, [], False
-    cols = (TextColumn("[bold]real/bogus[/] epoch {task.fields[epoch]}"), BarColumn(),
-            TextColumn("{task.completed}/{task.total} batches  loss {task.fields[loss]:.4f}  "
-                       "val {task.fields[val]:.4f}"), TimeElapsedColumn())
+    step = _step_for(data, tr, nb, config)
+    hist: list[dict] = []
+    best, best_loss, bad, out_of_time = None, float("inf"), 0, False
+    cols = (TextColumn(_BAR[0]), BarColumn(), TextColumn(_BAR[1]), TimeElapsedColumn())
     with Progress(*cols, disable=not progress) as bar:
         task = bar.add_task("train", total=nb, epoch=0, loss=float("nan"), val=float("nan"))
         for ep in range(config.max_epochs):
-            net.train()
+            step.net.train()
             perm = torch.randperm(len(tr), generator=gen)
             bar.reset(task, total=nb, epoch=ep + 1, loss=float("nan"),
                       val=hist[-1]["val_loss"] if hist else float("nan"))
-            tot = 0.0
-            seen = 0
-            for b in range(nb):
-                idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
-                rows = tr[np.sort(idx.numpy())]  # sorted: faster gather from the big array
-                # torch converts float16 ~4x faster than numpy's astype
-                xb = _augment(torch.from_numpy(x[rows]).float(), gen, config.p_truncate,
-                              config.p_mask)
-                opt.zero_grad()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    logits = net(xb)
-                loss = (loss_fn(logits.float(), torch.from_numpy(y[rows])) * w_all[rows]).mean()
-                loss.backward()
-                opt.step()
-                sched.step()
-                tot += loss.item() * len(idx)
-                seen += len(idx)
-                bar.update(task, advance=1, loss=tot / seen)
-                if time.time() - t0 > config.max_seconds:
-                    out_of_time = True
-                    break
-            sv = np.clip(_scores(net, xv), 1e-7, 1 - 1e-7)
+            train_loss, batches, out_of_time = _train_epoch(
+                step, x, y, tr, perm, gen, config, t0,
+                lambda loss: bar.update(task, advance=1, loss=loss))
+            sv = np.clip(_scores(step.net, xv), 1e-7, 1 - 1e-7)
             vloss = float(-np.mean(yv * np.log(sv) + (1 - yv) * np.log(1 - sv)))
             bar.update(task, val=vloss)
-            hist.append({"epoch": ep + 1, "train_loss": tot / max(seen, 1), "val_loss": vloss,
-                         "val_auc": evaluate(sv, yv)["auc"], "batches": b + 1,
+            hist.append({"epoch": ep + 1, "train_loss": train_loss, "val_loss": vloss,
+                         "val_auc": evaluate(sv, yv)["auc"], "batches": batches,
                          "seconds": round(time.time() - t0, 1)})
             if progress:
                 bar.console.print(f"epoch {ep + 1}: " + ", ".join(
@@ -330,14 +344,52 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
                     for k, v in hist[-1].items() if k != "epoch"))
             if vloss < best_loss - 1e-4:
                 best_loss, bad = vloss, 0
-                best = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                best = {k: v.detach().clone() for k, v in step.net.state_dict().items()}
             else:
                 bad += 1
             if bad >= config.patience or out_of_time:
                 break
-    net.load_state_dict(best)
-    return net, {"history": hist, "epochs_run": len(hist), "seed": config.seed, "n_val": len(va),
-                 "precision": "bf16" if bf16 else "fp32",
-                 "stopped_by": "time budget" if out_of_time else
-                 ("early stopping" if bad >= config.patience else "max_epochs"),
-                 "val_loss": best_loss, "seconds": round(time.time() - t0, 1)}
+    step.net.load_state_dict(best)
+    return step.net, {"history": hist, "epochs_run": len(hist), "seed": config.seed,
+                      "n_val": len(va), "precision": "bf16" if step.bf16 else "fp32",
+                      "stopped_by": "time budget" if out_of_time else
+                      ("early stopping" if bad >= config.patience else "max_epochs"),
+                      "val_loss": best_loss, "seconds": round(time.time() - t0, 1)}
+
+
+def _train_epoch(step: _Step, x: np.ndarray, y: np.ndarray, tr: np.ndarray, perm: torch.Tensor,
+                 gen: torch.Generator, config: TrainConfig, t0: float,
+                 on_batch: Callable[[float], object]) -> tuple[float, int, bool]:
+    """One pass over rows ``tr`` in the order ``perm``, in batches of ``config.batch_size``,
+    augmented from ``gen``; stops early once ``config.max_seconds`` have passed since ``t0``.
+    ``on_batch`` gets the mean loss so far after each batch.
+
+    Returns
+    -------
+    train_loss : float
+        Mean (weighted) loss over the rows seen.
+    batches : int
+        Batches run.
+    out_of_time : bool
+        Whether the time budget stopped the pass.
+    """
+    tot, seen = 0.0, 0
+    nb = (len(tr) + config.batch_size - 1) // config.batch_size
+    for b in range(nb):
+        idx = perm[b * config.batch_size : (b + 1) * config.batch_size]
+        rows = tr[np.sort(idx.numpy())]  # sorted: faster gather from the big array
+        # torch converts float16 ~4x faster than numpy's astype
+        xb = augment(torch.from_numpy(x[rows]).float(), gen, config.p_truncate, config.p_mask)
+        step.opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=step.bf16):
+            logits = step.net(xb)
+        loss = (step.loss_fn(logits.float(), torch.from_numpy(y[rows])) * step.weights[rows]).mean()
+        loss.backward()
+        step.opt.step()
+        step.sched.step()
+        tot += loss.item() * len(idx)
+        seen += len(idx)
+        on_batch(tot / seen)
+        if time.time() - t0 > config.max_seconds:
+            return tot / max(seen, 1), b + 1, True
+    return tot / max(seen, 1), nb, False

@@ -8,17 +8,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import CutoutError
-from broker.realbogus import (
-    RealBogusClassifier,
-    alert_triplet,
-    normalise_triplet,
-    ztf_negative_subtraction,
-)
+from broker.normalise import alert_triplet, normalise_triplet, ztf_negative_subtraction
+
+if TYPE_CHECKING:
+    from broker.realbogus import RealBogusClassifier
 
 
 # --- real ZTF alerts ------------------------------------------------------------------------------
@@ -40,7 +39,7 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
         ``rb``, ``drb`` (NaN where the packet has none), ``candid``, ``objectId``, ``file``,
         ``n_nan`` (non-finite input pixels, all channels), ``n_pad`` (pixels padded per channel)
         and ``fading`` (``isdiffpos`` false: the difference stamp was negated to science minus
-        reference, :func:`broker.realbogus.alert_triplet`).
+        reference, :func:`broker.normalise.alert_triplet`).
     rejected : list of str
         One reason per record that could not be used (JPEG stamps, unreadable files, ...).
     """

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from broker.align import align_reference, fit_affine
+from broker.background import estimate_background
 from broker.errors import AlignmentError
-from broker.psf import estimate_background, find_stars
+from broker.stars import find_stars
 from tests.broker.conftest import make_frame, make_reference, make_sky
 
 SHAPE = (256, 256)

@@ -29,14 +29,14 @@ def test_features_finite_with_and_without_history():
     hist = [{"mjd": 60000.0, "flux": 500.0, "flux_err": 50.0, "snr": 10.0, "filter": "r"},
             {"mjd": 60002.0, "flux": 800.0, "flux_err": 50.0, "snr": 16.0, "filter": "g"}]
     f = features_from(_cand(flux=1000.0), hist, mjd=60004.0)
-    names = dict(zip(FEATURE_NAMES, f))
+    names = dict(zip(FEATURE_NAMES, f, strict=True))
     assert names["log_n_prev"] == pytest.approx(np.log10(3))
     assert names["log_age"] == pytest.approx(np.log10(5))
     # brightening from 800 to 1000 ADU in 2 days: -0.121 mag/day
     assert names["rate"] == pytest.approx(np.arcsinh(-2.5 * np.log10(1000 / 800) / 2))
     assert names["n_filters"] == 2
     # without the current time, age and rate are the history's own (500 -> 800 ADU in 2 days)
-    g = dict(zip(FEATURE_NAMES, features_from(_cand(flux=1000.0), hist)))
+    g = dict(zip(FEATURE_NAMES, features_from(_cand(flux=1000.0), hist), strict=True))
     assert g["log_age"] == pytest.approx(np.log10(3))
     assert g["rate"] == pytest.approx(np.arcsinh(-2.5 * np.log10(800 / 500) / 2))
     # NaN measurements do not leak into the features
@@ -84,7 +84,7 @@ def test_too_few_rows():
 
 def test_shipped_model_loads_and_scores():
     if not (MODELS_DIR / "anomaly-v1.npz").is_file():
-        pytest.fail("shipped anomaly model missing: models/anomaly-v1.npz")
+        pytest.fail(f"shipped anomaly model missing: {MODELS_DIR / 'anomaly-v1.npz'}")
     model = AnomalyModel.load()
     assert model.version == "anomaly-v1"
     s = model.score(_ordinary(20))

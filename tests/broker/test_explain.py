@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from broker.explain import explain_cutouts, explain_triplet, main_explain, plot_explanation
-from broker.realbogus import RealBogusClassifier, RealBogusNetV2, normalise_triplet
-from broker.training import synth_triplets
+from broker.normalise import normalise_triplet
+from broker.realbogus import RealBogusClassifier, RealBogusNetV2
+from broker.training.data import synth_triplets
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,15 @@
-"""Background, star catalogue and PSF estimation."""
+"""Empirical PSFs and PSF stamps."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from broker.errors import BadPixelFraction, PSFError
-from broker.psf import (
-    PSFConfig, StarList, build_psf, estimate_background, find_stars, gaussian_psf, measure_fwhm,
-)
+from broker.background import estimate_background
+from broker.errors import PSFError
+from broker.psf import PSFConfig, build_psf, embed_centred, gaussian_psf, measure_fwhm
+from broker.stars import StarList, find_stars
 from tests.broker.conftest import make_frame, make_sky
-
-
-def test_background_recovers_level_and_rms(small_shape):
-    frame = make_frame(1, small_shape, make_sky(1, small_shape, 30), sky_level=300.0, read_noise=5.0)
-    bkg, rms = estimate_background(frame.data)
-    assert bkg.shape == rms.shape == small_shape
-    assert np.median(bkg) == pytest.approx(300.0, abs=2.0)
-    assert np.median(rms) == pytest.approx(np.sqrt(300.0 + 25.0), rel=0.04)
-
-
-def test_background_rejects_all_nan(small_shape):
-    with pytest.raises(BadPixelFraction):
-        estimate_background(np.full(small_shape, np.nan, np.float32))
 
 
 def test_psf_from_stars_matches_truth(small_shape):
@@ -59,46 +46,7 @@ def test_gaussian_psf_fwhm():
     assert measure_fwhm(gaussian_psf(4.0, 12)) == pytest.approx(4.0, rel=0.03)
 
 
-def test_saturated_stars_are_not_psf_stars(small_shape):
-    sky = make_sky(4, small_shape, 40, fmin=5e3, fmax=3e5)
-    frame = make_frame(4, small_shape, sky, saturation=20000.0)
-    bkg, rms = estimate_background(frame.data)
-    stars = find_stars(frame.data - bkg, float(np.median(rms)), saturation=20000.0, background=bkg)
-    assert len(stars)
-    assert np.all(stars.peak + 200.0 < 0.8 * 20000.0 + 100.0)
-
-
-def test_mesh_background_agrees_with_photutils():
-    from broker.psf import BackgroundConfig
-
-    shape = (512, 512)
-    frame = make_frame(7, shape, make_sky(7, shape, 200), sky_level=500.0, read_noise=5.0)
-    b1, r1 = estimate_background(frame.data, config=BackgroundConfig(method="photutils"))
-    b2, r2 = estimate_background(frame.data, config=BackgroundConfig(method="meshes"))
-    assert np.median(np.abs(b1 - b2)) < 0.1 * np.median(r1)
-    assert np.median(r2) == pytest.approx(np.sqrt(500.0 + 25.0), rel=0.03)
-    assert np.median(r2) == pytest.approx(np.median(r1), rel=0.04)
-
-
-def test_bad_columns_finds_weak_defect_columns_but_not_trails():
-    from broker.psf import bad_columns
-    from broker.simulate.render import line_profile
-
-    rng = np.random.default_rng(3)
-    img = rng.normal(0.0, 20.0, (1024, 1024)).astype(np.float32)
-    img[300:, 400] += 80.0  # hot column from row 300: 4 sigma per pixel, below any per-pixel cut
-    img[:, 700] -= 60.0  # a cold one
-    flat, vals = line_profile(img.shape, 100.0, 0.0, 190.0, 1023.0, 1.3, 3000.0)  # steep trail
-    img.reshape(-1)[flat] += vals.astype(np.float32)
-    m = bad_columns(img, 20.0)
-    assert m[384:, 400].all() and m[:, 700].all()
-    assert not m[:, 90:200].any()  # the trail is not a column
-    assert m.sum() <= 1024 + 1024 - 256  # nothing else
-
-
 def test_embed_places_the_centre_at_the_origin():
-    from broker.psf import embed_centred
-
     st = np.arange(49, dtype=np.float32).reshape(7, 7)
     ref = np.roll(np.pad(st, ((0, 5), (0, 6))), (-3, -3), axis=(0, 1))
     assert np.array_equal(embed_centred(st, (12, 13)), ref)

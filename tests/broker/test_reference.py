@@ -198,3 +198,19 @@ def test_unknown_coadd_method_is_a_config_error(tmp_path):
     cfg.write_text('[reference]\ncoadd = "median"\n')
     with pytest.raises(ConfigError, match="coadd must be 'proper' or 'weighted'"):
         load_config(cfg)
+
+
+def test_catalogue_prefers_stored_sources_and_keeps_what_it_finds():
+    from broker.stars import StarConfig
+    from tests.broker.conftest import make_reference
+
+    ref = make_reference(3, SHAPE, make_sky(50, SHAPE, 40))
+    assert ref.sources is None
+    found = ref.catalogue(StarConfig(), 5.0)
+    assert len(found) > 20
+    assert ref.catalogue(StarConfig(), 5.0) is found  # computed once per settings
+    assert ref.sources is None  # the reference is not rewritten
+    assert len(ref.catalogue(StarConfig(), 20.0)) < len(found)
+    stored = ref.catalogue(StarConfig(), 20.0).subset(np.arange(3))
+    ref.sources = stored
+    assert ref.catalogue(StarConfig(), 5.0) is stored

@@ -38,3 +38,23 @@ def test_bad_config_file_is_explained(tmp_path):
     res = runner.invoke(app, ["stage", "ingest", "--bootstrap", "127.0.0.1:1", "--config", str(cfg),
                               "--metrics-port", "-1"])
     assert res.exit_code == 2 and "unknown setting" in res.output and "max_nan_fractio" in res.output
+
+
+def test_a_stage_stopped_by_repeated_bugs_exits_non_zero(monkeypatch):
+    """``broker stage`` turns a StageFailure into exit code 3 (for the supervisor), not a traceback."""
+    from broker.errors import StageFailure
+    from streams.runner import StageRunner
+
+    def fail(self, *args, **kwargs):
+        raise StageFailure("alert: 5 unexpected errors in a row")
+
+    monkeypatch.setattr(StageRunner, "run", fail)
+    res = runner.invoke(app, ["stage", "alert", "--bootstrap", "127.0.0.1:1", "--metrics-port", "-1"])
+    assert res.exit_code == 3 and "5 unexpected errors in a row" in res.output, res.output
+
+
+def test_stage_help_names_every_stage():
+    from streams.stages import STAGE_NAMES
+
+    res = runner.invoke(app, ["stage", "--help"])
+    assert " | ".join(STAGE_NAMES) in res.output

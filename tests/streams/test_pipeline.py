@@ -24,7 +24,7 @@ from streams.framestore import FrameStore
 from streams.monitor import read_all
 from streams.producer import FrameProducer, frame_headers, frame_record
 from streams.runner import FAILPOINT_ENV
-from streams.stages import STAGES
+from streams.stages import STAGE_NAMES, pipeline_topics
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -47,7 +47,7 @@ def _frames(n: int, seed: int = 3):
 
 
 def _run(settings, workdir, send, kill=None, env=None):
-    topics.create_topics(settings.bootstrap, topics.pipeline_topics(tuple(STAGES), SIM.filters))
+    topics.create_topics(settings.bootstrap, pipeline_topics(SIM.filters))
     procs = start_stages(settings.bootstrap, settings.app_id, workdir, env=env)
     try:
         producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 << 20, 1 << 30)
@@ -58,14 +58,14 @@ def _run(settings, workdir, send, kill=None, env=None):
         wait_until_drained(settings, procs, timeout=600)
     finally:
         stop_stages(procs)
-    assert [p.returncode for p in procs] == [0] * len(STAGES)  # SIGTERM: a clean stop
+    assert [p.returncode for p in procs] == [0] * len(STAGE_NAMES)  # SIGTERM: a clean stop
     alerts = []
     for msg in read_all(settings, [topics.ALERTS]):
         assert dict(msg.headers())["_format"] == b"avro"
         alerts += list(fastavro.reader(io.BytesIO(msg.value())))  # plain fastavro, as subscribers do
     batches = [serde.decode("candidates", m.value(), dict(m.headers())) for m in read_all(settings, [topics.CANDIDATES])]
     dead = {s: [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(s)])]
-            for s in STAGES}
+            for s in STAGE_NAMES}
     return alerts, batches, dead
 
 
@@ -105,7 +105,7 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
 
     # every bad frame is dead-lettered by ingest with its reason and original bytes
     assert [d["reason"] for d in dead["ingest"]] == [reason for reason, _ in bad]
-    assert all(d["value"] for d in dead["ingest"]) and not any(dead[s] for s in STAGES if s != "ingest")
+    assert all(d["value"] for d in dead["ingest"]) and not any(dead[s] for s in STAGE_NAMES if s != "ingest")
     assert [b["status"] for b in batches] == ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE"] + ["SUBTRACTED"] * 2
     # one alert per candidate, none twice
     n_cand = sum(len(b["candidates"]) for b in batches)
@@ -119,7 +119,7 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
                 assert d < 1.0, f"{inj.source_id} (S/N {inj.snr:.1f}) missed: nearest alert {d:.2f} px"
     a = alerts[0]
     assert a["scores"]["rb_model"] and a["scores"]["anomaly_model"]
-    assert [s["stage"] for s in a["timing"]["stages"]] == list(STAGES)
+    assert [s["stage"] for s in a["timing"]["stages"]] == list(STAGE_NAMES)
 
     # a subscriber with a filter, writing cutout triplets
     from typer.testing import CliRunner
@@ -141,7 +141,7 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(settings, tmp_path):
     come out exactly once, and no alert twice on the topic itself (tansu commits the killed
     transaction; the restarted alert stage must see its outputs and not make them again)."""
     frames = _frames(8, seed=5)
-    index = {s: i for i, s in enumerate(STAGES)}
+    index = {s: i for i, s in enumerate(STAGE_NAMES)}
 
     def send(producer):
         for frame, _ in frames:

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from broker.config import load_config
-from broker.errors import ChecksumMismatch, FrameStoreError, InvalidFrame, PoorQuality
+from broker.errors import ChecksumMismatch, ConfigError, FrameStoreError, InvalidFrame, PoorQuality
 from broker.frame import encode_fits
 from broker.ingest import IngestConfig
 from streams import serde, topics
@@ -72,3 +72,38 @@ def test_metrics_endpoint_serves_the_stage_metrics():
                  "broker_stage_duration_seconds_bucket", "broker_latency_from_exposure_seconds_bucket",
                  "broker_candidates_per_frame_bucket"):
         assert line in body
+
+
+def test_only_the_classify_stage_loads_torch(tmp_path):
+    """Ingest, subtract, score and alert (and the subscriber) run without torch installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from broker.config import load_config\n"
+        "import streams.subscriber, streams.producer\n"
+        "from streams.stages import STAGES, stage\n"
+        "cfg = load_config(state_dir=sys.argv[1] + '/state', frame_store=sys.argv[1] + '/frames')\n"
+        "for s in STAGES:\n"
+        "    if s.name != 'classify':\n"
+        "        s.make_handler(cfg)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "stage('classify').make_handler(cfg)\n"
+        "assert 'torch' in sys.modules\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+
+
+def test_topics_are_derived_from_the_stage_table():
+    from streams.stages import STAGES, pipeline_topics, stage
+
+    names = [t.name for t in pipeline_topics(("g", "r"))]
+    assert names == ["frames", "ingested", "candidates", "classified", "scored", "alerts", "alerts.g", "alerts.r",
+                     "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert"]
+    for before, after in zip(STAGES, STAGES[1:]):
+        assert after.input == before.output  # a chain: each stage reads the previous one's output
+    assert stage("subtract").writes == ("candidates", "dlq.subtract")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        stage("nonsense")

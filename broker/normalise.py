@@ -1,0 +1,263 @@
+"""Cutout triplets as the real/bogus network sees them, without torch.
+
+:func:`normalise_triplet` turns a science/reference/difference triplet (ours, or a real ZTF one,
+possibly cut short at a CCD edge or holding NaNs) into the fixed ``(3, 63, 63)`` float32 input of
+the network (:class:`NormaliseConfig`, :class:`NormFlags`). The same function is used for
+training, inference and for real ZTF stamps, so a model never sees data scaled differently from
+what it was trained on. :func:`decode_stamp` and :func:`alert_triplet` read the stamps of an
+alert packet (ZTF's or ours) into such a triplet.
+
+Only numpy (and astropy for FITS stamps): the training-set generator, which runs in worker
+processes, and the stream stages import this without loading torch
+(:mod:`broker.realbogus` holds the network).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from broker.candidate import CUTOUT_SIZE
+from broker.errors import ConfigError, CutoutError
+
+
+@dataclass(frozen=True)
+class NormaliseConfig:
+    """How a triplet is scaled before the network sees it.
+
+    Attributes
+    ----------
+    min_side : int
+        Smallest accepted side of a cutout, px. Default 16: ZTF stamps cut at a CCD edge go down
+        to ~40 px in the sample alerts; below ~16 px the candidate's neighbourhood is mostly gone.
+    soft_knee : float
+        Scaled value ``k`` (robust sigma) beyond which the response becomes logarithmic:
+        ``y = k * asinh(z / k)``. Default 5: linear around the detection threshold, so noise and
+        faint sources keep their shape, while a 1e4-sigma star does not saturate the inputs.
+    clip : float
+        Final clip of the scaled values (units of ``y``; ``z = k sinh(clip / k)``). Default 60
+        (``realbogus-v11``; ``realbogus-v10`` was trained with 30), i.e. ``z`` = 4e5 sigma with
+        ``soft_knee = 5``: above every star of the simulated frames and of the public ZTF
+        stamps, so the brightness of a reference source, which tells a change of a few % of a
+        star from a subtraction residual, is kept (why 30 was raised:
+        ``docs/notes/training-settings.md``). A model clamps its input to its own ``clip``
+        (:meth:`~broker.realbogus.RealBogusClassifier.model_input`), so triplets normalised with
+        a larger one give it exactly its own input.
+    min_sigma : float
+        Floor of the robust sigma (input units) to avoid dividing by 0 on constant cutouts.
+        Default 1e-6.
+    """
+
+    min_side: int = 16
+    soft_knee: float = 5.0
+    clip: float = 60.0
+    min_sigma: float = 1e-6
+
+    def __post_init__(self) -> None:
+        vals = (self.min_side, self.soft_knee, self.clip, self.min_sigma)
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in vals):
+            raise ConfigError(f"NormaliseConfig values must be finite and > 0, got {self}")
+
+
+@dataclass(frozen=True)
+class NormFlags:
+    """What :func:`normalise_triplet` had to repair.
+
+    Attributes
+    ----------
+    n_nan : tuple of int
+        Non-finite pixels per channel (science, reference, difference) in the input, before padding.
+    n_pad : int
+        Pixels added per channel to pad a short cutout to 63x63.
+    input_shape : tuple of int
+        Shape (ny, nx) of the input cutouts.
+    n_clipped : int
+        Pixels clipped at ``NormaliseConfig.clip`` (all channels).
+    """
+
+    n_nan: tuple[int, int, int]
+    n_pad: int
+    input_shape: tuple[int, int]
+    n_clipped: int
+
+    @property
+    def repaired(self) -> bool:
+        """True when NaNs were filled or padding was added."""
+        return self.n_pad > 0 or any(self.n_nan)
+
+
+def _pad_offsets(shape: tuple[int, int], absdiff: np.ndarray) -> tuple[int, int]:
+    """Pixels to pad before (y, x) so that the candidate lands at the centre of 63x63.
+
+    A stamp cut at a CCD edge (ZTF) keeps the candidate where it is in the nominal 63 px stamp,
+    so the missing pixels of each short axis are either all before or all after it: the candidate
+    is at index 31 or at 31 - missing. Of these (up to 4) placements we take the one with the
+    strongest |difference| within 2 px, i.e. where a source was detected.
+    """
+    opts = [[0] if n >= CUTOUT_SIZE else [0, CUTOUT_SIZE - n] for n in shape]
+    c = CUTOUT_SIZE // 2
+    best, best_v = (opts[0][0], opts[1][0]), -np.inf
+    for y0 in opts[0]:
+        for x0 in opts[1]:
+            cy, cx = c - y0, c - x0  # candidate index inside the short stamp
+            box = absdiff[max(cy - 2, 0) : cy + 3, max(cx - 2, 0) : cx + 3]
+            v = np.nanmax(box) if box.size and np.isfinite(box).any() else -np.inf
+            if v > best_v:
+                best, best_v = (y0, x0), v
+    return best
+
+
+def normalise_triplet(
+    sci: np.ndarray,
+    ref: np.ndarray,
+    diff: np.ndarray,
+    config: NormaliseConfig = NormaliseConfig(),
+) -> tuple[np.ndarray, NormFlags]:
+    """Scale a cutout triplet robustly, per channel, into the network's input.
+
+    Each channel is centred on its median and divided by its robust sigma (1.4826 * MAD), then
+    compressed softly (``k * asinh(z / k)``) and clipped. NaNs (pixels outside the frame) and
+    padding become 0, i.e. the channel's median. A short cutout (e.g. 48x63 from a ZTF CCD edge) is
+    padded to 63x63 with the candidate kept at the centre.
+
+    Parameters
+    ----------
+    sci, ref, diff : ndarray, shape (ny, nx), ny and nx in [min_side, 63]
+        Science, reference and difference cutouts, same shape, any float/int dtype, centred on the
+        candidate.
+    config : NormaliseConfig
+
+    Returns
+    -------
+    triplet : ndarray, shape (3, 63, 63), float32
+        Scaled channels: science, reference, difference. Finite, in [-clip, clip].
+    flags : NormFlags
+
+    Raises
+    ------
+    CutoutError
+        Not 2-D, shapes differ, a side over 63 or under ``min_side``, non-numeric, or a channel
+        entirely non-finite.
+    """
+    chans = []
+    for name, a in (("science", sci), ("reference", ref), ("difference", diff)):
+        try:
+            arr = np.asarray(a, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise CutoutError(f"{name} cutout is not numeric: {exc}") from exc
+        if arr.ndim != 2:
+            raise CutoutError(f"{name} cutout must be 2-D, got shape {arr.shape}")
+        chans.append(arr)
+    shape = chans[0].shape
+    if any(c.shape != shape for c in chans):
+        raise CutoutError(f"cutout shapes differ: {[c.shape for c in chans]}")
+    ny, nx = shape
+    if max(ny, nx) > CUTOUT_SIZE:
+        raise CutoutError(f"cutout {ny}x{nx} has a side over {CUTOUT_SIZE} px")
+    if min(ny, nx) < config.min_side:
+        raise CutoutError(f"cutout {ny}x{nx} has a side under {config.min_side} px")
+
+    finite = [np.isfinite(c) for c in chans]
+    n_nan = tuple(int(c.size - f.sum()) for c, f in zip(chans, finite, strict=True))
+    for name, f in zip(("science", "reference", "difference"), finite, strict=True):
+        if not f.any():
+            raise CutoutError(f"{name} cutout is entirely NaN/non-finite")
+
+    out = np.zeros((3, CUTOUT_SIZE, CUTOUT_SIZE), dtype=np.float64)
+    n_clipped = 0
+    y0, x0 = _pad_offsets(shape, np.where(finite[2], np.abs(chans[2]), np.nan))
+    k = config.soft_knee
+    for i, (c, f) in enumerate(zip(chans, finite, strict=True)):
+        vals = c[f]
+        med = float(np.median(vals))
+        sigma = 1.4826 * float(np.median(np.abs(vals - med)))
+        if not sigma > config.min_sigma:
+            # Mostly-constant cutout (e.g. saturated core, zeroed template): fall back to the std.
+            sigma = max(float(np.std(vals)), config.min_sigma)
+        z = np.where(f, (c - med) / sigma, 0.0)
+        y = k * np.arcsinh(z / k)
+        n_clipped += int(np.count_nonzero(np.abs(y) > config.clip))
+        out[i, y0 : y0 + ny, x0 : x0 + nx] = np.clip(y, -config.clip, config.clip)
+    flags = NormFlags(
+        n_nan=n_nan,  # type: ignore[arg-type]
+        n_pad=CUTOUT_SIZE * CUTOUT_SIZE - ny * nx,
+        input_shape=(ny, nx),
+        n_clipped=n_clipped,
+    )
+    return out.astype(np.float32), flags
+
+
+def decode_stamp(data: bytes) -> np.ndarray:
+    """Pixels of one ZTF-style cutout ``stampData``: gzipped FITS or plain FITS.
+
+    Parameters
+    ----------
+    data : bytes
+        The stamp bytes of an alert packet.
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float32
+
+    Raises
+    ------
+    CutoutError
+        JPEG-era stamps (early ZTF packets), empty or unreadable bytes, no image HDU.
+    """
+    from astropy.io import fits
+
+    if not data:
+        raise CutoutError("empty stamp")
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise CutoutError(f"corrupt gzip stamp: {exc}") from exc
+    if data[:3] == b"\xff\xd8\xff":
+        raise CutoutError("JPEG stamp (early ZTF packets): pixel values are lost, not usable")
+    if data[:6] != b"SIMPLE":
+        raise CutoutError(f"stamp is not FITS (starts with {data[:8]!r})")
+    try:
+        # ZTF stamps have a slightly non-standard SIMPLE card: astropy warns on every read.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(io.BytesIO(data), memmap=False) as hdul:
+                for hdu in hdul:
+                    if hdu.data is not None:
+                        return np.asarray(hdu.data, dtype=np.float32)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CutoutError(f"unreadable FITS stamp: {exc}") from exc
+    raise CutoutError("FITS stamp has no image data")
+
+
+def alert_triplet(record: dict) -> list[np.ndarray]:
+    """(science, reference, difference) pixels of an alert packet (ZTF's or ours), with the
+    difference as science minus reference, the convention of our pipeline and training set.
+
+    ZTF makes a fading candidate on the negative subtraction (reference minus science), flags it
+    ``isdiffpos = 'f'`` (``'0'`` in old packets) and cuts its difference stamp from that image:
+    the source is positive there. Such a stamp is negated here; scored as it comes, a fading
+    looks like a brightening to a model trained on science minus reference (all 321 ZTF
+    fadings in ``../shared/data/ztf_alerts`` have a positive centre). Our packets' ``isdiffpos``
+    is a boolean and their difference is always science minus reference.
+
+    Raises
+    ------
+    CutoutError
+        A stamp :func:`decode_stamp` cannot use.
+    """
+    trip = [decode_stamp((record.get(k) or {}).get("stampData") or b"")
+            for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
+    if ztf_negative_subtraction(record):
+        trip[2] = -trip[2]
+    return trip
+
+
+def ztf_negative_subtraction(record: dict) -> bool:
+    """Whether an alert packet is a ZTF fading: ``isdiffpos`` the string ``'f'`` or ``'0'``."""
+    flag = (record.get("candidate") or {}).get("isdiffpos")
+    return isinstance(flag, str) and flag.strip().lower() in ("f", "0")
