@@ -10,6 +10,7 @@ included) and nothing re-codes the chain. Writes the section ``pipeline`` of BEN
 from __future__ import annotations
 
 import argparse
+import datetime
 import shutil
 import statistics
 import tempfile
@@ -38,8 +39,10 @@ def _message(out: OutMessage, offset: int) -> InMessage:
 
 
 def _run_chain(handlers: dict, frame: Frame, offset: int) -> tuple[dict[str, float], dict]:
-    """Seconds per stage for one frame through every stage that gets an input, and the last
-    ``candidates`` batch (None when the chain stopped before subtract)."""
+    """Seconds per stage for one frame, and the last ``candidates`` batch.
+
+    Every stage that gets an input is timed; the batch is None when the chain stopped before subtract.
+    """
     payload = encode_fits(frame)
     value = serde.encode("frame", frame_record(frame, payload))
     msg = InMessage(topics.FRAMES, 0, offset, b"bench", value, frame_headers(time.time()), 0)
@@ -109,10 +112,10 @@ def main() -> None:
     burst = end_to_end(args.size, args.frames, 0.0)
     paced = end_to_end(args.size, args.frames, args.interval)
     lines = [
-        "## Pipeline (issue 2)",
+        "## Pipeline",
         "",
-        f"Machine: {machine()}. Commit {git_rev()}. Command: `python -m bench.pipeline --size {args.size} "
-        f"--frames {args.frames} --repeat {args.repeat}`.",
+        f"Machine: {machine()}. Date {datetime.date.today()}, commit {git_rev()}. Command: "
+        f"`python -m bench.pipeline --size {args.size} --frames {args.frames} --repeat {args.repeat}`.",
         "",
         f"Time per stage for one {args.size}x{args.size} simulated frame (each stage's handler in one process, "
         f"decoding and encoding included; median of {args.repeat} science frames, "

@@ -1,8 +1,8 @@
-"""Real/bogus accuracy side by side: models x dihedral views on held-out sets and real ZTF alerts.
+r"""Real/bogus accuracy side by side: models x dihedral views on held-out sets and real ZTF alerts.
 
 Writes the ``realbogus-accuracy`` section of BENCHMARKS.md::
 
-    python -m bench.realbogus_accuracy --models realbogus-v11 realbogus-v10 \\
+    python -m bench.realbogus_accuracy --models realbogus-v11 realbogus-v10 \
         --sets build/realbogus-test-1 --views 1 8
 
 For each model and number of views (``ScoreConfig.views``): the equal error rate (FNR = FPR) on

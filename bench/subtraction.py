@@ -165,14 +165,16 @@ def synthetic(size, seed, peers, py, timeout):
     fwhm = res.diagnostics["fwhm_science_px"]
     rows, errors = [], {}
     dets = res.candidates
-    x = np.array([c.detection.x for c in dets]); y = np.array([c.detection.y for c in dets])
+    x = np.array([c.detection.x for c in dets])
+    y = np.array([c.detection.y for c in dets])
     v = np.array([c.detection.scorr for c in dets])
     psf_d = inp["psf_n"]
     rows.append(("ours (ZOGY, broker.subtract)", tc, tw, score(pair, res.images["D"], x, y, v, inp["bad"],
                                                               inp["var_in"], psf_d, fwhm)))
     for kind in ("naive", "gaussian-matched"):
         D, (x, y, v), t = _floor("naive" if kind == "naive" else "gauss", inp, res)
-        rows.append((f"{kind} difference (floor)", t, t, score(pair, D, x, y, v, inp["bad"], inp["var_in"], psf_d, fwhm)))
+        rows.append((f"{kind} difference (floor)", t, t,
+                     score(pair, D, x, y, v, inp["bad"], inp["var_in"], psf_d, fwhm)))
     for name in peers:
         out = _run_peer(name, inp, py, timeout)
         if "error" in out:
@@ -198,9 +200,12 @@ def big_frame(seed):
 
 
 def completeness(n_pairs: int, seed: int, n_inject: int = 2000) -> dict:
-    """Completeness against theory to ~0.01: ``n_pairs`` independent pairs (seeds seed+1000...)
-    with ``n_inject`` injections each at nominal S/N 3-10, ours only (the peers take 20-45 s a
-    pair). Also false detections per frame, now averaged over many frames."""
+    """Completeness against theory to ~0.01, ours only, and false detections per frame.
+
+    ``n_pairs`` independent pairs (seeds seed+1000...) with ``n_inject`` injections each at nominal S/N
+    3-10, ours only (the peers take 20-45 s a pair). The false detections per frame are averaged over
+    many frames.
+    """
     from scipy import stats
 
     from bench.peers.evaluate import _fit_snr50, match
@@ -213,7 +218,10 @@ def completeness(n_pairs: int, seed: int, n_inject: int = 2000) -> dict:
         res = subtract_and_detect(pair.science, build_reference([pair.reference]), BENCH_CONFIG)
         det = [c.detection for c in res.candidates]
         r, nf, _, _ = match(pair, [d.x for d in det], [d.y for d in det], [d.scorr for d in det])
-        snr.append(pair.inj_snr); snr_eff.append(pair.inj_snr_eff); rec.append(r); false.append(nf)
+        snr.append(pair.inj_snr)
+        snr_eff.append(pair.inj_snr_eff)
+        rec.append(r)
+        false.append(nf)
         print(f"[completeness] pair {i + 1}/{n_pairs}: {r.mean():.3f} recovered, {nf} false", flush=True)
     snr, snr_eff, rec = np.concatenate(snr), np.concatenate(snr_eff), np.concatenate(rec)
     theo_p = stats.norm.cdf(snr_eff - 5.0)
@@ -276,7 +284,7 @@ def decam():
         near = np.zeros(D.shape, bool)
         bright = stars.subset(slice(0, 30))
         r = int(2 * stars.fwhm)
-        for xs, ys in zip(bright.x, bright.y):
+        for xs, ys in zip(bright.x, bright.y, strict=True):
             near[max(0, int(ys) - r):int(ys) + r + 1, max(0, int(xs) - r):int(xs) + r + 1] = True
         from bench.peers.evaluate import noise_shape
         shape = noise_shape(var_in, psf)
@@ -300,10 +308,12 @@ def rubin():
         img, mask, var = (np.asarray(h[i].data, np.float64) for i in (1, 2, 3))
         img = np.where(mask.astype(np.int64) & 0b111 != 0, np.nan, img)  # BAD | SAT | INTRP (LSST bits 0-2)
         w = WCS(naxis=2)
-        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]; w.wcs.crval = [10.0, 0.0]; w.wcs.crpix = [97, 97]
+        w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+        w.wcs.crval = [10.0, 0.0]
+        w.wcs.crpix = [97, 97]
         w.wcs.cd = np.eye(2) * 0.2 / 3600
-        gain = float(np.nanmedian(np.where(var > 0, np.clip(img - np.nanmedian(img), 1, None), np.nan) / var)) if False else 1.0
-        return _frame_from(img, w.to_header(), fid, mjd, TELESCOP="LSST", FIELD="ipd", FILTER="r", GAIN=gain), var
+        # the stamps carry no gain; 1 leaves the source variance to the variance plane's scale
+        return _frame_from(img, w.to_header(), fid, mjd, TELESCOP="LSST", FIELD="ipd", FILTER="r", GAIN=1.0), var
 
     sci, var_s = load("scienceMI.fits", "sci", 60001.0)
     reff, _ = load("templateMI.fits", "tmpl", 60000.0)
@@ -411,7 +421,8 @@ def report(args, syn, big, dec, rub, simrows=None, comp=None) -> str:
               f"{cfg.depth:g}x deeper, sky {cfg.sky:g} ADU with a {100 * cfg.gradient:g} % gradient, gain {cfg.gain}, "
               f"read noise {cfg.read_noise} e-, shift {cfg.shift} px, {cfg.n_stars} stars (brightest saturated), "
               f"{cfg.n_galaxies} galaxies, {len(pair.inj_x)} injected point sources at nominal S/N "
-              f"{cfg.snr_range[0]:g}-{cfg.snr_range[1]:g} ({int(pair.inj_on_galaxy.sum())} on galaxies), no cosmic rays. "
+              f"{cfg.snr_range[0]:g}-{cfg.snr_range[1]:g} ({int(pair.inj_on_galaxy.sum())} on galaxies), "
+              "no cosmic rays. "
               f"PSFs are estimated from the images by every method. Our reference: `build_reference` on the "
               f"deep frame ({t_ref:.1f} s, once per reference). Detections within {2.0} px of an injection "
               f"recover it; detections > 4 px from every injection are false (positive or negative).", ""]
@@ -433,7 +444,9 @@ def report(args, syn, big, dec, rub, simrows=None, comp=None) -> str:
     lines.append(f"Ours: max |C - theory| over bins {np.nanmax(np.abs(s.completeness - s.theory)):.3f}, mean "
                  f"{np.nanmean(s.completeness - s.theory):+.3f}; S/N50 − theory = {s.snr50 - s.snr50_theory:+.2f}. "
                  f"Diagnostics: " + ", ".join(f"{k}={v:.3g}" for k, v in res.diagnostics.items()
-                                              if k.startswith("t_") or k in ("scorr_std", "flux_ratio", "astrometric_residual_px", "fwhm_science_px", "fwhm_reference_px", "n_psf_stars")))
+                                              if k.startswith("t_") or k in (
+                                                  "scorr_std", "flux_ratio", "astrometric_residual_px",
+                                                  "fwhm_science_px", "fwhm_reference_px", "n_psf_stars")))
     lines.append("")
     if comp:
         f = comp["false"]
@@ -461,7 +474,8 @@ def report(args, syn, big, dec, rub, simrows=None, comp=None) -> str:
         lines += ["Real DECam i-band pair (`sfft_decam_i`, 256^2; science = Stack-DEC-OBS04, reference = "
                   f"Stack-DEC-OBS18 as one-frame reference): ours {dec['t']:.2f} s warm. Same mask, same detector for "
                   "SFFT's published `FinalDifference.fits` (matched filter with the science PSF):", "",
-                  "| difference | RMS/σ all | RMS/σ near 30 brightest stars (robust) | std/σ near stars | ≥5σ detections (+/−) |",
+                  "| difference | RMS/σ all | RMS/σ near 30 brightest stars (robust) | std/σ near stars "
+                  "| ≥5σ detections (+/−) |",
                   "|---|---|---|---|---|"]
         for k in ("ours", "SFFT published"):
             a, b, c, n, p, m = dec[k]
@@ -476,7 +490,8 @@ def report(args, syn, big, dec, rub, simrows=None, comp=None) -> str:
         rub = None
     if rub is not None:
         lines += [f"Rubin ip_diffim pair (193^2, mask bits BAD/SAT/INTRP -> NaN): ours {rub['t']:.2f} s warm, "
-                  f"S_corr robust std {rub['scorr_std']:.3f}, {rub['n']} candidates ({rub['npos']} positive). The template "
+                  f"S_corr robust std {rub['scorr_std']:.3f}, {rub['n']} candidates ({rub['npos']} positive). "
+                  "The template "
                   "is noise-free (its variance plane is 0 on 83 % of the pixels, the image exactly 0 there): "
                   "ZOGY's reference-noise terms degenerate, see the notes.", ""]
     lines += [NOTES, ""]
@@ -484,7 +499,8 @@ def report(args, syn, big, dec, rub, simrows=None, comp=None) -> str:
         lines += ["Sky simulator frames (`broker.simulate`, 1024^2 at the default densities: 750 stars, 75 galaxies, "
                   "~37 cosmic rays, 10 hot pixels; reference = 3 co-added epochs through `ReferenceStore`), "
                   "candidates before real/bogus:", "",
-                  "| epoch | setting | candidates | real | bogus | bogus at CR/hot pixel/trail | bogus negative | vetoed as CR |",
+                  "| epoch | setting | candidates | real | bogus | bogus at CR/hot pixel/trail | bogus negative "
+                  "| vetoed as CR |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]} | {r[7]} |" for r in simrows]
         lines.append("")

@@ -221,6 +221,7 @@ class Resampleable:
 
     @classmethod
     def from_arrays(cls, image: np.ndarray, variance: np.ndarray) -> "Resampleable":
+        """Spline coefficients of ``image`` and ``variance`` (NaN-free copies; NaNs marked bad)."""
         bad = ~np.isfinite(image) | ~np.isfinite(variance)
         img = np.where(bad, 0.0, image).astype(np.float32)
         coefficients = ndimage.spline_filter(img, order=3, output=np.float32, mode="constant")
@@ -287,7 +288,9 @@ def _map_bad(bad: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, shap
 
 def map_mask(mask: np.ndarray, matrix_xy: np.ndarray, offset_xy: np.ndarray, shape: tuple[int, int],
              radius: int = 2) -> np.ndarray:
-    """Science pixels within ``radius`` px of where the set pixels of a reference-grid ``mask``
+    """Science pixels near where the set pixels of a reference-grid mask land.
+
+    Science pixels within ``radius`` px of where the set pixels of a reference-grid ``mask``
     land (``q = matrix @ p + offset`` maps science p to reference q).
 
     Returns
@@ -337,7 +340,9 @@ class _StarFit:
 
 
 def _wcs_affine(w_ref: WCS, w_sci: WCS, sci_shape: tuple[int, int]) -> tuple[_AffineMap, float]:
-    """The WCS pixel map science -> reference sampled on a 17 x 17 grid and fitted with an affine
+    """The WCS pixel map science -> reference fitted with an affine map, and its largest deviation.
+
+    The WCS pixel map science -> reference sampled on a 17 x 17 grid and fitted with an affine
     map, and the largest deviation of the WCS map from it (px).
 
     Raises
@@ -371,8 +376,11 @@ def _predict_on_science(stars: StarList, wcs_map: _AffineMap, affine_ok: bool, w
 
 
 def _fit_correction(pred: np.ndarray, sci: np.ndarray, config: AlignConfig) -> _StarFit:
-    """Correction of the WCS prediction from n matched pairs (``pred``, ``sci``: (n, 2) px): an
-    affine fit from ``min_matches`` pairs, a translation from 2, none below."""
+    """Correction of the WCS prediction from matched star pairs.
+
+    Correction of the WCS prediction from n matched pairs (``pred``, ``sci``: (n, 2) px): an
+    affine fit from ``min_matches`` pairs, a translation from 2, none below.
+    """
     n = len(sci)
     c_m, c_t = np.eye(2), np.zeros(2)
     keep = np.ones(n, bool)
@@ -394,9 +402,12 @@ def _resample_onto_science(ref_image: np.ndarray, ref_variance: np.ndarray, w_re
                            sci_shape: tuple[int, int], wcs_map: _AffineMap, affine_ok: bool,
                            correction: _AffineMap, prepared: Resampleable | None
                            ) -> tuple[np.ndarray, np.ndarray, _AffineMap]:
-    """Reference image and variance on the science grid, and the science -> reference affine map
+    """Reference image and variance resampled onto the science grid, and the affine map used.
+
+    Reference image and variance on the science grid, and the science -> reference affine map
     ``q = W(C^-1(p))`` (W the WCS map, C the star-fitted correction; an affine approximation of it
-    when the WCS map is not affine)."""
+    when the WCS map is not affine).
+    """
     c_inv = np.linalg.inv(correction.matrix)
     m = wcs_map.matrix @ c_inv
     t = wcs_map.offset - wcs_map.matrix @ c_inv @ correction.offset

@@ -97,7 +97,7 @@ def estimate_background(
 
 def _background_photutils(sub: np.ndarray, subbad: np.ndarray, box: int, config: BackgroundConfig
                           ) -> tuple[np.ndarray, np.ndarray]:
-    """photutils ``Background2D`` (median / MAD-std, sigma-clipped meshes) on the (sub-sampled) image."""
+    """Photutils ``Background2D`` (median / MAD-std, sigma-clipped meshes) on the (sub-sampled) image."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # photutils warns about meshes dropped for bad pixels
         bkg = Background2D(

@@ -25,8 +25,11 @@ from broker.psf import embed_centred
 
 
 def _kernels(psfs: list[np.ndarray], sigmas: np.ndarray, half: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Per-input co-addition kernels k_j (``R = sum_j k_j * M_j``, already divided by F_R) and the
-    co-add PSF, on a centred (2 half + 1)^2 grid."""
+    """Per-input co-addition kernels and the co-add PSF.
+
+    Per-input co-addition kernels k_j (``R = sum_j k_j * M_j``, already divided by F_R) and the
+    co-add PSF, on a centred (2 half + 1)^2 grid.
+    """
     small = (2 * half + 1, 2 * half + 1)
     ph = [fft.fft2(embed_centred(p, small, np.float64)) for p in psfs]
     w = 1.0 / np.asarray(sigmas, np.float64) ** 2

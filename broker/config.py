@@ -86,7 +86,7 @@ def _build(cls: type, values: dict, where: str):
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint) and not isinstance(value, hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and not isinstance(value, hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{where}.{name}] must be a table")
             kwargs[name] = _build(hint, value, f"{where}.{name}")

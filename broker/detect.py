@@ -122,9 +122,12 @@ def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, bor
 
 
 def _axis_fit(a: float, b: float, c: float, log: bool | None = None) -> tuple[float, float]:
-    """Offset (px, within +-0.5) and gain of a Gaussian (a parabola in log) through three samples
+    """Sub-pixel offset and gain of a peak along one axis from three samples.
+
+    Offset (px, within +-0.5) and gain of a Gaussian (a parabola in log) through three samples
     around a maximum b, or of a plain parabola (gain then additive) when they are not all
-    positive or ``log`` is False."""
+    positive or ``log`` is False.
+    """
     if log is None:
         log = a > 0 and b > 0 and c > 0
     if log:
@@ -147,8 +150,11 @@ def _window(img: np.ndarray, x: int, y: int, sign: float) -> np.ndarray | None:
 
 
 def peak_value(img: np.ndarray, x: int, y: int, sign: float = 1.0) -> float:
-    """``sign * img`` at its sub-pixel maximum near pixel (x, y) (per-axis Gaussian fits), never
-    below the pixel value."""
+    """Value of ``sign * img`` at its sub-pixel maximum near pixel (x, y).
+
+    ``sign * img`` at its sub-pixel maximum near pixel (x, y) (per-axis Gaussian fits), never
+    below the pixel value.
+    """
     w = _window(img, x, y, sign)
     if w is None:
         return float(sign * img[y, x])
@@ -204,8 +210,10 @@ def sharp_peaks(image: np.ndarray, rms: np.ndarray, x: np.ndarray, y: np.ndarray
 
 
 def _subpixel(img: np.ndarray, x: int, y: int, sign: float = 1.0) -> tuple[float, float]:
-    """Peak position of ``sign * img`` by a 3-point Gaussian (log-parabola) fit per axis, parabola
-    if not positive. Only the 3 x 3 pixels around (x, y) are read (never scale the whole image)."""
+    """Peak position of ``sign * img`` by a 3-point Gaussian (log-parabola) fit per axis, parabola if not positive.
+
+    Only the 3 x 3 pixels around (x, y) are read (never scale the whole image).
+    """
     w = _window(img, x, y, sign)
     if w is None:
         return float(x), float(y)
@@ -394,8 +402,11 @@ def _dipole(st: np.ndarray, sign: float, nsigma: float) -> float:
 def _measure_peak(xi: np.integer, yi: np.integer, v: float, D: np.ndarray, scorr: np.ndarray, badf: np.ndarray,
                   noise_ratio: np.ndarray, F_D: float, shifted: _ShiftedPSF, config: DetectConfig
                   ) -> _Measurement | None:
-    """Position, PSF-fit flux, shape and dipole of one peak (px, sigma) on D, or None when its
-    footprint is mostly bad or no PSF pixel is good."""
+    """Position, PSF-fit flux, shape and dipole of one peak, or None.
+
+    Position, PSF-fit flux, shape and dipole of one peak (px, sigma) on D, or None when its
+    footprint is mostly bad or no PSF pixel is good.
+    """
     fp = _stamp(badf, int(xi), int(yi), config.footprint_half)
     n_bad = int(np.nansum(fp) + np.isnan(fp).sum())
     if n_bad > config.max_bad_fraction * fp.size:

@@ -191,6 +191,8 @@ def load_triplet(path: str | Path, index: int = 0) -> tuple[np.ndarray, str]:
         if not 0 <= index < len(recs):
             raise CutoutError(f"{p.name} has {len(recs)} records, no index {index}")
         r = recs[index]
+        if not isinstance(r, dict):
+            raise CutoutError(f"{p.name}: record {index} is not an alert packet")
         trip = np.stack(alert_triplet(r))
         cand = r.get("candidate") or {}
         return trip, f"{r.get('objectId', p.stem)} {cand.get('candid', '')}".strip()
@@ -232,7 +234,8 @@ def main_explain(path: str | Path, index: int = 0, out: str | Path | None = None
             "x" in np.load(path, allow_pickle=False).files:
         exp = explain_triplet(clf, trip, cfg)
     else:
-        exp = explain_cutouts(clf, *trip, config=cfg)
+        sci, ref, diff = trip
+        exp = explain_cutouts(clf, sci, ref, diff, config=cfg)
     p = Path(path)
     out = Path(out) if out else p.with_name(f"{p.stem}-{index}-explain.png")
     return plot_explanation(exp, out, f"{label}  [{clf.version}]")

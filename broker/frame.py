@@ -103,7 +103,8 @@ class Frame:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.data.shape  # type: ignore[return-value]
+        """(ny, nx) in px."""
+        return self.data.shape
 
 
 def celestial_wcs(header: fits.Header) -> WCS:
@@ -190,7 +191,8 @@ def encode_fits(frame: Frame, compress: bool = True) -> bytes:
     header["FRAMEID"] = frame.meta.frame_id
     data = frame.data
     if compress:
-        is_int = np.all(np.isfinite(data)) and np.array_equal(data, np.round(data)) and data.min() >= 0 and data.max() < 65535
+        is_int = (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))
+                  and data.min() >= 0 and data.max() < 65535)
         if is_int:
             hdu = fits.CompImageHDU(data.astype(np.uint16), header=header, compression_type="RICE_1")
         else:

@@ -53,7 +53,7 @@ def _object_id(cand_id: str) -> str:
 
 def _separation_arcsec(ra1: float, dec1: float, ra2: np.ndarray, dec2: np.ndarray) -> np.ndarray:
     """Haversine separation (arcsec) between one point and arrays of points (deg)."""
-    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    r1, d1, r2, d2 = np.radians(ra1), np.radians(dec1), np.radians(ra2), np.radians(dec2)
     h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
 
@@ -70,6 +70,7 @@ class ObjectHistory:
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:
+        """Close the database."""
         self.db.close()
 
     def associate(self, frame_id: str, mjd: float, band: str, candidates: list[Candidate]) -> None:
@@ -99,7 +100,7 @@ class ObjectHistory:
             "WHERE object_id = ? AND mjd < ? ORDER BY mjd DESC LIMIT ?",
             (object_id, mjd, self.config.max_history)).fetchall()
         keys = ("cand_id", "mjd", "filter", "ra", "dec", "flux", "flux_err", "snr", "rb")
-        cand.history = [dict(zip(keys, r)) for r in reversed(prior)]
+        cand.history = [dict(zip(keys, r, strict=True)) for r in reversed(prior)]
         ra, dec, first = self.db.execute("SELECT ra, dec, first_mjd FROM objects WHERE object_id = ?",
                                          (object_id,)).fetchone()
         cand.obj = ObjectSummary(object_id, ra, dec, len(cand.history) + 1, min(first, mjd))

@@ -14,8 +14,8 @@ import numpy as np
 from astropy.stats import sigma_clipped_stats
 from astropy.wcs.utils import proj_plane_pixel_scales
 from photutils.detection import DAOStarFinder
-from photutils.utils.exceptions import NoDetectionsWarning
 from photutils.psf import fit_fwhm
+from photutils.utils.exceptions import NoDetectionsWarning
 
 from broker.errors import BadPixelFraction, BadShape, PoorQuality
 from broker.frame import Frame
@@ -82,6 +82,7 @@ class FrameQuality:
     flags: tuple[str, ...] = field(default_factory=tuple)
 
     def to_record(self) -> dict:
+        """The ``quality`` field of a ``frame`` record."""
         return {**self.__dict__, "flags": list(self.flags)}
 
 
@@ -90,7 +91,7 @@ def validate(frame: Frame, config: IngestConfig = IngestConfig()) -> None:
     ny, nx = frame.data.shape
     if min(ny, nx) < config.min_side or max(ny, nx) > config.max_side:
         raise BadShape(f"image is {nx}x{ny} px; sides must be within [{config.min_side}, {config.max_side}]")
-    frame.wcs  # raises MissingWCS
+    _ = frame.wcs  # raises MissingWCS
     nan_fraction = 1.0 - np.count_nonzero(np.isfinite(frame.data)) / frame.data.size
     if nan_fraction > config.max_nan_fraction:
         raise BadPixelFraction(f"{nan_fraction:.1%} of the pixels are NaN/inf (limit {config.max_nan_fraction:.0%})")

@@ -235,8 +235,9 @@ def decode_stamp(data: bytes) -> np.ndarray:
 
 
 def alert_triplet(record: dict) -> list[np.ndarray]:
-    """(science, reference, difference) pixels of an alert packet (ZTF's or ours), with the
-    difference as science minus reference, the convention of our pipeline and training set.
+    """(science, reference, difference) pixels of an alert packet (ZTF's or ours).
+
+    The difference is science minus reference, the convention of our pipeline and training set.
 
     ZTF makes a fading candidate on the negative subtraction (reference minus science), flags it
     ``isdiffpos = 'f'`` (``'0'`` in old packets) and cuts its difference stamp from that image:

@@ -234,9 +234,12 @@ def build_psf(data: np.ndarray, stars: StarList, config: PSFConfig = PSFConfig()
 
 
 def embed_centred(stamp: np.ndarray, shape: tuple[int, int], dtype: DTypeLike = np.float32) -> np.ndarray:
-    """Place a centred stamp in an array of ``shape`` with its centre at pixel (0, 0) (wrapped), as
+    """Place a centred stamp in an array of ``shape``, centred on pixel (0, 0) as FFT convolution wants.
+
+    Place a centred stamp in an array of ``shape`` with its centre at pixel (0, 0) (wrapped), as
     FFT convolution wants a kernel. The four quadrants are written straight to the corners (no
-    full-frame ``np.roll``)."""
+    full-frame ``np.roll``).
+    """
     out = np.zeros(shape, dtype)
     h = stamp.shape[0] // 2
     st = np.asarray(stamp, dtype)

@@ -18,7 +18,9 @@ from broker.stars import star_fwhms
 
 def common_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, min_stars: int
                 ) -> tuple[np.ndarray | None, np.ndarray | None, int, np.ndarray]:
-    """Science and reference PSFs stacked from the same stars at the same (science) positions, so
+    """Science and reference PSFs stacked from the same stars, and the stars' flux ratios.
+
+    Science and reference PSFs stacked from the same stars at the same (science) positions, so
     that both share the centring errors, and the stars' reference / science flux ratios.
 
     Returns
@@ -61,6 +63,7 @@ class Tile:
 
     @property
     def core(self) -> tuple[slice, slice]:
+        """The tile's rows and columns, as slices of the frame."""
         return slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
@@ -86,7 +89,9 @@ def tile_stars(x: np.ndarray, y: np.ndarray, box: tuple[int, int, int, int]) -> 
 
 def tile_fwhm_span(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray,
                    boxes: list[tuple[int, int, int, int]]) -> float:
-    """Largest spread over tiles, (max - min) / median, of the tiles' median star FWHM in the
+    """Largest spread over tiles of the tiles' median star FWHM, in either image.
+
+    Largest spread over tiles, (max - min) / median, of the tiles' median star FWHM in the
     science or the reference image.
 
     Half-maximum widths of single stars (:func:`broker.stars.star_fwhms`, ~10 us a star) decide
@@ -104,9 +109,12 @@ def tile_fwhm_span(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray,
 
 def tile_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, whole: Tile,
               tile_px: int, max_stars: int, min_stars: int) -> list[Tile]:
-    """Tiles of about ``tile_px`` (px) with PSFs from the stars (x, y: isolated, brightest first)
+    """Tiles of about ``tile_px`` with PSFs from the stars in and around each.
+
+    Tiles of about ``tile_px`` (px) with PSFs from the stars (x, y: isolated, brightest first)
     within a quarter tile of each, at most ``max_stars`` of them; a tile with fewer than
-    ``min_stars`` clean stars keeps the frame's PSFs (``whole``)."""
+    ``min_stars`` clean stars keeps the frame's PSFs (``whole``).
+    """
     tiles = []
     for box in tile_boxes(N.shape, tile_px):
         sel = tile_stars(x, y, box)[:max_stars]

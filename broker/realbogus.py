@@ -25,7 +25,7 @@ from torch import nn
 from broker import MODELS_DIR
 from broker.candidate import CUTOUT_SIZE, Candidate
 from broker.errors import ConfigError, CutoutError, ModelError
-from broker.normalise import normalise_triplet, NormaliseConfig
+from broker.normalise import NormaliseConfig, normalise_triplet
 
 #: Version loaded when none is given: an ensemble of three networks, each trained on its own
 #: fields of candidates of the current subtraction, with two-lobed dipoles from locally wrong
@@ -45,8 +45,9 @@ def _head(n_in: int, dense: int, dropout: float) -> nn.Sequential:
 
 
 class RealBogusNet(nn.Module):
-    """A braai-class CNN (the first shipped model, ``realbogus-v1``): three conv blocks (2 convs +
-    max-pool each) + dense head.
+    """A braai-class CNN, the first shipped model (``realbogus-v1``).
+
+    Three conv blocks (2 convs + max-pool each) + dense head.
 
     Input ``(N, 3, 63, 63)`` -> logits ``(N,)``. With the defaults 1.19e5 parameters (0.48 MB as
     float32) and 19.4 MFLOP per triplet (2 FLOP per multiply-add); braai (Duev et al. 2019) has
@@ -78,8 +79,9 @@ class RealBogusNet(nn.Module):
 
 
 class RealBogusNetV2(nn.Module):
-    """The CNN of the shipped models (each member of ``realbogus-v10`` and ``-v11``): strided
-    convolutions instead of full-resolution conv pairs.
+    """The CNN of the shipped models (each member of ``realbogus-v10`` and ``-v11``).
+
+    It has strided convolutions instead of full-resolution conv pairs.
 
     Layers (shapes for one triplet): conv 3x3 stride 2, 3 -> w (63 -> 31); conv 3x3 stride 2,
     w -> 2w (31 -> 15); conv 3x3, 2w -> 2w + max-pool (15 -> 7); conv 3x3, 2w -> 4w (7x7);
@@ -223,7 +225,7 @@ class RealBogusClassifier:
         config: ScoreConfig = ScoreConfig(),
     ) -> None:
         # channels-last: oneDNN's fast convolution layout on CPUs (~1.3x at batch 256 here)
-        self.net = net.eval().to(memory_format=torch.channels_last)
+        self.net = net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # not in torch's stubs
         self.version = version
         self.metadata = dict(metadata or {})
         self.norm_config = norm_config
@@ -274,9 +276,11 @@ class RealBogusClassifier:
         return cls(net, str(meta.get("version", wpath.stem)), meta, norm, config)
 
     def model_input(self, x: np.ndarray) -> np.ndarray:
-        """Normalised triplets (any clip) clamped to this model's own clip: the clip is
-        monotonic, so a triplet normalised with a larger one becomes exactly the input the
-        model was trained on."""
+        """Normalised triplets (any clip) clamped to this model's own clip.
+
+        The clip is monotonic, so a triplet normalised with a larger one becomes exactly the input the
+        model was trained on.
+        """
         return np.clip(x, -self.norm_config.clip, self.norm_config.clip)
 
     def save(self, path: str | Path, metadata: dict | None = None) -> Path:

@@ -144,9 +144,12 @@ class Reference:
         return self._resampleable
 
     def catalogue(self, stars: StarConfig, threshold_sigma: float) -> StarList:
-        """Source catalogue on the reference grid: the stored :attr:`sources`, else the sources found
+        """Source catalogue on the reference grid, stored or found once per setting.
+
+        Source catalogue on the reference grid: the stored :attr:`sources`, else the sources found
         on the image above ``threshold_sigma`` (sigma) with ``stars`` and the PSF's FWHM as kernel
-        (computed on first use for these settings, then kept; :attr:`sources` is left as it is)."""
+        (computed on first use for these settings, then kept; :attr:`sources` is left as it is).
+        """
         if self.sources is not None:
             return self.sources
         key = (stars, threshold_sigma)
@@ -231,8 +234,11 @@ class Reference:
 
 def _prepare(frame: Frame, config: ReferenceConfig
              ) -> tuple[np.ndarray, np.ndarray, float, StarList, np.ndarray]:
-    """Background-subtracted image (NaN at saturation), variance, sky RMS, stars and (grown)
-    saturation mask of one frame."""
+    """One input frame made ready for co-adding.
+
+    Background-subtracted image (NaN at saturation), variance, sky RMS, stars and (grown)
+    saturation mask of one frame.
+    """
     from scipy import ndimage
 
     data = np.asarray(frame.data, dtype=np.float32)
@@ -296,8 +302,11 @@ def _grid_input(img: np.ndarray, var: np.ndarray, sig: float, stars: StarList, h
 
 def _flux_ratio_and_psf(g_img: np.ndarray, img: np.ndarray, matched: StarList, h: int, fwhm: float,
                         config: ReferenceConfig) -> tuple[float, np.ndarray | None, float]:
-    """Flux ratio F of a registered frame to the grid frame (median over matched stars), its PSF
-    stacked from them and that PSF's FWHM (px; ``fwhm`` when too few stars give one)."""
+    """Flux ratio of a registered frame to the grid frame, and its PSF.
+
+    Flux ratio F of a registered frame to the grid frame (median over matched stars), its PSF
+    stacked from them and that PSF's FWHM (px; ``fwhm`` when too few stars give one).
+    """
     idx = select_psf_stars(matched, img.shape, h, config.psf)
     F, pf = 1.0, None
     if len(idx):
@@ -317,8 +326,7 @@ def _flux_ratio_and_psf(g_img: np.ndarray, img: np.ndarray, matched: StarList, h
 
 def _registered_input(frame: Frame, grid: Frame, g_img: np.ndarray, g_stars: StarList, h: int,
                       config: ReferenceConfig) -> tuple[_CoaddInput, np.ndarray]:
-    """A frame registered onto the grid frame and flux-scaled to it, and where it was saturated
-    (on the grid, bool)."""
+    """A frame registered onto the grid frame and flux-scaled to it, and where it was saturated (on the grid, bool)."""
     shape = grid.shape
     img0, var0, sig, stars, sat = _prepare(frame, config)
     ali = align_reference(img0, var0, frame.header, stars, grid.header, shape, g_stars, config.align)
@@ -328,8 +336,11 @@ def _registered_input(frame: Frame, grid: Frame, g_img: np.ndarray, g_stars: Sta
 
 
 def _good_pixels(stack: np.ndarray, vstack: np.ndarray, config: ReferenceConfig) -> np.ndarray:
-    """Pixels of the (n, ny, nx) stack that enter the co-add: finite, and with >= 3 frames not
-    far from the per-pixel median (cosmic rays, moving hot pixels), their wings with them."""
+    """Pixels of the stack that enter the co-add.
+
+    Pixels of the (n, ny, nx) stack that enter the co-add: finite, and with >= 3 frames not
+    far from the per-pixel median (cosmic rays, moving hot pixels), their wings with them.
+    """
     ok = np.isfinite(stack) & np.isfinite(vstack)
     if len(stack) >= 3:
         # the margin grows with |median| because better seeing legitimately raises star cores (up to ~2x)
@@ -345,8 +356,11 @@ def _good_pixels(stack: np.ndarray, vstack: np.ndarray, config: ReferenceConfig)
 
 def _weighted_mean(stack: np.ndarray, vstack: np.ndarray, ok: np.ndarray, weights: list[float]
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted mean of the good pixels of the (n, ny, nx) stack and its variance
-    ``sum(w_i^2 v_i) / (sum w_i)^2``, (ny, nx) float32, NaN where no input is good."""
+    """Weighted mean of the good pixels of the stack, and its variance.
+
+    Weighted mean of the good pixels of the (n, ny, nx) stack and its variance
+    ``sum(w_i^2 v_i) / (sum w_i)^2``, (ny, nx) float32, NaN where no input is good.
+    """
     w = np.asarray(weights, np.float64)[:, None, None] * ok
     den = w.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -476,13 +490,13 @@ def _grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
 
 def _fill_narrow_gaps(image: np.ndarray, variance: np.ndarray, saturated: np.ndarray, half: int = 2,
                       min_valid: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fill holes that every input had: detector defects that stay put while the pointing jitters
-    by less than a pixel. A pixel is filled from its 5 x 5 box (:func:`broker.defects.inpaint`) when
-    >= ``min_valid`` of the 25 are valid (a column up to 3 px wide; 10 of 25), and its variance
-    gains the fit's residual squared. Pixels where that residual exceeds :data:`FILL_MAX_SPREAD`
-    sigma (a star's core on the column) and larger holes (saturated cores) stay NaN and are masked
-    by the subtraction. Returns the image, the variance and the defects (the narrow holes,
-    filled or not)."""
+    """Fill holes that every input had: detector defects that stay put while the pointing jitters by less than a pixel.
+
+    A pixel is filled from its 5 x 5 box (:func:`broker.defects.inpaint`) when >= ``min_valid`` of the 25 are valid (a
+    column up to 3 px wide; 10 of 25), and its variance gains the fit's residual squared. Pixels where that residual
+    exceeds :data:`FILL_MAX_SPREAD` sigma (a star's core on the column) and larger holes (saturated cores) stay NaN and
+    are masked by the subtraction. Returns the image, the variance and the defects (the narrow holes, filled or not).
+    """
     gap = ~(np.isfinite(image) & np.isfinite(variance)) & ~saturated
     if not gap.any():
         return image, variance, gap

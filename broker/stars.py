@@ -84,6 +84,7 @@ class StarList:
 
     @classmethod
     def from_array(cls, arr: np.ndarray, fwhm: float) -> StarList:
+        """Inverse of :meth:`as_array`."""
         arr = np.asarray(arr, dtype=np.float64).reshape(-1, 4)
         return cls(arr[:, 0], arr[:, 1], arr[:, 2], arr[:, 3], float(fwhm))
 

@@ -221,8 +221,11 @@ def saturation_mask(data: np.ndarray, saturation: float, fwhm: float,
 
 
 def raw_saturation_mask(data: np.ndarray, saturation: float) -> np.ndarray:
-    """Saturated pixels before any PSF is known: :data:`RAW_SATURATION_FRACTION` of SATURATE,
-    grown by :data:`RAW_SATURATION_GROW_PX`; bool, shape of ``data``."""
+    """Saturated pixels before any PSF is known.
+
+    :data:`RAW_SATURATION_FRACTION` of SATURATE,
+    grown by :data:`RAW_SATURATION_GROW_PX`; bool, shape of ``data``.
+    """
     return saturated_mask(data, saturation, RAW_SATURATION_FRACTION, RAW_SATURATION_GROW_PX, 0.0)
 
 
@@ -257,9 +260,12 @@ def _pixel_scale_arcsec(wcs: WCS) -> float:
 
 
 def reference_sources(reference: Reference, config: SubtractConfig = SubtractConfig()) -> StarList:
-    """Star catalogue of a reference on its own grid: the stored one, else found with ``config``'s
+    """Star catalogue of a reference on its own grid.
+
+    The stored one, else found with ``config``'s
     star settings (up to :data:`SOURCE_MAX_STARS`) at its detection threshold, once per reference
-    (:meth:`broker.reference.Reference.catalogue`)."""
+    (:meth:`broker.reference.Reference.catalogue`).
+    """
     return reference.catalogue(replace(config.stars, max_stars=SOURCE_MAX_STARS), config.threshold_sigma)
 
 
@@ -298,6 +304,7 @@ class StepTimer:
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as ``t_<name>_s``."""
         t = time.perf_counter()
         yield
         self.times[f"t_{name}_s"] = time.perf_counter() - t
@@ -491,8 +498,7 @@ def _science_sky(frame: Frame, config: SubtractConfig) -> ScienceSky:
 
 def _clean_science(sky: ScienceSky, saturation: float, defects: np.ndarray | None,
                    config: SubtractConfig) -> PreparedScience:
-    """Step 2: science stars, then cosmic rays, hot pixels and the reference's detector defects
-    interpolated over.
+    """Step 2: science stars, then cosmic rays, hot pixels and the reference's detector defects interpolated over.
 
     The defects are found on the reference grid, i.e. on the detector pixels of its first frame:
     the same pixels of every frame of the camera. Survey pipelines interpolate such pixels:
@@ -515,8 +521,11 @@ def _clean_science(sky: ScienceSky, saturation: float, defects: np.ndarray | Non
 
 
 def _flux_ratio(ratio: np.ndarray, min_stars: int) -> tuple[float, bool]:
-    """Sigma-clipped median of the stars' reference / science flux ratios, and whether it fell
-    back on 1 (fewer than ``min_stars`` ratios, or not a positive number)."""
+    """Flux ratio F_r of the reference to the science frame, from the stars' ratios.
+
+    The sigma-clipped median of the stars' reference / science flux ratios, and whether it fell
+    back on 1 (fewer than ``min_stars`` ratios, or not a positive number).
+    """
     if len(ratio) < min_stars:
         return 1.0, True
     med = np.median(ratio)
@@ -529,8 +538,10 @@ def _flux_ratio(ratio: np.ndarray, min_stars: int) -> tuple[float, bool]:
 
 def _own_psfs(N: np.ndarray, stars: StarList, reference_psf: np.ndarray, matrix: np.ndarray, h: int,
               config: PSFConfig) -> tuple[np.ndarray, np.ndarray, int, bool]:
-    """Science PSF from its own stars (or the Gaussian fallback), reference PSF from its stored stamp
-    resampled with the linear part of the registration (``matrix``): when too few common stars.
+    """PSFs from each image's own stars, when too few stars are common.
+
+    Science PSF from its own stars (or the Gaussian fallback), reference PSF from its stored stamp
+    resampled with the linear part of the registration (``matrix``).
 
     Returns
     -------
@@ -549,8 +560,11 @@ def _own_psfs(N: np.ndarray, stars: StarList, reference_psf: np.ndarray, matrix:
 
 def _match_psfs(science: PreparedScience, R: np.ndarray, ali: Alignment, reference_psf: np.ndarray,
                 config: SubtractConfig) -> PSFMatch:
-    """Step 4: PSFs and flux ratio from the same (matched, isolated) stars at the same science
-    positions; the PSFs from each image's own stars when too few are common."""
+    """Step 4: PSFs and flux ratio from the same stars.
+
+    The stars are matched and isolated, stacked at the same science positions in both images;
+    the PSFs come from each image's own stars when too few are common.
+    """
     N, shape = science.N, science.N.shape
     h = half_size_for(max(science.stars.fwhm, measure_fwhm(reference_psf)), config.psf)
     matched = science.stars.subset(ali.sci_index)
@@ -613,8 +627,11 @@ def _padded(img: np.ndarray, fill: float, pad: int, shape: tuple[int, int]) -> n
 
 def _zogy_inputs(science: PreparedScience, R: np.ndarray, masks: Masks, psfs: PSFMatch,
                  sigma_ast: tuple[float, float]) -> ZogyInputs:
-    """Step 5b: bad pixels at 0 with a huge variance, padded by two stamps so the circular
-    convolutions do not wrap (to a fast FFT size)."""
+    """Step 5b: ZOGY's inputs, padded against wrap-around.
+
+    Bad pixels at 0 with a huge variance, padded by two stamps so the circular convolutions do not
+    wrap (to a fast FFT size).
+    """
     shape, bad = science.N.shape, masks.bad
     pad = 2 * psfs.half_size
     full = (fft.next_fast_len(shape[0] + 2 * pad, real=True), fft.next_fast_len(shape[1] + 2 * pad, real=True))
@@ -628,8 +645,11 @@ def _zogy_inputs(science: PreparedScience, R: np.ndarray, masks: Masks, psfs: PS
 
 def _psf_tiles(N: np.ndarray, R: np.ndarray, psfs: PSFMatch, config: SubtractConfig
                ) -> tuple[list[Tile], list[float]]:
-    """The frame's PSF tiles and their science FWHMs (px): one tile unless the PSF varies by more
-    than ``psf_tile_min_change`` across tiles of ``psf_tile_px``."""
+    """The frame's PSF tiles and their science FWHMs (px).
+
+    One tile unless the PSF varies by more than ``psf_tile_min_change`` across tiles of
+    ``psf_tile_px``.
+    """
     shape = N.shape
     whole = Tile(0, shape[0], 0, shape[1], psfs.P_n, psfs.P_r, psfs.n_stars)
     if not (config.psf_tile_px > 0 and max(shape) >= 1.5 * config.psf_tile_px and psfs.common):

@@ -19,7 +19,10 @@ def load(name: str, version: int | None = None) -> dict:
     """Parsed schema ``schemas/<name>/v<version>.avsc`` (current version by default)."""
     version = CURRENT[name] if version is None else version
     path = ROOT / name / f"v{version}.avsc"
-    return fastavro.parse_schema(json.loads(path.read_text()))
+    schema = fastavro.parse_schema(json.loads(path.read_text()))
+    if not isinstance(schema, dict):  # a named or union type: no topic is written with one
+        raise TypeError(f"{path} is not a record schema")
+    return schema
 
 
 def versions(name: str) -> list[int]:

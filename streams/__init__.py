@@ -1,0 +1,1 @@
+"""The Kafka runtime of the broker: stage table, runner, topics, serialisation, clients, CLI."""

@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import numpy as np
 import typer
@@ -16,6 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.errors import BrokerError, InvalidFrame
+
+if TYPE_CHECKING:
+    from streams.demo import DemoResult
+    from streams.producer import Published
 
 app = typer.Typer(help="A streaming transient alert broker: frames in, Avro alerts out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -37,7 +41,8 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
           bootstrap: Bootstrap, app_id: AppId = "broker", config: ConfigOpt = None,
           state_dir: Annotated[Optional[Path], typer.Option(help="Overrides state_dir of the config.")] = None,
           frame_store: Annotated[Optional[str], typer.Option(help="Overrides frame_store of the config.")] = None,
-          metrics_port: Annotated[int, typer.Option(help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
+          metrics_port: Annotated[int, typer.Option(
+              help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
           metrics_addr: Annotated[str, typer.Option(help="Address /metrics listens on.")] = "127.0.0.1",
           instance: Annotated[int, typer.Option(help="Replica index (keys the transactional id).")] = 0) -> None:
     """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors)."""
@@ -125,7 +130,8 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
     """Publish FITS frames to the frames topic (validated first; bad files are reported)."""
     from broker.config import load_config
     from streams.framestore import FrameStore
-    from streams.producer import FrameProducer, watch as watch_dir
+    from streams.producer import FrameProducer
+    from streams.producer import watch as watch_dir
     from streams.settings import KafkaSettings
 
     cfg = load_config(config)
@@ -154,7 +160,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
         raise typer.Exit(1)
 
 
-def _report(path: Path, res: object) -> None:
+def _report(path: Path, res: Published | Exception) -> None:
     if isinstance(res, Exception):
         console.print(f"[red]rejected[/red] {path}: {res} [dim]({getattr(res, 'reason', 'error')})[/dim]")
     else:
@@ -167,10 +173,12 @@ def subscribe(bootstrap: Bootstrap,
               topic: Annotated[str, typer.Option(help="Alert topic (alerts, alerts.<filter>).")] = "alerts",
               filter: Annotated[Optional[str], typer.Option("--filter", help="e.g. 'rb > 0.8 and snr > 7'.")] = None,
               group: Annotated[Optional[str], typer.Option(help="Consumer group (default: a new one).")] = None,
-              png_dir: Annotated[Optional[Path], typer.Option(help="Write each shown alert's triplet as PNG here.")] = None,
+              png_dir: Annotated[Optional[Path], typer.Option(
+                  help="Write each shown alert's triplet as PNG here.")] = None,
               max_alerts: Annotated[Optional[int], typer.Option(help="Stop after this many alerts read.")] = None,
               timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
-              json_out: Annotated[bool, typer.Option("--json", help="Print each alert as one JSON line (no cutouts).")] = False) -> None:
+              json_out: Annotated[bool, typer.Option(
+                  "--json", help="Print each alert as one JSON line (no cutouts).")] = False) -> None:
     """Print alerts as they arrive, optionally filtered, optionally saving cutout triplets."""
     from streams.settings import KafkaSettings
     from streams.subscriber import AlertFilter, alerts, save_triplet_png
@@ -207,6 +215,7 @@ def passes(alert: dict, rb_cut: float) -> bool:
 
 
 def format_alert(alert: dict) -> str:
+    """One line of text for an alert: object, candidate, band, position, S/N, magnitude, scores."""
     s, sc = alert["source"], alert["scores"]
     mag = f"{s['magpsf']:.2f}" if s["magpsf"] is not None else "  -  "
     return (f"{alert['objectId']} {alert['candid']:<28} {s['filter']} RA={s['ra']:9.5f} Dec={s['dec']:+9.5f} "
@@ -222,7 +231,8 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
          seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
          interval: Annotated[float, typer.Option(help="Seconds between frames from the simulated telescope "
                                                       "(0: all at once).")] = 8.0,
-         rb_cut: Annotated[float, typer.Option(help="Real/bogus threshold for printing alerts and the summary.")] = 0.5) -> None:
+         rb_cut: Annotated[float, typer.Option(
+             help="Real/bogus threshold for printing alerts and the summary.")] = 0.5) -> None:
     """Embedded broker + all stages + simulated telescope + subscriber, then a summary."""
     import shutil
 
@@ -256,7 +266,8 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
     print_summary(result, rb_cut, time.time() - t0)
 
 
-def print_summary(result, rb_cut: float, elapsed: float) -> None:
+def print_summary(result: DemoResult, rb_cut: float, elapsed: float) -> None:
+    """Print the demo's summary table: statuses, alerts, recovery per S/N bin, false alerts, latency."""
     statuses: dict[str, int] = {}
     for s in result.statuses.values():
         statuses[s] = statuses.get(s, 0) + 1
@@ -264,7 +275,8 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
     table.add_row("frames sent", str(len(result.truths)))
     table.add_row("frames by status", ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
     table.add_row("candidates", str(result.candidates))
-    table.add_row("alerts", f"{len(result.alerts)} ({sum(passes(a, rb_cut) for a in result.alerts)} with rb >= {rb_cut})")
+    n_pass = sum(passes(a, rb_cut) for a in result.alerts)
+    table.add_row("alerts", f"{len(result.alerts)} ({n_pass} with rb >= {rb_cut})")
     table.add_row("dead letters", str(len(result.dead_letters)))
     for bin_, rec, inj in result.recovery():
         table.add_row(f"transients S/N {bin_}", f"{rec}/{inj} recovered" + (f" ({rec / inj:.0%})" if inj else ""))
@@ -272,7 +284,8 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
     table.add_row("  S/N >= 10 in saturated-star masks", f"{rec}/{inj} recovered (not in the rows above)")
     for frame_id, source_id, snr, dist, saturated in result.missed(10.0):
         why = ", inside a saturated-star mask" if saturated else ""
-        table.add_row("  missed (S/N >= 10)", f"{source_id} in {frame_id}: S/N {snr:.1f}, nearest alert {dist:.1f} px{why}")
+        table.add_row("  missed (S/N >= 10)",
+                      f"{source_id} in {frame_id}: S/N {snr:.1f}, nearest alert {dist:.1f} px{why}")
     table.add_row("false alerts", f"{result.false_alerts()} (rb >= {rb_cut}: {result.false_alerts(rb_cut)})")
     if result.latencies:
         p50, p95 = np.percentile(result.latencies, [50, 95])
@@ -281,22 +294,25 @@ def print_summary(result, rb_cut: float, elapsed: float) -> None:
     console.print(table)
 
 
-# --- real/bogus model (issue 4) -------------------------------------------------------------------
+# --- real/bogus model ----------------------------------------------------------------------------
 @app.command("train-realbogus")
 def train_realbogus(
         seed: Annotated[int, typer.Option(help="Seeds the training set, the held-out set (seed+1) and training.")] = 0,
         target_n: Annotated[int, typer.Option(help="Balanced training triplets to generate.")] = 100_000,
         test_n: Annotated[int, typer.Option(help="Held-out triplets (generator seed+1).")] = 12_000,
-        version: Annotated[Optional[str], typer.Option(help="Model version written to broker/models/ (default: the shipped default's).")] = None,
-        out_dir: Annotated[Optional[Path], typer.Option(help="Where weights and model card go (default broker/models/).")] = None,
-        workers: Annotated[int, typer.Option(min=0, help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
+        version: Annotated[Optional[str], typer.Option(
+            help="Model version written to broker/models/ (default: the shipped default's).")] = None,
+        out_dir: Annotated[Optional[Path], typer.Option(
+            help="Where weights and model card go (default broker/models/).")] = None,
+        workers: Annotated[int, typer.Option(
+            min=0, help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
         max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0) -> None:
     """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
     from broker import MODELS_DIR
     from broker.realbogus import DEFAULT_VERSION
+    from broker.training.generate import default_workers
     from broker.training.main import main_train
     from broker.training.trainer import TrainConfig
-    from broker.training.generate import default_workers
 
     version = version or DEFAULT_VERSION
     workers = workers or default_workers()
@@ -308,13 +324,18 @@ def train_realbogus(
 
 @app.command("eval-realbogus")
 def eval_realbogus(
-        model: Annotated[Optional[str], typer.Option(help="Model version or .pt path (default: the default version).")] = None,
-        out_dir: Annotated[Path, typer.Option(help="Report folder (report.md, metrics.json, PNGs).")] = Path("reports/realbogus"),
-        sim_dir: Annotated[Optional[Path], typer.Option(help="Held-out simulated shards (default build/realbogus-test-1).")] = None,
-        ztf_dir: Annotated[Optional[Path], typer.Option(help="Real ZTF alerts (default ../shared/data/ztf_alerts).")] = None,
+        model: Annotated[Optional[str], typer.Option(
+            help="Model version or .pt path (default: the default version).")] = None,
+        out_dir: Annotated[Path, typer.Option(
+            help="Report folder (report.md, metrics.json, PNGs).")] = Path("reports/realbogus"),
+        sim_dir: Annotated[Optional[Path], typer.Option(
+            help="Held-out simulated shards (default build/realbogus-test-1).")] = None,
+        ztf_dir: Annotated[Optional[Path], typer.Option(
+            help="Real ZTF alerts (default ../shared/data/ztf_alerts).")] = None,
         threshold: Annotated[float, typer.Option(help="Operating threshold reported.")] = 0.5,
         max_sim: Annotated[Optional[int], typer.Option(help="Use only this many held-out triplets.")] = None,
-        compare: Annotated[Optional[str], typer.Option(help="Second model evaluated on the same data.")] = None) -> None:
+        compare: Annotated[Optional[str], typer.Option(
+            help="Second model evaluated on the same data.")] = None) -> None:
     """Evaluate a real/bogus model on held-out simulated and real ZTF triplets; write a Markdown + PNG report."""
     from broker.training.evaluation import main_eval
 
@@ -330,9 +351,11 @@ def eval_realbogus(
 
 
 @app.command()
-def explain(path: Annotated[Path, typer.Argument(help="Avro alert file, or .npz (science/reference/difference, or a shard's x).")],
+def explain(path: Annotated[Path, typer.Argument(
+    help="Avro alert file, or .npz (science/reference/difference, or a shard's x).")],
             index: Annotated[int, typer.Option(help="Record / row in the file.")] = 0,
-            out: Annotated[Optional[Path], typer.Option(help="PNG (default: <stem>-<index>-explain.png next to the input).")] = None,
+            out: Annotated[Optional[Path], typer.Option(
+                help="PNG (default: <stem>-<index>-explain.png next to the input).")] = None,
             model: Annotated[Optional[str], typer.Option(help="Model version or .pt path.")] = None,
             steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 64) -> None:
     """Attribution map (integrated gradients) of the real/bogus score of one triplet, as a PNG."""

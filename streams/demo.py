@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from astropy.wcs import WCS
 
 from broker.simulate import SimConfig, SkySimulator, Truth
 from streams import serde, topics
@@ -47,21 +48,25 @@ class DemoResult:
     latencies: list[float] = field(default_factory=list)  # s, exposure end -> alert received
     dead_letters: list[dict] = field(default_factory=list)
     saturated: dict[str, np.ndarray] = field(default_factory=dict)  # frame id -> (n, 2) RA/Dec, deg
-    wcs: dict[str, object] = field(default_factory=dict)  # frame id -> celestial WCS
+    wcs: dict[str, WCS] = field(default_factory=dict)  # frame id -> celestial WCS
 
     _mask_xy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def in_saturation_mask(self, frame_id: str, inj) -> bool:
-        """Whether ``inj`` lies within :data:`SATURATION_MASK_PX` of a pixel saturated in its
-        frame or in any frame of the same field that went into the reference."""
+        """Whether ``inj`` lies inside a saturated-star mask.
+
+        Whether ``inj`` lies within :data:`SATURATION_MASK_PX` of a pixel saturated in its
+        frame or in any frame of the same field that went into the reference.
+        """
         xy = self._mask_xy.get(frame_id)
         if xy is None:  # once per frame, after the statuses are in
             field_ = self.truths[frame_id].field
-            sky = [self.saturated[fid] for fid, status in self.statuses.items() if fid in self.saturated
-                   and (fid == frame_id or (status in ("REFERENCE_BUILDING", "IN_REFERENCE")
-                                            and self.truths[fid].field == field_))]
-            sky = np.concatenate(sky) if sky else np.zeros((0, 2))
-            xy = self._mask_xy[frame_id] = np.column_stack(self.wcs[frame_id].wcs_world2pix(sky[:, 0], sky[:, 1], 0))
+            parts = [self.saturated[fid] for fid, status in self.statuses.items() if fid in self.saturated
+                     and (fid == frame_id or (status in ("REFERENCE_BUILDING", "IN_REFERENCE")
+                                              and self.truths[fid].field == field_))]
+            sky = np.concatenate(parts) if parts else np.zeros((0, 2))
+            xy = np.column_stack(self.wcs[frame_id].wcs_world2pix(sky[:, 0], sky[:, 1], 0))
+            self._mask_xy[frame_id] = xy
         return bool(len(xy)) and float(np.min(np.hypot(xy[:, 0] - inj.x, xy[:, 1] - inj.y))) <= SATURATION_MASK_PX
 
     def _subtracted_transients(self, lo: float, hi: float):
@@ -79,12 +84,15 @@ class DemoResult:
         return out
 
     def recovery(self) -> list[tuple[str, int, int]]:
-        """(S/N bin, recovered, injected) for transients in subtracted frames outside the
-        saturated-star masks (those are in :meth:`masked`)."""
+        """Transients recovered per S/N bin, outside the saturated-star masks.
+
+        (S/N bin, recovered, injected) for transients in subtracted frames outside the
+        saturated-star masks (those are in :meth:`masked`).
+        """
         edges = (*SNR_BINS, np.inf)
         by_frame = self._by_frame()
         rows = []
-        for lo, hi in zip(edges[:-1], edges[1:]):
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
             found = [any(matches(a, inj) for a in by_frame.get(fid, []))
                      for fid, inj in self._subtracted_transients(lo, hi)
                      if not self.in_saturation_mask(fid, inj)]
@@ -100,9 +108,12 @@ class DemoResult:
         return sum(found), len(found)
 
     def missed(self, min_snr: float = 10.0) -> list[tuple[str, str, float, float, bool]]:
-        """Transients with S/N >= ``min_snr`` in subtracted frames that got no alert: (frame id,
+        """Bright transients of subtracted frames that got no alert.
+
+        Transients with S/N >= ``min_snr`` in subtracted frames that got no alert: (frame id,
         source id, S/N, distance to the nearest alert of that frame in px, inside a saturated-star
-        mask)."""
+        mask).
+        """
         by_frame = self._by_frame()
         out = []
         for frame_id, inj in self._subtracted_transients(min_snr, np.inf):
@@ -168,12 +179,18 @@ def stop_stages(procs: list[subprocess.Popen], timeout: float = 20.0) -> None:
             p.kill()
 
 
+def _stage_of(proc: subprocess.Popen) -> str:
+    """The stage a process of :func:`start_stages` runs (its ``broker stage NAME`` argument)."""
+    args = proc.args
+    return str(args[4]) if isinstance(args, list) else str(args)
+
+
 def wait_until_drained(settings: KafkaSettings, procs: list[subprocess.Popen], timeout: float,
                        on_progress: Callable[[int], None] | None = None) -> None:
     """Block until every stage has committed all of its input (raise if a stage died)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        dead = [p.args[4] for p in procs if p.poll() is not None]
+        dead = [_stage_of(p) for p in procs if p.poll() is not None]
         if dead:
             raise RuntimeError(f"stage process(es) {dead} exited early; see their logs")
         backlog = sum(stage_backlog(settings, s.name, s.input) for s in STAGES)

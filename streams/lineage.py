@@ -28,6 +28,7 @@ SRC_HEADER = "src"
 
 
 def src_of(topic: str, partition: int, offset: int) -> bytes:
+    """The ``src`` header value of the message at ``topic:partition:offset``."""
     return f"{topic}:{partition}:{offset}".encode()
 
 
@@ -86,9 +87,11 @@ class Deduplicator:
         consumer.assign([tp])
         while True:
             msg = consumer.poll(5.0)
-            if msg is None or msg.error() or (end is not None and msg.offset() >= end):
+            offset = msg.offset() if msg is not None else None
+            if msg is None or msg.error() or offset is None or (end is not None and offset >= end):
                 return
-            parsed = parse_src(dict(msg.headers() or []).get(SRC_HEADER))
+            value = dict(msg.headers() or []).get(SRC_HEADER)
+            parsed = parse_src(value.encode() if isinstance(value, str) else value)
             if parsed is not None:
                 yield parsed
 
@@ -108,8 +111,11 @@ class Deduplicator:
         return marks
 
     def _recover_made(self, topic: str, partition: int) -> int:
-        """Highest offset of input partition (topic, partition) whose outputs are on the tail of
-        an output topic (-1 when none): all outputs of an input commit together, and in order."""
+        """Highest offset of an input partition whose outputs are already on an output topic.
+
+        Highest offset of input partition (topic, partition) whose outputs are on the tail of
+        an output topic (-1 when none): all outputs of an input commit together, and in order.
+        """
         made, me = -1, f"{topic}:{partition}"
         if not self.outputs:
             return made

@@ -52,8 +52,9 @@ def read_all(settings: KafkaSettings, topic_names: list[str], timeout: float = 3
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     pending.discard((msg.topic(), msg.partition()))
                 continue
             out.append(msg)

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Published:
+    """A frame sent: its id, encoded size (bytes) and whether it went inline."""
+
     frame_id: str
     size_bytes: int
     inline: bool
@@ -65,8 +67,9 @@ class FrameProducer:
         uri = None if inline else self.store.put(payload)[0]
         if exposure_end is None:
             exposure_end = float(Time(m.mjd_end, format="mjd", scale="utc").unix)
+        headers: dict[str, str | bytes | None] = {**frame_headers(exposure_end)}
         self.producer.produce(topics.FRAMES, serde.encode("frame", frame_record(frame, payload, inline, uri)),
-                              f"{m.telescope}/{m.field}".encode(), headers=frame_headers(exposure_end))
+                              f"{m.telescope}/{m.field}".encode(), headers=headers)
         self.producer.poll(0)
         return Published(m.frame_id, len(payload), inline)
 
@@ -86,6 +89,7 @@ class FrameProducer:
         return self.publish_frame(frame)
 
     def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every frame is delivered; TimeoutError after ``timeout`` s."""
         if self.producer.flush(timeout) > 0:
             raise TimeoutError(f"{len(self.producer)} frames not delivered within {timeout} s")
 
@@ -104,8 +108,8 @@ def frame_headers(exposure_end: float) -> dict[str, bytes]:
     return {serde.SCHEMA_HEADER: serde.schema_tag("frame").encode(), EXPOSURE_END: repr(exposure_end).encode()}
 
 
-def watch(directory: Path, publish: Callable[[Path], object], stop: Callable[[], bool],
-          pattern: str = "*.fits*", poll_s: float = 1.0) -> Iterator[tuple[Path, object | Exception]]:
+def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[[], bool],
+          pattern: str = "*.fits*", poll_s: float = 1.0) -> Iterator[tuple[Path, Published | Exception]]:
     """Publish files that appear in ``directory``; yield (path, result or the error) for each.
 
     A file is sent once its size has stayed the same for one poll (so half-written files wait);
@@ -125,7 +129,7 @@ def watch(directory: Path, publish: Callable[[Path], object], stop: Callable[[],
                 sizes[path] = stat.st_size
                 continue
             try:
-                result: object | Exception = publish(path)
+                result: Published | Exception = publish(path)
             except InvalidFrame as exc:
                 result = exc
             done.add(tag)

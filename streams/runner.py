@@ -40,6 +40,8 @@ EXPOSURE_END = "t.exposure_end"
 
 @dataclass
 class InMessage:
+    """A consumed message, as a handler sees it."""
+
     topic: str
     partition: int
     offset: int
@@ -51,6 +53,8 @@ class InMessage:
 
 @dataclass
 class OutMessage:
+    """A message a handler wants produced (in the input's transaction)."""
+
     topic: str
     value: bytes
     key: bytes | None = None
@@ -62,14 +66,21 @@ Handler = Callable[[InMessage], list[OutMessage]]
 
 
 def _in_message(msg: Message) -> InMessage:
-    headers = {k: (v if v is not None else b"") for k, v in (msg.headers() or [])}
-    return InMessage(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), headers,
-                     msg.timestamp()[1])
+    """A consumed message (no error: topic, partition and offset are set) as a handler sees it."""
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    headers = {k: v.encode() if isinstance(v, str) else (v or b"") for k, v in pairs}
+    key = msg.key()
+    return InMessage(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0),
+                     key.encode() if isinstance(key, str) else key, msg.value(), headers, msg.timestamp()[1])
 
 
 def error_reason(exc: BaseException) -> str:
-    """The dead-letter reason of ``exc``: its ``reason`` for a :class:`BrokerError` (expected,
-    bad input), ``unexpected:<Type>`` for anything else (a bug)."""
+    """The dead-letter reason of ``exc``.
+
+    Its ``reason`` for a :class:`BrokerError` (expected,
+    bad input), ``unexpected:<Type>`` for anything else (a bug).
+    """
     return exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
 
 
@@ -154,10 +165,11 @@ class StageRunner:
                     if idle_timeout is not None and time.monotonic() - last > idle_timeout:
                         break
                     continue
-                if msg.error():
-                    if msg.error().fatal():
-                        raise KafkaException(msg.error())
-                    log.warning("%s: consumer error %s", self.stage, msg.error())
+                err = msg.error()
+                if err is not None:
+                    if err.fatal():
+                        raise KafkaException(err)
+                    log.warning("%s: consumer error %s", self.stage, err)
                     continue
                 self._process(consumer, producer, msg)
                 done += 1
@@ -193,8 +205,11 @@ class StageRunner:
                                f"(the last at {msg.topic}[{msg.partition}]@{msg.offset}); stopping")
 
     def _handle(self, msg: InMessage, src: bytes | None) -> tuple[list[OutMessage], bool]:
-        """The handler's outputs, or the dead-letter record of its error; and whether that error
-        was unexpected (not a :class:`BrokerError`)."""
+        """Call the handler: its outputs or the dead-letter record, and whether the error was a bug.
+
+        The handler's outputs, or the dead-letter record of its error; and whether that error
+        was unexpected (not a :class:`BrokerError`).
+        """
         try:
             if self.dedup.is_duplicate(msg.topic, msg.partition, msg.offset, src):
                 log.warning("%s: dropping %s[%d]@%d, a duplicate of upstream %s", self.stage, msg.topic,

@@ -23,6 +23,7 @@ SCHEMA_HEADER = "schema"
 
 
 def schema_tag(name: str, version: int | None = None) -> str:
+    """The ``schema`` header value of record ``name`` (current version by default)."""
     return f"{name}/{schemas.CURRENT[name] if version is None else version}"
 
 
@@ -64,6 +65,8 @@ def decode(name: str, payload: bytes | None, headers: dict[str, bytes] | None = 
         raise DecodeError(f"bytes are not a valid {name} record: {type(exc).__name__}: {exc}") from exc
     if buf.tell() != len(payload):
         raise DecodeError(f"{len(payload) - buf.tell()} trailing bytes after the {name} record")
+    if not isinstance(record, dict):  # the schemas are records; a foreign writer schema may not be
+        raise DecodeError(f"the {name} payload is not a record")
     return record
 
 
@@ -80,9 +83,12 @@ def encode_ocf(name: str, record: dict, codec: str = "null") -> bytes:
 def decode_ocf(payload: bytes) -> list[dict]:
     """All records of an Avro Object Container File (any writer schema)."""
     try:
-        return list(fastavro.reader(io.BytesIO(payload)))
+        records = list(fastavro.reader(io.BytesIO(payload)))
     except Exception as exc:
         raise DecodeError(f"not an Avro container file: {type(exc).__name__}: {exc}") from exc
+    if not all(isinstance(r, dict) for r in records):
+        raise DecodeError("the Avro container file holds values that are not records")
+    return records  # type: ignore[return-value]  # fastavro's stubs do not narrow by all()
 
 
 # --- candidate batches ----------------------------------------------------------------------------

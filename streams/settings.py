@@ -36,10 +36,12 @@ class KafkaSettings:
     extra: dict[str, str] = field(default_factory=dict)
 
     def common(self) -> dict:
+        """Settings (librdkafka names) of every client."""
         # connections closed by an idle broker are normal; librdkafka would log each one
         return {"bootstrap.servers": self.bootstrap, "log.connection.close": False, **self.extra}
 
     def producer(self, transactional_id: str | None = None) -> dict:
+        """Producer settings: transactional under ``<app_id>.<transactional_id>``, else idempotent."""
         conf = {
             **self.common(),
             "message.max.bytes": MAX_MESSAGE_BYTES,
@@ -54,6 +56,7 @@ class KafkaSettings:
         return conf
 
     def consumer(self, group: str | None, offset_reset: str = "earliest") -> dict:
+        """Consumer settings of group ``<app_id>.<group>``: manual commits, ``read_committed``."""
         conf = {
             **self.common(),
             "group.id": f"{self.app_id}.{group}" if group else f"{self.app_id}.anon",

@@ -63,8 +63,11 @@ class Stage:
 
     @property
     def writes(self) -> tuple[str, ...]:
-        """Topics the stage writes to and its restart guard reads back
-        (:class:`streams.lineage.Deduplicator`); per-filter copies are left out."""
+        """Topics the stage writes and its restart guard reads back.
+
+        Topics the stage writes to and its restart guard reads back
+        (:class:`streams.lineage.Deduplicator`); per-filter copies are left out.
+        """
         return (self.output, self.dead_letters)
 
 
@@ -206,7 +209,7 @@ def alert_handler(config: PipelineConfig) -> Handler:
             alert = build_alert(ctx, cand, batch["model_versions"], _timing(msg.headers, start), time.time())
             body = serde.encode_ocf("alert", alert)
             headers = {"_format": b"avro", serde.SCHEMA_HEADER: serde.schema_tag("alert").encode()}
-            key = cand.obj.object_id.encode()
+            key = alert["objectId"].encode()
             outs.append(OutMessage(topics.ALERTS, body, key, headers))
             outs.append(OutMessage(topics.alerts_for_filter(ctx.filter), body, key, headers))
         return outs

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import ast
 import time
-from collections import OrderedDict
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from confluent_kafka import Consumer
 from simpleeval import EvalWithCompoundTypes, InvalidExpression
 
+import schemas
 from broker.alert import read_stamp
 from broker.errors import DecodeError, FilterExpressionError
-import schemas
 from streams import serde
 from streams.settings import KafkaSettings
-
 
 #: Names a filter may use besides the ``source`` and ``scores`` fields of the alert schema.
 _EXTRA_NAMES = ("ndet", "first_mjd", "objectId", "candid", "alertId", "telescope", "field", "latency")
@@ -77,6 +76,7 @@ class AlertFilter:
             pass  # e.g. comparing the probe's numbers with strings: fine for real alerts
 
     def __call__(self, alert: dict) -> bool:
+        """Whether ``alert`` passes the filter (always, without an expression)."""
         if not self.expression:
             return True
         self._eval.names = flatten(alert)
@@ -95,16 +95,16 @@ def alerts(settings: KafkaSettings, topic: str, group: str | None = None, from_s
 
     Stops after ``max_alerts``, ``timeout`` s without a message, or when ``stop()`` is true.
     An alert whose ``alertId`` was seen among the last 100 000 is dropped: on a broker that can
-    repeat a crashed transaction (the embedded one, see :mod:`streams.lineage`) nobody sees it twice. Messages that are not Avro
-    container files are skipped with a warning record ``{"_error": ...}`` so one bad message does
-    not end a subscription.
+    repeat a crashed transaction (the embedded one, see :mod:`streams.lineage`) nobody sees it
+    twice. Messages that are not Avro container files are skipped with a warning record
+    ``{"_error": ...}`` so one bad message does not end a subscription.
     """
     conf = settings.consumer(group or f"subscriber-{uuid.uuid4().hex[:8]}", "earliest" if from_start else "latest")
     conf["enable.auto.commit"] = True
     consumer = Consumer(conf)
     consumer.subscribe([topic])
     n, last = 0, time.monotonic()
-    seen: OrderedDict[int, None] = OrderedDict()
+    seen: OrderedDict[object, None] = OrderedDict()
     try:
         while (max_alerts is None or n < max_alerts) and not stop():
             msg = consumer.poll(0.5)
@@ -116,7 +116,7 @@ def alerts(settings: KafkaSettings, topic: str, group: str | None = None, from_s
                 continue
             last = time.monotonic()
             try:
-                records = serde.decode_ocf(msg.value())
+                records = serde.decode_ocf(msg.value() or b"")
             except DecodeError as exc:
                 yield {"_error": str(exc), "_offset": msg.offset()}, time.time()
                 continue
@@ -144,7 +144,7 @@ def save_triplet_png(alert: dict, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 3, figsize=(9, 3.3))
     for ax, key, title in zip(axes, ("cutoutScience", "cutoutTemplate", "cutoutDifference"),
-                              ("science", "reference", "difference")):
+                              ("science", "reference", "difference"), strict=True):
         img = read_stamp(alert[key]["stampData"])
         finite = img[np.isfinite(img)]
         lo, hi = np.percentile(finite, [1, 99.5]) if finite.size else (0, 1)

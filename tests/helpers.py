@@ -31,7 +31,7 @@ def star_frame(shape=(256, 256), n_stars=40, fwhm=3.0, sky=500.0, seed=0, **card
     img = np.full(shape, sky, dtype=float)
     s = fwhm / 2.3548
     for x, y, f in zip(rng.uniform(10, shape[1] - 10, n_stars), rng.uniform(10, shape[0] - 10, n_stars),
-                       10 ** rng.uniform(3.5, 5.0, n_stars)):
+                       10 ** rng.uniform(3.5, 5.0, n_stars), strict=True):
         img += f / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
     data = rng.poisson(img).astype(np.float32)
     h = header(shape, **cards)

@@ -66,6 +66,8 @@ def detections_from_significance(S: np.ndarray, bad: np.ndarray, threshold: floa
 
 @dataclass
 class Score:
+    """Scores of one difference image: completeness against theory, false detections and residual RMS."""
+
     completeness: np.ndarray      # per SNR_BINS bin
     theory: np.ndarray            # per bin, mean Phi(snr_eff - 5)
     n_per_bin: np.ndarray
@@ -92,8 +94,11 @@ def _fit_snr50(snr: np.ndarray, p: np.ndarray) -> float:
 
 
 def match(pair, det_x, det_y, det_v) -> tuple[np.ndarray, int, int, int]:
-    """Injections recovered (a positive detection within ``MATCH_RADIUS_PX``), and the false
-    detections (farther than ``FALSE_RADIUS_PX`` from every injection): all, positive, negative."""
+    """Injections recovered and false detections: all, positive, negative.
+
+    An injection is recovered by a positive detection within ``MATCH_RADIUS_PX``; a false detection is
+    farther than ``FALSE_RADIUS_PX`` from every injection.
+    """
     inj = np.column_stack([pair.inj_x, pair.inj_y])
     rec = np.zeros(len(inj), bool)
     if not len(det_x):
@@ -129,7 +134,7 @@ def score(pair, D, det_x, det_y, det_v, bad, var_in, psf_d, fwhm) -> Score:
     stars = np.zeros(D.shape, bool)
     sel = (pair.star_flux > 2e4)
     r = int(np.ceil(2 * fwhm))
-    for x, y in zip(pair.star_x[sel], pair.star_y[sel]):
+    for x, y in zip(pair.star_x[sel], pair.star_y[sel], strict=True):
         ix, iy = int(round(x)), int(round(y))
         stars[max(0, iy - r):iy + r + 1, max(0, ix - r):ix + r + 1] = True
     zs = z[ok & stars]

@@ -64,6 +64,8 @@ class PairConfig:
 
 @dataclass
 class Pair:
+    """A synthetic science/reference pair with its truth: injections, stars, noise-free models and PSFs."""
+
     science: Frame
     reference: Frame
     inj_x: np.ndarray         # science px
@@ -165,7 +167,7 @@ def _zogy_snr(psf_n, psf_r, var_n, var_r, F_r):
     pr = np.abs(np.fft.fft2(np.fft.ifftshift(psf_r))) ** 2
     npx = pn.size
     out = np.empty(len(var_n))
-    for i, (vn, vr) in enumerate(zip(var_n, var_r)):
+    for i, (vn, vr) in enumerate(zip(var_n, var_r, strict=True)):
         out[i] = np.sqrt(np.sum(pn * pr * F_r ** 2 / (vn * F_r ** 2 * pr + vr * pn)) / npx)
     return out
 
@@ -187,11 +189,13 @@ def make_pair(seed: int = 42, cfg: PairConfig = PairConfig()) -> Pair:
             rng.uniform(0, np.pi, cfg.n_galaxies))
     psf_n = moffat_stamps(np.zeros(1), np.zeros(1), cfg.stamp, cfg.fwhm_sci, cfg.beta_sci)[0]
     psf_r = moffat_stamps(np.zeros(1), np.zeros(1), cfg.stamp, cfg.fwhm_ref, cfg.beta_ref)[0]
-    ref_model = _scene(cfg, x, y, flux, gx, gy, gflux, gpar, cfg.fwhm_ref, cfg.beta_ref, cfg.depth) + _sky(cfg, cfg.depth)
+    ref_model = (_scene(cfg, x, y, flux, gx, gy, gflux, gpar, cfg.fwhm_ref, cfg.beta_ref, cfg.depth)
+                 + _sky(cfg, cfg.depth))
     # science pixel p sees the reference pixel p - shift... the WCS of the science frame has its
     # CRPIX moved by +shift, i.e. a sky position at reference pixel q lies at science pixel q + shift
     xs_, ys_ = x + sx, y + sy
-    sci_model = _scene(cfg, xs_, ys_, flux, gx + sx, gy + sy, gflux, gpar, cfg.fwhm_sci, cfg.beta_sci, 1.0) + _sky(cfg, 1.0)
+    sci_model = (_scene(cfg, xs_, ys_, flux, gx + sx, gy + sy, gflux, gpar, cfg.fwhm_sci, cfg.beta_sci, 1.0)
+                 + _sky(cfg, 1.0))
 
     # injections: away from the edges, from each other, and from stars brighter than 2e4 ADU
     from scipy.spatial import cKDTree
@@ -216,7 +220,9 @@ def make_pair(seed: int = 42, cfg: PairConfig = PairConfig()) -> Pair:
                 px and np.min(np.hypot(np.array(px) - cx, np.array(py) - cy)) < 20.0):
             n_gal -= g  # a host is tried once
             continue
-        px.append(cx); py.append(cy); ong.append(g)
+        px.append(cx)
+        py.append(cy)
+        ong.append(g)
     px, py, ong = np.array(px), np.array(py), np.array(ong)
     snr = rng.uniform(*cfg.snr_range, cfg.n_inject)
     # flux for the target S/N (science frame alone, source noise included): bisection in log flux

@@ -187,8 +187,11 @@ def detector(config: SimConfig, seed: int) -> Detector:
 
 
 def transients_born(config: SimConfig, birth: int) -> int:
-    """How many transients are born at epoch ``birth``; any ``transient_lifetime`` consecutive
-    births add up to ``n_transients``, so every frame after the references shows that many."""
+    """How many transients are born at epoch ``birth``.
+
+    Any ``transient_lifetime`` consecutive
+    births add up to ``n_transients``, so every frame after the references shows that many.
+    """
     life = max(config.transient_lifetime, 1)
     return config.n_transients // life + (1 if birth % life < config.n_transients % life else 0)
 

@@ -106,6 +106,7 @@ class Truth:
 
     @classmethod
     def from_dict(cls, d: dict) -> Truth:
+        """Inverse of :meth:`to_dict`."""
         d = dict(d)
         d["injections"] = [Injection(**i) for i in d.get("injections", [])]
         return cls(**d)
@@ -127,7 +128,7 @@ class _Pending:
         for inj, flat, values in self.items:
             snr = render.optimal_snr(values, flat_model[flat].astype(np.float64), gain, read_noise,
                                      flat_lost[flat])
-            out.append(Injection(snr=float(snr), **inj))  # type: ignore[arg-type]
+            out.append(Injection(snr=float(snr), **inj))
         return out
 
 
@@ -225,9 +226,12 @@ class SkySimulator:
             yield self.frame(field, filt, epoch)
 
     def static_model(self, field: str, filter: str, epoch: int) -> np.ndarray:
-        """Noise-free static scene on this frame's pixels (ADU, float32, shape (ny, nx)): sky,
+        """Noise-free static scene on this frame's pixels.
+
+        Noise-free static scene on this frame's pixels (ADU, float32, shape (ny, nx)): sky,
         stars at their mean (reference) flux and galaxies; no transients, variability, moving
-        objects or artifacts. ``frame - static_model`` is noise plus every injection."""
+        objects or artifacts. ``frame - static_model`` is noise plus every injection.
+        """
         return self._render(field, filter, epoch).static
 
     def model(self, field: str, filter: str, epoch: int) -> np.ndarray:
@@ -278,14 +282,20 @@ class SkySimulator:
 
     def _psf_stamps(self, cond: _Conditions, x: np.ndarray, y: np.ndarray, size: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Moffat stamps of the frame's PSF at (x, y) (px), with their flat indices and in-frame flags
-        (:func:`broker.simulate.render.stamp_indices`)."""
+        """Moffat stamps of the frame's PSF at (x, y), with their indices.
+
+        Moffat stamps of the frame's PSF at (x, y) (px), with their flat indices and in-frame flags
+        (:func:`broker.simulate.render.stamp_indices`).
+        """
         dx, dy, flat, inside = render.stamp_indices(x, y, size, self.config.shape)
         return render.moffat_stamps(dx, dy, size, cond.fwhm, cond.beta, cond.ellip, cond.theta), flat, inside
 
     def _static_scene(self, sky: pop.StaticSky, cond: _Conditions) -> tuple[np.ndarray, _StarPixels]:
-        """Sky with its gradient, stars at their mean flux and PSF-convolved galaxies (ADU, float32),
-        and where the stars fall."""
+        """The static scene: sky, stars and galaxies, and where the stars fall.
+
+        Sky with its gradient, stars at their mean flux and PSF-convolved galaxies (ADU, float32),
+        and where the stars fall.
+        """
         c = self.config
         ny, nx = c.shape
         yy, xx = np.ogrid[0:ny, 0:nx]
@@ -318,8 +328,11 @@ class SkySimulator:
 
     def _changes(self, field: str, epoch: int, sky: pop.StaticSky, stars: _StarPixels, nominal: WCS,
                  cond: _Conditions) -> tuple[np.ndarray, _Pending]:
-        """Transients, variable-star changes and moving objects (ADU, float32), all point sources
-        rendered in one batch of PSF stamps, and their pending injections."""
+        """Transients, variable-star changes and moving objects, and their pending injections.
+
+        Transients, variable-star changes and moving objects (ADU, float32), all point sources
+        rendered in one batch of PSF stamps, and their pending injections.
+        """
         c = self.config
         ct = cond.colour_term
         changes = np.zeros(c.shape, np.float32)
@@ -413,8 +426,11 @@ class SkySimulator:
 
     def _moving(self, field: str, mjd: float, ct: float, nominal: WCS
                 ) -> Iterator[tuple[float, float, float, str]]:
-        """(ra, dec, flux ADU, id) of the moving objects at ``mjd``: straight tracks that wrap
-        around the field, so each frame holds ``n_moving`` of them."""
+        """The moving objects at ``mjd``.
+
+        (ra, dec, flux ADU, id) of the moving objects at ``mjd``: straight tracks that wrap
+        around the field, so each frame holds ``n_moving`` of them.
+        """
         c = self.config
         ny, nx = c.shape
         m = c.edge_margin
@@ -433,7 +449,9 @@ class SkySimulator:
     def _artifacts(self, image: np.ndarray, lost: np.ndarray, pending: _Pending,
                    rng: np.random.Generator, wcs: WCS, fwhm: float) -> None:
         """Cosmic rays, hot pixels and columns, satellite trail: not PSF-convolved, recorded.
-        The pixels of all but the (smooth) trail are marked in ``lost``."""
+
+        The pixels of all but the (smooth) trail are marked in ``lost``.
+        """
         c = self.config
         ny, nx = c.shape
         flat_img, flat_lost = image.reshape(-1), lost.reshape(-1)

@@ -12,8 +12,10 @@ from broker.candidate import CUTOUT_SIZE
 
 
 def _dihedral_table(n: int) -> torch.Tensor:
-    """Flat pixel indices of the 8 views of an n x n stamp, shape (8, n * n): row ``4 * f + k``
-    is the stamp mirrored left-right if ``f``, then rotated by ``k`` x 90 degrees."""
+    """Flat pixel indices of the 8 views of an n x n stamp, shape (8, n * n).
+
+    Row ``4 * f + k`` is the stamp mirrored left-right if ``f``, then rotated by ``k`` x 90 degrees.
+    """
     src = torch.arange(n * n).view(n, n)
     return torch.stack([torch.rot90(src.flip(-1) if f else src, k, dims=(0, 1)).flatten()
                         for f in (0, 1) for k in range(4)])

@@ -88,8 +88,10 @@ _SYNTH_BOGUS = ("cosmic_ray", "hot_pixel", "hot_column", "satellite", "residual"
 
 
 def _synth_one(rng: np.random.Generator, real: bool) -> tuple[np.ndarray, str]:
-    """One raw synthetic triplet (3, 63, 63) and its kind: the scene of both epochs, the real
-    change or the artifact at the centre, then the noise."""
+    """One raw synthetic triplet (3, 63, 63) and its kind.
+
+    Made of the scene of both epochs, the real change or the artifact at the centre, then the noise.
+    """
     c = CUTOUT_SIZE // 2
     sky = rng.uniform(100, 2000)
     sig = np.sqrt(sky)
@@ -116,8 +118,10 @@ def _synth_one(rng: np.random.Generator, real: bool) -> tuple[np.ndarray, str]:
 
 def _synth_scene(rng: np.random.Generator, fw_s: float, fw_r: float
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Static sky of the science and reference stamps (seeing ``fw_s`` / ``fw_r`` px): a few
-    field stars and, in a third of cases, a galaxy near the centre."""
+    """Static sky of the science and reference stamps (seeing ``fw_s`` / ``fw_r`` px).
+
+    A few field stars and, in a third of cases, a galaxy near the centre.
+    """
     n, c = CUTOUT_SIZE, CUTOUT_SIZE // 2
     scene_s = np.zeros((n, n))
     scene_r = np.zeros((n, n))
@@ -139,9 +143,11 @@ def _synth_scene(rng: np.random.Generator, fw_s: float, fw_r: float
 def _synth_change(rng: np.random.Generator, scene_s: np.ndarray, scene_r: np.ndarray,
                   pos: tuple[float, float], fwhm: tuple[float, float], sig: float, area: float
                   ) -> tuple[str, np.ndarray]:
-    """A real change at ``pos`` of 5-80 sky sigma ``sig`` over the PSF's ``area`` (px): a
-    transient, or a variable star (its star added to both scenes in place), brightening or
-    fading; returns its kind and difference image (ADU)."""
+    """A real change at ``pos``: a transient or a variable star, brightening or fading.
+
+    It has 5-80 sky sigma ``sig`` over the PSF's ``area`` (px); a variable's star is added to both
+    scenes in place. Returns its kind and difference image (ADU).
+    """
     (x0, y0), (fw_s, fw_r), n = pos, fwhm, CUTOUT_SIZE
     kind = "transient" if rng.random() < 0.7 else "variable"
     flux = rng.uniform(5, 80) * sig * np.sqrt(area)
@@ -158,8 +164,10 @@ def _synth_change(rng: np.random.Generator, scene_s: np.ndarray, scene_r: np.nda
 def _synth_artifact(rng: np.random.Generator, scene_s: np.ndarray, scene_r: np.ndarray,
                     pos: tuple[float, float], fwhm: tuple[float, float], sig: float
                     ) -> tuple[str, np.ndarray]:
-    """A bogus kind of :data:`_SYNTH_BOGUS` at ``pos`` (a residual's star added to both scenes
-    in place); returns its kind and its image (ADU, ``sig`` the sky sigma)."""
+    """A bogus kind of :data:`_SYNTH_BOGUS` at ``pos``; returns its kind and its image (ADU).
+
+    A residual's star is added to both scenes in place; ``sig`` is the sky sigma.
+    """
     (x0, y0), (fw_s, fw_r), n, c = pos, fwhm, CUTOUT_SIZE, CUTOUT_SIZE // 2
     art = np.zeros((n, n))
     kind = _SYNTH_BOGUS[rng.integers(len(_SYNTH_BOGUS))]

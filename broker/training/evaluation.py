@@ -211,8 +211,11 @@ class _Run:
 
 
 def _eval_held_out(run: _Run, sim_dir: Path, max_sim: int | None) -> None:
-    """The held-out simulated set: metrics (``res["sim"]``), the compared model's
-    (``res["sim_compare"]``), ROC curves, score histograms and example triplets."""
+    """The held-out simulated set: metrics, the compared model's, plots and examples.
+
+    Metrics (``res["sim"]``), the compared model's (``res["sim_compare"]``), ROC curves, score
+    histograms and example triplets.
+    """
     d = load_training_set(sim_dir, np.float16)
     n = len(d["y"]) if max_sim is None else min(max_sim, len(d["y"]))
     x, y, kinds, snr = d["x"][:n], d["y"][:n].astype(int), d["kind"][:n], d["snr"][:n]
@@ -249,9 +252,11 @@ def _eval_held_out(run: _Run, sim_dir: Path, max_sim: int | None) -> None:
 
 def _by_reference_state(s: np.ndarray, y: np.ndarray, x: np.ndarray, kinds: np.ndarray,
                         ref: np.ndarray, threshold: float, soft_knee: float, config: dict) -> dict:
-    """Held-out errors by the state of the frame's reference at the equal-error ``threshold``:
-    ``errors_by_state`` ({state: {kind: (errors, n)}}) and, where some references were
-    misaligned, ``misaligned_by_lobe_ratio`` and the set's ``dipole_rule`` settings."""
+    """Held-out errors by the state of the frame's reference at the equal-error ``threshold``.
+
+    ``errors_by_state`` ({state: {kind: (errors, n)}}) and, where some references were misaligned,
+    ``misaligned_by_lobe_ratio`` and the set's ``dipole_rule`` settings.
+    """
     out: dict = {"errors_by_state": {
         str(r): {k: (round(d["misclassified"] * d["n"]), d["n"])
                  for k, d in evaluate(s[m], y[m], threshold, kinds[m])["per_kind"].items()}
@@ -266,9 +271,12 @@ def _by_reference_state(s: np.ndarray, y: np.ndarray, x: np.ndarray, kinds: np.n
 
 
 def _eval_ztf(run: _Run, ztf_dir: Path) -> None:
-    """The real ZTF alerts: agreement with ZTF's scores (``res["ztf"]``), the compared model's
-    (``res["ztf_compare"]``, with paired AUC differences), the ROC curve against drb, score
-    histograms, the largest disagreements and random examples."""
+    """The real ZTF alerts: agreement with ZTF's scores, the compared model's, plots and examples.
+
+    Agreement with ZTF's scores (``res["ztf"]``), the compared model's (``res["ztf_compare"]``, with
+    paired AUC differences), the ROC curve against drb, score histograms, the largest disagreements
+    and random examples.
+    """
     xz, meta, rejected = ztf_triplets(ztf_dir)
     sz = run.clf.score(xz) if len(xz) else np.zeros(0)
     reasons = Counter(r.split(": ", 1)[-1].split(" (")[0][:60] for r in rejected)
@@ -295,8 +303,11 @@ def _eval_ztf(run: _Run, ztf_dir: Path) -> None:
 
 def _ztf_compare(other: RealBogusClassifier, xz: np.ndarray, sz: np.ndarray,
                  meta: dict[str, np.ndarray]) -> dict:
-    """The compared model against ZTF's scores, and the paired bootstrap interval
-    (:data:`PROMOTION_LEVEL`) of the AUC difference (ours ``sz`` minus its) per ZTF score."""
+    """The compared model against ZTF's scores, and the AUC difference per ZTF score.
+
+    The AUC difference (ours ``sz`` minus its) comes with its paired bootstrap interval
+    (:data:`PROMOTION_LEVEL`).
+    """
     so = other.score(xz)
     out = {"model": other.version, **compare_with_ztf(so, meta), "delta_auc": {}}
     for name in ("drb", "rb"):
@@ -307,8 +318,11 @@ def _ztf_compare(other: RealBogusClassifier, xz: np.ndarray, sz: np.ndarray,
 
 
 def _ztf_plots(run: _Run, xz: np.ndarray, sz: np.ndarray, meta: dict[str, np.ndarray]) -> None:
-    """ROC curve against drb > 0.5, score histograms by drb, the ten largest disagreements with
-    ZTF (also listed in ``res["ztf"]["disagreements"]``) and six random examples."""
+    """Plots and examples of the ZTF alerts.
+
+    ROC curve against drb > 0.5, score histograms by drb, the ten largest disagreements with ZTF
+    (also listed in ``res["ztf"]["disagreements"]``) and six random examples.
+    """
     files, threshold = run.res["files"], run.threshold
     ok = np.isfinite(meta["drb"])
     if ok.any():
@@ -358,8 +372,10 @@ def promotion_check(res: dict) -> dict:
     proves nothing either way: then the held-out half fails, and both models must be read on
     both sets (``bench.realbogus_accuracy``) by whoever promotes.
     """
-    out: dict = {"against": (res.get("sim_compare") or res.get("ztf_compare"))["model"],
-                 "level": PROMOTION_LEVEL}
+    compared = res.get("sim_compare") or res.get("ztf_compare")
+    if compared is None:
+        raise ValueError("promotion_check needs the results of a compared model")
+    out: dict = {"against": compared["model"], "level": PROMOTION_LEVEL}
     sim, simc = res.get("sim"), res.get("sim_compare")
     if sim and simc:
         out["sim_better"] = bool(sim["eer"] < simc["eer"] and
@@ -399,8 +415,10 @@ def write_eval_report(path: Path, res: dict) -> Path:
 
 
 def _held_out_section(res: dict) -> list[str]:
-    """Report lines: the held-out simulated set's metrics, per kind, by sign, by reference state
-    and by S/N, with its plots."""
+    """Report lines: the held-out simulated set's metrics, with its plots.
+
+    The metrics overall, per kind, by sign, by reference state and by S/N.
+    """
     sim = res.get("sim")
     if not sim:
         return []
@@ -432,8 +450,10 @@ def _held_out_section(res: dict) -> list[str]:
 
 
 def _held_out_subsets(res: dict) -> list[str]:
-    """Report lines: the held-out set by sign of the difference, by the state of the frame's
-    reference and (reals) by measured S/N."""
+    """Report lines: the held-out set by subset.
+
+    By sign of the difference, by the state of the frame's reference and (reals) by measured S/N.
+    """
     sim, lines = res["sim"], []
     if sim.get("by_sign"):
         lines += ["", "By sign of the difference (a fading star and a badly subtracted one both "
@@ -588,8 +608,10 @@ def _limits_section(res: dict) -> list[str]:
 
 
 def _subset_table(res: dict, key: str, label, with_rates: bool = False) -> list[str]:
-    """Report lines: a :func:`~broker.training.metrics.by_subset` result of the held-out set,
-    each row followed by the compared model's."""
+    """Report lines: a :func:`~broker.training.metrics.by_subset` result of the held-out set.
+
+    Each row is followed by the compared model's.
+    """
     other = res.get("sim_compare") or {}
     lines = ["| candidates | n (real / bogus) | ROC AUC | FNR = FPR" +
          (" | FNR / FPR" if with_rates else "") + " |",
@@ -608,7 +630,8 @@ def _reference_table(res: dict) -> list[str]:
     """Report lines: :func:`by_reference_brightness` of the held-out set and of ZTF side by side."""
     sim = (res.get("sim") or {}).get("by_reference")
     z = (res.get("ztf") or {}).get("by_reference")
-    if not (sim or z):
+    bins = sim or z
+    if not bins:
         return []
     lines = ["## By brightness of the reference source", "",
          "Bins of the reference channel's central 5x5 px mean (normalised units; 20 is ~150 "
@@ -617,7 +640,7 @@ def _reference_table(res: dict) -> list[str]:
          "its rb > 0.5 (drb has too few negatives to split).", "",
          "| reference centre | held-out n (real / bogus) | passed (real / bogus) | AUC "
          "| ZTF n (rb > 0.5 / <= 0.5) | passed | AUC |", "|---|---|---|---|---|---|---|"]
-    for i, b in enumerate(sim or z):
+    for i, b in enumerate(bins):
         cells = [f"< {b['hi']:g}" if b["lo"] == -np.inf else
                  f">= {b['lo']:g}" if b["hi"] == np.inf else f"{b['lo']:g} to {b['hi']:g}"]
         for side in (sim, z):
@@ -636,8 +659,10 @@ def _card_config(clf: RealBogusClassifier) -> dict | None:
 
 
 def _relative(path: str | Path, root: Path) -> str:
-    """``path`` relative to the repository root (``../shared/...`` for the shared data), so that
-    reports and model cards do not record the machine they were made on."""
+    """``path`` relative to the repository root (``../shared/...`` for the shared data).
+
+    Reports and model cards thus do not record the machine they were made on.
+    """
     return os.path.relpath(Path(path).resolve(), root)
 
 

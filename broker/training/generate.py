@@ -17,15 +17,19 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from broker.anomaly import features_from
 from broker.candidate import Candidate
 from broker.errors import CutoutError
+from broker.frame import Frame
 from broker.normalise import NormaliseConfig, normalise_triplet
+from broker.pipeline import SUBTRACTED, FixedReference, process_frame
+from broker.reference import Reference, ReferenceConfig, build_reference
+from broker.simulate import SimConfig, SkySimulator
+from broker.subtract import SubtractConfig
 from broker.training.labels import (
     FrameStress,
     LabelledCandidate,
@@ -37,11 +41,6 @@ from broker.training.settings import REFERENCE_STATES, TrainingSetConfig
 from broker.training.shards import write_training_set
 from broker.training.stress import add_science_artifacts, reference_variant
 
-if TYPE_CHECKING:
-    from broker.frame import Frame
-    from broker.reference import Reference
-    from broker.simulate import SimConfig, SkySimulator
-
 #: Peak resident memory of one generator process (bytes): 0.8 GB measured for a field of the
 #: default config (``/usr/bin/time -v`` of ``field_candidates``), rounded up.
 WORKER_MEMORY = 1 << 30
@@ -50,25 +49,27 @@ _DEFAULT = TrainingSetConfig()
 _NORMALISE = NormaliseConfig()
 
 
-def field_sim_config(sim_mod: ModuleType, config: TrainingSetConfig, rng: np.random.Generator
-                     ) -> SimConfig:
-    """Simulator settings of one field, drawn from ``rng`` within the ranges of ``config``.
+def _pair(values: Any) -> tuple[Any, Any]:
+    """A two-element setting as a tuple (a config read from JSON holds lists)."""
+    a, b = values
+    return a, b
 
-    ``sim_mod`` is :mod:`broker.simulate` (passed in, so that importing this module stays light).
-    """
+
+def field_sim_config(config: TrainingSetConfig, rng: np.random.Generator) -> SimConfig:
+    """Simulator settings of one field, drawn from ``rng`` within the ranges of ``config``."""
     lo = rng.uniform(*config.fwhm_range)
-    return sim_mod.SimConfig(
-        shape=tuple(config.shape),
+    return SimConfig(
+        shape=_pair(config.shape),
         filters=tuple(config.filters),
         n_transients=config.n_transients,
         n_cosmic_rays=config.n_cosmic_rays,
-        transient_snr_range=tuple(config.transient_snr_range),
+        transient_snr_range=_pair(config.transient_snr_range),
         transient_on_galaxy=config.transient_on_galaxy,
         n_variables=config.n_variables,
-        variable_mag_range=tuple(config.variable_mag_range),
-        variable_amplitude_range=tuple(config.variable_amplitude_range),
+        variable_mag_range=_pair(config.variable_mag_range),
+        variable_amplitude_range=_pair(config.variable_amplitude_range),
         variable_bright_cap=(None if config.variable_bright_cap is None
-                             else tuple(config.variable_bright_cap)),
+                             else _pair(config.variable_bright_cap)),
         reference_epochs=int(rng.integers(config.reference_epochs_range[0],
                                           config.reference_epochs_range[1] + 1)),
         fwhm_range=(lo, lo * rng.uniform(1.1, 1.8)),
@@ -114,21 +115,19 @@ def field_candidates(config: TrainingSetConfig, f: int,
 
 
 def _field(config: TrainingSetConfig, f: int, rng: np.random.Generator) -> _Field | None:
-    """Field ``f``'s simulator and its reference co-added from its reference epochs (None, with a
-    message, when the reference cannot be built)."""
-    from broker import reference as ref_mod
-    from broker import simulate as sim_mod
+    """Field ``f``'s simulator and its reference co-added from its reference epochs.
 
-    sim_cfg = field_sim_config(sim_mod, config, rng)
+    None, with a message, when the reference cannot be built.
+    """
+    sim_cfg = field_sim_config(config, rng)
     name = f"F{config.seed:03d}-{f:04d}"
     filt = config.filters[f % len(config.filters)]
-    sim = sim_mod.SkySimulator(sim_cfg, seed=config.seed * 100_003 + f)
+    sim = SkySimulator(sim_cfg, seed=config.seed * 100_003 + f)
     n_ref = int(sim_cfg.reference_epochs)
     ref_frames = [sim.frame(name, filt, e) for e in range(n_ref)]
     ref_injections = [i for _, t in ref_frames for i in t.injections]
     try:
-        reference = ref_mod.build_reference([fr for fr, _ in ref_frames],
-                                            ref_mod.ReferenceConfig(n_frames=n_ref))
+        reference = build_reference([fr for fr, _ in ref_frames], ReferenceConfig(n_frames=n_ref))
     except Exception as exc:  # a field without a reference is skipped, not fatal
         print(f"[training] {name} {filt}: reference failed: {exc!r}")
         return None
@@ -138,8 +137,11 @@ def _field(config: TrainingSetConfig, f: int, rng: np.random.Generator) -> _Fiel
 
 def _epoch_candidates(config: TrainingSetConfig, field: _Field, e: int, rng: np.random.Generator,
                       norm: NormaliseConfig) -> list[LabelledCandidate]:
-    """Labelled candidates of science epoch ``e``: its stress drawn, the frame through the
-    pipeline, each candidate labelled by position and then by the stress."""
+    """Labelled candidates of science epoch ``e``.
+
+    Its stress is drawn, the frame goes through the pipeline, and each candidate is labelled by
+    position and then by the stress.
+    """
     frame, truth = field.sim.frame(field.name, field.filt, e)
     ref_e, residual_kind, shift_at = reference_variant(field.reference, config, rng)
     extra = add_science_artifacts(frame, truth.fwhm, truth.sky, config, rng)
@@ -167,12 +169,11 @@ def _epoch_candidates(config: TrainingSetConfig, field: _Field, e: int, rng: np.
 
 def _subtracted(frame: Frame, reference: Reference, config: TrainingSetConfig,
                 rng: np.random.Generator, where: str) -> list[Candidate] | None:
-    """Candidates of one science frame from :func:`broker.pipeline.process_frame` with this
-    reference, subtracted without cleaning cosmic rays with probability ``p_uncleaned``; None
-    (with a message) when the subtraction fails."""
-    from broker.pipeline import SUBTRACTED, FixedReference, process_frame
-    from broker.subtract import SubtractConfig
+    """Candidates of one science frame from :func:`broker.pipeline.process_frame` with this reference.
 
+    Cosmic rays are left uncleaned with probability ``p_uncleaned``; None (with a message) when the
+    subtraction fails.
+    """
     try:
         cleaned = rng.uniform() >= config.p_uncleaned
         sub_cfg = SubtractConfig() if cleaned else SubtractConfig(cosmic_ray_sigma=0.0)
@@ -188,8 +189,10 @@ def _subtracted(frame: Frame, reference: Reference, config: TrainingSetConfig,
 
 def _labelled(c: Candidate, lab: int, kind: str, inj: Any, field: _Field, mjd: float,
               norm: NormaliseConfig, reference: str) -> LabelledCandidate | None:
-    """The candidate normalised, with its anomaly features from its source's history so far
-    (None when its cutouts cannot be normalised); a real one is added to that history."""
+    """The candidate normalised, with its anomaly features from its source's history so far.
+
+    None when its cutouts cannot be normalised; a real one is added to that history.
+    """
     sid = getattr(inj, "source_id", None) if inj is not None else None
     hist = field.histories.get(sid, []) if sid is not None else []
     try:
@@ -211,9 +214,11 @@ def _field_job(args: tuple[TrainingSetConfig, int]) -> list[LabelledCandidate]:
 
 
 def default_workers() -> int:
-    """Generator processes for this machine: one per CPU core, at most one per GiB of free
-    memory (:data:`WORKER_MEMORY`). The set does not depend on it (fields are written in
-    field order)."""
+    """Generator processes for this machine: one per CPU core, at most one per GiB of free memory.
+
+    The memory per process is :data:`WORKER_MEMORY`. The set does not depend on it (fields are
+    written in field order).
+    """
     cores = os.cpu_count() or 1
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

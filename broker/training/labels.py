@@ -105,8 +105,9 @@ def label_candidates(
 
 
 def _segments(injections: Sequence) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Injections as segments ``a + t ab`` (t in [0, 1]): start points (N, 2), directions
-    (N, 2) and squared lengths (N,), px.
+    """Injections as segments ``a + t ab`` (t in [0, 1]).
+
+    Start points (N, 2), directions (N, 2) and squared lengths (N,), px.
 
     Extended artifacts (tracks, columns, trails) are matched by distance to their segment,
     since a detection can sit anywhere along them; compact ones by distance to (x, y), a
@@ -207,8 +208,11 @@ def lobe_snrs(difference: np.ndarray, radius: float = 6.0) -> tuple[float, float
 
 
 def dipole_unseen(difference: np.ndarray, config: TrainingSetConfig) -> bool:
-    """Whether a dipole's stamp lacks the opposite lobe that ``min_dipole_lobe_snr`` and
-    ``min_dipole_lobe_ratio`` ask for (then it is left out as ambiguous)."""
+    """Whether a dipole's stamp lacks the opposite lobe that the config asks for.
+
+    The lobe is asked for by ``min_dipole_lobe_snr`` and ``min_dipole_lobe_ratio``; a dipole without
+    it is left out as ambiguous.
+    """
     central, opposite = lobe_snrs(difference)
     return bool((config.min_dipole_lobe_snr > 0 and opposite < config.min_dipole_lobe_snr)
                 or (config.min_dipole_lobe_ratio > 0
@@ -272,8 +276,9 @@ class FrameStress:
 
 def stress_label(candidate: Candidate, label: int, kind: str, injection: Any,
                  stress: FrameStress, config: TrainingSetConfig) -> tuple[int, str]:
-    """(label, kind) of a candidate labelled by position (:func:`label_candidates`) once the
-    frame's stress and the conventions of ``config`` are applied, in this order:
+    """(label, kind) of a candidate once the frame's stress and the conventions of ``config`` are applied.
+
+    The candidate comes labelled by position (:func:`label_candidates`); the rules apply in this order:
 
     1. a variable on a misaligned reference swamped by its star's dipole
        (``swamped_ratio``, :func:`swamped_label`);

@@ -49,8 +49,7 @@ def write_model_card(path: str | Path, version: str, manifest: dict, report: dic
 
 
 def _card_model(version: str, arch: dict, cfg: dict) -> list[str]:
-    """Card lines: title, the network (``arch``: a sidecar's architecture with its cost), its
-    input and output."""
+    """Card lines: title, the network (``arch``: a sidecar's architecture with its cost), its input and output."""
     one = arch.get("members", [arch])[0]
     net = f"`broker.realbogus.{one['name']}` (width {one['width']}, dense {one['dense']}"
     if "members" in arch:
@@ -87,8 +86,7 @@ def _card_data(manifest: dict) -> list[str]:
 
 
 def _card_training(report: dict, arch: dict) -> list[str]:
-    """Card lines: how the network was trained and its validation figures, from the training
-    report."""
+    """Card lines: how the network was trained and its validation figures, from the training report."""
     cfg = report["config"]
     own = "members" in arch and cfg.get("member_splits", False)
     split = ", member 0; each member draws its own split" if own else ""
@@ -135,8 +133,10 @@ def _card_evaluation(evaluation: dict) -> list[str]:
 
 
 def _card_limits(gen: dict) -> list[str]:
-    """Card lines: the model's limits, with the labelling conventions of its training set
-    (``gen``: the generator config of its manifest)."""
+    """Card lines: the model's limits, with the labelling conventions of its training set.
+
+    ``gen`` is the generator config of its manifest.
+    """
     return [
         "## Limits", "",
         "- Trained on simulated frames only; the domain gap to a given telescope is unknown "
@@ -193,16 +193,20 @@ def _ensure_set(path: Path, config: TrainingSetConfig, progress: bool) -> dict:
 
 def _ensure_sets(base: TrainingSetConfig, workers: int, progress: bool,
                  *sets: tuple[Path, int, int]) -> dict:
-    """:func:`_ensure_set` of each ``(folder, target_n, seed)`` with ``base``'s other settings;
-    returns the first set's manifest."""
+    """:func:`_ensure_set` of each ``(folder, target_n, seed)`` with ``base``'s other settings.
+
+    Returns the first set's manifest.
+    """
     return [_ensure_set(path, dataclasses.replace(base, target_n=n, seed=s, workers=workers),
                         progress) for path, n, s in sets][0]
 
 
 def reproduce_command(seed: int, target_n: int, version: str, set_config: TrainingSetConfig,
                       train_config: TrainConfig) -> str:
-    """The one command that remakes a model: the CLI line when it runs these settings, else
-    the Python call with the settings that differ from the defaults.
+    """The one command that remakes a model.
+
+    The CLI line when it runs these settings, else the Python call with the settings that differ
+    from the defaults.
 
     The CLI sets the seed of both configs and ``max_seconds`` (``--max-minutes``); the thread
     count is automatic, and the generator's ``target_n``, ``seed`` and ``workers`` are
@@ -307,8 +311,10 @@ def main_train(
 
 def _write_model(clf: RealBogusClassifier, report: dict, out: Path, version: str, manifest: dict,
                  command: str, evaluate: Callable[[Path], dict]) -> dict:
-    """Write the trained model (weights, sidecar, card) to ``out``, evaluated by ``evaluate``;
-    returns :func:`main_train`'s result so far (manifest, training report, evaluation, weights)."""
+    """Write the trained model (weights, sidecar, card) to ``out``, evaluated by ``evaluate``.
+
+    Returns :func:`main_train`'s result so far (manifest, training report, evaluation, weights).
+    """
     out.mkdir(parents=True, exist_ok=True)
     arch = {**clf.net.arch, **model_cost(clf.net)}
     wpath, evaluation = _save_evaluated(clf, out / version, manifest, arch, command, evaluate)
@@ -319,9 +325,12 @@ def _write_model(clf: RealBogusClassifier, report: dict, out: Path, version: str
 
 def _save_evaluated(clf: RealBogusClassifier, path: Path, manifest: dict, arch: dict,
                     command: str, evaluate: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """Save the trained model with its data, cost and reproduce command in the sidecar,
-    evaluate the saved weights (``evaluate``: :func:`main_eval` on them), then save again with
-    the evaluation in the sidecar. Returns the weights' path and the evaluation."""
+    """Save the trained model, evaluate the saved weights, then save again with the evaluation.
+
+    The first save has the model's data, cost and reproduce command in the sidecar; ``evaluate`` is
+    :func:`main_eval` on the saved weights; the second save adds the evaluation to the sidecar.
+    Returns the weights' path and the evaluation.
+    """
     clf.metadata.update({"data": {k: manifest.get(k) for k in
                                   ("source", "seed", "n", "n_real", "n_bogus", "counts_by_kind",
                                    "config")},
@@ -334,8 +343,10 @@ def _save_evaluated(clf: RealBogusClassifier, path: Path, manifest: dict, arch: 
 
 
 def _sidecar_evaluation(evaluation: dict) -> dict:
-    """The held-out and ZTF results of :func:`main_eval` as the sidecar keeps them: without the
-    per-example lists (``disagreements``) and the figures at the equal-error threshold."""
+    """The held-out and ZTF results of :func:`main_eval` as the sidecar keeps them.
+
+    Without the per-example lists (``disagreements``) and the figures at the equal-error threshold.
+    """
     out: dict = {}
     for part in ("sim", "ztf"):  # keep the sidecar small: no per-example lists
         d = evaluation.get(part)
@@ -345,9 +356,11 @@ def _sidecar_evaluation(evaluation: dict) -> dict:
 
 def _fit_anomaly_model(ds: dict[str, np.ndarray], version: str, out: Path, seed: int,
                        data_name: str, command: str) -> dict[str, str]:
-    """Fit the anomaly model on the real-labelled candidates' features of a training set and
-    write it with its card: ``{"anomaly": path of the .npz}``, or ``{}`` (nothing written) when
-    the set has no features or fewer than 50 reals."""
+    """Fit the anomaly model on a training set's real-labelled candidates and write it with its card.
+
+    Fitted on the candidates' features; returns ``{"anomaly": path of the .npz}``, or ``{}``
+    (nothing written) when the set has no features or fewer than 50 reals.
+    """
     feats, labels = ds.get("features"), ds["y"]
     if not (feats is not None and feats.ndim == 2 and (labels == 1).sum() >= 50):
         return {}

@@ -13,6 +13,7 @@ bootstrap interval).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from broker.training.labels import lobe_snrs
 
 # --- metrics --------------------------------------------------------------------------------------
 def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5,
-             kinds: Sequence[str] | None = None) -> dict:
+             kinds: Sequence[str] | np.ndarray | None = None) -> dict:
     """Binary metrics of scores against labels (1 = real).
 
     Returns
@@ -37,7 +38,7 @@ def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float = 0.5,
     y = np.asarray(labels).astype(int)
     pred = s >= threshold
     n1, n0 = int(y.sum()), int((1 - y).sum())
-    m = {
+    m: dict[str, Any] = {
         "auc": float(roc_auc_score(y, s)) if n1 and n0 else float("nan"),
         "fnr": float(np.mean(~pred[y == 1])) if n1 else float("nan"),
         "fpr": float(np.mean(pred[y == 0])) if n0 else float("nan"),
@@ -293,8 +294,7 @@ def _auc_se(auc: float, n_pos: int, n_neg: int) -> float:
 def paired_auc_difference(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
                           n_boot: int = 2000, seed: int = 0, level: float = 0.95
                           ) -> dict[str, float]:
-    """AUC of ``scores_a`` minus AUC of ``scores_b`` on the same items, with a paired bootstrap
-    interval.
+    """AUC of ``scores_a`` minus AUC of ``scores_b`` on the same items, with a paired bootstrap interval.
 
     Both models are scored on each resample of the items, so what they share (the same hard
     items) cancels: the interval is much narrower than one from the two AUCs' own standard

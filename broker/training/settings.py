@@ -286,8 +286,11 @@ def config_dict(config: TrainingSetConfig) -> dict:
 
 
 def label_settings_differ(a: dict | None, b: dict | None) -> list[str] | None:
-    """The :data:`LABEL_SETTINGS` in which two generator configs (manifest or model-card
-    ``config`` dicts) differ; None when either is unknown (absent or not a dict)."""
+    """The :data:`LABEL_SETTINGS` in which two generator configs differ.
+
+    The configs are manifest or model-card ``config`` dicts; None when either is unknown (absent or
+    not a dict).
+    """
     if not (isinstance(a, dict) and isinstance(b, dict) and a and b):
         return None
     # a JSON round trip makes tuples lists, as they are in a manifest

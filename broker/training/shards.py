@@ -60,8 +60,7 @@ class ShardWriter:
         return self.n_real + self.n_bogus
 
     def add(self, item: LabelledCandidate) -> None:
-        """Take one candidate (an ambiguous one, label -1, is only counted); write a shard
-        when the buffers allow."""
+        """Take one candidate (an ambiguous one, label -1, is only counted); write a shard when the buffers allow."""
         self.seen[item.kind] += 1
         if item.label < 0:  # ambiguous: counted, not written
             return

@@ -14,15 +14,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
+from broker.frame import Frame
+from broker.reference import Reference
+from broker.simulate import render
+from broker.subtract import reference_sources
 from broker.training.settings import TrainingSetConfig
-
-if TYPE_CHECKING:
-    from broker.frame import Frame
-    from broker.reference import Reference
 
 #: Bogus kinds the generator adds itself to the science frame (on top of the simulator's).
 SCIENCE_ARTIFACT_KINDS = ("hot_pixel", "bad_column", "bleed", "satellite")
@@ -84,11 +85,7 @@ def reference_variant(reference: Reference, config: TrainingSetConfig, rng: np.r
         ``shift_at(x, y)``, the misalignment (px) at a position of a misaligned reference, else
         None.
     """
-    from scipy import ndimage
-
-    from broker import subtract as sub_mod
-
-    sources = sub_mod.reference_sources(reference)  # cached on the original
+    sources = reference_sources(reference)  # found once, kept by the reference
     image = np.nan_to_num(reference.image)
     u = rng.uniform()
     shift_at: ShiftAt | None = None
@@ -107,10 +104,11 @@ def reference_variant(reference: Reference, config: TrainingSetConfig, rng: np.r
 
 def _misaligned(image: np.ndarray, config: TrainingSetConfig, rng: np.random.Generator
                 ) -> tuple[np.ndarray, ShiftAt]:
-    """The reference pixels displaced by ``misalign_px`` (a plane wave of displacement, or one
-    shift for the whole frame when ``misalign_wavelength_px`` is (0, 0)) and the shift's form."""
-    from scipy import ndimage
+    """The reference pixels displaced by ``misalign_px``, and the shift's form.
 
+    The displacement is a plane wave, or one shift for the whole frame when
+    ``misalign_wavelength_px`` is (0, 0).
+    """
     r, beta = rng.uniform(*config.misalign_px), rng.uniform(0, 2 * np.pi)
     if config.misalign_wavelength_px[1] > 0:  # a plane wave of displacement along beta
         lam, alpha, phi = rng.uniform(*config.misalign_wavelength_px), \
@@ -127,8 +125,11 @@ def _misaligned(image: np.ndarray, config: TrainingSetConfig, rng: np.random.Gen
 
 
 def _wave_shift(r: float, lam: float, alpha: float, phi: float) -> ShiftAt:
-    """Displacement (px) of a plane wave of amplitude ``r`` px, wavelength ``lam`` px, direction
-    ``alpha`` and phase ``phi`` (rad); works on arrays of positions too."""
+    """Displacement (px) of a plane wave as a function of the position; works on arrays too.
+
+    The wave has amplitude ``r`` px, wavelength ``lam`` px, direction ``alpha`` and phase ``phi``
+    (rad).
+    """
     def shift_at(x: Any, y: Any) -> Any:
         return r * np.sin(2 * np.pi * (x * np.cos(alpha) + y * np.sin(alpha)) / lam + phi)
     return shift_at
@@ -225,10 +226,10 @@ def add_science_artifacts(frame: Frame, fwhm: float, sky: float, config: Trainin
 
 def _add_bleeds(img: np.ndarray, sat: float, p_bleed: float, rng: np.random.Generator
                 ) -> list[ArtifactInjection]:
-    """Bleed trails up and down the column of saturated stars (each with probability
-    ``p_bleed``), in place; ``sat`` is the saturation level, ADU."""
-    from scipy import ndimage
+    """Bleed trails up and down the column of saturated stars, in place.
 
+    Each star bleeds with probability ``p_bleed``; ``sat`` is the saturation level, ADU.
+    """
     ny = img.shape[0]
     out: list[ArtifactInjection] = []
     lab, _ = ndimage.label(img >= 0.98 * sat)
@@ -274,10 +275,11 @@ def _add_bad_columns(img: np.ndarray, sig: float, mean: float, rng: np.random.Ge
 
 def _add_trails(img: np.ndarray, sig: float, fwhm: float, config: TrainingSetConfig,
                 rng: np.random.Generator) -> list[ArtifactInjection]:
-    """Satellite trails across the frame, bright (:data:`TRAIL_BRIGHTNESS`) then faint
-    (:data:`FAINT_TRAIL_BRIGHTNESS`), with a Gaussian cross-section of ``fwhm`` px, in place."""
-    from broker.simulate import render
+    """Satellite trails across the frame, bright then faint, in place.
 
+    Bright ones (:data:`TRAIL_BRIGHTNESS`), then faint ones (:data:`FAINT_TRAIL_BRIGHTNESS`), with a
+    Gaussian cross-section of ``fwhm`` px.
+    """
     ny, nx = img.shape
     out: list[ArtifactInjection] = []
     n_bright = rng.poisson(config.trails_per_frame)

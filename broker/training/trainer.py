@@ -204,8 +204,7 @@ def train(
     version: str = "realbogus-v1",
     progress: bool = True,
 ) -> tuple[RealBogusClassifier, dict]:
-    """Train the CNN (``config.members`` > 1: an ensemble) on a loaded training set
-    (:func:`load_training_set`).
+    """Train the CNN (``config.members`` > 1: an ensemble) on a loaded training set (:func:`load_training_set`).
 
     Member ``i`` is initialised, shuffled and augmented from seed ``config.seed + i``, gets
     ``1/members`` of ``config.max_seconds`` and, with ``config.member_splits``, its own train /
@@ -268,8 +267,11 @@ def train(
 
 @dataclass
 class _Step:
-    """One network's optimisation step: the network, its optimiser and schedule, the loss with
-    its per-row weights, and the arithmetic (``bf16``: autocast to bfloat16)."""
+    """One network's optimisation step.
+
+    The network, its optimiser and schedule, the loss with its per-row weights, and the arithmetic
+    (``bf16``: autocast to bfloat16).
+    """
 
     net: nn.Module
     opt: torch.optim.Optimizer
@@ -281,19 +283,22 @@ class _Step:
 
 def _step_for(data: dict[str, np.ndarray], tr: np.ndarray, n_batches: int,
               config: TrainConfig) -> _Step:
-    """A fresh network (initialised from torch's global seed) with AdamW on a one-cycle schedule
-    over ``config.max_epochs * n_batches`` steps, and the loss weighted for the class balance of
-    rows ``tr`` and by kind (:func:`kind_weights`)."""
+    """A fresh network with AdamW on a one-cycle schedule, and its weighted loss.
+
+    The network is initialised from torch's global seed; the schedule runs over
+    ``config.max_epochs * n_batches`` steps; the loss is weighted for the class balance of rows
+    ``tr`` and by kind (:func:`kind_weights`).
+    """
     y = data["y"].astype(np.float32)
     yt = torch.from_numpy(y[tr])
     # channels-last: oneDNN's fast convolution layout on CPUs, as in inference (measured
     # ~1.18x forward + backward at batch 256 on the build machine)
-    net = build_net({"name": config.arch, "width": config.width, "dense": config.dense}
-                    ).to(memory_format=torch.channels_last)
+    net = build_net({"name": config.arch, "width": config.width, "dense": config.dense})
+    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # valid; not in torch's stubs
     opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr,
                                                 total_steps=config.max_epochs * n_batches)
-    pos_weight = torch.tensor(float((1 - yt).sum() / max(yt.sum(), 1)))
+    pos_weight = torch.tensor(float((1 - yt).sum() / yt.sum().clamp(min=1)))
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
     kinds_all = data.get("kind")
     w_all = torch.from_numpy(kind_weights(y, kinds_all, config.kind_weight_power)
@@ -349,6 +354,8 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
                 bad += 1
             if bad >= config.patience or out_of_time:
                 break
+    if best is None:  # no epoch ran, or none gave a finite validation loss
+        raise ModelError("training kept no network: no epoch gave a finite validation loss")
     step.net.load_state_dict(best)
     return step.net, {"history": hist, "epochs_run": len(hist), "seed": config.seed,
                       "n_val": len(va), "precision": "bf16" if step.bf16 else "fp32",
@@ -360,9 +367,10 @@ def _train_member(data: dict[str, np.ndarray], tr: np.ndarray, va: np.ndarray,
 def _train_epoch(step: _Step, x: np.ndarray, y: np.ndarray, tr: np.ndarray, perm: torch.Tensor,
                  gen: torch.Generator, config: TrainConfig, t0: float,
                  on_batch: Callable[[float], object]) -> tuple[float, int, bool]:
-    """One pass over rows ``tr`` in the order ``perm``, in batches of ``config.batch_size``,
-    augmented from ``gen``; stops early once ``config.max_seconds`` have passed since ``t0``.
-    ``on_batch`` gets the mean loss so far after each batch.
+    """One pass over rows ``tr`` in the order ``perm``, in batches of ``config.batch_size``.
+
+    The batches are augmented from ``gen``; the pass stops early once ``config.max_seconds`` have
+    passed since ``t0``. ``on_batch`` gets the mean loss so far after each batch.
 
     Returns
     -------

@@ -56,12 +56,16 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
             rejected.append(f"{f.name}: {exc}")
             continue
         for r in recs:
+            if not isinstance(r, dict):
+                rejected.append(f"{f.name}: not an alert packet")
+                continue
             cand = r.get("candidate") or {}
             cid = cand.get("candid", r.get("candid"))
             if dedupe and cid is not None and cid in seen:
                 continue
             try:
-                x, flags = normalise_triplet(*alert_triplet(r))
+                sci, ref, diff = alert_triplet(r)
+                x, flags = normalise_triplet(sci, ref, diff)
             except CutoutError as exc:
                 rejected.append(f"{f.name}: {exc}")
                 continue

@@ -35,10 +35,13 @@ def make_wcs(shape: tuple[int, int], dx: float = 0.0, dy: float = 0.0, rot_deg: 
 
 
 def render(shape: tuple[int, int], x: np.ndarray, y: np.ndarray, flux: np.ndarray, fwhm) -> np.ndarray:
-    """Pixel-integrated circular Gaussians (ADU) on a zero image; ``fwhm`` (px) is a number or a
-    function of the position (x, y) (a PSF that varies across the field)."""
+    """Pixel-integrated circular Gaussians (ADU) on a zero image.
+
+    ``fwhm`` (px) is a number or a function of the position (x, y) (a PSF that varies across the
+    field).
+    """
     img = np.zeros(shape, np.float64)
-    for xi, yi, fi in zip(x, y, flux):
+    for xi, yi, fi in zip(x, y, flux, strict=True):
         s = (fwhm(xi, yi) if callable(fwhm) else fwhm) / 2.3548200450309493
         h = int(np.ceil(5 * s)) + 1
         ix, iy = int(np.round(xi)), int(np.round(yi))
@@ -84,8 +87,9 @@ def make_frame(
     """One synthetic frame.
 
     ``dx, dy, rot_deg`` set the header WCS; ``true_*`` (default: the same) set the WCS used to
-    render, so that ``true != header`` is a WCS error. ``fwhm``: px, or a function of (x, y). ``extra`` = [(x, y, flux)] point sources
-    added at science pixel positions. Noise: Gaussian, variance = model / gain + read_noise^2.
+    render, so that ``true != header`` is a WCS error. ``fwhm``: px, or a function of (x, y).
+    ``extra`` = [(x, y, flux)] point sources added at science pixel positions. Noise: Gaussian,
+    variance = model / gain + read_noise^2.
     """
     rng = np.random.default_rng(seed)
     w_hdr = make_wcs(shape, dx, dy, rot_deg)
@@ -125,7 +129,7 @@ def make_reference(seed: int, shape: tuple[int, int], sky: Sky | None, *, fwhm: 
     var = noise ** 2 + model / 3.0  # a 3-frame co-add with gain 1: source noise / 3
     img = model + rng.normal(0, 1, shape) * np.sqrt(var)
     hdr = fits.Header(w.to_header())
-    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ("T1", field, "r")):
+    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ("T1", field, "r"), strict=True):
         hdr[k] = v
     return Reference(("T1", field, "r"), img.astype(np.float32), var.astype(np.float32), hdr,
                      gaussian_psf(fwhm, 8), ("r0", "r1", "r2"))

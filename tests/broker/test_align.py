@@ -64,7 +64,7 @@ def test_star_refinement_corrects_wrong_wcs():
     sci = make_frame(21, SHAPE, sky)
     ref = make_reference(22, SHAPE, sky, dx=2.7, dy=-1.9, rot_deg=1.0)
     ref.header = sci.header.copy()  # the reference WCS now lies
-    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ref.key):
+    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ref.key, strict=True):
         ref.header[k] = v
     ali = _align(ref, sci)
     assert ali.n_matched >= 20 and ali.residual_px < 0.1
@@ -115,7 +115,7 @@ def test_distorted_reference_goes_through_reproject():
     var = 64 + model / 3
     img = (model + rng.normal(0, 1, SHAPE) * np.sqrt(var)).astype(np.float32)
     hdr = fits.Header(w.to_header(relax=True))
-    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ("T1", "F1", "r")):
+    for k, v in zip(("TELESCOP", "FIELD", "FILTER"), ("T1", "F1", "r"), strict=True):
         hdr[k] = v
     ref = Reference(("T1", "F1", "r"), img, var.astype(np.float32), hdr, gaussian_psf(2.5, 8), ("a",))
     res = subtract_and_detect(sci, ref)
@@ -144,8 +144,10 @@ def test_map_bad_covers_every_pixel_the_spline_touches():
 
 
 def test_registration_error_against_truth_is_below_005_px():
-    """The fitted science -> reference map, checked on every star of the truth catalogue: a 2.7 px,
-    1 deg WCS error corrected to < 0.05 px RMS (the residual the issue asks for)."""
+    """The fitted science -> reference map, checked on every star of the truth catalogue.
+
+    A 2.7 px, 1 deg WCS error is corrected to < 0.05 px RMS (the residual the issue asks for).
+    """
     from tests.broker.conftest import make_wcs
 
     shape = (512, 512)

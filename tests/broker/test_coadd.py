@@ -46,5 +46,5 @@ def test_point_source_flux_kept_and_snr_optimal():
     # a 1/FWHM^2-weighted mean of the same inputs loses S/N (here 7 %)
     w = np.array([1.0 / f ** 2 for f in FWHM])
     w /= w.sum()
-    mean_psf = sum(wi * p for wi, p in zip(w, psfs))
+    mean_psf = sum(wi * p for wi, p in zip(w, psfs, strict=True))
     assert snr(mean_psf, np.sqrt((w ** 2).sum())) < 0.95 * optimal

@@ -19,7 +19,7 @@ def test_positive_and_negative_peaks_in_deterministic_order():
     img = _blob(shape, 10, 20, 8.0) + _blob(shape, 40, 40, -12.0) + _blob(shape, 50, 10, 6.0) \
         + _blob(shape, 30, 5, 4.0)  # below threshold
     x, y, v = find_scorr_peaks(img.astype(np.float32), 5.0)
-    assert list(zip(x, y)) == [(40, 40), (10, 20), (50, 10)]
+    assert list(zip(x, y, strict=True)) == [(40, 40), (10, 20), (50, 10)]
     assert v[0] < -11 and v[1] > 7.9 and v[2] > 5.9
 
 
@@ -28,7 +28,7 @@ def test_track_gives_one_peak():
     img[30, 10:25] = 7.0
     img[30, 17] = 9.0
     x, y, v = find_scorr_peaks(img, 5.0)
-    assert list(zip(x, y)) == [(17, 30)]
+    assert list(zip(x, y, strict=True)) == [(17, 30)]
 
 
 def test_nothing_found_is_empty():

@@ -36,8 +36,10 @@ def test_attribution_shape_and_completeness(clf, raw):
 
 
 def test_attribution_concentrates_on_the_candidate(clf, raw):
-    """For a point source the attribution is denser near the centre than elsewhere: the central
-    21x21 px (11% of the stamp) holds over twice its share of the total."""
+    """For a point source the attribution is denser near the centre than elsewhere.
+
+    The central 21x21 px (11% of the stamp) holds over twice its share of the total.
+    """
     x, labels, kinds = raw
     i = next(i for i in range(len(kinds)) if labels[i] == 1)
     exp = explain_cutouts(clf, *x[i])

@@ -38,8 +38,9 @@ def test_missing_wcs_and_metadata_are_named():
 
 
 def test_cube_is_rejected():
-    from astropy.io import fits
     import io
+
+    from astropy.io import fits
 
     buf = io.BytesIO()
     fits.PrimaryHDU(np.zeros((2, 8, 8), np.float32), header=header()).writeto(buf)

@@ -190,8 +190,11 @@ def test_ztf_nan_cutout_is_filled_and_counted():
 
 
 def test_the_generator_path_does_not_import_torch():
-    """The training-set generator runs in worker processes, and the stream stages but classify
-    run without torch: none of these modules may import it."""
+    """The generator's modules and the stream stages but classify do not import torch.
+
+    The training-set generator runs in worker processes, and the stream stages but classify run
+    without torch: none of these modules may import it.
+    """
     code = ("import sys, broker.normalise, broker.pipeline, broker.subtract, broker.anomaly, "
             "broker.alert, broker.training, broker.training.generate; "
             "print('torch' in sys.modules)")

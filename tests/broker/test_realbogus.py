@@ -1,5 +1,7 @@
-"""Tests of broker.realbogus: the network, loading and scoring, the shipped weights (normalisation:
-test_normalise.py)."""
+"""Tests of broker.realbogus: the network, loading and scoring, the shipped weights.
+
+Normalisation is tested in test_normalise.py.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from broker import MODELS_DIR
 from broker.candidate import Candidate, Detection
 from broker.errors import ConfigError, ModelError
-from broker import MODELS_DIR
 from broker.normalise import NormaliseConfig
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, RealBogusNet, RealBogusNetV2
 
@@ -112,8 +114,10 @@ def test_shipped_weights_load_and_score(shipped):
 
 @pytest.fixture(scope="module")
 def pipeline_candidates():
-    """Candidates of one small simulated frame through the project's reference + subtraction,
-    labelled from the truth: {kind: [Candidate]} (the data the shipped model is trained on)."""
+    """Candidates of one small simulated frame through the project's reference + subtraction.
+
+    Labelled from the truth: {kind: [Candidate]} (the data the shipped model is trained on).
+    """
     pytest.importorskip("broker.subtract")
     from broker.reference import ReferenceConfig, build_reference
     from broker.simulate import SimConfig, SkySimulator
@@ -151,8 +155,10 @@ def test_score_candidates_sets_rb_and_skips_bad_cutouts(shipped):
 
 
 def test_pipeline_frame_mostly_right(shipped, pipeline_candidates):
-    """On a fresh simulated frame (seed unseen in training) most reals pass and most artifacts
-    fail the 0.5 cut; the held-out numbers are in the model cards (broker/models/realbogus-v*.md)."""
+    """On a fresh simulated frame (seed unseen in training) most reals pass, most artifacts fail the 0.5 cut.
+
+    The held-out numbers are in the model cards (broker/models/realbogus-v*.md).
+    """
     real = [c for k in ("transient", "variable", "moving") for c, _ in pipeline_candidates.get(k, [])]
     bogus = [c for k in ("cosmic_ray", "hot_pixel", "hot_column")
              for c, _ in pipeline_candidates.get(k, [])]

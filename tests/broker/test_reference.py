@@ -52,8 +52,11 @@ def _matched_filter_snr(ref: Reference, x: np.ndarray, y: np.ndarray) -> np.ndar
 
 @pytest.mark.parametrize("seeing, gain", [((2.6, 2.9, 3.2), 0.99), ((1.8, 2.8, 4.5), 1.01)])
 def test_proper_coadd_gives_at_least_the_weighted_means_snr(seeing, gain):
-    """Point-source S/N of the faint sources, proper co-add over weighted mean: about equal when the
-    seeing hardly differs, higher when it differs a lot (Zackay & Ofek's case for it)."""
+    """Point-source S/N of the faint sources, proper co-add over weighted mean.
+
+    About equal when the seeing hardly differs, higher when it differs a lot (Zackay & Ofek's case
+    for it).
+    """
     shape = (256, 256)
     sky = make_sky(50, shape, 60)
     frames = [make_frame(60 + i, shape, sky, fwhm=f, dx=1.3 * i, dy=-0.7 * i, rot_deg=0.2 * i,
@@ -151,8 +154,11 @@ def test_unsafe_names_stay_inside_root(tmp_path):
 
 
 def test_defects_shared_by_every_input_are_filled_and_flagged():
-    """A bad column at the same detector pixels in every input (jitter < 1 px) becomes a filled,
-    flagged defect of the reference, not a hole that would blind the subtraction around it."""
+    """A bad column at the same detector pixels in every input becomes a filled, flagged defect.
+
+    The inputs are jittered by < 1 px; the column becomes a filled, flagged defect of the reference,
+    not a hole that would blind the subtraction around it.
+    """
     sky = make_sky(51, SHAPE, 40)
     frames = [make_frame(70 + i, SHAPE, sky, dx=0.2 * i, dy=-0.3 * i, frame_id=f"c{i}", mjd=60000.0 + i)
               for i in range(3)]

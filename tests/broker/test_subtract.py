@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from scipy.stats import norm
@@ -156,7 +158,7 @@ def test_bad_inputs_raise_typed_errors():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         SubtractConfig().threshold_sigma = 3.0  # type: ignore[misc]
 
 
@@ -232,8 +234,11 @@ def test_correlated_noise_is_renormalised_not_flooding():
 
 
 def test_psf_tiles_follow_a_psf_that_varies_across_the_field():
-    """Science seeing 2.6 px on the left, 3.2 px on the right (reference 2.2 px everywhere): one PSF
-    leaves rings on the bright stars of both sides, a PSF per 256 px tile does not."""
+    """Where the science seeing varies across the field, PSF tiles leave no rings where one PSF does.
+
+    Science seeing 2.6 px on the left, 3.2 px on the right (reference 2.2 px everywhere): one PSF
+    leaves rings on the bright stars of both sides, a PSF per 256 px tile does not.
+    """
     shape = (1024, 1024)
     sky = make_sky(60, shape, n_stars=900, fmin=3e3, fmax=2e4)
     sci = make_frame(61, shape, sky, fwhm=lambda x, y: 2.6 + 0.6 * x / shape[1], frame_id="vary")
@@ -246,8 +251,11 @@ def test_psf_tiles_follow_a_psf_that_varies_across_the_field():
 
 
 def test_sky_offset_between_the_images_is_taken_out():
-    """A residual background in the reference (its sky map biased by faint sources, say) shifts
-    S_corr on the whole frame; the blank-sky level of S_corr is measured and subtracted."""
+    """A residual background in the reference is measured on S_corr and subtracted.
+
+    The residual (its sky map biased by faint sources, say) shifts S_corr on the whole frame; the
+    blank-sky level of S_corr is measured and subtracted.
+    """
     shape = (512, 512)
     sci = make_frame(70, shape, None, frame_id="off")
     ref = make_reference(71, shape, None)

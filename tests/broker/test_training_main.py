@@ -27,7 +27,6 @@ def test_reproduce_command_names_every_setting_that_is_not_the_default():
 
 
 def test_old_sets_are_reused_and_the_bright_cap_reaches_the_simulator(tmp_path, monkeypatch):
-    from broker import simulate as sim_mod
     from broker.training import main as main_mod
 
     def regenerate(*args, **kwargs):
@@ -43,6 +42,6 @@ def test_old_sets_are_reused_and_the_bright_cap_reaches_the_simulator(tmp_path, 
         with pytest.raises(AssertionError, match="not reused"):
             main_mod._ensure_set(tmp_path, dataclasses_replace(then, **changed), progress=False)
     cfg = TrainingSetConfig(variable_bright_cap=(17.5, 0.1))
-    sim = field_sim_config(sim_mod, cfg, np.random.default_rng(0))
+    sim = field_sim_config(cfg, np.random.default_rng(0))
     assert sim.variable_bright_cap == (17.5, 0.1)
-    assert field_sim_config(sim_mod, TrainingSetConfig(), np.random.default_rng(0)).variable_bright_cap is None
+    assert field_sim_config(TrainingSetConfig(), np.random.default_rng(0)).variable_bright_cap is None

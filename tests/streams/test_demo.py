@@ -18,7 +18,7 @@ def test_recovery_counts_transients_outside_saturation_masks_and_lists_the_rest(
                                  transient_snr_range=(12.0, 13.0)), seed=5)
     res = DemoResult()
     frames = list(sim.frames(4))
-    for (frame, truth), status in zip(frames, ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE", "SUBTRACTED"]):
+    for (frame, truth), status in zip(frames, ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE", "SUBTRACTED"], strict=True):
         res.truths[truth.frame_id], res.statuses[truth.frame_id] = truth, status
         res.wcs[truth.frame_id] = frame.wcs
         res.saturated[truth.frame_id] = _saturated_sky(frame)

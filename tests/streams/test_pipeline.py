@@ -63,7 +63,8 @@ def _run(settings, workdir, send, kill=None, env=None):
     for msg in read_all(settings, [topics.ALERTS]):
         assert dict(msg.headers())["_format"] == b"avro"
         alerts += list(fastavro.reader(io.BytesIO(msg.value())))  # plain fastavro, as subscribers do
-    batches = [serde.decode("candidates", m.value(), dict(m.headers())) for m in read_all(settings, [topics.CANDIDATES])]
+    batches = [serde.decode("candidates", m.value(), dict(m.headers()))
+               for m in read_all(settings, [topics.CANDIDATES])]
     dead = {s: [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(s)])]
             for s in STAGE_NAMES}
     return alerts, batches, dead
@@ -111,7 +112,7 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
     n_cand = sum(len(b["candidates"]) for b in batches)
     assert len(alerts) == n_cand == len({a["candid"] for a in alerts})
     # every injected transient with S/N >= 10 in a subtracted frame has an alert within 1 px
-    for frame, truth in frames[3:]:
+    for _frame, truth in frames[3:]:
         mine = [a for a in alerts if a["provenance"]["frame_id"] == truth.frame_id]
         for inj in truth.of_kind("transient"):
             if inj.snr >= 10:
@@ -136,10 +137,13 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(settings, tmp_path):
-    """SIGKILL classify from outside mid-run; subtract, score and alert SIGKILL themselves inside an
-    open transaction (outputs produced, offsets not committed). Each is restarted; every frame must
-    come out exactly once, and no alert twice on the topic itself (tansu commits the killed
-    transaction; the restarted alert stage must see its outputs and not make them again)."""
+    """Stages SIGKILLed mid-run lose and duplicate nothing.
+
+    Classify is SIGKILLed from outside mid-run; subtract, score and alert SIGKILL themselves inside
+    an open transaction (outputs produced, offsets not committed). Each is restarted; every frame
+    must come out exactly once, and no alert twice on the topic itself (tansu commits the killed
+    transaction; the restarted alert stage must see its outputs and not make them again).
+    """
     frames = _frames(8, seed=5)
     index = {s: i for i, s in enumerate(STAGE_NAMES)}
 

@@ -67,8 +67,11 @@ def test_runner_stops_on_request(settings):
 
 
 def test_messages_with_no_output_are_committed_too(settings):
-    """A stage that emits nothing for some inputs (an empty batch at the alert stage) still
-    commits them (tansu 0.6 drops the offsets of a transaction without records)."""
+    """A stage that emits nothing for some inputs still commits them.
+
+    An empty batch at the alert stage, say: tansu 0.6 drops the offsets of a transaction without
+    records.
+    """
     src, dst = f"in0-{settings.app_id}", f"out0-{settings.app_id}"
     stage = f"sparse-{settings.app_id}"
     _topics(settings, src, dst, topics.dlq(stage))
@@ -109,9 +112,11 @@ def _flaky(msg):
 
 
 def test_a_bug_that_repeats_stops_the_stage_after_dead_lettering_each_message(settings, caplog):
-    """Unexpected errors are logged with their traceback, counted and dead-lettered; the third in
-    a row stops the stage (StageFailure) with all three committed, and the rest left for the
-    restarted stage."""
+    """Unexpected errors are logged, counted and dead-lettered; the third in a row stops the stage.
+
+    Each is logged with its traceback; the stage stops (StageFailure) with all three committed, and
+    the rest left for the restarted stage.
+    """
     stage = f"buggy-{settings.app_id}"
     src = _feed(settings, stage, [b"bug"] * 5)
     runner = StageRunner(stage, src, _flaky, settings, max_unexpected=3)
@@ -127,8 +132,7 @@ def test_a_bug_that_repeats_stops_the_stage_after_dead_lettering_each_message(se
 
 
 def test_bad_input_and_isolated_bugs_never_stop_the_stage(settings):
-    """Expected errors (bad input) never count towards the limit; a success resets the count of
-    unexpected ones."""
+    """Expected errors (bad input) never count towards the limit; a success resets the count of unexpected ones."""
     stage = f"sturdy-{settings.app_id}"
     values = [b"bad"] * 4 + [b"bug", b"ok", b"bug", b"bad", b"bug", b"ok"]
     src = _feed(settings, stage, values)

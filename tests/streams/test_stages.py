@@ -102,7 +102,7 @@ def test_topics_are_derived_from_the_stage_table():
     names = [t.name for t in pipeline_topics(("g", "r"))]
     assert names == ["frames", "ingested", "candidates", "classified", "scored", "alerts", "alerts.g", "alerts.r",
                      "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert"]
-    for before, after in zip(STAGES, STAGES[1:]):
+    for before, after in zip(STAGES, STAGES[1:], strict=False):  # consecutive pairs
         assert after.input == before.output  # a chain: each stage reads the previous one's output
     assert stage("subtract").writes == ("candidates", "dlq.subtract")
     with pytest.raises(ConfigError, match="unknown stage"):
