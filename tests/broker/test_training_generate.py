@@ -170,6 +170,7 @@ def test_generator_is_reproducible_and_writes_manifest(tiny_field, tmp_path):
 
 def test_frames_go_through_the_pipelines_one_path(monkeypatch, capsys):
     from broker import pipeline
+    from broker.training import generate
 
     calls = []
 
@@ -177,7 +178,7 @@ def test_frames_go_through_the_pipelines_one_path(monkeypatch, capsys):
         calls.append((type(references).__name__, references.get(frame.meta.reference_key) is not None))
         return pipeline.FrameResult(pipeline.REFERENCE_BUILDING)
 
-    monkeypatch.setattr(pipeline, "process_frame", not_subtracted)
+    monkeypatch.setattr(generate, "process_frame", not_subtracted)
     cfg = TrainingSetConfig(shape=(256, 256), epochs_per_field=2, n_transients=10, n_variables=20,
                             seed=1)
     assert field_candidates(cfg, 0) == []  # a frame that is not subtracted gives no candidates
