@@ -545,7 +545,7 @@ def main(argv=None) -> int:
     text = report(args, syn, big, dec, rub, simrows if isinstance(simrows, list) else None, comp)
     print(text)
     if not args.no_write:
-        write_section("subtraction", "## Image subtraction and detection (issue 3)\n\n" + text)
+        write_section("subtraction", "## Image subtraction and detection\n\n" + text)
     return 0
 
 

@@ -45,6 +45,12 @@ class Detection:
         Distance to the nearest source in the reference image (arcsec); +inf when none.
     ref_flux : float
         Flux of that reference source (ADU, science scale); 0 when none.
+    x_err, y_err : float
+        1-sigma errors of x and y (px) from the PSF fit on D and its noise (the inverse Fisher
+        matrix of the fit); NaN when not measured (batches written as ``candidates/v1``).
+    ra_err, dec_err : float
+        1-sigma errors along RA (of ``ra cos(dec)``) and Dec (arcsec), x_err and y_err taken through
+        the WCS's local pixel scale matrix; statistical only. NaN when not measured.
     """
 
     x: float
@@ -61,6 +67,10 @@ class Detection:
     n_bad: int
     ref_dist: float
     ref_flux: float
+    x_err: float = float("nan")
+    y_err: float = float("nan")
+    ra_err: float = float("nan")
+    dec_err: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,14 @@ class Candidate:
     obj : ObjectSummary or None
         Object this detection was associated with (score stage).
     history : list of dict
-        Previous detections of that object (score stage).
+        Previous detections of that object (score stage): ``cand_id``, ``mjd``, ``filter``, ``ra``,
+        ``dec``, ``flux``, ``flux_err``, ``snr``, ``rb``, ``magzp`` and ``limiting_flux`` (ADU of
+        that frame; None when unknown).
+    forced : list of dict
+        Forced photometry at this candidate's position on the difference images of earlier frames
+        of its key (subtract stage, :mod:`broker.diffstore`), oldest first: ``frame_id``, ``mjd``,
+        ``exptime``, ``filter``, ``flux``, ``flux_err`` (ADU of that frame), ``magzp`` (or None)
+        and ``limiting_flux`` (that frame's, ADU).
     """
 
     cand_id: str
@@ -115,6 +132,7 @@ class Candidate:
     anomaly: float | None = None
     obj: ObjectSummary | None = None
     history: list[dict] = field(default_factory=list)
+    forced: list[dict] = field(default_factory=list)
 
     def triplet(self) -> np.ndarray:
         """Cutouts stacked as (3, 63, 63) float32: science, reference, difference."""

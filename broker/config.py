@@ -7,6 +7,9 @@ A TOML file may override any field, by section::
     max_nan_fraction = 0.3
     [subtract]
     threshold = 5.0
+    [[alert_topics]]          # one table per alert topic (default: one ``ocf`` topic ``alerts``)
+    name = "alerts"
+    framing = "ocf"
 
 Each section is the config dataclass of one step; see that class for units and defaults.
 """
@@ -19,11 +22,72 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from broker.archive.config import ArchiveConfig
+from broker.diffstore import DiffStoreConfig
 from broker.errors import ConfigError
 from broker.history import HistoryConfig
 from broker.ingest import IngestConfig
 from broker.reference import ReferenceConfig
 from broker.subtract import SubtractConfig
+
+#: Framings an alert topic may use (``streams/framing.py``; ``docs/architecture.md``, "Alert framings").
+ALERT_FRAMINGS = ("ocf", "confluent", "fink")
+#: Avro container codecs of the ``ocf`` framing (``snappy`` needs cramjam).
+OCF_CODECS = ("null", "deflate", "snappy")
+
+
+@dataclass(frozen=True)
+class AlertTopicConfig:
+    """One alert topic and how it frames its alerts (``[[alert_topics]]`` in the TOML file).
+
+    Attributes
+    ----------
+    name : str
+        Topic name. Default ``alerts``, the topic of the pipeline before framings were configurable.
+    framing : str
+        One of :data:`ALERT_FRAMINGS`: ``ocf`` (default; ZTF's, read by hop-client, gcn-kafka and
+        plain fastavro), ``confluent`` (Rubin's: magic byte and schema-registry id; needs
+        ``schema_registry_url``) or ``fink`` (bare Avro body, writer schema as JSON in the key).
+    codec : str
+        Block codec of ``ocf`` containers, one of :data:`OCF_CODECS`. Default ``null``: an alert is
+        mostly gzipped FITS cutouts that no codec shrinks further.
+    per_filter : bool
+        Also copy each alert to ``<name>.<filter>`` in the same framing. Default True, as the
+        pipeline always did for ``alerts``.
+    """
+
+    name: str = "alerts"
+    framing: str = "ocf"
+    codec: str = "null"
+    per_filter: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c not in _TOPIC_CHARS for c in self.name):
+            raise ConfigError(f"invalid alert topic name {self.name!r} (letters, digits, '.', '_', '-')")
+        if self.framing not in ALERT_FRAMINGS:
+            raise ConfigError(f"unknown alert framing {self.framing!r}; one of {list(ALERT_FRAMINGS)}")
+        if self.codec not in OCF_CODECS:
+            raise ConfigError(f"unknown Avro codec {self.codec!r}; one of {list(OCF_CODECS)}")
+        if self.codec != "null" and self.framing != "ocf":
+            raise ConfigError(f"codec {self.codec!r} applies to the ocf framing only, not {self.framing!r}")
+
+
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def parse_alert_topic(text: str) -> AlertTopicConfig:
+    """An alert topic from the command-line form ``NAME=FRAMING[:CODEC]`` (e.g. ``alerts-rubin=confluent``).
+
+    Raises
+    ------
+    ConfigError
+        Malformed text, unknown framing or codec.
+    """
+    name, sep, rest = text.partition("=")
+    if not sep:
+        raise ConfigError(f"alert topic {text!r} is not NAME=FRAMING[:CODEC] (e.g. alerts=ocf:deflate)")
+    framing, _, codec = rest.partition(":")
+    return AlertTopicConfig(name.strip(), framing.strip(), codec.strip() or "null")
 
 
 @dataclass(frozen=True)
@@ -33,7 +97,8 @@ class PipelineConfig:
     Attributes
     ----------
     state_dir : Path
-        Local state: references (``refs/``), object history (``history.sqlite``).
+        Local state: references (``refs/``), object history (``history.sqlite``), difference images
+        of recent frames for forced photometry (``diffs/``, :mod:`broker.diffstore`).
     frame_store : str
         fsspec URL or directory of the frame store for frames sent by reference.
     inline_limit_bytes : int
@@ -59,6 +124,16 @@ class PipelineConfig:
         Default 5: one poison message is dead-lettered and the stage carries on; a bug that hits
         every message stops the stage within 5 messages instead of draining the stream into the
         dead-letter topic.
+    alert_topics : tuple of AlertTopicConfig
+        The alert stage's output topics; several may carry the same alerts in different framings.
+        Default: one ``ocf`` topic ``alerts`` (with its per-filter copies), as before framings.
+    schema_registry_url : str or None
+        Confluent-compatible schema registry (``http(s)://host:port``; ``mock://`` for tests in one
+        process) where ``confluent`` topics register the alert schema at start-up. Default None:
+        no registry (the alert stage then refuses to start with a ``confluent`` topic).
+    archive : ArchiveConfig
+        The archive stage: where the Parquet archive lives (default ``<state_dir>/archive``) and
+        how it batches (``[archive]``; :class:`broker.archive.config.ArchiveConfig`).
     """
 
     state_dir: Path = Path("var/state")
@@ -71,10 +146,19 @@ class PipelineConfig:
     torch_threads: int = 1
     retain_freed_memory: bool = True
     max_consecutive_unexpected: int = 5
+    alert_topics: tuple[AlertTopicConfig, ...] = (AlertTopicConfig(),)
+    schema_registry_url: str | None = None
     ingest: IngestConfig = field(default_factory=IngestConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     subtract: SubtractConfig = field(default_factory=SubtractConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
+    differences: DiffStoreConfig = field(default_factory=DiffStoreConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.alert_topics]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"alert_topics must name one or more distinct topics, not {names}")
 
 
 def _build(cls: type, values: dict, where: str):
@@ -91,7 +175,12 @@ def _build(cls: type, values: dict, where: str):
                 raise ConfigError(f"[{where}.{name}] must be a table")
             kwargs[name] = _build(hint, value, f"{where}.{name}")
         elif typing.get_origin(hint) is tuple or hint is tuple:
-            kwargs[name] = tuple(value)
+            item = (typing.get_args(hint) or (None,))[0]
+            if isinstance(item, type) and dataclasses.is_dataclass(item):  # an array of tables
+                kwargs[name] = tuple(v if isinstance(v, item) else _build(item, _table(v, f"{where}.{name}"),
+                                                                          f"{where}.{name}") for v in value)
+            else:
+                kwargs[name] = tuple(value)
         elif hint is Path:
             kwargs[name] = Path(value)
         else:
@@ -100,6 +189,12 @@ def _build(cls: type, values: dict, where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid [{where}]: {exc}") from exc
+
+
+def _table(value: object, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"[[{where}]] must be an array of tables")
+    return value
 
 
 def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:

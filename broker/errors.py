@@ -131,10 +131,35 @@ class FilterExpressionError(BrokerError):
     reason = "filter"
 
 
+class UnknownTopic(BrokerError):
+    """A topic to read that does not exist on the broker: the message names it and the existing ones."""
+
+    reason = "unknown_topic"
+
+
 class ConfigError(BrokerError):
     """An invalid configuration file or value."""
 
     reason = "config"
+
+
+class RegistryError(BrokerError):
+    """The schema registry cannot be reached or refuses a schema (at start-up of a ``confluent`` topic)."""
+
+    reason = "registry"
+
+
+# --- archive ------------------------------------------------------------------------------------
+class ArchiveError(BrokerError):
+    """An archive that cannot be used as asked: no such archive, a query it cannot run, a second writer."""
+
+    reason = "archive"
+
+
+class ArchiveCorrupt(ArchiveError):
+    """A committed archive file or commit record that is missing, truncated or altered (never skipped)."""
+
+    reason = "archive_corrupt"
 
 
 # --- runtime ------------------------------------------------------------------------------------

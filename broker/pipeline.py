@@ -7,16 +7,21 @@ Nothing else chains these steps. See ``docs/architecture.md`` ("Batch statuses")
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
 from broker.anomaly import AnomalyModel
 from broker.candidate import Candidate
+from broker.diffstore import DifferenceStore, celestial_header
 from broker.frame import Frame
 from broker.history import ObjectHistory
 from broker.reference import Reference
-from broker.subtract import SubtractConfig, subtract_and_detect
+from broker.subtract import SubtractConfig, SubtractionResult, subtract_and_detect
 
 #: Candidates come from a difference image.
 SUBTRACTED = "SUBTRACTED"
@@ -72,7 +77,8 @@ class FrameResult:
     candidates : list of Candidate
         In order of decreasing |S_corr|; empty unless ``status`` is :data:`SUBTRACTED`.
     diagnostics : dict of str -> float
-        Subtraction diagnostics (:class:`~broker.subtract.SubtractionResult`); empty unless
+        Subtraction diagnostics (:class:`~broker.subtract.SubtractionResult`), with
+        ``t_forced_s`` and ``t_diffstore_s`` (s) when a difference store was given; empty unless
         subtracted.
     """
 
@@ -81,9 +87,15 @@ class FrameResult:
     candidates: list[Candidate] = field(default_factory=list)
     diagnostics: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def limiting_flux(self) -> float | None:
+        """5-sigma limiting flux of the difference image (science ADU); None unless subtracted (or unknown)."""
+        value = self.diagnostics.get("limiting_flux")
+        return value if self.status == SUBTRACTED and value is not None and math.isfinite(value) else None
+
 
 def process_frame(frame: Frame, references: References, config: SubtractConfig = SubtractConfig(),
-                  clean: bool = True) -> FrameResult:
+                  clean: bool = True, differences: DifferenceStore | None = None) -> FrameResult:
     """Subtract ``frame``'s reference and detect, or keep the frame to build that reference.
 
     Parameters
@@ -95,6 +107,10 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     config : SubtractConfig
     clean : bool
         Whether ingest raised no quality flag: only clean frames help build a reference.
+    differences : DifferenceStore, optional
+        Where subtracted frames keep their difference images: each candidate then gets forced
+        photometry on the earlier ones (``Candidate.forced``), and the frame's is kept for later
+        frames. None (training, benchmarks): neither.
 
     Returns
     -------
@@ -119,19 +135,45 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
     if frame.meta.frame_id in reference.frame_ids:
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
-    result = subtract_and_detect(frame, reference, config)
+    result = subtract_and_detect(frame, reference, config, keep_difference=differences is not None)
     diagnostics = {k: float(v) for k, v in result.diagnostics.items()}
+    if differences is not None:
+        diagnostics.update(_forced_and_kept(frame, result, differences))
     return FrameResult(SUBTRACTED, tuple(reference.frame_ids), list(result.candidates), diagnostics)
 
 
+def _forced_and_kept(frame: Frame, result: SubtractionResult, differences: DifferenceStore) -> dict[str, float]:
+    """Forced photometry of the candidates on the earlier difference images, then this one kept.
+
+    Sets ``forced`` on each candidate; returns the time of each part (``t_forced_s``,
+    ``t_diffstore_s``, s). Measuring first means a crash between the two leaves the frame
+    unstored, and its replay stores it; earlier frames are those that started before it
+    (:meth:`~broker.diffstore.DifferenceStore.forced_photometry`), so the answer is the same.
+    """
+    meta, cands = frame.meta, result.candidates
+    t0 = time.perf_counter()
+    ra = np.array([c.detection.ra for c in cands])
+    dec = np.array([c.detection.dec for c in cands])
+    for cand, forced in zip(cands, differences.forced_photometry(meta.reference_key, meta.mjd_start, ra, dec),
+                            strict=True):
+        cand.forced = forced
+    t1 = time.perf_counter()
+    if result.difference is not None:
+        differences.put(meta, celestial_header(frame), result.difference)
+    return {"t_forced_s": t1 - t0, "t_diffstore_s": time.perf_counter() - t1}
+
+
 def associate_and_score(history: ObjectHistory, model: AnomalyModel, frame_id: str, mjd: float,
-                        band: str, candidates: Sequence[Candidate]) -> None:
+                        band: str, candidates: Sequence[Candidate], magzp: float | None = None,
+                        limiting_flux: float | None = None) -> None:
     """Associate ``candidates`` with known objects, then set their anomaly scores.
 
     Sets ``obj``, ``history`` and ``anomaly`` on each candidate (the score stage's work);
     ``mjd`` (MJD, days) is the frame's exposure start, from which the history's ages are taken.
+    The frame's zero point ``magzp`` (mag of 1 ADU) and ``limiting_flux`` (ADU) are kept with each
+    detection for later histories (None when unknown).
     """
     if not candidates:
         return
-    history.associate(frame_id, mjd, band, list(candidates))
+    history.associate(frame_id, mjd, band, list(candidates), magzp, limiting_flux)
     model.score_candidates(candidates, mjd)

@@ -510,7 +510,7 @@ def _fill_narrow_gaps(image: np.ndarray, variance: np.ndarray, saturated: np.nda
     return filled, variance, gap & np.isfinite(var_fill)
 
 
-def _safe(name: str) -> str:
+def path_component(name: str) -> str:
     """A path component for any string (percent-encoded; never '.' or '..')."""
     return quote(name, safe="-_").replace(".", "%2E") or "%00"
 
@@ -532,7 +532,7 @@ class ReferenceStore:
         self._lock = threading.Lock()
 
     def _dir(self, key: tuple[str, str, str]) -> Path:
-        return self.root.joinpath(*(_safe(k) for k in key))
+        return self.root.joinpath(*(path_component(k) for k in key))
 
     def path(self, key: tuple[str, str, str]) -> Path:
         """Where the reference of ``key`` lives (it may not exist)."""
@@ -586,7 +586,7 @@ class ReferenceStore:
                 return existing
             pend = self._dir(key) / "pending"
             pend.mkdir(parents=True, exist_ok=True)
-            target = pend / f"{_safe(frame.meta.frame_id)}.fits"
+            target = pend / f"{path_component(frame.meta.frame_id)}.fits"
             if not target.exists():
                 tmp = pend / f".{target.name}.{os.getpid()}.tmp"
                 tmp.write_bytes(encode_fits(frame, compress=True))

@@ -39,6 +39,7 @@ from broker.candidate import Candidate, Detection
 from broker.cutouts import triplet
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_outliers
 from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, sharp_peaks
+from broker.diffstore import DifferenceImage
 from broker.errors import BadPixelFraction, ReferenceUnavailable
 from broker.frame import Frame
 from broker.masks import grow_square, saturated_mask
@@ -50,6 +51,9 @@ from broker.zogy import interpolation_kernel, zogy
 
 #: Largest reference source catalogue (count): every 5 sigma source of a crowded 2k x 2k field.
 SOURCE_MAX_STARS = 20000
+
+#: Significance of the limiting flux (sigma): ZTF's ``diffmaglim`` and Rubin's limits are 5 sigma.
+LIMIT_SIGMA = 5.0
 
 #: Saturated science pixels hidden from the sky map and the star finder, before any PSF is
 #: measured: at or above this fraction of SATURATE (dimensionless; the default of
@@ -187,15 +191,20 @@ class SubtractionResult:
         PSFs stacked from the same matched stars; 0: science PSF from its own stars and the
         reference PSF from its stored stamp),
         ``flux_ratio_fallback`` (0/1), ``n_psf_stars``, ``overlap``, ``bad_fraction``,
-        ``n_candidates``, ``n_cosmic_rays`` (peaks vetoed as sharper than the PSF), ``t_<step>_s`` per
-        step and ``t_total_s`` (s); see :func:`_diagnostics` for all.
+        ``n_candidates``, ``n_cosmic_rays`` (peaks vetoed as sharper than the PSF),
+        ``limiting_flux`` (5 sigma point-source limit on blank sky, science ADU; :func:`limiting_flux`),
+        ``t_<step>_s`` per step and ``t_total_s`` (s); see :func:`_diagnostics` for all.
     images : dict of str -> ndarray, optional
         The full D (science ADU), S_corr and bad mask when ``keep_images`` was asked.
+    difference : DifferenceImage or None
+        What the difference store keeps of the frame (:mod:`broker.diffstore`), when
+        ``keep_difference`` was asked.
     """
 
     candidates: list[Candidate]
     diagnostics: dict[str, float]
     images: dict[str, np.ndarray] = field(default_factory=dict)
+    difference: DifferenceImage | None = None
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -779,12 +788,11 @@ def _measure(peaks: Peaks, images: ZogyImages, bad: np.ndarray, ali: Alignment, 
     return [d for d in dets if d is not None]  # most significant first
 
 
-def _cutouts(detections: list[Detection], science: PreparedScience, R: np.ndarray, images: ZogyImages,
-             bad: np.ndarray, flux_ratio: float, frame_id: str) -> list[Candidate]:
-    """Step 8: science and reference (background-subtracted, science ADU) and D (science ADU) stamps."""
+def _cutouts(detections: list[Detection], science: PreparedScience, R: np.ndarray, diff_cut: np.ndarray,
+             flux_ratio: float, frame_id: str) -> list[Candidate]:
+    """Step 8: science and reference (background-subtracted, science ADU) and D (``diff_cut``, science ADU) stamps."""
     sci_cut = np.where(np.isfinite(science.sky.sci), science.N, np.nan).astype(np.float32)
     ref_cut = (R / flux_ratio).astype(np.float32)
-    diff_cut = np.where(bad, np.nan, images.D_adu).astype(np.float32)
     cands = []
     for i, det in enumerate(detections):
         s, r, d = triplet(sci_cut, ref_cut, diff_cut, det.x, det.y)
@@ -822,11 +830,47 @@ def _diagnostics(science: PreparedScience, ali: Alignment, psfs: PSFMatch, masks
         "n_unfilled_px": float(science.unfilled.sum()),
         "n_candidates": float(n_candidates),
         "candidates_capped": float(peaks.capped),
+        "limiting_flux": limiting_flux(images, masks.bad),
     }
 
 
+def limiting_flux(images: ZogyImages, bad: np.ndarray, nsigma: float = LIMIT_SIGMA) -> float:
+    """The ``nsigma`` point-source flux limit of the difference image on blank sky (science ADU).
+
+    Per PSF tile, ZOGY's flux is ``S / F_S`` with ``F_S = F_D^2 sum(P_D^2)``, so its blank-sky error
+    is ``sqrt(V_S) / F_S``, V_S the median variance of S over the tile's unmasked pixels within 1.2x
+    its median (no source); the limit is the median over tiles of ``nsigma`` times that, times the
+    blank-sky std of S_corr when S_corr was divided by it (the noise the model missed). A source
+    of that flux peaks at ``nsigma`` on S_corr: the detection threshold's flux.
+
+    Returns
+    -------
+    float
+        ADU; NaN when no tile has blank sky.
+    """
+    limits = []
+    for tile in images.tiles:
+        v = images.V_S[tile.core][::4, ::4][~bad[tile.core][::4, ::4]]
+        if not v.size or tile.P_D is None:
+            continue
+        v_sky = float(np.median(v[v <= 1.2 * np.median(v)]))
+        f_s = tile.F_D ** 2 * float((tile.P_D.astype(np.float64) ** 2).sum())
+        limits.append(nsigma * np.sqrt(v_sky) / f_s)
+    scale = images.scorr_std if images.renormalised else 1.0
+    return float(np.median(limits) * scale) if limits else float("nan")
+
+
+def _difference_image(images: ZogyImages, diff_cut: np.ndarray, limit: float) -> DifferenceImage:
+    """What the difference store keeps: D (science ADU, NaN where masked), its noise, P_D per tile."""
+    noise_scale = np.sqrt(np.maximum(images.V_S / np.float32(images.v0), np.float32(1.0)))
+    tiles = images.tiles
+    psfs = np.stack([np.asarray(t.P_D, np.float32) for t in tiles])
+    return DifferenceImage(diff_cut, noise_scale, psfs, np.array([[t.y0, t.y1, t.x0, t.x1] for t in tiles]),
+                           np.array([t.F_D for t in tiles]), np.array([t.fwhm_D for t in tiles]), limit)
+
+
 def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConfig = SubtractConfig(),
-                        keep_images: bool = False) -> SubtractionResult:
+                        keep_images: bool = False, keep_difference: bool = False) -> SubtractionResult:
     """Align the reference onto the frame, ZOGY-subtract, detect >= 5 sigma peaks, cut out.
 
     Parameters
@@ -838,6 +882,9 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
     keep_images : bool
         Return D (science ADU), S_corr (sigma) and the bad mask, each (ny, nx), in ``result.images``
         (debugging, benchmarks).
+    keep_difference : bool
+        Return what the difference store keeps in ``result.difference`` (its time:
+        ``t_difference_s``).
 
     Raises
     ------
@@ -870,9 +917,14 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
         peaks = _find_peaks(images, science, psfs.fwhm_n, config)
         detections = _measure(peaks, images, masks.bad, ali, ref_stars, psfs.flux_ratio, frame.wcs, config)
     with timer.step("cutouts"):
-        cands = _cutouts(detections, science, ali.image, images, masks.bad, psfs.flux_ratio, meta.frame_id)
+        diff_cut = np.where(masks.bad, np.nan, images.D_adu).astype(np.float32)
+        cands = _cutouts(detections, science, ali.image, diff_cut, psfs.flux_ratio, meta.frame_id)
     diag = _diagnostics(science, ali, psfs, masks, inputs, images, peaks, len(cands))
+    difference = None
+    if keep_difference:
+        with timer.step("difference"):
+            difference = _difference_image(images, diff_cut, diag["limiting_flux"])
     diag.update(timer.times)
     diag["t_total_s"] = timer.total()
     kept = {"D": images.D_adu, "S_corr": images.S_corr, "bad": masks.bad} if keep_images else {}
-    return SubtractionResult(cands, diag, kept)
+    return SubtractionResult(cands, diag, kept, difference)

@@ -18,8 +18,18 @@ from rich.table import Table
 from broker.errors import BrokerError, InvalidFrame
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from broker.archive.reader import Archive
+    from broker.config import PipelineConfig
+    from streams.alert_expr import FieldSelection
+    from streams.archiver import Archiver
     from streams.demo import DemoResult
+    from streams.metrics import StageMetrics
     from streams.producer import Published
+    from streams.runner import StageRunner
+    from streams.settings import KafkaSettings
+    from streams.stages import Stage
 
 app = typer.Typer(help="A streaming transient alert broker: frames in, Avro alerts out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -29,6 +39,20 @@ Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers host:port[
 AppId = Annotated[str, typer.Option(help="Prefix of consumer groups and transactional ids.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="Pipeline config (TOML); see broker/config.py.",
                                                     envvar="BROKER_CONFIG")]
+FramingOpt = Annotated[Optional[list[str]], typer.Option(
+    "--framing", help="Alert topic as TOPIC=FRAMING[:CODEC] (framing ocf, confluent or fink; codec of ocf: "
+                      "null, deflate, snappy); repeat for several topics. Replaces [[alert_topics]] of the config.")]
+RegistryOpt = Annotated[Optional[str], typer.Option(
+    help="Schema registry URL for confluent-framed alert topics (overrides schema_registry_url).",
+    envvar="BROKER_SCHEMA_REGISTRY")]
+
+
+def _alert_overrides(framing: Optional[list[str]], registry_url: Optional[str]) -> dict:
+    """``load_config`` overrides of the alert topics (``--framing``) and the registry (``--registry-url``)."""
+    from broker.config import parse_alert_topic
+
+    return {"alert_topics": tuple(parse_alert_topic(f) for f in framing) if framing else None,
+            "schema_registry_url": registry_url}
 
 
 def _fail(exc: Exception) -> None:
@@ -37,35 +61,34 @@ def _fail(exc: Exception) -> None:
 
 
 @app.command()
-def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify | score | alert")],
+def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify | score | alert | archive")],
           bootstrap: Bootstrap, app_id: AppId = "broker", config: ConfigOpt = None,
           state_dir: Annotated[Optional[Path], typer.Option(help="Overrides state_dir of the config.")] = None,
           frame_store: Annotated[Optional[str], typer.Option(help="Overrides frame_store of the config.")] = None,
           metrics_port: Annotated[int, typer.Option(
               help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
           metrics_addr: Annotated[str, typer.Option(help="Address /metrics listens on.")] = "127.0.0.1",
-          instance: Annotated[int, typer.Option(help="Replica index (keys the transactional id).")] = 0) -> None:
+          instance: Annotated[int, typer.Option(help="Replica index (keys the transactional id).")] = 0,
+          framing: FramingOpt = None, registry_url: RegistryOpt = None) -> None:
     """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors)."""
     from broker.config import load_config
     from broker.errors import StageFailure
     from streams.metrics import StageMetrics
-    from streams.runner import StageRunner
     from streams.settings import KafkaSettings
     from streams.stages import stage as stage_named
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(levelname)s %(message)s")
+    metrics = StageMetrics(name)
     try:
         spec = stage_named(name)
-        cfg = load_config(config, state_dir=state_dir, frame_store=frame_store)
-        handler = spec.make_handler(cfg)
+        cfg = load_config(config, state_dir=state_dir, frame_store=frame_store,
+                          **_alert_overrides(framing, registry_url))
+        runner = _stage_runner(spec, cfg, KafkaSettings(bootstrap, app_id=app_id), metrics, instance)
     except BrokerError as exc:
         _fail(exc)
-    metrics = StageMetrics(name)
     if metrics_port >= 0:
         port = metrics.serve(metrics_port, metrics_addr)
         print(f"{name}: metrics on http://{metrics_addr}:{port}/metrics", flush=True)
-    runner = StageRunner(name, spec.input, handler, KafkaSettings(bootstrap, app_id=app_id), metrics, instance,
-                         outputs=spec.writes, max_unexpected=cfg.max_consecutive_unexpected)
     runner.install_signal_handlers()
     print(f"{name}: consuming {spec.input} from {bootstrap}", flush=True)
     try:
@@ -76,33 +99,59 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
     print(f"{name}: stopped after {n} messages", flush=True)
 
 
+def _stage_runner(spec: Stage, cfg: PipelineConfig, settings: KafkaSettings, metrics: StageMetrics,
+                  instance: int) -> StageRunner | Archiver:
+    """The loop of stage ``spec``: the per-message runner over its handler, or the archive's batches."""
+    from streams.archiver import Archiver, archive_url
+    from streams.runner import StageRunner
+
+    if spec.make_handler is None:  # kind "archive"
+        return Archiver(cfg.archive, archive_url(cfg), settings, metrics, spec.name, spec.input,
+                        cfg.max_consecutive_unexpected, cfg.schema_registry_url)
+    return StageRunner(spec.name, spec.input, spec.make_handler(cfg), settings, metrics, instance,
+                       outputs=spec.writes_for(cfg), max_unexpected=cfg.max_consecutive_unexpected)
+
+
 @app.command()
 def topics(bootstrap: Bootstrap,
            filters: Annotated[str, typer.Option(help="Comma-separated bands for alerts.<filter>.")] = "g,r,i",
-           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 1) -> None:
-    """Create the pipeline's topics (existing ones are left alone)."""
+           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 1,
+           config: ConfigOpt = None, framing: FramingOpt = None) -> None:
+    """Create the pipeline's topics, the configured alert topics included (existing ones are left alone)."""
+    from broker.config import load_config
     from streams.stages import pipeline_topics
     from streams.topics import create_topics
 
-    created = create_topics(bootstrap, pipeline_topics(tuple(filters.split(",")), partitions))
+    try:
+        cfg = load_config(config, **_alert_overrides(framing, None))
+    except BrokerError as exc:
+        _fail(exc)
+    created = create_topics(bootstrap, pipeline_topics(tuple(filters.split(",")), partitions, cfg))
     console.print(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
 
 
 @app.command()
 def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0,
-             create: Annotated[bool, typer.Option(help="Create the pipeline topics.")] = True) -> None:
+             create: Annotated[bool, typer.Option(help="Create the pipeline topics.")] = True,
+             registry: Annotated[bool, typer.Option(
+                 help="Also run a small in-memory schema registry (streams/registry.py).")] = True) -> None:
     """Run the embedded Kafka-compatible broker (tansu) on 127.0.0.1 until Ctrl-C."""
+    from contextlib import nullcontext
+
     from streams.embedded import EmbeddedKafka
+    from streams.registry import EmbeddedRegistry
     from streams.stages import pipeline_topics
     from streams.topics import create_topics
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedKafka(port or None) as kafka:
+    with EmbeddedKafka(port or None) as kafka, EmbeddedRegistry() if registry else nullcontext() as reg:
         if create:
             create_topics(kafka.bootstrap, pipeline_topics(("g", "r", "i")))
         print(f"bootstrap: {kafka.bootstrap}", flush=True)
+        if reg is not None:
+            print(f"schema registry: {reg.url}", flush=True)
         stop.wait()
 
 
@@ -168,41 +217,101 @@ def _report(path: Path, res: Published | Exception) -> None:
         console.print(f"[green]sent[/green] {path} as {res.frame_id} ({res.size_bytes / 1e6:.1f} MB, {how})")
 
 
+_START_HELP = ("Where a new subscription starts: earliest, latest, an offset (the same on every partition; "
+               "beyond the end: the end) or an ISO time (2025-03-01T04:00:00Z; UTC if no zone): each partition "
+               "from its first message at or after it. Without it a named --group resumes from its committed "
+               "position (earliest if none); given, it applies even to a group with commits.")
+_FILTER_HELP = ("Boolean expression over the alert: dotted paths (source.snr, scores.rb, object.ndet, "
+                "prv_sources.filter), short names (snr, rb, filter, ndet, telescope, field, latency) and functions "
+                "over the history: ndet(band) detections in band (this one included), nprev(band) previous ones, "
+                "since_first(band) and since_last(band) in days, nbands(), nnondet(band) upper limits and "
+                "since_nondet(band). "
+                "E.g. 'scores.rb > 0.8 and source.snr > 7 and ndet(\"r\") >= 2'.")
+_FIELDS_HELP = ("Show only these fields: comma-separated dotted paths, e.g. objectId,source.ra,source.dec,scores.rb "
+                "(nested in --json output; path=value in text).")
+
+
 @app.command()
 def subscribe(bootstrap: Bootstrap,
               topic: Annotated[str, typer.Option(help="Alert topic (alerts, alerts.<filter>).")] = "alerts",
-              filter: Annotated[Optional[str], typer.Option("--filter", help="e.g. 'rb > 0.8 and snr > 7'.")] = None,
-              group: Annotated[Optional[str], typer.Option(help="Consumer group (default: a new one).")] = None,
+              filter: Annotated[Optional[str], typer.Option("--filter", help=_FILTER_HELP)] = None,
+              group: Annotated[Optional[str], typer.Option(
+                  help="Consumer group (default: a new one); a named group commits its position.")] = None,
+              start: Annotated[Optional[str], typer.Option(help=_START_HELP)] = None,
+              fields: Annotated[Optional[str], typer.Option(help=_FIELDS_HELP)] = None,
               png_dir: Annotated[Optional[Path], typer.Option(
-                  help="Write each shown alert's triplet as PNG here.")] = None,
+                  help="Write each shown alert's cutout triplet as PNG here.")] = None,
               max_alerts: Annotated[Optional[int], typer.Option(help="Stop after this many alerts read.")] = None,
               timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+              status_every: Annotated[float, typer.Option(
+                  help="Seconds between status lines on stderr (alerts, lag, skipped); 0: none.")] = 5.0,
+              registry_url: RegistryOpt = None,
               json_out: Annotated[bool, typer.Option(
                   "--json", help="Print each alert as one JSON line (no cutouts).")] = False) -> None:
-    """Print alerts as they arrive, optionally filtered, optionally saving cutout triplets."""
+    """Print alerts as they arrive: from a chosen start, filtered, projected, with the lag.
+
+    Messages that are not alerts of our schema (in any framing) are skipped with a warning on stderr and counted.
+    A status line on stderr every --status-every s, and a summary at the end, give the counts and the lag.
+    A topic that does not exist is an error (exit code 2) naming the topics that do.
+    """
+    from streams.alert_expr import AlertFilter, FieldSelection
     from streams.settings import KafkaSettings
-    from streams.subscriber import AlertFilter, alerts, save_triplet_png
+    from streams.subscriber import Subscription, parse_start
 
     try:
-        keep = AlertFilter(filter)
+        keep, chosen, where = AlertFilter(filter), FieldSelection(fields), parse_start(start)
     except BrokerError as exc:
         _fail(exc)
-    for alert, _ in alerts(KafkaSettings(bootstrap), topic, group, timeout=timeout, max_alerts=max_alerts):
-        if "_error" in alert:
-            console.print(f"[yellow]skipped undecodable message at offset {alert['_offset']}: {alert['_error']}")
-            continue
-        try:
-            if not keep(alert):
-                continue
-        except BrokerError as exc:
-            _fail(exc)
-        if json_out:
-            slim = {k: v for k, v in alert.items() if not k.startswith("cutout")}
-            print(json.dumps(slim, default=float), flush=True)
-        else:
-            console.print(format_alert(alert))
-        if png_dir:
-            save_triplet_png(alert, png_dir / f"{alert['candid'].replace('/', '_')}.png")
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
+    sub = Subscription(KafkaSettings(bootstrap), topic, group, where, on_skip=_SkipWarnings(err),
+                       on_status=lambda st: err.print(f"[dim]{st.line()}[/dim]"), status_every=status_every or 1e9,
+                       registry=registry_url)
+    shown = 0
+    try:
+        with sub:
+            for alert, _ in sub.alerts(timeout, max_alerts):
+                if keep(alert):
+                    shown += 1
+                    _show_alert(alert, chosen, json_out, png_dir, err)
+    except BrokerError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        pass
+    err.print(f"{shown} shown; {sub.stats.line()}")
+
+
+class _SkipWarnings:
+    """Warn on stderr about the first 20 skipped messages; the status line counts the rest."""
+
+    def __init__(self, err: Console, first: int = 20) -> None:
+        self.err, self.left = err, first
+
+    def __call__(self, skipped: object) -> None:
+        from rich.markup import escape
+
+        self.left -= 1
+        if self.left >= 0:
+            self.err.print(f"[yellow]skipped[/yellow] {escape(str(skipped))}")
+        if self.left == 0:
+            self.err.print("[yellow]further skipped messages are only counted[/yellow]")
+
+
+def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Optional[Path], err: Console) -> None:
+    """Print one alert (JSON line or text, whole or projected) and write its triplet PNG."""
+    from rich.markup import escape
+
+    from streams.alert_expr import to_json
+    from streams.triplet_png import save_triplet_png
+
+    if json_out:
+        slim = chosen.apply(alert) if chosen else {k: v for k, v in alert.items() if not k.startswith("cutout")}
+        print(to_json(slim), flush=True)
+    else:
+        console.print(escape(chosen.text(alert) if chosen else format_alert(alert)))
+    if png_dir:
+        png = save_triplet_png(alert, png_dir / f"{alert['candid'].replace('/', '_')}.png")
+        for problem in png.problems:
+            err.print(f"[yellow]cutout not drawn[/yellow] in {png.path.name}: {escape(problem)}")
 
 
 def _score(value: float | None) -> str:
@@ -217,9 +326,9 @@ def passes(alert: dict, rb_cut: float) -> bool:
 def format_alert(alert: dict) -> str:
     """One line of text for an alert: object, candidate, band, position, S/N, magnitude, scores."""
     s, sc = alert["source"], alert["scores"]
-    mag = f"{s['magpsf']:.2f}" if s["magpsf"] is not None else "  -  "
+    mag = f"{s['magpsf']:.2f}" if s.get("magpsf") is not None else "  -  "
     return (f"{alert['objectId']} {alert['candid']:<28} {s['filter']} RA={s['ra']:9.5f} Dec={s['dec']:+9.5f} "
-            f"S/N={s['snr']:+7.1f} mag={mag} rb={_score(sc['rb'])} anomaly={sc['anomaly']:.2f} "
+            f"S/N={s['snr']:+7.1f} mag={mag} rb={_score(sc['rb'])} anomaly={_score(sc.get('anomaly'))} "
             f"ndet={alert['object']['ndet']}")
 
 
@@ -290,8 +399,120 @@ def print_summary(result: DemoResult, rb_cut: float, elapsed: float) -> None:
     if result.latencies:
         p50, p95 = np.percentile(result.latencies, [50, 95])
         table.add_row("latency exposure end -> alert", f"p50 {p50:.1f} s, p95 {p95:.1f} s")
+    if result.archive:
+        table.add_row("archive", f"{result.archived} alerts in {result.archive}")
+        table.add_row("  query it", f'broker query --archive {result.archive} "SELECT object_id, mjd, ra, dec, rb '
+                                    'FROM alerts ORDER BY rb DESC LIMIT 10"')
     table.add_row("wall time", f"{elapsed:.0f} s")
     console.print(table)
+
+
+# --- the archive ---------------------------------------------------------------------------------
+ArchiveOpt = Annotated[Optional[str], typer.Option(
+    "--archive", envvar="BROKER_ARCHIVE",
+    help="Archive directory or fsspec URL (default: [archive] path of --config, else <state-dir>/archive).")]
+StateDirOpt = Annotated[Optional[Path], typer.Option(help="Overrides state_dir of the config.")]
+_QUERY_HELP = ("SQL over the view alerts: one row per alert with night, telescope, object_id, alert_id, candid, "
+               "frame_id, mjd, ra, dec, filter, snr, magpsf, rb, anomaly, schema_version, kafka_topic, "
+               "kafka_partition, kafka_offset, and the whole record as the struct alert (alert.source.flux, "
+               "alert.prv_sources, alert.cutoutScience.stampData, ...). Cones: in_cone(ra, dec, ra0, dec0, r_deg) "
+               "and ang_sep_deg(ra1, dec1, ra2, dec2).")
+
+
+def _open_archive(archive: Optional[str], config: Optional[Path],
+                  state_dir: Optional[Path]) -> tuple[Archive, PipelineConfig]:
+    """The archive named by ``--archive`` or the config, and the config; a clear error when there is none."""
+    from broker.archive.reader import Archive
+    from broker.config import load_config
+    from broker.errors import ArchiveError
+    from streams.archiver import archive_url
+
+    cfg = load_config(config, state_dir=state_dir)
+    store = Archive(archive or archive_url(cfg))
+    if not store.fs.exists(store.root):
+        raise ArchiveError(f"no archive at {store.url}: run `broker demo` or the archive stage first, or name one "
+                           "with --archive (the demo's is var/demo/state/archive)")
+    return store, cfg
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "[dim]null[/dim]"
+    if isinstance(value, bytes):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    if isinstance(value, dict):  # a record: select its fields (alert.source.ra) to see them
+        return f"{{{len(value)} fields}}"
+    if isinstance(value, list):
+        return f"[{len(value)} items]"
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def result_table(table: pa.Table, max_rows: int) -> Table:
+    """A rich table of the first ``max_rows`` rows of an Arrow table (bytes shown as their size)."""
+    out = Table(*table.column_names, caption=f"{table.num_rows} row(s)" + (
+        f", the first {max_rows} shown (--out writes all)" if table.num_rows > max_rows else ""))
+    for row in table.slice(0, max_rows).to_pylist():
+        out.add_row(*(_cell(v) for v in row.values()))
+    return out
+
+
+@app.command()
+def query(sql: Annotated[str, typer.Argument(help=_QUERY_HELP)], archive: ArchiveOpt = None,
+          config: ConfigOpt = None, state_dir: StateDirOpt = None,
+          out: Annotated[Optional[Path], typer.Option(
+              help="Write the whole result to this .parquet or .csv file instead of printing it.")] = None,
+          max_rows: Annotated[int, typer.Option(help="Rows printed at most.")] = 50,
+          verify: Annotated[bool, typer.Option(
+              help="First check every archive file against its SHA-256 (reads the whole archive).")] = False) -> None:
+    """Run SQL over the alert archive (DuckDB, view alerts): print the result or write it to a file."""
+    try:
+        store, _ = _open_archive(archive, config, state_dir)
+        if out is not None:
+            console.print(f"wrote {store.export(sql, out, verify)} row(s) to {out}")
+            return
+        table = store.query(sql, verify)
+    except BrokerError as exc:
+        _fail(exc)
+    console.print(result_table(table, max_rows))
+
+
+@app.command()
+def replay(topic: Annotated[str, typer.Option(help="Topic to publish to: it must exist, and not be the archived one.")],
+           bootstrap: Bootstrap,
+           start: Annotated[Optional[str], typer.Option(
+               "--from", help="ISO time (UTC if no zone): alerts of exposures that started at or after it.")] = None,
+           end: Annotated[Optional[str], typer.Option(
+               "--to", help="ISO time: alerts of exposures that started before it.")] = None,
+           where: Annotated[Optional[str], typer.Option(
+               help="SQL condition over the alerts view, e.g. \"rb > 0.8 AND filter = 'r'\".")] = None,
+           framing: Annotated[str, typer.Option(help="ocf, confluent (needs --registry-url) or fink.")] = "ocf",
+           registry_url: RegistryOpt = None, archive: ArchiveOpt = None, config: ConfigOpt = None,
+           state_dir: StateDirOpt = None,
+           verify: Annotated[bool, typer.Option(
+               help="First check the files of the selection against their SHA-256.")] = True) -> None:
+    """Republish archived alerts (a time range, a condition) to a topic in any framing, with a progress bar."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from streams.framing import FramingConfig
+    from streams.replay import replay as replay_alerts
+    from streams.replay import selection
+    from streams.settings import KafkaSettings
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        store, cfg = _open_archive(archive, config, state_dir)
+        fcfg = FramingConfig(framing, "null", registry_url or cfg.schema_registry_url)
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"replay to {topic}", total=None)
+            n = replay_alerts(store, KafkaSettings(bootstrap), topic, selection(start, end, where), fcfg, verify,
+                              on_start=lambda total: progress.update(task, total=total),
+                              on_alert=lambda: progress.advance(task))
+    except BrokerError as exc:
+        _fail(exc)
+    console.print(f"replayed {n} alert(s) from {store.url} to {topic} ({framing})")
 
 
 # --- real/bogus model ----------------------------------------------------------------------------

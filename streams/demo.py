@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 from astropy.wcs import WCS
 
+from broker.archive.reader import Archive
+from broker.config import load_config
 from broker.simulate import SimConfig, SkySimulator, Truth
 from streams import serde, topics
+from streams.archiver import archive_url
 from streams.embedded import EmbeddedKafka
 from streams.framestore import FrameStore
 from streams.monitor import read_all, stage_backlog
@@ -49,6 +52,8 @@ class DemoResult:
     dead_letters: list[dict] = field(default_factory=list)
     saturated: dict[str, np.ndarray] = field(default_factory=dict)  # frame id -> (n, 2) RA/Dec, deg
     wcs: dict[str, WCS] = field(default_factory=dict)  # frame id -> celestial WCS
+    archive: str = ""  # the archive the archive stage wrote (directory or URL)
+    archived: int = 0  # alerts in it
 
     _mask_xy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -251,13 +256,13 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
         subscriber.join(10)
         for msg in read_all(settings, [s.dead_letters for s in STAGES]):
             result.dead_letters.append(serde.decode("dlq", msg.value(), dict(msg.headers() or [])))
+    result.archive = archive_url(load_config(state_dir=workdir / "state"))  # the stages' --state-dir
+    result.archived = Archive(result.archive).count()
     return result
 
 
 def _subscribe(settings: KafkaSettings, result: DemoResult, stop: threading.Event, on_alert) -> None:
     for alert, received in alerts(settings, topics.ALERTS, timeout=None, stop=stop.is_set):
-        if "_error" in alert:
-            continue
         result.alerts.append(alert)
         result.latencies.append(received - alert["timing"]["exposure_end"])
         if on_alert:

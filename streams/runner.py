@@ -65,8 +65,12 @@ class OutMessage:
 Handler = Callable[[InMessage], list[OutMessage]]
 
 
-def _in_message(msg: Message) -> InMessage:
-    """A consumed message (no error: topic, partition and offset are set) as a handler sees it."""
+def in_message(msg: Message) -> InMessage:
+    """A consumed message as a handler sees it: coordinates, key, value, headers (as bytes) and timestamp.
+
+    ``msg`` carries no error (its topic, partition and offset are set). Used by :class:`StageRunner`
+    and by the archive stage (``streams/archiver.py``), which consumes outside a transaction.
+    """
     raw = msg.headers() or []
     pairs = raw.items() if isinstance(raw, dict) else raw
     headers = {k: v.encode() if isinstance(v, str) else (v or b"") for k, v in pairs}
@@ -180,7 +184,7 @@ class StageRunner:
         return done
 
     def _process(self, consumer: Consumer, producer: Producer, raw: Message) -> None:
-        msg = _in_message(raw)
+        msg = in_message(raw)
         self.metrics.messages_in.labels(self.stage).inc()
         start = time.time()
         src = msg.headers.get(SRC_HEADER)

@@ -9,6 +9,7 @@ hop-client reads).
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict as dataclass_asdict
 from dataclasses import fields as dataclass_fields
 
@@ -92,28 +93,45 @@ def decode_ocf(payload: bytes) -> list[dict]:
 
 
 # --- candidate batches ----------------------------------------------------------------------------
-_DETECTION_FIELDS = tuple(f.name for f in dataclass_fields(Detection))
+#: Detection fields that may be unknown: NaN on :class:`Detection`, null in the record.
+_OPTIONAL_FIELDS = ("x_err", "y_err", "ra_err", "dec_err")
+_DETECTION_FIELDS = tuple(f.name for f in dataclass_fields(Detection) if f.name not in _OPTIONAL_FIELDS)
+
+
+def _or_none(value: float) -> float | None:
+    """``value``, or None when it is not a finite number (an unknown error)."""
+    return float(value) if math.isfinite(value) else None
 
 
 def candidate_to_record(cand: Candidate) -> dict:
-    """``candidates/v1`` Candidate record of ``cand`` (cutouts as raw little-endian float32)."""
+    """``candidates`` Candidate record of ``cand`` (cutouts as raw little-endian float32).
+
+    Unknown position errors (NaN) are written as null.
+    """
     det = cand.detection
     return {
         "cand_id": cand.cand_id,
         **{name: getattr(det, name) for name in _DETECTION_FIELDS},
+        **{name: _or_none(getattr(det, name)) for name in _OPTIONAL_FIELDS},
         "cutouts": cand.triplet().astype("<f4").tobytes(),
-        "rb": cand.rb, "anomaly": cand.anomaly, "history": cand.history,
+        "rb": cand.rb, "anomaly": cand.anomaly, "history": cand.history, "forced": cand.forced,
         "object": None if cand.obj is None else dataclass_asdict(cand.obj),
     }
 
 
 def record_to_candidate(rec: dict) -> Candidate:
-    """Inverse of :func:`candidate_to_record`; raises :class:`DecodeError` on a bad cutout block."""
+    """Inverse of :func:`candidate_to_record`; raises :class:`DecodeError` on a bad cutout block.
+
+    A record read from a ``candidates/v1`` batch (resolved to the current schema) has null position
+    errors (NaN on the detection) and no forced photometry.
+    """
     size = 3 * CUTOUT_SIZE * CUTOUT_SIZE * 4
     if len(rec["cutouts"]) != size:
         raise DecodeError(f"candidate {rec['cand_id']}: cutouts hold {len(rec['cutouts'])} bytes, expected {size}")
     sci, ref, diff = np.frombuffer(rec["cutouts"], dtype="<f4").reshape(3, CUTOUT_SIZE, CUTOUT_SIZE).astype(np.float32)
-    det = Detection(**{name: rec[name] for name in _DETECTION_FIELDS})
+    values = {name: rec[name] for name in _DETECTION_FIELDS}
+    values.update({name: float("nan") if rec.get(name) is None else float(rec[name]) for name in _OPTIONAL_FIELDS})
+    det = Detection(**values)
     obj = ObjectSummary(**rec["object"]) if rec.get("object") else None
     return Candidate(rec["cand_id"], det, sci, ref, diff, rec.get("rb"), rec.get("anomaly"), obj,
-                     list(rec.get("history") or []))
+                     list(rec.get("history") or []), list(rec.get("forced") or []))

@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.alert import FrameContext, build_alert
+from broker.alert import build_alert, frame_context
 from broker.anomaly import AnomalyModel
 from broker.config import PipelineConfig
+from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, sha256
 from broker.history import ObjectHistory
@@ -25,6 +26,7 @@ from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from streams import serde, topics
 from streams.framestore import FrameStore
+from streams.framing import AlertEncoder, FramingConfig
 from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage
 
 
@@ -39,36 +41,49 @@ class Stage:
         ``dlq.<name>``, the metrics label and the ``broker stage NAME`` argument.
     input : str
         Topic it consumes.
-    output : str
-        Topic every output goes to.
-    make_handler : callable
-        ``PipelineConfig -> Handler``, called once per process.
+    output : str or None
+        Topic every output goes to; None for a stage that writes no topic (the archive).
+    make_handler : callable or None
+        ``PipelineConfig -> Handler``, called once per process by the per-message runner; None for
+        a stage that runs a loop of its own (``kind``).
     summary : str
         What the stage does, one line (CLI help and docs).
-    per_filter_copies : bool
-        Whether each output is also copied to ``<output>.<filter>`` (the alert stage).
+    alert_outputs : bool
+        Whether the outputs go to the configured alert topics (``PipelineConfig.alert_topics``, each
+        in its framing, with its ``<topic>.<filter>`` copies) instead of ``output`` (the alert stage;
+        ``output`` is then the default alert topic).
+    kind : str
+        How ``broker stage NAME`` runs it: ``transform`` (default; :class:`streams.runner.StageRunner`
+        calls ``make_handler``'s handler, one transaction per input message) or ``archive``
+        (:class:`streams.archiver.Archiver`: batches of alerts into the Parquet archive).
     """
 
     name: str
     input: str
-    output: str
-    make_handler: Callable[[PipelineConfig], Handler]
+    output: str | None
+    make_handler: Callable[[PipelineConfig], Handler] | None
     summary: str
-    per_filter_copies: bool = False
+    alert_outputs: bool = False
+    kind: str = "transform"
 
     @property
     def dead_letters(self) -> str:
         """The stage's dead-letter topic."""
         return topics.dlq(self.name)
 
-    @property
-    def writes(self) -> tuple[str, ...]:
-        """Topics the stage writes and its restart guard reads back.
+    def outputs(self, config: PipelineConfig | None = None) -> tuple[str, ...]:
+        """Topics every output of the stage goes to under ``config`` (default config), per-filter copies left out."""
+        if self.alert_outputs:
+            return tuple(t.name for t in (config or PipelineConfig()).alert_topics)
+        return (self.output,) if self.output else ()
 
-        Topics the stage writes to and its restart guard reads back
-        (:class:`streams.lineage.Deduplicator`); per-filter copies are left out.
+    def writes_for(self, config: PipelineConfig | None = None) -> tuple[str, ...]:
+        """Topics the stage writes under ``config`` and its restart guard reads back.
+
+        Every configured output topic and the dead letters (:class:`streams.lineage.Deduplicator`);
+        per-filter copies are left out (their outputs commit with the others).
         """
-        return (self.output, self.dead_letters)
+        return (*self.outputs(config), self.dead_letters)
 
 
 def _headers(name: str) -> dict[str, bytes]:
@@ -111,9 +126,11 @@ def ingest_handler(config: PipelineConfig) -> Handler:
 def _batch(frame: Frame, result: FrameResult) -> dict:
     """The ``candidates`` record of a frame's result (scores unset)."""
     m = frame.meta
+    ny, nx = frame.shape
     return {
         "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "filter": m.filter,
         "mjd_start": m.mjd_start, "exptime": m.exptime, "magzp": m.magzp, "status": result.status,
+        "nx": nx, "ny": ny, "wcs_header": celestial_header(frame), "limiting_flux": result.limiting_flux,
         "reference_frames": list(result.reference_frames), "diagnostics": dict(result.diagnostics),
         "model_versions": {}, "candidates": [serde.candidate_to_record(c) for c in result.candidates],
     }
@@ -125,11 +142,12 @@ def subtract_handler(config: PipelineConfig) -> Handler:
         retain_freed_memory()
     store = FrameStore(config.frame_store)
     refs = ReferenceStore(config.state_dir / "refs", config.reference)
+    diffs = DifferenceStore(config.state_dir / "diffs", config.differences)
 
     def handle(msg: InMessage) -> list[OutMessage]:
         rec, frame = _frame_of(msg, store, config)
         clean = not (rec["quality"] and rec["quality"]["flags"])
-        batch = _batch(frame, process_frame(frame, refs, config.subtract, clean))
+        batch = _batch(frame, process_frame(frame, refs, config.subtract, clean, diffs))
         return [OutMessage(topics.CANDIDATES, serde.encode("candidates", batch), msg.key,
                            _headers("candidates"), candidates=len(batch["candidates"]))]
 
@@ -177,7 +195,8 @@ def score_handler(config: PipelineConfig) -> Handler:
     model = AnomalyModel.load(config.anomaly_model)
 
     def score(batch: dict, cands: list) -> None:
-        associate_and_score(history, model, batch["frame_id"], batch["mjd_start"], batch["filter"], cands)
+        associate_and_score(history, model, batch["frame_id"], batch["mjd_start"], batch["filter"], cands,
+                            batch["magzp"], batch["limiting_flux"])
         batch["model_versions"]["anomaly"] = model.version
 
     return _rescore(topics.SCORED, score)
@@ -185,33 +204,41 @@ def score_handler(config: PipelineConfig) -> Handler:
 
 def _timing(headers: dict[str, bytes], start: float) -> dict:
     stages = []
-    for stage in STAGES[:-1]:
+    chain = [s for s in STAGES if s.kind == "transform"]  # the stages an alert passed, the alert stage last
+    for stage in chain[:-1]:
         s = headers.get(f"{TIMING_PREFIX}{stage.name}.start")
         e = headers.get(f"{TIMING_PREFIX}{stage.name}.end")
         if s and e:
             stages.append({"stage": stage.name, "start": float(s), "end": float(e)})
-    stages.append({"stage": STAGES[-1].name, "start": start, "end": time.time()})
+    stages.append({"stage": chain[-1].name, "start": start, "end": time.time()})
     end = headers.get(EXPOSURE_END)
     return {"exposure_end": float(end) if end else float("nan"), "stages": stages}
 
 
 def alert_handler(config: PipelineConfig) -> Handler:
-    """One Avro alert per candidate (``candidates`` -> ``alert``, copied to ``alerts.<filter>``)."""
+    """One Avro alert per candidate (``candidates`` -> ``alert``) on every configured alert topic, in its framing.
+
+    Each topic gets its own :class:`~streams.framing.AlertEncoder` (a ``confluent`` one registers the
+    schema now: an unreachable registry stops the stage at start-up); per-filter copies
+    (``<topic>.<filter>``) carry the same bytes.
+    """
+    encoders = [(t, AlertEncoder(FramingConfig(t.framing, t.codec, config.schema_registry_url), t.name))
+                for t in config.alert_topics]
 
     def handle(msg: InMessage) -> list[OutMessage]:
         start = time.time()
         batch = serde.decode("candidates", msg.value, msg.headers)
-        ctx = FrameContext(batch["frame_id"], batch["telescope"], batch["field"], batch["filter"],
-                           batch["mjd_start"], batch["exptime"], batch["magzp"], tuple(batch["reference_frames"]))
+        ctx = frame_context(batch)
         outs = []
         for rec in batch["candidates"]:
             cand = serde.record_to_candidate(rec)
             alert = build_alert(ctx, cand, batch["model_versions"], _timing(msg.headers, start), time.time())
-            body = serde.encode_ocf("alert", alert)
-            headers = {"_format": b"avro", serde.SCHEMA_HEADER: serde.schema_tag("alert").encode()}
-            key = alert["objectId"].encode()
-            outs.append(OutMessage(topics.ALERTS, body, key, headers))
-            outs.append(OutMessage(topics.alerts_for_filter(ctx.filter), body, key, headers))
+            key = str(alert["objectId"]).encode()
+            for spec, encoder in encoders:
+                out = encoder.encode(alert, key)
+                outs.append(OutMessage(spec.name, out.value, out.key, out.headers))
+                if spec.per_filter:
+                    outs.append(OutMessage(f"{spec.name}.{ctx.filter}", out.value, out.key, out.headers))
         return outs
 
     return handle
@@ -228,7 +255,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("score", topics.CLASSIFIED, topics.SCORED, score_handler,
           "object association, history, anomaly score"),
     Stage("alert", topics.SCORED, topics.ALERTS, alert_handler,
-          "one Avro alert per candidate", per_filter_copies=True),
+          "one Avro alert per candidate, in each alert topic's framing", alert_outputs=True),
+    Stage("archive", topics.ALERTS, None, None,
+          "every alert, cutouts included, into the Parquet archive, exactly once", kind="archive"),
 )
 #: Stage names, in pipeline order.
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
@@ -248,18 +277,23 @@ def stage(name: str) -> Stage:
     raise ConfigError(f"unknown stage {name!r}; one of {list(STAGE_NAMES)}")
 
 
-def pipeline_topics(filters: tuple[str, ...], partitions: int = 1) -> list[topics.TopicSpec]:
+def pipeline_topics(filters: tuple[str, ...], partitions: int = 1,
+                    config: PipelineConfig | None = None) -> list[topics.TopicSpec]:
     """Every topic the pipeline reads or writes, for the given bands.
 
     Parameters
     ----------
     filters : tuple of str
-        Bands of the per-filter alert topics (``alerts.<filter>``).
+        Bands of the per-filter alert topics (``<alert topic>.<filter>``).
     partitions : int
         Partitions of each topic.
+    config : PipelineConfig, optional
+        Gives the alert topics (default: the default configuration's, ``alerts``).
     """
-    names = [STAGES[0].input] + [s.output for s in STAGES]
-    names += [f"{s.output}.{band}" for s in STAGES if s.per_filter_copies for band in filters]
+    cfg = config or PipelineConfig()
+    names = [STAGES[0].input] + [t for s in STAGES for t in s.outputs(cfg)]
+    names += [f"{t.name}.{band}" for s in STAGES if s.alert_outputs for t in cfg.alert_topics if t.per_filter
+              for band in filters]
     names += [s.dead_letters for s in STAGES]
     return [topics.TopicSpec(n, partitions) for n in names]
 
@@ -268,6 +302,7 @@ def stage_table_markdown() -> str:
     """The stage table of ``docs/architecture.md`` (a test checks that the document holds it)."""
     rows = ["| stage | consumes | produces | dead letters | what it does |", "|---|---|---|---|---|"]
     for s in STAGES:
-        out = f"`{s.output}`" + (f", `{s.output}.<filter>`" if s.per_filter_copies else "")
+        out = f"`{s.output}`, `{s.output}.<filter>` (default; `[[alert_topics]]`)" if s.alert_outputs \
+            else f"`{s.output}`" if s.output else "Parquet archive (`[archive] path`, default `<state_dir>/archive`)"
         rows.append(f"| `{s.name}` | `{s.input}` | {out} | `{s.dead_letters}` | {s.summary} |")
     return "\n".join(rows)

@@ -40,3 +40,19 @@ def test_dashboard_queries_name_real_metrics():
     dash = json.loads((ROOT / "deploy/grafana/dashboards/broker.json").read_text())
     used = {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"broker_[a-z_]+", t["expr"])}
     assert used and used <= names, used - names
+
+
+def test_k8s_pipeline_config_loads_and_its_alert_topics_exist():
+    import tomllib
+
+    from broker.config import load_config
+
+    docs = [d for f in sorted((ROOT / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+    (config_map,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "broker-config"]
+    text = config_map["data"]["pipeline.toml"]
+    cfg = load_config(**tomllib.loads(text))
+    topics = {d["metadata"]["name"] for d in docs if d["kind"] == "KafkaTopic"}
+    assert {t.name for t in cfg.alert_topics} <= topics
+    if any(t.framing == "confluent" for t in cfg.alert_topics):  # the registry it names runs in the cluster
+        services = {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+        assert cfg.schema_registry_url and cfg.schema_registry_url.split("//")[1].split(":")[0] in services

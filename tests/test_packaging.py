@@ -43,4 +43,4 @@ def test_a_wheel_installs_the_models_and_schemas(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["realbogus-v11", "anomaly-v1", "broker.alert.v1.Alert"]
+    assert res.stdout.split() == ["realbogus-v11", "anomaly-v1", "broker.alert.v2.Alert"]

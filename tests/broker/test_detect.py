@@ -54,3 +54,77 @@ def test_peak_value_recovers_a_gaussian_peak_between_pixels():
         g = 7.0 * np.exp(-((xx - 5 - dx) ** 2 + (yy - 5 - dy) ** 2) / (2 * 1.9 ** 2))
         assert g[5, 5] <= peak_value(g, 5, 5) == pytest.approx(7.0, rel=1e-6)
         assert peak_value(-g, 5, 5, sign=-1.0) == pytest.approx(7.0, rel=1e-6)
+
+
+def _isolated_positions(rng, shape, sky, n, min_star_px=12.0, margin=20.0):
+    """``n`` positions (px) at least ``min_star_px`` from any star of ``sky`` and 15 px from each other."""
+    from tests.broker.conftest import make_wcs
+
+    sx, sy = make_wcs(shape).world_to_pixel_values(sky.ra, sky.dec)
+    out: list[tuple[float, float]] = []
+    while len(out) < n:
+        x, y = rng.uniform(margin, shape[1] - margin), rng.uniform(margin, shape[0] - margin)
+        if np.min(np.hypot(sx - x, sy - y)) > min_star_px and all(np.hypot(x - a, y - b) > 15 for a, b in out):
+            out.append((x, y))
+    return out
+
+
+def test_position_errors_match_the_scatter_about_injected_positions():
+    """Pulls (measured - true position) / error of seeded sources at S/N 6-35 have a std near 1."""
+    from broker.subtract import subtract_and_detect
+    from tests.broker.conftest import make_frame, make_reference, make_sky
+
+    shape, rng = (256, 256), np.random.default_rng(11)
+    pulls, errs = [], []
+    for seed in range(8):
+        sky = make_sky(seed + 400, shape, 30)
+        pos = _isolated_positions(rng, shape, sky, 12)
+        flux = rng.uniform(450, 3000, len(pos))
+        sci = make_frame(seed + 500, shape, sky, extra=[(x, y, f) for (x, y), f in zip(pos, flux, strict=True)])
+        for cand in subtract_and_detect(sci, make_reference(seed + 600, shape, sky)).candidates:
+            d = cand.detection
+            dist = [np.hypot(d.x - x, d.y - y) for x, y in pos]
+            j = int(np.argmin(dist))
+            if dist[j] < 2:
+                pulls += [(d.x - pos[j][0]) / d.x_err, (d.y - pos[j][1]) / d.y_err]
+                errs.append((d.x_err, d.y_err, d.ra_err, d.dec_err, d.snr))
+    pulls_a, e = np.array(pulls), np.array(errs)
+    assert len(e) > 80
+    assert abs(pulls_a.mean()) < 0.2 and 0.85 < pulls_a.std() < 1.2
+    # 1"/px, north up: the sky errors are the pixel errors in arcsec
+    assert np.allclose(e[:, 2], e[:, 0], rtol=1e-6) and np.allclose(e[:, 3], e[:, 1], rtol=1e-6)
+    # the Cramer-Rao scale for a Gaussian PSF, sqrt(2) FWHM_D / (2.35 S/N), FWHM_D ~ 3 px
+    assert np.median(e[:, 0] * e[:, 4] / (np.sqrt(2) * 3.0 / 2.3548)) == pytest.approx(1.0, abs=0.25)
+
+
+def test_sky_errors_follow_the_wcs_rotation_and_scale():
+    from broker.detect import sky_errors
+    from tests.broker.conftest import make_wcs
+
+    cov = np.array([[[0.04, 0.0], [0.0, 0.01]]])  # 0.2 px in x, 0.1 px in y
+    assert np.allclose(sky_errors(cov, make_wcs((64, 64))), [[0.2, 0.1]])
+    assert np.allclose(sky_errors(cov, make_wcs((64, 64), rot_deg=90.0)), [[0.1, 0.2]])
+    w = make_wcs((64, 64))
+    w.wcs.cd = w.wcs.cd * 0.5  # 0.5"/px
+    assert np.allclose(sky_errors(cov, w), [[0.1, 0.05]])
+
+
+def test_psf_flux_and_forced_flux_share_one_photometry():
+    """A fixed-position fit recovers a noiseless source exactly; its error is sigma / sqrt(sum P^2)."""
+    from broker.detect import ShiftedPSF, forced_flux, psf_flux
+    from broker.psf import gaussian_psf
+
+    psf = gaussian_psf(3.0, 8).astype(np.float64)
+    shifted = ShiftedPSF(psf, 5)
+    img = np.zeros((40, 40))
+    img[10:27, 12:29] = 500.0 * psf  # centred on pixel (20, 18)
+    p = shifted(0.0, 0.0)
+    amp, err = psf_flux(img[13:24, 15:26], np.ones((11, 11), bool), p, 2.0)
+    assert amp == pytest.approx(500.0, rel=1e-3) and err == pytest.approx(2.0 / np.sqrt((p ** 2).sum()))
+    flux, ferr = forced_flux(img.astype(np.float32), np.full((40, 40), 2.0, np.float32), 0.5, shifted, 20.0, 18.0)
+    assert flux == pytest.approx(amp, rel=1e-6) and ferr == pytest.approx(2 * err)  # noise 2 x (1 / F_D = 2)
+    assert psf_flux(img[13:24, 15:26], np.zeros((11, 11), bool), p, 1.0) is None
+    masked = img.astype(np.float32)
+    masked[:, :21] = np.nan  # more than half the PSF is gone
+    assert forced_flux(masked, np.ones((40, 40), np.float32), 1.0, shifted, 20.0, 18.0) is None
+    assert forced_flux(img, np.ones((40, 40)), 1.0, shifted, 40.2, 18.0) is None  # off the image

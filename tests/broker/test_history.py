@@ -25,3 +25,45 @@ def test_reprocessing_a_frame_gives_the_same_answer():
     h.associate("f2", 60001.0, "r", [again])  # replay after a crash
     assert again.obj == first.obj and again.history == first.history
     assert h.db.execute("SELECT COUNT(*) FROM detections").fetchone()[0] == 2
+
+
+def test_zero_point_and_limiting_flux_are_kept_with_each_detection():
+    h = ObjectHistory(":memory:")
+    h.associate("f1", 60000.0, "r", [candidate("f1/0")], magzp=27.5, limiting_flux=120.0)
+    h.associate("f2", 60001.0, "r", [candidate("f2/0")])  # a frame without zero point or limit
+    later = candidate("f3/0")
+    h.associate("f3", 60002.0, "r", [later], magzp=26.0, limiting_flux=80.0)
+    assert [(d["cand_id"], d["magzp"], d["limiting_flux"]) for d in later.history] == [
+        ("f1/0", 27.5, 120.0), ("f2/0", None, None)]
+
+
+def test_a_history_file_of_the_first_release_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "history.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE objects (object_id TEXT PRIMARY KEY, ra REAL NOT NULL, dec REAL NOT NULL,
+            ndet INTEGER NOT NULL, first_mjd REAL NOT NULL);
+        CREATE TABLE detections (cand_id TEXT PRIMARY KEY, object_id TEXT NOT NULL, frame_id TEXT NOT NULL,
+            mjd REAL NOT NULL, filter TEXT NOT NULL, ra REAL NOT NULL, dec REAL NOT NULL, flux REAL NOT NULL,
+            flux_err REAL NOT NULL, snr REAL NOT NULL, rb REAL);
+        INSERT INTO objects VALUES ('OBJold', 150.0, 2.0, 1, 59999.0);
+        INSERT INTO detections VALUES ('f0/0', 'OBJold', 'f0', 59999.0, 'r', 150.0, 2.0, 900.0, 90.0, 10.0, 0.8);
+    """)
+    old.commit()
+    old.close()
+    h = ObjectHistory(path)
+    cols = [r[1] for r in h.db.execute("PRAGMA table_info(detections)")]
+    assert cols[-2:] == ["magzp", "limiting_flux"]
+    a = candidate("f1/0")
+    h.associate("f1", 60000.0, "r", [a], magzp=27.0, limiting_flux=100.0)
+    b = candidate("f2/0")
+    h.associate("f2", 60001.0, "r", [b])
+    assert a.obj.object_id == "OBJold" and [(d["cand_id"], d["magzp"]) for d in a.history] == [("f0/0", None)]
+    assert [(d["cand_id"], d["magzp"], d["limiting_flux"]) for d in b.history] == [
+        ("f0/0", None, None), ("f1/0", 27.0, 100.0)]
+    h.close()
+    again = ObjectHistory(path)  # a migrated file opens again as it is
+    assert again.db.execute("SELECT COUNT(*) FROM detections").fetchone()[0] == 3
+    again.close()

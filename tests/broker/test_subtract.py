@@ -265,3 +265,48 @@ def test_sky_offset_between_the_images_is_taken_out():
     med = [float(np.median(r.images["S_corr"][~r.images["bad"]])) for r in (kept, fixed)]
     assert med[0] < -0.3 and abs(med[1]) < 0.05, med
     assert fixed.diagnostics["scorr_sky_offset"] == pytest.approx(med[0], abs=0.1)
+
+
+def test_sources_at_the_limiting_flux_come_out_at_five_sigma():
+    """Point sources injected at the frame's 5 sigma limiting flux on blank sky.
+
+    Their PSF flux at the true position is the injected one, at S/N ~ 5 (less the few per cent of
+    their own photon noise on this faint sky); S_corr at their pixel is ~5 (less the sub-pixel
+    offset) and about half of them are detected. The difference image the store keeps gives 0 +- 1
+    sigma on blank positions.
+    """
+    from broker.detect import ShiftedPSF, fit_half_size, forced_flux
+    from tests.broker.conftest import make_wcs
+
+    rng = np.random.default_rng(5)
+    ratio, snr, scorr, found, blank = [], [], [], [], []
+    for seed in (0, 1, 2):
+        sky = make_sky(seed + 700, SHAPE, 30)
+        ref = make_reference(seed + 800, SHAPE, sky)
+        base = subtract_and_detect(make_frame(seed + 900, SHAPE, sky, frame_id="b"), ref, keep_difference=True)
+        limit = base.diagnostics["limiting_flux"]
+        assert base.difference is not None and base.difference.limiting_flux == limit
+        sx, sy = make_wcs(SHAPE).world_to_pixel_values(sky.ra, sky.dec)
+        grid = [(x + rng.uniform(-0.5, 0.5), y + rng.uniform(-0.5, 0.5))
+                for x in np.arange(24, 240, 24.0) for y in np.arange(24, 240, 24.0)]
+        pos = [(x, y) for x, y in grid if np.min(np.hypot(sx - x, sy - y)) > 12]  # blank sky
+        res = subtract_and_detect(make_frame(seed + 900, SHAPE, sky, extra=[(x, y, limit) for x, y in pos],
+                                             frame_id="i"), ref, keep_images=True, keep_difference=True)
+        det = np.array([[c.detection.x, c.detection.y] for c in res.candidates]).reshape(-1, 2)
+        for r, on in ((res, True), (base, False)):
+            d = r.difference
+            shifted = ShiftedPSF(d.psfs[0], fit_half_size(d.fwhm[0], d.psfs.shape[1] // 2))
+            for x, y in pos:
+                flux, err = forced_flux(d.diff, d.noise_scale, float(d.F_D[0]), shifted, x, y)
+                if on:
+                    ratio.append(flux / limit)
+                    snr.append(flux / err)
+                    scorr.append(float(res.images["S_corr"][int(round(y)), int(round(x))]))
+                    found.append(len(det) > 0 and np.min(np.hypot(det[:, 0] - x, det[:, 1] - y)) < 1.5)
+                else:
+                    blank.append(flux / err)
+    assert len(ratio) > 150
+    assert np.mean(ratio) == pytest.approx(1.0, abs=0.06)
+    assert 4.5 < np.mean(snr) < 5.2 and 4.4 < np.mean(scorr) < 5.1
+    assert 0.25 < np.mean(found) < 0.65
+    assert abs(np.mean(blank)) < 0.2 and np.std(blank) == pytest.approx(1.0, abs=0.12)

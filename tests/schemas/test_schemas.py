@@ -63,7 +63,7 @@ def test_candidate_batch_round_trip():
     cand = candidate()
     cand.rb = 0.7
     cand.history = [{"cand_id": "x/1", "mjd": 1.0, "filter": "r", "ra": 1.0, "dec": 2.0, "flux": 3.0,
-                     "flux_err": 1.0, "snr": 3.0, "rb": None}]
+                     "flux_err": 1.0, "snr": 3.0, "rb": None, "magzp": 27.5, "limiting_flux": 40.0}]
     batch = {"frame_id": "f", "telescope": "T", "field": "F", "filter": "r", "mjd_start": 1.0, "exptime": 2.0,
              "magzp": None, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {"x": 1.0},
              "model_versions": {}, "candidates": [serde.candidate_to_record(cand)]}
@@ -79,3 +79,86 @@ def test_candidate_batch_round_trip():
 def test_bad_bytes_are_decode_errors(payload, header):
     with pytest.raises(DecodeError):
         serde.decode("candidates", payload, {serde.SCHEMA_HEADER: header} if header else None)
+
+
+# --- alert versions: samples, resolution between versions ----------------------------------------
+ALERT_VERSIONS = schemas.versions("alert")
+#: Major (incompatible) alert versions: the previous version's alerts do not resolve to them.
+ALERT_MAJOR: set[int] = set()
+
+
+def _read_sample(version: int, reader_schema: dict | None = None) -> tuple[dict, dict]:
+    """The sample alert of ``version`` and its writer schema (read as ``reader_schema`` when given)."""
+    import fastavro
+
+    from tests.schemas.alert_samples import SAMPLES
+
+    with (SAMPLES / f"v{version}.avro").open("rb") as fh:
+        reader = fastavro.reader(fh, reader_schema=reader_schema)
+        records = list(reader)
+    assert len(records) == 1
+    return records[0], reader.writer_schema
+
+
+def _restricted(value, like):
+    """``value`` cut down to the keys of ``like``, recursively (what an older reader sees)."""
+    if isinstance(like, dict):
+        return {k: _restricted(value[k], v) for k, v in like.items()}
+    if isinstance(like, list):
+        return [_restricted(v, w) for v, w in zip(value, like, strict=True)]
+    return value
+
+
+def test_the_current_alert_version_is_the_newest():
+    assert schemas.CURRENT["alert"] == ALERT_VERSIONS[-1] == 2
+
+
+@pytest.mark.parametrize("version", ALERT_VERSIONS)
+def test_every_alert_version_has_a_sample_written_with_its_published_schema(version):
+    import io
+
+    import fastavro
+    from fastavro.schema import to_parsing_canonical_form
+
+    record, writer = _read_sample(version)
+    # A published schema is never changed (docs aside): the sample was written with this very file.
+    assert to_parsing_canonical_form(writer) == to_parsing_canonical_form(schemas.load("alert", version))
+    assert record["schemavsn"] == f"{version}.0"
+    for key in ("cutoutScience", "cutoutTemplate", "cutoutDifference"):
+        assert read_stamp(record[key]["stampData"]).shape == (63, 63)
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schemas.load("alert", version), record)
+    buf.seek(0)
+    assert fastavro.schemaless_reader(buf, schemas.load("alert", version)) == record
+
+
+@pytest.mark.parametrize("version", [v for v in ALERT_VERSIONS[1:] if v not in ALERT_MAJOR])
+def test_a_minor_alert_version_reads_the_previous_versions_alerts(version):
+    old, _ = _read_sample(version - 1)
+    resolved, _ = _read_sample(version - 1, reader_schema=schemas.load("alert", version))
+    assert _restricted(resolved, old) == old  # every old field keeps its value
+    if version == 2:  # the fields v2 added come out as their defaults
+        assert resolved["sourceId"] is None and resolved["object"]["objectIdNum"] is None
+        assert resolved["prv_nondetections"] == [] and resolved["prv_forced_sources"] == []
+        assert resolved["source"]["magzpsci"] is resolved["source"]["diffmaglim"] is None
+        assert all(p["magpsf"] is None for p in resolved["prv_sources"])
+
+
+@pytest.mark.parametrize("version", [v for v in ALERT_VERSIONS[1:] if v not in ALERT_MAJOR])
+def test_the_previous_alert_reader_reads_a_minor_versions_alerts(version):
+    new, _ = _read_sample(version)
+    seen, _ = _read_sample(version, reader_schema=schemas.load("alert", version - 1))
+    assert seen == _restricted(new, seen)  # an old client ignores the new fields
+
+
+def test_the_current_builder_writes_the_current_sample():
+    from tests.schemas.alert_samples import sample_alert
+
+    record, _ = _read_sample(schemas.CURRENT["alert"])
+    built = sample_alert()
+    for key in ("cutoutScience", "cutoutTemplate", "cutoutDifference"):  # gzip bytes depend on the library
+        assert np.array_equal(read_stamp(built.pop(key)["stampData"]), read_stamp(record.pop(key)["stampData"]),
+                              equal_nan=True)
+    built["publisher"] = record["publisher"]
+    built["provenance"]["pipeline_version"] = record["provenance"]["pipeline_version"]
+    assert built == record

@@ -58,3 +58,64 @@ def test_stage_help_names_every_stage():
 
     res = runner.invoke(app, ["stage", "--help"])
     assert " | ".join(STAGE_NAMES) in res.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--framing", "alerts=protobuf"], "unknown alert framing"),
+    (["--framing", "confluent"], "NAME=FRAMING"),
+    (["--framing", "alerts-rubin=confluent"], "no schema registry is configured"),
+    (["--framing", "alerts-rubin=confluent", "--registry-url", "http://127.0.0.1:9"], "cannot register"),
+])
+def test_bad_alert_framings_stop_the_alert_stage_at_start_up(args, message):
+    res = runner.invoke(app, ["stage", "alert", "--bootstrap", "127.0.0.1:1", "--metrics-port", "-1", *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+
+
+@pytest.mark.kafka
+def test_topics_creates_the_configured_alert_topics(kafka):
+    from confluent_kafka.admin import AdminClient
+
+    res = runner.invoke(app, ["topics", "--bootstrap", kafka.bootstrap, "--filters", "g", "--framing", "cli-ocf=ocf",
+                              "--framing", "cli-fink=fink"])
+    assert res.exit_code == 0, res.output
+    names = set(AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics)
+    assert {"cli-ocf", "cli-ocf.g", "cli-fink", "cli-fink.g"} <= names
+
+
+def _small_archive(path):
+    from broker.archive.log import OffsetRange
+    from broker.archive.reader import Archive
+    from broker.archive.rows import to_batch
+    from broker.archive.writer import ArchiveWriter
+    from tests.broker.test_archive import archived, objects
+
+    writer = ArchiveWriter(Archive(path))
+    writer.recover()
+    alerts = archived(objects(30, 2))
+    writer.commit(writer.write([to_batch(alerts)]), [OffsetRange("alerts", 0, 0, 30)])
+    return Archive(path)
+
+
+def test_query_prints_a_table_writes_files_and_reports_a_bad_archive(tmp_path):
+    archive = _small_archive(tmp_path / "archive")
+    url = str(tmp_path / "archive")
+    res = runner.invoke(app, ["query", "--archive", url, "--max-rows", "3",
+                              "SELECT object_id, alert.cutoutScience.stampData AS stamp, alert.source FROM alerts "
+                              "ORDER BY object_id"])
+    assert res.exit_code == 0 and "OBJ000000" in res.output and "OBJ000003" not in res.output, res.output
+    assert "bytes>" in res.output and "fields}" in res.output and "30 row(s), the first 3 shown" in res.output
+    res = runner.invoke(app, ["query", "--archive", url, "--out", str(tmp_path / "r.csv"),
+                              "SELECT object_id, rb FROM alerts WHERE rb > 0.5"])
+    n = sum(1 for line in (tmp_path / "r.csv").read_text().splitlines()[1:])
+    assert res.exit_code == 0 and f"wrote {n} row(s)" in res.output and 0 < n < 30
+    for args, message in ((["--archive", str(tmp_path / "none"), "SELECT 1"], "no archive at"),
+                          (["--archive", url, "SELEC 1"], "query failed"),
+                          (["--archive", url, "--out", str(tmp_path / "r.txt"), "SELECT 1"], ".parquet or .csv")):
+        res = runner.invoke(app, ["query", *args])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    f = archive.files()[0]
+    data = archive.fs.cat_file(archive.path(f.path))
+    data = data[:100] + bytes([data[100] ^ 1]) + data[101:]
+    archive.fs.pipe_file(archive.path(f.path), data)  # altered, same size: found by --verify
+    res = runner.invoke(app, ["query", "--archive", url, "--verify", "SELECT count(*) FROM alerts"])
+    assert res.exit_code == 2 and "SHA-256" in res.output and f.path in res.output, res.output

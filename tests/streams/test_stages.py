@@ -82,11 +82,11 @@ def test_only_the_classify_stage_loads_torch(tmp_path):
     code = (
         "import sys\n"
         "from broker.config import load_config\n"
-        "import streams.subscriber, streams.producer\n"
+        "import streams.subscriber, streams.producer, streams.archiver, streams.replay\n"
         "from streams.stages import STAGES, stage\n"
         "cfg = load_config(state_dir=sys.argv[1] + '/state', frame_store=sys.argv[1] + '/frames')\n"
         "for s in STAGES:\n"
-        "    if s.name != 'classify':\n"
+        "    if s.name != 'classify' and s.make_handler is not None:\n"
         "        s.make_handler(cfg)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "stage('classify').make_handler(cfg)\n"
@@ -101,9 +101,119 @@ def test_topics_are_derived_from_the_stage_table():
 
     names = [t.name for t in pipeline_topics(("g", "r"))]
     assert names == ["frames", "ingested", "candidates", "classified", "scored", "alerts", "alerts.g", "alerts.r",
-                     "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert"]
-    for before, after in zip(STAGES, STAGES[1:], strict=False):  # consecutive pairs
+                     "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert", "dlq.archive"]
+    chain = [s for s in STAGES if s.kind == "transform"]
+    assert [s.name for s in chain] == ["ingest", "subtract", "classify", "score", "alert"]
+    for before, after in zip(chain, chain[1:], strict=False):  # consecutive pairs
         assert after.input == before.output  # a chain: each stage reads the previous one's output
-    assert stage("subtract").writes == ("candidates", "dlq.subtract")
+    sinks = [s for s in STAGES if s.kind != "transform"]  # after the chain; they read a topic of it, write none
+    assert [s.name for s in sinks] == ["archive"] and STAGES[-1] is sinks[-1]
+    assert all(s.input in {t for c in chain for t in c.outputs()} and s.output is None and s.outputs() == ()
+               and s.make_handler is None for s in sinks)
+    assert stage("archive").writes_for() == ("dlq.archive",)
+    assert stage("subtract").writes_for() == ("candidates", "dlq.subtract")
     with pytest.raises(ConfigError, match="unknown stage"):
         stage("nonsense")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_alert_handler_makes_v2_alerts_from_v1_and_v2_batches(config, version):
+    import gzip
+    import io
+
+    import fastavro
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    import schemas
+    from broker.candidate import ObjectSummary
+    from streams.framing import decode_alert
+    from streams.stages import alert_handler
+    from tests.helpers import candidate, header
+
+    cand = candidate()
+    cand.rb, cand.anomaly = 0.9, 0.1
+    cand.obj = ObjectSummary("OBJ00000000000ff", 150.0, 2.0, 1, 60000.5)
+    batch = {"frame_id": "TEST-F1-r-0001", "telescope": "TEST", "field": "F1", "filter": "r", "mjd_start": 60000.5,
+             "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {},
+             "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "candidates": [serde.candidate_to_record(cand)],
+             "nx": 256, "ny": 256, "wcs_header": WCS(header()).to_header(relax=True).tostring(), "limiting_flux": 100.0}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schemas.load("candidates", version), batch)  # v1 drops the v2 fields
+    tag = {serde.SCHEMA_HEADER: f"candidates/{version}".encode()}
+    msg = InMessage(topics.SCORED, 0, 0, b"k", buf.getvalue(), tag, 0)
+    out = alert_handler(config)(msg)[0]
+    (alert,) = decode_alert(out.key, out.value, out.headers)
+    assert alert["schemavsn"] == "2.0" and alert["source"]["magpsf"] == pytest.approx(27.0 - 7.5)
+    assert alert["source"]["diffmaglim"] == (pytest.approx(22.0) if version == 2 else None)
+    with fits.open(io.BytesIO(gzip.decompress(alert["cutoutScience"]["stampData"]))) as hdul:
+        assert hdul[0].header["BUNIT"] == "adu" and ("CTYPE1" in hdul[0].header) == (version == 2)
+
+
+def test_subtract_and_score_handlers_fill_the_frame_level_fields(config):
+    """Batches carry the frame size, WCS and limiting flux; forced photometry and history limits follow."""
+    from astropy.io import fits
+
+    from broker.frame import celestial_wcs
+    from broker.simulate import SimConfig, SkySimulator
+    from streams.stages import score_handler, subtract_handler
+
+    sim = SkySimulator(SimConfig(shape=(256, 256), fields=("F001",), filters=("r",), n_stars=150, n_galaxies=5,
+                                 n_transients=10, n_variables=3, n_moving=0, n_cosmic_rays=0.0), seed=3)
+    subtract, score = subtract_handler(config), score_handler(config)
+    batches = []
+    for epoch in range(5):
+        frame = sim.frame("F001", "r", epoch)[0]
+        value = serde.encode("frame", frame_record(frame, encode_fits(frame)))
+        (out,) = subtract(InMessage(topics.INGESTED, 0, epoch, b"k", value, frame_headers(1.7e9), 0))
+        (scored,) = score(InMessage(topics.CLASSIFIED, 0, epoch, b"k", out.value, out.headers, 0))
+        batches.append(serde.decode("candidates", scored.value, scored.headers))
+    assert [b["status"] for b in batches] == ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE"] + ["SUBTRACTED"] * 2
+    assert all((b["nx"], b["ny"]) == (256, 256) for b in batches)
+    radec = celestial_wcs(fits.Header.fromstring(batches[3]["wcs_header"])).pixel_to_world_values(10, 20)
+    assert [float(v) for v in radec] == pytest.approx(
+        [float(v) for v in sim.frame("F001", "r", 3)[0].wcs.pixel_to_world_values(10, 20)], abs=1e-10)
+    assert [b["limiting_flux"] is None for b in batches] == [True, True, True, False, False]
+    third, fourth = batches[3], batches[4]
+    assert third["limiting_flux"] == third["diagnostics"]["limiting_flux"] > 0
+    assert all(c["x_err"] > 0 and c["dec_err"] > 0 and c["forced"] == [] for c in third["candidates"])
+    assert all([f["frame_id"] for f in c["forced"]] == [third["frame_id"]] for c in fourth["candidates"])
+    assert all(f["limiting_flux"] == third["limiting_flux"] and f["magzp"] == third["magzp"] is not None
+               for c in fourth["candidates"] for f in c["forced"])
+    seen = [h for c in fourth["candidates"] for h in c["history"]]
+    assert seen and all((h["magzp"], h["limiting_flux"]) == (third["magzp"], third["limiting_flux"]) for h in seen)
+    assert len(list((config.state_dir / "diffs").glob("*/*/*/*/diff.npy"))) == 2
+
+
+def test_the_alert_handler_writes_each_configured_topic_in_its_framing(config):
+    """One alert per candidate on every alert topic, in its framing; per-filter copies where asked."""
+    from broker.candidate import ObjectSummary
+    from broker.config import AlertTopicConfig
+    from streams.framing import decode_alert
+    from streams.stages import alert_handler, stage
+    from tests.helpers import candidate
+
+    cfg = replace(config, schema_registry_url="mock://stage-test", alert_topics=(
+        AlertTopicConfig("alerts-rubin", "confluent", per_filter=False), AlertTopicConfig("alerts-fink", "fink"),
+        AlertTopicConfig("alerts-ztf", "ocf", "deflate", per_filter=False)))
+    cands = [candidate(), candidate()]
+    for i, cand in enumerate(cands):
+        cand.cand_id, cand.rb, cand.anomaly = f"TEST-F1-r-0001/{i}", 0.9, 0.1
+        cand.obj = ObjectSummary(f"OBJ{i:013d}", 150.0, 2.0, 1, 60000.5)
+    batch = {"frame_id": "TEST-F1-r-0001", "telescope": "TEST", "field": "F1", "filter": "r", "mjd_start": 60000.5,
+             "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {},
+             "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "nx": 256, "ny": 256, "wcs_header": "",
+             "limiting_flux": None, "candidates": [serde.candidate_to_record(c) for c in cands]}
+    tag = {serde.SCHEMA_HEADER: serde.schema_tag("candidates").encode(), "t.exposure_end": b"1700000000.0"}
+    outs = alert_handler(cfg)(InMessage(topics.SCORED, 0, 0, b"k", serde.encode("candidates", batch), tag, 0))
+
+    assert [o.topic for o in outs] == ["alerts-rubin", "alerts-fink", "alerts-fink.r", "alerts-ztf"] * 2
+    assert outs[0].value[0] == 0 and outs[1].key.startswith(b"{") and outs[3].value.startswith(b"Obj\x01")
+    assert outs[0].key == outs[3].key == b"OBJ0000000000000"  # the fink framing's key is the schema
+    by_topic: dict[str, list] = {}
+    for o in outs:
+        by_topic.setdefault(o.topic, []).extend(decode_alert(o.key, o.value, o.headers))
+    assert all(by_topic[t] == by_topic["alerts-ztf"] for t in by_topic)
+    assert [a["candid"] for a in by_topic["alerts-ztf"]] == [c.cand_id for c in cands]
+    # the restart guard reads back every configured topic
+    assert stage("alert").writes_for(cfg) == ("alerts-rubin", "alerts-fink", "alerts-ztf", "dlq.alert")

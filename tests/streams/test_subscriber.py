@@ -1,35 +1,234 @@
+"""The subscriber: start positions, what is not an alert, and hostile topics (``streams.subscriber``)."""
+
+import copy
+import gzip
+import io
+import json
+import time
+import uuid
+from datetime import UTC, datetime
+
+import fastavro
 import pytest
 
-from broker.errors import FilterExpressionError
-from streams.subscriber import AlertFilter, save_triplet_png
+import schemas
+from broker.errors import ConfigError
+from streams import serde
+from streams.subscriber import StartPosition, alert_problem, parse_start
 from tests.schemas.test_schemas import _alert
 
 
-def test_filter_expressions():
-    _, alert = _alert()  # rb 0.9, snr 12
-    assert AlertFilter("rb > 0.8 and snr > 7")(alert)
-    assert not AlertFilter("rb > 0.95 or abs(snr) < 5")(alert)
-    assert AlertFilter("filter == 'r' and ndet >= 1")(alert)
-    assert AlertFilter(None)(alert)
+def test_parse_start():
+    assert parse_start(None) is None and parse_start("") is None
+    assert parse_start("earliest") == StartPosition("earliest")
+    assert parse_start("latest") == StartPosition("latest")
+    assert parse_start("1200") == StartPosition("offset", offset=1200)
+    ms = int(datetime(2025, 3, 1, 4, 0, tzinfo=UTC).timestamp() * 1000)
+    assert parse_start("2025-03-01T04:00:00Z") == StartPosition("time", time_ms=ms)
+    assert parse_start("2025-03-01T04:00") == StartPosition("time", time_ms=ms)  # naive: UTC
+    assert parse_start("2025-03-01T05:00:00+01:00") == StartPosition("time", time_ms=ms)
+    for bad in ("-5", "yesterday", "2025-13-01"):
+        with pytest.raises(ConfigError):
+            parse_start(bad)
 
 
-@pytest.mark.parametrize("expr", ["rb >", "__import__('os').system('true')", "rb.__class__", "nope > 1",
-                                  "[x for x in range(10**9)]"])
-def test_hostile_or_broken_filters_are_refused(expr):
-    _, alert = _alert()
-    with pytest.raises(FilterExpressionError):
-        AlertFilter(expr)(alert)
+def _foreign_schema_with_null_scores():
+    """The alert schema with ``scores`` nullable: what a foreign producer might write."""
+    raw = json.loads((schemas.ROOT / "alert" / "v1.avsc").read_text())
+    for f in raw["fields"]:
+        if f["name"] == "scores":
+            f["type"] = ["null", f["type"]]
+    return fastavro.parse_schema(raw)
 
 
-def test_filter_is_checked_before_any_alert_and_null_scores_do_not_match():
-    with pytest.raises(FilterExpressionError, match="unknown"):
-        AlertFilter("rbb > 0.5")
-    _, alert = _alert()
-    alert["scores"]["rb"] = None  # cutouts that could not be normalised
-    assert not AlertFilter("rb > 0.5")(alert)
+def test_what_is_not_an_alert():
+    _, good = _alert()
+    assert alert_problem(good) is None
+    assert "not a record" in alert_problem([1, 2])
+    ztf_like = {"objectId": "ZTF21aaaaaaa", "candid": 123, "candidate": {"jd": 2459000.5}}
+    assert "not an alert of our schema: alertId is missing" == alert_problem(ztf_like)
+    for path, value, words in [("scores", None, "scores is missing"), ("source.snr", "12", "source.snr is a str"),
+                               ("alertId", True, "alertId"), ("prv_sources", [1], "prv_sources"),
+                               ("cutoutDifference.stampData", b"\x00garbage", "garbage cutout"),
+                               ("cutoutScience.stampData", gzip.compress(b"not FITS"), "garbage cutout")]:
+        bad = copy.deepcopy(good)
+        *parents, leaf = path.split(".")
+        node = bad
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+        assert words in (alert_problem(bad) or ""), path
+    good["scores"]["rb"] = None  # a null real/bogus score is allowed by the schema
+    assert alert_problem(good) is None
 
 
-def test_triplet_png(tmp_path):
-    _, alert = _alert()
-    path = save_triplet_png(alert, tmp_path / "a.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+# --- against a broker ------------------------------------------------------------------------------------
+
+
+def _alerts(n, prefix):
+    """``n`` distinct alerts (candid, alertId and objectId differ)."""
+    _, base = _alert()
+    out = []
+    for i in range(n):
+        a = copy.deepcopy(base)
+        a["candid"], a["alertId"], a["objectId"] = f"{prefix}/{i}", hash((prefix, i)) & (2**62 - 1), f"{prefix}{i}"
+        out.append(a)
+    return out
+
+
+def _topic(settings, partitions=1):
+    from streams.topics import TopicSpec, create_topics
+
+    name = f"alerts-test-{uuid.uuid4().hex[:8]}"
+    create_topics(settings.bootstrap, [TopicSpec(name, partitions)])
+    return name
+
+
+def _hostile_messages(good, topic):
+    """(key, value, headers) of good alerts in every framing mixed with hostile and foreign records.
+
+    Good: good[0] (OCF), good[1] (OCF), a null-rb alert, good[2] (fink), good[3] (confluent). Skipped: six
+    undecodable or foreign messages, one alert with garbage cutout bytes; dropped: a repeat of good[0].
+    """
+    from streams.framing import AlertEncoder, FramingConfig
+
+    nulls = copy.deepcopy(good[0])
+    nulls["scores"], nulls["candid"] = None, "nulls/0"
+    buf = io.BytesIO()
+    fastavro.writer(buf, _foreign_schema_with_null_scores(), [nulls])
+    foreign = io.BytesIO()
+    fastavro.writer(foreign, fastavro.parse_schema({"type": "record", "name": "Other", "fields": [
+        {"name": "objectId", "type": "string"}, {"name": "candid", "type": "long"}]}), [{"objectId": "Z", "candid": 1}])
+    garbage_stamp = copy.deepcopy(good[1])
+    garbage_stamp["cutoutScience"]["stampData"] = b"\x00\x01garbage"
+    garbage_stamp["alertId"] += 1
+    null_rb = copy.deepcopy(good[1])
+    null_rb["scores"]["rb"], null_rb["candid"], null_rb["alertId"] = None, "nullrb/0", 7
+    ocf = serde.encode_ocf("alert", good[0])
+    fink = AlertEncoder(FramingConfig("fink")).encode(good[2], b"k")
+    confluent = AlertEncoder(FramingConfig("confluent", registry_url="mock://subscriber-test"), topic).encode(
+        good[3], b"k")
+    plain = lambda value: (b"k", value, {})  # noqa: E731
+    return [
+        plain(ocf),
+        plain(b"\x00garbage that is no framing"),
+        plain(ocf[: len(ocf) // 2]),  # a truncated container
+        plain(b""),
+        plain(foreign.getvalue()),  # a record of another schema
+        plain(buf.getvalue()),  # scores null
+        (json.dumps({"type": "record", "name": "X", "fields": []}).encode(), b"\x00", {}),  # fink-like, foreign
+        plain(serde.encode_ocf("alert", garbage_stamp)),
+        plain(serde.encode_ocf("alert", good[1])),
+        plain(ocf),  # a repeat
+        plain(serde.encode_ocf("alert", null_rb)),
+        (fink.key, fink.value, fink.headers),
+        (confluent.key, confluent.value, confluent.headers),
+    ]
+
+
+@pytest.mark.kafka
+def test_subscribe_skips_and_counts_hostile_and_foreign_records(settings, tmp_path):
+    from confluent_kafka import Producer
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    topic = _topic(settings, partitions=2)
+    good = _alerts(4, "good")
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for i, (key, value, headers) in enumerate(_hostile_messages(good, topic)):
+        producer.produce(topic, value=value, key=key, headers=list(headers.items()), partition=i % 2)
+    producer.flush(10)
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", topic, "--json",
+                                   "--timeout", "2", "--status-every", "0.5", "--png-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    shown = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert sorted(a["candid"] for a in shown) == sorted([a["candid"] for a in good] + ["nullrb/0"])
+    assert "cutoutScience" not in shown[0]
+    summary = res.output.strip().splitlines()[-1]
+    assert summary.startswith("5 shown; 5 alerts, lag 0, skipped 7 (garbage_cutout 1, "), summary
+    assert summary.endswith(", 1 duplicates dropped"), summary
+    assert res.output.count("skipped partition") == 7  # one warning each
+    assert any(line.startswith("0 alerts, lag ") for line in res.output.splitlines())  # status while joining
+    assert len(list(tmp_path.glob("*.png"))) == 5
+
+
+@pytest.mark.kafka
+def test_subscribe_to_a_missing_topic_is_a_clear_error(settings):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    existing = _topic(settings)
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", "no-such-topic",
+                                   "--timeout", "1"])
+    assert res.exit_code == 2
+    assert "'no-such-topic' does not exist" in res.output and existing in res.output
+
+
+def _produce_timed(settings, topic, per_partition, partitions, base_ms):
+    """Alerts i = 0..per_partition-1 on each partition, alert i stamped ``base_ms + i`` s."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for p in range(partitions):
+        for i, a in enumerate(_alerts(per_partition, f"p{p}")):
+            producer.produce(topic, value=serde.encode_ocf("alert", a), partition=p, timestamp=base_ms + 1000 * i)
+            producer.flush(10)  # one batch per message: offsets and times as a real stream has them
+
+
+def _read(settings, topic, start=None, group=None, max_alerts=None, timeout=1.5):
+    from streams.subscriber import Subscription
+
+    with Subscription(settings, topic, group, start) as sub:
+        return sorted(a["candid"] for a, _ in sub.alerts(timeout=timeout, max_alerts=max_alerts))
+
+
+@pytest.mark.kafka
+def test_start_positions(settings):
+    topic = _topic(settings, partitions=2)
+    base = int(time.time() * 1000) - 60_000
+    _produce_timed(settings, topic, 10, 2, base)
+    every = sorted(f"p{p}/{i}" for p in range(2) for i in range(10))
+    assert _read(settings, topic) == every  # a new group: from the earliest
+    assert _read(settings, topic, StartPosition("offset", offset=7)) == sorted(
+        f"p{p}/{i}" for p in range(2) for i in (7, 8, 9))  # the same offset on every partition
+    assert _read(settings, topic, StartPosition("time", time_ms=base + 5500)) == sorted(
+        f"p{p}/{i}" for p in range(2) for i in range(6, 10))
+    assert _read(settings, topic, StartPosition("latest"), timeout=1.0) == []
+    assert _read(settings, topic, StartPosition("offset", offset=500), timeout=1.0) == []  # beyond the end
+    # the same from the command line, with a projection
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", topic, "--start", "8",
+                                   "--fields", "candid,source.snr", "--timeout", "1"])
+    assert res.exit_code == 0, res.output
+    assert sorted(line for line in res.output.splitlines() if line.startswith("candid=")) == sorted(
+        f"candid=p{p}/{i} source.snr=12.0" for p in range(2) for i in (8, 9))
+
+
+@pytest.mark.kafka
+def test_a_named_group_resumes_unless_a_start_is_given(settings):
+    topic = _topic(settings)
+    _produce_timed(settings, topic, 10, 1, int(time.time() * 1000))
+    first = _read(settings, topic, group="g", max_alerts=4)
+    rest = _read(settings, topic, group="g")
+    assert len(first) == 4 and len(rest) == 6 and not set(first) & set(rest)
+    assert len(_read(settings, topic, StartPosition("earliest"), group="g")) == 10
+
+
+@pytest.mark.kafka
+def test_lag_is_shown_while_consuming(settings):
+    from streams.subscriber import Subscription
+
+    topic = _topic(settings)
+    _produce_timed(settings, topic, 20, 1, int(time.time() * 1000))
+    statuses = []
+    with Subscription(settings, topic, on_status=lambda st: statuses.append(st.line()), status_every=0.0) as sub:
+        got = list(sub.alerts(timeout=1.5, max_alerts=5))
+        assert len(got) == 5
+        assert sub.lag() == 15  # 20 on the partition, 5 read
+        assert sub.stats.lag == 15
+    assert any(s.startswith("0 alerts, lag ") or ", lag 15" in s for s in statuses)

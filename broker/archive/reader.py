@@ -1,0 +1,328 @@
+"""Reading an archive: its log and state, checks of the committed files, queries through a DuckDB view."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import fsspec
+import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
+
+from broker.archive.arrow import file_schema
+from broker.archive.config import ALERT_COLUMN
+from broker.archive.log import CHECKPOINTS, COMMITS, Commit, DataFile, Snapshot
+from broker.archive.rows import record_of
+from broker.errors import ArchiveCorrupt, ArchiveError
+
+if TYPE_CHECKING:
+    import duckdb
+
+log = logging.getLogger(__name__)
+
+#: Name of the DuckDB view over the committed files.
+VIEW = "alerts"
+_RECORD_NAME = re.compile(r"^(\d{20})\.json$")
+
+
+def _sql_str(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+_MACROS = """
+CREATE MACRO ang_sep_deg(ra1, dec1, ra2, dec2) AS degrees(2 * asin(sqrt(least(1.0,
+    pow(sin(radians(dec2 - dec1) / 2), 2)
+    + cos(radians(dec1)) * cos(radians(dec2)) * pow(sin(radians(ra2 - ra1) / 2), 2)))));
+CREATE MACRO in_cone(ra, dec, ra0, dec0, radius) AS
+    dec BETWEEN dec0 - radius AND dec0 + radius AND ang_sep_deg(ra, dec, ra0, dec0) <= radius;
+"""
+# errors of the SQL itself, not of the files it reads
+_USER_ERRORS = ("ParserException", "BinderException", "CatalogException", "SyntaxException",
+                "ConversionException", "OutOfRangeException", "InvalidTypeException", "TypeMismatchException")
+
+
+class Archive:
+    """An archive, read side: its commit log, the committed files, and a DuckDB view over them.
+
+    Parameters
+    ----------
+    url : str or Path
+        Directory or fsspec URL of the archive root.
+
+    Raises
+    ------
+    ArchiveError
+        A URL that fsspec cannot open (unknown protocol, missing driver).
+    """
+
+    def __init__(self, url: str | os.PathLike) -> None:
+        self.url = str(url)
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url)
+        except (ValueError, ImportError) as exc:
+            raise ArchiveError(f"cannot open archive {self.url}: {exc}") from exc
+        self.root = str(root).rstrip("/")
+        self.local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, rel: str) -> str:
+        """Filesystem path of ``rel`` (relative to the root)."""
+        return f"{self.root}/{rel}"
+
+    def _numbered(self, folder: str) -> dict[int, str]:
+        """Sequence number -> name of the records in ``folder`` (temporary names left out)."""
+        try:
+            names = [str(p).rsplit("/", 1)[-1] for p in self.fs.ls(self.path(folder), detail=False)]
+        except FileNotFoundError:
+            return {}
+        return {int(n[:20]): n for n in names if _RECORD_NAME.match(n)}
+
+    def _commit(self, seq: int, name: str | None) -> Commit:
+        if name is None:
+            raise ArchiveCorrupt(f"commit log of {self.url}: commit {seq} is missing (a record is missing)")
+        commit = Commit.from_json(self.fs.cat_file(self.path(f"{COMMITS}/{name}")), name)
+        if commit.seq != seq:
+            raise ArchiveCorrupt(f"commit log of {self.url}: {name} holds commit {commit.seq} (misnamed)")
+        return commit
+
+    def log(self) -> list[Commit]:
+        """Every commit record, in order (empty for a new archive): the whole history.
+
+        Raises
+        ------
+        ArchiveCorrupt
+            An unreadable record, or a gap in their sequence.
+        """
+        records = self._numbered(COMMITS)
+        return [self._commit(seq, records.get(seq)) for seq in range(1, max(records, default=0) + 1)]
+
+    def snapshot(self) -> Snapshot:
+        """The archive's state: its newest readable checkpoint, then the commit records after it.
+
+        A checkpoint that cannot be read is passed over for an older one (it only summarises
+        records that are all kept), with a warning.
+
+        Raises
+        ------
+        ArchiveCorrupt
+            An unreadable record after the checkpoint, or a gap in their sequence.
+        """
+        records = self._numbered(COMMITS)
+        last = max(records, default=0)
+        snap = Snapshot()
+        for seq, name in sorted(self._numbered(CHECKPOINTS).items(), reverse=True):
+            if seq <= last:
+                try:
+                    snap = Snapshot.from_json(self.fs.cat_file(self.path(f"{CHECKPOINTS}/{name}")), name)
+                    break
+                except ArchiveCorrupt as exc:
+                    log.warning("%s: %s; reading the records before it", self.url, exc)
+        for seq in range(snap.seq + 1, last + 1):
+            snap.apply(self._commit(seq, records.get(seq)))
+        return snap
+
+    def files(self) -> list[DataFile]:
+        """Every committed file that no compaction retired, in commit order."""
+        return list(self.snapshot().live.values())
+
+    def count(self) -> int:
+        """Alerts in the archive (from the commit log)."""
+        return sum(f.rows for f in self.files())
+
+    def sizes(self) -> dict[str, int]:
+        """Every file under the root (committed or not), relative path -> bytes."""
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        prefix = self.root + "/"
+        return {p[len(prefix):]: int(info["size"]) for p, info in found.items() if p.startswith(prefix)}
+
+    def check(self, files: Sequence[DataFile], deep: bool = False) -> None:
+        """Check that ``files`` are there with their committed sizes (``deep``: and SHA-256).
+
+        Raises
+        ------
+        ArchiveCorrupt
+            A committed file that is missing, of another size (truncated or overwritten) or, with
+            ``deep``, of other bytes.
+        """
+        sizes = self._sizes_of(files)
+        for f in files:
+            size = sizes.get(f.path)
+            if size is None:
+                raise ArchiveCorrupt(f"{self.url}: committed file {f.path} is missing")
+            if size != f.size:
+                raise ArchiveCorrupt(f"{self.url}: {f.path} holds {size} bytes but its commit record says "
+                                     f"{f.size}: truncated or overwritten")
+            if deep and self._sha256(f.path) != f.sha256:
+                raise ArchiveCorrupt(f"{self.url}: the bytes of {f.path} do not match the SHA-256 of its "
+                                     "commit record: altered")
+
+    def _sizes_of(self, files: Sequence[DataFile]) -> dict[str, int]:
+        """Sizes of the files in the folders of ``files``: one listing per (night, telescope) folder."""
+        sizes: dict[str, int] = {}
+        prefix = self.root + "/"
+        for folder in sorted({f.path.rsplit("/", 1)[0] for f in files}):
+            try:
+                found = self.fs.ls(self.path(folder), detail=True)
+            except FileNotFoundError:
+                continue
+            sizes.update((str(i["name"])[len(prefix):], int(i["size"])) for i in found
+                         if str(i["name"]).startswith(prefix))
+        return sizes
+
+    def _sha256(self, rel: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self.path(rel), "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    def _duck_path(self, rel: str) -> str:
+        return self.path(rel) if self.local else str(self.fs.unstrip_protocol(self.path(rel)))
+
+    def connect(self, verify: bool = False) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with the view ``alerts`` over the committed files, and the cone macros.
+
+        Every committed file must be there with its committed size (with ``verify``, its SHA-256
+        too, which reads the whole archive).
+
+        Raises
+        ------
+        ArchiveCorrupt
+            A committed file or commit record that is missing, truncated, altered or unreadable.
+        """
+        return self._connect(verify)[0]
+
+    def _connect(self, verify: bool) -> tuple[duckdb.DuckDBPyConnection, list[DataFile]]:
+        import duckdb
+
+        files = self.files()
+        self.check(files, deep=verify)
+        con = duckdb.connect()
+        try:
+            if not self.local:
+                con.register_filesystem(self.fs)
+            con.execute(_MACROS)
+            con.execute(f"CREATE VIEW {VIEW}_files AS {self._scan(con, files)}")
+            con.execute(f"CREATE VIEW {VIEW} AS SELECT * EXCLUDE (filename) FROM {VIEW}_files")
+        except duckdb.Error as exc:
+            con.close()
+            raise self._error(exc, files) from exc
+        return con, files
+
+    def _scan(self, con: duckdb.DuckDBPyConnection, files: Sequence[DataFile]) -> str:
+        """SQL reading ``files`` with their file name (an empty table of the current schema when none)."""
+        if not files:
+            con.register(f"{VIEW}_empty", file_schema().empty_table())
+            return f"SELECT *, NULL::VARCHAR AS filename FROM {VIEW}_empty"
+        union = len({f.schema_version for f in files}) > 1  # versions differ: unify their columns by name
+        listing = ", ".join(_sql_str(self._duck_path(f.path)) for f in files)
+        return f"SELECT * FROM read_parquet([{listing}], filename = true, union_by_name = {union})"
+
+    def _error(self, exc: Exception, files: Sequence[DataFile]) -> ArchiveError:
+        """The archive error of a DuckDB or Arrow error: corrupt when it names a committed file."""
+        text = str(exc).strip()
+        if type(exc).__name__ not in _USER_ERRORS:
+            for f in files:
+                if f.path in text:  # DuckDB names the file it could not read
+                    return ArchiveCorrupt(f"{self.url}: {f.path} is unreadable: {text}")
+        return ArchiveError(f"query failed: {text}")
+
+    def query(self, sql: str, verify: bool = False) -> pa.Table:
+        """The result of ``sql`` over the view ``alerts``.
+
+        Raises
+        ------
+        ArchiveError
+            SQL that DuckDB rejects.
+        ArchiveCorrupt
+            As :meth:`connect`, or a committed file DuckDB cannot read.
+        """
+        import duckdb
+
+        con, files = self._connect(verify)
+        try:
+            rel = con.sql(sql)
+            return rel.to_arrow_table() if rel is not None else pa.table({})
+        except duckdb.Error as exc:
+            raise self._error(exc, files) from exc
+        finally:
+            con.close()
+
+    def export(self, sql: str, out: str | Path, verify: bool = False) -> int:
+        """Write the result of ``sql`` to ``out`` (``.parquet`` or ``.csv``); return its rows.
+
+        Raises
+        ------
+        ArchiveError, ArchiveCorrupt
+            As :meth:`query`; or ``out`` of another kind.
+        """
+        import duckdb
+
+        fmt = {".parquet": "parquet", ".csv": "csv"}.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise ArchiveError(f"cannot write {out}: the output is .parquet or .csv")
+        con, files = self._connect(verify)
+        try:
+            rows = con.execute(f"COPY ({sql}) TO {_sql_str(str(out))} (FORMAT {fmt})").fetchall()
+            return int(rows[0][0]) if rows else 0
+        except duckdb.Error as exc:
+            raise self._error(exc, files) from exc
+        finally:
+            con.close()
+
+    def select(self, where: str = "true", verify: bool = True,
+               batch_rows: int = 256) -> tuple[int, Iterator[tuple[int, dict]]]:
+        """The archived alerts matching ``where``, in observation order (MJD, then Kafka order).
+
+        Parameters
+        ----------
+        where : str
+            SQL condition over the columns of the ``alerts`` view.
+        verify : bool
+            First check the SHA-256 of every file that holds one of them.
+        batch_rows : int
+            Rows read at a time.
+
+        Returns
+        -------
+        int, iterator of (int, dict)
+            Their count, and (schema version, alert record) for each; the iterator holds a DuckDB
+            connection until it is exhausted or closed.
+        """
+        import duckdb
+
+        con, files = self._connect(False)
+        try:
+            held = {r[0] for r in con.sql(f"SELECT DISTINCT filename FROM {VIEW}_files WHERE {where}").fetchall()}
+            if verify:
+                self.check([f for f in files if self._duck_path(f.path) in held], deep=True)
+            ((count,),) = con.sql(f"SELECT count(*) FROM {VIEW} WHERE {where}").fetchall()
+            reader = con.sql(f"SELECT schema_version, {ALERT_COLUMN} FROM {VIEW} WHERE {where} "
+                             "ORDER BY mjd, kafka_topic, kafka_partition, kafka_offset").to_arrow_reader(batch_rows)
+        except duckdb.Error as exc:
+            con.close()
+            raise self._error(exc, files) from exc
+        except ArchiveError:
+            con.close()
+            raise
+        return int(count), self._records(con, reader, files)
+
+    def _records(self, con: duckdb.DuckDBPyConnection, reader: pa.RecordBatchReader,
+                 files: Sequence[DataFile]) -> Iterator[tuple[int, dict]]:
+        import duckdb
+
+        try:
+            for batch in reader:
+                for version, value in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                    yield version, record_of(value, version)
+        except (duckdb.Error, pa.ArrowException) as exc:
+            raise self._error(exc, files) from exc
+        finally:
+            con.close()

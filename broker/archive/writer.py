@@ -1,0 +1,239 @@
+"""Writing an archive: each batch's files, then its commit record; recovery, compaction and vacuum."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from broker.archive.arrow import SCHEMA_KEY
+from broker.archive.config import ArchiveConfig
+from broker.archive.log import CHECKPOINTS, COMMITS, Commit, DataFile, OffsetRange, Snapshot
+from broker.archive.reader import Archive
+from broker.errors import ArchiveCorrupt, ArchiveError
+
+
+def _slug(text: str | None) -> str:
+    """A partition folder value: Hive-style %XX escapes for anything but letters, digits and ``-_.``.
+
+    A value escaped to over 64 characters keeps its first 48 and a hash of the whole (the column
+    keeps the value itself), so that no telescope name makes a path too long.
+    """
+    slug = quote(text, safe="-_.") if text else "unknown"
+    return slug if len(slug) <= 64 else f"{slug[:48]}~{hashlib.sha1(slug.encode()).hexdigest()[:12]}"
+
+
+def _partitions(batches: Sequence[pa.RecordBatch]) -> dict[tuple[str, str, int], pa.Table]:
+    """The rows of ``batches`` by (night, telescope, schema version)."""
+    by_version: dict[int, list[pa.RecordBatch]] = {}
+    for batch in batches:
+        by_version.setdefault(int((batch.schema.metadata or {})[SCHEMA_KEY]), []).append(batch)
+    out: dict[tuple[str, str, int], pa.Table] = {}
+    for version, group in by_version.items():
+        table = pa.Table.from_batches(group)
+        if len(group) > 1:
+            table = table.combine_chunks()  # one chunk per column: Parquet writes many chunks 30x slower
+        rows: dict[tuple[str, str], list[int]] = {}
+        keys = zip(table.column("night").to_pylist(), table.column("telescope").to_pylist(), strict=True)
+        for i, (night, telescope) in enumerate(keys):
+            rows.setdefault((night.isoformat(), telescope or ""), []).append(i)
+        for (night, telescope), idx in rows.items():
+            out[(night, telescope, version)] = table if len(rows) == 1 else table.take(pa.array(idx, pa.int64()))
+    return out
+
+
+def _is_orphan(rel: str, committed: set[str]) -> bool:
+    """Whether ``rel`` is left over from a batch that never committed (a data file or a temporary)."""
+    return ".tmp-" in rel.rsplit("/", 1)[-1] or (rel.endswith(".parquet") and rel not in committed)
+
+
+def _unix(iso: str) -> float:
+    """Unix time of an ISO 8601 time of the commit log."""
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArchiveWriter:
+    """The one writer of an archive: each batch's files, then the batch's commit record; compactions.
+
+    Parameters
+    ----------
+    archive : Archive
+    config : ArchiveConfig
+        Parquet codec and compaction settings.
+
+    An archive has one writer at a time: :meth:`recover` deletes every file that no commit names,
+    and a second writer's commit fails on the record name the first one took.
+    """
+
+    def __init__(self, archive: Archive, config: ArchiveConfig | None = None) -> None:
+        self.archive = archive
+        self.config = config or ArchiveConfig()
+        self.snap = Snapshot()
+        self.retired: dict[str, float] = {}  # path -> Unix time after which it may be deleted
+
+    def recover(self) -> list[str]:
+        """Read the commit log; delete the files of batches that never committed and retired files past their time.
+
+        Returns the paths deleted.
+        """
+        self.snap = self.archive.snapshot()
+        now, keep = time.time(), self.config.retain_removed_seconds
+        self.retired = {p: _unix(c) + keep for p, c in self.snap.retired.items()}
+        self.retired = {p: t for p, t in self.retired.items() if t > now and p not in self.snap.live}
+        self.snap.retired = {p: c for p, c in self.snap.retired.items() if p in self.retired}
+        kept = set(self.snap.live) | set(self.retired)
+        orphans = sorted(rel for rel in self.archive.sizes() if _is_orphan(rel, kept))
+        for rel in orphans:
+            self.archive.fs.rm_file(self.archive.path(rel))
+        return orphans
+
+    def positions(self) -> dict[tuple[str, int], int]:
+        """Where each (topic, partition) stands: the offset after the last archived one."""
+        return dict(self.snap.positions)
+
+    def write(self, batches: Sequence[pa.RecordBatch]) -> list[DataFile]:
+        """Write ``batches`` (of :func:`to_batch`) as the files of the next commit, each whole or not at all.
+
+        One file per (night, telescope, schema version); nothing reads them before :meth:`commit`.
+        """
+        seq = self.snap.seq + 1
+        parts = sorted(_partitions(batches).items())
+        return [self._write_file(f"part-{seq:08d}-{i:03d}", key, table) for i, (key, table) in enumerate(parts)]
+
+    def _write_file(self, stem: str, key: tuple[str, str, int], table: pa.Table) -> DataFile:
+        night, telescope, version = key
+        rel = f"night={night}/telescope={_slug(telescope)}/{stem}.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression=self.config.compression)
+        data = sink.getvalue().to_pybytes()
+        self._put(rel, data)
+        return DataFile(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), version, night, telescope)
+
+    def commit(self, files: Sequence[DataFile], offsets: Sequence[OffsetRange], dead_letters: int = 0,
+               removed: Sequence[str] = ()) -> Commit:
+        """Write the next commit record, which makes ``files`` visible, retires ``removed`` and moves the offsets.
+
+        Raises
+        ------
+        ArchiveError
+            Another writer took this commit's record name.
+        """
+        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+        commit = Commit(self.snap.seq + 1, created, tuple(files), tuple(offsets), dead_letters, tuple(removed))
+        self._put(f"{COMMITS}/{commit.seq:020d}.json", commit.to_json(), exclusive=True)
+        self.snap.apply(commit)
+        for path in removed:
+            self.retired[path] = time.time() + self.config.retain_removed_seconds
+        if self.config.checkpoint_every and commit.seq % self.config.checkpoint_every == 0:
+            self._put(f"{CHECKPOINTS}/{commit.seq:020d}.json", self.snap.to_json())
+        return commit
+
+    def compact(self) -> list[Commit]:
+        """Merge small files, tier by tier; return the compaction commits.
+
+        Files under ``compact_max_bytes`` sit in tiers by their rows (tier t: K^t <= rows < K^(t+1),
+        K = ``compact_files``). K files of one tier and one (night, telescope, schema version)
+        become one file of the next tier, in a commit that adds it and retires them (they stay
+        ``retain_removed_seconds`` for queries in flight, then :meth:`vacuum` deletes them). An
+        alert is so rewritten at most log_K(alerts of a night) times, and a night of small batches
+        ends as a few files, not thousands.
+
+        Raises
+        ------
+        ArchiveCorrupt
+            A file to merge does not match its SHA-256 (nothing is merged).
+        """
+        commits = []
+        while (group := self._full_tier()) is not None:
+            commits.append(self._merge(group))
+        return commits
+
+    def _full_tier(self) -> list[DataFile] | None:
+        """The first K small files of one tier and partition, if any."""
+        k = self.config.compact_files
+        if k < 2:
+            return None
+        tiers: dict[tuple[str, str, int, int], list[DataFile]] = {}
+        for f in self.snap.live.values():
+            if f.size < self.config.compact_max_bytes:
+                tier, rows = 0, f.rows
+                while rows >= k:
+                    tier, rows = tier + 1, rows // k
+                group = tiers.setdefault((f.night, f.telescope, f.schema_version, tier), [])
+                group.append(f)
+                if len(group) == k:
+                    return group
+        return None
+
+    def _merge(self, group: list[DataFile]) -> Commit:
+        tables = []
+        for f in group:
+            data = self.archive.fs.cat_file(self.archive.path(f.path))
+            if hashlib.sha256(data).hexdigest() != f.sha256:
+                raise ArchiveCorrupt(f"{self.archive.url}: {f.path} does not match its SHA-256; not compacted")
+            tables.append(pq.read_table(pa.BufferReader(data)))
+        table = pa.concat_tables(tables).combine_chunks()
+        key = (group[0].night, group[0].telescope, group[0].schema_version)
+        merged = self._write_file(f"part-{self.snap.seq + 1:08d}-merged", key, table)
+        return self.commit([merged], [], removed=[f.path for f in group])
+
+    def vacuum(self, now: float | None = None) -> list[str]:
+        """Delete the retired files whose time is up (``now``: Unix s, default the clock); return their paths."""
+        now = time.time() if now is None else now
+        due = sorted(p for p, t in self.retired.items() if t <= now)
+        for path in due:
+            try:
+                self.archive.fs.rm_file(self.archive.path(path))
+            except FileNotFoundError:
+                pass
+            del self.retired[path]
+            self.snap.retired.pop(path, None)
+        return due
+
+    def _put(self, rel: str, data: bytes, exclusive: bool = False) -> None:
+        """Write ``rel`` whole or not at all.
+
+        Locally: a temporary file, fsynced, renamed (``exclusive``: linked, which fails when the name
+        is taken). Elsewhere: one upload, which an object store makes visible whole (there is no
+        rename; ``exclusive`` checks the name first, which is safe with one writer).
+        """
+        a = self.archive
+        path = a.path(rel)
+        if not a.local:
+            if exclusive and a.fs.exists(path):
+                raise ArchiveError(f"{a.url}: {rel} exists: another writer commits to this archive")
+            a.fs.pipe_file(path, data)
+            return
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            if exclusive:
+                os.link(tmp, path)
+            else:
+                os.replace(tmp, path)
+        except FileExistsError as exc:
+            raise ArchiveError(f"{a.url}: {rel} exists: another writer commits to this archive") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _fsync_dir(folder)

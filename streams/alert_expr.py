@@ -1,0 +1,358 @@
+"""Expressions over alerts: the schema's field paths, filters and projections.
+
+:class:`AlertFilter` evaluates a user's boolean expression (simpleeval, on an AST whitelist) over
+the alert's fields, by flat name (``snr``) or dotted path (``source.snr``), and over its detection
+history (``ndet('r') >= 2``); :class:`FieldSelection` projects an alert on dotted paths
+(``docs/architecture.md``, "Subscribing").
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import math
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, TypeGuard
+
+from simpleeval import EvalWithCompoundTypes, InvalidExpression
+
+import schemas
+from broker.errors import ConfigError, FilterExpressionError
+
+log = logging.getLogger(__name__)
+
+
+# --- names and paths of the alert schema ------------------------------------------------------------
+
+
+def _walk(node: Any, prefix: str, named: dict[str, Any], out: set[str]) -> None:
+    """Add to ``out`` the dotted path of every field under the Avro type ``node``."""
+    if isinstance(node, str):
+        node = named.get(node.rsplit(".", 1)[-1], node)
+        if isinstance(node, str):
+            return
+    if isinstance(node, list):
+        for branch in node:
+            _walk(branch, prefix, named, out)
+        return
+    if node.get("type") == "array":
+        _walk(node["items"], prefix, named, out)
+        return
+    if node.get("type") != "record":
+        return
+    named[node["name"].rsplit(".", 1)[-1]] = node
+    for f in node["fields"]:
+        path = f"{prefix}.{f['name']}" if prefix else f["name"]
+        out.add(path)
+        _walk(f["type"], path, named, out)
+
+
+@lru_cache(maxsize=1)
+def alert_paths() -> frozenset[str]:
+    """Dotted path of every field of every alert schema version (``source.snr``, ``prv_sources.mjd``)."""
+    out: set[str] = set()
+    for version in schemas.versions("alert"):
+        _walk(json.loads((schemas.ROOT / "alert" / f"v{version}.avsc").read_text()), "", {}, out)
+    return frozenset(out)
+
+
+def _flat_names() -> dict[str, str]:
+    """Short names a filter may use for a dotted path: source and score fields, object and ids."""
+    paths = alert_paths()
+    flat = {p.split(".", 1)[1]: p for p in paths if p.count(".") == 1 and p.split(".")[0] in ("source", "scores")}
+    flat.update({"ndet": "object.ndet", "first_mjd": "object.first_mjd", "telescope": "provenance.telescope",
+                 "field": "provenance.field"})
+    flat.update({p: p for p in paths if "." not in p})
+    return flat
+
+
+def lookup(alert: Any, path: str) -> Any:
+    """The value at dotted ``path`` of ``alert``; lists map over their items; null where absent."""
+    value = alert
+    for part in path.split("."):
+        if isinstance(value, list):
+            value = [v.get(part) if isinstance(v, dict) else None for v in value]
+        elif isinstance(value, dict):
+            value = value.get(part)
+        else:
+            return None
+    return value
+
+
+def _path_getter(path: str) -> Callable[[dict], Any]:
+    """A function of an alert giving the value at ``path``."""
+    return lambda alert: lookup(alert, path)
+
+
+def _latency(alert: dict) -> float | None:
+    """Seconds from shutter close to the alert's creation."""
+    t = alert.get("timing") or {}
+    return t["alert_time"] - t["exposure_end"] if is_num(t.get("alert_time")) and is_num(t.get("exposure_end")) \
+        else None
+
+
+def is_num(x: object) -> TypeGuard[int | float]:
+    """Whether ``x`` is a number (int or float, not bool)."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+# --- the detection history ----------------------------------------------------------------------------
+
+
+def _entries(alert: dict, key: str, band: object) -> list[float]:
+    """MJDs of the entries of the history list ``key`` (e.g. ``prv_sources``) in ``band`` (None: all)."""
+    if band is not None and not isinstance(band, str):
+        raise TypeError(f"a band is a string, not {type(band).__name__}")
+    items = alert.get(key)
+    return [float(h["mjd"]) for h in items if isinstance(h, dict) and is_num(h.get("mjd"))
+            and (band is None or h.get("filter") == band)] if isinstance(items, list) else []
+
+
+def _detections(alert: dict, band: object, this_one: bool = True) -> list[float]:
+    """MJDs of the detections of the alert's object in ``band`` (None: all): the history, and this one."""
+    mjds = _entries(alert, "prv_sources", band)
+    src = alert.get("source") or {}
+    if this_one and is_num(src.get("mjd")) and (band is None or src.get("filter") == band):
+        mjds.append(float(src["mjd"]))
+    return mjds
+
+
+def _history_functions(current: Callable[[], dict]) -> dict[str, Callable[..., Any]]:
+    """The functions a filter may call, reading the alert being evaluated from ``current()``."""
+
+    def ndet(band: object = None) -> int:
+        return len(_detections(current(), band))
+
+    def nprev(band: object = None) -> int:
+        return len(_detections(current(), band, this_one=False))
+
+    def since_first(band: object = None) -> float | None:
+        mjds, now = _detections(current(), band), lookup(current(), "source.mjd")
+        return now - min(mjds) if mjds and is_num(now) else None
+
+    def since_last(band: object = None) -> float | None:
+        now = lookup(current(), "source.mjd")
+        before = [m for m in _detections(current(), band) if is_num(now) and m < now]
+        return now - max(before) if before else None
+
+    def nnondet(band: object = None) -> int:
+        return len(_entries(current(), "prv_nondetections", band))
+
+    def since_nondet(band: object = None) -> float | None:
+        now = lookup(current(), "source.mjd")
+        before = [m for m in _entries(current(), "prv_nondetections", band) if is_num(now) and m < now]
+        return now - max(before) if before else None
+
+    def nbands() -> int:
+        return len({h.get("filter") for h in current().get("prv_sources") or [] if isinstance(h, dict)}
+                   | {lookup(current(), "source.filter")})
+
+    return {"ndet": ndet, "nprev": nprev, "since_first": since_first, "since_last": since_last, "nbands": nbands,
+            "nnondet": nnondet, "since_nondet": since_nondet, "abs": abs, "min": min, "max": max, "len": len}
+
+
+#: What each filter function returns (shown by ``broker subscribe --help`` and the docs).
+FUNCTIONS_HELP = {
+    "ndet(band)": "detections of the object in band (this one included; no band: all bands)",
+    "nprev(band)": "previous detections in band (the history attached to the alert, at most 100)",
+    "since_first(band)": "days from the first detection in band to this one",
+    "since_last(band)": "days from the previous detection in band to this one (null without one)",
+    "nbands()": "distinct bands with a detection",
+    "nnondet(band)": "frames in band that covered the object without detecting it (alert v2 upper limits)",
+    "since_nondet(band)": "days from the last such non-detection in band to this one (null without one)",
+    "abs, min, max, len": "as in Python",
+}
+
+# --- filters ------------------------------------------------------------------------------------------
+
+_ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.Not, ast.USub, ast.UAdd,
+                  ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.Compare,
+                  ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.In, ast.NotIn, ast.Is, ast.IsNot,
+                  ast.Constant, ast.Name, ast.Load, ast.Tuple, ast.List, ast.IfExp, ast.Call, ast.Attribute)
+
+
+#: Most positional arguments of each filter function (others: 1).
+_ARITY = {"nbands": 0, "min": 8, "max": 8}
+
+
+class _Dotted(ast.NodeTransformer):
+    """Turn ``source.snr`` (attribute chains of plain names) into the single name ``'source.snr'``."""
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.AST:  # noqa: N802  (ast's naming)
+        """Replace a chain of plain names by one name; refuse attributes of anything else."""
+        parts: list[str] = [node.attr]
+        value: ast.expr = node.value
+        while isinstance(value, ast.Attribute):
+            parts.append(value.attr)
+            value = value.value
+        if not isinstance(value, ast.Name):
+            raise FilterExpressionError("filter expression not allowed: attributes only of alert fields")
+        if any(p.startswith("_") for p in [value.id, *parts]):
+            raise FilterExpressionError("filter expression not allowed: names starting with '_'")
+        return ast.copy_location(ast.Name(id=".".join([value.id, *reversed(parts)]), ctx=ast.Load()), node)
+
+
+def _checked_tree(expression: str, functions: set[str]) -> ast.expr:
+    """The parsed expression with dotted names joined; raises on anything off the whitelist."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError as exc:
+        raise FilterExpressionError(f"invalid filter expression {expression!r}: {exc.msg}") from exc
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise FilterExpressionError(f"filter expression not allowed: {type(node).__name__}")
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Name) and node.func.id not in functions:
+            raise FilterExpressionError(f"unknown name(s) {[node.func.id]}: the functions are {sorted(functions)}")
+        if not isinstance(node.func, ast.Name) or node.keywords or len(node.args) > _ARITY.get(node.func.id, 1):
+            raise FilterExpressionError(f"filter expression not allowed: calls only of {sorted(functions)}, with "
+                                        "positional arguments (one band for the history functions)")
+    joined = _Dotted().visit(tree)
+    return joined.body
+
+
+class AlertFilter:
+    """A boolean expression over an alert, e.g. ``source.snr > 7 and scores.rb > 0.8 and ndet('r') >= 2``.
+
+    Names are dotted paths of the alert schema (any version: ``source.snr``, ``object.ndet``,
+    ``prv_sources.filter`` is the list of the history's bands), or short names: the fields of
+    ``source`` and ``scores`` (``snr``, ``rb``), ``ndet``, ``first_mjd``, ``telescope``, ``field``,
+    the top-level fields and ``latency`` (s from shutter close to the alert). Functions over the
+    history are in :data:`FUNCTIONS_HELP`. The expression is parsed once and checked against a
+    whitelist of syntax (no attributes of values, no subscripts, no comprehensions, no lambdas, calls
+    only of those functions), then evaluated with simpleeval (bounded powers and string sizes).
+    Names are checked here, before any alert; an alert on which the expression cannot be evaluated
+    (a null ``rb`` compared with a number, a missing field) does not match.
+    """
+
+    def __init__(self, expression: str | None) -> None:
+        self.expression = (expression or "").strip()
+        if len(self.expression) > 1000:
+            raise FilterExpressionError("filter expression longer than 1000 characters")
+        self._alert: dict = {}
+        functions = _history_functions(lambda: self._alert)
+        self._eval = EvalWithCompoundTypes(functions=functions)
+        self._resolve: dict[str, Callable[[dict], Any]] = {}
+        self._tree: ast.expr = ast.Constant(True)
+        if not self.expression:
+            return
+        self._tree = _checked_tree(self.expression, set(functions))
+        self._resolve = self._resolvers(self._tree)
+        self._probe(functions)
+
+    @staticmethod
+    def _resolvers(tree: ast.expr) -> dict[str, Callable[[dict], Any]]:
+        """How to get the value of each name the expression uses; raises on unknown names."""
+        flat, paths = _flat_names(), alert_paths()
+        out: dict[str, Callable[[dict], Any]] = {}
+        called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called}
+        for name in used - {"True", "False", "None"}:
+            if name == "latency":
+                out[name] = _latency
+            elif name in flat or name in paths:
+                path = flat.get(name, name)
+                out[name] = _path_getter(path)
+            else:
+                raise FilterExpressionError(
+                    f"unknown name(s) {[name]}; use a dotted path of the alert schema (e.g. source.snr, scores.rb, "
+                    f"object.ndet) or one of {sorted([*flat, 'latency'])}; functions: {list(FUNCTIONS_HELP)}")
+        return out
+
+    def _probe(self, functions: dict[str, Callable[..., Any]]) -> None:
+        """Evaluate once on stand-in values: refuse what simpleeval refuses before any alert arrives."""
+        self._eval.names = dict.fromkeys(self._resolve, 1.0)
+        self._eval.functions = {k: (lambda *a: 1.0) for k in functions}
+        try:
+            self._eval.eval(self.expression, previously_parsed=self._tree)
+        except InvalidExpression as exc:
+            raise FilterExpressionError(f"filter expression not allowed: {exc}") from exc
+        except Exception:  # noqa: S110, BLE001  (e.g. the stand-ins compared with strings: fine on alerts)
+            pass
+        finally:
+            self._eval.functions = functions
+
+    def __call__(self, alert: dict) -> bool:
+        """Whether ``alert`` passes the filter (always, without an expression)."""
+        if not self.expression:
+            return True
+        self._alert = alert
+        self._eval.names = {name: get(alert) for name, get in self._resolve.items()}
+        try:
+            return bool(self._eval.eval(self.expression, previously_parsed=self._tree))
+        except InvalidExpression as exc:
+            raise FilterExpressionError(f"cannot evaluate {self.expression!r}: {exc}") from exc
+        except (TypeError, ZeroDivisionError, ValueError, OverflowError, AttributeError, KeyError):
+            return False
+
+
+# --- projection -----------------------------------------------------------------------------------
+
+
+class FieldSelection:
+    """The fields of an alert to show: dotted paths, e.g. ``objectId,source.ra,source.dec,scores.rb``.
+
+    A path into an array (``prv_sources.mjd``) keeps the array with only that field of each item.
+    Paths are checked against the alert schema (every version) when the selection is made.
+    """
+
+    def __init__(self, spec: str | None) -> None:
+        self.paths = [p.strip() for p in (spec or "").split(",") if p.strip()]
+        unknown = [p for p in self.paths if p not in alert_paths()]
+        if unknown:
+            tops = sorted(p for p in alert_paths() if "." not in p)
+            raise ConfigError(f"unknown field(s) {unknown}; give dotted paths of the alert schema, e.g. "
+                              f"source.ra, scores.rb, prv_sources.mjd; top-level fields: {tops}")
+        self.tree: dict[str, Any] = {}
+        for path in self.paths:
+            node = self.tree
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if node.get(part, {}) is None:
+                    break  # a parent is selected whole
+                node = node.setdefault(part, {})
+            else:
+                node[leaf] = None
+
+    def __bool__(self) -> bool:
+        """Whether any field is selected."""
+        return bool(self.paths)
+
+    def apply(self, alert: dict) -> dict:
+        """``alert`` with only the selected fields (all of them without a selection)."""
+        return _project(alert, self.tree) if self.paths else alert
+
+    def text(self, alert: dict) -> str:
+        """The selected fields as one line of ``path=value`` (strings bare, the rest as JSON)."""
+        values = ((p, lookup(alert, p)) for p in self.paths)
+        return " ".join(f"{p}={v if isinstance(v, str) else to_json(v)}" for p, v in values)
+
+
+def _project(value: Any, tree: dict[str, Any] | None) -> Any:
+    if tree is None:
+        return value
+    if isinstance(value, list):
+        return [_project(v, tree) for v in value]
+    if not isinstance(value, dict):
+        return None
+    return {k: _project(value.get(k), sub) for k, sub in tree.items()}
+
+
+def to_json(value: Any) -> str:
+    """One JSON line of an alert (or a projection of it): bytes as latin-1 text, NaN as null."""
+
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, bytes):
+            return f"<{len(x)} bytes>"
+        return x
+
+    return json.dumps(clean(value))

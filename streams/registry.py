@@ -1,0 +1,196 @@
+"""A small in-memory schema registry speaking the Confluent REST API, for local work and the tests.
+
+Deployments run Confluent's registry (``docker-compose.yml``, ``k8s/``). Neither it nor karapace
+can run on the development and CI machines (no JVM service, no package), so ``broker embedded``
+and the tests that read a pipeline run with real clients (Rubin's ``DeserializingConsumer`` +
+``AvroDeserializer``) use this one, on 127.0.0.1, the way tansu stands in for Kafka.
+
+It serves the part of the API that producers and deserializers call (``docs/architecture.md``,
+"Alert framings"): register a schema under a subject (``POST /subjects/{s}/versions``; the same
+schema gets the same id, in any subject), look it up (``POST /subjects/{s}``), fetch a schema by id
+(``GET /schemas/ids/{id}``) and a subject's versions (``GET /subjects/{s}/versions[/{v}|latest]``),
+list subjects, read the global compatibility level. Errors carry Confluent's ``error_code``
+(40401 subject, 40402 version, 40403 schema not found, 42201 invalid schema). It checks no
+compatibility between versions and keeps nothing on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+
+import fastavro
+
+CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
+#: Largest request body accepted (bytes); an alert schema is ~15 kB.
+MAX_BODY = 4 * 1024 * 1024
+
+
+class RegistryStore:
+    """Schemas by id and subjects' versions, guarded by one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ids: dict[str, int] = {}  # compact schema JSON -> id
+        self.schemas: dict[int, str] = {}  # id -> schema text as registered first
+        self.subjects: dict[str, list[int]] = {}  # subject -> schema id of each version (version = index + 1)
+
+    def register(self, subject: str, text: str) -> int:
+        """Id of ``text`` (a new one for a new schema), added to ``subject`` unless it holds it."""
+        key = _compact(text)
+        with self.lock:
+            sid = self.ids.get(key)
+            if sid is None:
+                sid = self.ids[key] = len(self.ids) + 1
+                self.schemas[sid] = text
+            versions = self.subjects.setdefault(subject, [])
+            if sid not in versions:
+                versions.append(sid)
+            return sid
+
+    def version(self, subject: str, text: str) -> tuple[int, int] | None:
+        """(version, id) of ``text`` in ``subject``, or None."""
+        with self.lock:
+            sid = self.ids.get(_compact(text))
+            versions = self.subjects.get(subject, [])
+            return (versions.index(sid) + 1, sid) if sid in versions else None
+
+
+def _compact(text: str) -> str:
+    """The schema as compact JSON: two spellings of one schema get one id (ValueError if not JSON)."""
+    return json.dumps(json.loads(text), separators=(",", ":"), sort_keys=True)
+
+
+class _Error(Exception):
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def _schema_text(body: bytes) -> str:
+    """The Avro schema of a register or lookup request body, checked to parse."""
+    try:
+        request = json.loads(body or b"{}")
+        text = request["schema"]
+        if request.get("schemaType", "AVRO") != "AVRO" or not isinstance(text, str):
+            raise ValueError("only AVRO schemas given as a string")
+        fastavro.parse_schema(json.loads(text))
+    except Exception as exc:  # JSON, KeyError, SchemaParseException, ...
+        raise _Error(422, 42201, f"Invalid schema: {type(exc).__name__}: {exc}") from exc
+    return text
+
+
+class _Handler(BaseHTTPRequestHandler):
+    store: RegistryStore  # set on the subclass of each server
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Silence the per-request log lines of :class:`BaseHTTPRequestHandler`."""
+
+    def _reply(self, status: int, payload: object) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _serve(self, method: str) -> None:
+        path = self.path.split("?", 1)[0].rstrip("/")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise _Error(413, 41301, f"request body over {MAX_BODY} bytes")
+            body = self.rfile.read(length) if length > 0 else b""
+            self._reply(200, self._route(method, path, body))
+        except _Error as exc:
+            self._reply(exc.status, {"error_code": exc.code, "message": str(exc)})
+        except Exception as exc:  # a bug here must not kill the server thread
+            self._reply(500, {"error_code": 50001, "message": f"{type(exc).__name__}: {exc}"})
+
+    def do_GET(self) -> None:  # noqa: N802  # BaseHTTPRequestHandler's naming
+        """Serve a GET request."""
+        self._serve("GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        """Serve a POST request."""
+        self._serve("POST")
+
+    def _route(self, method: str, path: str, body: bytes) -> object:
+        store = self.store
+        if method == "GET" and path in ("", "/subjects", "/config", "/schemas/types"):
+            with store.lock:
+                return {"": {}, "/subjects": sorted(store.subjects), "/config": {"compatibilityLevel": "NONE"},
+                        "/schemas/types": ["AVRO"]}[path]
+        if method == "GET" and (m := re.fullmatch(r"/schemas/ids/(\d+)(/schema)?", path)):
+            with store.lock:
+                text = store.schemas.get(int(m.group(1)))
+            if text is None:
+                raise _Error(404, 40403, f"Schema {m.group(1)} not found")
+            return json.loads(text) if m.group(2) else {"schema": text}
+        m = re.fullmatch(r"/subjects/([^/]+)(/versions(?:/([^/]+))?)?", path)
+        if m is None:
+            raise _Error(404, 404, f"no such resource: {method} {path}")
+        return self._subject(method, m.group(1), m.group(2), m.group(3), body)
+
+    def _subject(self, method: str, subject: str, versions: str | None, version: str | None, body: bytes) -> object:
+        store = self.store
+        if method == "POST" and versions and version is None:
+            return {"id": store.register(subject, _schema_text(body))}
+        if method == "POST" and not versions:
+            found = store.version(subject, _schema_text(body))
+            if found is None:
+                raise _Error(404, 40403, "Schema not found")
+            return {"subject": subject, "version": found[0], "id": found[1], "schema": store.schemas[found[1]]}
+        with store.lock:
+            ids = list(store.subjects.get(subject, []))
+        if not ids:
+            raise _Error(404, 40401, f"Subject '{subject}' not found.")
+        if version is None:
+            return list(range(1, len(ids) + 1))
+        n = len(ids) if version == "latest" else int(version) if version.isdigit() else 0
+        if not 1 <= n <= len(ids):
+            raise _Error(404, 40402, f"Version {version} not found.")
+        return {"subject": subject, "version": n, "id": ids[n - 1], "schema": store.schemas[ids[n - 1]]}
+
+
+class EmbeddedRegistry:
+    """The registry on 127.0.0.1 in a background thread; a context manager.
+
+    Parameters
+    ----------
+    port : int
+        Port to listen on (0: a free one).
+
+    Attributes
+    ----------
+    url : str
+        ``http://127.0.0.1:<port>``, the ``schema_registry_url`` of the pipeline config.
+    """
+
+    def __init__(self, port: int = 0) -> None:
+        self.store = RegistryStore()
+        handler = type("Handler", (_Handler,), {"store": self.store})
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="registry", daemon=True)
+
+    def start(self) -> EmbeddedRegistry:
+        """Serve requests in a background thread."""
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> EmbeddedRegistry:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

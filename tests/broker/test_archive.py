@@ -1,0 +1,513 @@
+"""The Parquet archive without Kafka: Arrow schemas per alert version, exact records, commits, corruption, queries."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import io
+import json
+import math
+import time
+import uuid
+
+import fastavro
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import schemas
+from broker.archive.arrow import arrow_type, file_schema
+from broker.archive.config import ALERT_COLUMN, ArchiveConfig
+from broker.archive.log import COMMITS, OffsetRange
+from broker.archive.reader import Archive
+from broker.archive.rows import Archived, mjd_of, night_of, to_batch, to_current, version_of
+from broker.archive.writer import ArchiveWriter
+from broker.errors import ArchiveCorrupt, ArchiveError, ConfigError, SchemaError
+
+VERSIONS = schemas.versions("alert")
+
+
+def sample(version: int) -> dict:
+    """The published sample alert of ``version`` (``schemas/alert/samples``)."""
+    data = (schemas.ROOT / "alert" / "samples" / f"v{version}.avro").read_bytes()
+    (record,) = fastavro.reader(io.BytesIO(data))
+    return record
+
+
+def random_value(avro, named: dict, rng: np.random.Generator):
+    """A random value of an Avro type: edge values included (NaN, extremes, unicode, empty bytes)."""
+    if isinstance(avro, str) and avro in named:
+        return random_value(named[avro], named, rng)
+    if isinstance(avro, list):
+        branch = avro[int(rng.integers(len(avro)))]
+        return random_value(branch, named, rng)
+    kind = avro if isinstance(avro, str) else avro["type"]
+    if kind == "record":
+        return {f["name"]: random_value(f["type"], named, rng) for f in avro["fields"]}
+    if kind == "array":
+        return [random_value(avro["items"], named, rng) for _ in range(int(rng.integers(0, 4)))]
+    if kind == "map":
+        return {f"k{i}": random_value(avro["values"], named, rng) for i in range(int(rng.integers(0, 3)))}
+    scalars = {
+        "null": lambda: None,
+        "boolean": lambda: bool(rng.integers(2)),
+        "int": lambda: int(rng.choice([-(2**31), -1, 0, 7, 2**31 - 1])),
+        "long": lambda: int(rng.choice([-(2**63), 0, 42, 2**63 - 1])),
+        "float": lambda: float(np.float32(rng.normal())),
+        "double": lambda: float(rng.choice([np.nan, -np.inf, 0.0, rng.normal() * 1e300, rng.normal()])),
+        "string": lambda: str(rng.choice(["", "r", "Ωmega/β", "x" * 300])),
+        "bytes": lambda: rng.bytes(int(rng.choice([0, 5, 4000]))),
+    }
+    if kind in scalars:
+        return scalars[kind]()
+    return random_value(kind, named, rng)
+
+
+def random_alert(version: int, seed: int) -> dict:
+    avro = schemas.load("alert", version)
+    record = random_value(avro, avro["__named_schemas"], np.random.default_rng(seed))
+    record["source"]["mjd"] = 60000.0 + seed * 0.37  # a finite time: the alert has a night
+    buf = io.BytesIO()  # as a reader gets it: through Avro
+    fastavro.schemaless_writer(buf, avro, record)
+    buf.seek(0)
+    return fastavro.schemaless_reader(buf, avro, avro)
+
+
+def same(a, b) -> bool:
+    """Deep equality with NaN equal to NaN."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+def archived(records: list[dict], topic: str = "alerts", start: int = 0) -> list[Archived]:
+    return [Archived(r, version_of(r), topic, 0, start + i) for i, r in enumerate(records)]
+
+
+def commit(writer: ArchiveWriter, alerts: list[Archived], dead: int = 0):
+    batches = [to_batch([a]) for a in alerts]
+    files = writer.write(batches)
+    first, last = alerts[0].offset, alerts[-1].offset
+    return writer.commit(files, [OffsetRange(alerts[0].topic, 0, first, last + 1)], dead)
+
+
+def objects(n: int, version: int, ra0=150.0, dec0=2.0, seed=0) -> list[dict]:
+    """``n`` copies of the sample alert, each its own object at a random position near (ra0, dec0)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        rec = copy.deepcopy(sample(version))
+        rec["objectId"], rec["candid"] = f"OBJ{i:06d}", f"F-{i}/0"
+        rec["source"]["ra"], rec["source"]["dec"] = ra0 + rng.uniform(-1, 1), dec0 + rng.uniform(-1, 1)
+        rec["scores"]["rb"] = float(rng.uniform())
+        out.append(rec)
+    return out
+
+
+@pytest.fixture
+def writer(tmp_path):
+    w = ArchiveWriter(Archive(tmp_path / "archive"))
+    assert w.recover() == []
+    return w
+
+
+# --- schemas --------------------------------------------------------------------------------------
+def _avro_names(avro, named):
+    """Record field names of an Avro type, nested, as Arrow would show them."""
+    avro = named.get(avro, avro) if isinstance(avro, str) else avro
+    if isinstance(avro, list):
+        return _avro_names(next(b for b in avro if b != "null"), named)
+    if isinstance(avro, dict) and avro["type"] == "record":
+        return {f["name"]: _avro_names(f["type"], named) for f in avro["fields"]}
+    if isinstance(avro, dict) and avro["type"] == "array":
+        return [_avro_names(avro["items"], named)]
+    return None
+
+
+def _arrow_names(t: pa.DataType):
+    if pa.types.is_struct(t):
+        return {t.field(i).name: _arrow_names(t.field(i).type) for i in range(t.num_fields)}
+    if pa.types.is_list(t):
+        return [_arrow_names(t.value_type)]
+    return None
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_arrow_schema_of_each_alert_version_has_its_avro_fields(version):
+    avro = schemas.load("alert", version)
+    schema = file_schema(version)
+    record_type = schema.field(ALERT_COLUMN).type
+    assert _arrow_names(record_type) == _avro_names(avro, avro["__named_schemas"])
+    assert json.loads(schema.metadata[b"broker.avro_schema"])["name"] == avro["name"].rsplit(".", 1)[-1]
+    source = record_type.field("source").type
+    assert source.field("ra").type == pa.float64() and not source.field("ra").nullable
+    assert source.field("magpsf").nullable  # ["null", "double"]
+    assert record_type.field("cutoutScience").type.field("stampData").type == pa.binary()
+
+
+def test_avro_types_without_a_faithful_column_are_refused():
+    with pytest.raises(SchemaError, match="union"):
+        arrow_type(["null", "string", "long"], {})
+    node = {"type": "record", "name": "Node", "fields": [{"name": "next", "type": ["null", "Node"]}]}
+    with pytest.raises(SchemaError, match="recursive"):
+        arrow_type(node, {"Node": node})
+    with pytest.raises(SchemaError, match="logical type"):
+        arrow_type({"type": "long", "logicalType": "timestamp-millis"}, {})
+    assert arrow_type({"type": "map", "values": "int"}, {})[0] == pa.map_(pa.string(), pa.field("value", pa.int32(),
+                                                                                               nullable=False))
+    assert arrow_type({"type": "enum", "name": "E", "symbols": ["A"]}, {}) == (pa.string(), False)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_version_of_tells_each_version_by_its_fields(version):
+    assert version_of(sample(version)) == version
+    assert version_of(sample(version), f"alert/{version}") == version
+    assert version_of(sample(version), "alert/99") == version  # an unknown tag does not decide
+    with pytest.raises(SchemaError, match="fits no alert schema version"):
+        version_of({"objectId": "x", "foreign": 1})
+
+
+def test_an_older_version_resolves_to_the_current_one():
+    current = schemas.CURRENT["alert"]
+    for version in VERSIONS:
+        rec = to_current(sample(version), version)
+        assert version_of(rec) == current and rec["objectId"] == sample(version)["objectId"]
+
+
+# --- nights ---------------------------------------------------------------------------------------
+def test_a_night_keeps_its_date_until_local_noon():
+    # Cerro Pachon, 70.7 deg W: the night of 2025-03-14 runs from ~23:00 UTC to ~10:00 UTC on the 15th
+    lon = -70.74
+    evening, morning = mjd_of("2025-03-14T23:30:00"), mjd_of("2025-03-15T09:50:00")
+    assert night_of(evening, lon) == night_of(morning, lon) == dt.date(2025, 3, 14)
+    assert night_of(mjd_of("2025-03-15T17:00:00"), lon) == dt.date(2025, 3, 15)  # past local noon
+    # Greenwich by default: the date changes at 12:00 UTC
+    assert night_of(mjd_of("2025-03-15T11:59:00")) == dt.date(2025, 3, 14)
+    assert night_of(mjd_of("2025-03-15T12:01:00")) == dt.date(2025, 3, 15)
+    assert mjd_of("2025-03-15T00:00:00+02:00") == pytest.approx(mjd_of("2025-03-14T22:00:00"))
+    for bad in (float("nan"), float("inf"), None, 1e300):
+        with pytest.raises(SchemaError, match="no night"):
+            night_of(bad)
+    with pytest.raises(ArchiveError, match="ISO 8601"):
+        mjd_of("yesterday")
+
+
+def test_the_config_rejects_nonsense():
+    with pytest.raises(ConfigError):
+        ArchiveConfig(batch_alerts=0)
+    with pytest.raises(ConfigError):
+        ArchiveConfig(compression="rar")
+    with pytest.raises(ConfigError):
+        ArchiveConfig(longitudes={"T": 400.0})
+
+
+# --- rows -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", VERSIONS)
+def test_records_come_back_exactly_from_every_version(writer, version):
+    records = [sample(version)] + [random_alert(version, seed) for seed in range(12)]
+    alerts = archived(records)
+    commit(writer, alerts)
+    count, rows = Archive(writer.archive.url).select()
+    back = list(rows)
+    assert count == len(back) == len(records)
+    by_offset = sorted(alerts, key=lambda a: (a.record["source"]["mjd"], a.offset))
+    for (v, record), original in zip(back, by_offset, strict=True):
+        assert v == version and same(record, original.record)
+
+
+def test_archive_columns_hold_the_convenience_values_and_kafka_coordinates(writer):
+    rec = sample(schemas.CURRENT["alert"])
+    commit(writer, [Archived(rec, version_of(rec), "alerts.r", 0, 41)])
+    (row,) = Archive(writer.archive.url).query(
+        "SELECT * EXCLUDE (alert) FROM alerts").to_pylist()
+    s = rec["source"]
+    assert row == {"night": night_of(s["mjd"]), "telescope": rec["provenance"]["telescope"],
+                   "object_id": rec["objectId"], "alert_id": rec["alertId"], "candid": rec["candid"],
+                   "frame_id": rec["provenance"]["frame_id"], "mjd": s["mjd"], "ra": s["ra"], "dec": s["dec"],
+                   "filter": s["filter"], "snr": s["snr"], "magpsf": s["magpsf"], "rb": rec["scores"]["rb"],
+                   "anomaly": rec["scores"]["anomaly"], "schema_version": schemas.CURRENT["alert"],
+                   "kafka_topic": "alerts.r", "kafka_partition": 0, "kafka_offset": 41}
+
+
+def test_files_are_partitioned_by_night_telescope_and_version(writer):
+    recs = [sample(v) for v in VERSIONS] + [sample(VERSIONS[-1]), sample(VERSIONS[-1])]
+    recs[-1]["provenance"]["telescope"] = "ZTF/P48 #1"  # escaped in the folder name, kept in the column
+    recs[-2]["source"]["mjd"] += 1.0  # the next night
+    c = commit(writer, archived(recs))
+    paths = sorted(f.path for f in c.files)
+    night = night_of(recs[0]["source"]["mjd"]).isoformat()
+    assert len(paths) == len(VERSIONS) + 2 and all(p.startswith("night=") for p in paths)
+    assert any(p.startswith(f"night={night}/telescope=ZTF%2FP48%20%231/") for p in paths)
+    archive = Archive(writer.archive.url)
+    assert archive.count() == len(recs) == archive.query("SELECT count(*) AS n FROM alerts").column("n")[0].as_py()
+    got = archive.query("SELECT telescope, schema_version FROM alerts ORDER BY kafka_offset").to_pylist()
+    assert got[-1] == {"telescope": "ZTF/P48 #1", "schema_version": VERSIONS[-1]}
+    assert [r["schema_version"] for r in got[:len(VERSIONS)]] == VERSIONS
+    for f in c.files:  # each file is self-describing: version and Avro schema in its metadata
+        meta = pq.read_schema(writer.archive.path(f.path)).metadata
+        assert int(meta[b"broker.schema_version"]) == f.schema_version
+
+
+def test_an_alert_without_a_time_is_refused():
+    rec = sample(VERSIONS[-1])
+    rec["source"]["mjd"] = float("nan")
+    with pytest.raises(SchemaError, match="no night"):
+        to_batch(archived([rec]))
+    with pytest.raises(SchemaError, match="one schema version"):
+        to_batch([])
+
+
+# --- commits --------------------------------------------------------------------------------------
+def test_only_committed_files_are_visible_and_the_rest_is_deleted_on_recovery(writer):
+    first = archived(objects(3, VERSIONS[-1]))
+    commit(writer, first)
+    pending = archived(objects(2, VERSIONS[-1], seed=1), start=3)
+    files = writer.write([to_batch(pending)])  # a writer killed before its commit record
+    archive = Archive(writer.archive.url)
+    assert all(writer.archive.fs.exists(writer.archive.path(f.path)) for f in files)
+    assert archive.count() == 3 and archive.query("SELECT count(*) AS n FROM alerts").column("n")[0].as_py() == 3
+    stray = writer.archive.path(f"{COMMITS}/00000000000000000002.json.tmp-dead")
+    writer.archive.fs.pipe_file(stray, b"{")  # a commit record that never got its name
+    assert archive.log()[-1].seq == 1  # readers ignore it
+    restarted = ArchiveWriter(Archive(writer.archive.url))
+    removed = restarted.recover()
+    assert sorted(removed) == sorted([f.path for f in files] + [f"{COMMITS}/00000000000000000002.json.tmp-dead"])
+    assert restarted.positions() == {("alerts", 0): 3}
+    commit(restarted, pending)  # redone after the restart: once
+    assert archive.count() == 5 and restarted.positions() == {("alerts", 0): 5}
+    assert sorted(archive.query("SELECT object_id FROM alerts").column(0).to_pylist()) == \
+        sorted(a.record["objectId"] for a in first + pending)
+
+
+def test_a_second_writer_cannot_take_a_commit(writer):
+    other = ArchiveWriter(Archive(writer.archive.url))
+    other.recover()
+    commit(writer, archived(objects(1, VERSIONS[-1])))
+    with pytest.raises(ArchiveError, match="another writer"):
+        commit(other, archived(objects(1, VERSIONS[-1]), start=1))
+    assert Archive(writer.archive.url).count() == 1
+
+
+def test_an_empty_batch_of_dead_letters_still_moves_the_offsets(writer):
+    c = writer.commit([], [OffsetRange("alerts", 0, 0, 4)], dead_letters=4)
+    assert c.files == () and writer.positions() == {("alerts", 0): 4}
+    assert Archive(writer.archive.url).query("SELECT count(*) AS n FROM alerts").column("n")[0].as_py() == 0
+
+
+# --- corruption -----------------------------------------------------------------------------------
+@pytest.fixture
+def committed(writer):
+    commit(writer, archived(objects(20, VERSIONS[-1])))
+    return writer.archive, writer.archive.log()[0].files[0]
+
+
+def test_a_truncated_file_is_reported_by_query_and_replay_selection(committed):
+    archive, f = committed
+    path = archive.path(f.path)
+    data = archive.fs.cat_file(path)
+    archive.fs.pipe_file(path, data[: len(data) // 2])
+    for call in (lambda: archive.query("SELECT count(*) FROM alerts"), lambda: archive.select("true"),
+                 lambda: archive.export("SELECT * FROM alerts", "/dev/null.csv")):
+        with pytest.raises(ArchiveCorrupt, match=f"{f.path} holds {len(data) // 2} bytes.*truncated"):
+            call()
+
+
+def test_an_altered_file_is_reported_by_replay_selection_and_verified_queries(committed):
+    archive, f = committed
+    path = archive.path(f.path)
+    data = bytearray(archive.fs.cat_file(path))
+    data[len(data) // 3] ^= 0xFF  # same size, one byte changed
+    archive.fs.pipe_file(path, bytes(data))
+    with pytest.raises(ArchiveCorrupt, match="SHA-256"):
+        archive.select("true")
+    with pytest.raises(ArchiveCorrupt, match="SHA-256"):
+        archive.query("SELECT object_id FROM alerts", verify=True)
+
+
+def test_a_missing_file_or_commit_record_is_reported(committed, writer):
+    archive, f = committed
+    commit(writer, archived(objects(2, VERSIONS[-1], seed=3), start=20))
+    archive.fs.rm_file(archive.path(f"{COMMITS}/00000000000000000001.json"))
+    with pytest.raises(ArchiveCorrupt, match="a record is missing"):
+        archive.query("SELECT 1")
+    archive.fs.pipe_file(archive.path(f"{COMMITS}/00000000000000000001.json"), b'{"format": 1, "seq": 1')
+    with pytest.raises(ArchiveCorrupt, match="not readable"):
+        archive.count()
+
+
+def test_an_unreadable_file_of_the_right_size_is_reported(committed):
+    archive, f = committed
+    archive.fs.pipe_file(archive.path(f.path), b"\0" * f.size)  # zeroed: footer and magic gone
+    with pytest.raises(ArchiveCorrupt, match=f"{f.path} is unreadable"):
+        archive.query("SELECT count(*) FROM alerts")
+
+
+def test_sql_errors_are_not_called_corruption(committed):
+    archive, _ = committed
+    for sql in ("SELEC 1", "SELECT nope FROM alerts", "SELECT * FROM nowhere"):
+        with pytest.raises(ArchiveError, match="query failed") as info:
+            archive.query(sql)
+        assert not isinstance(info.value, ArchiveCorrupt)
+
+
+# --- queries --------------------------------------------------------------------------------------
+def _sep_deg(ra1, dec1, ra2, dec2):
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    return np.degrees(np.arccos(np.clip(np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2), -1, 1)))
+
+
+def test_cone_object_and_time_queries(writer, tmp_path):
+    recs = objects(400, VERSIONS[-1], ra0=359.6, dec0=-30.0)  # across RA = 0/360
+    for i, r in enumerate(recs):
+        r["source"]["ra"] %= 360.0
+        r["source"]["mjd"] = 60000.0 + i / 100
+    commit(writer, archived(recs))
+    archive = Archive(writer.archive.url)
+    ra0, dec0, radius = 359.9, -30.1, 0.3
+    got = set(archive.query(f"SELECT object_id FROM alerts WHERE in_cone(ra, dec, {ra0}, {dec0}, {radius})")
+              .column(0).to_pylist())
+    truth = {r["objectId"] for r in recs if _sep_deg(r["source"]["ra"], r["source"]["dec"], ra0, dec0) <= radius}
+    assert truth and got == truth  # the separation wraps in RA: no box on RA
+    (one,) = archive.query("SELECT alert.object.objectId AS oid, alert.cutoutScience.stampData AS stamp "
+                           "FROM alerts WHERE object_id = 'OBJ000007'").to_pylist()
+    assert one["oid"] == recs[7]["object"]["objectId"] and one["stamp"] == recs[7]["cutoutScience"]["stampData"]
+    cond = f"mjd >= {mjd_of('2023-02-26T00:00:00')} AND mjd < {mjd_of('2023-02-27T00:00:00')} AND rb > 0.8"
+    n = archive.export(f"SELECT object_id, mjd, rb FROM alerts WHERE {cond}", tmp_path / "out.csv")
+    expected = [r for r in recs if 60001.0 <= r["source"]["mjd"] < 60002.0 and r["scores"]["rb"] > 0.8]
+    assert n == len(expected) > 0
+    assert (tmp_path / "out.csv").read_text().splitlines()[0] == "object_id,mjd,rb"
+    assert archive.export(f"SELECT * FROM alerts WHERE {cond}", tmp_path / "out.parquet") == n
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == n
+    with pytest.raises(ArchiveError, match=".parquet or .csv"):
+        archive.export("SELECT 1", tmp_path / "out.json")
+
+
+def test_an_empty_archive_answers_with_no_rows(tmp_path):
+    archive = Archive(tmp_path / "nothing")
+    table = archive.query("SELECT object_id, alert.source.ra FROM alerts")
+    assert table.num_rows == 0 and table.column_names == ["object_id", "ra"]
+    assert archive.select("true")[0] == 0
+
+
+def test_an_fsspec_archive_commits_without_rename():
+    url = f"memory://archive-{uuid.uuid4().hex[:8]}"
+    writer = ArchiveWriter(Archive(url))
+    writer.recover()
+    alerts = archived(objects(5, VERSIONS[-1]))
+    commit(writer, alerts[:3])
+    writer.write([to_batch(alerts[3:])])  # never committed
+    archive = Archive(url)
+    assert not archive.local and archive.count() == 3
+    assert sorted(archive.query("SELECT object_id FROM alerts").column(0).to_pylist()) == \
+        sorted(a.record["objectId"] for a in alerts[:3])
+    assert len(ArchiveWriter(archive).recover()) == 1
+    count, rows = archive.select("rb >= 0")
+    assert count == 3 and all(same(rec, a.record) for (_, rec), a in zip(
+        rows, sorted(alerts[:3], key=lambda a: a.offset), strict=True))
+    archive.fs.rm(archive.root, recursive=True)
+
+
+# --- compaction -----------------------------------------------------------------------------------
+def _compacting(tmp_path, k: int = 4, keep: float = 60.0) -> ArchiveWriter:
+    w = ArchiveWriter(Archive(tmp_path / "archive"), ArchiveConfig(compact_files=k, retain_removed_seconds=keep))
+    w.recover()
+    return w
+
+
+def test_compaction_merges_small_files_tier_by_tier_and_keeps_every_row_once(tmp_path):
+    w = _compacting(tmp_path)
+    recs = objects(17, VERSIONS[-1])  # one night
+    for i, rec in enumerate(recs):
+        commit(w, archived([rec], start=i))
+        w.compact()
+    archive = Archive(w.archive.url)
+    assert sorted(f.rows for f in archive.files()) == [1, 16]  # 4 x 1 -> 4, 4 x 4 -> 16, and the last one
+    merges = [c for c in archive.log() if c.removed]
+    assert [len(c.removed) for c in merges] == [4] * 5 and not any(c.offsets for c in merges)
+    assert archive.count() == 17 and w.positions() == positions_of(archive) == {("alerts", 0): 17}
+    count, rows = archive.select("true")
+    assert count == 17 and sorted(r["objectId"] for _, r in rows) == sorted(r["objectId"] for r in recs)
+    retired = sorted(p for c in merges for p in c.removed)
+    assert all(w.archive.fs.exists(w.archive.path(p)) for p in retired)  # kept for queries in flight
+    assert ArchiveWriter(archive, ArchiveConfig(retain_removed_seconds=60)).recover() == []
+    assert w.vacuum() == [] and w.vacuum(now=time.time() + 61) == retired
+    assert not any(w.archive.fs.exists(w.archive.path(p)) for p in retired) and archive.count() == 17
+
+
+def positions_of(archive: Archive) -> dict:
+    from broker.archive.log import positions
+
+    return positions(archive.log())
+
+
+def test_retired_files_past_their_time_are_deleted_on_recovery(tmp_path):
+    w = _compacting(tmp_path, k=2, keep=0.0)
+    for i, rec in enumerate(objects(2, VERSIONS[-1])):
+        commit(w, archived([rec], start=i))
+    (merge,) = w.compact()
+    assert sorted(ArchiveWriter(Archive(w.archive.url), w.config).recover()) == sorted(merge.removed)
+    assert Archive(w.archive.url).count() == 2
+
+
+def test_a_compaction_killed_before_its_commit_changes_nothing(tmp_path, monkeypatch):
+    w = _compacting(tmp_path, k=2)
+    for i, rec in enumerate(objects(2, VERSIONS[-1])):
+        commit(w, archived([rec], start=i))
+    before = Archive(w.archive.url).files()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(w, "commit", killed)
+    with pytest.raises(KeyboardInterrupt):
+        w.compact()
+    archive = Archive(w.archive.url)
+    assert archive.files() == before and archive.count() == 2
+    (orphan,) = ArchiveWriter(archive).recover()  # the merged file nobody committed
+    assert orphan.endswith("-merged.parquet") and archive.count() == 2
+
+
+def test_compaction_refuses_a_corrupt_file(tmp_path):
+    w = _compacting(tmp_path, k=2)
+    for i, rec in enumerate(objects(2, VERSIONS[-1])):
+        commit(w, archived([rec], start=i))
+    f = Archive(w.archive.url).files()[0]
+    data = bytearray(w.archive.fs.cat_file(w.archive.path(f.path)))
+    data[100] ^= 1
+    w.archive.fs.pipe_file(w.archive.path(f.path), bytes(data))
+    with pytest.raises(ArchiveCorrupt, match="not compacted"):
+        w.compact()
+    assert len(Archive(w.archive.url).log()) == 2
+
+
+def test_readers_start_from_the_newest_checkpoint(tmp_path, caplog):
+    w = ArchiveWriter(Archive(tmp_path / "archive"), ArchiveConfig(checkpoint_every=100))
+    w.recover()
+    commit(w, archived(objects(3, VERSIONS[-1])))
+    for i in range(3, 250):
+        w.commit([], [OffsetRange("alerts", 1, i, i + 1)])
+    archive = Archive(w.archive.url)
+    names = sorted(str(p).rsplit("/", 1)[-1] for p in archive.fs.ls(archive.path("_checkpoints")))
+    assert names == [f"{100:020d}.json", f"{200:020d}.json"]
+    expected = archive.snapshot()
+    assert expected.seq == 248 and expected.positions == {("alerts", 0): 3, ("alerts", 1): 250}
+    checkpoint = archive.path(f"_checkpoints/{200:020d}.json")
+    good = archive.fs.cat_file(checkpoint)
+    archive.fs.pipe_file(checkpoint, b"{garbage")
+    assert archive.snapshot() == expected  # from checkpoint 100 and the records after it
+    assert "checkpoint 00000000000000000200.json is not readable" in caplog.text
+    archive.fs.pipe_file(checkpoint, good)
+    for seq in range(2, 150):  # old records are history: a checkpoint holds their state
+        archive.fs.rm_file(archive.path(f"{COMMITS}/{seq:020d}.json"))
+    assert archive.snapshot() == expected and archive.count() == 3
+    archive.fs.pipe_file(checkpoint, b"{garbage")
+    with pytest.raises(ArchiveCorrupt, match="commit 101 is missing"):  # falls back to 100: gone records
+        archive.snapshot()
+    restarted = ArchiveWriter(Archive(w.archive.url))
+    with pytest.raises(ArchiveCorrupt):
+        restarted.recover()

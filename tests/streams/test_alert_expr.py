@@ -1,0 +1,110 @@
+"""Filters and projections over alerts (``streams.alert_expr``)."""
+
+
+import pytest
+
+import schemas
+from broker.errors import ConfigError, FilterExpressionError
+from streams.alert_expr import AlertFilter, FieldSelection, alert_paths
+from tests.schemas.test_schemas import _alert
+
+
+def _with_history():
+    """An r-band alert at MJD 60000.5 with earlier detections: r at 59990 and 59995, g at 59998."""
+    _, alert = _alert()
+    alert["prv_sources"] = [
+        {"candid": f"h/{i}", "mjd": mjd, "filter": band, "ra": 150.0, "dec": 2.0, "flux": 900.0, "flux_err": 90.0,
+         "snr": 10.0, "rb": 0.9} for i, (mjd, band) in enumerate([(59990.0, "r"), (59995.0, "r"), (59998.0, "g")])]
+    return alert
+
+
+def test_filter_expressions():
+    _, alert = _alert()  # rb 0.9, snr 12
+    assert AlertFilter("rb > 0.8 and snr > 7")(alert)
+    assert not AlertFilter("rb > 0.95 or abs(snr) < 5")(alert)
+    assert AlertFilter("filter == 'r' and ndet >= 1")(alert)
+    assert AlertFilter(None)(alert)
+
+
+def test_filters_over_nested_fields():
+    _, alert = _alert()
+    assert AlertFilter("source.snr > 7 and scores.rb > 0.8 and object.ndet >= 1")(alert)
+    assert not AlertFilter("source.snr > 12.5")(alert)
+    assert AlertFilter("provenance.telescope == 'TEST' and source.filter in ('g', 'r')")(alert)
+    assert AlertFilter("latency > 4 and latency < 6")(alert)  # alert_time - exposure_end = 5 s
+
+
+def test_filters_over_the_history():
+    alert = _with_history()
+    f = lambda expr: AlertFilter(expr)(alert)  # noqa: E731
+    assert f("ndet('r') == 3 and nprev('r') == 2 and ndet() == 4 and nprev('g') == 1 and ndet('i') == 0")
+    assert f("ndet(filter) == 3")  # the band of this alert
+    assert f("abs(since_first('r') - 10.5) < 1e-9 and abs(since_last('r') - 5.5) < 1e-9")
+    assert f("abs(since_first() - 10.5) < 1e-9 and abs(since_last('g') - 2.5) < 1e-9")
+    assert f("nbands() == 2 and 'g' in prv_sources.filter and max(prv_sources.mjd) == 59998")
+    assert not f("since_last('i') > 0")  # no previous detection in i: null does not match
+    assert not f("ndet('r') >= 4")
+    assert not f("ndet(5) >= 0")  # a band is a string: does not match
+    alert["prv_nondetections"] = [{"frame_id": "f", "mjd": 59999.0, "filter": "r", "limiting_flux": 300.0,
+                                   "diffmaglim": 20.8}]
+    assert f("nnondet('r') == 1 and nnondet('g') == 0 and abs(since_nondet('r') - 1.5) < 1e-9")
+    assert not f("since_nondet('g') < 10")
+
+
+def test_a_missing_field_or_null_score_does_not_match():
+    _, alert = _alert()
+    alert["scores"]["rb"] = None  # cutouts that could not be normalised
+    assert not AlertFilter("rb > 0.5")(alert)
+    assert not AlertFilter("scores.rb > 0.5")(alert)
+    del alert["source"]["magpsf"]  # e.g. an older packet: the field is null
+    assert not AlertFilter("source.magpsf < 20")(alert)
+
+
+@pytest.mark.parametrize("expr", ["rb >", "__import__('os').system('true')", "rb.__class__", "nope > 1",
+                                  "[x for x in range(10**9)]",
+                                  "source.__class__", "scores.rb.__class__.__mro__", "source.items()",
+                                  "source['snr']", "().__class__.__bases__", "(lambda: 1)()", "ndet.__globals__",
+                                  "'a' * 10**9", "10 ** 10 ** 10", "getattr(source, 'snr')", "open('/etc/passwd')",
+                                  "eval('1')", "ndet(band='r')", "{**source}", "f'{source}'", "(x := 1)",
+                                  "source.ra.real", "ndet('r').__class__", "type(source)", "ndet('r', 'g')",
+                                  "nbands('r')", "_x > 1"])
+def test_hostile_or_broken_filters_are_refused(expr):
+    _, alert = _alert()
+    with pytest.raises(FilterExpressionError):
+        AlertFilter(expr)(alert)
+
+
+def test_a_filter_that_explodes_on_real_values_is_stopped_not_run():
+    _, alert = _alert()
+    keep = AlertFilter("filter * 10**9 == 'x'")  # a number on the stand-in values; a string on an alert
+    with pytest.raises(FilterExpressionError):
+        keep(alert)
+
+
+def test_filter_is_checked_before_any_alert():
+    with pytest.raises(FilterExpressionError, match="unknown"):
+        AlertFilter("rbb > 0.5")
+    with pytest.raises(FilterExpressionError, match="unknown"):
+        AlertFilter("source.nope > 0.5")
+
+
+def test_alert_paths_cover_every_version():
+    paths = alert_paths()
+    assert {"source.snr", "scores.rb", "object.ndet", "prv_sources.mjd", "cutoutTemplate.stampData"} <= paths
+    for version in schemas.versions("alert"):
+        top = {f["name"] for f in schemas.load("alert", version)["fields"]}
+        assert top <= paths
+
+
+def test_field_selection():
+    alert = _with_history()
+    sel = FieldSelection("objectId, source.ra,source.dec,scores.rb,prv_sources.mjd")
+    out = sel.apply(alert)
+    assert out == {"objectId": "OBJ1", "source": {"ra": 150.0, "dec": 2.0}, "scores": {"rb": 0.9},
+                   "prv_sources": [{"mjd": 59990.0}, {"mjd": 59995.0}, {"mjd": 59998.0}]}
+    assert sel.text(alert) == ("objectId=OBJ1 source.ra=150.0 source.dec=2.0 scores.rb=0.9 "
+                               "prv_sources.mjd=[59990.0, 59995.0, 59998.0]")
+    assert FieldSelection("source,source.ra").apply(alert)["source"] == alert["source"]  # the whole record wins
+    assert FieldSelection(None).apply(alert) is alert and not FieldSelection("")
+    with pytest.raises(ConfigError, match="source.nope"):
+        FieldSelection("source.ra,source.nope")

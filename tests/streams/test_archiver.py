@@ -1,0 +1,204 @@
+"""The archive stage on the embedded broker: every alert once, dead letters, SIGKILL mid-batch, query and replay."""
+
+from __future__ import annotations
+
+import copy
+import io
+import signal
+import time
+import uuid
+from collections import Counter
+
+import fastavro
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from typer.testing import CliRunner
+
+import schemas
+from broker.archive.config import ArchiveConfig
+from broker.archive.log import positions
+from broker.archive.reader import Archive
+from broker.simulate import SimConfig, SkySimulator
+from streams import serde, topics
+from streams.archiver import FAILPOINT_ENV, Archiver
+from streams.cli import app
+from streams.demo import start_stages, stop_stages, wait_until_drained
+from streams.framestore import FrameStore
+from streams.framing import AlertEncoder, FramingConfig, decode_alert
+from streams.monitor import read_all, stage_backlog
+from streams.producer import FrameProducer
+from streams.stages import STAGE_NAMES, pipeline_topics
+from tests.broker.test_archive import same
+
+pytestmark = pytest.mark.kafka
+
+
+def _sample() -> dict:
+    data = (schemas.ROOT / "alert" / "samples" / f"v{schemas.CURRENT['alert']}.avro").read_bytes()
+    (record,) = fastavro.reader(io.BytesIO(data))
+    return record
+
+
+def _alerts(n: int, start: int = 0) -> list[dict]:
+    out = []
+    for i in range(start, start + n):
+        rec = copy.deepcopy(_sample())
+        rec["objectId"], rec["candid"], rec["alertId"] = f"OBJ{i:05d}", f"F-{i}/0", i
+        out.append(rec)
+    return out
+
+
+def _foreign_ocf() -> bytes:
+    schema = {"type": "record", "name": "Other", "fields": [{"name": "objectId", "type": "string"}]}
+    buf = io.BytesIO()
+    fastavro.writer(buf, schema, [{"objectId": "X"}])
+    return buf.getvalue()
+
+
+def test_every_alert_is_archived_once_and_bad_messages_are_dead_lettered(settings, tmp_path):
+    stage, topic = f"archive-{uuid.uuid4().hex[:6]}", f"alerts-{uuid.uuid4().hex[:6]}"
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topic, 2), topics.TopicSpec(topics.dlq(stage))])
+    producer = Producer(settings.producer())
+    ocf, fink = AlertEncoder(FramingConfig("ocf")), AlertEncoder(FramingConfig("fink"))
+    sent = _alerts(9)
+    for i, rec in enumerate(sent):
+        out = (fink if i % 3 == 0 else ocf).encode(rec, rec["objectId"].encode())
+        producer.produce(topic, out.value, out.key, partition=i % 2, headers=out.headers)
+    timeless = copy.deepcopy(sent[0])
+    timeless["source"]["mjd"] = float("nan")  # decodes, but has no night to be filed under
+    bad = [(b"\x00not an alert", "decode"), (b"", "decode"), (_foreign_ocf(), "decode"),
+           (ocf.encode(timeless, b"k").value, "schema")]
+    for value, _ in bad:
+        producer.produce(topic, value, b"bad", partition=0)
+    producer.flush(10)
+
+    url = str(tmp_path / "archive")
+    config = ArchiveConfig(batch_alerts=4, batch_seconds=1.0)
+    n = Archiver(config, url, settings, stage=stage, input_topic=topic).run(idle_timeout=6)
+    archive = Archive(url)
+    assert n == len(sent) + len(bad) and archive.count() == len(sent)
+    rows = archive.query("SELECT object_id, kafka_partition, kafka_offset, alert FROM alerts").to_pylist()
+    assert sorted(r["object_id"] for r in rows) == [r["objectId"] for r in sent]
+    by_id = {r["objectId"]: r for r in sent}
+    assert all(same(dict(r["alert"]), by_id[r["object_id"]]) for r in rows)  # fink and ocf alike
+    dead = [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(stage)])]
+    assert [d["reason"] for d in dead] == [reason for _, reason in bad] and all(d["stage"] == stage for d in dead)
+    assert sum(c.dead_letters for c in archive.log()) == len(bad)
+
+    # the archive's offsets are committed to Kafka too (lag monitoring sees a caught-up stage)
+    assert stage_backlog(settings, stage, topic) == 0
+    consumer = Consumer(settings.consumer(stage))
+    committed = consumer.committed([TopicPartition(topic, p) for p in (0, 1)], timeout=10)
+    consumer.close()
+    assert {(topic, tp.partition): tp.offset for tp in committed} == positions(archive.log())
+
+    # a restarted stage starts where the archive stands: only the new alerts are added
+    more = _alerts(3, start=100)
+    for rec in more:
+        out = ocf.encode(rec, rec["objectId"].encode())
+        producer.produce(topic, out.value, out.key, partition=1, headers=out.headers)
+    producer.flush(10)
+    assert Archiver(config, url, settings, stage=stage, input_topic=topic).run(idle_timeout=6) == len(more)
+    ids = archive.query("SELECT object_id FROM alerts").column(0).to_pylist()
+    assert sorted(ids) == sorted(r["objectId"] for r in sent + more)
+
+
+# --- a real pipeline run --------------------------------------------------------------------------
+SIM = SimConfig(shape=(512, 512), fields=("F001",), n_stars=250, n_galaxies=25, n_transients=6,
+                n_variables=4, n_moving=1, n_cosmic_rays=10.0)
+
+
+@pytest.fixture
+def pipeline():
+    """A broker of its own (the pipeline's topic names are fixed) and a schema registry."""
+    from streams.embedded import EmbeddedKafka
+    from streams.registry import EmbeddedRegistry
+    from streams.settings import KafkaSettings
+
+    with EmbeddedKafka() as kafka, EmbeddedRegistry() as registry:
+        yield KafkaSettings(kafka.bootstrap, app_id="archive-test"), registry.url
+
+
+def _kafka_position(settings, group: str) -> int:
+    consumer = Consumer(settings.consumer(group))
+    try:
+        (tp,) = consumer.committed([TopicPartition(topics.ALERTS, 0)], timeout=10)
+        return tp.offset
+    finally:
+        consumer.close()
+
+
+def _run_with_two_crashes(settings, workdir, config) -> Archive:
+    """The pipeline with the archive stage SIGKILLed mid-batch twice (files written; commit record written)."""
+    i = STAGE_NAMES.index("archive")
+    procs = start_stages(settings.bootstrap, settings.app_id, workdir, config, env={FAILPOINT_ENV: "files:2"})
+    archive = Archive(workdir / "state" / "archive")
+    try:
+        producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 << 20, 1 << 30)
+        for frame, _ in SkySimulator(SIM, seed=3).frames(6):
+            producer.publish_frame(frame, time.time())
+        producer.flush()
+        assert procs[i].wait(timeout=500) == -signal.SIGKILL
+        committed = {f.path for f in archive.files()}
+        assert len(archive.log()) == 1  # the second batch's files are on disk, not committed
+        assert [p for p in archive.sizes() if p.endswith(".parquet") and p not in committed]
+        (procs[i],) = start_stages(settings.bootstrap, settings.app_id, workdir, config, stages=("archive",),
+                                   env={FAILPOINT_ENV: "commit:2"})
+        assert procs[i].wait(timeout=300) == -signal.SIGKILL
+        assert archive.log()[-1].offsets  # the last record is its batch's; Kafka was not told
+        assert _kafka_position(settings, "archive") < positions(archive.log())[(topics.ALERTS, 0)]
+        (procs[i],) = start_stages(settings.bootstrap, settings.app_id, workdir, config, stages=("archive",))
+        wait_until_drained(settings, procs, timeout=300)
+    finally:
+        stop_stages(procs)
+    assert [p.returncode for p in procs] == [0] * len(STAGE_NAMES)
+    return archive
+
+
+def _replayed(settings, topic: str, registry: str) -> dict[str, dict]:
+    records = [r for m in read_all(settings, [topic]) for r in decode_alert(m.key(), m.value(), dict(m.headers()),
+                                                                             registry=registry)]
+    return {r["candid"]: r for r in records}
+
+
+@pytest.mark.slow
+def test_a_sigkilled_archiver_loses_and_repeats_nothing_and_the_archive_answers(pipeline, tmp_path):
+    settings, registry = pipeline
+    config = tmp_path / "pipeline.toml"
+    config.write_text("[archive]\nbatch_alerts = 3\nbatch_seconds = 2.0\ncompact_files = 2\n")  # many commits
+    replay_topics = ["replay.ocf", "replay.fink", "replay.confluent"]
+    extra = [topics.TopicSpec(t) for t in replay_topics]
+    topics.create_topics(settings.bootstrap, pipeline_topics(SIM.filters) + extra)
+    archive = _run_with_two_crashes(settings, tmp_path, config)
+
+    alerts = {a["candid"]: a for m in read_all(settings, [topics.ALERTS]) for a in decode_alert(m.key(), m.value())}
+    archived = Counter(archive.query("SELECT candid FROM alerts").column(0).to_pylist())
+    assert alerts and archived == Counter(set(alerts))  # every alert of the run, each once
+    retired = {p for c in archive.log() for p in c.removed}  # compacted: kept an hour for queries in flight
+    on_disk = {p for p in archive.sizes() if p.endswith(".parquet")}
+    assert retired and on_disk == {f.path for f in archive.files()} | retired  # no orphan left
+
+    runner, where = CliRunner(), "snr > 0"
+    res = runner.invoke(app, ["query", "--archive", archive.url, f"SELECT count(*) AS n FROM alerts WHERE {where}"])
+    expected = sum(a["source"]["snr"] > 0 for a in alerts.values())
+    assert res.exit_code == 0 and f"│ {expected} " in res.output, res.output
+    for topic in replay_topics:
+        framing = topic.split(".")[1]
+        res = runner.invoke(app, ["replay", "--topic", topic, "--bootstrap", settings.bootstrap, "--archive",
+                                  str(archive.url), "--from", "2000-01-01", "--to", "2100-01-01T00:00:00Z",
+                                  "--where", where, "--framing", framing, "--registry-url", registry])
+        assert res.exit_code == 0 and f"replayed {expected} alert(s)" in res.output, res.output
+        back = _replayed(settings, topic, registry)
+        assert back.keys() == {c for c, a in alerts.items() if a["source"]["snr"] > 0}
+        assert all(same(back[c], alerts[c]) for c in back)  # the exact records, in any framing
+    res = runner.invoke(app, ["replay", "--topic", topics.ALERTS, "--bootstrap", settings.bootstrap,
+                              "--archive", str(archive.url)])
+    assert res.exit_code == 2 and "archive these alerts twice" in res.output
+
+    f = archive.files()[0]  # a truncated file: reported, never skipped
+    data = archive.fs.cat_file(archive.path(f.path))
+    archive.fs.pipe_file(archive.path(f.path), data[:-100])
+    for args in (["query", "--archive", str(archive.url), "SELECT count(*) FROM alerts"],
+                 ["replay", "--topic", "replay.ocf", "--bootstrap", settings.bootstrap, "--archive", str(archive.url)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "truncated" in res.output and f.path in res.output, res.output

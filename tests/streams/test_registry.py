@@ -1,0 +1,49 @@
+"""The embedded schema registry answers Confluent's client as Confluent's registry does."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from streams.framing import schema_json
+from streams.registry import EmbeddedRegistry
+
+OTHER = json.dumps({"type": "record", "name": "Other", "fields": [{"name": "a", "type": "long"}]})
+
+
+@pytest.fixture(scope="module")
+def client():
+    with EmbeddedRegistry() as registry:
+        yield SchemaRegistryClient({"url": registry.url})
+
+
+def test_register_dedups_schemas_across_subjects_and_versions_them_per_subject(client):
+    alert = Schema(schema_json(), "AVRO")
+    first = client.register_schema("alerts-value", alert)
+    assert client.register_schema("alerts-rubin-value", alert) == first  # one schema, one id
+    other = client.register_schema("alerts-value", Schema(OTHER, "AVRO"))
+    assert other != first
+    assert client.get_versions("alerts-value") == [1, 2]
+    latest = client.get_latest_version("alerts-value")
+    assert (latest.version, latest.schema_id) == (2, other)
+    assert client.get_version("alerts-value", 1).schema_id == first
+    assert json.loads(client.get_schema(first).schema_str) == json.loads(schema_json())
+    assert client.lookup_schema("alerts-rubin-value", alert).version == 1
+    assert set(client.get_subjects()) >= {"alerts-value", "alerts-rubin-value"}
+
+
+@pytest.mark.parametrize("call,code", [
+    (lambda c: c.get_schema(999), 40403),
+    (lambda c: c.get_latest_version("no-such-value"), 40401),
+    (lambda c: c.get_version("alerts-value", 99), 40402),
+    (lambda c: c.lookup_schema("alerts-value", Schema('{"type": "string"}', "AVRO")), 40403),
+    (lambda c: c.register_schema("bad-value", Schema('{"type": "recordd"}', "AVRO")), 42201),
+])
+def test_errors_carry_confluent_error_codes(client, call, code):
+    client.register_schema("alerts-value", Schema(schema_json(), "AVRO"))
+    with pytest.raises(SchemaRegistryError) as err:
+        call(client)
+    assert err.value.error_code == code
