@@ -124,6 +124,18 @@ class PipelineConfig:
         Default 5: one poison message is dead-lettered and the stage carries on; a bug that hits
         every message stops the stage within 5 messages instead of draining the stream into the
         dead-letter topic.
+    dlq_value_bytes : int
+        Bytes of the original value a dead-letter record keeps when the value is longer (1 MiB;
+        ``streams.runner.DLQ_VALUE_BYTES``): the record then holds its first bytes, its length, its
+        SHA-256 and ``truncated`` (``dlq/v2``), so a dead letter of a message near the 64 MiB limit
+        still fits its topic; the whole message stays on its input topic at the offset the record
+        names. At most 32 MiB.
+    transaction_deadline_s : float
+        Longest time one input's transaction (produce, send offsets, commit) may block before
+        the stage exits with status 4 for its supervisor to restart it (s; 0: never). librdkafka
+        can wait forever for a coordinator that restarted (seen on the embedded broker); the
+        restarted stage resumes exactly once from its committed state. Default 120: twice the
+        client's own commit timeout of 60 s.
     alert_topics : tuple of AlertTopicConfig
         The alert stage's output topics; several may carry the same alerts in different framings.
         Default: one ``ocf`` topic ``alerts`` (with its per-filter copies), as before framings.
@@ -134,6 +146,10 @@ class PipelineConfig:
     archive : ArchiveConfig
         The archive stage: where the Parquet archive lives (default ``<state_dir>/archive``) and
         how it batches (``[archive]``; :class:`broker.archive.config.ArchiveConfig`).
+    kafka : dict
+        The ``[kafka]`` table, kept as read: Kafka client security (``streams/security.py``) and
+        the frame signatures checked by ingest (``[kafka.frame_auth]``, ``streams/frame_auth.py``).
+        ``broker/`` never reads it. Default empty: plaintext, no frame signatures.
     """
 
     state_dir: Path = Path("var/state")
@@ -146,6 +162,8 @@ class PipelineConfig:
     torch_threads: int = 1
     retain_freed_memory: bool = True
     max_consecutive_unexpected: int = 5
+    dlq_value_bytes: int = 1024 * 1024
+    transaction_deadline_s: float = 120.0
     alert_topics: tuple[AlertTopicConfig, ...] = (AlertTopicConfig(),)
     schema_registry_url: str | None = None
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -154,8 +172,13 @@ class PipelineConfig:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     differences: DiffStoreConfig = field(default_factory=DiffStoreConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    kafka: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.dlq_value_bytes <= 32 * 1024 * 1024:
+            raise ConfigError(f"dlq_value_bytes must be 0 to 32 MiB, not {self.dlq_value_bytes}")
+        if not 0 <= self.transaction_deadline_s < 86400:
+            raise ConfigError(f"transaction_deadline_s must be 0 to 86400 s, not {self.transaction_deadline_s}")
         names = [t.name for t in self.alert_topics]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"alert_topics must name one or more distinct topics, not {names}")

@@ -75,6 +75,60 @@ class PoorQuality(InvalidFrame):
     reason = "poor_quality"
 
 
+class UnparseableHeader(MissingMetadata):
+    """A header card whose value FITS cannot parse (``EXPTIME = NaN``, a broken value string)."""
+
+    reason = "unparseable_header"
+
+
+class ImplausibleHeader(InvalidFrame):
+    """Header values outside their physical bounds (GAIN <= 0, MJD outside the window; ``[ingest.plausibility]``)."""
+
+    reason = "implausible_header"
+
+
+class ImplausiblePixels(InvalidFrame):
+    """Pixels no exposure produces: all zero, constant, binary, or one value almost everywhere."""
+
+    reason = "implausible_pixels"
+
+
+class TooManyPixels(FrameTooLarge):
+    """An image whose header announces more pixels than allowed; refused before decompression."""
+
+    reason = "too_many_pixels"
+
+
+class ImplausibleCompression(InvalidFrame):
+    """A compressed image that would expand far beyond any real exposure's ratio (a decompression bomb)."""
+
+    reason = "implausible_compression"
+
+
+class RecordMismatch(InvalidFrame):
+    """A ``frame`` record or its key whose fields (size, ids, times) disagree with its FITS bytes."""
+
+    reason = "record_mismatch"
+
+
+class NotIngested(InvalidFrame):
+    """A record on ``ingested`` that the ingest stage did not write (no quality measurements)."""
+
+    reason = "not_ingested"
+
+
+class DuplicateFrame(BrokerError):
+    """A frame already processed (same pixel checksum, or same telescope and frame id) sent again."""
+
+    reason = "duplicate_frame"
+
+
+class BadCoordinates(BrokerError):
+    """A candidate whose RA/Dec is not finite or outside the sphere (a broken WCS or a forged batch)."""
+
+    reason = "bad_coordinates"
+
+
 # --- science steps ------------------------------------------------------------------------------
 class AlignmentError(BrokerError):
     """The reference could not be registered onto the science frame."""
@@ -125,6 +179,28 @@ class SchemaError(BrokerError):
     reason = "schema"
 
 
+class UndeliverableOutput(BrokerError):
+    """An output the broker refuses, or would refuse, for good (an unknown or illegal topic, say).
+
+    The runner dead-letters the input instead of its outputs (``docs/architecture.md``, "Errors and
+    dead letters"); the message names the topic and the broker's error.
+    """
+
+    reason = "undeliverable"
+
+
+class OutputTooLarge(UndeliverableOutput):
+    """An output over the largest message a topic accepts (``streams.topics.MAX_MESSAGE_BYTES``)."""
+
+    reason = "too_large"
+
+
+class InvalidTopic(UndeliverableOutput):
+    """An output to a topic name Kafka does not allow (characters, length)."""
+
+    reason = "invalid_topic"
+
+
 class FilterExpressionError(BrokerError):
     """A subscriber filter expression that is invalid or uses something not allowed."""
 
@@ -143,10 +219,28 @@ class ConfigError(BrokerError):
     reason = "config"
 
 
+class KafkaAuthError(ConfigError):
+    """Kafka refused the client's login or TLS handshake (wrong password, unknown user, untrusted certificate)."""
+
+    reason = "kafka_auth"
+
+
+class Unauthorised(BrokerError):
+    """A frame whose telescope its producer may not send (``[kafka.frame_auth]``): missing or bad signature."""
+
+    reason = "unauthorised"
+
+
 class RegistryError(BrokerError):
     """The schema registry cannot be reached or refuses a schema (at start-up of a ``confluent`` topic)."""
 
     reason = "registry"
+
+
+class HistoryUnavailable(BrokerError):
+    """The object history's PostgreSQL database stayed unreachable (``[history] connect_timeout_s``)."""
+
+    reason = "history_unavailable"
 
 
 # --- archive ------------------------------------------------------------------------------------

@@ -17,7 +17,16 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from broker.errors import BadShape, CorruptFrame, MissingMetadata, MissingWCS
+from broker.errors import (
+    BadShape,
+    CorruptFrame,
+    ImplausibleCompression,
+    InvalidFrame,
+    MissingMetadata,
+    MissingWCS,
+    TooManyPixels,
+    UnparseableHeader,
+)
 
 #: Header cards read into :class:`FrameMeta` (card, attribute, type, required).
 _CARDS: tuple[tuple[str, str, type, bool], ...] = (
@@ -120,11 +129,28 @@ def celestial_wcs(header: fits.Header) -> WCS:
     return wcs.celestial
 
 
+def _card(header: fits.Header, card: str) -> object:
+    """The value of ``card`` (None when absent), or :class:`UnparseableHeader` naming the card as written."""
+    try:
+        return header.get(card)
+    except Exception as exc:  # astropy: VerifyError, ValueError on a value string it cannot parse
+        raw = getattr(header.cards[card], "_image", None) or card  # as written: ``.image`` would "fix" it
+        raise UnparseableHeader(f"header card {card} cannot be parsed: {str(raw).strip()!r}") from exc
+
+
 def meta_from_header(header: fits.Header) -> FrameMeta:
-    """Read :class:`FrameMeta` from FITS cards, raising :class:`MissingMetadata` for gaps."""
+    """Read :class:`FrameMeta` from FITS cards.
+
+    Raises
+    ------
+    MissingMetadata
+        A required card is absent, not a number or not finite, or EXPTIME <= 0.
+    UnparseableHeader
+        A card's value cannot be parsed at all (``EXPTIME = NaN``; a subclass of MissingMetadata).
+    """
     values: dict[str, object] = {}
     for card, attr, kind, required in _CARDS:
-        raw = header.get(card)
+        raw = _card(header, card)
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             if required:
                 raise MissingMetadata(f"header card {card} ({attr}) is missing")
@@ -138,49 +164,108 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
         values[attr] = value
     if values["exptime"] <= 0:  # type: ignore[operator]
         raise MissingMetadata(f"EXPTIME={values['exptime']} must be > 0 s")
-    frame_id = str(header.get("FRAMEID") or "").strip() or (
+    frame_id = str(_card(header, "FRAMEID") or "").strip() or (
         f"{values['telescope']}-{values['field']}-{values['filter']}-{values['mjd_start']:.6f}"
     )
     return FrameMeta(frame_id=frame_id, **values)  # type: ignore[arg-type]
 
 
-def decode_fits(payload: bytes) -> Frame:
+#: Bytes per pixel of each FITS BITPIX.
+_BYTES_PER_PIXEL = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
+
+
+def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
+    """The first HDU that holds an image, found from the headers alone (nothing decompressed)."""
+    hdu = next((h for h in hdul if h.is_image and len(h.shape or ()) > 0), None)
+    if hdu is None:
+        raise CorruptFrame("the FITS file holds no image data")
+    return hdu
+
+
+def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, max_pixels: int | None = None,
+                     max_expansion: float | None = None) -> None:
+    """Refuse an image by its header before its pixels are read (decompression bombs).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        The image shape announced by the header (NAXISn, or ZNAXISn of a compressed image).
+    bitpix : int
+        Its BITPIX (ZBITPIX when compressed).
+    payload_bytes : int
+        Size of the whole FITS file (bytes).
+    max_pixels : int, optional
+        Most pixels accepted (count); None: no limit.
+    max_expansion : float, optional
+        Largest ratio of the decoded image's bytes to the file's bytes; None: no limit.
+
+    Raises
+    ------
+    TooManyPixels
+        More pixels than ``max_pixels``.
+    ImplausibleCompression
+        The image would expand more than ``max_expansion`` times.
+    """
+    npix = int(np.prod([int(n) for n in shape], dtype=np.int64))
+    size = "x".join(str(int(n)) for n in reversed(shape))
+    if max_pixels is not None and npix > max_pixels:
+        raise TooManyPixels(f"image is {size} px = {npix / 1e6:.1f} Mpx, over the {max_pixels / 1e6:.1f} Mpx limit "
+                            "(refused before decompression)")
+    decoded = npix * _BYTES_PER_PIXEL.get(int(bitpix), 8)
+    if max_expansion is not None and decoded > max_expansion * max(payload_bytes, 1):
+        raise ImplausibleCompression(
+            f"{payload_bytes / 1e6:.2f} MB of FITS would expand to {decoded / 1e6:.0f} MB of {size} pixels "
+            f"({decoded / max(payload_bytes, 1):.0f}x, limit {max_expansion:g}x): refused before decompression")
+
+
+def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> Frame:
     """Decode FITS bytes (plain or tile-compressed) into a :class:`Frame`.
+
+    The image's size is checked from its header before any pixel is decompressed
+    (:func:`check_image_size`; the stages pass ``IngestConfig.max_pixels`` and ``max_expansion``).
 
     Raises
     ------
     CorruptFrame
         The bytes are not FITS or hold no image.
+    TooManyPixels, ImplausibleCompression
+        The header announces more pixels than ``max_pixels``, or more than ``max_expansion`` times
+        the file's bytes.
     BadShape
         The image is not 2-D or not numeric.
-    MissingMetadata, MissingWCS
-        Required cards are missing.
+    MissingMetadata, UnparseableHeader, MissingWCS
+        Required cards are missing or cannot be parsed.
     """
     if not payload:
         raise CorruptFrame("empty payload (0 bytes)")
     try:
         with fits.open(io.BytesIO(payload), memmap=False, lazy_load_hdus=False) as hdul:
-            hdu = next((h for h in hdul if h.is_image and h.data is not None), None)
-            if hdu is None:
-                raise CorruptFrame("the FITS file holds no image data")
+            hdu = _image_hdu(hdul)
+            bitpix = hdu.header.get("BITPIX", 8)
+            check_image_size(hdu.shape, bitpix, len(payload), max_pixels, max_expansion)
             data = hdu.data
-            header = hdu.header.copy()
-            if isinstance(hdu, fits.CompImageHDU):
-                # keep the primary header cards a producer may have put there
-                for card in hdul[0].header.cards:
-                    if card.keyword not in header and card.keyword not in ("", "COMMENT", "HISTORY"):
-                        header.append(card)
-    except CorruptFrame:
+            header = _merged_header(hdul, hdu)
+    except InvalidFrame:
         raise
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
         raise CorruptFrame(f"not a readable FITS file: {type(exc).__name__}: {exc}") from exc
-    if data.ndim != 2:
-        raise BadShape(f"image has {data.ndim} dimensions, expected 2")
+    if data is None or data.ndim != 2:
+        raise BadShape(f"image has {0 if data is None else data.ndim} dimensions, expected 2")
     if data.dtype.kind not in "iuf":
         raise BadShape(f"image dtype {data.dtype} is not numeric")
     meta = meta_from_header(header)
     celestial_wcs(header)
-    return Frame(meta=meta, data=np.asarray(data, dtype=np.float32), header=header)
+    return Frame(meta=meta, data=data if data.dtype == np.float32 else data.astype(np.float32), header=header)
+
+
+def _merged_header(hdul: fits.HDUList, hdu: fits.hdu.base.ExtensionHDU | fits.PrimaryHDU) -> fits.Header:
+    """The image's header, plus the primary header's cards a producer may have put there (compressed images)."""
+    header = hdu.header.copy()
+    if isinstance(hdu, fits.CompImageHDU):
+        for card in hdul[0].header.cards:
+            if card.keyword not in header and card.keyword not in ("", "COMMENT", "HISTORY"):
+                header.append(card)
+    return header
 
 
 def encode_fits(frame: Frame, compress: bool = True) -> bytes:

@@ -1,44 +1,66 @@
-"""Object association and detection history, in SQLite.
+"""Object association and detection history: SQLite by default, PostgreSQL by DSN.
 
 Each detection joins the nearest object within ``radius_arcsec`` or starts a new one. Writes are
 keyed by candidate id, so re-processing a frame after a crash finds its detections already there
 and returns exactly what the first pass returned (the object ids are derived from the first
 detection's candidate id, not from a counter). Each detection keeps its frame's zero point and
-limiting flux; a file written before they existed gains the columns when opened (:data:`_ADDED`).
+limiting flux; a file written before they existed gains the columns when opened (:data:`ADDED`).
+
+The association (:class:`ObjectHistory`) is one code path over two stores holding the same tables
+(``docs/architecture.md``, "State"): :class:`SqliteStore` (``<state_dir>/history.sqlite``, the
+default; a transaction locks the whole file, so one writer at a time) and
+:class:`broker.history_pg.PostgresStore` (``[history] dsn``; several score replicas). A frame's
+transaction first locks every sky cell (:func:`sky_cells`) that its candidates' search circles
+touch, so two transactions that could create, join or move an object at one position run one after
+the other, and the second sees what the first committed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import sqlite3
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
 from broker.candidate import Candidate, ObjectSummary
+from broker.errors import BadCoordinates
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS objects (
-    object_id TEXT PRIMARY KEY, ra REAL NOT NULL, dec REAL NOT NULL, ndet INTEGER NOT NULL,
-    first_mjd REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS objects_dec ON objects (dec);
-CREATE TABLE IF NOT EXISTS detections (
-    cand_id TEXT PRIMARY KEY, object_id TEXT NOT NULL, frame_id TEXT NOT NULL, mjd REAL NOT NULL,
-    filter TEXT NOT NULL, ra REAL NOT NULL, dec REAL NOT NULL, flux REAL NOT NULL,
-    flux_err REAL NOT NULL, snr REAL NOT NULL, rb REAL, magzp REAL, limiting_flux REAL);
-CREATE INDEX IF NOT EXISTS detections_object ON detections (object_id, mjd);
-"""
-#: Columns of ``detections`` added since the first release, with their SQL types: added to an older
-#: file when it is opened (NULL for its earlier rows).
-_ADDED = (("magzp", "REAL"), ("limiting_flux", "REAL"))
+
+def schema(real: str) -> tuple[str, ...]:
+    """The statements that create the tables and indexes, ``real`` being the dialect's 8-byte float type."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS objects (object_id TEXT PRIMARY KEY, ra {real} NOT NULL, dec {real} NOT NULL, "
+        f"ndet INTEGER NOT NULL, first_mjd {real} NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS objects_dec ON objects (dec)",
+        f"CREATE TABLE IF NOT EXISTS detections (cand_id TEXT PRIMARY KEY, object_id TEXT NOT NULL, "
+        f"frame_id TEXT NOT NULL, mjd {real} NOT NULL, filter TEXT NOT NULL, ra {real} NOT NULL, "
+        f"dec {real} NOT NULL, flux {real} NOT NULL, flux_err {real} NOT NULL, snr {real} NOT NULL, rb {real}, "
+        f"magzp {real}, limiting_flux {real})",
+        "CREATE INDEX IF NOT EXISTS detections_object ON detections (object_id, mjd)",
+    )
+
+
+#: Columns of ``detections`` added since the first release: added to an older database when it is
+#: opened (NULL for its earlier rows).
+ADDED = ("magzp", "limiting_flux")
 #: Keys of the history dicts (``Candidate.history``), the columns they are read from.
 _HISTORY_KEYS = ("cand_id", "mjd", "filter", "ra", "dec", "flux", "flux_err", "snr", "rb", "magzp", "limiting_flux")
+#: Side of a sky cell (arcsec) of :func:`sky_cells`. Any size is correct (see there); 1 arcmin keeps
+#: a search circle of 1.5 arcsec in one cell, rarely two or four, so a frame takes about one lock
+#: per candidate while frames of different fields never share one.
+CELL_ARCSEC = 60.0
+#: High bits of the cell keys (a namespace against other users of PostgreSQL's advisory locks).
+_CELL_KEY_BASE = 0x0B5E << 40
 
 
 @dataclass(frozen=True)
 class HistoryConfig:
-    """Association settings.
+    """Association settings and where the history lives (``[history]`` in the TOML file).
 
     Attributes
     ----------
@@ -47,10 +69,24 @@ class HistoryConfig:
     max_history : int
         Most previous detections attached to a candidate (newest kept), bounding alert size
         (ZTF attaches 30 days of history; 100 detections is more than that for nightly cadence).
+    dsn : str or None
+        PostgreSQL connection string (``postgresql://user@host:5432/db?sslmode=require``, or libpq
+        ``key=value`` form) of a shared history, so that the score stage can run several replicas
+        (``broker/history_pg.py``; needs ``pip install 'transient-broker[postgres]'``). Default None:
+        SQLite at ``<state_dir>/history.sqlite``, one writer at a time. Give the password by
+        libpq's ``PGPASSWORD`` or ``PGPASSFILE`` rather than in the string; the repr leaves the
+        string out either way.
+    connect_timeout_s : float
+        How long (s) the PostgreSQL store tries to (re)connect before giving up: at start-up the
+        stage then fails with a ``ConfigError``; in a frame, the frame is dead-lettered as
+        ``history_unavailable``. Default 60: a database restart or fail-over takes seconds to tens
+        of seconds.
     """
 
     radius_arcsec: float = 1.5
     max_history: int = 100
+    dsn: str | None = field(default=None, repr=False)
+    connect_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +100,58 @@ class _FrameInfo:
     limiting_flux: float | None
 
 
+class HistoryStore(Protocol):
+    """The SQL database under :class:`ObjectHistory` (statements use ``?`` placeholders)."""
+
+    #: The DB-API connection (for tests and inspection).
+    db: Any
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement; the cursor (``fetchone``, ``fetchall``)."""
+        ...
+
+    def transaction(self, cells: list[int], work: Callable[[], None]) -> None:
+        """Run ``work`` in one transaction holding the locks of ``cells`` (sorted keys); all or nothing."""
+        ...
+
+    def close(self) -> None:
+        """Close the connection."""
+        ...
+
+
+class SqliteStore:
+    """The history in one SQLite file (``":memory:"`` for tests); a transaction locks the whole file."""
+
+    def __init__(self, path: str | Path) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.executescript(";\n".join(schema("REAL")) + ";")
+        have = {row[1] for row in self.db.execute("PRAGMA table_info(detections)")}
+        for name in ADDED:
+            if name not in have:
+                self.db.execute(f"ALTER TABLE detections ADD COLUMN {name} REAL")
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement; the cursor."""
+        return self.db.execute(sql, tuple(params))
+
+    def transaction(self, cells: list[int], work: Callable[[], None]) -> None:
+        """Run ``work`` under ``BEGIN IMMEDIATE`` (the file's write lock stands for every cell's)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Close the database."""
+        self.db.close()
+
+
 def _object_id(cand_id: str) -> str:
     return "OBJ" + hashlib.sha1(cand_id.encode()).hexdigest()[:13]
 
@@ -75,68 +163,115 @@ def _separation_arcsec(ra1: float, dec1: float, ra2: np.ndarray, dec2: np.ndarra
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
 
 
+def _ra_cells(band: int, cell_deg: float) -> int:
+    """Cells in declination band ``band``: each at least ``cell_deg`` wide at the band's edge nearest the pole."""
+    lo, hi = band * cell_deg - 90.0, min(90.0, (band + 1) * cell_deg - 90.0)
+    return max(1, int(360.0 * math.cos(math.radians(max(abs(lo), abs(hi)))) / cell_deg))
+
+
+def sky_cells(ra: float, dec: float, radius_deg: float, cell_deg: float = CELL_ARCSEC / 3600.0) -> set[int]:
+    """Keys of the sky cells that the circle of ``radius_deg`` around (``ra``, ``dec``) touches (deg).
+
+    The sphere is cut into declination bands of ``cell_deg``, each cut in RA into cells at least
+    ``cell_deg`` wide. Every point lies in exactly one cell, so two transactions whose circles hold
+    the same point (an object one creates and the other could join, or an object's position before
+    and after a detection moves it, which stays inside the moving detection's circle) lock a cell in
+    common: the lock is correct for any cell size, which only sets how many locks a frame takes.
+
+    Raises
+    ------
+    BadCoordinates
+        ``ra`` or ``dec`` not finite, or ``dec`` outside [-90, 90].
+    """
+    if not (math.isfinite(ra) and math.isfinite(dec) and -90.0 <= dec <= 90.0):
+        raise BadCoordinates(f"candidate at RA {ra!r}, Dec {dec!r} (deg) cannot be associated")
+    n_bands = math.ceil(180.0 / cell_deg)
+    first = max(0, math.floor((dec - radius_deg + 90.0) / cell_deg))
+    last = min(n_bands - 1, math.floor((dec + radius_deg + 90.0) / cell_deg))
+    pole = abs(dec) + radius_deg >= 90.0
+    # the largest RA offset (deg) of a point of the circle: asin(sin r / cos dec) on the sphere
+    half = 180.0 if pole else math.degrees(math.asin(min(1.0, math.sin(math.radians(radius_deg))
+                                                         / math.cos(math.radians(dec)))))
+    keys: set[int] = set()
+    for band in range(first, last + 1):
+        n_ra = _ra_cells(band, cell_deg)
+        width = 360.0 / n_ra
+        lo, hi = math.floor(((ra % 360.0) - half) / width), math.floor(((ra % 360.0) + half) / width)
+        cells = range(n_ra) if hi - lo + 1 >= n_ra else (i % n_ra for i in range(lo, hi + 1))
+        keys.update(_CELL_KEY_BASE | (band << 16) | i for i in cells)
+    return keys
+
+
 class ObjectHistory:
-    """The object store (SQLite file; ``":memory:"`` for tests)."""
+    """The object store: association and histories over a :class:`HistoryStore`.
 
-    def __init__(self, path: str | Path, config: HistoryConfig = HistoryConfig()) -> None:
+    Parameters
+    ----------
+    source : str, Path or HistoryStore
+        A SQLite file (``":memory:"`` for tests), or an open store (:func:`open_history` opens
+        the one a configuration names).
+    config : HistoryConfig
+        Association radius and history length.
+    """
+
+    def __init__(self, source: str | Path | HistoryStore, config: HistoryConfig = HistoryConfig()) -> None:
         self.config = config
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
-        self._migrate()
+        self.store: HistoryStore = SqliteStore(source) if isinstance(source, (str, Path)) else source
 
-    def _migrate(self) -> None:
-        """Add the columns of :data:`_ADDED` that an older file lacks."""
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(detections)")}
-        for name, kind in _ADDED:
-            if name not in have:
-                self.db.execute(f"ALTER TABLE detections ADD COLUMN {name} {kind}")
+    @property
+    def db(self) -> Any:
+        """The store's DB-API connection (``execute(sql).fetchone()``; for tests and inspection)."""
+        return self.store.db
 
     def close(self) -> None:
         """Close the database."""
-        self.db.close()
+        self.store.close()
 
     def associate(self, frame_id: str, mjd: float, band: str, candidates: list[Candidate],
                   magzp: float | None = None, limiting_flux: float | None = None) -> None:
         """Set ``obj`` (the object summary) and ``history`` on each candidate.
 
-        One SQLite transaction per frame; idempotent per candidate id. ``magzp`` (mag of 1 ADU) and
-        ``limiting_flux`` (5-sigma limit of the difference image, ADU) are the frame's, kept with
-        each detection and returned in later histories (None when unknown).
+        One transaction per frame, holding the locks of the sky cells around its candidates;
+        idempotent per candidate id. ``magzp`` (mag of 1 ADU) and ``limiting_flux`` (5-sigma limit
+        of the difference image, ADU) are the frame's, kept with each detection and returned in
+        later histories (None when unknown).
+
+        Raises
+        ------
+        BadCoordinates
+            A candidate without finite coordinates (nothing is written for the frame).
         """
         frame = _FrameInfo(frame_id, mjd, band, magzp, limiting_flux)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        r_deg = self.config.radius_arcsec / 3600.0
+        cells = sorted({k for c in candidates for k in sky_cells(c.detection.ra, c.detection.dec, r_deg)})
+
+        def work() -> None:
             for cand in candidates:
                 self._associate_one(frame, cand)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+
+        self.store.transaction(cells, work)
 
     def _associate_one(self, frame: _FrameInfo, cand: Candidate) -> None:
         det, mjd = cand.detection, frame.mjd
-        row = self.db.execute("SELECT object_id FROM detections WHERE cand_id = ?", (cand.cand_id,)).fetchone()
+        row = self.store.execute("SELECT object_id FROM detections WHERE cand_id = ?", (cand.cand_id,)).fetchone()
         if row is not None:  # re-processed after a crash: same answer as the first time
             object_id = row[0]
         else:
             object_id = self._nearest(det.ra, det.dec) or _object_id(cand.cand_id)
             self._insert(frame, cand, object_id)
-        prior = self.db.execute(
+        prior = self.store.execute(
             f"SELECT {', '.join(_HISTORY_KEYS)} FROM detections "
             "WHERE object_id = ? AND mjd < ? ORDER BY mjd DESC LIMIT ?",
             (object_id, mjd, self.config.max_history)).fetchall()
         cand.history = [dict(zip(_HISTORY_KEYS, r, strict=True)) for r in reversed(prior)]
-        ra, dec, first = self.db.execute("SELECT ra, dec, first_mjd FROM objects WHERE object_id = ?",
-                                         (object_id,)).fetchone()
+        ra, dec, first = self.store.execute("SELECT ra, dec, first_mjd FROM objects WHERE object_id = ?",
+                                            (object_id,)).fetchone()
         cand.obj = ObjectSummary(object_id, ra, dec, len(cand.history) + 1, min(first, mjd))
 
     def _nearest(self, ra: float, dec: float) -> str | None:
         r_deg = self.config.radius_arcsec / 3600.0
-        rows = self.db.execute("SELECT object_id, ra, dec FROM objects WHERE dec BETWEEN ? AND ?",
-                               (dec - r_deg, dec + r_deg)).fetchall()
+        rows = self.store.execute("SELECT object_id, ra, dec FROM objects WHERE dec BETWEEN ? AND ?",
+                                  (dec - r_deg, dec + r_deg)).fetchall()
         if not rows:
             return None
         sep = _separation_arcsec(ra, dec, np.array([r[1] for r in rows]), np.array([r[2] for r in rows]))
@@ -145,13 +280,33 @@ class ObjectHistory:
 
     def _insert(self, frame: _FrameInfo, cand: Candidate, object_id: str) -> None:
         det, mjd = cand.detection, frame.mjd
-        self.db.execute("INSERT INTO detections (cand_id, object_id, frame_id, mjd, filter, ra, dec, flux, flux_err, "
-                        "snr, rb, magzp, limiting_flux) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (cand.cand_id, object_id, frame.frame_id, mjd, frame.band, det.ra, det.dec, det.flux,
-                         det.flux_err, det.snr, cand.rb, frame.magzp, frame.limiting_flux))
-        # the object position is the running mean of its detections
-        self.db.execute(
-            "INSERT INTO objects VALUES (?,?,?,1,?) ON CONFLICT(object_id) DO UPDATE SET "
-            "ra = (ra * ndet + excluded.ra) / (ndet + 1), dec = (dec * ndet + excluded.dec) / (ndet + 1), "
-            "ndet = ndet + 1, first_mjd = MIN(first_mjd, excluded.first_mjd)",
+        self.store.execute(
+            "INSERT INTO detections (cand_id, object_id, frame_id, mjd, filter, ra, dec, flux, flux_err, "
+            "snr, rb, magzp, limiting_flux) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (cand.cand_id, object_id, frame.frame_id, mjd, frame.band, det.ra, det.dec, det.flux,
+             det.flux_err, det.snr, cand.rb, frame.magzp, frame.limiting_flux))
+        # the object position is the running mean of its detections (columns qualified: PostgreSQL
+        # would find a bare name ambiguous beside ``excluded``)
+        self.store.execute(
+            "INSERT INTO objects (object_id, ra, dec, ndet, first_mjd) VALUES (?,?,?,1,?) "
+            "ON CONFLICT (object_id) DO UPDATE SET "
+            "ra = (objects.ra * objects.ndet + excluded.ra) / (objects.ndet + 1), "
+            "dec = (objects.dec * objects.ndet + excluded.dec) / (objects.ndet + 1), ndet = objects.ndet + 1, "
+            "first_mjd = CASE WHEN excluded.first_mjd < objects.first_mjd THEN excluded.first_mjd "
+            "ELSE objects.first_mjd END",
             (object_id, det.ra, det.dec, mjd))
+
+
+def open_history(state_dir: Path, config: HistoryConfig = HistoryConfig()) -> ObjectHistory:
+    """The history a configuration names: PostgreSQL at ``config.dsn``, else ``<state_dir>/history.sqlite``.
+
+    Raises
+    ------
+    ConfigError
+        PostgreSQL named but psycopg is missing or the database cannot be reached.
+    """
+    if config.dsn:
+        from broker.history_pg import PostgresStore
+
+        return ObjectHistory(PostgresStore(config.dsn, config.connect_timeout_s), config)
+    return ObjectHistory(Path(state_dir) / "history.sqlite", config)

@@ -7,7 +7,9 @@ configured quality cuts (frames are flagged, and rejected only when a cut says s
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,8 +19,9 @@ from photutils.detection import DAOStarFinder
 from photutils.psf import fit_fwhm
 from photutils.utils.exceptions import NoDetectionsWarning
 
-from broker.errors import BadPixelFraction, BadShape, PoorQuality
+from broker.errors import BadPixelFraction, BadShape, PoorQuality, RecordMismatch
 from broker.frame import Frame
+from broker.plausibility import PlausibilityConfig, check_header, check_pixels, check_wcs
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,23 @@ class IngestConfig:
         any sky and keep the search O(1 Mpx) on large frames.
     reject_on : tuple of str
         Flags that reject the frame (dead-letter ``poor_quality``) rather than only flag it.
+    subtract_skip_on : tuple of str
+        Flags with which the subtract stage does not subtract a frame even when its field has a
+        reference: the frame is dead-lettered ``poor_quality`` by subtract (any flag already keeps a
+        frame out of reference building). Default ``("few_stars",)``: without measured stars the
+        seeing and PSF are unknown and the frame may be blank or clouded out (an all-zero frame
+        once gave 500 alerts); ``saturated`` frames are subtracted, their saturated pixels masked.
+    max_pixels : int
+        Most pixels a frame may have (count), checked from its header before any pixel is
+        decompressed. Default 2**27 = 134 Mpx (512 MiB as float32): the largest monolithic sensors
+        (10560^2 = 112 Mpx) fit; a 1.1 MB message that announces more is refused unread.
+    max_expansion : float
+        Largest ratio of a frame's decoded pixel bytes (at its BITPIX) to its FITS bytes. Default
+        64: lossless RICE/GZIP compress real exposures 1.5-10x (noise does not compress); a 1.1 MB
+        8192^2 all-zero frame expands 120x and once left ~600 MB resident in subtract.
+    plausibility : PlausibilityConfig
+        Physical bounds of header values and pixel statistics (``[ingest.plausibility]``;
+        :class:`broker.plausibility.PlausibilityConfig`).
     """
 
     min_side: int = 64
@@ -64,6 +84,10 @@ class IngestConfig:
     max_stars: int = 30
     seeing_window: int = 1024
     reject_on: tuple[str, ...] = ("seeing",)
+    subtract_skip_on: tuple[str, ...] = ("few_stars",)
+    max_pixels: int = 2 ** 27
+    max_expansion: float = 64.0
+    plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)
 
 
 @dataclass(frozen=True)
@@ -86,15 +110,54 @@ class FrameQuality:
         return {**self.__dict__, "flags": list(self.flags)}
 
 
-def validate(frame: Frame, config: IngestConfig = IngestConfig()) -> None:
-    """Raise :class:`BadShape` / :class:`BadPixelFraction` / :class:`MissingWCS` for bad frames."""
+def validate(frame: Frame, config: IngestConfig = IngestConfig(), now_mjd: float | None = None) -> None:
+    """Raise a typed :class:`~broker.errors.InvalidFrame` for a frame that must not be processed.
+
+    Checks, in order: the image size (:class:`BadShape`), the header's physical bounds
+    (:class:`ImplausibleHeader`; ``now_mjd`` is the present for the MJD window, default the system
+    clock), a celestial WCS that maps the frame onto the sky at a plausible pixel scale
+    (:class:`MissingWCS`, :class:`ImplausibleHeader`), the fraction of NaN pixels
+    (:class:`BadPixelFraction`) and the pixel statistics (:class:`ImplausiblePixels`).
+    """
     ny, nx = frame.data.shape
     if min(ny, nx) < config.min_side or max(ny, nx) > config.max_side:
         raise BadShape(f"image is {nx}x{ny} px; sides must be within [{config.min_side}, {config.max_side}]")
-    _ = frame.wcs  # raises MissingWCS
+    check_header(frame.meta, config.plausibility, now_mjd)
+    check_wcs(frame, config.plausibility)
     nan_fraction = 1.0 - np.count_nonzero(np.isfinite(frame.data)) / frame.data.size
     if nan_fraction > config.max_nan_fraction:
         raise BadPixelFraction(f"{nan_fraction:.1%} of the pixels are NaN/inf (limit {config.max_nan_fraction:.0%})")
+    check_pixels(frame, config.plausibility)
+
+
+def check_record(claimed: Mapping[str, object], frame: Frame, size_bytes: int) -> None:
+    """Raise :class:`RecordMismatch` when what a message claims about a frame disagrees with its FITS bytes.
+
+    Parameters
+    ----------
+    claimed : mapping
+        The message's own account of the frame (the ``frame`` record's ``frame_id``, ``telescope``,
+        ``field``, ``filter``, ``mjd_start`` (MJD), ``exptime`` (s), ``nx``, ``ny`` (px),
+        ``size_bytes``); keys it lacks are not checked.
+    frame : Frame
+        The decoded frame.
+    size_bytes : int
+        Size of its FITS bytes (bytes).
+    """
+    m = frame.meta
+    truth: dict[str, object] = {"frame_id": m.frame_id, "telescope": m.telescope, "field": m.field,
+                                "filter": m.filter, "mjd_start": m.mjd_start, "exptime": m.exptime,
+                                "ny": frame.shape[0], "nx": frame.shape[1], "size_bytes": size_bytes}
+    wrong = [f"{k}={claimed[k]!r} (the FITS says {v!r})" for k, v in truth.items()
+             if k in claimed and not _same(claimed[k], v)]
+    if wrong:
+        raise RecordMismatch("the message disagrees with its FITS bytes: " + ", ".join(wrong))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(b, float):
+        return isinstance(a, int | float) and math.isclose(float(a), b, rel_tol=1e-12, abs_tol=0.0)
+    return a == b
 
 
 def measure_quality(frame: Frame, config: IngestConfig = IngestConfig()) -> FrameQuality:

@@ -18,6 +18,7 @@ import numpy as np
 from broker.anomaly import AnomalyModel
 from broker.candidate import Candidate
 from broker.diffstore import DifferenceStore, celestial_header
+from broker.errors import BadCoordinates, PoorQuality
 from broker.frame import Frame
 from broker.history import ObjectHistory
 from broker.reference import Reference
@@ -95,7 +96,8 @@ class FrameResult:
 
 
 def process_frame(frame: Frame, references: References, config: SubtractConfig = SubtractConfig(),
-                  clean: bool = True, differences: DifferenceStore | None = None) -> FrameResult:
+                  clean: bool = True, differences: DifferenceStore | None = None,
+                  skip: Sequence[str] = ()) -> FrameResult:
     """Subtract ``frame``'s reference and detect, or keep the frame to build that reference.
 
     Parameters
@@ -111,6 +113,10 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         Where subtracted frames keep their difference images: each candidate then gets forced
         photometry on the earlier ones (``Candidate.forced``), and the frame's is kept for later
         frames. None (training, benchmarks): neither.
+    skip : sequence of str
+        The frame's quality flags that forbid subtracting it (``IngestConfig.subtract_skip_on``):
+        when any is given and the field has a reference, the frame is refused (:class:`PoorQuality`)
+        instead of subtracted. A flagged frame never helps build a reference either way.
 
     Returns
     -------
@@ -121,13 +127,15 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
 
     Raises
     ------
+    PoorQuality
+        The field has a reference and ``skip`` names a flag of the frame.
     BrokerError
         From :func:`~broker.subtract.subtract_and_detect` or the store (bad reference, no PSF,
         alignment failure).
     """
     reference = references.get(frame.meta.reference_key)
     if reference is None:
-        if not clean:
+        if not clean or skip:
             return FrameResult(NO_REFERENCE)
         reference = references.offer(frame)
         if reference is None:
@@ -135,6 +143,9 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
     if frame.meta.frame_id in reference.frame_ids:
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
+    if skip:
+        raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: quality flags {sorted(skip)} "
+                          "(ingest.subtract_skip_on)")
     result = subtract_and_detect(frame, reference, config, keep_difference=differences is not None)
     diagnostics = {k: float(v) for k, v in result.diagnostics.items()}
     if differences is not None:
@@ -168,12 +179,21 @@ def associate_and_score(history: ObjectHistory, model: AnomalyModel, frame_id: s
                         limiting_flux: float | None = None) -> None:
     """Associate ``candidates`` with known objects, then set their anomaly scores.
 
-    Sets ``obj``, ``history`` and ``anomaly`` on each candidate (the score stage's work);
+    Sets ``obj``, ``history`` and ``anomaly`` on each candidate (the score stage's work), after
+    checking every position (:class:`~broker.errors.BadCoordinates`: a NaN or off-sky RA/Dec, or
+    a non-finite MJD, would otherwise reach the history's NOT NULL columns as NULL);
     ``mjd`` (MJD, days) is the frame's exposure start, from which the history's ages are taken.
     The frame's zero point ``magzp`` (mag of 1 ADU) and ``limiting_flux`` (ADU) are kept with each
     detection for later histories (None when unknown).
     """
     if not candidates:
         return
+    if not math.isfinite(mjd):
+        raise BadCoordinates(f"frame {frame_id}: MJD {mjd} is not finite; nothing written to the history")
+    for cand in candidates:
+        ra, dec = cand.detection.ra, cand.detection.dec
+        if not (math.isfinite(ra) and math.isfinite(dec) and -90.0 <= dec <= 90.0):
+            raise BadCoordinates(f"candidate {cand.cand_id}: RA, Dec = ({ra}, {dec}) is not a position on the sky; "
+                                 "nothing of the frame written to the history")
     history.associate(frame_id, mjd, band, list(candidates), magzp, limiting_flux)
     model.score_candidates(candidates, mjd)

@@ -35,7 +35,7 @@ from broker.errors import ArchiveCorrupt, BrokerError, DecodeError, StageFailure
 from streams import serde, topics
 from streams.framing import decode_alert
 from streams.metrics import StageMetrics
-from streams.runner import EXPOSURE_END, InMessage, OutMessage, dead_letter, error_reason, in_message
+from streams.runner import EXPOSURE_END, InMessage, OutMessage, dead_letter, error_reason, in_message, parse_time
 from streams.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class Archiver:
         try:
             while not self.stop_event.is_set() and (max_messages is None or done < max_messages):
                 msg = consumer.poll(0.5)
+                self.metrics.observe_lag(consumer)  # local reads, at most once a second
                 if msg is not None and self._take(msg):
                     done, last = done + 1, time.monotonic()
                 elif idle_timeout is not None and time.monotonic() - last > idle_timeout:
@@ -211,12 +212,9 @@ class Archiver:
             return True
         b.pending.append((msg, alerts))
         b.alerts += len(alerts)
-        end = msg.headers.get(EXPOSURE_END)
-        if end:
-            try:
-                b.exposure_ends.append(float(end))
-            except ValueError:
-                pass  # a producer's malformed header must not stop the stage
+        end = parse_time(msg.headers.get(EXPOSURE_END))  # None: absent or malformed (never trusted)
+        if end is not None:
+            b.exposure_ends.append(end)
         self._unexpected_in_a_row = 0
         return True
 

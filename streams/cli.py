@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import threading
 import time
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from broker.errors import BrokerError, InvalidFrame
+from broker.errors import BrokerError, InvalidFrame, KafkaAuthError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -55,6 +56,10 @@ def _alert_overrides(framing: Optional[list[str]], registry_url: Optional[str]) 
             "schema_registry_url": registry_url}
 
 
+#: A replica id (``--instance``): it becomes part of a transactional id.
+_INSTANCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _fail(exc: Exception) -> None:
     console.print(f"[red]error:[/red] {exc}")
     raise typer.Exit(2)
@@ -68,9 +73,12 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
           metrics_port: Annotated[int, typer.Option(
               help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
           metrics_addr: Annotated[str, typer.Option(help="Address /metrics listens on.")] = "127.0.0.1",
-          instance: Annotated[int, typer.Option(help="Replica index (keys the transactional id).")] = 0,
+          instance: Annotated[str, typer.Option(
+              help="Replica id, unique among the stage's replicas and stable across restarts: an index or a "
+                   "pod name (k8s sets BROKER_INSTANCE to the StatefulSet pod's); keys the transactional id "
+                   "<app-id>.<stage>.<instance>.", envvar="BROKER_INSTANCE")] = "0",
           framing: FramingOpt = None, registry_url: RegistryOpt = None) -> None:
-    """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors)."""
+    """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors, 4 when Kafka hangs)."""
     from broker.config import load_config
     from broker.errors import StageFailure
     from streams.metrics import StageMetrics
@@ -81,9 +89,13 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
     metrics = StageMetrics(name)
     try:
         spec = stage_named(name)
+        if not _INSTANCE.fullmatch(instance):
+            raise BrokerError(f"--instance {instance[:80]!r}: 1-64 letters, digits, '.', '_' or '-'")
         cfg = load_config(config, state_dir=state_dir, frame_store=frame_store,
                           **_alert_overrides(framing, registry_url))
-        runner = _stage_runner(spec, cfg, KafkaSettings(bootstrap, app_id=app_id), metrics, instance)
+        settings = KafkaSettings.load(bootstrap, cfg, app_id)
+        runner = _stage_runner(spec, cfg, settings, metrics, instance)
+        settings.verify_login()  # a refused login stops the stage here, with the reason (exit code 2)
     except BrokerError as exc:
         _fail(exc)
     if metrics_port >= 0:
@@ -96,20 +108,24 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
     except StageFailure as exc:
         console.print(f"[red]stopped:[/red] {exc}")
         raise typer.Exit(3) from exc
+    except KafkaAuthError as exc:  # credentials revoked or changed while running
+        _fail(exc)
     print(f"{name}: stopped after {n} messages", flush=True)
 
 
 def _stage_runner(spec: Stage, cfg: PipelineConfig, settings: KafkaSettings, metrics: StageMetrics,
-                  instance: int) -> StageRunner | Archiver:
+                  instance: str) -> StageRunner | Archiver:
     """The loop of stage ``spec``: the per-message runner over its handler, or the archive's batches."""
     from streams.archiver import Archiver, archive_url
     from streams.runner import StageRunner
+    from streams.stages import upstream_of
 
     if spec.make_handler is None:  # kind "archive"
         return Archiver(cfg.archive, archive_url(cfg), settings, metrics, spec.name, spec.input,
                         cfg.max_consecutive_unexpected, cfg.schema_registry_url)
     return StageRunner(spec.name, spec.input, spec.make_handler(cfg), settings, metrics, instance,
-                       outputs=spec.writes_for(cfg), max_unexpected=cfg.max_consecutive_unexpected)
+                       upstream=upstream_of(spec, cfg), max_unexpected=cfg.max_consecutive_unexpected,
+                       dlq_value_bytes=cfg.dlq_value_bytes, transaction_deadline_s=cfg.transaction_deadline_s)
 
 
 @app.command()
@@ -119,14 +135,17 @@ def topics(bootstrap: Bootstrap,
            config: ConfigOpt = None, framing: FramingOpt = None) -> None:
     """Create the pipeline's topics, the configured alert topics included (existing ones are left alone)."""
     from broker.config import load_config
+    from streams.settings import KafkaSettings
     from streams.stages import pipeline_topics
     from streams.topics import create_topics
 
     try:
         cfg = load_config(config, **_alert_overrides(framing, None))
+        settings = KafkaSettings.load(bootstrap, cfg)
+        settings.verify_login()
     except BrokerError as exc:
         _fail(exc)
-    created = create_topics(bootstrap, pipeline_topics(tuple(filters.split(",")), partitions, cfg))
+    created = create_topics(settings, pipeline_topics(tuple(filters.split(",")), partitions, cfg))
     console.print(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
 
 
@@ -134,8 +153,18 @@ def topics(bootstrap: Bootstrap,
 def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0,
              create: Annotated[bool, typer.Option(help="Create the pipeline topics.")] = True,
              registry: Annotated[bool, typer.Option(
-                 help="Also run a small in-memory schema registry (streams/registry.py).")] = True) -> None:
-    """Run the embedded Kafka-compatible broker (tansu) on 127.0.0.1 until Ctrl-C."""
+                 help="Also run a small in-memory schema registry (streams/registry.py).")] = True,
+             auth: Annotated[bool, typer.Option(
+                 help="Require SASL SCRAM-SHA-512 over TLS (a gateway in front of tansu, streams/gateway.py); "
+                      "prints each user's BROKER_KAFKA_* settings.")] = False,
+             auth_dir: Annotated[Optional[Path], typer.Option(
+                 help="Where --auth writes its CA, users and password files (default: a temporary directory, "
+                      "removed at exit).")] = None,
+             durable: Annotated[Optional[str], typer.Option(
+                 help="Keep everything in this PostgreSQL database (postgresql://user@host/db; password from "
+                      "PGPASSWORD) instead of memory: a restart on the same DSN has every topic, record and "
+                      "offset (streams/durable.py).", envvar="BROKER_EMBEDDED_DURABLE")] = None) -> None:
+    """Run the embedded Kafka-compatible broker (tansu) on 127.0.0.1 until Ctrl-C (or SIGTERM)."""
     from contextlib import nullcontext
 
     from streams.embedded import EmbeddedKafka
@@ -146,10 +175,28 @@ def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedKafka(port or None) as kafka, EmbeddedRegistry() if registry else nullcontext() as reg:
+    if auth:  # cryptography (the embedded extra) only then
+        from streams.secure_embedded import SecureEmbeddedKafka
+
+        broker: EmbeddedKafka | SecureEmbeddedKafka = SecureEmbeddedKafka(port=port or None, directory=auth_dir)
+    else:
+        broker = EmbeddedKafka(port or None, storage=durable)
+    if durable:
+        from streams.durable import ObjectServer
+
+        try:
+            if auth:
+                raise BrokerError("--durable and --auth cannot be combined yet")
+            ObjectServer(durable).check()  # psycopg installed, the database reachable: else a clear error
+        except BrokerError as exc:
+            _fail(exc)
+    with broker as kafka, EmbeddedRegistry() if registry else nullcontext() as reg:
+        admin = kafka.settings("admin") if not isinstance(kafka, EmbeddedKafka) else kafka.bootstrap
         if create:
-            create_topics(kafka.bootstrap, pipeline_topics(("g", "r", "i")))
+            create_topics(admin, pipeline_topics(("g", "r", "i")))
         print(f"bootstrap: {kafka.bootstrap}", flush=True)
+        if not isinstance(kafka, EmbeddedKafka):
+            print(kafka.describe(), flush=True)
         if reg is not None:
             print(f"schema registry: {reg.url}", flush=True)
         stop.wait()
@@ -178,14 +225,21 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
             pattern: Annotated[str, typer.Option(help="Glob of files to watch.")] = "*.fits*") -> None:
     """Publish FITS frames to the frames topic (validated first; bad files are reported)."""
     from broker.config import load_config
+    from streams.frame_auth import FrameSigner
     from streams.framestore import FrameStore
     from streams.producer import FrameProducer
     from streams.producer import watch as watch_dir
     from streams.settings import KafkaSettings
 
-    cfg = load_config(config)
-    producer = FrameProducer(KafkaSettings(bootstrap), FrameStore(cfg.frame_store), cfg.inline_limit_bytes,
-                             cfg.max_frame_bytes, cfg.ingest)
+    try:
+        cfg = load_config(config)
+        settings = KafkaSettings.load(bootstrap, cfg)
+        settings.verify_login()
+        signer = FrameSigner.load(cfg.kafka)
+    except BrokerError as exc:
+        _fail(exc)
+    producer = FrameProducer(settings, FrameStore(cfg.frame_store), cfg.inline_limit_bytes,
+                             cfg.max_frame_bytes, cfg.ingest, signer)
     failed = 0
     if watch:
         if len(paths) != 1 or not paths[0].is_dir():
@@ -245,7 +299,7 @@ def subscribe(bootstrap: Bootstrap,
               timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
               status_every: Annotated[float, typer.Option(
                   help="Seconds between status lines on stderr (alerts, lag, skipped); 0: none.")] = 5.0,
-              registry_url: RegistryOpt = None,
+              registry_url: RegistryOpt = None, config: ConfigOpt = None,
               json_out: Annotated[bool, typer.Option(
                   "--json", help="Print each alert as one JSON line (no cutouts).")] = False) -> None:
     """Print alerts as they arrive: from a chosen start, filtered, projected, with the lag.
@@ -254,16 +308,19 @@ def subscribe(bootstrap: Bootstrap,
     A status line on stderr every --status-every s, and a summary at the end, give the counts and the lag.
     A topic that does not exist is an error (exit code 2) naming the topics that do.
     """
+    from broker.config import load_config
     from streams.alert_expr import AlertFilter, FieldSelection
     from streams.settings import KafkaSettings
     from streams.subscriber import Subscription, parse_start
 
     try:
         keep, chosen, where = AlertFilter(filter), FieldSelection(fields), parse_start(start)
+        settings = KafkaSettings.load(bootstrap, load_config(config))
+        settings.verify_login()
     except BrokerError as exc:
         _fail(exc)
     err = Console(stderr=True, soft_wrap=True, highlight=False)
-    sub = Subscription(KafkaSettings(bootstrap), topic, group, where, on_skip=_SkipWarnings(err),
+    sub = Subscription(settings, topic, group, where, on_skip=_SkipWarnings(err),
                        on_status=lambda st: err.print(f"[dim]{st.line()}[/dim]"), status_every=status_every or 1e9,
                        registry=registry_url)
     shown = 0
@@ -507,7 +564,8 @@ def replay(topic: Annotated[str, typer.Option(help="Topic to publish to: it must
         fcfg = FramingConfig(framing, "null", registry_url or cfg.schema_registry_url)
         with Progress(*columns, console=console) as progress:
             task = progress.add_task(f"replay to {topic}", total=None)
-            n = replay_alerts(store, KafkaSettings(bootstrap), topic, selection(start, end, where), fcfg, verify,
+            settings = KafkaSettings.load(bootstrap, cfg)
+            n = replay_alerts(store, settings, topic, selection(start, end, where), fcfg, verify,
                               on_start=lambda total: progress.update(task, total=total),
                               on_alert=lambda: progress.advance(task))
     except BrokerError as exc:

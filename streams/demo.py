@@ -223,8 +223,8 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
     with ExitStack() as stack:
         if bootstrap is None:
             bootstrap = stack.enter_context(EmbeddedKafka()).bootstrap
-        settings = KafkaSettings(bootstrap, app_id=app_id)
-        topics.create_topics(bootstrap, pipeline_topics(sim.filters))
+        settings = KafkaSettings.load(bootstrap, app_id=app_id)  # BROKER_KAFKA_* for a --bootstrap that needs them
+        topics.create_topics(settings, pipeline_topics(sim.filters))
         procs = start_stages(bootstrap, app_id, workdir)
         stack.callback(stop_stages, procs)
         stop = threading.Event()

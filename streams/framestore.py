@@ -2,15 +2,20 @@
 
 Objects are content-addressed (``<root>/<sha256>.fits``) through fsspec, so the root can be a local
 directory or an object store URL. Reads are confined to the configured root: a message cannot make
-a stage read an arbitrary path.
+a stage read an arbitrary path, nor reach another filesystem (an ``::http://`` chain).
 """
 
 from __future__ import annotations
+
+import re
 
 import fsspec
 
 from broker.errors import ChecksumMismatch, FrameStoreError, FrameTooLarge
 from broker.frame import sha256
+
+#: The name of an object: the hex SHA-256 of its bytes.
+_OBJECT = re.compile(r"[0-9a-f]{64}\.fits")
 
 
 class FrameStore:
@@ -39,10 +44,25 @@ class FrameStore:
         return f"{self.root}/{digest}.fits", digest
 
     def get(self, uri: str, checksum: str, max_bytes: int) -> bytes:
-        """Read ``uri`` (inside this store), check its size and SHA-256."""
-        if not uri.startswith(self.root + "/") or ".." in uri[len(self.root):]:
-            raise FrameStoreError(f"URI {uri!r} is outside the frame store {self.root!r}")
-        _, path = fsspec.core.url_to_fs(uri)
+        """Read the object ``uri`` of this store, check its size and SHA-256.
+
+        The store is content-addressed, so the only URIs it serves are ``<root>/<sha256>.fits``
+        (64 lowercase hex digits), read through the store's own filesystem. Anything else (another
+        path, ``..``, an fsspec chain such as ``<root>/x::http://host/y``, another scheme) is
+        refused before any filesystem is touched.
+
+        Raises
+        ------
+        FrameStoreError
+            A URI that is not one of this store's objects, or a missing object.
+        FrameTooLarge, ChecksumMismatch
+            The object is over ``max_bytes``, or its bytes do not hash to ``checksum``.
+        """
+        name = uri[len(self.root) + 1:] if uri.startswith(self.root + "/") else ""
+        if not _OBJECT.fullmatch(name):
+            raise FrameStoreError(f"URI {uri[:200]!r} is outside the frame store: it serves only "
+                                  f"{self.root}/<sha256>.fits (64 hex digits)")
+        path = f"{self._root_path}/{name}"
         try:
             size = self.fs.size(path)
             if size > max_bytes:

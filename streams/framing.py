@@ -406,8 +406,8 @@ def _confluent(value: bytes, headers: dict[str, bytes] | None, registry: Registr
     tag = (headers or {}).get(serde.SCHEMA_HEADER)
     if tag is not None:
         kind, _, ver = (tag.decode(errors="replace") if isinstance(tag, bytes) else str(tag)).partition("/")
-        if kind != "alert" or not ver.isdigit() or int(ver) not in _versions():
-            raise DecodeError(f"schema header {tag!r} is not a known alert schema version")
+        if kind != "alert" or not (ver.isascii() and ver.isdigit() and len(ver) <= 6 and int(ver) in _versions()):
+            raise DecodeError(f"schema header {tag[:80]!r} is not a known alert schema version")
         return _body(schemas.load("alert", int(ver)), body)
     errors = []
     for version in _versions():  # the body must fill the record exactly

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import time
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 # Stage times span ms (classify) to seconds (subtract on 4k frames).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
-_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 600)
+# Edges at the alert-latency SLO (60 s, deploy/prometheus/alerts.yml) and around it, so its p95 is read
+# from bucket edges rather than interpolated across a wide bucket.
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600)
 _COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 
 
@@ -25,7 +30,14 @@ class StageMetrics:
                                   ["stage", "error_class"], registry=r)
         self.duplicates = Counter("broker_duplicates_dropped", "Inputs dropped as duplicates by lineage",
                                   ["stage"], registry=r)
+        self.bad_headers = Counter("broker_bad_headers", "Malformed timing headers dropped from inputs, by header "
+                                   "(t.exposure_end or t.*)", ["stage", "header"], registry=r)
         self.aborts = Counter("broker_transactions_aborted", "Transactions aborted and retried", ["stage"], registry=r)
+        self.lineage_rejected = Counter("broker_lineage_rejected", "Lineage claims ignored as untrustworthy (a src "
+                                        "header, a progress record), by reason", ["stage", "reason"], registry=r)
+        self.lineage_recovery = Histogram("broker_lineage_recovery_seconds", "Time to recover the duplicate guard's "
+                                          "state of newly assigned input partitions", ["stage"],
+                                          buckets=_DURATION_BUCKETS, registry=r)
         self.duration = Histogram("broker_stage_duration_seconds", "Time to process one message",
                                   ["stage"], buckets=_DURATION_BUCKETS, registry=r)
         self.latency = Histogram("broker_latency_from_exposure_seconds",
@@ -33,8 +45,89 @@ class StageMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.candidates = Histogram("broker_candidates_per_frame", "Candidates per frame", ["stage"],
                                     buckets=_COUNT_BUCKETS, registry=r)
+        self.lag = Gauge("broker_consumer_lag", "Offsets of an assigned input partition not yet read "
+                         "(cached high watermark minus position)", ["stage", "topic", "partition"], registry=r)
+        ProcessCollector(registry=r)  # process_start_time_seconds (restarts), resident memory, CPU
+        for metric in (self.messages_in, self.duplicates, self.aborts, self.duration, self.latency):
+            metric.labels(stage)  # exported as 0 from the start: rates and absent() see an idle stage
+        self._lag = ConsumerLag(self.lag, stage)
+
+    def observe_lag(self, consumer: Consumer) -> None:
+        """Update ``broker_consumer_lag`` from ``consumer`` (at most once a second; see :class:`ConsumerLag`)."""
+        self._lag.update(consumer)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``addr:port`` (port 0: a free one); return the port."""
         server, _ = start_http_server(port, addr=addr, registry=self.registry)
         return server.server_address[1]
+
+
+class ConsumerLag:
+    """The ``broker_consumer_lag`` gauge of one consumer: per assigned partition, the offsets not yet read.
+
+    Lag is the high watermark cached from the consumer's last fetch response (in ``read_committed``
+    the last stable offset) minus the consumer's position (the offset after the last message handed
+    to the stage), in offsets as Kafka counts consumer lag: on a transactional input each commit
+    marker takes one, so a backlog of n messages written one per transaction reads up to 2n.
+    librdkafka moves the position past a final marker, so a caught-up stage reads 0. Both numbers
+    are the consumer's own state: no broker request. The gauge is updated between messages, so
+    it holds its value while the stage is inside one. A partition on which nothing has been read
+    since it was assigned has no position: its committed offset stands in (the low watermark if the
+    group has none: ``auto.offset.reset = earliest``), asked for once and then every
+    ``committed_ttl`` s while the partition stays idle, never per message. Revoked partitions'
+    series are removed.
+
+    Parameters
+    ----------
+    gauge : Gauge
+        ``broker_consumer_lag`` with labels ``stage``, ``topic``, ``partition``.
+    stage : str
+    interval : float
+        Least time between two updates (s). Default 1 s: the finest scrape interval in use
+        (``deploy/prometheus/prometheus.yml`` scrapes every 5 s, the tests every 1 s).
+    committed_ttl : float
+        Age after which an idle partition's committed offset is asked for again (s). Default 30 s:
+        one small request per idle partition per 30 s; a rebalance that moved a partition away and
+        back is seen within that time.
+    """
+
+    def __init__(self, gauge: Gauge, stage: str, interval: float = 1.0, committed_ttl: float = 30.0) -> None:
+        self._gauge, self._stage = gauge, stage
+        self._interval, self._ttl = interval, committed_ttl
+        self._next = 0.0
+        self._committed: dict[tuple[str, int], tuple[int, float]] = {}  # (topic, partition) -> (offset, when)
+        self._shown: set[tuple[str, int]] = set()
+
+    def update(self, consumer: Consumer, now: float | None = None) -> None:
+        """Set the gauge of every assigned partition of ``consumer`` (a no-op within ``interval`` of the last)."""
+        now = time.monotonic() if now is None else now
+        if now < self._next:
+            return
+        self._next = now + self._interval
+        positions = consumer.position(consumer.assignment())
+        keys = {(tp.topic, tp.partition) for tp in positions}
+        for topic, partition in self._shown - keys:  # revoked
+            self._gauge.remove(self._stage, topic, str(partition))
+        self._shown &= keys
+        self._committed = {k: v for k, v in self._committed.items() if k in keys}
+        self._refresh_committed(consumer, [tp for tp in positions if tp.offset < 0], now)
+        for tp in positions:
+            key = (tp.topic, tp.partition)
+            low, high = consumer.get_watermark_offsets(tp, cached=True)
+            pos = tp.offset if tp.offset >= 0 else self._committed.get(key, (-1, 0.0))[0]
+            pos = pos if pos >= 0 else low
+            if high >= 0 and pos >= 0:
+                self._gauge.labels(self._stage, tp.topic, str(tp.partition)).set(max(0, high - pos))
+                self._shown.add(key)
+
+    def _refresh_committed(self, consumer: Consumer, idle: list[TopicPartition], now: float) -> None:
+        """Ask for the committed offsets of the ``idle`` partitions not known or older than ``committed_ttl``."""
+        stale = [TopicPartition(tp.topic, tp.partition) for tp in idle
+                 if now - self._committed.get((tp.topic, tp.partition), (0, float("-inf")))[1] >= self._ttl]
+        if not stale:
+            return
+        try:
+            for tp in consumer.committed(stale, timeout=5):
+                self._committed[(tp.topic, tp.partition)] = (tp.offset, now)
+        except KafkaException:
+            pass  # e.g. a rebalance in progress: asked again at the next update

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astropy.time import Time
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from broker.errors import FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, encode_fits, sha256
 from broker.ingest import IngestConfig, validate
 from streams import serde, topics
+from streams.frame_auth import FrameSigner
 from streams.framestore import FrameStore
 from streams.runner import EXPOSURE_END
 from streams.settings import KafkaSettings
@@ -46,11 +47,16 @@ class FrameProducer:
         Where frames over ``inline_limit_bytes`` go.
     inline_limit_bytes, max_frame_bytes : int
         See :class:`broker.config.PipelineConfig`.
+    signer : FrameSigner or None
+        Signs each frame (header ``frame-auth``) for the ingest stage's telescope -> principal
+        check (:mod:`streams.frame_auth`); None: unsigned.
     """
 
     def __init__(self, settings: KafkaSettings, store: FrameStore, inline_limit_bytes: int,
-                 max_frame_bytes: int, validation: IngestConfig = IngestConfig()) -> None:
+                 max_frame_bytes: int, validation: IngestConfig = IngestConfig(),
+                 signer: FrameSigner | None = None) -> None:
         self.producer = Producer(settings.producer())
+        self.signer = signer  # signs each frame for the ingest stage's [kafka.frame_auth] check
         self.store = store
         self.inline_limit = inline_limit_bytes
         self.max_bytes = max_frame_bytes
@@ -68,8 +74,11 @@ class FrameProducer:
         if exposure_end is None:
             exposure_end = float(Time(m.mjd_end, format="mjd", scale="utc").unix)
         headers: dict[str, str | bytes | None] = {**frame_headers(exposure_end)}
-        self.producer.produce(topics.FRAMES, serde.encode("frame", frame_record(frame, payload, inline, uri)),
-                              f"{m.telescope}/{m.field}".encode(), headers=headers)
+        value = serde.encode("frame", frame_record(frame, payload, inline, uri))
+        key = f"{m.telescope}/{m.field}".encode()
+        if self.signer is not None:
+            headers.update(self.signer.header(key, value))
+        self.producer.produce(topics.FRAMES, value, key, headers=headers)
         self.producer.poll(0)
         return Published(m.frame_id, len(payload), inline)
 
@@ -83,7 +92,7 @@ class FrameProducer:
         if size > self.max_bytes:
             raise FrameTooLarge(f"{path}: {size} bytes, over the {self.max_bytes}-byte limit")
         try:
-            frame = decode_fits(path.read_bytes())
+            frame = decode_fits(path.read_bytes(), self.validation.max_pixels, self.validation.max_expansion)
         except InvalidFrame as exc:
             raise type(exc)(f"{path}: {exc}") from exc
         return self.publish_frame(frame)
@@ -114,26 +123,42 @@ def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[
 
     A file is sent once its size has stayed the same for one poll (so half-written files wait);
     sent names are recorded in ``.published`` so a restart does not send them again. A file that
-    fails validation is reported and not retried until it changes.
+    fails (an :class:`InvalidFrame`, or any other error but Kafka's) is reported, recorded and not
+    retried until it changes, so one bad file can never stop the watch nor make it fail again at
+    every restart. Kafka errors (the broker unreachable, the queue full) propagate: the file was
+    not sent and is tried again after a restart.
     """
     ledger = directory / ".published"
     done = set(ledger.read_text().splitlines()) if ledger.exists() else set()
     sizes: dict[Path, int] = {}
     while not stop():
         for path in sorted(directory.glob(pattern)):
-            stat = path.stat()
+            try:
+                stat = path.stat()
+            except OSError:  # removed or renamed since the listing
+                continue
             tag = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
             if tag in done:
                 continue
             if sizes.get(path) != stat.st_size:
                 sizes[path] = stat.st_size
                 continue
-            try:
-                result: Published | Exception = publish(path)
-            except InvalidFrame as exc:
-                result = exc
+            result = _publish_one(publish, path)
             done.add(tag)
             with ledger.open("a") as fh:
                 fh.write(tag + "\n")
             yield path, result
         time.sleep(poll_s)
+
+
+def _publish_one(publish: Callable[[Path], Published], path: Path) -> Published | Exception:
+    """``publish(path)``, or the error that refused the file (Kafka's errors propagate)."""
+    try:
+        return publish(path)
+    except InvalidFrame as exc:
+        return exc
+    except (KafkaException, BufferError):
+        raise
+    except Exception as exc:  # a bug or an unforeseen file: reported and logged, the watch goes on
+        log.exception("unexpected error publishing %s", path)
+        return exc

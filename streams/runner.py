@@ -10,19 +10,23 @@ emitted twice are dropped by their lineage header (:mod:`streams.lineage`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
+import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from broker.errors import BrokerError, StageFailure
+from broker.errors import BrokerError, InvalidTopic, OutputTooLarge, StageFailure, UndeliverableOutput
 from streams import serde, topics
-from streams.lineage import SRC_HEADER, Deduplicator, src_of
+from streams.lineage import SRC_HEADER, Deduplicator, Lineage, ProgressRecord, src_of
 from streams.metrics import StageMetrics
 from streams.settings import KafkaSettings
 
@@ -36,6 +40,56 @@ FAILPOINT_ENV = "BROKER_CRASH_IN_TRANSACTION"
 #: Header prefix of the timing headers (Unix seconds as text).
 TIMING_PREFIX = "t."
 EXPOSURE_END = "t.exposure_end"
+#: Names a timing header may have: ``t.exposure_end`` and ``t.<stage>.start|end``.
+_TIMING_NAME = re.compile(r"t\.(exposure_end|[a-z][a-z0-9_-]{0,31}\.(start|end))")
+#: How far in the future a timing header may lie (s): producers' and stages' clocks disagree a little.
+MAX_CLOCK_SKEW_S = 86400.0
+#: Timing headers kept per message at most (a pipeline of six stages sets eleven).
+MAX_TIMING_HEADERS = 32
+
+#: Room left in an output for the runner's own headers (timing, lineage) and Kafka's record-batch
+#: overhead when its size is checked against the topic limit (bytes).
+HEADROOM_BYTES = 64 * 1024
+#: Default of ``PipelineConfig.dlq_value_bytes``: bytes of a longer original value a dead letter keeps.
+DLQ_VALUE_BYTES = 1024 * 1024
+#: Bytes a dead letter keeps of the original key, and of each original header value.
+DLQ_FIELD_BYTES = 64 * 1024
+#: Bytes a dead letter keeps of the original headers in all (names and values).
+DLQ_HEADERS_BYTES = 256 * 1024
+#: Kafka errors by which the broker (or the client, before sending) refuses one output for good:
+#: the input is dead-lettered instead of retried.
+_REFUSED = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE, KafkaError.TOPIC_EXCEPTION,
+                      KafkaError.INVALID_RECORD, KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC,
+                      KafkaError._INVALID_ARG})
+_TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+#: Exit status of a stage whose transaction blocked past ``PipelineConfig.transaction_deadline_s``.
+EXIT_HUNG = 4
+
+
+@contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Exit the process with :data:`EXIT_HUNG` if the block is still running after ``seconds`` (0: no limit).
+
+    For calls that should time out but may not: librdkafka's transactional calls wait without
+    limit for a coordinator whose broker handle is being replaced (seen after the embedded broker
+    restarted). Exiting is safe where it is used: nothing of the open transaction is committed,
+    and the restarted stage resumes from its committed offsets and progress records.
+    """
+    def expire() -> None:
+        log.critical("%s still blocked after %.0f s; exiting with status %d for the supervisor to restart the stage",
+                     what, seconds, EXIT_HUNG)
+        logging.shutdown()
+        os._exit(EXIT_HUNG)
+
+    timer = threading.Timer(seconds, expire) if seconds > 0 else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @dataclass
@@ -88,16 +142,100 @@ def error_reason(exc: BaseException) -> str:
     return exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
 
 
-def dead_letter(stage: str, msg: InMessage, exc: BaseException) -> OutMessage:
-    """The dead-letter record of ``msg``: original bytes, error class, reason, message, offset."""
+def dead_letter(stage: str, msg: InMessage, exc: BaseException, max_value_bytes: int = DLQ_VALUE_BYTES) -> OutMessage:
+    """The dead-letter record of ``msg`` (``dlq/v2``): original bytes, error class, reason, message, offset.
+
+    A value longer than ``max_value_bytes`` keeps its first ``max_value_bytes`` bytes; the record
+    always gives the whole value's length and SHA-256. The key and each header value keep their
+    first :data:`DLQ_FIELD_BYTES`, the headers :data:`DLQ_HEADERS_BYTES` in all; ``truncated`` says
+    whether anything was cut. So a dead letter holds at most ``max_value_bytes`` + ~0.4 MiB of the
+    input, whatever the input (one near the 64 MiB limit included).
+    """
     reason = error_reason(exc)
+    value, key = msg.value, msg.key[:DLQ_FIELD_BYTES] if msg.key is not None else None
+    headers, headers_cut = _kept_headers(msg.headers)
+    truncated = headers_cut or key != msg.key or (value is not None and len(value) > max_value_bytes)
     record = {
         "stage": stage, "error_class": type(exc).__name__, "reason": reason, "message": str(exc)[:4000],
-        "topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
-        "timestamp_ms": msg.timestamp_ms, "key": msg.key, "value": msg.value, "headers": msg.headers,
+        "topic": msg.topic, "partition": msg.partition, "offset": msg.offset, "timestamp_ms": msg.timestamp_ms,
+        "key": key, "value": None if value is None else value[:max_value_bytes], "headers": headers,
+        "value_size": None if value is None else len(value),
+        "value_sha256": None if value is None else hashlib.sha256(value).hexdigest(), "truncated": truncated,
     }
-    headers = {serde.SCHEMA_HEADER: serde.schema_tag("dlq").encode(), "reason": reason.encode()}
-    return OutMessage(topics.dlq(stage), serde.encode("dlq", record), msg.key, headers)
+    out_headers = {serde.SCHEMA_HEADER: serde.schema_tag("dlq").encode(), "reason": reason.encode()}
+    return OutMessage(topics.dlq(stage), serde.encode("dlq", record), key, out_headers)
+
+
+def _kept_headers(headers: dict[str, bytes]) -> tuple[dict[str, bytes], bool]:
+    """The headers a dead letter keeps, and whether any was cut or left out.
+
+    Names are cut to 256 characters, values to :data:`DLQ_FIELD_BYTES`, and headers beyond
+    :data:`DLQ_HEADERS_BYTES` in all are left out.
+    """
+    kept: dict[str, bytes] = {}
+    left, cut = DLQ_HEADERS_BYTES, False
+    for name, value in headers.items():
+        short_name, short_value = name[:256], value[:DLQ_FIELD_BYTES]
+        size = len(short_name) + len(short_value)
+        cut = cut or short_name != name or len(short_value) != len(value) or size > left
+        if size <= left:
+            kept[short_name] = short_value
+            left -= size
+    return kept, cut
+
+
+def parse_time(value: bytes | None, now: float | None = None) -> float | None:
+    """The Unix time (s) of a timing header, or None when it is absent or not valid.
+
+    Valid: ASCII text of at most 32 bytes giving a finite number from 0 to ``now`` (default: the
+    clock) + :data:`MAX_CLOCK_SKEW_S`.
+    """
+    if not value or len(value) > 32:
+        return None
+    try:
+        t = float(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return t if math.isfinite(t) and 0.0 <= t <= (time.time() if now is None else now) + MAX_CLOCK_SKEW_S else None
+
+
+def valid_timing(headers: dict[str, bytes], now: float | None = None) -> tuple[dict[str, bytes], list[str]]:
+    """The valid timing headers (``t.*``) of ``headers``, and the names of the others.
+
+    Valid: named ``t.exposure_end`` or ``t.<stage>.start|end`` (stage: 1-32 lower-case letters,
+    digits, ``_``, ``-``), with a value :func:`parse_time` accepts; :data:`MAX_TIMING_HEADERS` at most.
+    """
+    kept: dict[str, bytes] = {}
+    bad: list[str] = []
+    for name, value in headers.items():
+        if name.startswith(TIMING_PREFIX):
+            good = _TIMING_NAME.fullmatch(name) and parse_time(value, now) is not None
+            if good and len(kept) < MAX_TIMING_HEADERS:
+                kept[name] = value
+            else:
+                bad.append(name)
+    return kept, bad
+
+
+def check_outputs(outs: list[OutMessage], max_bytes: int) -> None:
+    """Refuse outputs the broker would refuse: an illegal topic name, or more than ``max_bytes`` bytes.
+
+    Checked before anything is produced, so nothing of a refused input reaches a topic.
+
+    Raises
+    ------
+    InvalidTopic
+        A topic name Kafka does not allow (:func:`streams.topics.is_legal_topic`).
+    OutputTooLarge
+        Key, value and headers over ``max_bytes`` (bytes) in all.
+    """
+    for out in outs:
+        if not topics.is_legal_topic(out.topic):
+            raise InvalidTopic(f"output topic {out.topic[:300]!r} is not a legal Kafka topic name")
+        size = len(out.value) + len(out.key or b"") + sum(len(k) + len(v) for k, v in out.headers.items())
+        if size > max_bytes:
+            raise OutputTooLarge(f"an output of {size} bytes to {out.topic} exceeds the limit of {max_bytes} bytes "
+                                 "(the largest message a topic takes, less headroom for headers)")
 
 
 class StageRunner:
@@ -116,18 +254,34 @@ class StageRunner:
         :class:`~broker.errors.StageFailure` so that the process exits non-zero.
     settings : KafkaSettings
     metrics : StageMetrics, optional
-    instance : int
-        Index of this process among the stage's replicas (keys its ``transactional.id``).
-    outputs : tuple of str
-        Topics the stage writes, read back by the restart guard (:class:`Deduplicator`).
+    instance : int or str
+        This process among the stage's replicas, an index or a stable name (a StatefulSet pod's):
+        keys its ``transactional.id``, ``<app_id>.<stage>.<instance>``.
+    upstream : tuple of str, optional
+        Topics a trusted lineage header (``src``) may name: the input of the stage whose outputs this
+        one consumes (``()``: none, the input comes from outside the pipeline; None: any). The
+        duplicate guard (:class:`~streams.lineage.Deduplicator`) ignores and counts any other.
     max_unexpected : int
         Unexpected errors in a row after which the stage stops (count; 0: never).
         Default 5 (``PipelineConfig.max_consecutive_unexpected``).
+    dlq_value_bytes : int
+        Bytes of a longer original value a dead letter keeps (:func:`dead_letter`). Default
+        :data:`DLQ_VALUE_BYTES`, 1 MiB (``PipelineConfig.dlq_value_bytes``).
+    max_message_bytes : int
+        Largest message the output topics take (bytes). An input whose outputs would be larger (less
+        :data:`HEADROOM_BYTES`) or go to an illegal topic name is dead-lettered (``too_large``,
+        ``invalid_topic``) before anything is produced; one whose output the broker still refuses
+        for good is dead-lettered in place of its outputs (``undeliverable``). Default
+        :data:`streams.topics.MAX_MESSAGE_BYTES`, 64 MiB (``broker topics`` creates topics with it).
+    transaction_deadline_s : float
+        Longest an input's transaction may block before the process exits with :data:`EXIT_HUNG`
+        (s; 0: never; :func:`deadline`). Default 120 (``PipelineConfig.transaction_deadline_s``).
     """
 
     def __init__(self, stage: str, input_topic: str, handler: Handler, settings: KafkaSettings,
-                 metrics: StageMetrics | None = None, instance: int = 0, outputs: tuple[str, ...] = (),
-                 max_unexpected: int = 5) -> None:
+                 metrics: StageMetrics | None = None, instance: int | str = 0, upstream: tuple[str, ...] | None = None,
+                 max_unexpected: int = 5, dlq_value_bytes: int = DLQ_VALUE_BYTES,
+                 max_message_bytes: int = topics.MAX_MESSAGE_BYTES, transaction_deadline_s: float = 120.0) -> None:
         self.stage = stage
         self.input_topic = input_topic
         self.handler = handler
@@ -135,8 +289,12 @@ class StageRunner:
         self.metrics = metrics or StageMetrics(stage)
         self.instance = instance
         self.stop_event = threading.Event()
-        self.dedup = Deduplicator(settings, outputs=outputs)
+        self.dedup = Deduplicator(settings, stage, upstream, self.metrics)
+        self._progress: ProgressRecord | None = None  # produced in the transaction of the input in hand
         self.max_unexpected = max_unexpected
+        self.dlq_value_bytes = dlq_value_bytes
+        self.max_message_bytes = max_message_bytes
+        self.transaction_deadline_s = transaction_deadline_s
         self._unexpected_in_a_row = 0
         self._seen = 0
         points = dict(p.partition(":")[::2] for p in os.environ.get(FAILPOINT_ENV, "").split(",") if p)
@@ -160,11 +318,13 @@ class StageRunner:
         consumer = Consumer(self.settings.consumer(self.stage))
         producer = Producer(self.settings.producer(f"{self.stage}.{self.instance}"))
         producer.init_transactions(30)
-        consumer.subscribe([self.input_topic])
+        consumer.subscribe([self.input_topic], on_assign=lambda _, ps: self.dedup.assigned(ps),
+                           on_revoke=lambda _, ps: self.dedup.revoked(ps))
         done, last = 0, time.monotonic()
         try:
             while not self.stop_event.is_set() and (max_messages is None or done < max_messages):
                 msg = consumer.poll(0.5)
+                self.metrics.observe_lag(consumer)  # local reads, at most once a second
                 if msg is None:
                     if idle_timeout is not None and time.monotonic() - last > idle_timeout:
                         break
@@ -181,71 +341,97 @@ class StageRunner:
         finally:
             consumer.close()
             producer.flush(10)
+            self.dedup.close()
         return done
 
     def _process(self, consumer: Consumer, producer: Producer, raw: Message) -> None:
-        msg = in_message(raw)
+        msg = self._checked(in_message(raw))
         self.metrics.messages_in.labels(self.stage).inc()
         start = time.time()
-        src = msg.headers.get(SRC_HEADER)
-        outs, unexpected = self._handle(msg, src)
+        lineage = self.dedup.check(msg.topic, msg.partition, msg.offset, msg.headers.get(SRC_HEADER))
+        outs, unexpected = self._handle(msg, lineage)
         end = time.time()
         timing = {k: v for k, v in msg.headers.items() if k.startswith(TIMING_PREFIX)}
         timing[f"{TIMING_PREFIX}{self.stage}.start"] = repr(start).encode()
         timing[f"{TIMING_PREFIX}{self.stage}.end"] = repr(end).encode()
         timing[SRC_HEADER] = src_of(msg.topic, msg.partition, msg.offset)
         offsets = [TopicPartition(msg.topic, msg.partition, msg.offset + 1)]
-        if not outs:
-            # nothing to make atomic: a crash before this commit just redoes a no-op. (tansu 0.6
-            # drops the offsets of a transaction that produced no record, so don't use one.)
+        if lineage.duplicate:  # nothing to make atomic: a crash before this commit drops it again
             consumer.commit(offsets=offsets, asynchronous=False)
-        elif not self._commit_in_transaction(consumer, producer, msg, outs, timing, offsets):
-            return
-        self.dedup.done(msg.topic, msg.partition, msg.offset, src)
+        else:  # the outputs (maybe none) and the progress record, with the offset
+            self._progress = self.dedup.progress(lineage)
+            if not self._commit_in_transaction(consumer, producer, msg, outs, timing, offsets):
+                return
+        self.dedup.done(lineage)
         self._observe(msg, outs, start, end)
         self._unexpected_in_a_row = self._unexpected_in_a_row + 1 if unexpected else 0
         if self.max_unexpected and self._unexpected_in_a_row >= self.max_unexpected:
             raise StageFailure(f"{self.stage}: {self._unexpected_in_a_row} unexpected errors in a row "
                                f"(the last at {msg.topic}[{msg.partition}]@{msg.offset}); stopping")
 
-    def _handle(self, msg: InMessage, src: bytes | None) -> tuple[list[OutMessage], bool]:
+    def _handle(self, msg: InMessage, lineage: Lineage) -> tuple[list[OutMessage], bool]:
         """Call the handler: its outputs or the dead-letter record, and whether the error was a bug.
 
         The handler's outputs, or the dead-letter record of its error; and whether that error
         was unexpected (not a :class:`BrokerError`).
         """
         try:
-            if self.dedup.is_duplicate(msg.topic, msg.partition, msg.offset, src):
-                log.warning("%s: dropping %s[%d]@%d, a duplicate of upstream %s", self.stage, msg.topic,
-                            msg.partition, msg.offset, src)
+            if lineage.duplicate:
+                log.warning("%s: dropping %s[%d]@%d, already processed (upstream %s@%d)", self.stage, msg.topic,
+                            msg.partition, msg.offset, lineage.upstream, lineage.upstream_offset)
                 self.metrics.duplicates.labels(self.stage).inc()
                 return [], False
-            return self.handler(msg), False
+            outs = self.handler(msg)
+            check_outputs(outs, self.max_message_bytes - HEADROOM_BYTES)
+            return outs, False
         except BrokerError as exc:  # bad input: dead-letter it with its reason and carry on
-            log.warning("%s: dead-lettering %s[%d]@%d (%s): %s", self.stage, msg.topic, msg.partition,
+            log.warning("%s: dead-lettering %s[%d]@%d (%s): %.1000s", self.stage, msg.topic, msg.partition,
                         msg.offset, exc.reason, exc)
             self.metrics.errors.labels(self.stage, exc.reason).inc()
-            return [dead_letter(self.stage, msg, exc)], False
+            return [dead_letter(self.stage, msg, exc, self.dlq_value_bytes)], False
         except Exception as exc:  # a bug: keep the message, make it visible, stop if it repeats
             log.exception("%s: unexpected error on %s[%d]@%d; dead-lettering it", self.stage, msg.topic,
                           msg.partition, msg.offset)
             self.metrics.errors.labels(self.stage, error_reason(exc)).inc()
             self.metrics.unexpected.labels(self.stage, type(exc).__name__).inc()
-            return [dead_letter(self.stage, msg, exc)], True
+            return [dead_letter(self.stage, msg, exc, self.dlq_value_bytes)], True
+
+    def _checked(self, msg: InMessage) -> InMessage:
+        """``msg`` with only its valid timing headers (:func:`valid_timing`); the others logged and counted.
+
+        The first stage that reads a timing header validates it, so no later stage trusts a bad
+        one: a malformed ``t.exposure_end`` is dropped here (the alert's ``timing.exposure_end`` is
+        then NaN) instead of failing the alert stage after the history was written.
+        """
+        timing, bad = valid_timing(msg.headers)
+        if bad:
+            log.warning("%s: dropping malformed timing header(s) %s of %s[%d]@%d", self.stage,
+                        ", ".join(f"{n[:40]}={msg.headers[n][:40]!r}" for n in bad[:4]), msg.topic, msg.partition,
+                        msg.offset)
+            for name in bad:
+                self.metrics.bad_headers.labels(self.stage, EXPOSURE_END if name == EXPOSURE_END else "t.*").inc()
+        msg.headers = {k: v for k, v in msg.headers.items() if not k.startswith(TIMING_PREFIX)} | timing
+        return msg
 
     def _commit_in_transaction(self, consumer: Consumer, producer: Producer, msg: InMessage,
                                outs: list[OutMessage], timing: dict[str, bytes], offsets: list) -> bool:
-        """Produce ``outs`` and commit ``offsets`` atomically; False when aborted (to be redone)."""
+        """Produce ``outs`` and commit ``offsets`` atomically; False when aborted (to be redone).
+
+        When the broker (or the client) refuses an output for good (:data:`_REFUSED`: too large, an
+        illegal or unknown topic) the transaction is aborted and the input's dead letter is
+        committed in its place: it replaces the items of ``outs``. A dead letter refused too stops
+        the stage (:class:`StageFailure`: the dead-letter topic is missing or misconfigured).
+        """
+        self._seen += 1
         try:
-            producer.begin_transaction()
-            for out in outs:
-                producer.produce(out.topic, out.value, out.key, headers={**timing, **out.headers})
-            self._seen += 1
-            if self._seen == self._crash_at:
-                producer.flush(10)  # the outputs reach the broker, uncommitted
-                os.kill(os.getpid(), signal.SIGKILL)
-            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
-            producer.commit_transaction(60)
+            with deadline(self.transaction_deadline_s, f"{self.stage}: the transaction of {msg.topic}[{msg.partition}]"
+                          f"@{msg.offset}"):
+                refused = self._transaction(consumer, producer, outs, timing, offsets, self._seen == self._crash_at)
+                if refused is not None:
+                    outs[:] = [self._refused(msg, *refused)]
+                    if self._transaction(consumer, producer, outs, timing, offsets) is not None:
+                        raise StageFailure(f"{self.stage}: {topics.dlq(self.stage)} refuses the dead letter of "
+                                           f"{msg.topic}[{msg.partition}]@{msg.offset}; stopping")
             return True
         except KafkaException as exc:
             err: KafkaError = exc.args[0]
@@ -256,6 +442,54 @@ class StageRunner:
             consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # process it again
             return False
 
+    def _transaction(self, consumer: Consumer, producer: Producer, outs: list[OutMessage], timing: dict[str, bytes],
+                     offsets: list, crash: bool = False) -> tuple[str, KafkaError] | None:
+        """One transaction: produce ``outs``, send ``offsets``, commit; None once committed.
+
+        Returns (topic, error) of an output refused for good (:data:`_REFUSED`), the transaction
+        aborted; raises any other Kafka error (``crash``: the failpoint, SIGKILL before the commit).
+        """
+        refused: list[tuple[str, KafkaError]] = []
+
+        def delivered(err: KafkaError | None, out: Message) -> None:
+            if err is not None and err.code() in _REFUSED:
+                refused.append((str(out.topic()), err))
+
+        producer.begin_transaction()
+        topic = ""
+        try:
+            for out in outs:
+                topic = out.topic
+                producer.produce(out.topic, out.value, out.key, headers={**timing, **out.headers},
+                                 on_delivery=delivered)
+            if self._progress is not None:  # the duplicate guard's state, committed with the outputs
+                p = self._progress
+                producer.produce(p.topic, p.value, p.key, partition=p.partition, headers={**p.headers})
+            if crash:
+                producer.flush(10)  # the outputs reach the broker, uncommitted
+                os.kill(os.getpid(), signal.SIGKILL)
+            producer.send_offsets_to_transaction(offsets, consumer.consumer_group_metadata(), 30)
+            producer.commit_transaction(60)
+            return None
+        except KafkaException as exc:
+            err: KafkaError = exc.args[0]
+            if err.code() in _REFUSED and not refused:
+                refused.append((topic, err))  # refused by produce() itself, before sending
+            if err.fatal() or not refused:
+                raise
+        producer.abort_transaction(30)
+        return refused[0]
+
+    def _refused(self, msg: InMessage, topic: str, err: KafkaError) -> OutMessage:
+        """The dead letter of ``msg``, whose output to ``topic`` was refused with ``err`` (logged and counted)."""
+        kind = (OutputTooLarge if err.code() in _TOO_LARGE else
+                InvalidTopic if err.code() == KafkaError.TOPIC_EXCEPTION else UndeliverableOutput)
+        exc = kind(f"the broker refused an output to {topic[:300]!r}: {err.name()}: {err.str()}")
+        log.warning("%s: dead-lettering %s[%d]@%d (%s): %s", self.stage, msg.topic, msg.partition, msg.offset,
+                    exc.reason, exc)
+        self.metrics.errors.labels(self.stage, exc.reason).inc()
+        return dead_letter(self.stage, msg, exc, self.dlq_value_bytes)
+
     def _observe(self, msg: InMessage, outs: list[OutMessage], start: float, end: float) -> None:
         m = self.metrics
         m.duration.labels(self.stage).observe(end - start)
@@ -263,9 +497,6 @@ class StageRunner:
             m.messages_out.labels(self.stage, out.topic).inc()
             if out.candidates is not None:
                 m.candidates.labels(self.stage).observe(out.candidates)
-        exposure_end = msg.headers.get(EXPOSURE_END)
-        if exposure_end:
-            try:
-                m.latency.labels(self.stage).observe(max(0.0, time.time() - float(exposure_end)))
-            except ValueError:
-                pass  # a producer's malformed header must not stop the stage
+        exposure_end = parse_time(msg.headers.get(EXPOSURE_END))  # validated by _checked
+        if exposure_end is not None:
+            m.latency.labels(self.stage).observe(max(0.0, time.time() - exposure_end))

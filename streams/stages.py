@@ -17,17 +17,19 @@ from broker.alert import build_alert, frame_context
 from broker.anomaly import AnomalyModel
 from broker.config import PipelineConfig
 from broker.diffstore import DifferenceStore, celestial_header
-from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame
+from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame, NotIngested, PoorQuality
 from broker.frame import Frame, decode_fits, sha256
-from broker.history import ObjectHistory
-from broker.ingest import ingest
+from broker.history import open_history
+from broker.ingest import check_record, ingest, validate
+from broker.ledger import FrameLedger, pixel_checksum
 from broker.pipeline import FrameResult, associate_and_score, process_frame
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from streams import serde, topics
+from streams.frame_auth import FrameAuthoriser
 from streams.framestore import FrameStore
 from streams.framing import AlertEncoder, FramingConfig
-from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage
+from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage, parse_time
 
 
 @dataclass(frozen=True)
@@ -78,12 +80,20 @@ class Stage:
         return (self.output,) if self.output else ()
 
     def writes_for(self, config: PipelineConfig | None = None) -> tuple[str, ...]:
-        """Topics the stage writes under ``config`` and its restart guard reads back.
+        """Topics the stage writes outputs to under ``config``: every configured output topic and the dead letters.
 
-        Every configured output topic and the dead letters (:class:`streams.lineage.Deduplicator`);
-        per-filter copies are left out (their outputs commit with the others).
+        Per-filter copies are left out (their outputs commit with the others), and so is the
+        progress topic (:attr:`progress`).
         """
         return (*self.outputs(config), self.dead_letters)
+
+    @property
+    def progress(self) -> str | None:
+        """The stage's progress topic (its duplicate guard's state, :mod:`streams.lineage`); None for the archive.
+
+        Only per-message (``transform``) stages have one; the archive keeps its own commit log.
+        """
+        return topics.progress(self.name) if self.kind == "transform" else None
 
 
 def _headers(name: str) -> dict[str, bytes]:
@@ -104,16 +114,24 @@ def frame_payload(rec: dict, store: FrameStore, max_bytes: int) -> bytes:
 
 
 def _frame_of(msg: InMessage, store: FrameStore, config: PipelineConfig) -> tuple[dict, Frame]:
+    """The ``frame`` record and its decoded frame, refused when too large or when the record lies about it."""
     rec = serde.decode("frame", msg.value, msg.headers)
-    return rec, decode_fits(frame_payload(rec, store, config.max_frame_bytes))
+    payload = frame_payload(rec, store, config.max_frame_bytes)
+    frame = decode_fits(payload, config.ingest.max_pixels, config.ingest.max_expansion)
+    check_record(rec, frame, len(payload))
+    return rec, frame
 
 
 def ingest_handler(config: PipelineConfig) -> Handler:
     """Fetch and decode the frame, validate it, measure its quality (``frame`` -> ``frame``)."""
     store = FrameStore(config.frame_store)
+    auth = FrameAuthoriser.load(config.kafka)  # [kafka.frame_auth]: who may send which telescope's frames
 
     def handle(msg: InMessage) -> list[OutMessage]:
+        signed = auth.check(msg.key, msg.value, msg.headers) if auth.enabled else None  # before any decoding
         rec, frame = _frame_of(msg, store, config)
+        if signed is not None:
+            auth.check_telescope(signed, frame.meta.telescope)
         quality = ingest(frame, config.ingest)
         m = frame.meta
         rec.update(frame_id=m.frame_id, telescope=m.telescope, field=m.field, filter=m.filter,
@@ -136,18 +154,51 @@ def _batch(frame: Frame, result: FrameResult) -> dict:
     }
 
 
+def _ingested_flags(rec: dict, frame: Frame, config: PipelineConfig) -> tuple[str, ...]:
+    """The quality flags of a record on ``ingested``, after checking it as ingest did (anyone may write a topic).
+
+    Raises
+    ------
+    NotIngested
+        The record has no quality measurements: the ingest stage did not write it.
+    InvalidFrame
+        The frame fails :func:`broker.ingest.validate` (size, plausibility, WCS, NaN fraction),
+        or carries a flag of ``IngestConfig.reject_on`` (:class:`PoorQuality`).
+    """
+    if rec["quality"] is None:
+        raise NotIngested(f"frame {frame.meta.frame_id} has no quality measurements: not written by ingest")
+    validate(frame, config.ingest)
+    flags = tuple(rec["quality"]["flags"])
+    rejected = [f for f in flags if f in config.ingest.reject_on]
+    if rejected:
+        raise PoorQuality(f"frame {frame.meta.frame_id} carries the rejecting quality flags {rejected}")
+    return flags
+
+
 def subtract_handler(config: PipelineConfig) -> Handler:
-    """Reference policy, subtraction and detection (``frame`` -> ``candidates``)."""
+    """Reference policy, subtraction and detection (``frame`` -> ``candidates``).
+
+    Each record is checked again as ingest checked it (:func:`_ingested_flags`), then against the
+    frame ledger (:class:`broker.ledger.FrameLedger`, ``<state_dir>/frames.sqlite``): a frame sent
+    again is dead-lettered ``duplicate_frame``. Flags of ``IngestConfig.subtract_skip_on`` keep a
+    frame from being subtracted (``poor_quality``).
+    """
     if config.retain_freed_memory:
         retain_freed_memory()
     store = FrameStore(config.frame_store)
     refs = ReferenceStore(config.state_dir / "refs", config.reference)
     diffs = DifferenceStore(config.state_dir / "diffs", config.differences)
+    ledger = FrameLedger(config.state_dir / "frames.sqlite")
 
     def handle(msg: InMessage) -> list[OutMessage]:
         rec, frame = _frame_of(msg, store, config)
-        clean = not (rec["quality"] and rec["quality"]["flags"])
-        batch = _batch(frame, process_frame(frame, refs, config.subtract, clean, diffs))
+        flags = _ingested_flags(rec, frame, config)
+        checksum, source = pixel_checksum(frame.data), f"{msg.topic}:{msg.partition}:{msg.offset}"
+        ledger.check(frame.meta, checksum, source)  # a re-sent frame: DuplicateFrame, no new alerts
+        skip = [f for f in flags if f in config.ingest.subtract_skip_on]
+        result = process_frame(frame, refs, config.subtract, not flags, diffs, skip)
+        ledger.record(frame.meta, checksum, source, result.status)
+        batch = _batch(frame, result)
         return [OutMessage(topics.CANDIDATES, serde.encode("candidates", batch), msg.key,
                            _headers("candidates"), candidates=len(batch["candidates"]))]
 
@@ -191,7 +242,7 @@ def classify_handler(config: PipelineConfig) -> Handler:
 
 def score_handler(config: PipelineConfig) -> Handler:
     """Object association, history and anomaly scores (``candidates`` -> ``candidates``)."""
-    history = ObjectHistory(config.state_dir / "history.sqlite", config.history)
+    history = open_history(config.state_dir, config.history)  # PostgreSQL with [history] dsn, else SQLite
     model = AnomalyModel.load(config.anomaly_model)
 
     def score(batch: dict, cands: list) -> None:
@@ -203,16 +254,17 @@ def score_handler(config: PipelineConfig) -> Handler:
 
 
 def _timing(headers: dict[str, bytes], start: float) -> dict:
+    """The alert's ``timing`` record from the (validated, ``StageRunner._checked``) timing headers; NaN: unknown."""
     stages = []
     chain = [s for s in STAGES if s.kind == "transform"]  # the stages an alert passed, the alert stage last
     for stage in chain[:-1]:
-        s = headers.get(f"{TIMING_PREFIX}{stage.name}.start")
-        e = headers.get(f"{TIMING_PREFIX}{stage.name}.end")
-        if s and e:
-            stages.append({"stage": stage.name, "start": float(s), "end": float(e)})
+        s = parse_time(headers.get(f"{TIMING_PREFIX}{stage.name}.start"))
+        e = parse_time(headers.get(f"{TIMING_PREFIX}{stage.name}.end"))
+        if s is not None and e is not None:
+            stages.append({"stage": stage.name, "start": s, "end": e})
     stages.append({"stage": chain[-1].name, "start": start, "end": time.time()})
-    end = headers.get(EXPOSURE_END)
-    return {"exposure_end": float(end) if end else float("nan"), "stages": stages}
+    end = parse_time(headers.get(EXPOSURE_END))
+    return {"exposure_end": float("nan") if end is None else end, "stages": stages}
 
 
 def alert_handler(config: PipelineConfig) -> Handler:
@@ -238,7 +290,8 @@ def alert_handler(config: PipelineConfig) -> Handler:
                 out = encoder.encode(alert, key)
                 outs.append(OutMessage(spec.name, out.value, out.key, out.headers))
                 if spec.per_filter:
-                    outs.append(OutMessage(f"{spec.name}.{ctx.filter}", out.value, out.key, out.headers))
+                    outs.append(OutMessage(topics.filter_topic(spec.name, ctx.filter), out.value, out.key,
+                                           out.headers))
         return outs
 
     return handle
@@ -292,10 +345,20 @@ def pipeline_topics(filters: tuple[str, ...], partitions: int = 1,
     """
     cfg = config or PipelineConfig()
     names = [STAGES[0].input] + [t for s in STAGES for t in s.outputs(cfg)]
-    names += [f"{t.name}.{band}" for s in STAGES if s.alert_outputs for t in cfg.alert_topics if t.per_filter
-              for band in filters]
+    names += [topics.filter_topic(t.name, band) for s in STAGES if s.alert_outputs for t in cfg.alert_topics
+              if t.per_filter for band in filters]
     names += [s.dead_letters for s in STAGES]
-    return [topics.TopicSpec(n, partitions) for n in names]
+    progress = [topics.TopicSpec(s.progress, partitions, config=topics.PROGRESS_CONFIG) for s in STAGES if s.progress]
+    return [topics.TopicSpec(n, partitions) for n in names] + progress
+
+
+def upstream_of(spec: Stage, config: PipelineConfig | None = None) -> tuple[str, ...]:
+    """Topics a trusted lineage header on ``spec``'s input may name (:class:`streams.lineage.Deduplicator`).
+
+    The inputs of the stages whose outputs ``spec`` consumes: ``("frames",)`` for subtract, ``()``
+    for ingest, whose input comes from telescopes (no ``src`` is trusted there).
+    """
+    return tuple(s.input for s in STAGES if spec.input in s.outputs(config))
 
 
 def stage_table_markdown() -> str:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the embedded Kafka broker (for tests marked ``kafka``) and the real-data folder."""
+"""Shared fixtures: the embedded Kafka broker (for tests marked ``kafka``), PostgreSQL and the real-data folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import pytest
 
 #: Real public data beside the repository (see ../shared/data/README.md); absent on users' machines.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    """Register the ``prometheus`` marker (``--strict-markers``; pyproject.toml lists the others)."""
+    config.addinivalue_line("markers", "prometheus: runs Debian's prometheus server (skipped when it is absent)")
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +31,18 @@ def settings(kafka):
     from streams.settings import KafkaSettings
 
     return KafkaSettings(kafka.bootstrap, app_id=f"test-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL 15 server of the session (tests/pg.py): ``create_database()`` gives a test its own database."""
+    from tests.pg import LocalPostgres, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    with LocalPostgres() as server:
+        yield server
 
 
 def shared_data(*parts: str) -> Path:

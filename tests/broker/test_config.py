@@ -47,3 +47,11 @@ def test_command_line_form():
         parse_alert_topic("confluent")
     cfg = load_config(alert_topics=(parse_alert_topic("x=fink"),))
     assert isinstance(cfg, PipelineConfig) and cfg.alert_topics[0].framing == "fink"
+
+
+def test_dead_letters_keep_1_mib_of_a_long_value_unless_configured():
+    assert load_config().dlq_value_bytes == 1024 * 1024
+    assert load_config(dlq_value_bytes=4096).dlq_value_bytes == 4096
+    for bad in (-1, 33 * 1024 * 1024):
+        with pytest.raises(ConfigError, match="dlq_value_bytes"):
+            load_config(dlq_value_bytes=bad)

@@ -46,3 +46,55 @@ def test_cube_is_rejected():
     fits.PrimaryHDU(np.zeros((2, 8, 8), np.float32), header=header()).writeto(buf)
     with pytest.raises(BadShape):
         decode_fits(buf.getvalue())
+
+
+def _with_raw_card(payload: bytes, keyword: str, value: str) -> bytes:
+    """``payload`` with the card ``keyword`` rewritten verbatim as ``KEYWORD = <value>`` (astropy would refuse it)."""
+    i = payload.find(f"{keyword:<8}=".encode())
+    assert i >= 0
+    return payload[:i] + f"{keyword:<8}= {value:>20}".ljust(80).encode() + payload[i + 80:]
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_an_unparseable_card_is_a_named_invalid_frame(compress):
+    """``EXPTIME = NaN`` raised astropy's VerifyError out of meta_from_header (issue 27)."""
+    from broker.errors import UnparseableHeader
+
+    payload = _with_raw_card(encode_fits(star_frame(), compress=compress), "EXPTIME", "NaN")
+    with pytest.raises(UnparseableHeader, match=r"EXPTIME cannot be parsed: 'EXPTIME = +NaN'") as err:
+        decode_fits(payload)
+    assert err.value.reason == "unparseable_header" and isinstance(err.value, MissingMetadata)
+    with pytest.raises(UnparseableHeader, match="GAIN"):  # an optional card too: no guessing its value
+        decode_fits(_with_raw_card(encode_fits(star_frame(), compress=compress), "GAIN", "1.5.2"))
+
+
+def _bomb(side: int = 8192) -> bytes:
+    """A RICE-compressed all-zero ``side``^2 16-bit frame with a valid header: ~1.1 MB for 8192^2."""
+    import io
+
+    from astropy.io import fits
+
+    hdu = fits.CompImageHDU(np.zeros((side, side), np.uint16), header=header((side, side)), compression_type="RICE_1")
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+    return buf.getvalue()
+
+
+def test_a_small_compressed_huge_frame_is_refused_before_decompression():
+    """1.1 MB of FITS announcing 8192^2 pixels: refused from its header, by expansion or by pixel count."""
+    import time
+
+    from broker.errors import ImplausibleCompression, TooManyPixels
+
+    payload = _bomb()
+    assert len(payload) < 1.5e6
+    t0 = time.perf_counter()
+    with pytest.raises(ImplausibleCompression, match=r"8192x8192 pixels \(\d+x, limit 64x\)") as err:
+        decode_fits(payload, max_expansion=64)
+    assert time.perf_counter() - t0 < 0.5  # decompressing alone takes ~2 s and 0.5 GB
+    assert err.value.reason == "implausible_compression"
+    with pytest.raises(TooManyPixels, match="67.1 Mpx, over the 16.8 Mpx limit") as err2:
+        decode_fits(payload, max_pixels=4096 ** 2)
+    assert err2.value.reason == "too_many_pixels"
+    frame = star_frame()  # real frames are far inside both limits
+    assert decode_fits(encode_fits(frame), max_pixels=frame.data.size, max_expansion=8).meta == frame.meta

@@ -35,3 +35,19 @@ def test_tiny_frame_and_bad_seeing():
 def test_starless_frame_is_flagged_not_rejected():
     q = ingest(star_frame(n_stars=0))
     assert "few_stars" in q.flags and np.isnan(q.fwhm)
+
+
+def test_a_record_lying_about_its_frame_is_named():
+    """Ny = -5, nx = 1e9 on a frames record was copied onto ingested (issue 27)."""
+    from broker.errors import RecordMismatch
+    from broker.ingest import check_record
+
+    frame = star_frame()
+    honest = {"frame_id": frame.meta.frame_id, "telescope": "TEST", "field": "F1", "filter": "r",
+              "mjd_start": 60000.5, "exptime": 30.0, "ny": 256, "nx": 256, "size_bytes": 1234}
+    check_record(honest, frame, 1234)
+    with pytest.raises(RecordMismatch, match=r"ny=-5 \(the FITS says 256\), nx=1000000000 \(the FITS says 256\)") as e:
+        check_record(honest | {"ny": -5, "nx": 10 ** 9}, frame, 1234)
+    assert e.value.reason == "record_mismatch"
+    with pytest.raises(RecordMismatch, match=r"field='F2'.*mjd_start=60001\.5.*size_bytes=99"):
+        check_record(honest | {"field": "F2", "mjd_start": 60001.5, "size_bytes": 99}, frame, 1234)

@@ -126,3 +126,35 @@ def test_difference_store_gives_forced_photometry_that_replays_identically(frame
     assert np.median(np.abs(pull)) < 1e-4 and np.max(np.abs(pull)) < 0.5
     assert np.median(np.abs(err_ratio - 1)) < 1e-3 and np.max(np.abs(err_ratio - 1)) < 0.1
     assert process_frame(f4, refs).candidates[0].forced == []  # no store: no forced photometry
+
+
+def test_quality_flags_are_respected_once_a_reference_exists(frames, tmp_path):
+    """A frame flagged few_stars is not subtracted (issue 27: subtract ignored the flags once a reference existed)."""
+    from broker.errors import PoorQuality
+
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    frame = frames[3][0]
+    assert process_frame(frame, store, clean=False, skip=["few_stars"]).status == NO_REFERENCE
+    assert store.pending(frame.meta.reference_key) == []  # nor kept for a reference
+    for f, _ in frames[:3]:
+        process_frame(f, store)
+    with pytest.raises(PoorQuality, match=r"not subtracted: quality flags \['few_stars'\]") as err:
+        process_frame(frame, store, clean=False, skip=["few_stars"])
+    assert err.value.reason == "poor_quality"
+
+
+@pytest.mark.parametrize(("ra", "dec", "mjd"), [(float("nan"), 2.0, 60000.0), (150.0, 95.0, 60000.0),
+                                                (150.0, 2.0, float("nan"))])
+def test_positions_off_the_sky_never_reach_the_history(ra, dec, mjd):
+    """NaN coordinates were ``unexpected:IntegrityError: NOT NULL constraint failed`` in the score stage."""
+    from broker.errors import BadCoordinates
+    from tests.helpers import candidate
+
+    history, model = ObjectHistory(":memory:"), AnomalyModel.load()
+    good, bad = candidate("F-1/0", seed=1), candidate("F-1/1", ra=ra, dec=dec)
+    with pytest.raises(BadCoordinates, match="not a position on the sky|MJD nan is not finite") as err:
+        associate_and_score(history, model, "F-1", mjd, "r", [good, bad])
+    assert err.value.reason == "bad_coordinates"
+    later = candidate("F-2/0", seed=1)  # where F-1's good candidate was
+    associate_and_score(history, model, "F-2", 60001.0, "r", [later])
+    assert good.obj is None and later.obj is not None and later.obj.ndet == 1  # nothing of F-1 was written

@@ -162,3 +162,23 @@ def test_the_current_builder_writes_the_current_sample():
     built["publisher"] = record["publisher"]
     built["provenance"]["pipeline_version"] = record["provenance"]["pipeline_version"]
     assert built == record
+
+
+def test_dlq_v2_reads_v1_dead_letters_and_v1_reads_v2():
+    """``dlq/v2`` is a minor version: v1 records read with their defaults, and a v1 reader skips the new fields."""
+    import io
+
+    import fastavro
+
+    v1 = {"stage": "ingest", "error_class": "CorruptFrame", "reason": "corrupt", "message": "not FITS",
+          "topic": "frames", "partition": 0, "offset": 7, "timestamp_ms": 1, "key": b"k", "value": b"abc",
+          "headers": {"schema": b"frame/1"}}
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schemas.load("dlq", 1), v1)
+    assert schemas.CURRENT["dlq"] == 2
+    back = serde.decode("dlq", buf.getvalue(), {serde.SCHEMA_HEADER: b"dlq/1"})
+    assert back == {**v1, "value_size": None, "value_sha256": None, "truncated": False}
+    v2 = {**v1, "value": b"ab", "value_size": 3, "value_sha256": "0" * 64, "truncated": True}
+    body = io.BytesIO(serde.encode("dlq", v2))
+    old = fastavro.schemaless_reader(body, schemas.load("dlq", 2), schemas.load("dlq", 1))
+    assert old == {**v1, "value": b"ab"}

@@ -3,7 +3,7 @@
 One pipeline run (the five stages as processes, on the embedded broker, with the embedded schema
 registry) is shared by the module: it writes the same alerts to an ``ocf``, a ``confluent`` and a
 ``fink`` topic, and its alert stage SIGKILLs itself inside the transaction of its first alerts and is
-restarted, so the restart guard must find them on the tail of every configured topic. Each client
+restarted, so the restart guard must know them made on every configured topic. Each client
 then runs the snippet of README.md's "Read alerts with your own client" as it is written there
 (only the addresses are replaced), and must get exactly the alerts of the run.
 """

@@ -199,3 +199,11 @@ def test_a_hanging_writer_schema_in_a_container_is_refused_before_reading():
     hostile = _with_block(buf.getvalue(), 1, _long(2**62) + b"\x00")  # 2**62 nulls of zero bytes each
     with pytest.raises(DecodeError, match="foreign"):
         decode_alert(None, hostile)
+
+
+@pytest.mark.parametrize("tag", [b"alert/" + b"2" * 5000, "alert/\u00b2".encode(), b"alert/99", b"\xff/2"])
+def test_a_hostile_schema_header_on_a_confluent_message_is_a_decode_error(tag):
+    """``int()`` of the header's version raised ValueError on 5000 digits or on ``²``: a subscriber crash."""
+    body = serde.encode("alert", _sample())
+    with pytest.raises(DecodeError, match="schema header"):
+        decode_alert(None, b"\x00\x00\x00\x00\x01" + body, {serde.SCHEMA_HEADER: tag})

@@ -65,3 +65,34 @@ def test_watch_publishes_new_files_once_and_reports_bad_ones(producer, tmp_path)
     producer.flush()
     polls = iter(range(4))  # a restart: the ledger remembers what was sent
     assert dict(watch(incoming, producer.publish_file, lambda: next(polls, None) is None, poll_s=0.01)) == {}
+
+
+def test_a_bad_file_never_stops_a_batch_nor_the_watch(producer, settings, tmp_path):
+    """``EXPTIME = NaN`` aborted ``broker produce`` and killed ``--watch`` at every restart (issue 27)."""
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+    from tests.broker.test_frame import _with_raw_card
+
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a_nan.fits").write_bytes(_with_raw_card(encode_fits(star_frame()), "EXPTIME", "NaN"))
+    (incoming / "b_gain.fits").write_bytes(encode_fits(star_frame(GAIN=-1.5, FRAMEID="TEST-F1-r-0010")))
+    (incoming / "c_good.fits").write_bytes(encode_fits(star_frame(seed=2, FRAMEID="TEST-F1-r-0011")))
+    res = CliRunner().invoke(app, ["produce", "--bootstrap", settings.bootstrap, *map(str, sorted(incoming.iterdir()))])
+    assert res.exit_code == 1, res.output  # some files were rejected ...
+    assert "unparseable_header" in res.output and "implausible_header" in res.output
+    sent = {serde.decode("frame", m.value(), dict(m.headers()))["frame_id"] for m in read_all(settings, ["frames"])}
+    assert "TEST-F1-r-0011" in sent and "TEST-F1-r-0010" not in sent  # ... and the good one after them was sent
+
+    def failing(path):
+        if path.name.startswith("c"):
+            raise RuntimeError("a bug in the producer")  # anything but Kafka's errors: reported, not fatal
+        return producer.publish_file(path)
+
+    polls = iter(range(4))
+    results = dict(watch(incoming, failing, lambda: next(polls, None) is None, poll_s=0.01))
+    assert [type(results[incoming / n]).__name__ for n in ("a_nan.fits", "b_gain.fits", "c_good.fits")] == [
+        "UnparseableHeader", "ImplausibleHeader", "RuntimeError"]
+    polls = iter(range(4))  # a restart: none of them is tried again
+    assert dict(watch(incoming, failing, lambda: next(polls, None) is None, poll_s=0.01)) == {}

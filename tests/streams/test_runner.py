@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
+import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from broker.errors import CorruptFrame, StageFailure
 from streams import serde, topics
 from streams.monitor import read_all
-from streams.runner import OutMessage, StageRunner
+from streams.runner import (
+    DLQ_FIELD_BYTES,
+    DLQ_HEADERS_BYTES,
+    DLQ_VALUE_BYTES,
+    MAX_TIMING_HEADERS,
+    InMessage,
+    OutMessage,
+    StageRunner,
+    dead_letter,
+    parse_time,
+    valid_timing,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -141,3 +154,148 @@ def test_bad_input_and_isolated_bugs_never_stop_the_stage(settings):
     assert _committed(settings, stage, src) == len(values)
     assert runner.metrics.errors.labels(stage, "corrupt")._value.get() == 5
     assert runner.metrics.unexpected.labels(stage, "KeyError")._value.get() == 3
+
+
+# --- hostile messages (issue 27): sizes, topics the broker refuses, headers -----------------------------
+
+
+def _dead(settings, stage: str) -> list[dict]:
+    return [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(stage)])]
+
+
+def test_a_dead_letter_keeps_the_first_bytes_of_a_long_value_with_its_length_and_checksum():
+    """No broker: what a dead letter of a long value, a long key and many long headers keeps (``dlq/v2``)."""
+    rng = np.random.default_rng(27)
+    value, key = rng.bytes(3 * DLQ_VALUE_BYTES), rng.bytes(3 * DLQ_FIELD_BYTES)
+    headers = {f"h{i}": rng.bytes(DLQ_FIELD_BYTES + 10) for i in range(8)}
+    msg = InMessage("frames", 2, 41, key, value, headers, 1_700_000_000_000)
+    out = dead_letter("ingest", msg, CorruptFrame("not FITS"))
+    rec = serde.decode("dlq", out.value, out.headers)
+    assert rec["value"] == value[:DLQ_VALUE_BYTES] and rec["value_size"] == len(value) and rec["truncated"]
+    assert rec["value_sha256"] == hashlib.sha256(value).hexdigest()
+    assert rec["key"] == out.key == key[:DLQ_FIELD_BYTES]
+    assert all(headers[k].startswith(v) and len(v) == DLQ_FIELD_BYTES for k, v in rec["headers"].items())
+    kept = sum(len(k) + len(v) for k, v in rec["headers"].items())
+    assert kept <= DLQ_HEADERS_BYTES < sum(map(len, headers.values()))
+    assert len(out.value) < DLQ_VALUE_BYTES + DLQ_FIELD_BYTES + DLQ_HEADERS_BYTES + 8192
+    assert len(dead_letter("ingest", msg, CorruptFrame("x"), max_value_bytes=1000).value) < len(out.value)
+    # a short message is kept whole, as v1 did
+    small = dead_letter("ingest", InMessage("frames", 0, 1, b"k", b"abc", {"t.exposure_end": b"1.5"}, 0),
+                        CorruptFrame("x"))
+    rec = serde.decode("dlq", small.value, small.headers)
+    assert (rec["value"], rec["value_size"], rec["truncated"], rec["key"]) == (b"abc", 3, False, b"k")
+    assert rec["headers"] == {"t.exposure_end": b"1.5"}
+
+
+def test_timing_headers_are_validated():
+    now = 1_800_000_000.0
+    assert parse_time(b"1700000000.25", now) == 1_700_000_000.25
+    for bad in (None, b"", b"garbage", b"nan", b"inf", b"-5", b"1e300", b"\xff", b"1" * 40, repr(now + 2e5).encode()):
+        assert parse_time(bad, now) is None, bad
+    headers = {"schema": b"frame/1", "t.exposure_end": b"nan", "t.ingest.start": b"1700000000.0",
+               "t.ingest.end": b"soon", "t.Evil Name.start": b"1.0", "t.x": b"1.0", "src": b"frames:0:1"}
+    kept, bad = valid_timing(headers, now)
+    assert kept == {"t.ingest.start": b"1700000000.0"}
+    assert sorted(bad) == ["t.Evil Name.start", "t.exposure_end", "t.ingest.end", "t.x"]
+    many = {f"t.s{i}.start": b"1.0" for i in range(MAX_TIMING_HEADERS + 5)}
+    assert len(valid_timing(many, now)[0]) == MAX_TIMING_HEADERS
+
+
+def test_a_message_near_the_size_limit_whose_output_is_larger_is_dead_lettered_and_the_next_processed(settings):
+    """A message within 300 bytes of the 64 MiB limit on the input (issue 27), whose output would exceed it.
+
+    The output (ingest's grows a little) is refused before anything is produced; the dead letter
+    keeps the value's first MiB, its length and SHA-256 (it used to copy the whole value, could not
+    be produced, and the stage crash-looped), and the message behind it is processed.
+    """
+    stage = f"grow-{settings.app_id}"
+    dst = f"out-{stage}"
+    big = np.random.default_rng(5).bytes(topics.MAX_MESSAGE_BYTES - 300)
+    src = _feed(settings, stage, [big, b"ok"])
+    _topics(settings, dst)
+    runner = StageRunner(stage, src, lambda m: [OutMessage(dst, m.value + b"+" * 1024, m.key)], settings)
+    assert runner.run(max_messages=2) == 2
+    assert [m.value() for m in read_all(settings, [dst])] == [b"ok" + b"+" * 1024]
+    (dead,) = _dead(settings, stage)
+    assert (dead["reason"], dead["error_class"], dead["offset"]) == ("too_large", "OutputTooLarge", 0)
+    assert dead["value"] == big[:DLQ_VALUE_BYTES] and dead["value_size"] == len(big) and dead["truncated"]
+    assert dead["value_sha256"] == hashlib.sha256(big).hexdigest()
+    assert f"to {dst} exceeds" in dead["message"]
+    assert _committed(settings, stage, src) == 2
+    assert runner.metrics.errors.labels(stage, "too_large")._value.get() == 1
+
+
+def _refusing(dst: str):
+    def handler(msg):
+        if msg.value == b"illegal":
+            return [OutMessage("alerts.r'", b"x", msg.key)]  # FILTER r' made this topic (issue 27)
+        if msg.value == b"huge":
+            return [OutMessage(dst, bytes(topics.MAX_MESSAGE_BYTES + 1024), msg.key)]
+        return [OutMessage(dst, msg.value, msg.key)]
+
+    return handler
+
+
+def test_outputs_the_broker_refuses_are_dead_lettered_and_the_stage_carries_on(settings, monkeypatch):
+    """An output to an illegal topic name or over the size limit: the input is dead-lettered, the stage carries on.
+
+    First refused by the runner's checks before anything is produced; then, with those checks
+    switched off, by the client at ``produce()`` (over ``message.max.bytes``) and by the broker at
+    commit (``TOPIC_EXCEPTION``): each a dead letter in the input's place (the stage used to retry
+    the input for ever, or exit).
+    """
+    for checked in (True, False):
+        stage = f"refuse-{int(checked)}-{settings.app_id}"
+        dst = f"out-{stage}"
+        src = _feed(settings, stage, [b"illegal", b"ok-1", b"huge", b"ok-2"])
+        _topics(settings, dst)
+        if not checked:
+            monkeypatch.setattr(topics, "is_legal_topic", lambda name: True)
+        runner = StageRunner(stage, src, _refusing(dst), settings,
+                             max_message_bytes=topics.MAX_MESSAGE_BYTES if checked else 2 * topics.MAX_MESSAGE_BYTES)
+        assert runner.run(max_messages=4) == 4
+        assert [m.value() for m in read_all(settings, [dst])] == [b"ok-1", b"ok-2"]
+        dead = _dead(settings, stage)
+        assert [(d["reason"], d["offset"], d["value"]) for d in dead] == [
+            ("invalid_topic", 0, b"illegal"), ("too_large", 2, b"huge")], checked
+        if not checked:
+            assert "TOPIC_EXCEPTION" in dead[0]["message"] and "MSG_SIZE_TOO_LARGE" in dead[1]["message"]
+        assert _committed(settings, stage, src) == 4
+
+
+def test_malformed_timing_headers_are_dropped_and_counted(settings):
+    """A bad ``t.exposure_end`` never reaches the handler or the outputs; the input is processed."""
+    stage = f"timing-{settings.app_id}"
+    dst = f"out-{stage}"
+    src = f"in-{stage}"
+    _topics(settings, src, dst, topics.dlq(stage))
+    prod = Producer(settings.producer())
+    for end in (b"not a time", b"nan", b"1e300", b"1700000000.5"):
+        prod.produce(src, end, b"k", headers={"t.exposure_end": end, "t.upstream.start": b"1700000000.0"})
+    prod.flush(10)
+    seen = []
+
+    def handler(msg):
+        seen.append(msg.headers.get("t.exposure_end"))
+        return [OutMessage(dst, msg.value, msg.key)]
+
+    runner = StageRunner(stage, src, handler, settings)
+    assert runner.run(max_messages=4) == 4
+    assert seen == [None, None, None, b"1700000000.5"]
+    out = [dict(m.headers()) for m in read_all(settings, [dst])]
+    assert [h.get("t.exposure_end") for h in out] == seen
+    assert all(h["t.upstream.start"] == b"1700000000.0" and f"t.{stage}.end" in h for h in out)
+    assert runner.metrics.bad_headers.labels(stage, "t.exposure_end")._value.get() == 3
+    assert not _dead(settings, stage)
+
+
+def test_a_transaction_blocked_past_its_deadline_exits_the_process_with_status_4():
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom streams.runner import deadline\n"
+            "with deadline(5, 'quick'):\n    pass\n"  # finished in time: the timer is cancelled
+            "with deadline(0.3, 'a stuck commit'):\n    time.sleep(30)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 4 and "a stuck commit still blocked after 0 s" in res.stderr
+    assert "quick" not in res.stderr

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 import schemas
 from broker.candidate import ObjectSummary
+from broker.errors import DecodeError
 from streams import serde
 from tests.helpers import candidate, header
 
@@ -79,3 +81,11 @@ def test_a_v1_batch_still_decodes_with_the_new_fields_at_their_defaults():
     assert math.isnan(cand.detection.y_err) and cand.forced == [] and cand.detection.flux == 1000.0
     # and it re-encodes as v2 (what the classify and score stages do with it)
     serde.decode("candidates", serde.encode("candidates", back), _tag())
+
+
+def test_a_hostile_schema_header_is_a_short_decode_error():
+    """A ``schema`` header of megabytes (or not UTF-8) is refused, and the error does not copy it."""
+    for tag in (b"frame/1" + b"9" * 5_000_000, b"\xff\xfe/1", "frame/\u00b2".encode(), b"candidates/1"):
+        with pytest.raises(DecodeError) as err:
+            serde.decode("frame", b"\x00\x01", {serde.SCHEMA_HEADER: tag})
+        assert len(str(err.value)) < 200

@@ -101,7 +101,8 @@ def test_topics_are_derived_from_the_stage_table():
 
     names = [t.name for t in pipeline_topics(("g", "r"))]
     assert names == ["frames", "ingested", "candidates", "classified", "scored", "alerts", "alerts.g", "alerts.r",
-                     "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert", "dlq.archive"]
+                     "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert", "dlq.archive",
+                     "progress.ingest", "progress.subtract", "progress.classify", "progress.score", "progress.alert"]
     chain = [s for s in STAGES if s.kind == "transform"]
     assert [s.name for s in chain] == ["ingest", "subtract", "classify", "score", "alert"]
     for before, after in zip(chain, chain[1:], strict=False):  # consecutive pairs
@@ -165,7 +166,8 @@ def test_subtract_and_score_handlers_fill_the_frame_level_fields(config):
     for epoch in range(5):
         frame = sim.frame("F001", "r", epoch)[0]
         value = serde.encode("frame", frame_record(frame, encode_fits(frame)))
-        (out,) = subtract(InMessage(topics.INGESTED, 0, epoch, b"k", value, frame_headers(1.7e9), 0))
+        (ingested,) = ingest_handler(config)(InMessage(topics.FRAMES, 0, epoch, b"k", value, frame_headers(1.7e9), 0))
+        (out,) = subtract(InMessage(topics.INGESTED, 0, epoch, b"k", ingested.value, ingested.headers, 0))
         (scored,) = score(InMessage(topics.CLASSIFIED, 0, epoch, b"k", out.value, out.headers, 0))
         batches.append(serde.decode("candidates", scored.value, scored.headers))
     assert [b["status"] for b in batches] == ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE"] + ["SUBTRACTED"] * 2
@@ -217,3 +219,162 @@ def test_the_alert_handler_writes_each_configured_topic_in_its_framing(config):
     assert [a["candid"] for a in by_topic["alerts-ztf"]] == [c.cand_id for c in cands]
     # the restart guard reads back every configured topic
     assert stage("alert").writes_for(cfg) == ("alerts-rubin", "alerts-fink", "alerts-ztf", "dlq.alert")
+
+
+def _scored(band: str, headers: dict[str, bytes]) -> InMessage:
+    """A ``scored`` batch of one candidate in ``band`` with ``headers``."""
+    from broker.candidate import ObjectSummary
+    from tests.helpers import candidate
+
+    cand = candidate()
+    cand.rb, cand.anomaly = 0.9, 0.1
+    cand.obj = ObjectSummary("OBJ00000000000ff", 150.0, 2.0, 1, 60000.5)
+    batch = {"frame_id": "TEST-F1-x-0001", "telescope": "TEST", "field": "F1", "filter": band, "mjd_start": 60000.5,
+             "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {},
+             "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "nx": 256, "ny": 256, "wcs_header": "",
+             "limiting_flux": None, "candidates": [serde.candidate_to_record(cand)]}
+    tag = {serde.SCHEMA_HEADER: serde.schema_tag("candidates").encode(), **headers}
+    return InMessage(topics.SCORED, 0, 0, b"k", serde.encode("candidates", batch), tag, 0)
+
+
+def test_a_band_from_the_header_never_makes_an_illegal_alert_topic(config):
+    """FILTER ``r'`` made the alert stage produce to ``alerts.r'`` and exit (issue 27): now ``alerts.r_-<hash>``."""
+    from streams.framing import decode_alert
+    from streams.stages import alert_handler, pipeline_topics
+
+    handle = alert_handler(config)
+    for band in ("r'", "H\u03b1", "../x", ""):
+        outs = handle(_scored(band, {}))
+        assert [o.topic for o in outs] == ["alerts", topics.filter_topic("alerts", band)]
+        assert all(topics.is_legal_topic(o.topic) for o in outs)
+        assert decode_alert(outs[1].key, outs[1].value, outs[1].headers)[0]["source"]["filter"] == band
+    names = [t.name for t in pipeline_topics(("r'",))]
+    assert topics.filter_topic("alerts", "r'") in names and all(topics.is_legal_topic(n) for n in names)
+
+
+def test_a_bad_exposure_end_header_does_not_lose_the_alerts(config):
+    """A malformed ``t.exposure_end`` used to fail the alert stage after the history was written (issue 27).
+
+    The runner drops it at the first stage (``tests/streams/test_runner.py``); the alert handler
+    itself reads timing headers leniently too: the alert is made with an unknown (NaN) exposure end.
+    """
+    import math
+
+    from streams.framing import decode_alert
+    from streams.stages import alert_handler
+
+    handle = alert_handler(config)
+    for bad in (b"not a time", b"1e300", b"inf", b"\xff"):
+        outs = handle(_scored("r", {"t.exposure_end": bad, "t.ingest.start": b"junk", "t.ingest.end": b"1.0"}))
+        (alert,) = decode_alert(outs[0].key, outs[0].value, outs[0].headers)
+        assert math.isnan(alert["timing"]["exposure_end"])
+        assert [s["stage"] for s in alert["timing"]["stages"]] == ["alert"]
+    good = handle(_scored("r", {"t.exposure_end": b"1700000000.5"}))[0]
+    assert decode_alert(good.key, good.value, good.headers)[0]["timing"]["exposure_end"] == 1_700_000_000.5
+
+
+def _ingested(config, frame, offset: int = 0, **record) -> InMessage:
+    """``frame`` through the ingest handler, as the subtract stage receives it at ``offset`` of ``ingested``."""
+    (out,) = ingest_handler(config)(_msg(frame_record(frame, encode_fits(frame)) | record))
+    return InMessage(topics.INGESTED, 0, offset, out.key, out.value, out.headers, 0)
+
+
+def test_ingest_refuses_a_record_lying_about_its_frame_and_foreign_uris(config):
+    """Ny = -5, nx = 1e9 was copied onto ingested; an ``::http://`` URI was ``unexpected:ImportError``."""
+    from broker.errors import RecordMismatch
+
+    frame = star_frame()
+    with pytest.raises(RecordMismatch, match=r"ny=-5 \(the FITS says 256\), nx=1000000000"):
+        ingest_handler(config)(_msg(frame_record(frame, encode_fits(frame)) | {"ny": -5, "nx": 10 ** 9}))
+    payload = encode_fits(frame)
+    uri, digest = FrameStore(config.frame_store).put(payload)
+    for forged in (f"{config.frame_store}/x::http://127.0.0.1:9/{digest}.fits", f"{uri}::http://127.0.0.1:9/x",
+                   f"http://127.0.0.1:9/{digest}.fits", f"{config.frame_store}/sub/../{digest}.fits"):
+        with pytest.raises(FrameStoreError, match="outside the frame store") as err:
+            ingest_handler(config)(_msg(frame_record(frame, payload, inline=False, uri=forged)))
+        assert err.value.reason == "frame_store"
+
+
+def test_subtract_checks_what_it_is_given_as_ingest_did(config):
+    """A 16x16 frame on ingested was SUBTRACTED with 0 candidates; a record ingest never wrote was used."""
+    from broker.errors import BadShape, ImplausibleHeader, NotIngested
+    from streams.stages import subtract_handler
+
+    subtract = subtract_handler(config)
+    frame = star_frame()
+    tiny = InMessage(topics.INGESTED, 0, 0, b"k", _ingested(config, frame).value, {}, 0)
+    tiny_frame = type(frame)(frame.meta, frame.data[:16, :16], frame.header)
+    rec = serde.decode("frame", tiny.value, tiny.headers)
+    payload = encode_fits(tiny_frame)
+    forged = frame_record(tiny_frame, payload) | {"quality": rec["quality"]}
+    with pytest.raises(BadShape, match="16x16"):
+        subtract(InMessage(topics.INGESTED, 0, 1, b"k", serde.encode("frame", forged), {}, 0))
+    raw = serde.encode("frame", frame_record(frame, encode_fits(frame)))  # straight from a producer
+    with pytest.raises(NotIngested, match="not written by ingest") as err:
+        subtract(InMessage(topics.INGESTED, 0, 2, b"k", raw, {}, 0))
+    assert err.value.reason == "not_ingested"
+    absurd = star_frame(GAIN=-1.5)
+    forged = frame_record(absurd, encode_fits(absurd)) | {"quality": rec["quality"]}
+    with pytest.raises(ImplausibleHeader, match="GAIN=-1.5"):
+        subtract(InMessage(topics.INGESTED, 0, 3, b"k", serde.encode("frame", forged), {}, 0))
+    flagged = rec | {"quality": rec["quality"] | {"flags": ["seeing"]}}  # a flag ingest rejects on
+    with pytest.raises(PoorQuality, match="rejecting quality flags"):
+        subtract(InMessage(topics.INGESTED, 0, 4, b"k", serde.encode("frame", flagged), {}, 0))
+
+
+def test_a_frame_sent_again_gives_no_new_batch_but_a_restart_does(config):
+    """Re-sent frames were processed again (their alerts 2-3 times on ``alerts``); a redelivery is not lost."""
+    from broker.errors import DuplicateFrame
+    from streams.stages import subtract_handler
+
+    subtract = subtract_handler(config)
+    frame = star_frame()
+    (first,) = subtract(_ingested(config, frame, offset=5))
+    assert serde.decode("candidates", first.value, first.headers)["status"] == "REFERENCE_BUILDING"
+    (again,) = subtract_handler(config)(_ingested(config, frame, offset=5))  # a restarted stage, same message
+    assert again.value == first.value
+    with pytest.raises(DuplicateFrame, match=r"already processed \(REFERENCE_BUILDING\) from ingested:0:5") as err:
+        subtract(_ingested(config, frame, offset=9))
+    assert err.value.reason == "duplicate_frame"
+    renamed = type(frame)(frame.meta, frame.data, frame.header.copy())
+    renamed.header["FRAMEID"] = "TEST-F1-r-0099"
+    with pytest.raises(DuplicateFrame, match="same pixels as frame TEST-F1-r-0001"):
+        subtract(_ingested(config, type(frame)(replace(frame.meta, frame_id="TEST-F1-r-0099"), frame.data,
+                                                 renamed.header), offset=10))
+
+
+def test_a_small_compressed_huge_frame_costs_subtract_no_memory(config, tmp_path):
+    """1.1 MB of RICE announcing 8192^2 zeros left ~600 MB resident in subtract; it is refused from its header."""
+    import subprocess
+    import sys
+
+    from tests.broker.test_frame import _bomb
+
+    bomb = star_frame()  # a valid record whose FITS bytes are the bomb
+    payload = _bomb()
+    rec = frame_record(bomb, payload) | {"quality": {
+        "sky": 0.0, "sky_rms": 1.0, "fwhm": 3.0, "fwhm_arcsec": 3.0, "n_stars": 10, "limit_flux": 1.0,
+        "limit_mag": None, "nan_fraction": 0.0, "saturated_fraction": 0.0, "flags": []}}
+    (tmp_path / "msg.avro").write_bytes(serde.encode("frame", rec))
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "from broker.config import load_config\n"
+        "from streams import topics\n"
+        "from streams.runner import InMessage\n"
+        "from streams.stages import subtract_handler\n"
+        "cfg = load_config(state_dir=sys.argv[1] + '/state', frame_store=sys.argv[1] + '/frames')\n"
+        "handle = subtract_handler(cfg)  # keeps freed memory, as the stage does\n"
+        "value = Path(sys.argv[1], 'msg.avro').read_bytes()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    handle(InMessage(topics.INGESTED, 0, 0, b'k', value, {}, 0))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc.reason)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    refused, grown_mib = res.stdout.split("\n")[:2]
+    assert refused == "ImplausibleCompression implausible_compression"
+    assert int(grown_mib) < 32, res.stdout

