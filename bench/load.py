@@ -9,12 +9,14 @@ field's first three frames build its reference before anything is measured; ever
 is a science frame of the pool, re-sent with a new frame id and one pixel changed so that frame
 idempotence does not refuse it.
 
-**overload**: the sustained rate R is measured first (a batch of science frames sent at once,
-frames per second until the pipeline drained). Frames are then sent at ``--factor`` x R for
-``--overload-s`` and at 1 x R for ``--recover-s``; every ``--sample-s`` the backlog of each stage
-(its consumer group's uncommitted input, :func:`streams.monitor.stage_backlog`) and the resident
-memory of each stage process are sampled. Bounded means: at 1 x R the backlog stops growing
-(its slope over the phase, frames per minute, near 0) and memory stays at its overload level.
+**overload**: a rate R is measured first (a batch of science frames sent at once, frames per
+second until the pipeline drained). Frames are then sent at ``--factor`` x R for ``--overload-s``
+and, for ``--recover-s``, at the rate the pipeline sustained over the second half of the overload
+(frames subtracted per second: the rate sent less the growth of the frames in flight). Every
+``--sample-s`` the backlog of each stage (its consumer group's uncommitted input,
+:func:`streams.monitor.stage_backlog`) and the resident memory of each stage process and of the
+broker are sampled. Bounded means: in the 1x phase the frames in flight stop growing (slope near
+0 frames per minute) and the stages' memory stays at its overload level.
 
 **replicas**: ``--fields`` fields on as many partitions; for each k of ``--replicas``, k ingest
 and k subtract processes (``--instance i``) subtract ``--per-field`` frames per field; the other
@@ -51,6 +53,8 @@ from streams.stages import STAGES, pipeline_topics
 
 #: Frames of each field that build its reference (``ReferenceConfig.n_frames``).
 REFERENCE_FRAMES = 3
+#: The stages that commit message by message (the archive commits batches).
+PER_MESSAGE = tuple(s.name for s in STAGES if s.make_handler is not None)
 
 
 def simulated(size: int, fields: int, per_field: int, seed: int = 7) -> tuple[list[Frame], list[Frame]]:
@@ -135,16 +139,23 @@ def paced(bench: Bench, frames: Iterator[Frame], rate: float, seconds: float, sa
             bench.send([next(frames)])
             sent += 1
         if elapsed >= next_sample:
+            rss = {names[i]: rss_mib(p.pid) for i, p in enumerate(bench.procs)}
+            rss["broker"] = rss_mib(bench.kafka.pid or 0)
             rows.append({"t": time.monotonic() - t0, "phase": phase, "sent": sent, "backlog": bench.backlog(names),
-                         "rss": {names[i]: rss_mib(p.pid) for i, p in enumerate(bench.procs)}})
+                         "rss": rss})
             next_sample += sample_s
         time.sleep(0.2)
 
 
-def slope_per_min(rows: list[dict], stage: str) -> float:
-    """Least-squares slope of ``stage``'s backlog over the rows (frames per minute)."""
+def in_flight(row: dict) -> float:
+    """Frames sent, not yet subtracted: ingest backlog + subtract backlog / 2 (a message and a marker per frame)."""
+    return row["backlog"]["ingest"] + row["backlog"]["subtract"] / 2
+
+
+def slope_per_min(rows: list[dict], value) -> float:
+    """Least-squares slope of ``value(row)`` over the rows (per minute)."""
     t = np.array([r["t"] for r in rows]) / 60
-    y = np.array([r["backlog"][stage] for r in rows], dtype=float)
+    y = np.array([value(r) for r in rows], dtype=float)
     return float(np.polyfit(t, y, 1)[0]) if len(rows) > 2 else float("nan")
 
 
@@ -162,45 +173,59 @@ def overload(args: argparse.Namespace) -> str:
             batch = [next(frames) for _ in range(args.calibrate)]
             t = time.monotonic()
             bench.send(batch)
-            bench.drain(names)
+            bench.drain(PER_MESSAGE)  # not the archive: it commits a batch every few seconds
             rate = args.calibrate / (time.monotonic() - t)
+            bench.drain(names)
             rows: list[dict] = []
             t0 = time.monotonic()
             paced(bench, frames, args.factor * rate, args.overload_s, args.sample_s, f"{args.factor:g}x", t0, rows)
-            paced(bench, frames, rate, args.recover_s, args.sample_s, "1x", t0, rows)
+            sustained = subtracted_per_s(rows, args.factor * rate)
+            paced(bench, frames, sustained, args.recover_s, args.sample_s, "1x", t0, rows)
         finally:
             bench.close()
-    return overload_report(args, rate, rows)
+    return overload_report(args, rate, sustained, rows)
 
 
-def overload_report(args: argparse.Namespace, rate: float, rows: list[dict]) -> str:
+def subtracted_per_s(rows: list[dict], offered: float) -> float:
+    """Frames subtracted per second over the second half of ``rows``, sent at ``offered`` frames per second."""
+    return offered - slope_per_min(rows[len(rows) // 2:], in_flight) / 60
+
+
+def overload_report(args: argparse.Namespace, rate: float, sustained: float, rows: list[dict]) -> str:
     """The ``load`` section: the samples every minute, and per phase the backlog slope and memory."""
     names = [s.name for s in STAGES]
     every = max(1, round(60 / args.sample_s))
-    lines = ["| t (s) | phase | frames sent | " + " | ".join(f"{n} backlog" for n in names) +
-             " | largest RSS (MiB, stage) |", "|---" * (len(names) + 4) + "|"]
+    lines = ["| t (s) | phase | frames sent in the phase | frames in flight | " +
+             " | ".join(f"{n} backlog" for n in names) + " | stages' RSS (MiB, sum) | broker RSS (MiB) |",
+             "|---" * (len(names) + 6) + "|"]
     for r in rows[::every] + rows[-1:]:
-        big = max(r["rss"], key=lambda n: r["rss"][n])
-        lines.append(f"| {r['t']:.0f} | {r['phase']} | {r['sent']} | " +
-                     " | ".join(str(r["backlog"][n]) for n in names) + f" | {r['rss'][big]:.0f} ({big}) |")
+        lines.append(f"| {r['t']:.0f} | {r['phase']} | {r['sent']} | {in_flight(r):.0f} | " +
+                     " | ".join(str(r["backlog"][n]) for n in names) +
+                     f" | {sum(r['rss'][n] for n in names):.0f} | {r['rss']['broker']:.0f} |")
     phases = []
-    for phase in dict.fromkeys(r["phase"] for r in rows):
-        sel = [r for r in rows if r["phase"] == phase]
-        half = sel[len(sel) // 2:]  # the second half of the phase: after the transient
-        slopes = ", ".join(f"{n} {slope_per_min(half, n):+.1f}" for n in names)
-        peak = {n: max(r["rss"][n] for r in sel) for n in names}
-        phases.append(f"| {phase} | {slopes} | " + ", ".join(f"{n} {peak[n]:.0f}" for n in names) + " |")
+    for phase, offered in ((f"{args.factor:g}x", args.factor * rate), ("1x", sustained)):
+        half = [r for r in rows if r["phase"] == phase]
+        half = half[len(half) // 2:]  # the second half of the phase: after the transient
+        growth = slope_per_min(half, in_flight)
+        stages_rss = slope_per_min(half, lambda r: sum(r["rss"][n] for n in names))
+        phases.append(f"| {phase} | {60 * offered:.1f} | {growth:+.1f} | {60 * offered - growth:.1f} | "
+                      f"{stages_rss:+.1f} | {slope_per_min(half, lambda r: r['rss']['broker']):+.0f} |")
     return "\n".join([
         "## Load: twice the sustained rate, then the sustained rate",
         "",
         f"Machine: {machine()}. Date {datetime.date.today()}, commit {git_rev()}. Command: `python -m bench.load "
         f"overload --size {args.size} --fields {args.fields} --factor {args.factor:g} --overload-s "
-        f"{args.overload_s:g} --recover-s {args.recover_s:g}`. All six stages, one process each, the "
-        f"embedded broker; sustained rate R = {rate:.3f} frames/s ({args.calibrate} frames sent at once "
-        f"until drained); backlog in offsets of each stage's input (frames, or messages of one frame).",
+        f"{args.overload_s:g} --recover-s {args.recover_s:g}`. All six stages, one process each, on the "
+        f"embedded broker (memory storage). The overload is {args.factor:g} x R, R = {rate:.3f} frames/s "
+        f"({args.calibrate} frames sent at once, until the per-message stages drained); the 1x phase sends "
+        f"at the rate the pipeline sustained in the overload's second half, {sustained:.3f} frames/s (the "
+        "stages share the cores with the frame producer). Backlogs are in offsets of each stage's input "
+        "(a frame, one frame's batch or an alert, and a transaction marker each on transactional topics); "
+        "frames in flight = ingest backlog + subtract backlog / 2. Samples every minute:",
         "", *lines, "",
-        "Backlog slope over the second half of each phase (per minute) and peak resident memory (MiB):",
-        "", "| phase | backlog slope | peak RSS |", "|---|---|---|", *phases,
+        "Per phase, over its second half (after the transient), in frames or MiB per minute:",
+        "", "| phase | frames offered / min | frames in flight, growth / min | frames subtracted / min | "
+        "stages' RSS growth / min | broker RSS growth / min |", "|---|---|---|---|---|---|", *phases,
     ])
 
 
@@ -231,7 +256,8 @@ def replicas(args: argparse.Namespace) -> str:
         f"replicas --size {args.size} --fields {args.fields} --per-field {args.per_field} --replicas "
         f"{' '.join(map(str, args.replicas))}`. {args.fields} fields on {args.fields} partitions, "
         f"{len(science)} science frames after the references, k processes each of ingest and subtract, "
-        "the duplicate guard on.", "",
+        f"the duplicate guard on. {os.cpu_count()} cores: k replicas are 2 x k busy processes, so "
+        f"more than {max(1, (os.cpu_count() or 2) // 2)} replica(s) cannot speed it up here.", "",
         "| replicas k | frames/s | speed-up | efficiency |", "|---|---|---|---|", *rows,
     ])
 

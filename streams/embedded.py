@@ -60,6 +60,11 @@ class EmbeddedKafka:
         """The broker's log file."""
         return Path(self._log.name)
 
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running broker (None when stopped)."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
     def start(self) -> "EmbeddedKafka":
         """Start the broker and wait until it answers (``startup_timeout`` s at most)."""
         try:
