@@ -194,7 +194,7 @@ def subtracted_per_s(rows: list[dict], offered: float) -> float:
 def overload_report(args: argparse.Namespace, rate: float, sustained: float, rows: list[dict]) -> str:
     """The ``load`` section: the samples every minute, and per phase the backlog slope and memory."""
     names = [s.name for s in STAGES]
-    every = max(1, round(60 / args.sample_s))
+    every = max(1, round(120 / args.sample_s))
     lines = ["| t (s) | phase | frames sent in the phase | frames in flight | " +
              " | ".join(f"{n} backlog" for n in names) + " | stages' RSS (MiB, sum) | broker RSS (MiB) |",
              "|---" * (len(names) + 6) + "|"]
@@ -221,7 +221,7 @@ def overload_report(args: argparse.Namespace, rate: float, sustained: float, row
         f"at the rate the pipeline sustained in the overload's second half, {sustained:.3f} frames/s (the "
         "stages share the cores with the frame producer). Backlogs are in offsets of each stage's input "
         "(a frame, one frame's batch or an alert, and a transaction marker each on transactional topics); "
-        "frames in flight = ingest backlog + subtract backlog / 2. Samples every minute:",
+        "frames in flight = ingest backlog + subtract backlog / 2. Samples every two minutes:",
         "", *lines, "",
         "Per phase, over its second half (after the transient), in frames or MiB per minute:",
         "", "| phase | frames offered / min | frames in flight, growth / min | frames subtracted / min | "
