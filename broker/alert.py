@@ -1,4 +1,4 @@
-"""Alert packet assembly: one record of schema ``alert/v2`` per candidate.
+"""Alert packet assembly: one record of schema ``alert/v3`` per candidate.
 
 The packet follows ZTF (v4.02) and Rubin (v11.0): the source with its zero point, limiting magnitude
 and position errors, its object and history (detections with magnitudes, upper limits, forced
@@ -31,7 +31,7 @@ from broker import __version__
 from broker.candidate import Candidate, Detection
 from broker.errors import SchemaError
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "3.0"
 PUBLISHER = f"transient-broker {__version__}"
 #: gzip level of the cutouts. Noisy float32 pixels gain < 1 % from levels above 1 at 2-6x the
 #: time (measured by ``bench/alert_stage.py``); ISA-L (``isal``) levels run 0-3, zlib's 0-9.
@@ -406,28 +406,16 @@ def _cutouts(ctx: FrameContext, cand: Candidate, object_id: str) -> dict:
             for (key, kind, suffix), image in zip(_STAMPS, images, strict=True)}
 
 
-def build_alert(ctx: FrameContext, cand: Candidate, model_versions: dict[str, str],
-                timing: dict, alert_time: float) -> dict:
-    """The ``alert/v2`` record of ``cand``.
+def alert_fields(ctx: FrameContext, cand: Candidate, model_versions: dict[str, str]) -> dict:
+    """The fields of ``cand``'s alert that the score stage knows: all but the cutouts, follow-up and timing.
 
-    Parameters
-    ----------
-    ctx : FrameContext
-        The candidate's frame (:func:`frame_context`).
-    cand : Candidate
-        A classified and scored candidate (``obj`` and ``anomaly`` set); its ``history`` and
-        ``forced`` (when present) give the previous sources, upper limits and forced photometry.
-    model_versions : dict
-        ``{"rb": str, "anomaly": str}``.
-    timing : dict
-        ``{"exposure_end": float, "stages": [{"stage", "start", "end"}, ...]}`` (Unix s).
-    alert_time : float
-        When the packet is made (Unix s).
+    What follow-up rules are evaluated on (``[[followup.rules]]``): the same paths as the alert.
+    See :func:`build_alert` for the parameters.
 
     Raises
     ------
     SchemaError
-        The candidate has not been scored, or a cutout is not a 2-D image.
+        The candidate has not been classified and scored.
     """
     det, obj = cand.detection, cand.obj
     if obj is None or cand.anomaly is None:
@@ -442,10 +430,39 @@ def build_alert(ctx: FrameContext, cand: Candidate, model_versions: dict[str, st
         "prv_sources": [_previous(h) for h in cand.history],
         "prv_nondetections": upper_limits(ctx.frame_id, cand.forced, cand.history),
         "prv_forced_sources": _forced(cand.forced),
-        **_cutouts(ctx, cand, obj.object_id),
-        "scores": {"rb": cand.rb, "rb_model": model_versions["rb"], "anomaly": float(cand.anomaly),
-                   "anomaly_model": model_versions["anomaly"]},
+        "scores": {"rb": cand.rb, "rb_model": model_versions.get("rb", ""), "anomaly": float(cand.anomaly),
+                   "anomaly_model": model_versions.get("anomaly", "")},
+        "context": cand.context, "features": cand.features, "classification": cand.classification,
         "provenance": {"telescope": ctx.telescope, "field": ctx.field, "frame_id": ctx.frame_id,
                        "reference_frames": list(ctx.reference_frames), "pipeline_version": __version__},
-        "timing": {**timing, "alert_time": alert_time},
     }
+
+
+def build_alert(ctx: FrameContext, cand: Candidate, model_versions: dict[str, str],
+                timing: dict, alert_time: float) -> dict:
+    """The ``alert/v3`` record of ``cand``.
+
+    Parameters
+    ----------
+    ctx : FrameContext
+        The candidate's frame (:func:`frame_context`).
+    cand : Candidate
+        A classified and scored candidate (``obj`` and ``anomaly`` set); its ``history`` and
+        ``forced`` (when present) give the previous sources, upper limits and forced photometry;
+        its ``context``, ``features``, ``classification`` and ``followup`` records are copied as they
+        are (null when the score stage set none).
+    model_versions : dict
+        ``{"rb": str, "anomaly": str}`` (a model not named: ``""``).
+    timing : dict
+        ``{"exposure_end": float, "stages": [{"stage", "start", "end"}, ...]}`` (Unix s).
+    alert_time : float
+        When the packet is made (Unix s).
+
+    Raises
+    ------
+    SchemaError
+        The candidate has not been scored, or a cutout is not a 2-D image.
+    """
+    fields = alert_fields(ctx, cand, model_versions)
+    return {**fields, **_cutouts(ctx, cand, fields["objectId"]), "followup": cand.followup,
+            "timing": {**timing, "alert_time": alert_time}}

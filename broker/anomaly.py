@@ -1,123 +1,62 @@
-"""Anomaly score of a candidate from a fitted density model of ordinary detections.
+"""Anomaly score of an alert from per-class density models of the ordinary light-curve classes.
 
-The score answers "how unusual is this detection, given what ordinary real detections look like?"
-A Gaussian mixture is fitted to standardised candidate + light-curve features of simulated ordinary
-detections (transients and variables that the pipeline found and that matched the injection truth).
-The raw score of a detection is its negative log-likelihood under the mixture; it is mapped to
-[0, 1] by the empirical CDF of the training scores, so ``anomaly = 0.99`` means "less likely than
-99% of the ordinary training detections".
+The score answers "how unlike every ordinary alert is this one?", over the same inputs as the
+light-curve classifier: the :data:`~broker.lightcurve.ALL_FEATURE_NAMES` row (light-curve features
+up to the alert's time, then the context features). "Ordinary" is every class of
+:data:`broker.lcclass.CLASS_NAMES`, bogus included (bogus is a known, ordinary class: the
+real/bogus score is separate and is not an input), so fading supernovae, periodic variables,
+AGN, flares, movers and recurring artefacts are not anomalous by construction.
 
-The model is persisted without pickle: the mixture parameters, the feature scaling and the CDF
-knots in a ``.npz`` (loaded with ``allow_pickle=False``) plus a JSON sidecar with the version and
-metadata. The likelihood is evaluated here with numpy, so loading does not depend on the
-scikit-learn version that fitted it.
+Method (anomaly v2, chosen by measurement against isolation forests, see
+``docs/lightcurve-report``): for each ordinary class, a histogram-based outlier score (HBOS,
+Goldstein & Dengel 2012): the sum over features of -log(histogram density of the class), with a
+penalty growing with the distance beyond the class's range. It is computed on the
+:data:`ANOMALY_FEATURES` (the physical light-curve features and the context; the noisier
+statistical moments only diluted the measured recovery of rare events), each robustly scaled and
+compressed, ``asinh((x - median) / IQR)``. Each class's score is mapped to the empirical CDF of its
+own training alerts; the raw anomaly is the *smallest* of these (an alert is as ordinary as the
+class it resembles most); the score in [0, 1] is the empirical CDF of the raw anomaly over all
+training alerts, so ``0.99`` means "more unusual than 99% of the ordinary training alerts" and 1
+"beyond everything seen in training". ``method="iforest"`` (one isolation forest per class, as
+Fink uses, evaluated by :mod:`broker.trees`) is kept for comparison.
+
+Undefined (NaN) inputs get a value one unit below the smallest scaled training value of their
+feature (a bin of their own); +-inf are clipped to +-1e30 before scaling.
+
+The model is stored without pickle: ``<version>.npz`` (histograms or forest arrays, scaling, CDF
+knots, loaded with ``allow_pickle=False``) and ``<version>.json`` (version, feature names,
+metadata), with a Markdown card. Loading and scoring need numpy only.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from broker import MODELS_DIR
-from broker.candidate import Candidate
 from broker.errors import ModelError
+from broker.lightcurve import ALL_FEATURE_NAMES
+from broker.trees import BIG, Forest, export_forest, isolation_score, model_path, read_model
 
-__all__ = [
-    "DEFAULT_VERSION",
-    "FEATURE_NAMES",
-    "N_FEATURES",
-    "AnomalyConfig",
-    "AnomalyModel",
-    "features_from",
-    "fit_anomaly",
-]
+__all__ = ["ANOMALY_FEATURES", "DEFAULT_VERSION", "FEATURE_NAMES", "N_FEATURES", "AnomalyConfig",
+           "AnomalyModel", "fit_anomaly"]
 
-#: Version loaded when none is given (``broker/models/anomaly-v1.npz`` and its card).
-DEFAULT_VERSION = "anomaly-v1"
-
-#: Names of the columns of :func:`features_from`, in order.
-FEATURE_NAMES: tuple[str, ...] = (
-    "log_abs_snr",      # log10 |snr|
-    "sign",             # +1 brightened, -1 faded (w.r.t. the reference)
-    "log_abs_flux",     # log10(1 + |flux| / ADU)
-    "log_fwhm",         # log10 fwhm / px of the difference footprint
-    "log_elongation",   # log10 elongation (>= 0)
-    "dipole",           # [0, 1]
-    "log_ref_dist",     # log10(0.1 + min(ref_dist, 30)) / arcsec; 30" = "no reference source"
-    "log_n_prev",       # log10(1 + number of previous detections)
-    "log_age",          # log10(1 + days since first detection)
-    "rate",             # mag / day since the previous detection, asinh-compressed
-    "n_filters",        # distinct filters in the history
-)
+#: Version loaded when none is given (``broker/models/anomaly-v2.*``).
+DEFAULT_VERSION = "anomaly-v2"
+#: Columns of the rows :meth:`AnomalyModel.score` takes (= ``broker.lightcurve.ALL_FEATURE_NAMES``).
+FEATURE_NAMES: tuple[str, ...] = ALL_FEATURE_NAMES
 N_FEATURES = len(FEATURE_NAMES)
-
-#: Cap of ref_dist (arcsec): beyond this "no reference source nearby" is all that matters.
-_REF_DIST_CAP = 30.0
-
-
-def features_from(
-    candidate: Candidate, history: Sequence[dict], mjd: float | None = None
-) -> np.ndarray:
-    """Feature vector of one candidate and the light curve of its object.
-
-    Parameters
-    ----------
-    candidate : Candidate
-        The detection (its ``detection`` measurements are used).
-    history : list of dict
-        Previous detections of the same object, each with at least ``mjd`` (days), ``flux``
-        (ADU), ``flux_err`` (ADU), ``snr`` and ``filter``; any order; may be empty.
-    mjd : float, optional
-        Time of this detection (MJD); pass it (the training set does). When absent, the latest
-        history time stands in, i.e. the age and the rate are those of the history itself.
-
-    Returns
-    -------
-    ndarray, shape (F,), float64
-        Columns as :data:`FEATURE_NAMES`; always finite.
-    """
-    d = candidate.detection
-    snr = float(d.snr) if np.isfinite(d.snr) else 0.0
-    flux = float(d.flux) if np.isfinite(d.flux) else 0.0
-    hist = sorted((h for h in history if np.isfinite(float(h.get("mjd", np.nan)))),
-                  key=lambda h: float(h["mjd"]))
-    t_now = mjd if mjd is not None else (float(hist[-1]["mjd"]) if hist else 0.0)
-    age = max(t_now - float(hist[0]["mjd"]), 0.0) if hist else 0.0
-    rate = 0.0
-    # With mjd: this detection against the last one. Without: the last two of the history (the
-    # current time is unknown, so the rate is the history's own).
-    pair = ((flux, t_now), hist[-1]) if mjd is not None and hist else \
-        (((float(hist[-1].get("flux", 0.0)), t_now), hist[-2]) if len(hist) >= 2 else None)
-    if pair is not None:
-        (f_cur, t_cur), prev = pair
-        dt = max(t_cur - float(prev["mjd"]), 1e-3)  # same-night pairs: ~1.4 min floor
-        f_prev = abs(float(prev.get("flux", 0.0)))
-        if f_prev > 0 and abs(f_cur) > 0:
-            rate = -2.5 * math.log10(abs(f_cur) / f_prev) / dt
-    n_filters = len({str(h.get("filter", "")) for h in hist})
-    ref_dist = float(d.ref_dist) if np.isfinite(d.ref_dist) else _REF_DIST_CAP
-    x = np.array(
-        [
-            math.log10(max(abs(snr), 1e-3)),
-            1.0 if flux >= 0 else -1.0,
-            math.log10(1.0 + abs(flux)),
-            math.log10(max(float(d.fwhm), 0.1)) if np.isfinite(d.fwhm) else 0.0,
-            math.log10(max(float(d.elongation), 1.0)) if np.isfinite(d.elongation) else 0.0,
-            float(np.clip(d.dipole, 0.0, 1.0)) if np.isfinite(d.dipole) else 0.0,
-            math.log10(0.1 + min(max(ref_dist, 0.0), _REF_DIST_CAP)),
-            math.log10(1.0 + len(hist)),
-            math.log10(1.0 + age),
-            math.asinh(rate),
-            float(n_filters),
-        ],
-        dtype=np.float64,
-    )
-    return np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+#: Columns the default model scores on (measured best; see the module docstring).
+ANOMALY_FEATURES: tuple[str, ...] = (
+    "ndet", "nulim", "duration", "frac_negative", "peak_mag", "amplitude", "rise_rate",
+    "decline_rate", "colour", "colour_rate", "host", "host_offset_norm", "nuclear", "on_star",
+    "moving",
+)
 
 
 @dataclass(frozen=True)
@@ -126,26 +65,66 @@ class AnomalyConfig:
 
     Attributes
     ----------
-    n_components : int
-        Gaussians in the mixture. Default 6: enough for the modes of the training set
-        (brightening/fading x new/known objects x host/no host) without fitting noise.
-    covariance_type : str
-        Only ``"full"`` (the default) is supported by the numpy evaluator.
-    reg_covar : float
-        Added to the covariance diagonals (standardised units). Default 1e-3: keeps discrete
-        features (sign, n_filters) from collapsing a component to zero variance.
+    method : str
+        ``"hbos"`` (default, measured best) or ``"iforest"``.
+    features : tuple of str
+        Columns of :data:`FEATURE_NAMES` scored (default :data:`ANOMALY_FEATURES`).
+    per_class : bool
+        One density per ordinary class (default; the raw anomaly is the smallest per-class CDF)
+        or one over all training alerts.
+    n_bins : int
+        HBOS histogram bins per feature (20: the measured optimum among 15-30).
+    n_estimators, max_samples : int
+        Isolation forests: trees per class (50) and alerts per tree (256, Liu et al.'s value).
     n_cdf_knots : int
-        Quantile knots of the empirical CDF stored with the model. Default 201 (0.5% steps).
+        Quantile knots of each empirical CDF (1001: 0.1% steps).
     seed : int
-        Random state of the mixture fit (its initialisations). Default 0; ``main_train`` passes
-        its own seed.
+        Random state (isolation forests).
     """
 
-    n_components: int = 6
-    covariance_type: str = "full"
-    reg_covar: float = 1e-3
-    n_cdf_knots: int = 201
+    method: str = "hbos"
+    features: tuple[str, ...] = ANOMALY_FEATURES
+    per_class: bool = True
+    n_bins: int = 20
+    n_estimators: int = 50
+    max_samples: int = 256
+    n_cdf_knots: int = 1001
     seed: int = 0
+
+
+#: Extra -log probability (nats) of a value just beyond a class's training range, over that of an
+#: empty bin inside it; the penalty then grows as log1p(bins beyond).
+BEYOND_PENALTY = 2.0
+
+
+def _cdf(raw: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Empirical CDF at ``raw`` from increasing quantile knots (0 below, 1 above)."""
+    return np.interp(raw, knots, np.linspace(0.0, 1.0, len(knots)), left=0.0, right=1.0)
+
+
+def _hbos_fit(z: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Histogram edges (J, B+1), log bin probabilities (J, B) and the out-of-range floor."""
+    lo, hi = z.min(axis=0), z.max(axis=0)
+    hi = np.where(hi - lo > 1e-9, hi, lo + 1e-9)
+    edges = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, n_bins + 1)[None, :]
+    n = len(z)
+    logd = np.empty((z.shape[1], n_bins))
+    for j in range(z.shape[1]):
+        h, _ = np.histogram(z[:, j], edges[j])
+        logd[j] = np.log((h + 0.5) / (n + 0.5 * n_bins))  # Laplace-smoothed bin probability
+    return edges, logd, float(np.log(0.5 / (n + 0.5 * n_bins)) - BEYOND_PENALTY)
+
+
+def _hbos_score(z: np.ndarray, edges: np.ndarray, logd: np.ndarray, floor: float) -> np.ndarray:
+    """Sum over features of -log bin probability; beyond the range: -floor + log1p(bins away)."""
+    lo, hi = edges[:, 0], edges[:, -1]
+    width = edges[:, 1] - edges[:, 0]
+    n_bins = logd.shape[1]
+    with np.errstate(invalid="ignore", over="ignore"):
+        i = np.clip(np.floor((z - lo) / width), 0, n_bins - 1).astype(np.int64)
+    away = (np.maximum(lo - z, 0.0) + np.maximum(z - hi, 0.0)) / width
+    inside = np.take_along_axis(logd.T, i, axis=0) if len(z) else np.zeros_like(z)
+    return -np.where(away > 0, floor - np.log1p(away), inside).sum(axis=1)
 
 
 class AnomalyModel:
@@ -153,161 +132,223 @@ class AnomalyModel:
 
     Attributes
     ----------
+    method : str
+        ``"hbos"`` or ``"iforest"``.
+    columns : (J,) int ndarray
+        Columns of the input rows that are scored.
+    center, scale, fill : (J,) ndarray
+        Scaling ``asinh((x - center) / scale)`` and the scaled value of NaN inputs.
+    params : dict of ndarray
+        HBOS: ``edges`` (K, J, B+1), ``logd`` (K, J, B), ``floor`` (K,); iforest: ``f<k>_*``
+        forest arrays and ``max_samples`` (K,).
+    class_knots : (K, Q) ndarray
+        CDF knots of each class's raw score over its own training alerts.
+    cdf_knots : (Q,) ndarray
+        CDF knots of the combined raw anomaly over all training alerts.
     version : str
     metadata : dict
     """
 
-    def __init__(
-        self,
-        weights: np.ndarray,
-        means: np.ndarray,
-        prec_chol: np.ndarray,
-        center: np.ndarray,
-        scale: np.ndarray,
-        cdf_knots: np.ndarray,
-        version: str,
-        metadata: dict | None = None,
-    ) -> None:
-        self.weights = np.asarray(weights, dtype=np.float64)        # (K,)
-        self.means = np.asarray(means, dtype=np.float64)            # (K, F)
-        self.prec_chol = np.asarray(prec_chol, dtype=np.float64)    # (K, F, F)
-        self.center = np.asarray(center, dtype=np.float64)          # (F,)
-        self.scale = np.asarray(scale, dtype=np.float64)            # (F,)
-        self.cdf_knots = np.asarray(cdf_knots, dtype=np.float64)    # (Q,) increasing raw scores
+    def __init__(self, method: str, columns: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                 fill: np.ndarray, params: dict[str, np.ndarray], class_knots: np.ndarray,
+                 cdf_knots: np.ndarray, version: str, metadata: dict | None = None) -> None:
+        self.method = method
+        self.columns = np.asarray(columns, dtype=np.int64).reshape(-1)
+        self.center, self.scale, self.fill = (np.asarray(a, dtype=np.float64).reshape(-1)
+                                              for a in (center, scale, fill))
+        self.params = dict(params)
+        self.class_knots = np.atleast_2d(np.asarray(class_knots, dtype=np.float64))
+        self.cdf_knots = np.asarray(cdf_knots, dtype=np.float64).reshape(-1)
         self.version = version
         self.metadata = dict(metadata or {})
-        k, f = self.means.shape
-        if self.prec_chol.shape != (k, f, f) or self.weights.shape != (k,) or \
-                self.center.shape != (f,) or self.scale.shape != (f,) or self.cdf_knots.ndim != 1:
+        j, k = len(self.columns), len(self.class_knots)
+        if method not in ("hbos", "iforest") or j == 0 or self.columns.min() < 0 or \
+                self.columns.max() >= N_FEATURES or \
+                any(len(a) != j for a in (self.center, self.scale, self.fill)):
             raise ModelError("inconsistent anomaly model arrays")
+        if method == "hbos":
+            e, lg = self.params["edges"], self.params["logd"]
+            if e.shape[:2] != (k, j) or lg.shape != (k, j, e.shape[2] - 1) or \
+                    self.params["floor"].shape != (k,):
+                raise ModelError("inconsistent anomaly model histograms")
+            self._forests: list[Forest] = []
+        else:
+            self._forests = [Forest.from_arrays(self.params, f"f{i}_") for i in range(k)]
+            if any(f.feature.max() >= j for f in self._forests):
+                raise ModelError("anomaly model splits on an unknown feature")
 
     @property
     def n_features(self) -> int:
         """F, the number of features expected by :meth:`score`."""
-        return self.means.shape[1]
+        return N_FEATURES
 
-    def raw_score(self, features: np.ndarray) -> np.ndarray:
-        """Negative log-likelihood under the mixture, shape (N,) (higher = rarer)."""
-        x = np.atleast_2d(np.asarray(features, dtype=np.float64))
-        if x.shape[1] != self.n_features:
-            raise ModelError(f"anomaly model expects {self.n_features} features, got {x.shape[1]}")
-        z = (np.nan_to_num(x) - self.center) / self.scale
-        f = self.n_features
-        logp = np.empty((len(z), len(self.weights)))
-        for k in range(len(self.weights)):
-            y = (z - self.means[k]) @ self.prec_chol[k]
-            logdet = np.sum(np.log(np.diag(self.prec_chol[k])))
-            logp[:, k] = (np.log(self.weights[k]) + logdet
-                          - 0.5 * (f * np.log(2 * np.pi) + np.sum(y * y, axis=1)))
-        m = logp.max(axis=1, keepdims=True)
-        return -(m[:, 0] + np.log(np.exp(logp - m).sum(axis=1)))
+    def _prepare(self, x: np.ndarray) -> np.ndarray:
+        a = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        if a.ndim != 2 or a.shape[1] != N_FEATURES:
+            raise ModelError(f"anomaly model expects {N_FEATURES} features, got shape {a.shape}")
+        with np.errstate(invalid="ignore", over="ignore"):
+            z = np.arcsinh(np.clip((a[:, self.columns] - self.center) / self.scale, -BIG, BIG))
+        return np.where(np.isnan(z), self.fill, z)
 
-    def score(self, features: np.ndarray) -> np.ndarray:
+    def _class_scores(self, z: np.ndarray, k: int) -> np.ndarray:
+        """Raw score of class ``k`` (higher = rarer)."""
+        if self.method == "hbos":
+            return _hbos_score(z, self.params["edges"][k], self.params["logd"][k],
+                               float(self.params["floor"][k]))
+        return -isolation_score(self._forests[k], z, int(self.params["max_samples"][k]))
+
+    def raw_score(self, x: np.ndarray) -> np.ndarray:
+        """Raw anomaly (N,): the smallest per-class CDF (higher = rarer).
+
+        Beyond a class's training range the per-class value continues above 1 linearly in its
+        score, so rows beyond everything seen keep their order.
+        """
+        z = self._prepare(x)
+        per = np.empty((len(z), len(self.class_knots)))
+        for k, knots in enumerate(self.class_knots):
+            s = self._class_scores(z, k)
+            span = max(float(knots[-1] - knots[0]), 1e-12)
+            per[:, k] = _cdf(s, knots) + np.maximum(s - knots[-1], 0.0) / span
+        return per.min(axis=1)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
         """Anomaly scores in [0, 1].
 
         Parameters
         ----------
-        features : ndarray, shape (N, F) (or (F,))
-            Rows of :func:`features_from`.
+        x : (N, len(FEATURE_NAMES)) array (or one row)
+            Rows of :func:`broker.lightcurve.model_inputs`; NaN allowed.
 
         Returns
         -------
-        ndarray, shape (N,)
-            Empirical CDF of the training raw scores at each raw score (0 = most ordinary,
-            1 = beyond everything seen in training).
-        """
-        raw = self.raw_score(features)
-        q = np.linspace(0.0, 1.0, len(self.cdf_knots))
-        return np.interp(raw, self.cdf_knots, q, left=0.0, right=1.0)
-
-    def score_candidates(
-        self, candidates: Sequence[Candidate], mjd: float | None = None
-    ) -> np.ndarray:
-        """Score candidates from their ``history`` and set ``Candidate.anomaly``."""
-        if not candidates:
-            return np.zeros(0)
-        feats = np.stack([features_from(c, c.history, mjd) for c in candidates])
-        s = self.score(feats)
-        for c, v in zip(candidates, s, strict=True):
-            c.anomaly = float(v)
-        return s
-
-    # --- persistence ----------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write ``<path>.npz`` (arrays) and ``<path>.json`` (version + metadata)."""
-        p = Path(path).with_suffix(".npz")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(p, weights=self.weights, means=self.means, prec_chol=self.prec_chol,
-                 center=self.center, scale=self.scale, cdf_knots=self.cdf_knots)
-        meta = {**self.metadata, "version": self.version, "feature_names": list(FEATURE_NAMES)}
-        p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return p
-
-    @classmethod
-    def load(cls, path: str | Path | None = None) -> AnomalyModel:
-        """Load a model by version name in :data:`MODELS_DIR` or by path (default ``anomaly-v1``).
+        (N,) float64 ndarray
+            Empirical CDF of the training alerts' raw anomaly at each row's raw anomaly
+            (0 = most ordinary, 1 = beyond everything seen in training).
 
         Raises
         ------
         ModelError
-            Missing or corrupt files.
+            Rows of the wrong length.
         """
-        p = Path(path) if path is not None else MODELS_DIR / DEFAULT_VERSION
-        if p.suffix not in (".npz", ".json") and not p.exists():
-            p = (p if p.parent != Path(".") else MODELS_DIR / p.name)
-        p = p.with_suffix(".npz")
-        if not p.is_file():
-            raise ModelError(f"anomaly model not found: {p} (fit it with broker.anomaly.fit_anomaly)")
+        return _cdf(self.raw_score(x), self.cdf_knots)
+
+    # --- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``<path>.npz`` (arrays) and ``<path>.json`` (version, feature names, metadata)."""
+        p = Path(path).with_suffix(".npz")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, Any] = {"columns": self.columns, "center": self.center,
+                                  "scale": self.scale, "fill": self.fill,
+                                  "class_knots": self.class_knots, "cdf_knots": self.cdf_knots,
+                                  **self.params}
+        np.savez_compressed(p, **arrays)
+        meta = {**self.metadata, "version": self.version, "kind": "anomaly",
+                "method": self.method, "feature_names": list(FEATURE_NAMES)}
+        p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        return p
+
+    @classmethod
+    def load(cls, path_or_version: str | Path | None = None) -> AnomalyModel:
+        """Load by version name in :data:`broker.MODELS_DIR` or by path (default ``anomaly-v2``).
+
+        Raises
+        ------
+        ModelError
+            Missing or corrupt files, or a model fitted on other features (e.g. ``anomaly-v1``).
+        """
+        p = model_path(path_or_version, DEFAULT_VERSION, MODELS_DIR)
+        arrays, meta = read_model(p, "anomaly model", {"feature_names": list(FEATURE_NAMES)})
+        fixed = ("columns", "center", "scale", "fill", "class_knots", "cdf_knots")
         try:
-            meta = json.loads(p.with_suffix(".json").read_text())
-            with np.load(p, allow_pickle=False) as a:
-                arrays = {k: a[k] for k in
-                          ("weights", "means", "prec_chol", "center", "scale", "cdf_knots")}
-        except (OSError, ValueError, KeyError) as exc:
+            params = {k: v for k, v in arrays.items() if k not in fixed}
+            return cls(str(meta["method"]), arrays["columns"], arrays["center"], arrays["scale"],
+                       arrays["fill"], params, arrays["class_knots"], arrays["cdf_knots"],
+                       str(meta.get("version", p.stem)), meta)
+        except (KeyError, ValueError, TypeError, IndexError) as exc:
             raise ModelError(f"corrupt anomaly model {p}: {exc}") from exc
-        if meta.get("feature_names") not in (None, list(FEATURE_NAMES)):
-            raise ModelError(f"anomaly model {p} was fitted on other features: "
-                             f"{meta.get('feature_names')}")
-        return cls(**arrays, version=str(meta.get("version", p.stem)), metadata=meta)
 
 
-def fit_anomaly(
-    features: np.ndarray,
-    config: AnomalyConfig = AnomalyConfig(),
-    version: str = DEFAULT_VERSION,
-    metadata: dict | None = None,
-) -> AnomalyModel:
-    """Fit the mixture to features of ordinary detections.
+def _scaling(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Median, scale (IQR, else std, else 1) and scaled NaN value of each column."""
+    a = np.where(np.isfinite(x), x, np.nan)
+    center, scale, fill = (np.zeros(a.shape[1]), np.ones(a.shape[1]), np.full(a.shape[1], -1.0))
+    for j in range(a.shape[1]):
+        col = a[:, j][np.isfinite(a[:, j])]
+        if len(col) == 0:
+            continue
+        q1, center[j], q3 = np.percentile(col, [25, 50, 75])
+        sd = float(np.std(col))
+        scale[j] = q3 - q1 if q3 - q1 > 1e-6 else (sd if sd > 1e-6 else 1.0)
+        fill[j] = float(np.arcsinh((col.min() - center[j]) / scale[j])) - 1.0
+    return center, scale, fill
+
+
+def fit_anomaly(x: np.ndarray, labels: Sequence[str] | np.ndarray | None = None,
+                config: AnomalyConfig = AnomalyConfig(), version: str = DEFAULT_VERSION,
+                metadata: dict | None = None) -> AnomalyModel:
+    """Fit the anomaly model to ordinary alerts (``iforest`` needs scikit-learn).
 
     Parameters
     ----------
-    features : ndarray, shape (N, F)
-        Rows of :func:`features_from` for ordinary (real, matched) detections; N >> F.
+    x : (N, len(FEATURE_NAMES)) array
+        Rows of :func:`broker.lightcurve.model_inputs` of ordinary alerts (NaN allowed).
+    labels : (N,) str, optional
+        Class of each row; required when ``config.per_class``.
     config : AnomalyConfig
     version : str
     metadata : dict, optional
         Stored in the sidecar (data provenance).
 
-    Returns
-    -------
-    AnomalyModel
+    Raises
+    ------
+    ModelError
+        Too few rows, unknown features or method, or per-class fitting without labels.
     """
-    from sklearn.mixture import GaussianMixture
-
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2 or len(x) < 5 * config.n_components:
-        raise ModelError(f"too few training rows for the anomaly model: {x.shape}")
-    center = np.median(x, axis=0)
-    scale = np.std(x, axis=0)
-    scale = np.where(scale > 1e-6, scale, 1.0)  # constant columns pass through unscaled
-    z = (x - center) / scale
-    gmm = GaussianMixture(n_components=config.n_components, covariance_type="full",
-                          reg_covar=config.reg_covar, random_state=config.seed, n_init=2)
-    gmm.fit(z)
-    model = AnomalyModel(gmm.weights_, gmm.means_, gmm.precisions_cholesky_, center, scale,
-                         np.zeros(2), version)
-    raw = model.raw_score(x)
-    model.cdf_knots = np.quantile(raw, np.linspace(0.0, 1.0, config.n_cdf_knots))
-    model.metadata = {**(metadata or {}), "config": asdict(config), "n_train": int(len(x)),
-                      "train_raw_score_median": float(np.median(raw))}
+    xa = np.asarray(x, dtype=np.float64)
+    if xa.ndim != 2 or xa.shape[1] != N_FEATURES or len(xa) < 20:
+        raise ModelError(f"too few or malformed training rows for the anomaly model: {xa.shape}")
+    if config.per_class and (labels is None or len(labels) != len(xa)):
+        raise ModelError("per-class anomaly model needs one label per training row")
+    if set(config.features) - set(FEATURE_NAMES) or config.method not in ("hbos", "iforest"):
+        raise ModelError(f"unknown anomaly features or method in {config}")
+    cols = np.array([FEATURE_NAMES.index(f) for f in config.features])
+    lab = np.asarray(labels).astype(str) if config.per_class else np.full(len(xa), "all")
+    groups = sorted(set(lab.tolist()))
+    center, scale, fill = _scaling(xa[:, cols])
+    model = AnomalyModel(config.method, cols, center, scale, fill,
+                         _fit_params(config, groups, lab, xa, cols, center, scale, fill),
+                         np.zeros((len(groups), 2)), np.zeros(2), version)
+    z = model._prepare(xa)
+    q = np.linspace(0.0, 1.0, config.n_cdf_knots)
+    model.class_knots = np.array([np.quantile(model._class_scores(z[lab == g], k), q)
+                                  for k, g in enumerate(groups)])
+    model.cdf_knots = np.quantile(model.raw_score(xa), q)
+    model.metadata = {**(metadata or {}), "config": asdict(config),
+                      "n_train": int(len(xa)), "groups": groups}
     return model
+
+
+def _fit_params(config: AnomalyConfig, groups: list[str], lab: np.ndarray, x: np.ndarray,
+                cols: np.ndarray, center: np.ndarray, scale: np.ndarray,
+                fill: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class histograms or isolation forests on the scaled training rows."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        z = np.arcsinh(np.clip((x[:, cols] - center) / scale, -BIG, BIG))
+    z = np.where(np.isnan(z), fill, z)
+    if config.method == "hbos":
+        fits = [_hbos_fit(z[lab == g], config.n_bins) for g in groups]
+        return {"edges": np.array([f[0] for f in fits]), "logd": np.array([f[1] for f in fits]),
+                "floor": np.array([f[2] for f in fits])}
+    from sklearn.ensemble import IsolationForest
+
+    params: dict[str, np.ndarray] = {}
+    sizes = []
+    for k, g in enumerate(groups):
+        zg = z[lab == g]
+        iso = IsolationForest(n_estimators=config.n_estimators,
+                              max_samples=min(config.max_samples, len(zg)),
+                              random_state=config.seed + k).fit(zg)
+        params.update(export_forest(iso).to_arrays(f"f{k}_"))
+        sizes.append(int(iso.max_samples_))
+    params["max_samples"] = np.array(sizes)
+    return params

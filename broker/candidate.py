@@ -51,6 +51,22 @@ class Detection:
     ra_err, dec_err : float
         1-sigma errors along RA (of ``ra cos(dec)``) and Dec (arcsec), x_err and y_err taken through
         the WCS's local pixel scale matrix; statistical only. NaN when not measured.
+    ref_extended : float
+        Whether the nearest reference source within 1 FWHM of the candidate is extended: 1.0 (its
+        light is less concentrated than the PSF's), 0.0 (point-like: a star under the candidate),
+        NaN when no reference source lies within 1 FWHM or it was not measured
+        (:func:`broker.detect.reference_context`).
+    host_ra, host_dec : float
+        Centre of the host galaxy on the reference (deg, ICRS): the extended reference source whose
+        light the candidate sits on, else the nearest one within ``DetectConfig.host_radius_arcsec``;
+        NaN when none (or not measured).
+    host_dist : float
+        Candidate-to-host-centre distance (arcsec); NaN without host.
+    host_size : float
+        Host size: PSF-deconvolved rms radius of its light along its major axis (arcsec; about the
+        half-light radius of an exponential disc); NaN without host.
+    host_flux : float
+        Host flux above the detection isophote on the reference (ADU, science scale); NaN without host.
     """
 
     x: float
@@ -71,6 +87,12 @@ class Detection:
     y_err: float = float("nan")
     ra_err: float = float("nan")
     dec_err: float = float("nan")
+    ref_extended: float = float("nan")
+    host_ra: float = float("nan")
+    host_dec: float = float("nan")
+    host_dist: float = float("nan")
+    host_size: float = float("nan")
+    host_flux: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -121,6 +143,12 @@ class Candidate:
         of its key (subtract stage, :mod:`broker.diffstore`), oldest first: ``frame_id``, ``mjd``,
         ``exptime``, ``filter``, ``flux``, ``flux_err`` (ADU of that frame), ``magzp`` (or None)
         and ``limiting_flux`` (that frame's, ADU).
+    context, features, classification, followup : dict or None
+        What the score stage adds, each as its record of the ``candidates/v3`` and ``alert/v3``
+        schemas (None until then): where the candidate sits (:class:`broker.context.Context`), the
+        light-curve features of its object (:mod:`broker.lightcurve`, null where undefined), its
+        class probabilities with their explanation (:class:`broker.lcclass.Classification`) and its
+        follow-up request (:class:`broker.followup.FollowupStatus`).
     """
 
     cand_id: str
@@ -133,6 +161,10 @@ class Candidate:
     obj: ObjectSummary | None = None
     history: list[dict] = field(default_factory=list)
     forced: list[dict] = field(default_factory=list)
+    context: dict | None = None
+    features: dict | None = None
+    classification: dict | None = None
+    followup: dict | None = None
 
     def triplet(self) -> np.ndarray:
         """Cutouts stacked as (3, 63, 63) float32: science, reference, difference."""

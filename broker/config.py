@@ -23,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from broker.archive.config import ArchiveConfig
+from broker.context import ContextConfig
 from broker.diffstore import DiffStoreConfig
 from broker.errors import ConfigError
+from broker.followup import FollowupConfig
 from broker.history import HistoryConfig
 from broker.ingest import IngestConfig
+from broker.moving import MovingConfig
 from broker.reference import ReferenceConfig
 from broker.subtract import SubtractConfig
 
@@ -106,9 +109,14 @@ class PipelineConfig:
         compresses to ~4-5 MB and goes inline; 4096^2 frames go by reference).
     max_frame_bytes : int
         Hard limit on one frame's FITS bytes (1 GiB) against hostile or broken producers.
-    rb_model, anomaly_model : str or None
+    rb_model, anomaly_model, lcclass_model : str or None
         Weights to load (a version name in ``broker/models/`` or a path); None: the shipped
-        defaults (``realbogus.DEFAULT_VERSION``, ``anomaly.DEFAULT_VERSION``).
+        defaults (``realbogus.DEFAULT_VERSION``, ``anomaly.DEFAULT_VERSION``,
+        ``lcclass.DEFAULT_VERSION``).
+    openngc : str or None
+        The OpenNGC database of the score stage's context (a path to a SQLite file of ``pyongc``'s
+        schema); None (default): the one ``pyongc`` ships; ``""``: no catalog matches. A missing or
+        corrupt file stops the stage at start-up (``ConfigError``).
     rb_views : int
         Dihedral views averaged per triplet by the real/bogus model (``ScoreConfig.views``: 1, 2,
         4 or 8); each costs one forward pass.
@@ -143,6 +151,14 @@ class PipelineConfig:
         Confluent-compatible schema registry (``http(s)://host:port``; ``mock://`` for tests in one
         process) where ``confluent`` topics register the alert schema at start-up. Default None:
         no registry (the alert stage then refuses to start with a ``confluent`` topic).
+    context : ContextConfig
+        Catalog matching, host and nuclear radii of the context (``[context]``;
+        :class:`broker.context.ContextConfig`).
+    moving : MovingConfig
+        Moving-object linking (``[moving]``; :class:`broker.moving.MovingConfig`).
+    followup : FollowupConfig
+        Follow-up rules of the score stage (``[followup]`` with ``[[followup.rules]]``;
+        :class:`broker.followup.FollowupConfig`).
     archive : ArchiveConfig
         The archive stage: where the Parquet archive lives (default ``<state_dir>/archive``) and
         how it batches (``[archive]``; :class:`broker.archive.config.ArchiveConfig`).
@@ -158,6 +174,8 @@ class PipelineConfig:
     max_frame_bytes: int = 1024 * 1024 * 1024
     rb_model: str | None = None
     anomaly_model: str | None = None
+    lcclass_model: str | None = None
+    openngc: str | None = None
     rb_views: int = 1
     torch_threads: int = 1
     retain_freed_memory: bool = True
@@ -171,6 +189,9 @@ class PipelineConfig:
     subtract: SubtractConfig = field(default_factory=SubtractConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     differences: DiffStoreConfig = field(default_factory=DiffStoreConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    moving: MovingConfig = field(default_factory=MovingConfig)
+    followup: FollowupConfig = field(default_factory=FollowupConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     kafka: dict = field(default_factory=dict)
 

@@ -256,6 +256,19 @@ class ArchiveCorrupt(ArchiveError):
     reason = "archive_corrupt"
 
 
+# --- follow-up ----------------------------------------------------------------------------------
+class InvalidRequest(BrokerError):
+    """A follow-up request a telescope must not schedule (:func:`broker.followup.validate_request` says why)."""
+
+    reason = "invalid_request"
+
+
+class InvalidLabel(BrokerError):
+    """An operator's label that cannot be recorded (``broker.feedback.FeedbackStore``): unknown, empty, out of range."""
+
+    reason = "invalid_label"
+
+
 # --- runtime ------------------------------------------------------------------------------------
 class StageFailure(BrokerError):
     """A stage stops itself: too many unexpected (non-:class:`BrokerError`) errors in a row.

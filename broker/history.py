@@ -18,6 +18,7 @@ the other, and the second sees what the first committed.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import sqlite3
 from collections.abc import Callable, Sequence
@@ -45,11 +46,15 @@ def schema(real: str) -> tuple[str, ...]:
     )
 
 
-#: Columns of ``detections`` added since the first release: added to an older database when it is
-#: opened (NULL for its earlier rows).
-ADDED = ("magzp", "limiting_flux")
+#: Columns added since the first release, as (table, column, type; ``REAL`` is the dialect's 8-byte
+#: float): added to an older database when it is opened (NULL for its earlier rows). An object's
+#: ``features`` and ``classification`` are the JSON of the records of its latest detection
+#: (``summary_mjd``), kept by :meth:`ObjectHistory.keep_summaries`.
+ADDED = (("detections", "magzp", "REAL"), ("detections", "limiting_flux", "REAL"), ("detections", "telescope", "TEXT"),
+         ("objects", "features", "TEXT"), ("objects", "classification", "TEXT"), ("objects", "summary_mjd", "REAL"))
 #: Keys of the history dicts (``Candidate.history``), the columns they are read from.
-_HISTORY_KEYS = ("cand_id", "mjd", "filter", "ra", "dec", "flux", "flux_err", "snr", "rb", "magzp", "limiting_flux")
+_HISTORY_KEYS = ("cand_id", "mjd", "filter", "ra", "dec", "flux", "flux_err", "snr", "rb", "magzp", "limiting_flux",
+                 "telescope")
 #: Side of a sky cell (arcsec) of :func:`sky_cells`. Any size is correct (see there); 1 arcmin keeps
 #: a search circle of 1.5 arcsec in one cell, rarely two or four, so a frame takes about one lock
 #: per candidate while frames of different fields never share one.
@@ -91,13 +96,14 @@ class HistoryConfig:
 
 @dataclass(frozen=True)
 class _FrameInfo:
-    """The frame of a batch of detections: id, exposure start (MJD), band, zero point, limiting flux (ADU)."""
+    """A batch's frame: id, exposure start (MJD), band, zero point, limiting flux (ADU), telescope."""
 
     frame_id: str
     mjd: float
     band: str
     magzp: float | None
     limiting_flux: float | None
+    telescope: str | None = None
 
 
 class HistoryStore(Protocol):
@@ -128,10 +134,9 @@ class SqliteStore:
         self.db = sqlite3.connect(str(path), isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(";\n".join(schema("REAL")) + ";")
-        have = {row[1] for row in self.db.execute("PRAGMA table_info(detections)")}
-        for name in ADDED:
-            if name not in have:
-                self.db.execute(f"ALTER TABLE detections ADD COLUMN {name} REAL")
+        for table, name, kind in ADDED:
+            if name not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; the cursor."""
@@ -228,20 +233,21 @@ class ObjectHistory:
         self.store.close()
 
     def associate(self, frame_id: str, mjd: float, band: str, candidates: list[Candidate],
-                  magzp: float | None = None, limiting_flux: float | None = None) -> None:
+                  magzp: float | None = None, limiting_flux: float | None = None,
+                  telescope: str | None = None) -> None:
         """Set ``obj`` (the object summary) and ``history`` on each candidate.
 
         One transaction per frame, holding the locks of the sky cells around its candidates;
         idempotent per candidate id. ``magzp`` (mag of 1 ADU) and ``limiting_flux`` (5-sigma limit
         of the difference image, ADU) are the frame's, kept with each detection and returned in
-        later histories (None when unknown).
+        later histories (None when unknown), as is ``telescope`` (light curves across telescopes).
 
         Raises
         ------
         BadCoordinates
             A candidate without finite coordinates (nothing is written for the frame).
         """
-        frame = _FrameInfo(frame_id, mjd, band, magzp, limiting_flux)
+        frame = _FrameInfo(frame_id, mjd, band, magzp, limiting_flux, telescope)
         r_deg = self.config.radius_arcsec / 3600.0
         cells = sorted({k for c in candidates for k in sky_cells(c.detection.ra, c.detection.dec, r_deg)})
 
@@ -282,9 +288,9 @@ class ObjectHistory:
         det, mjd = cand.detection, frame.mjd
         self.store.execute(
             "INSERT INTO detections (cand_id, object_id, frame_id, mjd, filter, ra, dec, flux, flux_err, "
-            "snr, rb, magzp, limiting_flux) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "snr, rb, magzp, limiting_flux, telescope) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (cand.cand_id, object_id, frame.frame_id, mjd, frame.band, det.ra, det.dec, det.flux,
-             det.flux_err, det.snr, cand.rb, frame.magzp, frame.limiting_flux))
+             det.flux_err, det.snr, cand.rb, frame.magzp, frame.limiting_flux, frame.telescope))
         # the object position is the running mean of its detections (columns qualified: PostgreSQL
         # would find a bare name ambiguous beside ``excluded``)
         self.store.execute(
@@ -295,6 +301,63 @@ class ObjectHistory:
             "first_mjd = CASE WHEN excluded.first_mjd < objects.first_mjd THEN excluded.first_mjd "
             "ELSE objects.first_mjd END",
             (object_id, det.ra, det.dec, mjd))
+
+
+    def keep_summaries(self, summaries: Sequence[tuple[str, float, dict | None, dict | None]]) -> None:
+        """Store objects' light-curve features and classification, each as of its detection at an MJD.
+
+        ``summaries`` holds ``(object_id, mjd, features, classification)`` (the records of the
+        alert), written in one transaction. The records of an object's latest detection win (a frame
+        re-processed after a crash, or an earlier frame arriving late, does not overwrite a later
+        one's); :meth:`summary` reads them back.
+        """
+        def work() -> None:
+            for object_id, mjd, features, classification in summaries:
+                self.store.execute(
+                    "UPDATE objects SET features = ?, classification = ?, summary_mjd = ? "
+                    "WHERE object_id = ? AND (summary_mjd IS NULL OR summary_mjd <= ?)",
+                    (json.dumps(features), json.dumps(classification), mjd, object_id, mjd))
+
+        if summaries:
+            self.store.transaction([], work)
+
+    def summary(self, object_id: str) -> tuple[dict | None, dict | None]:
+        """(features, classification) records last kept for ``object_id`` (None, None when none)."""
+        row = self.store.execute("SELECT features, classification FROM objects WHERE object_id = ?",
+                                 (object_id,)).fetchone()
+        if row is None:
+            return None, None
+        return tuple(json.loads(v) if v else None for v in row)  # type: ignore[return-value]
+
+    def recent_orphans(self, ra: float, dec: float, mjd: float, radius_deg: float, days: float
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+        """Single detections (objects with ``ndet == 1``) seen within ``days`` before ``mjd`` near (ra, dec).
+
+        The input of moving-object linking (:func:`broker.moving.link_tracklet`): detections of
+        objects that have one detection, at MJD in [mjd - days, mjd) and within ``radius_deg`` of
+        (``ra``, ``dec``) (deg). One query on the objects' declination index (an object of one
+        detection sits where that detection is), then the exact separation.
+
+        Returns
+        -------
+        ra, dec, mjd : ndarray, shape (n,)
+            Their positions (deg) and times (MJD), oldest first.
+        cand_ids : list of str
+            Their candidate ids. Empty arrays for non-finite or off-sky input.
+        """
+        empty: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]] = (np.zeros(0), np.zeros(0), np.zeros(0), [])
+        if not all(math.isfinite(v) for v in (ra, dec, mjd, radius_deg, days)) or abs(dec) > 90.0:
+            return empty
+        rows = self.store.execute(
+            "SELECT d.cand_id, d.ra, d.dec, d.mjd FROM detections d JOIN objects o ON o.object_id = d.object_id "
+            "WHERE o.dec BETWEEN ? AND ? AND o.ndet = 1 AND d.mjd >= ? AND d.mjd < ? ORDER BY d.mjd, d.cand_id",
+            (dec - radius_deg, dec + radius_deg, mjd - days, mjd)).fetchall()
+        if not rows:
+            return empty
+        r_ra, r_dec = np.array([r[1] for r in rows], float), np.array([r[2] for r in rows], float)
+        near = _separation_arcsec(ra, dec, r_ra, r_dec) <= radius_deg * 3600.0
+        return (r_ra[near], r_dec[near], np.array([r[3] for r in rows], float)[near],
+                [str(r[0]) for r, k in zip(rows, near, strict=True) if k])
 
 
 def open_history(state_dir: Path, config: HistoryConfig = HistoryConfig()) -> ObjectHistory:

@@ -92,8 +92,9 @@ class PostgresStore:
             self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for statement in schema("DOUBLE PRECISION"):
                 self.db.execute(statement)
-            for name in ADDED:
-                self.db.execute(f"ALTER TABLE detections ADD COLUMN IF NOT EXISTS {name} DOUBLE PRECISION")
+            for table, name, kind in ADDED:
+                kind = "DOUBLE PRECISION" if kind == "REAL" else kind
+                self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")

@@ -1,7 +1,8 @@
 """One path for a frame: the reference policy, subtraction and detection, then scoring.
 
 The subtract stage, the pipeline benchmark (through the stage handlers) and the training-set
-generator all call :func:`process_frame`; the score stage calls :func:`associate_and_score`.
+generator all call :func:`process_frame`; the score stage calls :func:`associate_and_score` with
+its :class:`ScoreModels`.
 Nothing else chains these steps. See ``docs/architecture.md`` ("Batch statuses").
 """
 
@@ -17,10 +18,14 @@ import numpy as np
 
 from broker.anomaly import AnomalyModel
 from broker.candidate import Candidate
+from broker.context import ContextConfig, OpenNGC, build_context
 from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import BadCoordinates, PoorQuality
 from broker.frame import Frame
 from broker.history import ObjectHistory
+from broker.lcclass import LightCurveClassifier
+from broker.lightcurve import FEATURE_NAMES, lc_features, light_curve, model_inputs
+from broker.moving import MovingConfig, link_from_history
 from broker.reference import Reference
 from broker.subtract import SubtractConfig, SubtractionResult, subtract_and_detect
 
@@ -174,17 +179,56 @@ def _forced_and_kept(frame: Frame, result: SubtractionResult, differences: Diffe
     return {"t_forced_s": t1 - t0, "t_diffstore_s": time.perf_counter() - t1}
 
 
-def associate_and_score(history: ObjectHistory, model: AnomalyModel, frame_id: str, mjd: float,
-                        band: str, candidates: Sequence[Candidate], magzp: float | None = None,
-                        limiting_flux: float | None = None) -> None:
-    """Associate ``candidates`` with known objects, then set their anomaly scores.
+@dataclass(frozen=True)
+class ScoreModels:
+    """What the score stage judges a candidate with, loaded once at start-up ("Scoring").
 
-    Sets ``obj``, ``history`` and ``anomaly`` on each candidate (the score stage's work), after
-    checking every position (:class:`~broker.errors.BadCoordinates`: a NaN or off-sky RA/Dec, or
-    a non-finite MJD, would otherwise reach the history's NOT NULL columns as NULL);
-    ``mjd`` (MJD, days) is the frame's exposure start, from which the history's ages are taken.
-    The frame's zero point ``magzp`` (mag of 1 ADU) and ``limiting_flux`` (ADU) are kept with each
-    detection for later histories (None when unknown).
+    Attributes
+    ----------
+    anomaly : AnomalyModel
+        Anomaly score over light-curve and context features (:mod:`broker.anomaly`).
+    lcclass : LightCurveClassifier
+        Light-curve class probabilities (:mod:`broker.lcclass`).
+    catalog : OpenNGC or None
+        Deep-sky catalog of the context (None: no catalog matches).
+    context : ContextConfig
+    moving : MovingConfig
+    """
+
+    anomaly: AnomalyModel
+    lcclass: LightCurveClassifier
+    catalog: OpenNGC | None = None
+    context: ContextConfig = ContextConfig()
+    moving: MovingConfig = MovingConfig()
+
+    @classmethod
+    def load(cls, anomaly_model: str | None = None, lcclass_model: str | None = None, openngc: str | None = None,
+             context: ContextConfig = ContextConfig(), moving: MovingConfig = MovingConfig()) -> ScoreModels:
+        """Load the models (a version in ``broker/models/`` or a path; None: the defaults) and the catalog.
+
+        ``openngc`` is an OpenNGC database (None: the one ``pyongc`` ships; ``""``: no catalog).
+
+        Raises
+        ------
+        ModelError, ConfigError
+            A model or the catalog is missing or corrupt: the stage does not start.
+        """
+        catalog = None if openngc == "" else OpenNGC(openngc, config=context)
+        return cls(AnomalyModel.load(anomaly_model), LightCurveClassifier.load(lcclass_model), catalog, context, moving)
+
+
+def associate_and_score(history: ObjectHistory, models: ScoreModels, frame_id: str, mjd: float, band: str,
+                        candidates: Sequence[Candidate], magzp: float | None = None,
+                        limiting_flux: float | None = None, telescope: str | None = None) -> None:
+    """Associate ``candidates`` with known objects, then describe and score them.
+
+    Sets ``obj``, ``history``, ``context``, ``features``, ``classification`` and ``anomaly`` on each
+    candidate (the score stage's work), after checking every position
+    (:class:`~broker.errors.BadCoordinates`: a NaN or off-sky RA/Dec, or a non-finite MJD, would
+    otherwise reach the history's NOT NULL columns as NULL); ``mjd`` (MJD, days) is the frame's
+    exposure start, from which the history's ages are taken. The frame's zero point ``magzp`` (mag
+    of 1 ADU), ``limiting_flux`` (ADU) and ``telescope`` are kept with each detection for later
+    light curves (None when unknown); each object keeps its latest features and classification.
     """
     if not candidates:
         return
@@ -195,5 +239,27 @@ def associate_and_score(history: ObjectHistory, model: AnomalyModel, frame_id: s
         if not (math.isfinite(ra) and math.isfinite(dec) and -90.0 <= dec <= 90.0):
             raise BadCoordinates(f"candidate {cand.cand_id}: RA, Dec = ({ra}, {dec}) is not a position on the sky; "
                                  "nothing of the frame written to the history")
-    history.associate(frame_id, mjd, band, list(candidates), magzp, limiting_flux)
-    model.score_candidates(candidates, mjd)
+    history.associate(frame_id, mjd, band, list(candidates), magzp, limiting_flux, telescope)
+    rows = [_describe(history, models, cand, mjd, band, magzp, limiting_flux, telescope) for cand in candidates]
+    x = np.stack(rows)
+    for cand, classification, anomaly in zip(candidates, models.lcclass.classify(x), models.anomaly.score(x),
+                                             strict=True):
+        cand.classification = classification.to_record()
+        cand.anomaly = float(anomaly)
+    history.keep_summaries([(c.obj.object_id, mjd, c.features, c.classification) for c in candidates if c.obj])
+
+
+def _describe(history: ObjectHistory, models: ScoreModels, cand: Candidate, mjd: float, band: str,
+              magzp: float | None, limiting_flux: float | None, telescope: str | None) -> np.ndarray:
+    """Set ``context`` and ``features`` on an associated candidate; its row of model inputs."""
+    det = cand.detection
+    new = cand.obj is not None and cand.obj.ndet == 1  # a new object: perhaps a moving one seen before
+    tracklet = link_from_history(history, det.ra, det.dec, mjd, models.moving) if new else None
+    context = build_context(det, models.catalog, tracklet, models.context)
+    current = {"cand_id": cand.cand_id, "mjd": mjd, "filter": band, "flux": det.flux, "flux_err": det.flux_err,
+               "magzp": magzp, "limiting_flux": limiting_flux, "telescope": telescope}
+    features = lc_features(light_curve(current, cand.history, cand.forced))
+    cand.context = context.to_record()
+    cand.features = {name: float(v) if math.isfinite(v) else None
+                     for name, v in zip(FEATURE_NAMES, features, strict=True)}
+    return model_inputs(features, context.features())

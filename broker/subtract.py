@@ -13,6 +13,7 @@
 6. **zogy** (:func:`_zogy_images` -> :class:`ZogyImages`): ZOGY (:mod:`broker.zogy`) per PSF tile
    (:func:`broker.psf_match.tile_psfs`), then the blank-sky offset and scale of S_corr taken out;
 7. **detect** (:func:`_find_peaks` -> :class:`Peaks`, :func:`_measure`): peaks of S_corr measured on D;
+   **context** (:func:`_context`): the star or host galaxy under each on the aligned reference;
 8. **cutouts** (:func:`_cutouts`): science, reference and difference stamps of each candidate;
 9. **diagnostics** (:func:`_diagnostics`), with the time of each step (:class:`StepTimer`).
 
@@ -38,7 +39,7 @@ from broker.background import BackgroundConfig, estimate_background
 from broker.candidate import Candidate, Detection
 from broker.cutouts import triplet
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_outliers
-from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, sharp_peaks
+from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, reference_context, sharp_peaks
 from broker.diffstore import DifferenceImage
 from broker.errors import BadPixelFraction, ReferenceUnavailable
 from broker.frame import Frame
@@ -788,6 +789,30 @@ def _measure(peaks: Peaks, images: ZogyImages, bad: np.ndarray, ali: Alignment, 
     return [d for d in dets if d is not None]  # most significant first
 
 
+def _context(detections: list[Detection], ali: Alignment, psfs: PSFMatch, ref_stars: StarList, wcs: WCS,
+             config: SubtractConfig) -> list[Detection]:
+    """Step 7c: star and host galaxy under each detection, on the aligned reference (``ref_extended``, ``host_*``).
+
+    See :func:`broker.detect.reference_context`; the host centre goes through the science WCS.
+    """
+    if not detections:
+        return detections
+    ratio = psfs.flux_ratio
+    var = ali.variance[::8, ::8]
+    var = var[np.isfinite(var)]
+    ref_sigma = float(np.sqrt(np.median(var))) / ratio if var.size else float("nan")  # NaN: nothing measured
+    ref_x, ref_y = ali.to_science(ref_stars.x, ref_stars.y)
+    x = np.array([d.x for d in detections])
+    y = np.array([d.y for d in detections])
+    scale = _pixel_scale_arcsec(wcs)
+    ctx = reference_context(ali.image, ref_sigma, psfs.P_r, psfs.fwhm_r, x, y, np.column_stack([ref_x, ref_y]),
+                            scale, config.detect, ref_scale=1.0 / ratio)
+    host_ra, host_dec = wcs.pixel_to_world_values(ctx[:, 1], ctx[:, 2])
+    return [replace(d, ref_extended=float(c[0]), host_ra=float(hr), host_dec=float(hd),
+                    host_dist=float(c[3] * scale), host_size=float(c[4] * scale), host_flux=float(c[5]))
+            for d, c, hr, hd in zip(detections, ctx, host_ra, host_dec, strict=True)]
+
+
 def _cutouts(detections: list[Detection], science: PreparedScience, R: np.ndarray, diff_cut: np.ndarray,
              flux_ratio: float, frame_id: str) -> list[Candidate]:
     """Step 8: science and reference (background-subtracted, science ADU) and D (``diff_cut``, science ADU) stamps."""
@@ -916,6 +941,8 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
     with timer.step("detect"):
         peaks = _find_peaks(images, science, psfs.fwhm_n, config)
         detections = _measure(peaks, images, masks.bad, ali, ref_stars, psfs.flux_ratio, frame.wcs, config)
+    with timer.step("context"):
+        detections = _context(detections, ali, psfs, ref_stars, frame.wcs, config)
     with timer.step("cutouts"):
         diff_cut = np.where(masks.bad, np.nan, images.D_adu).astype(np.float32)
         cands = _cutouts(detections, science, ali.image, diff_cut, psfs.flux_ratio, meta.frame_id)

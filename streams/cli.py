@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from broker.errors import BrokerError, InvalidFrame, KafkaAuthError
@@ -61,7 +62,7 @@ _INSTANCE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print(f"[red]error:[/red] {escape(str(exc))}")  # escaped: "[[followup.rules]]" is not markup
     raise typer.Exit(2)
 
 
@@ -337,6 +338,64 @@ def subscribe(bootstrap: Bootstrap,
     err.print(f"{shown} shown; {sub.stats.line()}")
 
 
+@app.command()
+def followup(bootstrap: Bootstrap,
+             group: Annotated[Optional[str], typer.Option(
+                 help="Consumer group (default: a new one, from the earliest request).")] = None,
+             filters: Annotated[Optional[str], typer.Option(
+                 help="Bands this telescope observes, comma-separated; other bands are dead-lettered.")] = None,
+             max_requests: Annotated[Optional[int], typer.Option(help="Stop after this many valid requests.")] = None,
+             timeout: Annotated[Optional[float], typer.Option(help="Stop after this many idle seconds.")] = None,
+             config: ConfigOpt = None) -> None:
+    """A telescope's side of follow-up: print each valid request on `followup` as one JSON line.
+
+    A request that does not decode, or that asks for the impossible (off-sky or NaN coordinates, an expired
+    request, an unknown band, a non-positive exposure, ...), goes to `dlq.followup` with its reason.
+    """
+    from broker.config import load_config
+    from streams.followup import run_listener
+    from streams.settings import KafkaSettings
+
+    try:
+        settings = KafkaSettings.load(bootstrap, load_config(config))
+        bands = [b.strip() for b in filters.split(",") if b.strip()] if filters else None
+        stats = run_listener(settings, group=group, filters=bands, timeout=timeout, max_requests=max_requests)
+    except BrokerError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        return
+    Console(stderr=True).print(f"{stats.valid} valid request(s); dead letters: {dict(stats.dead_letters) or 'none'}")
+
+
+@app.command()
+def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at.")],
+             alert_id: Annotated[str, typer.Argument(help="The alert looked at (candid or alertId).")],
+             label: Annotated[str, typer.Argument(help="interesting | not")],
+             who: Annotated[str, typer.Option(help="Who labels (recorded with the label).")] = "operator",
+             model: Annotated[str, typer.Option(help="Anomaly model version of the score looked at.")] = "anomaly-v2",
+             score: Annotated[Optional[float], typer.Option(help="The anomaly score looked at.")] = None,
+             state_dir: Annotated[Path, typer.Option(help="State directory (labels in feedback.sqlite).")] = Path(
+                 "var/state"),
+             export: Annotated[bool, typer.Option("--export", help="Print every label recorded as JSON lines "
+                                                               "instead (the arguments are then ignored).")] = False
+             ) -> None:
+    """Record an operator's "interesting / not" label of an anomaly (the active-learning hook), or export them."""
+    from broker.feedback import FeedbackStore
+
+    store = FeedbackStore(state_dir / "feedback.sqlite")
+    try:
+        if export:
+            for row in store.export():
+                print(json.dumps(row))
+            return
+        row_id = store.record(object_id, alert_id, label, who, model, score)
+    except BrokerError as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    console.print(f"label {row_id}: {object_id} {alert_id} {label} by {who} ({model})")
+
+
 class _SkipWarnings:
     """Warn on stderr about the first 20 skipped messages; the status line counts the rest."""
 
@@ -456,12 +515,33 @@ def print_summary(result: DemoResult, rb_cut: float, elapsed: float) -> None:
     if result.latencies:
         p50, p95 = np.percentile(result.latencies, [50, 95])
         table.add_row("latency exposure end -> alert", f"p50 {p50:.1f} s, p95 {p95:.1f} s")
+    mix = result.class_mix(rb_cut)
+    table.add_row(f"classes (rb >= {rb_cut})", ", ".join(f"{k}: {v}" for k, v in mix.items()) or "none")
+    table.add_row("context", ", ".join(f"{k}: {v}" for k, v in result.context_counts().items()))
+    for rank, (alert, truth) in enumerate(result.anomaly_top(10), 1):
+        label = (alert.get("classification") or {}).get("label", "-")
+        table.add_row(f"  anomaly #{rank}" if rank > 1 else "anomaly top 10",
+                      f"{alert['scores']['anomaly']:.3f} {alert['candid']} rb={_score(alert['scores']['rb'])} "
+                      f"class={label}: injected {truth}")
+    _followup_rows(table, result)
     if result.archive:
         table.add_row("archive", f"{result.archived} alerts in {result.archive}")
         table.add_row("  query it", f'broker query --archive {result.archive} "SELECT object_id, mjd, ra, dec, rb '
                                     'FROM alerts ORDER BY rb DESC LIMIT 10"')
     table.add_row("wall time", f"{elapsed:.0f} s")
     console.print(table)
+
+
+def _followup_rows(table: Table, result: DemoResult) -> None:
+    """The follow-up loop of the demo: requests issued, frames observed for them, new detections there."""
+    rules: dict[str, int] = {}
+    for r in result.followups:
+        rules[r["reason"]["rule"]] = rules.get(r["reason"]["rule"], 0) + 1
+    table.add_row("follow-up requests", f"{len(result.followups)} received by the telescope"
+                  + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(rules.items()))})" if rules else ""))
+    frames = ", ".join(result.followup_frames)
+    table.add_row("  observed", f"{len(result.followup_frames)} follow-up frame(s) {frames}; "
+                                f"{result.followup_detections()} new detection(s) of requested objects there")
 
 
 # --- the archive ---------------------------------------------------------------------------------
@@ -599,6 +679,48 @@ def train_realbogus(
                      workers=workers, train_config=TrainConfig(seed=seed, max_seconds=60 * max_minutes))
     console.print(f"weights: {res['weights']}; report: reports/{version}/report.md; "
                   f"{res['seconds_total']:.0f} s")
+
+
+@app.command("train-lcclass")
+def train_lcclass(
+        seed: Annotated[int, typer.Option(help="Seeds the simulated light curves and the forest.")] = 0,
+        objects: Annotated[int, typer.Option(help="Simulated objects (every detection of each is an alert).")] = 2000,
+        version: Annotated[str, typer.Option(help="Model version written.")] = "lcclass-v1",
+        out_dir: Annotated[Optional[Path], typer.Option(help="Where the model and card go (default broker/models/).")]
+        = None) -> None:
+    """Simulate light curves of every class, train the light-curve classifier, evaluate it, write the card."""
+    from broker import MODELS_DIR
+    from broker.training.lightcurves import main_train_lcclass
+
+    res = main_train_lcclass(seed=seed, n_objects=objects, out=out_dir or MODELS_DIR, version=version)
+    console.print(json.dumps({k: v for k, v in res.items() if isinstance(v, (str, int, float))}))
+
+
+@app.command("train-anomaly")
+def train_anomaly(
+        seed: Annotated[int, typer.Option(help="Seeds the simulated light curves and the fit.")] = 0,
+        objects: Annotated[int, typer.Option(help="Simulated objects of the ordinary classes.")] = 2000,
+        version: Annotated[str, typer.Option(help="Model version written.")] = "anomaly-v2",
+        out_dir: Annotated[Optional[Path], typer.Option(help="Where the model and card go (default broker/models/).")]
+        = None) -> None:
+    """Fit the anomaly model on simulated ordinary light curves (bogus included), evaluate it on rare events."""
+    from broker import MODELS_DIR
+    from broker.training.lightcurves import main_train_anomaly
+
+    res = main_train_anomaly(seed=seed, n_objects=objects, out=out_dir or MODELS_DIR, version=version)
+    console.print(json.dumps({k: v for k, v in res.items() if isinstance(v, (str, int, float))}))
+
+
+@app.command("eval-lightcurves")
+def eval_lightcurves(
+        out_dir: Annotated[Path, typer.Option(help="Report folder.")] = Path("docs/lightcurve-report"),
+        seed: Annotated[int, typer.Option(help="Held-out simulations use seed + 2000 (rare events seed + 2001).")] = 0,
+        objects: Annotated[int, typer.Option(help="Simulated held-out objects.")] = 2000) -> None:
+    """Report of the light-curve models: confusion matrix, feature importances, anomaly recovery of rare events."""
+    from broker.training.lightcurves import main_report
+
+    res = main_report(out_dir=out_dir, seed=seed, n_objects=objects)
+    console.print(json.dumps({k: v for k, v in res.items() if isinstance(v, (str, int, float))}))
 
 
 @app.command("eval-realbogus")

@@ -1,14 +1,23 @@
-"""The one-command demo: embedded broker, all stages, a simulated telescope and a subscriber."""
+"""The one-command demo: embedded broker, all stages, a simulated telescope and a subscriber.
+
+The telescope closes the loop: while it observes, a :class:`FollowupDesk` reads the follow-up
+requests the alert stage writes on ``followup`` (:class:`streams.followup.FollowupListener`); once
+the scheduled frames are through the pipeline it observes the field of each open request in the
+requested band as an extra visit (:meth:`broker.simulate.SkySimulator.frame` with ``visit``), and
+the pipeline turns those frames into new detections of the requested objects
+(:meth:`DemoResult.followup_detections`).
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +27,20 @@ from astropy.wcs import WCS
 
 from broker.archive.reader import Archive
 from broker.config import load_config
+from broker.frame import Frame
 from broker.simulate import SimConfig, SkySimulator, Truth
 from streams import serde, topics
 from streams.archiver import archive_url
 from streams.embedded import EmbeddedKafka
+from streams.followup import FollowupListener
 from streams.framestore import FrameStore
 from streams.monitor import read_all, stage_backlog
 from streams.producer import FrameProducer
 from streams.settings import KafkaSettings
 from streams.stages import STAGE_NAMES, STAGES, pipeline_topics
 from streams.subscriber import alerts
+
+log = logging.getLogger(__name__)
 
 #: S/N bins of the recovery table (lower edges; the last bin is open).
 SNR_BINS = (5.0, 7.0, 10.0, 20.0)
@@ -54,6 +67,8 @@ class DemoResult:
     wcs: dict[str, WCS] = field(default_factory=dict)  # frame id -> celestial WCS
     archive: str = ""  # the archive the archive stage wrote (directory or URL)
     archived: int = 0  # alerts in it
+    followups: list[dict] = field(default_factory=list)  # valid follow-up requests the telescope received
+    followup_frames: list[str] = field(default_factory=list)  # frame ids of the visits made for them
 
     _mask_xy: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -129,6 +144,17 @@ class DemoResult:
                 out.append((frame_id, inj.source_id, float(inj.snr), d, self.in_saturation_mask(frame_id, inj)))
         return out
 
+    def followup_detections(self) -> int:
+        """New detections of requested objects in follow-up frames.
+
+        Alerts whose ``provenance.frame_id`` is one of :attr:`followup_frames` and whose
+        ``objectId`` is the object of one of :attr:`followups`: the loop closed, a request became
+        a measurement.
+        """
+        frames = set(self.followup_frames)
+        wanted = {r["object_id"] for r in self.followups}
+        return sum(1 for a in self.alerts if a["provenance"]["frame_id"] in frames and a["objectId"] in wanted)
+
     def false_alerts(self, rb_cut: float | None = None) -> int:
         """Alerts that match no injected real source (transient, variable star, moving object)."""
         n = 0
@@ -139,6 +165,166 @@ class DemoResult:
             if truth is None or not any(matches(a, i) for i in truth.injections if i.kind in REAL_KINDS):
                 n += 1
         return n
+
+    def truth_of(self, alert: dict) -> str:
+        """What was injected where ``alert`` is: ``<kind> <source id>`` of the nearest match, else ``bogus``."""
+        truth = self.truths.get(alert["provenance"]["frame_id"])
+        hits = [i for i in (truth.injections if truth else []) if matches(alert, i)]
+        if not hits:
+            return "bogus (nothing injected)"
+        best = min(hits, key=lambda i: np.hypot(alert["source"]["x"] - i.x, alert["source"]["y"] - i.y))
+        return f"{best.kind} {best.source_id}"
+
+    def class_mix(self, rb_cut: float | None = None) -> dict[str, int]:
+        """Alerts per most probable light-curve class (``unclassified`` without one), rb below ``rb_cut`` left out."""
+        out: dict[str, int] = {}
+        for a in self.alerts:
+            if rb_cut is None or (a["scores"]["rb"] is not None and a["scores"]["rb"] >= rb_cut):
+                label = (a.get("classification") or {}).get("label", "unclassified")
+                out[label] = out.get(label, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def anomaly_top(self, n: int = 10) -> list[tuple[dict, str]]:
+        """The ``n`` alerts of highest anomaly score with what was injected there (:meth:`truth_of`)."""
+        ranked = sorted(self.alerts, key=lambda a: -a["scores"]["anomaly"])[:n]
+        return [(a, self.truth_of(a)) for a in ranked]
+
+    def context_counts(self) -> dict[str, int]:
+        """Alerts with a host, a nuclear position, a star under them, a moving-object link, an OpenNGC match."""
+        ctx = [a.get("context") or {} for a in self.alerts]
+        return {"host": sum(c.get("host") is not None for c in ctx),
+                "nuclear": sum(bool((c.get("host") or {}).get("nuclear")) for c in ctx),
+                "on a star": sum(bool(c.get("on_star")) for c in ctx),
+                "moving": sum(bool(c.get("moving")) for c in ctx),
+                "OpenNGC match": sum(bool(c.get("matches")) for c in ctx)}
+
+
+# --- the telescope's follow-up desk ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FollowupVisit:
+    """One follow-up visit the simulated telescope makes: a field in a band, for the requests in it.
+
+    Attributes
+    ----------
+    field, band : str
+    epoch : int
+        The field's latest scheduled epoch in that band: the visit repeats it ``visit`` slots later.
+    visit : int
+        1, 2, ... per (field, band, epoch).
+    mjd : float
+        Its exposure start (MJD).
+    requests : tuple of dict
+        The ``followup`` records it serves (highest priority first); the frame's ``FOLLOWUP`` card
+        names the first.
+    """
+
+    field: str
+    band: str
+    epoch: int
+    visit: int
+    mjd: float
+    requests: tuple[dict, ...]
+
+
+def plan_followups(sim: SkySimulator, requests: Iterable[dict], scheduled: dict[tuple[str, str], Truth],
+                   visits_made: dict[tuple[str, str, int], int] | None = None) -> list[FollowupVisit]:
+    """The visits that serve ``requests``: one per (field, band) holding any, in its next slot.
+
+    A request is served when its target lies in a field of the telescope (``sim.field_at``, at
+    least ``edge_margin`` px inside) that it has observed in the requested band (``scheduled``:
+    the latest scheduled frame's truth per (field, band)) and it is still open at the visit's time
+    (``expiry_mjd`` after it). ``visits_made`` counts the visits already made per (field, band,
+    epoch); it is updated.
+    """
+    made = {} if visits_made is None else visits_made
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for req in sorted(requests, key=lambda r: (r["priority"], r["created_mjd"], r["request_id"])):
+        where = sim.field_at(req["ra"], req["dec"], margin=sim.config.edge_margin)
+        if where is not None and (where, req["filter"]) in scheduled:
+            groups.setdefault((where, req["filter"]), []).append(req)
+    out = []
+    for (name, band), reqs in groups.items():
+        last = scheduled[(name, band)]
+        visit = made.get((name, band, last.epoch), 0) + 1
+        mjd = last.mjd + visit * sim.config.followup_gap_days
+        still_open = tuple(r for r in reqs if r["expiry_mjd"] > mjd)
+        if still_open:
+            made[(name, band, last.epoch)] = visit
+            out.append(FollowupVisit(name, band, last.epoch, visit, mjd, still_open))
+    return out
+
+
+class FollowupDesk:
+    """The simulated telescope's follow-up desk: reads ``followup`` while observing, serves open requests.
+
+    Parameters
+    ----------
+    settings : KafkaSettings
+    sim : SkySimulator
+        The telescope: its fields and bands decide what it can serve.
+    topic : str
+        The request topic (default ``followup``).
+
+    Notes
+    -----
+    A :class:`streams.followup.FollowupListener` thread (consumer group ``<app_id>.telescope``)
+    checks each request against the telescope's bands and clock (:attr:`now_mjd`, the start of
+    its latest frame) and dead-letters the others to ``dlq.followup``.
+    """
+
+    def __init__(self, settings: KafkaSettings, sim: SkySimulator, topic: str = topics.FOLLOWUP) -> None:
+        self.settings, self.sim, self.topic = settings, sim, topic
+        self.now_mjd = sim.config.mjd_start
+        self.received: list[dict] = []
+        self.served: set[str] = set()
+        self.visits_made: dict[tuple[str, str, int], int] = {}
+        self.listener = FollowupListener(settings, "telescope", sim.config.filters, lambda: self.now_mjd, topic)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, daemon=True, name="followup-desk")
+
+    def start(self) -> None:
+        """Start listening (from the earliest request the group has not handled)."""
+        self.listener.open()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop listening and close the consumer."""
+        self._stop.set()
+        self._thread.join(15)
+
+    def _listen(self) -> None:
+        try:
+            for req in self.listener.requests(stop=self._stop.is_set):
+                with self._lock:
+                    self.received.append(req)
+        finally:
+            self.listener.close()
+
+    def caught_up(self, timeout: float = 30.0) -> bool:
+        """Wait until the listener has read every request now on the topic (False: not within ``timeout`` s)."""
+        from streams.monitor import read_all
+
+        target = len(read_all(self.settings, [self.topic]))
+        deadline = time.monotonic() + timeout
+        while self.listener.stats.received < target and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.listener.stats.received >= target
+
+    def serve(self, scheduled: dict[tuple[str, str], Truth],
+              publish: Callable[[Frame, Truth], None]) -> list[FollowupVisit]:
+        """Observe every open request not served yet, once; ``publish`` each frame. The visits made."""
+        with self._lock:
+            pending = [r for r in self.received if r["request_id"] not in self.served]
+        visits = plan_followups(self.sim, pending, scheduled, self.visits_made)
+        for v in visits:
+            frame, truth = self.sim.frame(v.field, v.band, v.epoch, v.visit, request_id=v.requests[0]["request_id"])
+            self.now_mjd = max(self.now_mjd, truth.mjd)
+            publish(frame, truth)
+            self.served.update(r["request_id"] for r in v.requests)
+        return visits
 
 
 def _saturated_sky(frame) -> np.ndarray:
@@ -210,12 +396,15 @@ def wait_until_drained(settings: KafkaSettings, procs: list[subprocess.Popen], t
 def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = Path("var/demo"),
              sim: SimConfig = SimConfig(), seed: int = 1, interval: float = 0.0, timeout: float = 1800.0,
              on_alert: Callable[[dict], None] | None = None,
-             on_progress: Callable[[int, int | None], None] | None = None) -> DemoResult:
+             on_progress: Callable[[int, int | None], None] | None = None, followup: bool = True) -> DemoResult:
     """Run the whole chain on ``n_frames`` simulated frames and collect what came out.
 
     Frames are sent ``interval`` s apart (a telescope's exposure + readout cadence; 0 sends them
     all at once). ``on_alert(alert)`` and ``on_progress(frames_published, backlog_or_None)`` let a
-    caller show progress.
+    caller show progress. With ``followup`` the telescope reads the follow-up requests while it
+    observes and, once the pipeline has drained, makes one visit per (field, band) holding open
+    requests, then the pipeline drains again (:class:`FollowupDesk`; :attr:`DemoResult.followups`,
+    :attr:`DemoResult.followup_frames`).
     """
     workdir.mkdir(parents=True, exist_ok=True)
     result = DemoResult()
@@ -231,34 +420,70 @@ def run_demo(n_frames: int = 12, bootstrap: str | None = None, workdir: Path = P
         subscriber = threading.Thread(target=_subscribe, args=(settings, result, stop, on_alert), daemon=True)
         subscriber.start()
         producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 * 1024 * 1024, 1 << 30)
-        next_shutter = time.monotonic()
-        for i, (frame, truth) in enumerate(SkySimulator(sim, seed=seed).frames(n_frames), 1):
-            time.sleep(max(0.0, next_shutter - time.monotonic()))
-            next_shutter += interval
+        telescope = SkySimulator(sim, seed=seed)
+        desk = FollowupDesk(settings, telescope) if followup else None
+        if desk is not None:
+            desk.start()
+            stack.callback(desk.stop)
+
+        def publish(frame: Frame, truth: Truth) -> None:
             producer.publish_frame(frame, exposure_end=time.time())  # the simulated shutter closes now
             result.truths[truth.frame_id] = truth
             result.saturated[truth.frame_id] = _saturated_sky(frame)
             result.wcs[truth.frame_id] = frame.wcs
+            if desk is not None:
+                desk.now_mjd = max(desk.now_mjd, truth.mjd)
+
+        next_shutter = time.monotonic()
+        for i, (frame, truth) in enumerate(telescope.frames(n_frames), 1):
+            time.sleep(max(0.0, next_shutter - time.monotonic()))
+            next_shutter += interval
+            publish(frame, truth)
             if on_progress:
                 on_progress(i, None)
         producer.flush()
         wait_until_drained(settings, procs, timeout, lambda b: on_progress and on_progress(n_frames, b))
-        per_frame = {}
-        for msg in read_all(settings, [topics.CANDIDATES]):
-            batch = serde.decode("candidates", msg.value(), dict(msg.headers() or []))
-            result.statuses[batch["frame_id"]] = batch["status"]
-            per_frame[batch["frame_id"]] = len(batch["candidates"])  # a frame counts once
-        result.candidates = sum(per_frame.values())
-        deadline = time.monotonic() + 30.0  # one alert per candidate: let the subscriber catch up
-        while len(result.alerts) < result.candidates and time.monotonic() < deadline:
-            time.sleep(0.2)
+        if desk is not None:
+            _follow_up(desk, result, publish, producer.flush)
+            wait_until_drained(settings, procs, timeout, lambda b: on_progress and on_progress(n_frames, b))
+        _collect(settings, result)
         stop.set()
         subscriber.join(10)
-        for msg in read_all(settings, [s.dead_letters for s in STAGES]):
-            result.dead_letters.append(serde.decode("dlq", msg.value(), dict(msg.headers() or [])))
     result.archive = archive_url(load_config(state_dir=workdir / "state"))  # the stages' --state-dir
     result.archived = Archive(result.archive).count()
     return result
+
+
+def _follow_up(desk: FollowupDesk, result: DemoResult, publish: Callable[[Frame, Truth], None],
+               flush: Callable[[], object]) -> None:
+    """Serve the requests still open once, after the scheduled frames (the telescope's next slots)."""
+    if not desk.caught_up():
+        log.warning("the follow-up listener did not catch up with the request topic within 30 s")
+    scheduled: dict[tuple[str, str], Truth] = {}
+    for truth in result.truths.values():  # the latest scheduled frame per (field, band)
+        key = (truth.field, truth.filter)
+        if truth.visit == 0 and (key not in scheduled or truth.epoch > scheduled[key].epoch):
+            scheduled[key] = truth
+    visits = desk.serve(scheduled, publish)
+    flush()
+    result.followups = list(desk.received)
+    result.followup_frames = [t.frame_id for t in result.truths.values() if t.visit > 0]
+    log.info("follow-up: %d requests received, %d visits made", len(result.followups), len(visits))
+
+
+def _collect(settings: KafkaSettings, result: DemoResult) -> None:
+    """Batch statuses, candidate count and dead letters from the topics; wait for the alerts."""
+    per_frame = {}
+    for msg in read_all(settings, [topics.CANDIDATES]):
+        batch = serde.decode("candidates", msg.value(), dict(msg.headers() or []))
+        result.statuses[batch["frame_id"]] = batch["status"]
+        per_frame[batch["frame_id"]] = len(batch["candidates"])  # a frame counts once
+    result.candidates = sum(per_frame.values())
+    deadline = time.monotonic() + 30.0  # one alert per candidate: let the subscriber catch up
+    while len(result.alerts) < result.candidates and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for msg in read_all(settings, [s.dead_letters for s in STAGES] + [topics.DLQ_FOLLOWUP]):
+        result.dead_letters.append(serde.decode("dlq", msg.value(), dict(msg.headers() or [])))
 
 
 def _subscribe(settings: KafkaSettings, result: DemoResult, stop: threading.Event, on_alert) -> None:

@@ -95,7 +95,10 @@ def decode_ocf(payload: bytes) -> list[dict]:
 
 # --- candidate batches ----------------------------------------------------------------------------
 #: Detection fields that may be unknown: NaN on :class:`Detection`, null in the record.
-_OPTIONAL_FIELDS = ("x_err", "y_err", "ra_err", "dec_err")
+_OPTIONAL_FIELDS = ("x_err", "y_err", "ra_err", "dec_err", "ref_extended", "host_ra", "host_dec", "host_dist",
+                    "host_size", "host_flux")
+#: What the score stage adds to a candidate, each as its record (``candidates/v3``; null before).
+_SCORE_RECORDS = ("context", "features", "classification", "followup")
 _DETECTION_FIELDS = tuple(f.name for f in dataclass_fields(Detection) if f.name not in _OPTIONAL_FIELDS)
 
 
@@ -117,6 +120,7 @@ def candidate_to_record(cand: Candidate) -> dict:
         "cutouts": cand.triplet().astype("<f4").tobytes(),
         "rb": cand.rb, "anomaly": cand.anomaly, "history": cand.history, "forced": cand.forced,
         "object": None if cand.obj is None else dataclass_asdict(cand.obj),
+        **{name: getattr(cand, name) for name in _SCORE_RECORDS},
     }
 
 
@@ -124,7 +128,8 @@ def record_to_candidate(rec: dict) -> Candidate:
     """Inverse of :func:`candidate_to_record`; raises :class:`DecodeError` on a bad cutout block.
 
     A record read from a ``candidates/v1`` batch (resolved to the current schema) has null position
-    errors (NaN on the detection) and no forced photometry.
+    errors (NaN on the detection) and no forced photometry; one of v1 or v2 has no host measurements
+    (NaN) and no context, features, classification or follow-up (None).
     """
     size = 3 * CUTOUT_SIZE * CUTOUT_SIZE * 4
     if len(rec["cutouts"]) != size:
@@ -135,4 +140,5 @@ def record_to_candidate(rec: dict) -> Candidate:
     det = Detection(**values)
     obj = ObjectSummary(**rec["object"]) if rec.get("object") else None
     return Candidate(rec["cand_id"], det, sci, ref, diff, rec.get("rb"), rec.get("anomaly"), obj,
-                     list(rec.get("history") or []), list(rec.get("forced") or []))
+                     list(rec.get("history") or []), list(rec.get("forced") or []),
+                     **{name: rec.get(name) for name in _SCORE_RECORDS})

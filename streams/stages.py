@@ -9,27 +9,31 @@ Only the classify stage imports torch.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from broker.alert import build_alert, frame_context
-from broker.anomaly import AnomalyModel
+from broker.alert import PUBLISHER, alert_fields, build_alert, frame_context
 from broker.config import PipelineConfig
 from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame, NotIngested, PoorQuality
+from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record
 from broker.frame import Frame, decode_fits, sha256
 from broker.history import open_history
 from broker.ingest import check_record, ingest, validate
 from broker.ledger import FrameLedger, pixel_checksum
-from broker.pipeline import FrameResult, associate_and_score, process_frame
+from broker.pipeline import FrameResult, ScoreModels, associate_and_score, process_frame
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from streams import serde, topics
+from streams.followup import FollowupRules, request_message
 from streams.frame_auth import FrameAuthoriser
 from streams.framestore import FrameStore
 from streams.framing import AlertEncoder, FramingConfig
 from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage, parse_time
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class Stage:
     def outputs(self, config: PipelineConfig | None = None) -> tuple[str, ...]:
         """Topics every output of the stage goes to under ``config`` (default config), per-filter copies left out."""
         if self.alert_outputs:
-            return tuple(t.name for t in (config or PipelineConfig()).alert_topics)
+            return tuple(t.name for t in (config or PipelineConfig()).alert_topics) + (topics.FOLLOWUP,)
         return (self.output,) if self.output else ()
 
     def writes_for(self, config: PipelineConfig | None = None) -> tuple[str, ...]:
@@ -241,14 +245,28 @@ def classify_handler(config: PipelineConfig) -> Handler:
 
 
 def score_handler(config: PipelineConfig) -> Handler:
-    """Object association, history and anomaly scores (``candidates`` -> ``candidates``)."""
+    """Association, history, context, light-curve class, anomaly, follow-up (``candidates`` -> ``candidates``).
+
+    Models, the catalog and the follow-up rules are loaded and checked here, once: a missing or
+    corrupt file or a bad rule stops the stage at start-up (``ModelError``/``ConfigError``).
+    """
     history = open_history(config.state_dir, config.history)  # PostgreSQL with [history] dsn, else SQLite
-    model = AnomalyModel.load(config.anomaly_model)
+    models = ScoreModels.load(config.anomaly_model, config.lcclass_model, config.openngc, config.context,
+                              config.moving)
+    rules = FollowupRules(config.followup)
+    followups = FollowupStore(history.store)
 
     def score(batch: dict, cands: list) -> None:
-        associate_and_score(history, model, batch["frame_id"], batch["mjd_start"], batch["filter"], cands,
-                            batch["magzp"], batch["limiting_flux"])
-        batch["model_versions"]["anomaly"] = model.version
+        associate_and_score(history, models, batch["frame_id"], batch["mjd_start"], batch["filter"], cands,
+                            batch["magzp"], batch["limiting_flux"], batch["telescope"])
+        versions = batch["model_versions"]
+        versions["anomaly"], versions["lcclass"] = models.anomaly.version, models.lcclass.version
+        ctx = frame_context(batch)
+        for cand in cands:
+            rule = rules.first_match(alert_fields(ctx, cand, versions))
+            status = followups.for_candidate(cand.obj.object_id, cand.cand_id, batch["mjd_start"], cand.history,
+                                             rule)
+            cand.followup = None if status is None else status.to_record()
 
     return _rescore(topics.SCORED, score)
 
@@ -286,6 +304,7 @@ def alert_handler(config: PipelineConfig) -> Handler:
             cand = serde.record_to_candidate(rec)
             alert = build_alert(ctx, cand, batch["model_versions"], _timing(msg.headers, start), time.time())
             key = str(alert["objectId"]).encode()
+            outs += _followup_request(config, alert)
             for spec, encoder in encoders:
                 out = encoder.encode(alert, key)
                 outs.append(OutMessage(spec.name, out.value, out.key, out.headers))
@@ -297,6 +316,23 @@ def alert_handler(config: PipelineConfig) -> Handler:
     return handle
 
 
+def _followup_request(config: PipelineConfig, alert: dict) -> list[OutMessage]:
+    """The ``followup`` message of the request ``alert``'s candidate opened, if it opened one (else none).
+
+    Made again when the alert is made again (a replay after a crash), in the same transaction as
+    the alert, so a request is published exactly once with its alert.
+    """
+    status = None if alert["followup"] is None else FollowupStatus.from_record(alert["followup"])
+    if status is None or not opened_by(status, alert["objectId"], alert["candid"]):
+        return []
+    rule = config.followup.rule(status.rule)
+    if rule is None:  # the rule was removed from the configuration since the score stage applied it
+        log.warning("follow-up request %s: rule %r is no longer configured; not published", status.request_id,
+                    status.rule)
+        return []
+    return [request_message(request_record(status, rule, alert, PUBLISHER))]
+
+
 #: The pipeline, in order: each stage consumes the previous stage's output.
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", topics.FRAMES, topics.INGESTED, ingest_handler,
@@ -306,9 +342,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("classify", topics.CANDIDATES, topics.CLASSIFIED, classify_handler,
           "real/bogus CNN score of each candidate"),
     Stage("score", topics.CLASSIFIED, topics.SCORED, score_handler,
-          "object association, history, anomaly score"),
+          "object association, history, context, light-curve features and class, anomaly score, follow-up rules"),
     Stage("alert", topics.SCORED, topics.ALERTS, alert_handler,
-          "one Avro alert per candidate, in each alert topic's framing", alert_outputs=True),
+          "one Avro alert per candidate, in each alert topic's framing; the follow-up requests", alert_outputs=True),
     Stage("archive", topics.ALERTS, None, None,
           "every alert, cutouts included, into the Parquet archive, exactly once", kind="archive"),
 )
@@ -347,7 +383,7 @@ def pipeline_topics(filters: tuple[str, ...], partitions: int = 1,
     names = [STAGES[0].input] + [t for s in STAGES for t in s.outputs(cfg)]
     names += [topics.filter_topic(t.name, band) for s in STAGES if s.alert_outputs for t in cfg.alert_topics
               if t.per_filter for band in filters]
-    names += [s.dead_letters for s in STAGES]
+    names += [s.dead_letters for s in STAGES] + [topics.DLQ_FOLLOWUP]  # the telescopes' refused follow-up requests
     progress = [topics.TopicSpec(s.progress, partitions, config=topics.PROGRESS_CONFIG) for s in STAGES if s.progress]
     return [topics.TopicSpec(n, partitions) for n in names] + progress
 
@@ -365,7 +401,8 @@ def stage_table_markdown() -> str:
     """The stage table of ``docs/architecture.md`` (a test checks that the document holds it)."""
     rows = ["| stage | consumes | produces | dead letters | what it does |", "|---|---|---|---|---|"]
     for s in STAGES:
-        out = f"`{s.output}`, `{s.output}.<filter>` (default; `[[alert_topics]]`)" if s.alert_outputs \
+        out = f"`{s.output}`, `{s.output}.<filter>` (default; `[[alert_topics]]`), `{topics.FOLLOWUP}`" \
+            if s.alert_outputs \
             else f"`{s.output}`" if s.output else "Parquet archive (`[archive] path`, default `<state_dir>/archive`)"
         rows.append(f"| `{s.name}` | `{s.input}` | {out} | `{s.dead_letters}` | {s.summary} |")
     return "\n".join(rows)

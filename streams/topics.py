@@ -21,6 +21,10 @@ CANDIDATES = "candidates"
 CLASSIFIED = "classified"
 SCORED = "scored"
 ALERTS = "alerts"
+#: Follow-up requests (``followup/v1``, ``broker/followup.py``): written by the alert stage, read by telescopes.
+FOLLOWUP = "followup"
+#: Requests a telescope's listener refused (``dlq/v2``, stage ``followup``; ``streams/followup.py``).
+DLQ_FOLLOWUP = "dlq.followup"
 
 #: Largest message a topic accepts (bytes): frames up to the inline limit plus headroom.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024

@@ -229,7 +229,10 @@ def test_strimzi_user_per_stage_with_only_its_topics():
         volumes = _named("StatefulSet", stage.name)["spec"]["template"]["spec"]["volumes"]
         assert {"name": "kafka-user", "secret": {"secretName": stage.name}} in volumes
     telescope, subscriber = _acls("telescope"), _acls("subscriber")
-    assert {(t, n, op) for t, n, _, op in telescope} == {("topic", "frames", "Write"), ("topic", "frames", "Describe")}
+    assert {(t, n, op) for t, n, _, op in telescope} == {
+        ("topic", "frames", "Write"), ("topic", "frames", "Describe"),  # frames out, follow-up requests in
+        ("topic", "followup", "Read"), ("topic", "followup", "Describe"), ("group", "broker.followup", "Read"),
+        ("topic", "dlq.followup", "Write"), ("topic", "dlq.followup", "Describe")}
     assert {op for *_, op in subscriber} <= {"Read", "Describe"} and ("topic", "alerts", "prefix", "Read") in subscriber
 
 
@@ -256,8 +259,11 @@ def test_compose_kafka_needs_scram_and_each_principal_has_its_acls():
         inp, *outs = staged[stage.name]
         assert inp == stage.input and {o for o in outs if not o.endswith(".")} == set(stage.outputs(_k8s_config()))
     grants = {tuple(words[1:]) for words in lines if words[0] == "allow"}
-    assert {g for g in grants if g[0] == "telescope"} == {("telescope", "Write", "topic", "frames"),
-                                                         ("telescope", "Describe", "topic", "frames")}
+    assert {g for g in grants if g[0] == "telescope"} == {
+        ("telescope", "Write", "topic", "frames"), ("telescope", "Describe", "topic", "frames"),
+        ("telescope", "Read", "topic", "followup"), ("telescope", "Describe", "topic", "followup"),
+        ("telescope", "Read", "group", "broker.followup", "prefixed"), ("telescope", "Write", "topic", "dlq.followup"),
+        ("telescope", "Describe", "topic", "dlq.followup")}
     assert {g[1] for g in grants if g[0] == "subscriber"} == {"Read", "Describe"}
     assert services["producer"]["environment"]["BROKER_KAFKA_USERNAME"] == "telescope"
     assert services["subscriber"]["environment"]["BROKER_KAFKA_USERNAME"] == "subscriber"

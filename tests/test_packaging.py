@@ -28,7 +28,8 @@ def test_a_wheel_installs_the_models_and_schemas(tmp_path):
     assert res.returncode == 0, res.stderr
     (wheel,) = (tmp_path / "dist").glob("transient_broker-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for model in ("realbogus-v11.pt", "realbogus-v11.json", "realbogus-v10.pt", "anomaly-v1.npz", "anomaly-v1.json"):
+    for model in ("realbogus-v11.pt", "realbogus-v11.json", "realbogus-v10.pt", "anomaly-v2.npz", "anomaly-v2.json",
+                  "lcclass-v1.npz", "lcclass-v1.json"):
         assert f"broker/models/{model}" in names
     assert "schemas/alert/v1.avsc" in names
     site = tmp_path / "site"
@@ -37,10 +38,13 @@ def test_a_wheel_installs_the_models_and_schemas(tmp_path):
     assert res.returncode == 0, res.stderr
     code = ("import broker, schemas\n"
             "from broker.realbogus import RealBogusClassifier\n"
-            "from broker.anomaly import AnomalyModel\n"
+            "from broker.pipeline import ScoreModels\n"
             f"assert broker.__file__.startswith({str(site)!r}), broker.__file__\n"
-            "print(RealBogusClassifier.load().version, AnomalyModel.load().version, schemas.load('alert')['name'])\n")
+            "m = ScoreModels.load()\n"
+            "print(RealBogusClassifier.load().version, m.anomaly.version, m.lcclass.version, m.catalog.version,\n"
+            "      schemas.load('alert')['name'])\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split() == ["realbogus-v11", "anomaly-v1", "broker.alert.v2.Alert"]
+    assert res.stdout.split()[:3] == ["realbogus-v11", "anomaly-v2", "lcclass-v1"]
+    assert res.stdout.split()[4] == "broker.alert.v3.Alert" and res.stdout.split()[3].isdigit()  # OpenNGC's date

@@ -213,6 +213,8 @@ class Archive:
             con.execute(f"CREATE VIEW {VIEW} AS SELECT * EXCLUDE (filename) FROM {VIEW}_files")
         except duckdb.Error as exc:
             con.close()
+            if not verify:  # DuckDB may not name the file whose footer it cannot parse: the checksums do
+                self.check(files, deep=True)
             raise self._error(exc, files) from exc
         return con, files
 

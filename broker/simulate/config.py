@@ -51,6 +51,12 @@ class SimConfig:
         MJD of epoch 0.
     mjd_scatter : float
         Days, uniform scheduling scatter added to each frame's start.
+    followup_gap_days : float
+        Days between the visits of one epoch: visit v > 0 (a follow-up visit,
+        ``SkySimulator.frame(..., visit=v)``) starts ``v * followup_gap_days`` after visit 0. Default
+        0.02 d (~29 min): the next slot of a robotic telescope's queue after a 60 s frame, long
+        enough for moving objects to move (20-200 arcsec/day: 0.4-4 arcsec) and short enough that
+        a transient keeps the brightness of its epoch.
     n_stars : int
         Stars per field (over the frame footprint). A few thousand: high Galactic latitude to r~22.
     star_mag_range : (float, float)
@@ -161,6 +167,7 @@ class SimConfig:
     cadence: float = 1.0
     mjd_start: float = 60000.0
     mjd_scatter: float = 0.1
+    followup_gap_days: float = 0.02
     n_stars: int = 3000
     star_mag_range: tuple[float, float] = (12.0, 22.5)
     star_count_slope: float = 0.3

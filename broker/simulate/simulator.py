@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import asdict, dataclass
 from dataclasses import field as dc_field
@@ -82,6 +83,9 @@ class Truth:
         Exposure start, MJD.
     sky : float
         Mean sky level, ADU/px.
+    visit : int
+        0 for the scheduled frame of the epoch, v > 0 for a follow-up visit of it
+        (:meth:`SkySimulator.frame`).
     """
 
     frame_id: str
@@ -95,6 +99,7 @@ class Truth:
     psf_theta: float = 0.0
     mjd: float = 0.0
     sky: float = 0.0
+    visit: int = 0
 
     def of_kind(self, *kinds: str) -> list[Injection]:
         """The injections of the given kinds."""
@@ -188,7 +193,8 @@ class _Scene:
 class SkySimulator:
     """Seeded simulated telescope.
 
-    ``frame(field, filter, epoch)`` is a pure function of (seed, config, field, filter, epoch).
+    ``frame(field, filter, epoch, visit)`` is a pure function of (seed, config, field, filter, epoch,
+    visit).
 
     Parameters
     ----------
@@ -210,13 +216,43 @@ class SkySimulator:
         self._snr_grid = render.optimal_snr(signal, signal + c.sky_level, c.gain, c.read_noise)
 
     # --- public API ------------------------------------------------------------------------
-    def frame(self, field: str, filter: str, epoch: int) -> tuple[Frame, Truth]:
-        """Raw frame and truth for (field, filter, epoch); deterministic."""
-        scene = self._render(field, filter, epoch)
+    def frame(self, field: str, filter: str, epoch: int, visit: int = 0,
+              request_id: str | None = None) -> tuple[Frame, Truth]:
+        """Raw frame and truth for (field, filter, epoch, visit); deterministic.
+
+        Parameters
+        ----------
+        field, filter : str
+        epoch : int
+        visit : int
+            0: the epoch's scheduled frame. v > 0: a follow-up visit of the same epoch, starting
+            ``v * followup_gap_days`` after visit 0, with seeing, pointing, sky, noise and
+            artifacts of its own; variable stars and moving objects as they are at its time,
+            transients at the epoch's brightness. Its frame id ends in ``-v<visit>``.
+        request_id : str, optional
+            The follow-up request the visit serves: the header card ``FOLLOWUP`` (visits > 0 only).
+        """
+        if visit < 0:
+            raise ValueError(f"visit must be >= 0, not {visit}")
+        scene = self._render(field, filter, epoch, visit)
         c = self.config
-        rng = pop.rng_for(self.seed, "noise", field, filter, epoch)
+        rng = pop.rng_for(self.seed, "noise", field, filter, epoch, *_visit_keys(visit))
         data = render.add_noise(scene.model, c.gain, c.read_noise, c.saturation, rng)
+        if visit and request_id is not None:
+            scene.header["FOLLOWUP"] = (request_id, "follow-up request served by this visit")
         return Frame(meta=meta_from_header(scene.header), data=data, header=scene.header), scene.truth
+
+    def field_at(self, ra: float, dec: float, margin: float = 0.0) -> str | None:
+        """The first field of the configuration whose nominal footprint holds (``ra``, ``dec``) (deg).
+
+        ``margin`` (px) keeps that far inside the edges. None: no field covers it.
+        """
+        ny, nx = self.config.shape
+        for name in self.config.fields:
+            x, y = self._sky(name)[1].wcs_world2pix([ra], [dec], 0)
+            if margin - 0.5 <= x[0] <= nx - 0.5 - margin and margin - 0.5 <= y[0] <= ny - 0.5 - margin:
+                return name
+        return None
 
     def frames(self, n: int) -> Iterator[tuple[Frame, Truth]]:
         """The first ``n`` frames, epoch-major: epoch 0 of every (field, filter), then epoch 1..."""
@@ -248,24 +284,29 @@ class SkySimulator:
     def _flux_for_snr(self, snr: np.ndarray | float) -> np.ndarray | float:
         return np.interp(snr, self._snr_grid, self._flux_grid)
 
-    def _render(self, field: str, filter: str, epoch: int) -> _Scene:
+    def _render(self, field: str, filter: str, epoch: int, visit: int = 0) -> _Scene:
         c = self.config
         sky, nominal = self._sky(field)
-        rng = pop.rng_for(self.seed, "frame", field, filter, epoch)
+        rng = pop.rng_for(self.seed, "frame", field, filter, epoch, *_visit_keys(visit))
         cond = self._conditions(sky, rng, filter, epoch)
+        if visit:  # the scheduled frame's start, then the gap: the visit's own draws, one clock
+            start = self._conditions(sky, pop.rng_for(self.seed, "frame", field, filter, epoch), filter, epoch).mjd
+            cond = dataclasses.replace(cond, mjd=start + visit * c.followup_gap_days)
         static, stars = self._static_scene(sky, cond)
         changes, pending = self._changes(field, epoch, sky, stars, nominal, cond)
         artifacts = np.zeros(c.shape, np.float32)
         lost = np.zeros(c.shape, bool)  # pixels without information: defects, cosmic rays
         self._artifacts(artifacts, lost, pending, rng, cond.wcs, cond.fwhm)
-        frame_id = f"{c.telescope}-{field}-{filter}-{epoch:04d}"
+        frame_id = f"{c.telescope}-{field}-{filter}-{epoch:04d}" + (f"-v{visit}" if visit else "")
         header = self._header(cond, frame_id, field, filter, epoch)
+        if visit:
+            header["VISIT"] = (visit, "follow-up visit of the epoch (0: scheduled)")
         model = static + changes + artifacts
         lost |= model >= c.saturation
         truth = Truth(frame_id=frame_id, field=field, filter=filter, epoch=epoch, fwhm=float(cond.fwhm),
                       injections=pending.resolve(model, lost, c.gain, c.read_noise), beta=float(cond.beta),
                       psf_ellip=float(cond.ellip), psf_theta=float(cond.theta), mjd=float(cond.mjd),
-                      sky=float(cond.sky_level))
+                      sky=float(cond.sky_level), visit=visit)
         return _Scene(header=header, truth=truth, static=static, changes=changes, artifacts=artifacts)
 
     def _conditions(self, sky: pop.StaticSky, rng: np.random.Generator, filter: str, epoch: int) -> _Conditions:
@@ -503,6 +544,11 @@ class SkySimulator:
                                                rng.uniform(*c.satellite_adu_range))
             record("satellite", flat, values, (x0 + x1) / 2, (y0 + y1) / 2, "SAT0000",
                    (x0, y0, x1, y1))
+
+
+def _visit_keys(visit: int) -> tuple[str | int, ...]:
+    """Extra generator keys of a visit: none for visit 0 (its frames stay as they always were)."""
+    return ("visit", visit) if visit else ()
 
 
 def _near_frame(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], pad: int) -> np.ndarray:

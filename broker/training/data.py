@@ -21,7 +21,7 @@ from broker.training.labels import LabelledCandidate
 
 
 def load_training_set(data_dir: str | Path, dtype=np.float32) -> dict[str, np.ndarray]:
-    """All shards of a training set: x (N,3,63,63) as ``dtype``, y, kind, group, snr, features.
+    """All shards of a training set: x (N,3,63,63) as ``dtype``, y, kind, group, snr, reference.
 
     ``dtype=np.float16`` halves the memory (100k triplets: 2.4 GB instead of 4.8 GB).
 
@@ -201,7 +201,7 @@ def iter_synthetic_candidates(n: int, seed: int = 0) -> Iterator[LabelledCandida
     raw, labels, kinds = synth_triplets(n, seed)
     for i in range(n):
         x, _ = normalise_triplet(*raw[i])
-        yield LabelledCandidate(x, int(labels[i]), kinds[i], np.zeros(0), f"S{i // 256}", 0.0)
+        yield LabelledCandidate(x, int(labels[i]), kinds[i], f"S{i // 256}", 0.0)
 
 
 def split_indices(groups: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

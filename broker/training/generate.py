@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 
-from broker.anomaly import features_from
 from broker.candidate import Candidate
 from broker.errors import CutoutError
 from broker.frame import Frame
@@ -91,18 +90,14 @@ class _Field:
     n_ref: int
     reference: Reference
     ref_injections: list
-    #: Light curves so far by ``source_id`` (real detections only), for the anomaly features.
-    histories: dict[object, list[dict]]
 
 
 def field_candidates(config: TrainingSetConfig, f: int,
                      norm: NormaliseConfig = _NORMALISE) -> list[LabelledCandidate]:
     """Labelled candidates of field ``f``: reference from the first epochs, then the science epochs.
 
-    Histories for the anomaly features are built from the truth (``source_id``) of previous
-    epochs of the same field, i.e. what a perfect association would give. A field whose
-    reference cannot be built gives no candidates, a frame whose subtraction fails none of its
-    own (both reported on stdout).
+    A field whose reference cannot be built gives no candidates, a frame whose subtraction fails
+    none of its own (both reported on stdout).
     """
     rng = np.random.default_rng([config.seed, f])
     field = _field(config, f, rng)
@@ -132,7 +127,7 @@ def _field(config: TrainingSetConfig, f: int, rng: np.random.Generator) -> _Fiel
         print(f"[training] {name} {filt}: reference failed: {exc!r}")
         return None
     # the pixels of the reference epochs are in the reference now; only their truth is kept
-    return _Field(name, filt, sim, n_ref, reference, ref_injections, {})
+    return _Field(name, filt, sim, n_ref, reference, ref_injections)
 
 
 def _epoch_candidates(config: TrainingSetConfig, field: _Field, e: int, rng: np.random.Generator,
@@ -157,11 +152,10 @@ def _epoch_candidates(config: TrainingSetConfig, field: _Field, e: int, rng: np.
                               residual_kind, frame.data.shape, config.edge_px,
                               config.min_real_snr, residual_radius)
     stress = FrameStress(shift_at, trails, truth.fwhm, frame.meta.saturation)
-    mjd = float(frame.meta.mjd_start)
     out = []
     for c, (lab, kind, inj) in zip(cands, labels, strict=True):
         lab, kind = stress_label(c, lab, kind, inj, stress, config)
-        item = _labelled(c, lab, kind, inj, field, mjd, norm, REFERENCE_STATES[residual_kind])
+        item = _labelled(c, lab, kind, field, norm, REFERENCE_STATES[residual_kind])
         if item is not None:
             out.append(item)
     return out
@@ -187,26 +181,14 @@ def _subtracted(frame: Frame, reference: Reference, config: TrainingSetConfig,
     return result.candidates
 
 
-def _labelled(c: Candidate, lab: int, kind: str, inj: Any, field: _Field, mjd: float,
-              norm: NormaliseConfig, reference: str) -> LabelledCandidate | None:
-    """The candidate normalised, with its anomaly features from its source's history so far.
-
-    None when its cutouts cannot be normalised; a real one is added to that history.
-    """
-    sid = getattr(inj, "source_id", None) if inj is not None else None
-    hist = field.histories.get(sid, []) if sid is not None else []
+def _labelled(c: Candidate, lab: int, kind: str, field: _Field, norm: NormaliseConfig,
+              reference: str) -> LabelledCandidate | None:
+    """The candidate normalised; None when its cutouts cannot be normalised."""
     try:
         x, _ = normalise_triplet(c.science, c.reference, c.difference, norm)
     except CutoutError:
         return None
-    item = LabelledCandidate(x.astype(np.float16), lab, kind, features_from(c, hist, mjd),
-                             field.name, float(c.detection.snr), reference)
-    if sid is not None and lab == 1:
-        field.histories.setdefault(sid, []).append(
-            {"mjd": mjd, "flux": float(c.detection.flux),
-             "flux_err": float(c.detection.flux_err),
-             "snr": float(c.detection.snr), "filter": field.filt})
-    return item
+    return LabelledCandidate(x.astype(np.float16), lab, kind, field.name, float(c.detection.snr), reference)
 
 
 def _field_job(args: tuple[TrainingSetConfig, int]) -> list[LabelledCandidate]:

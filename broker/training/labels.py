@@ -28,12 +28,11 @@ from broker.training.stress import ShiftAt, residual_flux, trail_flux
 
 @dataclass
 class LabelledCandidate:
-    """One candidate with its label (1 real / 0 bogus), its type and its anomaly features."""
+    """One candidate with its label (1 real / 0 bogus) and its type."""
 
     triplet: np.ndarray          # (3, 63, 63) float16/float32, normalised
     label: int                   # -1: ambiguous, counted but not written
     kind: str                    # injection kind, residual/dipole/psf_mismatch/edge/noise if none
-    features: np.ndarray         # (F,) anomaly features
     group: str                   # field: the validation split is made by field
     snr: float
     reference: str = "unknown"   # state of the frame's reference, REFERENCE_STATES

@@ -1,9 +1,9 @@
 """End to end: :func:`main_train` (``broker train-realbogus``) and the cards it writes.
 
 :func:`main_train` generates (or reuses) the training and held-out sets, trains, evaluates and
-writes the weights; :func:`write_model_card` and :func:`write_anomaly_card` write the Markdown
-cards beside them, :func:`model_cost` counts parameters and FLOPs, :func:`_ensure_set` reuses a
-complete set with the same config.
+writes the weights; :func:`write_model_card` writes the Markdown card beside them,
+:func:`model_cost` counts parameters and FLOPs, :func:`_ensure_set` reuses a complete set with the
+same config.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from broker import MODELS_DIR
-from broker.anomaly import AnomalyConfig, fit_anomaly
 from broker.candidate import CUTOUT_SIZE
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier
 from broker.training.data import load_training_set
@@ -243,7 +242,6 @@ def main_train(
     workers: int = 1,
     ztf_dir: str | Path | None = None,
     compare: str | None = DEFAULT_VERSION,
-    anomaly_version: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Generate the data, train the real/bogus CNN, evaluate it and write weights + model card.
@@ -277,8 +275,6 @@ def main_train(
     compare : str, optional
         Model evaluated beside the new one in the report (default: the shipped default, when
         it is another version and its weights are in :data:`MODELS_DIR`).
-    anomaly_version : str, optional
-        Also fit and write the anomaly model under this version from the training set.
     progress : bool
         Progress bars.
 
@@ -303,8 +299,6 @@ def main_train(
         weights, report_dir or root / "reports" / version, test, ztf_dir,
         compare=compare if shipped else None))
     result["seconds_generate"] = round(t_gen, 1)
-    if anomaly_version:
-        result.update(_fit_anomaly_model(ds, anomaly_version, Path(out_dir), seed, data.name, cmd))
     result["seconds_total"] = round(time.time() - t0, 1)
     return result
 
@@ -352,53 +346,3 @@ def _sidecar_evaluation(evaluation: dict) -> dict:
         d = evaluation.get(part)
         out[part] = {k: v for k, v in d.items() if k not in ("disagreements", "at_eer")} if d else d
     return out
-
-
-def _fit_anomaly_model(ds: dict[str, np.ndarray], version: str, out: Path, seed: int,
-                       data_name: str, command: str) -> dict[str, str]:
-    """Fit the anomaly model on a training set's real-labelled candidates and write it with its card.
-
-    Fitted on the candidates' features; returns ``{"anomaly": path of the .npz}``, or ``{}``
-    (nothing written) when the set has no features or fewer than 50 reals.
-    """
-    feats, labels = ds.get("features"), ds["y"]
-    if not (feats is not None and feats.ndim == 2 and (labels == 1).sum() >= 50):
-        return {}
-    amodel = fit_anomaly(feats[labels == 1], AnomalyConfig(seed=seed), version,
-                         {"data": f"real-labelled pipeline candidates of {data_name}",
-                          "reproduce": command})
-    path = str(amodel.save(out / version))
-    write_anomaly_card(out / f"{version}.md", amodel, feats, labels, command)
-    return {"anomaly": path}
-
-
-def write_anomaly_card(path: str | Path, model, feats: np.ndarray, labels: np.ndarray,
-                       command: str) -> Path:
-    """Markdown card of the anomaly model with score quantiles on its data and on bogus."""
-    from broker.anomaly import FEATURE_NAMES
-
-    s_real = model.score(feats[labels == 1])
-    s_bog = model.score(feats[labels == 0]) if (labels == 0).any() else np.zeros(0)
-    q = lambda s: ", ".join(f"{v:.2f}" for v in np.quantile(s, [0.1, 0.5, 0.9])) if len(s) else "n/a"  # noqa: E731
-    lines = [
-        f"# Anomaly model `{model.version}`", "",
-        f"Gaussian mixture ({len(model.weights)} full-covariance components) over the standardised "
-        f"features `{', '.join(FEATURE_NAMES)}` (`broker.anomaly.features_from`). Raw score = "
-        "negative log-likelihood; the score in [0, 1] is its empirical CDF over the training "
-        "detections (0.99 = rarer than 99% of ordinary detections). Stored without pickle "
-        "(`.npz` arrays + JSON).", "",
-        "## Data", "",
-        f"{int((labels == 1).sum())} real-labelled candidates (transients, variables, movers "
-        "matched to the injection truth) from the simulated pipeline, histories from the truth "
-        "association of earlier epochs.", "",
-        "## Behaviour", "",
-        f"- score quantiles (10/50/90%) on the training detections: {q(s_real)}",
-        f"- on bogus candidates of the same set (never fitted on): {q(s_bog)}", "",
-        "## Reproduce", "", "```", command, "```", "",
-        "## Limits", "",
-        "- 'Ordinary' means ordinary in the simulator; it knows nothing of real populations.",
-        "- Light-curve features are crude (count, age, last rate); no colours or periodicity.", "",
-    ]
-    p = Path(path)
-    p.write_text("\n".join(lines))
-    return p

@@ -36,7 +36,7 @@ class ShardWriter:
     ``NormaliseConfig.clip``, where float16's spacing is at most 0.03, i.e. 0.6 % of a star's
     brightness above the soft knee), ``y`` (N,) uint8, ``kind`` (N,) str, ``group`` (N,) str,
     ``snr`` (N,) float32, ``reference`` (N,) str
-    (:data:`~broker.training.settings.REFERENCE_STATES`), ``features`` (N, F) float32.
+    (:data:`~broker.training.settings.REFERENCE_STATES`).
     """
 
     def __init__(self, out_dir: str | Path, shard_size: int, seed: int, balance: bool = True,
@@ -97,7 +97,6 @@ class ShardWriter:
     def _write(self, chunk: list[LabelledCandidate]) -> None:
         chunk = [chunk[i] for i in self.rng.permutation(len(chunk))]
         name = f"shard-{len(self.shards):04d}.npz"
-        nf = max((len(it.features) for it in chunk), default=0)
         np.savez_compressed(
             self.out / name,
             x=np.stack([it.triplet for it in chunk]).astype(np.float16),
@@ -106,8 +105,6 @@ class ShardWriter:
             group=np.array([it.group for it in chunk]),
             snr=np.array([it.snr for it in chunk], dtype=np.float32),
             reference=np.array([it.reference for it in chunk]),
-            features=np.array([it.features if len(it.features) == nf else np.zeros(nf)
-                               for it in chunk], dtype=np.float32),
         )
         self.shards.append(name)
         self.written.update(it.kind for it in chunk)
@@ -199,7 +196,7 @@ def _write_manifest(out_dir: str | Path, w: ShardWriter, config: TrainingSetConf
         "shards": w.shards,
         "format": "npz: x (N,3,63,63) float16 normalised by broker.normalise.normalise_triplet; "
                   "y uint8 (1 real); kind str; group str (field); snr float32; reference str "
-                  "(as_built / misaligned / blurred); features float32",
+                  "(as_built / misaligned / blurred)",
         "seconds": round(time.time() - t0, 1),
         "complete": complete,
         "pipeline_commit": _git_commit(),

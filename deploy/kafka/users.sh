@@ -50,11 +50,16 @@ stage() {  # stage NAME INPUT OUTPUT...: read INPUT, write the outputs, its grou
 user telescope
 allow telescope Write topic frames
 allow telescope Describe topic frames
+allow telescope Read topic followup
+allow telescope Describe topic followup
+allow telescope Read group broker.followup prefixed
+allow telescope Write topic dlq.followup
+allow telescope Describe topic dlq.followup
 stage ingest frames ingested
 stage subtract ingested candidates
 stage classify candidates classified
 stage score classified scored
-stage alert scored alerts alerts. alerts-rubin alerts-fink
+stage alert scored alerts alerts. alerts-rubin alerts-fink followup
 stage archive alerts
 user subscriber
 allow subscriber Read topic alerts prefixed

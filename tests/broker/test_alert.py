@@ -69,13 +69,13 @@ def _open(stamp_data: bytes) -> fits.HDUList:
     return hdul
 
 
-def test_v2_record_fits_the_schema_and_round_trips():
+def test_v3_record_fits_the_schema_and_round_trips():
     cand = _scored()
     cand.history = [_history(1), _history(3)]
     cand.forced = [_forced(3), _forced(1), _forced(2)]
     alert = build_alert(_ctx(), cand, MODELS, TIMING, 1.7e9 + 5)
-    assert schemas.CURRENT["alert"] == 2 and alert["schemavsn"] == "2.0"
-    assert fastavro.validate(alert, schemas.load("alert", 2), raise_errors=True)
+    assert schemas.CURRENT["alert"] == 3 and alert["schemavsn"] == "3.0"
+    assert fastavro.validate(alert, schemas.load("alert"), raise_errors=True)
     back = _round_trip(alert)
     assert back["sourceId"] == back["alertId"] == alert_id(cand.cand_id)
     assert back["object"]["objectIdNum"] == 0xFF

@@ -55,15 +55,30 @@ def test_a_history_file_of_the_first_release_gains_the_new_columns(tmp_path):
     old.close()
     h = ObjectHistory(path)
     cols = [r[1] for r in h.db.execute("PRAGMA table_info(detections)")]
-    assert cols[-2:] == ["magzp", "limiting_flux"]
+    assert cols[-3:] == ["magzp", "limiting_flux", "telescope"]
+    assert [r[1] for r in h.db.execute("PRAGMA table_info(objects)")][-3:] == ["features", "classification",
+                                                                               "summary_mjd"]
     a = candidate("f1/0")
-    h.associate("f1", 60000.0, "r", [a], magzp=27.0, limiting_flux=100.0)
+    h.associate("f1", 60000.0, "r", [a], magzp=27.0, limiting_flux=100.0, telescope="T1")
     b = candidate("f2/0")
     h.associate("f2", 60001.0, "r", [b])
     assert a.obj.object_id == "OBJold" and [(d["cand_id"], d["magzp"]) for d in a.history] == [("f0/0", None)]
-    assert [(d["cand_id"], d["magzp"], d["limiting_flux"]) for d in b.history] == [
-        ("f0/0", None, None), ("f1/0", 27.0, 100.0)]
+    assert [(d["cand_id"], d["magzp"], d["limiting_flux"], d["telescope"]) for d in b.history] == [
+        ("f0/0", None, None, None), ("f1/0", 27.0, 100.0, "T1")]
     h.close()
     again = ObjectHistory(path)  # a migrated file opens again as it is
     assert again.db.execute("SELECT COUNT(*) FROM detections").fetchone()[0] == 3
     again.close()
+
+
+def test_an_objects_summary_is_that_of_its_latest_detection():
+    h = ObjectHistory(":memory:")
+    a, b = candidate("f1/0"), candidate("f2/0")
+    h.associate("f1", 60000.0, "r", [a])
+    h.associate("f2", 60001.0, "r", [b])
+    oid = b.obj.object_id
+    assert h.summary(oid) == (None, None) and h.summary("OBJnone") == (None, None)
+    h.keep_summaries([(oid, 60001.0, {"ndet": 2.0}, {"label": "SN"})])
+    h.keep_summaries([(oid, 60000.0, {"ndet": 1.0}, None)])  # the earlier frame re-processed late: kept as it was
+    assert h.summary(oid) == ({"ndet": 2.0}, {"label": "SN"})
+    h.close()

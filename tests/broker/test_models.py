@@ -9,16 +9,17 @@ from pathlib import Path
 import broker
 from broker import MODELS_DIR
 
-#: The models that ship: the default real/bogus model, the previous one, the anomaly model.
-SHIPPED = {"realbogus-v11": ".pt", "realbogus-v10": ".pt", "anomaly-v1": ".npz"}
+#: The models that ship: the default real/bogus model, the previous one, the anomaly model, the light-curve classifier.
+SHIPPED = {"realbogus-v11": ".pt", "realbogus-v10": ".pt", "anomaly-v2": ".npz", "lcclass-v1": ".npz"}
 
 
 def test_one_models_dir_inside_the_package():
-    from broker import anomaly, realbogus
+    from broker import anomaly, lcclass, realbogus
 
     assert MODELS_DIR == Path(broker.__file__).resolve().parent / "models"
     assert realbogus.MODELS_DIR is MODELS_DIR and anomaly.MODELS_DIR is MODELS_DIR  # one definition
-    assert realbogus.DEFAULT_VERSION in SHIPPED and anomaly.DEFAULT_VERSION in SHIPPED
+    assert lcclass.MODELS_DIR is MODELS_DIR
+    assert {realbogus.DEFAULT_VERSION, anomaly.DEFAULT_VERSION, lcclass.DEFAULT_VERSION} <= set(SHIPPED)
 
 
 def test_the_shipped_files_are_package_data():

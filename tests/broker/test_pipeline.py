@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from broker.anomaly import AnomalyModel
 from broker.history import ObjectHistory
 from broker.pipeline import (
     IN_REFERENCE,
@@ -13,6 +12,7 @@ from broker.pipeline import (
     STATUSES,
     SUBTRACTED,
     FixedReference,
+    ScoreModels,
     associate_and_score,
     process_frame,
 )
@@ -21,6 +21,10 @@ from broker.simulate import SimConfig, SkySimulator
 
 SIM = SimConfig(shape=(384, 384), fields=("F001",), filters=("r",), n_stars=200, n_galaxies=10,
                 n_transients=8, n_variables=3, n_moving=0, n_cosmic_rays=5.0)
+
+
+#: The shipped models and OpenNGC, loaded once for the module.
+SCORE_MODELS = ScoreModels.load()
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +76,22 @@ def test_associate_and_score_sets_objects_histories_and_scores(frames, tmp_path)
     store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
     for frame, _ in frames[:3]:
         process_frame(frame, store)
-    history, model = ObjectHistory(":memory:"), AnomalyModel.load()
+    history, models = ObjectHistory(":memory:"), SCORE_MODELS
     seen = []
     for frame, _ in frames[3:]:
         cands = process_frame(frame, store).candidates
         m = frame.meta
-        associate_and_score(history, model, m.frame_id, m.mjd_start, m.filter, cands)
+        associate_and_score(history, models, m.frame_id, m.mjd_start, m.filter, cands, m.magzp, None, m.telescope)
         assert all(c.obj is not None and c.anomaly is not None and 0 <= c.anomaly <= 1 for c in cands)
+        assert all(c.context is not None and c.features and c.classification for c in cands)
         seen.append(cands)
     assert any(c.history for c in seen[1])  # the second frame finds the first one's objects
-    associate_and_score(history, model, "none", 60000.0, "r", [])  # nothing to do: no error
+    again = [c for c in seen[1] if c.history][0]
+    assert again.features["ndet"] == len(again.history) + 1 and again.history[0]["telescope"] == "SIM1"
+    probs = again.classification["probabilities"]
+    assert abs(sum(probs.values()) - 1) < 1e-6 and again.classification["label"] == max(probs, key=probs.get)
+    assert history.summary(again.obj.object_id) == (again.features, again.classification)
+    associate_and_score(history, models, "none", 60000.0, "r", [])  # nothing to do: no error
 
 
 def test_difference_store_gives_forced_photometry_that_replays_identically(frames, tmp_path):
@@ -150,7 +160,7 @@ def test_positions_off_the_sky_never_reach_the_history(ra, dec, mjd):
     from broker.errors import BadCoordinates
     from tests.helpers import candidate
 
-    history, model = ObjectHistory(":memory:"), AnomalyModel.load()
+    history, model = ObjectHistory(":memory:"), SCORE_MODELS
     good, bad = candidate("F-1/0", seed=1), candidate("F-1/1", ra=ra, dec=dec)
     with pytest.raises(BadCoordinates, match="not a position on the sky|MJD nan is not finite") as err:
         associate_and_score(history, model, "F-1", mjd, "r", [good, bad])

@@ -247,3 +247,48 @@ def test_variable_bright_cap_keeps_most_bright_stars_constant():
     for bad in ((17.5, -0.1), (17.5, 1.5), (float("nan"), 0.1)):
         with pytest.raises(ConfigError, match="variable_bright_cap"):
             static_sky(SimConfig(**{**base.__dict__, "variable_bright_cap": bad}), 3, "F0")
+
+
+# --- follow-up visits ------------------------------------------------------------------------------
+
+
+def test_a_follow_up_visit_is_the_same_epoch_later_with_its_own_draws(sim):
+    f0, t0 = sim.frame("F001", "r", 4)
+    f1, t1 = sim.frame("F001", "r", 4, visit=1, request_id="FU0123456789abcdef")
+    f2, t2 = sim.frame("F001", "r", 4, visit=2)
+    assert (t0.frame_id, t1.frame_id, t2.frame_id) == ("SIM1-F001-r-0004", "SIM1-F001-r-0004-v1", "SIM1-F001-r-0004-v2")
+    assert f1.meta.frame_id == t1.frame_id and (t0.visit, t1.visit, t1.epoch) == (0, 1, 4)
+    assert t1.mjd == pytest.approx(t0.mjd + SMALL.followup_gap_days, abs=1e-9)
+    assert t2.mjd == pytest.approx(t0.mjd + 2 * SMALL.followup_gap_days, abs=1e-9)
+    assert f1.header["FOLLOWUP"] == "FU0123456789abcdef" and f1.header["VISIT"] == 1
+    assert "FOLLOWUP" not in f0.header and "VISIT" not in f0.header and "FOLLOWUP" not in f2.header
+    assert t1.fwhm != t0.fwhm and not np.array_equal(f1.data, f0.data)  # seeing and noise of its own
+    f1b, t1b = SkySimulator(SMALL, seed=7).frame("F001", "r", 4, visit=1, request_id="FU0123456789abcdef")
+    assert np.array_equal(f1b.data, f1.data) and t1b == t1  # deterministic
+    with pytest.raises(ValueError):
+        sim.frame("F001", "r", 4, visit=-1)
+
+    def by_id(truth, kind):
+        return {i.source_id: i for i in truth.of_kind(kind)}
+
+    tr0, tr1 = by_id(t0, "transient"), by_id(t1, "transient")
+    assert tr0.keys() == tr1.keys() and tr0
+    for sid, inj in tr0.items():  # transients: the epoch's brightness and position
+        assert (tr1[sid].ra, tr1[sid].dec, tr1[sid].flux) == (inj.ra, inj.dec, inj.flux)
+    mv0, mv1 = by_id(t0, "moving"), by_id(t1, "moving")
+    assert mv0.keys() == mv1.keys() and all((mv0[k].ra, mv0[k].dec) != (mv1[k].ra, mv1[k].dec) for k in mv0)
+    var0, var1 = by_id(t0, "variable"), by_id(t1, "variable")
+    assert var0 and all(var0[k].flux != var1[k].flux for k in var0)  # the stars' phase moved on
+
+
+def test_visit_zero_is_todays_frame(sim):
+    f0, t0 = sim.frame("F002", "g", 3)
+    fz, tz = sim.frame("F002", "g", 3, visit=0, request_id="ignored")
+    assert np.array_equal(f0.data, fz.data) and t0 == tz and "FOLLOWUP" not in fz.header
+
+
+def test_the_field_that_holds_a_position(sim):
+    frame, truth = sim.frame("F002", "r", 4)
+    inj = truth.of_kind("transient")[0]
+    assert sim.field_at(inj.ra, inj.dec) == "F002"
+    assert sim.field_at(inj.ra + 90.0, -inj.dec) is None

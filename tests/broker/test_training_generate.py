@@ -151,7 +151,7 @@ def test_generator_is_reproducible_and_writes_manifest(tiny_field, tmp_path):
     assert man["complete"] and man["n_real"] == man["n_bogus"] > 0
     assert man["config"]["seed"] == 3 and man["counts_by_kind_before_balancing"]
     data = load_training_set(tmp_path)
-    assert set(data) >= {"x", "y", "kind", "group", "snr", "reference", "features"}
+    assert set(data) >= {"x", "y", "kind", "group", "snr", "reference"}
     assert len(data["reference"]) == man["n"]
     assert set(data["reference"].tolist()) <= set(REFERENCE_STATES.values())
     # a generation that stopped half-way is refused, not trained on as if it were the set

@@ -9,8 +9,7 @@ from broker.training.shards import ShardWriter
 
 
 def _lc(label, kind, group="F0"):
-    return LabelledCandidate(np.zeros((3, 63, 63), np.float16), label, kind, np.zeros(2),
-                             group, 10.0)
+    return LabelledCandidate(np.zeros((3, 63, 63), np.float16), label, kind, group, 10.0)
 
 
 def test_shard_writer_balances_and_keeps_rare_bogus_kinds(tmp_path):

@@ -53,17 +53,41 @@ def sample_inputs() -> tuple[FrameContext, Candidate]:
         {"frame_id": f"SAMPLE-F1-r-000{i}", "mjd": 60000.5 + i, "exptime": 30.0, "filter": "r", "flux": flux,
          "flux_err": 60.0, "magzp": zp, "limiting_flux": lim}
         for i, flux, zp, lim in ((1, 905.0, 27.0, 290.0), (2, 75.0, 26.9, 295.0), (3, 1204.0, 27.1, 300.0))]
+    _score_records(cand)
     wcs_header = WCS(h).to_header(relax=True).tostring()
     ctx = FrameContext(FRAME_ID, "SAMPLE", "F1", "r", 60004.5, 30.0, 27.05, ("SAMPLE-F1-r-R1", "SAMPLE-F1-r-R2"),
                        wcs_header, 310.0)
     return ctx, cand
 
 
+def _score_records(cand: Candidate) -> None:
+    """The score stage's records of the sample (``alert/v3``): a reference host, features, classes, a request."""
+    det = cand.detection
+    cand.context = {
+        "matches": [{"catalog": "OpenNGC", "version": "20191019", "name": "IC0001", "kind": "galaxy",
+                     "ra": det.ra + 1e-3, "dec": det.dec, "distance_arcsec": 3.6, "size_arcsec": 24.0, "mag": 15.2}],
+        "host": {"catalog": "reference", "name": "ref-host", "ra": det.ra + 5e-4, "dec": det.dec,
+                 "offset_arcsec": 1.8, "offset_norm": 0.6, "nuclear": False, "flux": 5200.0},
+        "on_star": False, "moving": False, "moving_speed": None, "moving_links": []}
+    names = ("ndet", "nulim", "nbands", "duration", "frac_negative", "peak_mag", "amplitude", "rise_rate",
+             "decline_rate", "colour", "colour_rate", "beyond_1std", "skew", "kurtosis", "stetson_k", "eta_e",
+             "linear_trend", "reduced_chi2", "excess_variance", "period", "period_power")
+    cand.features = {n: None for n in names} | {"ndet": 3.0, "nulim": 1.0, "nbands": 1.0, "duration": 3.0,
+                                                 "frac_negative": 0.0, "peak_mag": 19.1, "amplitude": 0.55,
+                                                 "rise_rate": 0.18}
+    probs = {"SN": 0.81, "variable_star": 0.04, "AGN": 0.03, "nuclear_flare": 0.06, "mover": 0.01, "bogus": 0.05}
+    cand.classification = {"model": "lcclass-v1", "label": "SN", "probabilities": probs,
+                           "explanation": [{"label": "SN", "feature": "rise_rate", "contribution": 0.21},
+                                           {"label": "SN", "feature": "host", "contribution": 0.12}]}
+    cand.followup = {"request_id": "FU-OBJ0a1b2c3d4e5f6-1", "rule": "young_sn", "requested_mjd": 60003.5,
+                     "state": "observed", "n_since": 1}
+
+
 def sample_alert(builder=build_alert) -> dict:
     """The sample alert made by ``builder`` (the current :func:`broker.alert.build_alert` by default)."""
     ctx, cand = sample_inputs()
     timing = {"exposure_end": 1.8e9, "stages": [{"stage": "ingest", "start": 1.8e9 + 1.0, "end": 1.8e9 + 1.5}]}
-    return builder(ctx, cand, {"rb": "realbogus-v11", "anomaly": "anomaly-v1"}, timing, 1.8e9 + 4.0)
+    return builder(ctx, cand, {"rb": "realbogus-v11", "anomaly": "anomaly-v2"}, timing, 1.8e9 + 4.0)
 
 
 def write_sample(record: dict, version: int) -> bytes:

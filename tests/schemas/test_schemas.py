@@ -63,7 +63,7 @@ def test_candidate_batch_round_trip():
     cand = candidate()
     cand.rb = 0.7
     cand.history = [{"cand_id": "x/1", "mjd": 1.0, "filter": "r", "ra": 1.0, "dec": 2.0, "flux": 3.0,
-                     "flux_err": 1.0, "snr": 3.0, "rb": None, "magzp": 27.5, "limiting_flux": 40.0}]
+                     "flux_err": 1.0, "snr": 3.0, "rb": None, "magzp": 27.5, "limiting_flux": 40.0, "telescope": "T"}]
     batch = {"frame_id": "f", "telescope": "T", "field": "F", "filter": "r", "mjd_start": 1.0, "exptime": 2.0,
              "magzp": None, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {"x": 1.0},
              "model_versions": {}, "candidates": [serde.candidate_to_record(cand)]}
@@ -110,7 +110,7 @@ def _restricted(value, like):
 
 
 def test_the_current_alert_version_is_the_newest():
-    assert schemas.CURRENT["alert"] == ALERT_VERSIONS[-1] == 2
+    assert schemas.CURRENT["alert"] == ALERT_VERSIONS[-1] == 3
 
 
 @pytest.mark.parametrize("version", ALERT_VERSIONS)

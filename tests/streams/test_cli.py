@@ -119,3 +119,36 @@ def test_query_prints_a_table_writes_files_and_reports_a_bad_archive(tmp_path):
     archive.fs.pipe_file(archive.path(f.path), data)  # altered, same size: found by --verify
     res = runner.invoke(app, ["query", "--archive", url, "--verify", "SELECT count(*) FROM alerts"])
     assert res.exit_code == 2 and "SHA-256" in res.output and f.path in res.output, res.output
+
+
+def test_feedback_records_labels_exports_them_and_refuses_bad_ones(tmp_path):
+    import json
+
+    state = ["--state-dir", str(tmp_path)]
+    res = runner.invoke(app, ["feedback", "OBJ1", "F-1/3", "interesting", "--who", "ann", "--score", "0.995", *state])
+    assert res.exit_code == 0, res.output
+    for bad in (["OBJ1", "F-1/3", "maybe"], ["OBJ1", "F-1/3", "not", "--score", "2"], [" ", "F-1/3", "not"]):
+        res = runner.invoke(app, ["feedback", *bad, *state])
+        assert res.exit_code == 2 and "error" in res.output, bad
+    res = runner.invoke(app, ["feedback", "-", "-", "-", "--export", *state])
+    (row,) = [json.loads(line) for line in res.output.splitlines()]
+    assert (row["object_id"], row["label"], row["who"], row["score"], row["model_version"]) == (
+        "OBJ1", "interesting", "ann", 0.995, "anomaly-v2")
+
+
+@pytest.mark.parametrize("setting,message", [
+    ('openngc = "{missing}"', "OpenNGC"),
+    ('openngc = "{corrupt}"', "OpenNGC"),
+    ('lcclass_model = "{missing}"', "not found"),
+    ('anomaly_model = "{corrupt}"', "corrupt anomaly model"),
+    ('[followup]\n[[followup.rules]]\nname = "x"\nwhen = "scores.rb >"', "followup.rules"),
+])
+def test_a_missing_or_corrupt_catalog_model_or_rule_stops_the_score_stage_at_start_up(tmp_path, setting, message):
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04 not a model")
+    corrupt.with_suffix(".json").write_text("{}")
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'state_dir = "{tmp_path}"\n' + setting.format(missing=tmp_path / "missing.db", corrupt=corrupt))
+    res = runner.invoke(app, ["stage", "score", "--bootstrap", "127.0.0.1:1", "--metrics-port", "-1",
+                              "--config", str(config)])
+    assert res.exit_code == 2 and message in res.output, res.output

@@ -46,9 +46,9 @@ def _frames(n: int, seed: int = 3):
     return list(SkySimulator(SIM, seed=seed).frames(n))
 
 
-def _run(settings, workdir, send, kill=None, env=None):
+def _run(settings, workdir, send, kill=None, env=None, config=None):
     topics.create_topics(settings.bootstrap, pipeline_topics(SIM.filters))
-    procs = start_stages(settings.bootstrap, settings.app_id, workdir, env=env)
+    procs = start_stages(settings.bootstrap, settings.app_id, workdir, config, env=env)
     try:
         producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 << 20, 1 << 30)
         send(producer)
@@ -102,7 +102,9 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
         for frame, _ in frames[3:]:
             producer.publish_frame(frame, time.time())
 
-    alerts, batches, dead = _run(settings, tmp_path, send)
+    config = tmp_path / "pipeline.toml"  # a follow-up rule every alert meets: one request per object
+    config.write_text('[followup]\n[[followup.rules]]\nname = "every"\nwhen = "object.ndet >= 1"\n')
+    alerts, batches, dead = _run(settings, tmp_path, send, config=config)
 
     # every bad frame is dead-lettered by ingest with its reason and original bytes
     assert [d["reason"] for d in dead["ingest"]] == [reason for reason, _ in bad]
@@ -120,6 +122,13 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
                 assert d < 1.0, f"{inj.source_id} (S/N {inj.snr:.1f}) missed: nearest alert {d:.2f} px"
     a = alerts[0]
     assert a["scores"]["rb_model"] and a["scores"]["anomaly_model"]
+    # what the alert is: context, light-curve features and class on every alert, and one request per object
+    assert all(x["context"] is not None and x["features"]["ndet"] == x["object"]["ndet"] for x in alerts)
+    assert all(x["classification"]["model"] and x["followup"]["rule"] == "every" for x in alerts)
+    requests = [serde.decode("followup", m.value(), dict(m.headers())) for m in read_all(settings, [topics.FOLLOWUP])]
+    assert sorted(r["object_id"] for r in requests) == sorted({x["objectId"] for x in alerts})
+    again = [x for x in alerts if x["object"]["ndet"] > 1]  # detected again after its request
+    assert again and all(x["followup"]["state"] == "observed" and x["followup"]["n_since"] >= 1 for x in again)
     assert [s["stage"] for s in a["timing"]["stages"]] == list(STAGE_NAMES[:STAGE_NAMES.index("alert") + 1])
 
     # a subscriber with a filter, writing cutout triplets

@@ -100,9 +100,10 @@ def test_topics_are_derived_from_the_stage_table():
     from streams.stages import STAGES, pipeline_topics, stage
 
     names = [t.name for t in pipeline_topics(("g", "r"))]
-    assert names == ["frames", "ingested", "candidates", "classified", "scored", "alerts", "alerts.g", "alerts.r",
-                     "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert", "dlq.archive",
-                     "progress.ingest", "progress.subtract", "progress.classify", "progress.score", "progress.alert"]
+    assert names == ["frames", "ingested", "candidates", "classified", "scored", "alerts", "followup", "alerts.g",
+                     "alerts.r", "dlq.ingest", "dlq.subtract", "dlq.classify", "dlq.score", "dlq.alert", "dlq.archive",
+                     "dlq.followup", "progress.ingest", "progress.subtract", "progress.classify", "progress.score",
+                     "progress.alert"]
     chain = [s for s in STAGES if s.kind == "transform"]
     assert [s.name for s in chain] == ["ingest", "subtract", "classify", "score", "alert"]
     for before, after in zip(chain, chain[1:], strict=False):  # consecutive pairs
@@ -117,8 +118,8 @@ def test_topics_are_derived_from_the_stage_table():
         stage("nonsense")
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_the_alert_handler_makes_v2_alerts_from_v1_and_v2_batches(config, version):
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_the_alert_handler_makes_v3_alerts_from_every_batch_version(config, version):
     import gzip
     import io
 
@@ -145,10 +146,43 @@ def test_the_alert_handler_makes_v2_alerts_from_v1_and_v2_batches(config, versio
     msg = InMessage(topics.SCORED, 0, 0, b"k", buf.getvalue(), tag, 0)
     out = alert_handler(config)(msg)[0]
     (alert,) = decode_alert(out.key, out.value, out.headers)
-    assert alert["schemavsn"] == "2.0" and alert["source"]["magpsf"] == pytest.approx(27.0 - 7.5)
-    assert alert["source"]["diffmaglim"] == (pytest.approx(22.0) if version == 2 else None)
+    assert alert["schemavsn"] == "3.0" and alert["source"]["magpsf"] == pytest.approx(27.0 - 7.5)
+    assert alert["source"]["diffmaglim"] == (pytest.approx(22.0) if version >= 2 else None)
+    assert alert["context"] is None and alert["classification"] is None  # not scored by a v3 score stage
     with fits.open(io.BytesIO(gzip.decompress(alert["cutoutScience"]["stampData"]))) as hdul:
-        assert hdul[0].header["BUNIT"] == "adu" and ("CTYPE1" in hdul[0].header) == (version == 2)
+        assert hdul[0].header["BUNIT"] == "adu" and ("CTYPE1" in hdul[0].header) == (version >= 2)
+
+
+def test_the_alert_handler_publishes_the_request_its_candidate_opened(config):
+    """A follow-up request goes out with the alert of the candidate that opened it, and only with that one."""
+    from astropy.wcs import WCS
+
+    from broker.candidate import ObjectSummary
+    from broker.followup import FollowupStatus, request_id
+    from streams.followup import decode_request
+    from streams.stages import alert_handler
+    from tests.helpers import candidate, header
+
+    cands = [candidate(f"TEST-F1-r-0001/{i}", seed=i) for i in range(2)]
+    for c in cands:
+        c.rb, c.anomaly = 0.95, 0.999
+        c.obj = ObjectSummary("OBJ00000000000ff", 150.0, 2.0, 1, 60000.5)
+    opened = request_id("OBJ00000000000ff", cands[0].cand_id, "anomalous")
+    for c in cands:  # the second candidate's alert only carries the status of the request the first opened
+        c.followup = FollowupStatus(opened, "anomalous", 60000.5, "requested", 0).to_record()
+    batch = {"frame_id": "TEST-F1-r-0001", "telescope": "TEST", "field": "F1", "filter": "r", "mjd_start": 60000.5,
+             "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {},
+             "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "candidates": [serde.candidate_to_record(c)
+                                                                              for c in cands],
+             "nx": 256, "ny": 256, "wcs_header": WCS(header()).to_header(relax=True).tostring(), "limiting_flux": 100.0}
+    msg = InMessage(topics.SCORED, 0, 0, b"k", serde.encode("candidates", batch), {}, 0)
+    outs = alert_handler(config)(msg)
+    requests = [o for o in outs if o.topic == topics.FOLLOWUP]
+    assert len(requests) == 1 and requests[0].key == b"OBJ00000000000ff"
+    record = decode_request(requests[0].value, requests[0].headers)
+    assert (record["request_id"], record["candid"], record["reason"]["rule"]) == (opened, cands[0].cand_id,
+                                                                                   "anomalous")
+    assert record["reason"]["anomaly"] == pytest.approx(0.999) and record["filter"] == "r"
 
 
 def test_subtract_and_score_handlers_fill_the_frame_level_fields(config):
@@ -218,7 +252,7 @@ def test_the_alert_handler_writes_each_configured_topic_in_its_framing(config):
     assert all(by_topic[t] == by_topic["alerts-ztf"] for t in by_topic)
     assert [a["candid"] for a in by_topic["alerts-ztf"]] == [c.cand_id for c in cands]
     # the restart guard reads back every configured topic
-    assert stage("alert").writes_for(cfg) == ("alerts-rubin", "alerts-fink", "alerts-ztf", "dlq.alert")
+    assert stage("alert").writes_for(cfg) == ("alerts-rubin", "alerts-fink", "alerts-ztf", "followup", "dlq.alert")
 
 
 def _scored(band: str, headers: dict[str, bytes]) -> InMessage:
