@@ -30,18 +30,16 @@ metadata), with a Markdown card. Loading and scoring need numpy only.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from broker import MODELS_DIR
 from broker.errors import ModelError
 from broker.lightcurve import ALL_FEATURE_NAMES
-from broker.trees import BIG, Forest, export_forest, isolation_score, model_path, read_model
+from broker.trees import BIG, Forest, export_forest, isolation_score, model_path, read_model, write_model
 
 __all__ = ["ANOMALY_FEATURES", "DEFAULT_VERSION", "FEATURE_NAMES", "N_FEATURES", "AnomalyConfig",
            "AnomalyModel", "fit_anomaly"]
@@ -235,17 +233,10 @@ class AnomalyModel:
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.npz`` (arrays) and ``<path>.json`` (version, feature names, metadata)."""
-        p = Path(path).with_suffix(".npz")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, Any] = {"columns": self.columns, "center": self.center,
-                                  "scale": self.scale, "fill": self.fill,
-                                  "class_knots": self.class_knots, "cdf_knots": self.cdf_knots,
-                                  **self.params}
-        np.savez_compressed(p, **arrays)
-        meta = {**self.metadata, "version": self.version, "kind": "anomaly",
-                "method": self.method, "feature_names": list(FEATURE_NAMES)}
-        p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return p
+        arrays = {"columns": self.columns, "center": self.center, "scale": self.scale, "fill": self.fill,
+                  "class_knots": self.class_knots, "cdf_knots": self.cdf_knots, **self.params}
+        return write_model(path, arrays, {**self.metadata, "version": self.version, "kind": "anomaly",
+                                          "method": self.method, "feature_names": list(FEATURE_NAMES)})
 
     @classmethod
     def load(cls, path_or_version: str | Path | None = None) -> AnomalyModel:

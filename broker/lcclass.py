@@ -16,7 +16,6 @@ The model is stored without pickle: ``<version>.npz`` (forest arrays, imputation
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from broker.trees import (
     model_path,
     predict_proba,
     read_model,
+    write_model,
 )
 
 __all__ = ["CLASS_NAMES", "DEFAULT_VERSION", "Classification", "LCClassConfig",
@@ -177,14 +177,9 @@ class LightCurveClassifier:
     # --- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``<path>.npz`` (arrays) and ``<path>.json`` (version, names, metadata)."""
-        p = Path(path).with_suffix(".npz")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        arrays: dict[str, Any] = {"fill": self.fill, **self.forest.to_arrays("rf_")}
-        np.savez_compressed(p, **arrays)
-        meta = {**self.metadata, "version": self.version, "kind": "lcclass",
-                "feature_names": list(ALL_FEATURE_NAMES), "class_names": list(CLASS_NAMES)}
-        p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return p
+        return write_model(path, {"fill": self.fill, **self.forest.to_arrays("rf_")},
+                           {**self.metadata, "version": self.version, "kind": "lcclass",
+                            "feature_names": list(ALL_FEATURE_NAMES), "class_names": list(CLASS_NAMES)})
 
     @classmethod
     def load(cls, path_or_version: str | Path | None = None) -> LightCurveClassifier:

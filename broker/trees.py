@@ -287,6 +287,15 @@ def model_path(path_or_version: str | Path | None, default: str, models_dir: Pat
     return p.with_name(p.name.removesuffix(".json").removesuffix(".npz") + ".npz")
 
 
+def write_model(path: str | Path, arrays: dict[str, Any], meta: dict) -> Path:
+    """Write a model as ``<path>.npz`` (``arrays``, compressed, no pickle) and ``<path>.json`` (``meta``)."""
+    p = Path(path).with_suffix(".npz")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(p, **arrays)
+    p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return p
+
+
 def read_model(p: Path, what: str, expect: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays (``allow_pickle=False``) and JSON sidecar of a stored model, checked.
 
