@@ -104,7 +104,7 @@ def write_labels(path: str | Path, labels: Iterable[VettedLabel]) -> int:
         except ValueError as exc:
             raise InvalidLabel(f"candidate {lab.candidate_id}: unusable cutouts ({exc})") from exc
     n = len(rows)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         "x": x,
         "y": np.array([r.label for r in rows], np.uint8),
         "kind": np.array(["vetted"] * n, dtype=str),
@@ -145,7 +145,7 @@ def read_labels(path: str | Path) -> dict[str, np.ndarray]:
         labels other than 0/1, or non-finite pixels.
     """
     try:
-        with np.load(path, allow_pickle=False) as a:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as a:
             data = {k: a[k] for k in a.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InvalidLabel(f"{path}: not a readable labels file ({exc})") from exc
