@@ -32,6 +32,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def write_labels(path: str | Path, labels: Iterable[VettedLabel]) -> int:
         except ValueError as exc:
             raise InvalidLabel(f"candidate {lab.candidate_id}: unusable cutouts ({exc})") from exc
     n = len(rows)
-    arrays: dict[str, np.ndarray] = {
+    arrays: dict[str, Any] = {
         "x": x,
         "y": np.array([r.label for r in rows], np.uint8),
         "kind": np.array(["vetted"] * n, dtype=str),
