@@ -10,7 +10,10 @@ each held-out simulated set (``broker train-realbogus`` writes them under ``buil
 for brightenings / fadings apart (:func:`broker.training.metrics.by_sign`) and on the frames
 whose reference was left as built (sets that record it), and the ROC
 AUC, with its Hanley-McNeil standard error, against ZTF's ``drb > 0.5`` and ``rb > 0.5`` on the
-real alerts of ``../shared/data/ztf_alerts`` (skipped when absent); for an ensemble, also the
+real alerts of ``../shared/data/ztf_alerts`` (skipped when absent), and on the ZTF dev set
+``../shared/data/ztf_alerts_dev`` the AUC against ``drb > 0.5`` with its bootstrap interval and
+the fraction of braai-bogus scored >= 0.5 (:func:`broker.training.devset.dev_analysis`); for an
+ensemble, also the
 range of those AUCs over its members scored alone (members differ only by their seed and
 fields, so the range is the seed noise of one recipe on ZTF). Every model is scored on the
 same inputs in one run, so the columns compare directly.
@@ -29,10 +32,19 @@ from bench.common import SHARED_DATA, git_rev, machine, write_section
 from broker.errors import DatasetError
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, RealBogusEnsemble, ScoreConfig
 from broker.training.data import load_training_set
+from broker.training.devset import dev_analysis
 from broker.training.metrics import _auc_se, by_sign, equal_error
 from broker.training.ztf import compare_with_ztf, ztf_triplets
 
 ZTF_DIR = SHARED_DATA / "ztf_alerts"
+DEV_DIR = SHARED_DATA / "ztf_alerts_dev"
+
+
+def _dev_cells(clf: RealBogusClassifier, dev: tuple) -> list[str]:
+    """The dev set's AUC against drb > 0.5 [95 % interval] and braai-bogus passed at 0.5."""
+    d = dev_analysis(clf.score(dev[0]), dev[1])
+    a = d["auc_drb"]
+    return [f"{a['auc']:.3f} [{a['lo']:.3f}, {a['hi']:.3f}]", f"{d['frac_bogus_passed']:.3f}"]
 
 
 def _set_label(path: Path) -> str:
@@ -68,8 +80,10 @@ def main(argv: list[str] | None = None) -> str:
     except DatasetError as exc:
         ap.error(f"{exc}; `broker train-realbogus` writes the sets under build/")
     ztf = ztf_triplets(ZTF_DIR) if ZTF_DIR.is_dir() else None
+    dev = ztf_triplets(DEV_DIR)[:2] if DEV_DIR.is_dir() else None
     head = (["model", "views"] + [f"EER {_set_label(p)}" for p in sets]
-            + (["ZTF drb AUC", "ZTF rb AUC", "members' drb / rb AUC"] if ztf else []))
+            + (["ZTF drb AUC", "ZTF rb AUC", "members' drb / rb AUC"] if ztf else [])
+            + (["dev drb AUC [95 %]", "dev braai-bogus >= 0.5"] if dev else []))
     rows = []
     for version in args.models:
         for v in args.views:
@@ -93,6 +107,8 @@ def main(argv: list[str] | None = None) -> str:
                     se = _auc_se(r["auc"], r["n_real"], r["n"] - r["n_real"])
                     row.append(f"{r['auc']:.3f} ± {se:.3f}")
                 row.append(_member_range(clf, ztf))
+            if dev:
+                row += _dev_cells(clf, dev)
             rows.append(row)
             print(" | ".join(row), flush=True)
     body = "\n".join([
@@ -105,7 +121,10 @@ def main(argv: list[str] | None = None) -> str:
         "against ZTF's score > 0.5 on the real "
         "alerts that carry it, ± the Hanley-McNeil standard error (drb: "
         + (f"{int(np.isfinite(ztf[1]['drb']).sum())} alerts, "
-           f"{int((ztf[1]['drb'] <= 0.5).sum())} at <= 0.5" if ztf else "absent") + ").", "",
+           f"{int((ztf[1]['drb'] <= 0.5).sum())} at <= 0.5" if ztf else "absent") + "). Dev: "
+        "the ZTF dev set (" + (f"{int(np.isfinite(dev[1]['drb']).sum())} triplets with drb, "
+                               f"{int((dev[1]['drb'] <= 0.5).sum())} at <= 0.5), AUC with a "
+                               "stratified bootstrap interval" if dev else "absent)") + ".", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
         *("| " + " | ".join(r) + " |" for r in rows), "",
         "Reproduce: `python -m bench.realbogus_accuracy "

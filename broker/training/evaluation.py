@@ -20,6 +20,7 @@ import numpy as np
 
 from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
+from broker.training.devset import dev_analysis, score_other_surveys
 from broker.training.metrics import (
     _auc_se,
     _centre_mean,
@@ -140,6 +141,8 @@ def main_eval(
     max_sim: int | None = None,
     compare: str | Path | None = None,
     seed: int = 0,
+    dev_dir: str | Path | None = None,
+    surveys_dir: str | Path | None = None,
 ) -> dict:
     """Evaluate a real/bogus model and write ``report.md``, ``metrics.json`` and PNG plots.
 
@@ -163,6 +166,12 @@ def main_eval(
         A second model (e.g. the previous default) evaluated on the same data for the comparison.
     seed : int
         Picks the example triplets.
+    dev_dir : path, optional
+        The real ZTF dev set (:func:`_eval_dev`); default ``../shared/data/ztf_alerts_dev`` when
+        present.
+    surveys_dir : path, optional
+        Other surveys' alerts (:func:`broker.training.devset.score_other_surveys`); default
+        ``../shared/data/other_surveys`` when present.
 
     Returns
     -------
@@ -182,10 +191,16 @@ def main_eval(
     if ztf_dir is None:
         cand = root.parent / "shared" / "data" / "ztf_alerts"
         ztf_dir = cand if cand.is_dir() else None
+    dev_dir, surveys_dir = dev_dir or _shared(root, "ztf_alerts_dev"), \
+        surveys_dir or _shared(root, "other_surveys")
     if sim_dir is not None:
         _eval_held_out(run, Path(sim_dir), max_sim)
     if ztf_dir is not None:
         _eval_ztf(run, Path(ztf_dir))
+    if dev_dir is not None:
+        _eval_dev(run, Path(dev_dir))
+    if surveys_dir is not None:
+        _eval_surveys(run, Path(surveys_dir))
     res = run.res
     if res.get("sim_compare") or res.get("ztf_compare"):
         res["promotion"] = promotion_check(res)
@@ -194,6 +209,12 @@ def main_eval(
     (out / "metrics.json").write_text(json.dumps(res, indent=2, sort_keys=True, default=float))
     write_eval_report(out / "report.md", res)
     return res
+
+
+def _shared(root: Path, name: str) -> Path | None:
+    """``../shared/data/<name>`` beside the repository when present, else None."""
+    path = root.parent / "shared" / "data" / name
+    return path if path.is_dir() else None
 
 
 @dataclass
@@ -353,6 +374,51 @@ def _ztf_plots(run: _Run, xz: np.ndarray, sz: np.ndarray, meta: dict[str, np.nda
         xz[typical], caps, run.out / "examples_ztf.png", "ZTF: random examples").name
 
 
+def _eval_dev(run: _Run, dev_dir: Path) -> None:
+    """The real ZTF dev set: :func:`~broker.training.devset.dev_analysis`, plots and example grids.
+
+    ``res["dev"]``: AUCs against drb and rb with bootstrap intervals, the fraction of braai-bogus
+    passed, the compared model's figures (``compare``, with paired AUC differences); score
+    histograms by drb, the braai-bogus scored highest and the braai-reals scored lowest.
+    """
+    x, meta, rejected = ztf_triplets(dev_dir)
+    s = run.clf.score(x) if len(x) else np.zeros(0)
+    d = run.res["dev"] = {"dir": _relative(dev_dir, run.root), "n_rejected": len(rejected),
+                          **dev_analysis(s, meta, run.threshold)}
+    if run.other is not None and len(x):
+        so = run.other.score(x)
+        ok = np.isfinite(meta["drb"])
+        d["compare"] = {"model": run.other.version, **dev_analysis(so, meta, run.threshold),
+                        "delta_auc_drb": paired_auc_difference(
+                            meta["drb"][ok] > 0.5, s[ok], so[ok], level=PROMOTION_LEVEL)}
+    files, ok = run.res["files"], np.isfinite(meta["drb"])
+    files["hist_dev"] = plot_histograms(
+        {"braai real (drb > 0.5)": s[ok & (meta["drb"] > 0.5)],
+         "braai bogus (drb <= 0.5)": s[ok & (meta["drb"] <= 0.5)]},
+        run.out / "hist_dev.png", "ZTF dev set, by braai's drb", run.threshold).name
+    for key, title in (("high_bogus", "dev set: braai-bogus we score highest"),
+                       ("low_real", "dev set: braai-real we score lowest")):
+        idx = np.array(d[key][:16], dtype=int)
+        d[key] = [{"objectId": str(meta["objectId"][i]), "candid": int(meta["candid"][i]),
+                   "score": float(s[i]), "drb": float(meta["drb"][i]), "rb": float(meta["rb"][i]),
+                   "fading": bool(meta["fading"][i])} for i in d[key]]
+        caps = [f"{meta['objectId'][i]} ours={s[i]:.2f} drb={meta['drb'][i]:.2f} "
+                f"{'fading' if meta['fading'][i] else ''}" for i in idx]
+        files[f"dev_{key}"] = plot_triplet_grid(x[idx], caps, run.out / f"dev_{key}.png",
+                                                title, dpi=60).name
+
+
+def _eval_surveys(run: _Run, root: Path) -> None:
+    """Other surveys' stamps scored (``res["surveys"]``) and their score histograms."""
+    res = score_other_surveys(run.clf, root, run.threshold)
+    run.res["surveys"] = {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
+                          for k, v in res.items()}
+    if res:
+        run.res["files"]["hist_surveys"] = plot_histograms(
+            {k: np.array(v["scores"]) for k, v in res.items()}, run.out / "hist_surveys.png",
+            "other surveys' alert stamps (behaviour, not labels)", run.threshold).name
+
+
 #: Coverage of the paired bootstrap interval (:func:`paired_auc_difference`) that
 #: :func:`promotion_check` reads: a drop of a ZTF AUC counts only when the interval of
 #: (new - old) lies wholly below 0 at this level.
@@ -396,6 +462,8 @@ def promotion_check(res: dict) -> dict:
 TARGETS = {
     "eer": ("FNR = FPR on the held-out simulated set", 0.01, "<="),
     "ztf_auc_drb": ("AUC against ZTF drb > 0.5 on real ZTF triplets", 0.95, ">="),
+    "dev_auc_drb": ("AUC against ZTF drb > 0.5 on the dev set", 0.95, ">="),
+    "dev_bogus_passed": ("braai-bogus of the dev set scored >= the threshold", 0.15, "<"),
 }
 
 
@@ -404,6 +472,8 @@ def write_eval_report(path: Path, res: dict) -> Path:
     lines = [f"# Real/bogus evaluation: `{res['model']}`", ""]
     lines += _held_out_section(res)
     lines += _ztf_section(res)
+    lines += _dev_section(res)
+    lines += _surveys_section(res)
     lines += _limits_section(res)
     lines += _domain_section(res)
     lines += _reference_table(res)
@@ -510,6 +580,63 @@ def _ztf_section(res: dict) -> list[str]:
         f"{_fmt(z['frac_above_0.5'])}.", "",
         "![score histograms](hist_ztf.png)", "", "Largest disagreements:", "",
         "![disagreements](disagree_ztf.png)", "", "![examples](examples_ztf.png)", ""]
+
+
+def _dev_section(res: dict) -> list[str]:
+    """Report lines: the ZTF dev set's AUCs, pass rates, histograms and worst examples."""
+    d = res.get("dev")
+    if not d:
+        return []
+
+    def auc(a: dict) -> str:
+        return f"{_fmt(a['auc'])} [{_fmt(a['lo'])}, {_fmt(a['hi'])}]"
+
+    rows = [(res["model"], d)] + ([(d["compare"]["model"], d["compare"])] if d.get("compare")
+                                  else [])
+    t = d["threshold"]
+    lines = ["## Real ZTF dev set", "",
+             f"{d['n']} triplets from `{d['dir']}` ({d['n_rejected']} records rejected), "
+             f"{d['n_drb']} with braai's drb, {d['n_drb_bogus']} of them <= 0.5. ZTF's scores "
+             "are for evaluation only: nothing was trained, stopped or thresholded on them. "
+             "AUCs with 95 % stratified bootstrap intervals "
+             "(`broker.training.devset.bootstrap_auc`).", "",
+             f"| model | AUC vs drb > 0.5 | AUC vs rb > 0.5 | braai-bogus scored >= {t} | "
+             f"braai-real scored < {t} | fadings: bogus passed / real rejected |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows:
+        f = r["by_sign"]["fading"]
+        lines.append(f"| `{name}` | {auc(r['auc_drb'])} | {auc(r['auc_rb'])} | "
+                     f"{_fmt(r['frac_bogus_passed'])} | {_fmt(r['frac_real_rejected'])} | "
+                     f"{_fmt(f['frac_bogus_passed'])} / {_fmt(f['frac_real_rejected'])} |")
+    if d.get("compare"):
+        da = d["compare"]["delta_auc_drb"]
+        lines += ["", f"AUC vs drb of `{res['model']}` minus `{d['compare']['model']}`: "
+                  f"{da['delta']:+.3f} [{da['lo']:+.3f}, {da['hi']:+.3f}] (paired bootstrap)."]
+    tg, tb = TARGETS["dev_auc_drb"][1], TARGETS["dev_bogus_passed"][1]
+    lines += ["", f"Targets: AUC vs drb >= {tg}: "
+              f"{'met' if d['auc_drb']['auc'] >= tg else 'NOT met'}; braai-bogus passed < "
+              f"{tb}: {'met' if d['frac_bogus_passed'] < tb else 'NOT met'}.", "",
+              "![dev histograms](hist_dev.png)", "",
+              "![braai-bogus scored highest](dev_high_bogus.png)", "",
+              "![braai-real scored lowest](dev_low_real.png)", ""]
+    return lines
+
+
+def _surveys_section(res: dict) -> list[str]:
+    """Report lines: the other surveys' stamps scored (behaviour only)."""
+    sv = res.get("surveys")
+    if not sv:
+        return []
+    lines = ["## Other surveys' stamps", "",
+             "Scored as a check of behaviour, not accuracy (their own scores are not labels, and "
+             "these samples are not a random draw of their streams). ATLAS packets carry no "
+             "reference stamp: it is rebuilt as science - difference; WINTER's 81 px stamps are "
+             "cut to their central 63 px.", "",
+             f"| survey | n (rejected) | scored >= {res['threshold']} | quartiles |",
+             "|---|---|---|---|"]
+    lines += [f"| {k} | {v['n']} ({v['n_rejected']}) | {_fmt(v['frac_passed'])} | "
+              + " / ".join(_fmt(q, 2) for q in v["quartiles"]) + " |" for k, v in sv.items()]
+    return lines + ["", "![other surveys](hist_surveys.png)", ""]
 
 
 def _domain_section(res: dict) -> list[str]:

@@ -128,6 +128,13 @@ def _card_evaluation(evaluation: dict) -> list[str]:
             lines.append(f"| {name} | {r['n']} | {r['n_real']} | {_fmt(r['auc'])} | "
                          f"{_fmt(r['spearman'])} |")
         lines.append("")
+    d = evaluation.get("dev")
+    if d:
+        a = d["auc_drb"]
+        lines += [f"ZTF dev set (`{d['dir']}`, evaluation only): AUC against drb > 0.5 "
+                  f"{_fmt(a['auc'])} [{_fmt(a['lo'])}, {_fmt(a['hi'])}] ({a['n_neg']} at <= "
+                  f"0.5); braai-bogus scored >= {d['threshold']}: "
+                  f"{_fmt(d['frac_bogus_passed'])}.", ""]
     return lines
 
 

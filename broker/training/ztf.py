@@ -36,7 +36,8 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
     -------
     x : ndarray, shape (N, 3, 63, 63), float32
     meta : dict of ndarray, shape (N,)
-        ``rb``, ``drb`` (NaN where the packet has none), ``candid``, ``objectId``, ``file``,
+        ``rb``, ``drb`` (NaN where the packet has none, or only a filled-in 0 without a
+        ``drbversion``), ``candid``, ``objectId``, ``file``,
         ``n_nan`` (non-finite input pixels, all channels), ``n_pad`` (pixels padded per channel)
         and ``fading`` (``isdiffpos`` false: the difference stamp was negated to science minus
         reference, :func:`broker.normalise.alert_triplet`).
@@ -71,7 +72,7 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
                 continue
             seen.add(cid)
             xs.append(x)
-            rows.append({"rb": cand.get("rb"), "drb": cand.get("drb"), "candid": cid or 0,
+            rows.append({"rb": cand.get("rb"), "drb": _drb(cand), "candid": cid or 0,
                          "fading": ztf_negative_subtraction(r),
                          "objectId": str(r.get("objectId", "")), "file": f.name,
                          "n_nan": sum(flags.n_nan), "n_pad": flags.n_pad})
@@ -87,6 +88,16 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
         "fading": np.array([r["fading"] for r in rows], dtype=bool),
     }
     return x, meta, rejected
+
+
+def _drb(cand: dict) -> float | None:
+    """ZTF's ``drb`` of a candidate, None where the packet has none.
+
+    Some brokers' copies of packets older than schema 3.3 (ALeRCE's) carry ``drb = 0.0`` with an
+    empty ``drbversion``: that is a filled-in default, not braai's score (19 of the 701 dev-set
+    triplets; read as bogus they were a quarter of the dev set's "braai-bogus").
+    """
+    return cand.get("drb") if cand.get("drbversion") else None
 
 
 def compare_with_ztf(scores: np.ndarray, meta: dict[str, np.ndarray]) -> dict:

@@ -17,9 +17,9 @@ from broker.errors import ConfigError, ModelError
 from broker.normalise import NormaliseConfig
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, RealBogusNet, RealBogusNetV2
 
-#: Every shipped version must keep loading and scoring: the default and the previous one, kept
-#: for comparison.
-SHIPPED = ("realbogus-v10", "realbogus-v11")
+#: Every shipped version must keep loading and scoring: the default, the previous one kept for
+#: comparison, and the default adapted to ZTF (``realbogus-v12``, batch-norm statistics only).
+SHIPPED = ("realbogus-v10", "realbogus-v11", "realbogus-v12")
 
 
 def _noise(shape=(63, 63), seed=0, sky=500.0):
@@ -164,3 +164,13 @@ def test_pipeline_frame_mostly_right(shipped, pipeline_candidates):
              for c, _ in pipeline_candidates.get(k, [])]
     assert np.mean(shipped.score_candidates(real) >= 0.5) > 0.8
     assert np.mean(shipped.score_candidates(bogus) < 0.5) > 0.8
+
+
+def test_the_ztf_adaptation_differs_from_its_base_only_in_batch_norm_statistics():
+    base, adapted = RealBogusClassifier.load("realbogus-v11"), RealBogusClassifier.load("realbogus-v12")
+    b, a = base.net.state_dict(), adapted.net.state_dict()
+    assert b.keys() == a.keys()
+    stats = [k for k in b if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(not torch.equal(b[k], a[k]) for k in stats)
+    assert all(torch.equal(b[k], a[k]) for k in b if k not in stats and "num_batches" not in k)
+    assert adapted.metadata["adapted"]["base"] == "realbogus-v11"

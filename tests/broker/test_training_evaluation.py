@@ -53,8 +53,12 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
         ztf.mkdir()
         for f in sorted(src.rglob("*.avro"))[:5]:
             (ztf / f.name).symlink_to(f)
+    dev, surveys = _subset(tmp_path, "ztf_alerts_dev", 40), _subset(
+        tmp_path, "other_surveys/decam_desirt_alerts_avro", 5, "other_surveys/decam_desirt_alerts_avro")
     other = RealBogusClassifier(RealBogusNetV2(), "test-v1").save(tmp_path / "test-v1")
-    res = main_eval(weights, tmp_path / "report", sim, ztf, max_sim=100, compare=str(other))
+    res = main_eval(weights, tmp_path / "report", sim, ztf, max_sim=100, compare=str(other),
+                    dev_dir=dev or tmp_path / "no-dev", surveys_dir=surveys and surveys.parent
+                    or tmp_path / "no-surveys")
     rep = (tmp_path / "report" / "report.md").read_text()
     assert res["sim"]["n"] == 100 and "FNR = FPR" in rep
     assert 0 <= res["sim"]["eer"] <= 1 and res["sim"]["at_threshold"]["per_kind"]
@@ -76,3 +80,23 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
             res["ztf"]["rb"]["n"]
         assert set(res["ztf_compare"]["delta_auc"]) == {"drb", "rb"} and "paired bootstrap" in rep
     assert "Promote to default" in rep
+    if dev is not None:  # the dev set: AUCs with intervals, pass rates, the worst as images
+        d = res["dev"]
+        assert d["n"] > 0 and d["auc_rb"]["n_pos"] + d["auc_rb"]["n_neg"] > 0
+        assert 0 <= d["frac_real_rejected"] <= 1 and "Real ZTF dev set" in rep
+        assert d["compare"]["model"] == "test-v1" and "paired bootstrap" in rep
+        assert {"dev_high_bogus", "dev_low_real", "hist_dev"} <= set(res["files"])
+    if surveys is not None:
+        assert res["surveys"]["decam_desirt"]["n"] == 5 and "Other surveys' stamps" in rep
+
+
+def _subset(tmp_path: Path, name: str, n: int, sub: str | None = None) -> Path | None:
+    """A folder of links to the first ``n`` alerts of ``../shared/data/<name>`` (None if absent)."""
+    src = Path(__file__).resolve().parents[2].parent / "shared/data" / name
+    if not src.is_dir():
+        return None
+    out = tmp_path / (sub or name)
+    out.mkdir(parents=True)
+    for f in sorted(src.rglob("*.avro"))[:n]:
+        (out / f.name).symlink_to(f)
+    return out

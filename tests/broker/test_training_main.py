@@ -45,3 +45,13 @@ def test_old_sets_are_reused_and_the_bright_cap_reaches_the_simulator(tmp_path, 
     sim = field_sim_config(cfg, np.random.default_rng(0))
     assert sim.variable_bright_cap == (17.5, 0.1)
     assert field_sim_config(TrainingSetConfig(), np.random.default_rng(0)).variable_bright_cap is None
+
+
+def test_the_card_reports_the_dev_set_when_evaluated():
+    from broker.training.main import _card_evaluation
+
+    dev = {"dir": "../shared/data/ztf_alerts_dev", "threshold": 0.5, "frac_bogus_passed": 0.53,
+           "auc_drb": {"auc": 0.864, "lo": 0.818, "hi": 0.904, "n_neg": 66, "n_pos": 616}}
+    lines = "\n".join(_card_evaluation({"dev": dev, "threshold": 0.5}))
+    assert "0.864 [0.818, 0.904] (66 at <= 0.5)" in lines and "0.530" in lines
+    assert _card_evaluation({"threshold": 0.5}) == []
