@@ -1,4 +1,4 @@
-"""Alert packet assembly: one record of schema ``alert/v3`` per candidate.
+"""Alert packet assembly: one record of schema ``alert/v4`` per candidate.
 
 The packet follows ZTF (v4.02) and Rubin (v11.0): the source with its zero point, limiting magnitude
 and position errors, its object and history (detections with magnitudes, upper limits, forced
@@ -31,7 +31,7 @@ from broker import __version__
 from broker.candidate import Candidate, Detection
 from broker.errors import SchemaError
 
-SCHEMA_VERSION = "3.0"
+SCHEMA_VERSION = "4.0"
 PUBLISHER = f"transient-broker {__version__}"
 #: gzip level of the cutouts. Noisy float32 pixels gain < 1 % from levels above 1 at 2-6x the
 #: time (measured by ``bench/alert_stage.py``); ISA-L (``isal``) levels run 0-3, zlib's 0-9.
@@ -231,6 +231,8 @@ class FrameContext:
         empty when unknown (v1 batches): the stamps then carry no WCS.
     limiting_flux : float or None
         5-sigma point-source flux limit of the difference image (ADU); None when not measured.
+    magzp_err : float or None
+        1-sigma uncertainty of ``magzp`` (mag); None when not measured.
     """
 
     frame_id: str
@@ -243,6 +245,7 @@ class FrameContext:
     reference_frames: tuple[str, ...]
     wcs_header: str = ""
     limiting_flux: float | None = None
+    magzp_err: float | None = None
 
     @property
     def mjd_mid(self) -> float:
@@ -267,15 +270,21 @@ class FrameContext:
         zp = _finite(self.magzp)
         if zp is not None:
             cards.append(card("MAGZP", zp, "mag of 1 ADU per exposure"))
+        if self.magzp_err is not None:
+            cards.append(card("MAGZPERR", self.magzp_err, "[mag] 1-sigma uncertainty of MAGZP"))
         return cards
 
 
 def frame_context(batch: dict) -> FrameContext:
-    """The :class:`FrameContext` of a decoded ``candidates`` batch of any version (v1: no WCS, no limit)."""
+    """The :class:`FrameContext` of a decoded ``candidates`` batch of any version (v1: no WCS, no limit).
+
+    The zero point's uncertainty travels in the batch's ``diagnostics`` map (``magzp_err``, mag).
+    """
     return FrameContext(batch["frame_id"], batch["telescope"], batch["field"], batch["filter"],
                         float(batch["mjd_start"]), float(batch["exptime"]), _finite(batch.get("magzp")),
                         tuple(batch["reference_frames"]), str(batch.get("wcs_header") or ""),
-                        _finite(batch.get("limiting_flux")))
+                        _finite(batch.get("limiting_flux")),
+                        _finite((batch.get("diagnostics") or {}).get("magzp_err")))
 
 
 # --- ids and photometry ---------------------------------------------------------------------------
@@ -331,6 +340,7 @@ def _source(ctx: FrameContext, det: Detection) -> dict:
         "x_err": _finite(det.x_err), "y_err": _finite(det.y_err),
         "flux": det.flux, "flux_err": det.flux_err, "snr": det.snr, "scorr": det.scorr,
         "isdiffpos": bool(det.flux > 0), "magpsf": mag, "sigmapsf": sig, "magzpsci": _finite(ctx.magzp),
+        "magzpsciunc": ctx.magzp_err,
         "limiting_flux": ctx.limiting_flux, "diffmaglim": ctx.diffmaglim,
         "fwhm": det.fwhm, "elongation": det.elongation, "dipole": det.dipole, "n_bad": det.n_bad,
         "ref_dist": det.ref_dist, "ref_flux": det.ref_flux,
@@ -440,7 +450,7 @@ def alert_fields(ctx: FrameContext, cand: Candidate, model_versions: dict[str, s
 
 def build_alert(ctx: FrameContext, cand: Candidate, model_versions: dict[str, str],
                 timing: dict, alert_time: float) -> dict:
-    """The ``alert/v3`` record of ``cand``.
+    """The ``alert/v4`` record of ``cand``.
 
     Parameters
     ----------

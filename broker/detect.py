@@ -251,6 +251,8 @@ def _stamp(img: np.ndarray, x: int, y: int, h: int) -> np.ndarray:
     ny, nx = img.shape
     out = np.full((2 * h + 1, 2 * h + 1), np.nan, np.float32)
     y0, y1, x0, x1 = max(0, y - h), min(ny, y + h + 1), max(0, x - h), min(nx, x + h + 1)
+    if y0 >= y1 or x0 >= x1:  # the box misses the image (a reference source far off the frame)
+        return out
     out[y0 - (y - h):y1 - (y - h), x0 - (x - h):x1 - (x - h)] = img[y0:y1, x0:x1]
     return out
 

@@ -2,7 +2,10 @@
 
 A frame travels as tile-compressed FITS bytes (RICE for integer pixels, lossless GZIP for
 floating-point pixels, so that no quantisation noise is added before subtraction). The header
-cards below are what a telescope must provide; :func:`decode_fits` raises a typed
+cards below are what the broker reads; a header that lacks one of the required ones is first
+normalised from its real conventions (:func:`broker.headers.normalise_header`: ``DATE-OBS``, ``JD``,
+``EXPOSURE``, ``OBJECT``, vendor filter names, a telescope profile), and a raw colour-sensor frame
+is binned to luminance (:mod:`broker.bayer`). :func:`decode_fits` raises a typed
 :class:`~broker.errors.InvalidFrame` subclass that names what is wrong with a file.
 """
 
@@ -17,6 +20,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
+from broker.bayer import bayer_pattern, superpixel_luminance
 from broker.errors import (
     BadShape,
     CorruptFrame,
@@ -27,6 +31,8 @@ from broker.errors import (
     TooManyPixels,
     UnparseableHeader,
 )
+from broker.headers import normalise_header
+from broker.telescopes import TelescopeProfile
 
 #: Header cards read into :class:`FrameMeta` (card, attribute, type, required).
 _CARDS: tuple[tuple[str, str, type, bool], ...] = (
@@ -39,7 +45,11 @@ _CARDS: tuple[tuple[str, str, type, bool], ...] = (
     ("RDNOISE", "read_noise", float, False),
     ("SATURATE", "saturation", float, False),
     ("MAGZP", "magzp", float, False),
+    ("MAGZPERR", "magzp_err", float, False),
 )
+
+#: The cards without which a header is normalised first (:func:`broker.headers.normalise_header`).
+_REQUIRED = tuple(card for card, _, _, required in _CARDS if required)
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class FrameMeta:
         Saturation level (ADU); +inf when unknown.
     magzp : float or None
         Photometric zero point (mag of a 1 ADU/exposure source), when the header gives one.
+    magzp_err : float or None
+        1-sigma uncertainty of ``magzp`` (mag), when measured (:mod:`broker.photcal`).
     """
 
     frame_id: str
@@ -76,6 +88,7 @@ class FrameMeta:
     read_noise: float = 0.0
     saturation: float = float("inf")
     magzp: float | None = None
+    magzp_err: float | None = None
 
     @property
     def mjd_end(self) -> float:
@@ -127,6 +140,15 @@ def celestial_wcs(header: fits.Header) -> WCS:
     if not wcs.has_celestial or wcs.celestial.naxis != 2:
         raise MissingWCS("no celestial WCS (CTYPE1/2 with RA/Dec and a projection are required)")
     return wcs.celestial
+
+
+def has_wcs(header: fits.Header) -> bool:
+    """Whether ``header`` holds a usable celestial WCS (:func:`celestial_wcs` does not raise)."""
+    try:
+        celestial_wcs(header)
+    except MissingWCS:
+        return False
+    return True
 
 
 def _card(header: fits.Header, card: str) -> object:
@@ -218,11 +240,16 @@ def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, ma
             f"({decoded / max(payload_bytes, 1):.0f}x, limit {max_expansion:g}x): refused before decompression")
 
 
-def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> Frame:
+def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None,
+                profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True) -> Frame:
     """Decode FITS bytes (plain or tile-compressed) into a :class:`Frame`.
 
     The image's size is checked from its header before any pixel is decompressed
     (:func:`check_image_size`; the stages pass ``IngestConfig.max_pixels`` and ``max_expansion``).
+    A header without one of the required cards is normalised (:func:`broker.headers.normalise_header`
+    with ``profiles``) and a raw Bayer frame binned to luminance (:func:`broker.bayer.superpixel_luminance`).
+    ``require_wcs=False`` (the producer and the ingest stage, which plate-solves) accepts a frame
+    without a celestial WCS.
 
     Raises
     ------
@@ -253,9 +280,34 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
         raise BadShape(f"image has {0 if data is None else data.ndim} dimensions, expected 2")
     if data.dtype.kind not in "iuf":
         raise BadShape(f"image dtype {data.dtype} is not numeric")
+    data, header = _adopt(data, header, profiles)
     meta = meta_from_header(header)
-    celestial_wcs(header)
+    if require_wcs:
+        celestial_wcs(header)
     return Frame(meta=meta, data=data if data.dtype == np.float32 else data.astype(np.float32), header=header)
+
+
+def _absent(header: fits.Header, card: str) -> bool:
+    """Whether ``card`` is missing or blank (a card present but unparseable is not: :func:`_card` names it)."""
+    if card not in header:
+        return True
+    try:
+        value = header.get(card)
+    except Exception:  # astropy: VerifyError on a value it cannot parse
+        return False
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfile, ...]
+           ) -> tuple[np.ndarray, fits.Header]:
+    """Normalise a header that lacks a required card, and bin a raw Bayer frame to luminance."""
+    if any(_absent(header, card) for card in _REQUIRED):
+        header = normalise_header(header, data.shape, profiles)
+    if bayer_pattern(header) is not None:
+        saturation = header.get("SATURATE")
+        level = float(saturation) if isinstance(saturation, int | float) else float("inf")
+        data, header = superpixel_luminance(data, header, level)
+    return data, header
 
 
 def _merged_header(hdul: fits.HDUList, hdu: fits.hdu.base.ExtensionHDU | fits.PrimaryHDU) -> fits.Header:

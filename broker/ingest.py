@@ -19,8 +19,9 @@ from photutils.detection import DAOStarFinder
 from photutils.psf import fit_fwhm
 from photutils.utils.exceptions import NoDetectionsWarning
 
+from broker.calibrate import CalibrationConfig
 from broker.errors import BadPixelFraction, BadShape, PoorQuality, RecordMismatch
-from broker.frame import Frame
+from broker.frame import Frame, has_wcs
 from broker.plausibility import PlausibilityConfig, check_header, check_pixels, check_wcs
 
 
@@ -72,6 +73,13 @@ class IngestConfig:
     plausibility : PlausibilityConfig
         Physical bounds of header values and pixel statistics (``[ingest.plausibility]``;
         :class:`broker.plausibility.PlausibilityConfig`).
+    calibration : CalibrationConfig
+        Plate solving, WCS checks against Tycho-2 and the zero point (``[ingest.calibration]``;
+        :class:`broker.calibrate.CalibrationConfig`). A frame whose zero point is wildly off the
+        telescope profile's nominal one is flagged ``zp_offset``.
+    telescopes_dir : str or None
+        Directory of telescope profiles (``*.toml``, :mod:`broker.telescopes`; written by
+        ``broker telescope add``) used to normalise headers; None: built-in mapping only.
     """
 
     min_side: int = 64
@@ -88,6 +96,8 @@ class IngestConfig:
     max_pixels: int = 2 ** 27
     max_expansion: float = 64.0
     plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    telescopes_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,8 @@ class FrameQuality:
         return {**self.__dict__, "flags": list(self.flags)}
 
 
-def validate(frame: Frame, config: IngestConfig = IngestConfig(), now_mjd: float | None = None) -> None:
+def validate(frame: Frame, config: IngestConfig = IngestConfig(), now_mjd: float | None = None,
+             require_wcs: bool = True) -> None:
     """Raise a typed :class:`~broker.errors.InvalidFrame` for a frame that must not be processed.
 
     Checks, in order: the image size (:class:`BadShape`), the header's physical bounds
@@ -118,12 +129,15 @@ def validate(frame: Frame, config: IngestConfig = IngestConfig(), now_mjd: float
     clock), a celestial WCS that maps the frame onto the sky at a plausible pixel scale
     (:class:`MissingWCS`, :class:`ImplausibleHeader`), the fraction of NaN pixels
     (:class:`BadPixelFraction`) and the pixel statistics (:class:`ImplausiblePixels`).
+    ``require_wcs=False`` (the producer: the ingest stage plate-solves) skips the WCS check for a
+    frame that has no WCS at all; a WCS that is present is always checked.
     """
     ny, nx = frame.data.shape
     if min(ny, nx) < config.min_side or max(ny, nx) > config.max_side:
         raise BadShape(f"image is {nx}x{ny} px; sides must be within [{config.min_side}, {config.max_side}]")
     check_header(frame.meta, config.plausibility, now_mjd)
-    check_wcs(frame, config.plausibility)
+    if require_wcs or has_wcs(frame.header):
+        check_wcs(frame, config.plausibility)
     nan_fraction = 1.0 - np.count_nonzero(np.isfinite(frame.data)) / frame.data.size
     if nan_fraction > config.max_nan_fraction:
         raise BadPixelFraction(f"{nan_fraction:.1%} of the pixels are NaN/inf (limit {config.max_nan_fraction:.0%})")
@@ -185,6 +199,8 @@ def measure_quality(frame: Frame, config: IngestConfig = IngestConfig()) -> Fram
         flags.append("seeing")
     if saturated > config.max_saturated_fraction:
         flags.append("saturated")
+    if str(frame.header.get("ZPSTAT", "")) == "offset":
+        flags.append("zp_offset")
     return FrameQuality(float(sky), float(sky_rms), float(fwhm), float(fwhm * scale), int(n_stars),
                         float(limit_flux), limit_mag, float(nan_fraction), float(saturated), tuple(flags))
 

@@ -11,7 +11,7 @@ import fastavro
 ROOT = Path(__file__).parent
 
 #: The version each topic is written with now.
-CURRENT = {"frame": 1, "candidates": 3, "alert": 3, "dlq": 2, "progress": 1, "followup": 1}
+CURRENT = {"frame": 1, "candidates": 3, "alert": 4, "dlq": 2, "progress": 1, "followup": 1}
 
 
 @lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ from confluent_kafka import KafkaException, Producer
 from broker.errors import FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, encode_fits, sha256
 from broker.ingest import IngestConfig, validate
+from broker.telescopes import TelescopeProfile
 from streams import serde, topics
 from streams.frame_auth import FrameSigner
 from streams.framestore import FrameStore
@@ -50,11 +51,15 @@ class FrameProducer:
     signer : FrameSigner or None
         Signs each frame (header ``frame-auth``) for the ingest stage's telescope -> principal
         check (:mod:`streams.frame_auth`); None: unsigned.
+    profiles : tuple of TelescopeProfile
+        Telescope profiles that fill what headers lack (:func:`broker.headers.normalise_header`);
+        frames without a WCS are accepted (the ingest stage plate-solves them).
     """
 
     def __init__(self, settings: KafkaSettings, store: FrameStore, inline_limit_bytes: int,
                  max_frame_bytes: int, validation: IngestConfig = IngestConfig(),
-                 signer: FrameSigner | None = None) -> None:
+                 signer: FrameSigner | None = None, profiles: tuple[TelescopeProfile, ...] = ()) -> None:
+        self.profiles = profiles
         self.producer = Producer(settings.producer())
         self.signer = signer  # signs each frame for the ingest stage's [kafka.frame_auth] check
         self.store = store
@@ -64,7 +69,7 @@ class FrameProducer:
 
     def publish_frame(self, frame: Frame, exposure_end: float | None = None) -> Published:
         """Validate, encode and send ``frame``; ``exposure_end`` (Unix s) defaults to MJD-OBS + EXPTIME."""
-        validate(frame, self.validation)
+        validate(frame, self.validation, require_wcs=not self.validation.calibration.enabled)
         payload = encode_fits(frame)
         if len(payload) > self.max_bytes:
             raise FrameTooLarge(f"frame {frame.meta.frame_id} encodes to {len(payload)} bytes, over {self.max_bytes}")
@@ -92,7 +97,8 @@ class FrameProducer:
         if size > self.max_bytes:
             raise FrameTooLarge(f"{path}: {size} bytes, over the {self.max_bytes}-byte limit")
         try:
-            frame = decode_fits(path.read_bytes(), self.validation.max_pixels, self.validation.max_expansion)
+            frame = decode_fits(path.read_bytes(), self.validation.max_pixels, self.validation.max_expansion,
+                                self.profiles, require_wcs=not self.validation.calibration.enabled)
         except InvalidFrame as exc:
             raise type(exc)(f"{path}: {exc}") from exc
         return self.publish_frame(frame)

@@ -15,17 +15,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.alert import PUBLISHER, alert_fields, build_alert, frame_context
+from broker.calibrate import calibrate
 from broker.config import PipelineConfig
 from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame, NotIngested, PoorQuality
 from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record
-from broker.frame import Frame, decode_fits, sha256
+from broker.frame import Frame, decode_fits, encode_fits, sha256
 from broker.history import open_history
 from broker.ingest import check_record, ingest, validate
 from broker.ledger import FrameLedger, pixel_checksum
 from broker.pipeline import FrameResult, ScoreModels, associate_and_score, process_frame
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
+from broker.telescopes import TelescopeProfile, load_profiles
 from streams import serde, topics
 from streams.followup import FollowupRules, request_message
 from streams.frame_auth import FrameAuthoriser
@@ -117,27 +119,51 @@ def frame_payload(rec: dict, store: FrameStore, max_bytes: int) -> bytes:
     return store.get(rec["uri"], rec["sha256"], max_bytes)
 
 
-def _frame_of(msg: InMessage, store: FrameStore, config: PipelineConfig) -> tuple[dict, Frame]:
+def _frame_of(msg: InMessage, store: FrameStore, config: PipelineConfig,
+              profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True) -> tuple[dict, Frame]:
     """The ``frame`` record and its decoded frame, refused when too large or when the record lies about it."""
     rec = serde.decode("frame", msg.value, msg.headers)
     payload = frame_payload(rec, store, config.max_frame_bytes)
-    frame = decode_fits(payload, config.ingest.max_pixels, config.ingest.max_expansion)
+    frame = decode_fits(payload, config.ingest.max_pixels, config.ingest.max_expansion, profiles, require_wcs)
     check_record(rec, frame, len(payload))
     return rec, frame
 
 
+def _store_calibrated(rec: dict, frame: Frame, store: FrameStore, config: PipelineConfig) -> None:
+    """Point ``rec`` at the calibrated frame's FITS bytes.
+
+    Inline, or in the frame store when the frame came by reference or is over the inline limit.
+    """
+    payload = encode_fits(frame)
+    if len(payload) > config.max_frame_bytes:
+        raise FrameTooLarge(f"calibrated frame {frame.meta.frame_id} encodes to {len(payload)} bytes, "
+                            f"over {config.max_frame_bytes}")
+    inline = rec["fits"] is not None and len(payload) <= config.inline_limit_bytes
+    rec.update(fits=payload if inline else None, uri=None if inline else store.put(payload)[0],
+               sha256=sha256(payload), size_bytes=len(payload))
+
+
 def ingest_handler(config: PipelineConfig) -> Handler:
-    """Fetch and decode the frame, validate it, measure its quality (``frame`` -> ``frame``)."""
+    """Fetch and decode the frame, calibrate it (WCS solved or checked, zero point), validate it, measure its quality.
+
+    ``frame`` -> ``frame``: the record then carries the calibrated FITS (the header holds the WCS,
+    ``WCSSTAT``/``WCSRESID`` and ``MAGZP``/``MAGZPERR``; :func:`broker.calibrate.calibrate`). A frame
+    that cannot be solved is dead-lettered ``unsolvable`` (``no_solver`` without astrometry.net).
+    """
     store = FrameStore(config.frame_store)
     auth = FrameAuthoriser.load(config.kafka)  # [kafka.frame_auth]: who may send which telescope's frames
+    profiles = load_profiles(config.ingest.telescopes_dir)
 
     def handle(msg: InMessage) -> list[OutMessage]:
         signed = auth.check(msg.key, msg.value, msg.headers) if auth.enabled else None  # before any decoding
-        rec, frame = _frame_of(msg, store, config)
+        rec, frame = _frame_of(msg, store, config, profiles, require_wcs=not config.ingest.calibration.enabled)
         if signed is not None:
             auth.check_telescope(signed, frame.meta.telescope)
-        quality = ingest(frame, config.ingest)
-        m = frame.meta
+        calibrated = calibrate(frame, config.ingest.calibration, profiles)
+        quality = ingest(calibrated, config.ingest)
+        if calibrated is not frame:
+            _store_calibrated(rec, calibrated, store, config)
+        m = calibrated.meta
         rec.update(frame_id=m.frame_id, telescope=m.telescope, field=m.field, filter=m.filter,
                    mjd_start=m.mjd_start, exptime=m.exptime, quality=quality.to_record())
         return [OutMessage(topics.INGESTED, serde.encode("frame", rec), msg.key, _headers("frame"))]
@@ -153,9 +179,17 @@ def _batch(frame: Frame, result: FrameResult) -> dict:
         "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "filter": m.filter,
         "mjd_start": m.mjd_start, "exptime": m.exptime, "magzp": m.magzp, "status": result.status,
         "nx": nx, "ny": ny, "wcs_header": celestial_header(frame), "limiting_flux": result.limiting_flux,
-        "reference_frames": list(result.reference_frames), "diagnostics": dict(result.diagnostics),
+        "reference_frames": list(result.reference_frames), "diagnostics": _diagnostics(frame, result),
         "model_versions": {}, "candidates": [serde.candidate_to_record(c) for c in result.candidates],
     }
+
+
+def _diagnostics(frame: Frame, result: FrameResult) -> dict[str, float]:
+    """The batch's diagnostics: the subtraction's, and ``magzp_err`` (mag) when the frame was calibrated."""
+    diag = dict(result.diagnostics)
+    if frame.meta.magzp_err is not None:
+        diag["magzp_err"] = float(frame.meta.magzp_err)
+    return diag
 
 
 def _ingested_flags(rec: dict, frame: Frame, config: PipelineConfig) -> tuple[str, ...]:

@@ -47,4 +47,4 @@ def test_a_wheel_installs_the_models_and_schemas(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert res.returncode == 0, res.stderr
     assert res.stdout.split()[:3] == ["realbogus-v11", "anomaly-v2", "lcclass-v1"]
-    assert res.stdout.split()[4] == "broker.alert.v3.Alert" and res.stdout.split()[3].isdigit()  # OpenNGC's date
+    assert res.stdout.split()[4] == "broker.alert.v4.Alert" and res.stdout.split()[3].isdigit()  # OpenNGC's date

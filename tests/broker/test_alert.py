@@ -74,7 +74,7 @@ def test_v3_record_fits_the_schema_and_round_trips():
     cand.history = [_history(1), _history(3)]
     cand.forced = [_forced(3), _forced(1), _forced(2)]
     alert = build_alert(_ctx(), cand, MODELS, TIMING, 1.7e9 + 5)
-    assert schemas.CURRENT["alert"] == 3 and alert["schemavsn"] == "3.0"
+    assert schemas.CURRENT["alert"] == 4 and alert["schemavsn"] == "4.0"
     assert fastavro.validate(alert, schemas.load("alert"), raise_errors=True)
     back = _round_trip(alert)
     assert back["sourceId"] == back["alertId"] == alert_id(cand.cand_id)

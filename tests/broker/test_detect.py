@@ -128,3 +128,13 @@ def test_psf_flux_and_forced_flux_share_one_photometry():
     masked[:, :21] = np.nan  # more than half the PSF is gone
     assert forced_flux(masked, np.ones((40, 40), np.float32), 1.0, shifted, 20.0, 18.0) is None
     assert forced_flux(img, np.ones((40, 40)), 1.0, shifted, 40.2, 18.0) is None  # off the image
+
+
+def test_stamp_of_a_box_off_the_image_is_all_nan():
+    """A reference source far outside a drifting frame gives an empty (NaN) stamp, not an error."""
+    from broker.detect import _stamp
+
+    img = np.arange(100.0).reshape(10, 10)
+    assert np.isnan(_stamp(img, -51, 5, 4)).all() and np.isnan(_stamp(img, 5, 60, 4)).all()
+    edge = _stamp(img, -2, 0, 3)  # partly inside
+    assert edge[3, 5] == img[0, 0] and np.isnan(edge[0, 0])

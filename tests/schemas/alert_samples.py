@@ -56,7 +56,7 @@ def sample_inputs() -> tuple[FrameContext, Candidate]:
     _score_records(cand)
     wcs_header = WCS(h).to_header(relax=True).tostring()
     ctx = FrameContext(FRAME_ID, "SAMPLE", "F1", "r", 60004.5, 30.0, 27.05, ("SAMPLE-F1-r-R1", "SAMPLE-F1-r-R2"),
-                       wcs_header, 310.0)
+                       wcs_header, 310.0, 0.03)
     return ctx, cand
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from broker.calibrate import CalibrationConfig
 from broker.errors import CorruptFrame, FrameTooLarge, InvalidFrame, MissingWCS
 from broker.frame import encode_fits
+from broker.ingest import IngestConfig
 from streams import serde, topics
 from streams.framestore import FrameStore
 from streams.monitor import read_all
@@ -32,8 +34,11 @@ def test_files_are_validated_with_clear_errors(producer, settings, tmp_path):
     for key in ("CTYPE1", "CTYPE2"):
         frame.header.remove(key)
     (tmp_path / "nowcs.fits").write_bytes(encode_fits(frame, compress=False))
+    strict = FrameProducer(settings, producer.store, inline_limit_bytes=200_000, max_frame_bytes=50_000_000,
+                           validation=IngestConfig(calibration=CalibrationConfig(enabled=False)))
     with pytest.raises(MissingWCS, match="nowcs.fits"):
-        producer.publish_file(tmp_path / "nowcs.fits")
+        strict.publish_file(tmp_path / "nowcs.fits")
+    assert producer.publish_file(tmp_path / "nowcs.fits").frame_id  # accepted: the ingest stage plate-solves it
     tiny_limit = FrameProducer(settings, producer.store, inline_limit_bytes=10, max_frame_bytes=1000)
     (tmp_path / "big.fits").write_bytes(encode_fits(star_frame()))
     with pytest.raises(FrameTooLarge):

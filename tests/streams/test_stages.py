@@ -9,7 +9,7 @@ import pytest
 
 from broker.config import load_config
 from broker.errors import ChecksumMismatch, ConfigError, FrameStoreError, InvalidFrame, PoorQuality
-from broker.frame import encode_fits
+from broker.frame import decode_fits, encode_fits
 from broker.ingest import IngestConfig
 from streams import serde, topics
 from streams.framestore import FrameStore
@@ -35,7 +35,9 @@ def test_frame_by_reference_is_fetched_and_checked(config):
     uri, _ = FrameStore(config.frame_store).put(payload)
     (out,) = ingest_handler(config)(_msg(frame_record(frame, payload, inline=False, uri=uri)))
     rec = serde.decode("frame", out.value, out.headers)
-    assert rec["uri"] == uri and rec["fits"] is None and rec["quality"]["n_stars"] > 10
+    assert rec["fits"] is None and rec["quality"]["n_stars"] > 10
+    calibrated = FrameStore(config.frame_store).get(rec["uri"], rec["sha256"], config.max_frame_bytes)
+    assert "WCSSTAT" in decode_fits(calibrated).header  # the calibrated frame, by reference like its input
     bad = frame_record(frame, payload, inline=False, uri=uri) | {"sha256": "0" * 64}
     with pytest.raises(ChecksumMismatch):
         ingest_handler(config)(_msg(bad))
@@ -146,7 +148,7 @@ def test_the_alert_handler_makes_v3_alerts_from_every_batch_version(config, vers
     msg = InMessage(topics.SCORED, 0, 0, b"k", buf.getvalue(), tag, 0)
     out = alert_handler(config)(msg)[0]
     (alert,) = decode_alert(out.key, out.value, out.headers)
-    assert alert["schemavsn"] == "3.0" and alert["source"]["magpsf"] == pytest.approx(27.0 - 7.5)
+    assert alert["schemavsn"] == "4.0" and alert["source"]["magpsf"] == pytest.approx(27.0 - 7.5)
     assert alert["source"]["diffmaglim"] == (pytest.approx(22.0) if version >= 2 else None)
     assert alert["context"] is None and alert["classification"] is None  # not scored by a v3 score stage
     with fits.open(io.BytesIO(gzip.decompress(alert["cutoutScience"]["stampData"]))) as hdul:

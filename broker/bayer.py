@@ -1,0 +1,99 @@
+"""Colour (Bayer) sensors: raw colour-filter-array frames -> one luminance band, on purpose.
+
+A one-shot-colour camera (ZWO Seestar, most ZWO/QHY colour CMOS) writes raw frames in which each
+pixel sees one of red, green or blue through a 2x2 filter mosaic (``BAYERPAT = 'RGGB'``, ``GRBG``,
+...). Subtracting such a frame as if it were monochrome makes every star a checkerboard whose
+pattern shifts with the sub-pixel position: a PSF model cannot fit it and the difference image is
+full of dipoles. :func:`superpixel_luminance` sums each 2x2 cell (R + G + G + B) into one pixel:
+
+* the band is ``lum`` (the sensor's summed response through its IR-cut filter), a band of its own
+  that never shares a reference with a monochrome camera's ``clear``;
+* no interpolation: superpixels are independent, so the noise model stays ``variance = signal /
+  gain + read_noise^2`` with the same gain (e-/ADU) and the read noise of four pixels
+  (``2 x RDNOISE``), and the PSF is sampled on a regular grid of twice the pixel size;
+* a superpixel holding a saturated raw pixel is set to the summed saturation level
+  (``4 x SATURATE``) so it is masked as saturated; ``SATURATE`` becomes that level;
+* a WCS the raw frame may carry is dropped (cards ``CTYPE*``, ``CRPIX*``, ``CD*``, ...): the
+  ingest stage solves the binned frame (``broker.astrometry``), so nothing inherits a half-pixel error.
+
+``XPIXSZ``/``YPIXSZ`` and ``PIXSCALE`` double; ``BAYERPAT`` moves to ``BAYERRAW`` and ``BAYERMOD``
+records the mode, so a decoded frame is never binned twice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from astropy.io import fits
+
+from broker.errors import BadShape
+
+#: Accepted mosaic patterns (top-left 2x2 cell read row by row).
+PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+
+#: WCS cards dropped from a binned frame.
+_WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_", "CROTA",
+                 "A_", "B_", "AP_", "BP_", "PV1_", "PV2_", "WCSAXES", "LONPOLE", "LATPOLE")
+
+
+def bayer_pattern(header: fits.Header) -> str | None:
+    """The header's mosaic pattern (``BAYERPAT`` or ``COLORTYP``) in upper case; None for a monochrome frame.
+
+    Raises
+    ------
+    BadShape
+        The pattern is not one of :data:`PATTERNS`.
+    """
+    if "BAYERMOD" in header:
+        return None  # already binned
+    raw = header.get("BAYERPAT", header.get("COLORTYP"))
+    if raw is None or not str(raw).strip() or str(raw).strip().upper() in ("NONE", "MONO"):
+        return None
+    pattern = str(raw).strip().upper()
+    if pattern not in PATTERNS:
+        raise BadShape(f"BAYERPAT={raw!r} is not a 2x2 colour mosaic ({', '.join(PATTERNS)})")
+    return pattern
+
+
+def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: float) -> tuple[np.ndarray, fits.Header]:
+    """Sum each 2x2 mosaic cell of a raw colour frame into one luminance pixel.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx)
+        Raw mosaic frame (ADU); an odd last row or column is cut.
+    header : astropy.io.fits.Header
+        Its (normalised) header; not modified.
+    saturation : float
+        Saturation level of a raw pixel (ADU); +inf when unknown.
+
+    Returns
+    -------
+    data : ndarray, shape (ny // 2, nx // 2), float32
+        Luminance (ADU, sum of four pixels); NaN where any of the four is NaN.
+    header : astropy.io.fits.Header
+        Copy with ``FILTER = 'lum'``, ``RDNOISE`` x2, ``SATURATE`` x4, pixel sizes x2, no WCS,
+        ``BAYERMOD = 'superpixel-sum'``.
+    """
+    ny, nx = (data.shape[0] // 2) * 2, (data.shape[1] // 2) * 2
+    if ny < 2 or nx < 2:
+        raise BadShape(f"a {data.shape[1]}x{data.shape[0]} px mosaic has no complete 2x2 cell")
+    cells = data[:ny, :nx].astype(np.float32).reshape(ny // 2, 2, nx // 2, 2)
+    lum = cells.sum(axis=(1, 3), dtype=np.float32)
+    if np.isfinite(saturation):
+        lum[cells.max(axis=(1, 3)) >= saturation] = np.float32(4.0 * saturation)
+    out = header.copy()
+    for key in list(out.keys()):
+        if key.startswith(_WCS_PREFIXES):
+            out.remove(key, ignore_missing=True, remove_all=True)
+    out["BAYERRAW"] = (str(header.get("BAYERPAT", header.get("COLORTYP", ""))), "mosaic pattern of the raw frame")
+    out.remove("BAYERPAT", ignore_missing=True)
+    out["BAYERMOD"] = ("superpixel-sum", "2x2 R+G+G+B summed (broker.bayer)")
+    out["FILTER"] = ("lum", "colour-sensor luminance (broker.bayer)")
+    if "RDNOISE" in out:
+        out["RDNOISE"] = (2.0 * float(out["RDNOISE"]), "[e-] read noise of a 2x2 superpixel")
+    if np.isfinite(saturation):
+        out["SATURATE"] = (4.0 * saturation, "[ADU] saturation of a 2x2 superpixel")
+    for key in ("XPIXSZ", "YPIXSZ", "PIXSCALE", "SECPIX", "IM_SCALE"):
+        if isinstance(out.get(key), int | float):
+            out[key] = 2.0 * float(out[key])
+    return lum, out

@@ -1,0 +1,390 @@
+"""Header normalisation: real FITS header conventions -> the cards :func:`broker.frame.meta_from_header` reads.
+
+Frames from small and amateur telescopes (N.I.N.A., SharpCap, ASIAIR, MaxIm DL, ACP, Ekos, smart
+telescopes) and from surveys (DECam, ZTF, LSST, LCO) name the same facts differently: ``DATE-OBS``
+in local time with an offset, ``JD`` instead of ``MJD-OBS``, ``EXPOSURE`` for ``EXPTIME``, ``OBJECT``
+instead of a field id, vendor filter names. :func:`normalise_header` writes the broker's canonical
+cards (``TELESCOP FIELD FILTER MJD-OBS EXPTIME GAIN RDNOISE SATURATE``) from whatever the header
+holds, in the order of :data:`MAPPING`, filling gaps from a telescope profile
+(:mod:`broker.telescopes`), and records where each value came from (``HDRNORM``, ``TIMESRC``,
+``FIELDSRC``, ``FILTRAW``, ``ORIGTEL``). Values a profile gives win over the header's (a ZWO camera
+writes its gain *setting* in ``GAIN``, not e-/ADU). The table is rendered in ``docs/telescopes.md``.
+A header already normalised (``HDRNORM`` present) is returned unchanged, so decoding is idempotent.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+
+from astropy.io import fits
+from astropy.time import Time
+from astropy.wcs import WCS, FITSFixedWarning
+from erfa import ErfaWarning
+
+from broker.errors import MissingMetadata
+from broker.telescopes import TelescopeProfile, find_profile
+
+#: Canonical bands: SDSS/LSST-like (lower case), Johnson-Cousins (upper case), unfiltered, colour-sensor
+#: luminance (:mod:`broker.bayer`) and narrow bands.
+BANDS = ("u", "g", "r", "i", "z", "y", "U", "B", "V", "R", "I", "clear", "lum", "Ha", "OIII", "SII")
+
+#: Vendor filter name (compared upper-cased, blanks and quotes stripped) -> canonical band. Single
+#: letters are matched as written first (``r`` is SDSS r, ``R`` is Cousins R). DECam-style names
+#: (``i DECam SDSS c0003 7835.0 1470.0``) are matched on their first word.
+FILTER_ALIASES: dict[str, str] = {
+    "UP": "u", "GP": "g", "RP": "r", "IP": "i", "ZS": "z", "ZP": "z", "Y": "y",  # LCO primed SDSS
+    "SDSS-U": "u", "SDSS-G": "g", "SDSS-R": "r", "SDSS-I": "i", "SDSS-Z": "z",
+    "SDSSU": "u", "SDSSG": "g", "SDSSR": "r", "SDSSI": "i", "SDSSZ": "z",
+    "U'": "u", "G'": "g", "R'": "r", "I'": "i", "Z'": "z",
+    "ZTF_G": "g", "ZTF_R": "r", "ZTF_I": "i", "ZG": "g", "ZR": "r", "ZI": "i",  # ZTF
+    "JOHNSON-U": "U", "JOHNSON-B": "B", "JOHNSON-V": "V", "BESSELL-B": "B", "BESSELL-V": "V",
+    "BESSELL-R": "R", "BESSELL-I": "I", "RC": "R", "IC": "I", "COUSINS-R": "R", "COUSINS-I": "I",
+    "CLEAR": "clear", "CLR": "clear", "C": "clear", "NONE": "clear", "OPEN": "clear", "NOFILTER": "clear",
+    "NO FILTER": "clear", "W": "clear", "L": "clear", "LUM": "clear", "LUMINANCE": "clear",
+    "IRCUT": "clear", "UV/IR CUT": "clear", "UVIR": "clear", "UV-IR": "clear", "LP": "clear",
+    "HA": "Ha", "H-ALPHA": "Ha", "HALPHA": "Ha", "H_ALPHA": "Ha", "OIII": "OIII", "O3": "OIII",
+    "SII": "SII", "S2": "SII",
+}
+
+
+@dataclass(frozen=True)
+class CardSource:
+    """One row of the mapping table: a canonical card and the header cards it is read from, in order."""
+
+    card: str
+    sources: tuple[str, ...]
+    note: str
+
+
+#: The mapping table (``docs/telescopes.md`` renders it): first source present wins, then the profile.
+MAPPING: tuple[CardSource, ...] = (
+    CardSource("TELESCOP", ("profile name", "TELESCOP", "INSTRUME"),
+               "characters other than letters, digits and `._+-` become `_` (it keys references and "
+               "Kafka keys); the original is kept in `ORIGTEL`"),
+    CardSource("FIELD", ("FIELD", "header WCS centre on a sky grid", "RA/DEC, OBJCTRA/OBJCTDEC pointing on a sky grid",
+                         "OBJECT"),
+               "grid cells of `field_grid_deg` (profile, default 0.5 deg), named `g<deg>-<ra>-<dec>`; "
+               "`FIELDSRC` says which source was used; after plate solving, a field taken from the pointing "
+               "or OBJECT is renamed from the solved centre (`FIELDSRC = SOLVED`)"),
+    CardSource("FILTER", ("FILTER", "FILTNAM", "FILTER1", "FILT-1", "profile filters", "built-in aliases"),
+               "vendor name -> canonical band (`BANDS`); an unknown name is kept (it keys its own references); "
+               "no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
+    CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT)", "JD", "JD-OBS", "MJD-AVG", "DATE-AVG"),
+               "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; "
+               "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2"),
+    CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"), "seconds"),
+    CardSource("GAIN", ("profile gain", "GAIN", "EGAIN"),
+               "e-/ADU; none: 1.0. ZWO cameras write their gain *setting* (e.g. 80) in GAIN: give a profile"),
+    CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON"), "e-; none: 0 (sky RMS only)"),
+    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "16-bit data range"),
+               "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest"),
+)
+
+_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{1,2}:\d{2}(?::\d{2}(?:\.\d*)?)?))?\s*"
+                      r"(Z|UTC|[+-]\d{2}:?\d{2})?$")
+
+
+def _value(header: fits.Header, *cards: str) -> object | None:
+    """The first of ``cards`` present with a non-blank value (None when none is)."""
+    for card in cards:
+        try:
+            value = header.get(card)
+        except Exception:  # an unparseable card counts as absent here; frame.py names it if required
+            continue
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            return value.strip() if isinstance(value, str) else value
+    return None
+
+
+def _number(header: fits.Header, *cards: str) -> float | None:
+    value = _value(header, *cards)
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def parse_iso_utc(text: str) -> float:
+    """MJD (days, UTC) of an ISO date-time, with an optional zone (``Z``, ``UTC``, ``-0700``, ``+05:30``).
+
+    Raises
+    ------
+    MissingMetadata
+        The text is not an ISO date(-time) with a 4-digit year.
+    """
+    match = _TIME_RE.match(text.strip())
+    if match is None:
+        raise MissingMetadata(f"time {text!r} is not an ISO date-time (YYYY-MM-DDThh:mm:ss[.s][zone])")
+    date, clock, zone = match.groups()
+    try:
+        with warnings.catch_warnings():  # "dubious year": the plausibility check names a date out of range
+            warnings.simplefilter("ignore", ErfaWarning)
+            mjd = float(Time(f"{date}T{clock or '00:00:00'}", format="isot", scale="utc").mjd)
+    except ValueError as exc:
+        raise MissingMetadata(f"time {text!r} is not a valid date: {exc}") from exc
+    if zone and zone not in ("Z", "UTC"):
+        sign = -1.0 if zone[0] == "-" else 1.0
+        hours, minutes = int(zone[1:3]), int(zone[-2:])
+        mjd -= sign * (hours + minutes / 60.0) / 24.0  # local = UTC + offset
+    return mjd
+
+
+def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfile | None) -> tuple[float, str]:
+    """(MJD of the exposure start, UTC; the card it came from), following :data:`MAPPING`."""
+    mid = profile is not None and profile.time_reference == "mid"
+    shift = exptime / 2.0 / 86400.0
+    mjd = _number(header, "MJD-OBS")
+    if mjd is not None:
+        return mjd, "MJD-OBS"
+    date = _value(header, "DATE-OBS")
+    if isinstance(date, str):
+        clock = _value(header, "TIME-OBS", "UT", "UTSTART")
+        text = f"{date}T{clock}" if "T" not in date and isinstance(clock, str) else date
+        start = parse_iso_utc(text)
+        return (start - shift, "DATE-OBS(mid)") if mid else (start, "DATE-OBS")
+    jd = _number(header, "JD", "JD-OBS")
+    if jd is not None:
+        return (jd - 2400000.5 - shift if mid else jd - 2400000.5), "JD"
+    avg = _number(header, "MJD-AVG")
+    avg_date = _value(header, "DATE-AVG")
+    if avg is None and isinstance(avg_date, str):
+        avg = parse_iso_utc(avg_date)
+    if avg is not None:
+        return avg - shift, "MJD-AVG"
+    raise MissingMetadata("no exposure time stamp: none of MJD-OBS, DATE-OBS, JD, JD-OBS, MJD-AVG, DATE-AVG")
+
+
+def canonical_band(raw: str, profile: TelescopeProfile | None = None) -> str:
+    """The canonical band of a vendor filter name (the name itself, cleaned, when unknown)."""
+    name = raw.strip().strip("'\"").strip()
+    if profile is not None:
+        for vendor, band in profile.filters.items():
+            if vendor.strip().upper() == name.upper():
+                return band
+    if name in BANDS:
+        return name
+    key = name.upper()
+    if key in FILTER_ALIASES:
+        return FILTER_ALIASES[key]
+    first = key.split()[0] if key.split() else key
+    if len(name.split()) > 1 and name.split()[0] in BANDS:  # DECam: "i DECam SDSS c0003 ..."
+        return name.split()[0]
+    return FILTER_ALIASES.get(first, clean_name(name) or "unknown")
+
+
+def clean_name(text: str) -> str:
+    """``text`` with every run of characters other than letters, digits and ``._+-`` replaced by ``_``."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text.strip()).strip("_")[:64]
+
+
+def _angle(value: object, hours: bool) -> float | None:
+    """Degrees of a number (deg) or a sexagesimal string (hours for RA when ``hours``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value) if math.isfinite(value) else None
+    if not isinstance(value, str):
+        return None
+    parts = re.split(r"[:\s hmsd°'\"]+", value.strip())
+    parts = [p for p in parts if p]
+    try:
+        if len(parts) == 1:
+            return float(parts[0])
+        sign = -1.0 if parts[0].startswith("-") else 1.0
+        numbers = [abs(float(p)) for p in parts[:3]]
+    except ValueError:
+        return None
+    degrees = sum(n / 60.0 ** k for k, n in enumerate(numbers))
+    return sign * degrees * (15.0 if hours else 1.0)
+
+
+def pointing_hint(header: fits.Header) -> tuple[float, float] | None:
+    """Where the telescope says it pointed (RA, Dec in deg), from RA/DEC, OBJCTRA/OBJCTDEC or CRVAL; None if none.
+
+    ``RA`` as a number is taken as degrees, as a sexagesimal string as hours (MaxIm DL, ACP, LCO).
+    """
+    for ra_card, dec_card in (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC"), ("RA_OBJ", "DEC_OBJ"), ("CRVAL1", "CRVAL2")):
+        ra_raw, dec_raw = _value(header, ra_card), _value(header, dec_card)
+        if ra_raw is None or dec_raw is None:
+            continue
+        ra, dec = _angle(ra_raw, hours=isinstance(ra_raw, str)), _angle(dec_raw, hours=False)
+        if ra is not None and dec is not None and 0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0:
+            return ra, dec
+    return None
+
+
+def pixel_scale_hint(header: fits.Header, profile: TelescopeProfile | None = None) -> float | None:
+    """Pixel scale (arcsec/px) the header or profile implies, for the plate solver; None when unknown."""
+    scale = _number(header, "PIXSCALE", "SECPIX", "SECPIX1", "IM_SCALE", "PIXSCAL1", "SCALE")
+    if scale is not None and 0.01 < scale < 3600.0:
+        return scale
+    pixel_um, focal_mm = _number(header, "XPIXSZ"), _number(header, "FOCALLEN")
+    if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0:
+        return 206.264806 * pixel_um / focal_mm
+    if profile is not None and profile.pixel_scale_arcsec is not None:
+        binning = _number(header, "XBINNING") or 1.0
+        return profile.pixel_scale_arcsec * binning
+    return None
+
+
+def grid_field(ra: float, dec: float, cell_deg: float) -> str:
+    """The sky-grid cell of (ra, dec) (deg): ``g<cell>-<ra>-<dec>`` with the cell's lower corner in deg.
+
+    Cells are ``cell_deg`` high in Dec and ``cell_deg / cos(dec)`` wide in RA (rounded to a whole
+    number of cells around the sky), so every cell covers about the same area. Pointings that
+    fall on two sides of a cell edge get two fields (two references); documented in ``docs/telescopes.md``.
+    """
+    row = math.floor((dec + 90.0) / cell_deg)
+    dec_lo = -90.0 + row * cell_deg
+    dec_mid = min(dec_lo + cell_deg / 2.0, 89.999)
+    n_ra = max(1, int(360.0 * math.cos(math.radians(dec_mid)) / cell_deg))
+    col = int((ra % 360.0) / (360.0 / n_ra)) % n_ra
+    return f"g{cell_deg:g}-{col * 360.0 / n_ra:07.3f}-{dec_lo:+07.3f}"
+
+
+def wcs_centre(header: fits.Header, shape: tuple[int, int]) -> tuple[float, float] | None:
+    """(RA, Dec) in deg of the image centre under the header's celestial WCS; None without a usable one."""
+    if not str(header.get("CTYPE1", "")).strip():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+            if not wcs.has_celestial:
+                return None
+            ra, dec = wcs.celestial.pixel_to_world_values((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
+    except Exception:  # broken WCS cards: frame.celestial_wcs names them later
+        return None
+    ra, dec = float(ra), float(dec)
+    return (ra % 360.0, dec) if math.isfinite(ra) and math.isfinite(dec) and abs(dec) <= 90.0 else None
+
+
+def _field(header: fits.Header, shape: tuple[int, int], grid_deg: float) -> tuple[str, str]:
+    """(field id, its source) following :data:`MAPPING`."""
+    field = _value(header, "FIELD")
+    if field is not None:
+        return str(field), "FIELD"
+    centre = wcs_centre(header, shape)
+    if centre is not None:
+        return grid_field(*centre, grid_deg), "WCS"
+    hint = pointing_hint(header)
+    if hint is not None:
+        return grid_field(*hint, grid_deg), "POINTING"
+    target = _value(header, "OBJECT")
+    if target is not None and clean_name(str(target)):
+        return "obj-" + clean_name(str(target)).lower(), "OBJECT"
+    raise MissingMetadata("no field identity: no FIELD card, no WCS, no RA/DEC pointing and no OBJECT")
+
+
+def _saturation(header: fits.Header, profile: TelescopeProfile | None) -> float | None:
+    if profile is not None and profile.saturation is not None:
+        return profile.saturation
+    level = _number(header, "SATURATE", "SATLEVEL", "MAXLIN")
+    if level is not None:
+        return level
+    if header.get("BITPIX") == 16:
+        return 65535.0 if header.get("BZERO") == 32768 else 32767.0
+    return None
+
+
+def _detector(header: fits.Header, profile: TelescopeProfile | None) -> dict[str, float]:
+    """GAIN, RDNOISE and SATURATE, the profile's values winning over the header's."""
+    gain = profile.gain if profile is not None and profile.gain is not None else _number(header, "GAIN", "EGAIN")
+    noise = (profile.read_noise if profile is not None and profile.read_noise is not None
+             else _number(header, "RDNOISE", "READNOIS", "RON"))
+    values = {"GAIN": gain, "RDNOISE": noise, "SATURATE": _saturation(header, profile)}
+    return {card: value for card, value in values.items() if value is not None}
+
+
+def normalise_header(header: fits.Header, shape: tuple[int, int],
+                     profiles: tuple[TelescopeProfile, ...] = ()) -> fits.Header:
+    """A copy of ``header`` with the broker's canonical cards written from its real conventions.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        The frame's header as the telescope wrote it.
+    shape : tuple of int
+        (ny, nx) of the image (px), for the WCS centre.
+    profiles : tuple of TelescopeProfile
+        Known telescopes; the one ``TELESCOP`` or ``INSTRUME`` selects fills what the header lacks.
+
+    Returns
+    -------
+    astropy.io.fits.Header
+        ``header`` itself when it carries ``HDRNORM`` already; else a copy with ``TELESCOP FIELD
+        FILTER MJD-OBS EXPTIME`` (and ``GAIN RDNOISE SATURATE`` when known) in canonical form plus
+        ``HDRNORM``, ``TIMESRC``, ``FIELDSRC``, ``FILTRAW`` and ``ORIGTEL``.
+
+    Raises
+    ------
+    MissingMetadata
+        No telescope name, exposure time, time stamp or field identity can be found, or a time is
+        not an ISO date-time.
+    """
+    if "HDRNORM" in header:
+        return header
+    out = header.copy()
+    telescop, instrume = str(_value(header, "TELESCOP") or ""), str(_value(header, "INSTRUME") or "")
+    profile = find_profile(profiles, telescop, instrume)
+    name = profile.name if profile is not None else clean_name(telescop or instrume)
+    if not name:
+        raise MissingMetadata("header card TELESCOP (telescope) is missing, and so is INSTRUME")
+    exptime = _number(header, "EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE")
+    if exptime is None:
+        raise MissingMetadata("header card EXPTIME (exptime) is missing (nor EXPOSURE, EXP_TIME, ITIME, TELAPSE)")
+    mjd, time_source = exposure_start(header, exptime, profile)
+    field, field_source = _field(header, shape, profile.field_grid_deg if profile else 0.5)
+    raw_filter = _value(header, "FILTER", "FILTNAM", "FILTER1", "FILT-1")
+    band = canonical_band(str(raw_filter), profile) if raw_filter is not None else "clear"
+    cards: dict[str, tuple[object, str]] = {
+        "ORIGTEL": (telescop or instrume, "telescope as the header named it"),
+        "TELESCOP": (name, "telescope (normalised, broker.headers)"),
+        "FIELD": (field, "field id (normalised)"), "FIELDSRC": (field_source, "where FIELD came from"),
+        "FILTRAW": (str(raw_filter or ""), "filter as the header named it"),
+        "FILTER": (band, "canonical band (broker.headers.BANDS)"),
+        "MJD-OBS": (mjd, "[d] exposure start, MJD UTC (normalised)"),
+        "TIMESRC": (time_source, "where MJD-OBS came from"),
+        "EXPTIME": (exptime, "[s] exposure time"),
+        **{card: (value, "(normalised)") for card, value in _detector(header, profile).items()},
+        "HDRNORM": ("1", "header normalised by broker.headers v1"),
+    }
+    for card, (value, comment) in cards.items():
+        set_card(out, card, value, comment)
+    return out
+
+
+def set_card(header: fits.Header, card: str, value: object, comment: str) -> None:
+    """Set ``card`` to ``value``, with ``comment`` only where the 80-character card has room for it.
+
+    A long string value (``ORIGTEL = 'ACP->TCSGalilHybrid.DFM.ASCOM.Telescope'``) would otherwise make
+    astropy warn, and truncate, when the frame is written.
+    """
+    text = str(value) if isinstance(value, str) else ""
+    header[card] = (value, comment) if len(card) + len(text) + len(comment) < 52 or not text else value
+
+
+def rename_grid_field(header: fits.Header, centre: tuple[float, float],
+                      profiles: tuple[TelescopeProfile, ...] = ()) -> fits.Header:
+    """A copy of ``header`` whose grid field (``FIELDSRC`` POINTING or OBJECT) is renamed from the solved centre.
+
+    ``centre`` is the solved image centre (RA, Dec in deg). A field given by ``FIELD`` or by the
+    header WCS is left as it is.
+    """
+    out = header.copy()
+    if str(out.get("FIELDSRC", "")) in ("POINTING", "OBJECT"):
+        profile = find_profile(profiles, str(out.get("TELESCOP", "")), "")
+        out["FIELD"] = (grid_field(*centre, profile.field_grid_deg if profile else 0.5), "field id (solved pointing)")
+        out["FIELDSRC"] = ("SOLVED", "where FIELD came from")
+    return out
+
+
+def mapping_table_markdown() -> str:
+    """The mapping table as Markdown (``docs/telescopes.md`` holds it between ``<!-- header-mapping -->`` markers)."""
+    rows = ["| canonical card | read from, in order | notes |", "|---|---|---|"]
+    rows += [f"| `{row.card}` | {', '.join(row.sources)} | {row.note} |" for row in MAPPING]
+    return "\n".join(rows)

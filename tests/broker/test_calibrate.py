@@ -1,0 +1,72 @@
+"""Calibration at ingest: solve or verify, zero point, and what is refused."""
+
+import shutil
+
+import pytest
+
+from broker.astrometry import AstrometryConfig
+from broker.calibrate import CalibrationConfig, calibrate
+from broker.catalog import index_files
+from broker.errors import MissingWCS, SolverUnavailable, UnsolvableField
+from broker.frame import Frame, decode_fits, encode_fits
+from broker.simulate.amateur import AmateurConfig, amateur_fits, amateur_frame, true_wcs
+from tests.helpers import star_frame
+
+needs_tycho = pytest.mark.skipif(not index_files("/usr/share/astrometry"),
+                                 reason="Tycho-2 index files not installed (Debian astrometry-data-tycho2)")
+needs_solver = pytest.mark.skipif(shutil.which("solve-field") is None,
+                                  reason="solve-field not installed (Debian astrometry.net)")
+FAST = CalibrationConfig(astrometry=AstrometryConfig(blind_retry=False, cpulimit_s=5))
+
+
+def _no_wcs(frame: Frame) -> Frame:
+    header = frame.header.copy()
+    for key in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2"):
+        header.remove(key, ignore_missing=True)
+    return decode_fits(encode_fits(Frame(frame.meta, frame.data, header)), require_wcs=False)
+
+
+def test_disabled_calibration_returns_the_frame():
+    frame = star_frame()
+    assert calibrate(frame, CalibrationConfig(enabled=False)) is frame
+
+
+def test_a_frame_without_wcs_or_hints_is_refused_no_wcs():
+    with pytest.raises(MissingWCS, match="neither a pointing"):
+        calibrate(_no_wcs(star_frame()), FAST)
+
+
+@needs_tycho
+def test_a_header_wcs_on_a_fake_sky_stays_unconfirmed_and_keeps_its_zero_point():
+    frame = star_frame()
+    out = calibrate(frame, FAST)
+    assert out.header["WCSSTAT"] == "unconfirmed" and out.meta.magzp == frame.meta.magzp
+    assert out.meta.frame_id == frame.meta.frame_id and out.wcs.wcs.compare(frame.wcs.wcs)
+
+
+@needs_tycho
+def test_a_true_header_wcs_is_verified_and_calibrated():
+    config = AmateurConfig(bayer=None, magzp_luminance=22.5)
+    data, header = amateur_frame(config, seed=11)
+    header.extend(true_wcs(config).to_header().cards)
+    frame = decode_fits(amateur_fits(data, header))
+    out = calibrate(frame, FAST)
+    assert out.header["WCSSTAT"] == "verified" and out.header["WCSRESID"] < 3.0
+    assert out.meta.magzp == pytest.approx(22.5, abs=0.15) and out.meta.magzp_err < 0.1
+
+
+@needs_solver
+@needs_tycho
+def test_a_fake_sky_with_a_pointing_hint_is_unsolvable():
+    frame = _no_wcs(star_frame())
+    frame.header["RA"], frame.header["DEC"] = 193.0, 41.0
+    with pytest.raises(UnsolvableField, match="no solution"):
+        calibrate(frame, FAST)
+
+
+def test_a_missing_solver_is_named_for_frames_that_need_it():
+    frame = _no_wcs(star_frame())
+    frame.header["RA"], frame.header["DEC"] = 193.0, 41.0
+    absent = CalibrationConfig(astrometry=AstrometryConfig(solver="no-such-solve-field"))
+    with pytest.raises(SolverUnavailable, match="apt-get install astrometry.net"):
+        calibrate(frame, absent)

@@ -1,0 +1,150 @@
+"""Header normalisation: real conventions -> canonical cards, and hostile headers."""
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from broker.errors import MissingMetadata
+from broker.headers import (
+    MAPPING,
+    canonical_band,
+    grid_field,
+    normalise_header,
+    parse_iso_utc,
+    pixel_scale_hint,
+    pointing_hint,
+    rename_grid_field,
+)
+from broker.telescopes import TelescopeProfile
+
+
+def _amateur(**cards) -> fits.Header:
+    header = fits.Header()
+    base = {"TELESCOP": "S50_1d3fe189", "INSTRUME": "Seestar S50", "OBJECT": "M 94", "FILTER": "IRCUT",
+            "DATE-OBS": "2025-03-27T01:20:32.955", "EXPOSURE": 10.0, "GAIN": 80, "RA": 193.04166,
+            "DEC": 40.970556, "XPIXSZ": 2.9, "FOCALLEN": 250, "BITPIX": 16, "BZERO": 32768}
+    base.update(cards)
+    for key, value in base.items():
+        if value is not None:
+            header[key] = value
+    return header
+
+
+def test_an_amateur_header_gets_every_canonical_card():
+    out = normalise_header(_amateur(), (1080, 1920))
+    assert out["TELESCOP"] == "S50_1d3fe189" and out["ORIGTEL"] == "S50_1d3fe189"
+    assert out["FILTER"] == "clear" and out["FILTRAW"] == "IRCUT"
+    assert out["EXPTIME"] == 10.0
+    assert out["MJD-OBS"] == pytest.approx(60761.05593698, abs=1e-8)
+    assert out["FIELD"] == grid_field(193.04166, 40.970556, 0.5) and out["FIELDSRC"] == "POINTING"
+    assert out["SATURATE"] == 65535.0 and out["GAIN"] == 80  # the header's (wrong) gain without a profile
+    assert normalise_header(out, (1080, 1920)) is out  # idempotent
+
+
+def test_a_profile_overrides_the_header_and_maps_filters():
+    profile = TelescopeProfile("seestar", match=("Seestar S50",), gain=0.5, read_noise=1.6,
+                               filters={"IRCUT": "lum"}, time_reference="mid", field_grid_deg=1.0)
+    out = normalise_header(_amateur(), (1080, 1920), (profile,))
+    assert out["TELESCOP"] == "seestar" and out["GAIN"] == 0.5 and out["RDNOISE"] == 1.6
+    assert out["FILTER"] == "lum"
+    assert out["MJD-OBS"] == pytest.approx(60761.05593698 - 5.0 / 86400.0, abs=1e-8)  # mid -> start
+    assert out["FIELD"].startswith("g1-")
+
+
+def test_local_time_with_a_zone_offset_becomes_utc():
+    assert parse_iso_utc("2017-12-19T18:33:43.317-0700") == pytest.approx(parse_iso_utc("2017-12-20T01:33:43.317"))
+    assert parse_iso_utc("2017-12-20T01:33:43Z") == pytest.approx(58107.06508, abs=1e-5)
+    out = normalise_header(_amateur(**{"DATE-OBS": "2013-03-11", "TIME-OBS": "03:35:20"}), (10, 10))
+    assert out["MJD-OBS"] == pytest.approx(56362.14953704, abs=1e-7)
+
+
+@pytest.mark.parametrize("cards, source", [({"DATE-OBS": None, "JD": 2456362.649537037}, "JD"),
+                                           ({"DATE-OBS": None, "MJD-OBS": 58353.3677}, "MJD-OBS")])
+def test_other_time_cards(cards, source):
+    out = normalise_header(_amateur(**cards), (10, 10))
+    assert out["TIMESRC"] == source and 56000 < out["MJD-OBS"] < 59000
+
+
+@pytest.mark.parametrize("raw, band", [("rp", "r"), ("i DECam SDSS c0003 7835.0 1470.0", "i"), ("ZTF_g", "g"),
+                                       ("R", "R"), ("r", "r"), ("Clear", "clear"), ("None", "clear"),
+                                       ("H-alpha", "Ha"), ("Wide/Odd filter!", "Wide_Odd_filter")])
+def test_vendor_filter_names(raw, band):
+    assert canonical_band(raw) == band
+
+
+@pytest.mark.parametrize("cards, match", [
+    ({"TELESCOP": None, "INSTRUME": None}, "TELESCOP"),
+    ({"EXPOSURE": None}, "EXPTIME"),
+    ({"DATE-OBS": "19/12/17"}, "ISO"),
+    ({"DATE-OBS": "2017-02-30T00:00:00"}, "valid date"),
+    ({"DATE-OBS": None}, "time stamp"),
+    ({"RA": None, "DEC": None, "OBJECT": None}, "field identity"),
+])
+def test_hostile_headers_get_a_clear_reason(cards, match):
+    with pytest.raises(MissingMetadata, match=match):
+        normalise_header(_amateur(**cards), (10, 10))
+
+
+def test_hints_from_sexagesimal_and_degrees():
+    h = _amateur(RA=None, DEC=None, OBJCTRA="09 02 22", OBJCTDEC="-49 49 09")
+    ra, dec = pointing_hint(h)
+    assert ra == pytest.approx(135.591667) and dec == pytest.approx(-49.819167)
+    assert pointing_hint(_amateur(RA="garbage", DEC=3.0)) is None
+    assert pointing_hint(_amateur(RA=400.0, DEC=3.0)) is None
+    assert pixel_scale_hint(_amateur()) == pytest.approx(2.3927, abs=1e-3)
+    assert pixel_scale_hint(_amateur(IM_SCALE=5.21)) == 5.21
+
+
+def test_grid_cells_are_stable_and_renamed_after_solving():
+    assert grid_field(193.04166, 40.970556, 0.5) == grid_field(192.995835, 40.978611, 0.5)
+    assert grid_field(10.0, -89.99, 0.5) != grid_field(10.0, 89.99, 0.5)
+    rng = np.random.default_rng(1)
+    for ra, dec in zip(rng.uniform(0, 360, 200), rng.uniform(-90, 90, 200), strict=True):
+        assert grid_field(ra, dec, 0.5).startswith("g0.5-")
+    out = normalise_header(_amateur(), (10, 10))
+    assert rename_grid_field(out, (100.0, 10.0))["FIELDSRC"] == "SOLVED"
+    fixed = normalise_header(_amateur(FIELD="M94"), (10, 10))
+    assert rename_grid_field(fixed, (100.0, 10.0))["FIELD"] == "M94"
+
+
+def test_the_mapping_table_names_every_canonical_card():
+    assert [row.card for row in MAPPING] == ["TELESCOP", "FIELD", "FILTER", "MJD-OBS", "EXPTIME", "GAIN",
+                                             "RDNOISE", "SATURATE"]
+
+
+def test_the_documented_mapping_table_is_the_code_s():
+    from pathlib import Path
+
+    from broker.headers import mapping_table_markdown
+
+    text = (Path(__file__).parents[2] / "docs" / "telescopes.md").read_text()
+    block = text.split("<!-- header-mapping -->\n")[1].split("\n<!-- /header-mapping -->")[0]
+    assert block == mapping_table_markdown()
+
+
+@pytest.mark.parametrize("cards, error, match", [
+    ({"EXPOSURE": -5.0}, "MissingMetadata", "EXPTIME=-5"),
+    ({"DATE-OBS": "1850-01-01T00:00:00"}, "ImplausibleHeader", "MJD-OBS"),
+    ({"DATE-OBS": "2999-01-01T00:00:00"}, "ImplausibleHeader", "MJD-OBS"),
+    ({"BAYERPAT": "CMYG"}, "BadShape", "BAYERPAT"),
+])
+def test_absurd_vendor_values_are_refused_when_decoded(cards, error, match):
+    from broker import errors
+    from broker.frame import decode_fits
+    from broker.ingest import validate
+    from broker.simulate.amateur import amateur_fits
+
+    rng = np.random.default_rng(5)
+    data = rng.poisson(400.0, size=(128, 128)).astype(np.float32)
+    header = _amateur(**cards)
+    with pytest.raises(getattr(errors, error), match=match):
+        validate(decode_fits(amateur_fits(data, header), require_wcs=False), require_wcs=False)
+
+
+def test_a_wrong_pointing_hint_only_moves_the_provisional_field():
+    from broker.frame import decode_fits
+    from broker.simulate.amateur import amateur_fits
+
+    data = np.random.default_rng(6).poisson(400.0, size=(128, 128)).astype(np.float32)
+    frame = decode_fits(amateur_fits(data, _amateur(RA=400.0, DEC=95.0, BAYERPAT=None)), require_wcs=False)
+    assert frame.meta.field == "obj-m_94" and frame.header["FIELDSRC"] == "OBJECT"
