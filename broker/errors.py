@@ -111,6 +111,24 @@ class RecordMismatch(InvalidFrame):
     reason = "record_mismatch"
 
 
+class UnsolvableField(InvalidFrame):
+    """A frame without a usable WCS that astrometry.net could not solve (too few stars, wrong scale, no index)."""
+
+    reason = "unsolvable"
+
+
+class PoorAstrometry(InvalidFrame):
+    """A plate solution (or a header WCS checked against the catalog) whose residual is too large."""
+
+    reason = "poor_astrometry"
+
+
+class SolverUnavailable(InvalidFrame):
+    """The plate solver (Debian package ``astrometry.net``) or its index files are not installed."""
+
+    reason = "no_solver"
+
+
 class NotIngested(InvalidFrame):
     """A record on ``ingested`` that the ingest stage did not write (no quality measurements)."""
 
@@ -219,6 +237,12 @@ class ConfigError(BrokerError):
     reason = "config"
 
 
+class ProfileError(ConfigError):
+    """A telescope profile (``broker telescope add``, :mod:`broker.telescopes`) that cannot be read or is invalid."""
+
+    reason = "bad_profile"
+
+
 class KafkaAuthError(ConfigError):
     """Kafka refused the client's login or TLS handshake (wrong password, unknown user, untrusted certificate)."""
 
@@ -267,6 +291,49 @@ class InvalidLabel(BrokerError):
     """An operator's label that cannot be recorded (``broker.feedback.FeedbackStore``): unknown, empty, out of range."""
 
     reason = "invalid_label"
+
+
+# --- web portal (streams/web) ------------------------------------------------------------------
+class Unauthenticated(BrokerError):
+    """An API request without a token, or with one that is unknown, malformed or revoked (HTTP 401)."""
+
+    reason = "unauthenticated"
+
+
+class Forbidden(BrokerError):
+    """An API token without the scope an endpoint needs (``read``, ``upload``, ``vet``; HTTP 403)."""
+
+    reason = "forbidden"
+
+
+class RateLimited(BrokerError):
+    """A token over its uploads per minute (``WebConfig.uploads_per_minute``; HTTP 429)."""
+
+    reason = "rate_limited"
+
+
+class NotFound(BrokerError):
+    """An alert, object, frame or cutout that the archive or the history does not hold (HTTP 404)."""
+
+    reason = "not_found"
+
+
+class InvalidQuery(BrokerError):
+    """API parameters out of range or malformed (a cursor, a cone radius, a content type; HTTP 400)."""
+
+    reason = "invalid_query"
+
+
+class UnsupportedMediaType(InvalidQuery):
+    """An upload whose content type is not FITS (``application/fits``) or a multipart form (HTTP 415)."""
+
+    reason = "unsupported_media_type"
+
+
+class Unavailable(BrokerError):
+    """Something the request needs that this server lacks: no archive, no Kafka, no torch (HTTP 503)."""
+
+    reason = "unavailable"
 
 
 # --- runtime ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from streams.runner import StageRunner
     from streams.settings import KafkaSettings
     from streams.stages import Stage
+    from streams.web.tokens import TokenStore
 
 app = typer.Typer(help="A streaming transient alert broker: frames in, Avro alerts out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -207,12 +208,26 @@ def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 
 def simulate(out: Annotated[Path, typer.Argument(help="Directory for FITS frames and truth JSON.")],
              frames: Annotated[int, typer.Option(help="Number of frames.")] = 6,
              size: Annotated[int, typer.Option(help="Frame side (px).")] = 2048,
-             seed: Annotated[int, typer.Option(help="Random seed.")] = 1) -> None:
+             seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+             amateur: Annotated[bool, typer.Option(help="A smart telescope instead (docs/telescopes.md): raw Bayer "
+                                                        "frames without a WCS, vendor headers; needs the Tycho-2 "
+                                                        "index files.")] = False) -> None:
     """Write simulated frames (tile-compressed FITS) and their truth records."""
     from broker.frame import encode_fits
     from broker.simulate import SimConfig, SkySimulator
+    from broker.simulate.amateur import amateur_series
 
     out.mkdir(parents=True, exist_ok=True)
+    if amateur:
+        try:
+            series = amateur_series(frames, seed=seed)
+        except BrokerError as exc:
+            _fail(exc)
+        for name, payload, record in series:
+            (out / name).write_bytes(payload)
+            (out / f"{name}.truth.json").write_text(json.dumps(record))
+            console.print(f"wrote {name}: transient {record['transient']}")
+        return
     for frame, truth in SkySimulator(SimConfig(shape=(size, size)), seed=seed).frames(frames):
         (out / f"{frame.meta.frame_id}.fits.fz").write_bytes(encode_fits(frame))
         (out / f"{frame.meta.frame_id}.truth.json").write_text(json.dumps(truth.to_dict()))
@@ -226,6 +241,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
             pattern: Annotated[str, typer.Option(help="Glob of files to watch.")] = "*.fits*") -> None:
     """Publish FITS frames to the frames topic (validated first; bad files are reported)."""
     from broker.config import load_config
+    from broker.telescopes import load_profiles
     from streams.frame_auth import FrameSigner
     from streams.framestore import FrameStore
     from streams.producer import FrameProducer
@@ -237,10 +253,11 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
         settings = KafkaSettings.load(bootstrap, cfg)
         settings.verify_login()
         signer = FrameSigner.load(cfg.kafka)
+        profiles = load_profiles(cfg.ingest.telescopes_dir)
     except BrokerError as exc:
         _fail(exc)
     producer = FrameProducer(settings, FrameStore(cfg.frame_store), cfg.inline_limit_bytes,
-                             cfg.max_frame_bytes, cfg.ingest, signer)
+                             cfg.max_frame_bytes, cfg.ingest, signer, profiles)
     failed = 0
     if watch:
         if len(paths) != 1 or not paths[0].is_dir():
@@ -394,6 +411,91 @@ def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at
     finally:
         store.close()
     console.print(f"label {row_id}: {object_id} {alert_id} {label} by {who} ({model})")
+
+
+# --- telescope profiles (broker.telescopes; docs/telescopes.md) -----------------------------------
+telescope_app = typer.Typer(help="Telescope profiles: what a telescope's FITS headers lack (docs/telescopes.md).",
+                            no_args_is_help=True)
+app.add_typer(telescope_app, name="telescope")
+
+
+@telescope_app.command("add")
+def telescope_add(
+        name: Annotated[str, typer.Argument(help="Telescope name (letters, digits, ._-); it keys references.")],
+        directory: Annotated[Path, typer.Option("--dir", help="Profile directory ([ingest] telescopes_dir).")],
+        match: Annotated[Optional[list[str]], typer.Option(help="TELESCOP/INSTRUME value that selects it.")] = None,
+        gain: Annotated[Optional[float], typer.Option(help="Gain, e-/ADU.")] = None,
+        read_noise: Annotated[Optional[float], typer.Option(help="Read noise, e-.")] = None,
+        saturation: Annotated[Optional[float], typer.Option(help="Saturation level, ADU.")] = None,
+        pixel_scale: Annotated[Optional[float], typer.Option(help="Pixel scale, arcsec/px (unbinned).")] = None,
+        filter_map: Annotated[Optional[list[str]], typer.Option("--filter", help="VENDOR=BAND, repeatable.")] = None,
+        time_reference: Annotated[str, typer.Option(help="What DATE-OBS marks: start or mid.")] = "start",
+        zeropoint_1s: Annotated[Optional[float], typer.Option(help="Nominal zero point, mag for 1 ADU/s.")] = None,
+        field_grid: Annotated[float, typer.Option(help="Sky-grid cell for field ids, deg.")] = 0.5,
+        overwrite: Annotated[bool, typer.Option(help="Replace an existing profile.")] = False) -> None:
+    """Write a telescope profile <dir>/<name>.toml for what the telescope's headers lack."""
+    from broker.telescopes import TelescopeProfile, write_profile
+
+    try:
+        pairs = [item.split("=", 1) for item in (filter_map or [])]
+        if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+            raise BrokerError(f"--filter takes VENDOR=BAND, not {filter_map}")
+        profile = TelescopeProfile(name=name, match=tuple(match or ()), gain=gain, read_noise=read_noise,
+                                   saturation=saturation, pixel_scale_arcsec=pixel_scale,
+                                   filters={p[0].strip(): p[1].strip() for p in pairs},
+                                   time_reference=time_reference, zeropoint_1s=zeropoint_1s,
+                                   field_grid_deg=field_grid)
+        path = write_profile(directory, profile, overwrite)
+    except BrokerError as exc:
+        _fail(exc)
+    console.print(f"wrote {path}")
+
+
+# --- vetting labels (the portal's vetting page; broker.vetting) ----------------------------------
+labels_app = typer.Typer(help="The portal's vetting labels: export them for fine-tuning.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("export")
+def labels_export(
+        out: Annotated[Path, typer.Option(help="Vetted labels file to write (.npz, broker.labelsfile).")],
+        labels: Annotated[Optional[Path], typer.Option(
+            help="Labels database of the portal (default <state-dir>/labels.sqlite).")] = None,
+        archive: Annotated[Optional[str], typer.Option(
+            help="Archive the labelled alerts' cutouts are read from (default: that of the config).")] = None,
+        config: ConfigOpt = None, state_dir: Annotated[Path, typer.Option(
+            help="The portal's state folder, as for `broker serve` (default: that of `broker demo`).")
+        ] = Path("var/demo/state")) -> None:
+    """Write the latest real/bogus label of each vetted alert, with its cutouts, for `train-realbogus --labels`.
+
+    Labels whose alert is not in the archive, or whose cutouts cannot be decoded, are left out and counted.
+    """
+    from collections import Counter
+
+    from broker.errors import ConfigError, InvalidLabel
+    from broker.labelsfile import write_labels
+    from broker.vetting import LabelStore, archived_records, export_labels
+
+    try:
+        store, cfg = _open_archive(archive, config, state_dir)
+        path = labels or cfg.state_dir / "labels.sqlite"
+        if not path.is_file():
+            raise ConfigError(f"no labels database at {path}: vet some alerts on the portal first, or name it "
+                              "with --labels")
+        with LabelStore(path) as db:
+            verdicts = db.latest()
+        result = export_labels(verdicts, archived_records(store, [v.alert_id for v in verdicts]))
+        if not result.labels:
+            raise InvalidLabel(f"no real/bogus label to export from {path} ({len(verdicts)} labelled, "
+                               f"left out: {sorted(set(result.skipped.values()))[:5]})")
+        n = write_labels(out, result.labels)
+    except BrokerError as exc:
+        _fail(exc)
+    real = sum(lab.label for lab in result.labels)
+    console.print(f"wrote {n} label(s) ({real} real, {n - real} bogus) to {out}")
+    if result.skipped:
+        reasons = Counter(r.split(":")[0] for r in result.skipped.values())
+        console.print(f"[yellow]left out {len(result.skipped)}[/yellow]: {dict(reasons)}")
 
 
 class _SkipWarnings:
@@ -665,14 +767,38 @@ def train_realbogus(
             help="Where weights and model card go (default broker/models/).")] = None,
         workers: Annotated[int, typer.Option(
             min=0, help="Generator processes (0: one per CPU core, at most one per GiB free).")] = 0,
-        max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0) -> None:
-    """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card."""
+        max_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the training loop.")] = 28.0,
+        labels: Annotated[Optional[Path], typer.Option(
+            help="Vetted labels file (broker labels export): fine-tune the shipped model on it.")] = None,
+        adapt: Annotated[Optional[Path], typer.Option(
+            help="Folder of a telescope's unlabelled alerts: re-estimate batch-norm statistics on them.")] = None,
+        artifacts: Annotated[int, typer.Option(
+            min=0, help="With --labels / --adapt: also fine-tune on this many stamp-level artifacts.")] = 0,
+        base: Annotated[Optional[str], typer.Option(
+            help="With --labels / --adapt: the model adapted (default: the default version).")] = None) -> None:
+    """Generate training data from the simulated pipeline, train the real/bogus CNN, evaluate, write the card.
+
+    With --labels and / or --adapt: adapt the shipped model to a telescope instead (fine-tuning
+    guarded against forgetting; its card gives the simulated and real figures before / after).
+    """
     from broker import MODELS_DIR
     from broker.realbogus import DEFAULT_VERSION
     from broker.training.generate import default_workers
     from broker.training.main import main_train
     from broker.training.trainer import TrainConfig
 
+    if labels is not None or adapt is not None:
+        from broker.training.finetune import FineTuneConfig, main_finetune
+
+        try:
+            ft = main_finetune(labels, base=base, version=version, out_dir=out_dir,
+                               n_artifacts=artifacts, adapt_dir=adapt,
+                               config=FineTuneConfig(seed=seed))
+        except BrokerError as exc:
+            _fail(exc)
+        console.print(f"weights: {ft['weights']}; card: {ft['card']}")
+        console.print_json(data={"before": ft["before"], "after": ft["after"]})
+        return
     version = version or DEFAULT_VERSION
     workers = workers or default_workers()
     res = main_train(out_dir or MODELS_DIR, seed, version=version, target_n=target_n, test_n=test_n,
@@ -736,19 +862,116 @@ def eval_realbogus(
         threshold: Annotated[float, typer.Option(help="Operating threshold reported.")] = 0.5,
         max_sim: Annotated[Optional[int], typer.Option(help="Use only this many held-out triplets.")] = None,
         compare: Annotated[Optional[str], typer.Option(
-            help="Second model evaluated on the same data.")] = None) -> None:
+            help="Second model evaluated on the same data.")] = None,
+        dev_dir: Annotated[Optional[Path], typer.Option(
+            help="Real ZTF dev set (default ../shared/data/ztf_alerts_dev).")] = None,
+        surveys_dir: Annotated[Optional[Path], typer.Option(
+            help="Other surveys' alerts (default ../shared/data/other_surveys).")] = None) -> None:
     """Evaluate a real/bogus model on held-out simulated and real ZTF triplets; write a Markdown + PNG report."""
     from broker.training.evaluation import main_eval
 
     try:
         res = main_eval(model, out_dir, sim_dir, ztf_dir, threshold=threshold, max_sim=max_sim,
-                        compare=compare)
+                        compare=compare, dev_dir=dev_dir, surveys_dir=surveys_dir)
     except BrokerError as exc:
         _fail(exc)
     console.print(f"report: {out_dir / 'report.md'}")
     summary = {k: {kk: v for kk, v in res[k].items() if not isinstance(v, (list, dict))}
-               for k in ("sim", "ztf") if res.get(k)}
+               for k in ("sim", "ztf", "dev") if res.get(k)}
     console.print_json(data=summary)
+
+
+PortalStateOpt = Annotated[Path, typer.Option(
+    help="The pipeline's state folder: archive, history.sqlite, refs/, diffs/, and the portal's tokens.sqlite "
+         "(default: that of `broker demo`).")]
+
+
+@app.command()
+def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
+          host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")
+                          ] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+          archive: Annotated[Optional[str], typer.Option(
+              help="Archive directory or URL (default <state-dir>/archive).")] = None,
+          bootstrap: Annotated[Optional[str], typer.Option(
+              help="Kafka, for uploads published to the frames topic and the live alert stream.")] = None,
+          config: ConfigOpt = None,
+          cors_origin: Annotated[Optional[list[str]], typer.Option(
+              help="An origin allowed to call the API from its pages (repeat; default: CORS closed).")] = None,
+          private: Annotated[bool, typer.Option(help="Reads need a token with scope read too.")] = False,
+          max_upload_mb: Annotated[float, typer.Option(help="Largest upload (MiB).")] = 64.0,
+          uploads_per_minute: Annotated[int, typer.Option(help="Uploads per token per minute.")] = 10) -> None:
+    """The web portal and its REST API (FastAPI + uvicorn): alerts, objects, light curves, uploads, vetting."""
+    import uvicorn
+
+    from broker.config import load_config
+    from streams.web.app import create_app
+    from streams.web.config import WebConfig
+
+    try:
+        pipeline = load_config(config, state_dir=state_dir)
+        overrides: dict = {"host": host, "port": port, "bootstrap": bootstrap, "pipeline": pipeline,
+                           "cors_origins": tuple(cors_origin or ()), "public_read": not private,
+                           "max_upload_bytes": int(max_upload_mb * 1024 * 1024), "history": pipeline.history,
+                           "uploads_per_minute": uploads_per_minute}
+        if archive is not None:
+            overrides["archive"] = archive
+        application = create_app(WebConfig.for_state_dir(state_dir, **overrides))
+    except BrokerError as exc:
+        _fail(exc)
+    if not (state_dir / "archive").exists() and archive is None:
+        console.print(f"[yellow]no archive at {state_dir / 'archive'}[/yellow]: run `broker demo` first, or pass "
+                      "--state-dir / --archive")
+    console.print(f"portal on http://{host}:{port}/ (API: /api/v1/, OpenAPI: /openapi.json), state {state_dir}")
+    uvicorn.run(application, host=host, port=port, log_level="info", server_header=False,
+                timeout_graceful_shutdown=5)
+
+
+token_app = typer.Typer(help="API tokens of the portal (hashed at rest; scopes read, upload, vet).",
+                        no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+def _tokens(state_dir: Path, tokens: Optional[Path]) -> TokenStore:
+    from streams.web.tokens import TokenStore
+
+    return TokenStore(tokens or state_dir / "tokens.sqlite")
+
+
+TokensOpt = Annotated[Optional[Path], typer.Option(help="Token file (default <state-dir>/tokens.sqlite).")]
+
+
+@token_app.command("add")
+def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the token.")],
+              scope: Annotated[list[str], typer.Option(help="read, upload or vet (repeat).")],
+              state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
+    """Create a token and print it once (only its salted hash is kept)."""
+    try:
+        clear = _tokens(state_dir, tokens).add(name, scope)
+    except BrokerError as exc:
+        _fail(exc)
+    console.print(f"token for {escape(name)} (scopes {', '.join(sorted(set(scope)))}); shown once, keep it:")
+    print(clear)
+
+
+@token_app.command("list")
+def token_list(state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
+    """The tokens: id, name, scopes, created, revoked (no secret is stored)."""
+    table = Table("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
+    for t in _tokens(state_dir, tokens).list():
+        stamp = (lambda s: time.strftime("%Y-%m-%d %H:%M", time.gmtime(s)) if s else "")  # noqa: E731
+        table.add_row(t.token_id, escape(t.name), ",".join(t.scopes), stamp(t.created), stamp(t.revoked))
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(key: Annotated[str, typer.Argument(help="Token id or name.")],
+                 state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
+    """Revoke the active tokens of an id or a name."""
+    n = _tokens(state_dir, tokens).revoke(key)
+    if not n:
+        _fail(BrokerError(f"no active token with id or name {key!r}"))
+    console.print(f"revoked {n} token(s)")
 
 
 @app.command()

@@ -152,3 +152,21 @@ def test_a_missing_or_corrupt_catalog_model_or_rule_stops_the_score_stage_at_sta
     res = runner.invoke(app, ["stage", "score", "--bootstrap", "127.0.0.1:1", "--metrics-port", "-1",
                               "--config", str(config)])
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_telescope_add_writes_a_profile_and_refuses_bad_values(tmp_path):
+    from broker.telescopes import load_profiles
+
+    args = ["telescope", "add", "seestar-s50", "--dir", str(tmp_path), "--match", "Seestar S50", "--gain", "1.0",
+            "--filter", "IRCUT=lum", "--zeropoint-1s", "20.5"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "seestar-s50.toml" in res.output
+    (profile,) = load_profiles(tmp_path)
+    assert profile.gain == 1.0 and profile.filters == {"IRCUT": "lum"} and profile.match == ("Seestar S50",)
+    new = ["telescope", "add", "x", "--dir", str(tmp_path)]
+    for bad, message in ((args, "exists"), (new + ["--gain", "-1.5"], "gain"),
+                         (["telescope", "add", "x y", "--dir", str(tmp_path)], "telescope name"),
+                         (new + ["--filter", "IRCUT"], "VENDOR=BAND"),
+                         (new + ["--time-reference", "end"], "time_reference")):
+        res = runner.invoke(app, bad)
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output

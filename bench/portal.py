@@ -1,0 +1,186 @@
+"""Portal benchmark: latency of the object page's API call and of cone searches over an archive (``broker serve``).
+
+    python -m bench.portal [--state-dir var/demo/state] [--requests 200] [--clients 8] [--synthetic 100000]
+
+Starts ``broker serve`` on the state folder (by default the one ``broker demo`` leaves) in its own
+process, then times over HTTP, from this process with httpx:
+
+- ``GET /api/v1/objects/{id}`` (what the object page loads: the object's alerts from the archive,
+  its detections and summary from the history, its light curve), for objects drawn at random;
+- ``GET /api/v1/cone`` of 5 arcsec around alerts drawn at random, and of 1 deg around them;
+- ``GET /api/v1/alerts?limit=50`` (the first page of the live page).
+
+Each endpoint: ``--requests`` requests one after the other (p50, p95 latency in ms, requests/s of one
+client), then the same number spread over ``--clients`` concurrent clients (requests/s). With
+``--synthetic N``, the same over an archive of N alerts written by ``bench/archive.py`` (~5 alerts an
+object in 100 deg^2, cutouts of 64 random bytes; no history), to see how the latency grows with the
+archive. Writes BENCHMARKS.md section ``portal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.common import git_rev, machine, write_section
+from broker.archive.reader import Archive
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(state_dir: Path, port: int) -> subprocess.Popen:
+    """``broker serve`` on ``state_dir``, once its health endpoint answers."""
+    cmd = [sys.executable, "-m", "streams.cli", "serve", "--state-dir", str(state_dir), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("broker serve did not answer within 120 s")
+
+
+def timed(client: httpx.Client, url: str) -> float:
+    """Seconds one GET takes (the body read); raises on a non-200 answer."""
+    t0 = time.perf_counter()
+    response = client.get(url)
+    elapsed = time.perf_counter() - t0
+    response.raise_for_status()
+    return elapsed
+
+
+def measure(base: str, urls: list[str], clients: int) -> dict:
+    """Latencies of ``urls`` one after the other, then requests/s with ``clients`` at once."""
+    with httpx.Client(base_url=base, timeout=60) as client:
+        timed(client, urls[0])  # warm-up: caches, the first DuckDB connection
+        t0 = time.perf_counter()
+        lat = [timed(client, u) for u in urls]
+        serial = len(urls) / (time.perf_counter() - t0)
+    chunks = [urls[i::clients] for i in range(clients)]
+
+    def run(chunk: list[str]) -> None:
+        with httpx.Client(base_url=base, timeout=60) as c:
+            for u in chunk:
+                timed(c, u)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(run, chunks))
+    parallel = len(urls) / (time.perf_counter() - t0)
+    ms = np.array(lat) * 1e3
+    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "mean": statistics.fmean(ms),
+            "rps1": serial, "rpsN": parallel}
+
+
+def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[str]]:
+    """The URLs of each endpoint: random objects, random alert positions."""
+    rng = np.random.default_rng(seed)
+    objects = archive.query("SELECT DISTINCT object_id FROM alerts").column(0).to_pylist()
+    pos = archive.query("SELECT ra, dec FROM alerts").to_pylist()
+    picks = [pos[i] for i in rng.integers(len(pos), size=n)]
+
+    def cone(p: dict, r: float) -> str:
+        return f"/api/v1/cone?ra={p['ra']:.6f}&dec={p['dec']:.6f}&radius_arcsec={r:g}&limit=1000"
+
+    return {
+        "object page: `GET /api/v1/objects/{id}`": [f"/api/v1/objects/{objects[i]}"
+                                                     for i in rng.integers(len(objects), size=n)],
+        "cone 5 arcsec: `GET /api/v1/cone`": [cone(p, 5.0) for p in picks],
+        "cone 1 deg: `GET /api/v1/cone`": [cone(p, 3600.0) for p in picks],
+        "latest 50: `GET /api/v1/alerts?limit=50`": ["/api/v1/alerts?limit=50"] * n,
+    }
+
+
+def run(state_dir: Path, requests: int, clients: int, seed: int) -> tuple[list[str], int, int]:
+    """The table rows of one state folder, its alerts and objects."""
+    archive = Archive(state_dir / "archive")
+    n_alerts = archive.count()
+    if n_alerts == 0:
+        raise SystemExit(f"no alerts in {state_dir / 'archive'}: run `broker demo` first")
+    n_objects = archive.query("SELECT count(DISTINCT object_id) FROM alerts").column(0).to_pylist()[0]
+    port = free_port()
+    proc = start_server(state_dir, port)
+    try:
+        rows = {name: measure(f"http://127.0.0.1:{port}", urls, clients)
+                for name, urls in workloads(archive, requests, seed).items()}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return ([f"| {k} | {v['p50']:.1f} | {v['p95']:.1f} | {v['mean']:.1f} | {v['rps1']:.0f} | {v['rpsN']:.0f} |"
+             for k, v in rows.items()], n_alerts, n_objects)
+
+
+def synthetic_state(n: int) -> Path:
+    """A state folder under ``var/bench`` with an archive of ``n`` alerts (``bench.archive.write``)."""
+    from bench.archive import write
+
+    root = Path("var/bench/portal-state")
+    write(root / "archive", n, 2000, 64, decode=False)
+    return root
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--state-dir", type=Path, default=Path("var/demo/state"))
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--synthetic", type=int, default=0, help="Also an archive of this many alerts (0: none).")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-write", action="store_true", help="Print the table, leave BENCHMARKS.md alone.")
+    args = ap.parse_args()
+    header = machine()
+    head = ["| endpoint | p50 (ms) | p95 (ms) | mean (ms) | req/s, 1 client | "
+            f"req/s, {args.clients} clients |", "|---|---|---|---|---|---|"]
+    rows, n_alerts, n_objects = run(args.state_dir, args.requests, args.clients, args.seed)
+    body = [
+        "## Portal API",
+        "",
+        f"Machine: {header}. Date {time.strftime('%Y-%m-%d')}, commit {git_rev()}. Command: `python -m bench.portal "
+        f"--state-dir {args.state_dir} --requests {args.requests} --clients {args.clients}"
+        f"{f' --synthetic {args.synthetic}' if args.synthetic else ''}`.",
+        "",
+        f"`broker serve` (one uvicorn process, 4 query threads) over the archive and history of `{args.state_dir}` "
+        f"({n_alerts} alerts, {n_objects} objects), over HTTP on 127.0.0.1 from httpx in another process; "
+        f"{args.requests} requests per endpoint at random objects / alert positions, one after the other "
+        f"(latency, and the rate of one client), then spread over {args.clients} concurrent clients:",
+        "",
+        *head, *rows,
+    ]
+    if args.synthetic:
+        rows, n_alerts, n_objects = run(synthetic_state(args.synthetic), args.requests, args.clients, args.seed)
+        body += ["", f"The same over a synthetic archive of {n_alerts:,} alerts ({n_objects:,} objects in 100 deg², "
+                 "`bench/archive.py`'s sky; cutouts of 64 bytes, no history: the object page reads the archive "
+                 "only):", "", *head, *rows]
+    body += [
+        "",
+        "Each server thread keeps the archive's DuckDB view open and opens it again when a commit changes its files "
+        "(`streams/web/queries.py:ArchiveView`); the commit log is read at every request, so that a request sees "
+        "every commit the archiver made before it. The object page reads the object's whole alert records (for its "
+        "light curve's forced photometry and upper limits) and its detections in the history.",
+    ]
+    text = "\n".join(body)
+    print(text)
+    if not args.no_write:
+        write_section("portal", text)
+
+
+if __name__ == "__main__":
+    main()

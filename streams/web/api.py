@@ -1,0 +1,197 @@
+"""The read-only REST API under ``/api/v1/``: alerts, objects, cone search, frames, cutouts, health, metrics.
+
+Every blocking read runs in the portal's thread pool (:meth:`streams.web.app.Portal.run`). Read
+endpoints need scope ``read`` unless ``WebConfig.public_read``. The JSON shapes (``AlertSummary``
+and the others) are described in ``docs/portal.md`` and the OpenAPI document at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from broker.errors import NotFound
+from streams.alert_expr import AlertFilter
+from streams.web import queries, render
+from streams.web.app import Portal
+from streams.web.records import CUTOUT_FIELDS, clean, lightcurve, public_record, summary_of
+from streams.web.tokens import Principal, require
+
+router = APIRouter(prefix="/api/v1", tags=["alerts"])
+metrics_router = APIRouter(tags=["service"])
+Reader = Annotated[Principal, Depends(require("read"))]
+#: Cache lifetime of images and records (s): an archived alert never changes.
+IMMUTABLE = "public, max-age=86400, immutable"
+_CLASSIFIERS = threading.Lock()
+
+
+def portal_of(request: Request) -> Portal:
+    """The application's shared :class:`Portal`."""
+    portal: Portal = request.app.state.portal
+    return portal
+
+
+def record_cache(portal: Portal) -> queries.RecordCache:
+    """The portal's cache of archived alert records (made at first use; Unavailable without an archive)."""
+    view = portal.require_archive()
+    cache = portal.extras.get("records")
+    if cache is None or cache.archive is not view:
+        cache = portal.extras["records"] = queries.RecordCache(view)
+    return cache
+
+
+async def _record(portal: Portal, alert_id: int) -> dict:
+    return await portal.run(record_cache(portal).get, alert_id)
+
+
+def _png(data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
+
+
+@router.get("/health", tags=["service"])
+async def health(request: Request) -> dict:
+    """Whether the server answers: alerts in the archive, objects in the history (null without), Kafka or not."""
+    portal = portal_of(request)
+
+    def counts() -> tuple[int | None, int | None]:
+        with portal.history() as history:
+            objects = queries.history_count(history)
+        return (portal.archive.count() if portal.archive is not None else None), objects
+
+    alerts, objects = await portal.run(counts)
+    return {"status": "ok", "archive": alerts, "history": objects, "public_read": portal.config.public_read,
+            "publish": portal.config.bootstrap is not None}
+
+
+@metrics_router.get("/metrics", response_class=Response)
+async def metrics(request: Request, who: Reader) -> Response:
+    """The portal's Prometheus metrics (requests and their latency by route)."""
+    return Response(generate_latest(portal_of(request).registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/alerts")
+async def alerts(request: Request, who: Reader,
+                 filter: Annotated[str | None, Query(max_length=1000, description=(
+                     "An expression of `broker subscribe --filter`, e.g. `snr > 7 and rb > 0.8`"))] = None,
+                 limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                 cursor: Annotated[str | None, Query(max_length=200)] = None) -> dict:
+    """The newest alerts first, optionally filtered: ``{"items": [AlertSummary], "next": cursor|null}``."""
+    portal = portal_of(request)
+    archive = portal.require_archive()
+    if filter and filter.strip():
+        flt = AlertFilter(filter)
+        return await portal.run(queries.latest_filtered, archive, flt, limit, cursor)
+    return await portal.run(queries.latest, archive, limit, cursor)
+
+
+@router.get("/alerts/{alert_id}")
+async def alert(request: Request, who: Reader, alert_id: int) -> dict:
+    """The whole alert record (cutout bytes left out), its ``summary`` and its ``cutouts`` URLs."""
+    return public_record(await _record(portal_of(request), alert_id), "")
+
+
+@router.get("/alerts/{alert_id}/cutouts/{name}", response_class=Response)
+async def cutout(request: Request, who: Reader, alert_id: int, name: str) -> Response:
+    """One cutout: ``science``, ``reference`` or ``difference``, as ``.png`` (display-scaled) or ``.fits``."""
+    kind, _, ext = name.rpartition(".")
+    if kind not in CUTOUT_FIELDS or ext not in ("png", "fits"):
+        raise NotFound(f"no cutout {name!r}: one of {[f'{k}.png' for k in CUTOUT_FIELDS]} or .fits")
+    portal = portal_of(request)
+    record = await _record(portal, alert_id)
+    if ext == "png":
+        return _png(await portal.run(render.cutout_png, record, kind))
+    data = await portal.run(render.cutout_fits, record, kind)
+    return Response(data, media_type="application/fits", headers={
+        "Cache-Control": IMMUTABLE, "Content-Disposition": f'attachment; filename="{alert_id}-{kind}.fits"'})
+
+
+@router.get("/alerts/{alert_id}/triplet.png", response_class=Response)
+async def triplet(request: Request, who: Reader, alert_id: int) -> Response:
+    """The science / reference / difference triplet as one PNG, with scales and the alert's scores."""
+    portal = portal_of(request)
+    return _png(await portal.run(render.triplet_png, await _record(portal, alert_id)))
+
+
+def _classifier(portal: Portal, version: str | None) -> Any:
+    """The real/bogus classifier of ``version``, loaded once per application."""
+    with _CLASSIFIERS:
+        loaded = portal.extras.setdefault("classifiers", {})
+        if version not in loaded:
+            loaded[version] = render.load_classifier(version)
+        return loaded[version]
+
+
+@router.get("/alerts/{alert_id}/attribution.png", response_class=Response)
+async def attribution(request: Request, who: Reader, alert_id: int) -> Response:
+    """Which pixels made the real/bogus score (integrated gradients of the alert's model; needs torch)."""
+    portal = portal_of(request)
+    record = await _record(portal, alert_id)
+    version = (record.get("scores") or {}).get("rb_model")
+    classifier = await portal.run(_classifier, portal, version)
+    return _png(await portal.run(render.attribution_png, record, classifier))
+
+
+def _object(portal: Portal, object_id: str) -> dict:
+    """The object page's data: position, scores, context, light curve and alerts (newest first)."""
+    queries.sql_str(object_id)
+    records = queries.object_records(portal.require_archive() if portal.archive else None, object_id)
+    with portal.history() as history:
+        obj, detections = queries.history_of(history, object_id)
+    if not records and obj is None:
+        raise NotFound(f"no object {object_id!r} in the archive or the history")
+    latest = records[-1] if records else None
+    where = (latest or {}).get("object") or obj or {}
+
+    def pick(key: str) -> Any:
+        return (latest or {}).get(key) or (obj or {}).get(key)
+
+    return clean({"object_id": object_id, "ra": where.get("ra"), "dec": where.get("dec"), "n_alerts": len(records),
+                  "ndet": (obj or where).get("ndet"), "first_mjd": (obj or where).get("first_mjd"),
+                  "classification": pick("classification"), "features": pick("features"),
+                  "context": (latest or {}).get("context"), "lightcurve": lightcurve(latest, detections),
+                  "alerts": [summary_of(r) for r in reversed(records)]})
+
+
+@router.get("/objects/{object_id}")
+async def object_(request: Request, who: Reader, object_id: str) -> dict:
+    """An object: position, classification, features, context, light curve (per band, with upper limits), alerts."""
+    portal = portal_of(request)
+    return await portal.run(_object, portal, object_id)
+
+
+@router.get("/cone")
+async def cone(request: Request, who: Reader,
+               ra: Annotated[float, Query(description="right ascension (deg, ICRS), [0, 360)")],
+               dec: Annotated[float, Query(description="declination (deg), [-90, 90]")],
+               radius_arcsec: Annotated[float, Query(description="search radius (arcsec), (0, 3600]")] = 5.0,
+               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+    """Alerts within ``radius_arcsec`` of (``ra``, ``dec``), nearest first, each with ``distance_arcsec``."""
+    queries.check_position(ra, dec, radius_arcsec)
+    portal = portal_of(request)
+    items = await portal.run(queries.cone, portal.require_archive(), ra, dec, radius_arcsec, limit)
+    return {"items": items}
+
+
+@router.get("/frames/{frame_id}")
+async def frame(request: Request, who: Reader, frame_id: str) -> dict:
+    """A frame: time, band, shape ``[ny, nx]``, its image's URL (null once not kept) and its candidates."""
+    portal = portal_of(request)
+    view, folder = await portal.run(queries.frame_view, portal.require_archive(), portal.config.state_dir, frame_id)
+    view["image_url"] = f"/api/v1/frames/{frame_id}/image.png" if folder is not None else None
+    return clean(view)
+
+
+@router.get("/frames/{frame_id}/image.png", response_class=Response)
+async def frame_image(request: Request, who: Reader, frame_id: str) -> Response:
+    """The frame's difference image as a display-scaled PNG (binned to at most 1024 px a side; row 0 at the bottom)."""
+    portal = portal_of(request)
+
+    def draw() -> bytes:
+        _, folder = queries.frame_view(portal.require_archive(), portal.config.state_dir, frame_id)
+        return render.image_png(render.binned(queries.frame_image(folder, frame_id)), diverging=True)
+
+    return Response(await portal.run(draw), media_type="image/png", headers={"Cache-Control": "public, max-age=60"})

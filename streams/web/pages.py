@@ -1,0 +1,130 @@
+"""The portal's HTML pages and their static files: live alerts, an object, a frame, vetting.
+
+The pages are static shells (``templates/``) whose JavaScript (``static/``) reads the REST API; no
+data is ever written into the HTML, so nothing a user sends can become markup. Everything is
+served from the package: no CDN, no web font, no network at run time. The static files are read
+once, at import, from a fixed list (no path from a request ever reaches the file system), and
+served with an ETag. Every page carries a Content-Security-Policy that allows scripts, styles,
+images and connections from this server only.
+
+Pages
+-----
+``/``
+    Live alerts (:mod:`streams.web.live` streams them) with the filter language of ``broker subscribe``.
+``/objects/{object_id}``
+    The light curve per band with upper limits, classification, context, features and alerts.
+``/frames/{frame_id}``
+    The frame with its candidates marked, and their table.
+``/vet``
+    The vetting page (:mod:`streams.web.vetting`): keyboard labels real/bogus/interesting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, Response
+
+from broker.errors import NotFound
+
+router = APIRouter(include_in_schema=False)
+
+#: Content-Security-Policy of the pages: this server only (style attributes are set by the scripts).
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+            "X-Frame-Options": "DENY"}
+_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+          ".svg": "image/svg+xml", ".png": "image/png"}
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One static file, held in memory: bytes, media type and ETag."""
+
+    body: bytes
+    media_type: str
+    etag: str
+
+
+def _load_assets() -> dict[str, Asset]:
+    """Every file of ``static/`` with a known type, by name."""
+    out = {}
+    for item in resources.files("streams.web").joinpath("static").iterdir():
+        suffix = "." + item.name.rsplit(".", 1)[-1]
+        if item.is_file() and suffix in _TYPES:
+            body = item.read_bytes()
+            out[item.name] = Asset(body, _TYPES[suffix], '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
+    return out
+
+
+def _template(name: str) -> Template:
+    return Template(resources.files("streams.web").joinpath("templates", name).read_text("utf-8"))
+
+
+ASSETS = _load_assets()
+_PAGE = _template("page.html")
+
+
+def render_page(title: str, script: str, body: str, active: str = "") -> str:
+    """The HTML of one page: the shared frame (bar, navigation) around ``body`` (a template, no data)."""
+    return _PAGE.substitute(title=title, script=script, body=body, on_live="on" if active == "live" else "",
+                            on_vet="on" if active == "vet" else "")
+
+
+_PAGES = {
+    "live": render_page("Live alerts", "live.js", _template("live.html").template, "live"),
+    "object": render_page("Object", "object.js", _template("object.html").template),
+    "frame": render_page("Frame", "frame.js", _template("frame.html").template),
+    "vet": render_page("Vetting", "vet.js", _template("vet.html").template, "vet"),
+}
+
+
+def _page(name: str) -> HTMLResponse:
+    return HTMLResponse(_PAGES[name], headers=_HEADERS)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def live_page() -> HTMLResponse:
+    """Alerts as they arrive."""
+    return _page("live")
+
+
+@router.get("/objects/{object_id}", response_class=HTMLResponse)
+async def object_page(object_id: str) -> HTMLResponse:
+    """One object: light curve, classification, context, alerts (the script reads the id from the URL)."""
+    return _page("object")
+
+
+@router.get("/frames/{frame_id:path}", response_class=HTMLResponse)
+async def frame_page(frame_id: str) -> HTMLResponse:
+    """One frame with its candidates marked."""
+    return _page("frame")
+
+
+@router.get("/vet", response_class=HTMLResponse)
+async def vet_page() -> HTMLResponse:
+    """Vetting with keyboard shortcuts."""
+    return _page("vet")
+
+
+@router.get("/favicon.ico")
+async def favicon(request: Request) -> Response:
+    """The portal's icon, for browsers that ask at the root."""
+    return await static_file("favicon.svg", request)
+
+
+@router.get("/static/{name}")
+async def static_file(name: str, request: Request) -> Response:
+    """A static file of the portal (304 when the browser holds this version)."""
+    asset = ASSETS.get(name)
+    if asset is None:
+        raise NotFound(f"no static file {name[:80]!r}")
+    headers = {"ETag": asset.etag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+    if request.headers.get("if-none-match") == asset.etag:
+        return Response(status_code=304, headers=headers)
+    return Response(asset.body, media_type=asset.media_type, headers=headers)

@@ -1,0 +1,307 @@
+"""The portal's reads of the archive (DuckDB) and the object history (SQL): blocking, run in its thread pool.
+
+Each function answers one endpoint's question with plain dicts; :mod:`streams.web.api` runs them
+through :meth:`streams.web.app.Portal.run`, so no read holds the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from broker.archive.log import DataFile
+from broker.archive.reader import Archive
+from broker.archive.rows import record_of
+from broker.errors import InvalidQuery, NotFound
+from broker.history import ObjectHistory
+from broker.reference import path_component
+from streams.alert_expr import AlertFilter
+from streams.web.records import decode_cursor, encode_cursor, summary_of, summary_of_row
+
+#: Columns of an ``AlertSummary`` read by SQL (the struct fields exist in every schema version).
+SUMMARY_COLUMNS = ("alert_id, object_id, candid, frame_id, telescope, mjd, ra, dec, filter AS band, magpsf, "
+                   "alert.source.sigmapsf AS sigmapsf, snr, rb, anomaly, alert.source.x AS x, alert.source.y AS y")
+#: Alerts read at most by one filtered page (count): a rare filter answers a partial page and its cursor.
+MAX_SCAN = 2000
+#: Alerts read at a time by a filtered page (count).
+SCAN_BATCH = 250
+_NEWEST_FIRST = "ORDER BY mjd DESC, alert_id DESC"
+_OBSERVATION_ORDER = "ORDER BY mjd, kafka_topic, kafka_partition, kafka_offset"
+_HISTORY_COLUMNS = ("cand_id", "mjd", "filter", "flux", "flux_err", "snr", "rb", "magzp", "limiting_flux",
+                    "telescope")
+
+
+class Queryable(Protocol):
+    """What the reads need of an archive: its committed files and SQL over its view ``alerts``."""
+
+    def files(self) -> list[DataFile]:
+        """The committed files."""
+        ...
+
+    def query(self, sql: str) -> pa.Table:
+        """The result of ``sql``."""
+        ...
+
+
+class ArchiveView:
+    """An archive's DuckDB view kept open per thread, and opened again when a commit changes its files.
+
+    Opening the view costs ~25 ms at the demo's size (DuckDB reads every file's footer), a query on
+    an open one a few ms (``bench/portal.py``); the commit log is read at every query (~0.3 ms), so a
+    request sees every commit made before it. Files a compaction retires stay readable for
+    ``ArchiveConfig.retain_removed_seconds``, so an open view never reads a missing file.
+
+    Parameters
+    ----------
+    archive : Archive
+    """
+
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+        self._local = threading.local()
+
+    def files(self) -> list[DataFile]:
+        """The committed files (from the commit log)."""
+        return self.archive.files()
+
+    def count(self) -> int:
+        """Alerts in the archive."""
+        return self.archive.count()
+
+    def _connection(self) -> tuple[Any, list[DataFile]]:
+        files = self.archive.files()
+        key = tuple((f.path, f.rows) for f in files)
+        held = getattr(self._local, "held", None)
+        if held is None or held[0] != key:
+            if held is not None:
+                held[1].close()
+            con = self.archive.connect()
+            con.execute("SET enable_object_cache = true")  # Parquet footers read once per view, not per query
+            held = self._local.held = (key, con, files)
+        return held[1], held[2]
+
+    def query(self, sql: str) -> pa.Table:
+        """The result of ``sql`` over the view ``alerts`` (errors as :meth:`Archive.query`)."""
+        import duckdb
+
+        con, files = self._connection()
+        try:
+            rel = con.sql(sql)
+            return rel.to_arrow_table() if rel is not None else pa.table({})
+        except duckdb.Error as exc:
+            raise self.archive._error(exc, files) from exc
+
+
+def sql_str(text: str) -> str:
+    """``text`` as a SQL string literal (quotes doubled); InvalidQuery for an id no alert can have."""
+    if len(text) > 256 or "\x00" in text:
+        raise InvalidQuery("an id is at most 256 characters, without NUL")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _summary_select(archive: Queryable) -> str:
+    """``SELECT`` of the summary columns, with the classification where a v3+ file holds one."""
+    versions = {f.schema_version for f in archive.files()}
+    classification = "alert.classification" if versions and max(versions) >= 3 else "NULL"
+    return f"SELECT {SUMMARY_COLUMNS}, {classification} AS classification"
+
+
+def summaries(archive: Queryable, where: str, order: str, limit: int, extra: str = "") -> list[dict]:
+    """``AlertSummary`` of the alerts matching ``where``, in ``order``, at most ``limit``."""
+    sql = f"{_summary_select(archive)}{extra} FROM alerts WHERE {where} {order} LIMIT {int(limit)}"
+    return [summary_of_row(r) for r in archive.query(sql).to_pylist()]
+
+
+def _after(cursor: str | None) -> str:
+    """The SQL condition of the alerts after ``cursor`` in newest-first order (``true`` without one)."""
+    if not cursor:
+        return "true"
+    mjd, alert_id = decode_cursor(cursor)
+    return f"(mjd < {mjd!r} OR (mjd = {mjd!r} AND alert_id < {alert_id}))"
+
+
+def latest(archive: Queryable, limit: int, cursor: str | None) -> dict:
+    """A newest-first page of alert summaries: ``{"items", "next"}`` (``next`` null on the last page)."""
+    rows = summaries(archive, _after(cursor), _NEWEST_FIRST, limit + 1)
+    items = rows[:limit]
+    more = len(rows) > limit
+    return {"items": items, "next": encode_cursor(items[-1]["mjd"], items[-1]["alert_id"]) if more else None}
+
+
+def records_of(archive: Queryable, sql: str) -> list[dict]:
+    """The alert records of ``sql``, a query of ``schema_version, alert`` over the archive, in its order."""
+    table = archive.query(sql)
+    versions, values = table.column(0).to_pylist(), table.column(1).to_pylist()
+    return [record_of(value, version) for version, value in zip(versions, values, strict=True)]
+
+
+def latest_filtered(archive: Queryable, flt: AlertFilter, limit: int, cursor: str | None) -> dict:
+    """A newest-first page of the alerts that pass ``flt`` (evaluated on whole records).
+
+    At most :data:`MAX_SCAN` alerts are read per page: a filter that few alerts pass returns fewer
+    than ``limit`` items with a ``next`` cursor to read on from (null once the archive is read).
+    """
+    items: list[dict] = []
+    where, scanned = _after(cursor), 0
+    last: tuple[float, int] | None = None
+    while len(items) < limit and scanned < MAX_SCAN:
+        sql = (f"SELECT schema_version, alert FROM alerts WHERE {where} {_NEWEST_FIRST} "
+               f"LIMIT {min(SCAN_BATCH, MAX_SCAN - scanned)}")
+        records = records_of(archive, sql)
+        if not records:
+            return {"items": items, "next": None}
+        for record in records:
+            scanned += 1
+            last = (record["source"]["mjd"], int(record["alertId"]))
+            if flt(record):
+                items.append(summary_of(record))
+                if len(items) == limit:
+                    break
+        if last is not None:
+            where = _after(encode_cursor(last[0], last[1]))
+    return {"items": items, "next": encode_cursor(last[0], last[1]) if last is not None else None}
+
+
+def alert_record(archive: Queryable, alert_id: int) -> dict:
+    """The whole record of alert ``alert_id``. NotFound when the archive does not hold it."""
+    if not -2 ** 63 <= alert_id < 2 ** 63:
+        raise NotFound(f"no alert {alert_id}: alert ids are 64-bit integers")
+    records = records_of(archive, f"SELECT schema_version, alert FROM alerts WHERE alert_id = {int(alert_id)} LIMIT 1")
+    if records:
+        return records[0]
+    raise NotFound(f"no alert {alert_id} in the archive")
+
+
+def object_records(archive: Queryable | None, object_id: str) -> list[dict]:
+    """Every archived alert record of ``object_id``, oldest first (empty without an archive)."""
+    if archive is None:
+        return []
+    return records_of(archive, f"SELECT schema_version, alert FROM alerts WHERE object_id = {sql_str(object_id)} "
+                               f"{_OBSERVATION_ORDER}")
+
+
+def history_of(history: ObjectHistory | None, object_id: str) -> tuple[dict | None, list[dict]]:
+    """The history's row of ``object_id`` (ra, dec, ndet, first_mjd, features, classification) and its detections."""
+    if history is None:
+        return None, []
+    row = history.store.execute("SELECT ra, dec, ndet, first_mjd FROM objects WHERE object_id = ?",
+                                (object_id,)).fetchone()
+    if row is None:
+        return None, []
+    features, classification = history.summary(object_id)
+    obj = {"ra": row[0], "dec": row[1], "ndet": row[2], "first_mjd": row[3], "features": features,
+           "classification": classification}
+    dets = history.store.execute(f"SELECT {', '.join(_HISTORY_COLUMNS)} FROM detections WHERE object_id = ? "
+                                 "ORDER BY mjd, cand_id", (object_id,)).fetchall()
+    return obj, [dict(zip(_HISTORY_COLUMNS, d, strict=True)) for d in dets]
+
+
+def cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit: int) -> list[dict]:
+    """Alert summaries within ``radius_arcsec`` of (``ra``, ``dec``) (deg), nearest first, with ``distance_arcsec``."""
+    radius = radius_arcsec / 3600.0
+    where = f"in_cone(ra, dec, {ra!r}, {dec!r}, {radius!r})"
+    extra = f", ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS distance_arcsec"
+    return summaries(archive, where, "ORDER BY distance_arcsec, mjd DESC", limit, extra)
+
+
+def diff_dir(state_dir: Path | None, summary: dict, field: str | None) -> Path | None:
+    """Folder of a frame's kept difference image (``<state_dir>/diffs/<telescope>/<field>/<band>/<frame>``)."""
+    if state_dir is None or field is None:
+        return None
+    parts = (summary["telescope"], field, summary["band"], summary["frame_id"])
+    return Path(state_dir, "diffs", *(path_component(str(p)) for p in parts))
+
+
+def frame_view(archive: Queryable, state_dir: Path | None, frame_id: str) -> tuple[dict, Path | None]:
+    """A frame's metadata and candidates (``frame_id``, ``telescope``, ``mjd``, ``band``, ``shape``), and its folder.
+
+    Raises
+    ------
+    NotFound
+        No archived alert comes from this frame.
+    """
+    items = summaries(archive, f"frame_id = {sql_str(frame_id)}", "ORDER BY candid", 10_000)
+    if not items:
+        raise NotFound(f"no alert of frame {frame_id!r} in the archive")
+    first = items[0]
+    field = archive.query(f"SELECT alert.provenance.field AS f FROM alerts WHERE alert_id = {first['alert_id']}"
+                          ).column(0).to_pylist()[0]
+    folder = diff_dir(state_dir, first, field)
+    shape = None
+    if folder is not None and (folder / "meta.json").is_file():
+        meta = json.loads((folder / "meta.json").read_text())
+        shape = [int(meta["ny"]), int(meta["nx"])]
+    view = {"frame_id": frame_id, "telescope": first["telescope"], "mjd": first["mjd"], "band": first["band"],
+            "shape": shape, "candidates": items}
+    return view, folder if shape is not None else None
+
+
+def frame_image(folder: Path | None, frame_id: str) -> np.ndarray:
+    """The kept difference image of a frame (float32 ADU, NaN where masked, memory-mapped).
+
+    Raises
+    ------
+    NotFound
+        The pipeline no longer keeps it (the difference store keeps the newest frames of each field).
+    """
+    if folder is None or not (folder / "diff.npy").is_file():
+        raise NotFound(f"the difference image of frame {frame_id!r} is no longer kept (the difference store "
+                       "keeps the newest frames of each field)")
+    return np.load(folder / "diff.npy", mmap_mode="r")
+
+
+def check_position(ra: float, dec: float, radius_arcsec: float) -> None:
+    """InvalidQuery unless RA in [0, 360), Dec in [-90, 90] (deg) and the radius in (0, 3600] arcsec."""
+    if not (math.isfinite(ra) and 0 <= ra < 360 and math.isfinite(dec) and -90 <= dec <= 90):
+        raise InvalidQuery(f"position out of range: ra={ra}, dec={dec} (ra in [0, 360), dec in [-90, 90] deg)")
+    if not (math.isfinite(radius_arcsec) and 0 < radius_arcsec <= 3600):
+        raise InvalidQuery(f"radius_arcsec={radius_arcsec} out of range (0, 3600]")
+
+
+def history_count(history: ObjectHistory | None) -> Any:
+    """Objects in the history (None without one)."""
+    if history is None:
+        return None
+    return int(history.store.execute("SELECT count(*) FROM objects").fetchone()[0])
+
+
+class RecordCache:
+    """The newest-used alert records by id (archived alerts never change), safe to share between threads.
+
+    Parameters
+    ----------
+    archive : Archive
+    size : int
+        Records kept (count; ~50 kB each with cutouts). Default 256: the cutouts of a page of
+        alerts are drawn from one read each.
+    """
+
+    def __init__(self, archive: Queryable, size: int = 256) -> None:
+        self.archive, self.size = archive, size
+        self._records: OrderedDict[int, dict] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, alert_id: int) -> dict:
+        """The record of ``alert_id`` (:func:`alert_record`)."""
+        with self._lock:
+            if alert_id in self._records:
+                self._records.move_to_end(alert_id)
+                return self._records[alert_id]
+        record = alert_record(self.archive, alert_id)
+        self.put(record)
+        return record
+
+    def put(self, record: dict) -> None:
+        """Keep ``record`` (an alert read elsewhere, e.g. from the live stream before it is archived)."""
+        with self._lock:
+            self._records[int(record["alertId"])] = record
+            self._records.move_to_end(int(record["alertId"]))
+            while len(self._records) > self.size:
+                self._records.popitem(last=False)

@@ -1,0 +1,319 @@
+"""``POST /api/v1/frames``: upload a FITS frame, published to the pipeline or processed at once (predict).
+
+The body is either the FITS file itself (``Content-Type: application/fits``, ``image/fits`` or
+``application/octet-stream``) or a ``multipart/form-data`` form with the part ``frame`` and,
+for ``predict``, an optional part ``reference`` (a FITS frame of the same telescope, field and band).
+Its size is refused before it is read (:class:`streams.web.app.BodyLimit`, then a streaming cap
+here); its pixels before they are decompressed (:func:`broker.frame.decode_fits` with the portal's
+``max_upload_pixels`` and ``max_expansion``); then it is validated as ``broker produce`` validates
+(:func:`broker.ingest.validate`, with the same errors).
+
+- ``mode=publish`` sends it to the ``frames`` topic (:class:`streams.producer.FrameProducer`):
+  the answer is the frame id to poll at ``GET /api/v1/frames/{frame_id}`` once its alerts are archived.
+- ``mode=predict`` runs the stages' functions on it in this process, one frame at a time:
+  :func:`broker.calibrate.calibrate` and :func:`broker.ingest.ingest` (as the ingest stage),
+  :func:`broker.pipeline.process_frame` against the uploaded reference
+  or the pipeline's stored one (``<state_dir>/refs``), real/bogus
+  (:meth:`broker.realbogus.RealBogusClassifier.score_candidates`), then association and scores
+  (:func:`broker.pipeline.associate_and_score`) against an empty in-memory history, so that a
+  prediction never writes the pipeline's state; each candidate comes back with its scores and
+  its cutouts as inline PNGs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+
+from broker.errors import (
+    CorruptFrame,
+    CutoutError,
+    FrameTooLarge,
+    InvalidQuery,
+    RateLimited,
+    ReferenceUnavailable,
+    Unavailable,
+    UnsupportedMediaType,
+)
+from broker.frame import Frame, decode_fits
+from streams.web.app import Portal
+from streams.web.records import clean
+from streams.web.render import image_png
+from streams.web.tokens import Principal, require
+
+router = APIRouter(prefix="/api/v1", tags=["upload"])
+Uploader = Annotated[Principal, Depends(require("upload"))]
+#: Content types of a raw FITS body.
+FITS_TYPES = ("application/fits", "image/fits", "application/octet-stream")
+#: The window of the per-token rate limit (s).
+RATE_WINDOW_S = 60.0
+
+
+class RateLimiter:
+    """At most ``per_minute`` events per key in any sliding :data:`RATE_WINDOW_S` window; thread-safe."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._times: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._lock = threading.Lock()
+
+    def take(self, key: str, now: float | None = None) -> None:
+        """Count one event of ``key``; RateLimited (HTTP 429) when it is over the limit (then not counted)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._times[key]
+            while times and times[0] <= now - RATE_WINDOW_S:
+                times.popleft()
+            if len(times) >= self.per_minute:
+                wait = times[0] + RATE_WINDOW_S - now
+                raise RateLimited(f"{key!r} made {len(times)} uploads in the last minute (limit {self.per_minute}); "
+                                  f"retry in {wait:.0f} s")
+            times.append(now)
+
+
+_LOCK = threading.RLock()  # re-entrant: a shared object may be made of others (the publisher of the profiles)
+
+
+def _shared(portal: Portal, name: str, make: Any) -> Any:
+    """``portal.extras[name]``, made once by ``make()``."""
+    with _LOCK:
+        if name not in portal.extras:
+            portal.extras[name] = make()
+        return portal.extras[name]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, read in chunks and refused (FrameTooLarge, HTTP 413) as soon as it passes ``limit`` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise FrameTooLarge(f"upload over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _part(form: Any, name: str, limit: int) -> bytes | None:
+    """The bytes of file part ``name`` of a form (None when absent), at most ``limit`` bytes."""
+    part = form.get(name)
+    if part is None:
+        return None
+    if not isinstance(part, UploadFile):
+        raise InvalidQuery(f"form field {name!r} must be a file (a FITS frame)")
+    data = await part.read(limit + 1)
+    if len(data) > limit:
+        raise FrameTooLarge(f"{name}: over the {limit}-byte limit")
+    return data
+
+
+async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes | None]:
+    """(frame bytes, reference bytes or None) of an upload, by its content type.
+
+    Raises
+    ------
+    UnsupportedMediaType
+        Neither FITS nor a multipart form (HTTP 415).
+    FrameTooLarge
+        A body or part over ``limit`` bytes (HTTP 413).
+    CorruptFrame
+        An empty frame (0 bytes).
+    """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    frame: bytes | None = None
+    reference: bytes | None = None
+    if kind in FITS_TYPES:
+        frame = await read_body(request, limit)
+    elif kind == "multipart/form-data":
+        async with request.form(max_files=2, max_fields=4) as form:
+            frame, reference = await _part(form, "frame", limit), await _part(form, "reference", limit)
+        if frame is None:
+            raise InvalidQuery("the form needs a file part named 'frame'")
+    else:
+        raise UnsupportedMediaType(f"content type {kind or 'none'!r}: send the FITS file as application/fits, "
+                                   "or a multipart/form-data form with the parts 'frame' (and 'reference')")
+    if not frame:
+        raise CorruptFrame("empty payload (0 bytes)")
+    return frame, reference
+
+
+def _profiles(portal: Portal) -> tuple:
+    """The telescope profiles of the pipeline's ``[ingest] telescopes_dir`` (loaded once)."""
+    from broker.telescopes import load_profiles
+
+    return _shared(portal, "profiles", lambda: load_profiles(portal.config.pipeline.ingest.telescopes_dir))
+
+
+def decode_upload(portal: Portal, payload: bytes) -> Frame:
+    """The frame of an upload, decoded and validated as ``broker produce`` does (the same errors).
+
+    As the producer, a frame without a WCS is accepted when the ingest stage plate-solves
+    (``[ingest.calibration] enabled``); one that has a WCS has it checked.
+    """
+    from broker.ingest import validate
+
+    ingest = portal.config.ingest()
+    require_wcs = not ingest.calibration.enabled
+    frame = decode_fits(payload, ingest.max_pixels, ingest.max_expansion, _profiles(portal), require_wcs=require_wcs)
+    validate(frame, ingest, require_wcs=require_wcs)
+    return frame
+
+
+def calibrated(portal: Portal, payload: bytes) -> Frame:
+    """An uploaded frame as the ingest stage passes it on: decoded, validated, WCS and zero point calibrated."""
+    from broker.calibrate import calibrate
+
+    return calibrate(decode_upload(portal, payload), portal.config.ingest().calibration, _profiles(portal))
+
+
+def publish(portal: Portal, payload: bytes) -> dict:
+    """Validate and send an upload to the ``frames`` topic; the frame id to poll."""
+    frame = decode_upload(portal, payload)
+    publisher = portal.extras.get("publisher") or _shared(portal, "publisher", lambda: _kafka_publisher(portal))
+    sent = publisher(frame)
+    return {"mode": "publish", "frame_id": sent.frame_id, "size_bytes": sent.size_bytes, "inline": sent.inline,
+            "poll": f"/api/v1/frames/{sent.frame_id}"}
+
+
+def _kafka_publisher(portal: Portal) -> Any:
+    """``publish(frame) -> Published`` over Kafka, as ``broker produce`` sends (frame store, limits, signing)."""
+    from streams.frame_auth import FrameSigner
+    from streams.framestore import FrameStore
+    from streams.producer import FrameProducer
+    from streams.settings import KafkaSettings
+
+    cfg = portal.config
+    if cfg.bootstrap is None:
+        raise Unavailable("this server publishes no frames: start it with --bootstrap (or use mode=predict)")
+    pipe = cfg.pipeline
+    producer = FrameProducer(KafkaSettings.load(cfg.bootstrap, pipe), FrameStore(pipe.frame_store),
+                             pipe.inline_limit_bytes, pipe.max_frame_bytes, cfg.ingest(), FrameSigner.load(pipe.kafka),
+                             _profiles(portal))
+
+    def send(frame: Frame) -> Any:
+        sent = producer.publish_frame(frame)
+        producer.flush(30.0)
+        return sent
+
+    return send
+
+
+@router.post("/frames", status_code=202, responses={
+    202: {"description": "published: the frame id to poll"}, 200: {"description": "predicted: candidates"},
+    400: {"description": "not a usable FITS frame (the reason of `broker produce`)"},
+    401: {"description": "no or bad token"}, 403: {"description": "token without scope upload"},
+    413: {"description": "body or image too large"}, 415: {"description": "not FITS"},
+    429: {"description": "over the token's uploads per minute"}})
+async def upload_frame(request: Request, who: Uploader,
+                       mode: Annotated[Literal["publish", "predict"], Query(
+                           description="publish: to the frames topic; predict: candidates and scores now")] = "predict",
+                       ) -> Any:
+    """Upload one FITS frame: publish it to the pipeline, or predict its candidates with their scores."""
+    portal: Portal = request.app.state.portal
+    limiter = _shared(portal, "upload_limiter", lambda: RateLimiter(portal.config.uploads_per_minute))
+    limiter.take(who.name)
+    frame_bytes, reference_bytes = await read_upload(request, portal.config.max_upload_bytes)
+    if mode == "publish":
+        if reference_bytes is not None:
+            raise InvalidQuery("a reference is only used by mode=predict")
+        return clean(await portal.run(publish, portal, frame_bytes))
+    pool = _shared(portal, "predict_pool", lambda: ThreadPoolExecutor(1, thread_name_prefix="predict"))
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(pool, predict, portal, frame_bytes, reference_bytes)
+    return JSONResponse(clean(result), status_code=200)
+
+
+def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None) -> tuple[Any, str]:
+    """The reference to subtract ``frame`` with, and where it came from (``upload`` or ``stored``)."""
+    from broker.reference import ReferenceStore, build_reference
+
+    key = frame.meta.reference_key
+    if reference_bytes is not None:
+        ref_frame = calibrated(portal, reference_bytes)
+        if tuple(ref_frame.meta.reference_key) != tuple(key):
+            raise ReferenceUnavailable(f"the reference is of {ref_frame.meta.reference_key}, the frame of {key} "
+                                       "(telescope, field, band must agree)")
+        return build_reference([ref_frame], portal.config.pipeline.reference), "upload"
+    root = portal.config.references_dir
+    stored = ReferenceStore(root, portal.config.pipeline.reference).get(key) if root and root.is_dir() else None
+    if stored is None:
+        raise ReferenceUnavailable(f"no stored reference of {key} on this server: upload one as the form part "
+                                   "'reference'")
+    return stored, "stored"
+
+
+def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None) -> dict:
+    """Candidates of an uploaded frame with real/bogus, class and anomaly scores (the stages' functions)."""
+    from broker.ingest import ingest
+    from broker.pipeline import SUBTRACTED, FixedReference, process_frame
+
+    t0 = time.perf_counter()
+    frame = calibrated(portal, frame_bytes)
+    pipe = portal.config.pipeline
+    quality = ingest(frame, portal.config.ingest())
+    reference, source = _reference(portal, frame, reference_bytes)
+    skip = [f for f in quality.flags if f in pipe.ingest.subtract_skip_on]
+    result = process_frame(frame, FixedReference(reference), pipe.subtract, not quality.flags, None, skip)
+    t1 = time.perf_counter()
+    models = _score(portal, frame, result.candidates, result.limiting_flux) if result.status == SUBTRACTED else {}
+    m = frame.meta
+    return {"mode": "predict", "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "band": m.filter,
+            "mjd": m.mjd_start, "shape": list(frame.shape), "status": result.status, "quality_flags": quality.flags,
+            "reference": {"source": source, "frame_ids": list(result.reference_frames)},
+            "limiting_flux": result.limiting_flux, "models": models,
+            "candidates": [_candidate(c) for c in result.candidates],
+            "timing_s": {"subtract": t1 - t0, "score": time.perf_counter() - t1}}
+
+
+def _score(portal: Portal, frame: Frame, candidates: list, limiting_flux: float | None) -> dict:
+    """Real/bogus, then association and scores against an empty history; the model versions used."""
+    from broker.history import ObjectHistory
+    from broker.pipeline import ScoreModels, associate_and_score
+
+    pipe = portal.config.pipeline
+    versions: dict[str, Any] = {}
+    try:
+        from broker.realbogus import RealBogusClassifier, ScoreConfig
+
+        clf = _shared(portal, "rb_model", lambda: RealBogusClassifier.load(pipe.rb_model,
+                                                                           ScoreConfig(views=pipe.rb_views)))
+        clf.score_candidates(candidates)
+        versions["rb"] = clf.version
+    except ImportError:
+        versions["rb"] = None  # no torch: rb stays null, as without the classify stage
+    models = _shared(portal, "score_models", lambda: ScoreModels.load(
+        pipe.anomaly_model, pipe.lcclass_model, pipe.openngc, pipe.context, pipe.moving))
+    history = ObjectHistory(":memory:", pipe.history)
+    try:
+        m = frame.meta
+        associate_and_score(history, models, m.frame_id, m.mjd_start, m.filter, candidates, m.magzp, limiting_flux,
+                            m.telescope)
+    finally:
+        history.close()
+    versions.update(anomaly=models.anomaly.version, lcclass=models.lcclass.version)
+    return versions
+
+
+def _png_uri(data: Any, diverging: bool) -> str | None:
+    try:
+        return "data:image/png;base64," + base64.b64encode(image_png(data, diverging)).decode()
+    except CutoutError:  # an all-NaN stamp: no picture, the candidate still listed
+        return None
+
+
+def _candidate(cand: Any) -> dict:
+    """A predicted candidate: its measurement, scores, context and cutouts (inline PNGs)."""
+    det = {k: v for k, v in asdict(cand.detection).items() if isinstance(v, (int, float, str, bool)) or v is None}
+    return {"cand_id": cand.cand_id, **det, "rb": cand.rb, "anomaly": cand.anomaly,
+            "classification": cand.classification, "features": cand.features, "context": cand.context,
+            "cutouts": {"science": _png_uri(cand.science, False), "reference": _png_uri(cand.reference, False),
+                        "difference": _png_uri(cand.difference, True)}}

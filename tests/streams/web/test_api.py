@@ -1,0 +1,152 @@
+"""The REST API over an archive and a history built in the test: shapes, pagination, filters, cone, 4xx."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from PIL import Image
+
+from tests.streams.web.conftest import FRAMES
+
+SUMMARY_KEYS = {"alert_id", "object_id", "candid", "frame_id", "telescope", "mjd", "ra", "dec", "band", "magpsf",
+                "sigmapsf", "snr", "rb", "anomaly", "class", "class_probability", "x", "y"}
+
+
+def test_health_counts_the_archive_and_the_history(client):
+    body = client.get("/api/v1/health").json()
+    assert body["status"] == "ok" and body["archive"] == 6 and body["history"] == 4
+
+
+def test_latest_alerts_come_newest_first_in_pages_that_join_up(client, state):
+    first = client.get("/api/v1/alerts", params={"limit": 4}).json()
+    assert len(first["items"]) == 4 and first["next"]
+    assert set(first["items"][0]) == SUMMARY_KEYS
+    rest = client.get("/api/v1/alerts", params={"limit": 4, "cursor": first["next"]}).json()
+    assert len(rest["items"]) == 2 and rest["next"] is None
+    items = first["items"] + rest["items"]
+    assert sorted(i["alert_id"] for i in items) == sorted(r["alertId"] for r in state[1])
+    assert [i["mjd"] for i in items] == sorted((i["mjd"] for i in items), reverse=True)
+    assert items[0]["class"] == "SN" and 0 < items[0]["class_probability"] <= 1
+
+
+def test_the_filter_language_of_subscribe_selects_alerts(client):
+    body = client.get("/api/v1/alerts", params={"filter": "rb > 0.55", "limit": 50}).json()
+    assert body["items"] and all(i["rb"] > 0.55 for i in body["items"]) and body["next"] is None
+    everything = client.get("/api/v1/alerts", params={"limit": 50}).json()["items"]
+    assert len(body["items"]) == sum(i["rb"] > 0.55 for i in everything)
+    paged = client.get("/api/v1/alerts", params={"filter": "rb > 0", "limit": 2}).json()
+    assert len(paged["items"]) == 2 and paged["next"]
+
+
+@pytest.mark.parametrize(("params", "status", "reason"), [
+    ({"filter": "__import__('os')"}, 400, "filter"),
+    ({"filter": "nosuchfield > 1"}, 400, "filter"),
+    ({"cursor": "not-a-cursor"}, 400, "invalid_query"),
+    ({"limit": 0}, 422, "invalid_query"),
+    ({"limit": 100000}, 422, "invalid_query"),
+])
+def test_bad_listing_parameters_are_a_clear_4xx(client, params, status, reason):
+    response = client.get("/api/v1/alerts", params=params)
+    assert response.status_code == status
+    assert response.json()["error"] == reason and "Traceback" not in response.text
+
+
+def test_an_alert_comes_whole_without_its_cutout_bytes(client, state):
+    record = state[1][0]
+    body = client.get(f"/api/v1/alerts/{record['alertId']}").json()
+    assert body["candid"] == record["candid"] and body["summary"]["alert_id"] == record["alertId"]
+    assert "stampData" not in body["cutoutScience"] and body["cutoutScience"]["fileName"]
+    assert set(body["cutouts"]) == {"science", "reference", "difference"}
+    assert client.get(body["cutouts"]["difference"]).status_code == 200
+
+
+def test_cutouts_are_served_as_png_and_fits(client, state):
+    record = state[1][0]
+    png = client.get(f"/api/v1/alerts/{record['alertId']}/cutouts/science.png")
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size[0] > 10
+    raw = client.get(f"/api/v1/alerts/{record['alertId']}/cutouts/reference.fits")
+    with fits.open(io.BytesIO(raw.content)) as hdul:
+        assert hdul[0].data.ndim == 2
+    triplet = client.get(f"/api/v1/alerts/{record['alertId']}/triplet.png")
+    assert triplet.status_code == 200 and Image.open(io.BytesIO(triplet.content)).size[0] > 500
+    assert client.get(f"/api/v1/alerts/{record['alertId']}/cutouts/bogus.png").json()["error"] == "not_found"
+    assert client.get(f"/api/v1/alerts/{record['alertId']}/cutouts/science.jpg").status_code == 404
+
+
+def test_unknown_alerts_objects_and_frames_are_404(client):
+    for path in ("/api/v1/alerts/12345", "/api/v1/alerts/99999999999999999999", "/api/v1/objects/OBJnone",
+                 "/api/v1/frames/nosuchframe", "/api/v1/frames/nosuchframe/image.png", "/api/v1/nothing"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"] == "not_found"
+    assert client.get("/api/v1/alerts/abc").status_code == 422
+
+
+def test_an_object_has_its_light_curve_history_and_alerts(client, state):
+    oid = state[1][0]["objectId"]
+    body = client.get(f"/api/v1/objects/{oid}").json()
+    assert body["n_alerts"] == 3 and body["ndet"] == 3
+    assert [a["frame_id"] for a in body["alerts"]] == list(reversed(FRAMES))
+    detections = [p for p in body["lightcurve"] if p["kind"] == "detection"]
+    assert [p["flux"] for p in detections] == [1000.0, 2000.0, 3000.0]
+    assert detections[0]["mag"] == pytest.approx(27.5 - 2.5 * np.log10(1000.0))
+    limits = [p for p in body["lightcurve"] if p["kind"] == "upper_limit"]
+    assert limits and limits[0]["limit_mag"] == 21.3
+    assert body["classification"]["label"] == "SN" and body["context"] is not None
+
+
+def test_an_object_id_with_quotes_is_data_not_sql(client):
+    response = client.get("/api/v1/objects/x' OR '1'='1")
+    assert response.status_code == 404
+
+
+def test_cone_search_finds_the_nearest_alerts_first(client):
+    body = client.get("/api/v1/cone", params={"ra": 150.0, "dec": 2.0, "radius_arcsec": 5}).json()
+    assert len(body["items"]) == 3 and all(i["distance_arcsec"] < 5 for i in body["items"])
+    wide = client.get("/api/v1/cone", params={"ra": 150.0, "dec": 2.0, "radius_arcsec": 200}).json()["items"]
+    assert len(wide) == 6
+    assert [i["distance_arcsec"] for i in wide] == sorted(i["distance_arcsec"] for i in wide)
+    assert client.get("/api/v1/cone", params={"ra": 10.0, "dec": -40.0}).json()["items"] == []
+
+
+@pytest.mark.parametrize("params", [
+    {"ra": 361, "dec": 0}, {"ra": 10, "dec": 91}, {"ra": 10, "dec": 0, "radius_arcsec": 0},
+    {"ra": 10, "dec": 0, "radius_arcsec": 1e9}, {"ra": "nan", "dec": 0}, {"dec": 0}])
+def test_a_cone_out_of_range_is_400(client, params):
+    response = client.get("/api/v1/cone", params=params)
+    assert response.status_code in (400, 422) and response.json()["error"] == "invalid_query"
+
+
+def test_a_frame_lists_its_candidates_and_serves_its_kept_image(client):
+    body = client.get(f"/api/v1/frames/{FRAMES[-1]}").json()
+    assert body["shape"] == [300, 400] and body["band"] == "r" and len(body["candidates"]) == 2
+    image = client.get(body["image_url"])
+    assert Image.open(io.BytesIO(image.content)).size == (400, 300)
+    older = client.get(f"/api/v1/frames/{FRAMES[0]}").json()
+    assert older["image_url"] is None and len(older["candidates"]) == 2
+    gone = client.get(f"/api/v1/frames/{FRAMES[0]}/image.png")
+    assert gone.status_code == 404 and "no longer kept" in gone.json()["detail"]
+
+
+def test_the_attribution_map_is_drawn_by_the_alert_model(client, state):
+    pytest.importorskip("torch")
+    response = client.get(f"/api/v1/alerts/{state[1][0]['alertId']}/attribution.png")
+    assert response.status_code == 200 and response.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_openapi_document_lists_the_versioned_paths(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/api/v1/alerts", "/api/v1/alerts/{alert_id}", "/api/v1/objects/{object_id}", "/api/v1/cone",
+                 "/api/v1/frames", "/api/v1/frames/{frame_id}", "/api/v1/health"):
+        assert path in paths, path
+
+
+def test_metrics_count_requests_by_route(client):
+    client.get("/api/v1/health")
+    text = client.get("/metrics").text
+    assert 'portal_requests_total{route="/api/v1/health",status="200"}' in text
+    assert "portal_request_seconds_bucket" in text

@@ -1,0 +1,217 @@
+"""The live stream: server-sent events of new alerts, each viewer through its own filter, the loop never blocked."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from streams.alert_expr import AlertFilter
+from streams.settings import KafkaSettings
+from streams.web import live
+from streams.web.app import create_app
+from streams.web.config import WebConfig
+from tests.broker.test_archive import sample
+
+
+@contextmanager
+def running_server(config: WebConfig) -> Iterator[str]:
+    """``broker serve``'s application under uvicorn in a thread, on a free 127.0.0.1 port; its base URL."""
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning",
+                                           ws="none", timeout_graceful_shutdown=1))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the portal did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def _record(alert_id: int, rb: float) -> dict:
+    rec = copy.deepcopy(sample(3))
+    rec["alertId"] = rec["sourceId"] = alert_id
+    rec["candid"], rec["scores"]["rb"] = f"LIVE-F1-r-0001/{alert_id % 1000}", rb
+    return rec
+
+
+def test_an_event_is_one_json_line_without_nan():
+    text = live.sse("alert", {"alert_id": 2**63 - 1, "rb": float("nan"), "object_id": "a\nb"})
+    name, data, end = text.split("\n", 2)
+    assert name == "event: alert" and end == "\n"
+    assert json.loads(data.removeprefix("data: ")) == {"alert_id": 2**63 - 1, "rb": None, "object_id": "a\nb"}
+
+
+class _Offline(live.LiveHub):
+    """A hub without its consumer: the test hands it alerts as the consumer thread would."""
+
+    def _start_consumer(self) -> None:
+        pass
+
+
+def test_the_hub_hands_each_alert_to_the_viewers_whose_filter_it_passes():
+    from prometheus_client import CollectorRegistry
+
+    hub = _Offline(KafkaSettings("127.0.0.1:9"), "alerts", CollectorRegistry())
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        everyone, picky = hub.join(AlertFilter(None)), hub.join(AlertFilter("rb > 0.5"))
+        for v in (everyone, picky):
+            assert json.loads(v.queue.get_nowait().split("data: ")[1])["state"] == "waiting"
+        deliver = threading.Thread(target=lambda: [hub._deliver(_record(1, 0.1)), hub._deliver(_record(2, 0.9)),
+                                                   hub._deliver({"alertId": "not an alert"})])
+        deliver.start()  # from another thread, as the consumer does
+        while deliver.is_alive():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the hand-over is call_soon_threadsafe
+        got = ([everyone.queue.get_nowait() for _ in range(everyone.queue.qsize())],
+               [picky.queue.get_nowait() for _ in range(picky.queue.qsize())])
+        hub.leave(everyone)
+        hub.leave(picky)
+        return got
+
+    everyone, picky = asyncio.run(scenario())
+    ids = lambda events: [json.loads(e.split("data: ")[1])["alert_id"] for e in events]  # noqa: E731
+    assert ids(everyone) == [1, 2] and ids(picky) == [2]
+    assert hub.alerts._value.get() == 3 and hub.viewers._value.get() == 0
+
+
+def test_a_slow_viewer_loses_its_oldest_alerts_not_the_servers_memory():
+    async def scenario() -> live.Viewer:
+        viewer = live.Viewer(AlertFilter(None), asyncio.get_running_loop())
+        for i in range(live.QUEUE_SIZE + 10):
+            viewer.offer(f"event {i}")
+        return viewer
+
+    viewer = asyncio.run(scenario())
+    assert viewer.queue.qsize() == live.QUEUE_SIZE and viewer.dropped == 10
+    assert viewer.queue.get_nowait() == "event 10"
+
+
+def test_without_kafka_the_stream_is_503_and_a_bad_filter_400(client):
+    res = client.get("/api/v1/stream")
+    assert res.status_code == 503 and res.json()["error"] == "unavailable" and "--bootstrap" in res.json()["detail"]
+    res = client.get("/api/v1/stream", params={"filter": "__import__('os').system('true')"})
+    assert res.status_code == 400 and res.json()["error"] == "filter"
+    res = client.get("/api/v1/stream", params={"filter": "x" * 1001})
+    assert res.status_code == 422
+
+
+def _read_events(url: str, out: list[tuple[str, dict]], stop: threading.Event) -> None:
+    """Collect (event, data) of a stream until ``stop`` (the server's shutdown then cuts it off)."""
+    try:
+        with httpx.stream("GET", url, timeout=httpx.Timeout(5.0, read=60.0)) as res:
+            assert res.status_code == 200 and res.headers["content-type"].startswith("text/event-stream")
+            name = None
+            for line in res.iter_lines():
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: ") and name:
+                    out.append((name, json.loads(line[6:])))
+                if stop.is_set():
+                    return
+    except httpx.HTTPError:
+        if not stop.is_set():
+            raise
+
+
+def _wait(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.kafka
+def test_a_new_alert_reaches_every_open_stream_that_wants_it(kafka, portal_config):
+    from confluent_kafka import Producer
+
+    from streams import serde
+    from streams.topics import TopicSpec, create_topics
+
+    topic = f"alerts-live-{uuid.uuid4().hex[:8]}"
+    create_topics(kafka.bootstrap, [TopicSpec(topic)])
+    config = replace(portal_config, bootstrap=kafka.bootstrap, alerts_topic=topic)
+    with running_server(config) as base:
+        everyone: list[tuple[str, dict]] = []
+        picky: list[tuple[str, dict]] = []
+        stop = threading.Event()
+        readers = [threading.Thread(target=_read_events, args=(f"{base}/api/v1/stream", everyone, stop), daemon=True),
+                   threading.Thread(target=_read_events, args=(f"{base}/api/v1/stream?filter=rb%20%3E%200.5", picky,
+                                                               stop), daemon=True)]
+        for r in readers:
+            r.start()
+        _wait(lambda: ("status", {"state": "live", "message": f"reading {topic}"}) in everyone, 30, "the consumer")
+        health = httpx.get(f"{base}/api/v1/health", timeout=10)  # the event loop still answers
+        assert health.status_code == 200
+        producer = Producer({"bootstrap.servers": kafka.bootstrap})
+        big = 2**63 - 5
+        for alert_id, rb in ((big, 0.1), (big + 1, 0.9)):
+            producer.produce(topic, serde.encode_ocf("alert", _record(alert_id, rb)), b"k")
+        producer.flush(10)
+        _wait(lambda: len([e for e in everyone if e[0] == "alert"]) == 2, 60, "two alerts on the open stream")
+        _wait(lambda: any(e[0] == "alert" for e in picky), 10, "the filtered stream")
+        time.sleep(0.5)
+        stop.set()
+        assert [e[1]["alert_id"] for e in everyone if e[0] == "alert"] == [big, big + 1]
+        assert [e[1]["alert_id"] for e in picky if e[0] == "alert"] == [big + 1]
+        (summary,) = [e[1] for e in picky if e[0] == "alert"]
+        assert summary["rb"] == 0.9 and summary["candid"] == f"LIVE-F1-r-0001/{(big + 1) % 1000}"
+
+
+def test_the_context_of_a_live_alert_is_told_in_brief():
+    rec = sample(3)
+    brief = live.context_of(rec)
+    ctx = rec["context"]
+    assert brief["moving"] == bool(ctx["moving"]) and brief["on_star"] == ctx["on_star"]
+    assert brief["host"] == (ctx["host"] or {}).get("name")
+    assert live.context_of({"context": None}) is None and live.context_of({}) is None
+    hostile = live.context_of({"context": {"host": "not a record", "matches": ["x", {"name": "NGC1"}]}})
+    assert hostile == {"host": None, "host_offset_arcsec": None, "nuclear": None, "on_star": None, "moving": False,
+                       "catalog": "NGC1"}
+
+
+def test_the_consumer_stops_once_nobody_watches_and_starts_again_for_the_next_viewer(monkeypatch):
+    from prometheus_client import CollectorRegistry
+
+    monkeypatch.setattr(live, "IDLE_STOP_S", 0.2)
+    runs = []
+
+    class _Counting(live.LiveHub):
+        def _consume(self) -> None:  # stands for the Kafka consumer: reads until told to stop
+            runs.append(time.monotonic())
+            while not self._should_stop():
+                time.sleep(0.02)
+
+    hub = _Counting(KafkaSettings("127.0.0.1:9"), "alerts", CollectorRegistry())
+
+    async def watch_then_leave() -> None:
+        viewer = hub.join(AlertFilter(None))
+        await asyncio.sleep(0.1)
+        hub.leave(viewer)
+
+    asyncio.run(watch_then_leave())
+    _wait(lambda: hub._thread is None, 5, "the idle consumer to stop")
+    asyncio.run(watch_then_leave())
+    assert hub._thread is not None and len(runs) == 2  # a new viewer, a new consumer
+    hub.close()
+    assert hub._thread is None

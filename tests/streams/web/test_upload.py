@@ -1,0 +1,236 @@
+"""``POST /api/v1/frames``: predictions through the stages' functions, publishing, and hostile uploads."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from PIL import Image
+
+from broker.errors import InvalidFrame
+from broker.frame import Frame, decode_fits, encode_fits
+from broker.reference import ReferenceStore, build_reference
+from streams.framestore import FrameStore
+from streams.producer import FrameProducer, Published
+from streams.settings import KafkaSettings
+from tests.helpers import star_frame
+
+
+def exposure(noise_seed: int, frame_id: str, mjd: float, transient: tuple[float, float, float] | None = None) -> Frame:
+    """The same 40 stars with fresh Poisson noise, and optionally a new point source (x, y, flux ADU)."""
+    base = star_frame(shape=(256, 256), seed=0, FRAMEID=frame_id, **{"MJD-OBS": mjd})
+    data = base.data.astype(float)
+    if transient is not None:
+        yy, xx = np.mgrid[:256, :256]
+        x, y, flux = transient
+        s = 3.0 / 2.3548
+        data += flux / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+    noisy = np.random.default_rng(noise_seed).poisson(np.clip(data, 0, None)).astype(np.float32)
+    return Frame(base.meta, noisy, base.header)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[bytes, bytes]:
+    """(science with a transient at x=100.3, y=150.7; reference) as tile-compressed FITS."""
+    science = exposure(2, "TEST-F1-r-0001", 60000.5, transient=(100.3, 150.7, 30000.0))
+    return encode_fits(science), encode_fits(exposure(1, "TEST-F1-r-0000", 60000.4))
+
+
+def post(client, body=None, headers=None, token=None, mode="predict", files=None, **kw):
+    headers = dict(headers or {})
+    if token is not None:
+        headers.update(token)
+    if body is not None and "content-type" not in {k.lower() for k in headers}:
+        headers["Content-Type"] = "application/fits"
+    return client.post("/api/v1/frames", params={"mode": mode}, content=body, headers=headers, files=files, **kw)
+
+
+def healthy(client) -> bool:
+    return client.get("/api/v1/health").json()["status"] == "ok"
+
+
+def test_predict_finds_the_transient_with_its_scores_and_cutouts(client, token, pair):
+    science, reference = pair
+    response = post(client, token=token, files={"frame": ("s.fits", science, "application/fits"),
+                                                "reference": ("r.fits", reference, "application/fits")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "SUBTRACTED" and body["reference"] == {"source": "upload", "frame_ids": ["TEST-F1-r-0000"]}
+    best = body["candidates"][0]
+    assert abs(best["x"] - 100.3) < 0.5 and abs(best["y"] - 150.7) < 0.5 and best["snr"] > 20
+    assert 0 <= best["anomaly"] <= 1 and best["classification"]["label"]
+    assert body["models"]["anomaly"] and body["models"]["lcclass"]
+    if body["models"]["rb"] is not None:  # torch installed: the classify stage's model scored it
+        assert best["rb"] > 0.5
+    png = base64.b64decode(best["cutouts"]["difference"].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).size == (63, 63)
+
+
+def test_predict_uses_the_stored_reference_of_the_field(client, token, pair, portal_config):
+    science, reference = pair
+    refs = portal_config.references_dir
+    assert post(client, science, token=token).json()["error"] == "reference"  # none stored yet
+    ReferenceStore(refs).put(build_reference([decode_fits(reference)]))
+    body = post(client, science, token=token).json()
+    assert body["reference"]["source"] == "stored" and body["candidates"]
+    import shutil
+
+    shutil.rmtree(refs)
+
+
+def test_a_reference_of_another_field_is_refused(client, token, pair):
+    other = encode_fits(star_frame(seed=0, FIELD="F9", FRAMEID="TEST-F9-r-0000"))
+    response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
+                                                "reference": ("r.fits", other, "application/fits")})
+    assert response.status_code == 400 and response.json()["error"] == "reference"
+
+
+def test_publish_sends_the_validated_frame_and_returns_its_id(client, token, pair):
+    sent = []
+    client.app.state.portal.extras["publisher"] = lambda frame: sent.append(frame) or Published(
+        frame.meta.frame_id, 1234, True)
+    response = post(client, pair[0], token=token, mode="publish")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["frame_id"] == "TEST-F1-r-0001" and body["poll"] == "/api/v1/frames/TEST-F1-r-0001"
+    assert sent[0].meta.frame_id == "TEST-F1-r-0001"
+
+
+def test_publish_without_kafka_is_503(client, token, pair):
+    response = post(client, pair[0], token=token, mode="publish")
+    assert response.status_code == 503 and "bootstrap" in response.json()["detail"]
+
+
+def test_uploads_need_a_token_with_scope_upload(client, pair):
+    assert post(client, pair[0]).status_code == 401
+    assert post(client, pair[0], headers={"Authorization": "Bearer 00000000.wrong"}).status_code == 401
+    reader = client.app.state.portal.tokens.add("reader", ["read"])
+    response = post(client, pair[0], headers={"Authorization": f"Bearer {reader}"})
+    assert response.status_code == 403 and response.json()["error"] == "forbidden"
+
+
+def test_uploads_over_the_rate_limit_are_429(client, token):
+    limit = client.app.state.portal.config.uploads_per_minute
+    codes = [post(client, b"garbage", token=token).status_code for _ in range(limit + 2)]
+    assert codes[:limit] == [400] * limit and codes[limit:] == [429, 429]
+    other = client.app.state.portal.tokens.add("other", ["upload"])
+    assert post(client, b"garbage", headers={"Authorization": f"Bearer {other}"}).status_code == 400
+
+
+def _bomb(side: int) -> bytes:
+    """A tile-compressed image of ``side``^2 zeros: a few kB that decompress to side^2 * 4 bytes."""
+    hdu = fits.CompImageHDU(np.zeros((side, side), dtype=np.float32), compression_type="RICE_1")
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+    return buf.getvalue()
+
+
+def _declared(nx: int, ny: int) -> bytes:
+    """A small tile-compressed image whose header announces nx x ny pixels (the table itself is intact)."""
+    data = _bomb(64)
+    for card, value in ((b"ZNAXIS1 = ", nx), (b"ZNAXIS2 = ", ny)):
+        at = data.index(card) + len(card)
+        data = data[:at] + str(value).rjust(20).encode() + data[at + 20:]
+    return data
+
+
+def _gzip_bomb() -> bytes:
+    """A gzipped FITS file of 256 MiB of zeros: 260 kB on the wire."""
+    header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": 8192, "NAXIS2": 8192})
+    return gzip.compress(header.tostring().encode() + bytes(8192 * 8192 * 4), compresslevel=1)
+
+
+def _no_metadata() -> bytes:
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.random.default_rng(0).normal(100, 5, (128, 128)).astype(np.float32)).writeto(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("name", "payload", "status", "reason"), [
+    ("zero bytes", b"", 400, "corrupt"),
+    ("not FITS", b"GIF89a" + bytes(5000), 400, "corrupt"),
+    ("zip bomb", _bomb(2048), 400, "implausible_compression"),
+    ("gzip bomb", _gzip_bomb(), 400, "corrupt"),
+    ("huge declared image", _declared(200_000, 200_000), 413, "too_many_pixels"),
+    ("no metadata", _no_metadata(), 400, "missing_metadata"),
+])
+def test_hostile_frames_get_the_errors_of_broker_produce(client, token, portal_config, tmp_path, name, payload,
+                                                         status, reason):
+    response = post(client, payload, token=token)
+    assert response.status_code == status, (name, response.text)
+    assert response.json()["error"] == reason and "Traceback" not in response.text
+    producer = FrameProducer(KafkaSettings("127.0.0.1:9"), FrameStore(str(tmp_path / "store")), 8 << 20, 1 << 30,
+                             portal_config.ingest())  # `broker produce` on the same bytes (nothing is sent)
+    (tmp_path / "frame.fits").write_bytes(payload)
+    with pytest.raises(InvalidFrame) as produced:
+        producer.publish_file(tmp_path / "frame.fits")
+    assert produced.value.reason == reason
+    assert healthy(client)
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_the_body(client, token):
+    limit = client.app.state.portal.config.max_upload_bytes
+    body = (b"x" * 1024 for _ in range(1))  # a declared 640 MiB; the server answers from the header alone
+    response = post(client, body, token=token, headers={"Content-Length": str(10 * limit)})
+    assert response.status_code == 413 and response.json()["error"] == "too_large"
+    assert healthy(client)
+
+
+def test_a_streamed_body_is_cut_off_at_the_limit(client, token, portal_config):
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from streams.web.app import create_app
+
+    small = replace(portal_config, max_upload_bytes=100_000)
+    with TestClient(create_app(small)) as c:
+        clear = c.app.state.portal.tokens.add("streamer", ["upload"])
+        chunks = (b"\0" * 65536 for _ in range(64))  # 4 MiB, chunked: no Content-Length
+        response = c.post("/api/v1/frames", content=chunks, headers={
+            "Authorization": f"Bearer {clear}", "Content-Type": "application/fits"})
+        assert response.status_code == 413 and response.json()["error"] == "too_large"
+        assert c.get("/api/v1/health").status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json", ""])
+def test_content_types_other_than_fits_are_415(client, token, pair, content_type):
+    response = post(client, pair[0], token=token, headers={"Content-Type": content_type})
+    assert response.status_code == 415 and response.json()["error"] == "unsupported_media_type"
+
+
+def test_a_form_without_a_frame_part_is_400(client, token, pair):
+    response = post(client, token=token, files={"picture": ("s.fits", pair[0], "application/fits")})
+    assert response.status_code == 400 and "'frame'" in response.json()["detail"]
+
+
+@pytest.mark.kafka
+def test_publish_sends_the_frame_to_the_frames_topic(settings, portal_config, pair, tmp_path):
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from streams import serde, topics
+    from streams.monitor import read_all
+    from streams.web.app import create_app
+
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topics.FRAMES)])
+    frame_id = decode_fits(pair[0]).meta.frame_id  # the broker is shared: other tests send this frame too
+
+    def sent() -> list[dict]:
+        records = [serde.decode("frame", m.value(), dict(m.headers())) for m in read_all(settings, [topics.FRAMES])]
+        return [r for r in records if r["frame_id"] == frame_id]
+
+    before = len(sent())
+    pipeline = replace(portal_config.pipeline, frame_store=str(tmp_path / "store"))
+    with TestClient(create_app(replace(portal_config, bootstrap=settings.bootstrap, pipeline=pipeline))) as c:
+        clear = c.app.state.portal.tokens.add("telescope", ["upload"])
+        response = post(c, pair[0], headers={"Authorization": f"Bearer {clear}"}, mode="publish")
+    assert response.status_code == 202, response.text
+    mine = sent()
+    assert response.json()["frame_id"] == frame_id and len(mine) == before + 1 and mine[-1]["telescope"] == "TEST"
+    assert any(np.array_equal(decode_fits(r["fits"]).data, decode_fits(pair[0]).data) for r in mine if r["fits"])
