@@ -17,9 +17,7 @@ Events: ``alert`` (data: an AlertSummary and ``context``, :func:`context_of`), `
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from broker.errors import BrokerError, Unavailable, UnknownTopic
-from streams.alert_expr import AlertFilter
+from streams.alert_expr import AlertFilter, to_json
 from streams.settings import KafkaSettings
 from streams.subscriber import StartPosition, Subscription
 from streams.web.tokens import Principal, require
@@ -47,17 +45,6 @@ KEEPALIVE_S = 15.0
 IDLE_STOP_S = 60.0
 #: Seconds between attempts to reach Kafka or find the topic again (s).
 RETRY_S = 5.0
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: non-finite floats as null."""
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 def context_of(record: dict) -> dict | None:
@@ -78,7 +65,7 @@ def context_of(record: dict) -> dict | None:
 
 def sse(event: str, data: dict) -> str:
     """One server-sent event: ``event: <name>`` and one ``data:`` line of JSON (no newline inside)."""
-    return f"event: {event}\ndata: {json.dumps(_clean(data), separators=(',', ':'))}\n\n"
+    return f"event: {event}\ndata: {to_json(data)}\n\n"
 
 
 @dataclass(eq=False)
