@@ -630,6 +630,8 @@ def print_summary(result: DemoResult, rb_cut: float, elapsed: float) -> None:
         table.add_row("archive", f"{result.archived} alerts in {result.archive}")
         table.add_row("  query it", f'broker query --archive {result.archive} "SELECT object_id, mjd, ra, dec, rb '
                                     'FROM alerts ORDER BY rb DESC LIMIT 10"')
+        table.add_row("  browse it", f"broker serve --state-dir {Path(result.archive).parent}  "
+                                     "# then http://127.0.0.1:8000/")
     table.add_row("wall time", f"{elapsed:.0f} s")
     console.print(table)
 
