@@ -120,6 +120,17 @@ def test_the_image_installs_the_stores_that_the_k8s_config_names():
     assert "torch" in reqs  # the one image runs classify too
 
 
+def test_the_compose_portal_reads_the_stages_state_with_the_web_extra():
+    from broker.config import PipelineConfig
+
+    portal = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["portal"]
+    cmd = portal["command"]
+    assert cmd[0] == "serve" and "state:/app/var" in portal["volumes"]
+    assert Path(cmd[cmd.index("--state-dir") + 1]) == Path("/app") / PipelineConfig().state_dir  # WORKDIR /app
+    assert {"fastapi", "uvicorn"} <= _extras_installed_by_the_image()
+    assert "astrometry.net" in (ROOT / "Dockerfile").read_text()  # ingest solves frames without a WCS
+
+
 def test_k8s_state_lives_on_a_shared_volume_or_in_a_database():
     """The subtract stage's state_dir is a ReadWriteMany claim; the score stage scales only with PostgreSQL."""
     cfg = _k8s_config()
