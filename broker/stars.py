@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from photutils.detection import DAOStarFinder
+from scipy.special import erf
 
 from broker.pixels import box_indices
 
@@ -203,3 +204,92 @@ def find_stars(
         else:
             fwhm = kernel
     return StarList(x, y, flux, peak, float(fwhm))
+
+
+#: FWHM of a Gaussian per unit sigma, 2 sqrt(2 ln 2).
+_FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+
+
+def _pixel_gaussian_1d(u: np.ndarray, centre: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """A unit-flux 1-D Gaussian integrated over unit pixels at offsets ``u``, shape (n, len(u))."""
+    s = np.sqrt(2.0) * sigma[:, None]
+    return 0.5 * (erf((u + 0.5 - centre[:, None]) / s) - erf((u - 0.5 - centre[:, None]) / s))
+
+
+def _gaussian_stamps(p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Model stamps, shape (n, k, k), of parameters ``p`` = (flux, x, y, log sigma), shape (n, 4)."""
+    sigma = np.exp(p[:, 3])
+    return p[:, 0, None, None] * (_pixel_gaussian_1d(u, p[:, 2], sigma)[:, :, None]
+                                  * _pixel_gaussian_1d(u, p[:, 1], sigma)[:, None, :])
+
+
+def fit_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_guess: float = 3.0, fit_shape: int = 11,
+              iterations: int = 30) -> np.ndarray:
+    """Per-star FWHM (px) of a circular Gaussian integrated over the pixels, fitted to each star.
+
+    The model of ``photutils.psf.fit_fwhm`` (``CircularGaussianPRF``: flux, centre, FWHM on a
+    background-subtracted image), fitted to all stars at once by Levenberg-Marquardt steps over
+    numpy arrays: ~100 times faster than one astropy fit per star, which cost ~12 ms each.
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx)
+        Background-subtracted image (ADU); NaN pixels count as 0.
+    x, y : ndarray, shape (n,)
+        Star centres (px, 0-based), within ~1 px.
+    fwhm_guess : float
+        Starting FWHM (px).
+    fit_shape : int
+        Side of the fitted box (px, odd).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        FWHM (px); NaN for a star whose box leaves the image or whose fit does not converge to a
+        centre inside its box.
+    """
+    half = fit_shape // 2
+    ix, iy = np.round(np.asarray(x)).astype(int), np.round(np.asarray(y)).astype(int)
+    ny, nx = data.shape
+    inside = (ix >= half) & (iy >= half) & (ix < nx - half) & (iy < ny - half)
+    out = np.full(len(ix), np.nan)
+    if not inside.any():
+        return out
+    rows, cols = box_indices(data.shape, iy[inside], ix[inside], half)
+    stamps = np.nan_to_num(data[rows, cols].astype(np.float64)).reshape(-1, fit_shape, fit_shape)
+    u = np.arange(-half, half + 1, dtype=np.float64)
+    start = np.column_stack([stamps.sum(axis=(1, 2)), np.asarray(x)[inside] - ix[inside],
+                             np.asarray(y)[inside] - iy[inside],
+                             np.full(len(stamps), np.log(fwhm_guess / _FWHM_PER_SIGMA))])
+    p = _levenberg_marquardt(stamps, start, u, iterations)
+    ok = (np.abs(p[:, 1]) < half) & (np.abs(p[:, 2]) < half) & (p[:, 0] > 0) & np.all(np.isfinite(p), axis=1)
+    out[np.flatnonzero(inside)[ok]] = _FWHM_PER_SIGMA * np.exp(p[ok, 3])
+    return out
+
+
+def _levenberg_marquardt(stamps: np.ndarray, p: np.ndarray, u: np.ndarray, iterations: int) -> np.ndarray:
+    """Least-squares parameters, shape (n, 4), of :func:`_gaussian_stamps` to ``stamps``, per star."""
+    n = len(stamps)
+    lam = np.full(n, 1e-3)
+    resid = (stamps - _gaussian_stamps(p, u)).reshape(n, -1)
+    cost = np.einsum("ij,ij->i", resid, resid)
+    steps = np.array([1e-3, 1e-4, 1e-4, 1e-4])
+    for _ in range(iterations):
+        h = steps * np.maximum(np.abs(p), 1.0)  # forward differences, relative to each parameter
+        model = _gaussian_stamps(p, u).reshape(n, -1)
+        jac = np.stack([(_gaussian_stamps(p + h[:, k, None] * np.eye(4)[k], u).reshape(n, -1) - model)
+                        / h[:, k, None] for k in range(4)], axis=2)
+        jtj = np.einsum("nik,nil->nkl", jac, jac)
+        grad = np.einsum("nik,ni->nk", jac, resid)
+        damped = jtj + lam[:, None, None] * (jtj * np.eye(4))
+        with np.errstate(all="ignore"):
+            delta = np.linalg.solve(damped + 1e-12 * np.eye(4), grad[:, :, None])[:, :, 0]
+        trial = p + delta
+        trial_resid = (stamps - _gaussian_stamps(trial, u)).reshape(n, -1)
+        trial_cost = np.einsum("ij,ij->i", trial_resid, trial_resid)
+        better = np.isfinite(trial_cost) & (trial_cost < cost)
+        p = np.where(better[:, None], trial, p)
+        resid = np.where(better[:, None], trial_resid, resid)
+        cost = np.where(better, trial_cost, cost)
+        lam = np.where(better, lam / 10.0, lam * 10.0)
+    return p

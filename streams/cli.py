@@ -894,7 +894,8 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
                           ] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
           archive: Annotated[Optional[str], typer.Option(
-              help="Archive directory or URL (default <state-dir>/archive).")] = None,
+              help="Archive directory or URL (default: the config's [archive] path, else <state-dir>/archive).")
+                             ] = None,
           bootstrap: Annotated[Optional[str], typer.Option(
               help="Kafka, for uploads published to the frames topic and the live alert stream.")] = None,
           config: ConfigOpt = None,
@@ -907,6 +908,7 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
     import uvicorn
 
     from broker.config import load_config
+    from streams.archiver import archive_url
     from streams.web.app import create_app
     from streams.web.config import WebConfig
 
@@ -915,14 +917,13 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
         overrides: dict = {"host": host, "port": port, "bootstrap": bootstrap, "pipeline": pipeline,
                            "cors_origins": tuple(cors_origin or ()), "public_read": not private,
                            "max_upload_bytes": int(max_upload_mb * 1024 * 1024), "history": pipeline.history,
-                           "uploads_per_minute": uploads_per_minute}
-        if archive is not None:
-            overrides["archive"] = archive
+                           "uploads_per_minute": uploads_per_minute, "archive": archive or archive_url(pipeline)}
         application = create_app(WebConfig.for_state_dir(state_dir, **overrides))
     except BrokerError as exc:
         _fail(exc)
-    if not (state_dir / "archive").exists() and archive is None:
-        console.print(f"[yellow]no archive at {state_dir / 'archive'}[/yellow]: run `broker demo` first, or pass "
+    where = overrides["archive"]
+    if "://" not in where and not Path(where).exists():
+        console.print(f"[yellow]no archive at {where}[/yellow]: run `broker demo` first, or pass "
                       "--state-dir / --archive")
     console.print(f"portal on http://{host}:{port}/ (API: /api/v1/, OpenAPI: /openapi.json), state {state_dir}")
     uvicorn.run(application, host=host, port=port, log_level="info", server_header=False,

@@ -153,6 +153,37 @@ def test_k8s_state_lives_on_a_shared_volume_or_in_a_database():
     assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-app", "key": "password"}
 
 
+def test_k8s_portal_serves_the_stages_state_as_the_read_only_user():
+    """k8s/portal.yaml: a valid ``broker serve`` over the stages' config, volume, history and Kafka."""
+    import typer.main
+
+    from streams.cli import app
+
+    cfg = _k8s_config()
+    pod = _named("Deployment", "portal")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    serve = typer.main.get_command(app).commands[args[0]]
+    params = serve.make_context("serve", list(args[1:])).params  # every option exists and parses
+    assert Path(params["state_dir"]) == cfg.state_dir and params["archive"] is None  # the config's [archive]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+    assert mounts[str(Path(params["config"]).parent)]["configMap"]["name"] == "broker-config"
+    assert mounts[str(cfg.state_dir)]["persistentVolumeClaim"]["claimName"] == "broker-state"
+    env = {e["name"]: e for e in container["env"]}
+    user = env["BROKER_KAFKA_USERNAME"]["value"]
+    acls = _named("KafkaUser", user)["spec"]["authorization"]["acls"]
+    assert all(op in ("Read", "Describe") for a in acls for op in a["operations"])  # reads alerts, nothing else
+    assert mounts[str(Path(cfg.kafka["password_file"]).parent)]["secret"]["secretName"] == user
+    score_env = {e["name"]: e for e in _container("score")["env"]}
+    assert env["PGPASSWORD"] == score_env["PGPASSWORD"]  # the history's password, as the score stage has it
+    labels = _named("Deployment", "portal")["spec"]["template"]["metadata"]["labels"]
+    assert _named("Service", "portal")["spec"]["selector"].items() <= labels.items()
+    (rule,) = _named("Ingress", "portal")["spec"]["rules"]
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == "portal"
+    assert _named("Ingress", "portal")["spec"]["tls"]  # tokens travel in a header: HTTPS only
+
+
 def _compose_bands() -> tuple[str, ...]:
     command = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["topics"]["command"]
     return tuple(command[command.index("--filters") + 1].split(","))

@@ -224,7 +224,7 @@ def live_hub(request: Request) -> LiveHub:
         if portal.config.bootstrap is None:
             raise Unavailable("this server reads no Kafka (broker serve --bootstrap): no live stream; "
                               "the latest alerts are at /api/v1/alerts")
-        settings = KafkaSettings.load(portal.config.bootstrap, app_id="portal")
+        settings = KafkaSettings.load(portal.config.bootstrap, portal.config.pipeline, app_id="portal")
         hub = portal.extras.setdefault("live", LiveHub(settings, portal.config.alerts_topic, portal.registry))
     assert isinstance(hub, LiveHub)
     return hub

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from broker.background import estimate_background
-from broker.stars import find_stars
+from broker.stars import find_stars, fit_fwhms
 from tests.broker.conftest import make_frame, make_sky
 
 
@@ -16,3 +17,40 @@ def test_saturated_stars_are_not_psf_stars(small_shape):
     stars = find_stars(frame.data - bkg, float(np.median(rms)), saturation=20000.0, background=bkg)
     assert len(stars)
     assert np.all(stars.peak + 200.0 < 0.8 * 20000.0 + 100.0)
+
+
+def _pixel_gaussians(shape, xs, ys, fwhm, flux=2e4, seed=0):
+    """Stars as circular Gaussians integrated over the pixels, with Gaussian noise (rms 5)."""
+    from scipy.special import erf
+
+    s = np.sqrt(2.0) * fwhm / 2.3548
+    img = np.zeros(shape)
+    cols, rows = np.arange(shape[1]), np.arange(shape[0])
+    for x, y in zip(xs, ys, strict=True):
+        ex = 0.5 * (erf((cols + 0.5 - x) / s) - erf((cols - 0.5 - x) / s))
+        ey = 0.5 * (erf((rows + 0.5 - y) / s) - erf((rows - 0.5 - y) / s))
+        img += flux * np.outer(ey, ex)
+    return img + np.random.default_rng(seed).normal(0.0, 5.0, shape)
+
+
+@pytest.mark.parametrize("fwhm", [1.3, 2.2, 4.0, 7.0])
+def test_fit_fwhms_recovers_the_seeing_and_agrees_with_photutils(fwhm):
+    from photutils.psf import fit_fwhm
+
+    rng = np.random.default_rng(3)
+    xs, ys = rng.uniform(20, 180, 12), rng.uniform(20, 180, 12)
+    image = _pixel_gaussians((200, 200), xs, ys, fwhm)
+    x0, y0 = xs + rng.uniform(-0.7, 0.7, 12), ys + rng.uniform(-0.7, 0.7, 12)  # centres known to < 1 px
+    ours = fit_fwhms(image, x0, y0, fwhm_guess=3.0)
+    reference = np.asarray(fit_fwhm(image, xypos=np.column_stack([x0, y0]), fit_shape=11, fwhm=3.0))
+    assert np.median(ours) == pytest.approx(fwhm, rel=0.02)
+    assert np.allclose(ours, reference, rtol=1e-3)
+
+
+def test_fit_fwhms_is_nan_off_the_image_and_on_empty_sky():
+    image = _pixel_gaussians((64, 64), [30.0], [30.0], 3.0)
+    out = fit_fwhms(image, np.array([30.0, 2.0, 61.5]), np.array([30.0, 30.0, 30.0]))
+    assert np.isfinite(out[0]) and np.isnan(out[1:]).all()
+    blank = np.random.default_rng(1).normal(0.0, 5.0, (64, 64))
+    assert len(fit_fwhms(blank, np.array([]), np.array([]))) == 0
+    assert not np.isfinite(fit_fwhms(np.full((64, 64), np.nan), np.array([30.0]), np.array([30.0]))).any()

@@ -81,7 +81,8 @@ def test_a_declared_length_over_the_limit_is_answered_without_reading_the_body(l
     assert not called and sent[0]["status"] == 413
 
 
-def test_broker_serve_listens_on_localhost_and_serves_the_state(state, tmp_path):
+@pytest.mark.parametrize("archive_in", ["state_dir", "config"])
+def test_broker_serve_listens_on_localhost_and_serves_the_state(state, tmp_path, archive_in):
     import os
     import socket
     import subprocess
@@ -95,6 +96,10 @@ def test_broker_serve_listens_on_localhost_and_serves_the_state(state, tmp_path)
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "streams.cli", "serve", "--state-dir", str(state[0]), "--port", str(port)]
+    if archive_in == "config":  # as k8s/portal.yaml: the archive where the pipeline's [archive] path says
+        (tmp_path / "pipeline.toml").write_text(f'archive = {{path = "{state[0] / "archive"}"}}\n')
+        cmd[5] = str(tmp_path / "empty-state")
+        cmd += ["--config", str(tmp_path / "pipeline.toml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         deadline, body = time.time() + 60, None
