@@ -116,6 +116,21 @@ def test_without_kafka_the_stream_is_503_and_a_bad_filter_400(client):
     assert res.status_code == 422
 
 
+def test_the_hub_logs_in_as_the_pipeline_config_says(portal_config, tmp_path):
+    """The ``[kafka]`` table of ``--config`` (k8s/config.yaml: SASL_SSL with a CA) reaches the consumer."""
+    from types import SimpleNamespace
+
+    password = tmp_path / "password"
+    password.write_text("s3cret\n")
+    kafka = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "username": "subscriber",
+             "password_file": str(password)}
+    config = replace(portal_config, bootstrap="127.0.0.1:9", pipeline=replace(portal_config.pipeline, kafka=kafka))
+    portal = SimpleNamespace(config=config, extras={}, registry=None)
+    hub = live.live_hub(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(portal=portal))))
+    conf = hub.settings.common()
+    assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.username"] == "subscriber"
+
+
 def _read_events(url: str, out: list[tuple[str, dict]], stop: threading.Event) -> None:
     """Collect (event, data) of a stream until ``stop`` (the server's shutdown then cuts it off)."""
     try:
