@@ -229,7 +229,8 @@ def fit_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_guess: float 
 
     The model of ``photutils.psf.fit_fwhm`` (``CircularGaussianPRF``: flux, centre, FWHM on a
     background-subtracted image), fitted to all stars at once by Levenberg-Marquardt steps over
-    numpy arrays: ~100 times faster than one astropy fit per star, which cost ~12 ms each.
+    numpy arrays: ~25 ms for 30 stars, against 140-260 ms for photutils' one astropy fit per star
+    (tests/broker/test_stars.py checks that both give the same FWHM).
 
     Parameters
     ----------
@@ -240,7 +241,10 @@ def fit_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_guess: float 
     fwhm_guess : float
         Starting FWHM (px).
     fit_shape : int
-        Side of the fitted box (px, odd).
+        Side of the fitted box (px, odd). Default 11 (± 5 px: 4 sigma of a 2.9 px FWHM).
+    iterations : int
+        Levenberg-Marquardt steps, each taken or refused per star. Default 30: on 1.2-8 px seeing the
+        result agrees with photutils' to 1e-3 (tests/broker/test_stars.py).
 
     Returns
     -------
