@@ -55,6 +55,10 @@ ADDED = (("detections", "magzp", "REAL"), ("detections", "limiting_flux", "REAL"
 #: Keys of the history dicts (``Candidate.history``), the columns they are read from.
 _HISTORY_KEYS = ("cand_id", "mjd", "filter", "ra", "dec", "flux", "flux_err", "snr", "rb", "magzp", "limiting_flux",
                  "telescope")
+#: Every column of the two tables, as :meth:`ObjectHistory.copy_region` copies them.
+_OBJECT_COLUMNS = ("object_id", "ra", "dec", "ndet", "first_mjd", "features", "classification", "summary_mjd")
+_DETECTION_COLUMNS = ("cand_id", "object_id", "frame_id", "mjd", "filter", "ra", "dec", "flux", "flux_err", "snr",
+                      "rb", "magzp", "limiting_flux", "telescope")
 #: Side of a sky cell (arcsec) of :func:`sky_cells`. Any size is correct (see there); 1 arcmin keeps
 #: a search circle of 1.5 arcsec in one cell, rarely two or four, so a frame takes about one lock
 #: per candidate while frames of different fields never share one.
@@ -166,6 +170,20 @@ def _separation_arcsec(ra1: float, dec1: float, ra2: np.ndarray, dec2: np.ndarra
     r1, d1, r2, d2 = np.radians(ra1), np.radians(dec1), np.radians(ra2), np.radians(dec2)
     h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
     return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1)))) * 3600.0
+
+
+def _mean_position(ra: float, dec: float, n: int, new_ra: float, new_dec: float) -> tuple[float, float]:
+    """The mean direction (deg) of ``n`` detections at mean (``ra``, ``dec``) and one more at (``new_ra``, ``new_dec``).
+
+    Unit vectors are averaged, so that an object on RA 0 or at a pole stays where its detections
+    are (an average of the angles would put 359.9999 and 0.0001 at RA 180).
+    """
+    def unit(r: float, d: float) -> np.ndarray:
+        r, d = math.radians(r), math.radians(d)
+        return np.array([math.cos(d) * math.cos(r), math.cos(d) * math.sin(r), math.sin(d)])
+
+    x, y, z = n * unit(ra, dec) + unit(new_ra, new_dec)
+    return math.degrees(math.atan2(y, x)) % 360.0, math.degrees(math.atan2(z, math.hypot(x, y)))
 
 
 def _ra_cells(band: int, cell_deg: float) -> int:
@@ -291,16 +309,15 @@ class ObjectHistory:
             "snr, rb, magzp, limiting_flux, telescope) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (cand.cand_id, object_id, frame.frame_id, mjd, frame.band, det.ra, det.dec, det.flux,
              det.flux_err, det.snr, cand.rb, frame.magzp, frame.limiting_flux, frame.telescope))
-        # the object position is the running mean of its detections (columns qualified: PostgreSQL
-        # would find a bare name ambiguous beside ``excluded``)
-        self.store.execute(
-            "INSERT INTO objects (object_id, ra, dec, ndet, first_mjd) VALUES (?,?,?,1,?) "
-            "ON CONFLICT (object_id) DO UPDATE SET "
-            "ra = (objects.ra * objects.ndet + excluded.ra) / (objects.ndet + 1), "
-            "dec = (objects.dec * objects.ndet + excluded.dec) / (objects.ndet + 1), ndet = objects.ndet + 1, "
-            "first_mjd = CASE WHEN excluded.first_mjd < objects.first_mjd THEN excluded.first_mjd "
-            "ELSE objects.first_mjd END",
-            (object_id, det.ra, det.dec, mjd))
+        row = self.store.execute("SELECT ra, dec, ndet, first_mjd FROM objects WHERE object_id = ?",
+                                 (object_id,)).fetchone()
+        if row is None:
+            self.store.execute("INSERT INTO objects (object_id, ra, dec, ndet, first_mjd) VALUES (?,?,?,1,?)",
+                               (object_id, det.ra, det.dec, mjd))
+            return
+        ra, dec = _mean_position(row[0], row[1], int(row[2]), det.ra, det.dec)
+        self.store.execute("UPDATE objects SET ra = ?, dec = ?, ndet = ?, first_mjd = ? WHERE object_id = ?",
+                           (ra, dec, int(row[2]) + 1, min(float(row[3]), mjd), object_id))
 
 
     def keep_summaries(self, summaries: Sequence[tuple[str, float, dict | None, dict | None]]) -> None:
@@ -358,6 +375,38 @@ class ObjectHistory:
         near = _separation_arcsec(ra, dec, r_ra, r_dec) <= radius_deg * 3600.0
         return (r_ra[near], r_dec[near], np.array([r[3] for r in rows], float)[near],
                 [str(r[0]) for r, k in zip(rows, near, strict=True) if k])
+
+    def copy_region(self, into: ObjectHistory, ra: float, dec: float, radius_deg: float,
+                    max_objects: int = 20_000) -> int:
+        """Copy the objects within ``radius_deg`` of (``ra``, ``dec``) (deg), with their detections, into ``into``.
+
+        Reads this history only: what ``into`` then associates and scores (the portal's predictions
+        on an uploaded frame, :mod:`streams.web.upload`) sees the objects known here and writes
+        nothing here. ``max_objects`` bounds the copy in crowded regions (the nearest are kept).
+        Returns the number of objects copied (0 for non-finite or off-sky input).
+        """
+        if not all(math.isfinite(v) for v in (ra, dec, radius_deg)) or abs(dec) > 90.0:
+            return 0
+        rows = self.store.execute(f"SELECT {', '.join(_OBJECT_COLUMNS)} FROM objects WHERE dec BETWEEN ? AND ?",
+                                  (dec - radius_deg, dec + radius_deg)).fetchall()
+        if not rows:
+            return 0
+        sep = _separation_arcsec(ra, dec, np.array([r[1] for r in rows], float), np.array([r[2] for r in rows], float))
+        keep = [rows[i] for i in np.argsort(sep, kind="stable")[:max_objects] if sep[i] <= radius_deg * 3600.0]
+        ids = [str(r[0]) for r in keep]
+        detections = [d for k in range(0, len(ids), 500) for d in self.store.execute(
+            f"SELECT {', '.join(_DETECTION_COLUMNS)} FROM detections WHERE object_id IN "
+            f"({', '.join('?' * len(ids[k:k + 500]))})", ids[k:k + 500]).fetchall()]
+
+        def work() -> None:
+            for table, columns, values in (("objects", _OBJECT_COLUMNS, keep),
+                                           ("detections", _DETECTION_COLUMNS, detections)):
+                for row in values:
+                    into.store.execute(f"INSERT INTO {table} ({', '.join(columns)}) "
+                                       f"VALUES ({', '.join('?' * len(columns))})", tuple(row))
+
+        into.store.transaction([], work)
+        return len(keep)
 
 
 def open_history(state_dir: Path, config: HistoryConfig = HistoryConfig()) -> ObjectHistory:

@@ -15,9 +15,10 @@ here); its pixels before they are decompressed (:func:`broker.frame.decode_fits`
   :func:`broker.pipeline.process_frame` against the uploaded reference
   or the pipeline's stored one (``<state_dir>/refs``), real/bogus
   (:meth:`broker.realbogus.RealBogusClassifier.score_candidates`), then association and scores
-  (:func:`broker.pipeline.associate_and_score`) against an empty in-memory history, so that a
-  prediction never writes the pipeline's state; each candidate comes back with its scores and
-  its cutouts as inline PNGs.
+  (:func:`broker.pipeline.associate_and_score`) in an in-memory history that holds a copy of the
+  server's objects around the frame (:meth:`broker.history.ObjectHistory.copy_region`), so that
+  a prediction sees the objects' light curves and never writes the pipeline's state; each
+  candidate comes back with its object, previous detections, scores and cutouts as inline PNGs.
 """
 
 from __future__ import annotations
@@ -264,18 +265,25 @@ def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None) -
     skip = [f for f in quality.flags if f in pipe.ingest.subtract_skip_on]
     result = process_frame(frame, FixedReference(reference), pipe.subtract, not quality.flags, None, skip)
     t1 = time.perf_counter()
-    models = _score(portal, frame, result.candidates, result.limiting_flux) if result.status == SUBTRACTED else {}
+    models, known = (_score(portal, frame, result.candidates, result.limiting_flux) if result.status == SUBTRACTED
+                     else ({}, 0))
     m = frame.meta
     return {"mode": "predict", "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "band": m.filter,
             "mjd": m.mjd_start, "shape": list(frame.shape), "status": result.status, "quality_flags": quality.flags,
             "reference": {"source": source, "frame_ids": list(result.reference_frames)},
-            "limiting_flux": result.limiting_flux, "models": models,
+            "limiting_flux": result.limiting_flux, "models": models, "known_objects": known,
             "candidates": [_candidate(c) for c in result.candidates],
             "timing_s": {"subtract": t1 - t0, "score": time.perf_counter() - t1}}
 
 
-def _score(portal: Portal, frame: Frame, candidates: list, limiting_flux: float | None) -> dict:
-    """Real/bogus, then association and scores against an empty history; the model versions used."""
+def _score(portal: Portal, frame: Frame, candidates: list, limiting_flux: float | None) -> tuple[dict, int]:
+    """Real/bogus, then association and scores: the model versions used, and the server's objects copied.
+
+    The candidates are associated in a history of the prediction's own, holding a copy of the
+    server's objects around them (:func:`_known_objects`): an upload of a field the pipeline
+    already watches gets its objects' light curves, features and classes, and the server's
+    history is only read.
+    """
     from broker.history import ObjectHistory
     from broker.pipeline import ScoreModels, associate_and_score
 
@@ -294,13 +302,30 @@ def _score(portal: Portal, frame: Frame, candidates: list, limiting_flux: float 
         pipe.anomaly_model, pipe.lcclass_model, pipe.openngc, pipe.context, pipe.moving))
     history = ObjectHistory(":memory:", pipe.history)
     try:
+        known = _known_objects(portal, frame, candidates, history, models.moving.search_radius_deg())
         m = frame.meta
         associate_and_score(history, models, m.frame_id, m.mjd_start, m.filter, candidates, m.magzp, limiting_flux,
                             m.telescope)
     finally:
         history.close()
     versions.update(anomaly=models.anomaly.version, lcclass=models.lcclass.version)
-    return versions
+    return versions, known
+
+
+def _known_objects(portal: Portal, frame: Frame, candidates: list, into: Any, margin_deg: float) -> int:
+    """Copy the server's objects within ``margin_deg`` of the candidates into ``into``; how many were copied."""
+    import numpy as np
+    from astropy.coordinates import SkyCoord
+
+    from broker.headers import wcs_centre
+
+    centre = wcs_centre(frame.header, frame.shape)
+    if centre is None or not candidates:
+        return 0
+    positions = SkyCoord([c.detection.ra for c in candidates], [c.detection.dec for c in candidates], unit="deg")
+    spread = float(np.nanmax(SkyCoord(*centre, unit="deg").separation(positions).deg, initial=0.0))
+    with portal.history() as known:
+        return 0 if known is None else known.copy_region(into, *centre, spread + margin_deg)
 
 
 def _png_uri(data: Any, diverging: bool) -> str | None:
@@ -313,7 +338,8 @@ def _png_uri(data: Any, diverging: bool) -> str | None:
 def _candidate(cand: Any) -> dict:
     """A predicted candidate: its measurement, scores, context and cutouts (inline PNGs)."""
     det = {k: v for k, v in asdict(cand.detection).items() if isinstance(v, (int, float, str, bool)) or v is None}
-    return {"cand_id": cand.cand_id, **det, "rb": cand.rb, "anomaly": cand.anomaly,
+    return {"cand_id": cand.cand_id, **det, "object": asdict(cand.obj) if cand.obj else None,
+            "history": cand.history, "rb": cand.rb, "anomaly": cand.anomaly,
             "classification": cand.classification, "features": cand.features, "context": cand.context,
             "cutouts": {"science": _png_uri(cand.science, False), "reference": _png_uri(cand.reference, False),
                         "difference": _png_uri(cand.difference, True)}}

@@ -82,3 +82,30 @@ def test_an_objects_summary_is_that_of_its_latest_detection():
     h.keep_summaries([(oid, 60000.0, {"ndet": 1.0}, None)])  # the earlier frame re-processed late: kept as it was
     assert h.summary(oid) == ({"ndet": 2.0}, {"label": "SN"})
     h.close()
+
+
+def test_copy_region_copies_the_nearby_objects_with_their_detections_and_reads_only():
+    source = ObjectHistory(":memory:")
+    for f, mjd in (("f1", 60000.0), ("f2", 60001.0)):
+        source.associate(f, mjd, "r", [candidate(f"{f}/0", ra=150.0, dec=2.0),  # one object, two detections
+                                       candidate(f"{f}/1", ra=150.2, dec=2.0),  # 0.2 deg away
+                                       candidate(f"{f}/2", ra=10.0, dec=-40.0)], magzp=27.0)
+    source.keep_summaries([(_object_of(source, "f2/0"), 60001.0, {"ndet": 2.0}, None)])
+    before = source.db.execute("SELECT COUNT(*) FROM detections").fetchone()[0]
+    into = ObjectHistory(":memory:")
+    assert source.copy_region(into, 150.0, 2.0, 0.1) == 1
+    later = candidate("f3/0", ra=150.0, dec=2.0)
+    into.associate("f3", 60002.0, "r", [later])
+    assert later.obj.ndet == 3 and [(d["cand_id"], d["magzp"]) for d in later.history] == [("f1/0", 27.0),
+                                                                                            ("f2/0", 27.0)]
+    assert into.summary(later.obj.object_id)[0] == {"ndet": 2.0}
+    assert source.db.execute("SELECT COUNT(*) FROM detections").fetchone()[0] == before  # nothing written there
+    wide = ObjectHistory(":memory:")
+    assert source.copy_region(wide, 150.0, 2.0, 1.0, max_objects=1) == 1  # the nearest only
+    assert wide.db.execute("SELECT ra FROM objects").fetchall() == [(150.0,)]
+    assert source.copy_region(ObjectHistory(":memory:"), float("nan"), 2.0, 1.0) == 0
+    assert source.copy_region(ObjectHistory(":memory:"), 150.0, 95.0, 1.0) == 0
+
+
+def _object_of(history: ObjectHistory, cand_id: str) -> str:
+    return history.db.execute("SELECT object_id FROM detections WHERE cand_id = ?", (cand_id,)).fetchone()[0]

@@ -54,6 +54,18 @@ def test_association_history_and_idempotence_on_both_stores(history):
     assert (_count(history, "detections"), _count(history, "objects")) == (3, 2)
 
 
+def test_a_region_of_either_store_copies_into_a_prediction_history(history):
+    """The portal's predictions copy the objects around a frame from SQLite or PostgreSQL (only read)."""
+    history.associate("f1", 60000.0, "r", [candidate("f1/0", ra=359.99995, dec=10.0)], magzp=27.5)
+    history.associate("f2", 60001.0, "r", [candidate("f2/0", ra=0.00005, dec=10.0)])  # 0.35 arcsec: the same
+    into = ObjectHistory(":memory:")
+    assert history.copy_region(into, 0.0, 10.0, 0.01) == 1  # across RA 0
+    later = candidate("f3/0", ra=0.0, dec=10.0)
+    into.associate("f3", 60002.0, "r", [later])
+    assert later.obj.ndet == 3 and [d["magzp"] for d in later.history] == [27.5, None]
+    assert (_count(history, "detections"), _count(history, "objects")) == (2, 1)
+
+
 def test_association_across_ra_zero_and_near_the_pole(history):
     for ra, dec in ((359.9999, 10.0), (89.0, 89.9999)):
         first = candidate(f"a{dec}/0", ra=ra, dec=dec)
@@ -64,6 +76,10 @@ def test_association_across_ra_zero_and_near_the_pole(history):
         second = candidate(f"b{dec}/0", ra=ra2, dec=dec2)
         history.associate(f"b{dec}", 60001.0, "g", [second])
         assert second.obj.object_id == first.obj.object_id, (ra, dec)
+        # the mean stays between them on the sky (an average of RAs would put it at RA 180)
+        third = candidate(f"c{dec}/0", ra=ra, dec=dec)
+        history.associate(f"c{dec}", 60002.0, "g", [third])
+        assert third.obj.object_id == first.obj.object_id and third.obj.ndet == 3, (ra, dec, third.obj)
 
 
 def test_bad_coordinates_are_refused_before_anything_is_written(history):

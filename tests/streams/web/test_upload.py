@@ -247,3 +247,33 @@ def _same_pixels(sent: bytes, uploaded: bytes) -> bool:
             return next(np.asarray(h.data) for h in hdul if h.data is not None)
 
     return np.array_equal(pixels(sent), pixels(uploaded))
+
+
+def test_predict_sees_the_servers_objects_and_writes_nothing_to_its_history(pair, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from broker.history import ObjectHistory
+    from streams.web.app import create_app
+    from streams.web.config import WebConfig
+    from tests.helpers import candidate
+
+    science, reference = pair
+    files = {"frame": ("s.fits", science, "application/fits"), "reference": ("r.fits", reference, "application/fits")}
+    state = tmp_path / "state"
+    with TestClient(create_app(WebConfig.for_state_dir(state, tokens_path=tmp_path / "t.sqlite"))) as c:
+        auth = {"Authorization": f"Bearer {c.app.state.portal.tokens.add('t', ['upload'])}"}
+        alone = post(c, token=auth, files=files).json()
+        assert alone["known_objects"] == 0 and alone["candidates"][0]["object"]["ndet"] == 1
+        best = alone["candidates"][0]
+        server = ObjectHistory(state / "history.sqlite")  # the pipeline saw the transient the night before
+        server.associate("TEST-F1-r-0000", 59999.5, "r", [candidate("TEST-F1-r-0000/0", best["ra"], best["dec"])],
+                         magzp=25.0)
+        server.close()
+        body = post(c, token=auth, files=files).json()
+    again = body["candidates"][0]
+    assert body["known_objects"] >= 1 and again["object"]["ndet"] == 2
+    assert [d["cand_id"] for d in again["history"]] == ["TEST-F1-r-0000/0"]
+    assert again["features"]["ndet"] == 2
+    server = ObjectHistory(state / "history.sqlite")
+    assert server.db.execute("SELECT count(*) FROM detections").fetchone()[0] == 1  # only read
+    server.close()
