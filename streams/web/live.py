@@ -20,7 +20,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -95,10 +95,14 @@ class LiveHub:
         The alert topic.
     registry : CollectorRegistry
         Where its metrics go (``portal_live_*``).
+    keep : callable, optional
+        Called with each alert read (the portal's record cache, so that the cutouts of an alert
+        seen live are served before the archive commits it). Default None.
     """
 
-    def __init__(self, settings: KafkaSettings, topic: str, registry: CollectorRegistry) -> None:
-        self.settings, self.topic = settings, topic
+    def __init__(self, settings: KafkaSettings, topic: str, registry: CollectorRegistry,
+                 keep: Callable[[dict], None] | None = None) -> None:
+        self.settings, self.topic, self._keep = settings, topic, keep
         self._viewers: set[Viewer] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -203,6 +207,8 @@ class LiveHub:
         self.alerts.inc()
         try:
             event = sse("alert", {**summary_of(alert), "context": context_of(alert)})
+            if self._keep is not None:
+                self._keep(alert)
         except (BrokerError, KeyError, TypeError, ValueError) as exc:
             log.warning("live stream: alert %s not summarised: %s", alert.get("alertId"), exc)
             return
@@ -224,8 +230,11 @@ def live_hub(request: Request) -> LiveHub:
         if portal.config.bootstrap is None:
             raise Unavailable("this server reads no Kafka (broker serve --bootstrap): no live stream; "
                               "the latest alerts are at /api/v1/alerts")
+        from streams.web.api import record_cache
+
         settings = KafkaSettings.load(portal.config.bootstrap, portal.config.pipeline, app_id="portal")
-        hub = portal.extras.setdefault("live", LiveHub(settings, portal.config.alerts_topic, portal.registry))
+        keep = record_cache(portal).put if portal.archive is not None else None
+        hub = portal.extras.setdefault("live", LiveHub(settings, portal.config.alerts_topic, portal.registry, keep))
     assert isinstance(hub, LiveHub)
     return hub
 

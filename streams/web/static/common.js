@@ -113,7 +113,8 @@ export function scoreMeter(label, value, kind) {
 export function cutoutUrl(alertId, which) { return `/api/v1/alerts/${alertId}/cutouts/${which}.png`; }
 
 // An <img> of an API picture that tries again (every 3 s, for a minute) while the server answers
-// 404: an alert seen live reaches the archive, and so its cutouts, up to a batch later.
+// 404: the server keeps the alerts its live stream read (the newest 256), and an older one reaches
+// the archive, and so its cutouts, up to a batch later.
 export function picture(src, alt, attrs = {}) {
   let tries = 0;
   const img = el("img", { src, alt, ...attrs });

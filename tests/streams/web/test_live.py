@@ -125,7 +125,7 @@ def test_the_hub_logs_in_as_the_pipeline_config_says(portal_config, tmp_path):
     kafka = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "username": "subscriber",
              "password_file": str(password)}
     config = replace(portal_config, bootstrap="127.0.0.1:9", pipeline=replace(portal_config.pipeline, kafka=kafka))
-    portal = SimpleNamespace(config=config, extras={}, registry=None)
+    portal = SimpleNamespace(config=config, extras={}, registry=None, archive=None)
     hub = live.live_hub(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(portal=portal))))
     conf = hub.settings.common()
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.username"] == "subscriber"
@@ -191,6 +191,10 @@ def test_a_new_alert_reaches_every_open_stream_that_wants_it(kafka, portal_confi
         assert [e[1]["alert_id"] for e in picky if e[0] == "alert"] == [big + 1]
         (summary,) = [e[1] for e in picky if e[0] == "alert"]
         assert summary["rb"] == 0.9 and summary["candid"] == f"LIVE-F1-r-0001/{(big + 1) % 1000}"
+        # not archived: its cutouts come from what the live stream read
+        cut = httpx.get(f"{base}/api/v1/alerts/{big + 1}/cutouts/difference.png", timeout=10)
+        assert cut.status_code == 200 and cut.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert httpx.get(f"{base}/api/v1/alerts/{big + 1}", timeout=10).json()["summary"]["rb"] == 0.9
 
 
 def test_the_context_of_a_live_alert_is_told_in_brief():
