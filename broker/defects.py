@@ -7,25 +7,42 @@ local quadratic surface, with the error of each fill.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from broker.pixels import box_indices
 from broker.psf import GAUSS_FWHM
 
 
-def psf_peak_excess(fwhm: float) -> float:
-    """The most a PSF of this FWHM (px) can rise above its own 3x3 median, as a fraction of it.
-
-    The worst case is a star centred on a pixel corner, where the 3x3 median around the brightest
-    pixel falls furthest from it.
-    """
+@functools.lru_cache(maxsize=256)
+def _psf_excess_at(fwhm: float) -> float:
     from scipy.special import erf
 
     s = max(fwhm, 1.0) / GAUSS_FWHM
-    edges = np.arange(-2.0, 4.0) - 0.5  # pixels -2..3 around a centre at +0.5 px
-    g1 = np.diff(erf((edges - 0.5) / (np.sqrt(2.0) * s)))
-    g = np.outer(g1, g1)
-    return float(g[2, 2] / np.median(g[1:4, 1:4]) - 1.0)
+    edges = np.arange(-3.0, 5.0) - 0.5  # pixels -3..3 around a centre in [0, 0.5]^2 (the rest by symmetry)
+    centres = np.linspace(0.0, 0.5, 26)
+    g1 = np.diff(erf((edges[None, :] - centres[:, None]) / (np.sqrt(2.0) * s)), axis=1)  # (centre, pixel)
+    g = g1[:, None, :, None] * g1[None, :, None, :]  # (cy, cx, y, x): every sub-pixel position
+    worst = 0.0
+    for dy in range(-2, 3):  # pixels within 2 px of the centre pixel: the peak and its flanks
+        for dx in range(-2, 3):
+            y, x = 3 + dy, 3 + dx
+            box = g[:, :, y - 1:y + 2, x - 1:x + 2].reshape(len(centres), len(centres), 9)
+            worst = max(worst, float(np.max(g[:, :, y, x] / np.median(box, axis=2) - 1.0)))
+    return worst
+
+
+def psf_peak_excess(fwhm: float) -> float:
+    """The most a pixel of a PSF of this FWHM (px) can rise above its own 3x3 median, as a fraction of it.
+
+    Over every pixel within 2 px of the star's centre and every sub-pixel position of the centre:
+    a flank pixel, whose 3x3 median is set by the wing beyond it, rises further above its median
+    than the brightest pixel does when the PSF is undersampled (FWHM < 2.5 px; at 1.5 px 9.0
+    against 6.7 for the brightest), and a bright star's flanks are well above any noise threshold.
+    A Gaussian PSF integrated over the pixels; cached per FWHM rounded to 0.01 px.
+    """
+    return _psf_excess_at(round(float(fwhm), 2))
 
 
 def sharp_outliers(data: np.ndarray, rms: float | np.ndarray, fwhm: float, nsigma: float = 8.0,

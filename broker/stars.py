@@ -123,6 +123,18 @@ def star_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
+def fitted_fwhm(data: np.ndarray, stars: StarList, n: int = 30) -> float:
+    """Median FWHM (px) of a pixel-integrated Gaussian fitted to the ``n`` brightest stars (:func:`fit_fwhms`).
+
+    Unbiased where :attr:`StarList.fwhm` (half-maximum widths of the brightest pixel's row and
+    column) reads high on undersampled stars: +24 % at 1.4 px, +12 % at 2.0 px, +7 % at 2.6 px for
+    Gaussian stars (tests/broker/test_stars.py). ``stars.fwhm`` when fewer than 3 fits succeed.
+    """
+    fw = fit_fwhms(data, stars.x[:n], stars.y[:n], fwhm_guess=stars.fwhm if stars.fwhm > 0 else 3.0)
+    fw = fw[np.isfinite(fw) & (fw > 0.5)]
+    return float(np.median(fw)) if len(fw) >= 3 else float(stars.fwhm)
+
+
 def local_peaks(data: np.ndarray, level: float, half: int = 2) -> np.ndarray:
     """Pixels above ``level`` that are the maximum of their (2 half + 1)^2 box, shape (n, 2) (x, y).
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.background import estimate_background
-from broker.stars import find_stars, fit_fwhms
+from broker.stars import find_stars, fit_fwhms, fitted_fwhm
 from tests.broker.conftest import make_frame, make_sky
 
 
@@ -54,3 +54,12 @@ def test_fit_fwhms_is_nan_off_the_image_and_on_empty_sky():
     blank = np.random.default_rng(1).normal(0.0, 5.0, (64, 64))
     assert len(fit_fwhms(blank, np.array([]), np.array([]))) == 0
     assert not np.isfinite(fit_fwhms(np.full((64, 64), np.nan), np.array([30.0]), np.array([30.0]))).any()
+
+
+@pytest.mark.parametrize(("fwhm", "half_max_bias"), [(1.4, 0.24), (2.0, 0.12), (2.6, 0.07)])
+def test_fitted_fwhm_is_unbiased_where_the_half_maximum_width_reads_high(fwhm, half_max_bias):
+    rng = np.random.default_rng(5)
+    image = _pixel_gaussians((220, 220), rng.uniform(15, 205, 40), rng.uniform(15, 205, 40), fwhm, flux=5e4)
+    stars = find_stars(image, 5.0)
+    assert fitted_fwhm(image, stars) == pytest.approx(fwhm, rel=0.02)
+    assert stars.fwhm / fwhm - 1 == pytest.approx(half_max_bias, abs=0.04)  # the figures of fitted_fwhm's docstring
