@@ -22,7 +22,7 @@ from astropy.io import fits
 from broker.align import AlignConfig, Resampleable, align_reference, map_mask
 from broker.background import BackgroundConfig, estimate_background
 from broker.coadd import proper_coadd
-from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_outliers
+from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
 from broker.errors import BrokerError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
@@ -35,7 +35,7 @@ from broker.psf import (
     select_psf_stars,
     stack_psf,
 )
-from broker.stars import StarConfig, StarList, find_stars, fitted_fwhm
+from broker.stars import StarConfig, StarList, find_stars
 
 
 @dataclass(frozen=True)
@@ -258,8 +258,8 @@ def _prepare(frame: Frame, config: ReferenceConfig
     stars = find_stars(np.where(sat, 0.0, np.nan_to_num(img)), sigma, config.stars, frame.meta.saturation, bkg)
     # cosmic rays and hot pixels: after resampling they smear over several pixels and, hot pixels
     # moving by only the pointing jitter, survive the per-pixel clipping; drop them here
-    sharp_fwhm = min(stars.fwhm, fitted_fwhm(np.where(sat, 0.0, np.nan_to_num(img)), stars))
-    img[sat | sharp_outliers(img, sigma, sharp_fwhm) | bad_columns(np.where(sat, np.nan, img), sigma)] = np.nan
+    fwhm = sharp_fwhm(np.where(sat, 0.0, np.nan_to_num(img)), stars)
+    img[sat | sharp_outliers(img, sigma, fwhm) | bad_columns(np.where(sat, np.nan, img), sigma)] = np.nan
     var[~np.isfinite(img)] = np.nan
     return img, var.astype(np.float32), sigma, stars, sat
 

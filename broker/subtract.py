@@ -38,7 +38,7 @@ from broker.align import AlignConfig, Alignment, align_reference
 from broker.background import BackgroundConfig, estimate_background
 from broker.candidate import Candidate, Detection
 from broker.cutouts import triplet
-from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_outliers
+from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
 from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, reference_context, sharp_peaks
 from broker.diffstore import DifferenceImage
 from broker.errors import BadPixelFraction, ReferenceUnavailable
@@ -47,7 +47,7 @@ from broker.masks import grow_square, saturated_mask
 from broker.psf import PSFConfig, build_psf, half_size_for, measure_fwhm, resize_stamp, select_psf_stars
 from broker.psf_match import Tile, common_psfs, relative_span, tile_boxes, tile_fwhm_span, tile_psfs
 from broker.reference import Reference
-from broker.stars import StarConfig, StarList, find_stars, fitted_fwhm
+from broker.stars import StarConfig, StarList, find_stars
 from broker.zogy import interpolation_kernel, zogy
 
 #: Largest reference source catalogue (count): every 5 sigma source of a crowded 2k x 2k field.
@@ -357,7 +357,7 @@ class PreparedScience:
     fixed : bool, pixels interpolated over (cosmic rays, hot pixels, bad columns, reference defects).
     unfilled : bool, fixed pixels whose fill is not trusted (masked later).
     fill_spread : error of each fill (ADU), 0 elsewhere, float32.
-    sharp_fwhm : FWHM (px) the cosmic-ray tests take for the stars (:func:`broker.stars.fitted_fwhm`).
+    sharp_fwhm : FWHM (px) the cosmic-ray tests take for the stars (:func:`broker.defects.sharp_fwhm`).
     """
 
     sky: ScienceSky
@@ -520,10 +520,9 @@ def _clean_science(sky: ScienceSky, saturation: float, defects: np.ndarray | Non
     stars = find_stars(np.where(sky.raw_saturated, 0.0, sky.N), sky.sigma_n, config.stars, saturation,
                        sky.background)
     fix = np.zeros(sky.N.shape, bool)
-    # the half-maximum width reads high on undersampled stars, which would call their cores cosmic rays
-    sharp_fwhm = min(stars.fwhm, fitted_fwhm(np.where(sky.raw_saturated, 0.0, sky.N), stars))
+    fwhm = sharp_fwhm(np.where(sky.raw_saturated, 0.0, sky.N), stars)
     if config.cosmic_ray_sigma > 0:
-        fix |= sharp_outliers(sky.N, sky.rms, sharp_fwhm, config.cosmic_ray_sigma)
+        fix |= sharp_outliers(sky.N, sky.rms, fwhm, config.cosmic_ray_sigma)
     if config.bad_column_sigma > 0:
         fix |= bad_columns(np.where(sky.raw_saturated, np.nan, sky.N), sky.rms, nsigma=config.bad_column_sigma)
     if defects is not None and defects.shape == sky.N.shape:
@@ -531,7 +530,7 @@ def _clean_science(sky: ScienceSky, saturation: float, defects: np.ndarray | Non
     N, fill_spread = inpaint(sky.N, fix)
     # a fill is trusted where the surface follows the image; elsewhere (a star's core) masked
     unfilled = fix & ~(fill_spread <= FILL_MAX_SPREAD * sky.rms)
-    return PreparedScience(sky, stars, N, fix, unfilled, np.nan_to_num(fill_spread), sharp_fwhm)
+    return PreparedScience(sky, stars, N, fix, unfilled, np.nan_to_num(fill_spread), fwhm)
 
 
 def _flux_ratio(ratio: np.ndarray, min_stars: int) -> tuple[float, bool]:

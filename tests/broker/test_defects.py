@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker.defects import bad_columns, psf_peak_excess, sharp_outliers
+from broker.defects import bad_columns, psf_peak_excess, sharp_fwhm, sharp_outliers
 from broker.simulate.render import line_profile
-from broker.stars import find_stars, fitted_fwhm
+from broker.stars import find_stars
 
 
 def test_bad_columns_finds_weak_defect_columns_but_not_trails():
@@ -45,8 +45,7 @@ def test_bright_undersampled_stars_are_not_cosmic_rays_but_single_pixel_hits_are
     image = rng.normal(0.0, 40.0, (200, 200))
     for k, (fx, fy) in enumerate((a, b) for a in phases for b in phases[::3]):
         image += _pixel_gaussian(image.shape, 12 + 25 * (k % 7) + fx, 12 + 25 * (k // 7) + fy, fwhm, 6e4)
-    stars = find_stars(image, 40.0)
-    measured = min(stars.fwhm, fitted_fwhm(image, stars))  # what the subtraction's cosmic-ray tests take
+    measured = sharp_fwhm(image, find_stars(image, 40.0))  # what the subtraction's cosmic-ray tests take
     assert not sharp_outliers(image, 40.0, measured).any(), measured
     hit = image.copy()
     hit[190, 190] += 3000.0  # a cosmic ray of the stars' peak brightness, on empty sky
