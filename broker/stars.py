@@ -220,6 +220,8 @@ def find_stars(
 
 #: FWHM of a Gaussian per unit sigma, 2 sqrt(2 ln 2).
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+#: Bounds of the fitted log sigma (sigma in px): 0.05 px is far sharper than any sampled PSF.
+_LOG_SIGMA_MIN, _LOG_SIGMA_MAX = np.log(0.05), np.log(50.0)
 
 
 def _pixel_gaussian_1d(u: np.ndarray, centre: np.ndarray, sigma: np.ndarray) -> np.ndarray:
@@ -229,8 +231,11 @@ def _pixel_gaussian_1d(u: np.ndarray, centre: np.ndarray, sigma: np.ndarray) -> 
 
 
 def _gaussian_stamps(p: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Model stamps, shape (n, k, k), of parameters ``p`` = (flux, x, y, log sigma), shape (n, 4)."""
-    sigma = np.exp(p[:, 3])
+    """Model stamps, shape (n, k, k), of parameters ``p`` = (flux, x, y, log sigma), shape (n, 4).
+
+    Sigma is held within 0.05-50 px, so that no trial step divides by zero.
+    """
+    sigma = np.exp(np.clip(p[:, 3], _LOG_SIGMA_MIN, _LOG_SIGMA_MAX))
     return p[:, 0, None, None] * (_pixel_gaussian_1d(u, p[:, 2], sigma)[:, :, None]
                                   * _pixel_gaussian_1d(u, p[:, 1], sigma)[:, None, :])
 
@@ -277,8 +282,10 @@ def fit_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_guess: float 
     start = np.column_stack([stamps.sum(axis=(1, 2)), np.asarray(x)[inside] - ix[inside],
                              np.asarray(y)[inside] - iy[inside],
                              np.full(len(stamps), np.log(fwhm_guess / _FWHM_PER_SIGMA))])
-    p = _levenberg_marquardt(stamps, start, u, iterations)
+    with np.errstate(all="ignore"):  # a diverging star ends non-finite and is left out below
+        p = _levenberg_marquardt(stamps, start, u, iterations)
     ok = (np.abs(p[:, 1]) < half) & (np.abs(p[:, 2]) < half) & (p[:, 0] > 0) & np.all(np.isfinite(p), axis=1)
+    ok &= (p[:, 3] > _LOG_SIGMA_MIN) & (p[:, 3] < _LOG_SIGMA_MAX)  # not stopped at a bound
     out[np.flatnonzero(inside)[ok]] = _FWHM_PER_SIGMA * np.exp(p[ok, 3])
     return out
 
@@ -298,8 +305,7 @@ def _levenberg_marquardt(stamps: np.ndarray, p: np.ndarray, u: np.ndarray, itera
         jtj = np.einsum("nik,nil->nkl", jac, jac)
         grad = np.einsum("nik,ni->nk", jac, resid)
         damped = jtj + lam[:, None, None] * (jtj * np.eye(4))
-        with np.errstate(all="ignore"):
-            delta = np.linalg.solve(damped + 1e-12 * np.eye(4), grad[:, :, None])[:, :, 0]
+        delta = np.linalg.solve(damped + 1e-12 * np.eye(4), grad[:, :, None])[:, :, 0]
         trial = p + delta
         trial_resid = (stamps - _gaussian_stamps(trial, u)).reshape(n, -1)
         trial_cost = np.einsum("ij,ij->i", trial_resid, trial_resid)
