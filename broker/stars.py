@@ -299,7 +299,7 @@ def _levenberg_marquardt(stamps: np.ndarray, p: np.ndarray, u: np.ndarray, itera
     steps = np.array([1e-3, 1e-4, 1e-4, 1e-4])
     for _ in range(iterations):
         h = steps * np.maximum(np.abs(p), 1.0)  # forward differences, relative to each parameter
-        model = _gaussian_stamps(p, u).reshape(n, -1)
+        model = stamps.reshape(n, -1) - resid  # the current model, kept in the residuals
         jac = np.stack([(_gaussian_stamps(p + h[:, k, None] * np.eye(4)[k], u).reshape(n, -1) - model)
                         / h[:, k, None] for k in range(4)], axis=2)
         jtj = np.einsum("nik,nil->nkl", jac, jac)
