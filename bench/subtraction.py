@@ -383,9 +383,10 @@ NOTES = """Notes:
   attribute 'in1d'`), SExtractor from Debian (`source-extractor`, linked as `sex`); `ois` and
   `properimage` fail to build with build isolation (`ModuleNotFoundError: No module named 'numpy'`
   in their setup.py; properimage's dependency tinynpydb also tries to download setuptools 18 with
-  curl) and install with `--no-build-isolation`; stdpipe's ZOGY estimates PSFs with PSFEx (Debian
-  `psfex`). stdpipe's own SFFT (`run_sfft`) took 76 s on a 512^2 pair, so it is not run at 2048^2.
-  HOTPANTS is not on PyPI (stdpipe only wraps the binary) and was not built.
+  curl) and install with `--no-build-isolation` and `setuptools<81` (which still has
+  `pkg_resources`; without it tinynpydb's setup downloads setuptools 18); stdpipe's ZOGY
+  estimates PSFs with PSFEx (Debian `psfex`). stdpipe's own SFFT (`run_sfft`) took 76 s on a
+  512^2 pair, so it is not run at 2048^2. HOTPANTS is not on PyPI (stdpipe only wraps the binary) and was not built.
 - properimage ran with `operations.subtract(..., fitted_psf=True)` defaults; its output on this pair is
   not usable (RMS and detections above), which looks like a usage/configuration problem we did not
   have time to chase, not a verdict on the method.
