@@ -17,6 +17,11 @@ Pages
     The frame with its candidates marked, and their table.
 ``/vet``
     The vetting page (:mod:`streams.web.vetting`): keyboard labels real/bogus/interesting.
+``/docs``
+    The REST API, browsable and callable (Swagger UI over ``/openapi.json``, with the stored token).
+    Swagger UI's files come from the ``fastapi-swagger`` package (the ``web`` extra; only its
+    files are used), served from memory as the other static files; without the package the page
+    answers 404 and says so.
 """
 
 from __future__ import annotations
@@ -62,18 +67,36 @@ def _load_assets() -> dict[str, Asset]:
     return out
 
 
+#: Swagger UI's files, served from the ``fastapi-swagger`` package (Swagger UI 5) when installed.
+SWAGGER_FILES = ("swagger-ui-bundle.js", "swagger-ui.css")
+
+
+def _swagger_assets() -> dict[str, Asset]:
+    """Swagger UI's bundle and style sheet by name (empty without ``fastapi-swagger``)."""
+    try:
+        folder = resources.files("fastapi_swagger").joinpath("resources")
+    except ModuleNotFoundError:
+        return {}
+    out = {}
+    for name in SWAGGER_FILES:
+        body = folder.joinpath(name).read_bytes()
+        out[name] = Asset(body, _TYPES["." + name.rsplit(".", 1)[-1]],
+                          '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
+    return out
+
+
 def _template(name: str) -> Template:
     return Template(resources.files("streams.web").joinpath("templates", name).read_text("utf-8"))
 
 
-ASSETS = _load_assets()
+ASSETS = _load_assets() | _swagger_assets()
 _PAGE = _template("page.html")
 
 
 def render_page(title: str, script: str, body: str, active: str = "") -> str:
     """The HTML of one page: the shared frame (bar, navigation) around ``body`` (a template, no data)."""
     return _PAGE.substitute(title=title, script=script, body=body, on_live="on" if active == "live" else "",
-                            on_vet="on" if active == "vet" else "")
+                            on_vet="on" if active == "vet" else "", on_docs="on" if active == "docs" else "")
 
 
 _PAGES = {
@@ -81,6 +104,7 @@ _PAGES = {
     "object": render_page("Object", "object.js", _template("object.html").template),
     "frame": render_page("Frame", "frame.js", _template("frame.html").template),
     "vet": render_page("Vetting", "vet.js", _template("vet.html").template, "vet"),
+    "docs": render_page("API", "docs.js", _template("docs.html").template, "docs"),
 }
 
 
@@ -110,6 +134,15 @@ async def frame_page(frame_id: str) -> HTMLResponse:
 async def vet_page() -> HTMLResponse:
     """Vetting with keyboard shortcuts."""
     return _page("vet")
+
+
+@router.get("/docs", response_class=HTMLResponse)
+async def docs_page() -> HTMLResponse:
+    """The REST API in Swagger UI (404 without the ``fastapi-swagger`` package)."""
+    if not set(SWAGGER_FILES) <= ASSETS.keys():
+        raise NotFound("the API page needs the fastapi-swagger package (pip install '.[web]'); "
+                       "the API description is at /openapi.json")
+    return _page("docs")
 
 
 @router.get("/favicon.ico")

@@ -59,6 +59,7 @@ def chromium(user_data_dir: Path):
     options = webdriver.ChromeOptions()
     for flag in (*FLAGS, f"--user-data-dir={user_data_dir}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, CSP refusals included
     options.binary_location = str(CHROMIUM if CHROMIUM.is_file() else shutil.which("chromium"))
     driver_path = str(CHROMEDRIVER if CHROMEDRIVER.is_file() else shutil.which("chromedriver"))
     return webdriver.Chrome(service=Service(driver_path), options=options)
@@ -178,6 +179,35 @@ def test_a_new_alert_appears_live_and_a_key_press_stores_a_label(browser, pipeli
         (label,) = store.realbogus()
     assert (str(label.alert_id), label.label, label.who) == (shown, "real", "vetter")
     assert label.model_version.startswith("realbogus") and label.score is not None and label.at > time.time() - 600
+
+
+def test_the_api_page_lists_the_endpoints_and_calls_one(browser, tmp_path):
+    """Swagger UI under the portal's CSP: it renders, sends a request with the stored token, loads nothing else."""
+    from selenium.webdriver.common.by import By
+
+    config = WebConfig.for_state_dir(tmp_path)
+    with running_server(config) as base:
+        browser.get(f"{base}/docs")
+        browser.execute_script("localStorage.setItem('broker.portal.token', 'tok.secret')")
+        browser.refresh()
+        ops = _until(lambda: browser.find_elements(By.CSS_SELECTOR, ".opblock"), 60, "the operations",
+                     browser, tmp_path / "docs.png")
+        paths = {p.get_attribute("data-path") for p in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        assert len(ops) >= 10 and {"/api/v1/health", "/api/v1/cone", "/api/v1/frames"} <= paths, paths
+        health = [o for o in ops if "/api/v1/health" in o.text][0]
+        health.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        _until(lambda: health.find_elements(By.CSS_SELECTOR, ".try-out__btn"), 10, "Try it out").pop().click()
+        _until(lambda: health.find_elements(By.CSS_SELECTOR, ".execute"), 10, "Execute").pop().click()
+        status = _until(lambda: [c.text for c in health.find_elements(By.CSS_SELECTOR, ".live-responses-table "
+                                                                       ".response-col_status") if c.text.isdigit()],
+                        20, "the response", browser, tmp_path / "docs-response.png")
+        assert status[0] == "200", status
+        curl = health.find_element(By.CSS_SELECTOR, ".curl-command").text
+        assert "Authorization: Bearer tok.secret" in curl, curl  # the portal's stored token goes with it
+        loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        assert loaded and all(u.startswith(base) for u in loaded), loaded
+        refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused, refused
 
 
 def _vet_token(config: WebConfig) -> str:
