@@ -55,16 +55,17 @@ class Asset:
     media_type: str
     etag: str
 
+    @classmethod
+    def of(cls, name: str, body: bytes) -> Asset:
+        """The asset of file ``name`` (its type from the suffix, one of ``_TYPES``)."""
+        return cls(body, _TYPES["." + name.rsplit(".", 1)[-1]], '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
+
 
 def _load_assets() -> dict[str, Asset]:
     """Every file of ``static/`` with a known type, by name."""
-    out = {}
-    for item in resources.files("streams.web").joinpath("static").iterdir():
-        suffix = "." + item.name.rsplit(".", 1)[-1]
-        if item.is_file() and suffix in _TYPES:
-            body = item.read_bytes()
-            out[item.name] = Asset(body, _TYPES[suffix], '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
-    return out
+    return {item.name: Asset.of(item.name, item.read_bytes())
+            for item in resources.files("streams.web").joinpath("static").iterdir()
+            if item.is_file() and "." + item.name.rsplit(".", 1)[-1] in _TYPES}
 
 
 #: Swagger UI's files, served from the ``fastapi-swagger`` package (Swagger UI 5) when installed.
@@ -77,12 +78,7 @@ def _swagger_assets() -> dict[str, Asset]:
         folder = resources.files("fastapi_swagger").joinpath("resources")
     except ModuleNotFoundError:
         return {}
-    out = {}
-    for name in SWAGGER_FILES:
-        body = folder.joinpath(name).read_bytes()
-        out[name] = Asset(body, _TYPES["." + name.rsplit(".", 1)[-1]],
-                          '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
-    return out
+    return {name: Asset.of(name, folder.joinpath(name).read_bytes()) for name in SWAGGER_FILES}
 
 
 def _template(name: str) -> Template:
