@@ -18,9 +18,20 @@ full of dipoles. :func:`superpixel_luminance` sums each 2x2 cell (R + G + G + B)
 
 ``XPIXSZ``/``YPIXSZ`` and ``PIXSCALE`` double; ``BAYERPAT`` moves to ``BAYERRAW`` and ``BAYERMOD``
 records the mode, so a decoded frame is never binned twice.
+
+Colour *images* (a cube of three planes, ``NAXIS3 = 3``: what capture and stacking software writes
+once it has interpolated the mosaic, e.g. a smart telescope's stacked frame) are summed plane by
+plane into the same ``lum`` band by :func:`colour_planes_luminance`, at full resolution: their
+celestial WCS still applies. Interpolated planes are correlated, so the summed noise is not the
+raw ``signal / gain + read_noise^2`` (``RDNOISE`` becomes sqrt(3) x, the independent-planes
+value); the pipeline measures the sky noise from the image itself. A cube of one plane is read as
+its plane; other cubes are refused with :class:`~broker.errors.BadShape`.
 """
 
 from __future__ import annotations
+
+import math
+import re
 
 import numpy as np
 from astropy.io import fits
@@ -29,6 +40,10 @@ from broker.errors import BadShape
 
 #: Accepted mosaic patterns (top-left 2x2 cell read row by row).
 PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+
+#: Cards of a cube's third axis, dropped when its planes are summed (``PC``/``CD`` terms with a 3).
+_AXIS3 = re.compile(r"^(?:(?:CTYPE|CRPIX|CRVAL|CDELT|CUNIT|CROTA|CNAME|CRDER|CSYER)3|NAXIS3|(?:PC|CD)(?:3_\d|\d_3)"
+                    r"|P[VS]3_\d+)$")
 
 #: WCS cards dropped from a binned frame.
 _WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CDELT", "CUNIT", "CD1_", "CD2_", "PC1_", "PC2_", "CROTA",
@@ -96,4 +111,58 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
     for key in ("XPIXSZ", "YPIXSZ", "PIXSCALE", "SECPIX", "IM_SCALE"):
         if isinstance(out.get(key), int | float):
             out[key] = 2.0 * float(out[key])
+    return lum, out
+
+
+def colour_planes_luminance(data: np.ndarray, header: fits.Header,
+                            saturation: float) -> tuple[np.ndarray, fits.Header]:
+    """The 2-D image of a cube: its only plane, or the sum of its three colour planes.
+
+    Parameters
+    ----------
+    data : ndarray, shape (planes, ny, nx)
+        The cube (ADU), ``NAXIS3`` planes.
+    header : astropy.io.fits.Header
+        Its (normalised) header; not modified.
+    saturation : float
+        Saturation level of one plane's pixel (ADU); +inf when unknown.
+
+    Returns
+    -------
+    data : ndarray, shape (ny, nx), float32
+        One plane: that plane. Three: R + G + B (ADU), NaN where a plane is NaN, and ``3 x
+        saturation`` where a plane is saturated.
+    header : astropy.io.fits.Header
+        Copy without the third axis (``NAXIS3``, ``CTYPE3``, ``PC3_1``, ...; ``NAXIS = 2``); for
+        three planes also ``FILTER = 'lum'``, ``RDNOISE`` x sqrt(3), ``SATURATE`` x 3,
+        ``BAYERMOD = 'planes-sum'`` (a mosaic pattern left in the header moves to ``BAYERRAW``).
+
+    Raises
+    ------
+    BadShape
+        Not 3-D, or a number of planes other than 1 or 3 (a time series, an interleaved RGB).
+    """
+    if data.ndim != 3 or data.shape[0] not in (1, 3):
+        raise BadShape(f"a cube of shape {data.shape} (NAXIS3, NAXIS2, NAXIS1): expected an image, one plane or "
+                       "three colour planes")
+    out = header.copy()
+    for key in [k for k in out.keys() if _AXIS3.match(k)]:
+        out.remove(key, ignore_missing=True, remove_all=True)
+    out["NAXIS"] = 2
+    if "WCSAXES" in out:
+        out["WCSAXES"] = 2
+    if data.shape[0] == 1:
+        return data[0], out
+    lum = data.astype(np.float32).sum(axis=0, dtype=np.float32)
+    if np.isfinite(saturation):
+        lum[data.max(axis=0) >= saturation] = np.float32(3.0 * saturation)
+        out["SATURATE"] = (3.0 * saturation, "[ADU] saturation of R + G + B")
+    if "BAYERPAT" in out or "COLORTYP" in out:
+        out["BAYERRAW"] = (str(out.get("BAYERPAT", out.get("COLORTYP", ""))), "mosaic pattern of the raw frame")
+        out.remove("BAYERPAT", ignore_missing=True)
+        out.remove("COLORTYP", ignore_missing=True)
+    out["BAYERMOD"] = ("planes-sum", "3 colour planes R+G+B summed (broker.bayer)")
+    out["FILTER"] = ("lum", "colour-sensor luminance (broker.bayer)")
+    if isinstance(out.get("RDNOISE"), int | float):
+        out["RDNOISE"] = (math.sqrt(3.0) * float(out["RDNOISE"]), "[e-] read noise of R + G + B")
     return lum, out

@@ -20,7 +20,7 @@ import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
-from broker.bayer import bayer_pattern, superpixel_luminance
+from broker.bayer import bayer_pattern, colour_planes_luminance, superpixel_luminance
 from broker.errors import (
     BadShape,
     CorruptFrame,
@@ -259,7 +259,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
         The header announces more pixels than ``max_pixels``, or more than ``max_expansion`` times
         the file's bytes.
     BadShape
-        The image is not 2-D or not numeric.
+        The image is neither 2-D nor a cube of one or three planes, or not numeric.
     MissingMetadata, UnparseableHeader, MissingWCS
         Required cards are missing or cannot be parsed.
     """
@@ -276,8 +276,9 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
         raise
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
         raise CorruptFrame(f"not a readable FITS file: {type(exc).__name__}: {exc}") from exc
-    if data is None or data.ndim != 2:
-        raise BadShape(f"image has {0 if data is None else data.ndim} dimensions, expected 2")
+    if data is None or data.ndim not in (2, 3):
+        raise BadShape(f"image has {0 if data is None else data.ndim} dimensions, expected 2 "
+                       "(or a cube of colour planes)")
     if data.dtype.kind not in "iuf":
         raise BadShape(f"image dtype {data.dtype} is not numeric")
     data, header = _adopt(data, header, profiles)
@@ -300,12 +301,14 @@ def _absent(header: fits.Header, card: str) -> bool:
 
 def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfile, ...]
            ) -> tuple[np.ndarray, fits.Header]:
-    """Normalise a header that lacks a required card, and bin a raw Bayer frame to luminance."""
+    """Normalise a header that lacks a required card; a cube of colour planes or a raw Bayer frame to luminance."""
     if any(_absent(header, card) for card in _REQUIRED):
-        header = normalise_header(header, data.shape, profiles)
+        header = normalise_header(header, data.shape[-2:], profiles)
+    saturation = header.get("SATURATE")
+    level = float(saturation) if isinstance(saturation, int | float) else float("inf")
+    if data.ndim == 3:
+        data, header = colour_planes_luminance(data, header, level)
     if bayer_pattern(header) is not None:
-        saturation = header.get("SATURATE")
-        level = float(saturation) if isinstance(saturation, int | float) else float("inf")
         data, header = superpixel_luminance(data, header, level)
     return data, header
 

@@ -35,3 +35,70 @@ def test_monochrome_and_tiny_frames():
     assert bayer_pattern(fits.Header()) is None
     with pytest.raises(BadShape, match="2x2"):
         superpixel_luminance(np.zeros((1, 5), np.float32), fits.Header({"BAYERPAT": "RGGB"}), np.inf)
+
+
+def _cube_header(planes: int, **cards) -> fits.Header:
+    """A 3-axis WCS (celestial TAN plus a colour axis) and the cards a frame needs."""
+    from astropy.wcs import WCS
+
+    from tests.helpers import header
+
+    w = WCS(naxis=3)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN", "RGB"]
+    w.wcs.crval = [150.0, 2.0, 1.0]
+    w.wcs.crpix = [32.0, 24.0, 1.0]
+    w.wcs.cdelt = [-1 / 3600, 1 / 3600, 1.0]
+    w.wcs.pc = [[0.9, 0.1, 0.0], [-0.1, 0.9, 0.0], [0.0, 0.0, 1.0]]
+    h = header((48, 64), **cards)
+    for key in ("CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CDELT1", "CDELT2", "WCSAXES"):
+        h.remove(key, ignore_missing=True)
+    h.update(w.to_header())
+    return h
+
+
+def _cube_bytes(data: np.ndarray, h: fits.Header) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data, header=h).writeto(buf)
+    return buf.getvalue()
+
+
+def test_a_cube_of_three_colour_planes_is_summed_at_full_resolution_with_its_wcs():
+    from astropy.wcs import WCS
+
+    from broker.frame import decode_fits, encode_fits
+
+    rng = np.random.default_rng(5)
+    cube = rng.poisson(200.0, size=(3, 48, 64)).astype(np.float32)
+    cube[1, 7, 9] = 60000.0  # saturated in green only
+    cube[2, 20, 30] = np.nan
+    h = _cube_header(3, BAYERPAT="RGGB")  # a pattern left in the header of an interpolated image
+    frame = decode_fits(_cube_bytes(cube, h))
+    assert frame.data.shape == (48, 64) and frame.meta.filter == "lum"
+    assert frame.data[0, 0] == cube[:, 0, 0].sum()
+    assert frame.data[7, 9] == 3 * 60000.0 and frame.header["SATURATE"] == 3 * 60000.0
+    assert np.isnan(frame.data[20, 30])
+    assert frame.header["RDNOISE"] == pytest.approx(5.0 * np.sqrt(3)) and frame.header["BAYERMOD"] == "planes-sum"
+    assert "NAXIS3" not in frame.header and "CTYPE3" not in frame.header and "PC1_3" not in frame.header
+    sky = WCS(h).celestial.pixel_to_world_values([5.0, 60.0], [3.0, 40.0])
+    assert np.allclose(frame.wcs.pixel_to_world_values([5.0, 60.0], [3.0, 40.0]), sky)
+    again = decode_fits(encode_fits(frame))  # planes-sum is recorded: never summed or binned twice
+    assert again.data.shape == (48, 64) and np.array_equal(again.data, frame.data, equal_nan=True)
+
+
+def test_a_cube_of_one_plane_is_that_plane():
+    from broker.frame import decode_fits
+
+    plane = np.arange(48 * 64, dtype=np.float32).reshape(1, 48, 64)
+    frame = decode_fits(_cube_bytes(plane, _cube_header(1)))
+    assert np.array_equal(frame.data, plane[0]) and frame.meta.filter == "r" and "BAYERMOD" not in frame.header
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (5, 16, 16), (2, 3, 16, 16), (16, 16, 3)])
+def test_other_cubes_are_refused_with_their_shape(shape):
+    from broker.frame import decode_fits
+    from tests.helpers import header
+
+    with pytest.raises(BadShape, match="cube|dimensions"):
+        decode_fits(_cube_bytes(np.zeros(shape, np.float32), header()))
