@@ -21,6 +21,12 @@ class InvalidFrame(BrokerError):
     reason = "invalid_frame"
 
 
+class NotScience(InvalidFrame):
+    """A calibration exposure (dark, flat, bias) by its frame-type card: only light frames give alerts."""
+
+    reason = "not_science"
+
+
 class CorruptFrame(InvalidFrame):
     """The bytes are not a readable FITS image."""
 

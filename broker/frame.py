@@ -31,7 +31,7 @@ from broker.errors import (
     TooManyPixels,
     UnparseableHeader,
 )
-from broker.headers import normalise_header
+from broker.headers import check_frame_type, normalise_header
 from broker.telescopes import TelescopeProfile
 
 #: Header cards read into :class:`FrameMeta` (card, attribute, type, required).
@@ -260,6 +260,8 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
         the file's bytes.
     BadShape
         The image is neither 2-D nor a cube of one or three planes, or not numeric.
+    NotScience
+        A frame-type card names a dark, flat or bias (:func:`broker.headers.check_frame_type`).
     MissingMetadata, UnparseableHeader, MissingWCS
         Required cards are missing or cannot be parsed.
     """
@@ -281,6 +283,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
                        "(or a cube of colour planes)")
     if data.dtype.kind not in "iuf":
         raise BadShape(f"image dtype {data.dtype} is not numeric")
+    check_frame_type(header)
     data, header = _adopt(data, header, profiles)
     meta = meta_from_header(header)
     if require_wcs:

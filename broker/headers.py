@@ -10,6 +10,9 @@ holds, in the order of :data:`MAPPING`, filling gaps from a telescope profile
 ``FIELDSRC``, ``FILTRAW``, ``ORIGTEL``). Values a profile gives win over the header's (a ZWO camera
 writes its gain *setting* in ``GAIN``, not e-/ADU). The table is rendered in ``docs/telescopes.md``.
 A header already normalised (``HDRNORM`` present) is returned unchanged, so decoding is idempotent.
+
+:func:`check_frame_type` refuses calibration exposures (darks, flats, bias frames) by their
+frame-type card, which capture software writes into the same folders as the light frames.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
 from erfa import ErfaWarning
 
-from broker.errors import MissingMetadata
+from broker.errors import MissingMetadata, NotScience
 from broker.telescopes import TelescopeProfile, find_profile
 
 #: Canonical bands: SDSS/LSST-like (lower case), Johnson-Cousins (upper case), unfiltered, colour-sensor
@@ -82,6 +85,27 @@ MAPPING: tuple[CardSource, ...] = (
     CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "16-bit data range"),
                "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest"),
 )
+
+#: Cards that name an exposure's type: MaxIm DL, N.I.N.A., SharpCap, ASIAIR, Seestar (``IMAGETYP``:
+#: ``Light Frame``, ``LIGHT``, ``Dark``), LCO and DECam (``OBSTYPE``: ``EXPOSE``, ``object``, ``BIAS``,
+#: ``SKYFLAT``, ``zero``), ZTF and LSST (``IMGTYPE``: ``object``, ``science``, ``flat``), others.
+FRAME_TYPE_CARDS = ("IMAGETYP", "IMAGETYPE", "FRAMETYP", "OBSTYPE", "IMGTYPE", "EXPTYPE")
+#: A frame-type value of a calibration exposure (``zero`` is IRAF's and DECam's name for a bias).
+CALIBRATION_TYPE = re.compile(r"dark|flat|bias|zero", re.IGNORECASE)
+
+
+def check_frame_type(header: fits.Header) -> None:
+    """Raise :class:`~broker.errors.NotScience` when a frame-type card names a calibration exposure.
+
+    Any other value (``LIGHT``, ``OBJECT``, ``EXPOSE``, ``SCIENCE``, ``STANDARD``, a name we do
+    not know) and a header without such a card pass: only what is known to be a calibration frame
+    is refused.
+    """
+    for card in FRAME_TYPE_CARDS:
+        value = header.get(card)
+        if isinstance(value, str) and CALIBRATION_TYPE.search(value):
+            raise NotScience(f"a calibration frame ({card} = {value.strip()!r}): only light frames are processed")
+
 
 _TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:[T ](\d{1,2}:\d{2}(?::\d{2}(?:\.\d*)?)?))?\s*"
                       r"(Z|UTC|[+-]\d{2}:?\d{2})?$")

@@ -238,7 +238,9 @@ def simulate(out: Annotated[Path, typer.Argument(help="Directory for FITS frames
 def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one directory with --watch.")],
             bootstrap: Bootstrap, config: ConfigOpt = None,
             watch: Annotated[bool, typer.Option(help="Watch the directory and publish new files.")] = False,
-            pattern: Annotated[str, typer.Option(help="Glob of files to watch.")] = "*.fits*") -> None:
+            pattern: Annotated[str, typer.Option(help="Glob of files to watch (default: FITS names in any case: "
+                                                      ".fits .fit .fts .fz .gz).")] = "",
+            recursive: Annotated[bool, typer.Option(help="With --watch, also watch every subfolder.")] = False) -> None:
     """Publish FITS frames to the frames topic (validated first; bad files are reported)."""
     from broker.config import load_config
     from broker.telescopes import load_profiles
@@ -265,8 +267,10 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        console.print(f"watching {paths[0]} for {pattern} (Ctrl-C to stop)")
-        for path, res in watch_dir(paths[0], producer.publish_file, stop.is_set, pattern):
+        what = (pattern or "FITS files") + (", in every subfolder" if recursive else "")
+        console.print(f"watching {paths[0]} for {what} (Ctrl-C to stop)")
+        for path, res in watch_dir(paths[0], producer.publish_file, stop.is_set, pattern or None,
+                                   recursive=recursive):
             _report(path, res)
             producer.flush()
         return

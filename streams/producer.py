@@ -123,27 +123,45 @@ def frame_headers(exposure_end: float) -> dict[str, bytes]:
     return {serde.SCHEMA_HEADER: serde.schema_tag("frame").encode(), EXPOSURE_END: repr(exposure_end).encode()}
 
 
+#: Names of FITS files as capture software writes them, compared in lower case (``.FITS``, ``.fit``,
+#: ``.fts``; tile-compressed ``.fz``; gzipped).
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
+
+
+def _candidates(directory: Path, pattern: str | None, recursive: bool) -> list[Path]:
+    """The files to consider: ``pattern`` (a glob), else FITS names in any case; never hidden ones."""
+    found = (directory.rglob if recursive else directory.glob)(pattern or "*")
+    return sorted(p for p in found
+                  if not any(part.startswith(".") for part in p.relative_to(directory).parts)
+                  and (pattern or p.name.lower().endswith(FITS_SUFFIXES)) and p.is_file())
+
+
 def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[[], bool],
-          pattern: str = "*.fits*", poll_s: float = 1.0) -> Iterator[tuple[Path, Published | Exception]]:
+          pattern: str | None = None, poll_s: float = 1.0,
+          recursive: bool = False) -> Iterator[tuple[Path, Published | Exception]]:
     """Publish files that appear in ``directory``; yield (path, result or the error) for each.
 
-    A file is sent once its size has stayed the same for one poll (so half-written files wait);
-    sent names are recorded in ``.published`` so a restart does not send them again. A file that
-    fails (an :class:`InvalidFrame`, or any other error but Kafka's) is reported, recorded and not
-    retried until it changes, so one bad file can never stop the watch nor make it fail again at
-    every restart. Kafka errors (the broker unreachable, the queue full) propagate: the file was
-    not sent and is tried again after a restart.
+    The files are those whose names end as :data:`FITS_SUFFIXES` (any case: ``.FITS``, ``.fit``,
+    ``.fits.fz``, ...), or those matching the glob ``pattern``; with ``recursive`` those of every
+    subfolder too (capture software files lights by date or target). Hidden files and folders are
+    skipped. A file is sent once its size has stayed the same for one poll (so half-written files
+    wait); sent paths (relative to ``directory``) are recorded in ``.published`` so a restart does
+    not send them again. A file that fails (an :class:`InvalidFrame`, a calibration frame among
+    them, or any other error but Kafka's) is reported, recorded and not retried until it changes,
+    so one bad file can never stop the watch nor make it fail again at every restart. Kafka errors
+    (the broker unreachable, the queue full) propagate: the file was not sent and is tried again
+    after a restart.
     """
     ledger = directory / ".published"
     done = set(ledger.read_text().splitlines()) if ledger.exists() else set()
     sizes: dict[Path, int] = {}
     while not stop():
-        for path in sorted(directory.glob(pattern)):
+        for path in _candidates(directory, pattern, recursive):
             try:
                 stat = path.stat()
             except OSError:  # removed or renamed since the listing
                 continue
-            tag = f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+            tag = f"{path.relative_to(directory).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}"
             if tag in done:
                 continue
             if sizes.get(path) != stat.st_size:

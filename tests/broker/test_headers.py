@@ -148,3 +148,29 @@ def test_a_wrong_pointing_hint_only_moves_the_provisional_field():
     data = np.random.default_rng(6).poisson(400.0, size=(128, 128)).astype(np.float32)
     frame = decode_fits(amateur_fits(data, _amateur(RA=400.0, DEC=95.0, BAYERPAT=None)), require_wcs=False)
     assert frame.meta.field == "obj-m_94" and frame.header["FIELDSRC"] == "OBJECT"
+
+
+@pytest.mark.parametrize("card, value", [("IMAGETYP", "Dark Frame"), ("IMAGETYP", "FLAT"), ("IMAGETYP", "Bias"),
+                                         ("OBSTYPE", "SKYFLAT"), ("OBSTYPE", "zero"), ("IMGTYPE", "dome flat"),
+                                         ("FRAMETYP", "DarkFlat")])
+def test_calibration_frames_are_refused_by_their_type(card, value):
+    from broker.errors import NotScience
+    from broker.frame import decode_fits
+    from broker.simulate.amateur import amateur_fits, amateur_frame
+
+    data, head = amateur_frame(seed=1)
+    head[card] = value
+    with pytest.raises(NotScience, match=f"{card} = '{value}'"):
+        decode_fits(amateur_fits(data, head), require_wcs=False)
+
+
+@pytest.mark.parametrize("card, value", [("IMAGETYP", "Light Frame"), ("IMAGETYP", "LIGHT"), ("OBSTYPE", "EXPOSE"),
+                                         ("OBSTYPE", "object"), ("IMGTYPE", "science"), ("OBSTYPE", "STANDARD"),
+                                         ("IMAGETYP", "something else"), ("IMAGETYP", 3)])
+def test_light_and_unknown_frame_types_pass(card, value):
+    from broker.frame import decode_fits
+    from broker.simulate.amateur import amateur_fits, amateur_frame
+
+    data, head = amateur_frame(seed=1)
+    head[card] = value
+    assert decode_fits(amateur_fits(data, head), require_wcs=False).data.ndim == 2

@@ -124,7 +124,7 @@ def _by_telescope(batches: list[dict]) -> dict[str, list[dict]]:
 def test_real_frames_that_cannot_be_processed_are_refused_with_their_reason(real_run):
     out, _, _, dead = real_run
     rejected = out.split("rejected ")[1:]  # by `broker produce`, before sending
-    for name, reason in (("aspen_trimmed", "missing_metadata"), ("maximdl_5_21", "bad_shape"),
+    for name, reason in (("aspen_trimmed", "not_science"), ("maximdl_5_21", "bad_shape"),
                          ("celestron", "bad_shape"), ("neon-on-dome", "missing_metadata"),
                          ("DEC-OBS04a", "missing_metadata"), ("scienceMI", "missing_metadata")):
         assert any(name in part and f"({reason})" in part for part in rejected), (name, out)

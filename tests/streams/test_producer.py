@@ -101,3 +101,23 @@ def test_a_bad_file_never_stops_a_batch_nor_the_watch(producer, settings, tmp_pa
         "UnparseableHeader", "ImplausibleHeader", "RuntimeError"]
     polls = iter(range(4))  # a restart: none of them is tried again
     assert dict(watch(incoming, failing, lambda: next(polls, None) is None, poll_s=0.01)) == {}
+
+
+def test_watch_finds_fits_names_in_any_case_and_subfolders_when_asked(tmp_path):
+    """Capture software writes `.fit`, `.FITS`, `.fts` into dated or per-target folders."""
+    for name in ("a.FITS", "b.fit", "c.fits.fz", "d.FTS", "notes.txt", ".hidden.fits", "night1/e.fits",
+                 "night1/LIGHT/f.Fit", ".git/g.fits"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+
+    def sent(**kwargs) -> set[str]:
+        polls = iter(range(3))
+        return {p.relative_to(tmp_path).as_posix() for p, _ in
+                watch(tmp_path, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01, **kwargs)}
+
+    assert sent(pattern="*.fit") == {"b.fit"}
+    assert sent() == {"a.FITS", "c.fits.fz", "d.FTS"}  # b.fit is in the ledger; no text, hidden or subfolder file
+    assert sent(recursive=True) == {"night1/e.fits", "night1/LIGHT/f.Fit"}  # the rest is in the ledger
+    (tmp_path / "night2").mkdir()
+    (tmp_path / "night2" / "h.fits").write_bytes(b"y")
+    assert sent(recursive=True) == {"night2/h.fits"}
