@@ -150,8 +150,15 @@ def _no_metadata() -> bytes:
     return buf.getvalue()
 
 
+def _dark() -> bytes:
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.full((128, 128), 300, np.float32), header=fits.Header({"IMAGETYP": "Dark Frame"})).writeto(buf)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize(("name", "payload", "status", "reason"), [
     ("zero bytes", b"", 400, "corrupt"),
+    ("a dark frame", _dark(), 400, "not_science"),
     ("not FITS", b"GIF89a" + bytes(5000), 400, "corrupt"),
     ("zip bomb", _bomb(2048), 400, "implausible_compression"),
     ("gzip bomb", _gzip_bomb(), 400, "corrupt"),
