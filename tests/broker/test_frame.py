@@ -98,3 +98,30 @@ def test_a_small_compressed_huge_frame_is_refused_before_decompression():
     assert err2.value.reason == "too_many_pixels"
     frame = star_frame()  # real frames are far inside both limits
     assert decode_fits(encode_fits(frame), max_pixels=frame.data.size, max_expansion=8).meta == frame.meta
+
+
+def test_a_float_image_normalised_to_one_is_put_back_on_the_adu_scale():
+    """Siril and PixInsight write ADU / 65535 and keep the camera's GAIN: read as ADU, transients drown."""
+    import warnings
+
+    frame = star_frame(seed=3)
+    h = frame.header.copy()
+    h["SATURATE"] = 60000.0 / 65535.0
+    normalised = Frame(frame.meta, (frame.data / 65535.0).astype(np.float32), h)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no card too long
+        back = decode_fits(encode_fits(normalised))
+    assert np.allclose(back.data, frame.data, rtol=1e-5) and back.header["ADUSCALE"] == 65535.0
+    assert back.meta.saturation == pytest.approx(60000.0)
+    again = decode_fits(encode_fits(back))  # recorded: never scaled twice
+    assert np.array_equal(again.data, back.data)
+    del h["SATURATE"]
+    assert decode_fits(encode_fits(Frame(frame.meta, normalised.data, h))).meta.saturation == 65535.0
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 10.0])  # ADU, and a float image above 1 whatever its scale
+def test_other_images_keep_their_scale(scale):
+    frame = star_frame(seed=3)
+    data = (frame.data * scale).astype(np.float32)
+    back = decode_fits(encode_fits(Frame(frame.meta, data, frame.header), compress=False))
+    assert np.array_equal(back.data, data) and "ADUSCALE" not in back.header
