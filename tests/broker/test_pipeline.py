@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from broker.history import ObjectHistory
@@ -168,3 +169,23 @@ def test_positions_off_the_sky_never_reach_the_history(ra, dec, mjd):
     later = candidate("F-2/0", seed=1)  # where F-1's good candidate was
     associate_and_score(history, model, "F-2", 60001.0, "r", [later])
     assert good.obj is None and later.obj is not None and later.obj.ndet == 1  # nothing of F-1 was written
+
+
+def test_a_series_normalised_to_one_finds_the_transients_of_the_adu_series(frames, tmp_path):
+    """Siril / PixInsight floats in [0, 1] with the camera's GAIN: 4 of 60 injections found before `adu_scale`."""
+    from broker.frame import Frame, decode_fits, encode_fits, meta_from_header
+
+    def normalised(frame: Frame) -> Frame:
+        h = frame.header.copy()
+        h["SATURATE"] = float(h["SATURATE"]) / 65535.0
+        return Frame(meta_from_header(h), (frame.data / 65535.0).astype(np.float32), h)
+
+    found = {}
+    for name, convert in (("adu", lambda f: f), ("normalised", normalised)):
+        store, hits = ReferenceStore(tmp_path / name, ReferenceConfig(n_frames=3)), 0
+        for frame, truth in frames:
+            result = process_frame(decode_fits(encode_fits(convert(frame))), store)
+            xy = np.array([(c.detection.x, c.detection.y) for c in result.candidates]).reshape(-1, 2)
+            hits += sum(bool(len(xy)) and np.hypot(*(xy - (i.x, i.y)).T).min() < 2 for i in truth.of_kind("transient"))
+        found[name] = hits
+    assert found["adu"] >= 8 and found["normalised"] >= found["adu"] - 1, found
