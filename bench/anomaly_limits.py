@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import git_rev, machine
-from broker.anomaly import AnomalyModel, fit_anomaly
+from broker.anomaly import AnomalyModel, class_cdf, fit_anomaly
 from broker.simulate.lightcurves import RARE_CLASSES
 from broker.training.lightcurves import (
     AlertTable,
@@ -53,13 +53,6 @@ class _Scored:
     def __init__(self, raw: Callable[[np.ndarray], np.ndarray]) -> None:
         self.raw_score = raw
         self.score = raw
-
-
-def _class_cdf(values: np.ndarray, knots: np.ndarray) -> np.ndarray:
-    """As :meth:`AnomalyModel.raw_score`: the CDF, continued linearly beyond the last knot."""
-    span = max(float(knots[-1] - knots[0]), 1e-12)
-    cdf = np.interp(values, knots, np.linspace(0.0, 1.0, len(knots)), left=0.0, right=1.0)
-    return cdf + np.maximum(values - knots[-1], 0.0) / span
 
 
 def conditional_model(base: AnomalyModel, train: AlertTable, weight: float) -> _Scored:
@@ -97,7 +90,7 @@ def conditional_model(base: AnomalyModel, train: AlertTable, weight: float) -> _
 
     def raw(x: np.ndarray) -> np.ndarray:
         p = per_class(x)
-        return np.column_stack([_class_cdf(p[:, k], kn) for k, kn in enumerate(knots)]).min(axis=1)
+        return np.column_stack([class_cdf(p[:, k], kn) for k, kn in enumerate(knots)]).min(axis=1)
     return _Scored(raw)
 
 

@@ -42,7 +42,7 @@ from broker.lightcurve import ALL_FEATURE_NAMES
 from broker.trees import BIG, Forest, export_forest, isolation_score, model_path, read_model, write_model
 
 __all__ = ["ANOMALY_FEATURES", "DEFAULT_VERSION", "FEATURE_NAMES", "N_FEATURES", "AnomalyConfig",
-           "AnomalyModel", "fit_anomaly"]
+           "AnomalyModel", "class_cdf", "fit_anomaly"]
 
 #: Version loaded when none is given (``broker/models/anomaly-v2.*``).
 DEFAULT_VERSION = "anomaly-v2"
@@ -98,6 +98,15 @@ BEYOND_PENALTY = 2.0
 def _cdf(raw: np.ndarray, knots: np.ndarray) -> np.ndarray:
     """Empirical CDF at ``raw`` from increasing quantile knots (0 below, 1 above)."""
     return np.interp(raw, knots, np.linspace(0.0, 1.0, len(knots)), left=0.0, right=1.0)
+
+
+def class_cdf(raw: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """A class's CDF at raw scores, continued linearly beyond its last knot.
+
+    Rows beyond every training alert of the class so keep their order.
+    """
+    span = max(float(knots[-1] - knots[0]), 1e-12)
+    return _cdf(raw, knots) + np.maximum(raw - knots[-1], 0.0) / span
 
 
 def _hbos_fit(z: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -204,9 +213,7 @@ class AnomalyModel:
         z = self._prepare(x)
         per = np.empty((len(z), len(self.class_knots)))
         for k, knots in enumerate(self.class_knots):
-            s = self._class_scores(z, k)
-            span = max(float(knots[-1] - knots[0]), 1e-12)
-            per[:, k] = _cdf(s, knots) + np.maximum(s - knots[-1], 0.0) / span
+            per[:, k] = class_cdf(self._class_scores(z, k), knots)
         return per.min(axis=1)
 
     def score(self, x: np.ndarray) -> np.ndarray:

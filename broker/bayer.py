@@ -69,6 +69,17 @@ def bayer_pattern(header: fits.Header) -> str | None:
     return pattern
 
 
+def _mark_luminance(header: fits.Header, mode: str, comment: str) -> None:
+    """Record in ``header`` that it is now a ``lum`` frame made by ``mode``; a mosaic pattern moves to ``BAYERRAW``."""
+    if "BAYERPAT" in header or "COLORTYP" in header:
+        pattern = str(header.get("BAYERPAT", header.get("COLORTYP", "")))
+        header["BAYERRAW"] = (pattern, "mosaic pattern of the raw frame")
+        header.remove("BAYERPAT", ignore_missing=True)
+        header.remove("COLORTYP", ignore_missing=True)
+    header["BAYERMOD"] = (mode, comment)
+    header["FILTER"] = ("lum", "colour-sensor luminance (broker.bayer)")
+
+
 def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: float) -> tuple[np.ndarray, fits.Header]:
     """Sum each 2x2 mosaic cell of a raw colour frame into one luminance pixel.
 
@@ -100,10 +111,7 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
     for key in list(out.keys()):
         if key.startswith(_WCS_PREFIXES):
             out.remove(key, ignore_missing=True, remove_all=True)
-    out["BAYERRAW"] = (str(header.get("BAYERPAT", header.get("COLORTYP", ""))), "mosaic pattern of the raw frame")
-    out.remove("BAYERPAT", ignore_missing=True)
-    out["BAYERMOD"] = ("superpixel-sum", "2x2 R+G+G+B summed (broker.bayer)")
-    out["FILTER"] = ("lum", "colour-sensor luminance (broker.bayer)")
+    _mark_luminance(out, "superpixel-sum", "2x2 R+G+G+B summed (broker.bayer)")
     if "RDNOISE" in out:
         out["RDNOISE"] = (2.0 * float(out["RDNOISE"]), "[e-] read noise of a 2x2 superpixel")
     if np.isfinite(saturation):
@@ -157,12 +165,7 @@ def colour_planes_luminance(data: np.ndarray, header: fits.Header,
     if np.isfinite(saturation):
         lum[data.max(axis=0) >= saturation] = np.float32(3.0 * saturation)
         out["SATURATE"] = (3.0 * saturation, "[ADU] saturation of R + G + B")
-    if "BAYERPAT" in out or "COLORTYP" in out:
-        out["BAYERRAW"] = (str(out.get("BAYERPAT", out.get("COLORTYP", ""))), "mosaic pattern of the raw frame")
-        out.remove("BAYERPAT", ignore_missing=True)
-        out.remove("COLORTYP", ignore_missing=True)
-    out["BAYERMOD"] = ("planes-sum", "3 colour planes R+G+B summed (broker.bayer)")
-    out["FILTER"] = ("lum", "colour-sensor luminance (broker.bayer)")
+    _mark_luminance(out, "planes-sum", "3 colour planes R+G+B summed (broker.bayer)")
     if isinstance(out.get("RDNOISE"), int | float):
         out["RDNOISE"] = (math.sqrt(3.0) * float(out["RDNOISE"]), "[e-] read noise of R + G + B")
     return lum, out

@@ -255,10 +255,11 @@ def _prepare(frame: Frame, config: ReferenceConfig
     if not sigma > 0:
         # a noise-free (model / simulated) template: a tiny floor keeps the weights finite
         sigma = max(1e-6 * float(np.nanmax(np.abs(img))) if np.isfinite(img).any() else 1.0, 1e-12)
-    stars = find_stars(np.where(sat, 0.0, np.nan_to_num(img)), sigma, config.stars, frame.meta.saturation, bkg)
+    unsaturated = np.where(sat, 0.0, np.nan_to_num(img))
+    stars = find_stars(unsaturated, sigma, config.stars, frame.meta.saturation, bkg)
     # cosmic rays and hot pixels: after resampling they smear over several pixels and, hot pixels
     # moving by only the pointing jitter, survive the per-pixel clipping; drop them here
-    fwhm = sharp_fwhm(np.where(sat, 0.0, np.nan_to_num(img)), stars)
+    fwhm = sharp_fwhm(unsaturated, stars)
     img[sat | sharp_outliers(img, sigma, fwhm) | bad_columns(np.where(sat, np.nan, img), sigma)] = np.nan
     var[~np.isfinite(img)] = np.nan
     return img, var.astype(np.float32), sigma, stars, sat

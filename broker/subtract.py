@@ -517,10 +517,10 @@ def _clean_science(sky: ScienceSky, saturation: float, defects: np.ndarray | Non
     masking them would blind S_corr for 2 FWHM around each, and a transient beside or beneath one
     keeps its other pixels.
     """
-    stars = find_stars(np.where(sky.raw_saturated, 0.0, sky.N), sky.sigma_n, config.stars, saturation,
-                       sky.background)
+    unsaturated = np.where(sky.raw_saturated, 0.0, sky.N)
+    stars = find_stars(unsaturated, sky.sigma_n, config.stars, saturation, sky.background)
     fix = np.zeros(sky.N.shape, bool)
-    fwhm = sharp_fwhm(np.where(sky.raw_saturated, 0.0, sky.N), stars)
+    fwhm = sharp_fwhm(unsaturated, stars)
     if config.cosmic_ray_sigma > 0:
         fix |= sharp_outliers(sky.N, sky.rms, fwhm, config.cosmic_ray_sigma)
     if config.bad_column_sigma > 0:
