@@ -125,3 +125,14 @@ def test_other_images_keep_their_scale(scale):
     data = (frame.data * scale).astype(np.float32)
     back = decode_fits(encode_fits(Frame(frame.meta, data, frame.header), compress=False))
     assert np.array_equal(back.data, data) and "ADUSCALE" not in back.header
+
+
+def test_adu_scale_leaves_empty_negative_and_all_nan_images_alone():
+    from astropy.io import fits
+
+    from broker.frame import adu_scale
+
+    for data in (np.full((8, 8), np.nan, np.float32), np.full((8, 8), -0.5, np.float32),
+                 np.zeros((8, 8), np.float32), np.zeros((0, 0), np.float32)):
+        out, header = adu_scale(data, fits.Header())
+        assert out is data and "ADUSCALE" not in header
