@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
+import io
+from pathlib import Path
+
 import numpy as np
 from astropy.io import fits
 from astropy.wcs import WCS
@@ -44,3 +48,35 @@ def candidate(cand_id="TEST-F1-r-0001/0", ra=150.0, dec=2.0, flux=1000.0, snr=12
                     fwhm=3.0, elongation=1.1, dipole=0.05, n_bad=0, ref_dist=float("inf"), ref_flux=0.0)
     cut = lambda: rng.normal(size=(CUTOUT_SIZE, CUTOUT_SIZE)).astype(np.float32)  # noqa: E731
     return Candidate(cand_id, det, cut(), cut(), cut())
+
+
+def gz_fits(a: np.ndarray) -> bytes:
+    """Gzipped FITS bytes of an image, as a ZTF alert stamp."""
+    buf = io.BytesIO()
+    fits.PrimaryHDU(a.astype(np.float32)).writeto(buf)
+    return gzip.compress(buf.getvalue())
+
+
+ZTF_LIKE_SCHEMA = {"type": "record", "name": "alert", "fields": [
+    {"name": "objectId", "type": "string"},
+    {"name": "candidate", "type": {"type": "record", "name": "cand", "fields": [
+        {"name": "candid", "type": "long"}, {"name": "isdiffpos", "type": "string"},
+        {"name": "fwhm", "type": ["null", "double"]}]}},
+    *({"name": k, "type": ["null", {"type": "record", "name": k + "_t", "fields": [
+        {"name": "stampData", "type": "bytes"}]}]}
+      for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference"))]}
+
+
+def ztf_packet(i: int, stamps: list[bytes], fwhm: float | None = 2.5) -> dict:
+    """A minimal ZTF-shaped alert packet (:data:`ZTF_LIKE_SCHEMA`) with three stamps."""
+    keys = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
+    return {"objectId": f"ZTF{i:03d}", "candidate": {"candid": i, "isdiffpos": "t", "fwhm": fwhm},
+            **{k: {"stampData": s} for k, s in zip(keys, stamps, strict=True)}}
+
+
+def write_avro(path: Path, records: list[dict]) -> None:
+    """An Avro container file of ZTF-shaped packets."""
+    import fastavro
+
+    with open(path, "wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema(ZTF_LIKE_SCHEMA), records)

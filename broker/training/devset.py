@@ -11,6 +11,7 @@ with them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,8 +131,9 @@ def _field(record: dict, dotted: str) -> object:
     return value
 
 
-def survey_triplet(record: dict, keys: tuple[str, str | None, str]) -> np.ndarray:
-    """Normalised triplet of one other survey's packet.
+def survey_stamps(record: dict, keys: tuple[str, str | None, str]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(science, reference, difference) pixels of one other survey's packet.
 
     ``keys``: :data:`SURVEY_STAMPS`'s entry. Without a reference stamp the reference is
     science - difference (what the survey subtracted, up to its PSF matching). Stamps larger
@@ -144,14 +146,22 @@ def survey_triplet(record: dict, keys: tuple[str, str | None, str]) -> np.ndarra
     """
     sci = decode_stamp(_bytes(record, keys[0]))
     diff = decode_stamp(_bytes(record, keys[2]))
-    if keys[1] is None:
-        if sci.shape != diff.shape:
-            raise CutoutError(f"science {sci.shape} and difference {diff.shape} differ")
-        ref = sci - diff
-    else:
-        ref = decode_stamp(_bytes(record, keys[1]))
+    if sci.shape != diff.shape:
+        raise CutoutError(f"science {sci.shape} and difference {diff.shape} differ")
+    ref = sci - diff if keys[1] is None else decode_stamp(_bytes(record, keys[1]))
+    return _centre_crop(sci), _centre_crop(ref), _centre_crop(diff)
+
+
+def survey_triplet(record: dict, keys: tuple[str, str | None, str]) -> np.ndarray:
+    """Normalised triplet of one other survey's packet (:func:`survey_stamps`).
+
+    Raises
+    ------
+    CutoutError
+        Missing or unreadable stamps, or stamps of different shapes.
+    """
     try:
-        return normalise_triplet(_centre_crop(sci), _centre_crop(ref), _centre_crop(diff))[0]
+        return normalise_triplet(*survey_stamps(record, keys))[0]
     except ValueError as exc:
         raise CutoutError(f"unusable stamps: {exc}") from exc
 
@@ -173,6 +183,28 @@ def _bytes(record: dict, keys: str) -> bytes:
     return b""
 
 
+def packets(folder: str | Path, rejected: list[str]) -> Iterator[dict]:
+    """The alert packets of the ``*.avro`` files under ``folder``, in file-name order.
+
+    A file that cannot be read adds its reason to ``rejected``, as does a record that is not a
+    packet; the others are still read.
+    """
+    import fastavro
+
+    for f in sorted(p for p in Path(folder).rglob("*.avro") if p.is_file()):
+        try:
+            with open(f, "rb") as fh:
+                recs = list(fastavro.reader(fh))
+        except Exception as exc:  # unreadable container or codec: fastavro raises many types
+            rejected.append(f"{f.name}: {exc}")
+            continue
+        for r in recs:
+            if isinstance(r, dict):
+                yield r
+            else:
+                rejected.append(f"{f.name}: not an alert packet")
+
+
 def other_survey_triplets(folder: str | Path, survey: str) -> tuple[np.ndarray, list[str]]:
     """Normalised triplets of one survey's ``*.avro`` packets under ``folder``.
 
@@ -182,21 +214,13 @@ def other_survey_triplets(folder: str | Path, survey: str) -> tuple[np.ndarray, 
     rejected : list of str
         One reason per packet that could not be used.
     """
-    import fastavro
-
-    keys, xs, rejected = SURVEY_STAMPS[survey], [], []
-    for f in sorted(Path(folder).rglob("*.avro")):
+    keys, xs = SURVEY_STAMPS[survey], []
+    rejected: list[str] = []
+    for r in packets(folder, rejected):
         try:
-            with open(f, "rb") as fh:
-                recs = list(fastavro.reader(fh))
-        except Exception as exc:  # unreadable container or codec: fastavro raises many types
-            rejected.append(f"{f.name}: {exc}")
-            continue
-        for r in recs:
-            try:
-                xs.append(survey_triplet(r if isinstance(r, dict) else {}, keys))
-            except CutoutError as exc:
-                rejected.append(f"{f.name}: {exc}")
+            xs.append(survey_triplet(r, keys))
+        except CutoutError as exc:
+            rejected.append(str(exc))
     x = np.stack(xs) if xs else np.zeros((0, 3, CUTOUT_SIZE, CUTOUT_SIZE), np.float32)
     return x, rejected
 

@@ -172,16 +172,19 @@ def _epoch(net: nn.Module, anchor: list[torch.Tensor], opt: torch.optim.Optimize
 
 # --- the command: fine-tune, measure before / after, write weights and card ----------------------
 def guard_figures(clf: RealBogusClassifier, test: dict[str, np.ndarray] | None,
-                  dev: tuple[np.ndarray, dict] | None, holdout: dict[str, np.ndarray] | None
-                  ) -> dict:
+                  dev: tuple[np.ndarray, dict] | None, holdout: dict[str, np.ndarray] | None,
+                  real: dict[str, np.ndarray] | None = None) -> dict:
     """The figures a fine-tuning must not spoil, of one model.
 
     ``sim``: held-out simulated AUC and FNR = FPR; ``dev``: ZTF dev-set AUC against drb > 0.5
     (with its bootstrap interval) and braai-bogus passed at 0.5; ``labels``: AUC on the labels
-    held out by object. Each part only where its data is given.
+    held out by object; ``real_pixels``: the target telescope's real pixels labelled by
+    construction (:func:`broker.training.realpixels.real_pixel_check` of ``real``, a
+    :func:`~broker.training.realpixels.real_pixel_set`). Each part only where its data is given.
     """
     from broker.training.devset import dev_analysis
     from broker.training.metrics import equal_error, evaluate
+    from broker.training.realpixels import real_pixel_check
 
     out: dict = {}
     if test is not None:
@@ -197,6 +200,8 @@ def guard_figures(clf: RealBogusClassifier, test: dict[str, np.ndarray] | None,
         s = clf.score(holdout["x"])
         out["labels"] = {"n": int(len(s)), "auc": evaluate(s, holdout["y"])["auc"],
                          "accuracy_at_0.5": float(np.mean((s >= 0.5) == (holdout["y"] == 1)))}
+    if real is not None and len(real["y"]):
+        out["real_pixels"] = real_pixel_check(clf.score(real["x"]), real)
     return out
 
 
@@ -295,7 +300,6 @@ def main_finetune(labels: str | Path | None = None, *, base: str | None = None,
     from broker import MODELS_DIR
     from broker.labelsfile import read_labels
     from broker.realbogus import DEFAULT_VERSION
-    from broker.training.ztf import ztf_triplets
 
     if labels:  # a bad file fails here, before the sets are loaded
         read_labels(labels)
@@ -308,13 +312,13 @@ def main_finetune(labels: str | Path | None = None, *, base: str | None = None,
     if new is None and adapt_dir is None:
         raise ModelError("nothing to adapt on: give a labels file, artifacts > 0 or adapt_dir")
     dev_path = Path(dev_dir) if dev_dir else root.parent / "shared" / "data" / "ztf_alerts_dev"
-    dev = ztf_triplets(dev_path)[:2] if dev_path.is_dir() else None
-    before = guard_figures(clf, sets["test"], dev, held)
+    dev, real = _real_data(dev_path, adapt_dir)
+    before = guard_figures(clf, sets["test"], dev, held, real)
     tuned, report = (fine_tune(clf, new, sets["mix"], config, version) if new is not None
                      else (clf, {}))
     if adapt_dir is not None:
         tuned = _adapt(tuned, Path(adapt_dir), dev_path, version or f"{clf.version}-ft", source)
-    after = guard_figures(tuned, sets["test"], dev, held)
+    after = guard_figures(tuned, sets["test"], dev, held, real)
     cmd = _finetune_command(labels, base, tuned.version, n_artifacts, holdout, config, adapt_dir)
     tuned.metadata.update({"reproduce": cmd, "fine_tune": {**report, "source": source},
                            "evaluation_guard": {"before": before, "after": after}})
@@ -324,6 +328,20 @@ def main_finetune(labels: str | Path | None = None, *, base: str | None = None,
                                report, before, after, cmd)
     return {"before": before, "after": after, "report": report, "source": source,
             "weights": str(wpath), "card": str(card)}
+
+
+def _real_data(dev_path: Path, adapt_dir: str | Path | None
+               ) -> tuple[tuple[np.ndarray, dict] | None, dict[str, np.ndarray] | None]:
+    """The guard's real data: the ZTF dev set (where present), and the adapted alerts' pixels.
+
+    The second is :func:`broker.training.realpixels.real_pixel_set` of ``adapt_dir`` (None
+    without one).
+    """
+    from broker.training.realpixels import real_pixel_set
+    from broker.training.ztf import ztf_triplets
+
+    dev = ztf_triplets(dev_path)[:2] if dev_path.is_dir() else None
+    return dev, real_pixel_set(adapt_dir, "ztf") if adapt_dir is not None else None
 
 
 def _load_sets(root: Path, sets: dict[str, tuple[int, int, str | Path | None]],
@@ -405,6 +423,10 @@ def write_finetune_card(path: Path, version: str, base: str, source: dict, repor
             ("ZTF dev set braai-bogus scored >= 0.5", ("dev", "frac_bogus_passed"), 3),
             ("ZTF dev set braai-real scored < 0.5", ("dev", "frac_real_rejected"), 3),
             ("held-out labels AUC", ("labels", "auc"), 3),
+            ("adapted alerts' real pixels: injections kept, S/N 5-10",
+             ("real_pixels", "injected_kept_by_snr", "5-10"), 3),
+            ("... S/N 10-20", ("real_pixels", "injected_kept_by_snr", "10-20"), 3),
+            ("... their off-centre residuals passed", ("real_pixels", "residual_passed"), 3),
             ("held-out labels accuracy at 0.5", ("labels", "accuracy_at_0.5"), 3)]
     lines = [f"# Real/bogus classifier `{version}` (adapted from `{base}`)", ""]
     if report:
@@ -435,7 +457,10 @@ def write_finetune_card(path: Path, version: str, base: str, source: dict, repor
     lines += [f"| {name} | {_fig(before, *keys, digits=d)} | {_fig(after, *keys, digits=d)} |"
               for name, keys, d in rows if _fig(before, *keys) != "n/a"]
     lines += ["", "Held-out simulated set: `build/realbogus-test-1` (generator seed 1); ZTF dev "
-              "set: `../shared/data/ztf_alerts_dev` (braai's drb as a reference, not truth).", ""]
+              "set: `../shared/data/ztf_alerts_dev` (braai's drb as a reference, not truth)."
+              + (" Real pixels: point sources injected into the adapted alerts' stamps and the "
+                 "stamps' own off-centre residuals (`broker.training.realpixels`, seed 0), "
+                 "scored at 0.5: no labels needed." if "real_pixels" in before else ""), ""]
     if source.get("adapt"):
         lines += ["## Use", "", f"For the telescope of `{source['adapt']['dir']}` only: its "
                   "batch-norm statistics are that telescope's, and the equal-error threshold on "

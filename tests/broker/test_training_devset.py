@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +16,9 @@ from broker.training.devset import (
     survey_triplet,
 )
 from broker.training.ztf import _drb
+from tests.helpers import gz_fits
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def _fits(a: np.ndarray) -> bytes:
-    from astropy.io import fits
-
-    buf = io.BytesIO()
-    fits.PrimaryHDU(a.astype(np.float32)).writeto(buf)
-    return gzip.compress(buf.getvalue())
 
 
 def test_bootstrap_auc_brackets_the_auc_and_needs_both_classes():
@@ -64,10 +55,10 @@ def test_a_filled_in_drb_without_its_version_is_no_score():
 def test_survey_triplets_rebuild_a_missing_reference_and_crop_large_stamps():
     rng = np.random.default_rng(1)
     sci, diff = rng.normal(100, 5, (61, 61)), rng.normal(0, 5, (61, 61))
-    rec = {"cutoutScience": {"stampData": _fits(sci)}, "cutoutDifference": {"stampData": _fits(diff)}}
+    rec = {"cutoutScience": {"stampData": gz_fits(sci)}, "cutoutDifference": {"stampData": gz_fits(diff)}}
     x = survey_triplet(rec, SURVEY_STAMPS["atlas"])
     assert x.shape == (3, 63, 63) and np.isfinite(x).all()
-    big = {k: _fits(rng.normal(0, 1, (81, 81))) for k in ("cutout_science", "cutout_template",
+    big = {k: gz_fits(rng.normal(0, 1, (81, 81))) for k in ("cutout_science", "cutout_template",
                                                           "cutout_difference")}
     assert survey_triplet(big, SURVEY_STAMPS["pgir_winter"]).shape == (3, 63, 63)
 
@@ -75,8 +66,8 @@ def test_survey_triplets_rebuild_a_missing_reference_and_crop_large_stamps():
 @pytest.mark.parametrize("record", [
     {},  # no stamps at all
     {"cutoutScience": {"stampData": b"not a fits file"}, "cutoutDifference": {"stampData": b""}},
-    {"cutoutScience": {"stampData": _fits(np.zeros((61, 61)))},
-     "cutoutDifference": {"stampData": _fits(np.zeros((40, 61)))}},  # shapes differ
+    {"cutoutScience": {"stampData": gz_fits(np.zeros((61, 61)))},
+     "cutoutDifference": {"stampData": gz_fits(np.zeros((40, 61)))}},  # shapes differ
 ])
 def test_bad_survey_packets_are_refused_with_a_reason(record):
     with pytest.raises(CutoutError):

@@ -88,6 +88,14 @@ def test_eval_command_end_to_end_on_small_subset(tmp_path):
         assert {"dev_high_bogus", "dev_low_real", "hist_dev"} <= set(res["files"])
     if surveys is not None:
         assert res["surveys"]["decam_desirt"]["n"] == 5 and "Other surveys' stamps" in rep
+    if ztf or dev or surveys:  # real pixels labelled by construction, for both models
+        rp = res["real_pixels"]
+        assert "Real pixels, labelled by construction" in rep and "real_pixels" in res["files"]
+        for r in rp.values():
+            assert r["model"]["n_stamps"] > 0 and r["compare"]["version"] == "test-v1"
+            assert 0 < r["model"]["n_injected"] <= 2 * r["model"]["n_stamps"]
+    else:
+        assert "real_pixels" not in res
 
 
 def _subset(tmp_path: Path, name: str, n: int, sub: str | None = None) -> Path | None:

@@ -17,6 +17,7 @@ from broker.training.data import iter_synthetic_candidates, synth_triplets
 from broker.training.finetune import FineTuneConfig, fine_tune, main_finetune
 from broker.training.settings import TrainingSetConfig
 from broker.training.shards import write_training_set
+from tests.helpers import gz_fits, write_avro, ztf_packet
 
 FAST = FineTuneConfig(epochs=2, batch_size=16, lr=1e-3)
 
@@ -129,3 +130,29 @@ def test_main_finetune_never_adapts_on_the_dev_set(tmp_path):
         main_finetune(None, base=str(tmp_path / "base.pt"), out_dir=tmp_path / "out",
                       mix_dir=tmp_path / "mix", test_dir=tmp_path / "test",
                       dev_dir=tmp_path / "dev", adapt_dir=tmp_path / "dev", config=FAST)
+
+
+def test_main_finetune_adapting_to_alerts_guards_their_real_pixels(tmp_path):
+    """With --adapt, the card gives the telescope's real-pixel figures before and after."""
+    from broker.training.realpixels import moffat
+
+    rng = np.random.default_rng(9)
+    packets = []
+    for i in range(MIN_TRIPLETS):
+        ref = rng.normal(300.0, 10.0, (63, 63)) + 3e4 * moffat((63, 63), 15, 45, 2.5)
+        sci = ref + rng.normal(0.0, 10.0, (63, 63)) + 2e3 * moffat((63, 63), 31, 31, 2.5)
+        packets.append(ztf_packet(i, [gz_fits(a) for a in (sci, ref, sci - ref)]))
+    (tmp_path / "alerts").mkdir()
+    write_avro(tmp_path / "alerts" / "night.avro", packets)
+    _set(tmp_path / "mix", 64, 0)
+    _set(tmp_path / "test", 64, 1)
+    _clf().save(tmp_path / "base")
+    res = main_finetune(None, base=str(tmp_path / "base.pt"), version="rb-t2",
+                        out_dir=tmp_path / "out", mix_dir=tmp_path / "mix",
+                        test_dir=tmp_path / "test", dev_dir=tmp_path / "no-dev",
+                        adapt_dir=tmp_path / "alerts", config=FAST)
+    for when in ("before", "after"):
+        rp = res[when]["real_pixels"]
+        assert rp["n_stamps"] == MIN_TRIPLETS and rp["n_injected"] == 2 * MIN_TRIPLETS
+    card = (tmp_path / "out" / "rb-t2.md").read_text()
+    assert "real pixels: injections kept, S/N 5-10" in card and "--adapt" in card
