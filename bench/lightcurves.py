@@ -10,7 +10,7 @@ epochs build the reference, every later frame goes through :func:`broker.pipelin
 with a :class:`~broker.diffstore.DifferenceStore` (so that candidates get forced photometry on the
 earlier difference images, as in the subtract stage) and then
 :func:`broker.pipeline.associate_and_score` with :meth:`ScoreModels.load` (the shipped
-``lcclass-v1`` and ``anomaly-v2``). With follow-up visits (default), every science epoch is also
+default light-curve classifier and anomaly model). With follow-up visits (default), every science epoch is also
 revisited ``followup_gap_days`` (0.02 d) later, as the demo's telescope does for requested objects.
 
 Every candidate is an alert, matched to the truth within 2 px (:func:`bench.context._match`):
@@ -49,6 +49,7 @@ from broker.lightcurve import FEATURE_NAMES, model_inputs
 from broker.pipeline import SUBTRACTED, ScoreModels, associate_and_score, process_frame
 from broker.reference import ReferenceStore
 from broker.simulate import SimConfig, SkySimulator
+from broker.training.lightcurves import previous_models
 
 REPORT = Path(__file__).resolve().parents[1] / "docs" / "lightcurve-report" / "README.md"
 SECTION = "## On the pixel pipeline"
@@ -193,8 +194,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=9, help="epochs per field, 3 of them for the reference")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--no-followup", action="store_true", help="no follow-up visit after each science epoch")
-    ap.add_argument("--compare", metavar="DIR", help="also score the same alerts with the lcclass-v1 and "
-                    "anomaly-v2 of this folder (e.g. the previous models)")
+    ap.add_argument("--compare", metavar="DIR", help="also score the same alerts with the light-curve "
+                    "classifier and anomaly model of this folder, one of each (e.g. the previous models)")
     ap.add_argument("--write", action="store_true", help="write the section of docs/lightcurve-report/README.md")
     a = ap.parse_args()
     command = (f"python -m bench.lightcurves --size {a.size} --fields {a.fields} --epochs {a.epochs} "
@@ -205,9 +206,7 @@ def main() -> None:
     alerts, frames = run(a.size, a.fields, a.epochs, a.seed, not a.no_followup, models)
     compare = None
     if a.compare:
-        d = Path(a.compare)
-        compare = (f"the models of `{a.compare}`", LightCurveClassifier.load(d / "lcclass-v1"),
-                   AnomalyModel.load(d / "anomaly-v2"))
+        compare = (f"the models of `{a.compare}`", *previous_models(a.compare))
     text = report(alerts, frames, command, time.perf_counter() - t0,
                   f"`{models.lcclass.version}` and `{models.anomaly.version}`", compare)
     print(text)

@@ -44,8 +44,8 @@ from broker.trees import BIG, Forest, export_forest, isolation_score, model_path
 __all__ = ["ANOMALY_FEATURES", "DEFAULT_VERSION", "FEATURE_NAMES", "N_FEATURES", "AnomalyConfig",
            "AnomalyModel", "class_cdf", "fit_anomaly"]
 
-#: Version loaded when none is given (``broker/models/anomaly-v2.*``).
-DEFAULT_VERSION = "anomaly-v2"
+#: Version loaded when none is given (``broker/models/anomaly-v3.*``).
+DEFAULT_VERSION = "anomaly-v3"
 #: Columns of the rows :meth:`AnomalyModel.score` takes (= ``broker.lightcurve.ALL_FEATURE_NAMES``).
 FEATURE_NAMES: tuple[str, ...] = ALL_FEATURE_NAMES
 N_FEATURES = len(FEATURE_NAMES)
@@ -247,7 +247,7 @@ class AnomalyModel:
 
     @classmethod
     def load(cls, path_or_version: str | Path | None = None) -> AnomalyModel:
-        """Load by version name in :data:`broker.MODELS_DIR` or by path (default ``anomaly-v2``).
+        """Load by version name in :data:`broker.MODELS_DIR` or by path (default :data:`DEFAULT_VERSION`).
 
         Raises
         ------

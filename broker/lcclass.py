@@ -39,12 +39,12 @@ from broker.trees import (
 )
 
 __all__ = ["CLASS_NAMES", "DEFAULT_VERSION", "Classification", "LCClassConfig",
-           "LightCurveClassifier", "fit_lcclass"]
+           "LightCurveClassifier", "fit_lcclass", "object_weights"]
 
 #: Classes of the light-curve classifier, in the order of its outputs (alert schema v3).
 CLASS_NAMES: tuple[str, ...] = ("SN", "variable_star", "AGN", "nuclear_flare", "mover", "bogus")
-#: Version loaded when none is given (``broker/models/lcclass-v1.*``).
-DEFAULT_VERSION = "lcclass-v1"
+#: Version loaded when none is given (``broker/models/lcclass-v2.*``).
+DEFAULT_VERSION = "lcclass-v2"
 #: Features named in the explanation of each class.
 N_EXPLAIN = 3
 
@@ -101,6 +101,12 @@ class LCClassConfig:
         Alerts per leaf (5): smooths probabilities.
     max_samples : float
         Fraction of the training alerts drawn for each tree (0.5: faster, less correlated trees).
+    weighting : str
+        ``"object"``: every training object weighs 1 in total, shared by its alerts, and the
+        classes are balanced by their objects, so each alert's class prior is that of the objects
+        that show such a light curve (default since ``lcclass-v2``). ``"alert"``: classes
+        balanced by their alerts (``lcclass-v1``), which gives a one-alert class (movers) the
+        weight of a long-lived one's many alerts: every single detection looked like a mover.
     seed : int
         Random state.
     """
@@ -109,7 +115,12 @@ class LCClassConfig:
     max_depth: int = 12
     min_samples_leaf: int = 5
     max_samples: float = 0.5
+    weighting: str = "object"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("object", "alert"):
+            raise ModelError(f"LCClassConfig.weighting must be 'object' or 'alert', got {self.weighting!r}")
 
 
 class LightCurveClassifier:
@@ -183,7 +194,7 @@ class LightCurveClassifier:
 
     @classmethod
     def load(cls, path_or_version: str | Path | None = None) -> LightCurveClassifier:
-        """Load by version name in :data:`broker.MODELS_DIR` or by path (default ``lcclass-v1``).
+        """Load by version name in :data:`broker.MODELS_DIR` or by path (default :data:`DEFAULT_VERSION`).
 
         Raises
         ------
@@ -203,7 +214,8 @@ class LightCurveClassifier:
 
 def fit_lcclass(x: np.ndarray, labels: Sequence[str] | np.ndarray,
                 config: LCClassConfig = LCClassConfig(), version: str = DEFAULT_VERSION,
-                metadata: dict | None = None) -> LightCurveClassifier:
+                metadata: dict | None = None,
+                objects: Sequence[str] | np.ndarray | None = None) -> LightCurveClassifier:
     """Fit the classifier (needs scikit-learn, the ``[train]`` extra).
 
     Parameters
@@ -216,11 +228,14 @@ def fit_lcclass(x: np.ndarray, labels: Sequence[str] | np.ndarray,
     version : str
     metadata : dict, optional
         Stored in the sidecar (data provenance).
+    objects : (N,) str, optional
+        The object of each alert; needed by ``config.weighting == "object"``.
 
     Raises
     ------
     ModelError
-        Too few rows, unknown labels or a class without examples.
+        Too few rows, unknown labels, a class without examples, or object weighting without
+        ``objects``.
     """
     from sklearn.ensemble import RandomForestClassifier
 
@@ -233,11 +248,38 @@ def fit_lcclass(x: np.ndarray, labels: Sequence[str] | np.ndarray,
         raise ModelError(f"training labels must cover exactly {CLASS_NAMES}; missing {missing}")
     y = np.array([CLASS_NAMES.index(v) for v in lab])
     fill = missing_fill(xa)
+    weights = None
+    if config.weighting == "object":
+        if objects is None or len(objects) != len(y):
+            raise ModelError("object weighting needs the object of every training alert")
+        weights = object_weights(np.asarray(objects).astype(str), y)
     rf = RandomForestClassifier(n_estimators=config.n_estimators, max_depth=config.max_depth,
                                 min_samples_leaf=config.min_samples_leaf,
-                                max_samples=config.max_samples, class_weight="balanced",
+                                max_samples=config.max_samples,
+                                class_weight="balanced" if weights is None else None,
                                 random_state=config.seed, n_jobs=1)
-    rf.fit(impute(xa, fill), y)
+    rf.fit(impute(xa, fill), y, sample_weight=weights)
     meta = {**(metadata or {}), "config": asdict(config), "n_train": int(len(xa)),
             "train_class_counts": {c: int(np.sum(y == i)) for i, c in enumerate(CLASS_NAMES)}}
     return LightCurveClassifier(export_forest(rf), fill, version, meta)
+
+
+def object_weights(objects: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Sample weights: each object 1 in total over its alerts, each class the same total.
+
+    Parameters
+    ----------
+    objects : (N,) str
+        The object of each alert.
+    y : (N,) int
+        The class index of each alert.
+
+    Returns
+    -------
+    (N,) float64, summing to N: ``1 / (alerts of the object * objects of its class)``, scaled.
+    """
+    _, inv, per_object = np.unique(objects, return_inverse=True, return_counts=True)
+    w = 1.0 / per_object[inv]
+    class_objects = np.bincount(y, weights=w)  # objects per class (each object sums to 1)
+    w = w / class_objects[y]
+    return w * (len(w) / w.sum())

@@ -393,7 +393,7 @@ def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at
              alert_id: Annotated[str, typer.Argument(help="The alert looked at (candid or alertId).")],
              label: Annotated[str, typer.Argument(help="interesting | not")],
              who: Annotated[str, typer.Option(help="Who labels (recorded with the label).")] = "operator",
-             model: Annotated[str, typer.Option(help="Anomaly model version of the score looked at.")] = "anomaly-v2",
+             model: Annotated[str, typer.Option(help="Anomaly model version of the score looked at.")] = "anomaly-v3",
              score: Annotated[Optional[float], typer.Option(help="The anomaly score looked at.")] = None,
              state_dir: Annotated[Path, typer.Option(help="State directory (labels in feedback.sqlite).")] = Path(
                  "var/state"),
@@ -817,7 +817,7 @@ def train_realbogus(
 def train_lcclass(
         seed: Annotated[int, typer.Option(help="Seeds the simulated light curves and the forest.")] = 0,
         objects: Annotated[int, typer.Option(help="Simulated objects (every detection of each is an alert).")] = 2000,
-        version: Annotated[str, typer.Option(help="Model version written.")] = "lcclass-v1",
+        version: Annotated[str, typer.Option(help="Model version written.")] = "lcclass-v2",
         out_dir: Annotated[Optional[Path], typer.Option(help="Where the model and card go (default broker/models/).")]
         = None) -> None:
     """Simulate light curves of every class, train the light-curve classifier, evaluate it, write the card."""
@@ -832,7 +832,7 @@ def train_lcclass(
 def train_anomaly(
         seed: Annotated[int, typer.Option(help="Seeds the simulated light curves and the fit.")] = 0,
         objects: Annotated[int, typer.Option(help="Simulated objects of the ordinary classes.")] = 2000,
-        version: Annotated[str, typer.Option(help="Model version written.")] = "anomaly-v2",
+        version: Annotated[str, typer.Option(help="Model version written.")] = "anomaly-v3",
         out_dir: Annotated[Optional[Path], typer.Option(help="Where the model and card go (default broker/models/).")]
         = None) -> None:
     """Fit the anomaly model on simulated ordinary light curves (bogus included), evaluate it on rare events."""

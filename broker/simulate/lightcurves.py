@@ -37,9 +37,11 @@ decline, redder with time: g declines faster; on a host at an offset), ``variabl
 0.2-100 d, sinusoidal / sawtooth / eclipsing; difference flux of both signs; on a point source),
 ``AGN`` (damped random walk, nuclear), ``nuclear_flare`` (Gaussian rise, t^-5/3 decline, blue and
 constant colour, nuclear), ``mover`` (one detection, linked with probability 0.85), ``bogus``
-(recurring at a fixed position with random sign and flux near threshold, often on a star; or, in
-40% of the objects, a residual of the reference, e.g. an artefact or a moving object in one of
-its frames: a constant negative difference flux of 5-15 sigma, seen in most frames).
+(:data:`BOGUS_KINDS`: recurring at a fixed position with random sign and flux near threshold,
+often on a star; a residual of the reference, e.g. an artefact or a moving object in one of its
+frames: a constant negative difference flux of 5-15 sigma, seen in most frames; or a one-off:
+one detection at 5-12 sigma anywhere, negative in 40 %, as noise peaks of either sign, cosmic
+rays and glints give).
 
 Rare (:data:`RARE_CLASSES`, never used in training): ``fast_riser`` (rises 3-6 mag within hours,
 declines > 0.3 mag/day), ``extreme_amplitude`` (outbursts of >= 5 mag from a faint point source),
@@ -64,6 +66,12 @@ __all__ = ["ORDINARY_CLASSES", "RARE_CLASSES", "LCSimConfig", "SimAlert", "SimOb
 ORDINARY_CLASSES: tuple[str, ...] = CLASS_NAMES
 RARE_CLASSES: tuple[str, ...] = ("fast_riser", "extreme_amplitude", "long_plateau",
                                  "colour_inverted")
+#: Kinds of bogus object and their shares. The one-offs (35 %) are what a subtraction pipeline
+#: mostly makes: a noise peak, a cosmic ray or a glint is detected once and never again (most
+#: false alerts of the pixel pipeline in ``bench/lightcurves.py`` have one detection). Without
+#: them, movers were the only one-detection class, and ``lcclass-v1`` called such alerts movers.
+BOGUS_KINDS: tuple[str, ...] = ("recurring", "residual", "one_off")
+BOGUS_SHARES: tuple[float, ...] = (0.35, 0.30, 0.35)
 #: AB magnitude of 1 uJy.
 _UJY_ZP = 23.9
 #: Flux model: (mjd array, band) -> true difference flux, uJy.
@@ -342,8 +350,12 @@ _MODELS: dict[str, Callable[[np.random.Generator, float], FluxModel]] = {
 
 
 # --- context --------------------------------------------------------------------------------------
-def _context(kind: str, rng: np.random.Generator) -> dict[str, float]:
-    """Context features of an object of ``kind`` (with realistic confusions)."""
+def _context(kind: str, rng: np.random.Generator, bogus: str | None = None) -> dict[str, float]:
+    """Context features of an object of ``kind`` (with realistic confusions).
+
+    ``bogus``: the kind of a bogus object; a one-off lands anywhere, the others are often on
+    stars (subtraction residuals) or galaxies.
+    """
     c = {"host": 0.0, "host_offset_norm": math.nan, "nuclear": 0.0, "on_star": 0.0, "moving": 0.0}
 
     def host(offset: float) -> None:
@@ -367,7 +379,12 @@ def _context(kind: str, rng: np.random.Generator) -> dict[str, float]:
         if rng.random() < 0.1:
             host(rng.uniform(0.3, 12.0))
         c["on_star"] = float(rng.random() < 0.05)
-    else:  # bogus
+    elif bogus == "one_off":
+        c["on_star"] = float(rng.random() < 0.05)
+        if rng.random() < 0.1:  # a galaxy within the host search radius, by chance
+            host(rng.uniform(0.3, 12.0))
+        c["moving"] = float(rng.random() < 0.02)
+    else:  # bogus that recurs: residuals of stars and galaxies
         c["on_star"] = float(rng.random() < 0.6)
         if rng.random() < 0.25:
             host(rng.uniform(0.0, 3.0))
@@ -378,12 +395,13 @@ def _context(kind: str, rng: np.random.Generator) -> dict[str, float]:
 
 # --- objects --------------------------------------------------------------------------------------
 def _true_and_observed(kind: str, v: dict[str, np.ndarray], ref: dict[str, np.ndarray] | None,
-                       rng: np.random.Generator,
-                       cfg: LCSimConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       rng: np.random.Generator, cfg: LCSimConfig, bogus: str | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Observed difference flux (uJy), its error (uJy) and the detection mask of every frame.
 
     The difference is relative to the mean model flux of the reference frames ``ref`` in the
-    same band (None: to the model's own baseline).
+    same band (None: to the model's own baseline). ``bogus``: the kind of a bogus object
+    (:data:`BOGUS_KINDS`).
     """
     n = len(v["mjd"])
     sky = _ujy(v["lim"]) / 5.0
@@ -407,11 +425,17 @@ def _true_and_observed(kind: str, v: dict[str, np.ndarray], ref: dict[str, np.nd
         if n:
             i = int(rng.integers(n))
             obs[i], det[i] = rng.uniform(5.5, 40.0) * err[i], True
-    elif kind == "bogus" and rng.random() < 0.4:  # a residual of the reference
+    elif bogus == "one_off":
+        det[:] = False
+        if n:
+            i = int(rng.integers(n))
+            one_sign = -1.0 if rng.random() < 0.4 else 1.0  # noise peaks either way; CRs positive
+            obs[i], det[i] = one_sign * rng.uniform(5.0, 12.0) * err[i], True
+    elif bogus == "residual":
         level = -rng.uniform(5.0, 15.0) * float(np.median(err))
         obs = level * rng.normal(1.0, 0.15, n) + rng.normal(0.0, 1.0, n) * err
         det = np.abs(obs / err) >= cfg.detection_snr
-    elif kind == "bogus":
+    elif bogus == "recurring":
         hit = rng.random(n) < rng.uniform(0.02, 0.25)
         sign = np.where(rng.random(n) < 0.5, -1.0, 1.0)
         obs = np.where(hit, sign * rng.uniform(5.0, 8.0, n) * err, obs)
@@ -431,7 +455,8 @@ def simulate_object(kind: str, rng: np.random.Generator, cfg: LCSimConfig = LCSi
     if kind not in ORDINARY_CLASSES + RARE_CLASSES:
         raise ValueError(f"unknown light-curve class {kind!r}")
     v, ref = _visits(rng, cfg)
-    obs, err, det = _true_and_observed(kind, v, ref, rng, cfg)
+    bogus = str(rng.choice(BOGUS_KINDS, p=BOGUS_SHARES)) if kind == "bogus" else None
+    obs, err, det = _true_and_observed(kind, v, ref, rng, cfg, bogus)
     ra, dec = rng.uniform(0.0, 360.0), rng.uniform(-30.0, 60.0)
     k = _ujy(v["magzp"])  # uJy per ADU
     rb_a, rb_b = (2.0, 3.0) if kind == "bogus" else (8.0, 2.0)
@@ -447,7 +472,8 @@ def simulate_object(kind: str, rng: np.random.Generator, cfg: LCSimConfig = LCSi
                                "ra": ra + rng.normal(0, 1e-5), "dec": dec + rng.normal(0, 1e-5),
                                "snr": float(obs[i] / err[i]), "rb": float(rng.beta(rb_a, rb_b)),
                                "telescope": str(v["telescope"][i])})
-    return SimObject(object_id, kind, tuple(detections), tuple(frames), _context(kind, rng))
+    return SimObject(object_id, kind, tuple(detections), tuple(frames),
+                     _context(kind, rng, bogus))
 
 
 def simulate_objects(n: int, seed: int, classes: Sequence[str] = ORDINARY_CLASSES,

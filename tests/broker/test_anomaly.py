@@ -97,7 +97,7 @@ def test_shipped_model():
     if not (MODELS_DIR / f"{DEFAULT_VERSION}.npz").is_file():
         pytest.fail(f"shipped anomaly model missing: {MODELS_DIR / DEFAULT_VERSION}.npz")
     model = AnomalyModel.load()
-    assert model.version == DEFAULT_VERSION == "anomaly-v2"
+    assert model.version == DEFAULT_VERSION == "anomaly-v3"
     s = model.score(np.full((2, len(FEATURE_NAMES)), np.nan))
     assert s.shape == (2,)
 

@@ -15,6 +15,7 @@ from broker.lcclass import (
     LCClassConfig,
     LightCurveClassifier,
     fit_lcclass,
+    object_weights,
 )
 from broker.lightcurve import ALL_FEATURE_NAMES
 from broker.simulate.lightcurves import simulate_objects
@@ -26,16 +27,17 @@ TINY = LCClassConfig(n_estimators=8, max_depth=6, min_samples_leaf=3, max_sample
 @pytest.fixture(scope="module")
 def data():
     table = alert_table(training_alerts(simulate_objects(90, seed=21), seed=21, max_alerts=8))
-    return table.x, table.kind
+    return table.x, table.kind, table.object_id
 
 
 @pytest.fixture(scope="module")
 def model(data):
-    return fit_lcclass(*data, config=TINY, version="lcclass-test")
+    x, kind, objects = data
+    return fit_lcclass(x, kind, config=TINY, version="lcclass-test", objects=objects)
 
 
 def test_classify_explains_every_class(model, data):
-    x, kind = data
+    x, kind, _ = data
     out = model.classify(x[:50])
     assert len(out) == 50
     for c in out:
@@ -91,17 +93,31 @@ def test_save_load_and_errors(model, data, tmp_path):
 
 
 def test_fit_rejects_incomplete_labels(data):
-    x, kind = data
+    x, kind, objects = data
     keep = kind != "mover"
     with pytest.raises(ModelError, match="mover"):
-        fit_lcclass(x[keep], kind[keep], config=TINY)
+        fit_lcclass(x[keep], kind[keep], config=TINY, objects=objects[keep])
+    with pytest.raises(ModelError, match="object"):
+        fit_lcclass(x, kind, config=TINY)  # object weighting without the objects
+
+
+def test_object_weights_give_each_object_and_each_class_an_equal_share():
+    objects = np.array(["a", "a", "a", "b", "c", "c", "d"])
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    w = object_weights(objects, y)
+    assert w.sum() == pytest.approx(len(w))
+    assert w[:3].sum() == pytest.approx(w[3])  # objects of one class weigh the same in total
+    assert w[:4].sum() == pytest.approx(w[4:].sum())  # and so do the classes
+    assert w[4] == pytest.approx(w[5]) and w[6] == pytest.approx(w[4] + w[5])
+    with pytest.raises(ModelError, match="weighting"):
+        LCClassConfig(weighting="per-pixel")
 
 
 def test_shipped_model():
-    if not (MODELS_DIR / "lcclass-v1.npz").is_file():
-        pytest.fail(f"shipped classifier missing: {MODELS_DIR / 'lcclass-v1.npz'}")
+    if not (MODELS_DIR / "lcclass-v2.npz").is_file():
+        pytest.fail(f"shipped classifier missing: {MODELS_DIR / 'lcclass-v2.npz'}")
     m = LightCurveClassifier.load()
-    assert m.version == "lcclass-v1"
+    assert m.version == "lcclass-v2" and m.metadata["config"]["weighting"] == "object"
     assert len(m.classify(np.full((1, len(ALL_FEATURE_NAMES)), np.nan))) == 1
 
 

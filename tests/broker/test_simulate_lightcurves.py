@@ -86,6 +86,18 @@ def test_class_behaviour():
     assert np.nanmedian(_col(_last_features("nuclear_flare"), "colour")) < 0  # blue
 
 
+def test_bogus_includes_one_off_detections_of_either_sign_anywhere():
+    """A third of the bogus objects are single detections (noise peaks, cosmic rays), not on stars."""
+    bogus = [simulate_object("bogus", np.random.default_rng([4, i]), NIGHTLY) for i in range(300)]
+    single = [b for b in bogus if len(b.detections) == 1]
+    many = [b for b in bogus if len(b.detections) > 1]
+    assert 0.3 < len(single) / len(bogus) < 0.6
+    signs = np.sign([b.detections[0]["snr"] for b in single])
+    assert 0.2 < np.mean(signs < 0) < 0.6  # either sign
+    assert np.mean([b.context["on_star"] for b in single]) < 0.3 < np.mean([b.context["on_star"] for b in many])
+    assert np.mean([b.context["moving"] for b in single]) < 0.1
+
+
 def test_context_per_class():
     ctx = {k: [simulate_object(k, np.random.default_rng([3, i])).context for i in range(40)]
            for k in ("mover", "AGN", "variable_star")}

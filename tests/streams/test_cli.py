@@ -132,8 +132,10 @@ def test_feedback_records_labels_exports_them_and_refuses_bad_ones(tmp_path):
         assert res.exit_code == 2 and "error" in res.output, bad
     res = runner.invoke(app, ["feedback", "-", "-", "-", "--export", *state])
     (row,) = [json.loads(line) for line in res.output.splitlines()]
+    from broker.anomaly import DEFAULT_VERSION
+
     assert (row["object_id"], row["label"], row["who"], row["score"], row["model_version"]) == (
-        "OBJ1", "interesting", "ann", 0.995, "anomaly-v2")
+        "OBJ1", "interesting", "ann", 0.995, DEFAULT_VERSION)  # the default is the shipped model
 
 
 @pytest.mark.parametrize("setting,message", [
@@ -170,3 +172,13 @@ def test_telescope_add_writes_a_profile_and_refuses_bad_values(tmp_path):
                          (new + ["--time-reference", "end"], "time_reference")):
         res = runner.invoke(app, bad)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+
+
+def test_training_commands_write_the_shipped_versions_by_default():
+    import inspect
+
+    from broker import anomaly, lcclass
+    from streams.cli import train_anomaly, train_lcclass
+
+    assert inspect.signature(train_lcclass).parameters["version"].default == lcclass.DEFAULT_VERSION
+    assert inspect.signature(train_anomaly).parameters["version"].default == anomaly.DEFAULT_VERSION
