@@ -63,8 +63,9 @@ class RealPixelConfig:
         (:func:`psf_flux_sigma`), log-uniform. Default (5, 100): from the detection threshold
         to bright transients.
     fwhm : float
-        Injected PSF FWHM (px) when the packet gives none (ZTF's ``candidate.fwhm``). Default
-        2.5, the median of the public ZTF alerts.
+        Injected PSF FWHM (px) where the science stamp has no star to measure
+        (:func:`stamp_fwhm`) and the packet gives none (ZTF's ``candidate.fwhm``). Default 2.5,
+        the median ``candidate.fwhm`` of the public ZTF alerts.
     gain : float
         e-/DN of the shot noise added with an injected source. Default 6.2 (ZTF's cameras).
     n_inject : int
