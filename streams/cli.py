@@ -623,6 +623,8 @@ def print_summary(result: DemoResult, rb_cut: float, elapsed: float) -> None:
         table.add_row("latency exposure end -> alert", f"p50 {p50:.1f} s, p95 {p95:.1f} s")
     mix = result.class_mix(rb_cut)
     table.add_row(f"classes (rb >= {rb_cut})", ", ".join(f"{k}: {v}" for k, v in mix.items()) or "none")
+    table.add_row("  right class, by truth", ", ".join(
+        f"{k} {right}/{n}" for k, (right, n) in result.classes_vs_truth(rb_cut).items()) or "none")
     table.add_row("context", ", ".join(f"{k}: {v}" for k, v in result.context_counts().items()))
     for rank, (alert, truth) in enumerate(result.anomaly_top(10), 1):
         label = (alert.get("classification") or {}).get("label", "-")

@@ -51,6 +51,10 @@ MATCH_PX = 1.5
 #: reference: the core grown by 3 px, then by 1 FWHM): counted apart from the recovery table.
 SATURATION_MASK_PX = 8.0
 REAL_KINDS = ("transient", "variable", "moving")
+#: The light-curve class each injected real kind should get (:meth:`DemoResult.classes_vs_truth`);
+#: an alert on an injected artefact (hot pixel, satellite trail, ...) or on nothing should be
+#: ``bogus``.
+TRUTH_CLASS = {"transient": "SN", "variable": "variable_star", "moving": "mover"}
 
 
 @dataclass
@@ -183,6 +187,23 @@ class DemoResult:
                 label = (a.get("classification") or {}).get("label", "unclassified")
                 out[label] = out.get(label, 0) + 1
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def classes_vs_truth(self, rb_cut: float | None = None) -> dict[str, tuple[int, int]]:
+        """Per expected class (:data:`TRUTH_CLASS`): (alerts given that class, alerts expected).
+
+        The expected class is that of the injection the alert matches (:meth:`truth_of`),
+        ``bogus`` where it matches an artefact or none; alerts with rb below ``rb_cut`` are left
+        out.
+        """
+        out: dict[str, tuple[int, int]] = {}
+        for a in self.alerts:
+            if rb_cut is not None and (a["scores"]["rb"] is None or a["scores"]["rb"] < rb_cut):
+                continue
+            want = TRUTH_CLASS.get(self.truth_of(a).split()[0], "bogus")  # hot pixels, trails: bogus
+            got = (a.get("classification") or {}).get("label")
+            right, total = out.get(want, (0, 0))
+            out[want] = (right + (got == want), total + 1)
+        return {k: out[k] for k in (*TRUTH_CLASS.values(), "bogus") if k in out}
 
     def anomaly_top(self, n: int = 10) -> list[tuple[dict, str]]:
         """The ``n`` alerts of highest anomaly score with what was injected there (:meth:`truth_of`)."""

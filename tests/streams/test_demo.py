@@ -38,3 +38,23 @@ def test_recovery_counts_transients_outside_saturation_masks_and_lists_the_rest(
     missed = res.missed(10.0)
     assert sorted((m[1], m[4]) for m in missed) == sorted([(t[0].source_id, True), (t[2].source_id, False)])
     assert np.isfinite(missed[0][3])
+
+
+def test_classes_are_checked_against_what_was_injected():
+    sim = SkySimulator(SimConfig(shape=(256, 256), fields=("F001",), n_stars=20, n_galaxies=5,
+                                 n_transients=2, n_variables=1, n_moving=0, n_cosmic_rays=0.0), seed=6)
+    res = DemoResult()
+    frame, truth = list(sim.frames(4))[3]  # the transients have started
+    res.truths[truth.frame_id] = truth
+    tr = [i for i in truth.injections if i.kind == "transient"]
+    var = [i for i in truth.injections if i.kind == "variable"]
+    hot = next(i for i in truth.injections if i.kind == "hot_pixel")
+
+    def alert(x: float, y: float, label: str, rb: float = 0.9) -> dict:
+        return {**_alert(truth.frame_id, x, y), "classification": {"label": label}, "scores": {"rb": rb}}
+
+    res.alerts = [alert(tr[0].x, tr[0].y, "SN"), alert(tr[1].x, tr[1].y, "mover"),
+                  alert(var[0].x, var[0].y, "variable_star"), alert(3.0, 3.0, "mover"),
+                  alert(hot.x, hot.y, "bogus"), alert(tr[0].x, tr[0].y, "SN", rb=0.1)]
+    assert res.classes_vs_truth(0.5) == {"SN": (1, 2), "variable_star": (1, 1), "bogus": (1, 2)}
+    assert res.classes_vs_truth()["SN"] == (2, 3)
