@@ -159,12 +159,15 @@ class DemoResult:
         wanted = {r["object_id"] for r in self.followups}
         return sum(1 for a in self.alerts if a["provenance"]["frame_id"] in frames and a["objectId"] in wanted)
 
+    def _alerts_above(self, rb_cut: float | None) -> Iterable[dict]:
+        """The alerts with rb >= ``rb_cut`` (all with None; an alert without rb fails a cut)."""
+        return (a for a in self.alerts
+                if rb_cut is None or (a["scores"]["rb"] is not None and a["scores"]["rb"] >= rb_cut))
+
     def false_alerts(self, rb_cut: float | None = None) -> int:
         """Alerts that match no injected real source (transient, variable star, moving object)."""
         n = 0
-        for a in self.alerts:
-            if rb_cut is not None and (a["scores"]["rb"] is None or a["scores"]["rb"] < rb_cut):
-                continue
+        for a in self._alerts_above(rb_cut):
             truth = self.truths.get(a["provenance"]["frame_id"])
             if truth is None or not any(matches(a, i) for i in truth.injections if i.kind in REAL_KINDS):
                 n += 1
@@ -182,10 +185,9 @@ class DemoResult:
     def class_mix(self, rb_cut: float | None = None) -> dict[str, int]:
         """Alerts per most probable light-curve class (``unclassified`` without one), rb below ``rb_cut`` left out."""
         out: dict[str, int] = {}
-        for a in self.alerts:
-            if rb_cut is None or (a["scores"]["rb"] is not None and a["scores"]["rb"] >= rb_cut):
-                label = (a.get("classification") or {}).get("label", "unclassified")
-                out[label] = out.get(label, 0) + 1
+        for a in self._alerts_above(rb_cut):
+            label = (a.get("classification") or {}).get("label", "unclassified")
+            out[label] = out.get(label, 0) + 1
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def classes_vs_truth(self, rb_cut: float | None = None) -> dict[str, tuple[int, int]]:
@@ -196,9 +198,7 @@ class DemoResult:
         out.
         """
         out: dict[str, tuple[int, int]] = {}
-        for a in self.alerts:
-            if rb_cut is not None and (a["scores"]["rb"] is None or a["scores"]["rb"] < rb_cut):
-                continue
+        for a in self._alerts_above(rb_cut):
             want = TRUTH_CLASS.get(self.truth_of(a).split()[0], "bogus")  # hot pixels, trails: bogus
             got = (a.get("classification") or {}).get("label")
             right, total = out.get(want, (0, 0))

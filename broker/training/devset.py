@@ -183,8 +183,8 @@ def _bytes(record: dict, keys: str) -> bytes:
     return b""
 
 
-def packets(folder: str | Path, rejected: list[str]) -> Iterator[dict]:
-    """The alert packets of the ``*.avro`` files under ``folder``, in file-name order.
+def packets(folder: str | Path, rejected: list[str]) -> Iterator[tuple[str, dict]]:
+    """(file name, packet) of the ``*.avro`` files under ``folder``, in file-name order.
 
     A file that cannot be read adds its reason to ``rejected``, as does a record that is not a
     packet; the others are still read.
@@ -200,7 +200,7 @@ def packets(folder: str | Path, rejected: list[str]) -> Iterator[dict]:
             continue
         for r in recs:
             if isinstance(r, dict):
-                yield r
+                yield f.name, r
             else:
                 rejected.append(f"{f.name}: not an alert packet")
 
@@ -216,7 +216,7 @@ def other_survey_triplets(folder: str | Path, survey: str) -> tuple[np.ndarray, 
     """
     keys, xs = SURVEY_STAMPS[survey], []
     rejected: list[str] = []
-    for r in packets(folder, rejected):
+    for _, r in packets(folder, rejected):
         try:
             xs.append(survey_triplet(r, keys))
         except CutoutError as exc:

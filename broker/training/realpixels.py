@@ -31,6 +31,7 @@ from scipy import ndimage
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import ConfigError, CutoutError
 from broker.normalise import alert_triplet, normalise_triplet
+from broker.simulate.render import moffat_alpha
 
 _C = CUTOUT_SIZE // 2  # the centre pixel of a 63x63 triplet
 #: Smallest stamp side (px) cut from: DECam's alert stamps are 51 px, ZTF's 63 px. Stamps that
@@ -137,7 +138,7 @@ def residual_peaks(diff: np.ndarray, config: RealPixelConfig = RealPixelConfig()
 def moffat(shape: tuple[int, int], y: float, x: float, fwhm: float, beta: float = 3.0
            ) -> np.ndarray:
     """A Moffat profile of unit sum centred on (y, x) px, shape ``shape``."""
-    alpha = fwhm / (2 * np.sqrt(2 ** (1 / beta) - 1))
+    alpha = moffat_alpha(fwhm, beta)
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     p = (1 + ((yy - y) ** 2 + (xx - x) ** 2) / alpha**2) ** -beta
     return p / p.sum()
@@ -289,7 +290,7 @@ def survey_stamps(folder: str | Path, survey: str
     from broker.training.devset import survey_stamps as other_stamps
 
     seen: set = set()
-    for r in packets(folder, []):
+    for _, r in packets(folder, []):
         cand: dict = r["candidate"] if isinstance(r.get("candidate"), dict) else {}
         key = cand.get("candid", r.get("candid"))
         if survey == "ztf" and key is not None and key in seen:

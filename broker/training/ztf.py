@@ -44,38 +44,27 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
     rejected : list of str
         One reason per record that could not be used (JPEG stamps, unreadable files, ...).
     """
-    import fastavro
+    from broker.training.devset import packets
 
-    xs, rows, rejected, seen = [], [], [], set()
-    for f in sorted(Path(folder).rglob("*.avro")):
-        if not f.is_file():
+    xs, rows, seen = [], [], set()
+    rejected: list[str] = []
+    for name, r in packets(folder, rejected):  # unreadable files and records: in ``rejected``
+        cand = r.get("candidate") or {}
+        cid = cand.get("candid", r.get("candid"))
+        if dedupe and cid is not None and cid in seen:
             continue
         try:
-            with open(f, "rb") as fh:
-                recs = list(fastavro.reader(fh))
-        except Exception as exc:  # e.g. snappy codec without cramjam
-            rejected.append(f"{f.name}: {exc}")
+            sci, ref, diff = alert_triplet(r)
+            x, flags = normalise_triplet(sci, ref, diff)
+        except CutoutError as exc:
+            rejected.append(f"{name}: {exc}")
             continue
-        for r in recs:
-            if not isinstance(r, dict):
-                rejected.append(f"{f.name}: not an alert packet")
-                continue
-            cand = r.get("candidate") or {}
-            cid = cand.get("candid", r.get("candid"))
-            if dedupe and cid is not None and cid in seen:
-                continue
-            try:
-                sci, ref, diff = alert_triplet(r)
-                x, flags = normalise_triplet(sci, ref, diff)
-            except CutoutError as exc:
-                rejected.append(f"{f.name}: {exc}")
-                continue
-            seen.add(cid)
-            xs.append(x)
-            rows.append({"rb": cand.get("rb"), "drb": _drb(cand), "candid": cid or 0,
-                         "fading": ztf_negative_subtraction(r),
-                         "objectId": str(r.get("objectId", "")), "file": f.name,
-                         "n_nan": sum(flags.n_nan), "n_pad": flags.n_pad})
+        seen.add(cid)
+        xs.append(x)
+        rows.append({"rb": cand.get("rb"), "drb": _drb(cand), "candid": cid or 0,
+                     "fading": ztf_negative_subtraction(r),
+                     "objectId": str(r.get("objectId", "")), "file": name,
+                     "n_nan": sum(flags.n_nan), "n_pad": flags.n_pad})
     x = np.stack(xs) if xs else np.zeros((0, 3, CUTOUT_SIZE, CUTOUT_SIZE), np.float32)
     meta = {
         "rb": np.array([np.nan if r["rb"] is None else r["rb"] for r in rows], float),
