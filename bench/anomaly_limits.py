@@ -1,21 +1,23 @@
-"""What limits the anomaly score: the shipped method, a joint alternative and a supervised ceiling.
+"""What limits the anomaly score: the shipped method, its variants and a supervised ceiling.
 
     python -m bench.anomaly_limits [--seed 0] [--n-objects 2000] [--n-rare-train 400]
 
 On the light-curve report's streams (:func:`broker.training.lightcurves._report_streams`: the
 mixed and the season-only surveys, ordinary objects of seed ``seed + 2000``, rare ones of
 ``seed + 2001``), fitted on the ordinary alerts of seed ``seed + 3000`` (as the report's method
-comparison), three scores are evaluated with
+comparison), four scores are evaluated with
 :func:`broker.training.lightcurves.anomaly_evaluation` (rare objects with an alert in the top 1 %,
 bogus alerts in the top 100):
 
-- ``hbos``: the shipped method (:class:`broker.anomaly.AnomalyConfig` defaults), one density per
+- ``hbos``: HBOS per class without the conditional term (anomaly-v3's method), one density per
   ordinary class, each feature on its own;
-- ``hbos + conditional``: the same plus, per class, an attribute-wise conditional term (Paulheim &
-  Meusel 2015, "ALSO"): each scaled feature is predicted from the others by a gradient-boosted
-  regressor fitted on that class, and the score adds sum_j log(1 + (residual_j / MAD_j)^2)
-  times ``--weight``, so that an unusual *combination* of individually common values counts;
-  per-class CDFs and the minimum over classes as in :class:`broker.anomaly.AnomalyModel`;
+- ``shipped``: the same plus the quadratic ridge conditional term of
+  :class:`broker.anomaly.AnomalyConfig` (anomaly-v4);
+- ``hbos + conditional``: HBOS plus, per class, an attribute-wise conditional term (Paulheim &
+  Meusel 2015, "ALSO") with gradient-boosted regressors: each scaled feature is predicted from the
+  others by a regressor fitted on that class, and the score adds sum_j log(1 + (residual_j /
+  MAD_j)^2) times ``--weight``, so that an unusual *combination* of individually common values
+  counts; per-class CDFs and the minimum over classes as in :class:`broker.anomaly.AnomalyModel`;
 - ``supervised ceiling``: a random forest that has *seen* the rare classes (``--n-rare-train``
   rare objects of seed ``seed + 5001`` against the ordinary training alerts, balanced), scored by
   its rare-class probability. It is not an anomaly score (it knows what to look for); it bounds
@@ -35,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import git_rev, machine
-from broker.anomaly import AnomalyModel, class_cdf, fit_anomaly
+from broker.anomaly import AnomalyConfig, AnomalyModel, class_cdf, fit_anomaly
 from broker.simulate.lightcurves import RARE_CLASSES
 from broker.training.lightcurves import (
     AlertTable,
@@ -132,9 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                                                            RARE_CLASSES, prefix="rare-train")))
     table, rare, season, rare_season = _report_streams(args.seed, args.n_objects)
     streams = {"mixed": (table, rare), "season": (season, rare_season)}
-    base = fit_anomaly(train.x, train.kind)
-    rows = [_row("HBOS per class (shipped method)", base, streams, args.n_objects),
-            _row(f"HBOS + {args.weight:g} x attribute-wise conditional term",
+    base = fit_anomaly(train.x, train.kind, AnomalyConfig(conditional_weight=0.0))
+    rows = [_row("HBOS per class (anomaly-v3's method)", base, streams, args.n_objects),
+            _row("HBOS + 0.5 x quadratic conditional term (shipped, anomaly-v4)",
+                 fit_anomaly(train.x, train.kind), streams, args.n_objects),
+            _row(f"HBOS + {args.weight:g} x gradient-boosted conditional term",
                  conditional_model(base, train, args.weight), streams, args.n_objects),
             _row("supervised ceiling (has seen the rare classes)",
                  supervised_ceiling(base, train, rare_train), streams, args.n_objects)]

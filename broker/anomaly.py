@@ -7,10 +7,15 @@ up to the alert's time, then the context features). "Ordinary" is every class of
 real/bogus score is separate and is not an input), so fading supernovae, periodic variables,
 AGN, flares, movers and recurring artefacts are not anomalous by construction.
 
-Method (anomaly v2, chosen by measurement against isolation forests, see
-``docs/lightcurve-report``): for each ordinary class, a histogram-based outlier score (HBOS,
-Goldstein & Dengel 2012): the sum over features of -log(histogram density of the class), with a
-penalty growing with the distance beyond the class's range. It is computed on the
+Method (chosen by measurement against isolation forests over four independent simulations,
+``bench/anomaly_methods.py`` and ``docs/lightcurve-report``): for each ordinary class, a
+histogram-based outlier score (HBOS, Goldstein & Dengel 2012): the sum over features of
+-log(histogram density of the class), with a penalty growing with the distance beyond the class's
+range; from anomaly-v4 plus an attribute-wise conditional term (Paulheim & Meusel 2015, "ALSO"):
+each feature is predicted from the others by a ridge regression on their quadratic basis, and
+``w x sum_j log(1 + (residual_j / scale_j)^2)`` is added, so an unusual *combination* of
+individually common values (a fast rise at an ordinary peak, a long duration with few
+detections) counts, which the per-feature histograms cannot see. It is computed on the
 :data:`ANOMALY_FEATURES` (the physical light-curve features and the context; the noisier
 statistical moments only diluted the measured recovery of rare events), each robustly scaled and
 compressed, ``asinh((x - median) / IQR)``. Each class's score is mapped to the empirical CDF of its
@@ -44,8 +49,8 @@ from broker.trees import BIG, Forest, export_forest, isolation_score, model_path
 __all__ = ["ANOMALY_FEATURES", "DEFAULT_VERSION", "FEATURE_NAMES", "N_FEATURES", "AnomalyConfig",
            "AnomalyModel", "class_cdf", "fit_anomaly"]
 
-#: Version loaded when none is given (``broker/models/anomaly-v3.*``).
-DEFAULT_VERSION = "anomaly-v3"
+#: Version loaded when none is given (``broker/models/anomaly-v4.*``).
+DEFAULT_VERSION = "anomaly-v4"
 #: Columns of the rows :meth:`AnomalyModel.score` takes (= ``broker.lightcurve.ALL_FEATURE_NAMES``).
 FEATURE_NAMES: tuple[str, ...] = ALL_FEATURE_NAMES
 N_FEATURES = len(FEATURE_NAMES)
@@ -78,6 +83,17 @@ class AnomalyConfig:
         Quantile knots of each empirical CDF (1001: 0.1% steps).
     seed : int
         Random state (isolation forests).
+    conditional_weight : float
+        Weight w of the attribute-wise conditional term added to each class's HBOS score
+        (:func:`_conditional_fit`; 0 = none, as up to anomaly-v3). 0.5: recovery of rare events
+        levels off there while bogus alerts at the top keep growing with w, measured on
+        validation streams of seeds 7000 / 10000 (``docs/notes/anomaly-experiments.md``).
+    conditional_degree : int
+        Degree of the polynomial the conditional term's regressions use (1 linear, 2 with every
+        product of two features).
+    conditional_ridge : float
+        Ridge penalty of those regressions on the standardised basis, in units of the class's row
+        count (1e-3: a light shrinkage of collinear columns).
     """
 
     method: str = "hbos"
@@ -88,6 +104,9 @@ class AnomalyConfig:
     max_samples: int = 256
     n_cdf_knots: int = 1001
     seed: int = 0
+    conditional_weight: float = 0.5
+    conditional_degree: int = 2
+    conditional_ridge: float = 1e-3
 
 
 #: Extra -log probability (nats) of a value just beyond a class's training range, over that of an
@@ -122,6 +141,72 @@ def _hbos_fit(z: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, float
     return edges, logd, float(np.log(0.5 / (n + 0.5 * n_bins)) - BEYOND_PENALTY)
 
 
+#: Largest share of a class's rows at one value of a feature that the conditional term predicts.
+MAX_MODE_SHARE = 0.5
+
+
+def _basis(z: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
+    """Polynomial basis of scaled rows and the features each column involves.
+
+    Returns
+    -------
+    phi : (N, P) ndarray
+        ``z`` (degree 1), then every product ``z_i z_k`` with i <= k (degree 2).
+    involves : (P, J) bool ndarray
+        Whether column p uses feature j.
+    """
+    nf = z.shape[1]
+    eye = np.eye(nf, dtype=bool)
+    if degree == 1:
+        return z, eye
+    i, k = np.triu_indices(nf)
+    return np.column_stack([z, z[:, i] * z[:, k]]), np.vstack([eye, eye[i] | eye[k]])
+
+
+def _conditional_fit(z: np.ndarray, degree: int, ridge: float) -> dict[str, np.ndarray]:
+    """Prediction of each scaled feature from the others, within one class.
+
+    The attribute-wise conditional term (Paulheim & Meusel 2015, "ALSO") scores unusual
+    *combinations* of individually common values, which the per-feature histograms cannot: each
+    feature ``z_j`` is regressed (ridge, penalty ``ridge`` x rows, on the standardised polynomial
+    basis of :func:`_basis` without the columns that use j) on the other features; its residual
+    scale is the normalised median absolute residual. Features with one value in more than
+    :data:`MAX_MODE_SHARE` of the rows (flags, undefined values, a dominant count) are predictors
+    only: their residual scale degenerates, and the rarity of their values is HBOS's to score.
+
+    Returns
+    -------
+    dict
+        ``mu``, ``sd`` (P,): standardisation of the basis; ``coef`` (J, P+1): each feature's
+        coefficients (0 on the columns that use it) and intercept; ``scale`` (J,): robust residual
+        scale, 0 for features that are not predicted (no term).
+    """
+    phi, involves = _basis(z, degree)
+    mu, sd = phi.mean(axis=0), phi.std(axis=0) + 1e-9
+    a = (phi - mu) / sd
+    n, nf = z.shape
+    coef, scale = np.zeros((nf, a.shape[1] + 1)), np.zeros(nf)
+    for j in range(nf):
+        if np.unique(z[:, j], return_counts=True)[1].max() > MAX_MODE_SHARE * n:
+            continue
+        use = ~involves[:, j]
+        y = z[:, j] - z[:, j].mean()
+        aj = a[:, use]
+        coef[j, :-1][use] = np.linalg.solve(aj.T @ aj + ridge * n * np.eye(use.sum()), aj.T @ y)
+        coef[j, -1] = z[:, j].mean()
+        resid = z[:, j] - a @ coef[j, :-1] - coef[j, -1]
+        scale[j] = 1.4826 * float(np.median(np.abs(resid))) + 1e-3
+    return {"mu": mu, "sd": sd, "coef": coef, "scale": scale}
+
+
+def _conditional_score(z: np.ndarray, degree: int, cond: dict[str, np.ndarray]) -> np.ndarray:
+    """Sum over features of log(1 + (residual / scale)^2) (N,); features with scale 0 skipped."""
+    a = (_basis(z, degree)[0] - cond["mu"]) / cond["sd"]
+    resid = z - a @ cond["coef"][:, :-1].T - cond["coef"][:, -1]
+    used = cond["scale"] > 0
+    return np.log1p((resid[:, used] / cond["scale"][used]) ** 2).sum(axis=1)
+
+
 def _hbos_score(z: np.ndarray, edges: np.ndarray, logd: np.ndarray, floor: float) -> np.ndarray:
     """Sum over features of -log bin probability; beyond the range: -floor + log1p(bins away)."""
     lo, hi = edges[:, 0], edges[:, -1]
@@ -146,8 +231,10 @@ class AnomalyModel:
     center, scale, fill : (J,) ndarray
         Scaling ``asinh((x - center) / scale)`` and the scaled value of NaN inputs.
     params : dict of ndarray
-        HBOS: ``edges`` (K, J, B+1), ``logd`` (K, J, B), ``floor`` (K,); iforest: ``f<k>_*``
-        forest arrays and ``max_samples`` (K,).
+        HBOS: ``edges`` (K, J, B+1), ``logd`` (K, J, B), ``floor`` (K,) and, from anomaly-v4, the
+        conditional term ``cond_mu``, ``cond_sd`` (K, P), ``cond_coef`` (K, J, P+1),
+        ``cond_scale`` (K, J), ``cond_weight`` and ``cond_degree`` ();
+        iforest: ``f<k>_*`` forest arrays and ``max_samples`` (K,).
     class_knots : (K, Q) ndarray
         CDF knots of each class's raw score over its own training alerts.
     cdf_knots : (Q,) ndarray
@@ -178,11 +265,21 @@ class AnomalyModel:
             if e.shape[:2] != (k, j) or lg.shape != (k, j, e.shape[2] - 1) or \
                     self.params["floor"].shape != (k,):
                 raise ModelError("inconsistent anomaly model histograms")
+            if "cond_weight" in self.params:
+                self._check_conditional(k, j)
             self._forests: list[Forest] = []
         else:
             self._forests = [Forest.from_arrays(self.params, f"f{i}_") for i in range(k)]
             if any(f.feature.max() >= j for f in self._forests):
                 raise ModelError("anomaly model splits on an unknown feature")
+
+    def _check_conditional(self, k: int, j: int) -> None:
+        degree = int(self.params["cond_degree"])
+        n_basis = j if degree == 1 else j + j * (j + 1) // 2
+        shapes = {"mu": (k, n_basis), "sd": (k, n_basis), "coef": (k, j, n_basis + 1), "scale": (k, j)}
+        if degree not in (1, 2) or any(self.params[f"cond_{name}"].shape != shape
+                                       for name, shape in shapes.items()):
+            raise ModelError("inconsistent anomaly model conditional term")
 
     @property
     def n_features(self) -> int:
@@ -200,8 +297,13 @@ class AnomalyModel:
     def _class_scores(self, z: np.ndarray, k: int) -> np.ndarray:
         """Raw score of class ``k`` (higher = rarer)."""
         if self.method == "hbos":
-            return _hbos_score(z, self.params["edges"][k], self.params["logd"][k],
-                               float(self.params["floor"][k]))
+            score = _hbos_score(z, self.params["edges"][k], self.params["logd"][k],
+                                float(self.params["floor"][k]))
+            w = float(self.params.get("cond_weight", 0.0))
+            if w > 0:
+                cond = {name: self.params[f"cond_{name}"][k] for name in ("mu", "sd", "coef", "scale")}
+                score += w * _conditional_score(z, int(self.params["cond_degree"]), cond)
+            return score
         return -isolation_score(self._forests[k], z, int(self.params["max_samples"][k]))
 
     def raw_score(self, x: np.ndarray) -> np.ndarray:
@@ -335,8 +437,13 @@ def _fit_params(config: AnomalyConfig, groups: list[str], lab: np.ndarray, x: np
     z = np.where(np.isnan(z), fill, z)
     if config.method == "hbos":
         fits = [_hbos_fit(z[lab == g], config.n_bins) for g in groups]
+        cond = [_conditional_fit(z[lab == g], config.conditional_degree, config.conditional_ridge)
+                for g in groups]
         return {"edges": np.array([f[0] for f in fits]), "logd": np.array([f[1] for f in fits]),
-                "floor": np.array([f[2] for f in fits])}
+                "floor": np.array([f[2] for f in fits]),
+                **{f"cond_{name}": np.array([c[name] for c in cond]) for name in cond[0]},
+                "cond_weight": np.array(config.conditional_weight),
+                "cond_degree": np.array(config.conditional_degree)}
     from sklearn.ensemble import IsolationForest
 
     params: dict[str, np.ndarray] = {}

@@ -1,4 +1,4 @@
-"""Tests of broker.anomaly (v2): fit, scores, persistence without pickle, the shipped model."""
+"""Tests of broker.anomaly: fit, the conditional term, scores, persistence without pickle, the shipped model."""
 
 from __future__ import annotations
 
@@ -97,7 +97,8 @@ def test_shipped_model():
     if not (MODELS_DIR / f"{DEFAULT_VERSION}.npz").is_file():
         pytest.fail(f"shipped anomaly model missing: {MODELS_DIR / DEFAULT_VERSION}.npz")
     model = AnomalyModel.load()
-    assert model.version == DEFAULT_VERSION == "anomaly-v3"
+    assert model.version == DEFAULT_VERSION == "anomaly-v4"
+    assert float(model.params["cond_weight"]) == 0.5 and int(model.params["cond_degree"]) == 2
     s = model.score(np.full((2, len(FEATURE_NAMES)), np.nan))
     assert s.shape == (2,)
 
@@ -109,3 +110,40 @@ def test_training_command_writes_a_loadable_model(tmp_path):
     assert 0 <= out["rare_recovered"] <= 1 and out["bogus_in_top100"] >= 0
     assert AnomalyModel.load(tmp_path / "anomaly-t").version == "anomaly-t"
     assert "## Reproduce" in (tmp_path / "anomaly-t.md").read_text()
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_conditional_term_scores_unusual_combinations(degree):
+    # two features tied to each other (z_b = z_a + small noise) and a third independent one: a row
+    # whose values are each common but break the tie is ordinary to the per-feature histograms
+    rng = np.random.default_rng(5)
+    x = np.zeros((4000, len(FEATURE_NAMES)))
+    a, b = ALL_FEATURE_NAMES.index("peak_mag"), ALL_FEATURE_NAMES.index("amplitude")
+    c = ALL_FEATURE_NAMES.index("duration")
+    x[:, a] = rng.normal(18.0, 1.0, len(x))
+    x[:, b] = x[:, a] - 16.0 + rng.normal(0.0, 0.05, len(x))
+    x[:, c] = rng.normal(30.0, 5.0, len(x))
+    cfg = AnomalyConfig(features=("peak_mag", "amplitude", "duration"), per_class=False, n_cdf_knots=101)
+    plain = fit_anomaly(x, None, config=replace(cfg, conditional_weight=0.0))
+    joint = fit_anomaly(x, None, config=replace(cfg, conditional_weight=0.5, conditional_degree=degree))
+    peak_scale, amplitude_scale, duration_scale = joint.params["cond_scale"][0]
+    assert max(peak_scale, amplitude_scale) < 0.1 < 0.5 < duration_scale  # predictable / not
+    odd = np.median(x, axis=0)
+    odd[a], odd[b] = 19.0, 0.5  # each value within 1.5 sigma, the pair 50 sigma off the tie
+    assert plain.score(odd)[0] < 0.9  # measured 0.65
+    assert joint.score(odd)[0] > 0.98  # measured 0.996
+    np.testing.assert_allclose(np.median(joint.score(x)), 0.5, atol=0.05)
+
+
+def test_conditional_term_persists_and_old_models_load(data, tmp_path):
+    joint = fit_anomaly(*data, config=replace(TINY, conditional_weight=0.5), version="anomaly-t")
+    again = AnomalyModel.load(joint.save(tmp_path / "anomaly-t"))
+    np.testing.assert_allclose(again.score(data[0][:50]), joint.score(data[0][:50]))
+    params = {k: v for k, v in joint.params.items() if not k.startswith("cond_")}
+    old = AnomalyModel("hbos", joint.columns, joint.center, joint.scale, joint.fill, params,
+                       joint.class_knots, joint.cdf_knots, "old")  # a model saved before the term
+    assert old.score(data[0][:5]).shape == (5,)
+    with pytest.raises(ModelError, match="conditional"):
+        AnomalyModel("hbos", joint.columns, joint.center, joint.scale, joint.fill,
+                     {**joint.params, "cond_scale": np.zeros((1, 2))}, joint.class_knots,
+                     joint.cdf_knots, "bad")
