@@ -12,7 +12,8 @@ Method (chosen by measurement against isolation forests over four independent si
 histogram-based outlier score (HBOS, Goldstein & Dengel 2012): the sum over features of
 -log(histogram density of the class), with a penalty growing with the distance beyond the class's
 range; from anomaly-v4 plus an attribute-wise conditional term (Paulheim & Meusel 2015, "ALSO"):
-each feature is predicted from the others by a ridge regression on their quadratic basis, and
+each feature that does not sit on one value for most of a class is predicted from the others by
+a ridge regression on their quadratic basis (flags are predictors only), and
 ``w x sum_j log(1 + (residual_j / scale_j)^2)`` is added, so an unusual *combination* of
 individually common values (a fast rise at an ordinary peak, a long duration with few
 detections) counts, which the per-feature histograms cannot see. It is computed on the

@@ -147,3 +147,16 @@ def test_conditional_term_persists_and_old_models_load(data, tmp_path):
         AnomalyModel("hbos", joint.columns, joint.center, joint.scale, joint.fill,
                      {**joint.params, "cond_scale": np.zeros((1, 2))}, joint.class_knots,
                      joint.cdf_knots, "bad")
+
+
+def test_conditional_term_on_a_tiny_or_degenerate_class(data):
+    # a class of 3 alerts and a class whose features are all NaN (one value each): no crash,
+    # finite scores, and no term for the features the degenerate class cannot predict
+    x, kind = data
+    x = np.vstack([x, x[:3], np.full((30, len(FEATURE_NAMES)), np.nan)])
+    kind = np.concatenate([kind, ["tiny"] * 3, ["empty"] * 30])
+    model = fit_anomaly(x, kind, config=TINY)
+    empty = model.metadata["groups"].index("empty")
+    assert (model.params["cond_scale"][empty] == 0).all()
+    s = model.score(x)
+    assert np.isfinite(s).all() and ((s >= 0) & (s <= 1)).all()
