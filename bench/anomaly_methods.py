@@ -12,11 +12,13 @@ Bogus at the top are counted in alerts and in objects.
 
 Candidates: HBOS per class, HBOS plus the attribute-wise conditional term (gradient-boosted
 regressors as in :mod:`bench.anomaly_limits`, or the ridge regressions on a linear or quadratic
-basis of :class:`broker.anomaly.AnomalyConfig`), isolation forests per class (physical + context features, or all
-features) and one isolation forest for all classes over all features (Fink's set-up).
+basis of :class:`broker.anomaly.AnomalyConfig`), isolation forests per class (physical + context
+features, or all features) and one isolation forest for all classes over all features (Fink's
+set-up).
 
 Prints a Markdown table of the mean and the range over the runs. Needs the ``[train]`` extra
-(scikit-learn). About 6 minutes per run on 2 cores.
+(scikit-learn). About 8 minutes per run on 2 cores (33 min for 4 runs); with ``--cache`` the
+second call skips the simulation (about 20 s per run for the ridge candidates).
 """
 
 from __future__ import annotations
