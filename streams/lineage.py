@@ -42,7 +42,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
 from broker.errors import DecodeError, StageFailure
@@ -65,6 +65,12 @@ TAIL = 16
 MAX_SRC_BYTES = 512
 _SRC = re.compile(r"([A-Za-z0-9._-]{1,249}):(\d{1,10}):(\d{1,19})")
 _MAX_OFFSET = 2**63 - 1
+#: How long a read for a message beyond the reported high watermark goes on after reaching the
+#: partition's end (s): a batch whose watermark was read before it became visible arrives by then.
+EOF_GRACE = 0.5
+#: Farthest a genuine message can lie beyond tansu's high watermark (records in one batch, count):
+#: a claimed offset beyond that is rejected without reading.
+MAX_BATCH = 1 << 20
 #: Errors that mean a read went past the end of a partition.
 _NOT_THERE = frozenset({KafkaError._PARTITION_EOF, KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE})
 
@@ -284,13 +290,15 @@ class Deduplicator:
         Kafka's is exact, so a genuine ``src`` or progress record never gets here; tansu 0.6
         reports one past the *first* offset of the partition's last record batch (measured: 3
         records in one batch, high watermark 1), so a message batched with others at the end of
-        its partition does. The partition is read from ``high - 1`` (a message that exists) to its
-        end: the last batch.
+        its partition does. The partition is read from ``high - 1`` (a message that exists; its
+        start when ``high`` is 0) to its end, the last batch, and for :data:`EOF_GRACE` after the
+        end is first reached: a watermark read just before a batch became visible is not a
+        verdict. An offset more than :data:`MAX_BATCH` beyond ``high`` is not read for.
         """
-        if high <= 0:
+        if offset >= high + MAX_BATCH:
             return False
         consumer = self._consumer()
-        consumer.assign([TopicPartition(topic, partition, high - 1)])
+        consumer.assign([TopicPartition(topic, partition, high - 1 if high > 0 else OFFSET_BEGINNING)])
         deadline = time.monotonic() + self.timeout
         try:
             while time.monotonic() < deadline:
@@ -299,8 +307,8 @@ class Deduplicator:
                     continue
                 err = msg.error()
                 if err is not None:
-                    if err.code() in _NOT_THERE:  # the end of the partition: not there
-                        return False
+                    if err.code() in _NOT_THERE:  # the end of the partition: wait a little for more
+                        deadline = min(deadline, time.monotonic() + EOF_GRACE)
                     continue
                 if int(msg.offset() or 0) >= offset:
                     return int(msg.offset() or 0) == offset

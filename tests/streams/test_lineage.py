@@ -127,6 +127,31 @@ def test_forged_src_headers_are_ignored_counted_and_logged_once_and_do_not_silen
     assert sum(_rejected(again, r) for r in ("beyond_high_watermark", "wrong_topic", "malformed")) == 0
 
 
+@pytest.mark.kafka
+def test_a_watermark_reported_low_or_zero_does_not_reject_a_message_that_exists(settings, monkeypatch):
+    """The upstream message is read for when the reported high watermark is 0 or stale; far forgeries are not.
+
+    ``up`` holds 3 messages. The broker's watermark is replaced by 0 (as reported before the
+    partition's first batch was visible) and by 1 (tansu's watermark of one 3-record batch).
+    """
+    from streams.lineage import MAX_BATCH, Deduplicator
+
+    up = f"up-{settings.app_id}"
+    _topics(settings, up)
+    _send(settings, up, [(b"u", None)] * 3)
+    for reported in (0, 1):
+        guard = Deduplicator(settings, f"low-{reported}", (up,))
+        monkeypatch.setattr(guard, "_high", lambda topic, partition, reported=reported: reported)
+        try:
+            assert [guard._distrust((up, 0, o)) for o in (2, 0, 1)] == ["", "", ""]
+            assert guard._distrust((up, 0, 3)) == "beyond_high_watermark"
+            start = time.monotonic()
+            assert guard._distrust((up, 0, reported + MAX_BATCH)) == "beyond_high_watermark"
+            assert time.monotonic() - start < 0.5  # not read for
+        finally:
+            guard.close()
+
+
 def _group(settings, stage: str):
     """The consumer-group metadata of ``stage`` (for a transaction that commits its offsets)."""
     consumer = Consumer(settings.consumer(stage))
