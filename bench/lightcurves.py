@@ -41,11 +41,10 @@ from bench.common import git_rev, machine
 from bench.context import _match
 from broker.anomaly import AnomalyModel
 from broker.candidate import Candidate
-from broker.context import Context
+from broker.context import alert_inputs
 from broker.diffstore import DifferenceStore
 from broker.history import ObjectHistory
 from broker.lcclass import CLASS_NAMES, LightCurveClassifier
-from broker.lightcurve import FEATURE_NAMES, model_inputs
 from broker.pipeline import SUBTRACTED, ScoreModels, associate_and_score, process_frame
 from broker.reference import ReferenceStore
 from broker.simulate import SimConfig, SkySimulator
@@ -110,9 +109,7 @@ def run(size: int, n_fields: int, epochs: int, seed: int, followup: bool = True,
 
 def _inputs(c: Candidate) -> np.ndarray:
     """The candidate's row of model inputs, as the score stage built it."""
-    known = c.features or {}
-    feats = np.array([np.nan if known.get(k) is None else known[k] for k in FEATURE_NAMES], dtype=np.float64)
-    return model_inputs(feats, Context.from_record(c.context).features() if c.context else {})
+    return alert_inputs(c.features, c.context)
 
 
 def _fmt(v: object) -> str:

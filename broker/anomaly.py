@@ -26,6 +26,10 @@ training alerts, so ``0.99`` means "more unusual than 99% of the ordinary traini
 "beyond everything seen in training". ``method="iforest"`` (one isolation forest per class, as
 Fink uses, evaluated by :mod:`broker.trees`) is kept for comparison.
 
+Operators' "interesting / not" labels can re-weight the terms of each class's score (one
+histogram and one conditional term per feature; :meth:`AnomalyModel.components`,
+:mod:`broker.anomaly_feedback`).
+
 Undefined (NaN) inputs get a value one unit below the smallest scaled training value of their
 feature (a bin of their own); +-inf are clipped to +-1e30 before scaling.
 
@@ -200,16 +204,17 @@ def _conditional_fit(z: np.ndarray, degree: int, ridge: float) -> dict[str, np.n
     return {"mu": mu, "sd": sd, "coef": coef, "scale": scale}
 
 
-def _conditional_score(z: np.ndarray, degree: int, cond: dict[str, np.ndarray]) -> np.ndarray:
-    """Sum over features of log(1 + (residual / scale)^2) (N,); features with scale 0 skipped."""
+def _conditional_terms(z: np.ndarray, degree: int, cond: dict[str, np.ndarray]) -> np.ndarray:
+    """Per feature, log(1 + (residual / scale)^2) (N, J); 0 for features with scale 0 (not predicted)."""
     a = (_basis(z, degree)[0] - cond["mu"]) / cond["sd"]
     resid = z - a @ cond["coef"][:, :-1].T - cond["coef"][:, -1]
     used = cond["scale"] > 0
-    return np.log1p((resid[:, used] / cond["scale"][used]) ** 2).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(used, np.log1p((resid / np.where(used, cond["scale"], 1.0)) ** 2), 0.0)
 
 
-def _hbos_score(z: np.ndarray, edges: np.ndarray, logd: np.ndarray, floor: float) -> np.ndarray:
-    """Sum over features of -log bin probability; beyond the range: -floor + log1p(bins away)."""
+def _hbos_terms(z: np.ndarray, edges: np.ndarray, logd: np.ndarray, floor: float) -> np.ndarray:
+    """Per feature, -log bin probability (N, J); beyond the range: -floor + log1p(bins away)."""
     lo, hi = edges[:, 0], edges[:, -1]
     width = edges[:, 1] - edges[:, 0]
     n_bins = logd.shape[1]
@@ -217,7 +222,7 @@ def _hbos_score(z: np.ndarray, edges: np.ndarray, logd: np.ndarray, floor: float
         i = np.clip(np.floor((z - lo) / width), 0, n_bins - 1).astype(np.int64)
     away = (np.maximum(lo - z, 0.0) + np.maximum(z - hi, 0.0)) / width
     inside = np.take_along_axis(logd.T, i, axis=0) if len(z) else np.zeros_like(z)
-    return -np.where(away > 0, floor - np.log1p(away), inside).sum(axis=1)
+    return -np.where(away > 0, floor - np.log1p(away), inside)
 
 
 class AnomalyModel:
@@ -234,7 +239,8 @@ class AnomalyModel:
     params : dict of ndarray
         HBOS: ``edges`` (K, J, B+1), ``logd`` (K, J, B), ``floor`` (K,) and, from anomaly-v4, the
         conditional term ``cond_mu``, ``cond_sd`` (K, P), ``cond_coef`` (K, J, P+1),
-        ``cond_scale`` (K, J), ``cond_weight`` and ``cond_degree`` ();
+        ``cond_scale`` (K, J), ``cond_weight`` and ``cond_degree`` (); when re-weighted by
+        operators' labels, ``fb_weights`` (2J,) (:meth:`weights`);
         iforest: ``f<k>_*`` forest arrays and ``max_samples`` (K,).
     class_knots : (K, Q) ndarray
         CDF knots of each class's raw score over its own training alerts.
@@ -268,6 +274,9 @@ class AnomalyModel:
                 raise ModelError("inconsistent anomaly model histograms")
             if "cond_weight" in self.params:
                 self._check_conditional(k, j)
+            fb = self.params.get("fb_weights")
+            if fb is not None and (fb.shape != (2 * j,) or not np.all(np.isfinite(fb)) or fb.min() < 0):
+                raise ModelError("inconsistent anomaly model feedback weights")
             self._forests: list[Forest] = []
         else:
             self._forests = [Forest.from_arrays(self.params, f"f{i}_") for i in range(k)]
@@ -295,16 +304,32 @@ class AnomalyModel:
             z = np.arcsinh(np.clip((a[:, self.columns] - self.center) / self.scale, -BIG, BIG))
         return np.where(np.isnan(z), self.fill, z)
 
+    def weights(self) -> np.ndarray:
+        """Weight of each of the (2J,) terms of :meth:`components` in a class's HBOS score.
+
+        1 for the histogram terms and the conditional weight for the conditional ones, unless
+        operators' labels re-weighted them (``fb_weights``, :mod:`broker.anomaly_feedback`).
+        """
+        if "fb_weights" in self.params:
+            return np.asarray(self.params["fb_weights"], dtype=np.float64)
+        j = len(self.columns)
+        return np.concatenate([np.ones(j), np.full(j, float(self.params.get("cond_weight", 0.0)))])
+
+    def components(self, z: np.ndarray, k: int) -> np.ndarray:
+        """The terms of class ``k``'s HBOS score of scaled rows ``z`` (N, 2J): histogram, then conditional.
+
+        The conditional terms are 0 for a model without the term (up to anomaly-v3).
+        """
+        hist = _hbos_terms(z, self.params["edges"][k], self.params["logd"][k], float(self.params["floor"][k]))
+        if "cond_degree" not in self.params:
+            return np.hstack([hist, np.zeros_like(hist)])
+        cond = {name: self.params[f"cond_{name}"][k] for name in ("mu", "sd", "coef", "scale")}
+        return np.hstack([hist, _conditional_terms(z, int(self.params["cond_degree"]), cond)])
+
     def _class_scores(self, z: np.ndarray, k: int) -> np.ndarray:
         """Raw score of class ``k`` (higher = rarer)."""
         if self.method == "hbos":
-            score = _hbos_score(z, self.params["edges"][k], self.params["logd"][k],
-                                float(self.params["floor"][k]))
-            w = float(self.params.get("cond_weight", 0.0))
-            if w > 0:
-                cond = {name: self.params[f"cond_{name}"][k] for name in ("mu", "sd", "coef", "scale")}
-                score += w * _conditional_score(z, int(self.params["cond_degree"]), cond)
-            return score
+            return self.components(z, k) @ self.weights()
         return -isolation_score(self._forests[k], z, int(self.params["max_samples"][k]))
 
     def raw_score(self, x: np.ndarray) -> np.ndarray:

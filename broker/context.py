@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import math
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from broker.candidate import Detection
 from broker.errors import ConfigError
-from broker.lightcurve import CONTEXT_FEATURE_NAMES
+from broker.lightcurve import CONTEXT_FEATURE_NAMES, FEATURE_NAMES, _num, model_inputs
 from broker.moving import Tracklet
 
 #: OpenNGC object types (``objTypes``) -> CatalogMatch.kind; types not listed (``Dup`` duplicate
@@ -226,6 +228,22 @@ class Context:
                    None if rec.get("host") is None else Host.from_record(rec["host"]),
                    None if on_star is None else bool(on_star), bool(rec.get("moving", False)),
                    _opt(rec.get("moving_speed")), tuple(str(c) for c in rec.get("moving_links") or ()))
+
+
+def alert_inputs(features: Mapping[str, Any] | None, context: dict | None) -> np.ndarray:
+    """The light-curve models' row of inputs of an alert (or candidate) from its ``features`` and ``context`` records.
+
+    The same row the score stage built (:func:`broker.lightcurve.model_inputs`): nulls and
+    missing features are NaN, a null context gives NaN context features.
+
+    Raises
+    ------
+    KeyError, TypeError, ValueError
+        A malformed ``context`` record.
+    """
+    known = features or {}
+    feats = np.array([_num(known.get(k)) for k in FEATURE_NAMES], dtype=np.float64)
+    return model_inputs(feats, Context.from_record(context).features() if context else {})
 
 
 def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:

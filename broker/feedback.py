@@ -2,9 +2,9 @@
 
 An operator who looks at a high-scored alert records whether it was ``interesting`` or ``not``;
 :class:`FeedbackStore` keeps these labels in SQLite with the anomaly model version and the score
-the alert had, so that a later anomaly model can be fitted or calibrated with them (e.g. labelled
-"not interesting" alerts added to the ordinary training set) and each model's precision at the
-top can be measured. Nothing here changes scores at run time.
+the alert had. ``broker train-anomaly --feedback <state_dir>/feedback.sqlite`` reads them with
+their alerts from the archive and re-weights the anomaly model's terms
+(:mod:`broker.anomaly_feedback`); nothing here changes scores at run time.
 
 >>> store = FeedbackStore(":memory:")
 >>> store.record("ZTF21abc", "F001/17", "interesting", "ana", "anomaly-v2", 0.998, now=1.8e9)

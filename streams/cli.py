@@ -836,13 +836,49 @@ def train_anomaly(
         objects: Annotated[int, typer.Option(help="Simulated objects of the ordinary classes.")] = 2000,
         version: Annotated[str, typer.Option(help="Model version written.")] = "anomaly-v4",
         out_dir: Annotated[Optional[Path], typer.Option(help="Where the model and card go (default broker/models/).")]
-        = None) -> None:
+        = None,
+        feedback: Annotated[Optional[Path], typer.Option(
+            help="Operators' interesting / not labels (feedback.sqlite of `broker feedback` and the portal's "
+                 "vetting): the model's terms are re-weighted with them; their alerts are read from the archive.")]
+        = None,
+        archive: ArchiveOpt = None, config: ConfigOpt = None, state_dir: StateDirOpt = None) -> None:
     """Fit the anomaly model on simulated ordinary light curves (bogus included), evaluate it on rare events."""
     from broker import MODELS_DIR
     from broker.training.lightcurves import main_train_anomaly
 
-    res = main_train_anomaly(seed=seed, n_objects=objects, out=out_dir or MODELS_DIR, version=version)
+    try:
+        labelled = _archived_feedback(feedback, archive, config, state_dir) if feedback is not None else None
+    except BrokerError as exc:
+        _fail(exc)
+    res = main_train_anomaly(seed=seed, n_objects=objects, out=out_dir or MODELS_DIR, version=version,
+                             feedback=labelled)
     console.print(json.dumps({k: v for k, v in res.items() if isinstance(v, (str, int, float))}))
+
+
+def _archived_feedback(path: Path, archive: Optional[str], config: Optional[Path],
+                       state_dir: Optional[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and labels of the operators' labelled alerts found in the archive; a clear error when none is."""
+    import sqlite3
+
+    from broker.anomaly_feedback import archived_labels
+    from broker.errors import InvalidLabel
+    from broker.feedback import FeedbackStore
+
+    if not path.is_file():
+        raise InvalidLabel(f"no feedback file at {path} (labels are recorded by `broker feedback` and the portal)")
+    try:
+        with FeedbackStore(path) as store:
+            labels = store.export()
+    except sqlite3.DatabaseError as exc:
+        raise InvalidLabel(f"{path} is not a feedback database: {exc}") from exc
+    alerts, _ = _open_archive(archive, config, state_dir)
+    rows, interesting, skipped = archived_labels(labels, alerts)
+    Console(stderr=True).print(f"{len(rows)} of {len(labels)} label(s) used ({int(interesting.sum())} interesting); "
+                               f"not used: {skipped}")
+    if len(rows) == 0:
+        raise InvalidLabel(f"none of the {len(labels)} label(s) in {path} names an archived alert with features "
+                           f"({skipped}); name the archive of those alerts with --archive")
+    return rows, interesting
 
 
 @app.command("eval-lightcurves")

@@ -27,6 +27,7 @@ import numpy as np
 from broker import MODELS_DIR
 from broker.anomaly import DEFAULT_VERSION as ANOMALY_VERSION
 from broker.anomaly import AnomalyConfig, AnomalyModel, fit_anomaly
+from broker.anomaly_feedback import fit_feedback
 from broker.errors import ModelError
 from broker.lcclass import CLASS_NAMES, LCClassConfig, LightCurveClassifier, fit_lcclass
 from broker.lcclass import DEFAULT_VERSION as LCCLASS_VERSION
@@ -155,7 +156,7 @@ def main_train_lcclass(seed: int = 0, n_objects: int = 2000, out: str | Path = M
 
 def main_train_anomaly(seed: int = 0, n_objects: int = 2000, out: str | Path = MODELS_DIR,
                        version: str = ANOMALY_VERSION, method: str = "hbos",
-                       n_eval: int | None = None) -> dict:
+                       n_eval: int | None = None, feedback: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Simulate ordinary alerts, fit and write ``<out>/<version>.{npz,json,md}``; summary dict.
 
     Parameters
@@ -167,6 +168,9 @@ def main_train_anomaly(seed: int = 0, n_objects: int = 2000, out: str | Path = M
     n_eval : int, optional
         Ordinary objects of the card's evaluation stream (default n_objects / 2, at least 300;
         rare objects: min(200, n_eval)).
+    feedback : (rows, interesting), optional
+        Operators' labelled alerts (:func:`broker.anomaly_feedback.archived_labels`): the fitted
+        model's terms are re-weighted with them (:func:`broker.anomaly_feedback.fit_feedback`).
     """
     t0 = time.perf_counter()
     table = _training_table(seed, n_objects)
@@ -175,6 +179,8 @@ def main_train_anomaly(seed: int = 0, n_objects: int = 2000, out: str | Path = M
                         version, {"data": f"simulate_objects({n_objects}, seed={seed}), "
                                           "every alert, all classes "
                                           f"{', '.join(CLASS_NAMES)}"})
+    if feedback is not None:
+        model = fit_feedback(model, table.x, table.kind, *feedback, version=version)
     t_fit = time.perf_counter() - t0 - t_data
     n_eval = n_eval or max(n_objects // 2, 300)
     ev = anomaly_evaluation(model, seed + 1000, n_eval, n_rare=min(200, n_eval))
@@ -388,6 +394,7 @@ def write_anomaly_card(path: Path, model: AnomalyModel, ev: dict, n_train: int, 
         "training alerts. Bogus is an ordinary class here. Stored "
         "without pickle (`.npz` + JSON).", "",
         "## Data", "", f"{n_train} training alerts: {model.metadata.get('data')}.", "",
+        *_feedback_lines(model.metadata.get("feedback")),
         "## Behaviour (held-out simulated stream, rare classes never seen in training)", "",
         *_anomaly_figures(ev), "",
         f"Simulation + fit time: {seconds:.0f} s (one core).", "",
@@ -406,6 +413,15 @@ def write_anomaly_card(path: Path, model: AnomalyModel, ev: dict, n_train: int, 
     ]
     path.write_text("\n".join(lines))
     return path
+
+
+def _feedback_lines(feedback: dict | None) -> list[str]:
+    """The card's account of operators' labels used (none: no lines)."""
+    if not feedback:
+        return []
+    return [f"Term weights re-fitted to {feedback['n_interesting']} 'interesting' and {feedback['n_not']} 'not' "
+            f"operator labels (`broker.anomaly_feedback`, prior {feedback['config']['prior']:g}; "
+            f"base model fitted as above, then calibrated again on the training alerts).", ""]
 
 
 def _plot_confusion(cm: np.ndarray, path: Path, title: str) -> None:

@@ -182,3 +182,56 @@ def test_training_commands_write_the_shipped_versions_by_default():
 
     assert inspect.signature(train_lcclass).parameters["version"].default == lcclass.DEFAULT_VERSION
     assert inspect.signature(train_anomaly).parameters["version"].default == anomaly.DEFAULT_VERSION
+
+
+def _feedback_archive(tmp_path):
+    """An archive of 3 alerts (schema v4 sample) and a feedback file labelling two of them and one elsewhere."""
+    import copy
+
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from broker.feedback import FeedbackStore
+    from tests.broker.test_archive import archived, commit, sample
+
+    records = [copy.deepcopy(sample(4)) for _ in range(3)]
+    for i, rec in enumerate(records):
+        rec["alertId"], rec["candid"] = 200 + i, f"TEL-F1-r-0002/{i}"
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    commit(writer, archived(records))
+    with FeedbackStore(tmp_path / "feedback.sqlite") as store:
+        store.record("OBJ", "200", "interesting", "ana", "anomaly-v4", 0.999)
+        store.record("OBJ", "TEL-F1-r-0002/1", "not", "ana", "anomaly-v4", 0.995)
+        store.record("OBJ", "777", "not", "ana", "anomaly-v4", 0.991)
+    return tmp_path / "archive", tmp_path / "feedback.sqlite"
+
+
+def test_train_anomaly_with_feedback_reweights_the_model_and_says_what_it_used(tmp_path):
+    archive, feedback = _feedback_archive(tmp_path)
+    res = runner.invoke(app, ["train-anomaly", "--objects", "40", "--version", "anomaly-fb", "--out-dir",
+                              str(tmp_path / "models"), "--feedback", str(feedback), "--archive", str(archive)])
+    assert res.exit_code == 0, res.output
+    assert "2 of 3 label(s) used (1 interesting)" in res.output and "'not_archived': 1" in res.output
+    from broker.anomaly import AnomalyModel
+
+    model = AnomalyModel.load(tmp_path / "models" / "anomaly-fb")
+    assert model.metadata["feedback"]["n_not"] == 1 and "fb_weights" in model.params
+    assert "operator labels" in (tmp_path / "models" / "anomaly-fb.md").read_text()
+
+
+def test_train_anomaly_explains_unusable_feedback(tmp_path):
+    archive, feedback = _feedback_archive(tmp_path)
+    (tmp_path / "junk.sqlite").write_bytes(b"\x00not sqlite" * 100)
+    from broker.feedback import FeedbackStore
+
+    with FeedbackStore(tmp_path / "elsewhere.sqlite") as store:
+        store.record("OBJ", "999", "not", "ana", "anomaly-v4", 0.99)
+    cases = [(tmp_path / "absent.sqlite", "no feedback file"), (tmp_path / "junk.sqlite", "not a feedback database"),
+             (tmp_path / "elsewhere.sqlite", "none of the 1 label(s)")]
+    for path, message in cases:
+        res = runner.invoke(app, ["train-anomaly", "--objects", "40", "--out-dir", str(tmp_path / "m"),
+                                  "--feedback", str(path), "--archive", str(archive)])
+        assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
+    res = runner.invoke(app, ["train-anomaly", "--feedback", str(feedback), "--archive", str(tmp_path / "nowhere")])
+    assert res.exit_code != 0 and "no archive at" in res.output
+    assert not (tmp_path / "m").exists()  # nothing trained
