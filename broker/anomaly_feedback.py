@@ -81,7 +81,7 @@ def fit_feedback(model: AnomalyModel, x_train: np.ndarray, labels_train: np.ndar
     x_train : (N, len(FEATURE_NAMES)) array
         Its training rows, ``labels_train`` (N,) their classes (the groups of ``model``).
     x_labelled : (M, len(FEATURE_NAMES)) array
-        Rows of the labelled alerts (:func:`broker.lightcurve.alert_inputs` of archived alerts).
+        Rows of the labelled alerts (:func:`broker.context.alert_inputs` of archived alerts).
     interesting : (M,) bool array
         True where the operator said "interesting".
     config : FeedbackConfig

@@ -839,17 +839,21 @@ def train_anomaly(
         = None,
         feedback: Annotated[Optional[Path], typer.Option(
             help="Operators' interesting / not labels (feedback.sqlite of `broker feedback` and the portal's "
-                 "vetting): the model's terms are re-weighted with them; their alerts are read from the archive.")]
+                 "vetting): the model's terms are re-weighted with them; their alerts are read from the archive. "
+                 "The default version then becomes anomaly-v4-feedback (the shipped model stays).")]
         = None,
         archive: ArchiveOpt = None, config: ConfigOpt = None, state_dir: StateDirOpt = None) -> None:
     """Fit the anomaly model on simulated ordinary light curves (bogus included), evaluate it on rare events."""
     from broker import MODELS_DIR
+    from broker.anomaly import DEFAULT_VERSION
     from broker.training.lightcurves import main_train_anomaly
 
     try:
         labelled = _archived_feedback(feedback, archive, config, state_dir) if feedback is not None else None
     except BrokerError as exc:
         _fail(exc)
+    if labelled is not None and version == DEFAULT_VERSION:
+        version = f"{version}-feedback"
     res = main_train_anomaly(seed=seed, n_objects=objects, out=out_dir or MODELS_DIR, version=version,
                              feedback=labelled)
     console.print(json.dumps({k: v for k, v in res.items() if isinstance(v, (str, int, float))}))

@@ -208,15 +208,15 @@ def _feedback_archive(tmp_path):
 
 def test_train_anomaly_with_feedback_reweights_the_model_and_says_what_it_used(tmp_path):
     archive, feedback = _feedback_archive(tmp_path)
-    res = runner.invoke(app, ["train-anomaly", "--objects", "40", "--version", "anomaly-fb", "--out-dir",
-                              str(tmp_path / "models"), "--feedback", str(feedback), "--archive", str(archive)])
+    res = runner.invoke(app, ["train-anomaly", "--objects", "40", "--out-dir", str(tmp_path / "models"),
+                              "--feedback", str(feedback), "--archive", str(archive)])
     assert res.exit_code == 0, res.output
     assert "2 of 3 label(s) used (1 interesting)" in res.output and "'not_archived': 1" in res.output
     from broker.anomaly import AnomalyModel
 
-    model = AnomalyModel.load(tmp_path / "models" / "anomaly-fb")
+    model = AnomalyModel.load(tmp_path / "models" / "anomaly-v4-feedback")  # not the shipped version's name
     assert model.metadata["feedback"]["n_not"] == 1 and "fb_weights" in model.params
-    assert "operator labels" in (tmp_path / "models" / "anomaly-fb.md").read_text()
+    assert "operator labels" in (tmp_path / "models" / "anomaly-v4-feedback.md").read_text()
 
 
 def test_train_anomaly_explains_unusable_feedback(tmp_path):
