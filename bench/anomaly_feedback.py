@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMachine: {machine()}; git {git_rev()}; {time.perf_counter() - t0:.0f} s. Command: "
           f"`python -m bench.anomaly_feedback --runs {args.runs} --first {args.first} --labels {args.labels} "
           f"--batch {args.batch} --prior {args.prior}`\n")
+    print(f"Rare objects in the labelling weeks: {[r['week_rare_objects'] for r in results]}\n")
     print("\n".join(markdown(results, counts)))
     return 0
 
