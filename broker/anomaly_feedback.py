@@ -123,12 +123,12 @@ def _label_directions(train: list[np.ndarray], labelled: np.ndarray, w: np.ndarr
 
     Its class is the one it resembles most under weights ``w`` (the smallest class CDF).
     """
+    scores = [t @ w for t in train]
     q = np.linspace(0.0, 1.0, 101)
-    cdf = np.stack([class_cdf(labelled[k] @ w, np.quantile(t @ w, q)) for k, t in enumerate(train)])
+    cdf = np.stack([class_cdf(labelled[k] @ w, np.quantile(s, q)) for k, s in enumerate(scores)])
     cls = np.argmin(cdf, axis=0)
     out = np.empty(labelled.shape[1:])
-    for k, t in enumerate(train):
-        s = t @ w
+    for k, (t, s) in enumerate(zip(train, scores, strict=True)):
         at = np.argsort(s)[min(int(quantile * len(s)), len(s) - 1)]
         spread = max(float(np.subtract(*np.percentile(s, [90, 10]))), 1e-6)
         mine = cls == k
