@@ -45,7 +45,7 @@ from streams.producer import frame_headers, frame_record
 from streams.runner import InMessage, OutMessage
 from streams.stages import STAGE_NAMES, STAGES
 
-MODELS = {"rb": "realbogus-v11", "anomaly": "anomaly-v4"}
+MODELS = {"rb": "realbogus-v11", "anomaly": "anomaly-v5"}
 TIMING = {"exposure_end": 1.8e9, "stages": [{"stage": "ingest", "start": 1.8e9 + 1.0, "end": 1.8e9 + 1.5}]}
 
 

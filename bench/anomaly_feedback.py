@@ -3,7 +3,7 @@
     python -m bench.anomaly_feedback [--runs 2] [--labels 20,50,100,200] [--batch 10] [--cache DIR]
 
 Run ``r`` (the tables of :mod:`bench.anomaly_methods`, same ``--cache``): the base model
-(anomaly-v4's method) is fitted on run ``r``'s training alerts. A simulated operator works on
+(anomaly-v5's method) is fitted on run ``r``'s training alerts. A simulated operator works on
 another run's streams, the *labelling week* (run ``r + 1``'s mixed and season-only streams, each
 with its rare objects injected at the evaluation's rate, 0.5 % of the objects): in rounds, the
 ``batch`` highest-scored objects not yet labelled are looked at, each at its highest-scored alert,

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     streams = {"mixed": (table, rare), "season": (season, rare_season)}
     base = fit_anomaly(train.x, train.kind, AnomalyConfig(conditional_weight=0.0))
     rows = [_row("HBOS per class (anomaly-v3's method)", base, streams, args.n_objects),
-            _row("HBOS + 0.5 x quadratic conditional term (shipped, anomaly-v4)",
+            _row("HBOS + 0.5 x quadratic conditional term (shipped, anomaly-v5)",
                  fit_anomaly(train.x, train.kind), streams, args.n_objects),
             _row(f"HBOS + {args.weight:g} x gradient-boosted conditional term",
                  conditional_model(base, train, args.weight), streams, args.n_objects),

@@ -53,7 +53,7 @@ CANDIDATES: dict[str, Callable[[AlertTable], Any]] = {
         fit_anomaly(t.x, t.kind, PLAIN), t, 0.5),
     "HBOS + 0.5 x conditional term, linear": lambda t: fit_anomaly(
         t.x, t.kind, AnomalyConfig(conditional_weight=0.5, conditional_degree=1)),
-    "HBOS + 0.5 x conditional term, quadratic (anomaly-v4)": lambda t: fit_anomaly(
+    "HBOS + 0.5 x conditional term, quadratic (anomaly-v5)": lambda t: fit_anomaly(
         t.x, t.kind, AnomalyConfig(conditional_weight=0.5, conditional_degree=2)),
     "isolation forest per class, physical + context": lambda t: fit_anomaly(
         t.x, t.kind, AnomalyConfig(method="iforest")),

@@ -30,6 +30,12 @@ Operators' "interesting / not" labels can re-weight the terms of each class's sc
 histogram and one conditional term per feature; :meth:`AnomalyModel.components`,
 :mod:`broker.anomaly_feedback`).
 
+From anomaly-v5 the scores do not depend on the CPU: bins and CDFs keep a tolerance
+(:data:`EDGE_TOL`, :data:`CDF_TOL`), so inputs that differ in their last bits (vector maths of
+other CPUs) fall in the same bin and read tied CDF knots at the middle of their run. Up to
+anomaly-v4, values sitting on bin edges (features constant within a class, integer counts) made
+a simulation's rare-event recovery differ by 10+ points between an AMD and an Intel CPU.
+
 Undefined (NaN) inputs get a value one unit below the smallest scaled training value of their
 feature (a bin of their own); +-inf are clipped to +-1e30 before scaling.
 
@@ -54,8 +60,8 @@ from broker.trees import BIG, Forest, export_forest, isolation_score, model_path
 __all__ = ["ANOMALY_FEATURES", "DEFAULT_VERSION", "FEATURE_NAMES", "N_FEATURES", "AnomalyConfig",
            "AnomalyModel", "class_cdf", "fit_anomaly"]
 
-#: Version loaded when none is given (``broker/models/anomaly-v4.*``).
-DEFAULT_VERSION = "anomaly-v4"
+#: Version loaded when none is given (``broker/models/anomaly-v5.*``).
+DEFAULT_VERSION = "anomaly-v5"
 #: Columns of the rows :meth:`AnomalyModel.score` takes (= ``broker.lightcurve.ALL_FEATURE_NAMES``).
 FEATURE_NAMES: tuple[str, ...] = ALL_FEATURE_NAMES
 N_FEATURES = len(FEATURE_NAMES)
@@ -119,9 +125,17 @@ class AnomalyConfig:
 BEYOND_PENALTY = 2.0
 
 
+#: Raw-score tolerance of the empirical CDFs (nats). A raw score is read as the mean of the CDF
+#: just below and just above it, so a score on a run of tied knots (training alerts with equal
+#: scores) gets the middle of the run, whichever side of it last-bit differences put it.
+CDF_TOL = 1e-9
+
+
 def _cdf(raw: np.ndarray, knots: np.ndarray) -> np.ndarray:
-    """Empirical CDF at ``raw`` from increasing quantile knots (0 below, 1 above)."""
-    return np.interp(raw, knots, np.linspace(0.0, 1.0, len(knots)), left=0.0, right=1.0)
+    """Empirical CDF at ``raw`` from non-decreasing quantile knots (0 below, 1 above; ties: mid-run)."""
+    q = np.linspace(0.0, 1.0, len(knots))
+    return 0.5 * (np.interp(raw - CDF_TOL, knots, q, left=0.0, right=1.0)
+                  + np.interp(raw + CDF_TOL, knots, q, left=0.0, right=1.0))
 
 
 def class_cdf(raw: np.ndarray, knots: np.ndarray) -> np.ndarray:
@@ -133,21 +147,57 @@ def class_cdf(raw: np.ndarray, knots: np.ndarray) -> np.ndarray:
     return _cdf(raw, knots) + np.maximum(raw - knots[-1], 0.0) / span
 
 
+#: Tolerance of the histograms in scaled units (scaled features are of order 1). Each feature's
+#: range is padded by it, and no interior edge lies within it of a training value: a value that
+#: differs from a training value only in its last bits (other CPUs' vector maths) stays in that
+#: value's bin instead of crossing into an empty one or beyond the range.
+EDGE_TOL = 1e-6
+
+
+def _edges(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """B+1 histogram edges of one feature's training values (B+1,).
+
+    Equal widths over the range padded by :data:`EDGE_TOL`; an interior edge within the tolerance
+    of a training value moves to the nearest admissible place: the middle of a gap of at least
+    twice the tolerance between training values, or a range end (an empty bin).
+    """
+    u = np.unique(values)
+    lo, hi = u[0] - EDGE_TOL, u[-1] + EDGE_TOL
+    edges = lo + (hi - lo) * np.linspace(0.0, 1.0, n_bins + 1)
+    edges[-1] = hi
+    wide = np.diff(u) >= 2 * EDGE_TOL
+    places = np.concatenate([[lo], 0.5 * (u[:-1] + u[1:])[wide], [hi]])
+    p = np.clip(np.searchsorted(u, edges[1:-1]), 1, len(u) - 1)
+    near = np.minimum(np.abs(edges[1:-1] - u[p - 1]), np.abs(u[p] - edges[1:-1])) < EDGE_TOL
+    k = np.clip(np.searchsorted(places, edges[1:-1]), 1, len(places) - 1)
+    nearest = np.where(edges[1:-1] - places[k - 1] <= places[k] - edges[1:-1], places[k - 1], places[k])
+    edges[1:-1] = np.sort(np.where(near, nearest, edges[1:-1]))
+    return edges
+
+
+def _bins(z: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Bin of each scaled value (N,) per feature (N, J) given edges (J, B+1); ends are open."""
+    return np.column_stack([np.searchsorted(edges[j, 1:-1], z[:, j], side="right")
+                            for j in range(edges.shape[0])])
+
+
 def _hbos_fit(z: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Histogram edges (J, B+1), log bin probabilities (J, B) and the out-of-range floor."""
-    lo, hi = z.min(axis=0), z.max(axis=0)
-    hi = np.where(hi - lo > 1e-9, hi, lo + 1e-9)
-    edges = lo[:, None] + (hi - lo)[:, None] * np.linspace(0.0, 1.0, n_bins + 1)[None, :]
+    edges = np.array([_edges(z[:, j], n_bins) for j in range(z.shape[1])])
     n = len(z)
-    logd = np.empty((z.shape[1], n_bins))
-    for j in range(z.shape[1]):
-        h, _ = np.histogram(z[:, j], edges[j])
-        logd[j] = np.log((h + 0.5) / (n + 0.5 * n_bins))  # Laplace-smoothed bin probability
+    counts = np.array([np.bincount(b, minlength=n_bins) for b in _bins(z, edges).T])
+    logd = np.log((counts + 0.5) / (n + 0.5 * n_bins))  # Laplace-smoothed bin probability
     return edges, logd, float(np.log(0.5 / (n + 0.5 * n_bins)) - BEYOND_PENALTY)
 
 
 #: Largest share of a class's rows at one value of a feature that the conditional term predicts.
 MAX_MODE_SHARE = 0.5
+
+
+def _mode_count(values: np.ndarray) -> int:
+    """Most training values within :data:`EDGE_TOL` above one of them (the size of the largest tie)."""
+    v = np.sort(values)
+    return int((np.searchsorted(v, v + EDGE_TOL, side="right") - np.arange(len(v))).max())
 
 
 def _basis(z: np.ndarray, degree: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,10 +224,12 @@ def _conditional_fit(z: np.ndarray, degree: int, ridge: float) -> dict[str, np.n
     The attribute-wise conditional term (Paulheim & Meusel 2015, "ALSO") scores unusual
     *combinations* of individually common values, which the per-feature histograms cannot: each
     feature ``z_j`` is regressed (ridge, penalty ``ridge`` x rows, on the standardised polynomial
-    basis of :func:`_basis` without the columns that use j) on the other features; its residual
-    scale is the normalised median absolute residual. Features with one value in more than
-    :data:`MAX_MODE_SHARE` of the rows (flags, undefined values, a dominant count) are predictors
-    only: their residual scale degenerates, and the rarity of their values is HBOS's to score.
+    basis of :func:`_basis` without the columns that use j or vary by no more than
+    :data:`EDGE_TOL`) on the other features; its residual
+    scale is the normalised median absolute residual. Features with one value (to
+    :data:`EDGE_TOL`) in more than :data:`MAX_MODE_SHARE` of the rows (flags, undefined values, a
+    dominant count) are predictors only: their residual scale degenerates, and the rarity of their
+    values is HBOS's to score.
 
     Returns
     -------
@@ -187,14 +239,16 @@ def _conditional_fit(z: np.ndarray, degree: int, ridge: float) -> dict[str, np.n
         scale, 0 for features that are not predicted (no term).
     """
     phi, involves = _basis(z, degree)
-    mu, sd = phi.mean(axis=0), phi.std(axis=0) + 1e-9
+    mu, sd = phi.mean(axis=0), phi.std(axis=0)
+    varies = sd > EDGE_TOL  # a near-constant column would only scale last-bit noise up
+    sd = np.where(varies, sd, 1.0)
     a = (phi - mu) / sd
     n, nf = z.shape
     coef, scale = np.zeros((nf, a.shape[1] + 1)), np.zeros(nf)
     for j in range(nf):
-        if np.unique(z[:, j], return_counts=True)[1].max() > MAX_MODE_SHARE * n:
+        if _mode_count(z[:, j]) > MAX_MODE_SHARE * n:
             continue
-        use = ~involves[:, j]
+        use = ~involves[:, j] & varies
         y = z[:, j] - z[:, j].mean()
         aj = a[:, use]
         coef[j, :-1][use] = np.linalg.solve(aj.T @ aj + ridge * n * np.eye(use.sum()), aj.T @ y)
@@ -214,14 +268,11 @@ def _conditional_terms(z: np.ndarray, degree: int, cond: dict[str, np.ndarray]) 
 
 
 def _hbos_terms(z: np.ndarray, edges: np.ndarray, logd: np.ndarray, floor: float) -> np.ndarray:
-    """Per feature, -log bin probability (N, J); beyond the range: -floor + log1p(bins away)."""
+    """Per feature, -log bin probability (N, J); beyond the range: -floor + log1p(mean bin widths away)."""
     lo, hi = edges[:, 0], edges[:, -1]
-    width = edges[:, 1] - edges[:, 0]
-    n_bins = logd.shape[1]
-    with np.errstate(invalid="ignore", over="ignore"):
-        i = np.clip(np.floor((z - lo) / width), 0, n_bins - 1).astype(np.int64)
+    width = (hi - lo) / logd.shape[1]
     away = (np.maximum(lo - z, 0.0) + np.maximum(z - hi, 0.0)) / width
-    inside = np.take_along_axis(logd.T, i, axis=0) if len(z) else np.zeros_like(z)
+    inside = np.take_along_axis(logd.T, _bins(z, edges), axis=0)
     return -np.where(away > 0, floor - np.log1p(away), inside)
 
 

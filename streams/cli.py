@@ -393,7 +393,7 @@ def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at
              alert_id: Annotated[str, typer.Argument(help="The alert looked at (candid or alertId).")],
              label: Annotated[str, typer.Argument(help="interesting | not")],
              who: Annotated[str, typer.Option(help="Who labels (recorded with the label).")] = "operator",
-             model: Annotated[str, typer.Option(help="Anomaly model version of the score looked at.")] = "anomaly-v4",
+             model: Annotated[str, typer.Option(help="Anomaly model version of the score looked at.")] = "anomaly-v5",
              score: Annotated[Optional[float], typer.Option(help="The anomaly score looked at.")] = None,
              state_dir: Annotated[Path, typer.Option(help="State directory (labels in feedback.sqlite).")] = Path(
                  "var/state"),
@@ -834,13 +834,13 @@ def train_lcclass(
 def train_anomaly(
         seed: Annotated[int, typer.Option(help="Seeds the simulated light curves and the fit.")] = 0,
         objects: Annotated[int, typer.Option(help="Simulated objects of the ordinary classes.")] = 2000,
-        version: Annotated[str, typer.Option(help="Model version written.")] = "anomaly-v4",
+        version: Annotated[str, typer.Option(help="Model version written.")] = "anomaly-v5",
         out_dir: Annotated[Optional[Path], typer.Option(help="Where the model and card go (default broker/models/).")]
         = None,
         feedback: Annotated[Optional[Path], typer.Option(
             help="Operators' interesting / not labels (feedback.sqlite of `broker feedback` and the portal's "
                  "vetting): the model's terms are re-weighted with them; their alerts are read from the archive. "
-                 "The default version then becomes anomaly-v4-feedback (the shipped model stays).")]
+                 "The default version then becomes anomaly-v5-feedback (the shipped model stays).")]
         = None,
         archive: ArchiveOpt = None, config: ConfigOpt = None, state_dir: StateDirOpt = None) -> None:
     """Fit the anomaly model on simulated ordinary light curves (bogus included), evaluate it on rare events."""

@@ -28,7 +28,7 @@ def test_a_wheel_installs_the_models_and_schemas(tmp_path):
     assert res.returncode == 0, res.stderr
     (wheel,) = (tmp_path / "dist").glob("transient_broker-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for model in ("realbogus-v11.pt", "realbogus-v11.json", "realbogus-v10.pt", "anomaly-v4.npz", "anomaly-v4.json",
+    for model in ("realbogus-v11.pt", "realbogus-v11.json", "realbogus-v10.pt", "anomaly-v5.npz", "anomaly-v5.json",
                   "lcclass-v2.npz", "lcclass-v2.json"):
         assert f"broker/models/{model}" in names
     assert "schemas/alert/v1.avsc" in names
@@ -46,5 +46,5 @@ def test_a_wheel_installs_the_models_and_schemas(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(site)})
     assert res.returncode == 0, res.stderr
-    assert res.stdout.split()[:3] == ["realbogus-v11", "anomaly-v4", "lcclass-v2"]
+    assert res.stdout.split()[:3] == ["realbogus-v11", "anomaly-v5", "lcclass-v2"]
     assert res.stdout.split()[4] == "broker.alert.v4.Alert" and res.stdout.split()[3].isdigit()  # OpenNGC's date

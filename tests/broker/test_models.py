@@ -12,7 +12,7 @@ from broker import MODELS_DIR
 #: The models that ship: the default real/bogus model (v11), the previous one, v12 (BN statistics adapted to
 #: unlabelled ZTF pixels; not the default), the anomaly model, the light-curve classifier.
 SHIPPED = {"realbogus-v12": ".pt", "realbogus-v11": ".pt", "realbogus-v10": ".pt",
-           "anomaly-v4": ".npz", "lcclass-v2": ".npz"}
+           "anomaly-v5": ".npz", "lcclass-v2": ".npz"}
 
 
 def test_one_models_dir_inside_the_package():

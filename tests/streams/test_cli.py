@@ -200,9 +200,9 @@ def _feedback_archive(tmp_path):
     writer.recover()
     commit(writer, archived(records))
     with FeedbackStore(tmp_path / "feedback.sqlite") as store:
-        store.record("OBJ", "200", "interesting", "ana", "anomaly-v4", 0.999)
-        store.record("OBJ", "TEL-F1-r-0002/1", "not", "ana", "anomaly-v4", 0.995)
-        store.record("OBJ", "777", "not", "ana", "anomaly-v4", 0.991)
+        store.record("OBJ", "200", "interesting", "ana", "anomaly-v5", 0.999)
+        store.record("OBJ", "TEL-F1-r-0002/1", "not", "ana", "anomaly-v5", 0.995)
+        store.record("OBJ", "777", "not", "ana", "anomaly-v5", 0.991)
     return tmp_path / "archive", tmp_path / "feedback.sqlite"
 
 
@@ -214,9 +214,9 @@ def test_train_anomaly_with_feedback_reweights_the_model_and_says_what_it_used(t
     assert "2 of 3 label(s) used (1 interesting)" in res.output and "'not_archived': 1" in res.output
     from broker.anomaly import AnomalyModel
 
-    model = AnomalyModel.load(tmp_path / "models" / "anomaly-v4-feedback")  # not the shipped version's name
+    model = AnomalyModel.load(tmp_path / "models" / "anomaly-v5-feedback")  # not the shipped version's name
     assert model.metadata["feedback"]["n_not"] == 1 and "fb_weights" in model.params
-    assert "operator labels" in (tmp_path / "models" / "anomaly-v4-feedback.md").read_text()
+    assert "operator labels" in (tmp_path / "models" / "anomaly-v5-feedback.md").read_text()
 
 
 def test_train_anomaly_explains_unusable_feedback(tmp_path):
@@ -225,7 +225,7 @@ def test_train_anomaly_explains_unusable_feedback(tmp_path):
     from broker.feedback import FeedbackStore
 
     with FeedbackStore(tmp_path / "elsewhere.sqlite") as store:
-        store.record("OBJ", "999", "not", "ana", "anomaly-v4", 0.99)
+        store.record("OBJ", "999", "not", "ana", "anomaly-v5", 0.99)
     cases = [(tmp_path / "absent.sqlite", "no feedback file"), (tmp_path / "junk.sqlite", "not a feedback database"),
              (tmp_path / "elsewhere.sqlite", "none of the 1 label(s)")]
     for path, message in cases:
