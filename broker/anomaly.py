@@ -226,9 +226,9 @@ def _conditional_fit(z: np.ndarray, degree: int, ridge: float) -> dict[str, np.n
     feature ``z_j`` is regressed (ridge, penalty ``ridge`` x rows, on the standardised polynomial
     basis of :func:`_basis` without the columns that use j or vary by no more than
     :data:`EDGE_TOL`) on the other features; its residual scale is the normalised median absolute
-    residual. Features with one value (to :data:`EDGE_TOL`) in more than :data:`MAX_MODE_SHARE` of the rows (flags, undefined values, a
-    dominant count) are predictors only: their residual scale degenerates, and the rarity of their
-    values is HBOS's to score.
+    residual. Features with one value (to :data:`EDGE_TOL`) in more than :data:`MAX_MODE_SHARE`
+    of the rows (flags, undefined values, a dominant count) are predictors only: their residual
+    scale degenerates, and the rarity of their values is HBOS's to score.
 
     Returns
     -------
