@@ -61,6 +61,13 @@ class AlignConfig:
         below); 0.2: less leaves too few stars and pixels to subtract.
     clip_sigma : float
         Outlier rejection in the affine fit (sigma of the residuals); 3, the usual clip.
+    min_match_fraction : float
+        Smallest fraction of the stars both catalogues could share (the fewer of the reference
+        stars predicted inside the frame and the science stars, when at least ``4 * min_matches``)
+        that must match (dimensionless; raise below). 0.2: a science frame whose WCS puts another
+        sky under the reference (rotated 180 deg by a meridian flip, 30" off, another field)
+        matched 2-6 of 55 stars by chance, and trusting its WCS gave 100-200 false candidates;
+        a true WCS matches most of them (49-51 of 55 here, 116-143 on MicroObservatory frames).
     """
 
     match_radius_px: float = 8.0
@@ -72,6 +79,7 @@ class AlignConfig:
     affine_tolerance_px: float = 0.02
     min_overlap: float = 0.2
     clip_sigma: float = 3.0
+    min_match_fraction: float = 0.2
 
 
 @dataclass
@@ -430,6 +438,25 @@ def _resample_onto_science(ref_image: np.ndarray, ref_variance: np.ndarray, w_re
     return image, variance, _AffineMap(m, t)
 
 
+def _check_match_fraction(n_matched: int, n_ref_inside: int, n_sci: int, config: AlignConfig) -> None:
+    """Raise :class:`AlignmentError` when rich catalogues share too few stars for the WCS to be true.
+
+    Parameters
+    ----------
+    n_matched : int
+        Stars matched (count).
+    n_ref_inside, n_sci : int
+        Reference stars the WCS predicts inside the science frame, and science stars (count).
+    config : AlignConfig
+        ``min_matches`` and ``min_match_fraction``.
+    """
+    shared = min(n_ref_inside, n_sci)
+    if shared >= 4 * config.min_matches and n_matched < config.min_match_fraction * shared:
+        raise AlignmentError(f"only {n_matched} of {shared} stars matched between reference and science "
+                             f"(at least {config.min_match_fraction:.0%} required): the science WCS does not put "
+                             "the reference's sky under its stars (wrong, rotated or flipped WCS, another field)")
+
+
 def align_reference(
     ref_image: np.ndarray,
     ref_variance: np.ndarray,
@@ -459,7 +486,8 @@ def align_reference(
     ------
     AlignmentError
         The reference covers less than ``min_overlap`` of the frame, the WCS cannot map one grid onto
-        the other, or (``require_stars``) no star matches.
+        the other, fewer than ``min_match_fraction`` of the stars both could share match, or
+        (``require_stars``) no star matches.
     """
     from broker.frame import celestial_wcs  # late import: frame imports nothing from here
 
@@ -480,6 +508,7 @@ def align_reference(
     n = len(i_sci)
     if n < 2 and config.require_stars:
         raise AlignmentError(f"only {n} stars matched between reference and science")
+    _check_match_fraction(n, int(inside.sum()), len(ss), config)
     fit = _fit_correction(pred[i_ref], sci_xy[i_sci], config)
     image, variance, sci_to_ref = _resample_onto_science(ref_image, ref_variance, w_ref, w_sci, sci_shape,
                                                          wcs_map, affine_ok, fit.correction, prepared)

@@ -166,7 +166,7 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
     Raises
     ------
     MissingMetadata
-        A required card is absent, not a number or not finite, or EXPTIME <= 0.
+        A required card is absent, not a number (a logical T/F included) or not finite, or EXPTIME <= 0.
     UnparseableHeader
         A card's value cannot be parsed at all (``EXPTIME = NaN``; a subclass of MissingMetadata).
     """
@@ -177,6 +177,8 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
             if required:
                 raise MissingMetadata(f"header card {card} ({attr}) is missing")
             continue
+        if kind is float and isinstance(raw, bool):  # ``EXPTIME = T`` would read as 1 s
+            raise MissingMetadata(f"header card {card}={raw!r} is a logical (T/F), not a number")
         try:
             value = kind(raw.strip() if isinstance(raw, str) else raw)
         except (TypeError, ValueError) as exc:
@@ -284,11 +286,35 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     if data.dtype.kind not in "iuf":
         raise BadShape(f"image dtype {data.dtype} is not numeric")
     check_frame_type(header)
-    data, header = _adopt(data, header, profiles)
+    data, header = _adopt(blank_infinities(data), header, profiles)
     meta = meta_from_header(header)
     if require_wcs:
         celestial_wcs(header)
     return Frame(meta=meta, data=data if data.dtype == np.float32 else data.astype(np.float32), header=header)
+
+
+def blank_infinities(data: np.ndarray) -> np.ndarray:
+    """``data`` with +-inf pixels made NaN, the one marker of an invalid pixel (:class:`Frame`).
+
+    An infinite pixel is no measurement either, but the steps that skip NaN read it: a few -inf
+    pixels spread through the star finder's filter and hid every star of a frame from the seeing
+    measurement (``few_stars``), +inf ones put every pixel of the background mesh out of reach and
+    kept a [0, 1] image off the ADU scale (:func:`adu_scale`).
+
+    Parameters
+    ----------
+    data : ndarray, shape (ny, nx) or (n, ny, nx)
+        Pixels as read (ADU); integer images are returned as they are.
+
+    Returns
+    -------
+    ndarray
+        Same shape and dtype; a new array only when an infinite pixel was replaced.
+    """
+    if data.dtype.kind != "f":
+        return data
+    infinite = np.isinf(data)
+    return np.where(infinite, np.array(np.nan, data.dtype), data) if infinite.any() else data
 
 
 def _absent(header: fits.Header, card: str) -> bool:

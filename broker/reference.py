@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -413,7 +414,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
         raise ReferenceUnavailable(f"frames of different fields/filters: {sorted(keys)}")
     frames = sorted(frames, key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
     grid = frames[0]
-    grid_header = celestial_wcs(grid.header).to_header()
+    grid_header = celestial_wcs(grid.header).to_header(relax=True)
     g_img, g_var, g_sig, g_stars, sat_any = _prepare(grid, config)
     h = half_size_for(g_stars.fwhm, config.psf)
     inputs = []
@@ -521,7 +522,8 @@ class ReferenceStore:
     """References on local disk, built automatically from the first ``n_frames`` frames of a field.
 
     Layout: ``root/<telescope>/<field>/<filter>/reference.fits`` and ``.../pending/<frame_id>.fits``
-    (each a frame as tile-compressed FITS). Every file is written to a temporary name and renamed
+    (each a frame as tile-compressed FITS); pending frames a reference could not be built from are
+    kept in ``.../rejected/<UTC time>/`` with ``reason.txt``. Every file is written to a temporary name and renamed
     (``os.replace``), so a crash leaves either the old state or the new one, never a partial file;
     pending frames are keyed by frame id, so a re-delivered frame is stored once. Meant for one
     writer per key (the Kafka stage partitions by telescope/field).
@@ -572,6 +574,16 @@ class ReferenceStore:
             return []
         return sorted(p.stem for p in d.glob("*.fits"))
 
+    def _set_aside(self, key: tuple[str, str, str], files: list[Path], exc: Exception) -> Path:
+        """Move the pending frames of ``key`` to ``rejected/<UTC time>/`` with the reason; that folder."""
+        where = self._dir(key) / "rejected" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        where.mkdir(parents=True, exist_ok=True)
+        for p in files:
+            if p.exists():
+                os.replace(p, where / p.name)
+        (where / "reason.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+        return where
+
     def offer(self, frame: Frame) -> Reference | None:
         """Keep a frame of a field without reference; build the reference once enough are kept.
 
@@ -580,6 +592,13 @@ class ReferenceStore:
         Reference or None
             The reference (new, or already existing for this key), or None while fewer than
             ``n_frames`` distinct frames are pending.
+
+        Raises
+        ------
+        ReferenceUnavailable
+            The reference could not be built from the pending frames (one of them does not
+            register onto the others, say). They are moved out of the way (:meth:`_set_aside`),
+            so that one bad frame cannot keep every later offer of the key failing.
         """
         key = frame.meta.reference_key
         with self._lock:
@@ -606,7 +625,13 @@ class ReferenceStore:
             if len(frames) < self.config.n_frames:
                 return None
             frames.sort(key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
-            ref = build_reference(frames[: self.config.n_frames], self.config)
+            try:
+                ref = build_reference(frames[: self.config.n_frames], self.config)
+            except BrokerError as exc:
+                where = self._set_aside(key, files, exc)
+                raise ReferenceUnavailable(
+                    f"reference of {key} not built: {exc}; its {len(files)} pending frames were set aside "
+                    f"in {where} and the reference starts again from the next frames") from exc
             self.put(ref)
             # only after the reference is safely in place; a crash here just leaves clutter
             for p in files:

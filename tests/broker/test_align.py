@@ -79,6 +79,24 @@ def test_no_overlap_raises():
         _align(ref, sci)
 
 
+@pytest.mark.parametrize("how", ["rot180", "flip", "30px", "other field"])
+def test_a_science_wcs_over_another_sky_is_refused(how):
+    """A header WCS that puts another sky under the science stars matched 2-6 of 59 stars by chance.
+
+    The WCS was then trusted and the subtraction gave 100-200 false candidates (a meridian flip
+    rotates the camera 180 deg; a producer may copy a WCS from another frame).
+    """
+    sky = make_sky(50, SHAPE, 60)
+    sci = make_frame(51, SHAPE, make_sky(59, SHAPE, 60) if how == "other field" else sky)
+    data = {"rot180": sci.data[::-1, ::-1], "flip": sci.data[:, ::-1], "30px": np.roll(sci.data, 30, axis=1)}
+    sci.data = np.ascontiguousarray(data.get(how, sci.data))
+    ref = make_reference(52, SHAPE, sky)
+    with pytest.raises(AlignmentError, match=r"only \d+ of \d+ stars matched") as err:
+        _align(ref, sci)
+    assert err.value.reason == "alignment"
+    assert _align(ref, make_frame(53, SHAPE, sky)).n_matched >= 40  # the same sky under a true WCS
+
+
 def test_require_stars_raises_on_empty_field():
     from broker.align import AlignConfig
 

@@ -136,3 +136,34 @@ def test_adu_scale_leaves_empty_negative_and_all_nan_images_alone():
                  np.zeros((8, 8), np.float32), np.zeros((0, 0), np.float32)):
         out, header = adu_scale(data, fits.Header())
         assert out is data and "ADUSCALE" not in header
+
+
+@pytest.mark.filterwarnings("ignore:Input data contains invalid values")  # NaN pixels, by design
+@pytest.mark.parametrize("compress", [False, True])
+def test_infinite_pixels_are_decoded_as_nan(compress):
+    """+-inf pixels are invalid pixels like NaN: 1 % of -inf ones hid the stars from the seeing measurement."""
+    from broker.ingest import measure_quality
+
+    frame = star_frame(seed=3)
+    rng = np.random.default_rng(4)
+    bad = rng.random(frame.shape) < 0.01
+    blanked = np.where(bad, np.float32(np.nan), frame.data)
+    infinite = np.where(bad, np.where(rng.random(frame.shape) < 0.5, -np.inf, np.inf), frame.data).astype(np.float32)
+    nan_frame = decode_fits(encode_fits(Frame(frame.meta, blanked, frame.header), compress=compress))
+    inf_frame = decode_fits(encode_fits(Frame(frame.meta, infinite, frame.header), compress=compress))
+    assert np.array_equal(np.isnan(inf_frame.data), bad) and not np.isinf(inf_frame.data).any()
+    assert measure_quality(inf_frame) == measure_quality(nan_frame)
+    assert measure_quality(inf_frame).n_stars >= 20
+    # a [0, 1] image with an infinite pixel is still put on the ADU scale
+    unit = np.where(bad, np.float32(np.inf), frame.data / np.float32(65535.0)).astype(np.float32)
+    scaled = decode_fits(encode_fits(Frame(frame.meta, unit, frame.header), compress=compress))
+    assert scaled.header["ADUSCALE"] == 65535.0
+
+
+@pytest.mark.parametrize("card", ["EXPTIME", "GAIN", "MJD-OBS"])
+def test_a_logical_numeric_card_is_named_not_read_as_one(card):
+    """``EXPTIME = T`` was read as 1 s (``float(True)``)."""
+    frame = star_frame()
+    frame.header[card] = True
+    with pytest.raises(MissingMetadata, match=f"{card}=True is a logical"):
+        decode_fits(encode_fits(frame))

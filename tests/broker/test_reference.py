@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from broker.errors import ReferenceUnavailable
+from broker.frame import celestial_wcs
 from broker.reference import Reference, ReferenceConfig, ReferenceStore, build_reference
 from tests.broker.conftest import make_frame, make_sky
 
@@ -102,6 +103,24 @@ def test_load_errors(tmp_path):
         Reference.load(bad)
 
 
+def test_the_reference_keeps_the_distortion_of_its_grid(tmp_path):
+    """A SIP distortion (astrometry.net writes one with every solution) stays in the reference's WCS.
+
+    ``WCS.to_header()`` left it out: the reference's pixels kept the distorted grid of its first
+    frame while its WCS said TAN, and the real MicroObservatory frames of ``../shared/data`` (SIP
+    of order 2, 5.2"/px) gave 127-500 candidates, dipoles along the edges; 25-62 with it kept.
+    """
+    frames = _frames()
+    for f in frames:
+        f.header["CTYPE1"], f.header["CTYPE2"] = "RA---TAN-SIP", "DEC--TAN-SIP"
+        f.header.update({"A_ORDER": 2, "B_ORDER": 2, "A_2_0": 2e-6, "B_0_2": -3e-6})
+    ref = build_reference(frames, ReferenceConfig())
+    ref.save(tmp_path / "ref.fits")
+    for header in (ref.header, Reference.load(tmp_path / "ref.fits").header):
+        sip = celestial_wcs(header).sip
+        assert sip is not None and sip.a[2, 0] == pytest.approx(2e-6) and sip.b[0, 2] == pytest.approx(-3e-6)
+
+
 def test_store_builds_once_and_is_idempotent(tmp_path):
     frames = _frames(4)
     store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
@@ -133,6 +152,29 @@ def test_store_survives_leftover_temporary_files(tmp_path):
     (pend / ".F1-1.fits.123.tmp").write_bytes(b"half a frame")  # killed mid-write
     assert store.offer(frames[1]) is None
     assert store.offer(frames[2]) is not None
+
+
+def test_a_frame_that_does_not_register_sets_the_pending_frames_aside(tmp_path):
+    """A pending frame whose WCS puts another sky under its stars (rotated 180 deg) fails the build.
+
+    Its key used to stay failing on every later offer; now the pending frames move to
+    ``rejected/`` with the reason and the next frames build the reference.
+    """
+    frames = _frames(6)
+    frames[2].data = np.ascontiguousarray(frames[2].data[::-1, ::-1])
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    key = frames[0].meta.reference_key
+    assert store.offer(frames[0]) is None and store.offer(frames[1]) is None
+    with pytest.raises(ReferenceUnavailable, match="set aside") as err:
+        store.offer(frames[2])
+    assert err.value.reason == "reference" and "stars matched" in str(err.value)
+    assert store.pending(key) == []
+    (aside,) = (store._dir(key) / "rejected").iterdir()
+    assert sorted(p.name for p in aside.glob("*.fits")) == ["F1-0.fits", "F1-1.fits", "F1-2.fits"]
+    assert "AlignmentError" in (aside / "reason.txt").read_text()
+    assert store.offer(frames[3]) is None and store.offer(frames[4]) is None
+    ref = store.offer(frames[5])
+    assert ref is not None and ref.frame_ids == ("F1-3", "F1-4", "F1-5")
 
 
 def test_store_corrupt_reference_raises(tmp_path):

@@ -10,7 +10,7 @@ from scipy.stats import norm
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import BadPixelFraction, ReferenceUnavailable
-from broker.subtract import SubtractConfig, saturation_mask, subtract_and_detect
+from broker.subtract import SubtractConfig, saturation_mask, scattered_blanks, subtract_and_detect
 from tests.broker.conftest import make_frame, make_reference, make_sky
 
 SHAPE = (256, 256)
@@ -89,6 +89,37 @@ def test_nan_region_gives_no_spurious_candidates():
     assert res.images["bad"][100, 100] and res.images["bad"][210, 120]
     # nothing rings: S_corr on the good pixels is still unit-variance
     assert res.diagnostics["scorr_std"] == pytest.approx(1.0, abs=0.05)
+
+
+def test_scattered_nan_pixels_are_filled_and_the_psf_kept():
+    """0.5 % of the pixels NaN (bad pixels a producer blanked) once spoiled every PSF star's stamp.
+
+    The Gaussian fallback PSF and a flux ratio of 1 then left a residual at each bright star (15
+    candidates instead of 1). A NaN pixel in a transient's wing is masked alone, not grown.
+    """
+    sky = make_sky(40, SHAPE, 60)
+    sci = make_frame(41, SHAPE, sky, extra=[(100.3, 140.6, 20000.0)], frame_id="blanked")
+    sci.data[np.random.default_rng(42).random(SHAPE) < 0.005] = np.nan
+    sci.data[139, 101] = np.nan  # beside the transient's peak
+    res = subtract_and_detect(sci, make_reference(43, SHAPE, sky), keep_images=True)
+    assert res.diagnostics["psf_fallback"] == 0.0 and res.diagnostics["flux_ratio_fallback"] == 0.0
+    assert [(round(c.detection.x), round(c.detection.y)) for c in res.candidates] == [(100, 141)]
+    assert res.candidates[0].detection.snr > 50
+    assert res.images["bad"].mean() < 0.01  # filled, not masked: S_corr keeps the pixels around them
+    assert res.images["bad"][139, 101] and not res.images["bad"][139, 99]
+
+
+def test_only_scattered_nan_pixels_are_interpolated():
+    """Isolated and small clusters of NaN are filled; a wide NaN border, its rim included, is not."""
+    image = np.zeros((40, 40), np.float32)
+    image[:, :12] = np.nan  # a resampled frame's border
+    image[20, 25] = np.nan
+    image[30:32, 30:32] = np.nan
+    fill = scattered_blanks(image)
+    assert fill[20, 25] and fill[30:32, 30:32].all()
+    assert not fill[:, :12].any()
+    assert fill.sum() == 5
+    assert not scattered_blanks(np.ones((8, 8), np.float32)).any()
 
 
 def test_saturated_stars_give_no_spurious_candidates():
