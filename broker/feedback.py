@@ -16,12 +16,12 @@ their alerts from the archive and re-weights the anomaly model's terms
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 from broker.errors import InvalidLabel
+from broker.sqlitedb import open_database
 
 __all__ = ["LABELS", "FeedbackStore"]
 
@@ -55,10 +55,7 @@ class FeedbackStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path)
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA, "a feedback database")
 
     def record(self, object_id: str, alert_id: str, label: str, who: str, model_version: str,
                score: float | None, now: float | None = None) -> int:

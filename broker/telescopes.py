@@ -156,10 +156,13 @@ def profile_toml(profile: TelescopeProfile) -> str:
 
 
 def write_profile(directory: str | Path, profile: TelescopeProfile, overwrite: bool = False) -> Path:
-    """Write ``profile`` as ``<directory>/<name>.toml`` and return the path (ProfileError when it exists)."""
+    """Write ``profile`` as ``<directory>/<name>.toml``; the path (ProfileError: it exists, or cannot be written)."""
     path = Path(directory) / f"{profile.name}.toml"
     if path.exists() and not overwrite:
         raise ProfileError(f"{path} exists (use --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(profile_toml(profile))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(profile_toml(profile))
+    except OSError as exc:  # the directory is a file, or out of reach
+        raise ProfileError(f"cannot write {path}: {exc}") from exc
     return path

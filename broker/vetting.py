@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 from broker.errors import CutoutError, InvalidLabel
 from broker.feedback import FeedbackStore
 from broker.labelsfile import VettedLabel
+from broker.sqlitedb import open_database
 
 if TYPE_CHECKING:
     from broker.archive.reader import Archive
@@ -152,11 +152,8 @@ class LabelStore:
         self.path = str(path)
         if feedback is None:
             feedback = ":memory:" if self.path == ":memory:" else Path(self.path).with_name("feedback.sqlite")
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.feedback = FeedbackStore(feedback)
-        self._db = sqlite3.connect(self.path)
-        self._db.executescript(_SCHEMA)
+        self._db = open_database(path, _SCHEMA, "a labels database of the portal")
 
     def record(self, verdict: Verdict, now: float | None = None) -> int:
         """Store one label (checked with :func:`check_verdict`); returns its row id in its table.

@@ -16,7 +16,14 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, TypeGuard
 
-from simpleeval import EvalWithCompoundTypes, InvalidExpression
+from simpleeval import (
+    DEFAULT_OPERATORS,
+    EvalWithCompoundTypes,
+    InvalidExpression,
+    IterableTooLong,
+    NumberTooHigh,
+    safe_mult,
+)
 
 import schemas
 from broker.errors import ConfigError, FilterExpressionError
@@ -175,6 +182,64 @@ _ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.
 
 #: Most positional arguments of each filter function (others: 1).
 _ARITY = {"nbands": 0, "min": 8, "max": 8}
+#: Deepest nesting of a filter's syntax tree: deeper ones would exhaust Python's recursion in the evaluator.
+MAX_DEPTH = 64
+#: Largest magnitude of a power's result (bits): ``9 ** 4000000``, which simpleeval allows, takes seconds.
+MAX_POWER_BITS = 4096
+
+
+def _bounded_power(base: Any, exponent: Any) -> Any:
+    """``base ** exponent``, refused (NumberTooHigh) when the result would pass :data:`MAX_POWER_BITS` bits."""
+    if is_num(base) and is_num(exponent) and abs(base) > 1 and exponent > 0:
+        bits = float(exponent) * math.log2(abs(base))
+        if bits > MAX_POWER_BITS:
+            raise NumberTooHigh(f"{base!r} ** {exponent!r} is too large (over {MAX_POWER_BITS} bits)")
+    return base**exponent
+
+
+def _numeric_mod(left: Any, right: Any) -> Any:
+    """``left % right`` of numbers; refused (NumberTooHigh) for a string: printf formatting can make gigabytes."""
+    if isinstance(left, str | bytes):
+        raise NumberTooHigh("'%' formats strings in Python; a filter uses it only on numbers")
+    return left % right
+
+
+#: Most items a filter may build by repeating a list or tuple, counted through nested ones: simpleeval walks
+#: every value it makes, so ``[[[1] * 99] * 99] * 99`` would cost it 10**6 steps per node.
+MAX_ITEMS = 10_000
+
+
+def _items(value: Any) -> int:
+    """Items of a list or tuple counted through nested ones (0 for a scalar); the count stops past MAX_ITEMS."""
+    count, stack = 0, [value]
+    while stack and count <= MAX_ITEMS:
+        item = stack.pop()
+        if isinstance(item, list | tuple):
+            count += len(item)
+            stack.extend(item)
+    return count
+
+
+def _bounded_mult(left: Any, right: Any) -> Any:
+    """``left * right``, refused (IterableTooLong) when a repeated list would hold over :data:`MAX_ITEMS` items."""
+    for seq, times in ((left, right), (right, left)):
+        if isinstance(seq, list | tuple) and is_num(times) and times > 1 and _items(seq) * times > MAX_ITEMS:
+            raise IterableTooLong(f"a list repeated to over {MAX_ITEMS} items")
+    return safe_mult(left, right)
+
+
+#: simpleeval's operators, with powers, repetitions and '%' bounded.
+_OPERATORS = {**DEFAULT_OPERATORS, ast.Pow: _bounded_power, ast.Mult: _bounded_mult, ast.Mod: _numeric_mod}
+
+
+def _depth(tree: ast.AST) -> int:
+    """The depth of a syntax tree (counted without recursion, so that any depth can be measured)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 class _Dotted(ast.NodeTransformer):
@@ -200,6 +265,10 @@ def _checked_tree(expression: str, functions: set[str]) -> ast.expr:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError as exc:
         raise FilterExpressionError(f"invalid filter expression {expression!r}: {exc.msg}") from exc
+    except RecursionError as exc:  # the parser's own limit, on some deeply nested input
+        raise FilterExpressionError(f"filter expression nested too deeply (at most {MAX_DEPTH} levels)") from exc
+    if _depth(tree) > MAX_DEPTH:
+        raise FilterExpressionError(f"filter expression nested too deeply (at most {MAX_DEPTH} levels)")
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise FilterExpressionError(f"filter expression not allowed: {type(node).__name__}")
@@ -223,7 +292,9 @@ class AlertFilter:
     the top-level fields and ``latency`` (s from shutter close to the alert). Functions over the
     history are in :data:`FUNCTIONS_HELP`. The expression is parsed once and checked against a
     whitelist of syntax (no attributes of values, no subscripts, no comprehensions, no lambdas, calls
-    only of those functions), then evaluated with simpleeval (bounded powers and string sizes).
+    only of those functions, at most :data:`MAX_DEPTH` levels deep), then evaluated with simpleeval
+    (string sizes bounded; powers to :data:`MAX_POWER_BITS` bits; repeated lists to :data:`MAX_ITEMS`
+    items; ``%`` only of numbers).
     Names are checked here, before any alert; an alert on which the expression cannot be evaluated
     (a null ``rb`` compared with a number, a missing field) does not match.
     """
@@ -234,7 +305,7 @@ class AlertFilter:
             raise FilterExpressionError("filter expression longer than 1000 characters")
         self._alert: dict = {}
         functions = _history_functions(lambda: self._alert)
-        self._eval = EvalWithCompoundTypes(functions=functions)
+        self._eval = EvalWithCompoundTypes(operators=dict(_OPERATORS), functions=functions)
         self._resolve: dict[str, Callable[[dict], Any]] = {}
         self._tree: ast.expr = ast.Constant(True)
         if not self.expression:

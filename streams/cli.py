@@ -403,7 +403,10 @@ def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at
     """Record an operator's "interesting / not" label of an anomaly (the active-learning hook), or export them."""
     from broker.feedback import FeedbackStore
 
-    store = FeedbackStore(state_dir / "feedback.sqlite")
+    try:
+        store = FeedbackStore(state_dir / "feedback.sqlite")
+    except BrokerError as exc:
+        _fail(exc)
     try:
         if export:
             for row in store.export():
@@ -474,6 +477,7 @@ def labels_export(
 
     Labels whose alert is not in the archive, or whose cutouts cannot be decoded, are left out and counted.
     """
+    import sqlite3
     from collections import Counter
 
     from broker.errors import ConfigError, InvalidLabel
@@ -495,6 +499,8 @@ def labels_export(
         n = write_labels(out, result.labels)
     except BrokerError as exc:
         _fail(exc)
+    except sqlite3.Error as exc:
+        _fail(InvalidLabel(f"{path} is not a labels database of the portal: {exc}"))
     real = sum(lab.label for lab in result.labels)
     console.print(f"wrote {n} label(s) ({real} real, {n - real} bogus) to {out}")
     if result.skipped:
@@ -676,7 +682,7 @@ def _open_archive(archive: Optional[str], config: Optional[Path],
 
     cfg = load_config(config, state_dir=state_dir)
     store = Archive(archive or archive_url(cfg))
-    if not store.fs.exists(store.root):
+    if not store.fs.isdir(store.root):  # nothing there, or a file: either way no archive
         raise ArchiveError(f"no archive at {store.url}: run `broker demo` or the archive stage first, or name one "
                            "with --archive (the demo's is var/demo/state/archive)")
     return store, cfg
@@ -711,7 +717,7 @@ def query(sql: Annotated[str, typer.Argument(help=_QUERY_HELP)], archive: Archiv
           config: ConfigOpt = None, state_dir: StateDirOpt = None,
           out: Annotated[Optional[Path], typer.Option(
               help="Write the whole result to this .parquet or .csv file instead of printing it.")] = None,
-          max_rows: Annotated[int, typer.Option(help="Rows printed at most.")] = 50,
+          max_rows: Annotated[int, typer.Option(min=0, help="Rows printed at most.")] = 50,
           verify: Annotated[bool, typer.Option(
               help="First check every archive file against its SHA-256 (reads the whole archive).")] = False) -> None:
     """Run SQL over the alert archive (DuckDB, view alerts): print the result or write it to a file."""
@@ -954,11 +960,14 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
     import uvicorn
 
     from broker.config import load_config
+    from broker.errors import ConfigError
     from streams.archiver import archive_url
     from streams.web.app import create_app
     from streams.web.config import WebConfig
 
     try:
+        if not 0 < max_upload_mb < 1024 * 1024:
+            raise ConfigError(f"--max-upload-mb must be within (0, 1048576) MiB, not {max_upload_mb}")
         pipeline = load_config(config, state_dir=state_dir)
         overrides: dict = {"host": host, "port": port, "bootstrap": bootstrap, "pipeline": pipeline,
                            "cors_origins": tuple(cors_origin or ()), "public_read": not private,
@@ -1007,7 +1016,11 @@ def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the tok
 def token_list(state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
     """The tokens: id, name, scopes, created, revoked (no secret is stored)."""
     table = Table("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
-    for t in _tokens(state_dir, tokens).list():
+    try:
+        listed = _tokens(state_dir, tokens).list()
+    except BrokerError as exc:
+        _fail(exc)
+    for t in listed:
         stamp = (lambda s: time.strftime("%Y-%m-%d %H:%M", time.gmtime(s)) if s else "")  # noqa: E731
         table.add_row(t.token_id, escape(t.name), ",".join(t.scopes), stamp(t.created), stamp(t.revoked))
     console.print(table)
@@ -1017,7 +1030,10 @@ def token_list(state_dir: PortalStateOpt = Path("var/demo/state"), tokens: Token
 def token_revoke(key: Annotated[str, typer.Argument(help="Token id or name.")],
                  state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
     """Revoke the active tokens of an id or a name."""
-    n = _tokens(state_dir, tokens).revoke(key)
+    try:
+        n = _tokens(state_dir, tokens).revoke(key)
+    except BrokerError as exc:
+        _fail(exc)
     if not n:
         _fail(BrokerError(f"no active token with id or name {key!r}"))
     console.print(f"revoked {n} token(s)")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from broker.archive.reader import Archive
 from broker.archive.rows import mjd_of, to_current
-from broker.errors import ArchiveError, UnknownTopic
+from broker.errors import ArchiveError, BrokerError, UnknownTopic
 from streams.framing import AlertEncoder, Framed, FramingConfig
 from streams.settings import KafkaSettings
 
@@ -39,8 +39,14 @@ def selection(start: str | None = None, end: str | None = None, where: str | Non
 
 
 def _check_topic(settings: KafkaSettings, archive: Archive, topic: str) -> None:
-    """Refuse a topic that does not exist, or that the archive itself reads (it would archive every alert twice)."""
-    existing = AdminClient(settings.common()).list_topics(timeout=10).topics
+    """Refuse a topic that does not exist, or that the archive itself reads (it would archive every alert twice).
+
+    A Kafka that does not answer is a :class:`~broker.errors.BrokerError` naming it.
+    """
+    try:
+        existing = AdminClient(settings.common()).list_topics(timeout=10).topics
+    except KafkaException as exc:
+        raise BrokerError(f"Kafka at {settings.bootstrap} did not answer within 10 s: {exc}") from exc
     if topic not in existing:
         raise UnknownTopic(f"topic {topic!r} does not exist on {settings.bootstrap}; create it first "
                            f"(broker topics) or pick one of {sorted(t for t in existing if not t.startswith('__'))}")

@@ -21,10 +21,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, TIMESTAMP_NOT_AVAILABLE, Consumer
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    OFFSET_INVALID,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaException,
+)
 from confluent_kafka import TopicPartition as KafkaPartition
 
-from broker.errors import ConfigError, DecodeError, UnknownTopic
+from broker.errors import BrokerError, ConfigError, DecodeError, UnknownTopic
 from streams.alert_expr import is_num
 from streams.framing import decode_alert
 from streams.settings import KafkaSettings
@@ -239,13 +246,16 @@ class Subscription:
         self.close()
 
     def open(self) -> None:
-        """Connect, check that the topic exists (:class:`UnknownTopic` if not) and subscribe."""
+        """Connect, check that the topic exists (:class:`UnknownTopic` if not; BrokerError: no answer), subscribe."""
         reset = "latest" if self.start is not None and self.start.kind == "offset" else "earliest"
         conf = self.settings.consumer(self.group or f"subscriber-{uuid.uuid4().hex[:8]}", reset)
         conf["enable.auto.commit"] = True
         consumer = Consumer(conf)
         try:
-            existing = consumer.list_topics(timeout=15).topics
+            try:
+                existing = consumer.list_topics(timeout=15).topics
+            except KafkaException as exc:
+                raise BrokerError(f"Kafka at {self.settings.bootstrap} did not answer within 15 s: {exc}") from exc
             if self.topic not in existing or existing[self.topic].error is not None:
                 names = sorted(t for t in existing if not t.startswith("__"))
                 raise UnknownTopic(f"topic {self.topic!r} does not exist on {self.settings.bootstrap}; "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ from pathlib import Path
 from fastapi import Request
 
 from broker.errors import ConfigError, Forbidden, Unauthenticated
+from broker.sqlitedb import open_database
 
 #: The scopes a token can hold: read the API, upload frames, label candidates.
 SCOPES = ("read", "upload", "vet")
@@ -67,15 +67,17 @@ class TokenStore:
     ----------
     path : Path
         The SQLite file (created with its folder; ``":memory:"`` for tests).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` cannot be opened or created as a token database (a folder, another file, no access).
     """
 
     def __init__(self, path: str | Path) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = str(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute(_SCHEMA)
+        self._db = open_database(path, _SCHEMA, "a token database", isolation_level=None, check_same_thread=False)
 
     def add(self, name: str, scopes: Iterable[str]) -> str:
         """Create a token; return it in clear (the only time it exists outside the caller)."""

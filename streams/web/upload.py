@@ -105,10 +105,13 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def _part(form: Any, name: str, limit: int) -> bytes | None:
-    """The bytes of file part ``name`` of a form (None when absent), at most ``limit`` bytes."""
-    part = form.get(name)
-    if part is None:
+    """The bytes of file part ``name`` of a form (None when absent), at most ``limit`` bytes; one part per name."""
+    parts = form.getlist(name)
+    if not parts:
         return None
+    if len(parts) > 1:  # which one the caller meant is not ours to guess
+        raise InvalidQuery(f"form field {name!r} given {len(parts)} times: upload one frame per request")
+    part = parts[0]
     if not isinstance(part, UploadFile):
         raise InvalidQuery(f"form field {name!r} must be a file (a FITS frame)")
     data = await part.read(limit + 1)

@@ -74,6 +74,26 @@ def test_hostile_or_broken_filters_are_refused(expr):
         AlertFilter(expr)(alert)
 
 
+@pytest.mark.parametrize("expr", [
+    "1" + "+1" * 300,  # a syntax tree 300 deep: the evaluator's recursion would overflow Python's stack
+    "-" * 900 + "snr",
+    "not " * 200 + "rb",
+    "7 ** 100000 > rb",  # simpleeval allows exponents to 4000000: 9 ** 4000000 takes seconds per alert
+    "[[1] * 100] * 200 == 1",  # nested repetition: simpleeval walks every item of every value it makes
+    "'%0200000d' % 1 == filter",  # printf formatting: '%0999999999d' % 1 would be a gigabyte per alert
+])
+def test_filters_that_would_exhaust_the_stack_the_cpu_or_the_memory_are_refused(expr):
+    _, alert = _alert()
+    with pytest.raises(FilterExpressionError, match="nested too deeply|too large|repeated|'%'"):
+        AlertFilter(expr)(alert)
+
+
+def test_bounded_operators_still_compute_what_filters_need():
+    _, alert = _alert()  # rb 0.9, snr 12
+    assert AlertFilter("snr ** 2 > 100 and snr % 5 == 2 and 10 ** 300 > snr and [1, 2] * 3 == [1, 2] * 3")(alert)
+    assert AlertFilter("(" * 50 + "rb > 0.5" + ")" * 50)(alert)  # parentheses alone nest nothing
+
+
 def test_a_filter_that_explodes_on_real_values_is_stopped_not_run():
     _, alert = _alert()
     keep = AlertFilter("filter * 10**9 == 'x'")  # a number on the stand-in values; a string on an alert

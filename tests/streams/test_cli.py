@@ -121,6 +121,64 @@ def test_query_prints_a_table_writes_files_and_reports_a_bad_archive(tmp_path):
     assert res.exit_code == 2 and "SHA-256" in res.output and f.path in res.output, res.output
 
 
+def test_an_archive_path_that_is_a_file_is_no_archive(tmp_path):
+    (tmp_path / "alerts.parquet").write_bytes(b"PAR1")
+    res = runner.invoke(app, ["query", "--archive", str(tmp_path / "alerts.parquet"), "SELECT 1"])
+    assert res.exit_code == 2 and "no archive at" in res.output, (res.output, res.exception)
+    res = runner.invoke(app, ["query", "--archive", str(tmp_path), "--max-rows", "-5", "SELECT 1"])
+    assert res.exit_code == 2 and "--max-rows" in res.output and "Traceback" not in res.output, res.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_serve_explains_an_absurd_upload_limit(tmp_path, value):
+    res = runner.invoke(app, ["serve", "--state-dir", str(tmp_path), "--max-upload-mb", value, "--port", "1"])
+    assert res.exit_code == 2 and "--max-upload-mb" in res.output, (res.output, res.exception)
+
+
+@pytest.mark.parametrize("command", [["token", "list"], ["token", "revoke", "x"],
+                                     ["token", "add", "x", "--scope", "read"]])
+def test_a_token_file_that_is_not_a_token_database_is_explained(tmp_path, command):
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database " * 100)
+    for tokens in (tmp_path / "junk.sqlite", tmp_path):  # another file, then a folder
+        res = runner.invoke(app, [*command, "--tokens", str(tokens)])
+        assert res.exit_code == 2 and "as a token database" in res.output, (res.output, res.exception)
+
+
+def test_label_databases_that_are_not_databases_are_explained(tmp_path):
+    (tmp_path / "feedback.sqlite").write_bytes(b"not a database " * 100)
+    res = runner.invoke(app, ["feedback", "OBJ1", "F-1/3", "interesting", "--state-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "feedback database" in res.output, (res.output, res.exception)
+    (tmp_path / "portal").mkdir()
+    (tmp_path / "portal" / "labels.sqlite").write_bytes(b"not a database " * 100)
+    _small_archive(tmp_path / "archive")
+    res = runner.invoke(app, ["labels", "export", "--out", str(tmp_path / "l.npz"), "--archive",
+                              str(tmp_path / "archive"), "--labels", str(tmp_path / "portal" / "labels.sqlite")])
+    assert res.exit_code == 2 and "as a labels database" in res.output, (res.output, res.exception)
+
+
+def test_a_kafka_that_does_not_answer_is_explained_by_subscribe_and_replay(tmp_path, monkeypatch):
+    from confluent_kafka import KafkaException
+
+    class Silent:  # list_topics as confluent_kafka raises it when no broker answers
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def list_topics(self, timeout=None):
+            raise KafkaException("Failed to get metadata: Local: Broker transport failure")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("streams.subscriber.Consumer", Silent)
+    monkeypatch.setattr("streams.replay.AdminClient", Silent)
+    res = runner.invoke(app, ["subscribe", "--bootstrap", "127.0.0.1:1", "--max-alerts", "1"])
+    assert res.exit_code == 2 and "did not answer" in res.output, (res.output, res.exception)
+    _small_archive(tmp_path / "archive")
+    res = runner.invoke(app, ["replay", "--topic", "x", "--bootstrap", "127.0.0.1:1",
+                              "--archive", str(tmp_path / "archive")])
+    assert res.exit_code == 2 and "did not answer" in res.output, (res.output, res.exception)
+
+
 def test_feedback_records_labels_exports_them_and_refuses_bad_ones(tmp_path):
     import json
 
@@ -169,7 +227,8 @@ def test_telescope_add_writes_a_profile_and_refuses_bad_values(tmp_path):
     for bad, message in ((args, "exists"), (new + ["--gain", "-1.5"], "gain"),
                          (["telescope", "add", "x y", "--dir", str(tmp_path)], "telescope name"),
                          (new + ["--filter", "IRCUT"], "VENDOR=BAND"),
-                         (new + ["--time-reference", "end"], "time_reference")):
+                         (new + ["--time-reference", "end"], "time_reference"),
+                         (["telescope", "add", "x", "--dir", str(tmp_path / "seestar-s50.toml")], "cannot write")):
         res = runner.invoke(app, bad)
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
 
@@ -226,7 +285,7 @@ def test_train_anomaly_explains_unusable_feedback(tmp_path):
 
     with FeedbackStore(tmp_path / "elsewhere.sqlite") as store:
         store.record("OBJ", "999", "not", "ana", "anomaly-v5", 0.99)
-    cases = [(tmp_path / "absent.sqlite", "no feedback file"), (tmp_path / "junk.sqlite", "not a feedback database"),
+    cases = [(tmp_path / "absent.sqlite", "no feedback file"), (tmp_path / "junk.sqlite", "as a feedback database"),
              (tmp_path / "elsewhere.sqlite", "none of the 1 label(s)")]
     for path, message in cases:
         res = runner.invoke(app, ["train-anomaly", "--objects", "40", "--out-dir", str(tmp_path / "m"),

@@ -215,6 +215,13 @@ def test_a_form_without_a_frame_part_is_400(client, token, pair):
     assert response.status_code == 400 and "'frame'" in response.json()["detail"]
 
 
+def test_a_form_with_two_frame_parts_is_400(client, token, pair):
+    """Two ``frame`` parts in one form: one was used and the other dropped without a word."""
+    files = [("frame", ("a.fits", pair[0], "application/fits")), ("frame", ("b.fits", pair[1], "application/fits"))]
+    response = post(client, token=token, files=files)
+    assert response.status_code == 400 and "2 times" in response.json()["detail"]
+
+
 @pytest.mark.kafka
 def test_publish_sends_the_frame_to_the_frames_topic(settings, portal_config, pair, tmp_path):
     from dataclasses import replace
