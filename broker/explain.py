@@ -18,6 +18,8 @@ triplet with its attribution maps.
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from broker.candidate import CUTOUT_SIZE
-from broker.errors import CutoutError
+from broker.errors import ConfigError, CutoutError, DecodeError
 from broker.normalise import alert_triplet, normalise_triplet
 from broker.realbogus import RealBogusClassifier
 
@@ -48,6 +50,10 @@ class ExplainConfig:
 
     steps: int = 64
     batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(v, int) and v >= 1 for v in (self.steps, self.batch_size)):
+            raise ConfigError(f"ExplainConfig: steps and batch_size must be integers >= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ def explain_triplet(clf: RealBogusClassifier, triplet: np.ndarray,
     x = np.asarray(triplet, dtype=np.float32)
     if x.shape != (3, CUTOUT_SIZE, CUTOUT_SIZE):
         raise CutoutError(f"triplet must be (3, 63, 63), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise CutoutError("a normalised triplet is finite everywhere: this one has NaN or inf pixels")
     x = clf.model_input(x)
     net = clf.net.eval()
     xt = torch.from_numpy(x)
@@ -170,40 +178,114 @@ def load_triplet(path: str | Path, index: int = 0) -> tuple[np.ndarray, str]:
     Parameters
     ----------
     path : path
-        An Avro alert file (ZTF's or ours: ``cutoutScience/Template/Difference`` stamps), or an
+        An Avro alert file (ZTF's, Rubin's or ours: ``cutoutScience/Template/Difference`` stamps), or an
         ``.npz`` holding either ``science``, ``reference``, ``difference`` arrays (raw, (ny, nx)
         or (N, ny, nx)) or ``x`` (normalised, (N, 3, 63, 63): a training shard).
     index : int
-        Record of the Avro file or row of the ``.npz``.
+        Record of the Avro file or row of the ``.npz``, from 0.
 
     Returns
     -------
     triplet : ndarray, shape (3, ny, nx) raw, or (3, 63, 63) normalised
     label : str
-        objectId/candid of an alert, or ``file[index]`` (with kind and label of a shard row).
+        objectId/candid of an alert (Rubin's: ``diaSourceId``), or ``file[index]`` (with kind
+        and label of a shard row).
+
+    Raises
+    ------
+    DecodeError
+        No such file, or not a readable Avro container file or ``.npz``.
+    CutoutError
+        No record or row ``index``, no stamps or arrays of a triplet, stamps of different shapes.
     """
     p = Path(path)
+    if not p.is_file():
+        raise DecodeError(f"{p}: no such file")
     if p.suffix == ".avro":
-        import fastavro
+        return _avro_triplet(p, index)
+    try:
+        with _npz(p) as a:
+            if "x" in a.files:
+                x = a["x"]
+                _check_index(p, index, len(x) if x.ndim else 0)
+                extra = "".join(f" {k}={a[k][index]}" for k in ("kind", "y") if k in a.files)
+                return np.asarray(x[index], dtype=np.float32), f"{p.name}[{index}]{extra}"
+            missing = [k for k in CHANNELS if k not in a.files]
+            if missing:
+                raise CutoutError(f"{p.name} holds {a.files}: no {missing} (science, reference, difference or x)")
+            chans = [np.asarray(a[k]) for k in CHANNELS]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged member
+        raise DecodeError(f"{p.name} is not a readable .npz of arrays: {exc}") from exc
+    if chans[0].ndim == 3:
+        _check_index(p, index, min(len(c) for c in chans))
+        chans = [c[index] if c.ndim == 3 else c for c in chans]
+    return _stacked(p, chans), f"{p.name}[{index}]"
 
+
+def _npz(p: Path) -> np.lib.npyio.NpzFile:
+    """The arrays of the ``.npz`` file ``p`` (no pickles).
+
+    Raises
+    ------
+    DecodeError
+        Not an ``.npz``: another format, a pickle, a single ``.npy`` array.
+    """
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DecodeError(f"{p.name} is not an Avro alert file or a readable .npz: {exc}") from exc
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DecodeError(f"{p.name} holds one array, not an .npz of science, reference and difference (or x)")
+    return loaded
+
+
+def _avro_triplet(p: Path, index: int) -> tuple[np.ndarray, str]:
+    """Raw triplet and label of record ``index`` of an Avro alert file (:func:`load_triplet`)."""
+    import fastavro
+
+    from broker.training.devset import not_a_container
+
+    with open(p, "rb") as fh:
+        problem = not_a_container(fh.read(5))
+    if problem:
+        raise DecodeError(f"{p.name} is {problem}")
+    try:
         with open(p, "rb") as fh:
             recs = list(fastavro.reader(fh))
-        if not 0 <= index < len(recs):
-            raise CutoutError(f"{p.name} has {len(recs)} records, no index {index}")
-        r = recs[index]
-        if not isinstance(r, dict):
-            raise CutoutError(f"{p.name}: record {index} is not an alert packet")
-        trip = np.stack(alert_triplet(r))
-        cand = r.get("candidate") or {}
-        return trip, f"{r.get('objectId', p.stem)} {cand.get('candid', '')}".strip()
-    with np.load(p, allow_pickle=False) as a:
-        if "x" in a.files:
-            extra = "".join(f" {k}={a[k][index]}" for k in ("kind", "y") if k in a.files)
-            return np.asarray(a["x"][index], dtype=np.float32), f"{p.name}[{index}]{extra}"
-        chans = [np.asarray(a[k]) for k in CHANNELS]
-    if chans[0].ndim == 3:
-        chans = [c[index] for c in chans]
-    return np.stack(chans).astype(np.float32), f"{p.name}[{index}]"
+    except Exception as exc:  # fastavro raises many types on a truncated or foreign file
+        raise DecodeError(f"{p.name} is not a readable Avro container file: {type(exc).__name__}: {exc}") from exc
+    _check_index(p, index, len(recs))
+    r = recs[index]
+    if not isinstance(r, dict):
+        raise CutoutError(f"{p.name}: record {index} is not an alert packet")
+    trip = _stacked(p, alert_triplet(r))
+    cand = r["candidate"] if isinstance(r.get("candidate"), dict) else {}
+    if "diaSourceId" in r:  # Rubin's packets name their source, not an object and a candidate
+        return trip, str(r["diaSourceId"])
+    return trip, f"{r.get('objectId', p.stem)} {cand.get('candid', '')}".strip()
+
+
+def _check_index(p: Path, index: int, n: int) -> None:
+    """CutoutError unless ``0 <= index < n`` (records or rows of ``p``)."""
+    if not 0 <= index < n:
+        raise CutoutError(f"{p.name} has {n} records, no index {index}")
+
+
+def _stacked(p: Path, chans: list[np.ndarray]) -> np.ndarray:
+    """Science, reference and difference of one shape as one (3, ny, nx) float32 array."""
+    shapes = [c.shape for c in chans]
+    if len(set(shapes)) != 1 or len(shapes[0]) != 2:
+        raise CutoutError(f"{p.name}: the three cutouts are not 2-D images of one shape: {shapes}")
+    try:
+        return np.stack(chans).astype(np.float32)
+    except (TypeError, ValueError) as exc:
+        raise CutoutError(f"{p.name}: the cutouts are not numeric: {exc}") from exc
+
+
+def _is_shard(path: str | Path) -> bool:
+    """Whether an ``.npz`` holds normalised triplets ``x`` (a training shard)."""
+    with _npz(Path(path)) as a:
+        return "x" in a.files
 
 
 def main_explain(path: str | Path, index: int = 0, out: str | Path | None = None,
@@ -227,11 +309,10 @@ def main_explain(path: str | Path, index: int = 0, out: str | Path | None = None
     -------
     Path of the PNG.
     """
+    cfg = ExplainConfig(steps=steps)
     clf = RealBogusClassifier.load(model)
     trip, label = load_triplet(path, index)
-    cfg = ExplainConfig(steps=steps)
-    if trip.shape == (3, CUTOUT_SIZE, CUTOUT_SIZE) and Path(path).suffix == ".npz" and \
-            "x" in np.load(path, allow_pickle=False).files:
+    if trip.shape == (3, CUTOUT_SIZE, CUTOUT_SIZE) and Path(path).suffix != ".avro" and _is_shard(path):
         exp = explain_triplet(clf, trip, cfg)
     else:
         sci, ref, diff = trip

@@ -14,15 +14,21 @@ processes, and the stream stages import this without loading torch
 
 from __future__ import annotations
 
-import gzip
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import ConfigError, CutoutError
+
+#: Largest decompressed stamp read (bytes): a 63 x 63 float32 stamp is ~20 kB, a Rubin one with its
+#: variance and PSF planes ~50 kB; this refuses a decompression bomb before it takes the memory.
+MAX_STAMP_BYTES = 16 * 1024 * 1024
+#: The cutout fields of an alert packet, in the order (science, reference, difference).
+STAMP_FIELDS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class NormFlags:
     Attributes
     ----------
     n_nan : tuple of int
-        Non-finite pixels per channel (science, reference, difference) in the input, before padding.
+        Non-finite (or masked) pixels per channel (science, reference, difference) in the input,
+        before padding.
     n_pad : int
         Pixels added per channel to pad a short cutout to 63x63.
     input_shape : tuple of int
@@ -93,11 +100,18 @@ class NormFlags:
 def _pad_offsets(shape: tuple[int, int], absdiff: np.ndarray) -> tuple[int, int]:
     """Pixels to pad before (y, x) so that the candidate lands at the centre of 63x63.
 
-    A stamp cut at a CCD edge (ZTF) keeps the candidate where it is in the nominal 63 px stamp,
-    so the missing pixels of each short axis are either all before or all after it: the candidate
-    is at index 31 or at 31 - missing. Of these (up to 4) placements we take the one with the
-    strongest |difference| within 2 px, i.e. where a source was detected.
+    A square stamp is centred on its candidate (pixel ``n // 2``): every survey cuts its stamps
+    around the candidate, smaller than ours where it chose so (DECam's 51 px, ATLAS's and Palomar
+    Gattini-IR's 61 px, Rubin's 30-41 px); that pixel lands at 31.
+
+    A stamp with a short side was cut at a CCD edge (ZTF): it keeps the candidate where it is in
+    the nominal 63 px stamp, so the missing pixels of each short axis are either all before or
+    all after it: the candidate is at index 31 or at 31 - missing. Of these (up to 4) placements
+    we take the one with the strongest |difference| within 2 px, i.e. where a source was detected.
     """
+    if shape[0] == shape[1]:
+        y0 = CUTOUT_SIZE // 2 - shape[0] // 2
+        return y0, y0
     opts = [[0] if n >= CUTOUT_SIZE else [0, CUTOUT_SIZE - n] for n in shape]
     c = CUTOUT_SIZE // 2
     best, best_v = (opts[0][0], opts[1][0]), -np.inf
@@ -111,6 +125,45 @@ def _pad_offsets(shape: tuple[int, int], absdiff: np.ndarray) -> tuple[int, int]
     return best
 
 
+#: dtype kinds a cutout may have: bool, signed and unsigned integers, floats, and objects holding
+#: numbers (a list of lists); complex, date, time and string stamps are refused.
+_NUMERIC_KINDS = "biufO"
+
+
+def _checked(name: str, a: object) -> np.ndarray:
+    """``a`` as an array, not yet converted (no copy of an array), after its kind and rank are checked.
+
+    Raises
+    ------
+    CutoutError
+        Not 2-D, or of a dtype whose values are not real numbers.
+    """
+    try:
+        arr = a if isinstance(a, np.ndarray) else np.asarray(a)
+    except (TypeError, ValueError) as exc:
+        raise CutoutError(f"{name} cutout is not an array: {exc}") from exc
+    if arr.dtype.kind not in _NUMERIC_KINDS:
+        raise CutoutError(f"{name} cutout is not real numbers (dtype {arr.dtype})")
+    if arr.ndim != 2:
+        raise CutoutError(f"{name} cutout must be 2-D, got shape {arr.shape}")
+    return arr
+
+
+def _as_float(name: str, arr: np.ndarray) -> np.ndarray:
+    """A checked cutout (:func:`_checked`) as float64, NaN at the masked pixels of a masked array.
+
+    Returns
+    -------
+    ndarray, shape (ny, nx), float64
+    """
+    try:
+        if isinstance(arr, np.ma.MaskedArray):  # np.asarray would keep the values under the mask
+            return np.ma.filled(arr.astype(np.float64), np.nan)
+        return np.asarray(arr, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CutoutError(f"{name} cutout is not numeric: {exc}") from exc
+
+
 def normalise_triplet(
     sci: np.ndarray,
     ref: np.ndarray,
@@ -122,7 +175,8 @@ def normalise_triplet(
     Each channel is centred on its median and divided by its robust sigma (1.4826 * MAD), then
     compressed softly (``k * asinh(z / k)``) and clipped. NaNs (pixels outside the frame) and
     padding become 0, i.e. the channel's median. A short cutout (e.g. 48x63 from a ZTF CCD edge) is
-    padded to 63x63 with the candidate kept at the centre.
+    padded to 63x63 with the candidate kept at the centre; a smaller square one (another survey's
+    stamp, e.g. DECam's 51x51) is centred (:func:`_pad_offsets`).
 
     Parameters
     ----------
@@ -140,26 +194,20 @@ def normalise_triplet(
     Raises
     ------
     CutoutError
-        Not 2-D, shapes differ, a side over 63 or under ``min_side``, non-numeric, or a channel
-        entirely non-finite.
+        Not 2-D, shapes differ, a side over 63 or under ``min_side``, not real numbers (strings,
+        complex, dates), or a channel entirely non-finite. The shape is checked before any pixel
+        is converted, so a huge stamp costs no memory.
     """
-    chans = []
-    for name, a in (("science", sci), ("reference", ref), ("difference", diff)):
-        try:
-            arr = np.asarray(a, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise CutoutError(f"{name} cutout is not numeric: {exc}") from exc
-        if arr.ndim != 2:
-            raise CutoutError(f"{name} cutout must be 2-D, got shape {arr.shape}")
-        chans.append(arr)
-    shape = chans[0].shape
-    if any(c.shape != shape for c in chans):
-        raise CutoutError(f"cutout shapes differ: {[c.shape for c in chans]}")
+    raw = [_checked(name, a) for name, a in (("science", sci), ("reference", ref), ("difference", diff))]
+    shape = raw[0].shape
+    if any(c.shape != shape for c in raw):
+        raise CutoutError(f"cutout shapes differ: {[c.shape for c in raw]}")
     ny, nx = shape
     if max(ny, nx) > CUTOUT_SIZE:
         raise CutoutError(f"cutout {ny}x{nx} has a side over {CUTOUT_SIZE} px")
     if min(ny, nx) < config.min_side:
         raise CutoutError(f"cutout {ny}x{nx} has a side under {config.min_side} px")
+    chans = [_as_float(name, a) for name, a in zip(("science", "reference", "difference"), raw, strict=True)]
 
     finite = [np.isfinite(c) for c in chans]
     n_nan = tuple(int(c.size - f.sum()) for c, f in zip(chans, finite, strict=True))
@@ -206,17 +254,15 @@ def decode_stamp(data: bytes) -> np.ndarray:
     Raises
     ------
     CutoutError
-        JPEG-era stamps (early ZTF packets), empty or unreadable bytes, no image HDU.
+        JPEG-era stamps (early ZTF packets), empty or unreadable bytes, no image HDU, a gzip
+        stream that is corrupt, cut short or inflates beyond :data:`MAX_STAMP_BYTES`.
     """
     from astropy.io import fits
 
     if not data:
         raise CutoutError("empty stamp")
     if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise CutoutError(f"corrupt gzip stamp: {exc}") from exc
+        data = _gunzip(data)
     if data[:3] == b"\xff\xd8\xff":
         raise CutoutError("JPEG stamp (early ZTF packets): pixel values are lost, not usable")
     if data[:6] != b"SIMPLE":
@@ -226,16 +272,60 @@ def decode_stamp(data: bytes) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(io.BytesIO(data), memmap=False) as hdul:
-                for hdu in hdul:
-                    if hdu.data is not None:
-                        return np.asarray(hdu.data, dtype=np.float32)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CutoutError(f"unreadable FITS stamp: {exc}") from exc
-    raise CutoutError("FITS stamp has no image data")
+                image = next((d for d in (getattr(hdu, "data", None) for hdu in hdul) if d is not None), None)
+                pixels = None if image is None else np.asarray(image, dtype=np.float32)
+    except Exception as exc:  # astropy raises many kinds on a corrupt header (KeyError, AttributeError, ...)
+        raise CutoutError(f"unreadable FITS stamp: {type(exc).__name__}: {exc}") from exc
+    if pixels is None:
+        raise CutoutError("FITS stamp has no image data")
+    if pixels.ndim != 2:
+        raise CutoutError(f"FITS stamp is not a 2-D image (shape {pixels.shape})")
+    return pixels
+
+
+def _gunzip(data: bytes) -> bytes:
+    """The content of a gzip stamp, at most :data:`MAX_STAMP_BYTES`.
+
+    Raises
+    ------
+    CutoutError
+        Corrupt or truncated gzip, or content over :data:`MAX_STAMP_BYTES` (a decompression bomb).
+    """
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data, MAX_STAMP_BYTES)
+    except zlib.error as exc:
+        raise CutoutError(f"corrupt gzip stamp: {exc}") from exc
+    if not inflater.eof:
+        if inflater.unconsumed_tail or len(out) >= MAX_STAMP_BYTES:
+            raise CutoutError(f"gzip stamp inflates beyond {MAX_STAMP_BYTES} bytes")
+        raise CutoutError("corrupt gzip stamp: the stream is cut short")
+    return out
+
+
+def stamp_bytes(record: dict, field: str) -> bytes:
+    """The stamp bytes of cutout ``field`` of a packet; ``b""`` where it has none.
+
+    ZTF's packets and ours hold a record ``{"fileName", "stampData"}``; Rubin's, Palomar
+    Gattini-IR's and WINTER's hold the bytes themselves.
+
+    Raises
+    ------
+    CutoutError
+        The field holds something else (a string, a number).
+    """
+    value = record.get(field)
+    if isinstance(value, dict):
+        value = value.get("stampData")
+    if value is None:
+        return b""
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise CutoutError(f"{field} is a {type(value).__name__}, not stamp bytes")
+    return bytes(value)
 
 
 def alert_triplet(record: dict) -> list[np.ndarray]:
-    """(science, reference, difference) pixels of an alert packet (ZTF's or ours).
+    """(science, reference, difference) pixels of an alert packet (ZTF's, Rubin's or ours).
 
     The difference is science minus reference, the convention of our pipeline and training set.
 
@@ -244,15 +334,20 @@ def alert_triplet(record: dict) -> list[np.ndarray]:
     the source is positive there. Such a stamp is negated here; scored as it comes, a fading
     looks like a brightening to a model trained on science minus reference (all 321 ZTF
     fadings in ``../shared/data/ztf_alerts`` have a positive centre). Our packets' ``isdiffpos``
-    is a boolean and their difference is always science minus reference.
+    is a boolean and their difference is always science minus reference, as is Rubin's (a fading
+    is a negative source there, ``diaSource.isNegative``).
 
     Raises
     ------
     CutoutError
         A stamp :func:`decode_stamp` cannot use.
     """
-    trip = [decode_stamp((record.get(k) or {}).get("stampData") or b"")
-            for k in ("cutoutScience", "cutoutTemplate", "cutoutDifference")]
+    trip = []
+    for field in STAMP_FIELDS:
+        data = stamp_bytes(record, field)
+        if not data:
+            raise CutoutError(f"no {field} stamp in the packet (empty stamp)")
+        trip.append(decode_stamp(data))
     if ztf_negative_subtraction(record):
         trip[2] = -trip[2]
     return trip
@@ -260,5 +355,6 @@ def alert_triplet(record: dict) -> list[np.ndarray]:
 
 def ztf_negative_subtraction(record: dict) -> bool:
     """Whether an alert packet is a ZTF fading: ``isdiffpos`` the string ``'f'`` or ``'0'``."""
-    flag = (record.get("candidate") or {}).get("isdiffpos")
+    cand = record.get("candidate")
+    flag = cand.get("isdiffpos") if isinstance(cand, dict) else None
     return isinstance(flag, str) and flag.strip().lower() in ("f", "0")

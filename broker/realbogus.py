@@ -313,10 +313,20 @@ class RealBogusClassifier:
         Returns
         -------
         ndarray, shape (N,), float32, in [0, 1]
+
+        Raises
+        ------
+        CutoutError
+            Not of shape (N, 3, 63, 63), or a NaN or inf pixel (raw cutouts, not normalised
+            ones: the network would score them NaN).
         """
         x = np.asarray(triplets, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (3, CUTOUT_SIZE, CUTOUT_SIZE):
             raise CutoutError(f"triplets must be (N, 3, 63, 63), got {x.shape}")
+        bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        if bad.any():
+            raise CutoutError(f"{int(bad.sum())} triplet(s) with NaN or inf pixels (the first: number "
+                              f"{int(np.argmax(bad))}): normalise them first (broker.normalise.normalise_triplet)")
         x = self.model_input(x)
         out = np.empty(len(x), dtype=np.float32)
         views = _VIEWS[self.config.views]

@@ -149,7 +149,7 @@ def survey_stamps(record: dict, keys: tuple[str, str | None, str]
     if sci.shape != diff.shape:
         raise CutoutError(f"science {sci.shape} and difference {diff.shape} differ")
     ref = sci - diff if keys[1] is None else decode_stamp(_bytes(record, keys[1]))
-    return _centre_crop(sci), _centre_crop(ref), _centre_crop(diff)
+    return centre_crop(sci), centre_crop(ref), centre_crop(diff)
 
 
 def survey_triplet(record: dict, keys: tuple[str, str | None, str]) -> np.ndarray:
@@ -166,9 +166,18 @@ def survey_triplet(record: dict, keys: tuple[str, str | None, str]) -> np.ndarra
         raise CutoutError(f"unusable stamps: {exc}") from exc
 
 
-def _centre_crop(a: np.ndarray) -> np.ndarray:
-    """The central 63 x 63 px of a larger stamp (WINTER's are 81 x 81), else the stamp."""
-    y0, x0 = (max(0, (n - CUTOUT_SIZE) // 2) for n in a.shape[:2])
+def centre_crop(a: np.ndarray) -> np.ndarray:
+    """The central 63 x 63 px of a larger stamp (WINTER's are 81 x 81), else the stamp.
+
+    Parameters
+    ----------
+    a : ndarray, shape (ny, nx)
+
+    Returns
+    -------
+    ndarray, shape (min(ny, 63), min(nx, 63)), a view of ``a``
+    """
+    y0, x0 = (max(0, n // 2 - CUTOUT_SIZE // 2) for n in a.shape[:2])  # pixel n // 2 lands at 31
     return a[y0 : y0 + CUTOUT_SIZE, x0 : x0 + CUTOUT_SIZE]
 
 
@@ -194,15 +203,33 @@ def packets(folder: str | Path, rejected: list[str]) -> Iterator[tuple[str, dict
     for f in sorted(p for p in Path(folder).rglob("*.avro") if p.is_file()):
         try:
             with open(f, "rb") as fh:
+                problem = not_a_container(fh.read(5))
+                if problem:
+                    rejected.append(f"{f.name}: {problem}")
+                    continue
+                fh.seek(0)
                 recs = list(fastavro.reader(fh))
         except Exception as exc:  # unreadable container or codec: fastavro raises many types
-            rejected.append(f"{f.name}: {exc}")
+            rejected.append(f"{f.name}: {type(exc).__name__}: {exc}")
             continue
         for r in recs:
             if isinstance(r, dict):
                 yield f.name, r
             else:
                 rejected.append(f"{f.name}: not an alert packet")
+
+
+def not_a_container(head: bytes) -> str | None:
+    """Why a file starting with ``head`` (its first 5 bytes) is not an Avro container file; None if it is one."""
+    if head[:4] == b"Obj\x01":
+        return None
+    if head[:2] == b"\x1f\x8b":
+        return "gzip-compressed (a .tar.gz of alerts?), not an Avro container file"
+    if len(head) == 5 and head[0] == 0:
+        return (f"one message in the Confluent wire framing (magic byte 0, schema id "
+                f"{int.from_bytes(head[1:5], 'big')}): its Avro body needs the writer schema from the "
+                "registry, not an Avro container file")
+    return f"not an Avro container file (starts with {head[:4]!r})"
 
 
 def other_survey_triplets(folder: str | Path, survey: str) -> tuple[np.ndarray, list[str]]:
@@ -216,11 +243,11 @@ def other_survey_triplets(folder: str | Path, survey: str) -> tuple[np.ndarray, 
     """
     keys, xs = SURVEY_STAMPS[survey], []
     rejected: list[str] = []
-    for _, r in packets(folder, rejected):
+    for name, r in packets(folder, rejected):
         try:
             xs.append(survey_triplet(r, keys))
         except CutoutError as exc:
-            rejected.append(str(exc))
+            rejected.append(f"{name}: {exc}")
     x = np.stack(xs) if xs else np.zeros((0, 3, CUTOUT_SIZE, CUTOUT_SIZE), np.float32)
     return x, rejected
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from broker.errors import DatasetError
 from broker.realbogus import RealBogusClassifier
 from broker.training.data import load_training_set
 from broker.training.devset import SURVEY_FOLDERS, dev_analysis, score_other_surveys
@@ -179,6 +180,7 @@ def main_eval(
     dict
         The metrics (also in ``metrics.json``).
     """
+    _check_folders(ztf_dir=ztf_dir, dev_dir=dev_dir, surveys_dir=surveys_dir)
     root = Path(__file__).resolve().parent.parent.parent
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +213,16 @@ def main_eval(
     (out / "metrics.json").write_text(json.dumps(res, indent=2, sort_keys=True, default=float))
     write_eval_report(out / "report.md", res)
     return res
+
+
+def _check_folders(**folders: str | Path | None) -> None:
+    """DatasetError for an alert folder given by name that is not a folder.
+
+    A mistyped ``--ztf-dir`` would otherwise read no alert and report an empty section.
+    """
+    for name, folder in folders.items():
+        if folder is not None and not Path(folder).is_dir():
+            raise DatasetError(f"{name} {folder}: no such folder of alerts")
 
 
 def _shared(root: Path, name: str) -> Path | None:

@@ -261,7 +261,7 @@ def stamp_fwhm(sci: np.ndarray, default: float) -> float:
     return float(np.percentile(fw, 25)) if len(fw) else default
 
 
-def survey_stamps(folder: str | Path, survey: str
+def survey_stamps(folder: str | Path, survey: str, rejected: list[str] | None = None
                   ) -> Iterator[tuple[list[np.ndarray], float | None, str]]:
     """Square stamps of the alerts under ``folder``, one set per alert.
 
@@ -271,7 +271,9 @@ def survey_stamps(folder: str | Path, survey: str
         Searched recursively for ``*.avro`` packets.
     survey : str
         ``ztf`` (ZTF-shaped packets, read by :func:`broker.normalise.alert_triplet`, one per
-        ``candid``) or a key of :data:`broker.training.devset.SURVEY_STAMPS`.
+        ``candid``; Rubin's too) or a key of :data:`broker.training.devset.SURVEY_STAMPS`.
+    rejected : list of str, optional
+        Gets one reason per file, record or stamp set skipped.
 
     Yields
     ------
@@ -283,29 +285,51 @@ def survey_stamps(folder: str | Path, survey: str
     group : str
         The alert's object (``objectId``, else ``candid``), for splits by object.
 
-    Stamps of a side under :data:`MIN_SIDE`, JPEG stamps and unreadable files or records are
-    skipped.
+    Stamps of a side under :data:`MIN_SIDE`, not square, of different shapes or without a
+    finite pixel, JPEG stamps and unreadable files or records are skipped.
     """
-    from broker.training.devset import SURVEY_STAMPS, packets
+    from broker.training.devset import SURVEY_STAMPS, centre_crop, packets
     from broker.training.devset import survey_stamps as other_stamps
 
+    rejected = [] if rejected is None else rejected
     seen: set = set()
-    for _, r in packets(folder, []):
+    for name, r in packets(folder, rejected):
         cand: dict = r["candidate"] if isinstance(r.get("candidate"), dict) else {}
         key = cand.get("candid", r.get("candid"))
         if survey == "ztf" and key is not None and key in seen:
             continue
         seen.add(key)
         try:
-            trip = (alert_triplet(r) if survey == "ztf"
+            trip = ([centre_crop(a) for a in alert_triplet(r)] if survey == "ztf"
                     else list(other_stamps(r, SURVEY_STAMPS[survey])))
-        except CutoutError:
+            _check_square(trip)
+        except CutoutError as exc:
+            rejected.append(f"{name}: {exc}")
             continue
-        ny, nx = trip[2].shape
-        if ny == nx >= MIN_SIDE and all(np.isfinite(a).any() for a in trip):
-            fwhm = cand.get("fwhm")
-            yield trip, float(fwhm) if isinstance(fwhm, (int, float)) else None, \
-                str(r.get("objectId") or key or "")
+        fwhm = cand.get("fwhm")
+        yield trip, float(fwhm) if isinstance(fwhm, (int, float)) else None, \
+            str(r.get("objectId") or key or "")
+
+
+def _check_square(trip: list[np.ndarray]) -> None:
+    """Check that science, reference and difference can be cut from.
+
+    Raises
+    ------
+    CutoutError
+        Unless the three share one square 2-D shape of :data:`MIN_SIDE` px or more and each
+        has a finite pixel.
+    """
+    shapes = {a.shape for a in trip}
+    if len(shapes) != 1:
+        raise CutoutError(f"stamps of different shapes {[a.shape for a in trip]}")
+    shape = shapes.pop()
+    if len(shape) != 2 or shape[0] != shape[1]:
+        raise CutoutError(f"stamps of {shape} px are not square (cut at a CCD edge): the centre is not the candidate")
+    if shape[0] < MIN_SIDE:
+        raise CutoutError(f"stamps of {shape} px, under {MIN_SIDE} px a side: too little sky to cut from")
+    if not all(np.isfinite(a).any() for a in trip):
+        raise CutoutError("a stamp without a finite pixel")
 
 
 def real_pixel_set(folder: str | Path, survey: str = "ztf", seed: int = 0,
@@ -327,12 +351,14 @@ def real_pixel_set(folder: str | Path, survey: str = "ztf", seed: int = 0,
     dict of ndarray
         ``x`` (N, 3, 63, 63) float32, ``y`` (N,) 0/1, ``kind`` (N,) str, ``snr`` (N,) the
         injected S/N (NaN for residuals), ``group`` (N,) the alert's object; ``n_stamps``, the
-        stamps read (a 0-d array).
+        stamps read (a 0-d array); ``rejected`` (M,) str, why each file, record or stamp set
+        skipped was (:func:`survey_stamps`).
     """
     rng = np.random.default_rng(seed)
     parts: dict[str, list] = {"x": [], "y": [], "kind": [], "snr": [], "group": []}
     n_stamps = 0
-    for (sci, ref, diff), fwhm, group in survey_stamps(folder, survey):
+    rejected: list[str] = []
+    for (sci, ref, diff), fwhm, group in survey_stamps(folder, survey, rejected):
         n_stamps += 1
         fw = stamp_fwhm(sci, float(np.clip(fwhm or config.fwhm, 1.2, 8.0)))
         x, y, kind, snr = triplets_of_stamp(sci, ref, diff, fw, rng, config)
@@ -342,7 +368,7 @@ def real_pixel_set(folder: str | Path, survey: str = "ztf", seed: int = 0,
     return {"x": np.stack(parts["x"]) if parts["x"] else np.zeros((0, 3, n, n), np.float32),
             "y": np.array(parts["y"], dtype=np.int64), "kind": np.array(parts["kind"], dtype=str),
             "snr": np.array(parts["snr"], dtype=float), "group": np.array(parts["group"], dtype=str),
-            "n_stamps": np.array(n_stamps)}
+            "n_stamps": np.array(n_stamps), "rejected": np.array(rejected, dtype=str)}
 
 
 #: Injected S/N bins of :func:`real_pixel_check` (edges), and their names.

@@ -49,7 +49,7 @@ def ztf_triplets(folder: str | Path, dedupe: bool = True
     xs, rows, seen = [], [], set()
     rejected: list[str] = []
     for name, r in packets(folder, rejected):  # unreadable files and records: in ``rejected``
-        cand = r.get("candidate") or {}
+        cand = r["candidate"] if isinstance(r.get("candidate"), dict) else {}
         cid = cand.get("candid", r.get("candid"))
         if dedupe and cid is not None and cid in seen:
             continue

@@ -62,3 +62,79 @@ def test_main_explain_from_npz_and_untrained_model(tmp_path, raw):
     RealBogusClassifier(RealBogusNetV2(), "test-v0").save(tmp_path / "test-v0")
     q = main_explain(tmp_path / "trip.npz", 0, tmp_path / "q.png", tmp_path / "test-v0.pt", 8)
     assert q.is_file()
+
+
+def _rubin_like_avro(path, side=30):
+    """An Avro file of one packet whose stamps are bytes (Rubin's layout), ``side`` px a side."""
+    import fastavro
+
+    from tests.helpers import gz_fits
+
+    keys = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
+    schema = {"type": "record", "name": "alert", "fields": [
+        {"name": "diaSourceId", "type": "long"}, *({"name": k, "type": ["null", "bytes"]} for k in keys)]}
+    rng = np.random.default_rng(0)
+    rec = {"diaSourceId": 7, **{k: gz_fits(rng.normal(0, 1, (side, side))) for k in keys}}
+    with open(path, "wb") as fh:
+        fastavro.writer(fh, fastavro.parse_schema(schema), [rec])
+
+
+def test_load_triplet_reads_an_alert_with_stamps_as_bytes(tmp_path):
+    from broker.explain import load_triplet
+
+    _rubin_like_avro(tmp_path / "rubin.avro")
+    trip, label = load_triplet(tmp_path / "rubin.avro")
+    assert trip.shape == (3, 30, 30) and label == "7"
+
+
+def _bad_inputs(tmp_path, raw):
+    """(file, index, error class, message) of inputs ``broker explain`` must refuse clearly."""
+    from broker.errors import CutoutError, DecodeError
+
+    _rubin_like_avro(tmp_path / "good.avro")
+    whole = (tmp_path / "good.avro").read_bytes()
+    (tmp_path / "cut.avro").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "text.avro").write_bytes(b"hello" * 100)
+    (tmp_path / "tar.avro").write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))  # a .tar.gz of alerts
+    (tmp_path / "wire.avro").write_bytes(b"\x00\x00\x00\x04\x4c" + whole[100:])  # Confluent framing
+    (tmp_path / "frame.fits").write_bytes(b"SIMPLE  =" + bytes(2871))
+    np.save(tmp_path / "one.npy", np.zeros((3, 63, 63)))
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    x = raw[0]
+    np.savez(tmp_path / "trip.npz", science=x[:, 0], reference=x[:, 1], difference=x[:, 2])
+    np.savez(tmp_path / "odd.npz", science=x[0, 0], reference=x[0, 1][:40], difference=x[0, 2])
+    return [("missing.avro", 0, DecodeError, "no such file"),
+            ("cut.avro", 0, DecodeError, "not a readable Avro container"),
+            ("text.avro", 0, DecodeError, "not an Avro container file"),
+            ("tar.avro", 0, DecodeError, "gzip-compressed"),
+            ("wire.avro", 0, DecodeError, "Confluent wire framing"),
+            ("good.avro", 1, CutoutError, "no index 1"),
+            ("good.avro", -1, CutoutError, "no index -1"),
+            ("frame.fits", 0, DecodeError, "not an Avro alert file or a readable .npz"),
+            ("one.npy", 0, DecodeError, "holds one array"),
+            ("other.npz", 0, CutoutError, "no \\['science'"),
+            ("trip.npz", len(x), CutoutError, f"no index {len(x)}"),
+            ("trip.npz", -1, CutoutError, "no index -1"),
+            ("odd.npz", 0, CutoutError, "not 2-D images of one shape")]
+
+
+def test_load_triplet_refuses_bad_files_with_a_broker_error(tmp_path, raw):
+    """``broker explain`` prints these errors (a BrokerError) instead of a traceback."""
+    from broker.explain import load_triplet
+
+    for name, index, error, match in _bad_inputs(tmp_path, raw):
+        with pytest.raises(error, match=match):
+            load_triplet(tmp_path / name, index)
+
+
+def test_explain_settings_and_inputs_that_would_give_nan_are_refused(clf):
+    from broker.errors import ConfigError, CutoutError
+    from broker.explain import ExplainConfig
+
+    for bad in ({"steps": 0}, {"steps": -3}, {"batch_size": 0}, {"steps": 2.5}):
+        with pytest.raises(ConfigError, match="ExplainConfig"):
+            ExplainConfig(**bad)
+    x = np.zeros((3, 63, 63), np.float32)
+    x[1, 5, 5] = np.nan  # not a normalised triplet: its attribution would be NaN
+    with pytest.raises(CutoutError, match="NaN or inf"):
+        explain_triplet(clf, x)

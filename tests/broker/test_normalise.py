@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from broker.errors import ConfigError, CutoutError
-from broker.normalise import NormaliseConfig, alert_triplet, decode_stamp, normalise_triplet
+from broker.normalise import MAX_STAMP_BYTES, NormaliseConfig, alert_triplet, decode_stamp, normalise_triplet
+from tests.helpers import gz_fits
 
 ZTF_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ztf_alerts"
+RUBIN_DIR = ZTF_DIR.parent / "rubin" / "real"
 
 
 # --- normalisation --------------------------------------------------------------------------------
@@ -102,7 +104,124 @@ def test_cutout_error_has_reason():
     assert info.value.reason == "cutout"
 
 
+@pytest.mark.parametrize("n", [30, 32, 41, 51, 61])
+def test_a_smaller_square_stamp_is_centred(n):
+    """Rubin's 30-41 px, DECam's 51 px and ATLAS's 61 px stamps are cut around the candidate.
+
+    Its pixel n // 2 must land at 31: the placements of a ZTF CCD-edge stamp (at 0 or 63 - n)
+    put DECam's candidate 6 px off the centre on both axes and Rubin's 16 px.
+    """
+    sci, ref, diff = _noise((n, n), 1), _noise((n, n), 2), _noise((n, n), 3, sky=0.0)
+    diff[n // 2, n // 2] = sci[n // 2, n // 2] = 5000.0
+    x, flags = normalise_triplet(sci, ref, diff)
+    assert np.unravel_index(np.argmax(x[2]), (63, 63)) == (31, 31)
+    assert flags.n_pad == 63 * 63 - n * n
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((63, 63), complex), "not real numbers"),  # astype would drop the imaginary part
+    (np.zeros((63, 63), "datetime64[s]"), "not real numbers"),  # would become seconds
+    (np.full((63, 63), "1.0"), "not real numbers"),
+])
+def test_normalise_refuses_values_that_are_not_real_numbers(bad, match):
+    with pytest.raises(CutoutError, match=match):
+        normalise_triplet(bad, _noise(), _noise())
+
+
+def test_masked_pixels_are_treated_as_missing_not_as_values():
+    sci, ref, diff = _noise(seed=1), _noise(seed=2), _noise(seed=3, sky=0.0)
+    bad = np.zeros((63, 63), bool)
+    bad[:, :10] = True
+    hot = np.where(bad, 1e6, diff)  # a masked column of garbage values (e.g. a bleed trail)
+    x, flags = normalise_triplet(sci, ref, np.ma.masked_array(hot, mask=bad))
+    clean, _ = normalise_triplet(sci, ref, np.where(bad, np.nan, diff))
+    assert flags.n_nan == (0, 0, 630) and np.array_equal(x, clean)
+
+
+def test_a_huge_stamp_is_refused_before_it_is_converted():
+    # a 1e5 x 1e5 view of one float32 (no memory): as float64 it would need 75 GiB first
+    huge = np.broadcast_to(np.float32(1.0), (100_000, 100_000))
+    with pytest.raises(CutoutError, match="over 63"):
+        normalise_triplet(huge, huge, huge)
+
+
 # --- stamps ---------------------------------------------------------------------------------------
+def _fits_header(*cards: str) -> bytes:
+    return "".join(c.ljust(80) for c in (*cards, "END")).ljust(2880).encode()
+
+
+def test_decode_stamp_refuses_a_gzip_bomb_and_a_cut_gzip_stream():
+    header = _fits_header("SIMPLE  =                    T", "BITPIX  =                  -32",
+                          "NAXIS   =                    2", "NAXIS1  =                 2100",
+                          "NAXIS2  =                 2100")
+    bomb = gzip.compress(header + bytes(2100 * 2100 * 4), 9)  # 17.6 MB of zeros in ~17 kB
+    assert len(bomb) < 100_000 and 2100 * 2100 * 4 > MAX_STAMP_BYTES
+    with pytest.raises(CutoutError, match="inflates beyond"):
+        decode_stamp(bomb)
+    good = gz_fits(_noise())
+    with pytest.raises(CutoutError, match="cut short"):
+        decode_stamp(good[: len(good) // 2])
+    with pytest.raises(CutoutError, match="not FITS"):  # gzip in gzip: one layer is undone, no more
+        decode_stamp(gzip.compress(gzip.compress(good)))
+
+
+@pytest.mark.parametrize("stamp, match", [
+    # NAXIS 3 without NAXIS3: astropy raises KeyError
+    (_fits_header("SIMPLE  =                    T", "BITPIX  =                  -32",
+                  "NAXIS   =                    3", "NAXIS1  =                    4",
+                  "NAXIS2  =                    4") + bytes(2880), "unreadable"),
+    # a cube is not a stamp
+    (_fits_header("SIMPLE  =                    T", "BITPIX  =                  -32",
+                  "NAXIS   =                    3", "NAXIS1  =                    4",
+                  "NAXIS2  =                    4", "NAXIS3  =                    2") + bytes(2880), "2-D"),
+    # a FITS bomb: 1e10 pixels announced, none there
+    (_fits_header("SIMPLE  =                    T", "BITPIX  =                  -32",
+                  "NAXIS   =                    2", "NAXIS1  =               100000",
+                  "NAXIS2  =               100000") + bytes(2880), "unreadable"),
+])
+def test_decode_stamp_turns_a_corrupt_header_into_a_cutout_error(stamp, match):
+    with pytest.raises(CutoutError, match=match):
+        decode_stamp(stamp)
+    with pytest.raises(CutoutError, match=match):
+        decode_stamp(gzip.compress(stamp))
+
+
+def test_alert_triplet_reads_stamps_held_as_bytes():
+    """Rubin's, Palomar Gattini-IR's and WINTER's packets hold the stamp bytes, not a record."""
+    stamps = [_noise((30, 30), i) for i in range(3)]
+    rubin = dict(zip(("cutoutScience", "cutoutTemplate", "cutoutDifference"),
+                     (gz_fits(a) for a in stamps), strict=True))
+    trip = alert_triplet(rubin)
+    assert all(np.array_equal(t, a.astype(np.float32)) for t, a in zip(trip, stamps, strict=True))
+    with pytest.raises(CutoutError, match="not stamp bytes"):
+        alert_triplet({**rubin, "cutoutTemplate": "a string"})
+    with pytest.raises(CutoutError, match="no cutoutDifference stamp"):
+        alert_triplet({**rubin, "cutoutDifference": None})
+    with pytest.raises(CutoutError, match="no cutoutScience stamp"):
+        alert_triplet({"candidate": ["not", "a", "record"]})
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(not RUBIN_DIR.is_dir(), reason=f"real Rubin alerts absent ({RUBIN_DIR})")
+def test_the_real_rubin_alerts_are_read_and_centred():
+    fastavro = pytest.importorskip("fastavro")
+    n = 0
+    for path in sorted(RUBIN_DIR.glob("*.avro")):
+        with open(path, "rb") as fh:
+            for rec in fastavro.reader(fh):
+                sci, ref, diff = alert_triplet(rec)
+                assert sci.shape == ref.shape == diff.shape and 30 <= sci.shape[0] <= 41
+                x, flags = normalise_triplet(sci, ref, diff)
+                assert np.isfinite(x).all() and flags.n_pad > 0
+                side = sci.shape[0]
+                y0 = 31 - side // 2  # the stamp's centre pixel lands at (31, 31)
+                inside = np.zeros((63, 63), bool)
+                inside[y0 : y0 + side, y0 : y0 + side] = True
+                assert np.all(x[:, ~inside] == 0) and np.all(x[:, inside].std(axis=1) > 0.5)
+                n += 1
+    assert n == 8
+
+
 def test_decode_stamp_rejects_jpeg_and_garbage():
     jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100)
     with pytest.raises(CutoutError, match="JPEG"):

@@ -13,7 +13,7 @@ import torch
 
 from broker import MODELS_DIR
 from broker.candidate import Candidate, Detection
-from broker.errors import ConfigError, ModelError
+from broker.errors import ConfigError, CutoutError, ModelError
 from broker.normalise import NormaliseConfig
 from broker.realbogus import DEFAULT_VERSION, RealBogusClassifier, RealBogusNet, RealBogusNetV2
 
@@ -48,6 +48,16 @@ def test_a_model_clamps_its_input_to_its_own_clip():
     new = RealBogusClassifier(net, "t")
     assert np.array_equal(old.score(x), new.score(np.clip(x, -30, 30)))
     assert not np.array_equal(old.score(x), new.score(x))
+
+
+def test_raw_triplets_with_nan_or_inf_are_refused_not_scored_nan():
+    clf = RealBogusClassifier(RealBogusNetV2(), "t")
+    x = np.zeros((4, 3, 63, 63), np.float32)
+    assert np.isfinite(clf.score(x)).all()
+    for bad in (np.nan, np.inf):
+        x[2, 0, 10, 10] = bad  # a raw stamp's masked pixel: the network would answer NaN
+        with pytest.raises(CutoutError, match="1 triplet.*number 2"):
+            clf.score(x)
 
 
 # --- classifier -----------------------------------------------------------------------------------

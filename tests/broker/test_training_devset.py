@@ -86,3 +86,25 @@ def test_the_real_decam_alerts_are_read():
     x, rejected = other_survey_triplets(SHARED / "other_surveys" / "decam_desirt_alerts_avro",
                                         "decam_desirt")
     assert len(x) >= 90 and np.isfinite(x).all()
+
+
+def test_each_rejection_names_its_file_and_why(tmp_path):
+    from tests.helpers import write_avro, ztf_packet
+
+    write_avro(tmp_path / "jpeg.avro", [ztf_packet(0, [b"\xff\xd8\xff\xe0jpeg"] * 3)])
+    (tmp_path / "wire.avro").write_bytes(b"\x00\x00\x00\x04\x4c" + bytes(50))  # Confluent framing
+    (tmp_path / "tar.avro").write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))
+    _, rejected = other_survey_triplets(tmp_path, "atlas")
+    assert sorted(r.split(":")[0] for r in rejected) == ["jpeg.avro", "tar.avro", "wire.avro"]
+    why = dict(r.split(": ", 1) for r in rejected)
+    assert "JPEG" in why["jpeg.avro"] and "gzip-compressed" in why["tar.avro"]
+    assert "Confluent wire framing" in why["wire.avro"]
+
+
+def test_a_larger_even_stamp_is_cropped_around_its_centre_pixel():
+    from broker.training.devset import centre_crop
+
+    a = np.zeros((64, 64))
+    a[32, 32] = 1.0  # the centre pixel of an even stamp, as broker.cutouts cuts them
+    assert np.unravel_index(np.argmax(centre_crop(a)), (63, 63)) == (31, 31)
+    assert centre_crop(np.zeros((81, 81))).shape == (63, 63)

@@ -113,3 +113,16 @@ def _subset(tmp_path: Path, name: str, n: int, sub: str | None = None) -> Path |
 def test_histograms_of_empty_groups_are_drawn_without_a_legend(tmp_path):
     path = plot_histograms({"real": np.array([]), "bogus": np.array([])}, tmp_path / "h.png", "empty dev set")
     assert path.stat().st_size > 0
+
+
+def test_a_mistyped_alert_folder_is_an_error_not_an_empty_section(tmp_path):
+    import pytest
+
+    from broker.errors import DatasetError
+
+    for given in ({"ztf_dir": tmp_path / "ztf_alrets"}, {"dev_dir": tmp_path / "nope"},
+                  {"surveys_dir": tmp_path / "file.txt"}):
+        (tmp_path / "file.txt").write_text("not a folder")
+        with pytest.raises(DatasetError, match="no such folder of alerts"):
+            main_eval(None, tmp_path / "out", **given)
+    assert not (tmp_path / "out").exists()  # refused before anything is loaded or written

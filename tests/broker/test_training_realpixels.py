@@ -152,3 +152,24 @@ def test_the_shipped_model_rejects_real_ztf_residuals_and_keeps_bright_injection
     c = real_pixel_check(RealBogusClassifier.load().score(data["x"]), data)
     # realbogus-v11 on 2026-12-05: 3.7 % of 323 residuals passed, 99 % of S/N 20-100 kept
     assert c["residual_passed"] < 0.1 and c["injected_kept_by_snr"]["20-100"] > 0.9
+
+
+def test_stamps_of_different_shapes_are_skipped_with_their_reason(tmp_path):
+    """A difference stamp of another shape crashed the injection, a template of another shape was cut misaligned."""
+    sci, ref = _noise(1) + 300, _noise(2) + 300
+    diff = sci - ref
+    write_avro(tmp_path / "a.avro", [
+        ztf_packet(0, [gz_fits(sci), gz_fits(ref), gz_fits(diff[1:-1, 1:-1])]),  # 61 x 61 difference
+        ztf_packet(1, [gz_fits(sci), gz_fits(ref[:48]), gz_fits(diff)]),  # a template cut at an edge
+        ztf_packet(2, [gz_fits(a[:48]) for a in (sci, ref, diff)]),  # the whole triplet cut there
+        ztf_packet(3, [gz_fits(sci), gz_fits(ref), gz_fits(diff)]),
+    ])
+    (tmp_path / "b.avro").write_bytes(b"\x1f\x8b\x08\x00" + bytes(60))  # a .tar.gz named .avro
+    data = real_pixel_set(tmp_path, seed=0)
+    assert int(data["n_stamps"]) == 1 and set(data["group"]) == {"ZTF003"}
+    reasons = list(data["rejected"])
+    assert len(reasons) == 4 and all(r.startswith(("a.avro: ", "b.avro: ")) for r in reasons)
+    assert sum("different shapes" in r for r in reasons) == 2
+    assert any("not square" in r for r in reasons) and any("gzip-compressed" in r for r in reasons)
+    write_avro(tmp_path / "a.avro", [ztf_packet(0, [gz_fits(a[:30, :30]) for a in (sci, ref, diff)])])
+    assert "under 31 px a side" in real_pixel_set(tmp_path)["rejected"][0]
