@@ -153,6 +153,12 @@ class BadCoordinates(BrokerError):
     reason = "bad_coordinates"
 
 
+class InvalidMeasurement(BrokerError):
+    """A candidate whose flux, flux error or S/N is not finite (a forged batch): the history needs all three."""
+
+    reason = "invalid_measurement"
+
+
 # --- science steps ------------------------------------------------------------------------------
 class AlignmentError(BrokerError):
     """The reference could not be registered onto the science frame."""

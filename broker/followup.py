@@ -39,6 +39,9 @@ MAX_PRIORITY = 10
 MAX_EXPOSURE_S = 1e5
 #: Longest cadence and expiry (days): a year.
 MAX_DAYS = 365.0
+#: How far in the future of the telescope's clock a request may say it was made (days): an hour of
+#: clock skew. A later ``created_mjd`` would let a request that expires centuries from now pass.
+CLOCK_SKEW_DAYS = 1.0 / 24.0
 #: Longest id, name or band accepted in a request (characters).
 MAX_TEXT = 128
 #: Longest band name (characters), as a FITS ``FILTER`` value in a topic name (``streams.topics``).
@@ -427,7 +430,8 @@ def validate_request(record: Mapping[str, Any], now_mjd: float | None = None,
     ----------
     record : mapping
     now_mjd : float, optional
-        The telescope's time (MJD); a request whose ``expiry_mjd`` is not after it is ``expired``.
+        The telescope's time (MJD); a request whose ``expiry_mjd`` is not after it is ``expired``,
+        one made more than :data:`CLOCK_SKEW_DAYS` after it (``created_mjd``) is refused (``time``).
         None: not checked.
     filters : collection of str, optional
         The bands the telescope has; another band is refused. None: any band of 1-32 printable
@@ -471,6 +475,8 @@ def _time_problems(record: Mapping[str, Any], now_mjd: float | None) -> list[str
         return [f"time: created_mjd {created!r}, expiry_mjd {expiry!r}, created_unix {unix!r} are not all finite"]
     if not created < expiry <= created + MAX_DAYS:
         return [f"time: expiry_mjd {expiry!r} is not within {MAX_DAYS:g} d after created_mjd {created!r}"]
+    if now_mjd is not None and created > now_mjd + CLOCK_SKEW_DAYS:
+        return [f"time: created_mjd {created!r} is after now ({now_mjd:.5f}) by more than {CLOCK_SKEW_DAYS * 24:g} h"]
     if now_mjd is not None and expiry <= now_mjd:
         return [f"expired: expiry_mjd {expiry:.5f} is not after now ({now_mjd:.5f})"]
     return []

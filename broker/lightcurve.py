@@ -146,11 +146,19 @@ def _num(value: Any) -> float:
         return math.nan
 
 
+#: Zero points (mag of 1 ADU) a light-curve point may have; others make it NaN (:func:`_scale`).
+ZP_RANGE = (-100.0, 100.0)
+
+
 def _scale(magzp: float, calibrated: bool) -> float:
-    """Factor from ADU to the light curve's scale (NaN when the point cannot be put on it)."""
+    """Factor from ADU to the light curve's scale (NaN when the point cannot be put on it).
+
+    A zero point outside what any detector gives (:data:`ZP_RANGE`; one written before the score
+    stage checked them) is NaN too: below about -746 mag the factor overflowed a float.
+    """
     if not calibrated:
         return 1.0
-    if not math.isfinite(magzp):
+    if not (math.isfinite(magzp) and ZP_RANGE[0] <= magzp <= ZP_RANGE[1]):
         return math.nan
     return 10.0 ** (-0.4 * (magzp - _UJY_ZP))
 

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Histogram
 
 from broker.archive.config import ArchiveConfig
@@ -45,11 +46,25 @@ log = logging.getLogger(__name__)
 #: ``commit:<n>`` after writing the commit record (offsets not yet committed to Kafka).
 FAILPOINT_ENV = "BROKER_CRASH_IN_ARCHIVE"
 _BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32)
+#: A ``schema`` header naming an alert version, the only kind passed on to ``version_of``.
+_ALERT_TAG = re.compile(r"alert/[0-9]{1,6}")
 
 
 def archive_url(config: PipelineConfig) -> str:
     """The archive of ``config``: ``[archive] path``, or ``<state_dir>/archive``."""
     return config.archive.path or str(config.state_dir / "archive")
+
+
+def alert_tag(headers: dict[str, bytes]) -> str | None:
+    """The ``schema`` header of an alert message when it names an alert version (``alert/<1-6 digits>``), else None.
+
+    It only says which version :func:`broker.archive.rows.version_of` tries first (the record's
+    fields decide), so any other value is ignored: ``alert/²`` or ``alert/`` and 5000 digits made
+    ``version_of`` raise ``ValueError``, and a valid alert was dead-lettered ``unexpected:ValueError``
+    instead of archived.
+    """
+    tag = headers.get(serde.SCHEMA_HEADER, b"").decode("ascii", errors="replace")
+    return tag if _ALERT_TAG.fullmatch(tag) else None
 
 
 class ArchiveMetrics:
@@ -220,12 +235,12 @@ class Archiver:
 
     def _alerts(self, msg: InMessage) -> list[Archived]:
         """The alerts of one message, with their schema versions."""
-        tag = msg.headers.get(serde.SCHEMA_HEADER)
+        msg.require_headers()
         records = decode_alert(msg.key, msg.value, msg.headers, registry=self.registry)
         if not records:
             raise DecodeError("the message holds no alert")
-        return [Archived(r, version_of(r, tag.decode(errors="replace") if tag else None), msg.topic, msg.partition,
-                         msg.offset) for r in records]
+        tag = alert_tag(msg.headers)
+        return [Archived(r, version_of(r, tag), msg.topic, msg.partition, msg.offset) for r in records]
 
     def _rows(self, pending: list[tuple[InMessage, list[Archived]]]) -> list[pa.RecordBatch]:
         """The archive rows of the batch, one record batch per schema version.
@@ -305,15 +320,27 @@ class Archiver:
         self.writer.vacuum()
 
     def _send_dead_letters(self, dead: list[OutMessage]) -> None:
+        """Produce the batch's dead letters and wait for every delivery report.
+
+        Raises
+        ------
+        StageFailure
+            A dead letter refused (``MSG_SIZE_TOO_LARGE`` on a ``dlq.archive`` made with a smaller
+            limit, say: such a report left nothing in the queue, so it passed as delivered and the
+            batch committed without it) or not delivered within 30 s: the batch is not committed.
+        """
         if not dead:
             return
         assert self._producer is not None  # set by run()
+        errors: list[KafkaError] = []
         for out in dead:
-            self._producer.produce(out.topic, out.value, out.key, headers={**out.headers})
+            self._producer.produce(out.topic, out.value, out.key, headers={**out.headers},
+                                   on_delivery=lambda err, _: errors.append(err) if err is not None else None)
             self.metrics.messages_out.labels(self.stage, out.topic).inc()
         left = self._producer.flush(30)
-        if left:
-            raise StageFailure(f"{self.stage}: {left} dead letter(s) not delivered; the batch is not committed")
+        if left or errors:
+            why = f"{len(errors)} refused ({errors[0].str()})" if errors else f"{left} not delivered"
+            raise StageFailure(f"{self.stage}: dead letter(s) {why}; the batch is not committed")
 
     def _failpoint(self, point: str) -> None:
         if self._crash_at == (point, self._flushes):

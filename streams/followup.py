@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from broker.errors import (
     BrokerError,
@@ -28,6 +28,7 @@ from broker.errors import (
     DecodeError,
     FilterExpressionError,
     InvalidRequest,
+    StageFailure,
     UnknownTopic,
 )
 from broker.followup import FollowupConfig, FollowupRule, mjd_now, validate_request
@@ -48,6 +49,8 @@ STAGE = "followup"
 MAX_REQUEST_BYTES = 64 * 1024
 #: Request ids a listener remembers to drop repeats (a re-emitted request, a redelivery).
 MAX_SEEN = 100_000
+#: Longest wait for a dead letter's delivery before the listener stops (s).
+DEAD_LETTER_TIMEOUT_S = 15.0
 
 
 # --- rules -----------------------------------------------------------------------------------------
@@ -220,6 +223,7 @@ class FollowupListener:
         InvalidRequest
             A request this telescope must not schedule; the message lists every reason.
         """
+        msg.require_headers()
         record = decode_request(msg.value, msg.headers)
         problems = validate_request(record, self.clock(), self.filters)
         if problems:
@@ -267,13 +271,28 @@ class FollowupListener:
         return record
 
     def _dead_letter(self, msg: InMessage, exc: BrokerError) -> None:
+        """Send the dead letter of ``msg`` and wait until it is delivered, before its offset is committed.
+
+        Raises
+        ------
+        StageFailure
+            The dead letter was refused (no ``dlq.followup``, say) or not delivered within
+            :data:`DEAD_LETTER_TIMEOUT_S`: the listener stops with the request's offset uncommitted, so
+            a restarted listener meets it again instead of losing it.
+        """
         assert self._producer is not None
         out = dead_letter(STAGE, msg, exc)
-        self.stats.dead_letters[exc.reason] += 1
         log.warning("follow-up request at %s:%d:%d dead-lettered (%s): %s", msg.topic, msg.partition, msg.offset,
                     exc.reason, exc)
-        self._producer.produce(out.topic, out.value, out.key, headers=list(out.headers.items()))
-        self._producer.flush(15)
+        errors: list[KafkaError] = []
+        self._producer.produce(out.topic, out.value, out.key, headers=list(out.headers.items()),
+                               on_delivery=lambda err, _: errors.append(err) if err is not None else None)
+        left = self._producer.flush(DEAD_LETTER_TIMEOUT_S)
+        if left or errors:
+            why = errors[0].str() if errors else f"not delivered within {DEAD_LETTER_TIMEOUT_S:g} s"
+            raise StageFailure(f"the dead letter of {msg.topic}[{msg.partition}]@{msg.offset} did not reach "
+                               f"{out.topic} ({why}); stopping with its offset uncommitted")
+        self.stats.dead_letters[exc.reason] += 1
 
 
 def run_listener(settings: KafkaSettings, write: Callable[[str], Any] = print, group: str | None = None,

@@ -108,8 +108,8 @@ class FrameAuthoriser:
         principal, _, sig = raw.decode(errors="replace").partition(":")
         if principal not in allowed:
             raise Unauthorised(f"principal {principal!r} may not send frames of telescope {telescope!r}")
-        key = self.keys.get(principal)
-        if key is None or not hmac.compare_digest(sig, signature(key, principal, msg_key, value)):
+        key = self.keys.get(principal)  # bytes compared: a non-ASCII str made compare_digest raise TypeError
+        if key is None or not hmac.compare_digest(sig.encode(), signature(key, principal, msg_key, value).encode()):
             raise Unauthorised(f"bad signature by {principal!r} on a frame of telescope {telescope!r}")
         return telescope
 

@@ -62,15 +62,32 @@ class FrameStore:
         if not _OBJECT.fullmatch(name):
             raise FrameStoreError(f"URI {uri[:200]!r} is outside the frame store: it serves only "
                                   f"{self.root}/<sha256>.fits (64 hex digits)")
-        path = f"{self._root_path}/{name}"
-        try:
-            size = self.fs.size(path)
-            if size > max_bytes:
-                raise FrameTooLarge(f"{uri} holds {size} bytes, over the {max_bytes}-byte limit")
-            with self.fs.open(path, "rb") as fh:
-                payload = fh.read()
-        except FileNotFoundError as exc:
-            raise FrameStoreError(f"{uri} does not exist in the frame store") from exc
+        payload = self._read(f"{self._root_path}/{name}", uri, max_bytes)
         if sha256(payload) != checksum:
             raise ChecksumMismatch(f"{uri}: SHA-256 {sha256(payload)[:12]}... != announced {checksum[:12]}...")
+        return payload
+
+    def _read(self, path: str, uri: str, max_bytes: int) -> bytes:
+        """The bytes of the object at ``path``, at most ``max_bytes`` of them read whatever its size claims.
+
+        Raises
+        ------
+        FrameStoreError
+            No such object, or one that cannot be read (a directory at its name was
+            ``unexpected:IsADirectoryError``).
+        FrameTooLarge
+            Over ``max_bytes``, by its size or by what it holds (a link to ``/dev/zero`` claims 0 bytes).
+        """
+        try:
+            size = self.fs.size(path)
+            if size is not None and size > max_bytes:
+                raise FrameTooLarge(f"{uri} holds {size} bytes, over the {max_bytes}-byte limit")
+            with self.fs.open(path, "rb") as fh:
+                payload = fh.read(max_bytes + 1)
+        except FileNotFoundError as exc:
+            raise FrameStoreError(f"{uri} does not exist in the frame store") from exc
+        except OSError as exc:
+            raise FrameStoreError(f"{uri} cannot be read from the frame store: {type(exc).__name__}: {exc}") from exc
+        if len(payload) > max_bytes:
+            raise FrameTooLarge(f"{uri} holds over {max_bytes} bytes, the limit")
         return payload

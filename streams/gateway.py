@@ -142,15 +142,28 @@ class ScramServer:
 
 
 # --- the Kafka protocol, as much as SASL needs ---------------------------------------------------
+#: Longest unsigned varint of the protocol (bytes): a 32-bit value.
+_MAX_VARINT_BYTES = 5
+
+
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    """The unsigned varint at ``pos`` of ``data`` and the position after it.
+
+    Raises
+    ------
+    ValueError
+        The varint runs past the end of ``data`` or over :data:`_MAX_VARINT_BYTES` (a truncated or
+        hostile request: it closes the connection, as any malformed request does; an ``IndexError``
+        escaped the connection's handler).
+    """
     shift = value = 0
-    while True:
-        b = data[pos]
-        pos += 1
+    for end in range(pos, min(len(data), pos + _MAX_VARINT_BYTES)):
+        b = data[end]
         value |= (b & 0x7F) << shift
         if not b & 0x80:
-            return value, pos
+            return value, end + 1
         shift += 7
+    raise ValueError(f"malformed varint at byte {pos} of a {len(data)}-byte request")
 
 
 def _put_uvarint(n: int) -> bytes:

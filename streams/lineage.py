@@ -426,11 +426,8 @@ class Deduplicator:
         key = msg.key()
         if (key.encode() if isinstance(key, str) else key) != f"{topic}:{partition}".encode():
             return None
-        raw = msg.headers() or []
-        pairs = raw.items() if isinstance(raw, dict) else raw
-        headers = {k: v.encode() if isinstance(v, str) else (v or b"") for k, v in pairs}
         try:
-            record = serde.decode("progress", msg.value(), headers)
+            record = serde.decode("progress", msg.value(), serde.message_headers(msg))
         except DecodeError:
             self._reject(topic, partition, int(msg.offset() or 0), "progress_undecodable",
                          f"{self.progress_topic}[{partition}]@{msg.offset()}".encode())

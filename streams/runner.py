@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from broker.errors import BrokerError, InvalidTopic, OutputTooLarge, StageFailure, UndeliverableOutput
+from broker.errors import BrokerError, DecodeError, InvalidTopic, OutputTooLarge, StageFailure, UndeliverableOutput
 from streams import serde, topics
 from streams.lineage import SRC_HEADER, Deduplicator, Lineage, ProgressRecord, src_of
 from streams.metrics import StageMetrics
@@ -94,7 +94,11 @@ def deadline(seconds: float, what: str) -> Iterator[None]:
 
 @dataclass
 class InMessage:
-    """A consumed message, as a handler sees it."""
+    """A consumed message, as a handler sees it.
+
+    ``unreadable_headers`` says why its headers could not be read (they are then empty): the
+    consumer dead-letters it (:meth:`require_headers`) instead of handling it.
+    """
 
     topic: str
     partition: int
@@ -103,6 +107,12 @@ class InMessage:
     value: bytes | None
     headers: dict[str, bytes]
     timestamp_ms: int
+    unreadable_headers: str | None = None
+
+    def require_headers(self) -> None:
+        """Raise :class:`DecodeError` when the headers could not be read (:func:`streams.serde.message_headers`)."""
+        if self.unreadable_headers is not None:
+            raise DecodeError(self.unreadable_headers)
 
 
 @dataclass
@@ -122,15 +132,20 @@ Handler = Callable[[InMessage], list[OutMessage]]
 def in_message(msg: Message) -> InMessage:
     """A consumed message as a handler sees it: coordinates, key, value, headers (as bytes) and timestamp.
 
-    ``msg`` carries no error (its topic, partition and offset are set). Used by :class:`StageRunner`
-    and by the archive stage (``streams/archiver.py``), which consumes outside a transaction.
+    ``msg`` carries no error (its topic, partition and offset are set). Used by :class:`StageRunner`,
+    the archive stage (``streams/archiver.py``), which consumes outside a transaction, and the
+    follow-up listener. Headers that cannot be read are left empty and said why
+    (``unreadable_headers``): each of those consumers then dead-letters the message
+    (:meth:`InMessage.require_headers`).
     """
-    raw = msg.headers() or []
-    pairs = raw.items() if isinstance(raw, dict) else raw
-    headers = {k: v.encode() if isinstance(v, str) else (v or b"") for k, v in pairs}
+    try:
+        headers, unreadable = serde.message_headers(msg), None
+    except DecodeError as exc:
+        headers, unreadable = {}, str(exc)
     key = msg.key()
     return InMessage(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0),
-                     key.encode() if isinstance(key, str) else key, msg.value(), headers, msg.timestamp()[1])
+                     key.encode() if isinstance(key, str) else key, msg.value(), headers, msg.timestamp()[1],
+                     unreadable)
 
 
 def error_reason(exc: BaseException) -> str:
@@ -156,7 +171,7 @@ def dead_letter(stage: str, msg: InMessage, exc: BaseException, max_value_bytes:
     headers, headers_cut = _kept_headers(msg.headers)
     truncated = headers_cut or key != msg.key or (value is not None and len(value) > max_value_bytes)
     record = {
-        "stage": stage, "error_class": type(exc).__name__, "reason": reason, "message": str(exc)[:4000],
+        "stage": stage, "error_class": type(exc).__name__, "reason": reason, "message": _utf8(str(exc)[:4000]),
         "topic": msg.topic, "partition": msg.partition, "offset": msg.offset, "timestamp_ms": msg.timestamp_ms,
         "key": key, "value": None if value is None else value[:max_value_bytes], "headers": headers,
         "value_size": None if value is None else len(value),
@@ -164,6 +179,16 @@ def dead_letter(stage: str, msg: InMessage, exc: BaseException, max_value_bytes:
     }
     out_headers = {serde.SCHEMA_HEADER: serde.schema_tag("dlq").encode(), "reason": reason.encode()}
     return OutMessage(topics.dlq(stage), serde.encode("dlq", record), key, out_headers)
+
+
+def _utf8(text: str) -> str:
+    r"""``text`` with what UTF-8 cannot encode (lone surrogates) as backslash escapes.
+
+    An error message may quote the input, and JSON in it may hold ``\udcfe`` (a writer schema
+    naming that type in an alert container): the dead letter's Avro string then did not encode,
+    and the ``SchemaError`` escaped the stage, which crash-looped on the message.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _kept_headers(headers: dict[str, bytes]) -> tuple[dict[str, bytes], bool]:
@@ -381,6 +406,7 @@ class StageRunner:
                             msg.partition, msg.offset, lineage.upstream, lineage.upstream_offset)
                 self.metrics.duplicates.labels(self.stage).inc()
                 return [], False
+            msg.require_headers()
             outs = self.handler(msg)
             check_outputs(outs, self.max_message_bytes - HEADROOM_BYTES)
             return outs, False

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import io
 import math
+import operator
 from dataclasses import asdict as dataclass_asdict
 from dataclasses import fields as dataclass_fields
 
 import fastavro
 import numpy as np
+from confluent_kafka import Message
 
 import schemas
 from broker.candidate import CUTOUT_SIZE, Candidate, Detection, ObjectSummary
@@ -70,6 +72,36 @@ def decode(name: str, payload: bytes | None, headers: dict[str, bytes] | None = 
     if not isinstance(record, dict):  # the schemas are records; a foreign writer schema may not be
         raise DecodeError(f"the {name} payload is not a record")
     return record
+
+
+#: ``msg.headers()`` through a C call that checks for a pending exception (:func:`message_headers`).
+_read_headers = operator.methodcaller("headers")
+
+
+def message_headers(msg: Message) -> dict[str, bytes]:
+    """The headers of a consumed message: text names, byte values (null as empty; a repeated name: its last value).
+
+    Call it once per message. A header name that is not UTF-8 (any producer but librdkafka's can
+    write one) makes confluent-kafka build a list holding a NULL name, raise the decode error with
+    it, and hand the same list back without error on the next call: touching that name crashes
+    the process. ``msg.headers()`` written in Python code is not safe either: once CPython has
+    specialised the call site, it returns that list without raising, so the call goes through
+    :func:`operator.methodcaller`, which checks for the pending exception.
+
+    Raises
+    ------
+    DecodeError
+        Headers the client cannot hand over (a name that is not UTF-8: it raised ``SystemError``
+        out of every stage, which stopped on the message at each restart).
+    """
+    try:
+        raw = _read_headers(msg) or []
+    except (SystemError, UnicodeDecodeError) as exc:
+        cause = exc.__cause__ or exc
+        raise DecodeError(f"headers that cannot be read (a name that is not UTF-8): {type(cause).__name__}: "
+                          f"{cause}") from exc
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return {k: v.encode() if isinstance(v, str) else (v or b"") for k, v in pairs}
 
 
 def encode_ocf(name: str, record: dict, codec: str = "null") -> bytes:

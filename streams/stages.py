@@ -10,6 +10,7 @@ Only the classify stage imports torch.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +19,23 @@ from broker.alert import PUBLISHER, alert_fields, build_alert, frame_context
 from broker.calibrate import calibrate
 from broker.config import PipelineConfig
 from broker.diffstore import DifferenceStore, celestial_header
-from broker.errors import ChecksumMismatch, ConfigError, FrameTooLarge, InvalidFrame, NotIngested, PoorQuality
+from broker.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    FrameTooLarge,
+    ImplausibleHeader,
+    InvalidFrame,
+    InvalidMeasurement,
+    NotIngested,
+    PoorQuality,
+)
 from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record
-from broker.frame import Frame, decode_fits, encode_fits, sha256
+from broker.frame import Frame, FrameMeta, decode_fits, encode_fits, sha256
 from broker.history import open_history
 from broker.ingest import check_record, ingest, validate
 from broker.ledger import FrameLedger, pixel_checksum
 from broker.pipeline import FrameResult, ScoreModels, associate_and_score, process_frame
+from broker.plausibility import PlausibilityConfig, header_problems
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from broker.telescopes import TelescopeProfile, load_profiles
@@ -282,7 +293,8 @@ def score_handler(config: PipelineConfig) -> Handler:
     """Association, history, context, light-curve class, anomaly, follow-up (``candidates`` -> ``candidates``).
 
     Models, the catalog and the follow-up rules are loaded and checked here, once: a missing or
-    corrupt file or a bad rule stops the stage at start-up (``ModelError``/``ConfigError``).
+    corrupt file or a bad rule stops the stage at start-up (``ModelError``/``ConfigError``). Each
+    batch is checked before anything of it is written to the history (:func:`check_scorable`).
     """
     history = open_history(config.state_dir, config.history)  # PostgreSQL with [history] dsn, else SQLite
     models = ScoreModels.load(config.anomaly_model, config.lcclass_model, config.openngc, config.context,
@@ -291,6 +303,7 @@ def score_handler(config: PipelineConfig) -> Handler:
     followups = FollowupStore(history.store)
 
     def score(batch: dict, cands: list) -> None:
+        check_scorable(batch, cands, config.ingest.plausibility)  # before anything is written
         associate_and_score(history, models, batch["frame_id"], batch["mjd_start"], batch["filter"], cands,
                             batch["magzp"], batch["limiting_flux"], batch["telescope"])
         versions = batch["model_versions"]
@@ -303,6 +316,50 @@ def score_handler(config: PipelineConfig) -> Handler:
             cand.followup = None if status is None else status.to_record()
 
     return _rescore(topics.SCORED, score)
+
+
+#: Measurements of a candidate the history keeps (NOT NULL) and light curves compute with.
+_MEASURED = ("flux", "flux_err", "snr")
+
+
+def check_scorable(batch: dict, cands: list, bounds: PlausibilityConfig) -> None:
+    """Refuse a batch whose values the score stage must not write to the history (anyone may write a topic).
+
+    The frame-level values are checked as ingest checked the frame's header
+    (:func:`broker.plausibility.header_problems`: the MJD window, the exposure, the zero point), and
+    every candidate's flux, flux error and S/N must be finite. A zero point of -800 mag was
+    written to the history and then overflowed every later light curve of its object (each of
+    its alerts ``unexpected:OverflowError``); an MJD of -1e300 became its objects' ``first_mjd``; a
+    NaN flux was ``unexpected:IntegrityError``.
+
+    Parameters
+    ----------
+    batch : dict
+        The decoded ``candidates`` record.
+    cands : list of Candidate
+        Its candidates.
+    bounds : PlausibilityConfig
+        The ingest stage's bounds (``[ingest.plausibility]``).
+
+    Raises
+    ------
+    ImplausibleHeader
+        The batch's MJD, exposure or zero point is outside its bounds (or not a number).
+    InvalidMeasurement
+        A candidate's flux, flux error or S/N is not a finite number.
+    """
+    meta = FrameMeta(batch["frame_id"], batch["telescope"], batch["field"], batch["filter"], batch["mjd_start"],
+                     batch["exptime"], magzp=batch["magzp"])
+    problems = header_problems(meta, bounds)
+    if problems:
+        raise ImplausibleHeader(f"batch of frame {batch['frame_id'][:80]!r}: {'; '.join(problems)}; "
+                                "nothing written to the history")
+    for cand in cands:
+        bad = [f"{name}={getattr(cand.detection, name)}" for name in _MEASURED
+               if not math.isfinite(getattr(cand.detection, name))]
+        if bad:
+            raise InvalidMeasurement(f"candidate {cand.cand_id[:80]!r}: {', '.join(bad)} not finite; nothing of the "
+                                     "frame written to the history")
 
 
 def _timing(headers: dict[str, bytes], start: float) -> dict:

@@ -32,6 +32,7 @@ from confluent_kafka import (
 from confluent_kafka import TopicPartition as KafkaPartition
 
 from broker.errors import BrokerError, ConfigError, DecodeError, UnknownTopic
+from streams import serde
 from streams.alert_expr import is_num
 from streams.framing import decode_alert
 from streams.settings import KafkaSettings
@@ -332,7 +333,7 @@ class Subscription:
                 return []
             del self._not_before[part]  # the first at or after the start time: Kafka's semantics from here
         try:
-            records = decode_alert(msg.key(), msg.value(), dict(msg.headers() or []), **self._decode_kw)
+            records = decode_alert(msg.key(), msg.value(), serde.message_headers(msg), **self._decode_kw)
         except DecodeError as exc:
             self._skip(part, offset, "undecodable", str(exc))
             return []

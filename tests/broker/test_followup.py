@@ -192,6 +192,7 @@ def test_request_record():
     ({"priority": 0}, "priority"), ({"priority": 11}, "priority"),
     ({"expiry_mjd": 60004.5}, "expired"), ({"expiry_mjd": 60003.0}, "time"), ({"expiry_mjd": 1e12}, "time"),
     ({"created_mjd": float("nan")}, "time"), ({"created_unix": -1.0}, "time"),
+    ({"created_mjd": 1e9, "expiry_mjd": 1e9 + 1}, "time"),  # made in the future: would never expire
     ({"request_id": ""}, "ids"), ({"request_id": "x" * 1000}, "ids"), ({"object_id": "a\nb"}, "ids"),
     ({"requester": None}, "ids"),
 ])

@@ -159,3 +159,12 @@ def test_band_order_and_model_inputs():
     assert ctx["host"] == 1.0 and math.isnan(ctx["moving"]) and math.isnan(ctx["nuclear"])
     with pytest.raises(ValueError):
         model_inputs(np.zeros(3), {})
+
+
+def test_a_history_row_with_an_absurd_zero_point_is_left_out_not_an_overflow():
+    """A zero point of -800 mag (written before the score stage checked them) overflowed 10 ** (-0.4 zp)."""
+    cur = _det(60002.0, "r", 100.0, magzp=26.0, tel="A")
+    poisoned = {**_det(60001.0, "r", 100.0, tel="A"), "magzp": -800.0}
+    lc = light_curve(cur, [poisoned], [])
+    assert np.isfinite(lc.flux).all() and 60001.0 not in lc.mjd
+    assert len(lc_features(lc)) == len(FEATURE_NAMES)

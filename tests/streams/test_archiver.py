@@ -202,3 +202,115 @@ def test_a_sigkilled_archiver_loses_and_repeats_nothing_and_the_archive_answers(
                  ["replay", "--topic", "replay.ocf", "--bootstrap", settings.bootstrap, "--archive", str(archive.url)]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and "truncated" in res.output and f.path in res.output, res.output
+
+
+def test_a_valid_alert_with_a_junk_schema_header_is_archived_not_dead_lettered(tmp_path):
+    """``schema: alert/²`` (or 5000 digits) made ``version_of`` raise: the alert was ``unexpected:ValueError``.
+
+    The header only says which version to try first; the container's alert is archived whatever it says.
+    """
+    from confluent_kafka import Message
+
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    value = serde.encode_ocf("alert", _alerts(1)[0])
+    tags = ("alert/\u00b2".encode(), b"alert/" + b"9" * 5000, b"\xff\xfe", b"alert/-1", b"alert/4")
+    for offset, tag in enumerate(tags):
+        msg = Message(topic="alerts", partition=0, offset=offset, key=b"OBJ00000", value=value,
+                      headers=[("_format", b"avro"), (serde.SCHEMA_HEADER, tag)])
+        assert archiver._take(msg)
+    assert archiver.batch.dead == [] and archiver.batch.alerts == len(tags)
+    (rows,) = archiver._rows(archiver.batch.pending)
+    assert rows.num_rows == len(tags)
+
+
+def _container(writer_schema: bytes) -> bytes:
+    """An Avro container file whose header names ``writer_schema`` (JSON, as written), with one empty block."""
+
+    def long(n: int) -> bytes:
+        n, out = (n << 1) ^ (n >> 63), bytearray()
+        while True:
+            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+
+    meta = ((b"avro.schema", writer_schema), (b"avro.codec", b"null"))
+    sync = b"S" * 16
+    header = b"Obj\x01" + long(len(meta)) + b"".join(long(len(k)) + k + long(len(v)) + v for k, v in meta)
+    return header + long(0) + sync + long(1) + long(1) + b"\x00" + sync
+
+
+def test_a_container_whose_writer_schema_holds_a_lone_surrogate_is_dead_lettered_not_a_crash_loop(tmp_path):
+    r"""A field type ``"\udcfe"`` (valid JSON) went into the decode error, which the dead letter could not encode.
+
+    The ``SchemaError`` escaped the archive stage, which met the message again at every restart.
+    """
+    from confluent_kafka import Message
+
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    schema = b'{"type": "record", "name": "a", "fields": [{"name": "b", "type": "\\udcfe"}]}'
+    for offset, (key, value) in enumerate(((None, _container(schema)), (schema, b"\x00"))):  # OCF, then Fink
+        assert archiver._take(Message(topic="alerts", partition=0, offset=offset, key=key, value=value,
+                                      headers=[("_format", b"avro")] if key is None else []))
+    letters = [serde.decode("dlq", d.value, d.headers) for d in archiver.batch.dead]
+    assert [d["reason"] for d in letters] == ["decode", "decode"]
+    assert all("\\udcfe" in d["message"] for d in letters) and letters[0]["value"] == _container(schema)
+
+
+class _RefusingProducer:
+    """Reports ``MSG_SIZE_TOO_LARGE`` for every message at flush, leaving none in its queue (as librdkafka does)."""
+
+    def __init__(self) -> None:
+        self.pending: list = []
+
+    def produce(self, topic, value, key=None, headers=None, on_delivery=None) -> None:
+        self.pending.append(on_delivery)
+
+    def flush(self, timeout: float) -> int:
+        from confluent_kafka import KafkaError
+
+        for on_delivery in self.pending:
+            if on_delivery is not None:
+                on_delivery(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), None)
+        self.pending = []
+        return 0
+
+
+def test_a_refused_dead_letter_keeps_the_batch_from_committing(tmp_path):
+    """A dead letter the broker refused left nothing in the queue: it passed as delivered and the batch committed.
+
+    Its message was then lost: neither archived nor dead-lettered. Now the batch is not committed.
+    """
+    from confluent_kafka import Message
+
+    from broker.errors import StageFailure
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    archiver._producer = _RefusingProducer()
+    assert archiver._take(Message(topic="alerts", partition=0, offset=0, key=b"k", value=b"\x00garbage",
+                                  headers=[("_format", b"avro")]))
+    with pytest.raises(StageFailure, match=r"1 refused \(.*\); the batch is not committed"):
+        archiver._flush(consumer=None)
+    assert archiver.writer.positions() == {}
+
+
+
+def test_an_alert_whose_header_name_is_not_utf8_is_dead_lettered_not_a_crash_loop(settings, tmp_path):
+    """Reading such a header raised ``SystemError`` out of the archive stage, which met it again at every restart."""
+    from streams.settings import KafkaSettings
+    from tests.streams.raw_produce import produce_raw
+
+    topic = f"alerts-{uuid.uuid4().hex[:6]}"
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topic)])
+    value = serde.encode_ocf("alert", _alerts(1)[0])
+    produce_raw(settings.bootstrap, topic, value, [(b"\xff_format", b"avro")])
+    (raw,) = read_all(settings, [topic])
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    assert archiver._take(raw)
+    (letter,) = [serde.decode("dlq", d.value, d.headers) for d in archiver.batch.dead]
+    assert (letter["reason"], letter["value"], letter["headers"]) == ("decode", value, {})

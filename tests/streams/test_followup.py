@@ -108,6 +108,68 @@ def test_the_listener_yields_valid_requests_and_dead_letters_the_others(settings
     assert mine[1]["value"] == bad["off_sky"][0]  # the original bytes, to inspect or replay
 
 
+
+class _Consumer:
+    """Hands out ``messages`` once each and records the commits (a listener's consumer, without Kafka)."""
+
+    def __init__(self, messages: list) -> None:
+        self.messages, self.commits = list(messages), []
+
+    def poll(self, timeout: float):
+        return self.messages.pop(0) if self.messages else None
+
+    def commit(self, message, asynchronous: bool = True) -> None:
+        self.commits.append(message.offset())
+
+
+class _Producer:
+    """Reports ``error`` (a KafkaError or None) for every message, and ``left`` messages undelivered at flush."""
+
+    def __init__(self, error=None, left: int = 0) -> None:
+        self.error, self.left, self.pending, self.sent = error, left, [], []
+
+    def produce(self, topic, value, key=None, headers=None, on_delivery=None) -> None:
+        self.pending.append((topic, value, on_delivery))
+
+    def flush(self, timeout: float) -> int:
+        for topic, value, on_delivery in self.pending:
+            if on_delivery is not None:
+                on_delivery(self.error, None)
+            if self.error is None and not self.left:
+                self.sent.append((topic, value))
+        self.pending = []
+        return self.left
+
+
+def test_a_dead_letter_that_is_not_delivered_stops_the_listener_before_its_offset_is_committed():
+    """A refused or undelivered dead letter was ignored and the request's offset committed: the request was lost.
+
+    Now the listener stops (``StageFailure``) with the offset uncommitted, so a restarted listener meets
+    the request again; a delivered dead letter is committed and counted as before.
+    """
+    from confluent_kafka import KafkaError, Message
+
+    from broker.errors import StageFailure
+    from streams.settings import KafkaSettings
+
+    def garbage(offset: int) -> Message:
+        return Message(topic=topics.FOLLOWUP, partition=0, offset=offset, key=b"k", value=b"\x00\xff not avro")
+
+    def listener_of(message: Message, producer: _Producer) -> FollowupListener:
+        listener = FollowupListener(KafkaSettings("127.0.0.1:1"))
+        listener._consumer, listener._producer, listener._assigned_at = _Consumer([message]), producer, 0.0
+        return listener
+
+    for producer in (_Producer(KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART)), _Producer(left=1)):
+        listener = listener_of(garbage(7), producer)
+        with pytest.raises(StageFailure, match=r"followup\[0\]@7 did not reach dlq.followup"):
+            list(listener.requests(timeout=0.1))
+        assert listener._consumer.commits == [] and listener.stats.dead_letters == {}
+    listener = listener_of(garbage(8), _Producer())
+    assert list(listener.requests(timeout=0.1)) == []
+    assert listener._consumer.commits == [8] and listener.stats.dead_letters == {"decode": 1}
+    assert [topic for topic, _ in listener._producer.sent] == [topics.DLQ_FOLLOWUP]
+
 # --- the demo's telescope: planning and serving follow-up visits --------------------------------------
 
 SIM = SimConfig(shape=(256, 256), fields=("F001", "F002"), filters=("r", "g"), n_stars=60, n_galaxies=8,
@@ -182,3 +244,21 @@ def test_the_desk_observes_what_it_was_asked_for(settings):
     assert frame.header["FOLLOWUP"] == "FU-desk" and truth.frame_id == "SIM1-F001-g-0004-v1"
     inj = {i.source_id for i in truth.of_kind("transient")}
     assert t1.of_kind("transient")[0].source_id in inj  # the target is on the follow-up frame
+
+
+@pytest.mark.kafka
+def test_a_request_whose_header_name_is_not_utf8_is_dead_lettered(settings):
+    """Reading such a header raised ``SystemError`` out of ``broker followup``, which stopped on it at each start."""
+    from streams.monitor import read_all
+    from streams.settings import KafkaSettings
+    from tests.streams.raw_produce import produce_raw
+
+    topic = f"followup-test-{uuid.uuid4().hex[:8]}"
+    topics.create_topics(settings, [topics.TopicSpec(topic)])
+    good = request_message(_record("FU-hdr"))
+    produce_raw(settings.bootstrap, topic, good.value, [(b"\xffschema", b"followup/1")], key=good.key)
+    (raw,) = read_all(settings, [topic])
+    listener = FollowupListener(KafkaSettings("127.0.0.1:1"))
+    listener._producer = producer = _Producer()
+    assert listener._handle(raw) is None
+    assert listener.stats.dead_letters == {"decode": 1} and len(producer.sent) == 1

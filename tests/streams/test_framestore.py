@@ -20,3 +20,19 @@ def test_put_get_and_guards(tmp_path):
         store.get(f"{store.root}/../../etc/passwd", digest, 100)
     with pytest.raises(FrameStoreError, match="does not exist"):
         store.get(f"{store.root}/{'0' * 64}.fits", digest, 100)
+
+
+def test_objects_that_are_not_files_are_refused_with_a_reason(tmp_path):
+    """A directory at an object's name was ``unexpected:IsADirectoryError``; a link to /dev/zero was read endlessly."""
+    import os
+
+    store = FrameStore(str(tmp_path / "store"))
+    store.put(b"frame-bytes")
+    folder, endless = "ab" * 32, "cd" * 32
+    os.makedirs(f"{store.root}/{folder}.fits")
+    with pytest.raises(FrameStoreError, match="cannot be read") as err:
+        store.get(f"{store.root}/{folder}.fits", folder, 1 << 20)
+    assert err.value.reason == "frame_store"
+    os.symlink("/dev/zero", f"{store.root}/{endless}.fits")
+    with pytest.raises(FrameTooLarge, match="over 1000 bytes"):
+        store.get(f"{store.root}/{endless}.fits", endless, 1000)

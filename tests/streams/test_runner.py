@@ -71,6 +71,27 @@ def test_runner_outputs_dead_letters_and_carries_on(settings):
     assert runner.metrics.unexpected.labels(stage, "CorruptFrame")._value.get() == 0
 
 
+
+def test_a_header_name_that_is_not_utf8_is_dead_lettered_and_the_next_message_processed(settings):
+    """Reading such a header raised ``SystemError`` out of the runner: the stage died on it at every restart.
+
+    Any producer but librdkafka's can write one (``tests/streams/raw_produce.py``); the message is now a
+    ``decode`` dead letter and the stage goes on.
+    """
+    from tests.streams.raw_produce import produce_raw
+
+    src, dst = f"in-{settings.app_id}", f"out-{settings.app_id}"
+    stage = f"hdr-{settings.app_id}"
+    _topics(settings, src, dst, topics.dlq(stage))
+    produce_raw(settings.bootstrap, src, b"bad-name", [(b"\xff\xfeschema", b"x"), (b"t.exposure_end", b"1.5")])
+    produce_raw(settings.bootstrap, src, b"ok", [(b"schema", b"frame/1")])
+    runner = StageRunner(stage, src, lambda m: [OutMessage(dst, m.value.upper(), m.key)], settings)
+    assert runner.run(max_messages=2, idle_timeout=20.0) == 2
+    assert [m.value() for m in read_all(settings, [dst])] == [b"OK"]
+    (dead,) = _dead(settings, stage)
+    assert (dead["value"], dead["reason"], dead["offset"], dead["headers"]) == (b"bad-name", "decode", 0, {})
+    assert "not UTF-8" in dead["message"] and "UnicodeDecodeError" in dead["message"]
+
 def test_runner_stops_on_request(settings):
     src = f"idle-{settings.app_id}"
     _topics(settings, src)
@@ -186,6 +207,13 @@ def test_a_dead_letter_keeps_the_first_bytes_of_a_long_value_with_its_length_and
     assert (rec["value"], rec["value_size"], rec["truncated"], rec["key"]) == (b"abc", 3, False, b"k")
     assert rec["headers"] == {"t.exposure_end": b"1.5"}
 
+
+def test_a_dead_letter_encodes_an_error_message_that_quotes_a_lone_surrogate():
+    r"""``DecodeError("... \udcfe")`` (JSON of a hostile writer schema) made ``dead_letter`` raise ``SchemaError``."""
+    from broker.errors import DecodeError
+
+    out = dead_letter("archive", InMessage("alerts", 0, 3, b"k", b"v", {}, 0), DecodeError("UnknownType: \udcfe"))
+    assert serde.decode("dlq", out.value, out.headers)["message"] == "UnknownType: \\udcfe"
 
 def test_timing_headers_are_validated():
     now = 1_800_000_000.0

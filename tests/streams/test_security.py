@@ -107,6 +107,22 @@ def test_scram_server_accepts_the_password_and_nothing_else():
         _scram_client("mallory", "correct horse", ScramServer(users))
 
 
+@pytest.mark.parametrize("body", [b"", b"\x01", b"\xff" * 40, b"\x01\x00\xff"], ids=["empty", "tag_cut", "endless",
+                                                                                      "size_cut"])
+def test_a_truncated_request_before_authentication_is_a_value_error_that_closes_the_connection(body):
+    """A SaslAuthenticate v2 request cut inside its tagged fields raised ``IndexError``, which escaped the handler.
+
+    The connection's handler closes on ``ValueError`` (and the other errors of a malformed request).
+    """
+    import struct
+
+    from streams.gateway import API_SASL_AUTHENTICATE, auth_bytes, parse_request
+
+    header = struct.pack(">hhih", API_SASL_AUTHENTICATE, 2, 7, 0)
+    with pytest.raises(ValueError, match="malformed varint"):
+        auth_bytes(parse_request(header + body))
+
+
 def test_frame_signatures():
     auth = FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"k1", "ztf": b"k2"})
     key, value = b"LSST/F001", b"frame bytes"
@@ -118,6 +134,9 @@ def test_frame_signatures():
         with pytest.raises(Unauthorised, match=expected) as exc:
             auth.check(k, v, headers)
         assert exc.value.reason == "unauthorised"
+    for forged in (b"lsst:\xff\xfe", "lsst:\u00e9".encode()):  # was unexpected:TypeError (a non-ASCII str)
+        with pytest.raises(Unauthorised, match="bad signature"):
+            auth.check(key, value, {"frame-auth": forged})
     with pytest.raises(Unauthorised, match="sent under the key"):
         FrameAuthoriser.check_telescope("LSST", "ZTF")
     assert not FrameAuthoriser.load({}, env={}).enabled

@@ -414,3 +414,48 @@ def test_a_small_compressed_huge_frame_costs_subtract_no_memory(config, tmp_path
     refused, grown_mib = res.stdout.split("\n")[:2]
     assert refused == "ImplausibleCompression implausible_compression"
     assert int(grown_mib) < 32, res.stdout
+
+
+def _classified(cands: list, offset: int, **batch) -> InMessage:
+    """A ``classified`` batch (candidates/v3) of ``cands`` at ``offset``, frame-level fields overridable."""
+    record = {"frame_id": f"TEST-F1-r-{offset:04d}", "telescope": "TEST", "field": "F1", "filter": "r",
+              "mjd_start": 60000.5 + offset, "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED",
+              "reference_frames": ["a"], "diagnostics": {}, "model_versions": {"rb": "rb-1"}, "nx": 256, "ny": 256,
+              "wcs_header": "", "limiting_flux": None, "candidates": [serde.candidate_to_record(c) for c in cands]}
+    tag = {serde.SCHEMA_HEADER: serde.schema_tag("candidates").encode()}
+    return InMessage(topics.CLASSIFIED, 0, offset, b"k", serde.encode("candidates", record | batch), tag, 0)
+
+
+def test_the_score_stage_refuses_implausible_batches_before_writing_the_history(config):
+    """A zero point of -800 mag was written to the history and overflowed every later light curve of its object.
+
+    Every later alert of that object was ``unexpected:OverflowError``; an MJD of -1e300 became the
+    object's ``first_mjd``; a NaN flux was ``unexpected:IntegrityError``. Such a batch on ``classified``
+    is now refused with its reason and nothing of it is written.
+    """
+    from broker.errors import ImplausibleHeader, InvalidMeasurement
+    from streams.stages import score_handler
+    from tests.helpers import candidate
+
+    score = score_handler(config)
+
+    def cand(i: int, **det):
+        c = candidate(cand_id=f"TEST-F1-r-{i:04d}/0", ra=10.0, dec=10.0, seed=i)
+        c.rb = 0.95
+        for name, value in det.items():
+            setattr(c.detection, name, value)
+        return c
+
+    for i, (batch, match) in enumerate(((dict(magzp=-800.0), "MAGZP=-800"), (dict(mjd_start=-1e300), "MJD-OBS=-1e"),
+                                        (dict(exptime=float("nan")), "EXPTIME=nan")), start=1):
+        with pytest.raises(ImplausibleHeader, match=match) as err:
+            score(_classified([cand(i)], i, **batch))
+        assert err.value.reason == "implausible_header"
+    for i, name in enumerate(("flux", "flux_err", "snr"), start=4):
+        with pytest.raises(InvalidMeasurement, match=f"{name}=nan") as err:
+            score(_classified([cand(i, **{name: float("nan")})], i))
+        assert err.value.reason == "invalid_measurement"
+    (out,) = score(_classified([cand(9)], 9))  # the object at that position: nothing of the above was kept
+    (rec,) = serde.decode("candidates", out.value, out.headers)["candidates"]
+    assert rec["history"] == [] and rec["object"]["ndet"] == 1 and rec["object"]["first_mjd"] == 60009.5
+    assert rec["features"] is not None and rec["anomaly"] is not None

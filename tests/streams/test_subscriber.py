@@ -153,6 +153,26 @@ def test_subscribe_skips_and_counts_hostile_and_foreign_records(settings, tmp_pa
     assert len(list(tmp_path.glob("*.png"))) == 5
 
 
+
+@pytest.mark.kafka
+def test_subscribe_skips_a_message_whose_header_name_is_not_utf8(settings):
+    """Reading such a header raised ``SystemError`` out of ``broker subscribe``, which stopped there."""
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+    from tests.streams.raw_produce import produce_raw
+
+    topic = _topic(settings)
+    bad, good = _alerts(2, "hdr")
+    produce_raw(settings.bootstrap, topic, serde.encode_ocf("alert", bad), [(b"\xff_format", b"avro")])
+    produce_raw(settings.bootstrap, topic, serde.encode_ocf("alert", good), [(b"_format", b"avro")])
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", topic, "--json",
+                                   "--timeout", "2"])
+    assert res.exit_code == 0, res.output
+    shown = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    assert [a["candid"] for a in shown] == ["hdr/1"]
+    assert "skipped 1 (undecodable 1)" in res.output.strip().splitlines()[-1], res.output
+
 @pytest.mark.kafka
 def test_subscribe_to_a_missing_topic_is_a_clear_error(settings):
     from typer.testing import CliRunner
