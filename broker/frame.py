@@ -243,7 +243,8 @@ def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, ma
 
 
 def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None,
-                profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True) -> Frame:
+                profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True,
+                telescope: str | None = None) -> Frame:
     """Decode FITS bytes (plain or tile-compressed) into a :class:`Frame`.
 
     The image's size is checked from its header before any pixel is decompressed
@@ -251,7 +252,9 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     A header without one of the required cards is normalised (:func:`broker.headers.normalise_header`
     with ``profiles``) and a raw Bayer frame binned to luminance (:func:`broker.bayer.superpixel_luminance`).
     ``require_wcs=False`` (the producer and the ingest stage, which plate-solves) accepts a frame
-    without a celestial WCS.
+    without a celestial WCS. ``telescope`` (``broker produce --telescope``) names the telescope, or
+    the profile, of a header whose ``TELESCOP`` and ``INSTRUME`` are both absent or blank; a header
+    that names one keeps it.
 
     Raises
     ------
@@ -286,7 +289,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     if data.dtype.kind not in "iuf":
         raise BadShape(f"image dtype {data.dtype} is not numeric")
     check_frame_type(header)
-    data, header = _adopt(blank_infinities(data), header, profiles)
+    data, header = _adopt(blank_infinities(data), _named(header, telescope), profiles)
     meta = meta_from_header(header)
     if require_wcs:
         celestial_wcs(header)
@@ -315,6 +318,15 @@ def blank_infinities(data: np.ndarray) -> np.ndarray:
         return data
     infinite = np.isinf(data)
     return np.where(infinite, np.array(np.nan, data.dtype), data) if infinite.any() else data
+
+
+def _named(header: fits.Header, telescope: str | None) -> fits.Header:
+    """``header``, or a copy with ``TELESCOP = telescope`` when it names no telescope (nor instrument)."""
+    if not telescope or not (_absent(header, "TELESCOP") and _absent(header, "INSTRUME")):
+        return header
+    named = header.copy()
+    named["TELESCOP"] = telescope
+    return named
 
 
 def _absent(header: fits.Header, card: str) -> bool:

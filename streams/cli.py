@@ -240,9 +240,14 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
             watch: Annotated[bool, typer.Option(help="Watch the directory and publish new files.")] = False,
             pattern: Annotated[str, typer.Option(help="Glob of files to watch (default: FITS names in any case: "
                                                       ".fits .fit .fts .fz .gz).")] = "",
-            recursive: Annotated[bool, typer.Option(help="With --watch, also watch every subfolder.")] = False) -> None:
+            recursive: Annotated[bool, typer.Option(help="With --watch, also watch every subfolder.")] = False,
+            telescope: Annotated[Optional[str], typer.Option(
+                help="Telescope (or profile) name of files whose header names none (no TELESCOP, no INSTRUME); "
+                     "a header that names one keeps it.")] = None) -> None:
     """Publish FITS frames to the frames topic (validated first; bad files are reported)."""
     from broker.config import load_config
+    from broker.errors import ConfigError
+    from broker.headers import clean_name
     from broker.telescopes import load_profiles
     from streams.frame_auth import FrameSigner
     from streams.framestore import FrameStore
@@ -251,6 +256,10 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
     from streams.settings import KafkaSettings
 
     try:
+        if telescope is not None:
+            if not clean_name(telescope):
+                raise ConfigError(f"--telescope {telescope!r} names no telescope (letters, digits, ._+- expected)")
+            telescope = clean_name(telescope)
         cfg = load_config(config)
         settings = KafkaSettings.load(bootstrap, cfg)
         settings.verify_login()
@@ -259,7 +268,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
     except BrokerError as exc:
         _fail(exc)
     producer = FrameProducer(settings, FrameStore(cfg.frame_store), cfg.inline_limit_bytes,
-                             cfg.max_frame_bytes, cfg.ingest, signer, profiles)
+                             cfg.max_frame_bytes, cfg.ingest, signer, profiles, telescope)
     failed = 0
     if watch:
         if len(paths) != 1 or not paths[0].is_dir():

@@ -54,12 +54,17 @@ class FrameProducer:
     profiles : tuple of TelescopeProfile
         Telescope profiles that fill what headers lack (:func:`broker.headers.normalise_header`);
         frames without a WCS are accepted (the ingest stage plate-solves them).
+    telescope : str or None
+        Telescope (or profile) name given to files whose header names none (``TELESCOP`` and
+        ``INSTRUME`` absent or blank; :func:`broker.frame.decode_fits`); None: such files are refused.
     """
 
     def __init__(self, settings: KafkaSettings, store: FrameStore, inline_limit_bytes: int,
                  max_frame_bytes: int, validation: IngestConfig = IngestConfig(),
-                 signer: FrameSigner | None = None, profiles: tuple[TelescopeProfile, ...] = ()) -> None:
+                 signer: FrameSigner | None = None, profiles: tuple[TelescopeProfile, ...] = (),
+                 telescope: str | None = None) -> None:
         self.profiles = profiles
+        self.telescope = telescope
         self.producer = Producer(settings.producer())
         self.signer = signer  # signs each frame for the ingest stage's [kafka.frame_auth] check
         self.store = store
@@ -98,7 +103,8 @@ class FrameProducer:
             raise FrameTooLarge(f"{path}: {size} bytes, over the {self.max_bytes}-byte limit")
         try:
             frame = decode_fits(path.read_bytes(), self.validation.max_pixels, self.validation.max_expansion,
-                                self.profiles, require_wcs=not self.validation.calibration.enabled)
+                                self.profiles, require_wcs=not self.validation.calibration.enabled,
+                                telescope=self.telescope)
         except InvalidFrame as exc:
             raise type(exc)(f"{path}: {exc}") from exc
         return self.publish_frame(frame)

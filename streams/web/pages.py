@@ -1,4 +1,4 @@
-"""The portal's HTML pages and their static files: live alerts, an object, a frame, vetting.
+"""The portal's HTML pages and their static files: live alerts, an object, a frame, vetting, an upload.
 
 The pages are static shells (``templates/``) whose JavaScript (``static/``) reads the REST API; no
 data is ever written into the HTML, so nothing a user sends can become markup. Everything is
@@ -92,7 +92,8 @@ _PAGE = _template("page.html")
 def render_page(title: str, script: str, body: str, active: str = "") -> str:
     """The HTML of one page: the shared frame (bar, navigation) around ``body`` (a template, no data)."""
     return _PAGE.substitute(title=title, script=script, body=body, on_live="on" if active == "live" else "",
-                            on_vet="on" if active == "vet" else "", on_docs="on" if active == "docs" else "")
+                            on_vet="on" if active == "vet" else "", on_upload="on" if active == "upload" else "",
+                            on_docs="on" if active == "docs" else "")
 
 
 _PAGES = {
@@ -100,6 +101,7 @@ _PAGES = {
     "object": render_page("Object", "object.js", _template("object.html").template),
     "frame": render_page("Frame", "frame.js", _template("frame.html").template),
     "vet": render_page("Vetting", "vet.js", _template("vet.html").template, "vet"),
+    "upload": render_page("Upload", "upload.js", _template("upload.html").template, "upload"),
     "docs": render_page("API", "docs.js", _template("docs.html").template, "docs"),
 }
 
@@ -130,6 +132,12 @@ async def frame_page(frame_id: str) -> HTMLResponse:
 async def vet_page() -> HTMLResponse:
     """Vetting with keyboard shortcuts."""
     return _page("vet")
+
+
+@router.get("/upload", response_class=HTMLResponse)
+async def upload_page() -> HTMLResponse:
+    """Upload a FITS frame and see its candidates with their scores (``POST /api/v1/frames?mode=predict``)."""
+    return _page("upload")
 
 
 @router.get("/docs", response_class=HTMLResponse)

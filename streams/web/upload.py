@@ -157,31 +157,33 @@ def _profiles(portal: Portal) -> tuple:
     return _shared(portal, "profiles", lambda: load_profiles(portal.config.pipeline.ingest.telescopes_dir))
 
 
-def decode_upload(portal: Portal, payload: bytes) -> Frame:
+def decode_upload(portal: Portal, payload: bytes, telescope: str | None = None) -> Frame:
     """The frame of an upload, decoded and validated as ``broker produce`` does (the same errors).
 
     As the producer, a frame without a WCS is accepted when the ingest stage plate-solves
-    (``[ingest.calibration] enabled``); one that has a WCS has it checked.
+    (``[ingest.calibration] enabled``); one that has a WCS has it checked. ``telescope`` names the
+    telescope of a header that names none (``broker produce --telescope``).
     """
     from broker.ingest import validate
 
     ingest = portal.config.ingest()
     require_wcs = not ingest.calibration.enabled
-    frame = decode_fits(payload, ingest.max_pixels, ingest.max_expansion, _profiles(portal), require_wcs=require_wcs)
+    frame = decode_fits(payload, ingest.max_pixels, ingest.max_expansion, _profiles(portal), require_wcs=require_wcs,
+                        telescope=telescope)
     validate(frame, ingest, require_wcs=require_wcs)
     return frame
 
 
-def calibrated(portal: Portal, payload: bytes) -> Frame:
+def calibrated(portal: Portal, payload: bytes, telescope: str | None = None) -> Frame:
     """An uploaded frame as the ingest stage passes it on: decoded, validated, WCS and zero point calibrated."""
     from broker.calibrate import calibrate
 
-    return calibrate(decode_upload(portal, payload), portal.config.ingest().calibration, _profiles(portal))
+    return calibrate(decode_upload(portal, payload, telescope), portal.config.ingest().calibration, _profiles(portal))
 
 
-def publish(portal: Portal, payload: bytes) -> dict:
+def publish(portal: Portal, payload: bytes, telescope: str | None = None) -> dict:
     """Validate and send an upload to the ``frames`` topic; the frame id to poll."""
-    frame = decode_upload(portal, payload)
+    frame = decode_upload(portal, payload, telescope)
     publisher = portal.extras.get("publisher") or _shared(portal, "publisher", lambda: _kafka_publisher(portal))
     sent = publisher(frame)
     return {"mode": "publish", "frame_id": sent.frame_id, "size_bytes": sent.size_bytes, "inline": sent.inline,
@@ -220,29 +222,45 @@ def _kafka_publisher(portal: Portal) -> Any:
 async def upload_frame(request: Request, who: Uploader,
                        mode: Annotated[Literal["publish", "predict"], Query(
                            description="publish: to the frames topic; predict: candidates and scores now")] = "predict",
+                       telescope: Annotated[str | None, Query(
+                           max_length=64, description="telescope (or profile) name of a frame whose header names "
+                                                      "none (no TELESCOP, no INSTRUME)")] = None,
                        ) -> Any:
     """Upload one FITS frame: publish it to the pipeline, or predict its candidates with their scores."""
     portal: Portal = request.app.state.portal
+    named = _telescope(telescope)
     limiter = _shared(portal, "upload_limiter", lambda: RateLimiter(portal.config.uploads_per_minute))
     limiter.take(who.name)
     frame_bytes, reference_bytes = await read_upload(request, portal.config.max_upload_bytes)
     if mode == "publish":
         if reference_bytes is not None:
             raise InvalidQuery("a reference is only used by mode=predict")
-        return clean(await portal.run(publish, portal, frame_bytes))
+        return clean(await portal.run(publish, portal, frame_bytes, named))
     pool = _shared(portal, "predict_pool", lambda: ThreadPoolExecutor(1, thread_name_prefix="predict"))
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(pool, predict, portal, frame_bytes, reference_bytes)
+    result = await loop.run_in_executor(pool, predict, portal, frame_bytes, reference_bytes, named)
     return JSONResponse(clean(result), status_code=200)
 
 
-def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None) -> tuple[Any, str]:
+def _telescope(value: str | None) -> str | None:
+    """The ``telescope`` parameter as a header value (None when not given); InvalidQuery when it names none."""
+    from broker.headers import clean_name
+
+    if value is None or not value.strip():
+        return None
+    if not clean_name(value):
+        raise InvalidQuery(f"telescope {value!r} names no telescope (letters, digits, ._+- expected)")
+    return clean_name(value)
+
+
+def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None,
+               telescope: str | None = None) -> tuple[Any, str]:
     """The reference to subtract ``frame`` with, and where it came from (``upload`` or ``stored``)."""
     from broker.reference import ReferenceStore, build_reference
 
     key = frame.meta.reference_key
     if reference_bytes is not None:
-        ref_frame = calibrated(portal, reference_bytes)
+        ref_frame = calibrated(portal, reference_bytes, telescope)
         if tuple(ref_frame.meta.reference_key) != tuple(key):
             raise ReferenceUnavailable(f"the reference is of {ref_frame.meta.reference_key}, the frame of {key} "
                                        "(telescope, field, band must agree)")
@@ -255,16 +273,16 @@ def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None) -> t
     return stored, "stored"
 
 
-def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None) -> dict:
+def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None, telescope: str | None = None) -> dict:
     """Candidates of an uploaded frame with real/bogus, class and anomaly scores (the stages' functions)."""
     from broker.ingest import ingest
     from broker.pipeline import SUBTRACTED, FixedReference, process_frame
 
     t0 = time.perf_counter()
-    frame = calibrated(portal, frame_bytes)
+    frame = calibrated(portal, frame_bytes, telescope)
     pipe = portal.config.pipeline
     quality = ingest(frame, portal.config.ingest())
-    reference, source = _reference(portal, frame, reference_bytes)
+    reference, source = _reference(portal, frame, reference_bytes, telescope)
     skip = [f for f in quality.flags if f in pipe.ingest.subtract_skip_on]
     result = process_frame(frame, FixedReference(reference), pipe.subtract, not quality.flags, None, skip)
     t1 = time.perf_counter()

@@ -167,3 +167,19 @@ def test_a_logical_numeric_card_is_named_not_read_as_one(card):
     frame.header[card] = True
     with pytest.raises(MissingMetadata, match=f"{card}=True is a logical"):
         decode_fits(encode_fits(frame))
+
+
+def test_a_producer_can_name_the_telescope_a_header_does_not():
+    """No TELESCOP and no INSTRUME: refused, unless the producer names it (``broker produce --telescope``)."""
+    frame = star_frame()
+    for card in ("TELESCOP", "INSTRUME"):
+        frame.header.remove(card, ignore_missing=True)
+    payload = encode_fits(frame)
+    with pytest.raises(MissingMetadata, match="TELESCOP"):
+        decode_fits(payload)
+    named = decode_fits(payload, telescope="backyard-20cm")
+    assert named.meta.telescope == "backyard-20cm" and named.meta.reference_key[0] == "backyard-20cm"
+    own = star_frame()  # a header that names its telescope keeps it
+    assert decode_fits(encode_fits(own), telescope="backyard-20cm").meta.telescope == own.meta.telescope
+    long_name = decode_fits(payload, telescope="x" * 64)  # the longest name a header normalises
+    assert long_name.meta.telescope == "x" * 64

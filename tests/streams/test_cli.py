@@ -26,6 +26,7 @@ def test_produce_reports_each_bad_file_and_fails(tmp_path):
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "rb.__class__"], "not allowed"),
     (["stage", "nonsense", "--bootstrap", "127.0.0.1:1"], "unknown stage"),
     (["train-realbogus", "--workers", "-1"], "greater than or equal to 0"),
+    (["produce", "x.fits", "--bootstrap", "127.0.0.1:1", "--telescope", " ?? "], "names no telescope"),
 ])
 def test_bad_arguments_are_explained(args, message):
     res = runner.invoke(app, args)

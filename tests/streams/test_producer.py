@@ -121,3 +121,23 @@ def test_watch_finds_fits_names_in_any_case_and_subfolders_when_asked(tmp_path):
     (tmp_path / "night2").mkdir()
     (tmp_path / "night2" / "h.fits").write_bytes(b"y")
     assert sent(recursive=True) == {"night2/h.fits"}
+
+
+def test_a_header_that_names_no_telescope_is_sent_under_the_name_given(producer, settings, tmp_path):
+    """``broker produce --telescope``: a camera that writes neither TELESCOP nor INSTRUME can still publish."""
+    from broker.errors import MissingMetadata
+
+    frame = star_frame(seed=3, FRAMEID="TEST-F1-r-0020")
+    for card in ("TELESCOP", "INSTRUME"):
+        frame.header.remove(card, ignore_missing=True)
+    path = tmp_path / "anonymous.fits"
+    path.write_bytes(encode_fits(frame))
+    with pytest.raises(MissingMetadata, match="TELESCOP"):
+        producer.publish_file(path)
+    named = FrameProducer(settings, FrameStore(str(tmp_path / "store")), inline_limit_bytes=200_000,
+                          max_frame_bytes=50_000_000, telescope="backyard-20cm")
+    sent = named.publish_file(path)
+    named.flush()
+    records = [serde.decode("frame", m.value(), dict(m.headers())) for m in read_all(settings, ["frames"])]
+    (record,) = [r for r in records if r["frame_id"] == sent.frame_id]
+    assert record["telescope"] == "backyard-20cm"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from broker.archive.reader import Archive
+from broker.frame import encode_fits
 from broker.vetting import LabelStore
 from streams import topics
 from streams.demo import start_stages, stop_stages, wait_until_drained
@@ -206,6 +207,40 @@ def test_the_api_page_lists_the_endpoints_and_calls_one(browser, tmp_path):
         assert "Authorization: Bearer tok.secret" in curl, curl  # the portal's stored token goes with it
         loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
         assert loaded and all(u.startswith(base) for u in loaded), loaded
+        refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused, refused
+
+
+def test_a_frame_uploaded_on_the_upload_page_comes_back_with_its_candidates(browser, tmp_path):
+    """The upload page: a frame and its reference chosen in the form, the candidates and their cutouts shown."""
+    from selenium.webdriver.common.by import By
+
+    from streams.web.tokens import TokenStore
+    from tests.streams.web.test_upload import exposure
+
+    science = exposure(2, "TEST-F1-r-0001", 60000.5, transient=(100.3, 150.7, 30000.0))
+    (tmp_path / "science.fits").write_bytes(encode_fits(science))
+    (tmp_path / "reference.fits").write_bytes(encode_fits(exposure(1, "TEST-F1-r-0000", 60000.4)))
+    config = WebConfig.for_state_dir(tmp_path / "state", tokens_path=tmp_path / "tokens.sqlite")
+    store = TokenStore(config.tokens_path)
+    clear = store.add("observer", ["read", "upload"])
+    store.close()
+    with running_server(config) as base:
+        browser.get(f"{base}/upload")
+        browser.execute_script("localStorage.setItem('broker.portal.token', arguments[0])", clear)
+        browser.get(f"{base}/upload")
+        browser.find_element(By.ID, "framefile").send_keys(str(tmp_path / "science.fits"))
+        browser.find_element(By.ID, "referencefile").send_keys(str(tmp_path / "reference.fits"))
+        browser.find_element(By.ID, "send").click()
+        rows = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#candidates tr.candidate"), 120,
+                      "the candidates", browser, tmp_path / "upload.png")
+        assert "SUBTRACTED" in browser.find_element(By.ID, "summary").text
+        first = rows[0].text
+        assert "100.3, 150.7" in first, first
+        _until(lambda: browser.execute_script(
+            "return [...arguments[0].querySelectorAll('img')].length === 3 && "
+            "[...arguments[0].querySelectorAll('img')].every(i => i.complete && i.naturalWidth === 63)", rows[0]),
+            30, "the three cutouts of the best candidate")
         refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
         assert not refused, refused
 

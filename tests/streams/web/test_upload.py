@@ -291,3 +291,23 @@ def test_predict_sees_the_servers_objects_and_writes_nothing_to_its_history(pair
     server = ObjectHistory(state / "history.sqlite")
     assert server.db.execute("SELECT count(*) FROM detections").fetchone()[0] == 1  # only read
     server.close()
+
+
+def test_a_frame_whose_header_names_no_telescope_is_predicted_under_the_name_given(client, token, pair):
+    """``?telescope=``: as ``broker produce --telescope``, for a camera that writes neither TELESCOP nor INSTRUME."""
+    anonymous = []
+    for payload in pair:
+        frame = decode_fits(payload)
+        for card in ("TELESCOP", "INSTRUME"):
+            frame.header.remove(card, ignore_missing=True)
+        anonymous.append(encode_fits(frame))
+    files = {"frame": ("s.fits", anonymous[0], "application/fits"),
+             "reference": ("r.fits", anonymous[1], "application/fits")}
+    refused = client.post("/api/v1/frames", params={"mode": "predict"}, files=files, headers=token)
+    assert refused.status_code == 400 and "TELESCOP" in refused.json()["detail"]
+    named = client.post("/api/v1/frames", params={"mode": "predict", "telescope": "backyard-20cm"}, files=files,
+                        headers=token)
+    assert named.status_code == 200, named.text
+    assert named.json()["telescope"] == "backyard-20cm" and named.json()["candidates"]
+    bad = client.post("/api/v1/frames", params={"mode": "predict", "telescope": "??"}, files=files, headers=token)
+    assert bad.status_code == 400 and "names no telescope" in bad.json()["detail"]
