@@ -11,6 +11,8 @@ import socket
 import struct
 import time
 
+from streams.gateway import _put_uvarint
+
 _CRC32C_POLY = 0x82F63B78
 _CRC32C_TABLE = []
 for _n in range(256):
@@ -29,13 +31,7 @@ def crc32c(data: bytes) -> int:
 
 def _varint(n: int) -> bytes:
     """Zig-zag varint (the record format's lengths and deltas)."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+    return _put_uvarint((n << 1) ^ (n >> 63))
 
 
 def _bytes(data: bytes | None) -> bytes:
