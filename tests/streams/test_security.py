@@ -123,6 +123,45 @@ def test_a_truncated_request_before_authentication_is_a_value_error_that_closes_
         auth_bytes(parse_request(header + body))
 
 
+def test_a_client_that_never_authenticates_is_disconnected(tmp_path):
+    """A client that connects and sends nothing held its connection (and one upstream) open for ever."""
+    import asyncio
+    import socket
+
+    from streams.gateway import Gateway, GatewayConfig, write_users
+
+    write_users(tmp_path / "users.json", {"alice": "secret"})
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # tansu's side: nothing to say, closed when the gateway closes
+        writer.close()
+
+    async def run() -> tuple[bytes, float]:
+        upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
+                               users=tmp_path / "users.json", auth_timeout_s=0.5)
+        ready = asyncio.Event()
+        server = asyncio.create_task(Gateway(config).serve(ready))
+        await ready.wait()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t0 = time.monotonic()
+        data = await asyncio.wait_for(reader.read(), 10)  # EOF: the gateway closed it
+        elapsed = time.monotonic() - t0
+        writer.close()
+        await writer.wait_closed()
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        upstream.close()
+        await upstream.wait_closed()
+        return data, elapsed
+
+    data, elapsed = asyncio.run(run())
+    assert data == b"" and 0.4 < elapsed < 5
+
+
 def test_frame_signatures():
     auth = FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"k1", "ztf": b"k2"})
     key, value = b"LSST/F001", b"frame bytes"
