@@ -27,7 +27,7 @@ from astropy.time import Time
 from astropy.wcs import WCS, FITSFixedWarning
 from erfa import ErfaWarning
 
-from broker.errors import MissingMetadata, NotScience
+from broker.errors import ConfigError, MissingMetadata, NotScience
 from broker.telescopes import TelescopeProfile, find_profile
 
 #: Canonical bands: SDSS/LSST-like (lower case), Johnson-Cousins (upper case), unfiltered, colour-sensor
@@ -205,6 +205,20 @@ def canonical_band(raw: str, profile: TelescopeProfile | None = None) -> str:
 def clean_name(text: str) -> str:
     """``text`` with every run of characters other than letters, digits and ``._+-`` replaced by ``_``."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text.strip()).strip("_")[:64]
+
+
+def telescope_name(text: str) -> str:
+    """A telescope name given by a user (``broker produce --telescope``, ``?telescope=``), cleaned.
+
+    Raises
+    ------
+    ConfigError
+        Nothing of it is a name (:func:`clean_name` leaves it empty).
+    """
+    name = clean_name(text)
+    if not name:
+        raise ConfigError(f"telescope {text!r} names no telescope (letters, digits, ._+- expected)")
+    return name
 
 
 def _angle(value: object, hours: bool) -> float | None:

@@ -246,8 +246,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
                      "a header that names one keeps it.")] = None) -> None:
     """Publish FITS frames to the frames topic (validated first; bad files are reported)."""
     from broker.config import load_config
-    from broker.errors import ConfigError
-    from broker.headers import clean_name
+    from broker.headers import telescope_name
     from broker.telescopes import load_profiles
     from streams.frame_auth import FrameSigner
     from streams.framestore import FrameStore
@@ -257,9 +256,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
 
     try:
         if telescope is not None:
-            if not clean_name(telescope):
-                raise ConfigError(f"--telescope {telescope!r} names no telescope (letters, digits, ._+- expected)")
-            telescope = clean_name(telescope)
+            telescope = telescope_name(telescope)
         cfg = load_config(config)
         settings = KafkaSettings.load(bootstrap, cfg)
         settings.verify_login()

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 from broker.errors import (
+    ConfigError,
     CorruptFrame,
     CutoutError,
     FrameTooLarge,
@@ -244,13 +245,14 @@ async def upload_frame(request: Request, who: Uploader,
 
 def _telescope(value: str | None) -> str | None:
     """The ``telescope`` parameter as a header value (None when not given); InvalidQuery when it names none."""
-    from broker.headers import clean_name
+    from broker.headers import telescope_name
 
     if value is None or not value.strip():
         return None
-    if not clean_name(value):
-        raise InvalidQuery(f"telescope {value!r} names no telescope (letters, digits, ._+- expected)")
-    return clean_name(value)
+    try:
+        return telescope_name(value)
+    except ConfigError as exc:
+        raise InvalidQuery(str(exc)) from exc
 
 
 def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None,

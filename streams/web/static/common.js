@@ -32,7 +32,8 @@ export function jsonBody(obj) {
 // JSON from the API; an ApiError with the server's reason and detail otherwise.
 export async function api(path, options = {}) {
   const init = { method: options.method || "GET", headers: { Accept: "application/json", ...authHeaders() } };
-  if (options.body !== undefined) {
+  if (options.body instanceof FormData) init.body = options.body; // multipart: the browser sets its type
+  else if (options.body !== undefined) {
     init.body = jsonBody(options.body);
     init.headers["Content-Type"] = "application/json";
   }

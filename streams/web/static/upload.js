@@ -1,7 +1,7 @@
 // The upload page: a FITS frame (and optionally its reference) sent to POST /api/v1/frames?mode=predict
 // with the browser's token; the candidates come back with their scores and cutouts (inline PNGs).
 
-import { ApiError, authHeaders, el, fmt, parseJSON, scoreMeter, token } from "./common.js";
+import { ApiError, api, el, fmt, scoreMeter, token } from "./common.js";
 
 const form = document.getElementById("uploadform");
 const state = document.getElementById("uploadstate");
@@ -13,11 +13,7 @@ export async function predict(frame, reference, telescope) {
   if (reference) body.append("reference", reference);
   const q = new URLSearchParams({ mode: "predict" });
   if (telescope) q.set("telescope", telescope);
-  const res = await fetch(`/api/v1/frames?${q}`, { method: "POST", body, headers: { Accept: "application/json", ...authHeaders() } });
-  let data = null;
-  try { data = parseJSON(await res.text()); } catch (e) { data = null; }
-  if (!res.ok) throw new ApiError(res.status, data && data.error, data && data.detail);
-  return data;
+  return api(`/api/v1/frames?${q}`, { method: "POST", body });
 }
 
 function stamps(c) {
