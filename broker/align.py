@@ -17,6 +17,7 @@ separately resampled bad-pixel mask.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ from scipy.spatial import cKDTree
 from broker.distortion import fit_distortion, undistort
 from broker.errors import AlignmentError
 from broker.stars import StarList
+
+#: A low match fraction is refused only when the matches are fewer than this many times what
+#: the same catalogues give by chance (:func:`_chance_matches`): 2-6 of 55 stars under a wrong
+#: WCS (tests/broker/test_align.py), against tens under a true one.
+CHANCE_FACTOR = 4
 
 
 @dataclass(frozen=True)
@@ -470,8 +476,26 @@ def _resample_onto_science(ref_image: np.ndarray, ref_variance: np.ndarray, w_re
     return image, variance, _AffineMap(m, t)
 
 
-def _check_match_fraction(n_matched: int, n_ref_inside: int, n_sci: int, config: AlignConfig) -> None:
+def _chance_matches(sci_xy: np.ndarray, ref_xy_pred: np.ndarray, shape: tuple[int, int],
+                    config: AlignConfig) -> int:
+    """Stars matched when the science catalogue is turned 180 deg about the frame centre (count).
+
+    What the matcher finds in these two catalogues by chance: the turn keeps their densities and
+    structure (a satellite's knots, a cluster) and destroys any true correspondence.
+    """
+    turned = np.array([shape[1] - 1.0, shape[0] - 1.0]) - sci_xy
+    return len(match_stars(turned, ref_xy_pred, shape, config)[0])
+
+
+def _check_match_fraction(n_matched: int, n_ref_inside: int, n_sci: int, config: AlignConfig,
+                          chance: Callable[[], int]) -> None:
     """Raise :class:`AlignmentError` when rich catalogues share too few stars for the WCS to be true.
+
+    Too few: under ``min_match_fraction`` of the stars both could share, and not clearly more
+    than chance gives (under :data:`CHANCE_FACTOR` times ``chance()``, or under twice
+    ``min_matches``). The second test keeps a true WCS whose science catalogue is crowded by
+    non-stars: a glinting satellite's knots took 90 of a frame's 200 brightest detections and
+    left 39 of 200 matched.
 
     Parameters
     ----------
@@ -481,9 +505,12 @@ def _check_match_fraction(n_matched: int, n_ref_inside: int, n_sci: int, config:
         Reference stars the WCS predicts inside the science frame, and science stars (count).
     config : AlignConfig
         ``min_matches`` and ``min_match_fraction``.
+    chance : callable
+        Stars matched by chance (:func:`_chance_matches`); called only when the fraction is low.
     """
     shared = min(n_ref_inside, n_sci)
-    if shared >= 4 * config.min_matches and n_matched < config.min_match_fraction * shared:
+    if shared >= 4 * config.min_matches and n_matched < config.min_match_fraction * shared \
+            and n_matched < max(CHANCE_FACTOR * chance(), 2 * config.min_matches):
         raise AlignmentError(f"only {n_matched} of {shared} stars matched between reference and science "
                              f"(at least {config.min_match_fraction:.0%} required): the science WCS does not put "
                              "the reference's sky under its stars (wrong, rotated or flipped WCS, another field)")
@@ -540,7 +567,8 @@ def align_reference(
     n = len(i_sci)
     if n < 2 and config.require_stars:
         raise AlignmentError(f"only {n} stars matched between reference and science")
-    _check_match_fraction(n, int(inside.sum()), len(ss), config)
+    _check_match_fraction(n, int(inside.sum()), len(ss), config,
+                          lambda: _chance_matches(sci_xy, pred[inside], sci_shape, config))
     fit = _fit_correction(pred[i_ref], sci_xy[i_sci], config)
     image, variance, sci_to_ref = _resample_onto_science(ref_image, ref_variance, w_ref, w_sci, sci_shape,
                                                          wcs_map, affine_ok, fit.correction, prepared)

@@ -97,6 +97,27 @@ def test_a_science_wcs_over_another_sky_is_refused(how):
     assert _align(ref, make_frame(53, SHAPE, sky)).n_matched >= 40  # the same sky under a true WCS
 
 
+def test_a_true_wcs_is_kept_when_a_satellite_crowds_the_science_catalogue():
+    """A glinting satellite's knots, brighter than most stars, took most of the science catalogue.
+
+    Fewer than 20 % of the stars both could share then matched, and the check made for wrong
+    WCSs refused a true one; the matches are still far above what the catalogues give by chance.
+    """
+    from broker.align import AlignConfig
+
+    sky = make_sky(60, SHAPE, 200)
+    xs = np.arange(8.0, 248.0, 5.0)
+    knots = [(float(x), y, 5e5) for x in xs for y in (40.0 + 0.5 * x, 210.0 - 0.5 * x)]
+    sci = make_frame(61, SHAPE, sky, extra=knots)
+    ref = make_reference(62, SHAPE, sky)
+    ref_stars = find_stars(np.nan_to_num(ref.image), float(np.sqrt(np.median(ref.variance))))
+    config = AlignConfig(max_stars=110)  # the knots are most of the science's 110 brightest
+    ali = align_reference(ref.image, ref.variance, ref.header, ref_stars, sci.header, sci.shape,
+                          _stars(sci.data), config)
+    assert 2 * config.min_matches <= ali.n_matched < 0.2 * config.max_stars  # the fraction rule alone refused
+    assert ali.residual_px < 0.1  # registered on the stars it matched
+
+
 def test_require_stars_raises_on_empty_field():
     from broker.align import AlignConfig
 
