@@ -145,6 +145,15 @@ class SimConfig:
         ADU, whose Moffat wings still matter at larger radii.
     bright_stamp_size : int
     bright_flux : float
+    spike_strength : float
+        Diffraction spikes of the secondary's support vanes on stars above ``bright_flux`` ADU:
+        four arms whose peak, one FWHM from the star, is this fraction of the star's
+        (unsaturated) central pixel, falling as (FWHM / (r + FWHM))^1.5 along the arm
+        (:func:`~broker.simulate.render.spike_stamps`). Default 0: none (a refractor or an
+        off-axis telescope). Real reflectors with a spider show 1e-3 to 1e-2.
+    spike_angle : float
+        Position angle of the first arm on the detector, deg (spikes are fixed to the telescope,
+        not to the sky). Default 0: along the columns and rows.
     galaxy_stamp_size : int
         Side of the Sersic stamps, px (odd).
     edge_margin : int
@@ -209,6 +218,8 @@ class SimConfig:
     stamp_size: int = 31
     bright_stamp_size: int = 81
     bright_flux: float = 2e5
+    spike_strength: float = 0.0
+    spike_angle: float = 0.0
     galaxy_stamp_size: int = 49
     edge_margin: int = 20
 

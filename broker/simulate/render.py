@@ -121,6 +121,47 @@ def stamp_indices(x: np.ndarray, y: np.ndarray, size: int, shape: tuple[int, int
     return x - ix, y - iy, flat, inside
 
 
+def spike_stamps(dx: ArrayLike, dy: ArrayLike, size: int, fwhm: float, strength: float,
+                 angle: float) -> np.ndarray:
+    """Diffraction spikes of unit-flux stars: four arms at ``angle`` + k 90 deg (not the star).
+
+    Each arm has a Gaussian cross-section of the seeing and peaks at ``strength`` times the
+    central pixel of a Gaussian star of this FWHM, falling as ``(fwhm / (r + fwhm))^1.5`` with
+    the distance r along it (vane diffraction falls as r^-2 far out; the seeing and the finite
+    vane width soften it near the star).
+
+    Parameters
+    ----------
+    dx, dy : ndarray, shape (n,)
+        Star centres minus their stamp centres, px.
+    size : int
+        Stamp side, px (odd): the arms end at the stamp edge.
+    fwhm : float
+        Seeing FWHM, px.
+    strength : float
+        Arm peak / star peak.
+    angle : float
+        Position angle of the first arm, rad from +x.
+
+    Returns
+    -------
+    ndarray, shape (n, size, size), float32
+        ADU per unit star flux.
+    """
+    dx = np.atleast_1d(np.asarray(dx, dtype=np.float32))[:, None, None]
+    dy = np.atleast_1d(np.asarray(dy, dtype=np.float32))[:, None, None]
+    g = _grid(size).astype(np.float32)
+    x, y = g[None, None, :] - dx, g[None, :, None] - dy
+    sigma = fwhm / 2.3548
+    peak = strength / (2.0 * np.pi * sigma ** 2)
+    out = np.zeros((len(dx), size, size), np.float32)
+    for a in (angle, angle + np.pi / 2):  # each axis carries two opposite arms
+        u = np.abs(x * np.cos(a) + y * np.sin(a))
+        v = -x * np.sin(a) + y * np.cos(a)
+        out += peak * (fwhm / (u + fwhm)) ** 1.5 * np.exp(-0.5 * (v / sigma) ** 2)
+    return out
+
+
 def add_stamps(image: np.ndarray, stamps: np.ndarray, flat: np.ndarray, inside: np.ndarray) -> None:
     """Add stamps (n, s, s) into ``image`` in place at the flat indices of :func:`stamp_indices`."""
     if stamps.size * 16 < image.size:  # a few stamps: a full-frame bincount would dominate

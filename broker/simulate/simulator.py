@@ -18,6 +18,9 @@ from broker.simulate import render
 from broker.simulate.config import SimConfig
 
 KINDS = ("transient", "variable", "moving", "cosmic_ray", "hot_pixel", "hot_column", "satellite")
+#: Longest diffraction-spike arm, px (``SimConfig.spike_strength``): a 7th-magnitude star's
+#: arms on a dark sky reach ~200" before they fall under 0.2 sigma a pixel.
+MAX_SPIKE_PX = 200
 
 
 @dataclass(frozen=True)
@@ -351,8 +354,32 @@ class SkySimulator:
             sel = ((sflux > c.bright_flux) == bright) & _near_frame(sx, sy, c.shape, size // 2)
             stamps, flat, inside = self._psf_stamps(cond, sx[sel], sy[sel], size)
             render.add_stamps(static, stamps * sflux[sel, None, None], flat, inside)
+        if c.spike_strength > 0:
+            self._add_spikes(static, sx, sy, sflux, cond)
         self._add_galaxies(static, sky, cond)
         return static, _StarPixels(sx, sy, sflux)
+
+    def _add_spikes(self, image: np.ndarray, sx: np.ndarray, sy: np.ndarray, sflux: np.ndarray,
+                    cond: _Conditions) -> None:
+        """Diffraction spikes of the stars above ``bright_flux``, added to ``image`` (ADU).
+
+        The arms run until they fall under 0.2 sky sigma a pixel (at most :data:`MAX_SPIKE_PX`).
+        """
+        c = self.config
+        sel = (sflux > c.bright_flux) & _near_frame(sx, sy, c.shape, MAX_SPIKE_PX)
+        if not sel.any():
+            return
+        sigma = cond.fwhm / 2.3548
+        top = sflux[sel].max() * c.spike_strength / (2 * np.pi * sigma ** 2)
+        reach = cond.fwhm * ((top / (0.2 * np.sqrt(cond.sky_level))) ** (2 / 3) - 1.0)
+        size = 2 * int(np.clip(reach, 2, MAX_SPIKE_PX)) + 1
+        x, y, f = sx[sel], sy[sel], sflux[sel]
+        for i in range(0, len(f), 16):  # bounded memory: 16 stamps of up to 401^2 px at a time
+            sl = slice(i, i + 16)
+            dx, dy, flat, inside = render.stamp_indices(x[sl], y[sl], size, c.shape)
+            arms = render.spike_stamps(dx, dy, size, cond.fwhm, c.spike_strength,
+                                       np.deg2rad(c.spike_angle))
+            render.add_stamps(image, arms * f[sl, None, None].astype(np.float32), flat, inside)
 
     def _add_galaxies(self, image: np.ndarray, sky: pop.StaticSky, cond: _Conditions) -> None:
         """Sersic stamps convolved with the frame's PSF, added to ``image`` (ADU)."""

@@ -38,7 +38,7 @@ from broker.training.labels import (
 )
 from broker.training.settings import REFERENCE_STATES, TrainingSetConfig
 from broker.training.shards import write_training_set
-from broker.training.stress import add_science_artifacts, reference_variant
+from broker.training.stress import add_science_artifacts, reference_gap, reference_variant
 
 #: Peak resident memory of one generator process (bytes): 0.8 GB measured for a field of the
 #: default config (``/usr/bin/time -v`` of ``field_candidates``), rounded up.
@@ -57,6 +57,10 @@ def _pair(values: Any) -> tuple[Any, Any]:
 def field_sim_config(config: TrainingSetConfig, rng: np.random.Generator) -> SimConfig:
     """Simulator settings of one field, drawn from ``rng`` within the ranges of ``config``."""
     lo = rng.uniform(*config.fwhm_range)
+    spike_strength = spike_angle = 0.0
+    if config.spike_strength_range[1] > 0:  # drawn only when asked for (older sets' stream)
+        spike_strength = float(np.exp(rng.uniform(*np.log(config.spike_strength_range))))
+        spike_angle = float(rng.uniform(0.0, 90.0))
     return SimConfig(
         shape=_pair(config.shape),
         filters=tuple(config.filters),
@@ -77,6 +81,8 @@ def field_sim_config(config: TrainingSetConfig, rng: np.random.Generator) -> Sim
         n_stars=int(rng.integers(1500, 5000)),
         saturation=float(rng.uniform(*config.saturation_range)),
         satellite_probability=0.3,
+        spike_strength=spike_strength,
+        spike_angle=spike_angle,
     )
 
 
@@ -139,6 +145,7 @@ def _epoch_candidates(config: TrainingSetConfig, field: _Field, e: int, rng: np.
     """
     frame, truth = field.sim.frame(field.name, field.filt, e)
     ref_e, residual_kind, shift_at = reference_variant(field.reference, config, rng)
+    ref_e = reference_gap(ref_e, config, rng)
     extra = add_science_artifacts(frame, truth.fwhm, truth.sky, config, rng)
     cands = _subtracted(frame, ref_e, config, rng, f"{field.name} {field.filt} epoch {e}")
     if cands is None:

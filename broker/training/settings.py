@@ -197,6 +197,23 @@ class TrainingSetConfig:
         candidates that look like points to a scanner who misses the line. Default 1: a held-out
         set then holds 706 of them among 843 satellites, and a model trained so passes
         0-0.7 %. 0 draws none (and no random numbers for them).
+    glints_per_frame : float
+        Mean (Poisson) glinting satellites per science frame: dotted trails of flashes
+        (:data:`~broker.training.stress.GLINT_BRIGHTNESS`), each knot a point source to the
+        eye, labelled ``"satellite"``. Default 0: none (and no random numbers for them). 0.3
+        made ZTF's dotted streaks bogus to the model but cost real point sources on other
+        surveys' backgrounds (docs/notes/training-settings.md).
+    p_reference_gap : float
+        Probability that a frame's reference lacks coverage in a block (NaN; a strip along an
+        edge or a square, :func:`~broker.training.stress.reference_gap`): real sources beside it
+        keep their label with a blank reference beside them. Default 0: off (0.2 moved nothing
+        on real data; docs/notes/training-settings.md).
+    spike_strength_range : tuple of float
+        Diffraction spikes on the field's stars above the simulator's ``bright_flux``, drawn per
+        field log-uniformly in this range (``SimConfig.spike_strength``: the arm's peak one FWHM
+        out over the star's peak) at a uniform position angle; in every epoch of the field, the
+        reference's too. Default (0, 0): none ((0.001, 0.02) moved nothing on real data;
+        docs/notes/training-settings.md).
     edge_px : int
         Unmatched candidates closer than this to the frame edge are of kind ``"edge"``
         (cutout cut by the frame edge). Default 20 px.
@@ -250,6 +267,9 @@ class TrainingSetConfig:
     p_bleed: float = 0.8
     trails_per_frame: float = 0.6
     faint_trails_per_frame: float = 1.0
+    glints_per_frame: float = 0.0
+    p_reference_gap: float = 0.0
+    spike_strength_range: tuple[float, float] = (0.0, 0.0)
     edge_px: int = 20
     balance: bool = True
     shard_size: int = 4096
@@ -258,10 +278,17 @@ class TrainingSetConfig:
 
     def __post_init__(self) -> None:
         for name in ("hot_pixels_per_frame", "bad_columns_per_frame", "trails_per_frame",
-                     "faint_trails_per_frame"):
+                     "faint_trails_per_frame", "glints_per_frame"):
             v = getattr(self, name)
             if not (np.isfinite(v) and v >= 0):  # a Poisson mean; < 0 would fail in a worker
                 raise ConfigError(f"TrainingSetConfig.{name} must be a finite mean >= 0, got {v!r}")
+        lo, hi = self.spike_strength_range
+        if not (lo == hi == 0 or 0 < lo <= hi < 1):
+            raise ConfigError("TrainingSetConfig.spike_strength_range must be (0, 0) or fractions "
+                              f"0 < lo <= hi < 1, got {self.spike_strength_range!r}")
+        if not 0 <= self.p_reference_gap <= 1:
+            raise ConfigError(f"TrainingSetConfig.p_reference_gap must be a probability, got "
+                              f"{self.p_reference_gap!r}")
         unknown = set(self.dipole_lobe_kinds) - set(self.real_kinds)
         if unknown:
             raise ConfigError(f"TrainingSetConfig.dipole_lobe_kinds {sorted(unknown)} are not "
@@ -271,7 +298,9 @@ class TrainingSetConfig:
 #: Generator settings added after sets were written, with the value that the older code had
 #: (a manifest or model card without one was made with that value).
 SET_SETTINGS_ADDED: dict = {"min_dipole_lobe_ratio": 0.0, "variable_bright_cap": None,
-                            "faint_trails_per_frame": 0.0, "dipole_lobe_kinds": ["variable"]}
+                            "faint_trails_per_frame": 0.0, "dipole_lobe_kinds": ["variable"],
+                            "glints_per_frame": 0.0, "p_reference_gap": 0.0,
+                            "spike_strength_range": [0.0, 0.0]}
 #: The settings that decide a candidate's label (not which candidates are drawn): two sets that
 #: differ in one of them label the same stamps differently, and a model's error rate on a set
 #: labelled otherwise than its training data is not comparable with another model's there.

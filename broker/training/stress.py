@@ -33,6 +33,10 @@ TRAIL_BRIGHTNESS = (5.0, 60.0)
 #: Faint trails: at the detection limit, where a trail breaks into many S/N 5-10 candidates
 #: (measured: 1.5-4 gives ~3 such candidates a trail, 2.5-8 almost none).
 FAINT_TRAIL_BRIGHTNESS = (1.5, 4.0)
+#: Glinting satellite (a tumbling or flashing one): knots spaced 4-40 px along a line, each
+#: peaking at b sky sigma with b uniform in this range. ZTF's dotted streaks break into knots
+#: that each look like a point source (dev-failures.md).
+GLINT_BRIGHTNESS = (4.0, 40.0)
 #: Misalignment (px) at a position (x, y) of a misaligned reference; takes and gives floats or
 #: arrays of positions alike.
 ShiftAt = Callable[[Any, Any], Any]
@@ -191,11 +195,11 @@ def trail_flux(x: float, y: float, trails: Sequence, fwhm: float) -> float:
 
 def add_science_artifacts(frame: Frame, fwhm: float, sky: float, config: TrainingSetConfig,
                           rng: np.random.Generator) -> list[ArtifactInjection]:
-    """Add hot pixels, bad column segments, bleed trails and satellite trails to ``frame.data``.
+    """Add hot pixels, bad column segments, bleeds, satellite trails and glints to ``frame.data``.
 
     Amplitudes are in units of the sky noise ``sqrt(sky)`` (ADU, gain ~1) so that they straddle
     the 5 sigma threshold whatever the sky. Modifies ``frame.data`` in place; draws from ``rng``
-    in that order: bleeds, hot pixels, bad columns, trails.
+    in that order: bleeds, hot pixels, bad columns, trails, glints.
 
     Parameters
     ----------
@@ -220,6 +224,8 @@ def add_science_artifacts(frame: Frame, fwhm: float, sky: float, config: Trainin
     out += _add_hot_pixels(img, sig, config.hot_pixels_per_frame, rng)
     out += _add_bad_columns(img, sig, config.bad_columns_per_frame, rng)
     out += _add_trails(img, sig, fwhm, config, rng)
+    if config.glints_per_frame > 0:  # drawn only when asked for: older sets keep their stream
+        out += _add_glints(img, sig, fwhm, rng.poisson(config.glints_per_frame), rng)
     np.minimum(img, sat, out=img, where=np.isfinite(img))
     return out
 
@@ -295,3 +301,65 @@ def _add_trails(img: np.ndarray, sig: float, fwhm: float, config: TrainingSetCon
         out.append(ArtifactInjection("satellite", (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1,
                                      f"ST{k:04d}", float(vals.sum())))
     return out
+
+
+def _add_glints(img: np.ndarray, sig: float, fwhm: float, n: int, rng: np.random.Generator
+                ) -> list[ArtifactInjection]:
+    """``n`` glinting satellite trails across the frame, in place.
+
+    Each is a line of flashes: its brightness along the line is a periodic train of pulses
+    (period 4-40 px, duty shaped by a power 2-12 of a cosine), with the seeing's Gaussian
+    cross-section; its peak is :data:`GLINT_BRIGHTNESS` sky sigma ``sig`` (ADU). Recorded as
+    kind ``"satellite"`` (source id ``GL...``) with the mean flux per px of length.
+    """
+    ny, nx = img.shape
+    out: list[ArtifactInjection] = []
+    s = fwhm / 2.3548
+    yy, xx = np.indices((ny, nx), dtype=np.float32)
+    for k in range(n):
+        x0, y0, x1, y1 = 0.0, rng.uniform(0, ny - 1), nx - 1.0, rng.uniform(0, ny - 1)
+        if rng.uniform() < 0.5:
+            x0, y0, x1, y1 = y0, x0, y1, x1
+        period, power, phase = rng.uniform(4, 40), rng.uniform(2, 12), rng.uniform(0, 2 * np.pi)
+        peak = sig * rng.uniform(*GLINT_BRIGHTNESS)
+        length = float(np.hypot(x1 - x0, y1 - y0))
+        ux, uy = (x1 - x0) / length, (y1 - y0) / length
+        across = np.abs((xx - x0) * uy - (yy - y0) * ux)
+        near = across < 5 * s
+        along = (xx[near] - x0) * ux + (yy[near] - y0) * uy
+        pulse = (0.5 * (1 + np.cos(2 * np.pi * along / period + phase))) ** power
+        vals = peak * pulse * np.exp(-0.5 * (across[near] / s) ** 2)
+        img[near] += vals.astype(img.dtype)
+        out.append(ArtifactInjection("satellite", (x0 + x1) / 2, (y0 + y1) / 2, x0, y0, x1, y1,
+                                     f"GL{k:04d}", float(vals.sum())))
+    return out
+
+
+def reference_gap(reference: Reference, config: TrainingSetConfig, rng: np.random.Generator
+                  ) -> Reference:
+    """The reference with a block of missing coverage (NaN), with probability ``p_reference_gap``.
+
+    Survey references are mosaics of co-adds: a corner, a strip along an edge or a square inside
+    the frame can lack coverage, and the reference stamps of sources beside it are blank there
+    (zero-filled in ZTF's alerts). The block is a strip along a frame edge (half of the gaps) or
+    a square inside the frame, 30-300 px across (at most half the frame). Draws from ``rng`` only when
+    ``p_reference_gap`` > 0.
+    """
+    if not config.p_reference_gap > 0 or rng.uniform() >= config.p_reference_gap:
+        return reference
+    ny, nx = reference.image.shape
+    w = int(rng.uniform(30, max(min(300, ny // 2, nx // 2), 31)))
+    if rng.uniform() < 0.5:  # a strip along one edge
+        side = int(rng.integers(4))
+        ys, xs = slice(None), slice(None)
+        if side < 2:
+            ys = slice(0, w) if side == 0 else slice(ny - w, ny)
+        else:
+            xs = slice(0, w) if side == 2 else slice(nx - w, nx)
+    else:  # a square inside the frame
+        y0, x0 = int(rng.integers(0, max(ny - w, 1))), int(rng.integers(0, max(nx - w, 1)))
+        ys, xs = slice(y0, y0 + w), slice(x0, x0 + w)
+    img = np.array(reference.image, dtype=np.float32, copy=True)
+    img[ys, xs] = np.nan
+    sources = reference_sources(reference)
+    return dataclasses.replace(reference, image=img, sources=sources)

@@ -190,6 +190,28 @@ def test_saturated_stars_are_flat_topped():
     assert (frame.data == cfg.saturation).sum() >= 10  # plateaus, not single pixels
 
 
+def test_bright_stars_carry_diffraction_spikes_along_the_telescopes_axes():
+    angle = 30.0
+    cfg = SimConfig(shape=(256, 256), n_stars=1, star_mag_range=(9.0, 9.0), n_galaxies=0,
+                    n_transients=0, n_variables=0, n_moving=0, spike_strength=0.01,
+                    spike_angle=angle, **QUIET)
+    spiked = SkySimulator(cfg, seed=7).static_model("F001", "r", 0)
+    plain = SkySimulator(SimConfig(**{**cfg.__dict__, "spike_strength": 0.0}), seed=7
+                         ).static_model("F001", "r", 0)
+    arms = spiked - plain
+    y0, x0 = np.unravel_index(np.argmax(plain), plain.shape)
+    def at(r, a):  # the pixel r px from the star at position angle a (deg), or None off the frame
+        y, x = int(round(y0 + r * np.sin(np.deg2rad(a)))), int(round(x0 + r * np.cos(np.deg2rad(a))))
+        return arms[y, x] if 0 <= y < arms.shape[0] and 0 <= x < arms.shape[1] else None
+
+    for r in (15, 40):  # on the four arms, and halfway between them
+        on = [v for k in range(4) if (v := at(r, angle + 90 * k)) is not None]
+        off = [v for k in range(4) if (v := at(r, angle + 45 + 90 * k)) is not None]
+        assert len(on) >= 2 and min(on) > 20 * max(max(off), 1e-3), (r, on, off)
+    assert arms[y0, x0] < 0.05 * plain[y0, x0]  # the star itself is barely touched
+    assert plain[y0, x0] > 1e6  # the star is on the frame (seed 7: at x, y = 199, 162)
+
+
 def test_frames_are_epoch_major(sim):
     keys = [(t.epoch, t.field, t.filter) for _, t in sim.frames(5)]
     assert keys == [(0, "F001", "r"), (0, "F001", "g"), (0, "F002", "r"), (0, "F002", "g"),

@@ -184,3 +184,22 @@ def test_frames_go_through_the_pipelines_one_path(monkeypatch, capsys):
     assert field_candidates(cfg, 0) == []  # a frame that is not subtracted gives no candidates
     assert calls == [("FixedReference", True)] * 2  # each epoch, with the field's own reference
     assert capsys.readouterr().out.count("not subtracted (REFERENCE_BUILDING)") == 2
+
+
+def test_frame_level_artifacts_go_through_the_pipeline_and_are_labelled():
+    """Spikes on every epoch, glints on the science frame and a reference gap: real subtractions."""
+    from broker.training.generate import field_sim_config
+
+    cfg = TrainingSetConfig(shape=(512, 512), epochs_per_field=2, n_transients=40, seed=3,
+                            glints_per_frame=3.0, p_reference_gap=1.0,
+                            spike_strength_range=(0.005, 0.02), trails_per_frame=0.0,
+                            faint_trails_per_frame=0.0)
+    sim = field_sim_config(cfg, np.random.default_rng([3, 0]))
+    assert 0.005 <= sim.spike_strength <= 0.02 and 0 <= sim.spike_angle <= 90
+    items = field_candidates(cfg, 0)
+    kinds = Counter((it.label, it.kind) for it in items)
+    assert kinds[(0, "satellite")] >= 10, kinds  # the glints' knots, bogus
+    assert kinds[(1, "transient")] >= 20, kinds  # the gap and the spikes leave the reals alone
+    # candidates beside the reference gap: a blank (0) block in the reference channel only
+    beside = [it for it in items if (it.triplet[1] == 0).mean() > 0.1 and (it.triplet[0] == 0).mean() < 0.01]
+    assert beside, "no candidate beside the reference gap"

@@ -28,3 +28,15 @@ def test_training_set_config_rejects_negative_artifact_rates():
         TrainingSetConfig(trails_per_frame=-0.5)
     with pytest.raises(ConfigError, match="dipole_lobe_kinds"):
         TrainingSetConfig(dipole_lobe_kinds=("variable", "cosmic_ray"))
+
+
+def test_training_set_config_rejects_spike_and_gap_settings_out_of_range():
+    for bad in ((0.0, 0.01), (0.02, 0.01), (0.01, 1.5), (-0.1, 0.1)):
+        with pytest.raises(ConfigError, match="spike_strength_range"):
+            TrainingSetConfig(spike_strength_range=bad)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="p_reference_gap"):
+            TrainingSetConfig(p_reference_gap=bad)
+    with pytest.raises(ConfigError, match="glints_per_frame"):
+        TrainingSetConfig(glints_per_frame=-1.0)
+    TrainingSetConfig(spike_strength_range=(0.0, 0.0), p_reference_gap=0.0)  # off is fine
