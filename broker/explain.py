@@ -241,19 +241,9 @@ def _npz(p: Path) -> np.lib.npyio.NpzFile:
 
 def _avro_triplet(p: Path, index: int) -> tuple[np.ndarray, str]:
     """Raw triplet and label of record ``index`` of an Avro alert file (:func:`load_triplet`)."""
-    import fastavro
+    from broker.avrofile import read_records
 
-    from broker.training.devset import not_a_container
-
-    with open(p, "rb") as fh:
-        problem = not_a_container(fh.read(5))
-    if problem:
-        raise DecodeError(f"{p.name} is {problem}")
-    try:
-        with open(p, "rb") as fh:
-            recs = list(fastavro.reader(fh))
-    except Exception as exc:  # fastavro raises many types on a truncated or foreign file
-        raise DecodeError(f"{p.name} is not a readable Avro container file: {type(exc).__name__}: {exc}") from exc
+    recs = read_records(p)  # DecodeError, naming the file
     _check_index(p, index, len(recs))
     r = recs[index]
     if not isinstance(r, dict):

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from broker.avrofile import read_records
 from broker.candidate import CUTOUT_SIZE
-from broker.errors import CutoutError
+from broker.errors import CutoutError, DecodeError
 from broker.normalise import decode_stamp, normalise_triplet
 
 if TYPE_CHECKING:
@@ -195,41 +196,21 @@ def _bytes(record: dict, keys: str) -> bytes:
 def packets(folder: str | Path, rejected: list[str]) -> Iterator[tuple[str, dict]]:
     """(file name, packet) of the ``*.avro`` files under ``folder``, in file-name order.
 
-    A file that cannot be read adds its reason to ``rejected``, as does a record that is not a
-    packet; the others are still read.
+    A file that cannot be read (:func:`broker.avrofile.read_records`: not a container, blocks
+    inflating past its bound, unreadable) adds its reason to ``rejected``, as does a record that
+    is not a packet; the others are still read.
     """
-    import fastavro
-
     for f in sorted(p for p in Path(folder).rglob("*.avro") if p.is_file()):
         try:
-            with open(f, "rb") as fh:
-                problem = not_a_container(fh.read(5))
-                if problem:
-                    rejected.append(f"{f.name}: {problem}")
-                    continue
-                fh.seek(0)
-                recs = list(fastavro.reader(fh))
-        except Exception as exc:  # unreadable container or codec: fastavro raises many types
-            rejected.append(f"{f.name}: {type(exc).__name__}: {exc}")
+            recs = read_records(f)
+        except DecodeError as exc:
+            rejected.append(str(exc))
             continue
         for r in recs:
             if isinstance(r, dict):
                 yield f.name, r
             else:
                 rejected.append(f"{f.name}: not an alert packet")
-
-
-def not_a_container(head: bytes) -> str | None:
-    """Why a file starting with ``head`` (its first 5 bytes) is not an Avro container file; None if it is one."""
-    if head[:4] == b"Obj\x01":
-        return None
-    if head[:2] == b"\x1f\x8b":
-        return "gzip-compressed (a .tar.gz of alerts?), not an Avro container file"
-    if len(head) == 5 and head[0] == 0:
-        return (f"one message in the Confluent wire framing (magic byte 0, schema id "
-                f"{int.from_bytes(head[1:5], 'big')}): its Avro body needs the writer schema from the "
-                "registry, not an Avro container file")
-    return f"not an Avro container file (starts with {head[:4]!r})"
 
 
 def other_survey_triplets(folder: str | Path, survey: str) -> tuple[np.ndarray, list[str]]:
