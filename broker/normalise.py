@@ -27,6 +27,8 @@ from broker.errors import ConfigError, CutoutError
 #: Largest decompressed stamp read (bytes): a 63 x 63 float32 stamp is ~20 kB, a Rubin one with its
 #: variance and PSF planes ~50 kB; this refuses a decompression bomb before it takes the memory.
 MAX_STAMP_BYTES = 16 * 1024 * 1024
+#: Pixel values at least this large in magnitude are fill sentinels, not data (:func:`fill_pixels`).
+FILL_MAGNITUDE = 1e30
 #: The cutout fields of an alert packet, in the order (science, reference, difference).
 STAMP_FIELDS = ("cutoutScience", "cutoutTemplate", "cutoutDifference")
 
@@ -56,12 +58,18 @@ class NormaliseConfig:
     min_sigma : float
         Floor of the robust sigma (input units) to avoid dividing by 0 on constant cutouts.
         Default 1e-6.
+    blank_fill : bool
+        Read fill values as missing, like NaN (:func:`fill_pixels`: sentinels such as -3.4e38,
+        blocks of exact zeros): scaled as data they become a block far below the sky that no
+        training stamp has (our pipeline leaves such pixels NaN). A channel that would keep
+        under a quarter of its pixels is left as it is. Default True.
     """
 
     min_side: int = 16
     soft_knee: float = 5.0
     clip: float = 60.0
     min_sigma: float = 1e-6
+    blank_fill: bool = True
 
     def __post_init__(self) -> None:
         vals = (self.min_side, self.soft_knee, self.clip, self.min_sigma)
@@ -173,10 +181,11 @@ def normalise_triplet(
     """Scale a cutout triplet robustly, per channel, into the network's input.
 
     Each channel is centred on its median and divided by its robust sigma (1.4826 * MAD), then
-    compressed softly (``k * asinh(z / k)``) and clipped. NaNs (pixels outside the frame) and
-    padding become 0, i.e. the channel's median. A short cutout (e.g. 48x63 from a ZTF CCD edge) is
-    padded to 63x63 with the candidate kept at the centre; a smaller square one (another survey's
-    stamp, e.g. DECam's 51x51) is centred (:func:`_pad_offsets`).
+    compressed softly (``k * asinh(z / k)``) and clipped. NaNs (pixels outside the frame), fill
+    values (:func:`fill_pixels`) and padding become 0, i.e. the channel's median. A short cutout
+    (e.g. 48x63 from a ZTF CCD edge) is padded to 63x63 with the candidate kept at the centre; a
+    smaller square one (another survey's stamp, e.g. DECam's 51x51) is centred
+    (:func:`_pad_offsets`).
 
     Parameters
     ----------
@@ -210,6 +219,8 @@ def normalise_triplet(
     chans = [_as_float(name, a) for name, a in zip(("science", "reference", "difference"), raw, strict=True)]
 
     finite = [np.isfinite(c) for c in chans]
+    if config.blank_fill:
+        finite = [f & ~fill_pixels(c) for c, f in zip(chans, finite, strict=True)]
     n_nan = tuple(int(c.size - f.sum()) for c, f in zip(chans, finite, strict=True))
     for name, f in zip(("science", "reference", "difference"), finite, strict=True):
         if not f.any():
@@ -237,6 +248,35 @@ def normalise_triplet(
         n_clipped=n_clipped,
     )
     return out.astype(np.float32), flags
+
+
+def fill_pixels(channel: np.ndarray) -> np.ndarray:
+    """Pixels of ``channel`` that are fill, not data.
+
+    Fill is a sentinel of magnitude at least :data:`FILL_MAGNITUDE` (ZTF fills some masked
+    reference strips with -3.4e38, float32's lowest value) or an exact zero in a block of at
+    least 3 x 3 (scattered zeros, an integer stamp's noise, never fill such a box). A fill that
+    would leave under a quarter of the finite pixels (an all-zero template) is not reported.
+
+    Parameters
+    ----------
+    channel : ndarray, shape (ny, nx), float
+
+    Returns
+    -------
+    ndarray of bool, shape (ny, nx)
+    """
+    from scipy import ndimage
+
+    with np.errstate(invalid="ignore"):
+        fill = np.abs(channel) >= FILL_MAGNITUDE
+    zero = channel == 0
+    if zero.sum() >= 9:
+        box = np.ones((3, 3), bool)
+        fill |= ndimage.binary_dilation(ndimage.binary_erosion(zero, box, border_value=1), box) & zero
+    if np.isfinite(channel).sum() - fill.sum() < 0.25 * channel.size:
+        return np.zeros(channel.shape, bool)
+    return fill
 
 
 def decode_stamp(data: bytes) -> np.ndarray:

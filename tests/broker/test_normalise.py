@@ -320,3 +320,36 @@ def test_the_generator_path_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_fill_values_are_read_as_missing_like_nan():
+    """ZTF fills uncovered reference strips with 0 and masked ones with -3.4e38; ours leave NaN."""
+    from broker.normalise import fill_pixels
+
+    rng = np.random.default_rng(4)
+    sci, diff = rng.normal(300, 10, (63, 63)), rng.normal(0, 10, (63, 63))
+    ref = rng.normal(300, 10, (63, 63))
+    as_nan = ref.copy()
+    as_nan[:, :12] = np.nan
+    for fill in (0.0, -3.4028235e38):
+        filled = ref.copy()
+        filled[:, :12] = fill
+        assert fill_pixels(filled).sum() == 63 * 12
+        got, flags = normalise_triplet(sci, filled, diff)
+        want, _ = normalise_triplet(sci, as_nan, diff)
+        assert np.array_equal(got, want) and flags.n_nan[1] == 63 * 12
+        as_data, _ = normalise_triplet(sci, filled, diff, NormaliseConfig(blank_fill=False))
+        assert as_data[1, :, :12].max() < -10  # read as data: a block far below the sky
+
+
+def test_zeros_that_are_data_are_kept():
+    from broker.normalise import fill_pixels
+
+    rng = np.random.default_rng(5)
+    noisy = np.round(rng.normal(0, 3, (63, 63)))  # an integer stamp: ~13 % exact zeros, scattered
+    assert (noisy == 0).mean() > 0.1 and not fill_pixels(noisy).any()
+    template = np.zeros((63, 63))
+    template[30:33, 30:33] = 5.0  # all zero but a few pixels: not fill (nothing would be left)
+    assert not fill_pixels(template).any()
+    x, _ = normalise_triplet(noisy + 100, template, noisy)
+    assert np.isfinite(x).all()
