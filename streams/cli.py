@@ -67,6 +67,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _require_torch(command: str) -> None:
+    """Fail with the install line, not an ImportError's traceback, when torch is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        _fail(BrokerError(f"broker {command} needs torch, which is not installed: "
+                          "pip install 'transient-broker[classify]'"))
+
+
 @app.command()
 def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify | score | alert | archive")],
           bootstrap: Bootstrap, app_id: AppId = "broker", config: ConfigOpt = None,
@@ -801,6 +810,7 @@ def train_realbogus(
     With --labels and / or --adapt: adapt the shipped model to a telescope instead (fine-tuning
     guarded against forgetting; its card gives the simulated and real figures before / after).
     """
+    _require_torch("train-realbogus")
     from broker import MODELS_DIR
     from broker.realbogus import DEFAULT_VERSION
     from broker.training.generate import default_workers
@@ -928,6 +938,7 @@ def eval_realbogus(
         surveys_dir: Annotated[Optional[Path], typer.Option(
             help="Other surveys' alerts (default ../shared/data/other_surveys).")] = None) -> None:
     """Evaluate a real/bogus model on held-out simulated and real ZTF triplets; write a Markdown + PNG report."""
+    _require_torch("eval-realbogus")
     from broker.training.evaluation import main_eval
 
     try:
@@ -1054,6 +1065,7 @@ def explain(path: Annotated[Path, typer.Argument(
             model: Annotated[Optional[str], typer.Option(help="Model version or .pt path.")] = None,
             steps: Annotated[int, typer.Option(help="Integrated-gradients steps.")] = 64) -> None:
     """Attribution map (integrated gradients) of the real/bogus score of one triplet, as a PNG."""
+    _require_torch("explain")
     from broker.explain import main_explain
 
     try:

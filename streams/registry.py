@@ -83,6 +83,15 @@ def _schema_text(body: bytes) -> str:
     return text
 
 
+def _content_length(value: str | None) -> int:
+    """The request's Content-Length (0 when absent); 400 when it is not a count of bytes."""
+    if value is None or not value.strip():
+        return 0
+    if not (value.strip().isascii() and value.strip().isdigit()):  # int() takes "-5", "1_0", "\u0663"
+        raise _Error(400, 40001, f"Content-Length {value[:40]!r} is not a number of bytes")
+    return int(value)
+
+
 class _Handler(BaseHTTPRequestHandler):
     store: RegistryStore  # set on the subclass of each server
 
@@ -100,7 +109,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
+            length = _content_length(self.headers.get("Content-Length"))
             if length > MAX_BODY:
                 raise _Error(413, 41301, f"request body over {MAX_BODY} bytes")
             body = self.rfile.read(length) if length > 0 else b""

@@ -12,12 +12,15 @@ the labels a fine-tuning learns most from). The SQLite work runs in the portal's
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from broker.errors import ConfigError, Unavailable
 from broker.vetting import ANOMALY, MAX_ALERT_ID, LabelStore, Verdict, check_verdict
 from streams.web import queries
 from streams.web.app import Portal
@@ -58,10 +61,21 @@ def _as_json(v: Verdict) -> dict:
     return clean(asdict(v))
 
 
+@contextmanager
+def _store(portal: Portal) -> Iterator[LabelStore]:
+    """The portal's label store; :class:`Unavailable` (HTTP 503) when its file is not one."""
+    try:
+        store = LabelStore(portal.config.labels_path)
+    except ConfigError as exc:  # a corrupt or foreign file: the server's fault, not the request's
+        raise Unavailable(f"the portal's labels database cannot be used: {exc}") from exc
+    with store:
+        yield store
+
+
 def _record(portal: Portal, body: LabelIn, who: str) -> dict:
     record = queries.alert_record(portal.require_archive(), body.alert_id)
     verdict, now = verdict_of(record, body.label, who), time.time()
-    with LabelStore(portal.config.labels_path) as store:
+    with _store(portal) as store:
         store.record(verdict, now=now)
     return _as_json(replace(check_verdict(verdict), at=now))
 
@@ -79,7 +93,7 @@ async def post_label(body: LabelIn, request: Request, principal: Vetter) -> dict
 def _labels(portal: Portal, limit: int) -> dict:
     if not portal.config.labels_path.is_file():
         return {"items": [], "counts": {}}
-    with LabelStore(portal.config.labels_path) as store:
+    with _store(portal) as store:
         rows = store.all()
         counts = store.counts()
     return {"items": [_as_json(v) for v in reversed(rows[-limit:])], "counts": counts}
@@ -97,7 +111,7 @@ def _queue(portal: Portal, limit: int, order: str) -> dict:
     archive = portal.require_archive()
     labelled: set[int] = set()
     if portal.config.labels_path.is_file():
-        with LabelStore(portal.config.labels_path) as store:
+        with _store(portal) as store:
             labelled = store.labelled()
     where = f"alert_id NOT IN ({', '.join(map(str, sorted(labelled)))})" if labelled else "true"
     return {"items": queries.summaries(archive, where, ORDERS[order], limit), "labelled": len(labelled)}

@@ -295,3 +295,14 @@ def test_train_anomaly_explains_unusable_feedback(tmp_path):
     res = runner.invoke(app, ["train-anomaly", "--feedback", str(feedback), "--archive", str(tmp_path / "nowhere")])
     assert res.exit_code != 0 and "no archive at" in res.output
     assert not (tmp_path / "m").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("args", [["explain", "alert.avro"], ["train-realbogus"], ["eval-realbogus"]])
+def test_commands_that_need_torch_say_how_to_install_it(tmp_path, monkeypatch, args):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "needs torch" in res.output and "[classify]" in res.output, res.output
+    assert "Traceback" not in res.output

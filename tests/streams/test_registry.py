@@ -47,3 +47,20 @@ def test_errors_carry_confluent_error_codes(client, call, code):
     with pytest.raises(SchemaRegistryError) as err:
         call(client)
     assert err.value.error_code == code
+
+
+@pytest.mark.parametrize("length", ["abc", "-5", "1_0", "\u0663", "1e3"])
+def test_a_content_length_that_is_not_a_count_is_400(length):
+    import http.client
+    from urllib.parse import urlsplit
+
+    with EmbeddedRegistry() as registry:
+        url = urlsplit(registry.url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        conn.putrequest("POST", "/subjects/x-value/versions")
+        conn.putheader("Content-Length", length.encode())
+        conn.endheaders()
+        res = conn.getresponse()
+        assert res.status == 400 and json.loads(res.read())["error_code"] == 40001
+        conn.close()
+        assert SchemaRegistryClient({"url": registry.url}).get_subjects() == []  # still serving

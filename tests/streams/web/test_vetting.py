@@ -43,6 +43,18 @@ def test_a_label_is_stored_with_who_when_and_the_alerts_model_and_score(vet, sta
     assert listing["counts"] == {"bogus": 1, "interesting": 1}
 
 
+def test_a_corrupt_labels_file_is_503_on_every_label_endpoint(vet, state):
+    client, vetter, _, path = vet
+    path.write_bytes(b"not a database" * 100)
+    body = {"alert_id": state[1][0]["alertId"], "label": "real"}
+    for res in (client.post("/api/v1/labels", json=body, headers=vetter),
+                client.get("/api/v1/labels", headers=vetter),
+                client.get("/api/v1/vet/queue", headers=vetter)):
+        assert res.status_code == 503, res.text
+        assert res.json()["error"] == "unavailable" and "labels database" in res.json()["detail"]
+    assert path.read_bytes() == b"not a database" * 100  # left as found
+
+
 def test_labels_need_a_token_with_scope_vet(vet, state):
     client, _, reader, path = vet
     body = {"alert_id": state[1][0]["alertId"], "label": "real"}
