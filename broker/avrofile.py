@@ -31,6 +31,7 @@ _HEADER = {"type": "record", "name": "org.apache.avro.file.Header", "fields": [
     {"name": "meta", "type": {"type": "map", "values": "bytes"}},
     {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]}
 _CHUNK = 1 << 20
+_ZLIB = type(zlib.decompressobj())
 
 
 def not_a_container(head: bytes) -> str | None:
@@ -116,7 +117,7 @@ def _inflate(data: bytes, decompressor: Any, room: int) -> int:
     n, pending = 0, data
     while n <= room and not decompressor.eof:
         n += len(decompressor.decompress(pending, _CHUNK))
-        if isinstance(decompressor, zlib.decompressobj().__class__):  # the rest of the input waits in a tail
+        if isinstance(decompressor, _ZLIB):  # the rest of the input waits in a tail
             pending = decompressor.unconsumed_tail
             if not pending and not decompressor.eof:
                 return n + len(decompressor.flush())

@@ -279,6 +279,15 @@ def _add_bad_columns(img: np.ndarray, sig: float, mean: float, rng: np.random.Ge
     return out
 
 
+def _line_across(shape: tuple[int, int], rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """End points (x0, y0, x1, y1), px, of a random line from one side of the frame to the other."""
+    ny, nx = shape
+    x0, y0, x1, y1 = 0.0, rng.uniform(0, ny - 1), nx - 1.0, rng.uniform(0, ny - 1)
+    if rng.uniform() < 0.5:
+        x0, y0, x1, y1 = y0, x0, y1, x1
+    return x0, y0, x1, y1
+
+
 def _add_trails(img: np.ndarray, sig: float, fwhm: float, config: TrainingSetConfig,
                 rng: np.random.Generator) -> list[ArtifactInjection]:
     """Satellite trails across the frame, bright then faint, in place.
@@ -292,9 +301,7 @@ def _add_trails(img: np.ndarray, sig: float, fwhm: float, config: TrainingSetCon
     # drawn after the others only when asked for, so sets without them keep their random stream
     n_faint = rng.poisson(config.faint_trails_per_frame) if config.faint_trails_per_frame > 0 else 0
     for k in range(n_bright + n_faint):
-        x0, y0, x1, y1 = 0.0, rng.uniform(0, ny - 1), nx - 1.0, rng.uniform(0, ny - 1)
-        if rng.uniform() < 0.5:
-            x0, y0, x1, y1 = y0, x0, y1, x1
+        x0, y0, x1, y1 = _line_across((ny, nx), rng)
         b = rng.uniform(*(TRAIL_BRIGHTNESS if k < n_bright else FAINT_TRAIL_BRIGHTNESS))
         flat, vals = render.line_profile((ny, nx), x0, y0, x1, y1, fwhm / 2.3548, sig * b * fwhm)
         img.reshape(-1)[flat] += vals.astype(img.dtype)
@@ -310,16 +317,14 @@ def _add_glints(img: np.ndarray, sig: float, fwhm: float, n: int, rng: np.random
     Each is a line of flashes: its brightness along the line is a periodic train of pulses
     (period 4-40 px, duty shaped by a power 2-12 of a cosine), with the seeing's Gaussian
     cross-section; its peak is :data:`GLINT_BRIGHTNESS` sky sigma ``sig`` (ADU). Recorded as
-    kind ``"satellite"`` (source id ``GL...``) with the mean flux per px of length.
+    kind ``"satellite"`` (source id ``GL...``) with the ADU it deposits, as trails are.
     """
     ny, nx = img.shape
     out: list[ArtifactInjection] = []
     s = fwhm / 2.3548
     yy, xx = np.indices((ny, nx), dtype=np.float32)
     for k in range(n):
-        x0, y0, x1, y1 = 0.0, rng.uniform(0, ny - 1), nx - 1.0, rng.uniform(0, ny - 1)
-        if rng.uniform() < 0.5:
-            x0, y0, x1, y1 = y0, x0, y1, x1
+        x0, y0, x1, y1 = _line_across((ny, nx), rng)
         period, power, phase = rng.uniform(4, 40), rng.uniform(2, 12), rng.uniform(0, 2 * np.pi)
         peak = sig * rng.uniform(*GLINT_BRIGHTNESS)
         length = float(np.hypot(x1 - x0, y1 - y0))
