@@ -147,10 +147,10 @@ class SimConfig:
     bright_flux : float
     spike_strength : float
         Diffraction spikes of the secondary's support vanes on stars above ``bright_flux`` ADU:
-        four arms whose peak, one FWHM from the star, is this fraction of the star's
+        four arms whose brightness where they leave the star is this fraction of the star's
         (unsaturated) central pixel, falling as (FWHM / (r + FWHM))^1.5 along the arm
         (:func:`~broker.simulate.render.spike_stamps`). Default 0: none (a refractor or an
-        off-axis telescope). Real reflectors with a spider show 1e-3 to 1e-2.
+        off-axis telescope).
     spike_angle : float
         Position angle of the first arm on the detector, deg (spikes are fixed to the telescope,
         not to the sky). Default 0: along the columns and rows.

@@ -125,7 +125,7 @@ def spike_stamps(dx: ArrayLike, dy: ArrayLike, size: int, fwhm: float, strength:
                  angle: float) -> np.ndarray:
     """Diffraction spikes of unit-flux stars: four arms at ``angle`` + k 90 deg (not the star).
 
-    Each arm has a Gaussian cross-section of the seeing and peaks at ``strength`` times the
+    Each arm has a Gaussian cross-section of the seeing and starts at ``strength`` times the
     central pixel of a Gaussian star of this FWHM, falling as ``(fwhm / (r + fwhm))^1.5`` with
     the distance r along it (vane diffraction falls as r^-2 far out; the seeing and the finite
     vane width soften it near the star).

@@ -18,8 +18,8 @@ from broker.simulate import render
 from broker.simulate.config import SimConfig
 
 KINDS = ("transient", "variable", "moving", "cosmic_ray", "hot_pixel", "hot_column", "satellite")
-#: Longest diffraction-spike arm, px (``SimConfig.spike_strength``): a 7th-magnitude star's
-#: arms on a dark sky reach ~200" before they fall under 0.2 sigma a pixel.
+#: Longest diffraction-spike arm, px (``SimConfig.spike_strength``): bounds the spike stamps
+#: (at most 401 px a side) whatever the star.
 MAX_SPIKE_PX = 200
 
 

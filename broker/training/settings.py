@@ -210,8 +210,8 @@ class TrainingSetConfig:
         on real data; docs/notes/training-settings.md).
     spike_strength_range : tuple of float
         Diffraction spikes on the field's stars above the simulator's ``bright_flux``, drawn per
-        field log-uniformly in this range (``SimConfig.spike_strength``: the arm's peak one FWHM
-        out over the star's peak) at a uniform position angle; in every epoch of the field, the
+        field log-uniformly in this range (``SimConfig.spike_strength``: an arm's brightness where
+        it leaves the star over the star's peak) at a uniform position angle; in every epoch of the field, the
         reference's too. Default (0, 0): none ((0.001, 0.02) moved nothing on real data;
         docs/notes/training-settings.md).
     edge_px : int
