@@ -36,6 +36,7 @@ import fastavro
 from fastavro.schema import to_parsing_canonical_form
 
 import schemas
+from broker.avrofile import OCF_HEADER, OCF_MAGIC, read_long, snappy_length
 from broker.config import ALERT_FRAMINGS, OCF_CODECS
 from broker.errors import ConfigError, DecodeError, RegistryError
 from streams import serde, topics
@@ -43,8 +44,6 @@ from streams import serde, topics
 if TYPE_CHECKING:
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
-#: First bytes of an Avro Object Container File.
-OCF_MAGIC = b"Obj\x01"
 #: First byte of a Confluent-framed message (then the 4-byte big-endian schema id).
 CONFLUENT_MAGIC = 0
 #: Largest decompressed Avro block read from an ``ocf`` message (bytes): the topics' largest
@@ -53,12 +52,6 @@ MAX_BLOCK_BYTES = topics.MAX_MESSAGE_BYTES
 #: A registry given to :func:`decode_alert`: a URL or a client.
 Registry = Union[str, "SchemaRegistryClient", None]
 
-_OCF_HEADER: dict = fastavro.parse_schema({  # type: ignore[assignment]  # a record schema parses to a dict
-    "type": "record", "name": "org.apache.avro.file.Header", "fields": [
-        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
-        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
-        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}},
-    ]})
 
 
 @dataclass(frozen=True)
@@ -210,7 +203,7 @@ def ocf_header(schema_text: str, codec: str, sync: bytes) -> bytes:
     """The header of an Avro Object Container File: magic, metadata (schema, codec), sync marker."""
     buf = io.BytesIO()
     meta = {"avro.schema": schema_text.encode(), "avro.codec": codec.encode()}
-    fastavro.schemaless_writer(buf, _OCF_HEADER, {"magic": OCF_MAGIC, "meta": meta, "sync": sync})
+    fastavro.schemaless_writer(buf, OCF_HEADER, {"magic": OCF_MAGIC, "meta": meta, "sync": sync})
     return buf.getvalue()
 
 
@@ -301,18 +294,11 @@ def _body(schema: dict, body: bytes) -> dict:
 
 
 def _long(buf: io.BytesIO) -> int:
-    """An Avro ``long`` (zig-zag varint) from ``buf``."""
-    result = shift = 0
-    while True:
-        byte = buf.read(1)
-        if not byte:
-            raise DecodeError("truncated Avro container file")
-        result |= (byte[0] & 0x7F) << shift
-        if not byte[0] & 0x80:
-            return (result >> 1) ^ -(result & 1)
-        shift += 7
-        if shift > 63:
-            raise DecodeError("malformed Avro long in a container file")
+    """An Avro ``long`` (zig-zag varint) from ``buf``; the container must not end before it."""
+    value = read_long(buf)
+    if value is None:
+        raise DecodeError("truncated Avro container file")
+    return value
 
 
 def _inflate(codec: str, data: bytes) -> bytes:
@@ -329,7 +315,7 @@ def _inflate(codec: str, data: bytes) -> bytes:
         if codec == "snappy":
             import cramjam
 
-            declared = _varint(data)
+            declared = snappy_length(data)
             if declared > MAX_BLOCK_BYTES:
                 raise DecodeError(f"an Avro block declares {declared} bytes, more than {MAX_BLOCK_BYTES}")
             out = bytes(cramjam.snappy.decompress_raw(data[:-4]))
@@ -343,17 +329,6 @@ def _inflate(codec: str, data: bytes) -> bytes:
     raise DecodeError(f"unsupported Avro container codec {codec!r}")
 
 
-def _varint(data: bytes) -> int:
-    """The unsigned varint at the start of ``data`` (the uncompressed length of a raw snappy block)."""
-    result = shift = 0
-    for byte in data[:10]:
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result
-        shift += 7
-    raise DecodeError("malformed snappy block length")
-
-
 def decode_ocf(payload: bytes) -> list[dict]:
     """The alert records of an Avro Object Container File whose writer schema is an alert version.
 
@@ -364,7 +339,7 @@ def decode_ocf(payload: bytes) -> list[dict]:
         inflating beyond :data:`MAX_BLOCK_BYTES`.
     """
     buf = io.BytesIO(payload)
-    header = _read(buf, _OCF_HEADER, len(payload))
+    header = _read(buf, OCF_HEADER, len(payload))
     meta = header["meta"]
     schema = known_schema(meta.get("avro.schema", b""))
     codec = bytes(meta.get("avro.codec", b"null")).decode(errors="replace")
