@@ -8,8 +8,10 @@ decode (header normalisation, Bayer binning, telescope profiles), the producer's
 calibration (plate solving or WCS check against Tycho-2, zero point), the ingest quality cuts,
 then the reference policy and subtraction (``broker.pipeline.process_frame``) per (telescope,
 field, filter). The report gives, per frame, the outcome or the rejection reason, the WCS status
-and residual, the zero point with its uncertainty, and the candidates of subtracted frames;
-``--out`` replaces the tables between the ``<!-- frames -->`` markers of that file.
+and residual, the zero point with its uncertainty, and the candidates of subtracted frames with
+how many the default real/bogus model passes (``rb >= 0.5``, what a subscriber's ``rb > 0.5``
+filter lets through; the classify stage's scoring); ``--out`` replaces the tables between the
+``<!-- frames -->`` markers of that file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from broker.errors import BrokerError
 from broker.frame import Frame, decode_fits
 from broker.ingest import ingest, validate
 from broker.pipeline import process_frame
+from broker.realbogus import RealBogusClassifier
 from broker.reference import ReferenceStore
 from broker.telescopes import TelescopeProfile
 
@@ -55,7 +58,17 @@ def _frame_row(frame: Frame) -> list[str]:
             f"{resid:.2f}" if resid >= 0 else "–", zp]
 
 
-def run_set(folder: Path, pattern: str, refs: ReferenceStore, config: PipelineConfig) -> list[list[str]]:
+def _outcome(status: str, cands: list, model: RealBogusClassifier) -> str:
+    """A subtracted frame's outcome: its candidates, the five strongest S/N, how many pass rb >= 0.5."""
+    if not cands:
+        return f"{status}: 0 candidates"
+    rb = model.score_candidates(cands)
+    snr = ", ".join(f"{c.detection.snr:.0f}" for c in sorted(cands, key=lambda c: -abs(c.detection.snr))[:5])
+    return f"{status}: {len(cands)} candidates (S/N {snr}); {int(np.sum(rb >= 0.5))} with rb ≥ 0.5"
+
+
+def run_set(folder: Path, pattern: str, refs: ReferenceStore, config: PipelineConfig,
+            model: RealBogusClassifier) -> list[list[str]]:
     """One row per file of ``folder``: the outcome of the chain."""
     rows = []
     for path in sorted(folder.glob(pattern)):
@@ -77,9 +90,7 @@ def run_set(folder: Path, pattern: str, refs: ReferenceStore, config: PipelineCo
                          f"{where.lineno} {where.name}: {str(exc)[:80]}"] + _frame_row(frame)
                         + [f"{time.perf_counter() - t0:.1f}"])
             continue
-        cands = [c for c in result.candidates]
-        snr = ", ".join(f"{c.detection.snr:.0f}" for c in sorted(cands, key=lambda c: -abs(c.detection.snr))[:5])
-        outcome = f"{result.status}: {len(cands)} candidates" + (f" (S/N {snr})" if cands else "")
+        outcome = _outcome(result.status, list(result.candidates), model)
         flags = f"; flags {', '.join(quality.flags)}" if quality.flags else ""
         rows.append([path.name, outcome + flags, *_frame_row(frame), f"{time.perf_counter() - t0:.1f}"])
     return rows
@@ -88,6 +99,7 @@ def run_set(folder: Path, pattern: str, refs: ReferenceStore, config: PipelineCo
 def report(data: Path) -> str:
     """The Markdown report of every frame set under ``data``."""
     config = PipelineConfig()
+    model = RealBogusClassifier.load()
     lines: list[str] = []
     head = ["file", "outcome", "telescope", "field", "band", "size px", "WCS", "matched/in frame",
             "residual ″", "zero point (mag of 1 ADU)", "s"]
@@ -97,7 +109,7 @@ def report(data: Path) -> str:
             if not (data / folder).exists():
                 continue
             lines += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-            lines += ["| " + " | ".join(row) + " |" for row in run_set(data / folder, pattern, refs, config)]
+            lines += ["| " + " | ".join(row) + " |" for row in run_set(data / folder, pattern, refs, config, model)]
             lines.append("")
     return "\n".join(lines)
 
