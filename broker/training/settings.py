@@ -97,7 +97,8 @@ class TrainingSetConfig:
     reference_epochs_range : tuple of int
         Frames co-added into each field's reference, drawn per field (inclusive). Default
         (3, 10): shallow to fairly deep (survey references are deep co-adds, ZTF's 15-40
-        frames, at a much higher generation cost).
+        frames; (3, 40) took ~1.5x the generation time and scored worse on real ZTF alerts and
+        on every survey's own pixels: ``docs/notes/realbogus-experiments.md``).
     transient_snr_range : tuple of float
         Optimal S/N range of injected transients (simulator knob). Default 4-100: from below the
         5 sigma threshold (some are lost, as in real data) to bright.
