@@ -19,10 +19,10 @@ def _stars(img):
     return find_stars(img - bkg, float(np.median(rms)))
 
 
-def _align(ref, sci, config=AlignConfig()):
+def _align(ref, sci, config=None):
     ref_stars = find_stars(np.nan_to_num(ref.image), float(np.sqrt(np.median(ref.variance))))
     return align_reference(ref.image, ref.variance, ref.header, ref_stars, sci.header, sci.shape,
-                           _stars(sci.data), config)
+                           _stars(sci.data), config or AlignConfig())
 
 
 def _check_registered(ali, ref, sci, tol=0.1):
@@ -135,8 +135,6 @@ def test_a_true_wcs_is_kept_when_non_stars_fill_the_brightest_science_detections
 
 
 def test_require_stars_raises_on_empty_field():
-    from broker.align import AlignConfig
-
     sci = make_frame(41, SHAPE, None)
     ref = make_reference(42, SHAPE, None)
     empty = _stars(sci.data)
