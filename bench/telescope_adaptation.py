@@ -12,7 +12,9 @@ otherwise, since the field holds no known transient; candidates within 30" of HA
 transit that night, are left out. The candidates of frames 3-6 become a vetted labels file
 (:mod:`broker.labelsfile`), the default model is fine-tuned on it with
 :func:`broker.training.finetune.main_finetune` (``broker train-realbogus --labels``), and both
-models score the candidates of frames 7-10, which the fine-tuning never saw.
+models score the candidates of frames 7-10, which the fine-tuning never saw. The first run
+generates the fine-tuning's rehearsal and held-out simulated sets (``build/realbogus-mix-0``,
+``build/realbogus-test-1``; a few minutes), later runs take about a minute.
 """
 
 from __future__ import annotations
