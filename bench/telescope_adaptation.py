@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--inject", type=int, default=30, help="point sources per frame")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    if not (args.data / FRAMES).is_dir():
+        parser.error(f"{args.data / FRAMES} not found: the real frames are in ../shared/data")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         np.seterr(all="ignore")
