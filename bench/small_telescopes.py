@@ -29,7 +29,7 @@ from broker.calibrate import calibrate
 from broker.config import PipelineConfig
 from broker.errors import BrokerError
 from broker.frame import Frame, decode_fits
-from broker.ingest import ingest, validate
+from broker.ingest import FrameQuality, ingest, validate
 from broker.pipeline import process_frame
 from broker.realbogus import RealBogusClassifier
 from broker.reference import ReferenceStore
@@ -58,6 +58,15 @@ def _frame_row(frame: Frame) -> list[str]:
             f"{resid:.2f}" if resid >= 0 else "–", zp]
 
 
+def ingested(path: Path, config: PipelineConfig) -> tuple[Frame, FrameQuality]:
+    """A FITS file as the producer and the ingest stage leave it: decoded, checked, calibrated, measured."""
+    frame = decode_fits(path.read_bytes(), config.ingest.max_pixels, config.ingest.max_expansion,
+                        PROFILES, require_wcs=False)
+    validate(frame, config.ingest, require_wcs=False)
+    frame = calibrate(frame, config.ingest.calibration, PROFILES)
+    return frame, ingest(frame, config.ingest)
+
+
 def _outcome(status: str, cands: list, model: RealBogusClassifier) -> str:
     """A subtracted frame's outcome: its candidates, the five strongest S/N, how many pass rb >= 0.5."""
     if not cands:
@@ -74,11 +83,7 @@ def run_set(folder: Path, pattern: str, refs: ReferenceStore, config: PipelineCo
     for path in sorted(folder.glob(pattern)):
         t0 = time.perf_counter()
         try:
-            frame = decode_fits(path.read_bytes(), config.ingest.max_pixels, config.ingest.max_expansion,
-                                PROFILES, require_wcs=False)
-            validate(frame, config.ingest, require_wcs=False)
-            frame = calibrate(frame, config.ingest.calibration, PROFILES)
-            quality = ingest(frame, config.ingest)
+            frame, quality = ingested(path, config)
             result = process_frame(frame, refs, config.subtract, clean=not quality.flags)
         except BrokerError as exc:
             rows.append([path.name, f"rejected `{exc.reason}`: {str(exc).replace(str(path), '')[:150]}"]

@@ -30,12 +30,10 @@ import numpy as np
 from astropy.stats import sigma_clipped_stats
 
 from bench.common import SHARED_DATA
-from bench.small_telescopes import PROFILES
-from broker.calibrate import calibrate
+from bench.small_telescopes import ingested
 from broker.candidate import Candidate
 from broker.config import PipelineConfig
-from broker.frame import Frame, decode_fits
-from broker.ingest import ingest, validate
+from broker.frame import Frame
 from broker.labelsfile import VettedLabel, write_labels
 from broker.normalise import normalise_triplet
 from broker.pipeline import process_frame
@@ -75,11 +73,7 @@ def labelled_candidates(folder: Path, n_inject: int, snr: tuple[float, float], s
     with tempfile.TemporaryDirectory() as tmp:
         refs = ReferenceStore(Path(tmp) / "refs", config.reference)
         for k, path in enumerate(sorted(folder.glob("*.FITS"))):
-            frame = decode_fits(path.read_bytes(), config.ingest.max_pixels, config.ingest.max_expansion,
-                                PROFILES, require_wcs=False)
-            validate(frame, config.ingest, require_wcs=False)
-            frame = calibrate(frame, config.ingest.calibration, PROFILES)
-            quality = ingest(frame, config.ingest)
+            frame, quality = ingested(path, config)
             truth = np.zeros((0, 3))
             if k >= N_REFERENCE:
                 frame, truth = inject(frame, quality.fwhm, n_inject, snr, rng)
