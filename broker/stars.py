@@ -16,6 +16,7 @@ from photutils.detection import DAOStarFinder
 from scipy.special import erf
 
 from broker.pixels import box_indices
+from broker.streaks import collinear_runs
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,7 @@ def find_stars(
     peak = np.asarray(tab["peak"], float)
     flux = np.asarray(tab["flux"], float)
     ok = np.isfinite(x) & np.isfinite(y) & np.isfinite(flux)
+    ok[ok] = ~collinear_runs(x[ok], y[ok], data.size)  # the segments of satellite trails and bleeds
     if np.isfinite(saturation):
         bkg_at = np.asarray(background)
         if bkg_at.ndim:

@@ -42,6 +42,17 @@ def star_frame(shape=(256, 256), n_stars=40, fwhm=3.0, sky=500.0, seed=0, **card
     return Frame(meta_from_header(h), data, h)
 
 
+def trailed_frame(frame: Frame, fwhm: float, adu_per_px: float, lines, seed=0) -> Frame:
+    """``frame`` crossed by satellite trails (x0, y0, x1, y1) of the seeing's width, with their photon noise."""
+    from broker.simulate.render import line_profile
+
+    data, rng = frame.data.copy(), np.random.default_rng(seed)
+    for x0, y0, x1, y1 in lines:
+        flat, values = line_profile(data.shape, x0, y0, x1, y1, fwhm / 2.3548, adu_per_px)
+        data.reshape(-1)[flat] += rng.poisson(values).astype(np.float32)
+    return Frame(frame.meta, data, frame.header)
+
+
 def candidate(cand_id="TEST-F1-r-0001/0", ra=150.0, dec=2.0, flux=1000.0, snr=12.0, seed=0) -> Candidate:
     rng = np.random.default_rng(seed)
     det = Detection(x=10.5, y=20.25, ra=ra, dec=dec, flux=flux, flux_err=flux / snr, snr=snr, scorr=snr,

@@ -4,7 +4,7 @@ import pytest
 from broker.errors import BadPixelFraction, BadShape, PoorQuality
 from broker.frame import Frame
 from broker.ingest import IngestConfig, ingest, measure_quality
-from tests.helpers import star_frame
+from tests.helpers import star_frame, trailed_frame
 
 
 def test_quality_measures_sky_seeing_and_depth():
@@ -51,3 +51,15 @@ def test_a_record_lying_about_its_frame_is_named():
     assert e.value.reason == "record_mismatch"
     with pytest.raises(RecordMismatch, match=r"field='F2'.*mjd_start=60001\.5.*size_bytes=99"):
         check_record(honest | {"field": "F2", "mjd_start": 60001.5, "size_bytes": 99}, frame, 1234)
+
+
+def test_satellite_trails_do_not_set_the_seeing():
+    """Trails brighter than most stars filled the brightest detections, and the seeing read their width.
+
+    Their segments are left out of the star list (:func:`broker.streaks.collinear_runs`).
+    """
+    clean = star_frame(shape=(512, 512), n_stars=60, fwhm=6.0, seed=5)
+    lines = [(0.0, 40.0, 511.0, 300.0), (0.0, 480.0, 511.0, 130.0), (60.0, 0.0, 200.0, 511.0)]
+    trailed = trailed_frame(clean, 6.0, 30000.0, lines)  # 2,000 ADU above the sky at their centre
+    assert measure_quality(clean).fwhm == pytest.approx(6.0, rel=0.05)
+    assert measure_quality(trailed).fwhm == pytest.approx(6.0, rel=0.05)  # 11.0 px before

@@ -8,6 +8,7 @@ import pytest
 from broker.background import estimate_background
 from broker.stars import find_stars, fit_fwhms, fitted_fwhm
 from tests.broker.conftest import make_frame, make_sky
+from tests.helpers import star_frame, trailed_frame
 
 
 def test_saturated_stars_are_not_psf_stars(small_shape):
@@ -17,6 +18,18 @@ def test_saturated_stars_are_not_psf_stars(small_shape):
     stars = find_stars(frame.data - bkg, float(np.median(rms)), saturation=20000.0, background=bkg)
     assert len(stars)
     assert np.all(stars.peak + 200.0 < 0.8 * 20000.0 + 100.0)
+
+
+def test_satellite_trail_segments_are_not_stars():
+    """A bright trail's local maxima passed as stars, and the star list's seeing read the trail's width."""
+    lines = [(0.0, 40.0, 511.0, 300.0), (0.0, 480.0, 511.0, 130.0), (60.0, 0.0, 200.0, 511.0)]
+    frame = trailed_frame(star_frame(shape=(512, 512), n_stars=60, fwhm=6.0, seed=5), 6.0, 30000.0, lines)
+    stars = find_stars(frame.data - 500.0, np.sqrt(500.0))
+    x0, y0, x1, y1 = np.array(lines).T
+    dist = np.abs((x1 - x0)[:, None] * (y0[:, None] - stars.y) - (x0[:, None] - stars.x) * (y1 - y0)[:, None])
+    dist /= np.hypot(x1 - x0, y1 - y0)[:, None]
+    assert np.count_nonzero(dist.min(axis=0) < 3.0) <= 3  # stars that happen to sit on a trail
+    assert len(stars) >= 40 and stars.fwhm == pytest.approx(6.0, rel=0.1)  # 52 stars without the trails
 
 
 def _pixel_gaussians(shape, xs, ys, fwhm, flux=2e4, seed=0):
