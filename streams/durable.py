@@ -11,7 +11,8 @@ broker").
 
 Served: ``PUT`` (with ``If-None-Match: *`` and ``If-Match``, tansu's optimistic concurrency, and
 ``x-amz-copy-source``), ``GET`` and ``HEAD`` (``Range``, ``If-Match``, ``If-None-Match``), ``DELETE``,
-``POST ?delete`` and ``ListObjectsV2``. Anything else is answered 501 and logged. Every write is one
+``POST ?delete`` and ``ListObjectsV2``. Anything else is answered 501 and logged; a body over
+``MAX_BODY_BYTES`` or a malformed ``Content-Length`` is answered 413 / 400 before it is read. Every write is one
 autocommit statement, so a write either happened whole or not at all. The endpoint listens on
 127.0.0.1 without authentication, like the embedded broker itself.
 """
@@ -32,6 +33,7 @@ from xml.sax.saxutils import escape
 
 from broker.errors import ConfigError
 from broker.history_pg import redacted
+from streams.topics import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,17 @@ _LIST = ("SELECT key, size, etag, modified FROM embedded_objects WHERE bucket = 
 #: Keys listed per ListObjectsV2 page at most (S3's own cap).
 _MAX_KEYS = 1000
 _S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
+#: Largest request body (bytes): four of the largest messages a topic takes (``topics.MAX_MESSAGE_BYTES``).
+#: A larger one is answered 413 unread, and its connection closed.
+MAX_BODY_BYTES = 4 * MAX_MESSAGE_BYTES
+
+
+class _Refused(Exception):
+    """A request answered with an S3 error before its body is read: (status, code, message)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
 
 
 def _connect(dsn: str) -> Any:
@@ -92,6 +105,7 @@ class _Handler(BaseHTTPRequestHandler):
         return urllib.parse.unquote(bucket), urllib.parse.unquote(key), query
 
     def _body(self) -> bytes:
+        """The request body, chunked or of ``Content-Length``; :class:`_Refused` beyond ``MAX_BODY_BYTES``."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
@@ -99,9 +113,16 @@ class _Handler(BaseHTTPRequestHandler):
                 if size == 0:
                     self.rfile.readline()
                     return bytes(out)
+                if len(out) + size > MAX_BODY_BYTES:
+                    raise _Refused(413, "EntityTooLarge", f"a chunked body over {MAX_BODY_BYTES} bytes")
                 out += self.rfile.read(size)
                 self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        length = self.headers.get("Content-Length") or "0"
+        if not (length.isascii() and length.isdigit()):
+            raise _Refused(400, "InvalidArgument", f"Content-Length {length[:40]!r}")
+        if int(length) > MAX_BODY_BYTES:
+            raise _Refused(413, "EntityTooLarge", f"Content-Length {length} is over {MAX_BODY_BYTES} bytes")
+        return self.rfile.read(int(length))
 
     # --- responses -------------------------------------------------------------------------
     def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
@@ -253,6 +274,9 @@ class _Handler(BaseHTTPRequestHandler):
             super().handle_one_request()
         except (ConnectionError, TimeoutError):
             self.close_connection = True
+        except _Refused as exc:  # the body is left unread: the connection cannot serve another request
+            self.close_connection = True
+            self._error(exc.status, exc.code, str(exc))
         except Exception as exc:  # the database went away, a malformed request: answer, keep serving
             log.warning("durable storage: %s %s failed: %s", self.command, self.path, exc)
             self.close_connection = True

@@ -226,3 +226,25 @@ def test_the_pipeline_loses_nothing_when_the_broker_stops_and_is_killed(dsn, tmp
     expected = {c["cand_id"] for b in batches.values() for c in b["candidates"]}
     assert expected and {a["candid"] for a in alerts} == expected  # nothing lost
     assert len({a["alertId"] for a in alerts}) == len(expected)  # one alertId per candidate
+
+
+def test_the_object_server_refuses_oversized_and_malformed_bodies_unread(dsn):
+    """A Content-Length over ``MAX_BODY_BYTES`` or not a number is answered at once, the body unread."""
+    import socket
+
+    from streams.durable import MAX_BODY_BYTES
+
+    with ObjectServer(dsn) as server:
+        host, port = server.endpoint.split("//")[1].split(":")
+        for length, status in ((str(MAX_BODY_BYTES + 1), b"413"), ("-5", b"400"), ("\xb2", b"400")):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(f"PUT /b/big HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode("latin-1"))
+                reply = sock.recv(4096)  # answered without the body being sent
+                assert reply.split(b" ")[1] == status, reply
+        chunk = hex(MAX_BODY_BYTES + 1)[2:].encode()
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"PUT /b/big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk + b"\r\n")
+            assert sock.recv(4096).split(b" ")[1] == b"413"
+        conn, call = _client(server.endpoint)
+        assert call("/b/big")[0] == 404 and call("/b/ok", "PUT", b"fine")[0] == 200  # nothing stored; still serving
+        conn.close()
