@@ -95,7 +95,7 @@ def run(size: int, n_fields: int, epochs: int, seed: int, followup: bool = True,
                     frames += 1
                     m = frame.meta
                     associate_and_score(history, models, m.frame_id, m.mjd_start, m.filter, res.candidates,
-                                        m.magzp, res.limiting_flux, m.telescope)
+                                        m.magzp, res.limiting_flux, m.telescope, frame.shape)
                     matched = {id(c): inj for inj, c in _match(res.candidates, truth)}
                     for c in res.candidates:
                         inj = matched.get(id(c))

@@ -18,7 +18,7 @@ import numpy as np
 
 from broker.anomaly import AnomalyModel
 from broker.candidate import Candidate
-from broker.context import ContextConfig, OpenNGC, build_context
+from broker.context import ContextConfig, OpenNGC, build_context, trail_matches
 from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import BadCoordinates, PoorQuality
 from broker.frame import Frame
@@ -219,7 +219,8 @@ class ScoreModels:
 
 def associate_and_score(history: ObjectHistory, models: ScoreModels, frame_id: str, mjd: float, band: str,
                         candidates: Sequence[Candidate], magzp: float | None = None,
-                        limiting_flux: float | None = None, telescope: str | None = None) -> None:
+                        limiting_flux: float | None = None, telescope: str | None = None,
+                        shape: tuple[int, int] | None = None) -> None:
     """Associate ``candidates`` with known objects, then describe and score them.
 
     Sets ``obj``, ``history``, ``context``, ``features``, ``classification`` and ``anomaly`` on each
@@ -229,6 +230,8 @@ def associate_and_score(history: ObjectHistory, models: ScoreModels, frame_id: s
     exposure start, from which the history's ages are taken. The frame's zero point ``magzp`` (mag
     of 1 ADU), ``limiting_flux`` (ADU) and ``telescope`` are kept with each detection for later
     light curves (None when unknown); each object keeps its latest features and classification.
+    With the frame's ``shape`` (ny, nx), candidates in a line along a trail get the trail among
+    their context's matches (:func:`broker.context.trail_matches`; not a model input).
     """
     if not candidates:
         return
@@ -241,6 +244,11 @@ def associate_and_score(history: ObjectHistory, models: ScoreModels, frame_id: s
                                  "nothing of the frame written to the history")
     history.associate(frame_id, mjd, band, list(candidates), magzp, limiting_flux, telescope)
     rows = [_describe(history, models, cand, mjd, band, magzp, limiting_flux, telescope) for cand in candidates]
+    trails = trail_matches([c.detection for c in candidates], shape, frame_id) if shape else {}
+    for i, trail in trails.items():
+        context = candidates[i].context
+        if context is not None:  # set by _describe
+            context["matches"].append(trail.to_record())
     x = np.stack(rows)
     for cand, classification, anomaly in zip(candidates, models.lcclass.classify(x), models.anomaly.score(x),
                                              strict=True):

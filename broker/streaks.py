@@ -56,21 +56,52 @@ def collinear_runs(x: np.ndarray, y: np.ndarray, area: float, tolerance: float =
     ndarray of bool, shape (n,)
         True for members of a run.
     """
+    member = np.zeros(len(x), bool)
+    for run in find_runs(x, y, area, tolerance, max_gap, min_points, chance_step):
+        member[run] = True
+    return member
+
+
+def find_runs(x: np.ndarray, y: np.ndarray, area: float, tolerance: float = 1.0, max_gap: float = 100.0,
+              min_points: int = 8, chance_step: float = 0.05) -> list[np.ndarray]:
+    """The dense runs of collinear sources, each as its sources' indices (see :func:`collinear_runs`).
+
+    Returns
+    -------
+    list of ndarray of int
+        Disjoint runs, each sorted along its line. A run found again from another pair joins the
+        one it shares most sources with; where two lines cross, the shared sources stay with the
+        first run found.
+    """
     xy = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
-    member = np.zeros(len(xy), bool)
-    if len(xy) < min_points:
-        return member
+    owner = np.full(len(xy), -1)
+    if len(xy) < min_points or not area > 0:
+        return []
     gap = min(max_gap, chance_step * area / (2.0 * tolerance * len(xy)))
     pairs = cKDTree(xy).query_pairs(gap, output_type="ndarray")
     length = np.hypot(*(xy[pairs[:, 1]] - xy[pairs[:, 0]]).T) if len(pairs) else np.zeros(0)
     pairs = pairs[length >= gap / 3.0]
+    runs: list[np.ndarray] = []
     for i, j in pairs[_enough_near(xy, pairs, 2.0 * tolerance, min_points * gap, min_points)]:
-        if member[i] and member[j]:
+        if owner[i] >= 0 and owner[i] == owner[j]:
             continue  # already in a run found from another pair
         run = _run_through(xy, i, j, tolerance, gap)
-        if len(run) >= min_points:
-            member[run] = True
-    return member
+        if len(run) < min_points:
+            continue
+        shared = owner[run][owner[run] >= 0]
+        if len(shared) * 2 >= len(run):  # the same line again: extend the run that holds most of it
+            k = int(np.bincount(shared).argmax())
+            runs[k] = np.union1d(runs[k], run[owner[run] < 0])
+        else:  # a new line (it may cross others)
+            k, runs = len(runs), runs + [run[owner[run] < 0]]
+        owner[runs[k]] = k
+    return [_along(xy, r) for r in runs]
+
+
+def _along(xy: np.ndarray, run: np.ndarray) -> np.ndarray:
+    """``run`` sorted along its principal axis."""
+    pts = xy[run] - xy[run].mean(axis=0)
+    return run[np.argsort(pts @ np.linalg.svd(pts, full_matrices=False)[2][0], kind="stable")]
 
 
 def _enough_near(xy: np.ndarray, pairs: np.ndarray, width: float, reach: float, min_points: int,

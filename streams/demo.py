@@ -211,13 +211,15 @@ class DemoResult:
         return [(a, self.truth_of(a)) for a in ranked]
 
     def context_counts(self) -> dict[str, int]:
-        """Alerts with a host, a nuclear position, a star under them, a moving-object link, an OpenNGC match."""
+        """Alerts with a host, a nuclear position, a star under them, a moving link, an OpenNGC match, a trail."""
         ctx = [a.get("context") or {} for a in self.alerts]
+        catalogs = [{m.get("catalog") for m in c.get("matches") or []} for c in ctx]
         return {"host": sum(c.get("host") is not None for c in ctx),
                 "nuclear": sum(bool((c.get("host") or {}).get("nuclear")) for c in ctx),
                 "on a star": sum(bool(c.get("on_star")) for c in ctx),
                 "moving": sum(bool(c.get("moving")) for c in ctx),
-                "OpenNGC match": sum(bool(c.get("matches")) for c in ctx)}
+                "OpenNGC match": sum("OpenNGC" in cats for cats in catalogs),
+                "on a trail": sum("frame" in cats for cats in catalogs)}
 
 
 # --- the telescope's follow-up desk ----------------------------------------------------------------

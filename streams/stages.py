@@ -305,7 +305,7 @@ def score_handler(config: PipelineConfig) -> Handler:
     def score(batch: dict, cands: list) -> None:
         check_scorable(batch, cands, config.ingest.plausibility)  # before anything is written
         associate_and_score(history, models, batch["frame_id"], batch["mjd_start"], batch["filter"], cands,
-                            batch["magzp"], batch["limiting_flux"], batch["telescope"])
+                            batch["magzp"], batch["limiting_flux"], batch["telescope"], (batch["ny"], batch["nx"]))
         versions = batch["model_versions"]
         versions["anomaly"], versions["lcclass"] = models.anomaly.version, models.lcclass.version
         ctx = frame_context(batch)

@@ -328,7 +328,7 @@ def _score(portal: Portal, frame: Frame, candidates: list, limiting_flux: float 
         known = _known_objects(portal, frame, candidates, history, models.moving.search_radius_deg())
         m = frame.meta
         associate_and_score(history, models, m.frame_id, m.mjd_start, m.filter, candidates, m.magzp, limiting_flux,
-                            m.telescope)
+                            m.telescope, frame.shape)
     finally:
         history.close()
     versions.update(anomaly=models.anomaly.version, lcclass=models.lcclass.version)

@@ -15,6 +15,7 @@ from broker.context import (
     OpenNGC,
     build_context,
     on_star,
+    trail_matches,
 )
 from broker.detect import DetectConfig, reference_context
 from broker.errors import ConfigError
@@ -194,3 +195,40 @@ def test_subtraction_measures_the_host_and_the_star_under_simulated_candidates(t
         assert err * 3600 < 1.5 and det.host_size > 0 and det.host_flux > 0 and det.host_dist >= 0
         hosts += 1
     assert hosts >= 2 and variables >= 1
+
+
+def _detections_at(x, y):
+    """Detections at pixel positions of a 1"/px TAN frame (tests/helpers.header, 1024^2)."""
+    from astropy.wcs import WCS
+
+    from tests.helpers import header
+
+    ra, dec = WCS(header((1024, 1024))).wcs_pix2world(x, y, 0)
+    return [replace(candidate(seed=i).detection, x=float(a), y=float(b), ra=float(r), dec=float(d))
+            for i, (a, b, r, d) in enumerate(zip(x, y, ra, dec, strict=True))]
+
+
+def test_candidates_in_a_line_share_their_trail_and_the_others_get_none():
+    rng = np.random.default_rng(4)
+    t = np.arange(12) * 40.0 + rng.uniform(-5, 5, 12)  # a row of candidates 40 px apart, 440 px long
+    x = np.r_[100.0 + 0.8 * t, rng.uniform(0, 1024, 60)]
+    y = np.r_[200.0 + 0.6 * t + rng.normal(0, 0.3, 12), rng.uniform(0, 1024, 60)]
+    matches = trail_matches(_detections_at(x, y), (1024, 1024), "TEST-F1-r-0001")
+    assert sorted(matches) == list(range(12))
+    m = matches[0]
+    assert (m.catalog, m.version, m.name, m.kind) == ("frame", "TEST-F1-r-0001", "trail 1", "trail")
+    ends = np.hypot(x[11] - x[0], y[11] - y[0])  # px = arcsec at 1"/px
+    assert m.size_arcsec == pytest.approx(ends, rel=1e-3)
+    assert {matches[i].size_arcsec for i in range(12)} == {m.size_arcsec}
+    assert matches[0].distance_arcsec == pytest.approx(ends / 2, rel=0.02)  # an end is half the length away
+    assert CatalogMatch.from_record(m.to_record()) == m
+
+
+def test_trails_need_a_frame_with_an_area_and_ignore_unplaced_detections():
+    x = np.r_[np.arange(10) * 30.0 + 50.0, np.nan]
+    y = np.r_[np.full(10, 500.0), 7.0]
+    dets = _detections_at(np.nan_to_num(x), y)
+    dets[-1] = replace(dets[-1], x=float("nan"))
+    assert sorted(trail_matches(dets, (1024, 1024), "F")) == list(range(10))
+    assert trail_matches(dets, (0, 1024), "F") == {}  # a batch claiming an empty frame
+    assert trail_matches([], (1024, 1024), "F") == {}

@@ -189,3 +189,23 @@ def test_a_series_normalised_to_one_finds_the_transients_of_the_adu_series(frame
             hits += sum(bool(len(xy)) and np.hypot(*(xy - (i.x, i.y)).T).min() < 2 for i in truth.of_kind("transient"))
         found[name] = hits
     assert found["adu"] >= 8 and found["normalised"] >= found["adu"] - 1, found
+
+
+def test_candidates_in_a_line_carry_their_trail_in_the_context():
+    """The score stage marks a frame's row of candidates (a satellite trail) in their context's matches."""
+    from dataclasses import replace
+
+    from tests.helpers import candidate
+
+    cands = [candidate(f"F-1/{i}", ra=150.0 + 30.0 * i / 3600.0, dec=2.0, seed=i) for i in range(10)]
+    cands.append(candidate("F-1/10", ra=150.1, dec=2.1, seed=20))
+    for i, c in enumerate(cands):
+        c.detection = replace(c.detection, x=100.0 + 30.0 * i if i < 10 else 600.0, y=50.0 if i < 10 else 700.0)
+    associate_and_score(ObjectHistory(":memory:"), SCORE_MODELS, "F-1", 60000.0, "r", cands, shape=(1024, 1024))
+    assert all(c.context["matches"][-1]["name"] == "trail 1" for c in cands[:10])
+    assert all(m["kind"] != "trail" for m in cands[10].context["matches"])
+    again = [candidate(f"F-2/{i}", ra=150.0 + 30.0 * i / 3600.0, dec=2.0, seed=i) for i in range(10)]
+    for i, c in enumerate(again):
+        c.detection = replace(c.detection, x=100.0 + 30.0 * i, y=50.0)
+    associate_and_score(ObjectHistory(":memory:"), SCORE_MODELS, "F-2", 60001.0, "r", again)  # no frame shape
+    assert all(m["kind"] != "trail" for c in again for m in c.context["matches"])
