@@ -48,9 +48,10 @@ RETRY_S = 5.0
 
 
 def context_of(record: dict) -> dict | None:
-    """The alert's context in brief, for its card: host (name, offset, nuclear), a star under it, motion, catalog.
+    """The alert's context in brief, for its card: host, a star under it, motion, catalog object, trail.
 
-    None when the alert has none (before the score stage, older schema versions).
+    The host with its offset and nuclear flag; the nearest catalogued object; whether it lies on a
+    trail of its frame's candidates. None when the alert has none (before the score stage, older schema versions).
     """
     ctx = record.get("context")
     if not isinstance(ctx, dict):
@@ -58,9 +59,11 @@ def context_of(record: dict) -> dict | None:
     host = ctx.get("host")
     host = host if isinstance(host, dict) else {}
     matches = [m for m in ctx.get("matches") or [] if isinstance(m, dict)]
+    catalogued = [m for m in matches if m.get("catalog") != "frame"]
     return {"host": host.get("name"), "host_offset_arcsec": host.get("offset_arcsec"), "nuclear": host.get("nuclear"),
             "on_star": ctx.get("on_star"), "moving": bool(ctx.get("moving")),
-            "catalog": matches[0].get("name") if matches else None}
+            "catalog": catalogued[0].get("name") if catalogued else None,
+            "trail": any(m.get("kind") == "trail" for m in matches)}
 
 
 def sse(event: str, data: dict) -> str:

@@ -137,7 +137,7 @@ export function magText(a) {
   return `${a.magpsf.toFixed(2)} ± ${fmt(a.sigmapsf, 2)}`;
 }
 
-// The context of a live alert as tags: host galaxy, a star under it, motion, catalog object.
+// The context of a live alert as tags: host galaxy, a star under it, motion, catalog object, a trail.
 export function contextTags(c) {
   if (!c) return null;
   const tags = [];
@@ -146,7 +146,8 @@ export function contextTags(c) {
   if (c.on_star) tags.push(el("span", { class: "tag warn", title: "a point source of the reference under it" }, "on a star"));
   if (c.moving) tags.push(el("span", { class: "tag warn", title: "linked into a tracklet of linear motion" }, "moving"));
   if (c.catalog) tags.push(el("span", { class: "tag", title: "nearest catalog object (OpenNGC)" }, c.catalog));
-  if (!tags.length) tags.push(el("span", { class: "tag", title: "no host, star, motion or catalog object" }, "hostless"));
+  if (c.trail) tags.push(el("span", { class: "tag warn", title: "in a row of candidates on its frame: a satellite trail or glint" }, "trail"));
+  if (!tags.length) tags.push(el("span", { class: "tag", title: "no host, star, motion, catalog object or trail" }, "hostless"));
   return el("div", { class: "tags" }, tags);
 }
 

@@ -31,7 +31,10 @@ function contextBlock(ctx) {
     el("dt", {}, "on a star"), el("dd", {}, ctx.on_star === null || ctx.on_star === undefined ? "unknown"
       : ctx.on_star ? "yes" : "no"),
     el("dt", {}, "moving"), el("dd", {}, ctx.moving ? `yes, ${fmt(ctx.moving_speed, 1)}″/d` : "no"),
-    el("dt", {}, "catalog"), el("dd", {}, (ctx.matches || []).slice(0, 3).map((m) => m.name || m.id).join(", ") || "none"));
+    el("dt", {}, "catalog"), el("dd", {}, (ctx.matches || []).filter((m) => m.catalog !== "frame").slice(0, 3)
+      .map((m) => m.name || m.id).join(", ") || "none"),
+    el("dt", {}, "trail"), el("dd", {}, (ctx.matches || []).filter((m) => m.kind === "trail")
+      .map((m) => `${m.name} of frame ${m.version}, ${fmt(m.size_arcsec, 0)}″ long`).join(", ") || "none"));
 }
 
 function featuresBlock(f) {

@@ -206,7 +206,10 @@ def test_the_context_of_a_live_alert_is_told_in_brief():
     assert live.context_of({"context": None}) is None and live.context_of({}) is None
     hostile = live.context_of({"context": {"host": "not a record", "matches": ["x", {"name": "NGC1"}]}})
     assert hostile == {"host": None, "host_offset_arcsec": None, "nuclear": None, "on_star": None, "moving": False,
-                       "catalog": "NGC1"}
+                       "catalog": "NGC1", "trail": False}
+    trail = {"catalog": "frame", "version": "F-1", "name": "trail 1", "kind": "trail"}
+    on_trail = live.context_of({"context": {"matches": [trail]}})
+    assert on_trail["trail"] and on_trail["catalog"] is None  # a trail is not a catalogued object
 
 
 def test_the_consumer_stops_once_nobody_watches_and_starts_again_for_the_next_viewer(monkeypatch):
