@@ -148,11 +148,13 @@ def _good_band(band: object) -> bool:
     return isinstance(band, str) and 1 <= len(band) <= MAX_BAND and band.isprintable() and band.strip() == band
 
 
+#: Not on a trail of its frame's candidates (a glinting satellite's knots pass the real/bogus model).
+NOT_ON_TRAIL = "'trail' not in context.matches.kind"
 #: The default rules: an unusual alert that is surely real, and a young supernova candidate.
 DEFAULT_RULES = (
-    FollowupRule("anomalous", "scores.anomaly > 0.99 and scores.rb > 0.9", priority=2),
-    FollowupRule("young_sn", "classification.probabilities.SN > 0.8 and object.ndet <= 3 and scores.rb > 0.9",
-                 priority=3),
+    FollowupRule("anomalous", f"scores.anomaly > 0.99 and scores.rb > 0.9 and {NOT_ON_TRAIL}", priority=2),
+    FollowupRule("young_sn", "classification.probabilities.SN > 0.8 and object.ndet <= 3 and scores.rb > 0.9 "
+                 f"and {NOT_ON_TRAIL}", priority=3),
 )
 
 
@@ -168,7 +170,8 @@ class FollowupConfig:
         Evaluated in order; the first that matches an alert issues the request. Default
         :data:`DEFAULT_RULES`: ``anomalous`` (``scores.anomaly > 0.99 and scores.rb > 0.9``, priority
         2) and ``young_sn`` (``classification.probabilities.SN > 0.8 and object.ndet <= 3 and
-        scores.rb > 0.9``, priority 3). Names are distinct.
+        scores.rb > 0.9``, priority 3), both only off a trail (:data:`NOT_ON_TRAIL`: telescope time
+        is not spent on satellites). Names are distinct.
     """
 
     enabled: bool = True

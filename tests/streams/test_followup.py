@@ -14,11 +14,11 @@ from streams.demo import DemoResult, FollowupDesk, plan_followups
 from streams.followup import FollowupListener, FollowupRules, decode_request, encode_request, request_message
 
 
-def _view(anomaly=0.995, rb=0.95, sn=0.1, ndet=5):
+def _view(anomaly=0.995, rb=0.95, sn=0.1, ndet=5, matches=()):
     return {"objectId": "OBJ0000000000001", "candid": "SIM1-F001-r-0004/7",
             "source": {"ra": 150.25, "dec": 2.5, "filter": "r", "mjd": 60004.1, "snr": 12.0},
             "object": {"ra": 150.25, "dec": 2.5, "ndet": ndet}, "scores": {"rb": rb, "anomaly": anomaly},
-            "classification": {"label": "SN", "probabilities": {"SN": sn}}}
+            "classification": {"label": "SN", "probabilities": {"SN": sn}}, "context": {"matches": list(matches)}}
 
 
 def test_topic_names():
@@ -33,6 +33,11 @@ def test_the_default_rules_compile_and_pick_the_first_match():
     assert rules.first_match(_view(rb=None)) is None  # a null score does not match
     assert rules.first_match({}) is None  # nor a missing field
     assert FollowupRules(FollowupConfig(enabled=False)).first_match(_view()) is None
+    trail = {"catalog": "frame", "version": "F-1", "name": "trail 1", "kind": "trail"}
+    galaxy = {"catalog": "OpenNGC", "version": "20231203", "name": "NGC1", "kind": "galaxy"}
+    assert rules.first_match(_view(matches=[galaxy])) is DEFAULT_RULES[0]
+    assert rules.first_match(_view(matches=[galaxy, trail])) is None  # a satellite's glint: no telescope time
+    assert rules.first_match(_view(anomaly=0.5, sn=0.9, ndet=2, matches=[trail])) is None
 
 
 @pytest.mark.parametrize("when", ["scores.rb >", "no.such.field > 1", "__import__('os')", "scores.rb[0] > 1",
