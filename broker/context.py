@@ -289,11 +289,9 @@ def trail_matches(detections: Sequence[Detection], shape: tuple[int, int], frame
     """
     x = np.array([d.x for d in detections], float)
     y = np.array([d.y for d in detections], float)
-    ok = np.flatnonzero(np.isfinite(x) & np.isfinite(y))
     sky = _unit(np.array([d.ra for d in detections], float), np.array([d.dec for d in detections], float))
     out: dict[int, CatalogMatch] = {}
-    for k, run in enumerate(find_runs(x[ok], y[ok], float(shape[0] * shape[1])), start=1):
-        members = ok[run]
+    for k, members in enumerate(find_runs(x, y, float(shape[0] * shape[1])), start=1):
         centre = sky[members[0]] + sky[members[-1]]
         centre /= np.linalg.norm(centre)
         ra, dec = math.degrees(math.atan2(centre[1], centre[0])) % 360.0, math.degrees(math.asin(centre[2]))

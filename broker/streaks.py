@@ -71,9 +71,13 @@ def find_runs(x: np.ndarray, y: np.ndarray, area: float, tolerance: float = 1.0,
     list of ndarray of int
         Disjoint runs, each sorted along its line. A run found again from another pair joins the
         one it shares most sources with; where two lines cross, the shared sources stay with the
-        first run found.
+        first run found. Sources at non-finite positions are in none.
     """
     xy = np.column_stack([np.asarray(x, float), np.asarray(y, float)])
+    finite = np.flatnonzero(np.isfinite(xy).all(axis=1))
+    if len(finite) < len(xy):  # a position that is not a number is on no line
+        return [finite[r] for r in find_runs(xy[finite, 0], xy[finite, 1], area, tolerance, max_gap, min_points,
+                                             chance_step)]
     owner = np.full(len(xy), -1)
     if len(xy) < min_points or not area > 0:
         return []

@@ -53,3 +53,5 @@ def test_degenerate_inputs():
     x = np.r_[np.arange(0.0, 200.0, 10.0), 50.0, 50.0]
     y = np.r_[np.full(20, 3.0), 3.0, 3.0]  # a run with two duplicates on it
     assert collinear_runs(x, y, 1e6).all()
+    x, y = np.r_[x, np.nan, np.inf], np.r_[y, 3.0, 3.0]  # positions that are not numbers: on no line
+    assert collinear_runs(x, y, 1e6).tolist() == [True] * 22 + [False, False]
