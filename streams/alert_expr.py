@@ -259,6 +259,17 @@ class _Dotted(ast.NodeTransformer):
         return ast.copy_location(ast.Name(id=".".join([value.id, *reversed(parts)]), ctx=ast.Load()), node)
 
 
+def _check_identity(node: ast.Compare) -> None:
+    """Refuse ``is`` / ``is not`` but with None, True or False: ``filter is 'r'`` is False for every alert."""
+    sides = [node.left, *node.comparators]
+    for i, op in enumerate(node.ops):
+        if isinstance(op, ast.Is | ast.IsNot) and not any(
+                isinstance(side, ast.Constant) and side.value in (None, True, False) and not is_num(side.value)
+                for side in sides[i:i + 2]):
+            raise FilterExpressionError("filter expression not allowed: 'is' compares with None, True or False "
+                                        "only; compare values with == (e.g. filter == 'r')")
+
+
 def _checked_tree(expression: str, functions: set[str]) -> ast.expr:
     """The parsed expression with dotted names joined; raises on anything off the whitelist."""
     try:
@@ -272,6 +283,8 @@ def _checked_tree(expression: str, functions: set[str]) -> ast.expr:
     for node in ast.walk(tree):
         if not isinstance(node, _ALLOWED_NODES):
             raise FilterExpressionError(f"filter expression not allowed: {type(node).__name__}")
+        if isinstance(node, ast.Compare):
+            _check_identity(node)
         if not isinstance(node, ast.Call):
             continue
         if isinstance(node.func, ast.Name) and node.func.id not in functions:
@@ -291,8 +304,9 @@ class AlertFilter:
     ``source`` and ``scores`` (``snr``, ``rb``), ``ndet``, ``first_mjd``, ``telescope``, ``field``,
     the top-level fields and ``latency`` (s from shutter close to the alert). Functions over the
     history are in :data:`FUNCTIONS_HELP`. The expression is parsed once and checked against a
-    whitelist of syntax (no attributes of values, no subscripts, no comprehensions, no lambdas, calls
-    only of those functions, at most :data:`MAX_DEPTH` levels deep), then evaluated with simpleeval
+    whitelist of syntax (no attributes of values, no subscripts, no comprehensions, no lambdas, ``is``
+    only with None, True or False, calls only of those functions, at most :data:`MAX_DEPTH` levels
+    deep), then evaluated with simpleeval
     (string sizes bounded; powers to :data:`MAX_POWER_BITS` bits; repeated lists to :data:`MAX_ITEMS`
     items; ``%`` only of numbers).
     Names are checked here, before any alert; an alert on which the expression cannot be evaluated

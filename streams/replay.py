@@ -26,13 +26,16 @@ def selection(start: str | None = None, end: str | None = None, where: str | Non
     Raises
     ------
     ArchiveError
-        A time that is not ISO 8601.
+        A time that is not ISO 8601, or a range that holds no time (``end`` at or before ``start``).
     """
     parts = []
-    if start:
-        parts.append(f"mjd >= {mjd_of(start)!r}")
-    if end:
-        parts.append(f"mjd < {mjd_of(end)!r}")
+    first, last = mjd_of(start) if start else None, mjd_of(end) if end else None
+    if first is not None and last is not None and last <= first:
+        raise ArchiveError(f"--to {end} is not after --from {start}: the range holds no alert")
+    if first is not None:
+        parts.append(f"mjd >= {first!r}")
+    if last is not None:
+        parts.append(f"mjd < {last!r}")
     if where:
         parts.append(f"({where})")
     return " AND ".join(parts) or "true"

@@ -95,6 +95,9 @@ def _looks_like_fits(data: bytes) -> bool:
 
 # --- where to start -------------------------------------------------------------------------------
 
+#: Largest Kafka offset (a signed 64-bit integer).
+MAX_OFFSET = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class StartPosition:
@@ -127,9 +130,9 @@ def parse_start(text: str | None) -> StartPosition | None:
         return None
     if text in ("earliest", "latest"):
         return StartPosition(text)
-    if text.lstrip("+-").isdigit():
-        if int(text) < 0:
-            raise ConfigError(f"--start offset must be >= 0, not {text}")
+    if text.lstrip("+-").isdecimal():  # not isdigit: '²' is a digit that int() refuses
+        if not 0 <= int(text) <= MAX_OFFSET:
+            raise ConfigError(f"--start offset must be in [0, {MAX_OFFSET}], not {text}")
         return StartPosition("offset", offset=int(text))
     try:
         when = datetime.fromisoformat(text)
@@ -138,7 +141,9 @@ def parse_start(text: str | None) -> StartPosition | None:
                           "(e.g. 2025-03-01T04:00:00Z)") from exc
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return StartPosition("time", time_ms=int(when.timestamp() * 1000))
+    # Kafka's timestamps are >= 0, and a negative one asks for something else (-1 the end, -2 the
+    # beginning, others an error): a time before 1970 starts at each partition's first message
+    return StartPosition("time", time_ms=max(0, int(when.timestamp() * 1000)))
 
 
 # --- the subscription -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, TypeVar
 
 from broker.errors import ArchiveCorrupt
 
@@ -14,6 +15,30 @@ COMMITS = "_commits"
 CHECKPOINTS = "_checkpoints"
 #: Version of the commit-record format.
 LOG_FORMAT = 1
+_T = TypeVar("_T")
+
+
+def _typed(cls: type[_T], values: Any) -> _T:
+    """``cls(**values)`` for a dataclass of ``str`` and ``int`` fields, each value of its type (TypeError if not).
+
+    A record whose ``rows`` is null or whose ``path`` is a number otherwise failed later, in a
+    reader's sum or listing, with no word of which record it came from.
+    """
+    if not isinstance(values, dict):
+        raise TypeError(f"{cls.__name__} is not an object: {type(values).__name__}")
+    out = cls(**values)
+    for f in fields(out):  # type: ignore[arg-type]  # cls is a dataclass
+        value = getattr(out, f.name)
+        if type(value) is not {"str": str, "int": int}[str(f.type)]:
+            raise TypeError(f"{cls.__name__}.{f.name} is {type(value).__name__}, not {f.type}")
+    return out
+
+
+def _items(value: Any) -> list:
+    """A JSON list of the log (TypeError if it is none: an object would read as its keys)."""
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, not {type(value).__name__}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -94,9 +119,9 @@ class Commit:
             rec = json.loads(data)
             if rec.pop("format") != LOG_FORMAT:
                 raise ValueError("unknown format")
-            files = tuple(DataFile(**f) for f in rec.pop("files"))
-            offsets = tuple(OffsetRange(**o) for o in rec.pop("offsets"))
-            removed = tuple(str(p) for p in rec.pop("removed", ()))
+            files = tuple(_typed(DataFile, f) for f in _items(rec.pop("files")))
+            offsets = tuple(_typed(OffsetRange, o) for o in _items(rec.pop("offsets")))
+            removed = tuple(str(p) for p in _items(rec.pop("removed", [])))
             return cls(files=files, offsets=offsets, removed=removed, **rec)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ArchiveCorrupt(f"commit record {name} is not readable: {type(exc).__name__}: {exc}") from exc
@@ -147,7 +172,7 @@ class Snapshot:
             rec = json.loads(data)
             if rec["format"] != LOG_FORMAT:
                 raise ValueError("unknown format")
-            live = {f["path"]: DataFile(**f) for f in rec["live"]}
+            live = {f.path: f for f in (_typed(DataFile, f) for f in _items(rec["live"]))}
             return cls(int(rec["seq"]), live, {(str(t), int(p)): int(n) for t, p, n in rec["positions"]},
                        {str(p): str(c) for p, c in rec["retired"]})
         except (ValueError, TypeError, KeyError, AttributeError) as exc:

@@ -34,6 +34,18 @@ def _sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+_GLOB_CHARS = re.compile(r"([\[*?])")
+
+
+def _literal_path(path: str) -> str:
+    """``path`` with DuckDB's glob characters quoted (``[`` as ``[[]``): it names that one file.
+
+    ``read_parquet`` globs every path it is given, so an archive under ``/data/b?`` would also read
+    the files of ``/data/bx``.
+    """
+    return _GLOB_CHARS.sub(r"[\1]", path)
+
+
 _MACROS = """
 CREATE MACRO ang_sep_deg(ra1, dec1, ra2, dec2) AS degrees(2 * asin(sqrt(least(1.0,
     pow(sin(radians(dec2 - dec1) / 2), 2)
@@ -224,7 +236,7 @@ class Archive:
             con.register(f"{VIEW}_empty", file_schema().empty_table())
             return f"SELECT *, NULL::VARCHAR AS filename FROM {VIEW}_empty"
         union = len({f.schema_version for f in files}) > 1  # versions differ: unify their columns by name
-        listing = ", ".join(_sql_str(self._duck_path(f.path)) for f in files)
+        listing = ", ".join(_sql_str(_literal_path(self._duck_path(f.path))) for f in files)
         return f"SELECT * FROM read_parquet([{listing}], filename = true, union_by_name = {union})"
 
     def _error(self, exc: Exception, files: Sequence[DataFile]) -> ArchiveError:

@@ -55,15 +55,17 @@ def night_of(mjd: float, longitude: float = 0.0) -> dt.date:
     mjd : float
         Exposure start (MJD, days UTC).
     longitude : float
-        Telescope longitude (deg, east positive).
+        Telescope longitude (deg, east positive; 0-360 as the MPC writes it, or -180-180: 204.53
+        and -155.47 are both Mauna Kea, whose dates are those of 155.47 deg W).
 
     Raises
     ------
     SchemaError
         ``mjd`` is not a finite date.
     """
+    east = (longitude + 180.0) % 360.0 - 180.0  # in [-180, 180): 204.53 east is 155.47 west, as civil dates
     try:
-        return _MJD_ZERO + dt.timedelta(days=math.floor(float(mjd) + longitude / 360.0 - 0.5))
+        return _MJD_ZERO + dt.timedelta(days=math.floor(float(mjd) + east / 360.0 - 0.5))
     except (TypeError, ValueError, OverflowError) as exc:
         raise SchemaError(f"alert time {mjd!r} (MJD) is not a date: the alert has no night") from exc
 
@@ -96,8 +98,8 @@ def to_batch(alerts: Sequence[Archived], longitudes: Mapping[str, float] | None 
     cols["kafka_topic"] = [a.topic for a in alerts]
     cols["kafka_partition"] = [a.partition for a in alerts]
     cols["kafka_offset"] = [a.offset for a in alerts]
-    try:
-        arrays = [pa.array(cols[c.name], c.type) for c in COLUMNS]
+    try:  # NaN as null in the columns one filters on: DuckDB orders NaN above every number ('rb > 0.9' held it)
+        arrays = [pa.array(cols[c.name], c.type, from_pandas=True) for c in COLUMNS]
         arrays.append(pa.array([a.record for a in alerts], schema.field(ALERT_COLUMN).type))
         return pa.RecordBatch.from_arrays(arrays, schema=schema)
     except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:

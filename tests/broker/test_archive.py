@@ -197,6 +197,13 @@ def test_a_night_keeps_its_date_until_local_noon():
         mjd_of("yesterday")
 
 
+def test_a_longitude_from_0_to_360_gives_the_dates_of_its_own_side_of_the_date_line():
+    """Mauna Kea is 204.53 deg east as the MPC writes it: its nights had the dates of the next day."""
+    evening = mjd_of("2025-03-14T20:00:00-10:00")  # 06:00 UTC on the 15th
+    assert night_of(evening, 204.53) == night_of(evening, -155.47) == dt.date(2025, 3, 14)
+    assert night_of(evening, 360.0) == night_of(evening, -360.0) == night_of(evening)
+
+
 def test_the_config_rejects_nonsense():
     with pytest.raises(ConfigError):
         ArchiveConfig(batch_alerts=0)
@@ -232,6 +239,33 @@ def test_archive_columns_hold_the_convenience_values_and_kafka_coordinates(write
                    "filter": s["filter"], "snr": s["snr"], "magpsf": s["magpsf"], "rb": rec["scores"]["rb"],
                    "anomaly": rec["scores"]["anomaly"], "schema_version": schemas.CURRENT["alert"],
                    "kafka_topic": "alerts.r", "kafka_partition": 0, "kafka_offset": 41}
+
+
+def test_nan_in_a_column_to_filter_on_is_null_and_the_record_keeps_it(writer):
+    """DuckDB orders NaN above every number: ``rb > 0.9`` held an alert whose score is NaN, ``max(rb)`` was NaN."""
+    recs = objects(3, VERSIONS[-1])
+    recs[0]["scores"]["rb"], recs[1]["scores"]["rb"], recs[2]["scores"]["rb"] = float("nan"), 0.95, 0.5
+    recs[0]["source"]["snr"] = float("nan")
+    commit(writer, archived(recs))
+    archive = Archive(writer.archive.url)
+    assert archive.query("SELECT object_id FROM alerts WHERE rb > 0.9 OR snr > 1e9").column(0).to_pylist() == [
+        "OBJ000001"]
+    assert archive.query("SELECT max(rb) AS m FROM alerts").column("m").to_pylist() == [0.95]
+    (kept,) = archive.query("SELECT alert.scores.rb AS rb FROM alerts WHERE rb IS NULL").column("rb").to_pylist()
+    assert math.isnan(kept)  # the record is the one archived
+
+
+def test_an_archive_path_with_glob_characters_reads_only_its_own_files(tmp_path):
+    """DuckDB globs every path it reads: the archive under ``b?`` also read the files of ``bx``."""
+    for name, n in (("bx", 5), ("b?", 2), ("a1", 4), ("a[1]", 3), ("cz", 6), ("c*", 1)):
+        w = ArchiveWriter(Archive(tmp_path / name))
+        w.recover()
+        commit(w, archived(objects(n, VERSIONS[-1])))  # the same file names in every archive
+    for name, n in (("b?", 2), ("a[1]", 3), ("c*", 1)):
+        archive = Archive(tmp_path / name)
+        assert archive.query("SELECT count(*) AS n FROM alerts").column("n").to_pylist() == [n], name
+        count, rows = archive.select("true")
+        assert count == len(list(rows)) == n, name
 
 
 def test_files_are_partitioned_by_night_telescope_and_version(writer):
@@ -338,6 +372,24 @@ def test_a_missing_file_or_commit_record_is_reported(committed, writer):
     archive.fs.pipe_file(archive.path(f"{COMMITS}/00000000000000000001.json"), b'{"format": 1, "seq": 1')
     with pytest.raises(ArchiveCorrupt, match="not readable"):
         archive.count()
+
+
+@pytest.mark.parametrize("damage", [
+    lambda r: r["files"][0].update(rows=None),  # count() raised TypeError
+    lambda r: r["files"][0].update(path=5),  # every query raised AttributeError
+    lambda r: r["offsets"][0].update(next="7"),  # the writer's positions raised TypeError
+    lambda r: r.update(files={}),  # read as no files: the archive looked empty
+    lambda r: r["files"].append("x"),
+], ids=["null rows", "numeric path", "text offset", "files as an object", "a file that is no object"])
+def test_a_commit_record_with_values_of_the_wrong_type_is_reported(committed, damage):
+    archive, _ = committed
+    name = archive.path(f"{COMMITS}/00000000000000000001.json")
+    record = json.loads(archive.fs.cat_file(name))
+    damage(record)
+    archive.fs.pipe_file(name, json.dumps(record).encode())
+    for call in (archive.count, lambda: archive.query("SELECT count(*) FROM alerts"), archive.snapshot):
+        with pytest.raises(ArchiveCorrupt, match="00000000000000000001.json is not readable"):
+            call()
 
 
 def test_an_unreadable_file_of_the_right_size_is_reported(committed):

@@ -128,3 +128,14 @@ def test_field_selection():
     assert FieldSelection(None).apply(alert) is alert and not FieldSelection("")
     with pytest.raises(ConfigError, match="source.nope"):
         FieldSelection("source.ra,source.nope")
+
+
+def test_is_compares_only_with_none_true_or_false():
+    """``filter is 'r'`` parsed and matched no alert, 'r' included: Python's identity, not equality."""
+    _, alert = _alert()  # band r, rb 0.9
+    for expr in ("filter is 'r'", "rb is not 0.9", "snr is 12", "'r' is filter"):
+        with pytest.raises(FilterExpressionError, match="compare values with =="):
+            AlertFilter(expr)
+    assert AlertFilter("rb is not None and source.isdiffpos is True and filter == 'r'")(alert)
+    alert["scores"]["rb"] = None
+    assert AlertFilter("rb is None")(alert)

@@ -27,6 +27,15 @@ def test_the_selection_is_a_time_range_and_a_condition():
         selection("last week")
 
 
+def test_an_inverted_or_empty_range_is_refused_not_replayed_as_nothing():
+    """``--from`` after ``--to`` (or a time zone that puts it there) replayed 0 alerts and said nothing else."""
+    for start, end in (("2025-03-15", "2025-03-14"), ("2025-03-14T00:00", "2025-03-14T00:00"),
+                       ("2025-03-14T01:00+02:00", "2025-03-13T23:00Z")):
+        with pytest.raises(ArchiveError, match="is not after --from"):
+            selection(start, end)
+    assert selection("2025-03-14T01:00+02:00", "2025-03-13T23:01Z")  # one minute, once the zones are counted
+
+
 @pytest.fixture
 def archive(tmp_path):
     writer = ArchiveWriter(Archive(tmp_path / "archive"))

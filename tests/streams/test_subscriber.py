@@ -32,6 +32,20 @@ def test_parse_start():
             parse_start(bad)
 
 
+def test_a_start_kafka_cannot_take_is_clamped_or_refused():
+    """A time before 1970 was a negative Kafka timestamp: -1 asks for the end (nothing read), others an error.
+
+    ``0001-01-01`` raised a ``KafkaError`` out of ``poll``, ``1969-12-31T23:59:59.999`` read nothing; an
+    offset past 2**63 raised ``SystemError`` there, and ``²`` (a digit ``int()`` refuses) ``ValueError`` here.
+    """
+    for text in ("0001-01-01", "1969-12-31T23:59:59.999Z", "1970-01-01T01:00:00+02:00"):
+        assert parse_start(text) == StartPosition("time", time_ms=0), text  # every message
+    assert parse_start(str(2**63 - 1)) == StartPosition("offset", offset=2**63 - 1)
+    for bad in (str(2**63), "9" * 30, "\u00b2", "\u00b9\u00b2"):
+        with pytest.raises(ConfigError, match="--start"):
+            parse_start(bad)
+
+
 def _foreign_schema_with_null_scores():
     """The alert schema with ``scores`` nullable: what a foreign producer might write."""
     raw = json.loads((schemas.ROOT / "alert" / "v1.avsc").read_text())
@@ -227,6 +241,14 @@ def test_start_positions(settings):
     assert res.exit_code == 0, res.output
     assert sorted(line for line in res.output.splitlines() if line.startswith("candid=")) == sorted(
         f"candid=p{p}/{i} source.snr=12.0" for p in range(2) for i in (8, 9))
+
+
+@pytest.mark.kafka
+def test_a_start_time_before_1970_reads_every_message(settings):
+    topic = _topic(settings)
+    _produce_timed(settings, topic, 3, 1, int(time.time() * 1000) - 60_000)
+    for text in ("0001-01-01", "1969-12-31T23:59:59.999Z"):
+        assert _read(settings, topic, parse_start(text)) == ["p0/0", "p0/1", "p0/2"], text
 
 
 @pytest.mark.kafka
