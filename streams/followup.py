@@ -81,11 +81,20 @@ class FollowupRules:
         ``alert_view`` is the alert, or a dict of the same shape holding at least the fields the
         rules read (``scores.rb``, ``scores.anomaly``, ``classification.probabilities.SN``,
         ``object.ndet`` for the defaults). A rule that cannot be evaluated on it (a null score, a
-        missing field) does not match.
+        missing field, a value past the language's bounds such as ``snr ** snr ** snr``) does not
+        match; the last is logged, as the alert's candidates must still be scored and published.
         """
         if not self.config.enabled:
             return None
-        return next((rule for rule, when in self._compiled if when(alert_view)), None)
+        return next((rule for rule, when in self._compiled if self._holds(rule, when, alert_view)), None)
+
+    @staticmethod
+    def _holds(rule: FollowupRule, when: AlertFilter, alert_view: dict) -> bool:
+        try:
+            return when(alert_view)
+        except FilterExpressionError as exc:
+            log.warning("follow-up rule %r not evaluated on %s: %s", rule.name, alert_view.get("candid"), exc)
+            return False
 
 
 # --- the record on Kafka -----------------------------------------------------------------------------

@@ -40,6 +40,16 @@ def test_the_default_rules_compile_and_pick_the_first_match():
     assert rules.first_match(_view(anomaly=0.5, sn=0.9, ndet=2, matches=[trail])) is None
 
 
+def test_a_rule_past_the_language_bounds_on_one_alert_does_not_match_and_the_next_rule_is_tried():
+    """``source.snr ** source.snr ** source.snr`` compiles, then overflows on an alert's S/N of 12.
+
+    It raised out of the score stage, and the frame's whole batch was dead-lettered.
+    """
+    rules = FollowupRules(FollowupConfig(rules=(
+        FollowupRule("huge", "source.snr ** source.snr ** source.snr > 1"), FollowupRule("any", "scores.rb > 0.5"))))
+    assert rules.first_match(_view()).name == "any"
+
+
 @pytest.mark.parametrize("when", ["scores.rb >", "no.such.field > 1", "__import__('os')", "scores.rb[0] > 1",
                                   "open('x')", "[x for x in prv_sources]"])
 def test_a_bad_expression_stops_the_stage_at_start_up(when):
