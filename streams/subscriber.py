@@ -31,7 +31,7 @@ from confluent_kafka import (
 )
 from confluent_kafka import TopicPartition as KafkaPartition
 
-from broker.errors import BrokerError, ConfigError, DecodeError, UnknownTopic
+from broker.errors import BrokerError, ConfigError, DecodeError, Unavailable, UnknownTopic
 from streams import serde
 from streams.alert_expr import is_num
 from streams.framing import decode_alert
@@ -285,8 +285,12 @@ class Subscription:
             kind = self.start.kind
             if kind == "time":
                 assert self.start.time_ms is not None
-                found = consumer.offsets_for_times([KafkaPartition(tp.topic, tp.partition, self.start.time_ms)
-                                                    for tp in new], timeout=15)
+                try:
+                    found = consumer.offsets_for_times([KafkaPartition(tp.topic, tp.partition, self.start.time_ms)
+                                                        for tp in new], timeout=15)
+                except KafkaException as exc:  # out of poll() it was a traceback of the client's
+                    raise Unavailable(f"cannot find where {self.topic} reaches the --start time: "
+                                      f"{exc.args[0] if exc.args else exc}") from exc
                 offsets = {f.partition: f.offset if f.offset >= 0 else OFFSET_END for f in found}
                 self._not_before.update(dict.fromkeys(offsets, self.start.time_ms))
             else:

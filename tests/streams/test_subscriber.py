@@ -46,6 +46,24 @@ def test_a_start_kafka_cannot_take_is_clamped_or_refused():
             parse_start(bad)
 
 
+def test_a_start_time_the_broker_cannot_look_up_is_a_clear_error():
+    """An ``offsets_for_times`` timeout came out of ``poll`` as the client's own exception: a traceback."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka import TopicPartition as KafkaPartition
+
+    from broker.errors import Unavailable
+    from streams.settings import KafkaSettings
+    from streams.subscriber import Subscription
+
+    class Slow:
+        def offsets_for_times(self, partitions, timeout):
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "Local: Timed out"))
+
+    sub = Subscription(KafkaSettings(bootstrap="127.0.0.1:1"), "alerts", start=parse_start("2025-03-01"))
+    with pytest.raises(Unavailable, match="cannot find where alerts reaches the --start time.*Timed out"):
+        sub._on_assign(Slow(), [KafkaPartition("alerts", 0)])
+
+
 def _foreign_schema_with_null_scores():
     """The alert schema with ``scores`` nullable: what a foreign producer might write."""
     raw = json.loads((schemas.ROOT / "alert" / "v1.avsc").read_text())
