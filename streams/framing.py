@@ -420,8 +420,15 @@ def decode_alert(key: bytes | None, value: bytes | None, headers: dict[str, byte
     value = bytes(value)
     if value.startswith(OCF_MAGIC):
         return decode_ocf(value)
+    confluent = value[0] == CONFLUENT_MAGIC and len(value) > 5
     if key and key.lstrip()[:1] == b"{":
-        return [_body(known_schema(key), value)]
-    if value[0] == CONFLUENT_MAGIC and len(value) > 5:
+        try:
+            schema = known_schema(key)
+        except DecodeError:
+            if not confluent:
+                raise
+        else:  # a key that is an alert schema: Fink's framing
+            return [_body(schema, value)]
+    if confluent:  # a JSON key that is no schema (an id of the producer's) does not make it Fink's
         return [_confluent(value, headers, registry)]
     raise DecodeError("not an alert in a known framing (Avro container file, Confluent or Fink framing)")

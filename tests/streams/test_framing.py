@@ -50,6 +50,16 @@ def test_each_framing_round_trips_and_is_told_apart_by_its_bytes(framing):
         assert decode_alert(out.key, out.value) == [alert]
 
 
+def test_a_confluent_message_with_a_json_key_is_not_taken_for_fink():
+    """A producer's key of JSON (not a schema) made the message Fink-framed, and undecodable."""
+    alert = _sample()
+    out = _encoder("confluent").encode(alert, b"OBJ1")
+    for key in (b'{"objectId": "ZTF23ablitjs"}', b"{"):
+        assert decode_alert(key, out.value, out.headers) == [alert]
+    with pytest.raises(DecodeError, match="writer schema"):  # not Confluent either: the key's reason
+        decode_alert(b'{"objectId": 1}', b"\x02" + out.value[5:])
+
+
 @pytest.mark.parametrize("codec", ["null", "deflate", "snappy"])
 def test_ocf_is_what_plain_fastavro_and_hop_read_with_any_codec(codec):
     if codec == "snappy":
