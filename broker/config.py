@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,6 +201,14 @@ class PipelineConfig:
             raise ConfigError(f"dlq_value_bytes must be 0 to 32 MiB, not {self.dlq_value_bytes}")
         if not 0 <= self.transaction_deadline_s < 86400:
             raise ConfigError(f"transaction_deadline_s must be 0 to 86400 s, not {self.transaction_deadline_s}")
+        if self.max_consecutive_unexpected < 0:
+            raise ConfigError(f"max_consecutive_unexpected must be 0 (never stop) or more, "
+                              f"not {self.max_consecutive_unexpected}")
+        if self.torch_threads < 1:
+            raise ConfigError(f"torch_threads must be 1 or more, not {self.torch_threads}")
+        if not 0 < self.inline_limit_bytes <= self.max_frame_bytes:
+            raise ConfigError(f"inline_limit_bytes must be above 0 and at most max_frame_bytes "
+                              f"({self.max_frame_bytes}), not {self.inline_limit_bytes}")
         names = [t.name for t in self.alert_topics]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"alert_topics must name one or more distinct topics, not {names}")
@@ -218,21 +227,87 @@ def _build(cls: type, values: dict, where: str):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{where}.{name}] must be a table")
             kwargs[name] = _build(hint, value, f"{where}.{name}")
-        elif typing.get_origin(hint) is tuple or hint is tuple:
-            item = (typing.get_args(hint) or (None,))[0]
-            if isinstance(item, type) and dataclasses.is_dataclass(item):  # an array of tables
-                kwargs[name] = tuple(v if isinstance(v, item) else _build(item, _table(v, f"{where}.{name}"),
-                                                                          f"{where}.{name}") for v in value)
-            else:
-                kwargs[name] = tuple(value)
-        elif hint is Path:
-            kwargs[name] = Path(value)
+        elif _is_table_array(hint):
+            item = typing.get_args(hint)[0]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"[[{where}.{name}]] must be an array of tables")
+            kwargs[name] = tuple(v if isinstance(v, item) else _build(item, _table(v, f"{where}.{name}"),
+                                                                      f"{where}.{name}") for v in value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(value, hint, f"[{where}] {name}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid [{where}]: {exc}") from exc
+
+
+#: The types of settings that :func:`_typed` checks, as its errors name them.
+_TYPE_NAMES: dict[object, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                                  Path: "a path (string)", tuple: "an array", dict: "a table"}
+
+
+def _is_table_array(hint: object) -> bool:
+    """Whether ``hint`` is ``tuple[SomeDataclass, ...]``: an array of tables in TOML."""
+    item = (typing.get_args(hint) or (None,))[0]
+    return typing.get_origin(hint) is tuple and isinstance(item, type) and dataclasses.is_dataclass(item)
+
+
+def _typed(value: object, hint: object, what: str) -> object:
+    """``value`` as the setting ``what`` of type ``hint`` holds it (an int as a float, an array as a tuple).
+
+    Raises
+    ------
+    ConfigError
+        ``value`` is not of that type (a string for a number, a string for an array of strings, ...):
+        used as it is, it would fail later or mean something else.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            return value  # no such setting yet: left to the dataclass
+        hint, origin, args = kinds[0], typing.get_origin(kinds[0]), typing.get_args(kinds[0])
+    if hint not in _TYPE_NAMES and origin not in (tuple, dict):
+        return value  # a type this check does not know: left to the dataclass
+    if isinstance(value, bool):
+        if hint is bool:
+            return value
+    elif hint is int and isinstance(value, int):
+        return value
+    elif hint is float and isinstance(value, (int, float)):
+        return float(value)
+    if (hint is str and isinstance(value, str)) or (hint is Path and isinstance(value, (str, Path))):
+        return hint(value)
+    if (origin is tuple or hint is tuple) and isinstance(value, (list, tuple)):
+        return _typed_tuple(value, hint, what)
+    if (origin is dict or hint is dict) and isinstance(value, dict):
+        return {k: _typed(v, args[1], f"{what}.{k}") for k, v in value.items()} if args else value
+    raise ConfigError(f"{what} must be {_type_name(hint)}, not {value!r:.80}")
+
+
+def _typed_tuple(value: list | tuple, hint: object, what: str) -> tuple:
+    """The items of an array setting of type ``hint``: ``tuple[X, ...]``, or one type per item."""
+    args = typing.get_args(hint)
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(value)
+    elif args and len(args) != len(value):
+        raise ConfigError(f"{what} must be {_type_name(hint)}, not {list(value)!r:.80}")
+    return tuple(_typed(v, a, what) for v, a in zip(value, args, strict=True)) if args else tuple(value)
+
+
+def _type_name(hint: object) -> str:
+    """How an error message names a setting's type."""
+    items = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+    if typing.get_origin(hint) is tuple or hint is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"an array of {items.get(args[0], 'values')}"
+        return f"an array of {len(args)} {items.get(args[0], 'values')}" if args else "an array"
+    if typing.get_origin(hint) is dict:
+        return "a table"
+    return _TYPE_NAMES.get(hint, str(hint))
 
 
 def _table(value: object, where: str) -> dict:

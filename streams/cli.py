@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -89,10 +90,13 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
                    "pod name (k8s sets BROKER_INSTANCE to the StatefulSet pod's); keys the transactional id "
                    "<app-id>.<stage>.<instance>.", envvar="BROKER_INSTANCE")] = "0",
           framing: FramingOpt = None, registry_url: RegistryOpt = None) -> None:
-    """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors, 4 when Kafka hangs)."""
+    """Run one stage until SIGTERM / Ctrl-C (exit code 3 after repeated unexpected errors, 4 when Kafka fails it)."""
+    from confluent_kafka import KafkaException
+
     from broker.config import load_config
     from broker.errors import StageFailure
     from streams.metrics import StageMetrics
+    from streams.runner import EXIT_HUNG
     from streams.settings import KafkaSettings
     from streams.stages import stage as stage_named
 
@@ -110,7 +114,10 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
     except BrokerError as exc:
         _fail(exc)
     if metrics_port >= 0:
-        port = metrics.serve(metrics_port, metrics_addr)
+        try:
+            port = metrics.serve(metrics_port, metrics_addr)
+        except BrokerError as exc:
+            _fail(exc)
         print(f"{name}: metrics on http://{metrics_addr}:{port}/metrics", flush=True)
     runner.install_signal_handlers()
     print(f"{name}: consuming {spec.input} from {bootstrap}", flush=True)
@@ -121,6 +128,9 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
         raise typer.Exit(3) from exc
     except KafkaAuthError as exc:  # credentials revoked or changed while running
         _fail(exc)
+    except KafkaException as exc:  # no answer at start-up (init_transactions), fenced by a newer instance, ...
+        console.print(f"[red]stopped:[/red] Kafka at {escape(bootstrap)}: {escape(exc.args[0].str())}")
+        raise typer.Exit(EXIT_HUNG) from exc
     print(f"{name}: stopped after {n} messages", flush=True)
 
 
@@ -154,9 +164,9 @@ def topics(bootstrap: Bootstrap,
         cfg = load_config(config, **_alert_overrides(framing, None))
         settings = KafkaSettings.load(bootstrap, cfg)
         settings.verify_login()
+        created = create_topics(settings, pipeline_topics(tuple(filters.split(",")), partitions, cfg))
     except BrokerError as exc:
         _fail(exc)
-    created = create_topics(settings, pipeline_topics(tuple(filters.split(",")), partitions, cfg))
     console.print(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
 
 
@@ -534,7 +544,7 @@ class _SkipWarnings:
 
         self.left -= 1
         if self.left >= 0:
-            self.err.print(f"[yellow]skipped[/yellow] {escape(str(skipped))}")
+            self.err.print(f"[yellow]skipped[/yellow] {escape(printable(str(skipped)))}")
         if self.left == 0:
             self.err.print("[yellow]further skipped messages are only counted[/yellow]")
 
@@ -550,11 +560,31 @@ def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Op
         slim = chosen.apply(alert) if chosen else {k: v for k, v in alert.items() if not k.startswith("cutout")}
         print(to_json(slim), flush=True)
     else:
-        console.print(escape(chosen.text(alert) if chosen else format_alert(alert)))
+        console.print(escape(printable(chosen.text(alert) if chosen else format_alert(alert))))
     if png_dir:
-        png = save_triplet_png(alert, png_dir / f"{alert['candid'].replace('/', '_')}.png")
+        png = save_triplet_png(alert, png_dir / png_name(alert["candid"]))
         for problem in png.problems:
             err.print(f"[yellow]cutout not drawn[/yellow] in {png.path.name}: {escape(problem)}")
+
+
+def printable(text: str) -> str:
+    r"""``text`` with every non-printable character as its escape (``\x1b``, ``\n``).
+
+    An alert's strings come from whoever produced it: an escape sequence in an ``objectId`` would
+    otherwise reach the terminal (clear it, retitle it, hide lines).
+    """
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def png_name(candid: str) -> str:
+    """The triplet PNG's file name of candidate ``candid``: ``/`` and NUL as ``_``, a long one cut and hashed.
+
+    Whatever the candidate id (a NUL, 300 characters), the name is one a file system accepts.
+    """
+    name = candid.replace("/", "_").replace("\x00", "_")
+    if len(name) > 64 or len(name.encode()) > 200:
+        name = f"{name[:48]}~{hashlib.sha1(candid.encode()).hexdigest()[:12]}"
+    return f"{name}.png"
 
 
 def _score(value: float | None) -> str:

@@ -7,6 +7,8 @@ import time
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
+from broker.errors import ConfigError
+
 # Stage times span ms (classify) to seconds (subtract on 4k frames).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
 # Edges at the alert-latency SLO (60 s, deploy/prometheus/alerts.yml) and around it, so its p95 is read
@@ -57,8 +59,17 @@ class StageMetrics:
         self._lag.update(consumer)
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``addr:port`` (port 0: a free one); return the port."""
-        server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        """Serve ``/metrics`` on ``addr:port`` (port 0: a free one); return the port.
+
+        Raises
+        ------
+        ConfigError
+            The address cannot be listened on (the port taken, an address not of this host).
+        """
+        try:
+            server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot serve /metrics on {addr}:{port}: {exc.strerror or exc}") from exc
         return server.server_address[1]
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, Unavailable
 
 if TYPE_CHECKING:
     from streams.settings import KafkaSettings
@@ -97,9 +97,20 @@ def create_topics(bootstrap: str | KafkaSettings, specs: list[TopicSpec], timeou
 
     ``bootstrap`` is ``host:port`` (plaintext) or a :class:`streams.settings.KafkaSettings`, whose
     security (SASL, TLS) the admin client then uses.
+
+    Raises
+    ------
+    Unavailable
+        Kafka did not answer within ``timeout`` s.
+    BrokerError
+        Kafka refused to create a topic.
     """
     admin = AdminClient({"bootstrap.servers": bootstrap} if isinstance(bootstrap, str) else bootstrap.admin())
-    existing = set(admin.list_topics(timeout=timeout).topics)
+    try:
+        existing = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        where = bootstrap if isinstance(bootstrap, str) else bootstrap.bootstrap
+        raise Unavailable(f"Kafka at {where} did not answer: {exc.args[0].str()}") from exc
     new = [NewTopic(s.name, s.partitions, s.replication,
                     config={"max.message.bytes": str(MAX_MESSAGE_BYTES), **dict(s.config)})
            for s in specs if s.name not in existing]

@@ -310,3 +310,42 @@ def test_compose_kafka_needs_scram_and_each_principal_has_its_acls():
     assert services["producer"]["environment"]["BROKER_KAFKA_USERNAME"] == "telescope"
     assert services["subscriber"]["environment"]["BROKER_KAFKA_USERNAME"] == "subscriber"
     assert set(compose["secrets"]) >= {*(s.name for s in STAGES), "telescope", "subscriber", "admin"}
+
+
+def _group_of_the_portal_live_stream(monkeypatch) -> str:
+    """The consumer group the portal's live stream joins (``streams.web.live``), as its code names it."""
+    from types import SimpleNamespace
+
+    from broker.config import load_config
+    from streams import subscriber
+    from streams.web import live
+
+    class Joined(Exception):
+        pass
+
+    def consumer(conf: dict) -> None:
+        raise Joined(conf["group.id"])
+
+    config = SimpleNamespace(bootstrap="127.0.0.1:9", pipeline=load_config(), alerts_topic="alerts")
+    portal = SimpleNamespace(config=config, extras={}, registry=None, archive=None)
+    hub = live.live_hub(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(portal=portal))))
+    monkeypatch.setattr(subscriber, "Consumer", consumer)
+    with pytest.raises(Joined) as joined:
+        subscriber.Subscription(hub.settings, hub.topic).open()
+    return str(joined.value)
+
+
+def test_the_portal_live_stream_may_join_its_group_as_the_subscriber(monkeypatch):
+    """Compose and k8s run the portal as ``subscriber``, whose ACLs must allow its live stream's group.
+
+    The group is ``portal.subscriber-<hex>`` (app id ``portal``): Kafka refused it
+    (GROUP_AUTHORIZATION_FAILED) and the live page stayed down.
+    """
+    group = _group_of_the_portal_live_stream(monkeypatch)
+    assert group.startswith("portal.")
+    k8s = [n for t, n, pat, op in _acls("subscriber") if t == "group" and op == "Read" and pat == "prefix"]
+    assert any(group.startswith(prefix) for prefix in k8s), (group, k8s)
+    script = (ROOT / "deploy/kafka/users.sh").read_text().splitlines()
+    compose = [w[4] for w in (line.split() for line in script)
+               if w[:4] == ["allow", "subscriber", "Read", "group"] and w[5:] == ["prefixed"]]
+    assert any(group.startswith(prefix) for prefix in compose), (group, compose)

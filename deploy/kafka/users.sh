@@ -66,6 +66,8 @@ allow subscriber Read topic alerts prefixed
 allow subscriber Describe topic alerts prefixed
 allow subscriber Read group broker.subscriber- prefixed
 allow subscriber Read group subscriber- prefixed
+# the portal's live stream (docker-compose.yml runs the portal as subscriber; app id portal)
+allow subscriber Read group portal.subscriber- prefixed
 user registry
 allow registry All topic _schemas
 allow registry Read group schema-registry prefixed

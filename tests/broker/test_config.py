@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from broker.config import AlertTopicConfig, PipelineConfig, load_config, parse_alert_topic
@@ -55,3 +57,43 @@ def test_dead_letters_keep_1_mib_of_a_long_value_unless_configured():
     for bad in (-1, 33 * 1024 * 1024):
         with pytest.raises(ConfigError, match="dlq_value_bytes"):
             load_config(dlq_value_bytes=bad)
+
+
+@pytest.mark.parametrize("toml,match", [
+    ('inline_limit_bytes = "8MB"\n', r"\[pipeline\] inline_limit_bytes must be an integer, not '8MB'"),
+    ("inline_limit_bytes = 1.5\n", "inline_limit_bytes must be an integer"),
+    ('retain_freed_memory = "no"\n', "retain_freed_memory must be true or false"),
+    ("state_dir = 5\n", "state_dir must be a path"),
+    ('transaction_deadline_s = "60"\n', "transaction_deadline_s must be a number"),
+    ('[ingest]\nsubtract_skip_on = "few_stars"\n', r"\[pipeline.ingest\] subtract_skip_on must be an array of strings"),
+    ("[ingest]\nfwhm_range = [1.0, 2.0, 3.0]\n", "fwhm_range must be an array of 2 numbers"),
+    ('[ingest.plausibility]\ngain_max = "1000"\n', r"\[pipeline.ingest.plausibility\] gain_max must be a number"),
+    ("[history]\ndsn = 5\n", "dsn must be a string"),
+    ('[archive]\nlongitudes = {LSST = "west"}\n', "longitudes.LSST must be a number"),
+    ("[followup]\nrules = 5\n", "array of tables"),
+    ("max_consecutive_unexpected = -1\n", "max_consecutive_unexpected must be 0"),
+    ("torch_threads = 0\n", "torch_threads must be 1 or more"),
+    ("inline_limit_bytes = 0\n", "inline_limit_bytes must be above 0"),
+    ("max_frame_bytes = 1024\n", "at most max_frame_bytes"),
+])
+def test_a_setting_of_the_wrong_type_or_out_of_range_is_a_config_error(tmp_path, toml, match):
+    """Refused at start-up, not used as they are.
+
+    ``"few_stars"`` became the skip reasons 'f', 'e', 'w', ..., ``"no"`` was true, ``-1`` unexpected
+    errors stopped the stage after its first message, ``state_dir = 5`` was a TypeError.
+    """
+    path = tmp_path / "pipeline.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_settings_of_the_right_types_load_as_their_fields_hold_them(tmp_path):
+    path = tmp_path / "pipeline.toml"
+    path.write_text('state_dir = "s"\ntransaction_deadline_s = 60\n[ingest]\nsubtract_skip_on = []\n'
+                    'fwhm_range = [1, 9.5]\n[archive]\nlongitudes = {LSST = -70}\n[history]\ndsn = "postgresql://h/db"\n')
+    cfg = load_config(path)
+    assert cfg.state_dir == Path("s") and cfg.transaction_deadline_s == 60.0
+    assert isinstance(cfg.transaction_deadline_s, float)
+    assert cfg.ingest.subtract_skip_on == () and cfg.ingest.fwhm_range == (1.0, 9.5)
+    assert cfg.archive.longitudes == {"LSST": -70.0} and cfg.history.dsn == "postgresql://h/db"

@@ -54,6 +54,38 @@ def test_a_stage_stopped_by_repeated_bugs_exits_non_zero(monkeypatch):
     assert res.exit_code == 3 and "5 unexpected errors in a row" in res.output, res.output
 
 
+@pytest.mark.slow
+def test_a_stage_whose_kafka_does_not_answer_stops_with_the_reason_not_a_traceback():
+    """Plaintext has no login to check first: the runner's ``init_transactions`` times out after 30 s.
+
+    That KafkaException used to end ``broker stage`` with a traceback and exit code 1.
+    """
+    res = runner.invoke(app, ["stage", "ingest", "--bootstrap", "127.0.0.1:1", "--metrics-port", "-1"])
+    assert res.exit_code == 4, res.output
+    assert "stopped: Kafka at 127.0.0.1:1: Timed out" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.slow
+def test_topics_on_a_kafka_that_does_not_answer_is_explained():
+    """``broker topics`` (compose's one-shot ``topics`` service) used to end with a KafkaException's traceback."""
+    res = runner.invoke(app, ["topics", "--bootstrap", "127.0.0.1:1"])
+    assert res.exit_code == 2, res.output
+    assert "Kafka at 127.0.0.1:1 did not answer" in res.output and "Traceback" not in res.output
+
+
+def test_a_metrics_port_that_is_taken_is_explained():
+    """Two stages given one --metrics-port: the second said ``OSError: [Errno 98]`` in a traceback (exit code 1)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = runner.invoke(app, ["stage", "ingest", "--bootstrap", "127.0.0.1:1", "--metrics-port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in res.output
+
+
 def test_stage_help_names_every_stage():
     from streams.stages import STAGE_NAMES
 
@@ -306,3 +338,33 @@ def test_commands_that_need_torch_say_how_to_install_it(tmp_path, monkeypatch, a
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "needs torch" in res.output and "[classify]" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_an_alert_s_strings_cannot_drive_the_terminal_or_name_an_impossible_png(tmp_path, capsys):
+    """A hostile producer's alert is shown as text, and its PNG written, whatever its strings hold.
+
+    Escapes in ``objectId`` reached the terminal as they were, and a candid with a NUL or of 300
+    characters raised ``ValueError`` / ``OSError`` out of ``broker subscribe --png-dir``.
+    """
+    import copy
+    import warnings
+
+    from streams.alert_expr import FieldSelection
+    from streams.cli import _show_alert
+    from tests.schemas.test_schemas import _alert
+
+    _, alert = _alert()
+    alert["objectId"] = "OBJ\x1b[2J\x1b]0;owned\x07\nforged line"
+    _show_alert(alert, FieldSelection(None), False, None, None)
+    _show_alert(alert, FieldSelection("objectId"), False, None, None)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and out.count("\n") == 2
+    assert out.count("OBJ\\x1b[2J\\x1b]0;owned\\x07\\nforged line") == 2
+    for candid in ("F1/\x00/3", "F" * 300 + "/0", "É" * 70 + "/1"):
+        hostile = copy.deepcopy(alert)
+        hostile["objectId"], hostile["candid"] = "OBJ1", candid
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Glyph", UserWarning)  # the NUL in the PNG's title
+            _show_alert(hostile, FieldSelection(None), False, tmp_path, None)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3 and "F1___3.png" in names and all(len(n.encode()) <= 255 for n in names)
