@@ -348,6 +348,12 @@ class Unavailable(BrokerError):
     reason = "unavailable"
 
 
+class FrameNotDelivered(Unavailable):
+    """Frames handed to Kafka that it refused or never acknowledged (the producer's delivery reports; HTTP 503)."""
+
+    reason = "not_delivered"
+
+
 # --- runtime ------------------------------------------------------------------------------------
 class StageFailure(BrokerError):
     """A stage stops itself: too many unexpected (non-:class:`BrokerError`) errors in a row.

@@ -97,6 +97,8 @@ def profile_from_dict(values: dict, where: str = "profile") -> TelescopeProfile:
         raise ProfileError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
     kwargs = dict(values)
     if "match" in kwargs:
+        if not isinstance(kwargs["match"], list):  # a string would select the profile by each of its letters
+            raise ProfileError(f"{where}: match must be an array of header values, e.g. match = [\"Seestar S50\"]")
         kwargs["match"] = tuple(str(m) for m in kwargs["match"])
     if "filters" in kwargs and not isinstance(kwargs["filters"], dict):
         raise ProfileError(f"{where}: [filters] must be a table of vendor name = band")

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from streams.archiver import Archiver
     from streams.demo import DemoResult
     from streams.metrics import StageMetrics
-    from streams.producer import Published
+    from streams.producer import FrameProducer, Published
     from streams.runner import StageRunner
     from streams.settings import KafkaSettings
     from streams.stages import Stage
@@ -297,7 +297,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
         for path, res in watch_dir(paths[0], producer.publish_file, stop.is_set, pattern or None,
                                    recursive=recursive):
             _report(path, res)
-            producer.flush()
+            _flush(producer)  # the file is recorded as sent only once this returns
         return
     for path in paths:
         try:
@@ -305,9 +305,17 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
         except InvalidFrame as exc:
             res, failed = exc, failed + 1
         _report(path, res)
-    producer.flush()
+    _flush(producer)
     if failed:
         raise typer.Exit(1)
+
+
+def _flush(producer: FrameProducer) -> None:
+    """Wait for Kafka to take every frame sent; exit 2 naming those it refused or never acknowledged."""
+    try:
+        producer.flush()
+    except (BrokerError, TimeoutError) as exc:
+        _fail(exc)
 
 
 def _report(path: Path, res: Published | Exception) -> None:

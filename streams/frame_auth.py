@@ -66,6 +66,7 @@ class FrameSigner:
         principal = env.get("BROKER_FRAME_SIGNER") or table.get("signer")
         if not principal:
             return None
+        _check_principals([str(principal)])
         if env.get("BROKER_FRAME_KEY"):
             key = env["BROKER_FRAME_KEY"]
         else:
@@ -73,6 +74,8 @@ class FrameSigner:
             if not path:
                 raise ConfigError(f"frame signer {principal!r} has no key (BROKER_FRAME_KEY_FILE or key_file)")
             key = read_secret(str(path), "frame signing key")
+        if not key.strip():  # an empty key signs what anyone can sign
+            raise ConfigError(f"the frame signing key of {principal!r} is empty (BROKER_FRAME_KEY_FILE or key_file)")
         return cls(str(principal), key.encode())
 
 
@@ -129,6 +132,7 @@ class FrameAuthoriser:
             raise ConfigError("[kafka.frame_auth] telescopes must map each telescope to a list of principals")
         if not telescopes:
             return cls()
+        _check_principals([p for ps in telescopes.values() for p in ps])
         path = env.get("BROKER_FRAME_KEYS_FILE") or table.get("keys_file")
         if not path:
             raise ConfigError("[kafka.frame_auth] telescopes needs the principals' keys (keys_file or "
@@ -140,7 +144,28 @@ class FrameAuthoriser:
         missing = {p for ps in telescopes.values() for p in ps} - set(keys)
         if missing:
             raise ConfigError(f"frame keys file {path} has no key for {sorted(missing)}")
-        return cls({t: tuple(ps) for t, ps in telescopes.items()}, {p: str(k).encode() for p, k in keys.items()})
+        empty = sorted(p for p, k in keys.items() if not isinstance(k, str) or not k.strip())
+        if empty:  # an empty key would accept frames anyone can sign
+            raise ConfigError(f"frame keys file {path}: the key of {empty} is empty or not a string")
+        return cls({t: tuple(ps) for t, ps in telescopes.items()}, {p: k.encode() for p, k in keys.items()})
+
+
+def may_sign(kafka: Mapping | None, principal: str | None, telescope: str) -> bool:
+    """Whether the ingest stage of ``[kafka.frame_auth]`` accepts frames of ``telescope`` signed by ``principal``.
+
+    True without a ``telescopes`` map (nothing is checked); ``principal`` None: unsigned frames. The
+    signature itself is not checked here (that needs the principals' keys).
+    """
+    telescopes = _table(kafka).get("telescopes") or {}
+    return not telescopes or (principal is not None and principal in telescopes.get(telescope, ()))
+
+
+def _check_principals(principals: list) -> None:
+    """ConfigError for a principal that no ``frame-auth`` header can name (``principal:signature``)."""
+    bad = sorted(str(p) for p in principals if not isinstance(p, str) or not p or ":" in p)
+    if bad:
+        raise ConfigError(f"frame-auth principal(s) {bad} ([kafka.frame_auth] or BROKER_FRAME_SIGNER) cannot sign "
+                          "frames: a name without ':' expected")
 
 
 def _table(kafka: Mapping | None) -> dict:

@@ -7,16 +7,18 @@ inline limit, by reference to the frame store.
 
 from __future__ import annotations
 
+import functools
 import logging
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from astropy.time import Time
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 
-from broker.errors import FrameTooLarge, InvalidFrame
+from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame
 from broker.frame import Frame, decode_fits, encode_fits, sha256
 from broker.ingest import IngestConfig, validate
 from broker.telescopes import TelescopeProfile
@@ -71,6 +73,7 @@ class FrameProducer:
         self.inline_limit = inline_limit_bytes
         self.max_bytes = max_frame_bytes
         self.validation = validation
+        self._undelivered: list[str] = []  # frames Kafka refused or timed out, until flush() reports them
 
     def publish_frame(self, frame: Frame, exposure_end: float | None = None) -> Published:
         """Validate, encode and send ``frame``; ``exposure_end`` (Unix s) defaults to MJD-OBS + EXPTIME."""
@@ -88,7 +91,8 @@ class FrameProducer:
         key = f"{m.telescope}/{m.field}".encode()
         if self.signer is not None:
             headers.update(self.signer.header(key, value))
-        self.producer.produce(topics.FRAMES, value, key, headers=headers)
+        self.producer.produce(topics.FRAMES, value, key, headers=headers,
+                              on_delivery=functools.partial(self._delivered, m.frame_id))
         self.producer.poll(0)
         return Published(m.frame_id, len(payload), inline)
 
@@ -96,23 +100,51 @@ class FrameProducer:
         """Read, validate and send one FITS file (raises :class:`InvalidFrame` naming the problem)."""
         path = Path(path)
         try:
-            size = path.stat().st_size
-        except OSError as exc:
-            raise InvalidFrame(f"{path}: cannot read: {exc.strerror}") from exc
-        if size > self.max_bytes:
-            raise FrameTooLarge(f"{path}: {size} bytes, over the {self.max_bytes}-byte limit")
-        try:
-            frame = decode_fits(path.read_bytes(), self.validation.max_pixels, self.validation.max_expansion,
+            frame = decode_fits(self._read(path), self.validation.max_pixels, self.validation.max_expansion,
                                 self.profiles, require_wcs=not self.validation.calibration.enabled,
                                 telescope=self.telescope)
         except InvalidFrame as exc:
             raise type(exc)(f"{path}: {exc}") from exc
         return self.publish_frame(frame)
 
+    def _read(self, path: Path) -> bytes:
+        """The bytes of a regular file of at most ``max_bytes`` (:class:`InvalidFrame` naming the file otherwise)."""
+        try:
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO or a device: nothing to read, or never done
+                raise InvalidFrame(f"{path}: not a regular file")
+            if info.st_size > self.max_bytes:
+                raise FrameTooLarge(f"{path}: {info.st_size} bytes, over the {self.max_bytes}-byte limit")
+            with path.open("rb") as fh:
+                payload = fh.read(self.max_bytes + 1)  # it may have grown since
+        except OSError as exc:  # absent, unreadable, removed meanwhile
+            raise InvalidFrame(f"{path}: cannot read: {exc.strerror}") from exc
+        if len(payload) > self.max_bytes:
+            raise FrameTooLarge(f"{path}: over the {self.max_bytes}-byte limit")
+        return payload
+
+    def _delivered(self, frame_id: str, err: KafkaError | None, _msg: object) -> None:
+        """Delivery report of one frame: one that Kafka refused or never acknowledged is kept for :meth:`flush`."""
+        if err is not None:
+            self._undelivered.append(f"{frame_id} ({err.str()})")
+
     def flush(self, timeout: float = 30.0) -> None:
-        """Wait until every frame is delivered; TimeoutError after ``timeout`` s."""
-        if self.producer.flush(timeout) > 0:
-            raise TimeoutError(f"{len(self.producer)} frames not delivered within {timeout} s")
+        """Wait until every frame is delivered.
+
+        Raises
+        ------
+        FrameNotDelivered
+            Kafka refused frames (too large for the topic, not authorised) or did not acknowledge
+            them within the producer's message timeout: they were not sent; the frames are named.
+        TimeoutError
+            Frames still queued after ``timeout`` s.
+        """
+        queued = self.producer.flush(timeout)
+        failed, self._undelivered = self._undelivered, []
+        if failed:
+            raise FrameNotDelivered(f"{len(failed)} frame(s) not delivered to Kafka: {'; '.join(failed)}")
+        if queued > 0:
+            raise TimeoutError(f"{queued} frames not delivered within {timeout} s")
 
 
 def frame_record(frame: Frame, payload: bytes, inline: bool = True, uri: str | None = None) -> dict:
@@ -150,34 +182,35 @@ def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[
     The files are those whose names end as :data:`FITS_SUFFIXES` (any case: ``.FITS``, ``.fit``,
     ``.fits.fz``, ...), or those matching the glob ``pattern``; with ``recursive`` those of every
     subfolder too (capture software files lights by date or target). Hidden files and folders are
-    skipped. A file is sent once its size has stayed the same for one poll (so half-written files
-    wait); sent paths (relative to ``directory``) are recorded in ``.published`` so a restart does
-    not send them again. A file that fails (an :class:`InvalidFrame`, a calibration frame among
-    them, or any other error but Kafka's) is reported, recorded and not retried until it changes,
-    so one bad file can never stop the watch nor make it fail again at every restart. Kafka errors
-    (the broker unreachable, the queue full) propagate: the file was not sent and is tried again
-    after a restart.
+    skipped. A file is sent once its size and modification time have stayed the same for one poll
+    (so half-written files wait, those written in place at their final size included); sent paths
+    (relative to ``directory``) are recorded in ``.published`` so a restart does not send them
+    again. A file is recorded when the caller asks for the next one, so a caller that confirms the
+    delivery first (:meth:`FrameProducer.flush`) and fails there leaves it to be sent again after a
+    restart. A file that fails (an :class:`InvalidFrame`, a calibration frame among them, or any
+    other error but Kafka's) is reported, recorded and not retried until it changes, so one bad
+    file can never stop the watch nor make it fail again at every restart. Kafka errors (the broker
+    unreachable, the queue full) propagate: the file was not sent and is tried again after a restart.
     """
     ledger = directory / ".published"
     done = set(ledger.read_text().splitlines()) if ledger.exists() else set()
-    sizes: dict[Path, int] = {}
+    seen: dict[Path, tuple[int, int]] = {}  # size and mtime of each file at the last poll
     while not stop():
         for path in _candidates(directory, pattern, recursive):
             try:
-                stat = path.stat()
+                info = path.stat()
             except OSError:  # removed or renamed since the listing
                 continue
-            tag = f"{path.relative_to(directory).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}"
+            tag = f"{path.relative_to(directory).as_posix()}:{info.st_size}:{info.st_mtime_ns}"
             if tag in done:
                 continue
-            if sizes.get(path) != stat.st_size:
-                sizes[path] = stat.st_size
+            if seen.get(path) != (info.st_size, info.st_mtime_ns):  # still being written
+                seen[path] = (info.st_size, info.st_mtime_ns)
                 continue
-            result = _publish_one(publish, path)
-            done.add(tag)
+            yield path, _publish_one(publish, path)
+            done.add(tag)  # only now: the caller has had the result (and flushed it)
             with ledger.open("a") as fh:
                 fh.write(tag + "\n")
-            yield path, result
         time.sleep(poll_s)
 
 

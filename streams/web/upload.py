@@ -40,6 +40,7 @@ from broker.errors import (
     ConfigError,
     CorruptFrame,
     CutoutError,
+    Forbidden,
     FrameTooLarge,
     InvalidQuery,
     RateLimited,
@@ -185,10 +186,28 @@ def calibrated(portal: Portal, payload: bytes, telescope: str | None = None) -> 
 def publish(portal: Portal, payload: bytes, telescope: str | None = None) -> dict:
     """Validate and send an upload to the ``frames`` topic; the frame id to poll."""
     frame = decode_upload(portal, payload, telescope)
+    _check_signed_for(portal, frame.meta.telescope)
     publisher = portal.extras.get("publisher") or _shared(portal, "publisher", lambda: _kafka_publisher(portal))
     sent = publisher(frame)
     return {"mode": "publish", "frame_id": sent.frame_id, "size_bytes": sent.size_bytes, "inline": sent.inline,
             "poll": f"/api/v1/frames/{sent.frame_id}"}
+
+
+def _check_signed_for(portal: Portal, telescope: str) -> None:
+    """Forbidden (HTTP 403) when the ingest stage would dead-letter this server's frames of ``telescope``.
+
+    With ``[kafka.frame_auth] telescopes`` set, ingest refuses (``unauthorised``) a frame that this
+    server's signer (``signer``, ``BROKER_FRAME_SIGNER``) may not send: answered 202 with a frame id
+    to poll, it would never appear.
+    """
+    from streams.frame_auth import FrameSigner, may_sign
+
+    kafka = portal.config.pipeline.kafka
+    signer = _shared(portal, "signer", lambda: FrameSigner.load(kafka))
+    if not may_sign(kafka, signer.principal if signer else None, telescope):
+        who = f"as {signer.principal!r}" if signer else "unsigned"
+        raise Forbidden(f"this server sends frames {who}, which the pipeline refuses for telescope {telescope!r} "
+                        "([kafka.frame_auth] telescopes)")
 
 
 def _kafka_publisher(portal: Portal) -> Any:
@@ -206,9 +225,12 @@ def _kafka_publisher(portal: Portal) -> Any:
                              pipe.inline_limit_bytes, pipe.max_frame_bytes, cfg.ingest(), FrameSigner.load(pipe.kafka),
                              _profiles(portal))
 
+    lock = threading.Lock()
+
     def send(frame: Frame) -> Any:
-        sent = producer.publish_frame(frame)
-        producer.flush(30.0)
+        with lock:  # one request's flush must not report (or swallow) another's undelivered frame
+            sent = producer.publish_frame(frame)
+            producer.flush(30.0)
         return sent
 
     return send
@@ -217,7 +239,9 @@ def _kafka_publisher(portal: Portal) -> Any:
 @router.post("/frames", status_code=202, responses={
     202: {"description": "published: the frame id to poll"}, 200: {"description": "predicted: candidates"},
     400: {"description": "not a usable FITS frame (the reason of `broker produce`)"},
-    401: {"description": "no or bad token"}, 403: {"description": "token without scope upload"},
+    401: {"description": "no or bad token"},
+    403: {"description": "token without scope upload; publish: a telescope the pipeline refuses from this server "
+                         "([kafka.frame_auth])"},
     413: {"description": "body or image too large"}, 415: {"description": "not FITS"},
     429: {"description": "over the token's uploads per minute"}})
 async def upload_frame(request: Request, who: Uploader,

@@ -20,6 +20,23 @@ def test_produce_reports_each_bad_file_and_fails(tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_produce_names_the_frames_kafka_did_not_take_and_exits_2(tmp_path, monkeypatch):
+    """``FrameNotDelivered`` out of the final flush was a traceback (exit 1) after "sent" lines."""
+    from broker.errors import FrameNotDelivered
+    from broker.frame import encode_fits
+    from streams.producer import FrameProducer
+    from tests.helpers import star_frame
+
+    def refused(self, timeout=30.0):
+        raise FrameNotDelivered("1 frame(s) not delivered to Kafka: TEST-F1-r-0001 (Broker: Message too large)")
+
+    monkeypatch.setattr(FrameProducer, "flush", refused)
+    (tmp_path / "good.fits").write_bytes(encode_fits(star_frame()))
+    res = runner.invoke(app, ["produce", str(tmp_path / "good.fits"), "--bootstrap", "127.0.0.1:1"])
+    assert res.exit_code == 2, res.output
+    assert "not delivered to Kafka: TEST-F1-r-0001" in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "rb >"], "invalid filter expression"),
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "open('x')"], "unknown name(s) ['open']"),

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import time
+
 import pytest
 
 from broker.calibrate import CalibrationConfig
@@ -141,3 +145,74 @@ def test_a_header_that_names_no_telescope_is_sent_under_the_name_given(producer,
     records = [serde.decode("frame", m.value(), dict(m.headers())) for m in read_all(settings, ["frames"])]
     (record,) = [r for r in records if r["frame_id"] == sent.frame_id]
     assert record["telescope"] == "backyard-20cm"
+
+
+def test_a_frame_kafka_never_takes_is_reported_by_flush_not_lost(tmp_path):
+    """A frame whose delivery failed (broker unreachable, refused) was dropped while ``flush`` returned."""
+    from broker.errors import FrameNotDelivered
+    from streams.settings import KafkaSettings
+
+    class Impatient(KafkaSettings):
+        def producer(self, transactional_id=None):
+            return {**super().producer(transactional_id), "message.timeout.ms": 300}
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    producer = FrameProducer(Impatient(f"127.0.0.1:{port}", app_id="unreachable"),
+                             FrameStore(str(tmp_path / "store")), inline_limit_bytes=200_000,
+                             max_frame_bytes=50_000_000)
+    assert producer.publish_frame(star_frame()).frame_id == "TEST-F1-r-0001"  # queued, not yet delivered
+    with pytest.raises(FrameNotDelivered, match=r"TEST-F1-r-0001 \(.*timed out\)") as exc:
+        producer.flush(10)
+    assert exc.value.reason == "not_delivered"
+    producer.flush(1)  # reported once
+
+
+def test_watch_sends_again_after_a_restart_a_file_whose_delivery_failed(tmp_path):
+    """The file was recorded as sent before the caller could flush it: a failed delivery lost it for good."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.fits").write_bytes(b"x")
+    polls = iter(range(4))
+    with pytest.raises(TimeoutError):  # the caller's flush after the first file fails; the watch dies
+        for _ in watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01):
+            raise TimeoutError("1 frames not delivered within 30 s")
+    polls = iter(range(4))  # a restart sends it again
+    assert list(dict(watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01))) == [
+        incoming / "a.fits"]
+
+
+def test_watch_waits_for_a_file_written_in_place_at_its_final_size(tmp_path):
+    """A file allocated at its final size, then filled, was sent half-written: its size did not change."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    path, final = incoming / "a.fits", encode_fits(star_frame())
+    path.write_bytes(bytes(len(final)))  # allocated, not yet written
+    polls = iter(range(6))
+
+    def stop() -> bool:
+        poll = next(polls, None)
+        if poll in (1, 2):  # the writer fills it, half by half: same size, newer mtime
+            half = len(final) // 2 * poll
+            with path.open("r+b") as fh:
+                fh.write(final[:half])
+            os.utime(path, ns=(time.time_ns(), path.stat().st_mtime_ns + 1_000_000))
+        return poll is None
+
+    results = list(watch(incoming, lambda p: p.read_bytes(), stop, poll_s=0.01))
+    assert results == [(path, final)]
+
+
+def test_a_path_that_is_no_readable_file_is_reported_and_the_batch_goes_on(tmp_path):
+    """A folder among the files (``broker produce frames/*``) raised IsADirectoryError and aborted the batch."""
+    from streams.settings import KafkaSettings
+
+    producer = FrameProducer(KafkaSettings("127.0.0.1:1", app_id="unused"), FrameStore(str(tmp_path / "store")),
+                             inline_limit_bytes=200_000, max_frame_bytes=50_000_000)
+    (tmp_path / "night1").mkdir()
+    with pytest.raises(InvalidFrame, match="night1: not a regular file"):
+        producer.publish_file(tmp_path / "night1")
+    os.mkfifo(tmp_path / "pipe.fits")  # would block the producer for ever
+    with pytest.raises(InvalidFrame, match="pipe.fits: not a regular file"):
+        producer.publish_file(tmp_path / "pipe.fits")

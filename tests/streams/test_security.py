@@ -193,6 +193,30 @@ def test_frame_auth_config_needs_every_principals_key(tmp_path):
         FrameAuthoriser.load({"frame_auth": {"telescope": {}}}, env={})
 
 
+def test_an_empty_frame_key_is_refused_at_start_up(tmp_path):
+    """An empty key (a blank keys-file entry, an empty secret file) accepted frames anyone could sign."""
+    keys = tmp_path / "keys.toml"
+    table = {"frame_auth": {"telescopes": {"LSST": ["lsst"]}, "keys_file": str(keys)}}
+    for text in ('lsst = ""\n', 'lsst = "  "\n', "lsst = 7\n"):
+        keys.write_text(text)
+        with pytest.raises(ConfigError, match="the key of \\['lsst'\\] is empty or not a string"):
+            FrameAuthoriser.load(table, env={})
+    key_file = tmp_path / "frame-key"
+    key_file.write_text("\n")
+    with pytest.raises(ConfigError, match="signing key of 'lsst' is empty"):
+        FrameSigner.load({"frame_auth": {"signer": "lsst", "key_file": str(key_file)}}, env={})
+    with pytest.raises(ConfigError, match="signing key of 'lsst' is empty"):
+        FrameSigner.load({}, env={"BROKER_FRAME_SIGNER": "lsst", "BROKER_FRAME_KEY": " "})
+
+
+def test_a_principal_no_frame_auth_header_can_name_is_refused_at_start_up():
+    """A signer named ``obs:1`` signed every frame as ``obs`` (the header is ``principal:signature``): all refused."""
+    with pytest.raises(ConfigError, match="\\['obs:1'\\].*without ':'"):
+        FrameSigner.load({}, env={"BROKER_FRAME_SIGNER": "obs:1", "BROKER_FRAME_KEY": "k1"})
+    with pytest.raises(ConfigError, match="\\['obs:1'\\].*without ':'"):
+        FrameAuthoriser.load({"frame_auth": {"telescopes": {"LSST": ["obs:1"]}, "keys_file": "unused"}}, env={})
+
+
 # --- against the embedded broker with authentication and TLS ----------------------------------------------
 @pytest.fixture(scope="module")
 def secure():

@@ -100,6 +100,30 @@ def test_publish_sends_the_validated_frame_and_returns_its_id(client, token, pai
     assert sent[0].meta.frame_id == "TEST-F1-r-0001"
 
 
+def test_publish_refuses_a_telescope_the_pipeline_refuses_from_this_server(portal_config, pair, tmp_path):
+    """A frame ingest dead-letters ``unauthorised`` was answered 202 with a frame id that never appears."""
+    import dataclasses
+
+    from fastapi.testclient import TestClient
+
+    from streams.web.app import create_app
+
+    (tmp_path / "frame-key").write_text("portal-frame-key\n")
+    for telescopes, status in (({"OTHER": ["portal"], "TEST": ["observatory"]}, 403), ({"TEST": ["portal"]}, 202)):
+        kafka = {"frame_auth": {"telescopes": telescopes, "signer": "portal", "key_file": str(tmp_path / "frame-key")}}
+        config = dataclasses.replace(portal_config, pipeline=dataclasses.replace(portal_config.pipeline, kafka=kafka))
+        with TestClient(create_app(config)) as client:
+            portal, sent = client.app.state.portal, []
+            portal.extras["publisher"] = lambda frame, sent=sent: sent.append(frame) or Published(
+                frame.meta.frame_id, 1234, True)
+            token = {"Authorization": f"Bearer {portal.tokens.add('amateur', ['upload'])}"}
+            response = post(client, pair[0], token=token, mode="publish")
+        assert response.status_code == status, response.text
+        if status == 403:
+            assert "as 'portal'" in response.json()["detail"] and "'TEST'" in response.json()["detail"]
+        assert len(sent) == (status == 202)
+
+
 def test_publish_without_kafka_is_503(client, token, pair):
     response = post(client, pair[0], token=token, mode="publish")
     assert response.status_code == 503 and "bootstrap" in response.json()["detail"]
