@@ -273,7 +273,18 @@ class RegistryError(BrokerError):
     reason = "registry"
 
 
-class HistoryUnavailable(BrokerError):
+class Outage(BrokerError):
+    """A service a stage depends on is down: not the input's fault.
+
+    The stage keeps the message and retries it, waiting longer each time, instead of
+    dead-lettering it (``streams.runner.StageRunner``; ``docs/architecture.md``, "Errors and dead
+    letters").
+    """
+
+    reason = "outage"
+
+
+class HistoryUnavailable(Outage):
     """The object history's PostgreSQL database stayed unreachable (``[history] connect_timeout_s``)."""
 
     reason = "history_unavailable"

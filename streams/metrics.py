@@ -35,6 +35,8 @@ class StageMetrics:
         self.bad_headers = Counter("broker_bad_headers", "Malformed timing headers dropped from inputs, by header "
                                    "(t.exposure_end or t.*)", ["stage", "header"], registry=r)
         self.aborts = Counter("broker_transactions_aborted", "Transactions aborted and retried", ["stage"], registry=r)
+        self.outages = Counter("broker_outage_retries", "Messages kept and retried because a service the stage "
+                               "needs is down, by reason", ["stage", "reason"], registry=r)
         self.lineage_rejected = Counter("broker_lineage_rejected", "Lineage claims ignored as untrustworthy (a src "
                                         "header, a progress record), by reason", ["stage", "reason"], registry=r)
         self.lineage_recovery = Histogram("broker_lineage_recovery_seconds", "Time to recover the duplicate guard's "

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from broker.errors import BrokerError, DecodeError, InvalidTopic, OutputTooLarge, StageFailure, UndeliverableOutput
+from broker.errors import (
+    BrokerError,
+    DecodeError,
+    InvalidTopic,
+    Outage,
+    OutputTooLarge,
+    StageFailure,
+    UndeliverableOutput,
+)
 from streams import serde, topics
 from streams.lineage import SRC_HEADER, Deduplicator, Lineage, ProgressRecord, src_of
 from streams.metrics import StageMetrics
@@ -64,6 +72,10 @@ _REFUSED = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_
 _TOO_LARGE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
 #: Exit status of a stage whose transaction blocked past ``PipelineConfig.transaction_deadline_s``.
 EXIT_HUNG = 4
+#: Waits before the 1st, 2nd, ... retry of a message kept through an outage (s; the last repeats). A
+#: history that stays down takes ``[history] connect_timeout_s`` (60 s) per try on top: together under
+#: the consumer's 300 s ``max.poll.interval.ms``, so the stage keeps its partitions while it waits.
+OUTAGE_WAITS_S = (1.0, 5.0, 15.0, 30.0, 60.0)
 
 
 @contextmanager
@@ -273,7 +285,10 @@ class StageRunner:
     input_topic : str
     handler : callable
         ``InMessage -> list[OutMessage]``. A :class:`BrokerError` it raises (bad input) dead-letters
-        the message with the error's reason and the stage carries on. Any other exception (a bug)
+        the message with the error's reason and the stage carries on; an
+        :class:`~broker.errors.Outage` (a service the stage needs is down, e.g. the history's
+        PostgreSQL) keeps the message and retries it after :data:`OUTAGE_WAITS_S`, counted in
+        ``broker_outage_retries``, so nothing of an outage ends on the dead-letter topic. Any other exception (a bug)
         is logged with its traceback, counted in ``broker_unexpected_errors``, dead-lettered as
         ``unexpected:<Type>``, and after ``max_unexpected`` of them in a row :meth:`run` raises
         :class:`~broker.errors.StageFailure` so that the process exits non-zero.
@@ -321,6 +336,7 @@ class StageRunner:
         self.max_message_bytes = max_message_bytes
         self.transaction_deadline_s = transaction_deadline_s
         self._unexpected_in_a_row = 0
+        self._outage_retries = 0  # in a row, of the message in hand
         self._seen = 0
         points = dict(p.partition(":")[::2] for p in os.environ.get(FAILPOINT_ENV, "").split(",") if p)
         self._crash_at = int(points[stage]) if points.get(stage, "").isdigit() else None
@@ -360,8 +376,8 @@ class StageRunner:
                         raise KafkaException(err)
                     log.warning("%s: consumer error %s", self.stage, err)
                     continue
-                self._process(consumer, producer, msg)
-                done += 1
+                if self._process(consumer, producer, msg):
+                    done += 1
                 last = time.monotonic()
         finally:
             consumer.close()
@@ -369,12 +385,18 @@ class StageRunner:
             self.dedup.close()
         return done
 
-    def _process(self, consumer: Consumer, producer: Producer, raw: Message) -> None:
+    def _process(self, consumer: Consumer, producer: Producer, raw: Message) -> bool:
+        """Handle one message and commit its outputs; False when it is kept for a retry (an outage, an abort)."""
         msg = self._checked(in_message(raw))
         self.metrics.messages_in.labels(self.stage).inc()
         start = time.time()
         lineage = self.dedup.check(msg.topic, msg.partition, msg.offset, msg.headers.get(SRC_HEADER))
-        outs, unexpected = self._handle(msg, lineage)
+        try:
+            outs, unexpected = self._handle(msg, lineage)
+        except Outage as exc:
+            self._wait_out(consumer, msg, exc)
+            return False
+        self._outage_retries = 0
         end = time.time()
         timing = {k: v for k, v in msg.headers.items() if k.startswith(TIMING_PREFIX)}
         timing[f"{TIMING_PREFIX}{self.stage}.start"] = repr(start).encode()
@@ -386,19 +408,30 @@ class StageRunner:
         else:  # the outputs (maybe none) and the progress record, with the offset
             self._progress = self.dedup.progress(lineage)
             if not self._commit_in_transaction(consumer, producer, msg, outs, timing, offsets):
-                return
+                return False
         self.dedup.done(lineage)
         self._observe(msg, outs, start, end)
         self._unexpected_in_a_row = self._unexpected_in_a_row + 1 if unexpected else 0
         if self.max_unexpected and self._unexpected_in_a_row >= self.max_unexpected:
             raise StageFailure(f"{self.stage}: {self._unexpected_in_a_row} unexpected errors in a row "
                                f"(the last at {msg.topic}[{msg.partition}]@{msg.offset}); stopping")
+        return True
+
+    def _wait_out(self, consumer: Consumer, msg: InMessage, exc: Outage) -> None:
+        """Keep ``msg`` for a retry after the next of :data:`OUTAGE_WAITS_S` (a stop request ends the wait)."""
+        wait = OUTAGE_WAITS_S[min(self._outage_retries, len(OUTAGE_WAITS_S) - 1)]
+        self._outage_retries += 1
+        log.warning("%s: %s[%d]@%d kept, retry %d in %.0f s: %s (%s)", self.stage, msg.topic, msg.partition,
+                    msg.offset, self._outage_retries, wait, exc, exc.reason)
+        self.metrics.outages.labels(self.stage, exc.reason).inc()
+        consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # polled again after the wait
+        self.stop_event.wait(wait)
 
     def _handle(self, msg: InMessage, lineage: Lineage) -> tuple[list[OutMessage], bool]:
         """Call the handler: its outputs or the dead-letter record, and whether the error was a bug.
 
         The handler's outputs, or the dead-letter record of its error; and whether that error
-        was unexpected (not a :class:`BrokerError`).
+        was unexpected (not a :class:`BrokerError`). An :class:`~broker.errors.Outage` propagates.
         """
         try:
             if lineage.duplicate:
@@ -410,6 +443,8 @@ class StageRunner:
             outs = self.handler(msg)
             check_outputs(outs, self.max_message_bytes - HEADROOM_BYTES)
             return outs, False
+        except Outage:
+            raise  # not the input's fault: kept and retried (_wait_out)
         except BrokerError as exc:  # bad input: dead-letter it with its reason and carry on
             log.warning("%s: dead-lettering %s[%d]@%d (%s): %.1000s", self.stage, msg.topic, msg.partition,
                         msg.offset, exc.reason, exc)

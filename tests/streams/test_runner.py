@@ -177,6 +177,32 @@ def test_bad_input_and_isolated_bugs_never_stop_the_stage(settings):
     assert runner.metrics.unexpected.labels(stage, "KeyError")._value.get() == 3
 
 
+def test_an_outage_keeps_the_message_and_retries_it_instead_of_dead_lettering_it(settings, monkeypatch):
+    """The history's PostgreSQL down: each message of the outage went to the dead-letter topic, its alerts lost."""
+    from broker.errors import HistoryUnavailable
+
+    monkeypatch.setattr("streams.runner.OUTAGE_WAITS_S", (0.05, 0.1))
+    stage = f"patient-{settings.app_id}"
+    dst = f"out-{stage}"
+    src = _feed(settings, stage, [b"a", b"b", b"c"])
+    _topics(settings, dst)
+    down = {"b": 3}  # b fails three times, then the database is back
+
+    def handler(msg):
+        left = down.get(msg.value.decode(), 0)
+        if left:
+            down[msg.value.decode()] = left - 1
+            raise HistoryUnavailable("cannot connect to the history database: connection refused")
+        return [OutMessage(dst, msg.value)]
+
+    runner = StageRunner(stage, src, handler, settings)
+    assert runner.run(max_messages=3) == 3
+    assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]  # in order, none lost
+    assert _dead(settings, stage) == [] and _committed(settings, stage, src) == 3
+    assert runner.metrics.outages.labels(stage, "history_unavailable")._value.get() == 3
+    assert runner.metrics.errors.labels(stage, "history_unavailable")._value.get() == 0
+
+
 # --- hostile messages (issue 27): sizes, topics the broker refuses, headers -----------------------------
 
 
