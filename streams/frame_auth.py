@@ -101,7 +101,7 @@ class FrameAuthoriser:
 
     def check(self, msg_key: bytes | None, value: bytes | None, headers: Mapping[str, bytes]) -> str:
         """The telescope of a correctly signed frame by an allowed principal; ``Unauthorised`` otherwise."""
-        telescope = (msg_key or b"").decode(errors="replace").split("/", 1)[0]
+        telescope = self._telescope_of((msg_key or b"").decode(errors="replace"))
         allowed = self.telescopes.get(telescope)
         if allowed is None:
             raise Unauthorised(f"no principal may send frames of telescope {telescope!r} ([kafka.frame_auth])")
@@ -115,6 +115,15 @@ class FrameAuthoriser:
         if key is None or not hmac.compare_digest(sig.encode(), signature(key, principal, msg_key, value).encode()):
             raise Unauthorised(f"bad signature by {principal!r} on a frame of telescope {telescope!r}")
         return telescope
+
+    def _telescope_of(self, key: str) -> str:
+        """The telescope a ``<telescope>/<field>`` message key names: the longest configured one it starts with.
+
+        A telescope's name may hold ``/`` itself (``TELESCOP = 'ESO/VLT'``); a key of no configured
+        telescope names its text up to the first ``/``.
+        """
+        known = [t for t in self.telescopes if key.startswith(t + "/")]
+        return max(known, key=len) if known else key.split("/", 1)[0]
 
     @staticmethod
     def check_telescope(signed: str, telescope: str) -> None:

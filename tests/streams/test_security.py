@@ -181,6 +181,17 @@ def test_frame_signatures():
     assert not FrameAuthoriser.load({}, env={}).enabled
 
 
+def test_a_telescope_whose_name_holds_a_slash_is_recognised_in_the_frame_key():
+    """``TELESCOP = 'ESO/VLT'`` keys ``ESO/VLT/F1``: read up to the first '/', no principal could ever send it."""
+    auth = FrameAuthoriser({"ESO/VLT": ("eso",), "ESO": ("other",)}, {"eso": b"k1", "other": b"k2"})
+    key, value = b"ESO/VLT/F1", b"frame bytes"
+    assert auth.check(key, value, FrameSigner("eso", b"k1").header(key, value)) == "ESO/VLT"
+    key = b"ESO/F1"  # the shorter name still has its own frames
+    assert auth.check(key, value, FrameSigner("other", b"k2").header(key, value)) == "ESO"
+    with pytest.raises(Unauthorised, match="no principal may send frames of telescope 'VLT'"):
+        auth.check(b"VLT/ESO/F1", value, {})
+
+
 def test_frame_auth_config_needs_every_principals_key(tmp_path):
     keys = tmp_path / "keys.toml"
     keys.write_text('lsst = "k1"\n')
