@@ -35,6 +35,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from streams.security import write_secret
+
 log = logging.getLogger(__name__)
 
 MECHANISM = "SCRAM-SHA-512"
@@ -85,8 +87,7 @@ class ScramCredential:
 def write_users(path: Path, passwords: dict[str, str]) -> None:
     """Write the users file of ``passwords`` (user -> password) as SCRAM credentials, mode 0600."""
     data = {"users": {u: ScramCredential.of(p).to_json() for u, p in passwords.items()}}
-    path.touch(mode=0o600)
-    path.write_text(json.dumps(data, indent=1))
+    write_secret(path, json.dumps(data, indent=1).encode())
 
 
 def read_users(path: Path) -> dict[str, ScramCredential]:

@@ -22,7 +22,7 @@ from broker.errors import BrokerError
 from streams.certs import LocalCA
 from streams.embedded import EmbeddedKafka, free_port
 from streams.gateway import write_users
-from streams.security import KafkaSecurity
+from streams.security import KafkaSecurity, write_secret
 from streams.settings import KafkaSettings
 from streams.stages import STAGE_NAMES
 
@@ -63,9 +63,7 @@ class SecureEmbeddedKafka:
         """Write the CA, certificates and users, start tansu and the gateway, wait until both answer."""
         passwords = {u: secrets.token_urlsafe(18) for u in self.users}
         for user, password in passwords.items():
-            path = self.password_file(user)
-            path.touch(mode=0o600)
-            path.write_text(password + "\n")
+            write_secret(self.password_file(user), (password + "\n").encode())
         write_users(self.directory / "users.json", passwords)
         cmd = [sys.executable, "-m", "streams.gateway", "--listen", self.bootstrap,
                "--upstream", self.kafka.bootstrap, "--users", str(self.directory / "users.json")]

@@ -175,6 +175,18 @@ def read_secret(path: str, what: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def write_secret(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable and writable by its owner only (0600), an existing file included.
+
+    ``Path.touch(mode=0o600)`` then a write left an existing file of a looser mode (0644) as loose
+    as it was, with the new secret in it.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(data)
+
+
 def auth_error_callback(security: KafkaSecurity, bootstrap: str) -> Callable[[object], None]:
     """A librdkafka ``error_cb`` that turns authentication and TLS failures into :class:`KafkaAuthError`.
 

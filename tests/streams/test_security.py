@@ -192,6 +192,25 @@ def test_a_telescope_whose_name_holds_a_slash_is_recognised_in_the_frame_key():
         auth.check(b"VLT/ESO/F1", value, {})
 
 
+def test_secrets_are_written_owner_only_even_over_a_looser_file(tmp_path):
+    """``touch(mode=0o600)`` then a write kept an existing 0644 file at 0644, the new secret inside."""
+    import stat
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from streams.certs import _write_key
+    from streams.gateway import write_users
+
+    for path in (tmp_path / "users.json", tmp_path / "ca.key"):
+        path.write_text("old")
+        path.chmod(0o644)
+    write_users(tmp_path / "users.json", {"alice": "secret"})
+    _write_key(tmp_path / "ca.key", ec.generate_private_key(ec.SECP256R1()))
+    for path in (tmp_path / "users.json", tmp_path / "ca.key"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert (tmp_path / "ca.key").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+
+
 def test_frame_auth_config_needs_every_principals_key(tmp_path):
     keys = tmp_path / "keys.toml"
     keys.write_text('lsst = "k1"\n')
