@@ -33,7 +33,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from broker.detect import ShiftedPSF, fit_half_size, forced_flux
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ConfigError
 from broker.frame import Frame, FrameMeta, celestial_wcs
 from broker.reference import path_component
 
@@ -64,6 +64,13 @@ class DiffStoreConfig:
     max_frames: int = 30
     min_psf_fraction: float = 0.5
     cache_frames: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_frames < 0 or self.cache_frames < 0:
+            raise ConfigError(f"[differences] max_frames and cache_frames must be 0 or more, not "
+                              f"{self.max_frames} and {self.cache_frames}")
+        if not 0.0 < self.min_psf_fraction <= 1.0:
+            raise ConfigError(f"[differences] min_psf_fraction must be in (0, 1], not {self.min_psf_fraction}")
 
 
 @dataclass(frozen=True)

@@ -159,7 +159,7 @@ class KafkaSecurity:
             if env.get(var):
                 values[key] = env[var]
         if isinstance(values.get("check_hostname"), str):
-            values["check_hostname"] = str(values["check_hostname"]).lower() not in ("0", "false", "no", "off")
+            values["check_hostname"] = _flag(values["check_hostname"], "BROKER_KAFKA_CHECK_HOSTNAME")
         password_file = values.pop("password_file", None)
         if password_file and values.get("password") is None:
             values["password"] = read_secret(str(password_file), "Kafka password")
@@ -173,6 +173,20 @@ def read_secret(path: str, what: str) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} file {path}: {exc.strerror}") from exc
     return text[:-1] if text.endswith("\n") else text
+
+
+def _flag(text: str, what: str) -> bool:
+    """A boolean setting written as text: true/yes/on/1 or false/no/off/0 (any case); ConfigError otherwise.
+
+    Any other word read as true once: a misspelt ``flase`` left host names checked, and the reverse
+    misspelling of a ``true`` would have turned the check off.
+    """
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{what} must be true or false, not {text[:40]!r}")
 
 
 def write_secret(path: Path, data: bytes) -> None:

@@ -159,3 +159,14 @@ def test_meta_holds_the_frame_metadata(tmp_path):
         "frame_id": "m", "mjd": 4.5, "exptime": 60.0, "filter": "r", "magzp": 27.0, "nx": SHAPE[1], "ny": SHAPE[0]}
     assert meta["limiting_flux"] == pytest.approx(_image(0).limiting_flux) and meta["wcs_header"] == _header()
     assert not any(p.name.startswith(".") for p in store._dir(KEY).iterdir())  # no temporary left
+
+
+@pytest.mark.parametrize("values", [{"max_frames": -1}, {"cache_frames": -2}, {"min_psf_fraction": 0.0},
+                                    {"min_psf_fraction": 1.5}])
+def test_settings_out_of_range_are_config_errors(values):
+    """``max_frames = -1`` was taken and meant "store nothing", silently."""
+    from broker.config import load_config
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[differences\]"):
+        load_config(differences=values)

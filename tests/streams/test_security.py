@@ -423,3 +423,14 @@ def test_broker_embedded_auth_prints_settings_that_work(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
         proc.stdout.close()
+
+
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("0", False), (" Off ", False), ("YES", True)])
+def test_check_hostname_reads_true_and_false_words(text, value):
+    assert KafkaSecurity.load({"check_hostname": text}, env={}).check_hostname is value
+
+
+def test_a_misspelt_check_hostname_is_a_config_error_not_true():
+    """``flase`` read as true: any word but 0/false/no/off was true."""
+    with pytest.raises(ConfigError, match="BROKER_KAFKA_CHECK_HOSTNAME must be true or false, not 'flase'"):
+        KafkaSecurity.load({}, env={"BROKER_KAFKA_CHECK_HOSTNAME": "flase"})
