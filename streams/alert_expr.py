@@ -153,8 +153,8 @@ def _history_functions(current: Callable[[], dict]) -> dict[str, Callable[..., A
         return now - max(before) if before else None
 
     def nbands() -> int:
-        return len({h.get("filter") for h in current().get("prv_sources") or [] if isinstance(h, dict)}
-                   | {lookup(current(), "source.filter")})
+        bands = {h.get("filter") for h in current().get("prv_sources") or [] if isinstance(h, dict)}
+        return len((bands | {lookup(current(), "source.filter")}) - {None})  # a null filter is no band
 
     return {"ndet": ndet, "nprev": nprev, "since_first": since_first, "since_last": since_last, "nbands": nbands,
             "nnondet": nnondet, "since_nondet": since_nondet, "abs": abs, "min": min, "max": max, "len": len}

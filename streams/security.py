@@ -159,7 +159,7 @@ class KafkaSecurity:
             if env.get(var):
                 values[key] = env[var]
         if isinstance(values.get("check_hostname"), str):
-            values["check_hostname"] = _flag(values["check_hostname"], "BROKER_KAFKA_CHECK_HOSTNAME")
+            values["check_hostname"] = _flag(str(values["check_hostname"]), "BROKER_KAFKA_CHECK_HOSTNAME")
         password_file = values.pop("password_file", None)
         if password_file and values.get("password") is None:
             values["password"] = read_secret(str(password_file), "Kafka password")

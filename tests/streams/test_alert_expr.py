@@ -48,6 +48,8 @@ def test_filters_over_the_history():
     alert["prv_nondetections"] = [{"frame_id": "f", "mjd": 59999.0, "filter": "r", "limiting_flux": 300.0,
                                    "diffmaglim": 20.8}]
     assert f("nnondet('r') == 1 and nnondet('g') == 0 and abs(since_nondet('r') - 1.5) < 1e-9")
+    alert["prv_sources"].append({**alert["prv_sources"][0], "candid": "h/3", "filter": None})
+    assert f("nbands() == 2")  # a detection without a filter is no third band
     assert not f("since_nondet('g') < 10")
 
 
