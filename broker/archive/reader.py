@@ -93,10 +93,17 @@ class Archive:
             return {}
         return {int(n[:20]): n for n in names if _RECORD_NAME.match(n)}
 
+    def _record(self, rel: str) -> bytes:
+        """The bytes of a commit record or checkpoint; ArchiveCorrupt when it cannot be read (a folder, say)."""
+        try:
+            return bytes(self.fs.cat_file(self.path(rel)))
+        except OSError as exc:
+            raise ArchiveCorrupt(f"{self.url}: {rel} cannot be read: {type(exc).__name__}: {exc}") from exc
+
     def _commit(self, seq: int, name: str | None) -> Commit:
         if name is None:
             raise ArchiveCorrupt(f"commit log of {self.url}: commit {seq} is missing (a record is missing)")
-        commit = Commit.from_json(self.fs.cat_file(self.path(f"{COMMITS}/{name}")), name)
+        commit = Commit.from_json(self._record(f"{COMMITS}/{name}"), name)
         if commit.seq != seq:
             raise ArchiveCorrupt(f"commit log of {self.url}: {name} holds commit {commit.seq} (misnamed)")
         return commit
@@ -129,7 +136,7 @@ class Archive:
         for seq, name in sorted(self._numbered(CHECKPOINTS).items(), reverse=True):
             if seq <= last:
                 try:
-                    snap = Snapshot.from_json(self.fs.cat_file(self.path(f"{CHECKPOINTS}/{name}")), name)
+                    snap = Snapshot.from_json(self._record(f"{CHECKPOINTS}/{name}"), name)
                     break
                 except ArchiveCorrupt as exc:
                     log.warning("%s: %s; reading the records before it", self.url, exc)

@@ -392,6 +392,15 @@ def test_a_commit_record_with_values_of_the_wrong_type_is_reported(committed, da
             call()
 
 
+def test_a_folder_where_a_commit_record_should_be_is_reported(committed):
+    """A folder named like the next commit record was ``IsADirectoryError`` out of every reader."""
+    archive, _ = committed
+    archive.fs.makedirs(archive.path(f"{COMMITS}/00000000000000000002.json"))
+    for call in (archive.count, archive.snapshot, archive.log):
+        with pytest.raises(ArchiveCorrupt, match="00000000000000000002.json cannot be read"):
+            call()
+
+
 def test_an_unreadable_file_of_the_right_size_is_reported(committed):
     archive, f = committed
     archive.fs.pipe_file(archive.path(f.path), b"\0" * f.size)  # zeroed: footer and magic gone
