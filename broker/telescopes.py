@@ -89,6 +89,15 @@ class TelescopeProfile:
         return bool(value) and value in {self.name.lower(), *(m.strip().lower() for m in self.match)}
 
 
+def _check_bands(filters: dict, where: str) -> None:
+    """ProfileError for a ``[filters]`` value that is no canonical band (a typo would key references of its own)."""
+    from broker.headers import BANDS  # broker.headers imports this module
+
+    bad = sorted(f"{k} = {v!r}" for k, v in filters.items() if v not in BANDS)
+    if bad:
+        raise ProfileError(f"{where}: [filters] {bad} name no canonical band; bands: {', '.join(BANDS)}")
+
+
 def profile_from_dict(values: dict, where: str = "profile") -> TelescopeProfile:
     """A :class:`TelescopeProfile` from a parsed TOML table (raises :class:`ProfileError`)."""
     known = {f.name for f in fields(TelescopeProfile)}
@@ -102,6 +111,7 @@ def profile_from_dict(values: dict, where: str = "profile") -> TelescopeProfile:
         kwargs["match"] = tuple(str(m) for m in kwargs["match"])
     if "filters" in kwargs and not isinstance(kwargs["filters"], dict):
         raise ProfileError(f"{where}: [filters] must be a table of vendor name = band")
+    _check_bands(kwargs.get("filters") or {}, where)
     try:
         return TelescopeProfile(**kwargs)
     except TypeError as exc:

@@ -29,7 +29,8 @@ def test_invalid_profiles_are_refused(kwargs, match):
 
 @pytest.mark.parametrize("text, match", [("gain = ", "cannot read"), ("name = 'x'\ncolour = 3", "unknown key"),
                                          ("name = 'x'\nfilters = 3", "filters"), ("gain = 1.0", "name"),
-                                         ("name = 'x'\nmatch = 'Seestar S50'", "match must be an array")])
+                                         ("name = 'x'\nmatch = 'Seestar S50'", "match must be an array"),
+                                         ("name = 'x'\n[filters]\nL = 'Lum'", "name no canonical band")])
 def test_broken_profile_files_are_named(tmp_path, text, match):
     (tmp_path / "t.toml").write_text(text)
     with pytest.raises(ProfileError, match=match):
