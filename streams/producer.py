@@ -8,6 +8,7 @@ inline limit, by reference to the frame store.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import stat
 import time
@@ -147,6 +148,15 @@ class FrameProducer:
             raise TimeoutError(f"{queued} frames not delivered within {timeout} s")
 
 
+def _ledger_name(relative: str) -> str:
+    r"""How ``.published``, one entry a line, names a file: as it is, or ``/`` and its JSON string.
+
+    The second for a name with a line break (``\n``, ``\x85``, ``\u2028``, ...), which would split its
+    entry and have the file sent again at every restart. A relative path never starts with ``/``.
+    """
+    return relative if relative.splitlines() == [relative] else "/" + json.dumps(relative)
+
+
 def frame_record(frame: Frame, payload: bytes, inline: bool = True, uri: str | None = None) -> dict:
     """The ``frame/v1`` record of ``frame`` whose FITS bytes are ``payload``."""
     m = frame.meta
@@ -201,7 +211,7 @@ def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[
                 info = path.stat()
             except OSError:  # removed or renamed since the listing
                 continue
-            tag = f"{path.relative_to(directory).as_posix()}:{info.st_size}:{info.st_mtime_ns}"
+            tag = f"{_ledger_name(path.relative_to(directory).as_posix())}:{info.st_size}:{info.st_mtime_ns}"
             if tag in done:
                 continue
             if seen.get(path) != (info.st_size, info.st_mtime_ns):  # still being written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -181,6 +182,20 @@ def test_watch_sends_again_after_a_restart_a_file_whose_delivery_failed(tmp_path
     polls = iter(range(4))  # a restart sends it again
     assert list(dict(watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01))) == [
         incoming / "a.fits"]
+
+
+def test_watch_sends_a_file_whose_name_holds_a_line_break_once_across_restarts(tmp_path):
+    """``.published`` keeps one entry a line: such a name split its entry and was sent at every restart."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    names = ["night\n1.fits", "night\u20282.fits", "plain.fits"]
+    for name in names:
+        (incoming / name).write_bytes(b"x")
+    for expected in (sorted(names), []):  # a first run sends all three, a restart none
+        polls = iter(range(4))
+        stop = functools.partial(lambda it: next(it, None) is None, polls)
+        sent = [p.name for p, _ in watch(incoming, lambda path: path, stop, poll_s=0.01)]
+        assert sorted(sent) == expected
 
 
 def test_watch_waits_for_a_file_written_in_place_at_its_final_size(tmp_path):
