@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -51,10 +52,26 @@ class StageMetrics:
                                     buckets=_COUNT_BUCKETS, registry=r)
         self.lag = Gauge("broker_consumer_lag", "Offsets of an assigned input partition not yet read "
                          "(cached high watermark minus position)", ["stage", "topic", "partition"], registry=r)
+        self.brokers_up = Gauge("broker_kafka_brokers_up", "Kafka brokers the stage's consumer has a working "
+                                "connection to (librdkafka statistics)", ["stage"], registry=r)
         ProcessCollector(registry=r)  # process_start_time_seconds (restarts), resident memory, CPU
         for metric in (self.messages_in, self.duplicates, self.aborts, self.duration, self.latency):
             metric.labels(stage)  # exported as 0 from the start: rates and absent() see an idle stage
         self._lag = ConsumerLag(self.lag, stage)
+
+    def observe_statistics(self, stats_json: str) -> None:
+        """Set ``broker_kafka_brokers_up`` from a librdkafka statistics report (its ``stats_cb`` argument).
+
+        The brokers whose connection is ``UP``, the bootstrap entries (node id -1) left out. 0 while
+        Kafka is unreachable: the stage itself keeps running (``up`` stays 1) and its lag freezes,
+        so nothing else shows it. A report that is not the expected JSON leaves the gauge as it was.
+        """
+        try:
+            brokers = json.loads(stats_json)["brokers"].values()
+            up = sum(1 for b in brokers if b.get("state") == "UP" and b.get("nodeid", -1) >= 0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
+        self.brokers_up.labels(self.stage).set(up)
 
     def observe_lag(self, consumer: Consumer) -> None:
         """Update ``broker_consumer_lag`` from ``consumer`` (at most once a second; see :class:`ConsumerLag`)."""

@@ -29,7 +29,8 @@ from streams.stages import STAGE_NAMES  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = ("BrokerStageDown", "BrokerStageMissing", "BrokerConsumerLagGrowing", "BrokerDeadLetterRate",
-          "BrokerAlertLatencyOverSLO", "BrokerUnexpectedErrors", "BrokerLineageRejected", "BrokerStageWaitingOnOutage",
+          "BrokerAlertLatencyOverSLO", "BrokerUnexpectedErrors", "BrokerLineageRejected", "BrokerKafkaUnreachable",
+          "BrokerStageWaitingOnOutage",
           "BrokerStageRestarting")
 
 

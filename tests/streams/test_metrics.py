@@ -142,3 +142,35 @@ def test_lag_on_a_transactional_topic_counts_commit_markers_and_reads_zero_when_
     assert first == 7.0  # offsets 1-7 after the first message: three messages and four markers
     assert _value(m, "broker_consumer_lag", topic=topic, partition="0") == 0.0
     assert _value(m, "broker_consumer_lag", topic=topic, partition="1") == 0.0  # empty, nothing committed
+
+
+def test_brokers_up_counts_working_connections_from_the_client_statistics():
+    """Kafka gone mid-run: the stage kept ``up`` 1 and its lag froze, and no metric said so."""
+    import json
+
+    m = StageMetrics("score")
+    report = {"brokers": {"k:9092/bootstrap": {"state": "UP", "nodeid": -1},
+                          "k0:9092/0": {"state": "UP", "nodeid": 0}, "k1:9092/1": {"state": "UP", "nodeid": 1}}}
+    m.observe_statistics(json.dumps(report))
+    assert _value(m, "broker_kafka_brokers_up") == 2.0  # the bootstrap entry is no broker
+    for b in report["brokers"].values():
+        b["state"] = "CONNECT"
+    m.observe_statistics(json.dumps(report))
+    assert _value(m, "broker_kafka_brokers_up") == 0.0
+    for junk in ("", "[]", '{"brokers": 3}', '{"brokers": {"x": 1}}'):
+        m.observe_statistics(junk)  # left as it was
+    assert _value(m, "broker_kafka_brokers_up") == 0.0
+
+
+@pytest.mark.kafka
+def test_a_running_stage_reports_its_kafka_connection(settings, monkeypatch):
+    """The runner's consumer sends statistics; on the embedded broker one broker is up."""
+    from streams import topics
+    from streams.runner import StageRunner
+
+    monkeypatch.setattr("streams.runner.STATISTICS_MS", 200)
+    src = f"stats-{uuid.uuid4().hex[:8]}"
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(src)])
+    runner = StageRunner("stats", src, lambda msg: [], settings)
+    runner.run(idle_timeout=3.0)
+    assert _value(runner.metrics, "broker_kafka_brokers_up") >= 1.0
