@@ -25,7 +25,8 @@ class StageMetrics:
         self.stage = stage
         self.registry = CollectorRegistry()
         r = self.registry
-        self.messages_in = Counter("broker_messages_in", "Messages consumed", ["stage"], registry=r)
+        self.messages_in = Counter("broker_messages_in", "Messages consumed and committed (once, however often "
+                                   "retried)", ["stage"], registry=r)
         self.messages_out = Counter("broker_messages_out", "Messages produced", ["stage", "topic"], registry=r)
         self.errors = Counter("broker_errors", "Messages dead-lettered, by reason", ["stage", "reason"], registry=r)
         self.unexpected = Counter("broker_unexpected_errors",

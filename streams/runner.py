@@ -391,7 +391,6 @@ class StageRunner:
     def _process(self, consumer: Consumer, producer: Producer, raw: Message) -> bool:
         """Handle one message and commit its outputs; False when it is kept for a retry (an outage, an abort)."""
         msg = self._checked(in_message(raw))
-        self.metrics.messages_in.labels(self.stage).inc()
         start = time.time()
         lineage = self.dedup.check(msg.topic, msg.partition, msg.offset, msg.headers.get(SRC_HEADER))
         try:
@@ -555,7 +554,9 @@ class StageRunner:
         return dead_letter(self.stage, msg, exc, self.dlq_value_bytes)
 
     def _observe(self, msg: InMessage, outs: list[OutMessage], start: float, end: float) -> None:
+        """Count a committed input once, however often an outage or an aborted transaction had it read."""
         m = self.metrics
+        m.messages_in.labels(self.stage).inc()
         m.duration.labels(self.stage).observe(end - start)
         for out in outs:
             m.messages_out.labels(self.stage, out.topic).inc()

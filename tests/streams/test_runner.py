@@ -200,6 +200,7 @@ def test_an_outage_keeps_the_message_and_retries_it_instead_of_dead_lettering_it
     assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]  # in order, none lost
     assert _dead(settings, stage) == [] and _committed(settings, stage, src) == 3
     assert runner.metrics.outages.labels(stage, "history_unavailable")._value.get() == 3
+    assert runner.metrics.messages_in.labels(stage)._value.get() == 3  # b once, though read four times
     assert runner.metrics.errors.labels(stage, "history_unavailable")._value.get() == 0
 
 
