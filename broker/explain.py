@@ -164,7 +164,7 @@ def plot_explanation(exp: Explanation, path: str | Path, title: str = "") -> Pat
         ax.set_xticks([])
         ax.set_yticks([])
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="logit attribution")
-    fig.suptitle(f"{title}  score {exp.score:.3f}".strip(), fontsize=10)
+    fig.suptitle(f"{title}  score {exp.score:.3f}".strip(), fontsize=10, parse_math=False)  # ids are not TeX
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(p)

@@ -99,9 +99,14 @@ def _title(alert: dict) -> str:
         phot = f"mag {s['magpsf']:.2f} ± {_fmt(s.get('sigmapsf'), '.2f')}"
     else:
         phot = f"flux {_fmt(s.get('flux'), '.0f')} ADU (no zero point)"
-    return (f"{alert.get('objectId', '?')}   band {s.get('filter', '?')}   {phot}\n"
-            f"{alert.get('candid', '?')}   rb {_fmt(sc.get('rb'), '.2f')}   S/N {_fmt(s.get('snr'), '.1f')}   "
+    return (f"{_plain(alert.get('objectId', '?'))}   band {_plain(s.get('filter', '?'))}   {phot}\n"
+            f"{_plain(alert.get('candid', '?'))}   rb {_fmt(sc.get('rb'), '.2f')}   S/N {_fmt(s.get('snr'), '.1f')}   "
             f"RA {_fmt(s.get('ra'), '.5f')}  Dec {_fmt(s.get('dec'), '+.5f')}")
+
+
+def _plain(value: object) -> str:
+    """An alert's string for a title: non-printable characters as their escapes (no glyph for them)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
 def _scale_bar(ax: Any, cut: Cutout) -> None:
@@ -224,7 +229,7 @@ def save_triplet_png(alert: dict, path: str | Path) -> TripletPNG:
             problem = _panel(fig, ax, stamp, title, diverging=key == "cutoutDifference")
             if problem:
                 problems.append(problem)
-        fig.suptitle(_title(alert), fontsize=10)
+        fig.suptitle(_title(alert), fontsize=10, parse_math=False)  # '$' in an id is text, not TeX
         fig.text(0.995, 0.01, "masked pixels", color=MASKED_COLOUR, fontsize=7, ha="right", va="bottom")
         fig.tight_layout()
         fig.savefig(path, dpi=100)

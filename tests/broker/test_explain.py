@@ -51,6 +51,8 @@ def test_png_written(tmp_path, clf, raw):
     exp = explain_cutouts(clf, *raw[0][1])
     p = plot_explanation(exp, tmp_path / "e.png", "test")
     assert p.is_file() and 5_000 < p.stat().st_size < 200_000
+    # an alert's ids in the title (the portal's attribution map) are text: '$' once raised out of savefig
+    assert plot_explanation(exp, tmp_path / "tex.png", "OBJ$\\frac{1}{$ c$\\x$/1").is_file()
 
 
 def test_main_explain_from_npz_and_untrained_model(tmp_path, raw):

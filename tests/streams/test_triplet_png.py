@@ -98,6 +98,14 @@ def test_triplet_png_survives_all_nan_garbage_and_missing_stamps(tmp_path):
     assert nothing.path.exists() and len(nothing.problems) == 3
 
 
+def test_triplet_png_of_an_alert_whose_ids_look_like_tex_or_hold_control_characters(tmp_path):
+    r"""``$\frac{1}{$`` in an objectId was a ParseSyntaxException out of savefig: ``--png-dir`` stopped."""
+    alert = _triplet()
+    alert["objectId"], alert["candid"] = "OBJ$\\frac{1}{$x\x1b[2J", "c$\\undefined$/1\n"
+    png = save_triplet_png(alert, tmp_path / "tex.png")
+    assert png.path.exists() and png.problems == ()
+
+
 @pytest.mark.parametrize("version", schemas.versions("alert"))
 def test_triplet_png_of_the_sample_alerts(version, tmp_path):
     (alert,) = list(fastavro.reader(io.BytesIO((schemas.ROOT / "alert" / "samples" / f"v{version}.avro").read_bytes())))
