@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import threading
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.convertors import Convertor, register_url_convertor
 
 from broker.errors import NotFound
 from streams.alert_expr import AlertFilter
@@ -26,6 +28,8 @@ metrics_router = APIRouter(tags=["service"])
 Reader = Annotated[Principal, Depends(require("read"))]
 #: Cache lifetime of images and records (s): an archived alert never changes.
 IMMUTABLE = "public, max-age=86400, immutable"
+#: Cache lifetime of a frame's image (s): the difference store drops old frames.
+FRAME_IMAGE = "public, max-age=60"
 _CLASSIFIERS = threading.Lock()
 
 
@@ -48,8 +52,17 @@ async def _record(portal: Portal, alert_id: int) -> dict:
     return await portal.run(record_cache(portal).get, alert_id)
 
 
-def _png(data: bytes) -> Response:
-    return Response(data, media_type="image/png", headers={"Cache-Control": IMMUTABLE})
+def cache_control(portal: Portal, policy: str) -> str:
+    """``policy`` (:data:`IMMUTABLE`, :data:`FRAME_IMAGE`) as this portal may send it.
+
+    Where reads need a token (``--private``), ``public`` becomes ``private``: a shared cache (a
+    reverse proxy) would otherwise keep a token's answer and serve it to callers without one.
+    """
+    return policy if portal.config.public_read else policy.replace("public", "private", 1)
+
+
+def _png(portal: Portal, data: bytes) -> Response:
+    return Response(data, media_type="image/png", headers={"Cache-Control": cache_control(portal, IMMUTABLE)})
 
 
 @router.get("/health", tags=["service"])
@@ -103,17 +116,18 @@ async def cutout(request: Request, who: Reader, alert_id: int, name: str) -> Res
     portal = portal_of(request)
     record = await _record(portal, alert_id)
     if ext == "png":
-        return _png(await portal.run(render.cutout_png, record, kind))
+        return _png(portal, await portal.run(render.cutout_png, record, kind))
     data = await portal.run(render.cutout_fits, record, kind)
     return Response(data, media_type="application/fits", headers={
-        "Cache-Control": IMMUTABLE, "Content-Disposition": f'attachment; filename="{alert_id}-{kind}.fits"'})
+        "Cache-Control": cache_control(portal, IMMUTABLE),
+        "Content-Disposition": f'attachment; filename="{alert_id}-{kind}.fits"'})
 
 
 @router.get("/alerts/{alert_id}/triplet.png", response_class=Response)
 async def triplet(request: Request, who: Reader, alert_id: int) -> Response:
     """The science / reference / difference triplet as one PNG, with scales and the alert's scores."""
     portal = portal_of(request)
-    return _png(await portal.run(render.triplet_png, await _record(portal, alert_id)))
+    return _png(portal, await portal.run(render.triplet_png, await _record(portal, alert_id)))
 
 
 def _classifier(portal: Portal, version: str | None) -> Any:
@@ -132,7 +146,7 @@ async def attribution(request: Request, who: Reader, alert_id: int) -> Response:
     record = await _record(portal, alert_id)
     version = (record.get("scores") or {}).get("rb_model")
     classifier = await portal.run(_classifier, portal, version)
-    return _png(await portal.run(render.attribution_png, record, classifier))
+    return _png(portal, await portal.run(render.attribution_png, record, classifier))
 
 
 def _object(portal: Portal, object_id: str) -> dict:
@@ -176,16 +190,32 @@ async def cone(request: Request, who: Reader,
     return {"items": items}
 
 
-@router.get("/frames/{frame_id}")
-async def frame(request: Request, who: Reader, frame_id: str) -> dict:
-    """A frame: time, band, shape ``[ny, nx]``, its image's URL (null once not kept) and its candidates."""
-    portal = portal_of(request)
-    view, folder = await portal.run(queries.frame_view, portal.require_archive(), portal.config.state_dir, frame_id)
-    view["image_url"] = f"/api/v1/frames/{frame_id}/image.png" if folder is not None else None
-    return clean(view)
+class FrameIdConvertor(Convertor[str]):
+    """A frame id in a path (``{frame_id:frame_id}``): any characters, ``/`` included, and not ending in ``/``.
+
+    So ``/api/v1/frames/`` and a trailing ``/`` still meet the router's redirect to the path without it.
+    """
+
+    regex = ".*[^/]"
+
+    def convert(self, value: str) -> str:
+        """The frame id as it is."""
+        return value
+
+    def to_string(self, value: str) -> str:
+        """The frame id as it is."""
+        return value
 
 
-@router.get("/frames/{frame_id}/image.png", response_class=Response)
+register_url_convertor("frame_id", FrameIdConvertor())
+
+
+def frame_url(frame_id: str) -> str:
+    """The API path of a frame: its id percent-encoded whole (``/``, ``?``, ``#`` and ``%`` included)."""
+    return f"/api/v1/frames/{quote(frame_id, safe='')}"
+
+
+@router.get("/frames/{frame_id:frame_id}/image.png", response_class=Response)
 async def frame_image(request: Request, who: Reader, frame_id: str) -> Response:
     """The frame's difference image as a display-scaled PNG (binned to at most 1024 px a side; row 0 at the bottom)."""
     portal = portal_of(request)
@@ -194,4 +224,18 @@ async def frame_image(request: Request, who: Reader, frame_id: str) -> Response:
         _, folder = queries.frame_view(portal.require_archive(), portal.config.state_dir, frame_id)
         return render.image_png(render.binned(queries.frame_image(folder, frame_id)), diverging=True)
 
-    return Response(await portal.run(draw), media_type="image/png", headers={"Cache-Control": "public, max-age=60"})
+    return Response(await portal.run(draw), media_type="image/png",
+                    headers={"Cache-Control": cache_control(portal, FRAME_IMAGE)})
+
+
+@router.get("/frames/{frame_id:frame_id}")
+async def frame(request: Request, who: Reader, frame_id: str) -> dict:
+    """A frame: time, band, shape ``[ny, nx]``, its image's URL (null once not kept) and its candidates.
+
+    A frame id is the telescope's (``FRAMEID``) and may hold any character, ``/`` included: the
+    route takes the rest of the path (:class:`FrameIdConvertor`), and the image route is matched first.
+    """
+    portal = portal_of(request)
+    view, folder = await portal.run(queries.frame_view, portal.require_archive(), portal.config.state_dir, frame_id)
+    view["image_url"] = f"{frame_url(frame_id)}/image.png" if folder is not None else None
+    return clean(view)

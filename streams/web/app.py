@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -62,6 +63,11 @@ STATUS: dict[type[errors.BrokerError], int] = {
 SMALL_BODY_BYTES = 64 * 1024
 #: Room for the multipart framing and the form fields of an upload beside its frame bytes.
 MULTIPART_SLACK_BYTES = 64 * 1024
+#: Headers of every answer that does not set its own (the pages set their Content-Security-Policy): no
+#: answer of the API (JSON, a PNG, a FITS cutout's bytes, an error) is sniffed into another type, run
+#: as a page, framed, or named in a Referer.
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY",
+                    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'"}
 
 
 def status_of(exc: errors.BrokerError) -> int:
@@ -214,6 +220,28 @@ class BodyLimit:
                 raise
 
 
+class SecurityHeaders:
+    """ASGI middleware: :data:`SECURITY_HEADERS` on every HTTP answer, those the answer sets itself kept."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass the request on, adding the missing headers to the start of the answer."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_secured)
+
+
 def _install_errors(app: FastAPI) -> None:
     """The exception handlers: broker errors, bad parameters, HTTP errors, and everything else."""
 
@@ -283,6 +311,7 @@ def create_app(config: WebConfig) -> FastAPI:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, upload_bytes=config.max_upload_bytes)
+    app.add_middleware(SecurityHeaders)  # outermost: the answers of BodyLimit get them too
     app.include_router(api.router)
     app.include_router(api.metrics_router)
     app.include_router(upload.router)

@@ -7,6 +7,7 @@ so the figures of :func:`triplet_png` and :func:`attribution_png` are drawn one 
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 import threading
 import zlib
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.errors import CutoutError, DecodeError, NotFound, Unavailable
+from broker.errors import CutoutError, DecodeError, ModelError, NotFound, Unavailable
 from streams.triplet_png import read_cutout, save_triplet_png
 from streams.web.records import CUTOUT_FIELDS
 
@@ -26,6 +27,8 @@ MAX_CUTOUT_BYTES = 4 * 1024 * 1024
 #: Colour of masked (NaN) pixels: dark, distinct from the sky without glaring on a night-time screen.
 MASKED_RGB = (70, 30, 40)
 _PYPLOT = threading.Lock()
+#: A model version as an alert names it (``scores.rb_model``): a bare name of the shipped models, never a path.
+MODEL_VERSION = re.compile(r"\w[\w.+-]{0,99}", re.ASCII)
 
 
 def _scaled(data: np.ndarray, diverging: bool) -> tuple[np.ndarray, float, float]:
@@ -123,7 +126,20 @@ def triplet_png(record: dict) -> bytes:
 
 
 def load_classifier(version: str | None) -> Any:
-    """The real/bogus classifier of ``version`` (its default without one). Unavailable without torch."""
+    """The real/bogus classifier of ``version`` (its default without one).
+
+    ``version`` comes from the alert, so it is only looked up by name among the shipped models
+    (``broker/models``): :meth:`~broker.realbogus.RealBogusClassifier.load` would also take a path.
+
+    Raises
+    ------
+    ModelError
+        ``version`` is not a bare version name (a path, a file name), or names no model (HTTP 503).
+    Unavailable
+        No torch.
+    """
+    if version is not None and (not MODEL_VERSION.fullmatch(version) or version.endswith((".pt", ".json"))):
+        raise ModelError(f"the alert's real/bogus model {version[:80]!r} is not a model version name")
     try:
         from broker.realbogus import RealBogusClassifier
     except ImportError as exc:

@@ -49,6 +49,7 @@ from broker.errors import (
     UnsupportedMediaType,
 )
 from broker.frame import Frame, decode_fits
+from streams.web.api import frame_url
 from streams.web.app import Portal
 from streams.web.records import clean
 from streams.web.render import image_png
@@ -190,7 +191,7 @@ def publish(portal: Portal, payload: bytes, telescope: str | None = None) -> dic
     publisher = portal.extras.get("publisher") or _shared(portal, "publisher", lambda: _kafka_publisher(portal))
     sent = publisher(frame)
     return {"mode": "publish", "frame_id": sent.frame_id, "size_bytes": sent.size_bytes, "inline": sent.inline,
-            "poll": f"/api/v1/frames/{sent.frame_id}"}
+            "poll": frame_url(sent.frame_id)}
 
 
 def _check_signed_for(portal: Portal, telescope: str) -> None:

@@ -151,3 +151,93 @@ def test_metrics_count_requests_by_route(client):
     text = client.get("/metrics").text
     assert 'portal_requests_total{route="/api/v1/health",status="200"}' in text
     assert "portal_request_seconds_bucket" in text
+
+
+def _client_of(tmp_path, records: list[dict]):
+    """A TestClient of a portal whose archive holds ``records``."""
+    from fastapi.testclient import TestClient
+
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from streams.web.app import create_app
+    from streams.web.config import WebConfig
+    from tests.broker.test_archive import archived, commit
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    commit(writer, archived(records))
+    return TestClient(create_app(WebConfig.for_state_dir(tmp_path, tokens_path=tmp_path / "tokens.sqlite")))
+
+
+def test_a_frame_id_with_slashes_and_url_characters_is_served_with_its_image(state, tmp_path):
+    """A FRAMEID is the telescope's: '/' in it made the frame unreachable (404), '?' or '#' cut its image URL."""
+    import copy
+
+    from streams.web.queries import diff_dir
+    from streams.web.records import summary_of
+
+    frame_id = "2025/03/14 #7?a=1&b"  # no "%": the TestClient decodes a path twice (uvicorn once)
+    record = copy.deepcopy(state[1][-1])
+    record["provenance"]["frame_id"] = frame_id
+    folder = diff_dir(tmp_path, summary_of(record), record["provenance"]["field"])
+    folder.mkdir(parents=True)
+    np.save(folder / "diff.npy", np.random.default_rng(1).normal(0, 10, (30, 40)).astype(np.float32))
+    (folder / "meta.json").write_text('{"format": 1, "ny": 30, "nx": 40}')
+    with _client_of(tmp_path, [record]) as c:
+        from urllib.parse import quote
+
+        response = c.get(f"/api/v1/frames/{quote(frame_id, safe='')}")
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["frame_id"] == frame_id and len(body["candidates"]) == 1
+        assert body["image_url"] == f"/api/v1/frames/{quote(frame_id, safe='')}/image.png"
+        image = c.get(body["image_url"])
+        assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (40, 30)
+
+
+def test_the_attribution_map_loads_only_a_model_of_this_server_never_a_path_from_the_alert(state, tmp_path):
+    """An alert's scores.rb_model is data: a path there made the portal load that file as its model."""
+    pytest.importorskip("torch")
+    import copy
+    import shutil
+
+    from broker.realbogus import DEFAULT_VERSION, MODELS_DIR
+
+    elsewhere = tmp_path / "models"
+    elsewhere.mkdir()
+    for ext in ("pt", "json"):
+        shutil.copy(MODELS_DIR / f"{DEFAULT_VERSION}.{ext}", elsewhere / f"planted.{ext}")
+    names = (str(elsewhere / "planted"), str(elsewhere / "planted.pt"), "../models/planted", "planted.pt")
+    records = []
+    for i, name in enumerate(names):
+        record = copy.deepcopy(state[1][0])
+        record["alertId"] = record["sourceId"] = 7000 + i
+        record["scores"]["rb_model"] = name
+        records.append(record)
+    with _client_of(tmp_path, records) as c:
+        for record in records:
+            response = c.get(f"/api/v1/alerts/{record['alertId']}/attribution.png")
+            assert response.status_code == 503 and response.json()["error"] == "model", record["scores"]["rb_model"]
+        assert not c.app.state.portal.extras.get("classifiers")
+
+
+def test_a_private_portal_never_lets_a_shared_cache_keep_its_images(portal_config, state):
+    """With --private the images of a token's request were 'public': a proxy cache served them to anyone."""
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from streams.web.app import create_app
+
+    alert_id = state[1][0]["alertId"]
+    paths = (f"/api/v1/alerts/{alert_id}/cutouts/science.png", f"/api/v1/alerts/{alert_id}/cutouts/science.fits",
+             f"/api/v1/alerts/{alert_id}/triplet.png", f"/api/v1/frames/{FRAMES[-1]}/image.png")
+    with TestClient(create_app(replace(portal_config, public_read=False))) as private:
+        token = {"Authorization": f"Bearer {private.app.state.portal.tokens.add('reader', ['read'])}"}
+        for path in paths:
+            response = private.get(path, headers=token)
+            assert response.status_code == 200, path
+            policy = response.headers["cache-control"]
+            assert "private" in policy and "public" not in policy, (path, policy)
+    with TestClient(create_app(portal_config)) as public:  # a public portal's images may be cached by anyone
+        assert public.get(paths[0]).headers["cache-control"] == "public, max-age=86400, immutable"

@@ -148,3 +148,28 @@ def test_a_slow_read_does_not_hold_the_other_requests(portal_config, monkeypatch
 
     waited, status = asyncio.run(scenario())
     assert waited < 5 and status == 200
+
+
+def test_every_answer_is_neither_sniffed_nor_framed_nor_referred(client, state):
+    """API answers (JSON, PNG, a FITS cutout's bytes as the alert holds them, errors, 413) had no such headers."""
+    alert_id = state[1][0]["alertId"]
+    answers = [client.get(path, follow_redirects=False) for path in (
+        "/api/v1/health", f"/api/v1/alerts/{alert_id}", f"/api/v1/alerts/{alert_id}/cutouts/science.png",
+        f"/api/v1/alerts/{alert_id}/cutouts/science.fits", "/api/v1/objects/%3Cscript%3E", "/metrics",
+        "/openapi.json", "/static/favicon.svg", "/api/v1/alerts/")]
+    answers.append(client.post("/api/v1/labels", content=b"x" * (SMALL_BODY_BYTES + 1)))
+    for response in answers:
+        where = (response.request.url, response.status_code)
+        assert response.headers["x-content-type-options"] == "nosniff", where
+        assert response.headers["x-frame-options"] == "DENY", where
+        assert response.headers["referrer-policy"] == "no-referrer", where
+        assert "frame-ancestors 'none'" in response.headers["content-security-policy"], where
+    assert {r.status_code for r in answers} >= {200, 307, 404, 413}
+
+
+def test_a_page_keeps_its_own_content_security_policy(client):
+    from streams.web.pages import CSP
+
+    response = client.get("/")
+    assert response.headers["content-security-policy"] == CSP
+    assert len(response.headers.get_list("content-security-policy")) == 1

@@ -100,6 +100,16 @@ def test_publish_sends_the_validated_frame_and_returns_its_id(client, token, pai
     assert sent[0].meta.frame_id == "TEST-F1-r-0001"
 
 
+def test_publish_answers_a_poll_url_that_reaches_a_frame_id_with_url_characters(client, token):
+    """The poll URL held the FRAMEID as it was: '/', '?' or '#' in it pointed elsewhere."""
+    frame_id = "2025/03/14 #7?x=1"
+    client.app.state.portal.extras["publisher"] = lambda frame: Published(frame.meta.frame_id, 1, True)
+    body = post(client, encode_fits(star_frame(seed=0, FRAMEID=frame_id)), token=token, mode="publish").json()
+    assert body["frame_id"] == frame_id and body["poll"] == "/api/v1/frames/2025%2F03%2F14%20%237%3Fx%3D1"
+    polled = client.get(body["poll"], headers=token)  # not archived yet: the frame route answers, naming it
+    assert polled.status_code == 404 and repr(frame_id) in polled.json()["detail"]
+
+
 def test_publish_refuses_a_telescope_the_pipeline_refuses_from_this_server(portal_config, pair, tmp_path):
     """A frame ingest dead-letters ``unauthorised`` was answered 202 with a frame id that never appears."""
     import dataclasses
