@@ -46,6 +46,13 @@ export async function api(path, options = {}) {
 }
 
 // el("a", {href: u, class: "x"}, "text", child, ...): attributes set as attributes, strings as text.
+// The id a page's URL names after `prefix`, decoded; a malformed escape ("100%") is kept as written,
+// so the API answers for it (404) instead of the page stopping at "loading".
+export function pathId(prefix) {
+  const raw = location.pathname.slice(prefix.length);
+  try { return decodeURIComponent(raw); } catch { return raw; }
+}
+
 export function el(tag, attrs, ...children) {
   const svg = ["svg", "g", "line", "path", "circle", "rect", "text", "polygon", "title", "polyline"].includes(tag);
   const node = svg ? document.createElementNS("http://www.w3.org/2000/svg", tag) : document.createElement(tag);

@@ -1,9 +1,9 @@
 // The frame page: the frame (or its difference image) with each candidate's alert marked on it, and
 // the candidates as a table; a marker and its row light up together.
 
-import { api, bandTag, cutoutUrl, el, fmt, mjdDate, scoreMeter } from "./common.js";
+import { api, bandTag, cutoutUrl, el, fmt, mjdDate, pathId, scoreMeter } from "./common.js";
 
-const frameId = decodeURIComponent(location.pathname.slice("/frames/".length));
+const frameId = pathId("/frames/");
 const root = document.getElementById("frame");
 
 // PNG row 0 is the top of the frame as ds9 shows it (FITS origin lower): y = ny - 1 there.

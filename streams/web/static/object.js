@@ -1,10 +1,10 @@
 // The object page: its light curve per band (with upper limits), classification, context, features
 // and every alert of it with its cutouts.
 
-import { api, bandTag, cutoutUrl, el, fmt, mjdDate, scoreMeter, sexagesimal } from "./common.js";
+import { api, bandTag, cutoutUrl, el, fmt, mjdDate, pathId, scoreMeter, sexagesimal } from "./common.js";
 import { legend, lightCurveSVG, plotted } from "./lightcurve.js";
 
-const objectId = decodeURIComponent(location.pathname.split("/").pop());
+const objectId = pathId("/objects/");
 const root = document.getElementById("object");
 
 const FEATURES = [

@@ -163,6 +163,11 @@ def test_a_new_alert_appears_live_and_a_key_press_stores_a_label(browser, pipeli
         _until(lambda: browser.find_elements(By.CSS_SELECTOR, ".lightcurve svg .detection"), 30,
                "the light curve", browser, tmp_path / "object.png")
 
+        # a malformed escape in the URL stopped the page at "loading" (decodeURIComponent threw): now the API says
+        browser.get(f"{base}/objects/OBJ100%")
+        _until(lambda: "OBJ100%" in "".join(e.text for e in browser.find_elements(By.CSS_SELECTOR, "p.error")), 30,
+               "the object page's error for a malformed URL", browser, tmp_path / "object-malformed.png")
+
         # vetting: a token with scope vet, then the key r labels the candidate shown
         clear = _vet_token(config)
         browser.get(f"{base}/vet")
