@@ -28,7 +28,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from broker.errors import BrokerError, Unavailable, UnknownTopic
+from broker.errors import BrokerError, RateLimited, Unavailable, UnknownTopic
 from streams.alert_expr import AlertFilter, to_json
 from streams.settings import KafkaSettings
 from streams.subscriber import StartPosition, Subscription
@@ -43,6 +43,9 @@ QUEUE_SIZE = 256
 KEEPALIVE_S = 15.0
 #: Seconds without any viewer after which the consumer stops (s); the next viewer starts it again.
 IDLE_STOP_S = 60.0
+#: Most live streams open at once (count): each holds a connection, a queue and a thread's share of
+#: the consumer's work; beyond it a new one is answered 429 (``RateLimited``) until one closes.
+MAX_VIEWERS = 200
 #: Seconds between attempts to reach Kafka or find the topic again (s).
 RETRY_S = 5.0
 
@@ -122,6 +125,9 @@ class LiveHub:
         viewer = Viewer(keep, asyncio.get_running_loop())
         viewer.offer(sse("status", self.status))
         with self._lock:
+            if len(self._viewers) >= MAX_VIEWERS:
+                raise RateLimited(f"{len(self._viewers)} live streams are open, the most this server keeps; "
+                                  "try again when one closes")
             self._viewers.add(viewer)
             self.viewers.set(len(self._viewers))
             self._start_consumer()
@@ -267,7 +273,8 @@ async def stream(request: Request, principal: Annotated[Principal, Depends(requi
                  ) -> StreamingResponse:
     """New alerts as server-sent events (``alert``: an AlertSummary), from now on, through ``filter``.
 
-    400 for a filter that does not parse; 503 when the server reads no Kafka.
+    400 for a filter that does not parse; 429 with :data:`MAX_VIEWERS` streams open; 503 when the
+    server reads no Kafka.
     """
     keep = AlertFilter(filter)
     hub = live_hub(request)

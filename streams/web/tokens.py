@@ -98,10 +98,15 @@ class TokenStore:
         return [TokenInfo(r[0], r[1], tuple(r[2].split(",")), r[3], r[4]) for r in rows]
 
     def revoke(self, key: str) -> int:
-        """Revoke the active tokens whose id or name is ``key``; return how many."""
+        """Revoke the token whose id is ``key``, or else every active token named ``key``; return how many.
+
+        The id is tried first: a token whose name happened to be another token's id revoked both.
+        """
         with self._lock:
-            cur = self._db.execute("UPDATE tokens SET revoked = ? WHERE (token_id = ? OR name = ?) "
-                                   "AND revoked IS NULL", (time.time(), key, key))
+            column = "token_id" if self._db.execute("SELECT 1 FROM tokens WHERE token_id = ?", (key,)).fetchone() \
+                else "name"
+            cur = self._db.execute(f"UPDATE tokens SET revoked = ? WHERE {column} = ? AND revoked IS NULL",
+                                   (time.time(), key))
         return int(cur.rowcount)
 
     def verify(self, token: str) -> Principal:

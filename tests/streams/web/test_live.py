@@ -95,6 +95,28 @@ def test_the_hub_hands_each_alert_to_the_viewers_whose_filter_it_passes():
     assert hub.alerts._value.get() == 3 and hub.viewers._value.get() == 0
 
 
+def test_live_streams_beyond_the_most_a_server_keeps_are_refused_until_one_closes(monkeypatch):
+    """Every open stream was kept, without bound: a connection, a queue and a filter each."""
+    from prometheus_client import CollectorRegistry
+
+    from broker.errors import RateLimited
+
+    monkeypatch.setattr(live, "MAX_VIEWERS", 3)
+    hub = _Offline(KafkaSettings("127.0.0.1:9"), "alerts", CollectorRegistry())
+
+    async def scenario() -> None:
+        open_ = [hub.join(AlertFilter(None)) for _ in range(3)]
+        with pytest.raises(RateLimited, match="3 live streams are open"):
+            hub.join(AlertFilter(None))
+        hub.leave(open_.pop())
+        open_.append(hub.join(AlertFilter(None)))  # room again
+        for v in open_:
+            hub.leave(v)
+
+    asyncio.run(scenario())
+    assert hub.viewers._value.get() == 0
+
+
 def test_a_slow_viewer_loses_its_oldest_alerts_not_the_servers_memory():
     async def scenario() -> live.Viewer:
         viewer = live.Viewer(AlertFilter(None), asyncio.get_running_loop())

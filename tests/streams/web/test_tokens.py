@@ -51,6 +51,13 @@ def test_revoked_tokens_stop_working_and_stay_listed(store):
     assert store.revoke(b.split(".")[0]) == 1
 
 
+def test_revoking_a_token_by_its_id_spares_a_token_named_like_that_id(store):
+    a = store.add("alice", ["read"])
+    twin = store.add(a.split(".")[0], ["read"])  # a name that is alice's id
+    assert store.revoke(a.split(".")[0]) == 1
+    assert store.verify(twin).name == a.split(".")[0]
+
+
 @pytest.mark.parametrize(("name", "scopes"), [("alice", []), ("alice", ["admin"]), ("  ", ["read"])])
 def test_unknown_scopes_and_empty_names_are_refused(store, name, scopes):
     with pytest.raises(ConfigError):
