@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from broker.errors import BrokerError, InvalidFrame, KafkaAuthError
+from streams.triplet_png import printable
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -573,15 +574,6 @@ def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Op
         png = save_triplet_png(alert, png_dir / png_name(alert["candid"]))
         for problem in png.problems:
             err.print(f"[yellow]cutout not drawn[/yellow] in {png.path.name}: {escape(problem)}")
-
-
-def printable(text: str) -> str:
-    r"""``text`` with every non-printable character as its escape (``\x1b``, ``\n``).
-
-    An alert's strings come from whoever produced it: an escape sequence in an ``objectId`` would
-    otherwise reach the terminal (clear it, retitle it, hide lines).
-    """
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def png_name(candid: str) -> str:

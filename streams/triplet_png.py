@@ -99,13 +99,17 @@ def _title(alert: dict) -> str:
         phot = f"mag {s['magpsf']:.2f} ± {_fmt(s.get('sigmapsf'), '.2f')}"
     else:
         phot = f"flux {_fmt(s.get('flux'), '.0f')} ADU (no zero point)"
-    return (f"{_plain(alert.get('objectId', '?'))}   band {_plain(s.get('filter', '?'))}   {phot}\n"
-            f"{_plain(alert.get('candid', '?'))}   rb {_fmt(sc.get('rb'), '.2f')}   S/N {_fmt(s.get('snr'), '.1f')}   "
-            f"RA {_fmt(s.get('ra'), '.5f')}  Dec {_fmt(s.get('dec'), '+.5f')}")
+    return (f"{printable(alert.get('objectId', '?'))}   band {printable(s.get('filter', '?'))}   {phot}\n"
+            f"{printable(alert.get('candid', '?'))}   rb {_fmt(sc.get('rb'), '.2f')}   "
+            f"S/N {_fmt(s.get('snr'), '.1f')}   RA {_fmt(s.get('ra'), '.5f')}  Dec {_fmt(s.get('dec'), '+.5f')}")
 
 
-def _plain(value: object) -> str:
-    """An alert's string for a title: non-printable characters as their escapes (no glyph for them)."""
+def printable(value: object) -> str:
+    r"""``value`` as text with every non-printable character as its escape (``\x1b``, ``\n``).
+
+    An alert's strings come from whoever produced it: an escape sequence in an ``objectId`` would
+    otherwise reach a terminal (clear it, hide lines) or a figure title (a glyph it has not).
+    """
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in str(value))
 
 
