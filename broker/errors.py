@@ -290,6 +290,15 @@ class HistoryUnavailable(Outage):
     reason = "history_unavailable"
 
 
+class FrameStoreUnavailable(Outage):
+    """The frame store cannot be reached: its root does not answer (an unmounted volume, an object store down).
+
+    A missing object in a store that answers is the input's fault (:class:`FrameStoreError`).
+    """
+
+    reason = "frame_store_unavailable"
+
+
 # --- archive ------------------------------------------------------------------------------------
 class ArchiveError(BrokerError):
     """An archive that cannot be used as asked: no such archive, a query it cannot run, a second writer."""

@@ -130,15 +130,25 @@ class HistoryStore(Protocol):
 
 
 class SqliteStore:
-    """The history in one SQLite file (``":memory:"`` for tests); a transaction locks the whole file."""
+    """The history in one SQLite file (``":memory:"`` for tests); a transaction locks the whole file.
 
-    def __init__(self, path: str | Path) -> None:
+    Parameters
+    ----------
+    path : str or Path
+        The file (created with its tables when absent).
+    statements, added : optional
+        The tables (:func:`schema` and :data:`ADDED` by default: the history's; the frame ledger
+        passes its own, :func:`broker.ledger.schema`).
+    """
+
+    def __init__(self, path: str | Path, statements: Sequence[str] | None = None,
+                 added: Sequence[tuple[str, str, str]] = ADDED) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path), isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(";\n".join(schema("REAL")) + ";")
-        for table, name, kind in ADDED:
+        self.db.executescript(";\n".join(schema("REAL") if statements is None else statements) + ";")
+        for table, name, kind in added:
             if name not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 

@@ -52,6 +52,9 @@ class PostgresStore:
         libpq connection string or URL; the password best comes from ``PGPASSWORD``/``PGPASSFILE``.
     connect_timeout_s : float
         How long (s) to keep trying to connect, at start and after a lost connection.
+    statements, added : optional
+        The tables (the history's by default, :func:`broker.history.schema` and
+        :data:`broker.history.ADDED`; the frame ledger passes its own, :func:`broker.ledger.schema`).
 
     Raises
     ------
@@ -59,7 +62,8 @@ class PostgresStore:
         psycopg is not installed, or the database cannot be reached within ``connect_timeout_s``.
     """
 
-    def __init__(self, dsn: str, connect_timeout_s: float = 60.0) -> None:
+    def __init__(self, dsn: str, connect_timeout_s: float = 60.0, statements: Sequence[str] | None = None,
+                 added: Sequence[tuple[str, str, str]] = ADDED) -> None:
         try:
             import psycopg
         except ImportError as exc:
@@ -71,7 +75,7 @@ class PostgresStore:
             self.db = self._connect()
         except HistoryUnavailable as exc:
             raise ConfigError(str(exc)) from exc
-        self._create_tables()
+        self._create_tables(schema("DOUBLE PRECISION") if statements is None else statements, added)
 
     def _connect(self) -> Any:
         """A new autocommit connection (transactions are explicit), retried for ``connect_timeout_s``."""
@@ -85,14 +89,14 @@ class PostgresStore:
                                              f"{str(exc).strip()}") from exc
                 time.sleep(1.0)
 
-    def _create_tables(self) -> None:
-        """Create the tables and the columns of :data:`broker.history.ADDED`, under a lock (replicas start together)."""
+    def _create_tables(self, statements: Sequence[str], added: Sequence[tuple[str, str, str]]) -> None:
+        """Create the tables and the columns ``added``, under a lock (replicas start together)."""
         self.db.execute("BEGIN")
         try:
             self.db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in schema("DOUBLE PRECISION"):
+            for statement in statements:
                 self.db.execute(statement)
-            for table, name, kind in ADDED:
+            for table, name, kind in added:
                 kind = "DOUBLE PRECISION" if kind == "REAL" else kind
                 self.db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind}")
             self.db.execute("COMMIT")

@@ -2,8 +2,10 @@
 
 A telescope (or an operator) that sends a frame again must not get its alerts again. The subtract
 stage, which owns the per-field state (references, difference images), keeps one row per processed
-frame in ``<state_dir>/frames.sqlite``: the telescope and frame id, a SHA-256 of the decoded pixels
-(:func:`pixel_checksum`: the same exposure re-encoded, or renamed, has the same one) and the Kafka
+frame in ``<state_dir>/frames.sqlite``, or in the history's PostgreSQL (``[history] dsn``: subtract
+replicas then share it without SQLite over a network volume): the telescope and frame id, a SHA-256
+of the decoded pixels (:func:`pixel_checksum`: the same exposure re-encoded, or renamed, has the same
+one) and the Kafka
 position of the message it came from (``topic:partition:offset``). A later message with the same
 telescope and frame id, or the same pixels, from *another* position is a re-send: the stage
 dead-letters it with reason ``duplicate_frame`` (:class:`~broker.errors.DuplicateFrame`), naming the
@@ -15,7 +17,6 @@ requires; see ``docs/architecture.md`` ("Frame-level idempotence").
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import time
 from pathlib import Path
 
@@ -23,22 +24,17 @@ import numpy as np
 
 from broker.errors import DuplicateFrame
 from broker.frame import FrameMeta
+from broker.history import HistoryConfig, HistoryStore, SqliteStore
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS frames (
-    telescope TEXT NOT NULL,
-    frame_id TEXT NOT NULL,
-    checksum TEXT NOT NULL,
-    field TEXT NOT NULL,
-    filter TEXT NOT NULL,
-    mjd REAL NOT NULL,
-    source TEXT NOT NULL,
-    status TEXT NOT NULL,
-    recorded REAL NOT NULL,
-    PRIMARY KEY (telescope, frame_id)
-);
-CREATE INDEX IF NOT EXISTS frames_by_checksum ON frames (checksum);
-"""
+
+def schema(real: str) -> tuple[str, ...]:
+    """The statements that create the ledger's table and index, ``real`` being the dialect's 8-byte float type."""
+    return (
+        f"CREATE TABLE IF NOT EXISTS frames (telescope TEXT NOT NULL, frame_id TEXT NOT NULL, checksum TEXT NOT NULL, "
+        f"field TEXT NOT NULL, filter TEXT NOT NULL, mjd {real} NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL, "
+        f"recorded {real} NOT NULL, PRIMARY KEY (telescope, frame_id))",
+        "CREATE INDEX IF NOT EXISTS frames_by_checksum ON frames (checksum)",
+    )
 
 
 def pixel_checksum(data: np.ndarray) -> str:
@@ -50,19 +46,45 @@ def pixel_checksum(data: np.ndarray) -> str:
 
 
 class FrameLedger:
-    """The processed frames of one state directory (SQLite; one row per frame, ~200 bytes).
+    """The processed frames of a pipeline (one row per frame, ~200 bytes).
 
     Parameters
     ----------
-    path : Path
-        The SQLite file (created with its table when absent).
+    store : HistoryStore, Path or str
+        Where the rows are: a SQLite file (created with its table when absent), or an open store
+        (:meth:`open` picks the history's PostgreSQL when ``[history] dsn`` is set, so that subtract
+        replicas share one ledger without SQLite over a network volume).
     """
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0)
-        self._db.executescript(_SCHEMA)
+    def __init__(self, store: HistoryStore | Path | str) -> None:
+        self.store = SqliteStore(store, schema("REAL"), added=()) if isinstance(store, (str, Path)) else store
+
+    @classmethod
+    def open(cls, state_dir: Path, config: HistoryConfig) -> FrameLedger:
+        """The ledger a configuration names: in the history's PostgreSQL, else ``<state_dir>/frames.sqlite``.
+
+        Raises
+        ------
+        ConfigError
+            PostgreSQL named but psycopg is missing or the database cannot be reached.
+        """
+        if config.dsn:
+            from broker.history_pg import PostgresStore
+
+            return cls(PostgresStore(config.dsn, config.connect_timeout_s, schema("DOUBLE PRECISION"), added=()))
+        return cls(Path(state_dir) / "frames.sqlite")
+
+    def _run(self, sql: str, params: tuple) -> list[tuple]:
+        """Run one statement in a transaction of its own (a lost PostgreSQL is reopened); its rows."""
+        rows: list[tuple] = []
+
+        def work() -> None:
+            cur = self.store.execute(sql, params)
+            if cur.description is not None:
+                rows.extend(cur.fetchall())
+
+        self.store.transaction([], work)
+        return rows
 
     def check(self, meta: FrameMeta, checksum: str, source: str) -> None:
         """Raise :class:`DuplicateFrame` if this frame was processed from a position other than ``source``.
@@ -76,9 +98,8 @@ class FrameLedger:
         source : str
             ``topic:partition:offset`` of the message being processed.
         """
-        rows = self._db.execute(
-            "SELECT frame_id, checksum, source, status FROM frames WHERE (telescope = ? AND frame_id = ?) "
-            "OR checksum = ? LIMIT 2", (meta.telescope, meta.frame_id, checksum)).fetchall()
+        rows = self._run("SELECT frame_id, checksum, source, status FROM frames WHERE (telescope = ? AND frame_id = ?) "
+                         "OR checksum = ? LIMIT 2", (meta.telescope, meta.frame_id, checksum))
         for frame_id, their_checksum, their_source, status in rows:
             if their_source == source:
                 continue  # the same message again (a restart): process it again
@@ -90,16 +111,14 @@ class FrameLedger:
 
     def record(self, meta: FrameMeta, checksum: str, source: str, status: str) -> None:
         """Remember that the frame was processed from ``source`` with batch status ``status`` (a first record stays)."""
-        with self._db:
-            self._db.execute(
-                "INSERT OR IGNORE INTO frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (meta.telescope, meta.frame_id, checksum, meta.field, meta.filter, meta.mjd_start, source, status,
-                 time.time()))
+        self._run("INSERT INTO frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  (meta.telescope, meta.frame_id, checksum, meta.field, meta.filter, meta.mjd_start, source, status,
+                   time.time()))
 
     def __len__(self) -> int:
         """Frames recorded."""
-        return int(self._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0])
+        return int(self._run("SELECT COUNT(*) FROM frames", ())[0][0])
 
     def close(self) -> None:
         """Close the database."""
-        self._db.close()
+        self.store.close()

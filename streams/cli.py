@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from broker.errors import BrokerError, InvalidFrame, KafkaAuthError
+from broker.errors import BrokerError, InvalidFrame, KafkaAuthError, Outage
 from streams.triplet_png import printable
 
 if TYPE_CHECKING:
@@ -295,16 +295,23 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
             signal.signal(sig, lambda *_: stop.set())
         what = (pattern or "FITS files") + (", in every subfolder" if recursive else "")
         console.print(f"watching {paths[0]} for {what} (Ctrl-C to stop)")
-        for path, res in watch_dir(paths[0], producer.publish_file, stop.is_set, pattern or None,
-                                   recursive=recursive):
-            _report(path, res)
-            _flush(producer)  # the file is recorded as sent only once this returns
+        try:
+            for path, res in watch_dir(paths[0], producer.publish_file, stop.is_set, pattern or None,
+                                       recursive=recursive):
+                _report(path, res)
+                _flush(producer)  # the file is recorded as sent only once this returns
+        except Outage as exc:  # the frame store down: exit 2, the file is sent again by the next start
+            _fail(exc)
         return
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
             res = producer.publish_file(path)
         except InvalidFrame as exc:
             res, failed = exc, failed + 1
+        except Outage as exc:  # the frame store down: what was sent is flushed, the rest named
+            _flush(producer)
+            _fail(BrokerError(f"{exc}; not sent: {', '.join(map(str, paths[i:i + 5]))}"
+                              f"{f' and {len(paths) - i - 5} more' if len(paths) - i > 5 else ''}"))
         _report(path, res)
     _flush(producer)
     if failed:

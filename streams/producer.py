@@ -19,7 +19,7 @@ from pathlib import Path
 from astropy.time import Time
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame
+from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame, Outage
 from broker.frame import Frame, decode_fits, encode_fits, sha256
 from broker.ingest import IngestConfig, validate
 from broker.telescopes import TelescopeProfile
@@ -200,7 +200,8 @@ def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[
     restart. A file that fails (an :class:`InvalidFrame`, a calibration frame among them, or any
     other error but Kafka's) is reported, recorded and not retried until it changes, so one bad
     file can never stop the watch nor make it fail again at every restart. Kafka errors (the broker
-    unreachable, the queue full) propagate: the file was not sent and is tried again after a restart.
+    unreachable, the queue full) and outages (the frame store down) propagate: the file was not sent
+    and is tried again after a restart.
     """
     ledger = directory / ".published"
     done = set(ledger.read_text().splitlines()) if ledger.exists() else set()
@@ -230,8 +231,8 @@ def _publish_one(publish: Callable[[Path], Published], path: Path) -> Published 
         return publish(path)
     except InvalidFrame as exc:
         return exc
-    except (KafkaException, BufferError):
-        raise
+    except (KafkaException, BufferError, Outage):
+        raise  # not the file's fault: the watch stops, the file is not recorded, a restart sends it
     except Exception as exc:  # a bug or an unforeseen file: reported and logged, the watch goes on
         log.exception("unexpected error publishing %s", path)
         return exc

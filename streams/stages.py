@@ -228,16 +228,16 @@ def subtract_handler(config: PipelineConfig) -> Handler:
     """Reference policy, subtraction and detection (``frame`` -> ``candidates``).
 
     Each record is checked again as ingest checked it (:func:`_ingested_flags`), then against the
-    frame ledger (:class:`broker.ledger.FrameLedger`, ``<state_dir>/frames.sqlite``): a frame sent
-    again is dead-lettered ``duplicate_frame``. Flags of ``IngestConfig.subtract_skip_on`` keep a
-    frame from being subtracted (``poor_quality``).
+    frame ledger (:class:`broker.ledger.FrameLedger`: ``<state_dir>/frames.sqlite``, or the history's
+    PostgreSQL with ``[history] dsn``): a frame sent again is dead-lettered ``duplicate_frame``.
+    Flags of ``IngestConfig.subtract_skip_on`` keep a frame from being subtracted (``poor_quality``).
     """
     if config.retain_freed_memory:
         retain_freed_memory()
     store = FrameStore(config.frame_store)
     refs = ReferenceStore(config.state_dir / "refs", config.reference)
     diffs = DifferenceStore(config.state_dir / "diffs", config.differences)
-    ledger = FrameLedger(config.state_dir / "frames.sqlite")
+    ledger = FrameLedger.open(config.state_dir, config.history)
 
     def handle(msg: InMessage) -> list[OutMessage]:
         rec, frame = _frame_of(msg, store, config)

@@ -132,7 +132,11 @@ def test_the_compose_portal_reads_the_stages_state_with_the_web_extra():
 
 
 def test_k8s_state_lives_on_a_shared_volume_or_in_a_database():
-    """The subtract stage's state_dir is a ReadWriteMany claim; the score stage scales only with PostgreSQL."""
+    """The subtract stage's state_dir is a ReadWriteMany claim; the score stage scales only with PostgreSQL.
+
+    Several subtract replicas need the frame ledger in PostgreSQL too: SQLite's locks do not hold
+    over a network volume.
+    """
     cfg = _k8s_config()
     claims = {d["metadata"]["name"]: d for d in _k8s_docs() if d["kind"] == "PersistentVolumeClaim"}
     pod = _named("StatefulSet", "subtract")["spec"]["template"]["spec"]
@@ -141,16 +145,18 @@ def test_k8s_state_lives_on_a_shared_volume_or_in_a_database():
     claim = claims[volume["persistentVolumeClaim"]["claimName"]]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # a field moves between replicas
     score_max = _named("ScaledObject", "score")["spec"]["maxReplicaCount"]
+    subtract_max = _named("ScaledObject", "subtract")["spec"]["maxReplicaCount"]
     if not cfg.history.dsn:  # SQLite: one writer
-        assert score_max == 1
+        assert score_max == subtract_max == 1
         return
     assert score_max > 1
     (cluster,) = [d for d in _k8s_docs() if d["kind"] == "Cluster"]  # CloudNativePG
     name = cluster["metadata"]["name"]
     assert cfg.history.dsn.split("@")[1].split(":")[0] == f"{name}-rw"  # the operator's primary Service
     assert "password" not in cfg.history.dsn.split("@")[0].split("//")[1]  # no secret in the ConfigMap
-    env = {e["name"]: e for e in _container("score").get("env", [])}
-    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-app", "key": "password"}
+    for stage in ("score", "subtract"):  # the history, and the frame ledger beside it
+        env = {e["name"]: e for e in _container(stage).get("env", [])}
+        assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{name}-app", "key": "password"}
 
 
 def test_k8s_portal_serves_the_stages_state_as_the_read_only_user():

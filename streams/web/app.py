@@ -54,7 +54,7 @@ STATUS: dict[type[errors.BrokerError], int] = {
     errors.RateLimited: 429,
     errors.Unavailable: 503,
     errors.ArchiveError: 503,
-    errors.HistoryUnavailable: 503,
+    errors.Outage: 503,  # the history or the frame store down: try again later
     errors.ModelError: 503,
     errors.TooManyPixels: 413,
     errors.UnsupportedMediaType: 415,

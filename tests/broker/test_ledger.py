@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 
 from broker.errors import DuplicateFrame
+from broker.history import HistoryConfig
 from broker.ledger import FrameLedger, pixel_checksum
 from tests.helpers import star_frame
 
 
-def test_a_frame_sent_again_is_a_duplicate_by_id_or_by_pixels(tmp_path):
+@pytest.fixture(params=["sqlite", "postgres"])
+def config(request):
+    """Where the ledger lives: ``<state_dir>/frames.sqlite``, or the history's PostgreSQL (subtract replicas)."""
+    if request.param == "sqlite":
+        return HistoryConfig()
+    return HistoryConfig(dsn=request.getfixturevalue("postgres").create_database("ledger"))
+
+
+def test_a_frame_sent_again_is_a_duplicate_by_id_or_by_pixels(tmp_path, config):
     frame = star_frame()
-    ledger = FrameLedger(tmp_path / "frames.sqlite")
+    ledger = FrameLedger.open(tmp_path, config)
     checksum = pixel_checksum(frame.data)
     ledger.check(frame.meta, checksum, "ingested:0:7")
     ledger.record(frame.meta, checksum, "ingested:0:7", "SUBTRACTED")
@@ -24,8 +33,10 @@ def test_a_frame_sent_again_is_a_duplicate_by_id_or_by_pixels(tmp_path):
         ledger.check(frame.meta, checksum, "ingested:0:9")
     assert err.value.reason == "duplicate_frame"
     renamed = replace(frame.meta, frame_id="TEST-F1-r-0002")  # the same exposure under another id
+    other_replica = FrameLedger.open(tmp_path, config)
     with pytest.raises(DuplicateFrame, match="same pixels as frame TEST-F1-r-0001"):
-        FrameLedger(tmp_path / "frames.sqlite").check(renamed, checksum, "ingested:1:0")  # kept on disk
+        other_replica.check(renamed, checksum, "ingested:1:0")  # kept: another process sees it
+    other_replica.close()
     with pytest.raises(DuplicateFrame, match="same frame id"):  # other pixels, the same telescope and id
         ledger.check(frame.meta, pixel_checksum(frame.data + 1), "ingested:0:9")
     other = star_frame(seed=1, FRAMEID="TEST-F1-r-0003")
@@ -40,3 +51,23 @@ def test_the_pixel_checksum_ignores_encoding_and_sees_one_pixel():
     changed = data.copy()
     changed[3, 5] += 1e-3
     assert pixel_checksum(changed) != pixel_checksum(data) != pixel_checksum(data.reshape(32, 128))
+
+
+def test_a_ledger_file_of_the_previous_release_opens_with_its_rows(tmp_path):
+    """Files written before the ledger shared the history's stores (rollback journal, ``INSERT OR IGNORE``)."""
+    import sqlite3
+
+    frame = star_frame()
+    old = sqlite3.connect(tmp_path / "frames.sqlite")
+    old.executescript("CREATE TABLE frames (telescope TEXT NOT NULL, frame_id TEXT NOT NULL, checksum TEXT NOT NULL, "
+                      "field TEXT NOT NULL, filter TEXT NOT NULL, mjd REAL NOT NULL, source TEXT NOT NULL, "
+                      "status TEXT NOT NULL, recorded REAL NOT NULL, PRIMARY KEY (telescope, frame_id));"
+                      "CREATE INDEX frames_by_checksum ON frames (checksum);")
+    with old:
+        old.execute("INSERT INTO frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (frame.meta.telescope, frame.meta.frame_id,
+                    pixel_checksum(frame.data), "F1", "r", 60000.0, "ingested:0:3", "SUBTRACTED", 1.7e9))
+    old.close()
+    ledger = FrameLedger.open(tmp_path, HistoryConfig())
+    with pytest.raises(DuplicateFrame, match="from ingested:0:3"):
+        ledger.check(frame.meta, pixel_checksum(frame.data), "ingested:0:8")
+    ledger.close()

@@ -37,6 +37,21 @@ def test_produce_names_the_frames_kafka_did_not_take_and_exits_2(tmp_path, monke
     assert "not delivered to Kafka: TEST-F1-r-0001" in res.output and "Traceback" not in res.output
 
 
+def test_produce_stops_on_a_frame_store_that_cannot_be_written_and_names_what_was_not_sent(tmp_path):
+    """A store down was a traceback out of the first frame sent by reference."""
+    from broker.frame import encode_fits
+    from tests.helpers import star_frame
+
+    (tmp_path / "blocked").write_bytes(b"")  # the store's path runs through a file: it cannot be written
+    (tmp_path / "cfg.toml").write_text(f'frame_store = "{tmp_path / "blocked" / "frames"}"\ninline_limit_bytes = 1000\n')
+    for name in ("a.fits", "b.fits"):
+        (tmp_path / name).write_bytes(encode_fits(star_frame()))
+    res = runner.invoke(app, ["produce", str(tmp_path / "a.fits"), str(tmp_path / "b.fits"), "--config",
+                              str(tmp_path / "cfg.toml"), "--bootstrap", "127.0.0.1:1"])
+    assert res.exit_code == 2, res.output
+    assert "cannot be written" in res.output and "b.fits" in res.output and "Traceback" not in res.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "rb >"], "invalid filter expression"),
     (["subscribe", "--bootstrap", "127.0.0.1:1", "--filter", "open('x')"], "unknown name(s) ['open']"),

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from broker.calibrate import CalibrationConfig
-from broker.errors import CorruptFrame, FrameTooLarge, InvalidFrame, MissingWCS
+from broker.errors import CorruptFrame, FrameStoreUnavailable, FrameTooLarge, InvalidFrame, MissingWCS
 from broker.frame import encode_fits
 from broker.ingest import IngestConfig
 from streams import serde, topics
@@ -231,3 +231,20 @@ def test_a_path_that_is_no_readable_file_is_reported_and_the_batch_goes_on(tmp_p
     os.mkfifo(tmp_path / "pipe.fits")  # would block the producer for ever
     with pytest.raises(InvalidFrame, match="pipe.fits: not a regular file"):
         producer.publish_file(tmp_path / "pipe.fits")
+
+
+def test_watch_stops_on_a_frame_store_outage_and_sends_the_file_after_a_restart(tmp_path):
+    """A store that cannot be written was an unforeseen error: the file was recorded as sent, and lost."""
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    (incoming / "a.fits").write_bytes(b"x")
+
+    def store_down(path):
+        raise FrameStoreUnavailable("frame store s3://frames cannot be written: ConnectionRefusedError")
+
+    polls = iter(range(4))
+    with pytest.raises(FrameStoreUnavailable):
+        list(watch(incoming, store_down, lambda: next(polls, None) is None, poll_s=0.01))
+    polls = iter(range(4))
+    assert list(dict(watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01))) == [
+        incoming / "a.fits"]

@@ -8,7 +8,14 @@ from dataclasses import replace
 import pytest
 
 from broker.config import load_config
-from broker.errors import ChecksumMismatch, ConfigError, FrameStoreError, InvalidFrame, PoorQuality
+from broker.errors import (
+    ChecksumMismatch,
+    ConfigError,
+    FrameStoreError,
+    FrameStoreUnavailable,
+    InvalidFrame,
+    PoorQuality,
+)
 from broker.frame import decode_fits, encode_fits
 from broker.ingest import IngestConfig
 from streams import serde, topics
@@ -43,6 +50,19 @@ def test_frame_by_reference_is_fetched_and_checked(config):
         ingest_handler(config)(_msg(bad))
     with pytest.raises(FrameStoreError):
         ingest_handler(config)(_msg(frame_record(frame, payload, inline=False, uri="/etc/passwd")))
+
+
+def test_a_frame_store_that_does_not_answer_keeps_the_frame_for_a_retry(config, tmp_path):
+    """Not dead-lettered: the handler raises an Outage, which the runner retries (test_runner's outage test)."""
+    frame = star_frame()
+    payload = encode_fits(frame)
+    uri, _ = FrameStore(config.frame_store).put(payload)
+    (tmp_path / "frames").rename(tmp_path / "kept")
+    (tmp_path / "frames").write_bytes(b"")  # the store's path runs through a file, as a broken mount
+    broken = replace(config, frame_store=str(tmp_path / "frames" / "store"))
+    rec = frame_record(frame, payload, inline=False, uri=uri.replace(config.frame_store, broken.frame_store))
+    with pytest.raises(FrameStoreUnavailable):
+        ingest_handler(broken)(_msg(rec))
 
 
 def test_inline_bytes_must_match_their_checksum(config):
