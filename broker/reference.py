@@ -8,6 +8,7 @@ proper co-add by default (:mod:`broker.coadd`).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import threading
@@ -513,9 +514,25 @@ def _fill_narrow_gaps(image: np.ndarray, variance: np.ndarray, saturated: np.nda
     return filled, variance, gap & np.isfinite(var_fill)
 
 
+#: The longest path component :func:`path_component` gives (characters, all ASCII). File systems
+#: allow 255 bytes; the stores add up to ~40 (``.<name>.fits.<pid>.<thread>.tmp``).
+MAX_COMPONENT_CHARS = 200
+
+
 def path_component(name: str) -> str:
-    """A path component for any string (percent-encoded; never '.' or '..')."""
-    return quote(name, safe="-_").replace(".", "%2E") or "%00"
+    """A path component for any string: percent-encoded, never '.' or '..', at most :data:`MAX_COMPONENT_CHARS`.
+
+    An encoding over the limit (a ``FRAMEID`` continued over several cards, or a short one of
+    escaped characters, each 3 or 9 of them) keeps its first characters and ends in ``~`` and 16
+    hex digits of the name's SHA-256, so distinct names stay distinct files. Shorter names are
+    encoded as before (the stores' existing files keep their paths).
+    """
+    raw = name.encode(errors="surrogatepass")  # a lone surrogate (no FITS header holds one) is still a name
+    encoded = quote(raw, safe="-_").replace(".", "%2E") or "%00"
+    if len(encoded) <= MAX_COMPONENT_CHARS:
+        return encoded
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return f"{encoded[:MAX_COMPONENT_CHARS - 17]}~{digest}"
 
 
 class ReferenceStore:

@@ -262,3 +262,14 @@ def test_catalogue_prefers_stored_sources_and_keeps_what_it_finds():
     stored = ref.catalogue(StarConfig(), 20.0).subset(np.arange(3))
     ref.sources = stored
     assert ref.catalogue(StarConfig(), 5.0) is stored
+
+
+def test_path_components_stay_file_names_and_distinct():
+    from broker.reference import MAX_COMPONENT_CHARS, path_component
+
+    assert path_component("SIM1-F001-r-0003") == "SIM1-F001-r-0003"  # existing files keep their names
+    assert path_component("..") == "%2E%2E" and path_component("") == "%00" and path_component("a/b") == "a%2Fb"
+    a, b = "x" * 500 + "a", "x" * 500 + "b"
+    assert len(path_component(a)) == len(path_component("%" * 80)) == MAX_COMPONENT_CHARS
+    assert path_component(a) != path_component(b) and path_component(a) == path_component(a)
+    assert "/" not in path_component("/" * 300) and path_component("\udcff" * 100).isascii()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.request
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from broker.config import load_config
@@ -397,6 +398,25 @@ def test_a_frame_sent_again_gives_no_new_batch_but_a_restart_does(config):
     with pytest.raises(DuplicateFrame, match="same pixels as frame TEST-F1-r-0001"):
         subtract(_ingested(config, type(frame)(replace(frame.meta, frame_id="TEST-F1-r-0099"), frame.data,
                                                  renamed.header), offset=10))
+
+
+@pytest.mark.parametrize("frame_id", ["R" * 300, "% #?/" * 60])
+def test_a_frame_id_too_long_for_a_file_name_is_subtracted_and_stored(config, frame_id):
+    """A FRAMEID continued over several cards (or short, but of escaped characters) was ``unexpected:OSError``.
+
+    Its pending reference frame and difference image are files named after it (255 bytes at most).
+    """
+    from streams.stages import subtract_handler
+
+    subtract = subtract_handler(config)
+    for i in range(4):
+        frame = star_frame(FRAMEID=f"{frame_id}{i}", **{"MJD-OBS": 60000.0 + i})
+        frame = type(frame)(frame.meta, frame.data + np.float32(i), frame.header)  # other pixels, same stars
+        (out,) = subtract(_ingested(config, frame, offset=i))
+        batch = serde.decode("candidates", out.value, out.headers)
+        assert batch["frame_id"] == f"{frame_id}{i}"
+    assert batch["status"] != "REFERENCE_BUILDING"
+    assert len(list((config.state_dir / "diffs").rglob("meta.json"))) == 1
 
 
 def test_a_small_compressed_huge_frame_costs_subtract_no_memory(config, tmp_path):
