@@ -42,8 +42,12 @@ MAX_DAYS = 365.0
 #: How far in the future of the telescope's clock a request may say it was made (days): an hour of
 #: clock skew. A later ``created_mjd`` would let a request that expires centuries from now pass.
 CLOCK_SKEW_DAYS = 1.0 / 24.0
-#: Longest id, name or band accepted in a request (characters).
+#: Longest name accepted in a request (characters): ``schemavsn``, ``requester``.
 MAX_TEXT = 128
+#: Longest id accepted in a request (characters): ``request_id``, ``object_id``, ``candid``,
+#: ``target``. Candidate ids carry their frame's id, which a telescope's ``FRAMEID`` sets (a FITS
+#: long string can exceed one card); the portal's labels take the same (``broker.vetting.MAX_ID_CHARS``).
+MAX_ID = 1024
 #: Longest band name (characters), as a FITS ``FILTER`` value in a topic name (``streams.topics``).
 MAX_BAND = 32
 #: States of a request (alert ``followup.state``).
@@ -419,7 +423,9 @@ def request_record(status: FollowupStatus, rule: FollowupRule, alert_view: Mappi
 
 # --- checking a request (telescope side) ------------------------------------------------------------
 
-_TEXT_FIELDS = ("schemavsn", "request_id", "object_id", "candid", "target", "requester")
+#: The text fields of a request and the longest value of each (characters).
+_TEXT_FIELDS = {"schemavsn": MAX_TEXT, "request_id": MAX_ID, "object_id": MAX_ID, "candid": MAX_ID,
+                "target": MAX_ID, "requester": MAX_TEXT}
 
 
 def validate_request(record: Mapping[str, Any], now_mjd: float | None = None,
@@ -440,8 +446,8 @@ def validate_request(record: Mapping[str, Any], now_mjd: float | None = None,
         The bands the telescope has; another band is refused. None: any band of 1-32 printable
         characters.
     """
-    out = [f"ids: {k} is not 1-{MAX_TEXT} printable characters" for k in _TEXT_FIELDS
-           if not (isinstance(record.get(k), str) and 1 <= len(record[k]) <= MAX_TEXT and record[k].isprintable())]
+    out = [f"ids: {k} is not 1-{n} printable characters" for k, n in _TEXT_FIELDS.items()
+           if not (isinstance(record.get(k), str) and 1 <= len(record[k]) <= n and record[k].isprintable())]
     ra, dec = record.get("ra"), record.get("dec")
     if not (_is_real(ra) and 0.0 <= ra < 360.0):
         out.append(f"coordinates: ra {ra!r} is not in [0, 360) deg")

@@ -193,13 +193,20 @@ def test_request_record():
     ({"expiry_mjd": 60004.5}, "expired"), ({"expiry_mjd": 60003.0}, "time"), ({"expiry_mjd": 1e12}, "time"),
     ({"created_mjd": float("nan")}, "time"), ({"created_unix": -1.0}, "time"),
     ({"created_mjd": 1e9, "expiry_mjd": 1e9 + 1}, "time"),  # made in the future: would never expire
-    ({"request_id": ""}, "ids"), ({"request_id": "x" * 1000}, "ids"), ({"object_id": "a\nb"}, "ids"),
-    ({"requester": None}, "ids"),
+    ({"request_id": ""}, "ids"), ({"request_id": "x" * 1025}, "ids"), ({"object_id": "a\nb"}, "ids"),
+    ({"requester": None}, "ids"), ({"requester": "r" * 129}, "ids"), ({"candid": "c" * 10**6}, "ids"),
 ])
 def test_hostile_values_are_refused_with_a_reason(over, what):
     problems = validate_request(_record(**over), now_mjd=60005.0, filters=("r", "g"))
     assert problems and all(":" in p for p in problems)
     assert any(p.startswith(what + ":") for p in problems), problems
+
+
+def test_a_candidate_of_a_long_frame_id_can_be_followed_up():
+    """Ids over 128 characters (a ``FRAMEID`` continued over cards) made valid requests invalid at the telescope."""
+    long_frame = "LCO-2026-12-06-" + "x" * 240
+    rec = _record(candid=f"{long_frame}/17", request_id="FU" + "0" * 300)
+    assert validate_request(rec, now_mjd=60005.0, filters=("r", "g")) == []
 
 
 def test_a_record_that_is_not_a_record_at_all():
