@@ -62,6 +62,7 @@ def local_config(targets: list[str], scrape_interval: str = "1s") -> dict:
     cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg.get("rule_files", [])]
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == STAGES_JOB]
     job["static_configs"] = [{"targets": sorted(targets)}]
+    cfg["scrape_configs"] = [job]  # a local run has no portal to scrape
     return cfg
 
 

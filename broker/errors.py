@@ -333,15 +333,30 @@ class Unauthenticated(BrokerError):
 
 
 class Forbidden(BrokerError):
-    """An API token without the scope an endpoint needs (``read``, ``upload``, ``vet``; HTTP 403)."""
+    """An API token without the scope an endpoint needs (``read``, ``upload``, ``vet``; HTTP 403).
+
+    Also an upload token publishing a frame of a telescope it is not bound to (or bound to none:
+    ``broker token add NAME --scope upload --telescope NAME``, :func:`streams.web.tokens.check_publish`).
+    """
 
     reason = "forbidden"
 
 
 class RateLimited(BrokerError):
-    """A token over its uploads per minute (``WebConfig.uploads_per_minute``; HTTP 429)."""
+    """A client over its limit: a token's uploads per minute, a client's work per minute (HTTP 429).
+
+    Parameters
+    ----------
+    message : str
+    retry_after_s : float or None
+        When the client may try again (s; the answer's ``Retry-After``). None: not known.
+    """
 
     reason = "rate_limited"
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(BrokerError):
@@ -363,9 +378,26 @@ class UnsupportedMediaType(InvalidQuery):
 
 
 class Unavailable(BrokerError):
-    """Something the request needs that this server lacks: no archive, no Kafka, no torch (HTTP 503)."""
+    """Something the request needs that this server lacks: no archive, no Kafka, no torch (HTTP 503).
+
+    Parameters
+    ----------
+    message : str
+    retry_after_s : float or None
+        When to try again (s; the answer's ``Retry-After``). None: not known, or not soon.
+    """
 
     reason = "unavailable"
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Busy(Unavailable):
+    """The portal is working on as many costly requests as it takes, and holds as many waiting (HTTP 503)."""
+
+    reason = "busy"
 
 
 class FrameNotDelivered(Unavailable):

@@ -38,8 +38,8 @@ from broker.sqlitedb import open_database
 if TYPE_CHECKING:
     from broker.archive.reader import Archive
 
-__all__ = ["LABELS", "REALBOGUS", "ANOMALY", "Verdict", "check_verdict", "LabelStore", "ExportResult",
-           "export_labels", "archived_records"]
+__all__ = ["LABELS", "REALBOGUS", "ANOMALY", "MAX_ID_CHARS", "MAX_NAME_CHARS", "Verdict", "check_verdict",
+           "LabelStore", "ExportResult", "export_labels", "archived_records"]
 
 #: Labels of the real/bogus model (exported for training).
 REALBOGUS: tuple[str, ...] = ("real", "bogus")
@@ -49,8 +49,21 @@ ANOMALY: tuple[str, ...] = ("interesting", "not_interesting")
 LABELS: tuple[str, ...] = REALBOGUS + ANOMALY
 #: Largest alert id: alert ids are non-negative Avro longs (the first 63 bits of a SHA-1).
 MAX_ALERT_ID = 2**63 - 1
-#: Ids, names and model versions: printable, no control characters, 1-128 characters.
-_TEXT = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+#: Longest object or candidate id a label takes (characters). The pipeline's own are shorter: an
+#: object id is 16 characters (``OBJ`` and 13 hex digits); a candidate id is ``<frame_id>/<index>``,
+#: and a frame id is a file name in the reference and difference stores (percent-encoded, so at most
+#: 255 bytes, NAME_MAX: a longer one fails there), so a candidate id is at most 255 + 1 + 19 = 275.
+#: The alert schema and the archive bound neither (Avro and Arrow strings): 1024 takes every id the
+#: pipeline makes, and those of alerts other producers of the alert topic had archived, and refuses
+#: a hostile megabyte (the labels file keeps ids as fixed-width strings: at most 4 kB a label).
+MAX_ID_CHARS = 1024
+#: Longest operator name or model version a label takes (characters).
+MAX_NAME_CHARS = 128
+#: The longest value of each text field of a :class:`Verdict` (characters).
+_TEXT_LIMITS = {"object_id": MAX_ID_CHARS, "candid": MAX_ID_CHARS, "who": MAX_NAME_CHARS,
+                "model_version": MAX_NAME_CHARS}
+#: Refused in every text field: control characters (C0, DEL, C1) and lone surrogates (no UTF-8 holds them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _FEEDBACK = {"interesting": "interesting", "not_interesting": "not"}
 
 _SCHEMA = """
@@ -110,17 +123,20 @@ def check_verdict(v: Verdict) -> Verdict:
     Raises
     ------
     InvalidLabel
-        An unknown label, an alert id that is not an integer in [0, 2**63), ids, operator or model
-        version empty, over 128 characters or with control characters, a score outside [0, 1].
+        An unknown label, an alert id that is not an integer in [0, 2**63), an object or candidate
+        id empty or blank, over :data:`MAX_ID_CHARS` (1024) characters or with a control character,
+        an operator or model version the same over :data:`MAX_NAME_CHARS` (128), a score outside
+        [0, 1].
     """
     if not isinstance(v.label, str) or v.label not in LABELS:
         raise InvalidLabel(f"label must be one of {LABELS}, got {str(v.label)[:40]!r}")
     if isinstance(v.alert_id, bool) or not isinstance(v.alert_id, int) or not 0 <= v.alert_id <= MAX_ALERT_ID:
         raise InvalidLabel(f"alert_id must be an integer in [0, 2**63), got {str(v.alert_id)[:40]!r}")
-    for name in ("object_id", "candid", "who", "model_version"):
+    for name, most in _TEXT_LIMITS.items():
         value = getattr(v, name)
-        if not isinstance(value, str) or not _TEXT.fullmatch(value) or not value.strip():
-            raise InvalidLabel(f"{name} must be 1-128 printable characters, got {str(value)[:40]!r}")
+        if not isinstance(value, str) or not value.strip() or len(value) > most or _CONTROL.search(value):
+            got = f"{value[:40]!r} ({len(value)} characters)" if isinstance(value, str) else repr(value)[:40]
+            raise InvalidLabel(f"{name} must be 1-{most} characters, not blank, without control characters; got {got}")
     score = v.score
     if score is not None and (isinstance(score, bool) or not isinstance(score, int | float)):
         raise InvalidLabel(f"score must be a number or null, got {str(score)[:40]!r}")

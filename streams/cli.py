@@ -721,7 +721,8 @@ _QUERY_HELP = ("SQL over the view alerts: one row per alert with night, telescop
                "frame_id, mjd, ra, dec, filter, snr, magpsf, rb, anomaly, schema_version, kafka_topic, "
                "kafka_partition, kafka_offset, and the whole record as the struct alert (alert.source.flux, "
                "alert.prv_sources, alert.cutoutScience.stampData, ...). Cones: in_cone(ra, dec, ra0, dec0, r_deg) "
-               "and ang_sep_deg(ra1, dec1, ra2, dec2).")
+               "and ang_sep_deg(ra1, dec1, ra2, dec2). An alert id archived twice is one row of alerts (its first "
+               "copy); the view alerts_all holds every copy.")
 
 
 def _open_archive(archive: Optional[str], config: Optional[Path],
@@ -1009,7 +1010,13 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
               help="An origin allowed to call the API from its pages (repeat; default: CORS closed).")] = None,
           private: Annotated[bool, typer.Option(help="Reads need a token with scope read too.")] = False,
           max_upload_mb: Annotated[float, typer.Option(help="Largest upload (MiB).")] = 64.0,
-          uploads_per_minute: Annotated[int, typer.Option(help="Uploads per token per minute.")] = 10) -> None:
+          uploads_per_minute: Annotated[int, typer.Option(help="Uploads per token per minute.")] = 10,
+          client_work_s: Annotated[float, typer.Option(
+              help="Seconds of costly work (archive reads, images) a client (token, else address) may use a "
+                   "minute; 429 beyond.")] = 120.0,
+          max_costly: Annotated[int, typer.Option(
+              help="Costly requests at work at once (below the 4 query threads); 503 beyond the 64 waiting.")] = 3,
+          ) -> None:
     """The web portal and its REST API (FastAPI + uvicorn): alerts, objects, light curves, uploads, vetting."""
     import uvicorn
 
@@ -1026,7 +1033,8 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
         overrides: dict = {"host": host, "port": port, "bootstrap": bootstrap, "pipeline": pipeline,
                            "cors_origins": tuple(cors_origin or ()), "public_read": not private,
                            "max_upload_bytes": int(max_upload_mb * 1024 * 1024), "history": pipeline.history,
-                           "uploads_per_minute": uploads_per_minute, "archive": archive or archive_url(pipeline)}
+                           "uploads_per_minute": uploads_per_minute, "archive": archive or archive_url(pipeline),
+                           "client_work_s_per_minute": client_work_s, "max_costly": max_costly}
         application = create_app(WebConfig.for_state_dir(state_dir, **overrides))
     except BrokerError as exc:
         _fail(exc)
@@ -1056,27 +1064,46 @@ TokensOpt = Annotated[Optional[Path], typer.Option(help="Token file (default <st
 @token_app.command("add")
 def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the token.")],
               scope: Annotated[list[str], typer.Option(help="read, upload or vet (repeat).")],
+              telescope: Annotated[Optional[list[str]], typer.Option(
+                  help="A telescope whose frames the token may publish (scope upload; repeat), as the pipeline "
+                       "records it (its TELESCOP, or its profile's name). Without one, an upload token may only "
+                       "predict.")] = None,
               state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
     """Create a token and print it once (only its salted hash is kept)."""
+    from streams.web.tokens import check_telescopes
+
     try:
-        clear = _tokens(state_dir, tokens).add(name, scope)
+        bound = check_telescopes(telescope or ())  # before the file is opened: a bad name creates nothing
+        clear = _tokens(state_dir, tokens).add(name, scope, bound)
     except BrokerError as exc:
         _fail(exc)
-    console.print(f"token for {escape(name)} (scopes {', '.join(sorted(set(scope)))}); shown once, keep it:")
+    may = (f"; publishes telescopes {', '.join(map(repr, bound))}" if bound
+           else "; predict only, publishes no telescope" if "upload" in scope else "")
+    console.print(f"token for {escape(name)} (scopes {', '.join(sorted(set(scope)))}{escape(may)}); "
+                  "shown once, keep it:")
     print(clear)
 
 
 @token_app.command("list")
 def token_list(state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
-    """The tokens: id, name, scopes, created, revoked (no secret is stored)."""
-    table = Table("id", "name", "scopes", "created (UTC)", "revoked (UTC)")
+    """The tokens: id, name, scopes, telescopes it may publish, created, revoked (no secret is stored).
+
+    An upload token bound to no telescope is listed ``predict only``: it may not publish.
+    """
+    from rich.table import Column
+
     try:
         listed = _tokens(state_dir, tokens).list()
     except BrokerError as exc:
         _fail(exc)
+    widest = min(24, max((len(t.name) for t in listed), default=4))  # names whole in 80 columns, up to 24 characters
+    table = Table(Column("id", no_wrap=True), Column("name", min_width=widest, overflow="fold"), "scopes",
+                  Column("telescopes", overflow="fold"), "created (UTC)", "revoked (UTC)")
     for t in listed:
         stamp = (lambda s: time.strftime("%Y-%m-%d %H:%M", time.gmtime(s)) if s else "")  # noqa: E731
-        table.add_row(t.token_id, escape(t.name), ",".join(t.scopes), stamp(t.created), stamp(t.revoked))
+        bound = ", ".join(t.telescopes) if t.telescopes else "predict only" if "upload" in t.scopes else ""
+        table.add_row(t.token_id, escape(printable(t.name)), ", ".join(t.scopes), escape(printable(bound)),
+                      stamp(t.created), stamp(t.revoked))
     console.print(table)
 
 

@@ -4,6 +4,8 @@ The archive keeps every field of every alert (:mod:`broker.archive`), so a repla
 record that was archived, encoded by :class:`~streams.framing.AlertEncoder` in the chosen framing.
 An alert archived under an older schema version is replayed in the current one (Avro schema
 resolution: the fields added since take their defaults), since one topic carries one schema.
+Each alert id is replayed once, however many times it was archived: its first copy in Kafka order
+(:data:`broker.archive.reader.COPY_ORDER`), the one the archive's ``alerts`` view holds.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def replay(archive: Archive, settings: KafkaSettings, topic: str, where: str = "
            framing: FramingConfig | None = None, verify: bool = True,
            on_start: Callable[[int], None] | None = None, on_alert: Callable[[], None] | None = None) -> int:
     """Publish the archived alerts matching ``where`` to ``topic`` in observation order; return how many.
+
+    Each alert id is published once: an alert archived more than once (copies of it read from a
+    topic the archive reads, a producer repeating an id) is its first copy (the lowest Kafka topic,
+    partition and offset, then file and row: :data:`broker.archive.reader.COPY_ORDER`), matched
+    against ``where`` alone; its later copies are never sent.
 
     Parameters
     ----------

@@ -24,6 +24,9 @@ def test_compose_runs_every_stage_with_metrics():
     targets = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     scraped = targets["scrape_configs"][0]["static_configs"][0]["targets"]
     assert sorted(t.split(":")[0] for t in scraped) == sorted(STAGE_NAMES)
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in targets["scrape_configs"]}
+    command = services["portal"]["command"]
+    assert jobs["broker-portal"] == [f"portal:{command[command.index('--port') + 1]}"]  # BrokerPortalBusy reads it
 
 
 def _k8s_docs() -> list[dict]:
@@ -188,6 +191,10 @@ def test_k8s_portal_serves_the_stages_state_as_the_read_only_user():
     (rule,) = _named("Ingress", "portal")["spec"]["rules"]
     assert rule["http"]["paths"][0]["backend"]["service"]["name"] == "portal"
     assert _named("Ingress", "portal")["spec"]["tls"]  # tokens travel in a header: HTTPS only
+    if env.get("FORWARDED_ALLOW_IPS", {}).get("value") == "*":  # X-Forwarded-For trusted: only proxies get in
+        policy = _named("NetworkPolicy", "portal")["spec"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels.items() and policy["policyTypes"] == ["Ingress"]
+        assert all(peer.keys() == {"namespaceSelector"} for rule in policy["ingress"] for peer in rule["from"])
 
 
 def _compose_bands() -> tuple[str, ...]:

@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = ("BrokerStageDown", "BrokerStageMissing", "BrokerConsumerLagGrowing", "BrokerDeadLetterRate",
           "BrokerAlertLatencyOverSLO", "BrokerUnexpectedErrors", "BrokerLineageRejected", "BrokerKafkaUnreachable",
-          "BrokerStageWaitingOnOutage",
-          "BrokerStageRestarting")
+          "BrokerStageWaitingOnOutage", "BrokerStageRestarting", "BrokerPortalBusy")
 
 
 def _promtool() -> str:

@@ -13,6 +13,9 @@ for a reader (:class:`reader.Archive`), so a batch is visible entirely or not at
 mid-batch leaves files that no record names: :meth:`writer.ArchiveWriter.recover` deletes them, and
 the offsets in the log tell its consumer where to resume. Compactions merge small files in commits
 of their own; checkpoints summarise the log for readers (``docs/architecture.md``, "The archive").
+The archive keeps every message of its topic once, so an alert id the topic carried twice is two
+rows; readers show each id once, its first copy (:data:`reader.COPY_ORDER`; every copy in the view
+``alerts_all``).
 
 Columns: the convenience and bookkeeping columns of :data:`config.COLUMNS` (night, telescope, object
 id, position, time, band, scores, schema version, Kafka coordinates), then the whole alert record as

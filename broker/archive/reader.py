@@ -25,8 +25,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Name of the DuckDB view over the committed files.
+#: Name of the DuckDB view over the committed files: one row per alert id (:data:`COPY_ORDER`).
 VIEW = "alerts"
+#: Name of the DuckDB view of every archived copy of every alert (the same alert archived twice: two rows).
+ALL_COPIES = f"{VIEW}_all"
+#: The order of an alert's archived copies: the first is the one :data:`VIEW` holds. Kafka order
+#: first (topic, partition, offset: within a partition, the copy published, and so archived, first),
+#: then the file (its path, under one root) and the row in it, so that the choice is total.
+COPY_ORDER = "kafka_topic, kafka_partition, kafka_offset, filename, file_row_number"
 _RECORD_NAME = re.compile(r"^(\d{20})\.json$")
 
 
@@ -56,6 +62,28 @@ CREATE MACRO in_cone(ra, dec, ra0, dec0, radius) AS
 # errors of the SQL itself, not of the files it reads
 _USER_ERRORS = ("ParserException", "BinderException", "CatalogException", "SyntaxException",
                 "ConversionException", "OutOfRangeException", "InvalidTypeException", "TypeMismatchException")
+_HIDDEN = "filename, file_row_number"
+#: The later copies (file, row) of every alert id archived more than once.
+_LATER_COPIES = (f"SELECT {_HIDDEN} FROM (SELECT {_HIDDEN}, row_number() OVER (PARTITION BY alert_id ORDER BY "
+                 f"{COPY_ORDER}) AS copy FROM {VIEW}_scan WHERE alert_id IN "
+                 f"(SELECT alert_id FROM {VIEW}_scan GROUP BY alert_id HAVING count(*) > 1)) WHERE copy > 1")
+
+
+def _create_views(con: duckdb.DuckDBPyConnection, later: pa.Table) -> None:
+    """The views over ``alerts_scan`` (every row of the committed files), ``later`` being the copies to leave out.
+
+    :data:`ALL_COPIES` holds every archived copy; ``alerts_files`` one copy per alert id, the first
+    in :data:`COPY_ORDER`, with its file name and row number; :data:`VIEW` the same without them.
+    ``alerts`` leaves ``later`` out by an anti-join on (file, row), through which filters on
+    :data:`VIEW` still reach the Parquet scan; without duplicates it is the scan itself.
+    """
+    con.execute(f"CREATE VIEW {ALL_COPIES} AS SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_scan")
+    kept = f"{VIEW}_scan"
+    if later.num_rows:
+        con.register(f"{VIEW}_dropped", later)
+        kept += f" ANTI JOIN {VIEW}_dropped USING ({_HIDDEN})"
+    con.execute(f"CREATE VIEW {VIEW}_files AS SELECT * FROM {kept}")
+    con.execute(f"CREATE VIEW {VIEW} AS SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files")
 
 
 class Archive:
@@ -80,6 +108,7 @@ class Archive:
             raise ArchiveError(f"cannot open archive {self.url}: {exc}") from exc
         self.root = str(root).rstrip("/")
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._later: tuple[tuple[str, ...], pa.Table] | None = None  # the later copies of a set of files
 
     def path(self, rel: str) -> str:
         """Filesystem path of ``rel`` (relative to the root)."""
@@ -149,7 +178,7 @@ class Archive:
         return list(self.snapshot().live.values())
 
     def count(self) -> int:
-        """Alerts in the archive (from the commit log)."""
+        """Rows in the archive (from the commit log): every copy of an alert archived more than once counts."""
         return sum(f.rows for f in self.files())
 
     def sizes(self) -> dict[str, int]:
@@ -206,8 +235,11 @@ class Archive:
         return self.path(rel) if self.local else str(self.fs.unstrip_protocol(self.path(rel)))
 
     def connect(self, verify: bool = False) -> duckdb.DuckDBPyConnection:
-        """A DuckDB connection with the view ``alerts`` over the committed files, and the cone macros.
+        """DuckDB with the views ``alerts`` and ``alerts_all`` over the committed files, and the cone macros.
 
+        ``alerts`` holds each alert id once: of the copies of an alert archived more than once (a
+        replay into the archived topic, a producer repeating an id, see ``docs/architecture.md``,
+        "The archive"), the first in :data:`COPY_ORDER`. ``alerts_all`` holds every copy.
         Every committed file must be there with its committed size (with ``verify``, its SHA-256
         too, which reads the whole archive).
 
@@ -228,8 +260,8 @@ class Archive:
             if not self.local:
                 con.register_filesystem(self.fs)
             con.execute(_MACROS)
-            con.execute(f"CREATE VIEW {VIEW}_files AS {self._scan(con, files)}")
-            con.execute(f"CREATE VIEW {VIEW} AS SELECT * EXCLUDE (filename) FROM {VIEW}_files")
+            con.execute(f"CREATE VIEW {VIEW}_scan AS {self._scan(con, files)}")
+            _create_views(con, self._later_copies(con, files))
         except duckdb.Error as exc:
             con.close()
             if not verify:  # DuckDB may not name the file whose footer it cannot parse: the checksums do
@@ -237,14 +269,32 @@ class Archive:
             raise self._error(exc, files) from exc
         return con, files
 
+    def _later_copies(self, con: duckdb.DuckDBPyConnection, files: Sequence[DataFile]) -> pa.Table:
+        """(file, row) of the copies of an alert after its first (:data:`COPY_ORDER`), once per set of files.
+
+        Found from the narrow columns only (``alert_id``, the Kafka coordinates, the file and row;
+        never the records): the ids archived more than once (a hash aggregate over every id, which
+        DuckDB spills to disk beyond its memory limit), then those ids' copies ranked. Committed
+        files never change, so the answer is kept for as long as the files are the same: the
+        portal's threads, each with its view, find it once per commit, not once each.
+        """
+        key = tuple(f.path for f in files)
+        held = self._later
+        if held is not None and held[0] == key:
+            return held[1]
+        later = con.sql(_LATER_COPIES).to_arrow_table()
+        self._later = (key, later)
+        return later
+
     def _scan(self, con: duckdb.DuckDBPyConnection, files: Sequence[DataFile]) -> str:
-        """SQL reading ``files`` with their file name (an empty table of the current schema when none)."""
+        """SQL reading ``files`` with each row's file name and number (an empty table of the current schema if none)."""
         if not files:
             con.register(f"{VIEW}_empty", file_schema().empty_table())
-            return f"SELECT *, NULL::VARCHAR AS filename FROM {VIEW}_empty"
+            return f"SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number FROM {VIEW}_empty"
         union = len({f.schema_version for f in files}) > 1  # versions differ: unify their columns by name
         listing = ", ".join(_sql_str(_literal_path(self._duck_path(f.path))) for f in files)
-        return f"SELECT * FROM read_parquet([{listing}], filename = true, union_by_name = {union})"
+        return (f"SELECT * FROM read_parquet([{listing}], filename = true, file_row_number = true, "
+                f"union_by_name = {union})")
 
     def _error(self, exc: Exception, files: Sequence[DataFile]) -> ArchiveError:
         """The archive error of a DuckDB or Arrow error: corrupt when it names a committed file."""
@@ -300,7 +350,10 @@ class Archive:
 
     def select(self, where: str = "true", verify: bool = True,
                batch_rows: int = 256) -> tuple[int, Iterator[tuple[int, dict]]]:
-        """The archived alerts matching ``where``, in observation order (MJD, then Kafka order).
+        """The archived alerts matching ``where``, once each, in observation order (MJD, then Kafka order).
+
+        An alert archived more than once comes once: its first copy in :data:`COPY_ORDER`, whether or
+        not its later copies match ``where`` (they are never read).
 
         Parameters
         ----------
@@ -326,7 +379,8 @@ class Archive:
                 self.check([f for f in files if self._duck_path(f.path) in held], deep=True)
             ((count,),) = con.sql(f"SELECT count(*) FROM {VIEW} WHERE {where}").fetchall()
             reader = con.sql(f"SELECT schema_version, {ALERT_COLUMN} FROM {VIEW} WHERE {where} "
-                             "ORDER BY mjd, kafka_topic, kafka_partition, kafka_offset").to_arrow_reader(batch_rows)
+                             "ORDER BY mjd, kafka_topic, kafka_partition, kafka_offset, alert_id"
+                             ).to_arrow_reader(batch_rows)
         except duckdb.Error as exc:
             con.close()
             raise self._error(exc, files) from exc

@@ -6,6 +6,8 @@ HTTP runtime only; the science it serves and runs stays in ``broker/``. Modules,
 - :mod:`~streams.web.app`: :func:`~streams.web.app.create_app`, the application and its shared
   :class:`~streams.web.app.Portal` (archive, history, tokens), error handling, CORS, size limits;
 - :mod:`~streams.web.tokens`: hashed API tokens and their scopes (``read``, ``upload``, ``vet``);
+- :mod:`~streams.web.limits`: the limits of costly requests (a budget of work per client, a bound
+  on the work in hand) and the uploads' rate limiter;
 - :mod:`~streams.web.api`: the read-only REST API under ``/api/v1/`` (alerts, objects, cone
   search, frames, cutouts, health, metrics);
 - :mod:`~streams.web.queries`: its reads of the archive (a DuckDB view kept open per thread) and the history;

@@ -1,8 +1,11 @@
 """The read-only REST API under ``/api/v1/``: alerts, objects, cone search, frames, cutouts, health, metrics.
 
 Every blocking read runs in the portal's thread pool (:meth:`streams.web.app.Portal.run`). Read
-endpoints need scope ``read`` unless ``WebConfig.public_read``. The JSON shapes (``AlertSummary``
-and the others) are described in ``docs/portal.md`` and the OpenAPI document at ``/openapi.json``.
+endpoints need scope ``read`` unless ``WebConfig.public_read``. Those that read the archive or the
+history or draw an image are costly (:data:`CostlyReader`): held to the per-client budget and the
+bound on the work in hand of :mod:`streams.web.limits` (429 or 503, with ``Retry-After``). The
+JSON shapes (``AlertSummary`` and the others) are described in ``docs/portal.md`` and the OpenAPI
+document at ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -20,16 +23,26 @@ from broker.errors import NotFound
 from streams.alert_expr import AlertFilter
 from streams.web import queries, render
 from streams.web.app import Portal
+from streams.web.limits import costly
 from streams.web.records import CUTOUT_FIELDS, clean, lightcurve, public_record, summary_of
 from streams.web.tokens import Principal, require
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 metrics_router = APIRouter(tags=["service"])
 Reader = Annotated[Principal, Depends(require("read"))]
+#: The reader of a costly endpoint, held to :mod:`streams.web.limits` until the endpoint returns.
+CostlyReader = Annotated[Principal, Depends(costly("read"), scope="function")]
+#: The answers of a costly endpoint's limits, for the OpenAPI document.
+LIMITED: dict[int | str, dict[str, Any]] = {
+    429: {"description": "over the client's work per minute, or its costly requests in hand (see Retry-After)"},
+    503: {"description": "busy: the most costly requests this server takes (see Retry-After); or no archive"}}
 #: Cache lifetime of images and records (s): an archived alert never changes.
 IMMUTABLE = "public, max-age=86400, immutable"
 #: Cache lifetime of a frame's image (s): the difference store drops old frames.
 FRAME_IMAGE = "public, max-age=60"
+#: Cache lifetime of the images of an alert read live and not yet archived (s): the archive's record
+#: of its id, once committed, is the one answered (``queries.RecordCache``), and may differ.
+PROVISIONAL = "public, max-age=30"
 _CLASSIFIERS = threading.Lock()
 
 
@@ -49,7 +62,13 @@ def record_cache(portal: Portal) -> queries.RecordCache:
 
 
 async def _record(portal: Portal, alert_id: int) -> dict:
-    return await portal.run(record_cache(portal).get, alert_id)
+    return (await _looked_up(portal, alert_id))[0]
+
+
+async def _looked_up(portal: Portal, alert_id: int) -> tuple[dict, str]:
+    """The record of ``alert_id`` and the cache policy of what is made of it (final once archived)."""
+    record, archived = await portal.run(record_cache(portal).lookup, alert_id)
+    return record, cache_control(portal, IMMUTABLE if archived else PROVISIONAL)
 
 
 def cache_control(portal: Portal, policy: str) -> str:
@@ -61,8 +80,8 @@ def cache_control(portal: Portal, policy: str) -> str:
     return policy if portal.config.public_read else policy.replace("public", "private", 1)
 
 
-def _png(portal: Portal, data: bytes) -> Response:
-    return Response(data, media_type="image/png", headers={"Cache-Control": cache_control(portal, IMMUTABLE)})
+def _png(data: bytes, policy: str) -> Response:
+    return Response(data, media_type="image/png", headers={"Cache-Control": policy})
 
 
 @router.get("/health", tags=["service"])
@@ -86,8 +105,8 @@ async def metrics(request: Request, who: Reader) -> Response:
     return Response(generate_latest(portal_of(request).registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/alerts")
-async def alerts(request: Request, who: Reader,
+@router.get("/alerts", responses=LIMITED)
+async def alerts(request: Request, who: CostlyReader,
                  filter: Annotated[str | None, Query(max_length=1000, description=(
                      "An expression of `broker subscribe --filter`, e.g. `snr > 7 and rb > 0.8`"))] = None,
                  limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -101,33 +120,34 @@ async def alerts(request: Request, who: Reader,
     return await portal.run(queries.latest, archive, limit, cursor)
 
 
-@router.get("/alerts/{alert_id}")
-async def alert(request: Request, who: Reader, alert_id: int) -> dict:
+@router.get("/alerts/{alert_id}", responses=LIMITED)
+async def alert(request: Request, who: CostlyReader, alert_id: int) -> dict:
     """The whole alert record (cutout bytes left out), its ``summary`` and its ``cutouts`` URLs."""
     return public_record(await _record(portal_of(request), alert_id), "")
 
 
-@router.get("/alerts/{alert_id}/cutouts/{name}", response_class=Response)
-async def cutout(request: Request, who: Reader, alert_id: int, name: str) -> Response:
+@router.get("/alerts/{alert_id}/cutouts/{name}", response_class=Response, responses=LIMITED)
+async def cutout(request: Request, who: CostlyReader, alert_id: int, name: str) -> Response:
     """One cutout: ``science``, ``reference`` or ``difference``, as ``.png`` (display-scaled) or ``.fits``."""
     kind, _, ext = name.rpartition(".")
     if kind not in CUTOUT_FIELDS or ext not in ("png", "fits"):
         raise NotFound(f"no cutout {name!r}: one of {[f'{k}.png' for k in CUTOUT_FIELDS]} or .fits")
     portal = portal_of(request)
-    record = await _record(portal, alert_id)
+    record, policy = await _looked_up(portal, alert_id)
     if ext == "png":
-        return _png(portal, await portal.run(render.cutout_png, record, kind))
+        return _png(await portal.run(render.cutout_png, record, kind), policy)
     data = await portal.run(render.cutout_fits, record, kind)
     return Response(data, media_type="application/fits", headers={
-        "Cache-Control": cache_control(portal, IMMUTABLE),
+        "Cache-Control": policy,
         "Content-Disposition": f'attachment; filename="{alert_id}-{kind}.fits"'})
 
 
-@router.get("/alerts/{alert_id}/triplet.png", response_class=Response)
-async def triplet(request: Request, who: Reader, alert_id: int) -> Response:
+@router.get("/alerts/{alert_id}/triplet.png", response_class=Response, responses=LIMITED)
+async def triplet(request: Request, who: CostlyReader, alert_id: int) -> Response:
     """The science / reference / difference triplet as one PNG, with scales and the alert's scores."""
     portal = portal_of(request)
-    return _png(portal, await portal.run(render.triplet_png, await _record(portal, alert_id)))
+    record, policy = await _looked_up(portal, alert_id)
+    return _png(await portal.run(render.triplet_png, record), policy)
 
 
 def _classifier(portal: Portal, version: str | None) -> Any:
@@ -139,14 +159,14 @@ def _classifier(portal: Portal, version: str | None) -> Any:
         return loaded[version]
 
 
-@router.get("/alerts/{alert_id}/attribution.png", response_class=Response)
-async def attribution(request: Request, who: Reader, alert_id: int) -> Response:
+@router.get("/alerts/{alert_id}/attribution.png", response_class=Response, responses=LIMITED)
+async def attribution(request: Request, who: CostlyReader, alert_id: int) -> Response:
     """Which pixels made the real/bogus score (integrated gradients of the alert's model; needs torch)."""
     portal = portal_of(request)
-    record = await _record(portal, alert_id)
+    record, policy = await _looked_up(portal, alert_id)
     version = (record.get("scores") or {}).get("rb_model")
     classifier = await portal.run(_classifier, portal, version)
-    return _png(portal, await portal.run(render.attribution_png, record, classifier))
+    return _png(await portal.run(render.attribution_png, record, classifier), policy)
 
 
 def _object(portal: Portal, object_id: str) -> dict:
@@ -170,15 +190,15 @@ def _object(portal: Portal, object_id: str) -> dict:
                   "alerts": [summary_of(r) for r in reversed(records)]})
 
 
-@router.get("/objects/{object_id}")
-async def object_(request: Request, who: Reader, object_id: str) -> dict:
+@router.get("/objects/{object_id}", responses=LIMITED)
+async def object_(request: Request, who: CostlyReader, object_id: str) -> dict:
     """An object: position, classification, features, context, light curve (per band, with upper limits), alerts."""
     portal = portal_of(request)
     return await portal.run(_object, portal, object_id)
 
 
-@router.get("/cone")
-async def cone(request: Request, who: Reader,
+@router.get("/cone", responses=LIMITED)
+async def cone(request: Request, who: CostlyReader,
                ra: Annotated[float, Query(description="right ascension (deg, ICRS), [0, 360)")],
                dec: Annotated[float, Query(description="declination (deg), [-90, 90]")],
                radius_arcsec: Annotated[float, Query(description="search radius (arcsec), (0, 3600]")] = 5.0,
@@ -215,8 +235,8 @@ def frame_url(frame_id: str) -> str:
     return f"/api/v1/frames/{quote(frame_id, safe='')}"
 
 
-@router.get("/frames/{frame_id:frame_id}/image.png", response_class=Response)
-async def frame_image(request: Request, who: Reader, frame_id: str) -> Response:
+@router.get("/frames/{frame_id:frame_id}/image.png", response_class=Response, responses=LIMITED)
+async def frame_image(request: Request, who: CostlyReader, frame_id: str) -> Response:
     """The frame's difference image as a display-scaled PNG (binned to at most 1024 px a side; row 0 at the bottom)."""
     portal = portal_of(request)
 
@@ -228,8 +248,8 @@ async def frame_image(request: Request, who: Reader, frame_id: str) -> Response:
                     headers={"Cache-Control": cache_control(portal, FRAME_IMAGE)})
 
 
-@router.get("/frames/{frame_id:frame_id}")
-async def frame(request: Request, who: Reader, frame_id: str) -> dict:
+@router.get("/frames/{frame_id:frame_id}", responses=LIMITED)
+async def frame(request: Request, who: CostlyReader, frame_id: str) -> dict:
     """A frame: time, band, shape ``[ny, nx]``, its image's URL (null once not kept) and its candidates.
 
     A frame id is the telescope's (``FRAMEID``) and may hold any character, ``/`` included: the

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from broker import errors
 from broker.archive.reader import Archive
 from broker.history import ObjectHistory, open_history
 from streams.web.config import WebConfig
+from streams.web.limits import Limits
 from streams.web.queries import ArchiveView
 from streams.web.tokens import TokenStore
 
@@ -79,8 +81,14 @@ def status_of(exc: errors.BrokerError) -> int:
 
 
 def error_response(exc: errors.BrokerError) -> JSONResponse:
-    """The JSON answer to a broker error: its reason and message, never a traceback."""
-    return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=status_of(exc))
+    """The JSON answer to a broker error: its reason and message, never a traceback.
+
+    An error that knows when to try again (``retry_after_s`` of a 429 or a 503) says it in
+    ``Retry-After`` (whole seconds, at least 1).
+    """
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse({"error": exc.reason, "detail": str(exc)}, status_code=status_of(exc), headers=headers)
 
 
 @dataclass
@@ -97,6 +105,9 @@ class Portal:
         Runs the blocking work of requests (:meth:`run`).
     registry : CollectorRegistry
         The portal's Prometheus metrics (``GET /metrics``).
+    limits : Limits
+        The limits on costly work: a budget per client, a bound on the work in hand
+        (:mod:`streams.web.limits`); made from ``config``.
     extras : dict
         State other modules keep for the life of the application (a Kafka producer, the live stream).
     """
@@ -116,6 +127,7 @@ class Portal:
         self.latency = Histogram("portal_request_seconds", "Time to answer a request (s)", ["route"],
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60),
                                  registry=self.registry)
+        self.limits = Limits(self.config, self.registry)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` in the thread pool, awaited (the event loop keeps serving meanwhile)."""

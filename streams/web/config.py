@@ -69,6 +69,30 @@ class WebConfig:
     query_threads : int
         Threads that run blocking reads (DuckDB, SQLite) and predictions off the event loop (count).
         Default 4.
+    client_work_s_per_minute : float
+        Seconds of costly work (the time its costly requests hold a slot of ``max_costly``) one
+        client may use in any sliding minute (s per 60 s); a client is its token's id, else its
+        address (:func:`streams.web.limits.client_key`). Beyond it, 429 with ``Retry-After``.
+        Default 120: two of the three default slots on average, so one client cannot hold all
+        three for more than 40 s of any minute, while a person may reload the live page four times a minute
+        over 100,000 alerts (about 23 s of work a load there on two cores, 1 s over the tests' portal;
+        ``docs/portal.md``, "Limits"). Clients waiting meanwhile are served in turn.
+    client_concurrency : int
+        Costly requests one client may have in hand at once, at work or waiting (count); beyond,
+        429. Default 16: a browser opens at most 6 connections to a server over HTTP/1.1, and
+        lazily loaded pictures over HTTP/2 some more; the limit bounds a client's share of the
+        queue and how far a burst overruns the budget, which is charged as each request ends.
+    max_costly : int
+        Costly requests at work at once (count), each holding a thread of ``query_threads``;
+        must be below ``query_threads``, so that a thread is always left to the cheap reads (the
+        health probe). Default 3, with the default 4 threads.
+    max_costly_queued : int
+        Costly requests that may wait for a slot (count); beyond, 503 with ``Retry-After`` at
+        once, so a flood is answered instead of queued. Default 64: ten browsers' connections.
+    costly_wait_s : float
+        Longest a costly request waits for a slot (s); then 503 with ``Retry-After``, as at once
+        when the requests before it would keep it longer. Default 5: a page's pictures try again
+        3 s after a failure, and a probe or a person should not wait longer.
     """
 
     host: str = "127.0.0.1"
@@ -90,16 +114,32 @@ class WebConfig:
     references_dir: Path | None = None
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     query_threads: int = 4
+    client_work_s_per_minute: float = 120.0
+    client_concurrency: int = 16
+    max_costly: int = 3
+    max_costly_queued: int = 64
+    costly_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be within 1..65535, not {self.port}")
         if min(self.max_upload_bytes, self.max_upload_pixels, self.uploads_per_minute, self.query_threads) < 1:
             raise ConfigError("max_upload_bytes, max_upload_pixels, uploads_per_minute and query_threads must be >= 1")
+        self._check_limits()
         if not self.max_expansion > 1:
             raise ConfigError(f"max_expansion must be > 1, not {self.max_expansion}")
         if "*" in self.cors_origins:
             raise ConfigError("cors_origins must name origins; '*' would open the API to every page")
+
+    def _check_limits(self) -> None:
+        """ConfigError for limits of costly work that cannot hold (``streams.web.limits``)."""
+        if min(self.client_concurrency, self.max_costly) < 1 or self.max_costly_queued < 0:
+            raise ConfigError("client_concurrency and max_costly must be >= 1, max_costly_queued >= 0")
+        if not (self.client_work_s_per_minute > 0 and self.costly_wait_s > 0):
+            raise ConfigError("client_work_s_per_minute and costly_wait_s must be > 0 s")
+        if self.max_costly >= self.query_threads:
+            raise ConfigError(f"max_costly ({self.max_costly}) must be below query_threads ({self.query_threads}): "
+                              "a thread is kept for the cheap reads (health)")
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, **overrides: object) -> WebConfig:

@@ -46,6 +46,8 @@ IDLE_STOP_S = 60.0
 #: Most live streams open at once (count): each holds a connection, a queue and a thread's share of
 #: the consumer's work; beyond it a new one is answered 429 (``RateLimited``) until one closes.
 MAX_VIEWERS = 200
+#: When a stream refused for :data:`MAX_VIEWERS` may ask again (s; its 429's ``Retry-After``).
+RETRY_VIEWER_S = 30.0
 #: Seconds between attempts to reach Kafka or find the topic again (s).
 RETRY_S = 5.0
 
@@ -102,12 +104,16 @@ class LiveHub:
     registry : CollectorRegistry
         Where its metrics go (``portal_live_*``).
     keep : callable, optional
-        Called with each alert read (the portal's record cache, so that the cutouts of an alert
-        seen live are served before the archive commits it). Default None.
+        Called with each alert read: the portal's record cache (:meth:`streams.web.queries.RecordCache.put`),
+        so that the cutouts of an alert seen live are served before the archive commits it. It
+        keeps the first record of an id, and answers an id the archive holds with the archive's
+        record: an alert published with an archived id (a faulty or hostile producer) may reach
+        the open streams as an event (the subscription drops only the ids it read itself), never
+        the alert's page, cutouts or labels. Default None.
     """
 
     def __init__(self, settings: KafkaSettings, topic: str, registry: CollectorRegistry,
-                 keep: Callable[[dict], None] | None = None) -> None:
+                 keep: Callable[[dict], object] | None = None) -> None:
         self.settings, self.topic, self._keep = settings, topic, keep
         self._viewers: set[Viewer] = set()
         self._lock = threading.Lock()
@@ -127,7 +133,7 @@ class LiveHub:
         with self._lock:
             if len(self._viewers) >= MAX_VIEWERS:
                 raise RateLimited(f"{len(self._viewers)} live streams are open, the most this server keeps; "
-                                  "try again when one closes")
+                                  "try again when one closes", retry_after_s=RETRY_VIEWER_S)
             self._viewers.add(viewer)
             self.viewers.set(len(self._viewers))
             self._start_consumer()

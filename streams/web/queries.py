@@ -10,6 +10,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -272,8 +273,24 @@ def history_count(history: ObjectHistory | None) -> Any:
     return int(history.store.execute("SELECT count(*) FROM objects").fetchone()[0])
 
 
+@dataclass
+class _Held:
+    """A record of the cache: the archive's (``archived``), or provisional, with the files last searched for it."""
+
+    record: dict
+    archived: bool
+    searched: tuple[str, ...] | None = None  # the archive's files when it last did not hold the id
+
+
 class RecordCache:
-    """The newest-used alert records by id (archived alerts never change), safe to share between threads.
+    """The newest-used alert records by id, safe to share between threads: the archive's, else the first seen live.
+
+    The archive is the record of what was published: an id it holds is answered with its record
+    (the first archived copy, :data:`broker.archive.reader.COPY_ORDER`), whatever was read live.
+    An alert read from the live stream before the archive commits it (:meth:`put`) is kept as
+    provisional: answered while the archive does not hold its id, then replaced by the archive's
+    record. The first record seen for an id wins: a later one with that id (a producer repeating or
+    forging an id) never replaces a record held, archived or provisional.
 
     Parameters
     ----------
@@ -281,27 +298,76 @@ class RecordCache:
     size : int
         Records kept (count; ~50 kB each with cutouts). Default 256: the cutouts of a page of
         alerts are drawn from one read each.
+
+    Notes
+    -----
+    An archived record is never read again while it is kept (archived alerts never change). For
+    a provisional one the archive is searched again only once its files changed (a commit): one
+    look-up by id per commit while the archive does not hold it, not one per request.
     """
+
+    #: Locks that serialise the look-ups of one id (striped by id): the three cutouts of a card,
+    #: asked at once, read the archive once, not three times.
+    _STRIPES = 64
 
     def __init__(self, archive: Queryable, size: int = 256) -> None:
         self.archive, self.size = archive, size
-        self._records: OrderedDict[int, dict] = OrderedDict()
+        self._records: OrderedDict[int, _Held] = OrderedDict()
         self._lock = threading.Lock()
+        self._reading = [threading.Lock() for _ in range(self._STRIPES)]
 
     def get(self, alert_id: int) -> dict:
-        """The record of ``alert_id`` (:func:`alert_record`)."""
-        with self._lock:
-            if alert_id in self._records:
-                self._records.move_to_end(alert_id)
-                return self._records[alert_id]
-        record = alert_record(self.archive, alert_id)
-        self.put(record)
-        return record
+        """The record of ``alert_id``: the archive's (:func:`alert_record`), else the provisional one held.
 
-    def put(self, record: dict) -> None:
-        """Keep ``record`` (an alert read elsewhere, e.g. from the live stream before it is archived)."""
+        Raises
+        ------
+        NotFound
+            Neither the archive nor the live stream has it.
+        """
+        return self.lookup(alert_id)[0]
+
+    def lookup(self, alert_id: int) -> tuple[dict, bool]:
+        """The record of ``alert_id`` (as :meth:`get`) and whether it is the archive's (final) or provisional."""
+        with self._reading[alert_id % self._STRIPES]:
+            return self._lookup(alert_id)
+
+    def _lookup(self, alert_id: int) -> tuple[dict, bool]:
         with self._lock:
-            self._records[int(record["alertId"])] = record
-            self._records.move_to_end(int(record["alertId"]))
+            held = self._records.get(alert_id)
+            if held is not None:
+                self._records.move_to_end(alert_id)
+                if held.archived:
+                    return held.record, True
+        files = tuple(f.path for f in self.archive.files()) if held is not None else None
+        if held is not None and held.searched == files:
+            return held.record, False  # not archived at the last look-up, and nothing committed since
+        try:
+            record = alert_record(self.archive, alert_id)
+        except NotFound:
+            if held is None:
+                raise
+            held.searched = files
+            return held.record, False
+        self._keep(alert_id, _Held(record, archived=True))
+        return record, True
+
+    def put(self, record: dict) -> bool:
+        """Keep ``record``, read elsewhere (the live stream), as provisional, unless its id is held already.
+
+        Returns whether it was kept: False when a record of that id is held (the first seen wins).
+        """
+        return self._keep(int(record["alertId"]), _Held(record, archived=False))
+
+    def _keep(self, alert_id: int, held: _Held) -> bool:
+        """Hold ``held`` as the newest used: an archived record in place of any, a provisional one of none.
+
+        Returns whether it is held.
+        """
+        with self._lock:
+            if not held.archived and alert_id in self._records:
+                return False
+            self._records[alert_id] = held
+            self._records.move_to_end(alert_id)
             while len(self._records) > self.size:
                 self._records.popitem(last=False)
+            return True

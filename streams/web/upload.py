@@ -10,6 +10,9 @@ here); its pixels before they are decompressed (:func:`broker.frame.decode_fits`
 
 - ``mode=publish`` sends it to the ``frames`` topic (:class:`streams.producer.FrameProducer`):
   the answer is the frame id to poll at ``GET /api/v1/frames/{frame_id}`` once its alerts are archived.
+  Only a token bound to the frame's telescope may publish (:func:`streams.web.tokens.check_publish`,
+  on the telescope the pipeline will record, after the header is normalised with its profiles); a
+  token bound to none is refused before its body is read.
 - ``mode=predict`` runs the stages' functions on it in this process, one frame at a time:
   :func:`broker.calibrate.calibrate` and :func:`broker.ingest.ingest` (as the ingest stage),
   :func:`broker.pipeline.process_frame` against the uploaded reference
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +45,6 @@ from broker.errors import (
     Forbidden,
     FrameTooLarge,
     InvalidQuery,
-    RateLimited,
     ReferenceUnavailable,
     Unavailable,
     UnsupportedMediaType,
@@ -51,40 +52,15 @@ from broker.errors import (
 from broker.frame import Frame, decode_fits
 from streams.web.api import frame_url
 from streams.web.app import Portal
+from streams.web.limits import RateLimiter  # shared with the limits of costly reads
 from streams.web.records import clean
 from streams.web.render import image_png
-from streams.web.tokens import Principal, require
+from streams.web.tokens import Principal, check_publish, require, unbound_message
 
 router = APIRouter(prefix="/api/v1", tags=["upload"])
 Uploader = Annotated[Principal, Depends(require("upload"))]
 #: Content types of a raw FITS body.
 FITS_TYPES = ("application/fits", "image/fits", "application/octet-stream")
-#: The window of the per-token rate limit (s).
-RATE_WINDOW_S = 60.0
-
-
-class RateLimiter:
-    """At most ``per_minute`` events per key in any sliding :data:`RATE_WINDOW_S` window; thread-safe."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
-        self._times: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
-        self._lock = threading.Lock()
-
-    def take(self, key: str, now: float | None = None) -> None:
-        """Count one event of ``key``; RateLimited (HTTP 429) when it is over the limit (then not counted)."""
-        now = time.monotonic() if now is None else now
-        with self._lock:
-            times = self._times[key]
-            while times and times[0] <= now - RATE_WINDOW_S:
-                times.popleft()
-            if len(times) >= self.per_minute:
-                wait = times[0] + RATE_WINDOW_S - now
-                raise RateLimited(f"{key!r} made {len(times)} uploads in the last minute (limit {self.per_minute}); "
-                                  f"retry in {wait:.0f} s")
-            times.append(now)
-
-
 _LOCK = threading.RLock()  # re-entrant: a shared object may be made of others (the publisher of the profiles)
 
 
@@ -184,9 +160,20 @@ def calibrated(portal: Portal, payload: bytes, telescope: str | None = None) -> 
     return calibrate(decode_upload(portal, payload, telescope), portal.config.ingest().calibration, _profiles(portal))
 
 
-def publish(portal: Portal, payload: bytes, telescope: str | None = None) -> dict:
-    """Validate and send an upload to the ``frames`` topic; the frame id to poll."""
+def publish(portal: Portal, who: Principal, payload: bytes, telescope: str | None = None) -> dict:
+    """Validate and send an upload to the ``frames`` topic; the frame id to poll.
+
+    The token ``who`` must be bound to the frame's telescope as the pipeline records it
+    (``frame.meta.telescope``, decoded with the pipeline's profiles as ingest decodes it), so no
+    spelling of a header's ``TELESCOP`` or ``INSTRUME`` can publish under a telescope it is not bound to.
+
+    Raises
+    ------
+    Forbidden
+        ``who`` is not bound to the frame's telescope, or the pipeline refuses it from this server.
+    """
     frame = decode_upload(portal, payload, telescope)
+    check_publish(who, frame.meta.telescope, _profiles(portal))
     _check_signed_for(portal, frame.meta.telescope)
     publisher = portal.extras.get("publisher") or _shared(portal, "publisher", lambda: _kafka_publisher(portal))
     sent = publisher(frame)
@@ -241,8 +228,8 @@ def _kafka_publisher(portal: Portal) -> Any:
     202: {"description": "published: the frame id to poll"}, 200: {"description": "predicted: candidates"},
     400: {"description": "not a usable FITS frame (the reason of `broker produce`)"},
     401: {"description": "no or bad token"},
-    403: {"description": "token without scope upload; publish: a telescope the pipeline refuses from this server "
-                         "([kafka.frame_auth])"},
+    403: {"description": "token without scope upload; publish: a token bound to no telescope, or not to the "
+                         "frame's, or a telescope the pipeline refuses from this server ([kafka.frame_auth])"},
     413: {"description": "body or image too large"}, 415: {"description": "not FITS"},
     429: {"description": "over the token's uploads per minute"}})
 async def upload_frame(request: Request, who: Uploader,
@@ -252,16 +239,22 @@ async def upload_frame(request: Request, who: Uploader,
                            max_length=64, description="telescope (or profile) name of a frame whose header names "
                                                       "none (no TELESCOP, no INSTRUME)")] = None,
                        ) -> Any:
-    """Upload one FITS frame: publish it to the pipeline, or predict its candidates with their scores."""
+    """Upload one FITS frame: publish it to the pipeline, or predict its candidates with their scores.
+
+    Publishing needs a token bound to the frame's telescope (``broker token add NAME --scope upload
+    --telescope TELESCOPE``); any upload token may predict.
+    """
     portal: Portal = request.app.state.portal
     named = _telescope(telescope)
+    if mode == "publish" and not who.telescopes:  # refused before any byte of the body is read
+        raise Forbidden(unbound_message(who.name))
     limiter = _shared(portal, "upload_limiter", lambda: RateLimiter(portal.config.uploads_per_minute))
     limiter.take(who.name)
     frame_bytes, reference_bytes = await read_upload(request, portal.config.max_upload_bytes)
     if mode == "publish":
         if reference_bytes is not None:
             raise InvalidQuery("a reference is only used by mode=predict")
-        return clean(await portal.run(publish, portal, frame_bytes, named))
+        return clean(await portal.run(publish, portal, who, frame_bytes, named))
     pool = _shared(portal, "predict_pool", lambda: ThreadPoolExecutor(1, thread_name_prefix="predict"))
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(pool, predict, portal, frame_bytes, reference_bytes, named)

@@ -24,11 +24,13 @@ from broker.errors import ConfigError, Unavailable
 from broker.vetting import ANOMALY, MAX_ALERT_ID, LabelStore, Verdict, check_verdict
 from streams.web import queries
 from streams.web.app import Portal
+from streams.web.limits import costly
 from streams.web.records import clean
-from streams.web.tokens import Principal, require
+from streams.web.tokens import Principal
 
 router = APIRouter(tags=["vetting"])
-Vetter = Annotated[Principal, Depends(require("vet"))]
+#: A token of scope ``vet``; each request reads the archive or the labels: costly (:mod:`streams.web.limits`).
+Vetter = Annotated[Principal, Depends(costly("vet"), scope="function")]
 
 #: SQL order of each queue order.
 ORDERS = {

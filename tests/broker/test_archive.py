@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
+from broker.alert import alert_id
 from broker.archive.arrow import arrow_type, file_schema
 from broker.archive.config import ALERT_COLUMN, ArchiveConfig
 from broker.archive.log import COMMITS, OffsetRange
@@ -102,7 +103,10 @@ def objects(n: int, version: int, ra0=150.0, dec0=2.0, seed=0) -> list[dict]:
     out = []
     for i in range(n):
         rec = copy.deepcopy(sample(version))
-        rec["objectId"], rec["candid"] = f"OBJ{i:06d}", f"F-{i}/0"
+        rec["objectId"], rec["candid"] = f"OBJ{i:06d}", f"F{seed}-{i}/0"
+        rec["alertId"] = alert_id(rec["candid"])  # as the alert stage makes it: one alert, one id
+        if "sourceId" in rec:
+            rec["sourceId"] = rec["alertId"]
         rec["source"]["ra"], rec["source"]["dec"] = ra0 + rng.uniform(-1, 1), dec0 + rng.uniform(-1, 1)
         rec["scores"]["rb"] = float(rng.uniform())
         out.append(rec)
@@ -217,6 +221,8 @@ def test_the_config_rejects_nonsense():
 @pytest.mark.parametrize("version", VERSIONS)
 def test_records_come_back_exactly_from_every_version(writer, version):
     records = [sample(version)] + [random_alert(version, seed) for seed in range(12)]
+    for i, rec in enumerate(records[1:]):  # an id each (the archive shows an id once), the extremes included
+        rec["alertId"] = (-(2**63), 2**63 - 1, 0)[i] if i < 3 else 1000 + i
     alerts = archived(records)
     commit(writer, alerts)
     count, rows = Archive(writer.archive.url).select()
@@ -270,6 +276,8 @@ def test_an_archive_path_with_glob_characters_reads_only_its_own_files(tmp_path)
 
 def test_files_are_partitioned_by_night_telescope_and_version(writer):
     recs = [sample(v) for v in VERSIONS] + [sample(VERSIONS[-1]), sample(VERSIONS[-1])]
+    for i, rec in enumerate(recs):  # the samples share one id: six alerts here, not one alert six times
+        rec["alertId"] = 500 + i
     recs[-1]["provenance"]["telescope"] = "ZTF/P48 #1"  # escaped in the folder name, kept in the column
     recs[-2]["source"]["mjd"] += 1.0  # the next night
     c = commit(writer, archived(recs))
@@ -572,3 +580,98 @@ def test_readers_start_from_the_newest_checkpoint(tmp_path, caplog):
     restarted = ArchiveWriter(Archive(w.archive.url))
     with pytest.raises(ArchiveCorrupt):
         restarted.recover()
+
+
+# --- an alert archived more than once -------------------------------------------------------------
+def _copy(rec: dict, **source) -> dict:
+    """A copy of ``rec`` (same alert id) with other ``source`` values: what a replay or a faulty producer sends."""
+    out = copy.deepcopy(rec)
+    out["source"].update(source)
+    return out
+
+
+def _commit_at(writer: ArchiveWriter, alerts: list[Archived]) -> None:
+    """One commit of ``alerts``, whatever their topics and partitions."""
+    ranges = [OffsetRange(a.topic, a.partition, a.offset, a.offset + 1) for a in alerts]
+    writer.commit(writer.write([to_batch([a]) for a in alerts]), ranges)
+
+
+def test_an_alert_archived_twice_is_one_row_of_alerts_and_its_first_copy(writer):
+    """Two commits holding one alert id (a replay into the archived topic, a repeated id): ``alerts`` held both.
+
+    And a replay sent both. Now the first copy in Kafka order is the alert; ``alerts_all`` keeps every copy.
+    """
+    recs = objects(4, VERSIONS[-1])
+    commit(writer, archived(recs))
+    later = _copy(recs[1], mjd=recs[1]["source"]["mjd"] - 5.0, snr=99.0)  # an earlier time: first in mjd order
+    commit(writer, archived([later, recs[2]], start=4))
+    archive = Archive(writer.archive.url)
+    assert archive.count() == 6  # rows archived
+    assert archive.query("SELECT count(*), count(DISTINCT alert_id) FROM alerts").to_pylist() == \
+        [{"count_star()": 4, "count(DISTINCT alert_id)": 4}]
+    assert archive.query("SELECT count(*) AS n FROM alerts_all").column("n")[0].as_py() == 6
+    rows = archive.query("SELECT alert_id, kafka_offset, snr FROM alerts ORDER BY kafka_offset").to_pylist()
+    assert [r["kafka_offset"] for r in rows] == [0, 1, 2, 3] and 99.0 not in [r["snr"] for r in rows]
+    count, records = archive.select("true")
+    got = list(records)
+    assert count == len(got) == 4 and sorted(r["alertId"] for _, r in got) == sorted(r["alertId"] for r in recs)
+    assert all(same(r, original) for (_, r), original in zip(got, recs, strict=True))
+    count, records = archive.select("snr = 99.0")  # the later copy alone matches: it is not the alert
+    assert count == 0 and list(records) == []
+
+
+def test_the_first_copy_wins_by_topic_partition_offset_then_file_and_row(writer):
+    rec = objects(1, VERSIONS[-1])[0]
+    copies = [Archived(_copy(rec, snr=float(i)), version_of(rec), topic, part, off)
+              for i, (topic, part, off) in enumerate([("alerts", 3, 5), ("alerts", 1, 900), ("alerts", 1, 7),
+                                                      ("alerts.old", 0, 0)])]
+    for c in copies:  # one commit each, in this order
+        _commit_at(writer, [c])
+    archive = Archive(writer.archive.url)
+    (row,) = archive.query("SELECT kafka_topic, kafka_partition, kafka_offset, snr FROM alerts").to_pylist()
+    assert row == {"kafka_topic": "alerts", "kafka_partition": 1, "kafka_offset": 7, "snr": 2.0}
+    # the same coordinates twice (a topic created again, offsets from 0): the earlier file, then the row
+    again = [Archived(_copy(rec, snr=10.0 + i), version_of(rec), "alerts", 0, 0) for i in range(3)]
+    _commit_at(writer, again[:1])
+    writer.commit(writer.write([to_batch(again[1:])]), [OffsetRange("alerts", 0, 0, 1)])
+    assert archive.query("SELECT snr FROM alerts").column(0).to_pylist() == [10.0]
+    assert archive.query("SELECT count(*) FROM alerts_all").column(0)[0].as_py() == 7
+
+
+def test_the_copy_that_wins_does_not_change_with_compaction_or_reading_again(tmp_path):
+    w = _compacting(tmp_path, k=2)
+    recs = objects(6, VERSIONS[-1])
+    offset = 0
+    for step in range(8):  # copies of alert 0 and 1 spread over files that compaction merges
+        batch = [recs[step % 6], _copy(recs[step % 2], snr=100.0 + step)]
+        commit(w, archived(batch, start=offset))
+        offset += len(batch)
+        before = Archive(w.archive.url).query("SELECT alert_id, snr FROM alerts ORDER BY alert_id").to_pylist()
+        w.compact()
+        after = Archive(w.archive.url).query("SELECT alert_id, snr FROM alerts ORDER BY alert_id").to_pylist()
+        assert before == after
+    assert any(c.removed for c in Archive(w.archive.url).log())
+    rows = Archive(w.archive.url).query("SELECT alert_id, kafka_offset FROM alerts").to_pylist()
+    first = {}
+    for i, a in enumerate(a for s in range(8) for a in (recs[s % 6], recs[s % 2])):
+        first.setdefault(a["alertId"], i)
+    assert sorted((r["alert_id"], r["kafka_offset"]) for r in rows) == sorted(first.items())
+
+
+def test_duplicates_are_found_once_per_set_of_files(writer, monkeypatch):
+    recs = objects(3, VERSIONS[-1])
+    commit(writer, archived(recs + [recs[0]]))
+    archive = Archive(writer.archive.url)
+    calls = []
+    real = archive._later_copies.__func__
+
+    def counted(self, con, files):
+        calls.append(self._later is not None and self._later[0] == tuple(f.path for f in files))
+        return real(self, con, files)
+
+    monkeypatch.setattr(Archive, "_later_copies", counted)
+    for _ in range(3):
+        assert archive.query("SELECT count(*) FROM alerts").column(0)[0].as_py() == 3
+    commit(writer, archived([recs[1]], start=4))  # a commit: other files, found again
+    assert archive.query("SELECT count(*) FROM alerts").column(0)[0].as_py() == 3
+    assert calls == [False, True, True, False]

@@ -62,6 +62,9 @@ def test_a_nan_score_is_stored_as_unknown():
     {"alert_id": -1}, {"alert_id": 2**63}, {"alert_id": True}, {"alert_id": "12"}, {"alert_id": 1.5},
     {"who": ""}, {"who": "   "}, {"who": "a\x00b"}, {"who": "x" * 200}, {"who": 5},
     {"object_id": ""}, {"candid": "a\nb"}, {"model_version": ""},
+    {"candid": "F" * 1025}, {"object_id": "O" * 1025}, {"object_id": " " * 300}, {"candid": "F" * 500 + "\x00"},
+    {"candid": "a\x85b"}, {"candid": "a\x7fb"}, {"candid": "a\ud800b"}, {"object_id": "\x9b31m"},
+    {"model_version": "m" * 129}, {"who": "a\u0085b"},
     {"score": 1.5}, {"score": -0.1}, {"score": "0.5"}, {"score": True}, {"score": float("inf")},
 ])
 def test_hostile_labels_are_refused_and_nothing_is_stored(change):
@@ -118,3 +121,43 @@ def test_archived_records_reads_only_the_labelled_alerts(tmp_path):
     store = Archive(tmp_path / "archive")
     assert sorted(r["alertId"] for r in archived_records(store, [101, 103, 555])) == [101, 103]
     assert list(archived_records(store, [])) == []
+
+
+#: A candidate id as long as the pipeline makes: a 255-character frame id (the most a file name of the reference
+#: and difference stores takes), '/', and the largest index.
+LONG_CANDID = "LSST-" + "x" * 250 + "/" + str(2**63 - 1)
+
+
+@pytest.mark.parametrize("object_id,candid", [
+    ("OBJ" + "0" * 125, LONG_CANDID), ("O" * 1024, "F" * 1024), ("OBJ/é ünï", "FRAME 2025-03-14 #7 ☄/0")])
+def test_labels_take_any_id_the_pipeline_makes_up_to_1024_characters(tmp_path, object_id, candid):
+    """Labels of alerts whose ids are over 128 characters were refused (HTTP 400 on the portal)."""
+    assert len(LONG_CANDID) == 275
+    with LabelStore(tmp_path / "labels.sqlite") as store:
+        store.record(_verdict(BIG_ID, object_id=object_id, candid=candid), now=1.0)
+        store.record(_verdict(9, "interesting", object_id=object_id, candid=candid), now=2.0)
+    with LabelStore(tmp_path / "labels.sqlite") as store:
+        (saved,) = store.latest()
+        (feedback,) = store.anomaly()
+    assert (saved.object_id, saved.candid) == (object_id, candid) and feedback.object_id == object_id
+
+
+def test_labels_of_long_ids_are_exported_with_them_whole(tmp_path):
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+
+    records = _records(3)
+    long_object = "OBJ" + "7" * 997
+    records[1]["objectId"], records[1]["candid"] = long_object, LONG_CANDID
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    commit(writer, archived(records))
+    with LabelStore(tmp_path / "labels.sqlite") as store:
+        for rec, label in ((records[0], "real"), (records[1], "bogus")):
+            store.record(_verdict(rec["alertId"], label, object_id=rec["objectId"], candid=rec["candid"]))
+        verdicts = store.latest()
+    out = export_labels(verdicts, archived_records(Archive(tmp_path / "archive"), [v.alert_id for v in verdicts]))
+    assert write_labels(tmp_path / "vetted.npz", out.labels) == 2 and not out.skipped
+    data = read_labels(tmp_path / "vetted.npz")
+    assert list(data["candidate_id"]) == [records[0]["candid"], LONG_CANDID]
+    assert list(data["group"]) == [records[0]["objectId"], long_object] and list(data["y"]) == [1, 0]

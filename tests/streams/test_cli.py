@@ -43,7 +43,8 @@ def test_produce_stops_on_a_frame_store_that_cannot_be_written_and_names_what_wa
     from tests.helpers import star_frame
 
     (tmp_path / "blocked").write_bytes(b"")  # the store's path runs through a file: it cannot be written
-    (tmp_path / "cfg.toml").write_text(f'frame_store = "{tmp_path / "blocked" / "frames"}"\ninline_limit_bytes = 1000\n')
+    store = tmp_path / "blocked" / "frames"
+    (tmp_path / "cfg.toml").write_text(f'frame_store = "{store}"\ninline_limit_bytes = 1000\n')
     for name in ("a.fits", "b.fits"):
         (tmp_path / name).write_bytes(encode_fits(star_frame()))
     res = runner.invoke(app, ["produce", str(tmp_path / "a.fits"), str(tmp_path / "b.fits"), "--config",

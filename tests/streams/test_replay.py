@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 
 import pytest
@@ -81,3 +82,32 @@ def test_replay_refuses_a_missing_topic_and_the_archived_one(settings, archive):
     topics.create_topics(settings.bootstrap, [topics.TopicSpec(source)])
     with pytest.raises(ArchiveError, match="archive these alerts twice"):
         replay(store, settings, source)
+
+
+@pytest.mark.kafka
+def test_an_alert_archived_twice_is_replayed_once_as_first_archived(settings, tmp_path):
+    """An alert archived twice (a replay into the topic the archive reads, a producer repeating an id) is sent once.
+
+    Replay sent both copies, and subscribers keyed on the alert id saw it twice, or the later one last.
+    """
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    recs = objects(5, schemas.CURRENT["alert"])
+    for i, r in enumerate(recs):
+        r["source"]["mjd"] = 60000.5 + i
+    source = f"alerts-{uuid.uuid4().hex[:6]}"
+    alerts = archived(recs, topic=source)
+    writer.commit(writer.write([to_batch(alerts)]), [OffsetRange(source, 0, 0, 5)])
+    forged = [copy.deepcopy(recs[3]), copy.deepcopy(recs[1])]
+    for f in forged:
+        f["source"]["mjd"] -= 0.25  # earlier in observation order than the first copy
+        f["scores"]["rb"] = 0.999
+    later = archived(forged, topic=source, start=5)
+    writer.commit(writer.write([to_batch(later)]), [OffsetRange(source, 0, 5, 7)])
+    topic = f"replay-{uuid.uuid4().hex[:6]}"
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topic)])
+    assert replay(Archive(tmp_path / "archive"), settings, topic) == 5
+    back = [a for m in read_all(settings, [topic]) for a in decode_alert(m.key(), m.value(), dict(m.headers()))]
+    assert [a["alertId"] for a in back] == [r["alertId"] for r in recs]  # once each, in observation order
+    assert all(same(got, original) for got, original in zip(back, recs, strict=True))
+    assert replay(Archive(tmp_path / "archive"), settings, topic, "rb = 0.999") == 0  # never the later copies

@@ -91,6 +91,6 @@ def client(portal_config):
 
 @pytest.fixture
 def token(client):
-    """A token with every scope: ``{"Authorization": "Bearer ..."}``."""
-    clear = client.app.state.portal.tokens.add("tester", ["read", "upload", "vet"])
+    """A token with every scope, bound to telescope TEST (the tests' frames): ``{"Authorization": "Bearer ..."}``."""
+    clear = client.app.state.portal.tokens.add("tester", ["read", "upload", "vet"], telescopes=["TEST"])
     return {"Authorization": f"Bearer {clear}"}

@@ -106,8 +106,9 @@ def test_live_streams_beyond_the_most_a_server_keeps_are_refused_until_one_close
 
     async def scenario() -> None:
         open_ = [hub.join(AlertFilter(None)) for _ in range(3)]
-        with pytest.raises(RateLimited, match="3 live streams are open"):
+        with pytest.raises(RateLimited, match="3 live streams are open") as refused:
             hub.join(AlertFilter(None))
+        assert refused.value.retry_after_s == live.RETRY_VIEWER_S  # the 429's Retry-After
         hub.leave(open_.pop())
         open_.append(hub.join(AlertFilter(None)))  # room again
         for v in open_:
@@ -259,3 +260,105 @@ def test_the_consumer_stops_once_nobody_watches_and_starts_again_for_the_next_vi
     assert hub._thread is not None and len(runs) == 2  # a new viewer, a new consumer
     hub.close()
     assert hub._thread is None
+
+
+# --- an alert id read live and held in the archive -------------------------------------------------
+def _forged(record: dict) -> dict:
+    """``record``'s id with other values: what a hostile or faulty producer of the alert topic sends."""
+    out = copy.deepcopy(record)
+    out["scores"]["rb"], out["candid"] = 0.001, "FORGED/0"
+    out["cutoutDifference"]["stampData"] = b"not a cutout"
+    return out
+
+
+def test_a_live_alert_reusing_an_archived_id_never_replaces_the_archived_one(client, state):
+    """An alert published with an archived id is never shown in place of the archived one.
+
+    The hub put every alert it read in the record cache, which answered by id before the archive: the
+    live one was shown, cutouts and all.
+    """
+    from streams.web.api import record_cache
+
+    archived = state[1][0]
+    alert_id = archived["alertId"]
+    assert client.get(f"/api/v1/alerts/{alert_id}").json()["summary"]["rb"] == archived["scores"]["rb"]
+    cache = record_cache(client.app.state.portal)
+    forged_too = _forged(state[1][1])
+    kept = [cache.put(_forged(archived)), cache.put(forged_too)]  # as the hub does with what it reads
+    for rec in (archived, state[1][1]):
+        got = client.get(f"/api/v1/alerts/{rec['alertId']}").json()
+        assert got["summary"]["rb"] == rec["scores"]["rb"] and got["candid"] == rec["candid"]
+        assert client.get(f"/api/v1/alerts/{rec['alertId']}/cutouts/difference.png").status_code == 200
+    assert kept == [False, True]  # held archived: not kept; not held yet: kept as provisional, then replaced
+    assert cache.put(forged_too) is False
+
+
+def test_the_first_record_seen_live_wins_until_the_archive_holds_the_id(monkeypatch):
+    from types import SimpleNamespace
+
+    from broker.errors import NotFound
+    from streams.web import queries
+
+    held: dict[int, dict] = {}  # the archive: its records by id, and its files
+    files = [SimpleNamespace(path="part-1.parquet")]
+    lookups = []
+
+    def alert_record(_archive, alert_id: int) -> dict:
+        lookups.append(alert_id)
+        if alert_id not in held:
+            raise NotFound(f"no alert {alert_id}")
+        return held[alert_id]
+
+    monkeypatch.setattr(queries, "alert_record", alert_record)
+    cache = queries.RecordCache(SimpleNamespace(files=lambda: list(files)), size=2)  # type: ignore[arg-type]
+    first, forged = _record(7, 0.8), _forged(_record(7, 0.8))
+    kept = [cache.put(first), cache.put(forged)]
+    assert cache.get(7) is first  # provisional: the archive is asked first, and does not hold it
+    assert kept == [True, False] and lookups == [7]
+    assert cache.get(7) is first and cache.get(7) is first and lookups == [7]  # nothing committed: not asked again
+    held[7] = _record(7, 0.6)  # archived (its first copy), the live one aside
+    files.append(SimpleNamespace(path="part-2.parquet"))
+    assert cache.get(7)["scores"]["rb"] == 0.6 and not cache.put(forged) and lookups == [7, 7]
+    assert cache.get(7)["scores"]["rb"] == 0.6 and lookups == [7, 7]  # archived: kept, not read again
+    cache.put(_record(8, 0.1))
+    cache.put(_record(9, 0.1))  # 7 leaves the cache (size 2) ...
+    assert cache.put(forged)  # ... and comes back live, forged: held as provisional only
+    assert cache.get(7)["scores"]["rb"] == 0.6  # the archive still answers for it
+    with pytest.raises(NotFound):
+        cache.get(12345)
+
+
+def test_images_of_a_provisional_record_are_not_cached_for_ever(client, state):
+    """Cutouts of an alert read live were ``immutable`` for a day; the archive's record of its id may differ."""
+    from streams.web.api import record_cache
+
+    live = _forged(state[1][0])
+    live["alertId"] = 987654321  # read live, not (yet) archived
+    assert record_cache(client.app.state.portal).put(live)
+    provisional = client.get("/api/v1/alerts/987654321/cutouts/science.fits").headers["Cache-Control"]
+    archived = client.get(f"/api/v1/alerts/{state[1][0]['alertId']}/cutouts/science.fits").headers["Cache-Control"]
+    assert "immutable" not in provisional and "max-age=30" in provisional and "immutable" in archived
+
+
+def test_the_cutouts_of_a_card_asked_at_once_read_the_archive_once(monkeypatch):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from streams.web import queries
+
+    reads = []
+
+    def alert_record(_archive, alert_id: int) -> dict:
+        reads.append(alert_id)
+        time.sleep(0.2)  # a read from the archive
+        return _record(alert_id, 0.5)
+
+    monkeypatch.setattr(queries, "alert_record", alert_record)
+    cache = queries.RecordCache(SimpleNamespace(files=lambda: []))  # type: ignore[arg-type]
+    threads = [threading.Thread(target=cache.get, args=(alert_id,)) for alert_id in (7, 7, 7, 8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(reads) == [7, 8]

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 
-from broker.errors import ConfigError, Unauthenticated
-from streams.web.tokens import TokenStore
+from broker.errors import ConfigError, Forbidden, Unauthenticated
+from streams.web.tokens import Principal, TokenStore, bound_names, check_publish
 
 
 @pytest.fixture
@@ -98,3 +98,114 @@ def test_the_token_commands_add_list_and_revoke(tmp_path):
     assert runner.invoke(app, ["token", "revoke", "pipeline-bot", *where]).exit_code == 0
     assert runner.invoke(app, ["token", "revoke", "pipeline-bot", *where]).exit_code == 2
     assert runner.invoke(app, ["token", "add", "x", "--scope", "admin", *where]).exit_code == 2
+
+
+# --- telescope bindings --------------------------------------------------------------------------------------
+
+#: The token table as the first version wrote it, before telescope bindings.
+OLD_SCHEMA = ("CREATE TABLE tokens (token_id TEXT PRIMARY KEY, name TEXT NOT NULL, salt BLOB NOT NULL, "
+              "digest BLOB NOT NULL, scopes TEXT NOT NULL, created REAL NOT NULL, revoked REAL)")
+
+
+def old_token_file(path, name: str, scopes: list[str]) -> tuple:
+    """A token file of the old schema holding one token, written as the old ``TokenStore.add`` did; (path, token)."""
+    import hashlib
+    import secrets
+    import time
+
+    token_id, secret, salt = secrets.token_hex(4), secrets.token_urlsafe(32), secrets.token_bytes(16)
+    db = sqlite3.connect(path)
+    db.execute(OLD_SCHEMA)
+    db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, NULL)", (
+        token_id, name, salt, hashlib.sha256(salt + secret.encode()).digest(), ",".join(scopes), time.time()))
+    db.commit()
+    db.close()
+    return path, f"{token_id}.{secret}"
+
+
+def test_a_token_file_of_the_old_schema_opens_and_its_tokens_are_bound_to_none(tmp_path):
+    path, clear = old_token_file(tmp_path / "old.sqlite", "legacy", ["upload"])
+    store = TokenStore(path)
+    assert store.verify(clear) == Principal("legacy", frozenset({"upload"}), frozenset())
+    assert [t.telescopes for t in store.list()] == [()]
+    bound = store.add("observatory", ["upload"], ["LSST"])  # the migrated file takes bound tokens
+    assert store.verify(bound).telescopes == frozenset({"LSST"})
+    store.close()
+    again = TokenStore(path)  # opened twice: migrated once
+    assert again.verify(clear).name == "legacy" and again.verify(bound).telescopes == frozenset({"LSST"})
+    again.close()
+
+
+def test_bindings_are_stored_and_verified(store):
+    clear = store.add("observatory", ["upload", "read"], [" LSST ", "ESO/VLT", "LSST"])
+    assert store.verify(clear).telescopes == frozenset({"LSST", "ESO/VLT"})
+    assert {t.name: t.telescopes for t in store.list()} == {"observatory": ("ESO/VLT", "LSST")}
+
+
+@pytest.mark.parametrize("telescope", ["", "   ", "LSST\x00", "LS\tST", "LSST\n", "\x1b[2JLSST", "Ω-cam", "x" * 69])
+def test_empty_control_character_and_overlong_telescopes_are_refused(store, telescope):
+    with pytest.raises(ConfigError, match="telescope"):
+        store.add("observatory", ["upload"], [telescope])
+    assert store.list() == []
+
+
+def test_a_binding_needs_scope_upload(store):
+    with pytest.raises(ConfigError, match="scope 'upload'"):
+        store.add("reader", ["read"], ["LSST"])
+
+
+def test_a_binding_covers_its_name_and_what_ingest_makes_of_it():
+    from broker.telescopes import TelescopeProfile
+
+    profiles = (TelescopeProfile("seestar-s50", match=("Seestar S50",)),)
+    assert bound_names(["ESO/VLT"]) == {"ESO/VLT", "ESO_VLT"}
+    assert bound_names(["seestar s50"], profiles) == {"seestar s50", "seestar-s50"}
+    assert bound_names(["LSST"], profiles) == {"LSST"}
+    with pytest.raises(Forbidden, match="'LSST'.*bound to \\['lsst'\\]"):
+        check_publish(Principal("o", frozenset({"upload"}), frozenset({"lsst"})), "LSST")
+    with pytest.raises(Forbidden, match="bound to no telescope"):
+        check_publish(Principal("o", frozenset({"upload"})), "LSST")
+    check_publish(Principal("o", frozenset({"upload"}), frozenset({"Seestar S50"})), "seestar-s50", profiles)
+
+
+def test_the_token_commands_bind_telescopes_and_list_them(tmp_path):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    runner, where = CliRunner(), ["--state-dir", str(tmp_path)]
+    added = runner.invoke(app, ["token", "add", "vlt", "--scope", "upload", "--telescope", "ESO/VLT",
+                                "--telescope", "LSST", *where])
+    assert added.exit_code == 0, added.output
+    assert "'ESO/VLT'" in added.output and "'LSST'" in added.output
+    clear = added.output.strip().splitlines()[-1]
+    assert TokenStore(tmp_path / "tokens.sqlite").verify(clear).telescopes == frozenset({"ESO/VLT", "LSST"})
+    unbound = runner.invoke(app, ["token", "add", "amateur", "--scope", "upload", *where])
+    assert unbound.exit_code == 0 and "predict only" in unbound.output
+    listed = " ".join(runner.invoke(app, ["token", "list", *where]).output.split())  # 80 columns: cells wrap
+    assert "telescopes" in listed and "ESO/VLT," in listed and "LSST" in listed and "predict" in listed
+
+
+@pytest.mark.parametrize(("telescope", "says"), [
+    ("", "not an empty one"), ("  ", "not an empty one"), ("LSST\x00", "control characters"),
+    ("LSST\n", "control characters"), ("\tLSST", "control characters")])
+def test_token_add_refuses_empty_and_control_character_telescopes(tmp_path, telescope, says):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    result = CliRunner().invoke(app, ["token", "add", "obs", "--scope", "upload", "--telescope", telescope,
+                                      "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "error:" in result.output and says in " ".join(result.output.split())
+    assert "\x00" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "tokens.sqlite").exists()  # refused before the file is made
+
+
+def test_token_add_refuses_a_binding_without_scope_upload(tmp_path):
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    result = CliRunner().invoke(app, ["token", "add", "r", "--scope", "read", "--telescope", "LSST",
+                                      "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "scope 'upload'" in result.output

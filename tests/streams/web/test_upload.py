@@ -126,7 +126,7 @@ def test_publish_refuses_a_telescope_the_pipeline_refuses_from_this_server(porta
             portal, sent = client.app.state.portal, []
             portal.extras["publisher"] = lambda frame, sent=sent: sent.append(frame) or Published(
                 frame.meta.frame_id, 1234, True)
-            token = {"Authorization": f"Bearer {portal.tokens.add('amateur', ['upload'])}"}
+            token = {"Authorization": f"Bearer {portal.tokens.add('amateur', ['upload'], ['TEST'])}"}
             response = post(client, pair[0], token=token, mode="publish")
         assert response.status_code == status, response.text
         if status == 403:
@@ -276,7 +276,7 @@ def test_publish_sends_the_frame_to_the_frames_topic(settings, portal_config, pa
     before = len(sent())
     pipeline = replace(portal_config.pipeline, frame_store=str(tmp_path / "store"))
     with TestClient(create_app(replace(portal_config, bootstrap=settings.bootstrap, pipeline=pipeline))) as c:
-        clear = c.app.state.portal.tokens.add("telescope", ["upload"])
+        clear = c.app.state.portal.tokens.add("telescope", ["upload"], ["TEST"])
         response = post(c, pair[0], headers={"Authorization": f"Bearer {clear}"}, mode="publish")
     assert response.status_code == 202, response.text
     mine = sent()
@@ -345,3 +345,151 @@ def test_a_frame_whose_header_names_no_telescope_is_predicted_under_the_name_giv
     assert named.json()["telescope"] == "backyard-20cm" and named.json()["candidates"]
     bad = client.post("/api/v1/frames", params={"mode": "predict", "telescope": "??"}, files=files, headers=token)
     assert bad.status_code == 400 and "names no telescope" in bad.json()["detail"]
+
+
+# --- telescope bindings of upload tokens: who may publish which telescope's frames -----------------------------
+
+@pytest.fixture
+def observatory(portal_config, tmp_path):
+    """A portal whose pipeline knows telescope LSST by a profile; published frames are collected, not sent.
+
+    Yields (client, sent frames, ``add(name, telescopes) -> auth header``).
+    """
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from broker.telescopes import TelescopeProfile, write_profile
+    from streams.web.app import create_app
+
+    write_profile(tmp_path / "telescopes", TelescopeProfile("LSST"))
+    pipeline = portal_config.pipeline
+    pipeline = replace(pipeline, ingest=replace(pipeline.ingest, telescopes_dir=str(tmp_path / "telescopes")))
+    with TestClient(create_app(replace(portal_config, pipeline=pipeline))) as client:
+        portal, sent = client.app.state.portal, []
+        portal.extras["publisher"] = lambda frame: sent.append(frame) or Published(frame.meta.frame_id, 1, True)
+
+        def add(name: str, telescopes: list[str]) -> dict[str, str]:
+            return {"Authorization": f"Bearer {portal.tokens.add(name, ['upload'], telescopes)}"}
+
+        yield client, sent, add
+
+
+def _frame(telescope: str, normalised: bool = False, **cards) -> bytes:
+    """A frame whose header says ``TELESCOP = telescope``; ``normalised``: without FIELD, so ingest normalises it."""
+    frame = star_frame(seed=0, TELESCOP=telescope, FRAMEID=f"{telescope.strip()}-0001", **cards)
+    if normalised:
+        frame.header.remove("FIELD")
+    return encode_fits(frame)
+
+
+def test_an_upload_token_bound_to_no_telescope_may_predict_but_not_publish(observatory, pair):
+    client, sent, add = observatory
+    amateur = add("amateur", [])
+    response = post(client, pair[0], token=amateur, mode="publish")
+    assert response.status_code == 403 and response.json()["error"] == "forbidden"
+    assert "'amateur' is bound to no telescope" in response.json()["detail"] and "--telescope" in response.json()[
+        "detail"]
+    assert post(client, b"garbage", token=amateur, mode="publish").status_code == 403  # refused before reading it
+    files = {"frame": ("s.fits", pair[0], "application/fits"), "reference": ("r.fits", pair[1], "application/fits")}
+    assert post(client, token=amateur, files=files).status_code == 200
+    assert sent == []
+
+
+def test_a_token_bound_to_another_telescope_may_not_publish(observatory, pair):
+    client, sent, add = observatory
+    response = post(client, pair[0], token=add("amateur", ["backyard"]), mode="publish")
+    assert response.status_code == 403 and response.json()["error"] == "forbidden"
+    detail = response.json()["detail"]
+    assert "telescope 'TEST'" in detail and "'backyard'" in detail and "'amateur'" in detail
+    assert sent == []
+
+
+def test_a_token_bound_to_the_frames_telescope_publishes(observatory, pair):
+    client, sent, add = observatory
+    for telescopes in (["TEST"], ["ESO/VLT", "TEST"]):
+        response = post(client, pair[0], token=add("observatory", telescopes), mode="publish")
+        assert response.status_code == 202, response.text
+    assert [f.meta.telescope for f in sent] == ["TEST", "TEST"]
+
+
+@pytest.mark.parametrize(("header", "normalised", "recorded"), [
+    ("lsst", False, "lsst"),  # a header with every canonical card keeps its name: lsst is not LSST to the pipeline
+    ("L S S T", False, "L S S T"),
+    ("LSST   ", False, "LSST"),  # trailing blanks are no part of a FITS string
+    ("  lsst ", True, "LSST"),  # normalised: the profile matches it case-insensitively
+    ("Lsst", True, "LSST"),
+])
+def test_the_telescope_compared_is_the_one_the_pipeline_records(observatory, header, normalised, recorded):
+    """Case and blanks of ``TELESCOP`` change nothing: the binding is checked against ``frame.meta.telescope``."""
+    client, sent, add = observatory
+    payload = _frame(header, normalised)
+    refused = post(client, payload, token=add("amateur", ["backyard", "TEST"]), mode="publish")
+    assert refused.status_code == 403 and f"telescope {recorded!r}" in refused.json()["detail"]
+    allowed = post(client, payload, token=add("observatory", ["LSST"]), mode="publish")
+    assert allowed.status_code == (202 if recorded == "LSST" else 403), allowed.text
+    assert [f.meta.telescope for f in sent] == (["LSST"] if recorded == "LSST" else [])
+
+
+def test_a_header_naming_the_token_s_telescope_but_selecting_another_s_profile_is_refused(observatory):
+    """``TELESCOP = 'backyard'`` with ``INSTRUME = 'LSST'``: ingest records LSST (the profile INSTRUME selects)."""
+    client, sent, add = observatory
+    payload = _frame("backyard", normalised=True, INSTRUME="LSST")
+    refused = post(client, payload, token=add("amateur", ["backyard"]), mode="publish")
+    assert refused.status_code == 403 and "telescope 'LSST'" in refused.json()["detail"]
+    assert post(client, payload, token=add("observatory", ["LSST"]), mode="publish").status_code == 202
+    assert [f.meta.telescope for f in sent] == ["LSST"]
+
+
+def test_a_query_telescope_cannot_name_a_frame_it_is_not_bound_to(observatory):
+    """``?telescope=`` names the telescope of a header naming none: bound like any other name."""
+    client, sent, add = observatory
+    frame = star_frame(seed=0, FRAMEID="anon-0001")
+    for card in ("TELESCOP", "INSTRUME"):
+        frame.header.remove(card, ignore_missing=True)
+    payload, amateur = encode_fits(frame), add("amateur", ["backyard"])
+    response = client.post("/api/v1/frames", params={"mode": "publish", "telescope": "lsst"}, content=payload,
+                           headers={**amateur, "Content-Type": "application/fits"})
+    assert response.status_code == 403 and "telescope 'lsst'" in response.json()["detail"]  # the header is whole
+    response = client.post("/api/v1/frames", params={"mode": "publish", "telescope": "backyard"}, content=payload,
+                           headers={**amateur, "Content-Type": "application/fits"})
+    assert response.status_code == 202 and [f.meta.telescope for f in sent] == ["backyard"]
+
+
+def test_telescope_names_with_a_slash_are_bound_whole(observatory):
+    """``ESO/VLT`` as the Kafka path reads it: the whole name, not its part before '/'; normalised it is ESO_VLT."""
+    client, sent, add = observatory
+    assert post(client, _frame("ESO/VLT"), token=add("eso", ["ESO"]), mode="publish").status_code == 403
+    vlt = add("vlt", ["ESO/VLT"])
+    for normalised in (False, True):
+        assert post(client, _frame("ESO/VLT", normalised), token=vlt, mode="publish").status_code == 202
+    assert [f.meta.telescope for f in sent] == ["ESO/VLT", "ESO_VLT"]
+
+
+def test_a_revoked_bound_token_publishes_nothing(observatory, pair):
+    client, sent, add = observatory
+    auth = add("observatory", ["TEST"])
+    assert client.app.state.portal.tokens.revoke("observatory") == 1
+    response = post(client, pair[0], token=auth, mode="publish")
+    assert response.status_code == 401 and "revoked" in response.json()["detail"]
+    assert sent == []
+
+
+def test_tokens_of_a_token_file_of_the_old_schema_still_predict_but_do_not_publish(portal_config, pair, tmp_path):
+    """A token file written before bindings: it opens, gains the column, and its tokens are bound to none."""
+    from dataclasses import replace
+
+    from fastapi.testclient import TestClient
+
+    from streams.web.app import create_app
+    from tests.streams.web.test_tokens import old_token_file
+
+    path, clear = old_token_file(tmp_path / "old.sqlite", "legacy", ["read", "upload"])
+    with TestClient(create_app(replace(portal_config, tokens_path=path))) as client:
+        client.app.state.portal.extras["publisher"] = lambda frame: pytest.fail("an old token published")
+        auth = {"Authorization": f"Bearer {clear}"}
+        files = {"frame": ("s.fits", pair[0], "application/fits"), "reference": ("r.fits", pair[1], "application/fits")}
+        predicted = post(client, token=auth, files=files)
+        assert predicted.status_code == 200 and predicted.json()["candidates"]
+        refused = post(client, pair[0], token=auth, mode="publish")
+        assert refused.status_code == 403 and "bound to no telescope" in refused.json()["detail"]

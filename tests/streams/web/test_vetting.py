@@ -143,3 +143,56 @@ def test_labels_given_on_the_portal_round_trip_through_broker_labels_export(vet,
     res = CliRunner().invoke(app, ["labels", "export", "--out", str(out), "--labels", str(tmp_path / "none.sqlite"),
                                    "--archive", str(state[0] / "archive")])
     assert res.exit_code == 2 and "no labels database" in res.output
+
+
+@pytest.fixture
+def long_ids(tmp_path):
+    """(client, vet-token headers, the archived record, state folder) of a portal whose one alert has long ids.
+
+    Its frame id is 255 characters (the longest the pipeline's reference and difference stores take as
+    a file name), its object id 300; a second copy of the alert (its id, other ids and scores) was
+    archived after it, as a faulty or hostile producer of the alert topic would have it.
+    """
+    import copy
+
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from streams.web.config import WebConfig
+    from tests.broker.test_archive import archived, commit, sample
+
+    rec = copy.deepcopy(sample(3))
+    frame_id = "LSST-" + "x" * 250
+    rec["alertId"] = rec["sourceId"] = 4242
+    rec["objectId"], rec["candid"], rec["provenance"]["frame_id"] = "OBJ" + "a" * 297, f"{frame_id}/17", frame_id
+    forged = copy.deepcopy(rec)
+    forged["objectId"], forged["candid"], forged["scores"]["rb"] = "FORGED", "FORGED/0", 0.001
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    commit(writer, archived([rec]))
+    commit(writer, archived([forged], start=1))
+    config = WebConfig.for_state_dir(tmp_path, tokens_path=tmp_path / "tokens.sqlite")
+    with TestClient(create_app(config)) as client:
+        vetter = {"Authorization": f"Bearer {client.app.state.portal.tokens.add('ana', ['read', 'vet'])}"}
+        yield client, vetter, rec, tmp_path
+
+
+def test_an_alert_with_ids_over_128_characters_is_labelled_and_exported(long_ids, tmp_path):
+    """Its label was refused, HTTP 400 (``candid must be 1-128 printable characters``)."""
+    from typer.testing import CliRunner
+
+    from broker.labelsfile import read_labels
+    from streams.cli import app
+
+    client, vetter, rec, state_dir = long_ids
+    res = client.post("/api/v1/labels", json={"alert_id": 4242, "label": "real"}, headers=vetter)
+    assert res.status_code == 201, res.text
+    body = res.json()  # the first archived copy's ids and score, not the later copy's
+    assert (body["object_id"], body["candid"]) == (rec["objectId"], rec["candid"])
+    assert body["score"] == pytest.approx(rec["scores"]["rb"])
+    assert client.get("/api/v1/vet/queue", headers=vetter).json()["items"] == []  # one alert, labelled
+    out = tmp_path / "vetted.npz"
+    res = CliRunner().invoke(app, ["labels", "export", "--out", str(out), "--labels", str(state_dir / "labels.sqlite"),
+                                   "--archive", str(state_dir / "archive")])
+    assert res.exit_code == 0 and "wrote 1 label(s) (1 real, 0 bogus)" in res.output, res.output
+    data = read_labels(out)
+    assert list(data["candidate_id"]) == [rec["candid"]] and list(data["group"]) == [rec["objectId"]]
