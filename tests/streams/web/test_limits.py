@@ -138,12 +138,18 @@ def test_uploads_over_their_rate_are_429_with_retry_after(serve):
 
 
 # --- the bound on the work in hand ---------------------------------------------------------------
+def _hold_a_slot(pool, client, portal, state):
+    """A triplet PNG of 192.0.2.1 at work in ``pool`` (held until the ``held`` fixture's event): its URL and future."""
+    triplet = f"/api/v1/alerts/{state[1][0]['alertId']}/triplet.png"
+    working = pool.submit(client.get, triplet, headers=_as("192.0.2.1"))
+    _wait_for(lambda: portal.limits.gate.running == 1)
+    return triplet, working
+
+
 def test_a_flood_past_the_work_in_hand_is_503_at_once_while_cheap_reads_answer(serve, state, held):
     client, portal = serve(max_costly=1, max_costly_queued=0, query_threads=2)
-    triplet = f"/api/v1/alerts/{state[1][0]['alertId']}/triplet.png"
     with ThreadPoolExecutor(8) as pool:
-        working = pool.submit(client.get, triplet, headers=_as("192.0.2.1"))
-        _wait_for(lambda: portal.limits.gate.running == 1)
+        triplet, working = _hold_a_slot(pool, client, portal, state)
 
         def timed(i: int):
             start = time.perf_counter()
@@ -166,10 +172,8 @@ def test_a_flood_past_the_work_in_hand_is_503_at_once_while_cheap_reads_answer(s
 
 def test_a_request_waits_for_a_slot_up_to_costly_wait_s(serve, state, held):
     client, portal = serve(max_costly=1, max_costly_queued=4, costly_wait_s=0.3, query_threads=2)
-    triplet = f"/api/v1/alerts/{state[1][0]['alertId']}/triplet.png"
     with ThreadPoolExecutor(4) as pool:
-        working = pool.submit(client.get, triplet, headers=_as("192.0.2.1"))
-        _wait_for(lambda: portal.limits.gate.running == 1)
+        _, working = _hold_a_slot(pool, client, portal, state)
         start = time.perf_counter()
         late = client.get("/api/v1/alerts", headers=_as("192.0.2.2"))
         waited = time.perf_counter() - start
@@ -183,10 +187,8 @@ def test_a_request_waits_for_a_slot_up_to_costly_wait_s(serve, state, held):
 
 def test_a_client_may_hold_only_client_concurrency_costly_requests(serve, state, held):
     client, portal = serve(client_concurrency=1, max_costly=2, query_threads=3)
-    triplet = f"/api/v1/alerts/{state[1][0]['alertId']}/triplet.png"
     with ThreadPoolExecutor(2) as pool:
-        working = pool.submit(client.get, triplet, headers=_as("192.0.2.1"))
-        _wait_for(lambda: portal.limits.gate.running == 1)
+        _, working = _hold_a_slot(pool, client, portal, state)
         second = client.get("/api/v1/alerts", headers=_as("192.0.2.1"))
         assert second.status_code == 429 and _retry_after(second) and "in hand" in second.json()["detail"]
         assert client.get("/api/v1/alerts", headers=_as("192.0.2.2")).status_code == 200
