@@ -44,7 +44,9 @@ def free_port() -> int:
 
 def start_server(state_dir: Path, port: int) -> subprocess.Popen:
     """``broker serve`` on ``state_dir``, once its health endpoint answers."""
-    cmd = [sys.executable, "-m", "streams.cli", "serve", "--state-dir", str(state_dir), "--port", str(port)]
+    # one address stands for many users here: no per-client budget, the default bound on work in hand
+    cmd = [sys.executable, "-m", "streams.cli", "serve", "--state-dir", str(state_dir), "--port", str(port),
+           "--client-work-s", "1e9"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -157,7 +159,9 @@ def main() -> None:
         f"--state-dir {args.state_dir} --requests {args.requests} --clients {args.clients}"
         f"{f' --synthetic {args.synthetic}' if args.synthetic else ''}`.",
         "",
-        f"`broker serve` (one uvicorn process, 4 query threads) over the archive and history of `{args.state_dir}` "
+        f"`broker serve` (one uvicorn process, 4 query threads, at most 3 costly requests at work: `--max-costly`, "
+        "the default; no per-client budget: `--client-work-s 1e9`, since one address stands for many users here) "
+        f"over the archive and history of `{args.state_dir}` "
         f"({n_alerts} alerts, {n_objects} objects), over HTTP on 127.0.0.1 from httpx in another process; "
         f"{args.requests} requests per endpoint at random objects / alert positions, one after the other "
         f"(latency, and the rate of one client), then spread over {args.clients} concurrent clients:",
