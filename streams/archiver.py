@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from prometheus_client import Counter, Histogram
 
 from broker.archive.config import ArchiveConfig
-from broker.archive.log import OffsetRange
+from broker.archive.log import Commit, OffsetRange
 from broker.archive.reader import Archive
 from broker.archive.rows import Archived, to_batch, version_of
 from broker.archive.writer import ArchiveWriter
@@ -285,22 +285,42 @@ class Archiver:
         start = time.monotonic()
         rows = self._rows(b.pending) if b.pending else []
         self._send_dead_letters(b.dead)
-        files = self.writer.write(rows) if rows else []
-        self._flushes += 1
-        self._failpoint("files")
         offsets = [OffsetRange(t, p, first, nxt) for (t, p), (first, nxt) in sorted(b.ranges.items())]
-        commit = self.writer.commit(files, offsets, len(b.dead))
-        self._failpoint("commit")
+        commit = self._commit(rows, offsets, len(b.dead))
         self.batch = _Batch()
         try:  # for lag monitoring only: on restart the archive's offsets win
             consumer.commit(offsets=[TopicPartition(o.topic, o.partition, o.next) for o in offsets],
                             asynchronous=False)
         except KafkaException as exc:
             log.warning("%s: could not commit offsets to Kafka (lag monitoring only): %s", self.stage, exc)
-        self._observe(b, commit.seq, files, time.monotonic() - start)
+        self._observe(b, commit.seq, list(commit.files), time.monotonic() - start)
         self._compact()
         if self.max_unexpected and self._unexpected_in_a_row >= self.max_unexpected:
             raise StageFailure(f"{self.stage}: {self._unexpected_in_a_row} unexpected errors in a row; stopping")
+
+    def _commit(self, rows: list[pa.RecordBatch], offsets: list[OffsetRange], dead: int) -> Commit:
+        """Write the batch's files, then its commit record.
+
+        Raises
+        ------
+        StageFailure
+            The archive's store cannot be written (a folder gone, a disk full, an object store
+            down): nothing of the batch is committed, and the restarted stage archives it again from
+            the archive's own offsets (``broker stage`` exits 3, naming the store and its error).
+        """
+        try:
+            files = self.writer.write(rows) if rows else []
+            self._flushes += 1
+            self._failpoint("files")
+            commit = self.writer.commit(files, offsets, dead)
+        except BrokerError:
+            raise
+        except Exception as exc:
+            raise StageFailure(f"{self.stage}: the archive {self.writer.archive.url} cannot be written "
+                               f"({type(exc).__name__}: {exc}); the batch is not committed, and the stage "
+                               "archives it again once restarted") from exc
+        self._failpoint("commit")
+        return commit
 
     def _compact(self) -> None:
         """Merge small files (:meth:`ArchiveWriter.compact`) and delete retired ones past their time.

@@ -314,3 +314,23 @@ def test_an_alert_whose_header_name_is_not_utf8_is_dead_lettered_not_a_crash_loo
     assert archiver._take(raw)
     (letter,) = [serde.decode("dlq", d.value, d.headers) for d in archiver.batch.dead]
     assert (letter["reason"], letter["value"], letter["headers"]) == ("decode", value, {})
+
+
+def test_an_archive_that_cannot_be_written_stops_the_stage_with_its_reason_and_commits_nothing(tmp_path):
+    """An archive folder gone (or a full disk, an object store down) escaped as a traceback."""
+    import shutil
+
+    from confluent_kafka import Message
+
+    from broker.errors import StageFailure
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    assert archiver._take(Message(topic="alerts", partition=0, offset=0, key=b"k",
+                                  value=serde.encode_ocf("alert", _alerts(1)[0]), headers=[("_format", b"avro")]))
+    shutil.rmtree(tmp_path / "archive", ignore_errors=True)
+    (tmp_path / "archive").write_bytes(b"")  # the archive's path is now a file: nothing can be written under it
+    with pytest.raises(StageFailure, match=r"cannot be written \(.*Error.*\); the batch is not committed"):
+        archiver._flush(consumer=None)
+    (tmp_path / "archive").unlink()
+    assert Archive(tmp_path / "archive").count() == 0
