@@ -255,7 +255,7 @@ class FrameContext:
     @cached_property
     def diffmaglim(self) -> float | None:
         """5-sigma limiting magnitude of the difference image (mag), or None."""
-        return _maglim(self.limiting_flux, self.magzp)
+        return limiting_magnitude(self.limiting_flux, self.magzp)
 
     @cached_property
     def stamp_wcs(self) -> _StampWCS | None:
@@ -309,7 +309,7 @@ def _finite(value: float | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _maglim(limiting_flux: float | None, magzp: float | None) -> float | None:
+def limiting_magnitude(limiting_flux: float | None, magzp: float | None) -> float | None:
     """Limiting magnitude magzp - 2.5 log10(limiting_flux) (mag); None without a zp or a positive limit."""
     lim, zp = _finite(limiting_flux), _finite(magzp)
     if lim is None or zp is None or lim <= 0:
@@ -354,7 +354,7 @@ def _previous(h: dict) -> dict:
             "mjd": h["mjd"], "filter": h["filter"], "ra": h["ra"], "dec": h["dec"], "flux": h["flux"],
             "flux_err": h["flux_err"], "snr": h["snr"], "isdiffpos": bool(h["flux"] > 0), "magpsf": mag,
             "sigmapsf": sig, "magzpsci": _finite(h.get("magzp")),
-            "diffmaglim": _maglim(h.get("limiting_flux"), h.get("magzp")), "rb": h.get("rb")}
+            "diffmaglim": limiting_magnitude(h.get("limiting_flux"), h.get("magzp")), "rb": h.get("rb")}
 
 
 def _forced(forced: list[dict]) -> list[dict]:
@@ -365,7 +365,8 @@ def _forced(forced: list[dict]) -> list[dict]:
         out.append({"frame_id": f["frame_id"], "mjd": f["mjd"], "mjd_mid": f["mjd"] + f["exptime"] / 172800.0,
                     "filter": f["filter"], "flux": flux, "flux_err": err,
                     "snr": flux / err if err > 0 and math.isfinite(flux) else None,
-                    "magzpsci": _finite(f.get("magzp")), "diffmaglim": _maglim(f.get("limiting_flux"), f.get("magzp"))})
+                    "magzpsci": _finite(f.get("magzp")),
+                    "diffmaglim": limiting_magnitude(f.get("limiting_flux"), f.get("magzp"))})
     return out
 
 
@@ -384,7 +385,7 @@ def upper_limits(frame_id: str, forced: list[dict], history: list[dict]) -> list
     detected = {_frame_of(h["cand_id"]) for h in history} | {frame_id}
     return [{"frame_id": f["frame_id"], "mjd": f["mjd"], "filter": f["filter"],
              "limiting_flux": _finite(f.get("limiting_flux")),
-             "diffmaglim": _maglim(f.get("limiting_flux"), f.get("magzp"))}
+             "diffmaglim": limiting_magnitude(f.get("limiting_flux"), f.get("magzp"))}
             for f in sorted(forced, key=lambda f: f["mjd"]) if f["frame_id"] not in detected]
 
 

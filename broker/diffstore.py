@@ -130,6 +130,8 @@ class StoredFrame:
     wcs : astropy.wcs.WCS
     psf_models : list of ShiftedPSF
         P_D of each tile at the stamp size of the PSF fit, their sub-pixel shifts cached.
+    telescope, field : str
+        Of the frame's key (the store's folders escape them; ``meta.json`` keeps them).
     """
 
     frame_id: str
@@ -141,6 +143,15 @@ class StoredFrame:
     image: DifferenceImage
     wcs: WCS
     psf_models: list[ShiftedPSF] = field(default_factory=list)
+    telescope: str = ""
+    field: str = ""
+
+    def pixels(self, ra: np.ndarray, dec: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Pixel positions (x, y) of (``ra``, ``dec``) (deg) on this frame, and the indices of those on it."""
+        x, y = self.wcs.world_to_pixel_values(ra, dec)
+        x, y = np.atleast_1d(np.asarray(x, float)), np.atleast_1d(np.asarray(y, float))
+        ny, nx = self.image.diff.shape
+        return x, y, np.flatnonzero((x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5))
 
     def measure(self, x: float, y: float, min_psf_fraction: float) -> dict | None:
         """Forced photometry at pixel (x, y): a ``ForcedPhotometry`` record, or None (off the image, masked)."""
@@ -172,6 +183,7 @@ class DifferenceStore:
         self.root = Path(root)
         self.config = config
         self._open: OrderedDict[Path, StoredFrame] = OrderedDict()
+        self._footprints: dict[Path, tuple[float, float, float]] = {}  # per key folder (:meth:`_footprint`)
 
     def _dir(self, key: tuple[str, str, str]) -> Path:
         return self.root.joinpath(*(path_component(k) for k in key))
@@ -234,14 +246,67 @@ class DifferenceStore:
         for frame in self._frames(self._dir(key)):
             if not frame.mjd < mjd:
                 continue
-            x, y = frame.wcs.world_to_pixel_values(ra, dec)
-            ny, nx = frame.image.diff.shape
-            inside = np.flatnonzero((x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5))
+            x, y, inside = frame.pixels(ra, dec)
             for i in inside:
                 rec = frame.measure(float(x[i]), float(y[i]), self.config.min_psf_fraction)
                 if rec is not None:
                     out[i].append(rec)
         return out
+
+    def forced_at(self, ra: float, dec: float, start_mjd: float = -np.inf, end_mjd: float = np.inf) -> list[dict]:
+        """Forced photometry at one position on every kept frame of any key whose footprint holds it.
+
+        Parameters
+        ----------
+        ra, dec : float
+            The position (deg, ICRS).
+        start_mjd, end_mjd : float
+            Frames whose exposure started in [``start_mjd``, ``end_mjd``) (MJD, days); default all.
+
+        Returns
+        -------
+        list of dict
+            ``ForcedPhotometry`` records (as :meth:`forced_photometry`) with the frame's
+            ``telescope`` and ``field``, by exposure start, then telescope and frame id. A frame
+            masked there (or with too few good pixels, ``min_psf_fraction``) gives none.
+        """
+        out = []
+        for d in sorted(p for p in self.root.glob("*/*/*") if p.is_dir() and not p.name.startswith(".")):
+            footprint = self._footprint(d)
+            if footprint is not None and _separation_deg(ra, dec, *footprint[:2]) > 2.0 * footprint[2]:
+                continue  # a field elsewhere on the sky: none of its frames is opened
+            for frame in self._frames(d):
+                if not start_mjd <= frame.mjd < end_mjd:
+                    continue
+                x, y, inside = frame.pixels(np.array([ra]), np.array([dec]))
+                rec = frame.measure(float(x[0]), float(y[0]), self.config.min_psf_fraction) if len(inside) else None
+                if rec is not None:
+                    out.append({**rec, "telescope": frame.telescope, "field": frame.field})
+        return sorted(out, key=lambda r: (r["mjd"], r["telescope"], r["frame_id"]))
+
+    def _footprint(self, d: Path) -> tuple[float, float, float] | None:
+        """(ra, dec, radius) (deg) of a key's sky: the circle about one of its frames' centre through its corners.
+
+        Read once per key from one ``meta.json`` and kept (a field's frames point at it, within
+        :meth:`forced_at`'s margin of one more radius). None when no frame of the key is readable.
+        """
+        if d in self._footprints:
+            return self._footprints[d]
+        for p in sorted(q for q in d.iterdir() if q.is_dir() and not q.name.startswith(".")):
+            try:
+                meta = json.loads((p / "meta.json").read_text())
+                wcs = celestial_wcs(fits.Header.fromstring(meta["wcs_header"]))
+                nx, ny = float(meta["nx"]), float(meta["ny"])
+                ra, dec = wcs.pixel_to_world_values([(nx - 1) / 2, -0.5, nx - 0.5, -0.5, nx - 0.5],
+                                                    [(ny - 1) / 2, -0.5, -0.5, ny - 0.5, ny - 0.5])
+            except (OSError, ValueError, KeyError, TypeError, BrokerError):
+                continue
+            radius = max(_separation_deg(float(ra[0]), float(dec[0]), float(r), float(c))
+                         for r, c in zip(ra[1:], dec[1:], strict=True))
+            if np.isfinite(radius):
+                self._footprints[d] = (float(ra[0]), float(dec[0]), radius)
+                return self._footprints[d]
+        return None
 
     def _frames(self, d: Path) -> list[StoredFrame]:
         """The readable frames under ``d``, oldest first (an unreadable one is skipped with a warning)."""
@@ -277,7 +342,8 @@ class DifferenceStore:
                                                                                            strict=True)]
         frame = StoredFrame(meta["frame_id"], meta["filter"], float(meta["mjd"]), float(meta["exptime"]),
                             meta["magzp"], meta["wcs_header"], image,
-                            celestial_wcs(fits.Header.fromstring(meta["wcs_header"])), models)
+                            celestial_wcs(fits.Header.fromstring(meta["wcs_header"])), models,
+                            str(meta.get("telescope", "")), str(meta.get("field", "")))
         self._open[p] = frame
         while len(self._open) > self.config.cache_frames:
             self._open.popitem(last=False)
@@ -294,6 +360,13 @@ class DifferenceStore:
             trash = d / f".{p.name}.{os.getpid()}.tmp"
             os.rename(p, trash)  # gone from listings at once; a crash leaves only a hidden leftover
             shutil.rmtree(trash, ignore_errors=True)
+
+
+def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    """Angle between two directions (deg; haversine)."""
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    h = np.sin((d2 - d1) / 2) ** 2 + np.cos(d1) * np.cos(d2) * np.sin((r2 - r1) / 2) ** 2
+    return float(np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))))
 
 
 def _meta_record(meta: FrameMeta, wcs_header: str, image: DifferenceImage) -> dict:

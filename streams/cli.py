@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import signal
 import threading
@@ -783,6 +784,66 @@ def query(sql: Annotated[str, typer.Argument(help=_QUERY_HELP)], archive: Archiv
     except BrokerError as exc:
         _fail(exc)
     console.print(result_table(table, max_rows))
+
+
+_FORCED_COLUMNS = ("mjd", "telescope", "field", "filter", "frame_id", "flux", "flux_err", "snr", "mag", "mag_err",
+                   "mag_limit")
+
+
+@app.command()
+def forced(ra: Annotated[float, typer.Argument(help="Right ascension (deg, ICRS).")],
+           dec: Annotated[float, typer.Argument(help="Declination (deg); a negative one after --: broker forced -- "
+                                                     "10.5 -29.3.")],
+           config: ConfigOpt = None, state_dir: StateDirOpt = None,
+           start_mjd: Annotated[Optional[float], typer.Option(help="Exposures started at or after (MJD).")] = None,
+           end_mjd: Annotated[Optional[float], typer.Option(help="Exposures started before (MJD).")] = None,
+           min_snr: Annotated[float, typer.Option(help="Least S/N for a magnitude (else a limit).")] = 3.0,
+           out: Annotated[Optional[Path], typer.Option(
+               help="Write every column to this .csv or .parquet file instead of printing.")] = None) -> None:
+    """Forced photometry at RA DEC on every kept difference image that covers it, oldest first (broker/forced.py).
+
+    Fluxes are difference fluxes in science ADU on each frame's zero point; a magnitude where the S/N
+    reaches --min-snr, else the frame's 5-sigma limiting magnitude. Only the newest [differences]
+    max_frames frames of each telescope, field and band are kept.
+    """
+    import pyarrow as pa
+
+    from broker.config import load_config
+    from broker.diffstore import DifferenceStore
+    from broker.forced import forced_light_curve
+
+    try:
+        cfg = load_config(config, state_dir=state_dir)
+        points = forced_light_curve(DifferenceStore(cfg.state_dir / "diffs", cfg.differences), ra, dec,
+                                    -math.inf if start_mjd is None else start_mjd,
+                                    math.inf if end_mjd is None else end_mjd, min_snr)
+        if out is not None and out.suffix.lower() not in (".csv", ".parquet"):
+            raise BrokerError(f"cannot write {out}: the output is .csv or .parquet")
+    except BrokerError as exc:
+        _fail(exc)
+    if not points:
+        console.print(f"no kept difference image under {cfg.state_dir / 'diffs'} covers ra={ra}, dec={dec}")
+        return
+    table = pa.Table.from_pylist(points)
+    if out is None:
+        console.print(result_table(table.select(list(_FORCED_COLUMNS)), len(points)))
+        return
+    _write_table(table, out)
+    console.print(f"wrote {table.num_rows} row(s) to {out}")
+
+
+def _write_table(table: pa.Table, out: Path) -> None:
+    """``table`` to ``out`` (.csv or .parquet); exit 2 naming the file when it cannot be written."""
+    import pyarrow.csv
+    import pyarrow.parquet
+
+    try:
+        if out.suffix.lower() == ".csv":
+            pyarrow.csv.write_csv(table, out)
+        else:
+            pyarrow.parquet.write_table(table, out)
+    except OSError as exc:
+        _fail(BrokerError(f"cannot write {out}: {exc}"))
 
 
 @app.command()

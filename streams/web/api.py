@@ -10,6 +10,7 @@ document at ``/openapi.json``.
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -19,7 +20,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.convertors import Convertor, register_url_convertor
 
-from broker.errors import NotFound
+from broker.errors import NotFound, Unavailable
 from streams.alert_expr import AlertFilter
 from streams.web import queries, render
 from streams.web.app import Portal
@@ -44,6 +45,7 @@ FRAME_IMAGE = "public, max-age=60"
 #: of its id, once committed, is the one answered (``queries.RecordCache``), and may differ.
 PROVISIONAL = "public, max-age=30"
 _CLASSIFIERS = threading.Lock()
+_FORCED = threading.Lock()
 
 
 def portal_of(request: Request) -> Portal:
@@ -228,6 +230,45 @@ class FrameIdConvertor(Convertor[str]):
 
 
 register_url_convertor("frame_id", FrameIdConvertor())
+
+
+def _forced_points(portal: Portal, ra: float, dec: float, start_mjd: float, end_mjd: float,
+                   min_snr: float) -> list[dict]:
+    """:func:`broker.forced.forced_light_curve` on the pipeline's kept difference images (one call at a time)."""
+    from broker.diffstore import DifferenceStore
+    from broker.forced import check_position, forced_light_curve
+
+    check_position(ra, dec, start_mjd, end_mjd)  # before the store: a bad query is 400 on any server
+    if portal.config.state_dir is None:
+        raise Unavailable("this server has no state folder, so no kept difference images (broker serve --state-dir)")
+    with _FORCED:  # the store's cache of open frames is not shared between threads
+        store = portal.extras.get("diffs")
+        if store is None:
+            store = portal.extras["diffs"] = DifferenceStore(portal.config.state_dir / "diffs",
+                                                             portal.config.pipeline.differences)
+        return forced_light_curve(store, ra, dec, start_mjd, end_mjd, min_snr)
+
+
+@router.get("/forced", responses=LIMITED)
+async def forced(request: Request, who: CostlyReader,
+                 ra: Annotated[float, Query(description="right ascension (deg, ICRS), [0, 360)")],
+                 dec: Annotated[float, Query(description="declination (deg), [-90, 90]")],
+                 start_mjd: Annotated[float | None, Query(description="exposures started at or after (MJD)")] = None,
+                 end_mjd: Annotated[float | None, Query(description="exposures that started before (MJD)")] = None,
+                 min_snr: Annotated[float, Query(description="least S/N for a magnitude (else a limit)")] = 3.0,
+                 ) -> dict:
+    """Forced photometry at (``ra``, ``dec``) on every kept difference image that covers it, oldest first.
+
+    ``{"ra", "dec", "points": [...]}``, each point a frame's PSF-fit difference flux there (science
+    ADU on the frame's zero point ``magzp``) with its error, S/N, magnitude (S/N >= ``min_snr``) and
+    5-sigma limiting magnitude (``broker.forced``). Only the newest ``[differences] max_frames``
+    frames of each telescope, field and band are kept.
+    """
+    portal = portal_of(request)
+    lo = -math.inf if start_mjd is None else start_mjd
+    hi = math.inf if end_mjd is None else end_mjd
+    points = await portal.run(_forced_points, portal, ra, dec, lo, hi, min_snr)
+    return clean({"ra": ra, "dec": dec, "points": points})
 
 
 def frame_url(frame_id: str) -> str:

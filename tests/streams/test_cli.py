@@ -401,3 +401,32 @@ def test_an_alert_s_strings_cannot_drive_the_terminal_or_name_an_impossible_png(
             _show_alert(hostile, FieldSelection(None), False, tmp_path, None)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 3 and "F1___3.png" in names and all(len(n.encode()) <= 255 for n in names)
+
+
+def test_forced_photometry_at_a_position_prints_writes_and_refuses_what_is_not_a_position(tmp_path):
+    import csv
+
+    import numpy as np
+
+    from broker.diffstore import DifferenceStore
+    from tests.broker.test_diffstore import _header, _image, _meta, _sky
+
+    store = DifferenceStore(tmp_path / "diffs")
+    store.put(_meta("a", 1.0), _header(), _image(1))
+    store.put(_meta("b", 2.0), _header(), _image(2, [(60.3, 50.6, 800.0)]))
+    ra, dec = (float(v[0]) for v in _sky(np.array([[60.3, 50.6]])))
+    where = ["--state-dir", str(tmp_path)]
+    res = runner.invoke(app, ["forced", *where, "--", str(ra), str(dec)])
+    assert res.exit_code == 0 and "2 row(s)" in res.output and " b " in res.output, res.output
+    res = runner.invoke(app, ["forced", *where, "--out", str(tmp_path / "lc.csv"), "--start-mjd", "1.5", "--",
+                              str(ra), str(dec)])
+    assert res.exit_code == 0 and "wrote 1 row(s)" in res.output
+    (row,) = csv.DictReader((tmp_path / "lc.csv").read_text().splitlines())
+    assert row["frame_id"] == "b" and float(row["snr"]) > 5 and row["telescope"] == "T1"
+    res = runner.invoke(app, ["forced", *where, "--", "10.0", "-30.0"])
+    assert res.exit_code == 0 and "no kept difference image" in res.output
+    for args in (["nan", "0"], ["400", "0"], ["10", "-95"]):
+        res = runner.invoke(app, ["forced", *where, "--", *args])
+        assert res.exit_code == 2 and "position out of range" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["forced", *where, "--out", str(tmp_path / "lc.txt"), "--", str(ra), str(dec)])
+    assert res.exit_code == 2 and ".csv or .parquet" in res.output

@@ -241,3 +241,33 @@ def test_a_private_portal_never_lets_a_shared_cache_keep_its_images(portal_confi
             assert "private" in policy and "public" not in policy, (path, policy)
     with TestClient(create_app(portal_config)) as public:  # a public portal's images may be cached by anyone
         assert public.get(paths[0]).headers["cache-control"] == "public, max-age=86400, immutable"
+
+
+def test_forced_photometry_at_any_position_of_the_kept_difference_images(tmp_path):
+    """``GET /api/v1/forced``: every kept frame covering the position, oldest first; 400 off the sphere."""
+    from fastapi.testclient import TestClient
+
+    from broker.diffstore import DifferenceStore
+    from streams.web.app import create_app
+    from streams.web.config import WebConfig
+    from tests.broker.test_diffstore import _header, _image, _meta, _sky
+
+    store = DifferenceStore(tmp_path / "state" / "diffs")
+    store.put(_meta("a", 1.0), _header(), _image(1))
+    store.put(_meta("b", 2.0), _header(), _image(2, [(60.3, 50.6, 800.0)]))
+    ra, dec = (float(v[0]) for v in _sky(np.array([[60.3, 50.6]])))
+    config = WebConfig.for_state_dir(tmp_path / "state", tokens_path=tmp_path / "tokens.sqlite")
+    with TestClient(create_app(config)) as client:
+        body = client.get("/api/v1/forced", params={"ra": ra, "dec": dec}).json()
+        assert [(p["telescope"], p["frame_id"]) for p in body["points"]] == [("T1", "a"), ("T1", "b")]
+        a, b = body["points"]
+        assert abs(b["flux"] - 800.0) < 3 * b["flux_err"] and b["mag"] is not None and a["mag"] is None
+        assert a["mag_limit"] > 20 and (body["ra"], body["dec"]) == (ra, dec)
+        later = client.get("/api/v1/forced", params={"ra": ra, "dec": dec, "start_mjd": 1.5}).json()["points"]
+        assert [p["frame_id"] for p in later] == ["b"]
+        assert client.get("/api/v1/forced", params={"ra": (ra + 90) % 360, "dec": dec}).json()["points"] == []
+        for bad in ({"ra": "nan", "dec": 0}, {"ra": 360, "dec": 0}, {"ra": 1, "dec": -91}, {"ra": 1},
+                    {"ra": 1, "dec": 0, "start_mjd": 5, "end_mjd": 4}, {"ra": 1, "dec": 0, "min_snr": -1},
+                    {"ra": "x", "dec": 0}):
+            answer = client.get("/api/v1/forced", params=bad)
+            assert answer.status_code in (400, 422) and "Traceback" not in answer.text, bad
