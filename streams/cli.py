@@ -786,8 +786,9 @@ def query(sql: Annotated[str, typer.Argument(help=_QUERY_HELP)], archive: Archiv
     console.print(result_table(table, max_rows))
 
 
-_FORCED_COLUMNS = ("mjd", "telescope", "field", "filter", "frame_id", "flux", "flux_err", "snr", "mag", "mag_err",
-                   "mag_limit")
+#: The columns ``broker forced`` prints, with their formats (``--out`` writes every column, unrounded).
+_FORCED_COLUMNS = {"mjd": ".5f", "telescope": "", "field": "", "filter": "", "frame_id": "", "flux": ".1f",
+                   "flux_err": ".1f", "snr": ".1f", "mag": ".3f", "mag_err": ".3f", "mag_limit": ".2f"}
 
 
 @app.command()
@@ -824,12 +825,16 @@ def forced(ra: Annotated[float, typer.Argument(help="Right ascension (deg, ICRS)
     if not points:
         console.print(f"no kept difference image under {cfg.state_dir / 'diffs'} covers ra={ra}, dec={dec}")
         return
-    table = pa.Table.from_pylist(points)
     if out is None:
-        console.print(result_table(table.select(list(_FORCED_COLUMNS)), len(points)))
+        shown = Table(*_FORCED_COLUMNS, caption=f"{len(points)} frame(s); fluxes in science ADU on each frame's "
+                      "zero point; mag_limit: 5 sigma")
+        for p in points:
+            shown.add_row(*("[dim]null[/dim]" if p[k] is None else escape(format(p[k], f))
+                            for k, f in _FORCED_COLUMNS.items()))
+        console.print(shown)
         return
-    _write_table(table, out)
-    console.print(f"wrote {table.num_rows} row(s) to {out}")
+    _write_table(pa.Table.from_pylist(points), out)
+    console.print(f"wrote {len(points)} row(s) to {out}")
 
 
 def _write_table(table: pa.Table, out: Path) -> None:

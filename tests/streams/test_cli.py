@@ -417,7 +417,7 @@ def test_forced_photometry_at_a_position_prints_writes_and_refuses_what_is_not_a
     ra, dec = (float(v[0]) for v in _sky(np.array([[60.3, 50.6]])))
     where = ["--state-dir", str(tmp_path)]
     res = runner.invoke(app, ["forced", *where, "--", str(ra), str(dec)])
-    assert res.exit_code == 0 and "2 row(s)" in res.output and " b " in res.output, res.output
+    assert res.exit_code == 0 and "2 frame(s)" in res.output and " b " in res.output, res.output
     res = runner.invoke(app, ["forced", *where, "--out", str(tmp_path / "lc.csv"), "--start-mjd", "1.5", "--",
                               str(ra), str(dec)])
     assert res.exit_code == 0 and "wrote 1 row(s)" in res.output
