@@ -95,6 +95,8 @@ function render(o) {
       el("span", { class: "dim num" }, `${fmt(o.ra, 5)}°  ${fmt(o.dec, 5)}°`),
       el("span", {}, `${o.n_alerts} alert(s)`),
       el("span", { class: "dim" }, `${counts.detection} detections · ${counts.forced} forced · ${counts.upper_limit} upper limits`),
+      el("a", { href: `/api/v1/forced?ra=${encodeURIComponent(o.ra)}&dec=${encodeURIComponent(o.dec)}`,
+                title: "every kept difference image at this position, any telescope (JSON)" }, "forced photometry here"),
       cls ? el("span", { class: "tag" }, String(cls.label).replace("_", " ")) : null),
     el("div", { class: "row" },
       el("div", { class: "grow" },
