@@ -166,7 +166,7 @@ def queries(root: Path, sky: Sky, repeat: int) -> list[tuple[str, str, float, in
     ra0, dec0 = float(sky.obj_ra[sky.obj[7]]), float(sky.obj_dec[sky.obj[7]])
     lo, hi = float(sky.mjd[len(sky.mjd) // 2]), float(sky.mjd[len(sky.mjd) // 2]) + 1.0
     cases = [
-        ("open (commit log, sizes, view)", "SELECT 1"),
+        ("open (commit log, sizes, view; ids archived twice looked for)", "SELECT 1"),
         ("all alerts of one object",
          f"SELECT object_id, mjd, filter, magpsf, rb FROM alerts WHERE object_id = '{oid}'"),
         ("... with whole records (cutouts)", f"SELECT alert FROM alerts WHERE object_id = '{oid}'"),
@@ -226,11 +226,9 @@ def report(args, full: dict, bulk: dict, big: dict, qs: list, verify_s: tuple[fl
         "",
         f"The same archive after {args.copies:,} of its alerts were archived a second time (later offsets, as a "
         "replay into the archived topic would): each id is one row of `alerts`, its first copy "
-        "(`broker/archive/reader.py`, `COPY_ORDER`), found when the view is made:",
-        "",
-        "| query | s | rows |",
-        "|---|---|---|",
-        *[f"| {name} | {s:.3f} | {rows:,} |" for name, _, s, rows in twice],
+        "(`broker/archive/reader.py`, `COPY_ORDER`), found when the view is made; "
+        + "; ".join(f"{name}: {s:.3f} s" + (f", {rows:,} rows" if "count" in name else "")
+                    for name, _, s, rows in twice) + ".",
     ]
     return "\n".join(lines)
 
