@@ -1081,7 +1081,8 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
               help="Seconds of costly work (archive reads, images) a client (token, else address) may use a "
                    "minute; 429 beyond.")] = 120.0,
           max_costly: Annotated[int, typer.Option(
-              help="Costly requests at work at once (below the 4 query threads); 503 beyond the 64 waiting.")] = 3,
+              help="Costly requests at work at once (the server keeps one more thread for the cheap reads); "
+                   "503 beyond the 64 waiting.")] = 3,
           ) -> None:
     """The web portal and its REST API (FastAPI + uvicorn): alerts, objects, light curves, uploads, vetting."""
     import uvicorn
@@ -1100,7 +1101,8 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
                            "cors_origins": tuple(cors_origin or ()), "public_read": not private,
                            "max_upload_bytes": int(max_upload_mb * 1024 * 1024), "history": pipeline.history,
                            "uploads_per_minute": uploads_per_minute, "archive": archive or archive_url(pipeline),
-                           "client_work_s_per_minute": client_work_s, "max_costly": max_costly}
+                           "client_work_s_per_minute": client_work_s, "max_costly": max_costly,
+                           "query_threads": max(4, max_costly + 1)}  # one thread left to the cheap reads
         application = create_app(WebConfig.for_state_dir(state_dir, **overrides))
     except BrokerError as exc:
         _fail(exc)

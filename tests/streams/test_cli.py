@@ -430,3 +430,15 @@ def test_forced_photometry_at_a_position_prints_writes_and_refuses_what_is_not_a
         assert res.exit_code == 2 and "position out of range" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["forced", *where, "--out", str(tmp_path / "lc.txt"), "--", str(ra), str(dec)])
     assert res.exit_code == 2 and ".csv or .parquet" in res.output
+
+
+def test_serve_max_costly_keeps_a_thread_for_the_cheap_reads(tmp_path, monkeypatch):
+    """``--max-costly 6`` was refused (below the 4 query threads only): BrokerPortalBusy's advice could not be taken."""
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kwargs: served.append(application.state.portal.config))
+    for costly, threads in ((3, 4), (6, 7)):
+        res = runner.invoke(app, ["serve", "--state-dir", str(tmp_path), "--max-costly", str(costly)])
+        assert res.exit_code == 0, res.output
+        assert (served[-1].max_costly, served[-1].query_threads) == (costly, threads)
