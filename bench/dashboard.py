@@ -33,6 +33,8 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "broker.json"
 #: The scrape job of the stages in ``deploy/prometheus/prometheus.yml``.
 STAGES_JOB = "broker-stages"
+#: The scrape job of the portal in ``deploy/prometheus/prometheus.yml``.
+PORTAL_JOB = "broker-portal"
 _METRICS_LINE = re.compile(r"^(\w+): metrics on http://([^/\s]+)/metrics", re.M)
 
 
@@ -48,11 +50,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def local_config(targets: list[str], scrape_interval: str = "1s") -> dict:
+def local_config(targets: list[str], scrape_interval: str = "1s", portal: str | None = None) -> dict:
     """``deploy/prometheus/prometheus.yml`` adapted to a local run.
 
-    The stages' job scrapes ``targets`` (``host:port``) every ``scrape_interval``, rules are
-    evaluated as often, and the rule files are the deployment's own (absolute paths).
+    The stages' job scrapes ``targets`` (``host:port``) every ``scrape_interval``, the portal's job
+    ``portal`` (``host:port``; None: the job is left out), rules are evaluated as often, and the
+    rule files are the deployment's own (absolute paths).
     """
     import yaml
 
@@ -62,7 +65,9 @@ def local_config(targets: list[str], scrape_interval: str = "1s") -> dict:
     cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg.get("rule_files", [])]
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == STAGES_JOB]
     job["static_configs"] = [{"targets": sorted(targets)}]
-    cfg["scrape_configs"] = [job]  # a local run has no portal to scrape
+    (web,) = [j for j in cfg["scrape_configs"] if j["job_name"] == PORTAL_JOB]
+    web["static_configs"] = [{"targets": [portal]}]
+    cfg["scrape_configs"] = [job] + ([web] if portal else [])
     return cfg
 
 
@@ -79,12 +84,13 @@ class LocalPrometheus:
         Scrape and rule-evaluation interval (Prometheus duration). Default ``1s``.
     """
 
-    def __init__(self, targets: list[str], workdir: Path, scrape_interval: str = "1s") -> None:
+    def __init__(self, targets: list[str], workdir: Path, scrape_interval: str = "1s",
+                 portal: str | None = None) -> None:
         binary = prometheus_binary()
         if binary is None:
             raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
         self.binary, self.workdir = binary, workdir
-        self.targets, self.scrape_interval = targets, scrape_interval
+        self.targets, self.scrape_interval, self.portal = targets, scrape_interval, portal
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
@@ -94,7 +100,7 @@ class LocalPrometheus:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(local_config(self.targets, self.scrape_interval)))
+        config.write_text(yaml.safe_dump(local_config(self.targets, self.scrape_interval, self.portal)))
         with open(self.workdir / "prometheus.log", "ab") as log:
             self._proc = subprocess.Popen(
                 [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
@@ -198,9 +204,28 @@ class ScrapedRun:
     prometheus: LocalPrometheus
     bootstrap: str
     targets: dict[str, str]  # stage -> host:port of its /metrics
+    portal: str  # host:port of the portal (broker serve) on the run's state folder
     started: float  # Unix s, when the stages were started
     frames: list[str] = field(default_factory=list)  # frame ids published
     garbage: int = 0  # undecodable records published
+
+
+@contextmanager
+def _portal(state_dir: Path) -> Iterator[str]:
+    """``broker serve`` on ``state_dir`` (the run's) on a free port: its ``host:port``; stopped on exit."""
+    from bench.portal import start_server
+
+    port = free_port()
+    proc = start_server(state_dir, port)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 @contextmanager
@@ -232,10 +257,12 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
         procs = start_stages(kafka.bootstrap, settings.app_id, workdir)
         stack.callback(stop_stages, procs)
         targets = metrics_targets(workdir / "logs", STAGE_NAMES)
-        prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus"))
-        run = ScrapedRun(prom, kafka.bootstrap, targets, started)
+        portal = stack.enter_context(_portal(workdir / "state"))
+        prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal))
+        run = ScrapedRun(prom, kafka.bootstrap, targets, portal, started)
         # every series a stage exports from its start has a first sample before any message
         prom.wait_for(f'count(up{{job="{STAGES_JOB}"}} == 1) == {len(targets)}', timeout=30)
+        prom.wait_for(f'up{{job="{PORTAL_JOB}"}} == 1', timeout=30)
         producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 << 20, 1 << 30)
         for i, (frame, truth) in enumerate(SkySimulator(sim, seed=seed).frames(n_frames + burst)):
             if 0 < i < n_frames and interval:

@@ -107,7 +107,17 @@ def test_prometheus_scrapes_every_stage(run):
     targets = run.prometheus.api("targets")
     assert isinstance(targets, dict)
     active = {t["labels"]["instance"]: t["health"] for t in targets["activeTargets"]}
-    assert active == {addr: "up" for addr in run.targets.values()}
+    assert active == {addr: "up" for addr in [*run.targets.values(), run.portal]}
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_the_portals_refusals_are_scraped_for_its_alert(run):
+    """BrokerPortalBusy reads ``portal_refused_total{limit="busy"}``: the portal exports it from its start, at 0."""
+    refused = run.prometheus.query(f'portal_refused_total{{instance="{run.portal}"}}')
+    assert sorted(r["metric"]["limit"] for r in refused) == ["busy", "client_budget", "client_concurrency"]
+    assert finite(refused) == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.kafka
