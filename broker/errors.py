@@ -365,6 +365,12 @@ class NotFound(BrokerError):
     reason = "not_found"
 
 
+class RequestTimeout(BrokerError):
+    """A request body that did not arrive within its time (a slow or stalled upload; HTTP 408)."""
+
+    reason = "request_timeout"
+
+
 class InvalidQuery(BrokerError):
     """API parameters out of range or malformed (a cursor, a cone radius, a content type; HTTP 400)."""
 

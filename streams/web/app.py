@@ -53,6 +53,7 @@ STATUS: dict[type[errors.BrokerError], int] = {
     errors.Forbidden: 403,
     errors.NotFound: 404,
     errors.FrameTooLarge: 413,
+    errors.RequestTimeout: 408,
     errors.RateLimited: 429,
     errors.Unavailable: 503,
     errors.ArchiveError: 503,

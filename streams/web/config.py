@@ -59,6 +59,13 @@ class WebConfig:
     uploads_per_minute : int
         Uploads one token may make per minute (count, a sliding 60 s window). Default 10:
         ``predict`` runs the pipeline synchronously (~1 s to tens of s per frame).
+    uploads_in_flight : int
+        Uploads of one token in hand at once, from the first byte of the body to the answer
+        (count); 429 beyond. Default 2: each holds up to ``max_upload_bytes`` of memory, and a
+        slow sender would otherwise hold ``uploads_per_minute`` of them per minute of its timeout.
+    upload_timeout_s : float
+        Longest time to receive an upload's body (s); 408 beyond. Default 600: 64 MiB over a
+        1 Mbit/s uplink takes ~540 s; a stalled or deliberately slow sender is cut off then.
     references_dir : Path or None
         Folder of stored references (``<state_dir>/refs`` by :meth:`for_state_dir`, the pipeline's) that
         ``predict`` uses when the upload brings none. Default None.
@@ -111,6 +118,8 @@ class WebConfig:
     max_upload_pixels: int = 2 ** 25
     max_expansion: float = 64.0
     uploads_per_minute: int = 10
+    uploads_in_flight: int = 2
+    upload_timeout_s: float = 600.0
     references_dir: Path | None = None
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     query_threads: int = 4
@@ -123,8 +132,12 @@ class WebConfig:
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be within 1..65535, not {self.port}")
-        if min(self.max_upload_bytes, self.max_upload_pixels, self.uploads_per_minute, self.query_threads) < 1:
-            raise ConfigError("max_upload_bytes, max_upload_pixels, uploads_per_minute and query_threads must be >= 1")
+        if min(self.max_upload_bytes, self.max_upload_pixels, self.uploads_per_minute, self.uploads_in_flight,
+               self.query_threads) < 1:
+            raise ConfigError("max_upload_bytes, max_upload_pixels, uploads_per_minute, uploads_in_flight and "
+                              "query_threads must be >= 1")
+        if not self.upload_timeout_s > 0:
+            raise ConfigError(f"upload_timeout_s must be > 0 s, not {self.upload_timeout_s}")
         self._check_limits()
         if not self.max_expansion > 1:
             raise ConfigError(f"max_expansion must be > 1, not {self.max_expansion}")

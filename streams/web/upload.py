@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -45,7 +46,9 @@ from broker.errors import (
     Forbidden,
     FrameTooLarge,
     InvalidQuery,
+    RateLimited,
     ReferenceUnavailable,
+    RequestTimeout,
     Unavailable,
     UnsupportedMediaType,
 )
@@ -230,8 +233,9 @@ def _kafka_publisher(portal: Portal) -> Any:
     401: {"description": "no or bad token"},
     403: {"description": "token without scope upload; publish: a token bound to no telescope, or not to the "
                          "frame's, or a telescope the pipeline refuses from this server ([kafka.frame_auth])"},
+    408: {"description": "the body did not arrive within upload_timeout_s"},
     413: {"description": "body or image too large"}, 415: {"description": "not FITS"},
-    429: {"description": "over the token's uploads per minute"}})
+    429: {"description": "over the token's uploads per minute, or its uploads in hand"}})
 async def upload_frame(request: Request, who: Uploader,
                        mode: Annotated[Literal["publish", "predict"], Query(
                            description="publish: to the frames topic; predict: candidates and scores now")] = "predict",
@@ -250,7 +254,24 @@ async def upload_frame(request: Request, who: Uploader,
         raise Forbidden(unbound_message(who.name))
     limiter = _shared(portal, "upload_limiter", lambda: RateLimiter(portal.config.uploads_per_minute))
     limiter.take(who.name)
-    frame_bytes, reference_bytes = await read_upload(request, portal.config.max_upload_bytes)
+    in_hand = _shared(portal, "uploads_in_hand", collections.Counter)  # per token; touched on the event loop only
+    if in_hand[who.name] >= portal.config.uploads_in_flight:
+        raise RateLimited(f"token {who.name!r} has {in_hand[who.name]} uploads in hand, the most one token may; "
+                          "retry once one is answered", retry_after_s=10.0)
+    in_hand[who.name] += 1
+    try:
+        return await _received(request, portal, who, mode, named)
+    finally:
+        in_hand[who.name] -= 1
+
+
+async def _received(request: Request, portal: Portal, who: Principal, mode: str, named: str | None) -> Any:
+    """Read the upload's body (within ``upload_timeout_s``), then publish or predict it."""
+    try:
+        async with asyncio.timeout(portal.config.upload_timeout_s):
+            frame_bytes, reference_bytes = await read_upload(request, portal.config.max_upload_bytes)
+    except TimeoutError:
+        raise RequestTimeout(f"the upload's body did not arrive within {portal.config.upload_timeout_s:g} s") from None
     if mode == "publish":
         if reference_bytes is not None:
             raise InvalidQuery("a reference is only used by mode=predict")

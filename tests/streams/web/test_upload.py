@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import io
@@ -493,3 +494,66 @@ def test_tokens_of_a_token_file_of_the_old_schema_still_predict_but_do_not_publi
         assert predicted.status_code == 200 and predicted.json()["candidates"]
         refused = post(client, pair[0], token=auth, mode="publish")
         assert refused.status_code == 403 and "bound to no telescope" in refused.json()["detail"]
+
+
+def _slow_upload(app, headers: dict, chunks: list[bytes], pause_s: float, gate: asyncio.Event | None = None):
+    """POST a FITS body sent as ``chunks`` with ``pause_s`` between them (after ``gate``, when given); the answer."""
+    import httpx
+
+    async def body():
+        for i, chunk in enumerate(chunks):
+            if i:
+                await asyncio.sleep(pause_s)
+            if gate is not None and i == 1:
+                await gate.wait()
+            yield chunk
+
+    async def post():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://portal") as client:
+            return await client.post("/api/v1/frames", content=body(),
+                                     headers={**headers, "Content-Type": "application/fits"})
+
+    return post()
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408_and_frees_its_place(portal_config, tmp_path):
+    """A stalled or deliberately slow upload held its connection and its memory for as long as it liked."""
+    from dataclasses import replace
+
+    from streams.web.app import create_app
+
+    app = create_app(replace(portal_config, upload_timeout_s=0.3, uploads_in_flight=1))
+    token = {"Authorization": f"Bearer {app.state.portal.tokens.add('slow', ['upload'])}"}
+
+    async def scenario():
+        slow = await _slow_upload(app, token, [b"SIMPLE  =", b"T" * 80], pause_s=1.0)
+        assert slow.status_code == 408 and slow.json()["error"] == "request_timeout"
+        fast = await _slow_upload(app, token, [b"garbage"], pause_s=0.0)
+        assert fast.status_code == 400  # its place was given back: read, and refused as not FITS
+
+    asyncio.run(scenario())
+
+
+def test_one_token_has_at_most_uploads_in_flight_bodies_in_hand(portal_config):
+    from dataclasses import replace
+
+    from streams.web.app import create_app
+
+    app = create_app(replace(portal_config, uploads_in_flight=1))
+    token = {"Authorization": f"Bearer {app.state.portal.tokens.add('two', ['upload'])}"}
+    other = {"Authorization": f"Bearer {app.state.portal.tokens.add('other', ['upload'])}"}
+
+    async def scenario():
+        gate = asyncio.Event()
+        first = asyncio.create_task(_slow_upload(app, token, [b"garbage", b"more"], 0.0, gate))
+        await asyncio.sleep(0.2)  # the first body is being read
+        second = await _slow_upload(app, token, [b"garbage"], 0.0)
+        assert second.status_code == 429 and "uploads in hand" in second.json()["detail"]
+        assert second.headers["Retry-After"]
+        assert (await _slow_upload(app, other, [b"garbage"], 0.0)).status_code == 400  # another token: its own
+        gate.set()
+        assert (await first).status_code == 400
+        assert (await _slow_upload(app, token, [b"garbage"], 0.0)).status_code == 400  # free again
+
+    asyncio.run(scenario())
