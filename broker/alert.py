@@ -41,7 +41,7 @@ _MAX_PX = 1e9
 #: FITS block size (bytes).
 _BLOCK = 2880
 #: 2.5 / ln(10): d(mag) / d(ln flux) (mag).
-_MAG_PER_LN = 2.5 / math.log(10.0)
+MAG_PER_LN = 2.5 / math.log(10.0)
 #: Cards of a WCS header that describe the file, not the sky: never copied into a stamp.
 _STRUCTURAL = frozenset({"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "END", "COMMENT",
                          "HISTORY", "", "XTENSION", "PCOUNT", "GCOUNT", "BSCALE", "BZERO", "BLANK", "CHECKSUM",
@@ -322,7 +322,7 @@ def _mag(flux: float, flux_err: float, magzp: float | None) -> tuple[float | Non
     zp = _finite(magzp)
     if zp is None or not math.isfinite(flux) or flux == 0:
         return None, None
-    return zp - 2.5 * math.log10(abs(flux)), _MAG_PER_LN * flux_err / abs(flux)
+    return zp - 2.5 * math.log10(abs(flux)), MAG_PER_LN * flux_err / abs(flux)
 
 
 def _frame_of(cand_id: str) -> str:

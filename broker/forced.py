@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import math
 
-from broker.alert import limiting_magnitude
+from broker.alert import MAG_PER_LN, limiting_magnitude
 from broker.diffstore import DifferenceStore
 from broker.errors import InvalidQuery
-
-#: 2.5 / ln(10): the magnitude error of a relative flux error of 1.
-_MAG_PER_LN = 2.5 / math.log(10.0)
 
 
 def check_position(ra: float, dec: float, start_mjd: float = -math.inf, end_mjd: float = math.inf) -> None:
@@ -45,7 +42,7 @@ def with_magnitudes(point: dict, min_snr: float = 3.0) -> dict:
     snr = flux / err if err > 0 and math.isfinite(flux) else None
     mag = mag_err = None
     if snr is not None and snr >= min_snr and zp is not None and math.isfinite(zp):
-        mag, mag_err = zp - 2.5 * math.log10(flux), _MAG_PER_LN / snr
+        mag, mag_err = zp - 2.5 * math.log10(flux), MAG_PER_LN / snr
     return {**point, "snr": snr, "mag": mag, "mag_err": mag_err,
             "mag_limit": limiting_magnitude(point.get("limiting_flux"), zp)}
 

@@ -21,6 +21,7 @@ from broker.archive.log import DataFile
 from broker.archive.reader import Archive
 from broker.archive.rows import record_of
 from broker.errors import InvalidQuery, NotFound
+from broker.forced import check_position as check_sky_position
 from broker.history import ObjectHistory
 from broker.reference import path_component
 from streams.alert_expr import AlertFilter
@@ -260,8 +261,7 @@ def frame_image(folder: Path | None, frame_id: str) -> np.ndarray:
 
 def check_position(ra: float, dec: float, radius_arcsec: float) -> None:
     """InvalidQuery unless RA in [0, 360), Dec in [-90, 90] (deg) and the radius in (0, 3600] arcsec."""
-    if not (math.isfinite(ra) and 0 <= ra < 360 and math.isfinite(dec) and -90 <= dec <= 90):
-        raise InvalidQuery(f"position out of range: ra={ra}, dec={dec} (ra in [0, 360), dec in [-90, 90] deg)")
+    check_sky_position(ra, dec)
     if not (math.isfinite(radius_arcsec) and 0 < radius_arcsec <= 3600):
         raise InvalidQuery(f"radius_arcsec={radius_arcsec} out of range (0, 3600]")
 
