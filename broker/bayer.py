@@ -69,6 +69,11 @@ def bayer_pattern(header: fits.Header) -> str | None:
     return pattern
 
 
+def _number(value: object) -> float | None:
+    """``value`` as a float when it is a number card (not a logical T/F, not a string); else None."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _mark_luminance(header: fits.Header, mode: str, comment: str) -> None:
     """Record in ``header`` that it is now a ``lum`` frame made by ``mode``; a mosaic pattern moves to ``BAYERRAW``."""
     if "BAYERPAT" in header or "COLORTYP" in header:
@@ -112,13 +117,15 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
         if key.startswith(_WCS_PREFIXES):
             out.remove(key, ignore_missing=True, remove_all=True)
     _mark_luminance(out, "superpixel-sum", "2x2 R+G+G+B summed (broker.bayer)")
-    if "RDNOISE" in out:
-        out["RDNOISE"] = (2.0 * float(out["RDNOISE"]), "[e-] read noise of a 2x2 superpixel")
+    read_noise = _number(out.get("RDNOISE"))
+    if read_noise is not None:  # anything else is left for ``meta_from_header`` to name
+        out["RDNOISE"] = (2.0 * read_noise, "[e-] read noise of a 2x2 superpixel")
     if np.isfinite(saturation):
         out["SATURATE"] = (4.0 * saturation, "[ADU] saturation of a 2x2 superpixel")
     for key in ("XPIXSZ", "YPIXSZ", "PIXSCALE", "SECPIX", "IM_SCALE"):
-        if isinstance(out.get(key), int | float):
-            out[key] = 2.0 * float(out[key])
+        size = _number(out.get(key))
+        if size is not None:
+            out[key] = 2.0 * size
     return lum, out
 
 
@@ -166,6 +173,7 @@ def colour_planes_luminance(data: np.ndarray, header: fits.Header,
         lum[data.max(axis=0) >= saturation] = np.float32(3.0 * saturation)
         out["SATURATE"] = (3.0 * saturation, "[ADU] saturation of R + G + B")
     _mark_luminance(out, "planes-sum", "3 colour planes R+G+B summed (broker.bayer)")
-    if isinstance(out.get("RDNOISE"), int | float):
-        out["RDNOISE"] = (math.sqrt(3.0) * float(out["RDNOISE"]), "[e-] read noise of R + G + B")
+    read_noise = _number(out.get("RDNOISE"))
+    if read_noise is not None:
+        out["RDNOISE"] = (math.sqrt(3.0) * read_noise, "[e-] read noise of R + G + B")
     return lum, out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from broker.errors import (
     BadShape,
     CorruptFrame,
     ImplausibleCompression,
+    ImplausibleHeader,
     InvalidFrame,
     MissingMetadata,
     MissingWCS,
@@ -47,6 +49,9 @@ _CARDS: tuple[tuple[str, str, type, bool], ...] = (
     ("MAGZP", "magzp", float, False),
     ("MAGZPERR", "magzp_err", float, False),
 )
+
+#: The cards :func:`meta_from_header` reads: an unparseable value of one is refused, never guessed.
+_META_CARDS = frozenset(card for card, _, _, _ in _CARDS) | {"FRAMEID"}
 
 #: The cards without which a header is normalised first (:func:`broker.headers.normalise_header`).
 _REQUIRED = tuple(card for card, _, _, required in _CARDS if required)
@@ -156,8 +161,67 @@ def _card(header: fits.Header, card: str) -> object:
     try:
         return header.get(card)
     except Exception as exc:  # astropy: VerifyError, ValueError on a value string it cannot parse
-        raw = getattr(header.cards[card], "_image", None) or card  # as written: ``.image`` would "fix" it
-        raise UnparseableHeader(f"header card {card} cannot be parsed: {str(raw).strip()!r}") from exc
+        raise _unparseable(header.cards[card], card) from exc
+
+
+def _unparseable(card: fits.Card, keyword: str) -> UnparseableHeader:
+    """The error naming ``card`` as written (``.image`` would "fix" it first), cut to 120 characters."""
+    raw = str(getattr(card, "_image", None) or keyword).strip()
+    return UnparseableHeader(f"header card {keyword} cannot be parsed: {raw[:120]!r}")
+
+
+#: Count cards astropy allocates or loops over (card: largest value, what it counts). No real header comes near:
+#: ``WCSAXES = 3000`` took 1.6 s and ``A_ORDER = 3000`` 18 s per WCS built (a frame builds ~10), ``TFIELDS =
+#: 1000000000`` hours per header copy; ``TFIELDS = 'nan'`` raised TypeError whenever a header was extended.
+_COUNT_CARDS: dict[str, tuple[int, str]] = {
+    "TFIELDS": (999, "columns of a table"), "WCSAXES": (99, "WCS axes"),
+    **{f"{p}_ORDER": (20, "SIP distortion order") for p in ("A", "B", "AP", "BP")},
+}
+
+
+def _lacks_value_indicator(card: fits.Card) -> bool:
+    """Whether ``card`` is a keyword card whose columns 9-10 are not ``= `` (a bit flipped in the ``=``).
+
+    astropy keeps such a card with the rest of the line as its value and refuses to set another
+    one: normalising the header raised ValueError.
+    """
+    commentary = card.keyword in ("", "COMMENT", "HISTORY") or card.image.startswith(("HIERARCH", "CONTINUE"))
+    return not commentary and card.image[8:10] != "= "
+
+
+def check_cards(header: fits.Header) -> None:
+    """Refuse a header with a card that FITS cannot write, or a count no image has; fix what astropy can.
+
+    A card astropy cannot write (an illegal keyword such as ``CRPI@1``, a character that is not
+    printable ASCII, a keyword without its ``= ``) once stopped the ingest stage when it wrote the calibrated frame
+    (:func:`encode_fits`), and an unparseable value (``IMAGETYP = -``) any step that read it. The
+    value of a card :func:`meta_from_header` reads must parse (``EXPTIME = NaN``, ``GAIN = 1.5.2``:
+    no guessing); any other unparseable value becomes the string as written, as astropy fixes it (a
+    lower-case keyword is fixed too). ``header`` is fixed in place.
+
+    Raises
+    ------
+    UnparseableHeader
+        A card that cannot be written, or a card read into :class:`FrameMeta` that cannot be parsed,
+        named as written.
+    ImplausibleHeader
+        A card of :data:`_COUNT_CARDS` that is not an integer within its bounds.
+    """
+    for card in header.cards:
+        keyword = card.keyword if card.keyword.isprintable() else repr(card.keyword)
+        try:
+            if card.keyword in _META_CARDS:
+                _ = card.value
+            card.verify("silentfix+exception")
+            value = card.value
+        except Exception as exc:  # astropy: VerifyError, ValueError
+            raise _unparseable(card, keyword) from exc
+        if _lacks_value_indicator(card):  # astropy reads it, but no value can ever be set on it
+            raise _unparseable(card, keyword)
+        largest, what = _COUNT_CARDS.get(card.keyword, (None, ""))
+        if largest is not None and not (type(value) is int and 0 <= value <= largest):
+            raise ImplausibleHeader(f"header card {card.keyword} = {value!r} is not a count of {what} "
+                                    f"(an integer in [0, {largest}])")
 
 
 def meta_from_header(header: fits.Header) -> FrameMeta:
@@ -279,6 +343,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
             check_image_size(hdu.shape, bitpix, len(payload), max_pixels, max_expansion)
             data = hdu.data
             header = _merged_header(hdul, hdu)
+            check_cards(header)
     except InvalidFrame:
         raise
     except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
@@ -397,10 +462,16 @@ def _merged_header(hdul: fits.HDUList, hdu: fits.hdu.base.ExtensionHDU | fits.Pr
     return header
 
 
+#: Cards of the array layout in the file a frame was decoded from (BLANK, BZERO, BSCALE: its stored
+#: integers; NAXISn: its axes); :func:`encode_fits` writes its own. A ``BLANK`` left on float pixels,
+#: or an ``NAXIS3`` on a 2-D image, made astropy refuse to write the calibrated frame.
+_LAYOUT_CARD = re.compile(r"^(?:SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK)$")
+
+
 def encode_fits(frame: Frame, compress: bool = True) -> bytes:
     """Encode a frame as FITS bytes, tile-compressed by default (lossless)."""
     header = frame.header.copy()
-    for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "XTENSION", "PCOUNT", "GCOUNT"):
+    for key in [k for k in header if _LAYOUT_CARD.match(k)]:  # they describe the old file's array, not these pixels
         header.remove(key, ignore_missing=True, remove_all=True)
     header["FRAMEID"] = frame.meta.frame_id
     data = frame.data

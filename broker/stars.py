@@ -292,10 +292,33 @@ def fit_fwhms(data: np.ndarray, x: np.ndarray, y: np.ndarray, fwhm_guess: float 
     return out
 
 
+def _solve_steps(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Solve ``a x = b`` per star (``a`` shape (n, 4, 4), ``b`` (n, 4)); and which systems were singular.
+
+    A singular system (a star of two bright pixels among NaN ones lost its y pivot: 8e-12 against
+    1e11) made ``np.linalg.solve`` raise for the whole batch; it gets a zero step here.
+    """
+    try:
+        return np.linalg.solve(a, b[:, :, None])[:, :, 0], np.zeros(len(a), bool)
+    except np.linalg.LinAlgError:
+        pass
+    steps, singular = np.zeros_like(b), np.zeros(len(a), bool)
+    for i in range(len(a)):
+        try:
+            steps[i] = np.linalg.solve(a[i], b[i])
+        except np.linalg.LinAlgError:
+            singular[i] = True
+    return steps, singular
+
+
 def _levenberg_marquardt(stamps: np.ndarray, p: np.ndarray, u: np.ndarray, iterations: int) -> np.ndarray:
-    """Least-squares parameters, shape (n, 4), of :func:`_gaussian_stamps` to ``stamps``, per star."""
+    """Least-squares parameters, shape (n, 4), of :func:`_gaussian_stamps` to ``stamps``, per star.
+
+    NaN parameters for a star whose normal equations became singular (no fit).
+    """
     n = len(stamps)
     lam = np.full(n, 1e-3)
+    lost = np.zeros(n, bool)
     resid = (stamps - _gaussian_stamps(p, u)).reshape(n, -1)
     cost = np.einsum("ij,ij->i", resid, resid)
     steps = np.array([1e-3, 1e-4, 1e-4, 1e-4])
@@ -307,7 +330,8 @@ def _levenberg_marquardt(stamps: np.ndarray, p: np.ndarray, u: np.ndarray, itera
         jtj = np.einsum("nik,nil->nkl", jac, jac)
         grad = np.einsum("nik,ni->nk", jac, resid)
         damped = jtj + lam[:, None, None] * (jtj * np.eye(4))
-        delta = np.linalg.solve(damped + 1e-12 * np.eye(4), grad[:, :, None])[:, :, 0]
+        delta, singular = _solve_steps(damped + 1e-12 * np.eye(4), grad)
+        lost |= singular
         trial = p + delta
         trial_resid = (stamps - _gaussian_stamps(trial, u)).reshape(n, -1)
         trial_cost = np.einsum("ij,ij->i", trial_resid, trial_resid)
@@ -316,4 +340,4 @@ def _levenberg_marquardt(stamps: np.ndarray, p: np.ndarray, u: np.ndarray, itera
         resid = np.where(better[:, None], trial_resid, resid)
         cost = np.where(better, trial_cost, cost)
         lam = np.where(better, lam / 10.0, lam * 10.0)
-    return p
+    return np.where(lost[:, None], np.nan, p)

@@ -85,3 +85,30 @@ def test_a_solver_run_over_its_timeout_is_killed(tmp_path):
     assert not _run_bounded(["sh", "-c", "sleep 30 & sleep 30"], tmp_path, 0.3)  # a child of its own too
     assert time.monotonic() - start < 5
     assert _run_bounded(["true"], tmp_path, 5)
+
+
+def test_a_wcs_that_puts_the_whole_sky_in_the_frame_matches_only_the_brightest_catalogue_stars(monkeypatch):
+    """Found by the frame fuzzer: 8 s and 1.2 GB per frame in ingest for a WCS of 1 deg/px.
+
+    CTYPE cards alone (CDELT defaults to 1 deg) put 190,000 Tycho-2 stars in a 650 x 500 frame, and
+    the check matched every one of them against every detected star.
+    """
+    from astropy.io import fits
+
+    import broker.astrometry as astrometry
+    from broker.catalog import CatalogStars
+
+    sizes: list[int] = []
+    nearest = astrometry._nearest
+    monkeypatch.setattr(astrometry, "_nearest", lambda x, *args: sizes.append(len(x)) or nearest(x, *args))
+    rng = np.random.default_rng(8)
+    header = fits.Header({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRPIX1": 325.0, "CRPIX2": 250.0})
+    n = 50_000
+    catalog = CatalogStars(rng.uniform(-20, 20, n) % 360.0, rng.uniform(-20, 20, n), rng.uniform(5, 12, n))
+    stars = StarList(rng.uniform(0, 650, 150), rng.uniform(0, 500, 150), rng.uniform(1, 100, 150), np.ones(150), 3.0)
+    config = AstrometryConfig()
+    check = astrometry.check_wcs(header, (500, 650), stars, catalog, config)
+    assert check.n_catalog == n  # all of them counted as inside the frame
+    assert sizes and max(sizes) <= 20 * config.max_sources  # the brightest matched
+    brightest = np.sort(catalog.mag)[20 * config.max_sources]
+    assert np.all(catalog.mag[check.catalog_index] <= brightest)

@@ -102,3 +102,23 @@ def test_other_cubes_are_refused_with_their_shape(shape):
 
     with pytest.raises(BadShape, match="cube|dimensions"):
         decode_fits(_cube_bytes(np.zeros(shape, np.float32), header()))
+
+
+@pytest.mark.parametrize("read_noise, error", [(" ", None), ("DEC--TAN-SIP", "is not a float"),
+                                               (True, "is a logical")])
+def test_a_read_noise_that_is_no_number_is_left_for_the_metadata_to_name(read_noise, error):
+    """Found by the frame fuzzer: ``RDNOISE = ' '`` raised ValueError out of the binning (``float('')``)."""
+    from broker.errors import MissingMetadata
+    from broker.frame import decode_fits
+    from broker.simulate.amateur import AmateurConfig, amateur_fits, amateur_frame
+
+    data, header = amateur_frame(AmateurConfig(shape=(128, 128)), seed=1)
+    header["RDNOISE"] = read_noise
+    if error is None:  # blank: no read noise known
+        assert decode_fits(amateur_fits(data, header), require_wcs=False).meta.read_noise == 0.0
+    else:
+        with pytest.raises(MissingMetadata, match=f"RDNOISE={read_noise!r} {error}"):
+            decode_fits(amateur_fits(data, header), require_wcs=False)
+    lum, out = superpixel_luminance(data, fits.Header({"RDNOISE": read_noise, "XPIXSZ": True}), 65535.0)
+    assert out["RDNOISE"] == fits.Header({"RDNOISE": read_noise})["RDNOISE"]  # as it was (astropy strips ' ')
+    assert out["XPIXSZ"] is True and lum.shape == (64, 64)

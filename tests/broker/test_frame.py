@@ -183,3 +183,96 @@ def test_a_producer_can_name_the_telescope_a_header_does_not():
     assert decode_fits(encode_fits(own), telescope="backyard-20cm").meta.telescope == own.meta.telescope
     long_name = decode_fits(payload, telescope="x" * 64)  # the longest name a header normalises
     assert long_name.meta.telescope == "x" * 64
+
+
+def _with_card_added(payload: bytes, keyword: str, value: str) -> bytes:
+    """``payload`` with ``KEYWORD = <value>`` written verbatim, before END when absent (astropy would refuse it)."""
+    if f"{keyword:<8}=".encode() not in payload:
+        end = next(i for i in range(0, len(payload), 80) if payload[i:i + 80] == b"END".ljust(80))
+        assert payload[end + 80:end + 160] == b" " * 80  # room in the header block
+        payload = payload[:end] + f"{keyword:<8}= 0".ljust(80).encode() + payload[end:end + 80] + payload[end + 160:]
+    return _with_raw_card(payload, keyword, value)
+
+
+def _card_bytes(payload: bytes, keyword: str, card: bytes) -> bytes:
+    """``payload`` with the card ``keyword`` replaced by the 80 bytes ``card`` (no check at all)."""
+    i = payload.find(f"{keyword:<8}=".encode())
+    assert i >= 0
+    return payload[:i] + card.ljust(80)[:80] + payload[i + 80:]
+
+
+@pytest.mark.filterwarnings("ignore::astropy.io.fits.verify.VerifyWarning")  # astropy warns as it reads them
+@pytest.mark.parametrize("card", [b"CRPI@1  =                 12.0", b"COMMENT bell \x07 in a comment"])
+def test_a_card_fits_cannot_write_is_named_when_decoded(card):
+    """Found by the frame fuzzer: decoded, then astropy's VerifyError when ingest encoded the calibrated frame."""
+    from broker.errors import UnparseableHeader
+
+    payload = _card_bytes(encode_fits(star_frame(), compress=False), "RDNOISE", card)
+    with pytest.raises(UnparseableHeader, match="cannot be parsed") as err:
+        decode_fits(payload)
+    assert err.value.reason == "unparseable_header"
+
+
+@pytest.mark.filterwarnings("ignore::astropy.io.fits.verify.VerifyWarning")
+def test_an_unparseable_card_is_named_if_read_into_the_metadata_and_kept_as_written_if_not():
+    """Found by the frame fuzzer: ``SATURATE = 0x10`` and ``IMAGETYP = -`` raised VerifyError (unexpected)."""
+    from broker.errors import UnparseableHeader
+
+    with pytest.raises(UnparseableHeader, match=r"SATURATE cannot be parsed: 'SATURATE= +0x10'"):
+        decode_fits(_with_raw_card(encode_fits(star_frame(), compress=False), "SATURATE", "0x10"))
+    frame = star_frame()
+    frame.header["IMAGETYP"] = "Light"
+    decoded = decode_fits(_with_raw_card(encode_fits(frame), "IMAGETYP", "-"))
+    assert decoded.header["IMAGETYP"] == "-" and decoded.meta == frame.meta
+    assert decode_fits(encode_fits(decoded)).header["IMAGETYP"] == "-"
+
+
+@pytest.mark.filterwarnings("ignore::astropy.io.fits.verify.VerifyWarning")
+@pytest.mark.parametrize("keyword, value", [("BLANK", "1e999"), ("BLANK", "2147483648"), ("BLANK", "'x'"),
+                                            ("NAXIS3", "5")])
+def test_layout_cards_of_the_file_read_do_not_stop_the_frame_being_written(keyword, value):
+    """Found by the frame fuzzer: a BLANK on float pixels or an NAXIS3 on a 2-D image made ``encode_fits`` raise."""
+    frame = star_frame()
+    payload = encode_fits(Frame(frame.meta, frame.data + np.float32(0.5), frame.header), compress=False)
+    decoded = decode_fits(_with_card_added(payload, keyword, value))
+    for compress in (True, False):
+        again = decode_fits(encode_fits(decoded, compress=compress))
+        assert np.array_equal(again.data, decoded.data) and keyword not in again.header
+
+
+@pytest.mark.parametrize("cards", [{"TFIELDS": "'nan'"}, {"TFIELDS": "1000000000"}, {"TFIELDS": "2.0"},
+                                   {"WCSAXES": "3000"}, {"A_ORDER": "500", "CTYPE1": "'RA---TAN-SIP'"}])
+def test_count_cards_no_image_has_are_refused_before_astropy_loops_over_them(cards):
+    """Found by the frame fuzzer: counts astropy loops over or allocates by, refused from the header.
+
+    ``TFIELDS = 'nan'`` raised TypeError in calibration (astropy's ``Header.strip``), ``TFIELDS =
+    1000000000`` would have looped for hours there; 3000 WCS axes or a SIP order of 3000 took 2-18 s
+    per WCS built.
+    """
+    import time
+
+    from broker.errors import ImplausibleHeader
+
+    payload = encode_fits(star_frame(), compress=False)
+    for keyword, value in cards.items():
+        payload = _with_card_added(payload, keyword, value)
+    t0 = time.perf_counter()
+    with pytest.raises(ImplausibleHeader, match=f"{next(iter(cards))} = .* is not a count") as err:
+        decode_fits(payload, require_wcs=False)
+    assert time.perf_counter() - t0 < 0.5 and err.value.reason == "implausible_header"
+
+
+@pytest.mark.filterwarnings("ignore::astropy.utils.exceptions.AstropyUserWarning")  # astropy warns as it reads it
+def test_a_card_without_its_value_indicator_is_named_not_a_crash_of_normalisation():
+    """Found by the frame fuzzer: a control character for the ``=`` of TELESCOP made normalising raise ValueError.
+
+    astropy reads such a card with the rest of the line as its value and refuses to set another.
+    """
+    from broker.errors import UnparseableHeader
+    from broker.simulate.amateur import AmateurConfig, amateur_fits, amateur_frame
+
+    data, header = amateur_frame(AmateurConfig(shape=(64, 64)), seed=1)
+    payload = amateur_fits(data, header)
+    with pytest.raises(UnparseableHeader, match="TELESCOP cannot be parsed"):
+        decode_fits(_card_bytes(payload, "TELESCOP", b"TELESCOP\x1d 'S50_sim'"), require_wcs=False)
+    assert decode_fits(payload, require_wcs=False).meta.telescope == "S50_sim"

@@ -76,3 +76,21 @@ def test_fitted_fwhm_is_unbiased_where_the_half_maximum_width_reads_high(fwhm, h
     stars = find_stars(image, 5.0)
     assert fitted_fwhm(image, stars) == pytest.approx(fwhm, rel=0.02)
     assert stars.fwhm / fwhm - 1 == pytest.approx(half_max_bias, abs=0.04)  # the figures of fitted_fwhm's docstring
+
+
+def test_a_star_whose_fit_turns_singular_is_no_fit_not_a_linalg_error():
+    """Found by the frame fuzzer: a LinAlgError out of subtract on a frame 45% NaN.
+
+    Two bright pixels among NaN ones made one star's normal equations singular (a y pivot of 8e-12
+    against 1e11), and ``np.linalg.solve`` raised for the whole batch.
+    """
+    rng = np.random.default_rng(36)
+    stamp = rng.normal(0.0, 20.0, (11, 11))
+    stamp[rng.random((11, 11)) < 0.45] = np.nan
+    stamp[5, 5], stamp[5, 6] = 23213.0, 23023.0
+    yy, xx = np.mgrid[-5:6, -5:6]
+    star = 5000.0 * np.exp(-(xx ** 2 + yy ** 2) / (2 * 1.5 ** 2))  # and a good star in the same batch
+    image = np.zeros((11, 40))
+    image[:, :11], image[:, 20:31] = stamp, star
+    fw = fit_fwhms(image, np.array([5 - 0.407, 25.0]), np.array([5.0, 5.0]), fwhm_guess=2.035)
+    assert np.isnan(fw[0]) and fw[1] == pytest.approx(2.3548 * 1.5, rel=0.05)
