@@ -35,8 +35,9 @@ def mjd_now() -> float:
 class PlausibilityConfig:
     """Bounds of a physically plausible frame (``[ingest.plausibility]``).
 
-    Lower bounds that physics sets (a gain or exposure > 0, a read noise >= 0) are not settings;
-    the upper bounds and the time window are, each generous enough for any real camera.
+    Lower bounds that physics sets (an exposure > 0, a read noise >= 0) are not settings; the
+    upper bounds, the smallest gain and the time window are, each generous enough for any real
+    camera.
 
     Attributes
     ----------
@@ -46,8 +47,13 @@ class PlausibilityConfig:
     mjd_future_days : float
         Latest accepted exposure start, in days after now (system clock). Default 1.0: a clock
         skew of hours is tolerated, a frame "from next week" is not.
+    gain_min : float
+        Smallest accepted GAIN (e-/ADU). Default 1e-4: CMOS cameras at their highest gain setting,
+        with 12-bit data scaled to 16 bits, reach ~0.005 e-/ADU in the file's units. GAIN = 1e-300
+        (positive, so accepted before) made the noise model's source variance (signal / gain)
+        1e300 times the signal; the candidates of a simulated frame changed from 16-26 to 7-12.
     gain_max : float
-        Largest accepted GAIN (e-/ADU); a GAIN must be > 0. Default 1000: CCDs and CMOS sensors
+        Largest accepted GAIN (e-/ADU). Default 1000: CCDs and CMOS sensors
         run at 0.1-20 e-/ADU; beyond 1000 the noise model (variance = signal / gain) is
         meaningless. GAIN = -1.5 gave 2.6x the alerts of the same frame with its true gain.
     read_noise_max : float
@@ -82,6 +88,7 @@ class PlausibilityConfig:
 
     mjd_min: float = 47892.0
     mjd_future_days: float = 1.0
+    gain_min: float = 1e-4
     gain_max: float = 1000.0
     read_noise_max: float = 1000.0
     exptime_max: float = 1e5
@@ -105,7 +112,8 @@ def header_problems(meta: FrameMeta, config: PlausibilityConfig = PlausibilityCo
         (c.mjd_min <= meta.mjd_start <= latest,
          f"MJD-OBS={meta.mjd_start:g} outside [{c.mjd_min:g}, now + {c.mjd_future_days:g} d = {latest:.1f}]"),
         (0.0 < meta.exptime <= c.exptime_max, f"EXPTIME={meta.exptime:g} s outside (0, {c.exptime_max:g}]"),
-        (0.0 < meta.gain <= c.gain_max, f"GAIN={meta.gain:g} e-/ADU outside (0, {c.gain_max:g}]"),
+        (c.gain_min <= meta.gain <= c.gain_max,
+         f"GAIN={meta.gain:g} e-/ADU outside [{c.gain_min:g}, {c.gain_max:g}]"),
         (0.0 <= meta.read_noise <= c.read_noise_max,
          f"RDNOISE={meta.read_noise:g} e- outside [0, {c.read_noise_max:g}]"),
         (0.0 < meta.saturation <= c.saturation_max or meta.saturation == np.inf,

@@ -20,7 +20,8 @@ NOW = 60800.0  # a fixed present (MJD) for the time window
 
 
 @pytest.mark.parametrize(("cards", "named"), [
-    ({"GAIN": -1.5}, "GAIN=-1.5 e-/ADU outside (0, 1000]"),
+    ({"GAIN": -1.5}, "GAIN=-1.5 e-/ADU outside [0.0001, 1000]"),
+    ({"GAIN": 1e-300}, "GAIN=1e-300 e-/ADU outside [0.0001, 1000]"),
     ({"MJD-OBS": -1e6}, "MJD-OBS=-1e+06 outside [47892, now + 1 d = 60801.0]"),
     ({"MJD-OBS": 9.9e7}, "MJD-OBS=9.9e+07 outside"),
     ({"MJD-OBS": NOW + 2}, "MJD-OBS=60802 outside"),  # the day after tomorrow
