@@ -86,13 +86,46 @@ def conditional_model(base: AnomalyModel, train: AlertTable, weight: float) -> _
                     out[:, k] += weight * np.log1p((resid / scale) ** 2)
         return out
 
-    per = per_class(train.x)
-    q = np.linspace(0.0, 1.0, 1001)
-    knots = [np.quantile(per[train.kind == g, k], q) for k, g in enumerate(groups)]
+    knots = _class_cdfs(per_class(train.x), train.kind, groups)
 
     def raw(x: np.ndarray) -> np.ndarray:
         p = per_class(x)
         return np.column_stack([class_cdf(p[:, k], kn) for k, kn in enumerate(knots)]).min(axis=1)
+    return _Scored(raw)
+
+
+def _class_cdfs(per: np.ndarray, kind: np.ndarray, groups: list[str]) -> list[np.ndarray]:
+    """Each class's CDF knots (1001,) of its own training alerts' per-class raw scores ``per`` (N, K)."""
+    q = np.linspace(0.0, 1.0, 1001)
+    return [np.quantile(per[kind == g, k], q) for k, g in enumerate(groups)]
+
+
+def knn_model(base: AnomalyModel, train: AlertTable, k: int = 5, blend: bool = False) -> _Scored:
+    """Per class, the mean distance to the class's ``k`` nearest training alerts (scaled as ``base``).
+
+    Each class's distance is mapped to its CDF over the class's own training alerts (each left out
+    of its own neighbours), the raw anomaly is the smallest over classes, as in ``base``. With
+    ``blend`` each class's value is the mean of the kNN CDF and ``base``'s own class CDF.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    groups = list(base.metadata["groups"])
+    z_train = base._prepare(train.x)
+    q = np.linspace(0.0, 1.0, 1001)
+    nns, knots = [], []
+    for g in groups:
+        zg = z_train[train.kind == g]
+        nns.append(NearestNeighbors(n_neighbors=k + 1).fit(zg))
+        knots.append(np.quantile(nns[-1].kneighbors(zg)[0][:, 1:].mean(axis=1), q))  # self left out
+
+    def raw(x: np.ndarray) -> np.ndarray:
+        z = base._prepare(x)
+        per = np.column_stack([class_cdf(nn.kneighbors(z, n_neighbors=k)[0].mean(axis=1), kn)
+                               for nn, kn in zip(nns, knots, strict=True)])
+        if blend:
+            per = 0.5 * (per + np.column_stack([class_cdf(base._class_scores(z, j), kn)
+                                                for j, kn in enumerate(base.class_knots)]))
+        return per.min(axis=1)
     return _Scored(raw)
 
 

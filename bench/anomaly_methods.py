@@ -12,7 +12,8 @@ Bogus at the top are counted in alerts and in objects.
 
 Candidates: HBOS per class, HBOS plus the attribute-wise conditional term (gradient-boosted
 regressors as in :mod:`bench.anomaly_limits`, or the ridge regressions on a linear or quadratic
-basis of :class:`broker.anomaly.AnomalyConfig`), isolation forests per class (physical + context
+basis of :class:`broker.anomaly.AnomalyConfig`), the mean distance to the k nearest training alerts
+of each class (alone, or averaged with anomaly-v5's class CDFs), isolation forests per class (physical + context
 features, or all features) and one isolation forest for all classes over all features (Fink's
 set-up).
 
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.anomaly_limits import conditional_model
+from bench.anomaly_limits import conditional_model, knn_model
 from bench.common import git_rev, machine
 from broker.anomaly import AnomalyConfig, fit_anomaly
 from broker.lightcurve import ALL_FEATURE_NAMES
@@ -55,6 +56,8 @@ CANDIDATES: dict[str, Callable[[AlertTable], Any]] = {
         t.x, t.kind, AnomalyConfig(conditional_weight=0.5, conditional_degree=1)),
     "HBOS + 0.5 x conditional term, quadratic (anomaly-v5)": lambda t: fit_anomaly(
         t.x, t.kind, AnomalyConfig(conditional_weight=0.5, conditional_degree=2)),
+    "kNN per class (k = 5)": lambda t: knn_model(fit_anomaly(t.x, t.kind, PLAIN), t),
+    "mean of anomaly-v5's and kNN's class CDFs": lambda t: knn_model(fit_anomaly(t.x, t.kind), t, blend=True),
     "isolation forest per class, physical + context": lambda t: fit_anomaly(
         t.x, t.kind, AnomalyConfig(method="iforest")),
     "isolation forest per class, all features": lambda t: fit_anomaly(
