@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from astropy.stats import sigma_clipped_stats
@@ -129,16 +129,31 @@ def validate(frame: Frame, config: IngestConfig = IngestConfig(), now_mjd: float
     ``require_wcs=False`` (the producer: the ingest stage plate-solves) skips the WCS check for a
     frame that has no WCS at all; a WCS that is present is always checked.
     """
-    ny, nx = frame.data.shape
-    if min(ny, nx) < config.min_side or max(ny, nx) > config.max_side:
-        raise BadShape(f"image is {nx}x{ny} px; sides must be within [{config.min_side}, {config.max_side}]")
-    check_header(frame.meta, config.plausibility, now_mjd)
+    check_size_and_header(frame, config, now_mjd)
     if require_wcs or has_wcs(frame.header):
         check_wcs(frame, config.plausibility)
     nan_fraction = 1.0 - np.count_nonzero(np.isfinite(frame.data)) / frame.data.size
     if nan_fraction > config.max_nan_fraction:
         raise BadPixelFraction(f"{nan_fraction:.1%} of the pixels are NaN/inf (limit {config.max_nan_fraction:.0%})")
     check_pixels(frame, config.plausibility)
+
+
+def check_size_and_header(frame: Frame, config: IngestConfig = IngestConfig(), now_mjd: float | None = None,
+                          with_magzp: bool = True) -> None:
+    """The checks of :func:`validate` that read no pixel: the image size, then the header's physical bounds.
+
+    The ingest stage runs them before calibration too, so a frame they refuse never reaches the
+    plate solver (seconds per frame). ``with_magzp=False`` leaves out the zero point, which
+    calibration measures again (:func:`validate` checks the calibrated one).
+
+    Raises
+    ------
+    BadShape, ImplausibleHeader
+    """
+    ny, nx = frame.data.shape
+    if min(ny, nx) < config.min_side or max(ny, nx) > config.max_side:
+        raise BadShape(f"image is {nx}x{ny} px; sides must be within [{config.min_side}, {config.max_side}]")
+    check_header(frame.meta if with_magzp else replace(frame.meta, magzp=None), config.plausibility, now_mjd)
 
 
 def check_record(claimed: Mapping[str, object], frame: Frame, size_bytes: int) -> None:

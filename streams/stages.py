@@ -32,7 +32,7 @@ from broker.errors import (
 from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record
 from broker.frame import Frame, FrameMeta, decode_fits, encode_fits, sha256
 from broker.history import open_history
-from broker.ingest import check_record, ingest, validate
+from broker.ingest import check_record, check_size_and_header, ingest, validate
 from broker.ledger import FrameLedger, pixel_checksum
 from broker.pipeline import FrameResult, ScoreModels, associate_and_score, process_frame
 from broker.plausibility import PlausibilityConfig, header_problems
@@ -170,6 +170,7 @@ def ingest_handler(config: PipelineConfig) -> Handler:
         rec, frame = _frame_of(msg, store, config, profiles, require_wcs=not config.ingest.calibration.enabled)
         if signed is not None:
             auth.check_telescope(signed, frame.meta.telescope)
+        check_size_and_header(frame, config.ingest, with_magzp=False)  # before a plate solve spends seconds on it
         calibrated = calibrate(frame, config.ingest.calibration, profiles)
         quality = ingest(calibrated, config.ingest)
         if calibrated is not frame:

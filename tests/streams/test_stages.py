@@ -8,12 +8,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from broker.astrometry import AstrometryConfig
+from broker.calibrate import CalibrationConfig
 from broker.config import load_config
 from broker.errors import (
+    BadShape,
     ChecksumMismatch,
     ConfigError,
     FrameStoreError,
     FrameStoreUnavailable,
+    ImplausibleHeader,
     InvalidFrame,
     PoorQuality,
 )
@@ -79,6 +83,18 @@ def test_quality_cut_rejects_with_reason(config):
     frame = star_frame(fwhm=3.0)
     with pytest.raises(PoorQuality, match="seeing"):
         ingest_handler(strict)(_msg(frame_record(frame, encode_fits(frame))))
+
+
+def test_a_frame_too_small_or_implausible_is_refused_before_calibration(config):
+    """Before, both went to calibration first: refused `unsolvable` here; with stars and a solver, seconds."""
+    solverless = replace(config, ingest=replace(config.ingest, calibration=CalibrationConfig(
+        astrometry=AstrometryConfig(solver="no-such-solve-field"))))
+    for cards, error in (({"shape": (32, 32)}, BadShape), ({"GAIN": 1e-300}, ImplausibleHeader)):
+        frame = star_frame(n_stars=12, RA=150.0, DEC=2.0, PIXSCALE=1.0, **cards)  # a pointing: solvable
+        for key in [k for k in frame.header if k.startswith(("CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_"))]:
+            del frame.header[key]
+        with pytest.raises(error):
+            ingest_handler(solverless)(_msg(frame_record(frame, encode_fits(frame))))
 
 
 def test_metrics_endpoint_serves_the_stage_metrics():
