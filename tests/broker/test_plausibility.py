@@ -87,6 +87,23 @@ def test_a_wcs_that_maps_pixels_off_the_sky_is_refused():
         validate(star_frame(CDELT1=-1e-30, CDELT2=1e-30))
 
 
+@pytest.mark.parametrize(("cards", "span"), [
+    ({"CRPIX1": 1e300}, "at 0 arcsec/px"),  # every pixel on one position
+    ({"CRVAL1": 1e300}, "at 0 arcsec/px"),  # every pixel at RA 1e300
+    ({"CRPIX2": -1e8}, "at 0 arcsec/px"),  # the frame squeezed onto the pole
+    ({"CRPIX1": 1e6}, "at 0.0408 arcsec/px"),  # the reference pixel 280 deg away
+])
+def test_a_wcs_whose_scale_across_the_frame_is_not_its_pixel_scale_is_refused(cards, span):
+    """Each was accepted: the pixel scale was read at the reference pixel only (1 arcsec/px for all four)."""
+    with pytest.raises(ImplausibleHeader, match=f"maps the frame {span}, not within a factor 4 of its pixel scale 1"):
+        validate(star_frame(**cards), now_mjd=NOW)
+
+
+def test_a_wide_field_wcs_keeps_its_frames():
+    """A TAN projection 60 deg wide (843 arcsec/px over 256 px) is 10 % smaller at its edges: accepted."""
+    validate(star_frame(CDELT1=-0.234, CDELT2=0.234), now_mjd=NOW)
+
+
 def test_real_frames_are_plausible():
     """Real DECam and LCO 0.4 m frames (../shared/data) pass every check, and compress far less than the limit."""
     from astropy.io import fits
