@@ -598,12 +598,19 @@ def _measure_peak(xi: np.integer, yi: np.integer, v: float, D: np.ndarray, scorr
                         _dipole(st, sign, config.dipole_sigma), n_bad, cov)
 
 
+def wrap_ra(ra: np.ndarray) -> np.ndarray:
+    """RA (deg) in [0, 360). wcslib keeps the side of 0 its ``CRVAL1`` is on: ``CRVAL1 = -10`` gave RA -9.96."""
+    wrapped = np.mod(np.asarray(ra, dtype=np.float64), 360.0)
+    return np.where(wrapped >= 360.0, 0.0, wrapped)  # a tiny negative RA rounds to 360.0
+
+
 def _detections(rows: list[_Measurement], wcs: WCS, pixel_scale_arcsec: float, ref_xy: np.ndarray,
                 ref_flux: np.ndarray) -> list[Detection]:
     """Detections of the measured peaks, with RA/Dec and the nearest reference source."""
     px = np.array([r.x for r in rows])
     py = np.array([r.y for r in rows])
     ra, dec = wcs.pixel_to_world_values(px, py)  # vectorised: one WCS call per frame
+    ra = wrap_ra(ra)
     if len(ref_xy):
         dist, j = cKDTree(ref_xy).query(np.column_stack([px, py]))
         rdist, rflux = dist * pixel_scale_arcsec, ref_flux[j]

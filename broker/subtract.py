@@ -39,7 +39,14 @@ from broker.background import BackgroundConfig, estimate_background
 from broker.candidate import Candidate, Detection
 from broker.cutouts import triplet
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
-from broker.detect import DetectConfig, find_scorr_peaks, measure_candidates, reference_context, sharp_peaks
+from broker.detect import (
+    DetectConfig,
+    find_scorr_peaks,
+    measure_candidates,
+    reference_context,
+    sharp_peaks,
+    wrap_ra,
+)
 from broker.diffstore import DifferenceImage
 from broker.errors import BadPixelFraction, ReferenceUnavailable
 from broker.frame import Frame
@@ -851,6 +858,7 @@ def _context(detections: list[Detection], ali: Alignment, psfs: PSFMatch, ref_st
     ctx = reference_context(ali.image, ref_sigma, psfs.P_r, psfs.fwhm_r, x, y, np.column_stack([ref_x, ref_y]),
                             scale, config.detect, ref_scale=1.0 / ratio)
     host_ra, host_dec = wcs.pixel_to_world_values(ctx[:, 1], ctx[:, 2])
+    host_ra = wrap_ra(host_ra)
     return [replace(d, ref_extended=float(c[0]), host_ra=float(hr), host_dec=float(hd),
                     host_dist=float(c[3] * scale), host_size=float(c[4] * scale), host_flux=float(c[5]))
             for d, c, hr, hd in zip(detections, ctx, host_ra, host_dec, strict=True)]

@@ -17,7 +17,7 @@ from broker.pipeline import (
     associate_and_score,
     process_frame,
 )
-from broker.reference import ReferenceConfig, ReferenceStore
+from broker.reference import ReferenceConfig, ReferenceStore, build_reference
 from broker.simulate import SimConfig, SkySimulator
 
 SIM = SimConfig(shape=(384, 384), fields=("F001",), filters=("r",), n_stars=200, n_galaxies=10,
@@ -137,6 +137,27 @@ def test_difference_store_gives_forced_photometry_that_replays_identically(frame
     assert np.median(np.abs(pull)) < 1e-4 and np.max(np.abs(pull)) < 0.5
     assert np.median(np.abs(err_ratio - 1)) < 1e-3 and np.max(np.abs(err_ratio - 1)) < 0.1
     assert process_frame(f4, refs).candidates[0].forced == []  # no store: no forced photometry
+
+
+def test_a_wcs_on_the_negative_side_of_ra_0_gives_positions_in_0_to_360(frames):
+    """``CRVAL1 - 360`` is the same sky: the same candidates, at the same RA in [0, 360), hosts included.
+
+    Before, wcslib kept the side of 0 that ``CRVAL1`` is on and alerts went out at RA -210.
+    """
+    def shifted(frame):
+        header = frame.header.copy()
+        header["CRVAL1"] = header["CRVAL1"] - 360.0
+        return type(frame)(frame.meta, frame.data, header)
+
+    reference = build_reference([f for f, _ in frames[:3]], ReferenceConfig(n_frames=3))
+    plain = process_frame(frames[3][0], FixedReference(reference)).candidates
+    moved = process_frame(shifted(frames[3][0]), FixedReference(reference)).candidates
+    assert len(moved) == len(plain) > 0
+    ra = np.array([c.detection.ra for c in moved])
+    host_ra = np.array([c.detection.host_ra for c in moved])
+    host_ra = host_ra[np.isfinite(host_ra)]  # NaN: no host
+    assert len(host_ra) and ((ra >= 0) & (ra < 360)).all() and ((host_ra >= 0) & (host_ra < 360)).all()
+    np.testing.assert_allclose(ra, [c.detection.ra for c in plain], atol=1e-9)
 
 
 def test_quality_flags_are_respected_once_a_reference_exists(frames, tmp_path):
