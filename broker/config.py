@@ -17,6 +17,7 @@ Each section is the config dataclass of one step; see that class for units and d
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -277,6 +278,8 @@ def _typed(value: object, hint: object, what: str) -> object:
     elif hint is int and isinstance(value, int):
         return value
     elif hint is float and isinstance(value, (int, float)):
+        if math.isnan(value):  # TOML's nan: every bound compared with it is false, so it would disable a check
+            raise ConfigError(f"{what} must be a number, not nan")
         return float(value)
     if (hint is str and isinstance(value, str)) or (hint is Path and isinstance(value, (str, Path))):
         return hint(value)

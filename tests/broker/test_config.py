@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,39 @@ def test_settings_of_the_right_types_load_as_their_fields_hold_them(tmp_path):
     assert isinstance(cfg.transaction_deadline_s, float)
     assert cfg.ingest.subtract_skip_on == () and cfg.ingest.fwhm_range == (1.0, 9.5)
     assert cfg.archive.longitudes == {"LSST": -70.0} and cfg.history.dsn == "postgresql://h/db"
+
+
+def _number_settings(cls: type, where: tuple[str, ...] = ()):
+    """(table path, name, type) of every int or float setting under ``cls``, nested tables included."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        kinds = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]  # X | None -> X
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            yield from _number_settings(hint, (*where, f.name))
+        elif len(kinds) == 1 and kinds[0] in (int, float):
+            yield where, f.name, kinds[0]
+
+
+def _toml(where: tuple[str, ...], name: str, value: str) -> str:
+    return (f"[{'.'.join(where)}]\n" if where else "") + f"{name} = {value}\n"
+
+
+def test_every_number_setting_at_its_extremes_is_a_config_or_a_config_error(tmp_path):
+    """Nothing but a ConfigError at start-up, whatever number a setting holds; NaN is refused everywhere.
+
+    NaN compares false with every bound, so ``max_nan_fraction = nan`` would have disabled its check.
+    """
+    settings = list(_number_settings(PipelineConfig))
+    assert len(settings) > 100  # the walk reaches the nested tables
+    path = tmp_path / "pipeline.toml"
+    for where, name, kind in settings:
+        values = ("-1", "0", "4611686018427387904") if kind is int else ("-1", "0", "inf", "-inf", "1e308", "nan")
+        for value in values:
+            path.write_text(_toml(where, name, value))
+            try:
+                load_config(path)
+            except ConfigError as exc:
+                assert str(exc), (where, name, value)
+            else:
+                assert value != "nan", f"{'.'.join((*where, name))} = nan was accepted"
