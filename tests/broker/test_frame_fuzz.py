@@ -4,10 +4,11 @@ Small valid frames (simulated, amateur-style and, when ``../shared/data`` is the
 ones) are mutated: header cards (WCS, metadata, array layout) set to hostile values, the file's
 structure changed (extensions, tables, dimensions, truncation, flipped bytes), the pixels replaced
 (all NaN, all inf, constant, overflowing integers). Each mutant goes through what the ingest and
-subtract stages run on a frame (:func:`through_the_stages`: their handlers without Kafka, frame
-store, signatures or ledger). The rule of the project: bad input gives a
-:class:`~broker.errors.BrokerError` subclass with a reason and a message (a dead letter an operator
-can read); any other exception (``unexpected:<Type>`` on the dead-letter topic) is a finding.
+subtract stages run on a frame (:func:`through_the_stages`: the ingest stage's own handler on a
+``frame`` message, then subtract's checks of its output; no Kafka, signatures or ledger). The rule
+of the project: bad input gives a :class:`~broker.errors.BrokerError` subclass with a reason and a
+message (a dead letter an operator can read); any other exception (``unexpected:<Type>`` on the
+dead-letter topic) is a finding.
 Accepted mutants of the simulated field are also subtracted against a reference of that field.
 
 The mutants are fixed by :data:`SEED`; a finding is reported with the mutation that made it. The
@@ -23,26 +24,30 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 from astropy.io import fits
 
 from broker.astrometry import AstrometryConfig
-from broker.calibrate import CalibrationConfig, calibrate
+from broker.calibrate import CalibrationConfig
+from broker.config import load_config
 from broker.diffstore import celestial_header
 from broker.errors import BrokerError
-from broker.frame import Frame, decode_fits, encode_fits, sha256
-from broker.ingest import IngestConfig, check_record, ingest, validate
+from broker.frame import Frame, decode_fits, encode_fits
+from broker.ingest import IngestConfig, check_record, validate
 from broker.ledger import pixel_checksum
 from broker.pipeline import FixedReference, process_frame
 from broker.reference import ReferenceConfig, build_reference
 from broker.simulate import SimConfig, SkySimulator
 from broker.simulate.amateur import AmateurConfig, amateur_fits, amateur_frame
-from streams import serde
-from streams.producer import frame_record
+from streams import serde, topics
+from streams.producer import frame_headers, frame_record
+from streams.runner import Handler, InMessage
+from streams.stages import ingest_handler
 from tests.conftest import shared_data
 
 #: Seed of every mutation; change it to explore other mutants (a finding names its mutation).
@@ -117,26 +122,26 @@ class Mutant:
 
 
 # --- the stages' path ---------------------------------------------------------------------------
-def through_the_stages(payload: bytes, config: IngestConfig) -> Frame:
-    """What ``streams.stages`` runs on a ``frame`` message's FITS bytes: ingest, then subtract's checks.
+def ingest_handlers(root: Path) -> dict[IngestConfig, Handler]:
+    """The ingest stage's own handler for each of :data:`CALIBRATING` and :data:`TRUSTING` (state under ``root``)."""
+    base = load_config(state_dir=str(root / "state"), frame_store=str(root / "frames"))
+    return {config: ingest_handler(replace(base, ingest=config)) for config in (CALIBRATING, TRUSTING)}
 
-    Ingest: decode (size limits, header normalisation), the record check, calibration, validation
-    and quality, the calibrated frame encoded into its record. Subtract: decode again, the record
-    check, validation, the pixel checksum and the WCS header of the batch. Returns the frame
+
+def through_the_stages(payload: bytes, handler: Handler, config: IngestConfig) -> Frame:
+    """A ``frame`` message of FITS bytes through the ingest stage's handler, then subtract's checks of its output.
+
+    The record is written from the decoded bytes, as ``broker produce`` writes it. Subtract: decode
+    again, the record check, validation, the pixel checksum and the WCS header of the batch (its
+    handler needs a reference: the test subtracts accepted frames itself). Returns the frame
     subtract would process.
     """
     frame = decode_fits(payload, config.max_pixels, config.max_expansion, (), not config.calibration.enabled)
-    record = frame_record(frame, payload)
-    check_record(record, frame, len(payload))
-    calibrated = calibrate(frame, config.calibration)
-    quality = ingest(calibrated, config)
-    out = encode_fits(calibrated) if calibrated is not frame else payload
-    m = calibrated.meta
-    record.update(frame_id=m.frame_id, telescope=m.telescope, field=m.field, filter=m.filter, mjd_start=m.mjd_start,
-                  exptime=m.exptime, quality=quality.to_record(), fits=out, sha256=sha256(out), size_bytes=len(out))
-    serde.encode("frame", record)
-    again = decode_fits(out, config.max_pixels, config.max_expansion)
-    check_record(record, again, len(out))
+    record = serde.encode("frame", frame_record(frame, payload))
+    (out,) = handler(InMessage(topics.FRAMES, 0, 0, b"k", record, frame_headers(1.7e9), 0))
+    ingested = serde.decode("frame", out.value, out.headers)
+    again = decode_fits(ingested["fits"], config.max_pixels, config.max_expansion)
+    check_record(ingested, again, len(ingested["fits"]))
     validate(again, config)
     pixel_checksum(again.data)
     celestial_header(again)
@@ -464,7 +469,8 @@ def real_bases() -> list[Base]:
 
 
 # --- the runs -----------------------------------------------------------------------------------
-def fuzz(bases: list[Base], per_base: int) -> tuple[Counter, list[str], list[tuple[Mutant, Frame]]]:
+def fuzz(bases: list[Base], per_base: int, handlers: dict[IngestConfig, Handler]
+         ) -> tuple[Counter, list[str], list[tuple[Mutant, Frame]]]:
     """``per_base`` mutants of each of ``bases`` through the stages, calibrating and trusting the WCS in turn.
 
     Returns the outcomes counted, the findings (mutation and error), and the accepted mutants of
@@ -477,7 +483,7 @@ def fuzz(bases: list[Base], per_base: int) -> tuple[Counter, list[str], list[tup
         frames: list[Frame] = []
         config = TRUSTING if i % 3 == 2 else CALIBRATING
         t0 = time.perf_counter()
-        result, finding = outcome(partial(_collect, frames, mutant.payload, config))
+        result, finding = outcome(partial(_collect, frames, mutant.payload, handlers[config], config))
         seconds = time.perf_counter() - t0
         if seconds > SLOW_S and not finding:  # a stage held up: one such frame in a stream stalls it
             finding = f"{result} after {seconds:.1f} s (a frame takes ~0.1 s)"
@@ -489,12 +495,17 @@ def fuzz(bases: list[Base], per_base: int) -> tuple[Counter, list[str], list[tup
     return counts, findings, accepted
 
 
-def _collect(frames: list[Frame], payload: bytes, config: IngestConfig) -> None:
-    frames.append(through_the_stages(payload, config))
+def _collect(frames: list[Frame], payload: bytes, handler: Handler, config: IngestConfig) -> None:
+    frames.append(through_the_stages(payload, handler, config))
 
 
-def test_synthetic_frame_mutants_are_accepted_or_refused_with_a_reason(simulated):
-    counts, findings, accepted = fuzz(synthetic_bases(simulated), MUTANTS_PER_BASE)
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory) -> dict[IngestConfig, Handler]:
+    return ingest_handlers(tmp_path_factory.mktemp("fuzz"))
+
+
+def test_synthetic_frame_mutants_are_accepted_or_refused_with_a_reason(simulated, handlers):
+    counts, findings, accepted = fuzz(synthetic_bases(simulated), MUTANTS_PER_BASE, handlers)
     assert not findings, f"{len(findings)} mutants crashed a stage:\n" + "\n".join(findings)
     assert sum(counts.values()) >= 0.9 * 3 * MUTANTS_PER_BASE
     # the mutants reach both ends: frames accepted whole, and refusals for many reasons
@@ -509,13 +520,13 @@ def test_synthetic_frame_mutants_are_accepted_or_refused_with_a_reason(simulated
 
 
 @pytest.mark.shared_data
-def test_real_frame_mutants_are_accepted_or_refused_with_a_reason():
-    counts, findings, _ = fuzz(real_bases(), REAL_MUTANTS_PER_BASE)
+def test_real_frame_mutants_are_accepted_or_refused_with_a_reason(handlers):
+    counts, findings, _ = fuzz(real_bases(), REAL_MUTANTS_PER_BASE, handlers)
     assert not findings, f"{len(findings)} mutants crashed a stage:\n" + "\n".join(findings)
     assert counts["accepted"] > 0 and len(counts) >= 6, counts
 
 
-def test_the_fuzzer_reports_a_crash_as_a_finding():
+def test_the_fuzzer_reports_a_crash_as_a_finding(handlers):
     """The harness itself: a BrokerError with a reason passes, anything else is a finding."""
     from broker.errors import CorruptFrame
 
@@ -532,5 +543,5 @@ def test_the_fuzzer_reports_a_crash_as_a_finding():
     assert outcome(refused) == ("corrupt", None)
     assert outcome(bare)[0] == "unintelligible"
     assert outcome(lambda: None) == ("accepted", None)
-    assert through_the_stages(encode_fits(SkySimulator(SIM, seed=1).frame("F001", "r", 0)[0]), TRUSTING).shape == (
-        128, 128)
+    frame = SkySimulator(SIM, seed=1).frame("F001", "r", 0)[0]
+    assert through_the_stages(encode_fits(frame), handlers[TRUSTING], TRUSTING).shape == (128, 128)
