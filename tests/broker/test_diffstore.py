@@ -168,5 +168,5 @@ def test_settings_out_of_range_are_config_errors(values):
     from broker.config import load_config
     from broker.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"\[differences\]"):
+    with pytest.raises(ConfigError, match=r"differences\]"):
         load_config(differences=values)
