@@ -229,6 +229,8 @@ def _angle(value: object, hours: bool) -> float | None:
         return None
     parts = re.split(r"[:\s hmsd°'\"]+", value.strip())
     parts = [p for p in parts if p]
+    if not parts:  # only separators: DEC = "'" or "::"
+        return None
     try:
         if len(parts) == 1:
             return float(parts[0])
@@ -258,15 +260,21 @@ def pointing_hint(header: fits.Header) -> tuple[float, float] | None:
 def pixel_scale_hint(header: fits.Header, profile: TelescopeProfile | None = None) -> float | None:
     """Pixel scale (arcsec/px) the header or profile implies, for the plate solver; None when unknown."""
     scale = _number(header, "PIXSCALE", "SECPIX", "SECPIX1", "IM_SCALE", "PIXSCAL1", "SCALE")
-    if scale is not None and 0.01 < scale < 3600.0:
+    if scale is not None and _plausible_scale(scale):
         return scale
     pixel_um, focal_mm = _number(header, "XPIXSZ"), _number(header, "FOCALLEN")
-    if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0:
+    if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0 and _plausible_scale(206.264806 * pixel_um / focal_mm):
         return 206.264806 * pixel_um / focal_mm
     if profile is not None and profile.pixel_scale_arcsec is not None:
-        binning = _number(header, "XBINNING") or 1.0
+        binning = _number(header, "XBINNING")
+        binning = binning if binning is not None and 1.0 <= binning <= 64.0 else 1.0
         return profile.pixel_scale_arcsec * binning
     return None
+
+
+def _plausible_scale(arcsec_per_px: float) -> bool:
+    """Whether a pixel scale hint is one a camera can have (0.01-3600 arcsec/px); others are ignored."""
+    return 0.01 < arcsec_per_px < 3600.0
 
 
 def grid_field(ra: float, dec: float, cell_deg: float) -> str:

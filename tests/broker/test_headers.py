@@ -91,8 +91,20 @@ def test_hints_from_sexagesimal_and_degrees():
     assert ra == pytest.approx(135.591667) and dec == pytest.approx(-49.819167)
     assert pointing_hint(_amateur(RA="garbage", DEC=3.0)) is None
     assert pointing_hint(_amateur(RA=400.0, DEC=3.0)) is None
+    for only_separators in ("'", "::", " h m s"):  # DEC = "'" raised IndexError (frame fuzzing, seed 1)
+        assert pointing_hint(_amateur(RA=10.0, DEC=only_separators)) is None
     assert pixel_scale_hint(_amateur()) == pytest.approx(2.3927, abs=1e-3)
     assert pixel_scale_hint(_amateur(IM_SCALE=5.21)) == 5.21
+
+
+def test_pixel_scale_hints_no_camera_can_have_are_ignored():
+    """An infinite or zero scale went to the plate solver as ``--scale-low inf`` or ``0.0000``."""
+    assert pixel_scale_hint(_amateur(XPIXSZ=1e300, FOCALLEN=1e-300)) is None
+    assert pixel_scale_hint(_amateur(XPIXSZ=1e-300, FOCALLEN=1e300)) is None
+    profile = TelescopeProfile("cam", match=("cam",), pixel_scale_arcsec=2.0)
+    for binning in (-3.0, 0.0, 1e300):
+        assert pixel_scale_hint(_amateur(XPIXSZ=None, FOCALLEN=None, XBINNING=binning), profile) == 2.0
+    assert pixel_scale_hint(_amateur(XPIXSZ=None, FOCALLEN=None, XBINNING=2), profile) == 4.0
 
 
 def test_grid_cells_are_stable_and_renamed_after_solving():
