@@ -15,6 +15,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -264,10 +265,41 @@ _BYTES_PER_PIXEL = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
 
 def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
     """The first HDU that holds an image, found from the headers alone (nothing decompressed)."""
-    hdu = next((h for h in hdul if h.is_image and len(h.shape or ()) > 0), None)
+    hdu = next((h for h in checked_hdus(hdul) if h.is_image and len(h.shape or ()) > 0), None)
     if hdu is None:
         raise CorruptFrame("the FITS file holds no image data")
     return hdu
+
+
+#: Most HDUs read from one FITS file: a mosaic camera writes one per CCD (DECam 70, Rubin 189).
+MAX_HDUS = 1000
+#: Cards that size an HDU's data; a negative one gives a negative size.
+_SIZE_CARD = re.compile(r"^(?:Z?NAXIS\d*|PCOUNT|GCOUNT)$")
+
+
+def checked_hdus(hdul: fits.HDUList) -> Iterator[fits.hdu.base.ExtensionHDU | fits.PrimaryHDU]:
+    """The HDUs of a file opened lazily (astropy's default), each one's size cards checked before the next is read.
+
+    A negative size card (``NAXIS2 = -64``) gives a negative data size: astropy then reads the
+    same header again as the next HDU, forever, and its memory grows until the process is killed.
+
+    Raises
+    ------
+    CorruptFrame
+        A negative size card, or more than :data:`MAX_HDUS` HDUs.
+    """
+    for index in range(MAX_HDUS + 1):
+        try:
+            hdu = hdul[index]
+        except IndexError:
+            return
+        if index == MAX_HDUS:
+            raise CorruptFrame(f"the FITS file holds more than {MAX_HDUS} HDUs")
+        negative = [c.keyword for c in hdu.header.cards if _SIZE_CARD.match(c.keyword)
+                    and isinstance(c.value, int | float) and not isinstance(c.value, bool) and c.value < 0]
+        if negative:
+            raise CorruptFrame(f"HDU {index} has negative size card(s) {negative}")
+        yield hdu
 
 
 def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, max_pixels: int | None = None,
@@ -337,7 +369,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     if not payload:
         raise CorruptFrame("empty payload (0 bytes)")
     try:
-        with fits.open(io.BytesIO(payload), memmap=False, lazy_load_hdus=False) as hdul:
+        with fits.open(io.BytesIO(payload), memmap=False) as hdul:
             hdu = _image_hdu(hdul)
             bitpix = hdu.header.get("BITPIX", 8)
             check_image_size(hdu.shape, bitpix, len(payload), max_pixels, max_expansion)

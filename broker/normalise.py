@@ -301,6 +301,8 @@ def decode_stamp(data: bytes) -> np.ndarray:
     """
     from astropy.io import fits
 
+    from broker.frame import checked_hdus
+
     if not data:
         raise CutoutError("empty stamp")
     if data[:2] == b"\x1f\x8b":
@@ -314,7 +316,8 @@ def decode_stamp(data: bytes) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with fits.open(io.BytesIO(data), memmap=False) as hdul:
-                image = next((d for d in (getattr(hdu, "data", None) for hdu in hdul) if d is not None), None)
+                images = (getattr(hdu, "data", None) for hdu in checked_hdus(hdul))
+                image = next((d for d in images if d is not None), None)
                 pixels = None if image is None else np.asarray(image, dtype=np.float32)
     except Exception as exc:  # astropy raises many kinds on a corrupt header (KeyError, AttributeError, ...)
         raise CutoutError(f"unreadable FITS stamp: {type(exc).__name__}: {exc}") from exc

@@ -73,6 +73,8 @@ def _read_cutout(stamp_data: bytes) -> Cutout:
     from astropy.io import fits
     from astropy.wcs import WCS
 
+    from broker.frame import checked_hdus
+
     raw = stamp_data
     if raw[:2] == b"\x1f\x8b":
         dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -80,7 +82,7 @@ def _read_cutout(stamp_data: bytes) -> Cutout:
         if dec.unconsumed_tail:
             raise DecodeError(f"cutout larger than {_MAX_STAMP_BYTES} bytes")
     with fits.open(io.BytesIO(raw)) as hdul:
-        hdu = next((h for h in hdul if getattr(h, "data", None) is not None), None)
+        hdu = next((h for h in checked_hdus(hdul) if getattr(h, "data", None) is not None), None)
         if hdu is None or hdu.data.ndim != 2:
             raise DecodeError("cutout is not a 2-D image")
         data, header = np.asarray(hdu.data, dtype=np.float32), hdu.header

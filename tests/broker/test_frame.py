@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 
@@ -276,3 +278,47 @@ def test_a_card_without_its_value_indicator_is_named_not_a_crash_of_normalisatio
     with pytest.raises(UnparseableHeader, match="TELESCOP cannot be parsed"):
         decode_fits(_card_bytes(payload, "TELESCOP", b"TELESCOP\x1d 'S50_sim'"), require_wcs=False)
     assert decode_fits(payload, require_wcs=False).meta.telescope == "S50_sim"
+
+
+def _decode_in_a_bounded_process(payloads: list[bytes], tmp_path) -> list[str]:
+    """What :func:`decode_fits` does with each payload, in a child of 2 GB and 60 s (a loop fails, not hangs)."""
+    import subprocess
+    import sys
+
+    for i, payload in enumerate(payloads):
+        (tmp_path / f"{i}.fits").write_bytes(payload)
+    code = ("import resource, sys, pathlib\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+            "from broker.frame import decode_fits\n"
+            "from broker.errors import BrokerError\n"
+            f"for i in range({len(payloads)}):\n"
+            "    try:\n"
+            "        decode_fits(pathlib.Path(sys.argv[1], f'{i}.fits').read_bytes(), require_wcs=False)\n"
+            "        print('accepted')\n"
+            "    except BrokerError as exc:\n"
+            "        print(exc.reason, exc)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.splitlines()
+
+
+def test_negative_sizes_and_endless_extensions_are_corrupt_not_a_loop(tmp_path):
+    """Found by the frame fuzzer (seed 3): a negative ``NAXIS2`` made astropy loop.
+
+    It read the same header as the next HDU forever, and the ingest stage's memory grew by 1 GB
+    every few seconds.
+    """
+    from astropy.io import fits
+
+    payload = encode_fits(star_frame(), compress=False)
+    end = next(i for i in range(0, len(payload), 80) if payload[i:i + 80] == b"END".ljust(80))
+    header_bytes = (end // 2880 + 1) * 2880  # a data size of minus this sends astropy back to byte 0
+    looping = _with_raw_card(_with_raw_card(payload, "NAXIS1", str(header_bytes // 4)), "NAXIS2", "-1")
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), *[fits.ImageHDU() for _ in range(1001)],
+                  fits.ImageHDU(star_frame().data, header=header())]).writeto(buf)
+    lines = _decode_in_a_bounded_process([looping, _with_raw_card(payload, "NAXIS", "-2"), buf.getvalue()],
+                                         tmp_path)
+    assert lines[0].startswith("corrupt HDU 0 has negative size card(s) ['NAXIS2']"), lines
+    assert lines[1].startswith("corrupt"), lines
+    assert lines[2] == "corrupt the FITS file holds more than 1000 HDUs", lines
