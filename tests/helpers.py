@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +95,25 @@ def write_avro(path: Path, records: list[dict]) -> None:
 
     with open(path, "wb") as fh:
         fastavro.writer(fh, fastavro.parse_schema(ZTF_LIKE_SCHEMA), records)
+
+
+class Hang(BaseException):
+    """Raised by the alarm of :func:`time_limit` (no ``except Exception`` of the code under test catches it)."""
+
+
+@contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`Hang` in the main thread after ``seconds`` (SIGALRM; an outer alarm is put back after)."""
+    def expire(*_: object) -> None:
+        raise Hang(f"still running after {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # pytest-timeout's alarm, if set: put back after
+    start = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 0.001))

@@ -19,6 +19,8 @@ findings fixed so far have named regression tests beside the code they touch (``
 from __future__ import annotations
 
 import io
+import os
+import sys
 import time
 import traceback
 import warnings
@@ -49,9 +51,11 @@ from streams.producer import frame_headers, frame_record
 from streams.runner import Handler, InMessage
 from streams.stages import ingest_handler
 from tests.conftest import shared_data
+from tests.helpers import Hang, time_limit
 
-#: Seed of every mutation; change it to explore other mutants (a finding names its mutation).
-SEED = 20240611
+#: Seed of every mutation (the environment variable ``BROKER_FUZZ_SEED`` explores other mutants; a finding
+#: names its mutation).
+SEED = int(os.environ.get("BROKER_FUZZ_SEED", "20240611"))
 #: Mutants per base frame and run (each mutator in turn, its parameters drawn from the seed): simulated
 #: and amateur bases, and real ones (larger, slower to calibrate). On the code before the fixes made
 #: with this module, 44 per base hit none of its findings; 120 per base hit six.
@@ -59,6 +63,8 @@ MUTANTS_PER_BASE = 120
 REAL_MUTANTS_PER_BASE = 80
 #: Longest a mutant may take through the stages (s): they take 0.01-0.5 s; ``A_ORDER = 2000`` took 20 s.
 SLOW_S = 5.0
+#: When a mutant is stopped as a hang (s): ``NAXIS2 = -64`` made astropy loop, its memory growing ~1 GB in 20 s.
+HANG_S = 30.0
 #: Most accepted mutants subtracted against the simulated reference (~0.2 s each).
 MAX_SUBTRACTED = 12
 
@@ -149,14 +155,16 @@ def through_the_stages(payload: bytes, handler: Handler, config: IngestConfig) -
 
 
 def outcome(run: Callable[[], object]) -> tuple[str, str | None]:
-    """(what happened, the finding or None): ``accepted``, a BrokerError's reason, or ``unexpected:<Type>``.
+    """(what happened, the finding or None): ``accepted``, a BrokerError's reason, ``unexpected:<Type>`` or ``hang``.
 
     Warnings are ignored as in production, where they are logged, not raised.
     """
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), time_limit(HANG_S):
             warnings.simplefilter("ignore")
             run()
+    except Hang as exc:
+        return "hang", str(exc)
     except BrokerError as exc:
         if type(exc) is BrokerError or not exc.reason or not str(exc).strip():
             return "unintelligible", f"{type(exc).__name__}(reason={exc.reason!r}, message={str(exc)!r})"
@@ -526,8 +534,8 @@ def test_real_frame_mutants_are_accepted_or_refused_with_a_reason(handlers):
     assert counts["accepted"] > 0 and len(counts) >= 6, counts
 
 
-def test_the_fuzzer_reports_a_crash_as_a_finding(handlers):
-    """The harness itself: a BrokerError with a reason passes, anything else is a finding."""
+def test_the_fuzzer_reports_a_crash_as_a_finding(handlers, monkeypatch):
+    """The harness itself: a BrokerError with a reason passes, anything else (a hang too) is a finding."""
     from broker.errors import CorruptFrame
 
     def bug() -> None:
@@ -543,5 +551,7 @@ def test_the_fuzzer_reports_a_crash_as_a_finding(handlers):
     assert outcome(refused) == ("corrupt", None)
     assert outcome(bare)[0] == "unintelligible"
     assert outcome(lambda: None) == ("accepted", None)
+    monkeypatch.setattr(sys.modules[__name__], "HANG_S", 0.2)
+    assert outcome(partial(time.sleep, 5.0)) == ("hang", "still running after 0.2 s")
     frame = SkySimulator(SIM, seed=1).frame("F001", "r", 0)[0]
     assert through_the_stages(encode_fits(frame), handlers[TRUSTING], TRUSTING).shape == (128, 128)

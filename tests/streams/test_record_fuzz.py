@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import gzip
 import io
-import signal
+import os
 import time
 import traceback
 import warnings
@@ -48,9 +48,10 @@ from streams.framing import AlertEncoder, FramingConfig, schema_json
 from streams.lineage import Lineage
 from streams.producer import frame_headers, frame_record
 from streams.runner import Handler, InMessage, in_message
-from tests.helpers import candidate, header, star_frame
+from tests.helpers import Hang, candidate, header, star_frame, time_limit
 
-SEED = 20_260_214
+#: Seed of every mutation (the environment variable ``BROKER_FUZZ_SEED`` explores other mutants).
+SEED = int(os.environ.get("BROKER_FUZZ_SEED", "20260214"))
 #: Longest a mutant may take in one consumer (s) before it counts as a hang.
 HANG_S = 10.0
 #: Mutants per consumer and run.
@@ -117,27 +118,6 @@ def _quiet() -> Iterator[None]:
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", ResourceWarning)
         yield
-
-
-class _Hang(BaseException):
-    """Raised by the alarm of :func:`_limit` (no ``except Exception`` of the code under test catches it)."""
-
-
-@contextmanager
-def _limit(seconds: float) -> Iterator[None]:
-    def expire(*_: object) -> None:
-        raise _Hang(f"still running after {seconds:g} s")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # pytest-timeout's alarm, if set: put back after
-    start = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if outer:
-            signal.setitimer(signal.ITIMER_REAL, max(outer - (time.monotonic() - start), 0.001))
 
 
 _BOMB: list[bytes] = []
@@ -413,10 +393,10 @@ def drive_stage(stage: str, topic: str, handler: Handler, ms: list[Mutant], hang
     for i, m in enumerate(ms):
         errors.clear()
         try:
-            with _quiet(), _limit(hang_s):
+            with _quiet(), time_limit(hang_s):
                 msg = runner._checked(in_message(message(topic, i, m)))
                 outs, unexpected = runner._handle(msg, Lineage(topic, 0, i))
-        except (Outage, _Hang, Exception) as exc:  # escaped the runner (a dead letter that does not encode...)
+        except (Outage, Hang, Exception) as exc:  # escaped the runner (a dead letter that does not encode...)
             found.add(m, exc)
             continue
         if unexpected:
@@ -443,7 +423,7 @@ def test_the_harness_reports_unexpected_errors_and_hangs_and_passes_refusals():
     ms = [Mutant(f"m{i}", b"k", b"v", []) for i in range(6)]
     found = drive_stage("classify", topics.CANDIDATES, buggy, ms, hang_s=0.2)
     assert found.outcomes == {"decode": 2} and len(found.items) == 4
-    assert sum("KeyError" in f for f in found.items) == 2 and sum("_Hang" in f for f in found.items) == 2
+    assert sum("KeyError" in f for f in found.items) == 2 and sum("Hang" in f for f in found.items) == 2
     with pytest.raises(AssertionError, match="4 finding"):
         found.check()
 
@@ -564,40 +544,21 @@ def ingested_bases(config) -> list[Base]:
 # --- the stages ---------------------------------------------------------------------------------------
 
 
-def test_subtract_dead_letters_every_mutant_it_cannot_process(config):
-    from streams.stages import subtract_handler
-
-    found = drive_stage("subtract", topics.INGESTED, subtract_handler(config),
-                        mutants(ingested_bases(config), N_MUTANTS["subtract"], np.random.default_rng(SEED)))
-    assert found.outcomes.get("processed", 0) > 0, found.outcomes
-    found.check()
+#: Each stage consumer: its input topic, the bases of its mutants, and the offset of its seed.
+STAGES = {"subtract": (topics.INGESTED, ingested_bases, 0),
+          "classify": (topics.CANDIDATES, lambda config: candidate_bases("candidates"), 1),
+          "score": (topics.CLASSIFIED, lambda config: candidate_bases("classified"), 2),
+          "alert": (topics.SCORED, scored_bases, 3)}
 
 
-def test_classify_dead_letters_every_mutant_it_cannot_process(config):
-    from streams.stages import classify_handler
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_a_stage_dead_letters_every_mutant_it_cannot_process(config, stage):
+    from streams import stages
 
-    found = drive_stage("classify", topics.CANDIDATES, classify_handler(config),
-                        mutants(candidate_bases("candidates"), N_MUTANTS["classify"],
-                                np.random.default_rng(SEED + 1)))
-    assert found.outcomes.get("processed", 0) > 0, found.outcomes
-    found.check()
-
-
-def test_score_dead_letters_every_mutant_it_cannot_process(config):
-    from streams.stages import score_handler
-
-    found = drive_stage("score", topics.CLASSIFIED, score_handler(config),
-                        mutants(candidate_bases("classified"), N_MUTANTS["score"],
-                                np.random.default_rng(SEED + 2)))
-    assert found.outcomes.get("processed", 0) > 0, found.outcomes
-    found.check()
-
-
-def test_alert_dead_letters_every_mutant_it_cannot_process(config):
-    from streams.stages import alert_handler
-
-    found = drive_stage("alert", topics.SCORED, alert_handler(config),
-                        mutants(scored_bases(config), N_MUTANTS["alert"], np.random.default_rng(SEED + 3)))
+    topic, bases, seed_offset = STAGES[stage]
+    handler = getattr(stages, f"{stage}_handler")(config)
+    found = drive_stage(stage, topic, handler,
+                        mutants(bases(config), N_MUTANTS[stage], np.random.default_rng(SEED + seed_offset)))
     assert found.outcomes.get("processed", 0) > 0, found.outcomes  # not every mutant refused
     found.check()
 
@@ -656,12 +617,12 @@ def test_the_archive_dead_letters_every_mutant_it_cannot_archive(config, tmp_pat
     for i, m in enumerate(mutants(alert_bases(config), N_MUTANTS["archive"], np.random.default_rng(SEED + 4))):
         archiver.batch = _Batch()
         try:
-            with _quiet(), _limit(HANG_S):
+            with _quiet(), time_limit(HANG_S):
                 assert archiver._take(message(topics.ALERTS, i, m))
                 rows = archiver._rows(archiver.batch.pending)  # what the batch's flush writes
                 if rows:
                     archiver.writer.write(rows)
-        except (_Hang, Exception) as exc:
+        except (Hang, Exception) as exc:
             found.add(m, exc)
             continue
         dead = [serde.decode("dlq", d.value, d.headers) for d in archiver.batch.dead]
@@ -690,7 +651,7 @@ def test_a_subscriber_skips_every_mutant_that_is_no_alert_and_shows_the_others(c
     for i, m in enumerate(mutants(alert_bases(config), N_MUTANTS["subscriber"], np.random.default_rng(SEED + 5))):
         sub._seen.clear()  # each mutant is a new alert, whatever its id
         try:
-            with _quiet(), _limit(HANG_S):
+            with _quiet(), time_limit(HANG_S):
                 for alert in sub._records(message(topics.ALERTS, i, m)):
                     for keep in filters:
                         try:
@@ -704,7 +665,7 @@ def test_a_subscriber_skips_every_mutant_that_is_no_alert_and_shows_the_others(c
                         pngs += 1
                         save_triplet_png(alert, tmp_path / png_name(alert["candid"]))
                     found.count("shown")
-        except (_Hang, Exception) as exc:
+        except (Hang, Exception) as exc:
             found.add(m, exc)
     assert found.outcomes.get("shown", 0) > 0 and skipped
     found.check()
@@ -741,7 +702,7 @@ def test_the_followup_listener_dead_letters_every_mutant_it_cannot_schedule():
     for i, m in enumerate(mutants(followup_bases(), N_MUTANTS["followup"], np.random.default_rng(SEED + 6))):
         msg = in_message(message(topics.FOLLOWUP, i, m))
         try:
-            with _quiet(), _limit(HANG_S):
+            with _quiet(), time_limit(HANG_S):
                 try:
                     to_json(listener.check(msg))  # what `broker followup` prints
                     found.count("valid")
@@ -749,7 +710,7 @@ def test_the_followup_listener_dead_letters_every_mutant_it_cannot_schedule():
                     out = dead_letter(STAGE, msg, exc)
                     assert serde.decode("dlq", out.value, out.headers)["reason"] == exc.reason != ""
                     found.count(exc.reason)
-        except (_Hang, Exception) as exc:
+        except (Hang, Exception) as exc:
             found.add(m, exc)
     assert found.outcomes.get("valid", 0) > 0, found.outcomes
     found.check()
