@@ -15,6 +15,7 @@ import hashlib
 import io
 import re
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -338,10 +339,48 @@ def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, ma
             f"({decoded / max(payload_bytes, 1):.0f}x, limit {max_expansion:g}x): refused before decompression")
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+#: Header bytes allowed beside the pixels when a gzipped file's inflated size is bounded (1000 blocks).
+_HEADER_ALLOWANCE = 1000 * 2880
+
+
+def gunzipped(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> bytes:
+    """The FITS bytes of a gzipped file (``.fits.gz``), inflated no further than its image may be.
+
+    The bound is ``max_expansion`` times the gzipped bytes and ``max_pixels`` 8-byte pixels plus
+    :data:`_HEADER_ALLOWANCE`, whichever is smaller (none without either): a gzip bomb is refused
+    after that many bytes, not held in memory whole. Concatenated gzip members are read in turn.
+
+    Raises
+    ------
+    CorruptFrame
+        The gzip stream is corrupt or cut short.
+    ImplausibleCompression
+        It inflates beyond the bound.
+    """
+    bounds = [int(max_expansion * len(payload))] if max_expansion is not None else []
+    bounds += [max_pixels * 8 + _HEADER_ALLOWANCE] if max_pixels is not None else []
+    limit = min(bounds, default=0)  # 0: no bound (zlib's max_length)
+    out, rest = bytearray(), payload
+    try:
+        while rest[:2] == GZIP_MAGIC:
+            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += inflate.decompress(rest, limit + 1 - len(out) if limit else 0)
+            if limit and len(out) > limit:
+                raise ImplausibleCompression(f"{len(payload) / 1e6:.2f} MB of gzipped FITS inflate beyond "
+                                             f"{limit / 1e6:.0f} MB: refused before inflating further")
+            if not inflate.eof:
+                raise CorruptFrame(f"gzipped FITS cut short after {len(out)} inflated bytes")
+            rest = inflate.unused_data
+    except zlib.error as exc:
+        raise CorruptFrame(f"corrupt gzip stream: {exc}") from exc
+    return bytes(out)
+
+
 def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None,
                 profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True,
                 telescope: str | None = None) -> Frame:
-    """Decode FITS bytes (plain or tile-compressed) into a :class:`Frame`.
+    """Decode FITS bytes (plain, tile-compressed or gzipped) into a :class:`Frame`.
 
     The image's size is checked from its header before any pixel is decompressed
     (:func:`check_image_size`; the stages pass ``IngestConfig.max_pixels`` and ``max_expansion``).
@@ -368,11 +407,14 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     """
     if not payload:
         raise CorruptFrame("empty payload (0 bytes)")
+    sent_bytes = len(payload)
+    if payload[:2] == GZIP_MAGIC:
+        payload = gunzipped(payload, max_pixels, max_expansion)
     try:
         with fits.open(io.BytesIO(payload), memmap=False) as hdul:
             hdu = _image_hdu(hdul)
             bitpix = hdu.header.get("BITPIX", 8)
-            check_image_size(hdu.shape, bitpix, len(payload), max_pixels, max_expansion)
+            check_image_size(hdu.shape, bitpix, sent_bytes, max_pixels, max_expansion)
             data = hdu.data
             header = _merged_header(hdul, hdu)
             check_cards(header)

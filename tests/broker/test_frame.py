@@ -322,3 +322,37 @@ def test_negative_sizes_and_endless_extensions_are_corrupt_not_a_loop(tmp_path):
     assert lines[0].startswith("corrupt HDU 0 has negative size card(s) ['NAXIS2']"), lines
     assert lines[1].startswith("corrupt"), lines
     assert lines[2] == "corrupt the FITS file holds more than 1000 HDUs", lines
+
+
+def test_a_gzipped_file_is_decoded_as_the_file_it_holds():
+    """``.fits.gz`` files, which ``broker produce --watch`` lists, were all refused as ``corrupt``."""
+    import gzip
+
+    payload = encode_fits(star_frame(), compress=False)
+    frame = decode_fits(payload)
+    for gzipped in (gzip.compress(payload), gzip.compress(payload[:5760]) + gzip.compress(payload[5760:])):
+        again = decode_fits(gzipped)
+        assert again.meta == frame.meta and np.array_equal(again.data, frame.data)
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_inflated_whole():
+    import gzip
+    import time
+
+    from astropy.io import fits
+
+    from broker.errors import ImplausibleCompression
+
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.zeros((4096, 4096), np.float32), header=header()).writeto(buf)
+    bomb = gzip.compress(buf.getvalue())  # 67 MB of FITS in ~65 kB
+    t0 = time.perf_counter()
+    with pytest.raises(ImplausibleCompression, match="inflate beyond"):
+        decode_fits(bomb, max_pixels=2**27, max_expansion=64)
+    assert time.perf_counter() - t0 < 0.5  # 4 MB inflated, not 67
+    with pytest.raises(ImplausibleCompression):
+        decode_fits(bomb, max_pixels=1000)
+    good = gzip.compress(encode_fits(star_frame(), compress=False))
+    for broken in (good[:len(good) // 2], good[:20] + bytes(64) + good[84:]):
+        with pytest.raises(CorruptFrame, match="gzip"):
+            decode_fits(broken)

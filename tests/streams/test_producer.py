@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 import socket
 import time
@@ -68,9 +69,12 @@ def test_watch_publishes_new_files_once_and_reports_bad_ones(producer, tmp_path)
     incoming.mkdir()
     (incoming / "a.fits").write_bytes(encode_fits(star_frame()))
     (incoming / "bad.fits").write_bytes(b"not fits at all")
+    gzipped = encode_fits(star_frame(seed=1, FRAMEID="TEST-F1-r-0002"), compress=False)
+    (incoming / "b.fits.gz").write_bytes(gzip.compress(gzipped))  # all were refused as corrupt until 2026-12-06
     polls = iter(range(4))
     results = dict(watch(incoming, producer.publish_file, lambda: next(polls, None) is None, poll_s=0.01))
     assert results[incoming / "a.fits"].frame_id == "TEST-F1-r-0001"
+    assert results[incoming / "b.fits.gz"].frame_id == "TEST-F1-r-0002"
     assert isinstance(results[incoming / "bad.fits"], CorruptFrame)
     producer.flush()
     polls = iter(range(4))  # a restart: the ledger remembers what was sent
