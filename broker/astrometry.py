@@ -51,14 +51,16 @@ class AstrometryConfig:
     index_dir : str
         Directory of the Tycho-2 index files (Debian: ``/usr/share/astrometry``).
     cpulimit_s : float
-        CPU seconds solve-field may spend on one frame (its ``--cpulimit``). 20 s: a hinted
-        Tycho-2 solve of a 0.5-1 deg field takes ~1 s on one core.
+        CPU seconds solve-field may spend on one frame (its ``--cpulimit``, enforced by searching
+        the index files in parallel). 20 s: a hinted Tycho-2 solve of a 0.5-1 deg field takes ~1 s
+        on one core; a search that finds nothing stops after it (5 s: 6 s wall). Searching in
+        parallel holds all Tycho-2 index files in memory during a run (~270 MB resident).
     timeout_s : float
         Wall-clock limit of one solve-field run (s); its process group is killed after that. 30 s:
         a hinted solve takes 1-3 s; a blind one of a 56'x43' MicroObservatory frame (scale hint
-        kept) took 29 and 62 s in two runs on the shared 2-core machine (solve-field's
-        ``--cpulimit`` does not bound it), so with the defaults a frame with a wrong pointing hint
-        is solved blind or refused ``unsolvable`` after at most ~35 s.
+        kept) took 29 and 62 s in two runs on the shared 2-core machine before ``cpulimit_s`` was
+        enforced, so with the defaults a frame with a wrong pointing hint is solved blind or refused
+        ``unsolvable`` after at most ~45 s (two runs of 20 s of CPU).
     max_sources : int
         Brightest detected stars given to the solver (count). 150: quads of the brightest stars
         match Tycho-2 (V < ~12) best, fainter ones only add distractors.
@@ -233,7 +235,10 @@ def _solve_args(stars: StarList, shape: tuple[int, int], hint: tuple[float, floa
     columns = [fits.Column("X", "D", array=stars.x[:n] + 1.0), fits.Column("Y", "D", array=stars.y[:n] + 1.0),
                fits.Column("FLUX", "D", array=stars.flux[:n])]
     fits.BinTableHDU.from_columns(columns).writeto(work / "xy.fits", overwrite=True)
-    (work / "backend.cfg").write_text(f"cpulimit {config.cpulimit_s:g}\nadd_path {config.index_dir}\nautoindex\n")
+    # inparallel: astrometry-engine enforces cpulimit only when it searches the index files in parallel
+    # (astrometry.net issue #6); sequentially, an unsolvable frame ran until timeout_s
+    (work / "backend.cfg").write_text(f"inparallel\ncpulimit {config.cpulimit_s:g}\nadd_path {config.index_dir}\n"
+                                      "autoindex\n")
     args = [solver_path(config), str(work / "xy.fits"), "--width", str(shape[1]), "--height", str(shape[0]),
             "--x-column", "X", "--y-column", "Y", "--sort-column", "FLUX", "--no-plots", "--overwrite",
             "--dir", str(work), "--backend-config", str(work / "backend.cfg"), "--cpulimit", f"{config.cpulimit_s:g}",

@@ -1,6 +1,7 @@
 """Plate solving and WCS checks against Tycho-2 (synthetic frames of the real sky)."""
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -58,9 +59,11 @@ def test_a_frame_without_wcs_is_solved_from_the_hint():
 def test_a_wrong_hint_or_no_stars_is_a_clear_unsolvable():
     data, header = amateur_frame(AmateurConfig(), seed=6)
     lum, _ = superpixel_luminance(data, header, 65535.0)
-    config = AstrometryConfig(blind_retry=False, cpulimit_s=5)
+    config = AstrometryConfig(blind_retry=False, cpulimit_s=5, timeout_s=120)
+    start = time.monotonic()
     with pytest.raises(UnsolvableField, match="around the header's pointing"):
         plate_solve(_stars(lum), lum.shape, (20.0, -30.0), 4.785, config)
+    assert time.monotonic() - start < 30  # stopped by cpulimit_s (~6 s); it used to run until timeout_s
     rng = np.random.default_rng(0)
     noise = StarList(rng.uniform(0, 500, 40), rng.uniform(0, 300, 40), rng.uniform(1, 100, 40), np.ones(40), 3.0)
     with pytest.raises(UnsolvableField, match="no solution"):
@@ -77,8 +80,6 @@ def test_a_missing_solver_names_the_debian_package():
 
 
 def test_a_solver_run_over_its_timeout_is_killed(tmp_path):
-    import time
-
     from broker.astrometry import _run_bounded
 
     start = time.monotonic()
