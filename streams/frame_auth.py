@@ -21,7 +21,9 @@ telescope of its key, or whose FITS ``TELESCOP`` is not the telescope of its key
 Limits: the keys are shared secrets (the ingest stage can sign, so it is trusted as a broker
 principal with write access to ``frames`` would be anyway); a signed frame can be sent again
 (frame-level idempotence drops it); the signature says who sent a frame, not that its pixels are
-physically right.
+physically right. The other headers (the schema tag and the shutter-close time) are not signed:
+changing them makes the record undecodable (a dead letter) or skews the latency metrics, never
+the pixels or the telescope a frame is processed as.
 """
 
 from __future__ import annotations
