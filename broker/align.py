@@ -28,7 +28,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from broker.distortion import fit_distortion, undistort
-from broker.errors import AlignmentError
+from broker.errors import AlignmentError, ConfigError
 from broker.stars import StarList
 
 #: A low match fraction is refused only when the matches are fewer than this many times what
@@ -44,13 +44,16 @@ class AlignConfig:
     Attributes
     ----------
     match_radius_px : float
-        Largest WCS error searched by the translation vote (px, science grid). 8 px covers the
-        few-pixel pointing errors of plate-solved frames with margin.
+        Largest WCS error searched by the translation vote (px, science grid; above 0 and at most
+        1024: the vote's histogram has (2 x radius)^2 bins; 4096 px made a simulated 6-frame field 5x
+        slower, 1e308 px was a TypeError and inf an OverflowError). 8 px covers the few-pixel
+        pointing errors of plate-solved frames with margin.
     max_rotation_deg : float
         Largest WCS rotation error allowed for in the nearest-neighbour radius (deg): 1.5 widens
         the 2 px radius by 2.6 px per 100 px from the frame centre, up to ``match_radius_px``.
     final_radius_px : float
-        Matching radius after the first affine fit (px); 1.5: ~ a FWHM, >> centroid errors (0.1 px).
+        Matching radius after the first affine fit (px, above 0); 1.5: ~ a FWHM, >> centroid errors
+        (0.1 px).
     min_matches : int
         Matched stars needed for a full affine fit (count; 6 = twice the 3 points an affine needs);
         with 2..min_matches-1 only a translation is fitted, with fewer the WCS alone is used.
@@ -68,14 +71,14 @@ class AlignConfig:
         Largest deviation (px) of the WCS pixel map from an affine map for the one-resampling
         path; 0.02, well below the centroid errors (0.1 px).
     min_overlap : float
-        Smallest fraction of the science frame the reference must cover (dimensionless; raise
-        below); 0.2: less leaves too few stars and pixels to subtract.
+        Smallest fraction of the science frame the reference must cover (dimensionless, 0 to 1;
+        raise below); 0.2: less leaves too few stars and pixels to subtract.
     clip_sigma : float
         Outlier rejection in the affine fit (sigma of the residuals); 3, the usual clip.
     min_match_fraction : float
         Smallest fraction of the stars both catalogues could share (the fewer of the reference
         stars predicted inside the frame and the science stars, when at least ``4 * min_matches``)
-        that must match (dimensionless; raise below). 0.2: a science frame whose WCS puts another
+        that must match (dimensionless, 0 to 1; raise below). 0.2: a science frame whose WCS puts another
         sky under the reference (rotated 180 deg by a meridian flip, 30" off, another field)
         matched 2-6 of 55 stars by chance, and trusting its WCS gave 100-200 false candidates;
         a true WCS matches most of them (49-51 of 55 here, 116-143 on MicroObservatory frames).
@@ -99,6 +102,15 @@ class AlignConfig:
     min_match_fraction: float = 0.2
     distortion_min_stars: int = 30
     distortion_min_gain: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.match_radius_px <= 1024.0:
+            raise ConfigError(f"match_radius_px must be above 0 and at most 1024 px, not {self.match_radius_px}")
+        if not self.final_radius_px > 0.0:  # 0 matched no star: every frame refused
+            raise ConfigError(f"final_radius_px must be above 0, not {self.final_radius_px}")
+        if not (0.0 <= self.min_overlap <= 1.0 and 0.0 <= self.min_match_fraction <= 1.0):
+            raise ConfigError(f"min_overlap and min_match_fraction must be 0 to 1, not {self.min_overlap} and "
+                              f"{self.min_match_fraction}")
 
 
 @dataclass

@@ -33,7 +33,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from broker.catalog import CatalogStars, cone, index_files
-from broker.errors import PoorAstrometry, SolverUnavailable, UnsolvableField
+from broker.errors import ConfigError, PoorAstrometry, SolverUnavailable, UnsolvableField
 from broker.stars import StarList
 
 #: WCS statuses written to ``WCSSTAT``.
@@ -62,7 +62,7 @@ class AstrometryConfig:
         enforced, so with the defaults a frame with a wrong pointing hint is solved blind or refused
         ``unsolvable`` after at most ~45 s (two runs of 20 s of CPU).
     max_sources : int
-        Brightest detected stars given to the solver (count). 150: quads of the brightest stars
+        Brightest detected stars given to the solver (count, 1 or more). 150: quads of the brightest stars
         match Tycho-2 (V < ~12) best, fainter ones only add distractors.
     detect_sigma : float
         Detection threshold of that star list (sigma of the sky).
@@ -101,6 +101,10 @@ class AstrometryConfig:
     search_radius_px: float = 12.0
     max_residual_px: float = 1.5
     min_matches: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_sources < 1:  # 0 was a ValueError of the star finder on every frame
+            raise ConfigError(f"max_sources must be 1 or more, not {self.max_sources}")
 
 
 @dataclass(frozen=True)

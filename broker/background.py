@@ -15,7 +15,7 @@ from astropy.stats import SigmaClip
 from photutils.background import Background2D, MADStdBackgroundRMS, MedianBackground
 from scipy import ndimage
 
-from broker.errors import BadPixelFraction
+from broker.errors import BadPixelFraction, ConfigError
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,15 @@ class BackgroundConfig:
         Mesh size (px). 64 px is the SExtractor/photutils default regime: >> the PSF FWHM (a few px)
         so stars barely bias it, << the scale of sky gradients on a CCD frame.
     filter_size : int
-        Median filter over meshes (meshes); 3 is the SExtractor default.
+        Median filter over meshes (meshes, at most 15; 0 or 1: none); 3 is the SExtractor default.
+        2**62 was a ValueError (an array too big to allocate); the filter's cost grows as its
+        square on every mesh.
     sigma_clip : float
-        Clipping of sources inside each mesh (sigma); 3 is the photutils default. The RMS is a
+        Clipping of sources inside each mesh (sigma, above 0); 3 is the photutils default. The RMS is a
         quantile-based (``"meshes"``) or MAD-based (``"photutils"``) standard deviation, unbiased
         for Gaussian noise (a clipped std is ~1.5 % low).
     min_finite_fraction : float
-        Fraction of usable pixels (dimensionless) below which the image is rejected
+        Fraction of usable pixels (dimensionless, 0 to 1) below which the image is rejected
         (``BadPixelFraction``); 0.05 means "almost nothing to measure a sky on".
     subsample : int
         Frames of 1024 px or more per side are measured on every ``subsample``-th pixel and row
@@ -50,6 +52,14 @@ class BackgroundConfig:
     min_finite_fraction: float = 0.05
     subsample: int = 2
     method: str = "meshes"
+
+    def __post_init__(self) -> None:
+        if self.filter_size > 15:
+            raise ConfigError(f"filter_size must be 0 to 15 meshes, not {self.filter_size}")
+        if not self.sigma_clip > 0.0:  # 0 left a simulated field no reference, or no candidate
+            raise ConfigError(f"sigma_clip must be above 0, not {self.sigma_clip}")
+        if not 0.0 <= self.min_finite_fraction <= 1.0:  # 1e308 refused every frame as "only 100% usable"
+            raise ConfigError(f"min_finite_fraction must be 0 to 1, not {self.min_finite_fraction}")
 
 
 def estimate_background(

@@ -123,8 +123,8 @@ class PipelineConfig:
         Dihedral views averaged per triplet by the real/bogus model (``ScoreConfig.views``: 1, 2,
         4 or 8); each costs one forward pass.
     torch_threads : int
-        Threads of the classify stage's torch (1: measured fastest when the other stages share the
-        cores; bench/realbogus.py shows 2 threads slower than 1 on a busy 2-core machine).
+        Threads of the classify stage's torch, 1 to 1024 (1: measured fastest when the other stages
+        share the cores; bench/realbogus.py shows 2 threads slower than 1 on a busy 2-core machine).
     retain_freed_memory : bool
         The subtract stage keeps freed memory for the next frame (:mod:`broker.runtime`; True:
         4096^2 frames 7.7 s -> 4.5 s on the build machine, at the price of keeping the peak heap).
@@ -205,8 +205,8 @@ class PipelineConfig:
         if self.max_consecutive_unexpected < 0:
             raise ConfigError(f"max_consecutive_unexpected must be 0 (never stop) or more, "
                               f"not {self.max_consecutive_unexpected}")
-        if self.torch_threads < 1:
-            raise ConfigError(f"torch_threads must be 1 or more, not {self.torch_threads}")
+        if not 1 <= self.torch_threads <= 1024:  # 2**62 was a ValueError of torch when the classify stage started
+            raise ConfigError(f"torch_threads must be 1 to 1024, not {self.torch_threads}")
         if not 0 < self.inline_limit_bytes <= self.max_frame_bytes:
             raise ConfigError(f"inline_limit_bytes must be above 0 and at most max_frame_bytes "
                               f"({self.max_frame_bytes}), not {self.inline_limit_bytes}")
@@ -241,6 +241,8 @@ def _build(cls: type, values: dict, where: str):
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid [{where}]: {exc}") from exc
+    except ConfigError as exc:  # named by its table: a class may be several ([reference.stars], [subtract.stars])
+        raise ConfigError(str(exc) if str(exc).startswith("[") else f"[{where}] {exc}") from exc
 
 
 def _check_sign(value: object, what: str) -> None:

@@ -15,8 +15,9 @@ from astropy.wcs import WCS
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from broker.candidate import Detection
+from broker.candidate import CUTOUT_SIZE, Detection
 from broker.defects import psf_peak_excess
+from broker.errors import ConfigError
 from broker.psf import GAUSS_FWHM
 
 
@@ -30,7 +31,9 @@ class DetectConfig:
         Detection threshold on |S_corr| (sigma); 5 is the ZTF/ZOGY standard (a 256^2 noise frame then
         has ~0.04 false positives).
     footprint_half : int
-        Half-size of the bad-pixel footprint (px): 2 -> the 5x5 px of ``Detection.n_bad``.
+        Half-size of the bad-pixel footprint (px): 2 -> the 5x5 px of ``Detection.n_bad``. At most
+        31, the half-size of the cutouts (``CUTOUT_SIZE``): beyond the frame the footprint counts as
+        bad (1000 px dropped every candidate of a 256^2 frame; 2**62 was a ValueError).
     max_bad_fraction : float
         Candidates whose footprint has more bad pixels than this fraction (dimensionless; 0.5) are
         dropped: they measure a mask edge, not the sky.
@@ -81,6 +84,10 @@ class DetectConfig:
     extended_margin: float = 0.15
     ref_source_sigma: float = 5.0
     host_stamp_half: int = 48
+
+    def __post_init__(self) -> None:
+        if self.footprint_half > CUTOUT_SIZE // 2:
+            raise ConfigError(f"footprint_half must be 0 to {CUTOUT_SIZE // 2} px, not {self.footprint_half}")
 
 
 def find_scorr_peaks(scorr: np.ndarray, threshold: float, box_size: int = 0, border: int = 0,
@@ -782,7 +789,7 @@ def _host_in_stamp(st: np.ndarray, smooth: np.ndarray, noise: float, h: int, fwh
     # distance from the candidate to each component's nearest pixel
     nearest = ndimage.minimum(d2, labels, index=np.arange(1, n + 1))
     for k in np.argsort(nearest):
-        if nearest[k] > radius_px ** 2:
+        if nearest[k] > radius_px * radius_px:  # ** raised OverflowError at 1e308 arcsec (inf: any distance)
             break
         comp = labels == k + 1
         start = np.unravel_index(int(np.argmin(np.where(comp, d2, np.inf))), st.shape)

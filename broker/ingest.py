@@ -16,7 +16,7 @@ from astropy.stats import sigma_clipped_stats
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from broker.calibrate import CalibrationConfig
-from broker.errors import BadPixelFraction, BadShape, PoorQuality, RecordMismatch
+from broker.errors import BadPixelFraction, BadShape, ConfigError, PoorQuality, RecordMismatch
 from broker.frame import Frame, has_wcs
 from broker.plausibility import PlausibilityConfig, check_header, check_pixels, check_wcs
 from broker.stars import StarConfig, find_stars, fit_fwhms
@@ -46,11 +46,12 @@ class IngestConfig:
     detect_sigma : float
         Threshold (sigma of the sky) of the star finder used for seeing (10: bright stars only).
     max_stars : int
-        Brightest stars fitted for the FWHM: 30 give the median to ~2% and bound the time
+        Brightest stars fitted for the FWHM (count, 1 or more): 30 give the median to ~2% and bound the time
         (:func:`broker.stars.fit_fwhms` fits them together in ~25 ms).
     seeing_window : int
-        Side (px) of the central region searched for stars; 1024 px hold plenty of stars on
-        any sky and keep the search O(1 Mpx) on large frames.
+        Side (px, at least 64) of the central region searched for stars; 1024 px hold plenty of
+        stars on any sky and keep the search O(1 Mpx) on large frames. 0 flagged every frame
+        ``few_stars``, so that no field ever got a reference.
     reject_on : tuple of str
         Flags that reject the frame (dead-letter ``poor_quality``) rather than only flag it.
     subtract_skip_on : tuple of str
@@ -95,6 +96,12 @@ class IngestConfig:
     plausibility: PlausibilityConfig = field(default_factory=PlausibilityConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     telescopes_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_stars < 1:  # 0 was a ValueError of the star finder on every frame
+            raise ConfigError(f"max_stars must be 1 or more, not {self.max_stars}")
+        if self.seeing_window < 64:
+            raise ConfigError(f"seeing_window must be 64 px or more, not {self.seeing_window}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ def grow_regions(mask: np.ndarray, radius: float | np.ndarray) -> np.ndarray:
         r = float(radii[i])
         if sl is None or r <= 0:
             continue
-        g = int(np.ceil(r))
+        g = int(np.ceil(min(r, ny + nx)))  # a disc that wide covers the frame (inf was an OverflowError)
         y0, y1 = max(sl[0].start - g, 0), min(sl[0].stop + g, ny)
         x0, x1 = max(sl[1].start - g, 0), min(sl[1].stop + g, nx)
         sub = labels[y0:y1, x0:x1] == i
@@ -91,7 +91,8 @@ def grow_square(mask: np.ndarray, radius: float) -> np.ndarray:
     ----------
     mask : ndarray of bool, shape (ny, nx)
     radius : float
-        Half-side of the square (px); <= 0 leaves the mask as it is.
+        Half-side of the square (px); <= 0 leaves the mask as it is, at least the frame's larger side
+        (inf included) masks it all.
 
     Returns
     -------
@@ -99,7 +100,7 @@ def grow_square(mask: np.ndarray, radius: float) -> np.ndarray:
     """
     if radius <= 0 or not mask.any():
         return mask
-    r = int(np.ceil(radius))
+    r = int(np.ceil(min(radius, max(mask.shape))))  # a wider square covers the frame from any pixel
     ys, xs = np.nonzero(mask)
     if len(ys) * (2 * r + 1) ** 2 > mask.size // 4:
         return ndimage.maximum_filter(mask.view(np.uint8), size=2 * r + 1).astype(bool)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from broker.errors import ConfigError
+
 if TYPE_CHECKING:
     from broker.history import ObjectHistory
 
@@ -48,7 +50,8 @@ class MovingConfig:
         Orphans older than this (days before the new detection) are not considered; 3 epochs of a
         nightly cadence. Also the ``days`` to give ``recent_orphans``.
     min_dt_days : float
-        Two detections closer in time than this (days) are not distinct epochs (0.01 = 14 min).
+        Two detections closer in time than this (days, above 0) are not distinct epochs (0.01 =
+        14 min); epochs are counted in its units (0 was a ZeroDivisionError on every candidate).
     max_orphans : int
         At most this many orphans (the most recent) enter the pair search, which grows as their
         square (count); 400.
@@ -60,6 +63,10 @@ class MovingConfig:
     window_days: float = 3.0
     min_dt_days: float = 0.01
     max_orphans: int = 400
+
+    def __post_init__(self) -> None:
+        if not self.min_dt_days > 0.0:
+            raise ConfigError(f"min_dt_days must be above 0, not {self.min_dt_days}")
 
     def search_radius_deg(self) -> float:
         """Radius around the new detection holding every orphan it could link to (deg)."""

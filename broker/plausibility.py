@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from broker.errors import ImplausibleHeader, ImplausiblePixels, MissingWCS
+from broker.errors import ConfigError, ImplausibleHeader, ImplausiblePixels, MissingWCS
 from broker.frame import Frame, FrameMeta
 
 #: MJD of the Unix epoch (1970-01-01T00:00 UTC), days.
@@ -82,8 +82,9 @@ class PlausibilityConfig:
         Default 0.95: even integer pixels with 0.3 ADU of noise spread over a few values (~90 % at
         the mode); a readout that lost its data with a few hot pixels has nearly all at one value.
     sample_pixels : int
-        Pixels sampled (a regular stride) for the pixel statistics (count). Default 1e6: the
-        statistics are exact to ~1e-3 and cost ~50 ms on any frame size.
+        Pixels sampled (a regular stride) for the pixel statistics (count, at least 1000). Default
+        1e6: the statistics are exact to ~1e-3 and cost ~50 ms on any frame size. 0 sampled one
+        pixel and refused every frame as "a constant image".
     """
 
     mjd_min: float = 47892.0
@@ -98,6 +99,10 @@ class PlausibilityConfig:
     min_distinct_values: int = 3
     max_mode_fraction: float = 0.95
     sample_pixels: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.sample_pixels < 1000:
+            raise ConfigError(f"sample_pixels must be 1000 or more, not {self.sample_pixels}")
 
 
 def header_problems(meta: FrameMeta, config: PlausibilityConfig = PlausibilityConfig(),

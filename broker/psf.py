@@ -16,7 +16,7 @@ from numpy.typing import DTypeLike
 from scipy import ndimage, optimize
 from scipy.spatial import cKDTree
 
-from broker.errors import PSFError
+from broker.errors import ConfigError, PSFError
 from broker.stars import StarList
 
 #: FWHM of a Gaussian in units of its sigma.
@@ -40,7 +40,8 @@ class PSFConfig:
     half_size_fwhm : float
         Stamp half-size (FWHM); 3 FWHM holds > 98 % of a Moffat(beta=2.5) flux.
     min_half_size, max_half_size : int
-        Bounds on the stamp half-size (px); 7 and 25: the 3 FWHM stamps of 2.3 to 8.3 px seeing.
+        Bounds on the stamp half-size (px; ``max_half_size`` 1 or more: 0, a 1 px stamp, was a
+        ValueError of every subtraction); 7 and 25: the 3 FWHM stamps of 2.3 to 8.3 px seeing.
     isolation_fwhm : float
         No other catalogue star within this many FWHM (nor within the stamp half-size), so that
         neighbours do not enter the stack; 3, like the stamp.
@@ -59,6 +60,10 @@ class PSFConfig:
     isolation_fwhm: float = 3.0
     fallback_fwhm_px: float = 3.0
     allow_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_half_size < 1:
+            raise ConfigError(f"max_half_size must be 1 px or more, not {self.max_half_size}")
 
 
 @dataclass

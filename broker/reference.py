@@ -25,7 +25,7 @@ from broker.align import AlignConfig, Resampleable, align_reference, map_mask
 from broker.background import BackgroundConfig, estimate_background
 from broker.coadd import proper_coadd
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
-from broker.errors import BrokerError, ReferenceUnavailable
+from broker.errors import BrokerError, ConfigError, ReferenceUnavailable
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
     PSFConfig,
@@ -47,7 +47,7 @@ class ReferenceConfig:
     Attributes
     ----------
     n_frames : int
-        Frames co-added into a new reference (count). 3 is the smallest number that lets a median
+        Frames co-added into a new reference (count, 1 or more). 3 is the smallest number that lets a median
         reject a cosmic ray and gives sqrt(3) more depth than one frame, while a new field gets
         alerts after only three visits.
     saturation_fraction : float
@@ -59,7 +59,7 @@ class ReferenceConfig:
     source_threshold_sigma : float
         Threshold of the stored reference source catalogue (sigma); 5 like the detection threshold.
     source_max_stars : int
-        Cap on that catalogue (count): every 5 sigma source of a crowded 2k x 2k field.
+        Cap on that catalogue (count, 1 or more): every 5 sigma source of a crowded 2k x 2k field.
     clip_sigma, clip_fraction : float
         With >= 3 frames, a pixel is dropped from the co-add when it deviates from the per-pixel
         median by more than ``clip_sigma`` of its own noise (sigma) plus ``clip_fraction`` x |median|
@@ -98,6 +98,10 @@ class ReferenceConfig:
     def __post_init__(self) -> None:
         if self.coadd not in ("proper", "weighted"):
             raise ValueError(f"coadd must be 'proper' or 'weighted', not {self.coadd!r}")
+        if self.n_frames < 1:  # 0 dead-lettered every frame: "no frames to build a reference from"
+            raise ConfigError(f"n_frames must be 1 or more, not {self.n_frames}")
+        if self.source_max_stars < 1:
+            raise ConfigError(f"source_max_stars must be 1 or more, not {self.source_max_stars}")
 
 
 @dataclass
@@ -489,6 +493,7 @@ def _grow_mask(mask: np.ndarray, px: int) -> np.ndarray:
     """``mask`` dilated ``px`` times by the 4-connected cross (scipy's default structure)."""
     from scipy import ndimage
 
+    px = min(px, sum(mask.shape))  # more steps add nothing (2**62 overflowed scipy's C int)
     return ndimage.binary_dilation(mask, iterations=px) if px > 0 and mask.any() else mask
 
 

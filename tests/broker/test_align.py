@@ -7,7 +7,7 @@ import pytest
 
 from broker.align import AlignConfig, align_reference, fit_affine
 from broker.background import estimate_background
-from broker.errors import AlignmentError
+from broker.errors import AlignmentError, ConfigError
 from broker.stars import StarList, find_stars
 from tests.broker.conftest import make_frame, make_reference, make_sky
 
@@ -232,3 +232,22 @@ def test_registration_error_against_truth_is_below_005_px():
     inside = np.all((p > 10) & (p < shape[0] - 10), axis=1)
     err = p[inside] @ ali.matrix.T + ali.offset - q_true[inside]
     assert np.sqrt(np.mean(np.sum(err ** 2, axis=1))) < 0.05
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"match_radius_px": 0.0}, "match_radius_px must be above 0 and at most 1024"),
+    ({"match_radius_px": 1e308}, "match_radius_px"),
+    ({"match_radius_px": float("inf")}, "match_radius_px"),
+    ({"final_radius_px": 0.0}, "final_radius_px must be above 0"),
+    ({"min_overlap": 1e308}, "min_overlap and min_match_fraction must be 0 to 1"),
+    ({"min_match_fraction": float("inf")}, "min_overlap and min_match_fraction must be 0 to 1"),
+])
+def test_an_alignment_setting_without_meaning_is_a_config_error(settings, named):
+    """Each loaded, and no frame was subtracted.
+
+    A vote over 1e308 px was a TypeError of numpy (inf an OverflowError); radii of 0 matched no star
+    and fractions above 1 refused every frame.
+    """
+    with pytest.raises(ConfigError, match=named):
+        AlignConfig(**settings)
+    AlignConfig(match_radius_px=1024.0, min_overlap=1.0, min_match_fraction=0.0)  # the bounds themselves

@@ -10,7 +10,7 @@ from astropy.stats import sigma_clipped_stats
 from broker.astrometry import AstrometryConfig, astrometry_cards, plate_solve, solver_path, verify_wcs
 from broker.bayer import superpixel_luminance
 from broker.catalog import cone, index_files
-from broker.errors import SolverUnavailable, UnsolvableField
+from broker.errors import ConfigError, SolverUnavailable, UnsolvableField
 from broker.simulate.amateur import AmateurConfig, amateur_frame, true_wcs
 from broker.stars import StarConfig, StarList, find_stars
 
@@ -113,3 +113,9 @@ def test_a_wcs_that_puts_the_whole_sky_in_the_frame_matches_only_the_brightest_c
     assert sizes and max(sizes) <= 20 * config.max_sources  # the brightest matched
     brightest = np.sort(catalog.mag)[20 * config.max_sources]
     assert np.all(catalog.mag[check.catalog_index] <= brightest)
+
+
+def test_a_solver_given_no_star_is_a_config_error():
+    """``max_sources = 0`` loaded, then the star finder of every frame raised ValueError."""
+    with pytest.raises(ConfigError, match="max_sources must be 1 or more"):
+        AstrometryConfig(max_sources=0)

@@ -74,9 +74,13 @@ def test_dead_letters_keep_1_mib_of_a_long_value_unless_configured():
     ('[archive]\nlongitudes = {LSST = "west"}\n', "longitudes.LSST must be a number"),
     ("[followup]\nrules = 5\n", "array of tables"),
     ("max_consecutive_unexpected = -1\n", "max_consecutive_unexpected must be 0"),
-    ("torch_threads = 0\n", "torch_threads must be 1 or more"),
+    ("torch_threads = 0\n", r"\[pipeline\] torch_threads must be 1 to 1024"),
+    ("torch_threads = 4611686018427387904\n", "torch_threads must be 1 to 1024"),
     ("inline_limit_bytes = 0\n", "inline_limit_bytes must be above 0"),
     ("max_frame_bytes = 1024\n", "at most max_frame_bytes"),
+    ("[reference.stars]\nmax_stars = 0\n", r"\[pipeline.reference.stars\] max_stars must be 1 or more"),
+    ("[subtract.stars]\nmax_stars = 0\n", r"\[pipeline.subtract.stars\] max_stars must be 1 or more"),
+    ("[differences]\ncache_frames = 0\nmin_psf_fraction = 2\n", r"^\[differences\] min_psf_fraction"),
 ])
 def test_a_setting_of_the_wrong_type_or_out_of_range_is_a_config_error(tmp_path, toml, match):
     """Refused at start-up, not used as they are.

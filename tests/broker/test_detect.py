@@ -138,3 +138,25 @@ def test_stamp_of_a_box_off_the_image_is_all_nan():
     assert np.isnan(_stamp(img, -51, 5, 4)).all() and np.isnan(_stamp(img, 5, 60, 4)).all()
     edge = _stamp(img, -2, 0, 3)  # partly inside
     assert edge[3, 5] == img[0, 0] and np.isnan(edge[0, 0])
+
+
+def test_a_host_radius_of_any_size_finds_the_host():
+    """``host_radius_arcsec = 1e308`` loaded, then squaring it overflowed (OverflowError) on every frame."""
+    from broker.detect import DetectConfig, _host_in_stamp, concentration
+
+    h, fwhm = 20, 3.0
+    point = _blob((2 * h + 1, 2 * h + 1), h, h, 100.0, fwhm / 2.3548)
+    galaxy = _blob((2 * h + 1, 2 * h + 1), h + 8, h, 100.0, 5.0)
+    c_psf = concentration(point, h, h, fwhm)
+    found = [_host_in_stamp(galaxy, galaxy, 1.0, h, fwhm, c_psf, r, DetectConfig()) for r in (20.0, 1e308, np.inf)]
+    assert found[0][0] == pytest.approx(h + 8, abs=0.5) and found[1] == found[2] == found[0]
+
+
+def test_a_footprint_wider_than_a_cutout_is_a_config_error():
+    """2**62 loaded, then was a ValueError of every subtraction; 1000 px dropped every candidate as bad."""
+    from broker.detect import DetectConfig
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="footprint_half must be 0 to 31 px"):
+        DetectConfig(footprint_half=32)
+    assert DetectConfig(footprint_half=31).footprint_half == 31

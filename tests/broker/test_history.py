@@ -1,3 +1,6 @@
+import pytest
+
+from broker.errors import ConfigError
 from broker.history import HistoryConfig, ObjectHistory
 from tests.helpers import candidate
 
@@ -109,3 +112,11 @@ def test_copy_region_copies_the_nearby_objects_with_their_detections_and_reads_o
 
 def _object_of(history: ObjectHistory, cand_id: str) -> str:
     return history.db.execute("SELECT object_id FROM detections WHERE cand_id = ?", (cand_id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize("radius", [3600.1, 1e308, float("inf")])
+def test_an_association_radius_beyond_a_degree_is_a_config_error(radius):
+    """1e308 arcsec loaded, then the score stage locked every sky cell and never finished; inf overflowed."""
+    with pytest.raises(ConfigError, match="radius_arcsec must be 0 to 3600"):
+        HistoryConfig(radius_arcsec=radius)
+    assert HistoryConfig(radius_arcsec=3600.0).radius_arcsec == 3600.0  # the bound itself

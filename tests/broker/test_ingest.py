@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from broker.errors import BadPixelFraction, BadShape, PoorQuality
+from broker.errors import BadPixelFraction, BadShape, ConfigError, PoorQuality
 from broker.frame import Frame
 from broker.ingest import IngestConfig, ingest, measure_quality
 from tests.helpers import star_frame, trailed_frame
@@ -63,3 +63,16 @@ def test_satellite_trails_do_not_set_the_seeing():
     trailed = trailed_frame(clean, 6.0, 30000.0, lines)  # 2,000 ADU above the sky at their centre
     assert measure_quality(clean).fwhm == pytest.approx(6.0, rel=0.05)
     assert measure_quality(trailed).fwhm == pytest.approx(6.0, rel=0.05)  # 11.0 px before
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"max_stars": 0}, "max_stars must be 1 or more"),
+    ({"seeing_window": 0}, "seeing_window must be 64 px or more"),
+    ({"seeing_window": 63}, "seeing_window must be 64 px or more"),
+])
+def test_a_seeing_measured_on_no_star_is_a_config_error(settings, named):
+    """``max_stars = 0`` was a ValueError of every frame; ``seeing_window = 0`` flagged all ``few_stars``."""
+    with pytest.raises(ConfigError, match=named):
+        IngestConfig(**settings)
+    assert measure_quality(star_frame(), IngestConfig(max_stars=1)).n_stars == 1
+    assert measure_quality(star_frame(n_stars=300), IngestConfig(seeing_window=64)).n_stars > 0

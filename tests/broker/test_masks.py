@@ -38,3 +38,14 @@ def test_grow_regions_per_label_radius():
     mask[10, 10] = mask[30, 30] = True
     out = grow_regions(mask, np.array([0.0, 1.0, 3.0]))
     assert out[8:13, 8:13].sum() == 5 and out[27:34, 27:34].sum() == 29
+
+
+def test_a_growth_wider_than_the_frame_masks_all_of_it():
+    """``[subtract] ref_bad_grow_fwhm = inf`` (or 1e308) loaded, then was an OverflowError on every frame."""
+    mask = np.zeros((30, 40), bool)
+    mask[3, 5] = True
+    for radius in (50.0, 1e308, np.inf):  # 50 px: the frame diagonal
+        assert grow_square(mask, radius).all() and grow_regions(mask, radius).all()
+    data = np.zeros((30, 40), np.float32)
+    data[3, 5] = 100.0
+    assert saturated_mask(data, 100.0, 0.9, np.inf, 1.0).all()

@@ -1,7 +1,9 @@
 import math
 
 import numpy as np
+import pytest
 
+from broker.errors import ConfigError
 from broker.history import ObjectHistory
 from broker.moving import MovingConfig, link_from_history, link_tracklet, tangent_plane
 from tests.helpers import candidate
@@ -103,3 +105,9 @@ def test_a_mover_in_the_history_links_at_its_third_detection():
     assert link_from_history(h, 150.2, 2.1, mjd[2]) is None  # the constant source: ndet 3, no orphans on a line
     assert link_from_history(h, float(ra[1]), float(dec[1]), mjd[1]) is None  # only one earlier detection
     assert link_from_history(h, math.nan, 2.0, mjd[2]) is None
+
+
+def test_epochs_of_no_duration_are_a_config_error():
+    """``min_dt_days = 0`` loaded, then every candidate with orphans nearby was a ZeroDivisionError."""
+    with pytest.raises(ConfigError, match="min_dt_days must be above 0"):
+        MovingConfig(min_dt_days=0.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from broker.config import load_config
-from broker.errors import ImplausibleHeader, ImplausiblePixels, MissingWCS
+from broker.errors import ConfigError, ImplausibleHeader, ImplausiblePixels, MissingWCS
 from broker.frame import Frame, meta_from_header
 from broker.ingest import IngestConfig, ingest, validate
 from broker.plausibility import PlausibilityConfig, check_header, mjd_now, pixel_problem
@@ -122,3 +122,11 @@ def test_real_frames_are_plausible():
             ratio = np.prod(hdu.shape) * abs(hdu.header["BITPIX"]) / 8 / sum(h.filebytes() for h in hdul)
         assert ingest(frame).flags == (), path
         assert ratio < IngestConfig().max_expansion / 10, path
+
+
+def test_a_pixel_sample_too_small_to_judge_a_frame_is_a_config_error():
+    """``sample_pixels = 0`` loaded, sampled one pixel and refused every frame as "a constant image"."""
+    for n in (0, 999):
+        with pytest.raises(ConfigError, match="sample_pixels must be 1000 or more"):
+            PlausibilityConfig(sample_pixels=n)
+    assert pixel_problem(star_frame().data, config=PlausibilityConfig(sample_pixels=1000)) is None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.background import estimate_background
-from broker.errors import PSFError
+from broker.errors import ConfigError, PSFError
 from broker.psf import PSFConfig, build_psf, embed_centred, gaussian_psf, measure_fwhm
 from broker.stars import StarList, find_stars
 from tests.broker.conftest import make_frame, make_sky
@@ -50,3 +50,10 @@ def test_embed_places_the_centre_at_the_origin():
     st = np.arange(49, dtype=np.float32).reshape(7, 7)
     ref = np.roll(np.pad(st, ((0, 5), (0, 6))), (-3, -3), axis=(0, 1))
     assert np.array_equal(embed_centred(st, (12, 13)), ref)
+
+
+def test_a_psf_stamp_of_no_pixel_is_a_config_error():
+    """``max_half_size = 0`` loaded and was a ValueError of every subtraction (a 1 px stamp embedded)."""
+    with pytest.raises(ConfigError, match="max_half_size must be 1 px or more"):
+        PSFConfig(max_half_size=0)
+    assert PSFConfig(min_half_size=0, max_half_size=1).max_half_size == 1

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from broker.errors import ReferenceUnavailable
+from broker.errors import ConfigError, ReferenceUnavailable
 from broker.frame import celestial_wcs
 from broker.reference import Reference, ReferenceConfig, ReferenceStore, build_reference
 from tests.broker.conftest import make_frame, make_sky
@@ -273,3 +273,22 @@ def test_path_components_stay_file_names_and_distinct():
     assert len(path_component(a)) == len(path_component("%" * 80)) == MAX_COMPONENT_CHARS
     assert path_component(a) != path_component(b) and path_component(a) == path_component(a)
     assert "/" not in path_component("/" * 300) and path_component("\udcff" * 100).isascii()
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"n_frames": 0}, "n_frames must be 1 or more"),
+    ({"source_max_stars": 0}, "source_max_stars must be 1 or more"),
+])
+def test_a_reference_of_no_frame_or_no_source_is_a_config_error(settings, named):
+    """Both loaded: 0 frames dead-lettered every frame, 0 sources was a ValueError of every reference."""
+    with pytest.raises(ConfigError, match=named):
+        ReferenceConfig(**settings)
+
+
+def test_clipped_pixels_grown_past_the_frame_cover_it():
+    """``clip_grow_px = 2**62`` loaded, then overflowed scipy's iteration count (OverflowError)."""
+    from broker.reference import _grow_mask
+
+    mask = np.zeros((20, 30), bool)
+    mask[4, 7] = True
+    assert _grow_mask(mask, 2 ** 62).all() and np.array_equal(_grow_mask(mask, 1).nonzero()[0], [3, 4, 4, 4, 5])

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from broker.background import estimate_background
-from broker.stars import find_stars, fit_fwhms, fitted_fwhm
+from broker.errors import ConfigError
+from broker.stars import StarConfig, find_stars, fit_fwhms, fitted_fwhm
 from tests.broker.conftest import make_frame, make_sky
 from tests.helpers import star_frame, trailed_frame
 
@@ -94,3 +95,20 @@ def test_a_star_whose_fit_turns_singular_is_no_fit_not_a_linalg_error():
     image[:, :11], image[:, 20:31] = stamp, star
     fw = fit_fwhms(image, np.array([5 - 0.407, 25.0]), np.array([5.0, 5.0]), fwhm_guess=2.035)
     assert np.isnan(fw[0]) and fw[1] == pytest.approx(2.3548 * 1.5, rel=0.05)
+
+
+@pytest.mark.parametrize(("settings", "named"), [
+    ({"max_stars": 0}, "max_stars must be 1 or more"),
+    ({"fwhm_guess_px": 0.0}, "fwhm_guess_px must be above 0 and at most 50"),
+    ({"fwhm_guess_px": 1e308}, "fwhm_guess_px"),
+    ({"fwhm_guess_px": float("inf")}, "fwhm_guess_px"),
+])
+def test_a_star_catalogue_that_cannot_be_searched_is_a_config_error(settings, named):
+    """Each loaded, then failed every subtraction.
+
+    0 stars or a 0 px kernel were a ValueError of DAOStarFinder, a kernel of 1e308 px too large a
+    box, inf an OverflowError; 1000 px did not finish.
+    """
+    with pytest.raises(ConfigError, match=named):
+        StarConfig(**settings)
+    StarConfig(max_stars=1, fwhm_guess_px=50.0)  # the bounds themselves
