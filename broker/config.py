@@ -205,6 +205,8 @@ class PipelineConfig:
         if self.max_consecutive_unexpected < 0:
             raise ConfigError(f"max_consecutive_unexpected must be 0 (never stop) or more, "
                               f"not {self.max_consecutive_unexpected}")
+        if self.rb_views not in (1, 2, 4, 8):  # broker.realbogus's views, checked here without importing torch
+            raise ConfigError(f"rb_views must be 1, 2, 4 or 8, not {self.rb_views}")
         if not 1 <= self.torch_threads <= 1024:  # 2**62 was a ValueError of torch when the classify stage started
             raise ConfigError(f"torch_threads must be 1 to 1024, not {self.torch_threads}")
         if not 0 < self.inline_limit_bytes <= self.max_frame_bytes:

@@ -29,8 +29,8 @@ class IngestConfig:
     Attributes
     ----------
     min_side, max_side : int
-        Accepted image sides (px). 64 px is the smallest frame that holds a 63 px cutout;
-        16384 px bounds memory per frame (16k^2 float32 = 1 GiB).
+        Accepted image sides (px; ``min_side <= max_side``). 64 px is the smallest frame that holds
+        a 63 px cutout; 16384 px bounds memory per frame (16k^2 float32 = 1 GiB).
     max_nan_fraction : float
         Largest fraction of non-finite pixels accepted (0.5: half a frame still yields alerts;
         beyond that the reference alignment is unreliable).
@@ -102,6 +102,8 @@ class IngestConfig:
             raise ConfigError(f"max_stars must be 1 or more, not {self.max_stars}")
         if self.seeing_window < 64:
             raise ConfigError(f"seeing_window must be 64 px or more, not {self.seeing_window}")
+        if self.min_side > self.max_side:  # every frame would be refused bad_shape
+            raise ConfigError(f"min_side ({self.min_side}) must be at most max_side ({self.max_side})")
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ def test_dead_letters_keep_1_mib_of_a_long_value_unless_configured():
     ("max_consecutive_unexpected = -1\n", "max_consecutive_unexpected must be 0"),
     ("torch_threads = 0\n", r"\[pipeline\] torch_threads must be 1 to 1024"),
     ("torch_threads = 4611686018427387904\n", "torch_threads must be 1 to 1024"),
+    ("rb_views = 3\n", r"\[pipeline\] rb_views must be 1, 2, 4 or 8, not 3"),
     ("inline_limit_bytes = 0\n", "inline_limit_bytes must be above 0"),
     ("max_frame_bytes = 1024\n", "at most max_frame_bytes"),
     ("[reference.stars]\nmax_stars = 0\n", r"\[pipeline.reference.stars\] max_stars must be 1 or more"),

@@ -69,6 +69,7 @@ def test_satellite_trails_do_not_set_the_seeing():
     ({"max_stars": 0}, "max_stars must be 1 or more"),
     ({"seeing_window": 0}, "seeing_window must be 64 px or more"),
     ({"seeing_window": 63}, "seeing_window must be 64 px or more"),
+    ({"min_side": 4096, "max_side": 2048}, r"min_side \(4096\) must be at most max_side \(2048\)"),
 ])
 def test_a_seeing_measured_on_no_star_is_a_config_error(settings, named):
     """``max_stars = 0`` was a ValueError of every frame; ``seeing_window = 0`` flagged all ``few_stars``."""
