@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 import warnings
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,41 +266,91 @@ _BYTES_PER_PIXEL = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
 
 def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
     """The first HDU that holds an image, found from the headers alone (nothing decompressed)."""
-    hdu = next((h for h in checked_hdus(hdul) if h.is_image and len(h.shape or ()) > 0), None)
+    hdu = next((h for h in hdul if h.is_image and len(h.shape or ()) > 0), None)
     if hdu is None:
         raise CorruptFrame("the FITS file holds no image data")
     return hdu
 
 
-#: Most HDUs read from one FITS file: a mosaic camera writes one per CCD (DECam 70, Rubin 189).
+#: Most HDUs in one FITS file: a mosaic camera writes one per CCD (DECam 70, Rubin 189).
 MAX_HDUS = 1000
-#: Cards that size an HDU's data; a negative one gives a negative size.
-_SIZE_CARD = re.compile(r"^(?:Z?NAXIS\d*|PCOUNT|GCOUNT)$")
+#: Most cards in one header: a survey frame's has a few hundred; astropy parses every one.
+MAX_HEADER_CARDS = 100_000
+#: Largest count of axes or table columns (the FITS standard's limit for NAXIS, ZNAXIS, TFIELDS).
+_MAX_COUNT = 999
+_BYTES_PER_BITPIX = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
+#: The cards :func:`check_structure` reads.
+_SIZE_CARD = re.compile(r"^(?:BITPIX|PCOUNT|GCOUNT|TFIELDS|Z?NAXIS\d*)$")
 
 
-def checked_hdus(hdul: fits.HDUList) -> Iterator[fits.hdu.base.ExtensionHDU | fits.PrimaryHDU]:
-    """The HDUs of a file opened lazily (astropy's default), each one's size cards checked before the next is read.
+def check_structure(payload: bytes) -> None:
+    """Refuse FITS bytes whose headers would make astropy loop, before astropy reads any of them.
 
-    A negative size card (``NAXIS2 = -64``) gives a negative data size: astropy then reads the
-    same header again as the next HDU, forever, and its memory grows until the process is killed.
+    The headers are walked in the raw bytes, each HDU's data skipped by its size cards. Refused:
+    an axis or column count above 999 (astropy reads ``NAXISn`` one by one: ``NAXIS = 2147483648``
+    never finished), a negative size card (a negative data size sent astropy back to the header
+    it had read, forever, its memory growing ~1 GB every 20 s), a size card that is not an integer,
+    a header without its END card within :data:`MAX_HEADER_CARDS`, more than :data:`MAX_HDUS`
+    HDUs. Bytes after the last HDU that do not start an extension are left to astropy.
 
     Raises
     ------
     CorruptFrame
-        A negative size card, or more than :data:`MAX_HDUS` HDUs.
     """
+    offset = 0
     for index in range(MAX_HDUS + 1):
-        try:
-            hdu = hdul[index]
-        except IndexError:
+        if offset >= len(payload) or (index and payload[offset:offset + 8] != b"XTENSION"):
             return
         if index == MAX_HDUS:
             raise CorruptFrame(f"the FITS file holds more than {MAX_HDUS} HDUs")
-        negative = [c.keyword for c in hdu.header.cards if _SIZE_CARD.match(c.keyword)
-                    and isinstance(c.value, int | float) and not isinstance(c.value, bool) and c.value < 0]
-        if negative:
-            raise CorruptFrame(f"HDU {index} has negative size card(s) {negative}")
-        yield hdu
+        end = _end_card(payload, offset, index)
+        cards = _size_cards(payload[offset:end], index)
+        data = _BYTES_PER_BITPIX.get(cards.get("BITPIX", 8), 1) * _data_elements(cards)
+        offset = _blocks(end + 80) + _blocks(data)
+
+
+def _blocks(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole 2880-byte FITS blocks."""
+    return -(-nbytes // 2880) * 2880
+
+
+def _end_card(payload: bytes, start: int, index: int) -> int:
+    """Offset of the END card of the header that starts at ``start``."""
+    limit, at = start + MAX_HEADER_CARDS * 80, start
+    while (at := payload.find(b"END     ", at, limit)) >= 0 and (at - start) % 80:
+        at += 1
+    if at < 0:
+        raise CorruptFrame(f"HDU {index}: no END card in its header (or more than {MAX_HEADER_CARDS} cards)")
+    return at
+
+
+def _size_cards(header: bytes, index: int) -> dict[str, int]:
+    """The integer cards of a raw header that size its data and its loops, each checked."""
+    cards: dict[str, int] = {}
+    for at in range(0, len(header), 80):
+        key = header[at:at + 8].decode("latin-1").strip()
+        if not _SIZE_CARD.match(key) or (key == "TFIELDS" and index == 0):  # no table in a primary HDU
+            continue
+        text = header[at + 10:at + 80].decode("latin-1").split("/")[0].strip()
+        try:
+            value = int(text)
+        except ValueError:
+            raise CorruptFrame(f"HDU {index}: {key} = {text[:20]!r} is not an integer") from None
+        limit = _MAX_COUNT if key in ("NAXIS", "ZNAXIS", "TFIELDS") else None
+        if key != "BITPIX" and (value < 0 or (limit is not None and value > limit)):
+            raise CorruptFrame(f"HDU {index}: {key} = {value} is out of range (0 to {limit or 'any size'})")
+        cards[key] = value
+    return cards
+
+
+def _data_elements(cards: dict[str, int]) -> int:
+    """Elements of an HDU's data: GCOUNT x (PCOUNT + the product of its axes), 0 without axes."""
+    axes = [cards.get(f"NAXIS{i}", 0) for i in range(1, cards.get("NAXIS", 0) + 1)]
+    if not axes:
+        return 0
+    if axes[0] == 0 and len(axes) > 1:  # random groups: NAXIS1 = 0
+        axes = axes[1:]
+    return cards.get("GCOUNT", 1) * (cards.get("PCOUNT", 0) + math.prod(axes))
 
 
 def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, max_pixels: int | None = None,
@@ -410,6 +460,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     sent_bytes = len(payload)
     if payload[:2] == GZIP_MAGIC:
         payload = gunzipped(payload, max_pixels, max_expansion)
+    check_structure(payload)
     try:
         with fits.open(io.BytesIO(payload), memmap=False) as hdul:
             hdu = _image_hdu(hdul)

@@ -301,7 +301,7 @@ def decode_stamp(data: bytes) -> np.ndarray:
     """
     from astropy.io import fits
 
-    from broker.frame import checked_hdus
+    from broker.frame import check_structure
 
     if not data:
         raise CutoutError("empty stamp")
@@ -315,9 +315,9 @@ def decode_stamp(data: bytes) -> np.ndarray:
         # ZTF stamps have a slightly non-standard SIMPLE card: astropy warns on every read.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            check_structure(data)
             with fits.open(io.BytesIO(data), memmap=False) as hdul:
-                images = (getattr(hdu, "data", None) for hdu in checked_hdus(hdul))
-                image = next((d for d in images if d is not None), None)
+                image = next((d for d in (getattr(hdu, "data", None) for hdu in hdul) if d is not None), None)
                 pixels = None if image is None else np.asarray(image, dtype=np.float32)
     except Exception as exc:  # astropy raises many kinds on a corrupt header (KeyError, AttributeError, ...)
         raise CutoutError(f"unreadable FITS stamp: {type(exc).__name__}: {exc}") from exc

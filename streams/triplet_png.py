@@ -73,7 +73,7 @@ def _read_cutout(stamp_data: bytes) -> Cutout:
     from astropy.io import fits
     from astropy.wcs import WCS
 
-    from broker.frame import checked_hdus
+    from broker.frame import check_structure
 
     raw = stamp_data
     if raw[:2] == b"\x1f\x8b":
@@ -81,8 +81,9 @@ def _read_cutout(stamp_data: bytes) -> Cutout:
         raw = dec.decompress(raw, _MAX_STAMP_BYTES)
         if dec.unconsumed_tail:
             raise DecodeError(f"cutout larger than {_MAX_STAMP_BYTES} bytes")
+    check_structure(raw)
     with fits.open(io.BytesIO(raw)) as hdul:
-        hdu = next((h for h in checked_hdus(hdul) if getattr(h, "data", None) is not None), None)
+        hdu = next((h for h in hdul if getattr(h, "data", None) is not None), None)
         if hdu is None or hdu.data.ndim != 2:
             raise DecodeError("cutout is not a 2-D image")
         data, header = np.asarray(hdu.data, dtype=np.float32), hdu.header

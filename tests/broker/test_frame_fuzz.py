@@ -527,6 +527,33 @@ def test_synthetic_frame_mutants_are_accepted_or_refused_with_a_reason(simulated
     assert not crashed, "accepted frames that crashed the subtraction:\n" + "\n".join(crashed)
 
 
+#: The cards that size a FITS file's arrays and loops, in a plain and a tile-compressed file.
+SIZE_CARDS = ("NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "BITPIX", "PCOUNT", "GCOUNT", "TFIELDS", "THEAP", "ZNAXIS",
+              "ZNAXIS1", "ZNAXIS2", "ZBITPIX", "ZTILE1", "ZTILE2", "TFORM1")
+#: Sizes: none, negative, past 32 and 64 bits, a header's length, astropy's ``1P``/``1Q`` descriptors.
+SIZE_VALUES = ("0", "1", "2", "3", "-1", "-2880", "2880", "1000000000", "2147483648", "4294967296",
+               "99999999999999999999999", "-9223372036854775808", "1e3", "'x'", "'1PB(1)'", "'1QB(1)'",
+               "'1PJ(99999999)'")
+
+
+def test_every_size_card_at_every_hostile_size_is_accepted_or_refused_with_a_reason(simulated, handlers):
+    """Every pair, not a draw: ``NAXIS = 2147483648`` never finished in astropy (found by a scratch run of these)."""
+    counts, findings = Counter(), []
+    for payload in (encode_fits(simulated[0], compress=False), encode_fits(simulated[0])):
+        for card in SIZE_CARDS:
+            for value in SIZE_VALUES:
+                mutated = set_raw(payload, card, value)
+                if mutated is None:
+                    continue
+                t0 = time.perf_counter()
+                result, finding = outcome(partial(through_the_stages, mutated, handlers[TRUSTING], TRUSTING))
+                counts[result] += 1
+                if finding or time.perf_counter() - t0 > SLOW_S:
+                    findings.append(f"{card} = {value}: {result} {finding or 'slow'}")
+    assert not findings, "\n".join(findings)
+    assert counts["accepted"] > 0 and counts["corrupt"] > 0, counts
+
+
 @pytest.mark.shared_data
 def test_real_frame_mutants_are_accepted_or_refused_with_a_reason(handlers):
     counts, findings, _ = fuzz(real_bases(), REAL_MUTANTS_PER_BASE, handlers)
