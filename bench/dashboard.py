@@ -206,6 +206,7 @@ class ScrapedRun:
     targets: dict[str, str]  # stage -> host:port of its /metrics
     portal: str  # host:port of the portal (broker serve) on the run's state folder
     started: float  # Unix s, when the stages were started
+    processes: dict[str, subprocess.Popen]  # stage -> its process
     frames: list[str] = field(default_factory=list)  # frame ids published
     garbage: int = 0  # undecodable records published
 
@@ -259,7 +260,7 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
         targets = metrics_targets(workdir / "logs", STAGE_NAMES)
         portal = stack.enter_context(_portal(workdir / "state"))
         prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal))
-        run = ScrapedRun(prom, kafka.bootstrap, targets, portal, started)
+        run = ScrapedRun(prom, kafka.bootstrap, targets, portal, started, dict(zip(STAGE_NAMES, procs, strict=True)))
         # every series a stage exports from its start has a first sample before any message
         prom.wait_for(f'count(up{{job="{STAGES_JOB}"}} == 1) == {len(targets)}', timeout=30)
         prom.wait_for(f'up{{job="{PORTAL_JOB}"}} == 1', timeout=30)

@@ -161,3 +161,22 @@ def test_the_deployment_rules_evaluate_on_the_live_series_and_none_fires(run):
     assert all(r["health"] == "ok" for r in rules), json.dumps(rules, indent=1)[:4000]
     firing = run.prometheus.query('ALERTS{alertstate="firing"}')
     assert not firing, firing
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_a_stage_that_stops_puts_the_deployed_stage_down_rule_in_pending(run):
+    """The deployed BrokerStageDown, evaluated by Prometheus on the live scrape, goes pending for that stage.
+
+    Firing takes the rule's ``for: 2m`` more (promtool's unit tests show that). Runs last: it stops a stage.
+    """
+    stage = "alert"
+    run.processes[stage].terminate()
+    run.processes[stage].wait(20)
+    query = f'ALERTS{{alertname="BrokerStageDown", instance="{run.targets[stage]}"}}'
+    run.prometheus.wait_for(f'count({query}) == 1', timeout=30)
+    (active,) = run.prometheus.query(query)
+    assert active["metric"]["alertstate"] == "pending" and active["metric"]["severity"] == "critical", active
+    others = run.prometheus.query('ALERTS{alertname="BrokerStageDown"}')
+    assert [a["metric"]["instance"] for a in others] == [run.targets[stage]]  # the other stages stay up
