@@ -70,8 +70,14 @@ def bayer_pattern(header: fits.Header) -> str | None:
 
 
 def _number(value: object) -> float | None:
-    """``value`` as a float when it is a number card (not a logical T/F, not a string); else None."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    """``value`` as a float when it is a number card (not a logical T/F, not a string) that doubled stays finite.
+
+    Else None, and the card is left as written: ``SECPIX = 1e999`` reads as inf, which astropy
+    cannot write back (found by an exhaustive run of the frame fuzzer's card values).
+    """
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    return float(value) if math.isfinite(4.0 * float(value)) else None
 
 
 def _mark_luminance(header: fits.Header, mode: str, comment: str) -> None:
@@ -110,7 +116,7 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
         raise BadShape(f"a {data.shape[1]}x{data.shape[0]} px mosaic has no complete 2x2 cell")
     cells = data[:ny, :nx].astype(np.float32).reshape(ny // 2, 2, nx // 2, 2)
     lum = cells.sum(axis=(1, 3), dtype=np.float32)
-    if np.isfinite(saturation):
+    if math.isfinite(4.0 * saturation):  # SATURATE = 1e308: never reached, and 4x it cannot be written
         lum[cells.max(axis=(1, 3)) >= saturation] = np.float32(4.0 * saturation)
     out = header.copy()
     for key in list(out.keys()):
@@ -120,7 +126,7 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
     read_noise = _number(out.get("RDNOISE"))
     if read_noise is not None:  # anything else is left for ``meta_from_header`` to name
         out["RDNOISE"] = (2.0 * read_noise, "[e-] read noise of a 2x2 superpixel")
-    if np.isfinite(saturation):
+    if math.isfinite(4.0 * saturation):
         out["SATURATE"] = (4.0 * saturation, "[ADU] saturation of a 2x2 superpixel")
     for key in ("XPIXSZ", "YPIXSZ", "PIXSCALE", "SECPIX", "IM_SCALE"):
         size = _number(out.get(key))
@@ -169,7 +175,7 @@ def colour_planes_luminance(data: np.ndarray, header: fits.Header,
     if data.shape[0] == 1:
         return data[0], out
     lum = data.astype(np.float32).sum(axis=0, dtype=np.float32)
-    if np.isfinite(saturation):
+    if math.isfinite(4.0 * saturation):
         lum[data.max(axis=0) >= saturation] = np.float32(3.0 * saturation)
         out["SATURATE"] = (3.0 * saturation, "[ADU] saturation of R + G + B")
     _mark_luminance(out, "planes-sum", "3 colour planes R+G+B summed (broker.bayer)")

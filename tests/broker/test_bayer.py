@@ -122,3 +122,26 @@ def test_a_read_noise_that_is_no_number_is_left_for_the_metadata_to_name(read_no
     lum, out = superpixel_luminance(data, fits.Header({"RDNOISE": read_noise, "XPIXSZ": True}), 65535.0)
     assert out["RDNOISE"] == fits.Header({"RDNOISE": read_noise})["RDNOISE"]  # as it was (astropy strips ' ')
     assert out["XPIXSZ"] is True and lum.shape == (64, 64)
+
+
+@pytest.mark.filterwarnings("ignore::astropy.io.fits.verify.VerifyWarning")
+@pytest.mark.parametrize("card", ["SECPIX", "PIXSCALE", "XPIXSZ", "RDNOISE"])
+def test_an_infinite_size_card_of_a_colour_frame_is_left_as_written(card):
+    """Found by an exhaustive run of the frame fuzzer's card values: ``SECPIX = 1e999`` reads as inf.
+
+    The binning wrote 2 x inf back, which astropy refuses (ValueError, ``unexpected`` on the dead-letter topic).
+    """
+    from broker.errors import InvalidFrame
+    from broker.frame import decode_fits, encode_fits
+    from broker.simulate.amateur import AmateurConfig, amateur_fits, amateur_frame
+    from tests.broker.test_frame_fuzz import set_raw
+
+    data, header = amateur_frame(AmateurConfig(shape=(128, 128)), seed=1)
+    for value in ("1e999", "-1E999", "1e308"):
+        payload = set_raw(amateur_fits(data, header), card, value)
+        try:
+            frame = decode_fits(payload, require_wcs=False)
+        except InvalidFrame as exc:  # an infinite read noise is named by the metadata
+            assert card == "RDNOISE" and exc.reason, exc
+            continue
+        assert decode_fits(encode_fits(frame), require_wcs=False).shape == (64, 64)

@@ -554,6 +554,23 @@ def test_every_size_card_at_every_hostile_size_is_accepted_or_refused_with_a_rea
     assert counts["accepted"] > 0 and counts["corrupt"] > 0, counts
 
 
+def test_every_metadata_card_at_an_infinite_value_is_accepted_or_refused_with_a_reason(simulated, handlers):
+    """Every pair, not a draw: on a colour frame ``SECPIX = 1e999`` (read as inf) made the binning write 2 x inf."""
+    counts, findings = Counter(), []
+    for base in synthetic_bases(simulated):
+        for card in META_CARDS:
+            for value in ("1e999", "-1E999", "1e308"):
+                mutated = set_raw(base.payload, card, value)
+                if mutated is None:
+                    continue
+                result, finding = outcome(partial(through_the_stages, mutated, handlers[TRUSTING], TRUSTING))
+                counts[result] += 1
+                if finding:
+                    findings.append(f"{base.name}: {card} = {value}: {finding}")
+    assert not findings, "\n".join(findings)
+    assert counts["accepted"] > 0 and counts["implausible_header"] > 0, counts
+
+
 @pytest.mark.shared_data
 def test_real_frame_mutants_are_accepted_or_refused_with_a_reason(handlers):
     counts, findings, _ = fuzz(real_bases(), REAL_MUTANTS_PER_BASE, handlers)
