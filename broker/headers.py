@@ -263,8 +263,10 @@ def pixel_scale_hint(header: fits.Header, profile: TelescopeProfile | None = Non
     if scale is not None and _plausible_scale(scale):
         return scale
     pixel_um, focal_mm = _number(header, "XPIXSZ"), _number(header, "FOCALLEN")
-    if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0 and _plausible_scale(206.264806 * pixel_um / focal_mm):
-        return 206.264806 * pixel_um / focal_mm
+    if pixel_um and focal_mm and pixel_um > 0 and focal_mm > 0:
+        scale = 206.264806 * pixel_um / focal_mm
+        if _plausible_scale(scale):
+            return scale
     if profile is not None and profile.pixel_scale_arcsec is not None:
         binning = _number(header, "XBINNING")
         binning = binning if binning is not None and 1.0 <= binning <= 64.0 else 1.0
