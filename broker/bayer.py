@@ -77,7 +77,7 @@ def _number(value: object) -> float | None:
     """
     if not isinstance(value, int | float) or isinstance(value, bool):
         return None
-    return float(value) if math.isfinite(4.0 * float(value)) else None
+    return float(value) if math.isfinite(2.0 * float(value)) else None
 
 
 def _mark_luminance(header: fits.Header, mode: str, comment: str) -> None:
@@ -175,7 +175,7 @@ def colour_planes_luminance(data: np.ndarray, header: fits.Header,
     if data.shape[0] == 1:
         return data[0], out
     lum = data.astype(np.float32).sum(axis=0, dtype=np.float32)
-    if math.isfinite(4.0 * saturation):
+    if math.isfinite(3.0 * saturation):
         lum[data.max(axis=0) >= saturation] = np.float32(3.0 * saturation)
         out["SATURATE"] = (3.0 * saturation, "[ADU] saturation of R + G + B")
     _mark_luminance(out, "planes-sum", "3 colour planes R+G+B summed (broker.bayer)")
