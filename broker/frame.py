@@ -398,30 +398,39 @@ def gunzipped(payload: bytes, max_pixels: int | None = None, max_expansion: floa
     """The FITS bytes of a gzipped file (``.fits.gz``), inflated no further than its image may be.
 
     The bound is ``max_expansion`` times the gzipped bytes and ``max_pixels`` 8-byte pixels plus
-    :data:`_HEADER_ALLOWANCE`, whichever is smaller (none without either): a gzip bomb is refused
-    after that many bytes, not held in memory whole. Concatenated gzip members are read in turn.
+    :data:`_HEADER_ALLOWANCE`, whichever is smaller (none without either); see :func:`inflate`.
+    """
+    bounds = [int(max_expansion * len(payload))] if max_expansion is not None else []
+    bounds += [max_pixels * 8 + _HEADER_ALLOWANCE] if max_pixels is not None else []
+    return inflate(payload, min(bounds, default=0))
+
+
+def inflate(payload: bytes, limit: int = 0) -> bytes:
+    """The content of a gzip stream, refused once it passes ``limit`` bytes (0: no bound).
+
+    A gzip bomb is refused after ``limit`` bytes, not held in memory whole. Concatenated gzip
+    members are read in turn. Frames (:func:`gunzipped`), alert stamps
+    (:func:`broker.normalise.decode_stamp`) and subscribers' cutouts (:mod:`streams.triplet_png`)
+    are inflated here.
 
     Raises
     ------
     CorruptFrame
         The gzip stream is corrupt or cut short.
     ImplausibleCompression
-        It inflates beyond the bound.
+        It inflates beyond ``limit``.
     """
-    bounds = [int(max_expansion * len(payload))] if max_expansion is not None else []
-    bounds += [max_pixels * 8 + _HEADER_ALLOWANCE] if max_pixels is not None else []
-    limit = min(bounds, default=0)  # 0: no bound (zlib's max_length)
     out, rest = bytearray(), payload
     try:
         while rest[:2] == GZIP_MAGIC:
-            inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out += inflate.decompress(rest, limit + 1 - len(out) if limit else 0)
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += inflater.decompress(rest, limit + 1 - len(out) if limit else 0)
             if limit and len(out) > limit:
-                raise ImplausibleCompression(f"{len(payload) / 1e6:.2f} MB of gzipped FITS inflate beyond "
-                                             f"{limit / 1e6:.0f} MB: refused before inflating further")
-            if not inflate.eof:
-                raise CorruptFrame(f"gzipped FITS cut short after {len(out)} inflated bytes")
-            rest = inflate.unused_data
+                raise ImplausibleCompression(f"{len(payload) / 1e6:.2f} MB of gzip inflate beyond "
+                                             f"{limit / 1e6:.1f} MB: refused before inflating further")
+            if not inflater.eof:
+                raise CorruptFrame(f"gzip stream cut short after {len(out)} inflated bytes")
+            rest = inflater.unused_data
     except zlib.error as exc:
         raise CorruptFrame(f"corrupt gzip stream: {exc}") from exc
     return bytes(out)

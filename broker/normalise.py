@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import io
 import warnings
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from broker.candidate import CUTOUT_SIZE
-from broker.errors import ConfigError, CutoutError
+from broker.errors import ConfigError, CutoutError, InvalidFrame
 
 #: Largest decompressed stamp read (bytes): a 63 x 63 float32 stamp is ~20 kB, a Rubin one with its
 #: variance and PSF planes ~50 kB; this refuses a decompression bomb before it takes the memory.
@@ -329,23 +328,19 @@ def decode_stamp(data: bytes) -> np.ndarray:
 
 
 def _gunzip(data: bytes) -> bytes:
-    """The content of a gzip stamp, at most :data:`MAX_STAMP_BYTES`.
+    """The content of a gzip stamp, at most :data:`MAX_STAMP_BYTES` (:func:`broker.frame.inflate`).
 
     Raises
     ------
     CutoutError
         Corrupt or truncated gzip, or content over :data:`MAX_STAMP_BYTES` (a decompression bomb).
     """
-    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    from broker.frame import inflate
+
     try:
-        out = inflater.decompress(data, MAX_STAMP_BYTES)
-    except zlib.error as exc:
-        raise CutoutError(f"corrupt gzip stamp: {exc}") from exc
-    if not inflater.eof:
-        if inflater.unconsumed_tail or len(out) >= MAX_STAMP_BYTES:
-            raise CutoutError(f"gzip stamp inflates beyond {MAX_STAMP_BYTES} bytes")
-        raise CutoutError("corrupt gzip stamp: the stream is cut short")
-    return out
+        return inflate(data, MAX_STAMP_BYTES)
+    except InvalidFrame as exc:
+        raise CutoutError(f"gzip stamp: {exc}") from exc
 
 
 def stamp_bytes(record: dict, field: str) -> bytes:

@@ -11,7 +11,6 @@ import logging
 import math
 import textwrap
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,14 +72,9 @@ def _read_cutout(stamp_data: bytes) -> Cutout:
     from astropy.io import fits
     from astropy.wcs import WCS
 
-    from broker.frame import check_structure
+    from broker.frame import check_structure, inflate
 
-    raw = stamp_data
-    if raw[:2] == b"\x1f\x8b":
-        dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        raw = dec.decompress(raw, _MAX_STAMP_BYTES)
-        if dec.unconsumed_tail:
-            raise DecodeError(f"cutout larger than {_MAX_STAMP_BYTES} bytes")
+    raw = inflate(stamp_data, _MAX_STAMP_BYTES) if stamp_data[:2] == b"\x1f\x8b" else stamp_data
     check_structure(raw)
     with fits.open(io.BytesIO(raw)) as hdul:
         hdu = next((h for h in hdul if getattr(h, "data", None) is not None), None)

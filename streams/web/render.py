@@ -10,13 +10,13 @@ import io
 import re
 import tempfile
 import threading
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from broker.errors import CutoutError, DecodeError, ModelError, NotFound, Unavailable
+from broker.errors import CutoutError, DecodeError, InvalidFrame, ModelError, NotFound, Unavailable
+from broker.frame import inflate
 from streams.triplet_png import read_cutout, save_triplet_png
 from streams.web.records import CUTOUT_FIELDS
 
@@ -112,11 +112,10 @@ def cutout_fits(record: dict, kind: str) -> bytes:
     raw = _stamp(record, kind)
     if raw[:2] != b"\x1f\x8b":
         return raw
-    dec = zlib.decompressobj(16 + zlib.MAX_WBITS)
-    out = dec.decompress(raw, MAX_CUTOUT_BYTES)
-    if dec.unconsumed_tail:
-        raise CutoutError(f"the {kind} cutout decompresses to more than {MAX_CUTOUT_BYTES} bytes")
-    return out
+    try:
+        return inflate(raw, MAX_CUTOUT_BYTES)
+    except InvalidFrame as exc:
+        raise CutoutError(f"the {kind} cutout cannot be inflated: {exc}") from exc
 
 
 def triplet_png(record: dict) -> bytes:

@@ -119,4 +119,4 @@ def test_triplet_png_of_a_gzip_bomb_is_refused(tmp_path):
     alert = _triplet()
     alert["cutoutScience"]["stampData"] = bomb
     png = save_triplet_png(alert, tmp_path / "bomb.png")
-    assert "larger than" in png.problems[0]
+    assert "inflate beyond 16.8 MB" in png.problems[0]
