@@ -283,6 +283,16 @@ _BYTES_PER_BITPIX = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
 _SIZE_CARD = re.compile(r"^(?:BITPIX|PCOUNT|GCOUNT|TFIELDS|Z?NAXIS\d*)$")
 
 
+#: Leading bytes of files sent for FITS that are not: what a refusal names them.
+OTHER_FORMATS = {
+    b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"II*\x00": "a TIFF image or camera raw",
+    b"MM\x00*": "a TIFF image or camera raw", b"XISF0100": "a PixInsight XISF image",
+    b"LUCAM-RECORDER": "a SER video", b"\x1f\x9d": "a Unix-compressed (.Z) file", b"BZh": "a bzip2 file",
+    b"\xfd7zXZ\x00": "an xz file", b"PK\x03\x04": "a zip archive", b"\x28\xb5\x2f\xfd": "a zstd file",
+    b"\x1f\x8b": "gzip inside gzip",
+}
+
+
 def check_structure(payload: bytes) -> None:
     """Refuse FITS bytes whose headers would make astropy loop, before astropy reads any of them.
 
@@ -296,7 +306,13 @@ def check_structure(payload: bytes) -> None:
     Raises
     ------
     CorruptFrame
+        Also for bytes that do not start as FITS (``SIMPLE``), naming the format when it is one of
+        :data:`OTHER_FORMATS`.
     """
+    if payload[:6] != b"SIMPLE":
+        kind = next((name for magic, name in OTHER_FORMATS.items() if payload.startswith(magic)), None)
+        raise CorruptFrame(f"not a FITS file ({kind or f'it starts with {payload[:16]!r}'}): send the FITS file "
+                           "the camera or its capture software wrote")
     offset = 0
     for index in range(MAX_HDUS + 1):
         if offset >= len(payload) or (index and payload[offset:offset + 8] != b"XTENSION"):

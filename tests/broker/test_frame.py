@@ -1,4 +1,6 @@
+import gzip
 import io
+import re
 
 import numpy as np
 import pytest
@@ -21,6 +23,18 @@ def test_round_trip_is_lossless_for_integer_and_float_pixels():
 def test_garbage_is_a_corrupt_frame(payload):
     with pytest.raises(CorruptFrame):
         decode_fits(payload)
+
+
+@pytest.mark.parametrize("payload, named", [
+    (b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"II*\x00\x10\x00\x00\x00CR\x02", "a TIFF image or camera raw"), (b"XISF0100", "a PixInsight XISF image"),
+    (b"\x1f\x9d\x90SIMPLE", "a Unix-compressed (.Z) file"),
+    (gzip.compress(gzip.compress(b"SIMPLE")), "gzip inside gzip"),
+    (b"<!DOCTYPE html><html>", "it starts with b'<!DOCTYPE html><'"),
+])
+def test_a_file_of_another_format_is_refused_by_its_name(payload, named):
+    with pytest.raises(CorruptFrame, match=re.escape(f"not a FITS file ({named})")):
+        decode_fits(payload + bytes(3000))
 
 
 def test_missing_wcs_and_metadata_are_named():
