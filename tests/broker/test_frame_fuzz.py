@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -599,3 +600,46 @@ def test_the_fuzzer_reports_a_crash_as_a_finding(handlers, monkeypatch):
     assert outcome(partial(time.sleep, 5.0)) == ("hang", "still running after 0.2 s")
     frame = SkySimulator(SIM, seed=1).frame("F001", "r", 0)[0]
     assert through_the_stages(encode_fits(frame), handlers[TRUSTING], TRUSTING).shape == (128, 128)
+
+
+#: The header cards the plate solver's hints are read from (:func:`broker.headers.pointing_hint`,
+#: :func:`broker.headers.pixel_scale_hint`).
+HINT_CARDS = ("RA", "DEC", "OBJCTRA", "OBJCTDEC", "RA_OBJ", "DEC_OBJ", "XPIXSZ", "FOCALLEN", "XBINNING", "PIXSCALE",
+              "SECPIX")
+HINT_VALUES = RAW_VALUES + ("'12 30 00'", "'-91 00 00'", "'99:99:99'", "'+41 00 00.0'", "'193.0'", "'12h50m'",
+                            "'-0:0:1e400'", "2147483648")
+#: The real solver with a short CPU limit and no blind retry: a wrong hint costs ~7 s (2 cores).
+SOLVING = IngestConfig(calibration=CalibrationConfig(astrometry=AstrometryConfig(blind_retry=False, cpulimit_s=5)))
+#: Most seconds one mutant may take through the real solver (``cpulimit_s`` with the solver's start).
+SOLVE_S = 20.0
+
+
+@pytest.mark.skipif(shutil.which("solve-field") is None,
+                    reason="astrometry.net's solve-field is not installed (Debian: astrometry.net, "
+                    "astrometry-data-tycho2)")
+def test_hostile_hints_to_the_real_plate_solver_are_solved_or_refused_within_its_cpu_limit(tmp_path):
+    """An amateur 1080p frame (no WCS) with one to three hint cards set to hostile values, through solve-field.
+
+    Before the solver's CPU limit was enforced (``inparallel``), each unsolvable mutant took the
+    solver's 30 s timeout. Hints that no camera can have are ignored; a frame left with no hint at
+    all is refused (``no_wcs``: a blind search at every scale is too slow per frame).
+    """
+    base = load_config(state_dir=str(tmp_path / "state"), frame_store=str(tmp_path / "frames"))
+    handler = ingest_handler(replace(base, ingest=SOLVING))
+    data, header = amateur_frame(AmateurConfig(shape=(1080, 1920), bayer=None), seed=1)
+    payload = amateur_fits(data, header)
+    rng = np.random.default_rng(SEED)
+    counts, findings = Counter(), []
+    for _ in range(10):
+        cards = [(str(_pick(rng, HINT_CARDS)), str(_pick(rng, HINT_VALUES))) for _ in range(int(rng.integers(1, 4)))]
+        mutant = payload
+        for key, value in cards:
+            mutant = set_raw(mutant, key, value) or mutant
+        t0 = time.perf_counter()
+        result, finding = outcome(partial(through_the_stages, mutant, handler, SOLVING))
+        seconds = time.perf_counter() - t0
+        counts[result] += 1
+        if finding or seconds > SOLVE_S:
+            findings.append(f"{cards} -> {result} after {seconds:.1f} s: {finding}")
+    assert not findings, "\n".join(findings)
+    assert counts["accepted"] > 0, counts  # hints that stay usable are solved
