@@ -6,18 +6,25 @@ import asyncio
 import base64
 import gzip
 import io
+from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from astropy.io import fits
+from fastapi.testclient import TestClient
 from PIL import Image
 
+from broker.astrometry import AstrometryConfig
+from broker.calibrate import CalibrationConfig
 from broker.errors import InvalidFrame
 from broker.frame import Frame, decode_fits, encode_fits
 from broker.reference import ReferenceStore, build_reference
 from streams.framestore import FrameStore
 from streams.producer import FrameProducer, Published
 from streams.settings import KafkaSettings
+from streams.web.app import create_app
+from tests.broker.test_frame_fuzz import MUTATORS, SEED, Base
 from tests.helpers import star_frame
 
 
@@ -212,6 +219,47 @@ def test_hostile_frames_get_the_errors_of_broker_produce(client, token, portal_c
         producer.publish_file(tmp_path / "frame.fits")
     assert produced.value.reason == reason
     assert healthy(client)
+
+
+#: Mutated uploads sent to ``mode=predict`` by the test below (half science, half reference).
+PREDICT_MUTANTS = 24
+
+
+@pytest.mark.filterwarnings("ignore")  # as in production, where numpy's and astropy's warnings are not errors
+def test_mutated_science_and_reference_uploads_are_predicted_or_refused_with_a_reason(portal_config, pair):
+    """The frame fuzzer's mutations of either part of a predict upload: a 200 or a 4xx with a reason, never 5xx.
+
+    The portal solves as the pipeline does, with a 5 s CPU limit and no blind retry here (the
+    default's two 20 s searches make an unsolvable upload take ~40 s).
+    """
+    solving = CalibrationConfig(astrometry=AstrometryConfig(blind_retry=False, cpulimit_s=5))
+    pipeline = replace(portal_config.pipeline, ingest=replace(portal_config.pipeline.ingest, calibration=solving))
+    parts = dict(zip(("frame", "reference"), pair, strict=True))
+    bases = {name: Base(name, *_pixels_and_header(payload), payload) for name, payload in parts.items()}
+    rng, answers, failures = np.random.default_rng(SEED), Counter(), []
+    with TestClient(create_app(replace(portal_config, pipeline=pipeline, uploads_per_minute=10**6)),
+                    raise_server_exceptions=False) as client:
+        clear = client.app.state.portal.tokens.add("fuzz", ["upload"], telescopes=["TEST"])
+        for i in range(PREDICT_MUTANTS):
+            side = ("frame", "reference")[i % 2]
+            what, mutant = MUTATORS[(i // 2) % len(MUTATORS)](bases[side], rng)
+            if mutant is None:
+                continue
+            files = {name: (f"{name}.fits", mutant if name == side else payload, "application/fits")
+                     for name, payload in parts.items()}
+            response = post(client, token={"Authorization": f"Bearer {clear}"}, files=files)
+            body = response.json()
+            answers[f"{response.status_code} {body.get('error', body.get('status'))}"] += 1
+            if response.status_code >= 500 or (response.status_code != 200 and not body.get("detail")):
+                failures.append(f"{side}: {what} -> {response.status_code} {response.text[:300]}")
+        assert healthy(client)
+    assert not failures, "\n".join(failures)
+    assert any(a.startswith("200") for a in answers) and len(answers) >= 4, answers
+
+
+def _pixels_and_header(payload: bytes) -> tuple[np.ndarray, fits.Header]:
+    frame = decode_fits(payload)
+    return frame.data, frame.header
 
 
 def test_a_declared_size_over_the_limit_is_refused_before_the_body(client, token):
