@@ -11,7 +11,9 @@ for a real cluster.
 
 Per connection: the TLS handshake (optionally with a client certificate checked against a CA),
 then ``ApiVersions`` forwarded to tansu, ``SaslHandshake`` and ``SaslAuthenticate`` answered here
-(RFC 5802 SCRAM against salted credentials from the users file: no password is stored), then, once
+(RFC 5802 SCRAM against salted credentials from the users file: no password is stored; PLAIN, as
+Kafka's administrator uses on docker-compose.yml's internal listener, is checked against the same
+credentials), then, once
 authenticated, the bytes piped both ways. Any other request before authentication closes the
 connection. Metadata needs no rewriting: tansu advertises the gateway's address.
 
@@ -40,13 +42,16 @@ from streams.security import write_secret
 log = logging.getLogger(__name__)
 
 MECHANISM = "SCRAM-SHA-512"
+#: Mechanisms offered: SCRAM, and PLAIN checked against the same credentials (the administrator's
+#: login on docker-compose.yml's INTERNAL listener, which the compose rehearsal plays here).
+MECHANISMS = (MECHANISM, "PLAIN")
 #: PBKDF2 iterations of new credentials (Kafka's minimum for SCRAM-SHA-512 is 4096).
 ITERATIONS = 4096
 API_SASL_HANDSHAKE, API_API_VERSIONS, API_SASL_AUTHENTICATE = 17, 18, 36
 ERR_UNSUPPORTED_SASL_MECHANISM, ERR_ILLEGAL_SASL_STATE, ERR_SASL_AUTHENTICATION_FAILED = 33, 34, 58
 #: Largest request accepted before authentication (bytes): SASL messages are tiny.
 MAX_PREAUTH_FRAME = 64 * 1024
-AUTH_FAILED = f"Authentication failed during authentication due to invalid credentials with SASL mechanism {MECHANISM}"
+AUTH_FAILED = "Authentication failed during authentication due to invalid credentials with SASL mechanism {}"
 
 
 # --- SCRAM (RFC 5802, SHA-512 as RFC 7677 does for SHA-256) -----------------------------------------
@@ -141,6 +146,36 @@ class ScramServer:
             raise PermissionError("invalid credentials")
         return "v=" + base64.b64encode(_hmac(self._cred.server_key, auth_message)).decode()
 
+    def step(self, message: bytes) -> tuple[bool, bytes | None]:
+        """(finished, reply) for one client message; reply None when the login is refused."""
+        try:
+            if self.user is None:
+                return False, self.first(message.decode()).encode()
+            return True, self.final(message.decode()).encode()
+        except (ValueError, KeyError, PermissionError):
+            return True, None
+
+
+class PlainServer:
+    """One SASL/PLAIN exchange (RFC 4616): ``authzid NUL user NUL password``, checked against the SCRAM credentials."""
+
+    def __init__(self, users: dict[str, ScramCredential]) -> None:
+        self.users = users
+        self.user: str | None = None
+
+    def step(self, message: bytes) -> tuple[bool, bytes | None]:
+        """(True, b"") for a right password, (True, None) otherwise."""
+        parts = message.split(b"\0")
+        if len(parts) != 3:
+            return True, None
+        authzid, user, password = (p.decode("utf-8", "replace") for p in parts)
+        self.user = user
+        known = self.users.get(user)
+        if known is None or authzid not in ("", user):
+            return True, None
+        given = ScramCredential.of(password, known.salt, known.iterations)
+        return True, (b"" if hmac.compare_digest(given.stored_key, known.stored_key) else None)
+
 
 # --- the Kafka protocol, as much as SASL needs ---------------------------------------------------
 #: Longest unsigned varint of the protocol (bytes): a 32-bit value.
@@ -204,11 +239,15 @@ def _skip_tags(data: bytes, pos: int) -> int:
     return pos
 
 
-def handshake_response(req: Request, mechanisms: list[str]) -> bytes:
-    """SaslHandshake response (v0/v1): error 0 if the mechanism asked for is offered, else 33."""
+def asked_mechanism(req: Request) -> str:
+    """The mechanism a SaslHandshake request asks for."""
     (n,) = struct.unpack_from(">h", req.body, 0)
-    asked = req.body[2:2 + n].decode()
-    error = 0 if asked in mechanisms else ERR_UNSUPPORTED_SASL_MECHANISM
+    return req.body[2:2 + n].decode("utf-8", "replace")
+
+
+def handshake_response(req: Request, mechanisms: tuple[str, ...]) -> bytes:
+    """SaslHandshake response (v0/v1): error 0 if the mechanism asked for is offered, else 33."""
+    error = 0 if asked_mechanism(req) in mechanisms else ERR_UNSUPPORTED_SASL_MECHANISM
     body = struct.pack(">hi", error, len(mechanisms)) + b"".join(
         struct.pack(">h", len(m)) + m.encode() for m in mechanisms)
     return _frame(struct.pack(">i", req.correlation_id) + body)
@@ -337,7 +376,8 @@ class Gateway:
                             up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> bool:
         """Run the SASL exchange; True once authenticated, False when refused (connection to be closed)."""
         assert self.users is not None
-        scram: ScramServer | None = None
+        exchange: ScramServer | PlainServer | None = None
+        mechanism = ""
         while True:
             frame = await _read_frame(reader, MAX_PREAUTH_FRAME)
             req = parse_request(frame)
@@ -346,16 +386,18 @@ class Gateway:
                 await up_writer.drain()
                 writer.write(_frame(await _read_frame(up_reader, 1 << 20)))
             elif req.api_key == API_SASL_HANDSHAKE:
-                writer.write(handshake_response(req, [MECHANISM]))
-                scram = ScramServer(self.users)
-            elif req.api_key == API_SASL_AUTHENTICATE and scram is not None:
-                done, reply = _scram_step(scram, auth_bytes(req).decode())
+                writer.write(handshake_response(req, MECHANISMS))
+                mechanism = asked_mechanism(req)
+                exchange = PlainServer(self.users) if mechanism == "PLAIN" else ScramServer(self.users)
+            elif req.api_key == API_SASL_AUTHENTICATE and exchange is not None:
+                done, reply = exchange.step(auth_bytes(req))
                 if reply is None:
-                    log.info("SASL login refused for user %r", scram.user)
-                    writer.write(authenticate_response(req, ERR_SASL_AUTHENTICATION_FAILED, AUTH_FAILED, b""))
+                    log.info("SASL %s login refused for user %r", mechanism, exchange.user)
+                    writer.write(authenticate_response(req, ERR_SASL_AUTHENTICATION_FAILED,
+                                                       AUTH_FAILED.format(mechanism), b""))
                     await writer.drain()
                     return False
-                writer.write(authenticate_response(req, 0, None, reply.encode()))
+                writer.write(authenticate_response(req, 0, None, reply))
                 if done:
                     await writer.drain()
                     return True
@@ -363,16 +405,6 @@ class Gateway:
                 log.info("request %d before authentication: connection closed", req.api_key)
                 return False
             await writer.drain()
-
-
-def _scram_step(scram: ScramServer, message: str) -> tuple[bool, str | None]:
-    """(finished, reply) for one client message; reply None when the login is refused."""
-    try:
-        if scram.user is None:
-            return False, scram.first(message)
-        return True, scram.final(message)
-    except (ValueError, KeyError, PermissionError):
-        return True, None
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

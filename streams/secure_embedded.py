@@ -61,6 +61,7 @@ class SecureEmbeddedKafka:
 
     def start(self) -> SecureEmbeddedKafka:
         """Write the CA, certificates and users, start tansu and the gateway, wait until both answer."""
+        self.directory.mkdir(parents=True, exist_ok=True)
         passwords = {u: secrets.token_urlsafe(18) for u in self.users}
         for user, password in passwords.items():
             write_secret(self.password_file(user), (password + "\n").encode())

@@ -19,7 +19,7 @@ import pytest
 from broker.config import load_config
 from broker.errors import BrokerError, ConfigError, KafkaAuthError, Unauthorised
 from streams.frame_auth import FrameAuthoriser, FrameSigner
-from streams.gateway import ScramCredential, ScramServer
+from streams.gateway import PlainServer, ScramCredential, ScramServer
 from streams.security import KafkaSecurity
 from streams.settings import KafkaSettings
 
@@ -105,6 +105,15 @@ def test_scram_server_accepts_the_password_and_nothing_else():
         _scram_client("alice", "wrong", ScramServer(users))
     with pytest.raises(PermissionError):  # an unknown user fails the same way, at the same step
         _scram_client("mallory", "correct horse", ScramServer(users))
+
+
+@pytest.mark.parametrize(("message", "accepted"), [
+    (b"\0alice\0correct horse", True), (b"alice\0alice\0correct horse", True), (b"\0alice\0wrong", False),
+    (b"\0mallory\0correct horse", False), (b"bob\0alice\0correct horse", False), (b"alice\0correct horse", False),
+    (b"\0alice\0correct horse\0", False), (b"\0\xff\xfe\0\xff", False), (b"", False)])
+def test_plain_logins_are_checked_against_the_scram_credentials(message, accepted):
+    users = {"alice": ScramCredential.of("correct horse")}
+    assert PlainServer(users).step(message) == (True, b"" if accepted else None)
 
 
 @pytest.mark.parametrize("body", [b"", b"\x01", b"\xff" * 40, b"\x01\x00\xff"], ids=["empty", "tag_cut", "endless",
@@ -279,6 +288,18 @@ def test_wrong_password_is_a_clear_error_not_a_hang(secure, capfd, caplog):
     captured = capfd.readouterr()
     logged = captured.out + captured.err + caplog.text
     assert "not-the-password-123" not in logged and "wrong-pw-456" not in logged
+
+
+@pytest.mark.kafka
+def test_a_plain_login_works_with_the_password_and_fails_clearly_without(secure):
+    """SASL/PLAIN, as the administrator of docker-compose.yml logs in, against the same users."""
+    password = secure.password_file("admin").read_text().strip()
+    right = KafkaSecurity("SASL_SSL", sasl_mechanism="PLAIN", username="admin", password=password, ca=str(secure.ca))
+    KafkaSettings(secure.bootstrap, security=right).verify_login()
+    wrong = KafkaSecurity("SASL_SSL", sasl_mechanism="PLAIN", username="admin", password="wrong-pw-789",
+                          ca=str(secure.ca))
+    with pytest.raises(KafkaAuthError, match="invalid credentials with SASL mechanism PLAIN"):
+        KafkaSettings(secure.bootstrap, security=wrong).verify_login()
 
 
 @pytest.mark.kafka
