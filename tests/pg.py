@@ -37,15 +37,19 @@ class LocalPostgres:
     context manager; :meth:`create_database` gives each test a database of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[Path, Path] | None = None, hba: tuple[str, ...] = ()) -> None:
         from streams.embedded import free_port
 
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="broker-pg-"))
+        self.tls = tls  # (certificate, key) PEM files: the server then takes TLS (sslmode=require)
+        self.hba = hba  # pg_hba.conf lines put before the trust of every local connection
+        self._owner: tuple[int, int] | None = None
         self._as_user: list[str] = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
-            os.chown(self.dir, user.pw_uid, user.pw_gid)
+            self._owner = (user.pw_uid, user.pw_gid)
+            os.chown(self.dir, *self._owner)
             self._as_user = ["runuser", "-u", "postgres", "--"]
 
     def dsn(self, database: str = "postgres") -> str:
@@ -62,9 +66,23 @@ class LocalPostgres:
         data = self.dir / "data"
         self._run(str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
+        if self.hba:
+            conf = data / "pg_hba.conf"
+            conf.write_text("\n".join(self.hba) + "\n" + conf.read_text())
         opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        if self.tls:
+            opts += f" -c ssl=on -c ssl_cert_file={self._own(self.tls[0])} -c ssl_key_file={self._own(self.tls[1])}"
         self._run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start")
         return self
+
+    def _own(self, path: Path) -> Path:
+        """A copy of ``path`` in the server's folder, readable by the server's user alone (as PostgreSQL requires)."""
+        copy = self.dir / path.name
+        shutil.copyfile(path, copy)
+        os.chmod(copy, 0o600)
+        if self._owner:
+            os.chown(copy, *self._owner)
+        return copy
 
     def create_database(self, prefix: str = "t") -> str:
         """A new empty database; its DSN."""

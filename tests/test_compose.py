@@ -20,12 +20,9 @@ Not run here: the image build, Apache Kafka's ACLs (``deploy/kafka/users.sh``; t
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ import pytest
 
 from streams.embedded import free_port
 from streams.stages import STAGE_NAMES
+from tests.rehearsal import answers, base_env, listed, start, stop, wait_for
 
 yaml = pytest.importorskip("yaml")
 
@@ -71,7 +69,7 @@ class Host:
 
     def env(self, service: str, spec: dict) -> dict[str, str]:
         """The service's environment, its secret's file in place of ``/run/secrets/<user>``."""
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = base_env()
         for key, value in (spec.get("environment") or {}).items():
             env[key] = self.text(service, str(value))
         if "BROKER_KAFKA_PASSWORD_FILE" in env:
@@ -80,33 +78,7 @@ class Host:
 
     def start(self, service: str, spec: dict, logs: Path) -> subprocess.Popen:
         """Start the service, its output in ``logs/<service>.out`` and ``.err``."""
-        argv, env = self.argv(service, spec), self.env(service, spec)
-        with open(logs / f"{service}.out", "w") as out, open(logs / f"{service}.err", "w") as err:
-            return subprocess.Popen(argv, cwd=self.app, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def _wait(check, timeout: float, what: str, procs: dict[str, subprocess.Popen], logs: Path):
-    """Poll ``check()`` until it returns something true; fail with the dead services' logs otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        dead = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
-        if dead:
-            tails = {n: (logs / f"{n}.err").read_text()[-1500:] for n in dead}
-            pytest.fail(f"{what}: services exited {dead}:\n" + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
-        if result := check():
-            return result
-        time.sleep(1.0)
-    pytest.fail(f"{what}: not within {timeout} s")
+        return start(service, self.argv(service, spec), self.env(service, spec), self.app, logs)
 
 
 @contextmanager
@@ -128,7 +100,7 @@ def compose_up(tmp: Path) -> Iterator[tuple[Host, dict[str, subprocess.Popen], P
         assert topics.wait(120) == 0, (logs / "topics.err").read_text()[-3000:]
         procs = {name: host.start(name, services[name], logs) for name in (*STAGE_NAMES, "portal")}
         for proc in procs.values():
-            stack.callback(_stop, proc)
+            stack.callback(stop, proc)
         yield host, procs, logs
 
 
@@ -147,36 +119,21 @@ def test_the_compose_services_start_as_written_and_alerts_reach_the_subscriber_a
     assert sorted(BUILT) == built, built  # a service added to the compose file is started here too
     with compose_up(tmp_path) as (host, procs, logs):
         portal = f"http://127.0.0.1:{host.ports['portal']}"
-        _wait(lambda: _answers(f"{portal}/api/v1/health"), 120, "the portal's health", procs, logs)
+        wait_for(lambda: answers(f"{portal}/api/v1/health"), 120, "the portal's health", procs, logs)
         for stage in STAGE_NAMES:  # what the compose file's Prometheus scrapes
-            _wait(lambda s=stage: _answers(f"http://127.0.0.1:{host.ports[s]}/metrics"), 120, f"{stage}'s metrics",
+            wait_for(lambda s=stage: answers(f"http://127.0.0.1:{host.ports[s]}/metrics"), 120, f"{stage}'s metrics",
                   procs, logs)
         producer = host.start("producer", services["producer"], logs)
         assert producer.wait(600) == 0, (logs / "producer.err").read_text()[-3000:]
-        alerts = _wait(lambda: _listed(f"{portal}/api/v1/alerts"), 600, "archived alerts on the portal", procs, logs)
+        alerts = wait_for(lambda: listed(f"{portal}/api/v1/alerts"), 600, "archived alerts on the portal", procs, logs)
         subscriber = host.start("subscriber", services["subscriber"], logs)
         procs["subscriber"] = subscriber
-        _wait(lambda: (logs / "subscriber.out").read_text().count("\n") >= 1, 120, "alerts shown by the subscriber",
+        wait_for(lambda: (logs / "subscriber.out").read_text().count("\n") >= 1, 120, "alerts shown by the subscriber",
               procs, logs)
-        _stop(subscriber, signal.SIGINT)
+        stop(subscriber, signal.SIGINT)
         subjects = httpx.get(f"{host.registry}/subjects", timeout=10).json()
     assert "alerts-rubin-value" in subjects  # the alert stage registered the schema of its confluent topic
     shown = re.search(r"(\d+) shown", (logs / "subscriber.err").read_text())
     assert alerts and shown and int(shown.group(1)) >= 1, (logs / "subscriber.err").read_text()[-2000:]
     sent = (logs / "producer.out").read_text().count("sent ")
     assert sent == 20, (logs / "producer.out").read_text()[-2000:]  # broker simulate --frames 20, all sent
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _listed(url: str) -> list[dict]:
-    try:
-        response = httpx.get(url, timeout=10)
-    except httpx.HTTPError:
-        return []
-    return response.json().get("items", []) if response.status_code == 200 else []
