@@ -136,25 +136,34 @@ def _check(lab: VettedLabel) -> None:
         raise InvalidLabel(f"candidate {lab.candidate_id}: cutouts of shapes {sorted(shapes)}")
 
 
+#: Each array of a labels file: the dtype kinds it may have and its number of dimensions.
+_LAYOUT = {"x": ("f", 4), "y": ("iub", 1), "snr": ("fiu", 1), "labelled_at": ("fiu", 1), "score": ("fiu", 1),
+           "format": ("U", 0), **{k: ("U", 1) for k in _STR_KEYS}}
+#: Largest file read, in bytes of its arrays as their headers declare them (before any is loaded):
+#: 8 GiB, about 340,000 labels; a header announcing more (a 1 kB member can announce 7 TiB) is refused.
+MAX_ARRAY_BYTES = 8 << 30
+
+
 def read_labels(path: str | Path) -> dict[str, np.ndarray]:
     """Read a vetted labels file into the arrays of a training shard (and the provenance).
+
+    Every array's header is checked against :data:`_LAYOUT` and :data:`MAX_ARRAY_BYTES` before any
+    array is loaded.
 
     Raises
     ------
     InvalidLabel
-        Not a readable ``.npz``, another format, missing arrays, or arrays of unequal length,
-        labels other than 0/1, or non-finite pixels.
+        Not a readable ``.npz``, another format, missing arrays, arrays of another type, shape or
+        unequal length, arrays too large, labels other than 0/1, or non-finite pixels.
     """
     try:
+        _check_headers(path)
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as a:
-            data = {k: a[k] for k in a.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InvalidLabel(f"{path}: not a readable labels file ({exc})") from exc
-    if str(data.get("format", "")) != FORMAT:
-        raise InvalidLabel(f"{path}: format {str(data.get('format'))!r}, expected {FORMAT!r}")
-    missing = {"x", "y", "snr", "labelled_at", "score", *_STR_KEYS} - set(data)
-    if missing:
-        raise InvalidLabel(f"{path}: missing arrays {sorted(missing)}")
+            data = {k: a[k] for k in _LAYOUT}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+        raise InvalidLabel(f"{path}: not a readable labels file ({type(exc).__name__}: {exc})") from exc
+    if str(data["format"]) != FORMAT:
+        raise InvalidLabel(f"{path}: format {str(data['format'])!r}, expected {FORMAT!r}")
     n = len(data["y"])
     if data["x"].shape != (n, 3, CUTOUT_SIZE, CUTOUT_SIZE):
         raise InvalidLabel(f"{path}: x has shape {data['x'].shape} for {n} labels")
@@ -165,3 +174,26 @@ def read_labels(path: str | Path) -> dict[str, np.ndarray]:
     if not np.isfinite(data["x"]).all():
         raise InvalidLabel(f"{path}: non-finite pixels in x")
     return data
+
+
+def _check_headers(path: str | Path) -> None:
+    """Refuse a file whose arrays, as their ``.npy`` headers declare them, are missing, mistyped or too large."""
+    declared: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(member)
+            declared[name.removesuffix(".npy")] = (shape, dtype)
+    missing = set(_LAYOUT) - set(declared)
+    if missing:
+        raise InvalidLabel(f"{path}: missing arrays {sorted(missing)}")
+    for key, (kinds, ndim) in _LAYOUT.items():
+        shape, dtype = declared[key]
+        if dtype.kind not in kinds or len(shape) != ndim:
+            raise InvalidLabel(f"{path}: array {key} is {dtype} of shape {shape}, expected {ndim} dimensions "
+                               f"of kind {kinds!r}")
+    size = sum(int(np.prod(shape, dtype=object)) * dtype.itemsize for shape, dtype in declared.values())
+    if size > MAX_ARRAY_BYTES:
+        raise InvalidLabel(f"{path}: its arrays declare {size / 2**30:.1f} GiB, over {MAX_ARRAY_BYTES / 2**30:.0f} GiB")

@@ -48,3 +48,42 @@ def test_hostile_files_are_refused(tmp_path):
     for path in (junk, other, tmp_path / "absent.npz"):
         with pytest.raises(InvalidLabel):
             read_labels(path)
+
+
+def _arrays(**replaced) -> dict[str, np.ndarray]:
+    """The arrays of a valid one-label file, some replaced."""
+    from broker.labelsfile import _STR_KEYS
+
+    arrays = dict(x=np.zeros((1, 3, 63, 63), np.float16), y=np.array([1], np.uint8), snr=np.zeros(1, np.float32),
+                  labelled_at=np.zeros(1), score=np.zeros(1, np.float32), format=np.array(FORMAT),
+                  **{k: np.array(["a"]) for k in _STR_KEYS})
+    return {**arrays, **replaced}
+
+
+@pytest.mark.parametrize("replaced", [
+    {"y": np.array(1)}, {"kind": np.array("vetted")}, {"y": np.ones((1, 1), np.uint8)}, {"y": np.array([1.0])},
+    {"x": np.full((1, 3, 63, 63), "a")}, {"x": np.zeros((1, 3, 63, 63), complex)}, {"format": np.array([FORMAT])},
+], ids=["0-d labels", "0-d strings", "2-d labels", "float labels", "string pixels", "complex pixels", "1-d format"])
+def test_arrays_of_another_type_or_shape_are_refused_by_name(tmp_path, replaced):
+    """Each raised TypeError or passed unchecked (0-d arrays have no len(); strings no isfinite)."""
+    np.savez(tmp_path / "l.npz", **_arrays(**replaced))
+    (key,) = replaced
+    with pytest.raises(InvalidLabel, match=f"array {key} is"):
+        read_labels(tmp_path / "l.npz")
+
+
+def test_a_header_announcing_terabytes_is_refused_before_it_is_loaded(tmp_path):
+    """A 200-byte member whose header announces 7 TiB raised MemoryError when numpy allocated it."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f2", "fortran_order": False,
+                                                  "shape": (10**12, 3, 63, 63)})
+    np.savez(tmp_path / "l.npz", **_arrays())
+    with zipfile.ZipFile(tmp_path / "l.npz") as src, zipfile.ZipFile(tmp_path / "huge.npz", "w") as out:
+        for name in src.namelist():
+            out.writestr(name, header.getvalue() + bytes(100) if name == "x.npy" else src.read(name))
+    with pytest.raises(InvalidLabel, match="declare .* GiB"):
+        read_labels(tmp_path / "huge.npz")
+    assert read_labels(tmp_path / "l.npz")["y"].tolist() == [1]
