@@ -47,6 +47,8 @@ IMAGE = "ghcr.io/transient-broker/broker"
 CONTAINER_PATHS = ("/var/broker",)
 #: Frames the telescope sends (the first three of each field and filter build its reference).
 FRAMES = 8
+#: Replicas started of a StatefulSet, as KEDA scales it up: pods of one stage must not fence each other.
+REPLICAS = {"subtract": 2}
 
 
 def manifests() -> list[dict]:
@@ -113,14 +115,14 @@ class Cluster:
                 env[var["name"]] = self.secrets[ref["name"]][ref["key"]]
         return env
 
-    def run(self, name: str, spec: dict, logs: Path) -> subprocess.Popen:
-        """Start the first replica of a workload (pod ``<name>-0``)."""
+    def run(self, name: str, spec: dict, logs: Path, replica: int = 0) -> subprocess.Popen:
+        """Start one replica of a workload: pod ``<name>-<replica>``, its port and logs under that name."""
         (container,) = spec["containers"]
-        pod = f"{name}-0"
+        pod = f"{name}-{replica}"
         mounts = self.mounts(pod, spec, container)
         argv = [*container.get("command", ["broker"]), *container.get("args", [])]
-        argv = [str(self.ports.setdefault(name, free_port())) if a == "8000" else self.text(a, mounts) for a in argv]
-        return start(name, argv, self.env_of(pod, container, mounts), self.root, logs)
+        argv = [str(self.ports.setdefault(pod, free_port())) if a == "8000" else self.text(a, mounts) for a in argv]
+        return start(pod, argv, self.env_of(pod, container, mounts), self.root, logs)
 
 
 def workloads(docs: list[dict]) -> dict[str, dict]:
@@ -212,7 +214,8 @@ def cluster_up(tmp: Path) -> Iterator[tuple[Cluster, dict, dict[str, subprocess.
         config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
         cluster = Cluster(tmp, services, secret_data, config_maps, aws)
         create_topics(docs, kafka.settings("admin").admin())
-        procs = {name: cluster.run(name, spec, logs) for name, spec in workloads(docs).items()}
+        procs = {f"{name}-{i}": cluster.run(name, spec, logs, i) for name, spec in workloads(docs).items()
+                 for i in range(REPLICAS.get(name, 1))}
         for proc in procs.values():
             stack.callback(stop, proc)
         yield cluster, {"kafka": kafka, "registry": registry, "store": store, "db": db}, procs, logs
@@ -230,10 +233,11 @@ def test_the_k8s_workloads_start_as_written_and_a_night_reaches_the_archive_hist
     import psycopg
 
     with cluster_up(tmp_path) as (cluster, parts, procs, logs):
-        assert sorted(procs) == ["alert", "archive", "classify", "ingest", "portal", "score", "subtract"]
-        portal = f"http://127.0.0.1:{cluster.ports['portal']}"
+        assert sorted(procs) == ["alert-0", "archive-0", "classify-0", "ingest-0", "portal-0", "score-0",
+                                 "subtract-0", "subtract-1"]
+        portal = f"http://127.0.0.1:{cluster.ports['portal-0']}"
         wait_for(lambda: answers(f"{portal}/api/v1/health"), 120, "the portal's readiness probe", procs, logs)
-        for stage in set(procs) - {"portal"}:  # what the PodMonitor scrapes
+        for stage in set(procs) - {"portal-0"}:  # what the PodMonitor scrapes
             wait_for(lambda s=stage: answers(f"http://127.0.0.1:{cluster.ports[s]}/metrics"), 120, f"{stage}'s metrics",
                      procs, logs)
         kafka = parts["kafka"]
@@ -255,6 +259,12 @@ def test_the_k8s_workloads_start_as_written_and_a_night_reaches_the_archive_hist
         subjects = httpx.get(f"{parts['registry'].url}/subjects", timeout=10).json()
         for proc in procs.values():
             stop(proc, signal.SIGTERM)
+        exits = {name: proc.returncode for name, proc in procs.items()}
+    # each stage pod ran until its SIGTERM and stopped cleanly, none fenced by another; uvicorn re-raises
+    # the SIGTERM once it has shut the portal down (Kubernetes reads 143, a normal stop)
+    portal_exit = exits.pop("portal-0")
+    assert set(exits.values()) == {0}, exits
+    assert portal_exit in (0, -signal.SIGTERM) and "shutdown complete" in (logs / "portal-0.err").read_text()
     assert alerts and any(a.endswith(".parquet") for a in archived), archived
     assert subscriber.returncode == 0 and "3 shown" in subscriber.stderr, subscriber.stderr[-2000:]
     assert rows["frames"] == FRAMES and rows["objects"] > 0 and rows["detections"] >= rows["objects"], rows
