@@ -426,8 +426,8 @@ def inflate(payload: bytes, limit: int = 0) -> bytes:
 
     A gzip bomb is refused after ``limit`` bytes, not held in memory whole. Concatenated gzip
     members are read in turn. Frames (:func:`gunzipped`), alert stamps
-    (:func:`broker.normalise.decode_stamp`) and subscribers' cutouts (:mod:`streams.triplet_png`)
-    are inflated here.
+    (:func:`broker.normalise.decode_stamp`), subscribers' cutouts (:mod:`streams.triplet_png`) and
+    the portal's FITS cutouts (:mod:`streams.web.render`) are inflated here.
 
     Raises
     ------

@@ -13,8 +13,7 @@ Per connection: the TLS handshake (optionally with a client certificate checked 
 then ``ApiVersions`` forwarded to tansu, ``SaslHandshake`` and ``SaslAuthenticate`` answered here
 (RFC 5802 SCRAM against salted credentials from the users file: no password is stored; PLAIN, as
 Kafka's administrator uses on docker-compose.yml's internal listener, is checked against the same
-credentials), then, once
-authenticated, the bytes piped both ways. Any other request before authentication closes the
+credentials), then, once authenticated, the bytes piped both ways. Any other request before authentication closes the
 connection. Metadata needs no rewriting: tansu advertises the gateway's address.
 
 Limits: no ACLs (every authenticated user may do anything, as on tansu); no re-authentication
