@@ -24,8 +24,8 @@ def base_env() -> dict[str, str]:
 
 
 def start(name: str, argv: list[str], env: dict[str, str], cwd: Path, logs: Path) -> subprocess.Popen:
-    """Start one workload, its output in ``logs/<name>.out`` and ``.err``."""
-    with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+    """Start one workload, its output appended to ``logs/<name>.out`` and ``.err``."""
+    with open(logs / f"{name}.out", "a") as out, open(logs / f"{name}.err", "a") as err:  # a restart appends
         return subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
 
 
