@@ -212,12 +212,12 @@ class ScrapedRun:
 
 
 @contextmanager
-def _portal(state_dir: Path) -> Iterator[str]:
+def _portal(state_dir: Path, *options: str) -> Iterator[str]:
     """``broker serve`` on ``state_dir`` (the run's) on a free port: its ``host:port``; stopped on exit."""
     from bench.portal import start_server
 
     port = free_port()
-    proc = start_server(state_dir, port)
+    proc = start_server(state_dir, port, *options)
     try:
         yield f"127.0.0.1:{port}"
     finally:
@@ -231,13 +231,14 @@ def _portal(state_dir: Path) -> Iterator[str]:
 
 @contextmanager
 def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: int = 0, garbage_every: int = 0,
-                seed: int = 3) -> Iterator[ScrapedRun]:
+                seed: int = 3, portal_options: tuple[str, ...] = ()) -> Iterator[ScrapedRun]:
     """Run every stage on small simulated frames while Prometheus scrapes them; yield when drained.
 
     ``n_frames`` frames of 512x512 of one field (the first 3 build the reference, the rest are
     subtracted) are sent ``interval`` s apart, then ``burst`` more at once. An undecodable record
     on ``frames`` goes first (dead-lettered by ingest, so the dead-letter series exist) and another
-    before every ``garbage_every``-th frame (0: none). Stages and Prometheus are stopped on exit.
+    before every ``garbage_every``-th frame (0: none). The portal runs with ``portal_options``
+    (``broker serve`` options). Stages and Prometheus are stopped on exit.
     """
     from broker.simulate import SimConfig, SkySimulator
     from streams import topics
@@ -258,7 +259,7 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
         procs = start_stages(kafka.bootstrap, settings.app_id, workdir)
         stack.callback(stop_stages, procs)
         targets = metrics_targets(workdir / "logs", STAGE_NAMES)
-        portal = stack.enter_context(_portal(workdir / "state"))
+        portal = stack.enter_context(_portal(workdir / "state", *portal_options))
         prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal))
         run = ScrapedRun(prom, kafka.bootstrap, targets, portal, started, dict(zip(STAGE_NAMES, procs, strict=True)))
         # every series a stage exports from its start has a first sample before any message

@@ -42,11 +42,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(state_dir: Path, port: int) -> subprocess.Popen:
-    """``broker serve`` on ``state_dir``, once its health endpoint answers."""
+def start_server(state_dir: Path, port: int, *options: str) -> subprocess.Popen:
+    """``broker serve`` on ``state_dir`` with ``options``, once its health endpoint answers."""
     # one address stands for many users here: no per-client budget, the default bound on work in hand
     cmd = [sys.executable, "-m", "streams.cli", "serve", "--state-dir", str(state_dir), "--port", str(port),
-           "--client-work-s", "1e9"]
+           "--client-work-s", "1e9", *options]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120

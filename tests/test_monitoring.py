@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -93,7 +94,8 @@ def run(tmp_path_factory):
     """
     if prometheus_binary() is None:
         pytest.skip("prometheus is not installed (Debian package prometheus: apt-get install prometheus)")
-    with scraped_run(tmp_path_factory.mktemp("monitoring"), interval=1.0) as run:  # frames over a few scrapes
+    # one slot of costly work in the portal, so that a burst of image requests overruns it (BrokerPortalBusy)
+    with scraped_run(tmp_path_factory.mktemp("monitoring"), interval=1.0, portal_options=("--max-costly", "1")) as run:
         # the drained state reaches the gauges within 1 s and Prometheus within the next scrape
         run.prometheus.wait_for(f"count(sum by (stage) (broker_consumer_lag) == 0) == {len(STAGE_NAMES)}", timeout=20)
         wait_for_dashboard_data(run.prometheus, timeout=20)
@@ -161,6 +163,36 @@ def test_the_deployment_rules_evaluate_on_the_live_series_and_none_fires(run):
     assert all(r["health"] == "ok" for r in rules), json.dumps(rules, indent=1)[:4000]
     firing = run.prometheus.query('ALERTS{alertstate="firing"}')
     assert not firing, firing
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_a_burst_the_portal_refuses_as_busy_puts_the_deployed_portal_busy_rule_in_pending(run):
+    """The deployed BrokerPortalBusy, on the live scrape, goes pending once the portal refuses costly work.
+
+    96 triplet PNGs at once from 96 addresses (``X-Forwarded-For``, which uvicorn believes from the
+    local host) against one slot of costly work: those that would wait past ``costly_wait_s`` are
+    answered 503 ``busy``. Firing takes the rule's ``for: 10m`` more (promtool's unit tests show that).
+    """
+    import httpx
+
+    portal = f"http://{run.portal}"
+    (alert,) = httpx.get(f"{portal}/api/v1/alerts", params={"limit": 1}, timeout=30).json()["items"]
+
+    def get(i: int) -> int:
+        headers = {"X-Forwarded-For": f"198.51.100.{i}"}
+        return httpx.get(f"{portal}/api/v1/alerts/{alert['alert_id']}/triplet.png", headers=headers,
+                         timeout=120).status_code
+
+    with ThreadPoolExecutor(96) as pool:
+        answers = list(pool.map(get, range(96)))
+    assert answers.count(503) >= 20 and set(answers) == {200, 503}, answers
+    query = f'ALERTS{{alertname="BrokerPortalBusy", instance="{run.portal}"}}'
+    (active,) = run.prometheus.wait_for(query, timeout=30)
+    assert active["metric"]["alertstate"] == "pending" and active["metric"]["severity"] == "warning", active
+    busy = f'portal_refused_total{{instance="{run.portal}", limit="busy"}} == {answers.count(503)}'
+    assert run.prometheus.wait_for(busy, timeout=10), "every 503 is counted as busy"
 
 
 @pytest.mark.kafka
