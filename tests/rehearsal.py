@@ -45,14 +45,19 @@ def wait_for(check: Callable[[], Any], timeout: float, what: str, procs: dict[st
     """Poll ``check()`` until it returns something true; fail with the logs of workloads that exited otherwise."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        dead = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
-        if dead:
-            tails = {n: (logs / f"{n}.err").read_text()[-1500:] for n in dead}
-            pytest.fail(f"{what}: workloads exited {dead}:\n" + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
+        running(procs, logs, what)
         if result := check():
             return result
         time.sleep(1.0)
     pytest.fail(f"{what}: not within {timeout} s")
+
+
+def running(procs: dict[str, subprocess.Popen], logs: Path, what: str) -> None:
+    """Fail with the logs of the workloads that exited with an error, if any."""
+    dead = {n: p.returncode for n, p in procs.items() if p.poll() not in (None, 0)}
+    if dead:
+        tails = {n: (logs / f"{n}.err").read_text()[-1500:] for n in dead}
+        pytest.fail(f"{what}: workloads exited {dead}:\n" + "\n".join(f"--- {n}\n{t}" for n, t in tails.items()))
 
 
 def answers(url: str) -> bool:

@@ -82,12 +82,11 @@ class Host:
 
 
 @contextmanager
-def compose_up(tmp: Path) -> Iterator[tuple[Host, dict[str, subprocess.Popen], Path]]:
-    """``docker compose up`` of the built services, with the topics created first; stopped on exit."""
+def compose_up(compose: dict, tmp: Path) -> Iterator[tuple[Host, dict[str, subprocess.Popen], Path]]:
+    """``docker compose up`` of the built services of ``compose``, the topics created first; stopped on exit."""
     from streams.registry import EmbeddedRegistry
     from streams.secure_embedded import SecureEmbeddedKafka
 
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services, logs = compose["services"], tmp / "logs"
     (tmp / "app" / "var").mkdir(parents=True)
     logs.mkdir()
@@ -117,7 +116,7 @@ def test_the_compose_services_start_as_written_and_alerts_reach_the_subscriber_a
     services = compose["services"]
     built = sorted(n for n, s in services.items() if s.get("build") == ".")
     assert sorted(BUILT) == built, built  # a service added to the compose file is started here too
-    with compose_up(tmp_path) as (host, procs, logs):
+    with compose_up(compose, tmp_path) as (host, procs, logs):
         portal = f"http://127.0.0.1:{host.ports['portal']}"
         wait_for(lambda: answers(f"{portal}/api/v1/health"), 120, "the portal's health", procs, logs)
         for stage in STAGE_NAMES:  # what the compose file's Prometheus scrapes

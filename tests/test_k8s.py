@@ -38,7 +38,7 @@ import pytest
 from streams.embedded import free_port
 from streams.runner import FAILPOINT_ENV
 from tests import pg
-from tests.rehearsal import answers, base_env, listed, start, stop, wait_for
+from tests.rehearsal import answers, base_env, listed, running, start, stop, wait_for
 
 yaml = pytest.importorskip("yaml")
 pytest.importorskip("moto.server", reason="moto's S3 server (pip install 'moto[server]') stands in for the store")
@@ -224,8 +224,13 @@ def cluster_up(tmp: Path) -> Iterator[tuple[Cluster, dict, dict[str, subprocess.
         specs = workloads(docs)
         procs = {f"{name}-{i}": cluster.run(name, spec, logs, i, CRASH if name == "subtract" else None)
                  for name, spec in specs.items() for i in range(REPLICAS.get(name, 1))}
-        stack.callback(lambda: [stop(proc) for proc in procs.values()])  # the restarted ones too
+        stack.callback(_stop_all, procs)  # the restarted ones too
         yield cluster, {"kafka": kafka, "registry": registry, "store": store, "db": db, "specs": specs}, procs, logs
+
+
+def _stop_all(procs: dict[str, subprocess.Popen]) -> None:
+    for proc in procs.values():
+        stop(proc)
 
 
 def send_frames(kafka, folder: Path) -> None:
@@ -256,7 +261,7 @@ def until_drained(cluster: Cluster, parts: dict, procs: dict[str, subprocess.Pop
             if pod.startswith("subtract-") and proc.poll() == -signal.SIGKILL and restarted.count(pod) < 2:
                 procs[pod] = cluster.run("subtract", parts["specs"]["subtract"], logs, int(pod.rsplit("-", 1)[1]))
                 restarted.append(pod)
-        wait_for(lambda: True, 1, "running pods", procs, logs)  # fails on any other exit
+        running(procs, logs, "draining")  # any other exit fails
         ledger = _ledger_frames(parts["db"])
         read = _subscribed(parts["kafka"]) if ledger == FRAMES else None
         if read and read == last:
