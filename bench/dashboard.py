@@ -27,6 +27,11 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.simulate import SimConfig
+    from streams.embedded import EmbeddedKafka
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -202,11 +207,12 @@ class ScrapedRun:
     """A pipeline run on the embedded broker whose stages a :class:`LocalPrometheus` scrapes."""
 
     prometheus: LocalPrometheus
-    bootstrap: str
+    kafka: EmbeddedKafka  # the run's broker (stopping it is an outage of Kafka)
     targets: dict[str, str]  # stage -> host:port of its /metrics
     portal: str  # host:port of the portal (broker serve) on the run's state folder
     started: float  # Unix s, when the stages were started
     processes: dict[str, subprocess.Popen]  # stage -> its process
+    frame_store: str  # root of the frame store the stages read
     frames: list[str] = field(default_factory=list)  # frame ids published
     garbage: int = 0  # undecodable records published
 
@@ -229,6 +235,14 @@ def _portal(state_dir: Path, *options: str) -> Iterator[str]:
             proc.wait(5)
 
 
+def sky_config() -> SimConfig:
+    """The simulated sky of :func:`scraped_run`: frames of 512x512 of one field, ``F001``."""
+    from broker.simulate import SimConfig
+
+    return SimConfig(shape=(512, 512), fields=("F001",), n_stars=250, n_galaxies=25, n_transients=6,
+                     n_variables=4, n_moving=1, n_cosmic_rays=10.0)
+
+
 @contextmanager
 def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: int = 0, garbage_every: int = 0,
                 seed: int = 3, portal_options: tuple[str, ...] = ()) -> Iterator[ScrapedRun]:
@@ -240,7 +254,7 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
     before every ``garbage_every``-th frame (0: none). The portal runs with ``portal_options``
     (``broker serve`` options). Stages and Prometheus are stopped on exit.
     """
-    from broker.simulate import SimConfig, SkySimulator
+    from broker.simulate import SkySimulator
     from streams import topics
     from streams.demo import start_stages, stop_stages, wait_until_drained
     from streams.embedded import EmbeddedKafka
@@ -249,8 +263,7 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
     from streams.settings import KafkaSettings
     from streams.stages import STAGE_NAMES, pipeline_topics
 
-    sim = SimConfig(shape=(512, 512), fields=("F001",), n_stars=250, n_galaxies=25, n_transients=6,
-                    n_variables=4, n_moving=1, n_cosmic_rays=10.0)
+    sim = sky_config()
     with ExitStack() as stack:
         kafka = stack.enter_context(EmbeddedKafka())
         settings = KafkaSettings(kafka.bootstrap, app_id="monitoring")
@@ -261,11 +274,12 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
         targets = metrics_targets(workdir / "logs", STAGE_NAMES)
         portal = stack.enter_context(_portal(workdir / "state", *portal_options))
         prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal))
-        run = ScrapedRun(prom, kafka.bootstrap, targets, portal, started, dict(zip(STAGE_NAMES, procs, strict=True)))
+        run = ScrapedRun(prom, kafka, targets, portal, started, dict(zip(STAGE_NAMES, procs, strict=True)),
+                         str(workdir / "frames"))
         # every series a stage exports from its start has a first sample before any message
         prom.wait_for(f'count(up{{job="{STAGES_JOB}"}} == 1) == {len(targets)}', timeout=30)
         prom.wait_for(f'up{{job="{PORTAL_JOB}"}} == 1', timeout=30)
-        producer = FrameProducer(settings, FrameStore(str(workdir / "frames")), 8 << 20, 1 << 30)
+        producer = FrameProducer(settings, FrameStore(run.frame_store), 8 << 20, 1 << 30)
         for i, (frame, truth) in enumerate(SkySimulator(sim, seed=seed).frames(n_frames + burst)):
             if 0 < i < n_frames and interval:
                 time.sleep(interval)

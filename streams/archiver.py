@@ -165,7 +165,7 @@ class Archiver:
             log.warning("%s: deleted %d file(s) of a batch that never committed: %s", self.stage, len(removed),
                         removed)
             self.archive_metrics.orphans.labels(self.stage).inc(len(removed))
-        consumer = Consumer(self.settings.consumer(self.stage))
+        consumer = Consumer(self.metrics.watching(self.settings.consumer(self.stage)))
         self._producer = Producer(self.settings.producer())
         consumer.subscribe([self.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         done, last = 0, time.monotonic()

@@ -16,6 +16,8 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 3
 # from bucket edges rather than interpolated across a wide bucket.
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120, 300, 600)
 _COUNT_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+#: Interval of the consumers' statistics reports, which set ``broker_kafka_brokers_up`` (ms).
+STATISTICS_MS = 15_000
 
 
 class StageMetrics:
@@ -59,6 +61,13 @@ class StageMetrics:
         for metric in (self.messages_in, self.duplicates, self.aborts, self.duration, self.latency):
             metric.labels(stage)  # exported as 0 from the start: rates and absent() see an idle stage
         self._lag = ConsumerLag(self.lag, stage)
+
+    def watching(self, consumer_config: dict) -> dict:
+        """``consumer_config`` plus librdkafka statistics every :data:`STATISTICS_MS` into :meth:`observe_statistics`.
+
+        Every stage's consumer is built with it, so each stage exports ``broker_kafka_brokers_up``.
+        """
+        return {**consumer_config, "statistics.interval.ms": STATISTICS_MS, "stats_cb": self.observe_statistics}
 
     def observe_statistics(self, stats_json: str) -> None:
         """Set ``broker_kafka_brokers_up`` from a librdkafka statistics report (its ``stats_cb`` argument).

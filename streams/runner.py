@@ -76,8 +76,6 @@ EXIT_HUNG = 4
 #: history that stays down takes ``[history] connect_timeout_s`` (60 s) per try on top: together under
 #: the consumer's 300 s ``max.poll.interval.ms``, so the stage keeps its partitions while it waits.
 OUTAGE_WAITS_S = (1.0, 5.0, 15.0, 30.0, 60.0)
-#: Interval of the consumer's statistics reports, which set ``broker_kafka_brokers_up`` (ms).
-STATISTICS_MS = 15_000
 
 
 @contextmanager
@@ -358,8 +356,7 @@ class StageRunner:
         KafkaException
             A fatal Kafka error (e.g. fenced by a newer instance of the stage).
         """
-        consumer = Consumer({**self.settings.consumer(self.stage), "statistics.interval.ms": STATISTICS_MS,
-                             "stats_cb": self.metrics.observe_statistics})
+        consumer = Consumer(self.metrics.watching(self.settings.consumer(self.stage)))
         producer = Producer(self.settings.producer(f"{self.stage}.{self.instance}"))
         producer.init_transactions(30)
         consumer.subscribe([self.input_topic], on_assign=lambda _, ps: self.dedup.assigned(ps),

@@ -22,8 +22,10 @@ from bench.dashboard import (  # noqa: E402
     finite,
     prometheus_binary,
     scraped_run,
+    sky_config,
     wait_for_dashboard_data,
 )
+from streams.framestore import FrameStore  # noqa: E402
 from streams.metrics import StageMetrics  # noqa: E402
 from streams.stages import STAGE_NAMES  # noqa: E402
 
@@ -32,6 +34,10 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = ("BrokerStageDown", "BrokerStageMissing", "BrokerConsumerLagGrowing", "BrokerDeadLetterRate",
           "BrokerAlertLatencyOverSLO", "BrokerUnexpectedErrors", "BrokerLineageRejected", "BrokerKafkaUnreachable",
           "BrokerStageWaitingOnOutage", "BrokerStageRestarting", "BrokerPortalBusy")
+
+#: Counters that follow a frame from ingest to the published alerts.
+_FLOW = (("broker_messages_in_total", "ingest"), ("broker_errors_total", "ingest"),
+         ("broker_messages_out_total", "alert"))
 
 
 def _promtool() -> str:
@@ -145,6 +151,16 @@ def test_every_stage_exports_its_consumer_lag_and_a_drained_run_reads_zero(run):
 @pytest.mark.kafka
 @pytest.mark.prometheus
 @pytest.mark.slow
+def test_every_stage_reports_its_kafka_connection(run):
+    """``broker_kafka_brokers_up`` (read by BrokerKafkaUnreachable), from each stage's consumer statistics."""
+    (count,) = run.prometheus.wait_for(f"count(broker_kafka_brokers_up == 1) == {len(STAGE_NAMES)}", timeout=20)
+    up = run.prometheus.query("broker_kafka_brokers_up")
+    assert sorted(u["metric"]["stage"] for u in up) == sorted(STAGE_NAMES)  # one broker, embedded
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
 def test_the_garbage_record_is_a_dead_letter_and_messages_add_up(run):
     q = run.prometheus.query
     assert finite(q('broker_errors_total{stage="ingest", reason="decode"}')) == [1.0]
@@ -195,13 +211,67 @@ def test_a_burst_the_portal_refuses_as_busy_puts_the_deployed_portal_busy_rule_i
     assert run.prometheus.wait_for(busy, timeout=10), "every 503 is counted as busy"
 
 
+class _MountLostAfterPut(FrameStore):
+    """The run's frame store, whose root stops answering (a link loop, as a stale mount) right after a write."""
+
+    def put(self, payload: bytes) -> tuple[str, str]:
+        out = super().put(payload)
+        root = Path(self.root)
+        root.rename(f"{root}.kept")
+        Path(f"{root}.loop").symlink_to(root)
+        root.symlink_to(f"{root}.loop")
+        return out
+
+
+def _restore(root: str) -> None:
+    Path(root).unlink()
+    Path(f"{root}.loop").unlink()
+    Path(f"{root}.kept").rename(root)
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_a_frame_store_outage_puts_the_deployed_waiting_rule_in_pending_and_the_frame_goes_through_after(run):
+    """A frame sent through the store while the store does not answer: ingest keeps it and retries.
+
+    BrokerStageWaitingOnOutage goes pending for ingest with the outage's reason (firing takes its ``for: 5m``
+    more; promtool's unit tests show that); once the store answers again, the kept frame is ingested, not
+    dead-lettered, and its alerts are published.
+    """
+    from broker.simulate import SkySimulator
+    from streams.producer import FrameProducer
+    from streams.settings import KafkaSettings
+
+    q = run.prometheus.query
+    before = {(name, stage): finite(q(f'sum({name}{{stage="{stage}"}})')) for name, stage in _FLOW}
+    *_, (frame, _) = SkySimulator(sky_config(), seed=3).frames(len(run.frames) + 1)
+    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"),
+                             _MountLostAfterPut(run.frame_store), 0, 1 << 30)  # inline limit 0: through the store
+    try:
+        producer.publish_frame(frame)
+        producer.flush()
+        rule = 'ALERTS{alertname="BrokerStageWaitingOnOutage", stage="ingest", reason="frame_store_unavailable"}'
+        (active,) = run.prometheus.wait_for(rule, timeout=30)
+        assert active["metric"]["alertstate"] == "pending" and active["metric"]["severity"] == "critical", active
+    finally:
+        _restore(run.frame_store)
+        del producer  # flushed: closed now, not after the broker is gone
+    for name, stage in (_FLOW[0], _FLOW[2]):  # the kept frame, then its alerts (retries are 1, 5, 15, 30 s apart)
+        run.prometheus.wait_for(f'sum({name}{{stage="{stage}"}}) > {before[(name, stage)][0]}', timeout=90)
+    after = {(name, stage): finite(q(f'sum({name}{{stage="{stage}"}})')) for name, stage in _FLOW}
+    assert after[("broker_messages_in_total", "ingest")] == [before[("broker_messages_in_total", "ingest")][0] + 1]
+    assert after[("broker_errors_total", "ingest")] == before[("broker_errors_total", "ingest")]  # not dead-lettered
+    assert after[("broker_messages_out_total", "alert")] > before[("broker_messages_out_total", "alert")]
+
+
 @pytest.mark.kafka
 @pytest.mark.prometheus
 @pytest.mark.slow
 def test_a_stage_that_stops_puts_the_deployed_stage_down_rule_in_pending(run):
     """The deployed BrokerStageDown, evaluated by Prometheus on the live scrape, goes pending for that stage.
 
-    Firing takes the rule's ``for: 2m`` more (promtool's unit tests show that). Runs last: it stops a stage.
+    Firing takes the rule's ``for: 2m`` more (promtool's unit tests show that). Runs last but one: it stops a stage.
     """
     stage = "alert"
     run.processes[stage].terminate()
@@ -212,3 +282,26 @@ def test_a_stage_that_stops_puts_the_deployed_stage_down_rule_in_pending(run):
     assert active["metric"]["alertstate"] == "pending" and active["metric"]["severity"] == "critical", active
     others = run.prometheus.query('ALERTS{alertname="BrokerStageDown"}')
     assert [a["metric"]["instance"] for a in others] == [run.targets[stage]]  # the other stages stay up
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_kafka_gone_puts_the_deployed_kafka_unreachable_rule_in_pending_and_every_stage_waits(run):
+    """With the broker stopped, each running stage reports no broker up and BrokerKafkaUnreachable goes pending.
+
+    The stages' ``up`` stays 1 (they keep running and answer scrapes), so only ``broker_kafka_brokers_up``, set
+    from librdkafka's statistics every 15 s, shows the outage. Firing takes the rule's ``for: 2m`` more
+    (promtool's unit tests show that). Runs last: it stops the broker.
+    """
+    running = sorted(s for s, p in run.processes.items() if p.poll() is None)
+    assert len(running) >= 5  # the stage-down test stops one
+    run.kafka.stop()
+    query = 'ALERTS{alertname="BrokerKafkaUnreachable"}'
+    run.prometheus.wait_for(f"count({query}) == {len(running)}", timeout=60)
+    active = run.prometheus.query(query)
+    assert sorted(a["metric"]["stage"] for a in active) == running
+    assert {(a["metric"]["alertstate"], a["metric"]["severity"]) for a in active} == {("pending", "critical")}
+    assert [s for s in running if run.processes[s].poll() is not None] == []  # no stage exits for an outage
+    up = run.prometheus.query('up{job="broker-stages"} == 1')
+    assert sorted(u["metric"]["instance"] for u in up) == sorted(run.targets[s] for s in running)

@@ -168,7 +168,7 @@ def test_a_running_stage_reports_its_kafka_connection(settings, monkeypatch):
     from streams import topics
     from streams.runner import StageRunner
 
-    monkeypatch.setattr("streams.runner.STATISTICS_MS", 200)
+    monkeypatch.setattr("streams.metrics.STATISTICS_MS", 200)
     src = f"stats-{uuid.uuid4().hex[:8]}"
     topics.create_topics(settings.bootstrap, [topics.TopicSpec(src)])
     runner = StageRunner("stats", src, lambda msg: [], settings)
