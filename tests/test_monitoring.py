@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -211,6 +212,34 @@ def test_a_burst_the_portal_refuses_as_busy_puts_the_deployed_portal_busy_rule_i
     assert run.prometheus.wait_for(busy, timeout=10), "every 503 is counted as busy"
 
 
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_hostile_records_put_the_deployed_dead_letter_and_lineage_rules_in_action(run):
+    """Six undecodable records on ``frames``, each with a forged lineage (``src``) header.
+
+    Ingest ignores the claims (it has no upstream topic) and dead-letters the records: BrokerLineageRejected
+    fires at once (it has no ``for``), and BrokerDeadLetterRate goes pending (7 of 12 inputs dead-lettered in
+    10 min; firing takes its ``for: 10m`` more).
+    """
+    from confluent_kafka import Producer
+
+    from streams.producer import frame_headers
+
+    producer = Producer({"bootstrap.servers": run.kafka.bootstrap})
+    for i in range(6):
+        producer.produce("frames", b"\x00not an avro frame record", b"TEST/F001",
+                         headers={**frame_headers(time.time()), "src": f"subtracted:0:{i}".encode()})
+    assert producer.flush(30) == 0
+    del producer
+    lineage = run.prometheus.wait_for('ALERTS{alertname="BrokerLineageRejected", alertstate="firing"}', timeout=30)
+    assert [(a["metric"]["stage"], a["metric"]["reason"]) for a in lineage] == [("ingest", "wrong_topic")]
+    (dead,) = run.prometheus.wait_for('ALERTS{alertname="BrokerDeadLetterRate"}', timeout=30)
+    assert (dead["metric"]["stage"], dead["metric"]["alertstate"]) == ("ingest", "pending"), dead
+    errors = run.prometheus.query('broker_errors_total{stage="ingest"}')
+    assert {e["metric"]["reason"]: finite([e])[0] for e in errors} == {"decode": 7.0}
+
+
 class _MountLostAfterPut(FrameStore):
     """The run's frame store, whose root stops answering (a link loop, as a stale mount) right after a write."""
 
@@ -249,7 +278,7 @@ def test_a_frame_store_outage_puts_the_deployed_waiting_rule_in_pending_and_the_
     producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"),
                              _MountLostAfterPut(run.frame_store), 0, 1 << 30)  # inline limit 0: through the store
     try:
-        producer.publish_frame(frame)
+        producer.publish_frame(frame, time.time())
         producer.flush()
         rule = 'ALERTS{alertname="BrokerStageWaitingOnOutage", stage="ingest", reason="frame_store_unavailable"}'
         (active,) = run.prometheus.wait_for(rule, timeout=30)
@@ -263,6 +292,31 @@ def test_a_frame_store_outage_puts_the_deployed_waiting_rule_in_pending_and_the_
     assert after[("broker_messages_in_total", "ingest")] == [before[("broker_messages_in_total", "ingest")][0] + 1]
     assert after[("broker_errors_total", "ingest")] == before[("broker_errors_total", "ingest")]  # not dead-lettered
     assert after[("broker_messages_out_total", "alert")] > before[("broker_messages_out_total", "alert")]
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_a_frame_delivered_late_puts_the_deployed_latency_slo_rule_in_pending(run):
+    """A frame sent 5 min after its shutter closed (a telescope's uplink was down): its alerts are 5 min late.
+
+    They are most of the run's alerts of the last 10 minutes, so the p95 latency is over the 60 s SLO and
+    BrokerAlertLatencyOverSLO goes pending (firing takes its ``for: 10m`` more).
+    """
+    from broker.simulate import SkySimulator
+    from streams.producer import FrameProducer
+    from streams.settings import KafkaSettings
+
+    rule = 'ALERTS{alertname="BrokerAlertLatencyOverSLO"}'
+    assert not run.prometheus.query(rule)
+    *_, (frame, _) = SkySimulator(sky_config(), seed=3).frames(len(run.frames) + 2)
+    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"), FrameStore(run.frame_store),
+                             8 << 20, 1 << 30)
+    producer.publish_frame(frame, time.time() - 300)
+    producer.flush()
+    del producer
+    (active,) = run.prometheus.wait_for(rule, timeout=90)
+    assert (active["metric"]["alertstate"], active["metric"]["severity"]) == ("pending", "critical"), active
 
 
 @pytest.mark.kafka
