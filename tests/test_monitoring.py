@@ -322,8 +322,8 @@ def test_a_frame_delivered_late_puts_the_deployed_latency_slo_rule_in_pending(ru
 @pytest.mark.kafka
 @pytest.mark.prometheus
 @pytest.mark.slow
-def test_a_stage_that_stops_puts_the_deployed_stage_down_rule_in_pending(run):
-    """The deployed BrokerStageDown, evaluated by Prometheus on the live scrape, goes pending for that stage.
+def test_a_stage_that_stops_puts_the_deployed_stage_down_and_missing_rules_in_pending(run):
+    """The deployed BrokerStageDown and BrokerStageMissing, evaluated by Prometheus on the live scrape, go pending.
 
     Firing takes the rule's ``for: 2m`` more (promtool's unit tests show that). Runs last but one: it stops a stage.
     """
@@ -336,6 +336,9 @@ def test_a_stage_that_stops_puts_the_deployed_stage_down_rule_in_pending(run):
     assert active["metric"]["alertstate"] == "pending" and active["metric"]["severity"] == "critical", active
     others = run.prometheus.query('ALERTS{alertname="BrokerStageDown"}')
     assert [a["metric"]["instance"] for a in others] == [run.targets[stage]]  # the other stages stay up
+    # its series went stale with the failed scrape: no replica of the stage is left
+    (missing,) = run.prometheus.wait_for('ALERTS{alertname="BrokerStageMissing"}', timeout=30)
+    assert (missing["metric"]["stage"], missing["metric"]["alertstate"]) == (stage, "pending"), missing
 
 
 @pytest.mark.kafka
