@@ -33,7 +33,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from broker.catalog import CatalogStars, cone, index_files
-from broker.errors import ConfigError, PoorAstrometry, SolverUnavailable, UnsolvableField
+from broker.errors import ConfigError, NoSolution, PoorAstrometry, SolverUnavailable, UnsolvableField
 from broker.stars import StarList
 
 #: WCS statuses written to ``WCSSTAT``.
@@ -86,6 +86,16 @@ class AstrometryConfig:
         stars are near saturation); a wrong one matches nothing.
     min_matches : int
         Fewest matched catalogue stars for a WCS to count as verified (count).
+    backoff_after : int
+        Frames of one telescope in a row that solve-field ran on and found no solution, after which
+        its frames are dead-lettered ``solver_backoff`` without a solve for ``backoff_s``
+        (:mod:`broker.solvebackoff`); 0: never. 5: a wrong scale or pointing hint in a telescope's
+        headers, or a night of cloud with a few stars, costs five frames of up to ~45 s each
+        (above) before the stage stops spending them on that telescope.
+    backoff_s : float
+        Seconds after the last failed solve before one frame of that telescope is tried again; a
+        solution ends the back-off. 300 s: a few frames of a telescope taking exposures every
+        30-60 s, so a fixed configuration or a clear sky is noticed within ~5 minutes.
     """
 
     solver: str = "solve-field"
@@ -101,6 +111,8 @@ class AstrometryConfig:
     search_radius_px: float = 12.0
     max_residual_px: float = 1.5
     min_matches: int = 5
+    backoff_after: int = 5
+    backoff_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_sources < 1:  # 0 was a ValueError of the star finder on every frame
@@ -353,7 +365,7 @@ def plate_solve(stars: StarList, shape: tuple[int, int], hint: tuple[float, floa
     if header is None:
         scale_text = f"{scale:.3g}\"/px" if scale is not None else "any scale"
         used = min(len(stars), config.max_sources)
-        raise UnsolvableField(f"astrometry.net found no solution ({tried}, {scale_text}, {used}"
+        raise NoSolution(f"astrometry.net found no solution ({tried}, {scale_text}, {used}"
                               f" stars, {config.cpulimit_s:g} s CPU limit)")
     ra, dec, radius = _centre(header, shape)
     catalog = cone(ra, dec, radius * 1.05, config.index_dir)

@@ -123,6 +123,16 @@ class UnsolvableField(InvalidFrame):
     reason = "unsolvable"
 
 
+class NoSolution(UnsolvableField):
+    """astrometry.net ran (up to two runs of its CPU limit) and found no solution: the costly failure."""
+
+
+class SolverBackingOff(UnsolvableField):
+    """A frame not plate-solved because its telescope's last frames found no solution (:mod:`broker.solvebackoff`)."""
+
+    reason = "solver_backoff"
+
+
 class PoorAstrometry(InvalidFrame):
     """A plate solution (or a header WCS checked against the catalog) whose residual is too large."""
 

@@ -26,11 +26,12 @@ from broker.errors import (
     ImplausibleHeader,
     InvalidFrame,
     InvalidMeasurement,
+    NoSolution,
     NotIngested,
     PoorQuality,
 )
 from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record
-from broker.frame import Frame, FrameMeta, decode_fits, encode_fits, sha256
+from broker.frame import Frame, FrameMeta, decode_fits, encode_fits, has_wcs, sha256
 from broker.history import open_history
 from broker.ingest import check_record, check_size_and_header, ingest, validate
 from broker.ledger import FrameLedger, pixel_checksum
@@ -38,6 +39,7 @@ from broker.pipeline import FrameResult, ScoreModels, associate_and_score, proce
 from broker.plausibility import PlausibilityConfig, header_problems
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
+from broker.solvebackoff import SolverBackoff
 from broker.telescopes import TelescopeProfile, load_profiles
 from streams import serde, topics
 from streams.followup import FollowupRules, request_message
@@ -164,6 +166,8 @@ def ingest_handler(config: PipelineConfig) -> Handler:
     store = FrameStore(config.frame_store)
     auth = FrameAuthoriser.load(config.kafka)  # [kafka.frame_auth]: who may send which telescope's frames
     profiles = load_profiles(config.ingest.telescopes_dir)
+    astrometry = config.ingest.calibration.astrometry
+    backoff = SolverBackoff(astrometry.backoff_after, astrometry.backoff_s)
 
     def handle(msg: InMessage) -> list[OutMessage]:
         signed = auth.check(msg.key, msg.value, msg.headers) if auth.enabled else None  # before any decoding
@@ -171,7 +175,7 @@ def ingest_handler(config: PipelineConfig) -> Handler:
         if signed is not None:
             auth.check_telescope(signed, frame.meta.telescope)
         check_size_and_header(frame, config.ingest, with_magzp=False)  # before a plate solve spends seconds on it
-        calibrated = calibrate(frame, config.ingest.calibration, profiles)
+        calibrated = _calibrated(frame, config, profiles, backoff)
         quality = ingest(calibrated, config.ingest)
         if calibrated is not frame:
             _store_calibrated(rec, calibrated, store, config)
@@ -181,6 +185,23 @@ def ingest_handler(config: PipelineConfig) -> Handler:
         return [OutMessage(topics.INGESTED, serde.encode("frame", rec), msg.key, _headers("frame"))]
 
     return handle
+
+
+def _calibrated(frame: Frame, config: PipelineConfig, profiles: tuple[TelescopeProfile, ...],
+                backoff: SolverBackoff) -> Frame:
+    """:func:`broker.calibrate.calibrate`, the plate solver backing off a telescope whose frames find no solution."""
+    telescope = frame.meta.telescope
+    solving = config.ingest.calibration.enabled and not has_wcs(frame.header)
+    if solving:
+        backoff.check(telescope)  # SolverBackingOff: dead-lettered, replayable
+    try:
+        calibrated = calibrate(frame, config.ingest.calibration, profiles)
+    except NoSolution as exc:
+        backoff.failed(telescope, str(exc))
+        raise
+    if solving:
+        backoff.solved(telescope)
+    return calibrated
 
 
 def _batch(frame: Frame, result: FrameResult) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 import urllib.request
 from dataclasses import replace
 
@@ -10,6 +12,7 @@ import pytest
 
 from broker.astrometry import AstrometryConfig
 from broker.calibrate import CalibrationConfig
+from broker.catalog import index_files
 from broker.config import load_config
 from broker.errors import (
     BadShape,
@@ -19,7 +22,9 @@ from broker.errors import (
     FrameStoreUnavailable,
     ImplausibleHeader,
     InvalidFrame,
+    NoSolution,
     PoorQuality,
+    SolverBackingOff,
 )
 from broker.frame import decode_fits, encode_fits
 from broker.ingest import IngestConfig
@@ -95,6 +100,36 @@ def test_a_frame_too_small_or_implausible_is_refused_before_calibration(config):
             del frame.header[key]
         with pytest.raises(error):
             ingest_handler(solverless)(_msg(frame_record(frame, encode_fits(frame))))
+
+
+@pytest.mark.skipif(shutil.which("solve-field") is None or not index_files("/usr/share/astrometry"),
+                    reason="solve-field or the Tycho-2 index files not installed (Debian astrometry.net, "
+                    "astrometry-data-tycho2)")
+def test_a_telescope_whose_frames_find_no_solution_is_backed_off_without_holding_up_the_others(config):
+    """Frames of a fake sky with a pointing hint: solve-field runs to its CPU limit on each, finding nothing.
+
+    After ``backoff_after`` of them the telescope's next frame is refused ``solver_backoff`` at once, while
+    another telescope's frame is still solved.
+    """
+    fast = AstrometryConfig(blind_retry=False, cpulimit_s=3, backoff_after=2, backoff_s=600)
+    ingest = ingest_handler(replace(config, ingest=replace(config.ingest, calibration=CalibrationConfig(
+        astrometry=fast))))
+
+    def frame_of(telescope: str) -> InMessage:
+        frame = star_frame(n_stars=60, seed=len(telescope), RA=193.0, DEC=41.0, TELESCOP=telescope)
+        for key in [k for k in frame.header if k.startswith(("CTYPE", "CRVAL", "CRPIX", "CD1_", "CD2_"))]:
+            del frame.header[key]
+        return _msg(frame_record(frame, encode_fits(frame)))
+
+    for _ in range(2):
+        with pytest.raises(NoSolution):
+            ingest(frame_of("Backyard-1"))
+    t0 = time.monotonic()
+    with pytest.raises(SolverBackingOff, match="last 2 frames of telescope 'Backyard-1'") as err:
+        ingest(frame_of("Backyard-1"))
+    assert err.value.reason == "solver_backoff" and time.monotonic() - t0 < 2.0
+    with pytest.raises(NoSolution):  # another telescope's frames are still solved
+        ingest(frame_of("Backyard-22"))
 
 
 def test_metrics_endpoint_serves_the_stage_metrics():
