@@ -276,6 +276,7 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
         prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal))
         run = ScrapedRun(prom, kafka, targets, portal, started, dict(zip(STAGE_NAMES, procs, strict=True)),
                          str(workdir / "frames"))
+        stack.callback(lambda: stop_stages(list(run.processes.values())))  # stages a test started again too
         # every series a stage exports from its start has a first sample before any message
         prom.wait_for(f'count(up{{job="{STAGES_JOB}"}} == 1) == {len(targets)}', timeout=30)
         prom.wait_for(f'up{{job="{PORTAL_JOB}"}} == 1', timeout=30)

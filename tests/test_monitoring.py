@@ -322,6 +322,63 @@ def test_a_frame_delivered_late_puts_the_deployed_latency_slo_rule_in_pending(ru
 @pytest.mark.kafka
 @pytest.mark.prometheus
 @pytest.mark.slow
+def test_a_burst_of_frames_puts_the_deployed_lag_rule_in_pending(run):
+    """24 frames sent at once: ingest's lag rises above 5 offsets and BrokerConsumerLagGrowing goes pending.
+
+    Firing takes its ``for: 15m`` more, which a burst the stage then drains never reaches (promtool's unit
+    tests show both).
+    """
+    from broker.simulate import SkySimulator
+    from streams.producer import FrameProducer
+    from streams.settings import KafkaSettings
+
+    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"), FrameStore(run.frame_store),
+                             8 << 20, 1 << 30)
+    burst = list(SkySimulator(sky_config(), seed=3).frames(len(run.frames) + 26))[-24:]  # after the two sent above
+    for frame, _ in burst:
+        producer.publish_frame(frame, time.time())
+    producer.flush()
+    del producer
+    (active,) = run.prometheus.wait_for('ALERTS{alertname="BrokerConsumerLagGrowing"}', timeout=60)
+    assert (active["metric"]["stage"], active["metric"]["alertstate"]) == ("ingest", "pending"), active
+
+
+def _crash_and_restart(run, stage: str, log: Path, started: float) -> float:
+    """SIGKILL ``stage`` (started at ``started``) and start it again as it was, on its metrics port; the new start."""
+    old = run.processes[stage]
+    old.kill()
+    old.wait(10)
+    args = list(old.args)
+    args[args.index("--metrics-port") + 1] = run.targets[stage].rsplit(":", 1)[1]
+    with log.open("ab") as out:
+        run.processes[stage] = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    query = f'process_start_time_seconds{{instance="{run.targets[stage]}"}} > {started}'
+    (new,) = run.prometheus.wait_for(query, timeout=60)  # scraped under the same instance, a new start time
+    return float(new["value"][1])
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
+def test_a_stage_in_a_crash_loop_makes_the_deployed_restarting_rule_fire(run, tmp_path):
+    """Killed and restarted twice under its scrape address, as Kubernetes restarts a crashing container.
+
+    ``process_start_time_seconds`` of that instance changes twice, and BrokerStageRestarting (no ``for``)
+    fires for it alone. The stage is left running.
+    """
+    stage = "score"
+    (start,) = run.prometheus.query(f'process_start_time_seconds{{instance="{run.targets[stage]}"}}')
+    restarted = _crash_and_restart(run, stage, tmp_path / "score.log", float(start["value"][1]))
+    _crash_and_restart(run, stage, tmp_path / "score.log", restarted)
+    query = 'ALERTS{alertname="BrokerStageRestarting", alertstate="firing"}'
+    firing = run.prometheus.wait_for(query, timeout=30)
+    assert [a["metric"]["instance"] for a in firing] == [run.targets[stage]], firing
+    assert run.prometheus.wait_for(f'up{{instance="{run.targets[stage]}"}} == 1', timeout=10)
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+@pytest.mark.slow
 def test_a_stage_that_stops_puts_the_deployed_stage_down_and_missing_rules_in_pending(run):
     """The deployed BrokerStageDown and BrokerStageMissing, evaluated by Prometheus on the live scrape, go pending.
 
