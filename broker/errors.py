@@ -253,6 +253,12 @@ class UnknownTopic(BrokerError):
     reason = "unknown_topic"
 
 
+class NotResendable(BrokerError):
+    """A dead letter whose message cannot be sent again as it was (not a frame, only part of it kept, ...)."""
+
+    reason = "not_resendable"
+
+
 class ConfigError(BrokerError):
     """An invalid configuration file or value."""
 

@@ -58,7 +58,8 @@ class SolverBackoff:
             raise SolverBackingOff(
                 f"not plate-solved: the last {streak.failures} frames of telescope {telescope!r} found no solution "
                 f"(the last: {streak.reason}); its next frame is solved in {wait:.0f} s. Check its headers' "
-                f"pointing and pixel-scale hints (or its telescope profile), then send these frames again")
+                f"pointing and pixel-scale hints (or its telescope profile), then send these frames again "
+                f"(broker dead-letters --reason solver_backoff --resend)")
 
     def failed(self, telescope: str, reason: str) -> None:
         """Record a frame of ``telescope`` that solve-field ran on and found no solution for."""

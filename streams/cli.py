@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from broker.config import PipelineConfig
     from streams.alert_expr import FieldSelection
     from streams.archiver import Archiver
+    from streams.deadletters import DeadLetter
     from streams.demo import DemoResult
     from streams.metrics import StageMetrics
     from streams.producer import FrameProducer, Published
@@ -428,6 +429,93 @@ def followup(bootstrap: Bootstrap,
     except KeyboardInterrupt:
         return
     Console(stderr=True).print(f"{stats.valid} valid request(s); dead letters: {dict(stats.dead_letters) or 'none'}")
+
+
+@app.command("dead-letters")
+def dead_letters_command(
+        bootstrap: Bootstrap,
+        stage: Annotated[Optional[list[str]], typer.Option(
+            help="Stage whose dead letters to read (repeatable); default: every stage, and followup.")] = None,
+        reason: Annotated[Optional[str], typer.Option(
+            help="Only this reason (unsolvable, solver_backoff, corrupt, undecodable, ...).")] = None,
+        key: Annotated[Optional[str], typer.Option(
+            help="Only messages whose key holds this text (frames: <telescope>/<field>).")] = None,
+        resend: Annotated[bool, typer.Option(
+            "--resend", help="Send the selected dead-lettered frames to `frames` again, as they were.")] = False,
+        json_out: Annotated[bool, typer.Option(
+            "--json", help="One JSON line per dead letter (no value bytes).")] = False,
+        timeout: Annotated[float, typer.Option(help="Stop reading after this many seconds.")] = 60.0,
+        config: ConfigOpt = None) -> None:
+    """List the messages the stages refused, each with its reason; optionally send refused frames again.
+
+    Reads dlq.<stage> from the start to the end without joining a group; a count by stage and reason goes to
+    stderr. With --resend each selected dead letter of a frame is produced to `frames` again with its original
+    key, headers and value (after fixing what refused it); one that cannot be (not a frame, kept only in part)
+    is named and skipped.
+    """
+    from broker.config import load_config
+    from streams.deadletters import DEAD_LETTER_STAGES
+    from streams.settings import KafkaSettings
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        unknown = sorted(set(stage or ()) - set(DEAD_LETTER_STAGES))
+        if unknown:
+            raise BrokerError(f"unknown stage(s) {unknown}; known: {', '.join(DEAD_LETTER_STAGES)}")
+        settings = KafkaSettings.load(bootstrap, load_config(config))
+        settings.verify_login()
+        counts = _read_dead_letters(settings, stage or list(DEAD_LETTER_STAGES), reason, key, resend, json_out,
+                                    timeout, err)
+    except BrokerError as exc:
+        _fail(exc)
+    err.print(f"dead letters: {', '.join(f'{s} {r}: {n}' for (s, r), n in sorted(counts.items())) or 'none'}")
+
+
+def _read_dead_letters(settings: KafkaSettings, stages: list[str], reason: Optional[str], key: Optional[str],
+                       resend: bool, json_out: bool, timeout: float, err: Console) -> dict[tuple[str, str], int]:
+    """Show (and with ``resend`` send again) the selected dead letters; their count by stage and reason."""
+    from confluent_kafka import Producer
+
+    from streams.deadletters import dead_letters
+    from streams.deadletters import resend as resend_letter
+
+    producer = Producer(settings.producer()) if resend else None
+    counts: dict[tuple[str, str], int] = {}
+    for letter in dead_letters(settings, stages, timeout):
+        rec = letter.record or {}
+        if (reason and letter.reason != reason) or (key and key.encode() not in (rec.get("key") or b"")):
+            continue
+        group = (str(rec.get("stage", letter.topic)), letter.reason)
+        counts[group] = counts.get(group, 0) + 1
+        _show_dead_letter(letter, json_out)
+        if producer is not None:
+            try:
+                resend_letter(letter, producer)
+                err.print(f"sent again: {letter.topic}[{letter.partition}]@{letter.offset}")
+            except BrokerError as exc:
+                err.print(f"[yellow]not sent again[/yellow]: {escape(printable(exc))}")
+    if producer is not None and producer.flush(30):
+        raise BrokerError("some frames were not delivered to Kafka within 30 s")
+    return counts
+
+
+def _show_dead_letter(letter: DeadLetter, json_out: bool) -> None:
+    """One dead letter as a JSON line or a line of text; whatever its bytes hold is printed escaped."""
+    rec = letter.record
+    where = f"{letter.topic}[{letter.partition}]@{letter.offset}"
+    row: dict[str, object]
+    if rec is None:
+        row = {"dead_letter": where, "reason": "undecodable", "message": letter.problem}
+    else:
+        row = {"dead_letter": where, **{k: v for k, v in rec.items() if k not in ("value", "key", "headers")},
+               "key": None if rec["key"] is None else rec["key"].decode(errors="backslashreplace"),
+               "headers": {k: v.decode(errors="backslashreplace") for k, v in rec["headers"].items()}}
+    if json_out:
+        print(json.dumps(row), flush=True)
+        return
+    source = f"{row['topic']}[{row['partition']}]@{row['offset']}" if rec is not None else "-"
+    text = f"{where}  {row.get('stage', '-')}  {row['reason']}  {source}  key={row.get('key')}  {row['message']}"
+    console.print(escape(printable(text)), soft_wrap=True)
 
 
 @app.command()

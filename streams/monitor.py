@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from streams import topics
 from streams.settings import KafkaSettings
@@ -36,6 +37,15 @@ def stage_backlog(settings: KafkaSettings, stage: str, input_topic: str) -> int:
 
 def read_all(settings: KafkaSettings, topic_names: list[str], timeout: float = 30.0) -> list:
     """Every committed message now in ``topic_names`` (read from the start up to the end)."""
+    return list(scan(settings, topic_names, timeout))
+
+
+def scan(settings: KafkaSettings, topic_names: list[str], timeout: float = 30.0) -> Iterator[Message]:
+    """The committed messages now in ``topic_names``, one at a time, from the start up to the end.
+
+    Partitions are assigned, not subscribed: no group is joined and no offset committed. Topics
+    that do not exist are left out; reading stops at every partition's end or after ``timeout`` s.
+    """
     conf = {**settings.consumer(None), "group.id": f"{settings.app_id}.reader-{uuid.uuid4().hex[:8]}",
             "enable.partition.eof": True}
     consumer = Consumer(conf)
@@ -44,9 +54,9 @@ def read_all(settings: KafkaSettings, topic_names: list[str], timeout: float = 3
         parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topic_names if t in metadata
                  for p in metadata[t].partitions]
         if not parts:
-            return []
+            return
         consumer.assign(parts)
-        pending, out = {(tp.topic, tp.partition) for tp in parts}, []
+        pending = {(tp.topic, tp.partition) for tp in parts}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
             msg = consumer.poll(0.5)
@@ -57,7 +67,6 @@ def read_all(settings: KafkaSettings, topic_names: list[str], timeout: float = 3
                 if err.code() == KafkaError._PARTITION_EOF:
                     pending.discard((msg.topic(), msg.partition()))
                 continue
-            out.append(msg)
-        return out
+            yield msg
     finally:
         consumer.close()

@@ -1,0 +1,95 @@
+"""``broker dead-letters``: the stages' refused messages read back with their reasons, and frames sent again."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from confluent_kafka import Producer
+from typer.testing import CliRunner
+
+from broker.errors import CorruptFrame, NotResendable, SolverBackingOff
+from streams import topics
+from streams.cli import app
+from streams.deadletters import DeadLetter, resend
+from streams.monitor import read_all
+from streams.runner import InMessage, dead_letter
+
+pytestmark = [pytest.mark.kafka]
+runner = CliRunner()
+
+
+def _letter(topic: str, key: bytes, value: bytes, exc: Exception, max_value_bytes: int = 1 << 20) -> bytes:
+    msg = InMessage(topic, 0, 7, key, value, {"t.exposure_end": b"1700000000.5", "sig": b"\x00\xff"}, 1_700_000_000_000)
+    return dead_letter("ingest", msg, exc, max_value_bytes).value
+
+
+@pytest.fixture
+def letters(kafka):
+    """Five dead letters on ``dlq.ingest`` whose keys hold a tag of this test (the topic is the session's)."""
+    tag = uuid.uuid4().hex[:10]
+    topics.create_topics(kafka.bootstrap, [topics.TopicSpec(topics.FRAMES), topics.TopicSpec(topics.dlq("ingest"))])
+    frame_value = f"frame-record-{tag}".encode() * 10
+    sent = {
+        "backoff": _letter(topics.FRAMES, f"Backyard/{tag}".encode(), frame_value, SolverBackingOff("backing off")),
+        "intermediate": _letter(topics.INGESTED, f"Backyard/{tag}-i".encode(), b"x" * 50, CorruptFrame("cut")),
+        "truncated": _letter(topics.FRAMES, f"Backyard/{tag}-t".encode(), frame_value, CorruptFrame("cut"), 16),
+        "hostile": _letter(topics.FRAMES, f"[red]{tag}[/red]\x1b[2J".encode(), b"v", CorruptFrame("\x1b[31mred")),
+    }
+    producer = Producer({"bootstrap.servers": kafka.bootstrap})
+    for name, value in sent.items():
+        producer.produce(topics.dlq("ingest"), value, f"{tag}-{name}".encode())
+    producer.produce(topics.dlq("ingest"), b"\x00 not a dead letter", f"{tag}-garbage".encode())
+    assert producer.flush(30) == 0
+    return tag, frame_value
+
+
+def _cli(kafka, *args: str):
+    return runner.invoke(app, ["dead-letters", "--bootstrap", kafka.bootstrap, "--stage", "ingest", *args])
+
+
+def test_dead_letters_are_listed_with_their_reasons_and_hostile_text_escaped(kafka, letters):
+    tag, _ = letters
+    res = _cli(kafka, "--key", tag)
+    assert res.exit_code == 0, res.output
+    assert f"ingest  solver_backoff  frames[0]@7  key=Backyard/{tag}  backing off" in res.stdout
+    assert f"ingest  corrupt  ingested[0]@7  key=Backyard/{tag}-i  cut" in res.stdout
+    assert f"key=[red]{tag}[/red]\\x1b[2J" in res.stdout and "\\x1b[31mred" in res.stdout  # shown, not obeyed
+    assert "\x1b" not in res.stdout
+    assert "ingest solver_backoff: 1" in res.stderr and "ingest corrupt: 3" in res.stderr
+    json_res = _cli(kafka, "--key", tag, "--json", "--reason", "solver_backoff")
+    (row,) = [json.loads(line) for line in json_res.stdout.splitlines()]
+    assert row["key"] == f"Backyard/{tag}" and row["headers"]["t.exposure_end"] == "1700000000.5"
+    assert "value" not in row and row["value_size"] == 230 and row["truncated"] is False
+
+
+def test_undecodable_bytes_on_a_dead_letter_topic_are_shown_not_fatal(kafka, letters):
+    res = _cli(kafka, "--reason", "undecodable")
+    assert res.exit_code == 0, res.output
+    assert "undecodable" in res.stdout and "not a valid dlq record" in res.stdout
+
+
+def test_resend_publishes_a_refused_frame_as_it_was_and_names_the_ones_it_cannot(kafka, letters, settings):
+    tag, frame_value = letters
+    res = _cli(kafka, "--key", tag, "--resend")
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert sum(line.startswith("sent again:") for line in lines) == 2  # the backed-off frame and the hostile one
+    assert sum(line.startswith("not sent again:") for line in lines) == 2
+    assert "a message of 'ingested', not a frame" in res.stderr and "holds only part" in res.stderr
+    (again,) = [m for m in read_all(settings, [topics.FRAMES]) if m.key() == f"Backyard/{tag}".encode()]
+    assert again.value() == frame_value
+    assert dict(again.headers()) == {"t.exposure_end": b"1700000000.5", "sig": b"\x00\xff"}
+
+
+def test_resend_refuses_a_value_that_does_not_match_its_checksum():
+    rec = {"topic": topics.FRAMES, "value": b"changed", "truncated": False, "value_size": 7,
+           "value_sha256": "0" * 64, "key": b"k", "headers": {}}
+    with pytest.raises(NotResendable, match="SHA-256"):
+        resend(DeadLetter("dlq.ingest", 0, 1, rec), producer=None)  # refused before anything is produced
+
+
+def test_an_unknown_stage_is_a_clear_error(kafka):
+    res = runner.invoke(app, ["dead-letters", "--bootstrap", kafka.bootstrap, "--stage", "nosuch"])
+    assert res.exit_code == 2 and "unknown stage(s) ['nosuch']" in res.output
