@@ -366,7 +366,7 @@ def plate_solve(stars: StarList, shape: tuple[int, int], hint: tuple[float, floa
         scale_text = f"{scale:.3g}\"/px" if scale is not None else "any scale"
         used = min(len(stars), config.max_sources)
         raise NoSolution(f"astrometry.net found no solution ({tried}, {scale_text}, {used}"
-                              f" stars, {config.cpulimit_s:g} s CPU limit)")
+                         f" stars, {config.cpulimit_s:g} s CPU limit)")
     ra, dec, radius = _centre(header, shape)
     catalog = cone(ra, dec, radius * 1.05, config.index_dir)
     check = check_wcs(header, shape, stars, catalog, config)

@@ -5,7 +5,7 @@ Each stage writes what it cannot process to ``dlq.<stage>`` (``dlq/v2``,
 ``dlq_value_bytes`` of a longer one), the error class, the reason and the message. :func:`dead_letters`
 reads them back, from the start of each topic to its end, without joining a group;
 :func:`resend` publishes the original record of a dead-lettered frame to ``frames`` again, once its
-cause is fixed (a telescope profile added, the plate solver's back-off over, a frame store back).
+cause is fixed (a telescope profile added, the plate solver's back-off over).
 Only frames are sent again: a later stage's input is an earlier stage's output, which its frame
 remakes. ``broker dead-letters`` is the command.
 """
