@@ -240,6 +240,26 @@ def test_hostile_records_put_the_deployed_dead_letter_and_lineage_rules_in_actio
     assert {e["metric"]["reason"]: finite([e])[0] for e in errors} == {"decode": 7.0}
 
 
+def _send(run, n: int, store: FrameStore | None = None, late_s: float = 0.0) -> None:
+    """The run's next ``n`` frames of its field (``scraped_run``'s seed), their shutters closed ``late_s`` s ago.
+
+    Through ``store`` when given, every frame by reference (inline limit 0); else inline, as the run sent its own.
+    """
+    from broker.simulate import SkySimulator
+    from streams.producer import FrameProducer
+    from streams.settings import KafkaSettings
+
+    frames = list(SkySimulator(sky_config(), seed=3).frames(len(run.frames) + n))[len(run.frames):]
+    by_reference = store is not None
+    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"),
+                             store if by_reference else FrameStore(run.frame_store), 0 if by_reference else 8 << 20,
+                             1 << 30)
+    for frame, truth in frames:
+        producer.publish_frame(frame, time.time() - late_s)
+        run.frames.append(truth.frame_id)
+    producer.flush()
+
+
 class _MountLostAfterPut(FrameStore):
     """The run's frame store, whose root stops answering (a link loop, as a stale mount) right after a write."""
 
@@ -268,24 +288,15 @@ def test_a_frame_store_outage_puts_the_deployed_waiting_rule_in_pending_and_the_
     more; promtool's unit tests show that); once the store answers again, the kept frame is ingested, not
     dead-lettered, and its alerts are published.
     """
-    from broker.simulate import SkySimulator
-    from streams.producer import FrameProducer
-    from streams.settings import KafkaSettings
-
     q = run.prometheus.query
     before = {(name, stage): finite(q(f'sum({name}{{stage="{stage}"}})')) for name, stage in _FLOW}
-    *_, (frame, _) = SkySimulator(sky_config(), seed=3).frames(len(run.frames) + 1)
-    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"),
-                             _MountLostAfterPut(run.frame_store), 0, 1 << 30)  # inline limit 0: through the store
     try:
-        producer.publish_frame(frame, time.time())
-        producer.flush()
+        _send(run, 1, store=_MountLostAfterPut(run.frame_store))
         rule = 'ALERTS{alertname="BrokerStageWaitingOnOutage", stage="ingest", reason="frame_store_unavailable"}'
         (active,) = run.prometheus.wait_for(rule, timeout=30)
         assert active["metric"]["alertstate"] == "pending" and active["metric"]["severity"] == "critical", active
     finally:
         _restore(run.frame_store)
-        del producer  # flushed: closed now, not after the broker is gone
     for name, stage in (_FLOW[0], _FLOW[2]):  # the kept frame, then its alerts (retries are 1, 5, 15, 30 s apart)
         run.prometheus.wait_for(f'sum({name}{{stage="{stage}"}}) > {before[(name, stage)][0]}', timeout=90)
     after = {(name, stage): finite(q(f'sum({name}{{stage="{stage}"}})')) for name, stage in _FLOW}
@@ -303,18 +314,9 @@ def test_a_frame_delivered_late_puts_the_deployed_latency_slo_rule_in_pending(ru
     They are most of the run's alerts of the last 10 minutes, so the p95 latency is over the 60 s SLO and
     BrokerAlertLatencyOverSLO goes pending (firing takes its ``for: 10m`` more).
     """
-    from broker.simulate import SkySimulator
-    from streams.producer import FrameProducer
-    from streams.settings import KafkaSettings
-
     rule = 'ALERTS{alertname="BrokerAlertLatencyOverSLO"}'
     assert not run.prometheus.query(rule)
-    *_, (frame, _) = SkySimulator(sky_config(), seed=3).frames(len(run.frames) + 2)
-    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"), FrameStore(run.frame_store),
-                             8 << 20, 1 << 30)
-    producer.publish_frame(frame, time.time() - 300)
-    producer.flush()
-    del producer
+    _send(run, 1, late_s=300)
     (active,) = run.prometheus.wait_for(rule, timeout=90)
     assert (active["metric"]["alertstate"], active["metric"]["severity"]) == ("pending", "critical"), active
 
@@ -328,17 +330,7 @@ def test_a_burst_of_frames_puts_the_deployed_lag_rule_in_pending(run):
     Firing takes its ``for: 15m`` more, which a burst the stage then drains never reaches (promtool's unit
     tests show both).
     """
-    from broker.simulate import SkySimulator
-    from streams.producer import FrameProducer
-    from streams.settings import KafkaSettings
-
-    producer = FrameProducer(KafkaSettings(run.kafka.bootstrap, app_id="monitoring"), FrameStore(run.frame_store),
-                             8 << 20, 1 << 30)
-    burst = list(SkySimulator(sky_config(), seed=3).frames(len(run.frames) + 26))[-24:]  # after the two sent above
-    for frame, _ in burst:
-        producer.publish_frame(frame, time.time())
-    producer.flush()
-    del producer
+    _send(run, 24)
     (active,) = run.prometheus.wait_for('ALERTS{alertname="BrokerConsumerLagGrowing"}', timeout=60)
     assert (active["metric"]["stage"], active["metric"]["alertstate"]) == ("ingest", "pending"), active
 

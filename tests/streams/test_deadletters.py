@@ -20,6 +20,22 @@ pytestmark = [pytest.mark.kafka]
 runner = CliRunner()
 
 
+@pytest.fixture(scope="module")
+def kafka():
+    """A broker of this module's own: --resend writes to ``frames``, which other tests read whole."""
+    from streams.embedded import EmbeddedKafka
+
+    with EmbeddedKafka() as broker:
+        yield broker
+
+
+@pytest.fixture
+def settings(kafka):
+    from streams.settings import KafkaSettings
+
+    return KafkaSettings(kafka.bootstrap, app_id=f"test-{uuid.uuid4().hex[:8]}")
+
+
 def _letter(topic: str, key: bytes, value: bytes, exc: Exception, max_value_bytes: int = 1 << 20) -> bytes:
     msg = InMessage(topic, 0, 7, key, value, {"t.exposure_end": b"1700000000.5", "sig": b"\x00\xff"}, 1_700_000_000_000)
     return dead_letter("ingest", msg, exc, max_value_bytes).value
@@ -27,7 +43,7 @@ def _letter(topic: str, key: bytes, value: bytes, exc: Exception, max_value_byte
 
 @pytest.fixture
 def letters(kafka):
-    """Five dead letters on ``dlq.ingest`` whose keys hold a tag of this test (the topic is the session's)."""
+    """Five dead letters on ``dlq.ingest`` whose keys hold a tag of this test (the module's tests share the topic)."""
     tag = uuid.uuid4().hex[:10]
     topics.create_topics(kafka.bootstrap, [topics.TopicSpec(topics.FRAMES), topics.TopicSpec(topics.dlq("ingest"))])
     frame_value = f"frame-record-{tag}".encode() * 10
