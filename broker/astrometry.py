@@ -65,7 +65,12 @@ class AstrometryConfig:
         Brightest detected stars given to the solver (count, 1 or more). 150: quads of the brightest stars
         match Tycho-2 (V < ~12) best, fainter ones only add distractors.
     detect_sigma : float
-        Detection threshold of that star list (sigma of the sky).
+        Detection threshold of that star list: a star's fitted peak amplitude in units of the sky's
+        per-pixel sigma (``broker.stars.find_stars``). 5: with the 3 px detection kernel the fitted
+        amplitude's noise is 1.29 pixel sigmas, so this is a ~3.9-sigma detection, and pure noise
+        gives ~180 peaks per 512x512 px (measured). They are among the faintest entries of the list
+        (brightest first), so they fill it only behind a frame's real stars; the solver gets the
+        first ``max_sources``.
     hint_radius_deg : float
         Search radius around the header's pointing hint (deg). 2 deg: amateur mounts point to
         a few arcmin, a plate-solved goto to arcsec.
