@@ -26,14 +26,7 @@ def kafka():
     from streams.embedded import EmbeddedKafka
 
     with EmbeddedKafka() as broker:
-        yield broker
-
-
-@pytest.fixture
-def settings(kafka):
-    from streams.settings import KafkaSettings
-
-    return KafkaSettings(kafka.bootstrap, app_id=f"test-{uuid.uuid4().hex[:8]}")
+        yield broker  # conftest's ``settings`` then points at it
 
 
 def _letter(topic: str, key: bytes, value: bytes, exc: Exception, max_value_bytes: int = 1 << 20) -> bytes:
