@@ -450,8 +450,9 @@ def dead_letters_command(
 
     Reads dlq.<stage> from the start to the end without joining a group; a count by stage and reason goes to
     stderr. With --resend each selected dead letter of a frame is produced to `frames` again with its original
-    key, headers and value (after fixing what refused it); one that cannot be (not a frame, kept only in part)
-    is named and skipped.
+    key, headers and value (after fixing what refused it); one kept only in part (a frame over dlq_value_bytes)
+    is read back from `frames` while retention keeps it. One that cannot be sent (not a frame, or kept only in
+    part and gone from `frames`) is named and skipped.
     """
     from broker.config import load_config
     from streams.deadletters import DEAD_LETTER_STAGES
@@ -490,7 +491,7 @@ def _read_dead_letters(settings: KafkaSettings, stages: list[str], reason: Optio
         _show_dead_letter(letter, json_out)
         if producer is not None:
             try:
-                resend_letter(letter, producer)
+                resend_letter(letter, producer, settings)
                 err.print(f"sent again: {letter.topic}[{letter.partition}]@{letter.offset}")
             except BrokerError as exc:
                 err.print(f"[yellow]not sent again[/yellow]: {escape(printable(exc))}")

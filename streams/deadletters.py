@@ -4,8 +4,9 @@ Each stage writes what it cannot process to ``dlq.<stage>`` (``dlq/v2``,
 :func:`streams.runner.dead_letter`): the original key, headers and value (the first
 ``dlq_value_bytes`` of a longer one), the error class, the reason and the message. :func:`dead_letters`
 reads them back, from the start of each topic to its end, without joining a group;
-:func:`resend` publishes the original record of a dead-lettered frame to ``frames`` again, once its
-cause is fixed (a telescope profile added, the plate solver's back-off over).
+:func:`resend` publishes the original record of a dead-lettered frame to ``frames`` again (read back
+from ``frames`` where the dead letter keeps only part of it), once its cause is fixed (a telescope
+profile added, the plate solver's back-off over).
 Only frames are sent again: a later stage's input is an earlier stage's output, which its frame
 remakes. ``broker dead-letters`` is the command.
 """
@@ -15,11 +16,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from broker.errors import DecodeError, NotResendable
 from streams import serde, topics
-from streams.monitor import scan
+from streams.monitor import fetch, scan
 from streams.stages import STAGE_NAMES
 
 if TYPE_CHECKING:
@@ -69,15 +70,19 @@ def dead_letters(settings: KafkaSettings, stages: Sequence[str] = DEAD_LETTER_ST
             yield DeadLetter(*where, None, str(exc))
 
 
-def resend(letter: DeadLetter, producer: Producer) -> None:
+def resend(letter: DeadLetter, producer: Producer, settings: KafkaSettings | None = None) -> None:
     """Produce the dead-lettered frame's original record to ``frames`` again (key, headers and value as they were).
+
+    A dead letter that keeps only part of its record (``truncated``: a value over ``dlq_value_bytes``,
+    or long headers) is sent again from the original record, read back from ``frames`` with
+    ``settings`` while retention keeps it, once its value matches the recorded SHA-256.
 
     Raises
     ------
     NotResendable
-        Not a dead letter, not a message of ``frames``, or one whose value, key or headers the
-        dead letter holds only part of (``truncated``; send the frame again from its file), or
-        whose value no longer matches its recorded SHA-256.
+        Not a dead letter; not a message of ``frames``; kept only in part and its record no longer
+        on ``frames`` (or no ``settings``: send the frame again from its file); or a value that does
+        not match its recorded SHA-256.
     """
     rec = letter.record
     where = f"{letter.topic}[{letter.partition}]@{letter.offset}"
@@ -86,10 +91,17 @@ def resend(letter: DeadLetter, producer: Producer) -> None:
     if rec["topic"] != topics.FRAMES:
         raise NotResendable(f"{where} is a message of {rec['topic']!r}, not a frame: only frames are sent again "
                             f"(send the frame it came from again instead)")
-    value = rec["value"]
-    if rec["truncated"] or value is None:
-        raise NotResendable(f"{where} holds only part of its frame's record ({rec['value_size']} bytes; "
-                            f"dlq_value_bytes keeps fewer): send the frame again from its file")
+    key, value = rec["key"], rec["value"]
+    headers: list[tuple[str, Any]] = list(rec["headers"].items())
+    if rec["truncated"]:
+        original = None if settings is None else fetch(settings, topics.FRAMES, rec["partition"], rec["offset"])
+        if original is None:
+            raise NotResendable(f"{where} holds only part of its frame's record ({rec['value_size']} bytes; "
+                                f"dlq_value_bytes keeps fewer) and frames[{rec['partition']}]@{rec['offset']} "
+                                f"is no longer there: send the frame again from its file")
+        key, headers, value = original.key(), cast("list[tuple[str, Any]]", original.headers() or []), original.value()
+    if value is None:
+        raise NotResendable(f"{where} has no value to send again")
     if rec["value_sha256"] is not None and hashlib.sha256(value).hexdigest() != rec["value_sha256"]:
-        raise NotResendable(f"{where}: the kept value does not match its recorded SHA-256")
-    producer.produce(topics.FRAMES, value, rec["key"], headers=list(rec["headers"].items()))
+        raise NotResendable(f"{where}: the value does not match its recorded SHA-256")
+    producer.produce(topics.FRAMES, value, key, headers=headers)

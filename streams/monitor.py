@@ -40,6 +40,34 @@ def read_all(settings: KafkaSettings, topic_names: list[str], timeout: float = 3
     return list(scan(settings, topic_names, timeout))
 
 
+def fetch(settings: KafkaSettings, topic: str, partition: int, offset: int, timeout: float = 30.0) -> Message | None:
+    """The committed message at ``offset`` of ``topic[partition]``, or None once it is gone.
+
+    Gone: deleted by retention, compacted away, or never there (the partition's end comes first).
+    No group is joined and no offset committed.
+    """
+    conf = {**settings.consumer(None), "group.id": f"{settings.app_id}.reader-{uuid.uuid4().hex[:8]}",
+            "enable.partition.eof": True, "auto.offset.reset": "error"}
+    consumer = Consumer(conf)
+    try:
+        consumer.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            err = msg.error()
+            if err is not None:
+                if err.code() in (KafkaError._PARTITION_EOF, KafkaError._AUTO_OFFSET_RESET,
+                                          KafkaError.OFFSET_OUT_OF_RANGE, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                    return None
+                continue
+            return msg if msg.offset() == offset else None
+        return None
+    finally:
+        consumer.close()
+
+
 def scan(settings: KafkaSettings, topic_names: list[str], timeout: float = 30.0) -> Iterator[Message]:
     """The committed messages now in ``topic_names``, one at a time, from the start up to the end.
 
