@@ -7,7 +7,8 @@ process, then times over HTTP, from this process with httpx:
 
 - ``GET /api/v1/objects/{id}`` (what the object page loads: the object's alerts from the archive,
   its detections and summary from the history, its light curve), for objects drawn at random;
-- ``GET /api/v1/cone`` of 5 arcsec around alerts drawn at random, and of 1 deg around them;
+- ``GET /api/v1/cone`` of 5 arcsec around alerts drawn at random, and of 1 deg around them; the
+  same 1 deg cone as the VO's Simple Cone Search answers it (``GET /api/v1/scs``, a VOTable);
 - ``GET /api/v1/alerts?limit=50`` (the first page of the live page).
 
 Each endpoint: ``--requests`` requests one after the other (p50, p95 latency in ms, requests/s of one
@@ -107,6 +108,8 @@ def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[str]]:
                                                      for i in rng.integers(len(objects), size=n)],
         "cone 5 arcsec: `GET /api/v1/cone`": [cone(p, 5.0) for p in picks],
         "cone 1 deg: `GET /api/v1/cone`": [cone(p, 3600.0) for p in picks],
+        "cone 1 deg, VOTable: `GET /api/v1/scs`": [f"/api/v1/scs?RA={p['ra']:.6f}&DEC={p['dec']:.6f}&SR=1&MAXREC=1000"
+                                                   for p in picks],
         "latest 50: `GET /api/v1/alerts?limit=50`": ["/api/v1/alerts?limit=50"] * n,
     }
 

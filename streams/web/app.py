@@ -305,7 +305,7 @@ def create_portal(config: WebConfig) -> Portal:
 
 def create_app(config: WebConfig) -> FastAPI:
     """The portal's application: REST API, upload, pages, live stream and vetting over ``config``."""
-    from streams.web import api, upload
+    from streams.web import api, upload, vo
 
     portal = create_portal(config)
 
@@ -328,6 +328,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.include_router(api.router)
     app.include_router(api.metrics_router)
     app.include_router(upload.router)
+    app.include_router(vo.router)
     # --- pages, live stream, vetting (streams.web.pages/live/vetting) ---
     from streams.web import live, pages, vetting
 

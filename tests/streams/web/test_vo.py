@@ -1,0 +1,186 @@
+"""IVOA Simple Cone Search over the archive: the VOTable as astropy reads it strictly, and pyvo as a client."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+import subprocess
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from astropy.io.votable import parse
+from fastapi.testclient import TestClient
+
+from broker.errors import InvalidQuery
+from streams.web import vo
+from streams.web.app import create_app
+from tests.streams.web.conftest import POSITIONS
+from tests.streams.web.test_live import running_server
+
+SCS_UCD1 = ("ID_MAIN", "POS_EQ_RA_MAIN", "POS_EQ_DEC_MAIN")
+
+
+def _table(body: bytes):
+    """The answer's VOTable, parsed with every warning checked.
+
+    The one warning allowed is astropy's W06 on the three UCD1 words SCS 1.03 requires (``ID_MAIN``,
+    ``POS_EQ_RA_MAIN``, ``POS_EQ_DEC_MAIN``), which its check of UCD1+ words does not know.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        votable = parse(io.BytesIO(body), verify="warn")
+    unexpected = [str(w.message) for w in caught
+                  if not ("W06" in str(w.message) and any(f"'{u}'" in str(w.message) for u in SCS_UCD1))]
+    assert not unexpected
+    return votable
+
+
+def _status(votable) -> dict[str, str]:
+    return {info.name: info.value for info in votable.resources[0].infos}
+
+
+@pytest.mark.parametrize("query", [{"RA": "150", "DEC": "2", "SR": "0.1"}, {"ra": "150", "dec": "2", "sr": "0.1"},
+                                   {"Ra": "150", "dEc": "2", "sR": "0.1"}])
+def test_parameter_names_are_read_in_any_case(query):
+    assert vo.parse_cone(query) == vo.ConeQuery(150.0, 2.0, 0.1)
+
+
+def _cone(**extra: str) -> dict[str, str]:
+    return {"RA": "1", "DEC": "2", "SR": "0.1", **extra}
+
+
+@pytest.mark.parametrize(("query", "message"), [
+    ({"DEC": "2", "SR": "0.1"}, "RA is required"), (_cone(RA="x"), "not a number"),
+    (_cone(RA="nan"), "not a finite number"), (_cone(RA="360"), "ra=360.0"), (_cone(DEC="-91"), "dec=-91.0"),
+    (_cone(SR="-0.1"), "SR=-0.1"), (_cone(SR="5"), "SR=5.0 out of range"), (_cone(VERB="4"), "VERB"),
+    (_cone(MAXREC="2.5"), "MAXREC"), (_cone(MAXREC="1e9"), "MAXREC")])
+def test_a_bad_cone_is_refused_with_its_reason(query, message):
+    with pytest.raises(InvalidQuery, match=message):
+        vo.parse_cone(query)
+
+
+def test_the_answer_is_a_valid_votable_with_the_scs_columns_nearest_first(client, token):
+    response = client.get("/api/v1/scs", params={"RA": 150.0, "DEC": 2.0, "SR": 200 / 3600}, headers=token)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/xml; content=x-votable")
+    votable = _table(response.content)
+    assert votable.resources[0].type == "results" and _status(votable)["QUERY_STATUS"] == "OK"
+    table = votable.get_first_table()
+    ucds = {f.ucd: f.name for f in table.fields}
+    assert (ucds["ID_MAIN"], ucds["POS_EQ_RA_MAIN"], ucds["POS_EQ_DEC_MAIN"]) == ("alert_id", "ra", "dec")
+    rows = table.array
+    assert len(rows) == 6 and list(rows["distance_arcsec"]) == sorted(rows["distance_arcsec"])
+    assert rows["telescope"][0] == "SAMPLE" and {round(float(r), 2) for r in rows["ra"]} <= {p[0] for p in POSITIONS}
+    same = client.get("/api/v1/cone", params={"ra": 150.0, "dec": 2.0, "radius_arcsec": 200}, headers=token).json()
+    assert [int(i) for i in rows["alert_id"]] == [i["alert_id"] for i in same["items"]]
+
+
+def test_verbosity_metadata_only_and_overflow(client, token):
+    cone = {"RA": 150.0, "DEC": 2.0, "SR": 200 / 3600}
+    minimal = _table(client.get("/api/v1/scs", params={**cone, "VERB": 1}, headers=token).content).get_first_table()
+    assert [f.name for f in minimal.fields] == ["alert_id", "ra", "dec", "distance_arcsec"]
+    empty = _table(client.get("/api/v1/scs", params={**cone, "SR": 0}, headers=token).content).get_first_table()
+    assert len(empty.array) == 0 and len(empty.fields) == len(vo.FULL)
+    cut = _table(client.get("/api/v1/scs", params={**cone, "MAXREC": 2}, headers=token).content)
+    assert len(cut.get_first_table().array) == 2 and _status(cut)["QUERY_STATUS"] == "OVERFLOW"
+
+
+def test_missing_values_are_masked_not_invented():
+    item = {"alert_id": 7, "ra": 1.0, "dec": 2.0, "distance_arcsec": 0.5, "magpsf": None, "class": None,
+            "object_id": "O\u00e9<&>\"'\x00\x1b\ud800", "rb": 0.9}
+    rows = _table(vo.cone_votable(vo.ConeQuery(1.0, 2.0, 0.1), [item])).get_first_table().array
+    assert rows["magpsf"].mask[0] and not rows["rb"].mask[0]
+    assert rows["class"][0] == ""  # VOTable's null text
+    assert rows["object_id"][0] == "O\u00e9<&>\"'\\x00\\x1b\\ud800" and math.isclose(rows["rb"][0], 0.9)
+
+
+@pytest.mark.parametrize("query", [
+    {}, {"RA": "' OR 1=1 --", "DEC": "0", "SR": "1"}, {"RA": "1e308", "DEC": "0", "SR": "1"},
+    {"RA": "<script>", "DEC": "0", "SR": "1"}, {"RA": "1", "DEC": "0", "SR": "1", "VERB": "x" * 5000}])
+def test_a_hostile_query_gets_the_scs_error_votable(client, token, query):
+    response = client.get("/api/v1/scs", params=query, headers=token)
+    assert response.status_code == 200, response.text[:300]
+    votable = _table(response.content)
+    assert _status(votable)["QUERY_STATUS"] == "ERROR" and _status(votable)["Error"]
+    assert votable.resources[0].tables == [] and "Traceback" not in response.text
+    assert len(response.content) < 2000  # a huge parameter is not echoed back whole
+
+
+def test_a_private_portal_answers_401_without_a_token(portal_config):
+    with TestClient(create_app(replace(portal_config, public_read=False))) as private:
+        response = private.get("/api/v1/scs", params={"RA": 1, "DEC": 2, "SR": 0.1})
+    assert response.status_code == 401 and response.json()["error"] == "unauthenticated"
+
+
+def test_pyvo_searches_the_archive_as_any_cone_search_service(portal_config):
+    """pyvo, as astronomers' scripts (and astroquery) call a VO cone search, against a private portal under uvicorn."""
+    import pyvo
+    import requests
+
+    with running_server(replace(portal_config, public_read=False)) as base:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {_token(portal_config)}"
+        service = pyvo.dal.SCSService(f"{base}/api/v1/scs", session=session)
+        results = service.search(pos=(150.0, 2.0), radius=200 / 3600)
+        assert len(results) == 6
+        first = results[0]
+        assert first.id == results["alert_id"][0] and first.pos.ra.deg == pytest.approx(150.0)
+        assert np.all(np.diff(results["distance_arcsec"]) >= 0)
+        assert len(set(results.to_table()["object_id"])) == 4
+        with pytest.raises(pyvo.dal.DALQueryError, match="out of range"):
+            service.search(pos=(150.0, 2.0), radius=5.0)
+        with pytest.raises(pyvo.dal.DALServiceError):  # no token: the HTTP error, as from any protected service
+            pyvo.dal.SCSService(f"{base}/api/v1/scs").search(pos=(150.0, 2.0), radius=0.01)
+
+
+def _token(config) -> str:
+    """A read token added to the portal's token file (the server reads it on each request)."""
+    from streams.web.tokens import TokenStore
+
+    store = TokenStore(config.tokens_path)
+    try:
+        return store.add("pyvo", ["read"])
+    finally:
+        store.close()
+
+
+#: Debian's STILTS: the command-line TOPCAT, the same STIL library reading the table.
+needs_stilts = pytest.mark.skipif(shutil.which("stilts") is None,
+                                  reason="Debian's stilts (TOPCAT's engine) is not installed; .ci/run installs it")
+
+
+def _stilts(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["stilts", *args], capture_output=True, text=True, timeout=120)
+
+
+@needs_stilts
+def test_stilts_votlint_finds_nothing_wrong_in_any_answer(tmp_path):
+    hostile = {"alert_id": 7, "ra": 1.0, "dec": 2.0, "distance_arcsec": 0.5, "magpsf": None, "class": None,
+               "object_id": "O\u00e9<&>\"'\x00\x1b\ud800]]>", "rb": float("nan")}
+    answers = {"rows": vo.cone_votable(vo.ConeQuery(1.0, 2.0, 0.1), [hostile]),
+               "columns only": vo.cone_votable(vo.ConeQuery(1.0, 2.0, 0.0), []),
+               "error": vo.error_votable("SR=5.0 out of range")}
+    broken = tmp_path / "broken.xml"
+    broken.write_bytes(answers["rows"].replace(b"<TD>0.5</TD>", b"<TD>half</TD>"))
+    assert "Bad double" in _stilts("votlint", "ucd=true", "unit=true", str(broken)).stdout  # it does check
+    for name, body in answers.items():
+        path = tmp_path / f"{name}.xml"
+        path.write_bytes(body)
+        lint = _stilts("votlint", "ucd=true", "unit=true", str(path))
+        assert lint.returncode == 0 and lint.stdout.strip() == "" and lint.stderr.strip() == "", (name, lint)
+
+
+@needs_stilts
+def test_stilts_cone_reads_the_archive_as_topcat_does(portal_config):
+    with running_server(portal_config) as base:
+        found = _stilts("cone", f"serviceurl={base}/api/v1/scs", "lon=150", "lat=2", f"radius={200 / 3600}",
+                        "ofmt=csv")
+        refused = _stilts("cone", f"serviceurl={base}/api/v1/scs", "lon=150", "lat=2", "radius=5", "ofmt=csv")
+    assert found.returncode == 0, found.stderr
+    rows = list(csv.DictReader(io.StringIO(found.stdout)))
+    assert len(rows) == 6 and rows[0]["telescope"] == "SAMPLE"
+    assert [float(r["distance_arcsec"]) for r in rows] == sorted(float(r["distance_arcsec"]) for r in rows)
+    assert refused.returncode != 0 and "SR=5.0 out of range" in refused.stderr + refused.stdout
