@@ -144,11 +144,12 @@ def _votable(infos: list[tuple[str, str, str]], columns: tuple[Column, ...] = ()
         table.fields.extend(Field(votable, name=c.key, datatype=c.datatype, unit=c.unit, ucd=c.ucd,
                                   arraysize="*" if c.datatype == "unicodeChar" else None) for c in columns)
         table.create_arrays(len(rows))
-        for i, row in enumerate(rows):
-            table.array[i] = tuple(_cell(row.get(c.key), c) for c in columns)
-            table.array.mask[i] = tuple(row.get(c.key) is None for c in columns)
         for field, column in zip(table.fields, columns, strict=True):
             field.description = column.description
+            values = [row.get(column.key) for row in rows]
+            cells = np.empty(len(rows), dtype=table.array.dtype[column.key])
+            cells[:] = [_cell(value, column) for value in values]
+            table.array[column.key] = np.ma.MaskedArray(cells, mask=[value is None for value in values])
     out = io.BytesIO()
     votable.to_xml(out)
     return out.getvalue()
