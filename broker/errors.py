@@ -306,6 +306,18 @@ class HistoryUnavailable(Outage):
     reason = "history_unavailable"
 
 
+class StorageFull(Outage):
+    """The disk (or quota) a stage writes its state to is full.
+
+    The reference and difference stores, the frame ledger, the SQLite history: ``OSError`` ENOSPC or
+    EDQUOT, SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full`` (``streams.runner.storage_full``).
+    Not the frame's fault: the frame is kept and retried until space is freed, as a crash and restart
+    would retry it (every store is written so that a retry after a partial write gives the same result).
+    """
+
+    reason = "storage_full"
+
+
 class FrameStoreUnavailable(Outage):
     """The frame store cannot be reached: its root does not answer (an unmounted volume, an object store down).
 

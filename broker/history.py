@@ -169,7 +169,8 @@ class SqliteStore:
             work()
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:  # SQLite rolls back by itself on some errors (SQLITE_FULL)
+                self.db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:

@@ -10,12 +10,14 @@ emitted twice are dropped by their lineage header (:mod:`streams.lineage`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
 import os
 import re
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +33,7 @@ from broker.errors import (
     Outage,
     OutputTooLarge,
     StageFailure,
+    StorageFull,
     UndeliverableOutput,
 )
 from streams import serde, topics
@@ -167,6 +170,31 @@ def error_reason(exc: BaseException) -> str:
     bad input), ``unexpected:<Type>`` for anything else (a bug).
     """
     return exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
+
+
+#: ``errno`` values of a full disk or quota.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: PostgreSQL's SQLSTATE ``disk_full`` (psycopg's ``DiskFull``).
+_PG_DISK_FULL = "53100"
+
+
+def storage_full(exc: BaseException) -> StorageFull | None:
+    """:class:`StorageFull` when ``exc``, or an exception it was raised from, says a disk or quota is full.
+
+    ``OSError`` with ENOSPC or EDQUOT (a file write), ``sqlite3`` errors with ``SQLITE_FULL`` ("database
+    or disk is full"), PostgreSQL's ``disk_full``; None for anything else.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if ((isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS)
+                or getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                or getattr(cause, "sqlstate", None) == _PG_DISK_FULL):
+            return StorageFull(f"no space left to write the stage's state: {type(cause).__name__}: {cause}; "
+                               "the message is kept and retried until space is freed")
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def dead_letter(stage: str, msg: InMessage, exc: BaseException, max_value_bytes: int = DLQ_VALUE_BYTES) -> OutMessage:
@@ -430,7 +458,8 @@ class StageRunner:
         """Call the handler: its outputs or the dead-letter record, and whether the error was a bug.
 
         The handler's outputs, or the dead-letter record of its error; and whether that error
-        was unexpected (not a :class:`BrokerError`). An :class:`~broker.errors.Outage` propagates.
+        was unexpected (not a :class:`BrokerError`). An :class:`~broker.errors.Outage` propagates,
+        a full disk (:func:`storage_full`) as :class:`~broker.errors.StorageFull`.
         """
         try:
             if lineage.duplicate:
@@ -444,17 +473,25 @@ class StageRunner:
             return outs, False
         except Outage:
             raise  # not the input's fault: kept and retried (_wait_out)
-        except BrokerError as exc:  # bad input: dead-letter it with its reason and carry on
+        except Exception as exc:
+            full = storage_full(exc)
+            if full is not None:
+                raise full from exc
+            return self._dead_lettered(msg, exc)
+
+    def _dead_lettered(self, msg: InMessage, exc: Exception) -> tuple[list[OutMessage], bool]:
+        """The dead-letter record of ``msg`` refused with ``exc``, and whether ``exc`` was a bug."""
+        if isinstance(exc, BrokerError):  # bad input: dead-letter it with its reason and carry on
             log.warning("%s: dead-lettering %s[%d]@%d (%s): %.1000s", self.stage, msg.topic, msg.partition,
                         msg.offset, exc.reason, exc)
             self.metrics.errors.labels(self.stage, exc.reason).inc()
             return [dead_letter(self.stage, msg, exc, self.dlq_value_bytes)], False
-        except Exception as exc:  # a bug: keep the message, make it visible, stop if it repeats
-            log.exception("%s: unexpected error on %s[%d]@%d; dead-lettering it", self.stage, msg.topic,
-                          msg.partition, msg.offset)
-            self.metrics.errors.labels(self.stage, error_reason(exc)).inc()
-            self.metrics.unexpected.labels(self.stage, type(exc).__name__).inc()
-            return [dead_letter(self.stage, msg, exc, self.dlq_value_bytes)], True
+        # a bug: keep the message, make it visible, stop if it repeats
+        log.error("%s: unexpected error on %s[%d]@%d; dead-lettering it", self.stage, msg.topic, msg.partition,
+                  msg.offset, exc_info=exc)
+        self.metrics.errors.labels(self.stage, error_reason(exc)).inc()
+        self.metrics.unexpected.labels(self.stage, type(exc).__name__).inc()
+        return [dead_letter(self.stage, msg, exc, self.dlq_value_bytes)], True
 
     def _checked(self, msg: InMessage) -> InMessage:
         """``msg`` with only its valid timing headers (:func:`valid_timing`); the others logged and counted.

@@ -204,6 +204,61 @@ def test_an_outage_keeps_the_message_and_retries_it_instead_of_dead_lettering_it
     assert runner.metrics.errors.labels(stage, "history_unavailable")._value.get() == 0
 
 
+def test_a_full_disk_keeps_the_message_until_space_is_freed(settings, monkeypatch):
+    """A disk full under the state folder was ``unexpected:OSError``: dead-lettered, and the stage stopped at 5."""
+    import errno
+
+    monkeypatch.setattr("streams.runner.OUTAGE_WAITS_S", (0.05, 0.1))
+    stage = f"full-{settings.app_id}"
+    dst = f"out-{stage}"
+    src = _feed(settings, stage, [b"a", b"b", b"c"])
+    _topics(settings, dst)
+    full = {"b": 6}  # more than max_unexpected: the stage would have stopped
+
+    def handler(msg):
+        if full.get(msg.value.decode(), 0):
+            full[msg.value.decode()] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", "/state/diffs/x/diff.npy")
+        return [OutMessage(dst, msg.value)]
+
+    runner = StageRunner(stage, src, handler, settings)
+    assert runner.run(max_messages=3) == 3
+    assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]
+    assert _dead(settings, stage) == [] and _committed(settings, stage, src) == 3
+    assert runner.metrics.outages.labels(stage, "storage_full")._value.get() == 6
+    assert runner.metrics.unexpected.labels(stage, "OSError")._value.get() == 0
+
+
+def test_storage_full_is_read_from_the_error_or_what_it_was_raised_from(tmp_path):
+    import errno
+    import sqlite3
+
+    from broker.errors import ReferenceUnavailable, StorageFull
+    from streams.runner import storage_full
+
+    db = sqlite3.connect(tmp_path / "h.sqlite")
+    db.execute("PRAGMA max_page_count = 4")  # SQLite's own "database or disk is full", as on a full disk
+    db.execute("CREATE TABLE t (x BLOB)")
+    with pytest.raises(sqlite3.OperationalError) as sqlite_full:
+        db.execute("INSERT INTO t VALUES (?)", (b"x" * 100_000,))
+    db.close()
+    assert isinstance(storage_full(sqlite_full.value), StorageFull)
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+        except OSError as exc:
+            raise ReferenceUnavailable("cannot keep the reference") from exc
+    except ReferenceUnavailable as wrapped:
+        assert storage_full(wrapped).reason == "storage_full"
+    pg = type("DiskFull", (Exception,), {"sqlstate": "53100"})("could not extend file")
+    assert isinstance(storage_full(pg), StorageFull)
+    looped = OSError(errno.ENOENT, "gone")
+    looped.__context__ = ValueError("x")
+    looped.__context__.__context__ = looped
+    for other in (looped, OSError(errno.EACCES, "denied"), ValueError("no"), sqlite3.OperationalError("locked")):
+        assert storage_full(other) is None
+
+
 # --- hostile messages (issue 27): sizes, topics the broker refuses, headers -----------------------------
 
 

@@ -550,3 +550,84 @@ def test_the_score_stage_refuses_implausible_batches_before_writing_the_history(
     (rec,) = serde.decode("candidates", out.value, out.headers)["candidates"]
     assert rec["history"] == [] and rec["object"]["ndet"] == 1 and rec["object"]["first_mjd"] == 60009.5
     assert rec["features"] is not None and rec["anomaly"] is not None
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs mounted for the test (root only): a real disk that fills up."""
+    import os
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk) -> None:
+    """Write ``disk/ballast`` until the disk refuses another byte."""
+    import errno
+    import os
+
+    fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
+    try:
+        for chunk in (1 << 20, 1 << 12, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def _untimed(msg: InMessage) -> dict:
+    """A candidates batch without its stage timings (``diagnostics.t_*_s``)."""
+    batch = serde.decode("candidates", msg.value, msg.headers)
+    batch["diagnostics"] = {k: v for k, v in batch["diagnostics"].items() if not k.startswith("t_")}
+    return batch
+
+
+def test_a_full_disk_keeps_the_frame_and_its_retry_once_freed_gives_the_same_batch(config, small_disk):
+    """The state folder's disk full was ``unexpected:OSError`` (dead-lettered; the stage stopped at 5 in a row).
+
+    Now the stage's error is :class:`StorageFull` (kept and retried, ``test_runner``), and the retry after
+    a partial write, once space is freed, makes the batch a roomy disk makes: the disk filled while the
+    subtraction builds a reference and keeps a difference image, and while the scoring writes the history.
+    """
+    from broker.simulate import SimConfig, SkySimulator
+    from streams.runner import storage_full
+    from streams.stages import score_handler, subtract_handler
+
+    sim = SkySimulator(SimConfig(shape=(256, 256), fields=("F001",), filters=("r",), n_stars=150, n_galaxies=5,
+                                 n_transients=10, n_variables=3, n_moving=0, n_cosmic_rays=0.0), seed=3)
+    roomy, full = config, replace(config, state_dir=small_disk / "state")
+    stages = {c.state_dir: (subtract_handler(c), score_handler(c)) for c in (roomy, full)}
+
+    def run(c, step: int, msg: InMessage) -> InMessage:
+        (out,) = stages[c.state_dir][step](msg)
+        topic = topics.CANDIDATES if step == 0 else topics.SCORED
+        return InMessage(topic, 0, msg.offset, out.key, out.value, out.headers, 0)
+
+    statuses = []
+    for epoch in range(5):
+        ingested = _ingested(config, sim.frame("F001", "r", epoch)[0], offset=epoch)
+        expected = got = ingested
+        for step in (0, 1):
+            expected = run(roomy, step, expected)
+            if (epoch, step) in ((2, 0), (3, 0), (4, 1)):  # the reference; a difference image; the history
+                _fill(small_disk)
+                with pytest.raises(Exception) as err:
+                    run(full, step, got)
+                assert storage_full(err.value) is not None, repr(err.value)
+                (small_disk / "ballast").unlink()
+            got = run(full, step, got)
+            assert _untimed(got) == _untimed(expected), (epoch, step)
+        statuses.append(_untimed(got)["status"])
+    assert statuses == ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE"] + ["SUBTRACTED"] * 2
