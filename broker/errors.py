@@ -7,6 +7,9 @@ human-readable message. "Nothing found" is never an error: it is an empty result
 
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class BrokerError(Exception):
     """Base class of every error raised by ``broker`` and ``streams`` on bad input or state."""
@@ -310,7 +313,7 @@ class StorageFull(Outage):
     """The disk (or quota) a stage writes its state to is full.
 
     The reference and difference stores, the frame ledger, the SQLite history: ``OSError`` ENOSPC or
-    EDQUOT, SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full`` (``streams.runner.storage_full``).
+    EDQUOT, SQLite's ``SQLITE_FULL``, PostgreSQL's ``disk_full`` (:func:`storage_full`).
     Not the frame's fault: the frame is kept and retried until space is freed, as a crash and restart
     would retry it (every store is written so that a retry after a partial write gives the same result).
     """
@@ -450,3 +453,27 @@ class StageFailure(BrokerError):
     """
 
     reason = "stage_failure"
+
+
+#: ``errno`` values of a full disk or quota.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+#: PostgreSQL's SQLSTATE ``disk_full`` (psycopg's ``DiskFull``).
+_PG_DISK_FULL = "53100"
+
+
+def storage_full(exc: BaseException) -> StorageFull | None:
+    """:class:`StorageFull` when ``exc``, or an exception it was raised from, says a disk or quota is full.
+
+    ``OSError`` with ENOSPC or EDQUOT (a file write), ``sqlite3`` errors with ``SQLITE_FULL`` ("database
+    or disk is full"), PostgreSQL's ``disk_full``; None for anything else.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if ((isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS)
+                or getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+                or getattr(cause, "sqlstate", None) == _PG_DISK_FULL):
+            return StorageFull(f"a disk or quota is full: {type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    return None

@@ -10,14 +10,12 @@ emitted twice are dropped by their lineage header (:mod:`streams.lineage`).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import math
 import os
 import re
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +31,8 @@ from broker.errors import (
     Outage,
     OutputTooLarge,
     StageFailure,
-    StorageFull,
     UndeliverableOutput,
+    storage_full,
 )
 from streams import serde, topics
 from streams.lineage import SRC_HEADER, Deduplicator, Lineage, ProgressRecord, src_of
@@ -170,31 +168,6 @@ def error_reason(exc: BaseException) -> str:
     bad input), ``unexpected:<Type>`` for anything else (a bug).
     """
     return exc.reason if isinstance(exc, BrokerError) else f"unexpected:{type(exc).__name__}"
-
-
-#: ``errno`` values of a full disk or quota.
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-#: PostgreSQL's SQLSTATE ``disk_full`` (psycopg's ``DiskFull``).
-_PG_DISK_FULL = "53100"
-
-
-def storage_full(exc: BaseException) -> StorageFull | None:
-    """:class:`StorageFull` when ``exc``, or an exception it was raised from, says a disk or quota is full.
-
-    ``OSError`` with ENOSPC or EDQUOT (a file write), ``sqlite3`` errors with ``SQLITE_FULL`` ("database
-    or disk is full"), PostgreSQL's ``disk_full``; None for anything else.
-    """
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if ((isinstance(cause, OSError) and cause.errno in _FULL_ERRNOS)
-                or getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-                or getattr(cause, "sqlstate", None) == _PG_DISK_FULL):
-            return StorageFull(f"no space left to write the stage's state: {type(cause).__name__}: {cause}; "
-                               "the message is kept and retried until space is freed")
-        cause = cause.__cause__ or cause.__context__
-    return None
 
 
 def dead_letter(stage: str, msg: InMessage, exc: BaseException, max_value_bytes: int = DLQ_VALUE_BYTES) -> OutMessage:

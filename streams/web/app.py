@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -274,12 +275,21 @@ def _install_errors(app: FastAPI) -> None:
                             headers=exc.headers)
 
     async def internal(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error answering %s %s", request.method, request.url.path)
+        log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": "internal"}, status_code=500)
+
+    async def storage(request: Request, exc: Exception) -> JSONResponse:
+        full = errors.storage_full(exc)  # the labels' or tokens' disk full: 503, not a bug
+        if full is None:
+            return await internal(request, exc)
+        log.error("%s %s: %s", request.method, request.url.path, full)
+        return error_response(full)
 
     app.add_exception_handler(errors.BrokerError, broker_error)
     app.add_exception_handler(RequestValidationError, bad_parameters)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(OSError, storage)
+    app.add_exception_handler(sqlite3.Error, storage)
     app.add_exception_handler(Exception, internal)
 
 

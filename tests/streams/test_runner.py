@@ -233,8 +233,7 @@ def test_storage_full_is_read_from_the_error_or_what_it_was_raised_from(tmp_path
     import errno
     import sqlite3
 
-    from broker.errors import ReferenceUnavailable, StorageFull
-    from streams.runner import storage_full
+    from broker.errors import ReferenceUnavailable, StorageFull, storage_full
 
     db = sqlite3.connect(tmp_path / "h.sqlite")
     db.execute("PRAGMA max_page_count = 4")  # SQLite's own "database or disk is full", as on a full disk

@@ -34,7 +34,7 @@ from streams.metrics import StageMetrics
 from streams.producer import frame_headers, frame_record
 from streams.runner import InMessage
 from streams.stages import ingest_handler
-from tests.helpers import star_frame
+from tests.helpers import fill_disk, star_frame
 
 
 def _msg(record: dict) -> InMessage:
@@ -552,41 +552,6 @@ def test_the_score_stage_refuses_implausible_batches_before_writing_the_history(
     assert rec["features"] is not None and rec["anomaly"] is not None
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 64 MiB tmpfs mounted for the test (root only): a real disk that fills up."""
-    import os
-    import subprocess
-
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
-def _fill(disk) -> None:
-    """Write ``disk/ballast`` until the disk refuses another byte."""
-    import errno
-    import os
-
-    fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT)
-    try:
-        for chunk in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-
-
 def _untimed(msg: InMessage) -> dict:
     """A candidates batch without its stage timings (``diagnostics.t_*_s``)."""
     batch = serde.decode("candidates", msg.value, msg.headers)
@@ -601,8 +566,8 @@ def test_a_full_disk_keeps_the_frame_and_its_retry_once_freed_gives_the_same_bat
     a partial write, once space is freed, makes the batch a roomy disk makes: the disk filled while the
     subtraction builds a reference and keeps a difference image, and while the scoring writes the history.
     """
+    from broker.errors import storage_full
     from broker.simulate import SimConfig, SkySimulator
-    from streams.runner import storage_full
     from streams.stages import score_handler, subtract_handler
 
     sim = SkySimulator(SimConfig(shape=(256, 256), fields=("F001",), filters=("r",), n_stars=150, n_galaxies=5,
@@ -622,7 +587,7 @@ def test_a_full_disk_keeps_the_frame_and_its_retry_once_freed_gives_the_same_bat
         for step in (0, 1):
             expected = run(roomy, step, expected)
             if (epoch, step) in ((2, 0), (3, 0), (4, 1)):  # the reference; a difference image; the history
-                _fill(small_disk)
+                fill_disk(small_disk)
                 with pytest.raises(Exception) as err:
                     run(full, step, got)
                 assert storage_full(err.value) is not None, repr(err.value)

@@ -196,3 +196,24 @@ def test_an_alert_with_ids_over_128_characters_is_labelled_and_exported(long_ids
     assert res.exit_code == 0 and "wrote 1 label(s) (1 real, 0 bogus)" in res.output, res.output
     data = read_labels(out)
     assert list(data["candidate_id"]) == [rec["candid"]] and list(data["group"]) == [rec["objectId"]]
+
+
+def test_a_full_disk_under_the_labels_is_503_and_the_label_stored_once_freed(portal_config, state, small_disk):
+    """The labels file's disk full was a 500 ``internal``: a vetter's label is answered 503 ``storage_full``."""
+    from dataclasses import replace
+
+    from tests.helpers import fill_disk
+
+    config = replace(portal_config, labels_path=small_disk / "labels.sqlite")
+    body = {"alert_id": state[1][0]["alertId"], "label": "real"}
+    with TestClient(create_app(config)) as client:
+        vetter = {"Authorization": f"Bearer {client.app.state.portal.tokens.add('ana', ['read', 'vet'])}"}
+        assert client.post("/api/v1/labels", json=body, headers=vetter).status_code == 201
+        fill_disk(small_disk)
+        res = client.post("/api/v1/labels", json=body | {"label": "bogus"}, headers=vetter)
+        assert res.status_code == 503 and res.json()["error"] == "storage_full", res.text
+        assert "Traceback" not in res.text
+        (small_disk / "ballast").unlink()
+        assert client.post("/api/v1/labels", json=body | {"label": "bogus"}, headers=vetter).status_code == 201
+    with LabelStore(config.labels_path) as store:
+        assert [v.label for v in store.realbogus()] == ["real", "bogus"]
