@@ -309,6 +309,17 @@ class HistoryUnavailable(Outage):
     reason = "history_unavailable"
 
 
+class KafkaUnavailable(Outage):
+    """A request the stage makes of Kafka itself, outside its consumer's loop, found no broker.
+
+    The duplicate guard reads the stage's progress topic and watermarks when it first sees a
+    partition (``streams.lineage``); a message handed over from the consumer's queue just as the
+    brokers went away is kept and retried, not a reason to exit.
+    """
+
+    reason = "kafka_unavailable"
+
+
 class StorageFull(Outage):
     """The disk (or quota) a stage writes its state to is full.
 

@@ -113,6 +113,9 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
                           **_alert_overrides(framing, registry_url))
         settings = KafkaSettings.load(bootstrap, cfg, app_id)
         runner = _stage_runner(spec, cfg, settings, metrics, instance)
+        state = spec.state(cfg) if spec.state else None
+        if state is not None:
+            metrics.watch_disk(state)
         settings.verify_login()  # a refused login stops the stage here, with the reason (exit code 2)
     except BrokerError as exc:
         _fail(exc)

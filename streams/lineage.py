@@ -199,7 +199,8 @@ class Deduplicator:
         StageFailure
             The progress topic is missing and cannot be created.
         KafkaException
-            A broker request failed (the stage exits; its supervisor restarts it).
+            A broker request failed: nothing is recovered, and the next call tries again (the runner
+            keeps the message through the outage, ``kafka_unavailable``).
         """
         state = self._state.get((topic, partition))
         if state is None:
@@ -361,8 +362,9 @@ class Deduplicator:
         parts = sorted({partition} | {p for t, p in self._pending if t == topic})
         self._ensure_progress_topic(topic, max(parts))
         records = self._read_progress(topic, parts)
+        recovered: dict[int, _State] = {}  # kept only once every request succeeded: a failed one is retried whole
         for p in parts:
-            state = self._state[(topic, p)] = _State()
+            state = recovered[p] = _State()
             record = records.get(p)
             if record is None:
                 continue
@@ -373,6 +375,7 @@ class Deduplicator:
                 continue
             state.made = record["offset"]
             state.seen = {k: sorted(v)[-self.window:] for k, v in record["seen"].items()}
+        self._state.update({(topic, p): state for p, state in recovered.items()})
         self._pending -= {(topic, p) for p in parts}
         self.metrics.lineage_recovery.labels(self.stage).observe(time.monotonic() - start)
         return self._state[(topic, partition)]

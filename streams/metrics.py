@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from broker.errors import ConfigError
 
@@ -87,6 +92,16 @@ class StageMetrics:
         """Update ``broker_consumer_lag`` from ``consumer`` (at most once a second; see :class:`ConsumerLag`)."""
         self._lag.update(consumer)
 
+    def watch_disk(self, folder: Path) -> None:
+        """Export the free and total bytes of the disk holding ``folder`` (the stage's state), read at each scrape.
+
+        ``broker_state_disk_free_bytes`` and ``broker_state_disk_size_bytes`` (labels ``stage``), so
+        ``BrokerStateDiskFilling`` warns before the disk fills (a full one is the outage
+        ``storage_full``). Read when scraped, so they move while the stage waits inside a message;
+        left out of a scrape while the folder cannot be read.
+        """
+        self.registry.register(StateDisk(self.stage, folder))
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``addr:port`` (port 0: a free one); return the port.
 
@@ -100,6 +115,29 @@ class StageMetrics:
         except OSError as exc:
             raise ConfigError(f"cannot serve /metrics on {addr}:{port}: {exc.strerror or exc}") from exc
         return server.server_address[1]
+
+
+class StateDisk(Collector):
+    """``broker_state_disk_{free,size}_bytes{stage}``: ``shutil.disk_usage`` of a folder at each scrape.
+
+    Free is what an unprivileged writer may use (``statvfs``'s available blocks), as the stage runs.
+    """
+
+    def __init__(self, stage: str, folder: Path) -> None:
+        self.stage, self.folder = stage, folder
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The two gauges (of the nearest folder that exists, until the stage makes its own), or none on an error."""
+        folder = next((p for p in (self.folder, *self.folder.parents) if p.exists()), self.folder)
+        try:
+            usage = shutil.disk_usage(folder)
+        except OSError:
+            return
+        for name, text, value in (("free", "Bytes free", usage.free), ("size", "Bytes in all", usage.total)):
+            family = GaugeMetricFamily(f"broker_state_disk_{name}_bytes", f"{text} on the disk of the stage's "
+                                       "state folder", labels=["stage"])
+            family.add_metric([self.stage], float(value))
+            yield family
 
 
 class ConsumerLag:

@@ -28,6 +28,7 @@ from broker.errors import (
     BrokerError,
     DecodeError,
     InvalidTopic,
+    KafkaUnavailable,
     Outage,
     OutputTooLarge,
     StageFailure,
@@ -77,6 +78,9 @@ EXIT_HUNG = 4
 #: history that stays down takes ``[history] connect_timeout_s`` (60 s) per try on top: together under
 #: the consumer's 300 s ``max.poll.interval.ms``, so the stage keeps its partitions while it waits.
 OUTAGE_WAITS_S = (1.0, 5.0, 15.0, 30.0, 60.0)
+#: librdkafka's errors of no broker answering: a request made outside the consumer's loop (the
+#: duplicate guard's) that fails with one is an outage, not a reason to exit.
+_UNREACHABLE = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT, KafkaError._RESOLVE)
 
 
 @contextmanager
@@ -390,8 +394,8 @@ class StageRunner:
         """Handle one message and commit its outputs; False when it is kept for a retry (an outage, an abort)."""
         msg = self._checked(in_message(raw))
         start = time.time()
-        lineage = self.dedup.check(msg.topic, msg.partition, msg.offset, msg.headers.get(SRC_HEADER))
         try:
+            lineage = self._lineage(msg)
             outs, unexpected = self._handle(msg, lineage)
         except Outage as exc:
             self._wait_out(consumer, msg, exc)
@@ -416,6 +420,16 @@ class StageRunner:
             raise StageFailure(f"{self.stage}: {self._unexpected_in_a_row} unexpected errors in a row "
                                f"(the last at {msg.topic}[{msg.partition}]@{msg.offset}); stopping")
         return True
+
+    def _lineage(self, msg: InMessage) -> Lineage:
+        """The duplicate guard's verdict on ``msg``; :class:`KafkaUnavailable` when its requests find no broker."""
+        try:
+            return self.dedup.check(msg.topic, msg.partition, msg.offset, msg.headers.get(SRC_HEADER))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is None or err.fatal() or not (err.retriable() or err.code() in _UNREACHABLE):
+                raise
+            raise KafkaUnavailable(f"the duplicate guard's request to Kafka failed: {err.str()}") from exc
 
     def _wait_out(self, consumer: Consumer, msg: InMessage, exc: Outage) -> None:
         """Keep ``msg`` for a retry after the next of :data:`OUTAGE_WAITS_S` (a stop request ends the wait)."""

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from broker.alert import PUBLISHER, alert_fields, build_alert, frame_context
 from broker.calibrate import calibrate
@@ -77,6 +78,10 @@ class Stage:
         How ``broker stage NAME`` runs it: ``transform`` (default; :class:`streams.runner.StageRunner`
         calls ``make_handler``'s handler, one transaction per input message) or ``archive``
         (:class:`streams.archiver.Archiver`: batches of alerts into the Parquet archive).
+    state : callable or None
+        ``PipelineConfig -> Path | None``: the local folder the stage writes besides Kafka, whose
+        disk's free space it exports (``StageMetrics.watch_disk``); None (default) or a None
+        result: nothing on a local disk.
     """
 
     name: str
@@ -86,6 +91,7 @@ class Stage:
     summary: str
     alert_outputs: bool = False
     kind: str = "transform"
+    state: Callable[[PipelineConfig], Path | None] | None = None
 
     @property
     def dead_letters(self) -> str:
@@ -446,20 +452,33 @@ def _followup_request(config: PipelineConfig, alert: dict) -> list[OutMessage]:
     return [request_message(request_record(status, rule, alert, PUBLISHER))]
 
 
+def _sqlite_history(config: PipelineConfig) -> Path | None:
+    """The score stage's state folder: the SQLite history's, None when the history is PostgreSQL's."""
+    return None if config.history.dsn else config.state_dir
+
+
+def _local_archive(config: PipelineConfig) -> Path | None:
+    """The archive's folder, None when it lives in an object store (an fsspec URL)."""
+    path = config.archive.path or str(config.state_dir / "archive")
+    return None if "://" in path else Path(path)
+
+
 #: The pipeline, in order: each stage consumes the previous stage's output.
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", topics.FRAMES, topics.INGESTED, ingest_handler,
           "fetch and decode the frame, validate it, measure its quality"),
     Stage("subtract", topics.INGESTED, topics.CANDIDATES, subtract_handler,
-          "reference policy, ZOGY subtraction, >= 5 sigma detection, cutouts"),
+          "reference policy, ZOGY subtraction, >= 5 sigma detection, cutouts", state=lambda c: c.state_dir),
     Stage("classify", topics.CANDIDATES, topics.CLASSIFIED, classify_handler,
           "real/bogus CNN score of each candidate"),
     Stage("score", topics.CLASSIFIED, topics.SCORED, score_handler,
-          "object association, history, context, light-curve features and class, anomaly score, follow-up rules"),
+          "object association, history, context, light-curve features and class, anomaly score, follow-up rules",
+          state=_sqlite_history),
     Stage("alert", topics.SCORED, topics.ALERTS, alert_handler,
           "one Avro alert per candidate, in each alert topic's framing; the follow-up requests", alert_outputs=True),
     Stage("archive", topics.ALERTS, None, None,
-          "every alert, cutouts included, into the Parquet archive, exactly once", kind="archive"),
+          "every alert, cutouts included, into the Parquet archive, exactly once", kind="archive",
+          state=_local_archive),
 )
 #: Stage names, in pipeline order.
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)

@@ -60,8 +60,10 @@ def test_k8s_has_a_statefulset_and_scaler_per_stage():
         assert _named("StatefulSet", stage)["spec"]["serviceName"] in {n for k, n in kinds if k == "Service"}
 
 
-def test_dashboard_queries_name_real_metrics():
-    registry = StageMetrics("x").registry
+def test_dashboard_queries_name_real_metrics(tmp_path):
+    metrics = StageMetrics("x")
+    metrics.watch_disk(tmp_path)
+    registry = metrics.registry
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = {m.name + suffix for m in registry.collect() for suffix in suffixes[m.type]}
     dash = json.loads((ROOT / "deploy/grafana/dashboards/broker.json").read_text())

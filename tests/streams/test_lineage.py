@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from streams import serde, topics
 from streams.lineage import MAX_SRC_BYTES, parse_src, src_of
 from streams.monitor import read_all
-from streams.runner import OutMessage, StageRunner
+from streams.runner import InMessage, OutMessage, StageRunner
 
 FORGED = "untrustworthy lineage claim"
 
@@ -197,6 +197,63 @@ def test_an_input_whose_progress_record_committed_is_not_made_again(settings):
     assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]  # "b" once
     assert runner.metrics.duplicates.labels(stage)._value.get() == 1
     assert runner.metrics.registry.get_sample_value("broker_lineage_recovery_seconds_count", {"stage": stage}) == 1
+
+
+@pytest.mark.kafka
+def test_a_broker_gone_during_recovery_keeps_the_message_and_recovers_whole_once_back(settings, monkeypatch):
+    """The monitoring run's score stage exited (code 4) when Kafka stopped as it recovered its guard.
+
+    A message handed over from the consumer's queue as the brokers went away made the guard's first
+    request fail, and the stage exited. Now the message is kept (``kafka_unavailable``), and the retry
+    recovers the partition whole: a recovery cut short keeps nothing, or input 1 would be made again.
+    """
+    from confluent_kafka import KafkaError, KafkaException
+
+    monkeypatch.setattr("streams.runner.OUTAGE_WAITS_S", (0.05,))
+    src_topic, dst = f"gone-{settings.app_id}", f"gone-out-{settings.app_id}"
+    stage = f"gone-{settings.app_id}"
+    _topics(settings, src_topic, dst, topics.dlq(stage),
+            topics.TopicSpec(topics.progress(stage), config=topics.PROGRESS_CONFIG))
+    _send(settings, src_topic, [(b"a", None), (b"b", None), (b"c", None)])
+    zombie = Producer(settings.producer(f"{stage}.zombie"))
+    zombie.init_transactions(30)
+    for offset, value in enumerate([b"a", b"b"]):  # as in the test above: "b" made, its offset not committed
+        zombie.begin_transaction()
+        zombie.produce(dst, value, b"k")
+        key, record, headers = _progress(stage, src_topic, 0, offset)
+        zombie.produce(topics.progress(stage), record, key, partition=0, headers=headers)
+        if offset == 0:
+            zombie.send_offsets_to_transaction([TopicPartition(src_topic, 0, 1)], _group(settings, stage), 30)
+        zombie.commit_transaction(30)
+
+    runner = StageRunner(stage, src_topic, _echo(dst), settings)
+    high, failures = runner.dedup._high, [KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN]
+
+    def gone_then_back(topic, partition):
+        if failures:
+            raise KafkaException(KafkaError(failures.pop(0), "Failed to get metadata: Local: Broker transport failure"))
+        return high(topic, partition)
+
+    monkeypatch.setattr(runner.dedup, "_high", gone_then_back)
+    assert runner.run(max_messages=2) == 2
+    assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]  # "b" once
+    assert runner.metrics.outages.labels(stage, "kafka_unavailable")._value.get() == 2
+    assert runner.metrics.duplicates.labels(stage)._value.get() == 1
+
+
+def test_a_fatal_or_unknown_kafka_error_of_the_guard_still_stops_the_stage(settings):
+    from confluent_kafka import KafkaError, KafkaException
+
+    runner = StageRunner("x", "in", _echo("out"), settings)
+    msg = InMessage("in", 0, 0, b"k", b"v", {}, 0)
+    fatal = KafkaError(KafkaError._FENCED, "fenced", fatal=True)
+    for err in (fatal, KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)):
+        def failing(*args, error=err):
+            raise KafkaException(error)
+
+        runner.dedup.check = failing
+        with pytest.raises(KafkaException):
+            runner._lineage(msg)
 
 
 @pytest.mark.kafka

@@ -174,3 +174,18 @@ def test_a_running_stage_reports_its_kafka_connection(settings, monkeypatch):
     runner = StageRunner("stats", src, lambda msg: [], settings)
     runner.run(idle_timeout=3.0)
     assert _value(runner.metrics, "broker_kafka_brokers_up") >= 1.0
+
+
+def test_the_state_disk_is_read_at_each_scrape_from_the_nearest_folder_that_exists(tmp_path):
+    import shutil
+
+    from prometheus_client import generate_latest
+
+    metrics = StageMetrics("subtract")
+    metrics.watch_disk(tmp_path / "state" / "not-made-yet")
+    text = generate_latest(metrics.registry).decode()
+    free = [line for line in text.splitlines() if line.startswith('broker_state_disk_free_bytes{stage="subtract"}')]
+    size = [line for line in text.splitlines() if line.startswith('broker_state_disk_size_bytes{stage="subtract"}')]
+    assert len(free) == len(size) == 1
+    assert float(size[0].split()[-1]) == shutil.disk_usage(tmp_path).total
+    assert 0 < float(free[0].split()[-1]) <= float(size[0].split()[-1])
