@@ -167,6 +167,20 @@ def _progress(stage: str, topic: str, partition: int, offset: int, seen=None) ->
             [(serde.SCHEMA_HEADER, serde.schema_tag("progress").encode())])
 
 
+def _killed_instance_made_a_and_b(settings, stage: str, src_topic: str, dst: str) -> None:
+    """A killed instance's two transactions: outputs and progress of inputs 0 and 1, the group's offset at 1."""
+    zombie = Producer(settings.producer(f"{stage}.zombie"))
+    zombie.init_transactions(30)
+    for offset, value in enumerate([b"a", b"b"]):
+        zombie.begin_transaction()
+        zombie.produce(dst, value, b"k")
+        key, record, headers = _progress(stage, src_topic, 0, offset)
+        zombie.produce(topics.progress(stage), record, key, partition=0, headers=headers)
+        if offset == 0:
+            zombie.send_offsets_to_transaction([TopicPartition(src_topic, 0, 1)], _group(settings, stage), 30)
+        zombie.commit_transaction(30)
+
+
 @pytest.mark.kafka
 def test_an_input_whose_progress_record_committed_is_not_made_again(settings):
     """The embedded broker's restart case: outputs and progress committed, the input's offset not.
@@ -181,16 +195,7 @@ def test_an_input_whose_progress_record_committed_is_not_made_again(settings):
     _topics(settings, src_topic, dst, topics.dlq(stage),
             topics.TopicSpec(topics.progress(stage), config=topics.PROGRESS_CONFIG))
     _send(settings, src_topic, [(b"a", None), (b"b", None), (b"c", None)])
-    zombie = Producer(settings.producer(f"{stage}.zombie"))
-    zombie.init_transactions(30)
-    for offset, value in enumerate([b"a", b"b"]):  # the killed instance's two transactions
-        zombie.begin_transaction()
-        zombie.produce(dst, value, b"k")
-        key, record, headers = _progress(stage, src_topic, 0, offset)
-        zombie.produce(topics.progress(stage), record, key, partition=0, headers=headers)
-        if offset == 0:
-            zombie.send_offsets_to_transaction([TopicPartition(src_topic, 0, 1)], _group(settings, stage), 30)
-        zombie.commit_transaction(30)
+    _killed_instance_made_a_and_b(settings, stage, src_topic, dst)
 
     runner = StageRunner(stage, src_topic, _echo(dst), settings)
     assert runner.run(max_messages=2) == 2
@@ -215,16 +220,7 @@ def test_a_broker_gone_during_recovery_keeps_the_message_and_recovers_whole_once
     _topics(settings, src_topic, dst, topics.dlq(stage),
             topics.TopicSpec(topics.progress(stage), config=topics.PROGRESS_CONFIG))
     _send(settings, src_topic, [(b"a", None), (b"b", None), (b"c", None)])
-    zombie = Producer(settings.producer(f"{stage}.zombie"))
-    zombie.init_transactions(30)
-    for offset, value in enumerate([b"a", b"b"]):  # as in the test above: "b" made, its offset not committed
-        zombie.begin_transaction()
-        zombie.produce(dst, value, b"k")
-        key, record, headers = _progress(stage, src_topic, 0, offset)
-        zombie.produce(topics.progress(stage), record, key, partition=0, headers=headers)
-        if offset == 0:
-            zombie.send_offsets_to_transaction([TopicPartition(src_topic, 0, 1)], _group(settings, stage), 30)
-        zombie.commit_transaction(30)
+    _killed_instance_made_a_and_b(settings, stage, src_topic, dst)
 
     runner = StageRunner(stage, src_topic, _echo(dst), settings)
     high, failures = runner.dedup._high, [KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN]

@@ -177,55 +177,46 @@ def test_bad_input_and_isolated_bugs_never_stop_the_stage(settings):
     assert runner.metrics.unexpected.labels(stage, "KeyError")._value.get() == 3
 
 
-def test_an_outage_keeps_the_message_and_retries_it_instead_of_dead_lettering_it(settings, monkeypatch):
-    """The history's PostgreSQL down: each message of the outage went to the dead-letter topic, its alerts lost."""
+def _history_down() -> Exception:
     from broker.errors import HistoryUnavailable
 
+    return HistoryUnavailable("cannot connect to the history database: connection refused")
+
+
+def _disk_full() -> Exception:
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", "/state/diffs/x/diff.npy")
+
+
+@pytest.mark.parametrize(("error", "reason", "times"), [
+    (_history_down, "history_unavailable", 3),
+    (_disk_full, "storage_full", 6),  # more than max_unexpected: as unexpected:OSError the stage stopped
+])
+def test_an_outage_keeps_the_message_and_retries_it_instead_of_dead_lettering_it(settings, monkeypatch, error,
+                                                                                  reason, times):
+    """The history's PostgreSQL down, or the state's disk full: each message of it was dead-lettered."""
     monkeypatch.setattr("streams.runner.OUTAGE_WAITS_S", (0.05, 0.1))
-    stage = f"patient-{settings.app_id}"
+    stage = f"patient-{reason[:7]}-{settings.app_id}"
     dst = f"out-{stage}"
     src = _feed(settings, stage, [b"a", b"b", b"c"])
     _topics(settings, dst)
-    down = {"b": 3}  # b fails three times, then the database is back
+    down = {"b": times}  # b fails so many times, then the service is back
 
     def handler(msg):
         left = down.get(msg.value.decode(), 0)
         if left:
             down[msg.value.decode()] = left - 1
-            raise HistoryUnavailable("cannot connect to the history database: connection refused")
+            raise error()
         return [OutMessage(dst, msg.value)]
 
     runner = StageRunner(stage, src, handler, settings)
     assert runner.run(max_messages=3) == 3
     assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]  # in order, none lost
     assert _dead(settings, stage) == [] and _committed(settings, stage, src) == 3
-    assert runner.metrics.outages.labels(stage, "history_unavailable")._value.get() == 3
-    assert runner.metrics.messages_in.labels(stage)._value.get() == 3  # b once, though read four times
-    assert runner.metrics.errors.labels(stage, "history_unavailable")._value.get() == 0
-
-
-def test_a_full_disk_keeps_the_message_until_space_is_freed(settings, monkeypatch):
-    """A disk full under the state folder was ``unexpected:OSError``: dead-lettered, and the stage stopped at 5."""
-    import errno
-
-    monkeypatch.setattr("streams.runner.OUTAGE_WAITS_S", (0.05, 0.1))
-    stage = f"full-{settings.app_id}"
-    dst = f"out-{stage}"
-    src = _feed(settings, stage, [b"a", b"b", b"c"])
-    _topics(settings, dst)
-    full = {"b": 6}  # more than max_unexpected: the stage would have stopped
-
-    def handler(msg):
-        if full.get(msg.value.decode(), 0):
-            full[msg.value.decode()] -= 1
-            raise OSError(errno.ENOSPC, "No space left on device", "/state/diffs/x/diff.npy")
-        return [OutMessage(dst, msg.value)]
-
-    runner = StageRunner(stage, src, handler, settings)
-    assert runner.run(max_messages=3) == 3
-    assert [m.value() for m in read_all(settings, [dst])] == [b"a", b"b", b"c"]
-    assert _dead(settings, stage) == [] and _committed(settings, stage, src) == 3
-    assert runner.metrics.outages.labels(stage, "storage_full")._value.get() == 6
+    assert runner.metrics.outages.labels(stage, reason)._value.get() == times
+    assert runner.metrics.messages_in.labels(stage)._value.get() == 3  # b once, though read several times
+    assert runner.metrics.errors.labels(stage, reason)._value.get() == 0
     assert runner.metrics.unexpected.labels(stage, "OSError")._value.get() == 0
 
 
