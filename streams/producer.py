@@ -19,7 +19,7 @@ from pathlib import Path
 from astropy.time import Time
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame, Outage
+from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame, Outage, StorageFull, storage_full
 from broker.frame import Frame, decode_fits, encode_fits, sha256
 from broker.ingest import IngestConfig, validate
 from broker.telescopes import TelescopeProfile
@@ -201,7 +201,8 @@ def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[
     other error but Kafka's) is reported, recorded and not retried until it changes, so one bad
     file can never stop the watch nor make it fail again at every restart. Kafka errors (the broker
     unreachable, the queue full) and outages (the frame store down) propagate: the file was not sent
-    and is tried again after a restart.
+    and is tried again after a restart. A disk too full to record a sent file stops the watch with
+    :class:`StorageFull` (``broker produce`` exits 2 saying so).
     """
     ledger = directory / ".published"
     done = set(ledger.read_text().splitlines()) if ledger.exists() else set()
@@ -220,9 +221,21 @@ def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[
                 continue
             yield path, _publish_one(publish, path)
             done.add(tag)  # only now: the caller has had the result (and flushed it)
-            with ledger.open("a") as fh:
-                fh.write(tag + "\n")
+            _record(ledger, tag)
         time.sleep(poll_s)
+
+
+def _record(ledger: Path, tag: str) -> None:
+    """Append ``tag`` to the watch's ledger; :class:`StorageFull` (an outage: the watch stops) on a full disk."""
+    try:
+        with ledger.open("a") as fh:
+            fh.write(tag + "\n")
+    except OSError as exc:
+        full = storage_full(exc)
+        if full is None:
+            raise
+        raise StorageFull(f"{full}: cannot record a sent file in {ledger}; free space and start again (the "
+                          "file is sent again, and the pipeline refuses the copy as duplicate_frame)") from exc
 
 
 def _publish_one(publish: Callable[[Path], Published], path: Path) -> Published | Exception:

@@ -252,3 +252,24 @@ def test_watch_stops_on_a_frame_store_outage_and_sends_the_file_after_a_restart(
     polls = iter(range(4))
     assert list(dict(watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01))) == [
         incoming / "a.fits"]
+
+
+def test_watch_stops_with_a_clear_error_when_its_ledger_disk_is_full(small_disk):
+    """An ``OSError`` traceback ended ``broker produce --watch`` when its ``.published`` could not be written."""
+    from broker.errors import StorageFull
+    from tests.helpers import fill_disk
+
+    incoming = small_disk / "incoming"
+    incoming.mkdir()
+    (incoming / "a.fits").write_bytes(b"x")
+    fill_disk(small_disk)
+    sent = []
+    polls = iter(range(4))
+    with pytest.raises(StorageFull, match=r"cannot record a sent file in .*\.published; free space"):
+        for path, _ in watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01):
+            sent.append(path)
+    assert sent == [incoming / "a.fits"]
+    (small_disk / "ballast").unlink()
+    polls = iter(range(4))
+    assert list(dict(watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01))) == [
+        incoming / "a.fits"]  # not recorded: sent again after the restart
