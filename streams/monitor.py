@@ -40,15 +40,19 @@ def read_all(settings: KafkaSettings, topic_names: list[str], timeout: float = 3
     return list(scan(settings, topic_names, timeout))
 
 
+def _reader(settings: KafkaSettings, **extra: object) -> Consumer:
+    """A consumer that assigns partitions itself (no group joined, nothing committed), partition ends reported."""
+    return Consumer({**settings.consumer(None), "group.id": f"{settings.app_id}.reader-{uuid.uuid4().hex[:8]}",
+                     "enable.partition.eof": True, **extra})
+
+
 def fetch(settings: KafkaSettings, topic: str, partition: int, offset: int, timeout: float = 30.0) -> Message | None:
     """The committed message at ``offset`` of ``topic[partition]``, or None once it is gone.
 
     Gone: deleted by retention, compacted away, or never there (the partition's end comes first).
     No group is joined and no offset committed.
     """
-    conf = {**settings.consumer(None), "group.id": f"{settings.app_id}.reader-{uuid.uuid4().hex[:8]}",
-            "enable.partition.eof": True, "auto.offset.reset": "error"}
-    consumer = Consumer(conf)
+    consumer = _reader(settings, **{"auto.offset.reset": "error"})
     try:
         consumer.assign([TopicPartition(topic, partition, offset)])
         deadline = time.monotonic() + timeout
@@ -59,7 +63,7 @@ def fetch(settings: KafkaSettings, topic: str, partition: int, offset: int, time
             err = msg.error()
             if err is not None:
                 if err.code() in (KafkaError._PARTITION_EOF, KafkaError._AUTO_OFFSET_RESET,
-                                          KafkaError.OFFSET_OUT_OF_RANGE, KafkaError.UNKNOWN_TOPIC_OR_PART):
+                                  KafkaError.OFFSET_OUT_OF_RANGE, KafkaError.UNKNOWN_TOPIC_OR_PART):
                     return None
                 continue
             return msg if msg.offset() == offset else None
@@ -74,9 +78,7 @@ def scan(settings: KafkaSettings, topic_names: list[str], timeout: float = 30.0)
     Partitions are assigned, not subscribed: no group is joined and no offset committed. Topics
     that do not exist are left out; reading stops at every partition's end or after ``timeout`` s.
     """
-    conf = {**settings.consumer(None), "group.id": f"{settings.app_id}.reader-{uuid.uuid4().hex[:8]}",
-            "enable.partition.eof": True}
-    consumer = Consumer(conf)
+    consumer = _reader(settings)
     try:
         metadata = consumer.list_topics(timeout=10).topics
         parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in topic_names if t in metadata
