@@ -9,7 +9,10 @@ process, then times over HTTP, from this process with httpx:
   its detections and summary from the history, its light curve), for objects drawn at random;
 - ``GET /api/v1/cone`` of 5 arcsec around alerts drawn at random, and of 1 deg around them; the
   same 1 deg cone as the VO's Simple Cone Search answers it (``GET /api/v1/scs``, a VOTable);
-- ``GET /api/v1/alerts?limit=50`` (the first page of the live page).
+- ``GET /api/v1/alerts?limit=50`` (the first page of the live page);
+- ``POST /api/v1/crossmatch`` of a watchlist of 1,000 targets, each 0.5 arcsec from an alert drawn
+  at random (radius 2 arcsec): the whole archive's positions matched per request, the first 1,000
+  matches (the default ``limit``) answered.
 
 Each endpoint: ``--requests`` requests one after the other (p50, p95 latency in ms, requests/s of one
 client), then the same number spread over ``--clients`` concurrent clients (requests/s). With
@@ -61,16 +64,23 @@ def start_server(state_dir: Path, port: int, *options: str) -> subprocess.Popen:
     raise RuntimeError("broker serve did not answer within 120 s")
 
 
-def timed(client: httpx.Client, url: str) -> float:
-    """Seconds one GET takes (the body read); raises on a non-200 answer."""
+#: A request of a workload: a GET of its URL, or a POST of (URL, CSV body).
+Call = str | tuple[str, str]
+
+
+def timed(client: httpx.Client, call: Call) -> float:
+    """Seconds one request takes (the body read); raises on a non-200 answer."""
     t0 = time.perf_counter()
-    response = client.get(url)
+    if isinstance(call, str):
+        response = client.get(call)
+    else:
+        response = client.post(call[0], content=call[1], headers={"content-type": "text/csv"})
     elapsed = time.perf_counter() - t0
     response.raise_for_status()
     return elapsed
 
 
-def measure(base: str, urls: list[str], clients: int) -> dict:
+def measure(base: str, urls: list[Call], clients: int) -> dict:
     """Latencies of ``urls`` one after the other, then requests/s with ``clients`` at once."""
     with httpx.Client(base_url=base, timeout=60) as client:
         timed(client, urls[0])  # warm-up: caches, the first DuckDB connection
@@ -79,7 +89,7 @@ def measure(base: str, urls: list[str], clients: int) -> dict:
         serial = len(urls) / (time.perf_counter() - t0)
     chunks = [urls[i::clients] for i in range(clients)]
 
-    def run(chunk: list[str]) -> None:
+    def run(chunk: list[Call]) -> None:
         with httpx.Client(base_url=base, timeout=60) as c:
             for u in chunk:
                 timed(c, u)
@@ -93,8 +103,8 @@ def measure(base: str, urls: list[str], clients: int) -> dict:
             "rps1": serial, "rpsN": parallel}
 
 
-def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[str]]:
-    """The URLs of each endpoint: random objects, random alert positions."""
+def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[Call]]:
+    """The requests of each endpoint: random objects, random alert positions, watchlists of them."""
     rng = np.random.default_rng(seed)
     objects = archive.query("SELECT DISTINCT object_id FROM alerts").column(0).to_pylist()
     pos = archive.query("SELECT ra, dec FROM alerts").to_pylist()
@@ -111,7 +121,16 @@ def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[str]]:
         "cone 1 deg, VOTable: `GET /api/v1/scs`": [f"/api/v1/scs?RA={p['ra']:.6f}&DEC={p['dec']:.6f}&SR=1&MAXREC=1000"
                                                    for p in picks],
         "latest 50: `GET /api/v1/alerts?limit=50`": ["/api/v1/alerts?limit=50"] * n,
+        "watchlist of 1,000 targets: `POST /api/v1/crossmatch`": [
+            ("/api/v1/crossmatch", _watchlist([pos[i] for i in rng.integers(len(pos), size=1000)]))
+            for _ in range(n)],
     }
+
+
+def _watchlist(targets: list[dict]) -> str:
+    """A watchlist CSV of ``targets``, each moved 0.5 arcsec north."""
+    return "name,ra,dec\n" + "".join(f"t{i},{p['ra']:.7f},{min(p['dec'] + 0.5 / 3600, 90.0):.7f}\n"
+                                      for i, p in enumerate(targets))
 
 
 def run(state_dir: Path, requests: int, clients: int, seed: int) -> tuple[list[str], int, int]:

@@ -59,12 +59,25 @@ class AlertTopicConfig:
     per_filter : bool
         Also copy each alert to ``<name>.<filter>`` in the same framing. Default True, as the
         pipeline always did for ``alerts``.
+    filter : str or None
+        Only the alerts this expression holds for (the language of ``broker subscribe --filter``,
+        compiled when the alert stage starts). Default None: every alert.
+    watchlist : str or None
+        Only the alerts within the radius of an entry of this watchlist CSV
+        (:mod:`broker.watchlist`, read when the alert stage starts), each with the header
+        ``watchlist`` (JSON: the entries' names and distances). Default None: no watchlist.
+    watchlist_radius_arcsec : float
+        Radius of the watchlist's entries without one (arcsec). Default 2
+        (:data:`broker.watchlist.DEFAULT_RADIUS_ARCSEC`).
     """
 
     name: str = "alerts"
     framing: str = "ocf"
     codec: str = "null"
     per_filter: bool = True
+    filter: str | None = None
+    watchlist: str | None = None
+    watchlist_radius_arcsec: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.name or any(c not in _TOPIC_CHARS for c in self.name):
@@ -75,6 +88,13 @@ class AlertTopicConfig:
             raise ConfigError(f"unknown Avro codec {self.codec!r}; one of {list(OCF_CODECS)}")
         if self.codec != "null" and self.framing != "ocf":
             raise ConfigError(f"codec {self.codec!r} applies to the ocf framing only, not {self.framing!r}")
+        if self.filter is not None and not self.filter.strip():
+            raise ConfigError(f"alert topic {self.name}: an empty filter; leave it out to send every alert")
+        if self.watchlist is not None and not self.watchlist.strip():
+            raise ConfigError(f"alert topic {self.name}: an empty watchlist path; leave it out for none")
+        if not 0.0 < self.watchlist_radius_arcsec <= 3600.0:
+            raise ConfigError(f"alert topic {self.name}: watchlist_radius_arcsec must be in (0, 3600], "
+                              f"not {self.watchlist_radius_arcsec}")
 
 
 _TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")

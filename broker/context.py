@@ -30,6 +30,7 @@ from broker.candidate import Detection
 from broker.errors import ConfigError
 from broker.lightcurve import CONTEXT_FEATURE_NAMES, FEATURE_NAMES, _num, model_inputs
 from broker.moving import Tracklet
+from broker.sphere import chord, separation_arcsec, unit_vectors
 from broker.streaks import find_runs
 
 #: OpenNGC object types (``objTypes``) -> CatalogMatch.kind; types not listed (``Dup`` duplicate
@@ -250,17 +251,6 @@ def alert_inputs(features: Mapping[str, Any] | None, context: dict | None) -> np
     return model_inputs(feats, Context.from_record(context).features() if context else {})
 
 
-def _unit(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
-    """Unit vectors, shape (n, 3), of (ra, dec) in deg."""
-    a, d = np.radians(ra), np.radians(dec)
-    return np.column_stack([np.cos(d) * np.cos(a), np.cos(d) * np.sin(a), np.sin(d)])
-
-
-def _arcsec(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Angles (arcsec) between unit vectors, shape (n, 3) and (3,) or (n, 3)."""
-    return np.degrees(2.0 * np.arcsin(np.clip(np.linalg.norm(u - v, axis=-1) / 2.0, 0.0, 1.0))) * 3600.0
-
-
 def trail_matches(detections: Sequence[Detection], shape: tuple[int, int], frame_id: str) -> dict[int, CatalogMatch]:
     """The detections of one frame that lie in a line along a trail, each with the trail as a match.
 
@@ -289,21 +279,16 @@ def trail_matches(detections: Sequence[Detection], shape: tuple[int, int], frame
     """
     x = np.array([d.x for d in detections], float)
     y = np.array([d.y for d in detections], float)
-    sky = _unit(np.array([d.ra for d in detections], float), np.array([d.dec for d in detections], float))
+    sky = unit_vectors(np.array([d.ra for d in detections], float), np.array([d.dec for d in detections], float))
     out: dict[int, CatalogMatch] = {}
     for k, members in enumerate(find_runs(x, y, float(shape[0] * shape[1])), start=1):
         centre = sky[members[0]] + sky[members[-1]]
         centre /= np.linalg.norm(centre)
         ra, dec = math.degrees(math.atan2(centre[1], centre[0])) % 360.0, math.degrees(math.asin(centre[2]))
-        length = float(_arcsec(sky[members[0]], sky[members[-1]]))
-        for i, dist in zip(members, _arcsec(sky[members], centre), strict=True):
+        length = float(separation_arcsec(sky[members[0]], sky[members[-1]]))
+        for i, dist in zip(members, separation_arcsec(sky[members], centre), strict=True):
             out[int(i)] = CatalogMatch("frame", frame_id, f"trail {k}", "trail", ra, dec, float(dist), length)
     return out
-
-
-def _chord(arcsec: float) -> float:
-    """Chord length on the unit sphere of an angle (arcsec)."""
-    return 2.0 * math.sin(min(math.radians(arcsec / 3600.0), math.pi) / 2.0)
 
 
 def default_openngc_path() -> tuple[Path, str]:
@@ -426,9 +411,9 @@ class OpenNGC:
                          self.semi_major + c.ngc_margin_arcsec, c.ngc_point_radius_arcsec)
         large = reach > c.ngc_large_arcmin * 60.0
         self._small, self._large = np.flatnonzero(~large), np.flatnonzero(large)
-        unit = _unit(self.ra, self.dec)
+        unit = unit_vectors(self.ra, self.dec)
         self._tree = cKDTree(unit[self._small])
-        self._small_chord = _chord(float(reach[self._small].max()) if len(self._small) else 0.0)
+        self._small_chord = chord(float(reach[self._small].max()) if len(self._small) else 0.0)
         self._large_unit, self._large_reach = unit[self._large], reach[self._large]
 
     def __len__(self) -> int:
@@ -436,11 +421,11 @@ class OpenNGC:
 
     def _near(self, ra: float, dec: float) -> np.ndarray:
         """Indices of the objects whose reach may hold (ra, dec)."""
-        u = _unit(np.array([ra]), np.array([dec]))[0]
+        u = unit_vectors(np.array([ra]), np.array([dec]))[0]
         near = [self._small[np.asarray(self._tree.query_ball_point(u, self._small_chord), int)]]
         if len(self._large):
-            chord = np.linalg.norm(self._large_unit - u, axis=1)
-            near.append(self._large[chord <= np.array([_chord(r) for r in self._large_reach])])
+            gap = np.linalg.norm(self._large_unit - u, axis=1)
+            near.append(self._large[gap <= np.array([chord(r) for r in self._large_reach])])
         return np.concatenate(near).astype(int)
 
     def _ellipse(self, ra: float, dec: float, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -419,6 +419,16 @@ class InvalidQuery(BrokerError):
     reason = "invalid_query"
 
 
+class InvalidWatchlist(InvalidQuery):
+    """A watchlist that cannot be read (``broker.watchlist.read_watchlist``; HTTP 400).
+
+    No ra or dec column, a position or radius out of range, too many entries; the message names the
+    row and column.
+    """
+
+    reason = "invalid_watchlist"
+
+
 class UnsupportedMediaType(InvalidQuery):
     """An upload whose content type is not FITS (``application/fits``) or a multipart form (HTTP 415)."""
 

@@ -353,6 +353,9 @@ _FIELDS_HELP = ("Show only these fields: comma-separated dotted paths, e.g. obje
                 "(nested in --json output; path=value in text).")
 
 
+_WATCH_RADIUS_HELP = "Match radius of the watchlist's entries without a radius column (arcsec)."
+
+
 @app.command()
 def subscribe(bootstrap: Bootstrap,
               topic: Annotated[str, typer.Option(help="Alert topic (alerts, alerts.<filter>).")] = "alerts",
@@ -368,6 +371,10 @@ def subscribe(bootstrap: Bootstrap,
               status_every: Annotated[float, typer.Option(
                   help="Seconds between status lines on stderr (alerts, lag, skipped); 0: none.")] = 5.0,
               registry_url: RegistryOpt = None, config: ConfigOpt = None,
+              watchlist: Annotated[Optional[Path], typer.Option(
+                  help="Show only alerts within the radius of an entry of this watchlist CSV (ra, dec, optional "
+                       "name and radius); each shown with the entries it matched.")] = None,
+              watch_radius: Annotated[float, typer.Option(help=_WATCH_RADIUS_HELP)] = 2.0,
               json_out: Annotated[bool, typer.Option(
                   "--json", help="Print each alert as one JSON line (no cutouts).")] = False) -> None:
     """Print alerts as they arrive: from a chosen start, filtered, projected, with the lag.
@@ -377,12 +384,14 @@ def subscribe(bootstrap: Bootstrap,
     A topic that does not exist is an error (exit code 2) naming the topics that do.
     """
     from broker.config import load_config
+    from broker.watchlist import load_watchlist
     from streams.alert_expr import AlertFilter, FieldSelection
     from streams.settings import KafkaSettings
     from streams.subscriber import Subscription, parse_start
 
     try:
         keep, chosen, where = AlertFilter(filter), FieldSelection(fields), parse_start(start)
+        watched = load_watchlist(watchlist, watch_radius) if watchlist else None
         settings = KafkaSettings.load(bootstrap, load_config(config))
         settings.verify_login()
     except BrokerError as exc:
@@ -395,9 +404,10 @@ def subscribe(bootstrap: Bootstrap,
     try:
         with sub:
             for alert, _ in sub.alerts(timeout, max_alerts):
-                if keep(alert):
+                near = watched.near(alert["source"]["ra"], alert["source"]["dec"]) if watched else None
+                if keep(alert) and (near is None or near):
                     shown += 1
-                    _show_alert(alert, chosen, json_out, png_dir, err)
+                    _show_alert(alert, chosen, json_out, png_dir, err, near)
     except BrokerError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -658,8 +668,9 @@ class _SkipWarnings:
             self.err.print("[yellow]further skipped messages are only counted[/yellow]")
 
 
-def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Optional[Path], err: Console) -> None:
-    """Print one alert (JSON line or text, whole or projected) and write its triplet PNG."""
+def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Optional[Path], err: Console,
+                near: list[dict] | None = None) -> None:
+    """Print one alert (JSON line or text, whole or projected; the watchlist entries ``near`` it); write its PNG."""
     from rich.markup import escape
 
     from streams.alert_expr import to_json
@@ -667,9 +678,12 @@ def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Op
 
     if json_out:
         slim = chosen.apply(alert) if chosen else {k: v for k, v in alert.items() if not k.startswith("cutout")}
-        print(to_json(slim), flush=True)
+        print(to_json(slim | ({"watchlist": near} if near else {})), flush=True)
     else:
         console.print(escape(printable(chosen.text(alert) if chosen else format_alert(alert))))
+        if near:
+            console.print(escape(printable("  watchlist: " + ", ".join(
+                f"{m['name']} ({m['distance_arcsec']:.2f}\")" for m in near))))
     if png_dir:
         png = save_triplet_png(alert, png_dir / png_name(alert["candid"]))
         for problem in png.problems:
@@ -832,6 +846,49 @@ def _open_archive(archive: Optional[str], config: Optional[Path],
         raise ArchiveError(f"no archive at {store.url}: run `broker demo` or the archive stage first, or name one "
                            "with --archive (the demo's is var/demo/state/archive)")
     return store, cfg
+
+
+@app.command()
+def crossmatch(watchlist: Annotated[Path, typer.Argument(
+                   help="CSV with a header row: ra and dec (decimal deg or sexagesimal), optional name and "
+                        "radius (arcsec); docs/portal.md, 'Watchlists'.")],
+               archive: ArchiveOpt = None, config: ConfigOpt = None, state_dir: StateDirOpt = None,
+               radius: Annotated[float, typer.Option(help=_WATCH_RADIUS_HELP)] = 2.0,
+               since_mjd: Annotated[Optional[float], typer.Option(help="Only alerts at or after this MJD.")] = None,
+               limit: Annotated[int, typer.Option(min=1, help="Matches shown or written at most.")] = 100_000,
+               out: Annotated[Optional[Path], typer.Option(
+                   help="Write the matches to this .csv or .json file instead of printing them.")] = None) -> None:
+    """Archived alerts near a watchlist's entries: by entry (its row order), newest first."""
+    from broker.watchlist import load_watchlist
+    from streams.web.queries import crossmatch as match_archive
+    from streams.web.queries import matches_csv
+
+    try:
+        wl = load_watchlist(watchlist, radius)
+        store, _ = _open_archive(archive, config, state_dir)
+        found = match_archive(store, wl, limit, since_mjd)
+    except BrokerError as exc:
+        _fail(exc)
+    summary = (f"{found['matched']} match(es) of {found['entries_matched']} of {len(wl)} entries"
+               + (f", the first {limit}" if found["matched"] > limit else ""))
+    if out is not None:
+        text = json.dumps(found, indent=1) if out.suffix == ".json" else matches_csv(found["items"])
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _fail(OSError(f"cannot write {out}: {exc.strerror or exc}"))
+        console.print(f"{summary}; written to {escape(str(out))}")
+        return
+    table = Table("entry", "dist [\"]", "alert_id", "object_id", "mjd", "band", "mag", "rb", "class", caption=summary)
+    for i in found["items"]:
+        table.add_row(escape(printable(i["watch"]["name"])), f"{i['distance_arcsec']:.2f}", str(i["alert_id"]),
+                      escape(printable(i["object_id"])), _fixed(i["mjd"], 5), escape(printable(i["band"])),
+                      _fixed(i["magpsf"], 3), _score(i["rb"]), escape(printable(i["class"] or "")))
+    console.print(table)
+
+
+def _fixed(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _cell(value: object) -> str:

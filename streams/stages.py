@@ -9,6 +9,7 @@ Only the classify stage imports torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 
 from broker.alert import PUBLISHER, alert_fields, build_alert, frame_context
 from broker.calibrate import calibrate
-from broker.config import PipelineConfig
+from broker.config import AlertTopicConfig, PipelineConfig
 from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import (
+    BrokerError,
     ChecksumMismatch,
     ConfigError,
     FrameTooLarge,
@@ -42,7 +44,9 @@ from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from broker.solvebackoff import SolverBackoff
 from broker.telescopes import TelescopeProfile, load_profiles
+from broker.watchlist import load_watchlist
 from streams import serde, topics
+from streams.alert_expr import AlertFilter
 from streams.followup import FollowupRules, request_message
 from streams.frame_auth import FrameAuthoriser
 from streams.framestore import FrameStore
@@ -411,8 +415,8 @@ def alert_handler(config: PipelineConfig) -> Handler:
     schema now: an unreachable registry stops the stage at start-up); per-filter copies
     (``<topic>.<filter>``) carry the same bytes.
     """
-    encoders = [(t, AlertEncoder(FramingConfig(t.framing, t.codec, config.schema_registry_url), t.name))
-                for t in config.alert_topics]
+    encoders = [(t, AlertEncoder(FramingConfig(t.framing, t.codec, config.schema_registry_url), t.name),
+                 topic_selector(t)) for t in config.alert_topics]
 
     def handle(msg: InMessage) -> list[OutMessage]:
         start = time.time()
@@ -424,15 +428,47 @@ def alert_handler(config: PipelineConfig) -> Handler:
             alert = build_alert(ctx, cand, batch["model_versions"], _timing(msg.headers, start), time.time())
             key = str(alert["objectId"]).encode()
             outs += _followup_request(config, alert)
-            for spec, encoder in encoders:
+            for spec, encoder, select in encoders:
+                extra = select(alert)
+                if extra is None:
+                    continue
                 out = encoder.encode(alert, key)
-                outs.append(OutMessage(spec.name, out.value, out.key, out.headers))
+                headers = out.headers | extra if extra else out.headers
+                outs.append(OutMessage(spec.name, out.value, out.key, headers))
                 if spec.per_filter:
-                    outs.append(OutMessage(topics.filter_topic(spec.name, ctx.filter), out.value, out.key,
-                                           out.headers))
+                    outs.append(OutMessage(topics.filter_topic(spec.name, ctx.filter), out.value, out.key, headers))
         return outs
 
     return handle
+
+
+#: Header of an alert on a watchlist's topic: the JSON list of the entries it matched (name, distance in arcsec).
+WATCHLIST_HEADER = "watchlist"
+
+
+def topic_selector(spec: AlertTopicConfig) -> Callable[[dict], dict[str, bytes] | None]:
+    """Which alerts go to the topic of ``spec``: None for an alert left out, else the headers it adds.
+
+    ``spec.filter`` is compiled and ``spec.watchlist`` read now, when the alert stage starts: a
+    filter that does not parse (FilterExpressionError) or a watchlist that cannot be read
+    (InvalidWatchlist) stops it there, naming the topic. An alert in a watchlist's radius gets the
+    header ``watchlist``: the JSON list of the entries it matched (name, distance in arcsec).
+    """
+    try:
+        keep = AlertFilter(spec.filter)
+        watched = load_watchlist(spec.watchlist, spec.watchlist_radius_arcsec) if spec.watchlist else None
+    except BrokerError as exc:
+        raise type(exc)(f"alert topic {spec.name}: {exc}") from None
+
+    def select(alert: dict) -> dict[str, bytes] | None:
+        if not keep(alert):
+            return None
+        if watched is None:
+            return {}
+        near = watched.near(alert["source"]["ra"], alert["source"]["dec"])
+        return {WATCHLIST_HEADER: json.dumps(near).encode()} if near else None
+
+    return select
 
 
 def _followup_request(config: PipelineConfig, alert: dict) -> list[OutMessage]:

@@ -65,6 +65,8 @@ STATUS: dict[type[errors.BrokerError], int] = {
 }
 #: Largest body of a request other than an upload (bytes): labels and other small JSON.
 SMALL_BODY_BYTES = 64 * 1024
+#: Largest watchlist posted to ``/api/v1/crossmatch`` (bytes): its 10,000 entries at ~100 bytes a row, and room.
+WATCHLIST_BYTES = 2 * 1024 * 1024
 #: Room for the multipart framing and the form fields of an upload beside its frame bytes.
 MULTIPART_SLACK_BYTES = 64 * 1024
 #: Headers of every answer that does not set its own (the pages set their Content-Security-Policy): no
@@ -181,7 +183,7 @@ class BodyLimit:
     A ``Content-Length`` over the limit is answered 413 at once; a body without one (chunked) is
     counted as it streams, and 413 is answered when it passes the limit (the application then
     sees the client gone). The limit is ``upload_bytes`` for ``POST /api/v1/frames``,
-    :data:`SMALL_BODY_BYTES` otherwise.
+    :data:`WATCHLIST_BYTES` for ``POST /api/v1/crossmatch``, :data:`SMALL_BODY_BYTES` otherwise.
     """
 
     def __init__(self, app: ASGIApp, upload_bytes: int) -> None:
@@ -190,8 +192,11 @@ class BodyLimit:
 
     def limit(self, scope: Scope) -> int:
         """The body limit of a request (bytes)."""
-        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/api/v1/frames":
+        path = scope["path"].rstrip("/") if scope["method"] == "POST" else ""
+        if path == "/api/v1/frames":
             return self.upload_bytes + MULTIPART_SLACK_BYTES
+        if path == "/api/v1/crossmatch":
+            return WATCHLIST_BYTES + MULTIPART_SLACK_BYTES
         return SMALL_BODY_BYTES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -315,7 +320,7 @@ def create_portal(config: WebConfig) -> Portal:
 
 def create_app(config: WebConfig) -> FastAPI:
     """The portal's application: REST API, upload, pages, live stream and vetting over ``config``."""
-    from streams.web import api, upload, vo
+    from streams.web import api, upload, vo, watchlists
 
     portal = create_portal(config)
 
@@ -339,6 +344,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.include_router(api.metrics_router)
     app.include_router(upload.router)
     app.include_router(vo.router)
+    app.include_router(watchlists.router)
     # --- pages, live stream, vetting (streams.web.pages/live/vetting) ---
     from streams.web import live, pages, vetting
 

@@ -1,4 +1,4 @@
-"""The portal's HTML pages and their static files: live alerts, an object, a frame, vetting, an upload.
+"""The portal's HTML pages and their static files: live alerts, an object, a frame, vetting, an upload, a watchlist.
 
 The pages are static shells (``templates/``) whose JavaScript (``static/``) reads the REST API; no
 data is ever written into the HTML, so nothing a user sends can become markup. Everything is
@@ -15,6 +15,8 @@ Pages
     The light curve per band with upper limits, classification, context, features and alerts.
 ``/frames/{frame_id}``
     The frame with its candidates marked, and their table.
+``/watchlist``
+    A watchlist of targets against the archive (``POST /api/v1/crossmatch``).
 ``/vet``
     The vetting page (:mod:`streams.web.vetting`): keyboard labels real/bogus/interesting.
 ``/docs``
@@ -93,6 +95,7 @@ def render_page(title: str, script: str, body: str, active: str = "") -> str:
     """The HTML of one page: the shared frame (bar, navigation) around ``body`` (a template, no data)."""
     return _PAGE.substitute(title=title, script=script, body=body, on_live="on" if active == "live" else "",
                             on_vet="on" if active == "vet" else "", on_upload="on" if active == "upload" else "",
+                            on_watch="on" if active == "watchlist" else "",
                             on_docs="on" if active == "docs" else "")
 
 
@@ -102,6 +105,7 @@ _PAGES = {
     "frame": render_page("Frame", "frame.js", _template("frame.html").template),
     "vet": render_page("Vetting", "vet.js", _template("vet.html").template, "vet"),
     "upload": render_page("Upload", "upload.js", _template("upload.html").template, "upload"),
+    "watchlist": render_page("Watchlist", "watchlist.js", _template("watchlist.html").template, "watchlist"),
     "docs": render_page("API", "docs.js", _template("docs.html").template, "docs"),
 }
 
@@ -138,6 +142,12 @@ async def vet_page() -> HTMLResponse:
 async def upload_page() -> HTMLResponse:
     """Upload a FITS frame and see its candidates with their scores (``POST /api/v1/frames?mode=predict``)."""
     return _page("upload")
+
+
+@router.get("/watchlist", response_class=HTMLResponse)
+async def watchlist_page() -> HTMLResponse:
+    """Match a watchlist of targets against the archive (``POST /api/v1/crossmatch``)."""
+    return _page("watchlist")
 
 
 @router.get("/docs", response_class=HTMLResponse)

@@ -6,6 +6,8 @@ through :meth:`streams.web.app.Portal.run`, so no read holds the event loop.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import threading
@@ -24,12 +26,18 @@ from broker.errors import InvalidQuery, NotFound
 from broker.forced import check_position as check_sky_position
 from broker.history import ObjectHistory
 from broker.reference import path_component
+from broker.watchlist import Watchlist
 from streams.alert_expr import AlertFilter
+from streams.triplet_png import printable
 from streams.web.records import decode_cursor, encode_cursor, summary_of, summary_of_row
 
 #: Columns of an ``AlertSummary`` read by SQL (the struct fields exist in every schema version).
 SUMMARY_COLUMNS = ("alert_id, object_id, candid, frame_id, telescope, mjd, ra, dec, filter AS band, magpsf, "
                    "alert.source.sigmapsf AS sigmapsf, snr, rb, anomaly, alert.source.x AS x, alert.source.y AS y")
+#: Columns of the CSV answer: the entry's, the distance, then the alert summary's.
+CSV_COLUMNS = ("watch_name", "watch_ra", "watch_dec", "watch_radius_arcsec", "distance_arcsec", "alert_id",
+               "object_id", "candid", "frame_id", "telescope", "band", "mjd", "ra", "dec", "magpsf", "sigmapsf",
+               "snr", "rb", "anomaly", "class", "class_probability")
 #: Alerts read at most by one filtered page (count): a rare filter answers a partial page and its cursor.
 MAX_SCAN = 2000
 #: Alerts read at a time by a filtered page (count).
@@ -211,6 +219,45 @@ def cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit:
     where = f"in_cone(ra, dec, {ra!r}, {dec!r}, {radius!r})"
     extra = f", ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS distance_arcsec"
     return summaries(archive, where, "ORDER BY distance_arcsec, mjd DESC", limit, extra)
+
+
+def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: float | None = None) -> dict:
+    """Archived alerts within the radius of a watchlist's entries: ``{"items", "matched", "entries_matched"}``.
+
+    ``items`` (at most ``limit``) are ``AlertSummary`` objects, each with its ``watch`` entry
+    (name, ra, dec, radius_arcsec) and ``distance_arcsec``, ordered by the entry's row, then newest
+    first; ``matched`` counts every (entry, alert) pair found, ``entries_matched`` the entries with
+    one or more. The alerts' positions are read once (one column scan) and matched in memory
+    (:meth:`broker.watchlist.Watchlist.match`); only the summaries shown are read in full.
+    """
+    where = "ra IS NOT NULL AND dec IS NOT NULL"
+    if since_mjd is not None:
+        where += f" AND mjd >= {float(since_mjd)!r}"
+    table = archive.query(f"SELECT alert_id, mjd, ra, dec FROM alerts WHERE {where}")
+    ids, mjd = table.column(0).to_numpy(), table.column(1).to_numpy(zero_copy_only=False)
+    found = watchlist.match(table.column(2).to_numpy(zero_copy_only=False),
+                            table.column(3).to_numpy(zero_copy_only=False))
+    order = np.lexsort((-np.nan_to_num(mjd[found.alert], nan=-np.inf), found.entry))[:limit]
+    shown = ids[found.alert[order]]
+    rows = summaries(archive, f"alert_id IN ({', '.join(str(int(i)) for i in set(shown))})", "",
+                     len(shown)) if len(shown) else []
+    by_id = {r["alert_id"]: r for r in rows}
+    items = [{**by_id[int(i)], "watch": watchlist.entry(int(e)), "distance_arcsec": float(d)}
+             for i, e, d in zip(shown, found.entry[order], found.separation_arcsec[order], strict=True)]
+    return {"items": items, "matched": len(found), "entries_matched": int(np.unique(found.entry).size)}
+
+
+def matches_csv(items: list[dict]) -> str:
+    """The matches as CSV (:data:`CSV_COLUMNS`), text escaped as :func:`streams.triplet_png.printable` does."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for item in items:
+        watch = item["watch"]
+        row = {"watch_name": watch["name"], "watch_ra": watch["ra"], "watch_dec": watch["dec"],
+               "watch_radius_arcsec": watch["radius_arcsec"], **item}
+        writer.writerow(["" if row.get(c) is None else printable(str(row[c])) for c in CSV_COLUMNS])
+    return out.getvalue()
 
 
 def diff_dir(state_dir: Path | None, summary: dict, field: str | None) -> Path | None:

@@ -187,6 +187,30 @@ def test_query_prints_a_table_writes_files_and_reports_a_bad_archive(tmp_path):
     assert res.exit_code == 2 and "SHA-256" in res.output and f.path in res.output, res.output
 
 
+def test_crossmatch_finds_a_watchlists_alerts_in_the_archive_and_explains_a_bad_list(tmp_path):
+    archive = _small_archive(tmp_path / "archive")
+    rows = archive.query("SELECT object_id, ra, dec FROM alerts ORDER BY object_id").to_pylist()
+    first = [r for r in rows if r["object_id"] == rows[0]["object_id"]]
+    watch = tmp_path / "targets.csv"
+    watch.write_text(f"name,ra,dec,radius\nhost,{first[0]['ra'] + 1 / 3600},{first[0]['dec']},3\nnothing,1,-80,\n")
+    url = str(tmp_path / "archive")
+    res = runner.invoke(app, ["crossmatch", str(watch), "--archive", url])
+    assert res.exit_code == 0 and "host" in res.output and f"{len(first)} match(es) of 1 of 2 entries" in res.output, \
+        res.output
+    res = runner.invoke(app, ["crossmatch", str(watch), "--archive", url, "--out", str(tmp_path / "m.csv")])
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert res.exit_code == 0 and len(lines) == 1 + len(first) and lines[1].startswith("host,"), res.output
+    assert all(abs(float(line.split(",")[4]) - 1.0) < 0.01 for line in lines[1:])  # the distance, 1 arcsec
+    watch.write_text("name,ra,dec\nbad,1,95\n")
+    for args, message in (([str(watch)], "targets.csv: row 2, dec: 95 deg is outside"),
+                          ([str(tmp_path / "none.csv")], "cannot read the watchlist"),
+                          ([str(tmp_path)], "cannot read the watchlist"),
+                          ([str(tmp_path / "m.csv"), "--out", str(tmp_path / "no" / "m.csv")], "cannot write"),
+                          ([str(tmp_path / "m.csv"), "--radius", "nan"], "the default radius")):
+        res = runner.invoke(app, ["crossmatch", *args, "--archive", url])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+
+
 def test_an_archive_path_that_is_a_file_is_no_archive(tmp_path):
     (tmp_path / "alerts.parquet").write_bytes(b"PAR1")
     res = runner.invoke(app, ["query", "--archive", str(tmp_path / "alerts.parquet"), "SELECT 1"])

@@ -49,8 +49,16 @@ per_filter = false
 name = "alerts-fink"
 framing = "fink"
 per_filter = false
+[[alert_topics]]
+name = "alerts-watched"
+per_filter = false
+filter = "scores.rb > 0.5"
+watchlist = "{watchlist}"
+watchlist_radius_arcsec = 3
 """
 TOPICS = ("alerts", "alerts-rubin", "alerts-fink")
+#: The topic of the alerts within 3 arcsec of the simulated transients (the watchlist) with rb > 0.5.
+WATCHED = "alerts-watched"
 
 
 @dataclass
@@ -62,6 +70,8 @@ class Run:
     expected: dict[int, str]  # alertId -> canonical JSON of each alert on the ocf topic
     by_topic: dict[str, list[dict]]  # the alerts of each topic, read with decode_alert
     n_candidates: int  # candidates in the alert stage's input
+    watchlist: Path  # the simulated transients' positions
+    watched: list[dict]  # the alerts of WATCHED, read with decode_alert
 
 
 def canonical(alert: dict) -> str:
@@ -115,8 +125,12 @@ def run(tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("clients")
     with EmbeddedKafka() as kafka, EmbeddedRegistry() as registry:
-        config = workdir / "pipeline.toml"
-        config.write_text(CONFIG.format(registry=registry.url))
+        config, watchlist = workdir / "pipeline.toml", workdir / "transients.csv"
+        subtracted = list(SkySimulator(SIM, seed=3).frames(5))[3:]
+        watchlist.write_text("name,ra,dec\n" + "".join(f"{i.source_id},{float(i.ra)!r},{float(i.dec)!r}\n"
+                                                       for _, truth in subtracted for i in truth.injections
+                                                       if i.kind == "transient"))
+        config.write_text(CONFIG.format(registry=registry.url, watchlist=watchlist))
         topics.create_topics(kafka.bootstrap, pipeline_topics(SIM.filters, config=load_config(config)))
         _publish_and_crash_alert_stage(kafka.bootstrap, workdir, config)
         settings = KafkaSettings(kafka.bootstrap, app_id="clients-check")
@@ -127,13 +141,27 @@ def run(tmp_path_factory):
                                                                               dict(m.headers() or []))]
                     for t in TOPICS}
         expected = {a["alertId"]: canonical(a) for a in by_topic["alerts"]}
-        yield Run(kafka.bootstrap, registry.url, expected, by_topic, n_candidates)
+        watched = [a for m in read_all(settings, [WATCHED]) for a in decode_alert(m.key(), m.value())]
+        yield Run(kafka.bootstrap, registry.url, expected, by_topic, n_candidates, watchlist, watched)
 
 
 def test_every_topic_carries_each_alert_once_in_its_framing(run):
     assert run.n_candidates > 0 and len(run.expected) == run.n_candidates  # one alert per candidate
     for topic, alerts in run.by_topic.items():  # none twice on any topic, the same alerts in every framing
         assert sorted(canonical(a) for a in alerts) == sorted(run.expected.values()), topic
+
+
+def test_a_watchlist_topic_carries_the_alerts_near_its_entries_that_pass_its_filter(run):
+    from astropy.coordinates import SkyCoord
+
+    from broker.watchlist import load_watchlist
+
+    wl = load_watchlist(run.watchlist)
+    targets = SkyCoord(wl.ra, wl.dec, unit="deg")
+    near = {a["alertId"] for a in run.by_topic["alerts"] if a["scores"]["rb"] > 0.5
+            and SkyCoord(a["source"]["ra"], a["source"]["dec"], unit="deg").separation(targets).arcsec.min() <= 3}
+    assert near and sorted(a["alertId"] for a in run.watched) == sorted(near)
+    assert all(canonical(a) == run.expected[a["alertId"]] for a in run.watched)
 
 
 CLIENTS = ("hop", "gcn-kafka", "fink-client", "rubin")

@@ -15,6 +15,7 @@ from collections import Counter
 import fastavro
 import numpy as np
 import pytest
+from astropy.coordinates import SkyCoord
 
 from broker.frame import Frame, encode_fits
 from broker.simulate import SimConfig, SkySimulator
@@ -143,6 +144,19 @@ def test_frames_in_alerts_out_with_dead_letters(settings, tmp_path):
     shown = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
     assert {x["candid"] for x in shown} == {x["candid"] for x in alerts if x["source"]["snr"] >= cut}
     assert len(list((tmp_path / "png").glob("*.png"))) == len(shown)
+
+    # a subscriber with a watchlist: two alerts' positions and an empty patch of sky
+    watched = SkyCoord([x["source"]["ra"] for x in alerts[:2]], [x["source"]["dec"] for x in alerts[:2]], unit="deg")
+    (tmp_path / "watch.csv").write_text("name,ra,dec\n" + "".join(
+        f"w{i},{float(c.ra.deg)!r},{float(c.dec.deg)!r}\n" for i, c in enumerate(watched)) + "empty,1.0,-80.0\n")
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--watchlist",
+                                   str(tmp_path / "watch.csv"), "--json", "--max-alerts", str(len(alerts)),
+                                   "--timeout", "20"])
+    assert res.exit_code == 0, res.output
+    shown = [json.loads(line) for line in res.output.splitlines() if line.startswith("{")]
+    near = {x["candid"] for x in alerts if SkyCoord(x["source"]["ra"], x["source"]["dec"], unit="deg")
+            .separation(watched).arcsec.min() <= 2.0}
+    assert {x["candid"] for x in shown} == near and all(x["watchlist"][0]["name"] in ("w0", "w1") for x in shown)
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(settings, tmp_path):

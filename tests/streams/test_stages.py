@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import time
 import urllib.request
@@ -310,12 +312,7 @@ def test_the_alert_handler_writes_each_configured_topic_in_its_framing(config):
     for i, cand in enumerate(cands):
         cand.cand_id, cand.rb, cand.anomaly = f"TEST-F1-r-0001/{i}", 0.9, 0.1
         cand.obj = ObjectSummary(f"OBJ{i:013d}", 150.0, 2.0, 1, 60000.5)
-    batch = {"frame_id": "TEST-F1-r-0001", "telescope": "TEST", "field": "F1", "filter": "r", "mjd_start": 60000.5,
-             "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {},
-             "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "nx": 256, "ny": 256, "wcs_header": "",
-             "limiting_flux": None, "candidates": [serde.candidate_to_record(c) for c in cands]}
-    tag = {serde.SCHEMA_HEADER: serde.schema_tag("candidates").encode(), "t.exposure_end": b"1700000000.0"}
-    outs = alert_handler(cfg)(InMessage(topics.SCORED, 0, 0, b"k", serde.encode("candidates", batch), tag, 0))
+    outs = alert_handler(cfg)(_scored("r", {"t.exposure_end": b"1700000000.0"}, cands))
 
     assert [o.topic for o in outs] == ["alerts-rubin", "alerts-fink", "alerts-fink.r", "alerts-ztf"] * 2
     assert outs[0].value[0] == 0 and outs[1].key.startswith(b"{") and outs[3].value.startswith(b"Obj\x01")
@@ -329,20 +326,77 @@ def test_the_alert_handler_writes_each_configured_topic_in_its_framing(config):
     assert stage("alert").writes_for(cfg) == ("alerts-rubin", "alerts-fink", "alerts-ztf", "followup", "dlq.alert")
 
 
-def _scored(band: str, headers: dict[str, bytes]) -> InMessage:
-    """A ``scored`` batch of one candidate in ``band`` with ``headers``."""
+def _scored(band: str, headers: dict[str, bytes], cands: list | None = None) -> InMessage:
+    """A ``scored`` batch in ``band`` with ``headers``: of ``cands``, else of one candidate (rb 0.9)."""
     from broker.candidate import ObjectSummary
     from tests.helpers import candidate
 
-    cand = candidate()
-    cand.rb, cand.anomaly = 0.9, 0.1
-    cand.obj = ObjectSummary("OBJ00000000000ff", 150.0, 2.0, 1, 60000.5)
-    batch = {"frame_id": "TEST-F1-x-0001", "telescope": "TEST", "field": "F1", "filter": band, "mjd_start": 60000.5,
-             "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"], "diagnostics": {},
-             "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "nx": 256, "ny": 256, "wcs_header": "",
-             "limiting_flux": None, "candidates": [serde.candidate_to_record(cand)]}
+    if cands is None:
+        cands = [candidate()]
+        cands[0].rb, cands[0].anomaly = 0.9, 0.1
+        cands[0].obj = ObjectSummary("OBJ00000000000ff", 150.0, 2.0, 1, 60000.5)
+    batch = {"frame_id": "TEST-F1-r-0001", "telescope": "TEST", "field": "F1", "filter": band,
+             "mjd_start": 60000.5, "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED", "reference_frames": ["a"],
+             "diagnostics": {}, "model_versions": {"rb": "rb-1", "anomaly": "an-1"}, "nx": 256, "ny": 256,
+             "wcs_header": "", "limiting_flux": None, "candidates": [serde.candidate_to_record(c) for c in cands]}
     tag = {serde.SCHEMA_HEADER: serde.schema_tag("candidates").encode(), **headers}
     return InMessage(topics.SCORED, 0, 0, b"k", serde.encode("candidates", batch), tag, 0)
+
+
+def test_an_alert_topic_may_carry_only_a_watchlists_or_a_filters_alerts(config, tmp_path):
+    """``[[alert_topics]]`` with ``watchlist`` and ``filter``: Lasair-like streams any Kafka client reads."""
+    from broker.candidate import ObjectSummary
+    from broker.config import AlertTopicConfig
+    from streams.framing import decode_alert
+    from streams.stages import WATCHLIST_HEADER, alert_handler
+    from tests.helpers import candidate
+
+    watch = tmp_path / "targets.csv"
+    watch.write_text(f"name,ra,dec\nhost,{150.0 + 1 / 3600},2.0\nfar,151.0,3.0\n")
+    spots = ((150.0, 2.0, 0.9), (150.01, 2.0, 0.9), (151.0, 3.0 + 0.5 / 3600, 0.3))  # ra, dec, rb
+    cands = []
+    for i, (ra, dec, rb) in enumerate(spots):
+        cands.append(candidate(f"TEST-F1-r-0001/{i}", ra, dec, seed=i))
+        cands[-1].rb, cands[-1].anomaly = rb, 0.1
+        cands[-1].obj = ObjectSummary(f"OBJ{i:013d}", ra, dec, 1, 60000.5)
+    cfg = replace(config, alert_topics=(
+        AlertTopicConfig(), AlertTopicConfig("alerts-watch", per_filter=False, watchlist=str(watch)),
+        AlertTopicConfig("alerts-real", per_filter=False, filter="scores.rb > 0.5"),
+        AlertTopicConfig("alerts-both", watchlist=str(watch), watchlist_radius_arcsec=0.5, filter="rb > 0.5")))
+    outs = alert_handler(cfg)(_scored("r", {}, cands))
+    by_topic: dict[str, list] = {}
+    for o in outs:
+        by_topic.setdefault(o.topic, []).append((decode_alert(o.key, o.value, o.headers)[0]["candid"][-1],
+                                                 json.loads(o.headers.get(WATCHLIST_HEADER, b"null"))))
+    assert [c for c, _ in by_topic["alerts"]] == ["0", "1", "2"] and by_topic["alerts"][0][1] is None
+    assert by_topic["alerts-watch"] == [("0", [{"name": "host", "distance_arcsec": 0.999}]),  # cos(2 deg)
+                                        ("2", [{"name": "far", "distance_arcsec": 0.5}])]
+    assert [c for c, _ in by_topic["alerts-real"]] == ["0", "1"]
+    assert "alerts-both" not in by_topic  # 0 is 1 arcsec from its entry, beyond the topic's 0.5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"filter": "rb >"}, "alert topic alerts-x: invalid filter expression"),
+    ({"filter": "open('x')"}, "alert topic alerts-x: unknown name(s) ['open']"),
+    ({"watchlist": "/nonexistent/targets.csv"}, "alert topic alerts-x: cannot read the watchlist"),
+])
+def test_an_alert_topic_whose_filter_or_watchlist_is_bad_stops_the_stage_at_start(config, spec, message):
+    from broker.config import AlertTopicConfig
+    from broker.errors import BrokerError
+    from streams.stages import alert_handler
+
+    with pytest.raises(BrokerError, match=re.escape(message)):
+        alert_handler(replace(config, alert_topics=(AlertTopicConfig("alerts-x", **spec),)))
+
+
+@pytest.mark.parametrize("spec", [{"filter": " "}, {"watchlist": ""}, {"watchlist_radius_arcsec": 0.0},
+                                  {"watchlist_radius_arcsec": float("nan")}, {"watchlist_radius_arcsec": 1e5}])
+def test_an_alert_topic_with_an_empty_filter_or_an_absurd_radius_is_a_config_error(spec):
+    from broker.config import AlertTopicConfig
+    from broker.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="alert topic alerts-x"):
+        AlertTopicConfig("alerts-x", **spec)
 
 
 def test_a_band_from_the_header_never_makes_an_illegal_alert_topic(config):

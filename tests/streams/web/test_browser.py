@@ -251,6 +251,35 @@ def test_a_frame_uploaded_on_the_upload_page_comes_back_with_its_candidates(brow
         assert not refused, refused
 
 
+def test_a_watchlist_pasted_on_its_page_lists_the_alerts_near_each_target(browser, tmp_path):
+    """The watchlist page: a pasted list matched against the archive, each row linking its object; a bad row named."""
+    from selenium.webdriver.common.by import By
+
+    from tests.streams.web.conftest import build_state
+    from tests.streams.web.test_watchlists import WATCHLIST
+
+    build_state(tmp_path / "state")
+    with running_server(WebConfig.for_state_dir(tmp_path / "state", tokens_path=tmp_path / "tokens.sqlite")) as base:
+        browser.get(f"{base}/watchlist")
+        browser.find_element(By.ID, "watchtext").send_keys(WATCHLIST)
+        browser.find_element(By.ID, "match").click()
+        rows = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#matchtable tr.match"), 30, "the matches",
+                      browser, tmp_path / "watchlist.png")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["host"] * 3 + ["neighbour"]
+        assert browser.find_element(By.ID, "watchsummary").text.startswith("4 alert(s) near 2 of 3 target(s)")
+        link = rows[0].find_element(By.CSS_SELECTOR, "a").get_attribute("href")
+        assert link.startswith(f"{base}/objects/OBJ"), link
+        box = browser.find_element(By.ID, "watchtext")
+        box.clear()
+        box.send_keys("name,ra,dec\nfar,10,95\n")
+        browser.find_element(By.ID, "match").click()
+        _until(lambda: "row 2, dec: 95 deg is outside" in browser.find_element(By.ID, "watchstate").text, 30,
+               "the bad row named", browser, tmp_path / "watchlist-bad.png")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#matchtable tr.match")
+        refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused, refused
+
+
 def _vet_token(config: WebConfig) -> str:
     from streams.web.tokens import TokenStore
 
@@ -266,6 +295,22 @@ def _shoot(driver, path: Path, height: int = 1000) -> None:
     driver.set_window_size(1440, height)
     time.sleep(1.5)
     driver.save_screenshot(str(path))
+
+
+def shoot_watchlist(driver, base: str, state_dir: Path, out: Path) -> None:
+    """docs/portal-watchlist.png: the positions of three of the archive's objects, and an empty patch, matched."""
+    from selenium.webdriver.common.by import By
+
+    rows = Archive(state_dir / "archive").query(
+        "SELECT object_id, avg(ra) AS ra, avg(dec) AS dec FROM alerts GROUP BY object_id "
+        "ORDER BY count(*) DESC, object_id LIMIT 3").to_pylist()
+    text = "name,ra,dec,radius\n" + "".join(f"target-{i + 1},{r['ra']:.6f},{r['dec']:.6f},3\n"
+                                             for i, r in enumerate(rows)) + "empty,10:00:00,-40:00:00,60\n"
+    driver.get(f"{base}/watchlist")
+    driver.find_element(By.ID, "watchtext").send_keys(text)
+    driver.find_element(By.ID, "match").click()
+    _until(lambda: driver.find_elements(By.CSS_SELECTOR, "#matchtable tr.match"), 60, "the matches")
+    _shoot(driver, out / "portal-watchlist.png")
 
 
 def take_screenshots(state_dir: Path, out: Path, object_id: str, frame_id: str) -> None:
@@ -322,6 +367,7 @@ def take_screenshots(state_dir: Path, out: Path, object_id: str, frame_id: str) 
                     driver.find_element(By.TAG_NAME, "body").send_keys(key)
                     time.sleep(1.5)
                 _shoot(driver, out / "portal-vet.png")
+                shoot_watchlist(driver, base, state_dir, out)
                 driver.get("about:blank")
             finally:
                 driver.quit()

@@ -12,7 +12,7 @@ from streams.web import pages
 from streams.web.pages import ASSETS, CSP, SWAGGER_FILES
 
 PAGES = {"/": "live.js", "/objects/OBJ0000000000001": "object.js", "/frames/SAMPLE-F1-r-0003": "frame.js",
-         "/vet": "vet.js", "/upload": "upload.js", "/docs": "docs.js"}
+         "/vet": "vet.js", "/upload": "upload.js", "/watchlist": "watchlist.js", "/docs": "docs.js"}
 #: The portal's own static files (Swagger UI's come from the fastapi-swagger package).
 OWN = sorted(set(ASSETS) - set(SWAGGER_FILES))
 
