@@ -8,7 +8,8 @@ process, then times over HTTP, from this process with httpx:
 - ``GET /api/v1/objects/{id}`` (what the object page loads: the object's alerts from the archive,
   its detections and summary from the history, its light curve), for objects drawn at random;
 - ``GET /api/v1/cone`` of 5 arcsec around alerts drawn at random, and of 1 deg around them; the
-  same 1 deg cone as the VO's Simple Cone Search answers it (``GET /api/v1/scs``, a VOTable);
+  same 1 deg cone as the VO's Simple Cone Search answers it (``GET /api/v1/scs``, a VOTable); the
+  objects (one row each, over all their alerts) in 0.1 deg (``GET /api/v1/scs/objects``);
 - ``GET /api/v1/alerts?limit=50`` (the first page of the live page);
 - ``POST /api/v1/crossmatch`` of a watchlist of 1,000 targets, each 0.5 arcsec from an alert drawn
   at random (radius 2 arcsec): the whole archive's positions matched per request, the first 1,000
@@ -120,6 +121,8 @@ def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[Call]]:
         "cone 1 deg: `GET /api/v1/cone`": [cone(p, 3600.0) for p in picks],
         "cone 1 deg, VOTable: `GET /api/v1/scs`": [f"/api/v1/scs?RA={p['ra']:.6f}&DEC={p['dec']:.6f}&SR=1&MAXREC=1000"
                                                    for p in picks],
+        "objects in 0.1 deg, VOTable: `GET /api/v1/scs/objects`": [
+            f"/api/v1/scs/objects?RA={p['ra']:.6f}&DEC={p['dec']:.6f}&SR=0.1&MAXREC=1000" for p in picks],
         "latest 50: `GET /api/v1/alerts?limit=50`": ["/api/v1/alerts?limit=50"] * n,
         "watchlist of 1,000 targets: `POST /api/v1/crossmatch`": [
             ("/api/v1/crossmatch", _watchlist([pos[i] for i in rng.integers(len(pos), size=1000)]))

@@ -212,6 +212,22 @@ async def cone(request: Request, who: CostlyReader,
     return {"items": items}
 
 
+@router.get("/objects", responses=LIMITED)
+async def objects_near(request: Request, who: CostlyReader,
+                       ra: Annotated[float, Query(description="right ascension (deg, ICRS), [0, 360)")],
+                       dec: Annotated[float, Query(description="declination (deg), [-90, 90]")],
+                       radius_arcsec: Annotated[float, Query(description="search radius (arcsec), (0, 3600]")] = 60.0,
+                       limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+    """Objects whose mean alert position is within ``radius_arcsec`` of (``ra``, ``dec``), nearest first.
+
+    One row per object over all its archived alerts: mean position, ``distance_arcsec``,
+    ``n_alerts``, first and last MJD, the newest magnitude, band and class, the highest rb and anomaly.
+    """
+    queries.check_position(ra, dec, radius_arcsec)
+    portal = portal_of(request)
+    return {"items": await portal.run(queries.object_cone, portal.require_archive(), ra, dec, radius_arcsec, limit)}
+
+
 class FrameIdConvertor(Convertor[str]):
     """A frame id in a path (``{frame_id:frame_id}``): any characters, ``/`` included, and not ending in ``/``.
 

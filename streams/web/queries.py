@@ -29,7 +29,7 @@ from broker.reference import path_component
 from broker.watchlist import Watchlist
 from streams.alert_expr import AlertFilter
 from streams.triplet_png import printable
-from streams.web.records import decode_cursor, encode_cursor, summary_of, summary_of_row
+from streams.web.records import _num, decode_cursor, encode_cursor, summary_of, summary_of_row
 
 #: Columns of an ``AlertSummary`` read by SQL (the struct fields exist in every schema version).
 SUMMARY_COLUMNS = ("alert_id, object_id, candid, frame_id, telescope, mjd, ra, dec, filter AS band, magpsf, "
@@ -219,6 +219,44 @@ def cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit:
     where = f"in_cone(ra, dec, {ra!r}, {dec!r}, {radius!r})"
     extra = f", ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS distance_arcsec"
     return summaries(archive, where, "ORDER BY distance_arcsec, mjd DESC", limit, extra)
+
+
+#: How far (arcsec) beyond a cone an object's alerts are looked for, so that an object whose mean
+#: position lies inside is found by any of its alerts: a few association radii.
+OBJECT_SLACK_ARCSEC = 10.0
+
+
+def object_cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit: int) -> list[dict]:
+    """The objects whose mean alert position lies within ``radius_arcsec`` of (``ra``, ``dec``), nearest first.
+
+    One row per object, over all its archived alerts: ``object_id``, mean ``ra`` and ``dec`` (the
+    circular mean of RA), ``distance_arcsec``, ``n_alerts``, ``first_mjd``, ``last_mjd``, the
+    newest alert's ``last_mag`` and ``last_band``, ``max_rb``, ``max_anomaly``, and the newest
+    ``class`` with its ``class_probability``.
+    """
+    near = f"in_cone(ra, dec, {ra!r}, {dec!r}, {(radius_arcsec + OBJECT_SLACK_ARCSEC) / 3600.0!r})"
+    versions = {f.schema_version for f in archive.files()}
+    classification = "alert.classification" if versions and max(versions) >= 3 else "NULL"
+    sql = f"""WITH objects AS (
+        SELECT object_id, count(*) AS n_alerts, min(mjd) AS first_mjd, max(mjd) AS last_mjd,
+               (degrees(atan2(avg(sin(radians(ra))), avg(cos(radians(ra))))) + 360.0) % 360.0 AS ra,
+               avg(dec) AS dec, arg_max(magpsf, mjd) AS last_mag, arg_max(filter, mjd) AS last_band,
+               max(rb) AS max_rb, max(anomaly) AS max_anomaly, arg_max({classification}, mjd) AS classification
+        FROM alerts WHERE object_id IN (SELECT object_id FROM alerts WHERE {near}) GROUP BY object_id)
+      SELECT *, ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS distance_arcsec FROM objects
+      WHERE ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 <= {radius_arcsec!r}
+      ORDER BY distance_arcsec, object_id LIMIT {int(limit)}"""
+    return [_object_row(r) for r in archive.query(sql).to_pylist()]
+
+
+def _object_row(row: dict) -> dict:
+    """A row of :func:`object_cone` with its classification as ``class`` and ``class_probability``."""
+    classification = row.pop("classification", None) or {}
+    label = classification.get("label")
+    out = {k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()}
+    out["class"] = label
+    out["class_probability"] = _num(dict(classification.get("probabilities") or {}).get(label)) if label else None
+    return out
 
 
 def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: float | None = None) -> dict:

@@ -77,6 +77,25 @@ FULL = MINIMAL + (
 )
 
 
+#: The objects' columns of ``/api/v1/scs/objects`` (``VERB=1``: the first four).
+OBJECTS_FULL = (
+    Column("object_id", "unicodeChar", None, "ID_MAIN", "object id (the portal's /objects/{object_id})"),
+    Column("ra", "double", "deg", "POS_EQ_RA_MAIN", "mean right ascension of its alerts (ICRS)"),
+    Column("dec", "double", "deg", "POS_EQ_DEC_MAIN", "mean declination of its alerts (ICRS)"),
+    Column("distance_arcsec", "double", "arcsec", "pos.angDistance", "distance from the cone's centre"),
+    Column("n_alerts", "long", None, "meta.number", "alerts of the object in the archive"),
+    Column("first_mjd", "double", "d", "time.start", "its first alert's exposure start (MJD, UTC)"),
+    Column("last_mjd", "double", "d", "time.end", "its newest alert's exposure start (MJD, UTC)"),
+    Column("last_mag", "double", "mag", "phot.mag", "PSF-fit magnitude of the difference, newest alert"),
+    Column("last_band", "unicodeChar", None, "meta.id;instr.filter", "filter of the newest alert"),
+    Column("max_rb", "double", None, "stat.probability", "highest real/bogus score of its alerts"),
+    Column("max_anomaly", "double", None, "stat.probability", "highest anomaly score of its alerts"),
+    Column("class", "unicodeChar", None, "src.class", "most probable light-curve class, newest alert"),
+    Column("class_probability", "double", None, "stat.probability", "its probability"),
+)
+OBJECTS_MINIMAL = OBJECTS_FULL[:4]
+
+
 @dataclass(frozen=True)
 class ConeQuery:
     """A Simple Cone Search: centre and radius (deg), verbosity and most rows."""
@@ -127,7 +146,7 @@ def parse_cone(query: Mapping[str, str]) -> ConeQuery:
 
 
 def _votable(infos: list[tuple[str, str, str]], columns: tuple[Column, ...] = (),
-             rows: Sequence[dict] = ()) -> bytes:
+             rows: Sequence[dict] = (), table_name: str = "alerts") -> bytes:
     """A VOTable of one ``results`` resource: its INFOs (name, value, text) and a table of ``rows``."""
     from astropy.io.votable.tree import Field, Info, Resource, TableElement, VOTableFile
 
@@ -139,7 +158,7 @@ def _votable(infos: list[tuple[str, str, str]], columns: tuple[Column, ...] = ()
         info.content = text
         resource.infos.append(info)
     if columns:
-        table = TableElement(votable, name="alerts")
+        table = TableElement(votable, name=table_name)
         resource.tables.append(table)
         table.fields.extend(Field(votable, name=c.key, datatype=c.datatype, unit=c.unit, ucd=c.ucd,
                                   arraysize="*" if c.datatype == "unicodeChar" else None) for c in columns)
@@ -170,37 +189,54 @@ def error_votable(message: str) -> bytes:
     return _votable([("Error", message, message), ("QUERY_STATUS", "ERROR", message)])
 
 
-def cone_votable(cone: ConeQuery, items: list[dict]) -> bytes:
-    """The answer to ``cone``: the rows of ``items`` (alert summaries, at most ``maxrec + 1`` given)."""
+def cone_votable(cone: ConeQuery, items: list[dict], objects: bool = False) -> bytes:
+    """The answer to ``cone``: the rows of ``items`` (at most ``maxrec + 1`` given): alert summaries, or objects."""
     overflow = len(items) > cone.maxrec
     status = ("QUERY_STATUS", "OVERFLOW", f"more than MAXREC={cone.maxrec} rows in the cone") if overflow \
         else ("QUERY_STATUS", "OK", "")
-    return _votable([status], MINIMAL if cone.verb == 1 else FULL, items[:cone.maxrec])
+    columns = (OBJECTS_MINIMAL, OBJECTS_FULL) if objects else (MINIMAL, FULL)
+    return _votable([status], columns[0] if cone.verb == 1 else columns[1], items[:cone.maxrec],
+                    "objects" if objects else "alerts")
 
 
 def _answer(body: bytes) -> Response:
     return Response(body, media_type=VOTABLE_TYPE)
 
 
+def _openapi(what: str) -> dict:
+    """The OpenAPI parameters of a cone search over ``what``."""
+    return {"parameters": [
+        {"name": n, "in": "query", "required": n in ("RA", "DEC", "SR"), "schema": {"type": "number"},
+         "description": d} for n, d in (
+            ("RA", "right ascension of the centre (deg, ICRS), [0, 360)"),
+            ("DEC", "declination of the centre (deg), [-90, 90]"),
+            ("SR", f"radius (deg), [0, {MAX_SR_DEG}]; 0 answers the columns and no rows"),
+            ("VERB", f"1: {what} id, position and distance; 2 (default) and 3: every column"),
+            ("MAXREC", f"most rows, [0, {MAX_MAXREC}] (default {DEFAULT_MAXREC})"))]}
+
+
 @router.get("/scs", response_class=Response, responses={**LIMITED, 200: {"content": {VOTABLE_TYPE: {}}}},
-            openapi_extra={"parameters": [
-                {"name": n, "in": "query", "required": n in ("RA", "DEC", "SR"), "schema": {"type": "number"},
-                 "description": d} for n, d in (
-                    ("RA", "right ascension of the centre (deg, ICRS), [0, 360)"),
-                    ("DEC", "declination of the centre (deg), [-90, 90]"),
-                    ("SR", f"radius (deg), [0, {MAX_SR_DEG}]; 0 answers the columns and no rows"),
-                    ("VERB", "1: id, position and distance; 2 (default) and 3: every column"),
-                    ("MAXREC", f"most rows, [0, {MAX_MAXREC}] (default {DEFAULT_MAXREC})"))]})
+            openapi_extra=_openapi("alert"))
 async def simple_cone_search(request: Request, who: CostlyReader) -> Response:
     """IVOA Simple Cone Search 1.03: the alerts within SR of (RA, DEC), nearest first, as a VOTable."""
+    return await _cone_search(request, objects=False)
+
+
+@router.get("/scs/objects", response_class=Response, responses={**LIMITED, 200: {"content": {VOTABLE_TYPE: {}}}},
+            openapi_extra=_openapi("object"))
+async def simple_cone_search_objects(request: Request, who: CostlyReader) -> Response:
+    """IVOA Simple Cone Search 1.03 over objects: one row per object whose mean position is within SR, nearest first."""
+    return await _cone_search(request, objects=True)
+
+
+async def _cone_search(request: Request, objects: bool) -> Response:
     try:
         cone = parse_cone(request.query_params)
     except InvalidQuery as exc:
         return _answer(error_votable(printable(exc)))
     if cone.sr == 0 or cone.maxrec == 0:
-        return _answer(cone_votable(cone, []))
+        return _answer(cone_votable(cone, [], objects))
     portal = portal_of(request)
-    items = await portal.run(queries.cone, portal.require_archive(), cone.ra, cone.dec, cone.sr * 3600.0,
-                             cone.maxrec + 1)
-    return _answer(await portal.run(cone_votable, cone, items))
-
+    find = queries.object_cone if objects else queries.cone
+    items = await portal.run(find, portal.require_archive(), cone.ra, cone.dec, cone.sr * 3600.0, cone.maxrec + 1)
+    return _answer(await portal.run(cone_votable, cone, items, objects))

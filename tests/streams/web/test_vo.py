@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from broker.errors import InvalidQuery
 from streams.web import vo
 from streams.web.app import create_app
-from tests.streams.web.conftest import POSITIONS
+from tests.streams.web.conftest import MJDS, POSITIONS, SEEN
 from tests.streams.web.test_live import running_server
 
 SCS_UCD1 = ("ID_MAIN", "POS_EQ_RA_MAIN", "POS_EQ_DEC_MAIN")
@@ -88,6 +88,44 @@ def test_verbosity_metadata_only_and_overflow(client, token):
     assert len(cut.get_first_table().array) == 2 and _status(cut)["QUERY_STATUS"] == "OVERFLOW"
 
 
+def test_the_objects_search_answers_one_row_per_object_nearest_first(client, token):
+    response = client.get("/api/v1/scs/objects", params={"RA": 150.0, "DEC": 2.0, "SR": 200 / 3600}, headers=token)
+    table = _table(response.content).get_first_table()
+    ucds = {f.ucd: f.name for f in table.fields}
+    assert (ucds["ID_MAIN"], ucds["POS_EQ_RA_MAIN"], ucds["POS_EQ_DEC_MAIN"]) == ("object_id", "ra", "dec")
+    rows = table.array
+    assert len(rows) == len(POSITIONS) and len(set(rows["object_id"])) == len(POSITIONS)
+    assert list(rows["distance_arcsec"]) == sorted(rows["distance_arcsec"])
+    by_alerts = sorted(int(n) for n in rows["n_alerts"])
+    assert by_alerts == sorted(sum(i in seen for seen in SEEN) for i in range(len(POSITIONS)))  # the fixture's truth
+    nearest = rows[0]
+    assert (float(nearest["ra"]), float(nearest["dec"])) == pytest.approx(POSITIONS[0]) and nearest["n_alerts"] == 3
+    assert (float(nearest["first_mjd"]), float(nearest["last_mjd"])) == (MJDS[0], MJDS[-1])
+    same = client.get("/api/v1/objects", params={"ra": 150.0, "dec": 2.0, "radius_arcsec": 200}).json()["items"]
+    assert [i["object_id"] for i in same] == list(rows["object_id"]) and same[0]["n_alerts"] == 3
+    minimal = client.get("/api/v1/scs/objects", params={"RA": 150.0, "DEC": 2.0, "SR": 0.1, "VERB": 1})
+    assert [f.name for f in _table(minimal.content).get_first_table().fields] == [
+        "object_id", "ra", "dec", "distance_arcsec"]
+
+
+def test_an_objects_mean_position_across_ra_zero_is_where_its_alerts_are(tmp_path):
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from streams.web.queries import object_cone
+    from tests.broker.test_archive import archived, commit, objects
+
+    records = objects(2, 3)
+    for rec, ra in zip(records, (359.99995, 0.00015), strict=True):
+        rec["objectId"] = rec["object"]["objectId"] = "OBJWRAP"
+        rec["source"]["ra"], rec["source"]["dec"] = ra, 0.0
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    commit(writer, archived(records))
+    (found,) = object_cone(Archive(tmp_path / "archive"), 0.0, 0.0, 2.0, 10)
+    assert found["object_id"] == "OBJWRAP" and found["n_alerts"] == 2
+    assert found["ra"] == pytest.approx(0.00005, abs=1e-9) and found["distance_arcsec"] == pytest.approx(0.18)
+
+
 def test_missing_values_are_masked_not_invented():
     item = {"alert_id": 7, "ra": 1.0, "dec": 2.0, "distance_arcsec": 0.5, "magpsf": None, "class": None,
             "object_id": "O\u00e9<&>\"'\x00\x1b\ud800", "rb": 0.9}
@@ -132,6 +170,9 @@ def test_pyvo_searches_the_archive_as_any_cone_search_service(portal_config):
         assert len(set(results.to_table()["object_id"])) == 4
         with pytest.raises(pyvo.dal.DALQueryError, match="out of range"):
             service.search(pos=(150.0, 2.0), radius=5.0)
+        objects = pyvo.dal.SCSService(f"{base}/api/v1/scs/objects", session=session).search(
+            pos=(150.0, 2.0), radius=200 / 3600)
+        assert len(objects) == 4 and objects[0].id == objects["object_id"][0] == results["object_id"][0]
         with pytest.raises(pyvo.dal.DALServiceError):  # no token: the HTTP error, as from any protected service
             pyvo.dal.SCSService(f"{base}/api/v1/scs").search(pos=(150.0, 2.0), radius=0.01)
 
@@ -162,7 +203,11 @@ def test_stilts_votlint_finds_nothing_wrong_in_any_answer(tmp_path):
                "object_id": "O\u00e9<&>\"'\x00\x1b\ud800]]>", "rb": float("nan")}
     answers = {"rows": vo.cone_votable(vo.ConeQuery(1.0, 2.0, 0.1), [hostile]),
                "columns only": vo.cone_votable(vo.ConeQuery(1.0, 2.0, 0.0), []),
-               "error": vo.error_votable("SR=5.0 out of range")}
+               "error": vo.error_votable("SR=5.0 out of range"),
+               "objects": vo.cone_votable(vo.ConeQuery(1.0, 2.0, 0.1), [{
+                   "object_id": hostile["object_id"], "ra": 1.0, "dec": 2.0, "distance_arcsec": 0.5, "n_alerts": 3,
+                   "first_mjd": 60000.5, "last_mjd": None, "last_band": "r'\x1b", "max_rb": float("nan")}],
+                   objects=True)}
     broken = tmp_path / "broken.xml"
     broken.write_bytes(answers["rows"].replace(b"<TD>0.5</TD>", b"<TD>half</TD>"))
     assert "Bad double" in _stilts("votlint", "ucd=true", "unit=true", str(broken)).stdout  # it does check
