@@ -29,7 +29,7 @@ from broker.reference import path_component
 from broker.watchlist import Watchlist
 from streams.alert_expr import AlertFilter
 from streams.triplet_png import printable
-from streams.web.records import _num, decode_cursor, encode_cursor, summary_of, summary_of_row
+from streams.web.records import _num, class_fields, decode_cursor, encode_cursor, summary_of, summary_of_row
 
 #: Columns of an ``AlertSummary`` read by SQL (the struct fields exist in every schema version).
 SUMMARY_COLUMNS = ("alert_id, object_id, candid, frame_id, telescope, mjd, ra, dec, filter AS band, magpsf, "
@@ -251,12 +251,8 @@ def object_cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float,
 
 def _object_row(row: dict) -> dict:
     """A row of :func:`object_cone` with its classification as ``class`` and ``class_probability``."""
-    classification = row.pop("classification", None) or {}
-    label = classification.get("label")
-    out = {k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()}
-    out["class"] = label
-    out["class_probability"] = _num(dict(classification.get("probabilities") or {}).get(label)) if label else None
-    return out
+    classification = row.pop("classification", None)
+    return {k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()} | class_fields(classification)
 
 
 def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: float | None = None) -> dict:

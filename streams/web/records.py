@@ -51,17 +51,20 @@ def summary_of(record: dict) -> dict:
 
 def summary_of_row(row: dict) -> dict:
     """The ``AlertSummary`` of a row of the summary query (:data:`streams.web.queries.SUMMARY_COLUMNS`)."""
-    classification = row.get("classification") or {}
-    label = classification.get("label")
-    probabilities = dict(classification.get("probabilities") or {})
     out = {k: row.get(k) for k in ("alert_id", "object_id", "candid", "frame_id", "telescope", "band")}
     out.update({k: _num(row.get(k)) for k in ("mjd", "ra", "dec", "magpsf", "sigmapsf", "snr", "rb", "anomaly",
                                                "x", "y")})
-    out["class"] = label
-    out["class_probability"] = _num(probabilities.get(label)) if label else None
+    out.update(class_fields(row.get("classification")))
     if "distance_arcsec" in row:
         out["distance_arcsec"] = _num(row["distance_arcsec"])
     return out
+
+
+def class_fields(classification: dict | None) -> dict:
+    """``{"class", "class_probability"}`` of an archived classification (its label and that label's probability)."""
+    label = (classification or {}).get("label")
+    probabilities = dict((classification or {}).get("probabilities") or {})
+    return {"class": label, "class_probability": _num(probabilities.get(label)) if label else None}
 
 
 def public_record(record: dict, base_url: str) -> dict:
