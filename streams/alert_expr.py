@@ -156,8 +156,23 @@ def _history_functions(current: Callable[[], dict]) -> dict[str, Callable[..., A
         bands = {h.get("filter") for h in current().get("prv_sources") or [] if isinstance(h, dict)}
         return len((bands | {lookup(current(), "source.filter")}) - {None})  # a null filter is no band
 
+    def sep(ra: object, dec: object) -> float | None:
+        return _separation_arcsec(lookup(current(), "source.ra"), lookup(current(), "source.dec"), ra, dec)
+
     return {"ndet": ndet, "nprev": nprev, "since_first": since_first, "since_last": since_last, "nbands": nbands,
-            "nnondet": nnondet, "since_nondet": since_nondet, "abs": abs, "min": min, "max": max, "len": len}
+            "nnondet": nnondet, "since_nondet": since_nondet, "sep": sep, "abs": abs, "min": min, "max": max,
+            "len": len}
+
+
+def _separation_arcsec(ra1: object, dec1: object, ra2: object, dec2: object) -> float | None:
+    """Angle (arcsec) between two positions (deg); None when either is missing, TypeError for a non-number."""
+    if not (is_num(ra2) and is_num(dec2)):
+        raise TypeError("sep(ra, dec) takes two numbers in degrees")
+    if not (is_num(ra1) and is_num(dec1)):
+        return None
+    a1, d1, a2, d2 = (math.radians(float(v)) for v in (ra1, dec1, ra2, dec2))
+    h = math.sin((d2 - d1) / 2) ** 2 + math.cos(d1) * math.cos(d2) * math.sin((a2 - a1) / 2) ** 2
+    return math.degrees(2 * math.asin(math.sqrt(min(1.0, max(0.0, h))))) * 3600.0
 
 
 #: What each filter function returns (shown by ``broker subscribe --help`` and the docs).
@@ -169,6 +184,7 @@ FUNCTIONS_HELP = {
     "nbands()": "distinct bands with a detection",
     "nnondet(band)": "frames in band that covered the object without detecting it (alert v2 upper limits)",
     "since_nondet(band)": "days from the last such non-detection in band to this one (null without one)",
+    "sep(ra, dec)": "arcsec from (ra, dec), in degrees, to this detection (a cone: sep(150.1, 2.2) < 60)",
     "abs, min, max, len": "as in Python",
 }
 
@@ -181,7 +197,7 @@ _ALLOWED_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.UnaryOp, ast.
 
 
 #: Most positional arguments of each filter function (others: 1).
-_ARITY = {"nbands": 0, "min": 8, "max": 8}
+_ARITY = {"nbands": 0, "sep": 2, "min": 8, "max": 8}
 #: Deepest nesting of a filter's syntax tree: deeper ones would exhaust Python's recursion in the evaluator.
 MAX_DEPTH = 64
 #: Largest magnitude of a power's result (bits): ``9 ** 4000000``, which simpleeval allows, takes seconds.

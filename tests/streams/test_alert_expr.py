@@ -1,6 +1,7 @@
 """Filters and projections over alerts (``streams.alert_expr``)."""
 
 
+import numpy as np
 import pytest
 
 import schemas
@@ -51,6 +52,24 @@ def test_filters_over_the_history():
     alert["prv_sources"].append({**alert["prv_sources"][0], "candid": "h/3", "filter": None})
     assert f("nbands() == 2")  # a detection without a filter is no third band
     assert not f("since_nondet('g') < 10")
+
+
+def test_sep_is_the_angle_astropy_measures_and_a_cone_of_any_filter():
+    from astropy.coordinates import SkyCoord
+
+    rng = np.random.default_rng(5)
+    _, alert = _alert()
+    for ra, dec, ra0, dec0 in zip(*rng.uniform([0, -90, 0, -90], [360, 90, 360, 90], (400, 4)).T, strict=True):
+        alert["source"]["ra"], alert["source"]["dec"] = float(ra), float(dec)
+        far = SkyCoord(ra, dec, unit="deg").separation(SkyCoord(ra0, dec0, unit="deg")).arcsec
+        assert AlertFilter(f"abs(sep({float(ra0)!r}, {float(dec0)!r}) - {float(far)!r}) < 1e-3")(alert)  # 1 mas
+    alert["source"]["ra"], alert["source"]["dec"] = 0.0001, 0.0
+    assert AlertFilter("sep(359.9999, 0) < 0.73 and rb > 0.5")(alert)  # across RA 0
+    assert not AlertFilter("sep('150', 2) < 1")(alert) and not AlertFilter("sep(1) < 1")(alert)  # no match
+    alert["source"]["ra"] = None
+    assert not AlertFilter("sep(0, 0) < 3600")(alert)  # a detection without a position is in no cone
+    with pytest.raises(FilterExpressionError):
+        AlertFilter("sep(1, 2, 3) < 1")
 
 
 def test_a_missing_field_or_null_score_does_not_match():
