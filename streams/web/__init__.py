@@ -16,6 +16,7 @@ HTTP runtime only; the science it serves and runs stays in ``broker/``. Modules,
 - :mod:`~streams.web.upload`: ``POST /api/v1/frames``: upload a FITS frame to publish or predict;
 - :mod:`~streams.web.vo`: the archive as an IVOA Simple Cone Search (``/api/v1/scs``);
 - :mod:`~streams.web.watchlists`: ``POST /api/v1/crossmatch``: a watchlist against the archive;
+- :mod:`~streams.web.lightcurves`: an object's light curve as JSON, CSV or a VOTable;
 - :mod:`~streams.web.pages`, :mod:`~streams.web.live`, :mod:`~streams.web.vetting`: the HTML pages,
   the live alert stream and the vetting of candidates.
 """

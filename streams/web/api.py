@@ -171,14 +171,20 @@ async def attribution(request: Request, who: CostlyReader, alert_id: int) -> Res
     return _png(await portal.run(render.attribution_png, record, classifier), policy)
 
 
-def _object(portal: Portal, object_id: str) -> dict:
-    """The object page's data: position, scores, context, light curve and alerts (newest first)."""
+def object_data(portal: Portal, object_id: str) -> tuple[list[dict], dict | None, list[dict]]:
+    """An object's archived alert records (oldest first), its history row and its detections; NotFound if none."""
     queries.sql_str(object_id)
     records = queries.object_records(portal.require_archive() if portal.archive else None, object_id)
     with portal.history() as history:
         obj, detections = queries.history_of(history, object_id)
     if not records and obj is None:
         raise NotFound(f"no object {object_id!r} in the archive or the history")
+    return records, obj, detections
+
+
+def _object(portal: Portal, object_id: str) -> dict:
+    """The object page's data: position, scores, context, light curve and alerts (newest first)."""
+    records, obj, detections = object_data(portal, object_id)
     latest = records[-1] if records else None
     where = (latest or {}).get("object") or obj or {}
 

@@ -320,7 +320,7 @@ def create_portal(config: WebConfig) -> Portal:
 
 def create_app(config: WebConfig) -> FastAPI:
     """The portal's application: REST API, upload, pages, live stream and vetting over ``config``."""
-    from streams.web import api, upload, vo, watchlists
+    from streams.web import api, lightcurves, upload, vo, watchlists
 
     portal = create_portal(config)
 
@@ -345,6 +345,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.include_router(upload.router)
     app.include_router(vo.router)
     app.include_router(watchlists.router)
+    app.include_router(lightcurves.router)
     # --- pages, live stream, vetting (streams.web.pages/live/vetting) ---
     from streams.web import live, pages, vetting
 

@@ -145,9 +145,12 @@ def parse_cone(query: Mapping[str, str]) -> ConeQuery:
     return ConeQuery(ra, dec, sr, int(verb), int(maxrec))
 
 
-def _votable(infos: list[tuple[str, str, str]], columns: tuple[Column, ...] = (),
+def votable(infos: list[tuple[str, str, str]], columns: tuple[Column, ...] = (),
              rows: Sequence[dict] = (), table_name: str = "alerts") -> bytes:
-    """A VOTable of one ``results`` resource: its INFOs (name, value, text) and a table of ``rows``."""
+    """A VOTable of one ``results`` resource: its INFOs (name, value, text) and a table of ``rows`` (bytes).
+
+    A ``None`` value is a masked (null) cell; text has its non-printable characters escaped.
+    """
     from astropy.io.votable.tree import Field, Info, Resource, TableElement, VOTableFile
 
     votable = VOTableFile()
@@ -186,7 +189,7 @@ def _cell(value: Any, column: Column) -> Any:
 
 def error_votable(message: str) -> bytes:
     """The SCS 1.03 error answer: a VOTable holding ``<INFO name="Error">`` with ``message``."""
-    return _votable([("Error", message, message), ("QUERY_STATUS", "ERROR", message)])
+    return votable([("Error", message, message), ("QUERY_STATUS", "ERROR", message)])
 
 
 def cone_votable(cone: ConeQuery, items: list[dict], objects: bool = False) -> bytes:
@@ -195,7 +198,7 @@ def cone_votable(cone: ConeQuery, items: list[dict], objects: bool = False) -> b
     status = ("QUERY_STATUS", "OVERFLOW", f"more than MAXREC={cone.maxrec} rows in the cone") if overflow \
         else ("QUERY_STATUS", "OK", "")
     columns = (OBJECTS_MINIMAL, OBJECTS_FULL) if objects else (MINIMAL, FULL)
-    return _votable([status], columns[0] if cone.verb == 1 else columns[1], items[:cone.maxrec],
+    return votable([status], columns[0] if cone.verb == 1 else columns[1], items[:cone.maxrec],
                     "objects" if objects else "alerts")
 
 
