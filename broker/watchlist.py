@@ -55,6 +55,9 @@ DEFAULT_RADIUS_ARCSEC = 2.0
 MAX_RADIUS_ARCSEC = 3600.0
 #: Entries a file may hold unless the reader is told otherwise (the portal asks fewer).
 MAX_ENTRIES = 100_000
+#: (entry, position) pairs within the largest radius that :meth:`Watchlist.match` makes at most (~24 bytes
+#: each): 10,000 entries of 1 deg over a dense archive would otherwise make 10^9.
+MAX_PAIRS = 2_000_000
 #: Largest watchlist file :func:`load_watchlist` reads (bytes): 100,000 rows of ~600 bytes.
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_NAME = 128
@@ -129,18 +132,29 @@ class Watchlist:
         return [{"name": self.names[e], "distance_arcsec": round(float(d), 3)}
                 for e, d in zip(found.entry, found.separation_arcsec, strict=True)]
 
-    def match(self, ra: np.ndarray, dec: np.ndarray) -> Matches:
+    def match(self, ra: np.ndarray, dec: np.ndarray, max_pairs: int | None = None) -> Matches:
         """The entries within their radius of each position (``ra``, ``dec``: deg, shape (m,)).
 
         A position that is not finite matches nothing.
+
+        Raises
+        ------
+        InvalidWatchlist
+            More than ``max_pairs`` (default :data:`MAX_PAIRS`) (entry, position) pairs within the
+            largest radius (counted before any is made, so wide radii over a dense archive cannot
+            exhaust the memory).
         """
         ra, dec = np.asarray(ra, float).ravel(), np.asarray(dec, float).ravel()
         ok = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
         empty = Matches(np.zeros(0, int), np.zeros(0, int), np.zeros(0))
         if self._tree is None or not len(ok):
             return empty
-        pairs = self._tree.sparse_distance_matrix(cKDTree(unit_vectors(ra[ok], dec[ok])), self._reach,
-                                                  output_type="ndarray")  # (entry i, position j, chord v)
+        positions = cKDTree(unit_vectors(ra[ok], dec[ok]))
+        max_pairs = MAX_PAIRS if max_pairs is None else max_pairs
+        if (n := int(self._tree.count_neighbors(positions, self._reach))) > max_pairs:
+            raise InvalidWatchlist(f"the watchlist's radii hold {n:,} (entry, position) pairs, more than "
+                                   f"{max_pairs:,}: use smaller radii, fewer entries or fewer positions")
+        pairs = self._tree.sparse_distance_matrix(positions, self._reach, output_type="ndarray")  # (i, j, chord)
         entry, alert = pairs["i"].astype(int), ok[pairs["j"].astype(int)]
         sep = np.degrees(2.0 * np.arcsin(np.clip(pairs["v"] / 2.0, 0.0, 1.0))) * 3600.0
         keep = sep <= self.radius_arcsec[entry]

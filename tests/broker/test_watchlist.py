@@ -93,6 +93,14 @@ def test_what_is_not_a_watchlist_is_refused_naming_the_row(data, message):
         read_watchlist(data, max_entries=10)
 
 
+def test_more_pairs_than_allowed_are_refused_before_any_is_made():
+    wl = read_watchlist("ra,dec,radius\n" + "10,0,3600\n" * 100)
+    ra, dec = np.full(1000, 10.0), np.zeros(1000)
+    assert len(wl.match(ra, dec, max_pairs=100_000)) == 100_000
+    with pytest.raises(InvalidWatchlist, match="100,000 .entry, position. pairs, more than 99,999"):
+        wl.match(ra, dec, max_pairs=99_999)
+
+
 def test_a_bad_default_radius_is_refused():
     with pytest.raises(InvalidWatchlist, match="default radius"):
         read_watchlist("ra,dec\n1,2\n", default_radius_arcsec=float("nan"))

@@ -73,6 +73,12 @@ def test_a_hostile_body_is_a_clear_4xx(client, body, headers, status, reason):
     assert response.status_code == status and response.json()["error"] == reason, response.text[:300]
 
 
+def test_radii_that_would_pair_too_many_alerts_are_a_clear_400(client, monkeypatch):
+    monkeypatch.setattr("broker.watchlist.MAX_PAIRS", 3)
+    response = _post(client)
+    assert response.status_code == 400 and "pairs, more than 3" in response.json()["detail"]
+
+
 def test_a_form_without_one_watchlist_file_is_a_clear_400(client):
     two = [("watchlist", ("a.csv", WATCHLIST.encode())), ("watchlist", ("b.csv", WATCHLIST.encode()))]
     text_field = {"data": {"watchlist": WATCHLIST}, "files": {"other": ("a.csv", b"ra,dec\n")}}
