@@ -34,8 +34,12 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
+import os
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +49,10 @@ from scipy.spatial import cKDTree
 from broker.errors import InvalidWatchlist
 from broker.sphere import chord, unit_vectors
 
-__all__ = ["DEFAULT_RADIUS_ARCSEC", "MAX_RADIUS_ARCSEC", "Matches", "Watchlist", "load_watchlist", "read_watchlist",
-           "parse_angle"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_RADIUS_ARCSEC", "MAX_RADIUS_ARCSEC", "Matches", "Watchlist", "WatchlistFile", "load_watchlist",
+           "read_watchlist", "parse_angle"]
 
 #: Match radius of an entry without one (arcsec): a few times the astrometric error of an alert
 #: position (0.1-0.5 arcsec on our frames and ZTF's), as Lasair's watchlists default to.
@@ -180,6 +186,59 @@ def load_watchlist(path: str | Path, default_radius_arcsec: float = DEFAULT_RADI
         return read_watchlist(data, default_radius_arcsec, max_entries)
     except InvalidWatchlist as exc:
         raise InvalidWatchlist(f"{path}: {exc}") from None
+
+
+class WatchlistFile:
+    """A watchlist file, read again when it changes (its size, modification time or inode).
+
+    The file is looked at most every ``check_s`` seconds (:meth:`current`), so an astronomer's
+    edited list reaches a running alert stage without a restart. A change that does not read (a
+    half-written file, a bad row, the file gone) keeps the last good list, with a warning logged.
+
+    Parameters
+    ----------
+    path : str or Path
+    default_radius_arcsec : float
+        Radius of entries without one [arcsec]. Default :data:`DEFAULT_RADIUS_ARCSEC`.
+    check_s : float
+        Seconds between looks at the file. Default 30.
+    clock : callable
+        Monotonic seconds (a test's own clock). Default :func:`time.monotonic`.
+
+    Raises
+    ------
+    InvalidWatchlist
+        The file cannot be read at start.
+    """
+
+    def __init__(self, path: str | Path, default_radius_arcsec: float = DEFAULT_RADIUS_ARCSEC,
+                 check_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self.radius, self.check_s, self._clock = Path(path), default_radius_arcsec, check_s, clock
+        self._stamp = self._stat()
+        self.watchlist = load_watchlist(self.path, self.radius)
+        self._checked = clock()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def current(self) -> Watchlist:
+        """The list as the file now holds it (the last good one when it does not read)."""
+        now = self._clock()
+        if now - self._checked < self.check_s:
+            return self.watchlist
+        self._checked, stamp = now, self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.watchlist = load_watchlist(self.path, self.radius)
+                log.info("watchlist %s read again: %d entries", self.path, len(self.watchlist))
+            except InvalidWatchlist as exc:
+                log.warning("%s; keeping the previous list of %d entries", exc, len(self.watchlist))
+        return self.watchlist
 
 
 def parse_angle(text: str, hours: bool) -> float:

@@ -44,7 +44,7 @@ from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
 from broker.solvebackoff import SolverBackoff
 from broker.telescopes import TelescopeProfile, load_profiles
-from broker.watchlist import load_watchlist
+from broker.watchlist import WatchlistFile
 from streams import serde, topics
 from streams.alert_expr import AlertFilter
 from streams.followup import FollowupRules, request_message
@@ -451,12 +451,15 @@ def topic_selector(spec: AlertTopicConfig) -> Callable[[dict], dict[str, bytes] 
 
     ``spec.filter`` is compiled and ``spec.watchlist`` read now, when the alert stage starts: a
     filter that does not parse (FilterExpressionError) or a watchlist that cannot be read
-    (InvalidWatchlist) stops it there, naming the topic. An alert in a watchlist's radius gets the
-    header ``watchlist``: the JSON list of the entries it matched (name, distance in arcsec).
+    (InvalidWatchlist) stops it there, naming the topic. The watchlist file is read again when it
+    changes (:class:`broker.watchlist.WatchlistFile`, looked at every ``watchlist_check_s``). An
+    alert in a watchlist's radius gets the header ``watchlist``: the JSON list of the entries it
+    matched (name, distance in arcsec).
     """
     try:
         keep = AlertFilter(spec.filter)
-        watched = load_watchlist(spec.watchlist, spec.watchlist_radius_arcsec) if spec.watchlist else None
+        watched = WatchlistFile(spec.watchlist, spec.watchlist_radius_arcsec, spec.watchlist_check_s) \
+            if spec.watchlist else None
     except BrokerError as exc:
         raise type(exc)(f"alert topic {spec.name}: {exc}") from None
 
@@ -465,7 +468,7 @@ def topic_selector(spec: AlertTopicConfig) -> Callable[[dict], dict[str, bytes] 
             return None
         if watched is None:
             return {}
-        near = watched.near(alert["source"]["ra"], alert["source"]["dec"])
+        near = watched.current().near(alert["source"]["ra"], alert["source"]["dec"])
         return {WATCHLIST_HEADER: json.dumps(near).encode()} if near else None
 
     return select

@@ -8,7 +8,7 @@ from astropy import units as u
 from astropy.coordinates import SkyCoord
 
 from broker.errors import InvalidWatchlist
-from broker.watchlist import DEFAULT_RADIUS_ARCSEC, parse_angle, read_watchlist
+from broker.watchlist import DEFAULT_RADIUS_ARCSEC, WatchlistFile, parse_angle, read_watchlist
 
 
 def test_a_list_is_read_with_its_aliases_sexagesimal_and_default_radius():
@@ -99,6 +99,30 @@ def test_more_pairs_than_allowed_are_refused_before_any_is_made():
     assert len(wl.match(ra, dec, max_pairs=100_000)) == 100_000
     with pytest.raises(InvalidWatchlist, match="100,000 .entry, position. pairs, more than 99,999"):
         wl.match(ra, dec, max_pairs=99_999)
+
+
+def test_a_watchlist_file_is_read_again_when_it_changes_and_a_bad_change_keeps_the_last_good_list(tmp_path, caplog):
+    path = tmp_path / "targets.csv"
+    path.write_text("name,ra,dec\nA,10,0\n")
+    now = [0.0]
+    watched = WatchlistFile(path, check_s=30.0, clock=lambda: now[0])
+    path.write_text("name,ra,dec\nA,10,0\nB,20,0\n")
+    assert watched.current().names == ("A",)  # not looked at again before check_s
+    now[0] = 30.0
+    assert watched.current().names == ("A", "B")
+    path.write_text("name,ra,dec\nC,20,95\n")  # a bad row: the list of A and B stays
+    now[0] = 60.0
+    with caplog.at_level("WARNING", logger="broker.watchlist"):
+        assert watched.current().names == ("A", "B")
+    assert "row 2, dec: 95 deg is outside" in caplog.text and "keeping the previous list of 2 entries" in caplog.text
+    path.unlink()
+    now[0] = 90.0
+    assert watched.current().names == ("A", "B")
+    path.write_text("name,ra,dec\nD,30,0\n")
+    now[0] = 120.0
+    assert watched.current().names == ("D",)
+    with pytest.raises(InvalidWatchlist, match="cannot read the watchlist"):
+        WatchlistFile(tmp_path / "none.csv")
 
 
 def test_a_bad_default_radius_is_refused():

@@ -374,6 +374,14 @@ def test_an_alert_topic_may_carry_only_a_watchlists_or_a_filters_alerts(config, 
     assert [c for c, _ in by_topic["alerts-real"]] == ["0", "1"]
     assert "alerts-both" not in by_topic  # 0 is 1 arcsec from its entry, beyond the topic's 0.5
 
+    # an edited watchlist reaches the running stage (looked at on every alert here: watchlist_check_s=0)
+    handle = alert_handler(replace(cfg, alert_topics=(
+        AlertTopicConfig("alerts-watch", per_filter=False, watchlist=str(watch), watchlist_check_s=0.0),)))
+    assert [o.topic for o in handle(_scored("r", {}, cands))] == ["alerts-watch"] * 2
+    watch.write_text("name,ra,dec\nneighbour,150.01,2.0\n")
+    outs = handle(_scored("r", {}, cands))
+    assert [json.loads(o.headers[WATCHLIST_HEADER])[0]["name"] for o in outs] == ["neighbour"]
+
 
 @pytest.mark.parametrize("spec, message", [
     ({"filter": "rb >"}, "alert topic alerts-x: invalid filter expression"),
@@ -390,7 +398,8 @@ def test_an_alert_topic_whose_filter_or_watchlist_is_bad_stops_the_stage_at_star
 
 
 @pytest.mark.parametrize("spec", [{"filter": " "}, {"watchlist": ""}, {"watchlist_radius_arcsec": 0.0},
-                                  {"watchlist_radius_arcsec": float("nan")}, {"watchlist_radius_arcsec": 1e5}])
+                                  {"watchlist_radius_arcsec": float("nan")}, {"watchlist_radius_arcsec": 1e5},
+                                  {"watchlist_check_s": -1.0}, {"watchlist_check_s": float("nan")}])
 def test_an_alert_topic_with_an_empty_filter_or_an_absurd_radius_is_a_config_error(spec):
     from broker.config import AlertTopicConfig
     from broker.errors import ConfigError
