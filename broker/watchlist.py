@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_RADIUS_ARCSEC", "MAX_RADIUS_ARCSEC", "Matches", "Watchlist", "WatchlistFile", "load_watchlist",
            "read_watchlist", "parse_angle"]
 
-#: Match radius of an entry without one (arcsec): a few times the astrometric error of an alert
-#: position (0.1-0.5 arcsec on our frames and ZTF's), as Lasair's watchlists default to.
+#: Match radius of an entry without one (arcsec): a few times the positional error of an alert
+#: (``source.ra_err``, ``dec_err``), so a point source's alerts match and its neighbours' rarely do.
 DEFAULT_RADIUS_ARCSEC = 2.0
 #: Largest radius an entry may ask (arcsec): 1 deg, the Simple Cone Search's limit here.
 MAX_RADIUS_ARCSEC = 3600.0
@@ -64,8 +64,11 @@ MAX_ENTRIES = 100_000
 #: (entry, position) pairs within the largest radius that :meth:`Watchlist.match` makes at most (~24 bytes
 #: each): 10,000 entries of 1 deg over a dense archive would otherwise make 10^9.
 MAX_PAIRS = 2_000_000
-#: Largest watchlist file :func:`load_watchlist` reads (bytes): 100,000 rows of ~600 bytes.
+#: Largest watchlist file :func:`load_watchlist` reads (bytes): 100,000 rows of up to ~600 bytes.
 MAX_FILE_BYTES = 64 * 1024 * 1024
+#: Longest text of an angle (characters): ``-359:59:59.999999999`` and room.
+MAX_ANGLE_CHARS = 32
+#: Longest entry name (characters).
 MAX_NAME = 128
 
 _COLUMNS = {
@@ -250,6 +253,8 @@ def parse_angle(text: str, hours: bool) -> float:
         Text that is neither (the message says what was read).
     """
     text = text.strip()
+    if len(text) > MAX_ANGLE_CHARS:  # before any regular expression sees it: long runs of spaces backtrack
+        raise ValueError(f"{text[:40]!r}... is longer than {MAX_ANGLE_CHARS} characters")
     try:
         value = float(text)
     except ValueError:
