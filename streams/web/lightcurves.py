@@ -7,17 +7,15 @@ and UCDs (TOPCAT, astropy's ``Table.read``). Costly, like the object itself.
 
 from __future__ import annotations
 
-import csv
-import io
 import re
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from streams.triplet_png import printable
 from streams.web.api import LIMITED, CostlyReader, object_data, portal_of
 from streams.web.app import Portal
+from streams.web.queries import csv_text
 from streams.web.records import lightcurve
 from streams.web.vo import VOTABLE_TYPE, Column, votable
 
@@ -62,10 +60,5 @@ async def object_lightcurve(request: Request, who: CostlyReader, object_id: str,
 
 
 def points_csv(points: list[dict]) -> str:
-    """The points as CSV (:data:`COLUMNS`; null cells empty, text escaped as :func:`printable` does)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([c.key for c in COLUMNS])
-    for p in points:
-        writer.writerow(["" if p.get(c.key) is None else printable(str(p[c.key])) for c in COLUMNS])
-    return out.getvalue()
+    """The points as CSV (:data:`COLUMNS`; null cells empty, text escaped)."""
+    return csv_text([c.key for c in COLUMNS], points)

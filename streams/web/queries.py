@@ -281,17 +281,21 @@ def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: 
     return {"items": items, "matched": len(found), "entries_matched": int(np.unique(found.entry).size)}
 
 
-def matches_csv(items: list[dict]) -> str:
-    """The matches as CSV (:data:`CSV_COLUMNS`), text escaped as :func:`streams.triplet_png.printable` does."""
+def csv_text(keys: tuple[str, ...] | list[str], rows: list[dict]) -> str:
+    """``rows`` as CSV with the header ``keys``: null cells empty, text escaped as :func:`printable` does."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for item in items:
-        watch = item["watch"]
-        row = {"watch_name": watch["name"], "watch_ra": watch["ra"], "watch_dec": watch["dec"],
-               "watch_radius_arcsec": watch["radius_arcsec"], **item}
-        writer.writerow(["" if row.get(c) is None else printable(str(row[c])) for c in CSV_COLUMNS])
+    writer.writerow(keys)
+    for row in rows:
+        writer.writerow(["" if row.get(k) is None else printable(str(row[k])) for k in keys])
     return out.getvalue()
+
+
+def matches_csv(items: list[dict]) -> str:
+    """The matches of :func:`crossmatch` as CSV (:data:`CSV_COLUMNS`: the entry's columns, then the alert's)."""
+    return csv_text(CSV_COLUMNS, [{"watch_name": i["watch"]["name"], "watch_ra": i["watch"]["ra"],
+                                   "watch_dec": i["watch"]["dec"], "watch_radius_arcsec": i["watch"]["radius_arcsec"],
+                                   **i} for i in items])
 
 
 def diff_dir(state_dir: Path | None, summary: dict, field: str | None) -> Path | None:
