@@ -244,6 +244,29 @@ def _bounded_mult(left: Any, right: Any) -> Any:
     return safe_mult(left, right)
 
 
+#: Most items simpleeval may walk in one evaluation, counted through every value of every node (count): it
+#: checks each value a node makes, so a filter making many lists, or passing one through many nodes, would
+#: cost a second per alert within :data:`MAX_ITEMS` and :data:`MAX_DEPTH`; an alert's history lists are ~2,000.
+MAX_WALK = 10_000
+
+
+class _Evaluator(EvalWithCompoundTypes):
+    """simpleeval's evaluator, refusing (IterableTooLong) an evaluation that walks over :data:`MAX_WALK` items."""
+
+    walked = 0
+
+    def eval(self, expr: str, previously_parsed: Any = None) -> Any:
+        """The value of ``expr``, with the items walked counted from zero."""
+        self.walked = 0
+        return super().eval(expr, previously_parsed)
+
+    def _check_disallowed_items(self, item: Any) -> None:
+        self.walked += 1
+        if self.walked > MAX_WALK:
+            raise IterableTooLong(f"the values of this filter hold over {MAX_WALK} items")
+        super()._check_disallowed_items(item)
+
+
 #: simpleeval's operators, with powers, repetitions and '%' bounded.
 _OPERATORS = {**DEFAULT_OPERATORS, ast.Pow: _bounded_power, ast.Mult: _bounded_mult, ast.Mod: _numeric_mod}
 
@@ -335,7 +358,7 @@ class AlertFilter:
             raise FilterExpressionError("filter expression longer than 1000 characters")
         self._alert: dict = {}
         functions = _history_functions(lambda: self._alert)
-        self._eval = EvalWithCompoundTypes(operators=dict(_OPERATORS), functions=functions)
+        self._eval = _Evaluator(operators=dict(_OPERATORS), functions=functions)
         self._resolve: dict[str, Callable[[dict], Any]] = {}
         self._tree: ast.expr = ast.Constant(True)
         if not self.expression:

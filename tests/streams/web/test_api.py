@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import pytest
@@ -53,6 +54,17 @@ def test_bad_listing_parameters_are_a_clear_4xx(client, params, status, reason):
     response = client.get("/api/v1/alerts", params=params)
     assert response.status_code == status
     assert response.json()["error"] == reason and "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("expr", [
+    "(" * 40 + "[0]*9999" + ",[0]*9999)" * 40 + " == 1",  # each tuple walked whole: once 0.4 s an alert, and the probe
+    "max(" + ",".join(["len([0]*9999)"] * 8) + ") < 0",  # lists each within the bound on repetition
+])
+def test_a_filter_whose_values_hold_too_many_items_is_refused_at_once(client, expr):
+    start = time.perf_counter()
+    response = client.get("/api/v1/alerts", params={"filter": expr})
+    assert response.status_code == 400 and response.json()["error"] == "filter", response.text
+    assert time.perf_counter() - start < 1.0
 
 
 def test_an_alert_comes_whole_without_its_cutout_bytes(client, state):
