@@ -26,6 +26,7 @@ from broker.errors import InvalidQuery, NotFound
 from broker.forced import check_position as check_sky_position
 from broker.history import ObjectHistory
 from broker.reference import path_component
+from broker.vetting import MAX_ID_CHARS
 from broker.watchlist import Watchlist
 from streams.alert_expr import AlertFilter
 from streams.triplet_png import printable
@@ -110,9 +111,13 @@ class ArchiveView:
 
 
 def sql_str(text: str) -> str:
-    """``text`` as a SQL string literal (quotes doubled); InvalidQuery for an id no alert can have."""
-    if len(text) > 256 or "\x00" in text:
-        raise InvalidQuery("an id is at most 256 characters, without NUL")
+    """``text`` as a SQL string literal (quotes doubled); InvalidQuery for an id no alert can have.
+
+    Ids are taken up to :data:`broker.vetting.MAX_ID_CHARS` (1024), as labels take them: a frame id
+    (``FRAMEID``, continued over cards) and so a candidate id may be longer than a file name.
+    """
+    if len(text) > MAX_ID_CHARS or "\x00" in text:
+        raise InvalidQuery(f"an id is at most {MAX_ID_CHARS} characters, without NUL")
     return "'" + text.replace("'", "''") + "'"
 
 

@@ -207,6 +207,20 @@ def test_a_frame_id_with_slashes_and_url_characters_is_served_with_its_image(sta
         assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (40, 30)
 
 
+def test_a_frame_id_longer_than_a_file_name_is_served(state, tmp_path):
+    """The pipeline takes a FRAMEID of any length (continued over cards); ids over 256 characters were 400 here."""
+    import copy
+
+    frame_id = "R" * 300
+    record = copy.deepcopy(state[1][-1])
+    record["provenance"]["frame_id"], record["candid"] = frame_id, f"{frame_id}/0"
+    with _client_of(tmp_path, [record]) as c:
+        response = c.get(f"/api/v1/frames/{frame_id}")
+        assert response.status_code == 200, response.text
+        assert response.json()["frame_id"] == frame_id and len(response.json()["candidates"]) == 1
+        assert c.get(f"/api/v1/frames/{'R' * 2000}").status_code == 400  # longer than any id a label takes
+
+
 def test_the_attribution_map_loads_only_a_model_of_this_server_never_a_path_from_the_alert(state, tmp_path):
     """An alert's scores.rb_model is data: a path there made the portal load that file as its model."""
     pytest.importorskip("torch")
