@@ -172,6 +172,14 @@ async def static_file(name: str, request: Request) -> Response:
     if asset is None:
         raise NotFound(f"no static file {name[:80]!r}")
     headers = {"ETag": asset.etag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-    if request.headers.get("if-none-match") == asset.etag:
+    if names_etag(request.headers.get("if-none-match"), asset.etag):
         return Response(status_code=304, headers=headers)
     return Response(asset.body, media_type=asset.media_type, headers=headers)
+
+
+def names_etag(header: str | None, etag: str) -> bool:
+    """Whether ``If-None-Match`` matches ``etag``: ``*``, or a list naming it, weak (``W/``) or not (RFC 9110)."""
+    if header is None:
+        return False
+    tags = {tag.strip().removeprefix("W/") for tag in header.split(",")}
+    return "*" in tags or etag in tags

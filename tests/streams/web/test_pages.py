@@ -54,6 +54,14 @@ def test_every_referenced_static_file_is_served_with_its_type_and_an_etag(client
     assert client.get("/favicon.ico").headers["content-type"].startswith("image/svg+xml")
 
 
+def test_a_static_file_is_304_for_any_if_none_match_that_names_its_etag(client):
+    """A list of tags, a weak tag (``W/``, as a compressing proxy sends it) and ``*`` were 200 with the body."""
+    etag = ASSETS["common.js"].etag
+    for header in (etag, f'"other", {etag}', f"W/{etag}", "*"):
+        assert client.get("/static/common.js", headers={"If-None-Match": header}).status_code == 304, header
+    assert client.get("/static/common.js", headers={"If-None-Match": '"other", W/"x"'}).status_code == 200
+
+
 @pytest.mark.parametrize("name", ["nope.js", "..%2Fpages.py", "%2E%2E%2F%2E%2E%2Fapp.py", "page.html", "portal.css%00"])
 def test_unknown_or_escaping_static_names_are_404(client, name):
     res = client.get(f"/static/{name}")
