@@ -19,6 +19,7 @@ from pathlib import Path
 
 from broker.alert import PUBLISHER, alert_fields, build_alert, frame_context
 from broker.calibrate import calibrate
+from broker.candidate import CUTOUT_SIZE
 from broker.config import AlertTopicConfig, PipelineConfig
 from broker.diffstore import DifferenceStore, celestial_header
 from broker.errors import (
@@ -352,6 +353,9 @@ def score_handler(config: PipelineConfig) -> Handler:
 
 #: Measurements of a candidate the history keeps (NOT NULL) and light curves compute with.
 _MEASURED = ("flux", "flux_err", "snr")
+#: How far off its frame a candidate's position may lie (px): half a cutout. A PSF fit moves a peak
+#: on an edge pixel a few pixels at most.
+_OFF_FRAME_PX = CUTOUT_SIZE / 2
 
 
 def check_scorable(batch: dict, cands: list, bounds: PlausibilityConfig) -> None:
@@ -359,10 +363,12 @@ def check_scorable(batch: dict, cands: list, bounds: PlausibilityConfig) -> None
 
     The frame-level values are checked as ingest checked the frame's header
     (:func:`broker.plausibility.header_problems`: the MJD window, the exposure, the zero point), and
-    every candidate's flux, flux error and S/N must be finite. A zero point of -800 mag was
-    written to the history and then overflowed every later light curve of its object (each of
-    its alerts ``unexpected:OverflowError``); an MJD of -1e300 became its objects' ``first_mjd``; a
-    NaN flux was ``unexpected:IntegrityError``.
+    every candidate's flux, flux error and S/N must be finite, and its position (x, y) on the frame
+    (:func:`_position_problem`). A zero point of -800 mag was written to the history and then
+    overflowed every later light curve of its object (each of its alerts
+    ``unexpected:OverflowError``); an MJD of -1e300 became its objects' ``first_mjd``; a NaN flux
+    was ``unexpected:IntegrityError``; one of eight candidates at x = 1e200 overflowed the trail
+    search's k-d tree (``unexpected:ValueError``) after the history was written.
 
     Parameters
     ----------
@@ -378,7 +384,7 @@ def check_scorable(batch: dict, cands: list, bounds: PlausibilityConfig) -> None
     ImplausibleHeader
         The batch's MJD, exposure or zero point is outside its bounds (or not a number).
     InvalidMeasurement
-        A candidate's flux, flux error or S/N is not a finite number.
+        A candidate's flux, flux error or S/N is not a finite number, or its position is not on the frame.
     """
     meta = FrameMeta(batch["frame_id"], batch["telescope"], batch["field"], batch["filter"], batch["mjd_start"],
                      batch["exptime"], magzp=batch["magzp"])
@@ -392,6 +398,24 @@ def check_scorable(batch: dict, cands: list, bounds: PlausibilityConfig) -> None
         if bad:
             raise InvalidMeasurement(f"candidate {cand.cand_id[:80]!r}: {', '.join(bad)} not finite; nothing of the "
                                      "frame written to the history")
+        off = _position_problem(cand.detection.x, cand.detection.y, batch["nx"], batch["ny"])
+        if off:
+            raise InvalidMeasurement(f"candidate {cand.cand_id[:80]!r}: {off}; nothing of the frame written to the "
+                                     "history")
+
+
+def _position_problem(x: float, y: float, nx: int, ny: int) -> str | None:
+    """Why the position (x, y) (px, 0-based) is not on a frame of ``nx`` x ``ny`` px; None when it is.
+
+    The position must be finite and, when the batch gives the frame's size (``candidates/v2`` on;
+    v1 batches have 0 x 0), within the frame grown by :data:`_OFF_FRAME_PX`.
+    """
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return f"position x, y = ({x}, {y}) is not finite"
+    if (nx or ny) and not (-_OFF_FRAME_PX <= x <= nx - 1 + _OFF_FRAME_PX
+                           and -_OFF_FRAME_PX <= y <= ny - 1 + _OFF_FRAME_PX):
+        return f"position x, y = ({x:.6g}, {y:.6g}) is off its {nx} x {ny} px frame"
+    return None
 
 
 def _timing(headers: dict[str, bytes], start: float) -> dict:

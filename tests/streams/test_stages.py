@@ -659,3 +659,35 @@ def test_a_full_disk_keeps_the_frame_and_its_retry_once_freed_gives_the_same_bat
             assert _untimed(got) == _untimed(expected), (epoch, step)
         statuses.append(_untimed(got)["status"])
     assert statuses == ["REFERENCE_BUILDING"] * 2 + ["IN_REFERENCE"] + ["SUBTRACTED"] * 2
+
+
+def test_the_score_stage_refuses_a_candidate_off_its_frame_before_writing_the_history(config):
+    """One of eight candidates at x = 1e200 overflowed the trail search's k-d tree: ``unexpected:ValueError``.
+
+    The trail search (:func:`broker.context.trail_matches`) runs on every batch of eight or more
+    candidates, after the history was written. A position off the frame, or not finite, is now
+    refused with its reason and nothing of the batch is written.
+    """
+    from broker.errors import InvalidMeasurement
+    from streams.stages import score_handler
+    from tests.helpers import candidate
+
+    score = score_handler(config)
+
+    def cands(i: int, **last) -> list:
+        out = []
+        for k in range(8):
+            c = candidate(cand_id=f"TEST-F1-r-{i:04d}/{k}", ra=10.0 + 0.01 * k, dec=10.0, seed=k)
+            c.rb, c.detection.x, c.detection.y = 0.95, 10.0 + 5 * k, 20.0
+            out.append(c)
+        for name, value in last.items():
+            setattr(out[-1].detection, name, value)
+        return out
+
+    for i, last in enumerate((dict(x=1e200), dict(y=-1e300), dict(x=300.0), dict(y=float("nan"))), start=1):
+        with pytest.raises(InvalidMeasurement, match="position") as err:
+            score(_classified(cands(i, **last), i))
+        assert err.value.reason == "invalid_measurement"
+    (out,) = score(_classified(cands(9, x=256.0 + 20.0), 9))  # a PSF fit may move an edge peak a little off
+    recs = serde.decode("candidates", out.value, out.headers)["candidates"]
+    assert [r["object"]["ndet"] for r in recs] == [1] * 8  # nothing of the refused batches was kept
