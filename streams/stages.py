@@ -34,7 +34,7 @@ from broker.errors import (
     NotIngested,
     PoorQuality,
 )
-from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record
+from broker.followup import FollowupStatus, FollowupStore, opened_by, request_record, validate_request
 from broker.frame import Frame, FrameMeta, decode_fits, encode_fits, has_wcs, sha256
 from broker.history import open_history
 from broker.ingest import check_record, check_size_and_header, ingest, validate
@@ -502,7 +502,10 @@ def _followup_request(config: PipelineConfig, alert: dict) -> list[OutMessage]:
     """The ``followup`` message of the request ``alert``'s candidate opened, if it opened one (else none).
 
     Made again when the alert is made again (a replay after a crash), in the same transaction as
-    the alert, so a request is published exactly once with its alert.
+    the alert, so a request is published exactly once with its alert. A request that no telescope
+    may schedule (:func:`broker.followup.validate_request`: a band of no characters, a Dec of 1e6,
+    a NaN request time, all from a ``scored`` record anyone may write) is not published: each
+    telescope's listener would dead-letter it. The alerts go out all the same.
     """
     status = None if alert["followup"] is None else FollowupStatus.from_record(alert["followup"])
     if status is None or not opened_by(status, alert["objectId"], alert["candid"]):
@@ -512,7 +515,13 @@ def _followup_request(config: PipelineConfig, alert: dict) -> list[OutMessage]:
         log.warning("follow-up request %s: rule %r is no longer configured; not published", status.request_id,
                     status.rule)
         return []
-    return [request_message(request_record(status, rule, alert, PUBLISHER))]
+    record = request_record(status, rule, alert, PUBLISHER)
+    problems = validate_request(record)
+    if problems:
+        log.warning("follow-up request %s: no telescope may schedule it (%s); not published", status.request_id,
+                    "; ".join(problems)[:400])
+        return []
+    return [request_message(record)]
 
 
 def _sqlite_history(config: PipelineConfig) -> Path | None:

@@ -261,6 +261,40 @@ def test_the_alert_handler_publishes_the_request_its_candidate_opened(config):
     assert record["reason"]["anomaly"] == pytest.approx(0.999) and record["filter"] == "r"
 
 
+def test_the_alert_handler_publishes_no_request_a_telescope_would_refuse(config):
+    """A ``scored`` record (anyone may write one) made the alert stage publish requests every listener refused.
+
+    A band of no characters, an object at Dec 1e6 or a NaN request time went out on ``followup``
+    (each telescope's listener dead-lettered it, ``invalid_request``). Such a request is now not
+    published; the alerts are.
+    """
+    from broker.candidate import ObjectSummary
+    from broker.followup import FollowupStatus, request_id
+    from streams.stages import alert_handler
+    from tests.helpers import candidate
+
+    handle = alert_handler(config)
+
+    def outputs(band: str = "r", dec: float = 2.0, requested_mjd: float = 60000.5) -> list:
+        cand = candidate("TEST-F1-r-0001/0")
+        cand.rb, cand.anomaly = 0.95, 0.999
+        cand.obj = ObjectSummary("OBJ00000000000ff", 150.0, dec, 1, 60000.5)
+        opened = request_id("OBJ00000000000ff", cand.cand_id, "anomalous")
+        cand.followup = FollowupStatus(opened, "anomalous", requested_mjd, "requested", 0).to_record()
+        batch = {"frame_id": "TEST-F1-r-0001", "telescope": "TEST", "field": "F1", "filter": band,
+                 "mjd_start": 60000.5, "exptime": 30.0, "magzp": 27.0, "status": "SUBTRACTED",
+                 "reference_frames": ["a"], "diagnostics": {}, "model_versions": {"rb": "rb-1", "anomaly": "an-1"},
+                 "candidates": [serde.candidate_to_record(cand)], "nx": 256, "ny": 256, "wcs_header": "",
+                 "limiting_flux": 100.0}
+        return handle(InMessage(topics.SCORED, 0, 0, b"k", serde.encode("candidates", batch), {}, 0))
+
+    assert sorted(o.topic for o in outputs()) == sorted([topics.ALERTS, topics.filter_topic(topics.ALERTS, "r"),
+                                                         topics.FOLLOWUP])
+    for bad in (dict(band=""), dict(dec=1e6), dict(requested_mjd=float("nan"))):
+        topics_out = [o.topic for o in outputs(**bad)]
+        assert topics.FOLLOWUP not in topics_out and topics.ALERTS in topics_out, bad
+
+
 def test_subtract_and_score_handlers_fill_the_frame_level_fields(config):
     """Batches carry the frame size, WCS and limiting flux; forced photometry and history limits follow."""
     from astropy.io import fits
