@@ -11,6 +11,7 @@ import io
 import json
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ CSV_COLUMNS = ("watch_name", "watch_ra", "watch_dec", "watch_radius_arcsec", "di
 MAX_SCAN = 2000
 #: Alerts read at a time by a filtered page (count).
 SCAN_BATCH = 250
+#: Time a filtered page may spend reading and filtering (s): a costly filter (within the filter
+#: language's bounds, ~3 ms an alert) answers a partial page and its cursor, as a rare one does.
+MAX_SCAN_S = 2.0
 _NEWEST_FIRST = "ORDER BY mjd DESC, alert_id DESC"
 _OBSERVATION_ORDER = "ORDER BY mjd, kafka_topic, kafka_partition, kafka_offset"
 _HISTORY_COLUMNS = ("cand_id", "mjd", "filter", "flux", "flux_err", "snr", "rb", "magzp", "limiting_flux",
@@ -160,12 +164,14 @@ def records_of(archive: Queryable, sql: str) -> list[dict]:
 def latest_filtered(archive: Queryable, flt: AlertFilter, limit: int, cursor: str | None) -> dict:
     """A newest-first page of the alerts that pass ``flt`` (evaluated on whole records).
 
-    At most :data:`MAX_SCAN` alerts are read per page: a filter that few alerts pass returns fewer
-    than ``limit`` items with a ``next`` cursor to read on from (null once the archive is read).
+    A page reads at most :data:`MAX_SCAN` alerts, for at most :data:`MAX_SCAN_S` s (and at least one
+    alert): a filter that few alerts pass, or a costly one, returns fewer than ``limit`` items with
+    a ``next`` cursor to read on from (null once the archive is read).
     """
     items: list[dict] = []
     where, scanned = _after(cursor), 0
     last: tuple[float, int] | None = None
+    deadline = time.monotonic() + MAX_SCAN_S
     while len(items) < limit and scanned < MAX_SCAN:
         sql = (f"SELECT schema_version, alert FROM alerts WHERE {where} {_NEWEST_FIRST} "
                f"LIMIT {min(SCAN_BATCH, MAX_SCAN - scanned)}")
@@ -179,6 +185,10 @@ def latest_filtered(archive: Queryable, flt: AlertFilter, limit: int, cursor: st
                 items.append(summary_of(record))
                 if len(items) == limit:
                     break
+            if time.monotonic() >= deadline:
+                break
+        if time.monotonic() >= deadline:
+            break
         if last is not None:
             where = _after(encode_cursor(last[0], last[1]))
     return {"items": items, "next": encode_cursor(last[0], last[1]) if last is not None else None}
