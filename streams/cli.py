@@ -719,11 +719,30 @@ def format_alert(alert: dict) -> str:
             f"ndet={alert['object']['ndet']}")
 
 
+#: What ``broker demo`` writes in its workdir (streams/demo.py): all it may remove there at its next start.
+_DEMO_ENTRIES = frozenset({"logs", "state", "frames"})
+
+
+def _check_demo_workdir(workdir: Path) -> None:
+    """BrokerError unless ``workdir`` is absent, empty or holds only what a demo wrote (it is emptied next)."""
+    if not workdir.exists():
+        return
+    if not workdir.is_dir():
+        raise BrokerError(f"--workdir {workdir} is not a folder")
+    foreign = sorted(p.name for p in workdir.iterdir() if p.name not in _DEMO_ENTRIES)
+    if foreign:
+        raise BrokerError(f"--workdir {workdir} holds what the demo did not write ({', '.join(foreign[:5])}"
+                          f"{', ...' if len(foreign) > 5 else ''}): the demo empties its workdir at start; "
+                          "name a new or empty folder")
+
+
 @app.command()
 def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] = 12,
          size: Annotated[int, typer.Option(help="Frame side (px).")] = 2048,
          bootstrap: Annotated[Optional[str], typer.Option(help="Use this Kafka instead of the embedded one.")] = None,
-         workdir: Annotated[Path, typer.Option(help="State, frame store and logs.")] = Path("var/demo"),
+         workdir: Annotated[Path, typer.Option(
+             help="State, frame store and logs; emptied at start (refused when it holds anything else).")]
+         = Path("var/demo"),
          seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
          interval: Annotated[float, typer.Option(help="Seconds between frames from the simulated telescope "
                                                       "(0: all at once).")] = 8.0,
@@ -735,6 +754,10 @@ def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] 
     from broker.simulate import SimConfig
     from streams.demo import run_demo
 
+    try:
+        _check_demo_workdir(workdir)
+    except BrokerError as exc:
+        _fail(exc)
     shutil.rmtree(workdir, ignore_errors=True)
     sim = SimConfig(shape=(size, size))
     console.print(f"[bold]demo[/bold]: {frames} simulated {size}x{size} frames, fields {sim.fields}, "

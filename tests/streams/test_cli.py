@@ -466,3 +466,23 @@ def test_serve_max_costly_keeps_a_thread_for_the_cheap_reads(tmp_path, monkeypat
         res = runner.invoke(app, ["serve", "--state-dir", str(tmp_path), "--max-costly", str(costly)])
         assert res.exit_code == 0, res.output
         assert (served[-1].max_costly, served[-1].query_threads) == (costly, threads)
+
+
+def test_demo_refuses_a_workdir_holding_what_it_did_not_write_and_deletes_nothing(tmp_path, monkeypatch):
+    """``broker demo --workdir DIR`` emptied DIR (shutil.rmtree) whatever it held: a user's folder was lost."""
+    import streams.demo
+
+    def never(*args, **kwargs):
+        raise AssertionError("the demo started")
+
+    monkeypatch.setattr(streams.demo, "run_demo", never)
+    (tmp_path / "observations.txt").write_text("precious")
+    res = runner.invoke(app, ["demo", "--workdir", str(tmp_path)])
+    assert res.exit_code == 2 and "observations.txt" in res.output and "Traceback" not in res.output, res.output
+    assert (tmp_path / "observations.txt").read_text() == "precious"
+    from streams.cli import _check_demo_workdir
+
+    for name in ("logs", "state", "frames"):  # a previous demo's: emptied at the next start
+        (tmp_path / "old" / name).mkdir(parents=True)
+    _check_demo_workdir(tmp_path / "old")
+    _check_demo_workdir(tmp_path / "new")
