@@ -50,22 +50,32 @@ _WCS_PREFIXES = ("CTYPE", "CRPIX", "CRVAL", "CDELT", "CUNIT", "CD1_", "CD2_", "P
                  "A_", "B_", "AP_", "BP_", "PV1_", "PV2_", "WCSAXES", "LONPOLE", "LATPOLE")
 
 
+#: ``COLORTYP`` written as a number (MaxIm DL, Celestron AstroFX): ASCOM's ``SensorType`` code, 0 for a
+#: monochrome sensor, 2 for an RGGB mosaic (its phase, ``XBAYROFF``/``YBAYROFF``, does not change a 2x2 sum).
+#: The other codes (1 colour planes, 3-5 CMYG, CMYG2 and LRGB mosaics) are refused.
+SENSOR_TYPES = {0: "MONO", 2: "RGGB"}
+
+
 def bayer_pattern(header: fits.Header) -> str | None:
     """The header's mosaic pattern (``BAYERPAT`` or ``COLORTYP``) in upper case; None for a monochrome frame.
 
     Raises
     ------
     BadShape
-        The pattern is not one of :data:`PATTERNS`.
+        The pattern is not one of :data:`PATTERNS` (nor a :data:`SENSOR_TYPES` code of ``COLORTYP``).
     """
     if "BAYERMOD" in header:
         return None  # already binned
-    raw = header.get("BAYERPAT", header.get("COLORTYP"))
+    card = "BAYERPAT" if "BAYERPAT" in header else "COLORTYP"
+    raw = header.get(card)
+    if card == "COLORTYP" and isinstance(raw, int) and not isinstance(raw, bool):
+        raw = SENSOR_TYPES.get(raw, raw)
     if raw is None or not str(raw).strip() or str(raw).strip().upper() in ("NONE", "MONO"):
         return None
     pattern = str(raw).strip().upper()
     if pattern not in PATTERNS:
-        raise BadShape(f"BAYERPAT={raw!r} is not a 2x2 colour mosaic ({', '.join(PATTERNS)})")
+        raise BadShape(f"{card}={header[card]!r} is not a 2x2 colour mosaic ({', '.join(PATTERNS)}"
+                       f"{', or COLORTYP = 0 or 2' if card == 'COLORTYP' else ''})")
     return pattern
 
 

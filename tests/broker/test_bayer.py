@@ -1,11 +1,15 @@
 """Bayer frames: 2x2 superpixel luminance, saturation and the header."""
 
+import io
+
 import numpy as np
 import pytest
 from astropy.io import fits
 
 from broker.bayer import bayer_pattern, superpixel_luminance
 from broker.errors import BadShape
+from broker.frame import decode_fits
+from tests.conftest import shared_data
 
 
 def test_superpixels_sum_the_mosaic_and_keep_the_noise_model():
@@ -145,3 +149,33 @@ def test_an_infinite_size_card_of_a_colour_frame_is_left_as_written(card):
             assert card == "RDNOISE" and exc.reason, exc
             continue
         assert decode_fits(encode_fits(frame), require_wcs=False).shape == (64, 64)
+
+
+@pytest.mark.parametrize("code,pattern", [(0, None), (2, "RGGB")])
+def test_colortyp_as_maxim_dl_writes_it_is_ascom_s_sensor_type(code, pattern):
+    """MaxIm DL and Celestron AstroFX write ``COLORTYP`` as ASCOM's SensorType code.
+
+    Both were refused as "BAYERPAT=2 is not a 2x2 colour mosaic", a monochrome camera's 0 too.
+    """
+    assert bayer_pattern(fits.Header({"COLORTYP": code, "XBAYROFF": 1, "YBAYROFF": 0})) == pattern
+
+
+@pytest.mark.parametrize("code", [1, 3, 5, True])
+def test_other_sensor_types_are_refused_naming_the_card(code):
+    with pytest.raises(BadShape, match="COLORTYP"):
+        bayer_pattern(fits.Header({"COLORTYP": code}))
+
+
+def test_a_celestron_nightscape_light_frame_is_binned_to_luminance():
+    """The real header of a Celestron Nightscape 10100 raw frame (COLORTYP = 2), with pixels of a usable size."""
+    path = shared_data("small_telescopes", "msumastro",
+                       "msumastro__tests__data__celestron_nightscape_10100_astro_fx_v106.fit")
+    header = fits.getheader(path)
+    for card in ("BITPIX", "NAXIS1", "NAXIS2", "BZERO", "BSCALE"):
+        header.remove(card, ignore_missing=True)
+    header["OBJCTRA"], header["OBJCTDEC"] = "12 50 53", "+41 07 14"  # the trimmed header has no pointing
+    data = np.random.default_rng(1).poisson(1000, (256, 256)).astype(np.uint16)
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data, header).writeto(buf)
+    frame = decode_fits(buf.getvalue(), require_wcs=False)
+    assert frame.shape == (128, 128) and frame.meta.filter == "lum"
