@@ -168,13 +168,26 @@ def profile_toml(profile: TelescopeProfile) -> str:
 
 
 def write_profile(directory: str | Path, profile: TelescopeProfile, overwrite: bool = False) -> Path:
-    """Write ``profile`` as ``<directory>/<name>.toml``; the path (ProfileError: it exists, or cannot be written)."""
+    """Write ``profile`` as ``<directory>/<name>.toml``; the path.
+
+    Raises
+    ------
+    ProfileError
+        The file exists, cannot be written, or would not read back (:func:`load_profile` refusing it
+        would stop every reader of the directory): a band that is not canonical, a control character.
+    """
     path = Path(directory) / f"{profile.name}.toml"
     if path.exists() and not overwrite:
         raise ProfileError(f"{path} exists (use --overwrite to replace it)")
+    text = profile_toml(profile)
+    try:
+        profile_from_dict(tomllib.loads(text), f"telescope {profile.name}")
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"telescope {profile.name}: a match or filter name holds a control character "
+                           f"(header values are printable ASCII): {exc}") from exc
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(profile_toml(profile))
+        path.write_text(text)
     except OSError as exc:  # the directory is a file, or out of reach
         raise ProfileError(f"cannot write {path}: {exc}") from exc
     return path

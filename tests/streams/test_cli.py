@@ -323,6 +323,21 @@ def test_telescope_add_writes_a_profile_and_refuses_bad_values(tmp_path):
         assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output
 
 
+@pytest.mark.parametrize("option", [["--filter", "L=rr"], ["--filter", "a=b=c"], ["--match", "Seestar\nS50"],
+                                    ["--filter", "L\x01=lum"]])
+def test_telescope_add_writes_no_profile_that_would_not_read_back(tmp_path, option):
+    """A band that is not canonical, or a control character, is refused before anything is written.
+
+    Such a profile was written: every later load of the directory (``broker produce``, the ingest
+    stage) then failed on that file.
+    """
+    from broker.telescopes import load_profiles
+
+    res = runner.invoke(app, ["telescope", "add", "x", "--dir", str(tmp_path), *option])
+    assert res.exit_code == 2 and "error" in res.output and "Traceback" not in res.output, res.output
+    assert load_profiles(tmp_path) == ()
+
+
 def test_training_commands_write_the_shipped_versions_by_default():
     import inspect
 
