@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="A streaming transient alert broker: frames in, Avro alerts out.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
-console = Console(soft_wrap=True)
+console = Console(soft_wrap=True, emoji=False)  # a file named :x:.fits is printed as named
 
 Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers host:port[,host:port].")]
 AppId = Annotated[str, typer.Option(help="Prefix of consumer groups and transactional ids.")]
@@ -332,11 +332,14 @@ def _flush(producer: FrameProducer) -> None:
 
 
 def _report(path: Path, res: Published | Exception) -> None:
+    """One line per file: sent, or rejected with the reason (the path and message as text, not markup)."""
     if isinstance(res, Exception):
-        console.print(f"[red]rejected[/red] {path}: {res} [dim]({getattr(res, 'reason', 'error')})[/dim]")
+        console.print(f"[red]rejected[/red] {escape(str(path))}: {escape(str(res))} "
+                      f"[dim]({getattr(res, 'reason', 'error')})[/dim]")
     else:
         how = "inline" if res.inline else "by reference"
-        console.print(f"[green]sent[/green] {path} as {res.frame_id} ({res.size_bytes / 1e6:.1f} MB, {how})")
+        console.print(f"[green]sent[/green] {escape(str(path))} as {escape(res.frame_id)} "
+                      f"({res.size_bytes / 1e6:.1f} MB, {how})")
 
 
 _START_HELP = ("Where a new subscription starts: earliest, latest, an offset (the same on every partition; "

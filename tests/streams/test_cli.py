@@ -20,6 +20,16 @@ def test_produce_reports_each_bad_file_and_fails(tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_produce_prints_a_file_s_name_as_it_is(tmp_path):
+    """A path holding ``[/x]`` was read as rich markup: a MarkupError traceback instead of "rejected"."""
+    odd = tmp_path / "M31[" / "L]:x:.fits"  # its path holds "M31[/L]:x:.fits"
+    odd.parent.mkdir()
+    odd.write_bytes(b"not FITS")
+    res = runner.invoke(app, ["produce", str(odd), str(tmp_path / "M31[" / "red]"), "--bootstrap", "127.0.0.1:1"])
+    assert res.exit_code == 1 and "Traceback" not in res.output, (res.output, res.exception)
+    assert res.output.count("rejected") == 2 and "M31[/L]:x:.fits" in res.output and "M31[/red]" in res.output
+
+
 def test_produce_names_the_frames_kafka_did_not_take_and_exits_2(tmp_path, monkeypatch):
     """``FrameNotDelivered`` out of the final flush was a traceback (exit 1) after "sent" lines."""
     from broker.errors import FrameNotDelivered
