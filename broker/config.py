@@ -370,7 +370,7 @@ def load_config(path: str | Path | None = None, **overrides) -> PipelineConfig:
     if path is not None:
         try:
             values = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:  # absent, not UTF-8, not TOML
             raise ConfigError(f"cannot read config {path}: {exc}") from exc
     values.update({k: v for k, v in overrides.items() if v is not None})
     return _build(PipelineConfig, values, "pipeline")

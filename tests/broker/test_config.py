@@ -141,3 +141,11 @@ def test_every_number_setting_at_its_extremes_is_a_config_or_a_config_error(tmp_
                 assert str(exc), (where, name, value)
             else:
                 assert value not in ("nan", "-1", "-inf"), f"{'.'.join((*where, name))} = {value} was accepted"
+
+
+def test_a_config_that_is_not_utf8_text_is_a_config_error(tmp_path):
+    """A binary or Latin-1 file given as --config was a UnicodeDecodeError traceback."""
+    path = tmp_path / "pipeline.toml"
+    path.write_bytes(b'state_dir = "/data/\xe9toiles"\n')
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(path)
