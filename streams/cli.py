@@ -229,11 +229,15 @@ def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 
         stop.wait()
 
 
+#: Simulated frames' sides (px): those the ingest stage accepts (``IngestConfig.min_side``, ``max_side``).
+SimSide = Annotated[int, typer.Option("--size", min=64, max=16384, help="Frame side (px).")]
+SimSeed = Annotated[int, typer.Option("--seed", min=0, help="Random seed.")]
+
+
 @app.command()
 def simulate(out: Annotated[Path, typer.Argument(help="Directory for FITS frames and truth JSON.")],
-             frames: Annotated[int, typer.Option(help="Number of frames.")] = 6,
-             size: Annotated[int, typer.Option(help="Frame side (px).")] = 2048,
-             seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+             frames: Annotated[int, typer.Option(min=0, help="Number of frames.")] = 6,
+             size: SimSide = 2048, seed: SimSeed = 1,
              amateur: Annotated[bool, typer.Option(help="A smart telescope instead (docs/telescopes.md): raw Bayer "
                                                         "frames without a WCS, vendor headers; needs the Tycho-2 "
                                                         "index files.")] = False) -> None:
@@ -242,7 +246,10 @@ def simulate(out: Annotated[Path, typer.Argument(help="Directory for FITS frames
     from broker.simulate import SimConfig, SkySimulator
     from broker.simulate.amateur import amateur_series
 
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file, or out of reach
+        _fail(OSError(f"cannot write to {out}: {exc.strerror or exc}"))
     if amateur:
         try:
             series = amateur_series(frames, seed=seed)
@@ -740,13 +747,12 @@ def _check_demo_workdir(workdir: Path) -> None:
 
 
 @app.command()
-def demo(frames: Annotated[int, typer.Option(help="Simulated frames to send.")] = 12,
-         size: Annotated[int, typer.Option(help="Frame side (px).")] = 2048,
+def demo(frames: Annotated[int, typer.Option(min=1, help="Simulated frames to send.")] = 12, size: SimSide = 2048,
          bootstrap: Annotated[Optional[str], typer.Option(help="Use this Kafka instead of the embedded one.")] = None,
          workdir: Annotated[Path, typer.Option(
              help="State, frame store and logs; emptied at start (refused when it holds anything else).")]
          = Path("var/demo"),
-         seed: Annotated[int, typer.Option(help="Simulation seed.")] = 1,
+         seed: SimSeed = 1,
          interval: Annotated[float, typer.Option(help="Seconds between frames from the simulated telescope "
                                                       "(0: all at once).")] = 8.0,
          rb_cut: Annotated[float, typer.Option(

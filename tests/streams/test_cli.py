@@ -348,6 +348,18 @@ def test_telescope_add_writes_no_profile_that_would_not_read_back(tmp_path, opti
     assert load_profiles(tmp_path) == ()
 
 
+@pytest.mark.parametrize("args", [["--frames", "-1"], ["--size", "0"], ["--size", "10"], ["--size", "100000"],
+                                  ["--seed", "-1"], ["--out-is-a-file"]])
+def test_simulate_refuses_impossible_numbers_and_folders_in_one_line(tmp_path, args):
+    """Each was a traceback: islice of -1 frames, numpy's "high <= 0", a 74.5 GiB allocation, a mkdir of a file."""
+    (tmp_path / "file").write_text("")
+    out = str(tmp_path / "file") if args == ["--out-is-a-file"] else str(tmp_path / "out")
+    res = runner.invoke(app, ["simulate", out, "--frames", "1", "--size", "64",
+                              *([] if args == ["--out-is-a-file"] else args)])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), (res.output, res.exception)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_training_commands_write_the_shipped_versions_by_default():
     import inspect
 
