@@ -44,11 +44,12 @@ console = Console(soft_wrap=True, emoji=False)  # a file named :x:.fits is print
 
 Bootstrap = Annotated[str, typer.Option(help="Kafka bootstrap servers host:port[,host:port].")]
 AppId = Annotated[str, typer.Option(help="Prefix of consumer groups and transactional ids.")]
+# Help texts are rich markup: a config section is written \[section] there, or rich takes it for a tag and drops it.
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="Pipeline config (TOML); see broker/config.py.",
                                                     envvar="BROKER_CONFIG")]
 FramingOpt = Annotated[Optional[list[str]], typer.Option(
     "--framing", help="Alert topic as TOPIC=FRAMING[:CODEC] (framing ocf, confluent or fink; codec of ocf: "
-                      "null, deflate, snappy); repeat for several topics. Replaces [[alert_topics]] of the config.")]
+                      "null, deflate, snappy); repeat for several topics. Replaces [\\[alert_topics]] of the config.")]
 RegistryOpt = Annotated[Optional[str], typer.Option(
     help="Schema registry URL for confluent-framed alert topics (overrides schema_registry_url).",
     envvar="BROKER_SCHEMA_REGISTRY")]
@@ -583,7 +584,7 @@ app.add_typer(telescope_app, name="telescope")
 @telescope_app.command("add")
 def telescope_add(
         name: Annotated[str, typer.Argument(help="Telescope name (letters, digits, ._-); it keys references.")],
-        directory: Annotated[Path, typer.Option("--dir", help="Profile directory ([ingest] telescopes_dir).")],
+        directory: Annotated[Path, typer.Option("--dir", help="Profile directory (\\[ingest] telescopes_dir).")],
         match: Annotated[Optional[list[str]], typer.Option(help="TELESCOP/INSTRUME value that selects it.")] = None,
         gain: Annotated[Optional[float], typer.Option(help="Gain, e-/ADU.")] = None,
         read_noise: Annotated[Optional[float], typer.Option(help="Read noise, e-.")] = None,
@@ -854,7 +855,7 @@ def _followup_rows(table: Table, result: DemoResult) -> None:
 # --- the archive ---------------------------------------------------------------------------------
 ArchiveOpt = Annotated[Optional[str], typer.Option(
     "--archive", envvar="BROKER_ARCHIVE",
-    help="Archive directory or fsspec URL (default: [archive] path of --config, else <state-dir>/archive).")]
+    help="Archive directory or fsspec URL (default: \\[archive] path of --config, else <state-dir>/archive).")]
 StateDirOpt = Annotated[Optional[Path], typer.Option(help="Overrides state_dir of the config.")]
 _QUERY_HELP = ("SQL over the view alerts: one row per alert with night, telescope, object_id, alert_id, candid, "
                "frame_id, mjd, ra, dec, filter, snr, magpsf, rb, anomaly, schema_version, kafka_topic, "
@@ -982,10 +983,10 @@ def forced(ra: Annotated[float, typer.Argument(help="Right ascension (deg, ICRS)
            min_snr: Annotated[float, typer.Option(help="Least S/N for a magnitude (else a limit).")] = 3.0,
            out: Annotated[Optional[Path], typer.Option(
                help="Write every column to this .csv or .parquet file instead of printing.")] = None) -> None:
-    """Forced photometry at RA DEC on every kept difference image that covers it, oldest first (broker/forced.py).
+    r"""Forced photometry at RA DEC on every kept difference image that covers it, oldest first (broker/forced.py).
 
     Fluxes are difference fluxes in science ADU on each frame's zero point; a magnitude where the S/N
-    reaches --min-snr, else the frame's 5-sigma limiting magnitude. Only the newest [differences]
+    reaches --min-snr, else the frame's 5-sigma limiting magnitude. Only the newest \[differences]
     max_frames frames of each telescope, field and band are kept.
     """
     import pyarrow as pa
@@ -1248,7 +1249,7 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
                           ] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
           archive: Annotated[Optional[str], typer.Option(
-              help="Archive directory or URL (default: the config's [archive] path, else <state-dir>/archive).")
+              help="Archive directory or URL (default: the config's \\[archive] path, else <state-dir>/archive).")
                              ] = None,
           bootstrap: Annotated[Optional[str], typer.Option(
               help="Kafka, for uploads published to the frames topic and the live alert stream.")] = None,

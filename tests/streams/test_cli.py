@@ -523,3 +523,23 @@ def test_demo_refuses_a_workdir_holding_what_it_did_not_write_and_deletes_nothin
         (tmp_path / "old" / name).mkdir(parents=True)
     _check_demo_workdir(tmp_path / "old")
     _check_demo_workdir(tmp_path / "new")
+
+
+def test_no_help_text_loses_a_config_section_to_rich_markup():
+    r"""Every help text renders as written (a config section is escaped: ``\[archive]``).
+
+    ``[archive]``, ``[ingest]``, ``[[alert_topics]]`` and ``[differences]`` were read as markup tags
+    and dropped: ``--help`` said "the config's  path" and "Profile directory ( telescopes_dir)".
+    """
+    import click
+    from rich.text import Text
+    from typer.main import get_command
+
+    def texts(command: click.Command):
+        yield command.help or ""
+        yield from (getattr(p, "help", None) or "" for p in command.params)
+        for sub in getattr(command, "commands", {}).values():
+            yield from texts(sub)
+
+    lost = [t for t in texts(get_command(app)) if Text.from_markup(t).plain != t.replace("\\[", "[")]
+    assert not lost
