@@ -544,16 +544,16 @@ def _show_dead_letter(letter: DeadLetter, json_out: bool) -> None:
 
 
 @app.command()
-def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at.")],
-             alert_id: Annotated[str, typer.Argument(help="The alert looked at (candid or alertId).")],
-             label: Annotated[str, typer.Argument(help="interesting | not")],
+def feedback(object_id: Annotated[Optional[str], typer.Argument(help="The object looked at.")] = None,
+             alert_id: Annotated[Optional[str], typer.Argument(help="The alert looked at (candid or alertId).")] = None,
+             label: Annotated[Optional[str], typer.Argument(help="interesting | not")] = None,
              who: Annotated[str, typer.Option(help="Who labels (recorded with the label).")] = "operator",
              model: Annotated[str, typer.Option(help="Anomaly model version of the score looked at.")] = "anomaly-v5",
              score: Annotated[Optional[float], typer.Option(help="The anomaly score looked at.")] = None,
              state_dir: Annotated[Path, typer.Option(help="State directory (labels in feedback.sqlite).")] = Path(
                  "var/state"),
              export: Annotated[bool, typer.Option("--export", help="Print every label recorded as JSON lines "
-                                                               "instead (the arguments are then ignored).")] = False
+                                                               "instead (no arguments needed).")] = False
              ) -> None:
     """Record an operator's "interesting / not" label of an anomaly (the active-learning hook), or export them."""
     from broker.feedback import FeedbackStore
@@ -567,6 +567,8 @@ def feedback(object_id: Annotated[str, typer.Argument(help="The object looked at
             for row in store.export():
                 print(json.dumps(row))
             return
+        if object_id is None or alert_id is None or label is None:
+            raise BrokerError("give OBJECT_ID ALERT_ID LABEL (interesting | not), or --export")
         row_id = store.record(object_id, alert_id, label, who, model, score)
     except BrokerError as exc:
         _fail(exc)

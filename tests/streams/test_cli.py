@@ -296,6 +296,16 @@ def test_feedback_records_labels_exports_them_and_refuses_bad_ones(tmp_path):
         "OBJ1", "interesting", "ann", 0.995, DEFAULT_VERSION)  # the default is the shipped model
 
 
+def test_feedback_export_needs_no_arguments_and_recording_needs_all_three(tmp_path):
+    """``broker feedback --export`` alone was refused "Missing argument 'object_id'"."""
+    state = ["--state-dir", str(tmp_path)]
+    assert runner.invoke(app, ["feedback", "OBJ1", "F-1/3", "not", *state]).exit_code == 0
+    res = runner.invoke(app, ["feedback", "--export", *state])
+    assert res.exit_code == 0 and '"OBJ1"' in res.output, res.output
+    res = runner.invoke(app, ["feedback", "OBJ1", *state])
+    assert res.exit_code == 2 and "--export" in res.output, res.output
+
+
 @pytest.mark.parametrize("setting,message", [
     ('openngc = "{missing}"', "OpenNGC"),
     ('openngc = "{corrupt}"', "OpenNGC"),
