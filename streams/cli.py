@@ -877,7 +877,11 @@ def _open_archive(archive: Optional[str], config: Optional[Path],
 
     cfg = load_config(config, state_dir=state_dir)
     store = Archive(archive or archive_url(cfg))
-    if not store.fs.isdir(store.root):  # nothing there, or a file: either way no archive
+    try:
+        found = store.fs.isdir(store.root)
+    except Exception as exc:  # each fsspec back-end raises its own: botocore's NoCredentialsError, ...
+        raise ArchiveError(f"cannot reach archive {store.url}: {type(exc).__name__}: {exc}") from exc
+    if not found:  # nothing there, or a file: either way no archive
         raise ArchiveError(f"no archive at {store.url}: run `broker demo` or the archive stage first, or name one "
                            "with --archive (the demo's is var/demo/state/archive)")
     return store, cfg

@@ -553,3 +553,19 @@ def test_no_help_text_loses_a_config_section_to_rich_markup():
 
     lost = [t for t in texts(get_command(app)) if Text.from_markup(t).plain != t.replace("\\[", "[")]
     assert not lost
+
+
+def test_an_archive_url_that_cannot_be_reached_is_one_line(monkeypatch):
+    """``--archive s3://bucket`` without credentials was botocore's NoCredentialsError traceback."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class NoCredentialsError(Exception):
+        pass
+
+    def refused(self, path):
+        raise NoCredentialsError("Unable to locate credentials")
+
+    monkeypatch.setattr(MemoryFileSystem, "isdir", refused)
+    res = runner.invoke(app, ["query", "select 1", "--archive", "memory://bucket/archive"])
+    assert res.exit_code == 2 and "cannot reach archive" in res.output, (res.output, res.exception)
+    assert "Unable to locate credentials" in res.output
