@@ -281,6 +281,8 @@ def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: 
     """
     where = "ra IS NOT NULL AND dec IS NOT NULL"
     if since_mjd is not None:
+        if not math.isfinite(since_mjd):  # its repr, nan or inf, would be read as a column name
+            raise InvalidQuery(f"since_mjd={since_mjd} is not a finite MJD")
         where += f" AND mjd >= {float(since_mjd)!r}"
     table = archive.query(f"SELECT alert_id, mjd, ra, dec FROM alerts WHERE {where}")
     ids, mjd = table.column(0).to_numpy(), table.column(1).to_numpy(zero_copy_only=False)

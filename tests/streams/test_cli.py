@@ -569,3 +569,13 @@ def test_an_archive_url_that_cannot_be_reached_is_one_line(monkeypatch):
     res = runner.invoke(app, ["query", "select 1", "--archive", "memory://bucket/archive"])
     assert res.exit_code == 2 and "cannot reach archive" in res.output, (res.output, res.exception)
     assert "Unable to locate credentials" in res.output
+
+
+@pytest.mark.parametrize("since", ["nan", "inf", "-inf"])
+def test_crossmatch_refuses_a_since_mjd_that_is_no_number(tmp_path, since):
+    """``--since-mjd nan`` was DuckDB's "Binder Error: Referenced column "nan" not found"."""
+    _small_archive(tmp_path / "archive")
+    (tmp_path / "w.csv").write_text("ra,dec\n10,10\n")
+    res = runner.invoke(app, ["crossmatch", str(tmp_path / "w.csv"), "--archive", str(tmp_path / "archive"),
+                              "--since-mjd", since])
+    assert res.exit_code == 2 and "since_mjd" in res.output and "Binder" not in res.output, res.output
