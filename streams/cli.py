@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from broker.errors import BrokerError, InvalidFrame, KafkaAuthError, Outage
 from streams.triplet_png import printable
@@ -930,24 +931,25 @@ def _fixed(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _cell(value: object) -> str:
+def _cell(value: object) -> Text:
+    """A value of a query's result as plain text (a string's ``[red]`` is shown, not read as markup)."""
     if value is None:
-        return "[dim]null[/dim]"
+        return Text("null", style="dim")
     if isinstance(value, bytes):
-        return f"<{len(value)} bytes>"
+        return Text(f"<{len(value)} bytes>")
     if isinstance(value, float):
-        return f"{value:.10g}"
+        return Text(f"{value:.10g}")
     if isinstance(value, dict):  # a record: select its fields (alert.source.ra) to see them
-        return f"{{{len(value)} fields}}"
+        return Text(f"{{{len(value)} fields}}")
     if isinstance(value, list):
-        return f"[{len(value)} items]"
+        return Text(f"[{len(value)} items]")
     text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return Text(text if len(text) <= 60 else text[:57] + "...")
 
 
 def result_table(table: pa.Table, max_rows: int) -> Table:
     """A rich table of the first ``max_rows`` rows of an Arrow table (bytes shown as their size)."""
-    out = Table(*table.column_names, caption=f"{table.num_rows} row(s)" + (
+    out = Table(*map(escape, table.column_names), caption=f"{table.num_rows} row(s)" + (
         f", the first {max_rows} shown (--out writes all)" if table.num_rows > max_rows else ""))
     for row in table.slice(0, max_rows).to_pylist():
         out.add_row(*(_cell(v) for v in row.values()))

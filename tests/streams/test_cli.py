@@ -579,3 +579,13 @@ def test_crossmatch_refuses_a_since_mjd_that_is_no_number(tmp_path, since):
     res = runner.invoke(app, ["crossmatch", str(tmp_path / "w.csv"), "--archive", str(tmp_path / "archive"),
                               "--since-mjd", since])
     assert res.exit_code == 2 and "since_mjd" in res.output and "Binder" not in res.output, res.output
+
+
+def test_query_prints_strings_as_they_are(tmp_path):
+    """A string cell or column name holding ``[red]`` or ``[/x]`` was read as markup: dropped, or a MarkupError."""
+    _small_archive(tmp_path / "archive")
+    sql = "SELECT '[red]x[/red] [bold]' AS \"[b]\", 'M31[/L]' AS m, NULL AS n"
+    res = runner.invoke(app, ["query", sql, "--archive", str(tmp_path / "archive")])
+    assert res.exit_code == 0, (res.output, res.exception)
+    assert "[red]x[/red] [bold]" in res.output and "M31[/L]" in res.output and "[b]" in res.output
+    assert "null" in res.output
