@@ -144,7 +144,8 @@ def plot_explanation(exp: Explanation, path: str | Path, title: str = "") -> Pat
 
     The triplet is shown in normalised units (asinh-compressed robust sigmas, -5..+20); the
     attribution with a symmetric colour scale (red: towards real, blue: towards bogus), with
-    each channel's share of the total absolute attribution in its title.
+    each channel's share of the total absolute attribution in its title. ``path`` is written as
+    named (:class:`~broker.errors.ConfigError` when it cannot be).
     """
     import matplotlib
 
@@ -166,9 +167,13 @@ def plot_explanation(exp: Explanation, path: str | Path, title: str = "") -> Pat
     fig.colorbar(im, ax=axes[1, :].tolist(), shrink=0.8, label="logit attribution")
     fig.suptitle(f"{title}  score {exp.score:.3f}".strip(), fontsize=10, parse_math=False)  # ids are not TeX
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p)
-    plt.close(fig)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(p, format="png")  # the file named, whatever its suffix (savefig would add ".png" to none)
+    except OSError as exc:  # a folder, a file's subfolder, out of reach
+        raise ConfigError(f"cannot write {p}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
     return p
 
 

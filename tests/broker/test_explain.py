@@ -55,6 +55,19 @@ def test_png_written(tmp_path, clf, raw):
     assert plot_explanation(exp, tmp_path / "tex.png", "OBJ$\\frac{1}{$ c$\\x$/1").is_file()
 
 
+def test_png_written_where_named_or_a_broker_error(tmp_path, clf, raw):
+    """``--out report`` wrote report.png but said "wrote report"; a folder or a file's subfolder was a traceback."""
+    from broker.errors import ConfigError
+
+    exp = explain_cutouts(clf, *raw[0][1])
+    assert plot_explanation(exp, tmp_path / "report", "test").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "a.png").mkdir()
+    (tmp_path / "file").write_text("")
+    for bad in (tmp_path / "a.png", tmp_path / "file" / "x.png"):
+        with pytest.raises(ConfigError, match="cannot write"):
+            plot_explanation(exp, bad, "test")
+
+
 def test_main_explain_from_npz_and_untrained_model(tmp_path, raw):
     x, _, _ = raw
     np.savez(tmp_path / "trip.npz", science=x[:, 0], reference=x[:, 1], difference=x[:, 2])
