@@ -904,6 +904,8 @@ def crossmatch(watchlist: Annotated[Path, typer.Argument(
     from streams.web.queries import matches_csv
 
     try:
+        if out is not None and out.suffix.lower() not in (".csv", ".json"):  # as query and forced refuse theirs
+            raise BrokerError(f"cannot write {out}: the output is .csv or .json")
         wl = load_watchlist(watchlist, radius)
         store, _ = _open_archive(archive, config, state_dir)
         found = match_archive(store, wl, limit, since_mjd)
@@ -912,7 +914,7 @@ def crossmatch(watchlist: Annotated[Path, typer.Argument(
     summary = (f"{found['matched']} match(es) of {found['entries_matched']} of {len(wl)} entries"
                + (f", the first {limit}" if found["matched"] > limit else ""))
     if out is not None:
-        text = json.dumps(found, indent=1) if out.suffix == ".json" else matches_csv(found["items"])
+        text = json.dumps(found, indent=1) if out.suffix.lower() == ".json" else matches_csv(found["items"])
         try:
             out.write_text(text, encoding="utf-8")
         except OSError as exc:

@@ -589,3 +589,14 @@ def test_query_prints_strings_as_they_are(tmp_path):
     assert res.exit_code == 0, (res.output, res.exception)
     assert "[red]x[/red] [bold]" in res.output and "M31[/L]" in res.output and "[b]" in res.output
     assert "null" in res.output
+
+
+def test_crossmatch_writes_only_the_formats_it_names(tmp_path):
+    """``--out matches.xlsx`` (or .parquet) was written as CSV under that name, "written to matches.xlsx"."""
+    _small_archive(tmp_path / "archive")
+    (tmp_path / "w.csv").write_text("ra,dec\n10,10\n")
+    args = ["crossmatch", str(tmp_path / "w.csv"), "--archive", str(tmp_path / "archive"), "--out"]
+    res = runner.invoke(app, [*args, str(tmp_path / "m.xlsx")])
+    assert res.exit_code == 2 and ".csv or .json" in res.output and not (tmp_path / "m.xlsx").exists(), res.output
+    res = runner.invoke(app, [*args, str(tmp_path / "m.JSON")])
+    assert res.exit_code == 0 and (tmp_path / "m.JSON").read_text().startswith("{"), res.output
