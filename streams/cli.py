@@ -88,7 +88,7 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
           state_dir: Annotated[Optional[Path], typer.Option(help="Overrides state_dir of the config.")] = None,
           frame_store: Annotated[Optional[str], typer.Option(help="Overrides frame_store of the config.")] = None,
           metrics_port: Annotated[int, typer.Option(
-              help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
+              min=-1, max=65535, help="Port of /metrics on 127.0.0.1 (0: a free one, -1: none).")] = 0,
           metrics_addr: Annotated[str, typer.Option(help="Address /metrics listens on.")] = "127.0.0.1",
           instance: Annotated[str, typer.Option(
               help="Replica id, unique among the stage's replicas and stable across restarts: an index or a "

@@ -129,6 +129,13 @@ def test_a_metrics_port_that_is_taken_is_explained():
     assert f"cannot serve /metrics on 127.0.0.1:{port}: Address already in use" in res.output
 
 
+@pytest.mark.parametrize("port", ["65536", "99999", "-2"])
+def test_a_metrics_port_that_is_no_port_is_refused(port):
+    """``--metrics-port 99999`` was ``OverflowError: bind(): port must be 0-65535`` in a traceback."""
+    res = runner.invoke(app, ["stage", "ingest", "--bootstrap", "127.0.0.1:1", "--metrics-port", port])
+    assert res.exit_code == 2 and "metrics-port" in res.output, (res.output, res.exception)
+
+
 def test_stage_help_names_every_stage():
     from streams.stages import STAGE_NAMES
 
