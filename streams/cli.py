@@ -160,7 +160,7 @@ def _stage_runner(spec: Stage, cfg: PipelineConfig, settings: KafkaSettings, met
 @app.command()
 def topics(bootstrap: Bootstrap,
            filters: Annotated[str, typer.Option(help="Comma-separated bands for alerts.<filter>.")] = "g,r,i",
-           partitions: Annotated[int, typer.Option(help="Partitions per topic.")] = 1,
+           partitions: Annotated[int, typer.Option(min=1, help="Partitions per topic.")] = 1,
            config: ConfigOpt = None, framing: FramingOpt = None) -> None:
     """Create the pipeline's topics, the configured alert topics included (existing ones are left alone)."""
     from broker.config import load_config
@@ -172,7 +172,8 @@ def topics(bootstrap: Bootstrap,
         cfg = load_config(config, **_alert_overrides(framing, None))
         settings = KafkaSettings.load(bootstrap, cfg)
         settings.verify_login()
-        created = create_topics(settings, pipeline_topics(tuple(filters.split(",")), partitions, cfg))
+        bands = tuple(band.strip() for band in filters.split(",") if band.strip())  # "g,r,": no topic alerts.
+        created = create_topics(settings, pipeline_topics(bands, partitions, cfg))
     except BrokerError as exc:
         _fail(exc)
     console.print(f"created {len(created)} topic(s): {', '.join(created) or '-'}")

@@ -116,6 +116,22 @@ def test_topics_on_a_kafka_that_does_not_answer_is_explained():
     assert "Kafka at 127.0.0.1:1 did not answer" in res.output and "Traceback" not in res.output
 
 
+def test_topics_makes_no_topic_of_an_empty_band_nor_of_no_partitions(monkeypatch):
+    """``--filters g,r,`` (a trailing comma) created a topic "alerts.-e3b0c442" for the band ""."""
+    import streams.topics
+    from streams.settings import KafkaSettings
+
+    made: list = []
+    monkeypatch.setattr(KafkaSettings, "verify_login", lambda self: None)
+    monkeypatch.setattr(streams.topics, "create_topics", lambda settings, specs: made.extend(specs) or [])
+    res = runner.invoke(app, ["topics", "--bootstrap", "127.0.0.1:1", "--filters", "g, r,,"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    alerts = sorted(t.name for t in made if t.name.startswith("alerts."))
+    assert alerts == ["alerts.g", "alerts.r"]
+    res = runner.invoke(app, ["topics", "--bootstrap", "127.0.0.1:1", "--partitions", "0"])
+    assert res.exit_code == 2 and "partitions" in res.output
+
+
 def test_a_metrics_port_that_is_taken_is_explained():
     """Two stages given one --metrics-port: the second said ``OSError: [Errno 98]`` in a traceback (exit code 1)."""
     import socket
