@@ -73,6 +73,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
+def _check_idle_timeout(timeout: Optional[float]) -> None:
+    """BrokerError for a ``--timeout`` of NaN: no idle time ever exceeds it, so the command would never stop."""
+    if timeout is not None and math.isnan(timeout):
+        raise BrokerError("--timeout nan is no number of seconds (leave it out to wait until Ctrl-C)")
+
+
 def _require_torch(command: str) -> None:
     """Fail with the install line, not an ImportError's traceback, when torch is absent."""
     import importlib.util
@@ -406,6 +412,7 @@ def subscribe(bootstrap: Bootstrap,
     from streams.subscriber import Subscription, parse_start
 
     try:
+        _check_idle_timeout(timeout)
         keep, chosen, where = AlertFilter(filter), FieldSelection(fields), parse_start(start)
         watched = load_watchlist(watchlist, watch_radius) if watchlist else None
         settings = KafkaSettings.load(bootstrap, load_config(config))
@@ -450,6 +457,7 @@ def followup(bootstrap: Bootstrap,
     from streams.settings import KafkaSettings
 
     try:
+        _check_idle_timeout(timeout)
         settings = KafkaSettings.load(bootstrap, load_config(config))
         bands = [b.strip() for b in filters.split(",") if b.strip()] if filters else None
         stats = run_listener(settings, group=group, filters=bands, timeout=timeout, max_requests=max_requests)

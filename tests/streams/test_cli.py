@@ -644,3 +644,10 @@ def test_embedded_refuses_a_port_another_server_listens_on(monkeypatch):
                                                                                               res.exception)
     res = runner.invoke(app, ["embedded", "--port", "99999"])
     assert res.exit_code == 2 and "65535" in res.output
+
+
+@pytest.mark.parametrize("command", ["subscribe", "followup"])
+def test_an_idle_timeout_of_nan_is_refused(command):
+    """``--timeout nan`` never stopped: no idle time is greater than NaN (a hang until Ctrl-C)."""
+    res = runner.invoke(app, [command, "--bootstrap", "127.0.0.1:1", "--timeout", "nan"])
+    assert res.exit_code == 2 and "--timeout nan" in res.output, (res.output, res.exception)
