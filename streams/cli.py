@@ -353,7 +353,8 @@ def _flush(producer: FrameProducer) -> None:
 def _report(path: Path, res: Published | Exception) -> None:
     """One line per file: sent, or rejected with the reason (the path and message as text, not markup)."""
     if isinstance(res, Exception):
-        console.print(f"[red]rejected[/red] {escape(str(path))}: {escape(str(res))} "
+        why = str(res).removeprefix(f"{path}: ")  # the producer's errors name the file too
+        console.print(f"[red]rejected[/red] {escape(str(path))}: {escape(why)} "
                       f"[dim]({getattr(res, 'reason', 'error')})[/dim]")
     else:
         how = "inline" if res.inline else "by reference"
@@ -1019,6 +1020,8 @@ def forced(ra: Annotated[float, typer.Argument(help="Right ascension (deg, ICRS)
 
     try:
         cfg = load_config(config, state_dir=state_dir)
+        if not cfg.state_dir.is_dir():
+            raise BrokerError(f"no state folder {cfg.state_dir} (--state-dir, or the config's state_dir)")
         points = forced_light_curve(DifferenceStore(cfg.state_dir / "diffs", cfg.differences), ra, dec,
                                     -math.inf if start_mjd is None else start_mjd,
                                     math.inf if end_mjd is None else end_mjd, min_snr)

@@ -100,8 +100,9 @@ class FrameProducer:
     def publish_file(self, path: str | Path) -> Published:
         """Read, validate and send one FITS file (raises :class:`InvalidFrame` naming the problem)."""
         path = Path(path)
+        payload = self._read(path)  # its errors name the file
         try:
-            frame = decode_fits(self._read(path), self.validation.max_pixels, self.validation.max_expansion,
+            frame = decode_fits(payload, self.validation.max_pixels, self.validation.max_expansion,
                                 self.profiles, require_wcs=not self.validation.calibration.enabled,
                                 telescope=self.telescope)
         except InvalidFrame as exc:

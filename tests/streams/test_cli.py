@@ -20,6 +20,16 @@ def test_produce_reports_each_bad_file_and_fails(tmp_path):
     assert "Traceback" not in res.output
 
 
+def test_produce_names_a_rejected_file_once(tmp_path):
+    """``rejected adir.fits: adir.fits: adir.fits: not a regular file``: each layer named the file again."""
+    (tmp_path / "adir.fits").mkdir()
+    (tmp_path / "junk.fits").write_bytes(b"\x00" * 5000)
+    res = runner.invoke(app, ["produce", str(tmp_path / "adir.fits"), str(tmp_path / "junk.fits"),
+                              "--bootstrap", "127.0.0.1:1"], terminal_width=500)
+    assert res.exit_code == 1 and "not a regular file" in res.output, res.output
+    assert res.output.count("adir.fits") == 1 and res.output.count("junk.fits") == 1, res.output
+
+
 def test_produce_prints_a_file_s_name_as_it_is(tmp_path):
     """A path holding ``[/x]`` was read as rich markup: a MarkupError traceback instead of "rejected"."""
     odd = tmp_path / "M31[" / "L]:x:.fits"  # its path holds "M31[/L]:x:.fits"
@@ -524,6 +534,8 @@ def test_forced_photometry_at_a_position_prints_writes_and_refuses_what_is_not_a
         assert res.exit_code == 2 and "position out of range" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["forced", *where, "--out", str(tmp_path / "lc.txt"), "--", str(ra), str(dec)])
     assert res.exit_code == 2 and ".csv or .parquet" in res.output
+    res = runner.invoke(app, ["forced", "--state-dir", str(tmp_path / "nowhere"), "--", str(ra), str(dec)])
+    assert res.exit_code == 2 and "no state folder" in res.output  # was exit 0, "no kept difference image"
 
 
 def test_serve_max_costly_keeps_a_thread_for_the_cheap_reads(tmp_path, monkeypatch):
