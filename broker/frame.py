@@ -293,7 +293,7 @@ OTHER_FORMATS = {
 }
 
 
-def check_structure(payload: bytes) -> None:
+def check_structure(payload: bytes) -> int:
     """Refuse FITS bytes whose headers would make astropy loop, before astropy reads any of them.
 
     The headers are walked in the raw bytes, each HDU's data skipped by its size cards. Refused:
@@ -302,6 +302,12 @@ def check_structure(payload: bytes) -> None:
     it had read, forever, its memory growing ~1 GB every 20 s), a size card that is not an integer,
     a header without its END card within :data:`MAX_HEADER_CARDS`, more than :data:`MAX_HDUS`
     HDUs. Bytes after the last HDU that do not start an extension are left to astropy.
+
+    Returns
+    -------
+    int
+        Bytes of data the headers announce beyond the end of ``payload`` (0 for a whole file): a
+        file cut short, which :func:`decode_fits` names as such once its size was checked.
 
     Raises
     ------
@@ -316,13 +322,16 @@ def check_structure(payload: bytes) -> None:
     offset = 0
     for index in range(MAX_HDUS + 1):
         if offset >= len(payload) or (index and payload[offset:offset + 8] != b"XTENSION"):
-            return
+            return 0
         if index == MAX_HDUS:
             raise CorruptFrame(f"the FITS file holds more than {MAX_HDUS} HDUs")
         end = _end_card(payload, offset, index)
         cards = _size_cards(payload[offset:end], index)
         data = _BYTES_PER_BITPIX.get(cards.get("BITPIX", 8), 1) * _data_elements(cards)
+        if _blocks(end + 80) + data > len(payload):
+            return _blocks(end + 80) + data - len(payload)
         offset = _blocks(end + 80) + _blocks(data)
+    return 0
 
 
 def _blocks(nbytes: int) -> int:
@@ -485,19 +494,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     sent_bytes = len(payload)
     if payload[:2] == GZIP_MAGIC:
         payload = gunzipped(payload, max_pixels, max_expansion)
-    check_structure(payload)
-    try:
-        with fits.open(io.BytesIO(payload), memmap=False) as hdul:
-            hdu = _image_hdu(hdul)
-            bitpix = hdu.header.get("BITPIX", 8)
-            check_image_size(hdu.shape, bitpix, sent_bytes, max_pixels, max_expansion)
-            data = hdu.data
-            header = _merged_header(hdul, hdu)
-            check_cards(header)
-    except InvalidFrame:
-        raise
-    except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
-        raise CorruptFrame(f"not a readable FITS file: {type(exc).__name__}: {exc}") from exc
+    data, header = _read_image(payload, sent_bytes, max_pixels, max_expansion)
     if data is None or data.ndim not in (2, 3):
         raise BadShape(f"image has {0 if data is None else data.ndim} dimensions, expected 2 "
                        "(or a cube of colour planes)")
@@ -509,6 +506,34 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     if require_wcs:
         celestial_wcs(header)
     return Frame(meta=meta, data=data if data.dtype == np.float32 else data.astype(np.float32), header=header)
+
+
+def _read_image(payload: bytes, sent_bytes: int, max_pixels: int | None,
+                max_expansion: float | None) -> tuple[np.ndarray | None, fits.Header]:
+    """The pixels and merged header of the image HDU of FITS bytes, its size checked before a pixel is read.
+
+    A file cut short is :class:`CorruptFrame` saying so, once its announced size was checked: its
+    few bytes would otherwise read as an implausible compression, or as astropy's "buffer is too
+    small for requested array".
+    """
+    missing = check_structure(payload)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "File may have been truncated")  # said below, after the size checks
+            with fits.open(io.BytesIO(payload), memmap=False) as hdul:
+                hdu = _image_hdu(hdul)
+                check_image_size(hdu.shape, hdu.header.get("BITPIX", 8), sent_bytes, max_pixels,
+                                 None if missing else max_expansion)
+                if missing:
+                    raise CorruptFrame(f"the file is cut short: {missing} bytes of the data its headers announce "
+                                       "are missing (an interrupted copy or download?)")
+                header = _merged_header(hdul, hdu)
+                check_cards(header)
+                return hdu.data, header
+    except InvalidFrame:
+        raise
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
+        raise CorruptFrame(f"not a readable FITS file: {type(exc).__name__}: {exc}") from exc
 
 
 def blank_infinities(data: np.ndarray) -> np.ndarray:

@@ -116,6 +116,21 @@ def test_a_small_compressed_huge_frame_is_refused_before_decompression():
     assert decode_fits(encode_fits(frame), max_pixels=frame.data.size, max_expansion=8).meta == frame.meta
 
 
+@pytest.mark.parametrize("compress", [False, True])
+@pytest.mark.parametrize("kept", [0.2, 0.5, 0.95])
+def test_a_file_cut_short_is_named_as_such(compress, kept):
+    """A cut-short tile-compressed file read as a 124x implausible compression, a plain one as astropy's
+    "buffer is too small for requested array"; its announced size is still checked first."""
+    from broker.errors import TooManyPixels
+
+    payload = encode_fits(star_frame(), compress=compress)
+    with pytest.raises(CorruptFrame, match="the file is cut short: [0-9]+ bytes") as err:
+        decode_fits(payload[:int(len(payload) * kept)], max_pixels=2 ** 27, max_expansion=50)
+    assert err.value.reason == "corrupt"
+    with pytest.raises(TooManyPixels):
+        decode_fits(_bomb()[:20000], max_pixels=4096 ** 2, max_expansion=50)
+
+
 def test_a_float_image_normalised_to_one_is_put_back_on_the_adu_scale():
     """Siril and PixInsight write ADU / 65535 and keep the camera's GAIN: read as ADU, transients drown."""
     import warnings
