@@ -64,3 +64,30 @@ def test_a_content_length_that_is_not_a_count_is_400(length):
         assert res.status == 400 and json.loads(res.read())["error_code"] == 40001
         conn.close()
         assert SchemaRegistryClient({"url": registry.url}).get_subjects() == []  # still serving
+
+
+def _raw(url: str, request: bytes, timeout: float = 10.0) -> bytes:
+    """The server's answer to ``request`` sent as it is (bytes no HTTP client writes), until it closes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as conn:
+        conn.sendall(request)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("path", [b"/schemas/ids/" + b"9" * 5000, b"/schemas/ids/" + b"9" * 5000 + b"/schema",
+                                  b"/subjects/alerts-value/versions/" + b"9" * 5000,
+                                  b"/subjects/alerts-value/versions/\xb2"])
+def test_an_id_or_version_of_thousands_of_digits_or_not_ascii_is_404_not_500(path):
+    """``int()`` refused them (over 4300 digits; ``²`` passes ``isdigit``) with ValueError: a 500."""
+    with EmbeddedRegistry() as registry:
+        SchemaRegistryClient({"url": registry.url}).register_schema("alerts-value", Schema(OTHER, "AVRO"))
+        answer = _raw(registry.url, b"GET " + path + b" HTTP/1.0\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"404", answer[:200]
+    assert json.loads(body)["error_code"] in (40402, 40403)
