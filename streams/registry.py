@@ -27,6 +27,8 @@ import fastavro
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 #: Largest request body accepted (bytes); an alert schema is ~15 kB.
 MAX_BODY = 4 * 1024 * 1024
+#: Longest wait for a request line, headers or body (s): a client that stops sending frees its thread.
+REQUEST_TIMEOUT_S = 30.0
 
 
 class RegistryStore:
@@ -103,6 +105,7 @@ def _count(text: str) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     store: RegistryStore  # set on the subclass of each server
+    timeout = REQUEST_TIMEOUT_S  # the socket's timeout (StreamRequestHandler); without one a read waits forever
 
     def log_message(self, format: str, *args: object) -> None:
         """Silence the per-request log lines of :class:`BaseHTTPRequestHandler`."""
@@ -121,12 +124,20 @@ class _Handler(BaseHTTPRequestHandler):
             length = _content_length(self.headers.get("Content-Length"))
             if length > MAX_BODY:
                 raise _Error(413, 41301, f"request body over {MAX_BODY} bytes")
-            body = self.rfile.read(length) if length > 0 else b""
+            body = self._body(length)
             self._reply(200, self._route(method, path, body))
         except _Error as exc:
             self._reply(exc.status, {"error_code": exc.code, "message": str(exc)})
         except Exception as exc:  # a bug here must not kill the server thread
             self._reply(500, {"error_code": 50001, "message": f"{type(exc).__name__}: {exc}"})
+
+    def _body(self, length: int) -> bytes:
+        """The request body of ``length`` bytes; 408 when the client stops sending it for :attr:`timeout` s."""
+        try:
+            return self.rfile.read(length) if length > 0 else b""
+        except TimeoutError as exc:
+            self.close_connection = True
+            raise _Error(408, 40801, f"request body of {length} bytes not sent within {self.timeout:g} s") from exc
 
     def do_GET(self) -> None:  # noqa: N802  # BaseHTTPRequestHandler's naming
         """Serve a GET request."""

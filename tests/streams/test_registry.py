@@ -91,3 +91,21 @@ def test_an_id_or_version_of_thousands_of_digits_or_not_ascii_is_404_not_500(pat
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b" ")[1] == b"404", answer[:200]
     assert json.loads(body)["error_code"] in (40402, 40403)
+
+
+def test_a_client_that_stops_sending_gets_408_or_a_closed_connection_not_a_thread_for_ever(monkeypatch):
+    """Without a socket timeout, a request whose body never came or a connection sending nothing held a thread for ever.
+
+    Each such connection kept a thread of the server waiting in a read: any number of them, never freed.
+    """
+    from streams.registry import REQUEST_TIMEOUT_S, _Handler
+
+    assert _Handler.timeout == REQUEST_TIMEOUT_S > 0  # StreamRequestHandler's default is None: no timeout
+    monkeypatch.setattr(_Handler, "timeout", 0.5)
+    with EmbeddedRegistry() as registry:
+        partial = _raw(registry.url, b"POST /subjects/x-value/versions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+        silent = _raw(registry.url, b"")
+        assert SchemaRegistryClient({"url": registry.url}).get_subjects() == []  # still serving
+    head, _, body = partial.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"408" and json.loads(body)["error_code"] == 40801
+    assert silent == b""
