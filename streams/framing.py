@@ -46,9 +46,14 @@ if TYPE_CHECKING:
 
 #: First byte of a Confluent-framed message (then the 4-byte big-endian schema id).
 CONFLUENT_MAGIC = 0
-#: Largest decompressed Avro block read from an ``ocf`` message (bytes): the topics' largest
-#: message (64 MiB); an alert is ~0.1 MB, so only a decompression bomb comes near it.
+#: Largest total of the decompressed Avro blocks of an ``ocf`` message (bytes): the topics' largest
+#: message (64 MiB); an alert is ~0.1 MB, so only a decompression bomb comes near it. A total, not a
+#: bound per block: 16 deflated blocks of 64 MiB of zeros fit in a message of 1.1 MB.
 MAX_BLOCK_BYTES = topics.MAX_MESSAGE_BYTES
+#: Most alert records read from one ``ocf`` message (the alert stage writes one). An alert of 213 zero
+#: bytes is valid (empty strings, zeros, nulls) and takes 3.4 kB decoded: 64 MiB of them were 315,000
+#: records, 1.1 GB and 10 s from a deflated block of 65 kB.
+MAX_RECORDS = 10_000
 #: A registry given to :func:`decode_alert`: a URL or a client.
 Registry = Union[str, "SchemaRegistryClient", None]
 
@@ -301,23 +306,24 @@ def _long(buf: io.BytesIO) -> int:
     return value
 
 
-def _inflate(codec: str, data: bytes) -> bytes:
-    """An OCF block's bytes decompressed, at most :data:`MAX_BLOCK_BYTES`."""
+def _inflate(codec: str, data: bytes, limit: int) -> bytes:
+    """An OCF block's bytes decompressed, at most ``limit`` (what is left of :data:`MAX_BLOCK_BYTES`)."""
     if codec == "null":
         return data
     try:
         if codec == "deflate":
             inflater = zlib.decompressobj(-15)
-            out = inflater.decompress(data, MAX_BLOCK_BYTES)
-            if inflater.unconsumed_tail:
-                raise DecodeError(f"an Avro block inflates beyond {MAX_BLOCK_BYTES} bytes")
+            out = inflater.decompress(data, max(limit, 1))  # max_length 0 would be no bound at all
+            if inflater.unconsumed_tail or len(out) > limit:
+                raise DecodeError(f"the Avro blocks of a container inflate beyond {MAX_BLOCK_BYTES} bytes")
             return out
         if codec == "snappy":
             import cramjam
 
             declared = snappy_length(data)
-            if declared > MAX_BLOCK_BYTES:
-                raise DecodeError(f"an Avro block declares {declared} bytes, more than {MAX_BLOCK_BYTES}")
+            if declared > limit:
+                raise DecodeError(f"the Avro blocks of a container declare over {MAX_BLOCK_BYTES} bytes "
+                                  f"({declared} in one)")
             out = bytes(cramjam.snappy.decompress_raw(data[:-4]))
             if zlib.crc32(out) & 0xFFFFFFFF != struct.unpack(">I", data[-4:])[0]:
                 raise DecodeError("CRC mismatch in a snappy Avro block")
@@ -335,8 +341,8 @@ def decode_ocf(payload: bytes) -> list[dict]:
     Raises
     ------
     DecodeError
-        Truncated, corrupt or foreign container, a codec other than null/deflate/snappy, or a block
-        inflating beyond :data:`MAX_BLOCK_BYTES`.
+        Truncated, corrupt or foreign container, a codec other than null/deflate/snappy, blocks
+        inflating beyond :data:`MAX_BLOCK_BYTES` in all, or over :data:`MAX_RECORDS` records.
     """
     buf = io.BytesIO(payload)
     header = _read(buf, OCF_HEADER, len(payload))
@@ -344,11 +350,15 @@ def decode_ocf(payload: bytes) -> list[dict]:
     schema = known_schema(meta.get("avro.schema", b""))
     codec = bytes(meta.get("avro.codec", b"null")).decode(errors="replace")
     records: list[dict] = []
+    inflated = 0
     while buf.tell() < len(payload):
         count, size = _long(buf), _long(buf)
         if count < 0 or size < 0 or size > len(payload) - buf.tell():
             raise DecodeError(f"Avro block of {count} records in {size} bytes overruns the message")
-        data = _inflate(codec, buf.read(size))
+        if len(records) + count > MAX_RECORDS:
+            raise DecodeError(f"an Avro container of over {MAX_RECORDS} records (at least {len(records) + count})")
+        data = _inflate(codec, buf.read(size), MAX_BLOCK_BYTES - inflated)
+        inflated += len(data)
         if buf.read(16) != header["sync"]:
             raise DecodeError("Avro container sync marker missing or wrong")
         block = io.BytesIO(data)

@@ -211,6 +211,31 @@ def test_a_hanging_writer_schema_in_a_container_is_refused_before_reading():
         decode_alert(None, hostile)
 
 
+def test_the_blocks_of_a_container_inflate_to_at_most_the_limit_in_all(monkeypatch):
+    """The bound was per block, and records were not counted: 16 deflated blocks of 64 MiB fit in 1.1 MB.
+
+    Each block holds 315,000 records of 213 zero bytes (a valid alert: empty strings, zeros, nulls),
+    3.4 kB each once decoded: two such blocks (a message of 153 kB) were 630,000 records, 2.5 GB and
+    19 s in the archive stage or the subscriber (sixteen: ~17 GB). Here the limits are lowered: to two
+    records' bytes (two blocks of one record each are read, three refused), then to two records.
+    """
+    from streams import framing
+
+    body = serde.encode("alert", _sample())
+    good = AlertEncoder(FramingConfig("ocf", "deflate")).encode(_sample(), None).value
+    sync = good[-16:]
+    head, deflated = good[: good.index(sync) + 16], zlib.compress(body)[2:-4]  # raw deflate, as Avro stores it
+    block = _long(1) + _long(len(deflated)) + deflated + sync
+    monkeypatch.setattr(framing, "MAX_BLOCK_BYTES", 2 * len(body))
+    assert len(decode_alert(None, head + block * 2)) == 2
+    with pytest.raises(DecodeError, match="inflate beyond"):
+        decode_alert(None, head + block * 3)
+    monkeypatch.setattr(framing, "MAX_BLOCK_BYTES", 100 * len(body))  # and at most MAX_RECORDS records
+    monkeypatch.setattr(framing, "MAX_RECORDS", 2)
+    with pytest.raises(DecodeError, match="over 2 records"):
+        decode_alert(None, head + block * 3)
+
+
 @pytest.mark.parametrize("tag", [b"alert/" + b"2" * 5000, "alert/\u00b2".encode(), b"alert/99", b"\xff/2"])
 def test_a_hostile_schema_header_on_a_confluent_message_is_a_decode_error(tag):
     """``int()`` of the header's version raised ValueError on 5000 digits or on ``²``: a subscriber crash."""
