@@ -293,8 +293,10 @@ class Archive:
             return f"SELECT *, NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number FROM {VIEW}_empty"
         union = len({f.schema_version for f in files}) > 1  # versions differ: unify their columns by name
         listing = ", ".join(_sql_str(_literal_path(self._duck_path(f.path))) for f in files)
+        # not hive_partitioning (DuckDB's default detects it): the folder's value replaced the file's column, so a
+        # telescope over 64 characters read back as its cut and hashed folder name, and '123' as a BIGINT
         return (f"SELECT * FROM read_parquet([{listing}], filename = true, file_row_number = true, "
-                f"union_by_name = {union})")
+                f"union_by_name = {union}, hive_partitioning = false)")
 
     def _error(self, exc: Exception, files: Sequence[DataFile]) -> ArchiveError:
         """The archive error of a DuckDB or Arrow error: corrupt when it names a committed file."""

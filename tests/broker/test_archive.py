@@ -274,6 +274,26 @@ def test_an_archive_path_with_glob_characters_reads_only_its_own_files(tmp_path)
         assert count == len(list(rows)) == n, name
 
 
+def test_a_telescope_is_read_from_the_column_not_from_its_folder_name(writer):
+    """DuckDB took ``telescope=<folder>`` for a Hive partition and read its value instead of the column's.
+
+    A name over 64 characters escaped came back as the folder's cut and hashed slug, and an archive
+    whose telescopes all looked like numbers (or dates) had a BIGINT (DATE) ``telescope`` column.
+    """
+    recs = [sample(VERSIONS[-1]) for _ in range(3)]
+    names = ["T" * 100, "123", "2020-01-01"]
+    for i, (rec, name) in enumerate(zip(recs, names, strict=True)):
+        rec["alertId"], rec["provenance"]["telescope"] = 600 + i, name
+    commit(writer, archived(recs))
+    archive = Archive(writer.archive.url)
+    got = archive.query("SELECT telescope, typeof(telescope) AS t FROM alerts ORDER BY kafka_offset").to_pylist()
+    assert got == [{"telescope": name, "t": "VARCHAR"} for name in names]
+    numeric = ArchiveWriter(Archive(writer.archive.url + "-numeric"))
+    numeric.recover()
+    commit(numeric, archived(recs[1:2]))
+    assert Archive(numeric.archive.url).query("SELECT telescope FROM alerts").to_pylist() == [{"telescope": "123"}]
+
+
 def test_files_are_partitioned_by_night_telescope_and_version(writer):
     recs = [sample(v) for v in VERSIONS] + [sample(VERSIONS[-1]), sample(VERSIONS[-1])]
     for i, rec in enumerate(recs):  # the samples share one id: six alerts here, not one alert six times
