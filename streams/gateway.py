@@ -14,7 +14,7 @@ then ``ApiVersions`` forwarded to tansu, ``SaslHandshake`` and ``SaslAuthenticat
 (RFC 5802 SCRAM against salted credentials from the users file: no password is stored; PLAIN, as
 Kafka's administrator uses on docker-compose.yml's internal listener, is checked against the same
 credentials), then, once authenticated, the bytes piped both ways. Any other request before authentication closes the
-connection. Metadata needs no rewriting: tansu advertises the gateway's address.
+connection, as does a second ``SaslHandshake``. Metadata needs no rewriting: tansu advertises the gateway's address.
 
 Limits: no ACLs (every authenticated user may do anything, as on tansu); no re-authentication
 (KIP-368) and no ``SCRAM-SHA-256``; one process, asyncio, meant for tests and local work.
@@ -373,7 +373,12 @@ class Gateway:
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> bool:
-        """Run the SASL exchange; True once authenticated, False when refused (connection to be closed)."""
+        """Run the SASL exchange; True once authenticated, False when refused (connection to be closed).
+
+        ``ApiVersions`` (forwarded), then one ``SaslHandshake``, then its ``SaslAuthenticate`` steps: a
+        second handshake closes the connection, as Apache Kafka does (``ILLEGAL_SASL_STATE``), so that
+        one connection cannot start exchange after exchange (each a key derivation on the event loop).
+        """
         assert self.users is not None
         exchange: ScramServer | PlainServer | None = None
         mechanism = ""
@@ -384,7 +389,7 @@ class Gateway:
                 up_writer.write(_frame(frame))
                 await up_writer.drain()
                 writer.write(_frame(await _read_frame(up_reader, 1 << 20)))
-            elif req.api_key == API_SASL_HANDSHAKE:
+            elif req.api_key == API_SASL_HANDSHAKE and exchange is None:  # one per connection, as Kafka
                 writer.write(handshake_response(req, MECHANISMS))
                 mechanism = asked_mechanism(req)
                 exchange = PlainServer(self.users) if mechanism == "PLAIN" else ScramServer(self.users)
@@ -401,7 +406,7 @@ class Gateway:
                     await writer.drain()
                     return True
             else:
-                log.info("request %d before authentication: connection closed", req.api_key)
+                log.info("request %d out of the SASL exchange's order: connection closed", req.api_key)
                 return False
             await writer.drain()
 

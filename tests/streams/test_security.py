@@ -171,6 +171,65 @@ def test_a_client_that_never_authenticates_is_disconnected(tmp_path):
     assert data == b"" and 0.4 < elapsed < 5
 
 
+def _request(api_key: int, version: int, correlation_id: int, body: bytes) -> bytes:
+    """A size-prefixed Kafka request, header v1 (client id ``c``)."""
+    import struct
+
+    payload = struct.pack(">hhih", api_key, version, correlation_id, 1) + b"c" + body
+    return struct.pack(">i", len(payload)) + payload
+
+
+def test_one_connection_gets_one_sasl_handshake(tmp_path):
+    """SaslHandshake and a client-first message, sent over and over on one connection, were all answered.
+
+    Each client-first of an unknown user derived a decoy key (PBKDF2, ~2 ms) on the gateway's event
+    loop, which the handler did not leave while the client's requests were buffered: 1,000 pairs
+    (95 kB) in one write held another client's ApiVersions ~2.5 s, and a client could write again
+    and again until ``auth_timeout_s``. A second handshake now closes the connection, as Apache Kafka
+    does.
+    """
+    import asyncio
+    import socket
+    import struct
+
+    from streams.gateway import API_SASL_AUTHENTICATE, API_SASL_HANDSHAKE, Gateway, GatewayConfig, write_users
+
+    write_users(tmp_path / "users.json", {"alice": "secret"})
+    mechanism, first = b"SCRAM-SHA-512", b"n,,n=mallory,r=abcdefgh"
+    handshake = _request(API_SASL_HANDSHAKE, 1, 1, struct.pack(">h", len(mechanism)) + mechanism)
+    client_first = _request(API_SASL_AUTHENTICATE, 1, 2, struct.pack(">i", len(first)) + first)
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def run() -> list[bytes]:
+        upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
+                               users=tmp_path / "users.json", auth_timeout_s=5)
+        ready = asyncio.Event()
+        server = asyncio.create_task(Gateway(config).serve(ready))
+        await ready.wait()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answers = []
+        for request in (handshake, client_first, handshake):
+            writer.write(request)
+            answers.append(await asyncio.wait_for(reader.read(1 << 16), 10))
+        writer.close()
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        upstream.close()
+        await upstream.wait_closed()
+        return answers
+
+    handshaken, server_first, again = asyncio.run(run())
+    assert b"SCRAM-SHA-512" in handshaken and b"r=abcdefgh" in server_first
+    assert again == b""  # closed: no second exchange on this connection
+
+
 def test_frame_signatures():
     auth = FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"k1", "ztf": b"k2"})
     key, value = b"LSST/F001", b"frame bytes"
