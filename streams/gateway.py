@@ -99,6 +99,18 @@ def read_users(path: Path) -> dict[str, ScramCredential]:
     return {u: ScramCredential.from_json(c) for u, c in json.loads(path.read_text())["users"].items()}
 
 
+def decoy(users: dict[str, ScramCredential], user: str) -> ScramCredential:
+    """The credential an unknown ``user`` is answered with, so that the answers cannot tell it from a known one.
+
+    Its salt is the same for the same name (a keyed hash, the key drawn from the users'
+    credentials), as a known user's is, and as long; its keys match no proof. No key is derived:
+    a client-first message costs the same for every name.
+    """
+    key = hashlib.sha512(b"decoy" + b"".join(sorted(c.server_key for c in users.values()))).digest()
+    return ScramCredential(_hmac(key, user.encode())[:32], ITERATIONS, secrets.token_bytes(64),
+                           secrets.token_bytes(64))
+
+
 def _attrs(message: str) -> dict[str, str]:
     return {part[0]: part[2:] for part in message.split(",") if len(part) >= 2 and part[1] == "="}
 
@@ -113,7 +125,7 @@ class ScramServer:
         self._first_bare = self._server_first = self._nonce = self._gs2 = ""
 
     def first(self, client_first: str) -> str:
-        """The server-first message for ``client-first`` (an unknown user gets a decoy, failing later)."""
+        """The server-first message for ``client-first`` (an unknown user gets a :func:`decoy`, failing later)."""
         gs2_flag, authzid, bare = client_first.split(",", 2)
         if gs2_flag not in ("n", "y"):
             raise ValueError("channel binding is not supported")
@@ -122,7 +134,7 @@ class ScramServer:
         self.user = attrs["n"].replace("=2C", ",").replace("=3D", "=")
         if authzid and authzid != f"a={attrs['n']}":
             raise ValueError("authorisation identity differs from the user")
-        self._cred = self.users.get(self.user) or ScramCredential.of(secrets.token_hex(16))
+        self._cred = self.users.get(self.user) or decoy(self.users, self.user)
         self._nonce = attrs["r"] + secrets.token_urlsafe(24)
         self._first_bare = bare
         self._server_first = (f"r={self._nonce},s={base64.b64encode(self._cred.salt).decode()},"
@@ -163,17 +175,21 @@ class PlainServer:
         self.user: str | None = None
 
     def step(self, message: bytes) -> tuple[bool, bytes | None]:
-        """(True, b"") for a right password, (True, None) otherwise."""
+        """(True, b"") for a right password, (True, None) otherwise.
+
+        The password is derived for an unknown user too (against its :func:`decoy`), so that the time
+        of a refusal does not tell whether the user exists.
+        """
         parts = message.split(b"\0")
         if len(parts) != 3:
             return True, None
         authzid, user, password = (p.decode("utf-8", "replace") for p in parts)
         self.user = user
-        known = self.users.get(user)
-        if known is None or authzid not in ("", user):
-            return True, None
+        known = self.users.get(user) or decoy(self.users, user)
         given = ScramCredential.of(password, known.salt, known.iterations)
-        return True, (b"" if hmac.compare_digest(given.stored_key, known.stored_key) else None)
+        right = user in self.users and authzid in ("", user) and hmac.compare_digest(given.stored_key,
+                                                                                      known.stored_key)
+        return True, (b"" if right else None)
 
 
 # --- the Kafka protocol, as much as SASL needs ---------------------------------------------------

@@ -107,6 +107,30 @@ def test_scram_server_accepts_the_password_and_nothing_else():
         _scram_client("mallory", "correct horse", ScramServer(users))
 
 
+def test_an_unknown_user_is_answered_as_a_known_one(monkeypatch):
+    """An unknown user's decoy had a new random salt at every login, a known user's the same one.
+
+    Two client-first messages told whether a user existed; so did the time of a refused PLAIN
+    login (a key derived for a known user only, ~2 ms).
+    """
+    import streams.gateway
+
+    users = {"alice": ScramCredential.of("correct horse")}
+
+    def server_first(user: str) -> dict[str, str]:
+        return dict(part.split("=", 1) for part in ScramServer(users).first(f"n,,n={user},r=abc").split(","))
+
+    alice, mallory = server_first("alice"), server_first("mallory")
+    assert server_first("alice")["s"] == alice["s"] and server_first("mallory")["s"] == mallory["s"]
+    assert mallory["s"] != server_first("eve")["s"] and mallory["i"] == alice["i"]
+    assert len(base64.b64decode(mallory["s"])) == len(base64.b64decode(alice["s"]))
+    derived: list[bytes] = []
+    monkeypatch.setattr(streams.gateway.hashlib, "pbkdf2_hmac", lambda *args: derived.append(args[1]) or bytes(64))
+    for message in (b"\0alice\0wrong", b"\0mallory\0wrong"):
+        assert PlainServer(users).step(message) == (True, None)
+    assert derived == [b"wrong", b"wrong"]  # the same work for both
+
+
 @pytest.mark.parametrize(("message", "accepted"), [
     (b"\0alice\0correct horse", True), (b"alice\0alice\0correct horse", True), (b"\0alice\0wrong", False),
     (b"\0mallory\0correct horse", False), (b"bob\0alice\0correct horse", False), (b"alice\0correct horse", False),
