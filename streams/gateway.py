@@ -320,9 +320,10 @@ class GatewayConfig:
     client_ca : Path or None
         When set, clients must present a certificate signed by this CA (mutual TLS).
     auth_timeout_s : float
-        Time a client has to authenticate after connecting (s); then the connection is closed, so
-        that clients which connect and send nothing cannot hold connections open. 30: librdkafka
-        authenticates in well under a second on a local network.
+        Time a client has to finish the TLS handshake, then as long to authenticate (s); then the
+        connection is closed, so that clients which connect and send nothing cannot hold connections
+        open (asyncio's own TLS handshake timeout is 60 s). 30: librdkafka authenticates in well
+        under a second on a local network.
     """
 
     listen_host: str
@@ -359,9 +360,9 @@ class Gateway:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Accept connections until cancelled."""
-        c = self.config
-        server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, ssl=c.ssl_context(),
-                                            limit=1 << 20)
+        c, tls = self.config, self.config.ssl_context()
+        server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, ssl=tls, limit=1 << 20,
+                                            ssl_handshake_timeout=c.auth_timeout_s if tls else None)
         if ready is not None:
             ready.set()
         async with server:

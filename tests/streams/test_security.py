@@ -156,14 +156,21 @@ def test_a_truncated_request_before_authentication_is_a_value_error_that_closes_
         auth_bytes(parse_request(header + body))
 
 
-def test_a_client_that_never_authenticates_is_disconnected(tmp_path):
-    """A client that connects and sends nothing held its connection (and one upstream) open for ever."""
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_client_that_never_authenticates_is_disconnected(tmp_path, tls):
+    """A client that connects and sends nothing held its connection (and one upstream) open for ever.
+
+    Over TLS, one that never sent its ClientHello was held 60 s (asyncio's handshake timeout), whatever
+    ``auth_timeout_s`` said.
+    """
     import asyncio
     import socket
 
+    from streams.certs import LocalCA
     from streams.gateway import Gateway, GatewayConfig, write_users
 
     write_users(tmp_path / "users.json", {"alice": "secret"})
+    cert = LocalCA(tmp_path).issue("localhost", ("localhost", "127.0.0.1")) if tls else None
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()  # tansu's side: nothing to say, closed when the gateway closes
@@ -175,7 +182,8 @@ def test_a_client_that_never_authenticates_is_disconnected(tmp_path):
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
-                               users=tmp_path / "users.json", auth_timeout_s=0.5)
+                               users=tmp_path / "users.json", cert=cert and cert.cert, key=cert and cert.key,
+                               auth_timeout_s=0.5)
         ready = asyncio.Event()
         server = asyncio.create_task(Gateway(config).serve(ready))
         await ready.wait()
