@@ -10,8 +10,9 @@ keeps answering while they work and the pipeline, which only writes, is never wa
 
 Errors: a :class:`~broker.errors.BrokerError` becomes ``{"error": reason, "detail": message}`` with
 the status of :data:`STATUS` (400 for the others); anything else is logged and answered
-``{"error": "internal"}`` (500) without a traceback. Request bodies are limited before they are read
-(:class:`BodyLimit`).
+``{"error": "internal"}`` (500) without a traceback. A client that goes away before its body has
+arrived is no error of the server: logged at INFO, counted as a 400 (``client_disconnected``).
+Request bodies are limited before they are read (:class:`BodyLimit`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker import errors
@@ -262,7 +264,7 @@ class SecurityHeaders:
 
 
 def _install_errors(app: FastAPI) -> None:
-    """The exception handlers: broker errors, bad parameters, HTTP errors, and everything else."""
+    """The exception handlers: broker errors, bad parameters, HTTP errors, a client gone, and everything else."""
 
     async def broker_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, errors.BrokerError)
@@ -279,6 +281,11 @@ def _install_errors(app: FastAPI) -> None:
         return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=exc.headers)
 
+    async def client_gone(request: Request, exc: Exception) -> JSONResponse:
+        log.info("%s %s: the client went away before its request's body arrived", request.method, request.url.path)
+        return JSONResponse({"error": "client_disconnected", "detail": "the client went away before its request's "
+                             "body arrived"}, status_code=400)  # answered to nobody, but counted in the metrics
+
     async def internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error answering %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": "internal"}, status_code=500)
@@ -293,6 +300,7 @@ def _install_errors(app: FastAPI) -> None:
     app.add_exception_handler(errors.BrokerError, broker_error)
     app.add_exception_handler(RequestValidationError, bad_parameters)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(OSError, storage)
     app.add_exception_handler(sqlite3.Error, storage)
     app.add_exception_handler(Exception, internal)

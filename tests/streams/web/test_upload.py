@@ -605,3 +605,33 @@ def test_one_token_has_at_most_uploads_in_flight_bodies_in_hand(portal_config):
         assert (await _slow_upload(app, token, [b"garbage"], 0.0)).status_code == 400  # free again
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("content_type", ["application/fits", "multipart/form-data; boundary=x"])
+def test_an_upload_its_client_abandons_is_no_server_error(portal_config, caplog, content_type):
+    """A client gone mid-body (a closed tab, a killed curl) was 'unexpected error' and a 500, with two tracebacks."""
+    import logging
+
+    app = create_app(portal_config)
+    clear = app.state.portal.tokens.add("leaver", ["upload"])
+    part = b'--x\r\nContent-Disposition: form-data; name="frame"; filename="a.fits"\r\n\r\nSIMPLE  ='
+    messages = [{"type": "http.request", "body": part, "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"portal"), (b"authorization", f"Bearer {clear}".encode()),
+               (b"content-type", content_type.encode()), (b"content-length", b"100000")]
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/api/v1/frames", "raw_path": b"/api/v1/frames",
+             "query_string": b"mode=predict", "root_path": "", "headers": headers, "client": ("127.0.0.1", 5000),
+             "server": ("127.0.0.1", 8000), "state": {}}
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 400 and b"client_disconnected" in sent[1]["body"]
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    app.state.portal.close()
