@@ -17,6 +17,7 @@ Events: ``alert`` (data: an AlertSummary and ``context``, :func:`context_of`), `
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
@@ -32,6 +33,7 @@ from broker.errors import BrokerError, RateLimited, Unavailable, UnknownTopic
 from streams.alert_expr import AlertFilter, to_json
 from streams.settings import KafkaSettings
 from streams.subscriber import StartPosition, Subscription
+from streams.web.limits import client_key
 from streams.web.tokens import Principal, require
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,10 @@ IDLE_STOP_S = 60.0
 #: Most live streams open at once (count): each holds a connection, a queue and a thread's share of
 #: the consumer's work; beyond it a new one is answered 429 (``RateLimited``) until one closes.
 MAX_VIEWERS = 200
-#: When a stream refused for :data:`MAX_VIEWERS` may ask again (s; its 429's ``Retry-After``).
+#: Most live streams one client (its token, else its address: :func:`streams.web.limits.client_key`) has open
+#: at once (count): a page in each of a few tabs; beyond it 429, so that one client cannot hold every stream.
+MAX_VIEWERS_PER_CLIENT = 8
+#: When a stream refused for :data:`MAX_VIEWERS` (or its client's share) may ask again (s; its 429's ``Retry-After``).
 RETRY_VIEWER_S = 30.0
 #: Seconds between attempts to reach Kafka or find the topic again (s).
 RETRY_S = 5.0
@@ -78,10 +83,11 @@ def sse(event: str, data: dict) -> str:
 
 @dataclass(eq=False)
 class Viewer:
-    """One open stream: its filter, the event loop that serves it and its queue of events."""
+    """One open stream: its filter, the event loop that serves it, its queue of events and its client."""
 
     keep: AlertFilter
     loop: asyncio.AbstractEventLoop
+    client: str = ""
     queue: asyncio.Queue[str] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     dropped: int = 0
 
@@ -116,6 +122,7 @@ class LiveHub:
                  keep: Callable[[dict], object] | None = None) -> None:
         self.settings, self.topic, self._keep = settings, topic, keep
         self._viewers: set[Viewer] = set()
+        self._per_client: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -126,15 +133,25 @@ class LiveHub:
         self.dropped = Counter("portal_live_dropped", "Alerts dropped for viewers too slow to take them",
                                registry=registry)
 
-    def join(self, keep: AlertFilter) -> Viewer:
-        """A new viewer with filter ``keep`` (call on the event loop); starts the consumer if needed."""
-        viewer = Viewer(keep, asyncio.get_running_loop())
+    def join(self, keep: AlertFilter, client: str = "") -> Viewer:
+        """A new viewer of ``client`` with filter ``keep`` (call on the event loop); starts the consumer if needed.
+
+        Raises
+        ------
+        RateLimited
+            :data:`MAX_VIEWERS` streams are open, or :data:`MAX_VIEWERS_PER_CLIENT` of ``client``'s.
+        """
+        viewer = Viewer(keep, asyncio.get_running_loop(), client)
         viewer.offer(sse("status", self.status))
         with self._lock:
             if len(self._viewers) >= MAX_VIEWERS:
                 raise RateLimited(f"{len(self._viewers)} live streams are open, the most this server keeps; "
                                   "try again when one closes", retry_after_s=RETRY_VIEWER_S)
+            if self._per_client[client] >= MAX_VIEWERS_PER_CLIENT:
+                raise RateLimited(f"this client has {self._per_client[client]} live streams open, the most one "
+                                  "client keeps; close one (another tab?)", retry_after_s=RETRY_VIEWER_S)
             self._viewers.add(viewer)
+            self._per_client[client] += 1
             self.viewers.set(len(self._viewers))
             self._start_consumer()
         return viewer
@@ -149,7 +166,9 @@ class LiveHub:
     def leave(self, viewer: Viewer) -> None:
         """Forget a viewer (its stream closed)."""
         with self._lock:
-            self._viewers.discard(viewer)
+            if viewer in self._viewers:
+                self._viewers.remove(viewer)
+                self._per_client -= collections.Counter({viewer.client: 1})  # drops the client at 0
             self.viewers.set(len(self._viewers))
             if not self._viewers:
                 self._empty_since = time.monotonic()
@@ -279,11 +298,11 @@ async def stream(request: Request, principal: Annotated[Principal, Depends(requi
                  ) -> StreamingResponse:
     """New alerts as server-sent events (``alert``: an AlertSummary), from now on, through ``filter``.
 
-    400 for a filter that does not parse; 429 with :data:`MAX_VIEWERS` streams open; 503 when the
-    server reads no Kafka.
+    400 for a filter that does not parse; 429 with :data:`MAX_VIEWERS` streams open, or
+    :data:`MAX_VIEWERS_PER_CLIENT` of this client's; 503 when the server reads no Kafka.
     """
     keep = AlertFilter(filter)
     hub = live_hub(request)
-    viewer = hub.join(keep)
+    viewer = hub.join(keep, client_key(request))
     return StreamingResponse(_events(request, viewer, hub), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

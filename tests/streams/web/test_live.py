@@ -118,6 +118,41 @@ def test_live_streams_beyond_the_most_a_server_keeps_are_refused_until_one_close
     assert hub.viewers._value.get() == 0
 
 
+def test_one_client_cannot_hold_every_live_stream(monkeypatch, portal_config):
+    """One client (one token, or one address without) could open all MAX_VIEWERS streams: every other got 429."""
+    monkeypatch.setattr(live, "MAX_VIEWERS_PER_CLIENT", 2, raising=False)
+    config = replace(portal_config, bootstrap="127.0.0.1:9")  # no Kafka there: the streams open, status "down"
+    mine, other = (config_token(config, name) for name in ("mine", "other"))
+    with running_server(config) as url, httpx.Client(base_url=url, timeout=10) as client:
+        def opened(token: str | None) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            response = client.send(client.build_request("GET", "/api/v1/stream", headers=headers), stream=True)
+            held.append(response)
+            return response.status_code
+
+        held: list[httpx.Response] = []
+        try:
+            assert [opened(mine), opened(mine), opened(mine)] == [200, 200, 429]
+            assert "the most one client keeps" in held[-1].read().decode()
+            assert [opened(other), opened(None)] == [200, 200]  # another token, the address without one
+            held[0].close()
+            _wait(lambda: opened(mine) == 200, 10, "a stream of 'mine' once one of its own closed")
+        finally:
+            for response in held:
+                response.close()
+
+
+def config_token(config: WebConfig, name: str) -> str:
+    """A read token added to ``config``'s token file (the server opens the same file)."""
+    from streams.web.tokens import TokenStore
+
+    store = TokenStore(config.tokens_path)
+    try:
+        return store.add(name, ["read"])
+    finally:
+        store.close()
+
+
 def test_a_slow_viewer_loses_its_oldest_alerts_not_the_servers_memory():
     async def scenario() -> live.Viewer:
         viewer = live.Viewer(AlertFilter(None), asyncio.get_running_loop())
