@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import collections
 import hashlib
 import hmac
 import json
@@ -50,6 +51,10 @@ API_SASL_HANDSHAKE, API_API_VERSIONS, API_SASL_AUTHENTICATE = 17, 18, 36
 ERR_UNSUPPORTED_SASL_MECHANISM, ERR_ILLEGAL_SASL_STATE, ERR_SASL_AUTHENTICATION_FAILED = 33, 34, 58
 #: Largest request accepted before authentication (bytes): SASL messages are tiny.
 MAX_PREAUTH_FRAME = 64 * 1024
+#: Most connections of one address that have not authenticated yet (count); beyond, a new one is closed at once,
+#: so that one client's silent connections (two file descriptors each, one to the broker) cannot use up the
+#: gateway's descriptors and lock every other client out. A host running every stage opens a few dozen at start.
+MAX_UNAUTHENTICATED = 64
 AUTH_FAILED = "Authentication failed during authentication due to invalid credentials with SASL mechanism {}"
 
 
@@ -291,6 +296,10 @@ def authenticate_response(req: Request, error: int, message: str | None, data: b
     return _frame(struct.pack(">i", req.correlation_id) + body)
 
 
+#: What ends a client's connection without being a fault of the gateway: a malformed, cut or late request.
+_ENDED = (asyncio.IncompleteReadError, ConnectionError, ValueError, struct.error, ssl.SSLError, TimeoutError)
+
+
 def _frame(payload: bytes) -> bytes:
     return struct.pack(">i", len(payload)) + payload
 
@@ -357,6 +366,7 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.users = read_users(config.users) if config.users else None
+        self._unauthenticated: collections.Counter[str] = collections.Counter()  # by address
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Accept connections until cancelled."""
@@ -369,20 +379,50 @@ class Gateway:
             await server.serve_forever()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client: closed beyond :data:`MAX_UNAUTHENTICATED` of its address, else authenticated, then relayed."""
         peer = writer.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        if self._unauthenticated[host] >= MAX_UNAUTHENTICATED:
+            log.warning("connection from %s closed: %d of its address's connections have not authenticated yet",
+                        peer, self._unauthenticated[host])
+            writer.close()
+            return
+        self._unauthenticated[host] += 1
+        try:
+            upstream = await self._admit(reader, writer, peer)
+        finally:
+            self._unauthenticated -= collections.Counter({host: 1})  # drops the address at 0
+        if upstream is not None:
+            await self._relay(reader, writer, *upstream, peer)
+
+    async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     peer: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """The upstream connection of a client once authenticated; None, both closed, when it is refused or fails."""
         try:
             up_reader, up_writer = await asyncio.open_connection(self.config.upstream_host, self.config.upstream_port,
                                                                  limit=1 << 20)
         except OSError as exc:
             log.warning("upstream unreachable for %s: %s", peer, exc)
             writer.close()
-            return
+            return None
+        admitted = False
         try:
-            if self.users is None or await asyncio.wait_for(self._authenticate(reader, writer, up_reader, up_writer),
-                                                            self.config.auth_timeout_s):
-                await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, struct.error, ssl.SSLError,
-                TimeoutError) as exc:
+            admitted = self.users is None or await asyncio.wait_for(
+                self._authenticate(reader, writer, up_reader, up_writer), self.config.auth_timeout_s)
+        except _ENDED as exc:
+            log.debug("connection from %s ended: %s", peer, exc)
+        finally:
+            if not admitted:
+                for w in (writer, up_writer):
+                    w.close()
+        return (up_reader, up_writer) if admitted else None
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, peer: object) -> None:
+        """Pipe an authenticated client and its upstream connection both ways until either ends."""
+        try:
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except _ENDED as exc:
             log.debug("connection from %s ended: %s", peer, exc)
         finally:
             for w in (writer, up_writer):

@@ -262,6 +262,58 @@ def test_one_connection_gets_one_sasl_handshake(tmp_path):
     assert again == b""  # closed: no second exchange on this connection
 
 
+def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path, monkeypatch):
+    """One client's silent connections, each two file descriptors held ``auth_timeout_s``, had no bound.
+
+    Under ``ulimit -n 1024``, 2,000 of them from one address left another client's ApiVersions
+    reset after 5 s, and the gateway logged 7,516 tracebacks (``accept() out of system resource``).
+    """
+    import asyncio
+    import socket
+
+    import streams.gateway
+    from streams.gateway import Gateway, GatewayConfig, write_users
+
+    monkeypatch.setattr(streams.gateway, "MAX_UNAUTHENTICATED", 3, raising=False)
+    write_users(tmp_path / "users.json", {"alice": "secret"})
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def held(port: int) -> tuple[asyncio.StreamWriter, bool]:
+        """A connection, and whether the gateway kept it open (no EOF within 0.5 s)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return writer, await asyncio.wait_for(reader.read(), 0.5) != b""
+        except TimeoutError:
+            return writer, True
+
+    async def run() -> list[bool]:
+        upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
+                               users=tmp_path / "users.json", auth_timeout_s=10)
+        ready = asyncio.Event()
+        server = asyncio.create_task(Gateway(config).serve(ready))
+        await ready.wait()
+        opened = [await held(port) for _ in range(4)]
+        opened[0][0].close()
+        await asyncio.sleep(0.2)
+        opened.append(await held(port))  # room again once one of them went away
+        for writer, _ in opened:
+            writer.close()
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        upstream.close()
+        await upstream.wait_closed()
+        return [kept for _, kept in opened]
+
+    assert asyncio.run(run()) == [True, True, True, False, True]
+
+
 def test_frame_signatures():
     auth = FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"k1", "ztf": b"k2"})
     key, value = b"LSST/F001", b"frame bytes"
