@@ -366,13 +366,13 @@ class Gateway:
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
         self.users = read_users(config.users) if config.users else None
+        self.tls = config.ssl_context()
         self._unauthenticated: collections.Counter[str] = collections.Counter()  # by address
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Accept connections until cancelled."""
-        c, tls = self.config, self.config.ssl_context()
-        server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, ssl=tls, limit=1 << 20,
-                                            ssl_handshake_timeout=c.auth_timeout_s if tls else None)
+        c = self.config  # TLS is started by each client's handler (:meth:`_admit`), once its address is counted
+        server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, limit=1 << 20)
         if ready is not None:
             ready.set()
         async with server:
@@ -397,7 +397,18 @@ class Gateway:
 
     async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      peer: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """The upstream connection of a client once authenticated; None, both closed, when it is refused or fails."""
+        """The upstream connection of a client once authenticated; None, both closed, when it is refused or fails.
+
+        The TLS handshake is made here, within ``auth_timeout_s``, not by the server before the
+        handler runs: a connection that never sends its ClientHello counts against its address too.
+        """
+        try:
+            if self.tls is not None:
+                await writer.start_tls(self.tls, ssl_handshake_timeout=self.config.auth_timeout_s)
+        except _ENDED as exc:
+            log.debug("TLS handshake with %s failed: %s", peer, exc)
+            writer.close()
+            return None
         try:
             up_reader, up_writer = await asyncio.open_connection(self.config.upstream_host, self.config.upstream_port,
                                                                  limit=1 << 20)

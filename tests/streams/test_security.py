@@ -262,20 +262,25 @@ def test_one_connection_gets_one_sasl_handshake(tmp_path):
     assert again == b""  # closed: no second exchange on this connection
 
 
-def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tls", [False, True])
+def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path, monkeypatch, tls):
     """One client's silent connections, each two file descriptors held ``auth_timeout_s``, had no bound.
 
     Under ``ulimit -n 1024``, 2,000 of them from one address left another client's ApiVersions
     reset after 5 s, and the gateway logged 7,516 tracebacks (``accept() out of system resource``).
+    Over TLS, connections that never sent their ClientHello were not counted (the server made the
+    handshake before the handler ran): 2,000 of them timed another client out the same way.
     """
     import asyncio
     import socket
 
     import streams.gateway
+    from streams.certs import LocalCA
     from streams.gateway import Gateway, GatewayConfig, write_users
 
     monkeypatch.setattr(streams.gateway, "MAX_UNAUTHENTICATED", 3, raising=False)
     write_users(tmp_path / "users.json", {"alice": "secret"})
+    cert = LocalCA(tmp_path).issue("localhost", ("localhost", "127.0.0.1")) if tls else None
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read()
@@ -295,7 +300,8 @@ def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
-                               users=tmp_path / "users.json", auth_timeout_s=10)
+                               users=tmp_path / "users.json", cert=cert and cert.cert, key=cert and cert.key,
+                               auth_timeout_s=10)
         ready = asyncio.Event()
         server = asyncio.create_task(Gateway(config).serve(ready))
         await ready.wait()
@@ -305,6 +311,7 @@ def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path
         opened.append(await held(port))  # room again once one of them went away
         for writer, _ in opened:
             writer.close()
+        await asyncio.sleep(0.3)  # the gateway closes their upstream connections
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)
         upstream.close()
