@@ -119,8 +119,11 @@ def test_a_small_compressed_huge_frame_is_refused_before_decompression():
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("kept", [0.2, 0.5, 0.95])
 def test_a_file_cut_short_is_named_as_such(compress, kept):
-    """A cut-short tile-compressed file read as a 124x implausible compression, a plain one as astropy's
-    "buffer is too small for requested array"; its announced size is still checked first."""
+    """A file cut short is named as such, its announced size still checked first.
+
+    A cut tile-compressed file read as a 124x implausible compression, a plain one as astropy's
+    "buffer is too small for requested array".
+    """
     from broker.errors import TooManyPixels
 
     payload = encode_fits(star_frame(), compress=compress)
