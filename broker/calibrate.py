@@ -93,10 +93,7 @@ def calibrate(frame: Frame, config: CalibrationConfig = CalibrationConfig(),
         header = frame.header.copy()
         header["WCSSTAT"] = ("unconfirmed", "no Tycho-2 index installed to check the WCS")
         return Frame(meta_from_header(header), frame.data, header)
-    header = frame.header.copy()
-    for key in [k for k in header if k in result.wcs_header or k.startswith(("A_", "B_", "AP_", "BP_"))]:
-        header.remove(key, ignore_missing=True, remove_all=True)
-    header.extend(result.wcs_header.cards, unique=True, update=True)
+    header = with_wcs(frame.header, result.wcs_header)
     for card, value, comment in astrometry_cards(result):
         header[card] = (value, comment)
     if result.status == "solved":
@@ -105,6 +102,29 @@ def calibrate(frame: Frame, config: CalibrationConfig = CalibrationConfig(),
     if result.status != "unconfirmed":
         _photometry(frame, header, stars, result, profile, config.photcal)
     return Frame(meta_from_header(header), frame.data, header)
+
+
+#: Prefixes of SIP distortion cards, dropped with the header's WCS.
+_SIP = ("A_", "B_", "AP_", "BP_")
+
+
+def with_wcs(header: fits.Header, wcs: fits.Header) -> fits.Header:
+    """A copy of ``header`` whose WCS cards (every keyword of ``wcs``, and the SIP ones) are those of ``wcs``.
+
+    Built in one pass: astropy's ``Header.remove`` and ``extend`` each walk the whole header for
+    every card, and a verified WCS brings the whole header back, so a header of 98,000 cards (an
+    upload within its 64 MiB) took hours. The cards are those ``extend(unique=True, update=True)``
+    gave, where it put them: the structural cards of ``wcs`` (``SIMPLE``, ``NAXIS``...) left out,
+    its other cards after the last card that is not commentary, its commentary at the end.
+    """
+    fresh = wcs.copy()
+    fresh.strip()
+    kept = [card for card in header.cards if card.keyword not in wcs and not card.keyword.startswith(_SIP)]
+    commentary = fits.Card._commentary_keywords
+    cut = max((i + 1 for i, card in enumerate(kept) if card.keyword not in commentary), default=0)
+    plain = [card for card in fresh.cards if card.keyword not in commentary]
+    notes = [card for card in fresh.cards if card.keyword in commentary]
+    return fits.Header(kept[:cut] + plain + kept[cut:] + notes)
 
 
 def _photometry(frame: Frame, header: fits.Header, stars: StarList, result: Astrometry,

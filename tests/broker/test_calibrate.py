@@ -71,3 +71,32 @@ def test_a_missing_solver_is_named_for_frames_that_need_it():
     absent = CalibrationConfig(astrometry=AstrometryConfig(solver="no-such-solve-field"))
     with pytest.raises(SolverUnavailable, match="apt-get install astrometry.net"):
         calibrate(frame, absent)
+
+
+def test_a_header_of_many_cards_gets_its_wcs_in_one_pass():
+    """calibrate() removed and re-added the header's WCS card by card, each step walking the whole header.
+
+    A verified WCS brings the whole header back, so every card went: a predict upload whose
+    header held 4,000 cards took 4.4 s to calibrate, one of 98,000 (7.6 MiB) over 10 minutes, the
+    portal's one predict thread held all that time. Now 1.1 s and 21 s (astropy's WCS parses).
+    """
+    import time
+
+    from astropy.io import fits
+
+    from broker.calibrate import with_wcs
+
+    header = fits.Header([(f"K{i:07d}", i) for i in range(10_000)] + [("CRPIX1", 1.0)])
+    verified = header.copy()
+    verified["CRPIX1"] = 2.0
+    t0 = time.perf_counter()
+    out = with_wcs(header, verified)
+    assert time.perf_counter() - t0 < 2 and out["CRPIX1"] == 2.0 and len(out) == len(header)
+    small = fits.Header([("SIMPLE", True), ("NAXIS", 0), ("A_ORDER", 2), ("OBJECT", "x"), ("CRVAL1", 1.0),
+                         ("HISTORY", "a"), ("HISTORY", "a"), ("COMMENT", "c")])
+    solved = fits.Header([("NAXIS", 0), ("CRVAL1", 3.0), ("CRVAL1", 4.0), ("HISTORY", "s"), ("HISTORY", "s")])
+    before = small.copy()  # what the card-by-card way made: the same cards
+    for key in [k for k in before if k in solved or k.startswith(("A_", "B_", "AP_", "BP_"))]:
+        before.remove(key, ignore_missing=True, remove_all=True)
+    before.extend(solved.cards, unique=True, update=True)
+    assert [(c.keyword, c.value) for c in with_wcs(small, solved).cards] == [(c.keyword, c.value) for c in before.cards]
