@@ -460,6 +460,10 @@ class Gateway:
             elif req.api_key == API_SASL_HANDSHAKE and exchange is None:  # one per connection, as Kafka
                 writer.write(handshake_response(req, MECHANISMS))
                 mechanism = asked_mechanism(req)
+                if mechanism not in MECHANISMS:  # told so (error 33), then closed, as Apache Kafka does
+                    log.info("SASL mechanism %r asked for, not offered: connection closed", mechanism)
+                    await writer.drain()
+                    return False
                 exchange = PlainServer(self.users) if mechanism == "PLAIN" else ScramServer(self.users)
             elif req.api_key == API_SASL_AUTHENTICATE and exchange is not None:
                 done, reply = exchange.step(auth_bytes(req))

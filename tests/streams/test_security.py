@@ -214,6 +214,9 @@ def _request(api_key: int, version: int, correlation_id: int, body: bytes) -> by
 def test_one_connection_gets_one_sasl_handshake(tmp_path):
     """SaslHandshake and a client-first message, sent over and over on one connection, were all answered.
 
+    And a handshake asking a mechanism not offered (SCRAM-SHA-256) was answered 33, then the
+    exchange went on as SCRAM-SHA-512, its refusal naming SCRAM-SHA-256 ("invalid credentials").
+
     Each client-first of an unknown user derived a decoy key (PBKDF2, ~2 ms) on the gateway's event
     loop, which the handler did not leave while the client's requests were buffered: 1,000 pairs
     (95 kB) in one write held another client's ApiVersions ~2.5 s, and a client could write again
@@ -235,7 +238,8 @@ def test_one_connection_gets_one_sasl_handshake(tmp_path):
         await reader.read()
         writer.close()
 
-    async def run() -> list[bytes]:
+    async def run(*requests: bytes) -> list[bytes]:
+        """The answer to each request in turn (b"": closed)."""
         upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -247,7 +251,7 @@ def test_one_connection_gets_one_sasl_handshake(tmp_path):
         await ready.wait()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         answers = []
-        for request in (handshake, client_first, handshake):
+        for request in requests:
             writer.write(request)
             answers.append(await asyncio.wait_for(reader.read(1 << 16), 10))
         writer.close()
@@ -257,9 +261,16 @@ def test_one_connection_gets_one_sasl_handshake(tmp_path):
         await upstream.wait_closed()
         return answers
 
-    handshaken, server_first, again = asyncio.run(run())
+    handshaken, server_first, again = asyncio.run(run(handshake, client_first, handshake))
     assert b"SCRAM-SHA-512" in handshaken and b"r=abcdefgh" in server_first
     assert again == b""  # closed: no second exchange on this connection
+    # a mechanism not offered: answered 33 (UNSUPPORTED_SASL_MECHANISM), then closed, not run as SCRAM-SHA-512
+    mechanism = b"SCRAM-SHA-256"
+    (refused,) = asyncio.run(run(_request(API_SASL_HANDSHAKE, 1, 1, struct.pack(">h", len(mechanism)) + mechanism)))
+    assert struct.unpack_from(">h", refused, 8)[0] == 33
+    (then,) = asyncio.run(run(_request(API_SASL_HANDSHAKE, 1, 1, struct.pack(">h", len(mechanism)) + mechanism)
+                              + client_first))
+    assert b"r=abcdefgh" not in then  # no SCRAM-SHA-512 exchange on it
 
 
 @pytest.mark.parametrize("tls", [False, True])
