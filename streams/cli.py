@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from broker.errors import BrokerError, InvalidFrame, KafkaAuthError, Outage
+from broker.errors import BrokerError, FilterExpressionError, InvalidFrame, KafkaAuthError, Outage
 from streams.triplet_png import printable
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from broker.archive.reader import Archive
     from broker.config import PipelineConfig
-    from streams.alert_expr import FieldSelection
+    from streams.alert_expr import AlertFilter, FieldSelection
     from streams.archiver import Archiver
     from streams.deadletters import DeadLetter
     from streams.demo import DemoResult
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from streams.runner import StageRunner
     from streams.settings import KafkaSettings
     from streams.stages import Stage
+    from streams.subscriber import SubscriptionStats
     from streams.web.tokens import TokenStore
 
 app = typer.Typer(help="A streaming transient alert broker: frames in, Avro alerts out.", no_args_is_help=True,
@@ -421,15 +422,15 @@ def subscribe(bootstrap: Bootstrap,
     except BrokerError as exc:
         _fail(exc)
     err = Console(stderr=True, soft_wrap=True, highlight=False)
-    sub = Subscription(settings, topic, group, where, on_skip=_SkipWarnings(err),
+    shown, warn = 0, _SkipWarnings(err)
+    sub = Subscription(settings, topic, group, where, on_skip=warn,
                        on_status=lambda st: err.print(f"[dim]{st.line()}[/dim]"), status_every=status_every or 1e9,
                        registry=registry_url)
-    shown = 0
     try:
         with sub:
             for alert, _ in sub.alerts(timeout, max_alerts):
                 near = watched.near(alert["source"]["ra"], alert["source"]["dec"]) if watched else None
-                if keep(alert) and (near is None or near):
+                if _matches(keep, alert, sub.stats, warn) and (near is None or near):
                     shown += 1
                     _show_alert(alert, chosen, json_out, png_dir, err, near)
     except BrokerError as exc:
@@ -693,6 +694,21 @@ class _SkipWarnings:
             self.err.print(f"[yellow]skipped[/yellow] {escape(printable(str(skipped)))}")
         if self.left == 0:
             self.err.print("[yellow]further skipped messages are only counted[/yellow]")
+
+
+def _matches(keep: AlertFilter, alert: dict, stats: SubscriptionStats, warn: _SkipWarnings) -> bool:
+    """Whether ``alert`` passes ``keep``; one the filter cannot be evaluated on does not, and is counted and warned of.
+
+    The filter language's bounds (``MAX_WALK`` items, string lengths, powers) can be passed by the
+    values of one alert (``'r' in prv_sources.filter`` over 20,000 detections), and such an alert,
+    which anyone may write, ended the subscription (exit 2): it is skipped (``filter_error``).
+    """
+    try:
+        return keep(alert)
+    except FilterExpressionError as exc:
+        stats.skipped["filter_error"] += 1
+        warn(f"alert {alert.get('alertId')} (filter_error): {exc}")
+        return False
 
 
 def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Optional[Path], err: Console,

@@ -161,7 +161,8 @@ class SubscriptionStats:
         Alerts dropped because their ``alertId`` was seen already.
     skipped : Counter
         Messages or records that are not alerts, by reason (``undecodable``, ``not_an_alert``,
-        ``garbage_cutout``).
+        ``garbage_cutout``); ``broker subscribe`` adds alerts its filter cannot be evaluated on
+        (``filter_error``).
     before_start : int
         Messages before the ``--start`` time, read and dropped (brokers without a time index).
     lag : int | None

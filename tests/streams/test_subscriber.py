@@ -328,3 +328,40 @@ def test_rich_output_with_a_filter_survives_null_scores_garbage_stamps_and_forei
     assert len(list(tmp_path.glob("*.png"))) == len(expected)
     assert "cutout not drawn" in res.output and "brokenfits_0.png" in res.output
     assert res.output.strip().splitlines()[-1].startswith(f"{len(expected)} shown; 6 alerts")
+
+
+@pytest.mark.kafka
+def test_an_alert_past_the_filter_languages_bounds_is_skipped_not_the_end_of_the_subscription(settings):
+    """``'g' in prv_sources.filter`` over a history of 20,000 detections walks past ``MAX_WALK`` items.
+
+    The evaluation raised ``FilterExpressionError`` out of ``broker subscribe``, which stopped there
+    (exit 2, "cannot evaluate ...") on one alert anyone may write; the alerts after it were never shown.
+    """
+    from confluent_kafka import Producer
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    topic = _topic(settings)
+    long_history, before, after = _alerts(3, "walk")
+    long_history["prv_sources"] = [{"filter": "r", "candid": "x", "mjd": 1.0}] * 20_000
+    before["prv_sources"] = after["prv_sources"] = [{"filter": "g", "candid": "y", "mjd": 1.0}]
+    producer = Producer({"bootstrap.servers": settings.bootstrap, "message.max.bytes": 16 << 20})
+    for alert in (before, long_history, after):
+        producer.produce(topic, value=serde.encode_ocf("alert", _with_history(alert)))
+    producer.flush(10)
+    res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", topic, "--json",
+                                   "--filter", "'g' in prv_sources.filter", "--timeout", "2"])
+    assert res.exit_code == 0, res.output
+    shown = [json.loads(line)["candid"] for line in res.output.splitlines() if line.startswith("{")]
+    assert shown == ["walk/1", "walk/2"]
+    assert "(filter_error): cannot evaluate" in res.output
+    assert res.output.strip().splitlines()[-1].startswith("2 shown; 3 alerts, lag 0, skipped 1 (filter_error 1)")
+
+
+def _with_history(alert):
+    """``alert`` with each of its ``prv_sources`` filled out to a full detection of the schema."""
+    from tests.schemas.alert_samples import sample_alert
+
+    template = sample_alert()["prv_sources"][0]
+    return {**alert, "prv_sources": [{**template, **p} for p in alert["prv_sources"]]}
