@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from broker.errors import DecodeError, NotResendable
 from streams import serde, topics
@@ -99,7 +99,12 @@ def resend(letter: DeadLetter, producer: Producer, settings: KafkaSettings | Non
             raise NotResendable(f"{where} holds only part of its frame's record ({rec['value_size']} bytes; "
                                 f"dlq_value_bytes keeps fewer) and frames[{rec['partition']}]@{rec['offset']} "
                                 f"is no longer there: send the frame again from its file")
-        key, headers, value = original.key(), cast("list[tuple[str, Any]]", original.headers() or []), original.value()
+        try:  # not original.headers(): a name that is not UTF-8 raises SystemError there, or crashes the process
+            headers = list(serde.message_headers(original).items())
+        except DecodeError as exc:
+            raise NotResendable(f"{where}: frames[{rec['partition']}]@{rec['offset']} has {exc}: it cannot be "
+                                "sent again as it was") from exc
+        key, value = original.key(), original.value()
     if value is None:
         raise NotResendable(f"{where} has no value to send again")
     if rec["value_sha256"] is not None and hashlib.sha256(value).hexdigest() != rec["value_sha256"]:

@@ -9,7 +9,7 @@ import pytest
 from confluent_kafka import Producer
 from typer.testing import CliRunner
 
-from broker.errors import CorruptFrame, NotResendable, SolverBackingOff
+from broker.errors import CorruptFrame, DecodeError, NotResendable, SolverBackingOff
 from streams import serde, topics
 from streams.cli import app
 from streams.deadletters import DeadLetter, resend
@@ -122,6 +122,23 @@ def test_resend_of_a_truncated_letter_refuses_a_record_that_is_not_its_frame(kaf
         topics.FRAMES, b"Backyard/x", b"the refused frame" * 10, CorruptFrame("cut"), 16, other)))
     with pytest.raises(NotResendable, match="SHA-256"):
         resend(letter, producer, settings)
+
+
+def test_resend_of_a_truncated_letter_whose_frame_has_a_header_name_that_is_not_utf8_is_refused(kafka, settings):
+    """Such a frame is a ``decode`` dead letter of ingest; one over ``dlq_value_bytes`` is read back from ``frames``.
+
+    ``resend`` read its headers with ``msg.headers()``: ``SystemError`` out of ``broker dead-letters
+    --resend`` (a traceback), or, on a call site CPython had specialised, a crash of the process.
+    """
+    from tests.streams.raw_produce import produce_raw
+
+    topics.create_topics(kafka.bootstrap, [topics.TopicSpec(topics.FRAMES)])
+    value = b"a frame whose header name is not UTF-8" * 10
+    offset = produce_raw(kafka.bootstrap, topics.FRAMES, value, [(b"\xfft.exposure_end", b"1")], key=b"Backyard/h")
+    letter = DeadLetter("dlq.ingest", 0, 1, serde.decode("dlq", _letter(
+        topics.FRAMES, b"Backyard/h", value, DecodeError("headers that cannot be read"), 16, offset)))
+    with pytest.raises(NotResendable, match="not UTF-8"):
+        resend(letter, Producer({"bootstrap.servers": kafka.bootstrap}), settings)
 
 
 def test_resend_refuses_a_value_that_does_not_match_its_checksum():
