@@ -62,13 +62,21 @@ def _check_topic(settings: KafkaSettings, archive: Archive, topic: str) -> None:
 
 
 def _produce(producer: Producer, topic: str, out: Framed, delivered: Callable[[object, object], None]) -> None:
-    """Produce one message, waiting for room in the local queue when it is full."""
+    """Produce one message, waiting for room in the local queue when it is full.
+
+    One the client refuses outright (``MSG_SIZE_TOO_LARGE``: an alert archived from a ``confluent``
+    topic near the largest message, framed again with an OCF header) is a failed delivery: reported
+    to ``delivered``, and counted with the others once every alert is sent.
+    """
     while True:
         try:
             producer.produce(topic, out.value, out.key, headers={**out.headers}, on_delivery=delivered)
             break
         except BufferError:
             producer.poll(0.5)
+        except KafkaException as exc:  # was a traceback out of `broker replay`, the rest of the selection unsent
+            delivered(exc.args[0] if exc.args else exc, None)
+            return
     producer.poll(0)
 
 

@@ -111,3 +111,30 @@ def test_an_alert_archived_twice_is_replayed_once_as_first_archived(settings, tm
     assert [a["alertId"] for a in back] == [r["alertId"] for r in recs]  # once each, in observation order
     assert all(same(got, original) for got, original in zip(back, recs, strict=True))
     assert replay(Archive(tmp_path / "archive"), settings, topic, "rb = 0.999") == 0  # never the later copies
+
+
+@pytest.mark.kafka
+def test_an_alert_the_client_refuses_as_too_large_is_a_failed_delivery_not_a_traceback(settings, tmp_path,
+                                                                                        monkeypatch):
+    """``produce`` raised KafkaException (MSG_SIZE_TOO_LARGE) out of ``broker replay``: a traceback, the rest unsent.
+
+    An alert archived from a ``confluent`` topic near the largest message is over it once framed with an
+    OCF header; here the producer's limit is lowered instead, under the second of three alerts.
+    """
+    import streams.settings
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    recs = objects(3, schemas.CURRENT["alert"])
+    for i, r in enumerate(recs):
+        r["source"]["mjd"] = 60000.5 + i
+    recs[1]["cutoutScience"]["stampData"] = bytes(range(256)) * 2000  # 512 kB: over the lowered limit
+    source = f"alerts-{uuid.uuid4().hex[:6]}"
+    writer.commit(writer.write([to_batch(archived(recs, topic=source))]), [OffsetRange(source, 0, 0, 3)])
+    topic = f"replay-{uuid.uuid4().hex[:6]}"
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topic)])
+    with monkeypatch.context() as patched, pytest.raises(ArchiveError, match="1 of 3 .* not delivered.*(?i:too large)"):
+        patched.setattr(streams.settings, "MAX_MESSAGE_BYTES", 256 * 1024)
+        replay(Archive(tmp_path / "archive"), settings, topic)
+    back = [a for m in read_all(settings, [topic]) for a in decode_alert(m.key(), m.value(), dict(m.headers()))]
+    assert [a["alertId"] for a in back] == [recs[0]["alertId"], recs[2]["alertId"]]
