@@ -342,6 +342,9 @@ class Archiver:
     def _send_dead_letters(self, dead: list[OutMessage]) -> None:
         """Produce the batch's dead letters and wait for every delivery report.
 
+        A batch holds up to ``batch_alerts`` dead letters of up to ``dlq_value_bytes`` (1 MiB) each,
+        more than the producer's queue (1 GiB): a full queue is waited on, its delivery reports served.
+
         Raises
         ------
         StageFailure
@@ -354,8 +357,13 @@ class Archiver:
         assert self._producer is not None  # set by run()
         errors: list[KafkaError] = []
         for out in dead:
-            self._producer.produce(out.topic, out.value, out.key, headers={**out.headers},
-                                   on_delivery=lambda err, _: errors.append(err) if err is not None else None)
+            while True:
+                try:
+                    self._producer.produce(out.topic, out.value, out.key, headers={**out.headers},
+                                           on_delivery=lambda err, _: errors.append(err) if err is not None else None)
+                    break
+                except BufferError:  # was raised out of the stage, which met the same batch at every restart
+                    self._producer.poll(0.5)
             self.metrics.messages_out.labels(self.stage, out.topic).inc()
         left = self._producer.flush(30)
         if left or errors:

@@ -334,3 +334,28 @@ def test_an_archive_that_cannot_be_written_stops_the_stage_with_its_reason_and_c
         archiver._flush(consumer=None)
     (tmp_path / "archive").unlink()
     assert Archive(tmp_path / "archive").count() == 0
+
+
+def test_a_batch_of_dead_letters_over_the_producers_queue_is_sent_not_a_buffer_error(settings, tmp_path):
+    """A batch's dead letters were produced without serving delivery reports: past the queue, ``BufferError``.
+
+    A batch holds up to ``batch_alerts`` (2000) dead letters of up to 1 MiB; the producer's queue
+    holds 1 GiB, so ~1,000 garbage messages of 1 MiB (a backlog read in one batch) raised it out of the
+    stage, which met the same batch at every restart. Here the queue is made to hold one dead letter.
+    """
+    from confluent_kafka import Message
+
+    from streams.settings import KafkaSettings
+
+    stage = f"archive-{uuid.uuid4().hex[:6]}"
+    topics.create_topics(settings.bootstrap, [topics.TopicSpec(topics.dlq(stage))])
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"), stage=stage)
+    archiver._producer = Producer({"bootstrap.servers": settings.bootstrap, "queue.buffering.max.kbytes": 1536,
+                                   "message.max.bytes": 4 << 20})
+    for offset in range(3):
+        garbage = bytes([offset]) + b"\x00garbage" * 150_000  # 1.2 MB: its dead letter keeps 1 MiB
+        assert archiver._take(Message(topic="alerts", partition=0, offset=offset, key=b"k", value=garbage))
+    archiver._send_dead_letters(archiver.batch.dead)
+    letters = [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(stage)])]
+    assert [(d["offset"], d["reason"], d["value_size"]) for d in letters] == [(i, "decode", 1_200_001)
+                                                                              for i in range(3)]
