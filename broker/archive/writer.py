@@ -19,6 +19,12 @@ from broker.archive.log import CHECKPOINTS, COMMITS, Commit, DataFile, OffsetRan
 from broker.archive.reader import Archive
 from broker.errors import ArchiveCorrupt, ArchiveError
 
+#: Most bytes of Arrow data in one row group of a file (about; a row group holds whole record batches). The
+#: ``alert`` column is a struct holding the cutouts: Arrow concatenates it in one chunk only below 2 GiB
+#: ("offset overflow while concatenating arrays"), and its Parquet reader refuses a row group holding
+#: 2 GiB of it ("Nested data conversions not implemented for chunked array outputs").
+ROW_GROUP_BYTES = 512 * 1024 * 1024
+
 
 def _slug(text: str | None) -> str:
     """A partition folder value: Hive-style %XX escapes for anything but letters, digits and ``-_.``.
@@ -37,16 +43,42 @@ def _partitions(batches: Sequence[pa.RecordBatch]) -> dict[tuple[str, str, int],
         by_version.setdefault(int((batch.schema.metadata or {})[SCHEMA_KEY]), []).append(batch)
     out: dict[tuple[str, str, int], pa.Table] = {}
     for version, group in by_version.items():
-        table = pa.Table.from_batches(group)
-        if len(group) > 1:
-            table = table.combine_chunks()  # one chunk per column: Parquet writes many chunks 30x slower
+        table = pa.Table.from_batches(group)  # in its chunks: _write_parquet combines them by row group
         rows: dict[tuple[str, str], list[int]] = {}
         keys = zip(table.column("night").to_pylist(), table.column("telescope").to_pylist(), strict=True)
         for i, (night, telescope) in enumerate(keys):
             rows.setdefault((night.isoformat(), telescope or ""), []).append(i)
-        for (night, telescope), idx in rows.items():
-            out[(night, telescope, version)] = table if len(rows) == 1 else table.take(pa.array(idx, pa.int64()))
+        for (night, telescope), idx in rows.items():  # a filter, not take(): take() concatenates the chunks
+            out[(night, telescope, version)] = table if len(rows) == 1 else table.filter(_mask(table.num_rows, idx))
     return out
+
+
+def _mask(n: int, rows: list[int]) -> pa.Array:
+    """A boolean array of ``n`` values, true at ``rows``."""
+    mask = [False] * n
+    for i in rows:
+        mask[i] = True
+    return pa.array(mask, pa.bool_())
+
+
+def _write_parquet(table: pa.Table, sink: pa.BufferOutputStream, compression: str) -> None:
+    """Write ``table`` as Parquet, its record batches gathered in row groups of at most :data:`ROW_GROUP_BYTES`.
+
+    Each row group is combined in one chunk (Parquet writes many chunks 30x slower). The whole table
+    was, and 33 alerts of 64 MiB (2.2 GB, a batch of the archive stage or a compaction) raised
+    ``ArrowInvalid`` ("offset overflow"): the stage stopped on the same batch at every restart, or
+    its compaction escaped it. A record batch is never split (each is one message's alerts, a batch
+    of a few thousand, or a row group of a file read back, all under 2 GiB), so every row group can
+    be read back.
+    """
+    with pq.ParquetWriter(sink, table.schema, compression=compression) as out:
+        group: list[pa.RecordBatch] = []
+        for batch in table.to_batches():
+            if group and sum(b.nbytes for b in group) + batch.nbytes > ROW_GROUP_BYTES:
+                out.write_table(pa.Table.from_batches(group, table.schema).combine_chunks())
+                group = []
+            group.append(batch)
+        out.write_table(pa.Table.from_batches(group, table.schema).combine_chunks())
 
 
 def _is_orphan(rel: str, committed: set[str]) -> bool:
@@ -119,7 +151,7 @@ class ArchiveWriter:
         night, telescope, version = key
         rel = f"night={night}/telescope={_slug(telescope)}/{stem}.parquet"
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=self.config.compression)
+        _write_parquet(table, sink, self.config.compression)
         data = sink.getvalue().to_pybytes()
         self._put(rel, data)
         return DataFile(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), version, night, telescope)
@@ -187,7 +219,7 @@ class ArchiveWriter:
             if hashlib.sha256(data).hexdigest() != f.sha256:
                 raise ArchiveCorrupt(f"{self.archive.url}: {f.path} does not match its SHA-256; not compacted")
             tables.append(pq.read_table(pa.BufferReader(data)))
-        table = pa.concat_tables(tables).combine_chunks()
+        table = pa.concat_tables(tables)
         key = (group[0].night, group[0].telescope, group[0].schema_version)
         merged = self._write_file(f"part-{self.snap.seq + 1:08d}-merged", key, table)
         return self.commit([merged], [], removed=[f.path for f in group])

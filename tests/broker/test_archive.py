@@ -695,3 +695,27 @@ def test_duplicates_are_found_once_per_set_of_files(writer, monkeypatch):
     commit(writer, archived([recs[1]], start=4))  # a commit: other files, found again
     assert archive.query("SELECT count(*) FROM alerts").column(0)[0].as_py() == 3
     assert calls == [False, True, True, False]
+
+
+@pytest.mark.slow
+def test_a_batch_and_a_merge_of_over_2_gib_of_cutouts_are_written_and_read_back(writer):
+    """Arrow concatenates the struct column ``alert`` in one chunk only below 2 GiB.
+
+    33 alerts with 64 MiB cutouts (2.2 GB, from one batch of the archive stage or a compaction of
+    two files) raised ``ArrowInvalid: offset overflow while concatenating arrays``: a batch made the
+    stage stop as "cannot be written" at every restart, a compaction escaped it. The rows are now
+    written in row groups under 2 GiB, which the Parquet reader (compaction) reads back.
+    """
+    big = b"\x00" * (64 << 20)
+    recs = [sample(VERSIONS[-1]) for _ in range(33)]
+    for i, rec in enumerate(recs):
+        rec["alertId"], rec["cutoutScience"]["stampData"] = 700 + i, big
+    writer.config = ArchiveConfig(compact_files=2)
+    commit(writer, archived(recs[:16]))
+    (f,) = commit(writer, archived(recs[16:], start=16)).files  # 17 rows: over 2 GiB once merged with 16
+    (merged,) = writer.compact()
+    (g,) = merged.files
+    assert g.rows == 33 and pq.read_table(writer.archive.path(g.path), columns=["alert_id"]).num_rows == 33
+    assert pq.ParquetFile(writer.archive.path(f.path)).num_row_groups > 1  # 1.1 GB: row groups of 512 MiB
+    del recs, big
+    assert Archive(writer.archive.url).query("SELECT count(*) AS n FROM alerts").to_pylist() == [{"n": 33}]
