@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from broker.errors import (
     BrokerError,
@@ -192,10 +192,13 @@ class FollowupListener:
         return now - last - JOIN_WAIT if self._assigned_at is None else now - max(last, self._assigned_at)
 
     def open(self) -> None:
-        """Connect, check that the topic exists (:class:`UnknownTopic` if not) and subscribe."""
+        """Connect, check that the topic exists (:class:`UnknownTopic` if not; BrokerError: no answer), subscribe."""
         consumer = Consumer(self.settings.consumer(self.group, "earliest"))
         try:
-            existing = consumer.list_topics(timeout=15).topics
+            try:
+                existing = consumer.list_topics(timeout=15).topics
+            except KafkaException as exc:  # was a traceback out of `broker followup`
+                raise BrokerError(f"Kafka at {self.settings.bootstrap} did not answer within 15 s: {exc}") from exc
             if self.topic not in existing or existing[self.topic].error is not None:
                 raise UnknownTopic(f"topic {self.topic!r} does not exist on {self.settings.bootstrap}")
         except BaseException:

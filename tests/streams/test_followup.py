@@ -277,3 +277,14 @@ def test_a_request_whose_header_name_is_not_utf8_is_dead_lettered(settings):
     listener._producer = producer = _Producer()
     assert listener._handle(raw) is None
     assert listener.stats.dead_letters == {"decode": 1} and len(producer.sent) == 1
+
+
+def test_broker_followup_without_kafka_is_one_error_line_not_a_traceback():
+    """``list_topics`` raised KafkaException out of ``FollowupListener.open``: a traceback of ``broker followup``."""
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    res = CliRunner().invoke(app, ["followup", "--bootstrap", "127.0.0.1:1", "--timeout", "1"])
+    assert res.exit_code == 2, res.output
+    assert "Kafka at 127.0.0.1:1 did not answer" in res.output and "Traceback" not in res.output
