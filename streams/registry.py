@@ -21,6 +21,7 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from urllib.parse import unquote
 
 import fastavro
 
@@ -162,7 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
         m = re.fullmatch(r"/subjects/([^/]+)(/versions(?:/([^/]+))?)?", path)
         if m is None:
             raise _Error(404, 404, f"no such resource: {method} {path}")
-        return self._subject(method, m.group(1), m.group(2), m.group(3), body)
+        # the client quotes the subject (urllib.parse.quote, safe=''): 'a/b value' arrives as a%2Fb%20value
+        return self._subject(method, unquote(m.group(1)), m.group(2), m.group(3), body)
 
     def _subject(self, method: str, subject: str, versions: str | None, version: str | None, body: bytes) -> object:
         store = self.store

@@ -109,3 +109,11 @@ def test_a_client_that_stops_sending_gets_408_or_a_closed_connection_not_a_threa
     head, _, body = partial.partition(b"\r\n\r\n")
     assert head.split(b" ")[1] == b"408" and json.loads(body)["error_code"] == 40801
     assert silent == b""
+
+
+def test_a_subject_is_kept_as_named_not_as_the_client_quoted_it_in_the_path(client):
+    """The client sends ``subjects/a%2Fb%20value``; the registry kept that text, and listed it back, as the subject."""
+    sid = client.register_schema("a/b value", Schema(OTHER, "AVRO"))
+    assert "a/b value" in client.get_subjects()
+    latest = client.get_latest_version("a/b value")
+    assert (latest.subject, latest.schema_id) == ("a/b value", sid)
