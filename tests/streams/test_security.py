@@ -7,6 +7,7 @@ tansu 0.6 can do neither itself); the clients are configured exactly as for Apac
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
@@ -156,17 +157,13 @@ def test_a_truncated_request_before_authentication_is_a_value_error_that_closes_
         auth_bytes(parse_request(header + body))
 
 
-@pytest.mark.parametrize("tls", [False, True])
-def test_a_client_that_never_authenticates_is_disconnected(tmp_path, tls):
-    """A client that connects and sends nothing held its connection (and one upstream) open for ever.
-
-    Over TLS, one that never sent its ClientHello was held 60 s (asyncio's handshake timeout), whatever
-    ``auth_timeout_s`` said.
-    """
+@contextlib.asynccontextmanager
+async def _gateway_before_a_silent_broker(tmp_path, tls: bool, auth_timeout_s: float):
+    """A gateway (user ``alice``, TLS or not) in front of a "broker" that says nothing; yields the gateway's port."""
     import asyncio
-    import socket
 
     from streams.certs import LocalCA
+    from streams.embedded import free_port
     from streams.gateway import Gateway, GatewayConfig, write_users
 
     write_users(tmp_path / "users.json", {"alice": "secret"})
@@ -176,28 +173,41 @@ def test_a_client_that_never_authenticates_is_disconnected(tmp_path, tls):
         await reader.read()  # tansu's side: nothing to say, closed when the gateway closes
         writer.close()
 
-    async def run() -> tuple[bytes, float]:
-        upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
-                               users=tmp_path / "users.json", cert=cert and cert.cert, key=cert and cert.key,
-                               auth_timeout_s=0.5)
-        ready = asyncio.Event()
-        server = asyncio.create_task(Gateway(config).serve(ready))
-        await ready.wait()
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        t0 = time.monotonic()
-        data = await asyncio.wait_for(reader.read(), 10)  # EOF: the gateway closed it
-        elapsed = time.monotonic() - t0
-        writer.close()
-        await writer.wait_closed()
+    upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = free_port()
+    config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
+                           users=tmp_path / "users.json", cert=cert and cert.cert, key=cert and cert.key,
+                           auth_timeout_s=auth_timeout_s)
+    ready = asyncio.Event()
+    server = asyncio.create_task(Gateway(config).serve(ready))
+    await ready.wait()
+    try:
+        yield port
+    finally:
         server.cancel()
         await asyncio.gather(server, return_exceptions=True)
         upstream.close()
         await upstream.wait_closed()
-        return data, elapsed
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_client_that_never_authenticates_is_disconnected(tmp_path, tls):
+    """A client that connects and sends nothing held its connection (and one upstream) open for ever.
+
+    Over TLS, one that never sent its ClientHello was held 60 s (asyncio's handshake timeout), whatever
+    ``auth_timeout_s`` said.
+    """
+    import asyncio
+
+    async def run() -> tuple[bytes, float]:
+        async with _gateway_before_a_silent_broker(tmp_path, tls, auth_timeout_s=0.5) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            t0 = time.monotonic()
+            data = await asyncio.wait_for(reader.read(), 10)  # EOF: the gateway closed it
+            elapsed = time.monotonic() - t0
+            writer.close()
+            await writer.wait_closed()
+            return data, elapsed
 
     data, elapsed = asyncio.run(run())
     assert data == b"" and 0.4 < elapsed < 5
@@ -283,19 +293,10 @@ def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path
     handshake before the handler ran): 2,000 of them timed another client out the same way.
     """
     import asyncio
-    import socket
 
     import streams.gateway
-    from streams.certs import LocalCA
-    from streams.gateway import Gateway, GatewayConfig, write_users
 
-    monkeypatch.setattr(streams.gateway, "MAX_UNAUTHENTICATED", 3, raising=False)
-    write_users(tmp_path / "users.json", {"alice": "secret"})
-    cert = LocalCA(tmp_path).issue("localhost", ("localhost", "127.0.0.1")) if tls else None
-
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
+    monkeypatch.setattr(streams.gateway, "MAX_UNAUTHENTICATED", 3)
 
     async def held(port: int) -> tuple[asyncio.StreamWriter, bool]:
         """A connection, and whether the gateway kept it open (no EOF within 0.5 s)."""
@@ -306,28 +307,15 @@ def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path
             return writer, True
 
     async def run() -> list[bool]:
-        upstream = await asyncio.start_server(silent, "127.0.0.1", 0)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        config = GatewayConfig("127.0.0.1", port, "127.0.0.1", upstream.sockets[0].getsockname()[1],
-                               users=tmp_path / "users.json", cert=cert and cert.cert, key=cert and cert.key,
-                               auth_timeout_s=10)
-        ready = asyncio.Event()
-        server = asyncio.create_task(Gateway(config).serve(ready))
-        await ready.wait()
-        opened = [await held(port) for _ in range(4)]
-        opened[0][0].close()
-        await asyncio.sleep(0.2)
-        opened.append(await held(port))  # room again once one of them went away
-        for writer, _ in opened:
-            writer.close()
-        await asyncio.sleep(0.3)  # the gateway closes their upstream connections
-        server.cancel()
-        await asyncio.gather(server, return_exceptions=True)
-        upstream.close()
-        await upstream.wait_closed()
-        return [kept for _, kept in opened]
+        async with _gateway_before_a_silent_broker(tmp_path, tls, auth_timeout_s=10) as port:
+            opened = [await held(port) for _ in range(4)]
+            opened[0][0].close()
+            await asyncio.sleep(0.2)
+            opened.append(await held(port))  # room again once one of them went away
+            for writer, _ in opened:
+                writer.close()
+            await asyncio.sleep(0.3)  # the gateway closes their upstream connections
+            return [kept for _, kept in opened]
 
     assert asyncio.run(run()) == [True, True, True, False, True]
 
