@@ -26,6 +26,7 @@ from broker.errors import (
     BrokerError,
     ChecksumMismatch,
     ConfigError,
+    FilterExpressionError,
     FrameTooLarge,
     ImplausibleHeader,
     InvalidFrame,
@@ -478,7 +479,9 @@ def topic_selector(spec: AlertTopicConfig) -> Callable[[dict], dict[str, bytes] 
     (InvalidWatchlist) stops it there, naming the topic. The watchlist file is read again when it
     changes (:class:`broker.watchlist.WatchlistFile`, looked at every ``watchlist_check_s``). An
     alert in a watchlist's radius gets the header ``watchlist``: the JSON list of the entries it
-    matched (name, distance in arcsec).
+    matched (name, distance in arcsec). An alert whose values take the filter past the language's
+    bounds (``source.snr ** source.snr ** source.snr``, a bright one) is left out of the topic with a
+    warning: it raised out of the handler, and the batch's alerts were dead-lettered from every topic.
     """
     try:
         keep = AlertFilter(spec.filter)
@@ -488,7 +491,13 @@ def topic_selector(spec: AlertTopicConfig) -> Callable[[dict], dict[str, bytes] 
         raise type(exc)(f"alert topic {spec.name}: {exc}") from None
 
     def select(alert: dict) -> dict[str, bytes] | None:
-        if not keep(alert):
+        try:
+            kept = keep(alert)
+        except FilterExpressionError as exc:  # this alert's values pass the language's bounds: out of this topic
+            log.warning("alert topic %s: filter not evaluated on alert %s, left out: %s", spec.name,
+                        alert.get("alertId"), str(exc)[:300])
+            return None
+        if not kept:
             return None
         if watched is None:
             return {}

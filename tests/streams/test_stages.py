@@ -417,6 +417,29 @@ def test_an_alert_topic_may_carry_only_a_watchlists_or_a_filters_alerts(config, 
     assert [json.loads(o.headers[WATCHLIST_HEADER])[0]["name"] for o in outs] == ["neighbour"]
 
 
+def test_an_alert_a_topics_filter_cannot_be_evaluated_on_is_left_out_of_that_topic_only(config, caplog):
+    """A topic's filter that raises on one alert leaves that alert out of that topic, and nothing else.
+
+    ``source.snr ** source.snr ** source.snr`` parses, and raised on a bright alert out of the
+    handler: the batch was dead-lettered, its alerts lost from every topic.
+    """
+    from broker.candidate import ObjectSummary
+    from broker.config import AlertTopicConfig
+    from streams.stages import alert_handler
+    from tests.helpers import candidate
+
+    cands = [candidate(f"TEST-F1-r-0001/{i}", 150.0 + i / 100, 2.0, seed=i) for i in range(2)]
+    for i, (c, snr) in enumerate(zip(cands, (50.0, 1.0), strict=True)):
+        c.detection.snr, c.rb, c.anomaly = snr, 0.9, 0.1
+        c.obj = ObjectSummary(f"OBJ{i:013d}", c.detection.ra, c.detection.dec, 1, 60000.5)
+    cfg = replace(config, alert_topics=(
+        AlertTopicConfig(), AlertTopicConfig("alerts-odd", per_filter=False,
+                                             filter="source.snr ** source.snr ** source.snr > 0")))
+    outs = alert_handler(cfg)(_scored("r", {}, cands))
+    assert sorted(o.topic for o in outs) == ["alerts", "alerts", "alerts-odd", "alerts.r", "alerts.r"]
+    assert "alert topic alerts-odd: filter not evaluated on alert" in caplog.text
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"filter": "rb >"}, "alert topic alerts-x: invalid filter expression"),
     ({"filter": "open('x')"}, "alert topic alerts-x: unknown name(s) ['open']"),
