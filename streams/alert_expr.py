@@ -412,6 +412,19 @@ class AlertFilter:
         except (TypeError, ZeroDivisionError, ValueError, OverflowError, AttributeError, KeyError):
             return False
 
+    def passes(self, alert: dict, on_error: Callable[[FilterExpressionError], None]) -> bool:
+        """Whether ``alert`` passes; one whose values take the filter past the language's bounds does not.
+
+        ``'r' in prv_sources.filter`` over 20,000 detections, or ``snr ** snr ** snr`` on a bright
+        alert, raises :class:`FilterExpressionError` out of a call; here ``on_error`` is told and the
+        alert is left out, so one alert (which anyone may write) stops no reader of a stream.
+        """
+        try:
+            return self(alert)
+        except FilterExpressionError as exc:
+            on_error(exc)
+            return False
+
 
 # --- projection -----------------------------------------------------------------------------------
 

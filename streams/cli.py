@@ -703,12 +703,11 @@ def _matches(keep: AlertFilter, alert: dict, stats: SubscriptionStats, warn: _Sk
     values of one alert (``'r' in prv_sources.filter`` over 20,000 detections), and such an alert,
     which anyone may write, ended the subscription (exit 2): it is skipped (``filter_error``).
     """
-    try:
-        return keep(alert)
-    except FilterExpressionError as exc:
+    def skipped(exc: FilterExpressionError) -> None:
         stats.skipped["filter_error"] += 1
         warn(f"alert {alert.get('alertId')} (filter_error): {exc}")
-        return False
+
+    return keep.passes(alert, skipped)
 
 
 def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Optional[Path], err: Console,

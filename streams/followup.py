@@ -90,11 +90,8 @@ class FollowupRules:
 
     @staticmethod
     def _holds(rule: FollowupRule, when: AlertFilter, alert_view: dict) -> bool:
-        try:
-            return when(alert_view)
-        except FilterExpressionError as exc:
-            log.warning("follow-up rule %r not evaluated on %s: %s", rule.name, alert_view.get("candid"), exc)
-            return False
+        return when.passes(alert_view, lambda exc: log.warning("follow-up rule %r not evaluated on %s: %s", rule.name,
+                                                               alert_view.get("candid"), exc))
 
 
 # --- the record on Kafka -----------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from broker.errors import (
     BrokerError,
     ChecksumMismatch,
     ConfigError,
-    FilterExpressionError,
     FrameTooLarge,
     ImplausibleHeader,
     InvalidFrame,
@@ -491,13 +490,8 @@ def topic_selector(spec: AlertTopicConfig) -> Callable[[dict], dict[str, bytes] 
         raise type(exc)(f"alert topic {spec.name}: {exc}") from None
 
     def select(alert: dict) -> dict[str, bytes] | None:
-        try:
-            kept = keep(alert)
-        except FilterExpressionError as exc:  # this alert's values pass the language's bounds: out of this topic
-            log.warning("alert topic %s: filter not evaluated on alert %s, left out: %s", spec.name,
-                        alert.get("alertId"), str(exc)[:300])
-            return None
-        if not kept:
+        if not keep.passes(alert, lambda exc: log.warning("alert topic %s: filter not evaluated on alert %s, left "
+                                                          "out: %s", spec.name, alert.get("alertId"), str(exc)[:300])):
             return None
         if watched is None:
             return {}
