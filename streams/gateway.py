@@ -10,10 +10,13 @@ Kafka's ``SASL_SSL`` listener with ``SCRAM-SHA-512`` speaks: a client is configu
 for a real cluster.
 
 Per connection: the TLS handshake (optionally with a client certificate checked against a CA),
-then ``ApiVersions`` forwarded to tansu, ``SaslHandshake`` and ``SaslAuthenticate`` answered here
-(RFC 5802 SCRAM against salted credentials from the users file: no password is stored; PLAIN, as
-Kafka's administrator uses on docker-compose.yml's internal listener, is checked against the same
-credentials), then, once authenticated, the bytes piped both ways. Any other request before authentication closes the
+then ``ApiVersions`` answered with tansu's answer (asked once per request version on a short-lived
+connection, then kept), ``SaslHandshake`` and ``SaslAuthenticate`` answered here (RFC 5802 SCRAM
+against salted credentials from the users file: no password is stored; PLAIN, as Kafka's
+administrator uses on docker-compose.yml's internal listener, is checked against the same
+credentials), then, once authenticated, a connection to tansu is opened and the bytes piped both
+ways: a client that never authenticates costs no connection to tansu. Without SASL the connection to
+tansu is opened on the client's first bytes. Any other request before authentication closes the
 connection, as does a second ``SaslHandshake``. Metadata needs no rewriting: tansu advertises the gateway's address.
 
 Limits: no ACLs (every authenticated user may do anything, as on tansu); no re-authentication
@@ -55,6 +58,9 @@ MAX_PREAUTH_FRAME = 64 * 1024
 #: so that one client's silent connections (two file descriptors each, one to the broker) cannot use up the
 #: gateway's descriptors and lock every other client out. A host running every stage opens a few dozen at start.
 MAX_UNAUTHENTICATED = 64
+#: Most ApiVersions answers of tansu kept, one per request version (count): a client that asks every version
+#: gets the ones past it fetched each time (on a short-lived connection), not an ever larger cache.
+MAX_CACHED_API_VERSIONS = 16
 AUTH_FAILED = "Authentication failed during authentication due to invalid credentials with SASL mechanism {}"
 
 
@@ -332,7 +338,12 @@ class GatewayConfig:
         Time a client has to finish the TLS handshake, then as long to authenticate (s); then the
         connection is closed, so that clients which connect and send nothing cannot hold connections
         open (asyncio's own TLS handshake timeout is 60 s). 30: librdkafka authenticates in well
-        under a second on a local network.
+        under a second on a local network. Without SASL (``users`` None), the time a client has
+        to send its first bytes after the TLS handshake (librdkafka sends ``ApiVersions`` at once).
+    upstream_timeout_s : float
+        Time to open a connection to tansu (s), when a client has authenticated (or, without SASL,
+        sent its first bytes) and to ask tansu's ``ApiVersions`` answer; past it, or if tansu refuses,
+        the client's connection is closed with a warning. 10: tansu runs on the same host.
     """
 
     listen_host: str
@@ -344,6 +355,7 @@ class GatewayConfig:
     key: Path | None = None
     client_ca: Path | None = None
     auth_timeout_s: float = 30.0
+    upstream_timeout_s: float = 10.0
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context, or None without a certificate."""
@@ -368,6 +380,7 @@ class Gateway:
         self.users = read_users(config.users) if config.users else None
         self.tls = config.ssl_context()
         self._unauthenticated: collections.Counter[str] = collections.Counter()  # by address
+        self._api_versions: dict[int, bytes] = {}  # tansu's answer by request version, correlation id included
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Accept connections until cancelled."""
@@ -379,7 +392,11 @@ class Gateway:
             await server.serve_forever()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One client: closed beyond :data:`MAX_UNAUTHENTICATED` of its address, else authenticated, then relayed."""
+        """One client: closed beyond :data:`MAX_UNAUTHENTICATED` of its address, else authenticated, then relayed.
+
+        The connection to tansu is opened only once the client is admitted, after its address's count
+        of unauthenticated connections has dropped it.
+        """
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._unauthenticated[host] >= MAX_UNAUTHENTICATED:
@@ -389,18 +406,37 @@ class Gateway:
             return
         self._unauthenticated[host] += 1
         try:
-            upstream = await self._admit(reader, writer, peer)
+            first = await self._admit(reader, writer, peer)
         finally:
             self._unauthenticated -= collections.Counter({host: 1})  # drops the address at 0
-        if upstream is not None:
-            await self._relay(reader, writer, *upstream, peer)
+        if first is None:
+            return
+        upstream = await self._open_upstream(peer, "admitted")
+        if upstream is None:
+            writer.close()
+            return
+        upstream[1].write(first)
+        await self._relay(reader, writer, *upstream, peer)
 
-    async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     peer: object) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """The upstream connection of a client once authenticated; None, both closed, when it is refused or fails.
+    async def _open_upstream(self, peer: object,
+                             why: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        """A new connection to tansu for ``peer``, or None, with a warning, when it cannot be opened in time."""
+        c = self.config
+        try:
+            return await asyncio.wait_for(asyncio.open_connection(c.upstream_host, c.upstream_port, limit=1 << 20),
+                                          c.upstream_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            log.warning("upstream %s:%d unreachable for %s (%s): its connection is closed: %s",
+                        c.upstream_host, c.upstream_port, peer, why, exc or type(exc).__name__)
+            return None
 
-        The TLS handshake is made here, within ``auth_timeout_s``, not by the server before the
-        handler runs: a connection that never sends its ClientHello counts against its address too.
+    async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> bytes | None:
+        """What a client sent that is still to be forwarded, once admitted; None, closed, when refused or ended.
+
+        With SASL, b"" once authenticated; without, the client's first bytes (a connection that
+        sends none within ``auth_timeout_s`` is closed). The TLS handshake is made here, within
+        ``auth_timeout_s``, not by the server before the handler runs: a connection that never sends
+        its ClientHello counts against its address too.
         """
         try:
             if self.tls is not None:
@@ -409,24 +445,18 @@ class Gateway:
             log.debug("TLS handshake with %s failed: %s", peer, exc)
             writer.close()
             return None
+        first: bytes | None = None
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.config.upstream_host, self.config.upstream_port,
-                                                                 limit=1 << 20)
-        except OSError as exc:
-            log.warning("upstream unreachable for %s: %s", peer, exc)
-            writer.close()
-            return None
-        admitted = False
-        try:
-            admitted = self.users is None or await asyncio.wait_for(
-                self._authenticate(reader, writer, up_reader, up_writer), self.config.auth_timeout_s)
+            if self.users is None:
+                first = await asyncio.wait_for(reader.read(1 << 20), self.config.auth_timeout_s) or None
+            elif await asyncio.wait_for(self._authenticate(reader, writer, peer), self.config.auth_timeout_s):
+                first = b""
         except _ENDED as exc:
             log.debug("connection from %s ended: %s", peer, exc)
         finally:
-            if not admitted:
-                for w in (writer, up_writer):
-                    w.close()
-        return (up_reader, up_writer) if admitted else None
+            if first is None:
+                writer.close()
+        return first
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, peer: object) -> None:
@@ -439,13 +469,46 @@ class Gateway:
             for w in (writer, up_writer):
                 w.close()
 
-    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                            up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter) -> bool:
+    async def _api_versions_answer(self, frame: bytes, req: Request, peer: object) -> bytes:
+        """The answer of tansu to the ApiVersions request ``frame`` (no size prefix), in a frame of ``req``'s id.
+
+        Asked of tansu on a connection of its own, closed at once, the first time a version is asked
+        for; a successful answer (error 0) is kept, up to :data:`MAX_CACHED_API_VERSIONS` versions,
+        and given again with the request's correlation id (the response header is v0 in every
+        version: the id, then the body). An error answer (a client's malformed software name) is
+        not kept.
+
+        Raises
+        ------
+        ConnectionError
+            tansu cannot be reached in ``upstream_timeout_s`` or does not answer (the client is closed).
+        """
+        answer = self._api_versions.get(req.api_version)
+        if answer is None:
+            upstream = await self._open_upstream(peer, "ApiVersions before authentication")
+            if upstream is None:
+                raise ConnectionError("upstream unreachable")
+            up_reader, up_writer = upstream
+            try:
+                up_writer.write(_frame(frame))
+                answer = await asyncio.wait_for(_read_frame(up_reader, 1 << 20), self.config.upstream_timeout_s)
+            except _ENDED as exc:
+                log.warning("upstream gave %s no ApiVersions answer: its connection is closed: %s", peer,
+                            exc or type(exc).__name__)
+                raise ConnectionError("no ApiVersions answer from upstream") from exc
+            finally:
+                up_writer.close()
+            if struct.unpack_from(">h", answer, 4)[0] == 0 and len(self._api_versions) < MAX_CACHED_API_VERSIONS:
+                self._api_versions[req.api_version] = answer
+        return _frame(struct.pack(">i", req.correlation_id) + answer[4:])
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> bool:
         """Run the SASL exchange; True once authenticated, False when refused (connection to be closed).
 
-        ``ApiVersions`` (forwarded), then one ``SaslHandshake``, then its ``SaslAuthenticate`` steps: a
-        second handshake closes the connection, as Apache Kafka does (``ILLEGAL_SASL_STATE``), so that
-        one connection cannot start exchange after exchange (each a key derivation on the event loop).
+        ``ApiVersions`` (tansu's answer, :meth:`_api_versions_answer`), then one ``SaslHandshake``, then
+        its ``SaslAuthenticate`` steps: a second handshake closes the connection, as Apache Kafka does
+        (``ILLEGAL_SASL_STATE``), so that one connection cannot start exchange after exchange (each a
+        key derivation on the event loop).
         """
         assert self.users is not None
         exchange: ScramServer | PlainServer | None = None
@@ -454,9 +517,7 @@ class Gateway:
             frame = await _read_frame(reader, MAX_PREAUTH_FRAME)
             req = parse_request(frame)
             if req.api_key == API_API_VERSIONS:
-                up_writer.write(_frame(frame))
-                await up_writer.drain()
-                writer.write(_frame(await _read_frame(up_reader, 1 << 20)))
+                writer.write(await self._api_versions_answer(frame, req, peer))
             elif req.api_key == API_SASL_HANDSHAKE and exchange is None:  # one per connection, as Kafka
                 writer.write(handshake_response(req, MECHANISMS))
                 mechanism = asked_mechanism(req)

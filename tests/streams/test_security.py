@@ -320,6 +320,132 @@ def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path
     assert asyncio.run(run()) == [True, True, True, False, True]
 
 
+class _CountingUpstream:
+    """A stand-in for tansu that counts connections, answers ApiVersions (error 0, no keys) and keeps other bytes."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received = b""
+        self.server = None
+
+    async def __aenter__(self) -> int:
+        import asyncio
+
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *exc) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader, writer) -> None:
+        import struct
+
+        self.connections += 1
+        try:
+            while data := await reader.read(1 << 16):
+                if len(data) >= 12 and struct.unpack_from(">h", data, 4)[0] == 18:  # ApiVersions: answered
+                    writer.write(struct.pack(">i", 10) + data[8:12] + struct.pack(">hi", 0, 0))
+                else:
+                    self.received += data
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("sasl", [True, False])
+def test_the_upstream_connection_is_opened_once_a_client_is_admitted(tmp_path, sasl):
+    """The gateway opened its connection to tansu as a client connected: one that never authenticated cost one.
+
+    Now a silent client costs none; with SASL, ApiVersions before authentication is answered from
+    tansu's answer, asked once on a connection closed at once (two clients: one upstream
+    connection), and the connection the client's requests go through is opened once it has
+    authenticated; without SASL, on its first bytes.
+    """
+    import asyncio
+    import struct
+
+    import streams.gateway as gw
+    from streams.embedded import free_port
+
+    gw.write_users(tmp_path / "users.json", {"alice": "secret"})
+    plain, login = b"PLAIN", b"\0alice\0secret"
+    upstream = _CountingUpstream()
+
+    async def run() -> list[int]:
+        counts = []
+        async with upstream as up_port:
+            port = free_port()
+            config = gw.GatewayConfig("127.0.0.1", port, "127.0.0.1", up_port,
+                                      users=tmp_path / "users.json" if sasl else None, auth_timeout_s=5)
+            server = asyncio.create_task(gw.Gateway(config).serve(ready := asyncio.Event()))
+            await ready.wait()
+            silent = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            await asyncio.sleep(0.3)
+            counts.append(upstream.connections)  # two connected, nothing sent
+            if sasl:
+                for correlation_id in (5, 6):  # the second answered without asking tansu again
+                    writer.write(_request(gw.API_API_VERSIONS, 0, correlation_id, b""))
+                    answer = await asyncio.wait_for(reader.read(1 << 16), 5)
+                    assert struct.unpack_from(">i", answer, 4)[0] == correlation_id
+                writer.write(_request(gw.API_SASL_HANDSHAKE, 1, 7, struct.pack(">h", len(plain)) + plain))
+                await asyncio.wait_for(reader.read(1 << 16), 5)
+                await asyncio.sleep(0.2)
+                counts.append(upstream.connections)  # not authenticated yet
+                writer.write(_request(gw.API_SASL_AUTHENTICATE, 1, 8, struct.pack(">i", len(login)) + login))
+                assert struct.unpack_from(">h", await asyncio.wait_for(reader.read(1 << 16), 5), 8)[0] == 0
+            writer.write(b"request")
+            await asyncio.sleep(0.3)
+            counts.append(upstream.connections)
+            for w in (silent[1], writer):
+                w.close()
+            await asyncio.sleep(0.3)  # the gateway closes its connections to the upstream
+            server.cancel()
+            await asyncio.gather(server, return_exceptions=True)
+        return counts
+
+    assert asyncio.run(run()) == ([0, 1, 2] if sasl else [0, 1])
+    assert upstream.received == b"request"
+
+
+def test_a_client_is_closed_with_a_warning_when_the_upstream_is_unreachable_once_it_authenticated(tmp_path, caplog):
+    """With tansu gone, a client authenticates (the gateway answers that itself), then is closed, the reason logged."""
+    import asyncio
+    import logging
+    import struct
+
+    from streams.embedded import free_port
+    from streams.gateway import API_SASL_AUTHENTICATE, API_SASL_HANDSHAKE, Gateway, GatewayConfig, write_users
+
+    write_users(tmp_path / "users.json", {"alice": "secret"})
+    plain, login = b"PLAIN", b"\0alice\0secret"
+    up_port = free_port()  # nothing listens there
+
+    async def run() -> list[bytes]:
+        port = free_port()
+        config = GatewayConfig("127.0.0.1", port, "127.0.0.1", up_port, users=tmp_path / "users.json",
+                               auth_timeout_s=5)
+        server = asyncio.create_task(Gateway(config).serve(ready := asyncio.Event()))
+        await ready.wait()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answers = []
+        for request in (_request(API_SASL_HANDSHAKE, 1, 1, struct.pack(">h", len(plain)) + plain),
+                        _request(API_SASL_AUTHENTICATE, 1, 2, struct.pack(">i", len(login)) + login)):
+            writer.write(request)
+            answers.append(await asyncio.wait_for(reader.read(1 << 16), 5))
+        answers.append(await asyncio.wait_for(reader.read(), 5))
+        writer.close()
+        server.cancel()
+        await asyncio.gather(server, return_exceptions=True)
+        return answers
+
+    with caplog.at_level(logging.WARNING, logger="streams.gateway"):
+        handshaken, authenticated, then = asyncio.run(run())
+    assert b"PLAIN" in handshaken and struct.unpack_from(">h", authenticated, 8)[0] == 0
+    assert then == b""  # closed
+    assert f"upstream 127.0.0.1:{up_port} unreachable" in caplog.text
+
+
 def test_frame_signatures():
     auth = FrameAuthoriser({"LSST": ("lsst",)}, {"lsst": b"k1", "ztf": b"k2"})
     key, value = b"LSST/F001", b"frame bytes"
