@@ -37,6 +37,8 @@ import os
 import secrets
 import ssl
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -344,6 +346,11 @@ class GatewayConfig:
         Time to open a connection to tansu (s), when a client has authenticated (or, without SASL,
         sent its first bytes) and to ask tansu's ``ApiVersions`` answer; past it, or if tansu refuses,
         the client's connection is closed with a warning. 10: tansu runs on the same host.
+    refusal_log_interval_s : float
+        Least time between two log lines about the connections of one address closed for
+        :data:`MAX_UNAUTHENTICATED` (s); those closed in between are counted and told in one summary
+        line per address when the interval ends (:class:`RefusalLog`). 60: a flood of connections
+        from one address gives two lines a minute, not one per connection.
     """
 
     listen_host: str
@@ -356,6 +363,7 @@ class GatewayConfig:
     client_ca: Path | None = None
     auth_timeout_s: float = 30.0
     upstream_timeout_s: float = 10.0
+    refusal_log_interval_s: float = 60.0
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context, or None without a certificate."""
@@ -372,6 +380,56 @@ class GatewayConfig:
         return ctx
 
 
+class RefusalLog:
+    """The warnings about connections closed for :data:`MAX_UNAUTHENTICATED`: one per address per interval.
+
+    The first refusal of an address is logged; those within ``interval_s`` after it are counted,
+    and :meth:`flush` (run every ``interval_s`` by :meth:`Gateway.serve`) logs one summary line per
+    address with its count, so that a flood of connections cannot flood the log. ``total`` counts
+    every refusal since start, and each summary tells it. The gateway exports no metrics (it
+    serves no ``/metrics``), so the summary lines are what an operator reads.
+
+    Parameters
+    ----------
+    interval_s : float
+        Least time between two lines about one address (s).
+    clock : callable
+        Seconds of a monotonic clock (``time.monotonic``; the tests give their own).
+    """
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s, self.clock = interval_s, clock
+        self.total = 0
+        self._since: dict[str, float] = {}  # address -> time of its last line
+        self._held: collections.Counter[str] = collections.Counter()  # address -> refusals since its last line
+
+    def refused(self, host: str, peer: object, unauthenticated: int) -> None:
+        """Count a connection of ``host`` closed, having ``unauthenticated`` others; log it if first of its interval."""
+        self.total += 1
+        now = self.clock()
+        since = self._since.get(host)
+        if since is not None and now - since < self.interval_s:
+            self._held[host] += 1
+            return
+        self._summarise(host)
+        self._since[host] = now
+        log.warning("connection from %s closed: %d of its address's connections have not authenticated yet "
+                    "(more from it within %g s are counted, not logged)", peer, unauthenticated, self.interval_s)
+
+    def flush(self) -> None:
+        """Log the summary of every address whose interval has ended, and forget those addresses."""
+        now = self.clock()
+        for host in [h for h, since in self._since.items() if now - since >= self.interval_s]:
+            self._summarise(host)
+            del self._since[host]
+
+    def _summarise(self, host: str) -> None:
+        held = self._held.pop(host, 0)
+        if held:
+            log.warning("%d more connections from %s closed in %g s: too many of its connections had not "
+                        "authenticated (%d refused since start)", held, host, self.interval_s, self.total)
+
+
 class Gateway:
     """The asyncio server of :class:`GatewayConfig` (run by ``python -m streams.gateway``)."""
 
@@ -381,6 +439,7 @@ class Gateway:
         self.tls = config.ssl_context()
         self._unauthenticated: collections.Counter[str] = collections.Counter()  # by address
         self._api_versions: dict[int, bytes] = {}  # tansu's answer by request version, correlation id included
+        self.refusals = RefusalLog(config.refusal_log_interval_s)
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         """Accept connections until cancelled."""
@@ -388,8 +447,18 @@ class Gateway:
         server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, limit=1 << 20)
         if ready is not None:
             ready.set()
-        async with server:
-            await server.serve_forever()
+        flushing = asyncio.create_task(self._flush_refusals())
+        try:
+            async with server:
+                await server.serve_forever()
+        finally:
+            flushing.cancel()
+
+    async def _flush_refusals(self) -> None:
+        """Run :meth:`RefusalLog.flush` every ``refusal_log_interval_s`` until cancelled."""
+        while True:
+            await asyncio.sleep(self.config.refusal_log_interval_s)
+            self.refusals.flush()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client: closed beyond :data:`MAX_UNAUTHENTICATED` of its address, else authenticated, then relayed.
@@ -400,8 +469,7 @@ class Gateway:
         peer = writer.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._unauthenticated[host] >= MAX_UNAUTHENTICATED:
-            log.warning("connection from %s closed: %d of its address's connections have not authenticated yet",
-                        peer, self._unauthenticated[host])
+            self.refusals.refused(host, peer, self._unauthenticated[host])
             writer.close()
             return
         self._unauthenticated[host] += 1

@@ -320,6 +320,75 @@ def test_one_address_cannot_hold_every_connection_before_authenticating(tmp_path
     assert asyncio.run(run()) == [True, True, True, False, True]
 
 
+def test_a_flood_of_refused_connections_does_not_flood_the_log(tmp_path, monkeypatch, caplog):
+    """Each connection closed for ``MAX_UNAUTHENTICATED`` was logged: 200 refused connections, 200 warnings.
+
+    Now the first of an address per ``refusal_log_interval_s`` is logged, the others counted (every
+    one in ``Gateway.refusals.total``) and told in one summary line when the interval ends.
+    """
+    import asyncio
+    import dataclasses
+    import logging
+
+    import streams.gateway
+
+    monkeypatch.setattr(streams.gateway, "MAX_UNAUTHENTICATED", 1)
+    gateways = []
+    real_init = streams.gateway.Gateway.__init__
+
+    def keep(self, config):  # a 1 s interval, and the gateway kept to read its count
+        real_init(self, dataclasses.replace(config, refusal_log_interval_s=1.0))
+        gateways.append(self)
+
+    monkeypatch.setattr(streams.gateway.Gateway, "__init__", keep)
+
+    async def run() -> None:
+        async with _gateway_before_a_silent_broker(tmp_path, False, auth_timeout_s=10) as port:
+            _, held = await asyncio.open_connection("127.0.0.1", port)  # the address's one unauthenticated
+            await asyncio.sleep(0.1)
+            for _ in range(200):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                assert await asyncio.wait_for(reader.read(), 5) == b""  # refused: closed at once
+                writer.close()
+            await asyncio.sleep(2.2)  # the interval ends, and the next flush (each 1 s) logs the summary
+            held.close()
+            await asyncio.sleep(0.2)
+
+    with caplog.at_level(logging.WARNING, logger="streams.gateway"):
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records if r.name == "streams.gateway"]
+    assert len(lines) == 2, lines
+    assert "have not authenticated yet" in lines[0]
+    assert lines[1].startswith("199 more connections from 127.0.0.1 closed") and "(200 refused since start)" in lines[1]
+    assert gateways[0].refusals.total == 200
+
+
+def test_refusal_log_lines_per_address_and_interval(caplog):
+    """The first refusal of an address per interval is logged; the rest are told in its summary, then forgotten."""
+    import logging
+
+    from streams.gateway import RefusalLog
+
+    now = [0.0]
+    refusals = RefusalLog(60.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="streams.gateway"):
+        for t in range(100):  # one a second from a, one every ten from b
+            now[0] = float(t)
+            refusals.refused("a", ("a", 1), 64)
+            if t % 10 == 0:
+                refusals.refused("b", ("b", 1), 64)
+        refusals.flush()  # at 99: a's and b's intervals (from 60) still running
+        now[0] = 130.0
+        refusals.flush()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 8 and refusals.total == 110
+    assert [line.split(":")[0] for line in lines[:2]] == ["connection from ('a', 1) closed",
+                                                          "connection from ('b', 1) closed"]
+    assert lines[2].startswith("59 more connections from a") and lines[4].startswith("5 more connections from b")
+    assert lines[6].startswith("39 more connections from a") and lines[7].startswith("3 more connections from b")
+    assert refusals._since == {} and not refusals._held  # forgotten: memory for recent addresses only
+
+
 class _CountingUpstream:
     """A stand-in for tansu that counts connections, answers ApiVersions (error 0, no keys) and keeps other bytes."""
 
