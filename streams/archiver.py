@@ -1,12 +1,13 @@
 """The archive stage: every alert of the alert topic into the Parquet archive, exactly once across crashes.
 
 Unlike the per-message stages (:mod:`streams.runner`), it consumes in batches of
-``[archive] batch_alerts`` alerts or ``batch_seconds`` s. A batch is written as files, then one
-commit record naming the files and the offsets they cover (:class:`broker.archive.writer.ArchiveWriter`):
-the archive, not Kafka, knows where each partition stands. On start the stage deletes the files of
-a batch that never committed and seeks every assigned partition to the offset after the last
-archived one, so a crash at any point neither loses nor repeats an alert. It also commits those
-offsets to Kafka afterwards, only so that lag monitoring (``stage_backlog``, KEDA) sees it.
+``[archive] batch_alerts`` alerts, ``batch_bytes`` bytes of messages or ``batch_seconds`` s. A batch is written
+as files, then one commit record naming the files and the offsets they cover
+(:class:`broker.archive.writer.ArchiveWriter`): the archive, not Kafka, knows where each partition
+stands. On start the stage deletes the files of a batch that never committed and seeks every
+assigned partition to the offset after the last archived one, so a crash at any point neither loses
+nor repeats an alert. It also commits those offsets to Kafka afterwards, only so that lag monitoring
+(``stage_backlog``, KEDA) sees it.
 
 Undecodable messages go to ``dlq.archive`` with their reason, produced before the batch commits: a
 crash between the two repeats a dead letter, never loses one. ``docs/architecture.md``, "The archive".
@@ -95,6 +96,7 @@ class _Batch:
     ranges: dict[tuple[str, int], list[int]] = field(default_factory=dict)  # [first, next) per partition
     alerts: int = 0
     messages: int = 0
+    bytes: int = 0  # keys and values of its messages
     exposure_ends: list[float] = field(default_factory=list)
     started: float = 0.0  # time.monotonic() of its first message
 
@@ -201,9 +203,10 @@ class Archiver:
         self.batch = _Batch()
 
     def _due(self) -> bool:
-        b = self.batch
-        return bool(b.messages) and (b.alerts >= self.config.batch_alerts or b.messages >= self.config.batch_alerts
-                                     or time.monotonic() - b.started >= self.config.batch_seconds)
+        """Whether the batch is to be committed: ``batch_alerts``, ``batch_bytes`` or ``batch_seconds`` reached."""
+        b, c = self.batch, self.config
+        return bool(b.messages) and (b.alerts >= c.batch_alerts or b.messages >= c.batch_alerts
+                                     or b.bytes >= c.batch_bytes or time.monotonic() - b.started >= c.batch_seconds)
 
     def _take(self, raw: Message) -> bool:
         """Add one consumed message to the batch (its alerts, or its dead letter); False for a consumer event."""
@@ -219,6 +222,7 @@ class Archiver:
         if not b.messages:
             b.started = time.monotonic()
         b.messages += 1
+        b.bytes += len(msg.key or b"") + len(msg.value or b"")
         b.ranges.setdefault((msg.topic, msg.partition), [msg.offset, msg.offset + 1])[1] = msg.offset + 1
         try:
             alerts = self._alerts(msg)

@@ -18,6 +18,7 @@ import schemas
 from broker.archive.config import ArchiveConfig
 from broker.archive.log import positions
 from broker.archive.reader import Archive
+from broker.errors import ConfigError
 from broker.simulate import SimConfig, SkySimulator
 from streams import serde, topics
 from streams.archiver import FAILPOINT_ENV, Archiver
@@ -259,6 +260,38 @@ def test_a_container_whose_writer_schema_holds_a_lone_surrogate_is_dead_lettered
     letters = [serde.decode("dlq", d.value, d.headers) for d in archiver.batch.dead]
     assert [d["reason"] for d in letters] == ["decode", "decode"]
     assert all("\\udcfe" in d["message"] for d in letters) and letters[0]["value"] == _container(schema)
+
+
+def _large_alert_message(offset: int, cutout_bytes: int):
+    """A message of one alert whose three cutouts are ``cutout_bytes`` of random bytes each."""
+    import os
+
+    from confluent_kafka import Message
+
+    (rec,) = _alerts(1, start=offset)
+    for cutout in ("cutoutScience", "cutoutTemplate", "cutoutDifference"):
+        rec[cutout]["stampData"] = os.urandom(cutout_bytes)
+    return Message(topic="alerts", partition=0, offset=offset, key=rec["objectId"].encode(),
+                   value=serde.encode_ocf("alert", rec), headers=[("_format", b"avro")])
+
+
+def test_a_batch_of_large_alerts_is_committed_once_it_holds_batch_bytes(tmp_path):
+    """A batch was bounded by its count of alerts and its age only: 2000 alerts of up to 64 MiB each.
+
+    It is now committed too once its messages (keys and values) pass ``batch_bytes``.
+    """
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(batch_bytes=8 << 20), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    messages = [_large_alert_message(i, 1 << 20) for i in range(3)]  # ~3 MiB each
+    due = []
+    for msg in messages:
+        archiver._take(msg)
+        due.append(archiver._due())
+    assert due == [False, False, True]
+    assert archiver.batch.bytes == sum(len(m.value()) + len(m.key()) for m in messages) > 8 << 20
+    with pytest.raises(ConfigError, match="batch_bytes >= 1"):
+        ArchiveConfig(batch_bytes=0)
 
 
 class _RefusingProducer:
