@@ -264,12 +264,44 @@ def meta_from_header(header: fits.Header) -> FrameMeta:
 _BYTES_PER_PIXEL = {8: 1, 16: 2, 32: 4, 64: 8, -32: 4, -64: 8}
 
 
+#: Names (``EXTNAME`` or Rubin's ``EXTTYPE``) of the planes written beside a science image: bad-pixel masks
+#: (LCO BANZAI ``BPM``, HST ``DQ``, Rubin ``MASK``), uncertainties (``ERR``, ``VARIANCE``), drizzle weights and
+#: contexts (HST ``WHT``, ``CTX``), exposure maps. They are never the frame's image.
+AUXILIARY_PLANES = frozenset({
+    "BPM", "MASK", "DQ", "FLAGS", "ERR", "ERROR", "SIGMA", "UNC", "UNCERT", "RMS", "NOISE", "VAR", "VARIANCE",
+    "IVAR", "WHT", "WEIGHT", "CTX", "CON", "EXP", "EXPMAP", "SAT", "SAMP", "TIME",
+})
+
+
+def _plane_name(hdu: fits.hdu.base.ExtensionHDU | fits.PrimaryHDU) -> str:
+    """The HDU's ``EXTNAME`` (else ``EXTTYPE``), upper-cased; '' when it has neither."""
+    for card in ("EXTNAME", "EXTTYPE"):
+        value = hdu.header.get(card)
+        if isinstance(value, str) and value.strip():
+            return value.strip().upper()
+    return ""
+
+
 def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
-    """The first HDU that holds an image, found from the headers alone (nothing decompressed)."""
-    hdu = next((h for h in hdul if h.is_image and len(h.shape or ()) > 0), None)
-    if hdu is None:
+    """The HDU that holds the frame's image, found from the headers alone (nothing decompressed).
+
+    Planes of :data:`AUXILIARY_PLANES` are passed over (a mask or error plane before the image no
+    longer stands in for it); of the others, those named ``SCI`` win (LCO, HST). Several images left
+    (a mosaic camera's CCDs, HST's two ``SCI`` chips) are refused: which one is meant cannot be told.
+    """
+    images = [(i, h) for i, h in enumerate(hdul) if h.is_image and len(h.shape or ()) > 0]
+    if not images:
         raise CorruptFrame("the FITS file holds no image data")
-    return hdu
+    science = [(i, h) for i, h in images if _plane_name(h) not in AUXILIARY_PLANES]
+    science = [(i, h) for i, h in science if _plane_name(h) == "SCI"] or science
+    if not science:
+        raise BadShape("the FITS file holds only auxiliary planes (" + ", ".join(_plane_name(h) for _, h in images)
+                       + "), no science image")
+    if len(science) > 1:
+        named = ", ".join(f"HDU {i} {_plane_name(h) or '(no EXTNAME)'}" for i, h in science[:8])
+        raise BadShape(f"the FITS file holds {len(science)} images ({named}{', ...' if len(science) > 8 else ''}): "
+                       "a mosaic camera's CCDs or several exposures; send one image per file")
+    return science[0][1]
 
 
 #: Most HDUs in one FITS file: a mosaic camera writes one per CCD (DECam 70, Rubin 189).
@@ -483,7 +515,8 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
         The header announces more pixels than ``max_pixels``, or more than ``max_expansion`` times
         the file's bytes.
     BadShape
-        The image is neither 2-D nor a cube of one or three planes, or not numeric.
+        The image is neither 2-D nor a cube of one or three planes, or not numeric; the file holds
+        several science images (a mosaic's CCDs) or only auxiliary planes (:func:`_image_hdu`).
     NotScience
         A frame-type card names a dark, flat or bias (:func:`broker.headers.check_frame_type`).
     MissingMetadata, UnparseableHeader, MissingWCS

@@ -394,3 +394,38 @@ def test_a_gzip_bomb_is_refused_before_it_is_inflated_whole():
     for broken in (good[:len(good) // 2], good[:20] + bytes(64) + good[84:]):
         with pytest.raises(CorruptFrame, match="gzip"):
             decode_fits(broken)
+
+
+def _mef(*hdus) -> bytes:
+    from astropy.io import fits
+
+    buf = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(buf)
+    return buf.getvalue()
+
+
+def test_the_science_image_is_taken_not_a_mask_or_error_plane_written_before_it():
+    """The first image HDU was taken: a bad-pixel mask written before LCO's SCI was decoded as the frame."""
+    from astropy.io import fits
+
+    frame = star_frame()
+    mask = fits.ImageHDU(np.zeros(frame.shape, np.uint8), header=header(), name="BPM")
+    sci = fits.ImageHDU(frame.data, header=header(), name="SCI")
+    err = fits.ImageHDU(np.sqrt(frame.data), name="ERR")
+    for hdus in ((mask, sci, err), (err, mask, sci)):
+        assert np.array_equal(decode_fits(_mef(*hdus)).data, frame.data)
+    rubin = [fits.ImageHDU(frame.data * 0 + k, header=header()) for k in (7, 1, 2)]  # Rubin's IMAGE, MASK, VARIANCE
+    for hdu, kind in zip(rubin, ("IMAGE", "MASK", "VARIANCE"), strict=True):
+        hdu.header["EXTTYPE"] = kind
+    assert np.all(decode_fits(_mef(*rubin)).data == 7)
+    with pytest.raises(BadShape, match="only auxiliary planes"):
+        decode_fits(_mef(mask, err))
+
+
+def test_a_mosaic_of_several_ccds_is_refused_not_read_as_its_first_ccd():
+    from astropy.io import fits
+
+    frame = star_frame()
+    ccds = [fits.ImageHDU(frame.data, header=header(), name=name) for name in ("S29", "S30", "N4")]
+    with pytest.raises(BadShape, match=r"3 images \(HDU 1 S29, HDU 2 S30, HDU 3 N4\).*one image per file"):
+        decode_fits(_mef(*ccds))
