@@ -660,13 +660,33 @@ def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfi
     return data, header
 
 
+#: Cards of a primary header never inherited by the image extension: its own layout and checksums.
+_NOT_INHERITED = re.compile(r"^(?:SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK|EXTNAME"
+                            r"|EXTVER|EXTTYPE|INHERIT|CHECKSUM|DATASUM)$")
+#: World-coordinate cards: an extension with a WCS of its own inherits none of the primary's.
+_WCS_CARD = re.compile(r"^(?:WCSAXES|CTYPE|CRPIX|CRVAL|CDELT|CUNIT|CROTA|CD\d_|PC\d_|PV\d_|PS\d_|A_|B_|AP_|BP_|LONPOLE"
+                       r"|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH)")
+
+
 def _merged_header(hdul: fits.HDUList, hdu: fits.hdu.base.ExtensionHDU | fits.PrimaryHDU) -> fits.Header:
-    """The image's header, plus the primary header's cards a producer may have put there (compressed images)."""
+    """The image's header, plus the primary header's cards it lacks when the image is an extension.
+
+    Survey and pipeline files keep the exposure's cards in the primary header (DECam, with ``INHERIT
+    = T``; HST; a compressed image's producer) and the image's own in its extension: read alone, the
+    extension named no telescope, time or filter and was refused ``missing_metadata``. The
+    extension's cards win; ``INHERIT = F`` turns inheritance off; an extension with a WCS of its
+    own (``CTYPE1``) inherits none of the primary's WCS cards, so that the two are never mixed.
+    """
     header = hdu.header.copy()
-    if isinstance(hdu, fits.CompImageHDU):
-        for card in hdul[0].header.cards:
-            if card.keyword not in header and card.keyword not in ("", "COMMENT", "HISTORY"):
-                header.append(card)
+    if hdu is hdul[0] or header.get("INHERIT") is False:
+        return header
+    own_wcs = "CTYPE1" in header
+    for card in hdul[0].header.cards:
+        key = card.keyword
+        if (key in header or key in ("", "COMMENT", "HISTORY") or _NOT_INHERITED.match(key)
+                or (own_wcs and _WCS_CARD.match(key))):
+            continue
+        header.append(card)
     return header
 
 

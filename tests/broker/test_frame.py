@@ -429,3 +429,26 @@ def test_a_mosaic_of_several_ccds_is_refused_not_read_as_its_first_ccd():
     ccds = [fits.ImageHDU(frame.data, header=header(), name=name) for name in ("S29", "S30", "N4")]
     with pytest.raises(BadShape, match=r"3 images \(HDU 1 S29, HDU 2 S30, HDU 3 N4\).*one image per file"):
         decode_fits(_mef(*ccds))
+
+
+def test_an_image_extension_inherits_the_exposure_cards_of_the_primary_header():
+    """DECam and HST keep TELESCOP, FILTER, DATE-OBS and EXPTIME in the primary header: the extension was refused."""
+    from astropy.io import fits
+
+    frame, cards = star_frame(), header()
+    primary = fits.PrimaryHDU()
+    for key in ("TELESCOP", "FILTER", "MJD-OBS", "EXPTIME", "FIELD", "GAIN"):
+        primary.header[key] = cards.pop(key)
+    primary.header.update({"CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 10.0, "CRVAL2": 10.0})  # pointing
+    ccd = fits.ImageHDU(frame.data, header=cards, name="S29")
+    ccd.header["INHERIT"] = True
+    buf = io.BytesIO()
+    fits.HDUList([primary, ccd]).writeto(buf)
+    back = decode_fits(buf.getvalue())
+    assert back.meta == frame.meta and np.array_equal(back.data, frame.data)
+    assert back.wcs.wcs.compare(frame.wcs.wcs)  # the extension's own WCS, none of the primary's cards mixed in
+    ccd.header["INHERIT"] = False
+    buf = io.BytesIO()
+    fits.HDUList([primary, ccd]).writeto(buf)
+    with pytest.raises(MissingMetadata, match="TELESCOP"):
+        decode_fits(buf.getvalue())
