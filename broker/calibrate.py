@@ -19,7 +19,7 @@ from astropy.stats import sigma_clipped_stats
 
 from broker.astrometry import Astrometry, AstrometryConfig, astrometry_cards, plate_solve, verify_wcs
 from broker.errors import MissingWCS, SolverUnavailable
-from broker.frame import Frame, has_wcs, meta_from_header
+from broker.frame import WCS_CARD, Frame, has_wcs, meta_from_header
 from broker.headers import pixel_scale_hint, pointing_hint, rename_grid_field, wcs_centre
 from broker.photcal import PhotCalConfig, photcal_cards, zero_point, zp_problem
 from broker.stars import StarConfig, StarList, find_stars
@@ -104,12 +104,11 @@ def calibrate(frame: Frame, config: CalibrationConfig = CalibrationConfig(),
     return Frame(meta_from_header(header), frame.data, header)
 
 
-#: Prefixes of SIP distortion cards, dropped with the header's WCS.
-_SIP = ("A_", "B_", "AP_", "BP_")
-
-
 def with_wcs(header: fits.Header, wcs: fits.Header) -> fits.Header:
-    """A copy of ``header`` whose WCS cards (every keyword of ``wcs``, and the SIP ones) are those of ``wcs``.
+    """A copy of ``header`` whose WCS cards (every keyword of ``wcs``, and every WCS card) are those of ``wcs``.
+
+    All of the old WCS goes (:data:`broker.frame.WCS_CARD`): its SIP terms, or a ``RADESYS = 'FK4'``
+    or galactic ``CTYPE`` the solved WCS does not name, would otherwise be read with it.
 
     Built in one pass: astropy's ``Header.remove`` and ``extend`` each walk the whole header for
     every card, and a verified WCS brings the whole header back, so a header of 98,000 cards (an
@@ -119,7 +118,7 @@ def with_wcs(header: fits.Header, wcs: fits.Header) -> fits.Header:
     """
     fresh = wcs.copy()
     fresh.strip()
-    kept = [card for card in header.cards if card.keyword not in wcs and not card.keyword.startswith(_SIP)]
+    kept = [card for card in header.cards if card.keyword not in wcs and not WCS_CARD.match(card.keyword)]
     commentary = fits.Card._commentary_keywords
     cut = max((i + 1 for i, card in enumerate(kept) if card.keyword not in commentary), default=0)
     plain = [card for card in fresh.cards if card.keyword not in commentary]

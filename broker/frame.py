@@ -35,7 +35,7 @@ from broker.errors import (
     TooManyPixels,
     UnparseableHeader,
 )
-from broker.headers import check_frame_type, normalise_header
+from broker.headers import check_frame_type, normalise_header, wcs_frame_problem
 from broker.telescopes import TelescopeProfile
 
 #: Header cards read into :class:`FrameMeta` (card, attribute, type, required).
@@ -146,6 +146,9 @@ def celestial_wcs(header: fits.Header) -> WCS:
             raise MissingWCS(f"WCS cards cannot be parsed: {exc}") from exc
     if not wcs.has_celestial or wcs.celestial.naxis != 2:
         raise MissingWCS("no celestial WCS (CTYPE1/2 with RA/Dec and a projection are required)")
+    problem = wcs_frame_problem(wcs.celestial)
+    if problem:
+        raise MissingWCS(f"the WCS {problem}: only equatorial RA, Dec (ICRS or FK5 J2000) in that order are read")
     return wcs.celestial
 
 
@@ -663,8 +666,9 @@ def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfi
 #: Cards of a primary header never inherited by the image extension: its own layout and checksums.
 _NOT_INHERITED = re.compile(r"^(?:SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GCOUNT|BZERO|BSCALE|BLANK|EXTNAME"
                             r"|EXTVER|EXTTYPE|INHERIT|CHECKSUM|DATASUM)$")
-#: World-coordinate cards: an extension with a WCS of its own inherits none of the primary's.
-_WCS_CARD = re.compile(r"^(?:WCSAXES|CTYPE|CRPIX|CRVAL|CDELT|CUNIT|CROTA|CD\d_|PC\d_|PV\d_|PS\d_|A_|B_|AP_|BP_|LONPOLE"
+#: World-coordinate cards: an extension with a WCS of its own inherits none of the primary's; a solved WCS
+#: replaces all of a header's (:func:`broker.calibrate.with_wcs`).
+WCS_CARD = re.compile(r"^(?:WCSAXES|CTYPE|CRPIX|CRVAL|CDELT|CUNIT|CROTA|CD\d_|PC\d_|PV\d_|PS\d_|A_|B_|AP_|BP_|LONPOLE"
                        r"|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH)")
 
 
@@ -684,7 +688,7 @@ def _merged_header(hdul: fits.HDUList, hdu: fits.hdu.base.ExtensionHDU | fits.Pr
     for card in hdul[0].header.cards:
         key = card.keyword
         if (key in header or key in ("", "COMMENT", "HISTORY") or _NOT_INHERITED.match(key)
-                or (own_wcs and _WCS_CARD.match(key))):
+                or (own_wcs and WCS_CARD.match(key))):
             continue
         header.append(card)
     return header

@@ -249,12 +249,18 @@ def pointing_hint(header: fits.Header) -> tuple[float, float] | None:
     """
     for ra_card, dec_card in (("RA", "DEC"), ("OBJCTRA", "OBJCTDEC"), ("RA_OBJ", "DEC_OBJ"), ("CRVAL1", "CRVAL2")):
         ra_raw, dec_raw = _value(header, ra_card), _value(header, dec_card)
-        if ra_raw is None or dec_raw is None:
+        if ra_raw is None or dec_raw is None or (ra_card == "CRVAL1" and not _equatorial_axis1(header)):
             continue
         ra, dec = _angle(ra_raw, hours=isinstance(ra_raw, str)), _angle(dec_raw, hours=False)
         if ra is not None and dec is not None and 0.0 <= ra < 360.0 and -90.0 <= dec <= 90.0:
             return ra, dec
     return None
+
+
+def _equatorial_axis1(header: fits.Header) -> bool:
+    """Whether ``CTYPE1`` is RA (or absent): CRVAL1/2 of a galactic or Dec-first WCS are no RA/Dec pointing."""
+    ctype = _value(header, "CTYPE1")
+    return ctype is None or str(ctype).upper().startswith("RA")
 
 
 def pixel_scale_hint(header: fits.Header, profile: TelescopeProfile | None = None) -> float | None:
@@ -294,6 +300,29 @@ def grid_field(ra: float, dec: float, cell_deg: float) -> str:
     return f"g{cell_deg:g}-{col * 360.0 / n_ra:07.3f}-{dec_lo:+07.3f}"
 
 
+#: Largest distance (years) of an FK5 ``EQUINOX`` from J2000 read as J2000 (0.1 yr: 5 arcsec of precession).
+_EQUINOX_TOLERANCE = 0.1
+
+
+def wcs_frame_problem(wcs: WCS) -> str | None:
+    """Why the celestial ``wcs`` does not give ICRS RA, Dec as (axis 1, axis 2); None when it does.
+
+    Everything downstream reads ``pixel_to_world_values`` as (RA, Dec) in ICRS: a galactic WCS gave
+    (l, b) as RA, Dec, a B1950 (FK4) one positions 0.6 deg off, a Dec-first one the two swapped.
+    """
+    lng, lat = wcs.wcs.lngtyp.strip(), wcs.wcs.lattyp.strip()
+    if (lng, lat) != ("RA", "DEC"):
+        return f"is in {lng or '?'}/{lat or '?'} coordinates (CTYPE {', '.join(wcs.wcs.ctype)})"
+    if wcs.wcs.lng != 0:
+        return "has Dec on axis 1 and RA on axis 2"
+    radesys, equinox = wcs.wcs.radesys.strip().upper(), float(wcs.wcs.equinox)
+    if radesys == "FK5" and math.isfinite(equinox) and abs(equinox - 2000.0) > _EQUINOX_TOLERANCE:
+        return f"is FK5 of equinox {equinox:g} (not J2000)"
+    if radesys not in ("ICRS", "FK5", ""):
+        return f"is in the {radesys} reference system{f' (equinox {equinox:g})' if math.isfinite(equinox) else ''}"
+    return None
+
+
 def wcs_centre(header: fits.Header, shape: tuple[int, int]) -> tuple[float, float] | None:
     """(RA, Dec) in deg of the image centre under the header's celestial WCS; None without a usable one."""
     if not str(header.get("CTYPE1", "")).strip():
@@ -302,7 +331,7 @@ def wcs_centre(header: fits.Header, shape: tuple[int, int]) -> tuple[float, floa
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             wcs = WCS(header, naxis=2)
-            if not wcs.has_celestial:
+            if not wcs.has_celestial or wcs_frame_problem(wcs.celestial) is not None:
                 return None
             ra, dec = wcs.celestial.pixel_to_world_values((shape[1] - 1) / 2.0, (shape[0] - 1) / 2.0)
     except Exception:  # broken WCS cards: frame.celestial_wcs names them later

@@ -100,3 +100,18 @@ def test_a_header_of_many_cards_gets_its_wcs_in_one_pass():
         before.remove(key, ignore_missing=True, remove_all=True)
     before.extend(solved.cards, unique=True, update=True)
     assert [(c.keyword, c.value) for c in with_wcs(small, solved).cards] == [(c.keyword, c.value) for c in before.cards]
+
+
+def test_a_solved_wcs_replaces_every_card_of_the_old_one():
+    """A stale RADESYS = 'FK4' or galactic CTYPE3/PC left beside a solved WCS made it unreadable (or 0.6 deg off)."""
+    from broker.calibrate import with_wcs
+    from broker.frame import celestial_wcs
+    from tests.helpers import header
+
+    old = header(RADESYS="FK4", EQUINOX=1950.0, CTYPE1="GLON-TAN", CTYPE2="GLAT-TAN", PC1_2=0.1, A_ORDER=2)
+    solved = header(ra=151.0)
+    for key in ("RADESYS", "EQUINOX", "PC1_2", "TELESCOP"):
+        solved.remove(key, ignore_missing=True)
+    merged = with_wcs(old, solved)
+    assert "RADESYS" not in merged and "PC1_2" not in merged and "A_ORDER" not in merged
+    assert merged["TELESCOP"] == "TEST" and celestial_wcs(merged).wcs.crval[0] == 151.0

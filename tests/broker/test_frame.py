@@ -452,3 +452,33 @@ def test_an_image_extension_inherits_the_exposure_cards_of_the_primary_header():
     fits.HDUList([primary, ccd]).writeto(buf)
     with pytest.raises(MissingMetadata, match="TELESCOP"):
         decode_fits(buf.getvalue())
+
+
+@pytest.mark.parametrize("cards, named", [
+    ({"CTYPE1": "GLON-TAN", "CTYPE2": "GLAT-TAN"}, "GLON/GLAT coordinates"),
+    ({"RADESYS": "FK4", "EQUINOX": 1950.0}, "FK4 reference system"),
+    ({"EQUINOX": 1950.0}, "FK4 reference system"),
+    ({"RADESYS": "FK5", "EQUINOX": 2025.3}, "FK5 of equinox 2025.3"),
+    ({"CTYPE1": "DEC--TAN", "CTYPE2": "RA---TAN", "CRVAL1": 2.0, "CRVAL2": 150.0}, "Dec on axis 1"),
+])
+def test_a_wcs_not_in_icrs_ra_dec_is_refused_not_read_as_ra_dec(cards, named):
+    """pixel_to_world_values gave galactic (l, b), B1950 or swapped positions, read downstream as ICRS RA, Dec."""
+    frame = star_frame()
+    with pytest.raises(MissingWCS, match=re.escape(named)):
+        decode_fits(encode_fits(Frame(frame.meta, frame.data, _wcs_header(cards))))
+    assert decode_fits(encode_fits(Frame(frame.meta, frame.data, _wcs_header(cards))), require_wcs=False)
+
+
+def _wcs_header(cards: dict):
+    """:func:`header` with ``cards``, without the RADESYS it writes unless ``cards`` names one."""
+    out = header(**cards)
+    if "RADESYS" not in cards:
+        del out["RADESYS"]
+    return out
+
+
+@pytest.mark.parametrize("cards", [{}, {"RADESYS": "ICRS"}, {"RADESYS": "FK5"}, {"RADESYS": "FK5", "EQUINOX": 2000.0},
+                                   {"EQUINOX": 2000.0}, {"RADECSYS": "FK5", "EQUINOX": 2000.0}])
+def test_icrs_and_fk5_j2000_wcs_are_read(cards):
+    frame = star_frame()
+    assert decode_fits(encode_fits(Frame(frame.meta, frame.data, _wcs_header(cards)))).wcs.wcs.lng == 0

@@ -186,3 +186,15 @@ def test_light_and_unknown_frame_types_pass(card, value):
     data, head = amateur_frame(seed=1)
     head[card] = value
     assert decode_fits(amateur_fits(data, head), require_wcs=False).data.ndim == 2
+
+
+def test_a_galactic_wcs_gives_no_field_centre_nor_pointing_hint():
+    """Its CRVAL1/2 (l, b) were taken for RA, Dec: the field and the solver's hint were 40 deg off."""
+    from broker.headers import normalise_header, pointing_hint, wcs_centre
+    from tests.helpers import header
+
+    galactic = header(CTYPE1="GLON-TAN", CTYPE2="GLAT-TAN", OBJECT="M 94")
+    del galactic["FIELD"]
+    assert wcs_centre(galactic, (256, 256)) is None and pointing_hint(galactic) is None
+    assert normalise_header(galactic, (256, 256))["FIELDSRC"] == "OBJECT"
+    assert pointing_hint(header()) == (150.0, 2.0)
