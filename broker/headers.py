@@ -79,8 +79,10 @@ MAPPING: tuple[CardSource, ...] = (
                "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; "
                "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2"),
     CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"), "seconds"),
-    CardSource("GAIN", ("profile gain", "GAIN", "EGAIN"),
-               "e-/ADU; none: 1.0. ZWO cameras write their gain *setting* (e.g. 80) in GAIN: give a profile"),
+    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN"),
+               "e-/ADU; none (or 0, as N.I.N.A. writes for a camera that does not say): 1.0. N.I.N.A., SGP and "
+               "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
+               "camera that writes only the setting in GAIN (Seestar) needs a profile"),
     CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON"), "e-; none: 0 (sky RMS only)"),
     CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "16-bit data range"),
                "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest"),
@@ -132,6 +134,15 @@ def _number(header: fits.Header, *cards: str) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _positive(header: fits.Header, *cards: str) -> float | None:
+    """The first of ``cards`` whose value is a finite number > 0 (None when none is): 0 means "unknown" there."""
+    for card in cards:
+        number = _number(header, card)
+        if number is not None and number > 0:
+            return number
+    return None
 
 
 def parse_iso_utc(text: str) -> float:
@@ -370,7 +381,7 @@ def _saturation(header: fits.Header, profile: TelescopeProfile | None) -> float 
 
 def _detector(header: fits.Header, profile: TelescopeProfile | None) -> dict[str, float]:
     """GAIN, RDNOISE and SATURATE, the profile's values winning over the header's."""
-    gain = profile.gain if profile is not None and profile.gain is not None else _number(header, "GAIN", "EGAIN")
+    gain = profile.gain if profile is not None and profile.gain is not None else _positive(header, "EGAIN", "GAIN")
     noise = (profile.read_noise if profile is not None and profile.read_noise is not None
              else _number(header, "RDNOISE", "READNOIS", "RON"))
     values = {"GAIN": gain, "RDNOISE": noise, "SATURATE": _saturation(header, profile)}
@@ -416,6 +427,9 @@ def normalise_header(header: fits.Header, shape: tuple[int, int],
         raise MissingMetadata("header card EXPTIME (exptime) is missing (nor EXPOSURE, EXP_TIME, ITIME, TELAPSE)")
     mjd, time_source = exposure_start(header, exptime, profile)
     field, field_source = _field(header, shape, profile.field_grid_deg if profile else 0.5)
+    detector = _detector(header, profile)
+    if "GAIN" not in detector:  # GAIN = 0 or a word: unknown, read as 1.0 rather than refused
+        out.remove("GAIN", ignore_missing=True, remove_all=True)
     raw_filter = _value(header, "FILTER", "FILTNAM", "FILTER1", "FILT-1")
     band = canonical_band(str(raw_filter), profile) if raw_filter is not None else "clear"
     cards: dict[str, tuple[object, str]] = {
@@ -427,7 +441,7 @@ def normalise_header(header: fits.Header, shape: tuple[int, int],
         "MJD-OBS": (mjd, "[d] exposure start, MJD UTC (normalised)"),
         "TIMESRC": (time_source, "where MJD-OBS came from"),
         "EXPTIME": (exptime, "[s] exposure time"),
-        **{card: (value, "(normalised)") for card, value in _detector(header, profile).items()},
+        **{card: (value, "(normalised)") for card, value in detector.items()},
         "HDRNORM": ("1", "header normalised by broker.headers v1"),
     }
     for card, (value, comment) in cards.items():

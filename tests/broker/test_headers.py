@@ -198,3 +198,25 @@ def test_a_galactic_wcs_gives_no_field_centre_nor_pointing_hint():
     assert wcs_centre(galactic, (256, 256)) is None and pointing_hint(galactic) is None
     assert normalise_header(galactic, (256, 256))["FIELDSRC"] == "OBJECT"
     assert pointing_hint(header()) == (150.0, 2.0)
+
+
+def test_egain_is_the_gain_and_a_gain_setting_or_zero_is_not():
+    """N.I.N.A. writes the camera's gain setting in GAIN (100) and e-/ADU in EGAIN: the setting was taken as 100 e-/ADU.
+
+    And GAIN = 0 (N.I.N.A. with a driver that does not say) was refused implausible_header.
+    """
+    from astropy.io import fits
+
+    from broker.headers import normalise_header
+
+    nina = fits.Header({"INSTRUME": "ZWO ASI183MM Pro", "EXPOSURE": 10.0, "DATE-OBS": "2025-04-03T01:12:00.288",
+                        "OBJECT": "M 94", "GAIN": 100, "OFFSET": 50, "EGAIN": 0.25})
+    assert normalise_header(nina, (64, 64))["GAIN"] == 0.25
+    sbig = nina.copy()
+    sbig["GAIN"] = 0
+    del sbig["EGAIN"]
+    assert "GAIN" not in normalise_header(sbig, (64, 64))
+    survey = nina.copy()
+    del survey["EGAIN"]
+    survey["GAIN"] = 4.2
+    assert normalise_header(survey, (64, 64))["GAIN"] == 4.2
