@@ -76,7 +76,8 @@ MAPPING: tuple[CardSource, ...] = (
                "vendor name -> canonical band (`BANDS`); an unknown name is kept (it keys its own references); "
                "no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
     CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT)", "JD", "JD-OBS", "MJD-AVG", "DATE-AVG"),
-               "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; "
+               "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; a DATE-OBS "
+               "without its time of day, or not ISO, gives way to the cards after it (refused when none gives it); "
                "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2"),
     CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"), "seconds"),
     CardSource("GAIN", ("profile gain", "EGAIN", "GAIN"),
@@ -170,18 +171,45 @@ def parse_iso_utc(text: str) -> float:
     return mjd
 
 
+_DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _date_obs(header: fits.Header) -> tuple[float | None, str | None]:
+    """(MJD of ``DATE-OBS``, None) when it gives a time; (None, why not) when it is present but gives none.
+
+    A date without a clock (``2025-04-03``; its time of day in ``TIME-OBS``/``UT``/``UTSTART`` when
+    any) or a date that is not ISO (``03/04/25``) leaves the exposure start to the cards after it.
+    """
+    date = _value(header, "DATE-OBS")
+    if not isinstance(date, str):
+        return None, None
+    if _DATE_ONLY.match(date):
+        clock = _value(header, "TIME-OBS", "UT", "UTSTART")
+        if not isinstance(clock, str):
+            return None, f"DATE-OBS {date!r} has no time of day (nor TIME-OBS, UT, UTSTART)"
+        date = f"{date}T{clock}"
+    try:
+        return parse_iso_utc(date), None
+    except MissingMetadata as exc:
+        return None, str(exc)
+
+
 def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfile | None) -> tuple[float, str]:
-    """(MJD of the exposure start, UTC; the card it came from), following :data:`MAPPING`."""
+    """(MJD of the exposure start, UTC; the card it came from), following :data:`MAPPING`.
+
+    Raises
+    ------
+    MissingMetadata
+        No card gives the time: a ``DATE-OBS`` that gives none (a date without its time of day,
+        not ISO) is named when no later card gives it either.
+    """
     mid = profile is not None and profile.time_reference == "mid"
     shift = exptime / 2.0 / 86400.0
     mjd = _number(header, "MJD-OBS")
     if mjd is not None:
         return mjd, "MJD-OBS"
-    date = _value(header, "DATE-OBS")
-    if isinstance(date, str):
-        clock = _value(header, "TIME-OBS", "UT", "UTSTART")
-        text = f"{date}T{clock}" if "T" not in date and isinstance(clock, str) else date
-        start = parse_iso_utc(text)
+    start, unusable = _date_obs(header)
+    if start is not None:
         return (start - shift, "DATE-OBS(mid)") if mid else (start, "DATE-OBS")
     jd = _number(header, "JD", "JD-OBS")
     if jd is not None:
@@ -192,6 +220,8 @@ def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfil
         avg = parse_iso_utc(avg_date)
     if avg is not None:
         return avg - shift, "MJD-AVG"
+    if unusable:
+        raise MissingMetadata(f"{unusable}, and no JD, JD-OBS, MJD-AVG or DATE-AVG gives the exposure start")
     raise MissingMetadata("no exposure time stamp: none of MJD-OBS, DATE-OBS, JD, JD-OBS, MJD-AVG, DATE-AVG")
 
 

@@ -220,3 +220,19 @@ def test_egain_is_the_gain_and_a_gain_setting_or_zero_is_not():
     del survey["EGAIN"]
     survey["GAIN"] = 4.2
     assert normalise_header(survey, (64, 64))["GAIN"] == 4.2
+
+
+@pytest.mark.parametrize("cards, mjd, source", [
+    ({"DATE-OBS": "2013-03-11", "JD": 2456362.649537037}, 56362.149537037, "JD"),  # MaxIm DL: no midnight
+    ({"DATE-OBS": "11/03/13", "JD": 2456362.649537037}, 56362.149537037, "JD"),
+    ({"DATE-OBS": "2013-03-11 03:35:20", "TIME-OBS": "03:35:20"}, 56362.14953704, "DATE-OBS"),
+])
+def test_a_date_obs_without_a_time_of_day_gives_way_to_the_next_time_card(cards, mjd, source):
+    """A date alone became midnight UTC (3.6 h off here), and a non-ISO one was refused though JD gave the time."""
+    out = normalise_header(_amateur(**cards), (10, 10))
+    assert out["TIMESRC"] == source and out["MJD-OBS"] == pytest.approx(mjd, abs=1e-7)
+
+
+def test_a_date_without_a_time_of_day_and_nothing_else_is_refused():
+    with pytest.raises(MissingMetadata, match=r"DATE-OBS '2013-03-11' has no time of day"):
+        normalise_header(_amateur(**{"DATE-OBS": "2013-03-11"}), (10, 10))
