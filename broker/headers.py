@@ -194,8 +194,46 @@ def _date_obs(header: fits.Header) -> tuple[float | None, str | None]:
         return None, str(exc)
 
 
+#: ``TIMESYS`` values -> astropy time scales; a header without one (or ``UTC``, ``UT``, ``GMT``) is in UTC, and
+#: so is ``UT1`` (within 0.9 s of it; converting would need the IERS tables).
+TIME_SCALES = {"UTC": "utc", "UT": "utc", "UT1": "utc", "GMT": "utc", "TT": "tt", "TDT": "tt", "ET": "tt",
+               "TAI": "tai", "IAT": "tai",
+               "GPS": "gps", "TDB": "tdb", "TCB": "tcb", "TCG": "tcg"}
+#: GPS time runs 19 s behind TAI.
+_GPS_BEHIND_TAI_S = 19.0
+
+
 def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfile | None) -> tuple[float, str]:
-    """(MJD of the exposure start, UTC; the card it came from), following :data:`MAPPING`.
+    """(MJD of the exposure start in UTC; the card it came from): :func:`exposure_start_as_written` in UTC.
+
+    The header's times are in the scale ``TIMESYS`` names (:data:`TIME_SCALES`, FITS standard
+    section 9.2.1): a time in TT was read as UTC, 69 s late. A zone in an ISO time (``Z``, ``-0700``)
+    says UTC already.
+
+    Raises
+    ------
+    MissingMetadata
+        No card gives the time, or ``TIMESYS`` names a scale that is not one of :data:`TIME_SCALES`.
+    """
+    mjd, source = exposure_start_as_written(header, exptime, profile)
+    timesys = _value(header, "TIMESYS")
+    scale = TIME_SCALES.get(str(timesys).upper(), "") if timesys is not None else "utc"
+    date = _value(header, "DATE-OBS")
+    match = _TIME_RE.match(date.strip()) if source.startswith("DATE-OBS") and isinstance(date, str) else None
+    if scale == "utc" or (match is not None and match.group(3) is not None):  # a zone in the time says UTC
+        return mjd, source
+    if not scale:
+        raise MissingMetadata(f"TIMESYS = {timesys!r} is no time scale the broker converts ({', '.join(TIME_SCALES)})")
+    if scale == "gps":
+        scale, mjd = "tai", mjd + _GPS_BEHIND_TAI_S / 86400.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ErfaWarning)
+        return float(Time(mjd, format="mjd", scale=scale).utc.mjd), f"{source}({timesys})"
+
+
+def exposure_start_as_written(header: fits.Header, exptime: float,
+                              profile: TelescopeProfile | None) -> tuple[float, str]:
+    """(MJD of the exposure start in the header's time scale; the card it came from), following :data:`MAPPING`.
 
     Raises
     ------

@@ -236,3 +236,17 @@ def test_a_date_obs_without_a_time_of_day_gives_way_to_the_next_time_card(cards,
 def test_a_date_without_a_time_of_day_and_nothing_else_is_refused():
     with pytest.raises(MissingMetadata, match=r"DATE-OBS '2013-03-11' has no time of day"):
         normalise_header(_amateur(**{"DATE-OBS": "2013-03-11"}), (10, 10))
+
+
+@pytest.mark.parametrize("timesys, seconds", [("UTC", 0.0), ("UT", 0.0), ("TT", -69.184), ("TAI", -37.0),
+                                              ("GPS", -18.0)])
+def test_times_in_another_time_scale_are_converted_to_utc(timesys, seconds):
+    """TIMESYS was ignored: a DATE-OBS or MJD-OBS in TT was read as UTC, 69 s late."""
+    utc = normalise_header(_amateur(), (10, 10))["MJD-OBS"]
+    for cards in ({"TIMESYS": timesys}, {"TIMESYS": timesys, "DATE-OBS": None, "MJD-OBS": utc}):
+        out = normalise_header(_amateur(**cards), (10, 10))
+        assert (out["MJD-OBS"] - utc) * 86400 == pytest.approx(seconds, abs=1e-3)
+    zoned = normalise_header(_amateur(TIMESYS="TT", **{"DATE-OBS": "2025-03-27T01:20:32.955Z"}), (10, 10))
+    assert zoned["MJD-OBS"] == pytest.approx(utc, abs=1e-9)  # the zone says UTC
+    with pytest.raises(MissingMetadata, match="TIMESYS = 'LOCAL'"):
+        normalise_header(_amateur(TIMESYS="LOCAL"), (10, 10))
