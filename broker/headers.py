@@ -85,8 +85,8 @@ MAPPING: tuple[CardSource, ...] = (
                "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
                "camera that writes only the setting in GAIN (Seestar) needs a profile"),
     CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON"), "e-; none: 0 (sky RMS only)"),
-    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "16-bit data range"),
-               "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest"),
+    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "8- or 16-bit data range"),
+               "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest, 8-bit data at 255"),
 )
 
 #: Cards that name an exposure's type: MaxIm DL, N.I.N.A., SharpCap, ASIAIR, Seestar (``IMAGETYP``:
@@ -437,13 +437,21 @@ def _field(header: fits.Header, shape: tuple[int, int], grid_deg: float) -> tupl
 
 
 def _saturation(header: fits.Header, profile: TelescopeProfile | None) -> float | None:
+    """SATURATE (ADU): the profile's, the header's, else the top of an integer data range (None for floats).
+
+    The top of an 8-bit image (255; webcams, all-sky and video cameras, JPEG conversions) was not
+    known: its clipped stars entered the zero point, 1.2 mag too bright on a simulated frame.
+    """
     if profile is not None and profile.saturation is not None:
         return profile.saturation
     level = _number(header, "SATURATE", "SATLEVEL", "MAXLIN")
     if level is not None:
         return level
-    if header.get("BITPIX") == 16:
-        return 65535.0 if header.get("BZERO") == 32768 else 32767.0
+    bitpix, bzero = header.get("BITPIX"), header.get("BZERO")
+    if bitpix == 16:
+        return 65535.0 if bzero == 32768 else 32767.0
+    if bitpix == 8:
+        return 127.0 if bzero == -128 else 255.0
     return None
 
 

@@ -250,3 +250,10 @@ def test_times_in_another_time_scale_are_converted_to_utc(timesys, seconds):
     assert zoned["MJD-OBS"] == pytest.approx(utc, abs=1e-9)  # the zone says UTC
     with pytest.raises(MissingMetadata, match="TIMESYS = 'LOCAL'"):
         normalise_header(_amateur(TIMESYS="LOCAL"), (10, 10))
+
+
+@pytest.mark.parametrize("cards, level", [({"BITPIX": 8, "BZERO": None}, 255.0), ({"BITPIX": 8, "BZERO": -128}, 127.0),
+                                          ({}, 65535.0), ({"BITPIX": -32, "BZERO": None}, None)])
+def test_an_integer_image_saturates_at_the_top_of_its_range(cards, level):
+    """An 8-bit frame's saturation was unknown: its clipped stars entered the zero point (1.2 mag off)."""
+    assert normalise_header(_amateur(**cards), (10, 10)).get("SATURATE") == level
