@@ -12,10 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from astropy.stats import sigma_clipped_stats
 from astropy.wcs.utils import proj_plane_pixel_scales
 
-from broker.calibrate import CalibrationConfig
+from broker.calibrate import CalibrationConfig, sky_level
 from broker.errors import BadPixelFraction, BadShape, ConfigError, PoorQuality, RecordMismatch
 from broker.frame import Frame, has_wcs
 from broker.plausibility import PlausibilityConfig, check_header, check_pixels, check_wcs
@@ -201,9 +200,7 @@ def measure_quality(frame: Frame, config: IngestConfig = IngestConfig()) -> Fram
     finite = np.isfinite(data)
     nan_fraction = 1.0 - np.count_nonzero(finite) / data.size
     saturated = np.count_nonzero(data[finite] >= frame.meta.saturation) / data.size
-    # a strided subsample is enough for the sky and keeps this O(1 Mpx) on any frame size
-    step = max(1, int(np.sqrt(data.size / 1e6)))
-    _, sky, sky_rms = sigma_clipped_stats(data[::step, ::step], sigma=3.0, maxiters=5)
+    sky, sky_rms = sky_level(data)  # a strided subsample: O(1 Mpx) on any frame size
     ny, nx = data.shape
     h = config.seeing_window // 2
     centre = data[max(0, ny // 2 - h): ny // 2 + h, max(0, nx // 2 - h): nx // 2 + h]
@@ -212,7 +209,8 @@ def measure_quality(frame: Frame, config: IngestConfig = IngestConfig()) -> Fram
     # 5-sigma PSF flux limit, background-limited: n_eff = 4 pi sigma^2 for a Gaussian PSF
     sigma_psf = (fwhm if np.isfinite(fwhm) else 2.5) / 2.3548
     limit_flux = 5.0 * sky_rms * np.sqrt(4 * np.pi * sigma_psf**2)
-    limit_mag = None if frame.meta.magzp is None else float(frame.meta.magzp - 2.5 * np.log10(limit_flux))
+    limit_mag = (None if frame.meta.magzp is None or not limit_flux > 0  # a sky without noise: 8-bit quantised
+                 else float(frame.meta.magzp - 2.5 * np.log10(limit_flux)))
     flags = []
     if n_stars < config.min_stars:
         flags.append("few_stars")

@@ -77,3 +77,25 @@ def test_a_seeing_measured_on_no_star_is_a_config_error(settings, named):
         IngestConfig(**settings)
     assert measure_quality(star_frame(), IngestConfig(max_stars=1)).n_stars == 1
     assert measure_quality(star_frame(n_stars=300), IngestConfig(seeing_window=64)).n_stars > 0
+
+
+def test_a_frame_with_nan_borders_is_measured_without_warnings():
+    """A registered frame's NaN border made astropy warn in the sky statistics of ingest and calibration."""
+    from broker.astrometry import AstrometryConfig
+    from broker.calibrate import frame_stars
+
+    frame = star_frame()
+    data = frame.data.copy()
+    data[:30], data[:, -20:] = np.nan, np.nan
+    bordered = Frame(frame.meta, data, frame.header)
+    quality = measure_quality(bordered)
+    assert quality.n_stars > 5 and quality.sky == pytest.approx(measure_quality(frame).sky, rel=0.01)
+    assert len(frame_stars(bordered, AstrometryConfig()).x) > 5
+
+
+def test_a_sky_without_noise_gives_no_depth_rather_than_a_division_by_zero():
+    """An 8-bit frame quantised to one sky value: sky RMS 0, log10(0) warned and limit_mag was inf."""
+    frame = star_frame(sky=10.0)
+    flat = np.where(frame.data > 40, frame.data, 10.0).astype(np.float32)
+    quality = measure_quality(Frame(frame.meta, flat, frame.header))
+    assert quality.sky_rms == 0.0 and quality.limit_mag is None
