@@ -14,7 +14,8 @@ full of dipoles. :func:`superpixel_luminance` sums each 2x2 cell (R + G + G + B)
 * a superpixel holding a saturated raw pixel is set to the summed saturation level
   (``4 x SATURATE``) so it is masked as saturated; ``SATURATE`` becomes that level;
 * a WCS the raw frame may carry is dropped (cards ``CTYPE*``, ``CRPIX*``, ``CD*``, ...): the
-  ingest stage solves the binned frame (``broker.astrometry``), so nothing inherits a half-pixel error.
+  ingest stage solves the binned frame (``broker.astrometry``), so nothing inherits a half-pixel error;
+  its centre and scale stay as the solver's hints (``RA``/``DEC``, ``PIXSCALE``) where the header has none.
 
 ``XPIXSZ``/``YPIXSZ`` and ``PIXSCALE`` double; ``BAYERPAT`` moves to ``BAYERRAW`` and ``BAYERMOD``
 records the mode, so a decoded frame is never binned twice.
@@ -32,11 +33,15 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 
 import numpy as np
 from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
 
 from broker.errors import BadShape
+from broker.headers import pixel_scale_hint, pointing_hint, wcs_centre
 
 #: Accepted mosaic patterns (top-left 2x2 cell read row by row).
 PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
@@ -132,6 +137,7 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
     for key in list(out.keys()):
         if key.startswith(_WCS_PREFIXES):
             out.remove(key, ignore_missing=True, remove_all=True)
+    _keep_wcs_hints(header, out, data.shape)
     _mark_luminance(out, "superpixel-sum", "2x2 R+G+G+B summed (broker.bayer)")
     read_noise = _number(out.get("RDNOISE"))
     if read_noise is not None:  # anything else is left for ``meta_from_header`` to name
@@ -143,6 +149,27 @@ def superpixel_luminance(data: np.ndarray, header: fits.Header, saturation: floa
         if size is not None:
             out[key] = 2.0 * size
     return lum, out
+
+
+def _keep_wcs_hints(raw: fits.Header, out: fits.Header, shape: tuple[int, ...]) -> None:
+    """Write the dropped WCS's centre (``RA``, ``DEC``, deg) and binned scale (``PIXSCALE``) where ``out`` has none.
+
+    The plate solver needs a pointing or a scale: a raw colour frame whose only hints were its WCS
+    (a frame solved by the capture program, no mount cards) lost them with it and was refused
+    ``no_wcs``. The hints written are the raw WCS's, the binned frame is still solved.
+    """
+    centre = wcs_centre(raw, (int(shape[-2]), int(shape[-1])))
+    if centre is None:
+        return
+    if pointing_hint(out) is None:
+        out["RA"] = (round(centre[0], 6), "[deg] centre of the raw frame's WCS (a solver hint)")
+        out["DEC"] = (round(centre[1], 6), "[deg] centre of the raw frame's WCS (a solver hint)")
+    if pixel_scale_hint(out) is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            scale = float(np.mean(proj_plane_pixel_scales(WCS(raw, naxis=2).celestial))) * 3600.0
+        if math.isfinite(scale) and scale > 0:  # PIXSCALE is doubled with the pixel sizes below
+            out["PIXSCALE"] = (scale, "[arcsec/px] scale of the raw frame's WCS (a solver hint)")
 
 
 def colour_planes_luminance(data: np.ndarray, header: fits.Header,

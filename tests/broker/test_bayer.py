@@ -179,3 +179,20 @@ def test_a_celestron_nightscape_light_frame_is_binned_to_luminance():
     fits.PrimaryHDU(data, header).writeto(buf)
     frame = decode_fits(buf.getvalue(), require_wcs=False)
     assert frame.shape == (128, 128) and frame.meta.filter == "lum"
+
+
+def test_a_raw_colour_frame_keeps_its_dropped_wcs_as_the_solver_hints():
+    """Its WCS was its only pointing and scale: dropped with the binning, the frame was refused no_wcs at ingest."""
+    from broker.frame import decode_fits, encode_fits, has_wcs
+    from broker.headers import pixel_scale_hint, pointing_hint
+    from tests.helpers import star_frame
+
+    frame = star_frame(shape=(256, 256), BAYERPAT="RGGB", ra=193.0, dec=41.0, scale_arcsec=2.0)
+    out = decode_fits(encode_fits(frame), require_wcs=False)
+    assert not has_wcs(out.header) and out.meta.filter == "lum"
+    ra, dec = pointing_hint(out.header)
+    assert abs(ra - 193.0) < 0.01 and abs(dec - 41.0) < 0.01
+    assert pixel_scale_hint(out.header) == pytest.approx(4.0, rel=1e-6)
+    mount = star_frame(shape=(256, 256), BAYERPAT="RGGB", RA=10.0, DEC=20.0, XPIXSZ=3.0, FOCALLEN=300.0)
+    kept = decode_fits(encode_fits(mount), require_wcs=False).header
+    assert pointing_hint(kept) == (10.0, 20.0) and "PIXSCALE" not in kept  # the header's own hints win
