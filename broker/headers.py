@@ -53,6 +53,13 @@ FILTER_ALIASES: dict[str, str] = {
 }
 
 
+#: A photometric system's name before its band letter, as filter wheels are named in capture programs
+#: (``Sloan r'``, ``SDSS g``, ``Johnson V``, ``Bessell R``, ``Cousins Ic``); matched upper-cased.
+_SYSTEM_BAND = re.compile(r"^(SLOAN|SDSS|JOHNSON|BESSELL|COUSINS)[\s_-]*([A-Z])(?:'|C)?$")
+#: The bands of each system (:data:`_SYSTEM_BAND`): SDSS bands are lower case, Johnson-Cousins upper case.
+_SYSTEM_BANDS = {"SLOAN": "ugriz", "SDSS": "ugriz", "JOHNSON": "UBVRI", "BESSELL": "UBVRI", "COUSINS": "RI"}
+
+
 @dataclass(frozen=True)
 class CardSource:
     """One row of the mapping table: a canonical card and the header cards it is read from, in order."""
@@ -275,6 +282,10 @@ def canonical_band(raw: str, profile: TelescopeProfile | None = None) -> str:
     key = name.upper()
     if key in FILTER_ALIASES:
         return FILTER_ALIASES[key]
+    system = _SYSTEM_BAND.match(key)  # a filter wheel's "Sloan r'" or "Johnson V"
+    bands = _SYSTEM_BANDS[system.group(1)] if system is not None else ""
+    if system is not None and system.group(2).lower() in bands.lower():
+        return bands[bands.lower().index(system.group(2).lower())]
     first = key.split()[0] if key.split() else key
     if len(name.split()) > 1 and name.split()[0] in BANDS:  # DECam: "i DECam SDSS c0003 ..."
         return name.split()[0]

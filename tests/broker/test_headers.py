@@ -257,3 +257,11 @@ def test_times_in_another_time_scale_are_converted_to_utc(timesys, seconds):
 def test_an_integer_image_saturates_at_the_top_of_its_range(cards, level):
     """An 8-bit frame's saturation was unknown: its clipped stars entered the zero point (1.2 mag off)."""
     assert normalise_header(_amateur(**cards), (10, 10)).get("SATURATE") == level
+
+
+@pytest.mark.parametrize("raw, band", [("Sloan r'", "r"), ("SDSS g", "g"), ("sdss_i", "i"), ("Sloan z'", "z"),
+                                       ("Johnson V", "V"), ("Bessell R", "R"), ("Cousins Ic", "I"),
+                                       ("Sloan B", "Sloan_B"), ("Cousins V", "Cousins_V")])
+def test_filter_wheel_names_with_a_system_and_a_blank(raw, band):
+    """N.I.N.A. and MaxIm filter wheels are named "Sloan r'" or "Johnson V": they keyed references of their own."""
+    assert canonical_band(raw) == band
