@@ -250,16 +250,16 @@ def exposure_start_as_written(header: fits.Header, exptime: float,
     """
     mid = profile is not None and profile.time_reference == "mid"
     shift = exptime / 2.0 / 86400.0
-    mjd = _number(header, "MJD-OBS")
+    mjd = _positive(header, "MJD-OBS")  # 0: a placeholder some drivers write, not 1858
     if mjd is not None:
         return mjd, "MJD-OBS"
     start, unusable = _date_obs(header)
     if start is not None:
         return (start - shift, "DATE-OBS(mid)") if mid else (start, "DATE-OBS")
-    jd = _number(header, "JD", "JD-OBS")
+    jd = _positive(header, "JD", "JD-OBS")
     if jd is not None:
         return (jd - 2400000.5 - shift if mid else jd - 2400000.5), "JD"
-    avg = _number(header, "MJD-AVG")
+    avg = _positive(header, "MJD-AVG")
     avg_date = _value(header, "DATE-AVG")
     if avg is None and isinstance(avg_date, str):
         avg = parse_iso_utc(avg_date)

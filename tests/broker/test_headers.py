@@ -265,3 +265,10 @@ def test_an_integer_image_saturates_at_the_top_of_its_range(cards, level):
 def test_filter_wheel_names_with_a_system_and_a_blank(raw, band):
     """N.I.N.A. and MaxIm filter wheels are named "Sloan r'" or "Johnson V": they keyed references of their own."""
     assert canonical_band(raw) == band
+
+
+@pytest.mark.parametrize("cards", [{"MJD-OBS": 0.0}, {"MJD-OBS": 0.0, "JD": 0}, {"JD": 0.0}])
+def test_a_time_card_of_zero_is_a_placeholder_not_the_exposure_start(cards):
+    """MJD-OBS = 0 beside a good DATE-OBS became the start (1858) and the frame was refused implausible_header."""
+    out = normalise_header(_amateur(**cards), (10, 10))
+    assert out["TIMESRC"] == "DATE-OBS" and out["MJD-OBS"] == pytest.approx(60761.05593698, abs=1e-7)
