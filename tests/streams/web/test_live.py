@@ -216,43 +216,53 @@ def _wait(condition, timeout: float, what: str) -> None:
 
 @pytest.mark.kafka
 def test_a_new_alert_reaches_every_open_stream_that_wants_it(kafka, portal_config):
-    from confluent_kafka import Producer
-
-    from streams import serde
     from streams.topics import TopicSpec, create_topics
 
     topic = f"alerts-live-{uuid.uuid4().hex[:8]}"
     create_topics(kafka.bootstrap, [TopicSpec(topic)])
     config = replace(portal_config, bootstrap=kafka.bootstrap, alerts_topic=topic)
+    everyone: list[tuple[str, dict]] = []
+    picky: list[tuple[str, dict]] = []
+    stop = threading.Event()
     with running_server(config) as base:
-        everyone: list[tuple[str, dict]] = []
-        picky: list[tuple[str, dict]] = []
-        stop = threading.Event()
         readers = [threading.Thread(target=_read_events, args=(f"{base}/api/v1/stream", everyone, stop), daemon=True),
                    threading.Thread(target=_read_events, args=(f"{base}/api/v1/stream?filter=rb%20%3E%200.5", picky,
                                                                stop), daemon=True)]
         for r in readers:
             r.start()
-        _wait(lambda: ("status", {"state": "live", "message": f"reading {topic}"}) in everyone, 30, "the consumer")
-        health = httpx.get(f"{base}/api/v1/health", timeout=10)  # the event loop still answers
-        assert health.status_code == 200
-        producer = Producer({"bootstrap.servers": kafka.bootstrap})
-        big = 2**63 - 5
-        for alert_id, rb in ((big, 0.1), (big + 1, 0.9)):
-            producer.produce(topic, serde.encode_ocf("alert", _record(alert_id, rb)), b"k")
-        producer.flush(10)
-        _wait(lambda: len([e for e in everyone if e[0] == "alert"]) == 2, 60, "two alerts on the open stream")
-        _wait(lambda: any(e[0] == "alert" for e in picky), 10, "the filtered stream")
-        time.sleep(0.5)
-        stop.set()
-        assert [e[1]["alert_id"] for e in everyone if e[0] == "alert"] == [big, big + 1]
-        assert [e[1]["alert_id"] for e in picky if e[0] == "alert"] == [big + 1]
-        (summary,) = [e[1] for e in picky if e[0] == "alert"]
-        assert summary["rb"] == 0.9 and summary["candid"] == f"LIVE-F1-r-0001/{(big + 1) % 1000}"
-        # not archived: its cutouts come from what the live stream read
-        cut = httpx.get(f"{base}/api/v1/alerts/{big + 1}/cutouts/difference.png", timeout=10)
-        assert cut.status_code == 200 and cut.content[:8] == b"\x89PNG\r\n\x1a\n"
-        assert httpx.get(f"{base}/api/v1/alerts/{big + 1}", timeout=10).json()["summary"]["rb"] == 0.9
+        try:
+            _send_two_alerts_and_check_both_streams(base, kafka.bootstrap, topic, everyone, picky)
+        finally:  # the readers end quietly when the server stops: no thread's traceback beside this test's report
+            stop.set()
+    for r in readers:
+        r.join(10)
+
+
+def _send_two_alerts_and_check_both_streams(base: str, bootstrap: str, topic: str, everyone: list[tuple[str, dict]],
+                                            picky: list[tuple[str, dict]]) -> None:
+    from confluent_kafka import Producer
+
+    from streams import serde
+
+    _wait(lambda: ("status", {"state": "live", "message": f"reading {topic}"}) in everyone, 30, "the consumer")
+    health = httpx.get(f"{base}/api/v1/health", timeout=10)  # the event loop still answers
+    assert health.status_code == 200
+    producer = Producer({"bootstrap.servers": bootstrap})
+    big = 2**63 - 5
+    for alert_id, rb in ((big, 0.1), (big + 1, 0.9)):
+        producer.produce(topic, serde.encode_ocf("alert", _record(alert_id, rb)), b"k")
+    producer.flush(10)
+    _wait(lambda: len([e for e in everyone if e[0] == "alert"]) == 2, 60, "two alerts on the open stream")
+    _wait(lambda: any(e[0] == "alert" for e in picky), 10, "the filtered stream")
+    time.sleep(0.5)
+    assert [e[1]["alert_id"] for e in everyone if e[0] == "alert"] == [big, big + 1]
+    assert [e[1]["alert_id"] for e in picky if e[0] == "alert"] == [big + 1]
+    (summary,) = [e[1] for e in picky if e[0] == "alert"]
+    assert summary["rb"] == 0.9 and summary["candid"] == f"LIVE-F1-r-0001/{(big + 1) % 1000}"
+    # not archived: its cutouts come from what the live stream read
+    cut = httpx.get(f"{base}/api/v1/alerts/{big + 1}/cutouts/difference.png", timeout=10)
+    assert cut.status_code == 200 and cut.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert httpx.get(f"{base}/api/v1/alerts/{big + 1}", timeout=10).json()["summary"]["rb"] == 0.9
 
 
 def test_the_context_of_a_live_alert_is_told_in_brief():
