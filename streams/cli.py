@@ -194,6 +194,9 @@ def embedded(port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: 
              auth: Annotated[bool, typer.Option(
                  help="Require SASL SCRAM-SHA-512 over TLS (a gateway in front of tansu, streams/gateway.py); "
                       "prints each user's BROKER_KAFKA_* settings.")] = False,
+             tls: Annotated[bool, typer.Option(
+                 help="With --auth: serve TLS (SASL_SSL). --no-tls serves SASL_PLAINTEXT, for clients that cannot "
+                      "do TLS (fink-client's AlertConsumer); on 127.0.0.1 only.")] = True,
              auth_dir: Annotated[Optional[Path], typer.Option(
                  help="Where --auth writes its CA, users and password files (default: a temporary directory, "
                       "removed at exit).")] = None,
@@ -215,7 +218,8 @@ def embedded(port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: 
     if auth:  # cryptography (the embedded extra) only then
         from streams.secure_embedded import SecureEmbeddedKafka
 
-        broker: EmbeddedKafka | SecureEmbeddedKafka = SecureEmbeddedKafka(port=port or None, directory=auth_dir)
+        broker: EmbeddedKafka | SecureEmbeddedKafka = SecureEmbeddedKafka(port=port or None, directory=auth_dir,
+                                                                       tls=tls)
     else:
         broker = EmbeddedKafka(port or None, storage=durable)
     if durable:
