@@ -341,6 +341,16 @@ class FrameStoreUnavailable(Outage):
     reason = "frame_store_unavailable"
 
 
+class RegistryUnavailable(Outage):
+    """The schema registry did not answer a schema id's look-up, or answered an error other than "not found".
+
+    Not the message's fault: a reader keeps it and stops, or retries it, instead of skipping it as
+    undecodable (an id the registry does not know is a :class:`DecodeError`).
+    """
+
+    reason = "registry_unavailable"
+
+
 # --- archive ------------------------------------------------------------------------------------
 class ArchiveError(BrokerError):
     """An archive that cannot be used as asked: no such archive, a query it cannot run, a second writer."""

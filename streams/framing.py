@@ -38,7 +38,7 @@ from fastavro.schema import to_parsing_canonical_form
 import schemas
 from broker.avrofile import OCF_HEADER, OCF_MAGIC, read_long, snappy_length
 from broker.config import ALERT_FRAMINGS, OCF_CODECS
-from broker.errors import ConfigError, DecodeError, RegistryError
+from broker.errors import ConfigError, DecodeError, RegistryError, RegistryUnavailable
 from streams import serde, topics
 
 if TYPE_CHECKING:
@@ -373,11 +373,23 @@ def decode_ocf(payload: bytes) -> list[dict]:
 
 @lru_cache(maxsize=256)
 def _schema_of_id(client: SchemaRegistryClient, schema_id: int) -> dict:
-    """The alert schema of registry id ``schema_id`` (cached per client; failures are not)."""
+    """The alert schema of registry id ``schema_id`` (cached per client; failures are not).
+
+    Raises
+    ------
+    DecodeError
+        The registry does not know the id (HTTP 404), or its schema is no alert version.
+    RegistryUnavailable
+        The registry cannot be reached or answers another error: the message is not at fault.
+    """
     try:
         text = client.get_schema(schema_id).schema_str
-    except Exception as exc:  # SchemaRegistryError (unknown id), connection errors, ...
-        raise DecodeError(f"schema id {schema_id} not found in the registry: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # SchemaRegistryError (unknown id, server error), connection errors, ...
+        if getattr(exc, "http_status_code", None) == 404:
+            raise DecodeError(f"schema id {schema_id} not found in the registry: {type(exc).__name__}: {exc}") \
+                from exc
+        raise RegistryUnavailable(f"the schema registry did not give schema id {schema_id}: {type(exc).__name__}: "
+                                  f"{exc}") from exc
     return known_schema(text or "")
 
 
@@ -424,6 +436,8 @@ def decode_alert(key: bytes | None, value: bytes | None, headers: dict[str, byte
     ------
     DecodeError
         Empty, truncated or foreign bytes, a foreign writer schema, an unknown schema id.
+    RegistryUnavailable
+        ``registry`` given, it did not answer a schema id's look-up (or answered a server error).
     """
     if not value:
         raise DecodeError("empty alert message")

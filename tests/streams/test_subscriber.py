@@ -365,3 +365,45 @@ def _with_history(alert):
 
     template = sample_alert()["prv_sources"][0]
     return {**alert, "prv_sources": [{**template, **p} for p in alert["prv_sources"]]}
+
+
+@pytest.mark.kafka
+def test_a_registry_that_does_not_answer_stops_the_subscription_before_the_alert_not_past_it(settings):
+    """A registry down made every ``confluent`` alert "undecodable": skipped, and a named group committed past it.
+
+    Only an id the registry does not know (HTTP 404) is the message's fault and skipped; a registry
+    that does not answer stops the subscription (``broker subscribe``: exit 2) before that message,
+    which the group reads once the registry is back.
+    """
+    import struct
+
+    from confluent_kafka import Producer
+    from typer.testing import CliRunner
+
+    from broker.errors import RegistryUnavailable
+    from streams.cli import app
+    from streams.embedded import free_port
+    from streams.framing import AlertEncoder, FramingConfig
+    from streams.registry import EmbeddedRegistry
+    from streams.settings import KafkaSettings
+    from streams.subscriber import Subscription
+
+    topic, alerts, group = _topic(settings), _alerts(2, "reg"), f"g-{uuid.uuid4().hex[:8]}"
+    down = f"http://127.0.0.1:{free_port()}"
+    with EmbeddedRegistry() as registry:
+        encoder, producer = AlertEncoder(FramingConfig("confluent", registry_url=registry.url), topic), \
+            Producer(settings.producer())
+        for value in [encoder.encode(a, None).value for a in alerts] + [struct.pack(">bI", 0, 999) + b"\x00" * 300]:
+            producer.produce(topic, value)
+        assert producer.flush(15) == 0
+        res = CliRunner().invoke(app, ["subscribe", "--bootstrap", settings.bootstrap, "--topic", topic, "--group",
+                                       group, "--registry-url", down, "--timeout", "5", "--status-every", "0"])
+        assert res.exit_code == 2 and "did not give schema id" in res.output and "skipped" not in res.output, \
+            res.output
+        cli_settings = KafkaSettings(settings.bootstrap)  # the app id of broker subscribe's group
+        with Subscription(cli_settings, topic, group, registry=down) as sub:
+            with pytest.raises(RegistryUnavailable, match="did not give schema id"):
+                list(sub.alerts(timeout=5))
+        with Subscription(cli_settings, topic, group, registry=registry.url) as sub:
+            assert sorted(a["candid"] for a, _ in sub.alerts(timeout=1.5)) == ["reg/0", "reg/1"]
+            assert sub.stats.skipped == {"undecodable": 1}  # the unknown id 999
