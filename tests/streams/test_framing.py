@@ -7,6 +7,7 @@ import json
 import random
 import struct
 import zlib
+from pathlib import Path
 
 import fastavro
 import pytest
@@ -89,6 +90,28 @@ def test_confluent_is_magic_byte_registry_id_and_body_as_rubin_deserializers_rea
     assert deserialize(out.value, SerializationContext("alerts-rubin", MessageField.VALUE)) == _sample()
     # a restart registers the same schema again: same id
     assert _encoder("confluent", "mock://rubin-path", topic="alerts-rubin").schema_id == enc.schema_id
+
+
+def test_the_readmes_way_of_saving_fink_alerts_works_where_fink_clients_poll_and_write_cannot(tmp_path, monkeypatch):
+    """fink-client's ``poll_and_write`` (survey ztf) names a file ``<objectId>_<candid>.avro``; a candid holds a ``/``.
+
+    README.md said nothing of it: saving alerts the fink way ended in ``FileNotFoundError``. Its
+    ``client-save`` snippet writes each alert under its ``alertId`` with the writer schema of the key.
+    """
+    import re
+
+    from fink_client.avro_utils import write_alert
+
+    out, alert = _encoder("fink").encode(_sample(), b"OBJ1"), _sample()
+    assert "/" in alert["candid"]
+    with pytest.raises(FileNotFoundError):  # what poll_and_write does with an alert for survey="ztf"
+        write_alert(alert, fastavro.parse_schema(json.loads(out.key)), str(tmp_path), id1="objectId", id2="candid")
+    (code,) = re.findall(r"<!-- client-save: fink-client -->\s*```python\n(.*?)```",
+                         (Path(__file__).resolve().parents[2] / "README.md").read_text(), re.S)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md (client-save)", "exec"), {"alert": alert, "key": out.key.decode()})
+    with (tmp_path / f"{alert['alertId']}.avro").open("rb") as f:
+        assert list(fastavro.reader(f)) == [alert]
 
 
 def test_fink_carries_the_writer_schema_as_json_in_the_key_as_fink_client_reads_it():
