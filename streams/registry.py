@@ -12,13 +12,21 @@ schema gets the same id, in any subject), look it up (``POST /subjects/{s}``), f
 list subjects, read the global compatibility level. Errors carry Confluent's ``error_code``
 (40401 subject, 40402 version, 40403 schema not found, 42201 invalid schema). It checks no
 compatibility between versions and keeps nothing on disk.
+
+Its ids do not depend on its history: a schema's id is drawn from the SHA-256 of its compact JSON
+(:func:`stable_id`), and every alert schema version of the repository is known by id from the start
+(in no subject until registered). A ``confluent`` alert names its schema by id for ever, so one
+written before a restart (``broker embedded --durable`` keeps the topics) still decodes: with ids
+counted from 1 again, its id was unknown, or another version's after the alert stage registered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
+from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import unquote
@@ -32,23 +40,43 @@ MAX_BODY = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 30.0
 
 
-class RegistryStore:
-    """Schemas by id and subjects' versions, guarded by one lock."""
+def stable_id(key: str) -> int:
+    """The id of a schema of compact JSON ``key``: 31 bits of its SHA-256 (never 0), the same in every registry."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") & 0x7FFFFFFF or 1
 
-    def __init__(self) -> None:
+
+class RegistryStore:
+    """Schemas by id and subjects' versions, guarded by one lock.
+
+    Parameters
+    ----------
+    known : iterable of str
+        Schemas known by id from the start, in no subject (default: the repository's alert versions).
+    """
+
+    def __init__(self, known: Iterable[str] | None = None) -> None:
         self.lock = threading.Lock()
         self.ids: dict[str, int] = {}  # compact schema JSON -> id
         self.schemas: dict[int, str] = {}  # id -> schema text as registered first
         self.subjects: dict[str, list[int]] = {}  # subject -> schema id of each version (version = index + 1)
+        for text in _alert_schemas() if known is None else known:
+            self._id(_compact(text), text)
+
+    def _id(self, key: str, text: str) -> int:
+        """The id of the schema of compact JSON ``key``, ``text`` kept under a new one (call with the lock held)."""
+        sid = self.ids.get(key)
+        if sid is None:
+            sid = stable_id(key)
+            while sid in self.schemas:  # two schemas of one 31-bit hash: the next free id
+                sid = sid % 0x7FFFFFFF + 1
+            self.ids[key], self.schemas[sid] = sid, text
+        return sid
 
     def register(self, subject: str, text: str) -> int:
-        """Id of ``text`` (a new one for a new schema), added to ``subject`` unless it holds it."""
+        """Id of ``text`` (:func:`stable_id` for a new schema), added to ``subject`` unless it holds it."""
         key = _compact(text)
         with self.lock:
-            sid = self.ids.get(key)
-            if sid is None:
-                sid = self.ids[key] = len(self.ids) + 1
-                self.schemas[sid] = text
+            sid = self._id(key, text)
             versions = self.subjects.setdefault(subject, [])
             if sid not in versions:
                 versions.append(sid)
@@ -60,6 +88,14 @@ class RegistryStore:
             sid = self.ids.get(_compact(text))
             versions = self.subjects.get(subject, [])
             return (versions.index(sid) + 1, sid) if sid in versions else None
+
+
+def _alert_schemas() -> list[str]:
+    """Each alert schema version of the repository, as a ``confluent`` alert topic registers it."""
+    import schemas
+    from streams.framing import schema_json
+
+    return [schema_json(v) for v in schemas.versions("alert")]
 
 
 def _compact(text: str) -> str:

@@ -117,3 +117,45 @@ def test_a_subject_is_kept_as_named_not_as_the_client_quoted_it_in_the_path(clie
     assert "a/b value" in client.get_subjects()
     latest = client.get_latest_version("a/b value")
     assert (latest.subject, latest.schema_id) == ("a/b value", sid)
+
+
+def test_confluent_alerts_written_before_a_restart_still_decode_with_rubins_deserializer():
+    """A restarted registry knows the ids of the confluent alerts written before its restart.
+
+    Ids were counted from 1 in each life: after ``broker embedded`` restarted (its topics kept
+    with ``--durable``), the alerts written before had ids it did not know (404), or, once the alert stage
+    registered v4 again as id 1, the v3 alerts of id 1 named v4.
+    """
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    from streams.framing import AlertEncoder, FramingConfig, register
+    from tests.streams.test_framing import _sample
+
+    context = SerializationContext("alerts-rubin", MessageField.VALUE)
+    with EmbeddedRegistry() as first:  # the topic's alerts of v3, then of v4 after an upgrade
+        old = SchemaRegistryClient({"url": first.url})
+        v3_id = register(old, "alerts-rubin", 3)
+        v3_alert = _sample(3)
+        v3_message = b"\x00" + v3_id.to_bytes(4, "big") + _body(3, v3_alert)
+        encoder = AlertEncoder(FramingConfig("confluent"), "alerts-rubin", registry=old)
+        v4_message = encoder.encode(_sample(), None).value
+    with EmbeddedRegistry() as second:  # restarted
+        deserialize = AvroDeserializer(SchemaRegistryClient({"url": second.url}))
+        assert deserialize(v3_message, context) == v3_alert and deserialize(v4_message, context) == _sample()
+        new = SchemaRegistryClient({"url": second.url})  # the alert stage registers v4 again: the same id
+        assert AlertEncoder(FramingConfig("confluent"), "alerts-rubin", registry=new).schema_id == encoder.schema_id
+        assert new.get_versions("alerts-rubin-value") == [1] and new.get_subjects() == ["alerts-rubin-value"]
+
+
+def _body(version: int, record: dict) -> bytes:
+    """The schemaless Avro body of ``record`` with alert schema ``version``."""
+    import io
+
+    import fastavro
+
+    import schemas
+
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schemas.load("alert", version), record)
+    return buf.getvalue()
