@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import signal
 import threading
@@ -419,6 +420,8 @@ def subscribe(bootstrap: Bootstrap,
 
     try:
         _check_idle_timeout(timeout)
+        if png_dir:
+            _check_png_dir(png_dir)
         keep, chosen, where = AlertFilter(filter), FieldSelection(fields), parse_start(start)
         watched = load_watchlist(watchlist, watch_radius) if watchlist else None
         settings = KafkaSettings.load(bootstrap, load_config(config))
@@ -731,9 +734,30 @@ def _show_alert(alert: dict, chosen: FieldSelection, json_out: bool, png_dir: Op
             console.print(escape(printable("  watchlist: " + ", ".join(
                 f"{m['name']} ({m['distance_arcsec']:.2f}\")" for m in near))))
     if png_dir:
-        png = save_triplet_png(alert, png_dir / png_name(alert["candid"]))
+        path = png_dir / png_name(alert["candid"])
+        try:
+            png = save_triplet_png(alert, path)
+        except OSError as exc:  # the disk full, the folder gone: the alert is shown, its PNG only missing
+            err.print(f"[yellow]PNG not written[/yellow] to {escape(str(path))}: {escape(str(exc))}")
+            return
         for problem in png.problems:
             err.print(f"[yellow]cutout not drawn[/yellow] in {png.path.name}: {escape(problem)}")
+
+
+def _check_png_dir(png_dir: Path) -> None:
+    """Make ``png_dir`` (and its parents); a ConfigError when it cannot be made or written in.
+
+    Checked before connecting: an unusable ``--png-dir`` (a file, a path under ``/proc``) raised
+    ``FileExistsError`` or ``FileNotFoundError`` out of the first alert, a traceback after the group join.
+    """
+    from broker.errors import ConfigError
+
+    try:
+        png_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--png-dir {png_dir} cannot be made a folder: {exc.strerror or exc}") from exc
+    if not os.access(png_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--png-dir {png_dir} is not a folder this user may write in")
 
 
 def png_name(candid: str) -> str:

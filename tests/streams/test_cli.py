@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -505,6 +508,29 @@ def test_an_alert_s_strings_cannot_drive_the_terminal_or_name_an_impossible_png(
             _show_alert(hostile, FieldSelection(None), False, tmp_path, None)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 3 and "F1___3.png" in names and all(len(n.encode()) <= 255 for n in names)
+
+
+def test_an_unusable_png_dir_is_refused_before_connecting_and_a_png_that_cannot_be_written_is_a_warning(tmp_path):
+    """``--png-dir`` naming a file (or a path under /proc) raised FileExistsError out of the first alert.
+
+    It is now refused at once (exit 2, no Kafka contacted: the bootstrap answers nothing); a PNG
+    that cannot be written later (here: a folder of its name) is a warning, and the alert is shown.
+    """
+    from rich.console import Console
+
+    from streams.alert_expr import FieldSelection
+    from streams.cli import _show_alert, png_name
+    from tests.schemas.test_schemas import _alert
+
+    (tmp_path / "a-file").write_text("not a folder")
+    for bad in (tmp_path / "a-file", tmp_path / "a-file" / "below", Path("/proc/no-such-folder")):
+        res = runner.invoke(app, ["subscribe", "--bootstrap", "127.0.0.1:1", "--png-dir", str(bad), "--timeout", "1"])
+        assert res.exit_code == 2 and "--png-dir" in res.output and "Traceback" not in res.output, res.output
+    _, alert = _alert()
+    (tmp_path / "pngs" / png_name(alert["candid"])).mkdir(parents=True)
+    err = Console(file=io.StringIO(), width=300)
+    _show_alert(alert, FieldSelection(None), False, tmp_path / "pngs", err)
+    assert "PNG not written" in err.file.getvalue()
 
 
 def test_forced_photometry_at_a_position_prints_writes_and_refuses_what_is_not_a_position(tmp_path):
