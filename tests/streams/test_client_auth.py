@@ -135,6 +135,7 @@ def _embedded_without_tls(directory: Path) -> tuple[subprocess.Popen, str]:
     return proc, next(x.split(": ", 1)[1].strip() for x in lines if x.startswith("bootstrap:"))
 
 
+@pytest.mark.slow  # fink-client's own session timeout (45 s): its group join takes ~25 s on tansu
 def test_fink_client_reads_with_the_readmes_config_over_sasl_plaintext(tmp_path):
     from fink_client.consumer import AlertConsumer, _get_kafka_config
 

@@ -368,6 +368,7 @@ def _with_history(alert):
 
 
 @pytest.mark.kafka
+@pytest.mark.slow  # the registry client retries each look-up for ~5 s
 def test_a_registry_that_does_not_answer_stops_the_subscription_before_the_alert_not_past_it(settings):
     """A registry down made every ``confluent`` alert "undecodable": skipped, and a named group committed past it.
 
