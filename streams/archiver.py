@@ -33,11 +33,20 @@ from broker.archive.reader import Archive
 from broker.archive.rows import Archived, to_batch, version_of
 from broker.archive.writer import ArchiveWriter
 from broker.config import PipelineConfig
-from broker.errors import ArchiveCorrupt, BrokerError, DecodeError, StageFailure
+from broker.errors import ArchiveCorrupt, BrokerError, DecodeError, Outage, StageFailure
 from streams import serde, topics
 from streams.framing import decode_alert
 from streams.metrics import StageMetrics
-from streams.runner import EXPOSURE_END, InMessage, OutMessage, dead_letter, error_reason, in_message, parse_time
+from streams.runner import (
+    EXPOSURE_END,
+    OUTAGE_WAITS_S,
+    InMessage,
+    OutMessage,
+    dead_letter,
+    error_reason,
+    in_message,
+    parse_time,
+)
 from streams.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -141,6 +150,7 @@ class Archiver:
         self.batch = _Batch()
         self._unexpected_in_a_row = 0
         self._flushes = 0
+        self._outage_retries = 0  # retries of the message kept for an outage (_taken)
         point, _, n = os.environ.get(FAILPOINT_ENV, "").partition(":")
         self._crash_at = (point, int(n)) if n.isdigit() else None
         self._producer: Producer | None = None
@@ -175,7 +185,7 @@ class Archiver:
             while not self.stop_event.is_set() and (max_messages is None or done < max_messages):
                 msg = consumer.poll(0.5)
                 self.metrics.observe_lag(consumer)  # local reads, at most once a second
-                if msg is not None and self._take(msg):
+                if msg is not None and self._taken(consumer, msg):
                     done, last = done + 1, time.monotonic()
                 elif idle_timeout is not None and time.monotonic() - last > idle_timeout:
                     break
@@ -208,6 +218,25 @@ class Archiver:
         return bool(b.messages) and (b.alerts >= c.batch_alerts or b.messages >= c.batch_alerts
                                      or b.bytes >= c.batch_bytes or time.monotonic() - b.started >= c.batch_seconds)
 
+    def _taken(self, consumer: Consumer, raw: Message) -> bool:
+        """:meth:`_take`, or, on an :class:`~broker.errors.Outage`, the message kept and polled again after a wait.
+
+        The waits are the stages' (:data:`streams.runner.OUTAGE_WAITS_S`); a stop request ends one.
+        Meanwhile the batch in hand is committed when due, up to the message kept.
+        """
+        try:
+            return self._take(raw)
+        except Outage as exc:
+            wait = OUTAGE_WAITS_S[min(self._outage_retries, len(OUTAGE_WAITS_S) - 1)]
+            self._outage_retries += 1
+            msg = in_message(raw)
+            log.warning("%s: %s[%d]@%d kept, retry %d in %.0f s: %s (%s)", self.stage, msg.topic, msg.partition,
+                        msg.offset, self._outage_retries, wait, exc, exc.reason)
+            self.metrics.outages.labels(self.stage, exc.reason).inc()
+            consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))
+            self.stop_event.wait(wait)
+            return False
+
     def _take(self, raw: Message) -> bool:
         """Add one consumed message to the batch (its alerts, or its dead letter); False for a consumer event."""
         err = raw.error()
@@ -217,6 +246,14 @@ class Archiver:
             log.warning("%s: consumer error %s", self.stage, err)
             return False
         msg = in_message(raw)
+        error: Exception | None = None
+        try:
+            alerts = self._alerts(msg)
+        except Outage:
+            raise  # the schema registry down: not the message's fault, run() keeps it (_wait_out)
+        except Exception as exc:  # a BrokerError is bad input, anything else a bug: both are dead-lettered
+            alerts, error = [], exc
+        self._outage_retries = 0
         self.metrics.messages_in.labels(self.stage).inc()
         b = self.batch
         if not b.messages:
@@ -224,10 +261,8 @@ class Archiver:
         b.messages += 1
         b.bytes += len(msg.key or b"") + len(msg.value or b"")
         b.ranges.setdefault((msg.topic, msg.partition), [msg.offset, msg.offset + 1])[1] = msg.offset + 1
-        try:
-            alerts = self._alerts(msg)
-        except Exception as exc:  # a BrokerError is bad input, anything else a bug: both are dead-lettered
-            self._dead_letter(msg, exc)
+        if error is not None:
+            self._dead_letter(msg, error)
             return True
         b.pending.append((msg, alerts))
         b.alerts += len(alerts)

@@ -392,3 +392,38 @@ def test_a_batch_of_dead_letters_over_the_producers_queue_is_sent_not_a_buffer_e
     letters = [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(stage)])]
     assert [(d["offset"], d["reason"], d["value_size"]) for d in letters] == [(i, "decode", 1_200_001)
                                                                               for i in range(3)]
+
+
+def test_a_registry_that_does_not_answer_keeps_the_alert_for_a_retry_not_a_dead_letter(tmp_path):
+    """A registry outage dead-lettered every ``confluent`` alert of the archive stage (reason registry_unavailable).
+
+    Not the message's fault: the stage now keeps it (nothing of it in the batch), seeks back to it
+    and polls it again after the stages' outage wait, as the other stages do for an outage.
+    """
+    import struct
+
+    from confluent_kafka import Message
+
+    from broker.errors import RegistryUnavailable
+    from streams.embedded import free_port
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"),
+                        registry=f"http://127.0.0.1:{free_port()}")
+    raw = Message(topic="alerts", partition=0, offset=7, key=b"k", value=struct.pack(">bI", 0, 42) + b"\x02" * 64)
+    with pytest.raises(RegistryUnavailable):
+        archiver._take(raw)
+    assert archiver.batch.messages == 0 and not archiver.batch.dead
+
+    class Seeks:
+        def __init__(self) -> None:
+            self.seen: list = []
+
+        def seek(self, tp) -> None:
+            self.seen.append((tp.topic, tp.partition, tp.offset))
+
+    consumer = Seeks()
+    archiver.stop_event.set()  # the wait returns at once
+    assert not archiver._taken(consumer, raw)
+    assert consumer.seen == [("alerts", 0, 7)] and archiver.batch.messages == 0 and not archiver.batch.dead
+    assert archiver.metrics.outages.labels("archive", "registry_unavailable")._value.get() == 1
