@@ -439,6 +439,25 @@ class InvalidWatchlist(InvalidQuery):
     reason = "invalid_watchlist"
 
 
+class InvalidWatchlistName(InvalidQuery):
+    """A saved watchlist's name that is not 1-64 ASCII letters, digits, ``.``, ``_``, ``-`` (HTTP 400).
+
+    It must also start with a letter or a digit (``broker.watchlist_store.check_list_name``).
+    """
+
+    reason = "invalid_watchlist_name"
+
+
+class WatchlistQuota(BrokerError):
+    """A saved watchlist that would take its owner past the lists or entries they may keep (HTTP 409).
+
+    ``broker.watchlist_store.WatchlistStore``: the message says the limit and how far the owner is;
+    deleting a list makes room.
+    """
+
+    reason = "watchlist_quota"
+
+
 class UnsupportedMediaType(InvalidQuery):
     """An upload whose content type is not FITS (``application/fits``) or a multipart form (HTTP 415)."""
 
