@@ -64,10 +64,12 @@ STATUS: dict[type[errors.BrokerError], int] = {
     errors.ModelError: 503,
     errors.TooManyPixels: 413,
     errors.UnsupportedMediaType: 415,
+    errors.WatchlistQuota: 409,
 }
 #: Largest body of a request other than an upload (bytes): labels and other small JSON.
 SMALL_BODY_BYTES = 64 * 1024
-#: Largest watchlist posted to ``/api/v1/crossmatch`` (bytes): its 10,000 entries at ~100 bytes a row, and room.
+#: Largest watchlist posted to ``/api/v1/crossmatch`` or saved (``PUT /api/v1/watchlists/{name}``) (bytes): its
+#: 10,000 entries at ~100 bytes a row, and room.
 WATCHLIST_BYTES = 2 * 1024 * 1024
 #: Room for the multipart framing and the form fields of an upload beside its frame bytes.
 MULTIPART_SLACK_BYTES = 64 * 1024
@@ -185,7 +187,8 @@ class BodyLimit:
     A ``Content-Length`` over the limit is answered 413 at once; a body without one (chunked) is
     counted as it streams, and 413 is answered when it passes the limit (the application then
     sees the client gone). The limit is ``upload_bytes`` for ``POST /api/v1/frames``,
-    :data:`WATCHLIST_BYTES` for ``POST /api/v1/crossmatch``, :data:`SMALL_BODY_BYTES` otherwise.
+    :data:`WATCHLIST_BYTES` for ``POST /api/v1/crossmatch`` and ``PUT /api/v1/watchlists/{name}``,
+    :data:`SMALL_BODY_BYTES` otherwise.
     """
 
     def __init__(self, app: ASGIApp, upload_bytes: int) -> None:
@@ -194,10 +197,11 @@ class BodyLimit:
 
     def limit(self, scope: Scope) -> int:
         """The body limit of a request (bytes)."""
-        path = scope["path"].rstrip("/") if scope["method"] == "POST" else ""
-        if path == "/api/v1/frames":
+        path = scope["path"].rstrip("/") if scope["method"] in ("POST", "PUT") else ""
+        if scope["method"] == "POST" and path == "/api/v1/frames":
             return self.upload_bytes + MULTIPART_SLACK_BYTES
-        if path == "/api/v1/crossmatch":
+        if (scope["method"] == "POST" and path == "/api/v1/crossmatch") or (
+                scope["method"] == "PUT" and path.startswith("/api/v1/watchlists/")):
             return WATCHLIST_BYTES + MULTIPART_SLACK_BYTES
         return SMALL_BODY_BYTES
 
@@ -328,7 +332,7 @@ def create_portal(config: WebConfig) -> Portal:
 
 def create_app(config: WebConfig) -> FastAPI:
     """The portal's application: REST API, upload, pages, live stream and vetting over ``config``."""
-    from streams.web import api, lightcurves, upload, vo, watchlists
+    from streams.web import api, lightcurves, saved_watchlists, upload, vo, watchlists
 
     portal = create_portal(config)
 
@@ -344,7 +348,8 @@ def create_app(config: WebConfig) -> FastAPI:
     _install_errors(app)
     _install_metrics(app, portal)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins),
+                           allow_methods=["GET", "POST", "PUT", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(BodyLimit, upload_bytes=config.max_upload_bytes)
     app.add_middleware(SecurityHeaders)  # outermost: the answers of BodyLimit get them too
@@ -353,6 +358,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.include_router(upload.router)
     app.include_router(vo.router)
     app.include_router(watchlists.router)
+    app.include_router(saved_watchlists.router)
     app.include_router(lightcurves.router)
     # --- pages, live stream, vetting (streams.web.pages/live/vetting) ---
     from streams.web import live, pages, vetting

@@ -38,6 +38,9 @@ class WebConfig:
         :meth:`for_state_dir` puts it in the state folder.
     labels_path : Path
         SQLite file of the vetting labels. Default ``var/portal/labels.sqlite``.
+    watchlists_path : Path
+        SQLite file of the watchlists tokens save (:mod:`broker.watchlist_store`). Default
+        ``var/portal/watchlists.sqlite``; :meth:`for_state_dir` puts it in the state folder.
     bootstrap : str or None
         Kafka bootstrap servers, for uploads published to ``frames_topic`` and the live stream of
         ``alerts_topic``. Default None: no Kafka; publishing uploads answers 503.
@@ -109,6 +112,7 @@ class WebConfig:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     tokens_path: Path = Path("var/portal/tokens.sqlite")
     labels_path: Path = Path("var/portal/labels.sqlite")
+    watchlists_path: Path = Path("var/portal/watchlists.sqlite")
     bootstrap: str | None = None
     alerts_topic: str = "alerts"
     frames_topic: str = "frames"
@@ -156,11 +160,11 @@ class WebConfig:
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, **overrides: object) -> WebConfig:
-        """The settings of a pipeline's state folder: its archive, history, references, tokens and labels."""
+        """The settings of a pipeline's state folder: its archive, history, references, tokens, labels, watchlists."""
         state_dir = Path(state_dir)
         base = cls(archive=str(state_dir / "archive"), state_dir=state_dir,
                    tokens_path=state_dir / "tokens.sqlite", labels_path=state_dir / "labels.sqlite",
-                   references_dir=state_dir / "refs")
+                   watchlists_path=state_dir / "watchlists.sqlite", references_dir=state_dir / "refs")
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def ingest(self) -> IngestConfig:

@@ -5,6 +5,8 @@ gets the archived alerts within each entry's radius (:func:`streams.web.queries.
 JSON or CSV. The body is a CSV (``text/csv``, ``text/plain``, ``text/tab-separated-values``) or a
 multipart form with the file in the part ``watchlist``; at most
 :data:`streams.web.app.WATCHLIST_BYTES` and :data:`MAX_ENTRIES` entries. Costly, like ``/cone``.
+:mod:`streams.web.saved_watchlists` reads a saved list's body with :func:`read_watchlist_body` and
+answers its matches with :func:`answer_matches`.
 """
 
 from __future__ import annotations
@@ -15,19 +17,21 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
+from broker import watchlist_store as store
 from broker.errors import FrameTooLarge, InvalidQuery, UnsupportedMediaType
-from broker.watchlist import DEFAULT_RADIUS_ARCSEC, MAX_RADIUS_ARCSEC, read_watchlist
+from broker.watchlist import DEFAULT_RADIUS_ARCSEC, MAX_RADIUS_ARCSEC, Watchlist, read_watchlist
 from streams.web import queries
 from streams.web.api import LIMITED, CostlyReader, portal_of
-from streams.web.app import WATCHLIST_BYTES
+from streams.web.app import WATCHLIST_BYTES, Portal
 from streams.web.upload import read_body
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
-#: Entries a posted watchlist may hold (count); ``broker crossmatch`` reads up to 100,000.
-MAX_ENTRIES = 10_000
+#: Entries a posted or saved watchlist may hold (count); ``broker crossmatch`` reads up to 100,000.
+MAX_ENTRIES = store.MAX_ENTRIES
 #: Content types of a watchlist sent as the body itself.
 TEXT_TYPES = ("text/csv", "text/plain", "text/tab-separated-values", "application/csv")
-_BODY = {"content": {t: {"schema": {"type": "string"}} for t in ("text/csv", "text/plain")} | {
+#: The OpenAPI description of a watchlist body (CSV, or a form's part ``watchlist``).
+WATCHLIST_BODY = {"content": {t: {"schema": {"type": "string"}} for t in ("text/csv", "text/plain")} | {
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "watchlist": {"type": "string", "format": "binary"}}, "required": ["watchlist"]}}},
     "required": True, "description": "the watchlist: a header row naming ra and dec (and name, radius), one row "
@@ -53,7 +57,7 @@ async def read_watchlist_body(request: Request) -> bytes:
 
 
 @router.post("/crossmatch", response_model=None, responses={**LIMITED, 200: {"content": {"text/csv": {}}}},
-             openapi_extra={"requestBody": _BODY})
+             openapi_extra={"requestBody": WATCHLIST_BODY})
 async def crossmatch(request: Request, who: CostlyReader,
                      radius_arcsec: Annotated[float, Query(
                          gt=0, le=MAX_RADIUS_ARCSEC, description="radius of the entries without one (arcsec)")]
@@ -64,7 +68,25 @@ async def crossmatch(request: Request, who: CostlyReader,
                      format: Annotated[str, Query(pattern="^(json|csv)$")] = "json") -> Response | dict:
     """Archived alerts near a watchlist's entries: by entry, newest first, each with its entry and distance."""
     watchlist = read_watchlist(await read_watchlist_body(request), radius_arcsec, MAX_ENTRIES)
-    portal = portal_of(request)
+    return await answer_matches(portal_of(request), watchlist, limit, since_mjd, format)
+
+
+async def answer_matches(portal: Portal, watchlist: Watchlist, limit: int, since_mjd: float | None,
+                         format: str) -> Response | dict:
+    """The archived alerts near ``watchlist`` (:func:`streams.web.queries.crossmatch`) as JSON or CSV.
+
+    Parameters
+    ----------
+    portal : Portal
+    watchlist : Watchlist
+    limit : int
+        Matches answered at most (count); ``matched`` counts them all.
+    since_mjd : float or None
+        Only alerts observed at or after this MJD [d]; None: every one.
+    format : str
+        ``json`` (the dict of :func:`~streams.web.queries.crossmatch` with ``entries``) or ``csv``
+        (:func:`~streams.web.queries.matches_csv`, the count in ``X-Matched``).
+    """
     found = await portal.run(queries.crossmatch, portal.require_archive(), watchlist, limit, since_mjd)
     found["entries"] = len(watchlist)
     if format == "json":
