@@ -280,6 +280,48 @@ def test_a_watchlist_pasted_on_its_page_lists_the_alerts_near_each_target(browse
         assert not refused, refused
 
 
+def test_a_watchlist_saved_on_its_page_is_listed_matched_loaded_and_deleted(browser, tmp_path):
+    """The watchlist page with a token: the pasted list saved by name, its matches shown, loaded back, deleted."""
+    from selenium.webdriver.common.by import By
+
+    from tests.streams.web.conftest import build_state
+    from tests.streams.web.test_watchlists import WATCHLIST
+
+    build_state(tmp_path / "state")
+    config = WebConfig.for_state_dir(tmp_path / "state", tokens_path=tmp_path / "tokens.sqlite")
+    clear = _vet_token(config)
+    with running_server(config) as base:
+        browser.get(f"{base}/watchlist")
+        assert not browser.find_element(By.ID, "saveform").is_displayed()  # no token: nothing to save under
+        browser.execute_script("localStorage.setItem('broker.portal.token', arguments[0])", clear)
+        browser.get(f"{base}/watchlist")
+        _until(lambda: "No saved watchlist yet" in browser.find_element(By.ID, "savedlists").text, 30,
+               "the empty list of saved watchlists", browser, tmp_path / "saved-empty.png")
+        browser.find_element(By.ID, "watchtext").send_keys(WATCHLIST)
+        browser.find_element(By.ID, "savename").send_keys("hosts")
+        browser.find_element(By.ID, "save").click()
+        rows = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#savedtable tr.saved"), 30, "the saved list",
+                      browser, tmp_path / "saved.png")
+        assert rows[0].text.startswith("hosts 3 ") and "3 target(s) saved as hosts" in browser.find_element(
+            By.ID, "savedstate").text
+        browser.find_element(By.ID, "watchtext").clear()
+        rows[0].find_element(By.XPATH, ".//button[text()='matches']").click()
+        matches = _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#matchtable tr.match"), 30,
+                         "the saved list's matches", browser, tmp_path / "saved-matches.png")
+        assert [r.find_element(By.TAG_NAME, "td").text for r in matches] == ["host"] * 3 + ["neighbour"]
+        assert "of the saved list hosts" in browser.find_element(By.ID, "watchsummary").text
+        rows[0].find_element(By.XPATH, ".//button[text()='load']").click()
+        _until(lambda: "neighbour" in browser.find_element(By.ID, "watchtext").get_property("value"), 30,
+               "the saved list loaded into the form", browser, tmp_path / "saved-load.png")
+        browser.find_element(By.XPATH, "//tr[@class='saved']//button[text()='delete']").click()
+        browser.switch_to.alert.accept()
+        _until(lambda: "hosts deleted" in browser.find_element(By.ID, "savedstate").text, 30, "the list deleted",
+               browser, tmp_path / "saved-deleted.png")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#savedtable tr.saved")
+        refused = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refused, refused
+
+
 def _vet_token(config: WebConfig) -> str:
     from streams.web.tokens import TokenStore
 
