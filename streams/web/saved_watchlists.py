@@ -73,16 +73,21 @@ def _lists(portal: Portal, owner: str) -> list[SavedList]:
         return store.lists(owner)
 
 
-def _load(portal: Portal, owner: str, name: str) -> tuple[SavedList, Watchlist]:
+def _kept(portal: Portal, name: str) -> None:
+    """A clear 400 for a bad name, or 404 while no list was ever saved (the file is not made by a read)."""
     check_list_name(name)
     if not portal.config.watchlists_path.is_file():
         raise NotFound(f"you have no watchlist named {name!r}")
+
+
+def _load(portal: Portal, owner: str, name: str) -> tuple[SavedList, Watchlist]:
+    _kept(portal, name)
     with _store(portal) as store:
         return store.load(owner, name)
 
 
 def _delete(portal: Portal, owner: str, name: str) -> None:
-    _load(portal, owner, name)  # a clear 400 or 404 without creating the file
+    _kept(portal, name)
     with _store(portal) as store:
         store.delete(owner, name)
 

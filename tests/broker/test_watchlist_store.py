@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -121,6 +123,26 @@ def test_an_owners_lists_and_entries_are_bounded_a_replacement_is_not_counted_tw
         store.save("ben", "c", _list(5))  # another owner's room is their own
         store.delete("ana", "a")
         store.save("ana", "c", _list(2))
+
+
+def test_saves_at_once_of_one_owner_cannot_both_pass_the_bounds(tmp_path):
+    path, barrier = tmp_path / "w.sqlite", threading.Barrier(8)
+    WatchlistStore(path).close()
+
+    def save(i: int) -> str:
+        with WatchlistStore(path, max_lists=1) as store:
+            barrier.wait()
+            try:
+                store.save("ana", f"list{i}", _list(1))
+            except WatchlistQuota:
+                return "refused"
+            return "saved"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(save, range(8)))
+    assert sorted(outcomes) == ["refused"] * 7 + ["saved"]
+    with WatchlistStore(path) as store:
+        assert len(store.lists("ana")) == 1
 
 
 def test_a_file_that_is_not_a_watchlists_database_is_a_config_error(tmp_path):

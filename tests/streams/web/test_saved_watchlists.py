@@ -207,6 +207,18 @@ def test_a_private_portal_under_uvicorn(portal_config):
         assert httpx.get(f"{base}{BASE}/hosts", headers=auth).json()["entries"] == 3
 
 
+def test_a_named_origin_may_save_and_delete_from_its_page(portal_config):
+    friendly = replace(portal_config, cors_origins=("https://ok.example",))
+    with TestClient(create_app(friendly)) as c:
+        for method in ("PUT", "DELETE"):
+            asked = {"Origin": "https://ok.example", "Access-Control-Request-Method": method,
+                     "Access-Control-Request-Headers": "authorization, content-type"}
+            preflight = c.options(f"{BASE}/hosts", headers=asked)
+            assert preflight.status_code == 200 and method in preflight.headers["access-control-allow-methods"]
+            evil = c.options(f"{BASE}/hosts", headers=asked | {"Origin": "https://evil.example"})
+            assert "access-control-allow-origin" not in evil.headers
+
+
 def test_a_watchlists_file_that_is_not_a_database_is_503(client, ana, portal_config):
     portal_config.watchlists_path.write_bytes(b"not a database" * 100)
     for method, path in (("GET", ""), ("PUT", "/hosts"), ("GET", "/hosts")):
