@@ -285,12 +285,13 @@ def _plane_name(hdu: fits.hdu.base.ExtensionHDU | fits.PrimaryHDU) -> str:
     return ""
 
 
-def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
-    """The HDU that holds the frame's image, found from the headers alone (nothing decompressed).
+def _science_hdus(hdul: fits.HDUList) -> list[tuple[str, fits.hdu.base.ExtensionHDU | fits.PrimaryHDU]]:
+    """The HDUs that may hold the frame's image, each with its name, found from the headers alone.
 
     Planes of :data:`AUXILIARY_PLANES` are passed over (a mask or error plane before the image no
-    longer stands in for it); of the others, those named ``SCI`` win (LCO, HST). Several images left
-    (a mosaic camera's CCDs, HST's two ``SCI`` chips) are refused: which one is meant cannot be told.
+    longer stands in for it); of the others, those named ``SCI`` win (LCO, HST). A name is the
+    ``EXTNAME`` (else ``EXTTYPE``) made of letters, digits and ``._+-``, else ``HDU<index>``; a name
+    that several images share gets ``-<index>`` (HST's two ``SCI`` chips).
     """
     images = [(i, h) for i, h in enumerate(hdul) if h.is_image and len(h.shape or ()) > 0]
     if not images:
@@ -300,11 +301,54 @@ def _image_hdu(hdul: fits.HDUList) -> fits.hdu.base.ExtensionHDU | fits.PrimaryH
     if not science:
         raise BadShape("the FITS file holds only auxiliary planes (" + ", ".join(_plane_name(h) for _, h in images)
                        + "), no science image")
+    names = [re.sub(r"[^A-Za-z0-9._+-]", "_", _plane_name(h))[:16] or f"HDU{i}" for i, h in science]
+    return [(f"{n}-{i}" if names.count(n) > 1 else n, h) for n, (i, h) in zip(names, science, strict=True)]
+
+
+def _image_hdu(hdul: fits.HDUList, image: str | None = None) -> fits.hdu.base.ExtensionHDU | fits.PrimaryHDU:
+    """The HDU that holds the frame's image: the one science image (:func:`_science_hdus`), or the one named ``image``.
+
+    Several images and no ``image`` (a mosaic camera's CCDs, HST's two ``SCI`` chips) are refused:
+    which one is meant cannot be told (``broker produce`` sends each, :func:`science_images`).
+    """
+    science = _science_hdus(hdul)
+    if image is not None:
+        chosen = [h for n, h in science if n == image]
+        if not chosen:
+            raise BadShape(f"the FITS file holds no science image named {image!r} "
+                           f"({', '.join(n for n, _ in science[:8])}{', ...' if len(science) > 8 else ''})")
+        return chosen[0]
     if len(science) > 1:
-        named = ", ".join(f"HDU {i} {_plane_name(h) or '(no EXTNAME)'}" for i, h in science[:8])
+        named = ", ".join(n for n, _ in science[:8])
         raise BadShape(f"the FITS file holds {len(science)} images ({named}{', ...' if len(science) > 8 else ''}): "
-                       "a mosaic camera's CCDs or several exposures; send one image per file")
+                       "a mosaic camera's CCDs or several exposures; send one image per file, or send the file "
+                       "with broker produce, which sends each image as a frame of its own")
     return science[0][1]
+
+
+def science_images(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> list[str]:
+    """The names of the science images of FITS bytes (plain, tile-compressed or gzipped), read from headers only.
+
+    One name per image that :func:`decode_fits` takes as ``image`` (a mosaic camera's CCDs by
+    ``EXTNAME``: DECam's ``N4``, ``S31``); a file of one image gives one name.
+
+    Raises
+    ------
+    CorruptFrame, BadShape
+        As :func:`decode_fits`: not FITS, no image, only auxiliary planes.
+    """
+    if not payload:
+        raise CorruptFrame("empty payload (0 bytes)")
+    if payload[:2] == GZIP_MAGIC:
+        payload = gunzipped(payload, max_pixels, max_expansion)
+    check_structure(payload)
+    try:
+        with fits.open(io.BytesIO(payload), memmap=False, lazy_load_hdus=True) as hdul:
+            return [name for name, _ in _science_hdus(hdul)]
+    except InvalidFrame:
+        raise
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError, ... on garbage
+        raise CorruptFrame(f"not a readable FITS file: {type(exc).__name__}: {exc}") from exc
 
 
 #: Most HDUs in one FITS file: a mosaic camera writes one per CCD (DECam 70, Rubin 189).
@@ -498,7 +542,7 @@ def inflate(payload: bytes, limit: int = 0) -> bytes:
 
 def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None,
                 profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True,
-                telescope: str | None = None) -> Frame:
+                telescope: str | None = None, image: str | None = None) -> Frame:
     """Decode FITS bytes (plain, tile-compressed or gzipped) into a :class:`Frame`.
 
     The image's size is checked from its header before any pixel is decompressed
@@ -508,7 +552,9 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     ``require_wcs=False`` (the producer and the ingest stage, which plate-solves) accepts a frame
     without a celestial WCS. ``telescope`` (``broker produce --telescope``) names the telescope, or
     the profile, of a header whose ``TELESCOP`` and ``INSTRUME`` are both absent or blank; a header
-    that names one keeps it.
+    that names one keeps it. ``image`` (a name of :func:`science_images`) decodes that image of a
+    mosaic file as a frame of its own: its field is the file's field then ``.<image>`` (``FIELD``;
+    ``MOSAICIM`` keeps the name), so that each CCD has its own references.
 
     Raises
     ------
@@ -530,7 +576,7 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
     sent_bytes = len(payload)
     if payload[:2] == GZIP_MAGIC:
         payload = gunzipped(payload, max_pixels, max_expansion)
-    data, header = _read_image(payload, sent_bytes, max_pixels, max_expansion)
+    data, header = _read_image(payload, sent_bytes, max_pixels, max_expansion, image)
     if data is None or data.ndim not in (2, 3):
         raise BadShape(f"image has {0 if data is None else data.ndim} dimensions, expected 2 "
                        "(or a cube of colour planes)")
@@ -538,14 +584,27 @@ def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: fl
         raise BadShape(f"image dtype {data.dtype} is not numeric")
     check_frame_type(header)
     data, header = _adopt(blank_infinities(data), _named(header, telescope), profiles)
-    meta = meta_from_header(header)
+    meta = meta_from_header(header) if image is None else _one_of_a_mosaic(header, image)
     if require_wcs:
         celestial_wcs(header)
     return Frame(meta=meta, data=data if data.dtype == np.float32 else data.astype(np.float32), header=header)
 
 
-def _read_image(payload: bytes, sent_bytes: int, max_pixels: int | None,
-                max_expansion: float | None) -> tuple[np.ndarray | None, fits.Header]:
+def _one_of_a_mosaic(header: fits.Header, image: str) -> FrameMeta:
+    """The metadata of image ``image`` of a mosaic file, its field (and a ``FRAMEID`` it inherited) given the name.
+
+    ``header`` is changed in place.
+    """
+    meta = meta_from_header(header)
+    header["FIELD"] = (f"{meta.field}.{image}", "field id: the file's field, then its image")
+    header["MOSAICIM"] = (image, "the image of a mosaic file this frame is")
+    if _card(header, "FRAMEID"):
+        header["FRAMEID"] = f"{meta.frame_id}.{image}"
+    return meta_from_header(header)
+
+
+def _read_image(payload: bytes, sent_bytes: int, max_pixels: int | None, max_expansion: float | None,
+                image: str | None = None) -> tuple[np.ndarray | None, fits.Header]:
     """The pixels and merged header of the image HDU of FITS bytes, its size checked before a pixel is read.
 
     A file cut short is :class:`CorruptFrame` saying so, once its announced size was checked: its
@@ -557,7 +616,7 @@ def _read_image(payload: bytes, sent_bytes: int, max_pixels: int | None,
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "File may have been truncated")  # said below, after the size checks
             with fits.open(io.BytesIO(payload), memmap=False) as hdul:
-                hdu = _image_hdu(hdul)
+                hdu = _image_hdu(hdul, image)
                 check_image_size(hdu.shape, hdu.header.get("BITPIX", 8), sent_bytes, max_pixels,
                                  None if missing else max_expansion)
                 if missing:

@@ -337,12 +337,13 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
         try:
             res = producer.publish_file(path)
         except InvalidFrame as exc:
-            res, failed = exc, failed + 1
+            res = exc
         except Outage as exc:  # the frame store down: what was sent is flushed, the rest named
             _flush(producer)
             _fail(BrokerError(f"{exc}; not sent: {', '.join(map(str, paths[i:i + 5]))}"
                               f"{f' and {len(paths) - i - 5} more' if len(paths) - i > 5 else ''}"))
         _report(path, res)
+        failed += any(isinstance(r, Exception) for r in (res if isinstance(res, list) else [res]))
     _flush(producer)
     if failed:
         raise typer.Exit(1)
@@ -356,16 +357,17 @@ def _flush(producer: FrameProducer) -> None:
         _fail(exc)
 
 
-def _report(path: Path, res: Published | Exception) -> None:
-    """One line per file: sent, or rejected with the reason (the path and message as text, not markup)."""
-    if isinstance(res, Exception):
-        why = str(res).removeprefix(f"{path}: ")  # the producer's errors name the file too
-        console.print(f"[red]rejected[/red] {escape(str(path))}: {escape(why)} "
-                      f"[dim]({getattr(res, 'reason', 'error')})[/dim]")
-    else:
-        how = "inline" if res.inline else "by reference"
-        console.print(f"[green]sent[/green] {escape(str(path))} as {escape(res.frame_id)} "
-                      f"({res.size_bytes / 1e6:.1f} MB, {how})")
+def _report(path: Path, res: list[Published | InvalidFrame] | Exception) -> None:
+    """One line per frame sent or refused (a file, or each image of a mosaic file), with the reason of a refusal."""
+    for one in res if isinstance(res, list) else [res]:
+        if isinstance(one, Exception):
+            why = str(one).removeprefix(f"{path}: ")  # the producer's errors name the file too
+            console.print(f"[red]rejected[/red] {escape(str(path))}: {escape(why)} "
+                          f"[dim]({getattr(one, 'reason', 'error')})[/dim]")
+        else:
+            how = "inline" if one.inline else "by reference"
+            console.print(f"[green]sent[/green] {escape(str(path))} as {escape(one.frame_id)} "
+                          f"({one.size_bytes / 1e6:.1f} MB, {how})")
 
 
 _START_HELP = ("Where a new subscription starts: earliest, latest, an offset (the same on every partition; "

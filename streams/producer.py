@@ -20,7 +20,7 @@ from astropy.time import Time
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame, Outage, StorageFull, storage_full
-from broker.frame import Frame, decode_fits, encode_fits, sha256
+from broker.frame import GZIP_MAGIC, Frame, decode_fits, encode_fits, gunzipped, science_images, sha256
 from broker.ingest import IngestConfig, validate
 from broker.telescopes import TelescopeProfile
 from streams import serde, topics
@@ -97,17 +97,42 @@ class FrameProducer:
         self.producer.poll(0)
         return Published(m.frame_id, len(payload), inline)
 
-    def publish_file(self, path: str | Path) -> Published:
-        """Read, validate and send one FITS file (raises :class:`InvalidFrame` naming the problem)."""
+    def publish_file(self, path: str | Path) -> list[Published | InvalidFrame]:
+        """Read, validate and send one FITS file: its frame, or a frame per image of a mosaic file.
+
+        A file of one image is sent, or refused with an :class:`InvalidFrame` naming the file. A
+        mosaic camera's file (several science images: DECam's CCDs, HST's two chips) is sent as a
+        frame per image, each with a field of its own (:func:`broker.frame.science_images`); an image
+        refused (a dead CCD) is in the list in place of its frame, naming the file and the image,
+        and the others are sent.
+        """
         path = Path(path)
         payload = self._read(path)  # its errors name the file
         try:
-            frame = decode_fits(payload, self.validation.max_pixels, self.validation.max_expansion,
-                                self.profiles, require_wcs=not self.validation.calibration.enabled,
-                                telescope=self.telescope)
+            images = science_images(payload, self.validation.max_pixels, self.validation.max_expansion)
         except InvalidFrame as exc:
             raise type(exc)(f"{path}: {exc}") from exc
-        return self.publish_frame(frame)
+        if len(images) == 1:
+            return [self._publish_image(path, payload, None)]
+        if payload[:2] == GZIP_MAGIC:  # inflated once, not once per image (its bounds checked by science_images)
+            payload = gunzipped(payload)
+        out: list[Published | InvalidFrame] = []
+        for image in images:
+            try:
+                out.append(self._publish_image(path, payload, image))
+            except InvalidFrame as exc:
+                out.append(exc)
+        return out
+
+    def _publish_image(self, path: Path, payload: bytes, image: str | None) -> Published:
+        """Decode image ``image`` of a file (None: its one image) and send it; a refusal names the file and image."""
+        try:
+            frame = decode_fits(payload, self.validation.max_pixels, self.validation.max_expansion, self.profiles,
+                                require_wcs=not self.validation.calibration.enabled, telescope=self.telescope,
+                                image=image)
+            return self.publish_frame(frame)
+        except InvalidFrame as exc:
+            raise type(exc)(f"{path}: {'' if image is None else f'image {image}: '}{exc}") from exc
 
     def _read(self, path: Path) -> bytes:
         """The bytes of a regular file of at most ``max_bytes`` (:class:`InvalidFrame` naming the file otherwise)."""
@@ -185,9 +210,9 @@ def _candidates(directory: Path, pattern: str | None, recursive: bool) -> list[P
                   and (pattern or p.name.lower().endswith(FITS_SUFFIXES)) and p.is_file())
 
 
-def watch(directory: Path, publish: Callable[[Path], Published], stop: Callable[[], bool],
+def watch(directory: Path, publish: Callable[[Path], list[Published | InvalidFrame]], stop: Callable[[], bool],
           pattern: str | None = None, poll_s: float = 1.0,
-          recursive: bool = False) -> Iterator[tuple[Path, Published | Exception]]:
+          recursive: bool = False) -> Iterator[tuple[Path, list[Published | InvalidFrame] | Exception]]:
     """Publish files that appear in ``directory``; yield (path, result or the error) for each.
 
     The files are those whose names end as :data:`FITS_SUFFIXES` (any case: ``.FITS``, ``.fit``,
@@ -239,7 +264,8 @@ def _record(ledger: Path, tag: str) -> None:
                           "file is sent again, and the pipeline refuses the copy as duplicate_frame)") from exc
 
 
-def _publish_one(publish: Callable[[Path], Published], path: Path) -> Published | Exception:
+def _publish_one(publish: Callable[[Path], list[Published | InvalidFrame]],
+                 path: Path) -> list[Published | InvalidFrame] | Exception:
     """``publish(path)``, or the error that refused the file (Kafka's errors propagate)."""
     try:
         return publish(path)

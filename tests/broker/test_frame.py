@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from broker.errors import BadShape, CorruptFrame, MissingMetadata, MissingWCS
-from broker.frame import Frame, decode_fits, encode_fits
+from broker.frame import Frame, decode_fits, encode_fits, science_images
 from tests.helpers import header, star_frame
 
 
@@ -427,8 +427,37 @@ def test_a_mosaic_of_several_ccds_is_refused_not_read_as_its_first_ccd():
 
     frame = star_frame()
     ccds = [fits.ImageHDU(frame.data, header=header(), name=name) for name in ("S29", "S30", "N4")]
-    with pytest.raises(BadShape, match=r"3 images \(HDU 1 S29, HDU 2 S30, HDU 3 N4\).*one image per file"):
+    with pytest.raises(BadShape, match=r"3 images \(S29, S30, N4\).*one image per file.*broker produce"):
         decode_fits(_mef(*ccds))
+
+
+def test_each_image_of_a_mosaic_is_a_frame_of_its_own_field():
+    """A mosaic camera's file was refused whole (or, before, read as its first CCD): each CCD is now a frame.
+
+    Each keeps the file's exposure and gets the file's field then its image's name, so that its
+    references are its own; two images of one name (HST's two ``SCI`` chips) are told apart by HDU.
+    """
+    from astropy.io import fits
+
+    frame = star_frame()
+    names = ("S29", "N4", "N4", "N 4")
+    ccds = [fits.ImageHDU(frame.data + k, header=header(), name=name) for k, name in enumerate(names)]
+    payload = _mef(*ccds, fits.ImageHDU(np.zeros(frame.shape, np.uint8), name="BPM"))
+    assert science_images(payload) == ["S29", "N4-2", "N4-3", "N_4"]
+    assert science_images(gzip.compress(payload)) == ["S29", "N4-2", "N4-3", "N_4"]
+    frames = [decode_fits(payload, image=name) for name in science_images(payload)]
+    assert [f.meta.field for f in frames] == [f"{frame.meta.field}.{n}" for n in ("S29", "N4-2", "N4-3", "N_4")]
+    assert len({f.meta.frame_id for f in frames}) == 4 and [f.header["MOSAICIM"] for f in frames] == [
+        "S29", "N4-2", "N4-3", "N_4"]
+    assert [float(f.data[0, 0] - frame.data[0, 0]) for f in frames] == [0.0, 1.0, 2.0, 3.0]
+    assert all(f.meta.mjd_start == frame.meta.mjd_start and f.meta.filter == frame.meta.filter for f in frames)
+    back = decode_fits(encode_fits(frames[1]))  # as the pipeline reads what the producer sent
+    assert back.meta.field == frames[1].meta.field and back.meta.frame_id == frames[1].meta.frame_id
+    with pytest.raises(BadShape, match="no science image named 'S30'.*S29, N4-2, N4-3, N_4"):
+        decode_fits(payload, image="S30")
+    assert science_images(encode_fits(frame)) == ["HDU1"]  # a tile-compressed single image: one name
+    with pytest.raises(CorruptFrame):
+        science_images(b"SIMPLE  = garbage")
 
 
 def test_an_image_extension_inherits_the_exposure_cards_of_the_primary_header():

@@ -44,7 +44,7 @@ def test_files_are_validated_with_clear_errors(producer, settings, tmp_path):
                            validation=IngestConfig(calibration=CalibrationConfig(enabled=False)))
     with pytest.raises(MissingWCS, match="nowcs.fits"):
         strict.publish_file(tmp_path / "nowcs.fits")
-    assert producer.publish_file(tmp_path / "nowcs.fits").frame_id  # accepted: the ingest stage plate-solves it
+    assert producer.publish_file(tmp_path / "nowcs.fits")[0].frame_id  # accepted: the ingest stage plate-solves it
     tiny_limit = FrameProducer(settings, producer.store, inline_limit_bytes=10, max_frame_bytes=1000)
     (tmp_path / "big.fits").write_bytes(encode_fits(star_frame()))
     with pytest.raises(FrameTooLarge):
@@ -73,8 +73,8 @@ def test_watch_publishes_new_files_once_and_reports_bad_ones(producer, tmp_path)
     (incoming / "b.fits.gz").write_bytes(gzip.compress(gzipped))  # all were refused as corrupt until 2026-12-06
     polls = iter(range(4))
     results = dict(watch(incoming, producer.publish_file, lambda: next(polls, None) is None, poll_s=0.01))
-    assert results[incoming / "a.fits"].frame_id == "TEST-F1-r-0001"
-    assert results[incoming / "b.fits.gz"].frame_id == "TEST-F1-r-0002"
+    assert [p.frame_id for p in results[incoming / "a.fits"]] == ["TEST-F1-r-0001"]
+    assert [p.frame_id for p in results[incoming / "b.fits.gz"]] == ["TEST-F1-r-0002"]
     assert isinstance(results[incoming / "bad.fits"], CorruptFrame)
     producer.flush()
     polls = iter(range(4))  # a restart: the ledger remembers what was sent
@@ -145,7 +145,7 @@ def test_a_header_that_names_no_telescope_is_sent_under_the_name_given(producer,
         producer.publish_file(path)
     named = FrameProducer(settings, FrameStore(str(tmp_path / "store")), inline_limit_bytes=200_000,
                           max_frame_bytes=50_000_000, telescope="backyard-20cm")
-    sent = named.publish_file(path)
+    (sent,) = named.publish_file(path)
     named.flush()
     records = [serde.decode("frame", m.value(), dict(m.headers())) for m in read_all(settings, ["frames"])]
     (record,) = [r for r in records if r["frame_id"] == sent.frame_id]
@@ -273,3 +273,49 @@ def test_watch_stops_with_a_clear_error_when_its_ledger_disk_is_full(small_disk)
     polls = iter(range(4))
     assert list(dict(watch(incoming, lambda path: path, lambda: next(polls, None) is None, poll_s=0.01))) == [
         incoming / "a.fits"]  # not recorded: sent again after the restart
+
+
+def test_a_mosaic_file_is_sent_as_a_frame_per_ccd_and_a_dead_ccd_is_reported_alone(producer, settings, tmp_path):
+    """A mosaic camera's file (DECam: a CCD per extension) was refused whole, "send one image per file".
+
+    Each CCD is now a frame of its own field; one the pipeline refuses (a dead CCD, all NaN) is
+    reported with its name, and the others are sent; ``broker produce`` exits 1 and says which.
+    """
+    import io
+
+    import numpy as np
+    from astropy.io import fits
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+    from tests.helpers import header
+
+    frame = star_frame()
+    primary = fits.PrimaryHDU()
+    for key in ("TELESCOP", "FILTER", "MJD-OBS", "EXPTIME", "FIELD"):
+        primary.header[key] = frame.header[key]
+    ccds = [fits.ImageHDU(frame.data, header=header(), name=n) for n in ("S29", "N4")]
+    ccds.insert(1, fits.ImageHDU(np.full(frame.shape, np.nan, np.float32), header=header(), name="S30"))
+    for ccd in ccds:
+        for key in ("TELESCOP", "FILTER", "MJD-OBS", "EXPTIME", "FIELD", "FRAMEID"):
+            ccd.header.remove(key, ignore_missing=True)
+    buf = io.BytesIO()
+    fits.HDUList([primary, *ccds]).writeto(buf)
+    path = tmp_path / "c4d_mosaic.fits"
+    path.write_bytes(buf.getvalue())
+    sent = producer.publish_file(path)
+    assert not isinstance(sent[0], InvalidFrame) and isinstance(sent[1], InvalidFrame)
+    assert not isinstance(sent[2], InvalidFrame) and len(sent) == 3
+    assert str(sent[1]).startswith(f"{path}: image S30: ")
+    (tmp_path / "c4d_mosaic.fits.gz").write_bytes(gzip.compress(buf.getvalue()))
+    assert [isinstance(s, InvalidFrame) for s in producer.publish_file(tmp_path / "c4d_mosaic.fits.gz")] == [
+        False, True, False]
+    producer.flush()
+    keys = {m.key().decode() for m in read_all(settings, [topics.FRAMES])}
+    field = frame.meta.field
+    assert {f"{frame.meta.telescope}/{field}.S29", f"{frame.meta.telescope}/{field}.N4"} <= keys
+    assert not any(k.endswith(".S30") for k in keys)
+    res = CliRunner().invoke(app, ["produce", "--bootstrap", settings.bootstrap, str(path)])
+    lines = res.output.splitlines()
+    assert res.exit_code == 1 and sum(line.startswith("sent ") for line in lines) == 2, res.output
+    assert any(line.startswith("rejected ") and "image S30" in line for line in lines), res.output
