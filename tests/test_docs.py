@@ -30,3 +30,51 @@ def test_every_module_is_in_the_module_map():
 
 def test_the_readme_links_the_design_document():
     assert "docs/architecture.md" in (ROOT / "README.md").read_text()
+
+
+#: The documents users follow literally, and the deployment files whose command lines run `broker`.
+USER_DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "docker-compose.yml",
+             *sorted((ROOT / "k8s").glob("*.yaml")))
+
+
+def _documented_commands():
+    """Every ``broker SUBCOMMAND ...`` the documents write: (file, words after ``broker``)."""
+    import shlex
+
+    pattern = re.compile(r"(?:^|[`\s(\"'$])broker ([a-z][\w-]*(?: [^`\n#]*)?)")
+    for path in USER_DOCS:
+        text = path.read_text().replace("\\\n", " ")
+        for match in pattern.finditer(text):
+            line = re.split(r"&&|\|\||;|\|", match.group(1))[0]
+            try:
+                words = shlex.split(line)
+            except ValueError:  # an unbalanced quote in prose
+                words = line.split()
+            yield path.relative_to(ROOT), words
+
+
+def test_every_documented_command_and_option_exists():
+    import typer.main
+
+    from streams.cli import app
+
+    root = typer.main.get_command(app)
+    wrong = []
+    for path, words in _documented_commands():
+        command, names = root, []
+        while words and hasattr(command, "commands") and words[0] in command.commands:
+            names.append(words[0])
+            command = command.commands[words.pop(0)]
+        if not names:
+            continue  # "broker" in prose ("the broker takes frames ...")
+        if hasattr(command, "commands"):
+            if words and not words[0].startswith("-"):
+                wrong.append(f"{path}: broker {' '.join(names)} has no subcommand {words[0]!r}")
+            continue
+        options = {"--help"} | {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
+        for word in words:
+            if word == "--":
+                break
+            if word.startswith("--") and word.split("=")[0] not in options:
+                wrong.append(f"{path}: broker {' '.join(names)} has no option {word.split('=')[0]}")
+    assert not wrong, "\n".join(wrong)
