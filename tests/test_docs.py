@@ -78,3 +78,36 @@ def test_every_documented_command_and_option_exists():
             if word.startswith("--") and word.split("=")[0] not in options:
                 wrong.append(f"{path}: broker {' '.join(names)} has no option {word.split('=')[0]}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_the_readme_archive_queries_run(tmp_path):
+    """Each ``broker query`` of README.md's archive section runs over an archive (its SQL, columns and macros)."""
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from broker.archive.log import OffsetRange
+    from broker.archive.reader import Archive
+    from broker.archive.rows import to_batch
+    from broker.archive.writer import ArchiveWriter
+    from streams.cli import app
+    from tests.broker.test_archive import archived, objects
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    writer.commit(writer.write([to_batch(archived(objects(10, 4)))]), [OffsetRange("alerts", 0, 0, 10)])
+    block = re.search(r"```\nA=var/demo/state/archive\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README.md lost its archive query examples"
+    code = "\n".join(line for line in block.group(1).splitlines() if not line.startswith("#"))
+    words = shlex.split(code.replace("$A", str(tmp_path / "archive")).replace("real.parquet",
+                                                                              str(tmp_path / "real.parquet")))
+    commands: list[list[str]] = []
+    for word in words:
+        if word == "broker":
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    assert len(commands) == 3 and all(c[0] == "query" for c in commands)
+    for args in commands:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, f"broker {' '.join(args)}: {result.output}"
