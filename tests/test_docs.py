@@ -111,3 +111,16 @@ def test_the_readme_archive_queries_run(tmp_path):
     for args in commands:
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, f"broker {' '.join(args)}: {result.output}"
+
+
+def test_the_topic_table_names_the_current_schema_versions():
+    """The value schemas of "Topics and messages" are those the code writes (``schemas.CURRENT``)."""
+    import schemas
+
+    text = ARCHITECTURE.read_text()
+    table = re.search(r"## Topics and messages\n\n(\|.*?)\n\n", text, re.S)
+    assert table, "docs/architecture.md lost its topic table"
+    named = re.findall(r"\(`(\w+)/v(\d+)`", table.group(1))
+    assert {name for name, _ in named} == set(schemas.CURRENT), named
+    stale = [f"{name}/v{v}" for name, v in named if int(v) != schemas.CURRENT[name]]
+    assert not stale, f"docs/architecture.md names {stale}; the code writes {schemas.CURRENT}"
