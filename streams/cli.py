@@ -194,7 +194,7 @@ def embedded(port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: 
                  help="Also run a small in-memory schema registry (streams/registry.py).")] = True,
              auth: Annotated[bool, typer.Option(
                  help="Require SASL SCRAM-SHA-512 over TLS (a gateway in front of tansu, streams/gateway.py); "
-                      "prints each user's BROKER_KAFKA_* settings.")] = False,
+                      "prints the users, their password files and the BROKER_KAFKA_* settings of one.")] = False,
              tls: Annotated[bool, typer.Option(
                  help="With --auth: serve TLS (SASL_SSL). --no-tls serves SASL_PLAINTEXT, for clients that cannot "
                       "do TLS (fink-client's AlertConsumer); on 127.0.0.1 only.")] = True,
