@@ -124,3 +124,16 @@ def test_the_topic_table_names_the_current_schema_versions():
     assert {name for name, _ in named} == set(schemas.CURRENT), named
     stale = [f"{name}/v{v}" for name, v in named if int(v) != schemas.CURRENT[name]]
     assert not stale, f"docs/architecture.md names {stale}; the code writes {schemas.CURRENT}"
+
+
+def test_the_install_instructions_name_every_extra():
+    """README's set-up and architecture.md's "Dependencies" name each extra of pyproject.toml."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (ROOT / "README.md").read_text()
+    section = ARCHITECTURE.read_text().split("## Dependencies", 1)[1].split("\n## ", 1)[0]
+    assert not {e for e in extras if f"`[{e}]`" not in readme}, "README.md's set-up misses an extra"
+    assert not {e for e in extras if f"`{e}`" not in section}, "docs/architecture.md's Dependencies misses an extra"
+    if any("s3" in requirement for requirement in extras["test"] if requirement.startswith("transient-broker[")):
+        assert "but `s3`" not in section, "docs/architecture.md says [test] leaves out s3; it pulls it"
