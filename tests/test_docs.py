@@ -137,3 +137,17 @@ def test_the_install_instructions_name_every_extra():
     assert not {e for e in extras if f"`{e}`" not in section}, "docs/architecture.md's Dependencies misses an extra"
     if any("s3" in requirement for requirement in extras["test"] if requirement.startswith("transient-broker[")):
         assert "but `s3`" not in section, "docs/architecture.md says [test] leaves out s3; it pulls it"
+
+
+def test_the_schema_table_lists_the_versions_kept_and_written():
+    """schemas/README.md's table: each record's versions and its current one, as ``schemas`` has them."""
+    import schemas
+
+    text = (ROOT / "schemas" / "README.md").read_text()
+    rows = {m.group(1): (m.group(2), m.group(3))
+            for m in re.finditer(r"^\| `(\w+)` \| [^\n]*? \| ([\d, ]+) \| (\d+) \|$", text, re.M)}
+    assert set(rows) == set(schemas.CURRENT), rows
+    for name, (versions, current) in rows.items():
+        assert [int(v) for v in versions.split(",")] == schemas.versions(name), f"{name}: versions {versions}"
+        assert int(current) == schemas.CURRENT[name], f"{name}: current {current}, written {schemas.CURRENT[name]}"
+    assert f"| alert v{schemas.CURRENT['alert']} field |" in ARCHITECTURE.read_text()
