@@ -22,6 +22,7 @@ or foreign writer schema can neither hang nor exhaust the reader: every failure 
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -68,8 +69,9 @@ class FramingConfig:
     framing : str
         One of :data:`broker.config.ALERT_FRAMINGS`. Default ``ocf``: readable by every Avro tool without a registry.
     codec : str
-        Block codec of ``ocf`` containers, one of ``null``, ``deflate``, ``snappy`` (cramjam).
-        Default ``null``: a single alert is mostly gzipped cutouts that no codec shrinks further.
+        Block codec of ``ocf`` containers, one of ``null``, ``deflate``, ``snappy`` (needs cramjam, which
+        only the ``train`` extra installs: a ``ConfigError`` here without it). Default ``null``: a single
+        alert is mostly gzipped cutouts that no codec shrinks further.
     registry_url : str or None
         Schema registry of a ``confluent`` topic (``http(s)://host:port``, or ``mock://`` for an
         in-process registry in tests). Default None (required by ``confluent``).
@@ -84,6 +86,10 @@ class FramingConfig:
             raise ConfigError(f"unknown alert framing {self.framing!r}; one of {list(ALERT_FRAMINGS)}")
         if self.codec not in OCF_CODECS:
             raise ConfigError(f"unknown Avro codec {self.codec!r}; one of {list(OCF_CODECS)}")
+        if self.codec == "snappy" and importlib.util.find_spec("cramjam") is None:
+            # found here, when the alert stage starts: at the first alert, every alert was dead-lettered
+            raise ConfigError("the snappy codec needs cramjam, which this install lacks (pip install cramjam, "
+                              "or the train extra)")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import io
 import json
 import random
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -265,3 +266,11 @@ def test_a_hostile_schema_header_on_a_confluent_message_is_a_decode_error(tag):
     body = serde.encode("alert", _sample())
     with pytest.raises(DecodeError, match="schema header"):
         decode_alert(None, b"\x00\x00\x00\x00\x01" + body, {serde.SCHEMA_HEADER: tag})
+
+
+def test_a_snappy_topic_without_cramjam_is_refused_when_the_stage_starts(monkeypatch):
+    """The core install has no cramjam: the alert stage stops at start-up instead of dead-lettering every alert."""
+    monkeypatch.setitem(sys.modules, "cramjam", None)  # as if not installed
+    with pytest.raises(ConfigError, match="cramjam"):
+        FramingConfig("ocf", "snappy")
+    assert FramingConfig("ocf", "deflate").codec == "deflate"
