@@ -151,3 +151,10 @@ def test_the_schema_table_lists_the_versions_kept_and_written():
         assert [int(v) for v in versions.split(",")] == schemas.versions(name), f"{name}: versions {versions}"
         assert int(current) == schemas.CURRENT[name], f"{name}: current {current}, written {schemas.CURRENT[name]}"
     assert f"| alert v{schemas.CURRENT['alert']} field |" in ARCHITECTURE.read_text()
+
+
+def test_the_readme_installs_the_torch_that_constraints_pins():
+    """README's CPU-torch command names the version constraints.txt pins (the two moved apart silently)."""
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
+    assert pinned, "constraints.txt no longer pins torch"
+    assert f"pip install torch=={pinned.group(1)} --index-url" in (ROOT / "README.md").read_text()
