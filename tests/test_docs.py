@@ -158,3 +158,19 @@ def test_the_readme_installs_the_torch_that_constraints_pins():
     pinned = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)
     assert pinned, "constraints.txt no longer pins torch"
     assert f"pip install torch=={pinned.group(1)} --index-url" in (ROOT / "README.md").read_text()
+
+
+
+def test_every_toml_snippet_of_the_docs_loads(tmp_path):
+    """Each ``toml`` block of README.md and docs/ loads as a pipeline config, or as a telescope profile."""
+    from broker.config import load_config
+    from broker.telescopes import load_profile
+
+    snippet = tmp_path / "snippet.toml"
+    for path in (p for p in USER_DOCS if p.suffix == ".md"):
+        for block in re.findall(r"```toml\n(.*?)```", path.read_text(), re.S):
+            snippet.write_text(block)
+            if block.startswith("# telescope profile"):
+                load_profile(snippet)
+            else:
+                load_config(snippet)
