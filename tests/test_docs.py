@@ -174,3 +174,43 @@ def test_every_toml_snippet_of_the_docs_loads(tmp_path):
                 load_profile(snippet)
             else:
                 load_config(snippet)
+
+
+def _config_table(path: str) -> object:
+    """The config dataclass of the TOML table ``path`` (``ingest.calibration``), ``dict`` for a free table, or None."""
+    import dataclasses
+    import typing
+
+    from broker.config import PipelineConfig
+
+    table: object = PipelineConfig
+    for part in path.split("."):
+        hints = typing.get_type_hints(table)
+        if part not in hints:
+            return None
+        hint = hints[part]
+        args = typing.get_args(hint)
+        table = args[0] if args and dataclasses.is_dataclass(args[0]) else hint
+        if not dataclasses.is_dataclass(table):
+            return dict if dict in (table, typing.get_origin(table)) else None
+    return table
+
+
+def test_every_config_table_and_key_the_docs_name_exists():
+    """``[table] key`` and ``[[table]]`` in README.md and docs/ name settings of the pipeline config."""
+    import dataclasses
+    import tomllib
+
+    extras = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    wrong = []
+    for path in (p for p in USER_DOCS if p.suffix == ".md"):
+        for match in re.finditer(r"`\[\[?([a-z_.]+)\]\]?(?: ([a-z_]+))?", path.read_text()):
+            name, key = match.groups()
+            if name in extras or (name == "filters" and path.name == "telescopes.md"):  # an extra; a profile's table
+                continue
+            table = _config_table(name)
+            if table is None:
+                wrong.append(f"{path.relative_to(ROOT)}: no table [{name}]")
+            elif key and table is not dict and key not in {f.name for f in dataclasses.fields(table)}:
+                wrong.append(f"{path.relative_to(ROOT)}: no setting {key} in [{name}]")
+    assert not wrong, "\n".join(wrong)
