@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
@@ -213,4 +215,22 @@ def test_every_config_table_and_key_the_docs_name_exists():
                 wrong.append(f"{path.relative_to(ROOT)}: no table [{name}]")
             elif key and table is not dict and key not in {f.name for f in dataclasses.fields(table)}:
                 wrong.append(f"{path.relative_to(ROOT)}: no setting {key} in [{name}]")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_every_api_path_the_docs_name_is_served(tmp_path):
+    """``GET /api/v1/...`` and ``POST /api/v1/...`` in README.md and docs/ are the portal's routes, with that method."""
+    pytest.importorskip("fastapi")
+    from streams.web.app import create_app
+    from streams.web.config import WebConfig
+
+    paths = create_app(WebConfig.for_state_dir(tmp_path)).openapi()["paths"]
+    routes = [(re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", p) + "$"), {m.upper() for m in ops})
+              for p, ops in paths.items()]
+    wrong = []
+    for path in (p for p in USER_DOCS if p.suffix == ".md"):
+        for match in re.finditer(r"(?:(GET|POST)`?,? `?)?(/api/v1/[\w/{}.-]*\w)", path.read_text()):
+            method, url = match.groups()
+            if not any(rx.match(url) and (method is None or method in methods) for rx, methods in routes):
+                wrong.append(f"{path.relative_to(ROOT)}: {method or ''} {url}")
     assert not wrong, "\n".join(wrong)
