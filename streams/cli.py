@@ -651,9 +651,9 @@ def labels_export(
             help="Labels database of the portal (default <state-dir>/labels.sqlite).")] = None,
         archive: Annotated[Optional[str], typer.Option(
             help="Archive the labelled alerts' cutouts are read from (default: that of the config).")] = None,
-        config: ConfigOpt = None, state_dir: Annotated[Path, typer.Option(
-            help="The portal's state folder, as for `broker serve` (default: that of `broker demo`).")
-        ] = Path("var/demo/state")) -> None:
+        config: ConfigOpt = None, state_dir: Annotated[Optional[Path], typer.Option(
+            help="The portal's state folder, as for `broker serve` (default: the config's state_dir with a "
+                 "config, else that of `broker demo`).")] = None) -> None:
     """Write the latest real/bogus label of each vetted alert, with its cutouts, for `train-realbogus --labels`.
 
     Labels whose alert is not in the archive, or whose cutouts cannot be decoded, are left out and counted.
@@ -666,7 +666,7 @@ def labels_export(
     from broker.vetting import LabelStore, archived_records, export_labels
 
     try:
-        store, cfg = _open_archive(archive, config, state_dir)
+        store, cfg = _open_archive(archive, config, _portal_state(config, state_dir))
         path = labels or cfg.state_dir / "labels.sqlite"
         if not path.is_file():
             raise ConfigError(f"no labels database at {path}: vet some alerts on the portal first, or name it "
@@ -1311,10 +1311,25 @@ def eval_realbogus(
 PortalStateOpt = Annotated[Path, typer.Option(
     help="The pipeline's state folder: archive, history.sqlite, refs/, diffs/, and the portal's tokens.sqlite "
          "(default: that of `broker demo`).")]
+#: The state folder `broker demo` leaves: the portal's when neither --state-dir nor a config names one.
+DEMO_STATE_DIR = Path("var/demo/state")
+ServeStateOpt = Annotated[Optional[Path], typer.Option(
+    help="The pipeline's state folder: archive, history.sqlite, refs/, diffs/, and the portal's tokens.sqlite "
+         "(default: the config's state_dir with --config or BROKER_CONFIG, else that of `broker demo`, "
+         "var/demo/state).")]
+
+
+def _portal_state(config: Optional[Path], state_dir: Optional[Path]) -> Optional[Path]:
+    """The ``state_dir`` override of the portal's commands: ``--state-dir``, else none with a config, else the demo's.
+
+    With a config and no ``--state-dir`` the config's ``state_dir`` holds (it was replaced by the demo's, so
+    ``broker serve --config`` served another folder than the pipeline's).
+    """
+    return state_dir if state_dir is not None or config is not None else DEMO_STATE_DIR
 
 
 @app.command()
-def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
+def serve(state_dir: ServeStateOpt = None,
           host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")
                           ] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -1348,7 +1363,8 @@ def serve(state_dir: PortalStateOpt = Path("var/demo/state"),
     try:
         if not 0 < max_upload_mb < 1024 * 1024:
             raise ConfigError(f"--max-upload-mb must be within (0, 1048576) MiB, not {max_upload_mb}")
-        pipeline = load_config(config, state_dir=state_dir)
+        pipeline = load_config(config, state_dir=_portal_state(config, state_dir))
+        state_dir = pipeline.state_dir
         overrides: dict = {"host": host, "port": port, "bootstrap": bootstrap, "pipeline": pipeline,
                            "cors_origins": tuple(cors_origin or ()), "public_read": not private,
                            "max_upload_bytes": int(max_upload_mb * 1024 * 1024), "history": pipeline.history,
@@ -1388,7 +1404,7 @@ def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the tok
                   help="A telescope whose frames the token may publish (scope upload; repeat), as the pipeline "
                        "records it (its TELESCOP, or its profile's name). Without one, an upload token may only "
                        "predict.")] = None,
-              state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
+              state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = None) -> None:
     """Create a token and print it once (only its salted hash is kept)."""
     from streams.web.tokens import check_telescopes
 
@@ -1405,7 +1421,7 @@ def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the tok
 
 
 @token_app.command("list")
-def token_list(state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
+def token_list(state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = None) -> None:
     """The tokens: id, name, scopes, telescopes it may publish, created, revoked (no secret is stored).
 
     An upload token bound to no telescope is listed ``predict only``: it may not publish.
@@ -1429,7 +1445,7 @@ def token_list(state_dir: PortalStateOpt = Path("var/demo/state"), tokens: Token
 
 @token_app.command("revoke")
 def token_revoke(key: Annotated[str, typer.Argument(help="Token id or name.")],
-                 state_dir: PortalStateOpt = Path("var/demo/state"), tokens: TokensOpt = None) -> None:
+                 state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = None) -> None:
     """Revoke the active tokens of an id or a name."""
     try:
         n = _tokens(state_dir, tokens).revoke(key)

@@ -689,3 +689,26 @@ def test_an_idle_timeout_of_nan_is_refused(command):
     """``--timeout nan`` never stopped: no idle time is greater than NaN (a hang until Ctrl-C)."""
     res = runner.invoke(app, [command, "--bootstrap", "127.0.0.1:1", "--timeout", "nan"])
     assert res.exit_code == 2 and "--timeout nan" in res.output, (res.output, res.exception)
+
+
+def test_the_portal_commands_use_the_configs_state_dir(tmp_path, monkeypatch):
+    """``broker serve --config`` and ``labels export --config`` read the config's state_dir, not the demo's."""
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    state = tmp_path / "state"
+    config = tmp_path / "pipeline.toml"
+    config.write_text(f'state_dir = "{state}"\n')
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kw: served.append(application))
+    res = runner.invoke(app, ["serve", "--config", str(config)])
+    assert res.exit_code == 0 and served, res.output
+    portal = served[0].state.portal.config
+    assert portal.state_dir == state and portal.tokens_path == state / "tokens.sqlite", portal
+    assert portal.archive == str(state / "archive")
+    res = runner.invoke(app, ["serve", "--config", str(config), "--state-dir", str(tmp_path / "other")])
+    assert served[1].state.portal.config.state_dir == tmp_path / "other"
+    _small_archive(state / "archive")
+    res = runner.invoke(app, ["labels", "export", "--config", str(config), "--out", str(tmp_path / "v.npz")])
+    assert res.exit_code == 2 and f"no labels database at {state / 'labels.sqlite'}" in res.output.replace("\n", ""), \
+        res.output
