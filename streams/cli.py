@@ -1308,12 +1308,9 @@ def eval_realbogus(
     console.print_json(data=summary)
 
 
-PortalStateOpt = Annotated[Path, typer.Option(
-    help="The pipeline's state folder: archive, history.sqlite, refs/, diffs/, and the portal's tokens.sqlite "
-         "(default: that of `broker demo`).")]
 #: The state folder `broker demo` leaves: the portal's when neither --state-dir nor a config names one.
 DEMO_STATE_DIR = Path("var/demo/state")
-ServeStateOpt = Annotated[Optional[Path], typer.Option(
+PortalStateOpt = Annotated[Optional[Path], typer.Option(
     help="The pipeline's state folder: archive, history.sqlite, refs/, diffs/, and the portal's tokens.sqlite "
          "(default: the config's state_dir with --config or BROKER_CONFIG, else that of `broker demo`, "
          "var/demo/state).")]
@@ -1329,7 +1326,7 @@ def _portal_state(config: Optional[Path], state_dir: Optional[Path]) -> Optional
 
 
 @app.command()
-def serve(state_dir: ServeStateOpt = None,
+def serve(state_dir: PortalStateOpt = None,
           host: Annotated[str, typer.Option(help="Interface to listen on (127.0.0.1: this machine only).")
                           ] = "127.0.0.1",
           port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -1388,10 +1385,15 @@ token_app = typer.Typer(help="API tokens of the portal (hashed at rest; scopes r
 app.add_typer(token_app, name="token")
 
 
-def _tokens(state_dir: Path, tokens: Optional[Path]) -> TokenStore:
+def _tokens(config: Optional[Path], state_dir: Optional[Path], tokens: Optional[Path]) -> TokenStore:
+    """The token file ``broker serve`` reads with the same options: ``--tokens``, else ``<state-dir>/tokens.sqlite``."""
+    from broker.config import load_config
     from streams.web.tokens import TokenStore
 
-    return TokenStore(tokens or state_dir / "tokens.sqlite")
+    if tokens is None:
+        folder = _portal_state(config, state_dir)
+        tokens = (folder if folder is not None else load_config(config).state_dir) / "tokens.sqlite"
+    return TokenStore(tokens)
 
 
 TokensOpt = Annotated[Optional[Path], typer.Option(help="Token file (default <state-dir>/tokens.sqlite).")]
@@ -1404,13 +1406,14 @@ def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the tok
                   help="A telescope whose frames the token may publish (scope upload; repeat), as the pipeline "
                        "records it (its TELESCOP, or its profile's name). Without one, an upload token may only "
                        "predict.")] = None,
-              state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = None) -> None:
+              state_dir: PortalStateOpt = None, tokens: TokensOpt = None,
+              config: ConfigOpt = None) -> None:
     """Create a token and print it once (only its salted hash is kept)."""
     from streams.web.tokens import check_telescopes
 
     try:
         bound = check_telescopes(telescope or ())  # before the file is opened: a bad name creates nothing
-        clear = _tokens(state_dir, tokens).add(name, scope, bound)
+        clear = _tokens(config, state_dir, tokens).add(name, scope, bound)
     except BrokerError as exc:
         _fail(exc)
     may = (f"; publishes telescopes {', '.join(map(repr, bound))}" if bound
@@ -1421,7 +1424,7 @@ def token_add(name: Annotated[str, typer.Argument(help="Who or what uses the tok
 
 
 @token_app.command("list")
-def token_list(state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = None) -> None:
+def token_list(state_dir: PortalStateOpt = None, tokens: TokensOpt = None, config: ConfigOpt = None) -> None:
     """The tokens: id, name, scopes, telescopes it may publish, created, revoked (no secret is stored).
 
     An upload token bound to no telescope is listed ``predict only``: it may not publish.
@@ -1429,7 +1432,7 @@ def token_list(state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = N
     from rich.table import Column
 
     try:
-        listed = _tokens(state_dir, tokens).list()
+        listed = _tokens(config, state_dir, tokens).list()
     except BrokerError as exc:
         _fail(exc)
     widest = min(24, max((len(t.name) for t in listed), default=4))  # names whole in 80 columns, up to 24 characters
@@ -1445,10 +1448,10 @@ def token_list(state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = N
 
 @token_app.command("revoke")
 def token_revoke(key: Annotated[str, typer.Argument(help="Token id or name.")],
-                 state_dir: PortalStateOpt = DEMO_STATE_DIR, tokens: TokensOpt = None) -> None:
+                 state_dir: PortalStateOpt = None, tokens: TokensOpt = None, config: ConfigOpt = None) -> None:
     """Revoke the active tokens of an id or a name."""
     try:
-        n = _tokens(state_dir, tokens).revoke(key)
+        n = _tokens(config, state_dir, tokens).revoke(key)
     except BrokerError as exc:
         _fail(exc)
     if not n:

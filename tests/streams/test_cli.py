@@ -692,7 +692,7 @@ def test_an_idle_timeout_of_nan_is_refused(command):
 
 
 def test_the_portal_commands_use_the_configs_state_dir(tmp_path, monkeypatch):
-    """``broker serve --config`` and ``labels export --config`` read the config's state_dir, not the demo's."""
+    """``broker serve``, ``token`` and ``labels export`` with ``--config``: the config's state_dir, not the demo's."""
     pytest.importorskip("fastapi")
     import uvicorn
 
@@ -708,6 +708,8 @@ def test_the_portal_commands_use_the_configs_state_dir(tmp_path, monkeypatch):
     assert portal.archive == str(state / "archive")
     res = runner.invoke(app, ["serve", "--config", str(config), "--state-dir", str(tmp_path / "other")])
     assert served[1].state.portal.config.state_dir == tmp_path / "other"
+    res = runner.invoke(app, ["token", "add", "ana", "--scope", "vet", "--config", str(config)])
+    assert res.exit_code == 0 and (state / "tokens.sqlite").is_file(), res.output  # where the portal reads them
     _small_archive(state / "archive")
     res = runner.invoke(app, ["labels", "export", "--config", str(config), "--out", str(tmp_path / "v.npz")])
     assert res.exit_code == 2 and f"no labels database at {state / 'labels.sqlite'}" in res.output.replace("\n", ""), \
