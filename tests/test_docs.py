@@ -234,3 +234,17 @@ def test_every_api_path_the_docs_name_is_served(tmp_path):
             if not any(rx.match(url) and (method is None or method in methods) for rx, methods in routes):
                 wrong.append(f"{path.relative_to(ROOT)}: {method or ''} {url}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_every_repository_path_the_docs_name_exists():
+    """Files and folders of this repository that README.md and docs/ name in code spans exist (placeholders aside)."""
+    missing = []
+    for path in (p for p in USER_DOCS if p.suffix == ".md"):
+        for match in re.finditer(r"`((?:tests|broker|streams|deploy|k8s|bench|schemas|docs|\.ci)/[\w./-]*)([^\w./-]?)",
+                                 path.read_text()):
+            name, after = match.group(1).rstrip("."), match.group(2)
+            if after in ("{", "<", "*") or re.search(r"/vN\.", name):  # a pattern: <stage>, {id}, *.py, vN.avsc
+                continue
+            if not (ROOT / name).exists():
+                missing.append(f"{path.relative_to(ROOT)}: {name}")
+    assert not missing, "\n".join(missing)
