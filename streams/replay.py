@@ -54,7 +54,8 @@ def _check_topic(settings: KafkaSettings, archive: Archive, topic: str) -> None:
         raise BrokerError(f"Kafka at {settings.bootstrap} did not answer within 10 s: {exc}") from exc
     if topic not in existing:
         raise UnknownTopic(f"topic {topic!r} does not exist on {settings.bootstrap}; create it first "
-                           f"(broker topics) or pick one of {sorted(t for t in existing if not t.startswith('__'))}")
+                           f"(broker topics --bootstrap {settings.bootstrap} --framing {topic}=ocf) or pick one of "
+                           f"{sorted(t for t in existing if not t.startswith('__'))}")
     archived = {t for t, _ in archive.snapshot().positions}
     if topic in archived:
         raise ArchiveError(f"the archive reads {topic!r}: replaying into it would archive these alerts twice; "

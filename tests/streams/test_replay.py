@@ -76,8 +76,9 @@ def test_replay_publishes_the_archived_records_in_order(settings, archive, frami
 @pytest.mark.kafka
 def test_replay_refuses_a_missing_topic_and_the_archived_one(settings, archive):
     store, _ = archive
-    with pytest.raises(UnknownTopic, match="does not exist"):
-        replay(store, settings, f"nowhere-{uuid.uuid4().hex[:6]}")
+    missing = f"nowhere-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(UnknownTopic, match=f"does not exist.*broker topics .*--framing {missing}=ocf"):
+        replay(store, settings, missing)  # the command that creates it: `broker topics` alone does not
     (source,) = {t for t, _ in store.snapshot().positions}
     topics.create_topics(settings.bootstrap, [topics.TopicSpec(source)])
     with pytest.raises(ArchiveError, match="archive these alerts twice"):
