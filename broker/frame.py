@@ -18,6 +18,7 @@ import re
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -760,26 +761,80 @@ _LAYOUT_CARD = re.compile(r"^(?:SIMPLE|BITPIX|NAXIS\d*|EXTEND|XTENSION|PCOUNT|GC
 
 
 def encode_fits(frame: Frame, compress: bool = True) -> bytes:
-    """Encode a frame as FITS bytes, tile-compressed by default (lossless)."""
+    """Encode a frame as FITS bytes, tile-compressed by default (lossless).
+
+    Pixels that are all integers in [0, 65535) are RICE-compressed as 16-bit integers, any others
+    GZIP-compressed as 32-bit floats without quantisation (:func:`tile_compressed`); every card of
+    the header is kept, in order, but for the layout cards of :data:`_LAYOUT_CARD`.
+    """
     header = frame.header.copy()
     for key in [k for k in header if _LAYOUT_CARD.match(k)]:  # they describe the old file's array, not these pixels
         header.remove(key, ignore_missing=True, remove_all=True)
     header["FRAMEID"] = frame.meta.frame_id
     data = frame.data
-    if compress:
-        is_int = (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))
-                  and data.min() >= 0 and data.max() < 65535)
-        if is_int:
-            hdu = fits.CompImageHDU(data.astype(np.uint16), header=header, compression_type="RICE_1")
-        else:
-            hdu = fits.CompImageHDU(data.astype(np.float32), header=header, compression_type="GZIP_2",
-                                    quantize_level=0.0)
-        hdul = fits.HDUList([fits.PrimaryHDU(), hdu])
-    else:
-        hdul = fits.HDUList([fits.PrimaryHDU(data.astype(np.float32), header=header)])
+    if not compress:
+        buf = io.BytesIO()
+        fits.HDUList([fits.PrimaryHDU(data.astype(np.float32), header=header)]).writeto(buf)
+        return buf.getvalue()
+    is_int = (np.all(np.isfinite(data)) and np.array_equal(data, np.round(data))
+              and data.min() >= 0 and data.max() < 65535)
+    if is_int:
+        return tile_compressed(data.astype(np.uint16), header, compression_type="RICE_1")
+    return tile_compressed(data.astype(np.float32), header, compression_type="GZIP_2", quantize_level=0.0)
+
+
+#: Cards that astropy's compressed-image writer maps to others, moves or drops: those of the FITS tiled
+#: image convention (FITS 4.0 section 10: ``Z*`` and the image cards they stand for), the binary table's
+#: own (``TFIELDS``, ``TTYPEn``, ...), ``EXTNAME`` and the array's scaling. :func:`tile_compressed`
+#: leaves them to astropy; every other card is written as it stands.
+_TILED_CARD = re.compile(
+    r"^(?:SIMPLE|XTENSION|BITPIX|NAXIS\d*|EXTEND|BLOCKED|PCOUNT|GCOUNT|CHECKSUM|DATASUM|EXTNAME|BSCALE|BZERO|BLANK"
+    r"|TFIELDS|THEAP|T(?:TYPE|FORM|UNIT|NULL|SCAL|ZERO|DISP|BCOL|DIM|CTYP|CUNI|CRPX|CRVL|CDLT|RPOS)[1-9]\d*"
+    r"|Z(?:IMAGE|CMPTYPE|MASKCMP|QUANTIZ|DITHER0|BLANK|SCALE|ZERO|SIMPLE|TENSION|BITPIX|EXTEND|BLOCKED|PCOUNT"
+    r"|GCOUNT|HECKSUM|DATASUM)|Z(?:NAXIS|TILE|NAME|VAL)(?:[1-9]\d*)?)$")
+
+
+def tile_compressed(data: np.ndarray, header: fits.Header, **compression: Any) -> bytes:
+    """FITS bytes of ``data`` as a tile-compressed image HDU with ``header``, in time linear in its cards.
+
+    astropy's compressed-image writer copies an image header into the binary table's one card by
+    card, each append and each ``COMMENT``/``HISTORY`` insertion re-indexing every card before it:
+    quadratic in the cards, 1.6 s for 4,000 and about half an hour for 98,000. Here astropy writes
+    the HDU with the cards of :data:`_TILED_CARD` alone; every other card is verified as astropy's
+    writer would (``output_verify="exception"``) and written, in order, after the table's cards.
+    Unlike astropy's copy, a repeated keyword and a blank card are kept, where they stand.
+
+    Parameters
+    ----------
+    data : ndarray
+        The pixels, of the dtype to store.
+    header : astropy.io.fits.Header
+        The image's cards (no layout cards: astropy writes its own from ``data``).
+    **compression
+        Passed to :class:`astropy.io.fits.CompImageHDU` (``compression_type``, ``quantize_level``, ...).
+
+    Returns
+    -------
+    bytes
+        A primary HDU without data, then the compressed image HDU.
+
+    Raises
+    ------
+    astropy.io.fits.VerifyError
+        A card astropy cannot write (as its writer raised).
+    """
+    tiled = [card for card in header.cards if _TILED_CARD.match(card.keyword)]
+    plain = [card for card in header.cards if not _TILED_CARD.match(card.keyword)]
+    for card in plain:
+        card.verify("exception")
     buf = io.BytesIO()
-    hdul.writeto(buf)
-    return buf.getvalue()
+    hdu = fits.CompImageHDU(data, header=fits.Header(tiled), **compression)
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+    raw = buf.getvalue()
+    start = _blocks(_end_card(raw, 0, 0) + 80)
+    end = _end_card(raw, start, 1)
+    cards = raw[start:end] + "".join(str(card) for card in plain).encode("ascii") + b"END".ljust(80)
+    return raw[:start] + cards.ljust(_blocks(len(cards))) + raw[_blocks(end + 80):]
 
 
 def sha256(payload: bytes) -> str:

@@ -1,12 +1,14 @@
 import gzip
 import io
 import re
+import time
 
 import numpy as np
 import pytest
+from astropy.io import fits
 
 from broker.errors import BadShape, CorruptFrame, MissingMetadata, MissingWCS
-from broker.frame import Frame, decode_fits, encode_fits, science_images
+from broker.frame import Frame, decode_fits, encode_fits, meta_from_header, science_images
 from tests.helpers import header, star_frame
 
 
@@ -511,3 +513,68 @@ def _wcs_header(cards: dict):
 def test_icrs_and_fk5_j2000_wcs_are_read(cards):
     frame = star_frame()
     assert decode_fits(encode_fits(Frame(frame.meta, frame.data, _wcs_header(cards)))).wcs.wcs.lng == 0
+
+
+def _many_cards(n: int) -> fits.Header:
+    """A frame header grown to ``n`` cards of every kind: values, COMMENT, HISTORY, HIERARCH, long strings."""
+    kinds = (lambda i: fits.Card(f"K{i:07d}", i, "a value"), lambda i: fits.Card("COMMENT", f"comment {i}"),
+             lambda i: fits.Card("HISTORY", f"history {i}"), lambda i: fits.Card(f"HIERARCH ESO DET K{i}", i / 3),
+             lambda i: fits.Card(f"S{i:07d}", f"value {i} " * (i % 11)))
+    base = header((64, 64))
+    return fits.Header(list(base.cards) + [kinds[i % 5](i) for i in range(n - len(base))])  # not extend: quadratic
+
+
+def _int_and_float_frames(h: fits.Header) -> list[Frame]:
+    data = np.random.default_rng(1).poisson(500.0, (64, 64)).astype(np.float32)
+    return [Frame(meta_from_header(h), pixels, h) for pixels in (data, data + 0.25)]
+
+
+def test_every_card_is_kept_in_order_and_the_pixels_exactly():
+    h = _many_cards(300)
+    h.insert(0, ("COMMENT", "the first card"))
+    h["LONGSTR"] = "a long string value " * 20  # CONTINUE cards
+    h.add_history("h" * 150)
+    h.append(("DUP", 1))
+    h.append(("DUP", 2))
+    h.insert(10, fits.Card("", "", ""))  # a blank card
+    for frame in _int_and_float_frames(h):
+        payload = encode_fits(frame)
+        back = decode_fits(payload)
+        assert np.array_equal(back.data, frame.data)
+        expected = [c.image for c in fits.Header(list(frame.header.cards)).cards]
+        with fits.open(io.BytesIO(payload)) as hdul:
+            assert isinstance(hdul[1], fits.CompImageHDU)
+            assert [c.image for c in hdul[1].header.cards if c.keyword not in _LAYOUT] == expected
+            assert np.array_equal(hdul[1].data, frame.data)
+        primary = ("SIMPLE", "EXTEND")  # the empty primary HDU's, merged in by decode_fits
+        assert [c.image for c in back.header.cards if c.keyword not in _LAYOUT + primary] == expected
+        assert back.header["LONGSTR"] == h["LONGSTR"] and back.header["ESO DET K3"] == 1.0
+
+
+#: Cards the compressed HDU's reader adds from the array (BSCALE, BZERO and BLANK of the 16-bit one).
+_LAYOUT = ("XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "BSCALE", "BZERO", "BLANK")
+
+
+def test_the_bytes_are_astropys_own_for_a_header_it_copies_whole():
+    h = _many_cards(200)
+    for frame, kind in zip(_int_and_float_frames(h), ("RICE_1", "GZIP_2"), strict=True):
+        pixels = frame.data.astype(np.uint16) if kind == "RICE_1" else frame.data
+        hdu = fits.CompImageHDU(pixels, header=h.copy(), compression_type=kind, quantize_level=0.0)
+        buf = io.BytesIO()
+        fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buf)
+        assert encode_fits(frame) == buf.getvalue()
+
+
+def test_encoding_is_linear_in_the_header_cards():
+    """The writer of astropy took 1.6 s for 4,000 cards and ~30 min for 98,000 (quadratic); now ~0.3 s for 16,000."""
+    seconds = {}
+    for n in (4000, 16000):
+        frame = _int_and_float_frames(_many_cards(n))[0]
+        runs = []
+        for _ in range(3):
+            t0 = time.process_time()
+            encode_fits(frame)
+            runs.append(time.process_time() - t0)
+        seconds[n] = min(runs)
+    assert seconds[16000] < 5.0  # quadratic: ~25 s
+    assert seconds[16000] < 10 * max(seconds[4000], 0.01)  # linear: 4x, quadratic: 16x
