@@ -11,6 +11,7 @@ is binned to luminance (:mod:`broker.bayer`). :func:`decode_fits` raises a typed
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import math
@@ -740,18 +741,26 @@ def _merged_header(hdul: fits.HDUList, hdu: fits.hdu.base.ExtensionHDU | fits.Pr
     extension named no telescope, time or filter and was refused ``missing_metadata``. The
     extension's cards win; ``INHERIT = F`` turns inheritance off; an extension with a WCS of its
     own (``CTYPE1``) inherits none of the primary's WCS cards, so that the two are never mixed.
+    A card inherited (the first of each keyword; no commentary) goes after the image header's last
+    card that is not commentary, where ``Header.append`` put it. Built in one pass: an append
+    re-indexes every card of the header, and 8,000 primary cards took 1.3 s to merge, 98,000 about 3 min.
     """
-    header = hdu.header.copy()
-    if hdu is hdul[0] or header.get("INHERIT") is False:
-        return header
-    own_wcs = "CTYPE1" in header
+    image = hdu.header
+    if hdu is hdul[0] or image.get("INHERIT") is False:
+        return image.copy()
+    own_wcs = "CTYPE1" in image
+    commentary = fits.Card._commentary_keywords
+    extra, seen = [], set()
     for card in hdul[0].header.cards:
         key = card.keyword
-        if (key in header or key in ("", "COMMENT", "HISTORY") or _NOT_INHERITED.match(key)
+        if (key in commentary or key in seen or key in image or _NOT_INHERITED.match(key)
                 or (own_wcs and WCS_CARD.match(key))):
             continue
-        header.append(card)
-    return header
+        seen.add(key)
+        extra.append(card)
+    cards = list(image.cards)
+    cut = max((i + 1 for i, card in enumerate(cards) if card.keyword not in commentary), default=0)
+    return fits.Header([copy.copy(card) for card in cards[:cut] + extra + cards[cut:]])
 
 
 #: Cards of the array layout in the file a frame was decoded from (BLANK, BZERO, BSCALE: its stored
