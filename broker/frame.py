@@ -776,9 +776,9 @@ def encode_fits(frame: Frame, compress: bool = True) -> bytes:
     GZIP-compressed as 32-bit floats without quantisation (:func:`tile_compressed`); every card of
     the header is kept, in order, but for the layout cards of :data:`_LAYOUT_CARD`.
     """
-    header = frame.header.copy()
-    for key in [k for k in header if _LAYOUT_CARD.match(k)]:  # they describe the old file's array, not these pixels
-        header.remove(key, ignore_missing=True, remove_all=True)
+    # The layout cards describe the old file's array, not these pixels. Left out in one pass: Header.remove
+    # re-indexes every card for each one removed (8,000 repeated NAXIS3 cards took 8.8 s).
+    header = fits.Header([copy.copy(card) for card in frame.header.cards if not _LAYOUT_CARD.match(card.keyword)])
     header["FRAMEID"] = frame.meta.frame_id
     data = frame.data
     if not compress:
