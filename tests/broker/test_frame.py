@@ -1,6 +1,8 @@
 import gzip
 import io
 import re
+import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -551,6 +553,26 @@ def test_every_card_is_kept_in_order_and_the_pixels_exactly():
         assert [c.image for c in back.header.cards if c.keyword not in _LAYOUT + primary] == expected
         assert back.header["LONGSTR"] == h["LONGSTR"] and back.header["ESO DET K3"] == 1.0
 
+
+
+@pytest.mark.skipif(shutil.which("funpack") is None, reason="cfitsio's funpack is not installed")
+def test_cfitsio_reads_every_card_and_pixel_back(tmp_path):
+    """The funpack of cfitsio decompresses the frames to the same cards (its CHECKSUM/DATASUM aside) and pixels."""
+    h = _many_cards(300)
+    h.insert(0, ("COMMENT", "the first card"))
+    h["LONGSTR"] = "a long string value " * 20
+    h.insert(10, fits.Card("", "", ""))
+    h.append(("DUP", 1))
+    h.append(("DUP", 2))
+    for index, frame in enumerate(_int_and_float_frames(h)):
+        packed, unpacked = tmp_path / f"{index}.fits.fz", tmp_path / f"{index}.fits"
+        packed.write_bytes(encode_fits(frame))
+        subprocess.run(["funpack", "-O", str(unpacked), str(packed)], check=True, capture_output=True, timeout=60)
+        with fits.open(unpacked) as hdul:
+            hdu = hdul[-1]
+            ignored = (*_LAYOUT, "SIMPLE", "EXTEND", "CHECKSUM", "DATASUM")
+            assert [c.image for c in hdu.header.cards if c.keyword not in ignored] == [c.image for c in h.cards]
+            assert np.array_equal(hdu.data, frame.data)
 
 #: Cards the compressed HDU's reader adds from the array (BSCALE, BZERO and BLANK of the 16-bit one).
 _LAYOUT = ("XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "BSCALE", "BZERO", "BLANK")
