@@ -10,7 +10,7 @@ import pytest
 from astropy.io import fits
 
 from broker.errors import BadShape, CorruptFrame, MissingMetadata, MissingWCS
-from broker.frame import Frame, decode_fits, encode_fits, meta_from_header, science_images
+from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits, meta_from_header, science_images
 from tests.helpers import header, star_frame
 
 
@@ -639,3 +639,23 @@ def test_repeated_layout_cards_are_left_out_in_time_linear_in_them():
     seconds = {n: _cpu_seconds(encode_fits, frame_with(n)) for n in (4000, 16000)}
     assert seconds[16000] < 2.0  # quadratic: ~5 s
     assert seconds[16000] < 10 * max(seconds[4000], 0.02)  # linear: 4x, quadratic: 16x
+
+
+def test_a_headers_wcs_is_parsed_once_and_each_caller_gets_its_own(monkeypatch):
+    import broker.frame
+
+    parsed = []
+    parse = broker.frame._parse_celestial_wcs
+    monkeypatch.setattr(broker.frame, "_PARSED_WCS", {})  # none parsed by an earlier test
+    monkeypatch.setattr(broker.frame, "_parse_celestial_wcs", lambda h: parsed.append(h) or parse(h))
+    h = header((64, 64), ra=151.25)
+    first = celestial_wcs(h)
+    first.wcs.crval = [0.0, 0.0]  # the caller's copy
+    assert celestial_wcs(h.copy()).wcs.crval[0] == 151.25 and len(parsed) == 1
+    h["CRVAL1"] = 152.5
+    assert celestial_wcs(h).wcs.crval[0] == 152.5 and len(parsed) == 2
+    del h["CTYPE1"]
+    for _ in range(2):
+        with pytest.raises(MissingWCS):
+            celestial_wcs(h)
+    assert len(parsed) == 4  # a header without one is parsed each time (and named each time)
