@@ -621,7 +621,7 @@ def test_the_primary_headers_cards_are_merged_in_time_linear_in_them():
     frame = decode_fits(_primary_carded(500))
     assert frame.meta.telescope == "TEST" and frame.header["K0000020"] == 20 and frame.header["ESO DET K23"] == 23 / 3
     order = list(frame.header)
-    assert "COMMENT" not in order and order.index("SIMPLE") < order.index("TELESCOP") < order.index("K0000020")
+    assert "COMMENT" not in order and "SIMPLE" not in order and order.index("TELESCOP") < order.index("K0000020")
     seconds = {n: _cpu_seconds(decode_fits, _primary_carded(n)) for n in (4000, 16000)}
     assert seconds[16000] < 3.0  # quadratic: ~5 s
     assert seconds[16000] < 10 * max(seconds[4000], 0.01)  # linear: 4x, quadratic: 16x
