@@ -1,7 +1,6 @@
 """Bayer frames: 2x2 superpixel luminance, saturation and the header."""
 
 import io
-import time
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from broker.bayer import bayer_pattern, colour_planes_luminance, superpixel_lumi
 from broker.errors import BadShape
 from broker.frame import decode_fits
 from tests.conftest import shared_data
+from tests.helpers import cpu_seconds
 
 
 def test_superpixels_sum_the_mosaic_and_keep_the_noise_model():
@@ -199,16 +199,6 @@ def test_a_raw_colour_frame_keeps_its_dropped_wcs_as_the_solver_hints():
     assert pointing_hint(kept) == (10.0, 20.0) and "PIXSCALE" not in kept  # the header's own hints win
 
 
-def _cpu_seconds(fn, *args) -> float:
-    """The least CPU time (s) of three calls of ``fn(*args)``."""
-    runs = []
-    for _ in range(3):
-        t0 = time.process_time()
-        fn(*args)
-        runs.append(time.process_time() - t0)
-    return min(runs)
-
-
 def test_the_dropped_cards_are_dropped_in_time_linear_in_them():
     """One Header.remove each took 2.6 s for 8,000 ``A_*`` cards of a raw frame (quadratic), 11 s for 16,000."""
     def headers(n):
@@ -227,7 +217,7 @@ def test_the_dropped_cards_are_dropped_in_time_linear_in_them():
     seconds = {}
     for n in (4000, 16000):
         raw, cube = headers(n)
-        seconds[n] = (_cpu_seconds(superpixel_luminance, np.ones((8, 8), np.float32), raw, 60000.0)
-                      + _cpu_seconds(colour_planes_luminance, np.ones((3, 8, 8), np.float32), cube, 60000.0))
+        seconds[n] = (cpu_seconds(superpixel_luminance, np.ones((8, 8), np.float32), raw, 60000.0)
+                      + cpu_seconds(colour_planes_luminance, np.ones((3, 8, 8), np.float32), cube, 60000.0))
     assert seconds[16000] < 3.0  # quadratic: ~20 s
     assert seconds[16000] < 10 * max(seconds[4000], 0.02)  # linear: 4x, quadratic: 16x

@@ -3,7 +3,6 @@ import io
 import re
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from astropy.io import fits
 
 from broker.errors import BadShape, CorruptFrame, MissingMetadata, MissingWCS
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits, meta_from_header, science_images
-from tests.helpers import header, star_frame
+from tests.helpers import cpu_seconds, header, star_frame
 
 
 def test_round_trip_is_lossless_for_integer_and_float_pixels():
@@ -588,19 +587,9 @@ def test_the_bytes_are_astropys_own_for_a_header_it_copies_whole():
         assert encode_fits(frame) == buf.getvalue()
 
 
-def _cpu_seconds(fn, *args) -> float:
-    """The least CPU time (s) of three calls of ``fn(*args)``: what a loaded machine adds is left out."""
-    runs = []
-    for _ in range(3):
-        t0 = time.process_time()
-        fn(*args)
-        runs.append(time.process_time() - t0)
-    return min(runs)
-
-
 def test_encoding_is_linear_in_the_header_cards():
     """The writer of astropy took 1.6 s for 4,000 cards and ~14 min for 98,000 (quadratic); now ~0.3 s for 16,000."""
-    seconds = {n: _cpu_seconds(encode_fits, _int_and_float_frames(_many_cards(n))[0]) for n in (4000, 16000)}
+    seconds = {n: cpu_seconds(encode_fits, _int_and_float_frames(_many_cards(n))[0]) for n in (4000, 16000)}
     assert seconds[16000] < 5.0  # quadratic: ~23 s
     assert seconds[16000] < 10 * max(seconds[4000], 0.01)  # linear: 4x, quadratic: 16x
 
@@ -622,7 +611,7 @@ def test_the_primary_headers_cards_are_merged_in_time_linear_in_them():
     assert frame.meta.telescope == "TEST" and frame.header["K0000020"] == 20 and frame.header["ESO DET K23"] == 23 / 3
     order = list(frame.header)
     assert "COMMENT" not in order and "SIMPLE" not in order and order.index("TELESCOP") < order.index("K0000020")
-    seconds = {n: _cpu_seconds(decode_fits, _primary_carded(n)) for n in (4000, 16000)}
+    seconds = {n: cpu_seconds(decode_fits, _primary_carded(n)) for n in (4000, 16000)}
     assert seconds[16000] < 3.0  # quadratic: ~5 s
     assert seconds[16000] < 10 * max(seconds[4000], 0.01)  # linear: 4x, quadratic: 16x
 
@@ -636,7 +625,7 @@ def test_repeated_layout_cards_are_left_out_in_time_linear_in_them():
 
     back = decode_fits(encode_fits(frame_with(100)))
     assert "NAXIS3" not in back.header and list(back.header).count("BZERO") == 1  # the 16-bit pixels' own
-    seconds = {n: _cpu_seconds(encode_fits, frame_with(n)) for n in (4000, 16000)}
+    seconds = {n: cpu_seconds(encode_fits, frame_with(n)) for n in (4000, 16000)}
     assert seconds[16000] < 2.0  # quadratic: ~5 s
     assert seconds[16000] < 10 * max(seconds[4000], 0.02)  # linear: 4x, quadratic: 16x
 
