@@ -32,7 +32,7 @@ import collections
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -305,13 +305,38 @@ def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None,
         if tuple(ref_frame.meta.reference_key) != tuple(key):
             raise ReferenceUnavailable(f"the reference is of {ref_frame.meta.reference_key}, the frame of {key} "
                                        "(telescope, field, band must agree)")
-        return build_reference([ref_frame], portal.config.pipeline.reference), "upload"
+        return build_reference([_distinct(frame, ref_frame)], portal.config.pipeline.reference), "upload"
     root = portal.config.references_dir
     stored = ReferenceStore(root, portal.config.pipeline.reference).get(key) if root and root.is_dir() else None
     if stored is None:
         raise ReferenceUnavailable(f"no stored reference of {key} on this server: upload one as the form part "
                                    "'reference'")
     return stored, "stored"
+
+
+def _distinct(frame: Frame, ref_frame: Frame) -> Frame:
+    """The uploaded reference, under an id of its own when it shares the frame's id but not its pixels.
+
+    A header without ``FRAMEID`` gets its id from telescope, field, band and MJD
+    (:func:`broker.frame.meta_from_header`), so two exposures whose headers claim the same start
+    (SFFT's DECam cut-outs all carry the science's ``MJD-OBS``) share an id, and
+    :func:`broker.pipeline.process_frame` would take the frame for part of its reference
+    (``IN_REFERENCE``) and subtract nothing. Only the same pixels make them one frame.
+
+    Raises
+    ------
+    ReferenceUnavailable
+        The reference is the frame itself (same id, same pixels): nothing could ever be found.
+    """
+    import numpy as np
+
+    if ref_frame.meta.frame_id != frame.meta.frame_id:
+        return ref_frame
+    if ref_frame.shape == frame.shape and np.array_equal(ref_frame.data, frame.data, equal_nan=True):
+        raise ReferenceUnavailable(f"the reference is the frame itself ({frame.meta.frame_id}, the same pixels): "
+                                   "upload an earlier exposure of the field as the reference")
+    meta = replace(ref_frame.meta, frame_id=f"{ref_frame.meta.frame_id}/reference")
+    return Frame(meta, ref_frame.data, ref_frame.header)
 
 
 def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None, telescope: str | None = None) -> dict:

@@ -97,6 +97,29 @@ def test_a_reference_of_another_field_is_refused(client, token, pair):
     assert response.status_code == 400 and response.json()["error"] == "reference"
 
 
+def test_a_reference_sharing_the_frames_id_but_not_its_pixels_is_subtracted(client, token):
+    """Headers without FRAMEID that claim the same MJD (SFFT's DECam cut-outs) give two exposures one id.
+
+    The prediction must still subtract them, not answer IN_REFERENCE with no candidate.
+    """
+    science = exposure(2, "TEST-F1-r-0001", 60000.5, transient=(100.3, 150.7, 30000.0))
+    reference = exposure(1, "TEST-F1-r-0001", 60000.5)
+    response = post(client, token=token, files={"frame": ("s.fits", encode_fits(science), "application/fits"),
+                                                "reference": ("r.fits", encode_fits(reference), "application/fits")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "SUBTRACTED" and body["reference"]["frame_ids"] == ["TEST-F1-r-0001/reference"]
+    best = body["candidates"][0]
+    assert abs(best["x"] - 100.3) < 0.5 and abs(best["y"] - 150.7) < 0.5
+
+
+def test_the_frame_itself_as_its_reference_is_refused_with_the_reason(client, token, pair):
+    response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
+                                                "reference": ("r.fits", pair[0], "application/fits")})
+    assert response.status_code == 400 and response.json()["error"] == "reference"
+    assert "the frame itself" in response.json()["detail"]
+
+
 def test_publish_sends_the_validated_frame_and_returns_its_id(client, token, pair):
     sent = []
     client.app.state.portal.extras["publisher"] = lambda frame: sent.append(frame) or Published(

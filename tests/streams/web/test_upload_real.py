@@ -1,0 +1,53 @@
+"""``POST /api/v1/frames?mode=predict`` on real frames of ``../shared/data`` (skipped without it).
+
+Uploaded as a user's browser sends them: a multipart form with the frame and its reference, as the
+files are kept (FITS, gzip, tile-compressed), and the answers compared with what the pipeline's own
+:func:`broker.pipeline.process_frame` gives on the same pair.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import shared_data
+
+#: The transient at the centre of SFFT's DECam i-band cut-outs (x, y, px, 0-based): SFFT's own difference
+#: (``4check/FinalDifference.fits``) shows it at +8 sigma.
+DECAM_TRANSIENT = (128.0, 128.0)
+
+
+def _decam(name: str) -> Path:
+    return shared_data("image_pairs", "sfft_decam_i", name)
+
+
+def _predict(client, token, science: bytes, reference: bytes | None, **params):
+    files = {"frame": ("science.fits", science, "application/fits")}
+    if reference is not None:
+        files["reference"] = ("reference.fits", reference, "application/fits")
+    return client.post("/api/v1/frames", params={"mode": "predict", **params}, files=files, headers=token)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["fits", "gz"])
+def test_decam_exposures_give_the_known_transient(client, token, compress):
+    """DEC-OBS04a against DEC-OBS18a: their headers carry one MJD-OBS, hence one derived frame id."""
+    science = _decam("input_data/DEC-OBS04a.mini.fits").read_bytes()
+    reference = _decam("input_data/DEC-OBS18a.mini.fits").read_bytes()
+    if compress:
+        science, reference = gzip.compress(science), gzip.compress(reference)
+    response = _predict(client, token, science, reference, telescope="DECam")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "SUBTRACTED", body["status"]
+    near = [c for c in body["candidates"]
+            if abs(c["x"] - DECAM_TRANSIENT[0]) < 2 and abs(c["y"] - DECAM_TRANSIENT[1]) < 2]
+    assert near and near[0]["snr"] > 8, [(c["x"], c["y"], c["snr"]) for c in body["candidates"]]
+
+
+def test_a_real_frame_as_its_own_reference_is_refused(client, token):
+    science = _decam("input_data/DEC-OBS04a.mini.fits").read_bytes()
+    response = _predict(client, token, science, science, telescope="DECam")
+    assert response.status_code == 400 and "the frame itself" in response.json()["detail"]
+
