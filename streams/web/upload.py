@@ -2,7 +2,8 @@
 
 The body is either the FITS file itself (``Content-Type: application/fits``, ``image/fits`` or
 ``application/octet-stream``) or a ``multipart/form-data`` form with the part ``frame`` and,
-for ``predict``, an optional part ``reference`` (a FITS frame of the same telescope, field and band).
+for ``predict``, optional parts ``reference`` (up to :data:`MAX_REFERENCE_FRAMES` FITS frames of the same
+telescope, field and band, co-added as the pipeline co-adds its references).
 Its size is refused before it is read (:class:`streams.web.app.BodyLimit`, then a streaming cap
 here); its pixels before they are decompressed (:func:`broker.frame.decode_fits` with the portal's
 ``max_upload_pixels`` and ``max_expansion``); then it is validated as ``broker produce`` validates
@@ -31,6 +32,7 @@ import base64
 import collections
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Annotated, Any, Literal
@@ -64,6 +66,9 @@ router = APIRouter(prefix="/api/v1", tags=["upload"])
 Uploader = Annotated[Principal, Depends(require("upload"))]
 #: Content types of a raw FITS body.
 FITS_TYPES = ("application/fits", "image/fits", "application/octet-stream")
+#: Most ``reference`` parts of one upload: the frames co-added into its reference, as the pipeline's
+#: ``[reference] n_frames`` (3 by default) co-adds its own, whose median clipping needs 3 or more.
+MAX_REFERENCE_FRAMES = 5
 _LOCK = threading.RLock()  # re-entrant: a shared object may be made of others (the publisher of the profiles)
 
 
@@ -86,24 +91,25 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _part(form: Any, name: str, limit: int) -> bytes | None:
-    """The bytes of file part ``name`` of a form (None when absent), at most ``limit`` bytes; one part per name."""
+async def _parts(form: Any, name: str, limit: int, most: int = 1) -> list[bytes]:
+    """The bytes of the file parts ``name`` of a form (none when absent), at most ``most`` parts of ``limit`` bytes."""
     parts = form.getlist(name)
-    if not parts:
-        return None
-    if len(parts) > 1:  # which one the caller meant is not ours to guess
-        raise InvalidQuery(f"form field {name!r} given {len(parts)} times: upload one frame per request")
-    part = parts[0]
-    if not isinstance(part, UploadFile):
-        raise InvalidQuery(f"form field {name!r} must be a file (a FITS frame)")
-    data = await part.read(limit + 1)
-    if len(data) > limit:
-        raise FrameTooLarge(f"{name}: over the {limit}-byte limit")
-    return data
+    if len(parts) > most:  # which one the caller meant is not ours to guess
+        what = "one frame per request" if most == 1 else f"at most {most} frames"
+        raise InvalidQuery(f"form field {name!r} given {len(parts)} times: upload {what}")
+    out = []
+    for part in parts:
+        if not isinstance(part, UploadFile):
+            raise InvalidQuery(f"form field {name!r} must be a file (a FITS frame)")
+        data = await part.read(limit + 1)
+        if len(data) > limit:
+            raise FrameTooLarge(f"{name}: over the {limit}-byte limit")
+        out.append(data)
+    return out
 
 
-async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes | None]:
-    """(frame bytes, reference bytes or None) of an upload, by its content type.
+async def read_upload(request: Request, limit: int) -> tuple[bytes, list[bytes]]:
+    """(frame bytes, the reference frames' bytes, none when not given) of an upload, by its content type.
 
     Raises
     ------
@@ -116,20 +122,23 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, bytes | None
     """
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     frame: bytes | None = None
-    reference: bytes | None = None
+    references: list[bytes] = []
     if kind in FITS_TYPES:
         frame = await read_body(request, limit)
     elif kind == "multipart/form-data":
-        async with request.form(max_files=2, max_fields=4) as form:
-            frame, reference = await _part(form, "frame", limit), await _part(form, "reference", limit)
-        if frame is None:
+        # one file more than allowed, so that one reference too many is answered by _parts with its reason
+        async with request.form(max_files=2 + MAX_REFERENCE_FRAMES, max_fields=4 + MAX_REFERENCE_FRAMES) as form:
+            frames = await _parts(form, "frame", limit)
+            references = await _parts(form, "reference", limit, MAX_REFERENCE_FRAMES)
+        if not frames:
             raise InvalidQuery("the form needs a file part named 'frame'")
+        frame = frames[0]
     else:
         raise UnsupportedMediaType(f"content type {kind or 'none'!r}: send the FITS file as application/fits, "
                                    "or a multipart/form-data form with the parts 'frame' (and 'reference')")
     if not frame:
         raise CorruptFrame("empty payload (0 bytes)")
-    return frame, reference
+    return frame, references
 
 
 def _profiles(portal: Portal) -> tuple:
@@ -269,16 +278,16 @@ async def _received(request: Request, portal: Portal, who: Principal, mode: str,
     """Read the upload's body (within ``upload_timeout_s``), then publish or predict it."""
     try:
         async with asyncio.timeout(portal.config.upload_timeout_s):
-            frame_bytes, reference_bytes = await read_upload(request, portal.config.max_upload_bytes)
+            frame_bytes, references = await read_upload(request, portal.config.max_upload_bytes)
     except TimeoutError:
         raise RequestTimeout(f"the upload's body did not arrive within {portal.config.upload_timeout_s:g} s") from None
     if mode == "publish":
-        if reference_bytes is not None:
+        if references:
             raise InvalidQuery("a reference is only used by mode=predict")
         return clean(await portal.run(publish, portal, who, frame_bytes, named))
     pool = _shared(portal, "predict_pool", lambda: ThreadPoolExecutor(1, thread_name_prefix="predict"))
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(pool, predict, portal, frame_bytes, reference_bytes, named)
+    result = await loop.run_in_executor(pool, predict, portal, frame_bytes, references, named)
     return JSONResponse(clean(result), status_code=200)
 
 
@@ -294,18 +303,26 @@ def _telescope(value: str | None) -> str | None:
         raise InvalidQuery(str(exc)) from exc
 
 
-def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None,
+def _reference(portal: Portal, frame: Frame, references: list[bytes],
                telescope: str | None = None) -> tuple[Any, str]:
-    """The reference to subtract ``frame`` with, and where it came from (``upload`` or ``stored``)."""
+    """The reference to subtract ``frame`` with, and where it came from (``upload`` or ``stored``).
+
+    Uploaded reference frames are co-added as the pipeline co-adds the frames of its references
+    (:func:`broker.reference.build_reference`, with its ``[reference]`` settings).
+    """
     from broker.reference import ReferenceStore, build_reference
 
     key = frame.meta.reference_key
-    if reference_bytes is not None:
-        ref_frame = calibrated(portal, reference_bytes, telescope)
-        if tuple(ref_frame.meta.reference_key) != tuple(key):
-            raise ReferenceUnavailable(f"the reference is of {ref_frame.meta.reference_key}, the frame of {key} "
-                                       "(telescope, field, band must agree)")
-        return build_reference([_distinct(frame, ref_frame)], portal.config.pipeline.reference), "upload"
+    if references:
+        ref_frames: list[Frame] = []
+        for i, payload in enumerate(references):
+            ref_frame = calibrated(portal, payload, telescope)
+            if tuple(ref_frame.meta.reference_key) != tuple(key):
+                which = "the reference" if len(references) == 1 else f"reference {i + 1}"
+                raise ReferenceUnavailable(f"{which} is of {ref_frame.meta.reference_key}, the frame of {key} "
+                                           "(telescope, field, band must agree)")
+            ref_frames.append(_distinct(frame, ref_frame, ref_frames))
+        return build_reference(ref_frames, portal.config.pipeline.reference), "upload"
     root = portal.config.references_dir
     stored = ReferenceStore(root, portal.config.pipeline.reference).get(key) if root and root.is_dir() else None
     if stored is None:
@@ -314,8 +331,8 @@ def _reference(portal: Portal, frame: Frame, reference_bytes: bytes | None,
     return stored, "stored"
 
 
-def _distinct(frame: Frame, ref_frame: Frame) -> Frame:
-    """The uploaded reference, under an id of its own when it shares the frame's id but not its pixels.
+def _distinct(frame: Frame, ref_frame: Frame, others: Sequence[Frame] = ()) -> Frame:
+    """An uploaded reference frame, under an id of its own when it shares the frame's (or ``others``') id.
 
     A header without ``FRAMEID`` gets its id from telescope, field, band and MJD
     (:func:`broker.frame.meta_from_header`), so two exposures whose headers claim the same start
@@ -330,16 +347,19 @@ def _distinct(frame: Frame, ref_frame: Frame) -> Frame:
     """
     import numpy as np
 
-    if ref_frame.meta.frame_id != frame.meta.frame_id:
+    taken = {f.meta.frame_id for f in others}
+    if ref_frame.meta.frame_id != frame.meta.frame_id and ref_frame.meta.frame_id not in taken:
         return ref_frame
     if ref_frame.shape == frame.shape and np.array_equal(ref_frame.data, frame.data, equal_nan=True):
         raise ReferenceUnavailable(f"the reference is the frame itself ({frame.meta.frame_id}, the same pixels): "
                                    "upload an earlier exposure of the field as the reference")
-    meta = replace(ref_frame.meta, frame_id=f"{ref_frame.meta.frame_id}/reference")
-    return Frame(meta, ref_frame.data, ref_frame.header)
+    taken.add(frame.meta.frame_id)
+    names = (f"{ref_frame.meta.frame_id}/reference" + (f"-{n}" if n > 1 else "") for n in range(1, len(taken) + 2))
+    name = next(n for n in names if n not in taken)
+    return Frame(replace(ref_frame.meta, frame_id=name), ref_frame.data, ref_frame.header)
 
 
-def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None, telescope: str | None = None) -> dict:
+def predict(portal: Portal, frame_bytes: bytes, references: list[bytes], telescope: str | None = None) -> dict:
     """Candidates of an uploaded frame with real/bogus, class and anomaly scores (the stages' functions)."""
     from broker.ingest import ingest
     from broker.pipeline import SUBTRACTED, FixedReference, process_frame
@@ -348,7 +368,7 @@ def predict(portal: Portal, frame_bytes: bytes, reference_bytes: bytes | None, t
     frame = calibrated(portal, frame_bytes, telescope)
     pipe = portal.config.pipeline
     quality = ingest(frame, portal.config.ingest())
-    reference, source = _reference(portal, frame, reference_bytes, telescope)
+    reference, source = _reference(portal, frame, references, telescope)
     skip = [f for f in quality.flags if f in pipe.ingest.subtract_skip_on]
     result = process_frame(frame, FixedReference(reference), pipe.subtract, not quality.flags, None, skip)
     t1 = time.perf_counter()

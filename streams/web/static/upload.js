@@ -7,10 +7,10 @@ const form = document.getElementById("uploadform");
 const state = document.getElementById("uploadstate");
 const result = document.getElementById("result");
 
-export async function predict(frame, reference, telescope) {
+export async function predict(frame, references, telescope) {
   const body = new FormData();
   body.append("frame", frame);
-  if (reference) body.append("reference", reference);
+  for (const reference of [references || []].flat()) body.append("reference", reference);
   const q = new URLSearchParams({ mode: "predict" });
   if (telescope) q.set("telescope", telescope);
   return api(`/api/v1/frames?${q}`, { method: "POST", body });
@@ -53,14 +53,14 @@ export function render(r) {
 form.addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const frame = document.getElementById("framefile").files[0];
-  const reference = document.getElementById("referencefile").files[0];
+  const references = [...document.getElementById("referencefile").files];
   const telescope = document.getElementById("telescope").value.trim();
   if (!token()) { state.textContent = "No token: set one with the token button (scope upload)."; state.className = "error"; return; }
   state.textContent = "subtracting and scoring…";
   state.className = "dim";
   result.replaceChildren();
   try {
-    render(await predict(frame, reference, telescope));
+    render(await predict(frame, references, telescope));
     state.textContent = "";
   } catch (e) {
     state.textContent = e instanceof ApiError ? `${e.status} ${e.reason || ""}: ${e.message}` : String(e);

@@ -120,6 +120,25 @@ def test_the_frame_itself_as_its_reference_is_refused_with_the_reason(client, to
     assert "the frame itself" in response.json()["detail"]
 
 
+def test_several_reference_frames_are_co_added_as_the_pipeline_co_adds_them(client, token, pair):
+    references = [encode_fits(exposure(seed, f"TEST-F1-r-000{seed}", 60000.0 + seed / 10)) for seed in (3, 4, 5)]
+    files = [("frame", ("s.fits", pair[0], "application/fits"))]
+    files += [("reference", (f"r{i}.fits", r, "application/fits")) for i, r in enumerate(references)]
+    response = post(client, token=token, files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["reference"]["frame_ids"] == ["TEST-F1-r-0003", "TEST-F1-r-0004", "TEST-F1-r-0005"]
+    best = body["candidates"][0]
+    assert abs(best["x"] - 100.3) < 0.5 and abs(best["y"] - 150.7) < 0.5
+
+
+def test_more_reference_frames_than_the_most_are_400(client, token, pair):
+    files = [("frame", ("s.fits", pair[0], "application/fits"))]
+    files += [("reference", (f"r{i}.fits", pair[1], "application/fits")) for i in range(6)]
+    response = post(client, token=token, files=files)
+    assert response.status_code == 400 and "at most 5 frames" in response.json()["detail"]
+
+
 def test_publish_sends_the_validated_frame_and_returns_its_id(client, token, pair):
     sent = []
     client.app.state.portal.extras["publisher"] = lambda frame: sent.append(frame) or Published(

@@ -51,3 +51,35 @@ def test_a_real_frame_as_its_own_reference_is_refused(client, token):
     response = _predict(client, token, science, science, telescope="DECam")
     assert response.status_code == 400 and "the frame itself" in response.json()["detail"]
 
+
+
+def test_a_small_telescope_frame_against_three_references_answers_as_the_pipeline(client, token):
+    """EXOTIC's MicroObservatory frames: the pipeline co-adds 3 frames into its reference ([reference] n_frames).
+
+    With one reference frame the same science frame gave 68 candidates, the pipeline's 3-frame
+    reference 20: the upload must be able to give the reference the pipeline would use.
+    """
+    from broker.calibrate import calibrate
+    from broker.config import PipelineConfig
+    from broker.frame import decode_fits
+    from broker.pipeline import FixedReference, process_frame
+    from broker.reference import build_reference
+
+    files = sorted(shared_data("small_telescopes", "EXOTIC_sampledata").glob("*.FITS"))
+    science, references = files[5].read_bytes(), [f.read_bytes() for f in files[:3]]
+    form = [("frame", ("science.fits", science, "application/fits"))]
+    form += [("reference", (f"r{i}.fits", r, "application/fits")) for i, r in enumerate(references)]
+    response = client.post("/api/v1/frames", params={"mode": "predict"}, files=form, headers=token)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "SUBTRACTED" and len(body["reference"]["frame_ids"]) == 3
+    config = PipelineConfig()
+
+    def frame(payload: bytes):
+        return calibrate(decode_fits(payload, require_wcs=False), config.ingest.calibration, ())
+
+    ref = build_reference([frame(r) for r in references], config.reference)
+    pipeline = process_frame(frame(science), FixedReference(ref), config.subtract)
+    assert len(body["candidates"]) == len(pipeline.candidates)
+    assert sorted(round(c["snr"], 3) for c in body["candidates"]) == sorted(
+        round(c.detection.snr, 3) for c in pipeline.candidates)
