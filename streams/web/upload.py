@@ -378,9 +378,21 @@ def predict(portal: Portal, frame_bytes: bytes, references: list[bytes], telesco
     return {"mode": "predict", "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "band": m.filter,
             "mjd": m.mjd_start, "shape": list(frame.shape), "status": result.status, "quality_flags": quality.flags,
             "reference": {"source": source, "frame_ids": list(result.reference_frames)},
-            "limiting_flux": result.limiting_flux, "models": models, "known_objects": known,
+            "limiting_flux": result.limiting_flux, "note": _note(result), "models": models, "known_objects": known,
             "candidates": [_candidate(c) for c in result.candidates],
             "timing_s": {"subtract": t1 - t0, "score": time.perf_counter() - t1}}
+
+
+def _note(result: Any) -> str | None:
+    """Why a frame was not subtracted (None when it was): its answer's empty candidates are no measurement."""
+    from broker.pipeline import IN_REFERENCE, SUBTRACTED
+
+    if result.status == SUBTRACTED:
+        return None
+    if result.status == IN_REFERENCE:
+        return (f"not subtracted: the frame is one of the reference's frames ({', '.join(result.reference_frames)}), "
+                "so nothing was looked for; upload a later exposure of the field")
+    return f"not subtracted ({result.status}): nothing was looked for"
 
 
 def _score(portal: Portal, frame: Frame, candidates: list, limiting_flux: float | None) -> tuple[dict, int]:

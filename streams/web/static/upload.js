@@ -47,7 +47,7 @@ export function render(r) {
         el("thead", {}, el("tr", {}, ["#", "cutouts", "x, y (px)", "RA Dec (deg)", "S/N", "real/bogus", "anomaly", "class",
           "object"].map((h) => el("th", {}, h)))),
         el("tbody", {}, cands.map(row)))
-      : el("p", { class: "dim" }, "No candidate at 5 sigma.")));
+      : el("p", { class: "dim", id: "note" }, r.note || "No candidate at 5 sigma.")));
 }
 
 form.addEventListener("submit", async (ev) => {

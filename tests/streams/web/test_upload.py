@@ -90,6 +90,22 @@ def test_predict_uses_the_stored_reference_of_the_field(client, token, pair, por
     shutil.rmtree(refs)
 
 
+def test_a_frame_of_the_stored_reference_is_answered_with_why_nothing_was_looked_for(client, token, pair,
+                                                                                    portal_config):
+    """The pipeline's IN_REFERENCE: no candidate because none was looked for, which the answer must say."""
+    science, reference = pair
+    ReferenceStore(portal_config.references_dir).put(build_reference([decode_fits(reference)]))
+    try:
+        body = post(client, reference, token=token).json()
+        assert body["status"] == "IN_REFERENCE" and body["candidates"] == []
+        assert "not subtracted" in body["note"] and "TEST-F1-r-0000" in body["note"]
+        assert post(client, science, token=token).json()["note"] is None
+    finally:
+        import shutil
+
+        shutil.rmtree(portal_config.references_dir)
+
+
 def test_a_reference_of_another_field_is_refused(client, token, pair):
     other = encode_fits(star_frame(seed=0, FIELD="F9", FRAMEID="TEST-F9-r-0000"))
     response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
