@@ -48,6 +48,7 @@ from broker.errors import (
     Forbidden,
     FrameTooLarge,
     InvalidQuery,
+    MissingMetadata,
     RateLimited,
     ReferenceUnavailable,
     RequestTimeout,
@@ -159,8 +160,14 @@ def decode_upload(portal: Portal, payload: bytes, telescope: str | None = None) 
 
     ingest = portal.config.ingest()
     require_wcs = not ingest.calibration.enabled
-    frame = decode_fits(payload, ingest.max_pixels, ingest.max_expansion, _profiles(portal), require_wcs=require_wcs,
-                        telescope=telescope)
+    try:
+        frame = decode_fits(payload, ingest.max_pixels, ingest.max_expansion, _profiles(portal),
+                            require_wcs=require_wcs, telescope=telescope)
+    except MissingMetadata as exc:  # the portal's user can name it: say how
+        if telescope is None and "TELESCOP" in str(exc):
+            raise MissingMetadata(f"{exc}: name the telescope with ?telescope=NAME (on the upload page, the "
+                                  "field 'telescope')") from exc
+        raise
     validate(frame, ingest, require_wcs=require_wcs)
     return frame
 

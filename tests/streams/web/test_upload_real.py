@@ -83,3 +83,10 @@ def test_a_small_telescope_frame_against_three_references_answers_as_the_pipelin
     assert len(body["candidates"]) == len(pipeline.candidates)
     assert sorted(round(c["snr"], 3) for c in body["candidates"]) == sorted(
         round(c.detection.snr, 3) for c in pipeline.candidates)
+
+
+def test_a_real_frame_whose_header_names_no_telescope_is_told_how_to_name_it(client, token):
+    science = _decam("input_data/DEC-OBS04a.mini.fits").read_bytes()
+    response = _predict(client, token, science, None)
+    assert response.status_code == 400 and response.json()["error"] == "missing_metadata"
+    assert "?telescope=NAME" in response.json()["detail"]
