@@ -323,12 +323,8 @@ def _reference(portal: Portal, frame: Frame, references: list[bytes],
     if references:
         ref_frames: list[Frame] = []
         for i, payload in enumerate(references):
-            ref_frame = calibrated(portal, payload, telescope)
-            if tuple(ref_frame.meta.reference_key) != tuple(key):
-                which = "the reference" if len(references) == 1 else f"reference {i + 1}"
-                raise ReferenceUnavailable(f"{which} is of {ref_frame.meta.reference_key}, the frame of {key} "
-                                           "(telescope, field, band must agree)")
-            ref_frames.append(_distinct(frame, ref_frame, ref_frames))
+            which = "the reference" if len(references) == 1 else f"reference {i + 1}"
+            ref_frames.append(_distinct(frame, _reference_frame(portal, payload, key, which, telescope), ref_frames))
         return build_reference(ref_frames, portal.config.pipeline.reference), "upload"
     root = portal.config.references_dir
     stored = ReferenceStore(root, portal.config.pipeline.reference).get(key) if root and root.is_dir() else None
@@ -336,6 +332,32 @@ def _reference(portal: Portal, frame: Frame, references: list[bytes],
         raise ReferenceUnavailable(f"no stored reference of {key} on this server: upload one as the form part "
                                    "'reference'")
     return stored, "stored"
+
+
+def _reference_frame(portal: Portal, payload: bytes, key: tuple, which: str, telescope: str | None) -> Frame:
+    """An uploaded reference frame, calibrated as the frame is, of the frame's ``key``.
+
+    Its refusals name it (``which``: "the reference", "reference 2"), as the same error of the
+    frame would read the same and leave the user to guess which file was refused.
+
+    Raises
+    ------
+    ReferenceUnavailable
+        The reference is of another (telescope, field, band).
+    BrokerError
+        Of :func:`calibrated`, its message prefixed with ``which``.
+    """
+    from broker.errors import BrokerError
+
+    try:
+        ref_frame = calibrated(portal, payload, telescope)
+    except BrokerError as exc:
+        exc.args = (f"{which}: {exc}", *exc.args[1:])
+        raise
+    if tuple(ref_frame.meta.reference_key) != tuple(key):
+        raise ReferenceUnavailable(f"{which} is of {ref_frame.meta.reference_key}, the frame of {tuple(key)} "
+                                   "(telescope, field, band must agree)")
+    return ref_frame
 
 
 def _distinct(frame: Frame, ref_frame: Frame, others: Sequence[Frame] = ()) -> Frame:

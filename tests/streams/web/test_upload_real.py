@@ -90,3 +90,12 @@ def test_a_real_frame_whose_header_names_no_telescope_is_told_how_to_name_it(cli
     response = _predict(client, token, science, None)
     assert response.status_code == 400 and response.json()["error"] == "missing_metadata"
     assert "?telescope=NAME" in response.json()["detail"]
+
+
+def test_a_refused_reference_is_named_in_the_refusal(client, token):
+    """DECam's frame with TOROS's (no WCS, a field too small to solve) as its reference: the refusal says which."""
+    science = _decam("input_data/DEC-OBS04a.mini.fits").read_bytes()
+    toros = shared_data("image_pairs", "properimage_toros", "aligned_eso085-030-005.fit").read_bytes()
+    response = _predict(client, token, science, toros, telescope="DECam")
+    assert response.status_code == 400 and response.json()["error"] == "unsolvable"
+    assert response.json()["detail"].startswith("the reference: ")
