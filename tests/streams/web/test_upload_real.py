@@ -99,3 +99,31 @@ def test_a_refused_reference_is_named_in_the_refusal(client, token):
     response = _predict(client, token, science, toros, telescope="DECam")
     assert response.status_code == 400 and response.json()["error"] == "unsolvable"
     assert response.json()["detail"].startswith("the reference: ")
+
+
+def _fpacked(path: Path) -> bytes:
+    """``path`` tile-compressed as fpack does by default (RICE, floats quantised to 1/16 of the noise)."""
+    import io
+
+    from astropy.io import fits
+
+    with fits.open(path) as hdus:
+        data, header = hdus[0].data.copy(), hdus[0].header.copy()
+    out = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, header)]).writeto(out)
+    return out.getvalue()
+
+
+def test_a_real_frame_with_its_own_compressed_copy_as_reference_is_refused(client, token):
+    """The same exposure kept twice, once fpacked: lossy, so not the same bytes, yet no pair to subtract."""
+    path = _decam("input_data/DEC-OBS04a.mini.fits")
+    response = _predict(client, token, path.read_bytes(), _fpacked(path), telescope="DECam")
+    assert response.status_code == 400 and "the frame itself" in response.json()["detail"], response.text
+
+
+def test_an_fpacked_real_pair_still_gives_the_known_transient(client, token):
+    science, reference = _decam("input_data/DEC-OBS04a.mini.fits"), _decam("input_data/DEC-OBS18a.mini.fits")
+    response = _predict(client, token, _fpacked(science), _fpacked(reference), telescope="DECam")
+    assert response.status_code == 200 and response.json()["status"] == "SUBTRACTED", response.text
+    assert any(abs(c["x"] - DECAM_TRANSIENT[0]) < 2 and abs(c["y"] - DECAM_TRANSIENT[1]) < 2 and c["snr"] > 8
+               for c in response.json()["candidates"])
