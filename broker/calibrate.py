@@ -107,8 +107,6 @@ def _solve_instead(frame: Frame, stars: StarList, checked: Astrometry, config: A
     centre = wcs_centre(frame.header, frame.shape)
     try:
         return plate_solve(stars, frame.shape, centre, check.scale_arcsec, config)
-    except SolverUnavailable:
-        return checked  # a catalogue but no solver: the WCS stays unconfirmed, as it was
     except NoSolution as exc:
         raise NoSolution(f"the header WCS matched {check.n_matched} of the {check.n_catalog} Tycho-2 stars on the "
                          f"frame (a wrong WCS), and {exc}") from exc

@@ -137,17 +137,3 @@ def test_a_header_wcs_that_tycho_contradicts_is_replaced_by_a_solution():
     truth = true_wcs(config).pixel_to_world_values((nx - 1) / 2, (ny - 1) / 2)
     assert abs((ra - truth[0]) * np.cos(np.radians(dec))) * 3600 < 5 and abs(dec - truth[1]) * 3600 < 5
     assert out.header["FIELDSRC"] == "SOLVED"
-
-
-@needs_tycho
-def test_a_contradicted_header_wcs_stays_unconfirmed_without_a_solver():
-    """With the catalogue but no solve-field, the re-solve raised SolverUnavailable out of calibrate."""
-    config = AmateurConfig(bayer=None, magzp_luminance=22.5)
-    data, header = amateur_frame(config, seed=11)
-    wrong = true_wcs(config)
-    wrong.wcs.crval = [config.ra + 0.05, config.dec]
-    header.extend(wrong.to_header().cards)
-    no_solver = CalibrationConfig(astrometry=AstrometryConfig(blind_retry=False, cpulimit_s=5,
-                                                              solver="/nonexistent/solve-field"))
-    out = calibrate(decode_fits(amateur_fits(data, header)), no_solver)
-    assert out.header["WCSSTAT"] == "unconfirmed"
