@@ -18,7 +18,7 @@ from astropy.io import fits
 from astropy.stats import sigma_clipped_stats
 
 from broker.astrometry import Astrometry, AstrometryConfig, astrometry_cards, plate_solve, verify_wcs
-from broker.errors import MissingWCS, NoSolution, SolverUnavailable
+from broker.errors import MissingWCS, SolverUnavailable
 from broker.frame import WCS_CARD, Frame, has_wcs, meta_from_header
 from broker.headers import pixel_scale_hint, pointing_hint, rename_grid_field, wcs_centre
 from broker.photcal import PhotCalConfig, photcal_cards, zero_point, zp_problem
@@ -81,35 +81,9 @@ def _astrometry(frame: Frame, stars: StarList, profile: TelescopeProfile | None,
                              "search at every scale is too slow to run per frame")
         return plate_solve(stars, frame.shape, hint, scale, config)
     try:
-        checked = verify_wcs(frame.header, stars, frame.shape, config)
+        return verify_wcs(frame.header, stars, frame.shape, config)
     except SolverUnavailable:
         return None
-    if checked.status == "unconfirmed" and checked.check.n_catalog >= max(CONTRADICTING_STARS, config.min_matches):
-        return _solve_instead(frame, stars, checked, config)
-    return checked
-
-
-#: A header WCS that fails its check although this many Tycho-2 stars (and ``min_matches``) lie on the frame
-#: through it is wrong, not unconfirmable: the frame is solved instead (:func:`_solve_instead`). 8: right WCSs
-#: matched 6-12 of 9-12 on the real LCO 0.4 m frames, 11 of 11 on simulated 48' ones (a re-solve confirms a right
-#: one); fewer stars on the frame leave a WCS ``unconfirmed`` as before.
-CONTRADICTING_STARS = 8
-
-
-def _solve_instead(frame: Frame, stars: StarList, checked: Astrometry, config: AstrometryConfig) -> Astrometry:
-    """Plate-solve a frame whose header WCS Tycho-2 contradicts, around that WCS's centre and at its scale.
-
-    Such a WCS was kept as ``unconfirmed`` and every position of the frame was off: a WCS 1 deg
-    off, a mirrored image, a capture program's WCS written from the mount's pointing with no
-    rotation. :class:`NoSolution` names the failed check when the solver finds nothing either.
-    """
-    check = checked.check
-    centre = wcs_centre(frame.header, frame.shape)
-    try:
-        return plate_solve(stars, frame.shape, centre, check.scale_arcsec, config)
-    except NoSolution as exc:
-        raise NoSolution(f"the header WCS matched {check.n_matched} of the {check.n_catalog} Tycho-2 stars on the "
-                         f"frame (a wrong WCS), and {exc}") from exc
 
 
 def calibrate(frame: Frame, config: CalibrationConfig = CalibrationConfig(),
@@ -139,8 +113,7 @@ def calibrate(frame: Frame, config: CalibrationConfig = CalibrationConfig(),
         header[card] = (value, comment)
     if result.status == "solved":
         centre = wcs_centre(header, frame.shape)
-        renamed = ("POINTING", "OBJECT", "WCS") if has_wcs(frame.header) else ("POINTING", "OBJECT")  # WCS: replaced
-        header = rename_grid_field(header, centre, profiles, renamed) if centre is not None else header
+        header = rename_grid_field(header, centre, profiles) if centre is not None else header
     if result.status != "unconfirmed":
         _photometry(frame, header, stars, result, profile, config.photcal)
     return Frame(meta_from_header(header), frame.data, header)

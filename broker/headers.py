@@ -546,15 +546,15 @@ def set_card(header: fits.Header, card: str, value: object, comment: str) -> Non
     header[card] = (value, comment) if len(card) + len(text) + len(comment) < 52 or not text else value
 
 
-def rename_grid_field(header: fits.Header, centre: tuple[float, float], profiles: tuple[TelescopeProfile, ...] = (),
-                      sources: tuple[str, ...] = ("POINTING", "OBJECT")) -> fits.Header:
-    """A copy of ``header`` whose grid field (``FIELDSRC`` one of ``sources``) is renamed from the solved centre.
+def rename_grid_field(header: fits.Header, centre: tuple[float, float],
+                      profiles: tuple[TelescopeProfile, ...] = ()) -> fits.Header:
+    """A copy of ``header`` whose grid field (``FIELDSRC`` POINTING or OBJECT) is renamed from the solved centre.
 
-    ``centre`` is the solved image centre (RA, Dec in deg). A field given by ``FIELD`` is left as it
-    is, and so is one from the header WCS unless ``sources`` names ``WCS`` (a WCS the solution replaced).
+    ``centre`` is the solved image centre (RA, Dec in deg). A field given by ``FIELD`` or by the
+    header WCS is left as it is.
     """
     out = header.copy()
-    if str(out.get("FIELDSRC", "")) in sources:
+    if str(out.get("FIELDSRC", "")) in ("POINTING", "OBJECT"):
         profile = find_profile(profiles, str(out.get("TELESCOP", "")), "")
         out["FIELD"] = (grid_field(*centre, profile.field_grid_deg if profile else 0.5), "field id (solved pointing)")
         out["FIELDSRC"] = ("SOLVED", "where FIELD came from")
