@@ -39,8 +39,8 @@ from streams.framing import decode_alert
 from streams.metrics import StageMetrics
 from streams.runner import (
     EXPOSURE_END,
-    OUTAGE_WAITS_S,
     InMessage,
+    OutageWaits,
     OutMessage,
     dead_letter,
     error_reason,
@@ -150,7 +150,7 @@ class Archiver:
         self.batch = _Batch()
         self._unexpected_in_a_row = 0
         self._flushes = 0
-        self._outage_retries = 0  # retries of the message kept for an outage (_taken)
+        self.outages = OutageWaits(stage, self.metrics, self.stop_event)
         point, _, n = os.environ.get(FAILPOINT_ENV, "").partition(":")
         self._crash_at = (point, int(n)) if n.isdigit() else None
         self._producer: Producer | None = None
@@ -221,20 +221,13 @@ class Archiver:
     def _taken(self, consumer: Consumer, raw: Message) -> bool:
         """:meth:`_take`, or, on an :class:`~broker.errors.Outage`, the message kept and polled again after a wait.
 
-        The waits are the stages' (:data:`streams.runner.OUTAGE_WAITS_S`); a stop request ends one.
+        The waits are the stages' (:class:`streams.runner.OutageWaits`); a stop request ends one.
         Meanwhile the batch in hand is committed when due, up to the message kept.
         """
         try:
             return self._take(raw)
         except Outage as exc:
-            wait = OUTAGE_WAITS_S[min(self._outage_retries, len(OUTAGE_WAITS_S) - 1)]
-            self._outage_retries += 1
-            msg = in_message(raw)
-            log.warning("%s: %s[%d]@%d kept, retry %d in %.0f s: %s (%s)", self.stage, msg.topic, msg.partition,
-                        msg.offset, self._outage_retries, wait, exc, exc.reason)
-            self.metrics.outages.labels(self.stage, exc.reason).inc()
-            consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))
-            self.stop_event.wait(wait)
+            self.outages.keep(consumer, in_message(raw), exc)
             return False
 
     def _take(self, raw: Message) -> bool:
@@ -250,10 +243,10 @@ class Archiver:
         try:
             alerts = self._alerts(msg)
         except Outage:
-            raise  # the schema registry down: not the message's fault, run() keeps it (_wait_out)
+            raise  # the schema registry down: not the message's fault, _taken keeps it
         except Exception as exc:  # a BrokerError is bad input, anything else a bug: both are dead-lettered
             alerts, error = [], exc
-        self._outage_retries = 0
+        self.outages.retries = 0
         self.metrics.messages_in.labels(self.stage).inc()
         b = self.batch
         if not b.messages:

@@ -146,6 +146,30 @@ class OutMessage:
 Handler = Callable[[InMessage], list[OutMessage]]
 
 
+
+@dataclass
+class OutageWaits:
+    """Messages kept through an outage: each polled again after the next of :data:`OUTAGE_WAITS_S`.
+
+    ``retries`` counts the retries, in a row, of the message in hand; its stage sets it to 0 once
+    the message is handled. Each keep is logged and counted in ``broker_outage_retries``.
+    """
+
+    stage: str
+    metrics: StageMetrics
+    stop_event: threading.Event
+    retries: int = 0
+
+    def keep(self, consumer: Consumer, msg: InMessage, exc: Outage) -> None:
+        """Seek ``consumer`` back to ``msg`` and wait before the retry (a stop request ends the wait)."""
+        wait = OUTAGE_WAITS_S[min(self.retries, len(OUTAGE_WAITS_S) - 1)]
+        self.retries += 1
+        log.warning("%s: %s[%d]@%d kept, retry %d in %.0f s: %s (%s)", self.stage, msg.topic, msg.partition,
+                    msg.offset, self.retries, wait, exc, exc.reason)
+        self.metrics.outages.labels(self.stage, exc.reason).inc()
+        consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # polled again after the wait
+        self.stop_event.wait(wait)
+
 def in_message(msg: Message) -> InMessage:
     """A consumed message as a handler sees it: coordinates, key, value, headers (as bytes) and timestamp.
 
@@ -341,7 +365,7 @@ class StageRunner:
         self.max_message_bytes = max_message_bytes
         self.transaction_deadline_s = transaction_deadline_s
         self._unexpected_in_a_row = 0
-        self._outage_retries = 0  # in a row, of the message in hand
+        self.outages = OutageWaits(stage, self.metrics, self.stop_event)
         self._seen = 0
         points = dict(p.partition(":")[::2] for p in os.environ.get(FAILPOINT_ENV, "").split(",") if p)
         self._crash_at = int(points[stage]) if points.get(stage, "").isdigit() else None
@@ -398,9 +422,9 @@ class StageRunner:
             lineage = self._lineage(msg)
             outs, unexpected = self._handle(msg, lineage)
         except Outage as exc:
-            self._wait_out(consumer, msg, exc)
+            self.outages.keep(consumer, msg, exc)
             return False
-        self._outage_retries = 0
+        self.outages.retries = 0
         end = time.time()
         timing = {k: v for k, v in msg.headers.items() if k.startswith(TIMING_PREFIX)}
         timing[f"{TIMING_PREFIX}{self.stage}.start"] = repr(start).encode()
@@ -431,16 +455,6 @@ class StageRunner:
                 raise
             raise KafkaUnavailable(f"the duplicate guard's request to Kafka failed: {err.str()}") from exc
 
-    def _wait_out(self, consumer: Consumer, msg: InMessage, exc: Outage) -> None:
-        """Keep ``msg`` for a retry after the next of :data:`OUTAGE_WAITS_S` (a stop request ends the wait)."""
-        wait = OUTAGE_WAITS_S[min(self._outage_retries, len(OUTAGE_WAITS_S) - 1)]
-        self._outage_retries += 1
-        log.warning("%s: %s[%d]@%d kept, retry %d in %.0f s: %s (%s)", self.stage, msg.topic, msg.partition,
-                    msg.offset, self._outage_retries, wait, exc, exc.reason)
-        self.metrics.outages.labels(self.stage, exc.reason).inc()
-        consumer.seek(TopicPartition(msg.topic, msg.partition, msg.offset))  # polled again after the wait
-        self.stop_event.wait(wait)
-
     def _handle(self, msg: InMessage, lineage: Lineage) -> tuple[list[OutMessage], bool]:
         """Call the handler: its outputs or the dead-letter record, and whether the error was a bug.
 
@@ -459,7 +473,7 @@ class StageRunner:
             check_outputs(outs, self.max_message_bytes - HEADROOM_BYTES)
             return outs, False
         except Outage:
-            raise  # not the input's fault: kept and retried (_wait_out)
+            raise  # not the input's fault: kept and retried (OutageWaits)
         except Exception as exc:
             full = storage_full(exc)
             if full is not None:
