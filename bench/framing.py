@@ -8,7 +8,8 @@ score) and the alert handler, so the alerts carry real cutouts (FITS with WCS), 
 photometry. Each framing's :class:`~streams.framing.AlertEncoder` then encodes all of them, and
 :func:`~streams.framing.decode_alert` and the framing's own client path decode them (hop-client's
 ``AvroBlob``, fink-client's per-message schema parse + ``schemaless_reader``, confluent-kafka's
-``AvroDeserializer`` with a ``mock://`` registry), one thread, CPU time (one core), median of ``--repeat`` passes.
+``AvroDeserializer`` with a ``mock://`` registry), one thread, CPU time (one core), median of ``--repeat``
+passes interleaved across the framings.
 Writes the section ``framing`` of BENCHMARKS.md.
 """
 
@@ -44,17 +45,11 @@ def real_alerts(size: int, n_science: int) -> list[dict]:
     return alerts
 
 
-def _rate(fn: Callable[[], object], n: int, repeat: int) -> float:
-    """Items per CPU second of ``fn()`` handling ``n`` items, from the median of ``repeat`` calls.
-
-    CPU time of this one-threaded process: the rate of one core, whatever else the machine runs.
-    """
-    times = []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return n / statistics.median(times)
+def _cpu_seconds(fn: Callable[[], object]) -> float:
+    """CPU time of one call of ``fn()`` in this one-threaded process: one core's time, whatever else runs."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
 
 
 def _client_decoders() -> dict[str, Callable[[Framed], object]]:
@@ -75,24 +70,34 @@ def _client_decoders() -> dict[str, Callable[[Framed], object]]:
 
 
 def measure(alerts: list[dict], repeat: int) -> list[tuple[str, str, float, float, float, float]]:
-    """Per framing: (framing, client, bytes per message, encode/s, decode_alert/s, client decode/s)."""
-    rows = []
+    """Per framing: (framing, client, bytes per message, encode/s, decode_alert/s, client decode/s).
+
+    The passes are interleaved (each pass times every framing's three paths in turn), so that a change
+    of the machine's load during the run weighs on every framing alike; each rate is ``len(alerts)``
+    over the median of its ``repeat`` passes.
+    """
     clients = _client_decoders()
     names = {"ocf": "hop-client AvroBlob (= fastavro.reader)", "confluent": "AvroDeserializer + registry",
              "fink": "fink-client (schema parsed per message)"}
-    for framing in ("ocf", "confluent", "fink"):
+    paths: dict[str, list[Callable[[], object]]] = {}
+    sizes = {}
+    for framing in names:
         enc = AlertEncoder(FramingConfig(framing, registry_url=REGISTRY), topic=f"alerts-{framing}")
         msgs = [enc.encode(a, str(a["objectId"]).encode()) for a in alerts]
         for m, a in zip(msgs, alerts, strict=True):  # byte-identical round trip (NaN != NaN as values)
             (back,) = decode_alert(m.key, m.value, m.headers)
             assert serde.encode("alert", back) == serde.encode("alert", a)
-        size = statistics.mean(len(m.value) + len(m.key or b"") for m in msgs)
-        n = len(alerts)
-        rows.append((framing, names[framing], size,
-                     _rate(lambda e=enc: [e.encode(a, b"k") for a in alerts], n, repeat),
-                     _rate(lambda ms=msgs: [decode_alert(m.key, m.value, m.headers) for m in ms], n, repeat),
-                     _rate(lambda ms=msgs, f=clients[framing]: [f(m) for m in ms], n, repeat)))
-    return rows
+        sizes[framing] = statistics.mean(len(m.value) + len(m.key or b"") for m in msgs)
+        paths[framing] = [lambda e=enc: [e.encode(a, b"k") for a in alerts],
+                          lambda ms=msgs: [decode_alert(m.key, m.value, m.headers) for m in ms],
+                          lambda ms=msgs, f=clients[framing]: [f(m) for m in ms]]
+    times: dict[str, list[list[float]]] = {f: [[], [], []] for f in names}
+    for _ in range(repeat):
+        for framing, fns in paths.items():
+            for kept, fn in zip(times[framing], fns, strict=True):
+                kept.append(_cpu_seconds(fn))
+    n = len(alerts)
+    return [(f, names[f], sizes[f], *(n / statistics.median(t) for t in times[f])) for f in names]
 
 
 def _report(args: argparse.Namespace, alerts: list[dict], rows: list) -> str:
@@ -106,7 +111,7 @@ def _report(args: argparse.Namespace, alerts: list[dict], rows: list) -> str:
         f"{len(alerts)} real `alert/v{version}` alerts (the alert handler's, from {args.science} subtracted "
         f"{args.size}x{args.size} simulated frames: FITS cutouts with WCS, history, forced photometry), one "
         f"thread, alerts per CPU second (one core; the machine is shared, so CPU time, not wall time), median "
-        f"of {args.repeat} passes. Goal: >= 5,000/s/core encoding.",
+        f"of {args.repeat} passes interleaved across the framings. Goal: >= 5,000/s/core encoding.",
         "",
         "| framing | bytes / message (value + key) | encode /s | `decode_alert` /s | client's own decoding | its /s |",
         "|---|---|---|---|---|---|",

@@ -20,7 +20,16 @@ from astropy.time import Time
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame, Outage, StorageFull, storage_full
-from broker.frame import GZIP_MAGIC, Frame, decode_fits, encode_fits, gunzipped, science_images, sha256
+from broker.frame import (
+    GZIP_MAGIC,
+    Frame,
+    decode_fits,
+    decode_mosaic,
+    encode_fits,
+    gunzipped,
+    science_images,
+    sha256,
+)
 from broker.ingest import IngestConfig, validate
 from broker.telescopes import TelescopeProfile
 from streams import serde, topics
@@ -113,26 +122,29 @@ class FrameProducer:
         except InvalidFrame as exc:
             raise type(exc)(f"{path}: {exc}") from exc
         if len(images) == 1:
-            return [self._publish_image(path, payload, None)]
-        if payload[:2] == GZIP_MAGIC:  # inflated once, not once per image (its bounds checked by science_images)
+            return [self._publish_one(path, payload)]
+        if payload[:2] == GZIP_MAGIC:  # inflated once, its bounds checked by science_images
             payload = gunzipped(payload)
         out: list[Published | InvalidFrame] = []
-        for image in images:
+        for image, frame in decode_mosaic(payload, self.validation.max_pixels, self.validation.max_expansion,
+                                          self.profiles, require_wcs=not self.validation.calibration.enabled,
+                                          telescope=self.telescope):
             try:
-                out.append(self._publish_image(path, payload, image))
+                if isinstance(frame, InvalidFrame):
+                    raise frame
+                out.append(self.publish_frame(frame))
             except InvalidFrame as exc:
-                out.append(exc)
+                out.append(type(exc)(f"{path}: image {image}: {exc}"))
         return out
 
-    def _publish_image(self, path: Path, payload: bytes, image: str | None) -> Published:
-        """Decode image ``image`` of a file (None: its one image) and send it; a refusal names the file and image."""
+    def _publish_one(self, path: Path, payload: bytes) -> Published:
+        """Decode the one image of a file and send it; a refusal names the file."""
         try:
             frame = decode_fits(payload, self.validation.max_pixels, self.validation.max_expansion, self.profiles,
-                                require_wcs=not self.validation.calibration.enabled, telescope=self.telescope,
-                                image=image)
+                                require_wcs=not self.validation.calibration.enabled, telescope=self.telescope)
             return self.publish_frame(frame)
         except InvalidFrame as exc:
-            raise type(exc)(f"{path}: {'' if image is None else f'image {image}: '}{exc}") from exc
+            raise type(exc)(f"{path}: {exc}") from exc
 
     def _read(self, path: Path) -> bytes:
         """The bytes of a regular file of at most ``max_bytes`` (:class:`InvalidFrame` naming the file otherwise)."""
