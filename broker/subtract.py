@@ -68,6 +68,12 @@ LIMIT_SIGMA = 5.0
 #: wide NaN region (at most 15 finite) is not.
 MIN_BLANK_DONORS = 20
 
+#: Blank-sky std of S_corr (sigma) below which the reference shares the frame's noise and is refused
+#: (:func:`check_independent_noise`): two independent exposures give 1 (0.95-1.03 on the simulator,
+#: 1.5 with correlated noise); a reference of the frame's own pixels 0.007, of its copy quantised to
+#: 1/16 of the noise (fpack) 0.03; a 3-frame reference holding the frame once 0.54.
+SHARED_NOISE_STD = 0.5
+
 #: Saturated science pixels hidden from the sky map and the star finder, before any PSF is
 #: measured: at or above this fraction of SATURATE (dimensionless; the default of
 #: ``SubtractConfig.saturation_fraction``, whatever the configuration says) ...
@@ -129,15 +135,19 @@ class SubtractConfig:
         Matched stars needed for the measured flux ratio F_r (count); below, F_r = 1 (flagged). 3:
         the fewest whose median rejects one outlier.
     renormalise_scorr : bool
-        Always divide S_corr by its robust (MAD) standard deviation over blank sky. Off: the ZOGY
-        variance terms give unit variance already (checked by the tests and reported in the
-        diagnostics as ``scorr_std``).
+        Always divide S_corr by its robust (MAD) standard deviation over blank sky when that is
+        above 1. Off: the ZOGY variance terms give unit variance already (checked by the tests
+        and reported in the diagnostics as ``scorr_std``).
     renormalise_tolerance : float
-        When the blank-sky std of S_corr differs from 1 by more than this (dimensionless), S_corr
+        When the blank-sky std of S_corr exceeds 1 by more than this (dimensionless), S_corr
         is divided by it anyway (flagged ``scorr_renormalised``). The noise model assumes white
         pixel noise; inputs that are themselves resampled stacks have correlated noise that the
         per-pixel RMS under-counts (DECam pair: std 1.5), and the 5 sigma threshold would flood
-        the stream. 0.1 leaves the normal case (1.00-1.03) untouched.
+        the stream. 0.1 leaves the normal case (1.00-1.03) untouched. S_corr is never divided by
+        less than 1 (ZOGY's expected noise is the floor): a std below 1 is a difference quieter
+        than two independent exposures can give, and dividing by it (0.007 for a reference made
+        of the frame's own pixels) turned float round-off into 41-500 candidates
+        (:data:`SHARED_NOISE_STD`).
     max_candidates : int
         Cap on candidates per frame (count), the most significant kept; 500 as ``detect``.
     psf_tile_px : int
@@ -796,11 +806,38 @@ def _zogy_images(science: PreparedScience, R: np.ndarray, ali: Alignment, psfs: 
     sky_s = S_corr[::2, ::2][sky[::2, ::2]]
     med = float(np.median(sky_s)) if sky_s.size else 0.0
     scorr_std = float(1.4826 * np.median(np.abs(sky_s - med))) if sky_s.size else float("nan")
-    renorm = bool(config.renormalise_scorr or abs(scorr_std - 1.0) > config.renormalise_tolerance)
-    if renorm and scorr_std > 0:
+    # only ever divided by more than 1: ZOGY's expected variance is the noise floor of S_corr
+    renorm = bool((config.renormalise_scorr and scorr_std > 1.0) or scorr_std - 1.0 > config.renormalise_tolerance)
+    if renorm:
         S_corr = S_corr / scorr_std
-    return ZogyImages(D, D_adu, S_corr, V_S, tiles, fwhm_tiles, v0, offset, scorr_std,
-                      bool(renorm and scorr_std > 0))
+    return ZogyImages(D, D_adu, S_corr, V_S, tiles, fwhm_tiles, v0, offset, scorr_std, renorm)
+
+
+def check_independent_noise(scorr_std: float, frame_id: str, threshold: float = SHARED_NOISE_STD) -> None:
+    """Refuse a reference whose difference with the frame is quieter than independent noise allows.
+
+    Parameters
+    ----------
+    scorr_std : float
+        Robust blank-sky std of S_corr before any renormalisation (sigma); 1 for independent
+        exposures, whatever their depth or seeing (ZOGY's variance holds both images' noise).
+    frame_id : str
+        The frame, for the message.
+    threshold : float
+        :data:`SHARED_NOISE_STD` (sigma).
+
+    Raises
+    ------
+    ReferenceUnavailable
+        ``scorr_std < threshold``: the reference holds this exposure (a copy under another id,
+        re-compressed, offset or scaled), so their noise cancels and the difference measures nothing.
+        NaN (no blank sky) passes.
+    """
+    if scorr_std < threshold:
+        raise ReferenceUnavailable(
+            f"the reference holds frame {frame_id}'s own exposure: their difference has {scorr_std:.3g} of "
+            f"the noise of two independent exposures on blank sky (under {threshold:g}); a reference of "
+            "other exposures of the field is needed")
 
 
 def _find_peaks(images: ZogyImages, science: PreparedScience, fwhm_n: float, config: SubtractConfig) -> Peaks:
@@ -965,7 +1002,8 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
     Raises
     ------
     ReferenceUnavailable
-        The reference is for another key or is malformed.
+        The reference is for another key or is malformed, or holds the frame's own exposure
+        (:func:`check_independent_noise`).
     AlignmentError
         The reference cannot be registered onto the frame.
     PSFError, BadPixelFraction
@@ -989,6 +1027,7 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
         inputs = _zogy_inputs(science, ali.image, masks, psfs, _astrometric_noise(ali, config))
     with timer.step("zogy"):
         images = _zogy_images(science, ali.image, ali, psfs, masks, inputs, config)
+    check_independent_noise(images.scorr_std, meta.frame_id)
     with timer.step("detect"):
         peaks = _find_peaks(images, science, psfs.fwhm_n, config)
         detections = _measure(peaks, images, masks.bad, ali, ref_stars, psfs.flux_ratio, frame.wcs, config)

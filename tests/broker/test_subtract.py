@@ -342,3 +342,59 @@ def test_sources_at_the_limiting_flux_come_out_at_five_sigma():
     assert 4.5 < np.mean(snr) < 5.2 and 4.4 < np.mean(scorr) < 5.1
     assert 0.25 < np.mean(found) < 0.65
     assert abs(np.mean(blank)) < 0.2 and np.std(blank) == pytest.approx(1.0, abs=0.12)
+
+
+def _copy_of(frame, data, frame_id="copy", mjd=59990.0):
+    """``frame``'s header with other pixels, another id and an earlier MJD (a re-sent exposure)."""
+    from broker.frame import Frame
+
+    return Frame(dataclasses.replace(frame.meta, frame_id=frame_id, mjd_start=mjd), np.asarray(data, np.float32),
+                 frame.header)
+
+
+@pytest.mark.parametrize("kind", ["exact", "quantised", "offset", "scaled"])
+def test_a_reference_of_the_frames_own_exposure_is_refused(kind):
+    """A reference made of the frame's pixels (another id, fpack-quantised, a pedestal, a gain) is refused.
+
+    Their difference has no noise (blank-sky std of S_corr 1e-4 of the expected), and S_corr was
+    divided by that std: 460 candidates on this field, where a difference of zero has none.
+    """
+    from broker.reference import build_reference
+
+    sky = make_sky(7, SHAPE, 60)
+    sci = make_frame(8, SHAPE, sky, frame_id="sci")
+    q = 15.0 / 16  # fpack's default: 1/16 of the noise (~15 ADU here)
+    data = {"exact": sci.data, "quantised": np.round(sci.data / q) * q, "offset": sci.data + 100.0,
+            "scaled": 1.3 * sci.data}[kind]
+    ref = build_reference([_copy_of(sci, data)])
+    with pytest.raises(ReferenceUnavailable, match="own exposure"):
+        subtract_and_detect(sci, ref)
+
+
+def test_scorr_is_never_divided_by_less_than_one():
+    """A reference holding the frame once among three shares a part of its noise: S_corr std 0.69, kept as is.
+
+    It was divided by 0.69 (``scorr_renormalised``), inflating every residual by 1.45; ZOGY's expected
+    noise is the floor. Independent frames keep a std of 1 and are not renormalised either.
+    """
+    from broker.reference import build_reference
+
+    sky = make_sky(7, SHAPE, 60)
+    sci = make_frame(8, SHAPE, sky, frame_id="sci", mjd=60010.0)
+    others = [make_frame(20 + i, SHAPE, sky, frame_id=f"r{i}", mjd=60000.0 + i) for i in range(2)]
+    res = subtract_and_detect(sci, build_reference([*others, _copy_of(sci, sci.data, mjd=60002.0)]),
+                              keep_images=True)
+    assert 0.5 < res.diagnostics["scorr_std"] < 0.8
+    assert res.diagnostics["scorr_renormalised"] == 0.0
+    s = res.images["S_corr"][~res.images["bad"]]
+    assert 1.4826 * np.median(np.abs(s - np.median(s))) < 0.8
+    assert res.candidates == []
+
+
+def test_independent_noise_check():
+    from broker.subtract import SHARED_NOISE_STD, check_independent_noise
+
+    check_independent_noise(1.0, "f")
+    check_independent_noise(float("nan"), "f")  # no blank sky: nothing measured, nothing refused
+    with pytest.raises(ReferenceUnavailable, match="frame f's own exposure"):
+        check_independent_noise(SHARED_NOISE_STD * 0.99, "f")
