@@ -33,7 +33,7 @@ from broker.subtract import SubtractConfig, SubtractionResult, subtract_and_dete
 SUBTRACTED = "SUBTRACTED"
 #: No reference yet; the frame was kept to build one (no candidates).
 REFERENCE_BUILDING = "REFERENCE_BUILDING"
-#: The frame is part of the reference (no candidates).
+#: The frame is part of the reference, under its id or as the same exposure under another (no candidates).
 IN_REFERENCE = "IN_REFERENCE"
 #: No reference yet and the frame is not clean enough to help build one (no candidates).
 NO_REFERENCE = "NO_REFERENCE"
@@ -127,8 +127,9 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     -------
     FrameResult
         :data:`NO_REFERENCE` (no reference, frame not clean), :data:`REFERENCE_BUILDING` (kept),
-        :data:`IN_REFERENCE` (part of the reference, possibly the one that completed it) or
-        :data:`SUBTRACTED` with the candidates.
+        :data:`IN_REFERENCE` (part of the reference, possibly the one that completed it, or the
+        exposure of one of its frames re-sent under another id, re-compressed, offset or scaled:
+        :meth:`~broker.reference.Reference.exposure_of`) or :data:`SUBTRACTED` with the candidates.
 
     Raises
     ------
@@ -146,7 +147,7 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         if reference is None:
             return FrameResult(REFERENCE_BUILDING)
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
-    if frame.meta.frame_id in reference.frame_ids:
+    if frame.meta.frame_id in reference.frame_ids or reference.exposure_of(frame.data) is not None:
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
     if skip:
         raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: quality flags {sorted(skip)} "

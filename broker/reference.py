@@ -26,6 +26,7 @@ from broker.background import BackgroundConfig, estimate_background
 from broker.coadd import proper_coadd
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
 from broker.errors import BrokerError, ConfigError, ReferenceUnavailable
+from broker.exposure import Fingerprint
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
     PSFConfig,
@@ -129,6 +130,10 @@ class Reference:
         Pixels invalid in every input and filled from their neighbours: detector defects that
         stay put while the pointing jitters by less than a pixel (a bad-pixel map for free; the
         science frame's own copies of them are filled the same way).
+    exposures : tuple of Fingerprint
+        One per frame of ``frame_ids``, in their order (:mod:`broker.exposure`): a frame re-sent
+        under another id is known as one of them (:meth:`exposure_of`). Empty for a reference
+        built before they were kept, or imported without them.
     """
 
     key: tuple[str, str, str]
@@ -139,6 +144,7 @@ class Reference:
     frame_ids: tuple[str, ...]
     sources: StarList | None = field(default=None, repr=False, compare=False)
     defects: np.ndarray | None = field(default=None, repr=False, compare=False)
+    exposures: tuple[Fingerprint, ...] = field(default=(), repr=False, compare=False)
     _resampleable: Resampleable | None = field(default=None, init=False, repr=False, compare=False)
     _found_sources: dict[tuple[StarConfig, float], StarList] = field(
         default_factory=dict, init=False, repr=False, compare=False)
@@ -148,6 +154,16 @@ class Reference:
         if self._resampleable is None:
             self._resampleable = Resampleable.from_arrays(self.image, self.variance)
         return self._resampleable
+
+    def exposure_of(self, data: np.ndarray) -> str | None:
+        """The id of the reference frame whose exposure ``data`` (a frame's pixels) is, or None.
+
+        The same pixels, re-compressed (fpack), offset or scaled (:meth:`Fingerprint.matches`).
+        """
+        for frame_id, print_ in zip(self.frame_ids, self.exposures, strict=False):
+            if print_.matches(data):
+                return frame_id
+        return None
 
     def catalogue(self, stars: StarConfig, threshold_sigma: float) -> StarList:
         """Source catalogue on the reference grid, stored or found once per setting.
@@ -169,7 +185,7 @@ class Reference:
         """Write one multi-extension FITS file atomically (temporary file + ``os.replace``).
 
         Extensions: PRIMARY (image), VARIANCE, PSF, FRAMES (table of frame ids), SOURCES (table),
-        DEFECTS (uint8 image).
+        DEFECTS (uint8 image), EXPOSURES (the frames' fingerprints, one row each).
         """
         path = Path(path)
         hdr = self.header.copy()
@@ -194,6 +210,8 @@ class Reference:
             hdus.append(src)
         if self.defects is not None:
             hdus.append(fits.CompImageHDU(self.defects.astype(np.uint8), name="DEFECTS"))
+        if self.exposures:
+            hdus.append(_exposures_hdu(self.exposures))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
         with open(tmp, "rb") as fh:
@@ -224,6 +242,7 @@ class Reference:
                                        np.asarray(d["FLUX"], float), np.asarray(d["PEAK"], float),
                                        float(hdul["SOURCES"].header.get("FWHM", np.nan)))
                 defects = np.asarray(hdul["DEFECTS"].data, bool) if "DEFECTS" in hdul else None
+                exposures = _read_exposures(hdul["EXPOSURES"]) if "EXPOSURES" in hdul else ()
             key = (str(hdr["TELESCOP"]), str(hdr["FIELD"]), str(hdr["FILTER"]))
             celestial_wcs(hdr)
         except FileNotFoundError as exc:
@@ -233,18 +252,52 @@ class Reference:
         except Exception as exc:  # astropy raises many types on truncated / foreign files
             raise ReferenceUnavailable(f"unreadable reference {path}: {type(exc).__name__}: {exc}") from exc
         if (image.ndim != 2 or image.shape != variance.shape or psf.ndim != 2 or psf.shape[0] % 2 == 0
-                or (defects is not None and defects.shape != image.shape)):
+                or (defects is not None and defects.shape != image.shape)
+                or (exposures and len(exposures) != len(frame_ids))):
             raise ReferenceUnavailable(f"reference {path} has inconsistent extensions")
-        return cls(key, image, variance, hdr, psf, frame_ids, sources, defects)
+        return cls(key, image, variance, hdr, psf, frame_ids, sources, defects, exposures)
 
 
-def _prepare(frame: Frame, config: ReferenceConfig
-             ) -> tuple[np.ndarray, np.ndarray, float, StarList, np.ndarray]:
-    """One input frame made ready for co-adding.
+def _exposures_hdu(exposures: tuple[Fingerprint, ...]) -> fits.ImageHDU:
+    """The fingerprints as one float32 image, a row each (NaN-padded), shape, step and noise in the header."""
+    rows = np.full((len(exposures), max(e.pixels.size for e in exposures)), np.nan, np.float32)
+    hdu = fits.ImageHDU(rows, name="EXPOSURES")
+    for i, e in enumerate(exposures):
+        rows[i, :e.pixels.size] = e.pixels
+        n = i + 1
+        hdu.header[f"FRAMEY{n}"], hdu.header[f"FRAMEX{n}"] = e.shape
+        hdu.header[f"STEP{n}"], hdu.header[f"NOISE{n}"] = e.step, e.noise
+    hdu.data = rows
+    return hdu
 
-    Background-subtracted image (NaN at saturation), variance, sky RMS, stars and (grown)
-    saturation mask of one frame.
-    """
+
+def _read_exposures(hdu: fits.ImageHDU) -> tuple[Fingerprint, ...]:
+    """The fingerprints of :func:`_exposures_hdu`."""
+    rows, hdr, out = np.atleast_2d(np.asarray(hdu.data, np.float32)), hdu.header, []
+    for i, row in enumerate(rows):
+        n = i + 1
+        shape, step = (int(hdr[f"FRAMEY{n}"]), int(hdr[f"FRAMEX{n}"])), int(hdr[f"STEP{n}"])
+        size = -(-shape[0] // step) * -(-shape[1] // step)
+        out.append(Fingerprint(shape, step, row[:size].copy(), float(hdr[f"NOISE{n}"])))
+    return tuple(out)
+
+
+#: A frame builds a reference only when at least this fraction of its pixels is usable: finite,
+#: below saturation and outside constant regions (dimensionless); 0.5, as ingest's
+#: ``max_nan_fraction``. A reference of a frame 95 % saturated was refused only by its sky map
+#: ("only 0.0% usable pixels for the background"), a constant one not at all: subtracted, every
+#: star of the frame was a candidate (75 on a 384 x 384 simulated field).
+MIN_USABLE_FRACTION = 0.5
+
+#: Side (px) of a square of one pixel value that marks a constant region of a frame (a readout that
+#: lost its data, a zero-filled border, a clipped area without SATURATE): such pixels carry no
+#: measurement and are left out of a reference (NaN). 15: 225 equal pixels; integer pixels with
+#: 0.3 ADU of noise put 90 % at one value, and 0.9^225 = 5e-11.
+CONSTANT_BOX_PX = 15
+
+
+def saturated_pixels(frame: Frame, config: ReferenceConfig) -> np.ndarray:
+    """Pixels at or above ``saturation_fraction`` of SATURATE, grown by ``sat_grow_px`` (bool, the frame's shape)."""
     from scipy import ndimage
 
     data = np.asarray(frame.data, dtype=np.float32)
@@ -254,7 +307,70 @@ def _prepare(frame: Frame, config: ReferenceConfig
             sat = data >= config.saturation_fraction * frame.meta.saturation
         if sat.any() and config.sat_grow_px > 0:
             sat = ndimage.distance_transform_edt(~sat) <= config.sat_grow_px
-    bkg, rms = estimate_background(data, sat, config.background)
+    return sat
+
+
+def constant_pixels(data: np.ndarray, box: int = CONSTANT_BOX_PX) -> np.ndarray:
+    """Pixels of a ``box`` x ``box`` square (any that holds them) of one finite value (bool, ``data``'s shape)."""
+    from scipy import ndimage
+
+    x = np.asarray(data, np.float32)
+    finite = np.isfinite(x)
+    hi = ndimage.maximum_filter(np.where(finite, x, np.inf), box, mode="nearest")
+    lo = ndimage.minimum_filter(np.where(finite, x, -np.inf), box, mode="nearest")
+    flat = (hi == lo) & np.isfinite(hi)
+    return ndimage.maximum_filter(flat, box, mode="constant") if flat.any() else flat
+
+
+def check_usable(frame: Frame, config: ReferenceConfig) -> None:
+    """Refuse a frame of which too little can go into a reference (:data:`MIN_USABLE_FRACTION`).
+
+    Raises
+    ------
+    ReferenceUnavailable
+        Naming the frame and its shares of NaN, saturated and constant pixels.
+    """
+    finite = np.isfinite(frame.data)
+    sat = saturated_pixels(frame, config) & finite
+    flat = constant_pixels(frame.data) & finite & ~sat
+    usable = float(np.mean(finite & ~sat & ~flat))
+    if usable < MIN_USABLE_FRACTION:
+        raise ReferenceUnavailable(
+            f"frame {frame.meta.frame_id} cannot serve in a reference: {usable:.0%} of its pixels are usable "
+            f"(NaN {1 - finite.mean():.0%}, saturated {sat.mean():.0%}, constant {flat.mean():.0%}), under "
+            f"{MIN_USABLE_FRACTION:.0%}")
+
+
+def check_distinct(frames: list[Frame]) -> tuple[Fingerprint, ...]:
+    """The frames' fingerprints, when no two are one exposure (:mod:`broker.exposure`).
+
+    Raises
+    ------
+    ReferenceUnavailable
+        Two frames are one exposure (the same pixels under two ids, re-compressed, offset or scaled):
+        co-added, its noise would count twice and cancel in the difference of a later copy.
+    """
+    prints = tuple(Fingerprint.of(np.asarray(f.data)) for f in frames)
+    for i, p in enumerate(prints):
+        for other in frames[i + 1:]:
+            if p.matches(np.asarray(other.data)):
+                raise ReferenceUnavailable(
+                    f"frames {frames[i].meta.frame_id} and {other.meta.frame_id} are one exposure (the same pixels, "
+                    "up to a gain and a pedestal): a reference needs distinct exposures")
+    return prints
+
+
+def _prepare(frame: Frame, config: ReferenceConfig
+             ) -> tuple[np.ndarray, np.ndarray, float, StarList, np.ndarray]:
+    """One input frame made ready for co-adding.
+
+    Background-subtracted image (NaN at saturation and in constant regions), variance, sky RMS,
+    stars and (grown) saturation mask of one frame.
+    """
+    data = np.asarray(frame.data, dtype=np.float32)
+    sat = saturated_pixels(frame, config)
+    flat = constant_pixels(data)
+    bkg, rms = estimate_background(data, sat | flat, config.background)
     img = data - bkg
     var = rms ** 2 + np.clip(np.nan_to_num(img), 0, None) / max(frame.meta.gain, 1e-6)
     sigma = float(np.median(rms))
@@ -266,7 +382,7 @@ def _prepare(frame: Frame, config: ReferenceConfig
     # cosmic rays and hot pixels: after resampling they smear over several pixels and, hot pixels
     # moving by only the pointing jitter, survive the per-pixel clipping; drop them here
     fwhm = sharp_fwhm(unsaturated, stars)
-    img[sat | sharp_outliers(img, sigma, fwhm) | bad_columns(np.where(sat, np.nan, img), sigma)] = np.nan
+    img[sat | flat | sharp_outliers(img, sigma, fwhm) | bad_columns(np.where(sat, np.nan, img), sigma)] = np.nan
     var[~np.isfinite(img)] = np.nan
     return img, var.astype(np.float32), sigma, stars, sat
 
@@ -408,7 +524,9 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     Raises
     ------
     ReferenceUnavailable
-        No frames, or frames of different (telescope, field, filter).
+        No frames, frames of different (telescope, field, filter), a frame of which less than
+        :data:`MIN_USABLE_FRACTION` is usable (:func:`check_usable`: NaN, saturated, constant), or
+        two frames of one exposure (:func:`check_distinct`).
     AlignmentError
         A frame cannot be registered onto the first.
     """
@@ -418,6 +536,9 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     if len(keys) != 1:
         raise ReferenceUnavailable(f"frames of different fields/filters: {sorted(keys)}")
     frames = sorted(frames, key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
+    for f in frames:
+        check_usable(f, config)
+    exposures = check_distinct(frames)
     grid = frames[0]
     grid_header = celestial_wcs(grid.header).to_header(relax=True)
     g_img, g_var, g_sig, g_stars, sat_any = _prepare(grid, config)
@@ -448,7 +569,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     key = grid.meta.reference_key
     header = _reference_header(grid_header, key, len(frames), method, psf)
     return Reference(key, image, variance, header, psf.stamp, tuple(f.meta.frame_id for f in frames), sources,
-                     defects)
+                     defects, exposures)
 
 
 def _proper(stack: np.ndarray, vstack: np.ndarray, ok: np.ndarray, weighted: np.ndarray,

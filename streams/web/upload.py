@@ -70,8 +70,6 @@ FITS_TYPES = ("application/fits", "image/fits", "application/octet-stream")
 #: Most ``reference`` parts of one upload: the frames co-added into its reference, as the pipeline's
 #: ``[reference] n_frames`` (3 by default) co-adds its own, whose median clipping needs 3 or more.
 MAX_REFERENCE_FRAMES = 5
-#: A reference within this many sigma of the frame's noise at every pixel is the frame itself (a compressed copy).
-SAME_WITHIN_SIGMA = 0.5
 _LOCK = threading.RLock()  # re-entrant: a shared object may be made of others (the publisher of the profiles)
 
 
@@ -345,14 +343,17 @@ def _reference_frame(portal: Portal, payload: bytes, key: tuple, which: str, tel
     Raises
     ------
     ReferenceUnavailable
-        The reference is of another (telescope, field, band).
+        The reference is of another (telescope, field, band), or too little of it is usable
+        (:func:`broker.reference.check_usable`: NaN, saturated, constant).
     BrokerError
         Of :func:`calibrated`, its message prefixed with ``which``.
     """
     from broker.errors import BrokerError
+    from broker.reference import check_usable
 
     try:
         ref_frame = calibrated(portal, payload, telescope)
+        check_usable(ref_frame, portal.config.pipeline.reference)
     except BrokerError as exc:
         exc.args = (f"{which}: {exc}", *exc.args[1:])
         raise
@@ -360,29 +361,6 @@ def _reference_frame(portal: Portal, payload: bytes, key: tuple, which: str, tel
         raise ReferenceUnavailable(f"{which} is of {ref_frame.meta.reference_key}, the frame of {tuple(key)} "
                                    "(telescope, field, band must agree)")
     return ref_frame
-
-
-def _same_exposure(data: Any, ref: Any) -> bool:
-    """Whether ``ref`` holds the pixels of ``data``, exactly or to within :data:`SAME_WITHIN_SIGMA` of their noise.
-
-    A lossy-compressed copy (fpack's default quantisation keeps each pixel to ~1/16 of the noise)
-    is the same exposure: subtracted, its noise cancels instead of adding, and the pipeline's
-    difference of such a pair is no measurement (SFFT's DEC-OBS04a against its fpacked copy gave
-    29 candidates). Two exposures differ by more than the noise at many pixels. The noise is the
-    MAD of every 7th pixel of ``data``.
-    """
-    import numpy as np
-
-    if data.shape != ref.shape:
-        return False
-    if np.array_equal(data, ref, equal_nan=True):
-        return True
-    sample = data[::7, ::7][np.isfinite(data[::7, ::7])]
-    both = np.isfinite(data) & np.isfinite(ref)
-    if sample.size == 0 or not both.any():
-        return False
-    noise = 1.4826 * float(np.median(np.abs(sample - np.median(sample))))
-    return noise > 0 and float(np.max(np.abs(data[both] - ref[both]))) < SAME_WITHIN_SIGMA * noise
 
 
 def _distinct(frame: Frame, ref_frame: Frame, others: Sequence[Frame] = ()) -> Frame:
@@ -397,12 +375,18 @@ def _distinct(frame: Frame, ref_frame: Frame, others: Sequence[Frame] = ()) -> F
     Raises
     ------
     ReferenceUnavailable
-        The reference is the frame itself (:func:`_same_exposure`), whatever its id.
+        The reference is the frame itself, whatever its id: the same pixels up to a gain and a
+        pedestal, to within :data:`broker.exposure.SAME_WITHIN_SIGMA` of their noise at every pixel
+        (:func:`broker.exposure.same_exposure`; a lossy-compressed copy: fpack's default
+        quantisation keeps each pixel to ~1/16 of the noise, and SFFT's DEC-OBS04a against its
+        fpacked copy gave 29 candidates).
     """
-    if _same_exposure(frame.data, ref_frame.data):
-        raise ReferenceUnavailable(f"the reference is the frame itself ({frame.meta.frame_id}: the same pixels, to "
-                                   f"within {SAME_WITHIN_SIGMA:g} sigma of their noise): upload an earlier exposure "
-                                   "of the field as the reference")
+    from broker.exposure import SAME_WITHIN_SIGMA, pixel_noise, same_exposure
+
+    if same_exposure(frame.data, ref_frame.data, pixel_noise(frame.data)):
+        raise ReferenceUnavailable(f"the reference is the frame itself ({frame.meta.frame_id}: the same pixels, up to "
+                                   f"a gain and a pedestal, to within {SAME_WITHIN_SIGMA:g} sigma of their noise): "
+                                   "upload an earlier exposure of the field as the reference")
     taken = {f.meta.frame_id for f in others}
     if ref_frame.meta.frame_id != frame.meta.frame_id and ref_frame.meta.frame_id not in taken:
         return ref_frame
@@ -444,7 +428,8 @@ def _note(result: Any) -> str | None:
         return None
     if result.status == IN_REFERENCE:
         return (f"not subtracted: the frame is one of the reference's frames ({', '.join(result.reference_frames)}), "
-                "so nothing was looked for; upload a later exposure of the field")
+                "under its id or as the same exposure under another, so nothing was looked for; upload a later "
+                "exposure of the field")
     return f"not subtracted ({result.status}): nothing was looked for"
 
 

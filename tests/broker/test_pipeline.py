@@ -230,3 +230,47 @@ def test_candidates_in_a_line_carry_their_trail_in_the_context():
         c.detection = replace(c.detection, x=100.0 + 30.0 * i, y=50.0)
     associate_and_score(ObjectHistory(":memory:"), SCORE_MODELS, "F-2", 60001.0, "r", again)  # no frame shape
     assert all(m["kind"] != "trail" for c in again for m in c.context["matches"])
+
+
+@pytest.mark.parametrize("kind", ["renamed", "quantised"])
+def test_an_exposure_of_the_reference_resent_under_another_id_is_in_the_reference(frames, tmp_path, kind):
+    """A reference frame re-sent under another id (or fpacked) is one of the reference's frames.
+
+    It was subtracted from a co-add holding it: its noise partly cancelled (S_corr std 0.77,
+    renormalised: 19 candidates on a copy of a frame of the reference).
+    """
+    from dataclasses import replace
+
+    from broker.frame import Frame
+
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    for frame, _ in frames[:3]:
+        reference = store.offer(frame)
+    assert reference is not None
+    f1 = frames[1][0]
+    q = 1.0 if kind == "quantised" else 0.0
+    data = np.round(f1.data / q) * q if q else f1.data.copy()
+    again = Frame(replace(f1.meta, frame_id="resent-1", mjd_start=f1.meta.mjd_start + 10), data, f1.header)
+    res = process_frame(again, store)
+    assert res.status == IN_REFERENCE and res.candidates == []
+    assert res.reference_frames == reference.frame_ids
+
+
+def test_a_pending_frame_that_cannot_serve_sets_the_pending_frames_aside(frames, tmp_path):
+    """A frame two thirds of one value is no part of a reference: the build is refused, naming it.
+
+    A readout that lost its data that way passes ingest's 95 % mode check; the pending frames are
+    set aside and the next frames start again.
+    """
+    from broker.errors import ReferenceUnavailable
+    from broker.frame import Frame
+
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    (f0, _), (f1, _), (f2, _), (f3, _), (f4, _) = frames
+    lost = f1.data.copy()
+    lost[: 2 * lost.shape[0] // 3] = 0.0
+    assert process_frame(f0, store).status == REFERENCE_BUILDING
+    assert process_frame(Frame(f1.meta, lost, f1.header), store).status == REFERENCE_BUILDING
+    with pytest.raises(ReferenceUnavailable, match=f"frame {f1.meta.frame_id} cannot serve.*constant 67%"):
+        process_frame(f2, store)
+    assert store.pending(f0.meta.reference_key) == []

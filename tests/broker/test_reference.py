@@ -292,3 +292,73 @@ def test_clipped_pixels_grown_past_the_frame_cover_it():
     mask = np.zeros((20, 30), bool)
     mask[4, 7] = True
     assert _grow_mask(mask, 2 ** 62).all() and np.array_equal(_grow_mask(mask, 1).nonzero()[0], [3, 4, 4, 4, 5])
+
+
+def _with_data(frame, data, frame_id=None):
+    from dataclasses import replace
+
+    from broker.frame import Frame
+
+    meta = frame.meta if frame_id is None else replace(frame.meta, frame_id=frame_id)
+    return Frame(meta, np.asarray(data, np.float32), frame.header)
+
+
+@pytest.mark.parametrize("kind, share", [("constant", "constant 100%"), ("nan", "NaN 95%"),
+                                         ("saturated", "saturated 100%")])
+def test_a_frame_that_cannot_serve_is_refused_with_its_shares(kind, share):
+    """A frame mostly constant, NaN or saturated is refused, with its shares of each.
+
+    A constant frame built a reference that made every star of a frame a candidate (75 on a 384 x
+    384 simulated field); one 95 % saturated was refused only by its sky map ('0.0% usable pixels
+    for the background', nan_fraction), one 95 % NaN only by the alignment of each later frame.
+    """
+    frame = _frames(1)[0]
+    rng = np.random.default_rng(1)
+    data = {"constant": np.full(SHAPE, 812.0), "nan": np.where(rng.random(SHAPE) < 0.95, np.nan, frame.data),
+            "saturated": np.where(rng.random(SHAPE) < 0.95, 6e4, frame.data)}[kind]
+    bad = _with_data(frame, data)
+    if kind == "saturated":  # 95 % at SATURATE, grown by sat_grow_px: all of it
+        from dataclasses import replace
+
+        bad = type(bad)(replace(bad.meta, saturation=6e4), bad.data, bad.header)
+    with pytest.raises(ReferenceUnavailable, match=f"frame F1-0 cannot serve.*{share}") as err:
+        build_reference([bad, *_frames(2, start=1)], ReferenceConfig())
+    assert err.value.reason == "reference"
+
+
+def test_a_constant_region_is_left_out_of_the_reference():
+    """Rows of one value (a readout that lost them) are NaN in the reference.
+
+    They were kept as sky: every star of a later frame there was a candidate (16 false ones on a
+    256 x 256 test field with a third of its rows lost).
+    """
+    frame = _frames(1)[0]
+    data = frame.data.copy()
+    data[:64] = np.median(data)
+    ref = build_reference([_with_data(frame, data)], ReferenceConfig())
+    assert np.isnan(ref.image[:60]).all()
+    assert np.isfinite(ref.image[80:]).mean() > 0.95
+
+
+def test_two_copies_of_one_exposure_build_no_reference():
+    """The same exposure re-sent under another id (fpack-quantised) is not a second frame of a reference."""
+    frames = _frames(2)
+    noise = 30.0
+    copy = _with_data(frames[0], np.round(frames[0].data / (noise / 16)) * (noise / 16), frame_id="F1-0-again")
+    with pytest.raises(ReferenceUnavailable, match="F1-0 and F1-0-again are one exposure"):
+        build_reference([frames[0], frames[1], copy], ReferenceConfig())
+
+
+def test_the_exposures_of_the_frames_are_kept_and_recognised(tmp_path):
+    frames = _frames()
+    ref = build_reference(frames, ReferenceConfig())
+    assert len(ref.exposures) == 3
+    ref.save(tmp_path / "ref.fits")
+    back = Reference.load(tmp_path / "ref.fits")
+    for r in (ref, back):
+        assert r.exposure_of(frames[1].data) == "F1-1"
+        assert r.exposure_of(frames[1].data * 1.3 + 20.0) == "F1-1"
+        assert r.exposure_of(_frames(1, start=3)[0].data) is None
+    # a reference written before the fingerprints were kept recognises no exposure
+    assert Reference(ref.key, ref.image, ref.variance, ref.header, ref.psf, ref.frame_ids).exposure_of(
+        frames[1].data) is None

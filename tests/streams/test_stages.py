@@ -582,7 +582,9 @@ def test_a_frame_id_too_long_for_a_file_name_is_subtracted_and_stored(config, fr
     subtract = subtract_handler(config)
     for i in range(4):
         frame = star_frame(FRAMEID=f"{frame_id}{i}", **{"MJD-OBS": 60000.0 + i})
-        frame = type(frame)(frame.meta, frame.data + np.float32(i), frame.header)  # other pixels, same stars
+        # same stars, fresh noise: a pedestal of i ADU alone would leave one exposure four times
+        noisy = np.random.default_rng(i).poisson(np.clip(frame.data, 0, None)).astype(np.float32)
+        frame = type(frame)(frame.meta, noisy, frame.header)
         (out,) = subtract(_ingested(config, frame, offset=i))
         batch = serde.decode("candidates", out.value, out.headers)
         assert batch["frame_id"] == f"{frame_id}{i}"

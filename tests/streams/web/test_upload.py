@@ -693,3 +693,32 @@ def test_an_upload_its_client_abandons_is_no_server_error(portal_config, caplog,
     assert sent[0]["status"] == 400 and b"client_disconnected" in sent[1]["body"]
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     app.state.portal.close()
+
+
+def test_a_reference_that_cannot_serve_is_refused_naming_it(client, token, pair):
+    """An uploaded reference two thirds of one value is refused (400 reference), naming it and why.
+
+    It passed plausibility's 95 % mode bound and was subtracted (200, the frame's stars there
+    candidates). One 95 % NaN or wholly constant stays refused by the frame checks it already met.
+    """
+    science = decode_fits(pair[0])
+    lost = science.data.copy()
+    lost[:171] = 300.0
+    nan = np.where(np.random.default_rng(0).random((256, 256)) < 0.95, np.nan, science.data)
+    for data, reason, share in ((lost, "reference", "constant 67%"), (nan, "nan_fraction", "NaN"),
+                                (np.full((256, 256), 300.0), "implausible_pixels", "a constant image")):
+        ref = Frame(replace(science.meta, frame_id="TEST-F1-r-0000"), data.astype(np.float32), science.header)
+        response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
+                                                    "reference": ("r.fits", encode_fits(ref), "application/fits")})
+        assert response.status_code == 400 and response.json()["error"] == reason, response.text
+        detail = response.json()["detail"]
+        assert detail.startswith("the reference: ") and share in detail, detail
+
+
+def test_the_frame_with_a_pedestal_as_its_reference_is_refused(client, token, pair):
+    """The frame's pixels plus a constant (another bias level) are still the frame itself."""
+    science = decode_fits(pair[0])
+    ref = Frame(replace(science.meta, frame_id="TEST-F1-r-0000"), science.data + np.float32(100.0), science.header)
+    response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
+                                                "reference": ("r.fits", encode_fits(ref), "application/fits")})
+    assert response.status_code == 400 and "the frame itself" in response.json()["detail"], response.text
