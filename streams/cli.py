@@ -1347,6 +1347,12 @@ def serve(state_dir: PortalStateOpt = None,
           max_costly: Annotated[int, typer.Option(
               help="Costly requests at work at once (the server keeps one more thread for the cheap reads); "
                    "503 beyond the 64 waiting.")] = 3,
+          tap_maxrec: Annotated[int, typer.Option(
+              help="Rows a TAP query (/api/v1/tap) answers without MAXREC.")] = 10_000,
+          tap_max_maxrec: Annotated[int, typer.Option(
+              help="Most rows a TAP query answers whatever its MAXREC (QUERY_STATUS OVERFLOW beyond).")] = 50_000,
+          tap_timeout: Annotated[float, typer.Option(
+              help="Seconds a TAP query may run before DuckDB is interrupted and an error answered.")] = 30.0,
           ) -> None:
     """The web portal and its REST API (FastAPI + uvicorn): alerts, objects, light curves, uploads, vetting."""
     import uvicorn
@@ -1367,7 +1373,8 @@ def serve(state_dir: PortalStateOpt = None,
                            "max_upload_bytes": int(max_upload_mb * 1024 * 1024), "history": pipeline.history,
                            "uploads_per_minute": uploads_per_minute, "archive": archive or archive_url(pipeline),
                            "client_work_s_per_minute": client_work_s, "max_costly": max_costly,
-                           "query_threads": max(4, max_costly + 1)}  # one thread left to the cheap reads
+                           "query_threads": max(4, max_costly + 1),  # one thread left to the cheap reads
+                           "tap_maxrec": tap_maxrec, "tap_max_maxrec": tap_max_maxrec, "tap_timeout_s": tap_timeout}
         application = create_app(WebConfig.for_state_dir(state_dir, **overrides))
     except BrokerError as exc:
         _fail(exc)

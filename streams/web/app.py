@@ -71,6 +71,10 @@ SMALL_BODY_BYTES = 64 * 1024
 #: Largest watchlist posted to ``/api/v1/crossmatch`` or saved (``PUT /api/v1/watchlists/{name}``) (bytes): its
 #: 10,000 entries at ~100 bytes a row, and room.
 WATCHLIST_BYTES = 2 * 1024 * 1024
+#: Largest body of a TAP query (``POST /api/v1/tap/sync``) (bytes): a form of the longest ADQL read
+#: (``streams.web.adql.MAX_QUERY_CHARS``) percent-encoded, with room; a longer query is refused by the
+#: service's own error VOTable.
+TAP_BODY_BYTES = 1024 * 1024
 #: Room for the multipart framing and the form fields of an upload beside its frame bytes.
 MULTIPART_SLACK_BYTES = 64 * 1024
 #: Headers of every answer that does not set its own (the pages set their Content-Security-Policy): no
@@ -188,7 +192,7 @@ class BodyLimit:
     counted as it streams, and 413 is answered when it passes the limit (the application then
     sees the client gone). The limit is ``upload_bytes`` for ``POST /api/v1/frames``,
     :data:`WATCHLIST_BYTES` for ``POST /api/v1/crossmatch`` and ``PUT /api/v1/watchlists/{name}``,
-    :data:`SMALL_BODY_BYTES` otherwise.
+    :data:`TAP_BODY_BYTES` for ``POST /api/v1/tap/sync``, :data:`SMALL_BODY_BYTES` otherwise.
     """
 
     def __init__(self, app: ASGIApp, upload_bytes: int) -> None:
@@ -200,6 +204,8 @@ class BodyLimit:
         path = scope["path"].rstrip("/") if scope["method"] in ("POST", "PUT") else ""
         if scope["method"] == "POST" and path == "/api/v1/frames":
             return self.upload_bytes + MULTIPART_SLACK_BYTES
+        if scope["method"] == "POST" and path == "/api/v1/tap/sync":
+            return TAP_BODY_BYTES
         if (scope["method"] == "POST" and path == "/api/v1/crossmatch") or (
                 scope["method"] == "PUT" and path.startswith("/api/v1/watchlists/")):
             return WATCHLIST_BYTES + MULTIPART_SLACK_BYTES
@@ -332,7 +338,7 @@ def create_portal(config: WebConfig) -> Portal:
 
 def create_app(config: WebConfig) -> FastAPI:
     """The portal's application: REST API, upload, pages, live stream and vetting over ``config``."""
-    from streams.web import api, lightcurves, saved_watchlists, upload, vo, watchlists
+    from streams.web import api, lightcurves, saved_watchlists, tap, upload, vo, watchlists
 
     portal = create_portal(config)
 
@@ -357,6 +363,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.include_router(api.metrics_router)
     app.include_router(upload.router)
     app.include_router(vo.router)
+    app.include_router(tap.router)
     app.include_router(watchlists.router)
     app.include_router(saved_watchlists.router)
     app.include_router(lightcurves.router)

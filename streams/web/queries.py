@@ -99,8 +99,19 @@ class ArchiveView:
                 held[1].close()
             con = self.archive.connect()
             con.execute("SET enable_object_cache = true")  # Parquet footers read once per view, not per query
+            self._opened(con)
             held = self._local.held = (key, con, files)
         return held[1], held[2]
+
+    def _opened(self, con: Any) -> None:
+        """Set up a connection just opened (a subclass's settings; nothing here)."""
+
+    def _forget(self) -> None:
+        """Close this thread's connection: the next query opens another."""
+        held = getattr(self._local, "held", None)
+        if held is not None:
+            held[1].close()
+            self._local.held = None
 
     def query(self, sql: str) -> pa.Table:
         """The result of ``sql`` over the view ``alerts`` (errors as :meth:`Archive.query`)."""

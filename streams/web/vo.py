@@ -183,8 +183,12 @@ def _cell(value: Any, column: Column) -> Any:
     Text has its non-printable characters escaped (``\x1b``): XML cannot hold them all.
     """
     if value is None:
-        return "" if column.datatype == "unicodeChar" else (0 if column.datatype == "long" else np.nan)
+        return _NULL_CELL.get(column.datatype, np.nan)
     return printable(value) if column.datatype == "unicodeChar" else value
+
+
+#: The placeholder under the mask of a null cell, by VOTable datatype (else NaN).
+_NULL_CELL: dict[str, Any] = {"unicodeChar": "", "boolean": False, "short": 0, "int": 0, "long": 0}
 
 
 def error_votable(message: str) -> bytes:

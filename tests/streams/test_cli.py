@@ -576,6 +576,19 @@ def test_serve_max_costly_keeps_a_thread_for_the_cheap_reads(tmp_path, monkeypat
         assert (served[-1].max_costly, served[-1].query_threads) == (costly, threads)
 
 
+def test_serve_sets_the_tap_limits_and_refuses_a_default_over_the_most(tmp_path, monkeypatch):
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn, "run", lambda application, **kwargs: served.append(application.state.portal.config))
+    res = runner.invoke(app, ["serve", "--state-dir", str(tmp_path), "--tap-maxrec", "500", "--tap-max-maxrec", "2000",
+                              "--tap-timeout", "5"])
+    assert res.exit_code == 0, res.output
+    assert (served[-1].tap_maxrec, served[-1].tap_max_maxrec, served[-1].tap_timeout_s) == (500, 2000, 5.0)
+    res = runner.invoke(app, ["serve", "--state-dir", str(tmp_path), "--tap-maxrec", "5000", "--tap-max-maxrec", "10"])
+    assert res.exit_code == 2 and "tap_maxrec <= tap_max_maxrec" in res.output and "Traceback" not in res.output
+
+
 def test_demo_refuses_a_workdir_holding_what_it_did_not_write_and_deletes_nothing(tmp_path, monkeypatch):
     """``broker demo --workdir DIR`` emptied DIR (shutil.rmtree) whatever it held: a user's folder was lost."""
     import streams.demo

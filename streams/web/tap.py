@@ -1,0 +1,316 @@
+"""The archive as an IVOA Table Access Protocol service (TAP 1.1, synchronous) at ``/api/v1/tap``.
+
+TOPCAT, pyvo (``TAPService(url).run_sync(adql)``), astroquery and STILTS (``tapquery sync=true``)
+query the archive in ADQL: ``GET|POST /api/v1/tap/sync`` with ``QUERY``, ``LANG=ADQL``
+(``REQUEST=doQuery``, optional in TAP 1.1), ``MAXREC`` and ``FORMAT``/``RESPONSEFORMAT``
+(``votable``, the default, or ``csv``), parameter names in any case (DALI). The VOSI resources
+``/capabilities``, ``/availability`` and ``/tables`` describe it, and the ``TAP_SCHEMA`` tables
+are queryable (:mod:`streams.web.tap_schema`). There is no ``/async`` (UWS) endpoint, as the
+capabilities say.
+
+A query is checked and translated by :mod:`streams.web.adql` (one SELECT over the published
+tables), then run on a DuckDB connection of its own per pool thread (:class:`TapView`) with a
+memory limit (``WebConfig.tap_memory_mb``), without access to any file but the archive's (a local
+archive: ``enable_external_access`` off, the archive's folder allowed, the settings locked), and
+interrupted after ``WebConfig.tap_timeout_s``. At most ``MAXREC`` rows are answered (default
+``tap_maxrec``, at most ``tap_max_maxrec``), with ``QUERY_STATUS`` ``OVERFLOW`` when there were
+more. Every error of the query is a VOTable with ``QUERY_STATUS`` ``ERROR`` and its reason,
+answered with HTTP 200 as DALI and SCS do (pyvo raises ``DALQueryError``); tokens and the limits
+on costly work are those of the other archive reads (401, 403, 429, 503 with the portal's JSON).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from broker.errors import ArchiveError, BrokerError, InvalidQuery
+from streams.triplet_png import printable
+from streams.web import adql, tap_schema, vo
+from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
+from streams.web.app import Portal
+from streams.web.config import WebConfig
+from streams.web.queries import ArchiveView
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/api/v1/tap", tags=["virtual observatory"])
+#: Media types of the answers.
+VOTABLE_TYPE, CSV_TYPE, XML_TYPE = "application/x-votable+xml", "text/csv; header=present", "text/xml"
+#: ``FORMAT`` values read as VOTable (DALI's names and TAP 1.0's), and as CSV.
+VOTABLE_FORMATS = {"votable", "application/x-votable+xml", "text/xml", "votable/td", "application/x-votable"}
+CSV_FORMATS = {"csv", "text/csv", "text/csv;header=present"}
+#: VOTable datatype of each Arrow type id of a result column (others: text).
+_DATATYPES = {pa.int8(): "short", pa.int16(): "short", pa.uint8(): "short", pa.int32(): "int",
+              pa.uint16(): "int", pa.int64(): "long", pa.uint32(): "long", pa.float32(): "float",
+              pa.float64(): "double", pa.bool_(): "boolean"}
+
+
+@dataclass(frozen=True)
+class TapQuery:
+    """A synchronous TAP request: the ADQL, the most rows answered, and the answer's format."""
+
+    query: str
+    maxrec: int
+    csv: bool = False
+
+
+def _one(params: Mapping[str, list[str]], name: str) -> str | None:
+    values = params.get(name)
+    return values[0] if values else None
+
+
+def parse_request(params: Mapping[str, list[str]], config: WebConfig) -> TapQuery:
+    """The query of a request's parameters (names upper-cased, each with its values).
+
+    Raises
+    ------
+    InvalidQuery
+        REQUEST other than doQuery, LANG other than ADQL, no QUERY, MAXREC not a whole number
+        >= 0, a FORMAT not VOTable or CSV, or an UPLOAD.
+    """
+    request = _one(params, "REQUEST")
+    if request is not None and request.lower() != "doquery":
+        raise InvalidQuery(f"REQUEST={request[:40]!r}: this service answers REQUEST=doQuery")
+    lang = _one(params, "LANG")
+    if lang is not None and lang.upper().split("-")[0] != "ADQL":
+        raise InvalidQuery(f"LANG={lang[:40]!r}: this service reads LANG=ADQL")
+    if _one(params, "UPLOAD"):
+        raise InvalidQuery("UPLOAD is not supported by this service")
+    query = _one(params, "QUERY")
+    if query is None:
+        raise InvalidQuery("QUERY is required (an ADQL SELECT)")
+    maxrec, text = config.tap_maxrec, _one(params, "MAXREC")
+    if text is not None:
+        if not text.strip().isdigit():
+            raise InvalidQuery(f"MAXREC={text[:40]!r} is not a whole number >= 0")
+        maxrec = int(text.strip()) if len(text.strip()) < 12 else config.tap_max_maxrec
+    fmt = (_one(params, "RESPONSEFORMAT") or _one(params, "FORMAT") or "votable").strip().lower().replace(" ", "")
+    if fmt not in VOTABLE_FORMATS | CSV_FORMATS:
+        raise InvalidQuery(f"FORMAT={fmt[:60]!r}: this service answers votable (default) or csv")
+    return TapQuery(query, min(maxrec, config.tap_max_maxrec), fmt in CSV_FORMATS)
+
+
+class TapView(ArchiveView):
+    """The archive's DuckDB view for TAP queries: a connection per thread, limited, with ``TAP_SCHEMA`` registered.
+
+    Parameters
+    ----------
+    archive : Archive
+    config : WebConfig
+        Its ``tap_memory_mb`` and ``tap_timeout_s``.
+    """
+
+    def __init__(self, archive: Any, config: WebConfig) -> None:
+        super().__init__(archive)
+        self.config = config
+
+    def _opened(self, con: Any) -> None:
+        """Limit the connection's memory, register ``TAP_SCHEMA``, and shut it off every file but the archive's."""
+        con.execute(f"SET memory_limit = '{int(self.config.tap_memory_mb)}MB'")
+        for name, table in tap_schema.tap_schema().items():
+            con.register(name, table)
+        if self.archive.local:
+            root = self.archive.root.rstrip("/") + "/"
+            con.execute("SET allowed_directories = [" + adql.sql_literal(root) + "]")
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
+
+    def run(self, sql: str) -> pa.Table:
+        """The result of ``sql``, interrupted after ``tap_timeout_s`` (InvalidQuery then, or ArchiveError)."""
+        import duckdb
+
+        con, files = self._connection()
+        fired = threading.Event()
+
+        def interrupt() -> None:
+            fired.set()
+            con.interrupt()
+
+        timer = threading.Timer(self.config.tap_timeout_s, interrupt)
+        timer.start()
+        try:
+            return con.sql(sql).to_arrow_table()
+        except duckdb.InterruptException:
+            raise InvalidQuery(f"the query ran past this service's time limit of {self.config.tap_timeout_s:g} s: "
+                               "select fewer rows (a CONTAINS cone, a narrower WHERE) or join less") from None
+        except duckdb.OutOfMemoryException:
+            raise InvalidQuery(f"the query needed more than this service's {self.config.tap_memory_mb} MiB of "
+                               "memory: select fewer rows or columns, or group less") from None
+        except duckdb.Error as exc:
+            raise self.archive._error(exc, files) from None
+        finally:
+            timer.cancel()
+            if fired.is_set():  # an interrupt may outlive its query: this connection is not used again
+                self._forget()
+
+
+def tap_view(portal: Portal) -> TapView:
+    """The portal's :class:`TapView`, made at first use (Unavailable without an archive)."""
+    portal.require_archive()
+    view = portal.extras.get("tap")
+    if view is None or view.archive is not portal.archive:
+        view = portal.extras["tap"] = TapView(portal.archive, portal.config)
+    return view
+
+
+def _fields(table: pa.Table, translation: adql.Translation) -> list[vo.Column]:
+    """The VOTable columns of a result: names made unique, with the published column's unit and UCD where plain."""
+    known = {c.name: c for name in translation.tables for c in tap_schema.table_of(name).columns}
+    fields, seen = [], set()
+    for name, kind in zip(table.column_names, table.schema.types, strict=True):
+        key = name if name not in seen else next(f"{name}_{i}" for i in range(2, 10**6) if f"{name}_{i}" not in seen)
+        seen.add(key)
+        column = known.get(name.lower()) if translation.plain is None or name.lower() in translation.plain else None
+        datatype = _DATATYPES.get(kind, "double" if pa.types.is_decimal(kind) else "unicodeChar")
+        fields.append(vo.Column(key, datatype, column.unit if column else None, column.ucd if column else "",
+                                column.description if column else ""))
+    return fields
+
+
+def _rows(table: pa.Table, fields: list[vo.Column]) -> list[dict]:
+    """The result's rows keyed by the fields' names, cells the VOTable can hold (text for other types)."""
+    columns = []
+    for column, field in zip(table.columns, fields, strict=True):
+        values = column.to_pylist()
+        if field.datatype == "unicodeChar" and not pa.types.is_string(column.type):
+            values = [None if v is None else str(v) for v in values]
+        elif field.datatype in ("double", "float"):
+            values = [None if v is None else float(v) for v in values]
+        columns.append(values)
+    return [dict(zip((f.key for f in fields), row, strict=True)) for row in zip(*columns, strict=True)]
+
+
+def result_votable(table: pa.Table, translation: adql.Translation, maxrec: int) -> bytes:
+    """The VOTable of a result: QUERY_STATUS OK, or OVERFLOW past ``maxrec`` rows (those cut)."""
+    overflow = table.num_rows > maxrec
+    status = ("QUERY_STATUS", "OVERFLOW", f"more than MAXREC={maxrec} rows") if overflow else ("QUERY_STATUS", "OK", "")
+    fields = _fields(table, translation)
+    return vo.votable([status], tuple(fields), _rows(table.slice(0, maxrec), fields), "result")
+
+
+def result_csv(table: pa.Table, translation: adql.Translation, maxrec: int) -> bytes:
+    """The CSV of a result (a header line; null cells empty), cut at ``maxrec`` rows without a mark."""
+    fields = _fields(table, translation)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([f.key for f in fields])
+    for row in _rows(table.slice(0, maxrec), fields):
+        writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                         (printable(v) if isinstance(v, str) else v) for v in row.values()])
+    return out.getvalue().encode()
+
+
+def execute(portal: Portal, params: Mapping[str, list[str]]) -> tuple[bytes, str]:
+    """The answer to a synchronous TAP request (body, media type): its result, or its error as a VOTable."""
+    try:
+        request = parse_request(params, portal.config)
+        translation = adql.translate(request.query, tap_schema.published(), request.maxrec)
+        table = tap_view(portal).run(translation.sql)
+        if request.csv:
+            return result_csv(table, translation, request.maxrec), CSV_TYPE
+        return result_votable(table, translation, request.maxrec), VOTABLE_TYPE
+    except BrokerError as exc:
+        return error_votable(exc), VOTABLE_TYPE
+    except Exception as exc:  # a fault of ours: logged, and the client told so, never a trace
+        log.exception("TAP query failed")
+        return vo.votable([("QUERY_STATUS", "ERROR", f"internal error of the service ({type(exc).__name__}); "
+                            "it is logged")]), VOTABLE_TYPE
+
+
+def error_votable(exc: BrokerError) -> bytes:
+    """The DALI error document of ``exc``: ``QUERY_STATUS`` ``ERROR`` with its message."""
+    message = printable(" ".join(str(exc).split()))[:2000]
+    if isinstance(exc, ArchiveError) and message.startswith("query failed: "):
+        message = "DuckDB refused the translated query: " + message.removeprefix("query failed: ")
+    return vo.votable([("QUERY_STATUS", "ERROR", message)])
+
+
+def _openapi() -> dict:
+    """The OpenAPI parameters of ``/sync`` (DALI's names; any case is read)."""
+    return {"parameters": [
+        {"name": n, "in": "query", "required": n == "QUERY", "schema": {"type": "string"}, "description": d}
+        for n, d in (("QUERY", "the ADQL query: one SELECT over the tables of /api/v1/tap/tables"),
+                     ("LANG", "ADQL (the default)"), ("REQUEST", "doQuery (optional in TAP 1.1)"),
+                     ("MAXREC", "most rows answered (default and most: the server's tap_maxrec, tap_max_maxrec)"),
+                     ("FORMAT", "votable (default) or csv; RESPONSEFORMAT too"))]}
+
+
+async def _params(request: Request) -> dict[str, list[str]]:
+    """The request's parameters, query string and form body, names upper-cased (DALI)."""
+    params: dict[str, list[str]] = {}
+    items = list(request.query_params.multi_items())
+    if request.method == "POST":
+        form = await request.form()
+        items += [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+        if any(not isinstance(v, str) for _, v in form.multi_items()):
+            items.append(("UPLOAD", "file"))
+    for name, value in items:
+        params.setdefault(name.upper(), []).append(value)
+    return params
+
+
+_SYNC_ANSWERS: dict[int | str, dict[str, Any]] = {**LIMITED, 200: {"content": {VOTABLE_TYPE: {}, CSV_TYPE: {}}}}
+
+
+@router.get("/sync", response_class=Response, openapi_extra=_openapi(), responses=_SYNC_ANSWERS)
+async def sync(request: Request, who: CostlyReader) -> Response:
+    """TAP 1.1 synchronous query: the result of the ADQL ``QUERY`` as a VOTable (or CSV), or its error as one."""
+    return await _sync(request)
+
+
+@router.post("/sync", response_class=Response, responses=_SYNC_ANSWERS)
+async def sync_post(request: Request, who: CostlyReader) -> Response:
+    """TAP 1.1 synchronous query posted as a form (``application/x-www-form-urlencoded`` or multipart), as GET."""
+    return await _sync(request)
+
+
+async def _sync(request: Request) -> Response:
+    portal = portal_of(request)
+    try:
+        params = await _params(request)
+    except Exception as exc:  # a body the form parser refuses (a broken multipart)
+        return Response(error_votable(InvalidQuery(f"the request body is not a form: {exc}")), media_type=VOTABLE_TYPE)
+    body, media_type = await portal.run(execute, portal, params)
+    return Response(body, media_type=media_type)
+
+
+def _base(request: Request) -> str:
+    return str(request.url_for("sync")).removesuffix("/sync")
+
+
+@router.get("", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})
+async def base(request: Request, who: Reader) -> Response:
+    """The service's URL, what clients are given: its VOSI capabilities, as at ``/capabilities``."""
+    return await capabilities(request, who)
+
+
+@router.get("/capabilities", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})
+async def capabilities(request: Request, who: Reader) -> Response:
+    """VOSI capabilities: TAP 1.1 (synchronous), ADQL 2.0 and its geometry, VOTable and CSV, the row limits."""
+    cfg = portal_of(request).config
+    return Response(tap_schema.capabilities_xml(_base(request), cfg.tap_maxrec, cfg.tap_max_maxrec),
+                    media_type=XML_TYPE)
+
+
+@router.get("/availability", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})
+async def availability(request: Request, who: Reader) -> Response:
+    """VOSI availability: whether the service has an archive to query."""
+    has = portal_of(request).archive is not None
+    note = "the alert archive is served" if has else "this server has no alert archive (broker serve --archive)"
+    return Response(tap_schema.availability_xml(has, note), media_type=XML_TYPE)
+
+
+@router.get("/tables", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})
+async def tables(request: Request, who: Reader) -> Response:
+    """VOSI tables: the schemas, tables and columns (units, UCDs, types) queries may read; ``detail`` is ignored."""
+    return Response(tap_schema.tables_xml(), media_type=XML_TYPE)

@@ -1,0 +1,275 @@
+"""The TAP service over the archive: ADQL checked and translated, answered as pyvo, STILTS and TOPCAT read it.
+
+Results are compared with the same archive read by DuckDB directly (``Archive.query``, what ``broker
+query`` runs); hostile ADQL is answered with an ERROR VOTable and the portal keeps answering.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+import time
+import warnings
+from dataclasses import replace
+
+import pytest
+from astropy.io.votable import parse
+from fastapi.testclient import TestClient
+
+from broker.archive.reader import Archive
+from broker.errors import ArchiveError, InvalidQuery
+from streams.web import adql, tap_schema
+from streams.web.app import create_app
+from tests.streams.web.conftest import MJDS, POSITIONS, SEEN
+from tests.streams.web.test_live import running_server
+from tests.streams.web.test_vo import _token
+
+CONE = "1 = CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', 150.0, 2.0, 0.012))"
+#: ADQL that must be refused, with a word of the reason given.
+HOSTILE = [
+    ("SELECT * FROM read_csv('/etc/passwd')", "table functions"),
+    ("SELECT * FROM read_parquet('/tmp/x.parquet')", "table functions"),
+    ("SELECT * FROM glob('/*')", "not ADQL"),
+    ("SELECT * FROM 'x.parquet'", "not published"),
+    ("SELECT * FROM alerts_all", "not published"),
+    ("SELECT * FROM main.alerts_files", "not published"),
+    ("SELECT * FROM information_schema.tables", "not published"),
+    ("SELECT * FROM duckdb_settings()", "table functions"),
+    ("SELECT duckdb_settings() FROM alerts", "not an ADQL function"),
+    ("SELECT current_setting('memory_limit') FROM alerts", "not an ADQL function"),
+    ("SELECT getvariable('x') FROM alerts", "not an ADQL function"),
+    ("SELECT * FROM alerts WHERE alert_id IN (SELECT alert_id FROM alerts_all)", "not published"),
+    ("SELECT alert_id FROM alerts UNION SELECT alert_id FROM alerts_all", "not published"),
+    ("SELECT * FROM alerts -- harmless\n; DROP TABLE alerts", "one SELECT"),
+    ("SELECT * FROM alerts; SELECT * FROM duckdb_settings()", "one SELECT"),
+    ("PRAGMA database_list", "only SELECT"),
+    ("SET memory_limit = '100GB'", "only SELECT"),
+    ("COPY (SELECT 1) TO '/tmp/x.csv'", "only SELECT"),
+    ("ATTACH '/tmp/x.db' AS x", "not ADQL"),
+    ("SELECT * INTO stolen FROM alerts", "into"),
+    ("WITH x AS (SELECT * FROM alerts_all) SELECT * FROM x", "with"),
+    ("SELECT * FROM alerts WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), BOX('ICRS', 150, 2, 1, 1))", "BOX"),
+    ("SELECT * FROM alerts WHERE 1 = CONTAINS(POINT('GALACTIC', ra, dec), CIRCLE('ICRS', 150, 2, 1))", "ICRS"),
+    ("SELECT POINT('ICRS', ra, dec) FROM alerts", "POINT is only read"),
+    ("SELECT row_number() OVER () FROM alerts", "not"),
+    ("SELECT TOP -1 * FROM alerts", "ADQL"),
+    ("SELECT * FROM alerts WHERE object_id = 'a\x00b'", "NUL"),
+    ("SELECT " + "(" * 5000 + "1" + ")" * 5000 + " FROM alerts", "nested"),
+    ("SELECT * FROM alerts WHERE " + " OR ".join(f"alert_id = {i}" for i in range(12_000)), "characters"),
+    ("", "empty"),
+    ("DELETE FROM alerts", "only SELECT"),
+    ("SELECT CAST(ra AS BLOB) FROM alerts", "CAST"),
+]
+
+
+def _votable(body: bytes):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return parse(io.BytesIO(body), verify="exception")
+
+
+def _status(votable) -> tuple[str, str]:
+    (info,) = [i for i in votable.resources[0].infos if i.name == "QUERY_STATUS"]
+    return info.value, info.content or ""
+
+
+def _sync(client, query: str, **params):
+    response = client.post("/api/v1/tap/sync", data={"REQUEST": "doQuery", "LANG": "ADQL", "QUERY": query, **params})
+    assert response.status_code == 200, response.text[:300]
+    return response
+
+
+@pytest.mark.parametrize(("query", "reason"), HOSTILE)
+def test_anything_but_one_select_over_the_published_tables_is_refused_with_its_reason(query, reason):
+    with pytest.raises(InvalidQuery, match=f"(?i){reason}"):
+        adql.translate(query, tap_schema.published(), 100)
+
+
+def test_adql_is_translated_to_duckdb():
+    sql = adql.translate(f"SELECT TOP 5 alert_id, LOG(snr), DISTANCE(POINT('ICRS', ra, dec), POINT('ICRS', 150, 2)) "
+                         f"FROM broker.alerts WHERE {CONE} ORDER BY mjd DESC", tap_schema.published(), 100).sql
+    assert "LIMIT 5" in sql and "IN_CONE(ra, dec, 150.0, 2.0, 0.012)" in sql and "LN(snr)" in sql
+    assert "ANG_SEP_DEG(ra, dec, 150, 2)" in sql and "NULLS" not in sql
+    assert "LIMIT 101" in adql.translate("SELECT TOP 1000000000000 * FROM alerts", tap_schema.published(), 100).sql
+    comment = adql.translate("SELECT alert_id /* ; DROP TABLE x */ FROM alerts", tap_schema.published(), 100)
+    assert "DROP" not in comment.sql  # comments are not carried into the SQL run
+
+
+#: ADQL the check lets through and DuckDB refuses: a column no published table has (the records' struct).
+UNBOUND = [("SELECT alert FROM alerts", "binder error"),
+           ("SELECT a.alert.cutoutScience FROM alerts AS a", "binder error"),
+           ("SELECT alerts.alert FROM broker.alerts", "binder error")]
+
+
+@pytest.mark.parametrize(("query", "reason"), HOSTILE[:29] + UNBOUND)
+def test_hostile_adql_gets_an_error_votable_and_the_portal_keeps_answering(client, token, query, reason):
+    response = _sync(client, query)
+    votable = _votable(response.content)
+    status, message = _status(votable)
+    assert status == "ERROR" and reason.lower() in message.lower() and "Traceback" not in response.text
+    assert votable.resources[0].tables == [] and len(response.content) < 4000
+    assert _status(_votable(_sync(client, "SELECT COUNT(*) AS n FROM alerts").content))[0] == "OK"
+
+
+def test_a_query_over_the_body_limit_and_unicode_are_answered(client):
+    huge = "SELECT * FROM alerts WHERE object_id = '" + "é" * 100_000 + "'"
+    assert _status(_votable(_sync(client, huge).content))[1].startswith("the query is 100041 characters")
+    ascii_ = "SELECT * FROM alerts WHERE " + " OR ".join(f"alert_id = {i}" for i in range(6_000))
+    assert len(ascii_) > 100_000 and "characters" in _status(_votable(_sync(client, ascii_).content))[1]
+    over = client.post("/api/v1/tap/sync", data={"QUERY": "SELECT 1 " + " " * 1_100_000})
+    assert over.status_code == 413 and over.json()["error"]  # past the body limit: the portal's JSON, unread
+    votable = _votable(_sync(client, "SELECT COUNT(*) AS n FROM alerts WHERE object_id = '\u00e9\u202e\U0001F52D'")
+                       .content)
+    assert _status(votable)[0] == "OK" and int(votable.get_first_table().array["n"][0]) == 0
+
+
+def test_a_cartesian_self_join_is_interrupted_at_the_time_limit(portal_config):
+    joined = ", ".join(f"alerts AS a{i}" for i in range(14))  # 6**14 rows
+    with TestClient(create_app(replace(portal_config, tap_timeout_s=1.0))) as client:
+        start = time.monotonic()
+        status, message = _status(_votable(_sync(client, f"SELECT COUNT(*) AS n FROM {joined}").content))
+        assert status == "ERROR" and "time limit of 1 s" in message and time.monotonic() - start < 15
+        after = _votable(_sync(client, "SELECT COUNT(*) AS n FROM alerts").content)
+        assert int(after.get_first_table().array["n"][0]) == 6
+        assert client.get("/api/v1/health").json()["archive"] == 6
+
+
+def test_maxrec_cuts_with_overflow_and_the_server_bounds_it(client, portal_config):
+    votable = _votable(_sync(client, "SELECT alert_id FROM alerts ORDER BY alert_id", MAXREC="4").content)
+    assert _status(votable)[0] == "OVERFLOW" and len(votable.get_first_table().array) == 4
+    exact = _votable(_sync(client, "SELECT TOP 4 alert_id FROM alerts", MAXREC="4").content)
+    assert _status(exact)[0] == "OK" and len(exact.get_first_table().array) == 4
+    empty = _votable(_sync(client, "SELECT alert_id, ra FROM alerts", MAXREC="0").content)
+    assert [f.name for f in empty.get_first_table().fields] == ["alert_id", "ra"]
+    assert len(empty.get_first_table().array) == 0
+    with TestClient(create_app(replace(portal_config, tap_maxrec=2, tap_max_maxrec=3))) as small:
+        assert len(_votable(_sync(small, "SELECT * FROM alerts").content).get_first_table().array) == 2
+        assert len(_votable(_sync(small, "SELECT * FROM alerts", MAXREC="999999999999999").content)
+                   .get_first_table().array) == 3
+
+
+def test_results_match_duckdb_over_the_same_archive(client, state):
+    columns = "alert_id, object_id, telescope, mjd, ra, dec, filter, snr, magpsf, rb, anomaly"
+    votable = _votable(_sync(client, f"SELECT {columns} FROM alerts WHERE {CONE} ORDER BY alert_id").content)
+    table = votable.get_first_table()
+    direct = Archive(state[0] / "archive").query(
+        f"SELECT {columns} FROM alerts WHERE in_cone(ra, dec, 150.0, 2.0, 0.012) ORDER BY alert_id").to_pylist()
+    assert len(direct) == len(table.array) == sum(1 for seen in SEEN for i in seen if i in (0, 1, 2))
+    for row, mine in zip(direct, table.array, strict=True):
+        for name, value in row.items():
+            got = mine[name]
+            assert (bool(getattr(got, "mask", False)) if value is None else got == pytest.approx(value)
+                    if isinstance(value, float) else str(got) == str(value)), name
+    fields = {f.name: f for f in table.fields}
+    assert (str(fields["ra"].unit), fields["ra"].ucd, str(fields["mjd"].unit)) == ("deg", "pos.eq.ra;meta.main", "d")
+    objects = _votable(_sync(client, "SELECT object_id, n_alerts, first_mjd, last_mjd FROM broker.objects "
+                                     "ORDER BY n_alerts DESC, object_id").content).get_first_table().array
+    assert len(objects) == len(POSITIONS) and int(objects["n_alerts"][0]) == 3
+    assert (float(objects["first_mjd"][0]), float(objects["last_mjd"][0])) == (MJDS[0], MJDS[-1])
+
+
+def test_tap_schema_describes_the_published_tables(client):
+    tables = _votable(_sync(client, "SELECT schema_name, table_name FROM TAP_SCHEMA.tables").content)
+    names = {str(n) for n in tables.get_first_table().array["table_name"]}
+    assert {"broker.alerts", "broker.objects", "TAP_SCHEMA.columns"} <= names
+    columns = _votable(_sync(client, "SELECT column_name, unit, ucd, datatype FROM TAP_SCHEMA.columns "
+                                     "WHERE table_name = 'broker.alerts'").content).get_first_table().array
+    by_name = {str(r["column_name"]): r for r in columns}
+    assert {"night", "telescope", "object_id", "alert_id", "mjd", "ra", "dec", "filter", "snr", "magpsf", "rb",
+            "anomaly"} <= set(by_name)
+    assert (str(by_name["ra"]["unit"]), str(by_name["ra"]["datatype"])) == ("deg", "double")
+    keys = _votable(_sync(client, "SELECT k.from_table, c.from_column FROM TAP_SCHEMA.keys AS k JOIN "
+                                  "TAP_SCHEMA.key_columns AS c ON k.key_id = c.key_id").content)
+    assert ("broker.alerts", "object_id") in {(str(a), str(b)) for a, b in keys.get_first_table().array}
+
+
+def test_csv_get_vosi_and_metrics(client):
+    answer = client.get("/api/v1/tap/sync", params={"query": "SELECT TOP 2 alert_id, ra FROM alerts ORDER BY alert_id",
+                                                    "format": "csv", "lang": "ADQL"})
+    assert answer.headers["content-type"].startswith("text/csv")
+    assert list(csv.reader(io.StringIO(answer.text))) == [["alert_id", "ra"], ["1000", "150.0"], ["1001", "150.01"]]
+    refused = client.get("/api/v1/tap/sync", params={"QUERY": "SELECT 1", "FORMAT": "fits"})
+    assert _status(_votable(refused.content)) == ("ERROR", "FORMAT='fits': this service answers votable (default) "
+                                                           "or csv")
+    for name, value in (("LANG", "SQL"), ("REQUEST", "getCapabilities"), ("MAXREC", "-1"), ("UPLOAD", "t,x")):
+        body = client.get("/api/v1/tap/sync", params={"QUERY": "SELECT 1", name: value}).content
+        assert _status(_votable(body))[0] == "ERROR", name
+    capabilities = client.get("/api/v1/tap/capabilities").text
+    assert client.get("/api/v1/tap").text == capabilities
+    assert "ivo://ivoa.net/std/TAP" in capabilities and '<hard unit="row">50000</hard>' in capabilities
+    assert "<vosi:available>true</vosi:available>" in client.get("/api/v1/tap/availability").text
+    assert "<name>broker.alerts</name>" in client.get("/api/v1/tap/tables").text
+    metrics = client.get("/metrics").text
+    assert 'portal_requests_total{route="/api/v1/tap/sync",status="200"}' in metrics
+
+
+def test_a_private_portal_asks_a_token(portal_config):
+    with TestClient(create_app(replace(portal_config, public_read=False))) as private:
+        for path in ("/api/v1/tap/sync?QUERY=SELECT+1", "/api/v1/tap/tables", "/api/v1/tap/capabilities"):
+            response = private.get(path)
+            assert response.status_code == 401 and response.json()["error"] == "unauthenticated", path
+
+
+def test_pyvo_queries_the_archive_as_any_tap_service(portal_config, state):
+    """The TAPService of pyvo, as scripts and astroquery call it, against a private portal under uvicorn."""
+    import pyvo
+    import requests
+
+    with running_server(replace(portal_config, public_read=False)) as base:
+        session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {_token(portal_config)}"
+        service = pyvo.dal.TAPService(f"{base}/api/v1/tap", session=session)
+        results = service.run_sync(f"SELECT alert_id, ra, dec, mjd, magpsf FROM broker.alerts WHERE {CONE} "
+                                   "ORDER BY alert_id")
+        direct = Archive(state[0] / "archive").query("SELECT alert_id FROM alerts WHERE in_cone(ra, dec, 150.0, "
+                                                     "2.0, 0.012) ORDER BY alert_id").column(0).to_pylist()
+        assert [int(i) for i in results["alert_id"]] == direct and len(direct) == 5
+        assert str(results.to_table()["ra"].unit) == "deg"
+        tables = service.tables
+        assert {"broker.alerts", "broker.objects", "TAP_SCHEMA.columns"} <= set(tables.keys())
+        assert {c.name: c.unit for c in tables["broker.alerts"].columns}["mjd"] == "d"
+        assert (service.maxrec, service.hardlimit) == (10_000, 50_000)
+        with pytest.raises(pyvo.dal.DALQueryError, match="not published"):
+            service.run_sync("SELECT * FROM alerts_all")
+        cut = service.run_sync("SELECT alert_id FROM alerts", maxrec=3)  # pyvo warns of it only past its maxrec
+        assert len(cut) == 3 and cut.query_status == "OVERFLOW"
+        with pytest.raises(pyvo.dal.DALServiceError):  # no token: the HTTP error, as from any protected service
+            pyvo.dal.TAPService(f"{base}/api/v1/tap").run_sync("SELECT TOP 1 * FROM alerts")
+
+
+needs_stilts = pytest.mark.skipif(shutil.which("stilts") is None,
+                                  reason="Debian's stilts (TOPCAT's engine) is not installed; .ci/run installs it")
+
+
+def _stilts(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["stilts", *args], capture_output=True, text=True, timeout=300)
+
+
+@needs_stilts
+def test_stilts_tapquery_reads_the_archive_as_topcat_does(portal_config):
+    with running_server(portal_config) as base:
+        tap = f"tapurl={base}/api/v1/tap"
+        found = _stilts("tapquery", tap, "sync=true", "ofmt=csv",
+                        "adql=SELECT object_id, n_alerts FROM broker.objects ORDER BY n_alerts DESC, object_id")
+        refused = _stilts("tapquery", tap, "sync=true", "ofmt=csv", "adql=SELECT * FROM read_csv('/etc/passwd')")
+        lint = _stilts("taplint", tap, "stages=TMV TME TMS TMC CPV CAP AVV QGE QPO MDQ", "report=EWF")
+    assert found.returncode == 0, found.stderr
+    rows = list(csv.DictReader(io.StringIO(found.stdout)))
+    assert len(rows) == len(POSITIONS) and rows[0]["n_alerts"] == "3"
+    assert refused.returncode != 0 and "table functions are not read" in refused.stdout + refused.stderr
+    assert "Totals: Errors: 0; Warnings: 0; Failures: 0" in lint.stdout, lint.stdout[-3000:]
+
+
+def test_the_tap_connection_reads_no_file_but_the_archive_even_if_the_check_missed_one(client, tmp_path):
+    """The second line: SQL that reached DuckDB unchecked still cannot read a file, nor turn the lock off."""
+    from streams.web.tap import tap_view
+
+    secret = tmp_path / "secret.csv"
+    secret.write_text("token\nhunter2\n")
+    view = tap_view(client.app.state.portal)
+    assert view.run("SELECT COUNT(*) AS n FROM alerts").column(0).to_pylist() == [6]
+    for sql in (f"SELECT * FROM read_csv('{secret}')", "SET enable_external_access = true"):
+        with pytest.raises(ArchiveError, match="(?i)permission|disabled|locked"):
+            view.run(sql)
