@@ -114,8 +114,8 @@ class WebConfig:
         Longest a TAP query runs (s): DuckDB is interrupted then and the query answered with an
         error. Default 30, within a client's 120 s of costly work a minute (``client_work_s_per_minute``).
     tap_memory_mb : int
-        Memory DuckDB may use for one thread's TAP queries (MiB, its ``memory_limit``); a query
-        that needs more is answered with an error. Default 1024.
+        Memory DuckDB may use for one thread's TAP queries (MiB, its ``memory_limit``; nothing is
+        spilled to disk); a query that needs more is answered with an error. Default 1024.
     """
 
     host: str = "127.0.0.1"

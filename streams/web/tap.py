@@ -115,8 +115,9 @@ class TapView(ArchiveView):
         self.config = config
 
     def _opened(self, con: Any) -> None:
-        """Limit the connection's memory, register ``TAP_SCHEMA``, and shut it off every file but the archive's."""
+        """Limit the connection's memory (no spilling to disk), register ``TAP_SCHEMA``, shut off every other file."""
         con.execute(f"SET memory_limit = '{int(self.config.tap_memory_mb)}MB'")
+        con.execute("SET temp_directory = ''")  # no spilling: DuckDB's own bound is 90% of the free disk
         for name, table in tap_schema.tap_schema().items():
             con.register(name, table)
         if self.archive.local:

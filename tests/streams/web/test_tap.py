@@ -136,9 +136,22 @@ def test_a_cartesian_self_join_is_interrupted_at_the_time_limit(portal_config):
         assert client.get("/api/v1/health").json()["archive"] == 6
 
 
+def test_a_query_over_the_memory_limit_is_refused_and_the_next_one_runs(portal_config, tmp_path, monkeypatch):
+    eight = ", ".join(f"alerts AS a{i}" for i in range(8))  # 6**8 = 1.7 million distinct 150-character keys
+    key = " || ".join(f"a{i}.candid" for i in range(8))
+    monkeypatch.chdir(tmp_path)  # where DuckDB would spill, were it let
+    with TestClient(create_app(replace(portal_config, tap_memory_mb=16))) as client:
+        status, message = _status(_votable(_sync(client, f"SELECT COUNT(DISTINCT {key}) AS n FROM {eight}").content))
+        assert status == "ERROR" and "more than this service's 16 MiB of memory" in message
+        assert _status(_votable(_sync(client, "SELECT COUNT(*) AS n FROM alerts").content))[0] == "OK"
+    assert not (tmp_path / ".tmp").exists()  # nothing spilled: DuckDB's default bound is 90% of the free disk
+
+
 def test_maxrec_cuts_with_overflow_and_the_server_bounds_it(client, portal_config):
     votable = _votable(_sync(client, "SELECT alert_id FROM alerts ORDER BY alert_id", MAXREC="4").content)
     assert _status(votable)[0] == "OVERFLOW" and len(votable.get_first_table().array) == 4
+    huge = _votable(_sync(client, "SELECT TOP 100000000000000000000000000000 alert_id FROM alerts").content)
+    assert _status(huge)[0] == "OK" and len(huge.get_first_table().array) == 6  # TOP past MAXREC: MAXREC bounds
     exact = _votable(_sync(client, "SELECT TOP 4 alert_id FROM alerts", MAXREC="4").content)
     assert _status(exact)[0] == "OK" and len(exact.get_first_table().array) == 4
     empty = _votable(_sync(client, "SELECT alert_id, ra FROM alerts", MAXREC="0").content)
