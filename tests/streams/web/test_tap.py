@@ -103,7 +103,7 @@ UNBOUND = [("SELECT alert FROM alerts", "binder error"),
            ("SELECT alerts.alert FROM broker.alerts", "binder error")]
 
 
-@pytest.mark.parametrize(("query", "reason"), HOSTILE[:29] + UNBOUND)
+@pytest.mark.parametrize(("query", "reason"), HOSTILE + UNBOUND)
 def test_hostile_adql_gets_an_error_votable_and_the_portal_keeps_answering(client, token, query, reason):
     response = _sync(client, query)
     votable = _votable(response.content)
