@@ -34,8 +34,9 @@ from broker.errors import InvalidQuery
 
 #: Longest query read (characters): a polygon of thousands of vertices fits; a larger text is refused unread.
 MAX_QUERY_CHARS = 32 * 1024
-#: Deepest syntax tree read (nodes from the root): ``((((...))))`` nested past it is refused.
-MAX_DEPTH = 200
+#: Deepest syntax tree read (nodes from the root): ``((((...))))`` nested past it is refused, as a
+#: chain of ORs past ~500 terms (use ``IN (...)``). sqlglot's recursion ran out past ~1,000 levels.
+MAX_DEPTH = 600
 
 #: Node types a query may hold: clauses, operators, literals and the functions ADQL names.
 ALLOWED_NODES: tuple[type[exp.Expression], ...] = (
@@ -343,6 +344,13 @@ def translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Trans
         Anything but one SELECT over the published tables with ADQL's functions, with what was
         refused and why.
     """
+    try:
+        return _translate(adql, published, maxrec)
+    except RecursionError:
+        raise _refuse("the query is nested too deeply (an OR chain: use IN)") from None
+
+
+def _translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Translation:
     names = {p.name.lower(): p for p in published} | {p.name.split(".")[-1].lower(): p for p in published if p.short}
     tree = parse(adql)
     check(tree, names)

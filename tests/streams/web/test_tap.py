@@ -125,6 +125,15 @@ def test_a_query_over_the_body_limit_and_unicode_are_answered(client):
     assert _status(votable)[0] == "OK" and int(votable.get_first_table().array["n"][0]) == 0
 
 
+def test_a_long_or_chain_is_answered_and_a_longer_one_refused_clearly(client):
+    def chain(n: int) -> str:
+        return "SELECT alert_id FROM alerts WHERE " + " OR ".join(f"alert_id = {1000 + i}" for i in range(n))
+
+    votable = _votable(_sync(client, chain(550)).content)
+    assert _status(votable)[0] == "OK" and len(votable.get_first_table().array) == 6
+    assert "nested more than 600 levels" in _status(_votable(_sync(client, chain(1500)).content))[1]
+
+
 def test_a_cartesian_self_join_is_interrupted_at_the_time_limit(portal_config):
     joined = ", ".join(f"alerts AS a{i}" for i in range(14))  # 6**14 rows
     with TestClient(create_app(replace(portal_config, tap_timeout_s=1.0))) as client:
