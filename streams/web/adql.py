@@ -17,8 +17,9 @@ comment (comments are left out of the SQL made). The tree is then rewritten for 
 ``LIMIT``, ``CONTAINS(POINT, CIRCLE) = 1`` to the archive's ``in_cone`` macro (its declination band
 reaches the Parquet scan), ``DISTANCE`` to ``ang_sep_deg`` (deg), ``LOG`` to ``ln``; each published
 table to a subquery of its scalar columns (:attr:`Published.sql`), so nothing else of a view (the
-records' cutouts) can be named. The SQL made is parsed again as DuckDB's and must be one ``SELECT``
-over those subqueries' sources alone.
+records' cutouts) can be named. Every identifier is written quoted, so DuckDB reads each as the
+name sqlglot read (``$1`` unquoted would be a prepared statement's parameter). The SQL made is
+parsed again as DuckDB's and must be one ``SELECT`` over those subqueries' sources alone.
 """
 
 from __future__ import annotations
@@ -315,7 +316,7 @@ def _limit(tree: exp.Query, maxrec: int) -> int | None:
 def _generate(tree: exp.Query, sources: frozenset[str]) -> str:
     """DuckDB SQL of ``tree``, parsed again: one SELECT over ``sources`` alone (InvalidQuery otherwise)."""
     try:
-        sql = tree.sql(dialect="duckdb", comments=False, unsupported_level=ErrorLevel.RAISE)
+        sql = tree.sql(dialect="duckdb", comments=False, identify=True, unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as exc:
         raise _refuse(f"the query cannot be run here: {str(exc).splitlines()[0][:300]}") from None
     again = [s for s in sqlglot.parse(sql, read="duckdb") if s is not None]

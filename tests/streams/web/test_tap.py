@@ -90,8 +90,8 @@ def test_anything_but_one_select_over_the_published_tables_is_refused_with_its_r
 def test_adql_is_translated_to_duckdb():
     sql = adql.translate(f"SELECT TOP 5 alert_id, LOG(snr), DISTANCE(POINT('ICRS', ra, dec), POINT('ICRS', 150, 2)) "
                          f"FROM broker.alerts WHERE {CONE} ORDER BY mjd DESC", tap_schema.published(), 100).sql
-    assert "LIMIT 5" in sql and "IN_CONE(ra, dec, 150.0, 2.0, 0.012)" in sql and "LN(snr)" in sql
-    assert "ANG_SEP_DEG(ra, dec, 150, 2)" in sql and "NULLS" not in sql
+    assert "LIMIT 5" in sql and 'IN_CONE("ra", "dec", 150.0, 2.0, 0.012)' in sql and 'LN("snr")' in sql
+    assert 'ANG_SEP_DEG("ra", "dec", 150, 2)' in sql and "NULLS" not in sql
     assert "LIMIT 101" in adql.translate("SELECT TOP 1000000000000 * FROM alerts", tap_schema.published(), 100).sql
     comment = adql.translate("SELECT alert_id /* ; DROP TABLE x */ FROM alerts", tap_schema.published(), 100)
     assert "DROP" not in comment.sql  # comments are not carried into the SQL run
@@ -100,7 +100,8 @@ def test_adql_is_translated_to_duckdb():
 #: ADQL the check lets through and DuckDB refuses: a column no published table has (the records' struct).
 UNBOUND = [("SELECT alert FROM alerts", "binder error"),
            ("SELECT a.alert.cutoutScience FROM alerts AS a", "binder error"),
-           ("SELECT alerts.alert FROM broker.alerts", "binder error")]
+           ("SELECT alerts.alert FROM broker.alerts", "binder error"),
+           ("SELECT $1 FROM alerts", "binder error")]  # a name, not a prepared statement's parameter
 
 
 @pytest.mark.parametrize(("query", "reason"), HOSTILE + UNBOUND)
