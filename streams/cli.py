@@ -201,6 +201,11 @@ def embedded(port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: 
              auth_dir: Annotated[Optional[Path], typer.Option(
                  help="Where --auth writes its CA, users and password files (default: a temporary directory, "
                       "removed at exit).")] = None,
+             metrics_port: Annotated[int, typer.Option(
+                 min=-1, max=65535, help="With --auth: port of the gateway's /metrics (logins, refusals, "
+                                         "connections, bytes; 0: a free one, -1: none).")] = -1,
+             metrics_addr: Annotated[str, typer.Option(
+                 help="Address the gateway's /metrics listens on.")] = "127.0.0.1",
              durable: Annotated[Optional[str], typer.Option(
                  help="Keep everything in this PostgreSQL database (postgresql://user@host/db; password from "
                       "PGPASSWORD) instead of memory: a restart on the same DSN has every topic, record and "
@@ -219,8 +224,10 @@ def embedded(port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: 
     if auth:  # cryptography (the embedded extra) only then
         from streams.secure_embedded import SecureEmbeddedKafka
 
-        broker: EmbeddedKafka | SecureEmbeddedKafka = SecureEmbeddedKafka(port=port or None, directory=auth_dir,
-                                                                       tls=tls)
+        broker: EmbeddedKafka | SecureEmbeddedKafka = SecureEmbeddedKafka(
+            port=port or None, directory=auth_dir, tls=tls, metrics_port=metrics_port, metrics_addr=metrics_addr)
+    elif metrics_port >= 0:  # tansu itself exports no metrics: the gateway's are the broker's only ones
+        _fail(BrokerError("--metrics-port serves the SASL gateway's metrics: it needs --auth"))
     else:
         broker = EmbeddedKafka(port or None, storage=durable)
     if durable:

@@ -19,6 +19,10 @@ ways: a client that never authenticates costs no connection to tansu. Without SA
 tansu is opened on the client's first bytes. Any other request before authentication closes the
 connection, as does a second ``SaslHandshake``. Metadata needs no rewriting: tansu advertises the gateway's address.
 
+Metrics (:class:`streams.metrics.GatewayMetrics`, on ``/metrics`` of ``--metrics-port``): connections
+accepted and open, admitted by mechanism, failed logins and refusals by reason, upstream failures,
+bytes piped each way; no client address or user name as a label (the log names them).
+
 Limits: no ACLs (every authenticated user may do anything, as on tansu); no re-authentication
 (KIP-368) and no ``SCRAM-SHA-256``; one process, asyncio, meant for tests and local work.
 """
@@ -37,11 +41,14 @@ import os
 import secrets
 import ssl
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.errors import ConfigError
+from streams.metrics import GatewayMetrics, serve_registry
 from streams.security import write_secret
 
 log = logging.getLogger(__name__)
@@ -134,6 +141,7 @@ class ScramServer:
     def __init__(self, users: dict[str, ScramCredential]) -> None:
         self.users = users
         self.user: str | None = None
+        self.failure: str | None = None  # why the login was refused: "credentials" or "malformed"
         self._cred: ScramCredential | None = None
         self._first_bare = self._server_first = self._nonce = self._gs2 = ""
 
@@ -155,12 +163,16 @@ class ScramServer:
         return self._server_first
 
     def final(self, client_final: str) -> str:
-        """The server-final message; ``PermissionError`` if the proof is wrong or the user unknown."""
+        """The server-final message; ``PermissionError`` if the proof is wrong or the user unknown.
+
+        A message that is not the exchange's continuation (another nonce, another channel binding) is
+        a ``ValueError``.
+        """
         assert self._cred is not None
         without_proof, _, proof_part = client_final.rpartition(",p=")
         attrs = _attrs(without_proof)
         if attrs.get("r") != self._nonce or attrs.get("c") != base64.b64encode(self._gs2.encode()).decode():
-            raise PermissionError("nonce or channel binding mismatch")
+            raise ValueError("nonce or channel binding mismatch")
         auth_message = f"{self._first_bare},{self._server_first},{without_proof}".encode()
         proof = base64.b64decode(proof_part)
         signature = _hmac(self._cred.stored_key, auth_message)
@@ -171,13 +183,16 @@ class ScramServer:
         return "v=" + base64.b64encode(_hmac(self._cred.server_key, auth_message)).decode()
 
     def step(self, message: bytes) -> tuple[bool, bytes | None]:
-        """(finished, reply) for one client message; reply None when the login is refused."""
+        """(finished, reply) for one client message; reply None when the login is refused (:attr:`failure` why)."""
         try:
             if self.user is None:
                 return False, self.first(message.decode()).encode()
             return True, self.final(message.decode()).encode()
-        except (ValueError, KeyError, PermissionError):
-            return True, None
+        except PermissionError:
+            self.failure = "credentials"
+        except (ValueError, KeyError):
+            self.failure = "malformed"
+        return True, None
 
 
 class PlainServer:
@@ -186,15 +201,17 @@ class PlainServer:
     def __init__(self, users: dict[str, ScramCredential]) -> None:
         self.users = users
         self.user: str | None = None
+        self.failure: str | None = None  # why the login was refused: "credentials" or "malformed"
 
     def step(self, message: bytes) -> tuple[bool, bytes | None]:
-        """(True, b"") for a right password, (True, None) otherwise.
+        """(True, b"") for a right password, (True, None) otherwise (:attr:`failure` why).
 
         The password is derived for an unknown user too (against its :func:`decoy`), so that the time
         of a refusal does not tell whether the user exists.
         """
         parts = message.split(b"\0")
         if len(parts) != 3:
+            self.failure = "malformed"
             return True, None
         authzid, user, password = (p.decode("utf-8", "replace") for p in parts)
         self.user = user
@@ -202,6 +219,7 @@ class PlainServer:
         given = ScramCredential.of(password, known.salt, known.iterations)
         right = user in self.users and authzid in ("", user) and hmac.compare_digest(given.stored_key,
                                                                                       known.stored_key)
+        self.failure = None if right else "credentials"
         return True, (b"" if right else None)
 
 
@@ -351,6 +369,12 @@ class GatewayConfig:
         :data:`MAX_UNAUTHENTICATED` (s); those closed in between are counted and told in one summary
         line per address when the interval ends (:class:`RefusalLog`). 60: a flood of connections
         from one address gives two lines a minute, not one per connection.
+    metrics_port : int
+        Port of ``/metrics`` (:class:`streams.metrics.GatewayMetrics`; 0: a free one, the one taken in
+        :attr:`Gateway.metrics_port`). Default -1: none, as ``broker embedded --auth`` has it unless
+        given ``--metrics-port``.
+    metrics_addr : str
+        Address ``/metrics`` listens on. Default 127.0.0.1: this host only, as the stages'.
     """
 
     listen_host: str
@@ -364,6 +388,8 @@ class GatewayConfig:
     auth_timeout_s: float = 30.0
     upstream_timeout_s: float = 10.0
     refusal_log_interval_s: float = 60.0
+    metrics_port: int = -1
+    metrics_addr: str = "127.0.0.1"
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The server TLS context, or None without a certificate."""
@@ -386,8 +412,8 @@ class RefusalLog:
     The first refusal of an address is logged; those within ``interval_s`` after it are counted,
     and :meth:`flush` (run every ``interval_s`` by :meth:`Gateway.serve`) logs one summary line per
     address with its count, so that a flood of connections cannot flood the log. ``total`` counts
-    every refusal since start, and each summary tells it. The gateway exports no metrics (it
-    serves no ``/metrics``), so the summary lines are what an operator reads.
+    every refusal since start, and each summary tells it; the gateway's metrics count them too
+    (``broker_gateway_refused_total{reason="too_many_unauthenticated"}``), without the address.
 
     Parameters
     ----------
@@ -431,7 +457,11 @@ class RefusalLog:
 
 
 class Gateway:
-    """The asyncio server of :class:`GatewayConfig` (run by ``python -m streams.gateway``)."""
+    """The asyncio server of :class:`GatewayConfig` (run by ``python -m streams.gateway``).
+
+    Its counters are :attr:`metrics` (:class:`streams.metrics.GatewayMetrics`), served on ``/metrics``
+    while :meth:`serve` runs when ``config.metrics_port`` is 0 or more.
+    """
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
@@ -440,19 +470,34 @@ class Gateway:
         self._unauthenticated: collections.Counter[str] = collections.Counter()  # by address
         self._api_versions: dict[int, bytes] = {}  # tansu's answer by request version, correlation id included
         self.refusals = RefusalLog(config.refusal_log_interval_s)
+        self.metrics = GatewayMetrics(MECHANISMS)
+        self.metrics_port: int | None = None  # the port /metrics is served on, once serving
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
-        """Accept connections until cancelled."""
+        """Serve ``/metrics`` (with a ``metrics_port``), then accept connections until cancelled.
+
+        Raises
+        ------
+        ConfigError
+            ``/metrics`` cannot be served on ``metrics_addr:metrics_port`` (the port taken).
+        """
         c = self.config  # TLS is started by each client's handler (:meth:`_admit`), once its address is counted
-        server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, limit=1 << 20)
-        if ready is not None:
-            ready.set()
-        flushing = asyncio.create_task(self._flush_refusals())
+        metrics = serve_registry(self.metrics.registry, c.metrics_port, c.metrics_addr) if c.metrics_port >= 0 else None
         try:
-            async with server:
-                await server.serve_forever()
+            server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, limit=1 << 20)
+            self.metrics_port = metrics.server_address[1] if metrics else None
+            if ready is not None:
+                ready.set()
+            flushing = asyncio.create_task(self._flush_refusals())
+            try:
+                async with server:
+                    await server.serve_forever()
+            finally:
+                flushing.cancel()
         finally:
-            flushing.cancel()
+            if metrics is not None:
+                metrics.shutdown()
+                metrics.server_close()
 
     async def _flush_refusals(self) -> None:
         """Run :meth:`RefusalLog.flush` every ``refusal_log_interval_s`` until cancelled."""
@@ -461,6 +506,15 @@ class Gateway:
             self.refusals.flush()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client, counted in ``broker_gateway_connections_total`` and, until it ends, ``..._open``."""
+        self.metrics.connections.inc()
+        self.metrics.open.inc()
+        try:
+            await self._serve_client(reader, writer)
+        finally:
+            self.metrics.open.dec()
+
+    async def _serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client: closed beyond :data:`MAX_UNAUTHENTICATED` of its address, else authenticated, then relayed.
 
         The connection to tansu is opened only once the client is admitted, after its address's count
@@ -470,6 +524,7 @@ class Gateway:
         host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
         if self._unauthenticated[host] >= MAX_UNAUTHENTICATED:
             self.refusals.refused(host, peer, self._unauthenticated[host])
+            self.metrics.refused.labels("too_many_unauthenticated").inc()
             writer.close()
             return
         self._unauthenticated[host] += 1
@@ -484,6 +539,7 @@ class Gateway:
             writer.close()
             return
         upstream[1].write(first)
+        self.metrics.to_upstream.inc(len(first))
         await self._relay(reader, writer, *upstream, peer)
 
     async def _open_upstream(self, peer: object,
@@ -496,6 +552,7 @@ class Gateway:
         except (OSError, TimeoutError) as exc:
             log.warning("upstream %s:%d unreachable for %s (%s): its connection is closed: %s",
                         c.upstream_host, c.upstream_port, peer, why, exc or type(exc).__name__)
+            self.metrics.upstream_failures.labels("unreachable").inc()
             return None
 
     async def _admit(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> bytes | None:
@@ -504,40 +561,62 @@ class Gateway:
         With SASL, b"" once authenticated; without, the client's first bytes (a connection that
         sends none within ``auth_timeout_s`` is closed). The TLS handshake is made here, within
         ``auth_timeout_s``, not by the server before the handler runs: a connection that never sends
-        its ClientHello counts against its address too.
+        its ClientHello counts against its address too. Each outcome is counted: admitted by
+        mechanism, refused by reason, or abandoned by the client.
         """
+        started = time.monotonic()
         try:
             if self.tls is not None:
                 await writer.start_tls(self.tls, ssl_handshake_timeout=self.config.auth_timeout_s)
         except _ENDED as exc:
             log.debug("TLS handshake with %s failed: %s", peer, exc)
+            late = time.monotonic() - started >= self.config.auth_timeout_s
+            self.metrics.refused.labels("tls_timeout" if late else "tls_handshake").inc()
             writer.close()
             return None
         first: bytes | None = None
         try:
             if self.users is None:
                 first = await asyncio.wait_for(reader.read(1 << 20), self.config.auth_timeout_s) or None
-            elif await asyncio.wait_for(self._authenticate(reader, writer, peer), self.config.auth_timeout_s):
-                first = b""
+                mechanism = "none" if first is not None else None
+                if first is None:  # closed before a byte
+                    self.metrics.abandoned.inc()
+            else:  # None: refused (counted by its reason), or tansu unreachable (an upstream failure)
+                mechanism = await asyncio.wait_for(self._authenticate(reader, writer, peer),
+                                                   self.config.auth_timeout_s)
+                first = b"" if mechanism is not None else None
+            if mechanism is not None:
+                self.metrics.admitted.labels(mechanism).inc()
         except _ENDED as exc:
             log.debug("connection from %s ended: %s", peer, exc)
+            self._count_ended(exc)
         finally:
             if first is None:
                 writer.close()
         return first
 
+    def _count_ended(self, exc: BaseException) -> None:
+        """Count a connection that ``exc`` ended before it was admitted: refused by reason, or abandoned."""
+        if isinstance(exc, TimeoutError):
+            self.metrics.refused.labels("auth_timeout").inc()
+        elif isinstance(exc, (ValueError, struct.error)):
+            self.metrics.refused.labels("malformed_request").inc()
+        else:  # closed or reset by the client, its TLS broken
+            self.metrics.abandoned.inc()
+
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, peer: object) -> None:
         """Pipe an authenticated client and its upstream connection both ways until either ends."""
         try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+            await asyncio.gather(_pipe(reader, up_writer, self.metrics.to_upstream.inc),
+                                 _pipe(up_reader, writer, self.metrics.to_client.inc))
         except _ENDED as exc:
             log.debug("connection from %s ended: %s", peer, exc)
         finally:
             for w in (writer, up_writer):
                 w.close()
 
-    async def _api_versions_answer(self, frame: bytes, req: Request, peer: object) -> bytes:
+    async def _api_versions_answer(self, frame: bytes, req: Request, peer: object) -> bytes | None:
         """The answer of tansu to the ApiVersions request ``frame`` (no size prefix), in a frame of ``req``'s id.
 
         Asked of tansu on a connection of its own, closed at once, the first time a version is asked
@@ -546,16 +625,14 @@ class Gateway:
         version: the id, then the body). An error answer (a client's malformed software name) is
         not kept.
 
-        Raises
-        ------
-        ConnectionError
-            tansu cannot be reached in ``upstream_timeout_s`` or does not answer (the client is closed).
+        None (the client to be closed) when tansu cannot be reached in ``upstream_timeout_s`` or does
+        not answer: logged and counted in ``broker_gateway_upstream_failures_total``.
         """
         answer = self._api_versions.get(req.api_version)
         if answer is None:
             upstream = await self._open_upstream(peer, "ApiVersions before authentication")
             if upstream is None:
-                raise ConnectionError("upstream unreachable")
+                return None
             up_reader, up_writer = upstream
             try:
                 up_writer.write(_frame(frame))
@@ -563,20 +640,22 @@ class Gateway:
             except _ENDED as exc:
                 log.warning("upstream gave %s no ApiVersions answer: its connection is closed: %s", peer,
                             exc or type(exc).__name__)
-                raise ConnectionError("no ApiVersions answer from upstream") from exc
+                self.metrics.upstream_failures.labels("no_answer").inc()
+                return None
             finally:
                 up_writer.close()
             if struct.unpack_from(">h", answer, 4)[0] == 0 and len(self._api_versions) < MAX_CACHED_API_VERSIONS:
                 self._api_versions[req.api_version] = answer
         return _frame(struct.pack(">i", req.correlation_id) + answer[4:])
 
-    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: object) -> bool:
-        """Run the SASL exchange; True once authenticated, False when refused (connection to be closed).
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            peer: object) -> str | None:
+        """Run the SASL exchange; the mechanism once authenticated, None when refused (connection to be closed).
 
         ``ApiVersions`` (tansu's answer, :meth:`_api_versions_answer`), then one ``SaslHandshake``, then
         its ``SaslAuthenticate`` steps: a second handshake closes the connection, as Apache Kafka does
         (``ILLEGAL_SASL_STATE``), so that one connection cannot start exchange after exchange (each a
-        key derivation on the event loop).
+        key derivation on the event loop). Each refusal is counted by its reason.
         """
         assert self.users is not None
         exchange: ScramServer | PlainServer | None = None
@@ -585,37 +664,46 @@ class Gateway:
             frame = await _read_frame(reader, MAX_PREAUTH_FRAME)
             req = parse_request(frame)
             if req.api_key == API_API_VERSIONS:
-                writer.write(await self._api_versions_answer(frame, req, peer))
+                answer = await self._api_versions_answer(frame, req, peer)
+                if answer is None:
+                    return None
+                writer.write(answer)
             elif req.api_key == API_SASL_HANDSHAKE and exchange is None:  # one per connection, as Kafka
                 writer.write(handshake_response(req, MECHANISMS))
                 mechanism = asked_mechanism(req)
                 if mechanism not in MECHANISMS:  # told so (error 33), then closed, as Apache Kafka does
                     log.info("SASL mechanism %r asked for, not offered: connection closed", mechanism)
+                    self.metrics.refused.labels("unsupported_mechanism").inc()
                     await writer.drain()
-                    return False
+                    return None
                 exchange = PlainServer(self.users) if mechanism == "PLAIN" else ScramServer(self.users)
             elif req.api_key == API_SASL_AUTHENTICATE and exchange is not None:
                 done, reply = exchange.step(auth_bytes(req))
                 if reply is None:
                     log.info("SASL %s login refused for user %r", mechanism, exchange.user)
+                    self.metrics.auth_failures.labels(mechanism, exchange.failure or "credentials").inc()
                     writer.write(authenticate_response(req, ERR_SASL_AUTHENTICATION_FAILED,
                                                        AUTH_FAILED.format(mechanism), b""))
                     await writer.drain()
-                    return False
+                    return None
                 writer.write(authenticate_response(req, 0, None, reply))
                 if done:
                     await writer.drain()
-                    return True
+                    return mechanism
             else:
                 log.info("request %d out of the SASL exchange's order: connection closed", req.api_key)
-                return False
+                second = req.api_key == API_SASL_HANDSHAKE
+                self.metrics.refused.labels("second_handshake" if second else "out_of_order").inc()
+                return None
             await writer.drain()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: Callable[[int], None]) -> None:
+    """Copy ``reader`` to ``writer`` until its end, calling ``count`` with the size of each chunk (bytes)."""
     try:
         while data := await reader.read(1 << 20):
             writer.write(data)
+            count(len(data))
             await writer.drain()
     finally:
         writer.close()
@@ -630,20 +718,33 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cert", type=Path, help="server certificate chain (PEM)")
     p.add_argument("--key", type=Path, help="server key (PEM)")
     p.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA")
+    p.add_argument("--metrics-port", type=int, default=-1, choices=range(-1, 65536), metavar="{-1..65535}",
+                   help="port of /metrics (0: a free one, -1: none; the default)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address /metrics listens on")
     a = p.parse_args(argv)
     logging.basicConfig(level=os.environ.get("BROKER_GATEWAY_LOG", "INFO"),
                         format="%(asctime)s gateway %(levelname)s %(message)s")
     (lh, lp), (uh, up) = (a.listen.rsplit(":", 1), a.upstream.rsplit(":", 1))
-    cfg = GatewayConfig(lh, int(lp), uh, int(up), a.users, a.cert, a.key, a.client_ca)
+    cfg = GatewayConfig(lh, int(lp), uh, int(up), a.users, a.cert, a.key, a.client_ca,
+                        metrics_port=a.metrics_port, metrics_addr=a.metrics_addr)
+    gateway = Gateway(cfg)
 
     async def run() -> None:
         ready = asyncio.Event()
-        task = asyncio.create_task(Gateway(cfg).serve(ready))
-        await ready.wait()
-        print(f"ready on {a.listen}", flush=True)
+        task = asyncio.create_task(gateway.serve(ready))
+        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises why it could not start
+        metrics = f"; metrics on http://{cfg.metrics_addr}:{gateway.metrics_port}/metrics" if gateway.metrics_port \
+            else ""
+        print(f"ready on {a.listen}{metrics}", flush=True)
         await task
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:  # the metrics port taken: one line, exit code 2, as a stage's
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

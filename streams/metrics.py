@@ -1,4 +1,4 @@
-"""Prometheus metrics of a stage process (served on ``/metrics``)."""
+"""Prometheus metrics of a stage process and of the SASL/TLS gateway (each served on ``/metrics``)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
@@ -110,11 +111,22 @@ class StageMetrics:
         ConfigError
             The address cannot be listened on (the port taken, an address not of this host).
         """
-        try:
-            server, _ = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as exc:
-            raise ConfigError(f"cannot serve /metrics on {addr}:{port}: {exc.strerror or exc}") from exc
-        return server.server_address[1]
+        return int(serve_registry(self.registry, port, addr).server_address[1])
+
+
+def serve_registry(registry: CollectorRegistry, port: int, addr: str = "127.0.0.1") -> WSGIServer:
+    """Serve ``registry`` on ``/metrics`` of ``addr:port`` (port 0: a free one) in a daemon thread; the server.
+
+    Raises
+    ------
+    ConfigError
+        The address cannot be listened on (the port taken, an address not of this host).
+    """
+    try:
+        server, _ = start_http_server(port, addr=addr, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve /metrics on {addr}:{port}: {exc.strerror or exc}") from exc
+    return server
 
 
 class StateDisk(Collector):
@@ -209,3 +221,72 @@ class ConsumerLag:
                 self._committed[(tp.topic, tp.partition)] = (tp.offset, now)
         except KafkaException:
             pass  # e.g. a rebalance in progress: asked again at the next update
+
+
+#: Why the gateway closed a connection before admitting it (``broker_gateway_refused_total{reason}``).
+GATEWAY_REFUSALS = (
+    "too_many_unauthenticated",  # its address already has MAX_UNAUTHENTICATED connections not authenticated
+    "tls_handshake",  # the TLS handshake failed (no TLS, an untrusted or missing client certificate, cut)
+    "tls_timeout",  # no TLS handshake within auth_timeout_s
+    "auth_timeout",  # not authenticated within auth_timeout_s after it (without SASL: no first bytes)
+    "second_handshake",  # a second SaslHandshake on the connection
+    "unsupported_mechanism",  # a SASL mechanism not offered (answered UNSUPPORTED_SASL_MECHANISM first)
+    "out_of_order",  # a request other than ApiVersions, SaslHandshake, SaslAuthenticate before authentication
+    "malformed_request",  # a request that cannot be read (oversized, truncated, a bad varint)
+)
+#: Why a SASL login was refused (``broker_gateway_auth_failures_total{reason}``): ``credentials`` is a wrong
+#: password and an unknown user alike, on purpose (the gateway answers both the same way, and its metrics do
+#: not tell them apart either); ``malformed`` a SASL message that cannot be read or breaks the exchange.
+GATEWAY_AUTH_FAILURES = ("credentials", "malformed")
+#: Why a connection to the upstream broker failed (``broker_gateway_upstream_failures_total{reason}``).
+GATEWAY_UPSTREAM_FAILURES = ("unreachable", "no_answer")
+
+
+class GatewayMetrics:
+    """The metrics of the SASL/TLS gateway (:mod:`streams.gateway`), in a registry of its own.
+
+    No label holds a client's address or a user name: each distinct value is a series Prometheus
+    keeps (memory, and every query over it), so a client able to pick values (connecting from many
+    addresses, trying many user names) could grow the gateway's and Prometheus's memory without
+    bound. Every label takes a value from a fixed list (:data:`GATEWAY_REFUSALS`,
+    :data:`GATEWAY_AUTH_FAILURES`, :data:`GATEWAY_UPSTREAM_FAILURES`, the mechanisms offered, the two
+    directions); the log names the address and the user. Every series is exported as 0 from the
+    start, so that rates and ``increase()`` see the first event.
+
+    Parameters
+    ----------
+    mechanisms : tuple of str
+        The SASL mechanisms the gateway offers (``gateway.MECHANISMS``); ``none`` is added (the
+        admissions without SASL).
+    """
+
+    def __init__(self, mechanisms: tuple[str, ...]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.connections = Counter("broker_gateway_connections", "Client connections accepted", registry=r)
+        self.open = Gauge("broker_gateway_connections_open", "Client connections open now, admitted or not",
+                          registry=r)
+        self.admitted = Counter("broker_gateway_admitted", "Connections admitted: authenticated, by SASL mechanism "
+                                "(without SASL, mechanism none: on their first bytes)", ["mechanism"], registry=r)
+        self.auth_failures = Counter("broker_gateway_auth_failures", "SASL logins refused, by mechanism and reason "
+                                     "(credentials: a wrong password or an unknown user, not told apart)",
+                                     ["mechanism", "reason"], registry=r)
+        self.refused = Counter("broker_gateway_refused", "Connections the gateway closed before admitting them, "
+                               "by reason (failed logins are broker_gateway_auth_failures)", ["reason"], registry=r)
+        self.abandoned = Counter("broker_gateway_abandoned", "Connections the client closed before it was admitted",
+                                 registry=r)
+        self.upstream_failures = Counter("broker_gateway_upstream_failures", "Connections to the upstream broker "
+                                         "(tansu) not opened in time or refused (unreachable), or with no "
+                                         "ApiVersions answer (no_answer)", ["reason"], registry=r)
+        self.bytes = Counter("broker_gateway_bytes", "Bytes piped between admitted clients and the upstream broker, "
+                             "by direction (to_upstream, to_client)", ["direction"], registry=r)
+        ProcessCollector(registry=r)  # process_start_time_seconds (restarts), resident memory, CPU
+        for mechanism in (*mechanisms, "none"):
+            self.admitted.labels(mechanism)
+        for mechanism in mechanisms:
+            for reason in GATEWAY_AUTH_FAILURES:
+                self.auth_failures.labels(mechanism, reason)
+        for reason in GATEWAY_REFUSALS:
+            self.refused.labels(reason)
+        for reason in GATEWAY_UPSTREAM_FAILURES:
+            self.upstream_failures.labels(reason)
+        self.to_upstream, self.to_client = self.bytes.labels("to_upstream"), self.bytes.labels("to_client")

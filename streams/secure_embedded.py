@@ -5,11 +5,13 @@ throw-away CA and a server certificate for ``127.0.0.1``/``localhost``, one SCRA
 principal with a random password (written to ``<dir>/<user>.password``, mode 0600), starts tansu on a
 private plaintext port advertising the gateway's, and the gateway on a free public port. Clients
 connect as to Apache Kafka's ``SASL_SSL`` listener: :meth:`SecureEmbeddedKafka.env` gives the
-``BROKER_KAFKA_*`` variables of a principal.
+``BROKER_KAFKA_*`` variables of a principal. With a ``metrics_port`` the gateway serves its
+Prometheus metrics (:class:`streams.metrics.GatewayMetrics`) there.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 import shutil
 import subprocess
@@ -46,10 +48,15 @@ class SecureEmbeddedKafka:
         Where certificates, users and passwords go (default: a temporary directory, removed on stop).
     port : int or None
         Public (gateway) port; default a free one.
+    metrics_port : int
+        Port of the gateway's ``/metrics`` (0: a free one, then in :attr:`metrics_url`). Default -1: none.
+    metrics_addr : str
+        Address the gateway's ``/metrics`` listens on (default 127.0.0.1).
     """
 
     def __init__(self, users: tuple[str, ...] = DEFAULT_USERS, tls: bool = True, client_certs: bool = False,
-                 directory: Path | None = None, port: int | None = None) -> None:
+                 directory: Path | None = None, port: int | None = None, metrics_port: int = -1,
+                 metrics_addr: str = "127.0.0.1") -> None:
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="broker-auth-"))
         self.users, self.tls, self.client_certs = users, tls, client_certs
@@ -58,6 +65,8 @@ class SecureEmbeddedKafka:
         self.kafka = EmbeddedKafka(advertised_port=self.port)
         self._gateway: subprocess.Popen | None = None
         self.ca: Path | None = None
+        self.metrics_port, self.metrics_addr = metrics_port, metrics_addr
+        self.metrics_url: str | None = None  # the gateway's /metrics, once started with a metrics_port
 
     def start(self) -> SecureEmbeddedKafka:
         """Write the CA, certificates and users, start tansu and the gateway, wait until both answer."""
@@ -67,7 +76,8 @@ class SecureEmbeddedKafka:
             write_secret(self.password_file(user), (password + "\n").encode())
         write_users(self.directory / "users.json", passwords)
         cmd = [sys.executable, "-m", "streams.gateway", "--listen", self.bootstrap,
-               "--upstream", self.kafka.bootstrap, "--users", str(self.directory / "users.json")]
+               "--upstream", self.kafka.bootstrap, "--users", str(self.directory / "users.json"),
+               "--metrics-port", str(self.metrics_port), "--metrics-addr", self.metrics_addr]
         if self.tls:
             ca = LocalCA(self.directory)
             self.ca = ca.cert
@@ -88,10 +98,16 @@ class SecureEmbeddedKafka:
     def _wait_ready(self, timeout: float = 20.0) -> None:
         assert self._gateway is not None and self._gateway.stdout is not None
         deadline = time.monotonic() + timeout
-        line = self._gateway.stdout.readline()  # "ready on ..." once listening, "" if it died
+        line = self._gateway.stdout.readline()  # "ready on ...[; metrics on URL]" once listening, "" if it died
         if not line.startswith("ready"):
+            self._gateway.wait(5)
+            said = [x for x in (self.directory / "gateway.log").read_text(errors="replace").splitlines() if x.strip()]
+            why = said[-1].removeprefix("error: ") if said and said[-1].startswith("error: ") else None
             self.stop()
-            raise BrokerError(f"the gateway did not start; log: {self.directory / 'gateway.log'}")
+            raise BrokerError(f"the gateway did not start: {why}" if why else
+                              f"the gateway did not start; log: {self.directory / 'gateway.log'}")
+        if metrics := re.search(r"metrics on (\S+)", line):
+            self.metrics_url = metrics.group(1)
         settings = self.settings("admin")
         while time.monotonic() < deadline:
             try:
@@ -111,6 +127,8 @@ class SecureEmbeddedKafka:
                  "connect as a user (here: subscriber) with:"]
         lines += [f"  export {k}={v}" for k, v in self.env("subscriber" if "subscriber" in self.users
                                                          else self.users[0]).items()]
+        if self.metrics_url:
+            lines.append(f"gateway metrics: {self.metrics_url}")
         return "\n".join(lines)
 
     def password_file(self, user: str) -> Path:
