@@ -40,6 +40,8 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "broker.json"
 STAGES_JOB = "broker-stages"
 #: The scrape job of the portal in ``deploy/prometheus/prometheus.yml``.
 PORTAL_JOB = "broker-portal"
+#: The scrape job of the SASL gateway of ``broker embedded --auth`` in ``deploy/prometheus/prometheus.yml``.
+GATEWAY_JOB = "broker-gateway"
 _METRICS_LINE = re.compile(r"^(\w+): metrics on http://([^/\s]+)/metrics", re.M)
 
 
@@ -55,12 +57,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def local_config(targets: list[str], scrape_interval: str = "1s", portal: str | None = None) -> dict:
+def local_config(targets: list[str], scrape_interval: str = "1s", portal: str | None = None,
+                 gateway: str | None = None) -> dict:
     """``deploy/prometheus/prometheus.yml`` adapted to a local run.
 
     The stages' job scrapes ``targets`` (``host:port``) every ``scrape_interval``, the portal's job
-    ``portal`` (``host:port``; None: the job is left out), rules are evaluated as often, and the
-    rule files are the deployment's own (absolute paths).
+    ``portal`` and the SASL gateway's job ``gateway`` (``host:port``; None: the job is left out),
+    rules are evaluated as often, and the rule files are the deployment's own (absolute paths).
     """
     import yaml
 
@@ -72,7 +75,9 @@ def local_config(targets: list[str], scrape_interval: str = "1s", portal: str | 
     job["static_configs"] = [{"targets": sorted(targets)}]
     (web,) = [j for j in cfg["scrape_configs"] if j["job_name"] == PORTAL_JOB]
     web["static_configs"] = [{"targets": [portal]}]
-    cfg["scrape_configs"] = [job] + ([web] if portal else [])
+    (gw,) = [j for j in cfg["scrape_configs"] if j["job_name"] == GATEWAY_JOB]
+    gw["static_configs"] = [{"targets": [gateway]}]
+    cfg["scrape_configs"] = [job] + ([web] if portal else []) + ([gw] if gateway else [])
     return cfg
 
 
@@ -87,15 +92,17 @@ class LocalPrometheus:
         Where its configuration, storage and log go.
     scrape_interval : str
         Scrape and rule-evaluation interval (Prometheus duration). Default ``1s``.
+    portal, gateway : str or None
+        ``host:port`` of the portal's and of the SASL gateway's ``/metrics`` (None: not scraped).
     """
 
     def __init__(self, targets: list[str], workdir: Path, scrape_interval: str = "1s",
-                 portal: str | None = None) -> None:
+                 portal: str | None = None, gateway: str | None = None) -> None:
         binary = prometheus_binary()
         if binary is None:
             raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
         self.binary, self.workdir = binary, workdir
-        self.targets, self.scrape_interval, self.portal = targets, scrape_interval, portal
+        self.targets, self.scrape_interval, self.portal, self.gateway = targets, scrape_interval, portal, gateway
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
@@ -105,7 +112,8 @@ class LocalPrometheus:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(local_config(self.targets, self.scrape_interval, self.portal)))
+        config.write_text(yaml.safe_dump(local_config(self.targets, self.scrape_interval, self.portal,
+                                                      self.gateway)))
         with open(self.workdir / "prometheus.log", "ab") as log:
             self._proc = subprocess.Popen(
                 [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
@@ -181,11 +189,15 @@ def metrics_targets(log_dir: Path, stages: tuple[str, ...], timeout: float = 60.
         time.sleep(0.2)
 
 
-def wait_for_dashboard_data(prom: LocalPrometheus, timeout: float) -> dict[str, list[dict]]:
-    """Poll until every query of the dashboard returns a finite value; the last result of each query."""
+def wait_for_dashboard_data(prom: LocalPrometheus, timeout: float, gateway: bool = False) -> dict[str, list[dict]]:
+    """Poll until every query of the dashboard returns a finite value; the last result of each query.
+
+    The queries of the pipeline's panels, or with ``gateway`` those of the SASL gateway's (see
+    :func:`dashboard_queries`).
+    """
     deadline = time.monotonic() + timeout
     while True:
-        results = {expr: prom.query(expr) for _, expr in dashboard_queries()}
+        results = {expr: prom.query(expr) for _, expr in dashboard_queries(gateway=gateway)}
         if all(finite(r) for r in results.values()) or time.monotonic() > deadline:
             return results
         time.sleep(0.5)
@@ -196,10 +208,16 @@ def finite(result: list[dict]) -> list[float]:
     return [float(s["value"][1]) for s in result if math.isfinite(float(s["value"][1]))]
 
 
-def dashboard_queries(dashboard: Path = DASHBOARD) -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target of every panel of the Grafana dashboard."""
+def dashboard_queries(dashboard: Path = DASHBOARD, gateway: bool | None = None) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of every panel of the Grafana dashboard.
+
+    ``gateway`` True: only the SASL gateway's panels (those reading ``broker_gateway_*``, which only
+    ``broker embedded --auth --metrics-port`` exports); False: the others; None: all.
+    """
     dash = json.loads(dashboard.read_text())
-    return [(p["title"], t["expr"]) for p in dash["panels"] for t in p.get("targets", [])]
+    panels = [p for p in dash["panels"]
+              if gateway is None or gateway == any("broker_gateway_" in t["expr"] for t in p.get("targets", []))]
+    return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from streams.metrics import StageMetrics  # noqa: E402
+from streams.metrics import GatewayMetrics, StageMetrics  # noqa: E402
 from streams.stages import STAGE_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,9 +63,9 @@ def test_k8s_has_a_statefulset_and_scaler_per_stage():
 def test_dashboard_queries_name_real_metrics(tmp_path):
     metrics = StageMetrics("x")
     metrics.watch_disk(tmp_path)
-    registry = metrics.registry
+    registries = (metrics.registry, GatewayMetrics(("PLAIN",)).registry)  # the gateway's panels
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    names = {m.name + suffix for m in registry.collect() for suffix in suffixes[m.type]}
+    names = {m.name + suffix for r in registries for m in r.collect() for suffix in suffixes[m.type]}
     dash = json.loads((ROOT / "deploy/grafana/dashboards/broker.json").read_text())
     used = {n for p in dash["panels"] for t in p["targets"] for n in re.findall(r"broker_[a-z_]+", t["expr"])}
     assert used and used <= names, used - names

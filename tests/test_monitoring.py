@@ -27,14 +27,16 @@ from bench.dashboard import (  # noqa: E402
     wait_for_dashboard_data,
 )
 from streams.framestore import FrameStore  # noqa: E402
-from streams.metrics import StageMetrics  # noqa: E402
+from streams.metrics import GatewayMetrics, StageMetrics  # noqa: E402
 from streams.stages import STAGE_NAMES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = ("BrokerStageDown", "BrokerStageMissing", "BrokerConsumerLagGrowing", "BrokerDeadLetterRate",
           "BrokerAlertLatencyOverSLO", "BrokerUnexpectedErrors", "BrokerLineageRejected", "BrokerKafkaUnreachable",
-          "BrokerStageWaitingOnOutage", "BrokerStageRestarting", "BrokerPortalBusy", "BrokerStateDiskFilling")
+          "BrokerStageWaitingOnOutage", "BrokerStageRestarting", "BrokerPortalBusy", "BrokerStateDiskFilling",
+          "BrokerGatewayDown", "BrokerGatewayLoginFailures", "BrokerGatewayUpstreamUnreachable",
+          "BrokerGatewayRefusing")
 
 #: Counters that follow a frame from ingest to the published alerts.
 _FLOW = (("broker_messages_in_total", "ingest"), ("broker_errors_total", "ingest"),
@@ -86,12 +88,13 @@ def test_the_k8s_prometheus_rule_holds_the_same_rules():
 def test_rules_and_dashboard_name_only_exported_metrics(tmp_path):
     metrics = StageMetrics("x")
     metrics.watch_disk(tmp_path)
-    registry = metrics.registry
+    registries = (metrics.registry, GatewayMetrics(("PLAIN",)).registry)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    names = {m.name + s for m in registry.collect() for s in suffixes.get(m.type, ("",))} | {"up"}
+    names = {m.name + s for r in registries for m in r.collect() for s in suffixes.get(m.type, ("",))} | {"up"}
     exprs = [r["expr"] for r in _rules()] + [q for _, q in dashboard_queries()]
     used = {n for e in exprs for n in re.findall(r"\b(broker_[a-z_]+|process_[a-z_]+|up)\b(?=[\[{\s)]|$)", e)}
-    assert {"broker_consumer_lag", "process_start_time_seconds"} <= used <= names, used - names
+    expected = {"broker_consumer_lag", "process_start_time_seconds", "broker_gateway_auth_failures_total"}
+    assert expected <= used <= names, used - names
 
 
 @pytest.mark.prometheus
@@ -116,6 +119,63 @@ def test_a_filling_state_disk_puts_the_deployed_disk_rule_in_pending(small_disk,
         (small_disk / "ballast").write_bytes(b"\0" * int(0.95 * size))
         (active,) = prom.wait_for('ALERTS{alertname="BrokerStateDiskFilling"}', timeout=30)
     assert (active["metric"]["stage"], active["metric"]["alertstate"]) == ("subtract", "pending"), active
+
+
+def _plain_login(kafka, password: str) -> bytes:
+    """One SASL/PLAIN login as ``subscriber`` over TLS to ``kafka``'s gateway: its SaslAuthenticate answer."""
+    import socket
+    import ssl
+
+    from tests.streams.test_gateway import PLAIN, _authenticate, _handshake
+
+    host, port = kafka.bootstrap.rsplit(":", 1)
+    tls = ssl.create_default_context(cafile=str(kafka.ca))
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            tls.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(_handshake(PLAIN))
+        conn.recv(1 << 16)
+        conn.sendall(_authenticate(b"\0subscriber\0" + password.encode()))
+        return conn.recv(1 << 16)
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+def test_the_sasl_gateway_is_scraped_and_failed_logins_fire_the_deployed_rule(tmp_path):
+    """``broker embedded --auth --metrics-port``'s gateway, scraped every second with the deployed config and rules.
+
+    12 logins with a wrong password fire BrokerGatewayLoginFailures (no ``for``), and every query of the
+    gateway's dashboard panels returns data; once tansu behind it is gone, logins with the right password
+    (admitted, then no broker to pipe to) put BrokerGatewayUpstreamUnreachable in pending (firing takes its
+    ``for: 2m`` more; promtool's unit tests show that).
+    """
+    from bench.dashboard import GATEWAY_JOB, LocalPrometheus
+    from streams.secure_embedded import SecureEmbeddedKafka
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus: apt-get install prometheus)")
+    with SecureEmbeddedKafka(users=("admin", "subscriber"), metrics_port=0) as kafka:
+        assert kafka.metrics_url is not None
+        target = kafka.metrics_url.split("/")[2]
+        with LocalPrometheus([], tmp_path / "prometheus", gateway=target) as prom:
+            assert prom.wait_for(f'up{{job="{GATEWAY_JOB}", instance="{target}"}} == 1', timeout=30)
+            assert prom.query('ALERTS{alertname=~"BrokerGateway.*"}') == []
+            for _ in range(12):
+                _plain_login(kafka, "wrong-password")
+            rule = 'ALERTS{alertname="BrokerGatewayLoginFailures", alertstate="firing"}'
+            (firing,) = prom.wait_for(rule, timeout=30)
+            assert (firing["metric"]["instance"], firing["metric"]["severity"]) == (target, "warning"), firing
+            refused = 'broker_gateway_auth_failures_total{mechanism="PLAIN", reason="credentials"}'
+            assert finite(prom.query(refused)) == [12.0]
+            panels = wait_for_dashboard_data(prom, timeout=20, gateway=True)
+            assert panels and all(finite(r) for r in panels.values()), panels
+            kafka.kafka.stop()
+            password = kafka.password_file("subscriber").read_text().strip()
+            rule = 'ALERTS{alertname="BrokerGatewayUpstreamUnreachable"}'
+            deadline = time.monotonic() + 30
+            while not (pending := prom.query(rule)) and time.monotonic() < deadline:
+                _plain_login(kafka, password)
+                time.sleep(0.5)
+    assert [(a["metric"]["alertstate"], a["metric"]["severity"]) for a in pending] == [("pending", "critical")]
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +218,10 @@ def test_the_portals_refusals_are_scraped_for_its_alert(run):
 @pytest.mark.kafka
 @pytest.mark.prometheus
 @pytest.mark.slow
-@pytest.mark.parametrize(("title", "expr"), dashboard_queries(), ids=[t for t, _ in dashboard_queries()])
+@pytest.mark.parametrize(("title", "expr"), dashboard_queries(gateway=False),
+                         ids=[t for t, _ in dashboard_queries(gateway=False)])
 def test_dashboard_query_returns_data(run, title, expr):
+    """Every query of the pipeline's panels (the SASL gateway's: ``test_the_sasl_gateway_is_scraped_...``)."""
     result = run.prometheus.query(expr)
     assert finite(result), f"{title}: {expr} returned {result}"
 
