@@ -709,6 +709,17 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, coun
         writer.close()
 
 
+def _metrics_port(text: str) -> int:
+    """``--metrics-port``: an integer from -1 (none) to 65535, else argparse's one-line usage error (exit 2)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -2
+    if not -1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not -1 (none), 0 (a free port) or a port up to 65535")
+    return port
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m streams.gateway``: run a gateway until killed (prints ``ready`` once listening)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -718,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cert", type=Path, help="server certificate chain (PEM)")
     p.add_argument("--key", type=Path, help="server key (PEM)")
     p.add_argument("--client-ca", type=Path, help="require client certificates signed by this CA")
-    p.add_argument("--metrics-port", type=int, default=-1, choices=range(-1, 65536), metavar="{-1..65535}",
+    p.add_argument("--metrics-port", type=_metrics_port, default=-1, metavar="-1..65535",
                    help="port of /metrics (0: a free one, -1: none; the default)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address /metrics listens on")
     a = p.parse_args(argv)

@@ -289,7 +289,10 @@ def test_the_metrics_are_served_on_the_metrics_port_and_let_go_with_the_gateway(
 
 
 def test_a_taken_metrics_port_is_one_line_and_exit_code_2():
-    """``python -m streams.gateway --metrics-port P`` with P taken: ``error: cannot serve /metrics ...``, exit 2."""
+    """``python -m streams.gateway --metrics-port P`` with P taken: ``error: cannot serve /metrics ...``, exit 2.
+
+    A port out of range is argparse's usage error, which names the range (not 65,537 choices).
+    """
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -299,6 +302,11 @@ def test_a_taken_metrics_port_is_one_line_and_exit_code_2():
                              capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert res.returncode == 2 and res.stdout == "", (res.stdout, res.stderr)
     assert res.stderr.strip() == f"error: cannot serve /metrics on 127.0.0.1:{port}: Address already in use", res.stderr
+    res = subprocess.run([sys.executable, "-m", "streams.gateway", "--listen", "127.0.0.1:1", "--upstream",
+                          "127.0.0.1:2", "--metrics-port", "70000"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert res.returncode == 2 and res.stderr.splitlines()[-1].endswith("'70000' is not -1 (none), 0 (a free port) "
+                                                                         "or a port up to 65535"), res.stderr[-2000:]
 
 
 def test_broker_embedded_serves_gateway_metrics_only_with_auth(monkeypatch):
