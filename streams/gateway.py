@@ -479,12 +479,16 @@ class Gateway:
         Raises
         ------
         ConfigError
-            ``/metrics`` cannot be served on ``metrics_addr:metrics_port`` (the port taken).
+            ``/metrics`` cannot be served on ``metrics_addr:metrics_port``, or the gateway cannot listen
+            on its address (a port taken).
         """
         c = self.config  # TLS is started by each client's handler (:meth:`_admit`), once its address is counted
         metrics = serve_registry(self.metrics.registry, c.metrics_port, c.metrics_addr) if c.metrics_port >= 0 else None
         try:
-            server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, limit=1 << 20)
+            try:
+                server = await asyncio.start_server(self._client, c.listen_host, c.listen_port, limit=1 << 20)
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {c.listen_host}:{c.listen_port}: {exc.strerror or exc}") from exc
             self.metrics_port = metrics.server_address[1] if metrics else None
             if ready is not None:
                 ready.set()
@@ -753,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         asyncio.run(run())
-    except ConfigError as exc:  # the metrics port taken: one line, exit code 2, as a stage's
+    except ConfigError as exc:  # a port taken: one line, exit code 2, as a stage's
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -362,3 +362,27 @@ def test_librdkafka_logins_through_broker_embedded_auth_move_the_counters():
     assert float(values['broker_gateway_admitted_total{mechanism="SCRAM-SHA-512"}']) >= 2  # start-up check, login
     assert float(values['broker_gateway_bytes_total{direction="to_client"}']) > 0
     assert "wrong-pw-1" not in body and "subscriber" not in body
+
+
+@pytest.mark.kafka
+def test_broker_embedded_auth_on_a_taken_port_says_why(monkeypatch):
+    """``broker embedded --auth --port P``, P taken: "the gateway did not start; log: <file>", a file already removed.
+
+    The gateway's traceback (``OSError: [Errno 98]``) went to a log in the temporary folder the command
+    removes as it exits; the reason is now its one line, ``cannot listen on 127.0.0.1:P: ...``, exit code 2.
+    """
+    import signal
+
+    from typer.testing import CliRunner
+
+    from streams.cli import app
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(app, ["embedded", "--auth", "--port", str(port), "--no-create", "--no-registry"])
+    assert res.exit_code == 2 and "bootstrap:" not in res.output, (res.output, res.exception)
+    assert f"the gateway did not start: cannot listen on 127.0.0.1:{port}: " in res.output.replace("\n", " "), \
+        res.output
