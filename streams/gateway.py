@@ -11,7 +11,7 @@ for a real cluster.
 
 Per connection: the TLS handshake (optionally with a client certificate checked against a CA),
 then ``ApiVersions`` answered with tansu's answer (asked once per request version on a short-lived
-connection, then kept), ``SaslHandshake`` and ``SaslAuthenticate`` answered here (RFC 5802 SCRAM
+connection, then kept; a version tansu lacks answered ``UNSUPPORTED_VERSION`` here), ``SaslHandshake`` and ``SaslAuthenticate`` answered here (RFC 5802 SCRAM
 against salted credentials from the users file: no password is stored; PLAIN, as Kafka's
 administrator uses on docker-compose.yml's internal listener, is checked against the same
 credentials), then, once authenticated, a connection to tansu is opened and the bytes piped both
@@ -61,6 +61,10 @@ MECHANISMS = (MECHANISM, "PLAIN")
 ITERATIONS = 4096
 API_SASL_HANDSHAKE, API_API_VERSIONS, API_SASL_AUTHENTICATE = 17, 18, 36
 ERR_UNSUPPORTED_SASL_MECHANISM, ERR_ILLEGAL_SASL_STATE, ERR_SASL_AUTHENTICATION_FAILED = 33, 34, 58
+ERR_UNSUPPORTED_VERSION = 35
+#: Versions of the SASL requests the gateway answers itself (first, last); one outside closes the connection, as
+#: Apache Kafka closes it for a version it does not serve.
+SASL_VERSIONS = {API_SASL_HANDSHAKE: (0, 1), API_SASL_AUTHENTICATE: (0, 2)}
 #: Largest request accepted before authentication (bytes): SASL messages are tiny.
 MAX_PREAUTH_FRAME = 64 * 1024
 #: Most connections of one address that have not authenticated yet (count); beyond, a new one is closed at once,
@@ -328,6 +332,20 @@ _ENDED = (asyncio.IncompleteReadError, ConnectionError, ValueError, struct.error
 
 def _frame(payload: bytes) -> bytes:
     return struct.pack(">i", len(payload)) + payload
+
+
+#: The ApiVersions v0 request the gateway sends tansu to learn the versions it serves (no client id).
+_API_VERSIONS_V0 = struct.pack(">hhih", API_API_VERSIONS, 0, 0, -1)
+
+
+def _served_versions(api_versions_v0: bytes, api_key: int) -> tuple[int, int]:
+    """(first, last) version of ``api_key`` in an ApiVersions v0 answer (no size prefix); (0, -1) if absent."""
+    (count,) = struct.unpack_from(">i", api_versions_v0, 6)
+    for pos in range(10, min(10 + 6 * count, len(api_versions_v0) - 5), 6):
+        key, first, last = struct.unpack_from(">hhh", api_versions_v0, pos)
+        if key == api_key:
+            return first, last
+    return 0, -1
 
 
 async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -621,36 +639,56 @@ class Gateway:
                 w.close()
 
     async def _api_versions_answer(self, frame: bytes, req: Request, peer: object) -> bytes | None:
-        """The answer of tansu to the ApiVersions request ``frame`` (no size prefix), in a frame of ``req``'s id.
+        """The answer to the ApiVersions request ``frame`` (no size prefix), in a frame of ``req``'s id.
+
+        A version tansu serves gets tansu's answer (:meth:`_tansu_api_versions`); any other, as Apache
+        Kafka answers it, tansu's v0 answer with ``UNSUPPORTED_VERSION`` (35), which lists the versions
+        served, ApiVersions' own among them, so that the client asks again in one of them. tansu closes
+        the connection of an ApiVersions request of a version it lacks: forwarded, every such request
+        cost a connection to tansu, and its client was closed with a warning blaming tansu.
+        """
+        v0 = await self._tansu_api_versions(_API_VERSIONS_V0, 0, peer)
+        if v0 is None:
+            return None
+        first, last = _served_versions(v0, API_API_VERSIONS)
+        if not first <= req.api_version <= last:
+            return _frame(struct.pack(">ih", req.correlation_id, ERR_UNSUPPORTED_VERSION) + v0[6:])
+        answer = v0 if req.api_version == 0 else await self._tansu_api_versions(frame, req.api_version, peer)
+        if answer is None:
+            return None
+        return _frame(struct.pack(">i", req.correlation_id) + answer[4:])
+
+    async def _tansu_api_versions(self, frame: bytes, version: int, peer: object) -> bytes | None:
+        """The answer of tansu (no size prefix) to the ApiVersions request ``frame`` of ``version``.
 
         Asked of tansu on a connection of its own, closed at once, the first time a version is asked
-        for; a successful answer (error 0) is kept, up to :data:`MAX_CACHED_API_VERSIONS` versions,
-        and given again with the request's correlation id (the response header is v0 in every
-        version: the id, then the body). An error answer (a client's malformed software name) is
-        not kept.
+        for; a successful answer (error 0) is kept, up to :data:`MAX_CACHED_API_VERSIONS` versions
+        (the response header is v0 in every version: the id, then the body). An error answer (a
+        client's malformed software name) is not kept.
 
         None (the client to be closed) when tansu cannot be reached in ``upstream_timeout_s`` or does
         not answer: logged and counted in ``broker_gateway_upstream_failures_total``.
         """
-        answer = self._api_versions.get(req.api_version)
-        if answer is None:
-            upstream = await self._open_upstream(peer, "ApiVersions before authentication")
-            if upstream is None:
-                return None
-            up_reader, up_writer = upstream
-            try:
-                up_writer.write(_frame(frame))
-                answer = await asyncio.wait_for(_read_frame(up_reader, 1 << 20), self.config.upstream_timeout_s)
-            except _ENDED as exc:
-                log.warning("upstream gave %s no ApiVersions answer: its connection is closed: %s", peer,
-                            exc or type(exc).__name__)
-                self.metrics.upstream_failures.labels("no_answer").inc()
-                return None
-            finally:
-                up_writer.close()
-            if struct.unpack_from(">h", answer, 4)[0] == 0 and len(self._api_versions) < MAX_CACHED_API_VERSIONS:
-                self._api_versions[req.api_version] = answer
-        return _frame(struct.pack(">i", req.correlation_id) + answer[4:])
+        answer = self._api_versions.get(version)
+        if answer is not None:
+            return answer
+        upstream = await self._open_upstream(peer, "ApiVersions before authentication")
+        if upstream is None:
+            return None
+        up_reader, up_writer = upstream
+        try:
+            up_writer.write(_frame(frame))
+            answer = await asyncio.wait_for(_read_frame(up_reader, 1 << 20), self.config.upstream_timeout_s)
+        except _ENDED as exc:
+            log.warning("upstream gave %s no ApiVersions answer: its connection is closed: %s", peer,
+                        exc or type(exc).__name__)
+            self.metrics.upstream_failures.labels("no_answer").inc()
+            return None
+        finally:
+            up_writer.close()
+        if struct.unpack_from(">h", answer, 4)[0] == 0 and len(self._api_versions) < MAX_CACHED_API_VERSIONS:
+            self._api_versions[version] = answer
+        return answer
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             peer: object) -> str | None:
@@ -667,6 +705,11 @@ class Gateway:
         while True:
             frame = await _read_frame(reader, MAX_PREAUTH_FRAME)
             req = parse_request(frame)
+            first, last = SASL_VERSIONS.get(req.api_key, (req.api_version, req.api_version))
+            if not first <= req.api_version <= last:
+                log.info("request %d v%d, a version not served: connection closed", req.api_key, req.api_version)
+                self.metrics.refused.labels("malformed_request").inc()
+                return None
             if req.api_key == API_API_VERSIONS:
                 answer = await self._api_versions_answer(frame, req, peer)
                 if answer is None:
