@@ -9,8 +9,9 @@ It serves the part of the API that producers and deserializers call (``docs/arch
 "Alert framings"): register a schema under a subject (``POST /subjects/{s}/versions``; the same
 schema gets the same id, in any subject), look it up (``POST /subjects/{s}``), fetch a schema by id
 (``GET /schemas/ids/{id}``) and a subject's versions (``GET /subjects/{s}/versions[/{v}|latest]``),
-list subjects, read the global compatibility level. Errors carry Confluent's ``error_code``
-(40401 subject, 40402 version, 40403 schema not found, 42201 invalid schema). It checks no
+list subjects, read the global compatibility level. Errors, those of the HTTP layer too, are JSON
+with Confluent's ``error_code`` (40401 subject, 40402 version, 40403 schema not found, 42201 invalid
+schema, 405 method, 41101 chunked body, 41301 body too large). It checks no
 compatibility between versions and keeps nothing on disk.
 
 Its ids do not depend on its history: a schema's id is drawn from the SHA-256 of its compact JSON
@@ -25,8 +26,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import socket
 import threading
 from collections.abc import Iterable
+from email.message import Message
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from urllib.parse import unquote
@@ -38,6 +42,10 @@ CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 MAX_BODY = 4 * 1024 * 1024
 #: Longest wait for a request line, headers or body (s): a client that stops sending frees its thread.
 REQUEST_TIMEOUT_S = 30.0
+#: Deepest nesting of a schema's JSON (levels of objects and arrays) accepted; an alert schema has 6. Python's own
+#: recursion limit stopped deeper ones at whichever step of a request ran out of stack first: a schema 981-982
+#: levels deep was parsed, then its compact form raised RecursionError, a 500.
+MAX_SCHEMA_DEPTH = 64
 
 
 def stable_id(key: str) -> int:
@@ -109,24 +117,49 @@ class _Error(Exception):
         self.status, self.code = status, code
 
 
+def _depth(value: object) -> int:
+    """Levels of nested JSON arrays and objects in ``value`` (0 for a scalar), counted without recursion."""
+    deepest, level = 0, [(value, 0)]
+    while level:
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth + 1)
+            level.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _schema_text(body: bytes) -> str:
-    """The Avro schema of a register or lookup request body, checked to parse."""
+    """The Avro schema of a register or lookup request body, checked to parse, :data:`MAX_SCHEMA_DEPTH` deep at most."""
     try:
         request = json.loads(body or b"{}")
         text = request["schema"]
         if request.get("schemaType", "AVRO") != "AVRO" or not isinstance(text, str):
             raise ValueError("only AVRO schemas given as a string")
-        fastavro.parse_schema(json.loads(text))
+        schema = json.loads(text)
+        if _depth(schema) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"nested over {MAX_SCHEMA_DEPTH} levels")
+        fastavro.parse_schema(schema)
     except Exception as exc:  # JSON, KeyError, SchemaParseException, ...
         raise _Error(422, 42201, f"Invalid schema: {type(exc).__name__}: {exc}") from exc
     return text
 
 
-def _content_length(value: str | None) -> int:
-    """The request's Content-Length (0 when absent); 400 when it is not a count of bytes."""
-    if value is None or not value.strip():
+def _content_length(headers: Message) -> int:
+    """The request's Content-Length (0 when absent); 400 when it is not one count of bytes, 411 when chunked.
+
+    A ``Transfer-Encoding`` body was read as empty (a 422 naming a missing ``schema``) and two
+    Content-Lengths as the first: the body is not read then, and the connection closed.
+    """
+    if headers.get("Transfer-Encoding") is not None:
+        raise _Error(411, 41101, "Transfer-Encoding is not served: send the body with a Content-Length")
+    values = {v.strip() for v in headers.get_all("Content-Length", [])}
+    if len(values) > 1:
+        raise _Error(400, 40001, f"{len(values)} different Content-Lengths")
+    value = values.pop() if values else ""
+    if not value:
         return 0
-    if not (value.strip().isascii() and value.strip().isdigit()):  # int() takes "-5", "1_0", "\u0663"
+    if not (value.isascii() and value.isdigit()):  # int() takes "-5", "1_0", "\u0663"
         raise _Error(400, 40001, f"Content-Length {value[:40]!r} is not a number of bytes")
     return int(value)
 
@@ -143,13 +176,27 @@ def _count(text: str) -> int:
 class _Handler(BaseHTTPRequestHandler):
     store: RegistryStore  # set on the subclass of each server
     timeout = REQUEST_TIMEOUT_S  # the socket's timeout (StreamRequestHandler); without one a read waits forever
+    default_request_version = "HTTP/1.0"  # a malformed request line is answered with a status line (0.9 has none)
 
     def log_message(self, format: str, *args: object) -> None:
         """Silence the per-request log lines of :class:`BaseHTTPRequestHandler`."""
 
-    def _reply(self, status: int, payload: object) -> None:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """An error of the HTTP layer (request line, headers, method) in the registry's JSON, and the connection closed.
+
+        :class:`BaseHTTPRequestHandler` wrote an HTML page, 501 for a method not served and 505 for
+        an HTTP version over 1: those are 405 (as Confluent's registry answers) and 400 here.
+        """
+        code = {501: 405, 505: 400}.get(int(code), int(code))  # NOT_IMPLEMENTED, HTTP_VERSION_NOT_SUPPORTED
+        self.close_connection = True
+        self._reply(code, {"error_code": code, "message": message or HTTPStatus(code).phrase},
+                    {"Allow": "GET, POST"} if code == 405 else {})
+
+    def _reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", CONTENT_TYPE)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -158,15 +205,23 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         try:
-            length = _content_length(self.headers.get("Content-Length"))
-            if length > MAX_BODY:
-                raise _Error(413, 41301, f"request body over {MAX_BODY} bytes")
-            body = self._body(length)
+            body = self._body(self._length())
             self._reply(200, self._route(method, path, body))
         except _Error as exc:
             self._reply(exc.status, {"error_code": exc.code, "message": str(exc)})
         except Exception as exc:  # a bug here must not kill the server thread
             self._reply(500, {"error_code": 50001, "message": f"{type(exc).__name__}: {exc}"})
+
+    def _length(self) -> int:
+        """The body's length, checked before any of it is read (refused: left unread, the connection closed)."""
+        try:
+            length = _content_length(self.headers)
+            if length > MAX_BODY:
+                raise _Error(413, 41301, f"request body over {MAX_BODY} bytes")
+        except _Error:
+            self.close_connection = True
+            raise
+        return length
 
     def _body(self, length: int) -> bytes:
         """The request body of ``length`` bytes; 408 when the client stops sending it for :attr:`timeout` s."""
@@ -223,6 +278,18 @@ class _Handler(BaseHTTPRequestHandler):
         return {"subject": subject, "version": n, "id": ids[n - 1], "schema": store.schemas[ids[n - 1]]}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: object) -> None:
+        """A client gone before its answer is no error of the server: socketserver printed a traceback for each."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)
+
+
 class EmbeddedRegistry:
     """The registry on 127.0.0.1 in a background thread; a context manager.
 
@@ -240,8 +307,7 @@ class EmbeddedRegistry:
     def __init__(self, port: int = 0) -> None:
         self.store = RegistryStore()
         handler = type("Handler", (_Handler,), {"store": self.store})
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", port), handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, name="registry", daemon=True)
 

@@ -66,14 +66,19 @@ def test_a_content_length_that_is_not_a_count_is_400(length):
         assert SchemaRegistryClient({"url": registry.url}).get_subjects() == []  # still serving
 
 
-def _raw(url: str, request: bytes, timeout: float = 10.0) -> bytes:
-    """The server's answer to ``request`` sent as it is (bytes no HTTP client writes), until it closes."""
+def _raw(url: str, request: bytes, timeout: float = 10.0, half_close: bool = False) -> bytes:
+    """The server's answer to ``request`` sent as it is (bytes no HTTP client writes), until it closes.
+
+    ``half_close``: end the sending side after the request (the server reads the end of its input).
+    """
     import socket
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as conn:
         conn.sendall(request)
+        if half_close:
+            conn.shutdown(socket.SHUT_WR)
         chunks = []
         while chunk := conn.recv(65536):
             chunks.append(chunk)
@@ -159,3 +164,120 @@ def _body(version: int, record: dict) -> bytes:
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, schemas.load("alert", version), record)
     return buf.getvalue()
+
+
+# --- hostile requests ---------------------------------------------------------------------------------------
+def _post(path: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return b"POST " + path + b" HTTP/1.1\r\nContent-Length: %d\r\n" % len(body) + headers + b"\r\n" + body
+
+
+def _nested_array_schema(depth: int) -> bytes:
+    return json.dumps({"schema": '{"type": "array", "items": ' * depth + '"long"' + "}" * depth}).encode()
+
+
+HOSTILE = {  # request -> (status, error_code)
+    "garbage_line": (b"GARBAGE\r\n\r\n", 400, 400),
+    "http_9_9": (b"GET /subjects HTTP/9.9\r\n\r\n", 400, 400),
+    "http_0_9_post": (b"POST /subjects\r\n\r\n", 400, 400),
+    "line_over_64k": (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414, 414),
+    "200_headers": (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(200)) + b"\r\n", 431, 431),
+    "header_over_64k": (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431, 431),
+    "put": (b"PUT /config HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 405, 405),
+    "delete": (b"DELETE /subjects/x-value HTTP/1.1\r\n\r\n", 405, 405),
+    "unknown_method": (b"BREW /subjects HTTP/1.1\r\n\r\n", 405, 405),
+    "chunked": (b"POST /subjects/x-value/versions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n", 411, 41101),
+    "chunked_and_length": (b"POST /subjects/x-value/versions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+                           b"Content-Length: 2\r\n\r\n{}", 411, 41101),
+    "two_lengths": (b"POST /subjects/x-value/versions HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 100\r\n\r\n{}",
+                    400, 40001),
+    "over_max_body": (b"POST /subjects/x-value/versions HTTP/1.1\r\nContent-Length: 99999999999\r\n\r\n{}", 413, 41301),
+    "invalid_json": (_post(b"/subjects/x-value/versions", b"{{{"), 422, 42201),
+    "json_not_object": (_post(b"/subjects/x-value/versions", b"[1, 2]"), 422, 42201),
+    "schema_not_string": (_post(b"/subjects/x-value/versions", b'{"schema": {"type": "long"}}'), 422, 42201),
+    "not_avro": (_post(b"/subjects/x-value/versions", b'{"schema": "{\\"type\\": \\"nope\\"}"}'), 422, 42201),
+    "protobuf": (_post(b"/subjects/x-value/versions", b'{"schema": "syntax = \\"proto3\\";", '
+                       b'"schemaType": "PROTOBUF"}'), 422, 42201),
+    "not_utf8": (_post(b"/subjects/x-value/versions", b'{"schema": "\xff\xfe"}'), 422, 42201),
+    "nan": (_post(b"/subjects/x-value", b'{"schema": NaN}'), 422, 42201),
+    "deep_body": (_post(b"/subjects/x-value/versions", b"[" * 100000 + b"]" * 100000), 422, 42201),
+    "deep_schema_text": (_post(b"/subjects/x-value/versions", json.dumps({"schema": "[" * 50000 + "]" * 50000})
+                               .encode()), 422, 42201),
+    "schema_nested_980": (_post(b"/subjects/x-value/versions", _nested_array_schema(980)), 422, 42201),
+    "schema_nested_982": (_post(b"/subjects/x-value", _nested_array_schema(982)), 422, 42201),
+    "unknown_path": (b"GET /../../etc/passwd HTTP/1.1\r\n\r\n", 404, 404),
+    "nul_in_path": (b"GET /subjects/\x00/versions HTTP/1.1\r\n\r\n", 404, 40401),
+    "post_on_ids": (_post(b"/schemas/ids/1", b"{}"), 404, 404),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_request_is_a_4xx_in_the_registrys_error_format_and_the_registry_serves_on(name):
+    """A malformed request is a 4xx with an ``error_code``, and the registry goes on serving.
+
+    Malformed requests got Python's HTML error page (400, 414, 431), 501 for a method not served, 505 for
+    HTTP/9.9, a 422 "KeyError: 'schema'" for a chunked body (read as empty), the first of two Content-Lengths,
+    and a 500 for an Avro schema nested 981-982 levels deep (RecursionError writing its compact form).
+    """
+    request, status, code = HOSTILE[name]
+    with EmbeddedRegistry() as registry:
+        answer = _raw(registry.url, request)
+        assert SchemaRegistryClient({"url": registry.url}).register_schema("alerts-value", Schema(OTHER, "AVRO"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[:2] == [b"HTTP/1.0", str(status).encode()], answer[:300]
+    assert b"Content-Type: application/vnd.schemaregistry.v1+json" in head
+    assert json.loads(body)["error_code"] == code and json.loads(body)["message"]
+
+
+def test_a_schema_nested_deep_but_within_the_limit_is_registered_and_served_back():
+    from streams.registry import MAX_SCHEMA_DEPTH
+
+    with EmbeddedRegistry() as registry:
+        client = SchemaRegistryClient({"url": registry.url})
+        sid = client.register_schema("deep-value", Schema(json.loads(_nested_array_schema(MAX_SCHEMA_DEPTH - 1))
+                                                          ["schema"], "AVRO"))
+        assert json.loads(client.get_schema(sid).schema_str)["type"] == "array"
+
+
+def test_a_client_gone_before_its_answer_costs_no_traceback(capfd):
+    """A client that closed before reading its answer printed socketserver's traceback (BrokenPipeError), ~40 lines."""
+    import socket
+    from urllib.parse import urlsplit
+
+    with EmbeddedRegistry() as registry:
+        url = urlsplit(registry.url)
+        for _ in range(5):
+            with socket.create_connection((url.hostname, url.port)) as conn:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
+                conn.sendall(b"GET /schemas/ids/" + b"1" * 60000 + b" HTTP/1.1\r\n\r\n")
+        assert SchemaRegistryClient({"url": registry.url}).get_subjects() == []
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_seeded_mutations_of_a_registration_are_never_a_5xx():
+    import random
+
+    rng = random.Random(20261207)
+    valid = _post(b"/subjects/alerts-value/versions", json.dumps({"schema": OTHER}).encode())
+    statuses = []
+    with EmbeddedRegistry() as registry:
+        for _ in range(300):
+            data = bytearray(valid)
+            for _ in range(rng.randint(1, 4)):
+                i = rng.randrange(len(data))
+                op = rng.randrange(3)
+                if op == 0:
+                    data[i] = rng.randrange(256)
+                elif op == 1:
+                    del data[i:i + rng.randint(1, 8)]
+                else:
+                    data[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+            answer = _raw(registry.url, bytes(data), timeout=5, half_close=True)
+            if answer:  # nothing back: the request line itself cut (an empty request is no request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                statuses.append(int(head.split(b" ")[1]))
+                assert statuses[-1] < 500 and "error_code" in json.loads(body) or statuses[-1] == 200, answer[:300]
+        client = SchemaRegistryClient({"url": registry.url})
+        sid = client.register_schema("after-value", Schema(OTHER, "AVRO"))
+        assert client.get_latest_version("after-value").schema_id == sid
+    assert len(set(statuses)) >= 4  # the mutations reach several answers, not one
