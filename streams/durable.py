@@ -12,7 +12,9 @@ broker").
 Served: ``PUT`` (with ``If-None-Match: *`` and ``If-Match``, tansu's optimistic concurrency, and
 ``x-amz-copy-source``), ``GET`` and ``HEAD`` (``Range``, ``If-Match``, ``If-None-Match``), ``DELETE``,
 ``POST ?delete`` and ``ListObjectsV2``. Anything else is answered 501 and logged; a body over
-``MAX_BODY_BYTES`` or a malformed ``Content-Length`` is answered 413 / 400 before it is read. Every write is one
+``MAX_BODY_BYTES`` or a malformed ``Content-Length`` is answered 413 / 400 before it is read; a key
+over ``MAX_KEY_BYTES``, a NUL, a malformed chunk, delete XML, ``max-keys`` or token 400; a malformed
+``Range`` is ignored, as S3 ignores it. Every write is one
 autocommit statement, so a write either happened whole or not at all. The endpoint listens on
 127.0.0.1 without authentication, like the embedded broker itself.
 """
@@ -23,6 +25,7 @@ import base64
 import email.utils
 import hashlib
 import logging
+import re
 import threading
 import urllib.parse
 from datetime import datetime, timezone
@@ -57,6 +60,8 @@ _S3_NS = "http://s3.amazonaws.com/doc/2006-03-01/"
 #: Largest request body (bytes): four of the largest messages a topic takes (``topics.MAX_MESSAGE_BYTES``).
 #: A larger one is answered 413 unread, and its connection closed.
 MAX_BODY_BYTES = 4 * MAX_MESSAGE_BYTES
+#: Longest object key (bytes of UTF-8), as S3's; a longer one is 400 ``KeyTooLongError``. tansu's keys are under 200.
+MAX_KEY_BYTES = 1024
 
 
 class _Refused(Exception):
@@ -98,18 +103,27 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- request parsing -------------------------------------------------------------------
     def _target(self) -> tuple[str, str, dict[str, str]]:
-        """(bucket, key, query) of a path-style request ``/<bucket>/<key>?<query>``."""
+        """(bucket, key, query) of a path-style request ``/<bucket>/<key>?<query>``.
+
+        :class:`_Refused` (400) for a key over :data:`MAX_KEY_BYTES` or any part holding a NUL, which a
+        PostgreSQL ``TEXT`` cannot: it was a database error, answered 503 (which a client retries).
+        """
         url = urllib.parse.urlsplit(self.path)
         bucket, _, key = url.path.lstrip("/").partition("/")
         query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
-        return urllib.parse.unquote(bucket), urllib.parse.unquote(key), query
+        bucket, key = urllib.parse.unquote(bucket), urllib.parse.unquote(key)
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise _Refused(400, "KeyTooLongError", f"a key of {len(key.encode())} bytes (over {MAX_KEY_BYTES})")
+        if any("\0" in part for part in (bucket, key, *query.values())):
+            raise _Refused(400, "InvalidArgument", "a NUL character in the bucket, key or query")
+        return bucket, key, query
 
     def _body(self) -> bytes:
         """The request body, chunked or of ``Content-Length``; :class:`_Refused` beyond ``MAX_BODY_BYTES``."""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             out = bytearray()
             while True:
-                size = int(self.rfile.readline().split(b";")[0], 16)
+                size = _chunk_size(self.rfile.readline())
                 if size == 0:
                     self.rfile.readline()
                     return bytes(out)
@@ -165,6 +179,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _copied(self, source: str) -> bytes | None:
         bucket, _, key = urllib.parse.unquote(source).lstrip("/").partition("/")
+        if "\0" in bucket + key:  # the path's NUL check (_target), for the copy's source
+            raise _Refused(400, "InvalidArgument", "a NUL character in x-amz-copy-source")
         row = self.db.execute("SELECT body FROM embedded_objects WHERE bucket = %s AND key = %s",
                               (bucket, key)).fetchone()
         return None if row is None else bytes(row[0])
@@ -190,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _ranged(self, body: bytes, meta: dict[str, str], head: bool) -> None:
         spec = self.headers.get("Range", "")
-        if not spec.startswith("bytes="):
+        if re.fullmatch(r"bytes=(\d{1,18}-\d{0,18}|-\d{1,18})", spec) is None:  # ignored, as S3 and RFC 9110 do
             return self._reply(200, body, meta, head)
         first, _, last = spec[6:].partition("-")
         if not first:  # the last N bytes
@@ -217,7 +233,11 @@ class _Handler(BaseHTTPRequestHandler):
         bucket, _, query = self._target()
         if "delete" not in query:
             return self._error(501, "NotImplemented", f"POST {self.path}")
-        keys = [el.text or "" for el in ElementTree.fromstring(self._body()).iter() if el.tag.endswith("Key")]
+        try:
+            document = ElementTree.fromstring(self._body())
+        except ElementTree.ParseError as exc:
+            raise _Refused(400, "MalformedXML", str(exc)) from exc
+        keys = [el.text or "" for el in document.iter() if el.tag.endswith("Key")]
         self.db.execute("DELETE FROM embedded_objects WHERE bucket = %s AND key = ANY(%s)", (bucket, keys))
         done = "".join(f"<Deleted><Key>{escape(k)}</Key></Deleted>" for k in keys)
         xml = f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="{_S3_NS}">{done}</DeleteResult>'
@@ -252,9 +272,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _list(self, bucket: str, query: dict[str, str]) -> None:
         """A ListObjectsV2 page: keys under ``prefix`` after the continuation token or ``start-after``."""
         prefix, delimiter = query.get("prefix", ""), query.get("delimiter", "")
-        limit = max(1, min(_MAX_KEYS, int(query.get("max-keys") or _MAX_KEYS)))
+        max_keys = query.get("max-keys") or str(_MAX_KEYS)
+        if not (max_keys.isascii() and max_keys.isdigit() and len(max_keys) <= 18):
+            raise _Refused(400, "InvalidArgument", f"max-keys {max_keys[:40]!r}")
+        limit = max(1, min(_MAX_KEYS, int(max_keys)))
         token = query.get("continuation-token")
-        after = base64.urlsafe_b64decode(token).decode() if token else query.get("start-after", "")
+        try:
+            after = base64.urlsafe_b64decode(token).decode() if token else query.get("start-after", "")
+        except ValueError as exc:  # not base64, or not UTF-8 once decoded: no token this server gave
+            raise _Refused(400, "InvalidArgument", f"continuation-token {(token or '')[:40]!r}") from exc
         rows, prefixes, cursor = self._page(bucket, prefix, delimiter, after, limit)
         contents = "".join(f"<Contents><Key>{escape(key)}</Key><LastModified>{_iso(modified)}</LastModified>"
                            f"<ETag>{escape(etag)}</ETag><Size>{size}</Size><StorageClass>STANDARD</StorageClass>"
@@ -284,6 +310,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(503, "ServiceUnavailable", type(exc).__name__)
             except OSError:
                 pass
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size of a chunk from its line (hex digits, then extensions after ``;``); :class:`_Refused` 400 else.
+
+    ``int(..., 16)`` raised ValueError at a malformed or missing line (503) and took ``-5`` (503 too).
+    """
+    digits = line.split(b";")[0].strip()
+    if re.fullmatch(rb"[0-9a-fA-F]{1,15}", digits) is None:
+        raise _Refused(400, "InvalidArgument", f"chunk size {digits[:40]!r}")
+    return int(digits, 16)
 
 
 class _Server(ThreadingHTTPServer):

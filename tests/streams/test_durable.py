@@ -248,3 +248,45 @@ def test_the_object_server_refuses_oversized_and_malformed_bodies_unread(dsn):
         conn, call = _client(server.endpoint)
         assert call("/b/big")[0] == 404 and call("/b/ok", "PUT", b"fine")[0] == 200  # nothing stored; still serving
         conn.close()
+
+
+MALFORMED = {  # request -> status; each was a ValueError or a database error, answered 503 (a client retries those)
+    "range_not_a_number": (b"GET /b/k HTTP/1.1\r\nRange: bytes=abc\r\n\r\n", 200),
+    "range_of_several": (b"GET /b/k HTTP/1.1\r\nRange: bytes=0-1,3-4\r\n\r\n", 200),
+    "range_empty": (b"GET /b/k HTTP/1.1\r\nRange: bytes=-\r\n\r\n", 200),
+    "range_of_5000_digits": (b"GET /b/k HTTP/1.1\r\nRange: bytes=0-" + b"9" * 5000 + b"\r\n\r\n", 200),
+    "key_with_nul": (b"PUT /b/a%00b HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 400),
+    "bucket_with_nul": (b"GET /%00/x HTTP/1.1\r\n\r\n", 400),
+    "key_over_1024_bytes": (b"PUT /b/" + b"k" * 1025 + b" HTTP/1.1\r\nContent-Length: 1\r\n\r\nx", 400),
+    "chunk_size_not_hex": (b"PUT /b/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    "chunk_size_negative": (b"PUT /b/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nabc\r\n0\r\n\r\n", 400),
+    "chunk_cut": (b"PUT /b/c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nabc", 400),
+    "delete_not_xml": (b"POST /b?delete HTTP/1.1\r\nContent-Length: 5\r\n\r\n<<<<<", 400),
+    "max_keys_not_a_number": (b"GET /b?list-type=2&max-keys=abc HTTP/1.1\r\n\r\n", 400),
+    "token_not_utf8": (b"GET /b?list-type=2&continuation-token=__79 HTTP/1.1\r\n\r\n", 400),
+    "prefix_with_nul": (b"GET /b?list-type=2&prefix=%00 HTTP/1.1\r\n\r\n", 400),
+    "copy_source_with_nul": (b"PUT /b/x HTTP/1.1\r\nx-amz-copy-source: /b/%00\r\nContent-Length: 0\r\n\r\n", 400),
+}
+
+
+def test_malformed_requests_are_4xx_not_a_503_to_retry_and_the_server_serves_on(dsn, caplog):
+    """Bad ranges, NULs (which PostgreSQL's TEXT cannot hold), long keys, bad chunks, XML, max-keys and tokens."""
+    import logging
+    import socket
+
+    with ObjectServer(dsn) as server:
+        host, port = server.endpoint.split("//")[1].split(":")
+        conn, call = _client(server.endpoint)
+        assert call("/b/k", "PUT", b"0123456789")[0] == 200
+        answers = {}
+        with caplog.at_level(logging.WARNING, logger="streams.durable"):
+            for name, (request, _) in MALFORMED.items():
+                with socket.create_connection((host, int(port)), timeout=10) as sock:
+                    sock.sendall(request)
+                    sock.shutdown(socket.SHUT_WR)
+                    answers[name] = int(sock.recv(4096).split(b" ")[1])
+        assert answers == {name: status for name, (_, status) in MALFORMED.items()}
+        assert caplog.text == ""  # nothing taken for a failure of the database
+        assert call("/b/k", Range="bytes=2-4") == (206, call("/b/k", Range="bytes=2-4")[1], b"234")  # still serving
+        assert call("/b/" + "k" * 1024, "PUT", b"x")[0] == 200  # S3's longest key
+        conn.close()
