@@ -9,15 +9,16 @@ private plaintext port and this gateway in front of it, speaking to clients exac
 Kafka's ``SASL_SSL`` listener with ``SCRAM-SHA-512`` speaks: a client is configured as it would be
 for a real cluster.
 
-Per connection: the TLS handshake (optionally with a client certificate checked against a CA),
-then ``ApiVersions`` answered with tansu's answer (asked once per request version on a short-lived
-connection, then kept; a version tansu lacks answered ``UNSUPPORTED_VERSION`` here), ``SaslHandshake`` and ``SaslAuthenticate`` answered here (RFC 5802 SCRAM
-against salted credentials from the users file: no password is stored; PLAIN, as Kafka's
-administrator uses on docker-compose.yml's internal listener, is checked against the same
-credentials), then, once authenticated, a connection to tansu is opened and the bytes piped both
-ways: a client that never authenticates costs no connection to tansu. Without SASL the connection to
-tansu is opened on the client's first bytes. Any other request before authentication closes the
-connection, as does a second ``SaslHandshake``. Metadata needs no rewriting: tansu advertises the gateway's address.
+Per connection: the TLS handshake (optionally with a client certificate checked against a CA), then
+``ApiVersions`` answered with tansu's answer (asked once per request version on a short-lived
+connection, then kept; a version tansu lacks answered ``UNSUPPORTED_VERSION`` here),
+``SaslHandshake`` and ``SaslAuthenticate`` answered here (RFC 5802 SCRAM against salted credentials
+from the users file: no password is stored; PLAIN, as Kafka's administrator uses on
+docker-compose.yml's internal listener, is checked against the same credentials), then, once
+authenticated, a connection to tansu is opened and the bytes piped both ways: a client that never
+authenticates costs no connection to tansu. Without SASL the connection to tansu is opened on the
+client's first bytes. Any other request before authentication closes the connection, as does a
+second ``SaslHandshake``. Metadata needs no rewriting: tansu advertises the gateway's address.
 
 Metrics (:class:`streams.metrics.GatewayMetrics`, on ``/metrics`` of ``--metrics-port``): connections
 accepted and open, admitted by mechanism, failed logins and refusals by reason, upstream failures,
