@@ -30,16 +30,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from broker.errors import (
     ConfigError,
@@ -92,6 +94,63 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _WholeForm(MultiPartParser):
+    """Starlette's multipart parser, refusing a form that ends inside a part (its closing boundary missing).
+
+    Starlette answered such a form without its last part, and left the part's spooled file open: it
+    is added to the form only at the part's end, and closed only on a parse error (a
+    ``ResourceWarning``, and a descriptor held until the parser is collected, for every cut form).
+    """
+
+    _open: Any = None  # the part begun and not ended (its UploadFile, or True for a field), None between parts
+
+    def on_part_begin(self) -> None:
+        """Start a part (Starlette's), noting that it is open."""
+        super().on_part_begin()
+        self._open = True
+
+    def on_headers_finished(self) -> None:
+        """Read a part's headers (Starlette's), noting its file, if it is one, so that it can be closed."""
+        super().on_headers_finished()
+        self._open = self._current_part.file or True
+
+    def on_part_end(self) -> None:
+        """End a part (Starlette's: it joins the form)."""
+        super().on_part_end()
+        self._open = None
+
+    async def parse(self) -> FormData:
+        """The form; :class:`InvalidQuery` when its last part never ends (its spooled file closed)."""
+        form = await super().parse()
+        if self._open is not None:
+            if isinstance(self._open, UploadFile):
+                self._open.file.close()
+            await form.close()
+            raise InvalidQuery("the form ends inside a part: its closing boundary is missing")
+        return form
+
+
+@contextlib.asynccontextmanager
+async def read_form(request: Request, max_files: int, max_fields: int) -> AsyncIterator[FormData]:
+    """The ``multipart/form-data`` form of ``request`` (:class:`_WholeForm`), closed on leaving.
+
+    Raises
+    ------
+    InvalidQuery
+        A malformed form (no boundary, too many files or fields, a part over 1 MiB that is not a
+        file, cut inside a part), HTTP 400.
+    """
+    async with contextlib.aclosing(request.stream()) as stream:
+        try:
+            form = await _WholeForm(request.headers, stream, max_files=max_files, max_fields=max_fields).parse()
+        except MultiPartException as exc:
+            raise InvalidQuery(f"malformed form: {exc.message}") from exc
+    try:
+        yield form
+    finally:
+        await form.close()
+
+
 async def _parts(form: Any, name: str, limit: int, most: int = 1) -> list[bytes]:
     """The bytes of the file parts ``name`` of a form (none when absent), at most ``most`` parts of ``limit`` bytes."""
     parts = form.getlist(name)
@@ -128,7 +187,7 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, list[bytes]]
         frame = await read_body(request, limit)
     elif kind == "multipart/form-data":
         # one file more than allowed, so that one reference too many is answered by _parts with its reason
-        async with request.form(max_files=2 + MAX_REFERENCE_FRAMES, max_fields=4 + MAX_REFERENCE_FRAMES) as form:
+        async with read_form(request, max_files=2 + MAX_REFERENCE_FRAMES, max_fields=4 + MAX_REFERENCE_FRAMES) as form:
             frames = await _parts(form, "frame", limit)
             references = await _parts(form, "reference", limit, MAX_REFERENCE_FRAMES)
         if not frames:

@@ -23,7 +23,7 @@ from broker.watchlist import DEFAULT_RADIUS_ARCSEC, MAX_RADIUS_ARCSEC, Watchlist
 from streams.web import queries
 from streams.web.api import LIMITED, CostlyReader, portal_of
 from streams.web.app import WATCHLIST_BYTES, Portal
-from streams.web.upload import read_body
+from streams.web.upload import read_body, read_form
 
 router = APIRouter(prefix="/api/v1", tags=["alerts"])
 #: Entries a posted or saved watchlist may hold (count); ``broker crossmatch`` reads up to 100,000.
@@ -46,7 +46,7 @@ async def read_watchlist_body(request: Request) -> bytes:
     if kind != "multipart/form-data":
         raise UnsupportedMediaType(f"content type {kind or 'none'!r}: send the watchlist as text/csv, or a "
                                    "multipart/form-data form with the file in the part 'watchlist'")
-    async with request.form(max_files=1, max_fields=4) as form:
+    async with read_form(request, max_files=1, max_fields=4) as form:
         parts = form.getlist("watchlist")
         if len(parts) != 1 or not isinstance(parts[0], UploadFile):
             raise InvalidQuery("the form needs one file part named 'watchlist'")
