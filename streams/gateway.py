@@ -68,6 +68,11 @@ ERR_UNSUPPORTED_VERSION = 35
 SASL_VERSIONS = {API_SASL_HANDSHAKE: (0, 1), API_SASL_AUTHENTICATE: (0, 2)}
 #: Largest request accepted before authentication (bytes): SASL messages are tiny.
 MAX_PREAUTH_FRAME = 64 * 1024
+#: Largest request relayed to tansu (bytes), Apache Kafka's ``socket.request.max.bytes`` default: tansu buffers a
+#: request of the size its prefix declares, so one connection declaring 2 GiB held what it sent (300 MB in 0.2 s).
+#: A request over it closes the connection before its bytes reach tansu. Produce requests stay under
+#: ``topics.MAX_MESSAGE_BYTES`` (64 MiB), the producers' ``message.max.bytes``.
+MAX_REQUEST_BYTES = 100 * 1024 * 1024
 #: Most connections of one address that have not authenticated yet (count); beyond, a new one is closed at once,
 #: so that one client's silent connections (two file descriptors each, one to the broker) cannot use up the
 #: gateway's descriptors and lock every other client out. A host running every stage opens a few dozen at start.
@@ -561,9 +566,7 @@ class Gateway:
         if upstream is None:
             writer.close()
             return
-        upstream[1].write(first)
-        self.metrics.to_upstream.inc(len(first))
-        await self._relay(reader, writer, *upstream, peer)
+        await self._relay(reader, writer, *upstream, peer, first)
 
     async def _open_upstream(self, peer: object,
                              why: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
@@ -628,10 +631,15 @@ class Gateway:
             self.metrics.abandoned.inc()
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, peer: object) -> None:
-        """Pipe an authenticated client and its upstream connection both ways until either ends."""
+                     up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, peer: object,
+                     first: bytes) -> None:
+        """Pipe an admitted client (``first``: its bytes read already) and its upstream connection both ways.
+
+        Until either ends, or the client sends a request over :data:`MAX_REQUEST_BYTES` (:class:`RequestSizes`).
+        """
         try:
-            await asyncio.gather(_pipe(reader, up_writer, self.metrics.to_upstream.inc),
+            await asyncio.gather(_pipe(reader, up_writer, self.metrics.to_upstream.inc, first,
+                                       RequestSizes(MAX_REQUEST_BYTES, peer)),
                                  _pipe(up_reader, writer, self.metrics.to_client.inc))
         except _ENDED as exc:
             log.debug("connection from %s ended: %s", peer, exc)
@@ -746,13 +754,56 @@ class Gateway:
             await writer.drain()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: Callable[[int], None]) -> None:
-    """Copy ``reader`` to ``writer`` until its end, calling ``count`` with the size of each chunk (bytes)."""
+class RequestSizes:
+    """The size prefixes of a client's stream of requests, checked as its bytes pass, in chunks of any length.
+
+    Parameters
+    ----------
+    limit : int
+        Largest request (bytes, size prefix excluded).
+    peer : object
+        The client, named in the log line of a refusal.
+    """
+
+    def __init__(self, limit: int, peer: object = None) -> None:
+        self.limit, self.peer = limit, peer
+        self._left = 0  # bytes of the current request still to come
+        self._prefix = b""  # bytes of the next size prefix seen so far
+
+    def check(self, data: bytes) -> None:
+        """Follow ``data``, the next bytes of the stream; ``ValueError`` (logged) at a size out of (0, limit]."""
+        pos = 0
+        while pos < len(data):
+            if self._left:
+                step = min(self._left, len(data) - pos)
+                self._left, pos = self._left - step, pos + step
+                continue
+            step = 4 - len(self._prefix)
+            self._prefix, pos = self._prefix + data[pos:pos + step], pos + step
+            if len(self._prefix) == 4:
+                (size,) = struct.unpack(">i", self._prefix)
+                if not 0 < size <= self.limit:
+                    log.warning("request of %d bytes from %s, over %d: connection closed", size, self.peer,
+                                self.limit)
+                    raise ValueError(f"request of {size} bytes")
+                self._left, self._prefix = size, b""
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: Callable[[int], None],
+                first: bytes = b"", sizes: RequestSizes | None = None) -> None:
+    """Copy ``first``, then what ``reader`` gives, to ``writer``; each chunk checked by ``sizes`` before it is sent.
+
+    ``count`` is called with the size of each chunk sent (bytes).
+    """
     try:
-        while data := await reader.read(1 << 20):
+        data = first
+        while data or (data := await reader.read(1 << 20)):
+            if sizes is not None:
+                sizes.check(data)
             writer.write(data)
             count(len(data))
             await writer.drain()
+            data = b""
     finally:
         writer.close()
 

@@ -70,7 +70,11 @@ class _Running:
             ready.set()
             await asyncio.gather(self.task, return_exceptions=True)
 
-        self.loop.run_until_complete(main())
+        try:
+            self.loop.run_until_complete(main())
+        finally:
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.task.cancel)
@@ -132,7 +136,7 @@ def _talk(port: int, chunks: list[bytes], pause_s: float = 0.0, wait_s: float = 
                     time.sleep(pause_s)
             if half_close:
                 s.shutdown(socket.SHUT_WR)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # BrokenPipe, ConnectionReset, or not connected (shutdown): the gateway closed it first
             return b"", True, time.monotonic() - t0
         answer = b""
         while True:
@@ -386,6 +390,68 @@ def test_seeded_mutations_of_a_login_never_break_the_gateway(running):
     for chunks in mutants:
         _talk(running.port, chunks, wait_s=AUTH_TIMEOUT_S + 2, half_close=True)
     _assert_healthy(running, since, len(mutants))
+
+
+def test_request_sizes_are_followed_across_any_chunking():
+    """The relay's check of size prefixes, fed a stream of requests cut at seeded random points."""
+    rng = random.Random(7)
+    requests = [_request(0, 9, i, bytes(rng.randrange(256) for _ in range(rng.randrange(200)))) for i in range(50)]
+    stream = b"".join(requests)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(stream)), 30))
+        sizes = gw.RequestSizes(limit=300)
+        for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            sizes.check(stream[a:b])  # every request within the limit: none refused
+    for bad in (0, -1, 301, 2 ** 31 - 1):
+        at = rng.randrange(len(requests))
+        hostile = b"".join(requests[:at]) + struct.pack(">i", bad) + b"x" * 400
+        sizes, refused = gw.RequestSizes(limit=300), None
+        for i in range(len(hostile)):  # one byte at a time: refused at the prefix's last byte
+            try:
+                sizes.check(hostile[i:i + 1])
+            except ValueError:
+                refused = i
+                break
+        assert refused == len(b"".join(requests[:at])) + 3, bad
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_an_authenticated_request_over_the_limit_is_refused_before_tansu_buffers_it(running):
+    """A request over ``MAX_REQUEST_BYTES`` closes its connection before its size prefix reaches tansu.
+
+    tansu buffers a request of the size its prefix declares: one connection declaring 2 GiB made it
+    hold the 300 MB it sent (in 0.2 s).
+    """
+    since = len(running.log.records)
+    login = _handshake(b"PLAIN") + _authenticate(b"\0admin\0" + running.password.encode())
+    before = _rss_kib(running.kafka.pid)
+    with socket.create_connection(("127.0.0.1", running.port), timeout=5) as s:
+        s.sendall(login)
+        answer = b""
+        while len(_responses(answer)) < 2:
+            answer += s.recv(1 << 16)
+        assert _sasl_data(_responses(answer)[1]) == (0, b"")
+        sent, chunk = 0, b"\0" * (1 << 20)
+        try:
+            s.sendall(struct.pack(">i", 2 ** 31 - 1) + struct.pack(">hhih", 0, 9, 1, -1))
+            while sent < 64 << 20:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            closed = s.recv(1) == b""
+        except ConnectionResetError:
+            closed = True
+    assert closed and sent < 64 << 20
+    assert _rss_kib(running.kafka.pid) - before < 16 * 1024  # tansu held none of it
+    (line,) = [r.getMessage() for r in running.log.records[since:] if r.levelno >= logging.INFO]
+    assert line.startswith(f"request of {2 ** 31 - 1} bytes from ") and line.endswith("connection closed")
+    _assert_healthy(running, since, 1)
 
 
 def test_a_real_client_produces_and_consumes_after_the_hostile_requests(running):

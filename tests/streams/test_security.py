@@ -466,7 +466,7 @@ def test_the_upstream_connection_is_opened_once_a_client_is_admitted(tmp_path, s
                 counts.append(upstream.connections)  # not authenticated yet
                 writer.write(_request(gw.API_SASL_AUTHENTICATE, 1, 8, struct.pack(">i", len(login)) + login))
                 assert struct.unpack_from(">h", await asyncio.wait_for(reader.read(1 << 16), 5), 8)[0] == 0
-            writer.write(b"request")
+            writer.write(_request(0, 9, 9, b"request"))  # a Produce request, relayed as it is
             for _ in range(100):  # until it reaches the upstream (at most 5 s on a loaded machine)
                 if upstream.received:
                     break
@@ -480,7 +480,7 @@ def test_the_upstream_connection_is_opened_once_a_client_is_admitted(tmp_path, s
         return counts
 
     assert asyncio.run(run()) == ([0, 1, 2] if sasl else [0, 1])
-    assert upstream.received == b"request"
+    assert upstream.received == _request(0, 9, 9, b"request")
 
 
 def test_a_client_is_closed_with_a_warning_when_the_upstream_is_unreachable_once_it_authenticated(tmp_path, caplog):
