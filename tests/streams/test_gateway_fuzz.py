@@ -415,6 +415,35 @@ def test_request_sizes_are_followed_across_any_chunking():
         assert refused == len(b"".join(requests[:at])) + 3, bad
 
 
+TLS_GARBAGE = [b"GET / HTTP/1.0\r\n\r\n", b"\x16\x03\x01\x00\x05hello", b"\x16\x03\x01\xff\xff" + b"\x01" * 100,
+               b"\x00" * 10, bytes(random.Random(3).randrange(256) for _ in range(500)), b"\x16\x03\x03\x00\x00",
+               b"\x80\x2e\x01\x00\x02" + b"\x00" * 50, b"\x16\x03\x01", _handshake()]
+
+
+def test_bytes_that_are_no_tls_handshake_close_the_connection_quietly(tmp_path, caplog):
+    """Over TLS, garbage in place of a ClientHello (HTTP, cut records, a Kafka request) ends its connection."""
+    from tests.streams.test_security import _gateway_before_a_silent_broker
+
+    async def run() -> tuple[list[bytes], list[dict]]:
+        loop_errors: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: loop_errors.append(context))
+        answers = []
+        async with _gateway_before_a_silent_broker(tmp_path, tls=True, auth_timeout_s=AUTH_TIMEOUT_S) as port:
+            for garbage in TLS_GARBAGE:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(garbage)
+                writer.write_eof()
+                answers.append(await asyncio.wait_for(reader.read(), AUTH_TIMEOUT_S + 3))
+                writer.close()
+        return answers, loop_errors
+
+    with caplog.at_level(logging.DEBUG, logger="streams.gateway"):
+        answers, loop_errors = asyncio.run(run())
+    assert answers == [b""] * len(TLS_GARBAGE) and loop_errors == []
+    lines = [r for r in caplog.records if r.name == "streams.gateway"]
+    assert len(lines) <= len(TLS_GARBAGE) and all(r.levelno == logging.DEBUG for r in lines)
+
+
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
