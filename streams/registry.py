@@ -24,15 +24,18 @@ counted from 1 again, its id was unknown, or another version's after the alert s
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from email.message import Message
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import Any
 from urllib.parse import unquote
 
 import fastavro
@@ -40,7 +43,8 @@ import fastavro
 CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 #: Largest request body accepted (bytes); an alert schema is ~15 kB.
 MAX_BODY = 4 * 1024 * 1024
-#: Longest wait for a request line, headers or body (s): a client that stops sending frees its thread.
+#: Longest time a request's line, headers and body may take to arrive, in all (s), from the moment the server
+#: awaits it: a client that stops sending, or sends a byte at a time, frees its thread.
 REQUEST_TIMEOUT_S = 30.0
 #: Deepest nesting of a schema's JSON (levels of objects and arrays) accepted; an alert schema has 6. Python's own
 #: recursion limit stopped deeper ones at whichever step of a request ran out of stack first: a schema 981-982
@@ -173,10 +177,50 @@ def _count(text: str) -> int:
     return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else 0
 
 
+class _Deadline(io.RawIOBase):
+    """A socket read against one deadline for a whole request, not a timeout per read.
+
+    ``StreamRequestHandler.timeout`` bounds each ``recv``: a client sending a byte within each held a
+    thread for ever. Each read here waits at most until :meth:`start`'s deadline.
+    """
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.seconds = sock, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def start(self) -> None:
+        """Give the next request ``seconds`` to arrive, from now."""
+        self.deadline = time.monotonic() + self.seconds
+
+    def readable(self) -> bool:
+        """A socket is read."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Bytes received into ``buffer``; ``TimeoutError`` once the deadline has passed."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"request not received within {self.seconds:g} s")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     store: RegistryStore  # set on the subclass of each server
-    timeout = REQUEST_TIMEOUT_S  # the socket's timeout (StreamRequestHandler); without one a read waits forever
+    timeout = REQUEST_TIMEOUT_S  # the time a request has to arrive in all (_Deadline); also the socket's timeout
     default_request_version = "HTTP/1.0"  # a malformed request line is answered with a status line (0.9 has none)
+
+    def setup(self) -> None:
+        """The connection's streams (StreamRequestHandler's), reading against one deadline per request (_Deadline)."""
+        super().setup()
+        self.rfile.close()  # the socket's own reader, replaced
+        self._deadline = _Deadline(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._deadline)
+
+    def handle_one_request(self) -> None:
+        """Serve one request, which must arrive within :attr:`timeout` from now."""
+        self._deadline.start()
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: object) -> None:
         """Silence the per-request log lines of :class:`BaseHTTPRequestHandler`."""

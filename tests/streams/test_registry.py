@@ -281,3 +281,39 @@ def test_seeded_mutations_of_a_registration_are_never_a_5xx():
         sid = client.register_schema("after-value", Schema(OTHER, "AVRO"))
         assert client.get_latest_version("after-value").schema_id == sid
     assert len(set(statuses)) >= 4  # the mutations reach several answers, not one
+
+
+@pytest.mark.parametrize("stage", ["request_line", "headers", "body"])
+def test_a_client_dribbling_its_request_is_cut_off_at_the_request_timeout_in_all(monkeypatch, stage):
+    """The timeout was per read: a byte every 29 s held a thread for ever (any number of such clients).
+
+    Now the request line, headers and body must all arrive within ``REQUEST_TIMEOUT_S`` of the
+    request's first byte being awaited.
+    """
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from streams.registry import _Handler
+
+    monkeypatch.setattr(_Handler, "timeout", 0.6)
+    start = {"request_line": b"", "headers": b"GET /subjects HTTP/1.1\r\n",
+             "body": b"POST /subjects/x-value/versions HTTP/1.1\r\nContent-Length: 1000\r\n\r\n"}[stage]
+    with EmbeddedRegistry() as registry:
+        url = urlsplit(registry.url)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+            conn.sendall(start)
+            t0, answer = time.monotonic(), b""
+            try:
+                while time.monotonic() - t0 < 4:  # a byte every 0.2 s, each within the per-read timeout
+                    conn.sendall(b"X" if stage != "headers" else b"X-A: b\r\n")
+                    time.sleep(0.2)
+            except OSError:  # closed by the registry
+                pass
+            while chunk := conn.recv(65536):
+                answer += chunk
+            elapsed = time.monotonic() - t0
+        assert SchemaRegistryClient({"url": registry.url}).get_subjects() == []  # still serving
+    assert elapsed < 2.5, elapsed
+    if stage == "body":
+        assert answer.split(b" ")[1] == b"408" and json.loads(answer.partition(b"\r\n\r\n")[2])["error_code"] == 40801
