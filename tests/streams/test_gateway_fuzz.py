@@ -277,6 +277,29 @@ def test_hostile_tagged_fields_of_sasl_authenticate_v2_close_the_connection(runn
     _assert_healthy(running, since, 1)
 
 
+@pytest.mark.parametrize("body", [b"", b"\xff\xff\xff\xff\x0f", b"\x02c\xff\xff\xff\x7f", b"\x80" * 100,
+                                  b"\x02c\x021\x05" + b"\x00" * 10, b"\x7f" + b"a" * 10])
+def test_hostile_api_versions_v3_bodies_are_answered_by_tansu_or_closed(running, body):
+    """ApiVersions v3 (compact strings, tagged fields) is tansu's to parse: answered, or closed; tansu lives on."""
+    since = len(running.log.records)
+    payload = struct.pack(">hhih", gw.API_API_VERSIONS, 3, 11, 1) + b"c\x00" + body
+    answer, closed, _ = _talk(running.port, [struct.pack(">i", len(payload)) + payload], wait_s=1)
+    if answer:
+        assert struct.unpack_from(">i", _responses(answer)[0])[0] == 11
+    else:
+        assert closed
+    _assert_healthy(running, since, 1)
+
+
+@pytest.mark.parametrize("size", [b"\x00", b"\xff\xff\xff\xff\x0f", b"\xff\xff\xff\xff\xff", b"\x05"])
+def test_a_hostile_compact_length_of_sasl_authenticate_v2_is_refused(running, size):
+    since = len(running.log.records)
+    payload = (struct.pack(">hhih", gw.API_SASL_AUTHENTICATE, 2, 5, 1) + b"c\x00" + size + b"n,,n=admin,r=x\x00")
+    answer, closed, _ = _talk(running.port, [_handshake(), struct.pack(">i", len(payload)) + payload])
+    assert closed and len(_responses(answer)) <= 2
+    _assert_healthy(running, since, 1)
+
+
 # --- SCRAM and PLAIN messages ------------------------------------------------------------------------------
 BAD_CLIENT_FIRST = [b"", b"n", b"n,", b"n,,", b"p=tls-unique,,n=admin,r=abc", b"x,,n=admin,r=abc", b"n,,r=abc",
                     b"n,,n=admin", b"n,a=root,n=admin,r=abc", b"n,,n=\xff\xfe,r=abc", b"n,,n=admin,r=" + b"A" * 60000,
