@@ -195,3 +195,14 @@ def test_a_form_cut_inside_a_part_is_refused_and_its_spooled_file_closed(client,
     assert response.status_code == 400, response.text
     assert response.json() == {"error": "invalid_query",
                                "detail": "the form ends inside a part: its closing boundary is missing"}
+
+
+def test_a_method_a_route_does_not_serve_is_405_with_the_error_body(client, token):
+    doc = client.app.openapi()
+    for path, ops in doc["paths"].items():
+        url = path.replace("{name}", PATH_VALUE).replace("{", "").replace("}", "")
+        for method in {"POST", "PUT", "DELETE", "PATCH", "BREW"} - {m.upper() for m in ops}:
+            response = _send(client, token, method, url, "application/json", b"{}")
+            _assert_clear(response, f"{method} {url}")
+            assert response.status_code in (404, 405), (method, url, response.status_code)
+    _healthy(client)
