@@ -32,6 +32,10 @@ from tests.streams.test_security import _CountingUpstream, _request
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN, SCRAM = b"PLAIN", b"SCRAM-SHA-512"
 
+#: Kafka frames (a size prefix, then the bytes): the gateway checks each request's size as it pipes it.
+REQUEST = struct.pack(">i", 3) + b"req"
+FIRST = struct.pack(">i", 1) + b"f"
+
 
 def _handshake(mechanism: bytes, correlation_id: int = 1) -> bytes:
     return _request(gw.API_SASL_HANDSHAKE, 1, correlation_id, struct.pack(">h", len(mechanism)) + mechanism)
@@ -123,8 +127,8 @@ def test_logins_are_counted_by_mechanism_and_failures_by_a_reason_that_hides_whe
             for request in (_handshake(PLAIN), _authenticate(b"\0alice\0secret")):
                 writer.write(request)
                 await asyncio.wait_for(reader.read(1 << 16), 10)
-            writer.write(b"request")
-            await _until(lambda: upstream.received == b"request")
+            writer.write(REQUEST)
+            await _until(lambda: upstream.received == REQUEST)
             writer.close()
             await _until(lambda: _value(gateway, "broker_gateway_connections_open") == 0)
             return gateway
@@ -136,7 +140,7 @@ def test_logins_are_counted_by_mechanism_and_failures_by_a_reason_that_hides_whe
                         ("SCRAM-SHA-512", "credentials"): 0, ("SCRAM-SHA-512", "malformed"): 0}
     assert _value(gateway, "broker_gateway_admitted_total", mechanism="PLAIN") == 1
     assert _value(gateway, "broker_gateway_admitted_total", mechanism="SCRAM-SHA-512") == 0
-    assert _value(gateway, "broker_gateway_bytes_total", direction="to_upstream") == len(b"request")
+    assert _value(gateway, "broker_gateway_bytes_total", direction="to_upstream") == len(REQUEST)
     assert _value(gateway, "broker_gateway_connections_total") == 4
     assert sum(_value(gateway, "broker_gateway_refused_total", reason=r) for r in GATEWAY_REFUSALS) == 0
 
@@ -254,8 +258,8 @@ def test_bytes_are_counted_each_way_without_sasl(tmp_path):
     async def run() -> gw.Gateway:
         async with upstream as up_port, _gateway(tmp_path, up_port, sasl=False) as (gateway, port, _):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"first")
-            await _until(lambda: upstream.received == b"first")
+            writer.write(FIRST)
+            await _until(lambda: upstream.received == FIRST)
             writer.write(_request(gw.API_API_VERSIONS, 0, 9, b""))  # the stand-in answers it: 14 bytes back
             answer = await asyncio.wait_for(reader.readexactly(14), 10)
             assert struct.unpack_from(">i", answer, 4)[0] == 9
