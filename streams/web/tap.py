@@ -41,6 +41,7 @@ from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
 from streams.web.app import Portal
 from streams.web.config import WebConfig
 from streams.web.queries import ArchiveView
+from streams.web.upload import read_form
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/api/v1/tap", tags=["virtual observatory"])
@@ -246,15 +247,23 @@ def _openapi() -> dict:
                      ("FORMAT", "votable (default) or csv; RESPONSEFORMAT too"))]}
 
 
+#: Most fields of a posted TAP form (DALI's parameters are a handful).
+MAX_FORM_FIELDS = 64
+
+
 async def _params(request: Request) -> dict[str, list[str]]:
     """The request's parameters, query string and form body, names upper-cased (DALI)."""
     params: dict[str, list[str]] = {}
     items = list(request.query_params.multi_items())
     if request.method == "POST":
-        form = await request.form()
-        items += [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
-        if any(not isinstance(v, str) for _, v in form.multi_items()):
-            items.append(("UPLOAD", "file"))
+        multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
+        # a multipart form through upload.read_form: Starlette's own parser left a part cut short open
+        opened = read_form(request, max_files=1, max_fields=MAX_FORM_FIELDS) if multipart else \
+            request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+        async with opened as form:
+            items += [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
+            if any(not isinstance(v, str) for _, v in form.multi_items()):
+                items.append(("UPLOAD", "file"))
     for name, value in items:
         params.setdefault(name.upper(), []).append(value)
     return params
