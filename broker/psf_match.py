@@ -12,16 +12,52 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from broker.psf import stack_psf
+from broker.psf import resize_stamp, stack_psf
 from broker.stars import star_fwhms
 
 
-def common_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, min_stars: int
-                ) -> tuple[np.ndarray | None, np.ndarray | None, int, np.ndarray]:
+@dataclass(frozen=True)
+class StackPlan:
+    """How the science and reference PSFs are stacked (:func:`common_psfs`).
+
+    Attributes
+    ----------
+    half_sizes : (int, int)
+        Half-sizes (px) of the science and reference stacks, each from its own FWHM and at most the
+        common stamp's: a PSF stacked on a stamp sized for the other image's much wider one is
+        mostly noise.
+    neighbours : (ndarray, ndarray) or None
+        Positions (x, y; px) of every catalogued star, masked out of the stamps
+        (:func:`broker.psf.star_stamps`); None: no masks.
+    mask_px : (float, float)
+        The masks' radii in the science and the reference (px).
+    """
+
+    half_sizes: tuple[int, int]
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None
+    mask_px: tuple[float, float] = (0.0, 0.0)
+
+
+def common_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, min_stars: int,
+                plan: StackPlan | None = None) -> tuple[np.ndarray | None, np.ndarray | None, int, np.ndarray]:
     """Science and reference PSFs stacked from the same stars, and the stars' flux ratios.
 
     Science and reference PSFs stacked from the same stars at the same (science) positions, so
-    that both share the centring errors, and the stars' reference / science flux ratios.
+    that both share the centring errors, and the stars' reference / science flux ratios from
+    PSF fits with them (:func:`broker.psf.stack_psf`).
+
+    Parameters
+    ----------
+    N, R : ndarray, shape (ny, nx)
+        Background-subtracted science and aligned reference (ADU).
+    x, y : ndarray, shape (n,)
+        Star positions (px), isolated within ``h``.
+    h : int
+        Half-size of the returned stamps (px); stars need a clean stamp of it in both images.
+    min_stars : int
+        Stars clean in both below which no PSF is returned (count).
+    plan : StackPlan, optional
+        The stacks' half-sizes and masks; both at ``h`` without masks when omitted.
 
     Returns
     -------
@@ -30,17 +66,21 @@ def common_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: i
     n : int
         Stars in both stacks.
     ratio : ndarray
-        Reference / science flux of each star clean in both.
+        Reference / science PSF-fit flux of each star in both stacks (empty when no PSF is returned).
     """
-    _, fs, us = stack_psf(N, x, y, h)
-    _, fr, ur = stack_psf(R, x, y, h)
+    plan = plan if plan is not None else StackPlan((h, h))
+    _, _, us = stack_psf(N, x, y, h)
+    _, _, ur = stack_psf(R, x, y, h)
     both = us & ur
-    ratio = fr[both] / fs[both]
     if both.sum() < max(min_stars, 1):
-        return None, None, int(both.sum()), ratio
-    ps, _, _ = stack_psf(N, x[both], y[both], h)
-    pr, _, _ = stack_psf(R, x[both], y[both], h)
-    return ps, pr, int(both.sum()), ratio
+        return None, None, int(both.sum()), np.zeros(0)
+    (h_n, h_r), (m_n, m_r) = plan.half_sizes, plan.mask_px
+    ps, fs, us = stack_psf(N, x[both], y[both], min(h_n, h), plan.neighbours, m_n)
+    pr, fr, ur = stack_psf(R, x[both], y[both], min(h_r, h), plan.neighbours, m_r)
+    if ps is None or pr is None:
+        return None, None, int(both.sum()), np.zeros(0)
+    ok = us & ur & (fs > 0) & (fr > 0)
+    return resize_stamp(ps, h), resize_stamp(pr, h), int(both.sum()), fr[ok] / fs[ok]
 
 
 @dataclass(frozen=True)
@@ -108,17 +148,17 @@ def tile_fwhm_span(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray,
 
 
 def tile_psfs(N: np.ndarray, R: np.ndarray, x: np.ndarray, y: np.ndarray, h: int, whole: Tile,
-              tile_px: int, max_stars: int, min_stars: int) -> list[Tile]:
+              tile_px: int, max_stars: int, min_stars: int, plan: StackPlan | None = None) -> list[Tile]:
     """Tiles of about ``tile_px`` with PSFs from the stars in and around each.
 
     Tiles of about ``tile_px`` (px) with PSFs from the stars (x, y: isolated, brightest first)
     within a quarter tile of each, at most ``max_stars`` of them; a tile with fewer than
-    ``min_stars`` clean stars keeps the frame's PSFs (``whole``).
+    ``min_stars`` clean stars keeps the frame's PSFs (``whole``); ``plan`` as in :func:`common_psfs`.
     """
     tiles = []
     for box in tile_boxes(N.shape, tile_px):
         sel = tile_stars(x, y, box)[:max_stars]
-        P_n, P_r, n, _ = common_psfs(N, R, x[sel], y[sel], h, min_stars)
+        P_n, P_r, n, _ = common_psfs(N, R, x[sel], y[sel], h, min_stars, plan)
         if P_n is None or P_r is None:
             P_n, P_r, n = whole.P_n, whole.P_r, whole.n_stars
         tiles.append(Tile(*box, P_n, P_r, n))

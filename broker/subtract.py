@@ -52,7 +52,15 @@ from broker.errors import BadPixelFraction, ReferenceUnavailable
 from broker.frame import Frame
 from broker.masks import grow_square, saturated_mask
 from broker.psf import PSFConfig, build_psf, half_size_for, measure_fwhm, resize_stamp, select_psf_stars
-from broker.psf_match import Tile, common_psfs, relative_span, tile_boxes, tile_fwhm_span, tile_psfs
+from broker.psf_match import (
+    StackPlan,
+    Tile,
+    common_psfs,
+    relative_span,
+    tile_boxes,
+    tile_fwhm_span,
+    tile_psfs,
+)
 from broker.reference import Reference
 from broker.stars import StarConfig, StarList, find_stars
 from broker.zogy import interpolation_kernel, zogy
@@ -408,6 +416,7 @@ class PSFMatch:
     flux_ratio_fallback : bool, F_r = 1 for want of stars.
     fallback : bool, the science PSF is the Gaussian fallback.
     common : bool, both PSFs stacked from the same matched stars.
+    plan : StackPlan, the stacks' half-sizes and neighbour masks (per-tile PSFs use it too).
     """
 
     P_n: np.ndarray
@@ -421,6 +430,7 @@ class PSFMatch:
     flux_ratio_fallback: bool
     fallback: bool
     common: bool
+    plan: StackPlan | None = None
 
 
 @dataclass(frozen=True)
@@ -627,6 +637,17 @@ def _own_psfs(N: np.ndarray, stars: StarList, reference_psf: np.ndarray, matrix:
     return sci_psf.stamp, P_r, sci_psf.n_stars, bool(sci_psf.fallback)
 
 
+def _stack_plan(stars: StarList, fwhm_r: float, config: PSFConfig) -> StackPlan:
+    """Each PSF stacked on a stamp of its own FWHM, every other star masked out to ``neighbour_mask_fwhm``.
+
+    The science FWHM is its star catalogue's, the reference's that of its stored PSF (px).
+    """
+    fwhm_n = stars.fwhm if np.isfinite(stars.fwhm) and stars.fwhm > 0 else config.fallback_fwhm_px
+    fwhm_r = fwhm_r if np.isfinite(fwhm_r) and fwhm_r > 0 else config.fallback_fwhm_px
+    return StackPlan((half_size_for(fwhm_n, config), half_size_for(fwhm_r, config)), (stars.x, stars.y),
+                     (config.neighbour_mask_fwhm * fwhm_n, config.neighbour_mask_fwhm * fwhm_r))
+
+
 def _match_psfs(science: PreparedScience, R: np.ndarray, ali: Alignment, reference_psf: np.ndarray,
                 config: SubtractConfig) -> PSFMatch:
     """Step 4: PSFs and flux ratio from the same stars.
@@ -635,21 +656,22 @@ def _match_psfs(science: PreparedScience, R: np.ndarray, ali: Alignment, referen
     the PSFs come from each image's own stars when too few are common.
     """
     N, shape = science.N, science.N.shape
-    h = half_size_for(max(science.stars.fwhm, measure_fwhm(reference_psf)), config.psf)
+    plan = _stack_plan(science.stars, measure_fwhm(reference_psf), config.psf)
+    h = max(plan.half_sizes)
     matched = science.stars.subset(ali.sci_index)
     idx = select_psf_stars(matched, shape, h, config.psf)
     P_n = P_r = None
     n_psf = 0
     flux_ratio, fr_fallback = 1.0, True
     if len(idx) >= config.min_flux_ratio_stars:
-        P_n, P_r, n_psf, ratio = common_psfs(N, R, matched.x[idx], matched.y[idx], h, config.psf.min_stars)
+        P_n, P_r, n_psf, ratio = common_psfs(N, R, matched.x[idx], matched.y[idx], h, config.psf.min_stars, plan)
         flux_ratio, fr_fallback = _flux_ratio(ratio, config.min_flux_ratio_stars)
     fallback, common = False, True
     if P_n is None or P_r is None:
         common = False
         P_n, P_r, n_psf, fallback = _own_psfs(N, science.stars, reference_psf, ali.matrix, h, config.psf)
     return PSFMatch(P_n, P_r, h, measure_fwhm(P_n), measure_fwhm(P_r), n_psf, matched, flux_ratio,
-                    fr_fallback, fallback, common)
+                    fr_fallback, fallback, common, plan)
 
 
 def _masks(science: PreparedScience, ali: Alignment, psfs: PSFMatch, saturation: float, gain: float,
@@ -729,7 +751,8 @@ def _psf_tiles(N: np.ndarray, R: np.ndarray, psfs: PSFMatch, config: SubtractCon
     span = tile_fwhm_span(N, R, px_, py_, tile_boxes(shape, config.psf_tile_px))
     if span <= config.psf_tile_min_change:  # NaN (a tile short of stars): measure them
         return [whole], [psfs.fwhm_n]
-    split = tile_psfs(N, R, px_, py_, h, whole, config.psf_tile_px, config.psf.max_stars, config.psf.min_stars)
+    split = tile_psfs(N, R, px_, py_, h, whole, config.psf_tile_px, config.psf.max_stars, config.psf.min_stars,
+                      psfs.plan)
     fw_n = [measure_fwhm(t.P_n) for t in split]
     if max(relative_span(fw_n), relative_span([measure_fwhm(t.P_r) for t in split])) > config.psf_tile_min_change:
         return split, fw_n

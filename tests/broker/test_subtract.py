@@ -10,6 +10,8 @@ from scipy.stats import norm
 
 from broker.candidate import CUTOUT_SIZE
 from broker.errors import BadPixelFraction, ReferenceUnavailable
+from broker.psf import gaussian_psf
+from broker.reference import build_reference
 from broker.subtract import SubtractConfig, saturation_mask, scattered_blanks, subtract_and_detect
 from tests.broker.conftest import make_frame, make_reference, make_sky
 
@@ -398,3 +400,36 @@ def test_independent_noise_check():
     check_independent_noise(float("nan"), "f")  # no blank sky: nothing measured, nothing refused
     with pytest.raises(ReferenceUnavailable, match="frame f's own exposure"):
         check_independent_noise(SHARED_NOISE_STD * 0.99, "f")
+
+
+def _expected_snr(flux: float, fwhm_n: float, fwhm_r: float, sigma: float) -> float:
+    """ZOGY's point-source S/N on blank sky (equal background noise sigma in both images, F_r = 1)."""
+    pn = np.abs(np.fft.fft2(gaussian_psf(fwhm_n, 40), (256, 256))) ** 2
+    pr = np.abs(np.fft.fft2(gaussian_psf(fwhm_r, 40), (256, 256))) ** 2
+    return float(flux * np.sqrt((pn * pr / (sigma ** 2 * (pr + pn))).sum() / 256 ** 2))
+
+
+@pytest.mark.parametrize(("fwhm_n", "fwhm_r"), [(3.0, 9.0), (9.0, 3.0)])
+def test_seeing_three_times_worse_in_one_image(fwhm_n, fwhm_r):
+    """A reference of 9 px seeing against a 3 px frame, and the reverse: sources found at their S/N.
+
+    They gave a blank-sky S_corr std of 1.97 (1.82), 16 (20) false candidates and 0 (4) of 9 sources
+    of expected S/N 10: the stacked PSFs took neighbours' light and the flux ratio was 0.85 (1.09).
+    """
+    sky = make_sky(7, SHAPE, 60)
+    pos = [(60.3, 70.7), (190.8, 60.2), (128.5, 200.4), (40.2, 180.6), (200.7, 190.3), (128.2, 128.8),
+           (90.6, 30.4), (220.3, 120.5), (30.5, 120.2)]
+    flux = 10.0 / _expected_snr(1.0, fwhm_n, fwhm_r, np.sqrt(225.0))
+    sci = make_frame(8, SHAPE, sky, fwhm=fwhm_n, extra=[(x, y, flux) for x, y in pos], frame_id="sci",
+                     mjd=60010.0, saturation=60000.0)
+    ref = build_reference([make_frame(20, SHAPE, sky, fwhm=fwhm_r, frame_id="r", saturation=60000.0)])
+    res = subtract_and_detect(sci, ref, keep_images=True)
+    assert 0.9 < res.diagnostics["scorr_std"] < 1.2
+    assert res.diagnostics["flux_ratio"] == pytest.approx(1.0, abs=0.05)
+    dets = [c.detection for c in res.candidates]
+    # every candidate is a source (one, by a bright star, centred 3.8 px off it)
+    assert all(min(np.hypot(d.x - x, d.y - y) for x, y in pos) < 4.0 for d in dets)
+    assert sum(any(np.hypot(d.x - x, d.y - y) < 2.0 for d in dets) for x, y in pos) >= 8
+    S = res.images["S_corr"]
+    peaks = [S[round(y) - 1:round(y) + 2, round(x) - 1:round(x) + 2].max() for x, y in pos]
+    assert np.median(peaks) > 8.0
