@@ -458,6 +458,15 @@ class WatchlistQuota(BrokerError):
     reason = "watchlist_quota"
 
 
+class JobQuota(BrokerError):
+    """An asynchronous TAP job past the jobs one client, or the server, may keep (HTTP 409).
+
+    ``streams.web.uws.JobStore``: the message says the limit; deleting a job makes room.
+    """
+
+    reason = "job_quota"
+
+
 class UnsupportedMediaType(InvalidQuery):
     """An upload whose content type is not FITS (``application/fits``) or a multipart form (HTTP 415)."""
 

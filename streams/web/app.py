@@ -65,6 +65,7 @@ STATUS: dict[type[errors.BrokerError], int] = {
     errors.TooManyPixels: 413,
     errors.UnsupportedMediaType: 415,
     errors.WatchlistQuota: 409,
+    errors.JobQuota: 409,
 }
 #: Largest body of a request other than an upload (bytes): labels and other small JSON.
 SMALL_BODY_BYTES = 64 * 1024
@@ -192,7 +193,7 @@ class BodyLimit:
     counted as it streams, and 413 is answered when it passes the limit (the application then
     sees the client gone). The limit is ``upload_bytes`` for ``POST /api/v1/frames``,
     :data:`WATCHLIST_BYTES` for ``POST /api/v1/crossmatch`` and ``PUT /api/v1/watchlists/{name}``,
-    :data:`TAP_BODY_BYTES` for ``POST /api/v1/tap/sync``, :data:`SMALL_BODY_BYTES` otherwise.
+    :data:`TAP_BODY_BYTES` for ``POST /api/v1/tap/sync`` and ``/async``, :data:`SMALL_BODY_BYTES` otherwise.
     """
 
     def __init__(self, app: ASGIApp, upload_bytes: int) -> None:
@@ -204,7 +205,7 @@ class BodyLimit:
         path = scope["path"].rstrip("/") if scope["method"] in ("POST", "PUT") else ""
         if scope["method"] == "POST" and path == "/api/v1/frames":
             return self.upload_bytes + MULTIPART_SLACK_BYTES
-        if scope["method"] == "POST" and path == "/api/v1/tap/sync":
+        if scope["method"] == "POST" and path in ("/api/v1/tap/sync", "/api/v1/tap/async"):
             return TAP_BODY_BYTES
         if (scope["method"] == "POST" and path == "/api/v1/crossmatch") or (
                 scope["method"] == "PUT" and path.startswith("/api/v1/watchlists/")):
@@ -338,7 +339,7 @@ def create_portal(config: WebConfig) -> Portal:
 
 def create_app(config: WebConfig) -> FastAPI:
     """The portal's application: REST API, upload, pages, live stream and vetting over ``config``."""
-    from streams.web import api, lightcurves, saved_watchlists, tap, upload, vo, watchlists
+    from streams.web import api, lightcurves, saved_watchlists, tap, tap_async, upload, vo, watchlists
 
     portal = create_portal(config)
 
@@ -363,6 +364,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.include_router(api.metrics_router)
     app.include_router(upload.router)
     app.include_router(vo.router)
+    app.include_router(tap_async.router)
     app.include_router(tap.router)
     app.include_router(watchlists.router)
     app.include_router(saved_watchlists.router)

@@ -116,6 +116,24 @@ class WebConfig:
     tap_memory_mb : int
         Memory DuckDB may use for one thread's TAP queries (MiB, its ``memory_limit``; nothing is
         spilled to disk); a query that needs more is answered with an error. Default 1024.
+    tap_jobs : int
+        Asynchronous TAP jobs (``/api/v1/tap/async``, UWS) kept at once, of all clients (count),
+        whatever their phase; a new one beyond is refused (409) until one is deleted or destroyed.
+        Default 100.
+    tap_jobs_per_client : int
+        Jobs one client (its token, else its address) may keep at once (count); 409 beyond.
+        Default 10: a TOPCAT session's queries of an hour.
+    tap_job_results_mb : int
+        Most memory the results of all kept jobs may hold (MiB): a job whose result would pass it
+        ends in phase ERROR saying so. Default 256: six results of ``tap_max_maxrec`` rows (~40 MB).
+    tap_job_destruction_s : float
+        Time from a job's creation to its destruction (s), the job and its result deleted then.
+        Default 3600 (1 h); a client may set it earlier, or later up to ``tap_job_max_destruction_s``.
+    tap_job_max_destruction_s : float
+        Longest time from a job's creation to its destruction a client may set (s). Default 86,400 (1 day).
+    tap_job_wait_s : float
+        Longest a blocking ``GET`` of a job (UWS 1.1 ``WAIT``) waits for its phase to change (s).
+        Default 60: within a proxy's usual read timeout.
     """
 
     host: str = "127.0.0.1"
@@ -149,6 +167,12 @@ class WebConfig:
     tap_max_maxrec: int = 50_000
     tap_timeout_s: float = 30.0
     tap_memory_mb: int = 1024
+    tap_jobs: int = 100
+    tap_jobs_per_client: int = 10
+    tap_job_results_mb: int = 256
+    tap_job_destruction_s: float = 3600.0
+    tap_job_max_destruction_s: float = 86_400.0
+    tap_job_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -163,6 +187,10 @@ class WebConfig:
         if not (0 <= self.tap_maxrec <= self.tap_max_maxrec and self.tap_timeout_s > 0 and self.tap_memory_mb >= 16):
             raise ConfigError("TAP limits need 0 <= tap_maxrec <= tap_max_maxrec, tap_timeout_s > 0 and "
                               "tap_memory_mb >= 16")
+        if not (1 <= self.tap_jobs_per_client <= self.tap_jobs and self.tap_job_results_mb >= 1
+                and 0 < self.tap_job_destruction_s <= self.tap_job_max_destruction_s and self.tap_job_wait_s > 0):
+            raise ConfigError("TAP jobs need 1 <= tap_jobs_per_client <= tap_jobs, tap_job_results_mb >= 1, "
+                              "0 < tap_job_destruction_s <= tap_job_max_destruction_s and tap_job_wait_s > 0")
         if not self.max_expansion > 1:
             raise ConfigError(f"max_expansion must be > 1, not {self.max_expansion}")
         if "*" in self.cors_origins:

@@ -1,12 +1,12 @@
-"""The archive as an IVOA Table Access Protocol service (TAP 1.1, synchronous) at ``/api/v1/tap``.
+"""The archive as an IVOA Table Access Protocol service (TAP 1.1) at ``/api/v1/tap``: synchronous queries.
 
 TOPCAT, pyvo (``TAPService(url).run_sync(adql)``), astroquery and STILTS (``tapquery sync=true``)
 query the archive in ADQL: ``GET|POST /api/v1/tap/sync`` with ``QUERY``, ``LANG=ADQL``
 (``REQUEST=doQuery``, optional in TAP 1.1), ``MAXREC`` and ``FORMAT``/``RESPONSEFORMAT``
 (``votable``, the default, or ``csv``), parameter names in any case (DALI). The VOSI resources
 ``/capabilities``, ``/availability`` and ``/tables`` describe it, and the ``TAP_SCHEMA`` tables
-are queryable (:mod:`streams.web.tap_schema`). There is no ``/async`` (UWS) endpoint, as the
-capabilities say.
+are queryable (:mod:`streams.web.tap_schema`). The same queries run as asynchronous jobs (UWS 1.1)
+at ``/async`` (:mod:`streams.web.tap_async`), through :func:`execute` as here.
 
 A query is checked and translated by :mod:`streams.web.adql` (one SELECT over the published
 tables), then run on a DuckDB connection of its own per pool thread (:class:`TapView`) with a
@@ -101,6 +101,38 @@ def parse_request(params: Mapping[str, list[str]], config: WebConfig) -> TapQuer
     return TapQuery(query, min(maxrec, config.tap_max_maxrec), fmt in CSV_FORMATS)
 
 
+class Stop:
+    """The abort of a running query from another thread (``PHASE=ABORT`` of an asynchronous job).
+
+    :meth:`TapView.run` attaches its interrupt while the query runs; :meth:`request` calls it, at
+    once if the query runs, or as soon as it starts.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._interrupt: Any = None
+        self._lock = threading.Lock()
+
+    def attach(self, interrupt: Any) -> None:
+        """Hold the running query's ``interrupt()``, called now if an abort was already requested."""
+        with self._lock:
+            self._interrupt = interrupt
+            if self.requested:
+                interrupt()
+
+    def detach(self) -> None:
+        """Forget the query's interrupt (it ended)."""
+        with self._lock:
+            self._interrupt = None
+
+    def request(self) -> None:
+        """Abort: interrupt the query if one runs, and any started later."""
+        with self._lock:
+            self.requested = True
+            if self._interrupt is not None:
+                self._interrupt()
+
+
 class TapView(ArchiveView):
     """The archive's DuckDB view for TAP queries: a connection per thread, limited, with ``TAP_SCHEMA`` registered.
 
@@ -127,23 +159,34 @@ class TapView(ArchiveView):
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
 
-    def run(self, sql: str) -> pa.Table:
-        """The result of ``sql``, interrupted after ``tap_timeout_s`` (InvalidQuery then, or ArchiveError)."""
+    def run(self, sql: str, stop: Stop | None = None, timeout_s: float | None = None) -> pa.Table:
+        """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
+
+        ``timeout_s`` is at most ``tap_timeout_s`` (the default); ``stop`` interrupts it from another
+        thread (an asynchronous job aborted), which is InvalidQuery too.
+        """
         import duckdb
 
         con, files = self._connection()
         fired = threading.Event()
+        limit_s = min(timeout_s or self.config.tap_timeout_s, self.config.tap_timeout_s)
 
         def interrupt() -> None:
             fired.set()
             con.interrupt()
 
-        timer = threading.Timer(self.config.tap_timeout_s, interrupt)
+        timer = threading.Timer(limit_s, interrupt)
         timer.start()
         try:
+            if stop is not None:
+                stop.attach(interrupt)
+                if stop.requested:
+                    raise InvalidQuery("the job was aborted before its query ran")
             return con.sql(sql).to_arrow_table()
         except duckdb.InterruptException:
-            raise InvalidQuery(f"the query ran past this service's time limit of {self.config.tap_timeout_s:g} s: "
+            if stop is not None and stop.requested:
+                raise InvalidQuery("the job was aborted while its query ran") from None
+            raise InvalidQuery(f"the query ran past this service's time limit of {limit_s:g} s: "
                                "select fewer rows (a CONTAINS cone, a narrower WHERE) or join less") from None
         except duckdb.OutOfMemoryException:
             raise InvalidQuery(f"the query needed more than this service's {self.config.tap_memory_mb} MiB of "
@@ -152,6 +195,8 @@ class TapView(ArchiveView):
             raise self.archive._error(exc, files) from None
         finally:
             timer.cancel()
+            if stop is not None:
+                stop.detach()
             if fired.is_set():  # an interrupt may outlive its query: this connection is not used again
                 self._forget()
 
@@ -212,29 +257,48 @@ def result_csv(table: pa.Table, translation: adql.Translation, maxrec: int) -> b
     return out.getvalue().encode()
 
 
-def execute(portal: Portal, params: Mapping[str, list[str]]) -> tuple[bytes, str]:
-    """The answer to a synchronous TAP request (body, media type): its result, or its error as a VOTable."""
+@dataclass(frozen=True)
+class TapAnswer:
+    """The answer to a TAP query: its body, media type, and the error's message (None: a result)."""
+
+    body: bytes
+    media_type: str
+    error: str | None = None
+
+
+def execute(portal: Portal, params: Mapping[str, list[str]], stop: Stop | None = None,
+            timeout_s: float | None = None) -> TapAnswer:
+    """The answer to a TAP query, synchronous or a job's: its result, or its error as a VOTable.
+
+    ``stop`` and ``timeout_s`` are those of :meth:`TapView.run` (an asynchronous job's abort and
+    execution duration).
+    """
     try:
         request = parse_request(params, portal.config)
         translation = adql.translate(request.query, tap_schema.published(), request.maxrec)
-        table = tap_view(portal).run(translation.sql)
+        table = tap_view(portal).run(translation.sql, stop, timeout_s)
         if request.csv:
-            return result_csv(table, translation, request.maxrec), CSV_TYPE
-        return result_votable(table, translation, request.maxrec), VOTABLE_TYPE
+            return TapAnswer(result_csv(table, translation, request.maxrec), CSV_TYPE)
+        return TapAnswer(result_votable(table, translation, request.maxrec), VOTABLE_TYPE)
     except BrokerError as exc:
-        return error_votable(exc), VOTABLE_TYPE
+        return TapAnswer(error_votable(exc), VOTABLE_TYPE, error_message(exc))
     except Exception as exc:  # a fault of ours: logged, and the client told so, never a trace
         log.exception("TAP query failed")
-        return vo.votable([("QUERY_STATUS", "ERROR", f"internal error of the service ({type(exc).__name__}); "
-                            "it is logged")]), VOTABLE_TYPE
+        message = f"internal error of the service ({type(exc).__name__}); it is logged"
+        return TapAnswer(vo.votable([("QUERY_STATUS", "ERROR", message)]), VOTABLE_TYPE, message)
+
+
+def error_message(exc: BrokerError) -> str:
+    """The message of a query's error as the client reads it: one printable line of at most 2,000 characters."""
+    message = printable(" ".join(str(exc).split()))[:2000]
+    if isinstance(exc, ArchiveError) and message.startswith("query failed: "):
+        message = "DuckDB refused the translated query: " + message.removeprefix("query failed: ")
+    return message
 
 
 def error_votable(exc: BrokerError) -> bytes:
     """The DALI error document of ``exc``: ``QUERY_STATUS`` ``ERROR`` with its message."""
-    message = printable(" ".join(str(exc).split()))[:2000]
-    if isinstance(exc, ArchiveError) and message.startswith("query failed: "):
-        message = "DuckDB refused the translated query: " + message.removeprefix("query failed: ")
-    return vo.votable([("QUERY_STATUS", "ERROR", message)])
+    return vo.votable([("QUERY_STATUS", "ERROR", error_message(exc))])
 
 
 def _openapi() -> dict:
@@ -290,8 +354,8 @@ async def _sync(request: Request) -> Response:
         params = await _params(request)
     except Exception as exc:  # a body the form parser refuses (a broken multipart)
         return Response(error_votable(InvalidQuery(f"the request body is not a form: {exc}")), media_type=VOTABLE_TYPE)
-    body, media_type = await portal.run(execute, portal, params)
-    return Response(body, media_type=media_type)
+    answer = await portal.run(execute, portal, params)
+    return Response(answer.body, media_type=answer.media_type)
 
 
 def _base(request: Request) -> str:
@@ -306,10 +370,11 @@ async def base(request: Request, who: Reader) -> Response:
 
 @router.get("/capabilities", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})
 async def capabilities(request: Request, who: Reader) -> Response:
-    """VOSI capabilities: TAP 1.1 (synchronous), ADQL 2.0 and its geometry, VOTable and CSV, the row limits."""
+    """VOSI capabilities: TAP 1.1 (sync and async), ADQL 2.0 and its geometry, VOTable and CSV, the limits."""
     cfg = portal_of(request).config
-    return Response(tap_schema.capabilities_xml(_base(request), cfg.tap_maxrec, cfg.tap_max_maxrec),
-                    media_type=XML_TYPE)
+    return Response(tap_schema.capabilities_xml(_base(request), cfg.tap_maxrec, cfg.tap_max_maxrec,
+                                                (cfg.tap_job_destruction_s, cfg.tap_job_max_destruction_s),
+                                                cfg.tap_timeout_s), media_type=XML_TYPE)
 
 
 @router.get("/availability", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})

@@ -242,10 +242,12 @@ def tables_xml() -> bytes:
 GEOMETRY = ("POINT", "CIRCLE", "CONTAINS", "INTERSECTS", "DISTANCE", "COORD1", "COORD2")
 
 
-def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int) -> bytes:
-    """The VOSI ``capabilities`` document: TAP 1.1 (synchronous only), ADQL 2.0, VOTable and CSV, the row limits.
+def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_s: tuple[float, float] = (3600, 86400),
+                     execution_s: float = 30) -> bytes:
+    """The VOSI ``capabilities`` document: TAP 1.1 (``/sync`` and ``/async``), ADQL 2.0, VOTable and CSV, the limits.
 
-    ``base`` is the service's URL (``.../api/v1/tap``).
+    ``base`` is the service's URL (``.../api/v1/tap``); ``retention_s`` the default and longest
+    life of an asynchronous job (s), ``execution_s`` the longest a query runs (s).
     """
     def interface(url: str, role: str = "", use: str = "full") -> str:
         extra = f' role="{role}" version="1.1"' if role else ""
@@ -262,12 +264,15 @@ def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int) -> bytes:
             f'<capability standardID="ivo://ivoa.net/std/TAP" xsi:type="tr:TableAccess">'
             f'{interface(base, "std", "base")}'
             '<language><name>ADQL</name><version ivo-id="ivo://ivoa.net/std/ADQL#v2.0">2.0</version>'
-            "<description>ADQL 2.0 (with LOWER, UPPER, COALESCE, CAST, ILIKE and OFFSET of 2.1); synchronous "
-            "queries only (/sync): no /async (UWS) endpoint. BOX, POLYGON and REGION are not computed.</description>"
+            "<description>ADQL 2.0 (with LOWER, UPPER, COALESCE, CAST, ILIKE and OFFSET of 2.1). "
+            "BOX, POLYGON and REGION are not computed.</description>"
             f'<languageFeatures type="ivo://ivoa.net/std/TAPRegExt#features-adqlgeo">{features}</languageFeatures>'
             "</language>"
             "<outputFormat><mime>application/x-votable+xml</mime><alias>votable</alias></outputFormat>"
             '<outputFormat><mime>text/csv;header=present</mime><alias>csv</alias></outputFormat>'
+            f'<retentionPeriod><default>{retention_s[0]:.0f}</default><hard>{retention_s[1]:.0f}</hard>'
+            f"</retentionPeriod><executionDuration><default>{execution_s:.0f}</default><hard>{execution_s:.0f}</hard>"
+            "</executionDuration>"
             f'<outputLimit><default unit="row">{default_maxrec}</default><hard unit="row">{max_maxrec}</hard>'
             f"</outputLimit></capability>{vosi}</vosi:capabilities>").encode()
 

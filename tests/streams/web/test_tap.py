@@ -277,11 +277,12 @@ def test_stilts_tapquery_reads_the_archive_as_topcat_does(portal_config):
         found = _stilts("tapquery", tap, "sync=true", "ofmt=csv",
                         "adql=SELECT object_id, n_alerts FROM broker.objects ORDER BY n_alerts DESC, object_id")
         refused = _stilts("tapquery", tap, "sync=true", "ofmt=csv", "adql=SELECT * FROM read_csv('/etc/passwd')")
-        lint = _stilts("taplint", tap, "stages=TMV TME TMS TMC CPV CAP AVV QGE QPO MDQ", "report=EWF")
+        lint = _stilts("taplint", tap, "stages=TMV TME TMS TMC CPV CAP AVV QGE QPO QAS UWS MDQ", "report=EWF")
     assert found.returncode == 0, found.stderr
     rows = list(csv.DictReader(io.StringIO(found.stdout)))
     assert len(rows) == len(POSITIONS) and rows[0]["n_alerts"] == "3"
     assert refused.returncode != 0 and "table functions are not read" in refused.stdout + refused.stderr
+    assert "Section QAS" in lint.stdout and "Section UWS" in lint.stdout  # async queries and UWS jobs checked
     assert "Totals: Errors: 0; Warnings: 0; Failures: 0" in lint.stdout, lint.stdout[-3000:]
 
 

@@ -1,0 +1,296 @@
+"""Asynchronous TAP jobs as IVOA's Universal Worker Service (UWS 1.1) has them: the jobs kept, bounded, and their XML.
+
+A job is made by ``POST /api/v1/tap/async`` (:mod:`streams.web.tap_async`), kept in memory by the
+portal's :class:`JobStore` and run by it on request (``PHASE=RUN``) through the same path as a
+synchronous query (:func:`streams.web.tap.execute`). Its phases: ``PENDING`` (made, not run),
+``QUEUED`` (waiting for a slot of costly work), ``EXECUTING``, then ``COMPLETED`` (a result),
+``ERROR`` (the ERROR VOTable) or ``ABORTED``. Everything kept is bounded: the jobs of all clients
+(``WebConfig.tap_jobs``) and of one (``tap_jobs_per_client``), 409 beyond (:class:`~broker.errors.JobQuota`);
+the bytes of the results (``tap_job_results_mb``), a result past them ending its job in ``ERROR``;
+each parameter's length; and each job's life, destroyed at its destruction time
+(``tap_job_destruction_s`` after its creation by default), checked at every use of the store.
+
+Only the event loop touches the store (no lock): the work runs in the portal's pool and its
+outcome is recorded when the loop resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from xml.sax.saxutils import escape, quoteattr
+
+from broker.errors import InvalidQuery, JobQuota, NotFound
+from streams.web.adql import MAX_QUERY_CHARS
+from streams.web.config import WebConfig
+from streams.web.tap import Stop, TapAnswer
+
+#: The phases of UWS 1.1; a job here is in one of the first six.
+PHASES = ("PENDING", "QUEUED", "EXECUTING", "COMPLETED", "ERROR", "ABORTED", "UNKNOWN", "HELD", "SUSPENDED",
+          "ARCHIVED")
+#: Phases a job leaves no more.
+FINAL = frozenset({"COMPLETED", "ERROR", "ABORTED"})
+#: Phases a blocking GET (``WAIT``) waits in.
+ACTIVE = frozenset({"PENDING", "QUEUED", "EXECUTING"})
+#: The TAP parameters a job keeps (names upper-cased, DALI); others are ignored, as DALI asks.
+KEPT = ("REQUEST", "LANG", "QUERY", "MAXREC", "FORMAT", "RESPONSEFORMAT", "UPLOAD", "RUNID")
+#: Longest value of a kept parameter other than ``QUERY`` (characters).
+MAX_VALUE_CHARS = 256
+#: A job's id: 16 hex digits (64 random bits).
+ID_CHARS = 16
+UWS_NS = "http://www.ivoa.net/xml/UWS/v1.0"
+_XMLNS = f'xmlns:uws="{UWS_NS}" xmlns:xlink="http://www.w3.org/1999/xlink" ' \
+         'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"'
+
+
+def iso(t: float | None) -> str | None:
+    """A Unix time (s) as UWS writes it (ISO 8601, UTC, milliseconds); None stays None."""
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse_iso(text: str) -> float:
+    """A Unix time (s) of an ISO 8601 time (``Z``, an offset or none: UTC); InvalidQuery otherwise."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidQuery(f"{text[:60]!r} is not an ISO 8601 time (e.g. 2026-12-07T15:00:00Z)") from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def kept_parameters(params: dict[str, list[str]]) -> dict[str, str]:
+    """The TAP parameters of a job's request (the first value of each of :data:`KEPT`), checked for length.
+
+    Raises
+    ------
+    InvalidQuery
+        A ``QUERY`` over :data:`~streams.web.adql.MAX_QUERY_CHARS` characters or another value over
+        :data:`MAX_VALUE_CHARS` (HTTP 400: a job keeps its parameters for its whole life).
+    """
+    kept = {name: params[name][0] for name in KEPT if params.get(name)}
+    for name, value in kept.items():
+        most = MAX_QUERY_CHARS if name == "QUERY" else MAX_VALUE_CHARS
+        if len(value) > most:
+            raise InvalidQuery(f"{name} is {len(value)} characters; a job keeps at most {most}")
+    return kept
+
+
+@dataclass
+class Job:
+    """One asynchronous query: who made it, its parameters, its phase and times (Unix s), its outcome."""
+
+    job_id: str
+    owner: str
+    owner_name: str
+    parameters: dict[str, str]
+    created: float
+    destruction: float
+    execution_s: float
+    phase: str = "PENDING"
+    started: float | None = None
+    ended: float | None = None
+    answer: TapAnswer | None = None
+    stop: Stop = field(default_factory=Stop)
+    task: asyncio.Task[None] | None = None
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def move(self, phase: str, now: float | None = None) -> None:
+        """Enter ``phase`` (its start or end time set), waking the requests waiting for a change."""
+        now = time.time() if now is None else now
+        self.phase = phase
+        if phase == "EXECUTING":
+            self.started = now
+        elif phase in FINAL:
+            self.ended = now
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    @property
+    def result_bytes(self) -> int:
+        """Bytes the job's outcome holds."""
+        return len(self.answer.body) if self.answer is not None else 0
+
+
+class JobStore:
+    """The portal's jobs, bounded in number (in all and per client), in result bytes and in life.
+
+    Parameters
+    ----------
+    config : WebConfig
+        ``tap_jobs``, ``tap_jobs_per_client``, ``tap_job_results_mb``, ``tap_job_destruction_s``,
+        ``tap_job_max_destruction_s`` and ``tap_timeout_s`` (a job's execution duration).
+    clock : callable
+        The time now (Unix s); ``time.time`` by default.
+    """
+
+    def __init__(self, config: WebConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.jobs: dict[str, Job] = {}
+
+    def create(self, owner: str, owner_name: str, params: dict[str, list[str]]) -> Job:
+        """A new ``PENDING`` job of ``owner`` (a client key) with the request's TAP parameters.
+
+        Raises
+        ------
+        JobQuota
+            The owner, or the server, keeps the most jobs it may (HTTP 409).
+        InvalidQuery
+            A parameter too long (:func:`kept_parameters`).
+        """
+        kept = kept_parameters(params)
+        self.expire()
+        mine = sum(1 for job in self.jobs.values() if job.owner == owner)
+        if mine >= self.config.tap_jobs_per_client:
+            raise JobQuota(f"you keep {mine} TAP jobs, the most one client may (tap_jobs_per_client); delete one "
+                           "(DELETE /api/v1/tap/async/{id}) or wait for its destruction")
+        if len(self.jobs) >= self.config.tap_jobs:
+            raise JobQuota(f"this server keeps {len(self.jobs)} TAP jobs, the most it takes (tap_jobs); retry "
+                           "once some are deleted or destroyed, or query synchronously (/api/v1/tap/sync)")
+        now = self.clock()
+        job = Job(secrets.token_hex(ID_CHARS // 2), owner, owner_name, kept, now,
+                  now + self.config.tap_job_destruction_s, self.config.tap_timeout_s)
+        self.jobs[job.job_id] = job
+        return job
+
+    def update(self, job: Job, params: dict[str, list[str]]) -> None:
+        """Change a PENDING job's TAP parameters (and ``RUNID``) to those given; others are kept.
+
+        Raises
+        ------
+        InvalidQuery
+            The job no longer PENDING, or a parameter too long (HTTP 400).
+        """
+        kept = kept_parameters(params)
+        if job.phase != "PENDING":
+            raise InvalidQuery(f"the job is {job.phase}: its parameters are set only while PENDING")
+        job.parameters.update(kept)
+
+    def get(self, job_id: str, owner: str) -> Job:
+        """The job ``job_id`` of ``owner``: NotFound (HTTP 404) for an unknown id, a destroyed job, or another's."""
+        self.expire()
+        job = self.jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise NotFound(f"no TAP job {job_id[:40]!r} of yours (unknown, deleted or destroyed)")
+        return job
+
+    def owned(self, owner: str) -> list[Job]:
+        """The jobs of ``owner``, oldest first."""
+        self.expire()
+        return [job for job in self.jobs.values() if job.owner == owner]
+
+    def delete(self, job: Job) -> None:
+        """Abort ``job`` if it runs, and forget it and its result."""
+        if job.phase not in FINAL:
+            self.abort(job)
+        self.jobs.pop(job.job_id, None)
+
+    def abort(self, job: Job) -> None:
+        """End a job not yet ended in ``ABORTED``, interrupting its query (a finished job is left as it is)."""
+        if job.phase in FINAL:
+            return
+        job.stop.request()
+        if job.task is not None and job.phase in ("PENDING", "QUEUED"):
+            job.task.cancel()  # waiting for a slot: no query of it runs
+        job.move("ABORTED", self.clock())
+
+    def expire(self) -> None:
+        """Destroy the jobs whose destruction time has passed."""
+        now = self.clock()
+        for job in [j for j in self.jobs.values() if j.destruction <= now]:
+            self.delete(job)
+
+    def set_destruction(self, job: Job, text: str) -> None:
+        """Move ``job``'s destruction to the ISO 8601 time ``text``, between now and the longest allowed.
+
+        Raises
+        ------
+        InvalidQuery
+            Not a time, or a time past (HTTP 400); a time later than ``tap_job_max_destruction_s``
+            after its creation is cut to it, as UWS lets a server do.
+        """
+        when = parse_iso(text)
+        if when <= self.clock():
+            raise InvalidQuery(f"DESTRUCTION={text[:60]!r} is past; delete the job instead "
+                               "(DELETE /api/v1/tap/async/{id})")
+        job.destruction = min(when, job.created + self.config.tap_job_max_destruction_s)
+
+    def set_execution(self, job: Job, text: str) -> None:
+        """Set ``job``'s execution duration (s) before it runs: at most ``tap_timeout_s`` (0 or more: that).
+
+        Raises
+        ------
+        InvalidQuery
+            Not a whole number of seconds, or the job no longer ``PENDING`` (HTTP 400).
+        """
+        if not text.strip().isdigit() or len(text.strip()) > 12:
+            raise InvalidQuery(f"EXECUTIONDURATION={text[:40]!r} is not a whole number of seconds >= 0")
+        if job.phase != "PENDING":
+            raise InvalidQuery(f"the job is {job.phase}: its execution duration is set only while PENDING")
+        seconds = int(text.strip())
+        job.execution_s = min(seconds, self.config.tap_timeout_s) if seconds > 0 else self.config.tap_timeout_s
+
+    def room_for(self, job: Job, size: int) -> bool:
+        """Whether a result of ``size`` bytes for ``job`` keeps the results within ``tap_job_results_mb``."""
+        held = sum(j.result_bytes for j in self.jobs.values() if j is not job)
+        return held + size <= self.config.tap_job_results_mb * 1024 * 1024
+
+    def close(self) -> None:
+        """Cancel the jobs' tasks (the application stops)."""
+        for job in self.jobs.values():
+            if job.task is not None:
+                job.task.cancel()
+
+
+def _el(name: str, value: str | None) -> str:
+    if value is None:
+        return f'<uws:{name} xsi:nil="true"/>'
+    return f"<uws:{name}>{escape(value)}</uws:{name}>"
+
+
+def parameters_xml(job: Job, inner: bool = False) -> str:
+    """The job's ``uws:parameters`` element (``inner``: without the XML declaration and namespaces)."""
+    params = "".join(f"<uws:parameter id={quoteattr(name.lower())}>{escape(value)}</uws:parameter>"
+                     for name, value in job.parameters.items() if name != "RUNID")
+    return f"<uws:parameters>{params}</uws:parameters>" if inner else \
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:parameters {_XMLNS}>{params}</uws:parameters>'
+
+
+def results_xml(job: Job, url: str, inner: bool = False) -> str:
+    """The job's ``uws:results``: ``result`` (its VOTable or CSV at ``url/results/result``) once COMPLETED."""
+    result = ""
+    if job.phase == "COMPLETED" and job.answer is not None:
+        result = (f'<uws:result id="result" xlink:type="simple" xlink:href={quoteattr(url + "/results/result")} '
+                  f"mime-type={quoteattr(job.answer.media_type)} size=\"{job.result_bytes}\"/>")
+    return f"<uws:results>{result}</uws:results>" if inner else \
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:results {_XMLNS}>{result}</uws:results>'
+
+
+def job_xml(job: Job, url: str) -> bytes:
+    """The UWS 1.1 job document of ``job``, whose URL is ``url``."""
+    error = ""
+    if job.phase == "ERROR" and job.answer is not None:
+        error = (f'<uws:errorSummary type="fatal" hasDetail="true">'
+                 f"<uws:message>{escape(job.answer.error or '')}</uws:message></uws:errorSummary>")
+    run_id = _el("runId", job.parameters["RUNID"]) if "RUNID" in job.parameters else ""
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:job version="1.1" {_XMLNS}>'
+            f"{_el('jobId', job.job_id)}{run_id}{_el('ownerId', job.owner_name)}{_el('phase', job.phase)}"
+            f"{_el('quote', None)}{_el('creationTime', iso(job.created))}{_el('startTime', iso(job.started))}"
+            f"{_el('endTime', iso(job.ended))}{_el('executionDuration', f'{job.execution_s:.0f}')}"
+            f"{_el('destruction', iso(job.destruction))}{parameters_xml(job, True)}{results_xml(job, url, True)}"
+            f"{error}</uws:job>").encode()
+
+
+def jobs_xml(jobs: Iterable[Job], base: str) -> bytes:
+    """The UWS 1.1 job list of ``jobs``, each a ``jobref`` to ``base/{id}`` with its phase and creation time."""
+    refs = "".join(f"<uws:jobref id={quoteattr(job.job_id)} xlink:type=\"simple\" "
+                   f"xlink:href={quoteattr(f'{base}/{job.job_id}')}>{_el('phase', job.phase)}"
+                   + (_el("runId", job.parameters["RUNID"]) if "RUNID" in job.parameters else "")
+                   + f"{_el('ownerId', job.owner_name)}{_el('creationTime', iso(job.created))}</uws:jobref>"
+                   for job in jobs)
+    return f'<?xml version="1.0" encoding="UTF-8"?>\n<uws:jobs version="1.1" {_XMLNS}>{refs}</uws:jobs>'.encode()
