@@ -58,7 +58,21 @@ def start(portal: Portal, store: JobStore, job: Job) -> None:
 
 
 async def _run(portal: Portal, store: JobStore, job: Job) -> None:
-    """Run ``job`` in a slot of costly work (waiting for one, ``QUEUED``), and record its outcome."""
+    """Run ``job`` in a slot of costly work (waiting for one, ``QUEUED``), and record its outcome.
+
+    A fault of ours ends it in ``ERROR`` (logged), never leaves it ``EXECUTING``.
+    """
+    try:
+        await _work(portal, store, job)
+    except Exception as exc:
+        log.exception("TAP job %s failed", job.job_id)
+        if job.phase not in uws.FINAL:
+            message = f"internal error of the service ({type(exc).__name__}); it is logged"
+            job.answer = tap.TapAnswer(tap.error_votable(InvalidQuery(message)), tap.VOTABLE_TYPE, message)
+            job.move("ERROR")
+
+
+async def _work(portal: Portal, store: JobStore, job: Job) -> None:
     params = {name: [value] for name, value in job.parameters.items()}
     while True:
         try:

@@ -8,7 +8,8 @@ synchronous query (:func:`streams.web.tap.execute`). Its phases: ``PENDING`` (ma
 (``WebConfig.tap_jobs``) and of one (``tap_jobs_per_client``), 409 beyond (:class:`~broker.errors.JobQuota`);
 the bytes of the results (``tap_job_results_mb``), a result past them ending its job in ``ERROR``;
 each parameter's length; and each job's life, destroyed at its destruction time
-(``tap_job_destruction_s`` after its creation by default), checked at every use of the store.
+(``tap_job_destruction_s`` after its creation by default) by a timer of the event loop, and
+checked again at every use of the store.
 
 Only the event loop touches the store (no lock): the work runs in the portal's pool and its
 outcome is recorded when the loop resumes.
@@ -97,6 +98,7 @@ class Job:
     answer: TapAnswer | None = None
     stop: Stop = field(default_factory=Stop)
     task: asyncio.Task[None] | None = None
+    reaper: asyncio.TimerHandle | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def move(self, phase: str, now: float | None = None) -> None:
@@ -156,7 +158,18 @@ class JobStore:
         job = Job(secrets.token_hex(ID_CHARS // 2), owner, owner_name, kept, now,
                   now + self.config.tap_job_destruction_s, self.config.tap_timeout_s)
         self.jobs[job.job_id] = job
+        self._reap_at(job)
         return job
+
+    def _reap_at(self, job: Job) -> None:
+        """Have the event loop destroy the store's expired jobs at ``job``'s destruction (none without a loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # used outside the application: destroyed at the next use of the store
+        if job.reaper is not None:
+            job.reaper.cancel()
+        job.reaper = loop.call_later(max(job.destruction - self.clock(), 0.0), self.expire)
 
     def update(self, job: Job, params: dict[str, list[str]]) -> None:
         """Change a PENDING job's TAP parameters (and ``RUNID``) to those given; others are kept.
@@ -188,6 +201,8 @@ class JobStore:
         """Abort ``job`` if it runs, and forget it and its result."""
         if job.phase not in FINAL:
             self.abort(job)
+        if job.reaper is not None:
+            job.reaper.cancel()
         self.jobs.pop(job.job_id, None)
 
     def abort(self, job: Job) -> None:
@@ -219,6 +234,7 @@ class JobStore:
             raise InvalidQuery(f"DESTRUCTION={text[:60]!r} is past; delete the job instead "
                                "(DELETE /api/v1/tap/async/{id})")
         job.destruction = min(when, job.created + self.config.tap_job_max_destruction_s)
+        self._reap_at(job)
 
     def set_execution(self, job: Job, text: str) -> None:
         """Set ``job``'s execution duration (s) before it runs: at most ``tap_timeout_s`` (0 or more: that).
@@ -241,10 +257,11 @@ class JobStore:
         return held + size <= self.config.tap_job_results_mb * 1024 * 1024
 
     def close(self) -> None:
-        """Cancel the jobs' tasks (the application stops)."""
+        """Cancel the jobs' tasks and timers (the application stops)."""
         for job in self.jobs.values():
-            if job.task is not None:
-                job.task.cancel()
+            for pending in (job.task, job.reaper):
+                if pending is not None:
+                    pending.cancel()
 
 
 def _el(name: str, value: str | None) -> str:
