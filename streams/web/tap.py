@@ -58,7 +58,7 @@ _DATATYPES = {pa.int8(): "short", pa.int16(): "short", pa.uint8(): "short", pa.i
 
 @dataclass(frozen=True)
 class TapQuery:
-    """A synchronous TAP request: the ADQL, the most rows answered, and the answer's format."""
+    """A TAP request (synchronous or a job's): the ADQL, the most rows answered, and the answer's format."""
 
     query: str
     maxrec: int
