@@ -229,7 +229,7 @@ def test_a_wait_is_bounded_and_ends_when_the_phase_changes(portal_config):
         assert 0.9 < time.monotonic() - start < 5
         start = time.monotonic()
         assert _uws(client.get(job, params={"WAIT": "-1", "PHASE": "QUEUED"}).text, "phase") == "PENDING"
-        assert time.monotonic() - start < 0.5  # not in that phase: answered at once
+        assert time.monotonic() - start < 0.9  # not in that phase: answered at once, not after the 1 s wait
 
 
 def test_concurrent_runs_of_one_job_run_it_once(client, monkeypatch):
