@@ -315,7 +315,7 @@ def _openapi() -> dict:
 MAX_FORM_FIELDS = 64
 
 
-async def _params(request: Request) -> dict[str, list[str]]:
+async def request_params(request: Request) -> dict[str, list[str]]:
     """The request's parameters, query string and form body, names upper-cased (DALI)."""
     params: dict[str, list[str]] = {}
     items = list(request.query_params.multi_items())
@@ -351,7 +351,7 @@ async def sync_post(request: Request, who: CostlyReader) -> Response:
 async def _sync(request: Request) -> Response:
     portal = portal_of(request)
     try:
-        params = await _params(request)
+        params = await request_params(request)
     except Exception as exc:  # a body the form parser refuses (a broken multipart)
         return Response(error_votable(InvalidQuery(f"the request body is not a form: {exc}")), media_type=VOTABLE_TYPE)
     answer = await portal.run(execute, portal, params)

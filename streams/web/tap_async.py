@@ -121,7 +121,7 @@ def _only(params: dict[str, list[str]], name: str) -> str:
 async def create(request: Request, who: Reader) -> RedirectResponse:
     """Make a TAP job of the query's parameters (those of ``/sync``); ``PHASE=RUN`` runs it at once."""
     portal = portal_of(request)
-    params = await tap._params(request)
+    params = await tap.request_params(request)
     phase = tap._one(params, "PHASE")
     if phase is not None and phase.upper() != "RUN":
         raise InvalidQuery(f"PHASE={phase[:40]!r}: a new job takes only PHASE=RUN")
@@ -135,7 +135,7 @@ async def create(request: Request, who: Reader) -> RedirectResponse:
 @router.get("", name="async_jobs", response_class=Response, responses=_XML)
 async def jobs(request: Request, who: Reader) -> Response:
     """The caller's jobs, oldest first (UWS 1.1: ``PHASE`` any number of times, ``AFTER`` a time, ``LAST`` n)."""
-    params = await tap._params(request)
+    params = await tap.request_params(request)
     listed = job_store(portal_of(request)).owned(client_key(request))
     phases = {p.upper() for p in params.get("PHASE", [])}
     if phases - set(uws.PHASES):
@@ -162,7 +162,7 @@ def _wait_s(text: str, most: float) -> float:
 @router.get("/{job_id}", name="async_job", response_class=Response, responses=_XML)
 async def job(request: Request, who: Reader, job_id: str) -> Response:
     """The UWS job document; with ``WAIT`` (and ``PHASE``), answered once the phase changes or the wait ends."""
-    params = await tap._params(request)
+    params = await tap.request_params(request)
     found = _job(request, job_id)
     wait = tap._one(params, "WAIT")
     phase = tap._one(params, "PHASE")
@@ -188,7 +188,7 @@ async def delete(request: Request, who: Reader, job_id: str) -> RedirectResponse
 async def post_job(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """``ACTION=DELETE``: delete the job, as ``DELETE`` does (303 to the list); nothing else is taken."""
     found = _job(request, job_id)
-    action = _only(await tap._params(request), "ACTION")
+    action = _only(await tap.request_params(request), "ACTION")
     if action.upper() != "DELETE":
         raise InvalidQuery(f"ACTION={action[:40]!r}: a job takes ACTION=DELETE")
     return await delete(request, who, found.job_id)
@@ -204,7 +204,7 @@ async def phase(request: Request, who: Reader, job_id: str) -> Response:
 async def set_phase(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """``PHASE=RUN`` (a PENDING job queued to run; else nothing) or ``ABORT``: 303 to the job."""
     found = _job(request, job_id)
-    value = _only(await tap._params(request), "PHASE").upper()
+    value = _only(await tap.request_params(request), "PHASE").upper()
     portal = portal_of(request)
     if value == "RUN":
         start(portal, job_store(portal), found)
@@ -225,7 +225,7 @@ async def execution(request: Request, who: Reader, job_id: str) -> Response:
 async def set_execution(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """``EXECUTIONDURATION`` (s) of a PENDING job, cut to the service's limit (0: the limit): 303 to the job."""
     found = _job(request, job_id)
-    job_store(portal_of(request)).set_execution(found, _only(await tap._params(request), "EXECUTIONDURATION"))
+    job_store(portal_of(request)).set_execution(found, _only(await tap.request_params(request), "EXECUTIONDURATION"))
     return _see_other(_job_url(request, found))
 
 
@@ -239,7 +239,7 @@ async def destruction(request: Request, who: Reader, job_id: str) -> Response:
 async def set_destruction(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """``DESTRUCTION`` (ISO 8601): not past, cut to ``tap_job_max_destruction_s`` after creation; 303 to the job."""
     found = _job(request, job_id)
-    job_store(portal_of(request)).set_destruction(found, _only(await tap._params(request), "DESTRUCTION"))
+    job_store(portal_of(request)).set_destruction(found, _only(await tap.request_params(request), "DESTRUCTION"))
     return _see_other(_job_url(request, found))
 
 
@@ -266,7 +266,7 @@ async def parameters(request: Request, who: Reader, job_id: str) -> Response:
 async def set_parameters(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """Change a PENDING job's TAP parameters (``QUERY``, ``MAXREC``, ``FORMAT``, ``RUNID``...): 303 to the job."""
     found = _job(request, job_id)
-    job_store(portal_of(request)).update(found, await tap._params(request))
+    job_store(portal_of(request)).update(found, await tap.request_params(request))
     return _see_other(_job_url(request, found))
 
 
