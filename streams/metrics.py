@@ -226,6 +226,7 @@ class ConsumerLag:
 #: Why the gateway closed a connection before admitting it (``broker_gateway_refused_total{reason}``).
 GATEWAY_REFUSALS = (
     "too_many_unauthenticated",  # its address already has MAX_UNAUTHENTICATED connections not authenticated
+    "too_many_logins",  # a PLAIN login while MAX_PENDING_DERIVATIONS others derive their keys or wait to
     "tls_handshake",  # the TLS handshake failed (no TLS, an untrusted or missing client certificate, cut)
     "tls_timeout",  # no TLS handshake within auth_timeout_s
     "auth_timeout",  # not authenticated within auth_timeout_s after it (without SASL: no first bytes)
