@@ -11,7 +11,8 @@ broker").
 
 Served: ``PUT`` (with ``If-None-Match: *`` and ``If-Match``, tansu's optimistic concurrency, and
 ``x-amz-copy-source``), ``GET`` and ``HEAD`` (``Range``, ``If-Match``, ``If-None-Match``), ``DELETE``,
-``POST ?delete`` and ``ListObjectsV2``. Anything else is answered 501 and logged; a body over
+``POST ?delete`` and ``ListObjectsV2``. Another request of a method served is answered 501 and logged, another
+method 405 ``MethodNotAllowed``; errors are S3's XML, those of the HTTP layer too; a body over
 ``MAX_BODY_BYTES`` or a malformed ``Content-Length`` is answered 413 / 400 before it is read; a key
 over ``MAX_KEY_BYTES``, a NUL, a malformed chunk, delete XML, ``max-keys`` or token 400; a malformed
 ``Range`` is ignored, as S3 ignores it. Every write is one
@@ -29,6 +30,7 @@ import re
 import threading
 import urllib.parse
 from datetime import datetime, timezone
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from xml.etree import ElementTree
@@ -64,6 +66,14 @@ MAX_BODY_BYTES = 4 * MAX_MESSAGE_BYTES
 MAX_KEY_BYTES = 1024
 
 
+#: The methods served (``Allow`` of a 405).
+_ALLOWED = "GET, HEAD, PUT, DELETE, POST"
+#: S3's status and code for each error of the HTTP layer (:meth:`_Handler.send_error`); 501, a method not served,
+#: is S3's 405 ``MethodNotAllowed``. Any other status keeps its number, code ``InvalidRequest``.
+_HTTP_ERRORS = {501: (405, "MethodNotAllowed"), 400: (400, "BadRequest"), 414: (414, "KeyTooLongError"),
+                431: (400, "RequestHeaderSectionTooLarge"), 505: (400, "BadRequest")}
+
+
 class _Refused(Exception):
     """A request answered with an S3 error before its body is read: (status, code, message)."""
 
@@ -86,6 +96,7 @@ class _Handler(BaseHTTPRequestHandler):
     """One client connection (keep-alive), with a database connection of its own."""
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # a malformed request line is answered with a status line (0.9 has none)
     server: _Server
 
     def setup(self) -> None:
@@ -149,6 +160,22 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if body and not head:
             self.wfile.write(body)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """An error of the HTTP layer (method, request line, headers) in S3's XML, and the connection closed.
+
+        :class:`BaseHTTPRequestHandler` answered with an HTML page: 501 for a method not served, which
+        is S3's 405 ``MethodNotAllowed`` here (with ``Allow``); the others (400, 414, 431, 505) keep
+        their status, with the code of :data:`_HTTP_ERRORS`.
+        """
+        status, s3_code = _HTTP_ERRORS.get(int(code), (int(code), "InvalidRequest"))
+        self.close_connection = True
+        headers = {"Connection": "close", **({"Allow": _ALLOWED} if status == 405 else {})}
+        text = message or HTTPStatus(status).phrase
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{s3_code}</Code>'
+               f"<Message>{escape(text)}</Message></Error>")
+        self._reply(status, xml.encode(), {"Content-Type": "application/xml", **headers},
+                    head=self.command == "HEAD")
 
     def _error(self, status: int, code: str, message: str = "", head: bool = False) -> None:
         xml = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'

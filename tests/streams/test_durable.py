@@ -290,3 +290,37 @@ def test_malformed_requests_are_4xx_not_a_503_to_retry_and_the_server_serves_on(
         assert call("/b/k", Range="bytes=2-4") == (206, call("/b/k", Range="bytes=2-4")[1], b"234")  # still serving
         assert call("/b/" + "k" * 1024, "PUT", b"x")[0] == 200  # S3's longest key
         conn.close()
+
+
+def test_an_unknown_method_or_a_malformed_request_line_is_an_s3_xml_error(dsn):
+    """``PATCH``, ``OPTIONS``, ``BREW``: 405 ``MethodNotAllowed`` in S3's XML, with ``Allow``; a bad line 400 in XML.
+
+    They got Python's 501 HTML page (``Error code: 501``), which no S3 client reads as an error.
+    """
+    import socket
+    from xml.etree import ElementTree
+
+    with ObjectServer(dsn) as server:
+        host, port = server.endpoint.split("//")[1].split(":")
+        answers = {}
+        for request in (b"PATCH /b/k HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"OPTIONS /b/k HTTP/1.1\r\n\r\n",
+                        b"BREW /b/k HTTP/1.1\r\n\r\n", b"GET /b/k HTTP/1.1 extra\r\n\r\n"):
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(request)
+                reply = b""
+                while chunk := sock.recv(4096):  # the connection is closed after the answer
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            lines = head.decode().split("\r\n")
+            headers = dict(line.split(": ", 1) for line in lines[1:])
+            error = ElementTree.fromstring(body)
+            answers[request.split(b" ")[0].decode()] = (int(lines[0].split(" ")[1]), error.findtext("Code"),
+                                                        headers["Content-Type"], headers.get("Allow"))
+        allowed = "GET, HEAD, PUT, DELETE, POST"
+        assert answers == {"PATCH": (405, "MethodNotAllowed", "application/xml", allowed),
+                           "OPTIONS": (405, "MethodNotAllowed", "application/xml", allowed),
+                           "BREW": (405, "MethodNotAllowed", "application/xml", allowed),
+                           "GET": (400, "BadRequest", "application/xml", None)}
+        conn, call = _client(server.endpoint)
+        assert call("/b/k", "PUT", b"x")[0] == 200 and call("/b/k") == (200, call("/b/k")[1], b"x")  # serving on
+        conn.close()
