@@ -11,8 +11,9 @@ schema gets the same id, in any subject), look it up (``POST /subjects/{s}``), f
 (``GET /schemas/ids/{id}``) and a subject's versions (``GET /subjects/{s}/versions[/{v}|latest]``),
 list subjects, read the global compatibility level. Errors, those of the HTTP layer too, are JSON
 with Confluent's ``error_code`` (40401 subject, 40402 version, 40403 schema not found, 42201 invalid
-schema, 405 method, 41101 chunked body, 41301 body too large). It checks no
-compatibility between versions and keeps nothing on disk.
+schema, 405 method, 41101 chunked body, 41301 body too large, 42205 no room for a new schema or
+subject, 503 over :data:`MAX_CONNECTIONS` connections). It checks no compatibility between versions
+and keeps nothing on disk.
 
 Its ids do not depend on its history: a schema's id is drawn from the SHA-256 of its compact JSON
 (:func:`stable_id`), and every alert schema version of the repository is known by id from the start
@@ -23,6 +24,7 @@ counted from 1 again, its id was unknown, or another version's after the alert s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -50,6 +52,19 @@ REQUEST_TIMEOUT_S = 30.0
 #: recursion limit stopped deeper ones at whichever step of a request ran out of stack first: a schema 981-982
 #: levels deep was parsed, then its compact form raised RecursionError, a 500.
 MAX_SCHEMA_DEPTH = 64
+#: Most connections served at once (count), a thread each: one beyond is answered 503 (``error_code`` 503, with
+#: ``Retry-After``) from the accepting thread and closed, unread. Nothing bounded them: each connection was a
+#: thread, held up to :data:`REQUEST_TIMEOUT_S` by a silent client. The pipeline's stages ask a few at a time.
+MAX_CONNECTIONS = 64
+#: Most schemas kept (count), the repository's alert versions (known from the start) among them: a new one
+#: beyond is refused 422 (``error_code`` 42205, Confluent's "operation not permitted"); one already kept is
+#: registered as before. A pipeline registers a handful.
+MAX_SCHEMAS = 1000
+#: Most subjects (count): a registration under a new subject beyond is refused 422 (42205).
+MAX_SUBJECTS = 1000
+#: Most bytes of schema text kept, all schemas together (each is kept as sent and compacted): a new schema beyond
+#: is refused 422 (42205). :data:`MAX_SCHEMAS` bodies of :data:`MAX_BODY` would be 8 GiB; an alert schema is ~15 kB.
+MAX_SCHEMA_BYTES = 64 * 1024 * 1024
 
 
 def stable_id(key: str) -> int:
@@ -71,6 +86,7 @@ class RegistryStore:
         self.ids: dict[str, int] = {}  # compact schema JSON -> id
         self.schemas: dict[int, str] = {}  # id -> schema text as registered first
         self.subjects: dict[str, list[int]] = {}  # subject -> schema id of each version (version = index + 1)
+        self.schema_bytes = 0  # characters of the schemas' texts and compact forms (MAX_SCHEMA_BYTES)
         for text in _alert_schemas() if known is None else known:
             self._id(_compact(text), text)
 
@@ -82,12 +98,32 @@ class RegistryStore:
             while sid in self.schemas:  # two schemas of one 31-bit hash: the next free id
                 sid = sid % 0x7FFFFFFF + 1
             self.ids[key], self.schemas[sid] = sid, text
+            self.schema_bytes += len(key) + len(text)
         return sid
 
+    def _check_room(self, subject: str, key: str, text: str) -> None:
+        """Refuse (422, 42205) a registration the registry has no room for (call with the lock held).
+
+        ``text`` (compact form ``key``) a new schema past :data:`MAX_SCHEMAS` or :data:`MAX_SCHEMA_BYTES`, or
+        ``subject`` a new subject past :data:`MAX_SUBJECTS`.
+        """
+        if key not in self.ids:
+            if len(self.schemas) >= MAX_SCHEMAS:
+                raise _Error(422, 42205, f"the registry keeps {MAX_SCHEMAS} schemas at most: no new one")
+            if self.schema_bytes + len(key) + len(text) > MAX_SCHEMA_BYTES:
+                raise _Error(422, 42205, f"the registry keeps {MAX_SCHEMA_BYTES} bytes of schemas at most: "
+                             "no new one")
+        if subject not in self.subjects and len(self.subjects) >= MAX_SUBJECTS:
+            raise _Error(422, 42205, f"the registry keeps {MAX_SUBJECTS} subjects at most: no new one")
+
     def register(self, subject: str, text: str) -> int:
-        """Id of ``text`` (:func:`stable_id` for a new schema), added to ``subject`` unless it holds it."""
+        """Id of ``text`` (:func:`stable_id` for a new schema), added to ``subject`` unless it holds it.
+
+        Raises ``_Error`` 422 (42205) past :data:`MAX_SCHEMAS`, :data:`MAX_SCHEMA_BYTES` or :data:`MAX_SUBJECTS`.
+        """
         key = _compact(text)
         with self.lock:
+            self._check_room(subject, key, text)
             sid = self._id(key, text)
             versions = self.subjects.setdefault(subject, [])
             if sid not in versions:
@@ -323,7 +359,32 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    """The HTTP server: a thread per connection, :data:`MAX_CONNECTIONS` at once; one more is answered 503."""
+
     daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(address, handler)
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve ``request`` on a thread of its own while one of :data:`MAX_CONNECTIONS` is free, else refuse it."""
+        if not self.slots.acquire(blocking=False):
+            _refuse(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve ``request`` (on its thread), then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request: socket.socket | tuple[bytes, socket.socket], client_address: object) -> None:
         """A client gone before its answer is no error of the server: socketserver printed a traceback for each."""
@@ -332,6 +393,25 @@ class _Server(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError):
             return
         super().handle_error(request, client_address)
+
+
+def _refuse(sock: socket.socket) -> None:
+    """Answer 503 (the registry's JSON, ``Retry-After: 1``) on ``sock`` without waiting (the accepting thread's call).
+
+    What the client has sent already is read first (not answered): closing a socket over unread bytes
+    resets the connection, and a client could lose the answer.
+    """
+    body = json.dumps({"error_code": 503, "message": f"the registry serves {MAX_CONNECTIONS} connections at "
+                       "once: try again"}).encode()
+    head = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: {CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.recv(1 << 16)
+        sock.send(head + body)  # a fresh socket's send buffer takes it whole
+    except OSError:
+        pass
 
 
 class EmbeddedRegistry:

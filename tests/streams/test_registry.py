@@ -317,3 +317,75 @@ def test_a_client_dribbling_its_request_is_cut_off_at_the_request_timeout_in_all
     assert elapsed < 2.5, elapsed
     if stage == "body":
         assert answer.split(b" ")[1] == b"408" and json.loads(answer.partition(b"\r\n\r\n")[2])["error_code"] == 40801
+
+
+def test_connections_beyond_max_connections_are_503_in_the_registrys_format_not_a_thread_each(monkeypatch):
+    """With ``MAX_CONNECTIONS`` held by silent clients, a request is 503 (``Retry-After``); served again once they go.
+
+    Each connection was a thread of its own, with no bound: silent clients held as many threads as
+    they opened connections, each for up to ``REQUEST_TIMEOUT_S``.
+    """
+    import socket
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    import streams.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MAX_CONNECTIONS", 2, raising=False)
+    with EmbeddedRegistry() as registry:
+        url = urlsplit(registry.url)
+        before = threading.active_count()
+        silent = [socket.create_connection((url.hostname, url.port), timeout=10) for _ in range(2)]
+        answers = [_raw(registry.url, b"GET /subjects HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(20)]
+        assert threading.active_count() <= before + 2  # a thread for each silent one, none for the refused
+        for sock in silent:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while (answer := _raw(registry.url, b"GET /subjects HTTP/1.0\r\n\r\n")).split(b" ")[1] == b"503":
+            assert time.monotonic() < deadline, "the silent connections' threads were not freed"
+            time.sleep(0.05)
+    assert answer.split(b" ")[1] == b"200" and json.loads(answer.partition(b"\r\n\r\n")[2]) == []
+    for refused in answers:
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"503" and b"\r\nRetry-After: 1" in head, refused[:200]
+        assert json.loads(body)["error_code"] == 503
+
+
+def _record(n: int) -> Schema:
+    return Schema(json.dumps({"type": "record", "name": f"R{n}", "fields": [{"name": "a", "type": "long"}]}), "AVRO")
+
+
+def test_schemas_subjects_and_schema_bytes_past_their_bounds_are_422_42205(monkeypatch):
+    """A new schema past ``MAX_SCHEMAS`` or ``MAX_SCHEMA_BYTES``, a new subject past ``MAX_SUBJECTS``: 422, 42205.
+
+    Nothing bounded them: every registration of a new schema (up to 4 MiB) or subject was kept for the
+    registry's life. What is kept already is registered, looked up and served as before.
+    """
+    import streams.registry as registry_module
+
+    with EmbeddedRegistry() as registry:
+        client = SchemaRegistryClient({"url": registry.url})
+        monkeypatch.setattr(registry_module, "MAX_SCHEMAS", len(registry.store.schemas) + 2, raising=False)
+        monkeypatch.setattr(registry_module, "MAX_SUBJECTS", 3, raising=False)
+        first, second = (client.register_schema("a-value", _record(n)) for n in (1, 2))
+        refused = []
+        for call in (lambda: client.register_schema("a-value", _record(3)),  # a third new schema
+                     lambda: client.register_schema("b-value", _record(1)),  # kept: a second subject
+                     lambda: client.register_schema("c-value", Schema(schema_json(), "AVRO")),  # known from start
+                     lambda: client.register_schema("d-value", _record(2))):  # a fourth subject
+            try:
+                call()
+            except SchemaRegistryError as err:
+                refused.append((err.http_status_code, err.error_code))
+            else:
+                refused.append(None)
+        assert refused == [(422, 42205), None, None, (422, 42205)]
+        assert client.lookup_schema("a-value", _record(2)).schema_id == second
+        assert sorted(client.get_subjects()) == ["a-value", "b-value", "c-value"]
+        monkeypatch.setattr(registry_module, "MAX_SCHEMAS", 10_000)
+        monkeypatch.setattr(registry_module, "MAX_SCHEMA_BYTES", registry.store.schema_bytes + 100)
+        with pytest.raises(SchemaRegistryError) as err:
+            client.register_schema("a-value", _record(4))  # ~140 bytes, twice
+        assert err.value.error_code == 42205 and "bytes of schemas" in err.value.error_message
+        assert client.get_schema(first).schema_str == _record(1).schema_str
