@@ -146,6 +146,10 @@ class TapView(ArchiveView):
     def __init__(self, archive: Any, config: WebConfig) -> None:
         super().__init__(archive)
         self.config = config
+        self._objects_lock = threading.Lock()
+        self._objects: tuple[tuple, pa.Table] | None = None
+        #: Times ``broker.objects`` was grouped from the alerts: once per commit a query over it saw.
+        self.groupings = 0
 
     def _opened(self, con: Any) -> None:
         """Limit the connection's memory (no spilling to disk), register ``TAP_SCHEMA``, shut off every other file."""
@@ -159,9 +163,29 @@ class TapView(ArchiveView):
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
 
-    def run(self, sql: str, stop: Stop | None = None, timeout_s: float | None = None) -> pa.Table:
+    def _objects_of(self, con: Any, files: list) -> pa.Table:
+        """``broker.objects``' rows over ``files``: grouped by the first query after a commit, then shared."""
+        key = tuple((f.path, f.rows) for f in files)
+        with self._objects_lock:  # one thread groups, the others wait for its rows
+            if self._objects is None or self._objects[0] != key:
+                self._objects = (key, con.sql(tap_schema.OBJECTS_SQL).to_arrow_table())
+                self.groupings += 1
+            return self._objects[1]
+
+    def _register_objects(self, con: Any, files: list) -> None:
+        """Make ``con``'s ``tap_objects`` the rows of the archive's current commit (an Arrow table, not copied)."""
+        table = self._objects_of(con, files)
+        registered = getattr(self._local, "objects", None)
+        if registered is None or registered[0] is not con or registered[1] is not table:
+            con.register(tap_schema.OBJECTS_TABLE, table)
+            self._local.objects = (con, table)
+
+    def run(self, sql: str, tables: tuple[str, ...] = (), stop: Stop | None = None,
+            timeout_s: float | None = None) -> pa.Table:
         """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
 
+        ``tables`` are the published tables it reads: with ``broker.objects``, its rows are those of
+        the archive's current commit, grouped once per commit (:meth:`_objects_of`, under the time limit).
         ``timeout_s`` is at most ``tap_timeout_s`` (the default); ``stop`` interrupts it from another
         thread (an asynchronous job aborted), which is InvalidQuery too.
         """
@@ -182,6 +206,8 @@ class TapView(ArchiveView):
                 stop.attach(interrupt)
                 if stop.requested:
                     raise InvalidQuery("the job was aborted before its query ran")
+            if "broker.objects" in tables:
+                self._register_objects(con, files)
             return con.sql(sql).to_arrow_table()
         except duckdb.InterruptException:
             if stop is not None and stop.requested:
@@ -276,7 +302,7 @@ def execute(portal: Portal, params: Mapping[str, list[str]], stop: Stop | None =
     try:
         request = parse_request(params, portal.config)
         translation = adql.translate(request.query, tap_schema.published(), request.maxrec)
-        table = tap_view(portal).run(translation.sql, stop, timeout_s)
+        table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s)
         if request.csv:
             return TapAnswer(result_csv(table, translation, request.maxrec), CSV_TYPE)
         return TapAnswer(result_votable(table, translation, request.maxrec), VOTABLE_TYPE)

@@ -107,9 +107,16 @@ _OBJECT_COLUMNS: tuple[tuple[TapColumn, str], ...] = (
     (_c("max_anomaly", "DOUBLE", None, "stat.probability", "highest anomaly score of its alerts"), "max(anomaly)"),
 )
 
+#: Name of the (Arrow) DuckDB table ``broker.objects`` reads: :data:`OBJECTS_SQL`'s rows, grouped once per commit.
+OBJECTS_TABLE = "tap_objects"
+
 
 def _select(columns: tuple[tuple[TapColumn, str], ...], rest: str) -> str:
     return "SELECT " + ", ".join(f'{sql} AS "{c.name}"' for c, sql in columns) + f" {rest}"
+
+
+#: DuckDB query grouping the archive's alerts into ``broker.objects``' rows (``streams.web.tap.TapView``).
+OBJECTS_SQL = _select(_OBJECT_COLUMNS, "FROM alerts GROUP BY object_id")
 
 
 def _meta(name: str, datatype: str, description: str, principal: bool = True) -> TapColumn:
@@ -146,9 +153,9 @@ SCHEMAS = (("broker", "the broker's alert archive"), ("TAP_SCHEMA", "the tables 
 TABLES: tuple[TapTable, ...] = (
     TapTable("broker", "broker.alerts", "archived alerts, one row per alert id (its first archived copy); no cutouts",
              tuple(c for c, _ in _ALERT_COLUMNS), _select(_ALERT_COLUMNS, "FROM alerts")),
-    TapTable("broker", "broker.objects", "objects, one row per object over its archived alerts (grouped at each "
-             "query: a query over every object reads every alert)", tuple(c for c, _ in _OBJECT_COLUMNS),
-             _select(_OBJECT_COLUMNS, "FROM alerts GROUP BY object_id")),
+    TapTable("broker", "broker.objects", "objects, one row per object over its archived alerts (grouped once per "
+             "archive commit)", tuple(c for c, _ in _OBJECT_COLUMNS),
+             "SELECT " + ", ".join(f'"{c.name}"' for c, _ in _OBJECT_COLUMNS) + f" FROM {OBJECTS_TABLE}"),
     *(TapTable("TAP_SCHEMA", f"TAP_SCHEMA.{name}", f"TAP_SCHEMA {name}", columns,
                f"SELECT * FROM {REGISTERED[name]}") for name, columns in _TAP_SCHEMA.items()),
 )
