@@ -1,6 +1,7 @@
 """Portal benchmark: latency of the object page's API call and of cone searches over an archive (``broker serve``).
 
     python -m bench.portal [--state-dir var/demo/state] [--requests 200] [--clients 8] [--synthetic 100000]
+                           [--tap-requests 20] [--synthetic-only]
 
 Starts ``broker serve`` on the state folder (by default the one ``broker demo`` leaves) in its own
 process, then times over HTTP, from this process with httpx:
@@ -15,11 +16,17 @@ process, then times over HTTP, from this process with httpx:
   at random (radius 2 arcsec): the whole archive's positions matched per request, the first 1,000
   matches (the default ``limit``) answered.
 
+- TAP (``GET /api/v1/tap/sync``, ADQL) side by side with its REST/SCS equivalent over the same
+  positions: a 1 deg ``CONTAINS`` cone (also through pyvo's ``TAPService.run_sync``, whose VOTable
+  parsing by astropy is counted), the newest 100 alerts, the objects in 0.1 deg
+  (``broker.objects``), an aggregate over every object, and 10,000 full rows (``MAXREC=10000``,
+  ``--tap-requests`` of those only, as of the aggregate).
+
 Each endpoint: ``--requests`` requests one after the other (p50, p95 latency in ms, requests/s of one
 client), then the same number spread over ``--clients`` concurrent clients (requests/s). With
 ``--synthetic N``, the same over an archive of N alerts written by ``bench/archive.py`` (~5 alerts an
 object in 100 deg^2, cutouts of 64 random bytes; no history), to see how the latency grows with the
-archive. Writes BENCHMARKS.md section ``portal``.
+archive; ``--synthetic-only`` leaves the demo's state out. Writes BENCHMARKS.md section ``portal``.
 """
 
 from __future__ import annotations
@@ -31,7 +38,9 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -65,19 +74,40 @@ def start_server(state_dir: Path, port: int, *options: str) -> subprocess.Popen:
     raise RuntimeError("broker serve did not answer within 120 s")
 
 
-#: A request of a workload: a GET of its URL, or a POST of (URL, CSV body).
-Call = str | tuple[str, str]
+@dataclass(frozen=True)
+class Pyvo:
+    """A TAP query made by pyvo (``TAPService.run_sync``): the ADQL and MAXREC."""
+
+    adql: str
+    maxrec: int
+
+    def service(self, base: str):  # noqa: ANN201 (pyvo is imported here only)
+        """The portal at ``base`` as pyvo's TAP service."""
+        import pyvo
+
+        return pyvo.dal.TAPService(base.rstrip("/") + "/api/v1/tap")
+
+
+#: A request of a workload: a GET of its URL, a POST of (URL, CSV body), or a pyvo TAP query.
+Call = str | tuple[str, str] | Pyvo
 
 
 def timed(client: httpx.Client, call: Call) -> float:
-    """Seconds one request takes (the body read); raises on a non-200 answer."""
+    """Seconds one request takes (the body read); raises on a non-200 answer or a TAP ERROR."""
     t0 = time.perf_counter()
+    if isinstance(call, Pyvo):
+        service = call.service(str(client.base_url))
+        result = service.run_sync(call.adql, maxrec=call.maxrec)
+        assert len(result) > 0, call.adql
+        return time.perf_counter() - t0
     if isinstance(call, str):
         response = client.get(call)
     else:
         response = client.post(call[0], content=call[1], headers={"content-type": "text/csv"})
     elapsed = time.perf_counter() - t0
     response.raise_for_status()
+    if b'name="QUERY_STATUS" value="ERROR"' in response.content[:4000]:
+        raise RuntimeError(f"TAP error for {call}: {response.text[:600]}")
     return elapsed
 
 
@@ -124,6 +154,9 @@ def workloads(archive: Archive, n: int, seed: int) -> dict[str, list[Call]]:
         "objects in 0.1 deg, VOTable: `GET /api/v1/scs/objects`": [
             f"/api/v1/scs/objects?RA={p['ra']:.6f}&DEC={p['dec']:.6f}&SR=0.1&MAXREC=1000" for p in picks],
         "latest 50: `GET /api/v1/alerts?limit=50`": ["/api/v1/alerts?limit=50"] * n,
+        "latest 100: `GET /api/v1/alerts?limit=100`": ["/api/v1/alerts?limit=100"] * n,
+        "objects in 0.1 deg: `GET /api/v1/objects`": [
+            f"/api/v1/objects?ra={p['ra']:.6f}&dec={p['dec']:.6f}&radius_arcsec=360&limit=1000" for p in picks],
         "watchlist of 1,000 targets: `POST /api/v1/crossmatch`": [
             ("/api/v1/crossmatch", _watchlist([pos[i] for i in rng.integers(len(pos), size=1000)]))
             for _ in range(n)],
@@ -136,8 +169,61 @@ def _watchlist(targets: list[dict]) -> str:
                                       for i, p in enumerate(targets))
 
 
-def run(state_dir: Path, requests: int, clients: int, seed: int) -> tuple[list[str], int, int]:
-    """The table rows of one state folder, its alerts and objects."""
+def tap(adql: str, maxrec: int) -> str:
+    """The URL of a synchronous TAP query (VOTable)."""
+    return "/api/v1/tap/sync?" + urllib.parse.urlencode({"QUERY": adql, "LANG": "ADQL", "MAXREC": maxrec})
+
+
+def _cone_adql(p: dict, r_deg: float, table: str = "broker.alerts", columns: str = "*") -> str:
+    return (f"SELECT TOP 1000 {columns} FROM {table} WHERE CONTAINS(POINT('ICRS', ra, dec), "
+            f"CIRCLE('ICRS', {p['ra']:.6f}, {p['dec']:.6f}, {r_deg:g})) = 1")
+
+
+#: Columns of the objects' cone, as ``/api/v1/objects`` answers them.
+_OBJECT_COLUMNS = "object_id, ra, dec, n_alerts, first_mjd, last_mjd, last_mag, last_band, max_rb, max_anomaly"
+
+
+def tap_workloads(archive: Archive, n: int, heavy: int, seed: int) -> dict[str, tuple[list[Call], str | None]]:
+    """The TAP requests, each with the name of its REST/SCS counterpart in :func:`workloads` (or None)."""
+    rng = np.random.default_rng(seed)
+    pos = archive.query("SELECT ra, dec FROM alerts").to_pylist()
+    picks = [pos[i] for i in rng.integers(len(pos), size=n)]
+    return {
+        "TAP cone 1 deg, `CONTAINS(POINT, CIRCLE)`, TOP 1000": (
+            [tap(_cone_adql(p, 1.0), 1000) for p in picks], "cone 1 deg: `GET /api/v1/cone`"),
+        "the same through pyvo `TAPService.run_sync` (astropy parses the VOTable)": (
+            [Pyvo(_cone_adql(p, 1.0), 1000) for p in picks[:heavy]], "cone 1 deg, VOTable: `GET /api/v1/scs`"),
+        "TAP newest 100, `SELECT TOP 100 * ... ORDER BY mjd DESC`": (
+            [tap("SELECT TOP 100 * FROM broker.alerts ORDER BY mjd DESC", 100)] * n,
+            "latest 100: `GET /api/v1/alerts?limit=100`"),
+        "TAP objects in 0.1 deg, `broker.objects` cone, TOP 1000": (
+            [tap(_cone_adql(p, 0.1, "broker.objects", _OBJECT_COLUMNS), 1000) for p in picks],
+            "objects in 0.1 deg: `GET /api/v1/objects`"),
+        "TAP aggregate over every object, `SELECT COUNT(*), AVG(n_alerts), MAX(last_mjd) FROM broker.objects`": (
+            [tap("SELECT COUNT(*) AS n, AVG(n_alerts) AS mean_alerts, MAX(last_mjd) AS last FROM broker.objects",
+                 10)] * heavy, None),
+        "TAP 10,000 full rows, `SELECT * FROM broker.alerts`, MAXREC=10000 (VOTable)": (
+            [tap("SELECT * FROM broker.alerts", 10_000)] * heavy, None),
+        "TAP 10,000 full rows, the same as CSV": (
+            [tap("SELECT * FROM broker.alerts", 10_000) + "&FORMAT=csv"] * heavy, None),
+    }
+
+
+def _row(name: str, v: dict) -> str:
+    return f"| {name} | {v['p50']:.1f} | {v['p95']:.1f} | {v['mean']:.1f} | {v['rps1']:.0f} | {v['rpsN']:.0f} |"
+
+
+def _tap_row(name: str, v: dict, rest: str | None, rows: dict) -> str:
+    if rest is None:
+        return f"| {name} | {v['p50']:.1f} | {v['p95']:.1f} | {v['n']} | | |"
+    r = rows[rest]
+    return (f"| {name} | {v['p50']:.1f} | {v['p95']:.1f} | {v['n']} | {rest} ({r['p50']:.1f}, {r['p95']:.1f}) | "
+            f"{v['p50'] / r['p50']:.2f} / {v['p95'] / r['p95']:.2f} |")
+
+
+def run(state_dir: Path, requests: int, clients: int, seed: int,
+        tap_requests: int) -> tuple[list[str], list[str], int, int]:
+    """The table rows of one state folder (REST, then TAP with its ratios), its alerts and objects."""
     archive = Archive(state_dir / "archive")
     n_alerts = archive.count()
     if n_alerts == 0:
@@ -145,14 +231,16 @@ def run(state_dir: Path, requests: int, clients: int, seed: int) -> tuple[list[s
     n_objects = archive.query("SELECT count(DISTINCT object_id) FROM alerts").column(0).to_pylist()[0]
     port = free_port()
     proc = start_server(state_dir, port)
+    base = f"http://127.0.0.1:{port}"
     try:
-        rows = {name: measure(f"http://127.0.0.1:{port}", urls, clients)
-                for name, urls in workloads(archive, requests, seed).items()}
+        rows = {name: measure(base, urls, clients) for name, urls in workloads(archive, requests, seed).items()}
+        taps = {name: (measure(base, urls, clients) | {"n": len(urls)}, rest)
+                for name, (urls, rest) in tap_workloads(archive, requests, tap_requests, seed).items()}
     finally:
         proc.terminate()
         proc.wait(30)
-    return ([f"| {k} | {v['p50']:.1f} | {v['p95']:.1f} | {v['mean']:.1f} | {v['rps1']:.0f} | {v['rpsN']:.0f} |"
-             for k, v in rows.items()], n_alerts, n_objects)
+    return ([_row(k, v) for k, v in rows.items()], [_tap_row(k, v, rest, rows) for k, (v, rest) in taps.items()],
+            n_alerts, n_objects)
 
 
 def synthetic_state(n: int) -> Path:
@@ -160,8 +248,18 @@ def synthetic_state(n: int) -> Path:
     from bench.archive import write
 
     root = Path("var/bench/portal-state")
+    if (root / "archive").exists() and Archive(root / "archive").count() == n:
+        return root  # the same seeded archive as a previous run wrote
     write(root / "archive", n, 2000, 64, decode=False)
     return root
+
+
+def _tables(rows: list[str], taps: list[str], clients: int) -> list[str]:
+    head = ["| endpoint | p50 (ms) | p95 (ms) | mean (ms) | req/s, 1 client | "
+            f"req/s, {clients} clients |", "|---|---|---|---|---|---|"]
+    tap_head = ["| TAP query (`GET /api/v1/tap/sync`) | p50 (ms) | p95 (ms) | requests | REST/SCS equivalent "
+                "(p50, p95 ms) | TAP/REST p50 / p95 |", "|---|---|---|---|---|---|"]
+    return [*head, *rows, "", *tap_head, *taps]
 
 
 def main() -> None:
@@ -170,35 +268,50 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--synthetic", type=int, default=0, help="Also an archive of this many alerts (0: none).")
+    ap.add_argument("--synthetic-only", action="store_true", help="Leave --state-dir out (with --synthetic).")
+    ap.add_argument("--tap-requests", type=int, default=20,
+                    help="Requests of the TAP queries over every row (the aggregate, the 10,000 rows, pyvo).")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-write", action="store_true", help="Print the table, leave BENCHMARKS.md alone.")
     args = ap.parse_args()
+    if args.synthetic_only and not args.synthetic:
+        raise SystemExit("--synthetic-only needs --synthetic N")
+    load = os.getloadavg()
     header = machine()
-    head = ["| endpoint | p50 (ms) | p95 (ms) | mean (ms) | req/s, 1 client | "
-            f"req/s, {args.clients} clients |", "|---|---|---|---|---|---|"]
-    rows, n_alerts, n_objects = run(args.state_dir, args.requests, args.clients, args.seed)
+    command = (f"python -m bench.portal --state-dir {args.state_dir} --requests {args.requests} --clients "
+               f"{args.clients}{f' --synthetic {args.synthetic}' if args.synthetic else ''}"
+               f"{' --synthetic-only' if args.synthetic_only else ''} --tap-requests {args.tap_requests}")
     body = [
         "## Portal API",
         "",
-        f"Machine: {header}. Date {time.strftime('%Y-%m-%d')}, commit {git_rev()}. Command: `python -m bench.portal "
-        f"--state-dir {args.state_dir} --requests {args.requests} --clients {args.clients}"
-        f"{f' --synthetic {args.synthetic}' if args.synthetic else ''}`.",
+        f"Machine: {header}. Date {time.strftime('%Y-%m-%d')}, commit {git_rev()}. Command: `{command}`.",
         "",
-        f"`broker serve` (one uvicorn process, 4 query threads, at most 3 costly requests at work: `--max-costly`, "
+        "`broker serve` (one uvicorn process, 4 query threads, at most 3 costly requests at work: `--max-costly`, "
         "the default; no per-client budget: `--client-work-s 1e9`, since one address stands for many users here) "
-        f"over the archive and history of `{args.state_dir}` "
-        f"({n_alerts} alerts, {n_objects} objects), over HTTP on 127.0.0.1 from httpx in another process; "
-        f"{args.requests} requests per endpoint at random objects / alert positions, one after the other "
-        f"(latency, and the rate of one client), then spread over {args.clients} concurrent clients:",
-        "",
-        *head, *rows,
+        "over HTTP on 127.0.0.1 from httpx in another process; per endpoint "
+        f"{args.requests} requests at random objects / alert positions, one after the other "
+        f"(latency, and the rate of one client), then spread over {args.clients} concurrent clients. TAP queries "
+        "over the same positions, each beside its REST or SCS equivalent measured in the same run (the ratio "
+        f"is TAP's latency over the equivalent's); those over every row or parsed by pyvo {args.tap_requests} "
+        "times.",
     ]
+    if not args.synthetic_only:
+        rows, taps, n_alerts, n_objects = run(args.state_dir, args.requests, args.clients, args.seed,
+                                              args.tap_requests)
+        body += ["", f"The archive and history of `{args.state_dir}` ({n_alerts} alerts, {n_objects} objects):",
+                 "", *_tables(rows, taps, args.clients)]
     if args.synthetic:
-        rows, n_alerts, n_objects = run(synthetic_state(args.synthetic), args.requests, args.clients, args.seed)
-        body += ["", f"The same over a synthetic archive of {n_alerts:,} alerts ({n_objects:,} objects in 100 deg², "
+        rows, taps, n_alerts, n_objects = run(synthetic_state(args.synthetic), args.requests, args.clients,
+                                              args.seed, args.tap_requests)
+        body += ["", f"A synthetic archive of {n_alerts:,} alerts ({n_objects:,} objects in 100 deg², "
                  "`bench/archive.py`'s sky; cutouts of 64 bytes, no history: the object page reads the archive "
-                 "only):", "", *head, *rows]
+                 "only):", "", *_tables(rows, taps, args.clients)]
+    end = os.getloadavg()
     body += [
+        "",
+        f"Load average (1, 5, 15 min) at the start {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, at the end "
+        f"{end[0]:.1f} {end[1]:.1f} {end[2]:.1f} (a shared 2-core machine: compare the ratios, measured side by "
+        "side, rather than the absolute figures).",
         "",
         "Each server thread keeps the archive's DuckDB view open and opens it again when a commit changes its files "
         "(`streams/web/queries.py:ArchiveView`); the commit log is read at every request, so that a request sees "
