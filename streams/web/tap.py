@@ -56,6 +56,13 @@ _DATATYPES = {pa.int8(): "short", pa.int16(): "short", pa.uint8(): "short", pa.i
               pa.float64(): "double", pa.bool_(): "boolean"}
 
 
+#: Most columns a result may have: astropy writes the VOTable's FIELDs at ~1 ms each, outside the time limit.
+MAX_COLUMNS = 1000
+#: Most cells (rows x columns) and bytes (Arrow's, of the rows answered) written: 50,000 rows of
+#: broker.alerts' 24 columns (~0.7 s); a result wider or of longer text is cut, answered with OVERFLOW.
+MAX_CELLS, MAX_BYTES = 1_200_000, 256 * 2**20
+
+
 @dataclass(frozen=True)
 class TapQuery:
     """A TAP request (synchronous or a job's): the ADQL, the most rows answered, and the answer's format."""
@@ -240,8 +247,14 @@ def _fields(table: pa.Table, translation: adql.Translation) -> list[vo.Column]:
     """The VOTable columns of a result: names made unique, with the published column's unit and UCD where plain."""
     known = {c.name: c for name in translation.tables for c in tap_schema.table_of(name).columns}
     fields, seen = [], set()
+    suffix: dict[str, int] = {}  # the next number to try after each repeated name
     for name, kind in zip(table.column_names, table.schema.types, strict=True):
-        key = name if name not in seen else next(f"{name}_{i}" for i in range(2, 10**6) if f"{name}_{i}" not in seen)
+        key = name
+        if key in seen:
+            i = suffix.get(name, 2)
+            while f"{name}_{i}" in seen:
+                i += 1
+            key, suffix[name] = f"{name}_{i}", i + 1
         seen.add(key)
         column = known.get(name.lower()) if translation.plain is None or name.lower() in translation.plain else None
         datatype = _DATATYPES.get(kind, "double" if pa.types.is_decimal(kind) else "unicodeChar")
@@ -303,31 +316,55 @@ def _tabledata(table: pa.Table, fields: list[vo.Column]) -> str:
     return "".join(pc.binary_join_element_wise("<TR><TD>", joined, "</TD></TR>\n", "").to_pylist())
 
 
+def answered(table: pa.Table, maxrec: int) -> tuple[int, str]:
+    """Rows of ``table`` answered (at most ``maxrec``, :data:`MAX_CELLS`, :data:`MAX_BYTES`), and why cut ('' if not).
+
+    Raises
+    ------
+    InvalidQuery
+        More than :data:`MAX_COLUMNS` columns.
+    """
+    if table.num_columns > MAX_COLUMNS:
+        raise InvalidQuery(f"the query selects {table.num_columns} columns: this service answers at most "
+                           f"{MAX_COLUMNS}")
+    rows = min(table.num_rows, maxrec, MAX_CELLS // max(table.num_columns, 1))
+    width = table.slice(0, rows).nbytes / rows if rows else 0.0
+    if width and rows * width > MAX_BYTES:
+        rows = max(1, int(MAX_BYTES // width))
+    if rows >= table.num_rows:
+        return table.num_rows, ""
+    if rows == maxrec:
+        return rows, f"more than MAXREC={maxrec} rows"
+    return rows, (f"cut at {rows} rows: this service writes at most {MAX_CELLS:,} cells and {MAX_BYTES >> 20} MiB "
+                  "per result; select fewer columns or rows")
+
+
 def result_votable(table: pa.Table, translation: adql.Translation, maxrec: int) -> bytes:
-    """The VOTable of a result: QUERY_STATUS OK, or OVERFLOW past ``maxrec`` rows (those cut).
+    """The VOTable of a result: QUERY_STATUS OK, or OVERFLOW past ``maxrec`` rows or the bounds (:func:`answered`).
 
     The document's head (INFOs, FIELDs) is astropy's; the rows are written column by column with
     Arrow (~10x faster than astropy's writer, cell by cell: ``bench/portal.py``).
     """
-    overflow = table.num_rows > maxrec
-    status = ("QUERY_STATUS", "OVERFLOW", f"more than MAXREC={maxrec} rows") if overflow else ("QUERY_STATUS", "OK", "")
+    n, cut = answered(table, maxrec)
+    status = ("QUERY_STATUS", "OVERFLOW", cut) if cut else ("QUERY_STATUS", "OK", "")
     fields = _fields(table, translation)
     head = vo.votable([status], tuple(fields), (), "result")
-    rows = table.slice(0, maxrec)
+    rows = table.slice(0, n)
     if rows.num_rows == 0:
         return head
-    cut = head.rindex(b"</TABLE>")
+    at = head.rindex(b"</TABLE>")
     data = "<DATA><TABLEDATA>\n" + _tabledata(rows, fields) + "</TABLEDATA></DATA>\n"
-    return head[:cut] + data.encode() + head[cut:]
+    return head[:at] + data.encode() + head[at:]
 
 
 def result_csv(table: pa.Table, translation: adql.Translation, maxrec: int) -> bytes:
-    """The CSV of a result (a header line; null cells empty), cut at ``maxrec`` rows without a mark."""
+    """The CSV of a result (a header line; null cells empty), cut as :func:`answered` says without a mark."""
+    n, _ = answered(table, maxrec)
     fields = _fields(table, translation)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([f.key for f in fields])
-    for row in _rows(table.slice(0, maxrec), fields):
+    for row in _rows(table.slice(0, n), fields):
         writer.writerow(["" if v is None or (isinstance(v, float) and math.isnan(v)) else
                          (printable(v) if isinstance(v, str) else v) for v in row.values()])
     return out.getvalue().encode()
