@@ -351,23 +351,30 @@ def _wide_result(n: int, seed: int = 0):
     return pa.table(columns)
 
 
-def test_a_large_result_votable_is_written_in_well_under_the_time_limit_and_as_astropy_would():
-    """50,000 rows of 24 columns took 10.6 s to write through astropy's writer, outside the query's time limit."""
-    from streams.web import tap, vo
+def test_a_large_result_votable_is_written_in_well_under_the_time_limit_and_read_back_exactly():
+    """50,000 rows of 24 columns took 10.6 s to write through astropy's writer, outside the time limit."""
+    import math
+
+    from streams.triplet_png import printable
+    from streams.web import tap
 
     translation = adql.translate("SELECT * FROM broker.alerts", tap_schema.published(), 50_000)
     table = _wide_result(50_000)
     t0 = time.perf_counter()
     body = tap.result_votable(table, translation, 50_000)
     assert time.perf_counter() - t0 < 3.0
-    small = table.slice(0, 300)
-    fields = tap._fields(small, translation)
-    mine = _votable(tap.result_votable(small, translation, 300)).get_first_table()
-    astropy_ = _votable(vo.votable([("QUERY_STATUS", "OK", "")], tuple(fields), tap._rows(small, fields), "result"))
-    for name in small.column_names:
-        got, want = mine.array[name], astropy_.get_first_table().array[name]
-        assert (got.mask == want.mask).all() and (got.data[~got.mask] == want.data[~want.mask]).all(), name
     assert len(_votable(body).get_first_table().array) == 50_000
+    small = table.slice(0, 300)
+    mine = _votable(tap.result_votable(small, translation, 300)).get_first_table().array
+    for name in small.column_names:
+        for i, want in enumerate(small[name].to_pylist()):
+            got = mine[name][i]
+            if want is None and small[name].type == "string":
+                assert got == "", (name, i)  # an empty cell: VOTable text has no null apart from ""
+            elif want is None or (isinstance(want, float) and math.isnan(want)):
+                assert mine[name].mask[i], (name, i)  # a null cell, and NaN, read back masked
+            else:
+                assert not mine[name].mask[i] and got == (printable(want) if isinstance(want, str) else want)
 
 
 def test_repeated_column_names_are_made_unique_in_linear_time():
