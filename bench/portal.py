@@ -278,7 +278,8 @@ def main() -> None:
         raise SystemExit("--synthetic-only needs --synthetic N")
     load = os.getloadavg()
     header = machine()
-    command = (f"python -m bench.portal --state-dir {args.state_dir} --requests {args.requests} --clients "
+    state = "" if args.synthetic_only else f" --state-dir {args.state_dir}"
+    command = (f"python -m bench.portal{state} --requests {args.requests} --clients "
                f"{args.clients}{f' --synthetic {args.synthetic}' if args.synthetic else ''}"
                f"{' --synthetic-only' if args.synthetic_only else ''} --tap-requests {args.tap_requests}")
     body = [
