@@ -24,7 +24,7 @@ process, then times over HTTP, from this process with httpx:
 
 Each endpoint: ``--requests`` requests one after the other (p50, p95 latency in ms, requests/s of one
 client), then the same number spread over ``--clients`` concurrent clients (requests/s). With
-``--synthetic N``, the same over an archive of N alerts written by ``bench/archive.py`` (~5 alerts an
+``--synthetic N [N ...]``, the same over an archive of N alerts (each N) written by ``bench/archive.py`` (~5 alerts an
 object in 100 deg^2, cutouts of 64 random bytes; no history), to see how the latency grows with the
 archive; ``--synthetic-only`` leaves the demo's state out. Writes BENCHMARKS.md section ``portal``.
 """
@@ -247,7 +247,7 @@ def synthetic_state(n: int) -> Path:
     """A state folder under ``var/bench`` with an archive of ``n`` alerts (``bench.archive.write``)."""
     from bench.archive import write
 
-    root = Path("var/bench/portal-state")
+    root = Path(f"var/bench/portal-state-{n}")
     if (root / "archive").exists() and Archive(root / "archive").count() == n:
         return root  # the same seeded archive as a previous run wrote
     write(root / "archive", n, 2000, 64, decode=False)
@@ -267,7 +267,8 @@ def main() -> None:
     ap.add_argument("--state-dir", type=Path, default=Path("var/demo/state"))
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--synthetic", type=int, default=0, help="Also an archive of this many alerts (0: none).")
+    ap.add_argument("--synthetic", type=int, nargs="+", default=[],
+                    help="Also synthetic archives of these many alerts, each (none by default).")
     ap.add_argument("--synthetic-only", action="store_true", help="Leave --state-dir out (with --synthetic).")
     ap.add_argument("--tap-requests", type=int, default=20,
                     help="Requests of the TAP queries over every row (the aggregate, the 10,000 rows, pyvo).")
@@ -280,7 +281,7 @@ def main() -> None:
     header = machine()
     state = "" if args.synthetic_only else f" --state-dir {args.state_dir}"
     command = (f"python -m bench.portal{state} --requests {args.requests} --clients "
-               f"{args.clients}{f' --synthetic {args.synthetic}' if args.synthetic else ''}"
+               f"{args.clients}{' --synthetic ' + ' '.join(map(str, args.synthetic)) if args.synthetic else ''}"
                f"{' --synthetic-only' if args.synthetic_only else ''} --tap-requests {args.tap_requests}")
     body = [
         "## Portal API",
@@ -301,9 +302,9 @@ def main() -> None:
                                               args.tap_requests)
         body += ["", f"The archive and history of `{args.state_dir}` ({n_alerts} alerts, {n_objects} objects):",
                  "", *_tables(rows, taps, args.clients)]
-    if args.synthetic:
-        rows, taps, n_alerts, n_objects = run(synthetic_state(args.synthetic), args.requests, args.clients,
-                                              args.seed, args.tap_requests)
+    for size in args.synthetic:
+        rows, taps, n_alerts, n_objects = run(synthetic_state(size), args.requests, args.clients, args.seed,
+                                              args.tap_requests)
         body += ["", f"A synthetic archive of {n_alerts:,} alerts ({n_objects:,} objects in 100 deg², "
                  "`bench/archive.py`'s sky; cutouts of 64 bytes, no history: the object page reads the archive "
                  "only):", "", *_tables(rows, taps, args.clients)]
