@@ -315,6 +315,11 @@ def constant_pixels(data: np.ndarray, box: int = CONSTANT_BOX_PX) -> np.ndarray:
     from scipy import ndimage
 
     x = np.asarray(data, np.float32)
+    # a constant square holds a row of ``box`` equal pixels: a noisy frame has none, and is done here
+    # (a cheap pass: the filters below take 0.34 s on a 2048 x 2048 frame, twice per reference input)
+    same = x[:, 1:] == x[:, :-1]
+    if box > 1 and not (ndimage.uniform_filter1d(same.astype(np.float32), box - 1, axis=1) > 1 - 0.5 / box).any():
+        return np.zeros(x.shape, bool)
     finite = np.isfinite(x)
     hi = ndimage.maximum_filter(np.where(finite, x, np.inf), box, mode="nearest")
     lo = ndimage.minimum_filter(np.where(finite, x, -np.inf), box, mode="nearest")
