@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -106,6 +107,14 @@ def _job(request: Request, job_id: str) -> Job:
 
 def _see_other(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
+
+
+async def _set_value(request: Request, job_id: str, name: str,
+                     setter: Callable[[JobStore, Job, str], None]) -> RedirectResponse:
+    """Set the job's parameter ``name`` (its one value in the request) with ``setter``: 303 to the job."""
+    found = _job(request, job_id)
+    setter(job_store(portal_of(request)), found, _only(await tap.request_params(request), name))
+    return _see_other(_job_url(request, found))
 
 
 def _only(params: dict[str, list[str]], name: str) -> str:
@@ -224,9 +233,7 @@ async def execution(request: Request, who: Reader, job_id: str) -> Response:
 @router.post("/{job_id}/executionduration", response_class=RedirectResponse, status_code=303)
 async def set_execution(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """``EXECUTIONDURATION`` (s) of a PENDING job, cut to the service's limit (0: the limit): 303 to the job."""
-    found = _job(request, job_id)
-    job_store(portal_of(request)).set_execution(found, _only(await tap.request_params(request), "EXECUTIONDURATION"))
-    return _see_other(_job_url(request, found))
+    return await _set_value(request, job_id, "EXECUTIONDURATION", JobStore.set_execution)
 
 
 @router.get("/{job_id}/destruction", response_class=Response)
@@ -238,9 +245,7 @@ async def destruction(request: Request, who: Reader, job_id: str) -> Response:
 @router.post("/{job_id}/destruction", response_class=RedirectResponse, status_code=303)
 async def set_destruction(request: Request, who: Reader, job_id: str) -> RedirectResponse:
     """``DESTRUCTION`` (ISO 8601): not past, cut to ``tap_job_max_destruction_s`` after creation; 303 to the job."""
-    found = _job(request, job_id)
-    job_store(portal_of(request)).set_destruction(found, _only(await tap.request_params(request), "DESTRUCTION"))
-    return _see_other(_job_url(request, found))
+    return await _set_value(request, job_id, "DESTRUCTION", JobStore.set_destruction)
 
 
 @router.get("/{job_id}/owner", response_class=Response)
