@@ -659,7 +659,7 @@ def _match_psfs(science: PreparedScience, R: np.ndarray, ali: Alignment, referen
     plan = _stack_plan(science.stars, measure_fwhm(reference_psf), config.psf)
     h = max(plan.half_sizes)
     matched = science.stars.subset(ali.sci_index)
-    idx = select_psf_stars(matched, shape, h, config.psf)
+    idx = select_psf_stars(matched, shape, h, config.psf, (science.stars.x, science.stars.y))
     P_n = P_r = None
     n_psf = 0
     flux_ratio, fr_fallback = 1.0, True
@@ -746,7 +746,8 @@ def _psf_tiles(N: np.ndarray, R: np.ndarray, psfs: PSFMatch, config: SubtractCon
     if not (config.psf_tile_px > 0 and max(shape) >= 1.5 * config.psf_tile_px and psfs.common):
         return [whole], [psfs.fwhm_n]
     matched, h = psfs.matched, psfs.half_size
-    pool = select_psf_stars(matched, shape, h, replace(config.psf, max_stars=len(matched)))
+    pool = select_psf_stars(matched, shape, h, replace(config.psf, max_stars=len(matched)),
+                            None if psfs.plan is None else psfs.plan.neighbours)
     px_, py_ = matched.x[pool], matched.y[pool]
     span = tile_fwhm_span(N, R, px_, py_, tile_boxes(shape, config.psf_tile_px))
     if span <= config.psf_tile_min_change:  # NaN (a tile short of stars): measure them

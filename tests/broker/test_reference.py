@@ -51,12 +51,14 @@ def _matched_filter_snr(ref: Reference, x: np.ndarray, y: np.ndarray) -> np.ndar
     return f[np.round(y).astype(int), np.round(x).astype(int)] / (1.4826 * np.median(np.abs(sky - np.median(sky))))
 
 
-@pytest.mark.parametrize("seeing, gain", [((2.6, 2.9, 3.2), 0.99), ((1.8, 2.8, 4.5), 1.01)])
+@pytest.mark.parametrize("seeing, gain", [((2.6, 2.9, 3.2), 0.99), ((1.8, 2.8, 4.5), 1.0)])
 def test_proper_coadd_gives_at_least_the_weighted_means_snr(seeing, gain):
     """Point-source S/N of the faint sources, proper co-add over weighted mean.
 
     About equal when the seeing hardly differs, higher when it differs a lot (Zackay & Ofek's case
-    for it).
+    for it): 1.0015 and 1.0027. The second was 1.011 while the inputs' flux ratios took their
+    neighbours' light: the 4.5 px frame, scaled 1.9 % too high, cost the weighted mean more S/N
+    than the proper co-add.
     """
     shape = (256, 256)
     sky = make_sky(50, shape, 60)
@@ -362,3 +364,57 @@ def test_the_exposures_of_the_frames_are_kept_and_recognised(tmp_path):
     # a reference written before the fingerprints were kept recognises no exposure
     assert Reference(ref.key, ref.image, ref.variance, ref.header, ref.psf, ref.frame_ids).exposure_of(
         frames[1].data) is None
+
+
+def _wide_flux_ratios(config: ReferenceConfig, fwhm: float = 6.0, seeds: range = range(10)) -> np.ndarray:
+    """Measured / true flux ratios of two frames to a first.
+
+    The frames' seeing is ``fwhm``, 1.1 and 1.2 ``fwhm`` (px), on 256^2 fields of 60 or 120 stars.
+    """
+    from broker.align import align_reference
+    from broker.psf import half_size_for
+    from broker.reference import _flux_ratio_and_psf, _prepare, check_usable
+
+    shape, out = (256, 256), []
+    for seed in seeds:
+        sky = make_sky(100 + seed, shape, 60 if seed % 2 else 120)
+        frames = [make_frame(20 + k + 3 * seed, shape, sky, fwhm=fwhm * (1 + 0.1 * k), scale=1.0 + 0.2 * k,
+                             frame_id=f"r{k}", mjd=60000.0 + k, saturation=60000.0) for k in range(3)]
+        prep = [_prepare(f, config, check_usable(f, config)) for f in frames]
+        g_img, _, _, g_stars, _ = prep[0]
+        h = half_size_for(g_stars.fwhm, config.psf)
+        for k in (1, 2):
+            img, var, _, stars, _ = prep[k]
+            ali = align_reference(img, var, frames[k].header, stars, frames[0].header, shape, g_stars, config.align)
+            F, _, _ = _flux_ratio_and_psf(g_img, ali.image, g_stars.subset(ali.sci_index), g_stars, h, stars.fwhm,
+                                          config)
+            out.append(F / (1.0 + 0.2 * k))
+    return np.array(out)
+
+
+def test_the_coadds_flux_ratios_mask_the_neighbours_of_their_stars():
+    """The flux ratios of a reference's frames at 6-7 px seeing are measured with the other stars masked.
+
+    Unmasked (``[reference.psf] neighbour_mask_fwhm = 0``, as they were measured before) they came
+    out 0.93-1.00 of the truth on these 20 frames, 2 % low at the median: neighbours' light in the
+    stamps of 19-21 px half-size. Masked: 0.98-1.03, 1.002 at the median.
+    """
+    from dataclasses import replace
+
+    from broker.psf import PSFConfig
+
+    masked = _wide_flux_ratios(ReferenceConfig())
+    unmasked = _wide_flux_ratios(replace(ReferenceConfig(), psf=PSFConfig(neighbour_mask_fwhm=0.0)))
+    assert np.median(masked) == pytest.approx(1.0, abs=0.005)
+    assert np.all(np.abs(masked - 1.0) < 0.04)
+    assert np.median(unmasked) < 0.99
+
+
+def test_a_star_without_a_measured_flux_leaves_the_flux_ratio_measured():
+    """A star whose PSF fit is degenerate (NaN flux: a neighbour the isolation did not see masks its core).
+
+    Its NaN ratio made the median NaN and the frame's flux ratio 1 (0.71 of the truth here).
+    """
+    ratios = _wide_flux_ratios(ReferenceConfig(), fwhm=9.0, seeds=range(7, 8))
+    assert np.all(np.abs(ratios - 1.0) < 0.05)
+
