@@ -82,6 +82,13 @@ class ReferenceConfig:
         of those FWHMs would give +6 % and +0.7 %). ``"weighted"``: the weighted mean alone (see
         :func:`build_reference`). Proper co-addition needs a PSF of every input; without one the
         weighted mean is used. The method used is in the header (``COADD``).
+    min_psf_stars : int
+        Stars (count) a reference's PSF and flux scale must rest on: the stars stacked into the PSF
+        of each of its frames and of the co-add (:func:`check_psf_stars`); fewer refuse the
+        reference. 3, as ``PSFConfig.min_stars``, under
+        which the PSF is a Gaussian guess: the fewest whose median rejects one bad star. A frame of
+        noise, or of sky and a few hot pixels, has none, and was a reference whose PSF (a 3 px
+        Gaussian) and flux ratio (1) came from nothing; the DECam 256^2 cut-out has 4. 0: no check.
     """
 
     n_frames: int = 3
@@ -93,6 +100,7 @@ class ReferenceConfig:
     clip_fraction: float = 3.0
     clip_grow_px: int = 1
     coadd: str = "proper"
+    min_psf_stars: int = 3
     background: BackgroundConfig = field(default_factory=BackgroundConfig)
     stars: StarConfig = field(default_factory=StarConfig)
     psf: PSFConfig = field(default_factory=PSFConfig)
@@ -103,6 +111,8 @@ class ReferenceConfig:
             raise ValueError(f"coadd must be 'proper' or 'weighted', not {self.coadd!r}")
         if self.n_frames < 1:  # 0 dead-lettered every frame: "no frames to build a reference from"
             raise ConfigError(f"n_frames must be 1 or more, not {self.n_frames}")
+        if self.min_psf_stars < 0:
+            raise ConfigError(f"min_psf_stars must be 0 or more, not {self.min_psf_stars}")
         if self.source_max_stars < 1:
             raise ConfigError(f"source_max_stars must be 1 or more, not {self.source_max_stars}")
 
@@ -375,6 +385,28 @@ def check_distinct(frames: list[Frame]) -> tuple[Fingerprint, ...]:
     return prints
 
 
+def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig) -> None:
+    """Refuse a reference whose PSF or flux scale rests on fewer than ``config.min_psf_stars`` stars.
+
+    Parameters
+    ----------
+    n_stars : int
+        Stars stacked into the PSF (count; 0 for the Gaussian fallback).
+    what : str
+        What they were counted on ("frame X", "the co-add of X, Y"), for the message.
+
+    Raises
+    ------
+    ReferenceUnavailable
+        Naming ``what``, its count and the least.
+    """
+    if n_stars < config.min_psf_stars:
+        raise ReferenceUnavailable(
+            f"{what} has {n_stars} usable PSF star{'' if n_stars == 1 else 's'} (isolated, unsaturated, measured), "
+            f"under [reference] min_psf_stars = {config.min_psf_stars}: a reference's PSF and flux scale come from "
+            "its stars (a frame of noise, clouds or hot pixels has none)")
+
+
 def _prepare(frame: Frame, config: ReferenceConfig, masks: tuple[np.ndarray, np.ndarray]
              ) -> tuple[np.ndarray, np.ndarray, float, StarList, np.ndarray]:
     """One input frame made ready for co-adding.
@@ -432,10 +464,11 @@ def _scaled_input(img: np.ndarray, var: np.ndarray, sig: float, F: float, fwhm: 
                        F * F / (sig * sig * fwhm * fwhm), psf, sig / F)
 
 
-def _grid_input(img: np.ndarray, var: np.ndarray, sig: float, stars: StarList, h: int,
+def _grid_input(grid: Frame, img: np.ndarray, var: np.ndarray, sig: float, stars: StarList, h: int,
                 config: ReferenceConfig) -> _CoaddInput:
-    """The grid frame itself (flux ratio 1), with its own PSF."""
+    """The grid frame itself (flux ratio 1), with its own PSF (:func:`check_psf_stars`)."""
     g_psf = build_psf(img, stars, config.psf, half_size=h)
+    check_psf_stars(g_psf.n_stars, f"frame {grid.meta.frame_id}", config)
     return _scaled_input(img, var, sig, 1.0, g_psf.fwhm, None if g_psf.fallback else g_psf.stamp)
 
 
@@ -470,9 +503,13 @@ def _flux_ratio_and_psf(g_img: np.ndarray, img: np.ndarray, matched: StarList, g
 
 def _registered_input(frame: Frame, masks: tuple[np.ndarray, np.ndarray], grid: Frame, g_img: np.ndarray,
                       g_stars: StarList, h: int, config: ReferenceConfig) -> tuple[_CoaddInput, np.ndarray]:
-    """A frame registered onto the grid frame and flux-scaled to it, and where it was saturated (on the grid, bool)."""
+    """A frame registered onto the grid frame and flux-scaled to it, and where it was saturated (on the grid, bool).
+
+    Its own stars must give a PSF (:func:`check_psf_stars`) before it is registered.
+    """
     shape = grid.shape
     img0, var0, sig, stars, sat = _prepare(frame, config, masks)
+    check_psf_stars(build_psf(img0, stars, config.psf, half_size=h).n_stars, f"frame {frame.meta.frame_id}", config)
     ali = align_reference(img0, var0, frame.header, stars, grid.header, shape, g_stars, config.align)
     sat_on_grid = map_mask(sat, ali.matrix, ali.offset, shape, radius=1)
     F, pf, fwhm = _flux_ratio_and_psf(g_img, ali.image, g_stars.subset(ali.sci_index), g_stars, h, stars.fwhm,
@@ -546,8 +583,9 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     ------
     ReferenceUnavailable
         No frames, frames of different (telescope, field, filter), a frame of which less than
-        :data:`MIN_USABLE_FRACTION` is usable (:func:`check_usable`: NaN, saturated, constant), or
-        two frames of one exposure (:func:`check_distinct`).
+        :data:`MIN_USABLE_FRACTION` is usable (:func:`check_usable`: NaN, saturated, constant),
+        two frames of one exposure (:func:`check_distinct`), or a frame or the co-add with fewer
+        than ``min_psf_stars`` PSF stars (:func:`check_psf_stars`).
     AlignmentError
         A frame cannot be registered onto the first.
     """
@@ -563,7 +601,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     grid_header = celestial_wcs(grid.header).to_header(relax=True)
     g_img, g_var, g_sig, g_stars, sat_any = _prepare(grid, config, masks[0])
     h = half_size_for(g_stars.fwhm, config.psf)
-    inputs = [_grid_input(g_img, g_var, g_sig, g_stars, h, config)]
+    inputs = [_grid_input(grid, g_img, g_var, g_sig, g_stars, h, config)]
     for f, f_masks in zip(frames[1:], masks[1:], strict=True):
         inp, sat = _registered_input(f, f_masks, grid, g_img, g_stars, h, config)
         sat_any |= sat
@@ -581,6 +619,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
         image, variance = _proper(stack, vstack, ok, image, variance, psfs, [i.sigma for i in inputs], defects)
     rms = float(np.sqrt(np.nanmedian(variance)))
     psf = build_psf(image, find_stars(np.nan_to_num(image), rms, config.stars), config.psf, half_size=h)
+    check_psf_stars(psf.n_stars, f"the co-add of {', '.join(f.meta.frame_id for f in frames)}", config)
     sources = find_stars(np.nan_to_num(image), rms, replace(config.stars, max_stars=config.source_max_stars),
                          fwhm=psf.fwhm, threshold_sigma=config.source_threshold_sigma)
     key = grid.meta.reference_key

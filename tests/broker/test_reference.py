@@ -418,3 +418,30 @@ def test_a_star_without_a_measured_flux_leaves_the_flux_ratio_measured():
     ratios = _wide_flux_ratios(ReferenceConfig(), fwhm=9.0, seeds=range(7, 8))
     assert np.all(np.abs(ratios - 1.0) < 0.05)
 
+
+def _starless(frame, kind: str):
+    """``frame``'s sky without its stars: noise alone, or noise and five hot pixels of 5000 ADU."""
+    rng = np.random.default_rng(3)
+    data = rng.normal(200.0, 15.0, frame.data.shape)
+    if kind == "hot pixels":
+        data[rng.integers(10, SHAPE[0] - 10, 5), rng.integers(10, SHAPE[1] - 10, 5)] += 5000.0
+    return _with_data(frame, data)
+
+
+@pytest.mark.parametrize("kind", ["noise", "hot pixels"])
+def test_a_reference_without_stars_is_refused(kind):
+    """A frame of sky noise (and a few hot pixels) is no reference: its PSF and flux scale would come from nothing.
+
+    It was built, with the 3 px Gaussian fallback as its PSF and a flux ratio of 1; a frame
+    subtracted from it was refused only by the alignment, blaming the frame's WCS.
+    """
+    frames = _frames()
+    with pytest.raises(ReferenceUnavailable, match=r"frame F1-0 has 0 usable PSF stars .* min_psf_stars = 3") as err:
+        build_reference([_starless(frames[0], kind)], ReferenceConfig(n_frames=1))
+    assert err.value.reason == "reference"
+    # nor is a later frame of one: its flux ratio to the first would be 1 for want of a star
+    with pytest.raises(ReferenceUnavailable, match=r"frame F1-2 has 0 usable PSF stars"):
+        build_reference([frames[0], frames[1], _starless(frames[2], kind)], ReferenceConfig())
+    assert build_reference([_starless(frames[0], kind)], ReferenceConfig(min_psf_stars=0)).header["PSFFALLB"]
+    with pytest.raises(ConfigError, match="min_psf_stars must be 0 or more"):
+        ReferenceConfig(min_psf_stars=-1)

@@ -722,3 +722,18 @@ def test_the_frame_with_a_pedestal_as_its_reference_is_refused(client, token, pa
     response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
                                                 "reference": ("r.fits", encode_fits(ref), "application/fits")})
     assert response.status_code == 400 and "the frame itself" in response.json()["detail"], response.text
+
+
+def test_an_uploaded_reference_without_stars_is_refused_with_the_reason(client, token, pair):
+    """A reference of sky noise alone is refused as such (400 reference), naming it.
+
+    It was co-added (its PSF a Gaussian guess, its flux scale 1) and the subtraction refused it as
+    ``alignment``, blaming the science frame's WCS ("only 2 of 40 stars matched").
+    """
+    science = decode_fits(pair[0])
+    noise = np.random.default_rng(5).poisson(np.full((256, 256), float(np.median(science.data)))).astype(np.float32)
+    ref = Frame(replace(science.meta, frame_id="TEST-F1-r-0000"), noise, science.header)
+    response = post(client, token=token, files={"frame": ("s.fits", pair[0], "application/fits"),
+                                                "reference": ("r.fits", encode_fits(ref), "application/fits")})
+    assert response.status_code == 400 and response.json()["error"] == "reference", response.text
+    assert "frame TEST-F1-r-0000 has 0 usable PSF stars" in response.json()["detail"], response.text
