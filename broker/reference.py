@@ -85,10 +85,10 @@ class ReferenceConfig:
     min_psf_stars : int
         Stars (count) a reference's PSF and flux scale must rest on: the stars stacked into the PSF
         of each of its frames and of the co-add (:func:`check_psf_stars`); fewer refuse the
-        reference. 3, as ``PSFConfig.min_stars``, under
-        which the PSF is a Gaussian guess: the fewest whose median rejects one bad star. A frame of
-        noise, or of sky and a few hot pixels, has none, and was a reference whose PSF (a 3 px
-        Gaussian) and flux ratio (1) came from nothing; the DECam 256^2 cut-out has 4. 0: no check.
+        reference. 3, as ``PSFConfig.min_stars``, under which the PSF is a Gaussian guess: the
+        fewest whose median rejects one bad star. A frame of noise, or of sky and a few hot
+        pixels, has none, and was a reference whose PSF (a 3 px Gaussian) and flux ratio (1) came
+        from nothing; the DECam 256^2 cut-out has 4. 0: no check.
     """
 
     n_frames: int = 3
