@@ -32,6 +32,7 @@ from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
 from broker.errors import InvalidQuery
+from streams.web import regions
 
 #: Longest query read (characters): a polygon of thousands of vertices fits; a larger text is refused unread.
 MAX_QUERY_CHARS = 32 * 1024
@@ -54,9 +55,12 @@ ALLOWED_NODES: tuple[type[exp.Expression], ...] = (
 )
 #: ADQL functions sqlglot reads by name (unknown to it), and how each is taken.
 ADQL_FUNCTIONS = {"POINT": "inside CONTAINS, INTERSECTS and DISTANCE", "CIRCLE": "inside CONTAINS and INTERSECTS",
+                  "BOX": "inside CONTAINS and INTERSECTS", "POLYGON": "inside CONTAINS and INTERSECTS",
                   "DISTANCE": "degrees", "INTERSECTS": "with a POINT", "COORD1": "of a POINT", "COORD2": "of a POINT"}
+#: The regions a POINT may be tested against (CONTAINS, INTERSECTS).
+REGIONS = ("CIRCLE", "BOX", "POLYGON")
 #: ADQL geometry this service does not compute: refused with this reason.
-UNSUPPORTED_GEOMETRY = ("BOX", "POLYGON", "REGION", "AREA", "CENTROID", "COORDSYS")
+UNSUPPORTED_GEOMETRY = ("REGION", "AREA", "CENTROID", "COORDSYS")
 #: Types a CAST may make (ADQL 2.1's numeric and character types).
 CAST_TYPES = {exp.DataType.Type.SMALLINT, exp.DataType.Type.INT, exp.DataType.Type.BIGINT, exp.DataType.Type.FLOAT,
               exp.DataType.Type.DOUBLE, exp.DataType.Type.CHAR, exp.DataType.Type.VARCHAR,
@@ -166,7 +170,8 @@ def _check_node(node: exp.Expr, names: Mapping[str, Published]) -> None:
     if isinstance(node, exp.Anonymous):
         name = node.name.upper()
         if name in UNSUPPORTED_GEOMETRY:
-            raise _refuse(f"{name} is not supported by this service: select with CONTAINS(POINT, CIRCLE)")
+            raise _refuse(f"{name} is not supported by this service: select with CONTAINS(POINT, CIRCLE, BOX or "
+                          "POLYGON)")
         if name not in ADQL_FUNCTIONS:
             raise _refuse(f"function {node.name[:60]}() is not an ADQL function this service runs")
         return
@@ -228,21 +233,77 @@ def _point(node: exp.Expression, where: str) -> list[exp.Expression]:
 
 def _circle(node: exp.Expression, where: str) -> list[exp.Expression]:
     """RA, Dec and radius (deg) of a ``CIRCLE(...)`` argument of ``where``."""
-    if isinstance(node, exp.Anonymous) and node.name.upper() in UNSUPPORTED_GEOMETRY:
-        raise _refuse(f"{where}({node.name.upper()}) is not supported by this service: use a CIRCLE")
-    if not _is_call(node, "CIRCLE"):
-        raise _refuse(f"{where} takes a CIRCLE here, not {node.sql(dialect='tsql')[:60]}")
     args = list(node.expressions)
     if args and _is_call(args[-2] if len(args) >= 2 else None, "POINT") and len(args) in (2, 3):
         return [*_point(args[-2], "CIRCLE"), args[-1]]
     return _frame(args, "CIRCLE", 3)
 
 
+def _box(ra: exp.Expression, dec: exp.Expression, node: exp.Expression) -> exp.Expression:
+    """``tap_in_box(ra, dec, ra0, dec0, width, height)`` of a ``BOX(...)`` (deg; :mod:`streams.web.regions`)."""
+    args = list(node.expressions)
+    if len(args) in (3, 4) and _is_call(args[-3], "POINT"):
+        args = [*_point(args[-3], "BOX"), *args[-2:]]
+    else:
+        args = _frame(args, "BOX", 4)
+    for size in args[2:]:
+        value = _number(size)
+        if value is not None and not 0 < value < 180:
+            raise _refuse(f"BOX: width and height are in (0, 180) deg, not {value:g}")
+    return exp.Anonymous(this="tap_in_box", expressions=[ra, dec, *args])
+
+
+def _number(node: exp.Expression) -> float | None:
+    """The value of a numeric literal (or its negation), else None."""
+    if isinstance(node, exp.Neg):
+        inner = _number(node.this)
+        return None if inner is None else -inner
+    if isinstance(node, exp.Paren):
+        return _number(node.this)
+    if isinstance(node, exp.Literal) and not node.is_string:
+        try:
+            return float(node.this)
+        except ValueError:
+            return None
+    return None
+
+
+def _polygon(ra: exp.Expression, dec: exp.Expression, node: exp.Expression) -> exp.Expression:
+    """The condition of a point within a ``POLYGON(...)`` of constant vertices (:func:`regions.polygon_sql`)."""
+    args = list(node.expressions)
+    if args and all(_is_call(a, "POINT") for a in args[-3:]) and len(args) >= 3:
+        system = args[:1] if not _is_call(args[0], "POINT") else []
+        _frame([*system, exp.Null(), exp.Null()], "POLYGON", 2)  # its coordinate system, if given
+        args = [c for a in args[len(system):] for c in _point(a, "POLYGON")]
+    elif len(args) % 2 == 1:
+        args = _frame(args, "POLYGON", len(args) - 1)
+    values = [_number(a) for a in args]
+    if any(v is None for v in values) or len(values) % 2:
+        raise _refuse("POLYGON takes the (RA, Dec) of its vertices as numbers (deg) here, after an optional "
+                      "coordinate system ('ICRS')")
+    numbers = [float(v) for v in values if v is not None]
+    polygon = regions.polygon_edges(list(zip(numbers[::2], numbers[1::2], strict=True)))
+    condition = sqlglot.parse_one(regions.polygon_sql(polygon, '"__point_ra"', '"__point_dec"'), read="duckdb")
+    coordinates = {"__point_ra": ra, "__point_dec": dec}
+    return condition.transform(lambda n: coordinates[n.name].copy()
+                               if isinstance(n, exp.Column) and n.name in coordinates else n)
+
+
 def _cone(first: exp.Expression, second: exp.Expression, where: str) -> exp.Expression:
-    """``in_cone(ra, dec, ra0, dec0, r)`` of a POINT within a CIRCLE (either order for INTERSECTS)."""
+    """The condition of a POINT within a CIRCLE, BOX or POLYGON (either order for INTERSECTS)."""
     if where == "INTERSECTS" and _is_call(second, "POINT"):
         first, second = second, first
-    return exp.Anonymous(this="in_cone", expressions=[*_point(first, where), *_circle(second, where)])
+    if isinstance(second, exp.Anonymous) and second.name.upper() in UNSUPPORTED_GEOMETRY:
+        raise _refuse(f"{where}({second.name.upper()}) is not supported by this service: use a CIRCLE, BOX or "
+                      "POLYGON")
+    ra, dec = _point(first, where)
+    if _is_call(second, "BOX"):
+        return _box(ra, dec, second)
+    if _is_call(second, "POLYGON"):
+        return _polygon(ra, dec, second)
+    if not _is_call(second, "CIRCLE"):
+        raise _refuse(f"{where} takes a CIRCLE, BOX or POLYGON here, not {second.sql(dialect='tsql')[:60]}")
+    return exp.Anonymous(this="in_cone", expressions=[ra, dec, *_circle(second, where)])
 
 
 def _region(node: exp.Expression) -> exp.Expression | None:
@@ -360,7 +421,7 @@ def _translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Tran
     transformed = tree.transform(_geometry, copy=False)
     assert isinstance(transformed, exp.Query)  # the root is a SELECT: _geometry changes calls and comparisons
     tree = transformed
-    left = next((n for n in tree.find_all(exp.Anonymous) if n.name.upper() in ("POINT", "CIRCLE")), None)
+    left = next((n for n in tree.find_all(exp.Anonymous) if n.name.upper() in ("POINT", *REGIONS)), None)
     if left is not None:
         raise _refuse(f"{left.name.upper()} is only read {ADQL_FUNCTIONS[left.name.upper()]}")
     tables = tuple(dict.fromkeys(names[_table_key(t)].name for t in tree.find_all(exp.Table)))

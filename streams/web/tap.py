@@ -36,7 +36,7 @@ from fastapi.responses import Response
 
 from broker.errors import ArchiveError, BrokerError, InvalidQuery
 from streams.triplet_png import printable
-from streams.web import adql, tap_schema, vo
+from streams.web import adql, regions, tap_schema, vo
 from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
 from streams.web.app import Portal
 from streams.web.config import WebConfig
@@ -162,6 +162,7 @@ class TapView(ArchiveView):
         """Limit the connection's memory (no spilling to disk), register ``TAP_SCHEMA``, shut off every other file."""
         con.execute(f"SET memory_limit = '{int(self.config.tap_memory_mb)}MB'")
         con.execute("SET temp_directory = ''")  # no spilling: DuckDB's own bound is 90% of the free disk
+        con.execute(regions.MACROS)
         for name, table in tap_schema.tap_schema().items():
             con.register(name, table)
         if self.archive.local:

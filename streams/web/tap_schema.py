@@ -246,7 +246,7 @@ def tables_xml() -> bytes:
 
 
 #: ADQL geometry the service computes (TAPRegExt's adqlgeo features).
-GEOMETRY = ("POINT", "CIRCLE", "CONTAINS", "INTERSECTS", "DISTANCE", "COORD1", "COORD2")
+GEOMETRY = ("POINT", "CIRCLE", "BOX", "POLYGON", "CONTAINS", "INTERSECTS", "DISTANCE", "COORD1", "COORD2")
 
 
 def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_s: tuple[float, float] = (3600, 86400),
@@ -272,7 +272,8 @@ def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_
             f'{interface(base, "std", "base")}'
             '<language><name>ADQL</name><version ivo-id="ivo://ivoa.net/std/ADQL#v2.0">2.0</version>'
             "<description>ADQL 2.0 (with LOWER, UPPER, COALESCE, CAST, ILIKE and OFFSET of 2.1). "
-            "BOX, POLYGON and REGION are not computed.</description>"
+            "BOX (its sides great circles, ADQL 2.0) and POLYGON (constant vertices, less than a hemisphere) "
+            "in CONTAINS and INTERSECTS; REGION, AREA and CENTROID are not computed.</description>"
             f'<languageFeatures type="ivo://ivoa.net/std/TAPRegExt#features-adqlgeo">{features}</languageFeatures>'
             "</language>"
             "<outputFormat><mime>application/x-votable+xml</mime><alias>votable</alias></outputFormat>"
