@@ -76,6 +76,9 @@ WATCHLIST_BYTES = 2 * 1024 * 1024
 #: (``streams.web.adql.MAX_QUERY_CHARS``) percent-encoded, with room; a longer query is refused by the
 #: service's own error VOTable.
 TAP_BODY_BYTES = 1024 * 1024
+#: Largest multipart body of a TAP query or job's parameters (bytes): the tables of ``UPLOAD``
+#: (``streams.web.tap_upload.MAX_UPLOAD_BYTES`` together) and the form's fields.
+TAP_UPLOAD_BODY_BYTES = 16 * 1024 * 1024 + 1024 * 1024
 #: Room for the multipart framing and the form fields of an upload beside its frame bytes.
 MULTIPART_SLACK_BYTES = 64 * 1024
 #: Headers of every answer that does not set its own (the pages set their Content-Security-Policy): no
@@ -193,7 +196,8 @@ class BodyLimit:
     counted as it streams, and 413 is answered when it passes the limit (the application then
     sees the client gone). The limit is ``upload_bytes`` for ``POST /api/v1/frames``,
     :data:`WATCHLIST_BYTES` for ``POST /api/v1/crossmatch`` and ``PUT /api/v1/watchlists/{name}``,
-    :data:`TAP_BODY_BYTES` for ``POST /api/v1/tap/sync`` and ``/async``, :data:`SMALL_BODY_BYTES` otherwise.
+    :data:`TAP_BODY_BYTES` for ``POST /api/v1/tap/sync`` and ``/async`` (:data:`TAP_UPLOAD_BODY_BYTES` for a
+    multipart form, as a job's ``/parameters``), :data:`SMALL_BODY_BYTES` otherwise.
     """
 
     def __init__(self, app: ASGIApp, upload_bytes: int) -> None:
@@ -205,8 +209,10 @@ class BodyLimit:
         path = scope["path"].rstrip("/") if scope["method"] in ("POST", "PUT") else ""
         if scope["method"] == "POST" and path == "/api/v1/frames":
             return self.upload_bytes + MULTIPART_SLACK_BYTES
-        if scope["method"] == "POST" and path in ("/api/v1/tap/sync", "/api/v1/tap/async"):
-            return TAP_BODY_BYTES
+        if scope["method"] == "POST" and (path in ("/api/v1/tap/sync", "/api/v1/tap/async") or (
+                path.startswith("/api/v1/tap/async/") and path.endswith("/parameters"))):
+            multipart = dict(scope["headers"]).get(b"content-type", b"").lower().startswith(b"multipart/")
+            return TAP_UPLOAD_BODY_BYTES if multipart else TAP_BODY_BYTES
         if (scope["method"] == "POST" and path == "/api/v1/crossmatch") or (
                 scope["method"] == "PUT" and path.startswith("/api/v1/watchlists/")):
             return WATCHLIST_BYTES + MULTIPART_SLACK_BYTES

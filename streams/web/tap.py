@@ -21,6 +21,7 @@ on costly work are those of the other archive reads (401, 403, 429, 503 with the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -36,11 +37,12 @@ from fastapi.responses import Response
 
 from broker.errors import ArchiveError, BrokerError, InvalidQuery
 from streams.triplet_png import printable
-from streams.web import adql, regions, tap_schema, vo
+from streams.web import adql, regions, tap_schema, tap_upload, vo
 from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
 from streams.web.app import Portal
 from streams.web.config import WebConfig
 from streams.web.queries import ArchiveView
+from streams.web.tap_upload import UploadedTable
 from streams.web.upload import read_form
 
 log = logging.getLogger(__name__)
@@ -84,7 +86,7 @@ def parse_request(params: Mapping[str, list[str]], config: WebConfig) -> TapQuer
     ------
     InvalidQuery
         REQUEST other than doQuery, LANG other than ADQL, no QUERY, MAXREC not a whole number
-        >= 0, a FORMAT not VOTable or CSV, or an UPLOAD.
+        >= 0, or a FORMAT not VOTable or CSV (an ``UPLOAD`` is read by :func:`streams.web.tap_upload.read_uploads`).
     """
     request = _one(params, "REQUEST")
     if request is not None and request.lower() != "doquery":
@@ -92,8 +94,6 @@ def parse_request(params: Mapping[str, list[str]], config: WebConfig) -> TapQuer
     lang = _one(params, "LANG")
     if lang is not None and lang.upper().split("-")[0] != "ADQL":
         raise InvalidQuery(f"LANG={lang[:40]!r}: this service reads LANG=ADQL")
-    if _one(params, "UPLOAD"):
-        raise InvalidQuery("UPLOAD is not supported by this service")
     query = _one(params, "QUERY")
     if query is None:
         raise InvalidQuery("QUERY is required (an ADQL SELECT)")
@@ -189,13 +189,14 @@ class TapView(ArchiveView):
             self._local.objects = (con, table)
 
     def run(self, sql: str, tables: tuple[str, ...] = (), stop: Stop | None = None,
-            timeout_s: float | None = None) -> pa.Table:
+            timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = ()) -> pa.Table:
         """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
 
         ``tables`` are the published tables it reads: with ``broker.objects``, its rows are those of
         the archive's current commit, grouped once per commit (:meth:`_objects_of`, under the time limit).
         ``timeout_s`` is at most ``tap_timeout_s`` (the default); ``stop`` interrupts it from another
-        thread (an asynchronous job aborted), which is InvalidQuery too.
+        thread (an asynchronous job aborted), which is InvalidQuery too. ``uploads`` are registered
+        on the connection for this query only (``TAP_UPLOAD.name``), under the same limits.
         """
         import duckdb
 
@@ -216,6 +217,8 @@ class TapView(ArchiveView):
                     raise InvalidQuery("the job was aborted before its query ran")
             if "broker.objects" in tables:
                 self._register_objects(con, files)
+            for upload in uploads:
+                con.register(upload.registered, upload.rows)
             return con.sql(sql).to_arrow_table()
         except duckdb.InterruptException:
             if stop is not None and stop.requested:
@@ -229,6 +232,9 @@ class TapView(ArchiveView):
             raise self.archive._error(exc, files) from None
         finally:
             timer.cancel()
+            for upload in uploads:
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister(upload.registered)
             if stop is not None:
                 stop.detach()
             if fired.is_set():  # an interrupt may outlive its query: this connection is not used again
@@ -244,10 +250,18 @@ def tap_view(portal: Portal) -> TapView:
     return view
 
 
-def _fields(table: pa.Table, translation: adql.Translation) -> list[vo.Column]:
-    """The VOTable columns of a result: names made unique, with the published column's unit and UCD where plain."""
-    known = {c.name: c for name in translation.tables for c in tap_schema.table_of(name).columns}
-    fields, seen = [], set()
+def _known(translation: adql.Translation, uploads: tuple[UploadedTable, ...]) -> dict[str, Any]:
+    """The columns of the tables a query reads by name (published or uploaded: a unit, UCD and description each)."""
+    uploaded = {f"TAP_UPLOAD.{u.name}".lower(): u.columns for u in uploads}
+    return {c.name.lower(): c for name in translation.tables
+            for c in (uploaded[name.lower()] if name.lower() in uploaded else tap_schema.table_of(name).columns)}
+
+
+def _fields(table: pa.Table, translation: adql.Translation, uploads: tuple[UploadedTable, ...] = ()) -> list[vo.Column]:
+    """The VOTable columns of a result: names made unique, with the read column's unit and UCD where plain."""
+    known = _known(translation, uploads)
+    fields: list[vo.Column] = []
+    seen: set[str] = set()
     suffix: dict[str, int] = {}  # the next number to try after each repeated name
     for name, kind in zip(table.column_names, table.schema.types, strict=True):
         key = name
@@ -259,9 +273,19 @@ def _fields(table: pa.Table, translation: adql.Translation) -> list[vo.Column]:
         seen.add(key)
         column = known.get(name.lower()) if translation.plain is None or name.lower() in translation.plain else None
         datatype = _DATATYPES.get(kind, "double" if pa.types.is_decimal(kind) else "unicodeChar")
+        if datatype == "unicodeChar" and getattr(column, "datatype", None) == "char" and _ascii(table.column(len(
+                fields))):
+            datatype = "char"  # an uploaded column of ASCII text, answered as it came
         fields.append(vo.Column(key, datatype, column.unit if column else None, column.ucd if column else "",
-                                column.description if column else ""))
+                                column.description if column else "", getattr(column, "xtype", None)))
     return fields
+
+
+def _ascii(column: pa.ChunkedArray) -> bool:
+    """Whether every text of ``column`` is ASCII (a VOTable ``char`` may hold no other)."""
+    import pyarrow.compute as pc
+
+    return pa.types.is_string(column.type) and bool(pc.all(pc.string_is_ascii(column)).as_py() is not False)
 
 
 def _rows(table: pa.Table, fields: list[vo.Column]) -> list[dict]:
@@ -300,20 +324,22 @@ def answered(table: pa.Table, maxrec: int) -> tuple[int, str]:
                   "per result; select fewer columns or rows")
 
 
-def result_votable(table: pa.Table, translation: adql.Translation, maxrec: int) -> bytes:
+def result_votable(table: pa.Table, translation: adql.Translation, maxrec: int,
+                   uploads: tuple[UploadedTable, ...] = ()) -> bytes:
     """The VOTable of a result: QUERY_STATUS OK, or OVERFLOW past ``maxrec`` rows or the bounds (:func:`answered`).
 
     Its rows are written column by column with Arrow (:func:`streams.web.vo.votable`).
     """
     n, cut = answered(table, maxrec)
     status = ("QUERY_STATUS", "OVERFLOW", cut) if cut else ("QUERY_STATUS", "OK", "")
-    return vo.votable([status], tuple(_fields(table, translation)), table.slice(0, n), "result")
+    return vo.votable([status], tuple(_fields(table, translation, uploads)), table.slice(0, n), "result")
 
 
-def result_csv(table: pa.Table, translation: adql.Translation, maxrec: int) -> bytes:
+def result_csv(table: pa.Table, translation: adql.Translation, maxrec: int,
+               uploads: tuple[UploadedTable, ...] = ()) -> bytes:
     """The CSV of a result (a header line; null cells empty), cut as :func:`answered` says without a mark."""
     n, _ = answered(table, maxrec)
-    fields = _fields(table, translation)
+    fields = _fields(table, translation, uploads)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([f.key for f in fields])
@@ -333,19 +359,22 @@ class TapAnswer:
 
 
 def execute(portal: Portal, params: Mapping[str, list[str]], stop: Stop | None = None,
-            timeout_s: float | None = None) -> TapAnswer:
+            timeout_s: float | None = None, parts: Mapping[str, bytes] | None = None) -> TapAnswer:
     """The answer to a TAP query, synchronous or a job's: its result, or its error as a VOTable.
 
     ``stop`` and ``timeout_s`` are those of :meth:`TapView.run` (an asynchronous job's abort and
-    execution duration).
+    execution duration); ``parts`` the files of the request's form, by part name, read as the
+    tables ``UPLOAD`` names (:func:`streams.web.tap_upload.read_uploads`).
     """
     try:
         request = parse_request(params, portal.config)
-        translation = adql.translate(request.query, tap_schema.published(), request.maxrec)
-        table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s)
+        uploads = tap_upload.read_uploads(_one(params, "UPLOAD"), parts or {})
+        translation = adql.translate(request.query, tap_schema.published() + tuple(u.published() for u in uploads),
+                                     request.maxrec)
+        table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s, uploads)
         if request.csv:
-            return TapAnswer(result_csv(table, translation, request.maxrec), CSV_TYPE)
-        return TapAnswer(result_votable(table, translation, request.maxrec), VOTABLE_TYPE)
+            return TapAnswer(result_csv(table, translation, request.maxrec, uploads), CSV_TYPE)
+        return TapAnswer(result_votable(table, translation, request.maxrec, uploads), VOTABLE_TYPE)
     except BrokerError as exc:
         return TapAnswer(error_votable(exc), VOTABLE_TYPE, error_message(exc))
     except Exception as exc:  # a fault of ours: logged, and the client told so, never a trace
@@ -381,22 +410,57 @@ def _openapi() -> dict:
 MAX_FORM_FIELDS = 64
 
 
-async def request_params(request: Request) -> dict[str, list[str]]:
-    """The request's parameters, query string and form body, names upper-cased (DALI)."""
-    params: dict[str, list[str]] = {}
+async def request_form(request: Request) -> tuple[dict[str, list[str]], dict[str, bytes]]:
+    """The request's parameters (query string and form, names upper-cased: DALI) and its form's parts by name.
+
+    The parts are the files of a multipart form (the tables of ``UPLOAD``, each at most
+    :data:`~streams.web.tap_upload.MAX_UPLOAD_BYTES`), and any plain field ``UPLOAD`` names as a part.
+
+    Raises
+    ------
+    InvalidQuery
+        A malformed form, a part given twice or over its bound, more than
+        :data:`~streams.web.tap_upload.MAX_UPLOADS` files.
+    """
     items = list(request.query_params.multi_items())
+    fields: dict[str, str] = {}
+    parts: dict[str, bytes] = {}
     if request.method == "POST":
         multipart = request.headers.get("content-type", "").lower().startswith("multipart/")
         # a multipart form through upload.read_form: Starlette's own parser left a part cut short open
-        opened = read_form(request, max_files=1, max_fields=MAX_FORM_FIELDS) if multipart else \
-            request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
+        opened = read_form(request, max_files=tap_upload.MAX_UPLOADS, max_fields=MAX_FORM_FIELDS) if multipart \
+            else request.form(max_files=0, max_fields=MAX_FORM_FIELDS)
         async with opened as form:
-            items += [(k, v) for k, v in form.multi_items() if isinstance(v, str)]
-            if any(not isinstance(v, str) for _, v in form.multi_items()):
-                items.append(("UPLOAD", "file"))
+            for name, value in form.multi_items():
+                if isinstance(value, str):
+                    items.append((name, value))
+                    fields.setdefault(name, value)
+                    continue
+                data = await value.read(tap_upload.MAX_UPLOAD_BYTES + 1)
+                if name in parts or len(data) > tap_upload.MAX_UPLOAD_BYTES:
+                    raise InvalidQuery(f"the form's part {name[:60]!r} is given twice or over "
+                                       f"{tap_upload.MAX_UPLOAD_BYTES >> 20} MiB")
+                parts[name] = data
+    params: dict[str, list[str]] = {}
     for name, value in items:
         params.setdefault(name.upper(), []).append(value)
-    return params
+    for _, part in _named_parts(_one(params, "UPLOAD")):
+        if part not in parts and part in fields:  # a table sent as a plain field (no file name)
+            parts[part] = fields[part].encode()
+    return params, parts
+
+
+def _named_parts(upload: str | None) -> list[tuple[str, str]]:
+    """The (name, part) pairs of an ``UPLOAD`` value; none when absent or malformed (refused later, in execute)."""
+    try:
+        return tap_upload.upload_pairs(upload) if upload else []
+    except InvalidQuery:
+        return []
+
+
+async def request_params(request: Request) -> dict[str, list[str]]:
+    """The request's parameters, query string and form body, names upper-cased (DALI); its files are not read."""
+    return (await request_form(request))[0]
 
 
 _SYNC_ANSWERS: dict[int | str, dict[str, Any]] = {**LIMITED, 200: {"content": {VOTABLE_TYPE: {}, CSV_TYPE: {}}}}
@@ -417,10 +481,10 @@ async def sync_post(request: Request, who: CostlyReader) -> Response:
 async def _sync(request: Request) -> Response:
     portal = portal_of(request)
     try:
-        params = await request_params(request)
+        params, parts = await request_form(request)
     except Exception as exc:  # a body the form parser refuses (a broken multipart)
         return Response(error_votable(InvalidQuery(f"the request body is not a form: {exc}")), media_type=VOTABLE_TYPE)
-    answer = await portal.run(execute, portal, params)
+    answer = await portal.run(execute, portal, params, None, None, parts)
     return Response(answer.body, media_type=answer.media_type)
 
 
@@ -440,7 +504,7 @@ async def capabilities(request: Request, who: Reader) -> Response:
     cfg = portal_of(request).config
     return Response(tap_schema.capabilities_xml(_base(request), cfg.tap_maxrec, cfg.tap_max_maxrec,
                                                 (cfg.tap_job_destruction_s, cfg.tap_job_max_destruction_s),
-                                                cfg.tap_timeout_s), media_type=XML_TYPE)
+                                                cfg.tap_timeout_s, tap_upload.MAX_UPLOAD_BYTES), media_type=XML_TYPE)
 
 
 @router.get("/availability", response_class=Response, responses={200: {"content": {XML_TYPE: {}}}})

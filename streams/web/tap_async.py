@@ -12,6 +12,10 @@ phase (``WAIT``) and fetch its result:
   ``/owner``, ``/parameters``, ``/results``, ``/results/result`` (the VOTable or CSV), ``/error``
   (the ERROR VOTable).
 
+A job's uploaded tables (``UPLOAD``, in the multipart form of ``POST /async`` or of
+``/parameters``, as pyvo's ``run_async(query, uploads=...)`` and ``job.upload`` send them) are
+kept with it and read when it runs.
+
 A job runs as the synchronous query does (:func:`streams.web.tap.execute`: the same parsing,
 check, translation, time and memory limits and VOTable), in the portal's pool, holding a slot of
 costly work charged to its client (:mod:`streams.web.limits`), for which it waits ``QUEUED``. A
@@ -81,7 +85,7 @@ async def _work(portal: Portal, store: JobStore, job: Job) -> None:
                 if job.phase != "QUEUED":  # aborted or deleted meanwhile
                     return
                 job.move("EXECUTING")
-                answer = await portal.run(tap.execute, portal, params, job.stop, job.execution_s)
+                answer = await portal.run(tap.execute, portal, params, job.stop, job.execution_s, job.uploads)
             break
         except (RateLimited, Busy) as exc:  # the client's budget, or the server's slots: wait, as a request would
             await asyncio.sleep(exc.retry_after_s or 1.0)
@@ -130,12 +134,12 @@ def _only(params: dict[str, list[str]], name: str) -> str:
 async def create(request: Request, who: Reader) -> RedirectResponse:
     """Make a TAP job of the query's parameters (those of ``/sync``); ``PHASE=RUN`` runs it at once."""
     portal = portal_of(request)
-    params = await tap.request_params(request)
+    params, parts = await tap.request_form(request)
     phase = tap._one(params, "PHASE")
     if phase is not None and phase.upper() != "RUN":
         raise InvalidQuery(f"PHASE={phase[:40]!r}: a new job takes only PHASE=RUN")
     store = job_store(portal)
-    job = store.create(client_key(request), who.name, params)
+    job = store.create(client_key(request), who.name, params, parts)
     if phase is not None:
         start(portal, store, job)
     return _see_other(_job_url(request, job))
@@ -269,9 +273,10 @@ async def parameters(request: Request, who: Reader, job_id: str) -> Response:
 
 @router.post("/{job_id}/parameters", response_class=RedirectResponse, status_code=303)
 async def set_parameters(request: Request, who: Reader, job_id: str) -> RedirectResponse:
-    """Change a PENDING job's TAP parameters (``QUERY``, ``MAXREC``, ``FORMAT``, ``RUNID``...): 303 to the job."""
+    """Change a PENDING job's TAP parameters (``QUERY``, ``MAXREC``, ``FORMAT``, ``UPLOAD`` and its tables...): 303."""
     found = _job(request, job_id)
-    job_store(portal_of(request)).update(found, await tap.request_params(request))
+    params, parts = await tap.request_form(request)
+    job_store(portal_of(request)).update(found, params, parts)
     return _see_other(_job_url(request, found))
 
 

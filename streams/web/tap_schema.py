@@ -250,11 +250,13 @@ GEOMETRY = ("POINT", "CIRCLE", "BOX", "POLYGON", "CONTAINS", "INTERSECTS", "DIST
 
 
 def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_s: tuple[float, float] = (3600, 86400),
-                     execution_s: float = 30) -> bytes:
+                     execution_s: float = 30, upload_bytes: int = 16 * 2**20) -> bytes:
     """The VOSI ``capabilities`` document: TAP 1.1 (``/sync`` and ``/async``), ADQL 2.0, VOTable and CSV, the limits.
 
     ``base`` is the service's URL (``.../api/v1/tap``); ``retention_s`` the default and longest
-    life of an asynchronous job (s), ``execution_s`` the longest a query runs (s).
+    life of an asynchronous job (s), ``execution_s`` the longest a query runs (s); ``upload_bytes``
+    the largest table uploaded inline (``UPLOAD=name,param:part``; the only upload method: this
+    service reads no URL).
     """
     def interface(url: str, role: str = "", use: str = "full") -> str:
         extra = f' role="{role}" version="1.1"' if role else ""
@@ -269,6 +271,10 @@ def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_
             f'xmlns:vosi="http://www.ivoa.net/xml/VOSICapabilities/v1.0" {_NS} '
             f'xmlns:tr="http://www.ivoa.net/xml/TAPRegExt/v1.0">'
             f'<capability standardID="ivo://ivoa.net/std/TAP" xsi:type="tr:TableAccess">'
+            "<description>Tables are uploaded inline (UPLOAD=name,param:part, a VOTable sent as a part of the "
+            "multipart request, queried as TAP_UPLOAD.name). upload-http is declared as TAPRegExt requires of a "
+            "service taking uploads, but an UPLOAD of a URL (http, https, ftp, file) is refused with an error: "
+            "this service has no network access.</description>"
             f'{interface(base, "std", "base")}'
             '<language><name>ADQL</name><version ivo-id="ivo://ivoa.net/std/ADQL#v2.0">2.0</version>'
             "<description>ADQL 2.0 (with LOWER, UPPER, COALESCE, CAST, ILIKE and OFFSET of 2.1). "
@@ -278,11 +284,14 @@ def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_
             "</language>"
             "<outputFormat><mime>application/x-votable+xml</mime><alias>votable</alias></outputFormat>"
             '<outputFormat><mime>text/csv;header=present</mime><alias>csv</alias></outputFormat>'
+            '<uploadMethod ivo-id="ivo://ivoa.net/std/TAPRegExt#upload-inline"/>'
+            '<uploadMethod ivo-id="ivo://ivoa.net/std/TAPRegExt#upload-http"/>'
             f'<retentionPeriod><default>{retention_s[0]:.0f}</default><hard>{retention_s[1]:.0f}</hard>'
             f"</retentionPeriod><executionDuration><default>{execution_s:.0f}</default><hard>{execution_s:.0f}</hard>"
             "</executionDuration>"
             f'<outputLimit><default unit="row">{default_maxrec}</default><hard unit="row">{max_maxrec}</hard>'
-            f"</outputLimit></capability>{vosi}</vosi:capabilities>").encode()
+            f'</outputLimit><uploadLimit><hard unit="byte">{upload_bytes}</hard></uploadLimit>'
+            f"</capability>{vosi}</vosi:capabilities>").encode()
 
 
 def availability_xml(available: bool, note: str) -> bytes:

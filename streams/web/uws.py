@@ -7,9 +7,10 @@ synchronous query (:func:`streams.web.tap.execute`). Its phases: ``PENDING`` (ma
 ``ERROR`` (the ERROR VOTable) or ``ABORTED``. Everything kept is bounded: the jobs of all clients
 (``WebConfig.tap_jobs``) and of one (``tap_jobs_per_client``), 409 beyond (:class:`~broker.errors.JobQuota`);
 the bytes of the results (``tap_job_results_mb``), a result past them ending its job in ``ERROR``;
-each parameter's length; and each job's life, destroyed at its destruction time
-(``tap_job_destruction_s`` after its creation by default) by a timer of the event loop, and
-checked again at every use of the store.
+each parameter's length, and its uploaded tables (``UPLOAD``: at most
+:data:`~streams.web.tap_upload.MAX_UPLOAD_BYTES`, counted with the results); and each job's life,
+destroyed at its destruction time (``tap_job_destruction_s`` after its creation by default) by a
+timer of the event loop, and checked again at every use of the store.
 
 Only the event loop touches the store (no lock): the work runs in the portal's pool and its
 outcome is recorded when the loop resumes.
@@ -29,6 +30,7 @@ from broker.errors import InvalidQuery, JobQuota, NotFound
 from streams.web.adql import MAX_QUERY_CHARS
 from streams.web.config import WebConfig
 from streams.web.tap import Stop, TapAnswer
+from streams.web.tap_upload import MAX_UPLOAD_BYTES
 
 #: The phases of UWS 1.1; a job here is in one of the first six.
 PHASES = ("PENDING", "QUEUED", "EXECUTING", "COMPLETED", "ERROR", "ABORTED", "UNKNOWN", "HELD", "SUSPENDED",
@@ -96,6 +98,7 @@ class Job:
     started: float | None = None
     ended: float | None = None
     answer: TapAnswer | None = None
+    uploads: dict[str, bytes] = field(default_factory=dict)
     stop: Stop = field(default_factory=Stop)
     task: asyncio.Task[None] | None = None
     reaper: asyncio.TimerHandle | None = None
@@ -117,6 +120,11 @@ class Job:
         """Bytes the job's outcome holds."""
         return len(self.answer.body) if self.answer is not None else 0
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the job keeps: its outcome and its uploaded tables."""
+        return self.result_bytes + sum(len(data) for data in self.uploads.values())
+
 
 class JobStore:
     """The portal's jobs, bounded in number (in all and per client), in result bytes and in life.
@@ -135,18 +143,24 @@ class JobStore:
         self.clock = clock
         self.jobs: dict[str, Job] = {}
 
-    def create(self, owner: str, owner_name: str, params: dict[str, list[str]]) -> Job:
-        """A new ``PENDING`` job of ``owner`` (a client key) with the request's TAP parameters.
+    def create(self, owner: str, owner_name: str, params: dict[str, list[str]],
+               uploads: dict[str, bytes] | None = None) -> Job:
+        """A new ``PENDING`` job of ``owner`` (a client key) with the request's TAP parameters and uploaded tables.
+
+        ``uploads`` are the request's parts by name (those ``UPLOAD`` names are kept, read when it runs).
 
         Raises
         ------
         JobQuota
-            The owner, or the server, keeps the most jobs it may (HTTP 409).
+            The owner, or the server, keeps the most jobs it may, or the uploads would take the
+            bytes kept for jobs past ``tap_job_results_mb`` (HTTP 409).
         InvalidQuery
-            A parameter too long (:func:`kept_parameters`).
+            A parameter too long (:func:`kept_parameters`), uploads over their bound.
         """
         kept = kept_parameters(params)
+        tables = named_uploads(kept.get("UPLOAD"), uploads or {})
         self.expire()
+
         mine = sum(1 for job in self.jobs.values() if job.owner == owner)
         if mine >= self.config.tap_jobs_per_client:
             raise JobQuota(f"you keep {mine} TAP jobs, the most one client may (tap_jobs_per_client); delete one "
@@ -154,12 +168,23 @@ class JobStore:
         if len(self.jobs) >= self.config.tap_jobs:
             raise JobQuota(f"this server keeps {len(self.jobs)} TAP jobs, the most it takes (tap_jobs); retry "
                            "once some are deleted or destroyed, or query synchronously (/api/v1/tap/sync)")
+        self._room_for_uploads(None, tables)
         now = self.clock()
         job = Job(secrets.token_hex(ID_CHARS // 2), owner, owner_name, kept, now,
-                  now + self.config.tap_job_destruction_s, self.config.tap_timeout_s)
+                  now + self.config.tap_job_destruction_s, self.config.tap_timeout_s, uploads=tables)
         self.jobs[job.job_id] = job
         self._reap_at(job)
         return job
+
+    def _room_for_uploads(self, job: Job | None, tables: dict[str, bytes]) -> None:
+        """JobQuota unless ``tables`` (``job``'s new uploads) keep the bytes held within ``tap_job_results_mb``."""
+        held = sum(j.held_bytes for j in self.jobs.values() if j is not job)
+        size = sum(len(data) for data in tables.values())
+        if size and held + size > self.config.tap_job_results_mb * 2**20:
+            raise JobQuota(f"the uploaded tables ({size / 2**20:.1f} MiB) would take the bytes kept for jobs past "
+                           f"this service's {self.config.tap_job_results_mb} MiB (tap_job_results_mb): delete "
+                           "finished jobs, or query synchronously (/api/v1/tap/sync)")
+
 
     def _reap_at(self, job: Job) -> None:
         """Have the event loop destroy the store's expired jobs at ``job``'s destruction (none without a loop)."""
@@ -171,18 +196,25 @@ class JobStore:
             job.reaper.cancel()
         job.reaper = loop.call_later(max(job.destruction - self.clock(), 0.0), self.expire)
 
-    def update(self, job: Job, params: dict[str, list[str]]) -> None:
+    def update(self, job: Job, params: dict[str, list[str]], uploads: dict[str, bytes] | None = None) -> None:
         """Change a PENDING job's TAP parameters (and ``RUNID``) to those given; others are kept.
+
+        ``uploads`` are the request's parts: with the tables sent before, those its ``UPLOAD`` names are kept.
 
         Raises
         ------
         InvalidQuery
             The job no longer PENDING, or a parameter too long (HTTP 400).
+        JobQuota
+            The uploads past the bytes kept for jobs (HTTP 409).
         """
         kept = kept_parameters(params)
         if job.phase != "PENDING":
             raise InvalidQuery(f"the job is {job.phase}: its parameters are set only while PENDING")
+        tables = named_uploads({**job.parameters, **kept}.get("UPLOAD"), {**job.uploads, **(uploads or {})})
+        self._room_for_uploads(job, tables)
         job.parameters.update(kept)
+        job.uploads = tables
 
     def get(self, job_id: str, owner: str) -> Job:
         """The job ``job_id`` of ``owner``: NotFound (HTTP 404) for an unknown id, a destroyed job, or another's."""
@@ -253,7 +285,7 @@ class JobStore:
 
     def room_for(self, job: Job, size: int) -> bool:
         """Whether a result of ``size`` bytes for ``job`` keeps the results within ``tap_job_results_mb``."""
-        held = sum(j.result_bytes for j in self.jobs.values() if j is not job)
+        held = sum(j.held_bytes for j in self.jobs.values() if j is not job) + job.held_bytes - job.result_bytes
         return held + size <= self.config.tap_job_results_mb * 1024 * 1024
 
     def close(self) -> None:
@@ -262,6 +294,26 @@ class JobStore:
             for pending in (job.task, job.reaper):
                 if pending is not None:
                     pending.cancel()
+
+
+def named_uploads(upload: str | None, parts: dict[str, bytes]) -> dict[str, bytes]:
+    """The parts of ``parts`` that the ``UPLOAD`` value names (none without one; a malformed one is refused when run).
+
+    Raises
+    ------
+    InvalidQuery
+        More than :data:`~streams.web.tap_upload.MAX_UPLOAD_BYTES` together.
+    """
+    from streams.web.tap_upload import upload_pairs
+
+    try:
+        named = {part for _, part in upload_pairs(upload)} if upload else set()
+    except InvalidQuery:
+        named = set()
+    tables = {part: data for part, data in parts.items() if part in named}
+    if sum(len(data) for data in tables.values()) > MAX_UPLOAD_BYTES:
+        raise InvalidQuery(f"the uploaded tables are over {MAX_UPLOAD_BYTES >> 20} MiB together")
+    return tables
 
 
 def _el(name: str, value: str | None) -> str:

@@ -42,13 +42,14 @@ DEFAULT_MAXREC, MAX_MAXREC = 100, 1000
 
 @dataclass(frozen=True)
 class Column:
-    """A column of the answer: the summary key, VOTable datatype, unit, UCD and description."""
+    """A column of the answer: the summary key, VOTable datatype, unit, UCD, description and xtype (None: none)."""
 
     key: str
     datatype: str
     unit: str | None
     ucd: str
     description: str
+    xtype: str | None = None
 
 
 #: Columns of ``VERB=1``: the three SCS 1.03 requires, and the distance from the cone's centre.
@@ -177,8 +178,8 @@ def _head(infos: list[tuple[str, str, str]], columns: tuple[Column, ...], table_
     if columns:
         table = TableElement(votable, name=table_name)
         resource.tables.append(table)
-        table.fields.extend(Field(votable, name=c.key, datatype=c.datatype, unit=c.unit, ucd=c.ucd,
-                                  arraysize="*" if c.datatype == "unicodeChar" else None) for c in columns)
+        table.fields.extend(Field(votable, name=c.key, datatype=c.datatype, unit=c.unit, ucd=c.ucd, xtype=c.xtype,
+                                  arraysize="*" if c.datatype in ("char", "unicodeChar") else None) for c in columns)
         for field, column in zip(table.fields, columns, strict=True):
             field.description = column.description
     out = io.BytesIO()
@@ -217,7 +218,7 @@ def _cells(column: pa.ChunkedArray, datatype: str) -> pa.Array:
     """The TABLEDATA text of a column's cells (null: None, written as an empty cell, VOTable's null)."""
     import pyarrow.compute as pc
 
-    if datatype == "unicodeChar":
+    if datatype in ("char", "unicodeChar"):
         return _text_cells(column)
     if datatype == "boolean":
         return pc.if_else(column, "T", "F")
