@@ -211,7 +211,7 @@ class BodyLimit:
             return self.upload_bytes + MULTIPART_SLACK_BYTES
         if scope["method"] == "POST" and (path in ("/api/v1/tap/sync", "/api/v1/tap/async") or (
                 path.startswith("/api/v1/tap/async/") and path.endswith("/parameters"))):
-            multipart = dict(scope["headers"]).get(b"content-type", b"").lower().startswith(b"multipart/")
+            multipart = dict(scope.get("headers", ())).get(b"content-type", b"").lower().startswith(b"multipart/")
             return TAP_UPLOAD_BODY_BYTES if multipart else TAP_BODY_BYTES
         if (scope["method"] == "POST" and path == "/api/v1/crossmatch") or (
                 scope["method"] == "PUT" and path.startswith("/api/v1/watchlists/")):
