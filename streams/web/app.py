@@ -351,6 +351,7 @@ def create_app(config: WebConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
+        tap_async.job_store(portal)  # the jobs kept in tap_jobs_dir read back, their destruction timers set
         yield
         portal.close()
 

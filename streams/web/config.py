@@ -134,6 +134,11 @@ class WebConfig:
     tap_job_wait_s : float
         Longest a blocking ``GET`` of a job (UWS 1.1 ``WAIT``) waits for its phase to change (s).
         Default 60: within a proxy's usual read timeout.
+    tap_jobs_dir : Path or None
+        Folder where the asynchronous TAP jobs are kept (a folder per job: its state, result and
+        uploaded tables), read back when the portal starts (``streams.web.uws``). Default
+        ``var/portal/tap-jobs``; :meth:`for_state_dir` puts it in the state folder; None: jobs are
+        kept in memory only and lost with the process.
     """
 
     host: str = "127.0.0.1"
@@ -173,6 +178,7 @@ class WebConfig:
     tap_job_destruction_s: float = 3600.0
     tap_job_max_destruction_s: float = 86_400.0
     tap_job_wait_s: float = 60.0
+    tap_jobs_dir: Path | None = Path("var/portal/tap-jobs")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -208,11 +214,12 @@ class WebConfig:
 
     @classmethod
     def for_state_dir(cls, state_dir: Path, **overrides: object) -> WebConfig:
-        """The settings of a pipeline's state folder: its archive, history, references, tokens, labels, watchlists."""
+        """The settings of a pipeline's state folder: its archive, history, references, tokens, labels, lists, jobs."""
         state_dir = Path(state_dir)
         base = cls(archive=str(state_dir / "archive"), state_dir=state_dir,
                    tokens_path=state_dir / "tokens.sqlite", labels_path=state_dir / "labels.sqlite",
-                   watchlists_path=state_dir / "watchlists.sqlite", references_dir=state_dir / "refs")
+                   watchlists_path=state_dir / "watchlists.sqlite", references_dir=state_dir / "refs",
+                   tap_jobs_dir=state_dir / "tap-jobs")
         return replace(base, **overrides)  # type: ignore[arg-type]
 
     def ingest(self) -> IngestConfig:

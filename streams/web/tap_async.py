@@ -14,7 +14,8 @@ phase (``WAIT``) and fetch its result:
 
 A job's uploaded tables (``UPLOAD``, in the multipart form of ``POST /async`` or of
 ``/parameters``, as pyvo's ``run_async(query, uploads=...)`` and ``job.upload`` send them) are
-kept with it and read when it runs.
+kept with it and read when it runs. Jobs are kept on disk and survive a restart of the portal
+(:class:`streams.web.uws.JobFiles`: one queued or running then comes back in ``ERROR``).
 
 A job runs as the synchronous query does (:func:`streams.web.tap.execute`: the same parsing,
 check, translation, time and memory limits and VOTable), in the portal's pool, holding a slot of
@@ -96,7 +97,10 @@ async def _work(portal: Portal, store: JobStore, job: Job) -> None:
         message = (f"the result ({len(answer.body) / 2**20:.1f} MiB) would take the results kept for jobs past this "
                    f"service's {mb} MiB: delete finished jobs, or ask fewer rows (MAXREC) or columns")
         answer = tap.TapAnswer(tap.error_votable(InvalidQuery(message)), tap.VOTABLE_TYPE, message)
-    job.answer = answer
+    await portal.run(store.keep_answer, job, answer)  # its bytes written to the job's folder
+    if job.phase != "EXECUTING" or store.jobs.get(job.job_id) is not job:  # aborted or deleted meanwhile
+        store.drop_answer(job)
+        return
     job.move("ERROR" if answer.error is not None else "COMPLETED")
 
 

@@ -78,9 +78,9 @@ def state(tmp_path_factory) -> tuple[Path, list[dict]]:
 
 @pytest.fixture
 def portal_config(state, tmp_path) -> WebConfig:
-    """The portal over :func:`state`, with a token file and a saved watchlists file of the test's own."""
+    """The portal over :func:`state`, with a token file, a saved watchlists file and TAP jobs of the test's own."""
     return WebConfig.for_state_dir(state[0], tokens_path=tmp_path / "tokens.sqlite",
-                                   watchlists_path=tmp_path / "watchlists.sqlite")
+                                   watchlists_path=tmp_path / "watchlists.sqlite", tap_jobs_dir=tmp_path / "tap-jobs")
 
 
 @pytest.fixture

@@ -321,3 +321,80 @@ def test_stilts_tapquery_runs_async_as_topcat_does(portal_config):
     assert found.stdout.splitlines()[:2] == ["object_id,n_alerts", "OBJ3488120545576,3"]
     assert "COMPLETED" in found.stderr  # the job's phases, as stilts reports them
     assert refused.returncode != 0 and "table functions are not read" in refused.stdout + refused.stderr
+
+
+def _restarted(config) -> TestClient:
+    """A second portal over the same settings: what a restart of ``broker serve`` reads back."""
+    return TestClient(create_app(config))
+
+
+def test_jobs_survive_a_restart_with_their_results_parameters_and_times(portal_config):
+    """Jobs were kept in memory only: a restart of the portal lost every job, result and destruction time."""
+    config = replace(portal_config, tap_timeout_s=120.0)
+    with TestClient(create_app(config)) as client:
+        done = _create(client, "SELECT TOP 3 alert_id FROM alerts ORDER BY alert_id", PHASE="RUN", RUNID="r1")
+        _until(client, done, {"COMPLETED"})
+        failed = _create(client, "SELECT * FROM alerts_all", PHASE="RUN")
+        _until(client, failed, {"ERROR"})
+        pending = _create(client, "SELECT COUNT(*) AS n FROM alerts", MAXREC="5")
+        client.post(f"{pending}/destruction", data={"DESTRUCTION": "2999-01-01T00:00:00Z"})
+        running = _create(client, SLOW, PHASE="RUN")
+        _until(client, running, {"EXECUTING"})
+        before = {job: client.get(job).text for job in (done, failed, pending)}
+        result = client.get(f"{done}/results/result").content
+    assert (portal_config.tap_jobs_dir / done.rsplit("/", 1)[1] / "job.json").is_file()
+    with _restarted(config) as client:
+        for job, document in before.items():
+            assert client.get(job).text == document, job  # phase, times, parameters, runId, destruction
+        assert client.get(f"{done}/results/result").content == result
+        assert "not published" in _status(_votable(client.get(f"{failed}/error").content))[1]
+        stopped = client.get(running).text
+        assert _uws(stopped, "phase") == "ERROR" and "portal stopped while this job was EXECUTING" in stopped
+        assert client.post(f"{pending}/phase", data={"PHASE": "RUN"}, follow_redirects=False).status_code == 303
+        assert _until(client, pending, {"COMPLETED", "ERROR"}) == "COMPLETED"
+        client.delete(done)
+    with _restarted(config) as client:
+        assert client.get(done).status_code == 404 and _phase(client, pending) == "COMPLETED"
+    assert not (portal_config.tap_jobs_dir / done.rsplit("/", 1)[1]).exists()
+
+
+def test_restored_jobs_are_destroyed_at_their_time_and_bounded(portal_config):
+    config = replace(portal_config, tap_job_destruction_s=2.0, tap_job_max_destruction_s=3600.0)
+    with TestClient(create_app(config)) as client:
+        longer = [_create(client, "SELECT 1 AS one FROM alerts") for _ in range(3)]
+        for job in longer:
+            client.post(f"{job}/destruction", data={"DESTRUCTION": "2999-01-01T00:00:00Z"})
+        short = _create(client, "SELECT 1 AS one FROM alerts")
+    with _restarted(replace(config, tap_jobs=3, tap_jobs_per_client=3)) as client:
+        assert client.get(short).status_code == 200  # not yet destroyed
+        kept = [job for job in longer if client.get(job).status_code == 200]
+        assert kept == longer[1:]  # the newest within the bound, the oldest dropped
+        time.sleep(2.2)
+        assert client.get(short).status_code == 404  # destroyed by the loop's timer, restored with it
+    assert sorted(p.name for p in portal_config.tap_jobs_dir.iterdir()) == sorted(j.rsplit("/", 1)[1] for j in kept)
+
+
+def test_unreadable_job_folders_are_left_out_and_the_portal_serves(portal_config, caplog):
+    folder = portal_config.tap_jobs_dir
+    (folder / "0123456789abcdef").mkdir(parents=True)
+    (folder / "0123456789abcdef" / "job.json").write_text("{not json")
+    (folder / "fedcba9876543210").mkdir()
+    (folder / "fedcba9876543210" / "job.json").write_text('{"job_id": "fedcba9876543210", "phase": "EXECUTING"}')
+    (folder / "00000000000000aa").mkdir()  # a job made as the portal stopped, before its state was written
+    (folder / "not-a-job").mkdir()
+    with TestClient(create_app(portal_config)) as client:
+        assert client.get(ASYNC).text.count("jobref") == 0
+        job = _create(client, "SELECT COUNT(*) AS n FROM alerts", PHASE="RUN")
+        assert _until(client, job, {"COMPLETED", "ERROR"}) == "COMPLETED"
+    assert "not read, left out" in caplog.text and not (folder / "00000000000000aa").exists()
+    assert (folder / "not-a-job").is_dir()  # not ours: left alone
+
+
+def test_a_job_folder_that_cannot_be_written_keeps_the_job_in_memory(portal_config, caplog):
+    portal_config.tap_jobs_dir.parent.mkdir(parents=True, exist_ok=True)
+    portal_config.tap_jobs_dir.write_text("a file where the folder should be")
+    with TestClient(create_app(portal_config)) as client:
+        job = _create(client, "SELECT COUNT(*) AS n FROM alerts", PHASE="RUN")
+        assert _until(client, job, {"COMPLETED", "ERROR"}) == "COMPLETED"
+        assert _status(_votable(client.get(f"{job}/results/result").content))[0] == "OK"
+    assert "not saved" in caplog.text
