@@ -47,6 +47,9 @@ MAX_UPLOAD_ROWS = 100_000
 MAX_UPLOAD_COLUMNS = 100
 #: Longest text of a column (characters, a FIELD's ``arraysize``).
 MAX_TEXT_CHARS = 4096
+#: Most bytes astropy may allocate for the rows (declared or read) at their columns' widths: a fixed
+#: ``arraysize`` of text takes its whole width in every row whatever the text (4 bytes a unicodeChar).
+MAX_ALLOCATED_BYTES = 256 * 2**20
 #: Arrow type of each VOTable datatype read (others, arrays, bits and complex numbers, are refused).
 ARROW_TYPES = {"boolean": pa.bool_(), "unsignedByte": pa.int16(), "short": pa.int16(), "int": pa.int32(),
                "long": pa.int64(), "float": pa.float32(), "double": pa.float64(), "char": pa.string(),
@@ -167,7 +170,7 @@ def _screen(name: str, data: bytes) -> tuple[str, int] | None:
 
 def _screen_elements(name: str, data: bytes) -> tuple[str, int] | None:
     """Check the first TABLE's FIELDs and size, and refuse ``STREAM href`` and ``FITS`` (see the module's notes)."""
-    fields, rows, tables = 0, 0, 0
+    fields, rows, tables, declared, width = 0, 0, 0, 0, 0
     serialization, stream = "TABLEDATA", None
     try:
         for event, element in ET.iterparse(io.BytesIO(data), events=("start", "end")):
@@ -186,9 +189,10 @@ def _screen_elements(name: str, data: bytes) -> tuple[str, int] | None:
                 if tables == 1 and (not nrows.isdigit() or int(nrows) > MAX_UPLOAD_ROWS):
                     raise InvalidQuery(f"UPLOAD {name}: the TABLE declares {nrows[:20]!r} rows; at most "
                                        f"{MAX_UPLOAD_ROWS:,} are read")
+                declared = int(nrows) if tables == 1 else declared
             elif tag == "FIELD" and tables == 1:
                 fields += 1
-                _check_field(name, element.attrib)
+                width += _check_field(name, element.attrib)
             elif tag == "TR" and tables == 1:
                 rows += 1
             elif tag == "FITS" or (tag == "STREAM" and element.get("href") is not None):
@@ -196,6 +200,9 @@ def _screen_elements(name: str, data: bytes) -> tuple[str, int] | None:
                                    "send the rows inline (TABLEDATA, BINARY or BINARY2)")
             if fields > MAX_UPLOAD_COLUMNS or rows > MAX_UPLOAD_ROWS:
                 raise InvalidQuery(f"UPLOAD {name}: over {MAX_UPLOAD_COLUMNS} columns or {MAX_UPLOAD_ROWS:,} rows")
+            if max(rows, declared) * width > MAX_ALLOCATED_BYTES:
+                raise InvalidQuery(f"UPLOAD {name}: its rows would take over {MAX_ALLOCATED_BYTES >> 20} MiB at their "
+                                   "columns' widths: declare text of variable length (arraysize '*')")
     except ET.ParseError as exc:
         raise InvalidQuery(f"UPLOAD {name}: not well-formed XML ({str(exc)[:200]})") from None
     if tables == 0 or fields == 0:
@@ -228,8 +235,11 @@ def _check_stream(name: str, table: Any, stream: tuple[str, int]) -> None:
                            f"rows of {row} bytes its FIELDs make: cut, or garbage after the rows")
 
 
-def _check_field(name: str, attrib: Mapping[str, str]) -> None:
-    """InvalidQuery unless a FIELD is a scalar of :data:`ARROW_TYPES` (text: ``arraysize`` ``n``, ``n*`` or ``*``)."""
+def _check_field(name: str, attrib: Mapping[str, str]) -> int:
+    """Bytes a row of the FIELD takes in astropy's arrays; InvalidQuery unless it is a scalar of :data:`ARROW_TYPES`.
+
+    Text may have ``arraysize`` ``n``, ``n*`` or ``*`` (``n`` at most :data:`MAX_TEXT_CHARS`).
+    """
     column, datatype = attrib.get("name", attrib.get("ID", ""))[:80], attrib.get("datatype", "")
     if datatype not in ARROW_TYPES:
         raise InvalidQuery(f"UPLOAD {name}: column {column!r} is of datatype {datatype[:30]!r}; this service reads "
@@ -240,9 +250,12 @@ def _check_field(name: str, attrib: Mapping[str, str]) -> None:
         if size and size != "*" and not (digits.isdigit() and int(digits) <= MAX_TEXT_CHARS):
             raise InvalidQuery(f"UPLOAD {name}: column {column!r} has arraysize {size[:30]!r}; text of at most "
                                f"{MAX_TEXT_CHARS} characters is read ('*', 'n*' or n)")
-    elif size not in ("", "1"):
+        fixed = int(size) if size.isdigit() else 1 if not size else 0
+        return 1 + (8 if not fixed else fixed * (4 if datatype == "unicodeChar" else 1))  # mask, pointer or text
+    if size not in ("", "1"):
         raise InvalidQuery(f"UPLOAD {name}: column {column!r} is an array (arraysize {size[:30]!r}); this service "
                            "reads scalar columns")
+    return 1 + _WIDTHS[datatype]
 
 
 def read_votable(name: str, data: bytes, registered: str) -> UploadedTable:

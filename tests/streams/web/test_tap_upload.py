@@ -141,6 +141,10 @@ HOSTILE = [
                   "<TABLEDATA><TR><TD>1</TD><TD>2</TD></TR></TABLEDATA>"), "repeated"),
     (_field_table("".join(f'<FIELD name="c{i}" datatype="int"/>' for i in range(101)), _ONE), "over 100 columns"),
     (_field_table(_RA, "<TABLEDATA>" + "<TR><TD>1</TD></TR>" * 100_001 + "</TABLEDATA>"), "100,000 rows"),
+    (_field_table("".join(f'<FIELD name="c{i}" datatype="unicodeChar" arraysize="4096"/>' for i in range(100)),
+                  "<TABLEDATA>" + ("<TR>" + "<TD>a</TD>" * 100 + "</TR>") * 1000 + "</TABLEDATA>"), "would take over"),
+    (_field_table('<FIELD name="s" datatype="char" arraysize="4096"/>', _ONE).replace(
+        b"<TABLE>", b'<TABLE nrows="100000">'), "would take over"),
     (_field_table("", _ONE), "no TABLE with a FIELD"),
     (b"<x/>", "no TABLE"),
     (b"", "not well-formed"),
