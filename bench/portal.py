@@ -19,8 +19,10 @@ process, then times over HTTP, from this process with httpx:
 - TAP (``GET /api/v1/tap/sync``, ADQL) side by side with its REST/SCS equivalent over the same
   positions: a 1 deg ``CONTAINS`` cone (also through pyvo's ``TAPService.run_sync``, whose VOTable
   parsing by astropy is counted), the newest 100 alerts, the objects in 0.1 deg
-  (``broker.objects``), an aggregate over every object, and 10,000 full rows (``MAXREC=10000``,
-  ``--tap-requests`` of those only, as of the aggregate).
+  (``broker.objects``), an aggregate over every object, 10,000 full rows (``MAXREC=10000``), and a
+  cross-match of 1,000 uploaded positions (``UPLOAD``, a VOTable of targets drawn as the watchlist's,
+  ``JOIN TAP_UPLOAD.mine ON CONTAINS(POINT, CIRCLE)`` of 2 arcsec) beside ``POST /api/v1/crossmatch``
+  (``--tap-requests`` of those over every row, as of the aggregate and the upload).
 
 Each endpoint: ``--requests`` requests one after the other (p50, p95 latency in ms, requests/s of one
 client), then the same number spread over ``--clients`` concurrent clients (requests/s). With
@@ -32,6 +34,7 @@ archive; ``--synthetic-only`` leaves the demo's state out. Writes BENCHMARKS.md 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import socket
 import statistics
@@ -88,8 +91,16 @@ class Pyvo:
         return pyvo.dal.TAPService(base.rstrip("/") + "/api/v1/tap")
 
 
-#: A request of a workload: a GET of its URL, a POST of (URL, CSV body), or a pyvo TAP query.
-Call = str | tuple[str, str] | Pyvo
+@dataclass(frozen=True)
+class Upload:
+    """A synchronous TAP query of an uploaded table (``UPLOAD=mine,param:mine``, the VOTable a multipart part)."""
+
+    adql: str
+    votable: bytes
+
+
+#: A request of a workload: a GET of its URL, a POST of (URL, CSV body), a pyvo TAP query or a TAP upload.
+Call = str | tuple[str, str] | Pyvo | Upload
 
 
 def timed(client: httpx.Client, call: Call) -> float:
@@ -102,6 +113,10 @@ def timed(client: httpx.Client, call: Call) -> float:
         return time.perf_counter() - t0
     if isinstance(call, str):
         response = client.get(call)
+    elif isinstance(call, Upload):
+        response = client.post("/api/v1/tap/sync", data={"QUERY": call.adql, "UPLOAD": "mine,param:mine",
+                                                          "MAXREC": "50000"},
+                               files={"mine": ("mine.xml", call.votable, "application/x-votable+xml")})
     else:
         response = client.post(call[0], content=call[1], headers={"content-type": "text/csv"})
     elapsed = time.perf_counter() - t0
@@ -174,6 +189,22 @@ def tap(adql: str, maxrec: int) -> str:
     return "/api/v1/tap/sync?" + urllib.parse.urlencode({"QUERY": adql, "LANG": "ADQL", "MAXREC": maxrec})
 
 
+def _upload(targets: list[dict]) -> bytes:
+    """A VOTable (astropy's TABLEDATA, as pyvo uploads) of ``targets`` moved 0.5 arcsec north, as :func:`_watchlist`."""
+    from astropy.table import Table
+
+    out = io.BytesIO()
+    Table({"name": [f"t{i}" for i in range(len(targets))], "ra": [p["ra"] for p in targets],
+           "dec": [min(p["dec"] + 0.5 / 3600, 90.0) for p in targets]}).write(out, format="votable")
+    return out.getvalue()
+
+
+#: The uploaded targets' cross-match, at the radius of a watchlist's default (2 arcsec).
+_MATCH_ADQL = ("SELECT m.name, a.alert_id, a.object_id, a.mjd, a.magpsf, DISTANCE(POINT('ICRS', a.ra, a.dec), "
+               "POINT('ICRS', m.ra, m.dec)) AS dist FROM broker.alerts AS a JOIN TAP_UPLOAD.mine AS m ON "
+               f"1 = CONTAINS(POINT('ICRS', a.ra, a.dec), CIRCLE('ICRS', m.ra, m.dec, {2 / 3600!r}))")
+
+
 def _cone_adql(p: dict, r_deg: float, table: str = "broker.alerts", columns: str = "*") -> str:
     return (f"SELECT TOP 1000 {columns} FROM {table} WHERE CONTAINS(POINT('ICRS', ra, dec), "
             f"CIRCLE('ICRS', {p['ra']:.6f}, {p['dec']:.6f}, {r_deg:g})) = 1")
@@ -206,6 +237,10 @@ def tap_workloads(archive: Archive, n: int, heavy: int, seed: int) -> dict[str, 
             [tap("SELECT * FROM broker.alerts", 10_000)] * heavy, None),
         "TAP 10,000 full rows, the same as CSV": (
             [tap("SELECT * FROM broker.alerts", 10_000) + "&FORMAT=csv"] * heavy, None),
+        "TAP cross-match of 1,000 uploaded positions (`UPLOAD`, `JOIN TAP_UPLOAD.mine ON CONTAINS(POINT, "
+        "CIRCLE 2 arcsec)`)": (
+            [Upload(_MATCH_ADQL, _upload([pos[i] for i in rng.integers(len(pos), size=1000)])) for _ in range(heavy)],
+            "watchlist of 1,000 targets: `POST /api/v1/crossmatch`"),
     }
 
 
