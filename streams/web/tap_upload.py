@@ -147,11 +147,11 @@ def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
-def _screen(name: str, data: bytes) -> tuple[str, int] | None:
+def _screen(name: str, data: bytes) -> tuple[str, bytes] | None:
     """InvalidQuery unless ``data`` is a VOTable astropy may read safely (see the module's notes).
 
-    Returns the first TABLE's serialization and its stream's decoded bytes (``BINARY`` or
-    ``BINARY2``), None for ``TABLEDATA``.
+    Returns the first TABLE's serialization and its stream, decoded (``BINARY`` or ``BINARY2``),
+    None for ``TABLEDATA``.
     """
     if len(data) > MAX_UPLOAD_BYTES:
         raise InvalidQuery(f"UPLOAD {name}: {len(data)} bytes, over the {MAX_UPLOAD_BYTES >> 20} MiB read")
@@ -168,7 +168,7 @@ def _screen(name: str, data: bytes) -> tuple[str, int] | None:
     return _screen_elements(name, data)
 
 
-def _screen_elements(name: str, data: bytes) -> tuple[str, int] | None:
+def _screen_elements(name: str, data: bytes) -> tuple[str, bytes] | None:
     """Check the first TABLE's FIELDs and size, and refuse ``STREAM href`` and ``FITS`` (see the module's notes)."""
     fields, rows, tables, declared, width = 0, 0, 0, 0, 0
     serialization, stream = "TABLEDATA", None
@@ -177,7 +177,7 @@ def _screen_elements(name: str, data: bytes) -> tuple[str, int] | None:
             tag = _local(element.tag)
             if event == "end":
                 if tag == "STREAM" and tables == 1 and stream is None:
-                    stream = _decoded_size(name, element.text or "")
+                    stream = _decoded(name, element.text or "")
                 if tag in ("TR", "STREAM"):
                     element.clear()
                 continue
@@ -210,29 +210,55 @@ def _screen_elements(name: str, data: bytes) -> tuple[str, int] | None:
     return None if stream is None else (serialization, stream)
 
 
-def _decoded_size(name: str, text: str) -> int:
-    """Bytes of a base64 STREAM, decoded as astropy decodes it (InvalidQuery: not base64)."""
+def _decoded(name: str, text: str) -> bytes:
+    """A base64 STREAM, decoded as astropy decodes it (InvalidQuery: not base64)."""
     try:
-        return len(base64.b64decode(text.encode("ascii")))
+        return base64.b64decode(text.encode("ascii"))
     except (ValueError, binascii.Error):
         raise InvalidQuery(f"UPLOAD {name}: its STREAM is not base64") from None
 
 
-def _check_stream(name: str, table: Any, stream: tuple[str, int]) -> None:
-    """InvalidQuery when a stream of fixed-width columns is not a whole number of rows (cut, or garbage after them).
+def _check_stream(name: str, table: Any, stream: tuple[str, bytes]) -> None:
+    """InvalidQuery when a BINARY or BINARY2 stream is not whole rows of the table's FIELDs, no more, no less.
 
-    Astropy reads the whole rows a stream holds and drops the rest silently; a table with text of
-    variable length is not checked.
+    Astropy reads the whole rows a stream holds and silently drops a row cut short (a text's length
+    past the stream's end) and any garbage after the rows.
     """
-    widths = [_WIDTHS.get(f.datatype, 0) * (1 if f.arraysize in (None, "", "1") or f.datatype not in ("char",
-              "unicodeChar") else int(f.arraysize) if str(f.arraysize).isdigit() else 0) for f in table.fields]
-    if 0 in widths:
-        return
-    serialization, size = stream
-    row = sum(widths) + ((len(widths) + 7) // 8 if serialization == "BINARY2" else 0)
-    if size != row * len(table.array):
-        raise InvalidQuery(f"UPLOAD {name}: its {serialization} stream holds {size} bytes, not the {len(table.array)} "
-                           f"rows of {row} bytes its FIELDs make: cut, or garbage after the rows")
+    serialization, buffer = stream
+    cells = [(_WIDTHS[f.datatype], _count(f)) for f in table.fields]
+    mask = (len(cells) + 7) // 8 if serialization == "BINARY2" else 0
+    if all(count is not None for _, count in cells):
+        row = mask + sum(width * (count or 0) for width, count in cells)
+        rows = len(buffer) // row if len(buffer) % row == 0 else -1
+    else:
+        rows = _walk(buffer, cells, mask)
+    if rows != len(table.array):
+        raise InvalidQuery(f"UPLOAD {name}: its {serialization} stream of {len(buffer)} bytes is not the "
+                           f"{len(table.array)} rows its FIELDs read: cut, or garbage after the rows")
+
+
+def _count(field: Any) -> int | None:
+    """Values of a FIELD in a stream's row: 1, a fixed text's length, None for text of variable length."""
+    size = str(field.arraysize or "").strip()
+    if field.datatype not in ("char", "unicodeChar") or size in ("", "1"):
+        return 1
+    return int(size) if size.isdigit() else None
+
+
+def _walk(buffer: bytes, cells: list[tuple[int, int | None]], mask: int) -> int:
+    """Whole rows of ``buffer`` (each ``mask`` bytes of nulls, then its cells), -1 when it ends inside one."""
+    pos, rows, size = 0, 0, len(buffer)
+    while pos < size:
+        pos += mask
+        for width, count in cells:
+            if count is None:  # a 4-byte length, then the text
+                count = int.from_bytes(buffer[pos:pos + 4], "big") if pos + 4 <= size else size
+                pos += 4
+            pos += width * count
+            if pos > size:
+                return -1
+        rows += 1
+    return rows
 
 
 def _check_field(name: str, attrib: Mapping[str, str]) -> int:
