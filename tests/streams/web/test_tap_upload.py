@@ -268,3 +268,18 @@ def test_binary2_text_of_variable_length_is_read_whole_or_refused(client):
         status, message = _status(_upload(client, "SELECT * FROM TAP_UPLOAD.mine", _text_stream(*cells)))
         assert status == "ERROR" and "cut, or garbage" in message, message
     assert _status(_votable(client.post("/api/v1/tap/sync", data={"QUERY": COUNT}).content))[0] == "OK"
+
+
+def test_a_jobs_uploads_count_in_the_bytes_kept_for_jobs(portal_config):
+    rng = np.random.default_rng(3)
+    data = _votable_bytes(Table({"ra": rng.uniform(0, 360, 60_000), "dec": rng.uniform(-90, 90, 60_000)}), "binary2")
+    assert len(data) > 2**20
+    with TestClient(create_app(replace(portal_config, tap_job_results_mb=1))) as client:
+        refused = client.post(ASYNC, data={"QUERY": COUNT, "UPLOAD": "mine,param:mine"}, files={"mine": ("m", data)})
+        assert refused.status_code == 409 and "tap_job_results_mb" in refused.json()["detail"]
+        assert client.get(ASYNC).text.count("jobref") == 0
+        small = client.post(ASYNC, data={"QUERY": "SELECT COUNT(*) AS n FROM TAP_UPLOAD.mine",
+                                         "UPLOAD": "mine,param:mine", "PHASE": "RUN"},
+                            files={"mine": ("m", _votable_bytes(_targets()))}, follow_redirects=False)
+        job = small.headers["location"].removeprefix("http://testserver")
+        assert _until(client, job, {"COMPLETED", "ERROR"}) == "COMPLETED"
