@@ -83,12 +83,13 @@ class ReferenceConfig:
         :func:`build_reference`). Proper co-addition needs a PSF of every input; without one the
         weighted mean is used. The method used is in the header (``COADD``).
     min_psf_stars : int
-        Stars (count) a reference's PSF and flux scale must rest on: the stars stacked into the PSF
-        of each of its frames and of the co-add (:func:`check_psf_stars`); fewer refuse the
-        reference. 3, as ``PSFConfig.min_stars``, under which the PSF is a Gaussian guess: the
+        Stars (count) each of a reference's frames and its co-add must hold: unsaturated sources
+        of the star finder's catalogue, from which the PSF and the flux scale are measured
+        (:func:`check_psf_stars`); fewer refuse the reference. 3, as ``PSFConfig.min_stars``: the
         fewest whose median rejects one bad star. A frame of noise, or of sky and a few hot
         pixels, has none, and was a reference whose PSF (a 3 px Gaussian) and flux ratio (1) came
-        from nothing; the DECam 256^2 cut-out has 4. 0: no check.
+        from nothing. A crowded frame whose stars give no clean PSF stack keeps the Gaussian
+        fallback (``PSFFALLB``), as before: its stars still scale it. 0: no check.
     """
 
     n_frames: int = 3
@@ -386,12 +387,12 @@ def check_distinct(frames: list[Frame]) -> tuple[Fingerprint, ...]:
 
 
 def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig) -> None:
-    """Refuse a reference whose PSF or flux scale rests on fewer than ``config.min_psf_stars`` stars.
+    """Refuse a reference frame, or co-add, holding fewer than ``config.min_psf_stars`` stars.
 
     Parameters
     ----------
     n_stars : int
-        Stars stacked into the PSF (count; 0 for the Gaussian fallback).
+        Stars of its catalogue (:func:`~broker.stars.find_stars`, saturated ones left out).
     what : str
         What they were counted on ("frame X", "the co-add of X, Y"), for the message.
 
@@ -402,7 +403,7 @@ def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig) -> None:
     """
     if n_stars < config.min_psf_stars:
         raise ReferenceUnavailable(
-            f"{what} has {n_stars} usable PSF star{'' if n_stars == 1 else 's'} (isolated, unsaturated, measured), "
+            f"{what} has {n_stars} star{'' if n_stars == 1 else 's'} (unsaturated, found by the star finder), "
             f"under [reference] min_psf_stars = {config.min_psf_stars}: a reference's PSF and flux scale come from "
             "its stars (a frame of noise, clouds or hot pixels has none)")
 
@@ -467,8 +468,8 @@ def _scaled_input(img: np.ndarray, var: np.ndarray, sig: float, F: float, fwhm: 
 def _grid_input(grid: Frame, img: np.ndarray, var: np.ndarray, sig: float, stars: StarList, h: int,
                 config: ReferenceConfig) -> _CoaddInput:
     """The grid frame itself (flux ratio 1), with its own PSF (:func:`check_psf_stars`)."""
+    check_psf_stars(len(stars), f"frame {grid.meta.frame_id}", config)
     g_psf = build_psf(img, stars, config.psf, half_size=h)
-    check_psf_stars(g_psf.n_stars, f"frame {grid.meta.frame_id}", config)
     return _scaled_input(img, var, sig, 1.0, g_psf.fwhm, None if g_psf.fallback else g_psf.stamp)
 
 
@@ -505,11 +506,11 @@ def _registered_input(frame: Frame, masks: tuple[np.ndarray, np.ndarray], grid: 
                       g_stars: StarList, h: int, config: ReferenceConfig) -> tuple[_CoaddInput, np.ndarray]:
     """A frame registered onto the grid frame and flux-scaled to it, and where it was saturated (on the grid, bool).
 
-    Its own stars must give a PSF (:func:`check_psf_stars`) before it is registered.
+    It must hold stars (:func:`check_psf_stars`) before it is registered.
     """
     shape = grid.shape
     img0, var0, sig, stars, sat = _prepare(frame, config, masks)
-    check_psf_stars(build_psf(img0, stars, config.psf, half_size=h).n_stars, f"frame {frame.meta.frame_id}", config)
+    check_psf_stars(len(stars), f"frame {frame.meta.frame_id}", config)
     ali = align_reference(img0, var0, frame.header, stars, grid.header, shape, g_stars, config.align)
     sat_on_grid = map_mask(sat, ali.matrix, ali.offset, shape, radius=1)
     F, pf, fwhm = _flux_ratio_and_psf(g_img, ali.image, g_stars.subset(ali.sci_index), g_stars, h, stars.fwhm,
@@ -585,7 +586,7 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
         No frames, frames of different (telescope, field, filter), a frame of which less than
         :data:`MIN_USABLE_FRACTION` is usable (:func:`check_usable`: NaN, saturated, constant),
         two frames of one exposure (:func:`check_distinct`), or a frame or the co-add with fewer
-        than ``min_psf_stars`` PSF stars (:func:`check_psf_stars`).
+        than ``min_psf_stars`` stars (:func:`check_psf_stars`).
     AlignmentError
         A frame cannot be registered onto the first.
     """
@@ -618,8 +619,9 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     if method == "proper":
         image, variance = _proper(stack, vstack, ok, image, variance, psfs, [i.sigma for i in inputs], defects)
     rms = float(np.sqrt(np.nanmedian(variance)))
-    psf = build_psf(image, find_stars(np.nan_to_num(image), rms, config.stars), config.psf, half_size=h)
-    check_psf_stars(psf.n_stars, f"the co-add of {', '.join(f.meta.frame_id for f in frames)}", config)
+    coadd_stars = find_stars(np.nan_to_num(image), rms, config.stars)
+    check_psf_stars(len(coadd_stars), f"the co-add of {', '.join(f.meta.frame_id for f in frames)}", config)
+    psf = build_psf(image, coadd_stars, config.psf, half_size=h)
     sources = find_stars(np.nan_to_num(image), rms, replace(config.stars, max_stars=config.source_max_stars),
                          fwhm=psf.fwhm, threshold_sigma=config.source_threshold_sigma)
     key = grid.meta.reference_key
