@@ -21,8 +21,9 @@ client's first bytes. Any other request before authentication closes the connect
 second ``SaslHandshake``. Metadata needs no rewriting: tansu advertises the gateway's address.
 
 Metrics (:class:`streams.metrics.GatewayMetrics`, on ``/metrics`` of ``--metrics-port``): connections
-accepted and open, admitted by mechanism, failed logins and refusals by reason, upstream failures,
-bytes piped each way; no client address or user name as a label (the log names them).
+accepted and open, admitted by mechanism, failed logins and refusals by reason, probes (closed before a
+byte: TCP health checks, no refusal), upstream failures, bytes piped each way; no client address or
+user name as a label (the log names them).
 
 A PLAIN login's key derivation (PBKDF2, milliseconds) runs on :data:`DERIVATION_THREADS` threads, not
 on the event loop, at most :data:`MAX_PENDING_DERIVATIONS` at once (one more is closed unanswered).
@@ -37,17 +38,19 @@ import argparse
 import asyncio
 import base64
 import collections
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import secrets
+import socket
 import ssl
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,11 +370,49 @@ def _served_versions(api_versions_v0: bytes, api_key: int) -> tuple[int, int]:
     return 0, -1
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    (size,) = struct.unpack(">i", await reader.readexactly(4))
+async def _read_frame(reader: asyncio.StreamReader, limit: int, head: bytes | None = None) -> bytes:
+    """The next frame of ``reader`` (size prefix removed), of ``limit`` bytes at most; ``head``: its prefix, if read."""
+    (size,) = struct.unpack(">i", head or await reader.readexactly(4))
     if not 0 < size <= limit:
         raise ValueError(f"request of {size} bytes before authentication")
     return await reader.readexactly(size)
+
+
+async def _sends_a_byte(writer: asyncio.StreamWriter, timeout_s: float) -> bool:
+    """Whether the client of ``writer`` sends a byte (True) or closes or resets its connection first (False).
+
+    For a connection about to start TLS: the byte is peeked at, left in the socket for the handshake.
+    A byte or the close already there is seen at once, with no wait (the ClientHello often is: it
+    may already be on its way to the stream's reader, which must then not be paused); otherwise
+    the transport's reading is paused (``start_tls`` resumes it) and the socket watched through a
+    duplicate of its descriptor (the loop watches a transport's own for it) for ``timeout_s`` at
+    most (``TimeoutError`` past it).
+    """
+    sock = writer.get_extra_info("socket")
+    peek = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        with contextlib.suppress(BlockingIOError):
+            return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def seen() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(peek.fileno(), seen)
+        try:
+            await asyncio.wait_for(readable, timeout_s)
+        finally:
+            loop.remove_reader(peek.fileno())
+        return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except ConnectionResetError:
+        return False
+    finally:
+        peek.close()
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -613,25 +654,16 @@ class Gateway:
         sends none within ``auth_timeout_s`` is closed). The TLS handshake is made here, within
         ``auth_timeout_s``, not by the server before the handler runs: a connection that never sends
         its ClientHello counts against its address too. Each outcome is counted: admitted by
-        mechanism, refused by reason, or abandoned by the client.
+        mechanism, refused by reason, abandoned by the client, or a probe (closed before a byte).
         """
-        started = time.monotonic()
-        try:
-            if self.tls is not None:
-                await writer.start_tls(self.tls, ssl_handshake_timeout=self.config.auth_timeout_s)
-        except _ENDED as exc:
-            log.debug("TLS handshake with %s failed: %s", peer, exc)
-            late = time.monotonic() - started >= self.config.auth_timeout_s
-            self.metrics.refused.labels("tls_timeout" if late else "tls_handshake").inc()
+        if self.tls is not None and not await self._start_tls(writer, peer):
             writer.close()
             return None
         first: bytes | None = None
         try:
             if self.users is None:
-                first = await asyncio.wait_for(reader.read(1 << 20), self.config.auth_timeout_s) or None
+                first = await asyncio.wait_for(self._first_read(reader.read(1 << 20)), self.config.auth_timeout_s)
                 mechanism = "none" if first is not None else None
-                if first is None:  # closed before a byte
-                    self.metrics.abandoned.inc()
             else:  # None: refused (counted by its reason), or tansu unreachable (an upstream failure)
                 mechanism = await asyncio.wait_for(self._authenticate(reader, writer, peer),
                                                    self.config.auth_timeout_s)
@@ -645,6 +677,45 @@ class Gateway:
             if first is None:
                 writer.close()
         return first
+
+    async def _start_tls(self, writer: asyncio.StreamWriter, peer: object) -> bool:
+        """The TLS handshake within ``auth_timeout_s``; False (counted) when refused, late, or a probe.
+
+        A connection closed or reset before its first byte (a TCP health check) is counted in
+        ``broker_gateway_probes_total``: the handshake is started only once a byte has come
+        (:func:`_sends_a_byte`), as it failed on such a connection and was counted as a refused one.
+        """
+        started = time.monotonic()
+        timeout_s = self.config.auth_timeout_s
+        try:
+            if not await _sends_a_byte(writer, timeout_s):
+                self.metrics.probes.inc()
+                return False
+            left = max(timeout_s - (time.monotonic() - started), 1e-3)
+            await writer.start_tls(self.tls, ssl_handshake_timeout=left)  # type: ignore[arg-type]
+            return True
+        except _ENDED as exc:
+            log.debug("TLS handshake with %s failed: %s", peer, exc)
+            late = time.monotonic() - started >= timeout_s
+            self.metrics.refused.labels("tls_timeout" if late else "tls_handshake").inc()
+            return False
+
+    async def _first_read(self, read: Awaitable[bytes]) -> bytes | None:
+        """The client's first bytes (what ``read`` gives); None, counted, when it closes before any.
+
+        Closed or reset before a byte: a probe without TLS (``broker_gateway_probes_total``); after a
+        TLS handshake, abandoned. Closed within a read of several bytes (``readexactly``), some given:
+        ``IncompleteReadError``, counted as abandoned by :meth:`_count_ended`.
+        """
+        try:
+            data = await read
+        except (asyncio.IncompleteReadError, ConnectionResetError) as exc:
+            if getattr(exc, "partial", b""):  # a request cut short: abandoned (_count_ended)
+                raise
+            data = b""
+        if not data:
+            (self.metrics.probes if self.tls is None else self.metrics.abandoned).inc()
+        return data or None
 
     def _count_ended(self, exc: BaseException) -> None:
         """Count a connection that ``exc`` ended before it was admitted: refused by reason, or abandoned."""
@@ -736,9 +807,10 @@ class Gateway:
         assert self.users is not None
         exchange: ScramServer | PlainServer | None = None
         mechanism = ""
-        while True:
-            frame = await _read_frame(reader, MAX_PREAUTH_FRAME)
-            req = parse_request(frame)
+        head = await self._first_read(reader.readexactly(4))  # None: closed before a byte (counted)
+        while head is not None:
+            frame = await _read_frame(reader, MAX_PREAUTH_FRAME, head or None)
+            req, head = parse_request(frame), b""
             first, last = SASL_VERSIONS.get(req.api_key, (req.api_version, req.api_version))
             if not first <= req.api_version <= last:
                 log.info("request %d v%d, a version not served: connection closed", req.api_key, req.api_version)
@@ -780,6 +852,7 @@ class Gateway:
                 self.metrics.refused.labels("second_handshake" if second else "out_of_order").inc()
                 return None
             await writer.drain()
+        return None
 
     async def _step(self, exchange: ScramServer | PlainServer, message: bytes,
                     peer: object) -> tuple[bool, bytes | None] | None:

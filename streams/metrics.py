@@ -273,8 +273,12 @@ class GatewayMetrics:
                                      ["mechanism", "reason"], registry=r)
         self.refused = Counter("broker_gateway_refused", "Connections the gateway closed before admitting them, "
                                "by reason (failed logins are broker_gateway_auth_failures)", ["reason"], registry=r)
-        self.abandoned = Counter("broker_gateway_abandoned", "Connections the client closed before it was admitted",
+        self.abandoned = Counter("broker_gateway_abandoned", "Connections the client closed before it was admitted, "
+                                 "having sent bytes (a connection closed before its first byte is a probe)",
                                  registry=r)
+        self.probes = Counter("broker_gateway_probes", "Connections closed or reset by the client before it sent a "
+                              "byte: TCP health checks (a load balancer's, a Kubernetes tcpSocket probe), neither "
+                              "refused nor abandoned", registry=r)
         self.upstream_failures = Counter("broker_gateway_upstream_failures", "Connections to the upstream broker "
                                          "(tansu) not opened in time or refused (unreachable), or with no "
                                          "ApiVersions answer (no_answer)", ["reason"], registry=r)

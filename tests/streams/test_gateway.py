@@ -188,8 +188,8 @@ def test_refusals_are_counted_by_reason(tmp_path, monkeypatch):
             for _, writer in silent:
                 writer.close()
             _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()  # gone before a byte
-            await _until(lambda: _value(gateway, "broker_gateway_abandoned_total") == 1)
+            writer.close()  # gone before a byte: a probe, not refused nor abandoned
+            await _until(lambda: _value(gateway, "broker_gateway_probes_total") == 1)
             await _until(lambda: _value(gateway, "broker_gateway_connections_open") == 0)
             return gateway, {r: _value(gateway, "broker_gateway_refused_total", reason=r) for r in GATEWAY_REFUSALS}
 
@@ -199,6 +199,7 @@ def test_refusals_are_counted_by_reason(tmp_path, monkeypatch):
                        "second_handshake": 1, "unsupported_mechanism": 1, "out_of_order": 1,
                        "malformed_request": 2}
     assert _value(gateway, "broker_gateway_connections_total") == 9
+    assert _value(gateway, "broker_gateway_abandoned_total") == 0
     assert _value(gateway, "broker_gateway_admitted_total", mechanism="PLAIN") == 0
 
 
@@ -316,6 +317,42 @@ def test_tls_handshakes_that_fail_or_never_come_are_counted_apart(tmp_path):
     assert _value(gateway, "broker_gateway_refused_total", reason="tls_handshake") == 1
     assert _value(gateway, "broker_gateway_refused_total", reason="tls_timeout") == 1
     assert _value(gateway, "broker_gateway_auth_failures_total", mechanism="PLAIN", reason="credentials") == 1
+
+
+@pytest.mark.parametrize(("tls", "sasl"), [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["tls-sasl", "tls", "sasl", "plain"])
+def test_a_tcp_probe_is_counted_as_a_probe_not_a_refusal(tmp_path, tls, sasl):
+    """A connection closed (FIN) or reset (RST) before its first byte: ``broker_gateway_probes_total``, nothing else.
+
+    A load balancer's or Kubernetes' ``tcpSocket`` health check connects and closes without a byte: on a
+    TLS gateway each was counted as a refused TLS handshake (``refused_total{reason="tls_handshake"}``), so
+    the probes of one pod (every 10 s, liveness and readiness) fired ``BrokerGatewayRefusing``. A client
+    that closes after some bytes is still counted as before (a failed TLS handshake, or abandoned).
+    """
+    import struct as struct_module
+
+    def probe(port: int, reset: bool) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            if reset:  # SO_LINGER 0: close() sends RST, as some load balancers' checks end
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct_module.pack("ii", 1, 0))
+
+    async def run() -> tuple[gw.Gateway, dict[str, float]]:
+        async with _gateway(tmp_path, free_port(), tls=tls, sasl=sasl, auth_timeout_s=5) as (gateway, port, client):
+            for reset in (False, True, False):
+                await asyncio.to_thread(probe, port, reset)
+            await _until(lambda: _value(gateway, "broker_gateway_connections_open") == 0)
+            if tls:  # bytes that are no TLS (a Kafka request): still a failed handshake
+                assert await _exchange(port, _handshake(PLAIN)) == [b""]
+                _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
+                writer.close()  # TLS made, then gone before a Kafka byte: abandoned
+            await _until(lambda: _value(gateway, "broker_gateway_connections_open") == 0)
+            return gateway, {r: _value(gateway, "broker_gateway_refused_total", reason=r) for r in GATEWAY_REFUSALS}
+
+    gateway, refused = asyncio.run(run())
+    assert _value(gateway, "broker_gateway_probes_total") == 3
+    assert refused == {r: float(tls and r == "tls_handshake") for r in GATEWAY_REFUSALS}
+    assert _value(gateway, "broker_gateway_abandoned_total") == tls
+    assert _value(gateway, "broker_gateway_connections_total") == 3 + 2 * tls
 
 
 def test_an_unreachable_or_silent_upstream_is_counted(tmp_path):
