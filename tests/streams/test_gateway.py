@@ -329,12 +329,21 @@ def test_a_tcp_probe_is_counted_as_a_probe_not_a_refusal(tmp_path, tls, sasl):
     the probes of one pod (every 10 s, liveness and readiness) fired ``BrokerGatewayRefusing``. A client
     that closes after some bytes is still counted as before (a failed TLS handshake, or abandoned).
     """
+    import ssl
     import struct as struct_module
 
     def probe(port: int, reset: bool) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             if reset:  # SO_LINGER 0: close() sends RST, as some load balancers' checks end
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct_module.pack("ii", 1, 0))
+
+    def late_hello(port: int, client: ssl.SSLContext) -> bytes:
+        """A TLS client whose ClientHello comes 0.5 s after it connects (the gateway waits for it): its answer."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            time.sleep(0.5)
+            with client.wrap_socket(raw, server_hostname="localhost") as conn:
+                conn.sendall(_handshake(PLAIN))
+                return conn.recv(1 << 16)
 
     async def run() -> tuple[gw.Gateway, dict[str, float]]:
         async with _gateway(tmp_path, free_port(), tls=tls, sasl=sasl, auth_timeout_s=5) as (gateway, port, client):
@@ -345,14 +354,17 @@ def test_a_tcp_probe_is_counted_as_a_probe_not_a_refusal(tmp_path, tls, sasl):
                 assert await _exchange(port, _handshake(PLAIN)) == [b""]
                 _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="localhost")
                 writer.close()  # TLS made, then gone before a Kafka byte: abandoned
+            if tls and sasl:  # a late ClientHello is waited for, and served
+                assert b"PLAIN" in await asyncio.to_thread(late_hello, port, client)
             await _until(lambda: _value(gateway, "broker_gateway_connections_open") == 0)
             return gateway, {r: _value(gateway, "broker_gateway_refused_total", reason=r) for r in GATEWAY_REFUSALS}
 
     gateway, refused = asyncio.run(run())
     assert _value(gateway, "broker_gateway_probes_total") == 3
     assert refused == {r: float(tls and r == "tls_handshake") for r in GATEWAY_REFUSALS}
-    assert _value(gateway, "broker_gateway_abandoned_total") == tls
-    assert _value(gateway, "broker_gateway_connections_total") == 3 + 2 * tls
+    late = tls and sasl
+    assert _value(gateway, "broker_gateway_abandoned_total") == tls + late  # the TLS one, the late hello
+    assert _value(gateway, "broker_gateway_connections_total") == 3 + 2 * tls + late
 
 
 def test_an_unreachable_or_silent_upstream_is_counted(tmp_path):
