@@ -389,3 +389,25 @@ def test_schemas_subjects_and_schema_bytes_past_their_bounds_are_422_42205(monke
             client.register_schema("a-value", _record(4))  # ~140 bytes, twice
         assert err.value.error_code == 42205 and "bytes of schemas" in err.value.error_message
         assert client.get_schema(first).schema_str == _record(1).schema_str
+
+
+def test_a_burst_of_connections_is_accepted_without_the_clients_retrying():
+    """64 connections opened at once (``MAX_CONNECTIONS``) all connect within a second.
+
+    The listen backlog was socketserver's 5: past 6 connections not yet accepted the kernel dropped
+    the next connect, which the client's TCP sent again a second later (64 at once: 9.2 s).
+    """
+    import contextlib
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    import streams.registry as registry_module
+
+    with EmbeddedRegistry() as registry, contextlib.ExitStack() as held:
+        url = urlsplit(registry.url)
+        t0 = time.monotonic()
+        for _ in range(registry_module.MAX_CONNECTIONS):
+            held.enter_context(socket.create_connection((url.hostname, url.port), timeout=10))
+        elapsed = time.monotonic() - t0
+    assert elapsed < 0.9, elapsed
