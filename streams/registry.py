@@ -12,7 +12,8 @@ schema gets the same id, in any subject), look it up (``POST /subjects/{s}``), f
 list subjects, read the global compatibility level. Errors, those of the HTTP layer too, are JSON
 with Confluent's ``error_code`` (40401 subject, 40402 version, 40403 schema not found, 42201 invalid
 schema, 405 method, 41101 chunked body, 41301 body too large, 42205 no room for a new schema or
-subject, 503 over :data:`MAX_CONNECTIONS` connections). It checks no compatibility between versions
+subject, 503 over :data:`MAX_CONNECTIONS` connections when none has waited :data:`IDLE_EVICT_S` for its
+request's head). It checks no compatibility between versions
 and keeps nothing on disk.
 
 Its ids do not depend on its history: a schema's id is drawn from the SHA-256 of its compact JSON
@@ -52,10 +53,18 @@ REQUEST_TIMEOUT_S = 30.0
 #: recursion limit stopped deeper ones at whichever step of a request ran out of stack first: a schema 981-982
 #: levels deep was parsed, then its compact form raised RecursionError, a 500.
 MAX_SCHEMA_DEPTH = 64
-#: Most connections served at once (count), a thread each: one beyond is answered 503 (``error_code`` 503, with
-#: ``Retry-After``) from the accepting thread and closed, unread. Nothing bounded them: each connection was a
-#: thread, held up to :data:`REQUEST_TIMEOUT_S` by a silent client. The pipeline's stages ask a few at a time.
+#: Most connections served at once (count), a thread each. One beyond takes the place of the connection that has
+#: waited longest for its request's line and headers, if that is :data:`IDLE_EVICT_S` or more (closed: a silent
+#: client, a slow one, an idle keep-alive); else it is answered 503 (``error_code`` 503, with ``Retry-After``)
+#: from the accepting thread and closed, unread. The pipeline's stages ask a few at a time.
 MAX_CONNECTIONS = 64
+#: Least time a connection has waited for its request's line and headers before a new connection may take its
+#: place at :data:`MAX_CONNECTIONS` (s). Without it, 64 silent connections held every place for
+#: :data:`REQUEST_TIMEOUT_S` and every other client was refused; a client's head arrives in milliseconds.
+IDLE_EVICT_S = 1.0
+#: Longest time the accepting thread waits for the place of a connection it closed (s): its thread sees the
+#: close at once and ends.
+EVICT_WAIT_S = 2.0
 #: Most schemas kept (count), the repository's alert versions (known from the start) among them: a new one
 #: beyond is refused 422 (``error_code`` 42205, Confluent's "operation not permitted"); one already kept is
 #: registered as before. A pipeline registers a handful.
@@ -254,9 +263,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self._deadline)
 
     def handle_one_request(self) -> None:
-        """Serve one request, which must arrive within :attr:`timeout` from now."""
+        """Serve one request, which must arrive within :attr:`timeout` from now (waiting, :meth:`_Server.waiting`)."""
         self._deadline.start()
+        self._server().waiting(self.connection)
         super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        """Read the request's headers (BaseHTTPRequestHandler's), then no longer waiting: served, not evicted."""
+        try:
+            return super().parse_request()
+        finally:
+            self._server().served(self.connection)
+
+    def finish(self) -> None:
+        """End the connection (StreamRequestHandler's), no longer waiting."""
+        self._server().served(self.connection)
+        super().finish()
+
+    def _server(self) -> _Server:
+        assert isinstance(self.server, _Server)
+        return self.server
 
     def log_message(self, format: str, *args: object) -> None:
         """Silence the per-request log lines of :class:`BaseHTTPRequestHandler`."""
@@ -359,7 +385,11 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
-    """The HTTP server: a thread per connection, :data:`MAX_CONNECTIONS` at once; one more is answered 503."""
+    """The HTTP server: a thread per connection, :data:`MAX_CONNECTIONS` at once.
+
+    One more takes the place of the connection waiting longest for its request's head, if for
+    :data:`IDLE_EVICT_S` or more (:meth:`evict_idle`), else is answered 503.
+    """
 
     daemon_threads = True
     #: The listen backlog (connections not yet accepted): socketserver's 5 dropped the connects of a burst beyond
@@ -369,10 +399,41 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}  # connection -> when it began to wait for a request head
+
+    def waiting(self, conn: socket.socket) -> None:
+        """``conn`` waits for its next request's line and headers from now."""
+        with self._lock:
+            self._waiting[conn] = time.monotonic()
+
+    def served(self, conn: socket.socket) -> None:
+        """``conn`` has its request's head (or is ending): no longer one to evict."""
+        with self._lock:
+            self._waiting.pop(conn, None)
+
+    def evict_idle(self) -> bool:
+        """Shut down the connection waiting longest for its request's head, if for :data:`IDLE_EVICT_S` or more.
+
+        Its thread reads the end at once and frees its place. False when none has waited as long.
+        """
+        with self._lock:
+            oldest = min(self._waiting.items(), key=lambda item: item[1], default=None)
+            if oldest is None or time.monotonic() - oldest[1] < IDLE_EVICT_S:
+                return False
+            del self._waiting[oldest[0]]
+        with contextlib.suppress(OSError):
+            oldest[0].shutdown(socket.SHUT_RDWR)
+        return True
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        """Serve ``request`` on a thread of its own while one of :data:`MAX_CONNECTIONS` is free, else refuse it."""
-        if not self.slots.acquire(blocking=False):
+        """Serve ``request`` on a thread of its own in one of :data:`MAX_CONNECTIONS` places, else refuse it (503).
+
+        At the bound, the place of a connection waiting for its request's head for :data:`IDLE_EVICT_S`
+        or more is taken (:meth:`evict_idle`; waited for up to :data:`EVICT_WAIT_S`).
+        """
+        if not self.slots.acquire(blocking=False) and not (self.evict_idle()
+                                                           and self.slots.acquire(timeout=EVICT_WAIT_S)):
             _refuse(request)
             self.shutdown_request(request)
             return

@@ -333,6 +333,7 @@ def test_connections_beyond_max_connections_are_503_in_the_registrys_format_not_
     import streams.registry as registry_module
 
     monkeypatch.setattr(registry_module, "MAX_CONNECTIONS", 2, raising=False)
+    monkeypatch.setattr(registry_module, "IDLE_EVICT_S", 60.0)  # none old enough to give its place, however slow
     with EmbeddedRegistry() as registry:
         url = urlsplit(registry.url)
         before = threading.active_count()
@@ -389,6 +390,70 @@ def test_schemas_subjects_and_schema_bytes_past_their_bounds_are_422_42205(monke
             client.register_schema("a-value", _record(4))  # ~140 bytes, twice
         assert err.value.error_code == 42205 and "bytes of schemas" in err.value.error_message
         assert client.get_schema(first).schema_str == _record(1).schema_str
+
+
+def test_silent_connections_at_the_cap_do_not_shut_a_real_client_out():
+    """``MAX_CONNECTIONS`` (64) silent connections, then a real client: answered at once, the oldest silent one closed.
+
+    The cap was first come, first served: 64 connections that never sent a request held every slot for
+    ``REQUEST_TIMEOUT_S`` (30 s, and for ever if reopened), and every other client was answered 503
+    (Confluent's client, retrying 3 times, failed after 2.3 s). A connection waiting for its request's
+    head for ``IDLE_EVICT_S`` (1 s) or more is now closed to make room for a new one at the cap; a busy
+    or younger one is not, and the new one is refused 503 then, as before.
+    """
+    import contextlib
+    import select
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    import streams.registry as registry_module
+
+    with EmbeddedRegistry() as registry, contextlib.ExitStack() as held, httpx.Client(timeout=10) as client:
+        url = urlsplit(registry.url)
+        t0 = time.monotonic()
+        silent = [held.enter_context(socket.create_connection((url.hostname, url.port), timeout=10))
+                  for _ in range(registry_module.MAX_CONNECTIONS)]
+        young = client.get(f"{registry.url}/subjects")  # every silent one younger than IDLE_EVICT_S
+        assert time.monotonic() - t0 < registry_module.IDLE_EVICT_S
+        time.sleep(registry_module.IDLE_EVICT_S + 0.2)
+        confluent = SchemaRegistryClient({"url": registry.url})
+        t0 = time.monotonic()
+        subjects = confluent.get_subjects()
+        elapsed = time.monotonic() - t0
+        registered = confluent.register_schema("a-value", _record(1))  # on the same connection, kept alive
+        time.sleep(0.2)
+        closed = [s.recv(1) for s in select.select(silent, [], [], 0)[0]]  # one of them, for the client
+    assert young.status_code == 503 and young.headers["Retry-After"] == "1"
+    assert subjects == [] and registered > 0
+    assert elapsed < 0.5, elapsed
+    assert closed == [b""]
+
+
+def test_a_connection_whose_request_head_is_in_keeps_its_place_at_the_cap(monkeypatch):
+    """At ``MAX_CONNECTIONS``, a connection sending its body (head in) for over ``IDLE_EVICT_S`` is not closed: 503.
+
+    Only a connection waiting for its request's line and headers gives its place to a new one.
+    """
+    import select
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    import streams.registry as registry_module
+
+    monkeypatch.setattr(registry_module, "MAX_CONNECTIONS", 1)
+    monkeypatch.setattr(registry_module, "IDLE_EVICT_S", 0.2)
+    with EmbeddedRegistry() as registry:
+        url = urlsplit(registry.url)
+        with socket.create_connection((url.hostname, url.port), timeout=10) as sending:
+            sending.sendall(b"POST /subjects/x-value/versions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{")
+            time.sleep(0.5)
+            refused = _raw(registry.url, b"GET /subjects HTTP/1.0\r\n\r\n")
+            assert select.select([sending], [], [], 0.2)[0] == []  # still open
+    assert refused.split(b" ")[1] == b"503", refused[:100]
 
 
 def test_a_burst_of_connections_is_accepted_without_the_clients_retrying():
