@@ -58,19 +58,21 @@ def free_port() -> int:
 
 
 def local_config(targets: list[str], scrape_interval: str = "1s", portal: str | None = None,
-                 gateway: str | None = None) -> dict:
+                 gateway: str | None = None, rule_files: list[Path] | None = None) -> dict:
     """``deploy/prometheus/prometheus.yml`` adapted to a local run.
 
     The stages' job scrapes ``targets`` (``host:port``) every ``scrape_interval``, the portal's job
     ``portal`` and the SASL gateway's job ``gateway`` (``host:port``; None: the job is left out),
-    rules are evaluated as often, and the rule files are the deployment's own (absolute paths).
+    rules are evaluated as often, and the rule files are the deployment's own (absolute paths), or
+    ``rule_files`` when given.
     """
     import yaml
 
     cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     cfg["global"] = {**cfg.get("global", {}), "scrape_interval": scrape_interval,
                      "evaluation_interval": scrape_interval}
-    cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg.get("rule_files", [])]
+    cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg.get("rule_files", [])] if rule_files is None \
+        else [str(f) for f in rule_files]
     (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == STAGES_JOB]
     job["static_configs"] = [{"targets": sorted(targets)}]
     (web,) = [j for j in cfg["scrape_configs"] if j["job_name"] == PORTAL_JOB]
@@ -94,15 +96,18 @@ class LocalPrometheus:
         Scrape and rule-evaluation interval (Prometheus duration). Default ``1s``.
     portal, gateway : str or None
         ``host:port`` of the portal's and of the SASL gateway's ``/metrics`` (None: not scraped).
+    rule_files : list of Path or None
+        Rule files evaluated; None (the default): the deployment's (``deploy/prometheus/alerts.yml``).
     """
 
     def __init__(self, targets: list[str], workdir: Path, scrape_interval: str = "1s",
-                 portal: str | None = None, gateway: str | None = None) -> None:
+                 portal: str | None = None, gateway: str | None = None, rule_files: list[Path] | None = None) -> None:
         binary = prometheus_binary()
         if binary is None:
             raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
         self.binary, self.workdir = binary, workdir
         self.targets, self.scrape_interval, self.portal, self.gateway = targets, scrape_interval, portal, gateway
+        self.rule_files = rule_files
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
@@ -113,7 +118,7 @@ class LocalPrometheus:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "prometheus.yml"
         config.write_text(yaml.safe_dump(local_config(self.targets, self.scrape_interval, self.portal,
-                                                      self.gateway)))
+                                                      self.gateway, self.rule_files)))
         with open(self.workdir / "prometheus.log", "ab") as log:
             self._proc = subprocess.Popen(
                 [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",

@@ -178,6 +178,83 @@ def test_the_sasl_gateway_is_scraped_and_failed_logins_fire_the_deployed_rule(tm
     assert [(a["metric"]["alertstate"], a["metric"]["severity"]) for a in pending] == [("pending", "critical")]
 
 
+def _hastened_rules(path: Path, factor: int = 60) -> Path:
+    """A copy of the deployed rules at ``path`` with every ``for`` divided by ``factor`` (2m: 2s; 15m: 15s).
+
+    Expressions, labels and annotations are the deployed ones: only the wait before firing is shorter,
+    so that a test sees a rule fire on a real Prometheus (the waits themselves: promtool's unit tests).
+    """
+    seconds = {"s": 1, "m": 60, "h": 3600}
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    for rule in (r for g in rules["groups"] for r in g["rules"] if "for" in r):
+        n, unit = re.fullmatch(r"(\d+)([smh])", rule["for"]).groups()  # type: ignore[union-attr]
+        rule["for"] = f"{max(1, int(n) * seconds[unit] // factor)}s"
+    path.write_text(yaml.safe_dump(rules))
+    return path
+
+
+def _tcp_probe(address: str) -> None:
+    """A TCP health check: connect, then close without a byte."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=10).close()
+
+
+def _no_tls(address: str) -> None:
+    """A client speaking plaintext Kafka to the TLS gateway: a failed TLS handshake."""
+    import socket
+
+    from tests.streams.test_gateway import PLAIN, _handshake
+
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(_handshake(PLAIN))
+        conn.recv(1 << 16)
+
+
+@pytest.mark.kafka
+@pytest.mark.prometheus
+def test_the_gateway_refusing_and_down_rules_fire_and_tcp_probes_fire_nothing(tmp_path):
+    """BrokerGatewayRefusing and BrokerGatewayDown seen firing on a real Prometheus, the deployed rules hastened.
+
+    ``broker embedded --auth --metrics-port``'s gateway scraped every second; the rules are
+    ``deploy/prometheus/alerts.yml`` with each ``for`` 60 times shorter (:func:`_hastened_rules`).
+    30 TCP health checks (connect, close) are probes, not refusals: nothing is even pending (they
+    were refused TLS handshakes, over the rule's 6 a minute); 30 plaintext clients are refused
+    ``tls_handshake``: BrokerGatewayRefusing fires with that reason; the gateway stopped,
+    BrokerGatewayDown fires.
+    """
+    from bench.dashboard import GATEWAY_JOB, LocalPrometheus
+    from streams.secure_embedded import SecureEmbeddedKafka
+
+    if prometheus_binary() is None:
+        pytest.skip("prometheus is not installed (Debian package prometheus: apt-get install prometheus)")
+    rules = _hastened_rules(tmp_path / "alerts.yml")
+    kafka = SecureEmbeddedKafka(users=("admin",), metrics_port=0).start()
+    try:
+        assert kafka.metrics_url is not None
+        target = kafka.metrics_url.split("/")[2]
+        with LocalPrometheus([], tmp_path / "prometheus", gateway=target, rule_files=[rules]) as prom:
+            assert prom.wait_for(f'up{{job="{GATEWAY_JOB}", instance="{target}"}} == 1', timeout=30)
+            for _ in range(30):
+                _tcp_probe(kafka.bootstrap)
+            assert prom.wait_for("broker_gateway_probes_total >= 30", timeout=10)
+            time.sleep(3)  # rules evaluated every second over the probes' counts
+            assert prom.query('ALERTS{alertname=~"BrokerGateway.*"}') == []
+            assert finite(prom.query("sum(broker_gateway_refused_total)")) == [0.0]
+            for _ in range(30):
+                _no_tls(kafka.bootstrap)
+            rule = 'ALERTS{alertname="BrokerGatewayRefusing", alertstate="firing"}'
+            (refusing,) = prom.wait_for(rule, timeout=45)
+            kafka.stop()
+            (down,) = prom.wait_for('ALERTS{alertname="BrokerGatewayDown", alertstate="firing"}', timeout=30)
+    finally:
+        kafka.stop()
+    assert (refusing["metric"]["reason"], refusing["metric"]["severity"]) == ("tls_handshake", "warning"), refusing
+    assert (down["metric"]["instance"], down["metric"]["severity"]) == (target, "critical"), down
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One pipeline run (5 frames of 512x512 and a garbage record) scraped every second by Prometheus.
