@@ -239,10 +239,11 @@ def test_the_gateway_refusing_and_down_rules_fire_and_tcp_probes_fire_nothing(tm
             assert prom.wait_for(f'up{{job="{GATEWAY_JOB}", instance="{target}"}} == 1', timeout=30)
             for _ in range(30):
                 _tcp_probe(kafka.bootstrap)
-            assert prom.wait_for("broker_gateway_probes_total >= 30", timeout=10)
+            assert prom.wait_for("broker_gateway_connections_total >= 30", timeout=10)
             time.sleep(3)  # rules evaluated every second over the probes' counts
             assert prom.query('ALERTS{alertname=~"BrokerGateway.*"}') == []
             assert finite(prom.query("sum(broker_gateway_refused_total)")) == [0.0]
+            assert finite(prom.query("broker_gateway_probes_total")) == [30.0]
             for _ in range(30):
                 _no_tls(kafka.bootstrap)
             rule = 'ALERTS{alertname="BrokerGatewayRefusing", alertstate="firing"}'
