@@ -7,7 +7,11 @@ scraped every stage of a pipeline run on the embedded broker. ``tests/test_monit
 the same pieces (:class:`LocalPrometheus`, :func:`scraped_run`) to assert that every query
 returns data.
 
-    python -m bench.dashboard [--frames 24] [--interval 5] [--burst 10] [--out docs/dashboard.png]
+    python -m bench.dashboard [--frames 24] [--interval 5] [--burst 10] [--out docs/dashboard.png] [--no-auth]
+
+By default the pipeline runs behind the TLS/SASL gateway of ``broker embedded --auth`` (each stage
+its own user), which Prometheus scrapes too, so the gateway's panels are drawn from its own traffic
+and from a TCP health check, a plaintext client and a wrong password sent with each undecodable record.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from broker.simulate import SimConfig
     from streams.embedded import EmbeddedKafka
+    from streams.secure_embedded import SecureEmbeddedKafka
+    from streams.settings import KafkaSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -230,9 +236,10 @@ class ScrapedRun:
     """A pipeline run on the embedded broker whose stages a :class:`LocalPrometheus` scrapes."""
 
     prometheus: LocalPrometheus
-    kafka: EmbeddedKafka  # the run's broker (stopping it is an outage of Kafka)
+    kafka: EmbeddedKafka | SecureEmbeddedKafka  # the run's broker (stopping it is an outage of Kafka)
     targets: dict[str, str]  # stage -> host:port of its /metrics
     portal: str  # host:port of the portal (broker serve) on the run's state folder
+    gateway: str | None  # host:port of the SASL gateway's /metrics (a run with auth), else None
     started: float  # Unix s, when the stages were started
     processes: dict[str, subprocess.Popen]  # stage -> its process
     frame_store: str  # root of the frame store the stages read
@@ -266,44 +273,109 @@ def sky_config() -> SimConfig:
                      n_variables=4, n_moving=1, n_cosmic_rays=10.0)
 
 
+@dataclass
+class _Broker:
+    """The run's broker, and the Kafka settings of each of its clients."""
+
+    kafka: EmbeddedKafka | SecureEmbeddedKafka
+    admin: KafkaSettings  # topics, the drained check
+    telescope: KafkaSettings  # the frames' producer
+    env: dict[str, dict[str, str]]  # stage -> the environment of its process (its user's credentials)
+    gateway: str | None  # host:port of the SASL gateway's /metrics, with auth
+
+
+def _broker(stack: ExitStack, auth: bool) -> _Broker:
+    """The embedded broker, entered on ``stack``: plaintext, or with ``auth`` behind the TLS/SASL gateway.
+
+    With ``auth`` (``broker embedded --auth --metrics-port 0``), each stage logs in as its own user,
+    the frames are sent as ``telescope``, and the gateway's ``/metrics`` is scraped.
+    """
+    from streams.embedded import EmbeddedKafka
+    from streams.secure_embedded import SecureEmbeddedKafka
+    from streams.settings import KafkaSettings
+    from streams.stages import STAGE_NAMES
+
+    if not auth:
+        kafka = stack.enter_context(EmbeddedKafka())
+        plain = KafkaSettings(kafka.bootstrap, app_id="monitoring")
+        return _Broker(kafka, plain, plain, {s: {} for s in STAGE_NAMES}, None)
+    secure = stack.enter_context(SecureEmbeddedKafka(metrics_port=0))
+    assert secure.metrics_url is not None
+    return _Broker(secure, secure.settings("admin", "monitoring"), secure.settings("telescope", "monitoring"),
+                   {s: secure.env(s) for s in STAGE_NAMES}, secure.metrics_url.split("/")[2])
+
+
+def misuse_gateway(kafka: SecureEmbeddedKafka) -> None:
+    """What a TLS/SASL gateway meets besides its clients: a TCP health check, a plaintext client, a wrong password.
+
+    Each on a connection of its own, so that the gateway's probe, ``tls_handshake`` refusal and
+    ``credentials`` login failure are counted (its dashboard panels are drawn from them).
+    """
+    import ssl
+    import struct
+
+    def request(api_key: int, version: int, body: bytes) -> bytes:
+        payload = struct.pack(">hhih", api_key, version, 1, -1) + body
+        return struct.pack(">i", len(payload)) + payload
+
+    plain = b"PLAIN"
+    handshake = request(17, 1, struct.pack(">h", len(plain)) + plain)
+    login = b"\0subscriber\0not-the-password"
+    authenticate = request(36, 1, struct.pack(">i", len(login)) + login)
+    host, port = kafka.bootstrap.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=10).close()  # the health check
+    with socket.create_connection((host, int(port)), timeout=10) as conn:  # no TLS
+        conn.sendall(handshake)
+        conn.recv(1 << 16)
+    tls = ssl.create_default_context(cafile=str(kafka.ca))
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            tls.wrap_socket(raw, server_hostname="localhost") as conn:
+        conn.sendall(handshake)
+        conn.recv(1 << 16)
+        conn.sendall(authenticate)
+        conn.recv(1 << 16)
+
+
 @contextmanager
 def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: int = 0, garbage_every: int = 0,
-                seed: int = 3, portal_options: tuple[str, ...] = ()) -> Iterator[ScrapedRun]:
+                seed: int = 3, portal_options: tuple[str, ...] = (), auth: bool = False) -> Iterator[ScrapedRun]:
     """Run every stage on small simulated frames while Prometheus scrapes them; yield when drained.
 
     ``n_frames`` frames of 512x512 of one field (the first 3 build the reference, the rest are
     subtracted) are sent ``interval`` s apart, then ``burst`` more at once. An undecodable record
     on ``frames`` goes first (dead-lettered by ingest, so the dead-letter series exist) and another
     before every ``garbage_every``-th frame (0: none). The portal runs with ``portal_options``
-    (``broker serve`` options). Stages and Prometheus are stopped on exit.
+    (``broker serve`` options). With ``auth`` the broker is behind the TLS/SASL gateway
+    (:func:`_broker`), scraped too, and :func:`misuse_gateway` runs with each undecodable record.
+    Stages and Prometheus are stopped on exit.
     """
     from broker.simulate import SkySimulator
     from streams import topics
     from streams.demo import start_stages, stop_stages, wait_until_drained
-    from streams.embedded import EmbeddedKafka
     from streams.framestore import FrameStore
     from streams.producer import FrameProducer, frame_headers
-    from streams.settings import KafkaSettings
     from streams.stages import STAGE_NAMES, pipeline_topics
 
     sim = sky_config()
     with ExitStack() as stack:
-        kafka = stack.enter_context(EmbeddedKafka())
-        settings = KafkaSettings(kafka.bootstrap, app_id="monitoring")
-        topics.create_topics(kafka.bootstrap, pipeline_topics(sim.filters))
+        broker = _broker(stack, auth)
+        kafka, settings = broker.kafka, broker.admin
+        topics.create_topics(settings, pipeline_topics(sim.filters))
         started = time.time()
-        procs = start_stages(kafka.bootstrap, settings.app_id, workdir)
+        procs = [p for s in STAGE_NAMES for p in start_stages(kafka.bootstrap, settings.app_id, workdir, stages=(s,),
+                                                              env=broker.env[s])]
         stack.callback(stop_stages, procs)
         targets = metrics_targets(workdir / "logs", STAGE_NAMES)
         portal = stack.enter_context(_portal(workdir / "state", *portal_options))
-        prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal))
-        run = ScrapedRun(prom, kafka, targets, portal, started, dict(zip(STAGE_NAMES, procs, strict=True)),
-                         str(workdir / "frames"))
+        prom = stack.enter_context(LocalPrometheus(list(targets.values()), workdir / "prometheus", portal=portal,
+                                                   gateway=broker.gateway))
+        run = ScrapedRun(prom, kafka, targets, portal, broker.gateway, started,
+                         dict(zip(STAGE_NAMES, procs, strict=True)), str(workdir / "frames"))
         stack.callback(lambda: stop_stages(list(run.processes.values())))  # stages a test started again too
         # every series a stage exports from its start has a first sample before any message
         prom.wait_for(f'count(up{{job="{STAGES_JOB}"}} == 1) == {len(targets)}', timeout=30)
         prom.wait_for(f'up{{job="{PORTAL_JOB}"}} == 1', timeout=30)
-        producer = FrameProducer(settings, FrameStore(run.frame_store), 8 << 20, 1 << 30)
+        producer = FrameProducer(broker.telescope, FrameStore(run.frame_store), 8 << 20, 1 << 30)
         for i, (frame, truth) in enumerate(SkySimulator(sim, seed=seed).frames(n_frames + burst)):
             if 0 < i < n_frames and interval:
                 time.sleep(interval)
@@ -312,6 +384,8 @@ def scraped_run(workdir: Path, n_frames: int = 5, interval: float = 0.0, burst: 
                 producer.producer.produce(topics.FRAMES, b"\x00not an avro frame record", b"TEST/F001",
                                           headers=headers)
                 run.garbage += 1
+                if broker.gateway is not None:
+                    misuse_gateway(kafka)  # type: ignore[arg-type]
             producer.publish_frame(frame, time.time())
             producer.flush()
             run.frames.append(truth.frame_id)
@@ -382,11 +456,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--burst", type=int, default=10, help="frames sent at once after the paced ones (lag)")
     ap.add_argument("--garbage-every", type=int, default=6, help="an undecodable record before every n-th frame")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
+    ap.add_argument("--no-auth", action="store_true", help="the plaintext embedded broker, no SASL gateway (whose "
+                    "panels are then empty); default: behind the gateway, as broker embedded --auth runs it")
     args = ap.parse_args(argv)
     if prometheus_binary() is None:
         raise SystemExit("prometheus is not installed (Debian: apt-get install prometheus)")
     with tempfile.TemporaryDirectory() as tmp, scraped_run(Path(tmp), args.frames, args.interval, args.burst,
-                                                           args.garbage_every) as run:
+                                                           args.garbage_every, auth=not args.no_auth) as run:
         time.sleep(5.0)  # a few scrapes after the last message
         n = render(run.prometheus, run.started, time.time(), args.out)
     print(f"{args.out}: {n} series from {len(dashboard_queries())} queries")
