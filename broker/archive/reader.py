@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -70,6 +71,40 @@ CREATE MACRO ang_sep_deg(ra1, dec1, ra2, dec2) AS degrees(2 * asin(sqrt(least(1.
 CREATE MACRO in_cone(ra, dec, ra0, dec0, radius) AS
     dec BETWEEN dec0 - radius AND dec0 + radius AND ang_sep_deg(ra, dec, ra0, dec0) <= radius;
 """
+#: Slack (deg) added to each side of :func:`cone_where`'s RA range, far above the rounding of the
+#: haversine (~1e-12 deg): a row ``in_cone`` holds is never outside the range.
+RA_SLACK_DEG = 1e-6
+
+
+def cone_where(ra0: float, dec0: float, radius: float) -> str:
+    """SQL condition of the rows within ``radius`` of (``ra0``, ``dec0``) (deg): ``in_cone`` and a range of RA.
+
+    ``in_cone``'s declination band is one comparison on ``dec`` that DuckDB checks against each row
+    group's statistics; the range of RA is another, so row groups and files that lie elsewhere in
+    RA (a telescope's batch covers a few fields) are skipped too. The half-width of the range is
+    asin(sin r / cos dec0), the widest RA offset of the circle, widened by :data:`RA_SLACK_DEG`.
+    It is left out where it does not bound the circle: a cone that reaches a pole (every RA),
+    or one half as wide as the sky. Across RA 0/360 the range is two; rows whose RA is outside
+    [0, 360) (which the haversine still matches) are always kept. The rows are those of
+    ``in_cone`` alone.
+    """
+    where = f"in_cone(ra, dec, {ra0!r}, {dec0!r}, {radius!r})"
+    if abs(dec0) + radius >= 90.0:
+        return where
+    half = math.sin(math.radians(radius)) / math.cos(math.radians(dec0))
+    if half >= 0.999:
+        return where
+    width = math.degrees(math.asin(half)) + RA_SLACK_DEG
+    lo, hi = ra0 % 360.0 - width, ra0 % 360.0 + width
+    if lo < 0.0:
+        ra_range = f"(ra >= {lo + 360.0!r} OR ra <= {hi!r})"
+    elif hi >= 360.0:
+        ra_range = f"(ra >= {lo!r} OR ra <= {hi - 360.0!r})"
+    else:
+        ra_range = f"(ra BETWEEN {lo!r} AND {hi!r} OR ra < 0.0 OR ra >= 360.0)"
+    return f"{where} AND {ra_range}"
+
+
 # errors of the SQL itself, not of the files it reads
 _USER_ERRORS = ("ParserException", "BinderException", "CatalogException", "SyntaxException",
                 "ConversionException", "OutOfRangeException", "InvalidTypeException", "TypeMismatchException")

@@ -10,7 +10,9 @@ import uuid
 from collections.abc import Sequence
 from urllib.parse import quote
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from broker.archive.arrow import SCHEMA_KEY
@@ -24,6 +26,14 @@ from broker.errors import ArchiveCorrupt, ArchiveError
 #: ("offset overflow while concatenating arrays"), and its Parquet reader refuses a row group holding
 #: 2 GiB of it ("Nested data conversions not implemented for chunked array outputs").
 ROW_GROUP_BYTES = 512 * 1024 * 1024
+#: Most rows in one row group of a file. A file's rows are sorted by declination (:func:`_sky_order`), so
+#: each row group's min/max statistics of ``dec`` span a narrow band and DuckDB skips the row groups that a
+#: cone's declination band misses (``in_cone``): a 5 arcsec cone reads one row group of a file, not all of it.
+#: 4096: two DuckDB vectors; with 64-byte cutouts a merged night of 32,000 alerts is 8 row groups (one,
+#: unsorted, before), with v2 cutouts (~45 kB) ~180 MB, under :data:`ROW_GROUP_BYTES`.
+ROW_GROUP_ROWS = 4096
+#: The columns that say which Kafka message a row came from (the first keys of ``COPY_ORDER``).
+_KAFKA = ("kafka_topic", "kafka_partition", "kafka_offset")
 
 
 def _slug(text: str | None) -> str:
@@ -61,24 +71,78 @@ def _mask(n: int, rows: list[int]) -> pa.Array:
     return pa.array(mask, pa.bool_())
 
 
-def _write_parquet(table: pa.Table, sink: pa.BufferOutputStream, compression: str) -> None:
-    """Write ``table`` as Parquet, its record batches gathered in row groups of at most :data:`ROW_GROUP_BYTES`.
+def _sky_order(table: pa.Table) -> np.ndarray:
+    """Row indices of ``table`` by declination (null last), each Kafka message's rows in their order.
 
-    Each row group is combined in one chunk (Parquet writes many chunks 30x slower). The whole table
-    was, and 33 alerts of 64 MiB (2.2 GB, a batch of the archive stage or a compaction) raised
-    ``ArrowInvalid`` ("offset overflow"): the stage stopped on the same batch at every restart, or
-    its compaction escaped it. A record batch is never split (each is one message's alerts, a batch
-    of a few thousand, or a row group of a file read back, all under 2 GiB), so every row group can
-    be read back.
+    The rows that share Kafka coordinates (the alerts of one message, or an offset archived twice)
+    all take the declination of the first of them, and ties keep the rows' order: so the order of
+    such rows in the file, which breaks ties in ``broker.archive.reader.COPY_ORDER`` (the copy of
+    an alert that ``alerts`` holds), is the order they had before.
     """
+    n = table.num_rows
+    coords = table.select(list(_KAFKA))
+    by_message = pc.sort_indices(coords, [(c, "ascending") for c in _KAFKA]).to_numpy()  # stable
+    starts = np.zeros(n, dtype=bool)
+    starts[:1] = True
+    for name, missing in zip(_KAFKA, ("", -1, -1), strict=True):
+        values = coords.column(name).fill_null(missing).take(by_message).to_numpy(zero_copy_only=False)
+        starts[1:] |= values[1:] != values[:-1]
+    message = np.cumsum(starts) - 1  # the message of each row, in by_message order
+    dec = table.column("dec").to_numpy(zero_copy_only=False).astype(np.float64)  # null: NaN, sorted last
+    key = np.empty(n)
+    key[by_message] = dec[by_message[starts]][message]
+    return np.lexsort((np.arange(n), key))
+
+
+def _row_groups(table: pa.Table, order: np.ndarray) -> list[np.ndarray]:
+    """``order`` cut in row groups of at most :data:`ROW_GROUP_ROWS` rows and ~:data:`ROW_GROUP_BYTES`.
+
+    Bytes are estimated from each record batch's bytes per row; :func:`_pieces` checks the real size.
+    """
+    sizes = [b.nbytes / max(b.num_rows, 1) for b in table.to_batches()]
+    per_row = np.repeat(sizes, [b.num_rows for b in table.to_batches()])[order]
+    groups, start = [], 0
+    while start < len(order):
+        fits = int(np.searchsorted(np.cumsum(per_row[start:start + ROW_GROUP_ROWS]), ROW_GROUP_BYTES, "right"))
+        end = start + max(1, fits)
+        groups.append(order[start:end])
+        start = end
+    return groups
+
+
+def _pieces(batches: list[pa.RecordBatch], starts: np.ndarray, rows: np.ndarray) -> list[list[pa.RecordBatch]]:
+    """``rows`` of ``batches`` (first rows at ``starts``) in their order, as row groups under :data:`ROW_GROUP_BYTES`.
+
+    Taken from each record batch apart: ``Table.take`` concatenates the chunks, over 2 GiB for a
+    merge of large alerts. A row group over the bound (alerts of very different sizes in one batch)
+    is halved, down to one row.
+    """
+    rows = np.sort(rows)
+    cuts = np.searchsorted(rows, starts)
+    pieces = [batches[b].take(pa.array(rows[cuts[b]:cuts[b + 1]] - starts[b]))
+              for b in range(len(batches)) if cuts[b + 1] > cuts[b]]
+    if len(rows) > 1 and sum(p.nbytes for p in pieces) > ROW_GROUP_BYTES:
+        half = len(rows) // 2
+        return _pieces(batches, starts, rows[:half]) + _pieces(batches, starts, rows[half:])
+    return [pieces]
+
+
+def _write_parquet(table: pa.Table, sink: pa.BufferOutputStream, compression: str) -> None:
+    """Write ``table`` as Parquet: its rows by declination (:func:`_sky_order`), in row groups of :func:`_row_groups`.
+
+    Each row group is combined in one chunk (Parquet writes many chunks 30x slower) and holds its
+    rows in their order in ``table``. The whole table was once combined, and 33 alerts of 64 MiB
+    (2.2 GB, a batch of the archive stage or a compaction) raised ``ArrowInvalid`` ("offset
+    overflow"); a row group stays under 2 GiB, so every row group can be read back.
+    """
+    batches = [b for b in table.to_batches() if b.num_rows]
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
     with pq.ParquetWriter(sink, table.schema, compression=compression) as out:
-        group: list[pa.RecordBatch] = []
-        for batch in table.to_batches():
-            if group and sum(b.nbytes for b in group) + batch.nbytes > ROW_GROUP_BYTES:
-                out.write_table(pa.Table.from_batches(group, table.schema).combine_chunks())
-                group = []
-            group.append(batch)
-        out.write_table(pa.Table.from_batches(group, table.schema).combine_chunks())
+        if not batches:
+            out.write_table(table)
+        for group in _row_groups(table, _sky_order(table)):
+            for pieces in _pieces(batches, starts, group):
+                out.write_table(pa.Table.from_batches(pieces, table.schema).combine_chunks())
 
 
 def _is_orphan(rel: str, committed: set[str]) -> bool:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from broker.archive.log import DataFile
-from broker.archive.reader import Archive
+from broker.archive.reader import Archive, cone_where
 from broker.archive.rows import record_of
 from broker.errors import InvalidQuery, NotFound
 from broker.forced import check_position as check_sky_position
@@ -241,8 +241,7 @@ def history_of(history: ObjectHistory | None, object_id: str) -> tuple[dict | No
 
 def cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit: int) -> list[dict]:
     """Alert summaries within ``radius_arcsec`` of (``ra``, ``dec``) (deg), nearest first, with ``distance_arcsec``."""
-    radius = radius_arcsec / 3600.0
-    where = f"in_cone(ra, dec, {ra!r}, {dec!r}, {radius!r})"
+    where = cone_where(ra, dec, radius_arcsec / 3600.0)
     extra = f", ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS distance_arcsec"
     return summaries(archive, where, "ORDER BY distance_arcsec, mjd DESC", limit, extra)
 
@@ -260,7 +259,7 @@ def object_cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float,
     newest alert's ``last_mag`` and ``last_band``, ``max_rb``, ``max_anomaly``, and the newest
     ``class`` with its ``class_probability``.
     """
-    near = f"in_cone(ra, dec, {ra!r}, {dec!r}, {(radius_arcsec + OBJECT_SLACK_ARCSEC) / 3600.0!r})"
+    near = cone_where(ra, dec, (radius_arcsec + OBJECT_SLACK_ARCSEC) / 3600.0)
     versions = {f.schema_version for f in archive.files()}
     classification = "alert.classification" if versions and max(versions) >= 3 else "NULL"
     sql = f"""WITH objects AS (

@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import math
+import re
 import time
 import uuid
 
@@ -18,10 +19,11 @@ import pytest
 
 import schemas
 from broker.alert import alert_id
+from broker.archive import writer as writer_module
 from broker.archive.arrow import arrow_type, file_schema
 from broker.archive.config import ALERT_COLUMN, ArchiveConfig
 from broker.archive.log import COMMITS, OffsetRange
-from broker.archive.reader import Archive
+from broker.archive.reader import Archive, cone_where
 from broker.archive.rows import Archived, mjd_of, night_of, to_batch, to_current, version_of
 from broker.archive.writer import ArchiveWriter
 from broker.errors import ArchiveCorrupt, ArchiveError, ConfigError, SchemaError
@@ -478,6 +480,54 @@ def test_cone_object_and_time_queries(writer, tmp_path):
         archive.export("SELECT 1", tmp_path / "out.json")
 
 
+#: Cones (ra, dec, radius deg) of :func:`test_a_cone_with_its_ra_range_holds_the_rows_of_in_cone`: across RA 0/360
+#: both ways, at and near the poles, of radius 0, of 60 and 100 deg.
+_CONES = [(0.0, 0.0, 1.0), (359.99, 45.0, 0.5), (0.01, -30.0, 2.0), (180.0, 89.5, 1.0), (10.0, -88.0, 1.5),
+          (123.4, 60.0, 0.0), (200.0, 10.0, 60.0), (50.0, 0.0, 100.0), (300.0, 70.0, 15.0), (90.0, -89.99, 0.005)]
+
+
+def _around(rng: np.random.Generator, ra0: float, dec0: float, radius: float, n: int) -> list[tuple[float, float]]:
+    """``n`` positions at ``radius`` (deg) from (ra0, dec0), a hair inside or outside, in every direction."""
+    out = []
+    for bearing in rng.uniform(0, 2 * np.pi, n):
+        r = np.radians(radius * (1 + rng.choice([-1e-12, 1e-12, 0.0]))) if radius else 0.0
+        d0, a0 = np.radians(dec0), np.radians(ra0)
+        d = np.arcsin(np.sin(d0) * np.cos(r) + np.cos(d0) * np.sin(r) * np.cos(bearing))
+        a = a0 + np.arctan2(np.sin(bearing) * np.sin(r) * np.cos(d0), np.cos(r) - np.sin(d0) * np.sin(d))
+        out.append((float(np.degrees(a)) % 360.0, float(np.degrees(d))))
+    return out
+
+
+def test_a_cone_with_its_ra_range_holds_the_rows_of_in_cone(writer, monkeypatch):
+    """``cone_where`` adds a range of RA to ``in_cone`` for DuckDB to skip row groups: never a row less or more.
+
+    Positions all over the sky, on the edge of each cone (1e-12 of the radius inside or outside), at
+    its centre, and at RA outside [0, 360) (360.3, -0.2, 720.1: the haversine wraps them), in files
+    of row groups of 16 rows sorted by declination.
+    """
+    monkeypatch.setattr(writer_module, "ROW_GROUP_ROWS", 16)
+    rng = np.random.default_rng(11)
+    pos = list(zip(rng.uniform(0, 360, 300), np.degrees(np.arcsin(rng.uniform(-1, 1, 300))), strict=True))
+    for ra0, dec0, radius in _CONES:
+        pos += _around(rng, ra0, dec0, radius, 40) + [(ra0, dec0), (ra0 + 360.0, dec0), (ra0 - 360.0, dec0)]
+    pos += [(360.3, 0.0), (-0.2, -30.5), (720.1, 45.0), (0.0, 90.0), (10.0, -90.0)]
+    recs = objects(len(pos), VERSIONS[-1])
+    for rec, (ra, dec) in zip(recs, pos, strict=True):
+        rec["source"]["ra"], rec["source"]["dec"] = float(ra), float(dec)
+    for start in range(0, len(recs), 250):
+        commit(writer, archived(recs[start:start + 250], start=start))
+    archive = Archive(writer.archive.url)
+    for ra0, dec0, radius in _CONES:
+        plain = archive.query(f"SELECT alert_id FROM alerts WHERE in_cone(ra, dec, {ra0}, {dec0}, {radius})")
+        ranged = archive.query(f"SELECT alert_id FROM alerts WHERE {cone_where(ra0, dec0, radius)}")
+        assert plain.num_rows > 0 and sorted(plain.column(0).to_pylist()) == sorted(ranged.column(0).to_pylist())
+    assert "ra" not in cone_where(180.0, 89.5, 1.0).split(")", 1)[1]  # reaches the pole: no RA range
+    assert "OR ra <=" in cone_where(0.01, -30.0, 2.0) and "OR ra <=" in cone_where(359.99, 45.0, 0.5)
+    plan = archive.connect().sql(f"EXPLAIN ANALYZE SELECT snr FROM alerts WHERE {cone_where(150.0, 2.0, 0.01)}")
+    scanned, groups = map(int, re.search(r"Row Groups Scanned: (\d+) / (\d+)", plan.fetchall()[0][1]).groups())
+    assert groups >= 40 and scanned <= 4, (scanned, groups)  # the declination band skips the other row groups
+
+
 def test_an_empty_archive_answers_with_no_rows(tmp_path):
     archive = Archive(tmp_path / "nothing")
     table = archive.query("SELECT object_id, alert.source.ra FROM alerts")
@@ -528,6 +578,56 @@ def test_compaction_merges_small_files_tier_by_tier_and_keeps_every_row_once(tmp
     assert ArchiveWriter(archive, ArchiveConfig(retain_removed_seconds=60)).recover() == []
     assert w.vacuum() == [] and w.vacuum(now=time.time() + 61) == retired
     assert not any(w.archive.fs.exists(w.archive.path(p)) for p in retired) and archive.count() == 17
+
+
+def _dec_ranges(archive: Archive, rel: str) -> list[tuple[float, float]]:
+    """(min, max) of ``dec`` in each row group of file ``rel``."""
+    meta = pq.ParquetFile(archive.path(rel)).metadata
+    col = meta.schema.names.index("dec")
+    return [(meta.row_group(i).column(col).statistics.min, meta.row_group(i).column(col).statistics.max)
+            for i in range(meta.num_row_groups)]
+
+
+def test_files_hold_their_rows_by_declination_in_small_row_groups(tmp_path, monkeypatch):
+    """A batch or a merge was one row group, its rows in arrival order, spanning the file's whole sky.
+
+    DuckDB read all of it for a 5 arcsec cone. Rows are now by declination, in row
+    groups of at most ``ROW_GROUP_ROWS`` (8 here), so the row groups' ``dec`` ranges follow each other
+    (within one, the rows keep their order).
+    """
+    monkeypatch.setattr(writer_module, "ROW_GROUP_ROWS", 8)
+    w = _compacting(tmp_path, k=2)
+    recs = objects(40, VERSIONS[-1], dec0=-89.0)  # some beyond the pole: dec < -90 is kept as it is
+    recs[5]["source"]["dec"] = float("nan")  # null in the column: last
+    commit(w, archived(recs[:20]))
+    commit(w, archived(recs[20:], start=20))
+    (merge,) = w.compact()
+    archive = Archive(w.archive.url)
+    (f,) = merge.files
+    ranges = _dec_ranges(archive, f.path)
+    assert len(ranges) == 5 and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:], strict=False)), ranges
+    decs = pq.read_table(archive.path(f.path), columns=["dec"]).column(0).to_pylist()
+    assert None in decs[-8:] and sorted(d for d in decs if d is not None) == \
+        sorted(r["source"]["dec"] for i, r in enumerate(recs) if i != 5)
+    count, rows = archive.select("true")
+    assert count == 40 and all(same(r, rec) for (_, r), rec in zip(rows, recs, strict=True))
+
+
+def test_rows_of_one_kafka_message_keep_their_order_in_a_file(writer, monkeypatch):
+    """Copies of an alert at one Kafka offset go by file row (``COPY_ORDER``): their order is kept.
+
+    Sorting them by declination would make the copy with the lower declination the alert.
+    """
+    monkeypatch.setattr(writer_module, "ROW_GROUP_ROWS", 2)
+    rec, other = objects(2, VERSIONS[-1])
+    copies = [Archived(_copy(rec, snr=10.0 + i, dec=5.0 - i), version_of(rec), "alerts", 0, 0) for i in range(3)]
+    rest = [Archived(_copy(other, dec=d), version_of(other), "alerts", 0, 1 + i) for i, d in enumerate((4.5, 9.0))]
+    writer.commit(writer.write([to_batch(copies + rest)]), [OffsetRange("alerts", 0, 0, 3)])
+    archive = Archive(writer.archive.url)
+    (f,) = archive.files()
+    snr = pq.read_table(archive.path(f.path), columns=["snr"]).column(0).to_pylist()
+    assert [x for x in snr if x in (10.0, 11.0, 12.0)] == [10.0, 11.0, 12.0]  # dec 5, 4, 3: as committed
+    assert archive.query(f"SELECT snr FROM alerts WHERE alert_id = {rec['alertId']}").column(0).to_pylist() == [10.0]
 
 
 def positions_of(archive: Archive) -> dict:
@@ -726,7 +826,7 @@ def test_a_batch_and_a_merge_of_over_2_gib_of_cutouts_are_written_and_read_back(
 
 _SELECT_PEAK = """
 import resource, sys
-from broker.archive.reader import Archive
+from broker.archive.reader import Archive, cone_where
 archive = Archive(sys.argv[1])
 archive.connect().close()  # DuckDB started and the files listed before the baseline
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
