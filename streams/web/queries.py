@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from broker.archive.log import DataFile
-from broker.archive.reader import Archive, cone_where
+from broker.archive.reader import RA_SLACK_DEG, Archive, cone_where
 from broker.archive.rows import record_of
 from broker.errors import InvalidQuery, NotFound
 from broker.forced import check_position as check_sky_position
@@ -31,6 +31,7 @@ from broker.vetting import MAX_ID_CHARS
 from broker.watchlist import Watchlist
 from streams.alert_expr import AlertFilter
 from streams.triplet_png import printable
+from streams.web import tap_schema
 from streams.web.records import _num, class_fields, decode_cursor, encode_cursor, summary_of, summary_of_row
 
 #: Columns of an ``AlertSummary`` read by SQL (the struct fields exist in every schema version).
@@ -65,6 +66,32 @@ class Queryable(Protocol):
         ...
 
 
+class ObjectTable:
+    """The archive's objects, one row each (:func:`streams.web.tap_schema.objects_sql`), grouped once per commit.
+
+    Shared by the portal's threads, REST (``/api/v1/objects``, ``/api/v1/scs/objects``) and TAP
+    (``broker.objects``): the first read after a commit groups every alert of the archive (~0.1 s
+    at 100,000 alerts, ``bench/portal.py``), the others wait for it, then read the same Arrow table.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: tuple[tuple, pa.Table] | None = None
+        #: Times the alerts were grouped: once per commit that a read saw.
+        self.groupings = 0
+
+    def rows(self, con: Any, files: list[DataFile]) -> pa.Table:
+        """The objects of ``files`` (the commit ``con``'s view reads), grouped by ``con`` unless held."""
+        key = tuple((f.path, f.rows) for f in files)
+        with self._lock:  # one thread groups, the others wait for its rows
+            if self._held is None or self._held[0] != key:
+                versions = {f.schema_version for f in files}
+                sql = tap_schema.objects_sql(bool(versions) and max(versions) >= 3)
+                self._held = (key, con.sql(sql).to_arrow_table())
+                self.groupings += 1
+            return self._held[1]
+
+
 class ArchiveView:
     """An archive's DuckDB view kept open per thread, and opened again when a commit changes its files.
 
@@ -76,10 +103,13 @@ class ArchiveView:
     Parameters
     ----------
     archive : Archive
+    objects : ObjectTable, optional
+        The objects of the archive's current commit, as the table ``tap_objects`` (default: its own).
     """
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, objects: ObjectTable | None = None) -> None:
         self.archive = archive
+        self.objects = objects if objects is not None else ObjectTable()
         self._local = threading.local()
 
     def files(self) -> list[DataFile]:
@@ -113,12 +143,25 @@ class ArchiveView:
             held[1].close()
             self._local.held = None
 
-    def query(self, sql: str) -> pa.Table:
-        """The result of ``sql`` over the view ``alerts`` (errors as :meth:`Archive.query`)."""
+    def _register_objects(self, con: Any, files: list[DataFile]) -> None:
+        """Make ``con``'s ``tap_objects`` the objects of the archive's current commit (an Arrow table, not copied)."""
+        table = self.objects.rows(con, files)
+        registered = getattr(self._local, "objects", None)
+        if registered is None or registered[0] is not con or registered[1] is not table:
+            con.register(tap_schema.OBJECTS_TABLE, table)
+            self._local.objects = (con, table)
+
+    def query(self, sql: str, objects: bool = False) -> pa.Table:
+        """The result of ``sql`` over the view ``alerts`` (errors as :meth:`Archive.query`).
+
+        With ``objects``, ``sql`` may also read ``tap_objects``: :class:`ObjectTable`'s rows.
+        """
         import duckdb
 
         con, files = self._connection()
         try:
+            if objects:
+                self._register_objects(con, files)
             rel = con.sql(sql)
             return rel.to_arrow_table() if rel is not None else pa.table({})
         except duckdb.Error as exc:
@@ -246,32 +289,25 @@ def cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit:
     return summaries(archive, where, "ORDER BY distance_arcsec, mjd DESC", limit, extra)
 
 
-#: How far (arcsec) beyond a cone an object's alerts are looked for, so that an object whose mean
-#: position lies inside is found by any of its alerts: a few association radii.
-OBJECT_SLACK_ARCSEC = 10.0
+#: Columns of :func:`object_cone`'s rows, in their order.
+_OBJECT_CONE_COLUMNS = ("object_id, n_alerts, first_mjd, last_mjd, ra, dec, last_mag, last_band, max_rb, max_anomaly, "
+                        "classification")
 
 
-def object_cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit: int) -> list[dict]:
+def object_cone(archive: ArchiveView, ra: float, dec: float, radius_arcsec: float, limit: int) -> list[dict]:
     """The objects whose mean alert position lies within ``radius_arcsec`` of (``ra``, ``dec``), nearest first.
 
     One row per object, over all its archived alerts: ``object_id``, mean ``ra`` and ``dec`` (the
     circular mean of RA), ``distance_arcsec``, ``n_alerts``, ``first_mjd``, ``last_mjd``, the
     newest alert's ``last_mag`` and ``last_band``, ``max_rb``, ``max_anomaly``, and the newest
-    ``class`` with its ``class_probability``.
+    ``class`` with its ``class_probability``. Read from :class:`ObjectTable`, the objects grouped
+    once per commit (as TAP's ``broker.objects``), not from the alerts at each request.
     """
-    near = cone_where(ra, dec, (radius_arcsec + OBJECT_SLACK_ARCSEC) / 3600.0)
-    versions = {f.schema_version for f in archive.files()}
-    classification = "alert.classification" if versions and max(versions) >= 3 else "NULL"
-    sql = f"""WITH objects AS (
-        SELECT object_id, count(*) AS n_alerts, min(mjd) AS first_mjd, max(mjd) AS last_mjd,
-               (degrees(atan2(avg(sin(radians(ra))), avg(cos(radians(ra))))) + 360.0) % 360.0 AS ra,
-               avg(dec) AS dec, arg_max(magpsf, mjd) AS last_mag, arg_max(filter, mjd) AS last_band,
-               max(rb) AS max_rb, max(anomaly) AS max_anomaly, arg_max({classification}, mjd) AS classification
-        FROM alerts WHERE object_id IN (SELECT object_id FROM alerts WHERE {near}) GROUP BY object_id)
-      SELECT *, ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS distance_arcsec FROM objects
-      WHERE ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 <= {radius_arcsec!r}
-      ORDER BY distance_arcsec, object_id LIMIT {int(limit)}"""
-    return [_object_row(r) for r in archive.query(sql).to_pylist()]
+    band = radius_arcsec / 3600.0 + RA_SLACK_DEG  # |dec - dec0| <= separation: a band to skip the others by
+    sql = (f"SELECT * FROM (SELECT {_OBJECT_CONE_COLUMNS}, ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS "
+           f"distance_arcsec FROM {tap_schema.OBJECTS_TABLE} WHERE dec BETWEEN {dec - band!r} AND {dec + band!r}) "
+           f"WHERE distance_arcsec <= {radius_arcsec!r} ORDER BY distance_arcsec, object_id LIMIT {int(limit)}")
+    return [_object_row(r) for r in archive.query(sql, objects=True).to_pylist()]
 
 
 def _object_row(row: dict) -> dict:

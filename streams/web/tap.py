@@ -41,7 +41,7 @@ from streams.web import adql, regions, tap_schema, tap_upload, vo
 from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
 from streams.web.app import Portal
 from streams.web.config import WebConfig
-from streams.web.queries import ArchiveView
+from streams.web.queries import ArchiveView, ObjectTable
 from streams.web.tap_upload import UploadedTable
 from streams.web.upload import read_form
 
@@ -148,15 +148,13 @@ class TapView(ArchiveView):
     archive : Archive
     config : WebConfig
         Its ``tap_memory_mb`` and ``tap_timeout_s``.
+    objects : ObjectTable, optional
+        ``broker.objects``' rows, shared with the portal's REST view (default: its own).
     """
 
-    def __init__(self, archive: Any, config: WebConfig) -> None:
-        super().__init__(archive)
+    def __init__(self, archive: Any, config: WebConfig, objects: ObjectTable | None = None) -> None:
+        super().__init__(archive, objects)
         self.config = config
-        self._objects_lock = threading.Lock()
-        self._objects: tuple[tuple, pa.Table] | None = None
-        #: Times ``broker.objects`` was grouped from the alerts: once per commit a query over it saw.
-        self.groupings = 0
 
     def _opened(self, con: Any) -> None:
         """Limit the connection's memory (no spilling to disk), register ``TAP_SCHEMA``, shut off every other file."""
@@ -171,29 +169,12 @@ class TapView(ArchiveView):
             con.execute("SET enable_external_access = false")
             con.execute("SET lock_configuration = true")
 
-    def _objects_of(self, con: Any, files: list) -> pa.Table:
-        """``broker.objects``' rows over ``files``: grouped by the first query after a commit, then shared."""
-        key = tuple((f.path, f.rows) for f in files)
-        with self._objects_lock:  # one thread groups, the others wait for its rows
-            if self._objects is None or self._objects[0] != key:
-                self._objects = (key, con.sql(tap_schema.OBJECTS_SQL).to_arrow_table())
-                self.groupings += 1
-            return self._objects[1]
-
-    def _register_objects(self, con: Any, files: list) -> None:
-        """Make ``con``'s ``tap_objects`` the rows of the archive's current commit (an Arrow table, not copied)."""
-        table = self._objects_of(con, files)
-        registered = getattr(self._local, "objects", None)
-        if registered is None or registered[0] is not con or registered[1] is not table:
-            con.register(tap_schema.OBJECTS_TABLE, table)
-            self._local.objects = (con, table)
-
     def run(self, sql: str, tables: tuple[str, ...] = (), stop: Stop | None = None,
             timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = ()) -> pa.Table:
         """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
 
         ``tables`` are the published tables it reads: with ``broker.objects``, its rows are those of
-        the archive's current commit, grouped once per commit (:meth:`_objects_of`, under the time limit).
+        the archive's current commit, grouped once per commit (:class:`ObjectTable`, under the time limit).
         ``timeout_s`` is at most ``tap_timeout_s`` (the default); ``stop`` interrupts it from another
         thread (an asynchronous job aborted), which is InvalidQuery too. ``uploads`` are registered
         on the connection for this query only (``TAP_UPLOAD.name``), under the same limits.
@@ -246,7 +227,7 @@ def tap_view(portal: Portal) -> TapView:
     portal.require_archive()
     view = portal.extras.get("tap")
     if view is None or view.archive is not portal.archive:
-        view = portal.extras["tap"] = TapView(portal.archive, portal.config)
+        view = portal.extras["tap"] = TapView(portal.archive, portal.config, portal.require_archive().objects)
     return view
 
 

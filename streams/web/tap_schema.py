@@ -107,7 +107,7 @@ _OBJECT_COLUMNS: tuple[tuple[TapColumn, str], ...] = (
     (_c("max_anomaly", "DOUBLE", None, "stat.probability", "highest anomaly score of its alerts"), "max(anomaly)"),
 )
 
-#: Name of the (Arrow) DuckDB table ``broker.objects`` reads: :data:`OBJECTS_SQL`'s rows, grouped once per commit.
+#: Name of the (Arrow) DuckDB table ``broker.objects`` reads: :func:`objects_sql`'s rows, grouped once per commit.
 OBJECTS_TABLE = "tap_objects"
 
 
@@ -115,8 +115,14 @@ def _select(columns: tuple[tuple[TapColumn, str], ...], rest: str) -> str:
     return "SELECT " + ", ".join(f'{sql} AS "{c.name}"' for c, sql in columns) + f" {rest}"
 
 
-#: DuckDB query grouping the archive's alerts into ``broker.objects``' rows (``streams.web.tap.TapView``).
-OBJECTS_SQL = _select(_OBJECT_COLUMNS, "FROM alerts GROUP BY object_id")
+def objects_sql(classified: bool) -> str:
+    """DuckDB query grouping the archive's alerts into ``broker.objects``' rows (``streams.web.queries.ObjectTable``).
+
+    Besides the published columns, ``classification``: the newest alert's (``classified``: a file of
+    schema version 3 or later holds the field; else null), which ``/api/v1/objects`` answers.
+    """
+    newest = "arg_max(alert.classification, mjd)" if classified else "NULL"
+    return _select(_OBJECT_COLUMNS, f", {newest} AS classification FROM alerts GROUP BY object_id")
 
 
 def _meta(name: str, datatype: str, description: str, principal: bool = True) -> TapColumn:

@@ -302,7 +302,10 @@ def test_the_tap_connection_reads_no_file_but_the_archive_even_if_the_check_miss
 
 
 def test_objects_are_grouped_once_per_commit_and_see_each_new_commit(tmp_path):
-    """``broker.objects`` was grouped from every alert at each query (~100 ms at 100,000 alerts, ~1 s at 10^6)."""
+    """``broker.objects`` was grouped from every alert at each query (~100 ms at 100,000 alerts, ~1 s at 10^6).
+
+    REST's ``/api/v1/objects`` reads the same rows: no grouping of its own.
+    """
     from broker.archive.writer import ArchiveWriter
     from streams.web.config import WebConfig
     from streams.web.tap import tap_view
@@ -321,16 +324,23 @@ def test_objects_are_grouped_once_per_commit_and_see_each_new_commit(tmp_path):
             return int(row["n"]), int(row["alerts"])
 
         assert [counted() for _ in range(3)] == [(len(POSITIONS), len(records))] * 3
-        assert view.groupings == 1  # the rows of one commit, grouped once
+        assert view.objects.groupings == 1  # the rows of one commit, grouped once
+        near = {"ra": 150.0, "dec": 2.0, "radius_arcsec": 200}
+        assert len(client.get("/api/v1/objects", params=near).json()["items"]) == len(POSITIONS)
+        assert view.objects is client.app.state.portal.require_archive().objects and view.objects.groupings == 1
         assert _status(_votable(_sync(client, "SELECT COUNT(*) AS n FROM broker.alerts").content))[0] == "OK"
         writer = ArchiveWriter(Archive(tmp_path / "archive"))
         writer.recover()
-        commit(writer, archived(objects(4, VERSIONS[-1], seed=3), start=len(records)))
-        assert counted() == (len(POSITIONS) + 4, len(records) + 4) and view.groupings == 2
+        new = objects(4, VERSIONS[-1], seed=3)
+        for rec in new:
+            rec["source"]["ra"], rec["source"]["dec"] = 150.03, 2.03  # in the cone
+        commit(writer, archived(new, start=len(records)))
+        assert len(client.get("/api/v1/objects", params=near).json()["items"]) == len(POSITIONS) + 4
+        assert counted() == (len(POSITIONS) + 4, len(records) + 4) and view.objects.groupings == 2
         joined = _votable(_sync(client, "SELECT o.object_id, COUNT(*) AS n FROM broker.objects AS o JOIN "
                                         "broker.alerts AS a ON a.object_id = o.object_id GROUP BY o.object_id "
                                         "HAVING COUNT(*) <> MAX(o.n_alerts)").content)
-        assert _status(joined)[0] == "OK" and len(joined.get_first_table().array) == 0 and view.groupings == 2
+        assert _status(joined)[0] == "OK" and len(joined.get_first_table().array) == 0 and view.objects.groupings == 2
 
 
 def _wide_result(n: int, seed: int = 0):
