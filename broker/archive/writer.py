@@ -28,10 +28,13 @@ from broker.errors import ArchiveCorrupt, ArchiveError
 ROW_GROUP_BYTES = 512 * 1024 * 1024
 #: Most rows in one row group of a file. A file's rows are sorted by declination (:func:`_sky_order`), so
 #: each row group's min/max statistics of ``dec`` span a narrow band and DuckDB skips the row groups that a
-#: cone's declination band misses (``in_cone``): a 5 arcsec cone reads one row group of a file, not all of it.
-#: 4096: two DuckDB vectors; with 64-byte cutouts a merged night of 32,000 alerts is 8 row groups (one,
-#: unsorted, before), with v2 cutouts (~45 kB) ~180 MB, under :data:`ROW_GROUP_BYTES`.
-ROW_GROUP_ROWS = 4096
+#: cone's declination band misses (``in_cone``): a 5 arcsec cone reads one row group of a file, not all of them.
+#: 16384: DuckDB spends ~0.25 ms on each row group it opens, whatever it reads (the files' 167 leaf
+#: columns): with 64-byte cutouts, at 10^6 alerts in 95 files, row groups of 4096 rows made a count 1.7x
+#: and a read of every ``ra``, ``dec`` 1.5x slower, and a 5 arcsec cone no faster than one unsorted row
+#: group; 16384 were as fast as one for those and the fastest cone (``bench/portal.py``'s archive, CPU
+#: time of one DuckDB thread). Alerts with v2 cutouts (~45 kB) reach :data:`ROW_GROUP_BYTES` first (~11,900).
+ROW_GROUP_ROWS = 16384
 #: The columns that say which Kafka message a row came from (the first keys of ``COPY_ORDER``).
 _KAFKA = ("kafka_topic", "kafka_partition", "kafka_offset")
 
