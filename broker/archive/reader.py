@@ -89,10 +89,10 @@ def cone_where(ra0: float, dec0: float, radius: float) -> str:
     ``in_cone`` alone.
     """
     where = f"in_cone(ra, dec, {ra0!r}, {dec0!r}, {radius!r})"
-    if abs(dec0) + radius >= 90.0:
+    if not abs(dec0) + radius < 90.0:  # NaN too
         return where
     half = math.sin(math.radians(radius)) / math.cos(math.radians(dec0))
-    if half >= 0.999:
+    if not half < 0.999 or not math.isfinite(ra0):
         return where
     width = math.degrees(math.asin(half)) + RA_SLACK_DEG
     lo, hi = ra0 % 360.0 - width, ra0 % 360.0 + width

@@ -523,6 +523,8 @@ def test_a_cone_with_its_ra_range_holds_the_rows_of_in_cone(writer, monkeypatch)
         assert plain.num_rows > 0 and sorted(plain.column(0).to_pylist()) == sorted(ranged.column(0).to_pylist())
     assert "ra" not in cone_where(180.0, 89.5, 1.0).split(")", 1)[1]  # reaches the pole: no RA range
     assert "OR ra <=" in cone_where(0.01, -30.0, 2.0) and "OR ra <=" in cone_where(359.99, 45.0, 0.5)
+    assert all(cone_where(*bad).startswith("in_cone") and "AND" not in cone_where(*bad)  # no range of nan
+               for bad in ((math.nan, 0.0, 1.0), (0.0, math.nan, 1.0), (0.0, 0.0, math.nan)))
     plan = archive.connect().sql(f"EXPLAIN ANALYZE SELECT snr FROM alerts WHERE {cone_where(150.0, 2.0, 0.01)}")
     scanned, groups = map(int, re.search(r"Row Groups Scanned: (\d+) / (\d+)", plan.fetchall()[0][1]).groups())
     assert groups >= 40 and scanned <= 4, (scanned, groups)  # the declination band skips the other row groups
