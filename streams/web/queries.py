@@ -200,9 +200,25 @@ def _after(cursor: str | None) -> str:
     return f"(mjd < {mjd!r} OR (mjd = {mjd!r} AND alert_id < {alert_id}))"
 
 
+def _newest(archive: Queryable, where: str, limit: int) -> str:
+    """``where`` and ``mjd`` at least the ``limit``-th newest MJD of the alerts matching it.
+
+    A newest-first page is a top-N, for which DuckDB read the page's columns in every row group:
+    230 ms p50 for the newest 100 of 10^6 alerts, 1.8 s for a filtered page (its batches of whole
+    records). The bound, found from ``mjd`` alone, is a
+    comparison on a column that DuckDB checks against each row group's statistics, so the page reads
+    only the row groups of the newest alerts; every row of the page is at or above it. Left out
+    when the newest rows include a null MJD (an archived alert has one; a null sorts last).
+    """
+    (row,) = archive.query(f"SELECT min(mjd) AS low, count(*) AS n, count(mjd) AS timed FROM (SELECT mjd FROM "
+                           f"alerts WHERE {where} ORDER BY mjd DESC LIMIT {int(limit)})").to_pylist()
+    return where if row["n"] == 0 or row["timed"] < row["n"] else f"({where}) AND mjd >= {float(row['low'])!r}"
+
+
 def latest(archive: Queryable, limit: int, cursor: str | None) -> dict:
     """A newest-first page of alert summaries: ``{"items", "next"}`` (``next`` null on the last page)."""
-    rows = summaries(archive, _after(cursor), _NEWEST_FIRST, limit + 1)
+    where = _after(cursor)
+    rows = summaries(archive, _newest(archive, where, limit + 1), _NEWEST_FIRST, limit + 1)
     items = rows[:limit]
     more = len(rows) > limit
     return {"items": items, "next": encode_cursor(items[-1]["mjd"], items[-1]["alert_id"]) if more else None}
@@ -227,8 +243,9 @@ def latest_filtered(archive: Queryable, flt: AlertFilter, limit: int, cursor: st
     last: tuple[float, int] | None = None
     deadline = time.monotonic() + MAX_SCAN_S
     while len(items) < limit and scanned < MAX_SCAN:
-        sql = (f"SELECT schema_version, alert FROM alerts WHERE {where} {_NEWEST_FIRST} "
-               f"LIMIT {min(SCAN_BATCH, MAX_SCAN - scanned)}")
+        batch = min(SCAN_BATCH, MAX_SCAN - scanned)
+        sql = (f"SELECT schema_version, alert FROM alerts WHERE {_newest(archive, where, batch)} {_NEWEST_FIRST} "
+               f"LIMIT {batch}")
         records = records_of(archive, sql)
         if not records:
             return {"items": items, "next": None}

@@ -42,6 +42,42 @@ def test_the_filter_language_of_subscribe_selects_alerts(client):
     assert len(paged["items"]) == 2 and paged["next"]
 
 
+def test_newest_first_pages_bounded_by_mjd_are_the_pages_of_the_plain_top_n(tmp_path, monkeypatch):
+    """A page adds ``mjd >= `` its last row's MJD (found first from ``mjd`` alone) so DuckDB skips older row groups.
+
+    Every page, cursors included, is the plain top-N's: on alerts of five nights in files of row groups
+    of 8 rows, with ties of MJD across the page boundaries.
+    """
+    from broker.archive import writer as writer_module
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from streams.web import queries
+    from tests.broker.test_archive import archived, commit, objects
+
+    monkeypatch.setattr(writer_module, "ROW_GROUP_ROWS", 8)
+    records = objects(90, 3, seed=4)
+    for i, rec in enumerate(records):
+        rec["source"]["mjd"] = 60000.3 + (i // 18) + (i % 18) // 3 * 0.01  # 5 nights, 3 alerts an MJD
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    for start in range(0, 90, 30):
+        commit(writer, archived(records[start:start + 30], start=start))
+    view = queries.ArchiveView(Archive(tmp_path / "archive"))
+    assert "mjd >= 60004.35" in queries._newest(view, "true", 3)
+    plain = queries._summary_select(view) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
+    for limit in (1, 4, 7, 100):
+        cursor, seen = None, []
+        while True:
+            page = queries.latest(view, limit, cursor)
+            expected = view.query(plain.format(queries._after(cursor), limit)).to_pylist()
+            assert [i["alert_id"] for i in page["items"]] == [r["alert_id"] for r in expected]
+            seen += page["items"]
+            if page["next"] is None:
+                break
+            cursor = page["next"]
+        assert len(seen) == 90
+
+
 def test_a_filtered_page_out_of_time_answers_what_it_read_and_its_cursor(client, monkeypatch):
     """Past ``MAX_SCAN_S`` a page stops (after one alert at least); its cursors still join up to every match."""
     from streams.web import queries
