@@ -615,6 +615,30 @@ def test_files_hold_their_rows_by_declination_in_small_row_groups(tmp_path, monk
     assert count == 40 and all(same(r, rec) for (_, r), rec in zip(rows, recs, strict=True))
 
 
+def test_a_row_group_of_mixed_alert_sizes_stays_under_the_byte_bound(writer, monkeypatch):
+    """A row group's bytes are estimated per record batch (its mean bytes a row), which alerts of mixed sizes defeat.
+
+    Three alerts of 300 kB among 27 small ones in one batch would put the three, ~900 kB, in a row
+    group bounded at 400 kB. Such a group is halved until its real bytes fit (or it is one row).
+    """
+    monkeypatch.setattr(writer_module, "ROW_GROUP_BYTES", 400_000)
+    recs = objects(30, VERSIONS[-1])
+    for i in (3, 4, 5):
+        recs[i]["cutoutScience"]["stampData"] = bytes(300_000)
+        recs[i]["source"]["dec"] = 2.0 + i * 1e-6  # side by side in declination
+    table = pa.Table.from_batches([to_batch(archived(recs))])
+    batches, starts = table.to_batches(), np.array([0, 30])
+    groups = [g for rows in writer_module._row_groups(table, writer_module._sky_order(table))
+              for g in writer_module._pieces(batches, starts, rows)]
+    assert all(sum(p.nbytes for p in g) <= 400_000 or sum(p.num_rows for p in g) == 1 for g in groups)
+    assert sorted(a for g in groups for p in g for a in p.column("alert_id").to_pylist()) == \
+        sorted(r["alertId"] for r in recs) and len(groups) >= 3
+    writer.commit(writer.write([to_batch(archived(recs))]), [OffsetRange("alerts", 0, 0, 30)])
+    (f,) = Archive(writer.archive.url).files()
+    assert pq.ParquetFile(writer.archive.path(f.path)).num_row_groups == len(groups)
+    assert Archive(writer.archive.url).query("SELECT count(*) FROM alerts").column(0)[0].as_py() == 30
+
+
 def test_rows_of_one_kafka_message_keep_their_order_in_a_file(writer, monkeypatch):
     """Copies of an alert at one Kafka offset go by file row (``COPY_ORDER``): their order is kept.
 
