@@ -4,7 +4,8 @@ TOPCAT, pyvo (``TAPService(url).run_sync(adql)``), astroquery and STILTS (``tapq
 query the archive in ADQL: ``GET|POST /api/v1/tap/sync`` with ``QUERY``, ``LANG=ADQL``
 (``REQUEST=doQuery``, optional in TAP 1.1), ``MAXREC`` and ``FORMAT``/``RESPONSEFORMAT``
 (``votable``, the default, or ``csv``), parameter names in any case (DALI). The VOSI resources
-``/capabilities``, ``/availability`` and ``/tables`` describe it, and the ``TAP_SCHEMA`` tables
+``/capabilities``, ``/availability`` and ``/tables`` describe it, ``/examples`` gives example queries
+(DALI, :mod:`streams.web.tap_examples`), and the ``TAP_SCHEMA`` tables
 are queryable (:mod:`streams.web.tap_schema`). The same queries run as asynchronous jobs (UWS 1.1)
 at ``/async`` (:mod:`streams.web.tap_async`), through :func:`execute` as here.
 
@@ -37,7 +38,7 @@ from fastapi.responses import Response
 
 from broker.errors import ArchiveError, BrokerError, InvalidQuery
 from streams.triplet_png import printable
-from streams.web import adql, regions, tap_schema, tap_upload, vo
+from streams.web import adql, regions, tap_examples, tap_schema, tap_upload, vo
 from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
 from streams.web.app import Portal
 from streams.web.config import WebConfig
@@ -500,3 +501,9 @@ async def availability(request: Request, who: Reader) -> Response:
 async def tables(request: Request, who: Reader) -> Response:
     """VOSI tables: the schemas, tables and columns (units, UCDs, types) queries may read; ``detail`` is ignored."""
     return Response(tap_schema.tables_xml(), media_type=XML_TYPE)
+
+
+@router.get("/examples", response_class=Response, responses={200: {"content": {tap_examples.XHTML_TYPE: {}}}})
+async def examples(request: Request, who: Reader) -> Response:
+    """DALI examples: ADQL queries of the archive as XHTML with RDFa (TOPCAT's *Service-provided examples*)."""
+    return Response(tap_examples.examples_xhtml(_base(request)), media_type=tap_examples.XHTML_TYPE)

@@ -259,6 +259,8 @@ def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_
                      execution_s: float = 30, upload_bytes: int = 16 * 2**20) -> bytes:
     """The VOSI ``capabilities`` document: TAP 1.1 (``/sync`` and ``/async``), ADQL 2.0, VOTable and CSV, the limits.
 
+    Beside TAP, the VOSI resources and the DALI examples (``/examples``, :mod:`streams.web.tap_examples`).
+
     ``base`` is the service's URL (``.../api/v1/tap``); ``retention_s`` the default and longest
     life of an asynchronous job (s), ``execution_s`` the longest a query runs (s); ``upload_bytes``
     the largest table uploaded inline (``UPLOAD=name,param:part``; the only upload method: this
@@ -272,7 +274,8 @@ def capabilities_xml(base: str, default_maxrec: int, max_maxrec: int, retention_
     vosi = "".join(f'<capability standardID={quoteattr(sid)}>{interface(f"{base}/{path}")}</capability>'
                    for sid, path in (("ivo://ivoa.net/std/VOSI#capabilities", "capabilities"),
                                      ("ivo://ivoa.net/std/VOSI#availability", "availability"),
-                                     ("ivo://ivoa.net/std/VOSI#tables-1.1", "tables")))
+                                     ("ivo://ivoa.net/std/VOSI#tables-1.1", "tables"),
+                                     ("ivo://ivoa.net/std/DALI#examples", "examples")))
     return (f'<?xml version="1.0" encoding="UTF-8"?>\n<vosi:capabilities '
             f'xmlns:vosi="http://www.ivoa.net/xml/VOSICapabilities/v1.0" {_NS} '
             f'xmlns:tr="http://www.ivoa.net/xml/TAPRegExt/v1.0">'

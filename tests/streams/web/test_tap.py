@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 import subprocess
 import time
@@ -20,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from broker.archive.reader import Archive
 from broker.errors import ArchiveError, InvalidQuery
-from streams.web import adql, tap_schema
+from streams.web import adql, tap_examples, tap_schema
 from streams.web.app import create_app
 from tests.streams.web.conftest import MJDS, POSITIONS, SEEN
 from tests.streams.web.test_live import running_server
@@ -232,7 +233,8 @@ def test_csv_get_vosi_and_metrics(client):
 
 def test_a_private_portal_asks_a_token(portal_config):
     with TestClient(create_app(replace(portal_config, public_read=False))) as private:
-        for path in ("/api/v1/tap/sync?QUERY=SELECT+1", "/api/v1/tap/tables", "/api/v1/tap/capabilities"):
+        for path in ("/api/v1/tap/sync?QUERY=SELECT+1", "/api/v1/tap/tables", "/api/v1/tap/capabilities",
+                     "/api/v1/tap/examples"):
             response = private.get(path)
             assert response.status_code == 401 and response.json()["error"] == "unauthenticated", path
 
@@ -279,13 +281,19 @@ def test_stilts_tapquery_reads_the_archive_as_topcat_does(portal_config):
         found = _stilts("tapquery", tap, "sync=true", "ofmt=csv",
                         "adql=SELECT object_id, n_alerts FROM broker.objects ORDER BY n_alerts DESC, object_id")
         refused = _stilts("tapquery", tap, "sync=true", "ofmt=csv", "adql=SELECT * FROM read_csv('/etc/passwd')")
-        lint = _stilts("taplint", tap, "stages=TMV TME TMS TMC CPV CAP AVV QGE QPO QAS UWS MDQ", "report=EWF")
+        lint = _stilts("taplint", tap, "stages=TMV TME TMS TMC CPV CAP AVV QGE QPO QAS UWS MDQ EXA",
+                       "report=EWFS")
     assert found.returncode == 0, found.stderr
     rows = list(csv.DictReader(io.StringIO(found.stdout)))
     assert len(rows) == len(POSITIONS) and rows[0]["n_alerts"] == "3"
     assert refused.returncode != 0 and "table functions are not read" in refused.stdout + refused.stderr
     assert "Section QAS" in lint.stdout and "Section UWS" in lint.stdout  # async queries and UWS jobs checked
-    assert "Totals: Errors: 0; Warnings: 0; Failures: 0" in lint.stdout, lint.stdout[-3000:]
+    examples = len(tap_examples.EXAMPLES)  # each read, checked as ADQL against the tables, and run (but the upload)
+    assert f"Found {examples} examples in 1 document" in lint.stdout, lint.stdout[-3000:]
+    assert (f"Syntax validity success/attempt: {examples}/{examples}, Symbol validity success/attempt: "
+            f"{examples - 1}/{examples - 1}, Execution success/attempt: {examples - 1}/{examples - 1}") in lint.stdout
+    totals = r"Totals: Errors: 0; Warnings: 0; (Summaries: \d+; )?Failures: 0"  # report=S adds the summaries' count
+    assert re.search(totals, lint.stdout), lint.stdout[-3000:]
 
 
 def test_the_tap_connection_reads_no_file_but_the_archive_even_if_the_check_missed_one(client, tmp_path):
