@@ -72,8 +72,10 @@ EXAMPLES: tuple[Example, ...] = (
     Example("objects-box", "Objects in a box, with their newest state",
             "The objects whose mean position lies in a box of 0.5 x 0.5 deg centred on (150.0, 2.0) (ADQL 2.0's "
             "BOX: its sides are great circles), with their number of alerts, first and newest alert, newest "
-            "magnitude and band, and best real/bogus and anomaly scores, most observed first.",
-            "SELECT object_id, ra, dec, n_alerts, first_mjd, last_mjd, last_mag, last_band, max_rb, max_anomaly\n"
+            "magnitude and band, light-curve class at the newest alert and its probability, and best "
+            "real/bogus and anomaly scores, most observed first.",
+            "SELECT object_id, ra, dec, n_alerts, first_mjd, last_mjd, last_mag, last_band, class_label,\n"
+            "       class_probability, max_rb, max_anomaly\n"
             "FROM broker.objects\n"
             "WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), BOX('ICRS', 150.0, 2.0, 0.5, 0.5))\n"
             "ORDER BY n_alerts DESC, object_id", ("broker.objects",)),

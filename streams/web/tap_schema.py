@@ -16,6 +16,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 import pyarrow as pa
 
+from broker.lcclass import CLASS_NAMES
 from streams.web.adql import Published
 
 
@@ -107,6 +108,14 @@ _OBJECT_COLUMNS: tuple[tuple[TapColumn, str], ...] = (
     (_c("max_anomaly", "DOUBLE", None, "stat.probability", "highest anomaly score of its alerts"), "max(anomaly)"),
 )
 
+#: Columns of ``broker.objects`` read from its newest alert's classification (:func:`objects_sql`): REST's ``class``
+#: and ``class_probability`` (``class_label``, not ``class``: a reserved word of several SQL dialects and clients).
+_CLASS_COLUMNS: tuple[TapColumn, ...] = (
+    _c("class_label", "VARCHAR", None, "src.class",
+       "most probable light-curve class at its newest alert (broker/lcclass.py: " + ", ".join(CLASS_NAMES)
+       + "); null for alerts of schema version 1 or 2"),
+    _c("class_probability", "DOUBLE", None, "stat.probability", "probability of class_label"),
+)
 #: Name of the (Arrow) DuckDB table ``broker.objects`` reads: :func:`objects_sql`'s rows, grouped once per commit.
 OBJECTS_TABLE = "tap_objects"
 
@@ -118,11 +127,18 @@ def _select(columns: tuple[tuple[TapColumn, str], ...], rest: str) -> str:
 def objects_sql(classified: bool) -> str:
     """DuckDB query grouping the archive's alerts into ``broker.objects``' rows (``streams.web.queries.ObjectTable``).
 
-    Besides the published columns, ``classification``: the newest alert's (``classified``: a file of
-    schema version 3 or later holds the field; else null), which ``/api/v1/objects`` answers.
+    Besides the grouped columns, ``classification``: the newest alert's (``classified``: a file of
+    schema version 3 or later holds the field; else null), which ``/api/v1/objects`` answers, and
+    from it the published ``class_label`` and ``class_probability`` (the label's probability).
     """
     newest = "arg_max(alert.classification, mjd)" if classified else "NULL"
-    return _select(_OBJECT_COLUMNS, f", {newest} AS classification FROM alerts GROUP BY object_id")
+    grouped = _select(_OBJECT_COLUMNS, f", {newest} AS classification FROM alerts GROUP BY object_id")
+    if not classified:
+        return (f"SELECT *, CAST(NULL AS VARCHAR) AS class_label, CAST(NULL AS DOUBLE) AS class_probability "
+                f"FROM ({grouped})")
+    probability = " ".join(f"WHEN '{name}' THEN classification.probabilities.\"{name}\"" for name in CLASS_NAMES)
+    return (f"SELECT *, classification.label AS class_label, CASE classification.label {probability} END "
+            f"AS class_probability FROM ({grouped})")
 
 
 def _meta(name: str, datatype: str, description: str, principal: bool = True) -> TapColumn:
@@ -160,8 +176,9 @@ TABLES: tuple[TapTable, ...] = (
     TapTable("broker", "broker.alerts", "archived alerts, one row per alert id (its first archived copy); no cutouts",
              tuple(c for c, _ in _ALERT_COLUMNS), _select(_ALERT_COLUMNS, "FROM alerts")),
     TapTable("broker", "broker.objects", "objects, one row per object over its archived alerts (grouped once per "
-             "archive commit)", tuple(c for c, _ in _OBJECT_COLUMNS),
-             "SELECT " + ", ".join(f'"{c.name}"' for c, _ in _OBJECT_COLUMNS) + f" FROM {OBJECTS_TABLE}"),
+             "archive commit)", (*(c for c, _ in _OBJECT_COLUMNS), *_CLASS_COLUMNS),
+             "SELECT " + ", ".join(f'"{c.name}"' for c in (*(c for c, _ in _OBJECT_COLUMNS), *_CLASS_COLUMNS))
+             + f" FROM {OBJECTS_TABLE}"),
     *(TapTable("TAP_SCHEMA", f"TAP_SCHEMA.{name}", f"TAP_SCHEMA {name}", columns,
                f"SELECT * FROM {REGISTERED[name]}") for name, columns in _TAP_SCHEMA.items()),
 )

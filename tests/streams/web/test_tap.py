@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import replace
 
+import numpy as np
 import pytest
 from astropy.io.votable import parse
 from fastapi.testclient import TestClient
@@ -195,6 +196,25 @@ def test_results_match_duckdb_over_the_same_archive(client, state):
     assert len(objects) == len(POSITIONS) and int(objects["n_alerts"][0]) == 3
     assert (float(objects["first_mjd"][0]), float(objects["last_mjd"][0])) == (MJDS[0], MJDS[-1])
 
+
+
+def test_objects_carry_the_class_of_their_newest_alert_as_rest_does(client, state):
+    """``broker.objects`` had no class (REST's ``/api/v1/objects`` answers one): ``class_label``, its probability."""
+    direct = Archive(state[0] / "archive").query(
+        "SELECT object_id, arg_max(alert.classification, mjd) AS c FROM alerts GROUP BY object_id").to_pylist()
+    table = _votable(_sync(client, "SELECT object_id, class_label, class_probability FROM broker.objects").content)
+    rows = {str(r["object_id"]): r for r in table.get_first_table().array}
+    assert len(rows) == len(direct) and any(d["c"] for d in direct)
+    for d in direct:
+        row = rows[d["object_id"]]
+        if d["c"] is None:
+            assert row["class_label"] is np.ma.masked and row["class_probability"] is np.ma.masked
+            continue
+        label = d["c"]["label"]
+        assert str(row["class_label"]) == label
+        assert float(row["class_probability"]) == pytest.approx(d["c"]["probabilities"][label])
+    fields = {f.name: f for f in table.get_first_table().fields}
+    assert (fields["class_label"].ucd, fields["class_probability"].ucd) == ("src.class", "stat.probability")
 
 def test_tap_schema_describes_the_published_tables(client):
     tables = _votable(_sync(client, "SELECT schema_name, table_name FROM TAP_SCHEMA.tables").content)
