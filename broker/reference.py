@@ -619,10 +619,11 @@ def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConf
     if method == "proper":
         image, variance = _proper(stack, vstack, ok, image, variance, psfs, [i.sigma for i in inputs], defects)
     rms = float(np.sqrt(np.nanmedian(variance)))
-    coadd_stars = find_stars(np.nan_to_num(image), rms, config.stars)
+    filled = np.nan_to_num(image)
+    coadd_stars = find_stars(filled, rms, config.stars)
     check_psf_stars(len(coadd_stars), f"the co-add of {', '.join(f.meta.frame_id for f in frames)}", config)
     psf = build_psf(image, coadd_stars, config.psf, half_size=h)
-    sources = find_stars(np.nan_to_num(image), rms, replace(config.stars, max_stars=config.source_max_stars),
+    sources = find_stars(filled, rms, replace(config.stars, max_stars=config.source_max_stars),
                          fwhm=psf.fwhm, threshold_sigma=config.source_threshold_sigma)
     key = grid.meta.reference_key
     header = _reference_header(grid_header, key, len(frames), method, psf)

@@ -97,13 +97,14 @@ def _sky_order(table: pa.Table) -> np.ndarray:
     return np.lexsort((np.arange(n), key))
 
 
-def _row_groups(table: pa.Table, order: np.ndarray) -> list[np.ndarray]:
+def _row_groups(batches: list[pa.RecordBatch], order: np.ndarray) -> list[np.ndarray]:
     """``order`` cut in row groups of at most :data:`ROW_GROUP_ROWS` rows and ~:data:`ROW_GROUP_BYTES`.
 
-    Bytes are estimated from each record batch's bytes per row; :func:`_pieces` checks the real size.
+    ``order`` indexes the rows of ``batches`` (non-empty) end to end. Bytes are estimated from each
+    record batch's bytes per row; :func:`_pieces` checks the real size.
     """
-    sizes = [b.nbytes / max(b.num_rows, 1) for b in table.to_batches()]
-    per_row = np.repeat(sizes, [b.num_rows for b in table.to_batches()])[order]
+    sizes = [b.nbytes / b.num_rows for b in batches]
+    per_row = np.repeat(sizes, [b.num_rows for b in batches])[order]
     groups, start = [], 0
     while start < len(order):
         fits = int(np.searchsorted(np.cumsum(per_row[start:start + ROW_GROUP_ROWS]), ROW_GROUP_BYTES, "right"))
@@ -143,7 +144,7 @@ def _write_parquet(table: pa.Table, sink: pa.BufferOutputStream, compression: st
     with pq.ParquetWriter(sink, table.schema, compression=compression) as out:
         if not batches:
             out.write_table(table)
-        for group in _row_groups(table, _sky_order(table)):
+        for group in _row_groups(batches, _sky_order(table)):
             for pieces in _pieces(batches, starts, group):
                 out.write_table(pa.Table.from_batches(pieces, table.schema).combine_chunks())
 

@@ -32,7 +32,7 @@ from broker.watchlist import Watchlist
 from streams.alert_expr import AlertFilter
 from streams.triplet_png import printable
 from streams.web import tap_schema
-from streams.web.records import _num, class_fields, decode_cursor, encode_cursor, summary_of, summary_of_row
+from streams.web.records import _num, decode_cursor, encode_cursor, summary_of, summary_of_row
 
 #: Columns of an ``AlertSummary`` read by SQL (the struct fields exist in every schema version).
 SUMMARY_COLUMNS = ("alert_id, object_id, candid, frame_id, telescope, mjd, ra, dec, filter AS band, magpsf, "
@@ -307,8 +307,7 @@ def cone(archive: Queryable, ra: float, dec: float, radius_arcsec: float, limit:
 
 
 #: Columns of :func:`object_cone`'s rows, in their order.
-_OBJECT_CONE_COLUMNS = ("object_id, n_alerts, first_mjd, last_mjd, ra, dec, last_mag, last_band, max_rb, max_anomaly, "
-                        "classification")
+_OBJECT_CONE_COLUMNS = "object_id, n_alerts, first_mjd, last_mjd, ra, dec, last_mag, last_band, max_rb, max_anomaly"
 
 
 def object_cone(archive: ArchiveView, ra: float, dec: float, radius_arcsec: float, limit: int) -> list[dict]:
@@ -322,15 +321,15 @@ def object_cone(archive: ArchiveView, ra: float, dec: float, radius_arcsec: floa
     """
     band = radius_arcsec / 3600.0 + RA_SLACK_DEG  # |dec - dec0| <= separation: a band to skip the others by
     sql = (f"SELECT * FROM (SELECT {_OBJECT_CONE_COLUMNS}, ang_sep_deg(ra, dec, {ra!r}, {dec!r}) * 3600.0 AS "
-           f"distance_arcsec FROM {tap_schema.OBJECTS_TABLE} WHERE dec BETWEEN {dec - band!r} AND {dec + band!r}) "
+           f'distance_arcsec, class_label AS "class", class_probability FROM {tap_schema.OBJECTS_TABLE} '
+           f"WHERE dec BETWEEN {dec - band!r} AND {dec + band!r}) "
            f"WHERE distance_arcsec <= {radius_arcsec!r} ORDER BY distance_arcsec, object_id LIMIT {int(limit)}")
     return [_object_row(r) for r in archive.query(sql, objects=True).to_pylist()]
 
 
 def _object_row(row: dict) -> dict:
-    """A row of :func:`object_cone` with its classification as ``class`` and ``class_probability``."""
-    classification = row.pop("classification", None)
-    return {k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()} | class_fields(classification)
+    """A row of :func:`object_cone`, its non-finite numbers null."""
+    return {k: (_num(v) if isinstance(v, float) else v) for k, v in row.items()}
 
 
 def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: float | None = None) -> dict:

@@ -127,18 +127,19 @@ def _select(columns: tuple[tuple[TapColumn, str], ...], rest: str) -> str:
 def objects_sql(classified: bool) -> str:
     """DuckDB query grouping the archive's alerts into ``broker.objects``' rows (``streams.web.queries.ObjectTable``).
 
-    Besides the grouped columns, ``classification``: the newest alert's (``classified``: a file of
-    schema version 3 or later holds the field; else null), which ``/api/v1/objects`` answers, and
-    from it the published ``class_label`` and ``class_probability`` (the label's probability).
+    Besides the grouped columns, ``class_label`` and ``class_probability``: the newest alert's
+    class and that class's probability (``classified``: a file of schema version 3 or later holds
+    the classification; else null), which ``/api/v1/objects`` answers as ``class``. The
+    classification itself (its explanation arrays) is not kept.
     """
-    newest = "arg_max(alert.classification, mjd)" if classified else "NULL"
-    grouped = _select(_OBJECT_COLUMNS, f", {newest} AS classification FROM alerts GROUP BY object_id")
     if not classified:
         return (f"SELECT *, CAST(NULL AS VARCHAR) AS class_label, CAST(NULL AS DOUBLE) AS class_probability "
-                f"FROM ({grouped})")
+                f"FROM ({_select(_OBJECT_COLUMNS, 'FROM alerts GROUP BY object_id')})")
+    grouped = _select(_OBJECT_COLUMNS, ", arg_max(alert.classification, mjd) AS classification FROM alerts "
+                                       "GROUP BY object_id")
     probability = " ".join(f"WHEN '{name}' THEN classification.probabilities.\"{name}\"" for name in CLASS_NAMES)
-    return (f"SELECT *, classification.label AS class_label, CASE classification.label {probability} END "
-            f"AS class_probability FROM ({grouped})")
+    return (f"SELECT * EXCLUDE (classification), classification.label AS class_label, "
+            f"CASE classification.label {probability} END AS class_probability FROM ({grouped})")
 
 
 def _meta(name: str, datatype: str, description: str, principal: bool = True) -> TapColumn:

@@ -628,7 +628,7 @@ def test_a_row_group_of_mixed_alert_sizes_stays_under_the_byte_bound(writer, mon
         recs[i]["source"]["dec"] = 2.0 + i * 1e-6  # side by side in declination
     table = pa.Table.from_batches([to_batch(archived(recs))])
     batches, starts = table.to_batches(), np.array([0, 30])
-    groups = [g for rows in writer_module._row_groups(table, writer_module._sky_order(table))
+    groups = [g for rows in writer_module._row_groups(batches, writer_module._sky_order(table))
               for g in writer_module._pieces(batches, starts, rows)]
     assert all(sum(p.nbytes for p in g) <= 400_000 or sum(p.num_rows for p in g) == 1 for g in groups)
     assert sorted(a for g in groups for p in g for a in p.column("alert_id").to_pylist()) == \
