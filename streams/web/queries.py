@@ -85,8 +85,7 @@ class ObjectTable:
         key = tuple((f.path, f.rows) for f in files)
         with self._lock:  # one thread groups, the others wait for its rows
             if self._held is None or self._held[0] != key:
-                versions = {f.schema_version for f in files}
-                sql = tap_schema.objects_sql(bool(versions) and max(versions) >= 3)
+                sql = tap_schema.objects_sql(tap_schema.classified(f.schema_version for f in files))
                 self._held = (key, con.sql(sql).to_arrow_table())
                 self.groupings += 1
             return self._held[1]
@@ -129,12 +128,12 @@ class ArchiveView:
                 held[1].close()
             con = self.archive.connect()
             con.execute("SET enable_object_cache = true")  # Parquet footers read once per view, not per query
-            self._opened(con)
+            self._opened(con, files)
             held = self._local.held = (key, con, files)
         return held[1], held[2]
 
-    def _opened(self, con: Any) -> None:
-        """Set up a connection just opened (a subclass's settings; nothing here)."""
+    def _opened(self, con: Any, files: list[DataFile]) -> None:
+        """Set up a connection just opened over ``files`` (a subclass's settings; nothing here)."""
 
     def _forget(self) -> None:
         """Close this thread's connection: the next query opens another."""
@@ -181,8 +180,8 @@ def sql_str(text: str) -> str:
 
 def _summary_select(archive: Queryable) -> str:
     """``SELECT`` of the summary columns, with the classification where a v3+ file holds one."""
-    versions = {f.schema_version for f in archive.files()}
-    classification = "alert.classification" if versions and max(versions) >= 3 else "NULL"
+    classified = tap_schema.classified(f.schema_version for f in archive.files())
+    classification = "alert.classification" if classified else "NULL"
     return f"SELECT {SUMMARY_COLUMNS}, {classification} AS classification"
 
 

@@ -36,6 +36,7 @@ import pyarrow as pa
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from broker.archive.log import DataFile
 from broker.errors import ArchiveError, BrokerError, InvalidQuery
 from streams.triplet_png import printable
 from streams.web import adql, regions, tap_examples, tap_schema, tap_upload, vo
@@ -62,8 +63,8 @@ _DATATYPES = {pa.int8(): "short", pa.int16(): "short", pa.uint8(): "short", pa.i
 #: Most columns a result may have: astropy writes the VOTable's FIELDs at ~1 ms each, outside the time limit.
 MAX_COLUMNS = 1000
 #: Most cells (rows x columns) and bytes (Arrow's, of the rows answered) written: 50,000 rows of
-#: broker.alerts' 24 columns (~0.7 s); a result wider or of longer text is cut, answered with OVERFLOW.
-MAX_CELLS, MAX_BYTES = 1_200_000, 256 * 2**20
+#: broker.alerts' 26 columns (~0.7 s); a result wider or of longer text is cut, answered with OVERFLOW.
+MAX_CELLS, MAX_BYTES = 1_300_000, 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,17 @@ class TapView(ArchiveView):
         super().__init__(archive, objects)
         self.config = config
 
-    def _opened(self, con: Any) -> None:
-        """Limit the connection's memory (no spilling to disk), register ``TAP_SCHEMA``, shut off every other file."""
+    def _opened(self, con: Any, files: list[DataFile]) -> None:
+        """Limit memory (no spilling to disk), make ``broker.alerts``' view of ``files``, register ``TAP_SCHEMA``, lock.
+
+        The view (:data:`~streams.web.tap_schema.ALERTS_VIEW`) has a class where a file of ``files``
+        holds one (:func:`~streams.web.tap_schema.classified`); every file but the archive's is shut off.
+        """
         con.execute(f"SET memory_limit = '{int(self.config.tap_memory_mb)}MB'")
         con.execute("SET temp_directory = ''")  # no spilling: DuckDB's own bound is 90% of the free disk
         con.execute(regions.MACROS)
+        classified = tap_schema.classified(f.schema_version for f in files)
+        con.execute(f"CREATE VIEW {tap_schema.ALERTS_VIEW} AS {tap_schema.alerts_sql(classified)}")
         for name, table in tap_schema.tap_schema().items():
             con.register(name, table)
         if self.archive.local:

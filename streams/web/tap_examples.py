@@ -69,6 +69,15 @@ EXAMPLES: tuple[Example, ...] = (
             "FROM broker.alerts\n"
             "WHERE rb >= 0.9\n"
             "ORDER BY mjd DESC", ("broker.alerts",)),
+    Example("class-alerts", "Alerts of one light-curve class",
+            "The 100 newest alerts classified as supernova-like (SN) with a probability above 0.8, with their "
+            "class and its probability. The classes are those of broker/lcclass.py (SN, variable_star, AGN, "
+            "nuclear_flare, mover, bogus); alerts of schema version 1 or 2, and alerts not classified, have a "
+            "null class and are left out.",
+            "SELECT TOP 100 alert_id, object_id, mjd, filter, magpsf, rb, class_label, class_probability\n"
+            "FROM broker.alerts\n"
+            "WHERE class_label = 'SN' AND class_probability > 0.8\n"
+            "ORDER BY mjd DESC, alert_id", ("broker.alerts",)),
     Example("objects-box", "Objects in a box, with their newest state",
             "The objects whose mean position lies in a box of 0.5 x 0.5 deg centred on (150.0, 2.0) (ADQL 2.0's "
             "BOX: its sides are great circles), with their number of alerts, first and newest alert, newest "

@@ -11,6 +11,7 @@ and the VOSI ``tables`` document made from the same :data:`TABLES`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
@@ -108,16 +109,47 @@ _OBJECT_COLUMNS: tuple[tuple[TapColumn, str], ...] = (
     (_c("max_anomaly", "DOUBLE", None, "stat.probability", "highest anomaly score of its alerts"), "max(anomaly)"),
 )
 
-#: Columns of ``broker.objects`` read from its newest alert's classification (:func:`objects_sql`): REST's ``class``
-#: and ``class_probability`` (``class_label``, not ``class``: a reserved word of several SQL dialects and clients).
-_CLASS_COLUMNS: tuple[TapColumn, ...] = (
-    _c("class_label", "VARCHAR", None, "src.class",
-       "most probable light-curve class at its newest alert (broker/lcclass.py: " + ", ".join(CLASS_NAMES)
-       + "); null for alerts of schema version 1 or 2"),
-    _c("class_probability", "DOUBLE", None, "stat.probability", "probability of class_label"),
-)
+
+def _class_columns(at: str) -> tuple[TapColumn, ...]:
+    """The columns of a classification (:func:`class_sql`), ``at`` saying which alert's: REST's ``class``, probability.
+
+    ``class_label``, not ``class``: a reserved word of several SQL dialects and clients.
+    """
+    return (_c("class_label", "VARCHAR", None, "src.class",
+               f"most probable light-curve class {at} (broker/lcclass.py: " + ", ".join(CLASS_NAMES)
+               + "); null for alerts of schema version 1 or 2, and for an alert not classified"),
+            _c("class_probability", "DOUBLE", None, "stat.probability", "probability of class_label"))
+
+
 #: Name of the (Arrow) DuckDB table ``broker.objects`` reads: :func:`objects_sql`'s rows, grouped once per commit.
 OBJECTS_TABLE = "tap_objects"
+#: Name of the DuckDB view ``broker.alerts`` reads: :func:`alerts_sql`, made on each TAP connection for its files.
+ALERTS_VIEW = "tap_alerts"
+#: First alert schema version whose records hold a classification (``alert.classification``).
+CLASSIFIED_SINCE = 3
+
+
+def classified(versions: Iterable[int]) -> bool:
+    """Whether an archive of files of these alert schema versions has ``alert.classification`` in its view.
+
+    DuckDB's ``union_by_name`` gives the column to every row once one file holds it (null in the
+    older files' rows), and refuses it in a view of older files only.
+    """
+    return max(versions, default=0) >= CLASSIFIED_SINCE
+
+
+def class_sql(classification: str | None) -> str:
+    """SQL of ``class_label`` and ``class_probability`` from the classification struct ``classification``.
+
+    The struct's ``label`` and the probability of that label (a ``CASE`` over :data:`CLASS_NAMES`,
+    the struct's fields); ``classification`` None (the archive has no classification): typed nulls.
+    Shared by :func:`objects_sql` (the newest alert's) and :func:`alerts_sql` (each alert's), so
+    that an object's class is its newest alert's, to the digit.
+    """
+    if classification is None:
+        return "CAST(NULL AS VARCHAR) AS class_label, CAST(NULL AS DOUBLE) AS class_probability"
+    probability = " ".join(f"WHEN '{name}' THEN {classification}.probabilities.\"{name}\"" for name in CLASS_NAMES)
+    return f"{classification}.label AS class_label, CASE {classification}.label {probability} END AS class_probability"
 
 
 def _select(columns: tuple[tuple[TapColumn, str], ...], rest: str) -> str:
@@ -128,18 +160,30 @@ def objects_sql(classified: bool) -> str:
     """DuckDB query grouping the archive's alerts into ``broker.objects``' rows (``streams.web.queries.ObjectTable``).
 
     Besides the grouped columns, ``class_label`` and ``class_probability``: the newest alert's
-    class and that class's probability (``classified``: a file of schema version 3 or later holds
-    the classification; else null), which ``/api/v1/objects`` answers as ``class``. The
-    classification itself (its explanation arrays) is not kept.
+    class and that class's probability (:func:`class_sql`; ``classified``: a file of schema version
+    3 or later holds the classification, :func:`classified`; else null), which ``/api/v1/objects``
+    answers as ``class``. The classification itself (its explanation arrays) is not kept.
     """
     if not classified:
-        return (f"SELECT *, CAST(NULL AS VARCHAR) AS class_label, CAST(NULL AS DOUBLE) AS class_probability "
-                f"FROM ({_select(_OBJECT_COLUMNS, 'FROM alerts GROUP BY object_id')})")
+        return f"SELECT *, {class_sql(None)} FROM ({_select(_OBJECT_COLUMNS, 'FROM alerts GROUP BY object_id')})"
     grouped = _select(_OBJECT_COLUMNS, ", arg_max(alert.classification, mjd) AS classification FROM alerts "
                                        "GROUP BY object_id")
-    probability = " ".join(f"WHEN '{name}' THEN classification.probabilities.\"{name}\"" for name in CLASS_NAMES)
-    return (f"SELECT * EXCLUDE (classification), classification.label AS class_label, "
-            f"CASE classification.label {probability} END AS class_probability FROM ({grouped})")
+    return f"SELECT * EXCLUDE (classification), {class_sql('classification')} FROM ({grouped})"
+
+
+def alerts_sql(classified: bool) -> str:
+    """DuckDB query of ``broker.alerts``' rows over the archive's view ``alerts`` (the view :data:`ALERTS_VIEW`).
+
+    Its columns, then each alert's ``class_label`` and ``class_probability`` (:func:`class_sql` of
+    ``alert.classification``, as ``/api/v1/alerts`` answers ``class``; ``classified`` as for
+    :func:`objects_sql`: without it, null). A view, not rows: a query's filters and columns reach
+    the Parquet scan through it.
+    """
+    return _select(_ALERT_COLUMNS, f", {class_sql('alert.classification' if classified else None)} FROM alerts")
+
+
+def _from(columns: tuple[TapColumn, ...], table: str) -> str:
+    return "SELECT " + ", ".join(f'"{c.name}"' for c in columns) + f" FROM {table}"
 
 
 def _meta(name: str, datatype: str, description: str, principal: bool = True) -> TapColumn:
@@ -173,13 +217,13 @@ _TAP_SCHEMA: dict[str, tuple[TapColumn, ...]] = {
 REGISTERED = {name: f"tap_schema_{name}" for name in _TAP_SCHEMA}
 SCHEMAS = (("broker", "the broker's alert archive"), ("TAP_SCHEMA", "the tables and columns of this service"))
 #: Every published table, in the order TAP_SCHEMA lists them.
+_ALERTS = (*(c for c, _ in _ALERT_COLUMNS), *_class_columns("of the alert"))
+_OBJECTS = (*(c for c, _ in _OBJECT_COLUMNS), *_class_columns("at its newest alert"))
 TABLES: tuple[TapTable, ...] = (
     TapTable("broker", "broker.alerts", "archived alerts, one row per alert id (its first archived copy); no cutouts",
-             tuple(c for c, _ in _ALERT_COLUMNS), _select(_ALERT_COLUMNS, "FROM alerts")),
+             _ALERTS, _from(_ALERTS, ALERTS_VIEW)),
     TapTable("broker", "broker.objects", "objects, one row per object over its archived alerts (grouped once per "
-             "archive commit)", (*(c for c, _ in _OBJECT_COLUMNS), *_CLASS_COLUMNS),
-             "SELECT " + ", ".join(f'"{c.name}"' for c in (*(c for c, _ in _OBJECT_COLUMNS), *_CLASS_COLUMNS))
-             + f" FROM {OBJECTS_TABLE}"),
+             "archive commit)", _OBJECTS, _from(_OBJECTS, OBJECTS_TABLE)),
     *(TapTable("TAP_SCHEMA", f"TAP_SCHEMA.{name}", f"TAP_SCHEMA {name}", columns,
                f"SELECT * FROM {REGISTERED[name]}") for name, columns in _TAP_SCHEMA.items()),
 )

@@ -216,6 +216,93 @@ def test_objects_carry_the_class_of_their_newest_alert_as_rest_does(client, stat
     fields = {f.name: f for f in table.get_first_table().fields}
     assert (fields["class_label"].ucd, fields["class_probability"].ucd) == ("src.class", "stat.probability")
 
+
+def _classified_archive(state_dir) -> list[dict]:
+    """An archive of two files, alert schema versions 2 (no classification) and 4 (classes varied, one without).
+
+    The v4 alerts' objects are those of the v2 alerts and more, observed later; what each record's class and
+    probability are is varied so that a filter on them selects some and not others.
+    """
+    from broker.archive.writer import ArchiveWriter
+    from broker.lcclass import CLASS_NAMES
+    from tests.broker.test_archive import archived, commit, objects
+
+    old, new = objects(3, 2, seed=1), objects(6, 4, seed=2)
+    for i, rec in enumerate(new):
+        rec["source"]["mjd"] += 1.0  # after the v2 alerts of the same objects
+        label = CLASS_NAMES[i % len(CLASS_NAMES)]
+        probabilities = dict.fromkeys(CLASS_NAMES, 0.05)
+        probabilities[label] = 0.5 + 0.08 * i
+        rec["classification"].update(label=label, probabilities=probabilities)
+    new[-1]["classification"] = None
+    writer = ArchiveWriter(Archive(state_dir / "archive"))
+    writer.recover()
+    commit(writer, archived(old))
+    commit(writer, archived(new, start=len(old)))
+    return old + new
+
+
+def test_alerts_carry_their_own_class_null_before_schema_v3_and_rest_agrees(tmp_path):
+    """``broker.alerts`` had no class (``broker.objects`` had): an ADQL query could not select alerts by class."""
+    from streams.web.config import WebConfig
+    from tests.streams.web.test_tap_async import _create, _until
+
+    records = _classified_archive(tmp_path)
+    assert {f.schema_version for f in Archive(tmp_path / "archive").files()} == {2, 4}
+    want = {int(r["alertId"]): (r["classification"]["label"], r["classification"]["probabilities"][
+        r["classification"]["label"]]) if r.get("classification") else (None, None) for r in records}
+    config = WebConfig.for_state_dir(tmp_path, tokens_path=tmp_path / "tokens.sqlite",
+                                     watchlists_path=tmp_path / "watchlists.sqlite", tap_jobs_dir=tmp_path / "jobs")
+    with TestClient(create_app(config)) as client:
+        table = _votable(_sync(client, "SELECT alert_id, schema_version, class_label, class_probability "
+                                       "FROM broker.alerts ORDER BY alert_id").content).get_first_table()
+        got = {int(r["alert_id"]): (str(r["class_label"]) or None,  # VOTable text has no null but ""
+                                    None if r["class_probability"] is np.ma.masked else float(r["class_probability"]))
+               for r in table.array}
+        assert got == want and sum(label is None for label, _ in got.values()) == 4  # three of v2, one unclassified
+        fields = {f.name: f for f in table.fields}
+        assert (fields["class_label"].ucd, fields["class_probability"].ucd) == ("src.class", "stat.probability")
+        for alert_id, (label, probability) in want.items():
+            summary = client.get(f"/api/v1/alerts/{alert_id}").json()["summary"]
+            assert (summary["class"], summary["class_probability"]) == (label, probability)
+        query = ("SELECT alert_id, class_probability FROM broker.alerts WHERE class_label IN ('SN', 'mover', "
+                 "'AGN') AND class_probability > 0.6 ORDER BY class_probability DESC")
+        picked = [a for a, (label, p) in sorted(want.items(), key=lambda kv: -(kv[1][1] or 0))
+                  if label in ("SN", "mover", "AGN") and p > 0.6]
+        assert len(picked) == 2
+        rows = _votable(_sync(client, query).content).get_first_table().array
+        assert [int(i) for i in rows["alert_id"]] == picked
+        job = _create(client, query, PHASE="RUN")
+        assert _until(client, job, {"COMPLETED", "ERROR"}) == "COMPLETED"
+        assert [int(i) for i in _votable(client.get(f"{job}/results/result").content)
+                .get_first_table().array["alert_id"]] == picked
+        csv_rows = list(csv.DictReader(io.StringIO(_sync(client, "SELECT alert_id, class_label, class_probability "
+                                                                 "FROM broker.alerts", FORMAT="csv").text)))
+        assert {int(r["alert_id"]): (r["class_label"] or None, float(r["class_probability"]) if
+                                     r["class_probability"] else None) for r in csv_rows} == want
+        objects = _votable(_sync(client, "SELECT object_id, class_label FROM broker.objects").content)
+        newest = {r["objectId"]: r for r in sorted(records, key=lambda r: r["source"]["mjd"])}
+        assert {str(r["object_id"]): str(r["class_label"]) or None for r in objects.get_first_table().array} == {
+            o: (r["classification"] or {}).get("label") for o, r in newest.items()}
+
+
+def test_an_archive_of_schema_v2_only_answers_null_classes(tmp_path):
+    """No file holds ``alert.classification``: the view reads none (DuckDB would refuse it) and answers nulls."""
+    from broker.archive.writer import ArchiveWriter
+    from streams.web.config import WebConfig
+    from streams.web.tap import TapView
+    from tests.broker.test_archive import archived, commit, objects
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    commit(writer, archived(objects(3, 2)))
+    view = TapView(Archive(tmp_path / "archive"), WebConfig.for_state_dir(tmp_path))
+    for table in ("broker.alerts", "broker.objects"):
+        sql = adql.translate(f"SELECT class_label, class_probability FROM {table}", tap_schema.published(), 10).sql
+        rows = view.run(sql, (table,)).to_pylist()
+        assert rows == [{"class_label": None, "class_probability": None}] * 3, table
+
+
 def test_tap_schema_describes_the_published_tables(client):
     tables = _votable(_sync(client, "SELECT schema_name, table_name FROM TAP_SCHEMA.tables").content)
     names = {str(n) for n in tables.get_first_table().array["table_name"]}
@@ -226,6 +313,18 @@ def test_tap_schema_describes_the_published_tables(client):
     assert {"night", "telescope", "object_id", "alert_id", "mjd", "ra", "dec", "filter", "snr", "magpsf", "rb",
             "anomaly"} <= set(by_name)
     assert (str(by_name["ra"]["unit"]), str(by_name["ra"]["datatype"])) == ("deg", "double")
+    described = _votable(_sync(client, "SELECT table_name, column_name, ucd, description, datatype FROM "
+                                       "TAP_SCHEMA.columns WHERE column_name LIKE 'class%'").content)
+    classes = {(str(r["table_name"]), str(r["column_name"])): (str(r["ucd"]), str(r["description"]),
+                                                               str(r["datatype"]))
+               for r in described.get_first_table().array}
+    assert set(classes) == {(t, c) for t in ("broker.alerts", "broker.objects")
+                            for c in ("class_label", "class_probability")}
+    for column, ucd, datatype in (("class_label", "src.class", "unicodeChar"),
+                                  ("class_probability", "stat.probability", "double")):
+        alert, obj = classes["broker.alerts", column], classes["broker.objects", column]
+        assert (alert[0], alert[2]) == (obj[0], obj[2]) == (ucd, datatype)
+    assert "null for alerts of schema version 1 or 2" in classes["broker.alerts", "class_label"][1]
     keys = _votable(_sync(client, "SELECT k.from_table, c.from_column FROM TAP_SCHEMA.keys AS k JOIN "
                                   "TAP_SCHEMA.key_columns AS c ON k.key_id = c.key_id").content)
     assert ("broker.alerts", "object_id") in {(str(a), str(b)) for a, b in keys.get_first_table().array}
@@ -372,7 +471,7 @@ def test_objects_are_grouped_once_per_commit_and_see_each_new_commit(tmp_path):
 
 
 def _wide_result(n: int, seed: int = 0):
-    """A result of ``n`` rows with broker.alerts' 24 columns, random values, nulls, NaN and hostile text."""
+    """A result of ``n`` rows with broker.alerts' columns (26), random values, nulls, NaN and hostile text."""
     import numpy as np
     import pyarrow as pa
 
@@ -432,6 +531,14 @@ def test_repeated_column_names_are_made_unique_in_linear_time():
     assert len(set(keys)) == n and keys[:3] == ["ra", "ra_2", "ra_3"] and keys[-2:] == ["ra_2_2", "ra_3_2"]
 
 
+def test_a_select_star_of_the_most_rows_is_not_cut_by_the_cell_bound():
+    """``MAX_CELLS`` is the hard row limit times broker.alerts' columns: ``SELECT *`` of 50,000 rows answered whole."""
+    from streams.web import tap
+    from streams.web.config import WebConfig
+
+    assert tap.MAX_CELLS >= WebConfig().tap_max_maxrec * len(tap_schema.table_of("broker.alerts").columns)
+
+
 def test_a_result_too_wide_is_refused_and_one_too_large_cut_with_overflow(client, monkeypatch):
     """Astropy writes ~1 ms per FIELD outside the time limit (8,000 columns: 8 s); cells and bytes were unbounded."""
     import pyarrow as pa
@@ -441,10 +548,10 @@ def test_a_result_too_wide_is_refused_and_one_too_large_cut_with_overflow(client
     wide = _status(_votable(_sync(client, "SELECT " + ", ".join(["ra"] * 1500) + " FROM alerts").content))
     assert wide[0] == "ERROR" and "1500 columns" in wide[1] and "at most 1000" in wide[1]
     translation = adql.translate("SELECT * FROM broker.alerts", tap_schema.published(), 50_000)
-    table = pa.table([pa.array(range(13_000))] * 100, names=[f"c{i}" for i in range(100)])
+    table = pa.table([pa.array(range(14_000))] * 100, names=[f"c{i}" for i in range(100)])
     votable = _votable(tap.result_votable(table, translation, 50_000))
-    assert len(votable.get_first_table().array) == 12_000 and _status(votable)[0] == "OVERFLOW"
-    assert "at most 1,200,000 cells" in _status(votable)[1]
+    assert len(votable.get_first_table().array) == 13_000 and _status(votable)[0] == "OVERFLOW"
+    assert "at most 1,300,000 cells" in _status(votable)[1]
     assert tap.answered(table, 5000) == (5000, "more than MAXREC=5000 rows")
     assert tap.answered(table.slice(0, 10), 10) == (10, "")
     monkeypatch.setattr(tap, "MAX_BYTES", 10_000)
