@@ -70,7 +70,7 @@ def _flat_names() -> dict[str, str]:
     paths = alert_paths()
     flat = {p.split(".", 1)[1]: p for p in paths if p.count(".") == 1 and p.split(".")[0] in ("source", "scores")}
     flat.update({"ndet": "object.ndet", "first_mjd": "object.first_mjd", "telescope": "provenance.telescope",
-                 "field": "provenance.field"})
+                 "field": "provenance.field", "class_label": "classification.label"})
     flat.update({p: p for p in paths if "." not in p})
     return flat
 
@@ -98,6 +98,20 @@ def _latency(alert: dict) -> float | None:
     t = alert.get("timing") or {}
     return t["alert_time"] - t["exposure_end"] if is_num(t.get("alert_time")) and is_num(t.get("exposure_end")) \
         else None
+
+
+def _class_probability(alert: dict) -> float | None:
+    """The probability of the alert's most probable class (``classification.label``); null without a class.
+
+    As TAP's ``broker.alerts`` and REST's alert summary answer ``class_probability``.
+    """
+    label, probabilities = lookup(alert, "classification.label"), lookup(alert, "classification.probabilities")
+    value = probabilities.get(label) if isinstance(label, str) and isinstance(probabilities, dict) else None
+    return value if is_num(value) else None
+
+
+#: Names a filter may use that are computed from the alert, not read at one path.
+_DERIVED: dict[str, Callable[[dict], Any]] = {"latency": _latency, "class_probability": _class_probability}
 
 
 def is_num(x: object) -> TypeGuard[int | float]:
@@ -341,7 +355,8 @@ class AlertFilter:
     Names are dotted paths of the alert schema (any version: ``source.snr``, ``object.ndet``,
     ``prv_sources.filter`` is the list of the history's bands), or short names: the fields of
     ``source`` and ``scores`` (``snr``, ``rb``), ``ndet``, ``first_mjd``, ``telescope``, ``field``,
-    the top-level fields and ``latency`` (s from shutter close to the alert). Functions over the
+    the top-level fields, ``latency`` (s from shutter close to the alert), ``class_label`` (the most
+    probable light-curve class) and ``class_probability`` (its probability; null without a class). Functions over the
     history are in :data:`FUNCTIONS_HELP`. The expression is parsed once and checked against a
     whitelist of syntax (no attributes of values, no subscripts, no comprehensions, no lambdas, ``is``
     only with None, True or False, calls only of those functions, at most :data:`MAX_DEPTH` levels
@@ -375,15 +390,15 @@ class AlertFilter:
         called = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
         used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in called}
         for name in used - {"True", "False", "None"}:
-            if name == "latency":
-                out[name] = _latency
+            if name in _DERIVED:
+                out[name] = _DERIVED[name]
             elif name in flat or name in paths:
                 path = flat.get(name, name)
                 out[name] = _path_getter(path)
             else:
                 raise FilterExpressionError(
                     f"unknown name(s) {[name]}; use a dotted path of the alert schema (e.g. source.snr, scores.rb, "
-                    f"object.ndet) or one of {sorted([*flat, 'latency'])}; functions: {list(FUNCTIONS_HELP)}")
+                    f"object.ndet) or one of {sorted([*flat, *_DERIVED])}; functions: {list(FUNCTIONS_HELP)}")
         return out
 
     def _probe(self, functions: dict[str, Callable[..., Any]]) -> None:

@@ -382,7 +382,8 @@ _START_HELP = ("Where a new subscription starts: earliest, latest, an offset (th
                "from its first message at or after it. Without it a named --group resumes from its committed "
                "position (earliest if none); given, it applies even to a group with commits.")
 _FILTER_HELP = ("Boolean expression over the alert: dotted paths (source.snr, scores.rb, object.ndet, "
-                "prv_sources.filter), short names (snr, rb, filter, ndet, telescope, field, latency) and functions "
+                "prv_sources.filter), short names (snr, rb, filter, ndet, telescope, field, latency, class_label, "
+                "class_probability) and functions "
                 "over the history: ndet(band) detections in band (this one included), nprev(band) previous ones, "
                 "since_first(band) and since_last(band) in days, nbands(), nnondet(band) upper limits and "
                 "since_nondet(band). "

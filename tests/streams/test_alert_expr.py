@@ -35,6 +35,27 @@ def test_filters_over_nested_fields():
     assert AlertFilter("latency > 4 and latency < 6")(alert)  # alert_time - exposure_end = 5 s
 
 
+def test_class_label_and_class_probability_are_the_names_tap_and_rest_give_them():
+    """The probability of an alert's label could not be read (TAP and REST answer it): ``class_probability``.
+
+    A filter read ``classification.label`` but not that label's probability, which TAP's ``broker.alerts``
+    and REST's summaries answer as ``class_probability``; both names are now the filter's too.
+    """
+    from tests.broker.test_archive import sample
+
+    alert = sample(4)  # SN at 0.81, mover at 0.01
+    f = lambda expr: AlertFilter(expr)(alert)  # noqa: E731
+    assert f("class_label == 'SN' and class_probability > 0.8")
+    assert f("class_label in ('SN', 'AGN') and class_probability == classification.probabilities.SN")
+    assert not f("class_probability > 0.9") and not f("class_label == 'mover'")
+    alert["classification"]["label"] = "mover"
+    assert f("class_label == 'mover' and class_probability < 0.05")
+    for unclassified in (sample(2), {**sample(4), "classification": None}):
+        assert not AlertFilter("class_probability > 0")(unclassified)  # null: does not match
+        assert AlertFilter("class_label is None and class_probability is None")(unclassified)
+    hostile = {**sample(4), "classification": {"label": ["SN"], "probabilities": "SN"}}
+    assert AlertFilter("class_probability is None")(hostile)
+
 def test_filters_over_the_history():
     alert = _with_history()
     f = lambda expr: AlertFilter(expr)(alert)  # noqa: E731

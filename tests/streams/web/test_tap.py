@@ -272,6 +272,9 @@ def test_alerts_carry_their_own_class_null_before_schema_v3_and_rest_agrees(tmp_
         assert len(picked) == 2
         rows = _votable(_sync(client, query).content).get_first_table().array
         assert [int(i) for i in rows["alert_id"]] == picked
+        rest = client.get("/api/v1/alerts", params={"filter": "class_label in ('SN', 'mover', 'AGN') and "
+                                                              "class_probability > 0.6"}).json()["items"]
+        assert sorted(i["alert_id"] for i in rest) == sorted(picked)  # REST's filter, by the same names
         job = _create(client, query, PHASE="RUN")
         assert _until(client, job, {"COMPLETED", "ERROR"}) == "COMPLETED"
         assert [int(i) for i in _votable(client.get(f"{job}/results/result").content)
