@@ -28,6 +28,7 @@ import io
 import logging
 import math
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -178,12 +179,14 @@ class TapView(ArchiveView):
             con.execute("SET lock_configuration = true")
 
     def run(self, sql: str, tables: tuple[str, ...] = (), stop: Stop | None = None,
-            timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = ()) -> pa.Table:
+            timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = (), spent_s: float = 0.0
+            ) -> pa.Table:
         """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
 
         ``tables`` are the published tables it reads: with ``broker.objects``, its rows are those of
         the archive's current commit, grouped once per commit (:class:`ObjectTable`, under the time limit).
-        ``timeout_s`` is at most ``tap_timeout_s`` (the default); ``stop`` interrupts it from another
+        ``timeout_s`` is at most ``tap_timeout_s`` (the default; :func:`time_limit`), of which
+        ``spent_s`` (s) are already spent (reading the uploads); ``stop`` interrupts it from another
         thread (an asynchronous job aborted), which is InvalidQuery too. ``uploads`` are registered
         on the connection for this query only (``TAP_UPLOAD.name``), under the same limits.
         """
@@ -191,13 +194,13 @@ class TapView(ArchiveView):
 
         con, files = self._connection()
         fired = threading.Event()
-        limit_s = min(timeout_s or self.config.tap_timeout_s, self.config.tap_timeout_s)
+        limit_s = time_limit(self.config, timeout_s)
 
         def interrupt() -> None:
             fired.set()
             con.interrupt()
 
-        timer = threading.Timer(limit_s, interrupt)
+        timer = threading.Timer(max(limit_s - spent_s, 0.0), interrupt)
         timer.start()
         try:
             if stop is not None:
@@ -228,6 +231,11 @@ class TapView(ArchiveView):
                 stop.detach()
             if fired.is_set():  # an interrupt may outlive its query: this connection is not used again
                 self._forget()
+
+
+def time_limit(config: WebConfig, timeout_s: float | None = None) -> float:
+    """A query's time limit (s): ``timeout_s`` (a job's execution duration), at most ``tap_timeout_s`` (the default)."""
+    return min(timeout_s or config.tap_timeout_s, config.tap_timeout_s)
 
 
 def tap_view(portal: Portal) -> TapView:
@@ -353,14 +361,17 @@ def execute(portal: Portal, params: Mapping[str, list[str]], stop: Stop | None =
 
     ``stop`` and ``timeout_s`` are those of :meth:`TapView.run` (an asynchronous job's abort and
     execution duration); ``parts`` the files of the request's form, by part name, read as the
-    tables ``UPLOAD`` names (:func:`streams.web.tap_upload.read_uploads`).
+    tables ``UPLOAD`` names (:func:`streams.web.tap_upload.read_uploads`), within the query's time
+    limit: the query has what their reading left of it.
     """
     try:
         request = parse_request(params, portal.config)
-        uploads = tap_upload.read_uploads(_one(params, "UPLOAD"), parts or {})
+        started = time.monotonic()
+        uploads = tap_upload.read_uploads(_one(params, "UPLOAD"), parts or {}, time_limit(portal.config, timeout_s))
         translation = adql.translate(request.query, tap_schema.published() + tuple(u.published() for u in uploads),
                                      request.maxrec)
-        table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s, uploads)
+        table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s, uploads,
+                                     time.monotonic() - started)
         if request.csv:
             return TapAnswer(result_csv(table, translation, request.maxrec, uploads), CSV_TYPE)
         return TapAnswer(result_votable(table, translation, request.maxrec, uploads), VOTABLE_TYPE)

@@ -26,8 +26,9 @@ import base64
 import binascii
 import io
 import re
+import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,24 +121,58 @@ def upload_pairs(value: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_uploads(value: str | None, parts: Mapping[str, bytes]) -> tuple[UploadedTable, ...]:
+class Deadline:
+    """The end of the time the uploads of a query may take to read: its time limit, from when the reading starts.
+
+    Parameters
+    ----------
+    limit_s : float or None
+        The query's time limit (s; ``WebConfig.tap_timeout_s`` or a job's execution duration);
+        None: no limit.
+    """
+
+    def __init__(self, limit_s: float | None) -> None:
+        self.limit_s = limit_s
+        self.end = None if limit_s is None else time.monotonic() + limit_s
+
+    def check(self, name: str) -> None:
+        """InvalidQuery once the time is past its end, naming the upload ``name`` being read."""
+        if self.end is not None and time.monotonic() > self.end:
+            raise InvalidQuery(f"UPLOAD {name}: reading the uploaded tables ran past this service's time limit of "
+                               f"{self.limit_s:g} s: upload fewer rows or columns (BINARY2 is read fastest, "
+                               "TABLEDATA slowest)")
+
+
+#: XML events the screen reads between two looks at the clock (~4 ms of reading).
+_EVENTS_PER_CHECK = 1024
+
+
+def read_uploads(value: str | None, parts: Mapping[str, bytes], limit_s: float | None = None
+                 ) -> tuple[UploadedTable, ...]:
     """The tables an ``UPLOAD`` value names, read from the request's ``parts`` (none without ``UPLOAD``).
+
+    Reading them takes at most ``limit_s`` (s; the query's time limit, of which the query has what
+    is left): the screen and astropy's reading of TABLEDATA look at the clock as they go (every
+    ~4 ms and every 16 KiB read), the conversions between their steps. Astropy's reading of a
+    BINARY or BINARY2 stream, once decoded, is one loop that cannot be stopped: up to ~10 s for
+    the 10^7 cells of 12.7 MiB of booleans, so a limit below that may be overrun by it.
 
     Raises
     ------
     InvalidQuery
         See :func:`upload_pairs` and :func:`read_votable`; a part named and not sent; the
-        uploads over :data:`MAX_UPLOAD_BYTES` together.
+        uploads over :data:`MAX_UPLOAD_BYTES` together; their reading past ``limit_s``.
     """
     if not value or not value.strip():
         return ()
+    deadline = Deadline(limit_s)
     tables = []
     for index, (name, part) in enumerate(upload_pairs(value)):
         data = parts.get(part)
         if data is None:
             raise InvalidQuery(f"UPLOAD {name}: the request has no part {part[:60]!r} (the VOTable of "
                                f"param:{part[:60]})")
-        tables.append(read_votable(name, data, f"tap_upload_{index}"))
+        tables.append(read_votable(name, data, f"tap_upload_{index}", deadline))
     if sum(len(parts[p]) for _, p in upload_pairs(value)) > MAX_UPLOAD_BYTES:
         raise InvalidQuery(f"the uploaded tables are over {MAX_UPLOAD_BYTES >> 20} MiB together")
     return tuple(tables)
@@ -147,7 +182,7 @@ def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
-def _screen(name: str, data: bytes) -> tuple[str, bytes] | None:
+def _screen(name: str, data: bytes, deadline: Deadline) -> tuple[str, bytes] | None:
     """InvalidQuery unless ``data`` is a VOTable astropy may read safely (see the module's notes).
 
     Returns the first TABLE's serialization and its stream, decoded (``BINARY`` or ``BINARY2``),
@@ -165,15 +200,17 @@ def _screen(name: str, data: bytes) -> tuple[str, bytes] | None:
         raise InvalidQuery(f"UPLOAD {name}: encoding {encoding!r}: UTF-8 is read")
     if "<!DOCTYPE" in text or "<!ENTITY" in text:
         raise InvalidQuery(f"UPLOAD {name}: the VOTable declares a DTD or entities, which are not read")
-    return _screen_elements(name, data)
+    return _screen_elements(name, data, deadline)
 
 
-def _screen_elements(name: str, data: bytes) -> tuple[str, bytes] | None:
+def _screen_elements(name: str, data: bytes, deadline: Deadline) -> tuple[str, bytes] | None:
     """Check the first TABLE's FIELDs and size, and refuse ``STREAM href`` and ``FITS`` (see the module's notes)."""
     fields, rows, tables, declared, width = 0, 0, 0, 0, 0
     serialization, stream = "TABLEDATA", None
     try:
-        for event, element in ET.iterparse(io.BytesIO(data), events=("start", "end")):
+        for count, (event, element) in enumerate(ET.iterparse(io.BytesIO(data), events=("start", "end"))):
+            if count % _EVENTS_PER_CHECK == 0:
+                deadline.check(name)
             tag = _local(element.tag)
             if event == "end":
                 if tag == "STREAM" and tables == 1 and stream is None:
@@ -284,7 +321,18 @@ def _check_field(name: str, attrib: Mapping[str, str]) -> int:
     return 1 + _WIDTHS[datatype]
 
 
-def read_votable(name: str, data: bytes, registered: str) -> UploadedTable:
+def _timed_read(name: str, data: bytes, deadline: Deadline) -> Callable[[int], bytes]:
+    """A read function of ``data`` that looks at ``deadline`` at each read (astropy reads 16 KiB at a time)."""
+    buffer = io.BytesIO(data)
+
+    def read(size: int = -1) -> bytes:
+        deadline.check(name)
+        return buffer.read(size)
+
+    return read
+
+
+def read_votable(name: str, data: bytes, registered: str, deadline: Deadline | None = None) -> UploadedTable:
     """The first table of the VOTable ``data``, uploaded as ``TAP_UPLOAD.name``, registered in DuckDB as ``registered``.
 
     Raises
@@ -292,18 +340,23 @@ def read_votable(name: str, data: bytes, registered: str) -> UploadedTable:
     InvalidQuery
         Anything :func:`_screen` refuses, anything astropy cannot read, more than
         :data:`MAX_UPLOAD_ROWS` rows, a column name not an ADQL regular identifier or repeated
-        (in any case).
+        (in any case); the time past ``deadline`` (:func:`read_uploads`; default: no limit).
     """
     from astropy.io.votable import parse
 
-    stream = _screen(name, data)
+    deadline = deadline or Deadline(None)
+    stream = _screen(name, data, deadline)
     try:
-        table = parse(io.BytesIO(data), verify="ignore", table_number=0).get_first_table()
+        table = parse(_timed_read(name, data, deadline), verify="ignore", table_number=0).get_first_table()
+    except InvalidQuery:
+        raise
     except Exception as exc:  # astropy's errors are of many types: each is the upload's fault
         raise InvalidQuery(f"UPLOAD {name}: not a VOTable this service reads ({type(exc).__name__}: "
                            f"{' '.join(str(exc).split())[:200]})") from None
+    deadline.check(name)
     if stream is not None:
         _check_stream(name, table, stream)
+        deadline.check(name)
     if len(table.array) > MAX_UPLOAD_ROWS:
         raise InvalidQuery(f"UPLOAD {name}: {len(table.array):,} rows; at most {MAX_UPLOAD_ROWS:,} are read")
     columns, arrays, seen = [], [], set()
@@ -315,6 +368,7 @@ def read_votable(name: str, data: bytes, registered: str) -> UploadedTable:
             raise InvalidQuery(f"UPLOAD {name}: column name {column[:80]!r} is {why}: rename it")
         seen.add(column.lower())
         kind = ARROW_TYPES[field.datatype]
+        deadline.check(name)
         arrays.append(_arrow(table.array[table.array.dtype.names[index]], kind))
         columns.append(UploadedColumn(column, kind, str(field.unit) if field.unit is not None else None,
                                       field.ucd or "", (field.description or "")[:500], field.datatype,

@@ -194,6 +194,32 @@ def test_a_join_over_uploads_stays_within_the_time_limit_and_the_cross_match_is_
         assert joins and all(j.strip() in ("IE Join", "Piecewise Merge Join") for j in joins), joins
 
 
+def _empty_cells(columns: int, rows: int) -> bytes:
+    """A TABLEDATA VOTable of ``rows`` x ``columns`` empty double cells: the slowest to read (~10 us a cell)."""
+    fields = "".join(f'<FIELD name="c{i}" datatype="double"/>' for i in range(columns))
+    rows_xml = ("<TR>" + "<TD/>" * columns + "</TR>") * rows
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n<VOTABLE version="1.4" '
+            f'xmlns="http://www.ivoa.net/xml/VOTable/v1.3"><RESOURCE type="results"><TABLE nrows="{rows}">{fields}'
+            f"<DATA><TABLEDATA>{rows_xml}</TABLEDATA></DATA></TABLE></RESOURCE></VOTABLE>").encode()
+
+
+def test_reading_an_upload_is_held_to_the_query_time_limit(portal_config):
+    """Uploads were read outside the query's time limit: up to 32 s, then the query had its 30 s.
+
+    15.5 MiB of empty TABLEDATA cells (3.2 million, 100 columns) took 32 s to read on the 2-core
+    machine, 10^7 BINARY booleans (12.7 MiB) 10.5 s.
+    """
+    data = _empty_cells(100, 10_000)  # 4.9 MiB: 3 to 9 s to read
+    start = time.monotonic()
+    with pytest.raises(InvalidQuery, match="time limit of 0.5 s"):
+        tap_upload.read_uploads("mine,param:mine", {"mine": data}, limit_s=0.5)
+    assert time.monotonic() - start < 1.5
+    assert tap_upload.read_uploads("mine,param:mine", {"mine": _empty_cells(3, 10)}, limit_s=0.5)[0].rows.num_rows == 10
+    with TestClient(create_app(replace(portal_config, tap_timeout_s=1.0))) as client:
+        status, message = _status(_upload(client, "SELECT COUNT(*) AS n FROM TAP_UPLOAD.mine", data))
+        assert status == "ERROR" and "reading the uploaded tables ran past this service's time limit of 1 s" in message
+        assert _status(_upload(client, "SELECT COUNT(*) AS n FROM TAP_UPLOAD.mine", _empty_cells(3, 10)))[0] == "OK"
+
 def test_an_async_job_keeps_its_upload_and_runs_it(client, state):
     data = _votable_bytes(_targets(), "binary2")
     made = client.post(ASYNC, data={"QUERY": MATCH, "UPLOAD": "mine,param:mine", "PHASE": "RUN"},
