@@ -388,7 +388,7 @@ def _wide_flux_ratios(config: ReferenceConfig, fwhm: float = 6.0, seeds: range =
             ali = align_reference(img, var, frames[k].header, stars, frames[0].header, shape, g_stars, config.align)
             F, _, _ = _flux_ratio_and_psf(g_img, ali.image, g_stars.subset(ali.sci_index), g_stars, h, stars.fwhm,
                                           config)
-            out.append(F / (1.0 + 0.2 * k))
+            out.append(F.value / (1.0 + 0.2 * k))
     return np.array(out)
 
 
@@ -445,3 +445,105 @@ def test_a_reference_without_stars_is_refused(kind):
     assert build_reference([_starless(frames[0], kind)], ReferenceConfig(min_psf_stars=0)).header["PSFFALLB"]
     with pytest.raises(ConfigError, match="min_psf_stars must be 0 or more"):
         ReferenceConfig(min_psf_stars=-1)
+
+
+def _paired_frames(scales=(1.0, 1.0, 2.0), seed=5, n_pairs=30, sep_px=5.0):
+    """Frames of a field of star pairs ``sep_px`` apart, within each other's isolation radius, and their positions.
+
+    The stars of a pair have fluxes within 30 % of each other (1e4-1e5 ADU), so the star finder
+    sees both and no star is isolated (:func:`broker.psf.select_psf_stars`: 0 of the grid's 56 at
+    seed 5). Frame i is ``scales[i]`` times as deep (exposure, transparency), seeing 2.6-3.2 px.
+    """
+    from tests.broker.conftest import Sky, make_wcs
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.uniform(20, SHAPE[1] - 20, n_pairs), rng.uniform(20, SHAPE[0] - 20, n_pairs)
+    angle = rng.uniform(0, 2 * np.pi, n_pairs)
+    x, y = np.concatenate([x, x + sep_px * np.cos(angle)]), np.concatenate([y, y + sep_px * np.sin(angle)])
+    f0 = np.exp(rng.uniform(np.log(1e4), np.log(1e5), n_pairs))
+    ra, dec = make_wcs(SHAPE).pixel_to_world_values(x, y)
+    sky = Sky(np.asarray(ra), np.asarray(dec), np.concatenate([f0, f0 * rng.uniform(0.7, 1.3, n_pairs)]))
+    frames = [make_frame(70 + i, SHAPE, sky, fwhm=2.6 + 0.3 * i, dx=1.3 * i, dy=-0.7 * i, rot_deg=0.2 * i, scale=s,
+                         frame_id=f"P-{i}", mjd=60000.0 + i, field="P") for i, s in enumerate(scales)]
+    return frames, x, y
+
+
+def _flux_scale(ref: Reference, grid, x: np.ndarray, y: np.ndarray) -> float:
+    """Median ratio of the co-add's aperture fluxes (radius 8 px) to the grid frame's at (x, y)."""
+    from broker.photcal import aperture_flux
+
+    on = [aperture_flux(np.nan_to_num(ref.image), a, b, 8.0, (10.0, 14.0))[0] for a, b in zip(x, y, strict=True)]
+    grid_flux = [aperture_flux(grid.data, a, b, 8.0, (10.0, 14.0))[0] for a, b in zip(x, y, strict=True)]
+    ratio = np.asarray(on) / np.asarray(grid_flux)
+    return float(np.median(ratio[np.isfinite(ratio)]))
+
+
+@pytest.mark.parametrize(("seed", "sep_px"), [(5, 5.0), (6, 6.0)])
+def test_a_frame_without_isolated_stars_is_scaled_by_its_matched_stars_apertures(seed, sep_px):
+    """A frame twice as deep, in a field of close pairs, enters the co-add at the grid's flux scale.
+
+    Seed 5 (pairs 5 px apart) has no isolated star: the flux ratio was taken as 1, so the frame
+    entered at twice the grid's flux scale and the co-add's stars came out 1.27 times the grid
+    frame's. Seed 6 (6 px) has one, blended with a partner the grid's finder missed: its ratio
+    alone gave 1.25 for the deep frame (0.89 for the other), the co-add's stars 1.26 times the
+    grid's. The matched stars' aperture fluxes measure both (2.00-2.01) and the co-add's stars are
+    the grid's within 3 % (0.99-1.00).
+    """
+    frames, x, y = _paired_frames(seed=seed, sep_px=sep_px)
+    ref = build_reference(frames, ReferenceConfig())
+    assert ref.frame_ids == ("P-0", "P-1", "P-2") and ref.header["NCOMBINE"] == 3
+    assert _flux_scale(ref, frames[0], x, y) == pytest.approx(1.0, abs=0.03)
+    assert [ref.header[f"FSRC{i}"] for i in (1, 2, 3)] == ["grid", "aperture", "aperture"]
+    assert ref.header["FSCALE3"] == pytest.approx(2.0, abs=0.05) and not ref.omitted
+
+
+def _calibrated(frame, magzp: float):
+    """``frame`` with a measured zero point (``MAGZP`` and ``MAGZPERR``, as ingest's calibration writes them)."""
+    from dataclasses import replace
+
+    from broker.frame import Frame
+
+    header = frame.header.copy()
+    header["MAGZP"], header["MAGZPERR"] = magzp, 0.01
+    return Frame(replace(frame.meta, magzp=magzp, magzp_err=0.01), frame.data, header)
+
+
+def test_a_frame_whose_flux_ratio_nothing_measures_is_left_out_with_its_reason(tmp_path):
+    """No star measures the frames' flux ratios (``flux_min_stars`` above the field's stars).
+
+    The frame with a measured zero point, like the grid's, is scaled by them (2.5 log10 2 mag
+    deeper: F = 2); the other was co-added with F = 1 and is now left out, named with its reason.
+    """
+    import math
+
+    frames, x, y = _paired_frames()
+    zp = 25.0
+    frames = [_calibrated(frames[0], zp), frames[1], _calibrated(frames[2], zp + 2.5 * math.log10(2.0))]
+    ref = build_reference(frames, ReferenceConfig(flux_min_stars=1000))
+    assert ref.frame_ids == ("P-0", "P-2") and ref.header["NCOMBINE"] == 2 and len(ref.exposures) == 2
+    assert ref.header["FSRC2"] == "zero_point" and ref.header["FSCALE2"] == pytest.approx(2.0)
+    assert _flux_scale(ref, frames[0], x, y) == pytest.approx(1.0, abs=0.03)
+    ((frame_id, why),) = ref.omitted
+    assert frame_id == "P-1" and "no flux ratio of frame P-1 to the grid frame P-0 was measured" in why
+    assert "flux_min_stars = 1000" in why and "zero points" in why
+    ref.save(tmp_path / "ref.fits")
+    assert Reference.load(tmp_path / "ref.fits").omitted == ref.omitted
+    # nothing measures either: the reference is the grid frame alone
+    alone = build_reference([frames[0], frames[1], _paired_frames()[0][2]], ReferenceConfig(flux_min_stars=1000))
+    assert alone.frame_ids == ("P-0",) and [f for f, _ in alone.omitted] == ["P-1", "P-2"]
+    with pytest.raises(ConfigError, match="flux_min_stars must be 1 or more"):
+        ReferenceConfig(flux_min_stars=0)
+
+
+def test_the_store_sets_aside_the_frames_its_coadd_left_out(tmp_path):
+    """A pending frame left out of the co-add is kept in ``rejected/`` with its reason, not deleted."""
+    frames, _, _ = _paired_frames()
+    store = ReferenceStore(tmp_path, ReferenceConfig(flux_min_stars=1000))
+    key = frames[0].meta.reference_key
+    assert store.offer(frames[0]) is None and store.offer(frames[1]) is None
+    ref = store.offer(frames[2])
+    assert ref is not None and ref.frame_ids == ("P-0",) and store.pending(key) == []
+    (aside,) = (store._dir(key) / "rejected").iterdir()
+    assert sorted(p.name for p in aside.glob("*.fits")) == ["P-1.fits", "P-2.fits"]
+    assert "P-2 left out of the co-add: no flux ratio of frame P-2" in (aside / "reason.txt").read_text()
+    assert [f for f, _ in store.get(key).omitted] == ["P-1", "P-2"]
