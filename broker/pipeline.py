@@ -129,7 +129,9 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         :data:`NO_REFERENCE` (no reference, frame not clean), :data:`REFERENCE_BUILDING` (kept),
         :data:`IN_REFERENCE` (part of the reference, possibly the one that completed it, or the
         exposure of one of its frames re-sent under another id, re-compressed, offset or scaled:
-        :meth:`~broker.reference.Reference.exposure_of`) or :data:`SUBTRACTED` with the candidates.
+        :meth:`~broker.reference.Reference.exposure_of`) or :data:`SUBTRACTED` with the candidates
+        (also a frame that completed a reference but was left out of its co-add:
+        :attr:`~broker.reference.Reference.omitted`).
 
     Raises
     ------
@@ -146,7 +148,7 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         reference = references.offer(frame)
         if reference is None:
             return FrameResult(REFERENCE_BUILDING)
-        return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
+        # a frame the co-add it completed left out (its flux ratio unmeasured) is subtracted from it
     if frame.meta.frame_id in reference.frame_ids or reference.exposure_of(frame.data) is not None:
         return FrameResult(IN_REFERENCE, tuple(reference.frame_ids))
     if skip:

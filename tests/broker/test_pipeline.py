@@ -58,6 +58,21 @@ def test_statuses_follow_the_reference_policy(frames, tmp_path):
     assert set(STATUSES) == {NO_REFERENCE, REFERENCE_BUILDING, IN_REFERENCE, SUBTRACTED}
 
 
+def test_a_frame_its_reference_left_out_is_subtracted_from_it(tmp_path):
+    """The frame that completes a reference but whose flux ratio nothing measures is subtracted, not IN_REFERENCE.
+
+    It was answered as part of the reference, so nothing was ever looked for in it.
+    """
+    from tests.broker.test_reference import _paired_frames
+
+    f0, f1, f2 = _paired_frames()[0]
+    store = ReferenceStore(tmp_path, ReferenceConfig(flux_min_stars=1000))
+    assert [process_frame(f, store).status for f in (f0, f1)] == [REFERENCE_BUILDING, REFERENCE_BUILDING]
+    done = process_frame(f2, store)
+    assert done.status == SUBTRACTED and done.reference_frames == ("P-0",)
+    assert process_frame(f0, store).status == IN_REFERENCE
+
+
 def test_a_fixed_reference_subtracts_its_key_and_builds_nothing(frames, tmp_path):
     store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
     for frame, _ in frames[:3]:
