@@ -473,7 +473,8 @@ def predict(portal: Portal, frame_bytes: bytes, references: list[bytes], telesco
     m = frame.meta
     return {"mode": "predict", "frame_id": m.frame_id, "telescope": m.telescope, "field": m.field, "band": m.filter,
             "mjd": m.mjd_start, "shape": list(frame.shape), "status": result.status, "quality_flags": quality.flags,
-            "reference": {"source": source, "frame_ids": list(result.reference_frames)},
+            "reference": {"source": source, "frame_ids": list(result.reference_frames),
+                          "omitted": [{"frame_id": f, "reason": why} for f, why in reference.omitted]},
             "limiting_flux": result.limiting_flux, "note": _note(result), "models": models, "known_objects": known,
             "candidates": [_candidate(c) for c in result.candidates],
             "timing_s": {"subtract": t1 - t0, "score": time.perf_counter() - t1}}

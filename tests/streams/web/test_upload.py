@@ -67,7 +67,8 @@ def test_predict_finds_the_transient_with_its_scores_and_cutouts(client, token, 
                                                 "reference": ("r.fits", reference, "application/fits")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["status"] == "SUBTRACTED" and body["reference"] == {"source": "upload", "frame_ids": ["TEST-F1-r-0000"]}
+    assert body["status"] == "SUBTRACTED" and body["reference"] == {"source": "upload", "frame_ids": ["TEST-F1-r-0000"],
+                                                                "omitted": []}
     best = body["candidates"][0]
     assert abs(best["x"] - 100.3) < 0.5 and abs(best["y"] - 150.7) < 0.5 and best["snr"] > 20
     assert 0 <= best["anomaly"] <= 1 and best["classification"]["label"]
@@ -144,6 +145,7 @@ def test_several_reference_frames_are_co_added_as_the_pipeline_co_adds_them(clie
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["reference"]["frame_ids"] == ["TEST-F1-r-0003", "TEST-F1-r-0004", "TEST-F1-r-0005"]
+    assert body["reference"]["omitted"] == []
     best = body["candidates"][0]
     assert abs(best["x"] - 100.3) < 0.5 and abs(best["y"] - 150.7) < 0.5
 
