@@ -29,6 +29,9 @@ CRD_SCHEMAS = ROOT / "tests" / "crd_schemas"
 # The oldest Kubernetes minor release still supported upstream when this was written, and the newest
 # kubernetes-validate (pyproject's test extra) has schemas for: k8s/ must apply on both.
 KUBERNETES_VERSIONS = ("1.35", "1.37")
+# The Kafka versions the Strimzi releases named in k8s/00-namespace.yaml (0.43 to 0.45, the last serving
+# kafka.strimzi.io/v1beta2 with Kafka 3.8) run, from their release notes: 0.43 added 3.8.0, 0.46 dropped 3.8.
+STRIMZI_KAFKA_VERSIONS = {"3.8.0", "3.8.1", "3.9.0", "3.9.1", "3.9.2"}
 
 
 def _k8s_docs() -> list[tuple[str, dict]]:
@@ -95,6 +98,17 @@ def test_custom_resources_match_their_operators_crds():
     errors = _crd_errors([d for _, d in docs])
     found = {f"{where} {d['kind']}/{d['metadata']['name']}": e for (where, d), e in zip(docs, errors, strict=True)}
     assert {k: e for k, e in found.items() if e} == {}
+
+
+def test_strimzi_runs_the_kafka_that_compose_runs():
+    strimzi = [d for _, d in _k8s_docs() if d["apiVersion"].startswith("kafka.strimzi.io/")]
+    assert {d["apiVersion"] for d in strimzi} == {"kafka.strimzi.io/v1beta2"}
+    (kafka,) = [d for d in strimzi if d["kind"] == "Kafka"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    images = [s.get("image", "") for s in compose["services"].values()]
+    images = {i.partition(":")[2] for i in images if i.startswith("apache/kafka:")}
+    assert images == {kafka["spec"]["kafka"]["version"]}
+    assert kafka["spec"]["kafka"]["version"] in STRIMZI_KAFKA_VERSIONS
 
 
 def _named(kind: str, name: str) -> dict:
