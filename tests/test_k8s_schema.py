@@ -29,9 +29,9 @@ CRD_SCHEMAS = ROOT / "tests" / "crd_schemas"
 # The oldest Kubernetes minor release still supported upstream when this was written, and the newest
 # kubernetes-validate (pyproject's test extra) has schemas for: k8s/ must apply on both.
 KUBERNETES_VERSIONS = ("1.35", "1.37")
-# The Kafka versions the Strimzi releases named in k8s/00-namespace.yaml (0.43 to 0.45, the last serving
-# kafka.strimzi.io/v1beta2 with Kafka 3.8) run, from their release notes: 0.43 added 3.8.0, 0.46 dropped 3.8.
-STRIMZI_KAFKA_VERSIONS = {"3.8.0", "3.8.1", "3.9.0", "3.9.1", "3.9.2"}
+# The Kafka versions the Strimzi release named in k8s/00-namespace.yaml (1.2, which serves only
+# kafka.strimzi.io/v1) runs, from its release notes: 1.1 dropped Kafka 4.1, 1.2 added 4.3.1.
+STRIMZI_KAFKA_VERSIONS = {"4.2.0", "4.2.1", "4.3.0", "4.3.1"}
 
 
 def _k8s_docs() -> list[tuple[str, dict]]:
@@ -102,7 +102,7 @@ def test_custom_resources_match_their_operators_crds():
 
 def test_strimzi_runs_the_kafka_that_compose_runs():
     strimzi = [d for _, d in _k8s_docs() if d["apiVersion"].startswith("kafka.strimzi.io/")]
-    assert {d["apiVersion"] for d in strimzi} == {"kafka.strimzi.io/v1beta2"}
+    assert {d["apiVersion"] for d in strimzi} == {"kafka.strimzi.io/v1"}
     (kafka,) = [d for d in strimzi if d["kind"] == "Kafka"]
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     images = [s.get("image", "") for s in compose["services"].values()]
@@ -183,3 +183,20 @@ def test_a_custom_resource_with_an_unknown_field_is_rejected():
                                errors, strict=False):
         assert f"unknown field: \'\"{misspelt}\"\' does not exist in type" in (found or "")
     assert errors[5:] == [None, None]
+
+
+def test_the_strimzi_v1_schema_refuses_what_only_v1beta2_took():
+    # Strimzi's v1 API dropped KafkaUser's single `operation` (for the `operations` list, now required) and
+    # the Kafka's `zookeeper` section; v1beta2 took both, so a resource written for it is refused here
+    user = _named("KafkaUser", "ingest")
+    acl = user["spec"]["authorization"]["acls"][0]
+    acl["operation"] = acl.pop("operations")[0]
+    kafka = _named("Kafka", "alerts")
+    kafka["spec"]["zookeeper"] = {"replicas": 3, "storage": {"type": "ephemeral"}}
+    old_user, old_kafka = copy.deepcopy(user), copy.deepcopy(kafka)
+    old_user["apiVersion"] = old_kafka["apiVersion"] = "kafka.strimzi.io/v1beta2"
+    errors = _crd_errors([user, kafka, old_user, old_kafka])
+    assert "acls/0 must have required property operations" in (errors[0] or "")
+    assert "unknown field: '\"operation\"' does not exist in type" in (errors[0] or "")
+    assert "unknown field: '\"zookeeper\"' does not exist in type" in (errors[1] or "")
+    assert errors[2:] == [None, None]  # the same mistakes under v1beta2: what the v1 schema is checked against
