@@ -18,18 +18,22 @@ LOG_FORMAT = 1
 _T = TypeVar("_T")
 
 
+#: The Python types a field of each annotation may hold in a record (a bound: JSON's numbers, or null).
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float | None": (float, int, type(None))}
+
+
 def _typed(cls: type[_T], values: Any) -> _T:
-    """``cls(**values)`` for a dataclass of ``str`` and ``int`` fields, each value of its type (TypeError if not).
+    """``cls(**values)`` for a dataclass of ``str``, ``int`` and optional ``float`` fields, each of its type.
 
     A record whose ``rows`` is null or whose ``path`` is a number otherwise failed later, in a
-    reader's sum or listing, with no word of which record it came from.
+    reader's sum or listing, with no word of which record it came from (TypeError).
     """
     if not isinstance(values, dict):
         raise TypeError(f"{cls.__name__} is not an object: {type(values).__name__}")
     out = cls(**values)
     for f in fields(out):  # type: ignore[arg-type]  # cls is a dataclass
         value = getattr(out, f.name)
-        if type(value) is not {"str": str, "int": int}[str(f.type)]:
+        if type(value) not in _FIELD_TYPES[str(f.type)]:
             raise TypeError(f"{cls.__name__}.{f.name} is {type(value).__name__}, not {f.type}")
     return out
 
@@ -60,6 +64,11 @@ class DataFile:
     night : str
         ``YYYY-MM-DD`` (:func:`night_of`).
     telescope : str
+    ra_min, ra_max, dec_min, dec_max, mjd_min, mjd_max : float or None
+        Least and greatest ``ra``, ``dec`` (deg) and ``mjd`` (days) of its rows, nulls left out, so
+        that a read skips the files that cannot hold a match (:func:`broker.archive.reader.may_hold_cone`).
+        None (the default) where the column holds a NaN or an infinity, or no value, and in the records
+        written before the bounds were: such a file is always read.
     """
 
     path: str
@@ -69,6 +78,12 @@ class DataFile:
     schema_version: int
     night: str
     telescope: str
+    ra_min: float | None = None
+    ra_max: float | None = None
+    dec_min: float | None = None
+    dec_max: float | None = None
+    mjd_min: float | None = None
+    mjd_max: float | None = None
 
 
 @dataclass(frozen=True)

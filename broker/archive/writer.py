@@ -149,6 +149,18 @@ def _write_parquet(table: pa.Table, sink: pa.BufferOutputStream, compression: st
                 out.write_table(pa.Table.from_batches(pieces, table.schema).combine_chunks())
 
 
+def _bounds(table: pa.Table, column: str) -> tuple[float, float] | tuple[None, None]:
+    """Least and greatest value of ``column`` in ``table``, nulls left out: a file's bounds (:class:`DataFile`).
+
+    (None, None) when the column holds no value, or a NaN or an infinity among them (which the
+    archive's rows never hold: a NaN is null there), so that such a file is always read.
+    """
+    values = pc.drop_null(table.column(column)).to_numpy().astype(np.float64)
+    if not values.size or not np.isfinite(values).all():
+        return None, None
+    return float(values.min()), float(values.max())
+
+
 def _is_orphan(rel: str, committed: set[str]) -> bool:
     """Whether ``rel`` is left over from a batch that never committed (a data file or a temporary)."""
     return ".tmp-" in rel.rsplit("/", 1)[-1] or (rel.endswith(".parquet") and rel not in committed)
@@ -222,7 +234,8 @@ class ArchiveWriter:
         _write_parquet(table, sink, self.config.compression)
         data = sink.getvalue().to_pybytes()
         self._put(rel, data)
-        return DataFile(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), version, night, telescope)
+        return DataFile(rel, table.num_rows, len(data), hashlib.sha256(data).hexdigest(), version, night, telescope,
+                        *_bounds(table, "ra"), *_bounds(table, "dec"), *_bounds(table, "mjd"))
 
     def commit(self, files: Sequence[DataFile], offsets: Sequence[OffsetRange], dead_letters: int = 0,
                removed: Sequence[str] = ()) -> Commit:

@@ -23,7 +23,7 @@ from broker.archive import writer as writer_module
 from broker.archive.arrow import arrow_type, file_schema
 from broker.archive.config import ALERT_COLUMN, ArchiveConfig
 from broker.archive.log import COMMITS, OffsetRange
-from broker.archive.reader import Archive, cone_where
+from broker.archive.reader import Archive, cone_where, may_hold_cone
 from broker.archive.rows import Archived, mjd_of, night_of, to_batch, to_current, version_of
 from broker.archive.writer import ArchiveWriter
 from broker.errors import ArchiveCorrupt, ArchiveError, ConfigError, SchemaError
@@ -852,7 +852,7 @@ def test_a_batch_and_a_merge_of_over_2_gib_of_cutouts_are_written_and_read_back(
 
 _SELECT_PEAK = """
 import resource, sys
-from broker.archive.reader import Archive, cone_where
+from broker.archive.reader import Archive, cone_where, may_hold_cone
 archive = Archive(sys.argv[1])
 archive.connect().close()  # DuckDB started and the files listed before the baseline
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -896,3 +896,134 @@ def test_select_of_large_alerts_holds_a_page_not_every_alert(writer):
     assert out.returncode == 0, out.stderr
     count, peak = map(int, out.stdout.split())
     assert count == 40 and peak < 2 * 40 * 3 * cutout, peak / 2**20  # twice the 40 alerts (240 MiB)
+
+
+# --- file bounds and pruned reads -------------------------------------------------------------------
+def test_files_record_the_bounds_of_their_positions_and_times_through_merges_and_checkpoints(tmp_path):
+    w = ArchiveWriter(Archive(tmp_path / "archive"), ArchiveConfig(compact_files=2, checkpoint_every=1))
+    w.recover()
+    recs = objects(6, VERSIONS[-1])
+    recs[5]["source"]["dec"] = math.nan  # null in the column: left out of the bounds
+    for i, rec in enumerate(recs):
+        rec["source"]["mjd"] += i / 10
+    commit(w, archived(recs[:3]))
+    commit(w, archived(recs[3:], start=3))
+    (merge,) = w.compact()
+    (merged,) = merge.files
+    archive = Archive(w.archive.url)
+    assert archive.files() == [merged] and archive.snapshot().live[merged.path] == merged  # through a checkpoint
+    columns = {"ra": [r["source"]["ra"] for r in recs], "dec": [r["source"]["dec"] for r in recs[:5]],
+               "mjd": [r["source"]["mjd"] for r in recs]}
+    for name, values in columns.items():
+        assert (getattr(merged, f"{name}_min"), getattr(merged, f"{name}_max")) == (min(values), max(values))
+    nowhere = objects(2, VERSIONS[-1], seed=1)
+    for rec in nowhere:
+        rec["source"]["dec"] = math.nan
+    commit(w, archived(nowhere, start=6))
+    archive = Archive(w.archive.url)
+    unplaced = archive.files()[-1]
+    assert unplaced.dec_min is unplaced.dec_max is None and unplaced.ra_min is not None
+    assert [may_hold_cone(f, 150.0, -60.0, 1.0) for f in archive.files()] == [False, True]  # no dec: read
+    assert archive.query("SELECT count(*) AS n FROM alerts", keep=lambda f: False).to_pylist() == [{"n": 0}]
+
+
+def test_a_commit_record_written_before_the_bounds_reads_as_a_file_to_read_always(committed):
+    archive, _ = committed
+    name = archive.path(f"{COMMITS}/00000000000000000001.json")
+    record = json.loads(archive.fs.cat_file(name))
+    assert record["files"][0]["dec_min"] is not None
+    for f in record["files"]:
+        for key in ("ra_min", "ra_max", "dec_min", "dec_max", "mjd_min", "mjd_max"):
+            del f[key]
+    archive.fs.pipe_file(name, json.dumps(record).encode())
+    (old,) = Archive(archive.url).files()
+    assert old.dec_min is old.ra_max is old.mjd_min is None
+    assert may_hold_cone(old, 0.0, -80.0, 0.001) and may_hold_cone(old, 10.0, 0.0, 0.0)
+    record["files"][0]["dec_min"] = "12"
+    archive.fs.pipe_file(name, json.dumps(record).encode())
+    with pytest.raises(ArchiveCorrupt, match="dec_min is str"):
+        Archive(archive.url).files()
+
+
+#: Centres (ra, dec) of the regions of :func:`sky_of_files`, one file each: either side of RA 0/360, by the poles.
+REGIONS = [(0.6, 0.0), (359.4, 0.1), (180.0, 89.7), (10.0, 89.9), (90.0, -89.8), (150.0, 2.0), (200.0, 10.0),
+           (50.0, -40.0), (300.0, 70.0)]
+
+
+def sky_of_files(writer: ArchiveWriter) -> list[list[dict]]:
+    """An archive of one file per region of :data:`REGIONS` (25 alerts within 0.3 deg of it), with copies across files.
+
+    Region 7's file ends with a later copy of an alert of region 1, moved into region 7; region 8's
+    record loses its bounds (as if written before them). Then a file of two alerts at RA 360.2 and
+    360.25 (outside [0, 360), which the haversine matches at RA 0.2), and last a file at the lowest
+    offsets: copies of alerts of regions 0, 2 and 5 moved to region 6, so that those copies are the
+    first ones (the region files' are later copies). Returns the records of each region's file.
+    """
+    rng = np.random.default_rng(21)
+    regions: list[list[dict]] = []
+    for k, (ra0, dec0) in enumerate(REGIONS):
+        pos = [(ra0, dec0)] + [p for r in (0.01, 0.1, 0.3) for p in _around(rng, ra0, dec0, r, 8)]
+        recs = objects(len(pos), VERSIONS[-1], seed=100 + k)
+        for rec, (ra, dec) in zip(recs, pos, strict=True):
+            rec["source"]["ra"], rec["source"]["dec"] = float(ra), float(dec)
+        if k == 7:
+            recs.append(_copy(regions[1][1], ra=50.01, dec=-40.01))
+        commit(writer, archived(recs, start=1000 * (k + 1)))
+        regions.append(recs)
+    outside = objects(2, VERSIONS[-1], seed=99)
+    for rec, ra in zip(outside, (360.2, 360.25), strict=True):
+        rec["source"]["ra"], rec["source"]["dec"] = ra, 0.05
+    commit(writer, archived(outside, start=20000))
+    firsts = [_copy(regions[k][3], ra=200.0 + 0.01 * j, dec=10.0) for j, k in enumerate((0, 2, 5))]
+    _commit_at(writer, archived(firsts))
+    name = writer.archive.path(f"{COMMITS}/{9:020d}.json")
+    record = json.loads(writer.archive.fs.cat_file(name))
+    record["files"][0] = {k: v for k, v in record["files"][0].items() if not k.endswith(("_min", "_max"))}
+    writer.archive.fs.pipe_file(name, json.dumps(record).encode())
+    return regions
+
+
+#: Cones (ra, dec, radius deg) over :func:`sky_of_files`: on each region, across RA 0/360, at the poles, of
+#: radius 0 (on an alert) and 180 (the whole sky), and those of the RA-range test.
+PRUNE_CONES = [(ra, dec, r) for ra, dec in REGIONS for r in (0.05, 0.6)] + _CONES + [
+    (0.0, 0.0, 0.7), (359.9, 0.05, 0.8), (0.22, 0.03, 0.05), (0.2, 0.05, 0.0), (45.0, 90.0, 1.0), (0.0, -90.0, 0.5),
+    (0.0, 0.0, 180.0), (123.0, -45.0, 180.0), (200.0, 10.0, 0.0), (150.0, 2.0, 0.0), (0.0, 0.0, 0.0)]
+
+
+def _ids(archive: Archive, cone: tuple[float, float, float], **keep) -> list[int]:
+    sql = f"SELECT alert_id FROM alerts WHERE {cone_where(*cone)} ORDER BY alert_id"
+    return archive.query(sql, **keep).column(0).to_pylist()
+
+
+def test_cones_over_the_files_their_bounds_admit_answer_the_rows_of_every_file(writer):
+    """A cone read from the files whose bounds may hold it (``may_hold_cone``) answers what all of them do.
+
+    Copies across files included: a file left out never brings back a copy that a first copy elsewhere
+    hides, nor hides one. Cones across RA 0/360, at the poles, of radius 0 and 180; files without bounds
+    and with RA outside [0, 360). The files left out are not opened: one of them damaged, the pruned
+    cone still answers.
+    """
+    regions = sky_of_files(writer)
+    archive = Archive(writer.archive.url)
+    files = archive.files()
+    assert len(files) == len(REGIONS) + 2 and files[8].dec_min is None and files[9].ra_min == 360.2
+    kept = []
+    for ra0, dec0, radius in PRUNE_CONES:
+        sql = (f"SELECT alert_id, kafka_offset, ra, dec FROM alerts WHERE {cone_where(ra0, dec0, radius)} "
+               "ORDER BY alert_id")
+        every = archive.query(sql).to_pylist()
+        assert archive.query(sql, keep=lambda f, c=(ra0, dec0, radius): may_hold_cone(f, *c)).to_pylist() == every
+        kept.append(sum(may_hold_cone(f, ra0, dec0, radius) for f in files))
+        if radius == 180.0:
+            assert kept[-1] == len(files) and len(every) == len({r["alertId"] for rs in regions for r in rs}) + 2
+    assert sum(k <= 2 for k in kept) >= len(REGIONS) * 2  # the region's file and the boundless one
+    hidden, shown = _ids(archive, (*REGIONS[2], 0.05)), _ids(archive, (*REGIONS[1], 0.05))
+    assert regions[2][3]["alertId"] not in hidden and regions[2][4]["alertId"] in hidden  # first copy: region 6
+    assert regions[1][1]["alertId"] in shown and regions[1][1]["alertId"] not in _ids(archive, (*REGIONS[7], 0.05))
+    assert {regions[k][3]["alertId"] for k in (0, 2, 5)} <= set(_ids(archive, (*REGIONS[6], 0.05)))
+    cone = (*REGIONS[5], 0.6)
+    expected = _ids(archive, cone)
+    archive.fs.pipe_file(archive.path(files[3].path), b"\0" * files[3].size)  # region 3's file, of its size
+    assert _ids(archive, cone, keep=lambda f: may_hold_cone(f, *cone)) == expected and len(expected) == 24
+    with pytest.raises(ArchiveCorrupt, match="unreadable"):
+        _ids(archive, cone)

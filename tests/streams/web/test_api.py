@@ -63,7 +63,7 @@ def test_newest_first_pages_bounded_by_mjd_are_the_pages_of_the_plain_top_n(tmp_
     for start in range(0, 90, 30):
         commit(writer, archived(records[start:start + 30], start=start))
     view = queries.ArchiveView(Archive(tmp_path / "archive"))
-    assert "mjd >= 60004.35" in queries._newest(view, "true", 3)
+    assert "mjd >= 60004.35" in queries._newest(view, "true", 3)[0]
     plain = queries._summary_select(view) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
     for limit in (1, 4, 7, 100):
         cursor, seen = None, []
@@ -76,6 +76,59 @@ def test_newest_first_pages_bounded_by_mjd_are_the_pages_of_the_plain_top_n(tmp_
                 break
             cursor = page["next"]
         assert len(seen) == 90
+
+
+def test_newest_first_pages_read_the_files_of_their_times_and_answer_what_every_file_does(tmp_path, monkeypatch):
+    """A page reads only the files whose MJD bounds reach its lowest MJD (and the cursor's), and is the plain top-N's.
+
+    Six commits of 15 alerts each (a file per night of each), in time order, the newest ending with a
+    later copy of the oldest alert (newest in time: the first copy is the alert, so the page must not
+    show it) and a later copy of another. Filtered pages too.
+    Once an old file is damaged, the newest page still answers: it is not opened.
+    """
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from broker.errors import ArchiveCorrupt
+    from streams.alert_expr import AlertFilter
+    from streams.web import queries
+    from tests.broker.test_archive import _copy, archived, commit, objects
+
+    records = objects(90, 3, seed=5)
+    for i, rec in enumerate(records):
+        rec["source"]["mjd"] = 60000.3 + i * 0.05 + (i % 15 == 7) * 0.001  # 15 alerts a file: 0.7 days
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    for start in range(0, 90, 15):
+        batch = records[start:start + 15]
+        if start == 75:
+            batch = batch + [_copy(records[0], mjd=records[-1]["source"]["mjd"] + 1.0), _copy(records[2])]
+        commit(writer, archived(batch, start=start))
+    view = queries.ArchiveView(Archive(tmp_path / "archive"))
+    files = view.files()
+    assert len(files) >= 6 and files[0].mjd_max < files[1].mjd_min  # a file a commit and night
+    plain = queries._summary_select(view) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
+    for limit in (1, 16, 100):
+        cursor, seen = None, []
+        while True:
+            page = queries.latest(view, limit, cursor)
+            expected = view.query(plain.format(queries._after(cursor), limit)).to_pylist()
+            assert [i["alert_id"] for i in page["items"]] == [r["alert_id"] for r in expected]
+            if limit == 16:
+                filtered = queries.latest_filtered(view, AlertFilter("rb >= 0"), limit, cursor)
+                assert filtered["items"] == page["items"]
+            seen += page["items"]
+            if page["next"] is None:
+                break
+            cursor = page["next"]
+        assert sorted(i["alert_id"] for i in seen) == sorted(r["alertId"] for r in records)
+        assert next(i for i in seen if i["alert_id"] == records[0]["alertId"])["mjd"] == records[0]["source"]["mjd"]
+    newest = [r["alert_id"] for r in view.query(plain.format("true", 16)).to_pylist()]
+    view.archive.fs.pipe_file(view.archive.path(files[1].path), b"\0" * files[1].size)
+    fresh = queries.ArchiveView(Archive(tmp_path / "archive"))
+    fresh.archive._later = view.archive._later  # the later copies, found before the damage
+    assert [i["alert_id"] for i in queries.latest(fresh, 16, None)["items"]] == newest
+    with pytest.raises(ArchiveCorrupt):
+        queries.latest(fresh, 100, None)
 
 
 def test_a_filtered_page_out_of_time_answers_what_it_read_and_its_cursor(client, monkeypatch):
