@@ -345,10 +345,11 @@ def main() -> None:
                  "only):", "", *_tables(rows, taps, args.clients)]
     if args.synthetic:
         body += ["", "The synthetic alerts come in time order at objects drawn at random over the whole patch, so "
-                 "every batch (2,000 alerts, one file) spans the patch: no file is skipped by its statistics, only "
-                 "the row groups of the merged files (rows by declination, `ROW_GROUP_ROWS`). A telescope's batch "
-                 "covers a few fields, and a cone skips the row groups of the files outside it; the cones here are the "
-                 "slower case."]
+                 "every batch (2,000 alerts, one file) spans the patch: no file is left out of a cone by its bounds, "
+                 "only the row groups of the merged files are skipped (rows by declination, `ROW_GROUP_ROWS`). A "
+                 "telescope's batch covers a few fields, and a cone opens only the files whose bounds may hold it "
+                 "(section `pruning`: `bench/pruning.py`, files of one field each); the cones here are the slower "
+                 "case. The newest-first pages open only the files of their times."]
     end = os.getloadavg()
     body += [
         "",
