@@ -136,7 +136,9 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     Raises
     ------
     PoorQuality
-        The field has a reference and ``skip`` names a flag of the frame.
+        The field has a reference and ``skip`` names a flag of the frame, or nothing measured the
+        subtraction's flux ratio F_r of the reference to the frame (no 3 matched stars measure it and
+        the two have no measured zero points: :func:`broker.reference.measure_flux_ratio`).
     BrokerError
         From :func:`~broker.subtract.subtract_and_detect` or the store (bad reference, no PSF,
         alignment failure).
@@ -155,6 +157,9 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
         raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: quality flags {sorted(skip)} "
                           "(ingest.subtract_skip_on)")
     result = subtract_and_detect(frame, reference, config, keep_difference=differences is not None)
+    if not result.flux_ratio.measured:
+        raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: {result.flux_ratio.reason}; a difference at "
+                          "an unknown flux scale leaves every star and mis-scales every transient")
     diagnostics = {k: float(v) for k, v in result.diagnostics.items()}
     if differences is not None:
         diagnostics.update(_forced_and_kept(frame, result, differences))

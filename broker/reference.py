@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import quote
 
 import numpy as np
@@ -28,7 +29,7 @@ from broker.coadd import proper_coadd
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
 from broker.errors import BrokerError, ConfigError, ReferenceUnavailable
 from broker.exposure import Fingerprint
-from broker.frame import Frame, FrameMeta, celestial_wcs, decode_fits, encode_fits
+from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
 from broker.psf import (
     PSFConfig,
     PSFModel,
@@ -183,6 +184,20 @@ class Reference:
         n = int(self.header.get("NOMIT", 0))
         return tuple((str(self.header.get(f"OMIT{i}", "")), str(self.header.get(f"OMITR{i}", "")))
                      for i in range(1, n + 1))
+
+    @property
+    def magzp(self) -> float | None:
+        """Zero point of the image (mag of a source giving 1 ADU; header ``MAGZP``), None when it has none.
+
+        :func:`build_reference` writes its grid frame's measured one (``MAGZP`` with ``MAGZPERR``): the
+        co-add is on that frame's flux scale.
+        """
+        return _header_float(self.header, "MAGZP")
+
+    @property
+    def magzp_err(self) -> float | None:
+        """1-sigma uncertainty of :attr:`magzp` (mag; header ``MAGZPERR``), None when it has none."""
+        return _header_float(self.header, "MAGZPERR")
 
     def resampleable(self) -> Resampleable:
         """The image and variance prepared for resampling (computed on first use, then kept)."""
@@ -613,12 +628,25 @@ def _aperture_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float
     return out
 
 
-def zero_point_ratio(grid: FrameMeta, frame: FrameMeta) -> FluxRatio:
-    """F from the two frames' measured zero points: ``10**(0.4 (MAGZP_frame - MAGZP_grid))``.
+class ZeroPoint(Protocol):
+    """An image's photometric zero point: a frame's :class:`~broker.frame.FrameMeta` or a :class:`Reference`."""
+
+    @property
+    def magzp(self) -> float | None:
+        """Zero point (mag of a source giving 1 ADU in the image), when known."""
+
+    @property
+    def magzp_err(self) -> float | None:
+        """Its 1-sigma uncertainty (mag), when measured."""
+
+
+def zero_point_ratio(grid: ZeroPoint, frame: ZeroPoint) -> FluxRatio:
+    """F from the two images' measured zero points: ``10**(0.4 (MAGZP_frame - MAGZP_grid))``.
 
     Measured means a ``MAGZP`` with its ``MAGZPERR``, as ingest's calibration writes them
     (:mod:`broker.photcal`, against Tycho-2) or a survey's pipeline may; a bare ``MAGZP`` may be a
-    nominal value blind to the night's transparency and is not used. NaN without both.
+    nominal value blind to the night's transparency and is not used. NaN without both. A reference
+    carries its grid frame's (:attr:`Reference.magzp`).
     """
     zps = []
     for m in (grid, frame):
@@ -629,7 +657,7 @@ def zero_point_ratio(grid: FrameMeta, frame: FrameMeta) -> FluxRatio:
 
 
 def measure_flux_ratio(by_psf: FluxRatio, by_aperture: Callable[[], FluxRatio], by_zero_point: FluxRatio,
-                       what: str, config: ReferenceConfig) -> FluxRatio:
+                       what: str, min_stars: str) -> FluxRatio:
     """A frame's flux ratio F to the grid frame: the first of three measurements that gives one.
 
     1. ``by_psf``: PSF fits of isolated matched stars (:func:`_flux_ratio_and_psf`), the most
@@ -644,12 +672,18 @@ def measure_flux_ratio(by_psf: FluxRatio, by_aperture: Callable[[], FluxRatio], 
     (cirrus 0.1-0.5 mag, cloud several) and the airmass. Nor is F = 1, taken before when no
     isolated star measured F: a frame twice as deep entered the co-add at twice the grid's flux
     scale. When none measures F, the result's source is ``"none"`` and its reason says why; the
-    frame is then left out of the co-add (:func:`build_reference`).
+    frame is then left out of the co-add (:func:`build_reference`). The subtraction measures its
+    F_r, the reference's flux over the science frame's, the same way (the science frame as the
+    grid; :func:`broker.subtract.subtract_and_detect`), and the pipeline refuses a frame none
+    measures (:func:`broker.pipeline.process_frame`).
 
     Parameters
     ----------
     what : str
         The frame, for the reason ("frame X to the grid frame Y").
+    min_stars : str
+        The setting of the fewest stars and its value, for the reason
+        (``"[reference] flux_min_stars = 3"``).
     """
     if by_psf.measured:
         return by_psf
@@ -659,8 +693,8 @@ def measure_flux_ratio(by_psf: FluxRatio, by_aperture: Callable[[], FluxRatio], 
             return ratio
     return FluxRatio(float("nan"), "none", 0, (
         f"no flux ratio of {what} was measured: {by_psf.n_stars} isolated matched star(s) fitted and "
-        f"{aperture.n_stars} matched star(s) of S/N >= {APERTURE_MIN_SNR:g} in apertures, under [reference] "
-        f"flux_min_stars = {config.flux_min_stars}, and no measured zero points (MAGZP with MAGZPERR) of both frames"))
+        f"{aperture.n_stars} matched star(s) of S/N >= {APERTURE_MIN_SNR:g} in apertures, under {min_stars}, "
+        "and no measured zero points (MAGZP with MAGZPERR) of both images"))
 
 
 def _registered_input(frame: Frame, masks: tuple[np.ndarray, np.ndarray], grid: Frame, g_img: np.ndarray,
@@ -683,7 +717,7 @@ def _registered_input(frame: Frame, masks: tuple[np.ndarray, np.ndarray], grid: 
         by_psf, lambda: aperture_flux_ratio(g_img, ali.image, matched.x, matched.y, (g_sig, sig), wide,
                                             config.flux_min_stars),
         zero_point_ratio(grid.meta, frame.meta), f"frame {frame.meta.frame_id} to the grid frame {grid.meta.frame_id}",
-        config)
+        f"[reference] flux_min_stars = {config.flux_min_stars}")
     if not ratio.measured:
         return None, sat_on_grid, ratio
     return _scaled_input(ali.image, ali.variance, sig, ratio.value, fwhm, pf), sat_on_grid, ratio
@@ -730,7 +764,8 @@ def _reference_header(grid_header: fits.Header, key: tuple[str, str, str], metho
 
     ``FSCALEn`` and ``FSRCn`` give the flux ratio of the n-th co-added frame (1-based, in
     ``frame_ids`` order) and its source (:class:`FluxRatio`); ``NOMIT`` counts the frames left out,
-    ``OMITn`` and ``OMITRn`` give each one's id and reason (:attr:`Reference.omitted`).
+    ``OMITn`` and ``OMITRn`` give each one's id and reason (:attr:`Reference.omitted`). ``MAGZP`` and
+    ``MAGZPERR`` are the grid frame's when it has both (:attr:`Reference.magzp`).
     """
     header = fits.Header()
     header.update(grid_header)
@@ -746,7 +781,20 @@ def _reference_header(grid_header: fits.Header, key: tuple[str, str, str], metho
     for n, (frame_id, reason) in enumerate(co.omitted, start=1):
         header[f"OMIT{n}"] = frame_id
         header[f"OMITR{n}"] = reason
+    grid = co.frames[0].meta
+    if grid.magzp is not None and grid.magzp_err is not None and np.isfinite([grid.magzp, grid.magzp_err]).all():
+        header["MAGZP"] = (grid.magzp, "[mag] grid frame's (the co-add's flux scale)")
+        header["MAGZPERR"] = (grid.magzp_err, "[mag] 1-sigma uncertainty of MAGZP")
     return header
+
+
+def _header_float(header: fits.Header, key: str) -> float | None:
+    """The card ``key`` as a finite float, None when absent or not one."""
+    try:
+        value = float(header[key])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
 
 
 def build_reference(frames: list[Frame], config: ReferenceConfig = ReferenceConfig()) -> Reference:

@@ -7,7 +7,8 @@
    cosmic rays and detector defects interpolated over (:mod:`broker.defects`);
 3. **align**: the reference resampled onto the science grid (:func:`broker.align.align_reference`);
 4. **psf** (:func:`_match_psfs` -> :class:`PSFMatch`): science and reference PSFs from the same
-   matched stars (:mod:`broker.psf_match`), and the reference / science flux ratio F_r;
+   matched stars (:mod:`broker.psf_match`), and the reference / science flux ratio F_r
+   (:func:`_measured_flux_ratio`: those stars' PSF fits, else apertures, else zero points);
 5. **masks** (:func:`_masks` -> :class:`Masks`, :func:`_zogy_inputs` -> :class:`ZogyInputs`): bad
    pixels, variances, the zero-padded inputs of ZOGY and the registration noise;
 6. **zogy** (:func:`_zogy_images` -> :class:`ZogyImages`): ZOGY (:mod:`broker.zogy`) per PSF tile
@@ -49,7 +50,7 @@ from broker.detect import (
 )
 from broker.diffstore import DifferenceImage
 from broker.errors import BadPixelFraction, ReferenceUnavailable
-from broker.frame import Frame
+from broker.frame import Frame, FrameMeta
 from broker.masks import grow_square, saturated_mask
 from broker.psf import PSFConfig, build_psf, half_size_for, measure_fwhm, resize_stamp, select_psf_stars
 from broker.psf_match import (
@@ -61,7 +62,7 @@ from broker.psf_match import (
     tile_fwhm_span,
     tile_psfs,
 )
-from broker.reference import Reference
+from broker.reference import FluxRatio, Reference, aperture_flux_ratio, measure_flux_ratio, zero_point_ratio
 from broker.stars import StarConfig, StarList, find_stars
 from broker.zogy import interpolation_kernel, zogy
 
@@ -75,6 +76,10 @@ LIMIT_SIGMA = 5.0
 #: (:func:`scattered_blanks`): 20, so a cluster of up to ~5 NaN pixels is filled and the rim of a
 #: wide NaN region (at most 15 finite) is not.
 MIN_BLANK_DONORS = 20
+
+#: What measured F_r, as the diagnostic ``flux_ratio_source`` gives it: the index of the
+#: :class:`~broker.reference.FluxRatio` source in this tuple (0: nothing, F_r = 1 taken).
+FLUX_RATIO_SOURCES = ("none", "psf_stars", "aperture", "zero_point")
 
 #: Blank-sky std of S_corr (sigma) below which the reference shares the frame's noise and is refused
 #: (:func:`check_independent_noise`): two independent exposures give 1 (0.95-1.03 on the simulator,
@@ -140,8 +145,9 @@ class SubtractConfig:
         (:func:`broker.zogy.interpolation_kernel`) instead of white (True; matters for
         undersampled PSFs, see :func:`broker.zogy.zogy`).
     min_flux_ratio_stars : int
-        Matched stars needed for the measured flux ratio F_r (count); below, F_r = 1 (flagged). 3:
-        the fewest whose median rejects one outlier.
+        Matched stars needed for the flux ratio F_r (count), by the isolated stars' PSF fits or
+        else by apertures on every matched star (:func:`_measured_flux_ratio`). 3: the fewest whose
+        median rejects one outlier.
     renormalise_scorr : bool
         Always divide S_corr by its robust (MAD) standard deviation over blank sky when that is
         above 1. Off: the ZOGY variance terms give unit variance already (checked by the tests
@@ -217,14 +223,21 @@ class SubtractionResult:
         ``cand_id = f"{frame_id}/{i}"`` in order of decreasing |S_corr| (ties by y, x).
     diagnostics : dict of str -> float
         ``astrometric_residual_px``, ``n_matched_stars``, ``fwhm_science_px``,
-        ``fwhm_reference_px``, ``flux_ratio``, ``scorr_std`` (robust std of S_corr on blank sky),
+        ``fwhm_reference_px``, ``flux_ratio`` (F_r), ``flux_ratio_source`` (what measured it: the
+        index in :data:`FLUX_RATIO_SOURCES`), ``flux_ratio_n_stars`` (stars it rests on),
+        ``scorr_std`` (robust std of S_corr on blank sky),
         ``psf_fallback`` (1: science PSF is the Gaussian fallback), ``psf_common_stars`` (1: both
         PSFs stacked from the same matched stars; 0: science PSF from its own stars and the
         reference PSF from its stored stamp),
-        ``flux_ratio_fallback`` (0/1), ``n_psf_stars``, ``overlap``, ``bad_fraction``,
+        ``flux_ratio_fallback`` (1: nothing measured F_r and 1 was taken; :attr:`flux_ratio` says
+        why, and :func:`broker.pipeline.process_frame` refuses the frame), ``n_psf_stars``,
+        ``overlap``, ``bad_fraction``,
         ``n_candidates``, ``n_cosmic_rays`` (peaks vetoed as sharper than the PSF),
         ``limiting_flux`` (5 sigma point-source limit on blank sky, science ADU; :func:`limiting_flux`),
         ``t_<step>_s`` per step and ``t_total_s`` (s); see :func:`_diagnostics` for all.
+    flux_ratio : FluxRatio
+        F_r and what measured it (:func:`_measured_flux_ratio`); its ``reason`` says why nothing
+        did (source ``"none"``; the subtraction then took F_r = 1).
     images : dict of str -> ndarray, optional
         The full D (science ADU), S_corr and bad mask when ``keep_images`` was asked.
     difference : DifferenceImage or None
@@ -234,6 +247,7 @@ class SubtractionResult:
 
     candidates: list[Candidate]
     diagnostics: dict[str, float]
+    flux_ratio: FluxRatio
     images: dict[str, np.ndarray] = field(default_factory=dict)
     difference: DifferenceImage | None = None
 
@@ -412,8 +426,8 @@ class PSFMatch:
     fwhm_n, fwhm_r : float, their FWHMs (px).
     n_stars : int, stars stacked.
     matched : StarList, the science stars matched to reference stars.
-    flux_ratio : float, reference / science flux ratio F_r.
-    flux_ratio_fallback : bool, F_r = 1 for want of stars.
+    ratio : FluxRatio, reference / science flux ratio F_r and what measured it (NaN, source
+        ``"none"``, when nothing did; :func:`_measured_flux_ratio`).
     fallback : bool, the science PSF is the Gaussian fallback.
     common : bool, both PSFs stacked from the same matched stars.
     plan : StackPlan, the stacks' half-sizes and neighbour masks (per-tile PSFs use it too).
@@ -426,11 +440,20 @@ class PSFMatch:
     fwhm_r: float
     n_stars: int
     matched: StarList
-    flux_ratio: float
-    flux_ratio_fallback: bool
+    ratio: FluxRatio
     fallback: bool
     common: bool
     plan: StackPlan | None = None
+
+    @property
+    def flux_ratio(self) -> float:
+        """F_r the subtraction uses: the measured one, 1 when nothing measured it (:attr:`flux_ratio_fallback`)."""
+        return self.ratio.value if self.ratio.measured else 1.0
+
+    @property
+    def flux_ratio_fallback(self) -> bool:
+        """Nothing measured F_r: 1 is taken (every star of a frame of another flux scale leaves a residual)."""
+        return not self.ratio.measured
 
 
 @dataclass(frozen=True)
@@ -599,20 +622,43 @@ def scattered_blanks(image: np.ndarray) -> np.ndarray:
     return blank & (donors > MIN_BLANK_DONORS - 0.5)
 
 
-def _flux_ratio(ratio: np.ndarray, min_stars: int) -> tuple[float, bool]:
-    """Flux ratio F_r of the reference to the science frame, from the stars' ratios.
+def _psf_flux_ratio(ratio: np.ndarray, min_stars: int) -> FluxRatio:
+    """Flux ratio F_r of the reference to the science frame, from the isolated stars' PSF-fit ratios.
 
-    The sigma-clipped median of the stars' reference / science flux ratios, and whether it fell
-    back on 1 (fewer than ``min_stars`` ratios, or not a positive number).
+    The sigma-clipped median of the stars' reference / science flux ratios; NaN (not measured)
+    with fewer than ``min_stars`` ratios (:func:`_measured_flux_ratio` then tries the others).
     """
     if len(ratio) < min_stars:
-        return 1.0, True
+        return FluxRatio(float("nan"), "psf_stars", len(ratio))
     med = np.median(ratio)
     mad = 1.4826 * np.median(np.abs(ratio - med)) + 1e-12
-    flux_ratio = float(np.median(ratio[np.abs(ratio - med) < 3 * mad]))
-    if not (np.isfinite(flux_ratio) and flux_ratio > 0):
-        return 1.0, True
-    return flux_ratio, False
+    return FluxRatio(float(np.median(ratio[np.abs(ratio - med) < 3 * mad])), "psf_stars", len(ratio))
+
+
+def _measured_flux_ratio(science: PreparedScience, ali: Alignment, psfs: PSFMatch, reference: Reference,
+                         meta: FrameMeta, config: SubtractConfig) -> FluxRatio:
+    """Step 4b: F_r by the isolated stars' PSF fits, else apertures on every matched star, else zero points.
+
+    :func:`broker.reference.measure_flux_ratio`, as the reference co-add measures each frame's flux
+    ratio, with the science frame as the grid: apertures of 3 FWHM of the broader PSF on the
+    background-subtracted science (NaN where saturated) and the aligned reference, from
+    ``min_flux_ratio_stars`` stars of S/N >= 20 in both; else the frame's and the reference's
+    measured zero points (:attr:`broker.reference.Reference.magzp`). With the Gaussian fallback
+    PSFs of a field without isolated stars, F_r = 1 was taken: a science frame twice as deep as
+    the reference left every star in the difference (see ``tests/broker/test_subtract.py``).
+    Source ``"none"`` when nothing measures it.
+    """
+    N = np.where(science.sky.raw_saturated, np.nan, science.N)
+    var = ali.variance[::4, ::4]
+    var = var[np.isfinite(var) & (var > 0)]
+    sigma_r = float(np.sqrt(np.median(var))) if var.size else float("nan")
+    fwhms = [f for f in (science.stars.fwhm, psfs.fwhm_r) if np.isfinite(f) and f > 0]
+    wide = max(fwhms or [config.psf.fallback_fwhm_px])
+    m, n = psfs.matched, config.min_flux_ratio_stars
+    return measure_flux_ratio(
+        psfs.ratio, lambda: aperture_flux_ratio(N, ali.image, m.x, m.y, (science.sky.sigma_n, sigma_r), wide, n),
+        zero_point_ratio(meta, reference), f"the reference to frame {meta.frame_id}",
+        f"[subtract] min_flux_ratio_stars = {n}")
 
 
 def _own_psfs(N: np.ndarray, stars: StarList, reference_psf: np.ndarray, matrix: np.ndarray, h: int,
@@ -662,16 +708,16 @@ def _match_psfs(science: PreparedScience, R: np.ndarray, ali: Alignment, referen
     idx = select_psf_stars(matched, shape, h, config.psf, (science.stars.x, science.stars.y))
     P_n = P_r = None
     n_psf = 0
-    flux_ratio, fr_fallback = 1.0, True
+    by_psf = FluxRatio(float("nan"), "psf_stars", len(idx))
     if len(idx) >= config.min_flux_ratio_stars:
         P_n, P_r, n_psf, ratio = common_psfs(N, R, matched.x[idx], matched.y[idx], h, config.psf.min_stars, plan)
-        flux_ratio, fr_fallback = _flux_ratio(ratio, config.min_flux_ratio_stars)
+        by_psf = _psf_flux_ratio(ratio, config.min_flux_ratio_stars)
     fallback, common = False, True
     if P_n is None or P_r is None:
         common = False
         P_n, P_r, n_psf, fallback = _own_psfs(N, science.stars, reference_psf, ali.matrix, h, config.psf)
-    return PSFMatch(P_n, P_r, h, measure_fwhm(P_n), measure_fwhm(P_r), n_psf, matched, flux_ratio,
-                    fr_fallback, fallback, common, plan)
+    return PSFMatch(P_n, P_r, h, measure_fwhm(P_n), measure_fwhm(P_r), n_psf, matched, by_psf, fallback, common,
+                    plan)
 
 
 def _masks(science: PreparedScience, ali: Alignment, psfs: PSFMatch, saturation: float, gain: float,
@@ -951,6 +997,8 @@ def _diagnostics(science: PreparedScience, ali: Alignment, psfs: PSFMatch, masks
         "fwhm_science_tile_range_px": float(np.ptp(images.fwhm_tiles)),
         "flux_ratio": float(psfs.flux_ratio),
         "flux_ratio_fallback": float(psfs.flux_ratio_fallback),
+        "flux_ratio_source": float(FLUX_RATIO_SOURCES.index(psfs.ratio.source) if psfs.ratio.measured else 0),
+        "flux_ratio_n_stars": float(psfs.ratio.n_stars),
         "psf_fallback": float(psfs.fallback),
         "psf_common_stars": float(psfs.common),
         "n_psf_stars": float(psfs.n_stars),
@@ -1046,6 +1094,7 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
                               sky.sci.shape, science.stars, config.align, prepared=reference.resampleable())
     with timer.step("psf"):
         psfs = _match_psfs(science, ali.image, ali, reference.psf, config)
+        psfs = replace(psfs, ratio=_measured_flux_ratio(science, ali, psfs, reference, meta, config))
     with timer.step("masks"):
         masks = _masks(science, ali, psfs, meta.saturation, meta.gain, reference.variance, config)
         inputs = _zogy_inputs(science, ali.image, masks, psfs, _astrometric_noise(ali, config))
@@ -1068,4 +1117,4 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
     diag.update(timer.times)
     diag["t_total_s"] = timer.total()
     kept = {"D": images.D_adu, "S_corr": images.S_corr, "bad": masks.bad} if keep_images else {}
-    return SubtractionResult(cands, diag, kept, difference)
+    return SubtractionResult(cands, diag, psfs.ratio, kept, difference)

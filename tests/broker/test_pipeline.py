@@ -289,3 +289,16 @@ def test_a_pending_frame_that_cannot_serve_sets_the_pending_frames_aside(frames,
     with pytest.raises(ReferenceUnavailable, match=f"frame {f1.meta.frame_id} cannot serve.*constant 67%"):
         process_frame(f2, store)
     assert store.pending(f0.meta.reference_key) == []
+
+
+def test_a_frame_whose_flux_ratio_nothing_measures_is_refused():
+    """A subtraction at F_r = 1 for want of a measurement is no alert source: ``poor_quality`` with its reason."""
+    from broker.errors import PoorQuality
+    from broker.subtract import SubtractConfig
+    from tests.broker.test_subtract import _paired_pair
+
+    sci, ref = _paired_pair(9, 1.0)
+    assert process_frame(sci, FixedReference(ref)).status == SUBTRACTED
+    with pytest.raises(PoorQuality, match=r"frame s not subtracted: no flux ratio of the reference to frame s") as err:
+        process_frame(sci, FixedReference(ref), SubtractConfig(min_flux_ratio_stars=1000))
+    assert err.value.reason == "poor_quality" and "min_flux_ratio_stars = 1000" in str(err.value)

@@ -528,9 +528,13 @@ def test_a_frame_whose_flux_ratio_nothing_measures_is_left_out_with_its_reason(t
     assert "flux_min_stars = 1000" in why and "zero points" in why
     ref.save(tmp_path / "ref.fits")
     assert Reference.load(tmp_path / "ref.fits").omitted == ref.omitted
+    # the co-add is on the grid frame's flux scale: its measured zero point is the reference's
+    loaded = Reference.load(tmp_path / "ref.fits")
+    assert (ref.magzp, ref.magzp_err) == (loaded.magzp, loaded.magzp_err) == (zp, 0.01)
     # nothing measures either: the reference is the grid frame alone
     alone = build_reference([frames[0], frames[1], _paired_frames()[0][2]], ReferenceConfig(flux_min_stars=1000))
     assert alone.frame_ids == ("P-0",) and [f for f, _ in alone.omitted] == ["P-1", "P-2"]
+    assert build_reference(_paired_frames()[0][:1], ReferenceConfig(n_frames=1)).magzp is None  # none measured
     with pytest.raises(ConfigError, match="flux_min_stars must be 1 or more"):
         ReferenceConfig(flux_min_stars=0)
 
