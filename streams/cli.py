@@ -893,9 +893,9 @@ def print_summary(result: DemoResult, rb_cut: float, elapsed: float) -> None:
     table.add_row("  right class, by truth", ", ".join(
         f"{k} {right}/{n}" for k, (right, n) in result.classes_vs_truth(rb_cut).items()) or "none")
     table.add_row("context", ", ".join(f"{k}: {v}" for k, v in result.context_counts().items()))
-    for rank, (alert, truth) in enumerate(result.anomaly_top(10), 1):
+    for rank, (alert, truth) in enumerate(result.anomaly_top(10, rb_cut), 1):
         label = (alert.get("classification") or {}).get("label", "-")
-        table.add_row(f"  anomaly #{rank}" if rank > 1 else "anomaly top 10",
+        table.add_row(f"  anomaly #{rank}" if rank > 1 else f"anomaly top 10 (rb >= {rb_cut})",
                       f"{alert['scores']['anomaly']:.3f} {alert['candid']} rb={_score(alert['scores']['rb'])} "
                       f"class={label}: injected {truth}")
     _followup_rows(table, result)

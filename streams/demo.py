@@ -205,9 +205,14 @@ class DemoResult:
             out[want] = (right + (got == want), total + 1)
         return {k: out[k] for k in (*TRUTH_CLASS.values(), "bogus") if k in out}
 
-    def anomaly_top(self, n: int = 10) -> list[tuple[dict, str]]:
-        """The ``n`` alerts of highest anomaly score with what was injected there (:meth:`truth_of`)."""
-        ranked = sorted(self.alerts, key=lambda a: -a["scores"]["anomaly"])[:n]
+    def anomaly_top(self, n: int = 10, rb_cut: float | None = None) -> list[tuple[dict, str]]:
+        """The ``n`` alerts of highest anomaly score with what was injected there (:meth:`truth_of`).
+
+        Alerts with rb below ``rb_cut`` are left out, as a subscriber's filter leaves them: the
+        anomaly score is not a real/bogus score (``docs/architecture.md``), so a bogus candidate's
+        unusual history can rank high on it.
+        """
+        ranked = sorted(self._alerts_above(rb_cut), key=lambda a: -a["scores"]["anomaly"])[:n]
         return [(a, self.truth_of(a)) for a in ranked]
 
     def context_counts(self) -> dict[str, int]:

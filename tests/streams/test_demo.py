@@ -58,3 +58,14 @@ def test_classes_are_checked_against_what_was_injected():
                   alert(hot.x, hot.y, "bogus"), alert(tr[0].x, tr[0].y, "SN", rb=0.1)]
     assert res.classes_vs_truth(0.5) == {"SN": (1, 2), "variable_star": (1, 1), "bogus": (1, 2)}
     assert res.classes_vs_truth()["SN"] == (2, 3)
+
+
+def test_anomaly_top_ranks_the_alerts_above_the_rb_cut():
+    res = DemoResult()
+
+    def alert(anomaly: float, rb: float | None) -> dict:
+        return {**_alert("F", 1.0, 1.0), "scores": {"rb": rb, "anomaly": anomaly}}
+
+    res.alerts = [alert(0.5, 0.9), alert(1.0, 0.02), alert(0.8, 0.6), alert(0.99, None), alert(0.7, 0.5)]
+    assert [a["scores"]["anomaly"] for a, _ in res.anomaly_top(2, 0.5)] == [0.8, 0.7]
+    assert [a["scores"]["anomaly"] for a, _ in res.anomaly_top(2)] == [1.0, 0.99]
