@@ -11,7 +11,9 @@ as a portal thread keeps it), times ``queries.cone`` (5 arcsec and 0.5 deg aroun
 random) and ``queries.latest`` (the first page of 100, and a page at a cursor), each read from the
 files whose bounds may hold its rows (``DataFile`` bounds, ``may_hold_cone``) and from every file
 (the same queries with the file filter dropped: what they did before), alternately, median of
-``--repeat``. Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
+``--repeat``; and ``queries.object_records`` (the object page's read: the files found from the
+``object_id`` column, then the records from those) against its one query before, over every file.
+Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
 """
 
 from __future__ import annotations
@@ -80,21 +82,28 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
 def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tuple[str, float, float]], dict]:
     """(read, pruned ms, every file ms) of each read, medians of ``repeat``; and the files the cones keep (median)."""
     plain = Unpruned(view)
-    spots = view.query(f"SELECT ra, dec, mjd, alert_id FROM alerts USING SAMPLE {repeat} ROWS (reservoir, {seed})"
-                       ).to_pylist()
+    spots = view.query(f"SELECT ra, dec, mjd, alert_id, object_id FROM alerts USING SAMPLE {repeat} ROWS "
+                       f"(reservoir, {seed})").to_pylist()
     reads: dict[str, Callable[[Any, dict], Any]] = {
         "cone 5 arcsec (`queries.cone`)": lambda v, p: queries.cone(v, p["ra"], p["dec"], 5.0, 100),
         "cone 0.5 deg (`queries.cone`)": lambda v, p: queries.cone(v, p["ra"], p["dec"], 1800.0, 100),
         "newest 100 (`queries.latest`)": lambda v, p: queries.latest(v, 100, None),
         "100 before an alert (`queries.latest`, cursor)": lambda v, p: queries.latest(
             v, 100, encode_cursor(p["mjd"], p["alert_id"])),
+        "an object's records (`queries.object_records`, the object page)": lambda v, p: queries.object_records(
+            v, p["object_id"]),
+    }
+    before: dict[str, Callable[[Any, dict], Any]] = {  # reads whose code before was another query
+        "an object's records (`queries.object_records`, the object page)": lambda v, p: queries.records_of(
+            v, f"SELECT schema_version, alert FROM alerts WHERE object_id = '{p['object_id']}' ORDER BY mjd, "
+               "kafka_topic, kafka_partition, kafka_offset"),
     }
     out = []
     for name, read in reads.items():
         pruned, every = [], []
         for p in spots:
             t_pruned, a = timed(read, view, p)
-            t_every, b = timed(read, plain, p)
+            t_every, b = timed(before.get(name, read), plain, p)
             if a != b:
                 raise AssertionError(f"{name}: the pruned read answered other rows at {p}")
             pruned.append(t_pruned)

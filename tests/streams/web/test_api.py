@@ -219,6 +219,62 @@ def test_an_object_has_its_light_curve_history_and_alerts(client, state):
     assert body["classification"]["label"] == "SN" and body["context"] is not None
 
 
+def test_an_objects_records_come_from_the_files_that_hold_them_as_from_every_file(tmp_path):
+    """``object_records`` reads the records from the files its ``object_id`` scan finds: the same as from every file.
+
+    Three objects' alerts spread over four commits (a file each), an alert archived again in a later
+    file (a later copy: not shown) and one whose first copy (topic ``a_early``, first in Kafka order)
+    is in a later file than its other; then a compaction between the two steps (the files found are
+    retired): the records are read again from every file.
+    """
+    from broker.archive.config import ArchiveConfig
+    from broker.archive.reader import Archive
+    from broker.archive.rows import Archived
+    from broker.archive.writer import ArchiveWriter
+    from streams.web import queries
+    from tests.broker.test_archive import _commit_at, _copy, archived, commit, objects
+
+    records = objects(48, 3, seed=7)
+    for i, rec in enumerate(records):
+        rec["objectId"] = f"OBJ{i % 3}" if i % 4 == 0 else rec["objectId"]
+        rec["source"]["mjd"] = 60000.1 + i * 0.01  # one night: the files can be merged
+    writer = ArchiveWriter(Archive(tmp_path / "archive"), ArchiveConfig(compact_files=2))
+    writer.recover()
+    for start in range(0, 48, 12):
+        commit(writer, archived(records[start:start + 12], start=start))
+    again = [Archived(_copy(records[0], mjd=60100.0), 3, "alerts", 0, 48),
+             Archived(_copy(records[4], mjd=59000.0), 3, "a_early", 0, 0)]  # OBJ0's first alert, OBJ1's
+    _commit_at(writer, again)
+    view = queries.ArchiveView(Archive(tmp_path / "archive"))
+    files = view.files()
+
+    def every_file(oid: str) -> list[dict]:
+        return queries.records_of(view, "SELECT schema_version, alert FROM alerts WHERE object_id = "
+                                        f"'{oid}' ORDER BY mjd, kafka_topic, kafka_partition, kafka_offset")
+
+    for oid in ("OBJ0", "OBJ1", "OBJ2", records[1]["objectId"], "OBJnone"):
+        assert queries.object_records(view, oid) == every_file(oid)
+    mjds = [[r["source"]["mjd"] for r in queries.object_records(view, oid)] for oid in ("OBJ0", "OBJ1")]
+    assert mjds[0][0] == 60000.1 and 60100.0 not in mjds[0] and mjds[1][0] == 59000.0
+    assert list(map(len, mjds)) == [4, 4] and 60000.14 not in mjds[1]
+    expected, compacted = every_file("OBJ1"), []
+
+    class CompactedBetween:
+        """The view, compacted once after the first query (the files it found are retired)."""
+
+        def files(self) -> list:
+            return view.files()
+
+        def query(self, sql: str, *, keep=None):
+            out = view.query(sql, keep=keep)
+            if not compacted:
+                compacted.extend(writer.compact())
+            return out
+
+    assert queries.object_records(CompactedBetween(), "OBJ1") == expected and compacted
+    assert {f.path for f in files} - {f.path for f in view.files()}  # retired
+
+
 def test_an_object_id_with_quotes_is_data_not_sql(client):
     response = client.get("/api/v1/objects/x' OR '1'='1")
     assert response.status_code == 404
