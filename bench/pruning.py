@@ -12,8 +12,9 @@ random) and ``queries.latest`` (the first page of 100, and a page at a cursor), 
 files whose bounds may hold its rows (``DataFile`` bounds, ``may_hold_cone``) and from every file
 (the same queries with the file filter dropped: what they did before), alternately, median of
 ``--repeat``; and ``queries.object_records`` (the object page's read: the files found from the
-``object_id`` column, then the records from those) against its one query before, over every file.
-Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
+``object_id`` column, then the records from those) against its one query before, over every file,
+and TAP cones (``TapView.run``, ``SELECT TOP 1000 *`` of 5 arcsec and 0.5 deg) with and without
+the files' bounds. Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from broker.archive.log import DataFile, OffsetRange
 from broker.archive.reader import Archive, FileFilter, may_hold_cone
 from broker.archive.rows import Archived, to_batch, version_of
 from broker.archive.writer import ArchiveWriter
-from streams.web import queries
+from streams.web import adql, queries, tap_schema
+from streams.web.config import WebConfig
 from streams.web.records import encode_cursor
+from streams.web.tap import TapView
 
 
 def write_fields(root: Path, n_files: int, per_file: int) -> None:
@@ -79,6 +82,14 @@ def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def tap_cone(tap: TapView, p: dict, radius: float, pruned: bool) -> list[dict]:
+    """The rows of a TAP cone of ``radius`` (deg) at ``p``: from the files its bounds admit (``pruned``), or all."""
+    query = (f"SELECT TOP 1000 * FROM broker.alerts WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), "
+             f"CIRCLE('ICRS', {p['ra']!r}, {p['dec']!r}, {radius!r}))")
+    t = adql.translate(query, tap_schema.published(), 1000)
+    return tap.run(t.sql, t.tables, cone=t.cone if pruned else None).to_pylist()
+
+
 def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tuple[str, float, float]], dict]:
     """(read, pruned ms, every file ms) of each read, medians of ``repeat``; and the files the cones keep (median)."""
     plain = Unpruned(view)
@@ -98,6 +109,11 @@ def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tup
             v, f"SELECT schema_version, alert FROM alerts WHERE object_id = '{p['object_id']}' ORDER BY mjd, "
                "kafka_topic, kafka_partition, kafka_offset"),
     }
+    tap = TapView(view.archive, WebConfig())
+    for radius, size in ((5 / 3600, "5 arcsec"), (0.5, "0.5 deg")):
+        name = f"TAP cone {size}, `SELECT TOP 1000 *` (`TapView.run`)"
+        reads[name] = lambda v, p, r=radius: tap_cone(tap, p, r, True)
+        before[name] = lambda v, p, r=radius: tap_cone(tap, p, r, False)
     out = []
     for name, read in reads.items():
         pruned, every = [], []

@@ -390,7 +390,7 @@ class Archive:
                     return ArchiveCorrupt(f"{self.url}: {f.path} is unreadable: {text}")
         return ArchiveError(f"query failed: {text}")
 
-    def within(self, files: Sequence[DataFile], keep: FileFilter | None) -> str:
+    def within(self, files: Sequence[DataFile], keep: FileFilter | None, then: Sequence[tuple[str, str]] = ()) -> str:
         """A ``WITH`` that makes ``alerts`` the rows of ``alerts`` in the files of ``files`` that ``keep`` keeps.
 
         To put before a query of ``alerts`` (a ``SELECT``, not a ``WITH``) on a connection over
@@ -399,6 +399,8 @@ class Archive:
         of each alert is still that of the view over every file (its later copies are found once,
         over all of them), so a query whose rows ``keep`` cannot drop (:func:`may_hold_cone`)
         answers the same rows as over ``alerts``. Empty where ``keep`` is None or keeps every file.
+        ``then`` are more (name, ``SELECT``) of the ``WITH``, after ``alerts``: a view over it of the
+        same name, so that a query of that view reads the files kept too.
         """
         if keep is None:
             return ""
@@ -407,7 +409,8 @@ class Archive:
             return ""
         names = ", ".join(_sql_str(self._duck_path(f.path)) for f in kept)
         only = f"filename IN ({names})" if kept else "false"
-        return f"WITH {VIEW} AS NOT MATERIALIZED (SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files WHERE {only}) "
+        views = "".join(f", {name} AS NOT MATERIALIZED ({sql})" for name, sql in then)
+        return f"WITH {VIEW} AS NOT MATERIALIZED (SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files WHERE {only}){views} "
 
     def query(self, sql: str, verify: bool = False, keep: FileFilter | None = None) -> pa.Table:
         """The result of ``sql`` over the view ``alerts``, of the files ``keep`` keeps (default every one).

@@ -105,12 +105,16 @@ class Translation:
         of them (``SELECT *``).
     top : int or None
         The query's own ``TOP`` (count), None without.
+    cone : tuple of float or None
+        (RA, Dec, radius) (deg) of a circle that holds every row the query reads (:func:`_cone_of`):
+        its one table's ``ra`` and ``dec`` must be in it. None where no such circle is known.
     """
 
     sql: str
     tables: tuple[str, ...]
     plain: frozenset[str] | None
     top: int | None
+    cone: tuple[float, float, float] | None = None
 
 
 def sql_literal(text: str) -> str:
@@ -344,6 +348,39 @@ def _geometry(node: exp.Expression) -> exp.Expression:
     return node
 
 
+def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
+    """The terms of ``node`` as a chain of ANDs (through parentheses): ``node`` itself if it is none."""
+    if isinstance(node, exp.And):
+        return _conjuncts(node.this) + _conjuncts(node.expression)
+    if isinstance(node, exp.Paren) and isinstance(node.this, (exp.And, exp.Paren)):
+        return _conjuncts(node.this)
+    return [node]
+
+
+def _cone_of(tree: exp.Query) -> tuple[float, float, float] | None:
+    """(RA, Dec, radius) (deg) of ``CONTAINS(POINT(ra, dec), CIRCLE(...)) = 1`` ANDed at the top of ``tree``'s WHERE.
+
+    Only of one SELECT over one table, with no subquery, no join and no set operation, its circle
+    of numbers and its point the table's own columns ``ra`` and ``dec``: every row the query
+    reads, aggregated or not, is then in the circle. ``tree`` is the query with its geometry made
+    DuckDB's (:func:`_geometry`: such a term is ``(in_cone(ra, dec, ra0, dec0, r))``). None otherwise
+    (an OR, a NOT, ``= 0``, a BOX or POLYGON, a circle of expressions).
+    """
+    if not isinstance(tree, exp.Select) or len(list(tree.find_all(exp.Table))) != 1 or \
+            len(list(tree.find_all(exp.Select))) != 1 or tree.args.get("where") is None:
+        return None
+    for term in _conjuncts(tree.args["where"].this):
+        call = term.this if isinstance(term, exp.Paren) else None
+        if not (isinstance(call, exp.Anonymous) and call.name == "in_cone" and len(call.expressions) == 5):
+            continue
+        ra, dec, *circle = call.expressions
+        ra0, dec0, radius = (_number(v) for v in circle)
+        point = [c.name.lower() if isinstance(c, exp.Column) else None for c in (ra, dec)]
+        if point == ["ra", "dec"] and ra0 is not None and dec0 is not None and radius is not None:
+            return ra0, dec0, radius
+    return None
+
+
 def _published_subquery(table: exp.Table, names: Mapping[str, Published]) -> exp.Expression:
     """The subquery that reads a published table in place of its name, under its alias (or its name)."""
     published = names[_table_key(table)]
@@ -425,6 +462,7 @@ def _translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Tran
     if left is not None:
         raise _refuse(f"{left.name.upper()} is only read {ADQL_FUNCTIONS[left.name.upper()]}")
     tables = tuple(dict.fromkeys(names[_table_key(t)].name for t in tree.find_all(exp.Table)))
+    cone = _cone_of(tree)
     for column in tree.find_all(exp.Column):
         if column.args.get("db") is not None:  # TAP_SCHEMA.tables.table_name: the table's alias is its name
             column.set("db", None)
@@ -435,4 +473,4 @@ def _translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Tran
     for table in list(tree.find_all(exp.Table)):
         table.replace(_published_subquery(table, names))
     top = _limit(tree, maxrec)
-    return Translation(_generate(tree, sources), tables, plain, top)
+    return Translation(_generate(tree, sources), tables, plain, top, cone)

@@ -38,6 +38,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from broker.archive.log import DataFile
+from broker.archive.reader import may_hold_cone
 from broker.errors import ArchiveError, BrokerError, InvalidQuery
 from streams.triplet_png import printable
 from streams.web import adql, regions, tap_examples, tap_schema, tap_upload, vo
@@ -179,8 +180,8 @@ class TapView(ArchiveView):
             con.execute("SET lock_configuration = true")
 
     def run(self, sql: str, tables: tuple[str, ...] = (), stop: Stop | None = None,
-            timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = (), spent_s: float = 0.0
-            ) -> pa.Table:
+            timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = (), spent_s: float = 0.0,
+            cone: tuple[float, float, float] | None = None) -> pa.Table:
         """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
 
         ``tables`` are the published tables it reads: with ``broker.objects``, its rows are those of
@@ -189,6 +190,9 @@ class TapView(ArchiveView):
         ``spent_s`` (s) are already spent (reading the uploads); ``stop`` interrupts it from another
         thread (an asynchronous job aborted), which is InvalidQuery too. ``uploads`` are registered
         on the connection for this query only (``TAP_UPLOAD.name``), under the same limits.
+        ``cone`` (RA, Dec, radius, deg; :attr:`streams.web.adql.Translation.cone`) holds every row a
+        query of ``broker.alerts`` alone reads: it reads only the files whose bounds may hold one
+        (:meth:`_within`).
         """
         import duckdb
 
@@ -211,7 +215,7 @@ class TapView(ArchiveView):
                 self._register_objects(con, files)
             for upload in uploads:
                 con.register(upload.registered, upload.rows)
-            return con.sql(sql).to_arrow_table()
+            return con.sql(self._within(files, tables, cone) + sql).to_arrow_table()
         except duckdb.InterruptException:
             if stop is not None and stop.requested:
                 raise InvalidQuery("the job was aborted while its query ran") from None
@@ -231,6 +235,20 @@ class TapView(ArchiveView):
                 stop.detach()
             if fired.is_set():  # an interrupt may outlive its query: this connection is not used again
                 self._forget()
+
+
+    def _within(self, files: list[DataFile], tables: tuple[str, ...], cone: tuple[float, float, float] | None) -> str:
+        """The ``WITH`` that makes ``broker.alerts``' view read the files ``cone`` may reach (as REST's cone), or "".
+
+        Only for a query of ``broker.alerts`` alone (:meth:`broker.archive.reader.Archive.within`: the
+        first copy of each alert is still that of every file).
+        """
+        if cone is None or tables != (tap_schema.table_of("broker.alerts").name,):
+            return ""
+        ra, dec, radius = cone
+        classified = tap_schema.classified(f.schema_version for f in files)
+        return self.archive.within(files, lambda f: may_hold_cone(f, ra, dec, radius),
+                                   ((tap_schema.ALERTS_VIEW, tap_schema.alerts_sql(classified)),))
 
 
 def time_limit(config: WebConfig, timeout_s: float | None = None) -> float:
@@ -371,7 +389,7 @@ def execute(portal: Portal, params: Mapping[str, list[str]], stop: Stop | None =
         translation = adql.translate(request.query, tap_schema.published() + tuple(u.published() for u in uploads),
                                      request.maxrec)
         table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s, uploads,
-                                     time.monotonic() - started)
+                                     time.monotonic() - started, translation.cone)
         if request.csv:
             return TapAnswer(result_csv(table, translation, request.maxrec, uploads), CSV_TYPE)
         return TapAnswer(result_votable(table, translation, request.maxrec, uploads), VOTABLE_TYPE)

@@ -561,3 +561,79 @@ def test_a_result_too_wide_is_refused_and_one_too_large_cut_with_overflow(client
     text = pa.table({"t": ["x" * 1000] * 50})
     assert tap.answered(text, 100)[0] < 10 and "MiB" in tap.answered(text, 100)[1]
     assert len(tap.result_csv(text, translation, 100).splitlines()) == 1 + tap.answered(text, 100)[0]
+
+
+#: ADQL over ``broker.alerts`` with a CONTAINS cone ANDed at the top of its WHERE (``{c}``: the term), read
+#: from the files the cone may reach.
+PRUNED_ADQL = [
+    "SELECT alert_id, ra, dec, mjd, rb, class_label FROM broker.alerts WHERE {c} ORDER BY alert_id",
+    "SELECT COUNT(*) AS n, MIN(mjd) AS lo, MAX(rb) AS hi FROM alerts WHERE rb >= 0 AND ({c})",
+    "SELECT TOP 5 a.alert_id FROM alerts AS a WHERE a.mjd > 0 AND {a} ORDER BY a.alert_id DESC",
+    "SELECT object_id, COUNT(*) AS n FROM alerts WHERE ({c} AND mjd > 0) GROUP BY object_id HAVING COUNT(*) >= 1 "
+    "ORDER BY object_id",
+    "SELECT DISTINCT telescope FROM alerts WHERE {c} AND 1 = 1",
+]
+#: ADQL that must read every file: the cone ORed, negated, = 0, beside a subquery, a join, a set operation, a
+#: derived table, another table, the point's coordinates swapped, a radius that is an expression.
+UNPRUNED_ADQL = [
+    "SELECT alert_id FROM alerts WHERE {c} OR rb > 0.5 ORDER BY alert_id",
+    "SELECT COUNT(*) AS n FROM alerts WHERE NOT ({c})",
+    "SELECT COUNT(*) AS n FROM alerts WHERE {z}",
+    "SELECT alert_id FROM alerts WHERE {c} AND alert_id IN (SELECT alert_id FROM alerts WHERE rb > 0.5) "
+    "ORDER BY alert_id",
+    "SELECT a.alert_id FROM alerts AS a JOIN alerts AS b ON a.alert_id = b.alert_id WHERE {a} ORDER BY a.alert_id",
+    "SELECT alert_id FROM alerts WHERE {c} UNION SELECT alert_id FROM alerts WHERE rb > 0.9",
+    "SELECT COUNT(*) AS n FROM (SELECT * FROM alerts) AS s WHERE {c}",
+    "SELECT COUNT(*) AS n FROM broker.objects WHERE {c}",
+    "SELECT COUNT(*) AS n FROM alerts WHERE 1 = CONTAINS(POINT('ICRS', dec, ra), CIRCLE('ICRS', {dec}, {ra}, {r}))",
+    "SELECT COUNT(*) AS n FROM alerts WHERE 1 = CONTAINS(POINT('ICRS', ra, dec), CIRCLE('ICRS', {ra}, {dec}, "
+    "{r} + 0))",
+]
+
+
+def test_a_tap_cone_over_alerts_reads_the_files_it_may_reach_and_answers_what_every_file_does(tmp_path):
+    """A cone ANDed at the top of a query of ``broker.alerts`` alone reads the files it may reach: rows as every file.
+
+    The cone is ``CONTAINS(POINT(ra, dec), CIRCLE) = 1``, the files those whose bounds may hold the
+    circle (``may_hold_cone``, as REST's cone). Over ``tests/broker/test_archive.py``'s files of one
+    region each, with first and later copies across files, a file without bounds and one at RA 360.2;
+    cones on each region, across RA 0/360, at the poles, of radius 0 and 180. Queries with the cone ORed,
+    negated, beside a subquery or in a join are not pruned. A file outside the cone damaged: the pruned
+    query still answers, the one over every file fails.
+    """
+    from broker.archive.reader import may_hold_cone
+    from broker.archive.writer import ArchiveWriter
+    from broker.errors import ArchiveCorrupt
+    from streams.web.config import WebConfig
+    from streams.web.tap import TapView
+    from tests.broker.test_archive import PRUNE_CONES, REGIONS, sky_of_files
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    sky_of_files(writer)
+    view = TapView(Archive(tmp_path / "archive"), WebConfig.for_state_dir(tmp_path))
+    files, pruned = view.files(), 0
+    for ra, dec, r in PRUNE_CONES:
+        circle = f"CIRCLE('ICRS', {ra}, {dec}, {r})"
+        terms = {"c": f"1 = CONTAINS(POINT('ICRS', ra, dec), {circle})", "ra": ra, "dec": dec, "r": r,
+                 "z": f"CONTAINS(POINT(ra, dec), {circle}) = 0",
+                 "a": f"CONTAINS(POINT('ICRS', a.ra, a.dec), {circle}) = 1"}
+        for query in PRUNED_ADQL + UNPRUNED_ADQL:
+            t = adql.translate(query.format(**terms), tap_schema.published(), 1000)
+            assert (view._within(files, t.tables, t.cone) != "") == (
+                query in PRUNED_ADQL and not all(may_hold_cone(f, ra, dec, r) for f in files)), query
+            if query in UNPRUNED_ADQL:
+                continue
+            rows = [view.run(t.sql, t.tables, cone=cone).to_pylist() for cone in (t.cone, None)]
+            if "ORDER BY" not in query:
+                rows = [sorted(r, key=repr) for r in rows]
+            assert rows[0] == rows[1], query
+            pruned += query in PRUNED_ADQL and t.cone == (ra, dec, r)
+    assert pruned == len(PRUNE_CONES) * len(PRUNED_ADQL)
+    t = adql.translate(PRUNED_ADQL[0].format(c=f"1 = CONTAINS(POINT(ra, dec), CIRCLE({REGIONS[5][0]}, "
+                                                f"{REGIONS[5][1]}, 0.6))"), tap_schema.published(), 1000)
+    expected = view.run(t.sql, t.tables).to_pylist()
+    view.archive.fs.pipe_file(view.archive.path(files[3].path), b"\0" * files[3].size)  # region 3's file
+    assert view.run(t.sql, t.tables, cone=t.cone).to_pylist() == expected and len(expected) == 24
+    with pytest.raises(ArchiveCorrupt, match="unreadable"):
+        view.run(t.sql, t.tables)
