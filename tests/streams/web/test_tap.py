@@ -572,6 +572,8 @@ PRUNED_ADQL = [
     "SELECT object_id, COUNT(*) AS n FROM alerts WHERE ({c} AND mjd > 0) GROUP BY object_id HAVING COUNT(*) >= 1 "
     "ORDER BY object_id",
     "SELECT DISTINCT telescope FROM alerts WHERE {c} AND 1 = 1",
+    "SELECT alert_id FROM alerts WHERE INTERSECTS(CIRCLE(POINT('ICRS', {ra}, {dec}), {r}), POINT(ra, dec)) = 1 "
+    "ORDER BY alert_id",
 ]
 #: ADQL that must read every file: the cone ORed, negated, = 0, beside a subquery, a join, a set operation, a
 #: derived table, another table, the point's coordinates swapped, a radius that is an expression.
