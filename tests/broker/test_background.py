@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from broker.background import BackgroundConfig, estimate_background
+from broker.background import BackgroundConfig, estimate_background, residual_sky
 from broker.errors import BadPixelFraction, ConfigError
 from tests.broker.conftest import make_frame, make_sky
 
@@ -54,3 +54,21 @@ def test_the_widest_mesh_filter_runs(small_shape):
     frame = make_frame(1, small_shape, make_sky(1, small_shape, 30), sky_level=300.0, read_noise=5.0)
     bkg, _ = estimate_background(frame.data, config=BackgroundConfig(filter_size=15, min_finite_fraction=1.0))
     assert np.median(bkg) == pytest.approx(300.0, abs=2.0)
+
+
+
+@pytest.mark.parametrize("seed", [0, 4])
+def test_the_residual_sky_takes_out_the_broad_stars_wings_that_the_map_kept(seed):
+    """A 9 px FWHM field of 60 stars of 2e3-1e5 ADU on 256^2 (true sky 200 ADU).
+
+    The map's clipped meshes keep the stars' wings: 2.70 and 2.51 ADU over the truth on average,
+    which in a 27 px aperture is 6 % of a 1e5 ADU star. The residual sky, measured with the
+    sources masked, takes it back to within 0.4 ADU; where nothing is left to measure, zero.
+    """
+    data = make_frame(20 + seed, (256, 256), make_sky(7 + 100 * seed, (256, 256), 60), fwhm=9.0).data
+    bkg, rms = estimate_background(data)
+    assert np.mean(bkg) - 200.0 > 2.0
+    sky = bkg + residual_sky(data - bkg, float(np.median(rms)))
+    assert abs(np.mean(sky) - 200.0) < 0.4
+    assert not residual_sky(np.full((64, 64), np.nan), 15.0).any()
+    assert not residual_sky(data - bkg, float("nan")).any()

@@ -7,10 +7,11 @@ import os
 import numpy as np
 import pytest
 
+from broker.background import BackgroundConfig, estimate_background
 from broker.errors import ConfigError, ReferenceUnavailable
 from broker.frame import celestial_wcs
-from broker.reference import Reference, ReferenceConfig, ReferenceStore, build_reference
-from tests.broker.conftest import make_frame, make_sky
+from broker.reference import Reference, ReferenceConfig, ReferenceStore, aperture_flux_ratio, build_reference
+from tests.broker.conftest import make_frame, make_sky, make_wcs
 
 SHAPE = (192, 192)
 
@@ -551,3 +552,26 @@ def test_the_store_sets_aside_the_frames_its_coadd_left_out(tmp_path):
     assert sorted(p.name for p in aside.glob("*.fits")) == ["P-1.fits", "P-2.fits"]
     assert "P-2 left out of the co-add: no flux ratio of frame P-2" in (aside / "reason.txt").read_text()
     assert [f for f, _ in store.get(key).omitted] == ["P-1", "P-2"]
+
+
+def test_apertures_measure_a_9_px_image_against_a_3_px_one_at_its_true_flux_ratio():
+    """Six 256^2 fields of 60 stars, the same stars at 3 and 9 px FWHM (F = 1), apertures of 27 px.
+
+    On the images less their background maps, the 9 px map held its stars' wings (2.4-2.9 ADU
+    too high, 0.4 at 3 px): F came out 0.901-0.964, star after star. The residual sky measured
+    with the sources masked (:func:`broker.background.residual_sky`) gives 0.967-1.008.
+    """
+    shape, found = (256, 256), []
+    for seed in range(6):
+        sky = make_sky(7 + 100 * seed, shape, 60)
+        x, y = (np.asarray(v) for v in make_wcs(shape).world_to_pixel_values(sky.ra, sky.dec))
+        images, sigmas = [], []
+        for fwhm in (3.0, 9.0):
+            data = make_frame(8 + seed + 12 * (fwhm > 3), shape, sky, fwhm=fwhm).data
+            bkg, rms = estimate_background(data)
+            images.append(data - bkg)
+            sigmas.append(float(np.median(rms)))
+        ratio = aperture_flux_ratio(images[0], images[1], x, y, (sigmas[0], sigmas[1]), 9.0, 3, BackgroundConfig())
+        assert ratio.source == "aperture" and ratio.n_stars >= 40
+        found.append(ratio.value)
+    assert np.allclose(found, 1.0, atol=0.035), found

@@ -422,10 +422,12 @@ def test_seeing_three_times_worse_in_one_image(fwhm_n, fwhm_r):
     them). Then 31 (35), S_corr at the sources 8.7 (8.0) at the median for an expected 10. F_r rests
     on 3-9 stars and is still 2-7 % off at some fields (the limit in docs/architecture.md). Three
     of the six 9 px references have fewer than 3 PSF-fit ratios: F_r was taken as 1, right by
-    construction here; apertures now measure it (:func:`broker.reference.measure_flux_ratio`), 6-11 %
-    low (0.936, 0.895, 0.926: star after star, the 9 px reference holds that much less light in
-    27 px apertures than the 3 px frame), and 44 of 54 sources are found with 68 candidates off them
-    (a measured limit).
+    construction here; apertures now measure it (:func:`broker.reference.measure_flux_ratio`). They
+    came out 6-11 % low (0.936, 0.895, 0.926), 68 candidates off the sources: the 9 px image's
+    background map held its stars' wings (2.4-2.9 ADU, 6 % of a bright star's light in a 27 px
+    aperture). With the residual sky taken out (:func:`broker.background.residual_sky`): 0.991,
+    0.939, 0.983 and 46 off; 44 of 54 found either way. The 0.939 is its stars' neighbours (0.962
+    with the true sky on the same stars), a measured limit (docs/architecture.md).
     """
     found, off, peaks = 0, 0, []
     pos = [(60.3, 70.7), (190.8, 60.2), (128.5, 200.4), (40.2, 180.6), (200.7, 190.3), (128.2, 128.8),
@@ -438,14 +440,13 @@ def test_seeing_three_times_worse_in_one_image(fwhm_n, fwhm_r):
         ref = build_reference([make_frame(20 + seed, SHAPE, sky, fwhm=fwhm_r, frame_id="r", saturation=60000.0)])
         res = subtract_and_detect(sci, ref, keep_images=True)
         assert 0.9 < res.diagnostics["scorr_std"] < 1.25
-        by_psf = res.flux_ratio.source == "psf_stars"
-        assert res.diagnostics["flux_ratio"] == pytest.approx(1.0, abs=0.08 if by_psf else 0.12)
+        assert res.diagnostics["flux_ratio"] == pytest.approx(1.0, abs=0.08)
         dets = [c.detection for c in res.candidates]
         off += sum(min(np.hypot(d.x - x, d.y - y) for x, y in pos) > 4.0 for d in dets)
         found += sum(any(np.hypot(d.x - x, d.y - y) < 2.0 for d in dets) for x, y in pos)
         S = res.images["S_corr"]
         peaks += [S[round(y) - 1:round(y) + 2, round(x) - 1:round(x) + 2].max() for x, y in pos]
-    assert (found >= 45 and off <= 40) if fwhm_r < fwhm_n else (found >= 43 and off <= 72)
+    assert (found >= 45 and off <= 40) if fwhm_r < fwhm_n else (found >= 43 and off <= 52)
     assert np.median(peaks) > 7.5
 
 
@@ -482,10 +483,12 @@ def test_a_frame_twice_as_deep_without_isolated_stars_subtracts_at_its_measured_
     reference was subtracted at half the science frame's flux scale and every star left half its
     light in the difference, 33 (seed 6) and 26 (seed 9) candidates off the transient, where a
     reference as deep as the frame (F_r = 1 by luck) gave 6 and 1. Apertures of 3 FWHM on the ~50
-    matched stars give 0.508 and 0.513 for the true 0.5: 12 and 8 such candidates (13 and 8 with
-    the deep reference, whose F_r they measure as 1.012 and 1.023: stars of 2e3-1.6e4 ADU leave
-    5 sigma at a 1-2 % error). The transient's flux (science ADU) was right either way: ZOGY's
-    flux normalisation F_D carries F_r.
+    matched stars gave 0.508 and 0.513 for the true 0.5: 12 and 8 such candidates (13 and 8 with
+    the deep reference, whose F_r they measured as 1.012 and 1.023: stars of 2e3-1.6e4 ADU leave
+    5 sigma at a 1-2 % error); the background maps held the stars' light, and each image less its
+    residual sky (:func:`broker.background.residual_sky`) gives 0.502 and 0.506, 5 and 3 such
+    candidates (1.002 and 1.007, 7 and 3). The transient's flux (science ADU) was right either
+    way: ZOGY's flux normalisation F_D carries F_r.
     """
     from broker.subtract import FLUX_RATIO_SOURCES
 
@@ -494,9 +497,9 @@ def test_a_frame_twice_as_deep_without_isolated_stars_subtracts_at_its_measured_
     d = scaled.diagnostics
     assert d["n_psf_stars"] == 0 and d["flux_ratio_fallback"] == 0.0
     assert FLUX_RATIO_SOURCES[int(d["flux_ratio_source"])] == "aperture" and d["flux_ratio_n_stars"] >= 20
-    assert d["flux_ratio"] == pytest.approx(0.5, rel=0.04) and scaled.flux_ratio.measured
-    assert deep.diagnostics["flux_ratio"] == pytest.approx(1.0, rel=0.04)
-    assert _off_transient(scaled) <= _off_transient(deep) + 3 and _off_transient(scaled) <= 15
+    assert d["flux_ratio"] == pytest.approx(0.5, rel=0.02) and scaled.flux_ratio.measured
+    assert deep.diagnostics["flux_ratio"] == pytest.approx(1.0, rel=0.02)
+    assert _off_transient(scaled) <= _off_transient(deep) + 3 and _off_transient(scaled) <= 8
     (transient,) = [c.detection for c in scaled.candidates if np.hypot(c.detection.x - 96.3, c.detection.y - 40.7) < 2]
     assert transient.flux == pytest.approx(1500.0, rel=0.2)
 
