@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import numpy as np
 from astropy.io import fits
+from scipy import ndimage
 
 from broker.align import AlignConfig, Resampleable, align_reference, map_mask
 from broker.background import BackgroundConfig, estimate_background, residual_sky
@@ -98,7 +99,7 @@ class ReferenceConfig:
         (:func:`measure_flux_ratio`): the median of 3 rejects one bad star (a blend the finder saw
         as one). With 1-2 isolated stars, each blended with a partner the grid's finder missed, F
         came out 0.63-1.93 of the truth on 192^2 fields of 30 pairs 6 px apart (seeds 5-9), where the
-        apertures give 0.998-1.000.
+        apertures give 0.998-1.006.
     """
 
     n_frames: int = 3
@@ -522,6 +523,12 @@ APERTURE_MIN_SNR = 20.0
 #: has less of its light inside in the broader image. At 3 the pairs lie inside: 2.000-2.008.
 APERTURE_RADIUS_FWHM = 3.0
 
+#: Radius of :func:`aperture_flux_ratio`'s inner apertures in FWHM of the broader image
+#: (dimensionless); 1.5. The sums in both radii, both images at the broader seeing, give each
+#: star's ratio free of what is left of the sky: 1.001, 0.995, 1.002 for the true 1 on the
+#: fields of a 9 px reference against a 3 px frame (2 FWHM: 1.004, 1.000, 1.006).
+APERTURE_INNER_FWHM = 1.5
+
 
 @dataclass(frozen=True)
 class FluxRatio:
@@ -582,7 +589,7 @@ def _flux_ratio_and_psf(g_img: np.ndarray, img: np.ndarray, matched: StarList, g
 
 def aperture_flux_ratio(g_img: np.ndarray, img: np.ndarray, x: np.ndarray, y: np.ndarray,
                         sigmas: tuple[float, float], fwhm_px: float, min_stars: int,
-                        background: BackgroundConfig) -> FluxRatio:
+                        background: BackgroundConfig, fwhms: tuple[float, float]) -> FluxRatio:
     """Median ratio of a registered frame's aperture fluxes to the grid frame's at the same positions.
 
     Parameters
@@ -595,30 +602,54 @@ def aperture_flux_ratio(g_img: np.ndarray, img: np.ndarray, x: np.ndarray, y: np
     sigmas : (float, float)
         Sky RMS of the grid frame and of the frame (ADU per pixel).
     fwhm_px : float
-        The broader of the two FWHMs (px); apertures of :data:`APERTURE_RADIUS_FWHM` of it, the same
-        on both images, so a neighbour's light in an aperture enters both and the ratio stays the
-        frames'.
+        The broader of the two FWHMs (px); apertures of :data:`APERTURE_RADIUS_FWHM` and
+        :data:`APERTURE_INNER_FWHM` of it, the same on both images.
     min_stars : int
         Fewest ratios (stars of S/N >= :data:`APERTURE_MIN_SNR` in both images) for a median.
     background : BackgroundConfig
         Meshes of the residual sky (:func:`broker.background.residual_sky`) taken out of each image
         first: a broad-seeing image's map holds its stars' wings (a 9 px reference's apertures
-        gave F 0.90-0.96 for the true 1, 0.98-1.01 without them; no annulus helps in such a field,
-        the stars' wings cover it: 0.83-0.94).
+        gave F 0.90-0.96 for the true 1, 0.99-1.01 on the true sky; no annulus helps in such a
+        field, the stars' wings cover it: 0.83-0.94).
+    fwhms : (float, float)
+        The grid frame's and the frame's own FWHMs (px; NaN: unknown). The sharper image is blurred
+        by a Gaussian to ``fwhm_px`` (:func:`_at_seeing`), so a neighbour on an aperture's edge puts
+        the same share of its light inside in both; each star's ratio is then that of its sums in
+        the two apertures less a constant sky per unit area (what the residual sky leaves, 1-2 %
+        at 9 px): (b1 r^2 - b r1^2) / (a1 r^2 - a r1^2), for grid sums a, a1 and frame sums b, b1.
 
     Returns
     -------
     FluxRatio
         Source ``"aperture"``, NaN with fewer than ``min_stars`` ratios.
     """
-    r = APERTURE_RADIUS_FWHM * fwhm_px
+    r, r1 = APERTURE_RADIUS_FWHM * fwhm_px, APERTURE_INNER_FWHM * fwhm_px
     g_img, img = g_img - residual_sky(g_img, sigmas[0], background), img - residual_sky(img, sigmas[1], background)
-    g_flux, flux = _aperture_sums(g_img, x, y, r), _aperture_sums(img, x, y, r)
     least = [APERTURE_MIN_SNR * float(np.sqrt(np.pi)) * r * s for s in sigmas]
     with np.errstate(invalid="ignore"):
-        good = (g_flux > least[0]) & (flux > least[1])
-    F = float(np.median(flux[good] / g_flux[good])) if good.sum() >= min_stars else float("nan")
-    return FluxRatio(F, "aperture", int(good.sum()))
+        good = (_aperture_sums(g_img, x, y, r) > least[0]) & (_aperture_sums(img, x, y, r) > least[1])
+    g_img, img = _at_seeing(g_img, fwhms[0], fwhm_px), _at_seeing(img, fwhms[1], fwhm_px)
+    a, a1 = _aperture_sums(g_img, x[good], y[good], r), _aperture_sums(g_img, x[good], y[good], r1)
+    b, b1 = _aperture_sums(img, x[good], y[good], r), _aperture_sums(img, x[good], y[good], r1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (b1 * r * r - b * r1 * r1) / (a1 * r * r - a * r1 * r1)
+    ratio = ratio[np.isfinite(ratio)]
+    F = float(np.median(ratio)) if len(ratio) >= min_stars else float("nan")
+    return FluxRatio(F, "aperture", len(ratio))
+
+
+def _at_seeing(image: np.ndarray, fwhm: float, fwhm_px: float) -> np.ndarray:
+    """``image`` of FWHM ``fwhm`` blurred by a Gaussian to ``fwhm_px`` (px); as it is when not sharper or unknown.
+
+    NaN pixels spread to where their blurred weight reaches 0.1 %: a saturated core gives no sum.
+    """
+    if not (np.isfinite(fwhm) and 0 < fwhm < fwhm_px):
+        return image
+    s = float(np.sqrt(fwhm_px ** 2 - fwhm ** 2)) / 2.3548200450309493
+    bad = ~np.isfinite(image)
+    out = ndimage.gaussian_filter(np.where(bad, 0.0, image), s)
+    out[ndimage.gaussian_filter(bad.astype(np.float64), s) > 1e-3] = np.nan
+    return out
 
 
 def _aperture_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
@@ -722,7 +753,7 @@ def _registered_input(frame: Frame, masks: tuple[np.ndarray, np.ndarray], grid: 
     wide = max([f for f in (g_stars.fwhm, stars.fwhm) if np.isfinite(f) and f > 0] or [config.psf.fallback_fwhm_px])
     ratio = measure_flux_ratio(
         by_psf, lambda: aperture_flux_ratio(g_img, ali.image, matched.x, matched.y, (g_sig, sig), wide,
-                                            config.flux_min_stars, config.background),
+                                            config.flux_min_stars, config.background, (g_stars.fwhm, stars.fwhm)),
         zero_point_ratio(grid.meta, frame.meta), f"frame {frame.meta.frame_id} to the grid frame {grid.meta.frame_id}",
         f"[reference] flux_min_stars = {config.flux_min_stars}")
     if not ratio.measured:

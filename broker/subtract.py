@@ -657,7 +657,7 @@ def _measured_flux_ratio(science: PreparedScience, ali: Alignment, psfs: PSFMatc
     m, n = psfs.matched, config.min_flux_ratio_stars
     return measure_flux_ratio(
         psfs.ratio, lambda: aperture_flux_ratio(N, ali.image, m.x, m.y, (science.sky.sigma_n, sigma_r), wide, n,
-                                                 config.background),
+                                                 config.background, (science.stars.fwhm, psfs.fwhm_r)),
         zero_point_ratio(meta, reference), f"the reference to frame {meta.frame_id}",
         f"[subtract] min_flux_ratio_stars = {n}")
 

@@ -558,8 +558,10 @@ def test_apertures_measure_a_9_px_image_against_a_3_px_one_at_its_true_flux_rati
     """Six 256^2 fields of 60 stars, the same stars at 3 and 9 px FWHM (F = 1), apertures of 27 px.
 
     On the images less their background maps, the 9 px map held its stars' wings (2.4-2.9 ADU
-    too high, 0.4 at 3 px): F came out 0.901-0.964, star after star. The residual sky measured
-    with the sources masked (:func:`broker.background.residual_sky`) gives 0.967-1.008.
+    too high, 0.4 at 3 px): F came out 0.901-0.963, star after star. The residual sky measured
+    with the sources masked (:func:`broker.background.residual_sky`) gave 0.967-1.008, the
+    neighbours on the apertures' edges the rest; the 3 px image blurred to 9 px and each star's
+    sums in 13.5 and 27 px less a constant sky give 0.994-1.006.
     """
     shape, found = (256, 256), []
     for seed in range(6):
@@ -571,7 +573,8 @@ def test_apertures_measure_a_9_px_image_against_a_3_px_one_at_its_true_flux_rati
             bkg, rms = estimate_background(data)
             images.append(data - bkg)
             sigmas.append(float(np.median(rms)))
-        ratio = aperture_flux_ratio(images[0], images[1], x, y, (sigmas[0], sigmas[1]), 9.0, 3, BackgroundConfig())
+        ratio = aperture_flux_ratio(images[0], images[1], x, y, (sigmas[0], sigmas[1]), 9.0, 3, BackgroundConfig(),
+                                    (3.0, 9.0))
         assert ratio.source == "aperture" and ratio.n_stars >= 40
         found.append(ratio.value)
-    assert np.allclose(found, 1.0, atol=0.035), found
+    assert np.allclose(found, 1.0, atol=0.015), found

@@ -426,8 +426,9 @@ def test_seeing_three_times_worse_in_one_image(fwhm_n, fwhm_r):
     came out 6-11 % low (0.936, 0.895, 0.926), 68 candidates off the sources: the 9 px image's
     background map held its stars' wings (2.4-2.9 ADU, 6 % of a bright star's light in a 27 px
     aperture). With the residual sky taken out (:func:`broker.background.residual_sky`): 0.991,
-    0.939, 0.983 and 46 off; 44 of 54 found either way. The 0.939 is its stars' neighbours (0.962
-    with the true sky on the same stars), a measured limit (docs/architecture.md).
+    0.939, 0.983 and 46 off; 44 of 54 found either way; the 0.939 was its stars' neighbours on the
+    apertures' edges (0.962 with the true sky). With the 3 px frame blurred to 9 px and each star's
+    sums in two apertures less a constant sky: 1.001, 0.995, 1.003, 47 found and 30 off.
     """
     found, off, peaks = 0, 0, []
     pos = [(60.3, 70.7), (190.8, 60.2), (128.5, 200.4), (40.2, 180.6), (200.7, 190.3), (128.2, 128.8),
@@ -446,7 +447,7 @@ def test_seeing_three_times_worse_in_one_image(fwhm_n, fwhm_r):
         found += sum(any(np.hypot(d.x - x, d.y - y) < 2.0 for d in dets) for x, y in pos)
         S = res.images["S_corr"]
         peaks += [S[round(y) - 1:round(y) + 2, round(x) - 1:round(x) + 2].max() for x, y in pos]
-    assert (found >= 45 and off <= 40) if fwhm_r < fwhm_n else (found >= 43 and off <= 52)
+    assert found >= 45 and off <= 40
     assert np.median(peaks) > 7.5
 
 
@@ -485,9 +486,10 @@ def test_a_frame_twice_as_deep_without_isolated_stars_subtracts_at_its_measured_
     reference as deep as the frame (F_r = 1 by luck) gave 6 and 1. Apertures of 3 FWHM on the ~50
     matched stars gave 0.508 and 0.513 for the true 0.5: 12 and 8 such candidates (13 and 8 with
     the deep reference, whose F_r they measured as 1.012 and 1.023: stars of 2e3-1.6e4 ADU leave
-    5 sigma at a 1-2 % error); the background maps held the stars' light, and each image less its
-    residual sky (:func:`broker.background.residual_sky`) gives 0.502 and 0.506, 5 and 3 such
-    candidates (1.002 and 1.007, 7 and 3). The transient's flux (science ADU) was right either
+    5 sigma at a 1-2 % error): the background maps held the stars' light. Each image less its
+    residual sky (:func:`broker.background.residual_sky`), the sharper blurred to the broader
+    seeing, each star's sums in two apertures less a constant sky: 0.499 and 0.503, 3 and 2 such
+    candidates (1.003 and 1.012, 7 and 5). The transient's flux (science ADU) was right either
     way: ZOGY's flux normalisation F_D carries F_r.
     """
     from broker.subtract import FLUX_RATIO_SOURCES
