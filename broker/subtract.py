@@ -640,9 +640,11 @@ def _measured_flux_ratio(science: PreparedScience, ali: Alignment, psfs: PSFMatc
     """Step 4b: F_r by the isolated stars' PSF fits, else apertures on every matched star, else zero points.
 
     :func:`broker.reference.measure_flux_ratio`, as the reference co-add measures each frame's flux
-    ratio, with the science frame as the grid: apertures of 3 FWHM of the broader PSF on the
-    background-subtracted science (NaN where saturated) and the aligned reference, from
-    ``min_flux_ratio_stars`` stars of S/N >= 20 in both; else the frame's and the reference's
+    ratio, with the science frame as the grid: apertures of 1.5 and 3 FWHM of the broader PSF on
+    the background-subtracted science (NaN where saturated) and the aligned reference, each less
+    its residual sky, the sharper blurred to the broader seeing (the science's and the reference's
+    measured FWHMs; :func:`broker.reference.aperture_flux_ratio`), from ``min_flux_ratio_stars``
+    stars of S/N >= 20 in both; else the frame's and the reference's
     measured zero points (:attr:`broker.reference.Reference.magzp`). With the Gaussian fallback
     PSFs of a field without isolated stars, F_r = 1 was taken: a science frame twice as deep as
     the reference left every star in the difference (see ``tests/broker/test_subtract.py``).
