@@ -138,7 +138,7 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     PoorQuality
         The field has a reference and ``skip`` names a flag of the frame, or nothing measured the
         subtraction's flux ratio F_r of the reference to the frame (no 3 matched stars measure it and
-        the two have no measured zero points: :func:`broker.reference.measure_flux_ratio`).
+        the two have no measured zero points: :func:`broker.fluxratio.measure_flux_ratio`).
     BrokerError
         From :func:`~broker.subtract.subtract_and_detect` or the store (bad reference, no PSF,
         alignment failure).

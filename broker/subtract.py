@@ -50,6 +50,7 @@ from broker.detect import (
 )
 from broker.diffstore import DifferenceImage
 from broker.errors import BadPixelFraction, ReferenceUnavailable
+from broker.fluxratio import FluxRatio, aperture_flux_ratio, measure_flux_ratio, zero_point_ratio
 from broker.frame import Frame, FrameMeta
 from broker.masks import grow_square, saturated_mask
 from broker.psf import PSFConfig, build_psf, half_size_for, measure_fwhm, resize_stamp, select_psf_stars
@@ -62,7 +63,7 @@ from broker.psf_match import (
     tile_fwhm_span,
     tile_psfs,
 )
-from broker.reference import FluxRatio, Reference, aperture_flux_ratio, measure_flux_ratio, zero_point_ratio
+from broker.reference import Reference
 from broker.stars import StarConfig, StarList, find_stars
 from broker.zogy import interpolation_kernel, zogy
 
@@ -78,7 +79,7 @@ LIMIT_SIGMA = 5.0
 MIN_BLANK_DONORS = 20
 
 #: What measured F_r, as the diagnostic ``flux_ratio_source`` gives it: the index of the
-#: :class:`~broker.reference.FluxRatio` source in this tuple (0: nothing, F_r = 1 taken).
+#: :class:`~broker.fluxratio.FluxRatio` source in this tuple (0: nothing, F_r = 1 taken).
 FLUX_RATIO_SOURCES = ("none", "psf_stars", "aperture", "zero_point")
 
 #: Blank-sky std of S_corr (sigma) below which the reference shares the frame's noise and is refused
@@ -639,11 +640,11 @@ def _measured_flux_ratio(science: PreparedScience, ali: Alignment, psfs: PSFMatc
                          meta: FrameMeta, config: SubtractConfig) -> FluxRatio:
     """Step 4b: F_r by the isolated stars' PSF fits, else apertures on every matched star, else zero points.
 
-    :func:`broker.reference.measure_flux_ratio`, as the reference co-add measures each frame's flux
+    :func:`broker.fluxratio.measure_flux_ratio`, as the reference co-add measures each frame's flux
     ratio, with the science frame as the grid: apertures of 1.5 and 3 FWHM of the broader PSF on
     the background-subtracted science (NaN where saturated) and the aligned reference, each less
     its residual sky, the sharper blurred to the broader seeing (the science's and the reference's
-    measured FWHMs; :func:`broker.reference.aperture_flux_ratio`), from ``min_flux_ratio_stars``
+    measured FWHMs; :func:`broker.fluxratio.aperture_flux_ratio`), from ``min_flux_ratio_stars``
     stars of S/N >= 20 in both; else the frame's and the reference's
     measured zero points (:attr:`broker.reference.Reference.magzp`). With the Gaussian fallback
     PSFs of a field without isolated stars, F_r = 1 was taken: a science frame twice as deep as

@@ -9,8 +9,9 @@ import pytest
 
 from broker.background import BackgroundConfig, estimate_background
 from broker.errors import ConfigError, ReferenceUnavailable
+from broker.fluxratio import aperture_flux_ratio
 from broker.frame import celestial_wcs
-from broker.reference import Reference, ReferenceConfig, ReferenceStore, aperture_flux_ratio, build_reference
+from broker.reference import Reference, ReferenceConfig, ReferenceStore, build_reference
 from tests.broker.conftest import make_frame, make_sky, make_wcs
 
 SHAPE = (192, 192)

@@ -422,7 +422,7 @@ def test_seeing_three_times_worse_in_one_image(fwhm_n, fwhm_r):
     them). Then 31 (35), S_corr at the sources 8.7 (8.0) at the median for an expected 10. F_r rests
     on 3-9 stars and is still 2-7 % off at some fields (the limit in docs/architecture.md). Three
     of the six 9 px references have fewer than 3 PSF-fit ratios: F_r was taken as 1, right by
-    construction here; apertures now measure it (:func:`broker.reference.measure_flux_ratio`). They
+    construction here; apertures now measure it (:func:`broker.fluxratio.measure_flux_ratio`). They
     came out 6-11 % low (0.936, 0.895, 0.926), 68 candidates off the sources: the 9 px image's
     background map held its stars' wings (2.4-2.9 ADU, 6 % of a bright star's light in a 27 px
     aperture). With the residual sky taken out (:func:`broker.background.residual_sky`): 0.991,
