@@ -147,7 +147,7 @@ def _aperture_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float
     return out
 
 
-class ZeroPoint(Protocol):
+class MeasuredZeroPoint(Protocol):
     """An image's photometric zero point: a frame's :class:`~broker.frame.FrameMeta` or a :class:`Reference`."""
 
     @property
@@ -159,7 +159,7 @@ class ZeroPoint(Protocol):
         """Its 1-sigma uncertainty (mag), when measured."""
 
 
-def zero_point_ratio(grid: ZeroPoint, frame: ZeroPoint) -> FluxRatio:
+def zero_point_ratio(grid: MeasuredZeroPoint, frame: MeasuredZeroPoint) -> FluxRatio:
     """F from the two images' measured zero points: ``10**(0.4 (MAGZP_frame - MAGZP_grid))``.
 
     Measured means a ``MAGZP`` with its ``MAGZPERR``, as ingest's calibration writes them
