@@ -148,7 +148,7 @@ def _aperture_sums(data: np.ndarray, x: np.ndarray, y: np.ndarray, radius: float
 
 
 class MeasuredZeroPoint(Protocol):
-    """An image's photometric zero point: a frame's :class:`~broker.frame.FrameMeta` or a :class:`Reference`."""
+    """An image's photometric zero point: a frame's `FrameMeta`, a :class:`~broker.reference.Reference`."""
 
     @property
     def magzp(self) -> float | None:
@@ -179,8 +179,8 @@ def measure_flux_ratio(by_psf: FluxRatio, by_aperture: Callable[[], FluxRatio], 
                        what: str, min_stars: str) -> FluxRatio:
     """A frame's flux ratio F to the grid frame: the first of three measurements that gives one.
 
-    1. ``by_psf``: PSF fits of isolated matched stars (:func:`_flux_ratio_and_psf`), the most
-       precise (a neighbour's light is masked out).
+    1. ``by_psf``: PSF fits of isolated matched stars (the caller's: :mod:`broker.reference`,
+       :mod:`broker.subtract`), the most precise (a neighbour's light is masked out).
     2. ``by_aperture`` (called only when needed): apertures on every matched star
        (:func:`aperture_flux_ratio`), for a crowded field where no star, or too few, is isolated.
     3. ``by_zero_point``: the frames' measured zero points (:func:`zero_point_ratio`), the least
@@ -191,7 +191,7 @@ def measure_flux_ratio(by_psf: FluxRatio, by_aperture: Callable[[], FluxRatio], 
     (cirrus 0.1-0.5 mag, cloud several) and the airmass. Nor is F = 1, taken before when no
     isolated star measured F: a frame twice as deep entered the co-add at twice the grid's flux
     scale. When none measures F, the result's source is ``"none"`` and its reason says why; the
-    frame is then left out of the co-add (:func:`build_reference`). The subtraction measures its
+    frame is then left out of the co-add (:func:`broker.reference.build_reference`). The subtraction measures its
     F_r, the reference's flux over the science frame's, the same way (the science frame as the
     grid; :func:`broker.subtract.subtract_and_detect`), and the pipeline refuses a frame none
     measures (:func:`broker.pipeline.process_frame`).
