@@ -13,8 +13,9 @@ files whose bounds may hold its rows (``DataFile`` bounds, ``may_hold_cone``) an
 (the same queries with the file filter dropped: what they did before), alternately, median of
 ``--repeat``; and ``queries.object_records`` (the object page's read: the files found from the
 ``object_id`` column, then the records from those) against its one query before, over every file,
-and TAP cones (``TapView.run``, ``SELECT TOP 1000 *`` of 5 arcsec and 0.5 deg) with and without
-the files' bounds. Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
+TAP cones (``TapView.run``, ``SELECT TOP 1000 *`` of 5 arcsec and 0.5 deg) with and without
+the files' bounds, and TAP's newest 100 (``ORDER BY mjd DESC``) with and without its MJD bound.
+Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ def tap_cone(tap: TapView, p: dict, radius: float, pruned: bool) -> list[dict]:
     return tap.run(t.sql, t.tables, cone=t.cone if pruned else None).to_pylist()
 
 
+def tap_newest(tap: TapView, pruned: bool) -> list[dict]:
+    """TAP's newest 100: with ``mjd >=`` their least MJD, from the files that reach it (``pruned``), or from all."""
+    query = "SELECT TOP 100 * FROM broker.alerts ORDER BY mjd DESC, alert_id DESC"
+    t = adql.translate(query, tap_schema.published(), 1000)
+    return tap.run(t.sql, t.tables, newest=t.newest if pruned else None).to_pylist()
+
+
 def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tuple[str, float, float]], dict]:
     """(read, pruned ms, every file ms) of each read, medians of ``repeat``; and the files the cones keep (median)."""
     plain = Unpruned(view)
@@ -114,6 +122,9 @@ def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tup
         name = f"TAP cone {size}, `SELECT TOP 1000 *` (`TapView.run`)"
         reads[name] = lambda v, p, r=radius: tap_cone(tap, p, r, True)
         before[name] = lambda v, p, r=radius: tap_cone(tap, p, r, False)
+    name = "TAP newest 100, `SELECT TOP 100 * ... ORDER BY mjd DESC, alert_id DESC` (`TapView.run`)"
+    reads[name] = lambda v, p: tap_newest(tap, True)
+    before[name] = lambda v, p: tap_newest(tap, False)
     out = []
     for name, read in reads.items():
         pruned, every = [], []

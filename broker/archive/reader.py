@@ -390,7 +390,8 @@ class Archive:
                     return ArchiveCorrupt(f"{self.url}: {f.path} is unreadable: {text}")
         return ArchiveError(f"query failed: {text}")
 
-    def within(self, files: Sequence[DataFile], keep: FileFilter | None, then: Sequence[tuple[str, str]] = ()) -> str:
+    def within(self, files: Sequence[DataFile], keep: FileFilter | None, then: Sequence[tuple[str, str]] = (),
+               where: str | None = None) -> str:
         """A ``WITH`` that makes ``alerts`` the rows of ``alerts`` in the files of ``files`` that ``keep`` keeps.
 
         To put before a query of ``alerts`` (a ``SELECT``, not a ``WITH``) on a connection over
@@ -398,19 +399,21 @@ class Archive:
         list; it opens each file it lists, ~0.5 ms, even when statistics skip it). The first copy
         of each alert is still that of the view over every file (its later copies are found once,
         over all of them), so a query whose rows ``keep`` cannot drop (:func:`may_hold_cone`)
-        answers the same rows as over ``alerts``. Empty where ``keep`` is None or keeps every file.
-        ``then`` are more (name, ``SELECT``) of the ``WITH``, after ``alerts``: a view over it of the
-        same name, so that a query of that view reads the files kept too.
+        answers the same rows as over ``alerts``. ``where`` is a condition its rows meet too (a
+        newest-first query's ``mjd >=`` bound). Empty where ``keep`` is None or keeps every file,
+        without ``where``. ``then`` are more (name, ``SELECT``) of the ``WITH``, after ``alerts``: a
+        view over it of the same name, so that a query of that view reads the files kept too.
         """
-        if keep is None:
+        kept = list(files) if keep is None else [f for f in files if keep(f)]
+        terms = [f"({where})"] if where is not None else []
+        if len(kept) < len(files):
+            terms.insert(0, f"filename IN ({', '.join(_sql_str(self._duck_path(f.path)) for f in kept)})"
+                         if kept else "false")
+        if not terms:
             return ""
-        kept = [f for f in files if keep(f)]
-        if len(kept) == len(files):
-            return ""
-        names = ", ".join(_sql_str(self._duck_path(f.path)) for f in kept)
-        only = f"filename IN ({names})" if kept else "false"
         views = "".join(f", {name} AS NOT MATERIALIZED ({sql})" for name, sql in then)
-        return f"WITH {VIEW} AS NOT MATERIALIZED (SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files WHERE {only}){views} "
+        return (f"WITH {VIEW} AS NOT MATERIALIZED (SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files "
+                f"WHERE {' AND '.join(terms)}){views} ")
 
     def query(self, sql: str, verify: bool = False, keep: FileFilter | None = None) -> pa.Table:
         """The result of ``sql`` over the view ``alerts``, of the files ``keep`` keeps (default every one).

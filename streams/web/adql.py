@@ -108,6 +108,9 @@ class Translation:
     cone : tuple of float or None
         (RA, Dec, radius) (deg) of a circle that holds every row the query reads (:func:`_cone_of`):
         its one table's ``ra`` and ``dec`` must be in it. None where no such circle is known.
+    newest : Newest or None
+        Of a query whose rows are the newest of its one table's that meet its WHERE
+        (:func:`_is_newest_first`): how to find the least MJD it answers. None otherwise.
     """
 
     sql: str
@@ -115,6 +118,24 @@ class Translation:
     plain: frozenset[str] | None
     top: int | None
     cone: tuple[float, float, float] | None = None
+    newest: Newest | None = None
+
+
+@dataclass(frozen=True)
+class Newest:
+    """How to find the least MJD a newest-first query of one table answers (:func:`_newest_of`).
+
+    Attributes
+    ----------
+    probe : str
+        DuckDB SQL of the ``mjd`` of the rows the query may answer: its source and WHERE, its
+        first ORDER BY key (``mjd DESC``) alone, ``LIMIT rows`` (:func:`streams.web.queries.lowest_sql`).
+    rows : int
+        The query's LIMIT (its TOP, or MAXREC + 1) plus its OFFSET (count).
+    """
+
+    probe: str
+    rows: int
 
 
 def sql_literal(text: str) -> str:
@@ -357,6 +378,12 @@ def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
     return [node]
 
 
+def _one_table(tree: exp.Query) -> bool:
+    """Whether ``tree`` is one SELECT over one table: no subquery, no join, no set operation."""
+    return isinstance(tree, exp.Select) and len(list(tree.find_all(exp.Table))) == 1 and \
+        len(list(tree.find_all(exp.Select))) == 1
+
+
 def _cone_of(tree: exp.Query) -> tuple[float, float, float] | None:
     """(RA, Dec, radius) (deg) of ``CONTAINS(POINT(ra, dec), CIRCLE(...)) = 1`` ANDed at the top of ``tree``'s WHERE.
 
@@ -366,8 +393,7 @@ def _cone_of(tree: exp.Query) -> tuple[float, float, float] | None:
     DuckDB's (:func:`_geometry`: such a term is ``(in_cone(ra, dec, ra0, dec0, r))``). None otherwise
     (an OR, a NOT, ``= 0``, a BOX or POLYGON, a circle of expressions).
     """
-    if not isinstance(tree, exp.Select) or len(list(tree.find_all(exp.Table))) != 1 or \
-            len(list(tree.find_all(exp.Select))) != 1 or tree.args.get("where") is None:
+    if not _one_table(tree) or tree.args.get("where") is None:
         return None
     for term in _conjuncts(tree.args["where"].this):
         call = term.this if isinstance(term, exp.Paren) else None
@@ -379,6 +405,38 @@ def _cone_of(tree: exp.Query) -> tuple[float, float, float] | None:
         if point == ["ra", "dec"] and ra0 is not None and dec0 is not None and radius is not None:
             return ra0, dec0, radius
     return None
+
+
+def _is_newest_first(tree: exp.Query) -> bool:
+    """Whether ``tree``'s answer is the first rows of its one table's rows meeting its WHERE, ``mjd`` descending.
+
+    One SELECT over one table (:func:`_one_table`), its first ORDER BY key the table's ``mjd``
+    descending (not an output column of that name made of anything else), without DISTINCT, GROUP
+    BY, HAVING, an aggregate or RAND (ADQL has no window functions): its WHERE is then a condition
+    on each row alone, and its rows (after its OFFSET) are the newest of those that meet it.
+    """
+    order = tree.args.get("order")
+    if not _one_table(tree) or order is None or any(tree.args.get(k) for k in ("distinct", "group", "having")) or \
+            next(tree.find_all(exp.AggFunc, exp.Rand), None) is not None:
+        return False
+    first = order.expressions[0]
+    if not (first.args.get("desc") and isinstance(first.this, exp.Column) and first.this.name.lower() == "mjd"):
+        return False
+    return all(e.alias_or_name.lower() != "mjd" or (isinstance(e.unalias(), exp.Column) and
+                                                   e.unalias().name.lower() == "mjd") for e in tree.expressions)
+
+
+def _newest_of(tree: exp.Select, sources: frozenset[str]) -> Newest:
+    """The probe of a newest-first query (:func:`_is_newest_first`), its tables made subqueries and its LIMIT set."""
+    probe = tree.copy()
+    key = probe.args["order"].expressions[0].this
+    offset = probe.args.get("offset")
+    rows = int(probe.args["limit"].expression.this) + (int(offset.expression.this) if offset is not None else 0)
+    probe.set("expressions", [exp.alias_(key.copy(), "mjd")])
+    probe.set("order", exp.Order(expressions=[exp.Ordered(this=key.copy(), desc=True, nulls_first=False)]))
+    probe.set("limit", exp.Limit(expression=exp.Literal.number(rows)))
+    probe.set("offset", None)
+    return Newest(_generate(probe, sources), rows)
 
 
 def _published_subquery(table: exp.Table, names: Mapping[str, Published]) -> exp.Expression:
@@ -463,6 +521,7 @@ def _translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Tran
         raise _refuse(f"{left.name.upper()} is only read {ADQL_FUNCTIONS[left.name.upper()]}")
     tables = tuple(dict.fromkeys(names[_table_key(t)].name for t in tree.find_all(exp.Table)))
     cone = _cone_of(tree)
+    newest_first = _is_newest_first(tree)
     for column in tree.find_all(exp.Column):
         if column.args.get("db") is not None:  # TAP_SCHEMA.tables.table_name: the table's alias is its name
             column.set("db", None)
@@ -473,4 +532,5 @@ def _translate(adql: str, published: tuple[Published, ...], maxrec: int) -> Tran
     for table in list(tree.find_all(exp.Table)):
         table.replace(_published_subquery(table, names))
     top = _limit(tree, maxrec)
-    return Translation(_generate(tree, sources), tables, plain, top, cone)
+    newest = _newest_of(tree, sources) if newest_first and isinstance(tree, exp.Select) else None
+    return Translation(_generate(tree, sources), tables, plain, top, cone, newest)

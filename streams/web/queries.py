@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -225,14 +226,67 @@ def _newest_files(files: list[DataFile], keep: FileFilter, rows: int) -> FileFil
     return keep
 
 
-def _lowest(archive: Queryable, where: str, limit: int, keep: FileFilter) -> dict:
-    """The least MJD (``low``) of the ``limit`` newest alerts matching ``where``, their count (``n``), those timed.
+#: Times a newest-first top-N's count of rows the files of a second look for its bound hold, where
+#: every file is not looked in (:func:`newest_bound`): TAP's ``WHERE rb > 0.9`` (a tenth of the
+#: alerts) found its bound there (36 ms, 96 unbounded), where a rare match costs one look more.
+WIDER_LOOK = 16
 
-    ``timed``: those with an MJD; of the files ``keep`` keeps.
+
+def lowest_sql(newest: str) -> str:
+    """SQL of the least MJD (``low``) of the rows of ``newest``, their count (``n``) and those with an MJD (``timed``).
+
+    ``newest`` is a query of the ``mjd`` of the newest rows of a selection, newest first (nulls
+    last), with a ``LIMIT``: REST's page (:func:`_newest`) or a TAP query's (``adql.Newest.probe``).
     """
-    (row,) = archive.query(f"SELECT min(mjd) AS low, count(*) AS n, count(mjd) AS timed FROM (SELECT mjd FROM "
-                           f"alerts WHERE {where} ORDER BY mjd DESC LIMIT {int(limit)})", keep=keep).to_pylist()
-    return dict(row)
+    return f"SELECT min(mjd) AS low, count(*) AS n, count(mjd) AS timed FROM ({newest})"
+
+
+def newest_bound(files: list[DataFile], rows: int, lowest: Callable[[FileFilter], dict], keep: FileFilter,
+                 every: bool = True) -> tuple[float | None, FileFilter]:
+    """The least MJD of the ``rows`` newest rows of a selection (None: no bound), and the files that may hold them.
+
+    A newest-first top-N (``ORDER BY mjd DESC ... LIMIT rows``) is then the same with ``mjd >=``
+    that bound added to its WHERE (every row of it is at or above the bound, and at least ``rows``
+    rows are), over the files whose MJD bounds reach it; DuckDB checks the comparison against
+    each row group's statistics, so only the row groups of the newest alerts are read. The
+    selection must be a condition on each row alone (one table, no aggregate, nothing random).
+    The bound is first looked for in the files of the newest MJDs that hold ``rows`` rows (the
+    ``rows``-th newest of some alerts is at most that of all of them, so it bounds the top-N
+    too), in all of them if those match fewer (with ``every``; without, in those that hold
+    :data:`WIDER_LOOK` times ``rows``, if not all). None when no row matches, the newest include a
+    null MJD (a null sorts last: the top-N holds rows of no MJD), or, without ``every``, the files
+    looked in match fewer than ``rows``.
+
+    Parameters
+    ----------
+    files : list of DataFile
+        The committed files the selection reads.
+    rows : int
+        The top-N's count (its LIMIT, plus its OFFSET).
+    lowest : callable
+        The row of :func:`lowest_sql` of the selection's newest ``rows`` over the files a
+        :data:`~broker.archive.reader.FileFilter` keeps.
+    keep : FileFilter
+        The files the selection may read at all (those of a cone, of MJDs up to a cursor's).
+    every : bool
+        Whether to look in every file ``keep`` keeps when the newest match fewer than ``rows``.
+        Default True: REST's pages, whose selection is a cursor at most. A TAP query's ``WHERE``
+        may match a few alerts anywhere, which that look reads every file for, as the query
+        does: such a query took twice as long (``object_id = ...``, 155 ms where it took 82 with
+        no bound, ``bench/pruning.py``'s archive).
+    """
+    newest = _newest_files(files, keep, rows)
+    row = lowest(newest)
+    if row["n"] < rows and newest is not keep:
+        newest = keep if every else _newest_files(files, keep, WIDER_LOOK * rows)
+        if newest is keep and not every:
+            return None, keep
+        row = lowest(newest)
+    if (row["n"] < rows and newest is not keep) or row["n"] == 0 or row["timed"] < row["n"] or \
+            not math.isfinite(row["low"]):
+        return None, keep
+    low = float(row["low"])
+    return low, lambda f: keep(f) and _in_time(low, None)(f)
 
 
 def _newest(archive: Queryable, where: str, limit: int, high: float | None = None) -> tuple[str, FileFilter]:
@@ -240,26 +294,14 @@ def _newest(archive: Queryable, where: str, limit: int, high: float | None = Non
 
     A newest-first page is a top-N, for which DuckDB read the page's columns in every row group:
     230 ms p50 for the newest 100 of 10^6 alerts, 1.8 s for a filtered page (its batches of whole
-    records). The bound, found from ``mjd`` alone, is a
-    comparison on a column that DuckDB checks against each row group's statistics, so the page reads
-    only the row groups of the newest alerts; every row of the page is at or above it. Left out
-    when the newest rows include a null MJD (an archived alert has one; a null sorts last).
-
-    The bound is first looked for in the files of the newest MJDs that hold ``limit`` rows (the
-    ``limit``-th newest of some alerts is at most that of all of them, so it bounds the page too),
-    in all of them if those match fewer; the page then reads the files whose MJDs reach it
-    (:meth:`broker.archive.reader.Archive.within`), of those that may hold an MJD up to ``high``
-    (``where`` holds none above it: a cursor's).
+    records). The bound (:func:`newest_bound`), found from ``mjd`` alone, lets the page read only
+    the row groups of the newest alerts, of the files whose MJDs reach it, of those that may hold
+    an MJD up to ``high`` (``where`` holds none above it: a cursor's).
     """
-    in_time = _in_time(None, high)
-    newest = _newest_files(archive.files(), in_time, limit)
-    row = _lowest(archive, where, limit, newest)
-    if row["n"] < limit and newest is not in_time:
-        row = _lowest(archive, where, limit, in_time)
-    if row["n"] == 0 or row["timed"] < row["n"]:
-        return where, in_time
-    low = float(row["low"])
-    return f"({where}) AND mjd >= {low!r}", _in_time(low, high)
+    sql = lowest_sql(f"SELECT mjd FROM alerts WHERE {where} ORDER BY mjd DESC LIMIT {int(limit)}")
+    low, keep = newest_bound(archive.files(), limit, lambda kept: dict(archive.query(sql, keep=kept).to_pylist()[0]),
+                             _in_time(None, high))
+    return (where, keep) if low is None else (f"({where}) AND mjd >= {low!r}", keep)
 
 
 def latest(archive: Queryable, limit: int, cursor: str | None) -> dict:

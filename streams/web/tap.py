@@ -38,10 +38,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from broker.archive.log import DataFile
-from broker.archive.reader import may_hold_cone
+from broker.archive.reader import FileFilter, may_hold_cone
 from broker.errors import ArchiveError, BrokerError, InvalidQuery
 from streams.triplet_png import printable
-from streams.web import adql, regions, tap_examples, tap_schema, tap_upload, vo
+from streams.web import adql, queries, regions, tap_examples, tap_schema, tap_upload, vo
 from streams.web.api import LIMITED, CostlyReader, Reader, portal_of
 from streams.web.app import Portal
 from streams.web.config import WebConfig
@@ -181,7 +181,7 @@ class TapView(ArchiveView):
 
     def run(self, sql: str, tables: tuple[str, ...] = (), stop: Stop | None = None,
             timeout_s: float | None = None, uploads: tuple[UploadedTable, ...] = (), spent_s: float = 0.0,
-            cone: tuple[float, float, float] | None = None) -> pa.Table:
+            cone: tuple[float, float, float] | None = None, newest: adql.Newest | None = None) -> pa.Table:
         """The result of ``sql``, interrupted after ``timeout_s`` (InvalidQuery then, or ArchiveError).
 
         ``tables`` are the published tables it reads: with ``broker.objects``, its rows are those of
@@ -191,8 +191,9 @@ class TapView(ArchiveView):
         thread (an asynchronous job aborted), which is InvalidQuery too. ``uploads`` are registered
         on the connection for this query only (``TAP_UPLOAD.name``), under the same limits.
         ``cone`` (RA, Dec, radius, deg; :attr:`streams.web.adql.Translation.cone`) holds every row a
-        query of ``broker.alerts`` alone reads: it reads only the files whose bounds may hold one
-        (:meth:`_within`).
+        query of ``broker.alerts`` alone reads: it reads only the files whose bounds may hold one;
+        ``newest`` (:attr:`streams.web.adql.Translation.newest`) makes such a newest-first query
+        read only the newest alerts it may answer (:meth:`_within`).
         """
         import duckdb
 
@@ -215,7 +216,7 @@ class TapView(ArchiveView):
                 self._register_objects(con, files)
             for upload in uploads:
                 con.register(upload.registered, upload.rows)
-            return con.sql(self._within(files, tables, cone) + sql).to_arrow_table()
+            return con.sql(self._within(con, files, tables, cone, newest) + sql).to_arrow_table()
         except duckdb.InterruptException:
             if stop is not None and stop.requested:
                 raise InvalidQuery("the job was aborted while its query ran") from None
@@ -237,18 +238,31 @@ class TapView(ArchiveView):
                 self._forget()
 
 
-    def _within(self, files: list[DataFile], tables: tuple[str, ...], cone: tuple[float, float, float] | None) -> str:
-        """The ``WITH`` that makes ``broker.alerts``' view read the files ``cone`` may reach (as REST's cone), or "".
+    def _within(self, con: Any, files: list[DataFile], tables: tuple[str, ...],
+                cone: tuple[float, float, float] | None, newest: adql.Newest | None = None) -> str:
+        """The ``WITH`` that makes ``broker.alerts``' view read the rows a query may answer, as REST's reads, or "".
 
-        Only for a query of ``broker.alerts`` alone (:meth:`broker.archive.reader.Archive.within`: the
-        first copy of each alert is still that of every file).
+        Only for a query of ``broker.alerts`` alone: the files ``cone`` may reach (as REST's cone);
+        for a newest-first query (``newest``), those whose MJDs reach the least MJD it may answer,
+        and ``mjd >=`` it (:func:`streams.web.queries.newest_bound`, as REST's newest-first page;
+        found on ``con``, under the query's time limit). The first copy of each alert is still that
+        of every file (:meth:`broker.archive.reader.Archive.within`).
         """
-        if cone is None or tables != (tap_schema.table_of("broker.alerts").name,):
+        if (cone is None and newest is None) or tables != (tap_schema.table_of("broker.alerts").name,):
             return ""
-        ra, dec, radius = cone
+        keep: FileFilter = (lambda f: True) if cone is None else (lambda f: may_hold_cone(f, *cone))
+        low = None
+        if newest is not None:
+            def lowest(kept: FileFilter) -> dict:
+                sql = self._with(files, kept) + queries.lowest_sql(newest.probe)
+                return dict(con.sql(sql).to_arrow_table().to_pylist()[0])
+            low, keep = queries.newest_bound(files, newest.rows, lowest, keep, every=False)
+        return self._with(files, keep, None if low is None else f"mjd >= {low!r}")
+
+    def _with(self, files: list[DataFile], keep: FileFilter, where: str | None = None) -> str:
+        """:meth:`broker.archive.reader.Archive.within` of ``keep`` and ``where``, ``broker.alerts``' view over it."""
         classified = tap_schema.classified(f.schema_version for f in files)
-        return self.archive.within(files, lambda f: may_hold_cone(f, ra, dec, radius),
-                                   ((tap_schema.ALERTS_VIEW, tap_schema.alerts_sql(classified)),))
+        return self.archive.within(files, keep, ((tap_schema.ALERTS_VIEW, tap_schema.alerts_sql(classified)),), where)
 
 
 def time_limit(config: WebConfig, timeout_s: float | None = None) -> float:
@@ -389,7 +403,8 @@ def execute(portal: Portal, params: Mapping[str, list[str]], stop: Stop | None =
         translation = adql.translate(request.query, tap_schema.published() + tuple(u.published() for u in uploads),
                                      request.maxrec)
         table = tap_view(portal).run(translation.sql, translation.tables, stop, timeout_s, uploads,
-                                     time.monotonic() - started, translation.cone)
+                                     time.monotonic() - started, translation.cone,
+                                     translation.newest)
         if request.csv:
             return TapAnswer(result_csv(table, translation, request.maxrec, uploads), CSV_TYPE)
         return TapAnswer(result_votable(table, translation, request.maxrec, uploads), VOTABLE_TYPE)

@@ -615,6 +615,7 @@ def test_a_tap_cone_over_alerts_reads_the_files_it_may_reach_and_answers_what_ev
     sky_of_files(writer)
     view = TapView(Archive(tmp_path / "archive"), WebConfig.for_state_dir(tmp_path))
     files, pruned = view.files(), 0
+    con = view._connection()[0]
     for ra, dec, r in PRUNE_CONES:
         circle = f"CIRCLE('ICRS', {ra}, {dec}, {r})"
         terms = {"c": f"1 = CONTAINS(POINT('ICRS', ra, dec), {circle})", "ra": ra, "dec": dec, "r": r,
@@ -622,7 +623,7 @@ def test_a_tap_cone_over_alerts_reads_the_files_it_may_reach_and_answers_what_ev
                  "a": f"CONTAINS(POINT('ICRS', a.ra, a.dec), {circle}) = 1"}
         for query in PRUNED_ADQL + UNPRUNED_ADQL:
             t = adql.translate(query.format(**terms), tap_schema.published(), 1000)
-            assert (view._within(files, t.tables, t.cone) != "") == (
+            assert (view._within(con, files, t.tables, t.cone) != "") == (
                 query in PRUNED_ADQL and not all(may_hold_cone(f, ra, dec, r) for f in files)), query
             if query in UNPRUNED_ADQL:
                 continue
@@ -637,5 +638,131 @@ def test_a_tap_cone_over_alerts_reads_the_files_it_may_reach_and_answers_what_ev
     expected = view.run(t.sql, t.tables).to_pylist()
     view.archive.fs.pipe_file(view.archive.path(files[3].path), b"\0" * files[3].size)  # region 3's file
     assert view.run(t.sql, t.tables, cone=t.cone).to_pylist() == expected and len(expected) == 24
+    with pytest.raises(ArchiveCorrupt, match="unreadable"):
+        view.run(t.sql, t.tables)
+
+
+#: Newest-first ADQL over ``broker.alerts`` (``{n}``: its TOP; ``{ids}``: alerts of the fourth, first and
+#: second files of :func:`_timed_files`), read from the newest alerts it may answer.
+NEWEST_ADQL = [
+    "SELECT TOP {n} * FROM broker.alerts ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id, mjd FROM alerts WHERE rb > 0.5 ORDER BY mjd DESC, alert_id DESC",
+    "SELECT TOP {n} a.alert_id, a.mjd AS t FROM alerts AS a WHERE a.rb < 0.3 OR a.alert_id < 0 ORDER BY a.mjd DESC, "
+    "a.alert_id",
+    "SELECT TOP {n} alert_id, mjd FROM alerts WHERE rb >= 0.1 ORDER BY mjd DESC, alert_id OFFSET 7",
+    "SELECT TOP {n} alert_id FROM alerts WHERE 1 = CONTAINS(POINT(ra, dec), CIRCLE(150.0, 2.0, 0.6)) "
+    "ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id, mjd AS MJD, class_label FROM alerts WHERE rb > 0.85 ORDER BY MJD DESC, alert_id",
+    "SELECT TOP {n} mjd FROM alerts ORDER BY mjd DESC",
+    "SELECT TOP {n} alert_id, mjd FROM alerts WHERE rb > 0.93 ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id, mjd FROM alerts WHERE MOD(alert_id, 9) = 0 ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id, mjd FROM alerts WHERE alert_id IN ({ids}) ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id, CASE WHEN rb > 0.5 THEN 1 ELSE 0 END AS real FROM alerts WHERE mjd < 60002.0 "
+    "ORDER BY mjd DESC, rb, alert_id",
+]
+#: Queries of alerts by MJD, newest first or not, that must read every file: an order that is not mjd DESC
+#: first, DISTINCT, GROUP BY, an aggregate, RAND, another column named mjd, a subquery, a join, a set
+#: operation, a derived table, another table.
+UNNEWEST_ADQL = [
+    "SELECT TOP {n} alert_id FROM alerts ORDER BY mjd, alert_id",
+    "SELECT TOP {n} alert_id FROM alerts ORDER BY alert_id, mjd DESC",
+    "SELECT TOP {n} alert_id FROM alerts ORDER BY mjd + 0 DESC, alert_id",
+    "SELECT DISTINCT TOP {n} telescope, mjd FROM alerts ORDER BY mjd DESC, telescope",
+    "SELECT TOP {n} object_id, MAX(mjd) AS mjd FROM alerts GROUP BY object_id ORDER BY mjd DESC, object_id",
+    "SELECT TOP {n} COUNT(*) AS c FROM alerts ORDER BY mjd DESC",
+    "SELECT TOP {n} alert_id FROM alerts WHERE RAND() < 2.0 ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id, ra AS mjd FROM alerts ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} alert_id FROM alerts WHERE alert_id IN (SELECT alert_id FROM alerts WHERE rb > 0.5) "
+    "ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} a.alert_id FROM alerts AS a JOIN alerts AS b ON a.alert_id = b.alert_id "
+    "ORDER BY a.mjd DESC, a.alert_id",
+    "SELECT TOP {n} alert_id, mjd FROM (SELECT * FROM alerts) AS s ORDER BY mjd DESC, alert_id",
+    "SELECT TOP {n} object_id FROM broker.objects ORDER BY last_mjd DESC, object_id",
+]
+
+
+def _timed_files(writer, monkeypatch) -> list[dict]:
+    """Six commits of 12 alerts, their MJDs rising file by file with overlaps and ties, in row groups of 4.
+
+    The fifth file ends with a later copy of the first alert at the newest MJD (not the alert's row)
+    and holds three alerts without an MJD (as files written before MJDs were required may); last a
+    file at the lowest offsets (topic ``a_early``) with copies of two of the sixth file's alerts at
+    old MJDs: those copies are the alerts' rows. Returns the records of the six files.
+    """
+    import pyarrow as pa
+
+    from broker.archive import writer as writer_module
+    from broker.archive.log import OffsetRange
+    from broker.archive.rows import to_batch
+    from tests.broker.test_archive import _copy, archived, objects
+
+    monkeypatch.setattr(writer_module, "ROW_GROUP_ROWS", 4)
+    rng = np.random.default_rng(31)
+    records = objects(72, 3, seed=31)
+    for i, rec in enumerate(records):
+        rec["source"]["mjd"] = round(60000.0 + (i // 12) * 0.5 + rng.uniform(0.0, 0.7), 1)  # ties of 0.1 d
+    untimed = {records[50]["alertId"], records[53]["alertId"], records[58]["alertId"]}
+
+    def commit(alerts) -> None:
+        batches = []
+        for a in alerts:
+            batch = to_batch([a])
+            if a.record["alertId"] in untimed:
+                index = batch.schema.get_field_index("mjd")
+                batch = batch.set_column(index, "mjd", pa.array([None], pa.float64()))
+            batches.append(batch)
+        writer.commit(writer.write(batches), [OffsetRange(a.topic, 0, a.offset, a.offset + 1) for a in alerts])
+
+    for start in range(0, 72, 12):
+        batch = records[start:start + 12]
+        if start == 48:
+            batch = batch + [_copy(records[0], mjd=61000.0)]
+        commit(archived(batch, start=start))
+    commit(archived([_copy(records[61], mjd=59990.0), _copy(records[66], mjd=60000.05)], topic="a_early"))
+    return records
+
+
+def test_a_tap_newest_first_query_reads_the_newest_alerts_and_answers_what_every_file_does(tmp_path, monkeypatch):
+    """A query of ``broker.alerts`` alone, newest first, with ``mjd >=`` its least MJD, over the files that reach it.
+
+    As REST's newest-first page: the bound is found from ``mjd`` alone (the probe, in the newest files
+    first), and left out when the newest rows include a null MJD. Over :func:`_timed_files` (copies
+    across files, first copies in an old file, nulls, ties), every query answers the rows it answers
+    over every file, for TOPs from 1 to past the archive, and MAXREC alone; those ordered otherwise,
+    grouped, distinct or over more than one table are not bounded. An old file damaged: the newest 5
+    still answer, the query over every file fails.
+    """
+    from broker.archive.writer import ArchiveWriter
+    from broker.errors import ArchiveCorrupt
+    from streams.web.config import WebConfig
+    from streams.web.tap import TapView
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    records = _timed_files(writer, monkeypatch)
+    ids = ", ".join(str(records[i]["alertId"]) for i in (40, 5, 10, 20))  # one in the newest 48 rows' files
+    view = TapView(Archive(tmp_path / "archive"), WebConfig.for_state_dir(tmp_path))
+    files, bounded = view.files(), 0
+    con = view._connection()[0]
+    for n in (1, 3, 5, 12, 13, 40, 80):
+        for query in NEWEST_ADQL + UNNEWEST_ADQL:
+            t = adql.translate(query.format(n=n, ids=ids), tap_schema.published(), 1000)
+            assert (t.newest is not None) == (query in NEWEST_ADQL), query
+            if query in UNNEWEST_ADQL:
+                continue
+            bounded += "mjd >=" in view._within(con, files, t.tables, t.cone, t.newest)
+            rows = [view.run(t.sql, t.tables, cone=t.cone, newest=newest).to_pylist() for newest in (t.newest, None)]
+            assert rows[0] == rows[1], (n, query)
+    maxrec = adql.translate("SELECT alert_id, mjd FROM alerts ORDER BY mjd DESC, alert_id", tap_schema.published(), 9)
+    assert maxrec.newest is not None and maxrec.newest.rows == 10
+    assert view.run(maxrec.sql, maxrec.tables, newest=maxrec.newest) == view.run(maxrec.sql, maxrec.tables)
+    assert bounded >= 20
+    untimed = adql.translate("SELECT TOP 80 mjd FROM alerts ORDER BY mjd DESC", tap_schema.published(), 1000)
+    assert "mjd >=" not in view._within(con, files, untimed.tables, None, untimed.newest)  # 69 timed, 3 not
+    t = adql.translate(NEWEST_ADQL[0].format(n=5), tap_schema.published(), 1000)
+    expected = view.run(t.sql, t.tables).to_pylist()
+    assert 61000.0 not in [r["mjd"] for r in expected]  # the later copy of the first alert
+    view.archive.fs.pipe_file(view.archive.path(files[1].path), b"\0" * files[1].size)
+    assert view.run(t.sql, t.tables, newest=t.newest).to_pylist() == expected
     with pytest.raises(ArchiveCorrupt, match="unreadable"):
         view.run(t.sql, t.tables)
