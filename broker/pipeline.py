@@ -159,7 +159,7 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     result = subtract_and_detect(frame, reference, config, keep_difference=differences is not None)
     if not result.flux_ratio.measured:
         raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: {result.flux_ratio.reason}; a difference at "
-                          "an unknown flux scale leaves every star and mis-scales every transient")
+                          "an unknown flux scale leaves part of every star and mis-scales the reference cut-outs")
     diagnostics = {k: float(v) for k, v in result.diagnostics.items()}
     if differences is not None:
         diagnostics.update(_forced_and_kept(frame, result, differences))
