@@ -237,7 +237,6 @@ class TapView(ArchiveView):
             if fired.is_set():  # an interrupt may outlive its query: this connection is not used again
                 self._forget()
 
-
     def _within(self, con: Any, files: list[DataFile], tables: tuple[str, ...],
                 cone: tuple[float, float, float] | None, newest: adql.Newest | None = None) -> str:
         """The ``WITH`` that makes ``broker.alerts``' view read the rows a query may answer, as REST's reads, or "".
