@@ -1036,9 +1036,9 @@ def query(sql: Annotated[str, typer.Argument(help=_QUERY_HELP)], archive: Archiv
     try:
         store, _ = _open_archive(archive, config, state_dir)
         if out is not None:
-            console.print(f"wrote {store.export(sql, out, verify)} row(s) to {out}")
+            console.print(f"wrote {store.export(sql, out, verify, bounded=True)} row(s) to {out}")
             return
-        table = store.query(sql, verify)
+        table = store.query(sql, verify, bounded=True)
     except BrokerError as exc:
         _fail(exc)
     console.print(result_table(table, max_rows))

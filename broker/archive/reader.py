@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,12 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from broker.archive.arrow import file_schema
+
+# the file bounds of a cone, named here by the portal, TAP and the tests
+from broker.archive.bounds import RA_SLACK_DEG as RA_SLACK_DEG
+from broker.archive.bounds import FileFilter as FileFilter
+from broker.archive.bounds import may_hold_cone as may_hold_cone
+from broker.archive.bounds import query_files, ra_range, where_files
 from broker.archive.config import ALERT_COLUMN
 from broker.archive.log import CHECKPOINTS, COMMITS, Commit, DataFile, Snapshot
 from broker.archive.rows import record_of
@@ -34,8 +39,6 @@ ALL_COPIES = f"{VIEW}_all"
 #: first (topic, partition, offset: within a partition, the copy published, and so archived, first),
 #: then the file (its path, under one root) and the row in it, so that the choice is total.
 COPY_ORDER = "kafka_topic, kafka_partition, kafka_offset, filename, file_row_number"
-#: Which committed files a query reads: True for those that may hold a row of its answer.
-FileFilter = Callable[[DataFile], bool]
 _RECORD_NAME = re.compile(r"^(\d{20})\.json$")
 #: The order of :meth:`Archive.select`: observation order (exposure start), then Kafka order.
 OBSERVATION_ORDER = "mjd, kafka_topic, kafka_partition, kafka_offset, alert_id"
@@ -73,26 +76,6 @@ CREATE MACRO ang_sep_deg(ra1, dec1, ra2, dec2) AS degrees(2 * asin(sqrt(least(1.
 CREATE MACRO in_cone(ra, dec, ra0, dec0, radius) AS
     dec BETWEEN dec0 - radius AND dec0 + radius AND ang_sep_deg(ra, dec, ra0, dec0) <= radius;
 """
-#: Slack (deg) added to each side of :func:`cone_where`'s RA range, far above the rounding of the
-#: haversine (~1e-12 deg): a row ``in_cone`` holds is never outside the range.
-RA_SLACK_DEG = 1e-6
-
-
-def _ra_range(ra0: float, dec0: float, radius: float) -> tuple[float, float] | None:
-    """The range (lo, hi) of RA (deg) of every row in [0, 360) within ``radius`` of (``ra0``, ``dec0``).
-
-    ``lo`` below 0 or ``hi`` at or above 360: the range crosses RA 0/360 (it is [lo + 360, 360) and
-    [0, hi], or [lo, 360) and [0, hi - 360]). None where no range bounds the circle (see :func:`cone_where`).
-    """
-    if not abs(dec0) + radius < 90.0:  # NaN too
-        return None
-    half = math.sin(math.radians(radius)) / math.cos(math.radians(dec0))
-    if not half < 0.999 or not math.isfinite(ra0):
-        return None
-    width = math.degrees(math.asin(half)) + RA_SLACK_DEG
-    return ra0 % 360.0 - width, ra0 % 360.0 + width
-
-
 def cone_where(ra0: float, dec0: float, radius: float) -> str:
     """SQL condition of the rows within ``radius`` of (``ra0``, ``dec0``) (deg): ``in_cone`` and a range of RA.
 
@@ -106,10 +89,10 @@ def cone_where(ra0: float, dec0: float, radius: float) -> str:
     ``in_cone`` alone.
     """
     where = f"in_cone(ra, dec, {ra0!r}, {dec0!r}, {radius!r})"
-    ra_range = _ra_range(ra0, dec0, radius)
-    if ra_range is None:
+    ra_bounds = ra_range(ra0, dec0, radius)
+    if ra_bounds is None:
         return where
-    lo, hi = ra_range
+    lo, hi = ra_bounds
     if lo < 0.0:
         ra_sql = f"(ra >= {lo + 360.0!r} OR ra <= {hi!r})"
     elif hi >= 360.0:
@@ -117,29 +100,6 @@ def cone_where(ra0: float, dec0: float, radius: float) -> str:
     else:
         ra_sql = f"(ra BETWEEN {lo!r} AND {hi!r} OR ra < 0.0 OR ra >= 360.0)"
     return f"{where} AND {ra_sql}"
-
-
-def may_hold_cone(f: DataFile, ra0: float, dec0: float, radius: float) -> bool:
-    """Whether file ``f`` may hold a row of :func:`cone_where` (deg), from its bounds: False only when it cannot.
-
-    Its declination range must meet ``in_cone``'s band [dec0 - r, dec0 + r] (widened by
-    :data:`RA_SLACK_DEG`), and its RA range the cone's (:func:`_ra_range`, two across RA 0/360;
-    none at a pole or for a cone half as wide as the sky). A file without bounds (written before
-    them, or holding a NaN or an infinity) may hold any; so may one with an RA outside [0, 360),
-    which the haversine still matches, as far as RA goes.
-    """
-    if f.dec_min is not None and f.dec_max is not None and (
-            f.dec_max < dec0 - radius - RA_SLACK_DEG or f.dec_min > dec0 + radius + RA_SLACK_DEG):
-        return False
-    ra_range = _ra_range(ra0, dec0, radius)
-    if ra_range is None or f.ra_min is None or f.ra_max is None or f.ra_min < 0.0 or f.ra_max >= 360.0:
-        return True
-    lo, hi = ra_range
-    if lo < 0.0:
-        return f.ra_max >= lo + 360.0 or f.ra_min <= hi
-    if hi >= 360.0:
-        return f.ra_max >= lo or f.ra_min <= hi - 360.0
-    return f.ra_max >= lo and f.ra_min <= hi
 
 
 # errors of the SQL itself, not of the files it reads
@@ -390,6 +350,13 @@ class Archive:
                     return ArchiveCorrupt(f"{self.url}: {f.path} is unreadable: {text}")
         return ArchiveError(f"query failed: {text}")
 
+    def _files_term(self, files: Sequence[DataFile], keep: FileFilter | None) -> str | None:
+        """SQL condition on ``filename`` of the rows of the files of ``files`` that ``keep`` keeps (None: every one)."""
+        kept = list(files) if keep is None else [f for f in files if keep(f)]
+        if len(kept) == len(files):
+            return None
+        return f"filename IN ({', '.join(_sql_str(self._duck_path(f.path)) for f in kept)})" if kept else "false"
+
     def within(self, files: Sequence[DataFile], keep: FileFilter | None, then: Sequence[tuple[str, str]] = (),
                where: str | None = None) -> str:
         """A ``WITH`` that makes ``alerts`` the rows of ``alerts`` in the files of ``files`` that ``keep`` keeps.
@@ -404,21 +371,23 @@ class Archive:
         without ``where``. ``then`` are more (name, ``SELECT``) of the ``WITH``, after ``alerts``: a
         view over it of the same name, so that a query of that view reads the files kept too.
         """
-        kept = list(files) if keep is None else [f for f in files if keep(f)]
         terms = [f"({where})"] if where is not None else []
-        if len(kept) < len(files):
-            terms.insert(0, f"filename IN ({', '.join(_sql_str(self._duck_path(f.path)) for f in kept)})"
-                         if kept else "false")
+        names = self._files_term(files, keep)
+        if names is not None:
+            terms.insert(0, names)
         if not terms:
             return ""
         views = "".join(f", {name} AS NOT MATERIALIZED ({sql})" for name, sql in then)
         return (f"WITH {VIEW} AS NOT MATERIALIZED (SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files "
                 f"WHERE {' AND '.join(terms)}){views} ")
 
-    def query(self, sql: str, verify: bool = False, keep: FileFilter | None = None) -> pa.Table:
+    def query(self, sql: str, verify: bool = False, keep: FileFilter | None = None, bounded: bool = False) -> pa.Table:
         """The result of ``sql`` over the view ``alerts``, of the files ``keep`` keeps (default every one).
 
-        ``keep`` must keep every file that may hold a row of the answer (:meth:`within`).
+        ``keep`` must keep every file that may hold a row of the answer (:meth:`within`). With
+        ``bounded`` and no ``keep``, the files that the bounds of the ``WHERE`` of ``sql`` admit
+        (:func:`broker.archive.bounds.query_files`: ``mjd`` compared with numbers, ``in_cone`` of
+        numbers, in a query of ``alerts`` alone), as ``broker query`` reads them.
 
         Raises
         ------
@@ -431,6 +400,8 @@ class Archive:
 
         con, files = self._connect(verify)
         try:
+            if keep is None and bounded:
+                keep = query_files(con, sql)
             rel = con.sql(self.within(files, keep) + sql)
             return rel.to_arrow_table() if rel is not None else pa.table({})
         except duckdb.Error as exc:
@@ -438,8 +409,10 @@ class Archive:
         finally:
             con.close()
 
-    def export(self, sql: str, out: str | Path, verify: bool = False) -> int:
+    def export(self, sql: str, out: str | Path, verify: bool = False, bounded: bool = False) -> int:
         """Write the result of ``sql`` to ``out`` (``.parquet`` or ``.csv``); return its rows.
+
+        ``bounded``: read only the files the bounds of its ``WHERE`` admit, as :meth:`query` does.
 
         Raises
         ------
@@ -453,7 +426,8 @@ class Archive:
             raise ArchiveError(f"cannot write {out}: the output is .parquet or .csv")
         con, files = self._connect(verify)
         try:
-            rows = con.execute(f"COPY ({sql}) TO {_sql_str(str(out))} (FORMAT {fmt})").fetchall()
+            pruned = self.within(files, query_files(con, sql)) if bounded else ""
+            rows = con.execute(f"COPY ({pruned}{sql}) TO {_sql_str(str(out))} (FORMAT {fmt})").fetchall()
             return int(rows[0][0]) if rows else 0
         except duckdb.Error as exc:
             raise self._error(exc, files) from exc
@@ -465,7 +439,9 @@ class Archive:
         """The archived alerts matching ``where``, once each, in observation order (MJD, then Kafka order).
 
         An alert archived more than once comes once: its first copy in :data:`COPY_ORDER`, whether or
-        not its later copies match ``where`` (they are never read).
+        not its later copies match ``where`` (they are never read). Only the files that the bounds
+        of ``where`` admit are read (:func:`broker.archive.bounds.where_files`: a replay's time
+        range, an ``in_cone``), the first copies still those of every file.
 
         The order is found from the narrow columns (each alert's file, row and sort keys, ~100
         bytes an alert). A selection of up to ``sort_bytes`` is then read sorted by DuckDB, in one
@@ -496,7 +472,9 @@ class Archive:
 
         con, files = self._connect(False)
         try:
-            keys = con.sql(f"SELECT filename, file_row_number, schema_version FROM {VIEW}_files WHERE {where} "
+            names = self._files_term(files, where_files(con, where))
+            kept = where if names is None else f"{names} AND {where}"
+            keys = con.sql(f"SELECT filename, file_row_number, schema_version FROM {VIEW}_files WHERE {kept} "
                            f"ORDER BY {OBSERVATION_ORDER}").to_arrow_table()
             if verify:
                 held = set(keys.column(0).unique().to_pylist())
@@ -504,7 +482,7 @@ class Archive:
             by_name = {self._duck_path(f.path): f for f in files}
             sizes = [-(-f.size // max(f.rows, 1)) for f in map(by_name.__getitem__, keys.column(0).to_pylist())]
             if sum(sizes) <= sort_bytes:
-                sorted_reader = con.sql(f"SELECT schema_version, {ALERT_COLUMN} FROM {VIEW} WHERE {where} "
+                sorted_reader = con.sql(f"SELECT schema_version, {ALERT_COLUMN} FROM {VIEW}_files WHERE {kept} "
                                         f"ORDER BY {OBSERVATION_ORDER}").to_arrow_reader(256)
         except duckdb.Error as exc:
             con.close()

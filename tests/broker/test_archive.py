@@ -1027,3 +1027,160 @@ def test_cones_over_the_files_their_bounds_admit_answer_the_rows_of_every_file(w
     assert _ids(archive, cone, keep=lambda f: may_hold_cone(f, *cone)) == expected and len(expected) == 24
     with pytest.raises(ArchiveCorrupt, match="unreadable"):
         _ids(archive, cone)
+
+
+# --- queries and selections bounded by their WHERE --------------------------------------------------
+def sky_and_times_of_files(writer: ArchiveWriter) -> tuple[list[list[dict]], list[dict]]:
+    """:func:`sky_of_files` (its files at one MJD), then six files of overlapping MJDs, with copies and null MJDs.
+
+    File t (t = 0..5) holds 6 alerts at MJDs 61000 + t / 2 + [0, 0.7), around REGIONS[5] and across RA 0/360;
+    file 4 a later copy of an alert of file 1 moved to MJD 61010 and
+    RA 10; file 5 (lowest offsets: the first copy) a copy of an alert of file 3 moved to MJD 60990, so that
+    file 3's row is a later copy. Returns the regions and the records of the timed files.
+    """
+    regions = sky_of_files(writer)
+    rng = np.random.default_rng(5)
+    timed: list[dict] = []
+    for t in range(6):
+        recs = objects(6, VERSIONS[-1], seed=300 + t)
+        for i, rec in enumerate(recs):
+            rec["source"]["mjd"] = 61000.0 + t / 2 + float(rng.uniform(0.0, 0.7))
+            ra0, dec0 = (REGIONS[5], (359.9, 0.0))[i % 2]
+            rec["source"]["ra"], rec["source"]["dec"] = (ra0 + float(rng.uniform(-0.2, 0.2))) % 360.0, dec0
+        if t == 4:
+            recs.append(_copy(timed[7], mjd=61010.0, ra=10.0))
+        if t == 5:
+            first = _copy(timed[19], mjd=60990.0)
+            _commit_at(writer, [Archived(first, version_of(first), "alerts", 0, 5)])
+        commit(writer, archived(recs, start=30000 + 100 * t))
+        timed.extend(recs)
+    return regions, timed
+
+
+#: Queries whose WHERE bounds the files they read (``Archive.query(..., bounded=True)``), with {e} an exact MJD.
+BOUNDED = [
+    "SELECT alert_id, mjd FROM alerts WHERE mjd >= 61001.0 AND mjd < 61001.5 ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd BETWEEN 61000.2 AND 61000.9 ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE 61002.1 < mjd ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd <= 60999.5 ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd = {e} ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd >= {e} ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd <= {e} ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd > {e} ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd >= 61009.5 ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd < 60995 ORDER BY alert_id",
+    "SELECT count(*) AS n, max(rb) AS rb FROM alerts a WHERE a.mjd > 61001.25 AND (rb > 0.3 OR snr < 0)",
+    "SELECT night, count(*) AS n FROM alerts WHERE (mjd > 61000.3 AND mjd < 61001.6) GROUP BY night ORDER BY night",
+    "SELECT alert_id, row_number() OVER (ORDER BY mjd) AS k FROM alerts WHERE mjd > 61001 ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE in_cone(ra, dec, 359.95, 0.0, 0.3) AND mjd < 61001.2 ORDER BY alert_id",
+    "SELECT alert_id FROM alerts WHERE mjd IS NOT NULL AND in_cone(ra, dec, 150, 2, 0.25) ORDER BY alert_id",
+    "SELECT DISTINCT object_id FROM alerts WHERE mjd >= 61000.0 ORDER BY object_id LIMIT 1000",
+]
+#: Queries whose WHERE bounds no file: they read every one.
+UNBOUNDED = [
+    "SELECT alert_id FROM alerts WHERE mjd > 61001 OR rb > 0.5",
+    "SELECT alert_id FROM alerts WHERE NOT mjd < 61001",
+    "SELECT alert_id FROM alerts WHERE mjd + 0 > 61001",
+    "SELECT alert_id FROM alerts WHERE mjd > '61001'",
+    "SELECT ra AS mjd FROM alerts WHERE mjd > 61001",
+    "SELECT alert_id FROM alerts WHERE mjd > 61001 AND alert_id IN (SELECT alert_id FROM alerts)",
+    "SELECT (SELECT count(*) FROM alerts) AS n FROM alerts WHERE mjd > 61001",
+    "SELECT a.alert_id FROM alerts a JOIN alerts b USING (object_id) WHERE a.mjd > 61001",
+    "WITH x AS (SELECT 1) SELECT alert_id FROM alerts WHERE mjd > 61001",
+    "SELECT alert_id FROM alerts_all WHERE mjd > 61001",
+    "SELECT alert_id FROM alerts USING SAMPLE 3 ROWS (reservoir, 1) WHERE mjd > 61001",
+    "SELECT alert_id FROM alerts WHERE in_cone(dec, ra, 150, 2, 0.25)",
+    "SELECT alert_id FROM alerts WHERE in_cone(ra, dec, 150, 2, 0.25 + 0)",
+    "SELECT alert_id FROM alerts WHERE mjd > 61001 UNION SELECT alert_id FROM alerts",
+    "SELECT alert_id FROM alerts WHERE mjd > 61001; SELECT 1",
+    "DESCRIBE alerts",
+]
+
+
+def test_queries_read_the_files_their_where_bounds_and_answer_the_rows_of_every_file(writer):
+    """``broker query``'s SQL (``bounded``) reads the files its ``mjd`` comparisons and ``in_cone`` admit.
+
+    The same rows as over every file: files of overlapping MJDs, edges exactly at an alert's MJD,
+    copies across files (a later copy in the range, a first copy out of it), a file
+    without bounds, RA 0/360 and the cones of :data:`PRUNE_CONES`. A damaged file outside the
+    bounds: the bounded query answers, over every file it fails. A WHERE that bounds nothing
+    (an OR, a subquery, a second table, a WITH, an output column named mjd) reads every file.
+    """
+    import duckdb
+
+    from broker.archive.bounds import query_files
+
+    _, timed = sky_and_times_of_files(writer)
+    archive = Archive(writer.archive.url)
+    files = archive.files()
+    exact = [repr(r["source"]["mjd"]) for r in timed][::9] + ["61010.0"]
+    sqls = [q.format(e=e) for q in BOUNDED for e in (exact if "{e}" in q else [None])]
+    sqls += [f"SELECT alert_id FROM alerts WHERE in_cone(ra, dec, {c[0]!r}, {c[1]!r}, {c[2]!r}) ORDER BY alert_id"
+             for c in PRUNE_CONES[::3]]
+    con = duckdb.connect()
+    kept = []
+    for sql in sqls:
+        every = archive.query(sql, keep=lambda f: True).to_pylist()
+        assert archive.query(sql, bounded=True).to_pylist() == every, sql
+        keep = query_files(con, sql)
+        assert keep is not None, sql
+        kept.append(sum(map(keep, files)))
+    assert sum(k < len(files) // 2 for k in kept) > len(kept) // 2  # most read fewer than half the files
+    for sql in UNBOUNDED:
+        assert query_files(con, sql) is None, sql
+    late = timed[7]["alertId"]  # first copy in file 1, later copy at 61010 in file 4: not in the answer
+    assert archive.query("SELECT alert_id FROM alerts WHERE mjd >= 61009.5", bounded=True).num_rows == 0
+    assert late in archive.query("SELECT alert_id FROM alerts_all WHERE mjd >= 61009.5").column(0).to_pylist()
+    first = timed[19]["alertId"]  # file 5's copy at 60990 is the first: file 3's at 61001.x is not in its range
+    assert first not in archive.query("SELECT alert_id FROM alerts WHERE mjd > 61001.4 AND mjd < 61002.2",
+                                      bounded=True).column(0).to_pylist()
+    sql = "SELECT alert_id FROM alerts WHERE mjd > 61002.6 ORDER BY alert_id"
+    expected = archive.query(sql).column(0).to_pylist()
+    damaged = next(f for f in files[1:] if f.mjd_max is not None and f.mjd_max < 61001.0)  # the first: the schema
+    archive.fs.pipe_file(archive.path(damaged.path), b"\0" * damaged.size)
+    assert archive.query(sql, bounded=True).column(0).to_pylist() == expected and expected
+    out = f"{archive.root}/../bounded.parquet"  # broker query --out
+    assert archive.export(sql, out, bounded=True) == len(expected) and pq.read_table(out).column(0).to_pylist() == \
+        expected
+    with pytest.raises(ArchiveCorrupt, match="unreadable"):
+        archive.query(sql)
+    with pytest.raises(ArchiveCorrupt, match="unreadable"):
+        archive.export(sql, out)
+
+
+@pytest.mark.parametrize("paged", [{}, {"page_bytes": 1, "sort_bytes": 0}])
+def test_a_selection_reads_the_files_its_time_range_bounds_and_selects_what_every_file_does(writer, monkeypatch,
+                                                                                              paged):
+    """A replay's selection (``mjd >= a AND mjd < b AND (where)``) reads only the files whose MJDs reach it.
+
+    The same alerts in the same order as over every file (``where_files`` dropped), sorted and paged,
+    with a later copy moved into the range and a first copy moved out of it; a damaged file outside
+    the range is not read (the selection over every file fails on it).
+    """
+    from broker.archive import reader
+
+    _, timed = sky_and_times_of_files(writer)
+    archive = Archive(writer.archive.url)
+    wheres = ["mjd >= 61000.5 AND mjd < 61001.5", "mjd >= 61001.9 AND (rb > 0.2)", "mjd < 61000.4",
+              "mjd >= 61009 AND mjd < 61011", "mjd >= 60989 AND mjd < 60991",
+              f"mjd >= {timed[3]['source']['mjd']!r} AND mjd < {timed[20]['source']['mjd']!r}",
+              "in_cone(ra, dec, 359.9, 0.0, 0.5) AND mjd >= 61001", "mjd > 61001 OR rb > 2", "true"]
+
+    def selected(where: str) -> list[tuple[int, int]]:
+        count, rows = archive.select(where, **paged)
+        out = [(version, rec["alertId"]) for version, rec in rows]
+        assert len(out) == count
+        return out
+
+    if paged:  # a page a query: the time ranges alone
+        wheres = wheres[:7]
+    pruned = [selected(w) for w in wheres]
+    with monkeypatch.context() as m:
+        m.setattr(reader, "where_files", lambda con, where: None)
+        assert [selected(w) for w in wheres] == pruned
+    assert timed[7]["alertId"] not in {a for _, a in pruned[3]} and timed[19]["alertId"] in {a for _, a in pruned[4]}
+    damaged = next(f for f in archive.files()[1:] if f.mjd_max is not None and f.mjd_max < 61000.5)
+    archive.fs.pipe_file(archive.path(damaged.path), b"\0" * damaged.size)
+    assert selected(wheres[1]) == pruned[1] and pruned[1]
+    with pytest.raises(ArchiveCorrupt):
+        selected("mjd >= 61001.9 OR false")
