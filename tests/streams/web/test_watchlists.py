@@ -122,3 +122,61 @@ def test_the_openapi_document_describes_the_body(client):
     op = client.app.openapi()["paths"]["/api/v1/crossmatch"]["post"]
     assert {"text/csv", "multipart/form-data"} <= set(op["requestBody"]["content"])
     assert {p["name"] for p in op["parameters"]} == {"radius_arcsec", "since_mjd", "limit", "format"}
+
+
+def test_the_crossmatch_reads_the_files_its_entries_and_time_bound_and_matches_what_every_file_does(tmp_path,
+                                                                                                     monkeypatch):
+    """``queries.crossmatch`` reads positions from the files that may hold an entry's cone after ``since_mjd``.
+
+    Then the summaries from the files whose bounds hold a shown alert. The same answer as over every
+    file: entries on each region, across RA 0/360, at the poles, radii 1 arcsec to 1 deg, copies across
+    files (a later copy moved, a first copy in a newer file), a file without bounds, RA 360.2; by time
+    alone past ``MATCH_FILE_PAIRS``. A damaged file that no entry reaches: the crossmatch answers, over
+    every file it fails.
+    """
+    import numpy as np
+
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from broker.errors import ArchiveCorrupt
+    from broker.watchlist import Watchlist
+    from streams.web import queries
+    from tests.broker.test_archive import REGIONS, sky_and_times_of_files
+
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    _, timed = sky_and_times_of_files(writer)
+    view = queries.ArchiveView(Archive(tmp_path / "archive"))
+
+    class EveryFile:
+        def files(self) -> list:
+            return view.files()
+
+        def query(self, sql: str, *, keep=None):
+            return view.query(sql)
+
+    spots = [*REGIONS, (359.95, 0.0), (0.2, 0.05), (10.0, timed[7]["source"]["dec"]), (0.0, 90.0), (0.0, -90.0)]
+    radii = [1.0, 60.0, 900.0, 3600.0]
+    wl = Watchlist(tuple(f"e{i}" for i in range(len(spots) * len(radii))),
+                   np.array([ra for ra, _ in spots for _ in radii]), np.array([dec for _, dec in spots for _ in radii]),
+                   np.array(radii * len(spots)))
+    small = Watchlist(("a", "b"), np.array([150.0, 359.95]), np.array([2.0, 0.0]), np.array([900.0, 1800.0]))
+    files = view.files()
+    for since in (None, 60990.0, 61000.6, 61001.9, 61009.0):
+        for watched in (wl, small):
+            for limit in (3, 1000):
+                expected = queries.crossmatch(EveryFile(), watched, limit, since)
+                assert queries.crossmatch(view, watched, limit, since) == expected
+        with monkeypatch.context() as m:
+            m.setattr(queries, "MATCH_FILE_PAIRS", 10)
+            assert queries.crossmatch(view, wl, 1000, since) == queries.crossmatch(EveryFile(), wl, 1000, since)
+    assert sum(map(queries._watched_files(files, small, None), files)) <= len(files) - 3
+    assert sum(map(queries._watched_files(files, small, 61002.0), files)) <= 5  # 4 of its nights, the boundless
+    later = [i for i in queries.crossmatch(view, wl, 1000, 61009.0)["items"] if i["alert_id"] == timed[7]["alertId"]]
+    assert later == []  # its first copy is not at 61010, where a later copy is
+    expected = queries.crossmatch(view, small, 1000, None)
+    far = next(f for f in files[1:] if not queries._watched_files(files, small, None)(f))
+    view.archive.fs.pipe_file(view.archive.path(far.path), b"\0" * far.size)
+    assert queries.crossmatch(view, small, 1000, None) == expected and expected["matched"]
+    with pytest.raises(ArchiveCorrupt):
+        queries.crossmatch(EveryFile(), small, 1000, None)
