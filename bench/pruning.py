@@ -71,9 +71,9 @@ class Unpruned:
         """The committed files."""
         return self.view.files()
 
-    def query(self, sql: str, *, keep: FileFilter | None = None) -> pa.Table:
-        """``sql`` over every file, whatever ``keep`` keeps."""
-        return self.view.query(sql)
+    def query(self, sql: str, *, keep: FileFilter | None = None, files: list[DataFile] | None = None) -> pa.Table:
+        """``sql`` over every file (of ``files``, as the caller read them), whatever ``keep`` keeps."""
+        return self.view.query(sql, files=files)
 
 
 def timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
@@ -173,7 +173,7 @@ def main() -> None:
         *(f"| {name} | {a:.1f} | {b:.1f} | {b / a:.1f} |" for name, a, b in rows),
         "",
         f"Files a cone reads (median): {kept[5.0]:g} at 5 arcsec, {kept[1800.0]:g} at 0.5 deg, of {n_files}. "
-        "Both ways read the commit log at each query (`ArchiveView` sees every commit; here its records, "
+        "Both ways read the commit log once a read (`ArchiveView` sees every commit; here its records, "
         "no checkpoint before 100 commits).",
         "",
         f"Load average (1, 5, 15 min) at the start {' '.join(f'{x:.1f}' for x in load0)}, at the end "

@@ -277,26 +277,28 @@ class Archive:
     def _duck_path(self, rel: str) -> str:
         return self.path(rel) if self.local else str(self.fs.unstrip_protocol(self.path(rel)))
 
-    def connect(self, verify: bool = False) -> duckdb.DuckDBPyConnection:
+    def connect(self, verify: bool = False, files: list[DataFile] | None = None) -> duckdb.DuckDBPyConnection:
         """DuckDB with the views ``alerts`` and ``alerts_all`` over the committed files, and the cone macros.
 
         ``alerts`` holds each alert id once: of the copies of an alert archived more than once (a
         replay into the archived topic, a producer repeating an id, see ``docs/architecture.md``,
         "The archive"), the first in :data:`COPY_ORDER`. ``alerts_all`` holds every copy.
         Every committed file must be there with its committed size (with ``verify``, its SHA-256
-        too, which reads the whole archive).
+        too, which reads the whole archive). ``files``: the committed files, as :meth:`files` gave
+        them to the caller just before (default: the log is read here).
 
         Raises
         ------
         ArchiveCorrupt
             A committed file or commit record that is missing, truncated, altered or unreadable.
         """
-        return self._connect(verify)[0]
+        return self._connect(verify, files)[0]
 
-    def _connect(self, verify: bool) -> tuple[duckdb.DuckDBPyConnection, list[DataFile]]:
+    def _connect(self, verify: bool, files: list[DataFile] | None = None
+                 ) -> tuple[duckdb.DuckDBPyConnection, list[DataFile]]:
         import duckdb
 
-        files = self.files()
+        files = self.files() if files is None else files
         self.check(files, deep=verify)
         con = duckdb.connect()
         try:
@@ -381,13 +383,15 @@ class Archive:
         return (f"WITH {VIEW} AS NOT MATERIALIZED (SELECT * EXCLUDE ({_HIDDEN}) FROM {VIEW}_files "
                 f"WHERE {' AND '.join(terms)}){views} ")
 
-    def query(self, sql: str, verify: bool = False, keep: FileFilter | None = None, bounded: bool = False) -> pa.Table:
+    def query(self, sql: str, verify: bool = False, keep: FileFilter | None = None, bounded: bool = False,
+              files: list[DataFile] | None = None) -> pa.Table:
         """The result of ``sql`` over the view ``alerts``, of the files ``keep`` keeps (default every one).
 
         ``keep`` must keep every file that may hold a row of the answer (:meth:`within`). With
         ``bounded`` and no ``keep``, the files that the bounds of the ``WHERE`` of ``sql`` admit
         (:func:`broker.archive.bounds.query_files`: ``mjd`` compared with numbers, ``in_cone`` of
-        numbers, in a query of ``alerts`` alone), as ``broker query`` reads them.
+        numbers, in a query of ``alerts`` alone), as ``broker query`` reads them. ``files``: the
+        committed files as :meth:`files` gave them to the caller (default: the log is read here).
 
         Raises
         ------
@@ -398,7 +402,7 @@ class Archive:
         """
         import duckdb
 
-        con, files = self._connect(verify)
+        con, files = self._connect(verify, files)
         try:
             if keep is None and bounded:
                 keep = query_files(con, sql)

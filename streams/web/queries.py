@@ -63,8 +63,11 @@ class Queryable(Protocol):
         """The committed files."""
         ...
 
-    def query(self, sql: str, *, keep: FileFilter | None = None) -> pa.Table:
-        """The result of ``sql``, over the files ``keep`` keeps (:meth:`broker.archive.reader.Archive.within`)."""
+    def query(self, sql: str, *, keep: FileFilter | None = None, files: list[DataFile] | None = None) -> pa.Table:
+        """The result of ``sql``, over the files ``keep`` keeps (:meth:`broker.archive.reader.Archive.within`).
+
+        ``files``: the committed files, as :meth:`files` gave them to the caller (not read again).
+        """
         ...
 
 
@@ -97,9 +100,10 @@ class ArchiveView:
     """An archive's DuckDB view kept open per thread, and opened again when a commit changes its files.
 
     Opening the view costs ~25 ms at the demo's size (DuckDB reads every file's footer), a query on
-    an open one a few ms (``bench/portal.py``); the commit log is read at every query (~0.3 ms), so a
-    request sees every commit made before it. Files a compaction retires stay readable for
-    ``ArchiveConfig.retain_removed_seconds``, so an open view never reads a missing file.
+    an open one a few ms (``bench/portal.py``); the commit log is read once a request (~0.3 ms;
+    its queries take those files, ``files=``), so a request sees every commit made before it.
+    Files a compaction retires stay readable for ``ArchiveConfig.retain_removed_seconds``, so an
+    open view never reads a missing file.
 
     Parameters
     ----------
@@ -121,14 +125,15 @@ class ArchiveView:
         """Alerts in the archive."""
         return self.archive.count()
 
-    def _connection(self) -> tuple[Any, list[DataFile]]:
-        files = self.archive.files()
+    def _connection(self, files: list[DataFile] | None = None) -> tuple[Any, list[DataFile]]:
+        """The connection of this thread over ``files`` (default: the commit log's now), and them."""
+        files = self.archive.files() if files is None else files
         key = tuple((f.path, f.rows) for f in files)
         held = getattr(self._local, "held", None)
         if held is None or held[0] != key:
             if held is not None:
                 held[1].close()
-            con = self.archive.connect()
+            con = self.archive.connect(files=files)
             con.execute("SET enable_object_cache = true")  # Parquet footers read once per view, not per query
             self._opened(con, files)
             held = self._local.held = (key, con, files)
@@ -152,16 +157,19 @@ class ArchiveView:
             con.register(tap_schema.OBJECTS_TABLE, table)
             self._local.objects = (con, table)
 
-    def query(self, sql: str, objects: bool = False, keep: FileFilter | None = None) -> pa.Table:
+    def query(self, sql: str, objects: bool = False, keep: FileFilter | None = None,
+              files: list[DataFile] | None = None) -> pa.Table:
         """The result of ``sql`` over the view ``alerts`` (errors as :meth:`Archive.query`).
 
         With ``objects``, ``sql`` may also read ``tap_objects``: :class:`ObjectTable`'s rows. With
         ``keep``, ``alerts`` reads only the files it keeps (:meth:`Archive.within`), of the commit
-        this thread's view reads (so a compaction in between never hides a row).
+        this thread's view reads (so a compaction in between never hides a row). ``files``: the
+        committed files a caller read from the log for this request (:meth:`files`), so that it is
+        read once (default: read here).
         """
         import duckdb
 
-        con, files = self._connection()
+        con, files = self._connection(files)
         try:
             if objects:
                 self._register_objects(con, files)
@@ -182,21 +190,23 @@ def sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _summary_select(archive: Queryable) -> str:
-    """``SELECT`` of the summary columns, with the classification where a v3+ file holds one."""
-    classified = tap_schema.classified(f.schema_version for f in archive.files())
+def _summary_select(files: list[DataFile]) -> str:
+    """``SELECT`` of the summary columns, with the classification where a v3+ file of ``files`` holds one."""
+    classified = tap_schema.classified(f.schema_version for f in files)
     classification = "alert.classification" if classified else "NULL"
     return f"SELECT {SUMMARY_COLUMNS}, {classification} AS classification"
 
 
 def summaries(archive: Queryable, where: str, order: str, limit: int, extra: str = "",
-              keep: FileFilter | None = None) -> list[dict]:
+              keep: FileFilter | None = None, files: list[DataFile] | None = None) -> list[dict]:
     """``AlertSummary`` of the alerts matching ``where``, in ``order``, at most ``limit``.
 
-    Only the files ``keep`` keeps are read (:meth:`broker.archive.reader.Archive.within`).
+    Only the files ``keep`` keeps are read (:meth:`broker.archive.reader.Archive.within`), of
+    ``files`` (the committed files the caller read; default: the commit log is read here, once).
     """
-    sql = f"{_summary_select(archive)}{extra} FROM alerts WHERE {where} {order} LIMIT {int(limit)}"
-    return [summary_of_row(r) for r in archive.query(sql, keep=keep).to_pylist()]
+    files = archive.files() if files is None else files
+    sql = f"{_summary_select(files)}{extra} FROM alerts WHERE {where} {order} LIMIT {int(limit)}"
+    return [summary_of_row(r) for r in archive.query(sql, keep=keep, files=files).to_pylist()]
 
 
 def _after(cursor: str | None) -> str:
@@ -282,36 +292,41 @@ def newest_bound(files: list[DataFile], rows: int, lowest: Callable[[FileFilter]
     return low, lambda f: keep(f) and in_time(low, None)(f)
 
 
-def _newest(archive: Queryable, where: str, limit: int, high: float | None = None) -> tuple[str, FileFilter]:
+def _newest(archive: Queryable, where: str, limit: int, files: list[DataFile],
+            high: float | None = None) -> tuple[str, FileFilter]:
     """``where`` and ``mjd`` at least the ``limit``-th newest MJD of the alerts matching it; the files to read.
 
     A newest-first page is a top-N, for which DuckDB read the page's columns in every row group:
     230 ms p50 for the newest 100 of 10^6 alerts, 1.8 s for a filtered page (its batches of whole
     records). The bound (:func:`newest_bound`), found from ``mjd`` alone, lets the page read only
     the row groups of the newest alerts, of the files whose MJDs reach it, of those that may hold
-    an MJD up to ``high`` (``where`` holds none above it: a cursor's).
+    an MJD up to ``high`` (``where`` holds none above it: a cursor's), of ``files`` (the committed
+    files the caller read from the log).
     """
     sql = lowest_sql(f"SELECT mjd FROM alerts WHERE {where} ORDER BY mjd DESC LIMIT {int(limit)}")
-    low, keep = newest_bound(archive.files(), limit, lambda kept: dict(archive.query(sql, keep=kept).to_pylist()[0]),
+    low, keep = newest_bound(files, limit, lambda kept: dict(archive.query(sql, keep=kept, files=files).to_pylist()[0]),
                              in_time(None, high))
     return (where, keep) if low is None else (f"({where}) AND mjd >= {low!r}", keep)
 
 
 def latest(archive: Queryable, limit: int, cursor: str | None) -> dict:
     """A newest-first page of alert summaries: ``{"items", "next"}`` (``next`` null on the last page)."""
-    where, keep = _newest(archive, _after(cursor), limit + 1, decode_cursor(cursor)[0] if cursor else None)
-    rows = summaries(archive, where, _NEWEST_FIRST, limit + 1, keep=keep)
+    files = archive.files()
+    where, keep = _newest(archive, _after(cursor), limit + 1, files, decode_cursor(cursor)[0] if cursor else None)
+    rows = summaries(archive, where, _NEWEST_FIRST, limit + 1, keep=keep, files=files)
     items = rows[:limit]
     more = len(rows) > limit
     return {"items": items, "next": encode_cursor(items[-1]["mjd"], items[-1]["alert_id"]) if more else None}
 
 
-def records_of(archive: Queryable, sql: str, keep: FileFilter | None = None) -> list[dict]:
+def records_of(archive: Queryable, sql: str, keep: FileFilter | None = None,
+               files: list[DataFile] | None = None) -> list[dict]:
     """The alert records of ``sql``, a query of ``schema_version, alert`` over the archive, in its order.
 
-    Only the files ``keep`` keeps are read (:meth:`broker.archive.reader.Archive.within`).
+    Only the files ``keep`` keeps are read (:meth:`broker.archive.reader.Archive.within`), of
+    ``files`` (the committed files the caller read; default: read from the log by the query).
     """
-    table = archive.query(sql, keep=keep)
+    table = archive.query(sql, keep=keep, files=files)
     versions, values = table.column(0).to_pylist(), table.column(1).to_pylist()
     return [record_of(value, version) for version, value in zip(versions, values, strict=True)]
 
@@ -330,9 +345,10 @@ def latest_filtered(archive: Queryable, flt: AlertFilter, limit: int, cursor: st
     deadline = time.monotonic() + MAX_SCAN_S
     while len(items) < limit and scanned < MAX_SCAN:
         batch = min(SCAN_BATCH, MAX_SCAN - scanned)
-        bounded, keep = _newest(archive, where, batch, high)
+        files = archive.files()
+        bounded, keep = _newest(archive, where, batch, files, high)
         records = records_of(archive, f"SELECT schema_version, alert FROM alerts WHERE {bounded} {_NEWEST_FIRST} "
-                                      f"LIMIT {batch}", keep)
+                                      f"LIMIT {batch}", keep, files)
         if not records:
             return {"items": items, "next": None}
         for record in records:
@@ -368,19 +384,22 @@ def object_records(archive: Queryable | None, object_id: str) -> list[dict]:
     file's footer is still opened), then the records from those files only (reading the records
     column across every file cost ~3 times as much, ``bench/pruning.py``). No position is assumed:
     an object's alerts may lie anywhere (association follows the object's moving mean position,
-    and the archive holds what was published, whatever the history holds). Should a commit between
-    the two steps have retired or outranked one of the rows found (a compaction, an earlier copy),
-    fewer come back, and the records are read again from every file.
+    and the archive holds what was published, whatever the history holds). Both steps read the
+    files of one read of the commit log, so a commit between them (a compaction, an earlier copy)
+    changes neither; should fewer rows come back all the same, the records are read again from
+    every file.
     """
     if archive is None:
         return []
     where = f"object_id = {sql_str(object_id)}"
-    held = archive.query(f"SELECT filename, count(*) AS n FROM alerts_files WHERE {where} GROUP BY filename")
+    files = archive.files()
+    held = archive.query(f"SELECT filename, count(*) AS n FROM alerts_files WHERE {where} GROUP BY filename",
+                         files=files)
     if held.num_rows == 0:
         return []
     names = held.column(0).to_pylist()
     sql = f"SELECT schema_version, alert FROM alerts WHERE {where} {_OBSERVATION_ORDER}"
-    records = records_of(archive, sql, keep=lambda f: any(n.endswith("/" + f.path) for n in names))
+    records = records_of(archive, sql, keep=lambda f: any(n.endswith("/" + f.path) for n in names), files=files)
     if len(records) == sum(held.column(1).to_pylist()):
         return records
     return records_of(archive, sql)
@@ -498,8 +517,9 @@ def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: 
         if not math.isfinite(since_mjd):  # its repr, nan or inf, would be read as a column name
             raise InvalidQuery(f"since_mjd={since_mjd} is not a finite MJD")
         where += f" AND mjd >= {float(since_mjd)!r}"
-    keep = _watched_files(archive.files(), watchlist, None if since_mjd is None else float(since_mjd))
-    table = archive.query(f"SELECT alert_id, mjd, ra, dec FROM alerts WHERE {where}", keep=keep)
+    files = archive.files()
+    keep = _watched_files(files, watchlist, None if since_mjd is None else float(since_mjd))
+    table = archive.query(f"SELECT alert_id, mjd, ra, dec FROM alerts WHERE {where}", keep=keep, files=files)
     ids, mjd = table.column(0).to_numpy(), table.column(1).to_numpy(zero_copy_only=False)
     ra, dec = table.column(2).to_numpy(zero_copy_only=False), table.column(3).to_numpy(zero_copy_only=False)
     found = watchlist.match(ra, dec)
@@ -507,7 +527,7 @@ def crossmatch(archive: Queryable, watchlist: Watchlist, limit: int, since_mjd: 
     at = found.alert[order]
     shown = ids[at]
     rows = summaries(archive, f"alert_id IN ({', '.join(str(int(i)) for i in set(shown))})", "",
-                     len(shown), keep=_holding(ra[at], dec[at], mjd[at])) if len(shown) else []
+                     len(shown), keep=_holding(ra[at], dec[at], mjd[at]), files=files) if len(shown) else []
     by_id = {r["alert_id"]: r for r in rows}
     items = [{**by_id[int(i)], "watch": watchlist.entry(int(e)), "distance_arcsec": float(d)}
              for i, e, d in zip(shown, found.entry[order], found.separation_arcsec[order], strict=True)]

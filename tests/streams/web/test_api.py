@@ -63,8 +63,8 @@ def test_newest_first_pages_bounded_by_mjd_are_the_pages_of_the_plain_top_n(tmp_
     for start in range(0, 90, 30):
         commit(writer, archived(records[start:start + 30], start=start))
     view = queries.ArchiveView(Archive(tmp_path / "archive"))
-    assert "mjd >= 60004.35" in queries._newest(view, "true", 3)[0]
-    plain = queries._summary_select(view) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
+    assert "mjd >= 60004.35" in queries._newest(view, "true", 3, view.files())[0]
+    plain = queries._summary_select(view.files()) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
     for limit in (1, 4, 7, 100):
         cursor, seen = None, []
         while True:
@@ -106,7 +106,7 @@ def test_newest_first_pages_read_the_files_of_their_times_and_answer_what_every_
     view = queries.ArchiveView(Archive(tmp_path / "archive"))
     files = view.files()
     assert len(files) >= 6 and files[0].mjd_max < files[1].mjd_min  # a file a commit and night
-    plain = queries._summary_select(view) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
+    plain = queries._summary_select(view.files()) + " FROM alerts WHERE {} ORDER BY mjd DESC, alert_id DESC LIMIT {}"
     for limit in (1, 16, 100):
         cursor, seen = None, []
         while True:
@@ -265,8 +265,8 @@ def test_an_objects_records_come_from_the_files_that_hold_them_as_from_every_fil
         def files(self) -> list:
             return view.files()
 
-        def query(self, sql: str, *, keep=None):
-            out = view.query(sql, keep=keep)
+        def query(self, sql: str, *, keep=None, files=None):
+            out = view.query(sql, keep=keep, files=files)
             if not compacted:
                 compacted.extend(writer.compact())
             return out
@@ -460,3 +460,40 @@ def test_forced_photometry_at_any_position_of_the_kept_difference_images(tmp_pat
                     {"ra": "x", "dec": 0}):
             answer = client.get("/api/v1/forced", params=bad)
             assert answer.status_code in (400, 422) and "Traceback" not in answer.text, bad
+
+
+def test_each_read_of_the_portal_reads_the_commit_log_once(tmp_path, monkeypatch):
+    """A pruned cone read the commit log twice (the summary's columns, then the query's files); a page more.
+
+    Each read now takes the files of one read of the log: a cone, a newest-first page (with a cursor,
+    whose bound takes one or two looks), an object page and a cross-match, on an open view and a new one.
+    """
+    import numpy as np
+
+    from broker.archive.reader import Archive
+    from broker.archive.writer import ArchiveWriter
+    from broker.watchlist import Watchlist
+    from streams.web import queries
+    from tests.broker.test_archive import archived, commit, objects
+
+    records = objects(30, 3, seed=5)
+    writer = ArchiveWriter(Archive(tmp_path / "archive"))
+    writer.recover()
+    for start in range(0, 30, 10):
+        commit(writer, archived(records[start:start + 10], start=start))
+    archive = Archive(tmp_path / "archive")
+    reads = []
+    snapshot = Archive.snapshot
+    monkeypatch.setattr(Archive, "snapshot", lambda self: reads.append(1) or snapshot(self))
+    view = queries.ArchiveView(archive)
+    watch = Watchlist(("a",), np.array([150.0]), np.array([2.0]), np.array([3600.0]))
+    first = records[0]["source"]
+    cursor = queries.latest(view, 3, None)["next"]
+    for read in (lambda: queries.cone(view, first["ra"], first["dec"], 60.0, 10),
+                 lambda: queries.latest(view, 3, None), lambda: queries.latest(view, 3, cursor),
+                 lambda: queries.object_records(view, records[4]["objectId"]),
+                 lambda: queries.crossmatch(view, watch, 10), lambda: queries.crossmatch(archive, watch, 10)):
+        for _ in range(2):
+            reads.clear()
+            assert read()
+            assert len(reads) == 1

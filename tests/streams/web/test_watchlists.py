@@ -152,8 +152,8 @@ def test_the_crossmatch_reads_the_files_its_entries_and_time_bound_and_matches_w
         def files(self) -> list:
             return view.files()
 
-        def query(self, sql: str, *, keep=None):
-            return view.query(sql)
+        def query(self, sql: str, *, keep=None, files=None):
+            return view.query(sql, files=files)
 
     spots = [*REGIONS, (359.95, 0.0), (0.2, 0.05), (10.0, timed[7]["source"]["dec"]), (0.0, 90.0), (0.0, -90.0)]
     radii = [1.0, 60.0, 900.0, 3600.0]
