@@ -14,18 +14,22 @@ files whose bounds may hold its rows (``DataFile`` bounds, ``may_hold_cone``) an
 ``--repeat``; and ``queries.object_records`` (the object page's read: the files found from the
 ``object_id`` column, then the records from those) against its one query before, over every file,
 TAP cones (``TapView.run``, ``SELECT TOP 1000 *`` of 5 arcsec and 0.5 deg) with and without
-the files' bounds, and TAP's newest 100 (``ORDER BY mjd DESC``) with and without its MJD bound.
-Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
+the files' bounds, TAP's newest 100 (``ORDER BY mjd DESC``) with and without its MJD bound, and
+``broker query`` (a file's span of MJD, a 0.5 deg ``in_cone``: a new ``Archive`` each, as each
+command is a process), a replay's selection of a file's span of MJD (``Archive.select``) and a
+cross-match of 10 entries (``queries.crossmatch``), with and without the bounds of their WHERE or
+entries. Checks that both answer the same rows. Writes BENCHMARKS.md section ``pruning``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +38,14 @@ import pyarrow as pa
 
 from bench.archive import Sky, alert, template
 from bench.common import git_rev, machine, write_section
+from broker.archive import reader
+from broker.archive.bounds import FileFilter, may_hold_cone
 from broker.archive.config import ArchiveConfig
 from broker.archive.log import DataFile, OffsetRange
-from broker.archive.reader import Archive, FileFilter, may_hold_cone
+from broker.archive.reader import Archive
 from broker.archive.rows import Archived, to_batch, version_of
 from broker.archive.writer import ArchiveWriter
+from broker.watchlist import Watchlist
 from streams.web import adql, queries, tap_schema
 from streams.web.config import WebConfig
 from streams.web.records import encode_cursor
@@ -98,6 +105,62 @@ def tap_newest(tap: TapView, pruned: bool) -> list[dict]:
     return tap.run(t.sql, t.tables, newest=t.newest if pruned else None).to_pylist()
 
 
+@contextlib.contextmanager
+def where_unbounded() -> Iterator[None]:
+    """``Archive.query(bounded=True)``, ``export`` and ``select`` read every file while it lasts (as before)."""
+    held = reader.query_files, reader.where_files
+    reader.query_files, reader.where_files = (lambda con, sql: None), (lambda con, where: None)
+    try:
+        yield
+    finally:
+        reader.query_files, reader.where_files = held
+
+
+def cli_query(root: Path, sql: str, bounded: bool) -> list[dict]:
+    """``broker query SQL``'s read: a new ``Archive`` (a process each), bounded by its WHERE or over every file."""
+    if bounded:
+        return Archive(root).query(sql, bounded=True).to_pylist()
+    with where_unbounded():
+        return Archive(root).query(sql, bounded=True).to_pylist()
+
+
+def replay_selection(root: Path, where: str, bounded: bool) -> list[int]:
+    """The alert ids a replay of ``where`` sends, in order (``Archive.select``, no SHA-256 check), read as asked."""
+    if not bounded:
+        with where_unbounded():
+            return replay_selection(root, where, True)
+    _, rows = Archive(root).select(where, verify=False)
+    return [record["alertId"] for _, record in rows]
+
+
+def cli_reads(root: Path, spots: list[dict], span: float) -> tuple[dict[str, Callable[[Any, dict], Any]], dict]:
+    """The reads of ``broker query``, a replay's selection and the cross-match, bounded (first) and not (second)."""
+    def window(p: dict) -> str:
+        return f"mjd >= {p['mjd'] - span / 2!r} AND mjd < {p['mjd'] + span / 2!r}"
+
+    n = min(10, len(spots))
+    watch = Watchlist(tuple(f"e{i}" for i in range(n)), np.array([p["ra"] for p in spots[:n]]),
+                      np.array([p["dec"] for p in spots[:n]]), np.full(n, 60.0))
+    time_sql = "SELECT * EXCLUDE (alert) FROM alerts WHERE {} ORDER BY alert_id"
+    cone_sql = "SELECT * EXCLUDE (alert) FROM alerts WHERE in_cone(ra, dec, {!r}, {!r}, 0.5) ORDER BY alert_id"
+    names = (f"`broker query`, a file's span of MJD ({span * 24:.2f} h; `Archive.query`, a new one each)",
+             "`broker query`, a 0.5 deg `in_cone` (`Archive.query`, a new one each)",
+             f"replay selection of a file's span of MJD (`Archive.select`, {span * 24:.2f} h, no SHA-256)",
+             f"cross-match of {n} entries of 60 arcsec (`queries.crossmatch`)")
+    reads: dict[str, Callable[[Any, dict], Any]] = {
+        names[0]: lambda v, p: cli_query(root, time_sql.format(window(p)), True),
+        names[1]: lambda v, p: cli_query(root, cone_sql.format(p["ra"], p["dec"]), True),
+        names[2]: lambda v, p: replay_selection(root, window(p), True),
+        names[3]: lambda v, p: queries.crossmatch(v, watch, 1000),
+    }
+    before: dict[str, Callable[[Any, dict], Any]] = {
+        names[0]: lambda v, p: cli_query(root, time_sql.format(window(p)), False),
+        names[1]: lambda v, p: cli_query(root, cone_sql.format(p["ra"], p["dec"]), False),
+        names[2]: lambda v, p: replay_selection(root, window(p), False),
+    }
+    return reads, before
+
+
 def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tuple[str, float, float]], dict]:
     """(read, pruned ms, every file ms) of each read, medians of ``repeat``; and the files the cones keep (median)."""
     plain = Unpruned(view)
@@ -125,6 +188,11 @@ def measure(view: queries.ArchiveView, repeat: int, seed: int) -> tuple[list[tup
     name = "TAP newest 100, `SELECT TOP 100 * ... ORDER BY mjd DESC, alert_id DESC` (`TapView.run`)"
     reads[name] = lambda v, p: tap_newest(tap, True)
     before[name] = lambda v, p: tap_newest(tap, False)
+    span = statistics.median(f.mjd_max - f.mjd_min for f in view.files() if f.mjd_max is not None and
+                             f.mjd_min is not None)
+    more, more_before = cli_reads(Path(view.archive.url), spots, span)
+    reads.update(more)
+    before.update(more_before)
     out = []
     for name, read in reads.items():
         pruned, every = [], []
