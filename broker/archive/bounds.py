@@ -157,7 +157,7 @@ def _term_bounds(term: dict, names: set[str]) -> Bounds:
             low = value if op in _LOWER or op == "COMPARE_EQUAL" else None
             high = value if op in _UPPER or op == "COMPARE_EQUAL" else None
             return Bounds(low, high)
-    if kind == "BETWEEN" and _column(term.get("input"), names) == "mjd":
+    if kind == "BETWEEN" and term.get("type") == "COMPARE_BETWEEN" and _column(term.get("input"), names) == "mjd":
         return Bounds(_number(term.get("lower")), _number(term.get("upper")))
     if kind == "FUNCTION" and str(term.get("function_name", "")).lower() == "in_cone" and not term.get("schema") \
             and not term.get("catalog"):
