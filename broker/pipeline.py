@@ -138,7 +138,8 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     PoorQuality
         The field has a reference and ``skip`` names a flag of the frame, or nothing measured the
         subtraction's flux ratio F_r of the reference to the frame (no 3 matched stars measure it and
-        the two have no measured zero points: :func:`broker.fluxratio.measure_flux_ratio`).
+        the two have no measured zero points: :func:`broker.fluxratio.measure_flux_ratio`); the
+        latter right after F_r is measured, before ZOGY (:func:`broker.subtract.check_flux_ratio`).
     BrokerError
         From :func:`~broker.subtract.subtract_and_detect` or the store (bad reference, no PSF,
         alignment failure).
@@ -156,10 +157,8 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     if skip:
         raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: quality flags {sorted(skip)} "
                           "(ingest.subtract_skip_on)")
-    result = subtract_and_detect(frame, reference, config, keep_difference=differences is not None)
-    if not result.flux_ratio.measured:
-        raise PoorQuality(f"frame {frame.meta.frame_id} not subtracted: {result.flux_ratio.reason}; a difference at "
-                          "an unknown flux scale leaves part of every star and mis-scales the reference cut-outs")
+    result = subtract_and_detect(frame, reference, config, keep_difference=differences is not None,
+                                 require_flux_ratio=True)  # refused before ZOGY when nothing measures F_r
     diagnostics = {k: float(v) for k, v in result.diagnostics.items()}
     if differences is not None:
         diagnostics.update(_forced_and_kept(frame, result, differences))

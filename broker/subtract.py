@@ -49,7 +49,7 @@ from broker.detect import (
     wrap_ra,
 )
 from broker.diffstore import DifferenceImage
-from broker.errors import BadPixelFraction, ReferenceUnavailable
+from broker.errors import BadPixelFraction, PoorQuality, ReferenceUnavailable
 from broker.fluxratio import FluxRatio, aperture_flux_ratio, measure_flux_ratio, zero_point_ratio
 from broker.frame import Frame, FrameMeta
 from broker.masks import grow_square, saturated_mask
@@ -887,6 +887,18 @@ def _zogy_images(science: PreparedScience, R: np.ndarray, ali: Alignment, psfs: 
     return ZogyImages(D, D_adu, S_corr, V_S, tiles, fwhm_tiles, v0, offset, scorr_std, renorm)
 
 
+def check_flux_ratio(ratio: FluxRatio, frame_id: str) -> None:
+    """Raise :class:`PoorQuality` when nothing measured F_r (``ratio``, :func:`_measured_flux_ratio`).
+
+    A difference at an unknown flux scale (F_r = 1 taken) leaves part of every star and mis-scales
+    the reference cut-outs; the transient's own flux is right (ZOGY's F_D carries F_r). Called
+    right after F_r is measured (step 4), so a refused frame costs no ZOGY and no detection.
+    """
+    if not ratio.measured:
+        raise PoorQuality(f"frame {frame_id} not subtracted: {ratio.reason}; a difference at an unknown flux scale "
+                          "leaves part of every star and mis-scales the reference cut-outs")
+
+
 def check_independent_noise(scorr_std: float, frame_id: str, threshold: float = SHARED_NOISE_STD) -> None:
     """Refuse a reference whose difference with the frame is quieter than independent noise allows.
 
@@ -1059,7 +1071,8 @@ def _difference_image(images: ZogyImages, diff_cut: np.ndarray, limit: float) ->
 
 
 def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConfig = SubtractConfig(),
-                        keep_images: bool = False, keep_difference: bool = False) -> SubtractionResult:
+                        keep_images: bool = False, keep_difference: bool = False,
+                        require_flux_ratio: bool = False) -> SubtractionResult:
     """Align the reference onto the frame, ZOGY-subtract, detect >= 5 sigma peaks, cut out.
 
     Parameters
@@ -1074,9 +1087,16 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
     keep_difference : bool
         Return what the difference store keeps in ``result.difference`` (its time:
         ``t_difference_s``).
+    require_flux_ratio : bool
+        Refuse the frame (:class:`PoorQuality`) as soon as step 4 finds that nothing measured F_r,
+        before the masks, ZOGY and detection (the pipeline's choice,
+        :func:`broker.pipeline.process_frame`); False (default): subtract at F_r = 1 and say so
+        (``flux_ratio_fallback``).
 
     Raises
     ------
+    PoorQuality
+        ``require_flux_ratio`` and nothing measured F_r (:func:`check_flux_ratio`).
     ReferenceUnavailable
         The reference is for another key or is malformed, or holds the frame's own exposure
         (:func:`check_independent_noise`).
@@ -1099,6 +1119,8 @@ def subtract_and_detect(frame: Frame, reference: Reference, config: SubtractConf
     with timer.step("psf"):
         psfs = _match_psfs(science, ali.image, ali, reference.psf, config)
         psfs = replace(psfs, ratio=_measured_flux_ratio(science, ali, psfs, reference, meta, config))
+    if require_flux_ratio:
+        check_flux_ratio(psfs.ratio, meta.frame_id)
     with timer.step("masks"):
         masks = _masks(science, ali, psfs, meta.saturation, meta.gain, reference.variance, config)
         inputs = _zogy_inputs(science, ali.image, masks, psfs, _astrometric_noise(ali, config))
