@@ -12,12 +12,18 @@ dead-letters it with reason ``duplicate_frame`` (:class:`~broker.errors.Duplicat
 first position and what became of it. The same message delivered again (a restart after a crash
 before its transaction committed) has the same position and is processed again, as exactly-once
 requires; see ``docs/architecture.md`` ("Frame-level idempotence").
+
+A frame kept to build its field's reference (``REFERENCE_BUILDING``) that the co-add then left out
+is searched against the reference later, once, in the transaction of another message: the table
+``searches`` records the position of that message (:meth:`FrameLedger.record_search`), so that its
+redelivery searches the frame again and no other message does (:meth:`FrameLedger.entry`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +40,30 @@ def schema(real: str) -> tuple[str, ...]:
         f"field TEXT NOT NULL, filter TEXT NOT NULL, mjd {real} NOT NULL, source TEXT NOT NULL, status TEXT NOT NULL, "
         f"recorded {real} NOT NULL, PRIMARY KEY (telescope, frame_id))",
         "CREATE INDEX IF NOT EXISTS frames_by_checksum ON frames (checksum)",
+        f"CREATE TABLE IF NOT EXISTS searches (telescope TEXT NOT NULL, frame_id TEXT NOT NULL, source TEXT NOT NULL, "
+        f"status TEXT NOT NULL, recorded {real} NOT NULL, PRIMARY KEY (telescope, frame_id))",
     )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger holds of one frame (:meth:`FrameLedger.entry`).
+
+    Attributes
+    ----------
+    status : str or None
+        Its batch status when it was processed (``REFERENCE_BUILDING``, ...); None when the ledger
+        holds no row of it.
+    source : str or None
+        ``topic:partition:offset`` of the message it came from; None likewise.
+    searched_from : str or None
+        ``topic:partition:offset`` of the message in whose transaction it was searched against the
+        reference its co-add left it out of; None when it was not.
+    """
+
+    status: str | None
+    source: str | None
+    searched_from: str | None
 
 
 def pixel_checksum(data: np.ndarray) -> str:
@@ -114,6 +143,22 @@ class FrameLedger:
         self._run("INSERT INTO frames VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                   (meta.telescope, meta.frame_id, checksum, meta.field, meta.filter, meta.mjd_start, source, status,
                    time.time()))
+
+    def entry(self, meta: FrameMeta) -> LedgerEntry:
+        """What the ledger holds of the frame of ``meta`` (telescope and frame id): its row and its search."""
+        key = (meta.telescope, meta.frame_id)
+        row = self._run("SELECT status, source FROM frames WHERE telescope = ? AND frame_id = ?", key)
+        search = self._run("SELECT source FROM searches WHERE telescope = ? AND frame_id = ?", key)
+        status, source = row[0] if row else (None, None)
+        return LedgerEntry(status, source, search[0][0] if search else None)
+
+    def record_search(self, meta: FrameMeta, source: str, status: str) -> None:
+        """Remember that the frame was searched in the transaction of ``source`` with ``status`` (a first one stays).
+
+        ``status`` is the search's batch status, or the reason of the error that dead-lettered it.
+        """
+        self._run("INSERT INTO searches VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                  (meta.telescope, meta.frame_id, source, status, time.time()))
 
     def __len__(self) -> int:
         """Frames recorded."""

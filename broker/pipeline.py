@@ -1,8 +1,9 @@
 """One path for a frame: the reference policy, subtraction and detection, then scoring.
 
 The subtract stage, the pipeline benchmark (through the stage handlers) and the training-set
-generator all call :func:`process_frame`; the score stage calls :func:`associate_and_score` with
-its :class:`ScoreModels`.
+generator all call :func:`process_frame`; the subtract stage also searches, through it, the frames
+a field's new reference left out (:func:`search_left_out`); the score stage calls
+:func:`associate_and_score` with its :class:`ScoreModels`.
 Nothing else chains these steps. See ``docs/architecture.md`` ("Batch statuses").
 """
 
@@ -20,13 +21,14 @@ from broker.anomaly import AnomalyModel
 from broker.candidate import Candidate
 from broker.context import ContextConfig, OpenNGC, build_context, trail_matches
 from broker.diffstore import DifferenceStore, celestial_header
-from broker.errors import BadCoordinates, PoorQuality
+from broker.errors import BadCoordinates, BrokerError, Outage, PoorQuality
 from broker.frame import Frame
 from broker.history import ObjectHistory
 from broker.lcclass import LightCurveClassifier
+from broker.ledger import FrameLedger
 from broker.lightcurve import FEATURE_NAMES, lc_features, light_curve, model_inputs
 from broker.moving import MovingConfig, link_from_history
-from broker.reference import Reference
+from broker.reference import Reference, ReferenceStore
 from broker.subtract import SubtractConfig, SubtractionResult, subtract_and_detect
 
 #: Candidates come from a difference image.
@@ -163,6 +165,70 @@ def process_frame(frame: Frame, references: References, config: SubtractConfig =
     if differences is not None:
         diagnostics.update(_forced_and_kept(frame, result, differences))
     return FrameResult(SUBTRACTED, tuple(reference.frame_ids), list(result.candidates), diagnostics)
+
+
+@dataclass(frozen=True)
+class LeftOutSearch:
+    """A frame its field's reference left out, searched against it (:func:`search_left_out`).
+
+    Attributes
+    ----------
+    frame : Frame
+    outcome : FrameResult or BrokerError
+        What :func:`process_frame` made of it, or why it refused it (its dead letter's reason).
+    source : str or None
+        ``topic:partition:offset`` of the message it first came from (the ledger's), None when unknown.
+    """
+
+    frame: Frame
+    outcome: FrameResult | BrokerError
+    source: str | None
+
+    @property
+    def status(self) -> str:
+        """The batch status of its search, or its error's reason."""
+        return self.outcome.status if isinstance(self.outcome, FrameResult) else self.outcome.reason
+
+
+def search_left_out(store: ReferenceStore, ledger: FrameLedger, key: tuple[str, str, str], source: str,
+                    config: SubtractConfig = SubtractConfig(), differences: DifferenceStore | None = None,
+                    exclude: str = "") -> list[LeftOutSearch]:
+    """Search the frames of ``key`` its reference left out (:meth:`ReferenceStore.left_out`) with :func:`process_frame`.
+
+    Such a frame was answered :data:`REFERENCE_BUILDING` while the reference was being built, and the
+    co-add then left it out (no measured flux ratio): nothing was looked for in it. It is searched
+    once, in the transaction of the message at ``source`` (``topic:partition:offset``): the first
+    message of the key to find the reference after it exists, the one that completed it as a rule.
+    It is owed while the ledger holds it as :data:`REFERENCE_BUILDING` (or not at all) and has no
+    search of it, or one from ``source`` itself (a redelivery: searched again, as exactly-once
+    requires); any other frame is dropped from the store (searched in an earlier transaction, or
+    answered otherwise). ``exclude``: the frame of the message in hand, which its own
+    :func:`process_frame` answers. The caller records each search (:meth:`FrameLedger.record_search`)
+    once its own frame succeeded, and emits a batch or a dead letter for each.
+
+    Raises
+    ------
+    Outage
+        From the stores: the whole message is kept and retried.
+    """
+    searches = []
+    for frame in store.left_out(key):
+        meta = frame.meta
+        if meta.frame_id == exclude:
+            continue
+        entry = ledger.entry(meta)
+        if entry.status not in (None, REFERENCE_BUILDING) or entry.searched_from not in (None, source):
+            store.drop_left_out(key, meta.frame_id)
+            continue
+        outcome: FrameResult | BrokerError
+        try:
+            outcome = process_frame(frame, store, config, True, differences)
+        except Outage:
+            raise
+        except BrokerError as exc:
+            outcome = exc
+        searches.append(LeftOutSearch(frame, outcome, entry.source))
+    return searches
 
 
 def _forced_and_kept(frame: Frame, result: SubtractionResult, differences: DifferenceStore) -> dict[str, float]:

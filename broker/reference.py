@@ -848,8 +848,10 @@ class ReferenceStore:
 
     Layout: ``root/<telescope>/<field>/<filter>/reference.fits`` and ``.../pending/<frame_id>.fits``
     (each a frame as tile-compressed FITS); pending frames a reference could not be built from are
-    kept in ``.../rejected/<UTC time>/`` with ``reason.txt``, and so are those its co-add left out
-    (:attr:`Reference.omitted`). Every file is written to a temporary name and renamed
+    kept in ``.../rejected/<UTC time>/`` with ``reason.txt``. The pending frames its co-add left out
+    (:attr:`Reference.omitted`; the frame whose offer built it aside, which its caller subtracts)
+    move to ``.../omitted/`` until they are searched against it (:meth:`left_out`,
+    :meth:`drop_left_out`). Every file is written to a temporary name and renamed
     (``os.replace``), so a crash leaves either the old state or the new one, never a partial file;
     pending frames are keyed by frame id, so a re-delivered frame is stored once. Meant for one
     writer per key (the Kafka stage partitions by telescope/field).
@@ -900,6 +902,38 @@ class ReferenceStore:
             return []
         return sorted(p.stem for p in d.glob("*.fits"))
 
+    def left_out(self, key: tuple[str, str, str]) -> list[Frame]:
+        """The frames of ``key`` that wait to be searched against its reference, in (MJD, frame id) order.
+
+        Those its co-add left out (``.../omitted/``), and pending frames outside it still there once
+        it exists (a crash between the build and the clean-up of :meth:`offer`; those it holds are
+        removed). None without a reference. An unreadable file is dropped with a warning, as in
+        :meth:`offer`.
+        """
+        reference = self.get(key)
+        if reference is None:
+            return []
+        d = self._dir(key)
+        frames: list[Frame] = []
+        for p in sorted((d / "omitted").glob("*.fits")) + sorted((d / "pending").glob("*.fits")):
+            try:
+                frame = decode_fits(p.read_bytes())
+            except BrokerError:
+                warnings.warn(f"dropping unreadable left-out frame {p}", stacklevel=2)
+                p.unlink(missing_ok=True)
+                continue
+            if frame.meta.frame_id not in reference.frame_ids:
+                frames.append(frame)
+            else:
+                p.unlink(missing_ok=True)  # co-added: the reference holds it
+        return sorted(frames, key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
+
+    def drop_left_out(self, key: tuple[str, str, str], frame_id: str) -> None:
+        """Forget a left-out frame of ``key`` (:meth:`left_out`) once its search is done."""
+        name = f"{path_component(frame_id)}.fits"
+        for folder in ("omitted", "pending"):
+            (self._dir(key) / folder / name).unlink(missing_ok=True)
+
     def _set_aside(self, key: tuple[str, str, str], files: list[Path], reason: str) -> Path:
         """Move the pending frames of ``key`` to ``rejected/<UTC time>/`` with the reason; that folder."""
         where = self._dir(key) / "rejected" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -942,9 +976,11 @@ class ReferenceStore:
             if len(files) < self.config.n_frames:
                 return None
             frames: list[Frame] = []
+            paths: dict[str, Path] = {}  # frame id -> its pending file
             for p in files:
                 try:
                     frames.append(decode_fits(p.read_bytes()))
+                    paths[frames[-1].meta.frame_id] = p
                 except BrokerError:
                     warnings.warn(f"dropping unreadable pending frame {p}", stacklevel=2)
                     p.unlink(missing_ok=True)
@@ -959,13 +995,22 @@ class ReferenceStore:
                     f"reference of {key} not built: {exc}; its {len(files)} pending frames were set aside "
                     f"in {where} and the reference starts again from the next frames") from exc
             self.put(ref)
-            # only after the reference is safely in place; a crash here just leaves clutter
-            if ref.omitted:
-                left_out = {f"{path_component(frame_id)}.fits" for frame_id, _ in ref.omitted}
-                self._set_aside(key, [p for p in files if p.name in left_out],
-                                "\n".join(f"{frame_id} left out of the co-add: {why}" for frame_id, why in ref.omitted))
+            # only after the reference is safely in place; a crash here leaves pending files, which
+            # left_out still finds (those outside the reference) and an offer no longer reads
+            self._keep_left_out(key, paths, ref, frame.meta.frame_id)
             for p in files:
                 p.unlink(missing_ok=True)
             for p in pend.glob(".*.tmp"):
                 p.unlink(missing_ok=True)
             return ref
+
+    def _keep_left_out(self, key: tuple[str, str, str], paths: dict[str, Path], ref: Reference, offered: str) -> None:
+        """Move the pending files (``paths``: frame id -> file) of the frames ``ref`` does not hold to ``.../omitted/``.
+
+        All but the frame just ``offered``, which its caller subtracts.
+        """
+        out = self._dir(key) / "omitted"
+        for frame_id, p in paths.items():
+            if frame_id not in ref.frame_ids and frame_id != offered:
+                out.mkdir(parents=True, exist_ok=True)
+                os.replace(p, out / f"{path_component(frame_id)}.fits")

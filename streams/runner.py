@@ -471,6 +471,7 @@ class StageRunner:
             msg.require_headers()
             outs = self.handler(msg)
             check_outputs(outs, self.max_message_bytes - HEADROOM_BYTES)
+            self._count_dead_letters(outs)
             return outs, False
         except Outage:
             raise  # not the input's fault: kept and retried (OutageWaits)
@@ -479,6 +480,16 @@ class StageRunner:
             if full is not None:
                 raise full from exc
             return self._dead_lettered(msg, exc)
+
+    def _count_dead_letters(self, outs: list[OutMessage]) -> None:
+        """Count the dead letters a handler made itself among its outputs, by their ``reason`` header.
+
+        The subtract stage dead-letters a left-out frame whose search against its new reference
+        fails beside the outputs of the message in hand (:func:`streams.stages.subtract_handler`).
+        """
+        for out in outs:
+            if out.topic == topics.dlq(self.stage):
+                self.metrics.errors.labels(self.stage, out.headers.get("reason", b"").decode(errors="replace")).inc()
 
     def _dead_lettered(self, msg: InMessage, exc: Exception) -> tuple[list[OutMessage], bool]:
         """The dead-letter record of ``msg`` refused with ``exc``, and whether ``exc`` was a bug."""

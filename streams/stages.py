@@ -39,7 +39,16 @@ from broker.frame import Frame, FrameMeta, decode_fits, encode_fits, has_wcs, sh
 from broker.history import open_history
 from broker.ingest import check_record, check_size_and_header, ingest, validate
 from broker.ledger import FrameLedger, pixel_checksum
-from broker.pipeline import FrameResult, ScoreModels, associate_and_score, process_frame
+from broker.pipeline import (
+    IN_REFERENCE,
+    SUBTRACTED,
+    FrameResult,
+    LeftOutSearch,
+    ScoreModels,
+    associate_and_score,
+    process_frame,
+    search_left_out,
+)
 from broker.plausibility import PlausibilityConfig, header_problems
 from broker.reference import ReferenceStore
 from broker.runtime import retain_freed_memory
@@ -52,7 +61,7 @@ from streams.followup import FollowupRules, request_message
 from streams.frame_auth import FrameAuthoriser
 from streams.framestore import FrameStore
 from streams.framing import AlertEncoder, FramingConfig
-from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage, parse_time
+from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage, dead_letter, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +273,9 @@ def subtract_handler(config: PipelineConfig) -> Handler:
     frame ledger (:class:`broker.ledger.FrameLedger`: ``<state_dir>/frames.sqlite``, or the history's
     PostgreSQL with ``[history] dsn``): a frame sent again is dead-lettered ``duplicate_frame``.
     Flags of ``IngestConfig.subtract_skip_on`` keep a frame from being subtracted (``poor_quality``).
+    Once the frame's key has a reference, the frames its co-add left out are searched against it in
+    the same transaction (:func:`broker.pipeline.search_left_out`): a batch for each before the
+    frame's own, or a dead letter naming the left-out frame's first position (:func:`_left_out_outputs`).
     """
     if config.retain_freed_memory:
         retain_freed_memory()
@@ -279,12 +291,52 @@ def subtract_handler(config: PipelineConfig) -> Handler:
         ledger.check(frame.meta, checksum, source)  # a re-sent frame: DuplicateFrame, no new alerts
         skip = [f for f in flags if f in config.ingest.subtract_skip_on]
         result = process_frame(frame, refs, config.subtract, not flags, diffs, skip)
+        late = search_left_out(refs, ledger, frame.meta.reference_key, source, config.subtract, diffs,
+                               exclude=frame.meta.frame_id) if result.status in (SUBTRACTED, IN_REFERENCE) else []
         ledger.record(frame.meta, checksum, source, result.status)
-        batch = _batch(frame, result)
-        return [OutMessage(topics.CANDIDATES, serde.encode("candidates", batch), msg.key,
-                           _headers("candidates"), candidates=len(batch["candidates"]))]
+        for search in late:
+            ledger.record_search(search.frame.meta, source, search.status)
+        return [*_left_out_outputs(late, msg), _candidates(frame, result, msg.key)]
 
     return handle
+
+
+def _candidates(frame: Frame, result: FrameResult, key: bytes | None) -> OutMessage:
+    """The ``candidates`` output of a frame's result."""
+    batch = _batch(frame, result)
+    return OutMessage(topics.CANDIDATES, serde.encode("candidates", batch), key, _headers("candidates"),
+                      candidates=len(batch["candidates"]))
+
+
+def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[OutMessage]:
+    """A batch for each searched left-out frame, or the dead letter of its error.
+
+    The dead letter names the frame's first message (topic, partition and offset from the ledger;
+    the message in hand's when unknown), whose value stays on ``ingested`` for its retention; it
+    carries no value of its own (``broker dead-letters --resend`` sends frames of ``frames`` only).
+    """
+    outs = []
+    for search in searches:
+        exc = search.outcome
+        if isinstance(exc, FrameResult):
+            outs.append(_candidates(search.frame, exc, msg.key))
+            continue
+        topic, partition, offset = _position(search.source, msg)
+        refused = type(exc)(f"frame {search.frame.meta.frame_id}, left out of its reference's co-add, searched "
+                            f"against it in the transaction of {msg.topic}:{msg.partition}:{msg.offset}: {exc}")
+        log.warning("subtract: dead-lettering left-out frame %s (%s): %.1000s", search.frame.meta.frame_id,
+                    refused.reason, refused)
+        outs.append(dead_letter("subtract", InMessage(topic, partition, offset, msg.key, None, {}, 0), refused))
+    return outs
+
+
+def _position(source: str | None, msg: InMessage) -> tuple[str, int, int]:
+    """Topic, partition and offset of a ledger ``source`` (``topic:partition:offset``); ``msg``'s when it has none."""
+    try:
+        topic, partition, offset = (source or "").rsplit(":", 2)
+        return topic, int(partition), int(offset)
+    except ValueError:
+        return msg.topic, msg.partition, msg.offset
 
 
 def _rescore(topic: str, score: Callable[[dict, list], None]) -> Handler:

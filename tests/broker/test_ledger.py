@@ -45,6 +45,26 @@ def test_a_frame_sent_again_is_a_duplicate_by_id_or_by_pixels(tmp_path, config):
     ledger.close()
 
 
+def test_the_search_of_a_left_out_frame_is_recorded_once_with_its_position(tmp_path, config):
+    """What :func:`broker.pipeline.search_left_out` reads: the frame's status and where it was searched."""
+    from broker.ledger import LedgerEntry
+
+    frame = star_frame()
+    ledger = FrameLedger.open(tmp_path, config)
+    assert ledger.entry(frame.meta) == LedgerEntry(None, None, None)
+    ledger.record(frame.meta, pixel_checksum(frame.data), "ingested:0:1", "REFERENCE_BUILDING")
+    assert ledger.entry(frame.meta) == LedgerEntry("REFERENCE_BUILDING", "ingested:0:1", None)
+    ledger.record_search(frame.meta, "ingested:0:2", "SUBTRACTED")
+    ledger.record_search(frame.meta, "ingested:0:5", "SUBTRACTED")  # a first record stays
+    reopened = FrameLedger.open(tmp_path, config)
+    assert reopened.entry(frame.meta) == LedgerEntry("REFERENCE_BUILDING", "ingested:0:1", "ingested:0:2")
+    reopened.close()
+    other = replace(frame.meta, frame_id="TEST-F1-r-0002")
+    ledger.record_search(other, "ingested:0:2", "poor_quality")  # a search of a frame the ledger lost
+    assert ledger.entry(other) == LedgerEntry(None, None, "ingested:0:2")
+    ledger.close()
+
+
 def test_the_pixel_checksum_ignores_encoding_and_sees_one_pixel():
     data = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
     assert pixel_checksum(data) == pixel_checksum(data.astype(">f4")) == pixel_checksum(np.asfortranarray(data))
@@ -70,4 +90,5 @@ def test_a_ledger_file_of_the_previous_release_opens_with_its_rows(tmp_path):
     ledger = FrameLedger.open(tmp_path, HistoryConfig())
     with pytest.raises(DuplicateFrame, match="from ingested:0:3"):
         ledger.check(frame.meta, pixel_checksum(frame.data), "ingested:0:8")
+    assert ledger.entry(frame.meta).searched_from is None  # the searches table is added to an old file
     ledger.close()

@@ -10,7 +10,7 @@ import pytest
 from broker.background import BackgroundConfig, estimate_background
 from broker.errors import ConfigError, ReferenceUnavailable
 from broker.fluxratio import aperture_flux_ratio
-from broker.frame import celestial_wcs
+from broker.frame import celestial_wcs, encode_fits
 from broker.reference import Reference, ReferenceConfig, ReferenceStore, build_reference
 from tests.broker.conftest import make_frame, make_sky, make_wcs
 
@@ -449,12 +449,13 @@ def test_a_reference_without_stars_is_refused(kind):
         ReferenceConfig(min_psf_stars=-1)
 
 
-def _paired_frames(scales=(1.0, 1.0, 2.0), seed=5, n_pairs=30, sep_px=5.0):
+def _paired_frames(scales=(1.0, 1.0, 2.0), seed=5, n_pairs=30, sep_px=5.0, extra=()):
     """Frames of a field of star pairs ``sep_px`` apart, within each other's isolation radius, and their positions.
 
     The stars of a pair have fluxes within 30 % of each other (1e4-1e5 ADU), so the star finder
     sees both and no star is isolated (:func:`broker.psf.select_psf_stars`: 0 of the grid's 56 at
     seed 5). Frame i is ``scales[i]`` times as deep (exposure, transparency), seeing 2.6-3.2 px.
+    ``extra``: (i, x, y, flux) of point sources added to frame i only (transients, science px, ADU).
     """
     from tests.broker.conftest import Sky, make_wcs
 
@@ -466,7 +467,8 @@ def _paired_frames(scales=(1.0, 1.0, 2.0), seed=5, n_pairs=30, sep_px=5.0):
     ra, dec = make_wcs(SHAPE).pixel_to_world_values(x, y)
     sky = Sky(np.asarray(ra), np.asarray(dec), np.concatenate([f0, f0 * rng.uniform(0.7, 1.3, n_pairs)]))
     frames = [make_frame(70 + i, SHAPE, sky, fwhm=2.6 + 0.3 * i, dx=1.3 * i, dy=-0.7 * i, rot_deg=0.2 * i, scale=s,
-                         frame_id=f"P-{i}", mjd=60000.0 + i, field="P") for i, s in enumerate(scales)]
+                         extra=[e[1:] for e in extra if e[0] == i], frame_id=f"P-{i}", mjd=60000.0 + i, field="P")
+              for i, s in enumerate(scales)]
     return frames, x, y
 
 
@@ -541,18 +543,34 @@ def test_a_frame_whose_flux_ratio_nothing_measures_is_left_out_with_its_reason(t
         ReferenceConfig(flux_min_stars=0)
 
 
-def test_the_store_sets_aside_the_frames_its_coadd_left_out(tmp_path):
-    """A pending frame left out of the co-add is kept in ``rejected/`` with its reason, not deleted."""
-    frames, _, _ = _paired_frames()
+def test_the_store_keeps_the_frames_its_coadd_left_out_until_they_are_searched(tmp_path):
+    """A pending frame left out of the co-add waits in ``omitted/`` to be searched against the reference.
+
+    It was moved to ``rejected/`` and never searched. The frame whose offer built the reference is
+    not kept (its caller subtracts it), nor is a co-added one; a pending frame outside the reference
+    left by a crash before the clean-up is found too.
+    """
+    frames, _, _ = _paired_frames(scales=(1.0, 1.0, 2.0, 1.0))
     store = ReferenceStore(tmp_path, ReferenceConfig(flux_min_stars=1000))
     key = frames[0].meta.reference_key
+    assert store.left_out(key) == []  # no reference yet
     assert store.offer(frames[0]) is None and store.offer(frames[1]) is None
     ref = store.offer(frames[2])
     assert ref is not None and ref.frame_ids == ("P-0",) and store.pending(key) == []
-    (aside,) = (store._dir(key) / "rejected").iterdir()
-    assert sorted(p.name for p in aside.glob("*.fits")) == ["P-1.fits", "P-2.fits"]
-    assert "P-2 left out of the co-add: no flux ratio of frame P-2" in (aside / "reason.txt").read_text()
     assert [f for f, _ in store.get(key).omitted] == ["P-1", "P-2"]
+    assert not (store._dir(key) / "rejected").exists()
+    assert sorted(p.name for p in (store._dir(key) / "omitted").iterdir()) == ["P-1.fits"]
+    (left,) = store.left_out(key)
+    assert left.meta == frames[1].meta and np.array_equal(left.data, frames[1].data)  # lossless
+    # a crash between the build and the clean-up leaves pending files: those outside the reference wait too
+    (store._dir(key) / "pending").mkdir(exist_ok=True)
+    for f in (frames[0], frames[3]):
+        (store._dir(key) / "pending" / f"{f.meta.frame_id}.fits").write_bytes(encode_fits(f))
+    assert [f.meta.frame_id for f in store.left_out(key)] == ["P-1", "P-3"]
+    assert store.pending(key) == ["P-3"]  # the co-added P-0's leftover removed
+    for frame_id in ("P-1", "P-3"):
+        store.drop_left_out(key, frame_id)
+    assert store.left_out(key) == []
 
 
 def test_apertures_measure_a_9_px_image_against_a_3_px_one_at_its_true_flux_ratio():

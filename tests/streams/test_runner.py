@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from broker.errors import CorruptFrame, StageFailure
+from broker.errors import CorruptFrame, PoorQuality, StageFailure
 from streams import serde, topics
 from streams.monitor import read_all
 from streams.runner import (
@@ -47,6 +47,9 @@ def test_runner_outputs_dead_letters_and_carries_on(settings):
             raise CorruptFrame("not FITS")
         if msg.value == b"boom":
             raise ZeroDivisionError("a bug")
+        if msg.value == b"ok-3":  # a dead letter of another message beside its output (subtract's left-out frames)
+            other = InMessage(src, 0, 0, msg.key, None, {}, 0)
+            return [dead_letter(stage, other, PoorQuality("no flux ratio")), OutMessage(dst, b"OK-3", msg.key)]
         return [OutMessage(dst, msg.value.upper(), msg.key)]
 
     runner = StageRunner(stage, src, handler, settings)
@@ -54,13 +57,15 @@ def test_runner_outputs_dead_letters_and_carries_on(settings):
 
     out = read_all(settings, [dst])
     assert [m.value() for m in out] == [b"OK-1", b"OK-2", b"OK-3"]
+    assert runner.metrics.errors.labels(stage, "poor_quality")._value.get() == 1
     headers = dict(out[0].headers())
     assert float(headers[f"t.{stage}.end"]) >= float(headers[f"t.{stage}.start"])
     assert headers["t.exposure_end"] == b"1700000000.0"  # timing headers travel on
 
     dead = [serde.decode("dlq", m.value(), dict(m.headers())) for m in read_all(settings, [topics.dlq(stage)])]
     assert [(d["value"], d["reason"], d["error_class"]) for d in dead] == [
-        (b"bad", "corrupt", "CorruptFrame"), (b"boom", "unexpected:ZeroDivisionError", "ZeroDivisionError")]
+        (b"bad", "corrupt", "CorruptFrame"), (b"boom", "unexpected:ZeroDivisionError", "ZeroDivisionError"),
+        (None, "poor_quality", "PoorQuality")]
     assert dead[0]["offset"] == 1 and dead[0]["stage"] == stage and dead[0]["message"] == "not FITS"
 
     # offsets were committed with the outputs: a new runner of the group has nothing left to do

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -750,3 +751,88 @@ def test_the_score_stage_refuses_a_candidate_off_its_frame_before_writing_the_hi
     (out,) = score(_classified(cands(9, x=256.0 + 20.0), 9))  # a PSF fit may move an edge peak a little off
     recs = serde.decode("candidates", out.value, out.headers)["candidates"]
     assert [r["object"]["ndet"] for r in recs] == [1] * 8  # nothing of the refused batches was kept
+
+
+def _left_out_field():
+    """Four frames of a field of close star pairs: P-1 alone holds a transient (3000 ADU at (96.3, 60.7)).
+
+    With ``[reference] flux_min_stars = 1000`` no star measures a flux ratio: P-0 and P-2 have
+    measured zero points (P-2 twice as deep), P-1 has none, so the co-add of P-0..P-2 leaves P-1 out.
+    """
+    import math
+
+    from tests.broker.test_reference import _calibrated, _paired_frames
+
+    frames, _, _ = _paired_frames(scales=(1.0, 1.0, 2.0, 1.0), extra=[(1, 96.3, 60.7, 3000.0)])
+    return [_calibrated(frames[0], 25.0), frames[1], _calibrated(frames[2], 25.0 + 2.5 * math.log10(2.0)), frames[3]]
+
+
+def _outputs(outs) -> list[tuple]:
+    """(frame id, status, candidates' (x, y)) of each candidates output, (topic, reason, offset) of a dead letter."""
+    got = []
+    for out in outs:
+        if out.topic == topics.CANDIDATES:
+            b = serde.decode("candidates", out.value, out.headers)
+            got.append((b["frame_id"], b["status"], [(c["x"], c["y"]) for c in b["candidates"]]))
+        else:
+            d = serde.decode("dlq", out.value, out.headers)
+            got.append((out.topic, d["reason"], d["offset"], d["message"]))
+    return got
+
+
+def test_a_frame_its_new_reference_left_out_is_searched_once(config):
+    """A pending frame the co-add left out was answered REFERENCE_BUILDING and never searched: its transient was lost.
+
+    It is now searched in the transaction of the frame that completed the reference (its batch
+    before that frame's), again when that message is redelivered (a restart), and never by a later
+    message; the frames of the reference are not searched against it.
+    """
+    from broker.errors import DuplicateFrame
+    from broker.reference import ReferenceConfig
+    from streams.stages import subtract_handler
+
+    config = replace(config, reference=ReferenceConfig(flux_min_stars=1000))
+    frames = _left_out_field()
+    msgs = [_ingested(config, f, offset=i) for i, f in enumerate(frames)]
+    subtract = subtract_handler(config)
+    assert [_outputs(subtract(m)) for m in msgs[:2]] == [[("P-0", "REFERENCE_BUILDING", [])],
+                                                         [("P-1", "REFERENCE_BUILDING", [])]]
+    completed = subtract(msgs[2])
+    (late, late_status, found), own = _outputs(completed)
+    assert (late, late_status, own) == ("P-1", "SUBTRACTED", ("P-2", "IN_REFERENCE", []))
+    assert any(math.hypot(x - 96.3, y - 60.7) < 2.0 for x, y in found), found  # the transient
+    batch = serde.decode("candidates", completed[0].value, completed[0].headers)
+    assert batch["reference_frames"] == ["P-0", "P-2"] and batch["mjd_start"] == frames[1].meta.mjd_start
+    again = subtract_handler(config)(msgs[2])  # a restart before the transaction committed: the same outputs
+    assert _outputs(again) == _outputs(completed)
+    later = subtract(msgs[3])
+    assert [b[:2] for b in _outputs(later)] == [("P-3", "SUBTRACTED")]  # P-1 not searched twice
+    assert [b[:2] for b in _outputs(subtract_handler(config)(msgs[3]))] == [("P-3", "SUBTRACTED")]
+    refs = config.state_dir / "refs" / "T1" / "P" / "r"
+    assert list((refs / "omitted").iterdir()) == []  # dropped once its search was committed
+    with pytest.raises(DuplicateFrame):
+        subtract(_ingested(config, frames[1], offset=9))  # re-sent: refused as before
+
+
+def test_a_left_out_frame_its_search_refuses_is_dead_lettered_under_its_own_position(config):
+    """The search of a left-out frame that fails (F_r unmeasured) dead-letters it, not the message in hand."""
+    from broker.reference import ReferenceConfig
+    from broker.subtract import SubtractConfig
+    from streams.stages import subtract_handler
+
+    config = replace(config, reference=ReferenceConfig(flux_min_stars=1000),
+                     subtract=SubtractConfig(min_flux_ratio_stars=1000))
+    from tests.broker.test_reference import _calibrated
+
+    frames = _left_out_field()
+    frames[3] = _calibrated(frames[3], 25.0)  # its F_r measured by the zero points
+    msgs = [_ingested(config, f, offset=i) for i, f in enumerate(frames)]
+    subtract = subtract_handler(config)
+    for m in msgs[:2]:
+        subtract(m)
+    (topic, reason, offset, message), own = _outputs(subtract(msgs[2]))
+    assert (topic, reason, offset, own) == (topics.dlq("subtract"), "poor_quality", 1, ("P-2", "IN_REFERENCE", []))
+    assert message.startswith("frame P-1, left out of its reference's co-add, searched against it in the "
+                              "transaction of ingested:0:2: frame P-1 not subtracted: no flux ratio")
+    assert subtract_handler(config)(msgs[2])[0].topic == topics.dlq("subtract")  # a redelivery makes it again
+    assert [b[:2] for b in _outputs(subtract(msgs[3]))] == [("P-3", "SUBTRACTED")]  # a later message does not
