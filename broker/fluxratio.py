@@ -164,12 +164,15 @@ def zero_point_ratio(grid: MeasuredZeroPoint, frame: MeasuredZeroPoint) -> FluxR
 
     Measured means a ``MAGZP`` with its ``MAGZPERR``, as ingest's calibration writes them
     (:mod:`broker.photcal`, against Tycho-2) or a survey's pipeline may; a bare ``MAGZP`` may be a
-    nominal value blind to the night's transparency and is not used. NaN without both. A reference
-    carries its grid frame's (:attr:`Reference.magzp`).
+    nominal value blind to the night's transparency and is not used. NaN without both, or with a
+    negative uncertainty (no measurement gives one). A reference carries its grid frame's
+    (:attr:`Reference.magzp`). Pipelines' own conventions (ZTF's ``MAGZPUNC``, LCO BANZAI's ``L1ZP``)
+    are written into ``MAGZP``/``MAGZPERR`` when a frame is decoded (:func:`broker.headers.zero_point_cards`).
     """
     zps = []
     for m in (grid, frame):
-        if m.magzp is None or m.magzp_err is None or not (np.isfinite(m.magzp) and np.isfinite(m.magzp_err)):
+        if (m.magzp is None or m.magzp_err is None or not (np.isfinite(m.magzp) and np.isfinite(m.magzp_err))
+                or m.magzp_err < 0):
             return FluxRatio(float("nan"), "zero_point")
         zps.append(m.magzp)
     return FluxRatio(float(10 ** (0.4 * (zps[1] - zps[0]))), "zero_point")

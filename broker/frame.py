@@ -40,7 +40,7 @@ from broker.errors import (
     TooManyPixels,
     UnparseableHeader,
 )
-from broker.headers import check_frame_type, normalise_header, wcs_frame_problem
+from broker.headers import check_frame_type, normalise_header, wcs_frame_problem, zero_point_cards
 from broker.telescopes import TelescopeProfile
 
 #: Header cards read into :class:`FrameMeta` (card, attribute, type, required).
@@ -816,9 +816,10 @@ def adu_scale(data: np.ndarray, header: fits.Header) -> tuple[np.ndarray, fits.H
 
 def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfile, ...]
            ) -> tuple[np.ndarray, fits.Header]:
-    """Normalise a header that lacks a required card; a [0, 1] image to ADU; colour to luminance."""
+    """Normalise a header lacking a required card, and any zero point; a [0, 1] image to ADU; colour to luminance."""
     if any(_absent(header, card) for card in _REQUIRED):
         header = normalise_header(header, data.shape[-2:], profiles)
+    header = zero_point_cards(header)
     data, header = adu_scale(data, header)
     saturation = header.get("SATURATE")
     level = float(saturation) if isinstance(saturation, int | float) else float("inf")

@@ -94,6 +94,17 @@ MAPPING: tuple[CardSource, ...] = (
     CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON"), "e-; none: 0 (sky RMS only)"),
     CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "8- or 16-bit data range"),
                "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest, 8-bit data at 255"),
+    CardSource("MAGZP", ("MAGZP", "L1ZP + 2.5 log10(EXPTIME)"),
+               "mag of a source giving 1 ADU in the exposure; read from every header, normalised or not "
+               "(`broker.headers.zero_point_cards`). ZTF's `MAGZP` is already per exposure (DN); LCO BANZAI's "
+               "`L1ZP` is per second (`banzai/utils/photometry_utils.py` `to_magnitude`: `-2.5 log10(flux / "
+               "exptime) + zp`); a `MAGZP` present wins over `L1ZP`; a zero point outside (0, 50] mag (a "
+               "placeholder such as `-99`) is not used, and `ZPNOTE` says why"),
+    CardSource("MAGZPERR", ("MAGZPERR", "MAGZPUNC (with MAGZP)", "L1ZPERR (with L1ZP)"),
+               "mag, 1 sigma; only the uncertainty of the zero point it came with. `MAGZPUNC` is ZTF's (IPAC); a "
+               "`MAGZPERR` present wins over a disagreeing `MAGZPUNC` (it is the broker's own card, rewritten by "
+               "calibration); a value that is not a finite number >= 0 is not used (`ZPNOTE`), and a zero point "
+               "without an uncertainty is never used for a flux ratio (`broker.fluxratio.zero_point_ratio`)"),
 )
 
 #: Cards that name an exposure's type: MaxIm DL, N.I.N.A., SharpCap, ASIAIR, Seestar (``IMAGETYP``:
@@ -473,6 +484,102 @@ def _detector(header: fits.Header, profile: TelescopeProfile | None) -> dict[str
              else _number(header, "RDNOISE", "READNOIS", "RON"))
     values = {"GAIN": gain, "RDNOISE": noise, "SATURATE": _saturation(header, profile)}
     return {card: value for card, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class ZeroPointConvention:
+    """How one pipeline writes a measured photometric zero point (:func:`zero_point_cards`).
+
+    Attributes
+    ----------
+    card : str
+        The zero-point card (mag).
+    errors : tuple of str
+        Its 1-sigma uncertainty's cards (mag), in order of precedence.
+    per_second : bool
+        Whether it is the magnitude of 1 ADU/s (the broker's ``MAGZP`` is of 1 ADU in the exposure:
+        ``+ 2.5 log10(EXPTIME)``).
+    """
+
+    card: str
+    errors: tuple[str, ...]
+    per_second: bool
+
+
+#: Zero-point conventions: the first whose zero-point card the header holds decides (a ``MAGZP`` wins
+#: over an ``L1ZP``). ``MAGZP``/``MAGZPERR``: the broker's own (:mod:`broker.photcal`); ``MAGZPUNC``: ZTF's
+#: IPAC science images (``MAGZP`` of 1 DN in the exposure, its uncertainty ``MAGZPUNC``; the keywords ztfimg
+#: and Ampel's ZTF forced-photometry reader take); ``L1ZP``/``L1ZPERR``: LCO BANZAI
+#: (``banzai/photometry.py`` writes them, ``banzai/utils/photometry_utils.py`` ``to_magnitude`` applies
+#: ``-2.5 log10(flux / exptime) + zeropoint``: a zero point of 1 count/s).
+ZERO_POINTS: tuple[ZeroPointConvention, ...] = (
+    ZeroPointConvention("MAGZP", ("MAGZPERR", "MAGZPUNC"), per_second=False),
+    ZeroPointConvention("L1ZP", ("L1ZPERR",), per_second=True),
+)
+
+#: Zero points written into ``MAGZP`` (mag of 1 ADU in the exposure), exclusive-inclusive: the range
+#: ``PlausibilityConfig.magzp_range`` accepts by default (real ones are 15-35 mag); outside it is a
+#: placeholder (NEOexchange writes ``-99`` for a BANZAI frame without one).
+ZERO_POINT_RANGE = (0.0, 50.0)
+
+
+def zero_point_cards(header: fits.Header) -> fits.Header:
+    """``header``, or a copy whose ``MAGZP`` and ``MAGZPERR`` are written from the pipeline's own cards.
+
+    A pipeline's measured zero point reaches :func:`broker.fluxratio.zero_point_ratio` only as
+    ``MAGZP`` with ``MAGZPERR``: ZTF's ``MAGZPUNC`` and BANZAI's ``L1ZP``/``L1ZPERR`` were never read,
+    and the fallback never worked on their frames. The first convention of :data:`ZERO_POINTS` whose
+    zero-point card is present decides; a ``MAGZPERR`` present is kept as it is (it wins over a
+    ``MAGZPUNC`` that disagrees). Applied to every header, normalised or not; idempotent.
+
+    Returns
+    -------
+    astropy.io.fits.Header
+        ``header`` itself when nothing is to be written; else a copy with ``MAGZP``, ``MAGZPERR`` and
+        ``ZPSRC`` (the cards they came from), or, when the pipeline's values are unusable (not
+        numbers, not finite, a negative uncertainty, a zero point outside :data:`ZERO_POINT_RANGE`),
+        with ``ZPNOTE`` saying why and no zero point written.
+    """
+    for convention in ZERO_POINTS:
+        if _value(header, convention.card) is None:
+            continue
+        if convention.card == "MAGZP" and _value(header, "MAGZPERR") is not None:
+            return header
+        found = _measured_zero_point(header, convention)
+        if found is None:
+            return header  # a bare zero point: a nominal value, never used for a flux ratio
+        out = header.copy()
+        if isinstance(found, str):
+            set_card(out, "ZPNOTE", found, "why no zero point was read")
+            return out
+        magzp, error, source = found
+        set_card(out, "MAGZP", round(magzp, 6), "[mag] 1 ADU in the exposure (normalised)")
+        set_card(out, "MAGZPERR", error, "[mag] 1-sigma uncertainty of MAGZP")
+        set_card(out, "ZPSRC", source, "where MAGZP, MAGZPERR came from")
+        return out
+    return header
+
+
+def _measured_zero_point(header: fits.Header, convention: ZeroPointConvention) -> tuple[float, float, str] | str | None:
+    """(MAGZP, MAGZPERR, source) of ``convention``; why not (str) if its values are unusable; None without an error."""
+    error_card = next((card for card in convention.errors if _value(header, card) is not None), None)
+    if error_card is None:
+        return None
+    raw_zp, raw_error = _value(header, convention.card), _value(header, error_card)
+    zp, error = _number(header, convention.card), _number(header, error_card)
+    if zp is None or error is None or error < 0:
+        return (f"{convention.card} = {raw_zp!r}, {error_card} = {raw_error!r}: not a zero point (a finite number) "
+                "with its uncertainty (a finite number >= 0 mag)")
+    source = f"{convention.card}/{error_card}"
+    if convention.per_second:
+        exptime = _positive(header, "EXPTIME")
+        if exptime is None:
+            return f"{convention.card} is per second and EXPTIME = {_value(header, 'EXPTIME')!r} is no exposure time"
+        zp, source = zp + 2.5 * math.log10(exptime), f"{source}+2.5log10(EXPTIME)"
+    if not ZERO_POINT_RANGE[0] < zp <= ZERO_POINT_RANGE[1]:
+        return (f"{convention.card} = {raw_zp!r} gives MAGZP {zp:g} mag, outside ({ZERO_POINT_RANGE[0]:g}, "
+                f"{ZERO_POINT_RANGE[1]:g}]: a placeholder, not a zero point")
+    return zp, error, source
 
 
 def normalise_header(header: fits.Header, shape: tuple[int, int],

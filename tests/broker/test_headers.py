@@ -120,8 +120,10 @@ def test_grid_cells_are_stable_and_renamed_after_solving():
 
 
 def test_the_mapping_table_names_every_canonical_card():
-    assert [row.card for row in MAPPING] == ["TELESCOP", "FIELD", "FILTER", "MJD-OBS", "EXPTIME", "GAIN",
-                                             "RDNOISE", "SATURATE"]
+    """Every card read into FrameMeta (but FRAMEID, the broker's own) has its row: MAGZP and MAGZPERR had none."""
+    from broker.frame import _CARDS
+
+    assert [row.card for row in MAPPING] == [card for card, _, _, _ in _CARDS]
 
 
 def test_the_documented_mapping_table_is_the_code_s():
@@ -272,3 +274,150 @@ def test_a_time_card_of_zero_is_a_placeholder_not_the_exposure_start(cards):
     """MJD-OBS = 0 beside a good DATE-OBS became the start (1858) and the frame was refused implausible_header."""
     out = normalise_header(_amateur(**cards), (10, 10))
     assert out["TIMESRC"] == "DATE-OBS" and out["MJD-OBS"] == pytest.approx(60761.05593698, abs=1e-7)
+
+
+# Survey pipelines' headers, card by card as the pipeline writes them (keywords, units, types). Values are
+# of the kind each pipeline writes; the sources of each convention are named above each header.
+
+#: A ZTF science image (IPAC, ``ztf_*_sciimg.fits``): the keywords IPAC writes and ztfimg
+#: (MickaelRigault/ztfimg) and Ampel's ZTF forced-photometry reader take from it (``MAGZP``, ``MAGZPUNC``,
+#: ``MAGZPRMS``, ``CLRCOEFF``, ``GAIN``, ``READNOI``, ``SEEING``, ``OBSMJD``, ``FILTERID``, ``INFOBITS``);
+#: ``ORIGIN``/``INSTRUME``/``RA---TPV`` as VaST (kirxkirx/vast) recognises a ZTF image. ``MAGZP`` is of
+#: 1 DN in the exposure (IPAC: mag = MAGZP - 2.5 log10(flux [DN])); the pixels are DN.
+ZTF_SCIIMG = """\
+ORIGIN  = 'Zwicky Transient Facility' / Data producer
+INSTRUME= 'ZTF/MOSAIC'         / Instrument name
+OBJECT  = 'ZTF_survey'
+DATE-OBS= '2019-06-11T06:20:16.000' / UTC shutter time YYYY-MM-DDTHH:MM:SS.SSS
+OBSJD   =     2458645.76407407 / [day] Julian day at start of exposure
+OBSMJD  =      58645.26407407 / [day] MJD at start of exposure
+EXPTIME =                  30. / [s] Requested exposure time
+FILTERID=                    2 / Filter ID (1=g; 2=r; 3=i)
+FILTER  = 'ZTF_r   '           / Filter name
+FIELDID =                  717 / ZTF field ID
+CCDID   =                    7 / CCD number (1..16)
+QID     =                    2 / Quadrant ID (1..4)
+RCID    =                   25 / Readout channel ID (0..63)
+GAIN    =                  5.8 / [e-/D.N.] Amplifier gain
+READNOI =                  9.2 / [e-] Amplifier read noise
+DARKCUR =                  0.1 / [e-/s] Dark current
+SATURATE=              49120.0 / [DN] Saturation level
+SEEING  =                 2.14 / [pixel] Seeing FWHM
+MAGZP   =              26.2683 / [mag] Magnitude zero point
+MAGZPUNC=           3.1877E-06 / [mag] Magnitude zero point uncertainty
+MAGZPRMS=              0.03541 / [mag] RMS deviation of calibrators from ZP fit
+CLRCOEFF=            -0.079117 / [mag] Linear color coefficient
+CLRCOUNC=           5.3461E-06 / [mag] Color coefficient uncertainty
+INFOBITS=                    0 / Info bit flags
+CTYPE1  = 'RA---TPV'
+CTYPE2  = 'DEC--TPV'
+CRVAL1  =           250.211349
+CRVAL2  =            46.455201
+CRPIX1  =                 32.5
+CRPIX2  =                 32.5
+CD1_1   =      -0.000281
+CD1_2   =               0.0
+CD2_1   =               0.0
+CD2_2   =       0.000281
+"""
+
+#: An LCO BANZAI reduced frame (``*-e91.fits``): ``L1ZP``/``L1ZPERR`` as ``banzai/photometry.py`` writes them
+#: (comments verbatim), a zero point of 1 count/s (``banzai/utils/photometry_utils.py`` ``to_magnitude``:
+#: ``-2.5 log10(flux / exptime) + zeropoint``); ``L1FWHM = 'NaN'`` is the string BANZAI writes when no source
+#: gave a FWHM; ``RA`` sexagesimal hours, ``FILTER = 'rp'``, ``MJD-OBS`` (NEOexchange reads the same cards).
+BANZAI_E91 = """\
+ORIGIN  = 'LCOGT   '           / Organization responsible for the data
+SITEID  = 'lsc     '           / ID code of the Observatory site
+TELESCOP= '1m0-05  '           / Telescope used to acquire this frame
+INSTRUME= 'fa15    '           / Instrument used
+OBSTYPE = 'EXPOSE  '           / Observation type
+OBJECT  = 'SN 2023ixf'         / Object name
+FILTER  = 'rp      '           / Filter used
+EXPTIME =              120.000 / [s] Exposure length
+DATE-OBS= '2023-05-25T01:02:03.456' / [UTC] Start date and time of the observati
+MJD-OBS =        60089.0430955 / [UTC days] Start date/time (Modified Julian Dat
+RA      = '14:03:38.580'       / [HH:MM:SS.sss] RA where telescope is pointing
+DEC     = '+54:18:42.02'       / [sDD:MM:SS.ss] Dec where telescope is pointing
+GAIN    =                1.000 / [electrons/count] Pixel gain
+RDNOISE =                7.800 / [electrons/pixel] Read noise
+SATURATE=            127500.00 / [ADU] Saturation level used
+PIXSCALE=                0.389 / [arcsec/pixel] Nominal pixel scale on sky
+L1FWHM  = 'NaN     '           / [arcsec] Frame FWHM in arcsec
+L1ZP    =               23.456 / Instrumental zeropoint [mag]
+L1ZPERR =                0.012 / Error on Instrumental zeropoint [mag]
+L1COLORU= 'r-i     '           / Color used for calibration
+L1COLOR =               -0.021 / Color coefficient [mag]
+"""
+
+def _pipeline_header(text: str, **cards) -> fits.Header:
+    header = fits.Header.fromstring(text, sep="\n")
+    for key, value in cards.items():
+        if value is None:
+            header.remove(key, ignore_missing=True)
+        else:
+            header[key] = value
+    return header
+
+
+def _pipeline_fits(text: str, **cards) -> bytes:
+    import io
+
+    data = np.random.default_rng(8).normal(300.0, 10.0, size=(64, 64)).astype(np.float32)
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data, header=_pipeline_header(text, **cards)).writeto(buf)
+    return buf.getvalue()
+
+
+def test_a_ztf_science_image_gives_its_zero_point_with_its_uncertainty():
+    """MAGZPUNC was not read: the zero-point flux ratio (MAGZP with MAGZPERR) never worked on ZTF frames."""
+    from broker.fluxratio import zero_point_ratio
+    from broker.frame import decode_fits
+
+    meta = decode_fits(_pipeline_fits(ZTF_SCIIMG)).meta
+    assert (meta.telescope, meta.filter, meta.exptime) == ("ZTF_MOSAIC", "r", 30.0)
+    assert meta.mjd_start == pytest.approx(parse_iso_utc("2019-06-11T06:20:16"), abs=1e-9)
+    assert (meta.gain, meta.saturation) == (5.8, 49120.0)
+    assert (meta.magzp, meta.magzp_err) == (26.2683, 3.1877e-06)
+    later = decode_fits(_pipeline_fits(ZTF_SCIIMG, MAGZP=26.0183, MAGZPUNC=4.2e-06)).meta
+    ratio = zero_point_ratio(meta, later)
+    assert ratio.measured and ratio.value == pytest.approx(10 ** (-0.4 * 0.25))
+
+
+def test_an_lco_banzai_zero_point_of_one_count_per_second_becomes_one_of_the_exposure():
+    from broker.frame import decode_fits
+
+    frame = decode_fits(_pipeline_fits(BANZAI_E91), require_wcs=False)
+    assert (frame.meta.telescope, frame.meta.filter, frame.meta.exptime) == ("1m0-05", "r", 120.0)
+    assert frame.meta.magzp == pytest.approx(23.456 + 2.5 * np.log10(120.0), abs=1e-6)  # 28.654
+    assert frame.meta.magzp_err == 0.012 and frame.header["ZPSRC"] == "L1ZP/L1ZPERR+2.5log10(EXPTIME)"
+    assert frame.header["L1FWHM"] == "NaN"  # BANZAI's string NaN is left alone: the broker does not read it
+
+
+@pytest.mark.parametrize("text, cards, note", [
+    (BANZAI_E91, {"L1ZP": -99.0, "L1ZPERR": -99.0}, "L1ZP = -99.0, L1ZPERR = -99.0: not a zero point"),
+    (BANZAI_E91, {"L1ZP": -99.0, "L1ZPERR": 0.01}, "outside"),
+    (BANZAI_E91, {"L1ZPERR": "NaN"}, "L1ZPERR = 'NaN'"),
+    (ZTF_SCIIMG, {"MAGZPUNC": -1.0}, "MAGZPUNC = -1.0"),
+    (ZTF_SCIIMG, {"MAGZPUNC": "n/a"}, "MAGZPUNC = 'n/a'"),
+    (ZTF_SCIIMG, {"MAGZPUNC": True}, "MAGZPUNC = True"),
+])
+def test_unusable_pipeline_zero_points_are_not_used_and_say_why(text, cards, note):
+    from broker.frame import decode_fits
+
+    frame = decode_fits(_pipeline_fits(text, **cards), require_wcs=False)  # kept, never refused for this
+    assert frame.meta.magzp_err is None and note in frame.header["ZPNOTE"]
+    assert frame.meta.magzp == (26.2683 if text is ZTF_SCIIMG else None)  # a bare MAGZP stays as it was
+
+
+def test_zero_point_precedence_when_conventions_meet():
+    from broker.headers import zero_point_cards
+
+    both = zero_point_cards(_pipeline_header(ZTF_SCIIMG, MAGZPERR=0.02))  # disagreeing with MAGZPUNC
+    assert both["MAGZPERR"] == 0.02 and "ZPSRC" not in both
+    mixed = zero_point_cards(_pipeline_header(BANZAI_E91, MAGZP=25.0, MAGZPUNC=0.03))
+    assert (mixed["MAGZP"], mixed["MAGZPERR"], mixed["ZPSRC"]) == (25.0, 0.03, "MAGZP/MAGZPUNC")
+    bare = _pipeline_header(ZTF_SCIIMG, MAGZPUNC=None)
+    assert zero_point_cards(bare) is bare  # a nominal MAGZP without any uncertainty: nothing to write
+    no_time = zero_point_cards(_pipeline_header(BANZAI_E91, EXPTIME=None))
+    assert "MAGZP" not in no_time and "per second and EXPTIME = None" in no_time["ZPNOTE"]
+    assert zero_point_cards(zero_point_cards(_pipeline_header(BANZAI_E91)))["MAGZP"] == pytest.approx(28.654, abs=1e-3)
