@@ -87,13 +87,19 @@ MAPPING: tuple[CardSource, ...] = (
                "without its time of day, or not ISO, gives way to the cards after it (refused when none gives it); "
                "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2"),
     CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"), "seconds"),
-    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN"),
+    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "mean of GAINA/GAINB"),
                "e-/ADU; none (or 0, as N.I.N.A. writes for a camera that does not say): 1.0. N.I.N.A., SGP and "
                "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
-               "camera that writes only the setting in GAIN (Seestar) needs a profile"),
-    CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON"), "e-; none: 0 (sky RMS only)"),
-    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "8- or 16-bit data range"),
-               "ADU; unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest, 8-bit data at 255"),
+               "camera that writes only the setting in GAIN (Seestar) needs a profile. `GAINA`/`GAINB` are "
+               "DECam's per amplifier (Community Pipeline; legacyzpts takes their mean too)"),
+    CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON", "READNOI", "mean of RDNOISEA/RDNOISEB"),
+               "e-; none: 0 (sky RMS only). `READNOI` is ZTF's (IPAC science images); `RDNOISEA`/`RDNOISEB` "
+               "DECam's per amplifier"),
+    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "lower of SATURATA/SATURATB",
+                            "8- or 16-bit data range"),
+               "ADU; `SATURATA`/`SATURATB` are DECam's per amplifier (the lower one: no star clipped in either half "
+               "enters the zero point); unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest, "
+               "8-bit data at 255"),
     CardSource("MAGZP", ("MAGZP", "L1ZP + 2.5 log10(EXPTIME)"),
                "mag of a source giving 1 ADU in the exposure; read from every header, normalised or not "
                "(`broker.headers.zero_point_cards`). ZTF's `MAGZP` is already per exposure (DN); LCO BANZAI's "
@@ -469,6 +475,9 @@ def _saturation(header: fits.Header, profile: TelescopeProfile | None) -> float 
     level = _number(header, "SATURATE", "SATLEVEL", "MAXLIN")
     if level is not None:
         return level
+    amplifiers = [_positive(header, card) for card in ("SATURATA", "SATURATB")]
+    if all(amplifiers):  # DECam: one level per amplifier; a star clipped in either half is clipped
+        return min(a for a in amplifiers if a is not None)
     bitpix, bzero = header.get("BITPIX"), header.get("BZERO")
     if bitpix == 16:
         return 65535.0 if bzero == 32768 else 32767.0
@@ -477,13 +486,30 @@ def _saturation(header: fits.Header, profile: TelescopeProfile | None) -> float 
     return None
 
 
+def _amplifier_mean(header: fits.Header, cards: tuple[str, str]) -> float | None:
+    """Mean of two per-amplifier values (DECam's ``GAINA``/``GAINB``), when both are finite numbers > 0."""
+    values = [_positive(header, card) for card in cards]
+    return sum(v for v in values if v is not None) / 2.0 if all(values) else None
+
+
 def _detector(header: fits.Header, profile: TelescopeProfile | None) -> dict[str, float]:
-    """GAIN, RDNOISE and SATURATE, the profile's values winning over the header's."""
-    gain = profile.gain if profile is not None and profile.gain is not None else _positive(header, "EGAIN", "GAIN")
+    """GAIN, RDNOISE and SATURATE, the profile's values winning over the header's (order of :data:`MAPPING`)."""
+    gain = (profile.gain if profile is not None and profile.gain is not None
+            else _positive(header, "EGAIN", "GAIN") or _amplifier_mean(header, ("GAINA", "GAINB")))
     noise = (profile.read_noise if profile is not None and profile.read_noise is not None
-             else _number(header, "RDNOISE", "READNOIS", "RON"))
+             else _non_negative(header, "RDNOISE", "READNOIS", "RON", "READNOI")
+             or _amplifier_mean(header, ("RDNOISEA", "RDNOISEB")))
     values = {"GAIN": gain, "RDNOISE": noise, "SATURATE": _saturation(header, profile)}
     return {card: value for card, value in values.items() if value is not None}
+
+
+def _non_negative(header: fits.Header, *cards: str) -> float | None:
+    """The first of ``cards`` whose value is a finite number >= 0 (None when none is)."""
+    for card in cards:
+        number = _number(header, card)
+        if number is not None and number >= 0:
+            return number
+    return None
 
 
 @dataclass(frozen=True)

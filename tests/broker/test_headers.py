@@ -349,6 +349,30 @@ L1COLORU= 'r-i     '           / Color used for calibration
 L1COLOR =               -0.021 / Color coefficient [mag]
 """
 
+#: A DECam Community Pipeline CCD (``c4d_*_ooi_*.fits.fz`` extension): per-amplifier ``GAINA``/``GAINB``
+#: [electrons/adu], ``RDNOISEA``/``RDNOISEB`` [electrons], ``SATURATA``/``SATURATB`` [adu] with these comments,
+#: as quoted from a CP header in NOIRLab Astro Data Lab's help forum ("Which amplifier's gain value do I use
+#: for DECam photometry", whose answer, like legacyzpts' ``gain = average of GAINA, GAINB``, takes their mean).
+DECAM_CP = """\
+TELESCOP= 'CTIO 4.0-m telescope' / Telescope name
+INSTRUME= 'DECam   '           / Instrument used to obtain these data
+OBSTYPE = 'object  '           / Observation type
+OBJECT  = 'DES supernova hex SN-X1 tiling 20' / Object name
+FILTER  = 'r DECam SDSS c0002 6415.0 1480.0' / Unique filter identifier
+EXPTIME =                 200. / [s] Exposure duration
+MJD-OBS =       56536.31617493 / MJD of observation start
+DATE-OBS= '2013-08-31T07:35:17.514075' / Date of observation start (UTC)
+DETPOS  = 'S25     '           / detector position ID
+CCDNUM  =                    4 / CCD number
+GAINA   =                4.061 / [electrons/adu] Gain for amp A
+RDNOISEA=              6.05089 / [electrons] Read noise for amp A
+SATURATA=              42059.0 / [adu] Saturation for amp A
+GAINB   =                4.249 / [electrons/adu] Gain for amp B
+RDNOISEB=             6.080319 / [electrons] Read noise for amp B
+SATURATB=              42605.0 / [adu] Saturation for amp B
+"""
+
+
 def _pipeline_header(text: str, **cards) -> fits.Header:
     header = fits.Header.fromstring(text, sep="\n")
     for key, value in cards.items():
@@ -368,7 +392,7 @@ def _pipeline_fits(text: str, **cards) -> bytes:
     return buf.getvalue()
 
 
-def test_a_ztf_science_image_gives_its_zero_point_with_its_uncertainty():
+def test_a_ztf_science_image_gives_its_zero_point_with_its_uncertainty_and_read_noise():
     """MAGZPUNC was not read: the zero-point flux ratio (MAGZP with MAGZPERR) never worked on ZTF frames."""
     from broker.fluxratio import zero_point_ratio
     from broker.frame import decode_fits
@@ -376,7 +400,7 @@ def test_a_ztf_science_image_gives_its_zero_point_with_its_uncertainty():
     meta = decode_fits(_pipeline_fits(ZTF_SCIIMG)).meta
     assert (meta.telescope, meta.filter, meta.exptime) == ("ZTF_MOSAIC", "r", 30.0)
     assert meta.mjd_start == pytest.approx(parse_iso_utc("2019-06-11T06:20:16"), abs=1e-9)
-    assert (meta.gain, meta.saturation) == (5.8, 49120.0)
+    assert (meta.gain, meta.read_noise, meta.saturation) == (5.8, 9.2, 49120.0)
     assert (meta.magzp, meta.magzp_err) == (26.2683, 3.1877e-06)
     later = decode_fits(_pipeline_fits(ZTF_SCIIMG, MAGZP=26.0183, MAGZPUNC=4.2e-06)).meta
     ratio = zero_point_ratio(meta, later)
@@ -391,6 +415,17 @@ def test_an_lco_banzai_zero_point_of_one_count_per_second_becomes_one_of_the_exp
     assert frame.meta.magzp == pytest.approx(23.456 + 2.5 * np.log10(120.0), abs=1e-6)  # 28.654
     assert frame.meta.magzp_err == 0.012 and frame.header["ZPSRC"] == "L1ZP/L1ZPERR+2.5log10(EXPTIME)"
     assert frame.header["L1FWHM"] == "NaN"  # BANZAI's string NaN is left alone: the broker does not read it
+
+
+def test_decam_per_amplifier_gain_read_noise_and_saturation():
+    """Only GAINA/GAINB: the gain was 1.0 instead of ~4.2 e-/ADU (Poisson noise 4x too large), saturation unknown."""
+    out = normalise_header(_pipeline_header(DECAM_CP), (64, 64))
+    assert out["GAIN"] == pytest.approx((4.061 + 4.249) / 2)
+    assert out["RDNOISE"] == pytest.approx((6.05089 + 6.080319) / 2)
+    assert out["SATURATE"] == 42059.0  # the lower amplifier's
+    assert out["FILTER"] == "r" and out["TELESCOP"] == "CTIO_4.0-m_telescope"
+    one_amp = normalise_header(_pipeline_header(DECAM_CP, GAINB=None, SATURATB="n/a"), (64, 64))
+    assert "GAIN" not in one_amp and "SATURATE" not in one_amp  # half a pair is not the CCD's value
 
 
 @pytest.mark.parametrize("text, cards, note", [
