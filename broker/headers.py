@@ -85,8 +85,12 @@ MAPPING: tuple[CardSource, ...] = (
     CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT)", "JD", "JD-OBS", "MJD-AVG", "DATE-AVG"),
                "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; a DATE-OBS "
                "without its time of day, or not ISO, gives way to the cards after it (refused when none gives it); "
-               "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2"),
-    CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"), "seconds"),
+               "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2; times are in "
+               "the scale `TIMESYS` names, except a DATE-OBS with a zone or a comment naming UTC (TESS: `TIMESYS = "
+               "'TDB'` beside \"TSTART as UTC calendar date\")"),
+    CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"),
+               "seconds, or the unit in brackets the card's comment opens with (TESS's and Kepler's `EXPOSURE` "
+               "and `TELAPSE`: \"[d] time on source\", in days; also ms, us, min, h); another unit is refused"),
     CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "mean of GAINA/GAINB"),
                "e-/ADU; none (or 0, as N.I.N.A. writes for a camera that does not say): 1.0. N.I.N.A., SGP and "
                "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
@@ -242,9 +246,7 @@ def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfil
     mjd, source = exposure_start_as_written(header, exptime, profile)
     timesys = _value(header, "TIMESYS")
     scale = TIME_SCALES.get(str(timesys).upper(), "") if timesys is not None else "utc"
-    date = _value(header, "DATE-OBS")
-    match = _TIME_RE.match(date.strip()) if source.startswith("DATE-OBS") and isinstance(date, str) else None
-    if scale == "utc" or (match is not None and match.group(3) is not None):  # a zone in the time says UTC
+    if scale == "utc" or (source.startswith("DATE-OBS") and _date_obs_says_utc(header)):
         return mjd, source
     if not scale:
         raise MissingMetadata(f"TIMESYS = {timesys!r} is no time scale the broker converts ({', '.join(TIME_SCALES)})")
@@ -253,6 +255,23 @@ def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfil
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ErfaWarning)
         return float(Time(mjd, format="mjd", scale=scale).utc.mjd), f"{source}({timesys})"
+
+
+def _date_obs_says_utc(header: fits.Header) -> bool:
+    """Whether ``DATE-OBS`` says it is UTC itself: a zone in the time (``Z``, ``-0700``), or its comment naming UTC.
+
+    TESS and Kepler write ``TIMESYS = 'TDB'`` (of their ``TSTART``/``TSTOP``) beside ``DATE-OBS`` commented
+    "TSTART as UTC calendar date": read in TDB, the start was 69 s early.
+    """
+    date = _value(header, "DATE-OBS")
+    match = _TIME_RE.match(date.strip()) if isinstance(date, str) else None
+    if match is not None and match.group(3) is not None:
+        return True
+    try:
+        comment = str(header.comments["DATE-OBS"])
+    except (KeyError, IndexError):
+        return False
+    return re.search(r"\bUTC\b", comment, re.IGNORECASE) is not None
 
 
 def exposure_start_as_written(header: fits.Header, exptime: float,
@@ -285,6 +304,41 @@ def exposure_start_as_written(header: fits.Header, exptime: float,
     if unusable:
         raise MissingMetadata(f"{unusable}, and no JD, JD-OBS, MJD-AVG or DATE-AVG gives the exposure start")
     raise MissingMetadata("no exposure time stamp: none of MJD-OBS, DATE-OBS, JD, JD-OBS, MJD-AVG, DATE-AVG")
+
+
+#: The cards of the exposure time, in order (:data:`MAPPING`).
+EXPOSURE_CARDS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE")
+#: Units of time (a card comment's leading ``[unit]``, FITS standard 4.3.2) -> seconds; no unit: seconds.
+TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3,
+              "us": 1e-6, "usec": 1e-6, "min": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hours": 3600.0,
+              "d": 86400.0, "day": 86400.0, "days": 86400.0}
+_COMMENT_UNIT = re.compile(r"^\s*\[([^\]]*)\]")
+
+
+def exposure_seconds(header: fits.Header) -> float | None:
+    """The exposure time (s) from the first of :data:`EXPOSURE_CARDS` present; None when none is or it is no number.
+
+    The unit is the one the card's comment opens with (``[d] time on source``: TESS's and Kepler's
+    ``EXPOSURE`` and ``TELAPSE`` are in days, a 1800 s TESS frame was read as 0.02 s); seconds without one.
+
+    Raises
+    ------
+    MissingMetadata
+        The comment names a unit that is no unit of time of :data:`TIME_UNITS`.
+    """
+    card = next((c for c in EXPOSURE_CARDS if _value(header, c) is not None), None)
+    value = _number(header, card) if card is not None else None
+    if card is None or value is None:
+        return None
+    try:
+        match = _COMMENT_UNIT.match(str(header.comments[card]))
+    except (KeyError, IndexError):
+        match = None
+    unit = match.group(1).strip() if match is not None else "s"
+    if unit.lower() not in TIME_UNITS:
+        raise MissingMetadata(f"header card {card} = {value:g} is in [{unit}], not a unit of time the broker converts "
+                              f"({', '.join(TIME_UNITS)})")
+    return value * TIME_UNITS[unit.lower()]
 
 
 def canonical_band(raw: str, profile: TelescopeProfile | None = None) -> str:
@@ -642,9 +696,9 @@ def normalise_header(header: fits.Header, shape: tuple[int, int],
     name = profile.name if profile is not None else clean_name(telescop or instrume)
     if not name:
         raise MissingMetadata("header card TELESCOP (telescope) is missing, and so is INSTRUME")
-    exptime = _number(header, "EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE")
+    exptime = exposure_seconds(header)
     if exptime is None:
-        raise MissingMetadata("header card EXPTIME (exptime) is missing (nor EXPOSURE, EXP_TIME, ITIME, TELAPSE)")
+        raise MissingMetadata(f"header card EXPTIME (exptime) is missing (nor {', '.join(EXPOSURE_CARDS[1:])})")
     mjd, time_source = exposure_start(header, exptime, profile)
     field, field_source = _field(header, shape, profile.field_grid_deg if profile else 0.5)
     detector = _detector(header, profile)

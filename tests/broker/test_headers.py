@@ -456,3 +456,63 @@ def test_zero_point_precedence_when_conventions_meet():
     no_time = zero_point_cards(_pipeline_header(BANZAI_E91, EXPTIME=None))
     assert "MAGZP" not in no_time and "per second and EXPTIME = None" in no_time["ZPNOTE"]
     assert zero_point_cards(zero_point_cards(_pipeline_header(BANZAI_E91)))["MAGZP"] == pytest.approx(28.654, abs=1e-3)
+
+
+#: A TESS SPOC image extension's time and exposure cards, as the SPOC writes them (the TESS header lightkurve's
+#: "Target Pixel Files" tutorial prints; Kepler's are the same): ``EXPOSURE`` and ``TELAPSE`` in days (their
+#: comments open with ``[d]``), ``TIMESYS = 'TDB'`` for ``TSTART``/``TSTOP`` (BTJD) beside a ``DATE-OBS`` that
+#: is "TSTART as UTC calendar date".
+TESS_SPOC = """\
+TELESCOP= 'TESS    '           / telescope
+INSTRUME= 'TESS Photometer'    / detector type
+OBJECT  = 'TIC 307210830'      / string version of target id
+RADESYS = 'ICRS    '           / reference frame of celestial coordinates
+RA_OBJ  = 124.5332711499119100 / [deg] right ascension
+DEC_OBJ = -68.3147861875501700 / [deg] declination
+EQUINOX =               2000.0 / equinox of celestial coordinate system
+EXPOSURE=   0.0165000000000000 / [d] time on source
+TIMEREF = 'SOLARSYSTEM'        / barycentric correction applied to times
+TASSIGN = 'SPACECRAFT'         / where time is assigned
+TIMESYS = 'TDB     '           / time system is Barycentric Dynamical Time (TDB)
+BJDREFI =              2457000 / integer part of BTJD reference date
+BJDREFF =           0.00000000 / fraction of the day in BTJD reference date
+TIMEUNIT= 'd       '           / time unit for TIME, TSTART and TSTOP
+TELAPSE =   0.0208333333333333 / [d] TSTOP - TSTART
+TSTART  =    1437.975829368090 / observation start time in BTJD
+TSTOP   =    1437.996662701423 / observation stop time in BTJD
+DATE-OBS= '2018-11-15T11:24:02.473Z' / TSTART as UTC calendar date
+DATE-END= '2018-11-15T11:54:02.473Z' / TSTOP as UTC calendar date
+GAINA   =    5.239999771118164 / [electrons/count] CCD output A gain
+"""
+
+
+def test_tess_exposure_in_days_and_utc_dates_beside_a_tdb_time_system():
+    """EXPOSURE [d] was read as seconds (0.0165 s for 1425.6 s), and a DATE-OBS without its Z as TDB (69 s early)."""
+    utc = parse_iso_utc("2018-11-15T11:24:02.473")
+    out = normalise_header(_pipeline_header(TESS_SPOC), (64, 64))
+    assert out["EXPTIME"] == pytest.approx(0.0165 * 86400.0) and out["MJD-OBS"] == pytest.approx(utc, abs=1e-9)
+    bare = _pipeline_header(TESS_SPOC)
+    bare["DATE-OBS"] = ("2018-11-15T11:24:02.473", "TSTART as UTC calendar date")  # no zone: the comment says UTC
+    assert normalise_header(bare, (64, 64))["MJD-OBS"] == pytest.approx(utc, abs=1e-9)
+    bare["DATE-OBS"] = ("2018-11-15T11:24:02.473", "start of the observation")  # nothing says UTC: TIMESYS rules
+    assert (normalise_header(bare, (64, 64))["MJD-OBS"] - utc) * 86400 == pytest.approx(-69.184, abs=0.01)
+    elapsed = normalise_header(_pipeline_header(TESS_SPOC, EXPOSURE=None), (64, 64))
+    assert elapsed["EXPTIME"] == pytest.approx(1800.0)  # TELAPSE [d]
+
+
+@pytest.mark.parametrize("card, comment, seconds", [
+    ("EXPTIME", "[s] Exposure time", 30.0), ("EXPTIME", "Exposure time in seconds", 30.0),
+    ("EXPOSURE", "[ms] exposure", 0.03), ("EXPOSURE", "[sec] Duration of exposure", 30.0),
+    ("EXPOSURE", "[min]", 1800.0), ("EXPTIME", "[d]", 30.0 * 86400.0),
+])
+def test_an_exposure_card_s_unit_is_its_comment_s(card, comment, seconds):
+    header = _amateur(EXPOSURE=None)
+    header[card] = (30.0, comment)
+    assert normalise_header(header, (10, 10))["EXPTIME"] == pytest.approx(seconds)
+
+
+def test_an_exposure_in_a_unit_of_no_time_is_refused_with_its_reason():
+    header = _amateur()
+    header["EXPOSURE"] = (30.0, "[adu] not a time")
+    with pytest.raises(MissingMetadata, match=r"EXPOSURE = 30 is in \[adu\], not a unit of time"):
+        normalise_header(header, (10, 10))
