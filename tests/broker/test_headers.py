@@ -325,10 +325,12 @@ CD2_2   =       0.000281
 #: (comments verbatim), a zero point of 1 count/s (``banzai/utils/photometry_utils.py`` ``to_magnitude``:
 #: ``-2.5 log10(flux / exptime) + zeropoint``); ``L1FWHM = 'NaN'`` is the string BANZAI writes when no source
 #: gave a FWHM; ``RA`` sexagesimal hours, ``FILTER = 'rp'``, ``MJD-OBS`` (NEOexchange reads the same cards).
+#: The other cards' comments are those of the BANZAI frames of ``../shared/data/small_telescopes/pds110`` (2017, before
+#: BANZAI measured zero points: no ``L1ZP``).
 BANZAI_E91 = """\
 ORIGIN  = 'LCOGT   '           / Organization responsible for the data
 SITEID  = 'lsc     '           / ID code of the Observatory site
-TELESCOP= '1m0-05  '           / Telescope used to acquire this frame
+TELESCOP= '1m0-05  '           / The Name of the Telescope
 INSTRUME= 'fa15    '           / Instrument used
 OBSTYPE = 'EXPOSE  '           / Observation type
 OBJECT  = 'SN 2023ixf'         / Object name
@@ -353,6 +355,8 @@ L1COLOR =               -0.021 / Color coefficient [mag]
 #: [electrons/adu], ``RDNOISEA``/``RDNOISEB`` [electrons], ``SATURATA``/``SATURATB`` [adu] with these comments,
 #: as quoted from a CP header in NOIRLab Astro Data Lab's help forum ("Which amplifier's gain value do I use
 #: for DECam photometry", whose answer, like legacyzpts' ``gain = average of GAINA, GAINB``, takes their mean).
+#: The DECam CCDs of ``../shared/data/image_pairs/sfft_decam_i`` carry the same cards and a ``GAIN`` that is
+#: their mean (4.1505 = (4.006 + 4.295) / 2), and a ``SATURATE`` that is amplifier A's (46251, B's is 39364).
 DECAM_CP = """\
 TELESCOP= 'CTIO 4.0-m telescope' / Telescope name
 INSTRUME= 'DECam   '           / Instrument used to obtain these data
