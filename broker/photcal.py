@@ -128,12 +128,18 @@ def zp_problem(zp: ZeroPoint, exptime: float, nominal_1s: float | None,
 
 
 def photcal_cards(zp: ZeroPoint, header_magzp: float | None) -> list[tuple[str, object, str]]:
-    """Header cards that store the zero point with the frame (``MAGZP`` is the measured one)."""
+    """Header cards that store the zero point with the frame (``MAGZP`` is the measured one).
+
+    ``ZPSRC`` names the measurement: a frame whose ``MAGZP`` a pipeline's cards gave
+    (:func:`broker.headers.zero_point_cards`, ``ZPSRC = 'L1ZP/L1ZPERR+2.5log10(EXPTIME)'``) kept that
+    source beside the Tycho-2 zero point that replaced it.
+    """
     cards: list[tuple[str, object, str]] = [
         ("MAGZP", round(zp.magzp, 4), "[mag] zero point vs Tycho-2 V_T"),
         ("MAGZPERR", round(zp.magzp_err, 4), "[mag] 1-sigma uncertainty of MAGZP"),
         ("MAGZPSCT", round(zp.scatter, 4) if math.isfinite(zp.scatter) else -1.0, "[mag] star-to-star scatter"),
         ("MAGZPN", zp.n_stars, "calibration stars"),
+        ("ZPSRC", "Tycho-2", "where MAGZP, MAGZPERR came from"),
     ]
     if header_magzp is not None:
         cards.append(("MAGZPHDR", header_magzp, "[mag] MAGZP the frame arrived with"))

@@ -38,3 +38,4 @@ def test_wildly_off_zero_points_are_named():
     assert zp_problem(zp, 10.0, 18.0) is None and zp_problem(zp, 10.0, None) is None
     cards = dict((c[0], c[1]) for c in photcal_cards(zp, 27.5))
     assert cards["MAGZP"] == 20.0 and cards["MAGZPERR"] == 0.02 and cards["MAGZPHDR"] == 27.5
+    assert cards["ZPSRC"] == "Tycho-2"  # a pipeline's ZPSRC no longer names the cards of the MAGZP it replaces
