@@ -56,6 +56,9 @@ FILTER_ALIASES: dict[str, str] = {
 #: A photometric system's name before its band letter, as filter wheels are named in capture programs
 #: (``Sloan r'``, ``SDSS g``, ``Johnson V``, ``Bessell R``, ``Cousins Ic``); matched upper-cased.
 _SYSTEM_BAND = re.compile(r"^(SLOAN|SDSS|JOHNSON|BESSELL|COUSINS)[\s_-]*([A-Z])(?:'|C)?$")
+#: Pan-STARRS' filter names (``FPA.FILTER``): a band letter, a dot and zeros (its broad ``w.00000`` is no band of
+#: :data:`BANDS` and is kept as named).
+_PS1_FILTER = re.compile(r"^([grizy])\.0+$")
 #: The bands of each system (:data:`_SYSTEM_BAND`): SDSS bands are lower case, Johnson-Cousins upper case.
 _SYSTEM_BANDS = {"SLOAN": "ugriz", "SDSS": "ugriz", "JOHNSON": "UBVRI", "BESSELL": "UBVRI", "COUSINS": "RI"}
 
@@ -71,7 +74,7 @@ class CardSource:
 
 #: The mapping table (``docs/telescopes.md`` renders it): first source present wins, then the profile.
 MAPPING: tuple[CardSource, ...] = (
-    CardSource("TELESCOP", ("profile name", "TELESCOP", "INSTRUME"),
+    CardSource("TELESCOP", ("profile name", "TELESCOP", "INSTRUME", "FPA.TELESCOPE", "FPA.INSTRUMENT"),
                "characters other than letters, digits and `._+-` become `_` (it keys references and "
                "Kafka keys); the original is kept in `ORIGTEL`"),
     CardSource("FIELD", ("FIELD", "header WCS centre on a sky grid", "RA/DEC, OBJCTRA/OBJCTDEC pointing on a sky grid",
@@ -79,9 +82,10 @@ MAPPING: tuple[CardSource, ...] = (
                "grid cells of `field_grid_deg` (profile, default 0.5 deg), named `g<deg>-<ra>-<dec>`; "
                "`FIELDSRC` says which source was used; after plate solving, a field taken from the pointing "
                "or OBJECT is renamed from the solved centre (`FIELDSRC = SOLVED`)"),
-    CardSource("FILTER", ("FILTER", "FILTNAM", "FILTER1", "FILT-1", "profile filters", "built-in aliases"),
-               "vendor name -> canonical band (`BANDS`); an unknown name is kept (it keys its own references); "
-               "no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
+    CardSource("FILTER", ("FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER", "profile filters",
+                          "built-in aliases"),
+               "vendor name -> canonical band (`BANDS`; Pan-STARRS' `r.00000` is `r`); an unknown name is kept (it "
+               "keys its own references); no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
     CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT)", "JD", "JD-OBS", "MJD-AVG", "DATE-AVG"),
                "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; a DATE-OBS "
                "without its time of day, or not ISO, gives way to the cards after it (refused when none gives it); "
@@ -91,15 +95,17 @@ MAPPING: tuple[CardSource, ...] = (
     CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"),
                "seconds, or the unit in brackets the card's comment opens with (TESS's and Kepler's `EXPOSURE` "
                "and `TELAPSE`: \"[d] time on source\", in days; also ms, us, min, h); another unit is refused"),
-    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "mean of GAINA/GAINB"),
+    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "CELL.GAIN", "mean of GAINA/GAINB"),
                "e-/ADU; none (or 0, as N.I.N.A. writes for a camera that does not say): 1.0. N.I.N.A., SGP and "
                "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
                "camera that writes only the setting in GAIN (Seestar) needs a profile. `GAINA`/`GAINB` are "
                "DECam's per amplifier (Community Pipeline; legacyzpts takes their mean too)"),
-    CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON", "READNOI", "mean of RDNOISEA/RDNOISEB"),
+    CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON", "READNOI", "CELL.READNOISE",
+                           "mean of RDNOISEA/RDNOISEB"),
                "e-; none: 0 (sky RMS only). `READNOI` is ZTF's (IPAC science images); `RDNOISEA`/`RDNOISEB` "
                "DECam's per amplifier"),
-    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "lower of SATURATA/SATURATB",
+    CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "CELL.SATURATION",
+                            "lower of SATURATA/SATURATB",
                             "8- or 16-bit data range"),
                "ADU; `SATURATA`/`SATURATB` are DECam's per amplifier (the lower one: no star clipped in either half "
                "enters the zero point); unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest, "
@@ -357,6 +363,9 @@ def canonical_band(raw: str, profile: TelescopeProfile | None = None) -> str:
     bands = _SYSTEM_BANDS[system.group(1)] if system is not None else ""
     if system is not None and system.group(2).lower() in bands.lower():
         return bands[bands.lower().index(system.group(2).lower())]
+    ps1 = _PS1_FILTER.match(name)  # Pan-STARRS' FPA.FILTER: g.00000 ... y.00000
+    if ps1 is not None:
+        return ps1.group(1)
     first = key.split()[0] if key.split() else key
     if len(name.split()) > 1 and name.split()[0] in BANDS:  # DECam: "i DECam SDSS c0003 ..."
         return name.split()[0]
@@ -526,7 +535,7 @@ def _saturation(header: fits.Header, profile: TelescopeProfile | None) -> float 
     """
     if profile is not None and profile.saturation is not None:
         return profile.saturation
-    level = _number(header, "SATURATE", "SATLEVEL", "MAXLIN")
+    level = _number(header, "SATURATE", "SATLEVEL", "MAXLIN", "CELL.SATURATION")
     if level is not None:
         return level
     amplifiers = [_positive(header, card) for card in ("SATURATA", "SATURATB")]
@@ -549,9 +558,9 @@ def _amplifier_mean(header: fits.Header, cards: tuple[str, str]) -> float | None
 def _detector(header: fits.Header, profile: TelescopeProfile | None) -> dict[str, float]:
     """GAIN, RDNOISE and SATURATE, the profile's values winning over the header's (order of :data:`MAPPING`)."""
     gain = (profile.gain if profile is not None and profile.gain is not None
-            else _positive(header, "EGAIN", "GAIN") or _amplifier_mean(header, ("GAINA", "GAINB")))
+            else _positive(header, "EGAIN", "GAIN", "CELL.GAIN") or _amplifier_mean(header, ("GAINA", "GAINB")))
     noise = (profile.read_noise if profile is not None and profile.read_noise is not None
-             else _non_negative(header, "RDNOISE", "READNOIS", "RON", "READNOI")
+             else _non_negative(header, "RDNOISE", "READNOIS", "RON", "READNOI", "CELL.READNOISE")
              or _amplifier_mean(header, ("RDNOISEA", "RDNOISEB")))
     values = {"GAIN": gain, "RDNOISE": noise, "SATURATE": _saturation(header, profile)}
     return {card: value for card, value in values.items() if value is not None}
@@ -691,7 +700,8 @@ def normalise_header(header: fits.Header, shape: tuple[int, int],
     if "HDRNORM" in header:
         return header
     out = header.copy()
-    telescop, instrume = str(_value(header, "TELESCOP") or ""), str(_value(header, "INSTRUME") or "")
+    telescop = str(_value(header, "TELESCOP", "FPA.TELESCOPE") or "")  # FPA.*: Pan-STARRS' HIERARCH cards
+    instrume = str(_value(header, "INSTRUME", "FPA.INSTRUMENT") or "")
     profile = find_profile(profiles, telescop, instrume)
     name = profile.name if profile is not None else clean_name(telescop or instrume)
     if not name:
@@ -704,7 +714,7 @@ def normalise_header(header: fits.Header, shape: tuple[int, int],
     detector = _detector(header, profile)
     if "GAIN" not in detector:  # GAIN = 0 or a word: unknown, read as 1.0 rather than refused
         out.remove("GAIN", ignore_missing=True, remove_all=True)
-    raw_filter = _value(header, "FILTER", "FILTNAM", "FILTER1", "FILT-1")
+    raw_filter = _value(header, "FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER")
     band = canonical_band(str(raw_filter), profile) if raw_filter is not None else "clear"
     cards: dict[str, tuple[object, str]] = {
         "ORIGTEL": (telescop or instrume, "telescope as the header named it"),

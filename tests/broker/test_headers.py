@@ -520,3 +520,37 @@ def test_an_exposure_in_a_unit_of_no_time_is_refused_with_its_reason():
     header["EXPOSURE"] = (30.0, "[adu] not a time")
     with pytest.raises(MissingMetadata, match=r"EXPOSURE = 30 is in \[adu\], not a unit of time"):
         normalise_header(header, (10, 10))
+
+
+#: A Pan-STARRS1 image (IPP): telescope, instrument and filter only in HIERARCH cards, the filter named
+#: ``r.00000``, the detector's values as ``CELL.*`` (the cards SNflows' ``flows/instruments`` and lcogtsnpipe's
+#: ``lsc.externaldata`` read from PS1 files: ``FPA.TELESCOPE = 'PS1'``, ``FPA.INSTRUMENT = 'GPC1'``,
+#: ``FPA.FILTER``, ``MJD-OBS``, ``CELL.GAIN``, ``CELL.READNOISE``, ``CELL.SATURATION``).
+PS1_GPC1 = """\
+HIERARCH FPA.TELESCOPE = 'PS1     '
+HIERARCH FPA.INSTRUMENT = 'GPC1    '
+HIERARCH FPA.FILTER = 'r.00000 '
+HIERARCH CELL.GAIN = 1.01
+HIERARCH CELL.READNOISE = 6.5
+HIERARCH CELL.SATURATION = 60000.0
+MJD-OBS =       56000.50000000
+EXPTIME =                 40.0
+CTYPE1  = 'RA---TAN'
+CTYPE2  = 'DEC--TAN'
+CRVAL1  =                150.0
+CRVAL2  =                  2.0
+CRPIX1  =                 32.5
+CRPIX2  =                 32.5
+CD1_1   =          -6.9444E-05
+CD1_2   =                  0.0
+CD2_1   =                  0.0
+CD2_2   =           6.9444E-05
+"""
+
+
+def test_a_pan_starrs_image_named_only_in_hierarch_cards():
+    """No TELESCOP, INSTRUME or FILTER: refused "TELESCOP is missing", and r.00000 was a band of its own."""
+    out = normalise_header(_pipeline_header(PS1_GPC1), (64, 64))
+    assert (out["TELESCOP"], out["ORIGTEL"], out["FILTER"], out["FILTRAW"]) == ("PS1", "PS1", "r", "r.00000")
+    assert (out["GAIN"], out["RDNOISE"], out["SATURATE"]) == (1.01, 6.5, 60000.0)
+    assert [canonical_band(f"{b}.00000") for b in "grizyw"] == ["g", "r", "i", "z", "y", "w.00000"]
