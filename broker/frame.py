@@ -782,6 +782,44 @@ def _absent(header: fits.Header, card: str) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
+#: ``BUNIT`` of a rate image (upper-cased, blanks dropped): the count unit, then per second. HST's calibrated images
+#: (``BUNIT = 'ELECTRONS/S'``), TESS's calibrated FFIs (``electrons/s``), drizzled and co-added products.
+_RATE_UNIT = re.compile(r"^(ELECTRONS?|E-|COUNTS?|CTS|ADU|DN)/(S|SEC|SECOND)$")
+
+
+def rate_to_counts(data: np.ndarray, header: fits.Header) -> tuple[np.ndarray, fits.Header]:
+    """A rate image (``BUNIT`` per second) put back on the counts of its exposure: pixels, SATURATE and MAGZP.
+
+    Read as counts, an image in e-/s of a 1425.6 s TESS frame had its sources' modelled Poisson variance
+    (signal / gain, gain 1) 1425.6 times the true one (rate / EXPTIME), its zero point 7.9 mag off the
+    broker's convention (mag of 1 unit in the exposure). Pixels and a ``SATURATE`` are multiplied by
+    ``EXPTIME`` (s), a ``MAGZP`` (of 1 unit per second, as the image is) gains 2.5 log10(EXPTIME),
+    ``BUNIT`` loses its ``/s`` and ``RATESCAL`` records the factor (a decoded frame is never scaled
+    twice). A frame in electrons (per second or not) has ``GAIN = 1`` (e-/e-): a gain card of its raw
+    readout (TESS's ``GAINA``...) is not its gain. Other frames pass as they are; an ``EXPTIME`` that is
+    no number > 0 leaves the frame to :func:`meta_from_header`, which names it.
+    """
+    unit = re.sub(r"\s+", "", str(header.get("BUNIT", "") or "")).upper()
+    rate = _RATE_UNIT.match(unit)
+    electrons = re.fullmatch(r"(ELECTRONS?|E-)(/(S|SEC|SECOND))?", unit) is not None
+    exptime = header.get("EXPTIME")
+    if "RATESCAL" in header or not (rate or electrons):
+        return data, header
+    out = header.copy()
+    if electrons:
+        out["GAIN"] = (1.0, "[e-/e-] pixels are electrons (BUNIT)")
+    if rate is None or isinstance(exptime, bool) or not isinstance(exptime, int | float) or not exptime > 0:
+        return data, out
+    count_unit = {"E-": "electrons", "ELECTRON": "electrons", "COUNT": "counts", "CTS": "counts"}.get(rate.group(1))
+    out["BUNIT"] = (count_unit or rate.group(1).lower(), "pixel unit: counts of the exposure")
+    out["RATESCAL"] = (float(exptime), "[s] rate image x this (EXPTIME): counts")
+    for card, scaled in (("SATURATE", lambda v: v * exptime), ("MAGZP", lambda v: v + 2.5 * math.log10(exptime))):
+        value = out.get(card)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out[card] = scaled(float(value))
+    return (data * np.float32(exptime)).astype(np.float32), out
+
+
 #: The ADU scale of a floating-point image normalised to [0, 1]: Siril and PixInsight write ADU / 65535.
 NORMALISED_SCALE = 65535.0
 
@@ -820,6 +858,7 @@ def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfi
     if any(_absent(header, card) for card in _REQUIRED):
         header = normalise_header(header, data.shape[-2:], profiles)
     header = zero_point_cards(header)
+    data, header = rate_to_counts(data, header)
     data, header = adu_scale(data, header)
     saturation = header.get("SATURATE")
     level = float(saturation) if isinstance(saturation, int | float) else float("inf")

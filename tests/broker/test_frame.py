@@ -678,3 +678,36 @@ def test_a_headers_wcs_is_parsed_once_and_each_caller_gets_its_own(monkeypatch):
         with pytest.raises(MissingWCS):
             celestial_wcs(h)
     assert len(parsed) == 4  # a header without one is parsed each time (and named each time)
+
+
+def _rate_frame(bunit: str, **cards) -> bytes:
+    """A TESS-like calibrated frame: 10 units per second on every pixel, its BUNIT as given."""
+    import io
+
+    header = fits.Header({"TELESCOP": "TESS", "FIELD": "s5-c1-ccd1", "FILTER": "clear", "MJD-OBS": 58437.475,
+                          "EXPTIME": 1425.6, "BUNIT": bunit, "GAIN": 5.2, "SATURATE": 100.0, "MAGZP": 20.44,
+                          "MAGZPERR": 0.01})
+    header.update(cards)
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.full((32, 32), 10.0, np.float32), header=header).writeto(buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bunit", ["electrons/s", "ELECTRONS/S", "e-/s", " Electrons / s "])
+def test_a_rate_image_in_electrons_per_second_is_put_on_the_counts_of_its_exposure(bunit):
+    """HST (BUNIT = 'ELECTRONS/S') and TESS (electrons/s) frames were read as counts: 1425.6x too few, gain 5.2."""
+    frame = decode_fits(_rate_frame(bunit), require_wcs=False)
+    assert float(frame.data[0, 0]) == pytest.approx(14256.0)
+    assert (frame.meta.gain, frame.meta.saturation) == (1.0, pytest.approx(142560.0))
+    assert frame.meta.magzp == pytest.approx(20.44 + 2.5 * np.log10(1425.6))
+    assert frame.header["BUNIT"] == "electrons" and frame.header["RATESCAL"] == 1425.6
+    again = decode_fits(encode_fits(frame), require_wcs=False)  # never scaled twice
+    assert float(again.data[0, 0]) == pytest.approx(14256.0) and again.meta.magzp == frame.meta.magzp
+
+
+@pytest.mark.parametrize("bunit, value, gain", [("adu", 10.0, 5.2), ("electrons", 10.0, 1.0),
+                                                ("counts/s", 14256.0, 5.2), ("DN/s", 14256.0, 5.2),
+                                                ("Jy/beam", 10.0, 5.2), ("", 10.0, 5.2)])
+def test_only_a_per_second_unit_is_scaled_and_only_electrons_set_the_gain(bunit, value, gain):
+    frame = decode_fits(_rate_frame(bunit), require_wcs=False)
+    assert float(frame.data[0, 0]) == pytest.approx(value) and frame.meta.gain == gain
