@@ -59,6 +59,8 @@ _SYSTEM_BAND = re.compile(r"^(SLOAN|SDSS|JOHNSON|BESSELL|COUSINS)[\s_-]*([A-Z])(
 #: Pan-STARRS' filter names (``FPA.FILTER``): a band letter, a dot and zeros (its broad ``w.00000`` is no band of
 #: :data:`BANDS` and is kept as named).
 _PS1_FILTER = re.compile(r"^([grizy])\.0+$")
+#: ESO's filter names (``ESO INS FILT1 NAME``): a band, ``#`` and the filter's ESO number (EFOSC2's ``r#784``).
+_ESO_FILTER = re.compile(r"^([A-Za-z]{1,4})#\d+$")
 #: The bands of each system (:data:`_SYSTEM_BAND`): SDSS bands are lower case, Johnson-Cousins upper case.
 _SYSTEM_BANDS = {"SLOAN": "ugriz", "SDSS": "ugriz", "JOHNSON": "UBVRI", "BESSELL": "UBVRI", "COUSINS": "RI"}
 
@@ -82,9 +84,10 @@ MAPPING: tuple[CardSource, ...] = (
                "grid cells of `field_grid_deg` (profile, default 0.5 deg), named `g<deg>-<ra>-<dec>`; "
                "`FIELDSRC` says which source was used; after plate solving, a field taken from the pointing "
                "or OBJECT is renamed from the solved centre (`FIELDSRC = SOLVED`)"),
-    CardSource("FILTER", ("FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER", "profile filters",
-                          "built-in aliases"),
-               "vendor name -> canonical band (`BANDS`; Pan-STARRS' `r.00000` is `r`); an unknown name is kept (it "
+    CardSource("FILTER", ("FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER", "ESO INS FILT1 NAME",
+                          "profile filters", "built-in aliases"),
+               "vendor name -> canonical band (`BANDS`; Pan-STARRS' `r.00000` and ESO's `r#784` are `r`); an "
+               "unknown name is kept (it "
                "keys its own references); no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
     CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT)", "JD", "JD-OBS", "MJD-AVG", "DATE-AVG"),
                "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; a DATE-OBS "
@@ -95,13 +98,14 @@ MAPPING: tuple[CardSource, ...] = (
     CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"),
                "seconds, or the unit in brackets the card's comment opens with (TESS's and Kepler's `EXPOSURE` "
                "and `TELAPSE`: \"[d] time on source\", in days; also ms, us, min, h); another unit is refused"),
-    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "CELL.GAIN", "mean of GAINA/GAINB"),
+    CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "CELL.GAIN", "ESO DET OUT1 CONAD", "mean of GAINA/GAINB"),
                "e-/ADU; none (or 0, as N.I.N.A. writes for a camera that does not say): 1.0. N.I.N.A., SGP and "
                "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
                "camera that writes only the setting in GAIN (Seestar) needs a profile. `GAINA`/`GAINB` are "
-               "DECam's per amplifier (Community Pipeline; legacyzpts takes their mean too)"),
+               "DECam's per amplifier (Community Pipeline; legacyzpts takes their mean too). ESO's gain in e-/ADU "
+               "is `ESO DET OUT1 CONAD`; its `ESO DET OUT1 GAIN` is the inverse (ADU/e-) and is never read"),
     CardSource("RDNOISE", ("profile read_noise", "RDNOISE", "READNOIS", "RON", "READNOI", "CELL.READNOISE",
-                           "mean of RDNOISEA/RDNOISEB"),
+                           "ESO DET OUT1 RON", "mean of RDNOISEA/RDNOISEB"),
                "e-; none: 0 (sky RMS only). `READNOI` is ZTF's (IPAC science images); `RDNOISEA`/`RDNOISEB` "
                "DECam's per amplifier"),
     CardSource("SATURATE", ("profile saturation", "SATURATE", "SATLEVEL", "MAXLIN", "CELL.SATURATION",
@@ -363,9 +367,9 @@ def canonical_band(raw: str, profile: TelescopeProfile | None = None) -> str:
     bands = _SYSTEM_BANDS[system.group(1)] if system is not None else ""
     if system is not None and system.group(2).lower() in bands.lower():
         return bands[bands.lower().index(system.group(2).lower())]
-    ps1 = _PS1_FILTER.match(name)  # Pan-STARRS' FPA.FILTER: g.00000 ... y.00000
-    if ps1 is not None:
-        return ps1.group(1)
+    numbered = _PS1_FILTER.match(name) or _ESO_FILTER.match(name)  # Pan-STARRS' r.00000, ESO's r#784
+    if numbered is not None and numbered.group(1) in BANDS:
+        return numbered.group(1)
     first = key.split()[0] if key.split() else key
     if len(name.split()) > 1 and name.split()[0] in BANDS:  # DECam: "i DECam SDSS c0003 ..."
         return name.split()[0]
@@ -558,9 +562,10 @@ def _amplifier_mean(header: fits.Header, cards: tuple[str, str]) -> float | None
 def _detector(header: fits.Header, profile: TelescopeProfile | None) -> dict[str, float]:
     """GAIN, RDNOISE and SATURATE, the profile's values winning over the header's (order of :data:`MAPPING`)."""
     gain = (profile.gain if profile is not None and profile.gain is not None
-            else _positive(header, "EGAIN", "GAIN", "CELL.GAIN") or _amplifier_mean(header, ("GAINA", "GAINB")))
+            else _positive(header, "EGAIN", "GAIN", "CELL.GAIN", "ESO DET OUT1 CONAD")
+            or _amplifier_mean(header, ("GAINA", "GAINB")))
     noise = (profile.read_noise if profile is not None and profile.read_noise is not None
-             else _non_negative(header, "RDNOISE", "READNOIS", "RON", "READNOI", "CELL.READNOISE")
+             else _non_negative(header, "RDNOISE", "READNOIS", "RON", "READNOI", "CELL.READNOISE", "ESO DET OUT1 RON")
              or _amplifier_mean(header, ("RDNOISEA", "RDNOISEB")))
     values = {"GAIN": gain, "RDNOISE": noise, "SATURATE": _saturation(header, profile)}
     return {card: value for card, value in values.items() if value is not None}
@@ -714,7 +719,7 @@ def normalise_header(header: fits.Header, shape: tuple[int, int],
     detector = _detector(header, profile)
     if "GAIN" not in detector:  # GAIN = 0 or a word: unknown, read as 1.0 rather than refused
         out.remove("GAIN", ignore_missing=True, remove_all=True)
-    raw_filter = _value(header, "FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER")
+    raw_filter = _value(header, "FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER", "ESO INS FILT1 NAME")
     band = canonical_band(str(raw_filter), profile) if raw_filter is not None else "clear"
     cards: dict[str, tuple[object, str]] = {
         "ORIGTEL": (telescop or instrume, "telescope as the header named it"),

@@ -554,3 +554,32 @@ def test_a_pan_starrs_image_named_only_in_hierarch_cards():
     assert (out["TELESCOP"], out["ORIGTEL"], out["FILTER"], out["FILTRAW"]) == ("PS1", "PS1", "r", "r.00000")
     assert (out["GAIN"], out["RDNOISE"], out["SATURATE"]) == (1.01, 6.5, 60000.0)
     assert [canonical_band(f"{b}.00000") for b in "grizyw"] == ["g", "r", "i", "z", "y", "w.00000"]
+
+
+#: An ESO imager's raw frame: the detector in HIERARCH cards, ``ESO DET OUT1 CONAD`` the gain in e-/ADU
+#: ("Conversion from ADUs to electrons"; ESO's VIMOS pipeline reads it as the gain, "The gain factor is: %.2f
+#: e-/ADU", and the SOXS pipeline notes "CONAD IS REALLY GAIN") beside ``ESO DET OUT1 GAIN``, its inverse; the
+#: filter only in ``ESO INS FILT1 NAME``, named with its ESO number.
+ESO_EFOSC = """\
+TELESCOP= 'ESO-NTT '           / ESO Telescope Name
+INSTRUME= 'EFOSC   '           / Instrument used.
+OBJECT  = 'SN2023ixf'          / Original target.
+RA      =           210.910750 / 14:03:38.5 RA (J2000) pointing (deg)
+DEC     =             54.31167 / 54:18:42.0 DEC (J2000) pointing (deg)
+EXPTIME =               60.000 / Integration time
+MJD-OBS =       60089.04309550 / Obs start
+DATE-OBS= '2023-05-25T01:02:03.451' / Observing date
+HIERARCH ESO INS FILT1 NAME = 'r#784' / FILT1 name.
+HIERARCH ESO DET OUT1 GAIN = 0.55 / Conversion from electrons to ADU
+HIERARCH ESO DET OUT1 CONAD = 1.18 / Conversion from ADUs to electrons
+HIERARCH ESO DET OUT1 RON = 11.0 / Readout noise per output (e-)
+"""
+
+
+def test_an_eso_frame_s_gain_is_conad_never_its_inverse():
+    """No GAIN card: the gain was 1.0 e-/ADU (CONAD: 1.18), the read noise 0, the band clear (no FILTER card)."""
+    out = normalise_header(_pipeline_header(ESO_EFOSC), (64, 64))
+    assert (out["GAIN"], out["RDNOISE"], out["TELESCOP"], out["FILTER"]) == (1.18, 11.0, "ESO-NTT", "r")
+    assert [canonical_band(n) for n in ("V#641", "R#642", "g#782", "Ha#692", "OG530#1")] == ["V", "R", "g", "Ha",
+                                                                                            "OG530_1"]
+    assert "GAIN" not in normalise_header(_pipeline_header(ESO_EFOSC, **{"ESO DET OUT1 CONAD": None}), (64, 64))
