@@ -174,9 +174,17 @@ class InvalidMeasurement(BrokerError):
 
 # --- science steps ------------------------------------------------------------------------------
 class AlignmentError(BrokerError):
-    """The reference could not be registered onto the science frame."""
+    """The reference could not be registered onto the science frame.
+
+    ``frames``: the ids of the two frames that did not register, when a reference's build names
+    them (its grid frame first); empty otherwise.
+    """
 
     reason = "alignment"
+
+    def __init__(self, message: str = "", frames: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.frames = tuple(frames)
 
 
 class PSFError(BrokerError):
@@ -186,9 +194,18 @@ class PSFError(BrokerError):
 
 
 class ReferenceUnavailable(BrokerError):
-    """A reference image that is missing, corrupt or incompatible with the frame."""
+    """A reference image that is missing, corrupt or incompatible with the frame.
+
+    ``frames``: the ids of the frames a reference's build refused (one that cannot serve in any
+    reference, the later of two copies of one exposure); empty when the refusal names none (the
+    co-add's own stars).
+    """
 
     reason = "reference"
+
+    def __init__(self, message: str = "", frames: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.frames = tuple(frames)
 
 
 class ModelError(BrokerError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,7 +25,7 @@ from broker.align import AlignConfig, Resampleable, align_reference, map_mask
 from broker.background import BackgroundConfig, estimate_background
 from broker.coadd import proper_coadd
 from broker.defects import FILL_MAX_SPREAD, bad_columns, inpaint, sharp_fwhm, sharp_outliers
-from broker.errors import BrokerError, ConfigError, ReferenceUnavailable
+from broker.errors import AlignmentError, BrokerError, ConfigError, Outage, ReferenceUnavailable
 from broker.exposure import Fingerprint
 from broker.fluxratio import FluxRatio, aperture_flux_ratio, measure_flux_ratio, zero_point_ratio
 from broker.frame import Frame, celestial_wcs, decode_fits, encode_fits
@@ -40,6 +40,8 @@ from broker.psf import (
     stack_psf,
 )
 from broker.stars import StarConfig, StarList, find_stars
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -399,7 +401,7 @@ def check_usable(frame: Frame, config: ReferenceConfig) -> tuple[np.ndarray, np.
         raise ReferenceUnavailable(
             f"frame {frame.meta.frame_id} cannot serve in a reference: {usable:.0%} of its pixels are usable "
             f"(NaN {1 - finite.mean():.0%}, saturated {sat.mean():.0%}, constant {flat.mean():.0%}), under "
-            f"{MIN_USABLE_FRACTION:.0%}")
+            f"{MIN_USABLE_FRACTION:.0%}", frames=(frame.meta.frame_id,))
     return saturated, constant
 
 
@@ -418,11 +420,11 @@ def check_distinct(frames: list[Frame]) -> tuple[Fingerprint, ...]:
             if p.matches(np.asarray(other.data)):
                 raise ReferenceUnavailable(
                     f"frames {frames[i].meta.frame_id} and {other.meta.frame_id} are one exposure (the same pixels, "
-                    "up to a gain and a pedestal): a reference needs distinct exposures")
+                    "up to a gain and a pedestal): a reference needs distinct exposures", frames=(other.meta.frame_id,))
     return prints
 
 
-def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig) -> None:
+def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig, frames: tuple[str, ...] = ()) -> None:
     """Refuse a reference frame, or co-add, holding fewer than ``config.min_psf_stars`` stars.
 
     Parameters
@@ -431,6 +433,8 @@ def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig) -> None:
         Stars of its catalogue (:func:`~broker.stars.find_stars`, saturated ones left out).
     what : str
         What they were counted on ("frame X", "the co-add of X, Y"), for the message.
+    frames : tuple of str
+        The frame they were counted on (its id), given to the error (empty for a co-add).
 
     Raises
     ------
@@ -441,7 +445,7 @@ def check_psf_stars(n_stars: int, what: str, config: ReferenceConfig) -> None:
         raise ReferenceUnavailable(
             f"{what} has {n_stars} star{'' if n_stars == 1 else 's'} (unsaturated, found by the star finder), "
             f"under [reference] min_psf_stars = {config.min_psf_stars}: a reference's PSF and flux scale come from "
-            "its stars (a frame of noise, clouds or hot pixels has none)")
+            "its stars (a frame of noise, clouds or hot pixels has none)", frames=frames)
 
 
 def _prepare(frame: Frame, config: ReferenceConfig, masks: tuple[np.ndarray, np.ndarray]
@@ -504,7 +508,7 @@ def _scaled_input(img: np.ndarray, var: np.ndarray, sig: float, F: float, fwhm: 
 def _grid_input(grid: Frame, img: np.ndarray, var: np.ndarray, sig: float, stars: StarList, h: int,
                 config: ReferenceConfig) -> _CoaddInput:
     """The grid frame itself (flux ratio 1), with its own PSF (:func:`check_psf_stars`)."""
-    check_psf_stars(len(stars), f"frame {grid.meta.frame_id}", config)
+    check_psf_stars(len(stars), f"frame {grid.meta.frame_id}", config, (grid.meta.frame_id,))
     g_psf = build_psf(img, stars, config.psf, half_size=h)
     return _scaled_input(img, var, sig, 1.0, g_psf.fwhm, None if g_psf.fallback else g_psf.stamp)
 
@@ -547,8 +551,12 @@ def _registered_input(frame: Frame, masks: tuple[np.ndarray, np.ndarray], grid: 
     """
     shape = grid.shape
     img0, var0, sig, stars, sat = _prepare(frame, config, masks)
-    check_psf_stars(len(stars), f"frame {frame.meta.frame_id}", config)
-    ali = align_reference(img0, var0, frame.header, stars, grid.header, shape, g_stars, config.align)
+    check_psf_stars(len(stars), f"frame {frame.meta.frame_id}", config, (frame.meta.frame_id,))
+    try:
+        ali = align_reference(img0, var0, frame.header, stars, grid.header, shape, g_stars, config.align)
+    except AlignmentError as exc:  # either frame may be at fault: both named
+        raise AlignmentError(f"frame {frame.meta.frame_id} does not register onto the grid frame {grid.meta.frame_id}: "
+                             f"{exc}", frames=(grid.meta.frame_id, frame.meta.frame_id)) from exc
     sat_on_grid = map_mask(sat, ali.matrix, ali.offset, shape, radius=1)
     matched = g_stars.subset(ali.sci_index)
     by_psf, pf, fwhm = _flux_ratio_and_psf(g_img, ali.image, matched, g_stars, h, stars.fwhm, config)
@@ -843,15 +851,28 @@ def path_component(name: str) -> str:
     return f"{encoded[:MAX_COMPONENT_CHARS - 17]}~{digest}"
 
 
+def refused_frames(exc: BrokerError, frames: list[Frame]) -> tuple[str, ...]:
+    """The ids of the frames a refused build of a reference from ``frames`` sets aside.
+
+    Those the error names (``ReferenceUnavailable.frames``, ``AlignmentError.frames``: a frame that
+    cannot serve in any reference, the later copy of one exposure, the two frames of a failed
+    registration, neither of which can be told at fault), else every one of ``frames`` (the co-add's
+    own stars, say): each try so sets one frame aside at least, and the next try has other frames.
+    """
+    ids = tuple(f.meta.frame_id for f in frames)
+    named = tuple(i for i in getattr(exc, "frames", ()) if i in ids)
+    return named or ids
+
+
 class ReferenceStore:
     """References on local disk, built automatically from the first ``n_frames`` frames of a field.
 
     Layout: ``root/<telescope>/<field>/<filter>/reference.fits`` and ``.../pending/<frame_id>.fits``
-    (each a frame as tile-compressed FITS); pending frames a reference could not be built from are
-    kept in ``.../rejected/<UTC time>/`` with ``reason.txt``. The pending frames its co-add left out
-    (:attr:`Reference.omitted`; the frame whose offer built it aside, which its caller subtracts)
-    move to ``.../omitted/`` until they are searched against it (:meth:`left_out`,
-    :meth:`drop_left_out`). Every file is written to a temporary name and renamed
+    (each a frame as tile-compressed FITS). The pending frames a build refused (:meth:`offer`, each
+    with its reason in ``<frame id>.txt``) and those the co-add left out (:attr:`Reference.omitted`;
+    the frame whose offer built it aside, which its caller subtracts) wait in ``.../omitted/`` until
+    they are searched against the reference (:meth:`left_out`, :meth:`drop_left_out`). Every file
+    is written to a temporary name and renamed
     (``os.replace``), so a crash leaves either the old state or the new one, never a partial file;
     pending frames are keyed by frame id, so a re-delivered frame is stored once. Meant for one
     writer per key (the Kafka stage partitions by telescope/field).
@@ -925,42 +946,68 @@ class ReferenceStore:
             if frame.meta.frame_id not in reference.frame_ids:
                 frames.append(frame)
             else:
-                p.unlink(missing_ok=True)  # co-added: the reference holds it
+                self.drop_left_out(key, frame.meta.frame_id)  # co-added: the reference holds it
         return sorted(frames, key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
 
     def drop_left_out(self, key: tuple[str, str, str], frame_id: str) -> None:
         """Forget a left-out frame of ``key`` (:meth:`left_out`) once its search is done."""
-        name = f"{path_component(frame_id)}.fits"
-        for folder in ("omitted", "pending"):
-            (self._dir(key) / folder / name).unlink(missing_ok=True)
+        name = path_component(frame_id)
+        for path in (f"omitted/{name}.fits", f"omitted/{name}.txt", f"pending/{name}.fits"):
+            (self._dir(key) / path).unlink(missing_ok=True)
 
-    def _set_aside(self, key: tuple[str, str, str], files: list[Path], reason: str) -> Path:
-        """Move the pending frames of ``key`` to ``rejected/<UTC time>/`` with the reason; that folder."""
-        where = self._dir(key) / "rejected" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        where.mkdir(parents=True, exist_ok=True)
-        for p in files:
-            if p.exists():
-                os.replace(p, where / p.name)
-        (where / "reason.txt").write_text(f"{reason}\n")
-        return where
+    def _set_aside(self, key: tuple[str, str, str], paths: dict[str, Path], frame_ids: tuple[str, ...],
+                   exc: BrokerError) -> None:
+        """Move the pending files (``paths``: frame id -> file) of ``frame_ids`` to ``.../omitted/`` with the refusal.
+
+        Each waits there, its reason in ``<frame id>.txt``, to be searched once the key has a
+        reference (:meth:`left_out`); a warning is logged for each.
+        """
+        out = self._dir(key) / "omitted"
+        out.mkdir(parents=True, exist_ok=True)
+        why = f"{type(exc).__name__}: {exc}"
+        for frame_id in frame_ids:
+            name = path_component(frame_id)
+            tmp = out / f".{name}.txt.{os.getpid()}.tmp"
+            tmp.write_text(f"left out of the build of a reference: {why}\n")
+            os.replace(tmp, out / f"{name}.txt")
+            os.replace(paths.pop(frame_id), out / f"{name}.fits")
+            log.warning("reference of %s: frame %s set aside to be searched once a reference exists; the build "
+                        "goes on without it: %.1000s", key, frame_id, why)
+
+    def _read_pending(self, pend: Path) -> tuple[list[Frame], dict[str, Path]]:
+        """The readable pending frames in (MJD, frame id) order and their files (an unreadable one dropped, warned)."""
+        frames: list[Frame] = []
+        paths: dict[str, Path] = {}  # frame id -> its pending file
+        for p in sorted(pend.glob("*.fits")):
+            try:
+                frames.append(decode_fits(p.read_bytes()))
+                paths[frames[-1].meta.frame_id] = p
+            except BrokerError:
+                warnings.warn(f"dropping unreadable pending frame {p}", stacklevel=3)
+                p.unlink(missing_ok=True)
+        return sorted(frames, key=lambda f: (f.meta.mjd_start, f.meta.frame_id)), paths
 
     def offer(self, frame: Frame) -> Reference | None:
-        """Keep a frame of a field without reference; build the reference once enough are kept.
+        """Keep a frame of a field without reference; build the reference once enough usable frames are kept.
+
+        The reference is built from the first ``n_frames`` pending frames in (MJD, frame id) order.
+        When the build refuses them, the frames it names (:func:`refused_frames`: one that cannot
+        serve in a reference, the later copy of one exposure, both frames of a failed registration;
+        all of them when it names none) move to ``.../omitted/`` with their reason
+        (:meth:`_set_aside`), and the build is tried again from the pending frames left, later ones
+        taking their places; with fewer than ``n_frames`` left the key waits for more. A frame so
+        set aside is never lost: once the key has a reference it is searched against it as a frame
+        its co-add left out is (:meth:`left_out`; a failed search is dead-lettered with its reason).
+        They were moved to ``.../rejected/`` and never searched, and the frame in hand dead-lettered.
 
         Returns
         -------
         Reference or None
             The reference (new, or already existing for this key), or None while fewer than
-            ``n_frames`` distinct frames are pending.
-
-        Raises
-        ------
-        ReferenceUnavailable
-            The reference could not be built from the pending frames (one of them does not
-            register onto the others, say). They are moved out of the way (:meth:`_set_aside`),
-            so that one bad frame cannot keep every later offer of the key failing.
+            ``n_frames`` usable frames are pending.
         """
         key = frame.meta.reference_key
+        n = self.config.n_frames
         with self._lock:
             existing = self.get(key)
             if existing is not None:
@@ -972,37 +1019,35 @@ class ReferenceStore:
                 tmp = pend / f".{target.name}.{os.getpid()}.tmp"
                 tmp.write_bytes(encode_fits(frame, compress=True))
                 os.replace(tmp, target)
-            files = sorted(pend.glob("*.fits"))
-            if len(files) < self.config.n_frames:
-                return None
-            frames: list[Frame] = []
-            paths: dict[str, Path] = {}  # frame id -> its pending file
-            for p in files:
+            frames, paths = self._read_pending(pend)
+            while len(frames) >= n:
                 try:
-                    frames.append(decode_fits(p.read_bytes()))
-                    paths[frames[-1].meta.frame_id] = p
-                except BrokerError:
-                    warnings.warn(f"dropping unreadable pending frame {p}", stacklevel=2)
-                    p.unlink(missing_ok=True)
-            if len(frames) < self.config.n_frames:
-                return None
-            frames.sort(key=lambda f: (f.meta.mjd_start, f.meta.frame_id))
-            try:
-                ref = build_reference(frames[: self.config.n_frames], self.config)
-            except BrokerError as exc:
-                where = self._set_aside(key, files, f"{type(exc).__name__}: {exc}")
-                raise ReferenceUnavailable(
-                    f"reference of {key} not built: {exc}; its {len(files)} pending frames were set aside "
-                    f"in {where} and the reference starts again from the next frames") from exc
-            self.put(ref)
-            # only after the reference is safely in place; a crash here leaves pending files, which
-            # left_out still finds (those outside the reference) and an offer no longer reads
-            self._keep_left_out(key, paths, ref, frame.meta.frame_id)
-            for p in files:
-                p.unlink(missing_ok=True)
-            for p in pend.glob(".*.tmp"):
-                p.unlink(missing_ok=True)
-            return ref
+                    ref = build_reference(frames[:n], self.config)
+                except Outage:
+                    raise
+                except BrokerError as exc:
+                    refused = refused_frames(exc, frames[:n])
+                    self._set_aside(key, paths, refused, exc)
+                    frames = [f for f in frames if f.meta.frame_id not in refused]
+                    continue
+                self._keep(key, ref, paths, frame.meta.frame_id, pend)
+                return ref
+            return None
+
+    def _keep(self, key: tuple[str, str, str], ref: Reference, paths: dict[str, Path], offered: str,
+              pend: Path) -> None:
+        """Store a reference built from pending frames; move the pending frames outside it aside; clean up."""
+        self.put(ref)
+        # only after the reference is safely in place; a crash here leaves pending files, which
+        # left_out still finds (those outside the reference) and an offer no longer reads
+        self._keep_left_out(key, paths, ref, offered)
+        name = path_component(offered)
+        for leftover in (self._dir(key) / "omitted" / f"{name}.fits", self._dir(key) / "omitted" / f"{name}.txt"):
+            leftover.unlink(missing_ok=True)  # the frame in hand, set aside by an earlier try: its caller subtracts it
+        for p in pend.glob("*.fits"):
+            p.unlink(missing_ok=True)
+        for p in pend.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
 
     def _keep_left_out(self, key: tuple[str, str, str], paths: dict[str, Path], ref: Reference, offered: str) -> None:
         """Move the pending files (``paths``: frame id -> file) of the frames ``ref`` does not hold to ``.../omitted/``.

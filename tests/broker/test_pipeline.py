@@ -271,24 +271,30 @@ def test_an_exposure_of_the_reference_resent_under_another_id_is_in_the_referenc
     assert res.reference_frames == reference.frame_ids
 
 
-def test_a_pending_frame_that_cannot_serve_sets_the_pending_frames_aside(frames, tmp_path):
-    """A frame two thirds of one value is no part of a reference: the build is refused, naming it.
+def test_a_pending_frame_that_cannot_serve_is_set_aside_and_the_others_wait(frames, tmp_path):
+    """A frame two thirds of one value is no part of a reference: the build goes on without it.
 
-    A readout that lost its data that way passes ingest's 95 % mode check; the pending frames are
-    set aside and the next frames start again.
+    A readout that lost its data that way passes ingest's 95 % mode check. Every pending frame was
+    set aside in ``rejected/`` and the frame in hand refused (``reference``); now that frame alone
+    waits in ``omitted/``, with its reason, to be searched once the next frame completes the reference.
     """
-    from broker.errors import ReferenceUnavailable
     from broker.frame import Frame
 
     store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
     (f0, _), (f1, _), (f2, _), (f3, _), (f4, _) = frames
     lost = f1.data.copy()
     lost[: 2 * lost.shape[0] // 3] = 0.0
+    key = f0.meta.reference_key
     assert process_frame(f0, store).status == REFERENCE_BUILDING
     assert process_frame(Frame(f1.meta, lost, f1.header), store).status == REFERENCE_BUILDING
-    with pytest.raises(ReferenceUnavailable, match=f"frame {f1.meta.frame_id} cannot serve.*constant 67%"):
-        process_frame(f2, store)
-    assert store.pending(f0.meta.reference_key) == []
+    assert process_frame(f2, store).status == REFERENCE_BUILDING
+    assert store.pending(key) == sorted([f0.meta.frame_id, f2.meta.frame_id])
+    reason = (store._dir(key) / "omitted" / f"{f1.meta.frame_id}.txt").read_text()
+    assert f"frame {f1.meta.frame_id} cannot serve" in reason and "constant 67%" in reason
+    done = process_frame(f3, store)
+    assert done.status == IN_REFERENCE
+    assert done.reference_frames == (f0.meta.frame_id, f2.meta.frame_id, f3.meta.frame_id)
+    assert [f.meta.frame_id for f in store.left_out(key)] == [f1.meta.frame_id]
 
 
 def test_a_frame_whose_flux_ratio_nothing_measures_is_refused(monkeypatch):

@@ -158,27 +158,55 @@ def test_store_survives_leftover_temporary_files(tmp_path):
     assert store.offer(frames[2]) is not None
 
 
-def test_a_frame_that_does_not_register_sets_the_pending_frames_aside(tmp_path):
+def test_a_frame_that_does_not_register_is_set_aside_and_later_frames_build_the_reference(tmp_path):
     """A pending frame whose WCS puts another sky under its stars (rotated 180 deg) fails the build.
 
-    Its key used to stay failing on every later offer; now the pending frames move to
-    ``rejected/`` with the reason and the next frames build the reference.
+    Every pending frame went to ``rejected/`` and was never searched, and the offer raised (the
+    frame in hand dead-lettered). Now the two frames of the failed registration (either may be at
+    fault) wait in ``omitted/`` with the reason, the other pending frame waits for two more, and
+    once the reference is built the two are left to be searched against it.
     """
     frames = _frames(6)
     frames[2].data = np.ascontiguousarray(frames[2].data[::-1, ::-1])
     store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
     key = frames[0].meta.reference_key
     assert store.offer(frames[0]) is None and store.offer(frames[1]) is None
-    with pytest.raises(ReferenceUnavailable, match="set aside") as err:
-        store.offer(frames[2])
-    assert err.value.reason == "reference" and "stars matched" in str(err.value)
-    assert store.pending(key) == []
-    (aside,) = (store._dir(key) / "rejected").iterdir()
-    assert sorted(p.name for p in aside.glob("*.fits")) == ["F1-0.fits", "F1-1.fits", "F1-2.fits"]
-    assert "AlignmentError" in (aside / "reason.txt").read_text()
-    assert store.offer(frames[3]) is None and store.offer(frames[4]) is None
-    ref = store.offer(frames[5])
-    assert ref is not None and ref.frame_ids == ("F1-3", "F1-4", "F1-5")
+    assert store.offer(frames[2]) is None
+    assert store.pending(key) == ["F1-1"] and not (store._dir(key) / "rejected").exists()
+    omitted = store._dir(key) / "omitted"
+    assert sorted(p.name for p in omitted.iterdir()) == ["F1-0.fits", "F1-0.txt", "F1-2.fits", "F1-2.txt"]
+    assert "frame F1-2 does not register onto the grid frame F1-0" in (omitted / "F1-2.txt").read_text()
+    assert "stars matched" in (omitted / "F1-0.txt").read_text()
+    assert store.left_out(key) == []  # no reference yet
+    assert store.offer(frames[3]) is None
+    ref = store.offer(frames[4])
+    assert ref is not None and ref.frame_ids == ("F1-1", "F1-3", "F1-4")
+    assert [f.meta.frame_id for f in store.left_out(key)] == ["F1-0", "F1-2"]
+    store.drop_left_out(key, "F1-0")
+    assert sorted(p.name for p in omitted.iterdir()) == ["F1-2.fits", "F1-2.txt"]
+
+
+def test_a_refused_build_sets_aside_the_frames_it_names_or_else_all(tmp_path):
+    """A frame that cannot serve is set aside alone; a refusal naming no frame sets aside all the frames tried.
+
+    The frame in hand (two thirds of one value, the earliest MJD: the grid of the try) is set aside
+    and answered as waiting; the two others wait for a third.
+    """
+    from broker.reference import refused_frames
+
+    frames = _frames(4)
+    assert refused_frames(ReferenceUnavailable("x", frames=("F1-1", "elsewhere")), frames[:3]) == ("F1-1",)
+    assert refused_frames(ReferenceUnavailable("the co-add of F1-0, F1-1, F1-2 has 0 stars"),
+                          frames[:3]) == ("F1-0", "F1-1", "F1-2")
+    store = ReferenceStore(tmp_path, ReferenceConfig(n_frames=3))
+    key = frames[0].meta.reference_key
+    frames[0].data[: 2 * SHAPE[0] // 3] = 0.0
+    assert store.offer(frames[1]) is None and store.offer(frames[2]) is None
+    assert store.offer(frames[0]) is None
+    assert store.pending(key) == ["F1-1", "F1-2"]
+    assert "frame F1-0 cannot serve in a reference" in (store._dir(key) / "omitted" / "F1-0.txt").read_text()
+    assert store.offer(frames[3]).frame_ids == ("F1-1", "F1-2", "F1-3")
+    assert [f.meta.frame_id for f in store.left_out(key)] == ["F1-0"]
 
 
 def test_store_corrupt_reference_raises(tmp_path):

@@ -836,3 +836,78 @@ def test_a_left_out_frame_its_search_refuses_is_dead_lettered_under_its_own_posi
                               "transaction of ingested:0:2: frame P-1 not subtracted: no flux ratio")
     assert subtract_handler(config)(msgs[2])[0].topic == topics.dlq("subtract")  # a redelivery makes it again
     assert [b[:2] for b in _outputs(subtract(msgs[3]))] == [("P-3", "SUBTRACTED")]  # a later message does not
+
+
+def _refused_build_field(flipped: bool = False):
+    """Five frames of one field; F1-0 and F1-1 each hold a transient of their own (8000 ADU).
+
+    F1-1 lost the lower two thirds of its readout (zeros): it can serve in no reference
+    (``broker.reference.check_usable``), so the first build, of F1-0..F1-2, is refused. With
+    ``flipped``, F1-1's pixels are instead turned 180 deg under its WCS: it registers onto no frame.
+    """
+    from tests.broker.conftest import make_frame, make_sky
+    from tests.broker.test_reference import SHAPE
+
+    sky = make_sky(50, SHAPE, 40)
+    extra = {0: [(60.3, 70.6, 8000.0)], 1: [(150.4, 170.2, 8000.0)]}
+    frames = [make_frame(60 + i, SHAPE, sky, fwhm=2.6 + 0.3 * (i % 3), dx=1.3 * i, dy=-0.7 * i, rot_deg=0.2 * i,
+                         extra=extra.get(i, []), frame_id=f"F1-{i}", mjd=60000.0 + i) for i in range(5)]
+    if flipped:
+        frames[1].data = np.ascontiguousarray(frames[1].data[::-1, ::-1])
+    else:
+        frames[1].data[: 2 * SHAPE[0] // 3] = 0.0
+    return frames
+
+
+def test_the_frames_of_a_refused_build_wait_and_are_searched_once_a_reference_is_built(config):
+    """A refused build set every pending frame aside in rejected/ and dead-lettered the frame in hand: lost transients.
+
+    Now the frame that cannot serve is set aside with its reason, the others wait for a later frame
+    to complete the reference with them, and the set-aside frame is searched against it once, in
+    that frame's transaction: its transient found, not again from a later message.
+    """
+    from streams.stages import subtract_handler
+
+    frames = _refused_build_field()
+    msgs = [_ingested(config, f, offset=i) for i, f in enumerate(frames)]
+    subtract = subtract_handler(config)
+    for m, frame_id in zip(msgs[:3], ("F1-0", "F1-1", "F1-2"), strict=True):
+        assert _outputs(subtract(m)) == [(frame_id, "REFERENCE_BUILDING", [])]
+    refs = config.state_dir / "refs" / "T1" / "F1" / "r"
+    assert "F1-1 cannot serve in a reference" in (refs / "omitted" / "F1-1.txt").read_text()
+    assert not (refs / "rejected").exists()
+    completed = subtract(msgs[3])
+    (late, late_status, found), own = _outputs(completed)
+    assert (late, late_status, own) == ("F1-1", "SUBTRACTED", ("F1-3", "IN_REFERENCE", []))
+    assert any(math.hypot(x - 150.4, y - 170.2) < 2.0 for x, y in found), found
+    batch = serde.decode("candidates", completed[0].value, completed[0].headers)
+    assert batch["reference_frames"] == ["F1-0", "F1-2", "F1-3"]
+    assert _outputs(subtract_handler(config)(msgs[3])) == _outputs(completed)  # a redelivery: the same
+    assert [b[:2] for b in _outputs(subtract(msgs[4]))] == [("F1-4", "SUBTRACTED")]  # F1-1 not searched twice
+    assert list((refs / "omitted").iterdir()) == []
+
+
+def test_a_frame_of_a_refused_build_whose_search_fails_is_dead_lettered_with_its_reason(config):
+    """A frame whose pixels do not register (flipped under its WCS) is set aside with the grid frame it failed with.
+
+    Both are searched once a reference is built from later frames: the grid frame's transient is
+    found, the flipped frame is dead-lettered (``alignment``) under its own position on ingested.
+    """
+    from streams.stages import subtract_handler
+
+    frames = _refused_build_field(flipped=True)
+    msgs = [_ingested(config, f, offset=i) for i, f in enumerate(frames)]
+    subtract = subtract_handler(config)
+    for m in msgs[:3]:
+        assert [b[1] for b in _outputs(subtract(m))] == ["REFERENCE_BUILDING"]
+    refs = config.state_dir / "refs" / "T1" / "F1" / "r"
+    assert sorted(p.name for p in (refs / "omitted").iterdir()) == ["F1-0.fits", "F1-0.txt", "F1-1.fits", "F1-1.txt"]
+    assert "F1-1 does not register onto the grid frame F1-0" in (refs / "omitted" / "F1-0.txt").read_text()
+    assert [b[1] for b in _outputs(subtract(msgs[3]))] == ["REFERENCE_BUILDING"]  # F1-2, F1-3: one short
+    searched = _outputs(subtract(msgs[4]))
+    (late, late_status, found), (topic, reason, offset, message), own = searched
+    assert (late, late_status, own) == ("F1-0", "SUBTRACTED", ("F1-4", "IN_REFERENCE", []))
+    assert any(math.hypot(x - 60.3, y - 70.6) < 2.0 for x, y in found), found
+    assert (topic, reason, offset) == (topics.dlq("subtract"), "alignment", 1)
+    assert message.startswith("frame F1-1, left out of its reference's co-add, searched against it in the "
+                              "transaction of ingested:0:4")
