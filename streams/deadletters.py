@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from broker.errors import DecodeError, NotResendable
 from streams import serde, topics
 from streams.monitor import fetch, scan
-from streams.stages import STAGE_NAMES
+from streams.stages import LEFT_OUT_HEADER, STAGE_NAMES
 
 if TYPE_CHECKING:
     from confluent_kafka import Producer
@@ -80,7 +80,8 @@ def resend(letter: DeadLetter, producer: Producer, settings: KafkaSettings | Non
     Raises
     ------
     NotResendable
-        Not a dead letter; not a message of ``frames``; kept only in part and its record no longer
+        Not a dead letter; the failed search of a frame its field's new reference left out
+        (:func:`_left_out_message`); not a message of ``frames``; kept only in part and its record no longer
         on ``frames`` (or no ``settings``: send the frame again from its file); or a value that does
         not match its recorded SHA-256.
     """
@@ -88,6 +89,8 @@ def resend(letter: DeadLetter, producer: Producer, settings: KafkaSettings | Non
     where = f"{letter.topic}[{letter.partition}]@{letter.offset}"
     if rec is None:
         raise NotResendable(f"{where} is not a dead-letter record: {letter.problem}")
+    if LEFT_OUT_HEADER in rec["headers"]:
+        raise NotResendable(_left_out_message(where, rec))
     if rec["topic"] != topics.FRAMES:
         raise NotResendable(f"{where} is a message of {rec['topic']!r}, not a frame: only frames are sent again "
                             f"(send the frame it came from again instead)")
@@ -110,3 +113,17 @@ def resend(letter: DeadLetter, producer: Producer, settings: KafkaSettings | Non
     if rec["value_sha256"] is not None and hashlib.sha256(value).hexdigest() != rec["value_sha256"]:
         raise NotResendable(f"{where}: the value does not match its recorded SHA-256")
     producer.produce(topics.FRAMES, value, key, headers=headers)
+
+
+def _left_out_message(where: str, rec: dict) -> str:
+    """Why the dead letter of a left-out frame's search (header ``left_out_frame``) is not sent again.
+
+    It has no value (the frame's record stays on ``ingested`` at the position it names), and the
+    frame cannot be processed again: the frame ledger holds it (``REFERENCE_BUILDING``, then its
+    search), so a copy sent to ``frames`` would be refused ``duplicate_frame`` ("Batch statuses").
+    """
+    frame_id = rec["headers"][LEFT_OUT_HEADER].decode(errors="backslashreplace")
+    return (f"{where} is the failed search of frame {frame_id!r}, which its field's new reference left out, "
+            f"against that reference ({rec['reason']}); it holds no frame (the frame's record stays on "
+            f"{rec['topic']}[{rec['partition']}]@{rec['offset']} for its retention) and is not sent again: the frame "
+            "ledger holds the frame as processed, so a copy sent to frames would be refused duplicate_frame")

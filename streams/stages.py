@@ -308,12 +308,18 @@ def _candidates(frame: Frame, result: FrameResult, key: bytes | None) -> OutMess
                       candidates=len(batch["candidates"]))
 
 
+#: The header of the dead letter of a left-out frame's failed search (:func:`_left_out_outputs`): the frame's id.
+LEFT_OUT_HEADER = "left_out_frame"
+
+
 def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[OutMessage]:
     """A batch for each searched left-out frame, or the dead letter of its error.
 
     The dead letter names the frame's first message (topic, partition and offset from the ledger;
     the message in hand's when unknown), whose value stays on ``ingested`` for its retention; it
-    carries no value of its own (``broker dead-letters --resend`` sends frames of ``frames`` only).
+    carries no value of its own, and the header :data:`LEFT_OUT_HEADER` (the frame's id), by which
+    ``broker dead-letters --resend`` tells why it is not sent again
+    (:func:`streams.deadletters.resend`).
     """
     outs = []
     for search in searches:
@@ -326,7 +332,8 @@ def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[Out
                             f"against it in the transaction of {msg.topic}:{msg.partition}:{msg.offset}: {exc}")
         log.warning("subtract: dead-lettering left-out frame %s (%s): %.1000s", search.frame.meta.frame_id,
                     refused.reason, refused)
-        outs.append(dead_letter("subtract", InMessage(topic, partition, offset, msg.key, None, {}, 0), refused))
+        headers = {LEFT_OUT_HEADER: search.frame.meta.frame_id.encode(errors="surrogatepass")}
+        outs.append(dead_letter("subtract", InMessage(topic, partition, offset, msg.key, None, headers, 0), refused))
     return outs
 
 

@@ -834,8 +834,18 @@ def test_a_left_out_frame_its_search_refuses_is_dead_lettered_under_its_own_posi
     assert (topic, reason, offset, own) == (topics.dlq("subtract"), "poor_quality", 1, ("P-2", "IN_REFERENCE", []))
     assert message.startswith("frame P-1, left out of its reference's co-add, searched against it in the "
                               "transaction of ingested:0:2: frame P-1 not subtracted: no flux ratio")
-    assert subtract_handler(config)(msgs[2])[0].topic == topics.dlq("subtract")  # a redelivery makes it again
+    letter = subtract_handler(config)(msgs[2])[0]
+    assert letter.topic == topics.dlq("subtract")  # a redelivery makes it again
     assert [b[:2] for b in _outputs(subtract(msgs[3]))] == [("P-3", "SUBTRACTED")]  # a later message does not
+    # --resend said "a message of 'ingested', not a frame ... (send the frame it came from again instead)",
+    # and that frame, sent again, is refused duplicate_frame: it names the left-out frame's search now
+    from broker.errors import NotResendable
+    from streams.deadletters import DeadLetter, resend
+
+    with pytest.raises(NotResendable, match=r"the failed search of frame 'P-1', which its field's new reference left "
+                       r"out, against that reference \(poor_quality\); it holds no frame \(the frame's record stays "
+                       r"on ingested\[0\]@1 for its retention\)"):
+        resend(DeadLetter(topics.dlq("subtract"), 0, 0, serde.decode("dlq", letter.value, letter.headers)), None)
 
 
 def _refused_build_field(flipped: bool = False):
@@ -911,3 +921,16 @@ def test_a_frame_of_a_refused_build_whose_search_fails_is_dead_lettered_with_its
     assert (topic, reason, offset) == (topics.dlq("subtract"), "alignment", 1)
     assert message.startswith("frame F1-1, left out of its reference's co-add, searched against it in the "
                               "transaction of ingested:0:4")
+    # broker dead-letters --resend: the dead letter holds no frame, and the frame, sent again, is a duplicate
+    from broker.errors import DuplicateFrame, NotResendable
+    from streams.deadletters import DeadLetter, resend
+
+    letter = subtract_handler(config)(msgs[4])[1]
+    record = serde.decode("dlq", letter.value, letter.headers)
+    assert record["value"] is None and record["headers"] == {"left_out_frame": b"F1-1"}
+    with pytest.raises(NotResendable, match=r"dlq.subtract\[0\]@3 is the failed search of frame 'F1-1', which its "
+                       r"field's new reference left out, against that reference \(alignment\); it holds no frame "
+                       r"\(the frame's record stays on ingested\[0\]@1 for its retention\) and is not sent again"):
+        resend(DeadLetter(topics.dlq("subtract"), 0, 3, record), producer=None)  # refused before producing
+    with pytest.raises(DuplicateFrame):
+        subtract(_ingested(config, frames[1], offset=9))
