@@ -820,6 +820,63 @@ def rate_to_counts(data: np.ndarray, header: fits.Header) -> tuple[np.ndarray, f
     return (data * np.float32(exptime)).astype(np.float32), out
 
 
+#: ``BUNIT`` of an image calibrated in nanomaggies (upper-cased, blanks dropped): SDSS's corrected frames
+#: (``frame-*.fits``, ``BUNIT = 'nanomaggy'``; the data model: "Units are in nanomaggies").
+_NANOMAGGY_UNIT = re.compile(r"^(NANOMAGG(Y|IES)|NMGY)$")
+#: AB magnitude of 1 nanomaggy (SDSS: m = 22.5 - 2.5 log10(flux [nanomaggies])).
+NANOMAGGY_AB_MAG = 22.5
+
+
+def nanomaggies_to_counts(data: np.ndarray, header: fits.Header) -> tuple[np.ndarray, fits.Header]:
+    """An image in nanomaggies (SDSS) put back on counts with ``NMGY``; its zero point written from it.
+
+    Read as counts, an SDSS frame's sources had a modelled Poisson variance (signal / gain) NMGY
+    times the true one (1/210 at NMGY = 0.004752 nanomaggies per count) and no zero point. ``NMGY``
+    is the frame's calibration in nanomaggies per count (the data model's calibration vector
+    "translates the counts in the original image into nanomaggies"), so the pixels and a
+    ``SATURATE`` are divided by it, ``MAGZP`` = 22.5 - 2.5 log10(NMGY) (mag of 1 count in the
+    exposure) and ``MAGZPERR`` = 1.0857 sigma(NMGY) / NMGY from ``NMGYIVAR`` (its inverse variance;
+    none when that is not a number > 0), ``ZPSRC`` naming them. ``BUNIT`` becomes ``counts`` and
+    ``NMGYSCAL`` records the factor (a decoded frame is never converted twice). Other frames pass.
+
+    Raises
+    ------
+    MissingMetadata
+        ``BUNIT`` is nanomaggies and ``NMGY`` is no number > 0: the counts cannot be recovered.
+    """
+    unit = re.sub(r"\s+", "", str(header.get("BUNIT", "") or "")).upper()
+    if "NMGYSCAL" in header or not _NANOMAGGY_UNIT.match(unit):
+        return data, header
+    nmgy = _positive_number(header.get("NMGY"))
+    if nmgy is None:
+        raise MissingMetadata(f"BUNIT = {header.get('BUNIT')!r} and NMGY = {header.get('NMGY')!r}: no calibration "
+                              "factor (nanomaggies per count, a number > 0) to put the image back on counts")
+    out = header.copy()
+    out["BUNIT"] = ("counts", "pixel unit: counts of the exposure")
+    out["NMGYSCAL"] = (1.0 / nmgy, "nanomaggy image x this (1 / NMGY): counts")
+    out["MAGZP"] = (round(NANOMAGGY_AB_MAG - 2.5 * math.log10(nmgy), 6), "[mag] 1 count in the exposure (NMGY)")
+    out.remove("MAGZPERR", ignore_missing=True)
+    ivar = _positive_number(header.get("NMGYIVAR"))
+    if ivar is not None:
+        out["MAGZPERR"] = (2.5 / math.log(10.0) / math.sqrt(ivar) / nmgy, "[mag] 1-sigma of MAGZP (NMGYIVAR)")
+    out["ZPSRC"] = ("NMGY/NMGYIVAR" if ivar is not None else "NMGY", "where MAGZP, MAGZPERR came from")
+    saturation = _positive_number(out.get("SATURATE"))
+    if saturation is not None:
+        out["SATURATE"] = saturation / nmgy
+    return (data / np.float32(nmgy)).astype(np.float32), out
+
+
+def _positive_number(value: object) -> float | None:
+    """``value`` as a finite float > 0 (a number or a string of one), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
 #: The ADU scale of a floating-point image normalised to [0, 1]: Siril and PixInsight write ADU / 65535.
 NORMALISED_SCALE = 65535.0
 
@@ -854,9 +911,10 @@ def adu_scale(data: np.ndarray, header: fits.Header) -> tuple[np.ndarray, fits.H
 
 def _adopt(data: np.ndarray, header: fits.Header, profiles: tuple[TelescopeProfile, ...]
            ) -> tuple[np.ndarray, fits.Header]:
-    """Normalise a header lacking a required card, and any zero point; a [0, 1] image to ADU; colour to luminance."""
+    """Normalise a header lacking a required card; zero points; nanomaggies, rates, [0, 1] to counts; colour."""
     if any(_absent(header, card) for card in _REQUIRED):
         header = normalise_header(header, data.shape[-2:], profiles)
+    data, header = nanomaggies_to_counts(data, header)
     header = zero_point_cards(header)
     data, header = rate_to_counts(data, header)
     data, header = adu_scale(data, header)

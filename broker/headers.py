@@ -89,8 +89,11 @@ MAPPING: tuple[CardSource, ...] = (
                "vendor name -> canonical band (`BANDS`; Pan-STARRS' `r.00000` and ESO's `r#784` are `r`); an "
                "unknown name is kept (it "
                "keys its own references); no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
-    CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT)", "JD", "JD-OBS", "MJD-AVG", "DATE-AVG"),
-               "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; a DATE-OBS "
+    CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT/UTSTART, or TAIHMS - EXPTIME)", "JD", "JD-OBS",
+                           "MJD-AVG", "DATE-AVG"),
+               "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; SDSS's "
+               "`TAIHMS` is the TAI time its drift scan read row 0, that row's exposure end, whatever `TIMESYS` "
+               "says; a DATE-OBS "
                "without its time of day, or not ISO, gives way to the cards after it (refused when none gives it); "
                "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2; times are in "
                "the scale `TIMESYS` names, except a DATE-OBS with a zone or a comment naming UTC (TESS: `TIMESYS = "
@@ -114,13 +117,15 @@ MAPPING: tuple[CardSource, ...] = (
                "ADU; `SATURATA`/`SATURATB` are DECam's per amplifier (the lower one: no star clipped in either half "
                "enters the zero point); unsigned 16-bit data (`BZERO = 32768`) saturate at 65535 at the latest, "
                "8-bit data at 255"),
-    CardSource("MAGZP", ("MAGZP", "L1ZP + 2.5 log10(EXPTIME)"),
+    CardSource("MAGZP", ("22.5 - 2.5 log10(NMGY) (BUNIT nanomaggies)", "MAGZP", "L1ZP + 2.5 log10(EXPTIME)"),
                "mag of a source giving 1 ADU in the exposure; read from every header, normalised or not "
-               "(`broker.headers.zero_point_cards`). ZTF's `MAGZP` is already per exposure (DN); LCO BANZAI's "
+               "(`broker.headers.zero_point_cards`). An SDSS frame in nanomaggies is put back on counts with "
+               "`NMGY` (nanomaggies per count; `broker.frame.nanomaggies_to_counts`), its `MAGZPERR` from "
+               "`NMGYIVAR`. ZTF's `MAGZP` is already per exposure (DN); LCO BANZAI's "
                "`L1ZP` is per second (`banzai/utils/photometry_utils.py` `to_magnitude`: `-2.5 log10(flux / "
                "exptime) + zp`); a `MAGZP` present wins over `L1ZP`; a zero point outside (0, 50] mag (a "
                "placeholder such as `-99`) is not used, and `ZPNOTE` says why"),
-    CardSource("MAGZPERR", ("MAGZPERR", "MAGZPUNC (with MAGZP)", "L1ZPERR (with L1ZP)"),
+    CardSource("MAGZPERR", ("NMGYIVAR (with NMGY)", "MAGZPERR", "MAGZPUNC (with MAGZP)", "L1ZPERR (with L1ZP)"),
                "mag, 1 sigma; only the uncertainty of the zero point it came with. `MAGZPUNC` is ZTF's (IPAC); a "
                "`MAGZPERR` present wins over a disagreeing `MAGZPUNC` (it is the broker's own card, rewritten by "
                "calibration); a value that is not a finite number >= 0 is not used (`ZPNOTE`), and a zero point "
@@ -210,26 +215,35 @@ def parse_iso_utc(text: str) -> float:
 
 
 _DATE_ONLY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: The cards that give the time of day of a date-only ``DATE-OBS``, in order. ``TAIHMS`` is SDSS's (corrected
+#: frames, ``frame-*.fits``): the TAI time at which the drift scan read row 0 of the frame (its ``COMMENT``: "at
+#: reading of col 0, row 0"), whatever ``TIMESYS`` says; that row's exposure ended then (:data:`TAI_ROW_READ`).
+CLOCK_CARDS = ("TIME-OBS", "UT", "UTSTART", "TAIHMS")
+#: The clock card of a drift scan's row-0 read, in TAI (SDSS): the exposure start is that time less EXPTIME.
+TAI_ROW_READ = "TAIHMS"
 
 
-def _date_obs(header: fits.Header) -> tuple[float | None, str | None]:
-    """(MJD of ``DATE-OBS``, None) when it gives a time; (None, why not) when it is present but gives none.
+def _date_obs(header: fits.Header) -> tuple[float | None, str | None, str | None]:
+    """(MJD of ``DATE-OBS``, None, its clock card) when it gives a time; (None, why not, None) when it gives none.
 
-    A date without a clock (``2025-04-03``; its time of day in ``TIME-OBS``/``UT``/``UTSTART`` when
+    A date without a clock (``2025-04-03``; its time of day in a card of :data:`CLOCK_CARDS` when
     any) or a date that is not ISO (``03/04/25``) leaves the exposure start to the cards after it.
+    The clock card is None when ``DATE-OBS`` carries its own time of day.
     """
     date = _value(header, "DATE-OBS")
     if not isinstance(date, str):
-        return None, None
+        return None, None, None
+    clock_card, given = None, f"DATE-OBS {date!r}"
     if _DATE_ONLY.match(date):
-        clock = _value(header, "TIME-OBS", "UT", "UTSTART")
-        if not isinstance(clock, str):
-            return None, f"DATE-OBS {date!r} has no time of day (nor TIME-OBS, UT, UTSTART)"
-        date = f"{date}T{clock}"
+        clock_card = next((card for card in CLOCK_CARDS if isinstance(_value(header, card), str)), None)
+        if clock_card is None:
+            return None, f"{given} has no time of day (nor {', '.join(CLOCK_CARDS)})", None
+        clock = _value(header, clock_card)
+        given, date = f"{given} with {clock_card} {clock!r}", f"{date}T{clock}"
     try:
-        return parse_iso_utc(date), None
+        return parse_iso_utc(date), None, clock_card
     except MissingMetadata as exc:
-        return None, str(exc)
+        return None, f"{given}: {exc}" if clock_card else str(exc), None
 
 
 #: ``TIMESYS`` values -> astropy time scales; a header without one (or ``UTC``, ``UT``, ``GMT``) is in UTC, and
@@ -237,6 +251,8 @@ def _date_obs(header: fits.Header) -> tuple[float | None, str | None]:
 TIME_SCALES = {"UTC": "utc", "UT": "utc", "UT1": "utc", "GMT": "utc", "TT": "tt", "TDT": "tt", "ET": "tt",
                "TAI": "tai", "IAT": "tai",
                "GPS": "gps", "TDB": "tdb", "TCB": "tcb", "TCG": "tcg"}
+#: ``TIMESRC`` of an SDSS frame's start: DATE-OBS + TAIHMS (TAI), less EXPTIME; converted from TAI to UTC.
+_TAI_SOURCE = "DATE-OBS+TAIHMS(TAI)-EXPTIME"
 #: GPS time runs 19 s behind TAI.
 _GPS_BEHIND_TAI_S = 19.0
 
@@ -254,6 +270,10 @@ def exposure_start(header: fits.Header, exptime: float, profile: TelescopeProfil
         No card gives the time, or ``TIMESYS`` names a scale that is not one of :data:`TIME_SCALES`.
     """
     mjd, source = exposure_start_as_written(header, exptime, profile)
+    if source == _TAI_SOURCE:  # SDSS: TAIHMS is TAI whatever TIMESYS says
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ErfaWarning)
+            return float(Time(mjd, format="mjd", scale="tai").utc.mjd), source
     timesys = _value(header, "TIMESYS")
     scale = TIME_SCALES.get(str(timesys).upper(), "") if timesys is not None else "utc"
     if scale == "utc" or (source.startswith("DATE-OBS") and _date_obs_says_utc(header)):
@@ -299,7 +319,9 @@ def exposure_start_as_written(header: fits.Header, exptime: float,
     mjd = _positive(header, "MJD-OBS")  # 0: a placeholder some drivers write, not 1858
     if mjd is not None:
         return mjd, "MJD-OBS"
-    start, unusable = _date_obs(header)
+    start, unusable, clock_card = _date_obs(header)
+    if start is not None and clock_card == TAI_ROW_READ:  # a drift scan's row read: its exposure ended then
+        return start - exptime / 86400.0, _TAI_SOURCE
     if start is not None:
         return (start - shift, "DATE-OBS(mid)") if mid else (start, "DATE-OBS")
     jd = _positive(header, "JD", "JD-OBS")

@@ -583,3 +583,96 @@ def test_an_eso_frame_s_gain_is_conad_never_its_inverse():
     assert [canonical_band(n) for n in ("V#641", "R#642", "g#782", "Ha#692", "OG530#1")] == ["V", "R", "g", "Ha",
                                                                                             "OG530_1"]
     assert "GAIN" not in normalise_header(_pipeline_header(ESO_EFOSC, **{"ESO DET OUT1 CONAD": None}), (64, 64))
+
+
+#: An SDSS corrected frame (``frame-r-004263-5-0119.fits``, DR8 and later): its first cards verbatim as the
+#: frame's header holds them (the header Celeste's accuracy-benchmark test parses, a real frame's): ``TAI`` in
+#: seconds since MJD 0, ``DATE-OBS`` the TAI *date* alone and ``TAIHMS`` the TAI time, both "1st row", the
+#: COMMENT saying they are "at reading of col 0, row 0". The image is in nanomaggies (the frame data model:
+#: "Units are in nanomaggies"; ``BUNIT = 'nanomaggy'``, the value readers such as ELiXer check), and
+#: ``NMGY`` is the calibration factor in nanomaggies per count (the data model's calibration vector "translates
+#: the counts in the original image into nanomaggies"; readers take counts = image / NMGY and the zero point
+#: 22.5 - 2.5 log10(NMGY)); ``EXPTIME`` is written as a string. The cards after ORIGIN are the frame's keywords
+#: (named as in the data model), with values of this run.
+SDSS_FRAME = """\
+TAI     =        4537928038.58 / 1st row - Number of seconds since Nov 17 1858
+RA      =            359.76830 / 1st row - Right ascension of telescope boresigh
+DEC     =            0.000000  / 1st row - Declination of telescope boresight (d
+DATE-OBS= '2002-09-05'         / 1st row - TAI date
+TAIHMS  = '07:33:58.57'        / 1st row - TAI time (HH:MM:SS.SS) (TAI-UT = appr
+COMMENT  TAI,RA,DEC,SPA,IPA,IPARATE,AZ,ALT,FOCUS at reading of col 0, row 0
+ORIGIN  = 'SDSS    '
+TELESCOP= '2.5m    '
+RUN     =                 4263 / Run number
+FRAME   =                  119 / Frame sequence number within the run
+OBJECT  = '82 N    '           / e.g., 'stripe 50.6 degrees, north strip'
+EXPTIME = '53.907456'          / Exposure time (seconds)
+BUNIT   = 'nanomaggy'          / 1 nanomaggy = 3.631e-6 Jy
+FILTER  = 'r       '           / filter used
+CAMCOL  =                    5 / column in the imaging camera
+CTYPE1  = 'RA---TAN'
+CTYPE2  = 'DEC--TAN'
+CRPIX1  =                 32.5
+CRPIX2  =                 32.5
+CRVAL1  =            0.5130370
+CRVAL2  =            0.5356310
+CD1_1   =       4.35000000E-06
+CD1_2   =       1.09870000E-04
+CD2_1   =       1.09870000E-04
+CD2_2   =      -4.35000000E-06
+NMGY    =           0.00475200 / Calibration factor [nMgy per count]
+NMGYIVAR=        4.5000000E+08 / Calibration factor inverse variance
+"""
+
+
+def _sdss_fits(**cards) -> bytes:
+    import io
+
+    rng = np.random.default_rng(11)
+    data = rng.normal(0.0, 0.02, size=(64, 64)).astype(np.float32)  # sky-subtracted, nanomaggies
+    data[30:33, 30:33] += 1.5
+    buf = io.BytesIO()
+    fits.PrimaryHDU(data, header=_pipeline_header(SDSS_FRAME, **cards)).writeto(buf)
+    return buf.getvalue()
+
+
+def test_an_sdss_frame_s_time_is_its_tai_row_read_less_the_drift_exposure():
+    """A date-only DATE-OBS with its clock in TAIHMS was refused "has no time of day"."""
+    from astropy.time import Time
+
+    row0_utc = Time("2002-09-05T07:33:58.57", scale="tai").utc.mjd  # TAI - UTC was 32 s in 2002
+    assert row0_utc == pytest.approx(4537928038.58 / 86400.0 - 32.0 / 86400.0, abs=2e-7)  # the header's TAI
+    for timesys in (None, "UTC", "TAI"):  # TAIHMS is TAI whatever TIMESYS says
+        out = normalise_header(_pipeline_header(SDSS_FRAME, TIMESYS=timesys), (64, 64))
+        assert out["EXPTIME"] == pytest.approx(53.907456)
+        assert out["MJD-OBS"] == pytest.approx(row0_utc - 53.907456 / 86400.0, abs=1e-8)
+        assert out["TIMESRC"] == "DATE-OBS+TAIHMS(TAI)-EXPTIME"
+    with pytest.raises(MissingMetadata, match=r"TAIHMS '7h33': time '2002-09-05T7h33' is not an ISO date-time"):
+        normalise_header(_pipeline_header(SDSS_FRAME, TAIHMS="7h33"), (64, 64))
+
+
+def test_an_sdss_frame_in_nanomaggies_becomes_counts_with_its_zero_point():
+    """Nanomaggies were read as counts: a Poisson variance 1 / NMGY = 210x too small, no zero point."""
+    from broker.frame import decode_fits
+
+    raw = fits.getdata(__import__("io").BytesIO(_sdss_fits()))
+    frame = decode_fits(_sdss_fits())
+    assert (frame.meta.telescope, frame.meta.filter) == ("2.5m", "r")
+    np.testing.assert_allclose(frame.data, raw / np.float32(0.004752), rtol=1e-6)
+    assert frame.header["BUNIT"] == "counts" and frame.header["ZPSRC"] == "NMGY/NMGYIVAR"
+    assert frame.meta.magzp == pytest.approx(22.5 - 2.5 * np.log10(0.004752), abs=1e-6)  # 28.31
+    assert frame.meta.magzp_err == pytest.approx(2.5 / np.log(10) / np.sqrt(4.5e8) / 0.004752, rel=1e-6)
+    again = decode_fits(__import__("broker.frame", fromlist=["encode_fits"]).encode_fits(frame))
+    np.testing.assert_allclose(again.data, frame.data, rtol=1e-6)  # never converted twice
+    assert again.meta.magzp == pytest.approx(frame.meta.magzp)
+    bare = decode_fits(_sdss_fits(NMGYIVAR=None))
+    assert bare.meta.magzp == pytest.approx(frame.meta.magzp) and bare.meta.magzp_err is None
+
+
+@pytest.mark.parametrize("nmgy", [None, 0.0, -0.004, "n/a", "NaN"])
+def test_an_image_in_nanomaggies_without_its_calibration_factor_is_refused_with_its_reason(nmgy):
+    from broker.frame import decode_fits
+
+    with pytest.raises(MissingMetadata, match=r"BUNIT = 'nanomaggy'.*NMGY = .*nanomaggies per count"):
+        decode_fits(_sdss_fits(NMGY=nmgy))
+
