@@ -30,9 +30,10 @@ from erfa import ErfaWarning
 from broker.errors import ConfigError, MissingMetadata, NotScience
 from broker.telescopes import TelescopeProfile, find_profile
 
-#: Canonical bands: SDSS/LSST-like (lower case), Johnson-Cousins (upper case), unfiltered, colour-sensor
-#: luminance (:mod:`broker.bayer`) and narrow bands.
-BANDS = ("u", "g", "r", "i", "z", "y", "U", "B", "V", "R", "I", "clear", "lum", "Ha", "OIII", "SII")
+#: Canonical bands: SDSS/LSST-like (lower case), Johnson-Cousins (upper case), ATLAS' cyan ``c`` and orange ``o``
+#: (its own broad bands, 420-650 and 560-820 nm, neither an SDSS band; lower case as ATLAS writes them: ``C`` is a
+#: filter wheel's clear), unfiltered, colour-sensor luminance (:mod:`broker.bayer`) and narrow bands.
+BANDS = ("u", "g", "r", "i", "z", "y", "U", "B", "V", "R", "I", "c", "o", "clear", "lum", "Ha", "OIII", "SII")
 
 #: Vendor filter name (compared upper-cased, blanks and quotes stripped) -> canonical band. Single
 #: letters are matched as written first (``r`` is SDSS r, ``R`` is Cousins R). DECam-style names
@@ -86,8 +87,8 @@ MAPPING: tuple[CardSource, ...] = (
                "or OBJECT is renamed from the solved centre (`FIELDSRC = SOLVED`)"),
     CardSource("FILTER", ("FILTER", "FILTNAM", "FILTER1", "FILT-1", "FPA.FILTER", "ESO INS FILT1 NAME",
                           "profile filters", "built-in aliases"),
-               "vendor name -> canonical band (`BANDS`; Pan-STARRS' `r.00000` and ESO's `r#784` are `r`); an "
-               "unknown name is kept (it "
+               "vendor name -> canonical band (`BANDS`; Pan-STARRS' `r.00000` and ESO's `r#784` are `r`; ATLAS' "
+               "`c` and `o` are bands of their own, `C` is clear); an unknown name is kept (it "
                "keys its own references); no filter card: `clear`; Bayer frames: `lum`; original in `FILTRAW`"),
     CardSource("MJD-OBS", ("MJD-OBS", "DATE-OBS (+TIME-OBS/UT/UTSTART, or TAIHMS - EXPTIME)", "JD", "JD-OBS",
                            "MJD-AVG", "DATE-AVG"),

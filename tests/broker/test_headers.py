@@ -676,3 +676,36 @@ def test_an_image_in_nanomaggies_without_its_calibration_factor_is_refused_with_
     with pytest.raises(MissingMetadata, match=r"BUNIT = 'nanomaggy'.*NMGY = .*nanomaggies per count"):
         decode_fits(_sdss_fits(NMGY=nmgy))
 
+
+#: ATLAS reduced images (``02a60205o0444c.fits.fz``): ``MJD-OBS`` (the start), ``EXPTIME``, ``FILTER`` 'c' (cyan)
+#: or 'o' (orange), ``OBSTYPE = 'OBJECT'``, ``GAIN``, ``MAGZPT`` with ``ZPRMS``/``ZPNPT``, and no ``INSTRUME``:
+#: the cards the instrument-id package's ATLAS reader takes (a third-party reader, not ATLAS's own documentation:
+#: its note that ``MAGZPT`` is of 1 ADU/s is not read here). Without ``TELESCOP``/``INSTRUME`` the frame needs
+#: ``broker produce --telescope``; here it is named.
+ATLAS_REDUCED = """\
+TELESCOP= 'ATLAS-HKO'
+OBSNAME = '02a60205o0444c'
+CONTROLR= 'Archon  '
+OBSTYPE = 'OBJECT  '
+MJD-OBS =       60205.48121354
+EXPTIME =                 30.0
+FILTER  = 'c       '
+GAIN    =                 1.99
+MAGZPT  =               21.543
+ZPRMS   =                0.021
+ZPNPT   =                 1520
+RA      =           210.910750
+DEC     =             54.31167
+"""
+
+
+def test_atlas_cyan_and_orange_are_bands_of_their_own():
+    """ATLAS' cyan ``c`` was read as ``clear`` (the alias of a filter wheel's ``C``)."""
+    cyan = normalise_header(_pipeline_header(ATLAS_REDUCED), (64, 64))
+    orange = normalise_header(_pipeline_header(ATLAS_REDUCED, FILTER="o"), (64, 64))
+    assert (cyan["FILTER"], orange["FILTER"]) == ("c", "o")
+    assert (cyan["MJD-OBS"], cyan["EXPTIME"], cyan["GAIN"], cyan["TIMESRC"]) == (60205.48121354, 30.0, 1.99, "MJD-OBS")
+    assert "MAGZP" not in cyan  # MAGZPT's unit is not read from a primary source
+    assert [canonical_band(n) for n in ("c", "o", "C", "Clear")] == ["c", "o", "clear", "clear"]
+    with pytest.raises(MissingMetadata, match="TELESCOP"):
+        normalise_header(_pipeline_header(ATLAS_REDUCED, TELESCOP=None), (64, 64))
