@@ -94,7 +94,7 @@ MAPPING: tuple[CardSource, ...] = (
                            "MJD-AVG", "DATE-AVG"),
                "UTC exposure start (MJD); ISO times with a zone offset (`-0700`) are converted to UTC; SDSS's "
                "`TAIHMS` is the TAI time its drift scan read row 0, that row's exposure end, whatever `TIMESYS` "
-               "says; a DATE-OBS "
+               "says; a JD in an MJD card (>= 2400000.5) or an MJD in a JD card is refused, naming it; a DATE-OBS "
                "without its time of day, or not ISO, gives way to the cards after it (refused when none gives it); "
                "`*-AVG` and a profile with `time_reference = \"mid\"` are moved back by EXPTIME/2; times are in "
                "the scale `TIMESYS` names, except a DATE-OBS with a zone or a comment naming UTC (TESS: `TIMESYS = "
@@ -317,7 +317,7 @@ def exposure_start_as_written(header: fits.Header, exptime: float,
     """
     mid = profile is not None and profile.time_reference == "mid"
     shift = exptime / 2.0 / 86400.0
-    mjd = _positive(header, "MJD-OBS")  # 0: a placeholder some drivers write, not 1858
+    mjd = _day_number(header, ("MJD-OBS",), julian=False)  # 0: a placeholder some drivers write, not 1858
     if mjd is not None:
         return mjd, "MJD-OBS"
     start, unusable, clock_card = _date_obs(header)
@@ -325,10 +325,10 @@ def exposure_start_as_written(header: fits.Header, exptime: float,
         return start - exptime / 86400.0, _TAI_SOURCE
     if start is not None:
         return (start - shift, "DATE-OBS(mid)") if mid else (start, "DATE-OBS")
-    jd = _positive(header, "JD", "JD-OBS")
+    jd = _day_number(header, ("JD", "JD-OBS"), julian=True)
     if jd is not None:
-        return (jd - 2400000.5 - shift if mid else jd - 2400000.5), "JD"
-    avg = _positive(header, "MJD-AVG")
+        return (jd - shift if mid else jd), "JD"
+    avg = _day_number(header, ("MJD-AVG",), julian=False)
     avg_date = _value(header, "DATE-AVG")
     if avg is None and isinstance(avg_date, str):
         avg = parse_iso_utc(avg_date)
@@ -337,6 +337,35 @@ def exposure_start_as_written(header: fits.Header, exptime: float,
     if unusable:
         raise MissingMetadata(f"{unusable}, and no JD, JD-OBS, MJD-AVG or DATE-AVG gives the exposure start")
     raise MissingMetadata("no exposure time stamp: none of MJD-OBS, DATE-OBS, JD, JD-OBS, MJD-AVG, DATE-AVG")
+
+
+#: JD of MJD 0 (1858-11-17 0h): an MJD card at or above it holds a JD (an MJD of the year 8429), a JD card below it
+#: an MJD or a reduced JD (a date before 1858).
+JD_OF_MJD0 = 2400000.5
+
+
+def _day_number(header: fits.Header, cards: tuple[str, ...], julian: bool) -> float | None:
+    """MJD (days) of the first of ``cards`` whose value is a number > 0, a JD (``julian``) or an MJD; None if none is.
+
+    A JD written into an MJD card, or an MJD into a JD card, was read as a date thousands of years off
+    (``JD = 60089.04``: MJD -2339911) and refused only at ingest, as an MJD out of range.
+
+    Raises
+    ------
+    MissingMetadata
+        The value is on the other side of :data:`JD_OF_MJD0` than its card's kind of day number.
+    """
+    card = next((c for c in cards if _positive(header, c) is not None), None)
+    value = _positive(header, card) if card is not None else None
+    if card is None or value is None:
+        return None
+    if julian and value < JD_OF_MJD0:
+        raise MissingMetadata(f"{card} = {value:.12g} is no Julian date (< {JD_OF_MJD0:.1f}, before 1858-11-17): "
+                              "an MJD or a reduced JD written as a JD?")
+    if not julian and value >= JD_OF_MJD0:
+        raise MissingMetadata(f"{card} = {value:.12g} is no MJD (>= {JD_OF_MJD0:.1f}, the year 8429 or later): a "
+                              "Julian date written as an MJD?")
+    return value - JD_OF_MJD0 if julian else value
 
 
 #: The cards of the exposure time, in order (:data:`MAPPING`).

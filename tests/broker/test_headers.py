@@ -709,3 +709,15 @@ def test_atlas_cyan_and_orange_are_bands_of_their_own():
     assert [canonical_band(n) for n in ("c", "o", "C", "Clear")] == ["c", "o", "clear", "clear"]
     with pytest.raises(MissingMetadata, match="TELESCOP"):
         normalise_header(_pipeline_header(ATLAS_REDUCED, TELESCOP=None), (64, 64))
+
+
+@pytest.mark.parametrize("cards, match", [
+    ({"DATE-OBS": None, "JD": 56362.149537037}, r"JD = 56362.149537 is no Julian date"),  # an MJD as JD
+    ({"DATE-OBS": "2013-03-11", "JD-OBS": 56362.149537037}, r"JD-OBS = 56362.149537 is no Julian date"),
+    ({"DATE-OBS": None, "MJD-OBS": 2456362.649537037}, r"MJD-OBS = 2456362.64954 is no MJD"),  # a JD as MJD
+    ({"DATE-OBS": None, "MJD-AVG": 2456362.649537037}, r"MJD-AVG = 2456362.64954 is no MJD"),
+])
+def test_a_jd_in_an_mjd_card_or_an_mjd_in_a_jd_card_is_refused_naming_it(cards, match):
+    """JD = 56362.15 (an MJD) became MJD -2343638, a date 8400 years off, refused only at ingest as out of range."""
+    with pytest.raises(MissingMetadata, match=match):
+        normalise_header(_amateur(**cards), (10, 10))
