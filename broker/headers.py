@@ -101,7 +101,8 @@ MAPPING: tuple[CardSource, ...] = (
                "'TDB'` beside \"TSTART as UTC calendar date\")"),
     CardSource("EXPTIME", ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE"),
                "seconds, or the unit in brackets the card's comment opens with (TESS's and Kepler's `EXPOSURE` "
-               "and `TELAPSE`: \"[d] time on source\", in days; also ms, us, min, h); another unit is refused"),
+               "and `TELAPSE`: \"[d] time on source\", in days; also ms, us, min, h), else a unit of time the "
+               "comment names in words (\"exposure time in ms\", \"(msec)\"); another bracketed unit is refused"),
     CardSource("GAIN", ("profile gain", "EGAIN", "GAIN", "CELL.GAIN", "ESO DET OUT1 CONAD", "mean of GAINA/GAINB"),
                "e-/ADU; none (or 0, as N.I.N.A. writes for a camera that does not say): 1.0. N.I.N.A., SGP and "
                "ZWO cameras write their gain *setting* (e.g. 100) in GAIN and e-/ADU in EGAIN, which wins; a "
@@ -372,16 +373,35 @@ def _day_number(header: fits.Header, cards: tuple[str, ...], julian: bool) -> fl
 EXPOSURE_CARDS = ("EXPTIME", "EXPOSURE", "EXP_TIME", "ITIME", "TELAPSE")
 #: Units of time (a card comment's leading ``[unit]``, FITS standard 4.3.2) -> seconds; no unit: seconds.
 TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3,
-              "us": 1e-6, "usec": 1e-6, "min": 60.0, "minutes": 60.0, "h": 3600.0, "hr": 3600.0, "hours": 3600.0,
-              "d": 86400.0, "day": 86400.0, "days": 86400.0}
+              "milliseconds": 1e-3, "us": 1e-6, "usec": 1e-6, "microseconds": 1e-6, "min": 60.0, "minutes": 60.0,
+              "h": 3600.0, "hr": 3600.0, "hours": 3600.0, "d": 86400.0, "day": 86400.0, "days": 86400.0}
 _COMMENT_UNIT = re.compile(r"^\s*\[([^\]]*)\]")
+#: A unit of time a comment names in words, not in brackets: "exposure time in ms", "Exposure (msec)".
+_WORDED_UNIT = re.compile(r"\bin\s+([a-z]+)\b|\(([a-z]+)\)", re.IGNORECASE)
+
+
+def _comment_unit(comment: str) -> str:
+    """The unit of an exposure card's comment: the brackets it opens with, else a unit of time it names in words.
+
+    A comment that names none is seconds. A worded unit counts only when it is one of :data:`TIME_UNITS`
+    ("in the V band" is no unit): ``EXPTIME = 160000 / exposure time in ms`` was read as 44 hours.
+    """
+    match = _COMMENT_UNIT.match(comment)
+    if match is not None:
+        return match.group(1).strip()
+    for worded in _WORDED_UNIT.finditer(comment):
+        word = (worded.group(1) or worded.group(2)).lower()
+        if word in TIME_UNITS:
+            return word
+    return "s"
 
 
 def exposure_seconds(header: fits.Header) -> float | None:
     """The exposure time (s) from the first of :data:`EXPOSURE_CARDS` present; None when none is or it is no number.
 
     The unit is the one the card's comment opens with (``[d] time on source``: TESS's and Kepler's
-    ``EXPOSURE`` and ``TELAPSE`` are in days, a 1800 s TESS frame was read as 0.02 s); seconds without one.
+    ``EXPOSURE`` and ``TELAPSE`` are in days, a 1800 s TESS frame was read as 0.02 s), else a unit of
+    time it names in words (``exposure time in ms``, :func:`_comment_unit`); seconds without one.
 
     Raises
     ------
@@ -393,10 +413,9 @@ def exposure_seconds(header: fits.Header) -> float | None:
     if card is None or value is None:
         return None
     try:
-        match = _COMMENT_UNIT.match(str(header.comments[card]))
+        unit = _comment_unit(str(header.comments[card]))
     except (KeyError, IndexError):
-        match = None
-    unit = match.group(1).strip() if match is not None else "s"
+        unit = "s"
     if unit.lower() not in TIME_UNITS:
         raise MissingMetadata(f"header card {card} = {value:g} is in [{unit}], not a unit of time the broker converts "
                               f"({', '.join(TIME_UNITS)})")

@@ -721,3 +721,15 @@ def test_a_jd_in_an_mjd_card_or_an_mjd_in_a_jd_card_is_refused_naming_it(cards, 
     """JD = 56362.15 (an MJD) became MJD -2343638, a date 8400 years off, refused only at ingest as out of range."""
     with pytest.raises(MissingMetadata, match=match):
         normalise_header(_amateur(**cards), (10, 10))
+
+
+@pytest.mark.parametrize("comment, seconds", [
+    ("exposure time in ms", 160.0),  # the NF Observatory's headers (nfo.edu), EXPTIME = 160000 / exposure time in ms
+    ("Exposure time (msec)", 160.0), ("Exposure time in seconds", 160000.0), ("time in the V band", 160000.0),
+    ("[s] exposure, not in ms", 160000.0),  # a bracketed unit wins over words
+])
+def test_an_exposure_unit_named_in_words_is_read(comment, seconds):
+    """EXPTIME = 160000 / exposure time in ms was read as 160000 s (44 h), 1000x its exposure."""
+    header = _amateur(EXPOSURE=None)
+    header["EXPTIME"] = (160000, comment)
+    assert normalise_header(header, (10, 10))["EXPTIME"] == pytest.approx(seconds)
