@@ -11,6 +11,7 @@ is binned to luminance (:mod:`broker.bayer`). :func:`decode_fits` raises a typed
 
 from __future__ import annotations
 
+import bz2
 import copy
 import hashlib
 import io
@@ -360,7 +361,7 @@ def _image_hdu(hdul: fits.HDUList, image: str | None = None) -> fits.hdu.base.Ex
 
 
 def science_images(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> list[str]:
-    """The names of the science images of FITS bytes (plain, tile-compressed or gzipped), read from headers only.
+    """The names of the science images of FITS bytes (plain, tile-compressed, gzipped or bzip2), read from headers only.
 
     One name per image that :func:`decode_fits` takes as ``image`` (a mosaic camera's CCDs by
     ``EXTNAME``: DECam's ``N4``, ``S31``); a file of one image gives one name.
@@ -372,8 +373,8 @@ def science_images(payload: bytes, max_pixels: int | None = None, max_expansion:
     """
     if not payload:
         raise CorruptFrame("empty payload (0 bytes)")
-    if payload[:2] == GZIP_MAGIC:
-        payload = gunzipped(payload, max_pixels, max_expansion)
+    if is_compressed(payload):
+        payload = uncompressed(payload, max_pixels, max_expansion)
     check_structure(payload)
     try:
         with fits.open(io.BytesIO(payload), memmap=False, lazy_load_hdus=True) as hdul:
@@ -399,9 +400,10 @@ _SIZE_CARD = re.compile(r"^(?:BITPIX|PCOUNT|GCOUNT|TFIELDS|Z?NAXIS\d*)$")
 OTHER_FORMATS = {
     b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"II*\x00": "a TIFF image or camera raw",
     b"MM\x00*": "a TIFF image or camera raw", b"XISF0100": "a PixInsight XISF image",
-    b"LUCAM-RECORDER": "a SER video", b"\x1f\x9d": "a Unix-compressed (.Z) file", b"BZh": "a bzip2 file",
+    b"LUCAM-RECORDER": "a SER video", b"\x1f\x9d": "a Unix-compressed (.Z) file",
+    b"BZh": "bzip2 inside a compressed file",
     b"\xfd7zXZ\x00": "an xz file", b"PK\x03\x04": "a zip archive", b"\x28\xb5\x2f\xfd": "a zstd file",
-    b"\x1f\x8b": "gzip inside gzip",
+    b"\x1f\x8b": "gzip inside a compressed file",
 }
 
 
@@ -527,14 +529,21 @@ def check_image_size(shape: tuple[int, ...], bitpix: int, payload_bytes: int, ma
 
 
 GZIP_MAGIC = b"\x1f\x8b"
-#: Header bytes allowed beside the pixels when a gzipped file's inflated size is bounded (1000 blocks).
+#: Leading bytes of a bzip2 stream (SDSS distributes its frames as ``.fits.bz2``).
+BZIP2_MAGIC = b"BZh"
+#: Header bytes allowed beside the pixels when a compressed file's inflated size is bounded (1000 blocks).
 _HEADER_ALLOWANCE = 1000 * 2880
 
 
-def gunzipped(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> bytes:
-    """The FITS bytes of a gzipped file (``.fits.gz``), inflated no further than its image may be.
+def is_compressed(payload: bytes) -> bool:
+    """Whether bytes start as a gzip or bzip2 stream (a ``.fits.gz`` or ``.fits.bz2`` file)."""
+    return payload[:2] == GZIP_MAGIC or payload[:3] == BZIP2_MAGIC
 
-    The bound is ``max_expansion`` times the gzipped bytes and ``max_pixels`` 8-byte pixels plus
+
+def uncompressed(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None) -> bytes:
+    """The FITS bytes of a gzipped or bzip2 file, inflated no further than its image may be.
+
+    The bound is ``max_expansion`` times the compressed bytes and ``max_pixels`` 8-byte pixels plus
     :data:`_HEADER_ALLOWANCE`, whichever is smaller (none without either); see :func:`inflate`.
     """
     bounds = [int(max_expansion * len(payload))] if max_expansion is not None else []
@@ -543,40 +552,42 @@ def gunzipped(payload: bytes, max_pixels: int | None = None, max_expansion: floa
 
 
 def inflate(payload: bytes, limit: int = 0) -> bytes:
-    """The content of a gzip stream, refused once it passes ``limit`` bytes (0: no bound).
+    """The content of a gzip or bzip2 stream, refused once it passes ``limit`` bytes (0: no bound).
 
-    A gzip bomb is refused after ``limit`` bytes, not held in memory whole. Concatenated gzip
-    members are read in turn. Frames (:func:`gunzipped`), alert stamps
-    (:func:`broker.normalise.decode_stamp`), subscribers' cutouts (:mod:`streams.triplet_png`) and
-    the portal's FITS cutouts (:mod:`streams.web.render`) are inflated here.
+    A compression bomb is refused after ``limit`` bytes, not held in memory whole. Concatenated
+    members (gzip's, bzip2's, or both in turn) are read in turn. Frames (:func:`uncompressed`), alert
+    stamps (:func:`broker.normalise.decode_stamp`), subscribers' cutouts (:mod:`streams.triplet_png`)
+    and the portal's FITS cutouts (:mod:`streams.web.render`) are inflated here.
 
     Raises
     ------
     CorruptFrame
-        The gzip stream is corrupt or cut short.
+        The stream is corrupt or cut short.
     ImplausibleCompression
         It inflates beyond ``limit``.
     """
-    out, rest = bytearray(), payload
+    out, rest, kind = bytearray(), payload, "gzip"
     try:
-        while rest[:2] == GZIP_MAGIC:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            out += inflater.decompress(rest, limit + 1 - len(out) if limit else 0)
+        while is_compressed(rest):
+            kind = "gzip" if rest[:2] == GZIP_MAGIC else "bzip2"
+            inflater: Any = zlib.decompressobj(16 + zlib.MAX_WBITS) if kind == "gzip" else bz2.BZ2Decompressor()
+            room = limit + 1 - len(out) if limit else (0 if kind == "gzip" else -1)
+            out += inflater.decompress(rest, room)
             if limit and len(out) > limit:
-                raise ImplausibleCompression(f"{len(payload) / 1e6:.2f} MB of gzip inflate beyond "
+                raise ImplausibleCompression(f"{len(payload) / 1e6:.2f} MB of {kind} inflate beyond "
                                              f"{limit / 1e6:.1f} MB: refused before inflating further")
             if not inflater.eof:
-                raise CorruptFrame(f"gzip stream cut short after {len(out)} inflated bytes")
+                raise CorruptFrame(f"{kind} stream cut short after {len(out)} inflated bytes")
             rest = inflater.unused_data
-    except zlib.error as exc:
-        raise CorruptFrame(f"corrupt gzip stream: {exc}") from exc
+    except (zlib.error, OSError, EOFError) as exc:
+        raise CorruptFrame(f"corrupt {kind} stream: {exc}") from exc
     return bytes(out)
 
 
 def decode_fits(payload: bytes, max_pixels: int | None = None, max_expansion: float | None = None,
                 profiles: tuple[TelescopeProfile, ...] = (), require_wcs: bool = True,
                 telescope: str | None = None, image: str | None = None) -> Frame:
-    """Decode FITS bytes (plain, tile-compressed or gzipped) into a :class:`Frame`.
+    """Decode FITS bytes (plain, tile-compressed, gzipped or bzip2) into a :class:`Frame`.
 
     The image's size is checked from its header before any pixel is decompressed
     (:func:`check_image_size`; the stages pass ``IngestConfig.max_pixels`` and ``max_expansion``).
@@ -666,8 +677,8 @@ def _reading(payload: bytes, max_pixels: int | None, max_expansion: float | None
     if not payload:
         raise CorruptFrame("empty payload (0 bytes)")
     sent_bytes = len(payload)
-    if payload[:2] == GZIP_MAGIC:
-        payload = gunzipped(payload, max_pixels, max_expansion)
+    if is_compressed(payload):
+        payload = uncompressed(payload, max_pixels, max_expansion)
     missing = check_structure(payload)
     return _Reading(sent_bytes, missing, max_pixels, max_expansion, profiles, require_wcs, telescope), payload
 

@@ -296,7 +296,7 @@ def produce(paths: Annotated[list[Path], typer.Argument(help="FITS files, or one
             bootstrap: Bootstrap, config: ConfigOpt = None,
             watch: Annotated[bool, typer.Option(help="Watch the directory and publish new files.")] = False,
             pattern: Annotated[str, typer.Option(help="Glob of files to watch (default: FITS names in any case: "
-                                                      ".fits .fit .fts .fz .gz).")] = "",
+                                                      ".fits .fit .fts .fz .gz .bz2).")] = "",
             recursive: Annotated[bool, typer.Option(help="With --watch, also watch every subfolder.")] = False,
             telescope: Annotated[Optional[str], typer.Option(
                 help="Telescope (or profile) name of files whose header names none (no TELESCOP, no INSTRUME); "

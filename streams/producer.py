@@ -21,14 +21,14 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 
 from broker.errors import FrameNotDelivered, FrameTooLarge, InvalidFrame, Outage, StorageFull, storage_full
 from broker.frame import (
-    GZIP_MAGIC,
     Frame,
     decode_fits,
     decode_mosaic,
     encode_fits,
-    gunzipped,
+    is_compressed,
     science_images,
     sha256,
+    uncompressed,
 )
 from broker.ingest import IngestConfig, validate
 from broker.telescopes import TelescopeProfile
@@ -123,8 +123,8 @@ class FrameProducer:
             raise type(exc)(f"{path}: {exc}") from exc
         if len(images) == 1:
             return [self._publish_one(path, payload)]
-        if payload[:2] == GZIP_MAGIC:  # inflated once, its bounds checked by science_images
-            payload = gunzipped(payload)
+        if is_compressed(payload):  # inflated once, its bounds checked by science_images
+            payload = uncompressed(payload)
         out: list[Published | InvalidFrame] = []
         for image, frame in decode_mosaic(payload, self.validation.max_pixels, self.validation.max_expansion,
                                           self.profiles, require_wcs=not self.validation.calibration.enabled,
@@ -210,8 +210,8 @@ def frame_headers(exposure_end: float) -> dict[str, bytes]:
 
 
 #: Names of FITS files as capture software writes them, compared in lower case (``.FITS``, ``.fit``,
-#: ``.fts``; tile-compressed ``.fz``; gzipped).
-FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz")
+#: ``.fts``; tile-compressed ``.fz``; gzipped; bzip2 as SDSS distributes its frames).
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz", ".fits.gz", ".fit.gz", ".fts.gz", ".fits.bz2", ".fit.bz2", ".fts.bz2")
 
 
 def _candidates(directory: Path, pattern: str | None, recursive: bool) -> list[Path]:

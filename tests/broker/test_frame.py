@@ -1,3 +1,4 @@
+import bz2
 import gzip
 import io
 import re
@@ -40,7 +41,9 @@ def test_garbage_is_a_corrupt_frame(payload):
     (b"\xff\xd8\xff\xe0\x00\x10JFIF", "a JPEG image"), (b"\x89PNG\r\n\x1a\n", "a PNG image"),
     (b"II*\x00\x10\x00\x00\x00CR\x02", "a TIFF image or camera raw"), (b"XISF0100", "a PixInsight XISF image"),
     (b"\x1f\x9d\x90SIMPLE", "a Unix-compressed (.Z) file"),
-    (gzip.compress(gzip.compress(b"SIMPLE")), "gzip inside gzip"),
+    (gzip.compress(gzip.compress(b"SIMPLE")), "gzip inside a compressed file"),
+    (bz2.compress(gzip.compress(b"SIMPLE")), "gzip inside a compressed file"),
+    (gzip.compress(bz2.compress(b"SIMPLE")), "bzip2 inside a compressed file"),
     (b"<!DOCTYPE html><html>", "it starts with b'<!DOCTYPE html><'"),
 ])
 def test_a_file_of_another_format_is_refused_by_its_name(payload, named):
@@ -373,37 +376,39 @@ def test_negative_sizes_and_endless_extensions_are_corrupt_not_a_loop(tmp_path):
                      "corrupt HDU 0: NAXIS1 = '1e3' is not an integer"], lines
 
 
-def test_a_gzipped_file_is_decoded_as_the_file_it_holds():
-    """``.fits.gz`` files, which ``broker produce --watch`` lists, were all refused as ``corrupt``."""
-    import gzip
+def test_a_gzipped_or_bzip2_file_is_decoded_as_the_file_it_holds():
+    """Compressed files are read as the FITS they hold.
 
+    ``.fits.gz`` files, which ``broker produce --watch`` lists, were all refused as ``corrupt``, and
+    ``.fits.bz2`` files (SDSS distributes its frames so) as "not a FITS file (a bzip2 file)".
+    """
     payload = encode_fits(star_frame(), compress=False)
     frame = decode_fits(payload)
-    for gzipped in (gzip.compress(payload), gzip.compress(payload[:5760]) + gzip.compress(payload[5760:])):
-        again = decode_fits(gzipped)
+    for packed in (gzip.compress(payload), gzip.compress(payload[:5760]) + gzip.compress(payload[5760:]),
+                   bz2.compress(payload), bz2.compress(payload[:5760]) + gzip.compress(payload[5760:])):
+        again = decode_fits(packed)
         assert again.meta == frame.meta and np.array_equal(again.data, frame.data)
+        assert science_images(packed) == science_images(payload)
 
 
-def test_a_gzip_bomb_is_refused_before_it_is_inflated_whole():
-    import gzip
+@pytest.mark.parametrize("compress, kind", [(gzip.compress, "gzip"), (bz2.compress, "bzip2")])
+def test_a_compression_bomb_is_refused_before_it_is_inflated_whole(compress, kind):
     import time
-
-    from astropy.io import fits
 
     from broker.errors import ImplausibleCompression
 
     buf = io.BytesIO()
     fits.PrimaryHDU(np.zeros((4096, 4096), np.float32), header=header()).writeto(buf)
-    bomb = gzip.compress(buf.getvalue())  # 67 MB of FITS in ~65 kB
+    bomb = compress(buf.getvalue())  # 67 MB of FITS in ~65 kB (gzip) or ~100 bytes (bzip2)
     t0 = time.perf_counter()
-    with pytest.raises(ImplausibleCompression, match="inflate beyond"):
+    with pytest.raises(ImplausibleCompression, match=f"{kind} inflate beyond"):
         decode_fits(bomb, max_pixels=2**27, max_expansion=64)
-    assert time.perf_counter() - t0 < 0.5  # 4 MB inflated, not 67
+    assert time.perf_counter() - t0 < 0.5  # kilobytes inflated, not 67 MB
     with pytest.raises(ImplausibleCompression):
         decode_fits(bomb, max_pixels=1000)
-    good = gzip.compress(encode_fits(star_frame(), compress=False))
+    good = compress(encode_fits(star_frame(), compress=False))
     for broken in (good[:len(good) // 2], good[:20] + bytes(64) + good[84:]):
-        with pytest.raises(CorruptFrame, match="gzip"):
+        with pytest.raises(CorruptFrame, match=kind):
             decode_fits(broken)
 
 

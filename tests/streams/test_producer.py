@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bz2
 import functools
 import gzip
 import os
@@ -71,10 +72,13 @@ def test_watch_publishes_new_files_once_and_reports_bad_ones(producer, tmp_path)
     (incoming / "bad.fits").write_bytes(b"not fits at all")
     gzipped = encode_fits(star_frame(seed=1, FRAMEID="TEST-F1-r-0002"), compress=False)
     (incoming / "b.fits.gz").write_bytes(gzip.compress(gzipped))  # all were refused as corrupt until 2026-12-06
+    bzipped = encode_fits(star_frame(seed=2, FRAMEID="TEST-F1-r-0003"), compress=False)
+    (incoming / "c.fits.bz2").write_bytes(bz2.compress(bzipped))  # SDSS's frames; refused as "a bzip2 file"
     polls = iter(range(4))
     results = dict(watch(incoming, producer.publish_file, lambda: next(polls, None) is None, poll_s=0.01))
     assert [p.frame_id for p in results[incoming / "a.fits"]] == ["TEST-F1-r-0001"]
     assert [p.frame_id for p in results[incoming / "b.fits.gz"]] == ["TEST-F1-r-0002"]
+    assert [p.frame_id for p in results[incoming / "c.fits.bz2"]] == ["TEST-F1-r-0003"]
     assert isinstance(results[incoming / "bad.fits"], CorruptFrame)
     producer.flush()
     polls = iter(range(4))  # a restart: the ledger remembers what was sent
