@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
@@ -876,11 +877,23 @@ class ReferenceStore:
     (``os.replace``), so a crash leaves either the old state or the new one, never a partial file;
     pending frames are keyed by frame id, so a re-delivered frame is stored once. Meant for one
     writer per key (the Kafka stage partitions by telescope/field).
+
+    Parameters
+    ----------
+    root : path
+    config : ReferenceConfig
+    on_set_aside : callable, optional
+        Called as ``on_set_aside(key, frame_id, reason)`` after each frame a refused build moved to
+        ``.../omitted/`` (:meth:`_set_aside`; ``reason`` the refusal's ``BrokerError.reason``, one of
+        a fixed set), once per move: the subtract stage counts them
+        (``broker_reference_frames_set_aside_total``). None: nothing is called.
     """
 
-    def __init__(self, root: Path | str, config: ReferenceConfig = ReferenceConfig()):
+    def __init__(self, root: Path | str, config: ReferenceConfig = ReferenceConfig(),
+                 on_set_aside: Callable[[tuple[str, str, str], str, str], None] | None = None):
         self.root = Path(root)
         self.config = config
+        self.on_set_aside = on_set_aside
         self._cache: dict[tuple[str, str, str], Reference] = {}
         self._lock = threading.Lock()
 
@@ -923,6 +936,28 @@ class ReferenceStore:
             return []
         return sorted(p.stem for p in d.glob("*.fits"))
 
+    def waiting(self) -> tuple[int, float | None]:
+        """Frames set aside in ``.../omitted/`` of keys with no reference yet, and the modification time of the oldest.
+
+        The time is Unix s (None: no frame). A frame keeps the time its pending file was written
+        (the moves keep it): when it arrived. Frames of a key with a reference are left out: they
+        are searched in the transaction that built it and dropped at the key's next message.
+        One directory listing per key: the stage reads it at most every ``ReferenceWaiting.interval``
+        s, not per scrape. A file removed while it is read is left out.
+        """
+        count, oldest = 0, None
+        for folder in self.root.glob("*/*/*/omitted"):
+            if (folder.parent / "reference.fits").exists():
+                continue
+            for path in folder.glob("*.fits"):
+                try:
+                    mtime = path.stat().st_mtime
+                except OSError:
+                    continue
+                count += 1
+                oldest = mtime if oldest is None else min(oldest, mtime)
+        return count, oldest
+
     def left_out(self, key: tuple[str, str, str]) -> list[Frame]:
         """The frames of ``key`` that wait to be searched against its reference, in (MJD, frame id) order.
 
@@ -960,7 +995,7 @@ class ReferenceStore:
         """Move the pending files (``paths``: frame id -> file) of ``frame_ids`` to ``.../omitted/`` with the refusal.
 
         Each waits there, its reason in ``<frame id>.txt``, to be searched once the key has a
-        reference (:meth:`left_out`); a warning is logged for each.
+        reference (:meth:`left_out`); a warning is logged for each, and ``on_set_aside`` called.
         """
         out = self._dir(key) / "omitted"
         out.mkdir(parents=True, exist_ok=True)
@@ -973,6 +1008,8 @@ class ReferenceStore:
             os.replace(paths.pop(frame_id), out / f"{name}.fits")
             log.warning("reference of %s: frame %s set aside to be searched once a reference exists; the build "
                         "goes on without it: %.1000s", key, frame_id, why)
+            if self.on_set_aside is not None:
+                self.on_set_aside(key, frame_id, exc.reason)
 
     def _read_pending(self, pend: Path) -> tuple[list[Frame], dict[str, Path]]:
         """The readable pending frames in (MJD, frame id) order and their files (an unreadable one dropped, warned)."""

@@ -108,6 +108,7 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
 
     from broker.config import load_config
     from broker.errors import StageFailure
+    from broker.reference import ReferenceStore
     from streams.metrics import StageMetrics
     from streams.runner import EXIT_HUNG
     from streams.settings import KafkaSettings
@@ -126,6 +127,8 @@ def stage(name: Annotated[str, typer.Argument(help="ingest | subtract | classify
         state = spec.state(cfg) if spec.state else None
         if state is not None:
             metrics.watch_disk(state)
+        if spec.references is not None:
+            metrics.watch_references(ReferenceStore(spec.references(cfg)))
         settings.verify_login()  # a refused login stops the stage here, with the reason (exit code 2)
     except BrokerError as exc:
         _fail(exc)

@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -15,6 +16,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from broker.errors import ConfigError
+
+if TYPE_CHECKING:  # broker.reference imports the science stack (2 s); the gateway's metrics need none of it
+    from broker.reference import ReferenceStore
 
 # Stage times span ms (classify) to seconds (subtract on 4k frames).
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
@@ -61,6 +65,12 @@ class StageMetrics:
                                     buckets=_COUNT_BUCKETS, registry=r)
         self.lag = Gauge("broker_consumer_lag", "Offsets of an assigned input partition not yet read "
                          "(cached high watermark minus position)", ["stage", "topic", "partition"], registry=r)
+        self.set_aside = Counter("broker_reference_frames_set_aside", "Frames a refused reference build set "
+                                 "aside in omitted/ to be searched once their field has a reference, by the refusal's "
+                                 "reason", ["stage", "reason"], registry=r)
+        self.left_out_searched = Counter("broker_left_out_searched", "Frames a new reference left out or set aside, "
+                                         "searched against it, by outcome (batch status or dead_lettered)",
+                                         ["stage", "outcome"], registry=r)
         self.brokers_up = Gauge("broker_kafka_brokers_up", "Kafka brokers the stage's consumer has a working "
                                 "connection to (librdkafka statistics)", ["stage"], registry=r)
         ProcessCollector(registry=r)  # process_start_time_seconds (restarts), resident memory, CPU
@@ -102,6 +112,14 @@ class StageMetrics:
         left out of a scrape while the folder cannot be read.
         """
         self.registry.register(StateDisk(self.stage, folder))
+
+    def watch_references(self, store: ReferenceStore, interval: float = 30.0) -> None:
+        """Export the frames waiting in ``store``'s ``.../omitted/`` folders (:class:`ReferenceWaiting`).
+
+        ``broker_reference_frames_waiting`` and ``broker_reference_oldest_waiting_seconds`` (labels
+        ``stage``), so ``BrokerFramesWaitingForReference`` sees a field whose frames keep failing.
+        """
+        self.registry.register(ReferenceWaiting(self.stage, store, interval))
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:
         """Serve ``/metrics`` on ``addr:port`` (port 0: a free one); return the port.
@@ -149,6 +167,42 @@ class StateDisk(Collector):
             family = GaugeMetricFamily(f"broker_state_disk_{name}_bytes", f"{text} on the disk of the stage's "
                                        "state folder", labels=["stage"])
             family.add_metric([self.stage], float(value))
+            yield family
+
+
+class ReferenceWaiting(Collector):
+    """``broker_reference_frames_waiting{stage}`` and ``broker_reference_oldest_waiting_seconds{stage}``.
+
+    From :meth:`ReferenceStore.waiting`: the frames a refused build set aside in ``.../omitted/`` of
+    the fields with no reference yet, and the age of the oldest (s since its frame arrived; 0 when
+    none). Per stage, not per field: a label per field would be a series
+    per field. The store is read at most every ``interval`` s (default 30 s; a listing per key, so
+    thousands of fields are not walked at each 5 s scrape); between reads the last values are
+    exported, the age growing with the clock. Left out of a scrape while the store cannot be read.
+    """
+
+    def __init__(self, stage: str, store: ReferenceStore, interval: float = 30.0) -> None:
+        self.stage, self.store, self.interval = stage, store, interval
+        self._read_at = float("-inf")
+        self._count: int = 0
+        self._oldest: float | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The two gauges, or none when the store cannot be read."""
+        now = time.monotonic()
+        if now - self._read_at >= self.interval:
+            try:
+                self._count, self._oldest = self.store.waiting()
+            except OSError:
+                return
+            self._read_at = now
+        age = 0.0 if self._oldest is None else max(0.0, time.time() - self._oldest)
+        for name, text, value in (
+                ("frames_waiting", "Frames set aside in omitted/ of fields with no reference yet, waiting to be "
+                 "searched against their field's reference", float(self._count)),
+                ("oldest_waiting_seconds", "Age of the oldest of them: time since it arrived (s; 0 when none)", age)):
+            family = GaugeMetricFamily(f"broker_reference_{name}", text, labels=["stage"])
+            family.add_metric([self.stage], value)
             yield family
 
 

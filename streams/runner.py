@@ -141,6 +141,10 @@ class OutMessage:
     key: bytes | None = None
     headers: dict[str, bytes] = field(default_factory=dict)
     candidates: int | None = None  # for the candidates-per-frame metric
+    # reasons of the frames a refused reference build set aside in this call (broker_reference_frames_set_aside_total)
+    set_aside: tuple[str, ...] = ()
+    # the outcome of a left-out frame's search this output gives (broker_left_out_searched_total)
+    left_out: str | None = None
 
 
 Handler = Callable[[InMessage], list[OutMessage]]
@@ -470,6 +474,7 @@ class StageRunner:
                 return [], False
             msg.require_headers()
             outs = self.handler(msg)
+            self._count_handler_events(outs)
             check_outputs(outs, self.max_message_bytes - HEADROOM_BYTES)
             self._count_dead_letters(outs)
             return outs, False
@@ -480,6 +485,16 @@ class StageRunner:
             if full is not None:
                 raise full from exc
             return self._dead_lettered(msg, exc)
+
+    def _count_handler_events(self, outs: list[OutMessage]) -> None:
+        """Count the frames a refused reference build set aside during the handler's call (``OutMessage.set_aside``).
+
+        Counted per call, not per commit: the store moved them on disk, which a retry of the
+        message does not do again (an aborted transaction's retry finds them in ``omitted/``).
+        """
+        for out in outs:
+            for reason in out.set_aside:
+                self.metrics.set_aside.labels(self.stage, reason).inc()
 
     def _count_dead_letters(self, outs: list[OutMessage]) -> None:
         """Count the dead letters a handler made itself among its outputs, by their ``reason`` header.
@@ -608,6 +623,8 @@ class StageRunner:
             m.messages_out.labels(self.stage, out.topic).inc()
             if out.candidates is not None:
                 m.candidates.labels(self.stage).observe(out.candidates)
+            if out.left_out is not None:
+                m.left_out_searched.labels(self.stage, out.left_out).inc()
         exposure_end = parse_time(msg.headers.get(EXPOSURE_END))  # validated by _checked
         if exposure_end is not None:
             m.latency.labels(self.stage).observe(max(0.0, time.time() - exposure_end))

@@ -96,6 +96,9 @@ class Stage:
         ``PipelineConfig -> Path | None``: the local folder the stage writes besides Kafka, whose
         disk's free space it exports (``StageMetrics.watch_disk``); None (default) or a None
         result: nothing on a local disk.
+    references : callable or None
+        ``PipelineConfig -> Path``: the root of the reference store the stage builds, whose frames
+        waiting in ``omitted/`` it exports (``StageMetrics.watch_references``); None (default): none.
     """
 
     name: str
@@ -106,6 +109,7 @@ class Stage:
     alert_outputs: bool = False
     kind: str = "transform"
     state: Callable[[PipelineConfig], Path | None] | None = None
+    references: Callable[[PipelineConfig], Path] | None = None
 
     @property
     def dead_letters(self) -> str:
@@ -280,7 +284,9 @@ def subtract_handler(config: PipelineConfig) -> Handler:
     if config.retain_freed_memory:
         retain_freed_memory()
     store = FrameStore(config.frame_store)
-    refs = ReferenceStore(config.state_dir / "refs", config.reference)
+    aside: list[str] = []  # reasons of the frames the store set aside since the last output
+    refs = ReferenceStore(_references(config), config.reference,
+                          on_set_aside=lambda _key, _frame_id, reason: aside.append(reason))
     diffs = DifferenceStore(config.state_dir / "diffs", config.differences)
     ledger = FrameLedger.open(config.state_dir, config.history)
 
@@ -296,7 +302,9 @@ def subtract_handler(config: PipelineConfig) -> Handler:
         ledger.record(frame.meta, checksum, source, result.status)
         for search in late:
             ledger.record_search(search.frame.meta, source, search.status)
-        return [*_left_out_outputs(late, msg), _candidates(frame, result, msg.key)]
+        own = _candidates(frame, result, msg.key)
+        own.set_aside, aside[:] = tuple(aside), []  # counted by the runner (broker_reference_frames_set_aside_total)
+        return [*_left_out_outputs(late, msg), own]
 
     return handle
 
@@ -310,6 +318,8 @@ def _candidates(frame: Frame, result: FrameResult, key: bytes | None) -> OutMess
 
 #: The header of the dead letter of a left-out frame's failed search (:func:`_left_out_outputs`): the frame's id.
 LEFT_OUT_HEADER = "left_out_frame"
+#: The ``outcome`` of ``broker_left_out_searched_total`` for a search dead-lettered; the others are batch statuses.
+LEFT_OUT_DEAD_LETTERED = "dead_lettered"
 
 
 def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[OutMessage]:
@@ -326,6 +336,7 @@ def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[Out
         exc = search.outcome
         if isinstance(exc, FrameResult):
             outs.append(_candidates(search.frame, exc, msg.key))
+            outs[-1].left_out = exc.status  # broker_left_out_searched_total{outcome}
             continue
         topic, partition, offset = _position(search.source, msg)
         refused = type(exc)(f"frame {search.frame.meta.frame_id}, left out of its reference's co-add, searched "
@@ -334,6 +345,7 @@ def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[Out
                     refused.reason, refused)
         headers = {LEFT_OUT_HEADER: search.frame.meta.frame_id.encode(errors="surrogatepass")}
         outs.append(dead_letter("subtract", InMessage(topic, partition, offset, msg.key, None, headers, 0), refused))
+        outs[-1].left_out = LEFT_OUT_DEAD_LETTERED
     return outs
 
 
@@ -591,6 +603,11 @@ def _sqlite_history(config: PipelineConfig) -> Path | None:
     return None if config.history.dsn else config.state_dir
 
 
+def _references(config: PipelineConfig) -> Path:
+    """The subtract stage's reference store: ``<state_dir>/refs``."""
+    return config.state_dir / "refs"
+
+
 def _local_archive(config: PipelineConfig) -> Path | None:
     """The archive's folder, None when it lives in an object store (an fsspec URL)."""
     path = config.archive.path or str(config.state_dir / "archive")
@@ -602,7 +619,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("ingest", topics.FRAMES, topics.INGESTED, ingest_handler,
           "fetch and decode the frame, validate it, measure its quality"),
     Stage("subtract", topics.INGESTED, topics.CANDIDATES, subtract_handler,
-          "reference policy, ZOGY subtraction, >= 5 sigma detection, cutouts", state=lambda c: c.state_dir),
+          "reference policy, ZOGY subtraction, >= 5 sigma detection, cutouts", state=lambda c: c.state_dir,
+          references=_references),
     Stage("classify", topics.CANDIDATES, topics.CLASSIFIED, classify_handler,
           "real/bogus CNN score of each candidate"),
     Stage("score", topics.CLASSIFIED, topics.SCORED, score_handler,

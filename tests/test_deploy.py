@@ -10,6 +10,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
+from broker.reference import ReferenceStore  # noqa: E402
 from streams.metrics import GatewayMetrics, StageMetrics  # noqa: E402
 from streams.stages import STAGE_NAMES  # noqa: E402
 
@@ -63,6 +64,7 @@ def test_k8s_has_a_statefulset_and_scaler_per_stage():
 def test_dashboard_queries_name_real_metrics(tmp_path):
     metrics = StageMetrics("x")
     metrics.watch_disk(tmp_path)
+    metrics.watch_references(ReferenceStore(tmp_path / "refs"))
     registries = (metrics.registry, GatewayMetrics(("PLAIN",)).registry)  # the gateway's panels
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = {m.name + suffix for r in registries for m in r.collect() for suffix in suffixes[m.type]}

@@ -26,6 +26,7 @@ from bench.dashboard import (  # noqa: E402
     sky_config,
     wait_for_dashboard_data,
 )
+from broker.reference import ReferenceStore  # noqa: E402
 from streams.framestore import FrameStore  # noqa: E402
 from streams.metrics import GatewayMetrics, StageMetrics  # noqa: E402
 from streams.stages import STAGE_NAMES  # noqa: E402
@@ -35,6 +36,7 @@ PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 ALERTS = ("BrokerStageDown", "BrokerStageMissing", "BrokerConsumerLagGrowing", "BrokerDeadLetterRate",
           "BrokerAlertLatencyOverSLO", "BrokerUnexpectedErrors", "BrokerLineageRejected", "BrokerKafkaUnreachable",
           "BrokerStageWaitingOnOutage", "BrokerStageRestarting", "BrokerPortalBusy", "BrokerStateDiskFilling",
+          "BrokerFramesWaitingForReference",
           "BrokerGatewayDown", "BrokerGatewayLoginFailures", "BrokerGatewayUpstreamUnreachable",
           "BrokerGatewayRefusing")
 
@@ -88,12 +90,15 @@ def test_the_k8s_prometheus_rule_holds_the_same_rules():
 def test_rules_and_dashboard_name_only_exported_metrics(tmp_path):
     metrics = StageMetrics("x")
     metrics.watch_disk(tmp_path)
+    metrics.watch_references(ReferenceStore(tmp_path / "refs"))
     registries = (metrics.registry, GatewayMetrics(("PLAIN",)).registry)
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names = {m.name + s for r in registries for m in r.collect() for s in suffixes.get(m.type, ("",))} | {"up"}
     exprs = [r["expr"] for r in _rules()] + [q for _, q in dashboard_queries()]
     used = {n for e in exprs for n in re.findall(r"\b(broker_[a-z_]+|process_[a-z_]+|up)\b(?=[\[{\s)]|$)", e)}
-    expected = {"broker_consumer_lag", "process_start_time_seconds", "broker_gateway_auth_failures_total"}
+    expected = {"broker_consumer_lag", "process_start_time_seconds", "broker_gateway_auth_failures_total",
+                "broker_reference_oldest_waiting_seconds", "broker_reference_frames_waiting",
+                "broker_reference_frames_set_aside_total", "broker_left_out_searched_total"}
     assert expected <= used <= names, used - names
 
 

@@ -934,3 +934,54 @@ def test_a_frame_of_a_refused_build_whose_search_fails_is_dead_lettered_with_its
         resend(DeadLetter(topics.dlq("subtract"), 0, 3, record), producer=None)  # refused before producing
     with pytest.raises(DuplicateFrame):
         subtract(_ingested(config, frames[1], offset=9))
+
+
+def test_the_subtract_stage_counts_frames_set_aside_waiting_and_searched(config):
+    """Frames a refused build set aside were seen only in a log warning and a .txt file: no metric showed them.
+
+    Through the runner as ``broker stage subtract`` runs it: the flipped field's first build sets
+    F1-0 and F1-1 aside (``broker_reference_frames_set_aside_total{reason="alignment"}`` 2, counted
+    once, not again by a redelivery), ``broker_reference_frames_waiting`` reads 2 and the oldest's
+    age, and once F1-4 builds the reference the searches are counted by outcome and nothing waits.
+    """
+    import os
+
+    from broker.reference import ReferenceStore
+    from streams.lineage import Lineage
+    from streams.runner import StageRunner
+    from streams.settings import KafkaSettings
+    from streams.stages import STAGES, subtract_handler
+
+    (spec,) = [s for s in STAGES if s.name == "subtract"]
+    metrics = StageMetrics("subtract")
+    metrics.watch_references(ReferenceStore(spec.references(config)), interval=0.0)
+    runner = StageRunner("subtract", topics.INGESTED, subtract_handler(config), KafkaSettings("127.0.0.1:1"), metrics)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, {"stage": "subtract", **labels})
+
+    def run(msg) -> list:
+        outs, unexpected = runner._handle(msg, Lineage(msg.topic, msg.partition, msg.offset))
+        assert not unexpected
+        runner._observe(msg, outs, 0.0, 1.0)
+        return outs
+
+    msgs = [_ingested(config, f, offset=i) for i, f in enumerate(_refused_build_field(flipped=True))]
+    assert sample("broker_reference_frames_waiting") == 0.0
+    assert sample("broker_reference_oldest_waiting_seconds") == 0.0
+    for m in msgs[:3]:
+        run(m)
+    run(msgs[2])  # a redelivery: nothing set aside again
+    assert sample("broker_reference_frames_set_aside_total", reason="alignment") == 2.0
+    omitted = config.state_dir / "refs" / "T1" / "F1" / "r" / "omitted"
+    os.utime(omitted / "F1-0.fits", (time.time() - 7200, time.time() - 7200))  # arrived 2 h ago
+    assert sample("broker_reference_frames_waiting") == 2.0
+    assert 7199 < sample("broker_reference_oldest_waiting_seconds") < 7300
+    run(msgs[3])
+    searched = run(msgs[4])
+    assert [o.left_out for o in searched] == ["SUBTRACTED", "dead_lettered", None]
+    assert sample("broker_left_out_searched_total", outcome="SUBTRACTED") == 1.0
+    assert sample("broker_left_out_searched_total", outcome="dead_lettered") == 1.0
+    assert sample("broker_errors_total", reason="alignment") == 1.0
+    assert sample("broker_reference_frames_waiting") == 0.0  # the field has its reference: searched
+    assert sample("broker_reference_frames_set_aside_total", reason="alignment") == 2.0
