@@ -145,6 +145,10 @@ class OutMessage:
     set_aside: tuple[str, ...] = ()
     # the outcome of a left-out frame's search this output gives (broker_left_out_searched_total)
     left_out: str | None = None
+    # what is committed in its place when the input is dead-lettered for an output refused for good
+    # (StageRunner._in_place_of): a left-out frame's search, which the frame ledger already holds as done, keeps
+    # a dead letter of its own instead of being lost with the refused transaction; None: nothing
+    if_refused: Callable[[BrokerError], OutMessage] | None = None
 
 
 Handler = Callable[[InMessage], list[OutMessage]]
@@ -466,6 +470,7 @@ class StageRunner:
         was unexpected (not a :class:`BrokerError`). An :class:`~broker.errors.Outage` propagates,
         a full disk (:func:`storage_full`) as :class:`~broker.errors.StorageFull`.
         """
+        outs: list[OutMessage] = []
         try:
             if lineage.duplicate:
                 log.warning("%s: dropping %s[%d]@%d, already processed (upstream %s@%d)", self.stage, msg.topic,
@@ -484,7 +489,20 @@ class StageRunner:
             full = storage_full(exc)
             if full is not None:
                 raise full from exc
-            return self._dead_lettered(msg, exc)
+            letters, unexpected = self._dead_lettered(msg, exc)
+            return [*self._in_place_of(outs, exc), *letters], unexpected  # outs: refused by check_outputs
+
+    def _in_place_of(self, outs: list[OutMessage], exc: BaseException) -> list[OutMessage]:
+        """What ``outs`` commit in their place when their input is dead-lettered for ``exc`` (``if_refused``).
+
+        Only outputs refused after the handler returned have any (:func:`check_outputs`, or the
+        broker at commit): the subtract stage's left-out searches, recorded in the frame ledger
+        during the call, each get a dead letter naming the frame, counted in ``broker_errors_total``.
+        """
+        error = exc if isinstance(exc, BrokerError) else UndeliverableOutput(str(exc))
+        kept = [out.if_refused(error) for out in outs if out.if_refused is not None]
+        self._count_dead_letters(kept)
+        return kept
 
     def _count_handler_events(self, outs: list[OutMessage]) -> None:
         """Count the frames a refused reference build set aside during the handler's call (``OutMessage.set_aside``).
@@ -543,7 +561,8 @@ class StageRunner:
 
         When the broker (or the client) refuses an output for good (:data:`_REFUSED`: too large, an
         illegal or unknown topic) the transaction is aborted and the input's dead letter is
-        committed in its place: it replaces the items of ``outs``. A dead letter refused too stops
+        committed in its place, after what the outputs keep of themselves (:meth:`_in_place_of`): they
+        replace the items of ``outs``. A dead letter refused too stops
         the stage (:class:`StageFailure`: the dead-letter topic is missing or misconfigured).
         """
         self._seen += 1
@@ -552,7 +571,8 @@ class StageRunner:
                           f"@{msg.offset}"):
                 refused = self._transaction(consumer, producer, outs, timing, offsets, self._seen == self._crash_at)
                 if refused is not None:
-                    outs[:] = [self._refused(msg, *refused)]
+                    exc = self._refusal(*refused)
+                    outs[:] = [*self._in_place_of(outs, exc), self._refused(msg, exc)]
                     if self._transaction(consumer, producer, outs, timing, offsets) is not None:
                         raise StageFailure(f"{self.stage}: {topics.dlq(self.stage)} refuses the dead letter of "
                                            f"{msg.topic}[{msg.partition}]@{msg.offset}; stopping")
@@ -604,11 +624,15 @@ class StageRunner:
         producer.abort_transaction(30)
         return refused[0]
 
-    def _refused(self, msg: InMessage, topic: str, err: KafkaError) -> OutMessage:
-        """The dead letter of ``msg``, whose output to ``topic`` was refused with ``err`` (logged and counted)."""
+    @staticmethod
+    def _refusal(topic: str, err: KafkaError) -> BrokerError:
+        """The error of an output to ``topic`` that the broker (or the client) refused for good with ``err``."""
         kind = (OutputTooLarge if err.code() in _TOO_LARGE else
                 InvalidTopic if err.code() == KafkaError.TOPIC_EXCEPTION else UndeliverableOutput)
-        exc = kind(f"the broker refused an output to {topic[:300]!r}: {err.name()}: {err.str()}")
+        return kind(f"the broker refused an output to {topic[:300]!r}: {err.name()}: {err.str()}")
+
+    def _refused(self, msg: InMessage, exc: BrokerError) -> OutMessage:
+        """The dead letter of ``msg``, an output of which was refused for good with ``exc`` (logged and counted)."""
         log.warning("%s: dead-lettering %s[%d]@%d (%s): %s", self.stage, msg.topic, msg.partition, msg.offset,
                     exc.reason, exc)
         self.metrics.errors.labels(self.stage, exc.reason).inc()

@@ -323,30 +323,55 @@ LEFT_OUT_DEAD_LETTERED = "dead_lettered"
 
 
 def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[OutMessage]:
-    """A batch for each searched left-out frame, or the dead letter of its error.
+    """A batch for each searched left-out frame, or the dead letter of its error (:func:`_left_out_letter`).
 
-    The dead letter names the frame's first message (topic, partition and offset from the ledger;
-    the message in hand's when unknown), whose value stays on ``ingested`` for its retention; it
-    carries no value of its own, and the header :data:`LEFT_OUT_HEADER` (the frame's id), by which
-    ``broker dead-letters --resend`` tells why it is not sent again
-    (:func:`streams.deadletters.resend`).
+    Each carries, as ``if_refused``, its dead letter for the case where the runner dead-letters
+    ``msg`` instead of committing its outputs (one refused for good, by the runner's size check or
+    by the broker at commit): the ledger already holds the frame as searched, so its batch would
+    otherwise be lost with no trace.
     """
     outs = []
     for search in searches:
-        exc = search.outcome
-        if isinstance(exc, FrameResult):
-            outs.append(_candidates(search.frame, exc, msg.key))
-            outs[-1].left_out = exc.status  # broker_left_out_searched_total{outcome}
-            continue
-        topic, partition, offset = _position(search.source, msg)
-        refused = type(exc)(f"frame {search.frame.meta.frame_id}, left out of its reference's co-add, searched "
-                            f"against it in the transaction of {msg.topic}:{msg.partition}:{msg.offset}: {exc}")
-        log.warning("subtract: dead-lettering left-out frame %s (%s): %.1000s", search.frame.meta.frame_id,
-                    refused.reason, refused)
-        headers = {LEFT_OUT_HEADER: search.frame.meta.frame_id.encode(errors="surrogatepass")}
-        outs.append(dead_letter("subtract", InMessage(topic, partition, offset, msg.key, None, headers, 0), refused))
-        outs[-1].left_out = LEFT_OUT_DEAD_LETTERED
+        result = search.outcome
+        if isinstance(result, FrameResult):
+            out = _candidates(search.frame, result, msg.key)
+            out.left_out = result.status  # broker_left_out_searched_total{outcome}
+            out.if_refused = _refused_batch(search, result, msg)
+        else:
+            out = _left_out_letter(search, msg, result)
+            out.if_refused = lambda _exc, letter=out: letter  # kept as it is
+        outs.append(out)
     return outs
+
+
+def _refused_batch(search: LeftOutSearch, result: FrameResult, msg: InMessage) -> Callable[[BrokerError], OutMessage]:
+    """The dead letter of a left-out frame's batch committed in no transaction: ``msg``'s outputs were refused."""
+
+    def letter(exc: BrokerError) -> OutMessage:
+        refused = type(exc)(f"its batch ({result.status}, {len(result.candidates)} candidates) was not committed: "
+                            f"the outputs of {msg.topic}:{msg.partition}:{msg.offset} were refused, {exc}")
+        return _left_out_letter(search, msg, refused)
+
+    return letter
+
+
+def _left_out_letter(search: LeftOutSearch, msg: InMessage, exc: BrokerError) -> OutMessage:
+    """The dead letter of a left-out frame searched in ``msg``'s transaction, for ``exc``.
+
+    It names the frame's first message (topic, partition and offset from the ledger; the message in
+    hand's when unknown), whose value stays on ``ingested`` for its retention; it carries no value
+    of its own, and the header :data:`LEFT_OUT_HEADER` (the frame's id), by which ``broker
+    dead-letters --resend`` tells why it is not sent again (:func:`streams.deadletters.resend`).
+    """
+    topic, partition, offset = _position(search.source, msg)
+    refused = type(exc)(f"frame {search.frame.meta.frame_id}, left out of its reference's co-add, searched "
+                        f"against it in the transaction of {msg.topic}:{msg.partition}:{msg.offset}: {exc}")
+    log.warning("subtract: dead-lettering left-out frame %s (%s): %.1000s", search.frame.meta.frame_id,
+                refused.reason, refused)
+    headers = {LEFT_OUT_HEADER: search.frame.meta.frame_id.encode(errors="surrogatepass")}
+    out = dead_letter("subtract", InMessage(topic, partition, offset, msg.key, None, headers, 0), refused)
+    out.left_out = LEFT_OUT_DEAD_LETTERED
+    return out
 
 
 def _position(source: str | None, msg: InMessage) -> tuple[str, int, int]:

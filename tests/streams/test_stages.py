@@ -985,3 +985,102 @@ def test_the_subtract_stage_counts_frames_set_aside_waiting_and_searched(config)
     assert sample("broker_errors_total", reason="alignment") == 1.0
     assert sample("broker_reference_frames_waiting") == 0.0  # the field has its reference: searched
     assert sample("broker_reference_frames_set_aside_total", reason="alignment") == 2.0
+
+
+class _RefusingProducer:
+    """A transactional producer whose client refuses every record to ``refuse`` (``MSG_SIZE_TOO_LARGE`` at produce)."""
+
+    def __init__(self, refuse: str) -> None:
+        self.refuse, self.open, self.committed = refuse, [], []
+
+    def begin_transaction(self) -> None:
+        self.open = []
+
+    def produce(self, topic, value=None, key=None, partition=None, headers=None, on_delivery=None) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        if topic == self.refuse:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        self.open.append((topic, value, headers))
+
+    def send_offsets_to_transaction(self, offsets, metadata, timeout) -> None:
+        pass
+
+    def commit_transaction(self, timeout) -> None:
+        self.committed += self.open
+
+    def abort_transaction(self, timeout) -> None:
+        self.open = []
+
+
+class _Group:
+    def consumer_group_metadata(self) -> None:
+        return None
+
+
+def _completing(config, max_message_bytes: int | None = None):
+    """The runner of the subtract stage, and the outputs of F1-4 (completing the flipped field's reference)."""
+    from streams.lineage import Lineage
+    from streams.runner import StageRunner
+    from streams.settings import KafkaSettings
+    from streams.stages import subtract_handler
+
+    runner = StageRunner("subtract", topics.INGESTED, subtract_handler(config), KafkaSettings("127.0.0.1:1"),
+                         StageMetrics("subtract"), **({} if max_message_bytes is None else
+                                                      {"max_message_bytes": max_message_bytes}))
+    msgs = [_ingested(config, f, offset=i) for i, f in enumerate(_refused_build_field(flipped=True))]
+    for m in msgs:
+        outs, _ = runner._handle(m, Lineage(m.topic, m.partition, m.offset))
+    return runner, msgs[4], outs
+
+
+def _letters(outs) -> list[tuple]:
+    """(frame id or None, reason, topic, offset, message) of each dead letter in ``outs``."""
+    got = []
+    for out in outs:
+        assert out.topic == topics.dlq("subtract"), out.topic
+        d = serde.decode("dlq", out.value, out.headers)
+        left = d["headers"].get("left_out_frame")
+        got.append((left and left.decode(), d["reason"], d["topic"], d["offset"], d["message"]))
+    return got
+
+
+def test_left_out_searches_of_a_transaction_the_broker_refuses_keep_dead_letters_of_their_own(config):
+    """The broker refused the completing message's outputs at commit: only its dead letter was committed.
+
+    The ledger already held F1-0 (SUBTRACTED, its transient found) and F1-1 (alignment) as searched
+    in that transaction, so no later message searched them: both outcomes were lost, with no dead
+    letter. Now each left-out search commits a dead letter of its own (under its first position on
+    ingested, reason the refusal's) beside the input's, and the metrics count them dead-lettered.
+    """
+    from streams.runner import TopicPartition
+
+    runner, msg, outs = _completing(config)
+    assert [o.left_out for o in outs] == ["SUBTRACTED", "dead_lettered", None]
+    producer = _RefusingProducer(topics.CANDIDATES)
+    runner._progress = None
+    assert runner._commit_in_transaction(_Group(), producer, msg, outs, {}, [TopicPartition(msg.topic, 0, 5)])
+    letters = _letters(outs)
+    assert [lt[:4] for lt in letters] == [("F1-0", "too_large", topics.INGESTED, 0),
+                                          ("F1-1", "alignment", topics.INGESTED, 1),
+                                          (None, "too_large", topics.INGESTED, 4)]
+    assert letters[0][4].startswith("frame F1-0, left out of its reference's co-add, searched against it in the "
+                                    "transaction of ingested:0:4: its batch (SUBTRACTED, ")
+    assert "were refused, the broker refused an output to 'candidates': MSG_SIZE_TOO_LARGE" in letters[0][4]
+    assert [t for t, _, _ in producer.committed] == [topics.dlq("subtract")] * 3
+    runner._observe(msg, outs, 0.0, 1.0)
+    sample = runner.metrics.registry.get_sample_value
+    assert sample("broker_left_out_searched_total", {"stage": "subtract", "outcome": "dead_lettered"}) == 2.0
+    assert sample("broker_left_out_searched_total", {"stage": "subtract", "outcome": "SUBTRACTED"}) is None
+    assert sample("broker_errors_total", {"stage": "subtract", "reason": "too_large"}) == 2.0
+
+
+def test_left_out_searches_of_an_input_over_the_size_limit_keep_dead_letters_of_their_own(config):
+    """An output over the runner's size limit dead-lettered the input alone: the left-out searches were lost."""
+    from streams.runner import HEADROOM_BYTES
+
+    _, _, outs = _completing(config)
+    small = max(len(o.value) + sum(len(k) + len(v) for k, v in o.headers.items()) for o in outs[1:])
+    runner, _, outs = _completing(replace(config, state_dir=config.state_dir.with_name("again")),
+                                  HEADROOM_BYTES + small + 1)  # the batch of F1-0 is the one too large
+    assert [lt[:2] for lt in _letters(outs)] == [("F1-0", "too_large"), ("F1-1", "alignment"), (None, "too_large")]
