@@ -39,6 +39,7 @@ from streams.framing import decode_alert
 from streams.metrics import StageMetrics
 from streams.runner import (
     EXPOSURE_END,
+    SEARCHED_LATE,
     InMessage,
     OutageWaits,
     OutMessage,
@@ -260,7 +261,7 @@ class Archiver:
         b.pending.append((msg, alerts))
         b.alerts += len(alerts)
         end = parse_time(msg.headers.get(EXPOSURE_END))  # None: absent or malformed (never trusted)
-        if end is not None:
+        if end is not None and SEARCHED_LATE not in msg.headers:  # a left-out frame's, late by design
             b.exposure_ends.append(end)
         self._unexpected_in_a_row = 0
         return True

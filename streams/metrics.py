@@ -59,7 +59,8 @@ class StageMetrics:
         self.duration = Histogram("broker_stage_duration_seconds", "Time to process one message",
                                   ["stage"], buckets=_DURATION_BUCKETS, registry=r)
         self.latency = Histogram("broker_latency_from_exposure_seconds",
-                                 "Time from shutter close to the end of this stage", ["stage"],
+                                 "Time from shutter close to the end of this stage (messages of frames searched "
+                                 "late, t.searched_late, left out)", ["stage"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.candidates = Histogram("broker_candidates_per_frame", "Candidates per frame", ["stage"],
                                     buckets=_COUNT_BUCKETS, registry=r)

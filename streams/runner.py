@@ -50,8 +50,12 @@ FAILPOINT_ENV = "BROKER_CRASH_IN_TRANSACTION"
 #: Header prefix of the timing headers (Unix seconds as text).
 TIMING_PREFIX = "t."
 EXPOSURE_END = "t.exposure_end"
-#: Names a timing header may have: ``t.exposure_end`` and ``t.<stage>.start|end``.
-_TIMING_NAME = re.compile(r"t\.(exposure_end|[a-z][a-z0-9_-]{0,31}\.(start|end))")
+#: Timing header of a batch of a frame its field's new reference left out, searched against it long after its
+#: shutter closed (:func:`streams.stages._left_out_outputs`): when it was searched. Its messages are kept out of
+#: ``broker_latency_from_exposure_seconds``, which the alert-latency SLO reads (docs/architecture.md, Observability).
+SEARCHED_LATE = "t.searched_late"
+#: Names a timing header may have: ``t.exposure_end``, ``t.searched_late`` and ``t.<stage>.start|end``.
+_TIMING_NAME = re.compile(r"t\.(exposure_end|searched_late|[a-z][a-z0-9_-]{0,31}\.(start|end))")
 #: How far in the future a timing header may lie (s): producers' and stages' clocks disagree a little.
 MAX_CLOCK_SKEW_S = 86400.0
 #: Timing headers kept per message at most (a pipeline of six stages sets eleven).
@@ -149,6 +153,9 @@ class OutMessage:
     # (StageRunner._in_place_of): a left-out frame's search, which the frame ledger already holds as done, keeps
     # a dead letter of its own instead of being lost with the refused transaction; None: nothing
     if_refused: Callable[[BrokerError], OutMessage] | None = None
+    # its own timing headers (t.*), in place of the input's, this stage's start and end added (output_timing):
+    # a left-out frame's batch, whose shutter closed long before the input's; None: the input's
+    own_timing: dict[str, bytes] | None = None
 
 
 Handler = Callable[[InMessage], list[OutMessage]]
@@ -289,6 +296,18 @@ def valid_timing(headers: dict[str, bytes], now: float | None = None) -> tuple[d
             else:
                 bad.append(name)
     return kept, bad
+
+
+def output_timing(timing: dict[str, bytes], stage: str, own: dict[str, bytes] | None) -> dict[str, bytes]:
+    """The runner's headers of an output: ``timing`` (the input's ``t.*``, ``stage``'s, ``src``), or with ``own``.
+
+    With ``own`` (``OutMessage.own_timing``), the input's timing headers are left off but ``stage``'s
+    start and end, and ``own`` is added: the output is not the input's frame.
+    """
+    if own is None:
+        return timing
+    mine = f"{TIMING_PREFIX}{stage}."
+    return {k: v for k, v in timing.items() if not k.startswith(TIMING_PREFIX) or k.startswith(mine)} | own
 
 
 def check_outputs(outs: list[OutMessage], max_bytes: int) -> None:
@@ -604,7 +623,8 @@ class StageRunner:
         try:
             for out in outs:
                 topic = out.topic
-                producer.produce(out.topic, out.value, out.key, headers={**timing, **out.headers},
+                producer.produce(out.topic, out.value, out.key,
+                                 headers={**output_timing(timing, self.stage, out.own_timing), **out.headers},
                                  on_delivery=delivered)
             if self._progress is not None:  # the duplicate guard's state, committed with the outputs
                 p = self._progress
@@ -639,7 +659,10 @@ class StageRunner:
         return dead_letter(self.stage, msg, exc, self.dlq_value_bytes)
 
     def _observe(self, msg: InMessage, outs: list[OutMessage], start: float, end: float) -> None:
-        """Count a committed input once, however often an outage or an aborted transaction had it read."""
+        """Count a committed input once, however often an outage or an aborted transaction had it read.
+
+        Its latency from shutter close is left out when it carries :data:`SEARCHED_LATE`.
+        """
         m = self.metrics
         m.messages_in.labels(self.stage).inc()
         m.duration.labels(self.stage).observe(end - start)
@@ -650,5 +673,5 @@ class StageRunner:
             if out.left_out is not None:
                 m.left_out_searched.labels(self.stage, out.left_out).inc()
         exposure_end = parse_time(msg.headers.get(EXPOSURE_END))  # validated by _checked
-        if exposure_end is not None:
+        if exposure_end is not None and SEARCHED_LATE not in msg.headers:  # late by design: not the SLO's
             m.latency.labels(self.stage).observe(max(0.0, time.time() - exposure_end))

@@ -61,7 +61,16 @@ from streams.followup import FollowupRules, request_message
 from streams.frame_auth import FrameAuthoriser
 from streams.framestore import FrameStore
 from streams.framing import AlertEncoder, FramingConfig
-from streams.runner import EXPOSURE_END, TIMING_PREFIX, Handler, InMessage, OutMessage, dead_letter, parse_time
+from streams.runner import (
+    EXPOSURE_END,
+    SEARCHED_LATE,
+    TIMING_PREFIX,
+    Handler,
+    InMessage,
+    OutMessage,
+    dead_letter,
+    parse_time,
+)
 
 log = logging.getLogger(__name__)
 
@@ -325,10 +334,11 @@ LEFT_OUT_DEAD_LETTERED = "dead_lettered"
 def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[OutMessage]:
     """A batch for each searched left-out frame, or the dead letter of its error (:func:`_left_out_letter`).
 
-    Each carries, as ``if_refused``, its dead letter for the case where the runner dead-letters
-    ``msg`` instead of committing its outputs (one refused for good, by the runner's size check or
-    by the broker at commit): the ledger already holds the frame as searched, so its batch would
-    otherwise be lost with no trace.
+    A batch carries timing headers of its own (:func:`_late_timing`), not ``msg``'s. Each output
+    carries, as ``if_refused``, its dead letter for the case where the runner dead-letters ``msg``
+    instead of committing its outputs (one refused for good, by the runner's size check or by the
+    broker at commit): the ledger already holds the frame as searched, so its batch would otherwise
+    be lost with no trace.
     """
     outs = []
     for search in searches:
@@ -337,11 +347,31 @@ def _left_out_outputs(searches: list[LeftOutSearch], msg: InMessage) -> list[Out
             out = _candidates(search.frame, result, msg.key)
             out.left_out = result.status  # broker_left_out_searched_total{outcome}
             out.if_refused = _refused_batch(search, result, msg)
+            out.own_timing = _late_timing(search.frame.meta)  # not the shutter close of msg's frame
         else:
             out = _left_out_letter(search, msg, result)
             out.if_refused = lambda _exc, letter=out: letter  # kept as it is
         outs.append(out)
     return outs
+
+
+def _late_timing(meta: FrameMeta) -> dict[str, bytes]:
+    """The timing headers of a left-out frame's batch: its own shutter close, and when it was searched.
+
+    ``t.exposure_end`` is MJD-OBS + EXPTIME (Unix s), as the producer sets it by default (the
+    frame's own message, whose header may say otherwise, is not read again); left off when not
+    valid (:func:`streams.runner.parse_time`). :data:`streams.runner.SEARCHED_LATE` keeps its
+    messages out of the latency histograms, while its alerts' ``timing.exposure_end`` gives their
+    real delay.
+    """
+    from astropy.time import Time
+
+    now = time.time()
+    end = parse_time(repr(float(Time(meta.mjd_end, format="mjd", scale="utc").unix)).encode(), now)
+    timing = {SEARCHED_LATE: repr(now).encode()}
+    if end is not None:
+        timing[EXPOSURE_END] = repr(end).encode()
+    return timing
 
 
 def _refused_batch(search: LeftOutSearch, result: FrameResult, msg: InMessage) -> Callable[[BrokerError], OutMessage]:

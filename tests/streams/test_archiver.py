@@ -427,3 +427,18 @@ def test_a_registry_that_does_not_answer_keeps_the_alert_for_a_retry_not_a_dead_
     assert not archiver._taken(consumer, raw)
     assert consumer.seen == [("alerts", 0, 7)] and archiver.batch.messages == 0 and not archiver.batch.dead
     assert archiver.metrics.outages.labels("archive", "registry_unavailable")._value.get() == 1
+
+
+def test_a_left_out_frames_alert_stays_out_of_the_archive_latency_histogram(tmp_path):
+    """An alert of a frame searched late (``t.searched_late``, nights after its shutter closed) is not the SLO's."""
+    from confluent_kafka import Message
+
+    from streams.settings import KafkaSettings
+
+    archiver = Archiver(ArchiveConfig(), str(tmp_path / "archive"), KafkaSettings("127.0.0.1:1"))
+    for i, late in enumerate((False, True)):
+        (rec,) = _alerts(1, start=i)
+        headers = [("_format", b"avro"), ("t.exposure_end", b"1700000000.0")] + [("t.searched_late", b"1.8e9")] * late
+        archiver._take(Message(topic="alerts", partition=0, offset=i, key=rec["objectId"].encode(),
+                               value=serde.encode_ocf("alert", rec), headers=headers))
+    assert archiver.batch.alerts == 2 and archiver.batch.exposure_ends == [1700000000.0]

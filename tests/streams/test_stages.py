@@ -1084,3 +1084,40 @@ def test_left_out_searches_of_an_input_over_the_size_limit_keep_dead_letters_of_
     runner, _, outs = _completing(replace(config, state_dir=config.state_dir.with_name("again")),
                                   HEADROOM_BYTES + small + 1)  # the batch of F1-0 is the one too large
     assert [lt[:2] for lt in _letters(outs)] == [("F1-0", "too_large"), ("F1-1", "alignment"), (None, "too_large")]
+
+
+def test_a_left_out_frames_batch_carries_its_own_shutter_close_and_stays_out_of_the_latency_histogram(config):
+    """A left-out batch carried the completing message's t.exposure_end (and its t.ingest.*): its delay was hidden.
+
+    Its shutter closed nights earlier, so the alerts' ``timing.exposure_end`` and the latency
+    metrics under-reported it. The batch now carries its own (MJD-OBS + EXPTIME) and
+    ``t.searched_late``; the next stage keeps both (``_checked``) and leaves the message out of
+    ``broker_latency_from_exposure_seconds`` (the SLO's: late by design, not a pipeline behind).
+    """
+    from astropy.time import Time
+
+    from streams.runner import StageRunner, TopicPartition
+    from streams.settings import KafkaSettings
+
+    runner, msg, outs = _completing(config)
+    msg.headers = {**msg.headers, "t.exposure_end": b"1700000000.0", "t.ingest.start": b"1699999990.0"}
+    timing = {"t.exposure_end": b"1700000000.0", "t.ingest.start": b"1699999990.0", "t.subtract.start": b"1.7e9",
+              "src": b"ingested:0:4"}
+    producer, runner._progress = _RefusingProducer("none"), None
+    assert runner._commit_in_transaction(_Group(), producer, msg, outs, timing, [TopicPartition(msg.topic, 0, 5)])
+    late, letter, own = (headers for _, _, headers in producer.committed)
+    f1_0 = _refused_build_field(flipped=True)[0].meta
+    assert float(late["t.exposure_end"]) == pytest.approx(Time(f1_0.mjd_end, format="mjd").unix, abs=0.01)
+    assert "t.searched_late" in late and "t.ingest.start" not in late
+    assert (late["t.subtract.start"], late["src"]) == (b"1.7e9", b"ingested:0:4")
+    assert own["t.exposure_end"] == letter["t.exposure_end"] == b"1700000000.0" and "t.searched_late" not in own
+
+    classify = StageRunner("classify", topics.CANDIDATES, lambda m: [], KafkaSettings("127.0.0.1:1"),
+                           StageMetrics("classify"))
+    for headers in (late, own):
+        checked = classify._checked(InMessage(topics.CANDIDATES, 0, 0, None, b"", dict(headers), 0))
+        assert checked.headers.keys() == headers.keys()  # t.searched_late is a valid timing header
+        classify._observe(checked, [], 0.0, 1.0)
+    count = classify.metrics.registry.get_sample_value("broker_latency_from_exposure_seconds_count",
+                                                       {"stage": "classify"})
+    assert count == 1.0  # the completing frame's batch only
