@@ -80,10 +80,10 @@ def resend(letter: DeadLetter, producer: Producer, settings: KafkaSettings | Non
     Raises
     ------
     NotResendable
-        Not a dead letter; the failed search of a frame its field's new reference left out
-        (:func:`_left_out_message`); not a message of ``frames``; kept only in part and its record no longer
-        on ``frames`` (or no ``settings``: send the frame again from its file); or a value that does
-        not match its recorded SHA-256.
+        Not a dead letter; the search of a frame its field's new reference left out, failed or
+        its batch refused (:func:`_left_out_message`); not a message of ``frames``; kept only in
+        part and its record no longer on ``frames`` (or no ``settings``: send the frame again from
+        its file); or a value that does not match its recorded SHA-256.
     """
     rec = letter.record
     where = f"{letter.topic}[{letter.partition}]@{letter.offset}"
@@ -123,7 +123,8 @@ def _left_out_message(where: str, rec: dict) -> str:
     search), so a copy sent to ``frames`` would be refused ``duplicate_frame`` ("Batch statuses").
     """
     frame_id = rec["headers"][LEFT_OUT_HEADER].decode(errors="backslashreplace")
-    return (f"{where} is the failed search of frame {frame_id!r}, which its field's new reference left out, "
-            f"against that reference ({rec['reason']}); it holds no frame (the frame's record stays on "
-            f"{rec['topic']}[{rec['partition']}]@{rec['offset']} for its retention) and is not sent again: the frame "
-            "ledger holds the frame as processed, so a copy sent to frames would be refused duplicate_frame")
+    return (f"{where} is the search of frame {frame_id!r}, which its field's new reference left out, against that "
+            f"reference, dead-lettered ({rec['reason']}: it failed, or its batch was refused); it holds no frame "
+            f"(the frame's record stays on {rec['topic']}[{rec['partition']}]@{rec['offset']} for its retention) and "
+            "is not sent again: the frame ledger holds the frame as processed, so a copy sent to frames would be "
+            "refused duplicate_frame")

@@ -842,8 +842,9 @@ def test_a_left_out_frame_its_search_refuses_is_dead_lettered_under_its_own_posi
     from broker.errors import NotResendable
     from streams.deadletters import DeadLetter, resend
 
-    with pytest.raises(NotResendable, match=r"the failed search of frame 'P-1', which its field's new reference left "
-                       r"out, against that reference \(poor_quality\); it holds no frame \(the frame's record stays "
+    with pytest.raises(NotResendable, match=r"the search of frame 'P-1', which its field's new reference left "
+                       r"out, against that reference, dead-lettered \(poor_quality: it failed, or its batch was "
+                       r"refused\); it holds no frame \(the frame's record stays "
                        r"on ingested\[0\]@1 for its retention\)"):
         resend(DeadLetter(topics.dlq("subtract"), 0, 0, serde.decode("dlq", letter.value, letter.headers)), None)
 
@@ -928,8 +929,9 @@ def test_a_frame_of_a_refused_build_whose_search_fails_is_dead_lettered_with_its
     letter = subtract_handler(config)(msgs[4])[1]
     record = serde.decode("dlq", letter.value, letter.headers)
     assert record["value"] is None and record["headers"] == {"left_out_frame": b"F1-1"}
-    with pytest.raises(NotResendable, match=r"dlq.subtract\[0\]@3 is the failed search of frame 'F1-1', which its "
-                       r"field's new reference left out, against that reference \(alignment\); it holds no frame "
+    with pytest.raises(NotResendable, match=r"dlq.subtract\[0\]@3 is the search of frame 'F1-1', which its "
+                       r"field's new reference left out, against that reference, dead-lettered \(alignment: it "
+                       r"failed, or its batch was refused\); it holds no frame "
                        r"\(the frame's record stays on ingested\[0\]@1 for its retention\) and is not sent again"):
         resend(DeadLetter(topics.dlq("subtract"), 0, 3, record), producer=None)  # refused before producing
     with pytest.raises(DuplicateFrame):
@@ -1068,6 +1070,14 @@ def test_left_out_searches_of_a_transaction_the_broker_refuses_keep_dead_letters
                                     "transaction of ingested:0:4: its batch (SUBTRACTED, ")
     assert "were refused, the broker refused an output to 'candidates': MSG_SIZE_TOO_LARGE" in letters[0][4]
     assert [t for t, _, _ in producer.committed] == [topics.dlq("subtract")] * 3
+    from broker.errors import NotResendable
+    from streams.deadletters import DeadLetter, resend
+
+    record = serde.decode("dlq", outs[0].value, outs[0].headers)
+    with pytest.raises(NotResendable, match=r"is the search of frame 'F1-0', which its field's new reference left "
+                       r"out, against that reference, dead-lettered \(too_large: it failed, or its batch was "
+                       r"refused\); it holds no frame \(the frame's record stays on ingested\[0\]@0"):
+        resend(DeadLetter(topics.dlq("subtract"), 0, 0, record), producer=None)
     runner._observe(msg, outs, 0.0, 1.0)
     sample = runner.metrics.registry.get_sample_value
     assert sample("broker_left_out_searched_total", {"stage": "subtract", "outcome": "dead_lettered"}) == 2.0
