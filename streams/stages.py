@@ -308,12 +308,13 @@ def subtract_handler(config: PipelineConfig) -> Handler:
         result = process_frame(frame, refs, config.subtract, not flags, diffs, skip)
         late = search_left_out(refs, ledger, frame.meta.reference_key, source, config.subtract, diffs,
                                exclude=frame.meta.frame_id) if result.status in (SUBTRACTED, IN_REFERENCE) else []
-        ledger.record(frame.meta, checksum, source, result.status)
-        for search in late:
-            ledger.record_search(search.frame.meta, source, search.status)
         own = _candidates(frame, result, msg.key)
         own.set_aside, aside[:] = tuple(aside), []  # counted by the runner (broker_reference_frames_set_aside_total)
-        return [*_left_out_outputs(late, msg), own]
+        outs = [*_left_out_outputs(late, msg), own]
+        ledger.record(frame.meta, checksum, source, result.status)  # once its outputs exist: a failure before
+        for search in late:  # leaves the frame free to be sent again
+            ledger.record_search(search.frame.meta, source, search.status)
+        return outs
 
     return handle
 

@@ -572,6 +572,26 @@ def test_a_frame_sent_again_gives_no_new_batch_but_a_restart_does(config):
                                                  renamed.header), offset=10))
 
 
+def test_a_frame_whose_batch_cannot_be_encoded_can_be_sent_again(config, monkeypatch):
+    """A frame whose outputs failed to encode is not in the ledger.
+
+    The ledger recorded a frame before its batch was encoded: an error there (a bug, dead-lettered
+    ``unexpected``) left it recorded, and the frame sent again was refused ``duplicate_frame``.
+    """
+    from streams import stages
+
+    subtract = stages.subtract_handler(config)
+    frame = star_frame()
+    message = _ingested(config, frame, offset=5)
+    with monkeypatch.context() as patch:
+        patch.setattr(stages, "_batch", lambda *_: {"candidates": object()})  # not a batch serde encodes
+        with pytest.raises(Exception) as err:
+            subtract(message)
+    assert not isinstance(err.value, PoorQuality)
+    (again,) = subtract(_ingested(config, frame, offset=9))  # re-sent: a new position on ingested
+    assert serde.decode("candidates", again.value, again.headers)["status"] == "REFERENCE_BUILDING"
+
+
 @pytest.mark.parametrize("frame_id", ["R" * 300, "% #?/" * 60])
 def test_a_frame_id_too_long_for_a_file_name_is_subtracted_and_stored(config, frame_id):
     """A FRAMEID continued over several cards (or short, but of escaped characters) was ``unexpected:OSError``.
